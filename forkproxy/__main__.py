@@ -1,0 +1,5 @@
+"""`python -m forkproxy`."""
+
+from forkproxy.cli import main
+
+main()

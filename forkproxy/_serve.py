@@ -1,0 +1,39 @@
+"""The lean supervisor process: `forkproxy serve` execs `python -I -S .../_serve.py --config-fd N`.
+
+Run as a script path (not `-m`) with `-I -S` so that neither site-packages' `.pth` files
+nor anything else imports modules (threading, random, ...) that make each fork dearer;
+the configuration arrives as JSON through an inherited file descriptor. Same PID as the
+`forkproxy serve` the user started, so it works as PID 1 and under process managers.
+"""
+
+import json
+import os
+import sys
+
+if __name__ == "__main__":
+    # Put the package's parent first: this file's own directory must not shadow stdlib
+    # module names, and -S leaves site-packages out.
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+from forkproxy.config import ConfigError, sources_from_json
+from forkproxy.log import Logger, level_for
+from forkproxy.supervisor import Supervisor
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 3 or argv[1] != "--config-fd":
+        sys.stderr.write("forkproxy: error: _serve.py is started by `forkproxy serve`\n")
+        return 2
+    with os.fdopen(int(argv[2]), "rb") as handle:
+        sources = sources_from_json(json.loads(handle.read()))
+    options = sources.options
+    log = Logger(level_for(options.verbosity), options.log_format)
+    try:
+        return Supervisor(sources, os.environ, log).run()
+    except ConfigError as exc:
+        sys.stderr.write(f"forkproxy: error: {exc}\n")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

@@ -1,0 +1,159 @@
+"""What each child is and what it cost: the supervisor's table of children, per-link totals
+that outlive them, and the shared-memory slots the children count their bytes in.
+
+Lean on purpose (imported into the forking process). Live memory and CPU readings come
+from psutil in the processes that *read* this table (`forkproxy status`, the metrics
+process), never here: psutil imports threading, and `Process.wait()` would steal exit
+statuses from the reaper. Exited children's CPU and peak RSS come from `os.wait4`.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+
+from .config import Link
+
+FIELDS = 2  # per slot: bytes client->upstream, bytes upstream->client
+# Connection duration histogram buckets, seconds (Prometheus `le` bounds).
+DURATION_BUCKETS = (0.005, 0.05, 0.25, 1.0, 5.0, 30.0, 120.0, 600.0, 3600.0)
+
+
+class Slots:
+    """Anonymous shared memory: each live child owns two uint64 counters.
+
+    A child adds to its counters as bytes move (no system call per message); the
+    supervisor reads them for status at any time and for the totals after the reap.
+    """
+
+    def __init__(self, count: int) -> None:
+        self._mem = mmap.mmap(-1, count * FIELDS * 8)
+        self.counters = memoryview(self._mem).cast("Q")
+        self._free = list(range((count - 1) * FIELDS, -1, -FIELDS))
+
+    def take(self) -> int:
+        base = self._free.pop()
+        self.counters[base] = self.counters[base + 1] = 0
+        return base
+
+    def release(self, base: int) -> None:
+        self._free.append(base)
+
+    def __len__(self) -> int:
+        return len(self._free)
+
+
+@dataclass
+class LinkStats:
+    """Totals for one link name; they survive its children and reloads."""
+
+    connections: int = 0
+    active: int = 0
+    upstream_failures: int = 0
+    denied: int = 0
+    bytes_up: int = 0
+    bytes_down: int = 0
+    cpu_seconds: float = 0.0
+    outcomes: dict[str, int] = field(default_factory=dict)
+    duration_buckets: list[int] = field(default_factory=lambda: [0] * len(DURATION_BUCKETS))
+    duration_count: int = 0
+    duration_sum: float = 0.0
+
+
+@dataclass
+class ChildRecord:
+    pid: int
+    link: Link
+    client: str
+    base: int
+    started: float  # wall clock, for people
+    started_mono: float  # for durations
+
+
+def describe_status(status: int) -> str:
+    """A wait status in words, as gunicorn logs it."""
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else str(sig)
+        hint = " (perhaps out of memory)" if sig == signal.SIGKILL else ""
+        return f"killed by {name}{hint}"
+    return f"exit status {os.WEXITSTATUS(status)}"
+
+
+class Accounting:
+    def __init__(self, slots: int, outcome_names: dict[int, str]) -> None:
+        self.slots = Slots(slots)
+        self.children: dict[int, ChildRecord] = {}
+        self.links: dict[str, LinkStats] = {}
+        self.outcome_names = outcome_names
+        self.orphans_reaped = 0
+
+    def stats(self, link: Link) -> LinkStats:
+        stats = self.links.get(link.name)
+        if stats is None:
+            stats = self.links[link.name] = LinkStats()
+        return stats
+
+    def started(self, pid: int, link: Link, client: str, base: int) -> None:
+        self.children[pid] = ChildRecord(pid, link, client, base, time.time(), time.monotonic())
+        stats = self.stats(link)
+        stats.connections += 1
+        stats.active += 1
+
+    def denied(self, link: Link) -> None:
+        self.stats(link).denied += 1
+
+    def finished(self, pid: int, status: int, cpu_seconds: float) -> ChildRecord | None:
+        """Fold a reaped child into its link's totals; None when it was not ours."""
+        record = self.children.pop(pid, None)
+        if record is None:
+            self.orphans_reaped += 1
+            return None
+        stats = self.stats(record.link)
+        counters = self.slots.counters
+        stats.active -= 1
+        stats.bytes_up += counters[record.base]
+        stats.bytes_down += counters[record.base + 1]
+        stats.cpu_seconds += cpu_seconds
+        if os.WIFEXITED(status):
+            outcome = self.outcome_names.get(os.WEXITSTATUS(status), "failed")
+        else:
+            outcome = "killed"
+        stats.outcomes[outcome] = stats.outcomes.get(outcome, 0) + 1
+        if outcome == "connect-failed":
+            stats.upstream_failures += 1
+        duration = time.monotonic() - record.started_mono
+        stats.duration_count += 1
+        stats.duration_sum += duration
+        for index, bound in enumerate(DURATION_BUCKETS):
+            if duration <= bound:
+                stats.duration_buckets[index] += 1
+                break
+        self.slots.release(record.base)
+        return record
+
+    def snapshot(self) -> dict[str, object]:
+        """Plain data for the control socket (JSON)."""
+        now = time.monotonic()
+        counters = self.slots.counters
+        return {
+            "links": {name: vars(stats) for name, stats in self.links.items()},
+            "children": [
+                {
+                    "pid": r.pid,
+                    "link": r.link.name,
+                    "client": r.client,
+                    "upstream": str(r.link.target),
+                    "started": r.started,
+                    "age": now - r.started_mono,
+                    "bytes_up": counters[r.base],
+                    "bytes_down": counters[r.base + 1],
+                }
+                for r in self.children.values()
+            ],
+            "duration_buckets": list(DURATION_BUCKETS),
+            "orphans_reaped": self.orphans_reaped,
+        }

@@ -1,0 +1,221 @@
+"""Command line: argv and environment -> configuration -> the lean supervisor.
+
+Each command forwards to a plain keyword-only function that tests can call; the one
+domain error, ConfigError, becomes exit status 2 and one line on stderr here and
+nowhere else.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Annotated, Any, NoReturn
+
+import typer
+
+from . import __version__
+from .config import (
+    ConfigError,
+    LinkTable,
+    Options,
+    Sources,
+    check_options,
+    parse_count,
+    parse_seconds,
+    sources_to_json,
+)
+from .supervisor import read_links
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="A forking TCP proxy for the Docker ambassador pattern (socat fork, grown up).",
+    pretty_exceptions_enable=False,
+)
+
+SpecsArg = Annotated[
+    list[str] | None,
+    typer.Argument(
+        metavar="[SPEC]...",
+        help="[BIND_ADDR:]LISTEN_PORT=HOST:PORT, IPv6 in brackets; "
+        "LISTEN_PORT 0 picks a free port.",
+        show_default=False,
+    ),
+]
+FromEnvOpt = Annotated[
+    bool,
+    typer.Option(
+        "--from-env",
+        help="One listener per Docker link variable <ALIAS>_PORT_<N>_TCP=tcp://HOST:PORT.",
+        envvar="FORKPROXY_FROM_ENV",
+    ),
+]
+EnvFileOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--env-file",
+        help="Read link variables from a Docker-style env file (re-read on SIGHUP).",
+        envvar="FORKPROXY_ENV_FILE",
+    ),
+]
+StatusSocketOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--status-socket",
+        help="Control socket path [default: $XDG_RUNTIME_DIR/forkproxy/PID.sock, "
+        "else /tmp/forkproxy-UID/PID.sock].",
+        envvar="FORKPROXY_STATUS_SOCKET",
+    ),
+]
+
+
+def fail(message: str) -> NoReturn:
+    """The edge where a configuration error becomes exit 2 and one line."""
+    typer.echo(f"forkproxy: error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+def load(sources: Sources) -> LinkTable:
+    check_options(sources.options)
+    return read_links(sources, os.environ)
+
+
+def serve(*, sources: Sources) -> NoReturn:
+    """Validate, then exec the lean supervisor in this same process (same PID)."""
+    load(sources)
+    payload = json.dumps(sources_to_json(sources)).encode()
+    config_fd = os.memfd_create("forkproxy-config", 0)  # not CLOEXEC: the supervisor reads it
+    os.write(config_fd, payload)
+    os.lseek(config_fd, 0, os.SEEK_SET)
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_serve.py")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, "-I", "-S", script, "--config-fd", str(config_fd)])
+
+
+def _option(help: str, env: str, metavar: str) -> Any:
+    return typer.Option(help=help, envvar=f"FORKPROXY_{env}", metavar=metavar, show_default=False)
+
+
+@app.command("serve")
+def serve_command(
+    specs: SpecsArg = None,
+    from_env: FromEnvOpt = False,
+    env_file: EnvFileOpt = None,
+    relay: Annotated[
+        str, _option("How bytes move: auto, splice or copy. [default: auto]", "RELAY", "MODE")
+    ] = "auto",
+    connect_timeout: Annotated[
+        str, _option("Seconds to wait for the upstream to accept. [default: 5]",
+                     "CONNECT_TIMEOUT", "SECONDS")
+    ] = "5",
+    connect_retries: Annotated[
+        str, _option("Extra connect attempts, with a short backoff. [default: 0]",
+                     "CONNECT_RETRIES", "N")
+    ] = "0",
+    grace: Annotated[
+        str, _option("Seconds live connections get to finish after SIGTERM/SIGINT. [default: 8]",
+                     "GRACE", "SECONDS")
+    ] = "8",
+    idle_timeout: Annotated[
+        str | None, _option("Close a connection idle both ways this long (socat -T). "
+                            "[default: off]", "IDLE_TIMEOUT", "SECONDS")
+    ] = None,
+    halfclose_timeout: Annotated[
+        str | None, _option("After one side finished, wait this long for the other. "
+                            "[default: off]", "HALFCLOSE_TIMEOUT", "SECONDS")
+    ] = None,
+    max_children: Annotated[
+        str, _option("Most connections at once; more wait in the backlog. [default: 1024]",
+                     "MAX_CHILDREN", "N")
+    ] = "1024",
+    allow: Annotated[
+        list[str] | None, _option("Accept clients only from this CIDR (repeatable; socat "
+                                  "range=). [default: everyone]", "ALLOW", "CIDR")
+    ] = None,
+    status_socket: StatusSocketOpt = None,
+    metrics: Annotated[
+        str | None, _option("Serve Prometheus metrics on HOST:PORT.", "METRICS", "HOST:PORT")
+    ] = None,
+    pid_file: Annotated[
+        str | None, _option("Write the supervisor's PID here.", "PID_FILE", "PATH")
+    ] = None,
+    log_format: Annotated[
+        str, _option("text or json. [default: text]", "LOG_FORMAT", "FORMAT")
+    ] = "text",
+    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="More logging.")] = 0,
+    quiet: Annotated[
+        int, typer.Option("--quiet", "-q", count=True, help="Warnings and errors only.")
+    ] = 0,
+) -> None:
+    """Listen and forward, one forked child per connection."""
+    try:
+        # Numbers arrive as text so that a bad one is reported like any other bad input.
+        options = Options(
+            relay=relay,
+            connect_timeout=parse_seconds(connect_timeout, "--connect-timeout") or 0.0,
+            connect_retries=parse_count(connect_retries, "--connect-retries"),
+            grace=parse_seconds(grace, "--grace") or 0.0,
+            idle_timeout=parse_seconds(idle_timeout, "--idle-timeout"),
+            halfclose_timeout=parse_seconds(halfclose_timeout, "--halfclose-timeout"),
+            max_children=parse_count(max_children, "--max-children"),
+            allow=tuple(allow or ()),
+            verbosity=verbose - quiet,
+            log_format=log_format,
+            status_socket=status_socket,
+            metrics=metrics,
+            pid_file=pid_file,
+        )
+        serve(sources=Sources(tuple(specs or ()), from_env, env_file, options))
+    except ConfigError as exc:
+        fail(str(exc))
+
+
+@app.command("links")
+def links_command(
+    specs: SpecsArg = None, from_env: FromEnvOpt = False, env_file: EnvFileOpt = None
+) -> None:
+    """Print the listeners `serve` would open with the same arguments, and exit."""
+    try:
+        table = load(Sources(tuple(specs or ()), from_env, env_file))
+    except ConfigError as exc:
+        fail(str(exc))
+    for warning in table.warnings:
+        typer.echo(f"forkproxy: warning: {warning}", err=True)
+    for link in table.links:
+        typer.echo(f"listen {link.describe()}")
+
+
+def version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"forkproxy {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=version_callback, is_eager=True,
+                           help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """forkproxy: socat TCP-LISTEN,fork grown into the engine of the ambassador pattern."""
+
+
+def main() -> None:
+    """Console entry point. Usage errors, like bad input, are one line and exit 2."""
+    try:
+        code = app(standalone_mode=False)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception as exc:
+        # A usage error (click's, vendored or not, depending on the typer version):
+        # recognised by what it carries rather than by a private import path.
+        if getattr(exc, "exit_code", None) != 2 or not hasattr(exc, "format_message"):
+            raise
+        message = exc.format_message()
+        if message:  # empty after no_args_is_help has printed the help
+            typer.echo(f"forkproxy: error: {message}", err=True)
+        sys.exit(2)
+    sys.exit(code if isinstance(code, int) else 0)

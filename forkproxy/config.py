@@ -1,0 +1,385 @@
+"""Pure parsing: SPECs, Docker link variables and env files into frozen dataclasses.
+
+Nothing here touches the network, the file system or the process: callers hand in
+strings (argv, a copy of the environment, the text of an env file) and get back a
+`LinkTable` or a `ConfigError` whose message names the offending input.
+
+This module is imported by the lean supervisor, so it must not import anything that
+pulls in `threading` (see supervisor.py).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+MAX_NAME = 253  # longest DNS name
+RELAY_MODES = ("auto", "splice", "copy")
+LOG_FORMATS = ("text", "json")
+
+
+class ConfigError(Exception):
+    """Bad input. The message is one line that names the input; the CLI exits 2 with it."""
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """An upstream address: an IP literal or a host name, and a port."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return join_host_port(self.host, self.port)
+
+
+@dataclass(frozen=True)
+class Link:
+    """One listener and where it forwards: `bind:port -> target`, named by its sources."""
+
+    bind: str
+    port: int
+    target: Endpoint
+    names: tuple[str, ...]
+
+    @property
+    def name(self) -> str:
+        return ",".join(self.names)
+
+    @property
+    def key(self) -> tuple[str, int, tuple[str, ...]]:
+        """What identifies the listening socket: links with the same key share it.
+
+        Port 0 asks the kernel for a fresh port, so such a link is only ever itself.
+        """
+        return (self.bind, self.port, () if self.port else self.names)
+
+    def describe(self, port: int | None = None) -> str:
+        listen = join_host_port(self.bind, self.port if port is None else port)
+        return f"{listen} -> {self.target} ({self.name})"
+
+
+@dataclass(frozen=True)
+class LinkTable:
+    links: tuple[Link, ...]
+    warnings: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Options:
+    """Everything `serve` takes besides the links. Validated by `check_options`."""
+
+    relay: str = "auto"
+    connect_timeout: float = 5.0
+    connect_retries: int = 0
+    grace: float = 8.0
+    idle_timeout: float | None = None
+    halfclose_timeout: float | None = None
+    max_children: int = 1024
+    allow: tuple[str, ...] = ()
+    verbosity: int = 0
+    log_format: str = "text"
+    status_socket: str | None = None
+    metrics: str | None = None
+    pid_file: str | None = None
+
+
+@dataclass(frozen=True)
+class Sources:
+    """Where the links come from; kept so that a reload can read them again."""
+
+    specs: tuple[str, ...] = ()
+    from_env: bool = False
+    env_file: str | None = None
+    options: Options = field(default_factory=Options)
+
+
+def join_host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _describe(text: str) -> str:
+    """Quote user input for an error line, keeping it on one line and short."""
+    shown = text if len(text) <= 80 else text[:77] + "..."
+    return repr(shown)
+
+
+def parse_port(text: str, what: str, *, allow_zero: bool = False) -> int:
+    if not text.isascii() or not text.isdigit():
+        raise ConfigError(f"{what}: port {_describe(text)} is not a number")
+    if len(text) > 5 or not (0 if allow_zero else 1) <= int(text) <= 65535:
+        low = 0 if allow_zero else 1
+        raise ConfigError(f"{what}: port {_describe(text)} is out of range ({low}-65535)")
+    return int(text)
+
+
+_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)\Z")
+
+
+def parse_host(text: str, what: str) -> str:
+    """An IP literal (IPv6 already without brackets) or a DNS name."""
+    if not text:
+        raise ConfigError(f"{what}: the host is empty")
+    if ":" in text:
+        try:
+            return str(ipaddress.IPv6Address(text))
+        except ValueError:
+            raise ConfigError(f"{what}: {_describe(text)} is not an IPv6 address") from None
+    try:
+        return str(ipaddress.IPv4Address(text))
+    except ValueError:
+        pass
+    if len(text) > MAX_NAME:
+        raise ConfigError(f"{what}: host name is longer than {MAX_NAME} characters")
+    name = text[:-1] if text.endswith(".") else text
+    if not all(_LABEL.match(label) for label in name.split(".")):
+        raise ConfigError(f"{what}: {_describe(text)} is not a valid host name or address")
+    if name.replace(".", "").isdigit():
+        raise ConfigError(f"{what}: {_describe(text)} is not a valid IPv4 address")
+    return text
+
+
+def split_host_port(text: str, what: str) -> tuple[str, str]:
+    """`host:port` or `[v6]:port` -> (host, port text); brackets are required for IPv6."""
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise ConfigError(f"{what}: unclosed '[' in {_describe(text)}")
+        host, rest = text[1:end], text[end + 1 :]
+        if not rest.startswith(":"):
+            raise ConfigError(f"{what}: expected ':PORT' after ']' in {_describe(text)}")
+        if not host:
+            raise ConfigError(f"{what}: empty IPv6 address in {_describe(text)}")
+        if ":" not in host:
+            raise ConfigError(f"{what}: {_describe(host)} in brackets is not an IPv6 address")
+        return host, rest[1:]
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        raise ConfigError(f"{what}: expected HOST:PORT, got {_describe(text)}")
+    if ":" in host:
+        raise ConfigError(f"{what}: IPv6 addresses must be in brackets, as in [fd00::5]:6379")
+    return host, port
+
+
+def parse_bind(text: str, what: str) -> str:
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        raise ConfigError(
+            f"{what}: bind address {_describe(text)} is not an IP address"
+        ) from None
+
+
+def parse_spec(spec: str) -> Link:
+    """`[BIND_ADDR:]LISTEN_PORT=HOST:PORT` (IPv6 in brackets) -> Link."""
+    what = f"SPEC {_describe(spec)}"
+    left, sep, right = spec.partition("=")
+    if not sep:
+        raise ConfigError(f"{what}: expected [BIND_ADDR:]LISTEN_PORT=HOST:PORT")
+    if not left:
+        raise ConfigError(f"{what}: the listen port is missing before '='")
+    if not right:
+        raise ConfigError(f"{what}: the upstream HOST:PORT is missing after '='")
+    if ":" not in left:
+        bind, port_text = "0.0.0.0", left
+    else:
+        bind_text, port_text = split_host_port(left, what)
+        bind = parse_bind(bind_text, what)
+    listen_port = parse_port(port_text, what, allow_zero=True)
+    host_text, target_port = split_host_port(right, what)
+    target = Endpoint(parse_host(host_text, what), parse_port(target_port, what))
+    return Link(bind, listen_port, target, (spec,))
+
+
+# <ALIAS>_PORT_<N>_<PROTO>; ALIAS may itself contain _PORT_ (greedy match takes the last).
+_LINK_VAR = re.compile(r"(?P<alias>[A-Za-z0-9_]+)_PORT_(?P<port>[0-9]+)_(?P<proto>TCP|UDP)\Z")
+
+
+def parse_link_value(name: str, value: str, proto: str) -> Endpoint:
+    what = f"variable {name}"
+    scheme = proto.lower() + "://"
+    if not value.startswith(scheme):
+        raise ConfigError(f"{what}: expected {scheme}HOST:PORT, got {_describe(value)}")
+    host_text, port_text = split_host_port(value[len(scheme) :], what)
+    return Endpoint(parse_host(host_text, what), parse_port(port_text, what))
+
+
+def links_from_env(environ: Mapping[str, str], origin: str = "") -> tuple[list[Link], list[str]]:
+    """Docker link variables -> links (sorted by name) and warnings.
+
+    `<ALIAS>_ENV_<...>` variables are a linked container's own environment re-exported
+    by Docker (an ambassador linked to an ambassador sees them): they are not links.
+    """
+    links: list[Link] = []
+    warnings: list[str] = []
+    for name in sorted(environ):
+        match = _LINK_VAR.match(name)
+        if match is None or "_ENV_" in match["alias"] + "_":
+            continue
+        label = f"{name} ({origin})" if origin else name
+        if match["proto"] == "UDP":
+            warnings.append(f"{label}: UDP links are not proxied; skipped")
+            continue
+        port = parse_port(match["port"], f"variable {label}")
+        target = parse_link_value(label, environ[name], match["proto"])
+        links.append(Link("0.0.0.0", port, target, (name,)))
+    return links, warnings
+
+
+def parse_env_file(text: str, path: str) -> dict[str, str]:
+    """Docker `--env-file` syntax: KEY=VALUE lines, '#' comments, values taken literally."""
+    result: dict[str, str] = {}
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.lstrip()
+        if not line or line.startswith("#"):
+            continue
+        key, sep, value = line.partition("=")
+        if not sep:
+            continue  # `KEY` alone means "copy from the host" to Docker: not a link definition
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]*", key):
+            raise ConfigError(f"env file {path}, line {number}: bad variable name {_describe(key)}")
+        result[key] = value
+    return result
+
+
+def merge_links(links: Iterable[Link]) -> tuple[Link, ...]:
+    """One link per listening socket: same target merges, a different target is an error."""
+    by_key: dict[tuple[str, int, tuple[str, ...]], Link] = {}
+    for link in links:
+        known = by_key.get(link.key)
+        if known is None:
+            by_key[link.key] = link
+        elif known.target == link.target:
+            by_key[link.key] = Link(known.bind, known.port, known.target, known.names + link.names)
+        else:
+            raise ConfigError(
+                f"port {link.port} is linked twice to different targets: "
+                f"{known.name} -> {known.target} and {link.name} -> {link.target}"
+            )
+    return tuple(by_key.values())
+
+
+def build_links(
+    specs: Sequence[str],
+    environ: Mapping[str, str] | None = None,
+    env_file: tuple[str, str] | None = None,
+) -> LinkTable:
+    """All link sources together. `environ`: the environment when --from-env;
+    `env_file`: (path, text) of an --env-file."""
+    links = [parse_spec(spec) for spec in specs]
+    warnings: list[str] = []
+    if environ is not None:
+        found, warned = links_from_env(environ)
+        links += found
+        warnings += warned
+    if env_file is not None:
+        path, text = env_file
+        found, warned = links_from_env(parse_env_file(text, path), origin=path)
+        links += found
+        warnings += warned
+    merged = merge_links(links)
+    if not merged:
+        sources = []
+        if environ is not None:
+            sources.append("the environment")
+        if env_file is not None:
+            sources.append(f"env file {env_file[0]}")
+        where = " or ".join(sources) or "the command line (give a SPEC or --from-env)"
+        raise ConfigError(f"no links found: no <ALIAS>_PORT_<N>_TCP variable or SPEC in {where}")
+    return LinkTable(merged, tuple(warnings))
+
+
+@dataclass(frozen=True)
+class Network:
+    """An allow-list entry as integers, so the supervisor checks a peer without ipaddress."""
+
+    version: int
+    address: int
+    mask: int
+    text: str
+
+
+def parse_cidr(text: str) -> Network:
+    try:
+        net = ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        raise ConfigError(f"--allow {_describe(text)}: not an IPv4 or IPv6 CIDR") from None
+    return Network(net.version, int(net.network_address), int(net.netmask), str(net))
+
+
+def parse_metrics_address(text: str) -> tuple[str, int]:
+    what = f"--metrics {_describe(text)}"
+    host, port = split_host_port(text, what)
+    return parse_bind(host, what) if host else "0.0.0.0", parse_port(port, what, allow_zero=True)
+
+
+def check_options(options: Options) -> Options:
+    """Raise ConfigError for values no proxy could run with."""
+    if options.relay not in RELAY_MODES:
+        raise ConfigError(f"--relay {_describe(options.relay)}: expected one of auto, splice, copy")
+    if options.log_format not in LOG_FORMATS:
+        raise ConfigError(f"--log-format {_describe(options.log_format)}: expected text or json")
+    if options.max_children < 1:
+        raise ConfigError(f"--max-children {options.max_children}: must be at least 1")
+    if options.connect_retries < 0:
+        raise ConfigError(f"--connect-retries {options.connect_retries}: must be 0 or more")
+    for flag, value in (
+        ("--connect-timeout", options.connect_timeout),
+        ("--grace", options.grace),
+        ("--idle-timeout", options.idle_timeout),
+        ("--halfclose-timeout", options.halfclose_timeout),
+    ):
+        if value is None:
+            continue
+        if not value == value or value in (float("inf"), float("-inf")):  # NaN, inf
+            raise ConfigError(f"{flag} {value}: not a finite number of seconds")
+        if value < 0 or (value == 0 and flag in ("--connect-timeout",)):
+            raise ConfigError(f"{flag} {value}: must be a positive number of seconds")
+    for cidr in options.allow:
+        parse_cidr(cidr)
+    if options.metrics is not None:
+        parse_metrics_address(options.metrics)
+    return options
+
+
+def sources_to_json(sources: Sources) -> dict[str, object]:
+    """Plain data for handing the configuration to the exec'd supervisor."""
+    return {
+        "specs": list(sources.specs),
+        "from_env": sources.from_env,
+        "env_file": sources.env_file,
+        "options": {**vars(sources.options), "allow": list(sources.options.allow)},
+    }
+
+
+def sources_from_json(data: Mapping[str, Any]) -> Sources:
+    options = dict(data["options"])
+    options["allow"] = tuple(options.get("allow", ()))
+    return Sources(
+        specs=tuple(data["specs"]),
+        from_env=bool(data["from_env"]),
+        env_file=data["env_file"],
+        options=check_options(Options(**options)),
+    )
+
+
+def parse_seconds(text: str | None, flag: str) -> float | None:
+    """A command-line duration: a plain number of seconds (`0.5`, `10`); None when unset."""
+    if text is None or text.lower() in ("", "off", "none"):
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise ConfigError(f"{flag} {_describe(text)}: not a number of seconds") from None
+    if not value == value or value in (float("inf"), float("-inf")) or value < 0:
+        raise ConfigError(f"{flag} {_describe(text)}: must be a finite, positive number of seconds")
+    return value
+
+
+def parse_count(text: str, flag: str) -> int:
+    if not text.isascii() or not text.lstrip("-").isdigit() or len(text) > 9:
+        raise ConfigError(f"{flag} {_describe(text)}: not a whole number")
+    return int(text)

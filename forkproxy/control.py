@@ -1,0 +1,146 @@
+"""The supervisor's end of the control socket: one JSON request line in, one JSON reply out.
+
+Served from the supervisor's own poll loop with non-blocking sockets (no thread in the
+forking process). The client end is `status.py`.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import socket
+import stat
+from collections.abc import Callable
+
+MAX_CLIENTS = 16
+MAX_REQUEST = 4096
+
+Handler = Callable[[dict[str, object]], dict[str, object]]
+
+
+def default_dir(environ: dict[str, str] | os._Environ[str], uid: int) -> str:
+    """Per user, so two users' proxies never meet.
+
+    $XDG_RUNTIME_DIR/forkproxy, or /tmp/forkproxy-UID without it.
+    """
+    runtime = environ.get("XDG_RUNTIME_DIR")
+    return os.path.join(runtime, "forkproxy") if runtime else f"/tmp/forkproxy-{uid}"
+
+
+def prepare_dir(path: str) -> None:
+    """Create the socket directory 0700, refusing one that someone else owns."""
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        info = os.lstat(path)
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+            raise PermissionError(
+                errno.EPERM, f"{path} is not a directory owned by this user"
+            ) from None
+
+
+class _Client:
+    __slots__ = ("inbox", "outbox", "sock")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.inbox = b""
+        self.outbox = b""
+
+
+class ControlServer:
+    """A Unix stream socket; `handle` maps a request dict to a reply dict."""
+
+    def __init__(self, path: str, handle: Handler) -> None:
+        self.path = path
+        self.handle = handle
+        if os.path.exists(path):
+            _remove_if_stale(path)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old_umask = os.umask(0o077)
+        try:
+            self.sock.bind(path)
+        finally:
+            os.umask(old_umask)
+        self.sock.listen(MAX_CLIENTS)
+        self.sock.setblocking(False)
+        self.clients: dict[int, _Client] = {}
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def accept(self) -> list[int]:
+        """Accept waiting clients; returns their fds for the loop to poll."""
+        fds = []
+        while len(self.clients) < MAX_CLIENTS:
+            try:
+                sock, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                break  # EMFILE and friends: the client will time out, the proxy goes on
+            sock.setblocking(False)
+            self.clients[sock.fileno()] = _Client(sock)
+            fds.append(sock.fileno())
+        return fds
+
+    def service(self, fd: int) -> bool:
+        """Read or write for one client; False when it is finished (caller unregisters)."""
+        client = self.clients[fd]
+        try:
+            if not client.outbox:
+                data = client.sock.recv(MAX_REQUEST)
+                if not data:
+                    return self._drop(fd)
+                client.inbox += data
+                if b"\n" not in client.inbox:
+                    return len(client.inbox) < MAX_REQUEST or self._drop(fd)
+                line = client.inbox.split(b"\n", 1)[0]
+                client.outbox = self._reply(line)
+            sent = client.sock.send(client.outbox)
+            client.outbox = client.outbox[sent:]
+        except (BlockingIOError, InterruptedError):
+            return True
+        except OSError:
+            return self._drop(fd)
+        return bool(client.outbox) or self._drop(fd)
+
+    def wants_write(self, fd: int) -> bool:
+        return bool(self.clients[fd].outbox)
+
+    def _reply(self, line: bytes) -> bytes:
+        try:
+            request = json.loads(line)
+            if not isinstance(request, dict):
+                raise ValueError("request must be a JSON object")
+            reply = self.handle(request)
+        except ValueError as exc:
+            reply = {"ok": False, "error": f"bad request: {exc}"}
+        return json.dumps(reply).encode() + b"\n"
+
+    def _drop(self, fd: int) -> bool:
+        self.clients.pop(fd).sock.close()
+        return False
+
+    def close(self) -> None:
+        for fd in list(self.clients):
+            self._drop(fd)
+        self.sock.close()
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+
+def _remove_if_stale(path: str) -> None:
+    """A socket file nobody answers on is left from a crash; a live one is an error."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        os.unlink(path)
+        return
+    finally:
+        probe.close()
+    raise OSError(errno.EADDRINUSE, f"another forkproxy answers on {path}")

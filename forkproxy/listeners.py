@@ -1,0 +1,99 @@
+"""Listening sockets: bind with the options socat's `fork,reuseaddr` users expect, close,
+and reconcile an old set with a new one so a reload keeps the sockets it can."""
+
+from __future__ import annotations
+
+import errno
+import socket
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from .config import ConfigError, Link, join_host_port
+
+# socat's default backlog of 5 makes a burst of clients wait for SYN retransmits
+# (1-3 s); the kernel caps this at net.core.somaxconn anyway.
+BACKLOG = 4096
+
+
+@dataclass
+class Listener:
+    """A bound, listening socket and the link it serves (the link may change on reload)."""
+
+    link: Link
+    sock: socket.socket
+    port: int  # the port really bound (differs from link.port when 0 was asked)
+
+    @property
+    def fd(self) -> int:
+        return self.sock.fileno()
+
+    def describe(self) -> str:
+        return self.link.describe(self.port)
+
+
+def bind(link: Link) -> Listener:
+    """Bind and listen, or raise ConfigError naming the link and what went wrong."""
+    family = socket.AF_INET6 if ":" in link.bind else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6 and link.bind == "::":
+            # `[::]:P` means every address, IPv4 too, whatever the host's bindv6only says.
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind((link.bind, link.port))
+        sock.listen(BACKLOG)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        where = join_host_port(link.bind, link.port)
+        reason = {
+            errno.EADDRINUSE: "address already in use",
+            errno.EACCES: "permission denied (ports below 1024 need root or CAP_NET_BIND_SERVICE)",
+            errno.EADDRNOTAVAIL: "no such address on this host",
+        }.get(exc.errno or 0, exc.strerror or str(exc))
+        raise ConfigError(f"cannot listen on {where} for {link.name}: {reason}") from None
+    return Listener(link, sock, sock.getsockname()[1])
+
+
+def bind_all(links: Iterable[Link]) -> list[Listener]:
+    """Every link or none: on the first failure the ones already bound are closed."""
+    bound: list[Listener] = []
+    try:
+        for link in links:
+            bound.append(bind(link))
+    except ConfigError:
+        close_all(bound)
+        raise
+    return bound
+
+
+def close_all(listeners: Iterable[Listener]) -> None:
+    for listener in listeners:
+        listener.sock.close()
+
+
+def reconcile(
+    old: list[Listener], links: Iterable[Link]
+) -> tuple[list[Listener], list[Listener], list[Listener]]:
+    """Work out a reload: returns (kept+new listeners, newly bound, to close).
+
+    A listener whose address is unchanged keeps its socket (clients in its backlog are
+    not dropped) and takes the new link, whatever its target. New addresses are bound
+    all-or-nothing: on failure nothing has changed and ConfigError is raised.
+    """
+    by_key = {listener.link.key: listener for listener in old}
+    wanted = list(links)
+    fresh = bind_all(link for link in wanted if link.key not in by_key)
+    fresh_iter = iter(fresh)
+    result: list[Listener] = []
+    kept: set[int] = set()
+    for link in wanted:
+        known = by_key.get(link.key)
+        if known is None:
+            result.append(next(fresh_iter))
+        else:
+            known.link = link
+            kept.add(id(known))
+            result.append(known)
+    retired = [listener for listener in old if id(listener) not in kept]
+    return result, fresh, retired

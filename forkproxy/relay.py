@@ -1,0 +1,355 @@
+"""Runs only in a forked child: connect upstream, move bytes both ways, report how it ended.
+
+One thread, one `poll` loop, non-blocking sockets. Each direction is a `Flow` with at
+most one chunk in flight: while a chunk waits for the destination to drain, its source
+is not read (backpressure, bounded memory). Bytes move with `os.splice` through a pipe
+(zero-copy) or with `recv_into`/`send`; `auto` starts with the copy, which is cheaper
+for small messages, and switches a direction to splice once a read fills the buffer.
+
+EOF on one side becomes `shutdown(SHUT_WR)` on the other while the other direction keeps
+flowing, with no time limit unless --halfclose-timeout is set. A reset on either side
+resets the other and ends both.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import select
+import socket
+import time
+
+from .config import Endpoint, Link, Options
+from .log import Logger
+
+# How a relay ended: the child's exit status, decoded by the supervisor.
+CLOSED = 0
+FAILED = 1
+CLIENT_RESET = 10
+UPSTREAM_RESET = 11
+CONNECT_FAILED = 12
+IDLE_TIMEOUT = 13
+HALFCLOSE_TIMEOUT = 14
+OUTCOMES = {
+    CLOSED: "closed",
+    FAILED: "failed",
+    CLIENT_RESET: "client-reset",
+    UPSTREAM_RESET: "upstream-reset",
+    CONNECT_FAILED: "connect-failed",
+    IDLE_TIMEOUT: "idle-timeout",
+    HALFCLOSE_TIMEOUT: "halfclose-timeout",
+}
+
+COPY_CHUNK = 64 * 1024
+SPLICE_CHUNK = 1024 * 1024
+PIPE_SIZE = 1024 * 1024
+F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+_SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
+HAS_SPLICE = hasattr(os, "splice")
+
+POLLIN, POLLOUT = select.POLLIN, select.POLLOUT
+POLLERR, POLLHUP = select.POLLERR, select.POLLHUP
+
+Address = tuple[int, tuple[object, ...]]  # (family, sockaddr) as getaddrinfo gives them
+
+
+class Ended(Exception):
+    """The relay is over; `args[0]` is the outcome."""
+
+
+class Flow:
+    """One direction of a connection: bytes from `src` to `dst`."""
+
+    __slots__ = (
+        "buf",
+        "counters",
+        "dst",
+        "dst_reset",
+        "end",
+        "eof",
+        "index",
+        "pending",
+        "pipe_r",
+        "pipe_w",
+        "splice",
+        "src",
+        "src_reset",
+        "start",
+        "upgrade",
+        "view",
+    )
+
+    def __init__(
+        self,
+        src: socket.socket,
+        dst: socket.socket,
+        counters: memoryview,
+        index: int,
+        mode: str,
+        resets: tuple[int, int],
+    ) -> None:
+        self.src, self.dst = src, dst
+        self.counters, self.index = counters, index
+        self.src_reset, self.dst_reset = resets
+        self.eof = False
+        self.pending = 0  # bytes read from src and not yet written to dst
+        self.start = self.end = 0
+        self.pipe_r = self.pipe_w = -1
+        self.splice = False
+        self.upgrade = mode == "auto" and HAS_SPLICE
+        self.buf = bytearray(0)
+        self.view = memoryview(self.buf)
+        if mode == "splice":
+            self._open_pipe()
+        else:
+            self.buf = bytearray(COPY_CHUNK)
+            self.view = memoryview(self.buf)
+
+    def _open_pipe(self) -> None:
+        self.pipe_r, self.pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            fcntl.fcntl(self.pipe_w, F_SETPIPE_SZ, PIPE_SIZE)
+        except OSError:
+            pass  # over the user's pipe-pages limit: the default 64 KiB pipe still works
+        self.splice = True
+        self.upgrade = False
+
+    @property
+    def wants_read(self) -> bool:
+        return not self.eof and not self.pending
+
+    @property
+    def done(self) -> bool:
+        return self.eof and not self.pending
+
+    def read(self) -> None:
+        """Read one chunk from src and push as much as dst takes now."""
+        try:
+            if self.splice:
+                n = os.splice(self.src.fileno(), self.pipe_w, SPLICE_CHUNK, flags=_SPLICE_FLAGS)
+            else:
+                n = self.src.recv_into(self.buf)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            raise Ended(self.src_reset, exc) from None
+        if n == 0:
+            self.eof = True
+            try:
+                self.dst.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass  # dst already gone: its own read or write reports how
+            return
+        self.pending = n
+        self.start, self.end = 0, n
+        if self.upgrade and n == COPY_CHUNK:
+            self.write()
+            if not self.pending:
+                self._open_pipe()  # bulk traffic: zero-copy from the next read on
+            return
+        self.write()
+
+    def write(self) -> None:
+        """Push pending bytes to dst until it would block."""
+        try:
+            while self.pending:
+                if self.splice:
+                    k = os.splice(self.pipe_r, self.dst.fileno(), self.pending, flags=_SPLICE_FLAGS)
+                else:
+                    k = self.dst.send(self.view[self.start : self.end])
+                    self.start += k
+                self.pending -= k
+                self.counters[self.index] += k
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            raise Ended(self.dst_reset, exc) from None
+
+
+def connect_upstream(
+    addresses: list[Address], target: Endpoint, timeout: float, retries: int
+) -> socket.socket:
+    """Connect to the first address that answers, retrying with a short backoff.
+
+    Names are resolved by the supervisor; a child resolves only when the supervisor
+    could not (`addresses` empty), so a DNS hiccup at start-up is not fatal.
+    """
+    error: OSError = OSError(errno.EHOSTUNREACH, "no address")
+    for attempt in range(retries + 1):
+        if attempt:
+            time.sleep(min(0.1 * 2**attempt, 2.0))
+        candidates = addresses
+        if not candidates:
+            try:
+                infos = socket.getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM)
+            except socket.gaierror as exc:
+                error = OSError(errno.EHOSTUNREACH, f"cannot resolve {target.host}: {exc}")
+                continue
+            candidates = [(int(family), tuple(addr)) for family, _, _, _, addr in infos]
+        for family, sockaddr in candidates:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            code = sock.connect_ex(sockaddr)
+            if code == errno.EINPROGRESS:
+                poller = select.poll()
+                poller.register(sock, POLLOUT)
+                if poller.poll(timeout * 1000):
+                    code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                else:
+                    code = errno.ETIMEDOUT
+            if code == 0:
+                return sock
+            sock.close()
+            error = OSError(code, os.strerror(code))
+    raise error
+
+
+def pump(
+    client: socket.socket,
+    upstream: socket.socket,
+    options: Options,
+    counters: memoryview,
+    base: int,
+) -> int:
+    """Relay until both directions are done; return the outcome."""
+    mode = options.relay if HAS_SPLICE else "copy"
+    up = Flow(client, upstream, counters, base, mode, (CLIENT_RESET, UPSTREAM_RESET))
+    down = Flow(upstream, client, counters, base + 1, mode, (UPSTREAM_RESET, CLIENT_RESET))
+    cfd, ufd = client.fileno(), upstream.fileno()
+    poller = select.poll()
+    poller.register(cfd, POLLIN)
+    poller.register(ufd, POLLIN)
+    cmask = umask = POLLIN
+    idle = options.idle_timeout
+    halfclose = options.halfclose_timeout
+    last_active = time.monotonic()
+    half_since = 0.0
+    moved = 0
+    while not (up.done and down.done):
+        want_c = (POLLIN if up.wants_read else 0) | (POLLOUT if down.pending else 0)
+        want_u = (POLLIN if down.wants_read else 0) | (POLLOUT if up.pending else 0)
+        # A mask of -1 means unregistered: after a hang-up with nothing left to do on
+        # that socket, polling it again would only report the hang-up forever.
+        if want_c != cmask and not (cmask < 0 and not want_c):
+            _set_mask(poller, cfd, cmask, want_c)
+            cmask = want_c
+        if want_u != umask and not (umask < 0 and not want_u):
+            _set_mask(poller, ufd, umask, want_u)
+            umask = want_u
+        timeout_ms = -1
+        if idle is not None or halfclose is not None:
+            now = time.monotonic()
+            total = counters[base] + counters[base + 1]
+            if total != moved:
+                moved, last_active = total, now
+            deadlines = []
+            if idle is not None:
+                deadlines.append((last_active + idle, IDLE_TIMEOUT))
+            if halfclose is not None and (up.done or down.done):
+                half_since = half_since or now
+                deadlines.append((half_since + halfclose, HALFCLOSE_TIMEOUT))
+            deadline, outcome = min(deadlines)
+            if deadline <= now:
+                return outcome
+            timeout_ms = int((deadline - now) * 1000) + 1
+        for fd, events in poller.poll(timeout_ms):
+            if fd == cfd:
+                if events & POLLOUT or (events & (POLLERR | POLLHUP) and down.pending):
+                    down.write()
+                if events & (POLLIN | POLLERR | POLLHUP) and up.wants_read:
+                    up.read()
+                elif events & POLLERR and not down.pending:
+                    raise Ended(CLIENT_RESET, _socket_error(client))
+                elif events & POLLHUP and not cmask:
+                    poller.unregister(cfd)
+                    cmask = -1
+            else:
+                if events & POLLOUT or (events & (POLLERR | POLLHUP) and up.pending):
+                    up.write()
+                if events & (POLLIN | POLLERR | POLLHUP) and down.wants_read:
+                    down.read()
+                elif events & POLLERR and not up.pending:
+                    raise Ended(UPSTREAM_RESET, _socket_error(upstream))
+                elif events & POLLHUP and not umask:
+                    poller.unregister(ufd)
+                    umask = -1
+    return CLOSED
+
+
+def _set_mask(poller: select.poll, fd: int, old: int, new: int) -> None:
+    if old < 0:
+        poller.register(fd, new)
+    else:
+        poller.modify(fd, new)
+
+
+def _socket_error(sock: socket.socket) -> OSError:
+    code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) or errno.ECONNRESET
+    return OSError(code, os.strerror(code))
+
+
+def reset(sock: socket.socket) -> None:
+    """Close with an RST rather than a FIN, so the peer sees the reset we saw."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    except OSError:
+        pass  # already closed by the peer: close() below is all that is left
+    sock.close()
+
+
+def serve(
+    client: socket.socket,
+    client_addr: str,
+    link: Link,
+    addresses: list[Address],
+    options: Options,
+    counters: memoryview,
+    base: int,
+    log: Logger,
+) -> int:
+    """The whole life of one connection in its child; returns the exit status."""
+    started = time.monotonic()
+    client.setblocking(False)
+    try:
+        upstream = connect_upstream(
+            addresses, link.target, options.connect_timeout, options.connect_retries
+        )
+    except OSError as exc:
+        log.warning(
+            "connect-failed",
+            link=link.name,
+            client=client_addr,
+            upstream=str(link.target),
+            error=exc.strerror or str(exc),
+        )
+        client.close()
+        return CONNECT_FAILED
+    client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    info = log.enabled(20)
+    if info:
+        log.info("open", link=link.name, client=client_addr, upstream=str(link.target))
+    error = ""
+    try:
+        outcome = pump(client, upstream, options, counters, base)
+    except Ended as ended:
+        outcome = ended.args[0]
+        error = ended.args[1].strerror or str(ended.args[1])
+        reset(upstream if outcome == CLIENT_RESET else client)
+    client.close()
+    upstream.close()
+    if info:
+        fields: dict[str, object] = {
+            "link": link.name,
+            "client": client_addr,
+            "upstream": str(link.target),
+            "bytes_up": counters[base],
+            "bytes_down": counters[base + 1],
+            "duration": time.monotonic() - started,
+            "outcome": OUTCOMES[outcome],
+        }
+        if error:
+            fields["error"] = error
+        log.info("close", **fields)
+    return outcome

@@ -1,0 +1,60 @@
+"""Signals delivered into the supervisor's poll loop, the asyncio way.
+
+Handlers do nothing; `signal.set_wakeup_fd` writes each signal's number to a
+non-blocking socketpair that the loop polls, so every piece of work happens in the loop,
+between system calls, never inside a handler. (Without a Python-level handler the
+wakeup byte is never written, hence the do-nothing handler.)
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+from types import FrameType
+
+HANDLED = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
+
+
+def _noop(signum: int, frame: FrameType | None) -> None:
+    """The work happens in the loop; see the module docstring."""
+
+
+class SignalPipe:
+    def __init__(self) -> None:
+        self.reader, self.writer = socket.socketpair()
+        self.reader.setblocking(False)
+        self.writer.setblocking(False)
+        signal.set_wakeup_fd(self.writer.fileno(), warn_on_full_buffer=False)
+        for signum in HANDLED:
+            signal.signal(signum, _noop)
+
+    def fileno(self) -> int:
+        return self.reader.fileno()
+
+    def drain(self) -> list[int]:
+        """Signal numbers received since the last call, in order, duplicates folded."""
+        seen: list[int] = []
+        while True:
+            try:
+                data = self.reader.recv(4096)
+            except (BlockingIOError, InterruptedError):
+                return seen
+            if not data:
+                return seen
+            for signum in data:
+                if signum not in seen or signum == signal.SIGINT:
+                    seen.append(signum)
+
+
+def reset_in_child() -> None:
+    """A relay child: no wakeup fd, default TERM, and deaf to what is meant for the supervisor.
+
+    SIGINT (a terminal's Ctrl-C reaches the whole process group) and SIGHUP (reload)
+    are the supervisor's business; live connections are never touched by them.
+    """
+    signal.set_wakeup_fd(-1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)

@@ -1,0 +1,445 @@
+"""The supervisor: the only code that forks, waits and kills.
+
+One thread, one `poll` loop: listeners, the signal pipe and the control socket are all
+file descriptors in it, and every piece of work (accept+fork, reap, drain, reload,
+status) happens there, dispatched from `handle_*` methods (gunicorn's arbiter habit).
+
+This process forks once per connection, so it is kept lean: it imports nothing that
+pulls in `threading` (logging, psutil, click, prometheus_client all do), because
+CPython's at-fork hooks and the pages they touch make every fork dearer. A test holds
+that line (tests/test_supervisor.py).
+"""
+
+from __future__ import annotations
+
+import errno
+import gc
+import os
+import select
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable, Mapping
+
+from . import __version__, control, listeners, relay, signals
+from .accounting import Accounting, describe_status
+from .config import ConfigError, Link, LinkTable, Network, Sources, build_links, parse_cidr
+from .listeners import Listener
+from .log import Logger
+from .relay import Address
+
+ACCEPT_BATCH = 64  # accepts per wakeup, so signals and reaping get their turn in a burst
+ACCEPT_BACKOFF = 0.1  # seconds without accepting after EMFILE/ENFILE/ENOBUFS/ENOMEM
+KILL_AFTER = 2.0  # seconds between TERM and KILL when the grace period is over
+_RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+POLLIN, POLLOUT = select.POLLIN, select.POLLOUT
+
+
+def read_links(sources: Sources, environ: Mapping[str, str]) -> LinkTable:
+    """Read every source the configuration names (the env file is the only I/O) and parse."""
+    env_file = None
+    if sources.env_file is not None:
+        try:
+            with open(sources.env_file, encoding="utf-8") as handle:
+                env_file = (sources.env_file, handle.read())
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+            raise ConfigError(f"cannot read env file {sources.env_file}: {reason}") from None
+    return build_links(sources.specs, environ if sources.from_env else None, env_file)
+
+
+def resolve(link: Link, log: Logger) -> list[Address]:
+    """Addresses to try for a link's target, in getaddrinfo's order; [] if it fails now."""
+    try:
+        infos = socket.getaddrinfo(link.target.host, link.target.port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        log.warning("resolve-failed", link=link.name, host=link.target.host, error=exc.strerror)
+        return []
+    addresses: list[Address] = []
+    for family, _, _, _, sockaddr in infos:
+        address = (int(family), tuple(sockaddr))
+        if address not in addresses:
+            addresses.append(address)
+    return addresses
+
+
+def peer_text(address: tuple[object, ...]) -> str:
+    host = str(address[0])
+    return f"[{host}]:{address[1]}" if ":" in host else f"{host}:{address[1]}"
+
+
+def is_allowed(allow: list[Network], host: str) -> bool:
+    """Is a peer address inside one of the --allow networks? (integers, no ipaddress)"""
+    if host.startswith("::ffff:") and "." in host:
+        host = host[7:]  # an IPv4 client on a dual-stack listener
+    if ":" in host:
+        version, number = 6, int.from_bytes(socket.inet_pton(socket.AF_INET6, host.split("%")[0]))
+    else:
+        version, number = 4, int.from_bytes(socket.inet_aton(host))
+    return any(n.version == version and number & n.mask == n.address for n in allow)
+
+
+class Supervisor:
+    def __init__(self, sources: Sources, environ: Mapping[str, str], log: Logger) -> None:
+        self.sources = sources
+        self.options = sources.options
+        self.environ = environ
+        self.log = log
+        self.allow = [parse_cidr(cidr) for cidr in self.options.allow]
+        self.accounting = Accounting(self.options.max_children, relay.OUTCOMES)
+        self.poller = select.poll()
+        self.handlers: dict[int, Callable[[int], None]] = {}
+        self.listeners: list[Listener] = []
+        self.addresses: dict[tuple[str, int, tuple[str, ...]], list[Address]] = {}
+        self.accepting = False
+        self.resume_at: float | None = None  # accept backoff after a resource error
+        self.stopping = False
+        self.term_at: float | None = None  # grace period ends: TERM the children
+        self.kill_at: float | None = None  # TERM ignored: KILL them
+        self.control: control.ControlServer | None = None
+        self.started = time.time()
+
+    # -- start and stop -------------------------------------------------------------
+
+    def start(self) -> list[str]:
+        """Bind everything or nothing; returns the `listening ...` lines. ConfigError on failure."""
+        table = read_links(self.sources, self.environ)
+        for warning in table.warnings:
+            self.log.warning("link-skipped", detail=warning)
+        self.listeners = listeners.bind_all(table.links)
+        try:
+            self.control = self._open_control()
+            self._write_pid_file()
+        except ConfigError:
+            listeners.close_all(self.listeners)
+            if self.control is not None:
+                self.control.close()
+            raise
+        self.signals = signals.SignalPipe()
+        self._watch(self.signals.fileno(), self.handle_signals)
+        self._watch(self.control.fileno(), self.handle_control_accept)
+        for listener in self.listeners:
+            self.addresses[listener.link.key] = resolve(listener.link, self.log)
+        self.update_accepting()
+        return [f"listening {listener.describe()}" for listener in self.listeners]
+
+    def _open_control(self) -> control.ControlServer:
+        path = self.options.status_socket
+        try:
+            if path is None:
+                directory = control.default_dir(dict(self.environ), os.getuid())
+                control.prepare_dir(directory)
+                path = os.path.join(directory, f"{os.getpid()}.sock")
+            return control.ControlServer(path, self.handle_control_request)
+        except OSError as exc:
+            raise ConfigError(f"status socket {path}: {exc.strerror or exc}") from None
+
+    def _write_pid_file(self) -> None:
+        if self.options.pid_file is None:
+            return
+        try:
+            with open(self.options.pid_file, "w", encoding="ascii") as handle:
+                handle.write(f"{os.getpid()}\n")
+        except OSError as exc:
+            raise ConfigError(f"--pid-file {self.options.pid_file}: {exc.strerror}") from None
+
+    def run(self) -> int:
+        """Serve until stopped; 0 after a clean stop."""
+        lines = self.start()
+        try:
+            sys.stdout.write("".join(line + "\n" for line in lines))
+            sys.stdout.flush()
+        except OSError:
+            pass  # nobody reads stdout: the proxy works all the same
+        for line in lines:
+            self.log.debug("ready", detail=line)
+        gc.freeze()  # the children never touch these objects' GC headers: fewer pages copied
+        try:
+            self.loop()
+        finally:
+            self.cleanup()
+        return 0
+
+    def loop(self) -> None:
+        while not (self.stopping and not self.accounting.children):
+            timeout = self._poll_timeout()
+            for fd, events in self.poller.poll(timeout):
+                handler = self.handlers.get(fd)
+                if handler is not None:
+                    handler(events)
+            self.handle_timers()
+
+    def cleanup(self) -> None:
+        listeners.close_all(self.listeners)
+        self.listeners = []
+        if self.control is not None:
+            self.control.close()
+        if self.options.pid_file is not None:
+            try:
+                os.unlink(self.options.pid_file)
+            except OSError:
+                pass  # already gone, or never ours to remove
+
+    def _poll_timeout(self) -> int:
+        deadlines = [t for t in (self.resume_at, self.term_at, self.kill_at) if t is not None]
+        if not deadlines:
+            return -1
+        return max(0, int((min(deadlines) - time.monotonic()) * 1000) + 1)
+
+    def _watch(self, fd: int, handler: Callable[[int], None], events: int = POLLIN) -> None:
+        self.poller.register(fd, events)
+        self.handlers[fd] = handler
+
+    def _unwatch(self, fd: int) -> None:
+        if self.handlers.pop(fd, None) is not None:
+            self.poller.unregister(fd)
+
+    # -- accepting ---------------------------------------------------------------------
+
+    def update_accepting(self) -> None:
+        """Listen while not stopping, not backing off, and under --max-children."""
+        want = (
+            not self.stopping
+            and self.resume_at is None
+            and len(self.accounting.children) < self.options.max_children
+        )
+        if want == self.accepting:
+            return
+        self.accepting = want
+        for listener in self.listeners:
+            if want:
+                self._watch(listener.fd, self._accept_handler(listener))
+            else:
+                self._unwatch(listener.fd)
+
+    def _accept_handler(self, listener: Listener) -> Callable[[int], None]:
+        return lambda events: self.handle_accept(listener)
+
+    def handle_accept(self, listener: Listener) -> None:
+        max_children = self.options.max_children
+        children = self.accounting.children
+        for _ in range(ACCEPT_BATCH):
+            if len(children) >= max_children:
+                break  # the rest wait in the kernel's backlog until a child exits
+            try:
+                # _accept() gives the bare fd: no socket object, no extra fcntl in the parent.
+                fd, address = listener.sock._accept()  # type: ignore[attr-defined]
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in _RESOURCE_ERRORS:
+                    self.log.error("accept-failed", link=listener.link.name, error=exc.strerror,
+                                   detail=f"pausing accepts for {ACCEPT_BACKOFF}s")
+                    self.resume_at = time.monotonic() + ACCEPT_BACKOFF
+                    break
+                continue  # ECONNABORTED, EPERM from a firewall, ...: that client only
+            if self.allow and not is_allowed(self.allow, address[0]):
+                os.close(fd)
+                self.accounting.denied(listener.link)
+                self.log.warning("denied", link=listener.link.name, client=peer_text(address))
+                continue
+            self.spawn(listener, fd, address)
+        self.update_accepting()
+
+    def spawn(self, listener: Listener, fd: int, address: tuple[object, ...]) -> None:
+        base = self.accounting.slots.take()
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            os.close(fd)
+            self.accounting.slots.release(base)
+            self.log.error("fork-failed", link=listener.link.name, error=exc.strerror,
+                           detail=f"pausing accepts for {ACCEPT_BACKOFF}s")
+            self.resume_at = time.monotonic() + ACCEPT_BACKOFF
+            return
+        if pid == 0:
+            self._child(listener, fd, address, base)  # never returns
+        os.close(fd)
+        self.accounting.started(pid, listener.link, peer_text(address), base)
+
+    def _child(
+        self, listener: Listener, fd: int, address: tuple[object, ...], base: int
+    ) -> None:
+        """The child's whole life: it never returns into the supervisor's frames."""
+        status = relay.FAILED
+        try:
+            signals.reset_in_child()
+            gc.disable()  # a collection would touch (and so copy) every page of the heap
+            # Drop every inherited descriptor but stdio and the client, above all the
+            # listeners: a child holding one would keep a closed port accepting.
+            os.closerange(3, fd)
+            os.closerange(fd + 1, 1 << 20)
+            client = socket.socket(listener.sock.family, socket.SOCK_STREAM, 0, fileno=fd)
+            status = relay.serve(
+                client,
+                peer_text(address),
+                listener.link,
+                self.addresses.get(listener.link.key, []),
+                self.options,
+                self.accounting.slots.counters,
+                base,
+                self.log,
+            )
+        except BaseException as exc:
+            self.log.error("relay-crashed", link=listener.link.name, error=repr(exc))
+        finally:
+            os._exit(status)
+
+    # -- signals -----------------------------------------------------------------------
+
+    def handle_signals(self, events: int) -> None:
+        for signum in self.signals.drain():
+            if signum == signal.SIGCHLD:
+                self.handle_chld()
+            elif signum in (signal.SIGTERM, signal.SIGINT):
+                self.handle_stop(signum)
+            elif signum == signal.SIGHUP:
+                self.reload()
+            elif signum == signal.SIGUSR1:
+                self.handle_usr1()
+
+    def handle_chld(self) -> None:
+        """Reap every child that has exited, ours or (as PID 1) anybody's orphan."""
+        while True:
+            try:
+                pid, status, usage = os.wait4(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            record = self.accounting.finished(pid, status, usage.ru_utime + usage.ru_stime)
+            if record is None:
+                self.log.debug("reaped-orphan", pid=pid, status=describe_status(status))
+            elif os.WIFSIGNALED(status) and self.term_at is None:
+                self.log.warning("child-died", pid=pid, link=record.link.name,
+                                 client=record.client, status=describe_status(status))
+        self.update_accepting()
+
+    def handle_stop(self, signum: int) -> None:
+        name = signal.Signals(signum).name
+        if self.stopping:
+            if signum == signal.SIGINT:
+                self.log.warning(
+                    "stopping-now", signal=name, connections=len(self.accounting.children)
+                )
+                self.term_at = time.monotonic()
+            return
+        self.stopping = True
+        self.update_accepting()
+        listeners.close_all(self.listeners)  # from now on, new clients are refused
+        self.listeners = []
+        self.term_at = time.monotonic() + self.options.grace
+        self.log.info("stopping", signal=name, connections=len(self.accounting.children),
+                      grace=self.options.grace)
+
+    def handle_timers(self) -> None:
+        now = time.monotonic()
+        if self.resume_at is not None and now >= self.resume_at:
+            self.resume_at = None
+            self.update_accepting()
+        if self.term_at is not None and now >= self.term_at and self.kill_at is None:
+            if self.accounting.children:
+                self.log.warning("grace-over", connections=len(self.accounting.children),
+                                 detail="terminating the connections left")
+            self._signal_children(signal.SIGTERM)
+            self.kill_at = now + KILL_AFTER
+        elif self.kill_at is not None and now >= self.kill_at:
+            self._signal_children(signal.SIGKILL)
+            self.kill_at = now + KILL_AFTER
+
+    def _signal_children(self, signum: int) -> None:
+        for pid in list(self.accounting.children):
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass  # exited, not reaped yet: the SIGCHLD is on its way
+
+    def handle_usr1(self) -> None:
+        snapshot = self.accounting.snapshot()
+        for listener in self.listeners:
+            stats = self.accounting.stats(listener.link)
+            self.log.info("status-link", listen=listener.describe(), active=stats.active,
+                          total=stats.connections, upstream_failures=stats.upstream_failures,
+                          bytes_up=stats.bytes_up, bytes_down=stats.bytes_down)
+        for child in snapshot["children"]:  # type: ignore[attr-defined]
+            self.log.info("status-connection", **child)
+
+    # -- reload ------------------------------------------------------------------------
+
+    def reload(self) -> tuple[bool, str]:
+        """Re-read the sources; on any error keep the running configuration whole."""
+        if self.stopping:
+            return False, "stopping"
+        try:
+            table = read_links(self.sources, self.environ)
+            kept, fresh, retired = listeners.reconcile(self.listeners, table.links)
+        except ConfigError as exc:
+            self.log.error("reload-failed", error=str(exc), detail="previous configuration stays")
+            return False, str(exc)
+        self.accepting = False
+        for listener in self.listeners:
+            self._unwatch(listener.fd)
+        listeners.close_all(retired)
+        self.listeners = kept
+        self.addresses = {item.link.key: resolve(item.link, self.log) for item in kept}
+        for warning in table.warnings:
+            self.log.warning("link-skipped", detail=warning)
+        for listener in retired:
+            self.log.info("unlisten", detail=listener.describe())
+        for listener in kept:
+            self.log.info("listening", detail=listener.describe(),
+                          new=any(listener is item for item in fresh))
+        self.update_accepting()
+        return True, ""
+
+    # -- control socket ----------------------------------------------------------------
+
+    def handle_control_accept(self, events: int) -> None:
+        assert self.control is not None
+        for fd in self.control.accept():
+            self._watch(fd, self._control_handler(fd))
+
+    def _control_handler(self, fd: int) -> Callable[[int], None]:
+        def handle(events: int) -> None:
+            assert self.control is not None
+            if not self.control.service(fd):
+                self._unwatch(fd)
+            elif self.control.wants_write(fd):
+                self.poller.modify(fd, POLLOUT)
+
+        return handle
+
+    def handle_control_request(self, request: dict[str, object]) -> dict[str, object]:
+        command = request.get("command")
+        if command == "reload":
+            ok, error = self.reload()
+            return {"ok": ok, "error": error, "listeners": self._listener_table()}
+        if command == "check":
+            ok = not self.stopping and bool(self.listeners)
+            return {"ok": ok, "stopping": self.stopping, "listeners": self._listener_table()}
+        if command == "status":
+            reply: dict[str, object] = {
+                "ok": True,
+                "pid": os.getpid(),
+                "version": __version__,
+                "started": self.started,
+                "stopping": self.stopping,
+                "max_children": self.options.max_children,
+                "listeners": self._listener_table(),
+            }
+            reply.update(self.accounting.snapshot())
+            return reply
+        return {"ok": False, "error": f"unknown command {command!r}"}
+
+    def _listener_table(self) -> list[dict[str, object]]:
+        return [
+            {
+                "link": item.link.name,
+                "listen": item.describe().split(" -> ")[0],
+                "port": item.port,
+                "upstream": str(item.link.target),
+                "resolved": [peer_text(addr[1]) for addr in self.addresses.get(item.link.key, [])],
+            }
+            for item in self.listeners
+        ]

@@ -1,0 +1,249 @@
+"""Shared fixtures: the real CLI in a subprocess, real redis, and small TCP peers of our own.
+
+No peer is ever skipped: `./scripts/test` installs them, and a missing one fails the run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import selectors
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+BIN = Path(sys.executable).parent
+FORKPROXY = str(BIN / "forkproxy")
+
+
+def need(program: str) -> str:
+    """The path of a peer program; its absence fails the test (never a skip)."""
+    path = shutil.which(program)
+    if path is None:
+        pytest.fail(f"{program} is not installed: run ./scripts/test, which installs it")
+    return path
+
+
+@dataclass
+class Proxy:
+    proc: subprocess.Popen[str]
+    lines: list[str]
+    stderr: Path
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def ports(self) -> list[int]:
+        return [int(line.split(" -> ")[0].rsplit(":", 1)[1]) for line in self.lines]
+
+    @property
+    def port(self) -> int:
+        return self.ports[0]
+
+    def log(self) -> str:
+        return self.stderr.read_text()
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            kill_group(self.proc)
+            raise
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+
+def kill_group(proc: subprocess.Popen[str]) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(5)
+
+
+def read_lines(proc: subprocess.Popen[str], count: int, timeout: float) -> list[str]:
+    """Read `count` lines of stdout (unbuffered, so no line hides in a buffer)."""
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()
+    data = b""
+    deadline = time.monotonic() + timeout
+    with selectors.DefaultSelector() as sel:
+        sel.register(fd, selectors.EVENT_READ)
+        while data.count(b"\n") < count:
+            left = deadline - time.monotonic()
+            if left <= 0 or not sel.select(left):
+                break
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                break
+            data += chunk
+    return data.decode().splitlines()[:count]
+
+
+@pytest.fixture
+def start_proxy(tmp_path: Path) -> Iterator[Callable[..., Proxy]]:
+    """Start `forkproxy serve ARGS` in its own session; wait for its `listening` lines."""
+    started: list[Proxy] = []
+
+    def start(*args: str, expect: int = 1, env: dict[str, str] | None = None,
+              timeout: float = 15) -> Proxy:
+        stderr = tmp_path / f"proxy-{len(started)}.log"
+        with stderr.open("w") as err:
+            proc = subprocess.Popen(
+                [FORKPROXY, "serve", *args],
+                stdout=subprocess.PIPE,
+                stderr=err,
+                text=True,
+                env=env,
+                start_new_session=True,
+            )
+        proxy = Proxy(proc, [], stderr)
+        started.append(proxy)
+        proxy.lines = read_lines(proc, expect, timeout)
+        if len(proxy.lines) < expect:
+            kill_group(proc)
+            pytest.fail(f"proxy did not start: {proxy.lines} {stderr.read_text()}")
+        return proxy
+
+    yield start
+    for proxy in started:
+        if proxy.proc.poll() is None:
+            proxy.proc.send_signal(signal.SIGTERM)
+            try:
+                proxy.proc.wait(12)
+            except subprocess.TimeoutExpired:
+                pass
+        kill_group(proxy.proc)
+        if proxy.proc.stdout is not None:
+            proxy.proc.stdout.close()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Redis:
+    port: int
+    proc: subprocess.Popen[bytes]
+
+    def cli(self, *args: str, port: int | None = None) -> str:
+        out = subprocess.run(
+            [need("redis-cli"), "-p", str(port or self.port), *args],
+            capture_output=True, text=True, timeout=20, check=True,
+        )
+        return out.stdout.strip()
+
+
+@pytest.fixture
+def redis() -> Iterator[Redis]:
+    server = need("redis-server")
+    for _ in range(5):
+        port = free_port()
+        proc = subprocess.Popen(
+            [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
+             "no", "--maxclients", "4000"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and proc.poll() is None:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+                break
+            time.sleep(0.05)
+        if proc.poll() is None:
+            yield Redis(port, proc)
+            proc.terminate()
+            proc.wait(10)
+            return
+    pytest.fail("redis-server did not start")
+
+
+@dataclass
+class TcpServer:
+    """A threaded TCP server on loopback; `handler(conn)` runs per connection."""
+
+    handler: Callable[[socket.socket], None]
+    sock: socket.socket = field(init=False)
+    threads: list[threading.Thread] = field(default_factory=list)
+    errors: list[BaseException] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(1024)
+        self.port = self.sock.getsockname()[1]
+        self.acceptor = threading.Thread(target=self._accept, daemon=True)
+        self.acceptor.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            thread = threading.Thread(target=self._run, args=(conn,), daemon=True)
+            self.threads.append(thread)
+            thread.start()
+
+    def _run(self, conn: socket.socket) -> None:
+        try:
+            with conn:
+                self.handler(conn)
+        except BaseException as exc:  # reported by close()
+            self.errors.append(exc)
+
+    def close(self) -> None:
+        if self.sock.fileno() >= 0:
+            with contextlib.suppress(OSError):
+                self.sock.shutdown(socket.SHUT_RDWR)
+            self.sock.close()
+        self.acceptor.join(5)
+        for thread in self.threads:
+            thread.join(30)
+
+
+@pytest.fixture
+def tcp_server() -> Iterator[Callable[[Callable[[socket.socket], None]], TcpServer]]:
+    servers: list[TcpServer] = []
+
+    def make(handler: Callable[[socket.socket], None]) -> TcpServer:
+        server = TcpServer(handler)
+        servers.append(server)
+        return server
+
+    yield make
+    for server in servers:
+        server.close()
+
+
+def recv_all(sock: socket.socket, digest: hashlib._Hash | None = None) -> tuple[int, str]:
+    """Read to EOF; returns (byte count, sha256 hex)."""
+    digest = digest or hashlib.sha256()
+    total = 0
+    while True:
+        data = sock.recv(1 << 20)
+        if not data:
+            return total, digest.hexdigest()
+        digest.update(data)
+        total += len(data)
+
+
+def echo(conn: socket.socket) -> None:
+    while data := conn.recv(1 << 16):
+        conn.sendall(data)

@@ -1,0 +1,108 @@
+"""Bad input through the real CLI: exit 2, one line naming the input, nothing left behind."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import FORKPROXY, free_port, need
+
+
+def run(*args: str, env: dict[str, str] | None = None, prefix: tuple[str, ...] = (),
+        timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*prefix, FORKPROXY, *args], capture_output=True, text=True, timeout=timeout,
+        env={"PATH": os.environ["PATH"], **(env or {})},
+    )
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess[str], *needles: str) -> None:
+    assert result.returncode == 2, result
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("forkproxy: error: ")
+    for needle in needles:
+        assert needle in lines[0]
+    assert "Traceback" not in result.stderr
+    assert result.stdout == ""  # no `listening` line: nothing was started
+
+
+def assert_not_listening(port: int) -> None:
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+
+
+@pytest.mark.parametrize("command", ["serve", "links"])
+@pytest.mark.parametrize(
+    ("args", "env", "needles"),
+    [
+        (["6379"], {}, ["SPEC '6379'", "expected [BIND_ADDR:]LISTEN_PORT=HOST:PORT"]),
+        (["70000=127.0.0.1:1"], {}, ["SPEC '70000=127.0.0.1:1'", "out of range"]),
+        (["1=127.0.0.1:0"], {}, ["SPEC '1=127.0.0.1:0'", "out of range"]),
+        (["1=$(touch /tmp/forkproxy-pwned):1"], {}, ["$(touch /tmp/forkproxy-pwned)"]),
+        (["[::1=127.0.0.1:1"], {}, ["unclosed '['"]),
+        (["--from-env"], {}, ["no links found", "the environment"]),
+        ([], {}, ["no links found"]),
+        (["--from-env"], {"R_PORT_1_TCP": "tcp://;reboot:1"}, ["variable R_PORT_1_TCP"]),
+        (["--from-env"], {"A_PORT_7_TCP": "tcp://127.0.0.1:1", "B_PORT_7_TCP": "tcp://127.0.0.2:1"},
+         ["A_PORT_7_TCP", "B_PORT_7_TCP"]),
+        (["--env-file", "/nonexistent/links.env"], {}, ["/nonexistent/links.env"]),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(
+    command: str, args: list[str], env: dict[str, str], needles: list[str]
+) -> None:
+    assert_one_line_error(run(command, *args, env=env), *needles)
+    assert not Path("/tmp/forkproxy-pwned").exists()
+
+
+@pytest.mark.parametrize(
+    ("option", "needle"),
+    [
+        (["--max-children", "0"], "--max-children 0"),
+        (["--relay", "magic"], "--relay 'magic'"),
+        (["--connect-timeout", "0"], "--connect-timeout 0"),
+        (["--allow", "300.0.0.0/8"], "--allow '300.0.0.0/8'"),
+        (["--metrics", "nowhere"], "--metrics 'nowhere'"),
+    ],
+)
+def test_bad_options_exit_2(option: list[str], needle: str) -> None:
+    assert_one_line_error(run("serve", *option, "0=127.0.0.1:1"), needle)
+
+
+def test_port_in_use_is_named_and_nothing_is_half_started() -> None:
+    first = free_port()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        result = run("serve", f"127.0.0.1:{first}=127.0.0.1:1", f"127.0.0.1:{busy}=127.0.0.1:1")
+    assert_one_line_error(result, f"cannot listen on 127.0.0.1:{busy}", "address already in use")
+    assert_not_listening(first)  # the first listener was closed again, not left behind
+
+
+def test_low_port_without_privilege() -> None:
+    # Root without CAP_NET_BIND_SERVICE is refused low ports just as any user is.
+    unprivileged: tuple[str, ...] = ()
+    if os.geteuid() == 0:
+        unprivileged = (need("setpriv"), "--bounding-set=-net_bind_service")
+    result = run("serve", "127.0.0.1:81=127.0.0.1:1", prefix=unprivileged)
+    assert_one_line_error(result, "127.0.0.1:81", "permission denied")
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["serve", "--max-children", "lots", "1=127.0.0.1:1"], "--max-children 'lots'"),
+        (["serve", "--grace", "soon", "1=127.0.0.1:1"], "--grace 'soon'"),
+        (["serve", "--bogus", "1=127.0.0.1:1"], "--bogus"),
+        (["frobnicate"], "frobnicate"),
+    ],
+)
+def test_usage_errors_are_one_line_and_exit_2(args: list[str], needle: str) -> None:
+    result = run(*args)
+    assert_one_line_error(result, needle)

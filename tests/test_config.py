@@ -1,0 +1,264 @@
+"""Parsing, table-driven: SPECs, Docker link variables, env files; plus property tests."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from forkproxy.config import (
+    ConfigError,
+    Endpoint,
+    Link,
+    Options,
+    Sources,
+    build_links,
+    check_options,
+    links_from_env,
+    parse_env_file,
+    parse_spec,
+    sources_from_json,
+    sources_to_json,
+)
+
+
+@pytest.mark.parametrize(
+    ("spec", "bind", "port", "host", "target_port"),
+    [
+        ("6379=10.0.0.5:6379", "0.0.0.0", 6379, "10.0.0.5", 6379),
+        ("127.0.0.1:7000=redis:6379", "127.0.0.1", 7000, "redis", 6379),
+        ("[::]:6379=[fd00::5]:6379", "::", 6379, "fd00::5", 6379),
+        ("[::1]:1=[FD00:0::5]:2", "::1", 1, "fd00::5", 2),
+        ("0=db.example.internal.:5432", "0.0.0.0", 0, "db.example.internal.", 5432),
+        ("65535=my_service-1:65535", "0.0.0.0", 65535, "my_service-1", 65535),
+    ],
+)
+def test_good_specs(spec: str, bind: str, port: int, host: str, target_port: int) -> None:
+    assert parse_spec(spec) == Link(bind, port, Endpoint(host, target_port), (spec,))
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("", "expected [BIND_ADDR:]LISTEN_PORT=HOST:PORT"),
+        ("6379", "expected [BIND_ADDR:]LISTEN_PORT=HOST:PORT"),
+        ("=10.0.0.5:6379", "listen port is missing"),
+        ("6379=", "upstream HOST:PORT is missing"),
+        ("6379=10.0.0.5", "expected HOST:PORT"),
+        ("6379=10.0.0.5:", "port '' is not a number"),
+        ("6379=:6379", "the host is empty"),
+        ("65536=10.0.0.5:6379", "out of range"),
+        ("6379=10.0.0.5:0", "out of range (1-65535)"),
+        ("6379=10.0.0.5:99999999999", "out of range"),
+        ("-1=10.0.0.5:6379", "is not a number"),
+        ("abc=10.0.0.5:6379", "port 'abc' is not a number"),
+        ("6379=10.0.0.5:http", "is not a number"),
+        ("6379=10.0.0.5:٣", "is not a number"),  # a non-ASCII digit
+        ("[::1=10.0.0.5:6379", "unclosed '['"),
+        ("6379=[fd00::5:6379", "unclosed '['"),
+        ("6379=[]:6379", "empty IPv6 address"),
+        ("6379=[fd00::5]6379", "expected ':PORT' after ']'"),
+        ("6379=fd00::5:6379", "IPv6 addresses must be in brackets"),
+        ("6379=[10.0.0.5]:6379", "is not an IPv6 address"),
+        ("6379=[fd00::zz]:6379", "is not an IPv6 address"),
+        ("redis:6379=10.0.0.5:6379", "bind address 'redis' is not an IP address"),
+        ("6379=$(reboot):6379", "is not a valid host name"),
+        ("6379=`id`:6379", "is not a valid host name"),
+        ("6379=a;rm -rf /:6379", "is not a valid host name"),
+        ("6379=a|b:6379", "is not a valid host name"),
+        ("6379=héllo:6379", "is not a valid host name"),
+        ("6379=" + "a" * 300 + ":6379", "longer than 253"),
+        ("6379=" + "a" * 64 + ".com:6379", "is not a valid host name"),
+        ("6379=-bad:6379", "is not a valid host name"),
+        ("6379=10.0.0.256:6379", "is not a valid IPv4 address"),
+        ("6379=a..b:6379", "is not a valid host name"),
+    ],
+)
+def test_bad_specs_name_the_input(spec: str, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_spec(spec)
+    text = str(caught.value)
+    assert message in text
+    assert "\n" not in text
+    assert text.startswith("SPEC ")
+
+
+DOCKER_LINK_ENV = {
+    "REDIS_PORT": "tcp://172.17.0.5:6379",
+    "REDIS_PORT_6379_TCP": "tcp://172.17.0.5:6379",
+    "REDIS_PORT_6379_TCP_ADDR": "172.17.0.5",
+    "REDIS_PORT_6379_TCP_PORT": "6379",
+    "REDIS_PORT_6379_TCP_PROTO": "tcp",
+    "REDIS_NAME": "/consumer/redis",
+    "REDIS_ENV_REDIS_VERSION": "7.0",
+    "HOME": "/root",
+    "PATH": "/usr/bin",
+}
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        # The plain link, as Docker sets it with all its siblings: one listener.
+        (DOCKER_LINK_ENV, [("0.0.0.0", 6379, "172.17.0.5", 6379, ("REDIS_PORT_6379_TCP",))]),
+        # An ambassador linked to an ambassador: the re-exported variable is not a link.
+        (
+            {**DOCKER_LINK_ENV, "REDIS_ENV_REDIS_PORT_6379_TCP": "tcp://198.18.0.9:6379"},
+            [("0.0.0.0", 6379, "172.17.0.5", 6379, ("REDIS_PORT_6379_TCP",))],
+        ),
+        # Two aliases (Compose) to the same target: one listener, both names.
+        (
+            {"CACHE_PORT_6379_TCP": "tcp://10.0.0.5:6379", "DB_PORT_6379_TCP": "tcp://10.0.0.5:6379"},
+            [("0.0.0.0", 6379, "10.0.0.5", 6379, ("CACHE_PORT_6379_TCP", "DB_PORT_6379_TCP"))],
+        ),
+        # Several ports of one container.
+        (
+            {"WEB_PORT_80_TCP": "tcp://10.0.0.7:80", "WEB_PORT_443_TCP": "tcp://10.0.0.7:443"},
+            [
+                ("0.0.0.0", 443, "10.0.0.7", 443, ("WEB_PORT_443_TCP",)),
+                ("0.0.0.0", 80, "10.0.0.7", 80, ("WEB_PORT_80_TCP",)),
+            ],
+        ),
+        # The seed's remote ambassador: the listen port and the target port may differ.
+        ({"REDIS_PORT_1234_TCP": "tcp://192.0.2.1:6379"},
+         [("0.0.0.0", 1234, "192.0.2.1", 6379, ("REDIS_PORT_1234_TCP",))]),
+        # An alias with _PORT_ inside it.
+        ({"MY_PORT_APP_PORT_8080_TCP": "tcp://app:8080"},
+         [("0.0.0.0", 8080, "app", 8080, ("MY_PORT_APP_PORT_8080_TCP",))]),
+        # IPv6 and host names are accepted.
+        ({"DB_PORT_5432_TCP": "tcp://[fd00::5]:5432"},
+         [("0.0.0.0", 5432, "fd00::5", 5432, ("DB_PORT_5432_TCP",))]),
+    ],
+)
+def test_link_variable_rules(
+    env: dict[str, str], expected: list[tuple[str, int, str, int, tuple[str, ...]]]
+) -> None:
+    table = build_links([], env)
+    got = [(x.bind, x.port, x.target.host, x.target.port, x.names) for x in table.links]
+    assert got == expected
+
+
+def test_udp_links_are_reported_and_skipped() -> None:
+    env = {"DNS_PORT_53_UDP": "udp://10.0.0.2:53", "DNS_PORT_53_TCP": "tcp://10.0.0.2:53"}
+    table = build_links([], env)
+    assert [link.names for link in table.links] == [("DNS_PORT_53_TCP",)]
+    assert table.warnings == ("DNS_PORT_53_UDP: UDP links are not proxied; skipped",)
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"REDIS_PORT_6379_TCP": "10.0.0.5:6379"}, "variable REDIS_PORT_6379_TCP: expected tcp://"),
+        ({"REDIS_PORT_6379_TCP": "tcp://"}, "variable REDIS_PORT_6379_TCP: expected HOST:PORT"),
+        ({"REDIS_PORT_6379_TCP": "tcp://10.0.0.5:"}, "REDIS_PORT_6379_TCP: port '' is not"),
+        ({"REDIS_PORT_6379_TCP": "tcp://10.0.0.5:0"}, "REDIS_PORT_6379_TCP: port '0' is out"),
+        ({"REDIS_PORT_99999_TCP": "tcp://10.0.0.5:1"}, "REDIS_PORT_99999_TCP: port '99999'"),
+        ({"REDIS_PORT_0_TCP": "tcp://10.0.0.5:1"}, "REDIS_PORT_0_TCP: port '0' is out"),
+        ({"REDIS_PORT_6379_TCP": "tcp://$(touch /tmp/x):1"}, "REDIS_PORT_6379_TCP: '$(touch"),
+        ({"REDIS_PORT_6379_TCP": "tcp://a b:1"}, "REDIS_PORT_6379_TCP: 'a b' is not"),
+        ({"REDIS_PORT_6379_TCP": "tcp://[::1:6379"}, "REDIS_PORT_6379_TCP: unclosed '['"),
+        (
+            {"A_PORT_6379_TCP": "tcp://10.0.0.5:6379", "B_PORT_6379_TCP": "tcp://10.0.0.6:6379"},
+            "port 6379 is linked twice to different targets: A_PORT_6379_TCP -> 10.0.0.5:6379 "
+            "and B_PORT_6379_TCP -> 10.0.0.6:6379",
+        ),
+        ({"HOME": "/root"}, "no links found"),
+        ({"REDIS_ENV_X_PORT_1_TCP": "tcp://10.0.0.5:1"}, "no links found"),
+    ],
+)
+def test_bad_link_variables_name_the_variable(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        build_links([], env)
+    assert message in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+def test_spec_and_variable_on_one_port_with_different_targets() -> None:
+    expected = re.escape("6379=10.0.0.1:6379 -> 10.0.0.1:6379 and REDIS")
+    with pytest.raises(ConfigError, match=expected):
+        build_links(["6379=10.0.0.1:6379"], {"REDIS_PORT_6379_TCP": "tcp://10.0.0.2:6379"})
+
+
+def test_env_file_syntax() -> None:
+    text = (
+        "# the redis link\n"
+        "REDIS_PORT_6379_TCP=tcp://10.0.0.5:6379\n"
+        "\n"
+        "   INDENTED=kept literally = with equals\n"
+        "QUOTED=\"tcp://not:unquoted\"\n"
+        "FROM_HOST\n"
+    )
+    assert parse_env_file(text, "links.env") == {
+        "REDIS_PORT_6379_TCP": "tcp://10.0.0.5:6379",
+        "INDENTED": "kept literally = with equals",
+        "QUOTED": '"tcp://not:unquoted"',
+    }
+    table = build_links([], None, ("links.env", text))
+    assert [str(link.target) for link in table.links] == ["10.0.0.5:6379"]
+    with pytest.raises(ConfigError, match=r"env file links.env, line 2: bad variable name"):
+        parse_env_file("# ok\nBAD NAME=1\n", "links.env")
+    with pytest.raises(ConfigError, match=r"variable A_PORT_1_TCP \(links.env\): expected tcp://"):
+        build_links([], None, ("links.env", "A_PORT_1_TCP=udp://1.2.3.4:1\n"))
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (Options(max_children=0), "--max-children 0: must be at least 1"),
+        (Options(relay="zero-copy"), "--relay 'zero-copy'"),
+        (Options(connect_timeout=0), "--connect-timeout 0"),
+        (Options(grace=-1), "--grace -1"),
+        (Options(idle_timeout=float("nan")), "--idle-timeout nan"),
+        (Options(connect_retries=-1), "--connect-retries -1"),
+        (Options(allow=("10.0.0.0/33",)), "--allow '10.0.0.0/33'"),
+        (Options(allow=("bogus",)), "--allow 'bogus'"),
+        (Options(metrics="localhost:9100"), "is not an IP address"),
+        (Options(log_format="xml"), "--log-format 'xml'"),
+    ],
+)
+def test_bad_options(options: Options, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        check_options(options)
+    assert message in str(caught.value)
+
+
+def test_sources_survive_the_trip_to_the_supervisor() -> None:
+    sources = Sources(("1=a:2",), True, "/x.env", Options(allow=("10.0.0.0/8",), grace=3.0))
+    assert sources_from_json(sources_to_json(sources)) == sources
+
+
+@given(st.text(max_size=80))
+def test_any_spec_parses_or_raises_config_error(text: str) -> None:
+    try:
+        link = parse_spec(text)
+    except ConfigError as exc:
+        assert "\n" not in str(exc)
+        return
+    assert 0 <= link.port <= 65535 and 1 <= link.target.port <= 65535
+    assert link.target.host and all(c.isascii() and c.isprintable() for c in link.target.host)
+    assert not set(link.target.host) & set("$`;|&<>(){} '\"\\")
+
+
+@given(st.text(max_size=40), st.text(max_size=60))
+def test_any_link_variable_parses_or_raises_config_error(suffix: str, value: str) -> None:
+    name = f"X_PORT_{suffix}_TCP"
+    try:
+        links, _ = links_from_env({name: value})
+    except ConfigError as exc:
+        assert name in str(exc)
+        return
+    for link in links:
+        assert 1 <= link.port <= 65535 and 1 <= link.target.port <= 65535
+        assert not set(link.target.host) & set("$`;|&<>(){} '\"\\")
+
+
+@given(st.text(max_size=200))
+def test_any_env_file_parses_or_raises_config_error(text: str) -> None:
+    try:
+        table = build_links([], None, ("f.env", text))
+    except ConfigError as exc:
+        assert str(exc)
+        return
+    assert table.links

@@ -1,0 +1,272 @@
+"""`forkproxy serve` end to end: the real CLI, real sockets, real redis."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import psutil
+import pytest
+
+from conftest import Proxy, Redis, TcpServer, echo, free_port, recv_all
+
+MiB = 1 << 20
+
+
+def test_redis_through_the_proxy(start_proxy: Callable[..., Proxy], redis: Redis) -> None:
+    proxy = start_proxy(f"127.0.0.1:0=127.0.0.1:{redis.port}")
+    assert proxy.lines[0] == (
+        f"listening 127.0.0.1:{proxy.port} -> 127.0.0.1:{redis.port} "
+        f"(127.0.0.1:0=127.0.0.1:{redis.port})"
+    )
+    assert redis.cli("PING", port=proxy.port) == "PONG"
+    assert redis.cli("SET", "greeting", "hello", port=proxy.port) == "OK"
+    assert redis.cli("GET", "greeting") == "hello"  # it landed in the real server
+    assert proxy.stop() == 0
+    log = proxy.log()
+    assert " open " in log and " close " in log and "outcome=closed" in log
+
+
+@pytest.mark.parametrize("relay", ["auto", "splice", "copy"])
+def test_64_mib_each_way_at_once(
+    start_proxy: Callable[..., Proxy],
+    tcp_server: Callable[[Callable[[socket.socket], None]], TcpServer],
+    relay: str,
+) -> None:
+    up_data, down_data = os.urandom(64 * MiB), os.urandom(64 * MiB)
+    received_by_server: list[tuple[int, str]] = []
+
+    def sink_and_source(conn: socket.socket) -> None:
+        sender = threading.Thread(target=conn.sendall, args=(down_data,))
+        sender.start()
+        received_by_server.append(recv_all(conn))
+        sender.join()
+        conn.shutdown(socket.SHUT_WR)
+
+    server = tcp_server(sink_and_source)
+    proxy = start_proxy("-q", "--relay", relay, f"127.0.0.1:0=127.0.0.1:{server.port}")
+    with socket.create_connection(("127.0.0.1", proxy.port)) as client:
+
+        def send_all() -> None:
+            client.sendall(up_data)
+            client.shutdown(socket.SHUT_WR)
+
+        sender = threading.Thread(target=send_all)
+        sender.start()
+        got = recv_all(client)
+        sender.join()
+    server.close()
+    assert not server.errors
+    assert got == (len(down_data), hashlib.sha256(down_data).hexdigest())
+    assert received_by_server == [(len(up_data), hashlib.sha256(up_data).hexdigest())]
+
+
+def test_half_close_then_a_reply_2_seconds_later(
+    start_proxy: Callable[..., Proxy],
+    tcp_server: Callable[[Callable[[socket.socket], None]], TcpServer],
+) -> None:
+    reply = os.urandom(3 * MiB)
+
+    def slow_server(conn: socket.socket) -> None:
+        request = recv_all(conn)  # until the client's half-close arrives
+        assert request[0] == 5
+        time.sleep(2)
+        conn.sendall(reply)
+
+    server = tcp_server(slow_server)
+    proxy = start_proxy(f"127.0.0.1:0=127.0.0.1:{server.port}")
+    with socket.create_connection(("127.0.0.1", proxy.port)) as client:
+        client.sendall(b"hello")
+        client.shutdown(socket.SHUT_WR)
+        got = recv_all(client)
+    server.close()
+    assert not server.errors
+    assert got == (len(reply), hashlib.sha256(reply).hexdigest())
+
+
+def fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 10) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return condition()
+
+
+def test_300_short_connections_leave_no_zombie_and_no_fd(
+    start_proxy: Callable[..., Proxy],
+    tcp_server: Callable[[Callable[[socket.socket], None]], TcpServer],
+) -> None:
+    server = tcp_server(echo)
+    proxy = start_proxy("-q", f"127.0.0.1:0=127.0.0.1:{server.port}")
+    supervisor = psutil.Process(proxy.pid)
+    fds_before = fd_count(proxy.pid)
+    for i in range(300):
+        with socket.create_connection(("127.0.0.1", proxy.port)) as client:
+            message = f"message {i}".encode()
+            client.sendall(message)
+            assert client.recv(100) == message
+    assert wait_for(lambda: not supervisor.children()), supervisor.children()
+    assert fd_count(proxy.pid) == fds_before
+    assert proxy.proc.poll() is None
+
+
+def test_upstream_down_closes_the_client_and_carries_on(
+    start_proxy: Callable[..., Proxy], redis: Redis
+) -> None:
+    dead = free_port()
+    proxy = start_proxy(f"127.0.0.1:0=127.0.0.1:{dead}", f"127.0.0.1:0=127.0.0.1:{redis.port}",
+                        expect=2)
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", proxy.ports[0])) as client:
+        client.settimeout(10)
+        assert client.recv(10) == b""
+    assert time.monotonic() - started < 5
+    assert wait_for(lambda: "connect-failed" in proxy.log())
+    [line] = [line for line in proxy.log().splitlines() if "connect-failed" in line]
+    assert f"127.0.0.1:0=127.0.0.1:{dead}" in line and "refused" in line
+    assert redis.cli("PING", port=proxy.ports[1]) == "PONG"  # the supervisor carries on
+    assert proxy.proc.poll() is None
+
+
+def test_sigterm_drains_a_transfer_refuses_new_clients_and_exits_0(
+    start_proxy: Callable[..., Proxy],
+    tcp_server: Callable[[Callable[[socket.socket], None]], TcpServer],
+) -> None:
+    data = os.urandom(32 * MiB)
+    received: list[tuple[int, str]] = []
+
+    def sink(conn: socket.socket) -> None:
+        received.append(recv_all(conn))
+        conn.sendall(b"done")
+
+    server = tcp_server(sink)
+    proxy = start_proxy(f"127.0.0.1:0=127.0.0.1:{server.port}")
+    with socket.create_connection(("127.0.0.1", proxy.port)) as client:
+        client.sendall(data[: MiB])
+        proxy.signal(signal.SIGTERM)
+        assert wait_for(lambda: "stopping" in proxy.log())
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", proxy.port), timeout=5).close()
+        for offset in range(MiB, len(data), MiB):  # the rest, slowly, after the TERM
+            client.sendall(data[offset : offset + MiB])
+            time.sleep(0.02)
+        client.shutdown(socket.SHUT_WR)
+        assert recv_all(client)[0] == 4
+    assert proxy.proc.wait(15) == 0
+    server.close()
+    assert received == [(len(data), hashlib.sha256(data).hexdigest())]
+
+
+def test_reset_from_the_client_resets_upstream(
+    start_proxy: Callable[..., Proxy],
+    tcp_server: Callable[[Callable[[socket.socket], None]], TcpServer],
+) -> None:
+    outcome: list[str] = []
+
+    def server_side(conn: socket.socket) -> None:
+        try:
+            conn.recv(100)
+            outcome.append(repr(conn.recv(100)))
+        except ConnectionResetError:
+            outcome.append("reset")
+
+    server = tcp_server(server_side)
+    proxy = start_proxy(f"127.0.0.1:0=127.0.0.1:{server.port}")
+    client = socket.create_connection(("127.0.0.1", proxy.port))
+    client.sendall(b"x")
+    time.sleep(0.3)
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    client.close()
+    server.close()
+    assert outcome == ["reset"]
+    assert wait_for(lambda: "outcome=client-reset" in proxy.log())
+
+
+def test_second_sigint_stops_at_once(
+    start_proxy: Callable[..., Proxy],
+    tcp_server: Callable[[Callable[[socket.socket], None]], TcpServer],
+) -> None:
+    server = tcp_server(echo)
+    proxy = start_proxy("--grace", "60", f"127.0.0.1:0=127.0.0.1:{server.port}")
+    with socket.create_connection(("127.0.0.1", proxy.port)) as client:
+        client.sendall(b"x")
+        assert client.recv(1) == b"x"
+        proxy.signal(signal.SIGINT)
+        assert wait_for(lambda: "stopping" in proxy.log())
+        assert proxy.proc.poll() is None  # draining: the live connection holds it
+        proxy.signal(signal.SIGINT)
+        assert proxy.proc.wait(10) == 0
+        client.settimeout(5)
+        assert client.recv(1) == b""
+    server.close()
+
+
+def test_children_ignore_sigint(
+    start_proxy: Callable[..., Proxy],
+    tcp_server: Callable[[Callable[[socket.socket], None]], TcpServer],
+) -> None:
+    server = tcp_server(echo)
+    proxy = start_proxy(f"127.0.0.1:0=127.0.0.1:{server.port}")
+    with socket.create_connection(("127.0.0.1", proxy.port)) as client:
+        client.sendall(b"a")
+        assert client.recv(1) == b"a"
+        [child] = psutil.Process(proxy.pid).children()
+        os.kill(child.pid, signal.SIGINT)  # what a terminal's Ctrl-C does to the group
+        time.sleep(0.2)
+        client.sendall(b"b")
+        assert client.recv(1) == b"b"
+    server.close()
+
+
+def test_from_env_serves_docker_link_variables(
+    start_proxy: Callable[..., Proxy], redis: Redis
+) -> None:
+    port = free_port()
+    env = {
+        "PATH": os.environ["PATH"],
+        f"REDIS_PORT_{port}_TCP": f"tcp://127.0.0.1:{redis.port}",
+        f"REDIS_PORT_{port}_TCP_ADDR": "127.0.0.1",
+        f"REDIS_PORT_{port}_TCP_PORT": str(redis.port),
+        f"REDIS_PORT_{port}_TCP_PROTO": "tcp",
+        "REDIS_NAME": "/client/redis",
+        f"REDIS_ENV_OTHER_PORT_{port}_TCP": "tcp://198.18.0.99:1",
+    }
+    proxy = start_proxy("--from-env", env=env)
+    assert proxy.lines == [
+        f"listening 0.0.0.0:{port} -> 127.0.0.1:{redis.port} (REDIS_PORT_{port}_TCP)"
+    ]
+    assert redis.cli("PING", port=port) == "PONG"
+
+
+def test_stdout_lines_name_every_listener_and_ipv6_works(
+    start_proxy: Callable[..., Proxy], redis: Redis
+) -> None:
+    proxy = start_proxy(f"[::1]:0=127.0.0.1:{redis.port}", f"127.0.0.1:0=localhost:{redis.port}",
+                        expect=2)
+    assert proxy.lines[0].startswith("listening [::1]:")
+    spec = f"127.0.0.1:0=localhost:{redis.port}"
+    assert proxy.lines[1].endswith(f"-> localhost:{redis.port} ({spec})")
+    with socket.create_connection(("::1", proxy.ports[0])) as client:
+        client.sendall(b"PING\r\n")
+        assert client.recv(10) == b"+PONG\r\n"
+    assert redis.cli("PING", port=proxy.ports[1]) == "PONG"
+
+
+def test_python_dash_m_runs_the_cli(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "forkproxy", "links", "6379=198.18.0.5:6379"],
+                         capture_output=True, text=True, check=True)
+    assert out.stdout == "listen 0.0.0.0:6379 -> 198.18.0.5:6379 (6379=198.18.0.5:6379)\n"
