@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from typing import Annotated, Any, NoReturn
 
@@ -185,6 +186,68 @@ def links_command(
         typer.echo(f"forkproxy: warning: {warning}", err=True)
     for link in table.links:
         typer.echo(f"listen {link.describe()}")
+
+
+def _control(status_socket: str | None, command: str) -> dict[str, Any]:
+    from .status import StatusError, find_socket, request
+
+    try:
+        return request(find_socket(status_socket), command)
+    except StatusError as exc:
+        typer.echo(f"forkproxy: {exc}", err=True)
+        raise typer.Exit(1) from None
+
+
+@app.command("status")
+def status_command(
+    status_socket: StatusSocketOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Show links, live connections and what each child costs (RSS, USS, CPU)."""
+    from .status import enrich, render
+
+    reply = enrich(_control(status_socket, "status"))
+    typer.echo(json.dumps(reply, indent=2) if as_json else render(reply))
+
+
+@app.command("check")
+def check_command(status_socket: StatusSocketOpt = None) -> None:
+    """Exit 0 when the supervisor answers and every listener is bound (a HEALTHCHECK)."""
+    reply = _control(status_socket, "check")
+    if not reply.get("ok"):
+        typer.echo("forkproxy: unhealthy: " + ("stopping" if reply.get("stopping")
+                                                else "no listener bound"), err=True)
+        raise typer.Exit(1)
+    typer.echo(f"ok: {len(reply.get('listeners', []))} listener(s)")
+
+
+@app.command("reload")
+def reload_command(
+    status_socket: StatusSocketOpt = None,
+    pid_file: Annotated[
+        str | None,
+        typer.Option(help="Send SIGHUP to the PID in this file instead of asking the socket.",
+                     envvar="FORKPROXY_PID_FILE", show_default=False),
+    ] = None,
+) -> None:
+    """Re-read the env file and re-resolve names, as SIGHUP does; report the outcome."""
+    if pid_file is not None and status_socket is None:
+        try:
+            with open(pid_file, encoding="ascii") as handle:
+                pid = int(handle.read().strip())
+            os.kill(pid, signal.SIGHUP)
+        except (OSError, ValueError) as exc:
+            typer.echo(f"forkproxy: cannot signal the PID in {pid_file}: {exc}", err=True)
+            raise typer.Exit(1) from None
+        typer.echo(f"sent SIGHUP to {pid} (the outcome is in its log)")
+        return
+    reply = _control(status_socket, "reload")
+    if not reply.get("ok"):
+        typer.echo(f"forkproxy: reload failed, previous configuration kept: {reply.get('error')}",
+                   err=True)
+        raise typer.Exit(1)
+    for listener in reply.get("listeners", []):
+        typer.echo(f"listening {listener['listen']} -> {listener['upstream']} ({listener['link']})")
 
 
 def version_callback(value: bool) -> None:

@@ -24,7 +24,17 @@ from collections.abc import Callable, Mapping
 
 from . import __version__, control, listeners, relay, signals
 from .accounting import Accounting, describe_status
-from .config import ConfigError, Link, LinkTable, Network, Sources, build_links, parse_cidr
+from .config import (
+    ConfigError,
+    Link,
+    LinkTable,
+    Network,
+    Sources,
+    build_links,
+    join_host_port,
+    parse_cidr,
+    parse_metrics_address,
+)
 from .listeners import Listener
 from .log import Logger
 from .relay import Address
@@ -32,6 +42,7 @@ from .relay import Address
 ACCEPT_BATCH = 64  # accepts per wakeup, so signals and reaping get their turn in a burst
 ACCEPT_BACKOFF = 0.1  # seconds without accepting after EMFILE/ENFILE/ENOBUFS/ENOMEM
 KILL_AFTER = 2.0  # seconds between TERM and KILL when the grace period is over
+METRICS_RESTART = 5.0  # seconds before a metrics process that died is started again
 _RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 POLLIN, POLLOUT = select.POLLIN, select.POLLOUT
 
@@ -98,6 +109,9 @@ class Supervisor:
         self.term_at: float | None = None  # grace period ends: TERM the children
         self.kill_at: float | None = None  # TERM ignored: KILL them
         self.control: control.ControlServer | None = None
+        self.metrics_sock: socket.socket | None = None
+        self.metrics_pid = 0
+        self.metrics_at: float | None = None  # when to (re)start the metrics process
         self.started = time.time()
 
     # -- start and stop -------------------------------------------------------------
@@ -109,10 +123,13 @@ class Supervisor:
             self.log.warning("link-skipped", detail=warning)
         self.listeners = listeners.bind_all(table.links)
         try:
+            self.metrics_sock = self._bind_metrics()
             self.control = self._open_control()
             self._write_pid_file()
         except ConfigError:
             listeners.close_all(self.listeners)
+            if self.metrics_sock is not None:
+                self.metrics_sock.close()
             if self.control is not None:
                 self.control.close()
             raise
@@ -122,7 +139,46 @@ class Supervisor:
         for listener in self.listeners:
             self.addresses[listener.link.key] = resolve(listener.link, self.log)
         self.update_accepting()
-        return [f"listening {listener.describe()}" for listener in self.listeners]
+        lines = [f"listening {listener.describe()}" for listener in self.listeners]
+        if self.metrics_sock is not None:
+            self.metrics_at = time.monotonic()
+            host, port = self.metrics_sock.getsockname()[:2]
+            lines.append(f"metrics http://{join_host_port(host, port)}/metrics")
+        return lines
+
+    def _bind_metrics(self) -> socket.socket | None:
+        if self.options.metrics is None:
+            return None
+        host, port = parse_metrics_address(self.options.metrics)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+            sock.listen(64)
+        except OSError as exc:
+            sock.close()
+            raise ConfigError(
+                f"--metrics {self.options.metrics}: cannot listen: {exc.strerror}"
+            ) from None
+        return sock
+
+    def start_metrics(self) -> None:
+        """Fork and exec the metrics process (forkproxy/metrics.py) with the bound socket."""
+        assert self.metrics_sock is not None and self.control is not None
+        self.metrics_at = None
+        fd = self.metrics_sock.fileno()
+        argv = [sys.executable, "-m", "forkproxy.metrics", "--fd", str(fd),
+                "--status-socket", self.control.path]
+        pid = os.fork()
+        if pid == 0:
+            try:
+                signals.reset_in_child()
+                os.set_inheritable(fd, True)
+                os.execv(sys.executable, argv)
+            finally:
+                os._exit(127)
+        self.metrics_pid = pid
 
     def _open_control(self) -> control.ControlServer:
         path = self.options.status_socket
@@ -173,6 +229,14 @@ class Supervisor:
     def cleanup(self) -> None:
         listeners.close_all(self.listeners)
         self.listeners = []
+        if self.metrics_pid:
+            try:
+                os.kill(self.metrics_pid, signal.SIGTERM)
+                os.waitpid(self.metrics_pid, 0)
+            except OSError:
+                pass  # already gone and reaped
+        if self.metrics_sock is not None:
+            self.metrics_sock.close()
         if self.control is not None:
             self.control.close()
         if self.options.pid_file is not None:
@@ -182,7 +246,8 @@ class Supervisor:
                 pass  # already gone, or never ours to remove
 
     def _poll_timeout(self) -> int:
-        deadlines = [t for t in (self.resume_at, self.term_at, self.kill_at) if t is not None]
+        timers = (self.resume_at, self.term_at, self.kill_at, self.metrics_at)
+        deadlines = [t for t in timers if t is not None]
         if not deadlines:
             return -1
         return max(0, int((min(deadlines) - time.monotonic()) * 1000) + 1)
@@ -308,6 +373,13 @@ class Supervisor:
                 break
             if pid == 0:
                 break
+            if pid == self.metrics_pid:
+                self.metrics_pid = 0
+                if not self.stopping:
+                    self.log.warning("metrics-died", status=describe_status(status),
+                                     detail=f"restarting in {METRICS_RESTART}s")
+                    self.metrics_at = time.monotonic() + METRICS_RESTART
+                continue
             record = self.accounting.finished(pid, status, usage.ru_utime + usage.ru_stime)
             if record is None:
                 self.log.debug("reaped-orphan", pid=pid, status=describe_status(status))
@@ -335,6 +407,8 @@ class Supervisor:
 
     def handle_timers(self) -> None:
         now = time.monotonic()
+        if self.metrics_at is not None and now >= self.metrics_at and not self.stopping:
+            self.start_metrics()
         if self.resume_at is not None and now >= self.resume_at:
             self.resume_at = None
             self.update_accepting()

@@ -1,0 +1,154 @@
+"""The metrics process: Prometheus exposition of the supervisor's accounting, with psutil.
+
+`forkproxy serve --metrics HOST:PORT` binds the port in the supervisor (so a bad or busy
+address is a start-up error like any other) and starts this process once with the socket
+inherited. On each scrape it asks the supervisor's control socket for the table of links
+and live children, reads the children's memory and CPU with psutil, and renders it all
+with prometheus_client. prometheus_client and psutil import threading and keep state, so
+they live here, not in the process that forks once per connection.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import socket
+import sys
+from collections.abc import Iterator
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
+
+import psutil
+from prometheus_client import make_wsgi_app
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from .status import StatusError, request
+
+
+class SupervisorCollector(Collector):
+    def __init__(self, status_socket: str) -> None:
+        self.status_socket = status_socket
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            status = request(self.status_socket, "status")
+        except StatusError:
+            up = GaugeMetricFamily("forkproxy_up", "1 when the supervisor answered this scrape")
+            up.add_metric([], 0)
+            yield up
+            return
+        yield from render(status)
+
+
+def _children_by_link(status: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Sum psutil readings of the live children per link."""
+    sums: dict[str, dict[str, float]] = {}
+    for child in status.get("children", []):
+        entry = sums.setdefault(child["link"], {"rss": 0, "uss": 0, "cpu": 0, "up": 0, "down": 0})
+        entry["up"] += child["bytes_up"]
+        entry["down"] += child["bytes_down"]
+        with contextlib.suppress(psutil.Error):
+            process = psutil.Process(child["pid"])
+            with process.oneshot():
+                memory = process.memory_full_info()
+                times = process.cpu_times()
+            entry["rss"] += memory.rss
+            entry["uss"] += memory.uss
+            entry["cpu"] += times.user + times.system
+    return sums
+
+
+def render(status: dict[str, Any]) -> Iterator[Metric]:
+    links: dict[str, dict[str, Any]] = status.get("links", {})
+    live = _children_by_link(status)
+    bounds = status.get("duration_buckets", [])
+    up = GaugeMetricFamily("forkproxy_up", "1 when the supervisor answered this scrape")
+    up.add_metric([], 1)
+    listeners = GaugeMetricFamily("forkproxy_listeners", "Listening sockets bound")
+    listeners.add_metric([], len(status.get("listeners", [])))
+    active = GaugeMetricFamily("forkproxy_connections_active", "Connections open now",
+                               labels=["link"])
+    total = CounterMetricFamily("forkproxy_connections", "Connections accepted and forked",
+                                labels=["link"])
+    denied = CounterMetricFamily("forkproxy_connections_denied",
+                                 "Connections closed by --allow", labels=["link"])
+    failures = CounterMetricFamily("forkproxy_upstream_connect_failures",
+                                   "Upstream connects that failed", labels=["link"])
+    moved = CounterMetricFamily("forkproxy_bytes", "Bytes relayed",
+                                labels=["link", "direction"])
+    durations = HistogramMetricFamily("forkproxy_connection_duration_seconds",
+                                      "Connection lifetimes, closed connections",
+                                      labels=["link"])
+    rss = GaugeMetricFamily("forkproxy_children_resident_memory_bytes",
+                            "Resident memory of the live children (psutil RSS)", labels=["link"])
+    uss = GaugeMetricFamily("forkproxy_children_unique_memory_bytes",
+                            "Memory only the live children hold (psutil USS)", labels=["link"])
+    cpu = CounterMetricFamily("forkproxy_children_cpu_seconds",
+                              "CPU time of the children, exited and live", labels=["link"])
+    for name, stats in sorted(links.items()):
+        now = live.get(name, {})
+        active.add_metric([name], stats["active"])
+        total.add_metric([name], stats["connections"])
+        denied.add_metric([name], stats["denied"])
+        failures.add_metric([name], stats["upstream_failures"])
+        moved.add_metric([name, "upstream"], stats["bytes_up"] + now.get("up", 0))
+        moved.add_metric([name, "downstream"], stats["bytes_down"] + now.get("down", 0))
+        cumulative, buckets = 0, []
+        for bound, count in zip(bounds, stats["duration_buckets"], strict=True):
+            cumulative += count
+            buckets.append((repr(float(bound)), cumulative))
+        buckets.append(("+Inf", stats["duration_count"]))
+        durations.add_metric([name], buckets, stats["duration_sum"])
+        rss.add_metric([name], now.get("rss", 0))
+        uss.add_metric([name], now.get("uss", 0))
+        cpu.add_metric([name], stats["cpu_seconds"] + now.get("cpu", 0))
+    supervisor_rss = GaugeMetricFamily("forkproxy_supervisor_resident_memory_bytes",
+                                       "Resident memory of the supervisor (psutil RSS)")
+    with contextlib.suppress(psutil.Error, KeyError):
+        supervisor_rss.add_metric([], psutil.Process(status["pid"]).memory_info().rss)
+    orphans = CounterMetricFamily("forkproxy_orphans_reaped",
+                                  "Processes reaped that were not forkproxy's own (as PID 1)")
+    orphans.add_metric([], status.get("orphans_reaped", 0))
+    yield from (up, listeners, active, total, denied, failures, moved, durations, rss, uss, cpu,
+                supervisor_rss, orphans)
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        """Scrapes are not worth a log line each."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="forkproxy-metrics")
+    parser.add_argument("--fd", type=int, required=True, help="the bound listening socket")
+    parser.add_argument("--status-socket", required=True)
+    args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(SupervisorCollector(args.status_socket))
+    sock = socket.socket(fileno=args.fd)
+    server = WSGIServer(sock.getsockname()[:2], _QuietHandler, bind_and_activate=False)
+    server.socket.close()
+    server.socket = sock
+    server.server_name, server.server_port = "forkproxy", sock.getsockname()[1]
+    server.setup_environ()
+    server.set_app(make_wsgi_app(registry))
+    parent = os.getppid()
+    server.timeout = 1.0
+    while os.getppid() == parent:  # the supervisor is gone: so is this process
+        server.handle_request()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""The client end of the control socket: `forkproxy status`, `check` and `reload`.
+
+Runs in the short-lived CLI process, which is where psutil reads each live child's memory
+and CPU: the supervisor only hands out the table of pids (see accounting.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import time
+from typing import Any
+
+import psutil
+
+from .control import default_dir
+
+
+class StatusError(Exception):
+    """No supervisor to talk to, or it answered nonsense; the message says which."""
+
+
+def find_socket(path: str | None) -> str:
+    """The explicit path, or the only live socket in this user's default directory."""
+    if path is not None:
+        return path
+    directory = default_dir(os.environ, os.getuid())
+    try:
+        names = sorted(name for name in os.listdir(directory) if name.endswith(".sock"))
+    except FileNotFoundError:
+        names = []
+    paths = [os.path.join(directory, name) for name in names]
+    live = [path for path in paths if _answers(path)]
+    if not live:
+        raise StatusError(f"no running forkproxy found in {directory} (use --status-socket)")
+    if len(live) > 1:
+        raise StatusError(f"several forkproxy supervisors in {directory}: {', '.join(live)}; "
+                          "choose one with --status-socket")
+    return live[0]
+
+
+def _answers(path: str) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(path)
+        except OSError:
+            return False
+    return True
+
+
+def request(path: str, command: str, timeout: float = 5.0) -> dict[str, Any]:
+    """Send one command, return the supervisor's reply."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(path)
+            sock.sendall(json.dumps({"command": command}).encode() + b"\n")
+            chunks = []
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+        except OSError as exc:
+            raise StatusError(f"no answer on {path}: {exc.strerror or exc}") from None
+    try:
+        reply = json.loads(b"".join(chunks))
+    except ValueError:
+        raise StatusError(f"unreadable answer on {path}") from None
+    if not isinstance(reply, dict):
+        raise StatusError(f"unreadable answer on {path}")
+    return reply
+
+
+def enrich(status: dict[str, Any]) -> dict[str, Any]:
+    """Add psutil's readings (RSS, USS, CPU seconds) to each live connection."""
+    for child in status.get("children", []):
+        child.update(rss=None, uss=None, cpu=None)
+        with contextlib.suppress(psutil.Error):
+            process = psutil.Process(child["pid"])
+            with process.oneshot():
+                memory = process.memory_full_info()
+                times = process.cpu_times()
+            child.update(rss=memory.rss, uss=memory.uss, cpu=times.user + times.system)
+    return status
+
+
+def _size(value: int | None) -> str:
+    if value is None:
+        return "-"
+    for unit in ("B", "K", "M", "G", "T"):
+        if value < 1024 or unit == "T":
+            return f"{value:.0f}{unit}" if unit == "B" else f"{value:.1f}{unit}"
+        value /= 1024  # type: ignore[assignment]
+    return str(value)
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
+              for i, h in enumerate(headers)]
+    return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+            for row in [headers, *rows]]
+
+
+def render(status: dict[str, Any]) -> str:
+    """The status as two tables, like `ss` or `docker ps`."""
+    links = status.get("links", {})
+    lines = [
+        f"forkproxy {status.get('version', '?')} pid {status.get('pid')}, "
+        f"up {time.time() - status.get('started', time.time()):.0f}s"
+        + (", stopping" if status.get("stopping") else "")
+    ]
+    rows = []
+    for listener in status.get("listeners", []):
+        stats = links.get(listener["link"], {})
+        rows.append([
+            listener["link"], f"{listener['listen']} -> {listener['upstream']}",
+            str(stats.get("active", 0)), str(stats.get("connections", 0)),
+            str(stats.get("upstream_failures", 0)), str(stats.get("denied", 0)),
+            _size(stats.get("bytes_up", 0)), _size(stats.get("bytes_down", 0)),
+        ])
+    lines += ["", *_table(["LINK", "LISTEN -> UPSTREAM", "ACTIVE", "TOTAL", "FAILED", "DENIED",
+                           "BYTES UP", "BYTES DOWN"], rows)]
+    rows = [
+        [str(c["pid"]), c["link"], c["client"], f"{c['age']:.1f}s", _size(c["bytes_up"]),
+         _size(c["bytes_down"]), _size(c.get("rss")), _size(c.get("uss")),
+         "-" if c.get("cpu") is None else f"{c['cpu']:.2f}s"]
+        for c in status.get("children", [])
+    ]
+    lines += ["", *_table(["PID", "LINK", "CLIENT", "AGE", "UP", "DOWN", "RSS", "USS", "CPU"],
+                          rows)]
+    return "\n".join(lines)
