@@ -249,10 +249,11 @@ def pump(
             if halfclose is not None and (up.done or down.done):
                 half_since = half_since or now
                 deadlines.append((half_since + halfclose, HALFCLOSE_TIMEOUT))
-            deadline, outcome = min(deadlines)
-            if deadline <= now:
-                return outcome
-            timeout_ms = int((deadline - now) * 1000) + 1
+            if deadlines:
+                deadline, outcome = min(deadlines)
+                if deadline <= now:
+                    return outcome
+                timeout_ms = int((deadline - now) * 1000) + 1
         for fd, events in poller.poll(timeout_ms):
             if fd == cfd:
                 if events & POLLOUT or (events & (POLLERR | POLLHUP) and down.pending):

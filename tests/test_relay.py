@@ -1,0 +1,125 @@
+"""The relay's pump in-process, over real loopback TCP pairs, in each mode."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from forkproxy import relay
+from forkproxy.config import Options
+
+from conftest import recv_all
+
+
+def tcp_pair(listener: socket.socket) -> tuple[socket.socket, socket.socket]:
+    outer = socket.create_connection(listener.getsockname())
+    inner, _ = listener.accept()
+    return outer, inner
+
+
+@pytest.fixture
+def pairs() -> Iterator[tuple[socket.socket, socket.socket, socket.socket, socket.socket]]:
+    """client_peer <-> client | upstream <-> upstream_peer; the pump joins the middle."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client_peer, client = tcp_pair(listener)
+        upstream, upstream_peer = tcp_pair(listener)
+    client.setblocking(False)
+    upstream.setblocking(False)
+    client_peer.settimeout(20)
+    upstream_peer.settimeout(20)
+    yield client_peer, client, upstream, upstream_peer
+    for sock in (client_peer, client, upstream, upstream_peer):
+        sock.close()
+
+
+def run_pump(client: socket.socket, upstream: socket.socket, options: Options
+             ) -> tuple[threading.Thread, list[object], memoryview]:
+    counters = memoryview(bytearray(16)).cast("Q")
+    result: list[object] = []
+
+    def target() -> None:
+        try:
+            result.append(relay.pump(client, upstream, options, counters, 0))
+        except relay.Ended as ended:
+            result.append(ended.args[0])
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    return thread, result, counters
+
+
+@pytest.mark.parametrize("mode", ["auto", "splice", "copy"])
+def test_both_directions_with_half_close(
+    pairs: tuple[socket.socket, ...], mode: str
+) -> None:
+    client_peer, client, upstream, upstream_peer = pairs
+    up, down = os.urandom(5_000_000), os.urandom(3_000_000)
+    thread, result, counters = run_pump(client, upstream, Options(relay=mode))
+
+    def client_side() -> None:
+        client_peer.sendall(up)
+        client_peer.shutdown(socket.SHUT_WR)
+
+    sender = threading.Thread(target=client_side)
+    sender.start()
+    # The upstream reads everything first, then answers: the reply follows a half-close.
+    assert recv_all(upstream_peer) == (len(up), hashlib.sha256(up).hexdigest())
+    upstream_peer.sendall(down)
+    upstream_peer.shutdown(socket.SHUT_WR)
+    assert recv_all(client_peer) == (len(down), hashlib.sha256(down).hexdigest())
+    sender.join()
+    thread.join(10)
+    assert result == [relay.CLOSED]
+    assert (counters[0], counters[1]) == (len(up), len(down))
+
+
+def test_idle_timeout_ends_a_silent_connection(pairs: tuple[socket.socket, ...]) -> None:
+    client_peer, client, upstream, upstream_peer = pairs
+    thread, result, _ = run_pump(client, upstream, Options(idle_timeout=0.3))
+    client_peer.sendall(b"x")
+    assert upstream_peer.recv(1) == b"x"
+    thread.join(10)
+    assert result == [relay.IDLE_TIMEOUT]
+
+
+def test_halfclose_timeout_bounds_the_wait_for_the_other_side(
+    pairs: tuple[socket.socket, ...],
+) -> None:
+    client_peer, client, upstream, upstream_peer = pairs
+    thread, result, _ = run_pump(client, upstream, Options(halfclose_timeout=0.3))
+    client_peer.shutdown(socket.SHUT_WR)
+    assert upstream_peer.recv(1) == b""
+    thread.join(10)
+    assert result == [relay.HALFCLOSE_TIMEOUT]
+
+
+def test_reset_from_upstream_ends_both(pairs: tuple[socket.socket, ...]) -> None:
+    client_peer, client, upstream, upstream_peer = pairs
+    thread, result, _ = run_pump(client, upstream, Options())
+    client_peer.sendall(b"ping")
+    assert upstream_peer.recv(4) == b"ping"
+    upstream_peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
+    upstream_peer.close()
+    thread.join(10)
+    assert result == [relay.UPSTREAM_RESET]
+
+
+def test_no_time_limit_on_a_half_closed_connection_by_default(
+    pairs: tuple[socket.socket, ...],
+) -> None:
+    client_peer, client, upstream, upstream_peer = pairs
+    thread, result, _ = run_pump(client, upstream, Options())
+    client_peer.shutdown(socket.SHUT_WR)
+    assert upstream_peer.recv(1) == b""
+    thread.join(1.5)
+    assert thread.is_alive() and result == []  # still waiting for the reply, as it should
+    upstream_peer.sendall(b"late reply")
+    upstream_peer.shutdown(socket.SHUT_WR)
+    assert recv_all(client_peer)[0] == len(b"late reply")
+    thread.join(10)
+    assert result == [relay.CLOSED]
