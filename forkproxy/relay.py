@@ -20,6 +20,13 @@ import select
 import socket
 import time
 
+# The C socket type: socket.socket wraps it in Python (__init__, close, ...), and running
+# that Python code in a freshly forked child copies the pages it touches. The relay needs
+# only the C methods.
+from _socket import socket as RawSocket
+
+__all__ = ["Address", "Ended", "RawSocket", "connect_upstream", "pump", "serve"]
+
 from .config import Endpoint, Link, Options
 from .log import Logger
 
@@ -41,7 +48,8 @@ OUTCOMES = {
     HALFCLOSE_TIMEOUT: "halfclose-timeout",
 }
 
-COPY_CHUNK = 64 * 1024
+COPY_CHUNK = 64 * 1024  # --relay copy
+AUTO_CHUNK = 16 * 1024  # --relay auto: a read that fills it means bulk, so splice from then on
 SPLICE_CHUNK = 1024 * 1024
 PIPE_SIZE = 1024 * 1024
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
@@ -63,6 +71,7 @@ class Flow:
 
     __slots__ = (
         "buf",
+        "chunk",
         "counters",
         "dst",
         "dst_reset",
@@ -82,8 +91,8 @@ class Flow:
 
     def __init__(
         self,
-        src: socket.socket,
-        dst: socket.socket,
+        src: RawSocket,
+        dst: RawSocket,
         counters: memoryview,
         index: int,
         mode: str,
@@ -98,13 +107,13 @@ class Flow:
         self.pipe_r = self.pipe_w = -1
         self.splice = False
         self.upgrade = mode == "auto" and HAS_SPLICE
-        self.buf = bytearray(0)
+        # The buffer is allocated on the first read: a fresh child pays a page fault for
+        # every page it touches, and many connections never carry a byte one way.
+        self.chunk = COPY_CHUNK if mode == "copy" else AUTO_CHUNK
+        self.buf = bytearray()
         self.view = memoryview(self.buf)
         if mode == "splice":
             self._open_pipe()
-        else:
-            self.buf = bytearray(COPY_CHUNK)
-            self.view = memoryview(self.buf)
 
     def _open_pipe(self) -> None:
         self.pipe_r, self.pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -129,6 +138,9 @@ class Flow:
             if self.splice:
                 n = os.splice(self.src.fileno(), self.pipe_w, SPLICE_CHUNK, flags=_SPLICE_FLAGS)
             else:
+                if not self.buf:
+                    self.buf = bytearray(self.chunk)
+                    self.view = memoryview(self.buf)
                 n = self.src.recv_into(self.buf)
         except (BlockingIOError, InterruptedError):
             return
@@ -143,7 +155,7 @@ class Flow:
             return
         self.pending = n
         self.start, self.end = 0, n
-        if self.upgrade and n == COPY_CHUNK:
+        if self.upgrade and n == self.chunk:
             self.write()
             if not self.pending:
                 self._open_pipe()  # bulk traffic: zero-copy from the next read on
@@ -169,7 +181,7 @@ class Flow:
 
 def connect_upstream(
     addresses: list[Address], target: Endpoint, timeout: float, retries: int
-) -> socket.socket:
+) -> RawSocket:
     """Connect to the first address that answers, retrying with a short backoff.
 
     Names are resolved by the supervisor; a child resolves only when the supervisor
@@ -188,7 +200,7 @@ def connect_upstream(
                 continue
             candidates = [(int(family), tuple(addr)) for family, _, _, _, addr in infos]
         for family, sockaddr in candidates:
-            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock = RawSocket(family, socket.SOCK_STREAM)
             sock.setblocking(False)
             code = sock.connect_ex(sockaddr)
             if code == errno.EINPROGRESS:
@@ -206,8 +218,8 @@ def connect_upstream(
 
 
 def pump(
-    client: socket.socket,
-    upstream: socket.socket,
+    client: RawSocket,
+    upstream: RawSocket,
     options: Options,
     counters: memoryview,
     base: int,
@@ -285,12 +297,12 @@ def _set_mask(poller: select.poll, fd: int, old: int, new: int) -> None:
         poller.modify(fd, new)
 
 
-def _socket_error(sock: socket.socket) -> OSError:
+def _socket_error(sock: RawSocket) -> OSError:
     code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) or errno.ECONNRESET
     return OSError(code, os.strerror(code))
 
 
-def reset(sock: socket.socket) -> None:
+def reset(sock: RawSocket) -> None:
     """Close with an RST rather than a FIN, so the peer sees the reset we saw."""
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
@@ -300,7 +312,7 @@ def reset(sock: socket.socket) -> None:
 
 
 def serve(
-    client: socket.socket,
+    client: RawSocket,
     client_addr: str,
     link: Link,
     addresses: list[Address],

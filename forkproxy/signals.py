@@ -8,6 +8,9 @@ wakeup byte is never written, hence the do-nothing handler.)
 
 from __future__ import annotations
 
+# The C module under `signal`: signal.signal() converts to and from enums in Python on
+# every call, and in a freshly forked child that code touches (and so copies) ~90 pages.
+import _signal  # type: ignore[import-not-found]  # no stubs for the C module
 import signal
 import socket
 from types import FrameType
@@ -52,9 +55,15 @@ def reset_in_child() -> None:
     SIGINT (a terminal's Ctrl-C reaches the whole process group) and SIGHUP (reload)
     are the supervisor's business; live connections are never touched by them.
     """
-    signal.set_wakeup_fd(-1)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    _signal.set_wakeup_fd(-1)
+    for signum, action in _CHILD_DISPOSITIONS:
+        _signal.signal(signum, action)
+
+
+_CHILD_DISPOSITIONS = [
+    (int(signal.SIGINT), int(signal.SIG_IGN)),
+    (int(signal.SIGHUP), int(signal.SIG_IGN)),
+    (int(signal.SIGUSR1), int(signal.SIG_IGN)),
+    (int(signal.SIGTERM), int(signal.SIG_DFL)),
+    (int(signal.SIGCHLD), int(signal.SIG_DFL)),
+]

@@ -37,7 +37,7 @@ from .config import (
 )
 from .listeners import Listener
 from .log import Logger
-from .relay import Address
+from .relay import Address, RawSocket
 
 ACCEPT_BATCH = 64  # accepts per wakeup, so signals and reaping get their turn in a burst
 ACCEPT_BACKOFF = 0.1  # seconds without accepting after EMFILE/ENFILE/ENOBUFS/ENOMEM
@@ -335,7 +335,7 @@ class Supervisor:
             # listeners: a child holding one would keep a closed port accepting.
             os.closerange(3, fd)
             os.closerange(fd + 1, 1 << 20)
-            client = socket.socket(listener.sock.family, socket.SOCK_STREAM, 0, fileno=fd)
+            client = RawSocket(listener.sock.family, socket.SOCK_STREAM, 0, fd)
             status = relay.serve(
                 client,
                 peer_text(address),
