@@ -281,10 +281,10 @@ class Supervisor:
     def _accept_handler(self, listener: Listener) -> Callable[[int], None]:
         return lambda events: self.handle_accept(listener)
 
-    def handle_accept(self, listener: Listener) -> None:
+    def handle_accept(self, listener: Listener, batch: int = ACCEPT_BATCH) -> None:
         max_children = self.options.max_children
         children = self.accounting.children
-        for _ in range(ACCEPT_BATCH):
+        for _ in range(batch):
             if len(children) >= max_children:
                 break  # the rest wait in the kernel's backlog until a child exits
             try:
@@ -397,6 +397,10 @@ class Supervisor:
                 )
                 self.term_at = time.monotonic()
             return
+        # Clients already in the backlog have finished their handshake: closing the
+        # listener would reset them, so they are served like the ones accepted before.
+        for listener in self.listeners if self.accepting else []:
+            self.handle_accept(listener, batch=self.options.max_children)
         self.stopping = True
         self.update_accepting()
         listeners.close_all(self.listeners)  # from now on, new clients are refused
