@@ -1,0 +1,60 @@
+# forkproxy ambassador image: a forking TCP proxy (one process per connection)
+# configured from Docker link variables.
+#
+#   docker build -t forkproxy .
+#   docker run -d --name redis_ambassador --network app \
+#       -e REDIS_PORT_6379_TCP=tcp://redis:6379 forkproxy
+#
+# BASE_IMAGE must be a Debian-like image with python3 and its venv module
+# (python:3.12-slim, or debian:bookworm with python3-venv). scripts/image-test
+# builds against a local debootstrapped Debian bookworm base.
+ARG BASE_IMAGE=python:3.12-slim
+
+# ---- build stage: pip, the wheel cache and build backends stay here --------
+FROM ${BASE_IMAGE} AS build
+
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_ROOT_USER_ACTION=ignore
+
+WORKDIR /src
+# .dockerignore lets through only what the package build needs.
+COPY . .
+
+# A venv keeps forkproxy and its dependencies away from the base image's own
+# Python packages; pip is removed from it once the install is done.
+RUN python3 -m venv /opt/forkproxy \
+    && /opt/forkproxy/bin/pip install . \
+    && /opt/forkproxy/bin/pip uninstall --yes pip \
+    && /opt/forkproxy/bin/forkproxy --help > /dev/null
+
+# ---- runtime stage: the base image plus the venv, nothing else -------------
+FROM ${BASE_IMAGE}
+
+LABEL org.opencontainers.image.title="forkproxy" \
+      org.opencontainers.image.description="Docker ambassador: a forking TCP proxy configured from link variables"
+
+COPY --from=build /opt/forkproxy /opt/forkproxy
+
+# PYTHONDONTWRITEBYTECODE: the venv is read-only to the runtime user and its
+# bytecode was compiled at build time. PYTHONUNBUFFERED: "listening ..." lines
+# and logs reach `docker logs` at once.
+ENV PATH=/opt/forkproxy/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1
+
+# Numeric, so that runtimes enforcing runAsNonRoot can verify it without an
+# /etc/passwd entry. Ports come from link variables; unprivileged ports
+# (>= 1024) need no capability; README.md "Ambassador image" covers lower ones.
+USER 10001:10001
+
+# forkproxy is PID 1: it handles SIGTERM itself (close listeners, drain live
+# connections for --grace seconds, default 8, inside docker's 10 s) and reaps
+# every child, its own and re-parented orphans alike. No init shim needed.
+STOPSIGNAL SIGTERM
+
+HEALTHCHECK --interval=30s --timeout=5s --start-period=5s --retries=3 \
+    CMD ["forkproxy", "check"]
+
+ENTRYPOINT ["forkproxy", "serve"]
+CMD ["--from-env"]
