@@ -139,8 +139,13 @@ class Accounting:
         """Plain data for the control socket (JSON)."""
         now = time.monotonic()
         counters = self.slots.counters
+        links = {name: dict(vars(stats)) for name, stats in self.links.items()}
+        for record in self.children.values():  # bytes still moving count too
+            totals = links[record.link.name]
+            totals["bytes_up"] += counters[record.base]
+            totals["bytes_down"] += counters[record.base + 1]
         return {
-            "links": {name: vars(stats) for name, stats in self.links.items()},
+            "links": links,
             "children": [
                 {
                     "pid": r.pid,

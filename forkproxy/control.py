@@ -70,20 +70,34 @@ class ControlServer:
     def fileno(self) -> int:
         return self.sock.fileno()
 
-    def accept(self) -> list[int]:
-        """Accept waiting clients; returns their fds for the loop to poll."""
-        fds = []
-        while len(self.clients) < MAX_CLIENTS:
+    def accept(self) -> tuple[list[int], list[int]]:
+        """Accept waiting clients: (fds to poll, fds dropped to make room).
+
+        Always accepting, and dropping the oldest client when full, keeps clients that
+        connect and say nothing from locking `check` out (and the listener, readable
+        but never accepted, from spinning the level-triggered loop).
+        """
+        fresh: list[int] = []
+        dropped: list[int] = []
+        for _ in range(MAX_CLIENTS):
             try:
                 sock, _ = self.sock.accept()
             except (BlockingIOError, InterruptedError):
                 break
             except OSError:
                 break  # EMFILE and friends: the client will time out, the proxy goes on
+            if len(self.clients) >= MAX_CLIENTS:
+                oldest = next(iter(self.clients))  # dicts keep insertion order
+                self._drop(oldest)
+                dropped.append(oldest)
             sock.setblocking(False)
             self.clients[sock.fileno()] = _Client(sock)
-            fds.append(sock.fileno())
-        return fds
+            fresh.append(sock.fileno())
+        # An fd number can be dropped and reused by a fresh client within one call.
+        return (
+            [fd for fd in fresh if fd in self.clients],
+            [fd for fd in dropped if fd not in self.clients],
+        )
 
     def service(self, fd: int) -> bool:
         """Read or write for one client; False when it is finished (caller unregisters)."""

@@ -17,6 +17,7 @@ import signal
 import socket
 import sys
 from collections.abc import Iterator
+from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
@@ -52,9 +53,7 @@ def _children_by_link(status: dict[str, Any]) -> dict[str, dict[str, float]]:
     """Sum psutil readings of the live children per link."""
     sums: dict[str, dict[str, float]] = {}
     for child in status.get("children", []):
-        entry = sums.setdefault(child["link"], {"rss": 0, "uss": 0, "cpu": 0, "up": 0, "down": 0})
-        entry["up"] += child["bytes_up"]
-        entry["down"] += child["bytes_down"]
+        entry = sums.setdefault(child["link"], {"rss": 0, "uss": 0, "cpu": 0})
         with contextlib.suppress(psutil.Error):
             process = psutil.Process(child["pid"])
             with process.oneshot():
@@ -99,8 +98,8 @@ def render(status: dict[str, Any]) -> Iterator[Metric]:
         total.add_metric([name], stats["connections"])
         denied.add_metric([name], stats["denied"])
         failures.add_metric([name], stats["upstream_failures"])
-        moved.add_metric([name, "upstream"], stats["bytes_up"] + now.get("up", 0))
-        moved.add_metric([name, "downstream"], stats["bytes_down"] + now.get("down", 0))
+        moved.add_metric([name, "upstream"], stats["bytes_up"])  # live bytes included
+        moved.add_metric([name, "downstream"], stats["bytes_down"])
         cumulative, buckets = 0, []
         for bound, count in zip(bounds, stats["duration_buckets"], strict=True):
             cumulative += count
@@ -121,7 +120,15 @@ def render(status: dict[str, Any]) -> Iterator[Metric]:
                 supervisor_rss, orphans)
 
 
+class _Server(ThreadingMixIn, WSGIServer):
+    """A thread per scrape, as prometheus_client's own server does: one client that
+    connects and sends nothing must not block the others."""
+
+    daemon_threads = True
+
+
 class _QuietHandler(WSGIRequestHandler):
+    timeout = 30  # seconds a client may take to send its request
     def log_message(self, format: str, *args: Any) -> None:
         """Scrapes are not worth a log line each."""
 
@@ -137,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(SupervisorCollector(args.status_socket))
     sock = socket.socket(fileno=args.fd)
-    server = WSGIServer(sock.getsockname()[:2], _QuietHandler, bind_and_activate=False)
+    server = _Server(sock.getsockname()[:2], _QuietHandler, bind_and_activate=False)
     server.socket.close()
     server.socket = sock
     server.server_name, server.server_port = "forkproxy", sock.getsockname()[1]

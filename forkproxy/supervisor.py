@@ -36,7 +36,7 @@ from .config import (
     parse_metrics_address,
 )
 from .listeners import Listener
-from .log import Logger
+from .log import INFO, Logger
 from .relay import Address, RawSocket
 
 ACCEPT_BATCH = 64  # accepts per wakeup, so signals and reaping get their turn in a burst
@@ -138,6 +138,7 @@ class Supervisor:
         self._watch(self.control.fileno(), self.handle_control_accept)
         for listener in self.listeners:
             self.addresses[listener.link.key] = resolve(listener.link, self.log)
+            self.accounting.stats(listener.link)  # exported at 0 before the first client
         self.update_accepting()
         lines = [f"listening {listener.describe()}" for listener in self.listeners]
         if self.metrics_sock is not None:
@@ -382,9 +383,9 @@ class Supervisor:
                 continue
             record = self.accounting.finished(pid, status, usage.ru_utime + usage.ru_stime)
             if record is None:
-                self.log.debug("reaped-orphan", pid=pid, status=describe_status(status))
+                self.log.debug("reaped-orphan", child_pid=pid, status=describe_status(status))
             elif os.WIFSIGNALED(status) and self.term_at is None:
-                self.log.warning("child-died", pid=pid, link=record.link.name,
+                self.log.warning("child-died", child_pid=pid, link=record.link.name,
                                  client=record.client, status=describe_status(status))
         self.update_accepting()
 
@@ -434,14 +435,22 @@ class Supervisor:
                 pass  # exited, not reaped yet: the SIGCHLD is on its way
 
     def handle_usr1(self) -> None:
+        """The status table in the log; asked for explicitly, so written even with -q."""
+        level = max(INFO, self.log.level)
         snapshot = self.accounting.snapshot()
+        links: dict[str, dict[str, object]] = snapshot["links"]  # type: ignore[assignment]
         for listener in self.listeners:
-            stats = self.accounting.stats(listener.link)
-            self.log.info("status-link", listen=listener.describe(), active=stats.active,
-                          total=stats.connections, upstream_failures=stats.upstream_failures,
-                          bytes_up=stats.bytes_up, bytes_down=stats.bytes_down)
+            stats = links.get(listener.link.name, {})
+            self.log.emit(level, "status-link", {
+                "listen": listener.describe(), "active": stats.get("active", 0),
+                "total": stats.get("connections", 0),
+                "upstream_failures": stats.get("upstream_failures", 0),
+                "bytes_up": stats.get("bytes_up", 0), "bytes_down": stats.get("bytes_down", 0),
+            })
         for child in snapshot["children"]:  # type: ignore[attr-defined]
-            self.log.info("status-connection", **child)
+            fields = dict(child)
+            fields["child_pid"] = fields.pop("pid")  # `pid` is the logging process's own
+            self.log.emit(level, "status-connection", fields)
 
     # -- reload ------------------------------------------------------------------------
 
@@ -461,6 +470,8 @@ class Supervisor:
         listeners.close_all(retired)
         self.listeners = kept
         self.addresses = {item.link.key: resolve(item.link, self.log) for item in kept}
+        for item in kept:
+            self.accounting.stats(item.link)
         for warning in table.warnings:
             self.log.warning("link-skipped", detail=warning)
         for listener in retired:
@@ -475,7 +486,11 @@ class Supervisor:
 
     def handle_control_accept(self, events: int) -> None:
         assert self.control is not None
-        for fd in self.control.accept():
+        fresh, dropped = self.control.accept()
+        for fd in dropped:
+            self._unwatch(fd)
+        for fd in fresh:
+            self._unwatch(fd)  # a reused fd number: the handler is the new client's
             self._watch(fd, self._control_handler(fd))
 
     def _control_handler(self, fd: int) -> Callable[[int], None]:

@@ -46,7 +46,8 @@ class Proxy:
 
     @property
     def ports(self) -> list[int]:
-        return [int(line.split(" -> ")[0].rsplit(":", 1)[1]) for line in self.lines]
+        return [int(line.split(" -> ")[0].rsplit(":", 1)[1]) for line in self.lines
+                if line.startswith("listening ")]
 
     @property
     def port(self) -> int:

@@ -1,0 +1,763 @@
+"""Issue 5, observability: `status`, `check`, Prometheus metrics, SIGUSR1 and JSON logs.
+
+Real processes only: the CLI in subprocesses, a real redis-server, loopback TCP peers and
+promtool on a real scrape. Byte counts are exact: RESP is written by hand here, so every
+byte each way is known. Every proxy and every CLI call gets XDG_RUNTIME_DIR in a tmp dir,
+so default status sockets never meet another test's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import stat
+import subprocess
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import psutil
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import FORKPROXY, Proxy, Redis, TcpServer, echo, need, recv_all
+
+T = TypeVar("T")
+MiB = 1 << 20
+DEADLINE = 30.0  # generous: a loaded 2-core machine; polls return as soon as they can
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+StartProxy = Callable[..., Proxy]
+MakeServer = Callable[[Callable[[socket.socket], None]], TcpServer]
+
+
+# -- helpers ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> dict[str, str]:
+    """The environment for proxies and CLI calls: a private XDG_RUNTIME_DIR, no FORKPROXY_*."""
+    runtime = tmp_path / "xdg"
+    runtime.mkdir(mode=0o700)
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("FORKPROXY_")}
+    clean["XDG_RUNTIME_DIR"] = str(runtime)
+    return clean
+
+
+@pytest.fixture
+def dead_port() -> Iterator[int]:
+    """A loopback port that refuses connections: bound (so nobody else takes it), not listening."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        yield int(holder.getsockname()[1])
+
+
+def poll(probe: Callable[[], T], done: Callable[[T], bool], timeout: float = DEADLINE) -> T:
+    """Call `probe` until `done(value)` or the deadline; returns the last value (asserted later)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if done(value) or time.monotonic() >= deadline:
+            return value
+        time.sleep(0.05)
+
+
+def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([FORKPROXY, *args], capture_output=True, text=True, env=env,
+                          timeout=60, check=False)
+
+
+def ask(path: str | Path, command: str = "status") -> dict[str, Any]:
+    """One request on the control socket, spoken by hand (cheap enough to poll with)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(15)
+        sock.connect(str(path))
+        sock.sendall(json.dumps({"command": command}).encode() + b"\n")
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    reply = json.loads(data)
+    assert isinstance(reply, dict)
+    return reply
+
+
+def status_json(path: str | Path, env: dict[str, str]) -> dict[str, Any]:
+    """`forkproxy status --json --status-socket PATH`, the real CLI."""
+    result = cli("status", "--json", "--status-socket", str(path), env=env)
+    assert result.returncode == 0, result
+    reply = json.loads(result.stdout)
+    assert isinstance(reply, dict)
+    return reply
+
+
+def settled(reply: dict[str, Any], totals: dict[str, int]) -> bool:
+    """Every named link has seen `totals[name]` connections and none is open any more."""
+    links = reply.get("links", {})
+    return all(
+        name in links and links[name]["connections"] == count and links[name]["active"] == 0
+        for name, count in totals.items()
+    ) and not reply.get("children")
+
+
+Table = tuple[list[str], list[dict[str, str]]]
+
+
+def parse_tables(text: str) -> list[Table]:
+    """`forkproxy status` output -> [(headers, rows as dicts)] for each table after the title.
+
+    Columns are padded and joined by at least two spaces; headers hold single spaces only.
+    """
+    tables: list[Table] = []
+    for block in text.strip("\n").split("\n\n")[1:]:
+        lines = block.splitlines()
+        headers = re.split(r" {2,}", lines[0].strip())
+        rows = [dict(zip(headers, re.split(r" {2,}", line.strip()), strict=True))
+                for line in lines[1:]]
+        tables.append((headers, rows))
+    return tables
+
+
+def size_cell(value: int) -> set[str]:
+    """How a byte count below 1 KiB may be shown: bare or with a B suffix."""
+    return {str(value), f"{value}B"}
+
+
+def resp(*parts: bytes) -> bytes:
+    """A RESP command array, exactly as redis-cli would send it."""
+    out = b"*%d\r\n" % len(parts)
+    for part in parts:
+        out += b"$%d\r\n%s\r\n" % (len(part), part)
+    return out
+
+
+def recv_exact(sock: socket.socket, count: int) -> bytes:
+    data = b""
+    while len(data) < count:
+        chunk = sock.recv(count - len(data))
+        assert chunk, f"EOF after {len(data)} of {count} bytes"
+        data += chunk
+    return data
+
+
+def set_and_get(sock: socket.socket, key: bytes, value: bytes) -> tuple[int, int]:
+    """SET then GET through a proxy to a real redis; returns (bytes up, bytes down), exact."""
+    set_cmd = resp(b"SET", key, value)
+    sock.sendall(set_cmd)
+    assert recv_exact(sock, 5) == b"+OK\r\n"
+    get_cmd = resp(b"GET", key)
+    reply = b"$%d\r\n%s\r\n" % (len(value), value)
+    sock.sendall(get_cmd)
+    assert recv_exact(sock, len(reply)) == reply
+    return len(set_cmd) + len(get_cmd), 5 + len(reply)
+
+
+def redis_session(port: int, key: bytes, value: bytes) -> tuple[int, int]:
+    """A whole connection: connect, SET, GET, close cleanly (FIN, nothing left unread)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        return set_and_get(sock, key, value)
+
+
+def refused_through(port: int) -> None:
+    """A client of a link whose upstream refuses: the proxy closes it without a byte."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        assert sock.recv(1) == b""
+
+
+def listen_ports(proxy: Proxy) -> list[int]:
+    """Ports of the `listening` lines only (a `metrics` line may follow them)."""
+    return [int(line.split(" -> ")[0].rsplit(":", 1)[1])
+            for line in proxy.lines if line.startswith("listening ")]
+
+
+def metrics_url(proxy: Proxy) -> str:
+    match = re.fullmatch(r"metrics (http://127\.0\.0\.1:\d+/metrics)", proxy.lines[-1])
+    assert match, proxy.lines
+    return match[1]
+
+
+def scrape(url: str, timeout: float = 15) -> str:
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        assert response.status == 200
+        assert response.headers["Content-Type"].startswith("text/plain")
+        body: bytes = response.read()
+    return body.decode()
+
+
+def samples(text: str) -> Samples:
+    """Exposition text -> {(sample name, sorted labels): value}."""
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def value(found: Samples, name: str, **labels: str) -> float | None:
+    return found.get((name, tuple(sorted(labels.items()))))
+
+
+def promtool_check(text: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([need("promtool"), "check", "metrics"], input=text,
+                          capture_output=True, text=True, timeout=60, check=False)
+
+
+KV = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|\S+)')
+
+
+def parse_text_line(line: str) -> dict[str, Any]:
+    """`TS forkproxy[PID] LEVEL EVENT k=v ...` -> {"event": ..., "level": ..., k: v}."""
+    stamp, program, level, event, *rest = line.split(" ", 4)
+    assert re.fullmatch(r"forkproxy\[\d+\]", program), line
+    record: dict[str, Any] = {"ts": stamp, "level": level, "event": event}
+    for key, raw in KV.findall(rest[0] if rest else ""):
+        record[key] = json.loads(raw) if raw.startswith('"') else raw
+    return record
+
+
+def sink_and_source(down: bytes, received: list[int]) -> Callable[[socket.socket], None]:
+    """A server that sends `down` while it reads the client's bytes to EOF, then closes."""
+
+    def handle(conn: socket.socket) -> None:
+        sender = threading.Thread(target=conn.sendall, args=(down,))
+        sender.start()
+        received.append(recv_all(conn)[0])
+        sender.join()
+
+    return handle
+
+
+# -- status: links, totals, text and JSON ----------------------------------------------
+
+
+def test_status_counts_exact_redis_bytes_and_upstream_failures(
+    start_proxy: StartProxy, redis: Redis, dead_port: int, tmp_path: Path,
+    env: dict[str, str],
+) -> None:
+    sock_path = tmp_path / "status.sock"
+    good, dead = f"127.0.0.1:0=127.0.0.1:{redis.port}", f"127.0.0.1:0=127.0.0.1:{dead_port}"
+    proxy = start_proxy("--status-socket", str(sock_path), good, dead, expect=2, env=env)
+    good_port, dead_port_proxy = listen_ports(proxy)
+    up = down = 0
+    for i in range(3):
+        u, d = redis_session(good_port, b"key%d" % i, os.urandom(100))
+        up, down = up + u, down + d
+    for _ in range(2):
+        refused_through(dead_port_proxy)
+    assert settled(poll(lambda: ask(sock_path), lambda r: settled(r, {good: 3, dead: 2})),
+                   {good: 3, dead: 2})
+
+    reply = status_json(sock_path, env)
+    assert reply["pid"] == proxy.pid
+    assert reply["stopping"] is False
+    assert reply["children"] == []
+    assert [(item["link"], item["port"], item["upstream"]) for item in reply["listeners"]] == [
+        (good, good_port, f"127.0.0.1:{redis.port}"),
+        (dead, dead_port_proxy, f"127.0.0.1:{dead_port}"),
+    ]
+    links = reply["links"]
+    assert (links[good]["bytes_up"], links[good]["bytes_down"]) == (up, down)
+    assert (links[good]["connections"], links[good]["active"]) == (3, 0)
+    assert links[good]["upstream_failures"] == 0
+    assert links[good]["outcomes"] == {"closed": 3}
+    assert (links[dead]["bytes_up"], links[dead]["bytes_down"]) == (0, 0)
+    assert (links[dead]["connections"], links[dead]["active"]) == (2, 0)
+    assert links[dead]["upstream_failures"] == 2
+    assert links[dead]["outcomes"] == {"connect-failed": 2}
+
+    result = cli("status", "--status-socket", str(sock_path), env=env)
+    assert result.returncode == 0, result
+    assert result.stdout.startswith(f"forkproxy {reply['version']} pid {proxy.pid}, up ")
+    (link_headers, link_rows), (child_headers, child_rows) = parse_tables(result.stdout)
+    assert {"LINK", "LISTEN -> UPSTREAM", "ACTIVE", "TOTAL", "FAILED", "BYTES UP",
+            "BYTES DOWN"} <= set(link_headers)
+    assert {"PID", "LINK", "CLIENT", "AGE", "UP", "DOWN", "RSS", "USS", "CPU"} <= set(
+        child_headers)
+    assert child_rows == []
+    rows = {row["LINK"]: row for row in link_rows}
+    assert set(rows) == {good, dead}
+    assert rows[good]["LISTEN -> UPSTREAM"] == f"127.0.0.1:{good_port} -> 127.0.0.1:{redis.port}"
+    assert (rows[good]["ACTIVE"], rows[good]["TOTAL"], rows[good]["FAILED"]) == ("0", "3", "0")
+    assert rows[good]["BYTES UP"] in size_cell(up)
+    assert rows[good]["BYTES DOWN"] in size_cell(down)
+    assert rows[dead]["LISTEN -> UPSTREAM"] == (
+        f"127.0.0.1:{dead_port_proxy} -> 127.0.0.1:{dead_port}")
+    assert (rows[dead]["ACTIVE"], rows[dead]["TOTAL"], rows[dead]["FAILED"]) == ("0", "2", "2")
+    assert rows[dead]["BYTES UP"] in size_cell(0)
+    assert rows[dead]["BYTES DOWN"] in size_cell(0)
+
+    # Cut the upstream: redis stops; the next client of that link is one upstream failure,
+    # and the totals of the three children before it are untouched.
+    redis.proc.terminate()
+    redis.proc.wait(10)
+    refused_through(good_port)
+    after = poll(lambda: ask(sock_path), lambda r: settled(r, {good: 4}))
+    assert settled(after, {good: 4}), after
+    reply = status_json(sock_path, env)
+    assert reply["links"][good]["upstream_failures"] == 1
+    assert reply["links"][good]["outcomes"] == {"closed": 3, "connect-failed": 1}
+    assert (reply["links"][good]["bytes_up"], reply["links"][good]["bytes_down"]) == (up, down)
+    assert reply["links"][dead]["upstream_failures"] == 2
+    result = cli("status", "--status-socket", str(sock_path), env=env)
+    rows = {row["LINK"]: row for row in parse_tables(result.stdout)[0][1]}
+    assert (rows[good]["TOTAL"], rows[good]["FAILED"]) == ("4", "1")
+    # A dead upstream is not an unhealthy proxy: every listener is still bound.
+    assert cli("check", "--status-socket", str(sock_path), env=env).returncode == 0
+
+
+def test_live_connection_in_status_with_pid_client_age_bytes_and_psutil(
+    start_proxy: StartProxy, tcp_server: MakeServer, tmp_path: Path, env: dict[str, str],
+) -> None:
+    server = tcp_server(echo)
+    sock_path = tmp_path / "status.sock"
+    spec = f"127.0.0.1:0=127.0.0.1:{server.port}"
+    proxy = start_proxy("--status-socket", str(sock_path), spec, env=env)
+    payload = os.urandom(1000)
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=30) as client:
+        client.sendall(payload)
+        assert recv_exact(client, len(payload)) == payload
+        client_addr = f"127.0.0.1:{client.getsockname()[1]}"
+
+        def counted(reply: dict[str, Any]) -> bool:
+            kids = reply["children"]
+            return len(kids) == 1 and (kids[0]["bytes_up"], kids[0]["bytes_down"]) == (1000, 1000)
+
+        assert counted(poll(lambda: ask(sock_path), counted))
+        reply = status_json(sock_path, env)
+        [child] = reply["children"]
+        assert child["pid"] in [p.pid for p in psutil.Process(proxy.pid).children()]
+        assert child["link"] == spec
+        assert child["client"] == client_addr
+        assert child["upstream"] == f"127.0.0.1:{server.port}"
+        assert child["age"] >= 0
+        assert (child["bytes_up"], child["bytes_down"]) == (1000, 1000)
+        assert isinstance(child["rss"], int) and child["rss"] > 0
+        assert isinstance(child["uss"], int) and 0 < child["uss"] <= child["rss"]
+        assert isinstance(child["cpu"], float) and child["cpu"] >= 0
+        assert (reply["links"][spec]["active"], reply["links"][spec]["connections"]) == (1, 1)
+
+        result = cli("status", "--status-socket", str(sock_path), env=env)
+        assert result.returncode == 0, result
+        (_, link_rows), (_, child_rows) = parse_tables(result.stdout)
+        assert (link_rows[0]["ACTIVE"], link_rows[0]["TOTAL"]) == ("1", "1")
+        [row] = child_rows
+        assert row["PID"] == str(child["pid"])
+        assert row["LINK"] == spec
+        assert row["CLIENT"] == client_addr
+        assert re.fullmatch(r"\d+(\.\d+)?s", row["AGE"]), row
+        assert row["UP"] in size_cell(1000) and row["DOWN"] in size_cell(1000)
+        for column in ("RSS", "USS"):
+            assert re.fullmatch(r"\d+(\.\d+)?[BKMGT]i?B?", row[column]), row
+        assert re.fullmatch(r"\d+(\.\d+)?s", row["CPU"]), row
+
+        client.sendall(payload[:24])  # still live, still counted by the child itself
+        assert recv_exact(client, 24) == payload[:24]
+    reply = poll(lambda: ask(sock_path), lambda r: settled(r, {spec: 1}))
+    assert settled(reply, {spec: 1}), reply
+    # The child is gone; its bytes live on in the link's totals.
+    assert (reply["links"][spec]["bytes_up"], reply["links"][spec]["bytes_down"]) == (1024, 1024)
+    assert reply["links"][spec]["outcomes"] == {"closed": 1}
+
+
+@pytest.mark.parametrize("relay", ["auto", "splice", "copy"])
+def test_bulk_byte_counts_are_exact_in_every_relay_mode(
+    start_proxy: StartProxy, tcp_server: MakeServer, tmp_path: Path, env: dict[str, str],
+    relay: str,
+) -> None:
+    up_size, down_size = 3 * MiB + 7, 2 * MiB + 3  # not multiples of any buffer size
+    received: list[int] = []
+    server = tcp_server(sink_and_source(os.urandom(down_size), received))
+    sock_path = tmp_path / "status.sock"
+    spec = f"127.0.0.1:0=127.0.0.1:{server.port}"
+    proxy = start_proxy("-q", "--relay", relay, "--status-socket", str(sock_path), spec, env=env)
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=30) as client:
+
+        def send() -> None:
+            client.sendall(os.urandom(up_size))
+            client.shutdown(socket.SHUT_WR)
+
+        sender = threading.Thread(target=send)
+        sender.start()
+        got = recv_all(client)[0]
+        sender.join()
+    assert (got, received) == (down_size, [up_size])
+    reply = poll(lambda: ask(sock_path), lambda r: settled(r, {spec: 1}))
+    assert settled(reply, {spec: 1}), reply
+    stats = status_json(sock_path, env)["links"][spec]
+    assert (stats["bytes_up"], stats["bytes_down"]) == (up_size, down_size)
+
+
+# -- check --------------------------------------------------------------------------------
+
+
+def test_check_exit_codes_while_serving_draining_and_after_exit(
+    start_proxy: StartProxy, tcp_server: MakeServer, env: dict[str, str],
+) -> None:
+    server = tcp_server(echo)
+    proxy = start_proxy("--grace", "60", f"127.0.0.1:0=127.0.0.1:{server.port}", env=env)
+    sock_path = Path(env["XDG_RUNTIME_DIR"]) / "forkproxy" / f"{proxy.pid}.sock"
+    assert stat.S_ISSOCK(sock_path.stat().st_mode)
+
+    for args in ((), ("--status-socket", str(sock_path))):  # the default socket, and by name
+        result = cli("check", *args, env=env)
+        assert result.returncode == 0, result
+        assert result.stdout.startswith("ok")
+
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=30) as client:
+        client.sendall(b"ping")
+        assert recv_exact(client, 4) == b"ping"
+        proxy.signal(signal.SIGTERM)  # draining: listeners closed, one connection held
+        draining = poll(lambda: ask(sock_path, "check"), lambda r: bool(r.get("stopping")))
+        assert draining["stopping"] is True and draining["ok"] is False
+        result = cli("check", "--status-socket", str(sock_path), env=env)
+        assert result.returncode != 0, result
+        assert "stopping" in result.stderr
+        assert status_json(sock_path, env)["stopping"] is True
+    assert proxy.proc.wait(DEADLINE) == 0
+
+    assert not sock_path.exists()  # removed on exit
+    result = cli("check", env=env)
+    assert result.returncode != 0, result
+    assert "no running forkproxy" in result.stderr
+    assert str(sock_path.parent) in result.stderr
+    result = cli("check", "--status-socket", str(sock_path), env=env)
+    assert result.returncode != 0, result
+    assert str(sock_path) in result.stderr
+    assert "Traceback" not in result.stderr
+    result = cli("status", env=env)
+    assert result.returncode != 0 and "no running forkproxy" in result.stderr, result
+
+
+def test_idle_control_clients_do_not_starve_check(
+    start_proxy: StartProxy, tcp_server: MakeServer, tmp_path: Path, env: dict[str, str],
+) -> None:
+    """A HEALTHCHECK must not be wedged by clients that connect and never ask anything."""
+    server = tcp_server(echo)
+    sock_path = tmp_path / "status.sock"
+    start_proxy("--status-socket", str(sock_path), f"127.0.0.1:0=127.0.0.1:{server.port}",
+                env=env)
+    idle: list[socket.socket] = []
+    try:
+        for _ in range(20):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            idle.append(sock)
+            sock.connect(str(sock_path))
+        result = cli("check", "--status-socket", str(sock_path), env=env)
+        assert result.returncode == 0, result
+    finally:
+        for sock in idle:
+            sock.close()
+
+
+# -- two instances, default sockets --------------------------------------------------------
+
+
+def test_two_instances_with_default_sockets_do_not_clash(
+    start_proxy: StartProxy, tcp_server: MakeServer, env: dict[str, str],
+) -> None:
+    server = tcp_server(echo)
+    spec = f"127.0.0.1:0=127.0.0.1:{server.port}"
+    first = start_proxy(spec, env=env)
+    second = start_proxy(spec, env=env)
+    directory = Path(env["XDG_RUNTIME_DIR"]) / "forkproxy"
+    assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+    paths = {proxy.pid: directory / f"{proxy.pid}.sock" for proxy in (first, second)}
+    assert sorted(directory.iterdir()) == sorted(paths.values())
+    for pid, path in paths.items():
+        assert stat.S_ISSOCK(path.stat().st_mode)
+        assert status_json(path, env)["pid"] == pid
+
+    for command in (("status",), ("status", "--json"), ("check",)):
+        result = cli(*command, env=env)
+        assert result.returncode != 0, result
+        assert result.stdout == ""
+        for path in paths.values():
+            assert str(path) in result.stderr, result.stderr
+        assert "--status-socket" in result.stderr
+
+    assert first.stop() == 0
+    assert not paths[first.pid].exists()
+    result = cli("status", "--json", env=env)  # one left: the default finds it
+    assert result.returncode == 0, result
+    assert json.loads(result.stdout)["pid"] == second.pid
+    assert cli("check", env=env).returncode == 0
+
+
+# -- metrics -------------------------------------------------------------------------------
+
+
+def test_metrics_values_match_the_traffic_and_promtool_accepts_them(
+    start_proxy: StartProxy, redis: Redis, dead_port: int, tmp_path: Path,
+    env: dict[str, str],
+) -> None:
+    sock_path = tmp_path / "status.sock"
+    good, dead = f"127.0.0.1:0=127.0.0.1:{redis.port}", f"127.0.0.1:0=127.0.0.1:{dead_port}"
+    proxy = start_proxy("--metrics", "127.0.0.1:0", "--status-socket", str(sock_path),
+                        good, dead, expect=3, env=env)
+    assert [line.split()[0] for line in proxy.lines] == ["listening", "listening", "metrics"]
+    url = metrics_url(proxy)
+    good_port, dead_port_proxy = listen_ports(proxy)
+
+    first = scrape(url)
+    checked = promtool_check(first)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    found = samples(first)
+    assert value(found, "forkproxy_up") == 1
+    assert value(found, "forkproxy_listeners") == 2
+
+    up = down = 0
+    for i in range(2):
+        u, d = redis_session(good_port, b"k%d" % i, os.urandom(300))
+        up, down = up + u, down + d
+    for _ in range(3):
+        refused_through(dead_port_proxy)
+
+    with socket.create_connection(("127.0.0.1", good_port), timeout=30) as held:
+        live_up, live_down = set_and_get(held, b"held", os.urandom(50))
+
+        def live(found: Samples) -> bool:
+            return (value(found, "forkproxy_connections_active", link=good) == 1
+                    and value(found, "forkproxy_connections_total", link=good) == 3
+                    and value(found, "forkproxy_bytes_total", link=good,
+                              direction="downstream") == down + live_down)
+
+        found = poll(lambda: samples(scrape(url)), live)
+        seen_live = time.monotonic()  # the held connection's child started before this
+        assert live(found), found
+        # Live bytes count too, read from the child's shared-memory slot.
+        assert value(found, "forkproxy_bytes_total", link=good, direction="upstream") == (
+            up + live_up)
+        rss = value(found, "forkproxy_children_resident_memory_bytes", link=good)
+        uss = value(found, "forkproxy_children_unique_memory_bytes", link=good)
+        assert rss is not None and uss is not None and 0 < uss <= rss
+        cpu = value(found, "forkproxy_children_cpu_seconds_total", link=good)
+        assert cpu is not None and cpu >= 0
+        # Hold it for more than 0.25 s, so its duration must land above that bucket.
+        poll(lambda: time.monotonic() - seen_live, lambda held_for: held_for > 0.3)
+    closed_at = time.monotonic()
+    up, down = up + live_up, down + live_down
+
+    def done(found: Samples) -> bool:
+        return (value(found, "forkproxy_connections_active", link=good) == 0
+                and value(found, "forkproxy_connection_duration_seconds_count", link=good) == 3
+                and value(found, "forkproxy_connection_duration_seconds_count", link=dead) == 3)
+
+    text = poll(lambda: scrape(url), lambda text: done(samples(text)))
+    found = samples(text)
+    assert done(found), text
+    assert value(found, "forkproxy_connections_active", link=dead) == 0
+    assert value(found, "forkproxy_connections_total", link=good) == 3
+    assert value(found, "forkproxy_connections_total", link=dead) == 3
+    assert value(found, "forkproxy_upstream_connect_failures_total", link=good) == 0
+    assert value(found, "forkproxy_upstream_connect_failures_total", link=dead) == 3
+    assert value(found, "forkproxy_bytes_total", link=good, direction="upstream") == up
+    assert value(found, "forkproxy_bytes_total", link=good, direction="downstream") == down
+    assert value(found, "forkproxy_bytes_total", link=dead, direction="upstream") == 0
+    assert value(found, "forkproxy_bytes_total", link=dead, direction="downstream") == 0
+    assert value(found, "forkproxy_children_resident_memory_bytes", link=good) == 0
+    for link in (good, dead):
+        buckets = sorted(
+            (float(dict(labels)["le"]), count) for (name, labels), count in found.items()
+            if name == "forkproxy_connection_duration_seconds_bucket"
+            and dict(labels)["link"] == link
+        )
+        assert buckets[-1] == (float("inf"), 3)  # +Inf == count == closed connections
+        counts = [count for _, count in buckets]
+        assert counts == sorted(counts)  # cumulative
+    good_buckets = {dict(labels)["le"]: count for (name, labels), count in found.items()
+                    if name == "forkproxy_connection_duration_seconds_bucket"
+                    and dict(labels)["link"] == good}
+    assert good_buckets["0.25"] <= 2  # the held connection is not in it
+    total = value(found, "forkproxy_connection_duration_seconds_sum", link=good)
+    assert total is not None and total >= closed_at - seen_live
+    checked = promtool_check(text)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+    # The same numbers through the status socket.
+    links = status_json(sock_path, env)["links"]
+    assert (links[good]["bytes_up"], links[good]["bytes_down"]) == (up, down)
+    assert links[dead]["upstream_failures"] == 3
+
+
+def test_metrics_export_every_link_from_the_start(
+    start_proxy: StartProxy, redis: Redis, dead_port: int, env: dict[str, str],
+) -> None:
+    """A counter that appears only at its first increment hides that increment from
+    rate()/increase(): every configured link is exported at 0 before any client."""
+    good, dead = f"127.0.0.1:0=127.0.0.1:{redis.port}", f"127.0.0.1:0=127.0.0.1:{dead_port}"
+    proxy = start_proxy("--metrics", "127.0.0.1:0", good, dead, expect=3, env=env)
+    found = samples(scrape(metrics_url(proxy)))
+    for link in (good, dead):
+        assert value(found, "forkproxy_connections_active", link=link) == 0, found
+        assert value(found, "forkproxy_connections_total", link=link) == 0, found
+        assert value(found, "forkproxy_upstream_connect_failures_total", link=link) == 0, found
+        for direction in ("upstream", "downstream"):
+            assert value(found, "forkproxy_bytes_total", link=link, direction=direction) == 0
+
+
+def test_an_idle_tcp_client_does_not_block_scrapes(
+    start_proxy: StartProxy, redis: Redis, env: dict[str, str],
+) -> None:
+    """A port scanner or a TCP health check that connects and sends nothing must not
+    stall /metrics (Prometheus' default scrape_timeout is 10 s)."""
+    proxy = start_proxy("--metrics", "127.0.0.1:0", f"127.0.0.1:0=127.0.0.1:{redis.port}",
+                        expect=2, env=env)
+    url = metrics_url(proxy)
+    assert "forkproxy_up 1.0" in scrape(url)
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    with socket.create_connection(("127.0.0.1", port), timeout=30):
+        try:
+            text = scrape(url, timeout=10)
+        except OSError as exc:
+            pytest.fail(f"scrape blocked behind an idle connection: {exc!r}")
+    assert "forkproxy_up 1.0" in text
+
+
+# -- SIGUSR1 ---------------------------------------------------------------------------------
+
+
+def test_sigusr1_writes_links_and_live_connections_to_the_log(
+    start_proxy: StartProxy, tcp_server: MakeServer, tmp_path: Path, env: dict[str, str],
+) -> None:
+    server = tcp_server(echo)
+    sock_path = tmp_path / "status.sock"
+    spec = f"127.0.0.1:0=127.0.0.1:{server.port}"
+    proxy = start_proxy("--status-socket", str(sock_path), spec, env=env)
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=30) as other:
+        other.sendall(b"x" * 200)
+        assert recv_exact(other, 200) == b"x" * 200
+    assert settled(poll(lambda: ask(sock_path), lambda r: settled(r, {spec: 1})), {spec: 1})
+
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=30) as client:
+        client.sendall(b"y" * 300)
+        assert recv_exact(client, 300) == b"y" * 300
+        client_addr = f"127.0.0.1:{client.getsockname()[1]}"
+        reply = poll(lambda: ask(sock_path),
+                     lambda r: [c["bytes_down"] for c in r["children"]] == [300])
+        [child] = reply["children"]
+        proxy.signal(signal.SIGUSR1)
+
+        def records() -> list[dict[str, Any]]:
+            return [parse_text_line(line) for line in proxy.log().splitlines()]
+
+        def events(found: list[dict[str, Any]]) -> set[str]:
+            return {record["event"] for record in found}
+
+        found = poll(records, lambda found: "status-connection" in events(found))
+        [link_line] = [r for r in found if r["event"] == "status-link"]
+        [conn_line] = [r for r in found if r["event"] == "status-connection"]
+        assert link_line["listen"] == f"127.0.0.1:{proxy.port} -> 127.0.0.1:{server.port} ({spec})"
+        assert (link_line["active"], link_line["total"]) == ("1", "2")
+        assert link_line["upstream_failures"] == "0"
+        # Link totals include the bytes of live connections (200 closed + 300 live).
+        assert (link_line["bytes_up"], link_line["bytes_down"]) == ("500", "500")
+        assert str(child["pid"]) in conn_line.values()  # the child's pid, whatever its key
+        assert conn_line["link"] == spec
+        assert conn_line["client"] == client_addr
+        assert (conn_line["bytes_up"], conn_line["bytes_down"]) == ("300", "300")
+        assert float(conn_line["age"]) >= 0
+        client.sendall(b"z")  # the connection lives on
+        assert recv_exact(client, 1) == b"z"
+    assert proxy.proc.poll() is None
+
+
+def test_sigusr1_to_the_whole_process_group_spares_connections_and_metrics(
+    start_proxy: StartProxy, tcp_server: MakeServer, env: dict[str, str],
+) -> None:
+    """`kill -USR1 -PGID` (or a process manager signalling the group) asks for the status:
+    the relay children ignore it, and so must the metrics process."""
+    server = tcp_server(echo)
+    proxy = start_proxy("--metrics", "127.0.0.1:0", f"127.0.0.1:0=127.0.0.1:{server.port}",
+                        expect=2, env=env)
+    url = metrics_url(proxy)
+    assert "forkproxy_up 1.0" in scrape(url)  # the metrics process is up
+    supervisor = psutil.Process(proxy.pid)
+    [metrics] = [p for p in supervisor.children() if "forkproxy.metrics" in p.cmdline()]
+    with socket.create_connection(("127.0.0.1", listen_ports(proxy)[0]), timeout=30) as client:
+        client.sendall(b"a")
+        assert recv_exact(client, 1) == b"a"
+        os.killpg(proxy.pid, signal.SIGUSR1)  # start_new_session: the group is the proxy's
+        poll(proxy.log, lambda log: "status-connection" in log)
+        assert "status-connection" in proxy.log()
+        client.sendall(b"b")
+        assert recv_exact(client, 1) == b"b"
+    assert "forkproxy_up 1.0" in scrape(url, timeout=20)
+    assert metrics.is_running(), "the metrics process died of SIGUSR1"
+    assert "metrics-died" not in proxy.log()
+
+
+# -- JSON logs -------------------------------------------------------------------------------
+
+
+def exercise(proxy: Proxy, redis_port: int) -> tuple[str, int, int]:
+    """One exact redis session, one refused client, SIGUSR1 with a live connection."""
+    good_port, dead_port = listen_ports(proxy)
+    with socket.create_connection(("127.0.0.1", good_port), timeout=30) as sock:
+        client = f"127.0.0.1:{sock.getsockname()[1]}"
+        up, down = set_and_get(sock, b"json", os.urandom(200))
+    refused_through(dead_port)
+    with socket.create_connection(("127.0.0.1", good_port), timeout=30) as held:
+        held.sendall(b"*1\r\n$4\r\nPING\r\n")
+        assert recv_exact(held, 7) == b"+PONG\r\n"
+        proxy.signal(signal.SIGUSR1)
+        poll(proxy.log, lambda log: "status-connection" in log)
+    assert proxy.stop() == 0
+    return client, up, down
+
+
+def test_log_format_json_every_line_is_an_object_with_the_text_fields(
+    start_proxy: StartProxy, redis: Redis, dead_port: int, env: dict[str, str],
+) -> None:
+    good, dead = f"127.0.0.1:0=127.0.0.1:{redis.port}", f"127.0.0.1:0=127.0.0.1:{dead_port}"
+    as_json = start_proxy("--log-format", "json", good, dead, expect=2, env=env)
+    client, up, down = exercise(as_json, redis.port)
+
+    records = []
+    for line in as_json.log().splitlines():
+        record = json.loads(line)  # every line, not just most
+        assert isinstance(record, dict), line
+        assert {"ts", "level", "pid", "event"} <= set(record), line
+        assert isinstance(record["pid"], int)
+        records.append(record)
+    by_event: dict[str, list[dict[str, Any]]] = {}
+    for record in records:
+        by_event.setdefault(record["event"], []).append(record)
+    assert {"open", "close", "connect-failed", "status-link", "status-connection",
+            "stopping"} <= set(by_event)
+    closes = [r for r in by_event["close"] if r["client"] == client]
+    assert len(closes) == 1, by_event["close"]
+    [close] = closes
+    assert {"event", "link", "client", "upstream", "bytes_up", "bytes_down", "duration",
+            "outcome"} <= set(close)
+    assert (close["link"], close["upstream"]) == (good, f"127.0.0.1:{redis.port}")
+    assert (close["bytes_up"], close["bytes_down"]) == (up, down)  # numbers, exact
+    assert isinstance(close["duration"], float) and close["duration"] >= 0
+    assert close["outcome"] == "closed"
+    assert close["level"] == "info"
+    [failed] = by_event["connect-failed"]
+    assert (failed["link"], failed["upstream"]) == (dead, f"127.0.0.1:{dead_port}")
+    assert failed["level"] == "warning" and failed["error"]
+
+    # The same events in text carry the same fields (JSON adds ts/level/pid as keys).
+    as_text = start_proxy(good, dead, expect=2, env=env)
+    exercise(as_text, redis.port)
+    text_keys: dict[str, set[str]] = {}
+    for line in as_text.log().splitlines():
+        record = parse_text_line(line)
+        text_keys.setdefault(record["event"], set()).update(record)
+    json_keys = {event: set().union(*map(set, found)) for event, found in by_event.items()}
+    for event in ("open", "close", "connect-failed", "status-link", "status-connection",
+                  "stopping"):
+        assert json_keys[event] == text_keys[event] | {"pid"}, event
+    # ... and the same information: the text line's `forkproxy[PID]` is the process that
+    # wrote it, the supervisor for these events. A field must not overwrite it in JSON.
+    for event in ("status-link", "status-connection", "stopping"):
+        for record in by_event[event]:
+            assert record["pid"] == as_json.pid, (
+                f"{event}: JSON 'pid' is {record['pid']}, not the supervisor's {as_json.pid} "
+                f"that the text line names: {record}")
