@@ -266,6 +266,8 @@ def pump(
                 if deadline <= now:
                     return outcome
                 timeout_ms = int((deadline - now) * 1000) + 1
+        # The client and upstream branches mirror each other, written out rather than
+        # shared through a helper: this runs once per message, where a call costs.
         for fd, events in poller.poll(timeout_ms):
             if fd == cfd:
                 if events & POLLOUT or (events & (POLLERR | POLLHUP) and down.pending):
