@@ -30,12 +30,21 @@ class Slots:
     """
 
     def __init__(self, count: int) -> None:
+        # Anonymous pages are only backed once touched, so a large --max-children costs
+        # address space, not memory; the free list grows with use, not with the cap.
         self._mem = mmap.mmap(-1, count * FIELDS * 8)
         self.counters = memoryview(self._mem).cast("Q")
-        self._free = list(range((count - 1) * FIELDS, -1, -FIELDS))
+        self._free: list[int] = []
+        self._next = 0  # slots below this have been handed out at least once
+        self._end = count * FIELDS
 
     def take(self) -> int:
-        base = self._free.pop()
+        if self._free:
+            base = self._free.pop()
+        else:
+            if self._next >= self._end:
+                raise IndexError("no free slot")
+            base, self._next = self._next, self._next + FIELDS
         self.counters[base] = self.counters[base + 1] = 0
         return base
 
@@ -43,7 +52,7 @@ class Slots:
         self._free.append(base)
 
     def __len__(self) -> int:
-        return len(self._free)
+        return len(self._free) + (self._end - self._next) // FIELDS
 
 
 @dataclass

@@ -95,6 +95,13 @@ def serve(*, sources: Sources) -> NoReturn:
     os.execv(sys.executable, [sys.executable, "-I", "-S", script, "--config-fd", str(config_fd)])
 
 
+def _seconds(text: str, flag: str) -> float:
+    """A duration that cannot be off."""
+    value = parse_seconds(text, flag, can_be_off=False)
+    assert value is not None
+    return value
+
+
 def _option(help: str, env: str, metavar: str) -> Any:
     return typer.Option(help=help, envvar=f"FORKPROXY_{env}", metavar=metavar, show_default=False)
 
@@ -155,9 +162,9 @@ def serve_command(
         # Numbers arrive as text so that a bad one is reported like any other bad input.
         options = Options(
             relay=relay,
-            connect_timeout=parse_seconds(connect_timeout, "--connect-timeout") or 0.0,
+            connect_timeout=_seconds(connect_timeout, "--connect-timeout"),
             connect_retries=parse_count(connect_retries, "--connect-retries"),
-            grace=parse_seconds(grace, "--grace") or 0.0,
+            grace=_seconds(grace, "--grace"),
             idle_timeout=parse_seconds(idle_timeout, "--idle-timeout"),
             halfclose_timeout=parse_seconds(halfclose_timeout, "--halfclose-timeout"),
             max_children=parse_count(max_children, "--max-children"),

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 MAX_NAME = 253  # longest DNS name
+MAX_CHILDREN = 1 << 22  # PID_MAX_LIMIT: no more processes can ever exist at once
 RELAY_MODES = ("auto", "splice", "copy")
 LOG_FORMATS = ("text", "json")
 
@@ -117,6 +118,15 @@ def parse_port(text: str, what: str, *, allow_zero: bool = False) -> int:
 
 
 _LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)\Z")
+# An IPv6 zone is an interface name or index (IFNAMSIZ is 16 with the NUL). ipaddress
+# accepts any text after '%', spaces, '$(...)' and newlines included.
+_ZONE = re.compile(r"[A-Za-z0-9_.-]{1,15}\Z")
+
+
+def _check_zone(text: str, what: str) -> None:
+    _, sep, zone = text.partition("%")
+    if sep and not _ZONE.match(zone):
+        raise ConfigError(f"{what}: {_describe(text)} has a bad IPv6 zone (an interface name)")
 
 
 def parse_host(text: str, what: str) -> str:
@@ -125,9 +135,11 @@ def parse_host(text: str, what: str) -> str:
         raise ConfigError(f"{what}: the host is empty")
     if ":" in text:
         try:
-            return str(ipaddress.IPv6Address(text))
+            address = str(ipaddress.IPv6Address(text))
         except ValueError:
             raise ConfigError(f"{what}: {_describe(text)} is not an IPv6 address") from None
+        _check_zone(text, what)
+        return address
     try:
         return str(ipaddress.IPv4Address(text))
     except ValueError:
@@ -166,11 +178,13 @@ def split_host_port(text: str, what: str) -> tuple[str, str]:
 
 def parse_bind(text: str, what: str) -> str:
     try:
-        return str(ipaddress.ip_address(text))
+        address = str(ipaddress.ip_address(text))
     except ValueError:
         raise ConfigError(
             f"{what}: bind address {_describe(text)} is not an IP address"
         ) from None
+    _check_zone(text, what)
+    return address
 
 
 def parse_spec(spec: str) -> Link:
@@ -232,8 +246,11 @@ def links_from_env(environ: Mapping[str, str], origin: str = "") -> tuple[list[L
 def parse_env_file(text: str, path: str) -> dict[str, str]:
     """Docker `--env-file` syntax: KEY=VALUE lines, '#' comments, values taken literally."""
     result: dict[str, str] = {}
-    for number, raw in enumerate(text.splitlines(), start=1):
-        line = raw.lstrip()
+    # Docker's rules: lines end at '\n' only (a trailing '\r' is dropped); str.splitlines
+    # would also split at '\r', '\v', '\f', U+2028 ... inside a value. A UTF-8 BOM is dropped.
+    text = text.removeprefix("\ufeff")
+    for number, raw in enumerate(text.split("\n"), start=1):
+        line = raw.removesuffix("\r").lstrip()
         if not line or line.startswith("#"):
             continue
         key, sep, value = line.partition("=")
@@ -324,6 +341,9 @@ def check_options(options: Options) -> Options:
         raise ConfigError(f"--log-format {_describe(options.log_format)}: expected text or json")
     if options.max_children < 1:
         raise ConfigError(f"--max-children {options.max_children}: must be at least 1")
+    if options.max_children > MAX_CHILDREN:
+        raise ConfigError(f"--max-children {options.max_children}: at most {MAX_CHILDREN}, "
+                          "the kernel's limit on processes")
     if options.connect_retries < 0:
         raise ConfigError(f"--connect-retries {options.connect_retries}: must be 0 or more")
     for flag, value in (
@@ -336,7 +356,9 @@ def check_options(options: Options) -> Options:
             continue
         if not value == value or value in (float("inf"), float("-inf")):  # NaN, inf
             raise ConfigError(f"{flag} {value}: not a finite number of seconds")
-        if value < 0 or (value == 0 and flag in ("--connect-timeout",)):
+        # 0 would cut every connection (idle, half-close) or fail every connect; a zero
+        # grace is a plain "stop now".
+        if value < 0 or (value == 0 and flag != "--grace"):
             raise ConfigError(f"{flag} {value}: must be a positive number of seconds")
     for cidr in options.allow:
         parse_cidr(cidr)
@@ -366,9 +388,11 @@ def sources_from_json(data: Mapping[str, Any]) -> Sources:
     )
 
 
-def parse_seconds(text: str | None, flag: str) -> float | None:
-    """A command-line duration: a plain number of seconds (`0.5`, `10`); None when unset."""
-    if text is None or text.lower() in ("", "off", "none"):
+def parse_seconds(text: str | None, flag: str, *, can_be_off: bool = True) -> float | None:
+    """A command-line duration: a plain number of seconds (`0.5`, `10`).
+
+    None when unset, or `off`, for the timeouts that can be off."""
+    if text is None or (can_be_off and text.lower() in ("", "off", "none")):
         return None
     try:
         value = float(text)

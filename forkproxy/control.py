@@ -85,7 +85,11 @@ class ControlServer:
             except (BlockingIOError, InterruptedError):
                 break
             except OSError:
-                break  # EMFILE and friends: the client will time out, the proxy goes on
+                # EMFILE and friends. The socket stays readable: with nothing accepted, tell
+                # the caller, who must stop polling it for a while rather than spin.
+                if not fresh:
+                    raise
+                break
             if len(self.clients) >= MAX_CLIENTS:
                 oldest = next(iter(self.clients))  # dicts keep insertion order
                 self._drop(oldest)

@@ -42,6 +42,7 @@ from .relay import Address, RawSocket
 ACCEPT_BATCH = 64  # accepts per wakeup, so signals and reaping get their turn in a burst
 ACCEPT_BACKOFF = 0.1  # seconds without accepting after EMFILE/ENFILE/ENOBUFS/ENOMEM
 KILL_AFTER = 1.0  # seconds from TERM to KILL after --grace: 8 + 1 is inside docker stop's 10
+ERROR_LOG_EVERY = 10.0  # seconds between two accept-failed lines while they repeat
 METRICS_RESTART = 5.0  # seconds before a metrics process that died is started again
 _RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 POLLIN, POLLOUT = select.POLLIN, select.POLLOUT
@@ -52,7 +53,8 @@ def read_links(sources: Sources, environ: Mapping[str, str]) -> LinkTable:
     env_file = None
     if sources.env_file is not None:
         try:
-            with open(sources.env_file, encoding="utf-8") as handle:
+            # newline="": no universal newlines, the parser decides where lines end
+            with open(sources.env_file, encoding="utf-8", newline="") as handle:
                 env_file = (sources.env_file, handle.read())
         except (OSError, UnicodeDecodeError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
@@ -105,6 +107,9 @@ class Supervisor:
         self.addresses: dict[tuple[str, int, tuple[str, ...]], list[Address]] = {}
         self.accepting = False
         self.resume_at: float | None = None  # accept backoff after a resource error
+        self.accept_failures = 0  # since the last accept-failed line
+        self.accept_failure_logged = -ERROR_LOG_EVERY
+        self.control_at: float | None = None  # the same for the control socket
         self.stopping = False
         self.term_at: float | None = None  # grace period ends: TERM the children
         self.kill_at: float | None = None  # TERM ignored: KILL them
@@ -247,7 +252,7 @@ class Supervisor:
                 pass  # already gone, or never ours to remove
 
     def _poll_timeout(self) -> int:
-        timers = (self.resume_at, self.term_at, self.kill_at, self.metrics_at)
+        timers = (self.resume_at, self.control_at, self.term_at, self.kill_at, self.metrics_at)
         deadlines = [t for t in timers if t is not None]
         if not deadlines:
             return -1
@@ -295,9 +300,7 @@ class Supervisor:
                 return
             except OSError as exc:
                 if exc.errno in _RESOURCE_ERRORS:
-                    self.log.error("accept-failed", link=listener.link.name, error=exc.strerror,
-                                   detail=f"pausing accepts for {ACCEPT_BACKOFF}s")
-                    self.resume_at = time.monotonic() + ACCEPT_BACKOFF
+                    self._accept_failed(listener, exc)
                     break
                 continue  # ECONNABORTED, EPERM from a firewall, ...: that client only
             if self.allow and not is_allowed(self.allow, address[0]):
@@ -307,6 +310,18 @@ class Supervisor:
                 continue
             self.spawn(listener, fd, address)
         self.update_accepting()
+
+    def _accept_failed(self, listener: Listener, exc: OSError) -> None:
+        """Pause accepting for a moment; log once per ERROR_LOG_EVERY, with a count."""
+        now = time.monotonic()
+        self.resume_at = now + ACCEPT_BACKOFF
+        self.accept_failures += 1
+        if now - self.accept_failure_logged >= ERROR_LOG_EVERY:
+            self.log.error("accept-failed", link=listener.link.name, error=exc.strerror,
+                           failures=self.accept_failures,
+                           detail=f"pausing accepts for {ACCEPT_BACKOFF}s at a time")
+            self.accept_failure_logged = now
+            self.accept_failures = 0
 
     def spawn(self, listener: Listener, fd: int, address: tuple[object, ...]) -> None:
         base = self.accounting.slots.take()
@@ -417,6 +432,9 @@ class Supervisor:
         if self.resume_at is not None and now >= self.resume_at:
             self.resume_at = None
             self.update_accepting()
+        if self.control_at is not None and now >= self.control_at and self.control is not None:
+            self.control_at = None
+            self._watch(self.control.fileno(), self.handle_control_accept)
         if self.term_at is not None and now >= self.term_at and self.kill_at is None:
             if self.accounting.children:
                 self.log.warning("grace-over", connections=len(self.accounting.children),
@@ -486,7 +504,14 @@ class Supervisor:
 
     def handle_control_accept(self, events: int) -> None:
         assert self.control is not None
-        fresh, dropped = self.control.accept()
+        try:
+            fresh, dropped = self.control.accept()
+        except OSError as exc:  # EMFILE and friends: wait, as the listeners do
+            self.log.error("control-accept-failed", error=exc.strerror,
+                           detail=f"pausing for {ACCEPT_BACKOFF}s")
+            self._unwatch(self.control.fileno())
+            self.control_at = time.monotonic() + ACCEPT_BACKOFF
+            return
         for fd in dropped:
             self._unwatch(fd)
         for fd in fresh:

@@ -245,6 +245,20 @@ def recv_all(sock: socket.socket, digest: hashlib._Hash | None = None) -> tuple[
         total += len(data)
 
 
+def wait_for(condition: Callable[[], bool], timeout: float = 15.0) -> bool:
+    """Poll with a deadline (never a bare sleep): True as soon as `condition()` holds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return condition()
+
+
+def fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
 def echo(conn: socket.socket) -> None:
     while data := conn.recv(1 << 16):
         conn.sendall(data)

@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import Proxy, Redis, TcpServer, echo, free_port, recv_all
+from conftest import Proxy, Redis, TcpServer, echo, fd_count, free_port, recv_all, wait_for
 
 MiB = 1 << 20
 
@@ -88,19 +88,6 @@ def test_half_close_then_a_reply_2_seconds_later(
     server.close()
     assert not server.errors
     assert got == (len(reply), hashlib.sha256(reply).hexdigest())
-
-
-def fd_count(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 10) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return condition()
 
 
 def test_300_short_connections_leave_no_zombie_and_no_fd(

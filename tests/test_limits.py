@@ -1,0 +1,1177 @@
+"""Issue 4: limits, timeouts, access control, env files and reload, under load and faults.
+
+The real CLI, real sockets, real redis. The one unit test builds a Supervisor by hand for
+the accept() errors the kernel cannot be made to return on cue (ENFILE, ENOBUFS); EMFILE
+is also provoked for real, by lowering a live supervisor's RLIMIT_NOFILE.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from forkproxy import status as fp_status
+from forkproxy import supervisor as fp_supervisor
+from forkproxy.config import Options, Sources, parse_spec
+from forkproxy.listeners import Listener
+from forkproxy.log import Logger
+
+from conftest import (
+    FORKPROXY,
+    Proxy,
+    Redis,
+    TcpServer,
+    echo,
+    fd_count,
+    free_port,
+    need,
+    recv_all,
+    wait_for,
+)
+
+MiB = 1 << 20
+PING, PONG = b"PING\r\n", b"+PONG\r\n"
+
+ServerFactory = Callable[[Callable[[socket.socket], None]], TcpServer]
+StartProxy = Callable[..., Proxy]
+
+
+# -- small helpers ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    """A short directory for Unix sockets (sun_path is 108 bytes; tmp_path can be longer)."""
+    path = Path(tempfile.mkdtemp(prefix="fpl-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def control(path: Path, command: str) -> dict[str, object]:
+    """Ask the supervisor directly (what `forkproxy status/reload` do, without psutil)."""
+    return fp_status.request(str(path), command, timeout=30)
+
+
+def cli(*args: str, env: dict[str, str] | None = None,
+        timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([FORKPROXY, *args], capture_output=True, text=True, timeout=timeout,
+                          env={"PATH": os.environ["PATH"], **(env or {})})
+
+
+def status_json(path: Path) -> dict[str, object]:
+    """`forkproxy status --json --status-socket PATH`, the user's view of the counters."""
+    result = cli("status", "--json", "--status-socket", str(path))
+    assert result.returncode == 0, result
+    reply = json.loads(result.stdout)
+    assert isinstance(reply, dict)
+    return reply
+
+
+def link_stats(reply: dict[str, object], name: str) -> dict[str, object]:
+    links = reply["links"]
+    assert isinstance(links, dict), reply
+    stats = links.get(name, {})
+    assert isinstance(stats, dict)
+    return stats
+
+
+def connect(port: int, host: str = "127.0.0.1", source: str | None = None,
+            timeout: float = 30) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        if source is not None:
+            sock.bind((source, 0))
+        sock.connect((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def recv_exact(sock: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def exchange(sock: socket.socket, message: bytes, reply_size: int | None = None) -> bytes:
+    sock.sendall(message)
+    return recv_exact(sock, len(message) if reply_size is None else reply_size)
+
+
+def read_to_eof(sock: socket.socket) -> bytes:
+    chunks = []
+    while chunk := sock.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def closed_by_peer(sock: socket.socket, timeout: float) -> bool:
+    """True when the other end closes (FIN or RST) within `timeout`, False if it stays open."""
+    sock.settimeout(timeout)
+    try:
+        return sock.recv(1) == b""
+    except (ConnectionResetError, BrokenPipeError):
+        return True
+    except TimeoutError:
+        return False
+
+
+def refused(port: int) -> bool:
+    try:
+        connect(port, timeout=5).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+def accepts(port: int) -> bool:
+    try:
+        connect(port, timeout=5).close()
+    except OSError:
+        return False
+    return True
+
+
+def ping(port: int) -> bool:
+    with connect(port) as sock:
+        return exchange(sock, PING, len(PONG)) == PONG
+
+
+def ping_echo(port: int) -> bool:
+    with connect(port) as sock:
+        return exchange(sock, b"still here") == b"still here"
+
+
+def children(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children()
+    except psutil.NoSuchProcess:
+        return []
+
+
+def zombies(pid: int) -> list[int]:
+    found = []
+    for child in children(pid):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if child.status() == psutil.STATUS_ZOMBIE:
+                found.append(child.pid)
+    return found
+
+
+def rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status", encoding="ascii") as handle:
+        for line in handle:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+def cpu_seconds(pid: int) -> float:
+    times = psutil.Process(pid).cpu_times()
+    return float(times.user + times.system)
+
+
+def _tcp_table() -> Iterator[list[str]]:
+    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(name, encoding="ascii") as handle:
+            next(handle)
+            for line in handle:
+                yield line.split()
+
+
+def listen_queue(port: int) -> int:
+    """Connections waiting in the accept queue of the socket listening on `port`."""
+    for fields in _tcp_table():
+        if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+            return int(fields[4].split(":")[1], 16)  # rx_queue of a LISTEN socket
+    raise AssertionError(f"nothing listens on port {port}")
+
+
+def listener_inode(pid: int, port: int) -> int:
+    """The inode of the socket listening on `port`, checked to be held by `pid`."""
+    inodes = [int(fields[9]) for fields in _tcp_table()
+              if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port]
+    held = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+    mine = [inode for inode in inodes if f"socket:[{inode}]" in held]
+    assert len(mine) == 1, (port, inodes)
+    return mine[0]
+
+
+def distinct_free_ports(count: int) -> list[int]:
+    ports: list[int] = []
+    while len(ports) < count:
+        port = free_port()
+        if port not in ports:
+            ports.append(port)
+    return ports
+
+
+def write_env_file(path: Path, links: dict[str, str]) -> None:
+    path.write_text("".join(f"{name}={value}\n" for name, value in links.items()))
+
+
+def tagged(tag: bytes) -> Callable[[socket.socket], None]:
+    """An upstream that answers every read with `tag` + the bytes read: shows who answered."""
+
+    def handler(conn: socket.socket) -> None:
+        while data := conn.recv(65536):
+            conn.sendall(tag + data)
+
+    return handler
+
+
+def ask(sock: socket.socket, message: bytes) -> bytes:
+    """One round trip with a `tagged` upstream (tags are two bytes, like b'X:')."""
+    return exchange(sock, message, 2 + len(message))
+
+
+@contextlib.contextmanager
+def redis_on(port: int) -> Iterator[subprocess.Popen[bytes]]:
+    """A redis-server on a port of our choosing, so that it can be restarted on it."""
+    proc = subprocess.Popen(
+        [need("redis-server"), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "no"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        def up() -> bool:
+            try:
+                return ping(port)
+            except OSError:
+                return False
+
+        if not wait_for(lambda: proc.poll() is not None or up(), 20) or proc.poll() is not None:
+            pytest.fail(f"redis-server did not start on port {port}")
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+        proc.wait(10)
+
+
+@pytest.fixture
+def nofile() -> Iterator[Callable[[int], None]]:
+    """Raise this process's RLIMIT_NOFILE for a test, and put it back afterwards."""
+    saved = resource.getrlimit(resource.RLIMIT_NOFILE)
+
+    def need_fds(count: int) -> None:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != resource.RLIM_INFINITY and soft < count:
+            wanted = count if hard == resource.RLIM_INFINITY else min(count, hard)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        assert soft == resource.RLIM_INFINITY or soft >= count, f"RLIMIT_NOFILE {soft} < {count}"
+
+    yield need_fds
+    resource.setrlimit(resource.RLIMIT_NOFILE, saved)
+
+
+# -- --max-children ---------------------------------------------------------------------
+
+
+def test_max_children_5_serves_12_clients_five_at_a_time_and_refuses_none(
+    start_proxy: StartProxy, tcp_server: ServerFactory, short_dir: Path
+) -> None:
+    lock = threading.Lock()
+    active = [0]
+    peak = [0]
+    slots = threading.Semaphore(0)  # the test decides when each upstream answers
+
+    def hold(conn: socket.socket) -> None:
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        try:
+            request = conn.recv(100)
+            assert slots.acquire(timeout=60), "never released"
+            conn.sendall(b"reply to " + request)
+        finally:
+            with lock:
+                active[0] -= 1
+
+    server = tcp_server(hold)
+    sock_path = short_dir / "s.sock"
+    proxy = start_proxy("--max-children", "5", "--status-socket", str(sock_path),
+                        f"127.0.0.1:0=127.0.0.1:{server.port}")
+    replies: dict[int, bytes] = {}
+    errors: list[BaseException] = []
+
+    def client(number: int) -> None:
+        try:
+            with connect(proxy.port, timeout=90) as sock:
+                message = f"client {number:02d}".encode()
+                sock.sendall(message)
+                replies[number] = recv_exact(sock, len(b"reply to ") + len(message))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(12)]
+    for thread in threads:
+        thread.start()
+    try:
+        # At the cap: five children relaying, seven clients waiting in the kernel's backlog.
+        def at_cap(queued: int) -> bool:
+            return active[0] == 5 and listen_queue(proxy.port) == queued
+
+        assert wait_for(lambda: at_cap(7), 30), (active[0], listen_queue(proxy.port))
+        reply = control(sock_path, "status")
+        live = reply["children"]
+        assert reply["max_children"] == 5 and isinstance(live, list) and len(live) == 5
+        time.sleep(1)  # and it stays so: nobody else gets in while the five are busy
+        assert at_cap(7), (active[0], listen_queue(proxy.port))
+        # One slot frees: exactly one waiting client moves from the backlog to a child.
+        slots.release()
+        assert wait_for(lambda: at_cap(6), 30), (active[0], listen_queue(proxy.port))
+    finally:
+        slots.release(12)
+        for thread in threads:
+            thread.join(90)
+    assert not errors, errors  # none refused, none reset
+    assert replies == {n: f"reply to client {n:02d}".encode() for n in range(12)}
+    assert peak[0] == 5
+    assert proxy.proc.poll() is None
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "needle"),
+    [
+        (["--max-children", "-1"], {}, "--max-children -1: must be at least 1"),
+        ([], {"FORKPROXY_MAX_CHILDREN": "0"}, "--max-children 0: must be at least 1"),
+        (["--max-children", "1.5"], {}, "--max-children '1.5'"),
+        (["--idle-timeout", "-1"], {}, "--idle-timeout '-1'"),
+        (["--halfclose-timeout", "nan"], {}, "--halfclose-timeout 'nan'"),
+        (["--connect-retries", "-1"], {}, "--connect-retries -1"),
+        (["--connect-retries", "many"], {}, "--connect-retries 'many'"),
+        (["--allow", "::1/129"], {}, "--allow '::1/129'"),
+        (["--allow", "127.0.0.1/8/8"], {}, "--allow '127.0.0.1/8/8'"),
+    ],
+)
+def test_bad_limit_options_exit_2_naming_the_option(
+    args: list[str], env: dict[str, str], needle: str
+) -> None:
+    result = cli("serve", *args, "127.0.0.1:0=127.0.0.1:1", env=env)
+    assert result.returncode == 2, result
+    assert result.stdout == ""
+    [line] = result.stderr.splitlines()
+    assert line.startswith("forkproxy: error: ") and needle in line, line
+
+
+def test_max_children_beyond_any_pid_limit_is_a_config_error_not_a_crash(
+    tmp_path: Path, short_dir: Path
+) -> None:
+    # 999,999,999 children can never exist (the kernel's PID limit is 4,194,304); the
+    # supervisor sizes its accounting by this number. Under a 2 GiB address-space limit,
+    # so that a bug here cannot take the test machine's memory with it.
+    prefix = (need("prlimit"), f"--as={2 << 30}")
+    outcome = run_serve(["--max-children", "999999999", "127.0.0.1:0=127.0.0.1:1"],
+                        tmp_path, short_dir, prefix=prefix)
+    outcome.assert_config_error("--max-children 999999999")
+
+
+# -- --idle-timeout, --halfclose-timeout ------------------------------------------------
+
+
+def test_idle_timeout_closes_a_silent_connection_on_both_sides(
+    start_proxy: StartProxy, tcp_server: ServerFactory
+) -> None:
+    upstream_closed = threading.Event()
+
+    def echo_then_note(conn: socket.socket) -> None:
+        echo(conn)  # returns at EOF: the proxy closed its upstream side
+        upstream_closed.set()
+
+    server = tcp_server(echo_then_note)
+    proxy = start_proxy("--idle-timeout", "1", f"127.0.0.1:0=127.0.0.1:{server.port}")
+    default = start_proxy(f"127.0.0.1:0=127.0.0.1:{server.port}")  # off by default
+    with connect(proxy.port) as sock, connect(default.port) as kept:
+        assert exchange(kept, b"hi") == b"hi"
+        assert exchange(sock, b"hello") == b"hello"
+        quiet_since = time.monotonic()
+        assert closed_by_peer(sock, 1 + 3)
+        waited = time.monotonic() - quiet_since
+        assert upstream_closed.wait(10)
+        assert not closed_by_peer(kept, 1)  # as silent as long, and still open
+        assert exchange(kept, b"still") == b"still"
+    assert waited >= 0.5, f"closed after {waited:.2f}s of silence, the timeout is 1s"
+    assert wait_for(lambda: "outcome=idle-timeout" in proxy.log())
+    assert "idle-timeout" not in default.log()
+
+
+def test_idle_timeout_never_cuts_a_busy_connection_in_either_direction(
+    start_proxy: StartProxy, tcp_server: ServerFactory
+) -> None:
+    drips = 15  # 15 x 0.2 s = 3 s of traffic each way, against an idle timeout of 2 s
+
+    def dripper(conn: socket.socket) -> None:
+        for _ in range(drips):  # downstream only: the client sends nothing meanwhile
+            conn.sendall(b".")
+            time.sleep(0.2)
+        assert recv_exact(conn, drips) == b"," * drips  # then upstream only
+        conn.sendall(b"done")
+
+    server = tcp_server(dripper)
+    proxy = start_proxy("--idle-timeout", "2", f"127.0.0.1:0=127.0.0.1:{server.port}")
+    with connect(proxy.port) as sock:
+        assert recv_exact(sock, drips) == b"." * drips
+        for _ in range(drips):
+            sock.sendall(b",")
+            time.sleep(0.2)
+        assert recv_exact(sock, 4) == b"done"
+    server.close()
+    assert not server.errors, server.errors
+    assert "idle-timeout" not in proxy.log()
+
+
+def test_halfclose_timeout_ends_a_connection_left_half_open(
+    start_proxy: StartProxy, tcp_server: ServerFactory
+) -> None:
+    release = threading.Event()
+    requests: list[tuple[int, str]] = []
+
+    def never_answers(conn: socket.socket) -> None:
+        requests.append(recv_all(conn))  # until the client's half-close arrives
+        release.wait(60)  # ... and then say nothing, keeping our side open
+
+    server = tcp_server(never_answers)
+    proxy = start_proxy("--halfclose-timeout", "1", f"127.0.0.1:0=127.0.0.1:{server.port}")
+    try:
+        with connect(proxy.port) as sock:
+            sock.sendall(b"request")
+            sock.shutdown(socket.SHUT_WR)
+            finished = time.monotonic()
+            assert closed_by_peer(sock, 1 + 3)
+            waited = time.monotonic() - finished
+    finally:
+        release.set()
+    assert waited >= 0.5, f"closed {waited:.2f}s after the half-close, the timeout is 1s"
+    assert wait_for(lambda: "outcome=halfclose-timeout" in proxy.log())
+    assert [size for size, _ in requests] == [len(b"request")]
+
+
+def test_halfclose_timeout_lets_a_reply_that_comes_within_it_through(
+    start_proxy: StartProxy, tcp_server: ServerFactory
+) -> None:
+    reply = os.urandom(MiB)
+
+    def slow_answer(conn: socket.socket) -> None:
+        recv_all(conn)
+        time.sleep(1)
+        conn.sendall(reply)
+
+    server = tcp_server(slow_answer)
+    proxy = start_proxy("--halfclose-timeout", "8", f"127.0.0.1:0=127.0.0.1:{server.port}")
+    with connect(proxy.port) as sock:
+        sock.sendall(b"request")
+        sock.shutdown(socket.SHUT_WR)
+        assert recv_all(sock)[0] == len(reply)
+    assert wait_for(lambda: "outcome=closed" in proxy.log())
+    assert "halfclose-timeout" not in proxy.log()
+
+
+# -- --connect-timeout, --connect-retries, upstream restarts ----------------------------
+
+
+@contextlib.contextmanager
+def silent_upstream() -> Iterator[int]:
+    """A port whose SYNs go unanswered: a listener with a full accept queue (backlog 0)."""
+    with socket.socket() as listener, socket.socket() as filler:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        filler.connect(listener.getsockname())  # fills the queue; nobody ever accepts
+        yield listener.getsockname()[1]
+
+
+@pytest.mark.parametrize(
+    ("options", "least"),
+    [
+        ([], 5.0),  # the default: 5 s, no retry
+        (["--connect-timeout", "1"], 1.0),
+        # three attempts of 1 s, with 0.2 s and 0.4 s of backoff between them
+        (["--connect-timeout", "1", "--connect-retries", "2"], 1.0 + 0.2 + 1.0 + 0.4 + 1.0),
+    ],
+)
+def test_connect_timeout_and_retries_against_an_upstream_that_never_answers(
+    start_proxy: StartProxy, short_dir: Path, options: list[str], least: float
+) -> None:
+    sock_path = short_dir / "s.sock"
+    with silent_upstream() as port:
+        spec = f"127.0.0.1:0=127.0.0.1:{port}"
+        proxy = start_proxy(*options, "--status-socket", str(sock_path), spec)
+        with connect(proxy.port) as sock:
+            started = time.monotonic()
+            assert closed_by_peer(sock, least + 5)
+            waited = time.monotonic() - started
+        assert waited >= least - 0.3, f"gave up after {waited:.2f}s, expected {least}s"
+        assert wait_for(lambda: "connect-failed" in proxy.log())
+        [line] = [x for x in proxy.log().splitlines() if "connect-failed" in x]
+        assert "timed out" in line and f"upstream=127.0.0.1:{port}" in line
+        # counted once the supervisor has reaped the child
+        assert wait_for(
+            lambda: link_stats(control(sock_path, "status"), spec)["upstream_failures"] == 1
+        )
+
+
+def test_upstream_restart_new_connections_recover_with_and_without_retries(
+    start_proxy: StartProxy,
+) -> None:
+    port = free_port()
+    spec = f"127.0.0.1:0=127.0.0.1:{port}"
+    with redis_on(port) as first:
+        plain = start_proxy(spec)
+        patient = start_proxy("--connect-retries", "8", spec)
+        assert ping(plain.port) and ping(patient.port)
+        with connect(plain.port) as live:
+            assert exchange(live, PING, len(PONG)) == PONG
+            first.kill()  # a crash, mid-run, with a connection open through the proxy
+            first.wait(10)
+            assert closed_by_peer(live, 10)
+    # Without retries, a connection made while the upstream is down fails cleanly ...
+    with connect(plain.port) as sock:
+        sock.sendall(PING)
+        assert closed_by_peer(sock, 10)
+    assert wait_for(lambda: "connect-failed" in plain.log())
+    # ... with retries, it waits for the upstream to come back and is served.
+    assert wait_for(lambda: not children(patient.pid))
+    with connect(patient.port) as waiting:
+        waiting.sendall(PING)
+        assert wait_for(lambda: len(children(patient.pid)) == 1)  # its child is trying
+        time.sleep(0.6)  # the first attempts (at 0 s and 0.2 s) are refused
+        with redis_on(port):
+            assert recv_exact(waiting, len(PONG)) == PONG
+            # And both proxies serve new connections again by themselves.
+            assert ping(plain.port) and ping(patient.port)
+    assert "connect-failed" not in patient.log()
+    assert plain.proc.poll() is None and patient.proc.poll() is None
+
+
+# -- faults -------------------------------------------------------------------------------
+
+
+def test_kill_9_of_one_child_ends_that_connection_only(
+    start_proxy: StartProxy, redis: Redis, short_dir: Path
+) -> None:
+    sock_path = short_dir / "s.sock"
+    spec = f"127.0.0.1:0=127.0.0.1:{redis.port}"
+    proxy = start_proxy("--status-socket", str(sock_path), spec)
+    with connect(proxy.port) as victim, connect(proxy.port) as bystander:
+        assert exchange(victim, PING, len(PONG)) == PONG
+        assert exchange(bystander, PING, len(PONG)) == PONG
+        client = f"127.0.0.1:{victim.getsockname()[1]}"
+        table = control(sock_path, "status")["children"]
+        assert isinstance(table, list) and len(table) == 2
+        [pid] = [child["pid"] for child in table if child["client"] == client]
+        os.kill(pid, signal.SIGKILL)
+        assert closed_by_peer(victim, 10)
+        for _ in range(3):
+            assert exchange(bystander, PING, len(PONG)) == PONG
+        assert ping(proxy.port)
+    assert wait_for(lambda: f"child-died child_pid={pid}" in proxy.log())
+    [line] = [x for x in proxy.log().splitlines() if f"child-died child_pid={pid}" in x]
+    assert "killed by SIGKILL" in line and f"client={client}" in line
+    assert wait_for(lambda: not children(proxy.pid))
+    stats = link_stats(status_json(sock_path), spec)
+    assert stats["outcomes"] == {"killed": 1, "closed": 2}, stats
+    assert proxy.proc.poll() is None
+
+
+def starve_accepts(proxy: Proxy) -> tuple[int, int]:
+    """Lower the live supervisor's RLIMIT_NOFILE so that its next accept() fails with
+    EMFILE; returns the (soft, hard) limits to put back."""
+    saved = resource.prlimit(proxy.pid, resource.RLIMIT_NOFILE)
+    held = {int(fd) for fd in os.listdir(f"/proc/{proxy.pid}/fd")}
+    lowest_free = min(set(range(len(held) + 1)) - held)
+    resource.prlimit(proxy.pid, resource.RLIMIT_NOFILE, (lowest_free, saved[1]))
+    return saved
+
+
+def test_accept_emfile_backs_off_and_serves_the_waiting_clients_afterwards(
+    start_proxy: StartProxy, tcp_server: ServerFactory
+) -> None:
+    server = tcp_server(echo)
+    proxy = start_proxy(f"127.0.0.1:0=127.0.0.1:{server.port}")
+    saved = starve_accepts(proxy)
+    with contextlib.ExitStack() as stack:
+        try:
+            clients = [stack.enter_context(connect(proxy.port)) for _ in range(10)]
+            for number, sock in enumerate(clients):
+                sock.sendall(f"hello {number}".encode())
+            assert wait_for(lambda: "accept-failed" in proxy.log())
+            assert "Too many open files" in proxy.log()
+            # It backs off rather than spins, and keeps its place: no child, no crash.
+            before = cpu_seconds(proxy.pid)
+            time.sleep(2)
+            assert cpu_seconds(proxy.pid) - before < 0.5
+            assert proxy.proc.poll() is None and not children(proxy.pid)
+        finally:
+            resource.prlimit(proxy.pid, resource.RLIMIT_NOFILE, saved)
+        for number, sock in enumerate(clients):
+            message = f"hello {number}".encode()
+            assert recv_exact(sock, len(message)) == message
+    assert ping_echo(proxy.port)
+    assert proxy.proc.poll() is None
+
+
+def test_accept_emfile_with_a_status_client_waiting_does_not_spin(
+    start_proxy: StartProxy, tcp_server: ServerFactory, short_dir: Path
+) -> None:
+    server = tcp_server(echo)
+    sock_path = short_dir / "s.sock"
+    proxy = start_proxy("--status-socket", str(sock_path), f"127.0.0.1:0=127.0.0.1:{server.port}")
+    saved = starve_accepts(proxy)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as status_client:
+        try:
+            status_client.connect(str(sock_path))  # waits in the control socket's backlog
+            before = cpu_seconds(proxy.pid)
+            time.sleep(3)
+            spent = cpu_seconds(proxy.pid) - before
+        finally:
+            resource.prlimit(proxy.pid, resource.RLIMIT_NOFILE, saved)
+        # Out of descriptors, the supervisor must wait (as it does for its listeners),
+        # not poll a control socket it cannot accept from in a busy loop.
+        assert spent < 0.6, f"the supervisor burnt {spent:.2f}s of CPU in 3s while idle"
+        # Once descriptors are back, the waiting status client is answered.
+        status_client.settimeout(30)
+        status_client.sendall(b'{"command": "check"}\n')
+        assert json.loads(read_to_eof(status_client))["ok"] is True
+    assert ping_echo(proxy.port)
+
+
+class _StarvedSock:
+    """Stands in for a listening socket whose accept() fails with `errors`, then would block."""
+
+    family = socket.AF_INET
+
+    def __init__(self, real: socket.socket, errors: list[int]) -> None:
+        self.real = real
+        self.errors = errors
+        self.calls = 0
+
+    def fileno(self) -> int:
+        return self.real.fileno()
+
+    def _accept(self) -> tuple[int, tuple[str, int]]:
+        self.calls += 1
+        if self.errors:
+            code = self.errors.pop(0)
+            raise OSError(code, os.strerror(code))
+        raise BlockingIOError(errno.EAGAIN, "would block")
+
+
+@pytest.mark.parametrize(
+    ("code", "backs_off"),
+    [
+        (errno.EMFILE, True),
+        (errno.ENFILE, True),
+        (errno.ENOBUFS, True),
+        (errno.ENOMEM, True),
+        (errno.ECONNABORTED, False),  # that one client's problem: carry on at once
+        (errno.EPERM, False),
+    ],
+)
+def test_accept_resource_errors_pause_accepting_briefly_then_resume(
+    tmp_path: Path, code: int, backs_off: bool
+) -> None:
+    link = parse_spec("127.0.0.1:0=127.0.0.1:1")
+    with socket.socket() as real, open(tmp_path / "log", "w+b") as log_file:
+        fake = _StarvedSock(real, [code])
+        listener = Listener(link, fake, 0)  # type: ignore[arg-type]
+        sup = fp_supervisor.Supervisor(Sources((link.names[0],), options=Options()), {},
+                                       Logger(fd=log_file.fileno()))
+        sup.listeners = [listener]
+        sup.update_accepting()
+        assert sup.accepting and real.fileno() in sup.handlers
+        started = time.monotonic()
+        sup.handle_accept(listener)
+        assert not sup.accounting.children  # nothing was forked
+        if not backs_off:
+            assert sup.resume_at is None and sup.accepting
+            assert fake.calls == 2  # it went straight on to the next accept()
+            return
+        assert sup.resume_at is not None
+        assert started < sup.resume_at <= time.monotonic() + fp_supervisor.ACCEPT_BACKOFF
+        assert not sup.accepting and real.fileno() not in sup.handlers  # paused
+        assert 0 < sup._poll_timeout() <= fp_supervisor.ACCEPT_BACKOFF * 1000 + 1
+        log_file.seek(0)
+        assert b"accept-failed" in log_file.read()
+        sup.resume_at = time.monotonic() - 0.001  # the backoff is over
+        sup.handle_timers()
+        assert sup.resume_at is None and sup.accepting and real.fileno() in sup.handlers
+        sup.handle_accept(listener)  # the loop goes on: the next accept() just would block
+        assert sup.accepting and fake.calls == 2
+
+
+# -- --allow -------------------------------------------------------------------------------
+
+
+def test_allow_closes_other_clients_before_any_upstream_connection_and_counts_them(
+    start_proxy: StartProxy, tcp_server: ServerFactory, short_dir: Path
+) -> None:
+    upstream_peers: list[object] = []
+
+    def recording_echo(conn: socket.socket) -> None:
+        upstream_peers.append(conn.getpeername())
+        echo(conn)
+
+    server = tcp_server(recording_echo)
+    sock_path = short_dir / "s.sock"
+    spec = f"127.0.0.1:0=127.0.0.1:{server.port}"
+    proxy = start_proxy("--allow", "10.0.0.0/8", "--allow", "127.0.0.2/32",
+                        "--status-socket", str(sock_path), spec)
+    for _ in range(3):
+        with connect(proxy.port) as sock:  # from 127.0.0.1: not in the allow list
+            sock.sendall(b"let me in")
+            assert closed_by_peer(sock, 10)
+    assert wait_for(lambda: proxy.log().count(" denied ") == 3)
+    for line in (x for x in proxy.log().splitlines() if " denied " in x):
+        assert "client=127.0.0.1:" in line and spec in line
+    stats = link_stats(status_json(sock_path), spec)
+    assert stats["denied"] == 3 and stats["connections"] == 0, stats  # no child, ever
+    assert upstream_peers == []  # and no upstream connection
+    with connect(proxy.port, source="127.0.0.2") as sock:  # from an allowed address
+        assert exchange(sock, b"hello") == b"hello"
+    stats = link_stats(status_json(sock_path), spec)
+    assert stats["denied"] == 3 and stats["connections"] == 1, stats
+    assert len(upstream_peers) == 1
+
+
+@pytest.mark.parametrize(
+    ("allow", "allowed", "denied", "denied_as"),
+    [
+        ("::1/128", "::1", "127.0.0.1", "client=[::ffff:127.0.0.1]:"),
+        ("127.0.0.0/8", "127.0.0.1", "::1", "client=[::1]:"),
+    ],
+)
+def test_allow_ipv6_and_ipv4_clients_of_a_dual_stack_listener(
+    start_proxy: StartProxy, tcp_server: ServerFactory,
+    allow: str, allowed: str, denied: str, denied_as: str,
+) -> None:
+    server = tcp_server(echo)
+    proxy = start_proxy("--allow", allow, f"[::]:0=127.0.0.1:{server.port}")
+    with connect(proxy.port, host=allowed) as sock:
+        assert exchange(sock, b"in") == b"in"
+    with connect(proxy.port, host=denied) as sock:
+        assert closed_by_peer(sock, 10)
+    assert wait_for(lambda: " denied " in proxy.log())
+    [line] = [x for x in proxy.log().splitlines() if " denied " in x]
+    assert denied_as in line
+
+
+# -- --env-file ----------------------------------------------------------------------------
+
+
+def test_env_file_follows_the_same_rules_as_from_env(
+    start_proxy: StartProxy, redis: Redis, tmp_path: Path
+) -> None:
+    port = free_port()
+    variables = {
+        f"REDIS_PORT_{port}_TCP": f"tcp://127.0.0.1:{redis.port}",
+        f"CACHE_PORT_{port}_TCP": f"tcp://127.0.0.1:{redis.port}",  # alias: one listener
+        f"REDIS_PORT_{port}_TCP_ADDR": "127.0.0.1",
+        f"REDIS_ENV_OTHER_PORT_{port + 1}_TCP": "tcp://198.18.0.9:1",  # a re-export: ignored
+        "DNS_PORT_53_UDP": "udp://127.0.0.1:53",  # UDP: warned about and skipped
+    }
+    env_file = tmp_path / "links.env"
+    env_file.write_text(
+        "# Docker --env-file syntax, CRLF line ends included\r\n"
+        + "".join(f"{name}={value}\r\n" for name, value in variables.items())
+        + "\r\n   HOME_FROM_HOST\r\n"
+    )
+    from_env = cli("links", "--from-env", env={**variables})
+    from_file = cli("links", "--env-file", str(env_file))
+    assert from_env.returncode == 0 and from_file.returncode == 0, (from_env, from_file)
+    expected = (f"listen 0.0.0.0:{port} -> 127.0.0.1:{redis.port} "
+                f"(CACHE_PORT_{port}_TCP,REDIS_PORT_{port}_TCP)\n")
+    assert from_env.stdout == from_file.stdout == expected
+    assert "DNS_PORT_53_UDP" in from_file.stderr and "UDP" in from_file.stderr
+    proxy = start_proxy("--env-file", str(env_file))
+    assert proxy.lines == ["listening " + expected[len("listen "):-1]]
+    assert ping(port)
+    assert "DNS_PORT_53_UDP" in proxy.log()
+
+
+def test_env_file_with_a_utf8_bom_is_read_as_docker_reads_it(tmp_path: Path) -> None:
+    # Docker's --env-file drops a UTF-8 byte order mark (Windows editors write one).
+    env_file = tmp_path / "links.env"
+    env_file.write_bytes(b"\xef\xbb\xbfREDIS_PORT_6379_TCP=tcp://127.0.0.1:6379\n")
+    result = cli("links", "--env-file", str(env_file))
+    assert result.returncode == 0, result
+    assert result.stdout == "listen 0.0.0.0:6379 -> 127.0.0.1:6379 (REDIS_PORT_6379_TCP)\n"
+
+
+# -- reload ----------------------------------------------------------------------------------
+
+
+def test_reload_rewires_new_connections_and_never_touches_live_ones(
+    start_proxy: StartProxy, tcp_server: ServerFactory, short_dir: Path, tmp_path: Path
+) -> None:
+    x, y, z = tcp_server(tagged(b"X:")), tcp_server(tagged(b"Y:")), tcp_server(tagged(b"Z:"))
+    pa, pb, pc = distinct_free_ports(3)
+    env_file = tmp_path / "links.env"
+    write_env_file(env_file, {f"A_PORT_{pa}_TCP": f"tcp://127.0.0.1:{x.port}",
+                              f"B_PORT_{pb}_TCP": f"tcp://127.0.0.1:{y.port}"})
+    sock_path = short_dir / "s.sock"
+    proxy = start_proxy("--env-file", str(env_file), "--status-socket", str(sock_path),
+                        expect=2)
+    inode_a = listener_inode(proxy.pid, pa)
+    with connect(pa) as live_a, connect(pb) as live_b:
+        assert ask(live_a, b"1") == b"X:1" and ask(live_b, b"1") == b"Y:1"
+        # A changes target, B goes away, C appears.
+        write_env_file(env_file, {f"A_PORT_{pa}_TCP": f"tcp://127.0.0.1:{z.port}",
+                                  f"C_PORT_{pc}_TCP": f"tcp://127.0.0.1:{y.port}"})
+        proxy.signal(signal.SIGHUP)
+        assert wait_for(lambda: "unlisten" in proxy.log() and accepts(pc))
+        assert refused(pb)
+        with connect(pa) as sock:
+            assert ask(sock, b"2") == b"Z:2"  # new connections follow the new wiring
+        with connect(pc) as sock:
+            assert ask(sock, b"2") == b"Y:2"
+        assert listener_inode(proxy.pid, pa) == inode_a  # same socket, new target
+        # Live connections are untouched, even the one whose listener is gone.
+        assert ask(live_a, b"3") == b"X:3"
+        assert ask(live_b, b"3") == b"Y:3"
+    table = control(sock_path, "status")["listeners"]
+    assert isinstance(table, list)
+    assert sorted((item["port"], item["upstream"]) for item in table) == sorted(
+        [(pa, f"127.0.0.1:{z.port}"), (pc, f"127.0.0.1:{y.port}")]
+    )
+    # `forkproxy reload` through the status socket does the same, and says what it did.
+    write_env_file(env_file, {f"A_PORT_{pa}_TCP": f"tcp://127.0.0.1:{x.port}"})
+    result = cli("reload", "--status-socket", str(sock_path))
+    assert result.returncode == 0, result
+    assert result.stdout == f"listening 0.0.0.0:{pa} -> 127.0.0.1:{x.port} (A_PORT_{pa}_TCP)\n"
+    assert refused(pc)
+    with connect(pa) as sock:
+        assert ask(sock, b"4") == b"X:4"
+    assert listener_inode(proxy.pid, pa) == inode_a
+    assert proxy.proc.poll() is None
+
+
+BAD_RELOADS = {
+    "unclosed-bracket": ("A_PORT_{pa}_TCP=tcp://[::1:1\n", "unclosed '['"),
+    "conflicting-duplicate": (
+        "A_PORT_{pa}_TCP=tcp://127.0.0.1:{z}\nB_PORT_{pa}_TCP=tcp://127.0.0.1:{x}\n",
+        "linked twice to different targets",
+    ),
+    "port-taken": (
+        "A_PORT_{pa}_TCP=tcp://127.0.0.1:{z}\nD_PORT_{pd}_TCP=tcp://127.0.0.1:{z}\n"
+        "E_PORT_{taken}_TCP=tcp://127.0.0.1:{z}\n",
+        "address already in use",
+    ),
+    "not-utf8": ("A_PORT_{pa}_TCP=tcp://127.0.0.1:\udcff\n", "not UTF-8"),
+    "deleted": (None, "cannot read env file"),
+    "no-links": ("# all gone\n", "no links found"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_RELOADS))
+def test_reload_of_a_bad_file_keeps_the_running_configuration(
+    start_proxy: StartProxy, tcp_server: ServerFactory, short_dir: Path, tmp_path: Path,
+    case: str,
+) -> None:
+    x, z = tcp_server(tagged(b"X:")), tcp_server(tagged(b"Z:"))
+    pa, pd = distinct_free_ports(2)
+    env_file = tmp_path / "links.env"
+    write_env_file(env_file, {f"A_PORT_{pa}_TCP": f"tcp://127.0.0.1:{x.port}"})
+    sock_path, pid_file = short_dir / "s.sock", tmp_path / "proxy.pid"
+    proxy = start_proxy("--env-file", str(env_file), "--status-socket", str(sock_path),
+                        "--pid-file", str(pid_file))
+    text, reason = BAD_RELOADS[case]
+    with socket.socket() as taken, connect(pa) as live:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        assert ask(live, b"1") == b"X:1"
+        if text is None:
+            env_file.unlink()
+        else:
+            content = text.format(pa=pa, pd=pd, x=x.port, z=z.port,
+                                  taken=taken.getsockname()[1])
+            env_file.write_bytes(content.encode("utf-8", "surrogateescape"))
+        result = cli("reload", "--status-socket", str(sock_path))
+        assert result.returncode == 1, result
+        [line] = result.stderr.splitlines()
+        assert "reload failed, previous configuration kept" in line and reason in line, line
+        assert str(env_file) in line or f"A_PORT_{pa}_TCP" in line or "E_PORT_" in line, line
+        assert result.stdout == ""
+        # The same through SIGHUP, and through `forkproxy reload --pid-file`.
+        proxy.signal(signal.SIGHUP)
+        assert wait_for(lambda: proxy.log().count("reload-failed") == 2), proxy.log()
+        by_pid = cli("reload", "--pid-file", str(pid_file))
+        assert by_pid.returncode == 0 and f"sent SIGHUP to {proxy.pid}" in by_pid.stdout
+        assert wait_for(lambda: proxy.log().count("reload-failed") == 3), proxy.log()
+        for failed in (x for x in proxy.log().splitlines() if "reload-failed" in x):
+            assert reason in failed and "previous configuration stays" in failed
+        # Nothing changed: the old wiring serves, the live connection lives, no new port.
+        assert ask(live, b"2") == b"X:2"
+        with connect(pa) as sock:
+            assert ask(sock, b"3") == b"X:3"
+        assert refused(pd)
+        assert proxy.proc.poll() is None
+    # And a good file afterwards is taken as usual.
+    write_env_file(env_file, {f"A_PORT_{pa}_TCP": f"tcp://127.0.0.1:{z.port}"})
+    assert cli("reload", "--status-socket", str(sock_path)).returncode == 0
+    with connect(pa) as sock:
+        assert ask(sock, b"4") == b"Z:4"
+
+
+# -- load ------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(300)
+def test_1000_concurrent_connections_to_redis_all_held_and_answered(
+    start_proxy: StartProxy, redis: Redis, short_dir: Path, nofile: Callable[[int], None]
+) -> None:
+    count = 1000
+    nofile(count + 200)
+    sock_path = short_dir / "s.sock"
+    proxy = start_proxy("-q", "--status-socket", str(sock_path),
+                        f"127.0.0.1:0=127.0.0.1:{redis.port}")
+    assert control(sock_path, "status")["max_children"] == 1024  # the default cap
+    with contextlib.ExitStack() as stack:
+        clients = [stack.enter_context(connect(proxy.port, timeout=120)) for _ in range(count)]
+        for sock in clients:
+            sock.sendall(PING)
+        for sock in clients:
+            assert recv_exact(sock, len(PONG)) == PONG
+        # All of them at once: a child each, and as many clients at the real redis.
+        live = control(sock_path, "status")["children"]
+        assert isinstance(live, list) and len(live) == count
+        info = redis.cli("INFO", "clients")
+        connected = int(info.split("connected_clients:")[1].split()[0])
+        assert connected >= count + 1  # ours, and redis-cli itself
+        for sock in clients:  # still there, still answering
+            sock.sendall(PING)
+        for sock in clients:
+            assert recv_exact(sock, len(PONG)) == PONG
+    assert wait_for(lambda: not children(proxy.pid), 120)
+    assert proxy.proc.poll() is None
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_20000_short_connections_leave_the_supervisor_as_it_was(
+    start_proxy: StartProxy, redis: Redis, short_dir: Path
+) -> None:
+    sock_path = short_dir / "s.sock"
+    spec = f"127.0.0.1:0=127.0.0.1:{redis.port}"
+    proxy = start_proxy("-q", "--status-socket", str(sock_path), spec)
+
+    def run(total: int, threads: int = 4) -> None:
+        errors: list[BaseException] = []
+
+        def worker(count: int) -> None:
+            try:
+                for _ in range(count):
+                    with connect(proxy.port) as sock:
+                        assert exchange(sock, PING, len(PONG)) == PONG
+            except BaseException as exc:
+                errors.append(exc)
+
+        workers = [threading.Thread(target=worker, args=(total // threads,))
+                   for _ in range(threads)]
+        for thread in workers:
+            thread.start()
+        for thread in workers:
+            thread.join(240)
+        assert not errors, errors[:3]
+
+    run(1000)  # warm-up
+    assert wait_for(lambda: not children(proxy.pid), 30)
+    rss_before, fds_before = rss_bytes(proxy.pid), fd_count(proxy.pid)
+    run(19000)
+    assert wait_for(lambda: not children(proxy.pid), 60), zombies(proxy.pid)
+    grown = rss_bytes(proxy.pid) - rss_before
+    assert grown < 2 * MiB, f"supervisor RSS grew by {grown / MiB:.1f} MiB"
+    assert fd_count(proxy.pid) == fds_before
+    stats = link_stats(control(sock_path, "status"), spec)
+    assert stats["connections"] == 20000 and stats["active"] == 0, stats
+    assert stats["upstream_failures"] == 0 and stats["outcomes"] == {"closed": 20000}, stats
+    assert proxy.proc.poll() is None
+
+
+# -- hostile input -----------------------------------------------------------------------------
+
+
+class ServeOutcome:
+    """How `forkproxy serve` ended, and what it must not have left behind."""
+
+    def __init__(self, returncode: int | None, stdout: str, stderr: str,
+                 files: list[Path], ports: list[int]) -> None:
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+        self.files, self.ports = files, ports
+
+    def assert_config_error(self, *needles: str) -> None:
+        assert self.returncode == 2, (
+            f"exit status {self.returncode} (None: it started serving), stdout {self.stdout!r}, "
+            f"stderr {self.stderr[-2000:]!r}"
+        )
+        lines = self.stderr.splitlines()
+        assert len(lines) == 1, self.stderr[-2000:]
+        assert lines[0].startswith("forkproxy: error: ")
+        for needle in needles:
+            assert needle in lines[0], (needle, lines[0][:500])
+        assert self.stdout == ""  # no `listening` line
+        created = [path for path in self.files if path.exists()]
+        assert created == [], created  # no status socket, no pid file, no pwned file
+        assert [port for port in self.ports if not refused(port)] == []
+
+
+def run_serve(args: list[str], tmp_path: Path, short_dir: Path,
+              env: dict[str, str] | None = None, prefix: tuple[str, ...] = (),
+              ports: tuple[int, ...] = ()) -> ServeOutcome:
+    """`forkproxy serve ARGS` in `tmp_path`; stop it if it ever starts serving."""
+    sock_path, pid_file = short_dir / "s.sock", tmp_path / "proxy.pid"
+    out, err = tmp_path / "stdout", tmp_path / "stderr"
+    argv = [*prefix, FORKPROXY, "serve", "--status-socket", str(sock_path),
+            "--pid-file", str(pid_file), *args]
+    with out.open("wb") as stdout, err.open("wb") as stderr:
+        proc = subprocess.Popen(argv, stdout=stdout, stderr=stderr, cwd=tmp_path,
+                                env={"PATH": os.environ["PATH"], **(env or {})},
+                                start_new_session=True)
+    try:
+        wait_for(lambda: proc.poll() is not None or b"listening" in out.read_bytes(), 30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        returncode = proc.wait(10)
+    started = b"listening" in out.read_bytes()
+    return ServeOutcome(
+        None if started else returncode,
+        out.read_bytes().decode(errors="replace"),
+        err.read_bytes().decode(errors="replace"),
+        [sock_path, pid_file, tmp_path / "pwned"],
+        list(ports),
+    )
+
+
+# (source, content, needles). `source` is "env-file", "from-env" or "spec"; {P} and {Q}
+# are free ports. Commands would run in the test's directory and create ./pwned.
+HOSTILE = {
+    "empty-value": ("from-env", {"A_PORT_{P}_TCP": ""}, ["A_PORT_{P}_TCP", "expected tcp://"]),
+    "empty-host": ("env-file", "A_PORT_{P}_TCP=tcp://:6379\n", ["A_PORT_{P}_TCP", "host is empty"]),
+    "empty-port": ("from-env", {"A_PORT_{P}_TCP": "tcp://127.0.0.1:"}, ["A_PORT_{P}_TCP", "''"]),
+    "empty-alias": ("env-file", "_PORT_{P}_TCP=tcp://127.0.0.1:1\n", ["no links found"]),
+    "listen-port-0": ("env-file", "A_PORT_0_TCP=tcp://127.0.0.1:1\n", ["A_PORT_0_TCP", "range"]),
+    "listen-port-99999": ("from-env", {"A_PORT_99999_TCP": "tcp://127.0.0.1:1"},
+                          ["A_PORT_99999_TCP", "out of range"]),
+    "upstream-port-0": ("env-file", "A_PORT_{P}_TCP=tcp://127.0.0.1:0\n",
+                        ["A_PORT_{P}_TCP", "port '0' is out of range"]),
+    "upstream-port-65536": ("from-env", {"A_PORT_{P}_TCP": "tcp://127.0.0.1:65536"},
+                            ["A_PORT_{P}_TCP", "out of range"]),
+    "non-numeric-port": ("env-file", "A_PORT_{P}_TCP=tcp://127.0.0.1:redis\n",
+                         ["A_PORT_{P}_TCP", "'redis' is not a number"]),
+    "non-ascii-digits": ("from-env", {"A_PORT_{P}_TCP": "tcp://127.0.0.1:٦٣٧٩"},
+                         ["A_PORT_{P}_TCP", "is not a number"]),
+    "unclosed-bracket": ("env-file", "A_PORT_{P}_TCP=tcp://[::1:6379\n",
+                         ["A_PORT_{P}_TCP", "unclosed '['"]),
+    "command-substitution": ("from-env", {"A_PORT_{P}_TCP": "tcp://$(touch pwned):1"},
+                             ["A_PORT_{P}_TCP", "$(touch pwned)"]),
+    "backticks": ("env-file", "A_PORT_{P}_TCP=tcp://`touch pwned`:1\n",
+                  ["A_PORT_{P}_TCP", "`touch pwned`"]),
+    "semicolon": ("from-env", {"A_PORT_{P}_TCP": "tcp://a;touch pwned:1"}, ["A_PORT_{P}_TCP"]),
+    "substitution-in-name": ("env-file", "$(touch pwned)_PORT_{P}_TCP=tcp://127.0.0.1:1\n",
+                             ["bad variable name", "$(touch pwned)"]),
+    "export-prefix": ("env-file", "export A_PORT_{P}_TCP=tcp://127.0.0.1:1\n",
+                      ["line 1", "bad variable name"]),
+    "ipv6-zone-substitution": ("from-env", {"A_PORT_{P}_TCP": "tcp://[::1%$(touch pwned)]:1"},
+                               ["A_PORT_{P}_TCP"]),
+    "ipv6-zone-backticks": ("env-file", "A_PORT_{P}_TCP=tcp://[fe80::1%`touch pwned` x]:1\n",
+                            ["A_PORT_{P}_TCP"]),
+    "ipv6-zone-newline": ("from-env",
+                          {"A_PORT_{P}_TCP": "tcp://[fe80::1%x\nlistening 0.0.0.0:1 -> evil]:1"},
+                          ["A_PORT_{P}_TCP"]),
+    "ipv6-zone-in-spec": ("spec", "127.0.0.1:{P}=[::1%$(touch pwned)]:1", ["SPEC"]),
+    "long-host": ("env-file", "A_PORT_{P}_TCP=tcp://" + "a" * 300 + ":1\n",
+                  ["A_PORT_{P}_TCP", "longer than 253"]),
+    "long-name": ("from-env", {"A" * 5000 + "_PORT_{P}_TCP": "tcp://127.0.0.1:0"},
+                  ["A" * 5000 + "_PORT_{P}_TCP"]),
+    "non-ascii-host": ("env-file", "A_PORT_{P}_TCP=tcp://héllo:1\n",
+                       ["A_PORT_{P}_TCP", "not a valid host name"]),
+    "not-utf8": ("env-file", b"A_PORT_{P}_TCP=tcp://127.0.0.1:\xff\n", ["not UTF-8"]),
+    "conflicting-duplicates": (
+        "env-file", "A_PORT_{P}_TCP=tcp://127.0.0.1:1\nB_PORT_{P}_TCP=tcp://127.0.0.2:1\n",
+        ["A_PORT_{P}_TCP", "B_PORT_{P}_TCP", "linked twice"],
+    ),
+    "vertical-tab-smuggles-a-link": (
+        "env-file", "A_PORT_{P}_TCP=tcp://127.0.0.1:1\x0bB_PORT_{Q}_TCP=tcp://127.0.0.1:2\n",
+        ["A_PORT_{P}_TCP"],
+    ),
+    "form-feed-smuggles-a-link": (
+        "env-file", "A_PORT_{P}_TCP=tcp://127.0.0.1:1\x0cB_PORT_{Q}_TCP=tcp://127.0.0.1:2\n",
+        ["A_PORT_{P}_TCP"],
+    ),
+    "lone-cr-smuggles-a-link": (
+        "env-file", "A_PORT_{P}_TCP=tcp://127.0.0.1:1\rB_PORT_{Q}_TCP=tcp://127.0.0.1:2\n",
+        ["A_PORT_{P}_TCP"],
+    ),
+    "line-separator-smuggles-a-link": (
+        "env-file", "A_PORT_{P}_TCP=tcp://127.0.0.1:1\u2028B_PORT_{Q}_TCP=tcp://127.0.0.1:2\n",
+        ["A_PORT_{P}_TCP"],
+    ),
+    "empty-file": ("env-file", "", ["no links found", "env file"]),
+    "port-taken-env-file": ("env-file", "A_PORT_{T}_TCP=tcp://127.0.0.1:1\n",
+                            ["A_PORT_{T}_TCP", "address already in use"]),
+    "port-taken-from-env": ("from-env", {"A_PORT_{T}_TCP": "tcp://127.0.0.1:1"},
+                            ["A_PORT_{T}_TCP", "address already in use"]),
+}
+
+
+# Errors about a port rather than one variable name the variables, not the file.
+FILE_NOT_NAMED = {"conflicting-duplicates", "port-taken-env-file"}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE))
+def test_hostile_link_input_exits_2_and_creates_nothing(
+    tmp_path: Path, short_dir: Path, case: str
+) -> None:
+    source, content, needles = HOSTILE[case]
+    p, q = distinct_free_ports(2)
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        values = {"P": str(p), "Q": str(q), "T": str(taken.getsockname()[1])}
+
+        def fill(text: str) -> str:
+            for key, value in values.items():
+                text = text.replace("{" + key + "}", value)
+            return text
+
+        env: dict[str, str] = {}
+        args: list[str] = []
+        if source == "env-file":
+            env_file = tmp_path / "links.env"
+            raw = content if isinstance(content, bytes) else str(content).encode()
+            env_file.write_bytes(fill(raw.decode("latin-1")).encode("latin-1"))
+            args = ["--env-file", str(env_file)]
+            values["F"] = str(env_file)
+            if case not in FILE_NOT_NAMED:
+                needles = [*needles, "{F}"]  # the error says which file
+        elif source == "from-env":
+            assert isinstance(content, dict)
+            env = {fill(name): fill(value) for name, value in content.items()}
+            args = ["--from-env"]
+        else:
+            args = [fill(str(content))]
+        outcome = run_serve(args, tmp_path, short_dir, env=env, ports=(p, q))
+    outcome.assert_config_error(*(fill(needle) for needle in needles))
