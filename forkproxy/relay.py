@@ -28,7 +28,7 @@ from _socket import socket as RawSocket
 __all__ = ["Address", "Ended", "RawSocket", "connect_upstream", "pump", "serve"]
 
 from .config import Endpoint, Link, Options
-from .log import Logger
+from .log import INFO, Logger
 
 # How a relay ended: the child's exit status, decoded by the supervisor.
 CLOSED = 0
@@ -342,7 +342,7 @@ def serve(
         return CONNECT_FAILED
     client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    info = log.enabled(20)
+    info = log.enabled(INFO)
     if info:
         log.info("open", link=link.name, client=client_addr, upstream=str(link.target))
     error = ""

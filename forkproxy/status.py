@@ -85,13 +85,17 @@ def enrich(status: dict[str, Any]) -> dict[str, Any]:
 
 
 def _size(value: int | None) -> str:
+    """1536 -> '1.5K', as ls -h and docker ps print sizes."""
     if value is None:
         return "-"
-    for unit in ("B", "K", "M", "G", "T"):
-        if value < 1024 or unit == "T":
-            return f"{value:.0f}{unit}" if unit == "B" else f"{value:.1f}{unit}"
-        value /= 1024  # type: ignore[assignment]
-    return str(value)
+    if value < 1024:
+        return f"{value}B"
+    scaled = float(value)
+    for unit in ("K", "M", "G", "T"):
+        scaled /= 1024
+        if scaled < 1024 or unit == "T":
+            break
+    return f"{scaled:.1f}{unit}"
 
 
 def _table(headers: list[str], rows: list[list[str]]) -> list[str]:

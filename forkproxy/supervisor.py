@@ -554,7 +554,7 @@ class Supervisor:
         return [
             {
                 "link": item.link.name,
-                "listen": item.describe().split(" -> ")[0],
+                "listen": join_host_port(item.link.bind, item.port),
                 "port": item.port,
                 "upstream": str(item.link.target),
                 "resolved": [peer_text(addr[1]) for addr in self.addresses.get(item.link.key, [])],
