@@ -22,6 +22,12 @@ class Listener:
     link: Link
     sock: socket.socket
     port: int  # the port really bound (differs from link.port when 0 was asked)
+    # A plain int: socket.family runs enum code, which a fresh child would pay for in
+    # copied pages.
+    family: int = 0
+
+    def __post_init__(self) -> None:
+        self.family = int(self.sock.family)
 
     @property
     def fd(self) -> int:

@@ -56,6 +56,12 @@ F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 HAS_SPLICE = hasattr(os, "splice")
 
+# Plain ints, not socket's IntEnum members: a child touching an enum member (or running
+# enum code, as socket.family does) copies the page it lives on.
+SOCK_STREAM = int(socket.SOCK_STREAM)
+SOL_SOCKET, SO_ERROR, SO_LINGER = int(socket.SOL_SOCKET), socket.SO_ERROR, socket.SO_LINGER
+IPPROTO_TCP, TCP_NODELAY = int(socket.IPPROTO_TCP), socket.TCP_NODELAY
+SHUT_WR = int(socket.SHUT_WR)
 POLLIN, POLLOUT = select.POLLIN, select.POLLOUT
 POLLERR, POLLHUP = select.POLLERR, select.POLLHUP
 
@@ -149,7 +155,7 @@ class Flow:
         if n == 0:
             self.eof = True
             try:
-                self.dst.shutdown(socket.SHUT_WR)
+                self.dst.shutdown(SHUT_WR)
             except OSError:
                 pass  # dst already gone: its own read or write reports how
             return
@@ -200,14 +206,14 @@ def connect_upstream(
                 continue
             candidates = [(int(family), tuple(addr)) for family, _, _, _, addr in infos]
         for family, sockaddr in candidates:
-            sock = RawSocket(family, socket.SOCK_STREAM)
+            sock = RawSocket(family, SOCK_STREAM)
             sock.setblocking(False)
             code = sock.connect_ex(sockaddr)
             if code == errno.EINPROGRESS:
                 poller = select.poll()
                 poller.register(sock, POLLOUT)
                 if poller.poll(timeout * 1000):
-                    code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                    code = sock.getsockopt(SOL_SOCKET, SO_ERROR)
                 else:
                     code = errno.ETIMEDOUT
             if code == 0:
@@ -300,14 +306,14 @@ def _set_mask(poller: select.poll, fd: int, old: int, new: int) -> None:
 
 
 def _socket_error(sock: RawSocket) -> OSError:
-    code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) or errno.ECONNRESET
+    code = sock.getsockopt(SOL_SOCKET, SO_ERROR) or errno.ECONNRESET
     return OSError(code, os.strerror(code))
 
 
 def reset(sock: RawSocket) -> None:
     """Close with an RST rather than a FIN, so the peer sees the reset we saw."""
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        sock.setsockopt(SOL_SOCKET, SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
     except OSError:
         pass  # already closed by the peer: close() below is all that is left
     sock.close()
@@ -340,8 +346,8 @@ def serve(
         )
         client.close()
         return CONNECT_FAILED
-    client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    client.setsockopt(IPPROTO_TCP, TCP_NODELAY, 1)
+    upstream.setsockopt(IPPROTO_TCP, TCP_NODELAY, 1)
     info = log.enabled(INFO)
     if info:
         log.info("open", link=link.name, client=client_addr, upstream=str(link.target))

@@ -351,7 +351,7 @@ class Supervisor:
             # listeners: a child holding one would keep a closed port accepting.
             os.closerange(3, fd)
             os.closerange(fd + 1, 1 << 20)
-            client = RawSocket(listener.sock.family, socket.SOCK_STREAM, 0, fd)
+            client = RawSocket(listener.family, relay.SOCK_STREAM, 0, fd)
             status = relay.serve(
                 client,
                 peer_text(address),
