@@ -57,9 +57,13 @@ class Slots:
 
 @dataclass
 class LinkStats:
-    """Totals for one link name; they survive its children and reloads."""
+    """Totals for one link name; they survive its children and reloads.
 
-    connections: int = 0
+    `connections` and `active` count live children too, but only in `snapshot()`: the
+    fork path records the child and nothing else (see `Accounting.started`).
+    """
+
+    connections: int = 0  # children reaped, until snapshot() adds the live ones
     active: int = 0
     upstream_failures: int = 0
     denied: int = 0
@@ -72,14 +76,13 @@ class LinkStats:
     duration_sum: float = 0.0
 
 
-@dataclass
+@dataclass(slots=True)
 class ChildRecord:
     pid: int
     link: Link
     client: str
     base: int
-    started: float  # wall clock, for people
-    started_mono: float  # for durations
+    started_mono: float
 
 
 def describe_status(status: int) -> str:
@@ -107,10 +110,10 @@ class Accounting:
         return stats
 
     def started(self, pid: int, link: Link, client: str, base: int) -> None:
-        self.children[pid] = ChildRecord(pid, link, client, base, time.time(), time.monotonic())
-        stats = self.stats(link)
-        stats.connections += 1
-        stats.active += 1
+        """Record a child, and only that: every page the supervisor writes between two
+        forks is copied, and the old copy stays with each live child (docs/benchmarks.md).
+        Totals are folded in when the child is reaped."""
+        self.children[pid] = ChildRecord(pid, link, client, base, time.monotonic())
 
     def denied(self, link: Link) -> None:
         self.stats(link).denied += 1
@@ -123,7 +126,7 @@ class Accounting:
             return None
         stats = self.stats(record.link)
         counters = self.slots.counters
-        stats.active -= 1
+        stats.connections += 1
         stats.bytes_up += counters[record.base]
         stats.bytes_down += counters[record.base + 1]
         stats.cpu_seconds += cpu_seconds
@@ -148,9 +151,12 @@ class Accounting:
         """Plain data for the control socket (JSON)."""
         now = time.monotonic()
         counters = self.slots.counters
+        wall = time.time() - now
         links = {name: dict(vars(stats)) for name, stats in self.links.items()}
-        for record in self.children.values():  # bytes still moving count too
-            totals = links[record.link.name]
+        for record in self.children.values():  # live connections and their bytes count too
+            totals = links.setdefault(record.link.name, dict(vars(LinkStats())))
+            totals["connections"] += 1
+            totals["active"] += 1
             totals["bytes_up"] += counters[record.base]
             totals["bytes_down"] += counters[record.base + 1]
         return {
@@ -161,7 +167,7 @@ class Accounting:
                     "link": r.link.name,
                     "client": r.client,
                     "upstream": str(r.link.target),
-                    "started": r.started,
+                    "started": wall + r.started_mono,
                     "age": now - r.started_mono,
                     "bytes_up": counters[r.base],
                     "bytes_down": counters[r.base + 1],

@@ -308,7 +308,7 @@ class Supervisor:
                 self.accounting.denied(listener.link)
                 self.log.warning("denied", link=listener.link.name, client=peer_text(address))
                 continue
-            self.spawn(listener, fd, address)
+            self.spawn(listener, fd, peer_text(address))
         self.update_accepting()
 
     def _accept_failed(self, listener: Listener, exc: OSError) -> None:
@@ -323,7 +323,7 @@ class Supervisor:
             self.accept_failure_logged = now
             self.accept_failures = 0
 
-    def spawn(self, listener: Listener, fd: int, address: tuple[object, ...]) -> None:
+    def spawn(self, listener: Listener, fd: int, client: str) -> None:
         base = self.accounting.slots.take()
         try:
             pid = os.fork()
@@ -335,13 +335,11 @@ class Supervisor:
             self.resume_at = time.monotonic() + ACCEPT_BACKOFF
             return
         if pid == 0:
-            self._child(listener, fd, address, base)  # never returns
+            self._child(listener, fd, client, base)  # never returns
         os.close(fd)
-        self.accounting.started(pid, listener.link, peer_text(address), base)
+        self.accounting.started(pid, listener.link, client, base)
 
-    def _child(
-        self, listener: Listener, fd: int, address: tuple[object, ...], base: int
-    ) -> None:
+    def _child(self, listener: Listener, fd: int, client_text: str, base: int) -> None:
         """The child's whole life: it never returns into the supervisor's frames."""
         status = relay.FAILED
         try:
@@ -354,7 +352,7 @@ class Supervisor:
             client = RawSocket(listener.family, relay.SOCK_STREAM, 0, fd)
             status = relay.serve(
                 client,
-                peer_text(address),
+                client_text,
                 listener.link,
                 self.addresses.get(listener.link.key, []),
                 self.options,
