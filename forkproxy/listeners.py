@@ -25,6 +25,8 @@ class Listener:
     # A plain int: socket.family runs enum code, which a fresh child would pay for in
     # copied pages.
     family: int = 0
+    # Set by the supervisor: relay.serve's arguments after the slot (see _prepare_relay).
+    relay_args: tuple[object, ...] = ()
 
     def __post_init__(self) -> None:
         self.family = int(self.sock.family)

@@ -143,6 +143,7 @@ class Supervisor:
         self._watch(self.control.fileno(), self.handle_control_accept)
         for listener in self.listeners:
             self.addresses[listener.link.key] = resolve(listener.link, self.log)
+            self._prepare_relay(listener)
             self.accounting.stats(listener.link)  # exported at 0 before the first client
         self.update_accepting()
         lines = [f"listening {listener.describe()}" for listener in self.listeners]
@@ -339,6 +340,17 @@ class Supervisor:
         os.close(fd)
         self.accounting.started(pid, listener.link, client, base)
 
+    def _prepare_relay(self, listener: Listener) -> None:
+        """What every child of this listener hands to relay.serve, built once: a fresh
+        child walking self.* attribute chains would copy the pages they touch."""
+        listener.relay_args = (
+            listener.link,
+            self.addresses.get(listener.link.key, []),
+            self.options,
+            self.accounting.slots.counters,
+            self.log,
+        )
+
     def _child(self, listener: Listener, fd: int, client_text: str, base: int) -> None:
         """The child's whole life: it never returns into the supervisor's frames."""
         status = relay.FAILED
@@ -350,16 +362,7 @@ class Supervisor:
             os.closerange(3, fd)
             os.closerange(fd + 1, 1 << 20)
             client = RawSocket(listener.family, relay.SOCK_STREAM, 0, fd)
-            status = relay.serve(
-                client,
-                client_text,
-                listener.link,
-                self.addresses.get(listener.link.key, []),
-                self.options,
-                self.accounting.slots.counters,
-                base,
-                self.log,
-            )
+            status = relay.serve(client, client_text, base, *listener.relay_args)  # type: ignore[arg-type]
         except BaseException as exc:
             self.log.error("relay-crashed", link=listener.link.name, error=repr(exc))
         finally:
@@ -486,6 +489,8 @@ class Supervisor:
         listeners.close_all(retired)
         self.listeners = kept
         self.addresses = {item.link.key: resolve(item.link, self.log) for item in kept}
+        for item in kept:
+            self._prepare_relay(item)
         for item in kept:
             self.accounting.stats(item.link)
         for warning in table.warnings:
