@@ -59,12 +59,12 @@ class Slots:
 class LinkStats:
     """Totals for one link name; they survive its children and reloads.
 
-    `connections` and `active` count live children too, but only in `snapshot()`: the
-    fork path records the child and nothing else (see `Accounting.started`).
+    Live children are counted in `snapshot()` only (`connections` and `active` there
+    include them): the fork path records the child and nothing else (see
+    `Accounting.started`).
     """
 
-    connections: int = 0  # children reaped, until snapshot() adds the live ones
-    active: int = 0
+    connections: int = 0  # children reaped
     upstream_failures: int = 0
     denied: int = 0
     bytes_up: int = 0
@@ -152,9 +152,9 @@ class Accounting:
         now = time.monotonic()
         counters = self.slots.counters
         wall = time.time() - now
-        links = {name: dict(vars(stats)) for name, stats in self.links.items()}
+        links = {name: {**vars(stats), "active": 0} for name, stats in self.links.items()}
         for record in self.children.values():  # live connections and their bytes count too
-            totals = links.setdefault(record.link.name, dict(vars(LinkStats())))
+            totals = links.setdefault(record.link.name, {**vars(LinkStats()), "active": 0})
             totals["connections"] += 1
             totals["active"] += 1
             totals["bytes_up"] += counters[record.base]
