@@ -68,6 +68,10 @@ POLLERR, POLLHUP = select.POLLERR, select.POLLHUP
 Address = tuple[int, tuple[object, ...]]  # (family, sockaddr) as getaddrinfo gives them
 
 
+_NO_BUFFER = bytearray()  # shared placeholders until a flow's first read allocates its own
+_NO_VIEW = memoryview(_NO_BUFFER)
+
+
 class Ended(Exception):
     """The relay is over; `args[0]` is the outcome."""
 
@@ -116,8 +120,8 @@ class Flow:
         # The buffer is allocated on the first read: a fresh child pays a page fault for
         # every page it touches, and many connections never carry a byte one way.
         self.chunk = COPY_CHUNK if mode == "copy" else AUTO_CHUNK
-        self.buf = bytearray()
-        self.view = memoryview(self.buf)
+        self.buf = _NO_BUFFER
+        self.view = _NO_VIEW
         if mode == "splice":
             self._open_pipe()
 
