@@ -33,6 +33,8 @@ def main(argv: list[str]) -> int:
     except ConfigError as exc:
         sys.stderr.write(f"forkproxy: error: {exc}\n")
         return 2
+    except KeyboardInterrupt:  # Ctrl-C before the signal handlers were in place
+        return 130
 
 
 if __name__ == "__main__":
