@@ -25,10 +25,10 @@ import time
 # only the C methods.
 from _socket import socket as RawSocket
 
-__all__ = ["Address", "Ended", "RawSocket", "connect_upstream", "pump", "serve"]
-
 from .config import Endpoint, Link, Options
 from .log import INFO, Logger
+
+__all__ = ["Address", "Ended", "RawSocket", "connect_upstream", "pump", "serve"]
 
 # How a relay ended: the child's exit status, decoded by the supervisor.
 CLOSED = 0
