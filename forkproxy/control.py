@@ -151,14 +151,18 @@ class ControlServer:
             pass
 
 
+def answers(path: str) -> bool:
+    """Does a supervisor listen on this socket file? (A crash leaves files nobody does.)"""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(path)
+        except OSError:
+            return False
+    return True
+
+
 def _remove_if_stale(path: str) -> None:
     """A socket file nobody answers on is left from a crash; a live one is an error."""
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(path)
-    except (ConnectionRefusedError, FileNotFoundError):
-        os.unlink(path)
-        return
-    finally:
-        probe.close()
-    raise OSError(errno.EADDRINUSE, f"another forkproxy answers on {path}")
+    if answers(path):
+        raise OSError(errno.EADDRINUSE, f"another forkproxy answers on {path}")
+    os.unlink(path)

@@ -39,27 +39,35 @@ class Listener:
         return self.link.describe(self.port)
 
 
-def bind(link: Link) -> Listener:
-    """Bind and listen, or raise ConfigError naming the link and what went wrong."""
-    family = socket.AF_INET6 if ":" in link.bind else socket.AF_INET
+def listen_tcp(host: str, port: int, backlog: int = BACKLOG) -> socket.socket:
+    """A listening TCP socket with SO_REUSEADDR, or ConfigError saying why not."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if family == socket.AF_INET6 and link.bind == "::":
+        if family == socket.AF_INET6 and host == "::":
             # `[::]:P` means every address, IPv4 too, whatever the host's bindv6only says.
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        sock.bind((link.bind, link.port))
-        sock.listen(BACKLOG)
-        sock.setblocking(False)
+        sock.bind((host, port))
+        sock.listen(backlog)
     except OSError as exc:
         sock.close()
-        where = join_host_port(link.bind, link.port)
         reason = {
             errno.EADDRINUSE: "address already in use",
             errno.EACCES: "permission denied (ports below 1024 need root or CAP_NET_BIND_SERVICE)",
             errno.EADDRNOTAVAIL: "no such address on this host",
         }.get(exc.errno or 0, exc.strerror or str(exc))
-        raise ConfigError(f"cannot listen on {where} for {link.name}: {reason}") from None
+        raise ConfigError(f"cannot listen on {join_host_port(host, port)}: {reason}") from None
+    return sock
+
+
+def bind(link: Link) -> Listener:
+    """Bind and listen, or raise ConfigError naming the link and what went wrong."""
+    try:
+        sock = listen_tcp(link.bind, link.port)
+    except ConfigError as exc:
+        raise ConfigError(f"{exc} (for {link.name})") from None
+    sock.setblocking(False)
     return Listener(link, sock, sock.getsockname()[1])
 
 

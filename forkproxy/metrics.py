@@ -31,7 +31,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from .status import StatusError, request
+from .status import StatusError, enrich, request
 
 
 class SupervisorCollector(Collector):
@@ -50,18 +50,12 @@ class SupervisorCollector(Collector):
 
 
 def _children_by_link(status: dict[str, Any]) -> dict[str, dict[str, float]]:
-    """Sum psutil readings of the live children per link."""
+    """Sum psutil's readings of the live children (as `forkproxy status` shows them) per link."""
     sums: dict[str, dict[str, float]] = {}
-    for child in status.get("children", []):
+    for child in enrich(status).get("children", []):
         entry = sums.setdefault(child["link"], {"rss": 0, "uss": 0, "cpu": 0})
-        with contextlib.suppress(psutil.Error):
-            process = psutil.Process(child["pid"])
-            with process.oneshot():
-                memory = process.memory_full_info()
-                times = process.cpu_times()
-            entry["rss"] += memory.rss
-            entry["uss"] += memory.uss
-            entry["cpu"] += times.user + times.system
+        for key in entry:
+            entry[key] += child[key] or 0  # None: the child exited while being read
     return sums
 
 

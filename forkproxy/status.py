@@ -15,7 +15,7 @@ from typing import Any
 
 import psutil
 
-from .control import default_dir
+from .control import answers, default_dir
 
 
 class StatusError(Exception):
@@ -32,22 +32,13 @@ def find_socket(path: str | None) -> str:
     except FileNotFoundError:
         names = []
     paths = [os.path.join(directory, name) for name in names]
-    live = [path for path in paths if _answers(path)]
+    live = [path for path in paths if answers(path)]
     if not live:
         raise StatusError(f"no running forkproxy found in {directory} (use --status-socket)")
     if len(live) > 1:
         raise StatusError(f"several forkproxy supervisors in {directory}: {', '.join(live)}; "
                           "choose one with --status-socket")
     return live[0]
-
-
-def _answers(path: str) -> bool:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        try:
-            probe.connect(path)
-        except OSError:
-            return False
-    return True
 
 
 def request(path: str, command: str, timeout: float = 5.0) -> dict[str, Any]:

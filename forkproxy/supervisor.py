@@ -157,18 +157,10 @@ class Supervisor:
         if self.options.metrics is None:
             return None
         host, port = parse_metrics_address(self.options.metrics)
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((host, port))
-            sock.listen(64)
-        except OSError as exc:
-            sock.close()
-            raise ConfigError(
-                f"--metrics {self.options.metrics}: cannot listen: {exc.strerror}"
-            ) from None
-        return sock
+            return listeners.listen_tcp(host, port, backlog=64)
+        except ConfigError as exc:
+            raise ConfigError(f"--metrics {self.options.metrics}: {exc}") from None
 
     def start_metrics(self) -> None:
         """Fork and exec the metrics process (forkproxy/metrics.py) with the bound socket."""
