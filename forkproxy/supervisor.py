@@ -252,7 +252,8 @@ class Supervisor:
         return max(0, int((min(deadlines) - time.monotonic()) * 1000) + 1)
 
     def _watch(self, fd: int, handler: Callable[[int], None], events: int = POLLIN) -> None:
-        self.poller.register(fd, events)
+        """Poll fd for events; a number already watched (a reused fd) gets the new ones."""
+        self.poller.register(fd, events)  # poll.register replaces an existing registration
         self.handlers[fd] = handler
 
     def _unwatch(self, fd: int) -> None:
@@ -510,7 +511,6 @@ class Supervisor:
         for fd in dropped:
             self._unwatch(fd)
         for fd in fresh:
-            self._unwatch(fd)  # a reused fd number: the handler is the new client's
             self._watch(fd, self._control_handler(fd))
 
     def _control_handler(self, fd: int) -> Callable[[int], None]:
