@@ -15,7 +15,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 
-from .config import Link
+from .config import Link, peer_text
 
 FIELDS = 2  # per slot: bytes client->upstream, bytes upstream->client
 # Connection duration histogram buckets, seconds (Prometheus `le` bounds).
@@ -76,13 +76,11 @@ class LinkStats:
     duration_sum: float = 0.0
 
 
-@dataclass(slots=True)
-class ChildRecord:
-    pid: int
-    link: Link
-    client: str
-    base: int
-    started_mono: float
+# A live child as the supervisor's accept loop records it, keyed by its pid in
+# `Accounting.children`: (link, client sockaddr, slot base, start on the monotonic clock).
+# A plain tuple, built there without a call: that loop runs between two forks, where each
+# page written is a page copied, and kept by the child forked before (docs/benchmarks.md).
+ChildRecord = tuple[Link, tuple[object, ...], int, float]
 
 
 def describe_status(status: int) -> str:
@@ -109,12 +107,6 @@ class Accounting:
             stats = self.links[link.name] = LinkStats()
         return stats
 
-    def started(self, pid: int, link: Link, client: str, base: int) -> None:
-        """Record a child, and only that: every page the supervisor writes between two
-        forks is copied, and the old copy stays with each live child (docs/benchmarks.md).
-        Totals are folded in when the child is reaped."""
-        self.children[pid] = ChildRecord(pid, link, client, base, time.monotonic())
-
     def denied(self, link: Link) -> None:
         self.stats(link).denied += 1
 
@@ -124,11 +116,12 @@ class Accounting:
         if record is None:
             self.orphans_reaped += 1
             return None
-        stats = self.stats(record.link)
+        link, _, base, started = record
+        stats = self.stats(link)
         counters = self.slots.counters
         stats.connections += 1
-        stats.bytes_up += counters[record.base]
-        stats.bytes_down += counters[record.base + 1]
+        stats.bytes_up += counters[base]
+        stats.bytes_down += counters[base + 1]
         stats.cpu_seconds += cpu_seconds
         if os.WIFEXITED(status):
             outcome = self.outcome_names.get(os.WEXITSTATUS(status), "failed")
@@ -137,14 +130,14 @@ class Accounting:
         stats.outcomes[outcome] = stats.outcomes.get(outcome, 0) + 1
         if outcome == "connect-failed":
             stats.upstream_failures += 1
-        duration = time.monotonic() - record.started_mono
+        duration = time.monotonic() - started
         stats.duration_count += 1
         stats.duration_sum += duration
         for index, bound in enumerate(DURATION_BUCKETS):
             if duration <= bound:
                 stats.duration_buckets[index] += 1
                 break
-        self.slots.release(record.base)
+        self.slots.release(base)
         return record
 
     def snapshot(self) -> dict[str, object]:
@@ -153,27 +146,29 @@ class Accounting:
         counters = self.slots.counters
         wall = time.time() - now
         links = {name: {**vars(stats), "active": 0} for name, stats in self.links.items()}
-        for record in self.children.values():  # live connections and their bytes count too
-            totals = links.setdefault(record.link.name, {**vars(LinkStats()), "active": 0})
+        children = []
+        for pid, (link, client, base, started) in self.children.items():
+            # Live connections and their bytes count in the totals too.
+            totals = links.setdefault(link.name, {**vars(LinkStats()), "active": 0})
             totals["connections"] += 1
             totals["active"] += 1
-            totals["bytes_up"] += counters[record.base]
-            totals["bytes_down"] += counters[record.base + 1]
+            totals["bytes_up"] += counters[base]
+            totals["bytes_down"] += counters[base + 1]
+            children.append(
+                {
+                    "pid": pid,
+                    "link": link.name,
+                    "client": peer_text(client),
+                    "upstream": str(link.target),
+                    "started": wall + started,
+                    "age": now - started,
+                    "bytes_up": counters[base],
+                    "bytes_down": counters[base + 1],
+                }
+            )
         return {
             "links": links,
-            "children": [
-                {
-                    "pid": r.pid,
-                    "link": r.link.name,
-                    "client": r.client,
-                    "upstream": str(r.link.target),
-                    "started": wall + r.started_mono,
-                    "age": now - r.started_mono,
-                    "bytes_up": counters[r.base],
-                    "bytes_down": counters[r.base + 1],
-                }
-                for r in self.children.values()
-            ],
+            "children": children,
             "duration_buckets": list(DURATION_BUCKETS),
             "orphans_reaped": self.orphans_reaped,
         }

@@ -101,6 +101,11 @@ def join_host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def peer_text(address: tuple[object, ...]) -> str:
+    """A socket address tuple as `host:port` (`[host]:port` for IPv6)."""
+    return join_host_port(str(address[0]), address[1])  # type: ignore[arg-type]
+
+
 def _describe(text: str) -> str:
     """Quote user input for an error line, keeping it on one line and short."""
     shown = text if len(text) <= 80 else text[:77] + "..."

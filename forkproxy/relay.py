@@ -24,11 +24,12 @@ import time
 # that Python code in a freshly forked child copies the pages it touches. The relay needs
 # only the C methods.
 from _socket import socket as RawSocket
+from collections.abc import Callable
 
-from .config import Endpoint, Link, Options
+from .config import Endpoint, Link, Options, peer_text
 from .log import INFO, Logger
 
-__all__ = ["Address", "Ended", "RawSocket", "connect_upstream", "pump", "serve"]
+__all__ = ["Address", "Ended", "RawSocket", "connect_upstream", "preload", "pump", "serve"]
 
 # How a relay ended: the child's exit status, decoded by the supervisor.
 CLOSED = 0
@@ -65,11 +66,19 @@ SHUT_WR = int(socket.SHUT_WR)
 POLLIN, POLLOUT = select.POLLIN, select.POLLOUT
 POLLERR, POLLHUP = select.POLLERR, select.POLLHUP
 
+# Which side reset, by where the error came from: (the flow's source, its destination).
+_UP_RESETS = (CLIENT_RESET, UPSTREAM_RESET)
+_DOWN_RESETS = (UPSTREAM_RESET, CLIENT_RESET)
+
 Address = tuple[int, tuple[object, ...]]  # (family, sockaddr) as getaddrinfo gives them
 
 
-_NO_BUFFER = bytearray()  # shared placeholders until a flow's first read allocates its own
-_NO_VIEW = memoryview(_NO_BUFFER)
+_NO_BUFFER = memoryview(bytearray())  # until a flow's first read allocates its own
+
+# Set by preload() in the supervisor, used by serve() in its children: one buffer per
+# direction, made before any fork, so a child copies only the pages its reads fill
+# instead of allocating (and zeroing) whole buffers of its own.
+_child_buffers: tuple[memoryview, memoryview] | None = None
 
 
 class Ended(Exception):
@@ -80,7 +89,6 @@ class Flow:
     """One direction of a connection: bytes from `src` to `dst`."""
 
     __slots__ = (
-        "buf",
         "chunk",
         "counters",
         "dst",
@@ -107,6 +115,7 @@ class Flow:
         index: int,
         mode: str,
         resets: tuple[int, int],
+        buffer: memoryview | None = None,
     ) -> None:
         self.src, self.dst = src, dst
         self.counters, self.index = counters, index
@@ -117,11 +126,10 @@ class Flow:
         self.pipe_r = self.pipe_w = -1
         self.splice = False
         self.upgrade = mode == "auto" and HAS_SPLICE
-        # The buffer is allocated on the first read: a fresh child pays a page fault for
-        # every page it touches, and many connections never carry a byte one way.
         self.chunk = COPY_CHUNK if mode == "copy" else AUTO_CHUNK
-        self.buf = _NO_BUFFER
-        self.view = _NO_VIEW
+        # Without a buffer from the caller, one is allocated on the first read: many
+        # connections never carry a byte one way.
+        self.view = buffer if buffer is not None else _NO_BUFFER
         if mode == "splice":
             self._open_pipe()
 
@@ -133,6 +141,13 @@ class Flow:
             pass  # over the user's pipe-pages limit: the default 64 KiB pipe still works
         self.splice = True
         self.upgrade = False
+
+    def close(self) -> None:
+        """Close the splice pipe, if any (the sockets are the caller's)."""
+        if self.pipe_r >= 0:
+            os.close(self.pipe_r)
+            os.close(self.pipe_w)
+            self.pipe_r = self.pipe_w = -1
 
     @property
     def wants_read(self) -> bool:
@@ -148,10 +163,9 @@ class Flow:
             if self.splice:
                 n = os.splice(self.src.fileno(), self.pipe_w, SPLICE_CHUNK, flags=_SPLICE_FLAGS)
             else:
-                if not self.buf:
-                    self.buf = bytearray(self.chunk)
-                    self.view = memoryview(self.buf)
-                n = self.src.recv_into(self.buf)
+                if not self.view:
+                    self.view = memoryview(bytearray(self.chunk))
+                n = self.src.recv_into(self.view, self.chunk)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
@@ -233,11 +247,26 @@ def pump(
     options: Options,
     counters: memoryview,
     base: int,
+    buffers: tuple[memoryview, memoryview] | None = None,
 ) -> int:
-    """Relay until both directions are done; return the outcome."""
+    """Relay until both directions are done; return the outcome.
+
+    `buffers` (one per direction, at least COPY_CHUNK bytes) must not be in use by
+    another pump; without them each direction allocates its own on its first read.
+    """
     mode = options.relay if HAS_SPLICE else "copy"
-    up = Flow(client, upstream, counters, base, mode, (CLIENT_RESET, UPSTREAM_RESET))
-    down = Flow(upstream, client, counters, base + 1, mode, (UPSTREAM_RESET, CLIENT_RESET))
+    up_buf, down_buf = buffers if buffers is not None else (None, None)
+    up = Flow(client, upstream, counters, base, mode, _UP_RESETS, up_buf)
+    down = Flow(upstream, client, counters, base + 1, mode, _DOWN_RESETS, down_buf)
+    try:
+        return _pump(client, upstream, options, up, down)
+    finally:
+        up.close()
+        down.close()
+
+
+def _pump(client: RawSocket, upstream: RawSocket, options: Options, up: Flow, down: Flow) -> int:
+    counters, base = up.counters, up.index
     cfd, ufd = client.fileno(), upstream.fileno()
     poller = select.poll()
     poller.register(cfd, POLLIN)
@@ -248,7 +277,10 @@ def pump(
     last_active = time.monotonic()
     half_since = 0.0
     moved = 0
+    steady = idle is None and halfclose is None
     while not (up.done and down.done):
+        if steady and cmask == POLLIN and umask == POLLIN:
+            _relay_steady(poller.poll, cfd, up, down)
         want_c = (POLLIN if up.wants_read else 0) | (POLLOUT if down.pending else 0)
         want_u = (POLLIN if down.wants_read else 0) | (POLLOUT if up.pending else 0)
         # A mask of -1 means unregistered: after a hang-up with nothing left to do on
@@ -302,6 +334,26 @@ def pump(
     return CLOSED
 
 
+def _relay_steady(
+    poll: Callable[[], list[tuple[int, int]]], cfd: int, up: Flow, down: Flow
+) -> None:
+    """Relay while both directions are open with nothing pending (no deadlines either).
+
+    That is an interactive connection between two messages, most of its life; each
+    readable socket is one read and, usually, one complete write, with no bookkeeping in
+    between. Returns when a flow leaves that state or on any event but plain POLLIN,
+    which pump() then handles: poll is level-triggered, so it reports that event again.
+    """
+    while not (up.pending or down.pending or up.eof or down.eof):
+        for fd, events in poll():
+            if events != POLLIN:
+                return
+            if fd == cfd:
+                up.read()
+            else:
+                down.read()
+
+
 def _set_mask(poller: select.poll, fd: int, old: int, new: int) -> None:
     if old < 0:
         poller.register(fd, new)
@@ -312,6 +364,44 @@ def _set_mask(poller: select.poll, fd: int, old: int, new: int) -> None:
 def _socket_error(sock: RawSocket) -> OSError:
     code = sock.getsockopt(SOL_SOCKET, SO_ERROR) or errno.ECONNRESET
     return OSError(code, os.strerror(code))
+
+
+def preload(options: Options, rounds: int = 24) -> None:
+    """Prepare, in the supervisor before it forks, what every child would otherwise make.
+
+    The buffers serve() hands to pump(). And warm code: CPython (3.11+) counts calls in
+    each code object and rewrites its bytecode in place as it specializes, so a child
+    running relay code for the first time writes to, and so copies, the pages of every
+    code object it runs. Relaying a few bytes each way over socketpairs here, `rounds`
+    times, leaves the children code that is already specialized (docs/benchmarks.md).
+    Best effort: without socketpairs (no file descriptors left) children warm their own.
+    """
+    global _child_buffers
+    _child_buffers = (memoryview(bytearray(COPY_CHUNK)), memoryview(bytearray(COPY_CHUNK)))
+    counters = memoryview(bytearray(8 * 2)).cast("Q")  # not the children's slots
+    for _ in range(rounds):
+        try:
+            client, client_peer = socket.socketpair()
+            upstream, upstream_peer = socket.socketpair()
+        except OSError:
+            return
+        with client, client_peer, upstream, upstream_peer:
+            client_peer.sendall(b"PING\r\n")
+            client_peer.shutdown(socket.SHUT_WR)
+            upstream_peer.sendall(b"+PONG\r\n")
+            upstream_peer.shutdown(socket.SHUT_WR)
+            client.setblocking(False)
+            upstream.setblocking(False)
+            # The C sockets, as in a child (socket.socket's methods are other code).
+            raw_client = RawSocket(fileno=client.detach())
+            raw_upstream = RawSocket(fileno=upstream.detach())
+            try:
+                pump(raw_client, raw_upstream, options, counters, 0, _child_buffers)
+            except Ended:
+                pass  # not expected with socketpairs; the code ran all the same
+            finally:
+                raw_client.close()
+                raw_upstream.close()
 
 
 def reset(sock: RawSocket) -> None:
@@ -325,7 +415,7 @@ def reset(sock: RawSocket) -> None:
 
 def serve(
     client: RawSocket,
-    client_addr: str,
+    client_address: tuple[object, ...],
     base: int,
     link: Link,
     addresses: list[Address],
@@ -339,6 +429,7 @@ def serve(
     every connection of a listener, and the supervisor hands them over as one tuple.
     """
     started = time.monotonic()
+    client_addr = peer_text(client_address)  # here, not in the supervisor: see Accounting.started
     client.setblocking(False)
     try:
         upstream = connect_upstream(
@@ -361,7 +452,7 @@ def serve(
         log.info("open", link=link.name, client=client_addr, upstream=str(link.target))
     error = ""
     try:
-        outcome = pump(client, upstream, options, counters, base)
+        outcome = pump(client, upstream, options, counters, base, _child_buffers)
     except Ended as ended:
         outcome = ended.args[0]
         error = ended.args[1].strerror or str(ended.args[1])

@@ -34,6 +34,7 @@ from .config import (
     join_host_port,
     parse_cidr,
     parse_metrics_address,
+    peer_text,
 )
 from .listeners import Listener
 from .log import INFO, Logger
@@ -75,11 +76,6 @@ def resolve(link: Link, log: Logger) -> list[Address]:
         if address not in addresses:
             addresses.append(address)
     return addresses
-
-
-def peer_text(address: tuple[object, ...]) -> str:
-    host = str(address[0])
-    return f"[{host}]:{address[1]}" if ":" in host else f"{host}:{address[1]}"
 
 
 def is_allowed(allow: list[Network], host: str) -> bool:
@@ -202,6 +198,7 @@ class Supervisor:
     def run(self) -> int:
         """Serve until stopped; 0 after a clean stop."""
         lines = self.start()
+        relay.preload(self.options)  # before "listening": ready means ready at full speed
         try:
             sys.stdout.write("".join(line + "\n" for line in lines))
             sys.stdout.flush()
@@ -217,13 +214,23 @@ class Supervisor:
         return 0
 
     def loop(self) -> None:
+        poll, handlers = self.poller.poll, self.handlers
         while not (self.stopping and not self.accounting.children):
-            timeout = self._poll_timeout()
-            for fd, events in self.poller.poll(timeout):
-                handler = self.handlers.get(fd)
+            # Checked inline, not through a call: this runs between two forks (see
+            # handle_accept), and with no timer armed there is nothing else to do.
+            timers = not (
+                self.resume_at is None
+                and self.control_at is None
+                and self.term_at is None
+                and self.kill_at is None
+                and self.metrics_at is None
+            )
+            for fd, events in poll(self._poll_timeout() if timers else -1):
+                handler = handlers.get(fd)
                 if handler is not None:
                     handler(events)
-            self.handle_timers()
+            if timers:
+                self.handle_timers()
 
     def cleanup(self) -> None:
         listeners.close_all(self.listeners)
@@ -282,28 +289,53 @@ class Supervisor:
         return lambda events: self.handle_accept(listener)
 
     def handle_accept(self, listener: Listener, batch: int = ACCEPT_BATCH) -> None:
-        max_children = self.options.max_children
+        """Accept up to `batch` clients and fork a child for each.
+
+        The proxy's hot path, and written for it: every page the supervisor writes
+        between two forks is copied, for itself and again in the memory of the child
+        forked before, which keeps the old copy for its whole life (docs/benchmarks.md).
+        So the loop calls no helper of ours and allocates nothing but the child's record.
+        """
+        # _accept gives the bare fd: no socket object, no extra fcntl in the supervisor.
+        accept = listener.sock._accept  # type: ignore[attr-defined]
         children = self.accounting.children
+        take_slot = self.accounting.slots.take
+        max_children = self.options.max_children
+        allow = self.allow
+        fork, close, monotonic = os.fork, os.close, time.monotonic
         for _ in range(batch):
             if len(children) >= max_children:
-                break  # the rest wait in the kernel's backlog until a child exits
+                self.update_accepting()  # the rest wait in the backlog until a child exits
+                return
             try:
-                # _accept() gives the bare fd: no socket object, no extra fcntl in the parent.
-                fd, address = listener.sock._accept()  # type: ignore[attr-defined]
+                fd, address = accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
                 if exc.errno in _RESOURCE_ERRORS:
                     self._accept_failed(listener, exc)
-                    break
+                    return
                 continue  # ECONNABORTED, EPERM from a firewall, ...: that client only
-            if self.allow and not is_allowed(self.allow, address[0]):
-                os.close(fd)
-                self.accounting.denied(listener.link)
-                self.log.warning("denied", link=listener.link.name, client=peer_text(address))
+            if allow and not is_allowed(allow, address[0]):
+                self._deny(listener, fd, address)
                 continue
-            self.spawn(listener, fd, peer_text(address))
-        self.update_accepting()
+            base = take_slot()
+            try:
+                pid = fork()
+            except OSError as exc:
+                self._fork_failed(listener, fd, base, exc)
+                return
+            if pid == 0:
+                self._child(listener, fd, address, base)  # never returns
+            close(fd)
+            children[pid] = (listener.link, address, base, monotonic())  # a ChildRecord
+        if len(children) >= max_children:
+            self.update_accepting()
+
+    def _deny(self, listener: Listener, fd: int, address: tuple[object, ...]) -> None:
+        os.close(fd)
+        self.accounting.denied(listener.link)
+        self.log.warning("denied", link=listener.link.name, client=peer_text(address))
 
     def _accept_failed(self, listener: Listener, exc: OSError) -> None:
         """Pause accepting for a moment; log once per ERROR_LOG_EVERY, with a count."""
@@ -316,22 +348,15 @@ class Supervisor:
                            detail=f"pausing accepts for {ACCEPT_BACKOFF}s at a time")
             self.accept_failure_logged = now
             self.accept_failures = 0
+        self.update_accepting()
 
-    def spawn(self, listener: Listener, fd: int, client: str) -> None:
-        base = self.accounting.slots.take()
-        try:
-            pid = os.fork()
-        except OSError as exc:
-            os.close(fd)
-            self.accounting.slots.release(base)
-            self.log.error("fork-failed", link=listener.link.name, error=exc.strerror,
-                           detail=f"pausing accepts for {ACCEPT_BACKOFF}s")
-            self.resume_at = time.monotonic() + ACCEPT_BACKOFF
-            return
-        if pid == 0:
-            self._child(listener, fd, client, base)  # never returns
+    def _fork_failed(self, listener: Listener, fd: int, base: int, exc: OSError) -> None:
         os.close(fd)
-        self.accounting.started(pid, listener.link, client, base)
+        self.accounting.slots.release(base)
+        self.log.error("fork-failed", link=listener.link.name, error=exc.strerror,
+                       detail=f"pausing accepts for {ACCEPT_BACKOFF}s")
+        self.resume_at = time.monotonic() + ACCEPT_BACKOFF
+        self.update_accepting()
 
     def _prepare_relay(self, listener: Listener) -> None:
         """What every child of this listener hands to relay.serve, built once: a fresh
@@ -344,7 +369,7 @@ class Supervisor:
             self.log,
         )
 
-    def _child(self, listener: Listener, fd: int, client_text: str, base: int) -> None:
+    def _child(self, listener: Listener, fd: int, client: tuple[object, ...], base: int) -> None:
         """The child's whole life: it never returns into the supervisor's frames."""
         status = relay.FAILED
         try:
@@ -354,8 +379,8 @@ class Supervisor:
             # listeners: a child holding one would keep a closed port accepting.
             os.closerange(3, fd)
             os.closerange(fd + 1, 1 << 20)
-            client = RawSocket(listener.family, relay.SOCK_STREAM, 0, fd)
-            status = relay.serve(client, client_text, base, *listener.relay_args)  # type: ignore[arg-type]
+            sock = RawSocket(listener.family, relay.SOCK_STREAM, 0, fd)
+            status = relay.serve(sock, client, base, *listener.relay_args)  # type: ignore[arg-type]
         except BaseException as exc:
             self.log.error("relay-crashed", link=listener.link.name, error=repr(exc))
         finally:
@@ -394,8 +419,9 @@ class Supervisor:
             if record is None:
                 self.log.debug("reaped-orphan", child_pid=pid, status=describe_status(status))
             elif os.WIFSIGNALED(status) and self.term_at is None:
-                self.log.warning("child-died", child_pid=pid, link=record.link.name,
-                                 client=record.client, status=describe_status(status))
+                link, client, _, _ = record
+                self.log.warning("child-died", child_pid=pid, link=link.name,
+                                 client=peer_text(client), status=describe_status(status))
         self.update_accepting()
 
     def handle_stop(self, signum: int) -> None:

@@ -37,14 +37,15 @@ def pairs() -> Iterator[tuple[socket.socket, socket.socket, socket.socket, socke
         sock.close()
 
 
-def run_pump(client: socket.socket, upstream: socket.socket, options: Options
+def run_pump(client: socket.socket, upstream: socket.socket, options: Options,
+             buffers: tuple[memoryview, memoryview] | None = None,
              ) -> tuple[threading.Thread, list[object], memoryview]:
     counters = memoryview(bytearray(16)).cast("Q")
     result: list[object] = []
 
     def target() -> None:
         try:
-            result.append(relay.pump(client, upstream, options, counters, 0))
+            result.append(relay.pump(client, upstream, options, counters, 0, buffers))
         except relay.Ended as ended:
             result.append(ended.args[0])
 
@@ -53,13 +54,19 @@ def run_pump(client: socket.socket, upstream: socket.socket, options: Options
     return thread, result, counters
 
 
+@pytest.mark.parametrize("buffers", ["own", "given"])
 @pytest.mark.parametrize("mode", ["auto", "splice", "copy"])
 def test_both_directions_with_half_close(
-    pairs: tuple[socket.socket, ...], mode: str
+    pairs: tuple[socket.socket, ...], mode: str, buffers: str
 ) -> None:
+    """Bytes arrive whole and in order, with buffers of its own or (as a child's, from
+    relay.preload) given to the pump."""
     client_peer, client, upstream, upstream_peer = pairs
     up, down = os.urandom(5_000_000), os.urandom(3_000_000)
-    thread, result, counters = run_pump(client, upstream, Options(relay=mode))
+    given = None
+    if buffers == "given":
+        given = (memoryview(bytearray(relay.COPY_CHUNK)), memoryview(bytearray(relay.COPY_CHUNK)))
+    thread, result, counters = run_pump(client, upstream, Options(relay=mode), given)
 
     def client_side() -> None:
         client_peer.sendall(up)
@@ -123,3 +130,19 @@ def test_no_time_limit_on_a_half_closed_connection_by_default(
     assert recv_all(client_peer)[0] == len(b"late reply")
     thread.join(10)
     assert result == [relay.CLOSED]
+
+
+@pytest.mark.parametrize("mode", ["auto", "splice", "copy"])
+def test_preload_leaves_nothing_open_and_gives_the_children_buffers(mode: str) -> None:
+    """relay.preload runs the relay over socketpairs in the calling process (the
+    supervisor, before it forks): it must close all it opened and leave one buffer per
+    direction for serve()."""
+    fds_before = sorted(os.listdir("/proc/self/fd"))
+    try:
+        relay.preload(Options(relay=mode), rounds=3)
+        assert sorted(os.listdir("/proc/self/fd")) == fds_before
+        assert relay._child_buffers is not None
+        up, down = relay._child_buffers
+        assert len(up) == len(down) == relay.COPY_CHUNK and up.obj is not down.obj
+    finally:
+        relay._child_buffers = None
