@@ -429,7 +429,6 @@ def serve(
     every connection of a listener, and the supervisor hands them over as one tuple.
     """
     started = time.monotonic()
-    client_addr = peer_text(client_address)  # here, not in the supervisor: see Accounting.started
     client.setblocking(False)
     try:
         upstream = connect_upstream(
@@ -439,7 +438,7 @@ def serve(
         log.warning(
             "connect-failed",
             link=link.name,
-            client=client_addr,
+            client=peer_text(client_address),
             upstream=str(link.target),
             error=exc.strerror or str(exc),
         )
@@ -449,6 +448,8 @@ def serve(
     upstream.setsockopt(IPPROTO_TCP, TCP_NODELAY, 1)
     info = log.enabled(INFO)
     if info:
+        # Formatted here, and only for a log line: not in the supervisor (accounting.ChildRecord).
+        client_addr = peer_text(client_address)
         log.info("open", link=link.name, client=client_addr, upstream=str(link.target))
     error = ""
     try:
