@@ -42,7 +42,8 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-CANDIDATES = ("direct", "socat", "haproxy", "forkproxy")
+CANDIDATES = ("direct", "socat", "haproxy", "floor", "forkproxy")
+FLOOR_SKETCH = REPO / "scripts" / "floor_sketch.py"
 WORKLOADS = ("bulk", "rr", "conn", "mem")
 REFERENCES = ("socat", "haproxy")
 DOC_BEGIN = "<!-- BEGIN scripts/bench output -->"
@@ -53,6 +54,7 @@ COLORS = {
     "direct": "tab:gray",
     "socat": "tab:orange",
     "haproxy": "tab:blue",
+    "floor": "tab:olive",
     "forkproxy": "tab:green",
 }
 
@@ -224,15 +226,31 @@ def tree_memory(root: int) -> TreeMemory:
     return TreeMemory(pss, anon, pte, count)
 
 
-def tree_cpu_seconds(root: int) -> float:
-    """CPU time of the tree: live processes plus the children they have reaped."""
-    ticks = 0
+@dataclass
+class TreeUsage:
+    """What a process tree has spent: live processes plus the children they have reaped."""
+
+    user: float = 0.0  # CPU seconds
+    system: float = 0.0
+    faults: int = 0  # minor page faults: copy-on-write copies, mostly, in a forking proxy
+
+    def __sub__(self, other: TreeUsage) -> TreeUsage:
+        return TreeUsage(
+            self.user - other.user, self.system - other.system, self.faults - other.faults
+        )
+
+
+def tree_usage(root: int) -> TreeUsage:
+    usage = TreeUsage()
     for pid in process_tree(root):
         with contextlib.suppress(OSError, ValueError, IndexError):
             f = _stat_fields(pid)
-            # utime, stime, cutime, cstime are fields 14-17 of stat (index 11-14 here).
-            ticks += sum(int(x) for x in f[11:15])
-    return ticks / CLK_TCK
+            # Fields of stat from 10 (index 7 here): minflt, cminflt, majflt, cmajflt,
+            # utime, stime, cutime, cstime.
+            usage.faults += int(f[7]) + int(f[8])
+            usage.user += (int(f[11]) + int(f[13])) / CLK_TCK
+            usage.system += (int(f[12]) + int(f[14])) / CLK_TCK
+    return usage
 
 
 # --------------------------------------------------------------------------- processes
@@ -352,6 +370,11 @@ class Lab:
             ]
         if candidate == "haproxy":
             return ["haproxy", "-db", "-f", "haproxy.cfg"]
+        if candidate == "floor":
+            # The same interpreter as forkproxy's, run the way forkproxy runs its own.
+            python = self.forkproxy.parent / "python"
+            return [str(python), "-I", "-S", str(FLOOR_SKETCH), "serve", "-q",
+                    f"127.0.0.1:0=127.0.0.1:{target}"]
         if candidate == "forkproxy":
             return [
                 str(self.forkproxy),
@@ -387,8 +410,8 @@ class Lab:
             return Running("direct", target, None, self.logdir)
         self.seq += 1
         name = f"{candidate}-{workload}-{self.seq}"
-        if candidate == "forkproxy":
-            return self._start_forkproxy(name, target)
+        if candidate in ("forkproxy", "floor"):
+            return self._start_forkproxy(name, target, candidate)
         port = free_port()
         argv = self.command(candidate, target, port)
         if candidate == "haproxy":
@@ -403,8 +426,8 @@ class Lab:
             raise BenchError(f"{e}\n{run.stderr_tail()}") from None
         return run
 
-    def _start_forkproxy(self, name: str, target: int) -> Running:
-        argv = self.command("forkproxy", target)
+    def _start_forkproxy(self, name: str, target: int, candidate: str = "forkproxy") -> Running:
+        argv = self.command(candidate, target)
         proc = spawn(name, argv, self.logdir)
         run = Running(name, 0, proc, self.logdir, argv)
         # Readiness is the `listening 127.0.0.1:PORT -> ...` line on stdout.
@@ -567,7 +590,10 @@ def sample_mem(lab: Lab, run: Running, sizes: Sizes) -> dict[str, float]:
 SIDE = {
     "cpu_bulk": ("proxy CPU per GB relayed (bulk)", "s"),
     "cpu_rr": ("proxy CPU per request (rr)", "µs"),
+    "user_rr": ("of which in user space (rr)", "µs"),
     "cpu_conn": ("proxy CPU per connection (conn)", "µs"),
+    "user_conn": ("of which in user space (conn)", "µs"),
+    "faults_conn": ("page faults per connection, whole tree (conn)", "faults"),
     "mem_pss": ("PSS per idle connection including file pages (mem)", "KiB"),
     "pte_per_conn_kib": ("page tables per idle connection (mem; kernel memory, not in PSS)", "KiB"),
 }
@@ -641,17 +667,18 @@ def run_benchmark(
                 try:
                     if run.pid is not None:
                         settle(run.pid, 0.1)
-                    cpu0 = tree_cpu_seconds(run.pid) if run.pid is not None else 0.0
+                    before = tree_usage(run.pid) if run.pid is not None else TreeUsage()
                     values = SAMPLERS[workload](lab, run, sizes)
                     if run.pid is not None:
                         settle(run.pid, 0.1)
-                        cpu = tree_cpu_seconds(run.pid) - cpu0
+                        spent = tree_usage(run.pid) - before
                         ops = values.get("ops") or values.get("bytes", 0.0) / 1e9
                         if ops:
                             # us per request/connection, or CPU seconds per GB for bulk
-                            values[f"cpu_{workload}"] = (
-                                cpu / ops * (1.0 if workload == "bulk" else 1e6)
-                            )
+                            scale = 1.0 if workload == "bulk" else 1e6
+                            values[f"cpu_{workload}"] = (spent.user + spent.system) / ops * scale
+                            values[f"user_{workload}"] = spent.user / ops * scale
+                            values[f"faults_{workload}"] = spent.faults / ops
                 except BenchError as e:
                     res.errors.append(f"{tag}: {e}")
                     log(f"{tag} FAILED: {e}\n{run.stderr_tail()}")
@@ -692,15 +719,18 @@ def ratio(res: Results, metric: str, cand: str, ref: str) -> float | None:
     return a / b
 
 
+# The ratios the table shows, of those whose two candidates ran.
+RATIOS = (
+    ("haproxy", "socat"),
+    ("floor", "socat"),
+    ("forkproxy", "socat"),
+    ("forkproxy", "haproxy"),
+    ("forkproxy", "floor"),
+)
+
+
 def ratio_columns(candidates: list[str]) -> list[tuple[str, str]]:
-    cols = []
-    refs = [r for r in REFERENCES if r in candidates]
-    for ref in refs:
-        for cand in candidates:
-            if cand in ("direct", ref) or (cand in refs and refs.index(cand) < refs.index(ref)):
-                continue
-            cols.append((cand, ref))
-    return cols
+    return [(a, b) for a, b in RATIOS if a in candidates and b in candidates]
 
 
 def target_rows(res: Results) -> list[dict[str, Any]]:

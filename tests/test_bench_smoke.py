@@ -17,7 +17,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 PEERS = ("redis-server", "redis-cli", "redis-benchmark", "socat", "haproxy", "iperf3")
-CANDIDATES = ("direct", "socat", "haproxy", "forkproxy")
+CANDIDATES = ("direct", "socat", "haproxy", "floor", "forkproxy")
 METRICS = ("bulk", "rr", "conn", "p50", "p99", "mem")
 
 
@@ -50,7 +50,7 @@ def test_bench_smoke_run(tmp_path: Path) -> None:
             out, err = proc.communicate(timeout=30)
             pytest.fail(f"scripts/bench --smoke took over 240 s\nstderr:\n{err[-5000:]}")
     assert proc.returncode == 0, f"stdout:\n{out[-3000:]}\nstderr:\n{err[-5000:]}"
-    assert out.startswith("| metric | unit | direct | socat | haproxy | forkproxy |")
+    assert out.startswith("| metric | unit | direct | socat | haproxy | floor | forkproxy |")
 
     data = json.loads((tmp_path / "benchmarks.json").read_text())
     assert data["errors"] == []
