@@ -1165,6 +1165,10 @@ def main(argv: list[str]) -> int:
         commands = {c: shlex.join(lab.command(c, "T")) for c in candidates if c != "direct"}
         if "forkproxy" in commands:
             commands["forkproxy"] = commands["forkproxy"].replace(str(lab.forkproxy), "forkproxy")
+        if "floor" in commands:  # the venv's python and this tree's script, without their paths
+            commands["floor"] = shlex.join(
+                ["python", "-I", "-S", "scripts/floor_sketch.py", *lab.command("floor", "T")[4:]]
+            )
         if "haproxy" in commands:
             commands["haproxy.cfg"] = lab.haproxy_cfg("P", "T")
         machine = machine_info(args.forkproxy)
