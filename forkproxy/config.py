@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 
 MAX_NAME = 253  # longest DNS name
 MAX_CHILDREN = 1 << 22  # PID_MAX_LIMIT: no more processes can ever exist at once
+MAX_SECONDS = 2_000_000  # any duration: poll() waits at most 2**31 - 1 ms (~24.8 days)
+_CAN_BE_OFF = ("--idle-timeout", "--halfclose-timeout")
 RELAY_MODES = ("auto", "splice", "copy")
 LOG_FORMATS = ("text", "json")
 
@@ -364,6 +366,11 @@ def check_options(options: Options) -> Options:
         # grace is a plain "stop now".
         if value < 0 or (value == 0 and flag != "--grace"):
             raise ConfigError(f"{flag} {value}: must be a positive number of seconds")
+        if value > MAX_SECONDS:
+            # poll() takes its timeout as a C int of milliseconds: past ~24.8 days the
+            # relay or the supervisor would die of an OverflowError mid-connection.
+            raise ConfigError(f"{flag} {value:g}: at most {MAX_SECONDS:,} seconds (23 days)"
+                              + ("; 'off' means none" if flag in _CAN_BE_OFF else ""))
     for cidr in options.allow:
         parse_cidr(cidr)
     if options.metrics is not None:
@@ -412,6 +419,9 @@ def parse_seconds(text: str | None, flag: str, *, can_be_off: bool = True) -> fl
         raise ConfigError(f"{flag} {_describe(text)}: not a number of seconds") from None
     if not value == value or value in (float("inf"), float("-inf")) or value < 0:
         raise ConfigError(f"{flag} {_describe(text)}: must be a finite, positive number of seconds")
+    if value > MAX_SECONDS:
+        raise ConfigError(f"{flag} {_describe(text)}: at most {MAX_SECONDS:,} seconds (23 days)"
+                          + ("; 'off' means none" if can_be_off else ""))
     return value
 
 

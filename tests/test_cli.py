@@ -68,6 +68,11 @@ def test_bad_input_exits_2_with_one_line(
         (["--connect-timeout", "0"], "--connect-timeout 0"),
         (["--allow", "300.0.0.0/8"], "--allow '300.0.0.0/8'"),
         (["--metrics", "nowhere"], "--metrics 'nowhere'"),
+        # poll() takes a C int of milliseconds: longer would crash a relay or the supervisor.
+        (["--grace", "1e10"], "--grace '1e10': at most 2,000,000 seconds"),
+        (["--idle-timeout", "2000001"], "--idle-timeout '2000001': at most 2,000,000 seconds"),
+        (["--halfclose-timeout", "9e9"], "--halfclose-timeout '9e9'"),
+        (["--connect-timeout", "3e6"], "--connect-timeout '3e6'"),
     ],
 )
 def test_bad_options_exit_2(option: list[str], needle: str) -> None:

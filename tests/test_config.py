@@ -216,6 +216,8 @@ def test_env_file_syntax() -> None:
         (Options(allow=("bogus",)), "--allow 'bogus'"),
         (Options(metrics="localhost:9100"), "is not an IP address"),
         (Options(log_format="xml"), "--log-format 'xml'"),
+        (Options(idle_timeout=2_000_001), "at most 2,000,000 seconds (23 days); 'off' means none"),
+        (Options(grace=1e10), "--grace 1e+10: at most 2,000,000 seconds (23 days)"),
     ],
 )
 def test_bad_options(options: Options, message: str) -> None:
