@@ -261,15 +261,15 @@ def pump(
     # of a pooled client's connections are) then never runs, so never copies, the pages
     # of that code and those objects; ~45 KiB less per idle connection (docs/benchmarks.md).
     # poll is level-triggered: _pump sees the same events again.
-    idle = options.idle_timeout
-    if not poller.poll(-1 if idle is None else int(idle * 1000) + 1):
+    idle_ms = -1 if options.idle_timeout is None else int(options.idle_timeout * 1000) + 1
+    if not poller.poll(idle_ms):
         return IDLE_TIMEOUT
     mode = options.relay if HAS_SPLICE else "copy"
     up_buf, down_buf = buffers if buffers is not None else (None, None)
     up = Flow(client, upstream, counters, base, mode, _UP_RESETS, up_buf)
     down = Flow(upstream, client, counters, base + 1, mode, _DOWN_RESETS, down_buf)
     try:
-        return _pump(client, upstream, options, up, down, poller)
+        return _pump(client, upstream, options, up, down, poller, idle_ms)
     finally:
         up.close()
         down.close()
@@ -277,7 +277,7 @@ def pump(
 
 def _pump(
     client: RawSocket, upstream: RawSocket, options: Options, up: Flow, down: Flow,
-    poller: select.poll,
+    poller: select.poll, idle_ms: int,
 ) -> int:
     counters, base = up.counters, up.index
     cfd, ufd = client.fileno(), upstream.fileno()
@@ -287,10 +287,10 @@ def _pump(
     last_active = time.monotonic()
     half_since = 0.0
     moved = 0
-    steady = idle is None and halfclose is None
     while not (up.done and down.done):
-        if steady and cmask == POLLIN and umask == POLLIN:
-            _relay_steady(poller.poll, cfd, up, down)
+        steady = cmask == POLLIN and umask == POLLIN
+        if steady and _relay_steady(poller.poll, idle_ms, cfd, up, down):
+            return IDLE_TIMEOUT
         want_c = (POLLIN if up.wants_read else 0) | (POLLOUT if down.pending else 0)
         want_u = (POLLIN if down.wants_read else 0) | (POLLOUT if up.pending else 0)
         # A mask of -1 means unregistered: after a hang-up with nothing left to do on
@@ -345,23 +345,30 @@ def _pump(
 
 
 def _relay_steady(
-    poll: Callable[[], list[tuple[int, int]]], cfd: int, up: Flow, down: Flow
-) -> None:
-    """Relay while both directions are open with nothing pending (no deadlines either).
+    poll: Callable[[int], list[tuple[int, int]]], idle_ms: int, cfd: int, up: Flow, down: Flow
+) -> bool:
+    """Relay while both directions are open with nothing pending; True after `idle_ms`
+    (-1: never) with no event at all, which is an idle timeout.
 
     That is an interactive connection between two messages, most of its life; each
     readable socket is one read and, usually, one complete write, with no bookkeeping in
-    between. Returns when a flow leaves that state or on any event but plain POLLIN,
-    which pump() then handles: poll is level-triggered, so it reports that event again.
+    between (no half-close deadline can run while both directions are open, and an idle
+    one is the poll's own timeout). Returns False when a flow leaves that state or on any
+    event but plain POLLIN, which pump() then handles: poll is level-triggered, so it
+    reports that event again.
     """
     while not (up.pending or down.pending or up.eof or down.eof):
-        for fd, events in poll():
+        ready = poll(idle_ms)
+        if not ready:
+            return True
+        for fd, events in ready:
             if events != POLLIN:
-                return
+                return False
             if fd == cfd:
                 up.read()
             else:
                 down.read()
+    return False
 
 
 def _set_mask(poller: select.poll, fd: int, old: int, new: int) -> None:
