@@ -369,8 +369,7 @@ def check_options(options: Options) -> Options:
         if value > MAX_SECONDS:
             # poll() takes its timeout as a C int of milliseconds: past ~24.8 days the
             # relay or the supervisor would die of an OverflowError mid-connection.
-            raise ConfigError(f"{flag} {value:g}: at most {MAX_SECONDS:,} seconds (23 days)"
-                              + ("; 'off' means none" if flag in _CAN_BE_OFF else ""))
+            raise _too_long(flag, f"{value:g}", can_be_off=flag in _CAN_BE_OFF)
     for cidr in options.allow:
         parse_cidr(cidr)
     if options.metrics is not None:
@@ -420,9 +419,13 @@ def parse_seconds(text: str | None, flag: str, *, can_be_off: bool = True) -> fl
     if not value == value or value in (float("inf"), float("-inf")) or value < 0:
         raise ConfigError(f"{flag} {_describe(text)}: must be a finite, positive number of seconds")
     if value > MAX_SECONDS:
-        raise ConfigError(f"{flag} {_describe(text)}: at most {MAX_SECONDS:,} seconds (23 days)"
-                          + ("; 'off' means none" if can_be_off else ""))
+        raise _too_long(flag, _describe(text), can_be_off=can_be_off)
     return value
+
+
+def _too_long(flag: str, shown: str, *, can_be_off: bool) -> ConfigError:
+    off = "; 'off' means none" if can_be_off else ""
+    return ConfigError(f"{flag} {shown}: at most {MAX_SECONDS:,} seconds (23 days){off}")
 
 
 def parse_count(text: str, flag: str) -> int:

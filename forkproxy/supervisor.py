@@ -216,20 +216,12 @@ class Supervisor:
     def loop(self) -> None:
         poll, handlers = self.poller.poll, self.handlers
         while not (self.stopping and not self.accounting.children):
-            # Checked inline, not through a call: this runs between two forks (see
-            # handle_accept), and with no timer armed there is nothing else to do.
-            timers = not (
-                self.resume_at is None
-                and self.control_at is None
-                and self.term_at is None
-                and self.kill_at is None
-                and self.metrics_at is None
-            )
-            for fd, events in poll(self._poll_timeout() if timers else -1):
+            timeout = self._poll_timeout()
+            for fd, events in poll(timeout):
                 handler = handlers.get(fd)
                 if handler is not None:
                     handler(events)
-            if timers:
+            if timeout >= 0:  # a timer was armed: fire those that are due
                 self.handle_timers()
 
     def cleanup(self) -> None:

@@ -411,7 +411,7 @@ class Lab:
         self.seq += 1
         name = f"{candidate}-{workload}-{self.seq}"
         if candidate in ("forkproxy", "floor"):
-            return self._start_forkproxy(name, target, candidate)
+            return self._start_announced(name, target, candidate)
         port = free_port()
         argv = self.command(candidate, target, port)
         if candidate == "haproxy":
@@ -426,7 +426,8 @@ class Lab:
             raise BenchError(f"{e}\n{run.stderr_tail()}") from None
         return run
 
-    def _start_forkproxy(self, name: str, target: int, candidate: str = "forkproxy") -> Running:
+    def _start_announced(self, name: str, target: int, candidate: str = "forkproxy") -> Running:
+        """forkproxy or the floor sketch: ready once it prints its `listening` line."""
         argv = self.command(candidate, target)
         proc = spawn(name, argv, self.logdir)
         run = Running(name, 0, proc, self.logdir, argv)
