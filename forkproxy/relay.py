@@ -13,6 +13,7 @@ resets the other and ends both.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import fcntl
 import os
@@ -383,15 +384,18 @@ def _socket_error(sock: RawSocket) -> OSError:
     return OSError(code, os.strerror(code))
 
 
-def preload(options: Options, rounds: int = 24) -> None:
+def preload(options: Options, log: Logger, rounds: int = 24) -> None:
     """Prepare, in the supervisor before it forks, what every child would otherwise make.
 
     The buffers serve() hands to pump(). And warm code: CPython (3.11+) counts calls in
     each code object and rewrites its bytecode in place as it specializes, so a child
-    running relay code for the first time writes to, and so copies, the pages of every
-    code object it runs. Relaying a few bytes each way over socketpairs here, `rounds`
-    times, leaves the children code that is already specialized (docs/benchmarks.md).
-    Best effort: without socketpairs (no file descriptors left) children warm their own.
+    running code for the first time writes to, and so copies, the pages of every code
+    object it runs. Running the child's code here, `rounds` times, leaves the children
+    code that is already specialized (docs/benchmarks.md): pump() over socketpairs with
+    the real options, then serve() whole (connect, log lines, relay, close) over loopback.
+    `log` is the children's logger: the warm-up logs with its level and format to
+    /dev/null. Best effort: without sockets (no file descriptors left, no loopback in
+    this network namespace) children warm their own.
     """
     global _child_buffers
     _child_buffers = (memoryview(bytearray(COPY_CHUNK)), memoryview(bytearray(COPY_CHUNK)))
@@ -419,6 +423,36 @@ def preload(options: Options, rounds: int = 24) -> None:
             finally:
                 raw_client.close()
                 raw_upstream.close()
+    try:
+        _preload_serve(options, log, counters, rounds)
+    except OSError:
+        pass  # no loopback here: serve() and connect_upstream() stay cold
+
+
+def _preload_serve(options: Options, log: Logger, counters: memoryview, rounds: int) -> None:
+    """serve() as a child runs it, against a loopback 'upstream' that never accepts.
+
+    The connection waits in that listener's backlog, which is enough for connect() and
+    for the relay to write; the 1 ms idle timeout then ends each relay, since the
+    upstream can never answer. (Only the warm-up's options carry that timeout.)
+    """
+    warm_options = dataclasses.replace(options, idle_timeout=0.001, connect_retries=0)
+    with (
+        socket.create_server(("127.0.0.1", 0), backlog=rounds) as upstream_listener,
+        socket.create_server(("127.0.0.1", 0), backlog=1) as client_listener,
+        open(os.devnull, "wb") as devnull,
+    ):
+        warm_log = Logger(log.level, log.fmt, devnull.fileno())
+        target = upstream_listener.getsockname()
+        link = Link("127.0.0.1", 0, Endpoint(target[0], target[1]), ("preload",))
+        addresses: list[Address] = [(int(socket.AF_INET), target)]
+        for _ in range(rounds):
+            with socket.create_connection(client_listener.getsockname()) as client_peer:
+                fd, address = client_listener._accept()  # type: ignore[attr-defined]
+                client_peer.sendall(b"PING\r\n")
+                client_peer.shutdown(socket.SHUT_WR)
+                client = RawSocket(int(socket.AF_INET), SOCK_STREAM, 0, fd)
+                serve(client, address, 0, link, addresses, warm_options, counters, warm_log)
 
 
 def reset(sock: RawSocket) -> None:

@@ -198,7 +198,7 @@ class Supervisor:
     def run(self) -> int:
         """Serve until stopped; 0 after a clean stop."""
         lines = self.start()
-        relay.preload(self.options)  # before "listening": ready means ready at full speed
+        relay.preload(self.options, self.log)  # before "listening": ready means ready at full speed
         try:
             sys.stdout.write("".join(line + "\n" for line in lines))
             sys.stdout.flush()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 
@@ -12,6 +14,7 @@ import pytest
 
 from forkproxy import relay
 from forkproxy.config import Options
+from forkproxy.log import Logger
 
 from conftest import recv_all
 
@@ -132,6 +135,39 @@ def test_no_time_limit_on_a_half_closed_connection_by_default(
     assert result == [relay.CLOSED]
 
 
+WARM_CHECK = """
+import dis, os, sys
+from forkproxy import relay
+from forkproxy.config import Options
+from forkproxy.log import Logger
+from forkproxy.log import INFO, Logger
+
+def specialized(function):
+    plain = [i.opname for i in dis.get_instructions(function)]
+    return plain != [i.opname for i in dis.get_instructions(function, adaptive=True)]
+
+child_code = (relay.serve, relay.connect_upstream, relay.pump, relay._pump, relay._relay_steady)
+assert not any(specialized(f) for f in child_code)
+read_fd, write_fd = os.pipe()
+relay.preload(Options(), Logger(INFO, "text", write_fd), rounds=10)
+os.close(write_fd)
+assert os.read(read_fd, 4096) == b"", "the warm-up wrote to the children's log"
+cold = [f.__name__ for f in child_code if not specialized(f)]
+assert not cold, cold
+print("warm")
+"""
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="adaptive bytecode is CPython 3.11+")
+def test_preload_specializes_the_childs_code_without_logging_a_line() -> None:
+    """The point of preload: serve(), connect_upstream() and the relay loops are already
+    specialized in a process that has run nothing else, and the warm-up's open/close
+    lines went to /dev/null, not to the children's log."""
+    result = subprocess.run([sys.executable, "-c", WARM_CHECK], capture_output=True,
+                            text=True, timeout=60, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert result.returncode == 0 and result.stdout == "warm\n", result.stderr
+
+
 @pytest.mark.parametrize("mode", ["auto", "splice", "copy"])
 def test_preload_leaves_nothing_open_and_gives_the_children_buffers(mode: str) -> None:
     """relay.preload runs the relay over socketpairs in the calling process (the
@@ -139,7 +175,7 @@ def test_preload_leaves_nothing_open_and_gives_the_children_buffers(mode: str) -
     direction for serve()."""
     fds_before = sorted(os.listdir("/proc/self/fd"))
     try:
-        relay.preload(Options(relay=mode), rounds=3)
+        relay.preload(Options(relay=mode), Logger(), rounds=3)
         assert sorted(os.listdir("/proc/self/fd")) == fds_before
         assert relay._child_buffers is not None
         up, down = relay._child_buffers
