@@ -4,9 +4,10 @@ and reconcile an old set with a new one so a reload keeps the sockets it can."""
 from __future__ import annotations
 
 import errno
+import select
 import socket
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 
 from .config import ConfigError, Link, join_host_port
 
@@ -27,9 +28,17 @@ class Listener:
     family: int = 0
     # Set by the supervisor: relay.serve's arguments after the slot (see _prepare_relay).
     relay_args: tuple[object, ...] = ()
+    # `waiting(0)`: is another client already in the backlog? A poll of this socket alone,
+    # so the accept loop can ask without an accept() that fails: the BlockingIOError that
+    # raises allocates an exception, a traceback and a frame object, and every page the
+    # supervisor writes between two forks is copied (docs/benchmarks.md).
+    waiting: Callable[[int], list[tuple[int, int]]] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.family = int(self.sock.family)
+        backlog = select.poll()
+        backlog.register(self.sock.fileno(), select.POLLIN)
+        self.waiting = backlog.poll
 
     @property
     def fd(self) -> int:

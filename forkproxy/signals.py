@@ -50,17 +50,18 @@ class SignalPipe:
 
 
 def reset_in_child() -> None:
-    """A relay child: no wakeup fd, default TERM, and deaf to what is meant for the supervisor.
+    """A child process: no wakeup fd, default TERM, and deaf to what is meant for the supervisor.
 
     SIGINT (a terminal's Ctrl-C reaches the whole process group) and SIGHUP (reload)
-    are the supervisor's business; live connections are never touched by them.
+    are the supervisor's business; live connections are never touched by them. (The
+    relay children do the same inline, from CHILD_DISPOSITIONS: see handle_accept.)
     """
     _signal.set_wakeup_fd(-1)
-    for signum, action in _CHILD_DISPOSITIONS:
+    for signum, action in CHILD_DISPOSITIONS:
         _signal.signal(signum, action)
 
 
-_CHILD_DISPOSITIONS = [
+CHILD_DISPOSITIONS = [
     (int(signal.SIGINT), int(signal.SIG_IGN)),
     (int(signal.SIGHUP), int(signal.SIG_IGN)),
     (int(signal.SIGUSR1), int(signal.SIG_IGN)),

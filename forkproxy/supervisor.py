@@ -12,6 +12,7 @@ that line (tests/test_supervisor.py).
 
 from __future__ import annotations
 
+import _signal  # type: ignore[import-not-found]  # the C module: see signals.py
 import errno
 import gc
 import os
@@ -216,7 +217,11 @@ class Supervisor:
     def loop(self) -> None:
         poll, handlers = self.poller.poll, self.handlers
         while not (self.stopping and not self.accounting.children):
-            timeout = self._poll_timeout()
+            # No timer armed, the usual case, needs no call and no list (pages: handle_accept).
+            timeout = -1 if (
+                self.resume_at is None and self.control_at is None and self.term_at is None
+                and self.kill_at is None and self.metrics_at is None
+            ) else self._poll_timeout()
             for fd, events in poll(timeout):
                 handler = handlers.get(fd)
                 if handler is not None:
@@ -295,7 +300,8 @@ class Supervisor:
         max_children = self.options.max_children
         allow = self.allow
         fork, close, monotonic = os.fork, os.close, time.monotonic
-        for _ in range(batch):
+        waiting = listener.waiting
+        for i in range(batch):
             if len(children) >= max_children:
                 self.update_accepting()  # the rest wait in the backlog until a child exits
                 return
@@ -318,9 +324,31 @@ class Supervisor:
                 self._fork_failed(listener, fd, base, exc)
                 return
             if pid == 0:
-                self._child(listener, fd, address, base)  # never returns
+                # The child's whole life, written out here rather than in a method: code
+                # the supervisor never runs is cold in every child, and running a cold code
+                # object writes to it (CPython counts calls in it, then rewrites it), so
+                # each child would copy its pages (docs/benchmarks.md). It never returns.
+                status = relay.FAILED
+                try:
+                    _signal.set_wakeup_fd(-1)
+                    for signum, action in signals.CHILD_DISPOSITIONS:
+                        _signal.signal(signum, action)
+                    gc.disable()  # a collection would touch (and so copy) every page of the heap
+                    # Drop every inherited descriptor but stdio and the client, above all the
+                    # listeners: a child holding one would keep a closed port accepting.
+                    os.closerange(3, fd)
+                    os.closerange(fd + 1, 1 << 20)
+                    sock = RawSocket(listener.family, relay.SOCK_STREAM, 0, fd)
+                    status = relay.serve(sock, address, base, *listener.relay_args)  # type: ignore[arg-type]
+                except BaseException as exc:
+                    self.log.error("relay-crashed", link=listener.link.name, error=repr(exc))
+                finally:
+                    os._exit(status)
             close(fd)
             children[pid] = (listener.link, address, base, monotonic())  # a ChildRecord
+            if not i and not waiting(0):
+                break  # one client this wakeup, the usual case: done, no accept() that fails
+            # More are waiting (a burst): accept until accept() says there are no more.
         if len(children) >= max_children:
             self.update_accepting()
 
@@ -360,23 +388,6 @@ class Supervisor:
             self.accounting.slots.counters,
             self.log,
         )
-
-    def _child(self, listener: Listener, fd: int, client: tuple[object, ...], base: int) -> None:
-        """The child's whole life: it never returns into the supervisor's frames."""
-        status = relay.FAILED
-        try:
-            signals.reset_in_child()
-            gc.disable()  # a collection would touch (and so copy) every page of the heap
-            # Drop every inherited descriptor but stdio and the client, above all the
-            # listeners: a child holding one would keep a closed port accepting.
-            os.closerange(3, fd)
-            os.closerange(fd + 1, 1 << 20)
-            sock = RawSocket(listener.family, relay.SOCK_STREAM, 0, fd)
-            status = relay.serve(sock, client, base, *listener.relay_args)  # type: ignore[arg-type]
-        except BaseException as exc:
-            self.log.error("relay-crashed", link=listener.link.name, error=repr(exc))
-        finally:
-            os._exit(status)
 
     # -- signals -----------------------------------------------------------------------
 
