@@ -10,9 +10,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import psutil
+import pytest
 
 import forkproxy
-from forkproxy.config import Options, Sources
+from forkproxy.config import Options, Sources, parse_spec
+from forkproxy.listeners import Listener
 from forkproxy.log import Logger
 from forkproxy.supervisor import Supervisor
 
@@ -62,3 +64,48 @@ def test_reaps_children_that_are_not_its_own() -> None:
     supervisor.handle_chld()
     assert supervisor.accounting.orphans_reaped == 1
     assert not psutil.pid_exists(pid)
+
+
+class _CountingListenSock:
+    """A real listening socket whose accept() calls are counted."""
+
+    def __init__(self, real: socket.socket) -> None:
+        self.real = real
+        self.family = real.family
+        self.calls = 0
+
+    def fileno(self) -> int:
+        return self.real.fileno()
+
+    def _accept(self) -> tuple[int, object]:
+        self.calls += 1
+        return self.real._accept()  # type: ignore[attr-defined, no-any-return]
+
+
+def test_a_lone_client_costs_one_accept_and_a_burst_accepts_until_eagain(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """After the first client of a wakeup the loop asks the listener's own poll whether
+    another is waiting, rather than calling accept() until it raises (the exception
+    allocates, and between forks every page written is copied). fork is replaced
+    here: the loop's logic is under test, not the children."""
+    pids = iter(range(900_000, 900_100))
+    monkeypatch.setattr(os, "fork", lambda: next(pids))
+    link = parse_spec("127.0.0.1:0=127.0.0.1:1")
+    with socket.create_server(("127.0.0.1", 0)) as real, open(tmp_path / "log", "wb") as log:
+        real.setblocking(False)
+        counting = _CountingListenSock(real)
+        listener = Listener(link, counting, 0)  # type: ignore[arg-type]
+        sup = Supervisor(Sources(link.names, options=Options()), {}, Logger(fd=log.fileno()))
+        sup.listeners = [listener]
+        clients = [socket.create_connection(real.getsockname())]
+        sup.handle_accept(listener)
+        assert len(sup.accounting.children) == 1 and counting.calls == 1
+        clients += [socket.create_connection(real.getsockname()) for _ in range(3)]
+        sup.handle_accept(listener)
+        # three clients, then the accept() that says there are no more
+        assert len(sup.accounting.children) == 4 and counting.calls == 5
+        sup.handle_accept(listener)  # a wakeup with nobody there (it can happen) is harmless
+        assert len(sup.accounting.children) == 4 and counting.calls == 6
+        for client in clients:
+            client.close()
