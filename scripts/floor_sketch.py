@@ -8,7 +8,10 @@ limits, no logging, no timeouts, no reload, no graceful stop, no name resolution
 The habits that make a forking CPython cheap are kept, as forkproxy keeps them:
 `gc.freeze()` before forking, `gc.disable()` in the child, a buffer allocated before any
 fork, the bare fd from `_accept`, the C socket type and `_signal` in the child (their
-Python wrappers run code that copies pages), only os/socket/select/signal/gc imported.
+Python wrappers run code that copies pages), only os/socket/select/signal/gc imported,
+the relay loop run before any fork so children inherit it specialized (warm_up), the
+child's other code inline in the loop the supervisor runs, and no accept() that fails
+after a lone client (a poll of the listener alone asks whether another is waiting).
 
 Usage (the way the bench starts forkproxy): python -I -S floor_sketch.py serve -q
 127.0.0.1:0=127.0.0.1:PORT. It prints `listening 127.0.0.1:P -> 127.0.0.1:PORT`.
@@ -30,16 +33,9 @@ SIGCHLD, SIG_DFL = int(signal.SIGCHLD), int(signal.SIG_DFL)
 BUFFER = bytearray(65536)  # made before any fork: a child copies only the pages it fills
 
 
-def relay(fd: int, target: tuple[str, int]) -> int:
-    """One connection, in the child: connect, relay both ways, return the exit status."""
-    client = RawSocket(fileno=fd)
-    upstream = RawSocket()
-    try:
-        upstream.connect(target)
-    except OSError:
-        return 1
-    client.setsockopt(IPPROTO_TCP, TCP_NODELAY, 1)
-    upstream.setsockopt(IPPROTO_TCP, TCP_NODELAY, 1)
+def relay(client: RawSocket, upstream: RawSocket) -> int:
+    """Relay both ways until both are done; return the exit status."""
+    fd = client.fileno()
     poller = select.poll()
     poller.register(fd, POLLIN)
     poller.register(upstream.fileno(), POLLIN)
@@ -62,6 +58,22 @@ def relay(fd: int, target: tuple[str, int]) -> int:
                 pass
             open_directions -= 1
     return 0
+
+
+def warm_up(rounds: int = 24) -> None:
+    """Run relay() before any fork so that children inherit its code specialized: a code
+    object that runs for the first time in a child is written to, so copied (forkproxy's
+    relay.preload does the same)."""
+    for _ in range(rounds):
+        a, b = socket.socketpair()
+        c, d = socket.socketpair()
+        b.sendall(b"PING")
+        b.shutdown(socket.SHUT_WR)
+        c.sendall(b"PONG")
+        c.shutdown(socket.SHUT_WR)
+        relay(RawSocket(fileno=a.detach()), RawSocket(fileno=d.detach()))
+        for s in (b, c):
+            s.close()
 
 
 def main() -> None:
@@ -87,10 +99,15 @@ def main() -> None:
     poller.register(listen_fd, select.POLLIN)
     poller.register(wake_fd, select.POLLIN)
     accept, fork, close, waitpid = listener._accept, os.fork, os.close, os.waitpid  # type: ignore[attr-defined]
+    backlog = select.poll()
+    backlog.register(listen_fd, select.POLLIN)
+    waiting = backlog.poll
+    warm_up()
     gc.freeze()
     while True:
         for ready, _ in poller.poll():
             if ready == listen_fd:
+                first = True
                 for _ in range(64):
                     try:
                         fd, _address = accept()
@@ -104,10 +121,21 @@ def main() -> None:
                             set_handler(SIGCHLD, SIG_DFL)
                             for inherited in (listen_fd, wake_fd, wake_w.fileno()):
                                 close(inherited)
-                            status = relay(fd, target)
+                            client = RawSocket(fileno=fd)
+                            upstream = RawSocket()
+                            try:
+                                upstream.connect(target)
+                            except OSError:
+                                os._exit(1)
+                            client.setsockopt(IPPROTO_TCP, TCP_NODELAY, 1)
+                            upstream.setsockopt(IPPROTO_TCP, TCP_NODELAY, 1)
+                            status = relay(client, upstream)
                         finally:
                             os._exit(status)
                     close(fd)
+                    if first and not waiting(0):
+                        break  # the only client of this wakeup: no accept() that fails
+                    first = False
             else:
                 try:
                     wake_r.recv(4096)
