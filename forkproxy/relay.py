@@ -28,7 +28,7 @@ from _socket import socket as RawSocket
 from collections.abc import Callable
 
 from .config import Endpoint, Link, Options, peer_text
-from .log import INFO, Logger
+from .log import INFO, SLOT, Logger
 
 __all__ = ["Address", "Ended", "RawSocket", "connect_upstream", "preload", "pump", "serve"]
 
@@ -445,6 +445,8 @@ def _preload_serve(options: Options, log: Logger, counters: memoryview, rounds: 
         warm_log = Logger(log.level, log.fmt, devnull.fileno())
         target = upstream_listener.getsockname()
         link = Link("127.0.0.1", 0, Endpoint(target[0], target[1]), ("preload",))
+        open_line = warm_log.prepare(INFO, "open", link=link.name, client=SLOT,
+                                     upstream=str(link.target))
         addresses: list[Address] = [(int(socket.AF_INET), target)]
         for _ in range(rounds):
             with socket.create_connection(client_listener.getsockname()) as client_peer:
@@ -452,7 +454,8 @@ def _preload_serve(options: Options, log: Logger, counters: memoryview, rounds: 
                 client_peer.sendall(b"PING\r\n")
                 client_peer.shutdown(socket.SHUT_WR)
                 client = RawSocket(int(socket.AF_INET), SOCK_STREAM, 0, fd)
-                serve(client, address, 0, link, addresses, warm_options, counters, warm_log)
+                serve(client, address, 0, link, addresses, warm_options, counters, warm_log,
+                      open_line)
 
 
 def reset(sock: RawSocket) -> None:
@@ -473,11 +476,13 @@ def serve(
     options: Options,
     counters: memoryview,
     log: Logger,
+    open_line: str | None,
 ) -> int:
     """The whole life of one connection in its child; returns the exit status.
 
     `base` is the child's slot in `counters`; the arguments after it are the same for
     every connection of a listener, and the supervisor hands them over as one tuple.
+    `open_line` is the link's "open" line from `log.prepare`, with the client as its slot.
     """
     started = time.monotonic()
     client.setblocking(False)
@@ -501,7 +506,10 @@ def serve(
     if info:
         # Formatted here, and only for a log line: not in the supervisor (accounting.ChildRecord).
         client_addr = peer_text(client_address)
-        log.info("open", link=link.name, client=client_addr, upstream=str(link.target))
+        if open_line is None:
+            log.info("open", link=link.name, client=client_addr, upstream=str(link.target))
+        else:
+            log.emit_prepared(open_line, client_addr)
     error = ""
     try:
         outcome = pump(client, upstream, options, counters, base, _child_buffers)

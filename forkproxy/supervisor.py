@@ -38,7 +38,7 @@ from .config import (
     peer_text,
 )
 from .listeners import Listener
-from .log import INFO, Logger
+from .log import INFO, SLOT, Logger
 from .relay import Address, RawSocket
 
 ACCEPT_BATCH = 64  # accepts per wakeup, so signals and reaping get their turn in a burst
@@ -381,12 +381,14 @@ class Supervisor:
     def _prepare_relay(self, listener: Listener) -> None:
         """What every child of this listener hands to relay.serve, built once: a fresh
         child walking self.* attribute chains would copy the pages they touch."""
+        link = listener.link
         listener.relay_args = (
-            listener.link,
-            self.addresses.get(listener.link.key, []),
+            link,
+            self.addresses.get(link.key, []),
             self.options,
             self.accounting.slots.counters,
             self.log,
+            self.log.prepare(INFO, "open", link=link.name, client=SLOT, upstream=str(link.target)),
         )
 
     # -- signals -----------------------------------------------------------------------

@@ -26,6 +26,8 @@ import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from forkproxy.log import INFO, SLOT, Logger
+
 from conftest import FORKPROXY, Proxy, Redis, TcpServer, echo, need, recv_all
 
 T = TypeVar("T")
@@ -761,3 +763,38 @@ def test_log_format_json_every_line_is_an_object_with_the_text_fields(
             assert record["pid"] == as_json.pid, (
                 f"{event}: JSON 'pid' is {record['pid']}, not the supervisor's {as_json.pid} "
                 f"that the text line names: {record}")
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+@pytest.mark.parametrize("client", ["127.0.0.1:5000", "[fe80::1%eth0]:80", 'odd "value" =x',
+                                    "back\\slash", "new\nline", "", "ünï"])
+def test_a_prepared_line_is_the_line_emit_writes(fmt: str, client: str) -> None:
+    """Children write their `open` line from a template the supervisor prepared per link
+    (Logger.prepare): it must be byte for byte the line `emit` would write, but for the
+    time, in both formats, whatever the client text (odd ones are quoted as emit does)."""
+    read_fd, write_fd = os.pipe()
+    try:
+        log = Logger(INFO, fmt, write_fd)
+        fields = {"link": "REDIS_PORT_6379_TCP,100%", "upstream": "[fe80::5%eth0]:6379"}
+        template = log.prepare(INFO, "open", link=fields["link"], client=SLOT,
+                               upstream=fields["upstream"])
+        assert template is not None
+        log.emit_prepared(template, client)
+        log.info("open", link=fields["link"], client=client, upstream=fields["upstream"])
+        prepared, emitted, rest = os.read(read_fd, 65536).decode().split("\n")
+    finally:
+        os.close(read_fd)
+        os.close(write_fd)
+    assert rest == ""
+    stamp = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
+    assert stamp.search(prepared) and stamp.sub("T", prepared) == stamp.sub("T", emitted)
+    if fmt == "json":
+        assert json.loads(prepared)["client"] == client
+        assert json.loads(prepared)["pid"] == os.getpid()
+
+
+def test_a_line_whose_fields_hold_a_mark_is_not_prepared() -> None:
+    """prepare's marks never occur in validated names and targets; if one did, the caller
+    gets None and logs the usual way rather than a garbled line."""
+    assert Logger(INFO).prepare(INFO, "open", link="<pid>", client=SLOT, upstream="x") is None
+    assert Logger(INFO, "json").prepare(INFO, "open", link="a", client=SLOT) is not None
