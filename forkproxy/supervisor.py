@@ -282,16 +282,16 @@ class Supervisor:
             else:
                 self._unwatch(listener.fd)
 
-    def _accept_handler(self, listener: Listener) -> Callable[[int], None]:
-        return lambda events: self.handle_accept(listener)
-
-    def handle_accept(self, listener: Listener, batch: int = ACCEPT_BATCH) -> None:
-        """Accept up to `batch` clients and fork a child for each.
+    def _accept_handler(self, listener: Listener) -> Callable[..., None]:
+        """The listener's poll handler: `handler(events, batch)` accepts up to `batch`
+        clients and forks a child for each.
 
         The proxy's hot path, and written for it: every page the supervisor writes
         between two forks is copied, for itself and again in the memory of the child
         forked before, which keeps the old copy for its whole life (docs/benchmarks.md).
-        So the loop calls no helper of ours and allocates nothing but the child's record.
+        So what the loop needs is bound here, once per listener (again after a reload,
+        which watches the listeners anew), not looked up on every wakeup; the loop calls
+        no helper of ours and allocates nothing but the child's record.
         """
         # _accept gives the bare fd: no socket object, no extra fcntl in the supervisor.
         accept = listener.sock._accept  # type: ignore[attr-defined]
@@ -299,58 +299,70 @@ class Supervisor:
         take_slot = self.accounting.slots.take
         max_children = self.options.max_children
         allow = self.allow
-        fork, close, monotonic = os.fork, os.close, time.monotonic
         waiting = listener.waiting
-        for i in range(batch):
-            if len(children) >= max_children:
-                self.update_accepting()  # the rest wait in the backlog until a child exits
-                return
-            try:
-                fd, address = accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                if exc.errno in _RESOURCE_ERRORS:
-                    self._accept_failed(listener, exc)
+        link = listener.link
+        fork, close, monotonic = os.fork, os.close, time.monotonic
+
+        def accept_clients(events: int, batch: int = ACCEPT_BATCH) -> None:
+            for i in range(batch):
+                if len(children) >= max_children:
+                    self.update_accepting()  # the rest wait in the backlog until a child exits
                     return
-                continue  # ECONNABORTED, EPERM from a firewall, ...: that client only
-            if allow and not is_allowed(allow, address[0]):
-                self._deny(listener, fd, address)
-                continue
-            base = take_slot()
-            try:
-                pid = fork()
-            except OSError as exc:
-                self._fork_failed(listener, fd, base, exc)
-                return
-            if pid == 0:
-                # The child's whole life, written out here rather than in a method: code
-                # the supervisor never runs is cold in every child, and running a cold code
-                # object writes to it (CPython counts calls in it, then rewrites it), so
-                # each child would copy its pages (docs/benchmarks.md). It never returns.
-                status = relay.FAILED
                 try:
-                    _signal.set_wakeup_fd(-1)
-                    for signum, action in signals.CHILD_DISPOSITIONS:
-                        _signal.signal(signum, action)
-                    gc.disable()  # a collection would touch (and so copy) every page of the heap
-                    # Drop every inherited descriptor but stdio and the client, above all the
-                    # listeners: a child holding one would keep a closed port accepting.
-                    os.closerange(3, fd)
-                    os.closerange(fd + 1, 1 << 20)
-                    sock = RawSocket(listener.family, relay.SOCK_STREAM, 0, fd)
-                    status = relay.serve(sock, address, base, *listener.relay_args)  # type: ignore[arg-type]
-                except BaseException as exc:
-                    self.log.error("relay-crashed", link=listener.link.name, error=repr(exc))
-                finally:
-                    os._exit(status)
-            close(fd)
-            children[pid] = (listener.link, address, base, monotonic())  # a ChildRecord
-            if not i and not waiting(0):
-                break  # one client this wakeup, the usual case: done, no accept() that fails
-            # More are waiting (a burst): accept until accept() says there are no more.
-        if len(children) >= max_children:
-            self.update_accepting()
+                    fd, address = accept()
+                except (BlockingIOError, InterruptedError):
+                    return
+                except OSError as exc:
+                    if exc.errno in _RESOURCE_ERRORS:
+                        self._accept_failed(listener, exc)
+                        return
+                    continue  # ECONNABORTED, EPERM from a firewall, ...: that client only
+                if allow and not is_allowed(allow, address[0]):
+                    self._deny(listener, fd, address)
+                    continue
+                base = take_slot()
+                try:
+                    pid = fork()
+                except OSError as exc:
+                    self._fork_failed(listener, fd, base, exc)
+                    return
+                if pid == 0:
+                    # The child's whole life, written out here rather than in a method:
+                    # code the supervisor never runs is cold in every child, and running a
+                    # cold code object writes to it (CPython counts calls in it, then
+                    # rewrites it), so each child would copy its pages (docs/benchmarks.md).
+                    # It never returns.
+                    status = relay.FAILED
+                    try:
+                        _signal.set_wakeup_fd(-1)
+                        for signum, action in signals.CHILD_DISPOSITIONS:
+                            _signal.signal(signum, action)
+                        gc.disable()  # a collection would touch (and copy) every heap page
+                        # Drop every inherited descriptor but stdio and the client, above all
+                        # the listeners: a child holding one would keep a closed port open.
+                        os.closerange(3, fd)
+                        os.closerange(fd + 1, 1 << 20)
+                        sock = RawSocket(listener.family, relay.SOCK_STREAM, 0, fd)
+                        args = listener.relay_args
+                        status = relay.serve(sock, address, base, *args)  # type: ignore[arg-type]
+                    except BaseException as exc:
+                        self.log.error("relay-crashed", link=listener.link.name,
+                                       error=repr(exc))
+                    finally:
+                        os._exit(status)
+                close(fd)
+                children[pid] = (link, address, base, monotonic())  # a ChildRecord
+                if not i and not waiting(0):
+                    break  # one client this wakeup, the usual case: done, no accept() that fails
+                # More are waiting (a burst): accept until accept() says there are no more.
+            if len(children) >= max_children:
+                self.update_accepting()
+
+        return accept_clients
+
+    def handle_accept(self, listener: Listener, batch: int = ACCEPT_BATCH) -> None:
+        """Accept up to `batch` clients of `listener` now (a stop drains the backlog so)."""
+        self._accept_handler(listener)(POLLIN, batch)
 
     def _deny(self, listener: Listener, fd: int, address: tuple[object, ...]) -> None:
         os.close(fd)
