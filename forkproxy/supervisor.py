@@ -217,7 +217,8 @@ class Supervisor:
     def loop(self) -> None:
         poll, handlers = self.poller.poll, self.handlers
         while not (self.stopping and not self.accounting.children):
-            # No timer armed, the usual case, needs no call and no list (pages: handle_accept).
+            # No timer armed, the usual case, needs no call and no list: every page written
+            # between two forks is copied (docs/benchmarks.md). Same timers as _poll_timeout.
             timeout = -1 if (
                 self.resume_at is None and self.control_at is None and self.term_at is None
                 and self.kill_at is None and self.metrics_at is None
@@ -249,6 +250,7 @@ class Supervisor:
                 pass  # already gone, or never ours to remove
 
     def _poll_timeout(self) -> int:
+        """Milliseconds to the next timer (the loop checks these five inline first)."""
         timers = (self.resume_at, self.control_at, self.term_at, self.kill_at, self.metrics_at)
         deadlines = [t for t in timers if t is not None]
         if not deadlines:
