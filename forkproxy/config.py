@@ -392,9 +392,11 @@ def sources_from_json(data: Mapping[str, object]) -> Sources:
     ~0.9 MB of heap, and every fork copies the page tables of all of it)."""
     raw = data["options"]
     specs, env_file = data["specs"], data["env_file"]
-    if not isinstance(raw, dict) or not isinstance(specs, list):
-        raise ConfigError("bad configuration handed to the supervisor")
-    if env_file is not None and not isinstance(env_file, str):
+    if not (
+        isinstance(raw, dict)
+        and isinstance(specs, list)
+        and (env_file is None or isinstance(env_file, str))
+    ):
         raise ConfigError("bad configuration handed to the supervisor")
     options = dict(raw)
     options["allow"] = tuple(options.get("allow", ()))

@@ -30,7 +30,9 @@ from collections.abc import Callable
 from .config import Endpoint, Link, Options, peer_text
 from .log import INFO, SLOT, Logger
 
-__all__ = ["Address", "Ended", "RawSocket", "connect_upstream", "preload", "pump", "serve"]
+__all__ = [
+    "Address", "Ended", "RawSocket", "connect_upstream", "open_line", "preload", "pump", "serve",
+]
 
 # How a relay ended: the child's exit status, decoded by the supervisor.
 CLOSED = 0
@@ -445,8 +447,7 @@ def _preload_serve(options: Options, log: Logger, counters: memoryview, rounds: 
         warm_log = Logger(log.level, log.fmt, devnull.fileno())
         target = upstream_listener.getsockname()
         link = Link("127.0.0.1", 0, Endpoint(target[0], target[1]), ("preload",))
-        open_line = warm_log.prepare(INFO, "open", link=link.name, client=SLOT,
-                                     upstream=str(link.target))
+        prepared = open_line(warm_log, link)
         addresses: list[Address] = [(int(socket.AF_INET), target)]
         for _ in range(rounds):
             with socket.create_connection(client_listener.getsockname()) as client_peer:
@@ -455,7 +456,13 @@ def _preload_serve(options: Options, log: Logger, counters: memoryview, rounds: 
                 client_peer.shutdown(socket.SHUT_WR)
                 client = RawSocket(int(socket.AF_INET), SOCK_STREAM, 0, fd)
                 serve(client, address, 0, link, addresses, warm_options, counters, warm_log,
-                      open_line)
+                      prepared)
+
+
+def open_line(log: Logger, link: Link) -> str | None:
+    """The link's "open" line, prepared once (Logger.prepare) for serve(): the client is
+    its slot. The supervisor makes one per listener; children only fill it in."""
+    return log.prepare(INFO, "open", link=link.name, client=SLOT, upstream=str(link.target))
 
 
 def reset(sock: RawSocket) -> None:
@@ -482,7 +489,7 @@ def serve(
 
     `base` is the child's slot in `counters`; the arguments after it are the same for
     every connection of a listener, and the supervisor hands them over as one tuple.
-    `open_line` is the link's "open" line from `log.prepare`, with the client as its slot.
+    `open_line` is the link's prepared "open" line (open_line()); None: log it the usual way.
     """
     started = time.monotonic()
     client.setblocking(False)

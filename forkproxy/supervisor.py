@@ -38,7 +38,7 @@ from .config import (
     peer_text,
 )
 from .listeners import Listener
-from .log import INFO, SLOT, Logger
+from .log import INFO, Logger
 from .relay import Address, RawSocket
 
 ACCEPT_BATCH = 64  # accepts per wakeup, so signals and reaping get their turn in a burst
@@ -402,7 +402,7 @@ class Supervisor:
             self.options,
             self.accounting.slots.counters,
             self.log,
-            self.log.prepare(INFO, "open", link=link.name, client=SLOT, upstream=str(link.target)),
+            relay.open_line(self.log, link),
         )
 
     # -- signals -----------------------------------------------------------------------
@@ -529,7 +529,6 @@ class Supervisor:
         self.addresses = {item.link.key: resolve(item.link, self.log) for item in kept}
         for item in kept:
             self._prepare_relay(item)
-        for item in kept:
             self.accounting.stats(item.link)
         for warning in table.warnings:
             self.log.warning("link-skipped", detail=warning)

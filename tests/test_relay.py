@@ -160,7 +160,6 @@ print("warm")
 """
 
 
-@pytest.mark.skipif(sys.version_info < (3, 11), reason="adaptive bytecode is CPython 3.11+")
 def test_preload_specializes_the_childs_code_without_logging_a_line() -> None:
     """The point of preload: serve(), connect_upstream() and the relay loops are already
     specialized in a process that has run nothing else, and the warm-up's open/close
