@@ -1154,7 +1154,8 @@ def main(argv: list[str]) -> int:
         REPO / "docs" if args.update_docs else Path(tempfile.mkdtemp(prefix="forkproxy-bench-"))
     )
     out_dir.mkdir(parents=True, exist_ok=True)
-    rerun = "scripts/bench" + (" " + shlex.join(argv) if argv else "")
+    used_venv = os.environ.get("FORKPROXY_BENCH_USED_VENV")  # scripts/bench --venv PATH
+    rerun = shlex.join(["scripts/bench", *(["--venv", used_venv] if used_venv else []), *argv])
 
     with tempfile.TemporaryDirectory(prefix="forkproxy-bench-logs-") as tmp:
         lab = Lab(

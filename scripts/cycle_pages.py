@@ -57,7 +57,7 @@ def report(label: str, pages: list[str]) -> None:
 
 def main() -> None:
     redis_port, command = sys.argv[1], sys.argv[3:]
-    proxy = subprocess.Popen(command + ["serve", "-q", f"127.0.0.1:0=127.0.0.1:{redis_port}"],
+    proxy = subprocess.Popen([*command, "serve", "-q", f"127.0.0.1:0=127.0.0.1:{redis_port}"],
                              stdout=subprocess.PIPE, text=True)
     try:
         assert proxy.stdout is not None
@@ -80,7 +80,7 @@ def main() -> None:
         report("child holds privately", wrote + kept)
         report("  written by the child", wrote)
         report("  old copies of pages the supervisor wrote after the fork", kept)
-        for sock in warm + [client]:
+        for sock in [*warm, client]:
             sock.close()
     finally:
         proxy.terminate()

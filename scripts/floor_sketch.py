@@ -23,7 +23,8 @@ import select
 import signal
 import socket
 import sys
-from _signal import set_wakeup_fd, signal as set_handler  # type: ignore[import-not-found]
+from _signal import set_wakeup_fd  # type: ignore[import-not-found]
+from _signal import signal as set_handler
 from _socket import socket as RawSocket
 
 TCP_NODELAY, IPPROTO_TCP = int(socket.TCP_NODELAY), int(socket.IPPROTO_TCP)
