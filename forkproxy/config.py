@@ -431,6 +431,11 @@ def _too_long(flag: str, shown: str, *, can_be_off: bool) -> ConfigError:
 
 
 def parse_count(text: str, flag: str) -> int:
-    if not text.isascii() or not text.lstrip("-").isdigit() or len(text) > 9:
+    digits = text[1:] if text.startswith("-") else text
+    if not text.isascii() or not digits.isdigit():
         raise ConfigError(f"{flag} {_describe(text)}: not a whole number")
+    # Past nine digits a count is beyond every limit checked later (and int() of a very
+    # long string is slow by design); leading zeros are still fine.
+    if len(digits.lstrip("0")) > 9:
+        raise ConfigError(f"{flag} {_describe(text)}: too large")
     return int(text)

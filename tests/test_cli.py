@@ -64,6 +64,7 @@ def test_bad_input_exits_2_with_one_line(
     ("option", "needle"),
     [
         (["--max-children", "0"], "--max-children 0"),
+        (["--max-children", "99999999999999999999"], "--max-children '99999999999999999999': too"),
         (["--relay", "magic"], "--relay 'magic'"),
         (["--connect-timeout", "0"], "--connect-timeout 0"),
         (["--allow", "300.0.0.0/8"], "--allow '300.0.0.0/8'"),

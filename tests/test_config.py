@@ -17,6 +17,7 @@ from forkproxy.config import (
     build_links,
     check_options,
     links_from_env,
+    parse_count,
     parse_env_file,
     parse_spec,
     sources_from_json,
@@ -224,6 +225,29 @@ def test_bad_options(options: Options, message: str) -> None:
     with pytest.raises(ConfigError) as caught:
         check_options(options)
     assert message in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "value"), [("64", 64), ("0000000064", 64), ("-1", -1), ("999999999", 999999999)]
+)
+def test_counts_parse(text: str, value: int) -> None:
+    assert parse_count(text, "--max-children") == value  # ranges are checked later
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("1e3", "--max-children '1e3': not a whole number"),
+        ("\u0663", "not a whole number"),  # ARABIC-INDIC DIGIT THREE: isdigit(), not a count
+        ("--1", "not a whole number"),
+        ("", "not a whole number"),
+        ("1000000000", "--max-children '1000000000': too large"),
+        ("99999999999999999999", "too large"),
+    ],
+)
+def test_bad_counts(text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        parse_count(text, "--max-children")
 
 
 def test_sources_survive_the_trip_to_the_supervisor() -> None:
