@@ -27,32 +27,46 @@ class Slots:
 
     A child adds to its counters as bytes move (no system call per message); the
     supervisor reads them for status at any time and for the totals after the reap.
+
+    Handing out a slot is `free.pop()`, written out in the supervisor's accept loop (with
+    `refill()` when the list runs dry): between two forks every page written is copied,
+    and a method call there (its frame, the instance's attributes, a counter reset) wrote
+    ~7 pages per fork where a pop writes one (docs/benchmarks.md). So a slot is zeroed
+    when it is released, not when it is taken, and never-used slots are zero already.
     """
+
+    REFILL = 64  # never-used slots added to the free list at a time
 
     def __init__(self, count: int) -> None:
         # Anonymous pages are only backed once touched, so a large --max-children costs
         # address space, not memory; the free list grows with use, not with the cap.
         self._mem = mmap.mmap(-1, count * FIELDS * 8)
         self.counters = memoryview(self._mem).cast("Q")
-        self._free: list[int] = []
+        self.free: list[int] = []  # zeroed slots ready to hand out, the next one last
         self._next = 0  # slots below this have been handed out at least once
         self._end = count * FIELDS
 
+    def refill(self) -> bool:
+        """Add up to REFILL never-used slots to `free`; False when none are left."""
+        if self._next >= self._end:
+            return False
+        stop = min(self._end, self._next + self.REFILL * FIELDS)
+        self.free.extend(range(stop - FIELDS, self._next - 1, -FIELDS))  # lowest popped first
+        self._next = stop
+        return True
+
     def take(self) -> int:
-        if self._free:
-            base = self._free.pop()
-        else:
-            if self._next >= self._end:
-                raise IndexError("no free slot")
-            base, self._next = self._next, self._next + FIELDS
-        self.counters[base] = self.counters[base + 1] = 0
-        return base
+        """A zeroed slot (the accept loop does this inline); IndexError when none is left."""
+        if not self.free and not self.refill():
+            raise IndexError("no free slot")
+        return self.free.pop()
 
     def release(self, base: int) -> None:
-        self._free.append(base)
+        self.counters[base] = self.counters[base + 1] = 0
+        self.free.append(base)
 
     def __len__(self) -> int:
-        return len(self._free) + (self._end - self._next) // FIELDS
+        return len(self.free) + (self._end - self._next) // FIELDS
 
 
 @dataclass

@@ -293,12 +293,13 @@ class Supervisor:
         forked before, which keeps the old copy for its whole life (docs/benchmarks.md).
         So what the loop needs is bound here, once per listener (again after a reload,
         which watches the listeners anew), not looked up on every wakeup; the loop calls
-        no helper of ours and allocates nothing but the child's record.
+        no helper of ours (a slot is a pop from the free list, Slots says why), checks
+        --max-children once per wakeup, and allocates nothing but the child's record.
         """
         # _accept gives the bare fd: no socket object, no extra fcntl in the supervisor.
         accept = listener.sock._accept  # type: ignore[attr-defined]
         children = self.accounting.children
-        take_slot = self.accounting.slots.take
+        free_slots, refill_slots = self.accounting.slots.free, self.accounting.slots.refill
         max_children = self.options.max_children
         allow = self.allow
         waiting = listener.waiting
@@ -306,10 +307,8 @@ class Supervisor:
         fork, close, monotonic = os.fork, os.close, time.monotonic
 
         def accept_clients(events: int, batch: int = ACCEPT_BATCH) -> None:
-            for i in range(batch):
-                if len(children) >= max_children:
-                    self.update_accepting()  # the rest wait in the backlog until a child exits
-                    return
+            room = max_children - len(children)  # at most this many more children
+            for i in range(batch if batch < room else room):
                 try:
                     fd, address = accept()
                 except (BlockingIOError, InterruptedError):
@@ -322,7 +321,9 @@ class Supervisor:
                 if allow and not is_allowed(allow, address[0]):
                     self._deny(listener, fd, address)
                     continue
-                base = take_slot()
+                if not free_slots:
+                    refill_slots()  # one per slot up to --max-children, so never comes up short
+                base = free_slots.pop()
                 try:
                     pid = fork()
                 except OSError as exc:
@@ -358,7 +359,7 @@ class Supervisor:
                     break  # one client this wakeup, the usual case: done, no accept() that fails
                 # More are waiting (a burst): accept until accept() says there are no more.
             if len(children) >= max_children:
-                self.update_accepting()
+                self.update_accepting()  # the rest wait in the backlog until a child exits
 
         return accept_clients
 
