@@ -305,6 +305,18 @@ class Supervisor:
         waiting = listener.waiting
         link = listener.link
         fork, close, monotonic = os.fork, os.close, time.monotonic
+        # And what the child's branch below uses, so that it names no module attribute:
+        # the supervisor never runs that branch, and on Python 3.12+ an instruction's first
+        # run takes the generic path, which for `module.name` writes to the module's
+        # __dict__ (its reference count): a page per module, copied by every child
+        # (docs/benchmarks.md, "Which Python"). 3.11 specializes it at once instead.
+        set_wakeup_fd, set_signal, child_dispositions = (
+            _signal.set_wakeup_fd, _signal.signal, signals.CHILD_DISPOSITIONS
+        )
+        gc_disable, closerange, exit_child = gc.disable, os.closerange, os._exit
+        serve, failed, family, sock_stream = (
+            relay.serve, relay.FAILED, listener.family, relay.SOCK_STREAM
+        )
 
         def accept_clients(events: int, batch: int = ACCEPT_BATCH) -> None:
             room = max_children - len(children)  # at most this many more children
@@ -335,24 +347,24 @@ class Supervisor:
                     # cold code object writes to it (CPython counts calls in it, then
                     # rewrites it), so each child would copy its pages (docs/benchmarks.md).
                     # It never returns.
-                    status = relay.FAILED
+                    status = failed
                     try:
-                        _signal.set_wakeup_fd(-1)
-                        for signum, action in signals.CHILD_DISPOSITIONS:
-                            _signal.signal(signum, action)
-                        gc.disable()  # a collection would touch (and copy) every heap page
+                        set_wakeup_fd(-1)
+                        for signum, action in child_dispositions:
+                            set_signal(signum, action)
+                        gc_disable()  # a collection would touch (and copy) every heap page
                         # Drop every inherited descriptor but stdio and the client, above all
                         # the listeners: a child holding one would keep a closed port open.
-                        os.closerange(3, fd)
-                        os.closerange(fd + 1, 1 << 20)
-                        sock = RawSocket(listener.family, relay.SOCK_STREAM, 0, fd)
+                        closerange(3, fd)
+                        closerange(fd + 1, 1 << 20)
+                        sock = RawSocket(family, sock_stream, 0, fd)
                         args = listener.relay_args
-                        status = relay.serve(sock, address, base, *args)  # type: ignore[arg-type]
+                        status = serve(sock, address, base, *args)  # type: ignore[arg-type]
                     except BaseException as exc:
                         self.log.error("relay-crashed", link=listener.link.name,
                                        error=repr(exc))
                     finally:
-                        os._exit(status)
+                        exit_child(status)
                 close(fd)
                 children[pid] = (link, address, base, monotonic())  # a ChildRecord
                 if not i and not waiting(0):
