@@ -10,7 +10,8 @@ The habits that make a forking CPython cheap are kept, as forkproxy keeps them:
 fork, the bare fd from `_accept`, the C socket type and `_signal` in the child (their
 Python wrappers run code that copies pages), only os/socket/select/signal/gc imported,
 the relay loop run before any fork so children inherit it specialized (warm_up), the
-child's other code inline in the loop the supervisor runs, and no accept() that fails
+child's other code inline in the loop the supervisor runs, naming no module attribute
+(on 3.12+ a first run of `module.name` writes to the module's dict), and no accept() that fails
 after a lone client (a poll of the listener alone asks whether another is waiting).
 
 Usage (the way the bench starts forkproxy): python -I -S floor_sketch.py serve -q
@@ -100,6 +101,9 @@ def main() -> None:
     poller.register(listen_fd, select.POLLIN)
     poller.register(wake_fd, select.POLLIN)
     accept, fork, close, waitpid = listener._accept, os.fork, os.close, os.waitpid  # type: ignore[attr-defined]
+    # The child's branch names no module attribute: its first run in a child would take
+    # the generic path on 3.12+, writing to the module's __dict__ (forkproxy does the same).
+    gc_disable, exit_child = gc.disable, os._exit
     backlog = select.poll()
     backlog.register(listen_fd, select.POLLIN)
     waiting = backlog.poll
@@ -117,7 +121,7 @@ def main() -> None:
                     if fork() == 0:
                         status = 1
                         try:
-                            gc.disable()
+                            gc_disable()
                             set_wakeup_fd(-1)
                             set_handler(SIGCHLD, SIG_DFL)
                             for inherited in (listen_fd, wake_fd, wake_w.fileno()):
@@ -127,12 +131,12 @@ def main() -> None:
                             try:
                                 upstream.connect(target)
                             except OSError:
-                                os._exit(1)
+                                exit_child(1)
                             client.setsockopt(IPPROTO_TCP, TCP_NODELAY, 1)
                             upstream.setsockopt(IPPROTO_TCP, TCP_NODELAY, 1)
                             status = relay(client, upstream)
                         finally:
-                            os._exit(status)
+                            exit_child(status)
                     close(fd)
                     if first and not waiting(0):
                         break  # the only client of this wakeup: no accept() that fails
