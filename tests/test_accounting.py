@@ -1,0 +1,42 @@
+"""The children's counter slots: handed out zeroed, lowest first, never more than made."""
+
+from __future__ import annotations
+
+import pytest
+
+from forkproxy.accounting import FIELDS, Slots
+
+
+def test_slots_are_zeroed_when_released_and_reused_last_in_first_out() -> None:
+    slots = Slots(3)
+    first, second = slots.take(), slots.take()
+    assert (first, second) == (0, FIELDS)  # lowest first, FIELDS counters apart
+    slots.counters[first] = 123
+    slots.counters[first + 1] = 456
+    slots.release(first)
+    assert (slots.counters[first], slots.counters[first + 1]) == (0, 0)
+    assert slots.take() == first
+    assert len(slots) == 1
+
+
+def test_slots_run_out_after_count_and_come_back() -> None:
+    count = Slots.REFILL + 3  # more than one refill
+    slots = Slots(count)
+    taken = [slots.take() for _ in range(count)]
+    assert taken == [i * FIELDS for i in range(count)]
+    assert len(slots) == 0
+    assert not slots.refill()
+    with pytest.raises(IndexError):
+        slots.take()
+    slots.release(taken[5])
+    assert slots.take() == taken[5]
+
+
+def test_the_accept_loops_pop_matches_take() -> None:
+    # The supervisor pops from `free` after refill() rather than calling take().
+    slots = Slots(2)
+    assert slots.free == []
+    assert slots.refill()
+    assert slots.free.pop() == 0
+    assert slots.free.pop() == FIELDS
+    assert slots.free == [] and not slots.refill()
