@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 MAX_NAME = 253  # longest DNS name
 MAX_CHILDREN = 1 << 22  # PID_MAX_LIMIT: no more processes can ever exist at once
 MAX_SECONDS = 2_000_000  # any duration: poll() waits at most 2**31 - 1 ms (~24.8 days)
-_CAN_BE_OFF = ("--idle-timeout", "--halfclose-timeout")
 RELAY_MODES = ("auto", "splice", "copy")
 LOG_FORMATS = ("text", "json")
 
@@ -352,11 +351,11 @@ def check_options(options: Options) -> Options:
                           "the kernel's limit on processes")
     if options.connect_retries < 0:
         raise ConfigError(f"--connect-retries {options.connect_retries}: must be 0 or more")
-    for flag, value in (
-        ("--connect-timeout", options.connect_timeout),
-        ("--grace", options.grace),
-        ("--idle-timeout", options.idle_timeout),
-        ("--halfclose-timeout", options.halfclose_timeout),
+    for flag, value, can_be_off in (
+        ("--connect-timeout", options.connect_timeout, False),
+        ("--grace", options.grace, False),
+        ("--idle-timeout", options.idle_timeout, True),
+        ("--halfclose-timeout", options.halfclose_timeout, True),
     ):
         if value is None:
             continue
@@ -369,7 +368,7 @@ def check_options(options: Options) -> Options:
         if value > MAX_SECONDS:
             # poll() takes its timeout as a C int of milliseconds: past ~24.8 days the
             # relay or the supervisor would die of an OverflowError mid-connection.
-            raise _too_long(flag, f"{value:g}", can_be_off=flag in _CAN_BE_OFF)
+            raise _too_long(flag, f"{value:g}", can_be_off=can_be_off)
     for cidr in options.allow:
         parse_cidr(cidr)
     if options.metrics is not None:
