@@ -25,7 +25,6 @@ import time
 # that Python code in a freshly forked child copies the pages it touches. The relay needs
 # only the C methods.
 from _socket import socket as RawSocket
-from collections.abc import Callable
 
 from .config import Endpoint, Link, Options, peer_text
 from .log import INFO, SLOT, Logger
@@ -152,14 +151,6 @@ class Flow:
             os.close(self.pipe_w)
             self.pipe_r = self.pipe_w = -1
 
-    @property
-    def wants_read(self) -> bool:
-        return not self.eof and not self.pending
-
-    @property
-    def done(self) -> bool:
-        return self.eof and not self.pending
-
     def read(self) -> None:
         """Read one chunk from src and push as much as dst takes now."""
         try:
@@ -256,129 +247,126 @@ def pump(
 
     `buffers` (one per direction, at least COPY_CHUNK bytes) must not be in use by
     another pump; without them each direction allocates its own on its first read.
+
+    One function, on purpose: a fresh child writes to the code object of every function
+    it calls (its reference count), so each helper this loop called cost every child a
+    page or two (docs/benchmarks.md). The flows' state is read in place for the same
+    reason (`f.eof and not f.pending` is a flow that is done).
     """
     poller = select.poll()
-    poller.register(client.fileno(), POLLIN)
-    poller.register(upstream.fileno(), POLLIN)
+    poll = poller.poll
+    cfd, ufd = client.fileno(), upstream.fileno()
+    poller.register(cfd, POLLIN)
+    poller.register(ufd, POLLIN)
     # Wait for the first event before building the relay's state: an idle connection (most
     # of a pooled client's connections are) then never runs, so never copies, the pages
     # of that code and those objects; ~45 KiB less per idle connection (docs/benchmarks.md).
-    # poll is level-triggered: _pump sees the same events again.
+    # poll is level-triggered: the loop below sees the same events again.
     idle_ms = -1 if options.idle_timeout is None else int(options.idle_timeout * 1000) + 1
-    if not poller.poll(idle_ms):
+    if not poll(idle_ms):
         return IDLE_TIMEOUT
     mode = options.relay if HAS_SPLICE else "copy"
     up_buf, down_buf = buffers if buffers is not None else (None, None)
     up = Flow(client, upstream, counters, base, mode, _UP_RESETS, up_buf)
     down = Flow(upstream, client, counters, base + 1, mode, _DOWN_RESETS, down_buf)
-    try:
-        return _pump(client, upstream, options, up, down, poller, idle_ms)
-    finally:
-        up.close()
-        down.close()
-
-
-def _pump(
-    client: RawSocket, upstream: RawSocket, options: Options, up: Flow, down: Flow,
-    poller: select.poll, idle_ms: int,
-) -> int:
-    counters, base = up.counters, up.index
-    cfd, ufd = client.fileno(), upstream.fileno()
     cmask = umask = POLLIN
     idle = options.idle_timeout
     halfclose = options.halfclose_timeout
     last_active = time.monotonic()
     half_since = 0.0
     moved = 0
-    while not (up.done and down.done):
-        steady = cmask == POLLIN and umask == POLLIN
-        if steady and _relay_steady(poller.poll, idle_ms, cfd, up, down):
-            return IDLE_TIMEOUT
-        want_c = (POLLIN if up.wants_read else 0) | (POLLOUT if down.pending else 0)
-        want_u = (POLLIN if down.wants_read else 0) | (POLLOUT if up.pending else 0)
-        # A mask of -1 means unregistered: after a hang-up with nothing left to do on
-        # that socket, polling it again would only report the hang-up forever.
-        if want_c != cmask and not (cmask < 0 and not want_c):
-            _set_mask(poller, cfd, cmask, want_c)
-            cmask = want_c
-        if want_u != umask and not (umask < 0 and not want_u):
-            _set_mask(poller, ufd, umask, want_u)
-            umask = want_u
-        timeout_ms = -1
-        if idle is not None or halfclose is not None:
-            now = time.monotonic()
-            total = counters[base] + counters[base + 1]
-            if total != moved:
-                moved, last_active = total, now
-            deadlines = []
-            if idle is not None:
-                deadlines.append((last_active + idle, IDLE_TIMEOUT))
-            if halfclose is not None and (up.done or down.done):
-                half_since = half_since or now
-                deadlines.append((half_since + halfclose, HALFCLOSE_TIMEOUT))
-            if deadlines:
-                deadline, outcome = min(deadlines)
-                if deadline <= now:
-                    return outcome
-                timeout_ms = int((deadline - now) * 1000) + 1
-        # The client and upstream branches mirror each other, written out rather than
-        # shared through a helper: this runs once per message, where a call costs.
-        for fd, events in poller.poll(timeout_ms):
-            if fd == cfd:
-                if events & POLLOUT or (events & (POLLERR | POLLHUP) and down.pending):
-                    down.write()
-                if events & (POLLIN | POLLERR | POLLHUP) and up.wants_read:
-                    up.read()
-                elif events & POLLERR and not down.pending:
-                    raise Ended(CLIENT_RESET, _socket_error(client))
-                elif events & POLLHUP and not cmask:
-                    poller.unregister(cfd)
-                    cmask = -1
-            else:
-                if events & POLLOUT or (events & (POLLERR | POLLHUP) and up.pending):
-                    up.write()
-                if events & (POLLIN | POLLERR | POLLHUP) and down.wants_read:
-                    down.read()
-                elif events & POLLERR and not up.pending:
-                    raise Ended(UPSTREAM_RESET, _socket_error(upstream))
-                elif events & POLLHUP and not umask:
-                    poller.unregister(ufd)
-                    umask = -1
-    return CLOSED
-
-
-def _relay_steady(
-    poll: Callable[[int], list[tuple[int, int]]], idle_ms: int, cfd: int, up: Flow, down: Flow
-) -> bool:
-    """Relay while both directions are open with nothing pending; True after `idle_ms`
-    (-1: never) with no event at all, which is an idle timeout.
-
-    That is an interactive connection between two messages, most of its life; each
-    readable socket is one read and, usually, one complete write, with no bookkeeping in
-    between (no half-close deadline can run while both directions are open, and an idle
-    one is the poll's own timeout). Returns False when a flow leaves that state or on any
-    event but plain POLLIN, which pump() then handles: poll is level-triggered, so it
-    reports that event again.
-    """
-    while not (up.pending or down.pending or up.eof or down.eof):
-        ready = poll(idle_ms)
-        if not ready:
-            return True
-        for fd, events in ready:
-            if events != POLLIN:
-                return False
-            if fd == cfd:
-                up.read()
-            else:
-                down.read()
-    return False
-
-
-def _set_mask(poller: select.poll, fd: int, old: int, new: int) -> None:
-    if old < 0:
-        poller.register(fd, new)
-    else:
-        poller.modify(fd, new)
+    try:
+        while not (up.eof and not up.pending and down.eof and not down.pending):
+            if cmask == POLLIN and umask == POLLIN:
+                # Both directions open, nothing pending: an interactive connection between
+                # two messages, most of its life. Each readable socket is one read and,
+                # usually, one complete write, with no bookkeeping in between (no
+                # half-close deadline can run while both directions are open, and an idle
+                # one is the poll's own timeout). Any event but plain POLLIN goes to the
+                # general path below: poll is level-triggered, so it reports it again.
+                steady = True
+                while steady and not (up.pending or down.pending or up.eof or down.eof):
+                    ready = poll(idle_ms)
+                    if not ready:
+                        return IDLE_TIMEOUT
+                    for fd, events in ready:
+                        if events != POLLIN:
+                            steady = False
+                            break
+                        if fd == cfd:
+                            up.read()
+                        else:
+                            down.read()
+                if up.eof and not up.pending and down.eof and not down.pending:
+                    break
+            want_c = (POLLIN if not (up.eof or up.pending) else 0) | (
+                POLLOUT if down.pending else 0
+            )
+            want_u = (POLLIN if not (down.eof or down.pending) else 0) | (
+                POLLOUT if up.pending else 0
+            )
+            # A mask of -1 means unregistered: after a hang-up with nothing left to do on
+            # that socket, polling it again would only report the hang-up forever.
+            if want_c != cmask and not (cmask < 0 and not want_c):
+                if cmask < 0:
+                    poller.register(cfd, want_c)
+                else:
+                    poller.modify(cfd, want_c)
+                cmask = want_c
+            if want_u != umask and not (umask < 0 and not want_u):
+                if umask < 0:
+                    poller.register(ufd, want_u)
+                else:
+                    poller.modify(ufd, want_u)
+                umask = want_u
+            timeout_ms = -1
+            if idle is not None or halfclose is not None:
+                now = time.monotonic()
+                total = counters[base] + counters[base + 1]
+                if total != moved:
+                    moved, last_active = total, now
+                deadlines = []
+                if idle is not None:
+                    deadlines.append((last_active + idle, IDLE_TIMEOUT))
+                if halfclose is not None and (
+                    (up.eof and not up.pending) or (down.eof and not down.pending)
+                ):
+                    half_since = half_since or now
+                    deadlines.append((half_since + halfclose, HALFCLOSE_TIMEOUT))
+                if deadlines:
+                    deadline, outcome = min(deadlines)
+                    if deadline <= now:
+                        return outcome
+                    timeout_ms = int((deadline - now) * 1000) + 1
+            # The client and upstream branches mirror each other, written out rather than
+            # shared through a helper: this runs once per message, where a call costs.
+            for fd, events in poll(timeout_ms):
+                if fd == cfd:
+                    if events & POLLOUT or (events & (POLLERR | POLLHUP) and down.pending):
+                        down.write()
+                    if events & (POLLIN | POLLERR | POLLHUP) and not (up.eof or up.pending):
+                        up.read()
+                    elif events & POLLERR and not down.pending:
+                        raise Ended(CLIENT_RESET, _socket_error(client))
+                    elif events & POLLHUP and not cmask:
+                        poller.unregister(cfd)
+                        cmask = -1
+                else:
+                    if events & POLLOUT or (events & (POLLERR | POLLHUP) and up.pending):
+                        up.write()
+                    if events & (POLLIN | POLLERR | POLLHUP) and not (down.eof or down.pending):
+                        down.read()
+                    elif events & POLLERR and not up.pending:
+                        raise Ended(UPSTREAM_RESET, _socket_error(upstream))
+                    elif events & POLLHUP and not umask:
+                        poller.unregister(ufd)
+                        umask = -1
+        return CLOSED
+    finally:
+        if up.pipe_r >= 0:  # a splice pipe: only then is there anything to close
+            up.close()
+        if down.pipe_r >= 0:
+            down.close()
 
 
 def _socket_error(sock: RawSocket) -> OSError:
@@ -509,7 +497,7 @@ def serve(
         return CONNECT_FAILED
     client.setsockopt(IPPROTO_TCP, TCP_NODELAY, 1)
     upstream.setsockopt(IPPROTO_TCP, TCP_NODELAY, 1)
-    info = log.enabled(INFO)
+    info = log.level <= INFO  # not log.enabled(): a call, so a code object to copy
     if info:
         # Formatted here, and only for a log line: not in the supervisor (accounting.ChildRecord).
         client_addr = peer_text(client_address)

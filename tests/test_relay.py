@@ -148,7 +148,7 @@ def specialized(function):
     adaptive = [i.opname for i in dis.get_instructions(function, adaptive=True)]
     return sum(a != b for a, b in zip(plain, adaptive))
 
-child_code = (relay.serve, relay.connect_upstream, relay.pump, relay._pump, relay._relay_steady)
+child_code = (relay.serve, relay.connect_upstream, relay.pump, relay.Flow.read, relay.Flow.write)
 before = [specialized(f) for f in child_code]
 read_fd, write_fd = os.pipe()
 relay.preload(Options(), Logger(INFO, "text", write_fd), rounds=10)
@@ -161,7 +161,7 @@ print("warm")
 
 
 def test_preload_specializes_the_childs_code_without_logging_a_line() -> None:
-    """The point of preload: serve(), connect_upstream() and the relay loops are already
+    """The point of preload: serve(), connect_upstream(), the relay loop and the flows are already
     specialized in a process that has run nothing else, and the warm-up's open/close
     lines went to /dev/null, not to the children's log."""
     result = subprocess.run([sys.executable, "-c", WARM_CHECK], capture_output=True,
