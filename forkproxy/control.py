@@ -57,13 +57,26 @@ class ControlServer:
         self.handle = handle
         if os.path.exists(path):
             _remove_if_stale(path)
+        # Bound under a staging name and renamed into place once it listens, so a socket
+        # file under its real name always answers: sweep_stale() in another supervisor
+        # starting at the same moment can then tell a dead one from one not listening yet.
+        staging = os.path.join(os.path.dirname(path), f".{os.getpid()}.tmp")
+        if len(os.fsencode(staging)) > len(os.fsencode(path)):
+            staging = path  # never a longer name than the one asked for (AF_UNIX limit)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old_umask = os.umask(0o077)
         try:
-            self.sock.bind(path)
+            if staging != path and os.path.lexists(staging):
+                os.unlink(staging)  # left by a killed process that had this pid
+            self.sock.bind(staging)
+            self.sock.listen(MAX_CLIENTS)
+            if staging != path:
+                os.rename(staging, path)
+        except OSError:
+            self.sock.close()
+            raise
         finally:
             os.umask(old_umask)
-        self.sock.listen(MAX_CLIENTS)
         self.sock.setblocking(False)
         self.clients: dict[int, _Client] = {}
 
@@ -159,6 +172,45 @@ def answers(path: str) -> bool:
         except OSError:
             return False
     return True
+
+
+def sweep_stale(directory: str) -> list[str]:
+    """Remove the control sockets in `directory` that nobody listens on any more; return
+    their paths.
+
+    A supervisor removes its own socket when it exits, but not when it is killed (SIGKILL,
+    the OOM killer, a container stopped hard), and those files would pile up. Only a
+    socket whose connect() is refused goes: that is a socket with no listener, whatever
+    PID namespace made it (a pid alone says nothing when containers share /tmp). Other
+    files and errors are left alone.
+    """
+    removed: list[str] = []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return removed
+    for name in names:
+        path = os.path.join(directory, name)
+        try:
+            if not name.endswith(".sock") or not stat.S_ISSOCK(os.lstat(path).st_mode):
+                continue
+        except OSError:
+            continue
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            probe.setblocking(False)  # a live one with a full backlog: EAGAIN, not a wait
+            try:
+                probe.connect(path)
+                continue
+            except ConnectionRefusedError:
+                pass
+            except OSError:
+                continue
+        try:
+            os.unlink(path)
+        except OSError:
+            continue
+        removed.append(path)
+    return removed
 
 
 def _remove_if_stale(path: str) -> None:

@@ -183,6 +183,11 @@ class Supervisor:
                 directory = control.default_dir(dict(self.environ), os.getuid())
                 control.prepare_dir(directory)
                 path = os.path.join(directory, f"{os.getpid()}.sock")
+                server = control.ControlServer(path, self.handle_control_request)
+                stale = control.sweep_stale(directory)
+                if stale:
+                    self.log.info("removed-stale-sockets", count=len(stale), directory=directory)
+                return server
             return control.ControlServer(path, self.handle_control_request)
         except OSError as exc:
             raise ConfigError(f"status socket {path}: {exc.strerror or exc}") from None

@@ -435,6 +435,43 @@ def test_check_exit_codes_while_serving_draining_and_after_exit(
     assert result.returncode != 0 and "no running forkproxy" in result.stderr, result
 
 
+def test_a_killed_supervisors_socket_is_swept_by_the_next_one(
+    start_proxy: StartProxy, tcp_server: MakeServer, env: dict[str, str],
+) -> None:
+    """SIGKILL leaves a supervisor no chance to remove its control socket; the next
+    supervisor to start in the same directory removes it (nobody listens on it), and
+    keeps a live supervisor's socket and files that are not sockets."""
+    server = tcp_server(echo)
+    spec = f"127.0.0.1:0=127.0.0.1:{server.port}"
+    directory = Path(env["XDG_RUNTIME_DIR"]) / "forkproxy"
+    killed = start_proxy(spec, env=env)
+    live = start_proxy(spec, env=env)
+    killed_sock = directory / f"{killed.pid}.sock"
+    live_sock = directory / f"{live.pid}.sock"
+    killed.signal(signal.SIGKILL)
+    assert killed.proc.wait(DEADLINE) == -signal.SIGKILL
+    assert stat.S_ISSOCK(killed_sock.stat().st_mode)  # left behind
+    not_a_socket = directory / "notes.sock"
+    not_a_socket.write_text("mine")
+    result = cli("check", env=env)  # the one that answers, not "several supervisors"
+    assert result.returncode == 0, result
+
+    newcomer = start_proxy(spec, env=env)
+    assert not killed_sock.exists()
+    assert stat.S_ISSOCK(live_sock.stat().st_mode)
+    assert stat.S_ISSOCK((directory / f"{newcomer.pid}.sock").stat().st_mode)
+    assert not_a_socket.read_text() == "mine"
+    assert sorted(p.name for p in directory.iterdir()) == sorted(
+        [live_sock.name, f"{newcomer.pid}.sock", "notes.sock"]
+    )  # no staging file left either
+    log = poll(newcomer.log, lambda text: "removed-stale-sockets" in text)
+    line = next(line for line in log.splitlines() if "removed-stale-sockets" in line)
+    assert "count=1" in line and str(directory) in line, line
+    for proxy in (live, newcomer):
+        result = cli("check", "--status-socket", str(directory / f"{proxy.pid}.sock"), env=env)
+        assert result.returncode == 0, result
+
+
 def test_idle_control_clients_do_not_starve_check(
     start_proxy: StartProxy, tcp_server: MakeServer, tmp_path: Path, env: dict[str, str],
 ) -> None:
