@@ -134,6 +134,10 @@ def serve_command(
         str | None, _option("After one side finished, wait this long for the other. "
                             "[default: off]", "HALFCLOSE_TIMEOUT", "SECONDS")
     ] = None,
+    resolve_every: Annotated[
+        str, _option("Resolve the targets' host names again this often. [default: 30]",
+                     "RESOLVE_EVERY", "SECONDS")
+    ] = "30",
     max_children: Annotated[
         str, _option("Most connections at once; more wait in the backlog. [default: 1024]",
                      "MAX_CHILDREN", "N")
@@ -167,6 +171,7 @@ def serve_command(
             grace=_seconds(grace, "--grace"),
             idle_timeout=parse_seconds(idle_timeout, "--idle-timeout"),
             halfclose_timeout=parse_seconds(halfclose_timeout, "--halfclose-timeout"),
+            resolve_every=parse_seconds(resolve_every, "--resolve-every"),
             max_children=parse_count(max_children, "--max-children"),
             allow=tuple(allow or ()),
             verbosity=verbose - quiet,

@@ -36,6 +36,15 @@ class Endpoint:
     def __str__(self) -> str:
         return join_host_port(self.host, self.port)
 
+    @property
+    def is_name(self) -> bool:
+        """A host name to resolve, not an IP literal."""
+        try:
+            ipaddress.ip_address(self.host.split("%", 1)[0])
+        except ValueError:
+            return True
+        return False
+
 
 @dataclass(frozen=True)
 class Link:
@@ -79,6 +88,7 @@ class Options:
     grace: float = 8.0
     idle_timeout: float | None = None
     halfclose_timeout: float | None = None
+    resolve_every: float | None = 30.0  # seconds between two resolutions of the targets' names
     max_children: int = 1024
     allow: tuple[str, ...] = ()
     verbosity: int = 0
@@ -356,6 +366,7 @@ def check_options(options: Options) -> Options:
         ("--grace", options.grace, False),
         ("--idle-timeout", options.idle_timeout, True),
         ("--halfclose-timeout", options.halfclose_timeout, True),
+        ("--resolve-every", options.resolve_every, True),
     ):
         if value is None:
             continue

@@ -15,7 +15,11 @@ import signal
 import socket
 from types import FrameType
 
-HANDLED = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
+# SIGALRM is the supervisor's own timer (--resolve-every). Children need no disposition for
+# it: a forked child does not inherit interval timers.
+HANDLED = (
+    signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGALRM
+)
 
 
 def _noop(signum: int, frame: FrameType | None) -> None:

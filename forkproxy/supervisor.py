@@ -15,6 +15,7 @@ from __future__ import annotations
 import _signal  # type: ignore[import-not-found]  # the C module: see signals.py
 import errno
 import gc
+import json
 import os
 import select
 import signal
@@ -46,7 +47,9 @@ ACCEPT_BACKOFF = 0.1  # seconds without accepting after EMFILE/ENFILE/ENOBUFS/EN
 KILL_AFTER = 1.0  # seconds from TERM to KILL after --grace: 8 + 1 is inside docker stop's 10
 ERROR_LOG_EVERY = 10.0  # seconds between two accept-failed lines while they repeat
 METRICS_RESTART = 5.0  # seconds before a metrics process that died is started again
+RESOLVE_AGAIN_AFTER = 1.0  # seconds: the least time between two resolutions failed connects start
 _RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+_CONNECT_FAILED_STATUS = relay.CONNECT_FAILED << 8  # a wait status: exited with that code
 POLLIN, POLLOUT = select.POLLIN, select.POLLOUT
 
 
@@ -64,19 +67,37 @@ def read_links(sources: Sources, environ: Mapping[str, str]) -> LinkTable:
     return build_links(sources.specs, environ if sources.from_env else None, env_file)
 
 
-def resolve(link: Link, log: Logger) -> list[Address]:
-    """Addresses to try for a link's target, in getaddrinfo's order; [] if it fails now."""
-    try:
-        infos = socket.getaddrinfo(link.target.host, link.target.port, type=socket.SOCK_STREAM)
-    except socket.gaierror as exc:
-        log.warning("resolve-failed", link=link.name, host=link.target.host, error=exc.strerror)
-        return []
+def lookup(host: str, port: int) -> list[Address]:
+    """Addresses to try for host:port, in getaddrinfo's order, each once (socket.gaierror)."""
     addresses: list[Address] = []
-    for family, _, _, _, sockaddr in infos:
+    for family, _, _, _, sockaddr in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
         address = (int(family), tuple(sockaddr))
         if address not in addresses:
             addresses.append(address)
     return addresses
+
+
+def resolve(link: Link, log: Logger) -> list[Address]:
+    """Addresses to try for a link's target; [] if it fails now (children then resolve)."""
+    try:
+        return lookup(link.target.host, link.target.port)
+    except socket.gaierror as exc:
+        log.warning("resolve-failed", link=link.name, host=link.target.host, error=exc.strerror)
+        return []
+
+
+def resolve_all(targets: list[tuple[str, int]], out_fd: int) -> None:
+    """The resolver child's work: look every target up, write the results to `out_fd` as
+    one JSON list of [host, port, addresses or null, error]."""
+    results: list[object] = []
+    for host, port in targets:
+        try:
+            results.append([host, port, lookup(host, port), ""])
+        except socket.gaierror as exc:
+            results.append([host, port, None, exc.strerror or str(exc)])
+    data = memoryview(json.dumps(results).encode())
+    while data:
+        data = data[os.write(out_fd, data):]
 
 
 def is_allowed(allow: list[Network], host: str) -> bool:
@@ -114,6 +135,9 @@ class Supervisor:
         self.metrics_sock: socket.socket | None = None
         self.metrics_pid = 0
         self.metrics_at: float | None = None  # when to (re)start the metrics process
+        self.resolver_pid = 0  # the child resolving the targets' names again, if one runs
+        self.resolver_output: list[bytes] = []
+        self.resolver_started = -RESOLVE_AGAIN_AFTER
         self.started = time.time()
 
     # -- start and stop -------------------------------------------------------------
@@ -142,6 +166,7 @@ class Supervisor:
             self.addresses[listener.link.key] = resolve(listener.link, self.log)
             self._prepare_relay(listener)
             self.accounting.stats(listener.link)  # exported at 0 before the first client
+        self._arm_resolve_timer()
         self.update_accepting()
         lines = [f"listening {listener.describe()}" for listener in self.listeners]
         if self.metrics_sock is not None:
@@ -238,6 +263,13 @@ class Supervisor:
     def cleanup(self) -> None:
         listeners.close_all(self.listeners)
         self.listeners = []
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        if self.resolver_pid:
+            try:
+                os.kill(self.resolver_pid, signal.SIGKILL)
+                os.waitpid(self.resolver_pid, 0)
+            except OSError:
+                pass  # already gone and reaped
         if self.metrics_pid:
             try:
                 os.kill(self.metrics_pid, signal.SIGTERM)
@@ -435,9 +467,12 @@ class Supervisor:
                 self.reload()
             elif signum == signal.SIGUSR1:
                 self.handle_usr1()
+            elif signum == signal.SIGALRM:
+                self.start_resolver()
 
     def handle_chld(self) -> None:
         """Reap every child that has exited, ours or (as PID 1) anybody's orphan."""
+        resolve_again = False
         while True:
             try:
                 pid, status, usage = os.wait4(-1, os.WNOHANG)
@@ -445,6 +480,9 @@ class Supervisor:
                 break
             if pid == 0:
                 break
+            if pid == self.resolver_pid:
+                self.resolver_pid = 0
+                continue
             if pid == self.metrics_pid:
                 self.metrics_pid = 0
                 if not self.stopping:
@@ -455,10 +493,16 @@ class Supervisor:
             record = self.accounting.finished(pid, status, usage.ru_utime + usage.ru_stime)
             if record is None:
                 self.log.debug("reaped-orphan", child_pid=pid, status=describe_status(status))
+            elif status == _CONNECT_FAILED_STATUS:
+                # Perhaps the name points elsewhere now (a container recreated with a new
+                # address): look again, without waiting for the timer.
+                resolve_again = resolve_again or record[0].target.is_name
             elif os.WIFSIGNALED(status) and self.term_at is None:
                 link, client, _, _ = record
                 self.log.warning("child-died", child_pid=pid, link=link.name,
                                  client=peer_text(client), status=describe_status(status))
+        if resolve_again and time.monotonic() - self.resolver_started >= RESOLVE_AGAIN_AFTER:
+            self.start_resolver()
         self.update_accepting()
 
     def handle_stop(self, signum: int) -> None:
@@ -475,6 +519,7 @@ class Supervisor:
         for listener in self.listeners if self.accepting else []:
             self.handle_accept(listener, batch=self.options.max_children)
         self.stopping = True
+        signal.setitimer(signal.ITIMER_REAL, 0)  # no new children: names no longer matter
         self.update_accepting()
         listeners.close_all(self.listeners)  # from now on, new clients are refused
         self.listeners = []
@@ -527,6 +572,96 @@ class Supervisor:
             fields["child_pid"] = fields.pop("pid")  # `pid` is the logging process's own
             self.log.emit(level, "status-connection", fields)
 
+    # -- names -------------------------------------------------------------------------
+
+    def _named_targets(self) -> list[tuple[str, int]]:
+        targets: list[tuple[str, int]] = []
+        for listener in self.listeners:
+            target = listener.link.target
+            if target.is_name and (target.host, target.port) not in targets:
+                targets.append((target.host, target.port))
+        return targets
+
+    def _arm_resolve_timer(self) -> None:
+        """SIGALRM every --resolve-every seconds while some target is a name. A signal, not
+        a poll timeout: the accept loop runs with no timer armed (see loop())."""
+        every = self.options.resolve_every
+        if every is None or not self._named_targets():
+            every = 0.0
+        signal.setitimer(signal.ITIMER_REAL, every, every)
+
+    def start_resolver(self) -> None:
+        """Resolve the targets' names again in a child, so that a slow DNS server never
+        stalls the loop; handle_resolver_output applies what it finds. One at a time."""
+        targets = self._named_targets()
+        if self.resolver_pid or self.stopping or not targets:
+            return
+        read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            os.close(read_fd)
+            os.close(write_fd)
+            self.log.error("resolve-failed", error=exc.strerror, detail="cannot fork a resolver")
+            return
+        if pid == 0:
+            status = 1
+            try:
+                signals.reset_in_child()
+                # Above all the listeners: a resolver must not keep a closed port open.
+                os.closerange(3, write_fd)
+                os.closerange(write_fd + 1, 1 << 20)
+                resolve_all(targets, write_fd)
+                status = 0
+            finally:
+                os._exit(status)
+        os.close(write_fd)
+        self.resolver_pid = pid
+        self.resolver_started = time.monotonic()
+        self.resolver_output = []
+        self._watch(read_fd, self._resolver_reader(read_fd))
+
+    def _resolver_reader(self, fd: int) -> Callable[[int], None]:
+        def handle(events: int) -> None:
+            chunk = os.read(fd, 65536)
+            if chunk:
+                self.resolver_output.append(chunk)
+                return
+            self._unwatch(fd)  # EOF: the resolver is done, or died (then nothing parses)
+            os.close(fd)
+            try:
+                results = json.loads(b"".join(self.resolver_output))
+            except ValueError:
+                self.log.warning("resolve-failed", error="the resolver died",
+                                 detail="keeping the addresses in use")
+                return
+            self.apply_resolved(results)
+
+        return handle
+
+    def apply_resolved(self, results: list[list[object]]) -> None:
+        """New addresses for the links whose names now resolve differently (new connections
+        only: live ones keep their upstream). A name that fails keeps its old addresses."""
+        found = {(host, port): (addresses, error) for host, port, addresses, error in results}
+        for listener in self.listeners:
+            link = listener.link
+            result = found.get((link.target.host, link.target.port))
+            if result is None:
+                continue
+            raw, error = result
+            if raw is None:
+                self.log.warning("resolve-failed", link=link.name, host=link.target.host,
+                                 error=error, detail="keeping the addresses in use")
+                continue
+            addresses: list[Address] = [(int(family), tuple(sockaddr))
+                                        for family, sockaddr in raw]  # type: ignore[attr-defined]
+            if addresses == self.addresses.get(link.key):
+                continue
+            self.addresses[link.key] = addresses
+            self._prepare_relay(listener)
+            self.log.info("resolved", link=link.name, host=link.target.host,
+                          addresses=" ".join(peer_text(address[1]) for address in addresses))
+
     # -- reload ------------------------------------------------------------------------
 
     def reload(self) -> tuple[bool, str]:
@@ -548,6 +683,7 @@ class Supervisor:
         for item in kept:
             self._prepare_relay(item)
             self.accounting.stats(item.link)
+        self._arm_resolve_timer()
         for warning in table.warnings:
             self.log.warning("link-skipped", detail=warning)
         for listener in retired:

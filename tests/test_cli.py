@@ -74,6 +74,8 @@ def test_bad_input_exits_2_with_one_line(
         (["--idle-timeout", "2000001"], "--idle-timeout '2000001': at most 2,000,000 seconds"),
         (["--halfclose-timeout", "9e9"], "--halfclose-timeout '9e9'"),
         (["--connect-timeout", "3e6"], "--connect-timeout '3e6'"),
+        (["--resolve-every", "0"], "--resolve-every 0"),
+        (["--resolve-every", "soon"], "--resolve-every 'soon': not a number of seconds"),
     ],
 )
 def test_bad_options_exit_2(option: list[str], needle: str) -> None:

@@ -41,6 +41,22 @@ def test_good_specs(spec: str, bind: str, port: int, host: str, target_port: int
 
 
 @pytest.mark.parametrize(
+    ("spec", "is_name"),
+    [
+        ("1=10.0.0.5:6379", False),
+        ("1=[fd00::5]:6379", False),
+        ("1=[fe80::1%lo]:6379", False),
+        ("1=redis:6379", True),
+        ("1=db.example.internal.:5432", True),
+        ("1=my_service-1:1", True),
+    ],
+)
+def test_a_target_knows_whether_it_is_a_name(spec: str, is_name: bool) -> None:
+    """Only names are resolved again (--resolve-every); an address never changes."""
+    assert parse_spec(spec).target.is_name is is_name
+
+
+@pytest.mark.parametrize(
     ("spec", "message"),
     [
         ("", "expected [BIND_ADDR:]LISTEN_PORT=HOST:PORT"),

@@ -1,4 +1,5 @@
-"""Names are resolved by the supervisor, once, and again on reload (SIGHUP).
+"""Names are resolved by the supervisor: at start, on reload (SIGHUP), every
+--resolve-every seconds, and at once when a connect to the addresses it has fails.
 
 A network namespace gets its own /etc/hosts (`ip netns exec` bind-mounts
 /etc/netns/NAME/hosts over it), so the test can move a name from one redis to another
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 
 import netns
-from netns import Lab, Namespace, redis_cli
+from netns import Lab, Namespace, Process, redis_cli
 
 pytestmark = [pytest.mark.netns]
 FORKPROXY = str(Path(sys.executable).parent / "forkproxy")
@@ -37,12 +38,15 @@ def lab() -> Iterator[Lab]:
     shutil.rmtree(workdir, ignore_errors=True)
 
 
-def set_hosts(ns: Namespace, address: str) -> None:
-    """Rewrite the namespace's hosts file in place (the bind mount follows the inode)."""
+def set_hosts(ns: Namespace, address: str | None) -> None:
+    """Rewrite the namespace's hosts file in place (the bind mount follows the inode);
+    None: without upstream.test."""
     path = Path("/etc/netns") / ns.name / "hosts"
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w") as handle:
-        handle.write(f"127.0.0.1 localhost\n{address} upstream.test\n")
+        handle.write("127.0.0.1 localhost\n")
+        if address is not None:
+            handle.write(f"{address} upstream.test\n")
 
 
 def start_redis(lab: Lab, ns: Namespace, address: str, name: str) -> None:
@@ -59,6 +63,71 @@ def who(ns: Namespace) -> str:
     return redis_cli(ns, LISTEN_PORT, "GET", "who", check=False)
 
 
+def start_proxy(lab: Lab, ns: Namespace, *options: str) -> Process:
+    proxy = lab.spawn(ns, [FORKPROXY, "serve", f"{LISTEN_PORT}=upstream.test:{REDIS_PORT}",
+                           "--status-socket", str(lab.workdir / "fp.sock"), *options],
+                      label="proxy")
+    proxy.wait_stdout(lambda lines: any(x.startswith("listening ") for x in lines), 15)
+    return proxy
+
+
+def wait_for_who(ns: Namespace, name: str, proxy: Process, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while who(ns) != name:
+        assert time.monotonic() < deadline, proxy.describe()
+        time.sleep(0.1)
+
+
+def test_names_are_resolved_again_every_few_seconds(lab: Lab) -> None:
+    """The name moves while the old server still answers: only the timer can notice."""
+    ns = lab.namespace("dnstimer")
+    try:
+        set_hosts(ns, "127.0.0.2")
+        start_redis(lab, ns, "127.0.0.2", "first")
+        start_redis(lab, ns, "127.0.0.3", "second")
+        proxy = start_proxy(lab, ns, "--resolve-every", "0.3")
+        assert who(ns) == "first"
+
+        set_hosts(ns, None)  # the name is gone for a while: the addresses in use stay
+        deadline = time.monotonic() + 15
+        while "resolve-failed" not in proxy.stderr():
+            assert time.monotonic() < deadline, proxy.describe()
+            time.sleep(0.1)
+        assert who(ns) == "first"
+        assert "keeping the addresses in use" in proxy.stderr()
+
+        set_hosts(ns, "127.0.0.3")  # and comes back elsewhere: no SIGHUP, no restart
+        wait_for_who(ns, "second", proxy)
+        line = next(x for x in proxy.stderr().splitlines() if " resolved " in x)
+        assert "host=upstream.test" in line and "addresses=127.0.0.3:" in line, line
+        assert proxy.alive()
+    finally:
+        shutil.rmtree(Path("/etc/netns") / ns.name, ignore_errors=True)
+
+
+def test_a_failed_connect_makes_the_supervisor_resolve_again(lab: Lab) -> None:
+    """The old server is gone (a container recreated elsewhere): the first client's connect
+    fails, and the next clients go to the new address, with the timer off."""
+    ns = lab.namespace("dnsfail")
+    try:
+        set_hosts(ns, "127.0.0.2")
+        start_redis(lab, ns, "127.0.0.2", "first")
+        start_redis(lab, ns, "127.0.0.3", "second")
+        proxy = start_proxy(lab, ns, "--resolve-every", "off")
+        assert who(ns) == "first"
+
+        set_hosts(ns, "127.0.0.3")
+        assert who(ns) == "first"  # the timer is off: nothing has noticed yet
+        redis_cli(ns, REDIS_PORT, "SHUTDOWN", "NOSAVE", host="127.0.0.2", check=False)
+        wait_for_who(ns, "second", proxy)
+        log = proxy.stderr()
+        assert " connect-failed " in log, log  # the first client after the shutdown
+        assert "addresses=127.0.0.3:" in log, log
+        assert "reload" not in log
+    finally:
+        shutil.rmtree(Path("/etc/netns") / ns.name, ignore_errors=True)
+
+
 def test_reload_re_resolves_names_and_only_reload_does(lab: Lab) -> None:
     ns = lab.namespace("dns")
     try:
@@ -67,8 +136,9 @@ def test_reload_re_resolves_names_and_only_reload_does(lab: Lab) -> None:
         start_redis(lab, ns, "127.0.0.3", "second")
         env_file = lab.workdir / "links.env"
         env_file.write_text(f"DB_PORT_{LISTEN_PORT}_TCP=tcp://upstream.test:{REDIS_PORT}\n")
-        proxy = lab.spawn(ns, [FORKPROXY, "serve", "--env-file", str(env_file),
-                               "--status-socket", str(lab.workdir / "fp.sock")], label="proxy")
+        proxy = lab.spawn(ns, [FORKPROXY, "serve", "--env-file", str(env_file), "--resolve-every",
+                               "off", "--status-socket", str(lab.workdir / "fp.sock")],
+                          label="proxy")
         proxy.wait_stdout(lambda lines: any(x.startswith("listening ") for x in lines), 15)
         assert who(ns) == "first"
 
