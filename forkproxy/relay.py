@@ -41,6 +41,10 @@ UPSTREAM_RESET = 11
 CONNECT_FAILED = 12
 IDLE_TIMEOUT = 13
 HALFCLOSE_TIMEOUT = 14
+# Added to any of the above: the child reached its upstream only through a lookup of its
+# own (the supervisor's addresses all failed, or it had none), so the supervisor should
+# resolve the name again. Exit codes below it are outcomes (accounting.OUTCOME_MASK).
+LOOK_AGAIN = 64
 OUTCOMES = {
     CLOSED: "closed",
     FAILED: "failed",
@@ -199,39 +203,53 @@ class Flow:
 
 def connect_upstream(
     addresses: list[Address], target: Endpoint, timeout: float, retries: int
-) -> RawSocket:
-    """Connect to the first address that answers, retrying with a short backoff.
+) -> tuple[RawSocket, bool]:
+    """Connect to the first address that answers, retrying with a short backoff; return
+    the socket and whether its address came from a lookup of the child's own.
 
-    Names are resolved by the supervisor; a child resolves only when the supervisor
-    could not (`addresses` empty), so a DNS hiccup at start-up is not fatal.
+    Names are resolved by the supervisor. A child looks a name up itself only when the
+    supervisor has no addresses (a DNS hiccup at start-up is not fatal) or when every one
+    of them failed: the name may point elsewhere now (a container recreated with a new
+    address), and then this client still gets through, as with socat, and the caller
+    tells the supervisor to look again (LOOK_AGAIN).
     """
     error: OSError | None = None
     for attempt in range(retries + 1):
         if attempt:
             time.sleep(min(0.1 * 2**attempt, 2.0))
         candidates = addresses
-        if not candidates:
-            try:
-                infos = socket.getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM)
-            except socket.gaierror as exc:
-                error = OSError(errno.EHOSTUNREACH, f"cannot resolve {target.host}: {exc}")
-                continue
-            candidates = [(int(family), tuple(addr)) for family, _, _, _, addr in infos]
-        for family, sockaddr in candidates:
-            sock = RawSocket(family, SOCK_STREAM)
-            # The C socket's own timeout (poll in C): fewer Python objects in a fresh
-            # child than a poll object of our own, so fewer pages copied.
-            sock.settimeout(timeout)
-            try:
-                sock.connect(sockaddr)
-            except TimeoutError:
-                error = OSError(errno.ETIMEDOUT, os.strerror(errno.ETIMEDOUT))
-            except OSError as exc:
-                error = exc
-            else:
-                sock.setblocking(False)
-                return sock
-            sock.close()
+        own = False
+        while True:
+            if not candidates:
+                own = True
+                try:
+                    infos = socket.getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM)
+                except socket.gaierror as exc:
+                    # After failed connects, their error says more than this one.
+                    error = error or OSError(
+                        errno.EHOSTUNREACH, f"cannot resolve {target.host}: {exc}"
+                    )
+                    break
+                candidates = [(int(family), tuple(addr)) for family, _, _, _, addr in infos]
+                candidates = [address for address in candidates if address not in addresses]
+            for family, sockaddr in candidates:
+                sock = RawSocket(family, SOCK_STREAM)
+                # The C socket's own timeout (poll in C): fewer Python objects in a fresh
+                # child than a poll object of our own, so fewer pages copied.
+                sock.settimeout(timeout)
+                try:
+                    sock.connect(sockaddr)
+                except TimeoutError:
+                    error = OSError(errno.ETIMEDOUT, os.strerror(errno.ETIMEDOUT))
+                except OSError as exc:
+                    error = exc
+                else:
+                    sock.setblocking(False)
+                    return sock, own
+                sock.close()
+            if own or not target.is_name:
+                break
+            candidates = []  # every address the supervisor gave failed: look the name up
     raise error or OSError(errno.EHOSTUNREACH, "no address")
 
 
@@ -482,7 +500,7 @@ def serve(
     started = time.monotonic()
     client.setblocking(False)
     try:
-        upstream = connect_upstream(
+        upstream, looked_up = connect_upstream(
             addresses, link.target, options.connect_timeout, options.connect_retries
         )
     except OSError as exc:
@@ -527,4 +545,4 @@ def serve(
         if error:
             fields["error"] = error
         log.info("close", **fields)
-    return outcome
+    return outcome + LOOK_AGAIN if looked_up else outcome

@@ -47,9 +47,10 @@ ACCEPT_BACKOFF = 0.1  # seconds without accepting after EMFILE/ENFILE/ENOBUFS/EN
 KILL_AFTER = 1.0  # seconds from TERM to KILL after --grace: 8 + 1 is inside docker stop's 10
 ERROR_LOG_EVERY = 10.0  # seconds between two accept-failed lines while they repeat
 METRICS_RESTART = 5.0  # seconds before a metrics process that died is started again
-RESOLVE_AGAIN_AFTER = 1.0  # seconds: the least time between two resolutions failed connects start
+RESOLVE_AGAIN_AFTER = 1.0  # seconds: the least time between the starts of two resolutions
 _RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
-_CONNECT_FAILED_STATUS = relay.CONNECT_FAILED << 8  # a wait status: exited with that code
+# Wait statuses: exited with that code, and with the hint bit set.
+_CONNECT_FAILED_STATUS, _LOOK_AGAIN_STATUS = relay.CONNECT_FAILED << 8, relay.LOOK_AGAIN << 8
 POLLIN, POLLOUT = select.POLLIN, select.POLLOUT
 
 
@@ -86,9 +87,10 @@ def resolve(link: Link, log: Logger) -> list[Address]:
         return []
 
 
-def resolve_all(targets: list[tuple[str, int]], out_fd: int) -> None:
-    """The resolver child's work: look every target up, write the results to `out_fd` as
-    one JSON list of [host, port, addresses or null, error]."""
+def resolve_all(targets: list[tuple[str, int]], out_fd: int, delay: float) -> None:
+    """The resolver child's work: wait `delay` seconds, look every target up, write the
+    results to `out_fd` as one JSON list of [host, port, addresses or null, error]."""
+    time.sleep(delay)
     results: list[object] = []
     for host, port in targets:
         try:
@@ -135,9 +137,11 @@ class Supervisor:
         self.metrics_sock: socket.socket | None = None
         self.metrics_pid = 0
         self.metrics_at: float | None = None  # when to (re)start the metrics process
-        self.resolver_pid = 0  # the child resolving the targets' names again, if one runs
+        self.resolving = False  # a resolver child's results are on their way
+        self.resolver_pids: list[int] = []  # resolver children not reaped yet
         self.resolver_output: list[bytes] = []
-        self.resolver_started = -RESOLVE_AGAIN_AFTER
+        self.resolver_due = 0.0  # when the last resolver was to look up (monotonic)
+        self.resolve_pending = False  # asked again while one ran: start another after it
         self.started = time.time()
 
     # -- start and stop -------------------------------------------------------------
@@ -264,10 +268,10 @@ class Supervisor:
         listeners.close_all(self.listeners)
         self.listeners = []
         signal.setitimer(signal.ITIMER_REAL, 0)
-        if self.resolver_pid:
+        for pid in self.resolver_pids:
             try:
-                os.kill(self.resolver_pid, signal.SIGKILL)
-                os.waitpid(self.resolver_pid, 0)
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
             except OSError:
                 pass  # already gone and reaped
         if self.metrics_pid:
@@ -480,8 +484,8 @@ class Supervisor:
                 break
             if pid == 0:
                 break
-            if pid == self.resolver_pid:
-                self.resolver_pid = 0
+            if pid in self.resolver_pids:
+                self.resolver_pids.remove(pid)
                 continue
             if pid == self.metrics_pid:
                 self.metrics_pid = 0
@@ -493,15 +497,16 @@ class Supervisor:
             record = self.accounting.finished(pid, status, usage.ru_utime + usage.ru_stime)
             if record is None:
                 self.log.debug("reaped-orphan", child_pid=pid, status=describe_status(status))
-            elif status == _CONNECT_FAILED_STATUS:
+            elif status == _CONNECT_FAILED_STATUS or status & _LOOK_AGAIN_STATUS:
                 # Perhaps the name points elsewhere now (a container recreated with a new
-                # address): look again, without waiting for the timer.
+                # address), or the child found it did: look again, without waiting for
+                # the timer. (A signal's number is in the low byte: never the hint bit.)
                 resolve_again = resolve_again or record[0].target.is_name
             elif os.WIFSIGNALED(status) and self.term_at is None:
                 link, client, _, _ = record
                 self.log.warning("child-died", child_pid=pid, link=link.name,
                                  client=peer_text(client), status=describe_status(status))
-        if resolve_again and time.monotonic() - self.resolver_started >= RESOLVE_AGAIN_AFTER:
+        if resolve_again:
             self.start_resolver()
         self.update_accepting()
 
@@ -592,10 +597,20 @@ class Supervisor:
 
     def start_resolver(self) -> None:
         """Resolve the targets' names again in a child, so that a slow DNS server never
-        stalls the loop; handle_resolver_output applies what it finds. One at a time."""
+        stalls the loop; apply_resolved() takes what it finds.
+
+        One at a time: asked while one runs, another starts when it ends. And at most one
+        lookup per RESOLVE_AGAIN_AFTER: the child waits out the rest of that time itself
+        (a failing upstream makes every connection ask), so the loop needs no timer.
+        """
         targets = self._named_targets()
-        if self.resolver_pid or self.stopping or not targets:
+        if self.stopping or not targets:
             return
+        if self.resolving:
+            self.resolve_pending = True
+            return
+        now = time.monotonic()
+        due = max(now, self.resolver_due + RESOLVE_AGAIN_AFTER)
         read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
         try:
             pid = os.fork()
@@ -611,13 +626,15 @@ class Supervisor:
                 # Above all the listeners: a resolver must not keep a closed port open.
                 os.closerange(3, write_fd)
                 os.closerange(write_fd + 1, 1 << 20)
-                resolve_all(targets, write_fd)
+                resolve_all(targets, write_fd, due - now)
                 status = 0
             finally:
                 os._exit(status)
         os.close(write_fd)
-        self.resolver_pid = pid
-        self.resolver_started = time.monotonic()
+        self.resolving = True
+        self.resolver_pids.append(pid)
+        self.resolver_due = due
+        self.resolve_pending = False
         self.resolver_output = []
         self._watch(read_fd, self._resolver_reader(read_fd))
 
@@ -629,13 +646,16 @@ class Supervisor:
                 return
             self._unwatch(fd)  # EOF: the resolver is done, or died (then nothing parses)
             os.close(fd)
+            self.resolving = False
             try:
                 results = json.loads(b"".join(self.resolver_output))
             except ValueError:
                 self.log.warning("resolve-failed", error="the resolver died",
                                  detail="keeping the addresses in use")
-                return
-            self.apply_resolved(results)
+            else:
+                self.apply_resolved(results)
+            if self.resolve_pending:
+                self.start_resolver()
 
         return handle
 

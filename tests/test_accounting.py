@@ -1,10 +1,13 @@
-"""The children's counter slots: handed out zeroed, lowest first, never more than made."""
+"""The children's counter slots: handed out zeroed, lowest first, never more than made;
+and how a reaped child's exit status becomes its outcome."""
 
 from __future__ import annotations
 
 import pytest
 
-from forkproxy.accounting import FIELDS, Slots
+from forkproxy import relay
+from forkproxy.accounting import FIELDS, Accounting, Slots
+from forkproxy.config import Endpoint, Link
 
 
 def test_slots_are_zeroed_when_released_and_reused_last_in_first_out() -> None:
@@ -40,3 +43,23 @@ def test_the_accept_loops_pop_matches_take() -> None:
     assert slots.free.pop() == 0
     assert slots.free.pop() == FIELDS
     assert slots.free == [] and not slots.refill()
+
+
+@pytest.mark.parametrize(
+    ("code", "outcome"),
+    [
+        (relay.CLOSED, "closed"),
+        (relay.CLOSED + relay.LOOK_AGAIN, "closed"),  # a hint for the supervisor, not an outcome
+        (relay.UPSTREAM_RESET + relay.LOOK_AGAIN, "upstream-reset"),
+        (relay.CONNECT_FAILED, "connect-failed"),
+        (99, "failed"),
+    ],
+)
+def test_an_exit_code_is_an_outcome_plus_hints(code: int, outcome: str) -> None:
+    accounting = Accounting(4, relay.OUTCOMES)
+    link = Link("127.0.0.1", 1, Endpoint("redis", 6379), ("test",))
+    base = accounting.slots.take()
+    accounting.children[4242] = (link, ("127.0.0.1", 5), base, 0.0)
+    assert accounting.finished(4242, code << 8, 0.0) is not None  # a wait status
+    assert accounting.stats(link).outcomes == {outcome: 1}
+    assert accounting.stats(link).upstream_failures == (outcome == "connect-failed")

@@ -105,9 +105,12 @@ def test_names_are_resolved_again_every_few_seconds(lab: Lab) -> None:
         shutil.rmtree(Path("/etc/netns") / ns.name, ignore_errors=True)
 
 
-def test_a_failed_connect_makes_the_supervisor_resolve_again(lab: Lab) -> None:
-    """The old server is gone (a container recreated elsewhere): the first client's connect
-    fails, and the next clients go to the new address, with the timer off."""
+def test_a_failed_connect_looks_the_name_up_again(lab: Lab) -> None:
+    """The old server is gone (a container recreated elsewhere), and the timer is off.
+    While the name resolves nowhere, clients fail and the supervisor looks again after
+    each failure; once it points at the new server, the very next client's child finds it
+    by a lookup of its own (as socat would), and the supervisor, told so, takes the new
+    address for the clients after it."""
     ns = lab.namespace("dnsfail")
     try:
         set_hosts(ns, "127.0.0.2")
@@ -118,12 +121,24 @@ def test_a_failed_connect_makes_the_supervisor_resolve_again(lab: Lab) -> None:
 
         set_hosts(ns, "127.0.0.3")
         assert who(ns) == "first"  # the timer is off: nothing has noticed yet
+        set_hosts(ns, None)
         redis_cli(ns, REDIS_PORT, "SHUTDOWN", "NOSAVE", host="127.0.0.2", check=False)
-        wait_for_who(ns, "second", proxy)
-        log = proxy.stderr()
-        assert " connect-failed " in log, log  # the first client after the shutdown
-        assert "addresses=127.0.0.3:" in log, log
-        assert "reload" not in log
+        assert who(ns) != "first"  # refused, and the child's own lookup finds nothing
+        deadline = time.monotonic() + 15
+        while "resolve-failed" not in proxy.stderr():  # the supervisor looked again
+            assert time.monotonic() < deadline, proxy.describe()
+            time.sleep(0.1)
+        assert " connect-failed " in proxy.stderr()
+
+        set_hosts(ns, "127.0.0.3")
+        assert who(ns) == "second"  # the first client after the move, not a later one
+        deadline = time.monotonic() + 15
+        while "addresses=127.0.0.3:" not in proxy.stderr():
+            assert time.monotonic() < deadline, proxy.describe()
+            time.sleep(0.1)
+        for _ in range(3):
+            assert who(ns) == "second"
+        assert "reload" not in proxy.stderr()
     finally:
         shutil.rmtree(Path("/etc/netns") / ns.name, ignore_errors=True)
 
