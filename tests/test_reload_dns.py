@@ -13,7 +13,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -36,6 +36,20 @@ def lab() -> Iterator[Lab]:
     with Lab(workdir) as lab:
         yield lab
     shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture
+def ns(lab: Lab) -> Iterator[Namespace]:
+    """A namespace where upstream.test names 127.0.0.2 and two redis servers answer, on
+    127.0.0.2 ("first") and 127.0.0.3 ("second")."""
+    namespace = lab.namespace("dns")
+    try:
+        set_hosts(namespace, "127.0.0.2")
+        start_redis(lab, namespace, "127.0.0.2", "first")
+        start_redis(lab, namespace, "127.0.0.3", "second")
+        yield namespace
+    finally:
+        shutil.rmtree(Path("/etc/netns") / namespace.name, ignore_errors=True)
 
 
 def set_hosts(ns: Namespace, address: str | None) -> None:
@@ -71,102 +85,77 @@ def start_proxy(lab: Lab, ns: Namespace, *options: str) -> Process:
     return proxy
 
 
-def wait_for_who(ns: Namespace, name: str, proxy: Process, timeout: float = 15) -> None:
+def wait_until(done: Callable[[], bool], proxy: Process, timeout: float = 15) -> None:
     deadline = time.monotonic() + timeout
-    while who(ns) != name:
+    while not done():
         assert time.monotonic() < deadline, proxy.describe()
         time.sleep(0.1)
 
 
-def test_names_are_resolved_again_every_few_seconds(lab: Lab) -> None:
+def wait_for_who(ns: Namespace, name: str, proxy: Process) -> None:
+    wait_until(lambda: who(ns) == name, proxy)
+
+
+def wait_for_log(proxy: Process, text: str) -> None:
+    wait_until(lambda: text in proxy.stderr(), proxy)
+
+
+def test_names_are_resolved_again_every_few_seconds(lab: Lab, ns: Namespace) -> None:
     """The name moves while the old server still answers: only the timer can notice."""
-    ns = lab.namespace("dnstimer")
-    try:
-        set_hosts(ns, "127.0.0.2")
-        start_redis(lab, ns, "127.0.0.2", "first")
-        start_redis(lab, ns, "127.0.0.3", "second")
-        proxy = start_proxy(lab, ns, "--resolve-every", "0.3")
-        assert who(ns) == "first"
+    proxy = start_proxy(lab, ns, "--resolve-every", "0.3")
+    assert who(ns) == "first"
 
-        set_hosts(ns, None)  # the name is gone for a while: the addresses in use stay
-        deadline = time.monotonic() + 15
-        while "resolve-failed" not in proxy.stderr():
-            assert time.monotonic() < deadline, proxy.describe()
-            time.sleep(0.1)
-        assert who(ns) == "first"
-        assert "keeping the addresses in use" in proxy.stderr()
+    set_hosts(ns, None)  # the name is gone for a while: the addresses in use stay
+    wait_for_log(proxy, "resolve-failed")
+    assert who(ns) == "first"
+    assert "keeping the addresses in use" in proxy.stderr()
 
-        set_hosts(ns, "127.0.0.3")  # and comes back elsewhere: no SIGHUP, no restart
-        wait_for_who(ns, "second", proxy)
-        line = next(x for x in proxy.stderr().splitlines() if " resolved " in x)
-        assert "host=upstream.test" in line and "addresses=127.0.0.3:" in line, line
-        assert proxy.alive()
-    finally:
-        shutil.rmtree(Path("/etc/netns") / ns.name, ignore_errors=True)
+    set_hosts(ns, "127.0.0.3")  # and comes back elsewhere: no SIGHUP, no restart
+    wait_for_who(ns, "second", proxy)
+    line = next(x for x in proxy.stderr().splitlines() if " resolved " in x)
+    assert "host=upstream.test" in line and "addresses=127.0.0.3:" in line, line
+    assert proxy.alive()
 
 
-def test_a_failed_connect_looks_the_name_up_again(lab: Lab) -> None:
+def test_a_failed_connect_looks_the_name_up_again(lab: Lab, ns: Namespace) -> None:
     """The old server is gone (a container recreated elsewhere), and the timer is off.
     While the name resolves nowhere, clients fail and the supervisor looks again after
     each failure; once it points at the new server, the very next client's child finds it
     by a lookup of its own (as socat would), and the supervisor, told so, takes the new
     address for the clients after it."""
-    ns = lab.namespace("dnsfail")
-    try:
-        set_hosts(ns, "127.0.0.2")
-        start_redis(lab, ns, "127.0.0.2", "first")
-        start_redis(lab, ns, "127.0.0.3", "second")
-        proxy = start_proxy(lab, ns, "--resolve-every", "off")
-        assert who(ns) == "first"
+    proxy = start_proxy(lab, ns, "--resolve-every", "off")
+    assert who(ns) == "first"
 
-        set_hosts(ns, "127.0.0.3")
-        assert who(ns) == "first"  # the timer is off: nothing has noticed yet
-        set_hosts(ns, None)
-        redis_cli(ns, REDIS_PORT, "SHUTDOWN", "NOSAVE", host="127.0.0.2", check=False)
-        assert who(ns) != "first"  # refused, and the child's own lookup finds nothing
-        deadline = time.monotonic() + 15
-        while "resolve-failed" not in proxy.stderr():  # the supervisor looked again
-            assert time.monotonic() < deadline, proxy.describe()
-            time.sleep(0.1)
-        assert " connect-failed " in proxy.stderr()
+    set_hosts(ns, "127.0.0.3")
+    assert who(ns) == "first"  # the timer is off: nothing has noticed yet
+    set_hosts(ns, None)
+    redis_cli(ns, REDIS_PORT, "SHUTDOWN", "NOSAVE", host="127.0.0.2", check=False)
+    assert who(ns) != "first"  # refused, and the child's own lookup finds nothing
+    wait_for_log(proxy, "resolve-failed")  # the supervisor looked again
+    assert " connect-failed " in proxy.stderr()
 
-        set_hosts(ns, "127.0.0.3")
-        assert who(ns) == "second"  # the first client after the move, not a later one
-        deadline = time.monotonic() + 15
-        while "addresses=127.0.0.3:" not in proxy.stderr():
-            assert time.monotonic() < deadline, proxy.describe()
-            time.sleep(0.1)
-        for _ in range(3):
-            assert who(ns) == "second"
-        assert "reload" not in proxy.stderr()
-    finally:
-        shutil.rmtree(Path("/etc/netns") / ns.name, ignore_errors=True)
+    set_hosts(ns, "127.0.0.3")
+    assert who(ns) == "second"  # the first client after the move, not a later one
+    wait_for_log(proxy, "addresses=127.0.0.3:")
+    for _ in range(3):
+        assert who(ns) == "second"
+    assert "reload" not in proxy.stderr()
 
 
-def test_reload_re_resolves_names_and_only_reload_does(lab: Lab) -> None:
-    ns = lab.namespace("dns")
-    try:
-        set_hosts(ns, "127.0.0.2")
-        start_redis(lab, ns, "127.0.0.2", "first")
-        start_redis(lab, ns, "127.0.0.3", "second")
-        env_file = lab.workdir / "links.env"
-        env_file.write_text(f"DB_PORT_{LISTEN_PORT}_TCP=tcp://upstream.test:{REDIS_PORT}\n")
-        proxy = lab.spawn(ns, [FORKPROXY, "serve", "--env-file", str(env_file), "--resolve-every",
-                               "off", "--status-socket", str(lab.workdir / "fp.sock")],
-                          label="proxy")
-        proxy.wait_stdout(lambda lines: any(x.startswith("listening ") for x in lines), 15)
-        assert who(ns) == "first"
+def test_reload_re_resolves_names_and_only_reload_does(lab: Lab, ns: Namespace) -> None:
+    env_file = lab.workdir / "links.env"
+    env_file.write_text(f"DB_PORT_{LISTEN_PORT}_TCP=tcp://upstream.test:{REDIS_PORT}\n")
+    proxy = lab.spawn(ns, [FORKPROXY, "serve", "--env-file", str(env_file), "--resolve-every",
+                           "off", "--status-socket", str(lab.workdir / "fp.sock")],
+                      label="proxy")
+    proxy.wait_stdout(lambda lines: any(x.startswith("listening ") for x in lines), 15)
+    assert who(ns) == "first"
 
-        set_hosts(ns, "127.0.0.3")  # the name moves; nobody has told the proxy yet
-        for _ in range(5):
-            assert who(ns) == "first"  # the supervisor's resolution holds, not each child's
+    set_hosts(ns, "127.0.0.3")  # the name moves; nobody has told the proxy yet
+    for _ in range(5):
+        assert who(ns) == "first"  # the supervisor's resolution holds, not each child's
 
-        proxy.popen.send_signal(signal.SIGHUP)
-        deadline = time.monotonic() + 15
-        while who(ns) != "second":
-            assert time.monotonic() < deadline, proxy.describe()
-            time.sleep(0.1)
-        assert proxy.alive()
-        assert "reload-failed" not in proxy.stderr()
-    finally:
-        shutil.rmtree(Path("/etc/netns") / ns.name, ignore_errors=True)
+    proxy.popen.send_signal(signal.SIGHUP)
+    wait_for_who(ns, "second", proxy)
+    assert proxy.alive()
+    assert "reload-failed" not in proxy.stderr()
