@@ -24,9 +24,11 @@ from typing import Any, TypeVar
 
 import psutil
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
-from forkproxy.log import INFO, SLOT, Logger
+from forkproxy.log import INFO, SLOT, Logger, _stamp
 
 from conftest import FORKPROXY, Proxy, Redis, TcpServer, echo, need, recv_all
 
@@ -828,6 +830,14 @@ def test_a_prepared_line_is_the_line_emit_writes(fmt: str, client: str) -> None:
     if fmt == "json":
         assert json.loads(prepared)["client"] == client
         assert json.loads(prepared)["pid"] == os.getpid()
+
+
+@given(st.floats(min_value=0, max_value=253402300799.999, allow_nan=False))
+def test_a_log_stamp_is_strftimes_utc_time_to_the_millisecond(now: float) -> None:
+    """The stamp is formatted without strftime (cheaper in a fresh child); it must say
+    what strftime says, to 9999-12-31, with the milliseconds truncated, never rounded."""
+    expected = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now))
+    assert _stamp(now) == f"{expected}.{int(now % 1 * 1000):03d}Z"
 
 
 def test_a_line_whose_fields_hold_a_mark_is_not_prepared() -> None:
