@@ -33,36 +33,59 @@ class Logger:
 
     def prepare(self, level: int, event: str, **fields: object) -> str | None:
         """This event's line (at a level that is logged) rendered now, but for the time,
-        the pid and the one field whose value is SLOT; `emit_prepared` fills them in.
-        None if a field's text holds one of the marks used here (never, for validated
-        link names and targets): the caller then logs the usual way.
+        the pid and the fields whose values are slots (SLOT, SLOT_INT, SLOT_SECONDS);
+        `emit_prepared` fills them in, in the order of the fields. None if a field's
+        text holds one of the marks used here (never, for validated link names and
+        targets): the caller then logs the usual way.
 
-        For the line a relay child writes as it starts: rendering a whole line there
-        runs, and so copies the pages of, code and objects a prepared line does not
-        (~170 KiB per idle connection, docs/benchmarks.md).
+        For the lines a relay child writes as it starts and ends: rendering a whole line
+        there runs, and so copies the pages of, code and objects a prepared line does not
+        (~170 KiB per idle connection for `open`, docs/benchmarks.md).
         """
-        values = {key: _SLOT_MARK if value is SLOT else value for key, value in fields.items()}
+        slots: list[tuple[str, _Slot]] = []
+        values: dict[str, object] = {}
+        for key, value in fields.items():
+            if isinstance(value, _Slot):
+                mark = f"<slot{len(slots)}>"
+                values[key] = mark
+                slots.append((mark, value))
+            else:
+                values[key] = value
         rendered = self._render(level, event, values, _STAMP_MARK, _PID_MARK)
-        if any(rendered.count(mark) != 1 for mark in (_STAMP_MARK, _PID_MARK, _SLOT_MARK)):
+        marks = [_STAMP_MARK, _PID_MARK] + [mark for mark, _ in slots]
+        if any(rendered.count(mark) != 1 for mark in marks):
             return None
         template = rendered.replace("%", "%%") + "\n"
         for mark, directive in _DIRECTIVES:
             template = template.replace(mark, directive)
+        for mark, slot in slots:
+            if self.fmt == "json" and slot.number:  # a JSON number, not a string
+                template = template.replace(f'"{mark}"', slot.json)
+            else:
+                template = template.replace(mark, slot.json if self.fmt == "json" else slot.text)
         return template
 
-    def emit_prepared(self, template: str, value: str) -> None:
-        """Write a `prepare`d line with `value` in its slot.
+    def emit_prepared(self, template: str, *values: object) -> None:
+        """Write a `prepare`d line with `values` in its slots.
 
         The stamp and the write are written out here rather than calls to _stamp() and
         _write(): a fresh child writes to the code object of each function it calls, and
         the two calls cost ~15-20 KiB per idle connection (docs/benchmarks.md).
         """
-        if not value or value.strip(_PLAIN):  # not an address: quote it as emit would
-            value = json.dumps(value)[1:-1] if self.fmt == "json" else _text_value(value)
+        plain = True
+        for value in values:
+            if isinstance(value, str) and (not value or value.strip(_PLAIN)):
+                plain = False
+        if not plain:  # text that is not an address or a word: quote it as emit would
+            quote = _json_text if self.fmt == "json" else _text_value
+            values = tuple(
+                quote(v) if isinstance(v, str) and (not v or v.strip(_PLAIN)) else v
+                for v in values
+            )
         now = time.time()
         t = time.gmtime(now)
         line = template % (t.tm_year, t.tm_mon, t.tm_mday, t.tm_hour, t.tm_min, t.tm_sec,
-                           now % 1 * 1000, os.getpid(), value)
+                           now % 1 * 1000, os.getpid(), *values)
         try:
             os.write(self.fd, line.encode("utf-8", "backslashreplace"))
         except OSError:
@@ -119,20 +142,33 @@ def _stamp(now: float | None = None) -> str:
 
 
 class _Slot:
+    """A field Logger.prepare leaves open: its directive in text and in JSON."""
+
+    def __init__(self, name: str, text: str, json: str, number: bool) -> None:
+        self.name, self.text, self.json, self.number = name, text, json, number
+
     def __repr__(self) -> str:
-        return "SLOT"
+        return self.name
 
 
-SLOT: object = _Slot()  # Logger.prepare: the field emit_prepared fills in
+# Logger.prepare: fields emit_prepared fills in. Each says what emit would write: text
+# as it is, quoted when it is not plain; whole numbers; seconds (3 decimals in text,
+# Python's repr in JSON, as json.dumps writes a float).
+SLOT = _Slot("SLOT", "%s", "%s", False)
+SLOT_INT = _Slot("SLOT_INT", "%d", "%d", True)
+SLOT_SECONDS = _Slot("SLOT_SECONDS", "%.3f", "%r", True)
 # Marks for Logger.prepare: link names and targets (validated host names, addresses and
 # variable names) never contain "<".
-_STAMP_MARK, _PID_MARK, _SLOT_MARK = "<stamp>", "<pid>", "<slot>"
+_STAMP_MARK, _PID_MARK = "<stamp>", "<pid>"
 # The pid is a number in JSON ("pid": 12), so its quoted mark goes first.
-_DIRECTIVES = (
-    ('"<pid>"', "%d"), (_PID_MARK, "%d"), (_STAMP_MARK, _STAMP_FORMAT), (_SLOT_MARK, "%s")
-)
+_DIRECTIVES = (('"<pid>"', "%d"), (_PID_MARK, "%d"), (_STAMP_MARK, _STAMP_FORMAT))
 # What a peer address is made of ("[fe80::1%eth0]:80" included): never quoted, either format.
 _PLAIN = "0123456789abcdefABCDEF.:[]%_-ghijklmnopqrstuvwxyzGHIJKLMNOPQRSTUVWXYZ"
+
+
+def _json_text(value: str) -> str:
+    """A string as it appears between the quotes of a JSON string."""
+    return json.dumps(value)[1:-1]
 
 
 def _text_value(value: object) -> str:

@@ -27,10 +27,11 @@ import time
 from _socket import socket as RawSocket
 
 from .config import Endpoint, Link, Options, peer_text
-from .log import INFO, SLOT, Logger
+from .log import INFO, SLOT, SLOT_INT, SLOT_SECONDS, Logger
 
 __all__ = [
-    "Address", "Ended", "RawSocket", "connect_upstream", "open_line", "preload", "pump", "serve",
+    "Address", "Ended", "RawSocket", "connect_upstream", "preload", "prepared_lines", "pump",
+    "serve",
 ]
 
 # How a relay ended: the child's exit status, decoded by the supervisor.
@@ -453,7 +454,7 @@ def _preload_serve(options: Options, log: Logger, counters: memoryview, rounds: 
         warm_log = Logger(log.level, log.fmt, devnull.fileno())
         target = upstream_listener.getsockname()
         link = Link("127.0.0.1", 0, Endpoint(target[0], target[1]), ("preload",))
-        prepared = open_line(warm_log, link)
+        prepared = prepared_lines(warm_log, link)
         addresses: list[Address] = [(int(socket.AF_INET), target)]
         for _ in range(rounds):
             with socket.create_connection(client_listener.getsockname()) as client_peer:
@@ -465,10 +466,16 @@ def _preload_serve(options: Options, log: Logger, counters: memoryview, rounds: 
                       prepared)
 
 
-def open_line(log: Logger, link: Link) -> str | None:
-    """The link's "open" line, prepared once (Logger.prepare) for serve(): the client is
-    its slot. The supervisor makes one per listener; children only fill it in."""
-    return log.prepare(INFO, "open", link=link.name, client=SLOT, upstream=str(link.target))
+def prepared_lines(log: Logger, link: Link) -> tuple[str | None, str | None]:
+    """The link's "open" and "close" lines, prepared once (Logger.prepare) for serve().
+    The supervisor makes them once per listener; children only fill them in."""
+    target = str(link.target)
+    return (
+        log.prepare(INFO, "open", link=link.name, client=SLOT, upstream=target),
+        log.prepare(INFO, "close", link=link.name, client=SLOT, upstream=target,
+                    bytes_up=SLOT_INT, bytes_down=SLOT_INT, duration=SLOT_SECONDS,
+                    outcome=SLOT),
+    )
 
 
 def reset(sock: RawSocket) -> None:
@@ -489,13 +496,14 @@ def serve(
     options: Options,
     counters: memoryview,
     log: Logger,
-    open_line: str | None,
+    lines: tuple[str | None, str | None],
 ) -> int:
     """The whole life of one connection in its child; returns the exit status.
 
     `base` is the child's slot in `counters`; the arguments after it are the same for
     every connection of a listener, and the supervisor hands them over as one tuple.
-    `open_line` is the link's prepared "open" line (open_line()); None: log it the usual way.
+    `lines` are the link's prepared "open" and "close" lines (prepared_lines()); None:
+    log that one the usual way.
     """
     started = time.monotonic()
     client.setblocking(False)
@@ -521,10 +529,10 @@ def serve(
         # config.peer_text written out: its two calls cost ~23 KiB per idle connection.
         host, port = client_address[0], client_address[1]
         client_addr = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"  # type: ignore[operator]
-        if open_line is None:
+        if lines[0] is None:
             log.info("open", link=link.name, client=client_addr, upstream=str(link.target))
         else:
-            log.emit_prepared(open_line, client_addr)
+            log.emit_prepared(lines[0], client_addr)
     error = ""
     try:
         outcome = pump(client, upstream, options, counters, base, _child_buffers)
@@ -535,16 +543,21 @@ def serve(
     client.close()
     upstream.close()
     if info:
-        fields: dict[str, object] = {
-            "link": link.name,
-            "client": client_addr,
-            "upstream": str(link.target),
-            "bytes_up": counters[base],
-            "bytes_down": counters[base + 1],
-            "duration": time.monotonic() - started,
-            "outcome": OUTCOMES[outcome],
-        }
-        if error:
-            fields["error"] = error
-        log.info("close", **fields)
+        duration = time.monotonic() - started
+        if lines[1] is not None and not error:  # the usual case: no error field
+            log.emit_prepared(lines[1], client_addr, counters[base], counters[base + 1],
+                              duration, OUTCOMES[outcome])
+        else:
+            fields: dict[str, object] = {
+                "link": link.name,
+                "client": client_addr,
+                "upstream": str(link.target),
+                "bytes_up": counters[base],
+                "bytes_down": counters[base + 1],
+                "duration": duration,
+                "outcome": OUTCOMES[outcome],
+            }
+            if error:
+                fields["error"] = error
+            log.info("close", **fields)
     return outcome + LOOK_AGAIN if looked_up else outcome

@@ -456,7 +456,7 @@ class Supervisor:
             self.options,
             self.accounting.slots.counters,
             self.log,
-            relay.open_line(self.log, link),
+            relay.prepared_lines(self.log, link),
         )
 
     # -- signals -----------------------------------------------------------------------

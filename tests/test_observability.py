@@ -28,7 +28,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
-from forkproxy.log import INFO, SLOT, Logger, _stamp
+from forkproxy.log import INFO, SLOT, SLOT_INT, SLOT_SECONDS, Logger, _stamp
 
 from conftest import FORKPROXY, Proxy, Redis, TcpServer, echo, need, recv_all
 
@@ -830,6 +830,45 @@ def test_a_prepared_line_is_the_line_emit_writes(fmt: str, client: str) -> None:
     if fmt == "json":
         assert json.loads(prepared)["client"] == client
         assert json.loads(prepared)["pid"] == os.getpid()
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+@pytest.mark.parametrize(
+    ("client", "bytes_up", "duration", "outcome"),
+    [
+        ("127.0.0.1:5000", 0, 0.0031234, "closed"),
+        ("[fe80::1%eth0]:80", 2**64 - 1, 12.5, "halfclose-timeout"),
+        ('odd "value" =x', 7, 1e-07, "client-reset"),
+        ("", 1, 3600.0004999, "idle-timeout"),
+    ],
+)
+def test_a_prepared_close_line_is_the_line_emit_writes(
+    fmt: str, client: str, bytes_up: int, duration: float, outcome: str
+) -> None:
+    """The `close` line is prepared too, with numbers in its slots: whole byte counts, and
+    a duration written as emit writes a float (3 decimals in text, repr in JSON)."""
+    read_fd, write_fd = os.pipe()
+    try:
+        log = Logger(INFO, fmt, write_fd)
+        link, upstream = "REDIS_PORT_6379_TCP,100%", "redis.example:6379"
+        template = log.prepare(INFO, "close", link=link, client=SLOT, upstream=upstream,
+                               bytes_up=SLOT_INT, bytes_down=SLOT_INT, duration=SLOT_SECONDS,
+                               outcome=SLOT)
+        assert template is not None
+        log.emit_prepared(template, client, bytes_up, 42, duration, outcome)
+        log.info("close", link=link, client=client, upstream=upstream, bytes_up=bytes_up,
+                 bytes_down=42, duration=duration, outcome=outcome)
+        prepared, emitted, rest = os.read(read_fd, 65536).decode().split("\n")
+    finally:
+        os.close(read_fd)
+        os.close(write_fd)
+    assert rest == ""
+    stamp = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
+    assert stamp.search(prepared) and stamp.sub("T", prepared) == stamp.sub("T", emitted)
+    if fmt == "json":
+        record = json.loads(prepared)
+        assert (record["client"], record["bytes_up"], record["duration"]) == (
+            client, bytes_up, duration)
 
 
 @given(st.floats(min_value=0, max_value=253402300799.999, allow_nan=False))
