@@ -139,7 +139,6 @@ WARM_CHECK = """
 import dis, os, sys
 from forkproxy import relay
 from forkproxy.config import Options
-from forkproxy.log import Logger
 from forkproxy.log import INFO, Logger
 
 def specialized(function):
@@ -148,7 +147,8 @@ def specialized(function):
     adaptive = [i.opname for i in dis.get_instructions(function, adaptive=True)]
     return sum(a != b for a, b in zip(plain, adaptive))
 
-child_code = (relay.serve, relay.connect_upstream, relay.pump, relay.Flow.read, relay.Flow.write)
+child_code = (relay.serve, relay.connect_upstream, relay.pump, relay.Flow.read, relay.Flow.write,
+              Logger.emit_prepared)
 before = [specialized(f) for f in child_code]
 read_fd, write_fd = os.pipe()
 relay.preload(Options(), Logger(INFO, "text", write_fd), rounds=10)
@@ -161,9 +161,10 @@ print("warm")
 
 
 def test_preload_specializes_the_childs_code_without_logging_a_line() -> None:
-    """The point of preload: serve(), connect_upstream(), the relay loop and the flows are already
-    specialized in a process that has run nothing else, and the warm-up's open/close
-    lines went to /dev/null, not to the children's log."""
+    """The point of preload: serve(), connect_upstream(), the relay loop, the flows and
+    the prepared log lines' writer are already specialized in a process that has run
+    nothing else, and the warm-up's open/close lines went to /dev/null, not to the
+    children's log."""
     result = subprocess.run([sys.executable, "-c", WARM_CHECK], capture_output=True,
                             text=True, timeout=60, cwd=os.path.dirname(os.path.dirname(__file__)))
     assert result.returncode == 0 and result.stdout == "warm\n", result.stderr
