@@ -96,6 +96,14 @@ def _table(headers: list[str], rows: list[list[str]]) -> list[str]:
             for row in [headers, *rows]]
 
 
+def _upstream(listener: dict[str, Any]) -> str:
+    """The target, and for a name the addresses new connections go to now."""
+    resolved = listener.get("resolved") or []
+    if resolved == [listener["upstream"]]:
+        return str(listener["upstream"])  # an address: nothing to add
+    return f"{listener['upstream']} ({', '.join(resolved) or 'not resolved'})"
+
+
 def render(status: dict[str, Any]) -> str:
     """The status as two tables, like `ss` or `docker ps`."""
     links = status.get("links", {})
@@ -108,7 +116,7 @@ def render(status: dict[str, Any]) -> str:
     for listener in status.get("listeners", []):
         stats = links.get(listener["link"], {})
         rows.append([
-            listener["link"], f"{listener['listen']} -> {listener['upstream']}",
+            listener["link"], f"{listener['listen']} -> {_upstream(listener)}",
             str(stats.get("active", 0)), str(stats.get("connections", 0)),
             str(stats.get("upstream_failures", 0)), str(stats.get("denied", 0)),
             _size(stats.get("bytes_up", 0)), _size(stats.get("bytes_down", 0)),

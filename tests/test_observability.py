@@ -399,6 +399,25 @@ def test_bulk_byte_counts_are_exact_in_every_relay_mode(
 # -- check --------------------------------------------------------------------------------
 
 
+def test_status_shows_the_addresses_a_name_resolves_to(
+    start_proxy: StartProxy, redis: Redis, tmp_path: Path, env: dict[str, str],
+) -> None:
+    """A target given as a name is followed in DNS (--resolve-every), so status says where
+    new connections go now; an address target needs no such note."""
+    sock_path = tmp_path / "status.sock"
+    named, literal = (f"127.0.0.1:0=localhost:{redis.port}",
+                      f"127.0.0.1:0=127.0.0.1:{redis.port}")
+    proxy = start_proxy("--status-socket", str(sock_path), named, literal, expect=2, env=env)
+    named_port, literal_port = listen_ports(proxy)
+    result = cli("status", "--status-socket", str(sock_path), env=env)
+    assert result.returncode == 0, result
+    (_, link_rows), _ = parse_tables(result.stdout)
+    rows = {row["LINK"]: row["LISTEN -> UPSTREAM"] for row in link_rows}
+    assert rows[named].startswith(f"127.0.0.1:{named_port} -> localhost:{redis.port} ("), rows
+    assert f"127.0.0.1:{redis.port}" in rows[named].split(" (", 1)[1], rows
+    assert rows[literal] == f"127.0.0.1:{literal_port} -> 127.0.0.1:{redis.port}", rows
+
+
 def test_check_exit_codes_while_serving_draining_and_after_exit(
     start_proxy: StartProxy, tcp_server: MakeServer, env: dict[str, str],
 ) -> None:
