@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from .config import Link, peer_text
 
 FIELDS = 2  # per slot: bytes client->upstream, bytes upstream->client
-OUTCOME_MASK = 63  # a relay child's exit code: the outcome, plus hints above (relay.LOOK_AGAIN)
 # Connection duration histogram buckets, seconds (Prometheus `le` bounds).
 DURATION_BUCKETS = (0.005, 0.05, 0.25, 1.0, 5.0, 30.0, 120.0, 600.0, 3600.0)
 
@@ -139,7 +138,7 @@ class Accounting:
         stats.bytes_down += counters[base + 1]
         stats.cpu_seconds += cpu_seconds
         if os.WIFEXITED(status):
-            outcome = self.outcome_names.get(os.WEXITSTATUS(status) & OUTCOME_MASK, "failed")
+            outcome = self.outcome_names.get(os.WEXITSTATUS(status), "failed")
         else:
             outcome = "killed"
         stats.outcomes[outcome] = stats.outcomes.get(outcome, 0) + 1

@@ -18,6 +18,7 @@ import errno
 import fcntl
 import os
 import select
+import signal
 import socket
 import time
 
@@ -42,10 +43,6 @@ UPSTREAM_RESET = 11
 CONNECT_FAILED = 12
 IDLE_TIMEOUT = 13
 HALFCLOSE_TIMEOUT = 14
-# Added to any of the above: the child reached its upstream only through a lookup of its
-# own (the supervisor's addresses all failed, or it had none), so the supervisor should
-# resolve the name again. Exit codes below it are outcomes (accounting.OUTCOME_MASK).
-LOOK_AGAIN = 64
 OUTCOMES = {
     CLOSED: "closed",
     FAILED: "failed",
@@ -72,6 +69,7 @@ IPPROTO_TCP, TCP_NODELAY = int(socket.IPPROTO_TCP), socket.TCP_NODELAY
 SHUT_WR = int(socket.SHUT_WR)
 POLLIN, POLLOUT = select.POLLIN, select.POLLOUT
 POLLERR, POLLHUP = select.POLLERR, select.POLLHUP
+SIGALRM = int(signal.SIGALRM)
 
 # Which side reset, by where the error came from: (the flow's source, its destination).
 _UP_RESETS = (CLIENT_RESET, UPSTREAM_RESET)
@@ -212,7 +210,7 @@ def connect_upstream(
     supervisor has no addresses (a DNS hiccup at start-up is not fatal) or when every one
     of them failed: the name may point elsewhere now (a container recreated with a new
     address), and then this client still gets through, as with socat, and the caller
-    tells the supervisor to look again (LOOK_AGAIN).
+    tells the supervisor to look again.
     """
     error: OSError | None = None
     for attempt in range(retries + 1):
@@ -463,7 +461,7 @@ def _preload_serve(options: Options, log: Logger, counters: memoryview, rounds: 
                 client_peer.shutdown(socket.SHUT_WR)
                 client = RawSocket(int(socket.AF_INET), SOCK_STREAM, 0, fd)
                 serve(client, address, 0, link, addresses, warm_options, counters, warm_log,
-                      prepared)
+                      prepared, 0)
 
 
 def prepared_lines(log: Logger, link: Link) -> tuple[str | None, str | None]:
@@ -497,13 +495,14 @@ def serve(
     counters: memoryview,
     log: Logger,
     lines: tuple[str | None, str | None],
+    supervisor: int,
 ) -> int:
     """The whole life of one connection in its child; returns the exit status.
 
     `base` is the child's slot in `counters`; the arguments after it are the same for
     every connection of a listener, and the supervisor hands them over as one tuple.
     `lines` are the link's prepared "open" and "close" lines (prepared_lines()); None:
-    log that one the usual way.
+    log that one the usual way. `supervisor` is the supervisor's pid (0: none to tell).
     """
     started = time.monotonic()
     client.setblocking(False)
@@ -521,6 +520,12 @@ def serve(
         )
         client.close()
         return CONNECT_FAILED
+    if looked_up and supervisor and os.getppid() == supervisor:
+        # The name points elsewhere now: SIGALRM, the supervisor's "resolve now" (the
+        # --resolve-every timer's signal), so that the clients after this one go straight
+        # to the new address. Only to our own supervisor: were it gone, the parent would
+        # be an init, which SIGALRM might kill.
+        os.kill(supervisor, SIGALRM)
     client.setsockopt(IPPROTO_TCP, TCP_NODELAY, 1)
     upstream.setsockopt(IPPROTO_TCP, TCP_NODELAY, 1)
     info = log.level <= INFO  # not log.enabled(): a call, so a code object to copy
@@ -560,4 +565,4 @@ def serve(
             if error:
                 fields["error"] = error
             log.info("close", **fields)
-    return outcome + LOOK_AGAIN if looked_up else outcome
+    return outcome

@@ -49,8 +49,7 @@ ERROR_LOG_EVERY = 10.0  # seconds between two accept-failed lines while they rep
 METRICS_RESTART = 5.0  # seconds before a metrics process that died is started again
 RESOLVE_AGAIN_AFTER = 1.0  # seconds: the least time between the starts of two resolutions
 _RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
-# Wait statuses: exited with that code, and with the hint bit set.
-_CONNECT_FAILED_STATUS, _LOOK_AGAIN_STATUS = relay.CONNECT_FAILED << 8, relay.LOOK_AGAIN << 8
+_CONNECT_FAILED_STATUS = relay.CONNECT_FAILED << 8  # a wait status: exited with that code
 POLLIN, POLLOUT = select.POLLIN, select.POLLOUT
 
 
@@ -457,6 +456,7 @@ class Supervisor:
             self.accounting.slots.counters,
             self.log,
             relay.prepared_lines(self.log, link),
+            os.getpid(),
         )
 
     # -- signals -----------------------------------------------------------------------
@@ -497,10 +497,10 @@ class Supervisor:
             record = self.accounting.finished(pid, status, usage.ru_utime + usage.ru_stime)
             if record is None:
                 self.log.debug("reaped-orphan", child_pid=pid, status=describe_status(status))
-            elif status == _CONNECT_FAILED_STATUS or status & _LOOK_AGAIN_STATUS:
+            elif status == _CONNECT_FAILED_STATUS:
                 # Perhaps the name points elsewhere now (a container recreated with a new
-                # address), or the child found it did: look again, without waiting for
-                # the timer. (A signal's number is in the low byte: never the hint bit.)
+                # address): look again, without waiting for the timer. (A child that found
+                # it does sends SIGALRM as it connects: see relay.serve.)
                 resolve_again = resolve_again or record[0].target.is_name
             elif os.WIFSIGNALED(status) and self.term_at is None:
                 link, client, _, _ = record

@@ -49,13 +49,12 @@ def test_the_accept_loops_pop_matches_take() -> None:
     ("code", "outcome"),
     [
         (relay.CLOSED, "closed"),
-        (relay.CLOSED + relay.LOOK_AGAIN, "closed"),  # a hint for the supervisor, not an outcome
-        (relay.UPSTREAM_RESET + relay.LOOK_AGAIN, "upstream-reset"),
+        (relay.UPSTREAM_RESET, "upstream-reset"),
         (relay.CONNECT_FAILED, "connect-failed"),
         (99, "failed"),
     ],
 )
-def test_an_exit_code_is_an_outcome_plus_hints(code: int, outcome: str) -> None:
+def test_an_exit_code_is_an_outcome(code: int, outcome: str) -> None:
     accounting = Accounting(4, relay.OUTCOMES)
     link = Link("127.0.0.1", 1, Endpoint("redis", 6379), ("test",))
     base = accounting.slots.take()

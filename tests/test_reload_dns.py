@@ -96,8 +96,8 @@ def wait_for_who(ns: Namespace, name: str, proxy: Process) -> None:
     wait_until(lambda: who(ns) == name, proxy)
 
 
-def wait_for_log(proxy: Process, text: str) -> None:
-    wait_until(lambda: text in proxy.stderr(), proxy)
+def wait_for_log(proxy: Process, text: str, timeout: float = 15) -> None:
+    wait_until(lambda: text in proxy.stderr(), proxy, timeout)
 
 
 def test_names_are_resolved_again_every_few_seconds(lab: Lab, ns: Namespace) -> None:
@@ -121,8 +121,8 @@ def test_a_failed_connect_looks_the_name_up_again(lab: Lab, ns: Namespace) -> No
     """The old server is gone (a container recreated elsewhere), and the timer is off.
     While the name resolves nowhere, clients fail and the supervisor looks again after
     each failure; once it points at the new server, the very next client's child finds it
-    by a lookup of its own (as socat would), and the supervisor, told so, takes the new
-    address for the clients after it."""
+    by a lookup of its own (as socat would) and tells the supervisor at once, while its
+    connection is still open, so the clients after it go straight to the new address."""
     proxy = start_proxy(lab, ns, "--resolve-every", "off")
     assert who(ns) == "first"
 
@@ -135,8 +135,12 @@ def test_a_failed_connect_looks_the_name_up_again(lab: Lab, ns: Namespace) -> No
     assert " connect-failed " in proxy.stderr()
 
     set_hosts(ns, "127.0.0.3")
-    assert who(ns) == "second"  # the first client after the move, not a later one
-    wait_for_log(proxy, "addresses=127.0.0.3:")
+    # The first client after the move holds its connection (BLPOP on an empty list waits
+    # 30 s): the supervisor must learn of the move before that connection ends.
+    held = lab.spawn(ns, ["redis-cli", "-p", str(LISTEN_PORT), "BLPOP", "nothing", "30"],
+                     label="held")
+    wait_for_log(proxy, "addresses=127.0.0.3:", timeout=20)
+    assert held.alive(), held.describe()  # connected (to "second": "first" is gone)
     for _ in range(3):
         assert who(ns) == "second"
     assert "reload" not in proxy.stderr()
