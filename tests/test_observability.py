@@ -823,6 +823,29 @@ def test_log_format_json_every_line_is_an_object_with_the_text_fields(
                 f"that the text line names: {record}")
 
 
+def prepared_and_emitted(
+    fmt: str, event: str, slots: dict[str, object], values: dict[str, object]
+) -> tuple[str, str]:
+    """The line emit_prepared writes for `event` prepared with `slots` and filled with
+    `values`, and the line emit writes for the same values, stamps made equal."""
+    read_fd, write_fd = os.pipe()
+    try:
+        log = Logger(INFO, fmt, write_fd)
+        template = log.prepare(INFO, event, **slots)
+        assert template is not None
+        log.emit_prepared(template, *(values[key] for key, slot in slots.items()
+                                      if slot in (SLOT, SLOT_INT, SLOT_SECONDS)))
+        log.info(event, **{key: values.get(key, slot) for key, slot in slots.items()})
+        prepared, emitted, rest = os.read(read_fd, 65536).decode().split("\n")
+    finally:
+        os.close(read_fd)
+        os.close(write_fd)
+    assert rest == ""
+    stamp = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
+    assert stamp.search(prepared) and stamp.search(emitted)
+    return stamp.sub("T", prepared), stamp.sub("T", emitted)
+
+
 @pytest.mark.parametrize("fmt", ["text", "json"])
 @pytest.mark.parametrize("client", ["127.0.0.1:5000", "[fe80::1%eth0]:80", 'odd "value" =x',
                                     "back\\slash", "new\nline", "", "ünï"])
@@ -830,22 +853,10 @@ def test_a_prepared_line_is_the_line_emit_writes(fmt: str, client: str) -> None:
     """Children write their `open` line from a template the supervisor prepared per link
     (Logger.prepare): it must be byte for byte the line `emit` would write, but for the
     time, in both formats, whatever the client text (odd ones are quoted as emit does)."""
-    read_fd, write_fd = os.pipe()
-    try:
-        log = Logger(INFO, fmt, write_fd)
-        fields = {"link": "REDIS_PORT_6379_TCP,100%", "upstream": "[fe80::5%eth0]:6379"}
-        template = log.prepare(INFO, "open", link=fields["link"], client=SLOT,
-                               upstream=fields["upstream"])
-        assert template is not None
-        log.emit_prepared(template, client)
-        log.info("open", link=fields["link"], client=client, upstream=fields["upstream"])
-        prepared, emitted, rest = os.read(read_fd, 65536).decode().split("\n")
-    finally:
-        os.close(read_fd)
-        os.close(write_fd)
-    assert rest == ""
-    stamp = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
-    assert stamp.search(prepared) and stamp.sub("T", prepared) == stamp.sub("T", emitted)
+    slots = {"link": "REDIS_PORT_6379_TCP,100%", "client": SLOT,
+             "upstream": "[fe80::5%eth0]:6379"}
+    prepared, emitted = prepared_and_emitted(fmt, "open", slots, {"client": client})
+    assert prepared == emitted
     if fmt == "json":
         assert json.loads(prepared)["client"] == client
         assert json.loads(prepared)["pid"] == os.getpid()
@@ -866,24 +877,13 @@ def test_a_prepared_close_line_is_the_line_emit_writes(
 ) -> None:
     """The `close` line is prepared too, with numbers in its slots: whole byte counts, and
     a duration written as emit writes a float (3 decimals in text, repr in JSON)."""
-    read_fd, write_fd = os.pipe()
-    try:
-        log = Logger(INFO, fmt, write_fd)
-        link, upstream = "REDIS_PORT_6379_TCP,100%", "redis.example:6379"
-        template = log.prepare(INFO, "close", link=link, client=SLOT, upstream=upstream,
-                               bytes_up=SLOT_INT, bytes_down=SLOT_INT, duration=SLOT_SECONDS,
-                               outcome=SLOT)
-        assert template is not None
-        log.emit_prepared(template, client, bytes_up, 42, duration, outcome)
-        log.info("close", link=link, client=client, upstream=upstream, bytes_up=bytes_up,
-                 bytes_down=42, duration=duration, outcome=outcome)
-        prepared, emitted, rest = os.read(read_fd, 65536).decode().split("\n")
-    finally:
-        os.close(read_fd)
-        os.close(write_fd)
-    assert rest == ""
-    stamp = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
-    assert stamp.search(prepared) and stamp.sub("T", prepared) == stamp.sub("T", emitted)
+    slots = {"link": "REDIS_PORT_6379_TCP,100%", "client": SLOT,
+             "upstream": "redis.example:6379", "bytes_up": SLOT_INT, "bytes_down": SLOT_INT,
+             "duration": SLOT_SECONDS, "outcome": SLOT}
+    values = {"client": client, "bytes_up": bytes_up, "bytes_down": 42, "duration": duration,
+              "outcome": outcome}
+    prepared, emitted = prepared_and_emitted(fmt, "close", slots, values)
+    assert prepared == emitted
     if fmt == "json":
         record = json.loads(prepared)
         assert (record["client"], record["bytes_up"], record["duration"]) == (
