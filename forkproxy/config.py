@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 MAX_NAME = 253  # longest DNS name
 MAX_CHILDREN = 1 << 22  # PID_MAX_LIMIT: no more processes can ever exist at once
 MAX_SECONDS = 2_000_000  # any duration: poll() waits at most 2**31 - 1 ms (~24.8 days)
+MIN_RESOLVE_EVERY = 1.0  # seconds: the supervisor looks names up at most once a second
 RELAY_MODES = ("auto", "splice", "copy")
 LOG_FORMATS = ("text", "json")
 
@@ -380,6 +381,11 @@ def check_options(options: Options) -> Options:
             # poll() takes its timeout as a C int of milliseconds: past ~24.8 days the
             # relay or the supervisor would die of an OverflowError mid-connection.
             raise _too_long(flag, f"{value:g}", can_be_off=can_be_off)
+    if options.resolve_every is not None and 0 < options.resolve_every < MIN_RESOLVE_EVERY:
+        # Lookups run at most once a second anyway; a faster timer would only interrupt
+        # the supervisor for nothing.
+        raise ConfigError(f"--resolve-every {options.resolve_every:g}: at least "
+                          f"{MIN_RESOLVE_EVERY:g} second, or 'off'")
     for cidr in options.allow:
         parse_cidr(cidr)
     if options.metrics is not None:

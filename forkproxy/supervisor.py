@@ -27,6 +27,7 @@ from collections.abc import Callable, Mapping
 from . import __version__, control, listeners, relay, signals
 from .accounting import Accounting, describe_status
 from .config import (
+    MIN_RESOLVE_EVERY,
     ConfigError,
     Link,
     LinkTable,
@@ -47,7 +48,7 @@ ACCEPT_BACKOFF = 0.1  # seconds without accepting after EMFILE/ENFILE/ENOBUFS/EN
 KILL_AFTER = 1.0  # seconds from TERM to KILL after --grace: 8 + 1 is inside docker stop's 10
 ERROR_LOG_EVERY = 10.0  # seconds between two accept-failed lines while they repeat
 METRICS_RESTART = 5.0  # seconds before a metrics process that died is started again
-RESOLVE_AGAIN_AFTER = 1.0  # seconds: the least time between the starts of two resolutions
+RESOLVE_AGAIN_AFTER = MIN_RESOLVE_EVERY  # seconds: the least time between two lookups' starts
 _RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 _CONNECT_FAILED_STATUS = relay.CONNECT_FAILED << 8  # a wait status: exited with that code
 POLLIN, POLLOUT = select.POLLIN, select.POLLOUT

@@ -76,6 +76,7 @@ def test_bad_input_exits_2_with_one_line(
         (["--connect-timeout", "3e6"], "--connect-timeout '3e6'"),
         (["--resolve-every", "0"], "--resolve-every 0"),
         (["--resolve-every", "soon"], "--resolve-every 'soon': not a number of seconds"),
+        (["--resolve-every", "0.2"], "--resolve-every 0.2: at least 1 second, or 'off'"),
     ],
 )
 def test_bad_options_exit_2(option: list[str], needle: str) -> None:
