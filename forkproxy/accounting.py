@@ -88,6 +88,8 @@ class LinkStats:
     duration_buckets: list[int] = field(default_factory=lambda: [0] * len(DURATION_BUCKETS))
     duration_count: int = 0
     duration_sum: float = 0.0
+    resolve_failures: int = 0  # lookups of the target's name that failed
+    address_changes: int = 0  # lookups that gave new addresses (after the first)
 
 
 # A live child as the supervisor's accept loop records it, keyed by its pid in

@@ -86,6 +86,12 @@ def render(status: dict[str, Any]) -> Iterator[Metric]:
                             "Memory only the live children hold (psutil USS)", labels=["link"])
     cpu = CounterMetricFamily("forkproxy_children_cpu_seconds",
                               "CPU time of the children, exited and live", labels=["link"])
+    resolve_failures = CounterMetricFamily("forkproxy_resolve_failures",
+                                           "Lookups of the target's name that failed",
+                                           labels=["link"])
+    address_changes = CounterMetricFamily("forkproxy_address_changes",
+                                          "Lookups of the target's name that gave new addresses",
+                                          labels=["link"])
     for name, stats in sorted(links.items()):
         now = live.get(name, {})
         active.add_metric([name], stats["active"])
@@ -103,6 +109,8 @@ def render(status: dict[str, Any]) -> Iterator[Metric]:
         rss.add_metric([name], now.get("rss", 0))
         uss.add_metric([name], now.get("uss", 0))
         cpu.add_metric([name], stats["cpu_seconds"] + now.get("cpu", 0))
+        resolve_failures.add_metric([name], stats.get("resolve_failures", 0))
+        address_changes.add_metric([name], stats.get("address_changes", 0))
     supervisor_rss = GaugeMetricFamily("forkproxy_supervisor_resident_memory_bytes",
                                        "Resident memory of the supervisor (psutil RSS)")
     with contextlib.suppress(psutil.Error, KeyError):
@@ -111,7 +119,7 @@ def render(status: dict[str, Any]) -> Iterator[Metric]:
                                   "Processes reaped that were not forkproxy's own (as PID 1)")
     orphans.add_metric([], status.get("orphans_reaped", 0))
     yield from (up, listeners, active, total, denied, failures, moved, durations, rss, uss, cpu,
-                supervisor_rss, orphans)
+                resolve_failures, address_changes, supervisor_rss, orphans)
 
 
 class _Server(ThreadingMixIn, WSGIServer):

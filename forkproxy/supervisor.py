@@ -167,7 +167,7 @@ class Supervisor:
         self._watch(self.signals.fileno(), self.handle_signals)
         self._watch(self.control.fileno(), self.handle_control_accept)
         for listener in self.listeners:
-            self.addresses[listener.link.key] = resolve(listener.link, self.log)
+            self.addresses[listener.link.key] = self._resolve(listener.link)
             self._prepare_relay(listener)
             self.accounting.stats(listener.link)  # exported at 0 before the first client
         self._arm_resolve_timer()
@@ -580,6 +580,13 @@ class Supervisor:
 
     # -- names -------------------------------------------------------------------------
 
+    def _resolve(self, link: Link) -> list[Address]:
+        """resolve() here and now (start, reload), counting a failure in the link's stats."""
+        addresses = resolve(link, self.log)
+        if not addresses:
+            self.accounting.stats(link).resolve_failures += 1
+        return addresses
+
     def _named_targets(self) -> list[tuple[str, int]]:
         targets: list[tuple[str, int]] = []
         for listener in self.listeners:
@@ -671,6 +678,7 @@ class Supervisor:
                 continue
             raw, error = result
             if raw is None:
+                self.accounting.stats(link).resolve_failures += 1
                 self.log.warning("resolve-failed", link=link.name, host=link.target.host,
                                  error=error, detail="keeping the addresses in use")
                 continue
@@ -680,6 +688,7 @@ class Supervisor:
                 continue
             self.addresses[link.key] = addresses
             self._prepare_relay(listener)
+            self.accounting.stats(link).address_changes += 1
             self.log.info("resolved", link=link.name, host=link.target.host,
                           addresses=" ".join(peer_text(address[1]) for address in addresses))
 
@@ -700,7 +709,7 @@ class Supervisor:
             self._unwatch(listener.fd)
         listeners.close_all(retired)
         self.listeners = kept
-        self.addresses = {item.link.key: resolve(item.link, self.log) for item in kept}
+        self.addresses = {item.link.key: self._resolve(item.link) for item in kept}
         for item in kept:
             self._prepare_relay(item)
             self.accounting.stats(item.link)

@@ -28,7 +28,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
+from forkproxy.accounting import DURATION_BUCKETS, LinkStats
 from forkproxy.log import INFO, SLOT, SLOT_INT, SLOT_SECONDS, Logger, _stamp
+from forkproxy.metrics import render as render_metrics
 
 from conftest import FORKPROXY, Proxy, Redis, TcpServer, echo, need, recv_all
 
@@ -642,6 +644,17 @@ def test_metrics_values_match_the_traffic_and_promtool_accepts_them(
     links = status_json(sock_path, env)["links"]
     assert (links[good]["bytes_up"], links[good]["bytes_down"]) == (up, down)
     assert links[dead]["upstream_failures"] == 3
+
+
+def test_metrics_count_lookups_that_failed_or_moved_a_name() -> None:
+    """The resolver's counts per link, as the metrics process renders a status reply."""
+    stats = LinkStats(resolve_failures=3, address_changes=2)
+    status = {"links": {"db": {**vars(stats), "active": 0}},
+              "duration_buckets": list(DURATION_BUCKETS), "listeners": []}
+    samples = {(metric.name, sample.labels.get("link")): sample.value
+               for metric in render_metrics(status) for sample in metric.samples}
+    assert samples[("forkproxy_resolve_failures", "db")] == 3
+    assert samples[("forkproxy_address_changes", "db")] == 2
 
 
 def test_metrics_export_every_link_from_the_start(

@@ -8,8 +8,10 @@ without touching the machine's resolver.
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -115,6 +117,12 @@ def test_names_are_resolved_again_every_few_seconds(lab: Lab, ns: Namespace) -> 
     line = next(x for x in proxy.stderr().splitlines() if " resolved " in x)
     assert "host=upstream.test" in line and "addresses=127.0.0.3:" in line, line
     assert proxy.alive()
+    # Counted for status and metrics (forkproxy_resolve_failures, _address_changes).
+    status = subprocess.run([FORKPROXY, "status", "--json", "--status-socket",
+                             str(lab.workdir / "fp.sock")], capture_output=True, text=True,
+                            check=True, timeout=30)
+    [stats] = json.loads(status.stdout)["links"].values()
+    assert stats["resolve_failures"] >= 1 and stats["address_changes"] == 1, stats
 
 
 def test_a_failed_connect_looks_the_name_up_again(lab: Lab, ns: Namespace) -> None:
