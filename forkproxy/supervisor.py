@@ -40,7 +40,7 @@ from .config import (
     peer_text,
 )
 from .listeners import Listener
-from .log import INFO, Logger
+from .log import DEBUG, INFO, WARNING, Logger
 from .relay import Address, RawSocket
 
 ACCEPT_BATCH = 64  # accepts per wakeup, so signals and reaping get their turn in a burst
@@ -142,6 +142,7 @@ class Supervisor:
         self.resolver_output: list[bytes] = []
         self.resolver_due = 0.0  # when the last resolver was to look up (monotonic)
         self.resolve_pending = False  # asked again while one ran: start another after it
+        self.resolve_failing: set[str] = set()  # links whose last lookup failed (log once)
         self.started = time.time()
 
     # -- start and stop -------------------------------------------------------------
@@ -583,8 +584,11 @@ class Supervisor:
     def _resolve(self, link: Link) -> list[Address]:
         """resolve() here and now (start, reload), counting a failure in the link's stats."""
         addresses = resolve(link, self.log)
-        if not addresses:
+        if addresses:
+            self.resolve_failing.discard(link.name)
+        else:
             self.accounting.stats(link).resolve_failures += 1
+            self.resolve_failing.add(link.name)  # logged: the timer's next failures are not
         return addresses
 
     def _named_targets(self) -> list[tuple[str, int]]:
@@ -679,16 +683,24 @@ class Supervisor:
             raw, error = result
             if raw is None:
                 self.accounting.stats(link).resolve_failures += 1
-                self.log.warning("resolve-failed", link=link.name, host=link.target.host,
-                                 error=error, detail="keeping the addresses in use")
+                # Once per outage, not once a second while it lasts: the count is in
+                # status and metrics, and the recovery is logged below.
+                level = DEBUG if link.name in self.resolve_failing else WARNING
+                self.resolve_failing.add(link.name)
+                self.log.emit(level, "resolve-failed", {
+                    "link": link.name, "host": link.target.host, "error": error,
+                    "detail": "keeping the addresses in use"})
                 continue
             addresses: list[Address] = [(int(family), tuple(sockaddr))
                                         for family, sockaddr in raw]  # type: ignore[attr-defined]
-            if addresses == self.addresses.get(link.key):
+            recovered = link.name in self.resolve_failing
+            self.resolve_failing.discard(link.name)
+            if addresses == self.addresses.get(link.key) and not recovered:
                 continue
-            self.addresses[link.key] = addresses
-            self._prepare_relay(listener)
-            self.accounting.stats(link).address_changes += 1
+            if addresses != self.addresses.get(link.key):
+                self.addresses[link.key] = addresses
+                self._prepare_relay(listener)
+                self.accounting.stats(link).address_changes += 1
             self.log.info("resolved", link=link.name, host=link.target.host,
                           addresses=" ".join(peer_text(address[1]) for address in addresses))
 
