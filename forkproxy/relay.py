@@ -31,8 +31,8 @@ from .config import Endpoint, Link, Options, peer_text
 from .log import INFO, SLOT, SLOT_INT, SLOT_SECONDS, Logger
 
 __all__ = [
-    "Address", "Ended", "RawSocket", "connect_upstream", "preload", "prepared_lines", "pump",
-    "serve",
+    "Address", "Ended", "RawSocket", "connect_upstream", "lookup", "preload", "prepared_lines",
+    "pump", "serve",
 ]
 
 # How a relay ended: the child's exit status, decoded by the supervisor.
@@ -200,6 +200,20 @@ class Flow:
             raise Ended(self.dst_reset, exc) from None
 
 
+def lookup(host: str, port: int) -> list[Address]:
+    """Addresses to try for host:port, in getaddrinfo's order, each once (socket.gaierror).
+
+    The supervisor's lookups (at start, on reload, in its resolver child), and a child's
+    own when every address it was given failed.
+    """
+    addresses: list[Address] = []
+    for family, _, _, _, sockaddr in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
+        address = (int(family), tuple(sockaddr))
+        if address not in addresses:
+            addresses.append(address)
+    return addresses
+
+
 def connect_upstream(
     addresses: list[Address], target: Endpoint, timeout: float, retries: int
 ) -> tuple[RawSocket, bool]:
@@ -216,21 +230,21 @@ def connect_upstream(
     for attempt in range(retries + 1):
         if attempt:
             time.sleep(min(0.1 * 2**attempt, 2.0))
-        candidates = addresses
-        own = False
-        while True:
-            if not candidates:
-                own = True
+        for own in (False, True):  # the supervisor's addresses, then a lookup of our own
+            if not own:
+                candidates = addresses
+            elif addresses and not target.is_name:
+                break  # an address target: there is nothing else to try
+            else:
                 try:
-                    infos = socket.getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM)
+                    candidates = [address for address in lookup(target.host, target.port)
+                                  if address not in addresses]
                 except socket.gaierror as exc:
                     # After failed connects, their error says more than this one.
                     error = error or OSError(
                         errno.EHOSTUNREACH, f"cannot resolve {target.host}: {exc}"
                     )
                     break
-                candidates = [(int(family), tuple(addr)) for family, _, _, _, addr in infos]
-                candidates = [address for address in candidates if address not in addresses]
             for family, sockaddr in candidates:
                 sock = RawSocket(family, SOCK_STREAM)
                 # The C socket's own timeout (poll in C): fewer Python objects in a fresh
@@ -246,9 +260,6 @@ def connect_upstream(
                     sock.setblocking(False)
                     return sock, own
                 sock.close()
-            if own or not target.is_name:
-                break
-            candidates = []  # every address the supervisor gave failed: look the name up
     raise error or OSError(errno.EHOSTUNREACH, "no address")
 
 

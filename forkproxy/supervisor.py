@@ -68,25 +68,6 @@ def read_links(sources: Sources, environ: Mapping[str, str]) -> LinkTable:
     return build_links(sources.specs, environ if sources.from_env else None, env_file)
 
 
-def lookup(host: str, port: int) -> list[Address]:
-    """Addresses to try for host:port, in getaddrinfo's order, each once (socket.gaierror)."""
-    addresses: list[Address] = []
-    for family, _, _, _, sockaddr in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
-        address = (int(family), tuple(sockaddr))
-        if address not in addresses:
-            addresses.append(address)
-    return addresses
-
-
-def resolve(link: Link, log: Logger) -> list[Address]:
-    """Addresses to try for a link's target; [] if it fails now (children then resolve)."""
-    try:
-        return lookup(link.target.host, link.target.port)
-    except socket.gaierror as exc:
-        log.warning("resolve-failed", link=link.name, host=link.target.host, error=exc.strerror)
-        return []
-
-
 def resolve_all(targets: list[tuple[str, int]], out_fd: int, delay: float) -> None:
     """The resolver child's work: wait `delay` seconds, look every target up, write the
     results to `out_fd` as one JSON list of [host, port, addresses or null, error]."""
@@ -94,7 +75,7 @@ def resolve_all(targets: list[tuple[str, int]], out_fd: int, delay: float) -> No
     results: list[object] = []
     for host, port in targets:
         try:
-            results.append([host, port, lookup(host, port), ""])
+            results.append([host, port, relay.lookup(host, port), ""])
         except socket.gaierror as exc:
             results.append([host, port, None, exc.strerror or str(exc)])
     data = memoryview(json.dumps(results).encode())
@@ -582,14 +563,26 @@ class Supervisor:
     # -- names -------------------------------------------------------------------------
 
     def _resolve(self, link: Link) -> list[Address]:
-        """resolve() here and now (start, reload), counting a failure in the link's stats."""
-        addresses = resolve(link, self.log)
-        if addresses:
-            self.resolve_failing.discard(link.name)
-        else:
-            self.accounting.stats(link).resolve_failures += 1
-            self.resolve_failing.add(link.name)  # logged: the timer's next failures are not
-        return addresses
+        """The link's addresses, looked up here and now (start, reload); [] if that fails
+        (children then look the name up themselves until the supervisor can)."""
+        self.resolve_failing.discard(link.name)  # asked for now: a failure is always logged
+        try:
+            return relay.lookup(link.target.host, link.target.port)
+        except socket.gaierror as exc:
+            self._lookup_failed(link, exc.strerror)
+            return []
+
+    def _lookup_failed(self, link: Link, error: object, detail: str | None = None) -> None:
+        """Count a failed lookup of the link's name, and log it once per outage, not once
+        a second while it lasts (the count is in status and metrics; apply_resolved logs
+        the recovery)."""
+        self.accounting.stats(link).resolve_failures += 1
+        level = DEBUG if link.name in self.resolve_failing else WARNING
+        self.resolve_failing.add(link.name)
+        fields: dict[str, object] = {"link": link.name, "host": link.target.host, "error": error}
+        if detail is not None:
+            fields["detail"] = detail
+        self.log.emit(level, "resolve-failed", fields)
 
     def _named_targets(self) -> list[tuple[str, int]]:
         targets: list[tuple[str, int]] = []
@@ -682,14 +675,7 @@ class Supervisor:
                 continue
             raw, error = result
             if raw is None:
-                self.accounting.stats(link).resolve_failures += 1
-                # Once per outage, not once a second while it lasts: the count is in
-                # status and metrics, and the recovery is logged below.
-                level = DEBUG if link.name in self.resolve_failing else WARNING
-                self.resolve_failing.add(link.name)
-                self.log.emit(level, "resolve-failed", {
-                    "link": link.name, "host": link.target.host, "error": error,
-                    "detail": "keeping the addresses in use"})
+                self._lookup_failed(link, error, "keeping the addresses in use")
                 continue
             addresses: list[Address] = [(int(family), tuple(sockaddr))
                                         for family, sockaddr in raw]  # type: ignore[attr-defined]
