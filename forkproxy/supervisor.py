@@ -123,6 +123,7 @@ class Supervisor:
         self.resolver_output: list[bytes] = []
         self.resolver_due = 0.0  # when the last resolver was to look up (monotonic)
         self.resolve_pending = False  # asked again while one ran: start another after it
+        self.reloaded_at = 0.0  # when the last reload looked the names up (monotonic)
         self.resolve_failing: set[str] = set()  # links whose last lookup failed (log once)
         self.started = time.time()
 
@@ -658,7 +659,10 @@ class Supervisor:
                 self.log.warning("resolve-failed", error="the resolver died",
                                  detail="keeping the addresses in use")
             else:
-                self.apply_resolved(results)
+                # A lookup that began before a reload's own is older than what the
+                # reload found: applying it would undo the rewiring until the next one.
+                if self.resolver_due >= self.reloaded_at:
+                    self.apply_resolved(results)
             if self.resolve_pending:
                 self.start_resolver()
 
@@ -707,6 +711,7 @@ class Supervisor:
             self._unwatch(listener.fd)
         listeners.close_all(retired)
         self.listeners = kept
+        self.reloaded_at = time.monotonic()
         self.addresses = {item.link.key: self._resolve(item.link) for item in kept}
         for item in kept:
             self._prepare_relay(item)

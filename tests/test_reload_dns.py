@@ -178,3 +178,39 @@ def test_reload_re_resolves_names_and_only_reload_does(lab: Lab, ns: Namespace) 
     wait_for_who(ns, "second", proxy)
     assert proxy.alive()
     assert "reload-failed" not in proxy.stderr()
+
+
+# Run inside the namespace: the supervisor's own steps, in the one order that used to undo
+# a reload (the loop would take them in whatever order poll reports them).
+_OLDER_THAN_RELOAD = """
+import json, os, sys
+from forkproxy.config import Options, Sources
+from forkproxy.log import Logger
+from forkproxy.supervisor import Supervisor
+
+hosts, sock = sys.argv[1], sys.argv[2]
+def move_name(address):
+    with open(hosts, "w") as handle:
+        handle.write(f"127.0.0.1 localhost\\n{address} upstream.test\\n")
+
+options = Options(resolve_every=None, status_socket=sock)
+sup = Supervisor(Sources(("0=upstream.test:16390",), options=options), {}, Logger())
+sup.start()
+sup.start_resolver()  # looks the name up now: 127.0.0.2
+[fd] = [fd for fd in sup.handlers if fd not in (sup.signals.fileno(), sup.control.fileno())
+        and all(fd != item.fd for item in sup.listeners)]
+os.waitid(os.P_PID, sup.resolver_pids[0], os.WEXITED | os.WNOWAIT)  # its answer is written
+move_name("127.0.0.3")
+sup.reload()  # the operator's SIGHUP: looks the name up again, 127.0.0.3
+while fd in sup.handlers:  # only now does the loop read the resolver's older answer
+    sup.handlers[fd](0)
+[addresses] = sup.addresses.values()
+print(json.dumps([address[1][0] for address in addresses]))
+"""
+
+
+def test_a_lookup_older_than_a_reload_does_not_undo_it(lab: Lab, ns: Namespace) -> None:
+    hosts = Path("/etc/netns") / ns.name / "hosts"
+    out = ns.run([sys.executable, "-c", _OLDER_THAN_RELOAD, str(hosts),
+                  str(lab.workdir / "fp.sock")], timeout=30)
+    assert json.loads(out.strip().splitlines()[-1]) == ["127.0.0.3"]
