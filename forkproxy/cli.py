@@ -33,12 +33,13 @@ app = typer.Typer(
     no_args_is_help=True,
     help="A forking TCP proxy for the Docker ambassador pattern (socat fork, grown up).",
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
 )
 
 SpecsArg = Annotated[
     list[str] | None,
     typer.Argument(
-        metavar="[SPEC]...",
+        metavar="SPEC",
         help="[BIND_ADDR:]LISTEN_PORT=HOST:PORT, IPv6 in brackets; "
         "LISTEN_PORT 0 picks a free port.",
         show_default=False,
@@ -56,6 +57,7 @@ EnvFileOpt = Annotated[
     str | None,
     typer.Option(
         "--env-file",
+        metavar="PATH",
         help="Read link variables from a Docker-style env file (re-read on SIGHUP).",
         envvar="FORKPROXY_ENV_FILE",
     ),
@@ -64,6 +66,7 @@ StatusSocketOpt = Annotated[
     str | None,
     typer.Option(
         "--status-socket",
+        metavar="PATH",
         help="Control socket path [default: $XDG_RUNTIME_DIR/forkproxy/PID.sock, "
         "else /tmp/forkproxy-UID/PID.sock].",
         envvar="FORKPROXY_STATUS_SOCKET",
@@ -239,6 +242,7 @@ def reload_command(
     pid_file: Annotated[
         str | None,
         typer.Option(help="Send SIGHUP to the PID in this file instead of asking the socket.",
+                     metavar="PATH",
                      envvar="FORKPROXY_PID_FILE", show_default=False),
     ] = None,
 ) -> None:

@@ -115,3 +115,17 @@ def test_low_port_without_privilege() -> None:
 def test_usage_errors_are_one_line_and_exit_2(args: list[str], needle: str) -> None:
     result = run(*args)
     assert_one_line_error(result, needle)
+
+
+def test_help_shows_every_default_and_names_what_options_take() -> None:
+    """The defaults are written into the help strings in brackets, which rich markup
+    used to swallow as tags: `serve --help` showed "Control socket path ." and no default."""
+    result = run("serve", "--help")
+    assert result.returncode == 0, result
+    text = " ".join(result.stdout.split())  # click wraps at 80 columns
+    for needle in ("[default: 5]", "[default: 8]", "[default: 30]", "[default: 1024]",
+                   "[default: auto]", "[default: off]", "[default: everyone]",
+                   "[default: $XDG_RUNTIME_DIR/forkproxy/PID.sock, else /tmp/forkproxy-UID/",
+                   "--env-file PATH", "--status-socket PATH", "--pid-file PATH"):
+        assert needle in text, needle
+    assert "<str>" not in text and "<bool>" not in text
