@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 MAX_CLIENTS = 16
 MAX_REQUEST = 4096
+MAX_PATH = 107  # sockaddr_un.sun_path is 108 bytes with the NUL
 
 Handler = Callable[[dict[str, object]], dict[str, object]]
 
@@ -55,8 +56,14 @@ class ControlServer:
     def __init__(self, path: str, handle: Handler) -> None:
         self.path = path
         self.handle = handle
-        if os.path.exists(path):
-            _remove_if_stale(path)
+        if not path:
+            raise OSError(errno.EINVAL, "an empty path")  # bind('') would autobind unnamed
+        if len(os.fsencode(path)) > MAX_PATH:
+            # Checked here: the short staging name below would bind and the rename would
+            # succeed, leaving a socket no client can connect() to by its name.
+            raise OSError(errno.ENAMETOOLONG, f"longer than the {MAX_PATH} bytes a Unix "
+                          "socket path can have")
+        _remove_if_stale(path)
         # Bound under a staging name and renamed into place once it listens, so a socket
         # file under its real name always answers: sweep_stale() in another supervisor
         # starting at the same moment can then tell a dead one from one not listening yet.
@@ -164,14 +171,38 @@ class ControlServer:
             pass
 
 
+ABSENT, STALE, LIVE = "absent", "stale", "live"
+
+
+def probe(path: str) -> str:
+    """What is at `path`: ABSENT, STALE (a socket file whose connect() is refused: nobody
+    listens, whatever PID namespace made it; a pid alone says nothing when containers share
+    /tmp) or LIVE (a listener, perhaps with a full backlog). Anything else raises OSError:
+    a file that is not a socket (ENOTSOCK), or a connect that fails otherwise (EACCES...)."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return ABSENT
+    if not stat.S_ISSOCK(mode):
+        # connect() to a regular file is refused too: never let one pass for a dead socket
+        raise OSError(errno.ENOTSOCK, "exists and is not a socket")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as prober:
+        prober.setblocking(False)  # a live one with a full backlog: EAGAIN, not a wait
+        try:
+            prober.connect(path)
+        except ConnectionRefusedError:
+            return STALE
+        except BlockingIOError:
+            pass
+    return LIVE
+
+
 def answers(path: str) -> bool:
     """Does a supervisor listen on this socket file? (A crash leaves files nobody does.)"""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        try:
-            probe.connect(path)
-        except OSError:
-            return False
-    return True
+    try:
+        return probe(path) == LIVE
+    except OSError:
+        return False
 
 
 def sweep_stale(directory: str) -> list[str]:
@@ -179,10 +210,8 @@ def sweep_stale(directory: str) -> list[str]:
     their paths.
 
     A supervisor removes its own socket when it exits, but not when it is killed (SIGKILL,
-    the OOM killer, a container stopped hard), and those files would pile up. Only a
-    socket whose connect() is refused goes: that is a socket with no listener, whatever
-    PID namespace made it (a pid alone says nothing when containers share /tmp). Other
-    files and errors are left alone.
+    the OOM killer, a container stopped hard), and those files would pile up. Only STALE
+    sockets go; other files and errors are left alone.
     """
     removed: list[str] = []
     try:
@@ -192,20 +221,8 @@ def sweep_stale(directory: str) -> list[str]:
     for name in names:
         path = os.path.join(directory, name)
         try:
-            if not name.endswith(".sock") or not stat.S_ISSOCK(os.lstat(path).st_mode):
+            if not name.endswith(".sock") or probe(path) != STALE:
                 continue
-        except OSError:
-            continue
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-            probe.setblocking(False)  # a live one with a full backlog: EAGAIN, not a wait
-            try:
-                probe.connect(path)
-                continue
-            except ConnectionRefusedError:
-                pass
-            except OSError:
-                continue
-        try:
             os.unlink(path)
         except OSError:
             continue
@@ -214,7 +231,10 @@ def sweep_stale(directory: str) -> list[str]:
 
 
 def _remove_if_stale(path: str) -> None:
-    """A socket file nobody answers on is left from a crash; a live one is an error."""
-    if answers(path):
-        raise OSError(errno.EADDRINUSE, f"another forkproxy answers on {path}")
-    os.unlink(path)
+    """A socket file nobody answers on is left from a crash; a live one, or anything that
+    is not a socket (a mistyped path must not cost the user a file), is an error."""
+    state = probe(path)
+    if state == LIVE:
+        raise OSError(errno.EADDRINUSE, "another forkproxy answers there")
+    if state == STALE:
+        os.unlink(path)

@@ -31,6 +31,9 @@ def find_socket(path: str | None) -> str:
         names = sorted(name for name in os.listdir(directory) if name.endswith(".sock"))
     except FileNotFoundError:
         names = []
+    except OSError as exc:
+        raise StatusError(f"cannot look for a running forkproxy in {directory}: "
+                          f"{exc.strerror}") from None
     paths = [os.path.join(directory, name) for name in names]
     live = [path for path in paths if answers(path)]
     if not live:

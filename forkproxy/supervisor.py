@@ -20,6 +20,7 @@ import os
 import select
 import signal
 import socket
+import stat
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -58,13 +59,19 @@ def read_links(sources: Sources, environ: Mapping[str, str]) -> LinkTable:
     """Read every source the configuration names (the env file is the only I/O) and parse."""
     env_file = None
     if sources.env_file is not None:
+        path = sources.env_file
         try:
+            # O_NONBLOCK: a FIFO given by mistake must not hang start or reload (a pipe
+            # could not be read again on reload anyway); regular files ignore the flag.
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
             # newline="": no universal newlines, the parser decides where lines end
-            with open(sources.env_file, encoding="utf-8", newline="") as handle:
-                env_file = (sources.env_file, handle.read())
+            with open(fd, encoding="utf-8", newline="") as handle:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    raise ConfigError(f"env file {path!r}: not a regular file")
+                env_file = (path, handle.read())
         except (OSError, UnicodeDecodeError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
-            raise ConfigError(f"cannot read env file {sources.env_file}: {reason}") from None
+            raise ConfigError(f"cannot read env file {path!r}: {reason}") from None
     return build_links(sources.specs, environ if sources.from_env else None, env_file)
 
 
@@ -190,19 +197,24 @@ class Supervisor:
 
     def _open_control(self) -> control.ControlServer:
         path = self.options.status_socket
+        if path is not None:
+            try:
+                return control.ControlServer(path, self.handle_control_request)
+            except OSError as exc:
+                raise ConfigError(f"--status-socket {path!r}: "
+                                  f"{exc.strerror or exc}") from None
+        directory = control.default_dir(dict(self.environ), os.getuid())
         try:
-            if path is None:
-                directory = control.default_dir(dict(self.environ), os.getuid())
-                control.prepare_dir(directory)
-                path = os.path.join(directory, f"{os.getpid()}.sock")
-                server = control.ControlServer(path, self.handle_control_request)
-                stale = control.sweep_stale(directory)
-                if stale:
-                    self.log.info("removed-stale-sockets", count=len(stale), directory=directory)
-                return server
-            return control.ControlServer(path, self.handle_control_request)
+            control.prepare_dir(directory)
+            path = os.path.join(directory, f"{os.getpid()}.sock")
+            server = control.ControlServer(path, self.handle_control_request)
         except OSError as exc:
-            raise ConfigError(f"status socket {path}: {exc.strerror or exc}") from None
+            raise ConfigError(f"status socket directory {directory!r}: "
+                              f"{exc.strerror or exc}") from None
+        stale = control.sweep_stale(directory)
+        if stale:
+            self.log.info("removed-stale-sockets", count=len(stale), directory=directory)
+        return server
 
     def _write_pid_file(self) -> None:
         if self.options.pid_file is None:
@@ -211,7 +223,8 @@ class Supervisor:
             with open(self.options.pid_file, "w", encoding="ascii") as handle:
                 handle.write(f"{os.getpid()}\n")
         except OSError as exc:
-            raise ConfigError(f"--pid-file {self.options.pid_file}: {exc.strerror}") from None
+            raise ConfigError(f"--pid-file {self.options.pid_file!r}: "
+                              f"{exc.strerror}") from None
 
     def run(self) -> int:
         """Serve until stopped; 0 after a clean stop."""
@@ -269,7 +282,11 @@ class Supervisor:
             self.control.close()
         if self.options.pid_file is not None:
             try:
-                os.unlink(self.options.pid_file)
+                # Only while it still names us: a supervisor started after us with the
+                # same --pid-file has taken it over, and reload --pid-file needs it.
+                with open(self.options.pid_file, "rb") as handle:
+                    if handle.read(32).strip() == str(os.getpid()).encode():
+                        os.unlink(self.options.pid_file)
             except OSError:
                 pass  # already gone, or never ours to remove
 

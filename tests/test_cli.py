@@ -103,6 +103,56 @@ def test_low_port_without_privilege() -> None:
     assert_one_line_error(result, "127.0.0.1:81", "permission denied")
 
 
+def test_a_status_socket_path_that_is_not_a_socket_is_refused_and_kept(tmp_path: Path) -> None:
+    """connect() to a regular file is refused like one to a dead socket: the file used to
+    be taken for a crashed supervisor's socket and deleted."""
+    precious = tmp_path / "precious.conf"
+    precious.write_text("keep me\n")
+    result = run("serve", "--status-socket", str(precious), "0=127.0.0.1:1")
+    assert_one_line_error(result, f"--status-socket '{precious}'", "not a socket")
+    assert precious.read_text() == "keep me\n"
+
+
+@pytest.mark.parametrize(
+    ("path", "needle"),
+    [
+        # A short staging name used to bind and be renamed to it: nobody could connect.
+        ("/tmp/" + "s" * 103 + ".sock", "longer than the 107 bytes"),
+        ("", "--status-socket '': an empty path"),  # would autobind an unnamed socket
+    ],
+)
+def test_a_status_socket_path_no_client_could_reach_is_refused(path: str, needle: str) -> None:
+    assert_one_line_error(run("serve", "--status-socket", path, "0=127.0.0.1:1"), needle)
+
+
+def test_an_unusable_default_socket_directory_is_named(tmp_path: Path) -> None:
+    runtime = tmp_path / "runtime"
+    runtime.write_text("")  # a file where $XDG_RUNTIME_DIR should be a directory
+    env = {"XDG_RUNTIME_DIR": str(runtime)}
+    assert_one_line_error(run("serve", "0=127.0.0.1:1", env=env),
+                          f"status socket directory '{runtime}/forkproxy': Not a directory")
+    for command in ("status", "check", "reload"):
+        result = run(command, env=env)
+        assert result.returncode == 1, result
+        assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result
+        assert f"{runtime}/forkproxy: Not a directory" in result.stderr
+
+
+def test_an_env_file_that_is_a_fifo_is_refused_not_waited_on(tmp_path: Path) -> None:
+    fifo = tmp_path / "links.env"
+    os.mkfifo(fifo)
+    for command in ("serve", "links"):
+        result = run(command, "--env-file", str(fifo), timeout=10)
+        assert_one_line_error(result, f"env file '{fifo}': not a regular file")
+
+
+def test_a_path_in_an_error_is_quoted_and_stays_on_one_line(tmp_path: Path) -> None:
+    forged = f"{tmp_path}/missing/a\nlistening 127.0.0.1:1 -> 127.0.0.1:2"
+    for option in ("--pid-file", "--env-file", "--status-socket"):
+        result = run("serve", option, forged, "0=127.0.0.1:1")
+        assert_one_line_error(result, "\\nlistening")  # the newline is shown as \n
+
+
 @pytest.mark.parametrize(
     ("args", "needle"),
     [

@@ -935,6 +935,25 @@ def test_reload_of_a_bad_file_keeps_the_running_configuration(
         assert ask(sock, b"4") == b"Z:4"
 
 
+def test_a_supervisor_removes_the_pid_file_only_while_it_names_it(
+    start_proxy: StartProxy, short_dir: Path, tmp_path: Path,
+) -> None:
+    """A second supervisor given the same --pid-file takes it over; the first one's stop
+    must not delete it from under the second (reload --pid-file would lose it)."""
+    pid_file = tmp_path / "proxy.pid"
+    first = start_proxy("--pid-file", str(pid_file), "--status-socket",
+                        str(short_dir / "1.sock"), "127.0.0.1:0=127.0.0.1:1")
+    second = start_proxy("--pid-file", str(pid_file), "--status-socket",
+                         str(short_dir / "2.sock"), "127.0.0.1:0=127.0.0.1:1")
+    assert pid_file.read_text() == f"{second.pid}\n"
+    first.proc.send_signal(signal.SIGTERM)
+    assert first.proc.wait(15) == 0
+    assert pid_file.read_text() == f"{second.pid}\n"
+    second.proc.send_signal(signal.SIGTERM)
+    assert second.proc.wait(15) == 0
+    assert not pid_file.exists()
+
+
 # -- load ------------------------------------------------------------------------------------
 
 
