@@ -153,7 +153,7 @@ class ControlServer:
             if not isinstance(request, dict):
                 raise ValueError("request must be a JSON object")
             reply = self.handle(request)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # "[[[[..." nests past the stack
             reply = {"ok": False, "error": f"bad request: {exc}"}
         return json.dumps(reply).encode() + b"\n"
 

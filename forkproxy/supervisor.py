@@ -185,7 +185,13 @@ class Supervisor:
         fd = self.metrics_sock.fileno()
         argv = [sys.executable, "-m", "forkproxy.metrics", "--fd", str(fd),
                 "--status-socket", self.control.path]
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError as exc:  # EAGAIN at a pids limit, ENOMEM: try again later
+            self.log.error("metrics-failed", error=exc.strerror,
+                           detail=f"cannot fork; trying again in {METRICS_RESTART:g}s")
+            self.metrics_at = time.monotonic() + METRICS_RESTART
+            return
         if pid == 0:
             try:
                 signals.reset_in_child()
@@ -522,6 +528,8 @@ class Supervisor:
             return
         # Clients already in the backlog have finished their handshake: closing the
         # listener would reset them, so they are served like the ones accepted before.
+        # Not past --max-children: each child needs a slot of the shared counters, so a
+        # stop at the limit still resets the clients waiting for one (README, Signals).
         for listener in self.listeners if self.accepting else []:
             self.handle_accept(listener, batch=self.options.max_children)
         self.stopping = True
@@ -634,7 +642,11 @@ class Supervisor:
             return
         now = time.monotonic()
         due = max(now, self.resolver_due + RESOLVE_AGAIN_AFTER)
-        read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+        try:
+            read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+        except OSError as exc:  # EMFILE: the next timer or failed connect asks again
+            self.log.error("resolve-failed", error=exc.strerror, detail="cannot open a pipe")
+            return
         try:
             pid = os.fork()
         except OSError as exc:

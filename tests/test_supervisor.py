@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import errno
+import json
 import os
+import resource
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -109,3 +113,79 @@ def test_a_lone_client_costs_one_accept_and_a_burst_accepts_until_eagain(
         assert len(sup.accounting.children) == 4 and counting.calls == 6
         for client in clients:
             client.close()
+
+
+def test_a_control_request_nested_past_the_stack_is_a_bad_request(
+    start_proxy: Callable[..., Proxy], tmp_path: Path,
+) -> None:
+    """json.loads raises RecursionError, not ValueError, on "[[[[...": it used to end the
+    supervisor, and with it every listener."""
+    sock_path = tmp_path / "s.sock"
+    proxy = start_proxy("--status-socket", str(sock_path), "127.0.0.1:0=127.0.0.1:1")
+    with socket.socket(socket.AF_UNIX) as client:
+        client.settimeout(30)
+        client.connect(str(sock_path))
+        client.sendall(b"[" * 4000 + b"\n")  # within MAX_REQUEST, past the stack
+        reply = json.loads(client.makefile("rb").readline())
+    assert reply["ok"] is False and reply["error"].startswith("bad request")
+    assert proxy.proc.poll() is None
+    socket.create_connection(("127.0.0.1", proxy.port), timeout=10).close()  # still listening
+
+
+def test_a_metrics_process_that_cannot_be_forked_is_tried_again_later(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+) -> None:
+    """At a pids limit (docker --pids-limit) fork fails with EAGAIN; restarting the
+    metrics process must not take the supervisor down. fork is made to fail here: a pids
+    limit cannot bind root in this process."""
+    options = Options(metrics="127.0.0.1:0", status_socket=str(tmp_path / "s.sock"))
+    with open(tmp_path / "log", "w+b") as log:
+        sup = Supervisor(Sources(("127.0.0.1:0=127.0.0.1:1",), options=options), {},
+                         Logger(fd=log.fileno()))
+        sup.start()
+        try:
+            def no_fork() -> int:
+                raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
+
+            monkeypatch.setattr(os, "fork", no_fork)
+            before = time.monotonic()
+            sup.start_metrics()
+            assert sup.metrics_pid == 0 and sup.metrics_at is not None
+            assert sup.metrics_at >= before + 1  # later, not in a busy loop
+            log.seek(0)
+            assert b"metrics-failed" in log.read()
+        finally:
+            monkeypatch.undo()
+            sup.cleanup()
+            sup.signals.reader.close()  # the process would exit here
+            sup.signals.writer.close()
+
+
+def test_out_of_descriptors_a_lookup_is_skipped_not_fatal(tmp_path: Path) -> None:
+    """A real EMFILE from the resolver's pipe: the supervisor logs it and goes on."""
+    options = Options(status_socket=str(tmp_path / "s.sock"))
+    with open(tmp_path / "log", "w+b") as log:
+        sup = Supervisor(Sources(("127.0.0.1:0=localhost:1",), options=options), {},
+                         Logger(fd=log.fileno()))
+        sup.start()
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        spare = []
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+            try:
+                while True:
+                    spare.append(os.open(os.devnull, os.O_RDONLY))
+            except OSError:
+                pass  # every descriptor below the limit is taken
+            sup.start_resolver()
+            assert not sup.resolving and not sup.resolver_pids
+        finally:
+            for fd in spare:
+                os.close(fd)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+            sup.cleanup()
+            sup.signals.reader.close()  # the process would exit here
+            sup.signals.writer.close()
+        log.seek(0)
+        text = log.read()
+    assert b"resolve-failed" in text and b"cannot open a pipe" in text
