@@ -125,12 +125,16 @@ def _describe(text: str) -> str:
 
 
 def parse_port(text: str, what: str, *, allow_zero: bool = False) -> int:
+    """A decimal port number; leading zeros are ignored (`0080` is 80), as in counts."""
     if not text.isascii() or not text.isdigit():
         raise ConfigError(f"{what}: port {_describe(text)} is not a number")
-    if len(text) > 5 or not (0 if allow_zero else 1) <= int(text) <= 65535:
-        low = 0 if allow_zero else 1
+    # Judge the value, not the length of the text: past five significant digits the
+    # number is above 65535 whatever zeros lead it (and int() of a long string is slow).
+    significant = text.lstrip("0") or "0"
+    low = 0 if allow_zero else 1
+    if len(significant) > 5 or not low <= int(significant) <= 65535:
         raise ConfigError(f"{what}: port {_describe(text)} is out of range ({low}-65535)")
-    return int(text)
+    return int(significant)
 
 
 _LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)\Z")

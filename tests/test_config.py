@@ -304,3 +304,34 @@ def test_any_env_file_parses_or_raises_config_error(text: str) -> None:
         assert str(exc)
         return
     assert table.links
+
+
+@pytest.mark.parametrize(
+    ("spec", "port", "target_port"),
+    [
+        ("24000=127.0.0.1:0080", 24000, 80),
+        ("24000=127.0.0.1:000080", 24000, 80),  # was "out of range (1-65535)"
+        ("024000=127.0.0.1:" + "0" * 100 + "80", 24000, 80),
+        ("00000=127.0.0.1:065535", 0, 65535),
+    ],
+)
+def test_ports_with_leading_zeros_are_their_value(spec: str, port: int, target_port: int) -> None:
+    link = parse_spec(spec)
+    assert (link.port, link.target.port) == (port, target_port)
+
+
+def test_link_variable_ports_with_leading_zeros_are_their_value() -> None:
+    links, _ = links_from_env({"A_PORT_024010_TCP": "tcp://127.0.0.1:0024011"})
+    assert [(link.port, link.target.port) for link in links] == [(24010, 24011)]
+
+
+@given(st.from_regex(r"0{0,8}[0-9]{1,7}", fullmatch=True))
+def test_a_port_is_refused_as_out_of_range_only_when_it_is(text: str) -> None:
+    """One rule for every spelling: the value decides, however many zeros lead it."""
+    try:
+        link = parse_spec(f"24000=127.0.0.1:{text}")
+    except ConfigError as exc:
+        assert not 1 <= int(text) <= 65535, exc
+        assert f"port {text!r} is out of range (1-65535)" in str(exc)
+        return
+    assert link.target.port == int(text)
