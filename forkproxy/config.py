@@ -19,6 +19,7 @@ MAX_NAME = 253  # longest DNS name
 MAX_CHILDREN = 1 << 22  # PID_MAX_LIMIT: no more processes can ever exist at once
 MAX_SECONDS = 2_000_000  # any duration: poll() waits at most 2**31 - 1 ms (~24.8 days)
 MIN_RESOLVE_EVERY = 1.0  # seconds: the supervisor looks names up at most once a second
+MIN_SECONDS = 0.001  # any other duration: poll() counts whole milliseconds
 RELAY_MODES = ("auto", "splice", "copy")
 LOG_FORMATS = ("text", "json")
 
@@ -118,10 +119,13 @@ def peer_text(address: tuple[object, ...]) -> str:
     return join_host_port(str(address[0]), address[1])  # type: ignore[arg-type]
 
 
+def _shorten(text: str) -> str:
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def _describe(text: str) -> str:
     """Quote user input for an error line, keeping it on one line and short."""
-    shown = text if len(text) <= 80 else text[:77] + "..."
-    return repr(shown)
+    return repr(_shorten(text))
 
 
 def parse_port(text: str, what: str, *, allow_zero: bool = False) -> int:
@@ -377,19 +381,10 @@ def check_options(options: Options) -> Options:
             continue
         if not value == value or value in (float("inf"), float("-inf")):  # NaN, inf
             raise ConfigError(f"{flag} {value}: not a finite number of seconds")
-        # 0 would cut every connection (idle, half-close) or fail every connect; a zero
-        # grace is a plain "stop now".
-        if value < 0 or (value == 0 and flag != "--grace"):
-            raise ConfigError(f"{flag} {value}: must be a positive number of seconds")
         if value > MAX_SECONDS:
-            # poll() takes its timeout as a C int of milliseconds: past ~24.8 days the
-            # relay or the supervisor would die of an OverflowError mid-connection.
             raise _too_long(flag, f"{value:g}", can_be_off=can_be_off)
-    if options.resolve_every is not None and 0 < options.resolve_every < MIN_RESOLVE_EVERY:
-        # Lookups run at most once a second anyway; a faster timer would only interrupt
-        # the supervisor for nothing.
-        raise ConfigError(f"--resolve-every {options.resolve_every:g}: at least "
-                          f"{MIN_RESOLVE_EVERY:g} second, or 'off'")
+        if _below_least(flag, value):
+            raise _too_short_error(flag, f"{value:g}", can_be_off=can_be_off)
     for cidr in options.allow:
         parse_cidr(cidr)
     if options.metrics is not None:
@@ -428,24 +423,53 @@ def sources_from_json(data: Mapping[str, object]) -> Sources:
     )
 
 
-def parse_seconds(text: str | None, flag: str, *, can_be_off: bool = True) -> float | None:
-    """A command-line duration: a plain number of seconds (`0.5`, `10`).
+# ASCII digits, at most one point, an optional exponent: float() alone would also take
+# '٣', '1_0', ' 5 ', '+5', 'inf' and 'nan', which ports and counts refuse.
+_SECONDS = re.compile(r"-?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 
-    None when unset, or `off`, for the timeouts that can be off."""
+
+def parse_seconds(text: str | None, flag: str, *, can_be_off: bool = True) -> float | None:
+    """A command-line duration: a plain decimal number of seconds (`0.5`, `10`, `1e3`).
+
+    None when unset, or `off`, for the timeouts that can be off. Errors show the text
+    as typed: `-0` or `1e-400` are not `0.0` to whoever wrote them."""
     if text is None or (can_be_off and text.lower() in ("", "off", "none")):
         return None
-    try:
-        value = float(text)
-    except ValueError:
-        raise ConfigError(f"{flag} {_describe(text)}: not a number of seconds") from None
-    if not value == value or value in (float("inf"), float("-inf")) or value < 0:
-        raise ConfigError(f"{flag} {_describe(text)}: must be a finite, positive number of seconds")
+    if not _SECONDS.fullmatch(text):
+        raise ConfigError(f"{flag} {_describe(text)}: not a number of seconds")
+    value = float(text)
+    if text.startswith("-"):  # -0 included: a duration has no sign
+        raise _too_short_error(flag, _describe(text), can_be_off=can_be_off)
     if value > MAX_SECONDS:
         raise _too_long(flag, _describe(text), can_be_off=can_be_off)
+    if _below_least(flag, value):
+        # Bare, as a count's range error is: by now the text is known to be a number.
+        raise _too_short_error(flag, _shorten(text), can_be_off=can_be_off)
     return value
 
 
+def _least_seconds(flag: str) -> float:
+    return MIN_RESOLVE_EVERY if flag == "--resolve-every" else MIN_SECONDS
+
+
+def _below_least(flag: str, value: float) -> bool:
+    # Under 1 ms a timeout cuts every connection (idle, half-close) or fails every
+    # connect, and lookups run at most once a second anyway. A zero grace is a plain
+    # "stop now".
+    return value < _least_seconds(flag) and not (value == 0 and flag == "--grace")
+
+
+def _too_short_error(flag: str, shown: str, *, can_be_off: bool) -> ConfigError:
+    least = _least_seconds(flag)
+    zero = "0 or " if flag == "--grace" else ""
+    unit = "second" if least == 1 else "seconds"
+    off = ", or 'off'" if can_be_off else ""
+    return ConfigError(f"{flag} {shown}: {zero}at least {least:g} {unit}{off}")
+
+
 def _too_long(flag: str, shown: str, *, can_be_off: bool) -> ConfigError:
+    # poll() takes its timeout as a C int of milliseconds: past ~24.8 days the relay or
+    # the supervisor would die of an OverflowError mid-connection.
     off = "; 'off' means none" if can_be_off else ""
     return ConfigError(f"{flag} {shown}: at most {MAX_SECONDS:,} seconds (23 days){off}")
 

@@ -19,6 +19,7 @@ from forkproxy.config import (
     links_from_env,
     parse_count,
     parse_env_file,
+    parse_seconds,
     parse_spec,
     sources_from_json,
     sources_to_json,
@@ -335,3 +336,74 @@ def test_a_port_is_refused_as_out_of_range_only_when_it_is(text: str) -> None:
         assert f"port {text!r} is out of range (1-65535)" in str(exc)
         return
     assert link.target.port == int(text)
+
+
+CAN_BE_OFF = ("--idle-timeout", "--halfclose-timeout", "--resolve-every")
+
+
+@pytest.mark.parametrize(
+    ("flag", "text", "value"),
+    [
+        ("--connect-timeout", "0.001", 0.001),
+        ("--connect-timeout", "30", 30.0),
+        ("--idle-timeout", ".5", 0.5),
+        ("--idle-timeout", "5.", 5.0),
+        ("--halfclose-timeout", "1E3", 1000.0),
+        ("--grace", "0", 0.0),  # a plain "stop now"
+        ("--grace", "0.0", 0.0),
+        ("--resolve-every", "1", 1.0),
+        ("--resolve-every", "2000000", 2_000_000.0),
+    ],
+)
+def test_durations_parse(flag: str, text: str, value: float) -> None:
+    assert parse_seconds(text, flag, can_be_off=flag in CAN_BE_OFF) == value
+
+
+@pytest.mark.parametrize(
+    ("flag", "text", "message"),
+    [
+        # Shorter than poll()'s millisecond: useless, like 0.
+        ("--connect-timeout", "1e-320", "--connect-timeout 1e-320: at least 0.001 seconds"),
+        ("--idle-timeout", "1e-9", "--idle-timeout 1e-9: at least 0.001 seconds, or 'off'"),
+        ("--grace", "1e-9", "--grace 1e-9: 0 or at least 0.001 seconds"),
+        # Shown as typed, not as the float they became ('-0.0', '0.0', '0.2').
+        ("--connect-timeout", "-0", "--connect-timeout '-0': at least 0.001 seconds"),
+        ("--halfclose-timeout", "1e-400",
+         "--halfclose-timeout 1e-400: at least 0.001 seconds, or 'off'"),
+        ("--resolve-every", "0.20", "--resolve-every 0.20: at least 1 second, or 'off'"),
+        # What float() takes but a plain ASCII decimal number is not.
+        ("--connect-timeout", "\u0663", "--connect-timeout '\u0663': not a number of seconds"),
+        ("--connect-timeout", "1_0", "--connect-timeout '1_0': not a number of seconds"),
+        ("--grace", "+5", "--grace '+5': not a number of seconds"),
+        ("--grace", " 5", "--grace ' 5': not a number of seconds"),
+        ("--idle-timeout", "inf", "--idle-timeout 'inf': not a number of seconds"),
+        ("--idle-timeout", "1e", "--idle-timeout '1e': not a number of seconds"),
+        ("--idle-timeout", "1.2.3", "--idle-timeout '1.2.3': not a number of seconds"),
+    ],
+)
+def test_bad_durations_are_shown_as_typed(flag: str, text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_seconds(text, flag, can_be_off=flag in CAN_BE_OFF)
+    assert str(caught.value) == message
+
+
+def test_options_with_a_duration_under_a_millisecond_are_refused() -> None:
+    """The supervisor checks what it is handed just as the command line does."""
+    with pytest.raises(ConfigError, match=re.escape("--idle-timeout 1e-09: at least 0.001")):
+        check_options(Options(idle_timeout=1e-9))
+
+
+@given(st.one_of(st.text(max_size=30), st.from_regex(r"-?[0-9.]{0,8}([eE][+-]?[0-9]{1,4})?",
+                                                      fullmatch=True)))
+def test_any_duration_is_plain_and_in_range_or_a_config_error(text: str) -> None:
+    try:
+        value = parse_seconds(text, "--idle-timeout")
+    except ConfigError as exc:
+        message = str(exc)
+        assert message.startswith("--idle-timeout ") and "\n" not in message
+        if text.isascii() and text.isprintable() and "\\" not in text:
+            assert text in message  # as typed
+        return
+    if value is not None:
+        assert re.fullmatch(r"[0-9.eE+-]+", text)
+        assert 0.001 <= value <= 2_000_000
