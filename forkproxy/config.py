@@ -142,6 +142,8 @@ def parse_port(text: str, what: str, *, allow_zero: bool = False) -> int:
 
 
 _LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)\Z")
+# A part of an address to libc's inet_aton: decimal, octal (leading 0) or hex (0x).
+_NUMBER_LABEL = re.compile(r"[0-9]+|0[xX][0-9A-Fa-f]+")
 # An IPv6 zone is an interface name or index (IFNAMSIZ is 16 with the NUL). ipaddress
 # accepts any text after '%', spaces, '$(...)' and newlines included.
 _ZONE = re.compile(r"[A-Za-z0-9_.-]{1,15}\Z")
@@ -173,8 +175,16 @@ def parse_host(text: str, what: str) -> str:
     name = text[:-1] if text.endswith(".") else text
     if not all(_LABEL.match(label) for label in name.split(".")):
         raise ConfigError(f"{what}: {_describe(text)} is not a valid host name or address")
-    if name.replace(".", "").isdigit():
-        raise ConfigError(f"{what}: {_describe(text)} is not a valid IPv4 address")
+    labels = name.split(".")
+    if all(_NUMBER_LABEL.fullmatch(label) for label in labels):
+        # getaddrinfo would take '0x7f.1', '127.1' or '017.0.0.1' for an address
+        # (127.0.0.1, 15.0.0.1) without looking anything up: only a dotted quad is one here.
+        raise ConfigError(f"{what}: {_describe(text)} is not a valid IPv4 address "
+                          "(four decimal numbers, a.b.c.d)")
+    if labels[-1].isdigit():
+        # RFC 1123 2.1: the last label of a host name is never all digits.
+        raise ConfigError(f"{what}: {_describe(text)} is not a valid host name "
+                          "(its last label is all digits)")
     return text
 
 

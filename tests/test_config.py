@@ -407,3 +407,58 @@ def test_any_duration_is_plain_and_in_range_or_a_config_error(text: str) -> None
     if value is not None:
         assert re.fullmatch(r"[0-9.eE+-]+", text)
         assert 0.001 <= value <= 2_000_000
+
+
+@pytest.mark.parametrize(
+    ("host", "message"),
+    [
+        ("0x7f.1", "'0x7f.1' is not a valid IPv4 address (four decimal numbers, a.b.c.d)"),
+        ("1.0x7f", "'1.0x7f' is not a valid IPv4 address"),
+        ("0X7F.0.0.1", "'0X7F.0.0.1' is not a valid IPv4 address"),
+        ("0xcafe", "'0xcafe' is not a valid IPv4 address"),
+        ("017.1", "'017.1' is not a valid IPv4 address"),
+        ("1.2.3", "'1.2.3' is not a valid IPv4 address"),
+        ("0x7f.1.", "'0x7f.1.' is not a valid IPv4 address"),
+        ("0x.1", "'0x.1' is not a valid host name (its last label is all digits)"),
+        ("08.1", "'08.1' is not a valid IPv4 address"),
+        ("db.1", "'db.1' is not a valid host name (its last label is all digits)"),
+    ],
+)
+def test_numeric_looking_hosts_are_refused_alike(host: str, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_spec(f"24000={host}:24001")
+    assert str(caught.value).startswith(f"SPEC '24000={host}:24001': {message}")
+
+
+@pytest.mark.parametrize(
+    "host",
+    ["db1.example", "1password.internal", "redis-0", "0x7f.example", "a.0x7f", "1.example.",
+     "0xdead.beef", "12a"],
+)
+def test_names_with_digits_are_still_names(host: str) -> None:
+    assert parse_spec(f"24000={host}:24001").target == Endpoint(host, 24001)
+
+
+def _libc_address(host: str) -> str | None:
+    """What getaddrinfo makes of `host` without any lookup (AI_NUMERICHOST), or None."""
+    import socket
+
+    try:
+        found = socket.getaddrinfo(host, None, socket.AF_INET, 0, 0, socket.AI_NUMERICHOST)
+    except socket.gaierror:
+        return None
+    return str(found[0][4][0])
+
+
+@given(st.from_regex(r"((0[xX])?[0-9a-fA-F]{1,5}|[0-9]{1,3}|[a-z]{1,2})(\.((0[xX])?[0-9a-fA-F]"
+                     r"{1,5}|[0-9]{1,3}|[a-z]{1,2})){0,4}\.?", fullmatch=True))
+def test_no_accepted_name_is_an_address_to_libc(host: str) -> None:
+    """A name we accept must reach DNS: libc must not read it as an address instead."""
+    try:
+        target = parse_spec(f"24000={host}:24001").target
+    except ConfigError:
+        return
+    if target.is_name:
+        assert _libc_address(host) is None, host
+    else:
+        assert _libc_address(host) == target.host
