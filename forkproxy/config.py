@@ -19,6 +19,7 @@ MAX_NAME = 253  # longest DNS name
 MAX_CHILDREN = 1 << 22  # PID_MAX_LIMIT: no more processes can ever exist at once
 MAX_SECONDS = 2_000_000  # any duration: poll() waits at most 2**31 - 1 ms (~24.8 days)
 MIN_RESOLVE_EVERY = 1.0  # seconds: the supervisor looks names up at most once a second
+MIN_SECONDS = 0.001  # any other duration: poll() counts whole milliseconds
 RELAY_MODES = ("auto", "splice", "copy")
 LOG_FORMATS = ("text", "json")
 
@@ -118,22 +119,31 @@ def peer_text(address: tuple[object, ...]) -> str:
     return join_host_port(str(address[0]), address[1])  # type: ignore[arg-type]
 
 
+def _shorten(text: str) -> str:
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def _describe(text: str) -> str:
     """Quote user input for an error line, keeping it on one line and short."""
-    shown = text if len(text) <= 80 else text[:77] + "..."
-    return repr(shown)
+    return repr(_shorten(text))
 
 
 def parse_port(text: str, what: str, *, allow_zero: bool = False) -> int:
+    """A decimal port number; leading zeros are ignored (`0080` is 80), as in counts."""
     if not text.isascii() or not text.isdigit():
         raise ConfigError(f"{what}: port {_describe(text)} is not a number")
-    if len(text) > 5 or not (0 if allow_zero else 1) <= int(text) <= 65535:
-        low = 0 if allow_zero else 1
+    # Judge the value, not the length of the text: past five significant digits the
+    # number is above 65535 whatever zeros lead it (and int() of a long string is slow).
+    significant = text.lstrip("0") or "0"
+    low = 0 if allow_zero else 1
+    if len(significant) > 5 or not low <= int(significant) <= 65535:
         raise ConfigError(f"{what}: port {_describe(text)} is out of range ({low}-65535)")
-    return int(text)
+    return int(significant)
 
 
 _LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)\Z")
+# A part of an address to libc's inet_aton: decimal, octal (leading 0) or hex (0x).
+_NUMBER_LABEL = re.compile(r"[0-9]+|0[xX][0-9A-Fa-f]+")
 # An IPv6 zone is an interface name or index (IFNAMSIZ is 16 with the NUL). ipaddress
 # accepts any text after '%', spaces, '$(...)' and newlines included.
 _ZONE = re.compile(r"[A-Za-z0-9_.-]{1,15}\Z")
@@ -165,8 +175,16 @@ def parse_host(text: str, what: str) -> str:
     name = text[:-1] if text.endswith(".") else text
     if not all(_LABEL.match(label) for label in name.split(".")):
         raise ConfigError(f"{what}: {_describe(text)} is not a valid host name or address")
-    if name.replace(".", "").isdigit():
-        raise ConfigError(f"{what}: {_describe(text)} is not a valid IPv4 address")
+    labels = name.split(".")
+    if all(_NUMBER_LABEL.fullmatch(label) for label in labels):
+        # getaddrinfo would take '0x7f.1', '127.1' or '017.0.0.1' for an address
+        # (127.0.0.1, 15.0.0.1) without looking anything up: only a dotted quad is one here.
+        raise ConfigError(f"{what}: {_describe(text)} is not a valid IPv4 address "
+                          "(four decimal numbers, a.b.c.d)")
+    if labels[-1].isdigit():
+        # RFC 1123 2.1: the last label of a host name is never all digits.
+        raise ConfigError(f"{what}: {_describe(text)} is not a valid host name "
+                          "(its last label is all digits)")
     return text
 
 
@@ -373,19 +391,10 @@ def check_options(options: Options) -> Options:
             continue
         if not value == value or value in (float("inf"), float("-inf")):  # NaN, inf
             raise ConfigError(f"{flag} {value}: not a finite number of seconds")
-        # 0 would cut every connection (idle, half-close) or fail every connect; a zero
-        # grace is a plain "stop now".
-        if value < 0 or (value == 0 and flag != "--grace"):
-            raise ConfigError(f"{flag} {value}: must be a positive number of seconds")
         if value > MAX_SECONDS:
-            # poll() takes its timeout as a C int of milliseconds: past ~24.8 days the
-            # relay or the supervisor would die of an OverflowError mid-connection.
             raise _too_long(flag, f"{value:g}", can_be_off=can_be_off)
-    if options.resolve_every is not None and 0 < options.resolve_every < MIN_RESOLVE_EVERY:
-        # Lookups run at most once a second anyway; a faster timer would only interrupt
-        # the supervisor for nothing.
-        raise ConfigError(f"--resolve-every {options.resolve_every:g}: at least "
-                          f"{MIN_RESOLVE_EVERY:g} second, or 'off'")
+        if _below_least(flag, value):
+            raise _too_short_error(flag, f"{value:g}", can_be_off=can_be_off)
     for cidr in options.allow:
         parse_cidr(cidr)
     if options.metrics is not None:
@@ -424,24 +433,53 @@ def sources_from_json(data: Mapping[str, object]) -> Sources:
     )
 
 
-def parse_seconds(text: str | None, flag: str, *, can_be_off: bool = True) -> float | None:
-    """A command-line duration: a plain number of seconds (`0.5`, `10`).
+# ASCII digits, at most one point, an optional exponent: float() alone would also take
+# '٣', '1_0', ' 5 ', '+5', 'inf' and 'nan', which ports and counts refuse.
+_SECONDS = re.compile(r"-?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 
-    None when unset, or `off`, for the timeouts that can be off."""
+
+def parse_seconds(text: str | None, flag: str, *, can_be_off: bool = True) -> float | None:
+    """A command-line duration: a plain decimal number of seconds (`0.5`, `10`, `1e3`).
+
+    None when unset, or `off`, for the timeouts that can be off. Errors show the text
+    as typed: `-0` or `1e-400` are not `0.0` to whoever wrote them."""
     if text is None or (can_be_off and text.lower() in ("", "off", "none")):
         return None
-    try:
-        value = float(text)
-    except ValueError:
-        raise ConfigError(f"{flag} {_describe(text)}: not a number of seconds") from None
-    if not value == value or value in (float("inf"), float("-inf")) or value < 0:
-        raise ConfigError(f"{flag} {_describe(text)}: must be a finite, positive number of seconds")
+    if not _SECONDS.fullmatch(text):
+        raise ConfigError(f"{flag} {_describe(text)}: not a number of seconds")
+    value = float(text)
+    if text.startswith("-"):  # -0 included: a duration has no sign
+        raise _too_short_error(flag, _describe(text), can_be_off=can_be_off)
     if value > MAX_SECONDS:
         raise _too_long(flag, _describe(text), can_be_off=can_be_off)
+    if _below_least(flag, value):
+        # Bare, as a count's range error is: by now the text is known to be a number.
+        raise _too_short_error(flag, _shorten(text), can_be_off=can_be_off)
     return value
 
 
+def _least_seconds(flag: str) -> float:
+    return MIN_RESOLVE_EVERY if flag == "--resolve-every" else MIN_SECONDS
+
+
+def _below_least(flag: str, value: float) -> bool:
+    # Under 1 ms a timeout cuts every connection (idle, half-close) or fails every
+    # connect, and lookups run at most once a second anyway. A zero grace is a plain
+    # "stop now".
+    return value < _least_seconds(flag) and not (value == 0 and flag == "--grace")
+
+
+def _too_short_error(flag: str, shown: str, *, can_be_off: bool) -> ConfigError:
+    least = _least_seconds(flag)
+    zero = "0 or " if flag == "--grace" else ""
+    unit = "second" if least == 1 else "seconds"
+    off = ", or 'off'" if can_be_off else ""
+    return ConfigError(f"{flag} {shown}: {zero}at least {least:g} {unit}{off}")
+
+
 def _too_long(flag: str, shown: str, *, can_be_off: bool) -> ConfigError:
+    # poll() takes its timeout as a C int of milliseconds: past ~24.8 days the relay or
+    # the supervisor would die of an OverflowError mid-connection.
     off = "; 'off' means none" if can_be_off else ""
     return ConfigError(f"{flag} {shown}: at most {MAX_SECONDS:,} seconds (23 days){off}")
 

@@ -19,6 +19,7 @@ from forkproxy.config import (
     links_from_env,
     parse_count,
     parse_env_file,
+    parse_seconds,
     parse_spec,
     sources_from_json,
     sources_to_json,
@@ -304,3 +305,160 @@ def test_any_env_file_parses_or_raises_config_error(text: str) -> None:
         assert str(exc)
         return
     assert table.links
+
+
+@pytest.mark.parametrize(
+    ("spec", "port", "target_port"),
+    [
+        ("24000=127.0.0.1:0080", 24000, 80),
+        ("24000=127.0.0.1:000080", 24000, 80),  # was "out of range (1-65535)"
+        ("024000=127.0.0.1:" + "0" * 100 + "80", 24000, 80),
+        ("00000=127.0.0.1:065535", 0, 65535),
+    ],
+)
+def test_ports_with_leading_zeros_are_their_value(spec: str, port: int, target_port: int) -> None:
+    link = parse_spec(spec)
+    assert (link.port, link.target.port) == (port, target_port)
+
+
+def test_link_variable_ports_with_leading_zeros_are_their_value() -> None:
+    links, _ = links_from_env({"A_PORT_024010_TCP": "tcp://127.0.0.1:0024011"})
+    assert [(link.port, link.target.port) for link in links] == [(24010, 24011)]
+
+
+@given(st.from_regex(r"0{0,8}[0-9]{1,7}", fullmatch=True))
+def test_a_port_is_refused_as_out_of_range_only_when_it_is(text: str) -> None:
+    """One rule for every spelling: the value decides, however many zeros lead it."""
+    try:
+        link = parse_spec(f"24000=127.0.0.1:{text}")
+    except ConfigError as exc:
+        assert not 1 <= int(text) <= 65535, exc
+        assert f"port {text!r} is out of range (1-65535)" in str(exc)
+        return
+    assert link.target.port == int(text)
+
+
+CAN_BE_OFF = ("--idle-timeout", "--halfclose-timeout", "--resolve-every")
+
+
+@pytest.mark.parametrize(
+    ("flag", "text", "value"),
+    [
+        ("--connect-timeout", "0.001", 0.001),
+        ("--connect-timeout", "30", 30.0),
+        ("--idle-timeout", ".5", 0.5),
+        ("--idle-timeout", "5.", 5.0),
+        ("--halfclose-timeout", "1E3", 1000.0),
+        ("--grace", "0", 0.0),  # a plain "stop now"
+        ("--grace", "0.0", 0.0),
+        ("--resolve-every", "1", 1.0),
+        ("--resolve-every", "2000000", 2_000_000.0),
+    ],
+)
+def test_durations_parse(flag: str, text: str, value: float) -> None:
+    assert parse_seconds(text, flag, can_be_off=flag in CAN_BE_OFF) == value
+
+
+@pytest.mark.parametrize(
+    ("flag", "text", "message"),
+    [
+        # Shorter than poll()'s millisecond: useless, like 0.
+        ("--connect-timeout", "1e-320", "--connect-timeout 1e-320: at least 0.001 seconds"),
+        ("--idle-timeout", "1e-9", "--idle-timeout 1e-9: at least 0.001 seconds, or 'off'"),
+        ("--grace", "1e-9", "--grace 1e-9: 0 or at least 0.001 seconds"),
+        # Shown as typed, not as the float they became ('-0.0', '0.0', '0.2').
+        ("--connect-timeout", "-0", "--connect-timeout '-0': at least 0.001 seconds"),
+        ("--halfclose-timeout", "1e-400",
+         "--halfclose-timeout 1e-400: at least 0.001 seconds, or 'off'"),
+        ("--resolve-every", "0.20", "--resolve-every 0.20: at least 1 second, or 'off'"),
+        # What float() takes but a plain ASCII decimal number is not.
+        ("--connect-timeout", "\u0663", "--connect-timeout '\u0663': not a number of seconds"),
+        ("--connect-timeout", "1_0", "--connect-timeout '1_0': not a number of seconds"),
+        ("--grace", "+5", "--grace '+5': not a number of seconds"),
+        ("--grace", " 5", "--grace ' 5': not a number of seconds"),
+        ("--idle-timeout", "inf", "--idle-timeout 'inf': not a number of seconds"),
+        ("--idle-timeout", "1e", "--idle-timeout '1e': not a number of seconds"),
+        ("--idle-timeout", "1.2.3", "--idle-timeout '1.2.3': not a number of seconds"),
+    ],
+)
+def test_bad_durations_are_shown_as_typed(flag: str, text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_seconds(text, flag, can_be_off=flag in CAN_BE_OFF)
+    assert str(caught.value) == message
+
+
+def test_options_with_a_duration_under_a_millisecond_are_refused() -> None:
+    """The supervisor checks what it is handed just as the command line does."""
+    with pytest.raises(ConfigError, match=re.escape("--idle-timeout 1e-09: at least 0.001")):
+        check_options(Options(idle_timeout=1e-9))
+
+
+@given(st.one_of(st.text(max_size=30), st.from_regex(r"-?[0-9.]{0,8}([eE][+-]?[0-9]{1,4})?",
+                                                      fullmatch=True)))
+def test_any_duration_is_plain_and_in_range_or_a_config_error(text: str) -> None:
+    try:
+        value = parse_seconds(text, "--idle-timeout")
+    except ConfigError as exc:
+        message = str(exc)
+        assert message.startswith("--idle-timeout ") and "\n" not in message
+        if text.isascii() and text.isprintable() and "\\" not in text:
+            assert text in message  # as typed
+        return
+    if value is not None:
+        assert re.fullmatch(r"[0-9.eE+-]+", text)
+        assert 0.001 <= value <= 2_000_000
+
+
+@pytest.mark.parametrize(
+    ("host", "message"),
+    [
+        ("0x7f.1", "'0x7f.1' is not a valid IPv4 address (four decimal numbers, a.b.c.d)"),
+        ("1.0x7f", "'1.0x7f' is not a valid IPv4 address"),
+        ("0X7F.0.0.1", "'0X7F.0.0.1' is not a valid IPv4 address"),
+        ("0xcafe", "'0xcafe' is not a valid IPv4 address"),
+        ("017.1", "'017.1' is not a valid IPv4 address"),
+        ("1.2.3", "'1.2.3' is not a valid IPv4 address"),
+        ("0x7f.1.", "'0x7f.1.' is not a valid IPv4 address"),
+        ("0x.1", "'0x.1' is not a valid host name (its last label is all digits)"),
+        ("08.1", "'08.1' is not a valid IPv4 address"),
+        ("db.1", "'db.1' is not a valid host name (its last label is all digits)"),
+    ],
+)
+def test_numeric_looking_hosts_are_refused_alike(host: str, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_spec(f"24000={host}:24001")
+    assert str(caught.value).startswith(f"SPEC '24000={host}:24001': {message}")
+
+
+@pytest.mark.parametrize(
+    "host",
+    ["db1.example", "1password.internal", "redis-0", "0x7f.example", "a.0x7f", "1.example.",
+     "0xdead.beef", "12a"],
+)
+def test_names_with_digits_are_still_names(host: str) -> None:
+    assert parse_spec(f"24000={host}:24001").target == Endpoint(host, 24001)
+
+
+def _libc_address(host: str) -> str | None:
+    """What getaddrinfo makes of `host` without any lookup (AI_NUMERICHOST), or None."""
+    import socket
+
+    try:
+        found = socket.getaddrinfo(host, None, socket.AF_INET, 0, 0, socket.AI_NUMERICHOST)
+    except socket.gaierror:
+        return None
+    return str(found[0][4][0])
+
+
+@given(st.from_regex(r"((0[xX])?[0-9a-fA-F]{1,5}|[0-9]{1,3}|[a-z]{1,2})(\.((0[xX])?[0-9a-fA-F]"
+                     r"{1,5}|[0-9]{1,3}|[a-z]{1,2})){0,4}\.?", fullmatch=True))
+def test_no_accepted_name_is_an_address_to_libc(host: str) -> None:
+    """A name we accept must reach DNS: libc must not read it as an address instead."""
+    try:
+        target = parse_spec(f"24000={host}:24001").target
+    except ConfigError:
+        return
+    if target.is_name:
+        assert _libc_address(host) is None, host
+    else:
+        assert _libc_address(host) == target.host
