@@ -490,6 +490,8 @@ def parse_count(text: str, flag: str) -> int:
         raise ConfigError(f"{flag} {_describe(text)}: not a whole number")
     # Past nine digits a count is beyond every limit checked later (and int() of a very
     # long string is slow by design); leading zeros are still fine.
-    if len(digits.lstrip("0")) > 9:
+    significant = digits.lstrip("0") or "0"
+    if len(significant) > 9:
         raise ConfigError(f"{flag} {_describe(text)}: too large")
-    return int(text)
+    # Not int(text): past 4,300 characters (leading zeros too) int() refuses the string.
+    return -int(significant) if text.startswith("-") else int(significant)

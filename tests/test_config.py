@@ -245,7 +245,9 @@ def test_bad_options(options: Options, message: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("text", "value"), [("64", 64), ("0000000064", 64), ("-1", -1), ("999999999", 999999999)]
+    ("text", "value"),
+    [("64", 64), ("0000000064", 64), ("-1", -1), ("999999999", 999999999),
+     ("0" * 5000 + "7", 7), ("-" + "0" * 5000 + "7", -7)],  # past int()'s 4,300 digits
 )
 def test_counts_parse(text: str, value: int) -> None:
     assert parse_count(text, "--max-children") == value  # ranges are checked later
