@@ -236,6 +236,44 @@ def check_command(status_socket: StatusSocketOpt = None) -> None:
     typer.echo(f"ok: {len(reply.get('listeners', []))} listener(s)")
 
 
+class ReloadError(Exception):
+    """Why `reload --pid-file` sends no signal, as one line for the user."""
+
+
+def _is_supervisor(pid: int) -> bool:
+    """Does `pid` run what serve() execs: python -I -S .../_serve.py --config-fd N?"""
+    with open(f"/proc/{pid}/cmdline", "rb") as handle:
+        argv = handle.read().split(b"\0")
+    return any(os.path.basename(arg) == b"_serve.py" and argv[i + 1:i + 2] == [b"--config-fd"]
+               for i, arg in enumerate(argv))
+
+
+def _signal_supervisor(pid_file: str) -> int:
+    """SIGHUP the forkproxy supervisor whose PID is in `pid_file`; its PID, or ReloadError."""
+    try:
+        with open(pid_file, "rb") as handle:
+            text = handle.read(64).strip()  # a PID has at most 7 digits
+    except OSError as exc:
+        raise ReloadError(f"cannot read {pid_file}: {exc.strerror}") from None
+    # ASCII digits only, not int(): kill() takes 0 as our own process group and -1 as
+    # every process we may signal; int() also takes "+1", "1_0" and non-ASCII digits.
+    if not text.isdigit() or int(text) == 0:
+        # bytes' repr without its b: quoted, with control and non-ASCII bytes escaped
+        shown = text.decode() if text.isdigit() else repr(text)[1:]
+        raise ReloadError(f"{pid_file} holds {shown}, not a process id")
+    pid = int(text)
+    # A stale file may name a process that took the PID over; PID 1 is fine if it is ours.
+    try:
+        if not _is_supervisor(pid):
+            raise ReloadError(f"pid {pid} (from {pid_file}) is not a forkproxy supervisor")
+        os.kill(pid, signal.SIGHUP)
+    except (FileNotFoundError, ProcessLookupError):
+        raise ReloadError(f"pid {pid} (from {pid_file}) is not running") from None
+    except OSError as exc:
+        raise ReloadError(f"cannot signal pid {pid} (from {pid_file}): {exc.strerror}") from None
+    return pid
+
+
 @app.command("reload")
 def reload_command(
     status_socket: StatusSocketOpt = None,
@@ -249,11 +287,9 @@ def reload_command(
     """Re-read the env file and re-resolve names, as SIGHUP does; report the outcome."""
     if pid_file is not None and status_socket is None:
         try:
-            with open(pid_file, encoding="ascii") as handle:
-                pid = int(handle.read().strip())
-            os.kill(pid, signal.SIGHUP)
-        except (OSError, ValueError) as exc:
-            typer.echo(f"forkproxy: cannot signal the PID in {pid_file}: {exc}", err=True)
+            pid = _signal_supervisor(pid_file)
+        except ReloadError as exc:
+            typer.echo(f"forkproxy: cannot reload: {exc}", err=True)
             raise typer.Exit(1) from None
         typer.echo(f"sent SIGHUP to {pid} (the outcome is in its log)")
         return

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
 
-from conftest import FORKPROXY, free_port, need
+from conftest import FORKPROXY, free_port, kill_group, need, read_lines, wait_for
 
 
 def run(*args: str, env: dict[str, str] | None = None, prefix: tuple[str, ...] = (),
@@ -129,3 +131,100 @@ def test_help_shows_every_default_and_names_what_options_take() -> None:
                    "--env-file PATH", "--status-socket PATH", "--pid-file PATH"):
         assert needle in text, needle
     assert "<str>" not in text and "<bool>" not in text
+
+
+# -- reload --pid-file ----------------------------------------------------------------------
+
+
+def new_pid_namespace() -> tuple[str, ...]:
+    """A prefix: run as PID 1 of a new PID namespace (needs root), as in the image."""
+    return (need("unshare"), "--pid", "--fork", "--kill-child", "--mount-proc")
+
+
+def contained() -> tuple[str, ...]:
+    """A prefix for a command that might signal 0 or -1 by mistake: kill(-1) then reaches
+    its new PID namespace only, and kill(0) its new session's process group (a process
+    group spans namespaces: without setsid it would be the test run's)."""
+    return (need("setsid"), "--fork", "--wait", *new_pid_namespace())
+
+
+def assert_cannot_reload(result: subprocess.CompletedProcess[str], needle: str) -> None:
+    assert result.returncode == 1, result
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("forkproxy: cannot reload: "), lines[0]
+    assert needle in lines[0], lines[0]
+    for leak in ("Errno", "invalid literal", "codec", "Traceback"):
+        assert leak not in result.stderr, result.stderr
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize(
+    ("content", "needle"),
+    [
+        (b"0\n", "{path} holds 0, not a process id"),  # kill(0): reload's own process group
+        (b"-1\n", "{path} holds '-1', not a process id"),  # kill(-1): every process
+        (b"", "{path} holds '', not a process id"),
+        (b"abc\n", "{path} holds 'abc', not a process id"),
+        (b"+1\n", "{path} holds '+1', not a process id"),
+        (b"1_0\n", "{path} holds '1_0', not a process id"),
+        ("\u0661\n".encode(), r"{path} holds '\xd9\xa1', not a process id"),  # int() takes it
+        (b"\xff\n", r"{path} holds '\xff', not a process id"),
+        (b"2\n", "pid 2 (from {path}) is not running"),  # PID 1 is alone in its namespace
+        (b"99999999999999999999\n", "pid 99999999999999999999 (from {path}) is not running"),
+        (b"1\n", "pid 1 (from {path}) is not a forkproxy supervisor"),  # reload itself
+        (None, "cannot read {path}: No such file or directory"),
+    ],
+)
+def test_reload_pid_file_signals_nothing_but_a_process_id(
+    tmp_path: Path, content: bytes | None, needle: str
+) -> None:
+    """`reload --pid-file` sent SIGHUP to whatever int() made of the file: 0 hung up its own
+    process group, -1 every process on the system; junk gave Python's exception text."""
+    pid_file = tmp_path / "proxy.pid"
+    if content is not None:
+        pid_file.write_bytes(content)
+    result = run("reload", "--pid-file", str(pid_file), prefix=contained())
+    assert_cannot_reload(result, needle.format(path=pid_file))
+
+
+def test_reload_pid_file_signals_a_supervisor_even_as_pid_1_and_nothing_else(
+    tmp_path: Path,
+) -> None:
+    """A stale pid file whose PID now belongs to another process must not hang that up;
+    forkproxy as PID 1 (as in its image) is still reloaded through its pid file."""
+    pid_file, log = tmp_path / "proxy.pid", tmp_path / "proxy.log"
+    with subprocess.Popen([need("sleep"), "60"], start_new_session=True) as other:
+        try:
+            pid_file.write_text(f"{other.pid}\n")
+            result = run("reload", "--pid-file", str(pid_file))
+            assert_cannot_reload(
+                result, f"pid {other.pid} (from {pid_file}) is not a forkproxy supervisor")
+            assert other.poll() is None  # not hung up
+        finally:
+            other.kill()
+
+    sock_dir = Path(tempfile.mkdtemp(prefix="fpc-", dir="/tmp"))  # sun_path is short
+    with log.open("w") as err:
+        proxy = subprocess.Popen(
+            [*new_pid_namespace(), FORKPROXY, "serve", "--pid-file", str(pid_file),
+             "--status-socket", str(sock_dir / "s.sock"), "127.0.0.1:0=127.0.0.1:1"],
+            stdout=subprocess.PIPE, stderr=err, text=True, start_new_session=True,
+            env={"PATH": os.environ["PATH"]},
+        )
+    try:
+        assert len(read_lines(proxy, 1, 15)) == 1, log.read_text()
+        assert pid_file.read_text() == "1\n"
+        [supervisor] = Path(f"/proc/{proxy.pid}/task/{proxy.pid}/children").read_text().split()
+        assert f"NSpid:\t{supervisor}\t1\n" in Path(f"/proc/{supervisor}/status").read_text()
+        into_its_namespace = (need("nsenter"), f"--target={supervisor}", "--pid", "--mount")
+        result = run("reload", "--pid-file", str(pid_file), prefix=into_its_namespace)
+        assert result.returncode == 0, result
+        assert result.stdout == "sent SIGHUP to 1 (the outcome is in its log)\n"
+        # The supervisor logs its listeners again after each reload.
+        assert wait_for(lambda: "info listening" in log.read_text()), log.read_text()
+    finally:
+        kill_group(proxy)
+        assert proxy.stdout is not None
+        proxy.stdout.close()
+        shutil.rmtree(sock_dir, ignore_errors=True)
