@@ -277,15 +277,17 @@ def _signal_supervisor(pid_file: str) -> int:
 @app.command("reload")
 def reload_command(
     status_socket: StatusSocketOpt = None,
+    # No envvar: FORKPROXY_PID_FILE is serve's, often set where reload runs too, and it
+    # would silently trade the reported outcome (exit 1 on failure) for a bare signal.
     pid_file: Annotated[
         str | None,
-        typer.Option(help="Send SIGHUP to the PID in this file instead of asking the socket.",
-                     metavar="PATH",
-                     envvar="FORKPROXY_PID_FILE", show_default=False),
+        typer.Option(help="Send SIGHUP to the PID in this file instead of asking the socket "
+                     "(the outcome is then only in the log).",
+                     metavar="PATH", show_default=False),
     ] = None,
 ) -> None:
     """Re-read the env file and re-resolve names, as SIGHUP does; report the outcome."""
-    if pid_file is not None and status_socket is None:
+    if pid_file is not None:  # asked for on the command line: it wins over the socket
         try:
             pid = _signal_supervisor(pid_file)
         except ReloadError as exc:

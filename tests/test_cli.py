@@ -228,3 +228,41 @@ def test_reload_pid_file_signals_a_supervisor_even_as_pid_1_and_nothing_else(
         assert proxy.stdout is not None
         proxy.stdout.close()
         shutil.rmtree(sock_dir, ignore_errors=True)
+
+
+def test_reload_reports_the_outcome_unless_pid_file_is_on_the_command_line(
+    tmp_path: Path,
+) -> None:
+    """FORKPROXY_PID_FILE, serve's variable and so often set where reload runs too, turned
+    `forkproxy reload` into a bare SIGHUP that exits 0 when the reload fails. Only
+    --pid-file on the command line chooses the signal, and then over the socket's variable."""
+    runtime_dir = Path(tempfile.mkdtemp(prefix="fpc-", dir="/tmp"))  # sun_path is short
+    env_file, pid_file, log = tmp_path / "links.env", tmp_path / "proxy.pid", tmp_path / "log"
+    env_file.write_text("")
+    env = {"PATH": os.environ["PATH"], "XDG_RUNTIME_DIR": str(runtime_dir),
+           "FORKPROXY_PID_FILE": str(pid_file)}
+    with log.open("w") as err:
+        proxy = subprocess.Popen(
+            [FORKPROXY, "serve", "--env-file", str(env_file), "127.0.0.1:0=127.0.0.1:1"],
+            stdout=subprocess.PIPE, stderr=err, text=True, start_new_session=True, env=env,
+        )
+    try:
+        assert len(read_lines(proxy, 1, 15)) == 1, log.read_text()
+        assert pid_file.read_text() == f"{proxy.pid}\n"
+        env_file.unlink()  # the next reload fails
+        result = run("reload", env=env)
+        assert result.returncode == 1, result
+        assert result.stderr.startswith("forkproxy: reload failed, previous configuration kept: "
+                                        f"cannot read env file {env_file}"), result.stderr
+        # Explicit --pid-file: the signal, even with the socket's variable set.
+        [sock] = (runtime_dir / "forkproxy").glob("*.sock")
+        result = run("reload", "--pid-file", str(pid_file),
+                     env={**env, "FORKPROXY_STATUS_SOCKET": str(sock)})
+        assert result.returncode == 0, result
+        assert result.stdout == f"sent SIGHUP to {proxy.pid} (the outcome is in its log)\n"
+        assert wait_for(lambda: log.read_text().count("reload-failed") == 2), log.read_text()
+    finally:
+        kill_group(proxy)
+        assert proxy.stdout is not None
+        proxy.stdout.close()
+        shutil.rmtree(runtime_dir, ignore_errors=True)
