@@ -93,8 +93,9 @@ def serve(*, sources: Sources) -> NoReturn:
     os.write(config_fd, payload)
     os.lseek(config_fd, 0, os.SEEK_SET)
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_serve.py")
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None:  # None: Python found the fd closed at start
+            stream.flush()
     os.execv(sys.executable, [sys.executable, "-I", "-S", script, "--config-fd", str(config_fd)])
 
 
@@ -320,8 +321,25 @@ def root(
     """forkproxy: socat TCP-LISTEN,fork grown into the engine of the ambassador pattern."""
 
 
+def fill_closed_std_fds() -> None:
+    """Open /dev/null on whichever of fds 0-2 was closed for us (`>&-`), as daemons do.
+
+    Otherwise the next file opened takes that number: serve's config memfd, then in the
+    supervisor a listener or a client's socket, and the `listening` lines or the log
+    would be written into it.
+    """
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            # fd itself is the lowest free number (those below are open by now); made
+            # inheritable, unlike os.open's default, so that it outlives serve's exec.
+            os.set_inheritable(os.open(os.devnull, os.O_RDWR), True)
+
+
 def main() -> None:
     """Console entry point. Usage errors, like bad input, are one line and exit 2."""
+    fill_closed_std_fds()  # first: before this process opens a file that must not be 0-2
     try:
         code = app(standalone_mode=False)
     except KeyboardInterrupt:

@@ -4,14 +4,25 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from conftest import FORKPROXY, free_port, kill_group, need, read_lines, wait_for
+from conftest import (
+    FORKPROXY,
+    TcpServer,
+    echo,
+    free_port,
+    kill_group,
+    need,
+    read_lines,
+    wait_for,
+)
 
 
 def run(*args: str, env: dict[str, str] | None = None, prefix: tuple[str, ...] = (),
@@ -266,3 +277,54 @@ def test_reload_reports_the_outcome_unless_pid_file_is_on_the_command_line(
         assert proxy.stdout is not None
         proxy.stdout.close()
         shutil.rmtree(runtime_dir, ignore_errors=True)
+
+
+
+@pytest.mark.parametrize(("redirects", "closed"),
+                         [(">&-", {1}), ("2>&-", {2}), ("<&- >&- 2>&-", {0, 1, 2})])
+def test_serve_runs_with_standard_fds_closed(
+    tmp_path: Path, tcp_server: Callable[[Callable[[socket.socket], None]], TcpServer],
+    redirects: str, closed: set[int],
+) -> None:
+    """`serve ... >&-` died with a traceback (sys.stdout is None), `2>&-` silently; and a
+    closed fd 1 or 2 was taken by the config memfd, then by a listener in the supervisor,
+    where the `listening` lines and the log went. Now it serves, with /dev/null there."""
+    upstream, port = tcp_server(echo), free_port()
+    log = tmp_path / "proxy.log"
+    with log.open("w") as err:
+        proxy = subprocess.Popen(
+            [need("sh"), "-c", f'exec "$@" {redirects}', "sh", FORKPROXY, "serve",
+             f"127.0.0.1:{port}=127.0.0.1:{upstream.port}"],
+            stdout=subprocess.PIPE, stderr=err, text=True, start_new_session=True,
+            env={"PATH": os.environ["PATH"]},
+        )
+    try:
+        if 1 in closed:  # no `listening` line to wait for: wait for the port
+            def up_or_dead() -> bool:
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=2).close()
+                except OSError:
+                    return proxy.poll() is not None
+                return True
+
+            assert wait_for(up_or_dead) and proxy.poll() is None, log.read_text()
+        else:
+            assert read_lines(proxy, 1, 15) == [
+                f"listening 127.0.0.1:{port} -> 127.0.0.1:{upstream.port} "
+                f"(127.0.0.1:{port}=127.0.0.1:{upstream.port})"], log.read_text()
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+            client.sendall(b"ping")
+            client.shutdown(socket.SHUT_WR)
+            received = b""
+            while chunk := client.recv(4096):
+                received += chunk
+        assert received == b"ping"  # the upstream's bytes and nothing else
+        for fd in closed:  # not a socket or the memfd that stdout or the log could reach
+            assert os.readlink(f"/proc/{proxy.pid}/fd/{fd}") == "/dev/null"
+        proxy.send_signal(signal.SIGTERM)
+        assert proxy.wait(15) == 0, log.read_text()  # not 120: stdout's flush failed at exit
+        assert "Exception ignored" not in log.read_text()
+    finally:
+        kill_group(proxy)
+        assert proxy.stdout is not None
+        proxy.stdout.close()
