@@ -30,7 +30,6 @@ from .supervisor import read_links
 
 app = typer.Typer(
     add_completion=False,
-    no_args_is_help=True,
     help="A forking TCP proxy for the Docker ambassador pattern (socat fork, grown up).",
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
@@ -311,14 +310,22 @@ def version_callback(value: bool) -> None:
         raise typer.Exit()
 
 
-@app.callback()
+@app.callback(invoke_without_command=True)
 def root(
+    ctx: typer.Context,
     version: Annotated[
         bool, typer.Option("--version", callback=version_callback, is_eager=True,
                            help="Print the version and exit.")
     ] = False,
 ) -> None:
     """forkproxy: socat TCP-LISTEN,fork grown into the engine of the ambassador pattern."""
+    if ctx.invoked_subcommand is None:
+        # No command is a usage error (exit 2, like the others and click's own since 8.2),
+        # but the help is what helps here; on stderr, so stdout stays empty as on any error.
+        # Not no_args_is_help: its error carries the help as the message, which main()
+        # would print as one `forkproxy: error: Usage: ...` line run on into the help.
+        typer.echo(ctx.get_help(), err=True)
+        raise typer.Exit(2)
 
 
 def fill_closed_std_fds() -> None:
@@ -349,8 +356,6 @@ def main() -> None:
         # recognised by what it carries rather than by a private import path.
         if getattr(exc, "exit_code", None) != 2 or not hasattr(exc, "format_message"):
             raise
-        message = exc.format_message()
-        if message:  # empty after no_args_is_help has printed the help
-            typer.echo(f"forkproxy: error: {message}", err=True)
+        typer.echo(f"forkproxy: error: {exc.format_message()}", err=True)
         sys.exit(2)
     sys.exit(code if isinstance(code, int) else 0)

@@ -328,3 +328,12 @@ def test_serve_runs_with_standard_fds_closed(
         kill_group(proxy)
         assert proxy.stdout is not None
         proxy.stdout.close()
+
+
+def test_no_command_prints_the_help_and_exits_2() -> None:
+    """`forkproxy` alone printed the help run on from `forkproxy: error: Usage: ...`."""
+    result = run()
+    assert result.returncode == 2, result  # like every usage error: a script notices
+    assert result.stdout == ""
+    assert result.stderr == run("--help").stdout
+    assert "forkproxy: error" not in result.stderr
