@@ -30,7 +30,6 @@ from .supervisor import read_links
 
 app = typer.Typer(
     add_completion=False,
-    no_args_is_help=True,
     help="A forking TCP proxy for the Docker ambassador pattern (socat fork, grown up).",
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
@@ -93,8 +92,9 @@ def serve(*, sources: Sources) -> NoReturn:
     os.write(config_fd, payload)
     os.lseek(config_fd, 0, os.SEEK_SET)
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_serve.py")
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None:  # None: Python found the fd closed at start
+            stream.flush()
     os.execv(sys.executable, [sys.executable, "-I", "-S", script, "--config-fd", str(config_fd)])
 
 
@@ -236,24 +236,62 @@ def check_command(status_socket: StatusSocketOpt = None) -> None:
     typer.echo(f"ok: {len(reply.get('listeners', []))} listener(s)")
 
 
+class ReloadError(Exception):
+    """Why `reload --pid-file` sends no signal, as one line for the user."""
+
+
+def _is_supervisor(pid: int) -> bool:
+    """Does `pid` run what serve() execs: python -I -S .../_serve.py --config-fd N?"""
+    with open(f"/proc/{pid}/cmdline", "rb") as handle:
+        argv = handle.read().split(b"\0")
+    return any(os.path.basename(arg) == b"_serve.py" and argv[i + 1:i + 2] == [b"--config-fd"]
+               for i, arg in enumerate(argv))
+
+
+def _signal_supervisor(pid_file: str) -> int:
+    """SIGHUP the forkproxy supervisor whose PID is in `pid_file`; its PID, or ReloadError."""
+    try:
+        with open(pid_file, "rb") as handle:
+            text = handle.read(64).strip()  # a PID has at most 7 digits
+    except OSError as exc:
+        raise ReloadError(f"cannot read {pid_file}: {exc.strerror}") from None
+    # ASCII digits only, not int(): kill() takes 0 as our own process group and -1 as
+    # every process we may signal; int() also takes "+1", "1_0" and non-ASCII digits.
+    if not text.isdigit() or int(text) == 0:
+        # bytes' repr without its b: quoted, with control and non-ASCII bytes escaped
+        shown = text.decode() if text.isdigit() else repr(text)[1:]
+        raise ReloadError(f"{pid_file} holds {shown}, not a process id")
+    pid = int(text)
+    # A stale file may name a process that took the PID over; PID 1 is fine if it is ours.
+    try:
+        if not _is_supervisor(pid):
+            raise ReloadError(f"pid {pid} (from {pid_file}) is not a forkproxy supervisor")
+        os.kill(pid, signal.SIGHUP)
+    except (FileNotFoundError, ProcessLookupError):
+        raise ReloadError(f"pid {pid} (from {pid_file}) is not running") from None
+    except OSError as exc:
+        raise ReloadError(f"cannot signal pid {pid} (from {pid_file}): {exc.strerror}") from None
+    return pid
+
+
 @app.command("reload")
 def reload_command(
     status_socket: StatusSocketOpt = None,
+    # No envvar: FORKPROXY_PID_FILE is serve's, often set where reload runs too, and it
+    # would silently trade the reported outcome (exit 1 on failure) for a bare signal.
     pid_file: Annotated[
         str | None,
-        typer.Option(help="Send SIGHUP to the PID in this file instead of asking the socket.",
-                     metavar="PATH",
-                     envvar="FORKPROXY_PID_FILE", show_default=False),
+        typer.Option(help="Send SIGHUP to the PID in this file instead of asking the socket "
+                     "(the outcome is then only in the log).",
+                     metavar="PATH", show_default=False),
     ] = None,
 ) -> None:
     """Re-read the env file and re-resolve names, as SIGHUP does; report the outcome."""
-    if pid_file is not None and status_socket is None:
+    if pid_file is not None:  # asked for on the command line: it wins over the socket
         try:
-            with open(pid_file, encoding="ascii") as handle:
-                pid = int(handle.read().strip())
-            os.kill(pid, signal.SIGHUP)
-        except (OSError, ValueError) as exc:
-            typer.echo(f"forkproxy: cannot signal the PID in {pid_file}: {exc}", err=True)
+            pid = _signal_supervisor(pid_file)
+        except ReloadError as exc:
+            typer.echo(f"forkproxy: cannot reload: {exc}", err=True)
             raise typer.Exit(1) from None
         typer.echo(f"sent SIGHUP to {pid} (the outcome is in its log)")
         return
@@ -272,18 +310,43 @@ def version_callback(value: bool) -> None:
         raise typer.Exit()
 
 
-@app.callback()
+@app.callback(invoke_without_command=True)
 def root(
+    ctx: typer.Context,
     version: Annotated[
         bool, typer.Option("--version", callback=version_callback, is_eager=True,
                            help="Print the version and exit.")
     ] = False,
 ) -> None:
     """forkproxy: socat TCP-LISTEN,fork grown into the engine of the ambassador pattern."""
+    if ctx.invoked_subcommand is None:
+        # No command is a usage error (exit 2, like the others and click's own since 8.2),
+        # but the help is what helps here; on stderr, so stdout stays empty as on any error.
+        # Not no_args_is_help: its error carries the help as the message, which main()
+        # would print as one `forkproxy: error: Usage: ...` line run on into the help.
+        typer.echo(ctx.get_help(), err=True)
+        raise typer.Exit(2)
+
+
+def fill_closed_std_fds() -> None:
+    """Open /dev/null on whichever of fds 0-2 was closed for us (`>&-`), as daemons do.
+
+    Otherwise the next file opened takes that number: serve's config memfd, then in the
+    supervisor a listener or a client's socket, and the `listening` lines or the log
+    would be written into it.
+    """
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            # fd itself is the lowest free number (those below are open by now); made
+            # inheritable, unlike os.open's default, so that it outlives serve's exec.
+            os.set_inheritable(os.open(os.devnull, os.O_RDWR), True)
 
 
 def main() -> None:
     """Console entry point. Usage errors, like bad input, are one line and exit 2."""
+    fill_closed_std_fds()  # first: before this process opens a file that must not be 0-2
     try:
         code = app(standalone_mode=False)
     except KeyboardInterrupt:
@@ -293,8 +356,6 @@ def main() -> None:
         # recognised by what it carries rather than by a private import path.
         if getattr(exc, "exit_code", None) != 2 or not hasattr(exc, "format_message"):
             raise
-        message = exc.format_message()
-        if message:  # empty after no_args_is_help has printed the help
-            typer.echo(f"forkproxy: error: {message}", err=True)
+        typer.echo(f"forkproxy: error: {exc.format_message()}", err=True)
         sys.exit(2)
     sys.exit(code if isinstance(code, int) else 0)

@@ -3,13 +3,26 @@
 from __future__ import annotations
 
 import os
+import shutil
+import signal
 import socket
 import subprocess
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from conftest import FORKPROXY, free_port, need
+from conftest import (
+    FORKPROXY,
+    TcpServer,
+    echo,
+    free_port,
+    kill_group,
+    need,
+    read_lines,
+    wait_for,
+)
 
 
 def run(*args: str, env: dict[str, str] | None = None, prefix: tuple[str, ...] = (),
@@ -179,3 +192,198 @@ def test_help_shows_every_default_and_names_what_options_take() -> None:
                    "--env-file PATH", "--status-socket PATH", "--pid-file PATH"):
         assert needle in text, needle
     assert "<str>" not in text and "<bool>" not in text
+
+
+# -- reload --pid-file ----------------------------------------------------------------------
+
+
+def new_pid_namespace() -> tuple[str, ...]:
+    """A prefix: run as PID 1 of a new PID namespace (needs root), as in the image."""
+    return (need("unshare"), "--pid", "--fork", "--kill-child", "--mount-proc")
+
+
+def contained() -> tuple[str, ...]:
+    """A prefix for a command that might signal 0 or -1 by mistake: kill(-1) then reaches
+    its new PID namespace only, and kill(0) its new session's process group (a process
+    group spans namespaces: without setsid it would be the test run's)."""
+    return (need("setsid"), "--fork", "--wait", *new_pid_namespace())
+
+
+def assert_cannot_reload(result: subprocess.CompletedProcess[str], needle: str) -> None:
+    assert result.returncode == 1, result
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("forkproxy: cannot reload: "), lines[0]
+    assert needle in lines[0], lines[0]
+    for leak in ("Errno", "invalid literal", "codec", "Traceback"):
+        assert leak not in result.stderr, result.stderr
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize(
+    ("content", "needle"),
+    [
+        (b"0\n", "{path} holds 0, not a process id"),  # kill(0): reload's own process group
+        (b"-1\n", "{path} holds '-1', not a process id"),  # kill(-1): every process
+        (b"", "{path} holds '', not a process id"),
+        (b"abc\n", "{path} holds 'abc', not a process id"),
+        (b"+1\n", "{path} holds '+1', not a process id"),
+        (b"1_0\n", "{path} holds '1_0', not a process id"),
+        ("\u0661\n".encode(), r"{path} holds '\xd9\xa1', not a process id"),  # int() takes it
+        (b"\xff\n", r"{path} holds '\xff', not a process id"),
+        (b"2\n", "pid 2 (from {path}) is not running"),  # PID 1 is alone in its namespace
+        (b"99999999999999999999\n", "pid 99999999999999999999 (from {path}) is not running"),
+        (b"1\n", "pid 1 (from {path}) is not a forkproxy supervisor"),  # reload itself
+        (None, "cannot read {path}: No such file or directory"),
+    ],
+)
+def test_reload_pid_file_signals_nothing_but_a_process_id(
+    tmp_path: Path, content: bytes | None, needle: str
+) -> None:
+    """`reload --pid-file` sent SIGHUP to whatever int() made of the file: 0 hung up its own
+    process group, -1 every process on the system; junk gave Python's exception text."""
+    pid_file = tmp_path / "proxy.pid"
+    if content is not None:
+        pid_file.write_bytes(content)
+    result = run("reload", "--pid-file", str(pid_file), prefix=contained())
+    assert_cannot_reload(result, needle.format(path=pid_file))
+
+
+def test_reload_pid_file_signals_a_supervisor_even_as_pid_1_and_nothing_else(
+    tmp_path: Path,
+) -> None:
+    """A stale pid file whose PID now belongs to another process must not hang that up;
+    forkproxy as PID 1 (as in its image) is still reloaded through its pid file."""
+    pid_file, log = tmp_path / "proxy.pid", tmp_path / "proxy.log"
+    with subprocess.Popen([need("sleep"), "60"], start_new_session=True) as other:
+        try:
+            pid_file.write_text(f"{other.pid}\n")
+            result = run("reload", "--pid-file", str(pid_file))
+            assert_cannot_reload(
+                result, f"pid {other.pid} (from {pid_file}) is not a forkproxy supervisor")
+            assert other.poll() is None  # not hung up
+        finally:
+            other.kill()
+
+    sock_dir = Path(tempfile.mkdtemp(prefix="fpc-", dir="/tmp"))  # sun_path is short
+    with log.open("w") as err:
+        proxy = subprocess.Popen(
+            [*new_pid_namespace(), FORKPROXY, "serve", "--pid-file", str(pid_file),
+             "--status-socket", str(sock_dir / "s.sock"), "127.0.0.1:0=127.0.0.1:1"],
+            stdout=subprocess.PIPE, stderr=err, text=True, start_new_session=True,
+            env={"PATH": os.environ["PATH"]},
+        )
+    try:
+        assert len(read_lines(proxy, 1, 15)) == 1, log.read_text()
+        assert pid_file.read_text() == "1\n"
+        [supervisor] = Path(f"/proc/{proxy.pid}/task/{proxy.pid}/children").read_text().split()
+        assert f"NSpid:\t{supervisor}\t1\n" in Path(f"/proc/{supervisor}/status").read_text()
+        into_its_namespace = (need("nsenter"), f"--target={supervisor}", "--pid", "--mount")
+        result = run("reload", "--pid-file", str(pid_file), prefix=into_its_namespace)
+        assert result.returncode == 0, result
+        assert result.stdout == "sent SIGHUP to 1 (the outcome is in its log)\n"
+        # The supervisor logs its listeners again after each reload.
+        assert wait_for(lambda: "info listening" in log.read_text()), log.read_text()
+    finally:
+        kill_group(proxy)
+        assert proxy.stdout is not None
+        proxy.stdout.close()
+        shutil.rmtree(sock_dir, ignore_errors=True)
+
+
+def test_reload_reports_the_outcome_unless_pid_file_is_on_the_command_line(
+    tmp_path: Path,
+) -> None:
+    """FORKPROXY_PID_FILE, serve's variable and so often set where reload runs too, turned
+    `forkproxy reload` into a bare SIGHUP that exits 0 when the reload fails. Only
+    --pid-file on the command line chooses the signal, and then over the socket's variable."""
+    runtime_dir = Path(tempfile.mkdtemp(prefix="fpc-", dir="/tmp"))  # sun_path is short
+    env_file, pid_file, log = tmp_path / "links.env", tmp_path / "proxy.pid", tmp_path / "log"
+    env_file.write_text("")
+    env = {"PATH": os.environ["PATH"], "XDG_RUNTIME_DIR": str(runtime_dir),
+           "FORKPROXY_PID_FILE": str(pid_file)}
+    with log.open("w") as err:
+        proxy = subprocess.Popen(
+            [FORKPROXY, "serve", "--env-file", str(env_file), "127.0.0.1:0=127.0.0.1:1"],
+            stdout=subprocess.PIPE, stderr=err, text=True, start_new_session=True, env=env,
+        )
+    try:
+        assert len(read_lines(proxy, 1, 15)) == 1, log.read_text()
+        assert pid_file.read_text() == f"{proxy.pid}\n"
+        env_file.unlink()  # the next reload fails
+        result = run("reload", env=env)
+        assert result.returncode == 1, result
+        assert result.stderr.startswith("forkproxy: reload failed, previous configuration kept: "
+                                        f"cannot read env file {env_file}"), result.stderr
+        # Explicit --pid-file: the signal, even with the socket's variable set.
+        [sock] = (runtime_dir / "forkproxy").glob("*.sock")
+        result = run("reload", "--pid-file", str(pid_file),
+                     env={**env, "FORKPROXY_STATUS_SOCKET": str(sock)})
+        assert result.returncode == 0, result
+        assert result.stdout == f"sent SIGHUP to {proxy.pid} (the outcome is in its log)\n"
+        assert wait_for(lambda: log.read_text().count("reload-failed") == 2), log.read_text()
+    finally:
+        kill_group(proxy)
+        assert proxy.stdout is not None
+        proxy.stdout.close()
+        shutil.rmtree(runtime_dir, ignore_errors=True)
+
+
+
+@pytest.mark.parametrize(("redirects", "closed"),
+                         [(">&-", {1}), ("2>&-", {2}), ("<&- >&- 2>&-", {0, 1, 2})])
+def test_serve_runs_with_standard_fds_closed(
+    tmp_path: Path, tcp_server: Callable[[Callable[[socket.socket], None]], TcpServer],
+    redirects: str, closed: set[int],
+) -> None:
+    """`serve ... >&-` died with a traceback (sys.stdout is None), `2>&-` silently; and a
+    closed fd 1 or 2 was taken by the config memfd, then by a listener in the supervisor,
+    where the `listening` lines and the log went. Now it serves, with /dev/null there."""
+    upstream, port = tcp_server(echo), free_port()
+    log = tmp_path / "proxy.log"
+    with log.open("w") as err:
+        proxy = subprocess.Popen(
+            [need("sh"), "-c", f'exec "$@" {redirects}', "sh", FORKPROXY, "serve",
+             f"127.0.0.1:{port}=127.0.0.1:{upstream.port}"],
+            stdout=subprocess.PIPE, stderr=err, text=True, start_new_session=True,
+            env={"PATH": os.environ["PATH"]},
+        )
+    try:
+        if 1 in closed:  # no `listening` line to wait for: wait for the port
+            def up_or_dead() -> bool:
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=2).close()
+                except OSError:
+                    return proxy.poll() is not None
+                return True
+
+            assert wait_for(up_or_dead) and proxy.poll() is None, log.read_text()
+        else:
+            assert read_lines(proxy, 1, 15) == [
+                f"listening 127.0.0.1:{port} -> 127.0.0.1:{upstream.port} "
+                f"(127.0.0.1:{port}=127.0.0.1:{upstream.port})"], log.read_text()
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+            client.sendall(b"ping")
+            client.shutdown(socket.SHUT_WR)
+            received = b""
+            while chunk := client.recv(4096):
+                received += chunk
+        assert received == b"ping"  # the upstream's bytes and nothing else
+        for fd in closed:  # not a socket or the memfd that stdout or the log could reach
+            assert os.readlink(f"/proc/{proxy.pid}/fd/{fd}") == "/dev/null"
+        proxy.send_signal(signal.SIGTERM)
+        assert proxy.wait(15) == 0, log.read_text()  # not 120: stdout's flush failed at exit
+        assert "Exception ignored" not in log.read_text()
+    finally:
+        kill_group(proxy)
+        assert proxy.stdout is not None
+        proxy.stdout.close()
+
+
+def test_no_command_prints_the_help_and_exits_2() -> None:
+    """`forkproxy` alone printed the help run on from `forkproxy: error: Usage: ...`."""
+    result = run()
+    assert result.returncode == 2, result  # like every usage error: a script notices
+    assert result.stdout == ""
+    assert result.stderr == run("--help").stdout
+    assert "forkproxy: error" not in result.stderr
