@@ -314,7 +314,7 @@ def test_reload_reports_the_outcome_unless_pid_file_is_on_the_command_line(
         result = run("reload", env=env)
         assert result.returncode == 1, result
         assert result.stderr.startswith("forkproxy: reload failed, previous configuration kept: "
-                                        f"cannot read env file {env_file}"), result.stderr
+                                        f"cannot read env file {str(env_file)!r}"), result.stderr
         # Explicit --pid-file: the signal, even with the socket's variable set.
         [sock] = (runtime_dir / "forkproxy").glob("*.sock")
         result = run("reload", "--pid-file", str(pid_file),

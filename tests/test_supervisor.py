@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import resource
+import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psutil
 import pytest
 
 import forkproxy
+from forkproxy import signals
 from forkproxy.config import Options, Sources, parse_spec
 from forkproxy.listeners import Listener
 from forkproxy.log import Logger
@@ -132,6 +135,25 @@ def test_a_control_request_nested_past_the_stack_is_a_bad_request(
     socket.create_connection(("127.0.0.1", proxy.port), timeout=10).close()  # still listening
 
 
+@contextlib.contextmanager
+def started(sup: Supervisor) -> Iterator[Supervisor]:
+    """sup.start() in pytest's own process, and what it changed there undone after: its
+    signal handlers and wakeup fd would outlive the test and write to a closed socket."""
+    saved = {signum: signal.getsignal(signum) for signum in signals.HANDLED}
+    wakeup = signal.set_wakeup_fd(-1)
+    signal.set_wakeup_fd(wakeup)
+    sup.start()
+    try:
+        yield sup
+    finally:
+        sup.cleanup()
+        signal.set_wakeup_fd(wakeup)
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
+        sup.signals.reader.close()
+        sup.signals.writer.close()
+
+
 def test_a_metrics_process_that_cannot_be_forked_is_tried_again_later(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
 ) -> None:
@@ -142,23 +164,18 @@ def test_a_metrics_process_that_cannot_be_forked_is_tried_again_later(
     with open(tmp_path / "log", "w+b") as log:
         sup = Supervisor(Sources(("127.0.0.1:0=127.0.0.1:1",), options=options), {},
                          Logger(fd=log.fileno()))
-        sup.start()
-        try:
+        with started(sup):
             def no_fork() -> int:
                 raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
 
             monkeypatch.setattr(os, "fork", no_fork)
             before = time.monotonic()
             sup.start_metrics()
+            monkeypatch.undo()
             assert sup.metrics_pid == 0 and sup.metrics_at is not None
             assert sup.metrics_at >= before + 1  # later, not in a busy loop
             log.seek(0)
             assert b"metrics-failed" in log.read()
-        finally:
-            monkeypatch.undo()
-            sup.cleanup()
-            sup.signals.reader.close()  # the process would exit here
-            sup.signals.writer.close()
 
 
 def test_out_of_descriptors_a_lookup_is_skipped_not_fatal(tmp_path: Path) -> None:
@@ -167,25 +184,22 @@ def test_out_of_descriptors_a_lookup_is_skipped_not_fatal(tmp_path: Path) -> Non
     with open(tmp_path / "log", "w+b") as log:
         sup = Supervisor(Sources(("127.0.0.1:0=localhost:1",), options=options), {},
                          Logger(fd=log.fileno()))
-        sup.start()
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         spare = []
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+        with started(sup):
             try:
-                while True:
-                    spare.append(os.open(os.devnull, os.O_RDONLY))
-            except OSError:
-                pass  # every descriptor below the limit is taken
-            sup.start_resolver()
-            assert not sup.resolving and not sup.resolver_pids
-        finally:
-            for fd in spare:
-                os.close(fd)
-            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-            sup.cleanup()
-            sup.signals.reader.close()  # the process would exit here
-            sup.signals.writer.close()
+                resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+                try:
+                    while True:
+                        spare.append(os.open(os.devnull, os.O_RDONLY))
+                except OSError:
+                    pass  # every descriptor below the limit is taken
+                sup.start_resolver()
+                assert not sup.resolving and not sup.resolver_pids
+            finally:
+                for fd in spare:
+                    os.close(fd)
+                resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
         log.seek(0)
         text = log.read()
     assert b"resolve-failed" in text and b"cannot open a pipe" in text
