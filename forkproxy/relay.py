@@ -139,13 +139,17 @@ class Flow:
             self._open_pipe()
 
     def _open_pipe(self) -> None:
-        self.pipe_r, self.pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        """Zero-copy from the next read on, if a pipe can be had."""
+        self.upgrade = False
+        try:
+            self.pipe_r, self.pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            return  # out of descriptors (EMFILE, ENFILE): copying needs none, so copy on
         try:
             fcntl.fcntl(self.pipe_w, F_SETPIPE_SZ, PIPE_SIZE)
         except OSError:
             pass  # over the user's pipe-pages limit: the default 64 KiB pipe still works
         self.splice = True
-        self.upgrade = False
 
     def close(self) -> None:
         """Close the splice pipe, if any (the sockets are the caller's)."""

@@ -100,11 +100,11 @@ def start_proxy(tmp_path: Path) -> Iterator[Callable[..., Proxy]]:
     started: list[Proxy] = []
 
     def start(*args: str, expect: int = 1, env: dict[str, str] | None = None,
-              timeout: float = 15) -> Proxy:
+              timeout: float = 15, prefix: tuple[str, ...] = ()) -> Proxy:
         stderr = tmp_path / f"proxy-{len(started)}.log"
         with stderr.open("w") as err:
             proc = subprocess.Popen(
-                [FORKPROXY, "serve", *args],
+                [*prefix, FORKPROXY, "serve", *args],
                 stdout=subprocess.PIPE,
                 stderr=err,
                 text=True,

@@ -14,7 +14,17 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import Proxy, Redis, TcpServer, echo, fd_count, free_port, recv_all, wait_for
+from conftest import (
+    Proxy,
+    Redis,
+    TcpServer,
+    echo,
+    fd_count,
+    free_port,
+    need,
+    recv_all,
+    wait_for,
+)
 
 MiB = 1 << 20
 
@@ -65,6 +75,30 @@ def test_64_mib_each_way_at_once(
     assert not server.errors
     assert got == (len(down_data), hashlib.sha256(down_data).hexdigest())
     assert received_by_server == [(len(up_data), hashlib.sha256(up_data).hexdigest())]
+
+
+@pytest.mark.parametrize("relay", ["auto", "splice"])
+def test_out_of_descriptors_for_a_splice_pipe_the_relay_copies(
+    start_proxy: Callable[..., Proxy],
+    tcp_server: Callable[[Callable[[socket.socket], None]], TcpServer],
+    relay: str,
+) -> None:
+    """A child with no descriptor left for its splice pipe (EMFILE) copies instead: the
+    pipe is an optimisation, and its failure used to cut the connection mid-transfer."""
+    data = os.urandom(8 * MiB)
+    server = tcp_server(echo)
+    # 8: the supervisor starts (stdio, listener, signal pipe, control socket), and a
+    # child holding stdio, client and upstream has no room for a pipe's two ends.
+    proxy = start_proxy("--relay", relay, f"127.0.0.1:0=127.0.0.1:{server.port}",
+                        prefix=(need("prlimit"), "--nofile=8:8"))
+    with socket.create_connection(("127.0.0.1", proxy.port)) as client:
+        sender = threading.Thread(target=lambda: (client.sendall(data),
+                                                  client.shutdown(socket.SHUT_WR)))
+        sender.start()
+        got = recv_all(client)
+        sender.join()
+    assert got == (len(data), hashlib.sha256(data).hexdigest())
+    assert "relay-crashed" not in proxy.log()
 
 
 def test_half_close_then_a_reply_2_seconds_later(
