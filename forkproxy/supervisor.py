@@ -115,8 +115,8 @@ class Supervisor:
         self.addresses: dict[tuple[str, int, tuple[str, ...]], list[Address]] = {}
         self.accepting = False
         self.resume_at: float | None = None  # accept backoff after a resource error
-        self.accept_failures = 0  # since the last accept-failed line
-        self.accept_failure_logged = -ERROR_LOG_EVERY
+        # accept-failed, fork-failed: [failures since the last line, when it was logged]
+        self.pause_logs: dict[str, list[float]] = {}
         self.control_at: float | None = None  # the same for the control socket
         self.stopping = False
         self.term_at: float | None = None  # grace period ends: TERM the children
@@ -234,13 +234,25 @@ class Supervisor:
 
     def run(self) -> int:
         """Serve until stopped; 0 after a clean stop."""
-        lines = self.start()
-        relay.preload(self.options, self.log)  # before "listening": ready means ready at full speed
+        try:
+            lines = self.start()
+            relay.preload(self.options, self.log)  # before "listening": ready is at full speed
+        except BaseException as exc:
+            self.cleanup()  # nothing half-started: no socket file, no pid file left behind
+            if not isinstance(exc, OSError) or exc.errno not in (errno.EMFILE, errno.ENFILE):
+                raise
+            # `ulimit -n 7`, say: one line rather than a traceback from wherever it ran out
+            raise ConfigError(f"out of file descriptors while starting: {exc.strerror} "
+                              "(raise the limit, ulimit -n)") from None
         try:
             sys.stdout.write("".join(line + "\n" for line in lines))
             sys.stdout.flush()
         except OSError:
-            pass  # nobody reads stdout: the proxy works all the same
+            # Nobody reads stdout (`serve ... | head -1`): the proxy works all the same. The
+            # lines still buffered would fail again at exit, "Exception ignored" on stderr.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 1)
+            os.close(devnull)
         for line in lines:
             self.log.debug("ready", detail=line)
         gc.freeze()  # the children never touch these objects' GC headers: fewer pages copied
@@ -432,24 +444,25 @@ class Supervisor:
         self.log.warning("denied", link=listener.link.name, client=peer_text(address))
 
     def _accept_failed(self, listener: Listener, exc: OSError) -> None:
-        """Pause accepting for a moment; log once per ERROR_LOG_EVERY, with a count."""
-        now = time.monotonic()
-        self.resume_at = now + ACCEPT_BACKOFF
-        self.accept_failures += 1
-        if now - self.accept_failure_logged >= ERROR_LOG_EVERY:
-            self.log.error("accept-failed", link=listener.link.name, error=exc.strerror,
-                           failures=self.accept_failures,
-                           detail=f"pausing accepts for {ACCEPT_BACKOFF}s at a time")
-            self.accept_failure_logged = now
-            self.accept_failures = 0
-        self.update_accepting()
+        self._pause_accepting("accept-failed", listener, exc)
 
     def _fork_failed(self, listener: Listener, fd: int, base: int, exc: OSError) -> None:
-        os.close(fd)
+        os.close(fd)  # that client sees EOF: no child to serve it
         self.accounting.slots.release(base)
-        self.log.error("fork-failed", link=listener.link.name, error=exc.strerror,
-                       detail=f"pausing accepts for {ACCEPT_BACKOFF}s")
-        self.resume_at = time.monotonic() + ACCEPT_BACKOFF
+        self._pause_accepting("fork-failed", listener, exc)
+
+    def _pause_accepting(self, event: str, listener: Listener, exc: OSError) -> None:
+        """Pause accepting for a moment; log `event` once per ERROR_LOG_EVERY while it
+        repeats (every ACCEPT_BACKOFF at a pids or descriptor limit), with a count."""
+        now = time.monotonic()
+        self.resume_at = now + ACCEPT_BACKOFF
+        fold = self.pause_logs.setdefault(event, [0, -ERROR_LOG_EVERY])
+        fold[0] += 1
+        if now - fold[1] >= ERROR_LOG_EVERY:
+            self.log.error(event, link=listener.link.name, error=exc.strerror,
+                           failures=int(fold[0]),
+                           detail=f"pausing accepts for {ACCEPT_BACKOFF}s at a time")
+            fold[:] = [0, now]
         self.update_accepting()
 
     def _prepare_relay(self, listener: Listener) -> None:

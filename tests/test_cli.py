@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -157,6 +158,41 @@ def test_an_env_file_that_is_a_fifo_is_refused_not_waited_on(tmp_path: Path) -> 
     for command in ("serve", "links"):
         result = run(command, "--env-file", str(fifo), timeout=10)
         assert_one_line_error(result, f"env file '{fifo}': not a regular file")
+
+
+def test_too_few_descriptors_to_start_is_one_line_and_leaves_nothing(tmp_path: Path) -> None:
+    runtime = tmp_path / "runtime"
+    runtime.mkdir(mode=0o700)
+    result = run("serve", "0=localhost:1", env={"XDG_RUNTIME_DIR": str(runtime)},
+                 prefix=(need("prlimit"), "--nofile=7:7"))
+    assert result.returncode == 2, result
+    assert result.stderr.splitlines()[-1] == ("forkproxy: error: out of file descriptors while "
+                                              "starting: Too many open files (raise the limit, "
+                                              "ulimit -n)"), result.stderr
+    assert "Traceback" not in result.stderr and result.stdout == ""
+    assert list((runtime / "forkproxy").iterdir()) == []  # its control socket went with it
+
+
+def test_nobody_reading_stdout_is_no_error_at_exit(tmp_path: Path) -> None:
+    """`serve ... | head -1` and the like: the `listening` lines cannot be written; the
+    proxy serves all the same and stops without "Exception ignored ... BrokenPipeError"."""
+    reader, writer = os.pipe()
+    os.close(reader)  # the pipe's reader is gone before the first line
+    with open(tmp_path / "err", "w+") as err:
+        proc = subprocess.Popen([FORKPROXY, "serve", "127.0.0.1:0=127.0.0.1:1"],
+                                stdout=writer, stderr=err, start_new_session=True)
+        os.close(writer)
+        try:
+            time.sleep(3)  # it starts, writes to nobody, and keeps serving
+            assert proc.poll() is None, err.read()
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(15) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        err.seek(0)
+        text = err.read()
+    assert "Exception ignored" not in text and "BrokenPipe" not in text, text
 
 
 def test_a_path_in_an_error_is_quoted_and_stays_on_one_line(tmp_path: Path) -> None:

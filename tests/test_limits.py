@@ -722,6 +722,42 @@ def test_accept_resource_errors_pause_accepting_briefly_then_resume(
         assert sup.accepting and fake.calls == 2
 
 
+def test_fork_failures_pause_accepting_and_are_logged_once_with_a_count(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """At a pids limit every fork fails with EAGAIN, ten times a second at the backoff:
+    one fork-failed line per ERROR_LOG_EVERY, with the count, like accept-failed. fork is
+    made to fail here: root is not bound by RLIMIT_NPROC."""
+    def no_fork() -> int:
+        raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(os, "fork", no_fork)
+    link = parse_spec("127.0.0.1:0=127.0.0.1:1")
+    with socket.create_server(("127.0.0.1", 0)) as real, \
+            open(tmp_path / "log", "w+b") as log_file:
+        real.setblocking(False)
+        listener = Listener(link, real, 0)
+        sup = fp_supervisor.Supervisor(Sources((link.names[0],), options=Options()), {},
+                                       Logger(fd=log_file.fileno()))
+        sup.listeners = [listener]
+        sup.accounting.slots.refill()
+        free_before = len(sup.accounting.slots.free)
+        clients = []
+        for _ in range(5):
+            clients.append(socket.create_connection(real.getsockname()))
+            sup.handle_accept(listener)
+            assert sup.resume_at is not None and not sup.accounting.children
+            sup.resume_at = None  # as if the backoff were over
+        for client in clients:
+            client.settimeout(10)
+            assert client.recv(1) == b""  # closed: no child could be made to serve it
+            client.close()
+        log_file.seek(0)
+        lines = [line for line in log_file.read().splitlines() if b"fork-failed" in line]
+    assert len(lines) == 1 and b"failures=1" in lines[0], lines
+    assert len(sup.accounting.slots.free) == free_before  # each slot was given back
+
+
 # -- --allow -------------------------------------------------------------------------------
 
 
