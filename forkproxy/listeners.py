@@ -3,7 +3,9 @@ and reconcile an old set with a new one so a reload keeps the sockets it can."""
 
 from __future__ import annotations
 
+import collections
 import errno
+import os
 import select
 import socket
 from collections.abc import Callable, Iterable
@@ -46,6 +48,45 @@ class Listener:
 
     def describe(self) -> str:
         return self.link.describe(self.port)
+
+
+class HeldBacklog:
+    """Clients a stopping supervisor took off a listener's backlog while --max-children
+    children were running: accepted (so closing the listener does not reset them), and
+    served as slots free up during the grace period.
+
+    Stands in for the Listener in the supervisor's accept loop: `sock._accept()` hands the
+    clients out in order, `waiting(0)` tells whether any are left.
+    """
+
+    def __init__(self, listener: Listener, clients: list[tuple[int, tuple[str, int]]]) -> None:
+        self.link, self.port, self.family = listener.link, listener.port, listener.family
+        self.relay_args = listener.relay_args
+        self.clients = collections.deque(clients)
+        self.sock = self
+
+    def _accept(self) -> tuple[int, tuple[str, int]]:
+        if not self.clients:
+            raise BlockingIOError(errno.EAGAIN, "no held client left")
+        return self.clients.popleft()
+
+    def waiting(self, timeout: int) -> list[tuple[int, int]]:
+        return [(-1, select.POLLIN)] if self.clients else []
+
+    def close(self) -> None:
+        """The grace period is over: the clients still held are closed, unserved."""
+        while self.clients:
+            os.close(self.clients.popleft()[0])
+
+
+def accept_backlog(listener: Listener) -> list[tuple[int, tuple[str, int]]]:
+    """Accept every client waiting in the listener's backlog, without serving it."""
+    clients: list[tuple[int, tuple[str, int]]] = []
+    while True:
+        try:
+            clients.append(listener.sock._accept())  # type: ignore[attr-defined]
+        except OSError:  # EAGAIN: none left; EMFILE: the rest are reset as before
+            return clients
 
 
 def listen_tcp(host: str, port: int, backlog: int = BACKLOG) -> socket.socket:

@@ -119,6 +119,7 @@ class Supervisor:
         self.pause_logs: dict[str, list[float]] = {}
         self.control_at: float | None = None  # the same for the control socket
         self.stopping = False
+        self.held: list[listeners.HeldBacklog] = []  # stopping at --max-children: see handle_stop
         self.term_at: float | None = None  # grace period ends: TERM the children
         self.kill_at: float | None = None  # TERM ignored: KILL them
         self.control: control.ControlServer | None = None
@@ -343,7 +344,7 @@ class Supervisor:
             else:
                 self._unwatch(listener.fd)
 
-    def _accept_handler(self, listener: Listener) -> Callable[..., None]:
+    def _accept_handler(self, listener: Listener | listeners.HeldBacklog) -> Callable[..., None]:
         """The listener's poll handler: `handler(events, batch)` accepts up to `batch`
         clients and forks a child for each.
 
@@ -356,7 +357,7 @@ class Supervisor:
         --max-children once per wakeup, and allocates nothing but the child's record.
         """
         # _accept gives the bare fd: no socket object, no extra fcntl in the supervisor.
-        accept = listener.sock._accept  # type: ignore[attr-defined]
+        accept = listener.sock._accept  # type: ignore[union-attr]
         children = self.accounting.children
         free_slots, refill_slots = self.accounting.slots.free, self.accounting.slots.refill
         max_children = self.options.max_children
@@ -438,20 +439,23 @@ class Supervisor:
         """Accept up to `batch` clients of `listener` now (a stop drains the backlog so)."""
         self._accept_handler(listener)(POLLIN, batch)
 
-    def _deny(self, listener: Listener, fd: int, address: tuple[object, ...]) -> None:
+    def _deny(self, listener: Listener | listeners.HeldBacklog, fd: int,
+              address: tuple[object, ...]) -> None:
         os.close(fd)
         self.accounting.denied(listener.link)
         self.log.warning("denied", link=listener.link.name, client=peer_text(address))
 
-    def _accept_failed(self, listener: Listener, exc: OSError) -> None:
+    def _accept_failed(self, listener: Listener | listeners.HeldBacklog, exc: OSError) -> None:
         self._pause_accepting("accept-failed", listener, exc)
 
-    def _fork_failed(self, listener: Listener, fd: int, base: int, exc: OSError) -> None:
+    def _fork_failed(self, listener: Listener | listeners.HeldBacklog, fd: int, base: int,
+                     exc: OSError) -> None:
         os.close(fd)  # that client sees EOF: no child to serve it
         self.accounting.slots.release(base)
         self._pause_accepting("fork-failed", listener, exc)
 
-    def _pause_accepting(self, event: str, listener: Listener, exc: OSError) -> None:
+    def _pause_accepting(self, event: str, listener: Listener | listeners.HeldBacklog,
+                         exc: OSError) -> None:
         """Pause accepting for a moment; log `event` once per ERROR_LOG_EVERY while it
         repeats (every ACCEPT_BACKOFF at a pids or descriptor limit), with a count."""
         now = time.monotonic()
@@ -528,7 +532,15 @@ class Supervisor:
                                  client=peer_text(client), status=describe_status(status))
         if resolve_again:
             self.start_resolver()
+        if self.held:
+            self.serve_held()
         self.update_accepting()
+
+    def serve_held(self) -> None:
+        """Fork for held clients while there is room under --max-children."""
+        for held in self.held:
+            self._accept_handler(held)(POLLIN, self.options.max_children)
+        self.held = [held for held in self.held if held.clients]
 
     def handle_stop(self, signum: int) -> None:
         name = signal.Signals(signum).name
@@ -540,11 +552,14 @@ class Supervisor:
                 self.term_at = time.monotonic()
             return
         # Clients already in the backlog have finished their handshake: closing the
-        # listener would reset them, so they are served like the ones accepted before.
-        # Not past --max-children: each child needs a slot of the shared counters, so a
-        # stop at the limit still resets the clients waiting for one (README, Signals).
-        for listener in self.listeners if self.accepting else []:
+        # listener would reset them, so they are served like the ones accepted before:
+        # at once while under --max-children, and those beyond it are accepted and held
+        # (not forked: the limit stands) until a child exits or the grace period ends.
+        for listener in self.listeners:
             self.handle_accept(listener, batch=self.options.max_children)
+            clients = listeners.accept_backlog(listener)
+            if clients:
+                self.held.append(listeners.HeldBacklog(listener, clients))
         self.stopping = True
         signal.setitimer(signal.ITIMER_REAL, 0)  # no new children: names no longer matter
         self.update_accepting()
@@ -552,6 +567,7 @@ class Supervisor:
         self.listeners = []
         self.term_at = time.monotonic() + self.options.grace
         self.log.info("stopping", signal=name, connections=len(self.accounting.children),
+                      waiting=sum(len(held.clients) for held in self.held),
                       grace=self.options.grace)
 
     def handle_timers(self) -> None:
@@ -565,6 +581,9 @@ class Supervisor:
             self.control_at = None
             self._watch(self.control.fileno(), self.handle_control_accept)
         if self.term_at is not None and now >= self.term_at and self.kill_at is None:
+            for held in self.held:
+                held.close()
+            self.held = []
             if self.accounting.children:
                 self.log.warning("grace-over", connections=len(self.accounting.children),
                                  detail="terminating the connections left")

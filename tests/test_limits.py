@@ -354,6 +354,67 @@ def test_max_children_5_serves_12_clients_five_at_a_time_and_refuses_none(
     assert proxy.proc.poll() is None
 
 
+def test_a_stop_at_max_children_serves_the_backlog_instead_of_resetting_it(
+    start_proxy: StartProxy, tcp_server: ServerFactory,
+) -> None:
+    """Clients waiting in the backlog because --max-children is reached have completed
+    their handshake: closing the listeners at a stop used to reset them. They are held
+    and served as slots free up, the limit kept; a client arriving after the stop is
+    refused."""
+    release = threading.Event()
+    active = [0]
+
+    def hold(conn: socket.socket) -> None:
+        active[0] += 1
+        request = conn.recv(100)
+        release.wait(60)
+        conn.sendall(b"reply to " + request)
+
+    server = tcp_server(hold)
+    proxy = start_proxy("--max-children", "2", "--grace", "30",
+                        f"127.0.0.1:0=127.0.0.1:{server.port}")
+    clients = [connect(proxy.port, timeout=60) for _ in range(5)]
+    try:
+        for number, sock in enumerate(clients):
+            sock.sendall(b"client %d" % number)
+        assert wait_for(lambda: listen_queue(proxy.port) == 3, 30), listen_queue(proxy.port)
+        proxy.proc.send_signal(signal.SIGTERM)
+        assert wait_for(lambda: "stopping" in proxy.log(), 30)
+        assert "waiting=3" in proxy.log()
+        assert refused(proxy.port)  # the listener is closed: no newcomer gets in
+        assert active[0] == 2  # and the limit holds
+        release.set()
+        for number, sock in enumerate(clients):  # none reset, every one answered
+            assert recv_exact(sock, 17) == b"reply to client %d" % number
+            sock.close()  # done: its child exits, and a held client takes the slot
+    finally:
+        release.set()
+        for sock in clients:
+            sock.close()
+    assert proxy.proc.wait(30) == 0
+
+
+def test_clients_held_at_a_stop_are_closed_when_the_grace_period_ends(
+    start_proxy: StartProxy, tcp_server: ServerFactory,
+) -> None:
+    release = threading.Event()
+    server = tcp_server(lambda conn: release.wait(60))
+    proxy = start_proxy("--max-children", "1", "--grace", "1",
+                        f"127.0.0.1:0=127.0.0.1:{server.port}")
+    clients = [connect(proxy.port, timeout=30) for _ in range(3)]
+    try:
+        assert wait_for(lambda: listen_queue(proxy.port) == 2, 30), listen_queue(proxy.port)
+        proxy.proc.send_signal(signal.SIGTERM)
+        for sock in clients[1:]:
+            assert sock.recv(10) == b""  # closed, not reset, once the second is over
+        assert proxy.proc.wait(30) == 0
+        assert "waiting=2" in proxy.log() and "grace-over" in proxy.log()
+    finally:
+        release.set()
+        for sock in clients:
+            sock.close()
+
+
 @pytest.mark.parametrize(
     ("args", "env", "needle"),
     [
