@@ -518,6 +518,8 @@ class Supervisor:
                                      detail=f"restarting in {METRICS_RESTART}s")
                     self.metrics_at = time.monotonic() + METRICS_RESTART
                 continue
+            if self.term_at is not None and os.WIFSIGNALED(status):
+                self._log_terminated(pid, status)  # before finished() zeroes its counters
             record = self.accounting.finished(pid, status, usage.ru_utime + usage.ru_stime)
             if record is None:
                 self.log.debug("reaped-orphan", child_pid=pid, status=describe_status(status))
@@ -535,6 +537,19 @@ class Supervisor:
         if self.held:
             self.serve_held()
         self.update_accepting()
+
+    def _log_terminated(self, pid: int, status: int) -> None:
+        """The close line of a connection the stop ended (grace over, TERM then KILL): its
+        child died by the signal before it could write its own."""
+        record = self.accounting.children.get(pid)
+        if record is None:
+            return
+        link, client, base, started = record
+        counters = self.accounting.slots.counters
+        self.log.info("close", link=link.name, client=peer_text(client),
+                      upstream=str(link.target), bytes_up=counters[base],
+                      bytes_down=counters[base + 1], duration=time.monotonic() - started,
+                      outcome="killed", status=describe_status(status), child_pid=pid)
 
     def serve_held(self) -> None:
         """Fork for held clients while there is room under --max-children."""

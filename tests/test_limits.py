@@ -394,6 +394,28 @@ def test_a_stop_at_max_children_serves_the_backlog_instead_of_resetting_it(
     assert proxy.proc.wait(30) == 0
 
 
+def test_a_connection_the_stop_ends_still_gets_its_close_line(
+    start_proxy: StartProxy, tcp_server: ServerFactory,
+) -> None:
+    """Past --grace the children are TERMed and die before writing their close line:
+    the supervisor writes it, with the bytes from the shared counters."""
+    release = threading.Event()
+    server = tcp_server(lambda conn: (conn.recv(100), release.wait(60)))
+    proxy = start_proxy("--grace", "1", f"127.0.0.1:0=127.0.0.1:{server.port}")
+    try:
+        with connect(proxy.port, timeout=30) as sock:
+            sock.sendall(b"x" * 42)
+            assert wait_for(lambda: " open " in proxy.log(), 30)
+            time.sleep(0.5)  # the 42 bytes are relayed and counted
+            proxy.proc.send_signal(signal.SIGTERM)
+            assert proxy.proc.wait(30) == 0
+    finally:
+        release.set()
+    [line] = [x for x in proxy.log().splitlines() if " close " in x]
+    assert "outcome=killed" in line and "bytes_up=42 " in line and "bytes_down=0 " in line
+    assert "status=" in line and "SIGTERM" in line
+
+
 def test_clients_held_at_a_stop_are_closed_when_the_grace_period_ends(
     start_proxy: StartProxy, tcp_server: ServerFactory,
 ) -> None:
