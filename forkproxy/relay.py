@@ -168,10 +168,20 @@ class Flow:
                     self.view = memoryview(bytearray(self.chunk))
                 n = self.src.recv_into(self.view, self.chunk)
         except (BlockingIOError, InterruptedError):
+            # Readable (we were polled) and nothing moved: with splice, a TCP urgent mark,
+            # where splice stops while poll reports POLLIN for ever. recv() steps over it
+            # (dropping the urgent byte, as socat and copy mode do): copy from here on.
+            self.splice = False
             return
         except OSError as exc:
             raise Ended(self.src_reset, exc) from None
         if n == 0:
+            if self.splice:
+                # EOF, or that urgent mark once the peer has shut down as well: splice
+                # returns 0 there. recv() tells them apart (and steps over the mark).
+                self.splice = False
+                self.read()
+                return
             self.eof = True
             try:
                 self.dst.shutdown(SHUT_WR)

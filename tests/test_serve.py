@@ -101,6 +101,42 @@ def test_out_of_descriptors_for_a_splice_pipe_the_relay_copies(
     assert "relay-crashed" not in proxy.log()
 
 
+@pytest.mark.parametrize("relay", ["auto", "splice", "copy"])
+@pytest.mark.parametrize("direction", ["up", "down"])
+@pytest.mark.parametrize("fin", ["at-once", "after"])
+def test_an_urgent_byte_is_stepped_over_and_the_stream_goes_on(
+    start_proxy: Callable[..., Proxy], relay: str, direction: str, fin: str
+) -> None:
+    """TCP urgent data (telnet, FTP's ABOR send one byte MSG_OOB): splice stops at the
+    urgent mark (EAGAIN, or 0 once the peer has shut down too) while poll keeps reporting
+    the socket readable, which stalled the direction for good and spun the child, or ended
+    it early as if at EOF. Like socat, the urgent byte is dropped and the rest arrives."""
+    with socket.create_server(("127.0.0.1", 0)) as upstream_listener:
+        port = upstream_listener.getsockname()[1]
+        proxy = start_proxy("-q", "--relay", relay, f"127.0.0.1:0=127.0.0.1:{port}")
+        with socket.create_connection(("127.0.0.1", proxy.port)) as client:
+            upstream, _ = upstream_listener.accept()
+            with upstream:
+                src, dst = (client, upstream) if direction == "up" else (upstream, client)
+                first, after = os.urandom(100_000), os.urandom(1000)  # auto splices by then
+                src.sendall(first)
+                src.send(b"!", socket.MSG_OOB)
+                src.sendall(after)
+                dst.settimeout(20)
+                digest = hashlib.sha256()
+                if fin == "after":  # all of it arrives while the sender still sends
+                    arrived = 0
+                    while arrived < len(first) + len(after):
+                        data = dst.recv(1 << 20)
+                        assert data, "EOF before the bytes after the urgent byte"
+                        digest.update(data)
+                        arrived += len(data)
+                src.shutdown(socket.SHUT_WR)
+                got = recv_all(dst, digest)
+    expected = first + after
+    assert got[1] == hashlib.sha256(expected).hexdigest()
+
+
 def test_half_close_then_a_reply_2_seconds_later(
     start_proxy: Callable[..., Proxy],
     tcp_server: Callable[[Callable[[socket.socket], None]], TcpServer],
