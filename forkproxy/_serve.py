@@ -11,9 +11,9 @@ import os
 import sys
 
 if __name__ == "__main__":
-    # Put the package's parent first: this file's own directory must not shadow stdlib
-    # module names, and -S leaves site-packages out.
-    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    # The package's parent first: -I leaves out the current directory and this file's
+    # own (which must not shadow stdlib names anyway), and -S leaves site-packages out.
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from forkproxy.config import ConfigError, sources_from_json
 from forkproxy.log import Logger, level_for

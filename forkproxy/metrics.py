@@ -10,12 +10,19 @@ they live here, not in the process that forks once per connection.
 
 from __future__ import annotations
 
+import os
+import sys
+
+if __name__ == "__main__":
+    # Started as `python -I .../forkproxy/metrics.py` (Supervisor.start_metrics): -I keeps
+    # the current directory and PYTHONPATH out (a psutil.py lying there would run as the
+    # proxy's user); the package's parent goes first, site-packages stays for the rest.
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 import argparse
 import contextlib
-import os
 import signal
 import socket
-import sys
 from collections.abc import Iterator
 from socketserver import ThreadingMixIn
 from typing import Any
@@ -31,12 +38,13 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from .status import StatusError, enrich, request
+from forkproxy.status import StatusError, enrich, request
 
 
 class SupervisorCollector(Collector):
     def __init__(self, status_socket: str) -> None:
         self.status_socket = status_socket
+        self.cpu_seen: dict[tuple[str, ...], float] = {}  # highest CPU total served, per link
 
     def collect(self) -> Iterator[Metric]:
         try:
@@ -46,7 +54,19 @@ class SupervisorCollector(Collector):
             up.add_metric([], 0)
             yield up
             return
-        yield from render(status)
+        for metric in render(status):
+            if metric.name == "forkproxy_children_cpu_seconds":
+                metric.samples = [self._never_less(sample) for sample in metric.samples]
+            yield metric
+
+    def _never_less(self, sample: Any) -> Any:
+        """A counter must not go down (Prometheus reads that as a restart, and rate() jumps).
+        This one can by a hair: a child that exits between the status reply and psutil's
+        reading leaves the live sum before its CPU reaches the exited total."""
+        key = (sample.name, *sorted(sample.labels.items()))
+        value = max(sample.value, self.cpu_seen.get(key, 0.0))
+        self.cpu_seen[key] = value
+        return sample._replace(value=value)
 
 
 def _children_by_link(status: dict[str, Any]) -> dict[str, dict[str, float]]:

@@ -184,7 +184,8 @@ class Supervisor:
         assert self.metrics_sock is not None and self.control is not None
         self.metrics_at = None
         fd = self.metrics_sock.fileno()
-        argv = [sys.executable, "-m", "forkproxy.metrics", "--fd", str(fd),
+        script = os.path.join(os.path.dirname(os.path.abspath(relay.__file__)), "metrics.py")
+        argv = [sys.executable, "-I", script, "--fd", str(fd),
                 "--status-socket", self.control.path]
         try:
             pid = os.fork()

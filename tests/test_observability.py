@@ -28,6 +28,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
+from forkproxy import metrics as fp_metrics
 from forkproxy.accounting import DURATION_BUCKETS, LinkStats
 from forkproxy.log import INFO, SLOT, SLOT_INT, SLOT_SECONDS, Logger, _stamp
 from forkproxy.metrics import render as render_metrics
@@ -657,6 +658,50 @@ def test_metrics_count_lookups_that_failed_or_moved_a_name() -> None:
     assert samples[("forkproxy_address_changes", "db")] == 2
 
 
+def test_the_cpu_counter_never_goes_down(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A child that exits between the status reply and psutil's reading leaves the live
+    sum before its CPU reaches the exited total: for one scrape the sum is lower. The
+    supervisor's two replies are given here; that moment cannot be hit on purpose."""
+    def reply(exited_cpu: float) -> dict[str, Any]:
+        stats = {**vars(LinkStats(cpu_seconds=exited_cpu)), "active": 0}
+        return {"links": {"db": stats}, "duration_buckets": list(DURATION_BUCKETS),
+                "listeners": []}
+
+    replies = iter([reply(5.92), reply(5.87), reply(6.10)])
+    monkeypatch.setattr(fp_metrics, "request", lambda path, command: next(replies))
+    collector = fp_metrics.SupervisorCollector("unused")
+    seen = []
+    for _ in range(3):
+        [cpu] = [m for m in collector.collect() if m.name == "forkproxy_children_cpu_seconds"]
+        seen += [sample.value for sample in cpu.samples if sample.name.endswith("_total")]
+    assert seen == [5.92, 5.92, 6.10]
+
+
+def test_the_metrics_process_imports_nothing_from_the_current_directory(
+    tmp_path: Path, redis: Redis, env: dict[str, str],
+) -> None:
+    """It was started as `python -m forkproxy.metrics`, which puts the current directory
+    first on sys.path: a psutil.py there ran as the proxy's user."""
+    marker = tmp_path / "imported"
+    (tmp_path / "psutil.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    (tmp_path / "prometheus_client.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    proc = subprocess.Popen([FORKPROXY, "serve", "--metrics", "127.0.0.1:0",
+                             f"127.0.0.1:0=127.0.0.1:{redis.port}"], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            start_new_session=True)
+    try:
+        assert proc.stdout is not None
+        lines = [proc.stdout.readline().strip() for _ in range(2)]
+        url = lines[-1].split(" ", 1)[1]
+        assert "forkproxy_up 1.0" in scrape(url)  # the metrics process runs, from the package
+        assert not marker.exists()
+    finally:
+        proc.terminate()
+        proc.wait(15)
+        assert proc.stdout is not None
+        proc.stdout.close()
+
+
 def test_metrics_export_every_link_from_the_start(
     start_proxy: StartProxy, redis: Redis, dead_port: int, env: dict[str, str],
 ) -> None:
@@ -750,7 +795,8 @@ def test_sigusr1_to_the_whole_process_group_spares_connections_and_metrics(
     url = metrics_url(proxy)
     assert "forkproxy_up 1.0" in scrape(url)  # the metrics process is up
     supervisor = psutil.Process(proxy.pid)
-    [metrics] = [p for p in supervisor.children() if "forkproxy.metrics" in p.cmdline()]
+    [metrics] = [p for p in supervisor.children()
+                 if any(part.endswith("metrics.py") for part in p.cmdline())]
     with socket.create_connection(("127.0.0.1", listen_ports(proxy)[0]), timeout=30) as client:
         client.sendall(b"a")
         assert recv_exact(client, 1) == b"a"
