@@ -789,7 +789,11 @@ class Supervisor:
         listeners.close_all(retired)
         self.listeners = kept
         self.reloaded_at = time.monotonic()
-        self.addresses = {item.link.key: self._resolve(item.link) for item in kept}
+        # A name that does not resolve now keeps the addresses it had (as between reloads):
+        # a DNS outage must not turn a reload into connect-failed for a live upstream.
+        old = self.addresses
+        self.addresses = {item.link.key: self._resolve(item.link) or old.get(item.link.key, [])
+                          for item in kept}
         for item in kept:
             self._prepare_relay(item)
             self.accounting.stats(item.link)

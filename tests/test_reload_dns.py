@@ -180,6 +180,24 @@ def test_reload_re_resolves_names_and_only_reload_does(lab: Lab, ns: Namespace) 
     assert "reload-failed" not in proxy.stderr()
 
 
+def test_a_reload_while_the_name_is_gone_keeps_the_addresses(lab: Lab, ns: Namespace) -> None:
+    """As between reloads: a DNS outage at the moment of a reload used to leave the link
+    with no address at all, and every client failed while the upstream was up."""
+    env_file = lab.workdir / "links.env"
+    env_file.write_text(f"DB_PORT_{LISTEN_PORT}_TCP=tcp://upstream.test:{REDIS_PORT}\n")
+    proxy = lab.spawn(ns, [FORKPROXY, "serve", "--env-file", str(env_file), "--resolve-every",
+                           "off", "--status-socket", str(lab.workdir / "fp.sock")],
+                      label="proxy")
+    proxy.wait_stdout(lambda lines: any(x.startswith("listening ") for x in lines), 15)
+    assert who(ns) == "first"
+    set_hosts(ns, None)
+    proxy.popen.send_signal(signal.SIGHUP)
+    wait_for_log(proxy, "resolve-failed")  # the reload looked, and found nothing
+    for _ in range(5):
+        assert who(ns) == "first"
+    assert "connect-failed" not in proxy.stderr()
+
+
 # Run inside the namespace: the supervisor's own steps, in the one order that used to undo
 # a reload (the loop would take them in whatever order poll reports them).
 _OLDER_THAN_RELOAD = """
