@@ -1,5 +1,5 @@
 """`python -m forkproxy`."""
 
-from forkproxy.cli import main
+from forkproxy.console import main
 
 main()

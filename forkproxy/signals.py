@@ -34,6 +34,9 @@ class SignalPipe:
         signal.set_wakeup_fd(self.writer.fileno(), warn_on_full_buffer=False)
         for signum in HANDLED:
             signal.signal(signum, _noop)
+        # `forkproxy serve` blocked them until now (console.py): what came meanwhile is
+        # delivered here, to the handlers, and waits in the pipe for the loop.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)
 
     def fileno(self) -> int:
         return self.reader.fileno()

@@ -6,6 +6,7 @@ import hashlib
 import os
 import signal
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -15,6 +16,7 @@ import psutil
 import pytest
 
 from conftest import (
+    FORKPROXY,
     Proxy,
     Redis,
     TcpServer,
@@ -135,6 +137,53 @@ def test_an_urgent_byte_is_stepped_over_and_the_stream_goes_on(
                 got = recv_all(dst, digest)
     expected = first + after
     assert got[1] == hashlib.sha256(expected).hexdigest()
+
+
+def _blocked_signals(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("SigBlk:"):
+                return int(line.split()[1], 16)
+    return 0
+
+
+def test_signals_during_start_up_wait_for_the_supervisor(
+    tcp_server: Callable[[Callable[[socket.socket], None]], TcpServer], tmp_path: Path,
+) -> None:
+    """Before the supervisor's handlers are in place, ~0.2 s of imports and exec, SIGHUP's
+    default action killed a starting proxy (and PID 1 dropped SIGTERM). `serve` blocks them
+    first thing; they are handled once the loop runs."""
+    server = tcp_server(echo)
+    with open(tmp_path / "err", "w") as err:
+        proc = subprocess.Popen([FORKPROXY, "serve", f"127.0.0.1:0=127.0.0.1:{server.port}"],
+                                stdout=subprocess.PIPE, stderr=err, text=True,
+                                start_new_session=True)
+    try:
+        hup = 1 << (signal.SIGHUP - 1)
+        deadline = time.monotonic() + 10
+        while not _blocked_signals(proc.pid) & hup:  # then the window is covered
+            assert time.monotonic() < deadline and proc.poll() is None, "SIGHUP never blocked"
+            time.sleep(0.001)
+        lines: list[str] = []
+        reader = threading.Thread(target=lambda: lines.append(proc.stdout.readline()))  # type: ignore[union-attr]
+        reader.start()
+        while reader.is_alive():  # SIGHUP after SIGHUP, all through the start-up
+            proc.send_signal(signal.SIGHUP)
+            time.sleep(0.002)
+            assert proc.poll() is None, (proc.returncode, (tmp_path / "err").read_text())
+        assert lines[0].startswith("listening "), lines
+        port = int(lines[0].split(" -> ")[0].rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+            client.sendall(b"ping")
+            assert client.recv(4) == b"ping"
+        assert _blocked_signals(proc.pid) & hup == 0  # unblocked once handled
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        assert proc.stdout is not None
+        proc.stdout.close()
 
 
 def test_half_close_then_a_reply_2_seconds_later(
