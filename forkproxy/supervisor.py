@@ -214,8 +214,16 @@ class Supervisor:
         directory = control.default_dir(dict(self.environ), os.getuid())
         try:
             control.prepare_dir(directory)
-            path = os.path.join(directory, f"{os.getpid()}.sock")
-            server = control.ControlServer(path, self.handle_control_request)
+            # Our pid is not unique in a directory that PID namespaces share (two containers
+            # with one /tmp, each supervisor PID 1): take the next name while one answers.
+            for suffix in ("", *(f"-{n}" for n in range(2, 100))):
+                path = os.path.join(directory, f"{os.getpid()}{suffix}.sock")
+                try:
+                    server = control.ControlServer(path, self.handle_control_request)
+                    break
+                except OSError as exc:
+                    if exc.errno != errno.EADDRINUSE or suffix == "-99":
+                        raise
         except OSError as exc:
             raise ConfigError(f"status socket directory {directory!r}: "
                               f"{exc.strerror or exc}") from None

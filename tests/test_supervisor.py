@@ -25,7 +25,7 @@ from forkproxy.listeners import Listener
 from forkproxy.log import Logger
 from forkproxy.supervisor import Supervisor
 
-from conftest import Proxy, TcpServer, echo
+from conftest import FORKPROXY, Proxy, TcpServer, echo, need
 
 ROOT = Path(forkproxy.__file__).resolve().parent.parent
 HEAVY = ("threading", "logging", "psutil", "typer", "click", "prometheus_client", "random")
@@ -203,3 +203,37 @@ def test_out_of_descriptors_a_lookup_is_skipped_not_fatal(tmp_path: Path) -> Non
         log.seek(0)
         text = log.read()
     assert b"resolve-failed" in text and b"cannot open a pipe" in text
+
+
+def test_two_supervisors_that_are_both_pid_1_share_a_socket_directory(
+    tmp_path: Path, tcp_server: Callable[[Callable[[socket.socket], None]], TcpServer],
+) -> None:
+    """Two containers with one /tmp: each supervisor is PID 1, and both wanted 1.sock; the
+    second refused to start."""
+    server = tcp_server(echo)
+    runtime = tmp_path / "runtime"
+    runtime.mkdir(mode=0o700)
+    env = {**os.environ, "XDG_RUNTIME_DIR": str(runtime)}
+    procs = [subprocess.Popen([need("unshare"), "-pf", "--mount-proc", FORKPROXY, "serve",
+                               f"127.0.0.1:0=127.0.0.1:{server.port}"], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+             for _ in range(2)]
+    try:
+        for proc in procs:  # one after the other: the second finds 1.sock answering
+            assert proc.stdout is not None
+            assert proc.stdout.readline().startswith("listening "), proc.poll()
+        assert sorted(p.name for p in (runtime / "forkproxy").iterdir()) == ["1-2.sock",
+                                                                               "1.sock"]
+        for name in ("1.sock", "1-2.sock"):
+            result = subprocess.run([FORKPROXY, "check", "--status-socket",
+                                     str(runtime / "forkproxy" / name)],
+                                    capture_output=True, text=True, timeout=30)
+            assert result.returncode == 0, result
+    finally:
+        for proc in procs:
+            for child in psutil.Process(proc.pid).children():  # the PID 1 inside
+                child.terminate()
+            proc.wait(15)
+            assert proc.stdout is not None
+            proc.stdout.close()
+    assert list((runtime / "forkproxy").iterdir()) == []
