@@ -131,7 +131,6 @@ class Supervisor:
         self.resolver_output: list[bytes] = []
         self.resolver_due = 0.0  # when the last resolver was to look up (monotonic)
         self.resolve_pending = False  # asked again while one ran: start another after it
-        self.reloaded_at = 0.0  # when the last reload looked the names up (monotonic)
         self.resolve_failing: set[str] = set()  # links whose last lookup failed (log once)
         self.started = time.time()
 
@@ -744,10 +743,7 @@ class Supervisor:
                 self.log.warning("resolve-failed", error="the resolver died",
                                  detail="keeping the addresses in use")
             else:
-                # A lookup that began before a reload's own is older than what the
-                # reload found: applying it would undo the rewiring until the next one.
-                if self.resolver_due >= self.reloaded_at:
-                    self.apply_resolved(results)
+                self.apply_resolved(results)
             if self.resolve_pending:
                 self.start_resolver()
 
@@ -796,16 +792,22 @@ class Supervisor:
             self._unwatch(listener.fd)
         listeners.close_all(retired)
         self.listeners = kept
-        self.reloaded_at = time.monotonic()
-        # A name that does not resolve now keeps the addresses it had (as between reloads):
-        # a DNS outage must not turn a reload into connect-failed for a live upstream.
+        # Names are looked up again by a resolver child, as the timer does: a slow DNS
+        # server must not stall accepting on every listener. Until it answers a name keeps
+        # the addresses it had, and a new one has none yet: its children look it up
+        # themselves. An address is only parsed, here and now. (Resolvers run one at a
+        # time, so a lookup started before the reload never lands after this one's.)
         old = self.addresses
-        self.addresses = {item.link.key: self._resolve(item.link) or old.get(item.link.key, [])
-                          for item in kept}
+        self.addresses = {
+            item.link.key: (old.get(item.link.key, []) if item.link.target.is_name
+                            else self._resolve(item.link))
+            for item in kept
+        }
         for item in kept:
             self._prepare_relay(item)
             self.accounting.stats(item.link)
         self._arm_resolve_timer()
+        self.start_resolver()
         for warning in table.warnings:
             self.log.warning("link-skipped", detail=warning)
         for listener in retired:

@@ -161,7 +161,9 @@ def test_a_failed_connect_looks_the_name_up_again(lab: Lab, ns: Namespace) -> No
     assert "reload" not in proxy.stderr()
 
 
-def test_reload_re_resolves_names_and_only_reload_does(lab: Lab, ns: Namespace) -> None:
+def start_env_file_proxy(lab: Lab, ns: Namespace) -> Process:
+    """The proxy reading upstream.test from an env file, the timer off: only a reload (or
+    a failed connect) looks the name up again. Answered by "first" to begin with."""
     env_file = lab.workdir / "links.env"
     env_file.write_text(f"DB_PORT_{LISTEN_PORT}_TCP=tcp://upstream.test:{REDIS_PORT}\n")
     proxy = lab.spawn(ns, [FORKPROXY, "serve", "--env-file", str(env_file), "--resolve-every",
@@ -169,6 +171,11 @@ def test_reload_re_resolves_names_and_only_reload_does(lab: Lab, ns: Namespace) 
                       label="proxy")
     proxy.wait_stdout(lambda lines: any(x.startswith("listening ") for x in lines), 15)
     assert who(ns) == "first"
+    return proxy
+
+
+def test_reload_re_resolves_names_and_only_reload_does(lab: Lab, ns: Namespace) -> None:
+    proxy = start_env_file_proxy(lab, ns)
 
     set_hosts(ns, "127.0.0.3")  # the name moves; nobody has told the proxy yet
     for _ in range(5):
@@ -183,13 +190,7 @@ def test_reload_re_resolves_names_and_only_reload_does(lab: Lab, ns: Namespace) 
 def test_a_reload_while_the_name_is_gone_keeps_the_addresses(lab: Lab, ns: Namespace) -> None:
     """As between reloads: a DNS outage at the moment of a reload used to leave the link
     with no address at all, and every client failed while the upstream was up."""
-    env_file = lab.workdir / "links.env"
-    env_file.write_text(f"DB_PORT_{LISTEN_PORT}_TCP=tcp://upstream.test:{REDIS_PORT}\n")
-    proxy = lab.spawn(ns, [FORKPROXY, "serve", "--env-file", str(env_file), "--resolve-every",
-                           "off", "--status-socket", str(lab.workdir / "fp.sock")],
-                      label="proxy")
-    proxy.wait_stdout(lambda lines: any(x.startswith("listening ") for x in lines), 15)
-    assert who(ns) == "first"
+    proxy = start_env_file_proxy(lab, ns)
     set_hosts(ns, None)
     proxy.popen.send_signal(signal.SIGHUP)
     wait_for_log(proxy, "resolve-failed")  # the reload looked, and found nothing
@@ -198,37 +199,34 @@ def test_a_reload_while_the_name_is_gone_keeps_the_addresses(lab: Lab, ns: Names
     assert "connect-failed" not in proxy.stderr()
 
 
-# Run inside the namespace: the supervisor's own steps, in the one order that used to undo
-# a reload (the loop would take them in whatever order poll reports them).
-_OLDER_THAN_RELOAD = """
-import json, os, sys
-from forkproxy.config import Options, Sources
-from forkproxy.log import Logger
-from forkproxy.supervisor import Supervisor
-
-hosts, sock = sys.argv[1], sys.argv[2]
-def move_name(address):
-    with open(hosts, "w") as handle:
-        handle.write(f"127.0.0.1 localhost\\n{address} upstream.test\\n")
-
-options = Options(resolve_every=None, status_socket=sock)
-sup = Supervisor(Sources(("0=upstream.test:16390",), options=options), {}, Logger())
-sup.start()
-sup.start_resolver()  # looks the name up now: 127.0.0.2
-[fd] = [fd for fd in sup.handlers if fd not in (sup.signals.fileno(), sup.control.fileno())
-        and all(fd != item.fd for item in sup.listeners)]
-os.waitid(os.P_PID, sup.resolver_pids[0], os.WEXITED | os.WNOWAIT)  # its answer is written
-move_name("127.0.0.3")
-sup.reload()  # the operator's SIGHUP: looks the name up again, 127.0.0.3
-while fd in sup.handlers:  # only now does the loop read the resolver's older answer
-    sup.handlers[fd](0)
-[addresses] = sup.addresses.values()
-print(json.dumps([address[1][0] for address in addresses]))
+# A DNS server that takes every query and never answers: a lookup that reaches it waits
+# for the resolver's timeout (options timeout:60 below).
+_SILENT_DNS = """
+import socket
+server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+server.bind(("127.0.0.53", 53))
+while True:
+    server.recvfrom(512)
 """
 
 
-def test_a_lookup_older_than_a_reload_does_not_undo_it(lab: Lab, ns: Namespace) -> None:
-    hosts = Path("/etc/netns") / ns.name / "hosts"
-    out = ns.run([sys.executable, "-c", _OLDER_THAN_RELOAD, str(hosts),
-                  str(lab.workdir / "fp.sock")], timeout=30)
-    assert json.loads(out.strip().splitlines()[-1]) == ["127.0.0.3"]
+def test_a_reload_waiting_on_dns_keeps_every_listener_serving(lab: Lab, ns: Namespace) -> None:
+    """A reload looked names up in the supervisor: while the DNS server took its time,
+    nothing was accepted on any listener. It leaves the lookup to a resolver child now."""
+    resolv = Path("/etc/netns") / ns.name / "resolv.conf"
+    resolv.write_text("nameserver 127.0.0.53\noptions timeout:60 attempts:1\n")
+    lab.spawn(ns, [sys.executable, "-c", _SILENT_DNS], label="silent-dns")
+    env_file = lab.workdir / "links.env"
+    env_file.write_text(f"DB_PORT_{LISTEN_PORT}_TCP=tcp://upstream.test:{REDIS_PORT}\n"
+                        f"IP_PORT_{LISTEN_PORT + 1}_TCP=tcp://127.0.0.3:{REDIS_PORT}\n")
+    proxy = lab.spawn(ns, [FORKPROXY, "serve", "--env-file", str(env_file), "--resolve-every",
+                           "off", "--status-socket", str(lab.workdir / "fp.sock")],
+                      label="proxy")
+    proxy.wait_stdout(lambda lines: sum(x.startswith("listening ") for x in lines) == 2, 15)
+    set_hosts(ns, None)  # from now on a lookup of upstream.test asks the silent server
+    proxy.popen.send_signal(signal.SIGHUP)
+    wait_until(lambda: proxy.stderr().count("listening") >= 2, proxy)  # the reload is done
+    # The lookup is still waiting; both listeners serve, the name with its old address.
+    assert redis_cli(ns, LISTEN_PORT + 1, "GET", "who") == "second"
+    assert who(ns) == "first"
+    assert proxy.alive()
