@@ -243,7 +243,9 @@ def parse_spec(spec: str) -> Link:
 
 
 # <ALIAS>_PORT_<N>_<PROTO>; ALIAS may itself contain _PORT_ (greedy match takes the last).
-_LINK_VAR = re.compile(r"(?P<alias>[A-Za-z0-9_]+)_PORT_(?P<port>[0-9]+)_(?P<proto>TCP|UDP)\Z")
+# Docker upper-cases the alias and turns '-' into '_' but leaves '.': `--link db:app.db`
+# exports APP.DB_PORT_5432_TCP, which the original ambassador's sed line proxied too.
+_LINK_VAR = re.compile(r"(?P<alias>[A-Za-z0-9_.]+)_PORT_(?P<port>[0-9]+)_(?P<proto>TCP|UDP)\Z")
 
 
 def parse_link_value(name: str, value: str, proto: str) -> Endpoint:

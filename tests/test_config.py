@@ -323,6 +323,18 @@ def test_ports_with_leading_zeros_are_their_value(spec: str, port: int, target_p
     assert (link.port, link.target.port) == (port, target_port)
 
 
+def test_a_dotted_link_alias_is_a_link() -> None:
+    """`docker run --link db:app.db` exports APP.DB_PORT_5432_TCP (Docker keeps the dot);
+    it was skipped without a word."""
+    links, warnings = links_from_env({"APP.DB_PORT_5432_TCP": "tcp://10.0.0.5:5432",
+                                      "CACHE_PORT_6379_TCP": "tcp://10.0.0.6:6379"})
+    assert [(link.names, link.port, str(link.target)) for link in links] == [
+        (("APP.DB_PORT_5432_TCP",), 5432, "10.0.0.5:5432"),
+        (("CACHE_PORT_6379_TCP",), 6379, "10.0.0.6:6379"),
+    ]
+    assert warnings == []
+
+
 def test_link_variable_ports_with_leading_zeros_are_their_value() -> None:
     links, _ = links_from_env({"A_PORT_024010_TCP": "tcp://127.0.0.1:0024011"})
     assert [(link.port, link.target.port) for link in links] == [(24010, 24011)]
