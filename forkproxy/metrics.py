@@ -44,7 +44,7 @@ from forkproxy.status import StatusError, enrich, request
 class SupervisorCollector(Collector):
     def __init__(self, status_socket: str) -> None:
         self.status_socket = status_socket
-        self.cpu_seen: dict[tuple[str, ...], float] = {}  # highest CPU total served, per link
+        self.cpu_seen: dict[tuple[object, ...], float] = {}  # highest CPU total served, per link
 
     def collect(self) -> Iterator[Metric]:
         try:
