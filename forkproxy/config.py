@@ -312,7 +312,24 @@ def merge_links(links: Iterable[Link]) -> tuple[Link, ...]:
                 f"port {link.port} is linked twice to different targets: "
                 f"{known.name} -> {known.target} and {link.name} -> {link.target}"
             )
-    return tuple(by_key.values())
+    merged = tuple(by_key.values())
+    for index, link in enumerate(merged):
+        for other in merged[index + 1 :]:
+            if link.port and link.port == other.port and (
+                _covers(link.bind, other.bind) or _covers(other.bind, link.bind)
+            ):
+                # bind() would say "address already in use", as if another program held it.
+                raise ConfigError(
+                    f"port {link.port} is bound twice: {link.name} on {link.bind} and "
+                    f"{other.name} on {other.bind} overlap"
+                )
+    return merged
+
+
+def _covers(wide: str, narrow: str) -> bool:
+    """Does a listener on `wide` take every address `narrow` could bind? `::` listens on
+    IPv4 too (listeners.listen_tcp clears IPV6_V6ONLY for it)."""
+    return wide == "::" or (wide == "0.0.0.0" and ":" not in narrow)
 
 
 def build_links(

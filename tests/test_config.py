@@ -323,6 +323,30 @@ def test_ports_with_leading_zeros_are_their_value(spec: str, port: int, target_p
     assert (link.port, link.target.port) == (port, target_port)
 
 
+@pytest.mark.parametrize(
+    ("specs", "env", "overlap"),
+    [
+        (["127.0.0.1:6379=10.0.0.5:1"], {"R_PORT_6379_TCP": "tcp://10.0.0.5:1"}, True),
+        (["[::]:6379=10.0.0.5:1", "127.0.0.1:6379=10.0.0.5:1"], {}, True),
+        (["[::]:6379=10.0.0.5:1", "[::1]:6379=10.0.0.5:1"], {}, True),
+        (["[::]:6379=10.0.0.5:1", "6379=10.0.0.5:1"], {}, True),
+        (["127.0.0.1:6379=10.0.0.5:1", "127.0.0.2:6379=10.0.0.6:1"], {}, False),
+        (["[::1]:6379=10.0.0.5:1", "6379=10.0.0.5:1"], {}, False),  # v6-only and v4
+        (["127.0.0.1:0=10.0.0.5:1", "0=10.0.0.5:1"], {}, False),  # port 0: each its own
+    ],
+)
+def test_listeners_whose_addresses_overlap_are_refused_by_name(
+    specs: list[str], env: dict[str, str], overlap: bool,
+) -> None:
+    """`links` (the dry run) took them, and `serve` then failed with "address already in
+    use", as if another program held the port."""
+    if not overlap:
+        assert len(build_links(specs, env).links) == len(specs) + len(env)
+        return
+    with pytest.raises(ConfigError, match=r"port 6379 is bound twice: .* overlap"):
+        build_links(specs, env)
+
+
 def test_a_dotted_link_alias_is_a_link() -> None:
     """`docker run --link db:app.db` exports APP.DB_PORT_5432_TCP (Docker keeps the dot);
     it was skipped without a word."""
