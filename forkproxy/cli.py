@@ -328,25 +328,8 @@ def root(
         raise typer.Exit(2)
 
 
-def fill_closed_std_fds() -> None:
-    """Open /dev/null on whichever of fds 0-2 was closed for us (`>&-`), as daemons do.
-
-    Otherwise the next file opened takes that number: serve's config memfd, then in the
-    supervisor a listener or a client's socket, and the `listening` lines or the log
-    would be written into it.
-    """
-    for fd in (0, 1, 2):
-        try:
-            os.fstat(fd)
-        except OSError:
-            # fd itself is the lowest free number (those below are open by now); made
-            # inheritable, unlike os.open's default, so that it outlives serve's exec.
-            os.set_inheritable(os.open(os.devnull, os.O_RDWR), True)
-
-
 def main() -> None:
-    """Console entry point. Usage errors, like bad input, are one line and exit 2."""
-    fill_closed_std_fds()  # first: before this process opens a file that must not be 0-2
+    """The CLI (console.main runs it). Usage errors, like bad input, are one line and exit 2."""
     try:
         code = app(standalone_mode=False)
     except KeyboardInterrupt:

@@ -299,7 +299,8 @@ def parse_env_file(text: str, path: str) -> dict[str, str]:
 
 
 def merge_links(links: Iterable[Link]) -> tuple[Link, ...]:
-    """One link per listening socket: same target merges, a different target is an error."""
+    """One link per listening socket: same target merges, a different target is an error,
+    and so are two sockets on one port whose addresses overlap (bind would fail)."""
     by_key: dict[tuple[str, int, tuple[str, ...]], Link] = {}
     for link in links:
         known = by_key.get(link.key)

@@ -44,7 +44,7 @@ from forkproxy.status import StatusError, enrich, request
 class SupervisorCollector(Collector):
     def __init__(self, status_socket: str) -> None:
         self.status_socket = status_socket
-        self.cpu_seen: dict[tuple[object, ...], float] = {}  # highest CPU total served, per link
+        self.cpu_seen: dict[str, float] = {}  # the highest CPU total served, per link
 
     def collect(self) -> Iterator[Metric]:
         try:
@@ -54,19 +54,7 @@ class SupervisorCollector(Collector):
             up.add_metric([], 0)
             yield up
             return
-        for metric in render(status):
-            if metric.name == "forkproxy_children_cpu_seconds":
-                metric.samples = [self._never_less(sample) for sample in metric.samples]
-            yield metric
-
-    def _never_less(self, sample: Any) -> Any:
-        """A counter must not go down (Prometheus reads that as a restart, and rate() jumps).
-        This one can by a hair: a child that exits between the status reply and psutil's
-        reading leaves the live sum before its CPU reaches the exited total."""
-        key = (sample.name, *sorted(sample.labels.items()))
-        value = max(sample.value, self.cpu_seen.get(key, 0.0))
-        self.cpu_seen[key] = value
-        return sample._replace(value=value)
+        yield from render(status, self.cpu_seen)
 
 
 def _children_by_link(status: dict[str, Any]) -> dict[str, dict[str, float]]:
@@ -79,7 +67,13 @@ def _children_by_link(status: dict[str, Any]) -> dict[str, dict[str, float]]:
     return sums
 
 
-def render(status: dict[str, Any]) -> Iterator[Metric]:
+def render(status: dict[str, Any], cpu_seen: dict[str, float] | None = None) -> Iterator[Metric]:
+    """The metrics of one status reply. `cpu_seen`: the CPU totals served before, per link,
+    kept up to date here so that the counter never goes down (Prometheus reads that as a
+    restart, and rate() jumps). It could by a hair: a child that exits between the status
+    reply and psutil's reading leaves the live sum before its CPU reaches the exited total.
+    """
+    cpu_seen = {} if cpu_seen is None else cpu_seen
     links: dict[str, dict[str, Any]] = status.get("links", {})
     live = _children_by_link(status)
     bounds = status.get("duration_buckets", [])
@@ -128,7 +122,8 @@ def render(status: dict[str, Any]) -> Iterator[Metric]:
         durations.add_metric([name], buckets, stats["duration_sum"])
         rss.add_metric([name], now.get("rss", 0))
         uss.add_metric([name], now.get("uss", 0))
-        cpu.add_metric([name], stats["cpu_seconds"] + now.get("cpu", 0))
+        cpu_seen[name] = max(stats["cpu_seconds"] + now.get("cpu", 0), cpu_seen.get(name, 0.0))
+        cpu.add_metric([name], cpu_seen[name])
         resolve_failures.add_metric([name], stats.get("resolve_failures", 0))
         address_changes.add_metric([name], stats.get("address_changes", 0))
     supervisor_rss = GaugeMetricFamily("forkproxy_supervisor_resident_memory_bytes",
