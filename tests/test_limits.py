@@ -378,6 +378,7 @@ def test_a_stop_at_max_children_serves_the_backlog_instead_of_resetting_it(
         for number, sock in enumerate(clients):
             sock.sendall(b"client %d" % number)
         assert wait_for(lambda: listen_queue(proxy.port) == 3, 30), listen_queue(proxy.port)
+        assert wait_for(lambda: active[0] == 2, 30)  # both children reached the upstream
         proxy.proc.send_signal(signal.SIGTERM)
         assert wait_for(lambda: "stopping" in proxy.log(), 30)
         assert "waiting=3" in proxy.log()
