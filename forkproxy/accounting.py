@@ -13,7 +13,6 @@ import mmap
 import os
 import signal
 import time
-from dataclasses import dataclass, field
 
 from .config import Link, peer_text
 
@@ -69,27 +68,28 @@ class Slots:
         return len(self.free) + (self._end - self._next) // FIELDS
 
 
-@dataclass
 class LinkStats:
     """Totals for one link name; they survive its children and reloads.
 
     Live children are counted in `snapshot()` only (`connections` and `active` there
     include them): the fork path records the child and nothing else (see
-    `Accounting.started`).
+    `Accounting.started`). A plain class, not a dataclass (see config.Value); `vars()`
+    gives the totals as a dict, in this order.
     """
 
-    connections: int = 0  # children reaped
-    upstream_failures: int = 0
-    denied: int = 0
-    bytes_up: int = 0
-    bytes_down: int = 0
-    cpu_seconds: float = 0.0
-    outcomes: dict[str, int] = field(default_factory=dict)
-    duration_buckets: list[int] = field(default_factory=lambda: [0] * len(DURATION_BUCKETS))
-    duration_count: int = 0
-    duration_sum: float = 0.0
-    resolve_failures: int = 0  # lookups of the target's name that failed
-    address_changes: int = 0  # lookups that gave new addresses (after the first)
+    def __init__(self) -> None:
+        self.connections = 0  # children reaped
+        self.upstream_failures = 0
+        self.denied = 0
+        self.bytes_up = 0
+        self.bytes_down = 0
+        self.cpu_seconds = 0.0
+        self.outcomes: dict[str, int] = {}
+        self.duration_buckets = [0] * len(DURATION_BUCKETS)
+        self.duration_count = 0
+        self.duration_sum = 0.0
+        self.resolve_failures = 0  # lookups of the target's name that failed
+        self.address_changes = 0  # lookups that gave new addresses (after the first)
 
 
 # A live child as the supervisor's accept loop records it, keyed by its pid in

@@ -1,11 +1,11 @@
-"""Pure parsing: SPECs, Docker link variables and env files into frozen dataclasses.
+"""Pure parsing: SPECs, Docker link variables and env files into immutable values.
 
 Nothing here touches the network, the file system or the process: callers hand in
 strings (argv, a copy of the environment, the text of an env file) and get back a
 `LinkTable` or a `ConfigError` whose message names the offending input.
 
 This module is imported by the lean supervisor, so it must not import anything that
-pulls in `threading` (see supervisor.py).
+pulls in `threading` (see supervisor.py), nor `dataclasses` (see `Value`).
 """
 
 from __future__ import annotations
@@ -13,7 +13,10 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+
+TYPE_CHECKING = False  # not typing's: importing typing costs the supervisor ~0.9 MB of heap
+if TYPE_CHECKING:
+    from typing import Self
 
 MAX_NAME = 253  # longest DNS name
 MAX_CHILDREN = 1 << 22  # PID_MAX_LIMIT: no more processes can ever exist at once
@@ -24,16 +27,50 @@ RELAY_MODES = ("auto", "splice", "copy")
 LOG_FORMATS = ("text", "json")
 
 
+class Value:
+    """An immutable record: equality, hash and repr by its fields, as a frozen dataclass.
+
+    Not `dataclasses`: importing it brings `inspect`, `ast`, `dis` and `tokenize` into the
+    supervisor, 1.9 MB of heap and five mappings more, whose page tables every fork copies
+    and every child's exit tears down: ~5% of a new connection's CPU (docs/benchmarks.md).
+    A subclass sets its fields in `__init__` with `_set`.
+    """
+
+    __slots__ = ()
+
+    def _set(self, **fields: object) -> None:
+        self.__dict__.update(fields)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"{type(self).__name__} is immutable: cannot set {name!r}")
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and vars(self) == vars(other)
+
+    def __hash__(self) -> int:
+        return hash(tuple(vars(self).values()))
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{name}={value!r}" for name, value in vars(self).items())
+        return f"{type(self).__name__}({fields})"
+
+    def replace(self, **changes: object) -> Self:
+        """A copy with some fields changed (dataclasses.replace)."""
+        return type(self)(**{**vars(self), **changes})
+
+
 class ConfigError(Exception):
     """Bad input. The message is one line that names the input; the CLI exits 2 with it."""
 
 
-@dataclass(frozen=True)
-class Endpoint:
+class Endpoint(Value):
     """An upstream address: an IP literal or a host name, and a port."""
 
     host: str
     port: int
+
+    def __init__(self, host: str, port: int) -> None:
+        self._set(host=host, port=port)
 
     def __str__(self) -> str:
         return join_host_port(self.host, self.port)
@@ -48,14 +85,16 @@ class Endpoint:
         return False
 
 
-@dataclass(frozen=True)
-class Link:
+class Link(Value):
     """One listener and where it forwards: `bind:port -> target`, named by its sources."""
 
     bind: str
     port: int
     target: Endpoint
     names: tuple[str, ...]
+
+    def __init__(self, bind: str, port: int, target: Endpoint, names: tuple[str, ...]) -> None:
+        self._set(bind=bind, port=port, target=target, names=names)
 
     @property
     def name(self) -> str:
@@ -74,40 +113,75 @@ class Link:
         return f"{listen} -> {self.target} ({self.name})"
 
 
-@dataclass(frozen=True)
-class LinkTable:
+class LinkTable(Value):
     links: tuple[Link, ...]
-    warnings: tuple[str, ...] = ()
+    warnings: tuple[str, ...]
+
+    def __init__(self, links: tuple[Link, ...], warnings: tuple[str, ...] = ()) -> None:
+        self._set(links=links, warnings=warnings)
 
 
-@dataclass(frozen=True)
-class Options:
+class Options(Value):
     """Everything `serve` takes besides the links. Validated by `check_options`."""
 
-    relay: str = "auto"
-    connect_timeout: float = 5.0
-    connect_retries: int = 0
-    grace: float = 8.0
-    idle_timeout: float | None = None
-    halfclose_timeout: float | None = None
-    resolve_every: float | None = 30.0  # seconds between two resolutions of the targets' names
-    max_children: int = 1024
-    allow: tuple[str, ...] = ()
-    verbosity: int = 0
-    log_format: str = "text"
-    status_socket: str | None = None
-    metrics: str | None = None
-    pid_file: str | None = None
+    relay: str
+    connect_timeout: float
+    connect_retries: int
+    grace: float
+    idle_timeout: float | None
+    halfclose_timeout: float | None
+    resolve_every: float | None  # seconds between two resolutions of the targets' names
+    max_children: int
+    allow: tuple[str, ...]
+    verbosity: int
+    log_format: str
+    status_socket: str | None
+    metrics: str | None
+    pid_file: str | None
+
+    def __init__(
+        self,
+        relay: str = "auto",
+        connect_timeout: float = 5.0,
+        connect_retries: int = 0,
+        grace: float = 8.0,
+        idle_timeout: float | None = None,
+        halfclose_timeout: float | None = None,
+        resolve_every: float | None = 30.0,
+        max_children: int = 1024,
+        allow: tuple[str, ...] = (),
+        verbosity: int = 0,
+        log_format: str = "text",
+        status_socket: str | None = None,
+        metrics: str | None = None,
+        pid_file: str | None = None,
+    ) -> None:
+        self._set(
+            relay=relay, connect_timeout=connect_timeout, connect_retries=connect_retries,
+            grace=grace, idle_timeout=idle_timeout, halfclose_timeout=halfclose_timeout,
+            resolve_every=resolve_every, max_children=max_children, allow=allow,
+            verbosity=verbosity, log_format=log_format, status_socket=status_socket,
+            metrics=metrics, pid_file=pid_file,
+        )
 
 
-@dataclass(frozen=True)
-class Sources:
+class Sources(Value):
     """Where the links come from; kept so that a reload can read them again."""
 
-    specs: tuple[str, ...] = ()
-    from_env: bool = False
-    env_file: str | None = None
-    options: Options = field(default_factory=Options)
+    specs: tuple[str, ...]
+    from_env: bool
+    env_file: str | None
+    options: Options
+
+    def __init__(
+        self,
+        specs: tuple[str, ...] = (),
+        from_env: bool = False,
+        env_file: str | None = None,
+        options: Options | None = None,
+    ) -> None:
+        self._set(specs=specs, from_env=from_env, env_file=env_file,
+                  options=Options() if options is None else options)
 
 
 def join_host_port(host: str, port: int) -> str:
@@ -363,14 +437,16 @@ def build_links(
     return LinkTable(merged, tuple(warnings))
 
 
-@dataclass(frozen=True)
-class Network:
+class Network(Value):
     """An allow-list entry as integers, so the supervisor checks a peer without ipaddress."""
 
     version: int
     address: int
     mask: int
     text: str
+
+    def __init__(self, version: int, address: int, mask: int, text: str) -> None:
+        self._set(version=version, address=address, mask=mask, text=text)
 
 
 def parse_cidr(text: str) -> Network:

@@ -9,7 +9,6 @@ import os
 import select
 import socket
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 
 from .config import ConfigError, Link, join_host_port
 
@@ -18,29 +17,26 @@ from .config import ConfigError, Link, join_host_port
 BACKLOG = 4096
 
 
-@dataclass
 class Listener:
     """A bound, listening socket and the link it serves (the link may change on reload)."""
 
-    link: Link
-    sock: socket.socket
-    port: int  # the port really bound (differs from link.port when 0 was asked)
-    # A plain int: socket.family runs enum code, which a fresh child would pay for in
-    # copied pages.
-    family: int = 0
-    # Set by the supervisor: relay.serve's arguments after the slot (see _prepare_relay).
-    relay_args: tuple[object, ...] = ()
-    # `waiting(0)`: is another client already in the backlog? A poll of this socket alone,
-    # so the accept loop can ask without an accept() that fails: the BlockingIOError that
-    # raises allocates an exception, a traceback and a frame object, and every page the
-    # supervisor writes between two forks is copied (docs/benchmarks.md).
-    waiting: Callable[[int], list[tuple[int, int]]] = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        self.family = int(self.sock.family)
+    def __init__(self, link: Link, sock: socket.socket, port: int) -> None:
+        self.link = link
+        self.sock = sock
+        self.port = port  # the port really bound (differs from link.port when 0 was asked)
+        # A plain int: socket.family runs enum code, which a fresh child would pay for in
+        # copied pages.
+        self.family = int(sock.family)
+        # Set by the supervisor: relay.serve's arguments after the slot (see _prepare_relay).
+        self.relay_args: tuple[object, ...] = ()
+        # `waiting(0)`: is another client already in the backlog? A poll of this socket
+        # alone, so the accept loop can ask without an accept() that fails: the
+        # BlockingIOError that raises allocates an exception, a traceback and a frame
+        # object, and every page the supervisor writes between two forks is copied
+        # (docs/benchmarks.md).
         backlog = select.poll()
-        backlog.register(self.sock.fileno(), select.POLLIN)
-        self.waiting = backlog.poll
+        backlog.register(sock.fileno(), select.POLLIN)
+        self.waiting: Callable[[int], list[tuple[int, int]]] = backlog.poll
 
     @property
     def fd(self) -> int:

@@ -13,7 +13,6 @@ resets the other and ends both.
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import fcntl
 import os
@@ -221,7 +220,12 @@ def lookup(host: str, port: int) -> list[Address]:
     own when every address it was given failed.
     """
     addresses: list[Address] = []
-    for family, _, _, _, sockaddr in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
+    # As bytes: given a str, getaddrinfo imports the idna codec (with unicodedata and
+    # stringprep, ~0.6 MB and five mappings more in the supervisor, page tables every
+    # fork copies). config.parse_host admits only ASCII names with labels of 1-63
+    # characters, which idna leaves as they are.
+    ascii_host = host.encode("ascii")
+    for family, _, _, _, sockaddr in socket.getaddrinfo(ascii_host, port, type=socket.SOCK_STREAM):
         address = (int(family), tuple(sockaddr))
         if address not in addresses:
             addresses.append(address)
@@ -468,7 +472,7 @@ def _preload_serve(options: Options, log: Logger, counters: memoryview, rounds: 
     for the relay to write; the 1 ms idle timeout then ends each relay, since the
     upstream can never answer. (Only the warm-up's options carry that timeout.)
     """
-    warm_options = dataclasses.replace(options, idle_timeout=0.001, connect_retries=0)
+    warm_options = options.replace(idle_timeout=0.001, connect_retries=0)
     with (
         socket.create_server(("127.0.0.1", 0), backlog=rounds) as upstream_listener,
         socket.create_server(("127.0.0.1", 0), backlog=1) as client_listener,
@@ -480,7 +484,9 @@ def _preload_serve(options: Options, log: Logger, counters: memoryview, rounds: 
         prepared = prepared_lines(warm_log, link)
         addresses: list[Address] = [(int(socket.AF_INET), target)]
         for _ in range(rounds):
-            with socket.create_connection(client_listener.getsockname()) as client_peer:
+            # Not create_connection: its getaddrinfo would import the idna codec (lookup()).
+            with socket.socket() as client_peer:
+                client_peer.connect(client_listener.getsockname())
                 fd, address = client_listener._accept()  # type: ignore[attr-defined]
                 client_peer.sendall(b"PING\r\n")
                 client_peer.shutdown(socket.SHUT_WR)

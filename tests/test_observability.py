@@ -649,8 +649,8 @@ def test_metrics_values_match_the_traffic_and_promtool_accepts_them(
 
 def test_metrics_count_lookups_that_failed_or_moved_a_name() -> None:
     """The resolver's counts per link, as the metrics process renders a status reply."""
-    stats = LinkStats(resolve_failures=3, address_changes=2)
-    status = {"links": {"db": {**vars(stats), "active": 0}},
+    stats = {**vars(LinkStats()), "resolve_failures": 3, "address_changes": 2, "active": 0}
+    status = {"links": {"db": stats},
               "duration_buckets": list(DURATION_BUCKETS), "listeners": []}
     samples = {(metric.name, sample.labels.get("link")): sample.value
                for metric in render_metrics(status) for sample in metric.samples}
@@ -663,7 +663,7 @@ def test_the_cpu_counter_never_goes_down(monkeypatch: pytest.MonkeyPatch) -> Non
     sum before its CPU reaches the exited total: for one scrape the sum is lower. The
     supervisor's two replies are given here; that moment cannot be hit on purpose."""
     def reply(exited_cpu: float) -> dict[str, Any]:
-        stats = {**vars(LinkStats(cpu_seconds=exited_cpu)), "active": 0}
+        stats = {**vars(LinkStats()), "cpu_seconds": exited_cpu, "active": 0}
         return {"links": {"db": stats}, "duration_buckets": list(DURATION_BUCKETS),
                 "listeners": []}
 

@@ -28,7 +28,8 @@ from forkproxy.supervisor import Supervisor
 from conftest import FORKPROXY, Proxy, TcpServer, echo, need
 
 ROOT = Path(forkproxy.__file__).resolve().parent.parent
-HEAVY = ("threading", "logging", "psutil", "typer", "click", "prometheus_client", "random")
+HEAVY = ("threading", "logging", "psutil", "typer", "click", "prometheus_client", "random",
+         "typing", "dataclasses", "inspect")
 
 
 def test_the_forking_process_imports_nothing_heavy() -> None:
@@ -42,6 +43,24 @@ def test_the_forking_process_imports_nothing_heavy() -> None:
     modules = set(out.stdout.split())
     assert "forkproxy.supervisor" in modules
     assert modules.isdisjoint(HEAVY), modules & set(HEAVY)
+
+
+def test_a_serving_supervisor_maps_no_extension_it_does_not_need(
+    start_proxy: Callable[..., Proxy],
+    tcp_server: Callable[[Callable[[socket.socket], None]], TcpServer],
+) -> None:
+    """Each mapping is copied by every fork and torn down by every child's exit. A str
+    given to getaddrinfo (at start, for the target) imports the idna codec and with it
+    unicodedata; dataclasses brought _opcode (docs/benchmarks.md)."""
+    server = tcp_server(echo)
+    proxy = start_proxy(f"127.0.0.1:0=127.0.0.1:{server.port}")
+    with socket.create_connection(("127.0.0.1", proxy.port)) as client:
+        client.sendall(b"x")
+        assert client.recv(1) == b"x"
+    maps = Path(f"/proc/{proxy.pid}/maps").read_text()
+    assert "_socket." in maps  # the check sees extension modules
+    for name in ("unicodedata.", "_opcode.", "_ssl.", "_hashlib."):
+        assert name not in maps, name
 
 
 def test_serving_supervisor_is_one_thread_and_keeps_its_pid(
