@@ -66,6 +66,7 @@ SOCK_STREAM = int(socket.SOCK_STREAM)
 SOL_SOCKET, SO_ERROR, SO_LINGER = int(socket.SOL_SOCKET), socket.SO_ERROR, socket.SO_LINGER
 IPPROTO_TCP, TCP_NODELAY = int(socket.IPPROTO_TCP), socket.TCP_NODELAY
 SHUT_WR = int(socket.SHUT_WR)
+MSG_PEEK, MSG_DONTWAIT = int(socket.MSG_PEEK), int(socket.MSG_DONTWAIT)
 POLLIN, POLLOUT = select.POLLIN, select.POLLOUT
 POLLERR, POLLHUP = select.POLLERR, select.POLLHUP
 SIGALRM = int(signal.SIGALRM)
@@ -382,6 +383,15 @@ def pump(
                 if deadlines:
                     deadline, outcome = min(deadlines)
                     if deadline <= now:
+                        # The cut: a direction that loses bytes here (read and not yet
+                        # written, or still unread from its source) ends toward its
+                        # receiver with an RST, as the kernel ends a socket closed with
+                        # unread data; a FIN would present the truncated stream as
+                        # complete. A direction that loses nothing gets the usual FIN.
+                        losing = [flow.dst for flow in (up, down)
+                                  if flow.pending or (not flow.eof and _unread(flow.src))]
+                        for receiver in losing:  # all judged first: a reset closes a source
+                            reset(receiver)
                         return outcome
                     timeout_ms = int((deadline - now) * 1000) + 1
             # The client and upstream branches mirror each other, written out rather than
@@ -505,6 +515,14 @@ def prepared_lines(log: Logger, link: Link) -> tuple[str | None, str | None]:
                     bytes_up=SLOT_INT, bytes_down=SLOT_INT, duration=SLOT_SECONDS,
                     outcome=SLOT),
     )
+
+
+def _unread(sock: RawSocket) -> bool:
+    """Whether bytes wait in the socket's receive queue (a peek: nothing is taken)."""
+    try:
+        return bool(sock.recv(1, MSG_PEEK | MSG_DONTWAIT))
+    except OSError:  # none waiting (EAGAIN), or the socket is broken: nothing to lose
+        return False
 
 
 def reset(sock: RawSocket) -> None:

@@ -574,6 +574,107 @@ def test_halfclose_timeout_lets_a_reply_that_comes_within_it_through(
     assert "halfclose-timeout" not in proxy.log()
 
 
+def read_until_closed(sock: socket.socket, timeout: float = 20.0) -> tuple[int, str]:
+    """Read everything; (bytes read, "fin" or "rst": how the peer ended)."""
+    sock.settimeout(timeout)
+    total = 0
+    try:
+        while data := sock.recv(1 << 20):
+            total += len(data)
+    except ConnectionResetError:
+        return total, "rst"
+    return total, "fin"
+
+
+def test_idle_timeout_resets_a_client_whose_reply_it_could_not_deliver(
+    start_proxy: StartProxy, tcp_server: ServerFactory
+) -> None:
+    """A reader too slow to take any byte is idle (as with socat -T), and the cut drops
+    the reply's rest: the client must see a reset, not an EOF that passes the truncated
+    reply off as complete."""
+    reply = os.urandom(16 * MiB)  # far more than the socket buffers on the way hold
+    sent = threading.Event()
+
+    def big_reply(conn: socket.socket) -> None:
+        conn.recv(16)
+        with contextlib.suppress(OSError):  # the cut resets us too (unread data)
+            conn.sendall(reply)
+        sent.set()
+
+    server = tcp_server(big_reply)
+    proxy = start_proxy("--idle-timeout", "1", f"127.0.0.1:0=127.0.0.1:{server.port}")
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # takes little
+        sock.connect(("127.0.0.1", proxy.port))
+        sock.sendall(b"GET")
+        assert wait_for(lambda: "outcome=idle-timeout" in proxy.log(), 20)
+        got, ending = read_until_closed(sock)
+    assert got < len(reply)
+    assert ending == "rst", f"{got} of {len(reply)} bytes, then a clean EOF"
+
+
+def test_idle_timeout_resets_an_upstream_whose_request_it_could_not_deliver(
+    start_proxy: StartProxy, tcp_server: ServerFactory
+) -> None:
+    """The same the other way: an upstream that reads nothing until the cut gets the
+    request's first part and then a reset, not an EOF."""
+    request = os.urandom(16 * MiB)
+    endings: list[tuple[int, str]] = []
+    cut = threading.Event()
+
+    def reads_late(conn: socket.socket) -> None:
+        cut.wait(30)
+        endings.append(read_until_closed(conn))
+
+    server = tcp_server(reads_late)
+    proxy = start_proxy("--idle-timeout", "1", f"127.0.0.1:0=127.0.0.1:{server.port}")
+    with connect(proxy.port) as sock:
+        sock.settimeout(30)
+        with contextlib.suppress(OSError):  # the proxy stops taking bytes: we are reset
+            sock.sendall(request)
+        assert wait_for(lambda: "outcome=idle-timeout" in proxy.log(), 20)
+        cut.set()
+        assert wait_for(lambda: bool(endings), 30)
+    [(got, ending)] = endings
+    assert got < len(request)
+    assert ending == "rst", f"{got} of {len(request)} bytes, then a clean EOF"
+
+
+def test_a_cut_that_loses_nothing_still_ends_with_a_fin(
+    start_proxy: StartProxy, tcp_server: ServerFactory
+) -> None:
+    """Idle and half-close cuts with nothing in flight close as before: with a FIN."""
+    endings: list[tuple[int, str]] = []
+    release = threading.Event()
+
+    def answers_then_reads(conn: socket.socket) -> None:
+        conn.sendall(conn.recv(16))
+        endings.append(read_until_closed(conn))
+
+    def answers_then_keeps_open(conn: socket.socket) -> None:
+        conn.sendall(conn.recv(16))
+        release.wait(30)
+
+    idle_server = tcp_server(answers_then_reads)
+    half_server = tcp_server(answers_then_keeps_open)
+    idle = start_proxy("--idle-timeout", "1", f"127.0.0.1:0=127.0.0.1:{idle_server.port}")
+    half = start_proxy("--halfclose-timeout", "1", f"127.0.0.1:0=127.0.0.1:{half_server.port}")
+    try:
+        with connect(idle.port) as sock:
+            assert exchange(sock, b"ping") == b"ping"
+            assert read_until_closed(sock) == (0, "fin")
+        assert wait_for(lambda: bool(endings))
+        assert endings == [(0, "fin")]  # the upstream's side of the idle cut
+        with connect(half.port) as sock:
+            assert exchange(sock, b"ping") == b"ping"
+            sock.shutdown(socket.SHUT_WR)
+            assert read_until_closed(sock) == (0, "fin")  # the upstream never finished
+    finally:
+        release.set()
+    assert wait_for(lambda: "outcome=idle-timeout" in idle.log())
+    assert wait_for(lambda: "outcome=halfclose-timeout" in half.log())
+
+
 # -- --connect-timeout, --connect-retries, upstream restarts ----------------------------
 
 
