@@ -31,6 +31,11 @@ class Logger:
             return
         self._write(self._render(level, event, fields, _stamp(), os.getpid()))
 
+    def emit_requested(self, event: str, fields: dict[str, object]) -> None:
+        """An info line someone asked for (SIGUSR1's status table): written whatever the
+        verbosity, and still marked info, so that alerts on warnings do not fire on it."""
+        self._write(self._render(INFO, event, fields, _stamp(), os.getpid()))
+
     def prepare(self, level: int, event: str, **fields: object) -> str | None:
         """This event's line (at a level that is logged) rendered now, but for the time,
         the pid and the fields whose values are slots (SLOT, SLOT_INT, SLOT_SECONDS);

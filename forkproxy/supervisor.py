@@ -41,7 +41,7 @@ from .config import (
     peer_text,
 )
 from .listeners import Listener
-from .log import DEBUG, INFO, WARNING, Logger
+from .log import DEBUG, WARNING, Logger
 from .relay import Address, RawSocket
 
 ACCEPT_BATCH = 64  # accepts per wakeup, so signals and reaping get their turn in a burst
@@ -625,12 +625,11 @@ class Supervisor:
 
     def handle_usr1(self) -> None:
         """The status table in the log; asked for explicitly, so written even with -q."""
-        level = max(INFO, self.log.level)
         snapshot = self.accounting.snapshot()
         links: dict[str, dict[str, object]] = snapshot["links"]  # type: ignore[assignment]
         for listener in self.listeners:
             stats = links.get(listener.link.name, {})
-            self.log.emit(level, "status-link", {
+            self.log.emit_requested("status-link", {
                 "listen": listener.describe(), "active": stats.get("active", 0),
                 "total": stats.get("connections", 0),
                 "upstream_failures": stats.get("upstream_failures", 0),
@@ -639,7 +638,7 @@ class Supervisor:
         for child in snapshot["children"]:  # type: ignore[attr-defined]
             fields = dict(child)
             fields["child_pid"] = fields.pop("pid")  # `pid` is the logging process's own
-            self.log.emit(level, "status-connection", fields)
+            self.log.emit_requested("status-connection", fields)
 
     # -- names -------------------------------------------------------------------------
 

@@ -784,6 +784,25 @@ def test_sigusr1_writes_links_and_live_connections_to_the_log(
     assert proxy.proc.poll() is None
 
 
+@pytest.mark.parametrize("quiet", ["-q", "-qq"])
+def test_sigusr1_writes_the_table_at_info_even_when_quiet(
+    start_proxy: StartProxy, tcp_server: MakeServer, env: dict[str, str], quiet: str,
+) -> None:
+    """Asked for, so written with -q and -qq; still info, so alerts on warnings and
+    errors do not fire on it (it was logged at the verbosity's own level)."""
+    server = tcp_server(echo)
+    proxy = start_proxy(quiet, f"127.0.0.1:0=127.0.0.1:{server.port}", env=env)
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=30) as client:
+        client.sendall(b"x")
+        assert recv_exact(client, 1) == b"x"
+        proxy.signal(signal.SIGUSR1)
+        records = poll(lambda: [parse_text_line(line) for line in proxy.log().splitlines()],
+                       lambda found: {"status-link", "status-connection"}
+                       <= {r["event"] for r in found})
+    table = [r for r in records if r["event"].startswith("status-")]
+    assert {r["level"] for r in table} == {"info"}, table
+
+
 def test_sigusr1_to_the_whole_process_group_spares_connections_and_metrics(
     start_proxy: StartProxy, tcp_server: MakeServer, env: dict[str, str],
 ) -> None:
