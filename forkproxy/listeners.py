@@ -47,9 +47,10 @@ class Listener:
 
 
 class HeldBacklog:
-    """Clients a stopping supervisor took off a listener's backlog while --max-children
-    children were running: accepted (so closing the listener does not reset them), and
-    served as slots free up during the grace period.
+    """Accepted clients waiting for a child: those a stopping supervisor took off a
+    listener's backlog while --max-children children were running (accepted, so closing
+    the listener does not reset them), and one whose fork failed (a pids limit). Served
+    as slots free up or forks succeed again; closed when the grace period ends.
 
     Stands in for the Listener in the supervisor's accept loop: `sock._accept()` hands the
     clients out in order, `waiting(0)` tells whether any are left.

@@ -407,7 +407,7 @@ class Supervisor:
                 try:
                     pid = fork()
                 except OSError as exc:
-                    self._fork_failed(listener, fd, base, exc)
+                    self._fork_failed(listener, fd, address, base, exc)
                     return
                 if pid == 0:
                     # The child's whole life, written out here rather than in a method:
@@ -456,9 +456,15 @@ class Supervisor:
     def _accept_failed(self, listener: Listener | listeners.HeldBacklog, exc: OSError) -> None:
         self._pause_accepting("accept-failed", listener, exc)
 
-    def _fork_failed(self, listener: Listener | listeners.HeldBacklog, fd: int, base: int,
-                     exc: OSError) -> None:
-        os.close(fd)  # that client sees EOF: no child to serve it
+    def _fork_failed(self, listener: Listener | listeners.HeldBacklog, fd: int,
+                     address: tuple[str, int], base: int, exc: OSError) -> None:
+        """No child for this client (a pids limit, no memory): hold it, first in line for
+        the next fork, which comes when a child exits or the pause ends."""
+        client = (fd, address)
+        if isinstance(listener, listeners.HeldBacklog):
+            listener.clients.appendleft(client)  # it was already held: keep its place
+        else:
+            self.held.append(listeners.HeldBacklog(listener, [client]))
         self.accounting.slots.release(base)
         self._pause_accepting("fork-failed", listener, exc)
 
@@ -560,9 +566,12 @@ class Supervisor:
                       outcome="killed", status=describe_status(status), child_pid=pid)
 
     def serve_held(self) -> None:
-        """Fork for held clients while there is room under --max-children."""
+        """Fork for held clients, in the order they were held, while there is room under
+        --max-children and forks succeed."""
         for held in self.held:
             self._accept_handler(held)(POLLIN, self.options.max_children)
+            if held.clients:
+                break  # no room, or a fork failed: the ones after it wait their turn
         self.held = [held for held in self.held if held.clients]
 
     def handle_stop(self, signum: int) -> None:
@@ -599,6 +608,8 @@ class Supervisor:
             self.start_metrics()
         if self.resume_at is not None and now >= self.resume_at:
             self.resume_at = None
+            if self.held:  # a client whose fork failed goes before the backlog
+                self.serve_held()
             self.update_accepting()
         if self.control_at is not None and now >= self.control_at and self.control is not None:
             self.control_at = None

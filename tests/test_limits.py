@@ -907,12 +907,60 @@ def test_accept_resource_errors_pause_accepting_briefly_then_resume(
         assert sup.accepting and fake.calls == 2
 
 
+@pytest.fixture
+def pids_cgroup() -> Iterator[Path]:
+    """A fresh pids cgroup (v1 `pids` hierarchy, or v2 with the pids controller) where
+    fork fails for real, with EAGAIN, past `pids.max`; removed once its processes exit."""
+    v1 = Path("/sys/fs/cgroup/pids")
+    v2 = Path("/sys/fs/cgroup")
+    if v1.is_dir():
+        parent = v1
+    elif "pids" in (v2 / "cgroup.subtree_control").read_text().split():
+        parent = v2
+    else:
+        pytest.fail("no pids cgroup controller: this test needs one (root, cgroup v1 or v2)")
+    group = parent / f"forkproxy-test-{os.getpid()}-{time.monotonic_ns()}"
+    group.mkdir()
+    try:
+        yield group
+    finally:
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                group.rmdir()
+                break
+            except OSError:  # EBUSY while its last processes exit
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+
+
+def test_a_client_whose_fork_failed_is_held_and_served_when_a_child_exits(
+    pids_cgroup: Path, start_proxy: StartProxy, tcp_server: ServerFactory
+) -> None:
+    """At a pids limit (a container's pids.max) the fork for a new client fails with
+    EAGAIN: the client is held, not closed, and served by the next fork that works."""
+    server = tcp_server(echo)
+    (pids_cgroup / "pids.max").write_text("2")  # the supervisor and one child
+    enter = ("sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', str(pids_cgroup))
+    proxy = start_proxy(f"127.0.0.1:0=127.0.0.1:{server.port}", prefix=enter)
+    with connect(proxy.port) as first, connect(proxy.port) as second:
+        assert exchange(first, b"first") == b"first"  # its child is the one allowed
+        second.sendall(b"second")
+        assert wait_for(lambda: "fork-failed" in proxy.log())
+        assert not closed_by_peer(second, 1)  # held: neither closed nor served
+        first.close()  # its child exits: the held client gets the next fork
+        second.settimeout(15)
+        assert recv_exact(second, len(b"second")) == b"second"
+        assert exchange(second, b" again") == b" again"
+
+
 def test_fork_failures_pause_accepting_and_are_logged_once_with_a_count(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    """At a pids limit every fork fails with EAGAIN, ten times a second at the backoff:
-    one fork-failed line per ERROR_LOG_EVERY, with the count, like accept-failed. fork is
-    made to fail here: root is not bound by RLIMIT_NPROC."""
+    """While every fork fails with EAGAIN, ten times a second at the backoff: one
+    fork-failed line per ERROR_LOG_EVERY, with the count, like accept-failed, and each
+    client held. fork is made to fail here, at will, for the count."""
     def no_fork() -> int:
         raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
 
@@ -933,9 +981,14 @@ def test_fork_failures_pause_accepting_and_are_logged_once_with_a_count(
             sup.handle_accept(listener)
             assert sup.resume_at is not None and not sup.accounting.children
             sup.resume_at = None  # as if the backoff were over
+        assert sum(len(held.clients) for held in sup.held) == 5
         for client in clients:
-            client.settimeout(10)
-            assert client.recv(1) == b""  # closed: no child could be made to serve it
+            client.setblocking(False)
+            with pytest.raises(BlockingIOError):
+                client.recv(1)  # held: not closed (a real pids limit: the test above)
+        for held in sup.held:
+            held.close()
+        for client in clients:
             client.close()
         log_file.seek(0)
         lines = [line for line in log_file.read().splitlines() if b"fork-failed" in line]
