@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import socket
+import struct
 import time
 from typing import Any
 
@@ -45,11 +46,14 @@ def find_socket(path: str | None) -> str:
 
 
 def request(path: str, command: str, timeout: float = 5.0) -> dict[str, Any]:
-    """Send one command, return the supervisor's reply."""
+    """Send one command, return the supervisor's reply, with `pid_here`: the supervisor's
+    pid as this process sees it (SO_PEERCRED; 0 when it is in no PID namespace of ours),
+    which differs from the reply's `pid` when it runs in another (a container's)."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         try:
             sock.connect(path)
+            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
             sock.sendall(json.dumps({"command": command}).encode() + b"\n")
             chunks = []
             while chunk := sock.recv(65536):
@@ -62,15 +66,47 @@ def request(path: str, command: str, timeout: float = 5.0) -> dict[str, Any]:
         raise StatusError(f"unreadable answer on {path}") from None
     if not isinstance(reply, dict):
         raise StatusError(f"unreadable answer on {path}")
+    reply["pid_here"] = struct.unpack("3i", creds)[0]
     return reply
 
 
+def _pids_here(status: dict[str, Any]) -> dict[int, int]:
+    """The children's pids as the supervisor sees them -> as this process sees them.
+
+    The same numbers when both are in one PID namespace. From another (the supervisor
+    in a container, `status` on the host), each child of the supervisor's is matched by
+    the last field of its NSpid line, its pid in the innermost namespace; psutil given
+    the container's numbers would read unrelated processes of this namespace.
+    """
+    pids = [child["pid"] for child in status.get("children", [])]
+    here = status.get("pid_here", status.get("pid"))
+    if here == status.get("pid"):
+        return {pid: pid for pid in pids}
+    mapping: dict[int, int] = {}
+    if not here:
+        return mapping  # the supervisor is not visible from here: nothing to read
+    with contextlib.suppress(psutil.Error):
+        for process in psutil.Process(here).children():
+            try:
+                with open(f"/proc/{process.pid}/status") as handle:
+                    nspid = next(line for line in handle if line.startswith("NSpid:"))
+            except (OSError, StopIteration):  # exited meanwhile; no NSpid before Linux 4.1
+                continue
+            mapping[int(nspid.split()[-1])] = process.pid
+    return mapping
+
+
 def enrich(status: dict[str, Any]) -> dict[str, Any]:
-    """Add psutil's readings (RSS, USS, CPU seconds) to each live connection."""
+    """Add psutil's readings (RSS, USS, CPU seconds) to each live connection, and its
+    pid as this process sees it (`pid_here`, None if not visible from here)."""
+    pids_here = _pids_here(status)
     for child in status.get("children", []):
-        child.update(rss=None, uss=None, cpu=None)
+        here = pids_here.get(child["pid"])
+        child.update(pid_here=here, rss=None, uss=None, cpu=None)
+        if here is None:
+            continue
         with contextlib.suppress(psutil.Error):
-            process = psutil.Process(child["pid"])
+            process = psutil.Process(here)
             with process.oneshot():
                 memory = process.memory_full_info()
                 times = process.cpu_times()

@@ -402,6 +402,32 @@ def test_bulk_byte_counts_are_exact_in_every_relay_mode(
 # -- check --------------------------------------------------------------------------------
 
 
+def test_status_from_outside_the_supervisors_pid_namespace_reads_the_right_children(
+    start_proxy: StartProxy, tcp_server: MakeServer, tmp_path: Path, env: dict[str, str],
+) -> None:
+    """The supervisor as PID 1 of its own namespace (a container), `status` run outside
+    it (on the host, through a mounted socket): the children's pids in the reply are the
+    container's, and psutil given them here read unrelated processes (pid 2 is kthreadd
+    here: RSS 0). They are matched to this namespace's pids first."""
+    server = tcp_server(echo)
+    sock_path = tmp_path / "status.sock"
+    contained = (need("unshare"), "--pid", "--fork", "--kill-child", "--mount-proc")
+    proxy = start_proxy("--status-socket", str(sock_path),
+                        f"127.0.0.1:0=127.0.0.1:{server.port}", env=env, prefix=contained)
+    [supervisor] = psutil.Process(proxy.pid).children()  # unshare's child: PID 1 inside
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=30) as client:
+        client.sendall(b"x")
+        assert recv_exact(client, 1) == b"x"
+        reply = poll(lambda: status_json(sock_path, env), lambda r: len(r["children"]) == 1)
+        [child] = reply["children"]
+        [relay_child] = supervisor.children()
+    assert (reply["pid"], reply["pid_here"]) == (1, supervisor.pid)
+    assert child["pid"] != relay_child.pid  # the container's number for it
+    assert child["pid_here"] == relay_child.pid
+    assert child["rss"] > 1 << 20, child  # a forked Python, not a kernel thread
+    assert 0 < child["uss"] <= child["rss"]
+
+
 def test_status_shows_the_addresses_a_name_resolves_to(
     start_proxy: StartProxy, redis: Redis, tmp_path: Path, env: dict[str, str],
 ) -> None:
