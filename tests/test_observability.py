@@ -677,6 +677,26 @@ def test_the_cpu_counter_never_goes_down(monkeypatch: pytest.MonkeyPatch) -> Non
     assert seen == [5.92, 5.92, 6.10]
 
 
+def test_a_link_configured_again_starts_its_cpu_counter_at_zero(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The counter's floor is per link name: a reload removes `db`, a later one brings it
+    back with fresh totals, and its CPU counter must start again too, not stay held up."""
+    def reply(cpu_seconds: float | None) -> dict[str, Any]:
+        links = {} if cpu_seconds is None else {
+            "db": {**vars(LinkStats()), "cpu_seconds": cpu_seconds, "active": 0}}
+        return {"links": links, "duration_buckets": list(DURATION_BUCKETS), "listeners": []}
+
+    replies = iter([reply(5.92), reply(None), reply(0.25)])
+    monkeypatch.setattr(fp_metrics, "request", lambda path, command: next(replies))
+    collector = fp_metrics.SupervisorCollector("unused")
+    seen = []
+    for _ in range(3):
+        [cpu] = [m for m in collector.collect() if m.name == "forkproxy_children_cpu_seconds"]
+        seen += [sample.value for sample in cpu.samples if sample.name.endswith("_total")]
+    assert seen == [5.92, 0.25]
+
+
 def test_the_metrics_process_imports_nothing_from_the_current_directory(
     tmp_path: Path, redis: Redis, env: dict[str, str],
 ) -> None:
