@@ -69,7 +69,8 @@ class Slots:
 
 
 class LinkStats:
-    """Totals for one link name; they survive its children and reloads.
+    """Totals for one link name; they survive its children, and reloads that keep the name
+    (a reload that drops it drops them too, with its last live child: `Accounting.retire`).
 
     Live children are counted in `snapshot()` only (`connections` and `active` there
     include them): the fork path records the child and nothing else (see
@@ -114,6 +115,9 @@ class Accounting:
         self.slots = Slots(slots)
         self.children: dict[int, ChildRecord] = {}
         self.links: dict[str, LinkStats] = {}
+        # Links a reload removed that still have live children: name -> how many. A count
+        # rather than a scan of `children` on every reap (see retire and finished).
+        self.retiring: dict[str, int] = {}
         self.outcome_names = outcome_names
         self.orphans_reaped = 0
 
@@ -126,6 +130,23 @@ class Accounting:
     def denied(self, link: Link) -> None:
         self.stats(link).denied += 1
 
+    def retire(self, configured: set[str]) -> None:
+        """After a reload: forget the totals of the links not in `configured` (names), at
+        once when they have no live child, else when their last one is reaped. A reload
+        only; not the fork path, which never sees a link that is not configured."""
+        live: dict[str, int] = {}
+        for link, _, _, _ in self.children.values():
+            live[link.name] = live.get(link.name, 0) + 1
+        # From scratch: a name configured again before its last child exited stays.
+        self.retiring = {}
+        for name in list(self.links):
+            if name in configured:
+                continue
+            if name in live:
+                self.retiring[name] = live[name]
+            else:
+                del self.links[name]
+
     def finished(self, pid: int, status: int, cpu_seconds: float) -> ChildRecord | None:
         """Fold a reaped child into its link's totals; None when it was not ours."""
         record = self.children.pop(pid, None)
@@ -133,7 +154,11 @@ class Accounting:
             self.orphans_reaped += 1
             return None
         link, _, base, started = record
-        stats = self.stats(link)
+        name = link.name
+        # A removed link's totals are still here: retire() keeps them while it has live
+        # children, so this never brings a stale entry back (stats() makes them for a
+        # link that never had any, as tests' children do).
+        stats = self.links.get(name) or self.stats(link)
         counters = self.slots.counters
         stats.connections += 1
         stats.bytes_up += counters[base]
@@ -154,6 +179,12 @@ class Accounting:
                 stats.duration_buckets[index] += 1
                 break
         self.slots.release(base)
+        left = self.retiring.get(name)  # the reap path's one lookup more
+        if left is not None:  # a reload removed its link: gone with its last child
+            if left > 1:
+                self.retiring[name] = left - 1
+            else:
+                del self.retiring[name], self.links[name]
         return record
 
     def snapshot(self) -> dict[str, object]:

@@ -72,9 +72,14 @@ def render(status: dict[str, Any], cpu_seen: dict[str, float] | None = None) -> 
     kept up to date here so that the counter never goes down (Prometheus reads that as a
     restart, and rate() jumps). It could by a hair: a child that exits between the status
     reply and psutil's reading leaves the live sum before its CPU reaches the exited total.
+    Links missing from the reply are dropped from it.
     """
     cpu_seen = {} if cpu_seen is None else cpu_seen
     links: dict[str, dict[str, Any]] = status.get("links", {})
+    for name in cpu_seen.keys() - links.keys():
+        # Gone (a reload removed it): were it configured again, its totals start at 0, and
+        # the floor of its old series would hold its CPU counter up.
+        del cpu_seen[name]
     live = _children_by_link(status)
     bounds = status.get("duration_buckets", [])
     up = GaugeMetricFamily("forkproxy_up", "1 when the supervisor answered this scrape")

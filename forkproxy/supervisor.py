@@ -816,6 +816,9 @@ class Supervisor:
         for item in kept:
             self._prepare_relay(item)
             self.accounting.stats(item.link)
+        # A link no longer configured (or renamed: its name is its sources') leaves status
+        # and metrics with its last live connection, rather than staying there for good.
+        self.accounting.retire({item.link.name for item in kept})
         self._arm_resolve_timer()
         self.start_resolver()
         for warning in table.warnings:

@@ -62,3 +62,41 @@ def test_an_exit_code_is_an_outcome(code: int, outcome: str) -> None:
     assert accounting.finished(4242, code << 8, 0.0) is not None  # a wait status
     assert accounting.stats(link).outcomes == {outcome: 1}
     assert accounting.stats(link).upstream_failures == (outcome == "connect-failed")
+
+
+def link_named(name: str, port: int) -> Link:
+    return Link("127.0.0.1", port, Endpoint("127.0.0.1", 6379), (name,))
+
+
+def test_a_link_a_reload_removed_goes_with_its_last_connection() -> None:
+    """Its totals stay (and count) while its children run, and go with the last one: the
+    late reap of a removed link's child used to bring its stale entry back."""
+    accounting = Accounting(4, relay.OUTCOMES)
+    kept, gone, idle = link_named("kept", 1), link_named("gone", 2), link_named("idle", 3)
+    for link in (kept, gone, idle):
+        accounting.stats(link)
+    accounting.stats(kept).connections = 5
+    for pid in (11, 12):
+        accounting.children[pid] = (gone, ("127.0.0.1", pid), accounting.slots.take(), 0.0)
+
+    accounting.retire({kept.name})
+    assert set(accounting.links) == {"kept", "gone"}  # idle had no connection: gone at once
+    assert accounting.finished(11, relay.CLOSED << 8, 0.0) is not None
+    assert accounting.links["gone"].connections == 1
+    snapshot = accounting.snapshot()["links"]
+    assert isinstance(snapshot, dict) and snapshot["gone"]["active"] == 1
+    accounting.finished(12, relay.CLOSED << 8, 0.0)
+    assert set(accounting.links) == {"kept"} and accounting.retiring == {}
+    assert set(accounting.snapshot()["links"]) == {"kept"}  # type: ignore[arg-type]
+    assert accounting.links["kept"].connections == 5
+
+
+def test_a_link_configured_again_before_its_last_connection_ends_keeps_its_totals() -> None:
+    accounting = Accounting(4, relay.OUTCOMES)
+    link = link_named("db", 1)
+    accounting.stats(link).connections = 3
+    accounting.children[11] = (link, ("127.0.0.1", 11), accounting.slots.take(), 0.0)
+    accounting.retire(set())  # removed by one reload ...
+    accounting.retire({"db"})  # ... and back with the next
+    accounting.finished(11, relay.CLOSED << 8, 0.0)
+    assert accounting.links["db"].connections == 4

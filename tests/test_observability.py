@@ -33,7 +33,7 @@ from forkproxy.accounting import DURATION_BUCKETS, LinkStats
 from forkproxy.log import INFO, SLOT, SLOT_INT, SLOT_SECONDS, Logger, _stamp
 from forkproxy.metrics import render as render_metrics
 
-from conftest import FORKPROXY, Proxy, Redis, TcpServer, echo, need, recv_all
+from conftest import FORKPROXY, Proxy, Redis, TcpServer, echo, free_port, need, recv_all
 
 T = TypeVar("T")
 MiB = 1 << 20
@@ -703,6 +703,26 @@ def test_the_cpu_counter_never_goes_down(monkeypatch: pytest.MonkeyPatch) -> Non
     assert seen == [5.92, 5.92, 6.10]
 
 
+def test_a_link_configured_again_starts_its_cpu_counter_at_zero(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The counter's floor is per link name: a reload removes `db`, a later one brings it
+    back with fresh totals, and its CPU counter must start again too, not stay held up."""
+    def reply(cpu_seconds: float | None) -> dict[str, Any]:
+        links = {} if cpu_seconds is None else {
+            "db": {**vars(LinkStats()), "cpu_seconds": cpu_seconds, "active": 0}}
+        return {"links": links, "duration_buckets": list(DURATION_BUCKETS), "listeners": []}
+
+    replies = iter([reply(5.92), reply(None), reply(0.25)])
+    monkeypatch.setattr(fp_metrics, "request", lambda path, command: next(replies))
+    collector = fp_metrics.SupervisorCollector("unused")
+    seen = []
+    for _ in range(3):
+        [cpu] = [m for m in collector.collect() if m.name == "forkproxy_children_cpu_seconds"]
+        seen += [sample.value for sample in cpu.samples if sample.name.endswith("_total")]
+    assert seen == [5.92, 0.25]
+
+
 def test_the_metrics_process_imports_nothing_from_the_current_directory(
     tmp_path: Path, redis: Redis, env: dict[str, str],
 ) -> None:
@@ -760,6 +780,138 @@ def test_an_idle_tcp_client_does_not_block_scrapes(
         except OSError as exc:
             pytest.fail(f"scrape blocked behind an idle connection: {exc!r}")
     assert "forkproxy_up 1.0" in text
+
+
+# -- reload: links that go away ---------------------------------------------------------------
+
+
+def echo_round(sock: socket.socket, size: int) -> None:
+    """`size` random bytes to an echo upstream and back: exactly `size` bytes each way."""
+    data = os.urandom(size)
+    sock.sendall(data)
+    assert recv_exact(sock, size) == data
+
+
+def link_labels(found: Samples) -> set[str]:
+    """The links a scrape has series for."""
+    return {dict(labels)["link"] for _, labels in found if "link" in dict(labels)}
+
+
+def env_file_proxy(start_proxy: StartProxy, env_file: Path, sock_path: Path,
+                   env: dict[str, str], links: dict[str, int]) -> tuple[Proxy, str]:
+    """`serve --env-file` with status and metrics, its links {variable: upstream port} on
+    127.0.0.1; returns the proxy and its metrics URL."""
+    write_links(env_file, links)
+    proxy = start_proxy("--env-file", str(env_file), "--status-socket", str(sock_path),
+                        "--metrics", "127.0.0.1:0", expect=len(links) + 1, env=env)
+    return proxy, metrics_url(proxy)
+
+
+def write_links(env_file: Path, links: dict[str, int]) -> None:
+    env_file.write_text("".join(f"{name}=tcp://127.0.0.1:{port}\n"
+                                for name, port in links.items()))
+
+
+def reload(sock_path: Path, env: dict[str, str]) -> None:
+    result = cli("reload", "--status-socket", str(sock_path), env=env)
+    assert result.returncode == 0, result
+
+
+def test_a_link_a_reload_removed_leaves_status_and_metrics_with_its_last_connection(
+    start_proxy: StartProxy, tcp_server: MakeServer, tmp_path: Path, env: dict[str, str],
+) -> None:
+    """A removed link stayed in `status` and `/metrics` for good, its totals frozen: live
+    rewiring piled up dead series. It goes as soon as it has no live connection; one held
+    across the reload keeps it there, counting, until it closes. A kept link keeps its
+    totals."""
+    x, y, z = tcp_server(echo), tcp_server(echo), tcp_server(echo)
+    ports: list[int] = []
+    while len(ports) < 3:
+        ports += [port for port in [free_port()] if port not in ports]
+    kept, held_link, idle = (f"{alias}_PORT_{port}_TCP"
+                             for alias, port in zip("ABC", ports, strict=True))
+    env_file, sock_path = tmp_path / "links.env", tmp_path / "status.sock"
+    _, url = env_file_proxy(start_proxy, env_file, sock_path, env,
+                            {kept: x.port, held_link: y.port, idle: z.port})
+    for port in ports:
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            echo_round(sock, 100)
+    totals = {kept: 1, held_link: 1, idle: 1}
+    reply = poll(lambda: ask(sock_path), lambda reply: settled(reply, totals))
+    assert settled(reply, totals), reply
+    before = reply["links"][kept]
+    assert (before["bytes_up"], before["bytes_down"]) == (100, 100)
+
+    with socket.create_connection(("127.0.0.1", ports[1]), timeout=30) as held:
+        echo_round(held, 7)
+        write_links(env_file, {kept: x.port})
+        reload(sock_path, env)
+        # Gone at once when nothing of it is left; the held one's bytes still count.
+        echo_round(held, 5)
+        reply = poll(lambda: status_json(sock_path, env),
+                     lambda reply: reply["links"].get(held_link, {}).get("bytes_down") == 112)
+        links = reply["links"]
+        assert set(links) == {kept, held_link}, links
+        assert links[held_link]["active"] == 1 and links[held_link]["connections"] == 2
+        assert links[held_link]["bytes_up"] == links[held_link]["bytes_down"] == 112
+        assert [child["link"] for child in reply["children"]] == [held_link]
+        assert links[kept] == before
+        found = samples(scrape(url))
+        assert link_labels(found) == {kept, held_link}, found
+        assert value(found, "forkproxy_connections_active", link=held_link) == 1
+        assert value(found, "forkproxy_bytes_total", link=held_link, direction="upstream") == 112
+
+    # Its last connection is over: the removed link goes too, the kept one is as it was.
+    reply = poll(lambda: status_json(sock_path, env), lambda reply: len(reply["links"]) == 1)
+    assert reply["links"] == {kept: before}, reply["links"]
+    text = poll(lambda: scrape(url), lambda text: link_labels(samples(text)) == {kept})
+    found = samples(text)
+    assert link_labels(found) == {kept}, text
+    assert value(found, "forkproxy_connections_total", link=kept) == 1
+    assert value(found, "forkproxy_bytes_total", link=kept, direction="downstream") == 100
+    checked = promtool_check(text)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    # And the kept link counts on from its totals.
+    with socket.create_connection(("127.0.0.1", ports[0]), timeout=30) as sock:
+        echo_round(sock, 10)
+    reply = poll(lambda: ask(sock_path), lambda reply: settled(reply, {kept: 2}))
+    assert settled(reply, {kept: 2}) and set(reply["links"]) == {kept}, reply
+    assert reply["links"][kept]["bytes_up"] == 110
+
+
+def test_a_link_a_reload_renamed_starts_at_zero_and_its_old_name_goes(
+    start_proxy: StartProxy, tcp_server: MakeServer, tmp_path: Path, env: dict[str, str],
+) -> None:
+    """A link is named by its sources: a Compose alias added to the same target renames it
+    (`CACHE_PORT_P_TCP,DB_PORT_P_TCP`). The listener keeps its socket; the old name goes
+    like a removed link, with its last connection, and the new name counts from 0."""
+    x = tcp_server(echo)
+    port = free_port()
+    old, alias = f"DB_PORT_{port}_TCP", f"CACHE_PORT_{port}_TCP"
+    env_file, sock_path = tmp_path / "links.env", tmp_path / "status.sock"
+    _, url = env_file_proxy(start_proxy, env_file, sock_path, env, {old: x.port})
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        echo_round(sock, 100)
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as held:
+        echo_round(held, 7)
+        write_links(env_file, {old: x.port, alias: x.port})
+        reload(sock_path, env)
+        reply = ask(sock_path)
+        [listener] = reply["listeners"]
+        new = listener["link"]
+        assert sorted(new.split(",")) == sorted([old, alias]) and listener["port"] == port
+        assert reply["links"][new] == {**vars(LinkStats()), "active": 0}
+        assert reply["links"][old]["active"] == 1 and reply["links"][old]["connections"] == 2
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            echo_round(sock, 10)  # the same socket serves, under the new name
+        assert link_labels(samples(scrape(url))) == {old, new}
+
+    reply = poll(lambda: ask(sock_path), lambda reply: settled(reply, {new: 1})
+                 and set(reply["links"]) == {new})
+    assert settled(reply, {new: 1}) and set(reply["links"]) == {new}, reply
+    assert reply["links"][new]["bytes_up"] == reply["links"][new]["bytes_down"] == 10
+    found = poll(lambda: samples(scrape(url)), lambda found: link_labels(found) == {new})
+    assert link_labels(found) == {new}, found
 
 
 # -- SIGUSR1 ---------------------------------------------------------------------------------
