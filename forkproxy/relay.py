@@ -77,6 +77,14 @@ _DOWN_RESETS = (UPSTREAM_RESET, CLIENT_RESET)
 
 Address = tuple[int, tuple[object, ...]]  # (family, sockaddr) as getaddrinfo gives them
 
+# connect() errors that mean the upstream was reached and then reset the connection. With a
+# timeout, CPython connects non-blocking, polls, then reads SO_ERROR, so an RST that comes
+# after the handshake but before that read fails connect(). Linux (tcp_reset) reports such
+# an RST as ECONNRESET, or as EPIPE when the upstream's FIN came before it. The rest are
+# real connect failures, where nothing took the connection: ECONNREFUSED (an RST answering
+# our SYN), ETIMEDOUT (no answer), EHOSTUNREACH or ENETUNREACH (an ICMP error instead).
+_RESET_AFTER_CONNECT = (errno.ECONNRESET, errno.EPIPE)
+
 
 _NO_BUFFER = memoryview(bytearray())  # until a flow's first read allocates its own
 
@@ -244,6 +252,10 @@ def connect_upstream(
     of them failed: the name may point elsewhere now (a container recreated with a new
     address), and then this client still gets through, as with socat, and the caller
     tells the supervisor to look again.
+
+    Raises OSError when no address took the connection, and Ended(UPSTREAM_RESET, error)
+    when one took it and reset it before connect() returned: that upstream answered, so
+    there is nothing to retry.
     """
     error: OSError | None = None
     for attempt in range(retries + 1):
@@ -274,6 +286,9 @@ def connect_upstream(
                 except TimeoutError:
                     error = OSError(errno.ETIMEDOUT, os.strerror(errno.ETIMEDOUT))
                 except OSError as exc:
+                    if exc.errno in _RESET_AFTER_CONNECT:
+                        sock.close()
+                        raise Ended(UPSTREAM_RESET, exc) from None
                     error = exc
                 else:
                     sock.setblocking(False)
@@ -569,6 +584,26 @@ def serve(
         )
         client.close()
         return CONNECT_FAILED
+    except Ended as ended:
+        # The upstream took the connection and reset it before connect() returned: the same
+        # end as an RST just after the connect, which pump() reports as upstream-reset, and
+        # told the same way (open and close lines, the client reset). Not a connect failure:
+        # no retry, no connect-failed count, no re-resolving.
+        cause = ended.args[1]
+        if cause.errno == errno.EPIPE:
+            # Its FIN came before its RST: relayed in that order, as pump() relays them.
+            try:
+                client.shutdown(SHUT_WR)
+            except OSError:
+                pass  # the client is gone already
+        reset(client)
+        if log.level <= INFO:
+            client_text, upstream_text = peer_text(client_address), str(link.target)
+            log.info("open", link=link.name, client=client_text, upstream=upstream_text)
+            log.info("close", link=link.name, client=client_text, upstream=upstream_text,
+                     bytes_up=0, bytes_down=0, duration=time.monotonic() - started,
+                     outcome=OUTCOMES[UPSTREAM_RESET], error=cause.strerror or str(cause))
+        return UPSTREAM_RESET
     if looked_up and supervisor and os.getppid() == supervisor:
         # The name points elsewhere now: SIGALRM, the supervisor's "resolve now" (the
         # --resolve-every timer's signal), so that the clients after this one go straight
