@@ -7,6 +7,7 @@ nowhere else.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -285,6 +286,20 @@ def _is_supervisor(pid: int) -> bool:
                for i, arg in enumerate(argv))
 
 
+def _open_pidfd(pid: int) -> int | None:
+    """A descriptor for process `pid` (ProcessLookupError if there is none), or None where
+    there are no pidfds: Linux before 5.3 (ENOSYS), or a seccomp filter older than the
+    call (EPERM, which pidfd_open itself never returns)."""
+    try:
+        return os.pidfd_open(pid)
+    except OverflowError:  # beyond pid_t: no process has it
+        raise ProcessLookupError(errno.ESRCH, os.strerror(errno.ESRCH)) from None
+    except OSError as exc:
+        if exc.errno in (errno.ENOSYS, errno.EPERM):
+            return None
+        raise
+
+
 def _signal_supervisor(pid_file: str) -> int:
     """SIGHUP the forkproxy supervisor whose PID is in `pid_file`; its PID, or ReloadError."""
     try:
@@ -300,10 +315,20 @@ def _signal_supervisor(pid_file: str) -> int:
         raise ReloadError(f"{pid_file} holds {shown}, not a process id")
     pid = int(text)
     # A stale file may name a process that took the PID over; PID 1 is fine if it is ours.
+    # The descriptor is taken first: the process checked is then the process signalled,
+    # even if it exits and its PID goes to another one in between (the signal then fails).
     try:
-        if not _is_supervisor(pid):
-            raise ReloadError(f"pid {pid} (from {pid_file}) is not a forkproxy supervisor")
-        os.kill(pid, signal.SIGHUP)
+        pidfd = _open_pidfd(pid)
+        try:
+            if not _is_supervisor(pid):
+                raise ReloadError(f"pid {pid} (from {pid_file}) is not a forkproxy supervisor")
+            if pidfd is None:
+                os.kill(pid, signal.SIGHUP)  # no pidfds here: checked, then a PID signalled
+            else:
+                signal.pidfd_send_signal(pidfd, signal.SIGHUP)
+        finally:
+            if pidfd is not None:
+                os.close(pidfd)
     except (FileNotFoundError, ProcessLookupError):
         raise ReloadError(f"pid {pid} (from {pid_file}) is not running") from None
     except OSError as exc:

@@ -7,6 +7,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -421,6 +422,90 @@ def test_reload_pid_file_signals_a_supervisor_even_as_pid_1_and_nothing_else(
         assert proxy.stdout is not None
         proxy.stdout.close()
         shutil.rmtree(sock_dir, ignore_errors=True)
+
+
+# reload's check takes any ".../_serve.py --config-fd N" in a command line for forkproxy.
+# It prints a line once it runs: when Popen returns, its /proc/PID/cmdline may still be empty.
+FAKE_SUPERVISOR = [sys.executable, "-c", "import time; print(flush=True); time.sleep(60)",
+                   "/fake/_serve.py", "--config-fd", "3"]
+
+# Run as PID 1 of its own PID namespace: a fake supervisor passes reload's check, then exits
+# and its PID is handed to another process (ns_last_pid makes the kernel pick that number),
+# before the signal is sent. What the driver prints is checked by the test.
+PID_REUSE_DRIVER = f"FAKE_SUPERVISOR = {FAKE_SUPERVISOR!r}\n" + """
+import subprocess, sys
+from forkproxy import cli
+
+pid_file, sleep = sys.argv[1:]
+fake = subprocess.Popen(FAKE_SUPERVISOR, stdout=subprocess.PIPE)
+fake.stdout.readline()
+with open(pid_file, "w") as handle:
+    handle.write(f"{fake.pid}\\n")
+check, taken_over = cli._is_supervisor, []
+
+def check_then_lose_the_pid(pid):
+    assert check(pid)
+    fake.kill()
+    fake.wait()
+    with open("/proc/sys/kernel/ns_last_pid", "w") as handle:
+        handle.write(str(pid - 1))
+    taken_over.append(subprocess.Popen([sleep, "60"]))
+    assert taken_over[0].pid == pid, (taken_over[0].pid, pid)
+    return True
+
+cli._is_supervisor = check_then_lose_the_pid
+try:
+    print("sent to", cli._signal_supervisor(pid_file))
+except cli.ReloadError as exc:
+    print(exc)
+# SIGKILL it now: a SIGHUP sent before would be what killed it (a fatal signal ends a
+# process as it is sent; and pending ones are taken lowest number first, 1 before 9).
+taken_over[0].kill()
+print("the new owner was killed by signal", -taken_over[0].wait())
+"""
+
+
+def test_reload_pid_file_never_signals_the_process_that_took_the_pid_over(
+    tmp_path: Path,
+) -> None:
+    """reload checked /proc/PID/cmdline, then kill(PID): a supervisor that exited in between,
+    its PID reused, had the new owner of the PID hung up. A pidfd taken before the check
+    refers to the process checked only; that one is gone, so nothing is signalled."""
+    pid_file = tmp_path / "proxy.pid"
+    result = subprocess.run(
+        [*contained(), sys.executable, "-c", PID_REUSE_DRIVER, str(pid_file), need("sleep")],
+        capture_output=True, text=True, timeout=30, env={"PATH": os.environ["PATH"]},
+    )
+    assert result.returncode == 0, result
+    pid = pid_file.read_text().strip()
+    assert result.stdout == (f"pid {pid} (from {pid_file}) is not running\n"
+                             "the new owner was killed by signal 9\n"), result
+
+
+def test_reload_pid_file_signals_by_pid_where_there_are_no_pidfds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before Linux 5.3, or under a seccomp filter older than pidfd_open, reload still works:
+    it checks the PID, then signals it (the race the pidfd closes stays open there)."""
+    import errno
+
+    from forkproxy import cli
+
+    def no_pidfds(pid: int) -> int:
+        raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
+
+    monkeypatch.setattr(os, "pidfd_open", no_pidfds)
+    pid_file = tmp_path / "proxy.pid"
+    with subprocess.Popen(FAKE_SUPERVISOR, stdout=subprocess.PIPE,
+                          start_new_session=True) as fake:
+        try:
+            assert fake.stdout is not None
+            fake.stdout.readline()
+            pid_file.write_text(f"{fake.pid}\n")
+            assert cli._signal_supervisor(str(pid_file)) == fake.pid
+            assert fake.wait(10) == -signal.SIGHUP
+        finally:
+            fake.kill()
 
 
 def test_reload_reports_the_outcome_unless_pid_file_is_on_the_command_line(
