@@ -15,7 +15,7 @@ if __name__ == "__main__":
     # own (which must not shadow stdlib names anyway), and -S leaves site-packages out.
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from forkproxy.config import ConfigError, sources_from_json
+from forkproxy.config import ConfigError, name_variable, sources_from_json
 from forkproxy.log import Logger, level_for
 from forkproxy.supervisor import Supervisor
 
@@ -25,13 +25,15 @@ def main(argv: list[str]) -> int:
         sys.stderr.write("forkproxy: error: _serve.py is started by `forkproxy serve`\n")
         return 2
     with os.fdopen(int(argv[2]), "rb") as handle:
-        sources = sources_from_json(json.loads(handle.read()))
+        data = json.loads(handle.read())
+    sources = sources_from_json(data)
+    variables = data.get("variables", {})  # flag -> variable, for the values that came from one
     options = sources.options
     log = Logger(level_for(options.verbosity), options.log_format)
     try:
         return Supervisor(sources, os.environ, log).run()
     except ConfigError as exc:
-        sys.stderr.write(f"forkproxy: error: {exc}\n")
+        sys.stderr.write(f"forkproxy: error: {name_variable(str(exc), variables)}\n")
         return 2
     except KeyboardInterrupt:  # Ctrl-C before the signal handlers were in place
         return 130

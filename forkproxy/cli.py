@@ -7,10 +7,12 @@ nowhere else.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
 import sys
+from collections.abc import Mapping
 from typing import Annotated, Any, NoReturn
 
 import typer
@@ -21,7 +23,9 @@ from .config import (
     LinkTable,
     Options,
     Sources,
+    _describe,
     check_options,
+    name_variable,
     parse_count,
     parse_seconds,
     sources_to_json,
@@ -73,10 +77,38 @@ StatusSocketOpt = Annotated[
 ]
 
 
-def fail(message: str) -> NoReturn:
-    """The edge where a configuration error becomes exit 2 and one line."""
-    typer.echo(f"forkproxy: error: {message}", err=True)
+def fail(message: str, variables: Mapping[str, str] | None = None) -> NoReturn:
+    """The edge where a configuration error becomes exit 2 and one line; `variables`:
+    see `name_variable`."""
+    typer.echo(f"forkproxy: error: {name_variable(message, variables or {})}", err=True)
     raise typer.Exit(2)
+
+
+def _long_flag(param: Any) -> str:
+    """`--max-children`: the name forkproxy's error lines give an option."""
+    opts: list[str] = param.opts
+    return next((opt for opt in opts if opt.startswith("--")), opts[0])
+
+
+def _from_environment(ctx: Any, param: Any) -> str | None:
+    """The variable `param`'s value came from, or None (also when it came from the command
+    line, which click prefers when both are set). The source is compared by name: click's
+    ParameterSource lives in typer's vendored click or in click, depending on the version."""
+    envvar = getattr(param, "envvar", None)
+    if not isinstance(envvar, str) or not param.name:
+        return None
+    source = ctx.get_parameter_source(param.name)
+    return envvar if getattr(source, "name", None) == "ENVIRONMENT" else None
+
+
+def _variables(ctx: typer.Context) -> dict[str, str]:
+    """Flag -> variable, for each option whose value came from its FORKPROXY_... variable."""
+    found = {}
+    for param in ctx.command.params:
+        variable = _from_environment(ctx, param)
+        if variable is not None:
+            found[_long_flag(param)] = variable
+    return found
 
 
 def load(sources: Sources) -> LinkTable:
@@ -84,10 +116,13 @@ def load(sources: Sources) -> LinkTable:
     return read_links(sources, os.environ)
 
 
-def serve(*, sources: Sources) -> NoReturn:
-    """Validate, then exec the lean supervisor in this same process (same PID)."""
+def serve(*, sources: Sources, variables: Mapping[str, str] | None = None) -> NoReturn:
+    """Validate, then exec the lean supervisor in this same process (same PID).
+
+    `variables` (see `name_variable`) goes along: the supervisor reports what it finds
+    wrong at start (a pid file it cannot write, say) in the same words."""
     load(sources)
-    payload = json.dumps(sources_to_json(sources)).encode()
+    payload = json.dumps({**sources_to_json(sources), "variables": dict(variables or {})}).encode()
     config_fd = os.memfd_create("forkproxy-config", 0)  # not CLOEXEC: the supervisor reads it
     os.write(config_fd, payload)
     os.lseek(config_fd, 0, os.SEEK_SET)
@@ -111,6 +146,7 @@ def _option(help: str, env: str, metavar: str) -> Any:
 
 @app.command("serve")
 def serve_command(
+    ctx: typer.Context,
     specs: SpecsArg = None,
     from_env: FromEnvOpt = False,
     env_file: EnvFileOpt = None,
@@ -165,6 +201,7 @@ def serve_command(
     ] = 0,
 ) -> None:
     """Listen and forward, one forked child per connection."""
+    variables = _variables(ctx)
     try:
         # Numbers arrive as text so that a bad one is reported like any other bad input.
         options = Options(
@@ -183,9 +220,10 @@ def serve_command(
             metrics=metrics,
             pid_file=pid_file,
         )
-        serve(sources=Sources(tuple(specs or ()), from_env, env_file, options))
+        serve(sources=Sources(tuple(specs or ()), from_env, env_file, options),
+              variables=variables)
     except ConfigError as exc:
-        fail(str(exc))
+        fail(str(exc), variables)
 
 
 @app.command("links")
@@ -248,6 +286,20 @@ def _is_supervisor(pid: int) -> bool:
                for i, arg in enumerate(argv))
 
 
+def _open_pidfd(pid: int) -> int | None:
+    """A descriptor for process `pid` (ProcessLookupError if there is none), or None where
+    there are no pidfds: Linux before 5.3 (ENOSYS), or a seccomp filter older than the
+    call (EPERM, which pidfd_open itself never returns)."""
+    try:
+        return os.pidfd_open(pid)
+    except OverflowError:  # beyond pid_t: no process has it
+        raise ProcessLookupError(errno.ESRCH, os.strerror(errno.ESRCH)) from None
+    except OSError as exc:
+        if exc.errno in (errno.ENOSYS, errno.EPERM):
+            return None
+        raise
+
+
 def _signal_supervisor(pid_file: str) -> int:
     """SIGHUP the forkproxy supervisor whose PID is in `pid_file`; its PID, or ReloadError."""
     try:
@@ -263,10 +315,20 @@ def _signal_supervisor(pid_file: str) -> int:
         raise ReloadError(f"{pid_file} holds {shown}, not a process id")
     pid = int(text)
     # A stale file may name a process that took the PID over; PID 1 is fine if it is ours.
+    # The descriptor is taken first: the process checked is then the process signalled,
+    # even if it exits and its PID goes to another one in between (the signal then fails).
     try:
-        if not _is_supervisor(pid):
-            raise ReloadError(f"pid {pid} (from {pid_file}) is not a forkproxy supervisor")
-        os.kill(pid, signal.SIGHUP)
+        pidfd = _open_pidfd(pid)
+        try:
+            if not _is_supervisor(pid):
+                raise ReloadError(f"pid {pid} (from {pid_file}) is not a forkproxy supervisor")
+            if pidfd is None:
+                os.kill(pid, signal.SIGHUP)  # no pidfds here: checked, then a PID signalled
+            else:
+                signal.pidfd_send_signal(pidfd, signal.SIGHUP)
+        finally:
+            if pidfd is not None:
+                os.close(pidfd)
     except (FileNotFoundError, ProcessLookupError):
         raise ReloadError(f"pid {pid} (from {pid_file}) is not running") from None
     except OSError as exc:
@@ -328,6 +390,18 @@ def root(
         raise typer.Exit(2)
 
 
+def _usage_error(exc: Any) -> str:
+    """click's line for a usage error; for a bad value from a variable, one in the words of
+    forkproxy's own errors: the variable first, and the value (click's line leads with the
+    flag, names the variable or not depending on the version, and shows no value)."""
+    param, ctx = getattr(exc, "param", None), getattr(exc, "ctx", None)
+    variable = None if param is None or ctx is None else _from_environment(ctx, param)
+    if variable is None:
+        return str(exc.format_message())
+    value = _describe(os.environ.get(variable, ""))
+    return f"{variable} ({_long_flag(param)}) {value}: {exc.message}"
+
+
 def main() -> None:
     """The CLI (console.main runs it). Usage errors, like bad input, are one line and exit 2."""
     try:
@@ -339,6 +413,6 @@ def main() -> None:
         # recognised by what it carries rather than by a private import path.
         if getattr(exc, "exit_code", None) != 2 or not hasattr(exc, "format_message"):
             raise
-        typer.echo(f"forkproxy: error: {exc.format_message()}", err=True)
+        typer.echo(f"forkproxy: error: {_usage_error(exc)}", err=True)
         sys.exit(2)
     sys.exit(code if isinstance(code, int) else 0)

@@ -193,6 +193,18 @@ def peer_text(address: tuple[object, ...]) -> str:
     return join_host_port(str(address[0]), address[1])  # type: ignore[arg-type]
 
 
+def name_variable(message: str, variables: Mapping[str, str]) -> str:
+    """An error naming the variable its value came from, not only the flag:
+    `--allow 'x': ...` -> `FORKPROXY_ALLOW (--allow) 'x': ...`.
+
+    `variables` maps each flag whose value came from the environment to its variable.
+    Every error about an option's value begins with the flag and a space; whoever set the
+    variable in a compose file never typed that flag."""
+    flag, space, rest = message.partition(" ")
+    variable = variables.get(flag)
+    return f"{variable} ({flag}){space}{rest}" if variable else message
+
+
 def _shorten(text: str) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 

@@ -7,6 +7,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -219,6 +220,99 @@ def test_usage_errors_are_one_line_and_exit_2(args: list[str], needle: str) -> N
     assert_one_line_error(result, needle)
 
 
+# What each FORKPROXY_... variable's bad value gets: the line begins with the variable, the
+# flag in brackets (the user may have set the variable in a compose file and typed no flag).
+# {tmp} and {busy} are filled in by the test. The env file's errors name the file, not a flag.
+BAD_VARIABLES = [
+    ("serve", "FORKPROXY_FROM_ENV", "maybe", "FORKPROXY_FROM_ENV (--from-env) 'maybe': "),
+    ("links", "FORKPROXY_FROM_ENV", "maybe", "FORKPROXY_FROM_ENV (--from-env) 'maybe': "),
+    ("serve", "FORKPROXY_ENV_FILE", "{tmp}/no.env",
+     "cannot read env file '{tmp}/no.env': No such file or directory"),
+    ("links", "FORKPROXY_ENV_FILE", "{tmp}/no.env",
+     "cannot read env file '{tmp}/no.env': No such file or directory"),
+    ("serve", "FORKPROXY_RELAY", "magic",
+     "FORKPROXY_RELAY (--relay) 'magic': expected one of auto, splice, copy"),
+    ("serve", "FORKPROXY_CONNECT_TIMEOUT", "0",
+     "FORKPROXY_CONNECT_TIMEOUT (--connect-timeout) 0: at least 0.001 seconds"),
+    ("serve", "FORKPROXY_CONNECT_RETRIES", "-1",
+     "FORKPROXY_CONNECT_RETRIES (--connect-retries) -1: must be 0 or more"),
+    ("serve", "FORKPROXY_GRACE", "soon",
+     "FORKPROXY_GRACE (--grace) 'soon': not a number of seconds"),
+    ("serve", "FORKPROXY_IDLE_TIMEOUT", "0",
+     "FORKPROXY_IDLE_TIMEOUT (--idle-timeout) 0: at least 0.001 seconds, or 'off'"),
+    ("serve", "FORKPROXY_HALFCLOSE_TIMEOUT", "9e9",
+     "FORKPROXY_HALFCLOSE_TIMEOUT (--halfclose-timeout) '9e9': at most 2,000,000 seconds"),
+    ("serve", "FORKPROXY_RESOLVE_EVERY", "0.2",
+     "FORKPROXY_RESOLVE_EVERY (--resolve-every) 0.2: at least 1 second, or 'off'"),
+    ("serve", "FORKPROXY_MAX_CHILDREN", "lots",
+     "FORKPROXY_MAX_CHILDREN (--max-children) 'lots': not a whole number"),
+    ("serve", "FORKPROXY_MAX_CHILDREN", "0",
+     "FORKPROXY_MAX_CHILDREN (--max-children) 0: must be at least 1"),
+    # Repeatable: the variable holds the networks separated by spaces.
+    ("serve", "FORKPROXY_ALLOW", "10.0.0.0/8 x",
+     "FORKPROXY_ALLOW (--allow) 'x': not an IPv4 or IPv6 CIDR"),
+    ("serve", "FORKPROXY_METRICS", "nowhere",
+     "FORKPROXY_METRICS (--metrics) 'nowhere': expected HOST:PORT, got 'nowhere'"),
+    # The next three are found by the supervisor, after the exec.
+    ("serve", "FORKPROXY_METRICS", "127.0.0.1:{busy}",
+     "FORKPROXY_METRICS (--metrics) 127.0.0.1:{busy}: cannot listen on 127.0.0.1:{busy}: "
+     "address already in use"),
+    ("serve", "FORKPROXY_STATUS_SOCKET", "{tmp}/precious",
+     "FORKPROXY_STATUS_SOCKET (--status-socket) '{tmp}/precious': exists and is not a socket"),
+    ("serve", "FORKPROXY_PID_FILE", "{tmp}/no/proxy.pid",
+     "FORKPROXY_PID_FILE (--pid-file) '{tmp}/no/proxy.pid': No such file or directory"),
+    ("serve", "FORKPROXY_LOG_FORMAT", "xml",
+     "FORKPROXY_LOG_FORMAT (--log-format) 'xml': expected text or json"),
+]
+
+
+@pytest.mark.parametrize(("command", "variable", "value", "expected"), BAD_VARIABLES)
+def test_a_bad_value_from_a_variable_is_named_by_the_variable(
+    tmp_path: Path, command: str, variable: str, value: str, expected: str
+) -> None:
+    """The line named the flag (`--allow 'x': ...`) for a value that came from the variable,
+    sending whoever set FORKPROXY_ALLOW in a compose file looking for a flag never typed."""
+    (tmp_path / "precious").write_text("keep me\n")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        fill = {"tmp": str(tmp_path), "busy": str(taken.getsockname()[1])}
+        result = run(command, "127.0.0.1:0=127.0.0.1:1",
+                     env={variable: value.format(**fill)}, timeout=15)
+    assert_one_line_error(result)
+    # FORKPROXY_FROM_ENV: click's own reason follows, in the words of the typer version.
+    assert result.stderr.startswith("forkproxy: error: " + expected.format(**fill)), result.stderr
+    assert (tmp_path / "precious").read_text() == "keep me\n"
+
+
+def test_every_variable_has_a_bad_value_tested() -> None:
+    """A new option with a variable needs its line in BAD_VARIABLES."""
+    from typer.main import get_command
+
+    from forkproxy.cli import app
+
+    commands = get_command(app).commands  # type: ignore[attr-defined]
+    variables = {param.envvar for command in commands.values() for param in command.params
+                 if param.envvar}
+    assert variables == {variable for _, variable, _, _ in BAD_VARIABLES}
+
+
+@pytest.mark.parametrize(
+    ("variable", "args", "expected"),
+    [
+        ("FORKPROXY_GRACE", ["--grace", "later"], "--grace 'later': not a number of seconds"),
+        ("FORKPROXY_ALLOW", ["--allow", "y"], "--allow 'y': not an IPv4 or IPv6 CIDR"),
+    ],
+)
+def test_a_flag_typed_over_a_bad_variable_is_named_as_typed(
+    variable: str, args: list[str], expected: str
+) -> None:
+    """The command line wins over the variable, and its error names only the flag."""
+    result = run("serve", *args, "127.0.0.1:0=127.0.0.1:1", env={variable: "bad"})
+    assert_one_line_error(result)
+    assert result.stderr == f"forkproxy: error: {expected}\n"
+
+
 def test_help_shows_every_default_and_names_what_options_take() -> None:
     """The defaults are written into the help strings in brackets, which rich markup
     used to swallow as tags: `serve --help` showed "Control socket path ." and no default."""
@@ -328,6 +422,90 @@ def test_reload_pid_file_signals_a_supervisor_even_as_pid_1_and_nothing_else(
         assert proxy.stdout is not None
         proxy.stdout.close()
         shutil.rmtree(sock_dir, ignore_errors=True)
+
+
+# reload's check takes any ".../_serve.py --config-fd N" in a command line for forkproxy.
+# It prints a line once it runs: when Popen returns, its /proc/PID/cmdline may still be empty.
+FAKE_SUPERVISOR = [sys.executable, "-c", "import time; print(flush=True); time.sleep(60)",
+                   "/fake/_serve.py", "--config-fd", "3"]
+
+# Run as PID 1 of its own PID namespace: a fake supervisor passes reload's check, then exits
+# and its PID is handed to another process (ns_last_pid makes the kernel pick that number),
+# before the signal is sent. What the driver prints is checked by the test.
+PID_REUSE_DRIVER = f"FAKE_SUPERVISOR = {FAKE_SUPERVISOR!r}\n" + """
+import subprocess, sys
+from forkproxy import cli
+
+pid_file, sleep = sys.argv[1:]
+fake = subprocess.Popen(FAKE_SUPERVISOR, stdout=subprocess.PIPE)
+fake.stdout.readline()
+with open(pid_file, "w") as handle:
+    handle.write(f"{fake.pid}\\n")
+check, taken_over = cli._is_supervisor, []
+
+def check_then_lose_the_pid(pid):
+    assert check(pid)
+    fake.kill()
+    fake.wait()
+    with open("/proc/sys/kernel/ns_last_pid", "w") as handle:
+        handle.write(str(pid - 1))
+    taken_over.append(subprocess.Popen([sleep, "60"]))
+    assert taken_over[0].pid == pid, (taken_over[0].pid, pid)
+    return True
+
+cli._is_supervisor = check_then_lose_the_pid
+try:
+    print("sent to", cli._signal_supervisor(pid_file))
+except cli.ReloadError as exc:
+    print(exc)
+# SIGKILL it now: a SIGHUP sent before would be what killed it (a fatal signal ends a
+# process as it is sent; and pending ones are taken lowest number first, 1 before 9).
+taken_over[0].kill()
+print("the new owner was killed by signal", -taken_over[0].wait())
+"""
+
+
+def test_reload_pid_file_never_signals_the_process_that_took_the_pid_over(
+    tmp_path: Path,
+) -> None:
+    """reload checked /proc/PID/cmdline, then kill(PID): a supervisor that exited in between,
+    its PID reused, had the new owner of the PID hung up. A pidfd taken before the check
+    refers to the process checked only; that one is gone, so nothing is signalled."""
+    pid_file = tmp_path / "proxy.pid"
+    result = subprocess.run(
+        [*contained(), sys.executable, "-c", PID_REUSE_DRIVER, str(pid_file), need("sleep")],
+        capture_output=True, text=True, timeout=30, env={"PATH": os.environ["PATH"]},
+    )
+    assert result.returncode == 0, result
+    pid = pid_file.read_text().strip()
+    assert result.stdout == (f"pid {pid} (from {pid_file}) is not running\n"
+                             "the new owner was killed by signal 9\n"), result
+
+
+def test_reload_pid_file_signals_by_pid_where_there_are_no_pidfds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before Linux 5.3, or under a seccomp filter older than pidfd_open, reload still works:
+    it checks the PID, then signals it (the race the pidfd closes stays open there)."""
+    import errno
+
+    from forkproxy import cli
+
+    def no_pidfds(pid: int) -> int:
+        raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
+
+    monkeypatch.setattr(os, "pidfd_open", no_pidfds)
+    pid_file = tmp_path / "proxy.pid"
+    with subprocess.Popen(FAKE_SUPERVISOR, stdout=subprocess.PIPE,
+                          start_new_session=True) as fake:
+        try:
+            assert fake.stdout is not None
+            fake.stdout.readline()
+            pid_file.write_text(f"{fake.pid}\n")
+            assert cli._signal_supervisor(str(pid_file)) == fake.pid
+            assert fake.wait(10) == -signal.SIGHUP
+        finally:
+            fake.kill()
 
 
 def test_reload_reports_the_outcome_unless_pid_file_is_on_the_command_line(

@@ -442,7 +442,8 @@ def test_clients_held_at_a_stop_are_closed_when_the_grace_period_ends(
     ("args", "env", "needle"),
     [
         (["--max-children", "-1"], {}, "--max-children -1: must be at least 1"),
-        ([], {"FORKPROXY_MAX_CHILDREN": "0"}, "--max-children 0: must be at least 1"),
+        ([], {"FORKPROXY_MAX_CHILDREN": "0"},
+         "FORKPROXY_MAX_CHILDREN (--max-children) 0: must be at least 1"),
         (["--max-children", "1.5"], {}, "--max-children '1.5'"),
         (["--idle-timeout", "-1"], {}, "--idle-timeout '-1'"),
         (["--halfclose-timeout", "nan"], {}, "--halfclose-timeout 'nan'"),
