@@ -817,8 +817,12 @@ class Supervisor:
             self._prepare_relay(item)
             self.accounting.stats(item.link)
         # A link no longer configured (or renamed: its name is its sources') leaves status
-        # and metrics with its last live connection, rather than staying there for good.
-        self.accounting.retire({item.link.name for item in kept})
+        # and metrics with its last live connection, rather than staying there for good,
+        # and its lookup's outage with it: configured again later, its first failed
+        # lookup is a warning again, not a debug line of an outage long over.
+        configured = {item.link.name for item in kept}
+        self.accounting.retire(configured)
+        self.resolve_failing &= configured
         self._arm_resolve_timer()
         self.start_resolver()
         for warning in table.warnings:

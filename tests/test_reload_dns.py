@@ -230,3 +230,30 @@ def test_a_reload_waiting_on_dns_keeps_every_listener_serving(lab: Lab, ns: Name
     assert redis_cli(ns, LISTEN_PORT + 1, "GET", "who") == "second"
     assert who(ns) == "first"
     assert proxy.alive()
+
+
+def test_a_link_configured_again_warns_of_its_failed_lookup_again(
+    lab: Lab, ns: Namespace
+) -> None:
+    """A link a reload removed while its name did not resolve, configured again by a later
+    reload with the name still failing: that failure is a warning again. (The outage was
+    remembered past the link, and the new one logged at debug, out of sight.)"""
+    proxy = start_env_file_proxy(lab, ns)
+    env_file = lab.workdir / "links.env"
+    db = f"DB_PORT_{LISTEN_PORT}_TCP=tcp://upstream.test:{REDIS_PORT}\n"
+    other = f"CACHE_PORT_{LISTEN_PORT + 1}_TCP=tcp://127.0.0.2:{REDIS_PORT}\n"
+
+    def warnings() -> int:
+        return proxy.stderr().count(" warning resolve-failed ")
+
+    set_hosts(ns, None)
+    env_file.write_text(db + other)
+    proxy.popen.send_signal(signal.SIGHUP)
+    wait_until(lambda: warnings() == 1, proxy)
+    env_file.write_text(other)  # the link goes, its name still failing
+    proxy.popen.send_signal(signal.SIGHUP)
+    wait_for_log(proxy, f"unlisten detail=\"0.0.0.0:{LISTEN_PORT} ")
+    env_file.write_text(db + other)  # and comes back
+    proxy.popen.send_signal(signal.SIGHUP)
+    wait_until(lambda: warnings() == 2, proxy)
+    assert proxy.alive()
