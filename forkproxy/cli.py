@@ -23,11 +23,11 @@ from .config import (
     LinkTable,
     Options,
     Sources,
-    _describe,
     check_options,
     name_variable,
     parse_count,
     parse_seconds,
+    quoted,
     sources_to_json,
 )
 from .supervisor import read_links
@@ -398,7 +398,7 @@ def _usage_error(exc: Any) -> str:
     variable = None if param is None or ctx is None else _from_environment(ctx, param)
     if variable is None:
         return str(exc.format_message())
-    value = _describe(os.environ.get(variable, ""))
+    value = quoted(os.environ.get(variable, ""))
     return f"{variable} ({_long_flag(param)}) {value}: {exc.message}"
 
 

@@ -209,7 +209,7 @@ def _shorten(text: str) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def _describe(text: str) -> str:
+def quoted(text: str) -> str:
     """Quote user input for an error line, keeping it on one line and short."""
     return repr(_shorten(text))
 
@@ -217,13 +217,13 @@ def _describe(text: str) -> str:
 def parse_port(text: str, what: str, *, allow_zero: bool = False) -> int:
     """A decimal port number; leading zeros are ignored (`0080` is 80), as in counts."""
     if not text.isascii() or not text.isdigit():
-        raise ConfigError(f"{what}: port {_describe(text)} is not a number")
+        raise ConfigError(f"{what}: port {quoted(text)} is not a number")
     # Judge the value, not the length of the text: past five significant digits the
     # number is above 65535 whatever zeros lead it (and int() of a long string is slow).
     significant = text.lstrip("0") or "0"
     low = 0 if allow_zero else 1
     if len(significant) > 5 or not low <= int(significant) <= 65535:
-        raise ConfigError(f"{what}: port {_describe(text)} is out of range ({low}-65535)")
+        raise ConfigError(f"{what}: port {quoted(text)} is out of range ({low}-65535)")
     return int(significant)
 
 
@@ -238,7 +238,7 @@ _ZONE = re.compile(r"[A-Za-z0-9_.-]{1,15}\Z")
 def _check_zone(text: str, what: str) -> None:
     _, sep, zone = text.partition("%")
     if sep and not _ZONE.match(zone):
-        raise ConfigError(f"{what}: {_describe(text)} has a bad IPv6 zone (an interface name)")
+        raise ConfigError(f"{what}: {quoted(text)} has a bad IPv6 zone (an interface name)")
 
 
 def parse_host(text: str, what: str) -> str:
@@ -249,7 +249,7 @@ def parse_host(text: str, what: str) -> str:
         try:
             address = str(ipaddress.IPv6Address(text))
         except ValueError:
-            raise ConfigError(f"{what}: {_describe(text)} is not an IPv6 address") from None
+            raise ConfigError(f"{what}: {quoted(text)} is not an IPv6 address") from None
         _check_zone(text, what)
         return address
     try:
@@ -260,16 +260,16 @@ def parse_host(text: str, what: str) -> str:
         raise ConfigError(f"{what}: host name is longer than {MAX_NAME} characters")
     name = text[:-1] if text.endswith(".") else text
     if not all(_LABEL.match(label) for label in name.split(".")):
-        raise ConfigError(f"{what}: {_describe(text)} is not a valid host name or address")
+        raise ConfigError(f"{what}: {quoted(text)} is not a valid host name or address")
     labels = name.split(".")
     if all(_NUMBER_LABEL.fullmatch(label) for label in labels):
         # getaddrinfo would take '0x7f.1', '127.1' or '017.0.0.1' for an address
         # (127.0.0.1, 15.0.0.1) without looking anything up: only a dotted quad is one here.
-        raise ConfigError(f"{what}: {_describe(text)} is not a valid IPv4 address "
+        raise ConfigError(f"{what}: {quoted(text)} is not a valid IPv4 address "
                           "(four decimal numbers, a.b.c.d)")
     if labels[-1].isdigit():
         # RFC 1123 2.1: the last label of a host name is never all digits.
-        raise ConfigError(f"{what}: {_describe(text)} is not a valid host name "
+        raise ConfigError(f"{what}: {quoted(text)} is not a valid host name "
                           "(its last label is all digits)")
     return text
 
@@ -279,18 +279,18 @@ def split_host_port(text: str, what: str) -> tuple[str, str]:
     if text.startswith("["):
         end = text.find("]")
         if end < 0:
-            raise ConfigError(f"{what}: unclosed '[' in {_describe(text)}")
+            raise ConfigError(f"{what}: unclosed '[' in {quoted(text)}")
         host, rest = text[1:end], text[end + 1 :]
         if not rest.startswith(":"):
-            raise ConfigError(f"{what}: expected ':PORT' after ']' in {_describe(text)}")
+            raise ConfigError(f"{what}: expected ':PORT' after ']' in {quoted(text)}")
         if not host:
-            raise ConfigError(f"{what}: empty IPv6 address in {_describe(text)}")
+            raise ConfigError(f"{what}: empty IPv6 address in {quoted(text)}")
         if ":" not in host:
-            raise ConfigError(f"{what}: {_describe(host)} in brackets is not an IPv6 address")
+            raise ConfigError(f"{what}: {quoted(host)} in brackets is not an IPv6 address")
         return host, rest[1:]
     host, sep, port = text.rpartition(":")
     if not sep:
-        raise ConfigError(f"{what}: expected HOST:PORT, got {_describe(text)}")
+        raise ConfigError(f"{what}: expected HOST:PORT, got {quoted(text)}")
     if ":" in host:
         raise ConfigError(f"{what}: IPv6 addresses must be in brackets, as in [fd00::5]:6379")
     return host, port
@@ -301,7 +301,7 @@ def parse_bind(text: str, what: str) -> str:
         address = str(ipaddress.ip_address(text))
     except ValueError:
         raise ConfigError(
-            f"{what}: bind address {_describe(text)} is not an IP address"
+            f"{what}: bind address {quoted(text)} is not an IP address"
         ) from None
     _check_zone(text, what)
     return address
@@ -309,7 +309,7 @@ def parse_bind(text: str, what: str) -> str:
 
 def parse_spec(spec: str) -> Link:
     """`[BIND_ADDR:]LISTEN_PORT=HOST:PORT` (IPv6 in brackets) -> Link."""
-    what = f"SPEC {_describe(spec)}"
+    what = f"SPEC {quoted(spec)}"
     left, sep, right = spec.partition("=")
     if not sep:
         raise ConfigError(f"{what}: expected [BIND_ADDR:]LISTEN_PORT=HOST:PORT")
@@ -338,7 +338,7 @@ def parse_link_value(name: str, value: str, proto: str) -> Endpoint:
     what = f"variable {name}"
     scheme = proto.lower() + "://"
     if not value.startswith(scheme):
-        raise ConfigError(f"{what}: expected {scheme}HOST:PORT, got {_describe(value)}")
+        raise ConfigError(f"{what}: expected {scheme}HOST:PORT, got {quoted(value)}")
     host_text, port_text = split_host_port(value[len(scheme) :], what)
     return Endpoint(parse_host(host_text, what), parse_port(port_text, what))
 
@@ -379,7 +379,7 @@ def parse_env_file(text: str, path: str) -> dict[str, str]:
         if not sep:
             continue  # `KEY` alone means "copy from the host" to Docker: not a link definition
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]*", key):
-            raise ConfigError(f"env file {path}, line {number}: bad variable name {_describe(key)}")
+            raise ConfigError(f"env file {path}, line {number}: bad variable name {quoted(key)}")
         result[key] = value
     return result
 
@@ -465,12 +465,12 @@ def parse_cidr(text: str) -> Network:
     try:
         net = ipaddress.ip_network(text, strict=False)
     except ValueError:
-        raise ConfigError(f"--allow {_describe(text)}: not an IPv4 or IPv6 CIDR") from None
+        raise ConfigError(f"--allow {quoted(text)}: not an IPv4 or IPv6 CIDR") from None
     return Network(net.version, int(net.network_address), int(net.netmask), str(net))
 
 
 def parse_metrics_address(text: str) -> tuple[str, int]:
-    what = f"--metrics {_describe(text)}"
+    what = f"--metrics {quoted(text)}"
     host, port = split_host_port(text, what)
     return parse_bind(host, what) if host else "0.0.0.0", parse_port(port, what, allow_zero=True)
 
@@ -478,9 +478,9 @@ def parse_metrics_address(text: str) -> tuple[str, int]:
 def check_options(options: Options) -> Options:
     """Raise ConfigError for values no proxy could run with."""
     if options.relay not in RELAY_MODES:
-        raise ConfigError(f"--relay {_describe(options.relay)}: expected one of auto, splice, copy")
+        raise ConfigError(f"--relay {quoted(options.relay)}: expected one of auto, splice, copy")
     if options.log_format not in LOG_FORMATS:
-        raise ConfigError(f"--log-format {_describe(options.log_format)}: expected text or json")
+        raise ConfigError(f"--log-format {quoted(options.log_format)}: expected text or json")
     if options.max_children < 1:
         raise ConfigError(f"--max-children {options.max_children}: must be at least 1")
     if options.max_children > MAX_CHILDREN:
@@ -554,12 +554,12 @@ def parse_seconds(text: str | None, flag: str, *, can_be_off: bool = True) -> fl
     if text is None or (can_be_off and text.lower() in ("", "off", "none")):
         return None
     if not _SECONDS.fullmatch(text):
-        raise ConfigError(f"{flag} {_describe(text)}: not a number of seconds")
+        raise ConfigError(f"{flag} {quoted(text)}: not a number of seconds")
     value = float(text)
     if text.startswith("-"):  # -0 included: a duration has no sign
-        raise _too_short_error(flag, _describe(text), can_be_off=can_be_off)
+        raise _too_short_error(flag, quoted(text), can_be_off=can_be_off)
     if value > MAX_SECONDS:
-        raise _too_long(flag, _describe(text), can_be_off=can_be_off)
+        raise _too_long(flag, quoted(text), can_be_off=can_be_off)
     if _below_least(flag, value):
         # Bare, as a count's range error is: by now the text is known to be a number.
         raise _too_short_error(flag, _shorten(text), can_be_off=can_be_off)
@@ -595,11 +595,11 @@ def _too_long(flag: str, shown: str, *, can_be_off: bool) -> ConfigError:
 def parse_count(text: str, flag: str) -> int:
     digits = text[1:] if text.startswith("-") else text
     if not text.isascii() or not digits.isdigit():
-        raise ConfigError(f"{flag} {_describe(text)}: not a whole number")
+        raise ConfigError(f"{flag} {quoted(text)}: not a whole number")
     # Past nine digits a count is beyond every limit checked later (and int() of a very
     # long string is slow by design); leading zeros are still fine.
     significant = digits.lstrip("0") or "0"
     if len(significant) > 9:
-        raise ConfigError(f"{flag} {_describe(text)}: too large")
+        raise ConfigError(f"{flag} {quoted(text)}: too large")
     # Not int(text): past 4,300 characters (leading zeros too) int() refuses the string.
     return -int(significant) if text.startswith("-") else int(significant)
