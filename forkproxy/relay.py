@@ -26,12 +26,13 @@ import time
 # only the C methods.
 from _socket import socket as RawSocket
 
+from . import signals
 from .config import Endpoint, Link, Options, peer_text
 from .log import INFO, SLOT, SLOT_INT, SLOT_SECONDS, Logger
 
 __all__ = [
-    "Address", "Ended", "RawSocket", "connect_upstream", "lookup", "preload", "prepared_lines",
-    "pump", "serve",
+    "CHILD_DISPOSITIONS", "Address", "Ended", "RawSocket", "connect_upstream", "lookup",
+    "preload", "prepared_lines", "pump", "serve",
 ]
 
 # How a relay ended: the child's exit status, decoded by the supervisor.
@@ -69,7 +70,7 @@ SHUT_WR = int(socket.SHUT_WR)
 MSG_PEEK, MSG_DONTWAIT = int(socket.MSG_PEEK), int(socket.MSG_DONTWAIT)
 POLLIN, POLLOUT = select.POLLIN, select.POLLOUT
 POLLERR, POLLHUP = select.POLLERR, select.POLLHUP
-SIGALRM = int(signal.SIGALRM)
+SIGALRM, SIGTERM = int(signal.SIGALRM), int(signal.SIGTERM)
 
 # Which side reset, by where the error came from: (the flow's source, its destination).
 _UP_RESETS = (CLIENT_RESET, UPSTREAM_RESET)
@@ -547,6 +548,45 @@ def reset(sock: RawSocket) -> None:
     except OSError:
         pass  # already closed by the peer: close() below is all that is left
     sock.close()
+
+
+def _reset_and_die(signum: int, frame: object) -> None:
+    """A relay child's SIGTERM: a stop whose grace is over. End the connection with an
+    RST each way, then die by the signal (the supervisor logs the `killed` close line).
+
+    Dying with SIGTERM's default action, the kernel would close a socket with nothing
+    unread with a FIN: the consumer would take a download cut short for a whole one, and
+    the server an upload. Only this signal runs this code; the relay's path is unchanged.
+    The descriptors are found in /proc rather than kept somewhere by every child.
+    """
+    try:
+        fds = [int(name) for name in os.listdir("/proc/self/fd")]
+    except OSError:
+        fds = list(range(3, 1024))
+    for fd in fds:
+        if fd < 3:
+            continue  # stdio: the log, never the connection
+        try:
+            sock = RawSocket(fileno=fd)
+        except OSError:
+            continue  # not a socket (a splice pipe), or already closed
+        try:
+            if sock.type == SOCK_STREAM:
+                sock.setsockopt(SOL_SOCKET, SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        except OSError:
+            pass
+        finally:
+            sock.detach()
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+# The dispositions a relay child sets as it starts (see the supervisor's accept loop):
+# the other children's, but SIGTERM ends the connection with resets (_reset_and_die).
+CHILD_DISPOSITIONS = [
+    (signum, _reset_and_die if signum == SIGTERM else action)
+    for signum, action in signals.CHILD_DISPOSITIONS
+]
 
 
 def serve(

@@ -379,7 +379,7 @@ class Supervisor:
         # __dict__ (its reference count): a page per module, copied by every child
         # (docs/benchmarks.md, "Which Python"). 3.11 specializes it at once instead.
         set_wakeup_fd, set_signal, child_dispositions = (
-            _signal.set_wakeup_fd, _signal.signal, signals.CHILD_DISPOSITIONS
+            _signal.set_wakeup_fd, _signal.signal, relay.CHILD_DISPOSITIONS
         )
         gc_disable, closerange, exit_child = gc.disable, os.closerange, os._exit
         serve, failed, family, sock_stream = (
