@@ -1,0 +1,92 @@
+"""IPv6 as a user meets it, in a network namespace of the test's own: link-local
+addresses with zones (`fe80::1%v0`), which only exist on a real interface.
+
+The namespace has a veth pair, v0 and v1, both ends inside it; v0 holds fe80::1 and
+2001:2::1 (the IPv6 benchmarking range), and a redis answers on the namespace's loopback.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import netns
+from netns import Lab, Namespace
+
+pytestmark = [pytest.mark.netns]
+FORKPROXY = str(Path(sys.executable).parent / "forkproxy")
+REDIS_PORT = 16391
+
+
+@pytest.fixture
+def lab() -> Iterator[Lab]:
+    missing = netns.missing_tools()
+    if missing:
+        pytest.fail(f"missing {', '.join(missing)} (run ./scripts/test as root)")
+    workdir = Path(tempfile.mkdtemp(prefix="fpv6-", dir="/tmp"))
+    with Lab(workdir) as lab:
+        yield lab
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture
+def ns(lab: Lab) -> Namespace:
+    namespace = lab.namespace("v6")
+    namespace.ip("link", "add", "v0", "type", "veth", "peer", "name", "v1")
+    namespace.ip("link", "set", "v0", "up")
+    namespace.ip("link", "set", "v1", "up")
+    namespace.ip("addr", "add", "fe80::1/64", "dev", "v0", "nodad")
+    namespace.ip("addr", "add", "2001:2::1/64", "dev", "v0", "nodad")
+    lab.redis(namespace, REDIS_PORT, {"who": "redis"})
+    return namespace
+
+
+def ping(ns: Namespace, host: str, port: int) -> str:
+    """PING over a plain socket from inside the namespace (redis-cli takes no zone)."""
+    code = (
+        "import socket\n"
+        f"with socket.create_connection(({host!r}, {port}), timeout=5) as s:\n"
+        "    s.sendall(b'PING\\r\\n')\n"
+        "    print(s.recv(100).decode().strip())\n"
+    )
+    return ns.run([sys.executable, "-c", code], timeout=20).strip()
+
+
+def test_listens_on_a_link_local_address_with_a_zone(lab: Lab, ns: Namespace) -> None:
+    """`[fe80::1%v0]:P` used to fail with "Invalid argument": bind() was given the
+    address without its scope id, which a link-local address needs."""
+    sock = lab.workdir / "status.sock"
+    proc = lab.spawn(ns, [FORKPROXY, "serve", f"[fe80::1%v0]:0=127.0.0.1:{REDIS_PORT}",
+                          "--metrics", "[fe80::1%v0]:0", "--status-socket", str(sock)],
+                     label="forkproxy")
+    lines = proc.wait_stdout(lambda lines: len(lines) >= 2, 15)
+    assert lines[0].startswith("listening [fe80::1%v0]:"), lines
+    port = int(lines[0].split(" -> ")[0].rsplit(":", 1)[1])
+    assert ping(ns, "fe80::1%v0", port) == "+PONG"
+    metrics_port = int(lines[1].rsplit(":", 1)[1].split("/")[0])
+    code = ("import socket\n"
+            f"socket.create_connection(('fe80::1%v0', {metrics_port}), timeout=5).close()\n"
+            "print('connected')\n")
+    assert ns.run([sys.executable, "-c", code], timeout=20).strip() == "connected"
+
+
+@pytest.mark.parametrize("zone", ["nosuch0", "99999"])
+def test_a_zone_naming_no_interface_is_one_line_and_exit_2(
+    lab: Lab, ns: Namespace, zone: str
+) -> None:
+    result = subprocess.run(
+        ns.exec_argv([FORKPROXY, "serve", f"[fe80::1%{zone}]:0=127.0.0.1:{REDIS_PORT}",
+                      "--status-socket", str(lab.workdir / "status.sock")]),
+        capture_output=True, text=True, timeout=20, check=False,
+    )
+    assert result.returncode == 2, result
+    assert result.stdout == ""
+    assert result.stderr == (f"forkproxy: error: cannot listen on [fe80::1%{zone}]:0: no "
+                             f"interface {zone!r} on this host (for [fe80::1%{zone}]:0="
+                             f"127.0.0.1:{REDIS_PORT})\n")
