@@ -466,6 +466,11 @@ def parse_cidr(text: str) -> Network:
         net = ipaddress.ip_network(text, strict=False)
     except ValueError:
         raise ConfigError(f"--allow {quoted(text)}: not an IPv4 or IPv6 CIDR") from None
+    mapped = getattr(net.network_address, "ipv4_mapped", None)
+    if mapped is not None and net.prefixlen >= 96:
+        # ::ffff:a.b.c.d/N, as the log shows an IPv4 client of a `[::]` listener: the
+        # supervisor checks such a client as the IPv4 address it is (is_allowed).
+        net = ipaddress.ip_network(f"{mapped}/{net.prefixlen - 96}")
     return Network(net.version, int(net.network_address), int(net.netmask), str(net))
 
 
