@@ -89,7 +89,15 @@ def accept_backlog(listener: Listener) -> list[tuple[int, tuple[str, int]]]:
 def listen_tcp(host: str, port: int, backlog: int = BACKLOG) -> socket.socket:
     """A listening TCP socket with SO_REUSEADDR, or ConfigError saying why not."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    except OSError as exc:
+        if exc.errno != errno.EAFNOSUPPORT:
+            raise  # EMFILE, ENFILE: Supervisor.run says so
+        # No IPv6 sockets here: ipv6.disable=1, or a seccomp filter such as systemd's
+        # RestrictAddressFamilies=AF_UNIX AF_INET.
+        raise ConfigError(f"cannot listen on {join_host_port(host, port)}: no IPv6 on this "
+                          f"host ({exc.strerror})") from None
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if family == socket.AF_INET6 and host == "::":

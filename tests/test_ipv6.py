@@ -1,5 +1,6 @@
-"""IPv6 as a user meets it, in a network namespace of the test's own: link-local
-addresses with zones (`fe80::1%v0`), which only exist on a real interface.
+"""IPv6 as a user meets it: on a host without IPv6 sockets, and in a network namespace of
+the test's own for link-local addresses with zones (`fe80::1%v0`), which only exist on a
+real interface.
 
 The namespace has a veth pair, v0 and v1, both ends inside it; v0 holds fe80::1 and
 2001:2::1 (the IPv6 benchmarking range), and a redis answers on the namespace's loopback.
@@ -17,9 +18,10 @@ from pathlib import Path
 import pytest
 
 import netns
+import no_ipv6
 from netns import Lab, Namespace
 
-pytestmark = [pytest.mark.netns]
+NO_IPV6 = str(Path(__file__).with_name("no_ipv6.py"))
 FORKPROXY = str(Path(sys.executable).parent / "forkproxy")
 REDIS_PORT = 16391
 
@@ -58,6 +60,7 @@ def ping(ns: Namespace, host: str, port: int) -> str:
     return ns.run([sys.executable, "-c", code], timeout=20).strip()
 
 
+@pytest.mark.netns
 def test_listens_on_a_link_local_address_with_a_zone(lab: Lab, ns: Namespace) -> None:
     """`[fe80::1%v0]:P` used to fail with "Invalid argument": bind() was given the
     address without its scope id, which a link-local address needs."""
@@ -76,6 +79,7 @@ def test_listens_on_a_link_local_address_with_a_zone(lab: Lab, ns: Namespace) ->
     assert ns.run([sys.executable, "-c", code], timeout=20).strip() == "connected"
 
 
+@pytest.mark.netns
 @pytest.mark.parametrize("zone", ["nosuch0", "99999"])
 def test_a_zone_naming_no_interface_is_one_line_and_exit_2(
     lab: Lab, ns: Namespace, zone: str
@@ -90,3 +94,28 @@ def test_a_zone_naming_no_interface_is_one_line_and_exit_2(
     assert result.stderr == (f"forkproxy: error: cannot listen on [fe80::1%{zone}]:0: no "
                              f"interface {zone!r} on this host (for [fe80::1%{zone}]:0="
                              f"127.0.0.1:{REDIS_PORT})\n")
+
+
+@pytest.mark.skipif(not no_ipv6.supported(), reason="the seccomp filter knows x86_64 and aarch64")
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["[::1]:0=127.0.0.1:1"],
+         "forkproxy: error: cannot listen on [::1]:0: no IPv6 on this host (Address family "
+         "not supported by protocol) (for [::1]:0=127.0.0.1:1)\n"),
+        (["0=127.0.0.1:1", "--metrics", "[::]:0"],
+         "forkproxy: error: --metrics [::]:0: cannot listen on [::]:0: no IPv6 on this host "
+         "(Address family not supported by protocol)\n"),
+    ],
+)
+def test_an_ipv6_listener_where_ipv6_sockets_are_refused_is_one_line_and_exit_2(
+    tmp_path: Path, args: list[str], expected: str
+) -> None:
+    """As under systemd's RestrictAddressFamilies=AF_UNIX AF_INET, or ipv6.disable=1: it was
+    a traceback and exit 1."""
+    result = subprocess.run(
+        [sys.executable, NO_IPV6, FORKPROXY, "serve", *args,
+         "--status-socket", str(tmp_path / "status.sock")],
+        capture_output=True, text=True, timeout=30, check=False,
+    )
+    assert (result.returncode, result.stdout, result.stderr) == (2, "", expected)
