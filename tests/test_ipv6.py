@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -57,7 +58,7 @@ def ping(ns: Namespace, host: str, port: int) -> str:
         "    s.sendall(b'PING\\r\\n')\n"
         "    print(s.recv(100).decode().strip())\n"
     )
-    return ns.run([sys.executable, "-c", code], timeout=20).strip()
+    return ns.run([sys.executable, "-c", code], timeout=20, check=False).strip()
 
 
 @pytest.mark.netns
@@ -119,3 +120,37 @@ def test_an_ipv6_listener_where_ipv6_sockets_are_refused_is_one_line_and_exit_2(
         capture_output=True, text=True, timeout=30, check=False,
     )
     assert (result.returncode, result.stdout, result.stderr) == (2, "", expected)
+
+
+@pytest.mark.netns
+@pytest.mark.skipif(not no_ipv6.supported(), reason="the seccomp filter knows x86_64 and aarch64")
+def test_without_ipv6_sockets_an_ipv6_address_does_not_end_the_connect(
+    lab: Lab, ns: Namespace
+) -> None:
+    """A name with A and AAAA records, on a host without IPv6 sockets (systemd's
+    RestrictAddressFamilies=AF_UNIX AF_INET): its IPv4 address is refused (the container
+    moved), and the AAAA one cannot even get a socket. The child goes on to its own lookup
+    and finds the new address; it used to give up at the socket() that failed."""
+    hosts = Path("/etc/netns") / ns.name / "hosts"
+    hosts.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        hosts.write_text("127.0.0.1 localhost\n127.0.0.2 both.test\n2001:2::1 both.test\n")
+        lab.spawn(ns, ["redis-server", "--port", str(REDIS_PORT), "--bind", "127.0.0.3",
+                       "--save", "", "--appendonly", "no"], label="redis-moved")
+        deadline = time.monotonic() + 10
+        while netns.redis_cli(ns, REDIS_PORT, "PING", host="127.0.0.3", check=False) != "PONG":
+            assert time.monotonic() < deadline, "redis on 127.0.0.3 did not start"
+            time.sleep(0.05)
+        sock = lab.workdir / "status.sock"
+        proc = lab.spawn(ns, [sys.executable, NO_IPV6, FORKPROXY, "serve",
+                              f"0=both.test:{REDIS_PORT}", "--resolve-every", "off",
+                              "--status-socket", str(sock)], label="forkproxy")
+        [line] = proc.wait_stdout(lambda lines: len(lines) >= 1, 15)
+        port = int(line.split(" -> ")[0].rsplit(":", 1)[1])
+        # The name moves; the supervisor still has 127.0.0.2 and 2001:2::1.
+        with hosts.open("w") as handle:  # in place: the bind mount follows the inode
+            handle.write("127.0.0.1 localhost\n127.0.0.3 both.test\n2001:2::1 both.test\n")
+        assert ping(ns, "127.0.0.1", port) == "+PONG", proc.describe()
+        assert "connect-failed" not in proc.stderr(), proc.describe()
+    finally:
+        shutil.rmtree(hosts.parent, ignore_errors=True)
