@@ -239,6 +239,11 @@ def _check_zone(text: str, what: str) -> None:
     _, sep, zone = text.partition("%")
     if sep and not _ZONE.match(zone):
         raise ConfigError(f"{what}: {quoted(text)} has a bad IPv6 zone (an interface name)")
+    if not sep and ipaddress.IPv6Address(text).is_link_local:
+        # Linux refuses to bind or connect to one without its interface (EINVAL): say so
+        # now rather than "Invalid argument" at start, or at every connection.
+        raise ConfigError(f"{what}: {quoted(text)} is link-local: it needs a zone, "
+                          f"as in [{text}%eth0]")
 
 
 def parse_host(text: str, what: str) -> str:
@@ -303,7 +308,8 @@ def parse_bind(text: str, what: str) -> str:
         raise ConfigError(
             f"{what}: bind address {quoted(text)} is not an IP address"
         ) from None
-    _check_zone(text, what)
+    if ":" in text:
+        _check_zone(text, what)
     return address
 
 

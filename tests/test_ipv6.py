@@ -154,3 +154,35 @@ def test_without_ipv6_sockets_an_ipv6_address_does_not_end_the_connect(
         assert "connect-failed" not in proc.stderr(), proc.describe()
     finally:
         shutil.rmtree(hosts.parent, ignore_errors=True)
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "expected"),
+    [
+        (["serve", "0=[fe80::5]:6379"], {},
+         "SPEC '0=[fe80::5]:6379': 'fe80::5' is link-local: it needs a zone, as in "
+         "[fe80::5%eth0]"),
+        (["serve", "[fe80::1]:0=198.18.0.5:6379"], {},
+         "SPEC '[fe80::1]:0=198.18.0.5:6379': 'fe80::1' is link-local: it needs a zone, "
+         "as in [fe80::1%eth0]"),
+        (["serve", "--from-env"], {"REDIS_PORT_6379_TCP": "tcp://[fe80::5]:6379"},
+         "variable REDIS_PORT_6379_TCP: 'fe80::5' is link-local: it needs a zone, as in "
+         "[fe80::5%eth0]"),
+        (["links", "0=[FE80::5]:6379"], {},
+         "SPEC '0=[FE80::5]:6379': 'FE80::5' is link-local: it needs a zone, as in "
+         "[FE80::5%eth0]"),
+    ],
+)
+def test_a_link_local_address_without_a_zone_is_refused_at_start(
+    tmp_path: Path, args: list[str], env: dict[str, str], expected: str
+) -> None:
+    """Linux never binds or connects to one (EINVAL): it used to start, and then fail
+    every connection with "Invalid argument" (a listener: fail with that, unexplained)."""
+    result = subprocess.run(
+        [FORKPROXY, *args, *(["--status-socket", str(tmp_path / "s.sock")]
+                             if args[0] == "serve" else [])],
+        capture_output=True, text=True, timeout=30, check=False,
+        env={"PATH": "/usr/bin:/bin", **env},
+    )
+    assert (result.returncode, result.stdout, result.stderr) == (
+        2, "", f"forkproxy: error: {expected}\n")
