@@ -73,6 +73,8 @@ def test_listens_on_a_link_local_address_with_a_zone(lab: Lab, ns: Namespace) ->
     assert lines[0].startswith("listening [fe80::1%v0]:"), lines
     port = int(lines[0].split(" -> ")[0].rsplit(":", 1)[1])
     assert ping(ns, "fe80::1%v0", port) == "+PONG"
+    # The zone stays in the URL (it used to be dropped: http://[fe80::1]:P reaches nothing).
+    assert lines[1].startswith("metrics http://[fe80::1%25v0]:"), lines
     metrics_port = int(lines[1].rsplit(":", 1)[1].split("/")[0])
     code = ("import socket\n"
             f"socket.create_connection(('fe80::1%v0', {metrics_port}), timeout=5).close()\n"
