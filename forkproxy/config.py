@@ -239,6 +239,11 @@ def _check_zone(text: str, what: str) -> None:
     _, sep, zone = text.partition("%")
     if sep and not _ZONE.match(zone):
         raise ConfigError(f"{what}: {quoted(text)} has a bad IPv6 zone (an interface name)")
+    if not sep and ipaddress.IPv6Address(text).is_link_local:
+        # Linux refuses to bind or connect to one without its interface (EINVAL): say so
+        # now rather than "Invalid argument" at start, or at every connection.
+        raise ConfigError(f"{what}: {quoted(text)} is link-local: it needs a zone, "
+                          f"as in [{text}%eth0]")
 
 
 def parse_host(text: str, what: str) -> str:
@@ -303,7 +308,8 @@ def parse_bind(text: str, what: str) -> str:
         raise ConfigError(
             f"{what}: bind address {quoted(text)} is not an IP address"
         ) from None
-    _check_zone(text, what)
+    if ":" in text:
+        _check_zone(text, what)
     return address
 
 
@@ -466,6 +472,11 @@ def parse_cidr(text: str) -> Network:
         net = ipaddress.ip_network(text, strict=False)
     except ValueError:
         raise ConfigError(f"--allow {quoted(text)}: not an IPv4 or IPv6 CIDR") from None
+    mapped = getattr(net.network_address, "ipv4_mapped", None)
+    if mapped is not None and net.prefixlen >= 96:
+        # ::ffff:a.b.c.d/N, as the log shows an IPv4 client of a `[::]` listener: the
+        # supervisor checks such a client as the IPv4 address it is (is_allowed).
+        net = ipaddress.ip_network(f"{mapped}/{net.prefixlen - 96}")
     return Network(net.version, int(net.network_address), int(net.netmask), str(net))
 
 

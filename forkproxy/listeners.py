@@ -89,14 +89,39 @@ def accept_backlog(listener: Listener) -> list[tuple[int, tuple[str, int]]]:
 def listen_tcp(host: str, port: int, backlog: int = BACKLOG) -> socket.socket:
     """A listening TCP socket with SO_REUSEADDR, or ConfigError saying why not."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    except OSError as exc:
+        if exc.errno != errno.EAFNOSUPPORT:
+            raise  # EMFILE, ENFILE: Supervisor.run says so
+        # No IPv6 sockets here: ipv6.disable=1, or a seccomp filter such as systemd's
+        # RestrictAddressFamilies=AF_UNIX AF_INET.
+        raise ConfigError(f"cannot listen on {join_host_port(host, port)}: no IPv6 on this "
+                          f"host ({exc.strerror})") from None
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if family == socket.AF_INET6 and host == "::":
             # `[::]:P` means every address, IPv4 too, whatever the host's bindv6only says.
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        sock.bind((host, port))
+        address: tuple[object, ...] = (host, port)
+        if "%" in host:
+            # A zone (fe80::1%eth0): bind((host, port)) would parse it, then set the scope
+            # id from the tuple's missing fourth item, 0, and the kernel refuses a
+            # link-local address without one (EINVAL). config._ZONE admits only names
+            # and indexes.
+            ip, _, zone = host.partition("%")
+            try:
+                name = socket.if_indextoname(int(zone)) if zone.isdigit() else zone
+                scope = socket.if_nametoindex(name)
+            except (OSError, OverflowError):
+                raise ConfigError(f"cannot listen on {join_host_port(host, port)}: "
+                                  f"no interface {zone!r} on this host") from None
+            address = (ip, port, 0, scope)
+        sock.bind(address)
         sock.listen(backlog)
+    except ConfigError:
+        sock.close()
+        raise
     except OSError as exc:
         sock.close()
         reason = {

@@ -278,7 +278,14 @@ def connect_upstream(
                     )
                     break
             for family, sockaddr in candidates:
-                sock = RawSocket(family, SOCK_STREAM)
+                try:
+                    sock = RawSocket(family, SOCK_STREAM)
+                except OSError as exc:
+                    # EAFNOSUPPORT: no IPv6 sockets here (ipv6.disable=1, systemd's
+                    # RestrictAddressFamilies): the name's other addresses may do. A
+                    # refused connect's error says more than this one.
+                    error = error or exc
+                    continue
                 # The C socket's own timeout (poll in C): fewer Python objects in a fresh
                 # child than a poll object of our own, so fewer pages copied.
                 sock.settimeout(timeout)

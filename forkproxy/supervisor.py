@@ -166,6 +166,11 @@ class Supervisor:
         if self.metrics_sock is not None:
             self.metrics_at = time.monotonic()
             host, port = self.metrics_sock.getsockname()[:2]
+            asked = self.options.metrics or ""
+            if "%" in asked:
+                # getsockname() drops the zone, without which the URL reaches nothing:
+                # keep it, written as a URL writes it (RFC 6874: '%25').
+                host = parse_metrics_address(asked)[0].replace("%", "%25")
             lines.append(f"metrics http://{join_host_port(host, port)}/metrics")
         return lines
 

@@ -1036,6 +1036,8 @@ def test_allow_closes_other_clients_before_any_upstream_connection_and_counts_th
     [
         ("::1/128", "::1", "127.0.0.1", "client=[::ffff:127.0.0.1]:"),
         ("127.0.0.0/8", "127.0.0.1", "::1", "client=[::1]:"),
+        # As the log shows an IPv4 client of [::]: it used to deny that very client.
+        ("::ffff:127.0.0.1/128", "127.0.0.1", "::1", "client=[::1]:"),
     ],
 )
 def test_allow_ipv6_and_ipv4_clients_of_a_dual_stack_listener(

@@ -1,0 +1,190 @@
+"""IPv6 as a user meets it: on a host without IPv6 sockets, and in a network namespace of
+the test's own for link-local addresses with zones (`fe80::1%v0`), which only exist on a
+real interface.
+
+The namespace has a veth pair, v0 and v1, both ends inside it; v0 holds fe80::1 and
+2001:2::1 (the IPv6 benchmarking range), and a redis answers on the namespace's loopback.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import netns
+import no_ipv6
+from netns import Lab, Namespace
+
+NO_IPV6 = str(Path(__file__).with_name("no_ipv6.py"))
+FORKPROXY = str(Path(sys.executable).parent / "forkproxy")
+REDIS_PORT = 16391
+
+
+@pytest.fixture
+def lab() -> Iterator[Lab]:
+    missing = netns.missing_tools()
+    if missing:
+        pytest.fail(f"missing {', '.join(missing)} (run ./scripts/test as root)")
+    workdir = Path(tempfile.mkdtemp(prefix="fpv6-", dir="/tmp"))
+    with Lab(workdir) as lab:
+        yield lab
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture
+def ns(lab: Lab) -> Namespace:
+    namespace = lab.namespace("v6")
+    namespace.ip("link", "add", "v0", "type", "veth", "peer", "name", "v1")
+    namespace.ip("link", "set", "v0", "up")
+    namespace.ip("link", "set", "v1", "up")
+    namespace.ip("addr", "add", "fe80::1/64", "dev", "v0", "nodad")
+    namespace.ip("addr", "add", "2001:2::1/64", "dev", "v0", "nodad")
+    lab.redis(namespace, REDIS_PORT, {"who": "redis"})
+    return namespace
+
+
+def ping(ns: Namespace, host: str, port: int) -> str:
+    """PING over a plain socket from inside the namespace (redis-cli takes no zone)."""
+    code = (
+        "import socket\n"
+        f"with socket.create_connection(({host!r}, {port}), timeout=5) as s:\n"
+        "    s.sendall(b'PING\\r\\n')\n"
+        "    print(s.recv(100).decode().strip())\n"
+    )
+    return ns.run([sys.executable, "-c", code], timeout=20, check=False).strip()
+
+
+@pytest.mark.netns
+def test_listens_on_a_link_local_address_with_a_zone(lab: Lab, ns: Namespace) -> None:
+    """`[fe80::1%v0]:P` used to fail with "Invalid argument": bind() was given the
+    address without its scope id, which a link-local address needs."""
+    sock = lab.workdir / "status.sock"
+    proc = lab.spawn(ns, [FORKPROXY, "serve", f"[fe80::1%v0]:0=127.0.0.1:{REDIS_PORT}",
+                          "--metrics", "[fe80::1%v0]:0", "--status-socket", str(sock)],
+                     label="forkproxy")
+    lines = proc.wait_stdout(lambda lines: len(lines) >= 2, 15)
+    assert lines[0].startswith("listening [fe80::1%v0]:"), lines
+    port = int(lines[0].split(" -> ")[0].rsplit(":", 1)[1])
+    assert ping(ns, "fe80::1%v0", port) == "+PONG"
+    # The zone stays in the URL (it used to be dropped: http://[fe80::1]:P reaches nothing).
+    assert lines[1].startswith("metrics http://[fe80::1%25v0]:"), lines
+    metrics_port = int(lines[1].rsplit(":", 1)[1].split("/")[0])
+    code = ("import socket\n"
+            f"socket.create_connection(('fe80::1%v0', {metrics_port}), timeout=5).close()\n"
+            "print('connected')\n")
+    assert ns.run([sys.executable, "-c", code], timeout=20).strip() == "connected"
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize("zone", ["nosuch0", "99999"])
+def test_a_zone_naming_no_interface_is_one_line_and_exit_2(
+    lab: Lab, ns: Namespace, zone: str
+) -> None:
+    result = subprocess.run(
+        ns.exec_argv([FORKPROXY, "serve", f"[fe80::1%{zone}]:0=127.0.0.1:{REDIS_PORT}",
+                      "--status-socket", str(lab.workdir / "status.sock")]),
+        capture_output=True, text=True, timeout=20, check=False,
+    )
+    assert result.returncode == 2, result
+    assert result.stdout == ""
+    assert result.stderr == (f"forkproxy: error: cannot listen on [fe80::1%{zone}]:0: no "
+                             f"interface {zone!r} on this host (for [fe80::1%{zone}]:0="
+                             f"127.0.0.1:{REDIS_PORT})\n")
+
+
+@pytest.mark.skipif(not no_ipv6.supported(), reason="the seccomp filter knows x86_64 and aarch64")
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["[::1]:0=127.0.0.1:1"],
+         "forkproxy: error: cannot listen on [::1]:0: no IPv6 on this host (Address family "
+         "not supported by protocol) (for [::1]:0=127.0.0.1:1)\n"),
+        (["0=127.0.0.1:1", "--metrics", "[::]:0"],
+         "forkproxy: error: --metrics [::]:0: cannot listen on [::]:0: no IPv6 on this host "
+         "(Address family not supported by protocol)\n"),
+    ],
+)
+def test_an_ipv6_listener_where_ipv6_sockets_are_refused_is_one_line_and_exit_2(
+    tmp_path: Path, args: list[str], expected: str
+) -> None:
+    """As under systemd's RestrictAddressFamilies=AF_UNIX AF_INET, or ipv6.disable=1: it was
+    a traceback and exit 1."""
+    result = subprocess.run(
+        [sys.executable, NO_IPV6, FORKPROXY, "serve", *args,
+         "--status-socket", str(tmp_path / "status.sock")],
+        capture_output=True, text=True, timeout=30, check=False,
+    )
+    assert (result.returncode, result.stdout, result.stderr) == (2, "", expected)
+
+
+@pytest.mark.netns
+@pytest.mark.skipif(not no_ipv6.supported(), reason="the seccomp filter knows x86_64 and aarch64")
+def test_without_ipv6_sockets_an_ipv6_address_does_not_end_the_connect(
+    lab: Lab, ns: Namespace
+) -> None:
+    """A name with A and AAAA records, on a host without IPv6 sockets (systemd's
+    RestrictAddressFamilies=AF_UNIX AF_INET): its IPv4 address is refused (the container
+    moved), and the AAAA one cannot even get a socket. The child goes on to its own lookup
+    and finds the new address; it used to give up at the socket() that failed."""
+    hosts = Path("/etc/netns") / ns.name / "hosts"
+    hosts.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        hosts.write_text("127.0.0.1 localhost\n127.0.0.2 both.test\n2001:2::1 both.test\n")
+        lab.spawn(ns, ["redis-server", "--port", str(REDIS_PORT), "--bind", "127.0.0.3",
+                       "--save", "", "--appendonly", "no"], label="redis-moved")
+        deadline = time.monotonic() + 10
+        while netns.redis_cli(ns, REDIS_PORT, "PING", host="127.0.0.3", check=False) != "PONG":
+            assert time.monotonic() < deadline, "redis on 127.0.0.3 did not start"
+            time.sleep(0.05)
+        sock = lab.workdir / "status.sock"
+        proc = lab.spawn(ns, [sys.executable, NO_IPV6, FORKPROXY, "serve",
+                              f"0=both.test:{REDIS_PORT}", "--resolve-every", "off",
+                              "--status-socket", str(sock)], label="forkproxy")
+        [line] = proc.wait_stdout(lambda lines: len(lines) >= 1, 15)
+        port = int(line.split(" -> ")[0].rsplit(":", 1)[1])
+        # The name moves; the supervisor still has 127.0.0.2 and 2001:2::1.
+        with hosts.open("w") as handle:  # in place: the bind mount follows the inode
+            handle.write("127.0.0.1 localhost\n127.0.0.3 both.test\n2001:2::1 both.test\n")
+        assert ping(ns, "127.0.0.1", port) == "+PONG", proc.describe()
+        assert "connect-failed" not in proc.stderr(), proc.describe()
+    finally:
+        shutil.rmtree(hosts.parent, ignore_errors=True)
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "expected"),
+    [
+        (["serve", "0=[fe80::5]:6379"], {},
+         "SPEC '0=[fe80::5]:6379': 'fe80::5' is link-local: it needs a zone, as in "
+         "[fe80::5%eth0]"),
+        (["serve", "[fe80::1]:0=198.18.0.5:6379"], {},
+         "SPEC '[fe80::1]:0=198.18.0.5:6379': 'fe80::1' is link-local: it needs a zone, "
+         "as in [fe80::1%eth0]"),
+        (["serve", "--from-env"], {"REDIS_PORT_6379_TCP": "tcp://[fe80::5]:6379"},
+         "variable REDIS_PORT_6379_TCP: 'fe80::5' is link-local: it needs a zone, as in "
+         "[fe80::5%eth0]"),
+        (["links", "0=[FE80::5]:6379"], {},
+         "SPEC '0=[FE80::5]:6379': 'FE80::5' is link-local: it needs a zone, as in "
+         "[FE80::5%eth0]"),
+    ],
+)
+def test_a_link_local_address_without_a_zone_is_refused_at_start(
+    tmp_path: Path, args: list[str], env: dict[str, str], expected: str
+) -> None:
+    """Linux never binds or connects to one (EINVAL): it used to start, and then fail
+    every connection with "Invalid argument" (a listener: fail with that, unexplained)."""
+    result = subprocess.run(
+        [FORKPROXY, *args, *(["--status-socket", str(tmp_path / "s.sock")]
+                             if args[0] == "serve" else [])],
+        capture_output=True, text=True, timeout=30, check=False,
+        env={"PATH": "/usr/bin:/bin", **env},
+    )
+    assert (result.returncode, result.stdout, result.stderr) == (
+        2, "", f"forkproxy: error: {expected}\n")
