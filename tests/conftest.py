@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -22,9 +23,25 @@ from pathlib import Path
 
 import pytest
 
+import netns
+
 BIN = Path(sys.executable).parent
 FORKPROXY = str(BIN / "forkproxy")
 
+
+@contextlib.contextmanager
+def netns_lab(prefix: str) -> Iterator[netns.Lab]:
+    """A netns.Lab in a fresh directory under /tmp (short paths for unix sockets), removed
+    with it; missing tools (ip, unshare...) fail the test."""
+    missing = netns.missing_tools()
+    if missing:
+        pytest.fail(f"missing {', '.join(missing)} (run ./scripts/test as root)")
+    workdir = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    try:
+        with netns.Lab(workdir) as lab:
+            yield lab
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
 
 def need(program: str) -> str:
     """The path of a peer program; its absence fails the test (never a skip)."""

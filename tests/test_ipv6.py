@@ -11,7 +11,6 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +19,7 @@ import pytest
 
 import netns
 import no_ipv6
+from conftest import netns_lab
 from netns import Lab, Namespace
 
 NO_IPV6 = str(Path(__file__).with_name("no_ipv6.py"))
@@ -29,13 +29,8 @@ REDIS_PORT = 16391
 
 @pytest.fixture
 def lab() -> Iterator[Lab]:
-    missing = netns.missing_tools()
-    if missing:
-        pytest.fail(f"missing {', '.join(missing)} (run ./scripts/test as root)")
-    workdir = Path(tempfile.mkdtemp(prefix="fpv6-", dir="/tmp"))
-    with Lab(workdir) as lab:
+    with netns_lab("fpv6-") as lab:
         yield lab
-    shutil.rmtree(workdir, ignore_errors=True)
 
 
 @pytest.fixture

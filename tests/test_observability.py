@@ -684,6 +684,21 @@ def test_metrics_count_lookups_that_failed_or_moved_a_name() -> None:
     assert samples[("forkproxy_address_changes", "db")] == 2
 
 
+def cpu_totals_over_scrapes(
+    monkeypatch: pytest.MonkeyPatch, replies: list[dict[str, Any]]
+) -> list[float]:
+    """forkproxy_children_cpu_seconds_total as one metrics process renders it over
+    several scrapes, the supervisor answering `replies` in turn."""
+    answers = iter(replies)
+    monkeypatch.setattr(fp_metrics, "request", lambda path, command: next(answers))
+    collector = fp_metrics.SupervisorCollector("unused")
+    seen = []
+    for _ in replies:
+        [cpu] = [m for m in collector.collect() if m.name == "forkproxy_children_cpu_seconds"]
+        seen += [sample.value for sample in cpu.samples if sample.name.endswith("_total")]
+    return seen
+
+
 def test_the_cpu_counter_never_goes_down(monkeypatch: pytest.MonkeyPatch) -> None:
     """A child that exits between the status reply and psutil's reading leaves the live
     sum before its CPU reaches the exited total: for one scrape the sum is lower. The
@@ -693,13 +708,7 @@ def test_the_cpu_counter_never_goes_down(monkeypatch: pytest.MonkeyPatch) -> Non
         return {"links": {"db": stats}, "duration_buckets": list(DURATION_BUCKETS),
                 "listeners": []}
 
-    replies = iter([reply(5.92), reply(5.87), reply(6.10)])
-    monkeypatch.setattr(fp_metrics, "request", lambda path, command: next(replies))
-    collector = fp_metrics.SupervisorCollector("unused")
-    seen = []
-    for _ in range(3):
-        [cpu] = [m for m in collector.collect() if m.name == "forkproxy_children_cpu_seconds"]
-        seen += [sample.value for sample in cpu.samples if sample.name.endswith("_total")]
+    seen = cpu_totals_over_scrapes(monkeypatch, [reply(5.92), reply(5.87), reply(6.10)])
     assert seen == [5.92, 5.92, 6.10]
 
 
@@ -713,13 +722,7 @@ def test_a_link_configured_again_starts_its_cpu_counter_at_zero(
             "db": {**vars(LinkStats()), "cpu_seconds": cpu_seconds, "active": 0}}
         return {"links": links, "duration_buckets": list(DURATION_BUCKETS), "listeners": []}
 
-    replies = iter([reply(5.92), reply(None), reply(0.25)])
-    monkeypatch.setattr(fp_metrics, "request", lambda path, command: next(replies))
-    collector = fp_metrics.SupervisorCollector("unused")
-    seen = []
-    for _ in range(3):
-        [cpu] = [m for m in collector.collect() if m.name == "forkproxy_children_cpu_seconds"]
-        seen += [sample.value for sample in cpu.samples if sample.name.endswith("_total")]
+    seen = cpu_totals_over_scrapes(monkeypatch, [reply(5.92), reply(None), reply(0.25)])
     assert seen == [5.92, 0.25]
 
 

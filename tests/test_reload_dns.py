@@ -13,14 +13,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-import netns
+from conftest import netns_lab
 from netns import Lab, Namespace, Process, redis_cli
 
 pytestmark = [pytest.mark.netns]
@@ -31,13 +30,8 @@ LISTEN_PORT = 7000
 
 @pytest.fixture
 def lab() -> Iterator[Lab]:
-    missing = netns.missing_tools()
-    if missing:
-        pytest.fail(f"missing {', '.join(missing)} (run ./scripts/test as root)")
-    workdir = Path(tempfile.mkdtemp(prefix="fpdns-", dir="/tmp"))
-    with Lab(workdir) as lab:
+    with netns_lab("fpdns-") as lab:
         yield lab
-    shutil.rmtree(workdir, ignore_errors=True)
 
 
 @pytest.fixture
