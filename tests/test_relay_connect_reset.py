@@ -28,6 +28,9 @@ from pathlib import Path
 
 import pytest
 
+from forkproxy import relay
+from forkproxy.config import Endpoint
+
 from conftest import FORKPROXY, Proxy, need, read_lines, wait_for
 
 CONNECTIONS = 300
@@ -138,3 +141,26 @@ def test_upstream_that_resets_at_once_resets_every_client(
     closes = [line for line in log if " close " in line]
     assert len(closes) == CONNECTIONS
     assert all(f'outcome=upstream-reset error="{error}"' in line for line in closes), closes[:3]
+
+
+@pytest.mark.parametrize("code", [errno.ECONNRESET, errno.EPIPE])
+def test_a_connect_that_fails_with_a_reset_is_reached_then_reset(
+    monkeypatch: pytest.MonkeyPatch, code: int
+) -> None:
+    """The errno itself, for when no kernel can be made to race (the test above could then
+    pass without the path ever running): connect() failing with ECONNRESET or EPIPE ends
+    connect_upstream with Ended(UPSTREAM_RESET) at once: no other address, no retry."""
+    attempts: list[object] = []  # a mock: this errno cannot be had on demand
+
+    class ResetOnConnect(relay.RawSocket):  # type: ignore[misc]
+        def connect(self, address: object) -> None:
+            attempts.append(address)
+            raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(relay, "RawSocket", ResetOnConnect)
+    addresses = [(int(socket.AF_INET), ("127.0.0.1", 9)), (int(socket.AF_INET), ("127.0.0.2", 9))]
+    with pytest.raises(relay.Ended) as ended:
+        relay.connect_upstream(addresses, Endpoint("127.0.0.1", 9), 5.0, retries=2)
+    assert ended.value.args[0] == relay.UPSTREAM_RESET
+    assert ended.value.args[1].errno == code
+    assert attempts == [("127.0.0.1", 9)]  # the first address only, tried once
