@@ -155,10 +155,9 @@ class Accounting:
             return None
         link, _, base, started = record
         name = link.name
-        # A removed link's totals are still here: retire() keeps them while it has live
-        # children, so this never brings a stale entry back (stats() makes them for a
-        # link that never had any, as tests' children do).
-        stats = self.links.get(name) or self.stats(link)
+        # A removed link's totals are still here (retire() keeps them while it has live
+        # children), so stats() finds them rather than bringing a stale entry back.
+        stats = self.stats(link)
         counters = self.slots.counters
         stats.connections += 1
         stats.bytes_up += counters[base]

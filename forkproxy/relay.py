@@ -548,10 +548,14 @@ def _unread(sock: RawSocket) -> bool:
         return False
 
 
+# struct linger {l_onoff 1, l_linger 0}: close() then sends an RST, not a FIN.
+_LINGER_RESET = b"\x01\x00\x00\x00\x00\x00\x00\x00"
+
+
 def reset(sock: RawSocket) -> None:
     """Close with an RST rather than a FIN, so the peer sees the reset we saw."""
     try:
-        sock.setsockopt(SOL_SOCKET, SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        sock.setsockopt(SOL_SOCKET, SO_LINGER, _LINGER_RESET)
     except OSError:
         pass  # already closed by the peer: close() below is all that is left
     sock.close()
@@ -579,7 +583,7 @@ def _reset_and_die(signum: int, frame: object) -> None:
             continue  # not a socket (a splice pipe), or already closed
         try:
             if sock.type == SOCK_STREAM:
-                sock.setsockopt(SOL_SOCKET, SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                sock.setsockopt(SOL_SOCKET, SO_LINGER, _LINGER_RESET)
         except OSError:
             pass
         finally:
