@@ -159,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="forkproxy-metrics")
     parser.add_argument("--fd", type=int, required=True, help="the bound listening socket")
     parser.add_argument("--status-socket", required=True)
+    parser.add_argument("--supervisor-pid", type=int, required=True,
+                        help="exit when this process is no longer the parent")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -172,9 +174,11 @@ def main(argv: list[str] | None = None) -> int:
     server.server_name, server.server_port = "forkproxy", sock.getsockname()[1]
     server.setup_environ()
     server.set_app(make_wsgi_app(registry))
-    parent = os.getppid()
     server.timeout = 1.0
-    while os.getppid() == parent:  # the supervisor is gone: so is this process
+    # The supervisor is gone: so is this process, which would otherwise hold the port. Its
+    # pid comes from the command line, not from getppid() here: a supervisor killed while
+    # this process was still importing would leave it serving forever.
+    while os.getppid() == args.supervisor_pid:
         server.handle_request()
     return 0
 

@@ -25,7 +25,7 @@ from forkproxy.listeners import Listener
 from forkproxy.log import Logger
 from forkproxy.supervisor import Supervisor
 
-from conftest import FORKPROXY, Proxy, TcpServer, echo, need
+from conftest import FORKPROXY, Proxy, TcpServer, echo, need, wait_for
 
 ROOT = Path(forkproxy.__file__).resolve().parent.parent
 HEAVY = ("threading", "logging", "psutil", "typer", "click", "prometheus_client", "random",
@@ -195,6 +195,46 @@ def test_a_metrics_process_that_cannot_be_forked_is_tried_again_later(
             assert sup.metrics_at >= before + 1  # later, not in a busy loop
             log.seek(0)
             assert b"metrics-failed" in log.read()
+
+
+def test_a_metrics_process_whose_supervisor_died_while_it_started_exits(tmp_path: Path) -> None:
+    """A supervisor SIGKILLed right after starting the metrics process (while that was still
+    importing) left it an orphan for good: it took its parent to be whoever adopted it, and
+    kept serving `forkproxy_up 0` on the port, which a restarted forkproxy could not bind.
+    The supervisor here starts it and exits at once, without cleanup, as SIGKILL would."""
+    code = f"""
+import os, sys
+sys.path.insert(0, {str(ROOT)!r})
+from forkproxy.config import Options, Sources
+from forkproxy.log import Logger
+from forkproxy.supervisor import Supervisor
+options = Options(metrics="127.0.0.1:0", status_socket={str(tmp_path / "s.sock")!r})
+sup = Supervisor(Sources(("127.0.0.1:0=127.0.0.1:1",), options=options), {{}}, Logger(fd=2))
+sup.start()
+sup.start_metrics()
+print(sup.metrics_pid, sup.metrics_sock.getsockname()[1], flush=True)
+os._exit(0)
+"""
+    # Only its first line is read: the metrics process inherits the pipe.
+    with subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                          stderr=subprocess.DEVNULL, text=True) as supervisor:
+        assert supervisor.stdout is not None
+        pid, port = map(int, supervisor.stdout.readline().split())
+        assert supervisor.wait(60) == 0
+    metrics = psutil.Process(pid)
+
+    def gone() -> bool:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            return metrics.status() == psutil.STATUS_ZOMBIE  # exited; its adopter may not reap
+        return True
+
+    try:
+        assert wait_for(gone, 30), "the metrics process outlived its supervisor"
+        with socket.socket() as sock:  # and it let go of the port
+            sock.bind(("127.0.0.1", port))
+    finally:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            metrics.kill()
 
 
 def test_out_of_descriptors_a_lookup_is_skipped_not_fatal(tmp_path: Path) -> None:
