@@ -29,6 +29,7 @@ from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 from forkproxy import metrics as fp_metrics
+from forkproxy import status as fp_status
 from forkproxy.accounting import DURATION_BUCKETS, LinkStats
 from forkproxy.log import INFO, SLOT, SLOT_INT, SLOT_SECONDS, Logger, _stamp
 from forkproxy.metrics import render as render_metrics
@@ -541,6 +542,55 @@ def test_idle_control_clients_do_not_starve_check(
     finally:
         for sock in idle:
             sock.close()
+
+
+def fill_backlog(path: Path, request: bytes) -> list[socket.socket]:
+    """Connect to a stopped supervisor's control socket until its backlog is full (the
+    next connect() fails with EAGAIN), sending `request` on each; returns the sockets."""
+    clients: list[socket.socket] = []
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            sock.connect(str(path))
+        except BlockingIOError:
+            sock.close()
+            return clients
+        clients.append(sock)
+        sock.sendall(request)
+
+
+def test_a_control_client_waits_for_room_in_a_busy_supervisors_backlog(
+    start_proxy: StartProxy, tcp_server: MakeServer, tmp_path: Path, env: dict[str, str],
+) -> None:
+    """A socket with a timeout is non-blocking, and a Unix socket's connect() then fails at
+    once when the backlog is full: `check` reported a supervisor busy for a moment, while
+    others asked too, as not answering (a HEALTHCHECK's unhealthy) within microseconds."""
+    server = tcp_server(echo)
+    sock_path = tmp_path / "status.sock"
+    proxy = start_proxy("--status-socket", str(sock_path),
+                        f"127.0.0.1:0=127.0.0.1:{server.port}", env=env)
+    proxy.signal(signal.SIGSTOP)  # busy: poll() does not come round for a while
+    try:
+        idle = fill_backlog(sock_path, b"")
+        replies: list[object] = []
+
+        def check() -> None:
+            try:
+                replies.append(fp_status.request(str(sock_path), "check", timeout=30))
+            except fp_status.StatusError as exc:
+                replies.append(exc)
+
+        asking = threading.Thread(target=check)
+        asking.start()
+        asking.join(1.0)  # it connects (or, full, failed) at once; its wait is 30 s
+    finally:
+        proxy.signal(signal.SIGCONT)
+    asking.join(DEADLINE)
+    for sock in idle:
+        sock.close()
+    assert len(replies) == 1 and isinstance(replies[0], dict), replies
+    assert replies[0]["ok"] is True, replies
 
 
 # -- two instances, default sockets --------------------------------------------------------
