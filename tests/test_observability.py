@@ -28,6 +28,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
+from forkproxy import control as fp_control
 from forkproxy import metrics as fp_metrics
 from forkproxy import status as fp_status
 from forkproxy.accounting import DURATION_BUCKETS, LinkStats
@@ -591,6 +592,40 @@ def test_a_control_client_waits_for_room_in_a_busy_supervisors_backlog(
         sock.close()
     assert len(replies) == 1 and isinstance(replies[0], dict), replies
     assert replies[0]["ok"] is True, replies
+
+
+def test_a_full_control_socket_answers_the_client_it_makes_room_from(
+    start_proxy: StartProxy, tcp_server: MakeServer, tmp_path: Path, env: dict[str, str],
+) -> None:
+    """Room for a new client is made by dropping the oldest; one whose request was waiting,
+    not yet read in that round of poll(), was reset unanswered. A backlog of clients that
+    all asked, larger than the supervisor holds at once, must all be answered."""
+    server = tcp_server(echo)
+    sock_path = tmp_path / "status.sock"
+    proxy = start_proxy("--status-socket", str(sock_path),
+                        f"127.0.0.1:0=127.0.0.1:{server.port}", env=env)
+    proxy.signal(signal.SIGSTOP)
+    try:
+        clients = fill_backlog(sock_path, b'{"command": "check"}\n')
+    finally:
+        proxy.signal(signal.SIGCONT)
+    assert len(clients) > fp_control.MAX_CLIENTS  # more than it holds: one makes room
+    answers = []
+    for sock in clients:
+        with sock:
+            sock.settimeout(DEADLINE)
+            try:
+                answers.append(json.loads(recv_all_bytes(sock))["ok"])
+            except (OSError, ValueError) as exc:
+                answers.append(repr(exc))
+    assert answers == [True] * len(clients), answers
+
+
+def recv_all_bytes(sock: socket.socket) -> bytes:
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
 
 
 # -- two instances, default sockets --------------------------------------------------------
