@@ -21,6 +21,7 @@ if __name__ == "__main__":
 
 import argparse
 import contextlib
+import ctypes
 import signal
 import socket
 from collections.abc import Iterator
@@ -142,6 +143,17 @@ def render(status: dict[str, Any], cpu_seen: dict[str, float] | None = None) -> 
                 resolve_failures, address_changes, supervisor_rss, orphans)
 
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with_parent() -> None:
+    """Have the kernel send SIGTERM the moment the supervisor dies (SIGKILL, the OOM
+    killer), rather than notice it at the next turn of the loop: until then this process
+    holds the metrics port, and a forkproxy restarted at once could not bind it."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 class _Server(ThreadingMixIn, WSGIServer):
     """A thread per scrape, as prometheus_client's own server does: one client that
     connects and sends nothing must not block the others."""
@@ -165,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    _die_with_parent()
     registry = CollectorRegistry(auto_describe=False)
     registry.register(SupervisorCollector(args.status_socket))
     sock = socket.socket(fileno=args.fd)
@@ -177,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     server.timeout = 1.0
     # The supervisor is gone: so is this process, which would otherwise hold the port. Its
     # pid comes from the command line, not from getppid() here: a supervisor killed while
-    # this process was still importing would leave it serving forever.
+    # this process was still importing (before _die_with_parent) would leave it serving
+    # forever.
     while os.getppid() == args.supervisor_pid:
         server.handle_request()
     return 0

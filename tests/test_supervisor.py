@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -235,6 +236,35 @@ os._exit(0)
     finally:
         with contextlib.suppress(psutil.NoSuchProcess):
             metrics.kill()
+
+
+def test_a_forkproxy_restarted_right_after_a_sigkill_binds_the_same_metrics_port(
+    start_proxy: Callable[..., Proxy],
+    tcp_server: Callable[[Callable[[socket.socket], None]], TcpServer],
+    tmp_path: Path,
+) -> None:
+    """The metrics process noticed its supervisor's death only at the next turn of its
+    loop, up to a second later, and held the port meanwhile: a process manager restarting
+    forkproxy at once after a SIGKILL (the OOM killer) got exit 2, address already in use."""
+    server = tcp_server(echo)
+    spec = f"127.0.0.1:0=127.0.0.1:{server.port}"
+    first = start_proxy("--metrics", "127.0.0.1:0", "--status-socket", str(tmp_path / "1.sock"),
+                        spec, expect=2)
+    url = first.lines[-1].removeprefix("metrics ")
+
+    def serving() -> bool:
+        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=10) as response:
+            return b"forkproxy_up 1.0" in response.read()
+        return False
+
+    assert wait_for(serving, 30)  # the metrics process is up, past its start
+    first.signal(signal.SIGKILL)
+    assert first.proc.wait(30) == -signal.SIGKILL
+    address = url.removeprefix("http://").removesuffix("/metrics")
+    second = start_proxy("--metrics", address, "--status-socket", str(tmp_path / "2.sock"),
+                         spec, expect=2)  # fails the test if it exits instead
+    assert second.lines[-1] == f"metrics {url}"
+    assert wait_for(serving, 30)
 
 
 def test_out_of_descriptors_a_lookup_is_skipped_not_fatal(tmp_path: Path) -> None:
