@@ -24,6 +24,7 @@ import contextlib
 import ctypes
 import signal
 import socket
+import threading
 from collections.abc import Iterator
 from socketserver import ThreadingMixIn
 from typing import Any
@@ -154,11 +155,38 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+# Scrapes served at once; a client beyond them waits, then is closed. Each one's thread counts
+# against the container's pids limit, which the supervisor needs for a fork per connection:
+# unbounded, idle connections to the metrics port could stop the proxy. Below the control
+# socket's 16 clients (control.MAX_CLIENTS), so that scrapes alone never fill it.
+MAX_SCRAPES = 8
+SCRAPE_WAIT = 1.0  # seconds a new client may wait for a slot
+
+
 class _Server(ThreadingMixIn, WSGIServer):
     """A thread per scrape, as prometheus_client's own server does: one client that
-    connects and sends nothing must not block the others."""
+    connects and sends nothing must not block the others. At most MAX_SCRAPES threads."""
 
     daemon_threads = True
+    scrapes = threading.BoundedSemaphore(MAX_SCRAPES)  # one server per process
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        # A burst of scrapes waits its turn (each takes milliseconds); clients that hold
+        # every slot without finishing (slowloris) get the newcomer closed instead.
+        if not self.scrapes.acquire(timeout=SCRAPE_WAIT):
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)  # starts the thread
+        except BaseException:
+            self.scrapes.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.scrapes.release()
 
 
 class _QuietHandler(WSGIRequestHandler):

@@ -870,6 +870,45 @@ def test_an_idle_tcp_client_does_not_block_scrapes(
     assert "forkproxy_up 1.0" in text
 
 
+def test_idle_connections_to_the_metrics_port_cost_a_bounded_number_of_threads(
+    start_proxy: StartProxy, tcp_server: MakeServer, env: dict[str, str],
+) -> None:
+    """Each connection to the metrics port got a thread, without bound, and threads count
+    against a container's pids limit: with `--pids-limit 60`, 100 idle connections from
+    anyone who could reach the port used it up, and the supervisor could fork no child
+    for the proxy's clients. The metrics process now holds at most MAX_SCRAPES."""
+    server = tcp_server(echo)
+    proxy = start_proxy("--metrics", "127.0.0.1:0", f"127.0.0.1:0=127.0.0.1:{server.port}",
+                        expect=2, env=env)
+    url = metrics_url(proxy)
+    assert "forkproxy_up 1.0" in scrape(url)
+    (metrics_process,) = psutil.Process(proxy.pid).children()
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    idle = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(50)]
+    try:
+        most = 0
+        deadline = time.monotonic() + 5  # an unbounded server has spawned them all by then
+        while time.monotonic() < deadline:
+            most = max(most, metrics_process.num_threads())
+            time.sleep(0.05)
+        assert most <= fp_metrics.MAX_SCRAPES + 1, most  # the main thread and the scrapes
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=30) as client:
+            client.sendall(b"ping")
+            assert recv_exact(client, 4) == b"ping"
+    finally:
+        for sock in idle:
+            sock.close()
+    text = poll(lambda: scrape_or_empty(url), lambda text: "forkproxy_up 1.0" in text)
+    assert "forkproxy_up 1.0" in text
+
+
+def scrape_or_empty(url: str) -> str:
+    try:
+        return scrape(url, timeout=10)
+    except OSError:
+        return ""
+
+
 # -- reload: links that go away ---------------------------------------------------------------
 
 
