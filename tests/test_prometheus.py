@@ -167,4 +167,4 @@ def test_prometheus_scrapes_rates_quantiles_and_no_reset_across_a_reload(
     assert prom.wait_value(total, lambda v: v == 15) == 15
     assert prom.query(f"resets({total}[10m])") == 0
     assert prom.query(f"max(resets(forkproxy_bytes_total{selector}[10m]))") == 0
-    assert prom.query('up{job="forkproxy"}') == 1
+    assert prom.wait_value('up{job="forkproxy"}', lambda v: v == 1) == 1
