@@ -25,10 +25,11 @@ import ctypes
 import signal
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
+from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
 
 import psutil
 from prometheus_client import make_wsgi_app
@@ -144,6 +145,23 @@ def render(status: dict[str, Any], cpu_seen: dict[str, float] | None = None) -> 
                 resolve_failures, address_changes, supervisor_rss, orphans)
 
 
+def _answer_head(app: WSGIApplication) -> WSGIApplication:
+    """HEAD as GET without the body, as every HTTP server must (RFC 9110, 9.1):
+    prometheus_client answers it 405, and uptime monitors that check with HEAD reported
+    the metrics endpoint down."""
+
+    def serve(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        if environ.get("REQUEST_METHOD") != "HEAD":
+            return app(environ, start_response)
+        body = app({**environ, "REQUEST_METHOD": "GET"}, start_response)
+        close = getattr(body, "close", None)
+        if close is not None:
+            close()  # WSGI: a result with close() is closed by whoever drops it
+        return []
+
+    return serve
+
+
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
@@ -214,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     server.socket = sock
     server.server_name, server.server_port = "forkproxy", sock.getsockname()[1]
     server.setup_environ()
-    server.set_app(make_wsgi_app(registry))
+    server.set_app(_answer_head(make_wsgi_app(registry)))
     server.timeout = 1.0
     # The supervisor is gone: so is this process, which would otherwise hold the port. Its
     # pid comes from the command line, not from getppid() here: a supervisor killed while

@@ -17,6 +17,7 @@ import stat
 import subprocess
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -868,6 +869,28 @@ def test_an_idle_tcp_client_does_not_block_scrapes(
         except OSError as exc:
             pytest.fail(f"scrape blocked behind an idle connection: {exc!r}")
     assert "forkproxy_up 1.0" in text
+
+
+def test_metrics_answer_head_as_get_without_a_body(
+    start_proxy: StartProxy, tcp_server: MakeServer, env: dict[str, str],
+) -> None:
+    """prometheus_client answers HEAD with 405, and an uptime monitor that checks with HEAD
+    (every HTTP server must support it) saw the endpoint down."""
+    server = tcp_server(echo)
+    proxy = start_proxy("--metrics", "127.0.0.1:0", f"127.0.0.1:0=127.0.0.1:{server.port}",
+                        expect=2, env=env)
+    url = metrics_url(proxy)
+    with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"),
+                                timeout=15) as response:
+        assert response.status == 200
+        assert response.headers["Content-Type"].startswith("text/plain")
+        assert response.read() == b""
+    assert "forkproxy_up 1.0" in scrape(url)  # GET is unchanged
+    request = urllib.request.Request(url, method="POST", data=b"")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=15)
+    assert refused.value.code == 405  # other methods are still refused
+    refused.value.close()
 
 
 def test_idle_connections_to_the_metrics_port_cost_a_bounded_number_of_threads(
