@@ -59,6 +59,11 @@ class SupervisorCollector(Collector):
             return
         yield from render(status, self.cpu_seen)
 
+    def describe(self) -> Iterator[Metric]:
+        """The families collect() yields, without asking the supervisor: the registry
+        learns their names, which `/metrics?name[]=...` filters on (an empty body without)."""
+        return render({})
+
 
 def _children_by_link(status: dict[str, Any]) -> dict[str, dict[str, float]]:
     """Sum psutil's readings of the live children (as `forkproxy status` shows them) per link."""

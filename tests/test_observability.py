@@ -893,6 +893,18 @@ def test_metrics_answer_head_as_get_without_a_body(
     refused.value.close()
 
 
+def test_metrics_filtered_by_name_give_those_families(
+    start_proxy: StartProxy, tcp_server: MakeServer, env: dict[str, str],
+) -> None:
+    """prometheus_client's `?name[]=` filter keeps the named series; the registry did not
+    know the collector's names, and the filtered page was empty."""
+    server = tcp_server(echo)
+    proxy = start_proxy("--metrics", "127.0.0.1:0", f"127.0.0.1:0=127.0.0.1:{server.port}",
+                        expect=2, env=env)
+    text = scrape(metrics_url(proxy) + "?name[]=forkproxy_up&name[]=forkproxy_connections_total")
+    assert {name for name, _ in samples(text)} == {"forkproxy_up", "forkproxy_connections_total"}
+
+
 def test_idle_connections_to_the_metrics_port_cost_a_bounded_number_of_threads(
     start_proxy: StartProxy, tcp_server: MakeServer, env: dict[str, str],
 ) -> None:
