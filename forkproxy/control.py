@@ -93,9 +93,10 @@ class ControlServer:
     def accept(self) -> tuple[list[int], list[int]]:
         """Accept waiting clients: (fds to poll, fds dropped to make room).
 
-        Always accepting, and dropping the oldest client when full, keeps clients that
-        connect and say nothing from locking `check` out (and the listener, readable
-        but never accepted, from spinning the level-triggered loop).
+        Always accepting, and dropping the oldest client when full (once its request,
+        if one waits, is answered), keeps clients that connect and say nothing from
+        locking `check` out (and the listener, readable but never accepted, from spinning
+        the level-triggered loop).
         """
         fresh: list[int] = []
         dropped: list[int] = []
@@ -112,7 +113,10 @@ class ControlServer:
                 break
             if len(self.clients) >= MAX_CLIENTS:
                 oldest = next(iter(self.clients))  # dicts keep insertion order
-                self._drop(oldest)
+                # Its request may be waiting, not yet read in this round of poll(): answer
+                # it first. Only a client that asked nothing (or reads nothing) is dropped.
+                if self.service(oldest):
+                    self._drop(oldest)
                 dropped.append(oldest)
             sock.setblocking(False)
             self.clients[sock.fileno()] = _Client(sock)

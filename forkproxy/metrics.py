@@ -21,12 +21,15 @@ if __name__ == "__main__":
 
 import argparse
 import contextlib
+import ctypes
 import signal
 import socket
-from collections.abc import Iterator
+import threading
+from collections.abc import Iterable, Iterator
 from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
+from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
 
 import psutil
 from prometheus_client import make_wsgi_app
@@ -55,6 +58,11 @@ class SupervisorCollector(Collector):
             yield up
             return
         yield from render(status, self.cpu_seen)
+
+    def describe(self) -> Iterator[Metric]:
+        """The families collect() yields, without asking the supervisor: the registry
+        learns their names, which `/metrics?name[]=...` filters on (an empty body without)."""
+        return render({})
 
 
 def _children_by_link(status: dict[str, Any]) -> dict[str, dict[str, float]]:
@@ -142,11 +150,66 @@ def render(status: dict[str, Any], cpu_seen: dict[str, float] | None = None) -> 
                 resolve_failures, address_changes, supervisor_rss, orphans)
 
 
+def _answer_head(app: WSGIApplication) -> WSGIApplication:
+    """HEAD as GET without the body, as every HTTP server must (RFC 9110, 9.1):
+    prometheus_client answers it 405, and uptime monitors that check with HEAD reported
+    the metrics endpoint down."""
+
+    def serve(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        if environ.get("REQUEST_METHOD") != "HEAD":
+            return app(environ, start_response)
+        body = app({**environ, "REQUEST_METHOD": "GET"}, start_response)
+        close = getattr(body, "close", None)
+        if close is not None:
+            close()  # WSGI: a result with close() is closed by whoever drops it
+        return []
+
+    return serve
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with_parent() -> None:
+    """Have the kernel send SIGTERM the moment the supervisor dies (SIGKILL, the OOM
+    killer), rather than notice it at the next turn of the loop: until then this process
+    holds the metrics port, and a forkproxy restarted at once could not bind it."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+# Scrapes served at once; a client beyond them waits, then is closed. Each one's thread counts
+# against the container's pids limit, which the supervisor needs for a fork per connection:
+# unbounded, idle connections to the metrics port could stop the proxy. Below the control
+# socket's 16 clients (control.MAX_CLIENTS), so that scrapes alone never fill it.
+MAX_SCRAPES = 8
+SCRAPE_WAIT = 1.0  # seconds a new client may wait for a slot
+
+
 class _Server(ThreadingMixIn, WSGIServer):
     """A thread per scrape, as prometheus_client's own server does: one client that
-    connects and sends nothing must not block the others."""
+    connects and sends nothing must not block the others. At most MAX_SCRAPES threads."""
 
     daemon_threads = True
+    scrapes = threading.BoundedSemaphore(MAX_SCRAPES)  # one server per process
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        # A burst of scrapes waits its turn (each takes milliseconds); clients that hold
+        # every slot without finishing (slowloris) get the newcomer closed instead.
+        if not self.scrapes.acquire(timeout=SCRAPE_WAIT):
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)  # starts the thread
+        except BaseException:
+            self.scrapes.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.scrapes.release()
 
 
 class _QuietHandler(WSGIRequestHandler):
@@ -159,10 +222,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="forkproxy-metrics")
     parser.add_argument("--fd", type=int, required=True, help="the bound listening socket")
     parser.add_argument("--status-socket", required=True)
+    parser.add_argument("--supervisor-pid", type=int, required=True,
+                        help="exit when this process is no longer the parent")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    _die_with_parent()
     registry = CollectorRegistry(auto_describe=False)
     registry.register(SupervisorCollector(args.status_socket))
     sock = socket.socket(fileno=args.fd)
@@ -171,10 +237,13 @@ def main(argv: list[str] | None = None) -> int:
     server.socket = sock
     server.server_name, server.server_port = "forkproxy", sock.getsockname()[1]
     server.setup_environ()
-    server.set_app(make_wsgi_app(registry))
-    parent = os.getppid()
+    server.set_app(_answer_head(make_wsgi_app(registry)))
     server.timeout = 1.0
-    while os.getppid() == parent:  # the supervisor is gone: so is this process
+    # The supervisor is gone: so is this process, which would otherwise hold the port. Its
+    # pid comes from the command line, not from getppid() here: a supervisor killed while
+    # this process was still importing (before _die_with_parent) would leave it serving
+    # forever.
+    while os.getppid() == args.supervisor_pid:
         server.handle_request()
     return 0
 

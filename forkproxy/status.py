@@ -52,7 +52,7 @@ def request(path: str, command: str, timeout: float = 5.0) -> dict[str, Any]:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         try:
-            sock.connect(path)
+            _connect(sock, path, time.monotonic() + timeout)
             creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
             sock.sendall(json.dumps({"command": command}).encode() + b"\n")
             chunks = []
@@ -68,6 +68,23 @@ def request(path: str, command: str, timeout: float = 5.0) -> dict[str, Any]:
         raise StatusError(f"unreadable answer on {path}")
     reply["pid_here"] = struct.unpack("3i", creds)[0]
     return reply
+
+
+def _connect(sock: socket.socket, path: str, deadline: float) -> None:
+    """connect(), waiting until `deadline` while the supervisor's backlog is full.
+
+    A socket with a timeout is non-blocking, and a Unix socket's connect() then fails at
+    once with EAGAIN when the listener's backlog is full: a supervisor busy for a moment
+    while others ask too, which is no reason for `check` to report it unhealthy.
+    """
+    while True:
+        try:
+            sock.connect(path)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.02)
 
 
 def _pids_here(status: dict[str, Any]) -> dict[int, int]:

@@ -190,7 +190,7 @@ class Supervisor:
         fd = self.metrics_sock.fileno()
         script = os.path.join(os.path.dirname(os.path.abspath(relay.__file__)), "metrics.py")
         argv = [sys.executable, "-I", script, "--fd", str(fd),
-                "--status-socket", self.control.path]
+                "--status-socket", self.control.path, "--supervisor-pid", str(os.getpid())]
         try:
             pid = os.fork()
         except OSError as exc:  # EAGAIN at a pids limit, ENOMEM: try again later

@@ -17,6 +17,7 @@ import stat
 import subprocess
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,7 +29,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
+from forkproxy import control as fp_control
 from forkproxy import metrics as fp_metrics
+from forkproxy import status as fp_status
 from forkproxy.accounting import DURATION_BUCKETS, LinkStats
 from forkproxy.log import INFO, SLOT, SLOT_INT, SLOT_SECONDS, Logger, _stamp
 from forkproxy.metrics import render as render_metrics
@@ -543,6 +546,89 @@ def test_idle_control_clients_do_not_starve_check(
             sock.close()
 
 
+def fill_backlog(path: Path, request: bytes) -> list[socket.socket]:
+    """Connect to a stopped supervisor's control socket until its backlog is full (the
+    next connect() fails with EAGAIN), sending `request` on each; returns the sockets."""
+    clients: list[socket.socket] = []
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            sock.connect(str(path))
+        except BlockingIOError:
+            sock.close()
+            return clients
+        clients.append(sock)
+        sock.sendall(request)
+
+
+def test_a_control_client_waits_for_room_in_a_busy_supervisors_backlog(
+    start_proxy: StartProxy, tcp_server: MakeServer, tmp_path: Path, env: dict[str, str],
+) -> None:
+    """A socket with a timeout is non-blocking, and a Unix socket's connect() then fails at
+    once when the backlog is full: `check` reported a supervisor busy for a moment, while
+    others asked too, as not answering (a HEALTHCHECK's unhealthy) within microseconds."""
+    server = tcp_server(echo)
+    sock_path = tmp_path / "status.sock"
+    proxy = start_proxy("--status-socket", str(sock_path),
+                        f"127.0.0.1:0=127.0.0.1:{server.port}", env=env)
+    proxy.signal(signal.SIGSTOP)  # busy: poll() does not come round for a while
+    try:
+        idle = fill_backlog(sock_path, b"")
+        replies: list[object] = []
+
+        def check() -> None:
+            try:
+                replies.append(fp_status.request(str(sock_path), "check", timeout=30))
+            except fp_status.StatusError as exc:
+                replies.append(exc)
+
+        asking = threading.Thread(target=check)
+        asking.start()
+        asking.join(1.0)  # it connects (or, full, failed) at once; its wait is 30 s
+    finally:
+        proxy.signal(signal.SIGCONT)
+    asking.join(DEADLINE)
+    for sock in idle:
+        sock.close()
+    assert len(replies) == 1 and isinstance(replies[0], dict), replies
+    assert replies[0]["ok"] is True, replies
+
+
+def test_a_full_control_socket_answers_the_client_it_makes_room_from(
+    start_proxy: StartProxy, tcp_server: MakeServer, tmp_path: Path, env: dict[str, str],
+) -> None:
+    """Room for a new client is made by dropping the oldest; one whose request was waiting,
+    not yet read in that round of poll(), was reset unanswered. A backlog of clients that
+    all asked, larger than the supervisor holds at once, must all be answered."""
+    server = tcp_server(echo)
+    sock_path = tmp_path / "status.sock"
+    proxy = start_proxy("--status-socket", str(sock_path),
+                        f"127.0.0.1:0=127.0.0.1:{server.port}", env=env)
+    proxy.signal(signal.SIGSTOP)
+    try:
+        clients = fill_backlog(sock_path, b'{"command": "check"}\n')
+    finally:
+        proxy.signal(signal.SIGCONT)
+    assert len(clients) > fp_control.MAX_CLIENTS  # more than it holds: one makes room
+    answers = []
+    for sock in clients:
+        with sock:
+            sock.settimeout(DEADLINE)
+            try:
+                answers.append(json.loads(recv_all_bytes(sock))["ok"])
+            except (OSError, ValueError) as exc:
+                answers.append(repr(exc))
+    assert answers == [True] * len(clients), answers
+
+
+def recv_all_bytes(sock: socket.socket) -> bytes:
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
+
+
 # -- two instances, default sockets --------------------------------------------------------
 
 
@@ -783,6 +869,79 @@ def test_an_idle_tcp_client_does_not_block_scrapes(
         except OSError as exc:
             pytest.fail(f"scrape blocked behind an idle connection: {exc!r}")
     assert "forkproxy_up 1.0" in text
+
+
+def test_metrics_answer_head_as_get_without_a_body(
+    start_proxy: StartProxy, tcp_server: MakeServer, env: dict[str, str],
+) -> None:
+    """prometheus_client answers HEAD with 405, and an uptime monitor that checks with HEAD
+    (every HTTP server must support it) saw the endpoint down."""
+    server = tcp_server(echo)
+    proxy = start_proxy("--metrics", "127.0.0.1:0", f"127.0.0.1:0=127.0.0.1:{server.port}",
+                        expect=2, env=env)
+    url = metrics_url(proxy)
+    with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"),
+                                timeout=15) as response:
+        assert response.status == 200
+        assert response.headers["Content-Type"].startswith("text/plain")
+        assert response.read() == b""
+    assert "forkproxy_up 1.0" in scrape(url)  # GET is unchanged
+    request = urllib.request.Request(url, method="POST", data=b"")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=15)
+    assert refused.value.code == 405  # other methods are still refused
+    refused.value.close()
+
+
+def test_metrics_filtered_by_name_give_those_families(
+    start_proxy: StartProxy, tcp_server: MakeServer, env: dict[str, str],
+) -> None:
+    """prometheus_client's `?name[]=` filter keeps the named series; the registry did not
+    know the collector's names, and the filtered page was empty."""
+    server = tcp_server(echo)
+    proxy = start_proxy("--metrics", "127.0.0.1:0", f"127.0.0.1:0=127.0.0.1:{server.port}",
+                        expect=2, env=env)
+    text = scrape(metrics_url(proxy) + "?name[]=forkproxy_up&name[]=forkproxy_connections_total")
+    assert {name for name, _ in samples(text)} == {"forkproxy_up", "forkproxy_connections_total"}
+
+
+def test_idle_connections_to_the_metrics_port_cost_a_bounded_number_of_threads(
+    start_proxy: StartProxy, tcp_server: MakeServer, env: dict[str, str],
+) -> None:
+    """Each connection to the metrics port got a thread, without bound, and threads count
+    against a container's pids limit: with `--pids-limit 60`, 100 idle connections from
+    anyone who could reach the port used it up, and the supervisor could fork no child
+    for the proxy's clients. The metrics process now holds at most MAX_SCRAPES."""
+    server = tcp_server(echo)
+    proxy = start_proxy("--metrics", "127.0.0.1:0", f"127.0.0.1:0=127.0.0.1:{server.port}",
+                        expect=2, env=env)
+    url = metrics_url(proxy)
+    assert "forkproxy_up 1.0" in scrape(url)
+    (metrics_process,) = psutil.Process(proxy.pid).children()
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    idle = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(50)]
+    try:
+        most = 0
+        deadline = time.monotonic() + 5  # an unbounded server has spawned them all by then
+        while time.monotonic() < deadline:
+            most = max(most, metrics_process.num_threads())
+            time.sleep(0.05)
+        assert most <= fp_metrics.MAX_SCRAPES + 1, most  # the main thread and the scrapes
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=30) as client:
+            client.sendall(b"ping")
+            assert recv_exact(client, 4) == b"ping"
+    finally:
+        for sock in idle:
+            sock.close()
+    text = poll(lambda: scrape_or_empty(url), lambda text: "forkproxy_up 1.0" in text)
+    assert "forkproxy_up 1.0" in text
+
+
+def scrape_or_empty(url: str) -> str:
+    try:
+        return scrape(url, timeout=10)
+    except OSError:
+        return ""
 
 
 # -- reload: links that go away ---------------------------------------------------------------

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from forkproxy.listeners import Listener
 from forkproxy.log import Logger
 from forkproxy.supervisor import Supervisor
 
-from conftest import FORKPROXY, Proxy, TcpServer, echo, need
+from conftest import FORKPROXY, Proxy, TcpServer, echo, need, wait_for
 
 ROOT = Path(forkproxy.__file__).resolve().parent.parent
 HEAVY = ("threading", "logging", "psutil", "typer", "click", "prometheus_client", "random",
@@ -195,6 +196,75 @@ def test_a_metrics_process_that_cannot_be_forked_is_tried_again_later(
             assert sup.metrics_at >= before + 1  # later, not in a busy loop
             log.seek(0)
             assert b"metrics-failed" in log.read()
+
+
+def test_a_metrics_process_whose_supervisor_died_while_it_started_exits(tmp_path: Path) -> None:
+    """A supervisor SIGKILLed right after starting the metrics process (while that was still
+    importing) left it an orphan for good: it took its parent to be whoever adopted it, and
+    kept serving `forkproxy_up 0` on the port, which a restarted forkproxy could not bind.
+    The supervisor here starts it and exits at once, without cleanup, as SIGKILL would."""
+    code = f"""
+import os, sys
+sys.path.insert(0, {str(ROOT)!r})
+from forkproxy.config import Options, Sources
+from forkproxy.log import Logger
+from forkproxy.supervisor import Supervisor
+options = Options(metrics="127.0.0.1:0", status_socket={str(tmp_path / "s.sock")!r})
+sup = Supervisor(Sources(("127.0.0.1:0=127.0.0.1:1",), options=options), {{}}, Logger(fd=2))
+sup.start()
+sup.start_metrics()
+print(sup.metrics_pid, sup.metrics_sock.getsockname()[1], flush=True)
+os._exit(0)
+"""
+    # Only its first line is read: the metrics process inherits the pipe.
+    with subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                          stderr=subprocess.DEVNULL, text=True) as supervisor:
+        assert supervisor.stdout is not None
+        pid, port = map(int, supervisor.stdout.readline().split())
+        assert supervisor.wait(60) == 0
+    metrics = psutil.Process(pid)
+
+    def gone() -> bool:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            return metrics.status() == psutil.STATUS_ZOMBIE  # exited; its adopter may not reap
+        return True
+
+    try:
+        assert wait_for(gone, 30), "the metrics process outlived its supervisor"
+        with socket.socket() as sock:  # and it let go of the port
+            sock.bind(("127.0.0.1", port))
+    finally:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            metrics.kill()
+
+
+def test_a_forkproxy_restarted_right_after_a_sigkill_binds_the_same_metrics_port(
+    start_proxy: Callable[..., Proxy],
+    tcp_server: Callable[[Callable[[socket.socket], None]], TcpServer],
+    tmp_path: Path,
+) -> None:
+    """The metrics process noticed its supervisor's death only at the next turn of its
+    loop, up to a second later, and held the port meanwhile: a process manager restarting
+    forkproxy at once after a SIGKILL (the OOM killer) got exit 2, address already in use."""
+    server = tcp_server(echo)
+    spec = f"127.0.0.1:0=127.0.0.1:{server.port}"
+    first = start_proxy("--metrics", "127.0.0.1:0", "--status-socket", str(tmp_path / "1.sock"),
+                        spec, expect=2)
+    url = first.lines[-1].removeprefix("metrics ")
+
+    def serving() -> bool:
+        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=10) as response:
+            return b"forkproxy_up 1.0" in response.read()
+        return False
+
+    assert wait_for(serving, 30)  # the metrics process is up, past its start
+    first.signal(signal.SIGKILL)
+    assert first.proc.wait(30) == -signal.SIGKILL
+    address = url.removeprefix("http://").removesuffix("/metrics")
+    second = start_proxy("--metrics", address, "--status-socket", str(tmp_path / "2.sock"),
+                         spec, expect=2)  # fails the test if it exits instead
+    assert second.lines[-1] == f"metrics {url}"
+    assert wait_for(serving, 30)
 
 
 def test_out_of_descriptors_a_lookup_is_skipped_not_fatal(tmp_path: Path) -> None:
