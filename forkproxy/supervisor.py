@@ -649,6 +649,7 @@ class Supervisor:
                 "listen": listener.describe(), "active": stats.get("active", 0),
                 "total": stats.get("connections", 0),
                 "upstream_failures": stats.get("upstream_failures", 0),
+                "denied": stats.get("denied", 0),
                 "bytes_up": stats.get("bytes_up", 0), "bytes_down": stats.get("bytes_down", 0),
             })
         for child in snapshot["children"]:  # type: ignore[attr-defined]
