@@ -174,7 +174,7 @@ def serve_command(
                             "[default: off]", "HALFCLOSE_TIMEOUT", "SECONDS")
     ] = None,
     resolve_every: Annotated[
-        str, _option("Resolve the targets' host names again this often. [default: 30]",
+        str, _option("Resolve the targets' host names again this often, or off. [default: 30]",
                      "RESOLVE_EVERY", "SECONDS")
     ] = "30",
     max_children: Annotated[

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -14,6 +15,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import typer
+
+from forkproxy.cli import app
 
 from conftest import (
     FORKPROXY,
@@ -604,3 +608,39 @@ def test_no_command_prints_the_help_and_exits_2() -> None:
     assert result.stdout == ""
     assert result.stderr == run("--help").stdout
     assert "forkproxy: error" not in result.stderr
+
+
+def _readme_options_table() -> dict[str, list[str]]:
+    """README's "Options of `serve`" table: its first cell's flag -> its cells."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("### Options of `serve`", 1)[1].split("\n### ", 1)[0]
+    rows: dict[str, list[str]] = {}
+    for line in section.splitlines():
+        if line.startswith("| `-"):
+            cells = [cell.strip() for cell in line.strip("|").split(" | ")]
+            for flag in re.findall(r"`(-[-a-z]+)", cells[0]):  # `-v` / `-q`: two flags
+                rows[flag] = cells
+    return rows
+
+
+def test_readme_options_table_has_every_serve_option_its_variable_and_default() -> None:
+    """A user reads the table, not the code: every flag of `serve`, with its variable and
+    the default `--help` shows, and no row for a flag that does not exist."""
+    command = typer.main.get_command(app).commands["serve"]  # type: ignore[attr-defined]
+    rows = _readme_options_table()
+    flags = set()
+    for param in command.params:
+        if param.param_type_name != "option" or param.name == "help":
+            continue
+        flag = next(opt for opt in param.opts if opt.startswith("--"))
+        short = [opt for opt in param.opts if not opt.startswith("--")]
+        flags.add(flag)
+        row = rows.get(flag) or next((rows[s] for s in short if s in rows), None)
+        assert row is not None, f"{flag} is not in README's options table"
+        if param.envvar:
+            assert f"(`{param.envvar}`" in row[0], (flag, row[0])
+        shown = re.search(r"\[default: ([^]]+)\]", param.help or "")
+        if shown and row[1] != "see below":  # the status socket's, a paragraph of its own
+            assert row[1].strip("`") == shown.group(1), (flag, row[1], shown.group(1))
+    short_flags = {opt for p in command.params for opt in p.opts if not opt.startswith("--")}
+    assert set(rows) <= flags | short_flags, set(rows) - flags - short_flags
