@@ -644,3 +644,22 @@ def test_readme_options_table_has_every_serve_option_its_variable_and_default() 
             assert row[1].strip("`") == shown.group(1), (flag, row[1], shown.group(1))
     short_flags = {opt for p in command.params for opt in p.opts if not opt.startswith("--")}
     assert set(rows) <= flags | short_flags, set(rows) - flags - short_flags
+
+
+@pytest.mark.parametrize("command", ["status", "check", "reload"])
+@pytest.mark.parametrize(
+    ("args", "env", "needles"),
+    [
+        (["--status-socket", ""], {}, ["--status-socket '': an empty path"]),
+        (["--status-socket", "/tmp/" + "x" * 120], {},
+         ["--status-socket '/tmp/xxx", "longer than the 107 bytes"]),
+        ([], {"FORKPROXY_STATUS_SOCKET": "/tmp/" + "x" * 120},
+         ["FORKPROXY_STATUS_SOCKET (--status-socket) '/tmp/xxx", "longer than the 107 bytes"]),
+    ],
+)
+def test_a_status_socket_path_no_socket_can_have_is_bad_input_for_the_clients(
+    command: str, args: list[str], env: dict[str, str], needles: list[str]
+) -> None:
+    """As for `serve`: one line naming it and exit 2, not "no answer on : Invalid argument"
+    and the exit 1 of a supervisor that does not answer."""
+    assert_one_line_error(run(command, *args, env=env), *needles)
