@@ -195,9 +195,14 @@ def serve_command(
     log_format: Annotated[
         str, _option("text or json. [default: text]", "LOG_FORMAT", "FORMAT")
     ] = "text",
-    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="More logging.")] = 0,
+    # No "[default: 0]": a count of flags has no default worth showing.
+    verbose: Annotated[
+        int, typer.Option("--verbose", "-v", count=True, show_default=False,
+                          help="More logging: debug.")
+    ] = 0,
     quiet: Annotated[
-        int, typer.Option("--quiet", "-q", count=True, help="Warnings and errors only.")
+        int, typer.Option("--quiet", "-q", count=True, show_default=False,
+                          help="Warnings and errors only; -qq: errors only.")
     ] = 0,
 ) -> None:
     """Listen and forward, one forked child per connection."""

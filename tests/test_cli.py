@@ -329,6 +329,7 @@ def test_help_shows_every_default_and_names_what_options_take() -> None:
                    "--env-file PATH", "--status-socket PATH", "--pid-file PATH"):
         assert needle in text, needle
     assert "<str>" not in text and "<bool>" not in text
+    assert text.count("[default: 0]") == 1  # --connect-retries'; -v and -q: none to show
 
 
 # -- reload --pid-file ----------------------------------------------------------------------
