@@ -41,8 +41,10 @@ LABEL org.opencontainers.image.title="forkproxy" \
 COPY --from=build /opt/forkproxy /opt/forkproxy
 
 # PYTHONDONTWRITEBYTECODE: the venv is read-only to the runtime user and its
-# bytecode was compiled at build time. PYTHONUNBUFFERED: "listening ..." lines
-# and logs reach `docker logs` at once.
+# bytecode was compiled at build time. PYTHONUNBUFFERED: what the `forkproxy`
+# command prints is not held in a buffer. Both reach the command only: the
+# supervisor that `serve` execs runs with `python -I`, which ignores them, and
+# flushes its "listening ..." lines and writes each log line unbuffered itself.
 ENV PATH=/opt/forkproxy/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1

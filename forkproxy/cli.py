@@ -174,7 +174,7 @@ def serve_command(
                             "[default: off]", "HALFCLOSE_TIMEOUT", "SECONDS")
     ] = None,
     resolve_every: Annotated[
-        str, _option("Resolve the targets' host names again this often. [default: 30]",
+        str, _option("Resolve the targets' host names again this often, or off. [default: 30]",
                      "RESOLVE_EVERY", "SECONDS")
     ] = "30",
     max_children: Annotated[
@@ -195,9 +195,14 @@ def serve_command(
     log_format: Annotated[
         str, _option("text or json. [default: text]", "LOG_FORMAT", "FORMAT")
     ] = "text",
-    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="More logging.")] = 0,
+    # No "[default: 0]": a count of flags has no default worth showing.
+    verbose: Annotated[
+        int, typer.Option("--verbose", "-v", count=True, show_default=False,
+                          help="More logging: debug.")
+    ] = 0,
     quiet: Annotated[
-        int, typer.Option("--quiet", "-q", count=True, help="Warnings and errors only.")
+        int, typer.Option("--quiet", "-q", count=True, show_default=False,
+                          help="Warnings and errors only; -qq: errors only.")
     ] = 0,
 ) -> None:
     """Listen and forward, one forked child per connection."""
@@ -241,9 +246,15 @@ def links_command(
         typer.echo(f"listen {link.describe()}")
 
 
-def _control(status_socket: str | None, command: str) -> dict[str, Any]:
+def _control(ctx: typer.Context, status_socket: str | None, command: str) -> dict[str, Any]:
+    from .control import check_path
     from .status import StatusError, find_socket, request
 
+    if status_socket is not None:
+        try:
+            check_path(status_socket)
+        except OSError as exc:  # bad input, as for serve: not "nothing answers" (exit 1)
+            fail(f"--status-socket {quoted(status_socket)}: {exc.strerror}", _variables(ctx))
     try:
         return request(find_socket(status_socket), command)
     except StatusError as exc:
@@ -253,20 +264,21 @@ def _control(status_socket: str | None, command: str) -> dict[str, Any]:
 
 @app.command("status")
 def status_command(
+    ctx: typer.Context,
     status_socket: StatusSocketOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Show links, live connections and what each child costs (RSS, USS, CPU)."""
     from .status import enrich, render
 
-    reply = enrich(_control(status_socket, "status"))
+    reply = enrich(_control(ctx, status_socket, "status"))
     typer.echo(json.dumps(reply, indent=2) if as_json else render(reply))
 
 
 @app.command("check")
-def check_command(status_socket: StatusSocketOpt = None) -> None:
+def check_command(ctx: typer.Context, status_socket: StatusSocketOpt = None) -> None:
     """Exit 0 when the supervisor answers and every listener is bound (a HEALTHCHECK)."""
-    reply = _control(status_socket, "check")
+    reply = _control(ctx, status_socket, "check")
     if not reply.get("ok"):
         typer.echo("forkproxy: unhealthy: " + ("stopping" if reply.get("stopping")
                                                 else "no listener bound"), err=True)
@@ -338,6 +350,7 @@ def _signal_supervisor(pid_file: str) -> int:
 
 @app.command("reload")
 def reload_command(
+    ctx: typer.Context,
     status_socket: StatusSocketOpt = None,
     # No envvar: FORKPROXY_PID_FILE is serve's, often set where reload runs too, and it
     # would silently trade the reported outcome (exit 1 on failure) for a bare signal.
@@ -357,7 +370,7 @@ def reload_command(
             raise typer.Exit(1) from None
         typer.echo(f"sent SIGHUP to {pid} (the outcome is in its log)")
         return
-    reply = _control(status_socket, "reload")
+    reply = _control(ctx, status_socket, "reload")
     if not reply.get("ok"):
         typer.echo(f"forkproxy: reload failed, previous configuration kept: {reply.get('error')}",
                    err=True)

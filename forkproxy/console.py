@@ -4,8 +4,9 @@ Standard descriptors closed for us are reopened on /dev/null first (fill_closed_
 `forkproxy serve` blocks the signals the supervisor handles first thing, and the
 supervisor unblocks them once its handlers are in place (signals.SignalPipe): in between,
 ~0.2 s of imports, validation and exec, a signal waits pending instead of killing a
-starting proxy (SIGHUP's default action) or being dropped (PID 1 ignores every signal it
-has no handler for: a `docker stop` right after `docker run` waited for the SIGKILL).
+starting proxy (the default action of SIGHUP and SIGALRM) or being dropped (PID 1 ignores
+every signal it has no handler for: a `docker stop` right after `docker run` waited for
+the SIGKILL).
 A blocked mask and pending signals survive exec.
 """
 
@@ -13,7 +14,9 @@ import os
 import signal
 import sys
 
-STARTUP_BLOCKED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
+STARTUP_BLOCKED = (
+    signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGALRM
+)
 
 
 def main() -> None:

@@ -50,19 +50,24 @@ class _Client:
         self.outbox = b""
 
 
+def check_path(path: str) -> None:
+    """OSError for a path no Unix socket can have: empty, or past sun_path's bytes."""
+    if not path:
+        raise OSError(errno.EINVAL, "an empty path")  # bind('') would autobind unnamed
+    if len(os.fsencode(path)) > MAX_PATH:
+        raise OSError(errno.ENAMETOOLONG, f"longer than the {MAX_PATH} bytes a Unix "
+                      "socket path can have")
+
+
 class ControlServer:
     """A Unix stream socket; `handle` maps a request dict to a reply dict."""
 
     def __init__(self, path: str, handle: Handler) -> None:
         self.path = path
         self.handle = handle
-        if not path:
-            raise OSError(errno.EINVAL, "an empty path")  # bind('') would autobind unnamed
-        if len(os.fsencode(path)) > MAX_PATH:
-            # Checked here: the short staging name below would bind and the rename would
-            # succeed, leaving a socket no client can connect() to by its name.
-            raise OSError(errno.ENAMETOOLONG, f"longer than the {MAX_PATH} bytes a Unix "
-                          "socket path can have")
+        # Checked first: the short staging name below would bind and the rename would
+        # succeed, leaving a socket no client can connect() to by its name.
+        check_path(path)
         _remove_if_stale(path)
         # Bound under a staging name and renamed into place once it listens, so a socket
         # file under its real name always answers: sweep_stale() in another supervisor

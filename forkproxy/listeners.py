@@ -111,8 +111,7 @@ def listen_tcp(host: str, port: int, backlog: int = BACKLOG) -> socket.socket:
             # and indexes.
             ip, _, zone = host.partition("%")
             try:
-                name = socket.if_indextoname(int(zone)) if zone.isdigit() else zone
-                scope = socket.if_nametoindex(name)
+                scope = zone_index(zone)
             except (OSError, OverflowError):
                 raise ConfigError(f"cannot listen on {join_host_port(host, port)}: "
                                   f"no interface {zone!r} on this host") from None
@@ -131,6 +130,28 @@ def listen_tcp(host: str, port: int, backlog: int = BACKLOG) -> socket.socket:
         }.get(exc.errno or 0, exc.strerror or str(exc))
         raise ConfigError(f"cannot listen on {join_host_port(host, port)}: {reason}") from None
     return sock
+
+
+def zone_index(zone: str) -> int:
+    """The index of the interface an IPv6 zone names (a name or an index); OSError, or
+    OverflowError for an index past an int, when there is none."""
+    name = socket.if_indextoname(int(zone)) if zone.isdigit() else zone
+    return socket.if_nametoindex(name)
+
+
+def check_target_zones(links: Iterable[Link]) -> None:
+    """ConfigError for a target address whose IPv6 zone names no interface here, as for a
+    listener's: getaddrinfo cannot parse it, so every connect would fail."""
+    for link in links:
+        host = link.target.host
+        if "%" not in host or link.target.is_name:
+            continue
+        zone = host.partition("%")[2]
+        try:
+            zone_index(zone)
+        except (OSError, OverflowError):
+            raise ConfigError(f"cannot connect to {link.target}: no interface {zone!r} on "
+                              f"this host (for {link.name})") from None
 
 
 def bind(link: Link) -> Listener:

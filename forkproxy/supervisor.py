@@ -56,7 +56,8 @@ POLLIN, POLLOUT = select.POLLIN, select.POLLOUT
 
 
 def read_links(sources: Sources, environ: Mapping[str, str]) -> LinkTable:
-    """Read every source the configuration names (the env file is the only I/O) and parse."""
+    """Read every source the configuration names and parse; the I/O: the env file, and the
+    interfaces that targets' IPv6 zones name."""
     env_file = None
     if sources.env_file is not None:
         path = sources.env_file
@@ -72,7 +73,9 @@ def read_links(sources: Sources, environ: Mapping[str, str]) -> LinkTable:
         except (OSError, UnicodeDecodeError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
             raise ConfigError(f"cannot read env file {path!r}: {reason}") from None
-    return build_links(sources.specs, environ if sources.from_env else None, env_file)
+    table = build_links(sources.specs, environ if sources.from_env else None, env_file)
+    listeners.check_target_zones(table.links)
+    return table
 
 
 def resolve_all(targets: list[tuple[str, int]], out_fd: int, delay: float) -> None:
@@ -649,6 +652,7 @@ class Supervisor:
                 "listen": listener.describe(), "active": stats.get("active", 0),
                 "total": stats.get("connections", 0),
                 "upstream_failures": stats.get("upstream_failures", 0),
+                "denied": stats.get("denied", 0),
                 "bytes_up": stats.get("bytes_up", 0), "bytes_down": stats.get("bytes_down", 0),
             })
         for child in snapshot["children"]:  # type: ignore[attr-defined]

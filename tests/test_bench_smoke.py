@@ -68,3 +68,19 @@ def test_bench_smoke_run(tmp_path: Path) -> None:
     assert all(t["got"] is not None for t in data["targets"])
     for key in ("nproc", "cpu", "kernel", "python", "date"):
         assert data["machine"][key], key
+
+
+def test_bench_help_prints_the_options_and_installs_nothing(tmp_path: Path) -> None:
+    """docs/benchmarks.md, "Rerun": `scripts/bench --help` lists the options. It used to
+    install the peers, make a venv and pip-install forkproxy and matplotlib first."""
+    venv = tmp_path / "bench-venv"
+    result = subprocess.run(
+        [str(REPO / "scripts" / "bench"), "--help"],
+        capture_output=True, text=True, timeout=120, check=False,
+        env={**os.environ, "FORKPROXY_BENCH_VENV": str(venv)},
+    )
+    assert result.returncode == 0, result
+    assert result.stdout.startswith("usage: scripts/bench"), result.stdout[:500]
+    for option in ("--rounds", "--only", "--candidates", "--forkproxy-args", "--venv"):
+        assert option in result.stdout, option
+    assert not venv.exists(), "--help made the bench venv"

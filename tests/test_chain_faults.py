@@ -21,10 +21,12 @@ import hashlib
 import os
 import re
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 from test_two_hosts import _unavailable, forkproxy_command
@@ -172,11 +174,36 @@ def port_of(proc: Process) -> int:
     return int(line.split(" -> ")[0].rsplit(":", 1)[1])
 
 
+CHAIN_TOOLS = ("ip", "tc", "iptables")
+
+
+@pytest.mark.netns
+def test_scripts_ensure_peers_installs_the_tools_this_file_needs(tmp_path: Path) -> None:
+    """`./scripts/test` installs the peers the tests need; iptables was not among them, so
+    on a machine without it (a fresh Debian) this file failed. With /usr/sbin hidden (an
+    empty directory mounted over it, in a mount namespace of the test's own) and as
+    nobody, so that nothing is installed, ensure-peers must name iptables as missing."""
+    if os.geteuid() != 0:
+        _unavailable("a mount namespace needs root")
+    script = Path(__file__).resolve().parent.parent / "scripts" / "ensure-peers"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    hidden = (f"mount --bind {empty} /usr/sbin && exec setpriv --reuid=65534 --regid=65534 "
+              f"--clear-groups env PATH=/usr/bin:/bin:/usr/sbin:/sbin bash {script}")
+    result = subprocess.run(["unshare", "--mount", "sh", "-c", hidden],
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 1, result
+    # "ensure-peers: missing haproxy iptables; run as root or install them with apt-get"
+    [line] = [line for line in result.stderr.splitlines() if " missing " in line]
+    packages = line.split(" missing ", 1)[1].split(";", 1)[0].split()
+    assert "iptables" in packages, line
+
+
 @pytest.fixture(scope="module")
 def chain_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chain]:
     if os.geteuid() != 0:
         _unavailable("network namespaces need root")
-    missing = netns.missing_tools(("ip", "tc", "iptables"))
+    missing = netns.missing_tools(CHAIN_TOOLS)
     if missing:
         _unavailable(f"missing tools: {', '.join(missing)}")
     with Lab(tmp_path_factory.mktemp("chain")) as lab:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -14,6 +15,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import typer
+
+from forkproxy.cli import app
 
 from conftest import (
     FORKPROXY,
@@ -325,6 +329,7 @@ def test_help_shows_every_default_and_names_what_options_take() -> None:
                    "--env-file PATH", "--status-socket PATH", "--pid-file PATH"):
         assert needle in text, needle
     assert "<str>" not in text and "<bool>" not in text
+    assert text.count("[default: 0]") == 1  # --connect-retries'; -v and -q: none to show
 
 
 # -- reload --pid-file ----------------------------------------------------------------------
@@ -604,3 +609,58 @@ def test_no_command_prints_the_help_and_exits_2() -> None:
     assert result.stdout == ""
     assert result.stderr == run("--help").stdout
     assert "forkproxy: error" not in result.stderr
+
+
+def _readme_options_table() -> dict[str, list[str]]:
+    """README's "Options of `serve`" table: its first cell's flag -> its cells."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("### Options of `serve`", 1)[1].split("\n### ", 1)[0]
+    rows: dict[str, list[str]] = {}
+    for line in section.splitlines():
+        if line.startswith("| `-"):
+            cells = [cell.strip() for cell in line.strip("|").split(" | ")]
+            for flag in re.findall(r"`(-[-a-z]+)", cells[0]):  # `-v` / `-q`: two flags
+                rows[flag] = cells
+    return rows
+
+
+def test_readme_options_table_has_every_serve_option_its_variable_and_default() -> None:
+    """A user reads the table, not the code: every flag of `serve`, with its variable and
+    the default `--help` shows, and no row for a flag that does not exist."""
+    command = typer.main.get_command(app).commands["serve"]  # type: ignore[attr-defined]
+    rows = _readme_options_table()
+    flags = set()
+    for param in command.params:
+        if param.param_type_name != "option" or param.name == "help":
+            continue
+        flag = next(opt for opt in param.opts if opt.startswith("--"))
+        short = [opt for opt in param.opts if not opt.startswith("--")]
+        flags.add(flag)
+        row = rows.get(flag) or next((rows[s] for s in short if s in rows), None)
+        assert row is not None, f"{flag} is not in README's options table"
+        if param.envvar:
+            assert f"(`{param.envvar}`" in row[0], (flag, row[0])
+        shown = re.search(r"\[default: ([^]]+)\]", param.help or "")
+        if shown and row[1] != "see below":  # the status socket's, a paragraph of its own
+            assert row[1].strip("`") == shown.group(1), (flag, row[1], shown.group(1))
+    short_flags = {opt for p in command.params for opt in p.opts if not opt.startswith("--")}
+    assert set(rows) <= flags | short_flags, set(rows) - flags - short_flags
+
+
+@pytest.mark.parametrize("command", ["status", "check", "reload"])
+@pytest.mark.parametrize(
+    ("args", "env", "needles"),
+    [
+        (["--status-socket", ""], {}, ["--status-socket '': an empty path"]),
+        (["--status-socket", "/tmp/" + "x" * 120], {},
+         ["--status-socket '/tmp/xxx", "longer than the 107 bytes"]),
+        ([], {"FORKPROXY_STATUS_SOCKET": "/tmp/" + "x" * 120},
+         ["FORKPROXY_STATUS_SOCKET (--status-socket) '/tmp/xxx", "longer than the 107 bytes"]),
+    ],
+)
+def test_a_status_socket_path_no_socket_can_have_is_bad_input_for_the_clients(
+    command: str, args: list[str], env: dict[str, str], needles: list[str]
+) -> None:
+    """As for `serve`: one line naming it and exit 2, not "no answer on : Invalid argument"
+    and the exit 1 of a supervisor that does not answer."""
+    assert_one_line_error(run(command, *args, env=env), *needles)

@@ -103,6 +103,40 @@ def test_a_zone_naming_no_interface_is_one_line_and_exit_2(
                              f"127.0.0.1:{REDIS_PORT})\n")
 
 
+@pytest.mark.netns
+def test_a_target_with_a_zone_is_reached_through_its_interface(lab: Lab, ns: Namespace) -> None:
+    """`0=[fe80::1%v0]:P`: an ambassador in front of another on a link-local address."""
+    sock = lab.workdir / "status.sock"
+    inner = lab.spawn(ns, [FORKPROXY, "serve", f"[fe80::1%v0]:0=127.0.0.1:{REDIS_PORT}",
+                           "--status-socket", str(sock)], label="forkproxy-inner")
+    [line] = inner.wait_stdout(lambda lines: len(lines) >= 1, 15)
+    inner_port = int(line.split(" -> ")[0].rsplit(":", 1)[1])
+    outer = lab.spawn(ns, [FORKPROXY, "serve", f"127.0.0.1:0=[fe80::1%v0]:{inner_port}",
+                           "--status-socket", str(lab.workdir / "outer.sock")],
+                      label="forkproxy-outer")
+    [line] = outer.wait_stdout(lambda lines: len(lines) >= 1, 15)
+    port = int(line.split(" -> ")[0].rsplit(":", 1)[1])
+    assert ping(ns, "127.0.0.1", port) == "+PONG", outer.describe()
+
+
+@pytest.mark.parametrize("command", ["serve", "links"])
+@pytest.mark.parametrize("zone", ["nosuch0", "99999"])
+def test_a_target_zone_naming_no_interface_is_one_line_and_exit_2(
+    tmp_path: Path, command: str, zone: str
+) -> None:
+    """As for a listener's zone: it used to start, log `resolve-failed` for an address,
+    and fail every connection with "cannot resolve fe80::1%nosuch0"."""
+    spec = f"127.0.0.1:0=[fe80::1%{zone}]:6379"
+    result = subprocess.run(
+        [FORKPROXY, command, spec, *(["--status-socket", str(tmp_path / "s.sock")]
+                                     if command == "serve" else [])],
+        capture_output=True, text=True, timeout=30, check=False,
+    )
+    assert (result.returncode, result.stdout, result.stderr) == (
+        2, "", f"forkproxy: error: cannot connect to [fe80::1%{zone}]:6379: no interface "
+               f"{zone!r} on this host (for {spec})\n")
+
+
 @pytest.mark.parametrize(
     ("args", "expected"),
     [

@@ -8,6 +8,7 @@ so default status sockets never meet another test's.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -1122,6 +1123,27 @@ def test_sigusr1_writes_links_and_live_connections_to_the_log(
         client.sendall(b"z")  # the connection lives on
         assert recv_exact(client, 1) == b"z"
     assert proxy.proc.poll() is None
+
+
+def test_sigusr1_link_line_counts_denied_clients_as_the_status_table_does(
+    start_proxy: StartProxy, tcp_server: MakeServer, tmp_path: Path, env: dict[str, str],
+) -> None:
+    """The log's table has every column of `forkproxy status`'s link table: DENIED too."""
+    server = tcp_server(echo)
+    sock_path = tmp_path / "status.sock"
+    spec = f"127.0.0.1:0=127.0.0.1:{server.port}"
+    proxy = start_proxy("--status-socket", str(sock_path), "--allow", "198.18.0.0/15", spec,
+                        env=env)
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=30) as refused:
+        refused.settimeout(30)
+        with contextlib.suppress(ConnectionResetError):
+            assert refused.recv(1) == b""
+    poll(lambda: ask(sock_path), lambda r: r["links"].get(spec, {}).get("denied") == 1)
+    proxy.signal(signal.SIGUSR1)
+    found = poll(lambda: [parse_text_line(line) for line in proxy.log().splitlines()],
+                 lambda found: any(r["event"] == "status-link" for r in found))
+    [link_line] = [r for r in found if r["event"] == "status-link"]
+    assert link_line.get("denied") == "1", link_line
 
 
 @pytest.mark.parametrize("quiet", ["-q", "-qq"])

@@ -147,28 +147,31 @@ def _blocked_signals(pid: int) -> int:
     return 0
 
 
+@pytest.mark.parametrize("signum", [signal.SIGHUP, signal.SIGALRM], ids=["HUP", "ALRM"])
 def test_signals_during_start_up_wait_for_the_supervisor(
     tcp_server: Callable[[Callable[[socket.socket], None]], TcpServer], tmp_path: Path,
+    signum: signal.Signals,
 ) -> None:
     """Before the supervisor's handlers are in place, ~0.2 s of imports and exec, SIGHUP's
-    default action killed a starting proxy (and PID 1 dropped SIGTERM). `serve` blocks them
-    first thing; they are handled once the loop runs."""
+    (and SIGALRM's: "resolve now", README) default action killed a starting proxy (and PID
+    1 dropped SIGTERM). `serve` blocks them first thing; they are handled once the loop
+    runs."""
     server = tcp_server(echo)
     with open(tmp_path / "err", "w") as err:
         proc = subprocess.Popen([FORKPROXY, "serve", f"127.0.0.1:0=127.0.0.1:{server.port}"],
                                 stdout=subprocess.PIPE, stderr=err, text=True,
                                 start_new_session=True)
     try:
-        hup = 1 << (signal.SIGHUP - 1)
+        mask = 1 << (signum - 1)
         deadline = time.monotonic() + 10
-        while not _blocked_signals(proc.pid) & hup:  # then the window is covered
-            assert time.monotonic() < deadline and proc.poll() is None, "SIGHUP never blocked"
+        while not _blocked_signals(proc.pid) & mask:  # then the window is covered
+            assert time.monotonic() < deadline and proc.poll() is None, f"{signum!r} never blocked"
             time.sleep(0.001)
         lines: list[str] = []
         reader = threading.Thread(target=lambda: lines.append(proc.stdout.readline()))  # type: ignore[union-attr]
         reader.start()
-        while reader.is_alive():  # SIGHUP after SIGHUP, all through the start-up
-            proc.send_signal(signal.SIGHUP)
+        while reader.is_alive():  # signal after signal, all through the start-up
+            proc.send_signal(signum)
             time.sleep(0.002)
             assert proc.poll() is None, (proc.returncode, (tmp_path / "err").read_text())
         assert lines[0].startswith("listening "), lines
@@ -176,7 +179,7 @@ def test_signals_during_start_up_wait_for_the_supervisor(
         with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
             client.sendall(b"ping")
             assert client.recv(4) == b"ping"
-        assert _blocked_signals(proc.pid) & hup == 0  # unblocked once handled
+        assert _blocked_signals(proc.pid) & mask == 0  # unblocked once handled
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(15) == 0
     finally:
