@@ -130,11 +130,13 @@ class Accounting:
     def denied(self, link: Link) -> None:
         self.stats(link).denied += 1
 
-    def retire(self, configured: set[str]) -> None:
+    def retire(self, configured: set[str], held: dict[str, int] | None = None) -> None:
         """After a reload: forget the totals of the links not in `configured` (names), at
-        once when they have no live child, else when their last one is reaped. A reload
-        only; not the fork path, which never sees a link that is not configured."""
-        live: dict[str, int] = {}
+        once when they have no live child, else when their last one is reaped. `held`:
+        clients per link name accepted and waiting for a fork (a failed one): each is a
+        child to come, reaped like the others. A reload only; not the fork path, which
+        never sees a link that is not configured."""
+        live: dict[str, int] = dict(held or {})
         for link, _, _, _ in self.children.values():
             live[link.name] = live.get(link.name, 0) + 1
         # From scratch: a name configured again before its last child exited stays.

@@ -830,7 +830,10 @@ class Supervisor:
         # and its lookup's outage with it: configured again later, its first failed
         # lookup is a warning again, not a debug line of an outage long over.
         configured = {item.link.name for item in kept}
-        self.accounting.retire(configured)
+        held: dict[str, int] = {}  # clients whose fork failed: each will be a child of its link
+        for backlog in self.held:
+            held[backlog.link.name] = held.get(backlog.link.name, 0) + len(backlog.clients)
+        self.accounting.retire(configured, held)
         self.resolve_failing &= configured
         self._arm_resolve_timer()
         self.start_resolver()

@@ -956,6 +956,40 @@ def test_a_client_whose_fork_failed_is_held_and_served_when_a_child_exits(
         assert exchange(second, b" again") == b" again"
 
 
+def test_a_client_held_on_a_link_a_reload_removed_counts_there_then_the_link_goes(
+    pids_cgroup: Path, start_proxy: StartProxy, tcp_server: ServerFactory, short_dir: Path,
+    tmp_path: Path
+) -> None:
+    """A client held after a failed fork is a live connection of its link: a reload that
+    removes the link keeps the link in status while the client waits and while it is
+    served, and the link leaves with it, not brought back for good by its reap."""
+    server = tcp_server(echo)
+    (pids_cgroup / "pids.max").write_text("2")  # the supervisor and one child
+    pa, pb = distinct_free_ports(2)
+    env_file, sock_path = tmp_path / "links.env", short_dir / "s.sock"
+    kept, removed = f"A_PORT_{pa}_TCP", f"B_PORT_{pb}_TCP"
+    write_env_file(env_file, {kept: f"tcp://127.0.0.1:{server.port}",
+                              removed: f"tcp://127.0.0.1:{server.port}"})
+    enter = ("sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', str(pids_cgroup))
+    proxy = start_proxy("--env-file", str(env_file), "--status-socket", str(sock_path),
+                        expect=2, prefix=enter)
+    with connect(pa) as first, connect(pb) as held:
+        assert exchange(first, b"first") == b"first"  # its child is the one allowed
+        held.sendall(b"held")
+        assert wait_for(lambda: "fork-failed" in proxy.log())
+        write_env_file(env_file, {kept: f"tcp://127.0.0.1:{server.port}"})
+        assert control(sock_path, "reload")["ok"]
+        assert removed in control(sock_path, "status")["links"]  # type: ignore[operator]
+        first.close()  # its child exits: the held client gets the next fork
+        held.settimeout(15)
+        assert recv_exact(held, len(b"held")) == b"held"
+        stats = link_stats(control(sock_path, "status"), removed)
+        assert stats["active"] == 1, stats
+    assert wait_for(lambda: not children(proxy.pid))
+    links = control(sock_path, "status")["links"]
+    assert isinstance(links, dict) and sorted(links) == [kept], links
+
+
 def test_fork_failures_pause_accepting_and_are_logged_once_with_a_count(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
