@@ -26,6 +26,7 @@ from .config import (
     check_options,
     name_variable,
     parse_count,
+    parse_link_bind,
     parse_seconds,
     quoted,
     sources_to_json,
@@ -63,6 +64,17 @@ EnvFileOpt = Annotated[
         metavar="PATH",
         help="Read link variables from a Docker-style env file (re-read on SIGHUP).",
         envvar="FORKPROXY_ENV_FILE",
+    ),
+]
+BindOpt = Annotated[
+    str,
+    typer.Option(
+        "--bind",
+        metavar="ADDR",
+        help="The address the listeners of link variables (--from-env, --env-file) bind; "
+        "SPECs name their own. [default: 0.0.0.0]",
+        envvar="FORKPROXY_BIND",
+        show_default=False,
     ),
 ]
 StatusSocketOpt = Annotated[
@@ -150,6 +162,7 @@ def serve_command(
     specs: SpecsArg = None,
     from_env: FromEnvOpt = False,
     env_file: EnvFileOpt = None,
+    bind: BindOpt = "0.0.0.0",
     relay: Annotated[
         str, _option("How bytes move: auto, splice or copy. [default: auto]", "RELAY", "MODE")
     ] = "auto",
@@ -225,21 +238,25 @@ def serve_command(
             metrics=metrics,
             pid_file=pid_file,
         )
-        serve(sources=Sources(tuple(specs or ()), from_env, env_file, options),
-              variables=variables)
+        sources = Sources(tuple(specs or ()), from_env, env_file, options, parse_link_bind(bind))
+        serve(sources=sources, variables=variables)
     except ConfigError as exc:
         fail(str(exc), variables)
 
 
 @app.command("links")
 def links_command(
-    specs: SpecsArg = None, from_env: FromEnvOpt = False, env_file: EnvFileOpt = None
+    ctx: typer.Context,
+    specs: SpecsArg = None,
+    from_env: FromEnvOpt = False,
+    env_file: EnvFileOpt = None,
+    bind: BindOpt = "0.0.0.0",
 ) -> None:
     """Print the listeners `serve` would open with the same arguments, and exit."""
     try:
-        table = load(Sources(tuple(specs or ()), from_env, env_file))
+        table = load(Sources(tuple(specs or ()), from_env, env_file, bind=parse_link_bind(bind)))
     except ConfigError as exc:
-        fail(str(exc))
+        fail(str(exc), _variables(ctx))
     for warning in table.warnings:
         typer.echo(f"forkproxy: warning: {warning}", err=True)
     for link in table.links:

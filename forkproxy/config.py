@@ -172,6 +172,7 @@ class Sources(Value):
     from_env: bool
     env_file: str | None
     options: Options
+    bind: str  # the address link variables' listeners bind (SPECs name their own)
 
     def __init__(
         self,
@@ -179,9 +180,10 @@ class Sources(Value):
         from_env: bool = False,
         env_file: str | None = None,
         options: Options | None = None,
+        bind: str = "0.0.0.0",
     ) -> None:
         self._set(specs=specs, from_env=from_env, env_file=env_file,
-                  options=Options() if options is None else options)
+                  options=Options() if options is None else options, bind=bind)
 
 
 def join_host_port(host: str, port: int) -> str:
@@ -349,8 +351,11 @@ def parse_link_value(name: str, value: str, proto: str) -> Endpoint:
     return Endpoint(parse_host(host_text, what), parse_port(port_text, what))
 
 
-def links_from_env(environ: Mapping[str, str], origin: str = "") -> tuple[list[Link], list[str]]:
-    """Docker link variables -> links (sorted by name) and warnings.
+def links_from_env(
+    environ: Mapping[str, str], origin: str = "", bind: str = "0.0.0.0"
+) -> tuple[list[Link], list[str]]:
+    """Docker link variables -> links (sorted by name) and warnings; each listens on
+    `bind` (all IPv4 interfaces unless --bind says otherwise, as the ambassador's socat did).
 
     `<ALIAS>_ENV_<...>` variables are a linked container's own environment re-exported
     by Docker (an ambassador linked to an ambassador sees them): they are not links.
@@ -367,7 +372,7 @@ def links_from_env(environ: Mapping[str, str], origin: str = "") -> tuple[list[L
             continue
         port = parse_port(match["port"], f"variable {label}")
         target = parse_link_value(label, environ[name], match["proto"])
-        links.append(Link("0.0.0.0", port, target, (name,)))
+        links.append(Link(bind, port, target, (name,)))
     return links, warnings
 
 
@@ -429,18 +434,19 @@ def build_links(
     specs: Sequence[str],
     environ: Mapping[str, str] | None = None,
     env_file: tuple[str, str] | None = None,
+    bind: str = "0.0.0.0",
 ) -> LinkTable:
     """All link sources together. `environ`: the environment when --from-env;
-    `env_file`: (path, text) of an --env-file."""
+    `env_file`: (path, text) of an --env-file; `bind`: where link variables listen."""
     links = [parse_spec(spec) for spec in specs]
     warnings: list[str] = []
     if environ is not None:
-        found, warned = links_from_env(environ)
+        found, warned = links_from_env(environ, bind=bind)
         links += found
         warnings += warned
     if env_file is not None:
         path, text = env_file
-        found, warned = links_from_env(parse_env_file(text, path), origin=path)
+        found, warned = links_from_env(parse_env_file(text, path), origin=path, bind=bind)
         links += found
         warnings += warned
     merged = merge_links(links)
@@ -478,6 +484,14 @@ def parse_cidr(text: str) -> Network:
         # supervisor checks such a client as the IPv4 address it is (is_allowed).
         net = ipaddress.ip_network(f"{mapped}/{net.prefixlen - 96}")
     return Network(net.version, int(net.network_address), int(net.netmask), str(net))
+
+
+def parse_link_bind(text: str) -> str:
+    """--bind: an IP address, IPv6 with or without brackets (`::`, `[::]`)."""
+    what = f"--bind {quoted(text)}"
+    if text.startswith("[") and text.endswith("]"):
+        text = text[1:-1]
+    return parse_bind(text, what)
 
 
 def parse_metrics_address(text: str) -> tuple[str, int]:
@@ -528,6 +542,7 @@ def sources_to_json(sources: Sources) -> dict[str, object]:
         "from_env": sources.from_env,
         "env_file": sources.env_file,
         "options": {**vars(sources.options), "allow": list(sources.options.allow)},
+        "bind": sources.bind,
     }
 
 
@@ -535,11 +550,12 @@ def sources_from_json(data: Mapping[str, object]) -> Sources:
     """The inverse of sources_to_json (typing stays out of the supervisor: it costs
     ~0.9 MB of heap, and every fork copies the page tables of all of it)."""
     raw = data["options"]
-    specs, env_file = data["specs"], data["env_file"]
+    specs, env_file, bind = data["specs"], data["env_file"], data["bind"]
     if not (
         isinstance(raw, dict)
         and isinstance(specs, list)
         and (env_file is None or isinstance(env_file, str))
+        and isinstance(bind, str)
     ):
         raise ConfigError("bad configuration handed to the supervisor")
     options = dict(raw)
@@ -549,6 +565,7 @@ def sources_from_json(data: Mapping[str, object]) -> Sources:
         from_env=bool(data["from_env"]),
         env_file=env_file,
         options=check_options(Options(**options)),
+        bind=parse_link_bind(bind),
     )
 
 

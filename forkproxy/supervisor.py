@@ -73,7 +73,8 @@ def read_links(sources: Sources, environ: Mapping[str, str]) -> LinkTable:
         except (OSError, UnicodeDecodeError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
             raise ConfigError(f"cannot read env file {path!r}: {reason}") from None
-    table = build_links(sources.specs, environ if sources.from_env else None, env_file)
+    table = build_links(sources.specs, environ if sources.from_env else None, env_file,
+                        sources.bind)
     listeners.check_target_zones(table.links)
     return table
 

@@ -27,6 +27,9 @@ import netns
 
 BIN = Path(sys.executable).parent
 FORKPROXY = str(BIN / "forkproxy")
+# Link variables listen on 0.0.0.0 by default, every interface of the host: tests that
+# serve them outside a network namespace of their own add this, to stay on loopback.
+LOOPBACK = ("--bind", "127.0.0.1")
 
 
 @contextlib.contextmanager

@@ -96,10 +96,12 @@ def test_bad_input_exits_2_with_one_line(
         (["--resolve-every", "0"], "--resolve-every 0"),
         (["--resolve-every", "soon"], "--resolve-every 'soon': not a number of seconds"),
         (["--resolve-every", "0.2"], "--resolve-every 0.2: at least 1 second, or 'off'"),
+        (["--bind", "localhost"], "--bind 'localhost': bind address 'localhost' is not an IP"),
+        (["--bind", "[::1"], "--bind '[::1': bind address '[::1' is not an IP address"),
     ],
 )
 def test_bad_options_exit_2(option: list[str], needle: str) -> None:
-    assert_one_line_error(run("serve", *option, "0=127.0.0.1:1"), needle)
+    assert_one_line_error(run("serve", *option, "127.0.0.1:0=127.0.0.1:1"), needle)
 
 
 def test_port_in_use_is_named_and_nothing_is_half_started() -> None:
@@ -127,7 +129,7 @@ def test_a_status_socket_path_that_is_not_a_socket_is_refused_and_kept(tmp_path:
     be taken for a crashed supervisor's socket and deleted."""
     precious = tmp_path / "precious.conf"
     precious.write_text("keep me\n")
-    result = run("serve", "--status-socket", str(precious), "0=127.0.0.1:1")
+    result = run("serve", "--status-socket", str(precious), "127.0.0.1:0=127.0.0.1:1")
     assert_one_line_error(result, f"--status-socket '{precious}'", "not a socket")
     assert precious.read_text() == "keep me\n"
 
@@ -141,14 +143,14 @@ def test_a_status_socket_path_that_is_not_a_socket_is_refused_and_kept(tmp_path:
     ],
 )
 def test_a_status_socket_path_no_client_could_reach_is_refused(path: str, needle: str) -> None:
-    assert_one_line_error(run("serve", "--status-socket", path, "0=127.0.0.1:1"), needle)
+    assert_one_line_error(run("serve", "--status-socket", path, "127.0.0.1:0=127.0.0.1:1"), needle)
 
 
 def test_an_unusable_default_socket_directory_is_named(tmp_path: Path) -> None:
     runtime = tmp_path / "runtime"
     runtime.write_text("")  # a file where $XDG_RUNTIME_DIR should be a directory
     env = {"XDG_RUNTIME_DIR": str(runtime)}
-    assert_one_line_error(run("serve", "0=127.0.0.1:1", env=env),
+    assert_one_line_error(run("serve", "127.0.0.1:0=127.0.0.1:1", env=env),
                           f"status socket directory '{runtime}/forkproxy': Not a directory")
     for command in ("status", "check", "reload"):
         result = run(command, env=env)
@@ -171,7 +173,7 @@ def test_too_few_descriptors_to_start_is_one_line_and_leaves_nothing(tmp_path: P
     # 0-2, the listener and the control socket take five: the signal pipe's pair cannot
     # be had. (7 ran out too while the start-up lookup imported the idna codec, which
     # opened its files; with 7 it starts now, and the warm-up is best effort.)
-    result = run("serve", "0=localhost:1", env={"XDG_RUNTIME_DIR": str(runtime)},
+    result = run("serve", "127.0.0.1:0=localhost:1", env={"XDG_RUNTIME_DIR": str(runtime)},
                  prefix=(need("prlimit"), "--nofile=6:6"))
     assert result.returncode == 2, result
     assert result.stderr.splitlines()[-1] == ("forkproxy: error: out of file descriptors while "
@@ -206,7 +208,7 @@ def test_nobody_reading_stdout_is_no_error_at_exit(tmp_path: Path) -> None:
 def test_a_path_in_an_error_is_quoted_and_stays_on_one_line(tmp_path: Path) -> None:
     forged = f"{tmp_path}/missing/a\nlistening 127.0.0.1:1 -> 127.0.0.1:2"
     for option in ("--pid-file", "--env-file", "--status-socket"):
-        result = run("serve", option, forged, "0=127.0.0.1:1")
+        result = run("serve", option, forged, "127.0.0.1:0=127.0.0.1:1")
         assert_one_line_error(result, "\\nlistening")  # the newline is shown as \n
 
 
@@ -255,6 +257,10 @@ BAD_VARIABLES = [
     # Repeatable: the variable holds the networks separated by spaces.
     ("serve", "FORKPROXY_ALLOW", "10.0.0.0/8 x",
      "FORKPROXY_ALLOW (--allow) 'x': not an IPv4 or IPv6 CIDR"),
+    ("serve", "FORKPROXY_BIND", "nowhere",
+     "FORKPROXY_BIND (--bind) 'nowhere': bind address 'nowhere' is not an IP address"),
+    ("links", "FORKPROXY_BIND", "fe80::1",
+     "FORKPROXY_BIND (--bind) 'fe80::1': 'fe80::1' is link-local: it needs a zone"),
     ("serve", "FORKPROXY_METRICS", "nowhere",
      "FORKPROXY_METRICS (--metrics) 'nowhere': expected HOST:PORT, got 'nowhere'"),
     # The next three are found by the supervisor, after the exec.

@@ -19,6 +19,7 @@ from forkproxy.config import (
     links_from_env,
     parse_count,
     parse_env_file,
+    parse_link_bind,
     parse_seconds,
     parse_spec,
     sources_from_json,
@@ -270,8 +271,28 @@ def test_bad_counts(text: str, message: str) -> None:
 
 
 def test_sources_survive_the_trip_to_the_supervisor() -> None:
-    sources = Sources(("1=a:2",), True, "/x.env", Options(allow=("10.0.0.0/8",), grace=3.0))
+    sources = Sources(("1=a:2",), True, "/x.env", Options(allow=("10.0.0.0/8",), grace=3.0),
+                      bind="::1")
     assert sources_from_json(sources_to_json(sources)) == sources
+
+
+@pytest.mark.parametrize(
+    ("text", "bind"),
+    [("127.0.0.1", "127.0.0.1"), ("::", "::"), ("[::]", "::"), ("fe80::1%eth0", "fe80::1%eth0")],
+)
+def test_bind_moves_the_listeners_of_link_variables_only(text: str, bind: str) -> None:
+    env = {"REDIS_PORT_6379_TCP": "tcp://10.0.0.5:6379"}
+    table = build_links(["127.0.0.2:80=10.0.0.6:80"], env, ("f.env", "W_PORT_81_TCP=tcp://a:1\n"),
+                        parse_link_bind(text))
+    assert sorted((link.bind, link.port) for link in table.links) == sorted(
+        [("127.0.0.2", 80), (bind, 6379), (bind, 81)]  # a SPEC names its own
+    )
+
+
+@pytest.mark.parametrize("text", ["", "localhost", "[::1", "10.0.0.0/8", "fe80::1", "127.0.0.1:80"])
+def test_a_bind_that_is_not_one_address_is_refused_by_flag(text: str) -> None:
+    with pytest.raises(ConfigError, match=r"^--bind "):
+        parse_link_bind(text)
 
 
 @given(st.text(max_size=80))

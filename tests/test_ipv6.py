@@ -143,7 +143,7 @@ def test_a_target_zone_naming_no_interface_is_one_line_and_exit_2(
         (["[::1]:0=127.0.0.1:1"],
          "forkproxy: error: cannot listen on [::1]:0: no IPv6 on this host (Address family "
          "not supported by protocol) (for [::1]:0=127.0.0.1:1)\n"),
-        (["0=127.0.0.1:1", "--metrics", "[::]:0"],
+        (["127.0.0.1:0=127.0.0.1:1", "--metrics", "[::]:0"],
          "forkproxy: error: --metrics [::]:0: cannot listen on [::]:0: no IPv6 on this host "
          "(Address family not supported by protocol)\n"),
     ],

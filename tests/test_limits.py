@@ -33,6 +33,7 @@ from forkproxy.log import Logger
 
 from conftest import (
     FORKPROXY,
+    LOOPBACK,
     Proxy,
     Redis,
     TcpServer,
@@ -138,9 +139,9 @@ def closed_by_peer(sock: socket.socket, timeout: float) -> bool:
         return False
 
 
-def refused(port: int) -> bool:
+def refused(port: int, host: str = "127.0.0.1") -> bool:
     try:
-        connect(port, timeout=5).close()
+        connect(port, host, timeout=5).close()
     except ConnectionRefusedError:
         return True
     return False
@@ -971,7 +972,7 @@ def test_a_client_held_on_a_link_a_reload_removed_counts_there_then_the_link_goe
     write_env_file(env_file, {kept: f"tcp://127.0.0.1:{server.port}",
                               removed: f"tcp://127.0.0.1:{server.port}"})
     enter = ("sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', str(pids_cgroup))
-    proxy = start_proxy("--env-file", str(env_file), "--status-socket", str(sock_path),
+    proxy = start_proxy("--env-file", str(env_file), *LOOPBACK, "--status-socket", str(sock_path),
                         expect=2, prefix=enter)
     with connect(pa) as first, connect(pb) as held:
         assert exchange(first, b"first") == b"first"  # its child is the one allowed
@@ -1116,8 +1117,9 @@ def test_env_file_follows_the_same_rules_as_from_env(
                 f"(CACHE_PORT_{port}_TCP,REDIS_PORT_{port}_TCP)\n")
     assert from_env.stdout == from_file.stdout == expected
     assert "DNS_PORT_53_UDP" in from_file.stderr and "UDP" in from_file.stderr
-    proxy = start_proxy("--env-file", str(env_file))
-    assert proxy.lines == ["listening " + expected[len("listen "):-1]]
+    proxy = start_proxy("--env-file", str(env_file), *LOOPBACK)
+    listening = expected[len("listen "):-1].replace("0.0.0.0:", "127.0.0.1:")  # --bind
+    assert proxy.lines == [f"listening {listening}"]
     assert ping(port)
     assert "DNS_PORT_53_UDP" in proxy.log()
 
@@ -1143,7 +1145,7 @@ def test_reload_rewires_new_connections_and_never_touches_live_ones(
     write_env_file(env_file, {f"A_PORT_{pa}_TCP": f"tcp://127.0.0.1:{x.port}",
                               f"B_PORT_{pb}_TCP": f"tcp://127.0.0.1:{y.port}"})
     sock_path = short_dir / "s.sock"
-    proxy = start_proxy("--env-file", str(env_file), "--status-socket", str(sock_path),
+    proxy = start_proxy("--env-file", str(env_file), *LOOPBACK, "--status-socket", str(sock_path),
                         expect=2)
     inode_a = listener_inode(proxy.pid, pa)
     with connect(pa) as live_a, connect(pb) as live_b:
@@ -1158,6 +1160,7 @@ def test_reload_rewires_new_connections_and_never_touches_live_ones(
             assert ask(sock, b"2") == b"Z:2"  # new connections follow the new wiring
         with connect(pc) as sock:
             assert ask(sock, b"2") == b"Y:2"
+        assert refused(pc, "127.0.0.2")  # a link the reload brought binds where --bind says
         assert listener_inode(proxy.pid, pa) == inode_a  # same socket, new target
         # Live connections are untouched, even the one whose listener is gone.
         assert ask(live_a, b"3") == b"X:3"
@@ -1171,7 +1174,7 @@ def test_reload_rewires_new_connections_and_never_touches_live_ones(
     write_env_file(env_file, {f"A_PORT_{pa}_TCP": f"tcp://127.0.0.1:{x.port}"})
     result = cli("reload", "--status-socket", str(sock_path))
     assert result.returncode == 0, result
-    assert result.stdout == f"listening 0.0.0.0:{pa} -> 127.0.0.1:{x.port} (A_PORT_{pa}_TCP)\n"
+    assert result.stdout == f"listening 127.0.0.1:{pa} -> 127.0.0.1:{x.port} (A_PORT_{pa}_TCP)\n"
     assert refused(pc)
     with connect(pa) as sock:
         assert ask(sock, b"4") == b"X:4"
@@ -1206,11 +1209,11 @@ def test_reload_of_a_bad_file_keeps_the_running_configuration(
     env_file = tmp_path / "links.env"
     write_env_file(env_file, {f"A_PORT_{pa}_TCP": f"tcp://127.0.0.1:{x.port}"})
     sock_path, pid_file = short_dir / "s.sock", tmp_path / "proxy.pid"
-    proxy = start_proxy("--env-file", str(env_file), "--status-socket", str(sock_path),
+    proxy = start_proxy("--env-file", str(env_file), *LOOPBACK, "--status-socket", str(sock_path),
                         "--pid-file", str(pid_file))
     text, reason = BAD_RELOADS[case]
     with socket.socket() as taken, connect(pa) as live:
-        taken.bind(("0.0.0.0", 0))
+        taken.bind(("127.0.0.1", 0))
         taken.listen()
         assert ask(live, b"1") == b"X:1"
         if text is None:
@@ -1374,7 +1377,7 @@ def run_serve(args: list[str], tmp_path: Path, short_dir: Path,
     sock_path, pid_file = short_dir / "s.sock", tmp_path / "proxy.pid"
     out, err = tmp_path / "stdout", tmp_path / "stderr"
     argv = [*prefix, FORKPROXY, "serve", "--status-socket", str(sock_path),
-            "--pid-file", str(pid_file), *args]
+            "--pid-file", str(pid_file), *LOOPBACK, *args]
     with out.open("wb") as stdout, err.open("wb") as stderr:
         proc = subprocess.Popen(argv, stdout=stdout, stderr=stderr, cwd=tmp_path,
                                 env={"PATH": os.environ["PATH"], **(env or {})},
@@ -1478,7 +1481,7 @@ def test_hostile_link_input_exits_2_and_creates_nothing(
     source, content, needles = HOSTILE[case]
     p, q = distinct_free_ports(2)
     with socket.socket() as taken:
-        taken.bind(("0.0.0.0", 0))
+        taken.bind(("127.0.0.1", 0))
         taken.listen()
         values = {"P": str(p), "Q": str(q), "T": str(taken.getsockname()[1])}
 

@@ -37,7 +37,7 @@ from forkproxy.accounting import DURATION_BUCKETS, LinkStats
 from forkproxy.log import INFO, SLOT, SLOT_INT, SLOT_SECONDS, Logger, _stamp
 from forkproxy.metrics import render as render_metrics
 
-from conftest import FORKPROXY, Proxy, Redis, TcpServer, echo, free_port, need, recv_all
+from conftest import FORKPROXY, LOOPBACK, Proxy, Redis, TcpServer, echo, free_port, need, recv_all
 
 T = TypeVar("T")
 MiB = 1 << 20
@@ -965,7 +965,7 @@ def env_file_proxy(start_proxy: StartProxy, env_file: Path, sock_path: Path,
     """`serve --env-file` with status and metrics, its links {variable: upstream port} on
     127.0.0.1; returns the proxy and its metrics URL."""
     write_links(env_file, links)
-    proxy = start_proxy("--env-file", str(env_file), "--status-socket", str(sock_path),
+    proxy = start_proxy("--env-file", str(env_file), *LOOPBACK, "--status-socket", str(sock_path),
                         "--metrics", "127.0.0.1:0", expect=len(links) + 1, env=env)
     return proxy, metrics_url(proxy)
 

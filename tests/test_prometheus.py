@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FORKPROXY, Proxy, TcpServer, echo, free_port, need, wait_for
+from conftest import FORKPROXY, LOOPBACK, Proxy, TcpServer, echo, free_port, need, wait_for
 
 DEADLINE = 90.0
 LINK = "CACHE_PORT_6379_TCP"
@@ -131,7 +131,7 @@ def test_prometheus_scrapes_rates_quantiles_and_no_reset_across_a_reload(
     env_file = tmp_path / "links.env"
     env_file.write_text(f"{LINK}=tcp://127.0.0.1:{upstream.port}\n")
     sock_path = tmp_path / "status.sock"
-    proxy = start_proxy("--env-file", str(env_file), "--status-socket", str(sock_path),
+    proxy = start_proxy("--env-file", str(env_file), *LOOPBACK, "--status-socket", str(sock_path),
                         "--metrics", "127.0.0.1:0", expect=2, env=env)
     target = proxy.lines[-1].removeprefix("metrics http://").removesuffix("/metrics")
     prom = prometheus_factory(target)

@@ -353,11 +353,15 @@ def test_from_env_serves_docker_link_variables(
         "REDIS_NAME": "/client/redis",
         f"REDIS_ENV_OTHER_PORT_{port}_TCP": "tcp://198.18.0.99:1",
     }
-    proxy = start_proxy("--from-env", env=env)
+    # --bind keeps the test on loopback; the default, 0.0.0.0, is served in a network
+    # namespace of its own (tests/test_two_hosts.py).
+    proxy = start_proxy("--from-env", "--bind", "127.0.0.1", env=env)
     assert proxy.lines == [
-        f"listening 0.0.0.0:{port} -> 127.0.0.1:{redis.port} (REDIS_PORT_{port}_TCP)"
+        f"listening 127.0.0.1:{port} -> 127.0.0.1:{redis.port} (REDIS_PORT_{port}_TCP)"
     ]
     assert redis.cli("PING", port=port) == "PONG"
+    with socket.socket() as other, pytest.raises(ConnectionRefusedError):
+        other.connect(("127.0.0.2", port))  # bound to 127.0.0.1 only, as --bind said
 
 
 def test_stdout_lines_name_every_listener_and_ipv6_works(

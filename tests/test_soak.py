@@ -36,7 +36,7 @@ import pytest
 
 from forkproxy import status as fp_status
 
-from conftest import FORKPROXY, Proxy, Redis, TcpServer, echo, fd_count, wait_for
+from conftest import FORKPROXY, LOOPBACK, Proxy, Redis, TcpServer, echo, fd_count, wait_for
 
 IDLE = 0.5  # --idle-timeout: the idle clients' connections end after it
 MAX_CHILDREN = 12
@@ -64,7 +64,7 @@ def listen_ports(count: int) -> list[int]:
     for port in random.sample(range(10000, low), low - 10000):
         with socket.socket() as sock:
             try:
-                sock.bind(("0.0.0.0", port))
+                sock.bind(("127.0.0.1", port))  # where --bind puts the links
             except OSError:
                 continue
         ports.append(port)
@@ -217,7 +217,7 @@ def test_churn_of_every_outcome_under_reloads_and_scrapes_adds_up_and_leaks_noth
 
     write_links(0)
     proxy = start_proxy(
-        "--env-file", str(env_file), "--status-socket", str(sock_path),
+        "--env-file", str(env_file), *LOOPBACK, "--status-socket", str(sock_path),
         "--allow", "127.0.0.1/32", "--idle-timeout", str(IDLE),
         "--max-children", str(MAX_CHILDREN), "--metrics", "127.0.0.1:0",
         "--log-format", "json", expect=6,
