@@ -224,3 +224,33 @@ def test_a_link_local_address_without_a_zone_is_refused_at_start(
     )
     assert (result.returncode, result.stdout, result.stderr) == (
         2, "", f"forkproxy: error: {expected}\n")
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize(
+    ("allow", "allowed", "denied", "denied_as"),
+    [
+        ("::1/128", "::1", "127.0.0.1", "client=[::ffff:127.0.0.1]:"),
+        ("127.0.0.0/8", "127.0.0.1", "::1", "client=[::1]:"),
+        # As the log shows an IPv4 client of [::]: it used to deny that very client.
+        ("::ffff:127.0.0.1/128", "127.0.0.1", "::1", "client=[::1]:"),
+    ],
+)
+def test_allow_ipv6_and_ipv4_clients_of_a_dual_stack_listener(
+    lab: Lab, ns: Namespace, allow: str, allowed: str, denied: str, denied_as: str,
+) -> None:
+    """`[::]` takes IPv4 and IPv6 clients on every interface: inside the namespace."""
+    proc = lab.spawn(ns, [FORKPROXY, "serve", "--allow", allow,
+                          f"[::]:0=127.0.0.1:{REDIS_PORT}",
+                          "--status-socket", str(lab.workdir / "status.sock")],
+                     label="forkproxy")
+    [line] = proc.wait_stdout(lambda lines: len(lines) >= 1, 15)
+    port = int(line.split(" -> ")[0].rsplit(":", 1)[1])
+    assert ping(ns, allowed, port) == "+PONG"
+    assert ping(ns, denied, port) != "+PONG"  # closed before any upstream connection
+    deadline = time.monotonic() + 10
+    while " denied " not in proc.stderr():
+        assert time.monotonic() < deadline, proc.describe()
+        time.sleep(0.05)
+    [denial] = [x for x in proc.stderr().splitlines() if " denied " in x]
+    assert denied_as in denial, denial

@@ -1066,30 +1066,6 @@ def test_allow_closes_other_clients_before_any_upstream_connection_and_counts_th
     assert len(upstream_peers) == 1
 
 
-@pytest.mark.parametrize(
-    ("allow", "allowed", "denied", "denied_as"),
-    [
-        ("::1/128", "::1", "127.0.0.1", "client=[::ffff:127.0.0.1]:"),
-        ("127.0.0.0/8", "127.0.0.1", "::1", "client=[::1]:"),
-        # As the log shows an IPv4 client of [::]: it used to deny that very client.
-        ("::ffff:127.0.0.1/128", "127.0.0.1", "::1", "client=[::1]:"),
-    ],
-)
-def test_allow_ipv6_and_ipv4_clients_of_a_dual_stack_listener(
-    start_proxy: StartProxy, tcp_server: ServerFactory,
-    allow: str, allowed: str, denied: str, denied_as: str,
-) -> None:
-    server = tcp_server(echo)
-    proxy = start_proxy("--allow", allow, f"[::]:0=127.0.0.1:{server.port}")
-    with connect(proxy.port, host=allowed) as sock:
-        assert exchange(sock, b"in") == b"in"
-    with connect(proxy.port, host=denied) as sock:
-        assert closed_by_peer(sock, 10)
-    assert wait_for(lambda: " denied " in proxy.log())
-    [line] = [x for x in proxy.log().splitlines() if " denied " in x]
-    assert denied_as in line
-
-
 # -- --env-file ----------------------------------------------------------------------------
 
 
