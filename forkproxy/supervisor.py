@@ -603,6 +603,9 @@ class Supervisor:
                 self.held.append(listeners.HeldBacklog(listener, clients))
         self.stopping = True
         signal.setitimer(signal.ITIMER_REAL, 0)  # no new children: names no longer matter
+        # Nor a metrics process: a restart still due would stay armed, never fired, and
+        # poll every turn of the loop with a zero timeout (100% CPU until the last child).
+        self.metrics_at = None
         self.update_accepting()
         listeners.close_all(self.listeners)  # from now on, new clients are refused
         self.listeners = []

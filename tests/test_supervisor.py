@@ -25,7 +25,7 @@ from forkproxy import signals
 from forkproxy.config import Options, Sources, parse_spec
 from forkproxy.listeners import Listener
 from forkproxy.log import Logger
-from forkproxy.supervisor import Supervisor
+from forkproxy.supervisor import METRICS_RESTART, Supervisor
 
 from conftest import FORKPROXY, Proxy, TcpServer, echo, need, wait_for
 
@@ -392,3 +392,41 @@ def test_a_stop_signal_is_not_lost_when_the_wakeup_pipe_is_full(tmp_path: Path) 
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(5)
         proc.stdout.close()  # type: ignore[union-attr]
+
+
+def test_a_metrics_restart_due_during_a_stop_leaves_the_loop_waiting_not_spinning(
+    start_proxy: Callable[..., Proxy], tcp_server: Callable[..., TcpServer],
+) -> None:
+    """The metrics process died, and a stop came before its restart was due: while stopping
+    it is not restarted, and the due restart must not stay armed as a timer, or every turn
+    of the loop polls with a zero timeout: the supervisor spun at 100% CPU for the rest
+    of the grace period. Counted with strace: the loop's polls wait for something."""
+    strace = need("strace")
+    server = tcp_server(echo)
+    proxy = start_proxy("--grace", "60", "--metrics", "127.0.0.1:0",
+                        f"127.0.0.1:0=127.0.0.1:{server.port}", expect=2)
+    supervisor = psutil.Process(proxy.pid)
+
+    def metrics() -> list[psutil.Process]:
+        return [child for child in supervisor.children()
+                if any("metrics.py" in arg for arg in child.cmdline())]
+
+    assert wait_for(lambda: bool(metrics()))
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=15) as client:
+        client.sendall(b"ping")
+        assert client.recv(4) == b"ping"  # a live connection: the stop waits for it
+        metrics()[0].kill()
+        assert wait_for(lambda: "metrics-died" in proxy.log())
+        proxy.signal(signal.SIGTERM)
+        assert wait_for(lambda: "stopping" in proxy.log())
+        time.sleep(METRICS_RESTART + 1)  # the restart is due now
+        tracer = subprocess.Popen([strace, "-p", str(proxy.pid), "-e", "trace=poll,ppoll"],
+                                  stderr=subprocess.PIPE, text=True)
+        time.sleep(1)
+        tracer.send_signal(signal.SIGINT)  # detach
+        trace = tracer.communicate(timeout=15)[1].splitlines()
+        busy = [line for line in trace
+                if ", 0) = 0" in line or "tv_sec=0, tv_nsec=0}" in line]
+        assert len(busy) < 5, trace[:10]
+        assert proxy.proc.poll() is None  # still waiting for the client
+    assert proxy.stop() == 0
