@@ -282,7 +282,9 @@ class Supervisor:
 
     def loop(self) -> None:
         poll, handlers = self.poller.poll, self.handlers
-        while not (self.stopping and not self.accounting.children):
+        # Stopped when no child runs and no client is held (a failed fork's, waiting for
+        # the next one that works, or for the grace period to end).
+        while not (self.stopping and not self.accounting.children and not self.held):
             # No timer armed, the usual case, needs no call and no list: every page written
             # between two forks is copied (docs/benchmarks.md). Same timers as _poll_timeout.
             timeout = -1 if (
