@@ -1,9 +1,11 @@
 """Signals delivered into the supervisor's poll loop, the asyncio way.
 
-Handlers do nothing; `signal.set_wakeup_fd` writes each signal's number to a
+Handlers only note the signal; `signal.set_wakeup_fd` writes each signal's number to a
 non-blocking socketpair that the loop polls, so every piece of work happens in the loop,
-between system calls, never inside a handler. (Without a Python-level handler the
-wakeup byte is never written, hence the do-nothing handler.)
+between system calls, never inside a handler. The bytes only wake the loop: the
+socketpair holds a few hundred, and a signal whose byte finds it full (a SIGCHLD per
+connection that ends while the supervisor is blocked writing a log line) is dropped by
+CPython. The handlers' note is what the loop acts on.
 """
 
 from __future__ import annotations
@@ -22,8 +24,21 @@ HANDLED = (
 )
 
 
-def _noop(signum: int, frame: FrameType | None) -> None:
+_caught: list[int] = []  # signals whose handler ran since the last drain, in order
+
+
+def _note(signum: int, frame: FrameType | None) -> None:
     """The work happens in the loop; see the module docstring."""
+    _caught.append(signum)
+
+
+def _take() -> list[int]:
+    """The signals noted so far, and a fresh list for the next ones. A function of its
+    own: entering it runs the handlers of the signals already delivered (CPython runs
+    them at the next instruction), so each of those whose byte was read is noted here."""
+    global _caught
+    caught, _caught = _caught, []
+    return caught
 
 
 class SignalPipe:
@@ -32,8 +47,9 @@ class SignalPipe:
         self.reader.setblocking(False)
         self.writer.setblocking(False)
         signal.set_wakeup_fd(self.writer.fileno(), warn_on_full_buffer=False)
+        _take()  # a supervisor started before in this process (tests) noted its own
         for signum in HANDLED:
-            signal.signal(signum, _noop)
+            signal.signal(signum, _note)
         # `forkproxy serve` blocked them until now (console.py): what came meanwhile is
         # delivered here, to the handlers, and waits in the pipe for the loop.
         signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)
@@ -42,18 +58,19 @@ class SignalPipe:
         return self.reader.fileno()
 
     def drain(self) -> list[int]:
-        """Signal numbers received since the last call, in order, duplicates folded."""
-        seen: list[int] = []
-        while True:
+        """Signal numbers received since the last call, in order, duplicates folded
+        (not SIGINT's: a second Ctrl-C stops at once)."""
+        while True:  # first empty the socketpair: a byte read is a signal noted by now
             try:
-                data = self.reader.recv(4096)
+                if not self.reader.recv(4096):
+                    break
             except (BlockingIOError, InterruptedError):
-                return seen
-            if not data:
-                return seen
-            for signum in data:
-                if signum not in seen or signum == signal.SIGINT:
-                    seen.append(signum)
+                break
+        seen: list[int] = []
+        for signum in _take():
+            if signum not in seen or signum == signal.SIGINT:
+                seen.append(signum)
+        return seen
 
 
 def reset_in_child() -> None:

@@ -282,7 +282,9 @@ class Supervisor:
 
     def loop(self) -> None:
         poll, handlers = self.poller.poll, self.handlers
-        while not (self.stopping and not self.accounting.children):
+        # Stopped when no child runs and no client is held (a failed fork's, waiting for
+        # the next one that works, or for the grace period to end).
+        while not (self.stopping and not self.accounting.children and not self.held):
             # No timer armed, the usual case, needs no call and no list: every page written
             # between two forks is copied (docs/benchmarks.md). Same timers as _poll_timeout.
             timeout = -1 if (
@@ -603,6 +605,9 @@ class Supervisor:
                 self.held.append(listeners.HeldBacklog(listener, clients))
         self.stopping = True
         signal.setitimer(signal.ITIMER_REAL, 0)  # no new children: names no longer matter
+        # Nor a metrics process: a restart still due would stay armed, never fired, and
+        # poll every turn of the loop with a zero timeout (100% CPU until the last child).
+        self.metrics_at = None
         self.update_accepting()
         listeners.close_all(self.listeners)  # from now on, new clients are refused
         self.listeners = []

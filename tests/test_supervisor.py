@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -24,7 +25,7 @@ from forkproxy import signals
 from forkproxy.config import Options, Sources, parse_spec
 from forkproxy.listeners import Listener
 from forkproxy.log import Logger
-from forkproxy.supervisor import Supervisor
+from forkproxy.supervisor import METRICS_RESTART, Supervisor
 
 from conftest import FORKPROXY, Proxy, TcpServer, echo, need, wait_for
 
@@ -326,3 +327,106 @@ def test_two_supervisors_that_are_both_pid_1_share_a_socket_directory(
             assert proc.stdout is not None
             proc.stdout.close()
     assert list((runtime / "forkproxy").iterdir()) == []
+
+
+def _pending(pid: int) -> int:
+    """The signals pending for a process (thread and process-wide), as a bit mask."""
+    mask = 0
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith(("SigPnd:", "ShdPnd:")):
+                mask |= int(line.split()[1], 16)
+    return mask
+
+
+def _deliver(pid: int, signum: int) -> None:
+    """Send a signal and wait until the kernel has delivered it (no longer pending), so
+    that the next one is a delivery of its own rather than folded into this one."""
+    os.kill(pid, signum)
+    assert wait_for(lambda: not _pending(pid) & (1 << (signum - 1)), timeout=30)
+
+
+def _read_to_eof(fd: int) -> None:
+    with os.fdopen(fd, "rb") as reader:
+        reader.read()
+
+
+def test_a_stop_signal_is_not_lost_when_the_wakeup_pipe_is_full(tmp_path: Path) -> None:
+    """Each signal delivered writes a byte to the wakeup socketpair, which holds a few
+    hundred. A supervisor blocked writing a log line (a log driver's backpressure) while
+    many connections end gets a SIGCHLD each: the socketpair fills, and the one SIGTERM
+    `docker stop` sends found it full and was never seen (reproduced with 1000 real
+    connections ending; SIGUSR1s stand in for them here, one delivery each)."""
+    probe, probe_peer = socket.socketpair()  # as signals.SignalPipe's: how many bytes fit
+    with probe, probe_peer:
+        probe.setblocking(False)
+        capacity = 0
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                capacity += probe.send(b"x")
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            os.write(write_end, b"x" * 4096)  # stderr full: the next log line blocks
+    os.set_blocking(write_end, True)
+    proc = subprocess.Popen([FORKPROXY, "serve", "-qq", "127.0.0.1:0=127.0.0.1:9",
+                             "--status-socket", str(tmp_path / "s.sock")],
+                            stdout=subprocess.PIPE, stderr=write_end, start_new_session=True)
+    os.close(write_end)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().startswith(b"listening")
+        _deliver(proc.pid, signal.SIGUSR1)  # its status line: blocked writing it
+        blocked = Path(f"/proc/{proc.pid}/wchan")  # pipe_write, anon_pipe_write (6.x)
+        assert wait_for(lambda: "pipe_write" in blocked.read_text())
+        for _ in range(capacity + 50):
+            _deliver(proc.pid, signal.SIGUSR1)
+        assert "pipe_write" in blocked.read_text()  # still blocked: nothing drained them
+        _deliver(proc.pid, signal.SIGTERM)
+        drain = threading.Thread(target=_read_to_eof, args=(read_end,))
+        drain.start()  # stderr read again: it runs on, and sees what the pipe held
+        assert proc.wait(30) == 0
+        drain.join(30)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(5)
+        proc.stdout.close()  # type: ignore[union-attr]
+
+
+def test_a_metrics_restart_due_during_a_stop_leaves_the_loop_waiting_not_spinning(
+    start_proxy: Callable[..., Proxy], tcp_server: Callable[..., TcpServer],
+) -> None:
+    """The metrics process died, and a stop came before its restart was due: while stopping
+    it is not restarted, and the due restart must not stay armed as a timer, or every turn
+    of the loop polls with a zero timeout: the supervisor spun at 100% CPU for the rest
+    of the grace period. Counted with strace: the loop's polls wait for something."""
+    strace = need("strace")
+    server = tcp_server(echo)
+    proxy = start_proxy("--grace", "60", "--metrics", "127.0.0.1:0",
+                        f"127.0.0.1:0=127.0.0.1:{server.port}", expect=2)
+    supervisor = psutil.Process(proxy.pid)
+
+    def metrics() -> list[psutil.Process]:
+        return [child for child in supervisor.children()
+                if any("metrics.py" in arg for arg in child.cmdline())]
+
+    assert wait_for(lambda: bool(metrics()))
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=15) as client:
+        client.sendall(b"ping")
+        assert client.recv(4) == b"ping"  # a live connection: the stop waits for it
+        metrics()[0].kill()
+        assert wait_for(lambda: "metrics-died" in proxy.log())
+        proxy.signal(signal.SIGTERM)
+        assert wait_for(lambda: "stopping" in proxy.log())
+        time.sleep(METRICS_RESTART + 1)  # the restart is due now
+        tracer = subprocess.Popen([strace, "-p", str(proxy.pid), "-e", "trace=poll,ppoll"],
+                                  stderr=subprocess.PIPE, text=True)
+        time.sleep(1)
+        tracer.send_signal(signal.SIGINT)  # detach
+        trace = tracer.communicate(timeout=15)[1].splitlines()
+        busy = [line for line in trace
+                if ", 0) = 0" in line or "tv_sec=0, tv_nsec=0}" in line]
+        assert len(busy) < 5, trace[:10]
+        assert proxy.proc.poll() is None  # still waiting for the client
+    assert proxy.stop() == 0
