@@ -826,7 +826,11 @@ def test_kill_9_of_one_child_ends_that_connection_only(
 
 def starve_accepts(proxy: Proxy) -> tuple[int, int]:
     """Lower the live supervisor's RLIMIT_NOFILE so that its next accept() fails with
-    EMFILE; returns the (soft, hard) limits to put back."""
+    EMFILE; returns the (soft, hard) limits to put back.
+
+    The supervisor must hold no descriptor that comes and goes, or its number is free
+    again later and an accept() succeeds: so no status socket anybody else probes (see
+    start_proxy), and nothing connected to it."""
     saved = resource.prlimit(proxy.pid, resource.RLIMIT_NOFILE)
     held = {int(fd) for fd in os.listdir(f"/proc/{proxy.pid}/fd")}
     lowest_free = min(set(range(len(held) + 1)) - held)
@@ -851,7 +855,8 @@ def test_accept_emfile_backs_off_and_serves_the_waiting_clients_afterwards(
             before = cpu_seconds(proxy.pid)
             time.sleep(2)
             assert cpu_seconds(proxy.pid) - before < 0.5
-            assert proxy.proc.poll() is None and not children(proxy.pid)
+            assert proxy.proc.poll() is None
+            assert not children(proxy.pid), proxy.log()  # which clients got in, and when
         finally:
             resource.prlimit(proxy.pid, resource.RLIMIT_NOFILE, saved)
         for number, sock in enumerate(clients):
