@@ -116,11 +116,20 @@ def read_lines(proc: subprocess.Popen[str], count: int, timeout: float) -> list[
 
 @pytest.fixture
 def start_proxy(tmp_path: Path) -> Iterator[Callable[..., Proxy]]:
-    """Start `forkproxy serve ARGS` in its own session; wait for its `listening` lines."""
+    """Start `forkproxy serve ARGS` in its own session; wait for its `listening` lines.
+
+    Without `env`, the test's proxies get a status socket directory of their own: in the
+    shared default one, every supervisor that starts on the machine (another test run's)
+    probes every socket, so ours would accept and close a connection at any moment, and
+    a test that counts its descriptors or lowers its RLIMIT_NOFILE would see one more.
+    """
     started: list[Proxy] = []
+    runtime = Path(tempfile.mkdtemp(prefix="fpr-", dir="/tmp"))  # short: sun_path
 
     def start(*args: str, expect: int = 1, env: dict[str, str] | None = None,
               timeout: float = 15, prefix: tuple[str, ...] = ()) -> Proxy:
+        if env is None:
+            env = {**os.environ, "XDG_RUNTIME_DIR": str(runtime)}
         stderr = tmp_path / f"proxy-{len(started)}.log"
         with stderr.open("w") as err:
             proc = subprocess.Popen(
@@ -150,6 +159,7 @@ def start_proxy(tmp_path: Path) -> Iterator[Callable[..., Proxy]]:
         kill_group(proxy.proc)
         if proxy.proc.stdout is not None:
             proxy.proc.stdout.close()
+    shutil.rmtree(runtime, ignore_errors=True)
 
 
 def free_port() -> int:
