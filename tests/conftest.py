@@ -115,6 +115,16 @@ def read_lines(proc: subprocess.Popen[str], count: int, timeout: float) -> list[
 
 
 @pytest.fixture
+def env(tmp_path: Path) -> dict[str, str]:
+    """The environment for proxies and CLI calls: a private XDG_RUNTIME_DIR, no FORKPROXY_*."""
+    runtime = tmp_path / "xdg"
+    runtime.mkdir(mode=0o700)
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("FORKPROXY_")}
+    clean["XDG_RUNTIME_DIR"] = str(runtime)
+    return clean
+
+
+@pytest.fixture
 def start_proxy(tmp_path: Path) -> Iterator[Callable[..., Proxy]]:
     """Start `forkproxy serve ARGS` in its own session; wait for its `listening` lines.
 

@@ -52,16 +52,6 @@ MakeServer = Callable[[Callable[[socket.socket], None]], TcpServer]
 
 
 @pytest.fixture
-def env(tmp_path: Path) -> dict[str, str]:
-    """The environment for proxies and CLI calls: a private XDG_RUNTIME_DIR, no FORKPROXY_*."""
-    runtime = tmp_path / "xdg"
-    runtime.mkdir(mode=0o700)
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("FORKPROXY_")}
-    clean["XDG_RUNTIME_DIR"] = str(runtime)
-    return clean
-
-
-@pytest.fixture
 def dead_port() -> Iterator[int]:
     """A loopback port that refuses connections: bound (so nobody else takes it), not listening."""
     with socket.socket() as holder:

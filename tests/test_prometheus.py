@@ -9,7 +9,6 @@ Timeouts are generous: Prometheus scrapes every second, on a loaded 2-core machi
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import time
@@ -84,15 +83,6 @@ class Prometheus:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(10)
-
-
-@pytest.fixture
-def env(tmp_path: Path) -> dict[str, str]:
-    runtime = tmp_path / "xdg"
-    runtime.mkdir(mode=0o700)
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("FORKPROXY_")}
-    clean["XDG_RUNTIME_DIR"] = str(runtime)
-    return clean
 
 
 @pytest.fixture
