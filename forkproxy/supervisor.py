@@ -119,7 +119,8 @@ class Supervisor:
         self.addresses: dict[tuple[str, int, tuple[str, ...]], list[Address]] = {}
         self.accepting = False
         self.resume_at: float | None = None  # accept backoff after a resource error
-        # accept-failed, fork-failed: [failures since the last line, when it was logged]
+        # accept-failed, fork-failed, control-accept-failed: [failures since the last
+        # line, when it was logged]
         self.pause_logs: dict[str, list[float]] = {}
         self.control_at: float | None = None  # the same for the control socket
         self.stopping = False
@@ -483,16 +484,21 @@ class Supervisor:
                          exc: OSError) -> None:
         """Pause accepting for a moment; log `event` once per ERROR_LOG_EVERY while it
         repeats (every ACCEPT_BACKOFF at a pids or descriptor limit), with a count."""
+        self.resume_at = time.monotonic() + ACCEPT_BACKOFF
+        self._log_repeating(event, exc, f"pausing accepts for {ACCEPT_BACKOFF}s at a time",
+                            link=listener.link.name)
+        self.update_accepting()
+
+    def _log_repeating(self, event: str, exc: OSError, detail: str, **fields: object) -> None:
+        """Log `event` once per ERROR_LOG_EVERY while it repeats, with the count of
+        failures since its last line: at a resource limit it recurs every backoff."""
         now = time.monotonic()
-        self.resume_at = now + ACCEPT_BACKOFF
         fold = self.pause_logs.setdefault(event, [0, -ERROR_LOG_EVERY])
         fold[0] += 1
         if now - fold[1] >= ERROR_LOG_EVERY:
-            self.log.error(event, link=listener.link.name, error=exc.strerror,
-                           failures=int(fold[0]),
-                           detail=f"pausing accepts for {ACCEPT_BACKOFF}s at a time")
+            self.log.error(event, **fields, error=exc.strerror, failures=int(fold[0]),
+                           detail=detail)
             fold[:] = [0, now]
-        self.update_accepting()
 
     def _prepare_relay(self, listener: Listener) -> None:
         """What every child of this listener hands to relay.serve, built once: a fresh
@@ -860,8 +866,8 @@ class Supervisor:
         try:
             fresh, dropped = self.control.accept()
         except OSError as exc:  # EMFILE and friends: wait, as the listeners do
-            self.log.error("control-accept-failed", error=exc.strerror,
-                           detail=f"pausing for {ACCEPT_BACKOFF}s")
+            self._log_repeating("control-accept-failed", exc,
+                                f"pausing the control socket for {ACCEPT_BACKOFF}s at a time")
             self._unwatch(self.control.fileno())
             self.control_at = time.monotonic() + ACCEPT_BACKOFF
             return
