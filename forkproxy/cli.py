@@ -62,7 +62,7 @@ EnvFileOpt = Annotated[
     typer.Option(
         "--env-file",
         metavar="PATH",
-        help="Read link variables from a Docker-style env file (re-read on SIGHUP).",
+        help="Read link variables from a Docker-style env file (serve re-reads it on SIGHUP).",
         envvar="FORKPROXY_ENV_FILE",
     ),
 ]
