@@ -19,6 +19,7 @@ import typer
 
 from . import __version__
 from .config import (
+    ANY_IPV4,
     ConfigError,
     LinkTable,
     Options,
@@ -162,7 +163,7 @@ def serve_command(
     specs: SpecsArg = None,
     from_env: FromEnvOpt = False,
     env_file: EnvFileOpt = None,
-    bind: BindOpt = "0.0.0.0",
+    bind: BindOpt = ANY_IPV4,
     relay: Annotated[
         str, _option("How bytes move: auto, splice or copy. [default: auto]", "RELAY", "MODE")
     ] = "auto",
@@ -250,7 +251,7 @@ def links_command(
     specs: SpecsArg = None,
     from_env: FromEnvOpt = False,
     env_file: EnvFileOpt = None,
-    bind: BindOpt = "0.0.0.0",
+    bind: BindOpt = ANY_IPV4,
 ) -> None:
     """Print the listeners `serve` would open with the same arguments, and exit."""
     try:

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 MAX_NAME = 253  # longest DNS name
 MAX_CHILDREN = 1 << 22  # PID_MAX_LIMIT: no more processes can ever exist at once
 MAX_SECONDS = 2_000_000  # any duration: poll() waits at most 2**31 - 1 ms (~24.8 days)
+ANY_IPV4 = "0.0.0.0"  # where a listener binds when nothing names an address (socat's TCP4-LISTEN)
 MIN_RESOLVE_EVERY = 1.0  # seconds: the supervisor looks names up at most once a second
 MIN_SECONDS = 0.001  # any other duration: poll() counts whole milliseconds
 RELAY_MODES = ("auto", "splice", "copy")
@@ -180,7 +181,7 @@ class Sources(Value):
         from_env: bool = False,
         env_file: str | None = None,
         options: Options | None = None,
-        bind: str = "0.0.0.0",
+        bind: str = ANY_IPV4,
     ) -> None:
         self._set(specs=specs, from_env=from_env, env_file=env_file,
                   options=Options() if options is None else options, bind=bind)
@@ -326,7 +327,7 @@ def parse_spec(spec: str) -> Link:
     if not right:
         raise ConfigError(f"{what}: the upstream HOST:PORT is missing after '='")
     if ":" not in left:
-        bind, port_text = "0.0.0.0", left
+        bind, port_text = ANY_IPV4, left
     else:
         bind_text, port_text = split_host_port(left, what)
         bind = parse_bind(bind_text, what)
@@ -352,7 +353,7 @@ def parse_link_value(name: str, value: str, proto: str) -> Endpoint:
 
 
 def links_from_env(
-    environ: Mapping[str, str], origin: str = "", bind: str = "0.0.0.0"
+    environ: Mapping[str, str], origin: str = "", bind: str = ANY_IPV4
 ) -> tuple[list[Link], list[str]]:
     """Docker link variables -> links (sorted by name) and warnings; each listens on
     `bind` (all IPv4 interfaces unless --bind says otherwise, as the ambassador's socat did).
@@ -427,14 +428,14 @@ def merge_links(links: Iterable[Link]) -> tuple[Link, ...]:
 def _covers(wide: str, narrow: str) -> bool:
     """Does a listener on `wide` take every address `narrow` could bind? `::` listens on
     IPv4 too (listeners.listen_tcp clears IPV6_V6ONLY for it)."""
-    return wide == "::" or (wide == "0.0.0.0" and ":" not in narrow)
+    return wide == "::" or (wide == ANY_IPV4 and ":" not in narrow)
 
 
 def build_links(
     specs: Sequence[str],
     environ: Mapping[str, str] | None = None,
     env_file: tuple[str, str] | None = None,
-    bind: str = "0.0.0.0",
+    bind: str = ANY_IPV4,
 ) -> LinkTable:
     """All link sources together. `environ`: the environment when --from-env;
     `env_file`: (path, text) of an --env-file; `bind`: where link variables listen."""
@@ -497,7 +498,7 @@ def parse_link_bind(text: str) -> str:
 def parse_metrics_address(text: str) -> tuple[str, int]:
     what = f"--metrics {quoted(text)}"
     host, port = split_host_port(text, what)
-    return parse_bind(host, what) if host else "0.0.0.0", parse_port(port, what, allow_zero=True)
+    return parse_bind(host, what) if host else ANY_IPV4, parse_port(port, what, allow_zero=True)
 
 
 def check_options(options: Options) -> Options:

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -112,6 +113,21 @@ def read_lines(proc: subprocess.Popen[str], count: int, timeout: float) -> list[
                 break
             data += chunk
     return data.decode().splitlines()[:count]
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    """A short directory for Unix sockets (sun_path is 108 bytes; tmp_path can be longer)."""
+    path = Path(tempfile.mkdtemp(prefix="fpt-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def control(path: Path, command: str) -> dict[str, Any]:
+    """Ask the supervisor directly (what `forkproxy status/reload` do, without psutil)."""
+    from forkproxy import status
+
+    return status.request(str(path), command, timeout=30)
 
 
 @pytest.fixture

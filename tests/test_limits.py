@@ -13,11 +13,9 @@ import errno
 import json
 import os
 import resource
-import shutil
 import signal
 import socket
 import subprocess
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -26,7 +24,6 @@ from pathlib import Path
 import psutil
 import pytest
 
-from forkproxy import status as fp_status
 from forkproxy import supervisor as fp_supervisor
 from forkproxy.config import Options, Sources, parse_spec
 from forkproxy.listeners import Listener
@@ -38,6 +35,7 @@ from conftest import (
     Proxy,
     Redis,
     TcpServer,
+    control,
     echo,
     fd_count,
     free_port,
@@ -55,19 +53,6 @@ StartProxy = Callable[..., Proxy]
 
 
 # -- small helpers ----------------------------------------------------------------------
-
-
-@pytest.fixture
-def short_dir() -> Iterator[Path]:
-    """A short directory for Unix sockets (sun_path is 108 bytes; tmp_path can be longer)."""
-    path = Path(tempfile.mkdtemp(prefix="fpl-", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-def control(path: Path, command: str) -> dict[str, object]:
-    """Ask the supervisor directly (what `forkproxy status/reload` do, without psutil)."""
-    return fp_status.request(str(path), command, timeout=30)
 
 
 def cli(*args: str, env: dict[str, str] | None = None,

@@ -18,12 +18,10 @@ import errno
 import json
 import os
 import select
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -52,14 +50,6 @@ while True:
         conn.shutdown(socket.SHUT_WR)
     conn.close()
 """
-
-
-@pytest.fixture
-def short_dir() -> Iterator[Path]:
-    """A short directory for the status socket (sun_path is 108 bytes; tmp_path can be longer)."""
-    path = Path(tempfile.mkdtemp(prefix="fpr-", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def start_resetter(mode: str, pin: tuple[str, ...]) -> tuple[subprocess.Popen[str], int]:

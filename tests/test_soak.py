@@ -19,25 +19,30 @@ import os
 import random
 import resource
 import selectors
-import shutil
 import signal
 import socket
 import struct
 import subprocess
-import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from forkproxy import status as fp_status
-
-from conftest import FORKPROXY, LOOPBACK, Proxy, Redis, TcpServer, echo, fd_count, wait_for
+from conftest import (
+    FORKPROXY,
+    LOOPBACK,
+    Proxy,
+    Redis,
+    TcpServer,
+    control,
+    echo,
+    fd_count,
+    wait_for,
+)
 
 IDLE = 0.5  # --idle-timeout: the idle clients' connections end after it
 MAX_CHILDREN = 12
@@ -46,13 +51,6 @@ RESET_AFTER = 100  # the resetting upstream reads this many bytes, then sends an
 StartProxy = Callable[..., Proxy]
 ServerFactory = Callable[[Callable[[socket.socket], None]], TcpServer]
 Key = tuple[str, str]  # (link, outcome)
-
-
-@pytest.fixture
-def short_dir() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="fps-", dir="/tmp"))  # unix socket paths are short
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def listen_ports(count: int) -> list[int]:
@@ -72,10 +70,6 @@ def listen_ports(count: int) -> list[int]:
         if len(ports) == count:
             return ports
     raise AssertionError("no free ports below the ephemeral range")
-
-
-def control(path: Path, command: str) -> dict[str, Any]:
-    return fp_status.request(str(path), command, timeout=30)
 
 
 def memory_kib(pid: int) -> int:
