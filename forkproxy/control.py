@@ -17,7 +17,15 @@ MAX_CLIENTS = 16
 MAX_REQUEST = 4096
 MAX_PATH = 107  # sockaddr_un.sun_path is 108 bytes with the NUL
 
-Handler = Callable[[dict[str, object]], dict[str, object]]
+# A reply, or None when the handler handed the client's socket to another process that
+# answers on it (the supervisor answers `status` from a forked child: see
+# Supervisor.answer_in_child).
+Handler = Callable[[dict[str, object], socket.socket], "dict[str, object] | None"]
+
+
+def encode_reply(reply: dict[str, object]) -> bytes:
+    """The reply line a client reads."""
+    return json.dumps(reply).encode() + b"\n"
 
 
 def default_dir(environ: dict[str, str] | os._Environ[str], uid: int) -> str:
@@ -144,7 +152,10 @@ class ControlServer:
                 if b"\n" not in client.inbox:
                     return len(client.inbox) < MAX_REQUEST or self._drop(fd)
                 line = client.inbox.split(b"\n", 1)[0]
-                client.outbox = self._reply(line)
+                outbox = self._reply(line, client.sock)
+                if outbox is None:
+                    return self._drop(fd)  # answered by another process: close our copy
+                client.outbox = outbox
             sent = client.sock.send(client.outbox)
             client.outbox = client.outbox[sent:]
         except (BlockingIOError, InterruptedError):
@@ -156,15 +167,15 @@ class ControlServer:
     def wants_write(self, fd: int) -> bool:
         return bool(self.clients[fd].outbox)
 
-    def _reply(self, line: bytes) -> bytes:
+    def _reply(self, line: bytes, sock: socket.socket) -> bytes | None:
         try:
             request = json.loads(line)
             if not isinstance(request, dict):
                 raise ValueError("request must be a JSON object")
-            reply = self.handle(request)
+            reply = self.handle(request, sock)
         except (ValueError, RecursionError) as exc:  # "[[[[..." nests past the stack
             reply = {"ok": False, "error": f"bad request: {exc}"}
-        return json.dumps(reply).encode() + b"\n"
+        return None if reply is None else encode_reply(reply)
 
     def _drop(self, fd: int) -> bool:
         self.clients.pop(fd).sock.close()

@@ -49,6 +49,10 @@ ACCEPT_BACKOFF = 0.1  # seconds without accepting after EMFILE/ENFILE/ENOBUFS/EN
 KILL_AFTER = 1.0  # seconds from TERM to KILL after --grace: 8 + 1 is inside docker stop's 10
 ERROR_LOG_EVERY = 10.0  # seconds between two accept-failed lines while they repeat
 METRICS_RESTART = 5.0  # seconds before a metrics process that died is started again
+# Children answering `status` at once (as many as the control socket has clients); past
+# that, say clients that never read their answers, the loop answers itself.
+MAX_REPORTERS = control.MAX_CLIENTS
+REPORT_TIMEOUT = 10.0  # seconds a reporter waits for a client that does not read
 RESOLVE_AGAIN_AFTER = MIN_RESOLVE_EVERY  # seconds: the least time between two lookups' starts
 _RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 _CONNECT_FAILED_STATUS = relay.CONNECT_FAILED << 8  # a wait status: exited with that code
@@ -133,11 +137,13 @@ class Supervisor:
         self.metrics_at: float | None = None  # when to (re)start the metrics process
         self.resolving = False  # a resolver child's results are on their way
         self.resolver_pids: list[int] = []  # resolver children not reaped yet
+        self.reporter_pids: list[int] = []  # children answering `status`, not reaped yet
         self.resolver_output: list[bytes] = []
         self.resolver_due = 0.0  # when the last resolver was to look up (monotonic)
         self.resolve_pending = False  # asked again while one ran: start another after it
         self.resolve_failing: set[str] = set()  # links whose last lookup failed (log once)
         self.started = time.time()
+        self.pid = os.getpid()  # also what a reporter child reports
 
     # -- start and stop -------------------------------------------------------------
 
@@ -303,7 +309,7 @@ class Supervisor:
         listeners.close_all(self.listeners)
         self.listeners = []
         signal.setitimer(signal.ITIMER_REAL, 0)
-        for pid in self.resolver_pids:
+        for pid in self.resolver_pids + self.reporter_pids:
             try:
                 os.kill(pid, signal.SIGKILL)
                 os.waitpid(pid, 0)
@@ -541,6 +547,9 @@ class Supervisor:
                 break
             if pid in self.resolver_pids:
                 self.resolver_pids.remove(pid)
+                continue
+            if pid in self.reporter_pids:
+                self.reporter_pids.remove(pid)
                 continue
             if pid == self.metrics_pid:
                 self.metrics_pid = 0
@@ -886,7 +895,8 @@ class Supervisor:
 
         return handle
 
-    def handle_control_request(self, request: dict[str, object]) -> dict[str, object]:
+    def handle_control_request(self, request: dict[str, object],
+                               client: socket.socket) -> dict[str, object] | None:
         command = request.get("command")
         if command == "reload":
             ok, error = self.reload()
@@ -895,18 +905,54 @@ class Supervisor:
             ok = not self.stopping and bool(self.listeners)
             return {"ok": ok, "stopping": self.stopping, "listeners": self._listener_table()}
         if command == "status":
-            reply: dict[str, object] = {
-                "ok": True,
-                "pid": os.getpid(),
-                "version": __version__,
-                "started": self.started,
-                "stopping": self.stopping,
-                "max_children": self.options.max_children,
-                "listeners": self._listener_table(),
-            }
-            reply.update(self.accounting.snapshot())
-            return reply
+            return None if self.answer_in_child(client) else self.status_reply()
         return {"ok": False, "error": f"unknown command {command!r}"}
+
+    def status_reply(self) -> dict[str, object]:
+        reply: dict[str, object] = {
+            "ok": True,
+            "pid": self.pid,
+            "version": __version__,
+            "started": self.started,
+            "stopping": self.stopping,
+            "max_children": self.options.max_children,
+            "listeners": self._listener_table(),
+        }
+        reply.update(self.accounting.snapshot())
+        return reply
+
+    def answer_in_child(self, client: socket.socket) -> bool:
+        """Answer `status` from a forked child; False if none could take it (then the
+        caller answers here).
+
+        Why: the reply holds a record per live connection, built from thousands of small
+        objects; built here, it leaves the supervisor's heap fragmented, megabytes larger
+        for good (pymalloc keeps an arena while one object in it lives), and every later
+        fork copies those page tables and every exit tears them down (~28 us per MB per
+        connection, docs/benchmarks.md). Every Prometheus scrape asks for it. A child's
+        copy-on-write view of the table is the same snapshot, and its heap dies with it.
+        """
+        if len(self.reporter_pids) >= MAX_REPORTERS:
+            return False
+        try:
+            pid = os.fork()
+        except OSError:
+            return False  # out of processes: the loop answers, as before
+        if pid == 0:
+            status = 1
+            try:
+                signals.reset_in_child()
+                fd = client.fileno()
+                # Above all the listeners: a reporter must not keep a closed port open.
+                os.closerange(3, fd)
+                os.closerange(fd + 1, 1 << 20)
+                client.settimeout(REPORT_TIMEOUT)
+                client.sendall(control.encode_reply(self.status_reply()))
+                status = 0
+            finally:
+                os._exit(status)
+        self.reporter_pids.append(pid)
+        return True
 
     def _listener_table(self) -> list[dict[str, object]]:
         return [

@@ -13,6 +13,7 @@ leak of even a few hundred bytes per connection would cost.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -527,3 +528,46 @@ def wave(proxy: Proxy, sock_path: Path, url: str, spec: str, count: int, cap: in
         len(ping) * count * number, len(pong) * count * number)
     assert [state for _, state in processes_under(proxy.pid) if state == "Z"] == []
     return memory_kib(proxy.pid)
+
+
+def test_status_reads_with_1500_live_connections_leave_the_supervisors_heap_as_it_was(
+    start_proxy: StartProxy, short_dir: Path
+) -> None:
+    """A status reply holds a record per live connection. Built in the supervisor, it
+    left its heap ~2 MB larger for good (fragmented arenas), which every later fork
+    copies: the supervisor answers it from a forked child now. Eight clients asking at
+    once (more than the children it forks for that) all get the whole answer."""
+    count = 1500
+    saved = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 2 * count + 500
+    if saved[0] != resource.RLIM_INFINITY and saved[0] < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(wanted, saved[1]), saved[1]))
+    upstream = socket.create_server(("127.0.0.1", 0), backlog=count)
+    socks: list[socket.socket] = [upstream]
+    try:
+        sock_path = short_dir / "s.sock"
+        spec = f"127.0.0.1:0=127.0.0.1:{upstream.getsockname()[1]}"
+        proxy = start_proxy("-q", "--status-socket", str(sock_path), "--max-children",
+                            str(count + 10), spec)
+        for _ in range(count):
+            socks.append(socket.create_connection(("127.0.0.1", proxy.port), timeout=30))
+            socks.append(upstream.accept()[0])  # each child connected: the pair is live
+        time.sleep(0.5)  # the last children's records are in (the supervisor forked them)
+        before = memory_kib(proxy.pid)  # before any status read: the first one grew it
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            replies = list(pool.map(lambda _: control(sock_path, "status"), range(8)))
+        for reply in replies:
+            assert (reply["pid"], len(reply["children"])) == (proxy.pid, count)
+        for _ in range(3):
+            control(sock_path, "status")
+        grown = memory_kib(proxy.pid) - before
+        assert grown < 512, f"the supervisor's heap grew {grown} KiB after 11 status reads"
+        # The children that answered are reaped; none is left or counted as a connection.
+        assert wait_for(lambda: [state for _, state in processes_under(proxy.pid)
+                                 if state == "Z"] == [])
+        assert len(processes_under(proxy.pid)) == count
+        assert control(sock_path, "status")["links"][spec]["active"] == count
+    finally:
+        for sock in socks:
+            sock.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, saved)
