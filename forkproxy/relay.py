@@ -43,6 +43,8 @@ UPSTREAM_RESET = 11
 CONNECT_FAILED = 12
 IDLE_TIMEOUT = 13
 HALFCLOSE_TIMEOUT = 14
+CLIENT_TIMEOUT = 15
+UPSTREAM_TIMEOUT = 16
 OUTCOMES = {
     CLOSED: "closed",
     FAILED: "failed",
@@ -51,6 +53,8 @@ OUTCOMES = {
     CONNECT_FAILED: "connect-failed",
     IDLE_TIMEOUT: "idle-timeout",
     HALFCLOSE_TIMEOUT: "halfclose-timeout",
+    CLIENT_TIMEOUT: "client-timeout",
+    UPSTREAM_TIMEOUT: "upstream-timeout",
 }
 
 COPY_CHUNK = 64 * 1024  # --relay copy
@@ -75,6 +79,13 @@ SIGALRM, SIGTERM = int(signal.SIGALRM), int(signal.SIGTERM)
 # Which side reset, by where the error came from: (the flow's source, its destination).
 _UP_RESETS = (CLIENT_RESET, UPSTREAM_RESET)
 _DOWN_RESETS = (UPSTREAM_RESET, CLIENT_RESET)
+
+# A side's error that means it stopped answering rather than reset: its retransmissions
+# went unanswered. With ICMP errors coming back meanwhile (a router: "host unreachable")
+# the kernel reports the last of those instead of ETIMEDOUT; on an established connection
+# they only ever surface at that timeout.
+_PEER_TIMEOUT_ERRORS = frozenset((errno.ETIMEDOUT, errno.EHOSTUNREACH, errno.ENETUNREACH))
+_TIMEOUT_OF = {CLIENT_RESET: CLIENT_TIMEOUT, UPSTREAM_RESET: UPSTREAM_TIMEOUT}
 
 Address = tuple[int, tuple[object, ...]]  # (family, sockaddr) as getaddrinfo gives them
 
@@ -677,9 +688,13 @@ def serve(
     try:
         outcome = pump(client, upstream, options, counters, base, _child_buffers)
     except Ended as ended:
-        outcome = ended.args[0]
-        error = ended.args[1].strerror or str(ended.args[1])
-        reset(upstream if outcome == CLIENT_RESET else client)
+        outcome, cause = ended.args
+        error = cause.strerror or str(cause)
+        if cause.errno in _PEER_TIMEOUT_ERRORS:
+            # Not a reset: that side went silent. The other side still gets an RST, as for
+            # a reset: what the silent one sent last may never have arrived.
+            outcome = _TIMEOUT_OF.get(outcome, outcome)
+        reset(upstream if outcome in (CLIENT_RESET, CLIENT_TIMEOUT) else client)
     client.close()
     upstream.close()
     if info:
