@@ -1,4 +1,4 @@
-"""Peers that vanish without a FIN or an RST, for real, across veth cables.
+"""--keepalive for real: peers that vanish without a FIN or an RST, across veth cables.
 
     client (ka-client) ---198.18.20.0/24--- proxy (ka-proxy) ---198.18.21.0/24--- upstream (ka-up)
 
@@ -164,6 +164,123 @@ def field(line: str, name: str) -> str:
 @pytest.mark.parametrize(
     ("reject", "error"),
     [
+        # Powered off, or a partition: every probe unanswered.
+        ((), "Connection timed out"),
+        # A router answering for the vanished host changes nothing: the kernel ignores
+        # ICMP errors about keepalive probes (their sequence number is out of the window).
+        (("-p", "tcp", "-j", "REJECT", "--reject-with", "icmp-host-unreachable"),
+         "Connection timed out"),
+    ],
+    ids=["silent", "host-unreachable"],
+)
+def test_keepalive_ends_a_connection_whose_upstream_vanished(
+    ka: KeepaliveLab, reject: tuple[str, ...], error: str
+) -> None:
+    """Without a FIN or an RST and with nothing queued, only probes can tell that the
+    upstream is gone: the child ends the connection (client reset, as for an upstream
+    reset), logs upstream-timeout, and every byte relayed before arrived intact."""
+    proxy = ka.start_proxy("--keepalive", "1")
+    client, upstream = ka.connect(proxy)
+    with client, upstream:
+        exchange(client, upstream, SIZE, seed=1)
+        if reject:
+            ka.upstream.run(["iptables", "-A", "INPUT", *reject])
+        else:
+            ka.vanish(ka.upstream)
+        line = wait_close_line(proxy, DETECTED_WITHIN)
+        assert field(line, "outcome") == "upstream-timeout", line
+        assert field(line, "error") == error, line
+        assert (field(line, "bytes_up"), field(line, "bytes_down")) == (str(SIZE), str(SIZE))
+        # The client is told the stream was cut, not that it ended: an RST, never a FIN.
+        assert read_to_end(client)[:2] == ("reset", 0)
+
+
+def test_without_keepalive_a_vanished_upstream_leaves_the_connection_open(
+    ka: KeepaliveLab,
+) -> None:
+    """The control for the test above (passes with or without --keepalive in the product):
+    the same silence, no option, and the connection outlives what --keepalive 1 needs to
+    end it; once the path is back it relays again, as TCP promises."""
+    proxy = ka.start_proxy()
+    client, upstream = ka.connect(proxy)
+    with client, upstream:
+        exchange(client, upstream, SIZE, seed=3)
+        ka.vanish(ka.upstream)
+        client.settimeout(OUTLIVE)
+        with pytest.raises(TimeoutError):
+            client.recv(1)  # neither EOF nor a reset: still open
+        assert close_lines(proxy) == []
+        ka.heal()
+        client.settimeout(30)
+        exchange(client, upstream, SIZE, seed=5)
+        assert close_lines(proxy) == []
+
+
+def test_keepalive_leaves_a_healthy_idle_connection_alone(ka: KeepaliveLab) -> None:
+    """Idle for several keepalive periods, a healthy connection is probed, answers, and
+    stays: it relays intact afterwards and no close line appears."""
+    proxy = ka.start_proxy("--keepalive", "1")
+    client, upstream = ka.connect(proxy, from_client_host=True)
+    with client, upstream:
+        exchange(client, upstream, SIZE, seed=7)
+        client.settimeout(OUTLIVE)
+        with pytest.raises(TimeoutError):
+            client.recv(1)
+        assert close_lines(proxy) == []
+        client.settimeout(30)
+        exchange(client, upstream, SIZE, seed=9)
+        client.shutdown(socket.SHUT_WR)
+        assert upstream.recv(1) == b""
+        upstream.close()
+        assert read_to_end(client)[:2] == ("eof", 0)
+    line = wait_close_line(proxy, 30)
+    assert field(line, "outcome") == "closed", line
+    assert (field(line, "bytes_up"), field(line, "bytes_down")) == (str(2 * SIZE), str(2 * SIZE))
+
+
+def test_keepalive_leaves_a_client_that_reads_nothing_for_a_while_alone(
+    ka: KeepaliveLab,
+) -> None:
+    """A live client that stops reading (its window shut, the proxy's data waiting) is
+    not a dead one. TCP_USER_TIMEOUT would cut it after its timeout; keepalive must not:
+    after a pause longer than --keepalive 1 needs, every byte arrives, in order."""
+    proxy = ka.start_proxy("--keepalive", "1")
+    # A small receive buffer: the data shuts the client's window at once.
+    client, upstream = ka.connect(proxy, from_client_host=True, rcvbuf=4096)
+    size = 2 * 1024 * 1024
+    data = pattern(size, seed=11)
+    with client, upstream:
+        sender = threading.Thread(target=upstream.sendall, args=(data,), daemon=True)
+        sender.start()
+        # The pause under test: the client reads nothing, and the connection must stay.
+        deadline = time.monotonic() + OUTLIVE
+        while time.monotonic() < deadline:
+            assert close_lines(proxy) == [], proxy.stderr()
+            time.sleep(0.1)
+        assert recv_exactly(client, size) == hashlib.sha256(data).hexdigest()
+        sender.join(30)
+    line = wait_close_line(proxy, 30)
+    assert field(line, "outcome") == "closed", line
+
+
+def test_keepalive_ends_a_connection_whose_client_vanished(ka: KeepaliveLab) -> None:
+    """The client side is probed too: a client host that goes silent ends its connection
+    (client-timeout), and the upstream is reset rather than shown a clean end."""
+    proxy = ka.start_proxy("--keepalive", "1")
+    client, upstream = ka.connect(proxy, from_client_host=True)
+    with client, upstream:
+        exchange(client, upstream, SIZE, seed=13)
+        ka.vanish(ka.client)
+        line = wait_close_line(proxy, DETECTED_WITHIN)
+        assert field(line, "outcome") == "client-timeout", line
+        assert field(line, "error") == "Connection timed out", line
+        assert (field(line, "bytes_up"), field(line, "bytes_down")) == (str(SIZE), str(SIZE))
+        assert read_to_end(upstream)[:2] == ("reset", 0)
+
+
+@pytest.mark.parametrize(
+    ("reject", "error"),
+    [
         ((), "Connection timed out"),
         # With data in flight, ICMP errors do count: the kernel reports the last one.
         (("-p", "tcp", "-j", "REJECT", "--reject-with", "icmp-host-unreachable"),
@@ -176,8 +293,8 @@ def test_an_upstream_that_vanished_with_data_in_flight_is_a_timeout_not_a_reset(
 ) -> None:
     """With bytes unacknowledged, keepalive never probes: the kernel's retransmissions
     find the dead peer, after tcp_retries2 (about 15 minutes by default; 3 here, a few
-    seconds, in the proxy's namespace only). That end is upstream-timeout, not the
-    upstream-reset it used to be logged as: nothing reset."""
+    seconds, in the proxy's namespace only). With or without --keepalive, that end is
+    upstream-timeout, not the upstream-reset it used to be logged as: nothing reset."""
     proxy = ka.start_proxy()
     client, upstream = ka.connect(proxy)
     retries = ka.proxy.run(["sysctl", "-n", "net.ipv4.tcp_retries2"]).strip()
