@@ -27,6 +27,7 @@ from .config import (
     check_options,
     name_variable,
     parse_count,
+    parse_keepalive,
     parse_link_bind,
     parse_seconds,
     quoted,
@@ -187,6 +188,12 @@ def serve_command(
         str | None, _option("After one side finished, wait this long for the other. "
                             "[default: off]", "HALFCLOSE_TIMEOUT", "SECONDS")
     ] = None,
+    keepalive: Annotated[
+        str | None, _option("TCP keepalive on both sides: probe after this many silent "
+                            "seconds; a peer that stopped answering (gone without a FIN or "
+                            "RST) ends its connection in about twice that. [default: off]",
+                            "KEEPALIVE", "SECONDS")
+    ] = None,
     resolve_every: Annotated[
         str, _option("Resolve the targets' host names again this often, or off. [default: 30]",
                      "RESOLVE_EVERY", "SECONDS")
@@ -230,6 +237,7 @@ def serve_command(
             grace=_seconds(grace, "--grace"),
             idle_timeout=parse_seconds(idle_timeout, "--idle-timeout"),
             halfclose_timeout=parse_seconds(halfclose_timeout, "--halfclose-timeout"),
+            keepalive=parse_keepalive(keepalive),
             resolve_every=parse_seconds(resolve_every, "--resolve-every"),
             max_children=parse_count(max_children, "--max-children"),
             allow=tuple(allow or ()),

@@ -24,6 +24,8 @@ MAX_SECONDS = 2_000_000  # any duration: poll() waits at most 2**31 - 1 ms (~24.
 ANY_IPV4 = "0.0.0.0"  # where a listener binds when nothing names an address (socat's TCP4-LISTEN)
 MIN_RESOLVE_EVERY = 1.0  # seconds: the supervisor looks names up at most once a second
 MIN_SECONDS = 0.001  # any other duration: poll() counts whole milliseconds
+MAX_KEEPALIVE = 32767  # seconds: the kernel's limit for TCP_KEEPIDLE and TCP_KEEPINTVL
+KEEPALIVE_PROBES = 3  # unanswered probes (TCP_KEEPCNT) before the kernel gives a peer up
 RELAY_MODES = ("auto", "splice", "copy")
 LOG_FORMATS = ("text", "json")
 
@@ -131,6 +133,10 @@ class Options(Value):
     grace: float
     idle_timeout: float | None
     halfclose_timeout: float | None
+    # TCP keepalive on both sockets of each connection: the first probe after this many
+    # seconds of silence (whole seconds, the kernel's unit), then every max(1, SECONDS // 3)
+    # seconds, KEEPALIVE_PROBES of them unanswered and the peer is given up (relay.serve).
+    keepalive: int | None
     resolve_every: float | None  # seconds between two resolutions of the targets' names
     max_children: int
     allow: tuple[str, ...]
@@ -148,6 +154,7 @@ class Options(Value):
         grace: float = 8.0,
         idle_timeout: float | None = None,
         halfclose_timeout: float | None = None,
+        keepalive: int | None = None,
         resolve_every: float | None = 30.0,
         max_children: int = 1024,
         allow: tuple[str, ...] = (),
@@ -160,9 +167,9 @@ class Options(Value):
         self._set(
             relay=relay, connect_timeout=connect_timeout, connect_retries=connect_retries,
             grace=grace, idle_timeout=idle_timeout, halfclose_timeout=halfclose_timeout,
-            resolve_every=resolve_every, max_children=max_children, allow=allow,
-            verbosity=verbosity, log_format=log_format, status_socket=status_socket,
-            metrics=metrics, pid_file=pid_file,
+            keepalive=keepalive, resolve_every=resolve_every, max_children=max_children,
+            allow=allow, verbosity=verbosity, log_format=log_format,
+            status_socket=status_socket, metrics=metrics, pid_file=pid_file,
         )
 
 
@@ -529,6 +536,11 @@ def check_options(options: Options) -> Options:
             raise _too_long(flag, f"{value:g}", can_be_off=can_be_off)
         if _below_least(flag, value):
             raise _too_short_error(flag, f"{value:g}", can_be_off=can_be_off)
+    keepalive = options.keepalive
+    if keepalive is not None and not (
+        type(keepalive) is int and 1 <= keepalive <= MAX_KEEPALIVE  # not a bool, not a float
+    ):
+        raise ConfigError(f"--keepalive {keepalive!r}: {_KEEPALIVE_RANGE}")
     for cidr in options.allow:
         parse_cidr(cidr)
     if options.metrics is not None:
@@ -619,6 +631,24 @@ def _too_long(flag: str, shown: str, *, can_be_off: bool) -> ConfigError:
     # the supervisor would die of an OverflowError mid-connection.
     off = "; 'off' means none" if can_be_off else ""
     return ConfigError(f"{flag} {shown}: at most {MAX_SECONDS:,} seconds (23 days){off}")
+
+
+_KEEPALIVE_RANGE = f"a whole number of seconds from 1 to {MAX_KEEPALIVE}, or 'off'"
+
+
+def parse_keepalive(text: str | None) -> int | None:
+    """--keepalive: whole seconds, the unit of the kernel's TCP_KEEPIDLE and TCP_KEEPINTVL,
+    from 1 to 32767 (its limit); None when unset or `off`. A fraction is refused rather
+    than rounded: the proxy would probe at another time than the one asked for."""
+    if text is None or text.lower() in ("", "off", "none"):
+        return None
+    if not _SECONDS.fullmatch(text):
+        raise ConfigError(f"--keepalive {quoted(text)}: not a number of seconds")
+    value = float(text)
+    if text.startswith("-") or not value.is_integer() or not 1 <= value <= MAX_KEEPALIVE:
+        # -0 included: a duration has no sign. inf (1e999) is no integer either.
+        raise ConfigError(f"--keepalive {quoted(text)}: {_KEEPALIVE_RANGE}")
+    return int(value)
 
 
 def parse_count(text: str, flag: str) -> int:

@@ -8,7 +8,8 @@ for small messages, and switches a direction to splice once a read fills the buf
 
 EOF on one side becomes `shutdown(SHUT_WR)` on the other while the other direction keeps
 flowing, with no time limit unless --halfclose-timeout is set. A reset on either side
-resets the other and ends both.
+resets the other and ends both; so does a side that stopped answering (the kernel's
+ETIMEDOUT: --keepalive's probes, or retransmissions, unanswered).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import time
 from _socket import socket as RawSocket
 
 from . import signals
-from .config import Endpoint, Link, Options, peer_text
+from .config import KEEPALIVE_PROBES, Endpoint, Link, Options, peer_text
 from .log import INFO, SLOT, SLOT_INT, SLOT_SECONDS, Logger
 
 __all__ = [
@@ -43,6 +44,8 @@ UPSTREAM_RESET = 11
 CONNECT_FAILED = 12
 IDLE_TIMEOUT = 13
 HALFCLOSE_TIMEOUT = 14
+CLIENT_TIMEOUT = 15
+UPSTREAM_TIMEOUT = 16
 OUTCOMES = {
     CLOSED: "closed",
     FAILED: "failed",
@@ -51,6 +54,8 @@ OUTCOMES = {
     CONNECT_FAILED: "connect-failed",
     IDLE_TIMEOUT: "idle-timeout",
     HALFCLOSE_TIMEOUT: "halfclose-timeout",
+    CLIENT_TIMEOUT: "client-timeout",
+    UPSTREAM_TIMEOUT: "upstream-timeout",
 }
 
 COPY_CHUNK = 64 * 1024  # --relay copy
@@ -66,6 +71,8 @@ HAS_SPLICE = hasattr(os, "splice")
 SOCK_STREAM = int(socket.SOCK_STREAM)
 SOL_SOCKET, SO_ERROR, SO_LINGER = int(socket.SOL_SOCKET), socket.SO_ERROR, socket.SO_LINGER
 IPPROTO_TCP, TCP_NODELAY = int(socket.IPPROTO_TCP), socket.TCP_NODELAY
+SO_KEEPALIVE, TCP_KEEPIDLE = int(socket.SO_KEEPALIVE), int(socket.TCP_KEEPIDLE)
+TCP_KEEPINTVL, TCP_KEEPCNT = int(socket.TCP_KEEPINTVL), int(socket.TCP_KEEPCNT)
 SHUT_WR = int(socket.SHUT_WR)
 MSG_PEEK, MSG_DONTWAIT = int(socket.MSG_PEEK), int(socket.MSG_DONTWAIT)
 POLLIN, POLLOUT = select.POLLIN, select.POLLOUT
@@ -75,6 +82,13 @@ SIGALRM, SIGTERM = int(signal.SIGALRM), int(signal.SIGTERM)
 # Which side reset, by where the error came from: (the flow's source, its destination).
 _UP_RESETS = (CLIENT_RESET, UPSTREAM_RESET)
 _DOWN_RESETS = (UPSTREAM_RESET, CLIENT_RESET)
+
+# A side's error that means it stopped answering rather than reset: its keepalive probes
+# (--keepalive) or its retransmissions went unanswered. With ICMP errors coming back
+# meanwhile (a router: "host unreachable") the kernel reports the last of those instead
+# of ETIMEDOUT; on an established connection they only ever surface at that timeout.
+_PEER_TIMEOUT_ERRORS = frozenset((errno.ETIMEDOUT, errno.EHOSTUNREACH, errno.ENETUNREACH))
+_TIMEOUT_OF = {CLIENT_RESET: CLIENT_TIMEOUT, UPSTREAM_RESET: UPSTREAM_TIMEOUT}
 
 Address = tuple[int, tuple[object, ...]]  # (family, sockaddr) as getaddrinfo gives them
 
@@ -663,6 +677,19 @@ def serve(
         os.kill(supervisor, SIGALRM)
     client.setsockopt(IPPROTO_TCP, TCP_NODELAY, 1)
     upstream.setsockopt(IPPROTO_TCP, TCP_NODELAY, 1)
+    keepalive = options.keepalive
+    if keepalive is not None:
+        # Both sides: either can vanish (a host powered off, a partition) with nothing
+        # queued, and then nothing but probes ever notices. Only here, with the option:
+        # off, a connection pays for the test above and nothing else (docs/benchmarks.md).
+        # No TCP_USER_TIMEOUT: it would also cut a live peer that reads nothing for that
+        # long (its window shut), which a keepalive must never do (README, "Dead peers").
+        interval = keepalive // KEEPALIVE_PROBES or 1
+        for sock in (client, upstream):
+            sock.setsockopt(SOL_SOCKET, SO_KEEPALIVE, 1)
+            sock.setsockopt(IPPROTO_TCP, TCP_KEEPIDLE, keepalive)
+            sock.setsockopt(IPPROTO_TCP, TCP_KEEPINTVL, interval)
+            sock.setsockopt(IPPROTO_TCP, TCP_KEEPCNT, KEEPALIVE_PROBES)
     info = log.level <= INFO  # not log.enabled(): a call, so a code object to copy
     if info:
         # Formatted here, and only for a log line: not in the supervisor (accounting.ChildRecord).
@@ -677,9 +704,13 @@ def serve(
     try:
         outcome = pump(client, upstream, options, counters, base, _child_buffers)
     except Ended as ended:
-        outcome = ended.args[0]
-        error = ended.args[1].strerror or str(ended.args[1])
-        reset(upstream if outcome == CLIENT_RESET else client)
+        outcome, cause = ended.args
+        error = cause.strerror or str(cause)
+        if cause.errno in _PEER_TIMEOUT_ERRORS:
+            # Not a reset: that side went silent. The other side still gets an RST, as for
+            # a reset: what the silent one sent last may never have arrived.
+            outcome = _TIMEOUT_OF.get(outcome, outcome)
+        reset(upstream if outcome in (CLIENT_RESET, CLIENT_TIMEOUT) else client)
     client.close()
     upstream.close()
     if info:

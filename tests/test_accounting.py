@@ -50,6 +50,8 @@ def test_the_accept_loops_pop_matches_take() -> None:
     [
         (relay.CLOSED, "closed"),
         (relay.UPSTREAM_RESET, "upstream-reset"),
+        (relay.CLIENT_TIMEOUT, "client-timeout"),
+        (relay.UPSTREAM_TIMEOUT, "upstream-timeout"),
         (relay.CONNECT_FAILED, "connect-failed"),
         (99, "failed"),
     ],

@@ -19,6 +19,7 @@ from forkproxy.config import (
     links_from_env,
     parse_count,
     parse_env_file,
+    parse_keepalive,
     parse_link_bind,
     parse_seconds,
     parse_spec,
@@ -271,8 +272,8 @@ def test_bad_counts(text: str, message: str) -> None:
 
 
 def test_sources_survive_the_trip_to_the_supervisor() -> None:
-    sources = Sources(("1=a:2",), True, "/x.env", Options(allow=("10.0.0.0/8",), grace=3.0),
-                      bind="::1")
+    sources = Sources(("1=a:2",), True, "/x.env",
+                      Options(allow=("10.0.0.0/8",), grace=3.0, keepalive=30), bind="::1")
     assert sources_from_json(sources_to_json(sources)) == sources
 
 
@@ -444,6 +445,47 @@ def test_bad_durations_are_shown_as_typed(flag: str, text: str, message: str) ->
     with pytest.raises(ConfigError) as caught:
         parse_seconds(text, flag, can_be_off=flag in CAN_BE_OFF)
     assert str(caught.value) == message
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [(None, None), ("off", None), ("OFF", None), ("", None), ("1", 1), ("60", 60),
+     ("60.0", 60), ("1e3", 1000), ("032767", 32767)],
+)
+def test_keepalive_is_whole_seconds_or_off(text: str | None, value: int | None) -> None:
+    parsed = parse_keepalive(text)
+    assert parsed == value and type(parsed) is type(value)  # an int: setsockopt takes no float
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        # The kernel counts keepalive in whole seconds: a fraction is refused, not rounded.
+        ("1.5", "--keepalive '1.5': a whole number of seconds from 1 to 32767, or 'off'"),
+        ("0.5", "--keepalive '0.5': a whole number of seconds from 1 to 32767, or 'off'"),
+        ("0", "--keepalive '0': a whole number of seconds from 1 to 32767, or 'off'"),
+        ("-0", "--keepalive '-0': a whole number of seconds from 1 to 32767, or 'off'"),
+        ("-5", "--keepalive '-5': a whole number of seconds from 1 to 32767, or 'off'"),
+        # TCP_KEEPIDLE's limit (MAX_TCP_KEEPIDLE): setsockopt would fail in every child.
+        ("32768", "--keepalive '32768': a whole number of seconds from 1 to 32767, or 'off'"),
+        ("1e999", "--keepalive '1e999': a whole number of seconds from 1 to 32767, or 'off'"),
+        ("1e-400", "--keepalive '1e-400': a whole number of seconds from 1 to 32767, or 'off'"),
+        ("soon", "--keepalive 'soon': not a number of seconds"),
+        ("nan", "--keepalive 'nan': not a number of seconds"),
+        ("+5", "--keepalive '+5': not a number of seconds"),
+    ],
+)
+def test_bad_keepalive_is_named(text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_keepalive(text)
+    assert str(caught.value) == message
+
+
+@pytest.mark.parametrize("value", [0, 32768, 1.5, True])
+def test_options_with_a_keepalive_the_kernel_cannot_take_are_refused(value: object) -> None:
+    """The supervisor checks what it is handed just as the command line does."""
+    with pytest.raises(ConfigError, match=re.escape(f"--keepalive {value!r}: a whole number")):
+        check_options(Options(keepalive=value))  # type: ignore[arg-type]
 
 
 def test_options_with_a_duration_under_a_millisecond_are_refused() -> None:

@@ -1,0 +1,315 @@
+"""--keepalive for real: peers that vanish without a FIN or an RST, across veth cables.
+
+    client (ka-client) ---198.18.20.0/24--- proxy (ka-proxy) ---198.18.21.0/24--- upstream (ka-up)
+
+The proxy runs in its namespace; the client and the upstream are sockets of this test
+process made inside theirs (setns on this thread, as in test_chain_faults.py), so the test
+sees what each end sees. A peer "vanishes" as a powered-off host or a partition does:
+iptables in its namespace drops every packet, so nothing ever answers and nothing is sent.
+
+Needs root, `ip` and iptables: fails without them (never a skip).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+from test_chain_faults import in_namespace, pattern, port_of, read_to_end
+from test_two_hosts import _unavailable, forkproxy_command
+
+import netns
+from netns import Lab, Namespace, Process
+
+pytestmark = [pytest.mark.netns]
+
+CLIENT_ADDR, PROXY_CLIENT_SIDE = "198.18.20.1", "198.18.20.2"
+PROXY_UPSTREAM_SIDE, UPSTREAM_ADDR = "198.18.21.1", "198.18.21.2"
+SIZE = 256 * 1024  # each way, before the peer vanishes
+# --keepalive 1 gives a silent peer up after 1 + 3 x 1 s; a bound against hangs on a
+# loaded machine, not a speed assertion.
+DETECTED_WITHIN = 60.0
+# Longer than --keepalive 1 needs (about 4 s): what a connection must outlive to show
+# that nothing cut it.
+OUTLIVE = 8.0
+
+
+@dataclass
+class KeepaliveLab:
+    lab: Lab
+    client: Namespace
+    proxy: Namespace
+    upstream: Namespace
+    listener: socket.socket  # the upstream server, in ka-up
+
+    def start_proxy(self, *options: str) -> Process:
+        sock = self.lab.workdir / f"proxy-{self.lab.started + 1}.sock"
+        port = self.listener.getsockname()[1]
+        argv = [*forkproxy_command(), "serve", f"0.0.0.0:0={UPSTREAM_ADDR}:{port}",
+                "--status-socket", str(sock), *options]
+        proc = self.lab.spawn(self.proxy, argv, label="proxy")
+        proc.wait_stdout(lambda lines: any(ln.startswith("listening ") for ln in lines), 20.0)
+        return proc
+
+    def connect(
+        self, proxy: Process, *, from_client_host: bool = False, rcvbuf: int = 0
+    ) -> tuple[socket.socket, socket.socket]:
+        """A relayed connection: (the client's socket, the upstream's accepted one).
+        The client is on the proxy's own host unless `from_client_host`."""
+        with in_namespace(self.client if from_client_host else self.proxy):
+            client = socket.socket()
+        if rcvbuf:  # before connect(): the window scale is agreed on in the handshake
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        client.settimeout(30)
+        address = PROXY_CLIENT_SIDE if from_client_host else "127.0.0.1"
+        client.connect((address, port_of(proxy)))
+        self.listener.settimeout(30)
+        upstream, _ = self.listener.accept()
+        upstream.settimeout(30)
+        return client, upstream
+
+    def vanish(self, ns: Namespace) -> None:
+        """The host goes silent: every packet in or out dropped, nothing answered."""
+        for chain in ("INPUT", "OUTPUT"):
+            ns.run(["iptables", "-A", chain, "-j", "DROP"])
+
+    def heal(self) -> None:
+        for ns in (self.client, self.proxy, self.upstream):
+            ns.run(["iptables", "-F"], check=False)
+
+
+@pytest.fixture(scope="module")
+def keepalive_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KeepaliveLab]:
+    if os.geteuid() != 0:
+        _unavailable("network namespaces need root")
+    missing = netns.missing_tools(("ip", "iptables"))
+    if missing:
+        _unavailable(f"missing tools: {', '.join(missing)}")
+    with Lab(tmp_path_factory.mktemp("keepalive")) as lab:
+        client = lab.namespace("ka-client")
+        proxy = lab.namespace("ka-proxy")
+        upstream = lab.namespace("ka-up")
+        lab.cable(client, CLIENT_ADDR, proxy, PROXY_CLIENT_SIDE)
+        lab.cable(proxy, PROXY_UPSTREAM_SIDE, upstream, UPSTREAM_ADDR)
+        with in_namespace(upstream):
+            listener = socket.create_server((UPSTREAM_ADDR, 0), backlog=16)
+        try:
+            yield KeepaliveLab(lab, client, proxy, upstream, listener)
+        finally:
+            listener.close()
+
+
+@pytest.fixture
+def ka(keepalive_lab: KeepaliveLab) -> Iterator[KeepaliveLab]:
+    """The module's lab; the proxies a test starts are stopped, and iptables flushed, after."""
+    started = len(keepalive_lab.lab.processes)
+    try:
+        yield keepalive_lab
+    finally:
+        for proc in reversed(keepalive_lab.lab.processes[started:]):
+            keepalive_lab.lab.stop(proc, timeout=5.0)
+        keepalive_lab.heal()
+
+
+def recv_exactly(sock: socket.socket, size: int) -> str:
+    """Read `size` bytes; their sha256."""
+    digest, left = hashlib.sha256(), size
+    while left:
+        data = sock.recv(min(left, 1 << 20))
+        assert data, f"EOF with {left} of {size} bytes still to come"
+        digest.update(data)
+        left -= len(data)
+    return digest.hexdigest()
+
+
+def exchange(client: socket.socket, upstream: socket.socket, size: int, seed: int) -> None:
+    """`size` bytes each way at once, each end's hash checked: the relay so far is intact."""
+    up_data, down_data = pattern(size, seed), pattern(size, seed + 1)
+    sender = threading.Thread(target=client.sendall, args=(up_data,), daemon=True)
+    sender.start()
+    upstream_sender = threading.Thread(target=upstream.sendall, args=(down_data,), daemon=True)
+    upstream_sender.start()
+    assert recv_exactly(upstream, size) == hashlib.sha256(up_data).hexdigest()
+    assert recv_exactly(client, size) == hashlib.sha256(down_data).hexdigest()
+    sender.join(30)
+    upstream_sender.join(30)
+
+
+def close_lines(proc: Process) -> list[str]:
+    return [line for line in proc.stderr().splitlines() if " close " in line]
+
+
+def wait_close_line(proc: Process, timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    while not close_lines(proc):
+        assert time.monotonic() < deadline, f"no close line within {timeout} s:\n{proc.describe()}"
+        time.sleep(0.05)
+    [line] = close_lines(proc)
+    return line
+
+
+def field(line: str, name: str) -> str:
+    match = re.search(rf" {name}=(\"[^\"]*\"|\S+)", line)
+    assert match, (name, line)
+    return match.group(1).strip('"')
+
+
+@pytest.mark.parametrize(
+    ("reject", "error"),
+    [
+        # Powered off, or a partition: every probe unanswered.
+        ((), "Connection timed out"),
+        # A router answering for the vanished host changes nothing: the kernel ignores
+        # ICMP errors about keepalive probes (their sequence number is out of the window).
+        (("-p", "tcp", "-j", "REJECT", "--reject-with", "icmp-host-unreachable"),
+         "Connection timed out"),
+    ],
+    ids=["silent", "host-unreachable"],
+)
+def test_keepalive_ends_a_connection_whose_upstream_vanished(
+    ka: KeepaliveLab, reject: tuple[str, ...], error: str
+) -> None:
+    """Without a FIN or an RST and with nothing queued, only probes can tell that the
+    upstream is gone: the child ends the connection (client reset, as for an upstream
+    reset), logs upstream-timeout, and every byte relayed before arrived intact."""
+    proxy = ka.start_proxy("--keepalive", "1")
+    client, upstream = ka.connect(proxy)
+    with client, upstream:
+        exchange(client, upstream, SIZE, seed=1)
+        if reject:
+            ka.upstream.run(["iptables", "-A", "INPUT", *reject])
+        else:
+            ka.vanish(ka.upstream)
+        line = wait_close_line(proxy, DETECTED_WITHIN)
+        assert field(line, "outcome") == "upstream-timeout", line
+        assert field(line, "error") == error, line
+        assert (field(line, "bytes_up"), field(line, "bytes_down")) == (str(SIZE), str(SIZE))
+        # The client is told the stream was cut, not that it ended: an RST, never a FIN.
+        assert read_to_end(client)[:2] == ("reset", 0)
+
+
+def test_without_keepalive_a_vanished_upstream_leaves_the_connection_open(
+    ka: KeepaliveLab,
+) -> None:
+    """The control for the test above (passes with or without --keepalive in the product):
+    the same silence, no option, and the connection outlives what --keepalive 1 needs to
+    end it; once the path is back it relays again, as TCP promises."""
+    proxy = ka.start_proxy()
+    client, upstream = ka.connect(proxy)
+    with client, upstream:
+        exchange(client, upstream, SIZE, seed=3)
+        ka.vanish(ka.upstream)
+        client.settimeout(OUTLIVE)
+        with pytest.raises(TimeoutError):
+            client.recv(1)  # neither EOF nor a reset: still open
+        assert close_lines(proxy) == []
+        ka.heal()
+        client.settimeout(30)
+        exchange(client, upstream, SIZE, seed=5)
+        assert close_lines(proxy) == []
+
+
+def test_keepalive_leaves_a_healthy_idle_connection_alone(ka: KeepaliveLab) -> None:
+    """Idle for several keepalive periods, a healthy connection is probed, answers, and
+    stays: it relays intact afterwards and no close line appears."""
+    proxy = ka.start_proxy("--keepalive", "1")
+    client, upstream = ka.connect(proxy, from_client_host=True)
+    with client, upstream:
+        exchange(client, upstream, SIZE, seed=7)
+        client.settimeout(OUTLIVE)
+        with pytest.raises(TimeoutError):
+            client.recv(1)
+        assert close_lines(proxy) == []
+        client.settimeout(30)
+        exchange(client, upstream, SIZE, seed=9)
+        client.shutdown(socket.SHUT_WR)
+        assert upstream.recv(1) == b""
+        upstream.close()
+        assert read_to_end(client)[:2] == ("eof", 0)
+    line = wait_close_line(proxy, 30)
+    assert field(line, "outcome") == "closed", line
+    assert (field(line, "bytes_up"), field(line, "bytes_down")) == (str(2 * SIZE), str(2 * SIZE))
+
+
+def test_keepalive_leaves_a_client_that_reads_nothing_for_a_while_alone(
+    ka: KeepaliveLab,
+) -> None:
+    """A live client that stops reading (its window shut, the proxy's data waiting) is
+    not a dead one. TCP_USER_TIMEOUT would cut it after its timeout; keepalive must not:
+    after a pause longer than --keepalive 1 needs, every byte arrives, in order."""
+    proxy = ka.start_proxy("--keepalive", "1")
+    # A small receive buffer: the data shuts the client's window at once.
+    client, upstream = ka.connect(proxy, from_client_host=True, rcvbuf=4096)
+    size = 2 * 1024 * 1024
+    data = pattern(size, seed=11)
+    with client, upstream:
+        sender = threading.Thread(target=upstream.sendall, args=(data,), daemon=True)
+        sender.start()
+        # The pause under test: the client reads nothing, and the connection must stay.
+        deadline = time.monotonic() + OUTLIVE
+        while time.monotonic() < deadline:
+            assert close_lines(proxy) == [], proxy.stderr()
+            time.sleep(0.1)
+        assert recv_exactly(client, size) == hashlib.sha256(data).hexdigest()
+        sender.join(30)
+    line = wait_close_line(proxy, 30)
+    assert field(line, "outcome") == "closed", line
+
+
+def test_keepalive_ends_a_connection_whose_client_vanished(ka: KeepaliveLab) -> None:
+    """The client side is probed too: a client host that goes silent ends its connection
+    (client-timeout), and the upstream is reset rather than shown a clean end."""
+    proxy = ka.start_proxy("--keepalive", "1")
+    client, upstream = ka.connect(proxy, from_client_host=True)
+    with client, upstream:
+        exchange(client, upstream, SIZE, seed=13)
+        ka.vanish(ka.client)
+        line = wait_close_line(proxy, DETECTED_WITHIN)
+        assert field(line, "outcome") == "client-timeout", line
+        assert field(line, "error") == "Connection timed out", line
+        assert (field(line, "bytes_up"), field(line, "bytes_down")) == (str(SIZE), str(SIZE))
+        assert read_to_end(upstream)[:2] == ("reset", 0)
+
+
+@pytest.mark.parametrize(
+    ("reject", "error"),
+    [
+        ((), "Connection timed out"),
+        # With data in flight, ICMP errors do count: the kernel reports the last one.
+        (("-p", "tcp", "-j", "REJECT", "--reject-with", "icmp-host-unreachable"),
+         "No route to host"),
+    ],
+    ids=["silent", "host-unreachable"],
+)
+def test_an_upstream_that_vanished_with_data_in_flight_is_a_timeout_not_a_reset(
+    ka: KeepaliveLab, reject: tuple[str, ...], error: str
+) -> None:
+    """With bytes unacknowledged, keepalive never probes: the kernel's retransmissions
+    find the dead peer, after tcp_retries2 (about 15 minutes by default; 3 here, a few
+    seconds, in the proxy's namespace only). With or without --keepalive, that end is
+    upstream-timeout, not the upstream-reset it used to be logged as: nothing reset."""
+    proxy = ka.start_proxy()
+    client, upstream = ka.connect(proxy)
+    retries = ka.proxy.run(["sysctl", "-n", "net.ipv4.tcp_retries2"]).strip()
+    ka.proxy.run(["sysctl", "-qw", "net.ipv4.tcp_retries2=3"])
+    try:
+        with client, upstream:
+            exchange(client, upstream, SIZE, seed=15)
+            if reject:
+                ka.upstream.run(["iptables", "-A", "INPUT", *reject])
+            else:
+                ka.vanish(ka.upstream)
+            client.sendall(b"x" * 65536)  # in flight to the vanished upstream
+            line = wait_close_line(proxy, DETECTED_WITHIN)
+            assert field(line, "outcome") == "upstream-timeout", line
+            assert field(line, "error") == error, line
+            assert read_to_end(client)[:2] == ("reset", 0)
+    finally:
+        ka.proxy.run(["sysctl", "-qw", f"net.ipv4.tcp_retries2={retries}"])
