@@ -815,9 +815,13 @@ class Supervisor:
         try:
             table = read_links(self.sources, self.environ)
             kept, fresh, retired = listeners.reconcile(self.listeners, table.links)
-        except ConfigError as exc:
-            self.log.error("reload-failed", error=str(exc), detail="previous configuration stays")
-            return False, str(exc)
+        except (ConfigError, OSError) as exc:
+            # OSError: socket() for a new listener ran out of descriptors (EMFILE, ENFILE):
+            # a reload that fails must never take the running listeners down with it.
+            error = (f"cannot open a listening socket: {exc.strerror or exc}"
+                     if isinstance(exc, OSError) else str(exc))
+            self.log.error("reload-failed", error=error, detail="previous configuration stays")
+            return False, error
         self.accepting = False
         for listener in self.listeners:
             self._unwatch(listener.fd)
