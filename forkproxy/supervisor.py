@@ -660,8 +660,14 @@ class Supervisor:
         links: dict[str, dict[str, object]] = snapshot["links"]  # type: ignore[assignment]
         for listener in self.listeners:
             stats = links.get(listener.link.name, {})
+            # The addresses new connections go to now: what an operator sends SIGUSR1 to
+            # learn after a DNS change. Written as the `resolved` line writes them; empty
+            # while a name has never resolved (each child then looks it up itself).
+            addresses = self.addresses.get(listener.link.key, [])
             self.log.emit_requested("status-link", {
-                "listen": listener.describe(), "active": stats.get("active", 0),
+                "listen": listener.describe(),
+                "addresses": " ".join(peer_text(address[1]) for address in addresses),
+                "active": stats.get("active", 0),
                 "total": stats.get("connections", 0),
                 "upstream_failures": stats.get("upstream_failures", 0),
                 "denied": stats.get("denied", 0),
