@@ -183,7 +183,7 @@ def serve_command(
                      "CONNECT_TIMEOUT", "SECONDS")
     ] = "5",
     connect_retries: Annotated[
-        str, _option("Extra connect attempts, with a short backoff. [default: 0]",
+        str, _option("Extra connect attempts (at most 1000), with a short backoff. [default: 0]",
                      "CONNECT_RETRIES", "N")
     ] = "0",
     grace: Annotated[
