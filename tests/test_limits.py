@@ -940,13 +940,13 @@ except OSError as exc:
 """
 
 
-def test_bind_all_out_of_descriptors_closes_the_listeners_it_bound(tmp_path: Path) -> None:
+def test_bind_all_out_of_descriptors_closes_the_listeners_it_bound() -> None:
     """All or nothing holds for EMFILE too: a listener bound before socket() failed
     would stay listening with nobody accepting, its clients hung in its backlog."""
     ports = distinct_free_ports(2)
     out = subprocess.run([sys.executable, "-c", _BIND_ALL_AT_EMFILE, *map(str, ports)],
-                         capture_output=True, text=True, timeout=60,
-                         cwd=Path(fp_supervisor.__file__).parent.parent)
+                         stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                         timeout=60, cwd=Path(fp_supervisor.__file__).parent.parent)
     assert out.stdout.strip() == "closed", out
 
 
