@@ -35,6 +35,8 @@ from .config import (
 )
 from .supervisor import read_links
 
+EXEC_FAILED = 126  # exit status when serve cannot exec the supervisor (README, "Exit status")
+
 app = typer.Typer(
     add_completion=False,
     help="A forking TCP proxy for the Docker ambassador pattern (socat fork, grown up).",
@@ -144,7 +146,16 @@ def serve(*, sources: Sources, variables: Mapping[str, str] | None = None) -> No
     for stream in (sys.stdout, sys.stderr):
         if stream is not None:  # None: Python found the fd closed at start
             stream.flush()
-    os.execv(sys.executable, [sys.executable, "-I", "-S", script, "--config-fd", str(config_fd)])
+    try:
+        os.execv(sys.executable,
+                 [sys.executable, "-I", "-S", script, "--config-fd", str(config_fd)])
+    except OSError as exc:
+        # Not bad input: the environment changed under us (the interpreter removed by an
+        # upgrade or a rebuilt venv, a noexec mount). One line, and the status a shell
+        # gives a command it found but could not execute.
+        typer.echo(f"forkproxy: error: cannot start the supervisor: {sys.executable!r}: "
+                   f"{exc.strerror or exc}", err=True)
+        raise typer.Exit(EXEC_FAILED) from None
 
 
 def _seconds(text: str, flag: str) -> float:
@@ -173,7 +184,7 @@ def serve_command(
                      "CONNECT_TIMEOUT", "SECONDS")
     ] = "5",
     connect_retries: Annotated[
-        str, _option("Extra connect attempts, with a short backoff. [default: 0]",
+        str, _option("Extra connect attempts (at most 1000), with a short backoff. [default: 0]",
                      "CONNECT_RETRIES", "N")
     ] = "0",
     grace: Annotated[

@@ -22,6 +22,9 @@ MAX_NAME = 253  # longest DNS name
 MAX_CHILDREN = 1 << 22  # PID_MAX_LIMIT: no more processes can ever exist at once
 MAX_SECONDS = 2_000_000  # any duration: poll() waits at most 2**31 - 1 ms (~24.8 days)
 ANY_IPV4 = "0.0.0.0"  # where a listener binds when nothing names an address (socat's TCP4-LISTEN)
+# Extra connect attempts: the backoff alone is then 2N - 5 s (N >= 4; relay.connect_upstream),
+# 1995 s here, ~33 min; more only keeps a client hanging and a --max-children slot taken.
+MAX_CONNECT_RETRIES = 1000
 MIN_RESOLVE_EVERY = 1.0  # seconds: the supervisor looks names up at most once a second
 MIN_SECONDS = 0.001  # any other duration: poll() counts whole milliseconds
 MAX_KEEPALIVE = 32767  # seconds: the kernel's limit for TCP_KEEPIDLE and TCP_KEEPINTVL
@@ -521,6 +524,9 @@ def check_options(options: Options) -> Options:
                           "the kernel's limit on processes")
     if options.connect_retries < 0:
         raise ConfigError(f"--connect-retries {options.connect_retries}: must be 0 or more")
+    if options.connect_retries > MAX_CONNECT_RETRIES:
+        raise ConfigError(f"--connect-retries {options.connect_retries}: at most "
+                          f"{MAX_CONNECT_RETRIES} (about half an hour of backoff)")
     for flag, value, can_be_off in (
         ("--connect-timeout", options.connect_timeout, False),
         ("--grace", options.grace, False),

@@ -170,7 +170,9 @@ def bind_all(links: Iterable[Link]) -> list[Listener]:
     try:
         for link in links:
             bound.append(bind(link))
-    except ConfigError:
+    except BaseException:
+        # ConfigError, or OSError from socket() (EMFILE, ENFILE): a socket left bound
+        # here would listen with nobody accepting, its clients hanging in its backlog.
         close_all(bound)
         raise
     return bound

@@ -669,8 +669,14 @@ class Supervisor:
         links: dict[str, dict[str, object]] = snapshot["links"]  # type: ignore[assignment]
         for listener in self.listeners:
             stats = links.get(listener.link.name, {})
+            # The addresses new connections go to now: what an operator sends SIGUSR1 to
+            # learn after a DNS change. Written as the `resolved` line writes them; empty
+            # while a name has never resolved (each child then looks it up itself).
+            addresses = self.addresses.get(listener.link.key, [])
             self.log.emit_requested("status-link", {
-                "listen": listener.describe(), "active": stats.get("active", 0),
+                "listen": listener.describe(),
+                "addresses": " ".join(peer_text(address[1]) for address in addresses),
+                "active": stats.get("active", 0),
                 "total": stats.get("connections", 0),
                 "upstream_failures": stats.get("upstream_failures", 0),
                 "denied": stats.get("denied", 0),
@@ -824,9 +830,13 @@ class Supervisor:
         try:
             table = read_links(self.sources, self.environ)
             kept, fresh, retired = listeners.reconcile(self.listeners, table.links)
-        except ConfigError as exc:
-            self.log.error("reload-failed", error=str(exc), detail="previous configuration stays")
-            return False, str(exc)
+        except (ConfigError, OSError) as exc:
+            # OSError: socket() for a new listener ran out of descriptors (EMFILE, ENFILE):
+            # a reload that fails must never take the running listeners down with it.
+            error = (f"cannot open a listening socket: {exc.strerror or exc}"
+                     if isinstance(exc, OSError) else str(exc))
+            self.log.error("reload-failed", error=error, detail="previous configuration stays")
+            return False, error
         self.accepting = False
         for listener in self.listeners:
             self._unwatch(listener.fd)

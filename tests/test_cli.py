@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import signal
+import site
 import socket
 import subprocess
 import sys
@@ -679,3 +680,31 @@ def test_a_status_socket_path_no_socket_can_have_is_bad_input_for_the_clients(
     """As for `serve`: one line naming it and exit 2, not "no answer on : Invalid argument"
     and the exit 1 of a supervisor that does not answer."""
     assert_one_line_error(run(command, *args, env=env), *needles)
+
+
+_SERVE_WITHOUT_INTERPRETER = """
+import os, sys
+os.unlink(sys.executable)  # gone before serve execs it: a venv rebuilt, an upgrade
+sys.argv = ["forkproxy", "serve", "127.0.0.1:0=127.0.0.1:9"]
+from forkproxy.console import main
+main()
+"""
+
+
+def test_serve_that_cannot_exec_the_supervisor_says_so_in_one_line(tmp_path: Path) -> None:
+    """The interpreter serve re-executes is gone: one line naming it, status 126 (what a
+    shell returns for a command it cannot execute), no traceback, nothing listening."""
+    interpreter = tmp_path / "python"
+    interpreter.symlink_to(sys.executable)  # removing the link leaves the real one alone
+    repo = Path(__file__).resolve().parent.parent
+    path = os.pathsep.join([str(repo), *site.getsitepackages()])
+    result = subprocess.run(
+        [str(interpreter), "-c", _SERVE_WITHOUT_INTERPRETER], capture_output=True, text=True,
+        timeout=60, env={"PATH": os.environ["PATH"], "PYTHONPATH": path},
+    )
+    assert result.returncode == 126, result
+    assert result.stderr.splitlines() == [
+        f"forkproxy: error: cannot start the supervisor: '{interpreter}': "
+        "No such file or directory"
+    ], result
+    assert result.stdout == ""

@@ -232,6 +232,8 @@ def test_env_file_syntax() -> None:
         (Options(grace=-1), "--grace -1"),
         (Options(idle_timeout=float("nan")), "--idle-timeout nan"),
         (Options(connect_retries=-1), "--connect-retries -1"),
+        (Options(connect_retries=1001), "--connect-retries 1001: at most 1000 (about half an "
+         "hour of backoff)"),
         (Options(allow=("10.0.0.0/33",)), "--allow '10.0.0.0/33'"),
         (Options(allow=("bogus",)), "--allow 'bogus'"),
         (Options(metrics="localhost:9100"), "is not an IP address"),
@@ -244,6 +246,10 @@ def test_bad_options(options: Options, message: str) -> None:
     with pytest.raises(ConfigError) as caught:
         check_options(options)
     assert message in str(caught.value)
+
+
+def test_connect_retries_up_to_the_documented_bound_are_accepted() -> None:
+    assert check_options(Options(connect_retries=1000)).connect_retries == 1000
 
 
 @pytest.mark.parametrize(

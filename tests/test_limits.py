@@ -16,6 +16,7 @@ import resource
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -477,6 +478,9 @@ def test_clients_held_at_a_stop_are_closed_when_the_grace_period_ends(
         (["--halfclose-timeout", "nan"], {}, "--halfclose-timeout 'nan'"),
         (["--connect-retries", "-1"], {}, "--connect-retries -1"),
         (["--connect-retries", "many"], {}, "--connect-retries 'many'"),
+        (["--connect-retries", "999999999"], {}, "--connect-retries 999999999: at most 1000"),
+        ([], {"FORKPROXY_CONNECT_RETRIES": "1001"},
+         "FORKPROXY_CONNECT_RETRIES (--connect-retries) 1001: at most 1000"),
         (["--allow", "::1/129"], {}, "--allow '::1/129'"),
         (["--allow", "127.0.0.1/8/8"], {}, "--allow '127.0.0.1/8/8'"),
     ],
@@ -877,6 +881,73 @@ def test_accept_emfile_with_a_status_client_waiting_does_not_spin(
         status_client.sendall(b'{"command": "check"}\n')
         assert json.loads(read_to_eof(status_client))["ok"] is True
     assert ping_echo(proxy.port)
+
+
+def test_reload_out_of_descriptors_for_new_listeners_fails_and_the_proxy_serves_on(
+    start_proxy: StartProxy, tcp_server: ServerFactory, tmp_path: Path
+) -> None:
+    """A SIGHUP whose new listeners cannot all get a socket (EMFILE) is a failed reload,
+    like a bad env file: the supervisor died of it, taking its listeners with it (every
+    client then refused), and the new listener bound before the failure stayed open."""
+    server = tcp_server(echo)
+    upstream = f"tcp://127.0.0.1:{server.port}"
+    pa, pb, pc = distinct_free_ports(3)
+    env_file = tmp_path / "links.env"
+    kept, new = {f"A_PORT_{pa}_TCP": upstream}, {f"B_PORT_{pb}_TCP": upstream,
+                                                  f"C_PORT_{pc}_TCP": upstream}
+    write_env_file(env_file, kept)
+    proxy = start_proxy("--env-file", str(env_file), *LOOPBACK)
+    write_env_file(env_file, {**kept, **new})
+    saved = starve_accepts(proxy)
+    try:
+        # One descriptor to spare: the env file's, then B's socket; C's socket() fails.
+        spare = resource.prlimit(proxy.pid, resource.RLIMIT_NOFILE)[0] + 1
+        resource.prlimit(proxy.pid, resource.RLIMIT_NOFILE, (spare, saved[1]))
+        proxy.proc.send_signal(signal.SIGHUP)
+        assert wait_for(lambda: "reload-failed" in proxy.log() or proxy.proc.poll() is not None)
+        assert proxy.proc.poll() is None, proxy.log()
+        assert "Too many open files" in proxy.log()
+    finally:
+        resource.prlimit(proxy.pid, resource.RLIMIT_NOFILE, saved)
+    assert ping_echo(pa)
+    with pytest.raises(ConnectionRefusedError):  # B's socket was closed, not left listening
+        connect(pb).close()
+    proxy.proc.send_signal(signal.SIGHUP)  # descriptors are back: the same reload works
+    assert wait_for(lambda: proxy.log().count("new=True") == 2), proxy.log()
+    assert ping_echo(pb) and ping_echo(pc) and ping_echo(pa)
+
+
+_BIND_ALL_AT_EMFILE = """
+import os, resource, socket, sys
+from forkproxy.config import parse_spec
+from forkproxy.listeners import bind_all
+links = [parse_spec(f"127.0.0.1:{port}=127.0.0.1:1") for port in sys.argv[1:]]
+probe = socket.socket()  # opened now: the connect below needs no descriptor
+lowest_free = os.dup(0)
+os.close(lowest_free)
+hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free + 1, hard))  # the first socket only
+try:
+    bind_all(links)
+except OSError as exc:
+    assert exc.errno == 24, exc
+    try:
+        probe.connect(("127.0.0.1", links[0].port))
+    except ConnectionRefusedError:
+        print("closed")
+    else:
+        print("left listening")
+"""
+
+
+def test_bind_all_out_of_descriptors_closes_the_listeners_it_bound() -> None:
+    """All or nothing holds for EMFILE too: a listener bound before socket() failed
+    would stay listening with nobody accepting, its clients hung in its backlog."""
+    ports = distinct_free_ports(2)
+    out = subprocess.run([sys.executable, "-c", _BIND_ALL_AT_EMFILE, *map(str, ports)],
+                         stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                         timeout=60, cwd=Path(fp_supervisor.__file__).parent.parent)
+    assert out.stdout.strip() == "closed", out
 
 
 class _StarvedSock:

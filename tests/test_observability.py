@@ -1101,6 +1101,7 @@ def test_sigusr1_writes_links_and_live_connections_to_the_log(
         [link_line] = [r for r in found if r["event"] == "status-link"]
         [conn_line] = [r for r in found if r["event"] == "status-connection"]
         assert link_line["listen"] == f"127.0.0.1:{proxy.port} -> 127.0.0.1:{server.port} ({spec})"
+        assert link_line["addresses"] == f"127.0.0.1:{server.port}"  # where it connects
         assert (link_line["active"], link_line["total"]) == ("1", "2")
         assert link_line["upstream_failures"] == "0"
         # Link totals include the bytes of live connections (200 closed + 300 live).
@@ -1229,6 +1230,9 @@ def test_log_format_json_every_line_is_an_object_with_the_text_fields(
     assert isinstance(close["duration"], float) and close["duration"] >= 0
     assert close["outcome"] == "closed"
     assert close["level"] == "info"
+    # The addresses as the `resolved` line writes them: one string, the same as in text.
+    assert sorted(r["addresses"] for r in by_event["status-link"]) == sorted(
+        [f"127.0.0.1:{redis.port}", f"127.0.0.1:{dead_port}"])
     [failed] = by_event["connect-failed"]
     assert (failed["link"], failed["upstream"]) == (dead, f"127.0.0.1:{dead_port}")
     assert failed["level"] == "warning" and failed["error"]

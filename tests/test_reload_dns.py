@@ -126,6 +126,25 @@ def test_names_are_resolved_again_every_few_seconds(lab: Lab, ns: Namespace) -> 
     assert stats["resolve_failures"] >= 3 and stats["address_changes"] == 1, stats
 
 
+def test_sigusr1_names_the_addresses_a_name_resolves_to_now(lab: Lab, ns: Namespace) -> None:
+    """What an operator sends SIGUSR1 for after a DNS change: the link's line in the status
+    table gives the addresses new connections go to, before and after the move."""
+    proxy = start_proxy(lab, ns, "--resolve-every", "1")
+
+    def status_links() -> list[str]:
+        return [x for x in proxy.stderr().splitlines() if " status-link " in x]
+
+    proxy.popen.send_signal(signal.SIGUSR1)
+    wait_until(lambda: len(status_links()) == 1, proxy)
+    assert f"addresses=127.0.0.2:{REDIS_PORT} " in status_links()[0], status_links()
+
+    set_hosts(ns, "127.0.0.3")
+    wait_for_log(proxy, " resolved ")
+    proxy.popen.send_signal(signal.SIGUSR1)
+    wait_until(lambda: len(status_links()) == 2, proxy)
+    assert f"addresses=127.0.0.3:{REDIS_PORT} " in status_links()[1], status_links()
+
+
 def test_a_failed_connect_looks_the_name_up_again(lab: Lab, ns: Namespace) -> None:
     """The old server is gone (a container recreated elsewhere), and the timer is off.
     While the name resolves nowhere, clients fail and the supervisor looks again after
