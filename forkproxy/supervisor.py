@@ -606,9 +606,12 @@ class Supervisor:
         # (not forked: the limit stands) until a child exits or the grace period ends.
         for listener in self.listeners:
             self.handle_accept(listener, batch=self.options.max_children)
-            clients = listeners.accept_backlog(listener)
+            clients, error = listeners.accept_backlog(listener)
             if clients:
                 self.held.append(listeners.HeldBacklog(listener, clients))
+            if error is not None:
+                self.log.error("accept-failed", link=listener.link.name, error=error.strerror,
+                               detail="stopping: the clients left in the backlog are reset")
         self.stopping = True
         signal.setitimer(signal.ITIMER_REAL, 0)  # no new children: names no longer matter
         # Nor a metrics process: a restart still due would stay armed, never fired, and

@@ -10,12 +10,14 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import hashlib
 import json
 import os
 import resource
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -24,6 +26,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from forkproxy import listeners
 from forkproxy import supervisor as fp_supervisor
 from forkproxy.config import Options, Sources, parse_spec
 from forkproxy.listeners import Listener
@@ -39,7 +42,9 @@ from conftest import (
     echo,
     fd_count,
     free_port,
+    kill_group,
     need,
+    read_lines,
     recv_all,
     wait_for,
 )
@@ -402,6 +407,140 @@ def test_a_stop_at_max_children_serves_the_backlog_instead_of_resetting_it(
         for sock in clients:
             sock.close()
     assert proxy.proc.wait(30) == 0
+
+
+# A supervisor whose listening sockets' accept() fails with ECONNABORTED for the clients
+# whose port is in the file argv[1] names: what accept(2) returns for a client that reset
+# while it waited in the backlog (BSD; on Linux the other per-connection errors of
+# accept(2), EPROTO, ENETDOWN, ...). Loopback cannot be made to: Linux accepts a client
+# that reset, and its first read says ECONNRESET. The client really is closed, unserved.
+_ABORTING_SUPERVISOR = """
+import errno, os, sys
+sys.path.insert(0, sys.argv[3])
+from forkproxy import listeners
+from forkproxy.config import Options, Sources
+from forkproxy.log import Logger
+from forkproxy.supervisor import Supervisor
+
+class AbortingListenSock:
+    def __init__(self, real):
+        self.real = real
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+    def _accept(self):
+        fd, address = self.real._accept()
+        with open(sys.argv[1]) as doomed:
+            if str(address[1]) in doomed.read().split():
+                os.close(fd)
+                raise ConnectionAbortedError(errno.ECONNABORTED, "Software caused connection abort")
+        return fd, address
+
+listen_tcp = listeners.listen_tcp
+listeners.listen_tcp = lambda *args, **kwargs: AbortingListenSock(listen_tcp(*args, **kwargs))
+options = Options(max_children=1, grace=60, status_socket=sys.argv[4])
+sys.exit(Supervisor(Sources((sys.argv[2],), options=options), {}, Logger(fd=2)).run())
+"""
+
+
+def test_a_client_that_reset_in_the_backlog_at_a_stop_costs_only_itself(
+    tcp_server: ServerFactory, tmp_path: Path, short_dir: Path,
+) -> None:
+    """The stop drains the backlog so that the clients in it are served rather than reset
+    by the listener's close; the drain ended at the first error from accept(), so one
+    client that reset while it waited (ECONNABORTED) got every client behind it reset.
+    Now only that one is lost: the three behind it are held and served, every byte."""
+    server = tcp_server(echo)
+    doomed_file = tmp_path / "doomed"
+    doomed_file.write_text("")
+    stderr = tmp_path / "proxy.log"
+    root = str(Path(fp_supervisor.__file__).resolve().parent.parent)
+    with stderr.open("w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _ABORTING_SUPERVISOR, str(doomed_file),
+             f"127.0.0.1:0=127.0.0.1:{server.port}", root, str(short_dir / "s.sock")],
+            stdout=subprocess.PIPE, stderr=err, text=True, start_new_session=True)
+    proxy = Proxy(proc, read_lines(proc, 1, 30), stderr)
+    clients: list[socket.socket] = []
+    try:
+        assert proxy.lines, proxy.log()
+        busy = connect(proxy.port, timeout=60)  # the one child --max-children 1 allows
+        clients.append(busy)
+        assert exchange(busy, b"busy") == b"busy"
+        clients += [connect(proxy.port, timeout=60) for _ in range(4)]
+        assert wait_for(lambda: listen_queue(proxy.port) == 4, 30), listen_queue(proxy.port)
+        doomed, *behind = clients[1:]
+        doomed_file.write_text(str(doomed.getsockname()[1]))  # the first in the backlog
+        proxy.signal(signal.SIGTERM)
+        assert wait_for(lambda: "stopping" in proxy.log(), 30)
+        assert "waiting=3" in proxy.log(), proxy.log()
+        payloads = [os.urandom(256 * 1024) for _ in behind]
+        busy.close()  # its child exits: the held clients are served one at a time
+        for sock, payload in zip(behind, payloads, strict=True):
+            sock.sendall(payload)
+            sock.shutdown(socket.SHUT_WR)
+            assert recv_all(sock) == (len(payload), hashlib.sha256(payload).hexdigest())
+            sock.close()
+        assert closed_by_peer(doomed, 30)
+        assert proxy.proc.wait(30) == 0
+    finally:
+        for sock in clients:
+            sock.close()
+        if proxy.proc.poll() is None:
+            kill_group(proxy.proc)
+        assert proc.stdout is not None
+        proc.stdout.close()
+
+
+class _ScriptedListenSock:
+    """A real listening socket whose accept() fails with the next errno of `script`
+    where that is not None (a client's own error consumes that client, as the kernel's)."""
+
+    family = socket.AF_INET
+
+    def __init__(self, real: socket.socket, script: list[int | None]) -> None:
+        self.real, self.script = real, script
+
+    def fileno(self) -> int:
+        return self.real.fileno()
+
+    def _accept(self) -> tuple[int, tuple[str, int]]:
+        code = self.script.pop(0) if self.script else None
+        if code is None:
+            return self.real._accept()  # type: ignore[attr-defined, no-any-return]
+        if code in listeners.CLIENT_ERRORS:
+            os.close(self.real._accept()[0])  # type: ignore[attr-defined]
+        raise OSError(code, os.strerror(code))
+
+
+@pytest.mark.parametrize("code", [errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM],
+                         ids=errno.errorcode.get)
+def test_a_stop_drains_the_backlog_past_client_errors_and_up_to_a_resource_error(
+    code: int,
+) -> None:
+    """accept_backlog skips a client whose accept() fails for it alone (each errno of
+    CLIENT_ERRORS) and stops at a resource error, which it returns for the log: a stop
+    cannot back off and retry, its listeners close at once."""
+    link = parse_spec("127.0.0.1:0=127.0.0.1:1")
+    with socket.create_server(("127.0.0.1", 0)) as real:
+        real.setblocking(False)
+        per_client = sorted(listeners.CLIENT_ERRORS)
+        clients = [socket.create_connection(real.getsockname())
+                   for _ in range(len(per_client) + 3)]
+        try:
+            script: list[int | None] = [None, *per_client, None, code]
+            listener = Listener(link, _ScriptedListenSock(real, script), 0)  # type: ignore[arg-type]
+            held, error = listeners.accept_backlog(listener)
+            assert len(held) == 2 and error is not None and error.errno == code
+            ports = [address[1] for _, address in held]
+            assert ports == [clients[0].getsockname()[1], clients[-2].getsockname()[1]]
+            for fd, _ in held:
+                os.close(fd)
+            rest, error = listeners.accept_backlog(listener)  # the last one, then EAGAIN
+            assert len(rest) == 1 and error is None
+            os.close(rest[0][0])
+        finally:
+            for client in clients:
+                client.close()
 
 
 def test_a_stop_refuses_newcomers_even_while_a_child_still_holds_the_listener(
