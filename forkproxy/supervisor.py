@@ -638,9 +638,7 @@ class Supervisor:
             self.control_at = None
             self._watch(self.control.fileno(), self.handle_control_accept)
         if self.term_at is not None and now >= self.term_at and self.kill_at is None:
-            for held in self.held:
-                held.close()
-            self.held = []
+            self._drop_held()
             if self.accounting.children:
                 self.log.warning("grace-over", connections=len(self.accounting.children),
                                  detail="terminating the connections left")
@@ -649,6 +647,20 @@ class Supervisor:
         elif self.kill_at is not None and now >= self.kill_at:
             self._signal_children(signal.SIGKILL)
             self.kill_at = now + KILL_AFTER
+
+    def _drop_held(self) -> None:
+        """The grace period is over: close the clients still waiting for a child (at
+        --max-children, or after a failed fork), unserved, and say how many per link."""
+        dropped: dict[str, int] = {}
+        for held in self.held:
+            dropped[held.link.name] = dropped.get(held.link.name, 0) + len(held.clients)
+            held.close()
+        self.held = []
+        for name, count in dropped.items():
+            if count:
+                self.log.warning("dropped", link=name, clients=count,
+                                 detail="still waiting for a child when the grace period "
+                                        "ended: closed unserved")
 
     def _signal_children(self, signum: int) -> None:
         for pid in list(self.accounting.children):

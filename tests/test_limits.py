@@ -599,6 +599,8 @@ def test_clients_held_at_a_stop_are_closed_when_the_grace_period_ends(
             assert sock.recv(10) == b""  # closed, not reset, once the second is over
         assert proxy.proc.wait(30) == 0
         assert "waiting=2" in proxy.log() and "grace-over" in proxy.log()
+        [line] = [x for x in proxy.log().splitlines() if " dropped " in x]
+        assert "warning dropped" in line and "clients=2 " in line, line
     finally:
         release.set()
         for sock in clients:
@@ -1152,6 +1154,34 @@ def test_a_client_held_at_a_stop_with_no_child_running_gets_the_grace_period(
         assert recv_exact(held, len(b"held")) == b"held"
         assert exchange(held, b" again") == b" again"
     assert proxy.proc.wait(15) == 0  # its connection closed: nothing left to wait for
+
+
+def test_clients_held_after_a_failed_fork_and_dropped_at_the_stop_are_logged(
+    pids_cgroup: Path, start_proxy: StartProxy, tcp_server: ServerFactory
+) -> None:
+    """Clients still waiting for a fork when the grace period ends are closed, unserved:
+    that happened without a word, the log's last line the `stopping` one. A `dropped`
+    warning now names the link and how many."""
+    server = tcp_server(echo)
+    (pids_cgroup / "pids.max").write_text("1")  # the supervisor alone: every fork fails
+    enter = ("sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', str(pids_cgroup))
+    spec = f"127.0.0.1:0=127.0.0.1:{server.port}"
+    proxy = start_proxy("--grace", "1", spec, prefix=enter)
+    held = [connect(proxy.port) for _ in range(3)]
+    try:
+        assert wait_for(lambda: "fork-failed" in proxy.log())
+        proxy.signal(signal.SIGTERM)
+        # One held since its fork failed, and the two behind it taken off the backlog.
+        assert wait_for(lambda: "stopping" in proxy.log())
+        assert "waiting=3" in proxy.log(), proxy.log()
+        for sock in held:
+            assert closed_by_peer(sock, 30)  # closed at the end of the grace period
+        assert proxy.proc.wait(30) == 0
+    finally:
+        for sock in held:
+            sock.close()
+    [line] = [x for x in proxy.log().splitlines() if " dropped " in x]
+    assert "warning dropped" in line and f'link="{spec}"' in line and "clients=3 " in line, line
 
 
 def test_a_client_held_on_a_link_a_reload_removed_counts_there_then_the_link_goes(
