@@ -146,8 +146,12 @@ def render(status: dict[str, Any], cpu_seen: dict[str, float] | None = None) -> 
     orphans = CounterMetricFamily("forkproxy_orphans_reaped",
                                   "Processes reaped that were not forkproxy's own (as PID 1)")
     orphans.add_metric([], status.get("orphans_reaped", 0))
+    # This process's own deaths, seen once it is back: a restart loop shows as a rate.
+    restarts = CounterMetricFamily("forkproxy_metrics_restarts",
+                                   "Times the metrics process died and was started again")
+    restarts.add_metric([], (status.get("metrics") or {}).get("restarts", 0))
     yield from (up, listeners, active, total, denied, failures, moved, durations, rss, uss, cpu,
-                resolve_failures, address_changes, supervisor_rss, orphans)
+                resolve_failures, address_changes, supervisor_rss, orphans, restarts)
 
 
 def _answer_head(app: WSGIApplication) -> WSGIApplication:

@@ -131,6 +131,12 @@ class Supervisor:
         self.metrics_sock: socket.socket | None = None
         self.metrics_pid = 0
         self.metrics_at: float | None = None  # when to (re)start the metrics process
+        # For status and check: the endpoint's URL, when the process last started or went
+        # down (wall clock), how often it died and was started again, and how it last ended.
+        self.metrics_url = ""
+        self.metrics_since = 0.0
+        self.metrics_restarts = 0
+        self.metrics_exit = ""
         self.resolving = False  # a resolver child's results are on their way
         self.resolver_pids: list[int] = []  # resolver children not reaped yet
         self.resolver_output: list[bytes] = []
@@ -176,7 +182,8 @@ class Supervisor:
                 # getsockname() drops the zone, without which the URL reaches nothing:
                 # keep it, written as a URL writes it (RFC 6874: '%25').
                 host = parse_metrics_address(asked)[0].replace("%", "%25")
-            lines.append(f"metrics http://{join_host_port(host, port)}/metrics")
+            self.metrics_url = f"http://{join_host_port(host, port)}/metrics"
+            lines.append(f"metrics {self.metrics_url}")
         return lines
 
     def _bind_metrics(self) -> socket.socket | None:
@@ -211,6 +218,7 @@ class Supervisor:
             finally:
                 os._exit(127)
         self.metrics_pid = pid
+        self.metrics_since = time.time()
 
     def _open_control(self) -> control.ControlServer:
         path = self.options.status_socket
@@ -544,7 +552,10 @@ class Supervisor:
                 continue
             if pid == self.metrics_pid:
                 self.metrics_pid = 0
+                self.metrics_since = time.time()
+                self.metrics_exit = describe_status(status)
                 if not self.stopping:
+                    self.metrics_restarts += 1
                     self.log.warning("metrics-died", status=describe_status(status),
                                      detail=f"restarting in {METRICS_RESTART}s")
                     self.metrics_at = time.monotonic() + METRICS_RESTART
@@ -907,8 +918,12 @@ class Supervisor:
             ok, error = self.reload()
             return {"ok": ok, "error": error, "listeners": self._listener_table()}
         if command == "check":
+            # Metrics down fail no health check: relaying works, a HEALTHCHECK that failed
+            # would have an orchestrator restart a working proxy and cut every connection,
+            # and the process is restarted anyway. `check` prints the state (README).
             ok = not self.stopping and bool(self.listeners)
-            return {"ok": ok, "stopping": self.stopping, "listeners": self._listener_table()}
+            return {"ok": ok, "stopping": self.stopping, "listeners": self._listener_table(),
+                    "metrics": self._metrics_state()}
         if command == "status":
             reply: dict[str, object] = {
                 "ok": True,
@@ -918,10 +933,27 @@ class Supervisor:
                 "stopping": self.stopping,
                 "max_children": self.options.max_children,
                 "listeners": self._listener_table(),
+                "metrics": self._metrics_state(),
             }
             reply.update(self.accounting.snapshot())
             return reply
         return {"ok": False, "error": f"unknown command {command!r}"}
+
+    def _metrics_state(self) -> dict[str, object] | None:
+        """The metrics endpoint (None without --metrics): `up` while its process runs,
+        `restarting` from its death (or a failed fork) to the next start, `down` when it
+        died during a stop (not restarted), `starting` before the first start."""
+        if not self.metrics_url:
+            return None
+        if self.metrics_pid:
+            state = "up"
+        elif self.metrics_at is not None:
+            state = "restarting" if self.metrics_since else "starting"
+        else:
+            state = "down"
+        return {"url": self.metrics_url, "state": state, "pid": self.metrics_pid or None,
+                "since": self.metrics_since or None, "restarts": self.metrics_restarts,
+                "last_exit": self.metrics_exit or None}
 
     def _listener_table(self) -> list[dict[str, object]]:
         return [
