@@ -659,12 +659,18 @@ class Supervisor:
             self._signal_children(signal.SIGKILL)
             self.kill_at = now + KILL_AFTER
 
+    def _held_per_link(self) -> dict[str, int]:
+        """Link name -> clients held, waiting for a child (see handle_stop, _fork_failed)."""
+        count: dict[str, int] = {}
+        for held in self.held:
+            count[held.link.name] = count.get(held.link.name, 0) + len(held.clients)
+        return count
+
     def _drop_held(self) -> None:
         """The grace period is over: close the clients still waiting for a child (at
         --max-children, or after a failed fork), unserved, and say how many per link."""
-        dropped: dict[str, int] = {}
+        dropped = self._held_per_link()
         for held in self.held:
-            dropped[held.link.name] = dropped.get(held.link.name, 0) + len(held.clients)
             held.close()
         self.held = []
         for name, count in dropped.items():
@@ -682,12 +688,13 @@ class Supervisor:
 
     def handle_usr1(self) -> None:
         """The status table in the log; asked for explicitly, so written even with -q."""
-        snapshot = self.accounting.snapshot()
+        snapshot = self.accounting.snapshot(self._held_per_link())
         links: dict[str, dict[str, object]] = snapshot["links"]  # type: ignore[assignment]
         for listener in self.listeners:
             stats = links.get(listener.link.name, {})
             self.log.emit_requested("status-link", {
                 "listen": listener.describe(), "active": stats.get("active", 0),
+                "waiting": stats.get("waiting", 0),
                 "total": stats.get("connections", 0),
                 "upstream_failures": stats.get("upstream_failures", 0),
                 "denied": stats.get("denied", 0),
@@ -868,10 +875,8 @@ class Supervisor:
         # and its lookup's outage with it: configured again later, its first failed
         # lookup is a warning again, not a debug line of an outage long over.
         configured = {item.link.name for item in kept}
-        held: dict[str, int] = {}  # clients whose fork failed: each will be a child of its link
-        for backlog in self.held:
-            held[backlog.link.name] = held.get(backlog.link.name, 0) + len(backlog.clients)
-        self.accounting.retire(configured, held)
+        # Clients whose fork failed: each will be a child of its link.
+        self.accounting.retire(configured, self._held_per_link())
         self.resolve_failing &= configured
         self._arm_resolve_timer()
         self.start_resolver()
@@ -935,7 +940,7 @@ class Supervisor:
                 "listeners": self._listener_table(),
                 "metrics": self._metrics_state(),
             }
-            reply.update(self.accounting.snapshot())
+            reply.update(self.accounting.snapshot(self._held_per_link()))
             return reply
         return {"ok": False, "error": f"unknown command {command!r}"}
 

@@ -1133,26 +1133,32 @@ def test_a_client_whose_fork_failed_is_held_and_served_when_a_child_exits(
 
 
 def test_a_client_held_at_a_stop_with_no_child_running_gets_the_grace_period(
-    pids_cgroup: Path, start_proxy: StartProxy, tcp_server: ServerFactory
+    pids_cgroup: Path, start_proxy: StartProxy, tcp_server: ServerFactory, short_dir: Path
 ) -> None:
     """A stop while a client is held (its fork failed) and no child runs: the supervisor
     exited at once and reset the client, though forks worked again within --grace. Held,
     it is a live connection like the others: served if a fork works before the grace
-    period ends."""
+    period ends. Status counts it as waiting meanwhile (it showed nothing)."""
     server = tcp_server(echo)
     (pids_cgroup / "pids.max").write_text("1")  # the supervisor alone: every fork fails
     enter = ("sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', str(pids_cgroup))
-    proxy = start_proxy("--grace", "60", f"127.0.0.1:0=127.0.0.1:{server.port}", prefix=enter)
+    spec, sock_path = f"127.0.0.1:0=127.0.0.1:{server.port}", short_dir / "s.sock"
+    proxy = start_proxy("--grace", "60", "--status-socket", str(sock_path), spec, prefix=enter)
     with connect(proxy.port) as held:
         held.sendall(b"held")
         assert wait_for(lambda: "fork-failed" in proxy.log())
+        stats = link_stats(control(sock_path, "status"), spec)
+        assert (stats["waiting"], stats["active"]) == (1, 0), stats
         proxy.signal(signal.SIGTERM)
         assert wait_for(lambda: "stopping" in proxy.log())
         assert not closed_by_peer(held, 1)  # still held, inside the grace period
+        assert link_stats(status_json(sock_path), spec)["waiting"] == 1  # the user's view
         (pids_cgroup / "pids.max").write_text("10")  # forks work again
         held.settimeout(15)
         assert recv_exact(held, len(b"held")) == b"held"
         assert exchange(held, b" again") == b" again"
+        stats = link_stats(control(sock_path, "status"), spec)
+        assert (stats["waiting"], stats["active"]) == (0, 1), stats
     assert proxy.proc.wait(15) == 0  # its connection closed: nothing left to wait for
 
 

@@ -1053,7 +1053,7 @@ def test_a_link_a_reload_renamed_starts_at_zero_and_its_old_name_goes(
         [listener] = reply["listeners"]
         new = listener["link"]
         assert sorted(new.split(",")) == sorted([old, alias]) and listener["port"] == port
-        assert reply["links"][new] == {**vars(LinkStats()), "active": 0}
+        assert reply["links"][new] == {**vars(LinkStats()), "active": 0, "waiting": 0}
         assert reply["links"][old]["active"] == 1 and reply["links"][old]["connections"] == 2
         with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
             echo_round(sock, 10)  # the same socket serves, under the new name
