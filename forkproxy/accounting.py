@@ -188,16 +188,20 @@ class Accounting:
                 del self.retiring[name], self.links[name]
         return record
 
-    def snapshot(self) -> dict[str, object]:
-        """Plain data for the control socket (JSON)."""
+    def snapshot(self, waiting: dict[str, int] | None = None) -> dict[str, object]:
+        """Plain data for the control socket (JSON). `waiting`: per link name, the clients
+        accepted and waiting for a child (a failed fork, a stop at --max-children)."""
         now = time.monotonic()
         counters = self.slots.counters
         wall = time.time() - now
-        links = {name: {**vars(stats), "active": 0} for name, stats in self.links.items()}
+        waiting = waiting or {}
+        links = {name: {**vars(stats), "active": 0, "waiting": waiting.get(name, 0)}
+                 for name, stats in self.links.items()}
         children = []
         for pid, (link, client, base, started) in self.children.items():
             # Live connections and their bytes count in the totals too.
-            totals = links.setdefault(link.name, {**vars(LinkStats()), "active": 0})
+            totals = links.setdefault(link.name, {**vars(LinkStats()), "active": 0,
+                                                  "waiting": waiting.get(link.name, 0)})
             totals["connections"] += 1
             totals["active"] += 1
             totals["bytes_up"] += counters[base]

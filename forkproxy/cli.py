@@ -320,7 +320,13 @@ def check_command(ctx: typer.Context, status_socket: StatusSocketOpt = None) -> 
         typer.echo("forkproxy: unhealthy: " + ("stopping" if reply.get("stopping")
                                                 else "no listener bound"), err=True)
         raise typer.Exit(1)
-    typer.echo(f"ok: {len(reply.get('listeners', []))} listener(s)")
+    from .status import describe_metrics
+
+    # Metrics down are said, not failed on: see Supervisor.handle_control_request.
+    metrics = reply.get("metrics")
+    note = "" if not metrics or metrics.get("state") == "up" else "; metrics " + str(
+        describe_metrics(metrics))
+    typer.echo(f"ok: {len(reply.get('listeners', []))} listener(s){note}")
 
 
 class ReloadError(Exception):

@@ -76,14 +76,35 @@ class HeldBacklog:
             os.close(self.clients.popleft()[0])
 
 
-def accept_backlog(listener: Listener) -> list[tuple[int, tuple[str, int]]]:
-    """Accept every client waiting in the listener's backlog, without serving it."""
+# What accept(2) returns for one client and not the listener: it reset while it waited
+# (ECONNABORTED), a firewall refused it (EPERM), or a network error pending on it (Linux
+# hands those on, for TCP: EPROTO, ENETDOWN, ...). The next client may be fine.
+CLIENT_ERRORS = frozenset({
+    errno.ECONNABORTED, errno.EPERM, errno.EPROTO, errno.ENOPROTOOPT, errno.EOPNOTSUPP,
+    errno.ENETDOWN, errno.ENETUNREACH, errno.EHOSTDOWN, errno.EHOSTUNREACH, errno.ENONET,
+})
+
+
+def accept_backlog(listener: Listener) -> tuple[list[tuple[int, tuple[str, int]]], OSError | None]:
+    """Accept every client waiting in the listener's backlog, without serving it: (the
+    clients, and the error that ended it early, None when the backlog is empty).
+
+    A client's own error (CLIENT_ERRORS) skips it. Any other ends the drain: out of
+    descriptors or buffers (EMFILE, ENFILE, ENOBUFS, ENOMEM), accept would fail for
+    every client left, and a stop cannot back off and try again as the accept loop
+    does, since its listeners close now (to refuse newcomers): the rest are reset.
+    """
     clients: list[tuple[int, tuple[str, int]]] = []
     while True:
         try:
             clients.append(listener.sock._accept())  # type: ignore[attr-defined]
-        except OSError:  # EAGAIN: none left; EMFILE: the rest are reset as before
-            return clients
+        except BlockingIOError:
+            return clients, None
+        except InterruptedError:
+            continue  # a signal came: that client is still there
+        except OSError as exc:
+            if exc.errno not in CLIENT_ERRORS:
+                return clients, exc
 
 
 def listen_tcp(host: str, port: int, backlog: int = BACKLOG) -> socket.socket:

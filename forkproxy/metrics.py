@@ -96,6 +96,9 @@ def render(status: dict[str, Any], cpu_seen: dict[str, float] | None = None) -> 
     listeners.add_metric([], len(status.get("listeners", [])))
     active = GaugeMetricFamily("forkproxy_connections_active", "Connections open now",
                                labels=["link"])
+    waiting = GaugeMetricFamily("forkproxy_connections_waiting",
+                                "Clients accepted and waiting for a child (a failed fork)",
+                                labels=["link"])
     total = CounterMetricFamily("forkproxy_connections", "Connections accepted and forked",
                                 labels=["link"])
     denied = CounterMetricFamily("forkproxy_connections_denied",
@@ -122,6 +125,7 @@ def render(status: dict[str, Any], cpu_seen: dict[str, float] | None = None) -> 
     for name, stats in sorted(links.items()):
         now = live.get(name, {})
         active.add_metric([name], stats["active"])
+        waiting.add_metric([name], stats.get("waiting", 0))
         total.add_metric([name], stats["connections"])
         denied.add_metric([name], stats["denied"])
         failures.add_metric([name], stats["upstream_failures"])
@@ -146,8 +150,12 @@ def render(status: dict[str, Any], cpu_seen: dict[str, float] | None = None) -> 
     orphans = CounterMetricFamily("forkproxy_orphans_reaped",
                                   "Processes reaped that were not forkproxy's own (as PID 1)")
     orphans.add_metric([], status.get("orphans_reaped", 0))
-    yield from (up, listeners, active, total, denied, failures, moved, durations, rss, uss, cpu,
-                resolve_failures, address_changes, supervisor_rss, orphans)
+    # This process's own deaths, seen once it is back: a restart loop shows as a rate.
+    restarts = CounterMetricFamily("forkproxy_metrics_restarts",
+                                   "Times the metrics process died and was started again")
+    restarts.add_metric([], (status.get("metrics") or {}).get("restarts", 0))
+    yield from (up, listeners, active, waiting, total, denied, failures, moved, durations, rss,
+                uss, cpu, resolve_failures, address_changes, supervisor_rss, orphans, restarts)
 
 
 def _answer_head(app: WSGIApplication) -> WSGIApplication:

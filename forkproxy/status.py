@@ -160,25 +160,46 @@ def _upstream(listener: dict[str, Any]) -> str:
     return f"{listener['upstream']} ({', '.join(resolved) or 'not resolved'})"
 
 
+def describe_metrics(metrics: dict[str, Any] | None) -> str | None:
+    """The metrics endpoint's state in words (None without --metrics), as
+    `http://127.0.0.1:9090/metrics restarting for 3s (killed by SIGKILL), 1 restart`."""
+    if not metrics:
+        return None
+    state = metrics.get("state", "?")
+    text = f"{metrics.get('url', '?')} {state}"
+    since = metrics.get("since")
+    if since is not None and state != "starting":
+        text += f" for {max(0.0, time.time() - since):.0f}s"
+    if state != "up" and metrics.get("last_exit"):
+        text += f" ({metrics['last_exit']})"
+    restarts = int(metrics.get("restarts", 0))
+    return f"{text}, {restarts} restart{'' if restarts == 1 else 's'}"
+
+
 def render(status: dict[str, Any]) -> str:
-    """The status as two tables, like `ss` or `docker ps`."""
+    """The status as two tables, like `ss` or `docker ps`, after a line for the supervisor
+    and, with --metrics, one for the metrics endpoint."""
     links = status.get("links", {})
     lines = [
         f"forkproxy {status.get('version', '?')} pid {status.get('pid')}, "
         f"up {time.time() - status.get('started', time.time()):.0f}s"
         + (", stopping" if status.get("stopping") else "")
     ]
+    metrics = describe_metrics(status.get("metrics"))
+    if metrics is not None:
+        lines.append(f"metrics {metrics}")
     rows = []
     for listener in status.get("listeners", []):
         stats = links.get(listener["link"], {})
         rows.append([
             listener["link"], f"{listener['listen']} -> {_upstream(listener)}",
-            str(stats.get("active", 0)), str(stats.get("connections", 0)),
+            str(stats.get("active", 0)), str(stats.get("waiting", 0)),
+            str(stats.get("connections", 0)),
             str(stats.get("upstream_failures", 0)), str(stats.get("denied", 0)),
             _size(stats.get("bytes_up", 0)), _size(stats.get("bytes_down", 0)),
         ])
-    lines += ["", *_table(["LINK", "LISTEN -> UPSTREAM", "ACTIVE", "TOTAL", "FAILED", "DENIED",
-                           "BYTES UP", "BYTES DOWN"], rows)]
+    lines += ["", *_table(["LINK", "LISTEN -> UPSTREAM", "ACTIVE", "WAITING", "TOTAL", "FAILED",
+                           "DENIED", "BYTES UP", "BYTES DOWN"], rows)]
     rows = [
         [str(c["pid"]), c["link"], c["client"], f"{c['age']:.1f}s", _size(c["bytes_up"]),
          _size(c["bytes_down"]), _size(c.get("rss")), _size(c.get("uss")),

@@ -135,6 +135,12 @@ class Supervisor:
         self.metrics_sock: socket.socket | None = None
         self.metrics_pid = 0
         self.metrics_at: float | None = None  # when to (re)start the metrics process
+        # For status and check: the endpoint's URL, when the process last started or went
+        # down (wall clock), how often it died and was started again, and how it last ended.
+        self.metrics_url = ""
+        self.metrics_since = 0.0
+        self.metrics_restarts = 0
+        self.metrics_exit = ""
         self.resolving = False  # a resolver child's results are on their way
         self.resolver_pids: list[int] = []  # resolver children not reaped yet
         self.reporter_pids: list[int] = []  # children answering `status`, not reaped yet
@@ -182,7 +188,8 @@ class Supervisor:
                 # getsockname() drops the zone, without which the URL reaches nothing:
                 # keep it, written as a URL writes it (RFC 6874: '%25').
                 host = parse_metrics_address(asked)[0].replace("%", "%25")
-            lines.append(f"metrics http://{join_host_port(host, port)}/metrics")
+            self.metrics_url = f"http://{join_host_port(host, port)}/metrics"
+            lines.append(f"metrics {self.metrics_url}")
         return lines
 
     def _bind_metrics(self) -> socket.socket | None:
@@ -217,6 +224,7 @@ class Supervisor:
             finally:
                 os._exit(127)
         self.metrics_pid = pid
+        self.metrics_since = time.time()
 
     def _open_control(self) -> control.ControlServer:
         path = self.options.status_socket
@@ -553,7 +561,10 @@ class Supervisor:
                 continue
             if pid == self.metrics_pid:
                 self.metrics_pid = 0
+                self.metrics_since = time.time()
+                self.metrics_exit = describe_status(status)
                 if not self.stopping:
+                    self.metrics_restarts += 1
                     self.log.warning("metrics-died", status=describe_status(status),
                                      detail=f"restarting in {METRICS_RESTART}s")
                     self.metrics_at = time.monotonic() + METRICS_RESTART
@@ -615,9 +626,12 @@ class Supervisor:
         # (not forked: the limit stands) until a child exits or the grace period ends.
         for listener in self.listeners:
             self.handle_accept(listener, batch=self.options.max_children)
-            clients = listeners.accept_backlog(listener)
+            clients, error = listeners.accept_backlog(listener)
             if clients:
                 self.held.append(listeners.HeldBacklog(listener, clients))
+            if error is not None:
+                self.log.error("accept-failed", link=listener.link.name, error=error.strerror,
+                               detail="stopping: the clients left in the backlog are reset")
         self.stopping = True
         signal.setitimer(signal.ITIMER_REAL, 0)  # no new children: names no longer matter
         # Nor a metrics process: a restart still due would stay armed, never fired, and
@@ -644,9 +658,7 @@ class Supervisor:
             self.control_at = None
             self._watch(self.control.fileno(), self.handle_control_accept)
         if self.term_at is not None and now >= self.term_at and self.kill_at is None:
-            for held in self.held:
-                held.close()
-            self.held = []
+            self._drop_held()
             if self.accounting.children:
                 self.log.warning("grace-over", connections=len(self.accounting.children),
                                  detail="terminating the connections left")
@@ -655,6 +667,26 @@ class Supervisor:
         elif self.kill_at is not None and now >= self.kill_at:
             self._signal_children(signal.SIGKILL)
             self.kill_at = now + KILL_AFTER
+
+    def _held_per_link(self) -> dict[str, int]:
+        """Link name -> clients held, waiting for a child (see handle_stop, _fork_failed)."""
+        count: dict[str, int] = {}
+        for held in self.held:
+            count[held.link.name] = count.get(held.link.name, 0) + len(held.clients)
+        return count
+
+    def _drop_held(self) -> None:
+        """The grace period is over: close the clients still waiting for a child (at
+        --max-children, or after a failed fork), unserved, and say how many per link."""
+        dropped = self._held_per_link()
+        for held in self.held:
+            held.close()
+        self.held = []
+        for name, count in dropped.items():
+            if count:
+                self.log.warning("dropped", link=name, clients=count,
+                                 detail="still waiting for a child when the grace period "
+                                        "ended: closed unserved")
 
     def _signal_children(self, signum: int) -> None:
         for pid in list(self.accounting.children):
@@ -665,7 +697,7 @@ class Supervisor:
 
     def handle_usr1(self) -> None:
         """The status table in the log; asked for explicitly, so written even with -q."""
-        snapshot = self.accounting.snapshot()
+        snapshot = self.accounting.snapshot(self._held_per_link())
         links: dict[str, dict[str, object]] = snapshot["links"]  # type: ignore[assignment]
         for listener in self.listeners:
             stats = links.get(listener.link.name, {})
@@ -677,6 +709,7 @@ class Supervisor:
                 "listen": listener.describe(),
                 "addresses": " ".join(peer_text(address[1]) for address in addresses),
                 "active": stats.get("active", 0),
+                "waiting": stats.get("waiting", 0),
                 "total": stats.get("connections", 0),
                 "upstream_failures": stats.get("upstream_failures", 0),
                 "denied": stats.get("denied", 0),
@@ -861,10 +894,8 @@ class Supervisor:
         # and its lookup's outage with it: configured again later, its first failed
         # lookup is a warning again, not a debug line of an outage long over.
         configured = {item.link.name for item in kept}
-        held: dict[str, int] = {}  # clients whose fork failed: each will be a child of its link
-        for backlog in self.held:
-            held[backlog.link.name] = held.get(backlog.link.name, 0) + len(backlog.clients)
-        self.accounting.retire(configured, held)
+        # Clients whose fork failed: each will be a child of its link.
+        self.accounting.retire(configured, self._held_per_link())
         self.resolve_failing &= configured
         self._arm_resolve_timer()
         self.start_resolver()
@@ -912,8 +943,12 @@ class Supervisor:
             ok, error = self.reload()
             return {"ok": ok, "error": error, "listeners": self._listener_table()}
         if command == "check":
+            # Metrics down fail no health check: relaying works, a HEALTHCHECK that failed
+            # would have an orchestrator restart a working proxy and cut every connection,
+            # and the process is restarted anyway. `check` prints the state (README).
             ok = not self.stopping and bool(self.listeners)
-            return {"ok": ok, "stopping": self.stopping, "listeners": self._listener_table()}
+            return {"ok": ok, "stopping": self.stopping, "listeners": self._listener_table(),
+                    "metrics": self._metrics_state()}
         if command == "status":
             return None if self.answer_in_child(client) else self.status_reply()
         return {"ok": False, "error": f"unknown command {command!r}"}
@@ -927,8 +962,9 @@ class Supervisor:
             "stopping": self.stopping,
             "max_children": self.options.max_children,
             "listeners": self._listener_table(),
+            "metrics": self._metrics_state(),
         }
-        reply.update(self.accounting.snapshot())
+        reply.update(self.accounting.snapshot(self._held_per_link()))
         return reply
 
     def answer_in_child(self, client: socket.socket) -> bool:
@@ -963,6 +999,22 @@ class Supervisor:
                 os._exit(status)
         self.reporter_pids.append(pid)
         return True
+
+    def _metrics_state(self) -> dict[str, object] | None:
+        """The metrics endpoint (None without --metrics): `up` while its process runs,
+        `restarting` from its death (or a failed fork) to the next start, `down` when it
+        died during a stop (not restarted), `starting` before the first start."""
+        if not self.metrics_url:
+            return None
+        if self.metrics_pid:
+            state = "up"
+        elif self.metrics_at is not None:
+            state = "restarting" if self.metrics_since else "starting"
+        else:
+            state = "down"
+        return {"url": self.metrics_url, "state": state, "pid": self.metrics_pid or None,
+                "since": self.metrics_since or None, "restarts": self.metrics_restarts,
+                "last_exit": self.metrics_exit or None}
 
     def _listener_table(self) -> list[dict[str, object]]:
         return [

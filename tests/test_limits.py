@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import hashlib
 import json
 import os
 import resource
@@ -25,6 +26,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from forkproxy import listeners
 from forkproxy import supervisor as fp_supervisor
 from forkproxy.config import Options, Sources, parse_spec
 from forkproxy.listeners import Listener
@@ -40,7 +42,9 @@ from conftest import (
     echo,
     fd_count,
     free_port,
+    kill_group,
     need,
+    read_lines,
     recv_all,
     wait_for,
 )
@@ -405,6 +409,140 @@ def test_a_stop_at_max_children_serves_the_backlog_instead_of_resetting_it(
     assert proxy.proc.wait(30) == 0
 
 
+# A supervisor whose listening sockets' accept() fails with ECONNABORTED for the clients
+# whose port is in the file argv[1] names: what accept(2) returns for a client that reset
+# while it waited in the backlog (BSD; on Linux the other per-connection errors of
+# accept(2), EPROTO, ENETDOWN, ...). Loopback cannot be made to: Linux accepts a client
+# that reset, and its first read says ECONNRESET. The client really is closed, unserved.
+_ABORTING_SUPERVISOR = """
+import errno, os, sys
+sys.path.insert(0, sys.argv[3])
+from forkproxy import listeners
+from forkproxy.config import Options, Sources
+from forkproxy.log import Logger
+from forkproxy.supervisor import Supervisor
+
+class AbortingListenSock:
+    def __init__(self, real):
+        self.real = real
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+    def _accept(self):
+        fd, address = self.real._accept()
+        with open(sys.argv[1]) as doomed:
+            if str(address[1]) in doomed.read().split():
+                os.close(fd)
+                raise ConnectionAbortedError(errno.ECONNABORTED, "Software caused connection abort")
+        return fd, address
+
+listen_tcp = listeners.listen_tcp
+listeners.listen_tcp = lambda *args, **kwargs: AbortingListenSock(listen_tcp(*args, **kwargs))
+options = Options(max_children=1, grace=60, status_socket=sys.argv[4])
+sys.exit(Supervisor(Sources((sys.argv[2],), options=options), {}, Logger(fd=2)).run())
+"""
+
+
+def test_a_client_that_reset_in_the_backlog_at_a_stop_costs_only_itself(
+    tcp_server: ServerFactory, tmp_path: Path, short_dir: Path,
+) -> None:
+    """The stop drains the backlog so that the clients in it are served rather than reset
+    by the listener's close; the drain ended at the first error from accept(), so one
+    client that reset while it waited (ECONNABORTED) got every client behind it reset.
+    Now only that one is lost: the three behind it are held and served, every byte."""
+    server = tcp_server(echo)
+    doomed_file = tmp_path / "doomed"
+    doomed_file.write_text("")
+    stderr = tmp_path / "proxy.log"
+    root = str(Path(fp_supervisor.__file__).resolve().parent.parent)
+    with stderr.open("w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _ABORTING_SUPERVISOR, str(doomed_file),
+             f"127.0.0.1:0=127.0.0.1:{server.port}", root, str(short_dir / "s.sock")],
+            stdout=subprocess.PIPE, stderr=err, text=True, start_new_session=True)
+    proxy = Proxy(proc, read_lines(proc, 1, 30), stderr)
+    clients: list[socket.socket] = []
+    try:
+        assert proxy.lines, proxy.log()
+        busy = connect(proxy.port, timeout=60)  # the one child --max-children 1 allows
+        clients.append(busy)
+        assert exchange(busy, b"busy") == b"busy"
+        clients += [connect(proxy.port, timeout=60) for _ in range(4)]
+        assert wait_for(lambda: listen_queue(proxy.port) == 4, 30), listen_queue(proxy.port)
+        doomed, *behind = clients[1:]
+        doomed_file.write_text(str(doomed.getsockname()[1]))  # the first in the backlog
+        proxy.signal(signal.SIGTERM)
+        assert wait_for(lambda: "stopping" in proxy.log(), 30)
+        assert "waiting=3" in proxy.log(), proxy.log()
+        payloads = [os.urandom(256 * 1024) for _ in behind]
+        busy.close()  # its child exits: the held clients are served one at a time
+        for sock, payload in zip(behind, payloads, strict=True):
+            sock.sendall(payload)
+            sock.shutdown(socket.SHUT_WR)
+            assert recv_all(sock) == (len(payload), hashlib.sha256(payload).hexdigest())
+            sock.close()
+        assert closed_by_peer(doomed, 30)
+        assert proxy.proc.wait(30) == 0
+    finally:
+        for sock in clients:
+            sock.close()
+        if proxy.proc.poll() is None:
+            kill_group(proxy.proc)
+        assert proc.stdout is not None
+        proc.stdout.close()
+
+
+class _ScriptedListenSock:
+    """A real listening socket whose accept() fails with the next errno of `script`
+    where that is not None (a client's own error consumes that client, as the kernel's)."""
+
+    family = socket.AF_INET
+
+    def __init__(self, real: socket.socket, script: list[int | None]) -> None:
+        self.real, self.script = real, script
+
+    def fileno(self) -> int:
+        return self.real.fileno()
+
+    def _accept(self) -> tuple[int, tuple[str, int]]:
+        code = self.script.pop(0) if self.script else None
+        if code is None:
+            return self.real._accept()  # type: ignore[attr-defined, no-any-return]
+        if code in listeners.CLIENT_ERRORS:
+            os.close(self.real._accept()[0])  # type: ignore[attr-defined]
+        raise OSError(code, os.strerror(code))
+
+
+@pytest.mark.parametrize("code", [errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM],
+                         ids=errno.errorcode.get)
+def test_a_stop_drains_the_backlog_past_client_errors_and_up_to_a_resource_error(
+    code: int,
+) -> None:
+    """accept_backlog skips a client whose accept() fails for it alone (each errno of
+    CLIENT_ERRORS) and stops at a resource error, which it returns for the log: a stop
+    cannot back off and retry, its listeners close at once."""
+    link = parse_spec("127.0.0.1:0=127.0.0.1:1")
+    with socket.create_server(("127.0.0.1", 0)) as real:
+        real.setblocking(False)
+        per_client = sorted(listeners.CLIENT_ERRORS)
+        clients = [socket.create_connection(real.getsockname())
+                   for _ in range(len(per_client) + 3)]
+        try:
+            script: list[int | None] = [None, *per_client, None, code]
+            listener = Listener(link, _ScriptedListenSock(real, script), 0)  # type: ignore[arg-type]
+            held, error = listeners.accept_backlog(listener)
+            assert len(held) == 2 and error is not None and error.errno == code
+            ports = [address[1] for _, address in held]
+            assert ports == [clients[0].getsockname()[1], clients[-2].getsockname()[1]]
+            for fd, _ in held:
+                os.close(fd)
+            rest, error = listeners.accept_backlog(listener)  # the last one, then EAGAIN
+            assert len(rest) == 1 and error is None
+            os.close(rest[0][0])
+        finally:
+            for client in clients:
+                client.close()
+
+
 def test_a_stop_refuses_newcomers_even_while_a_child_still_holds_the_listener(
     start_proxy: StartProxy, tcp_server: ServerFactory,
 ) -> None:
@@ -461,6 +599,8 @@ def test_clients_held_at_a_stop_are_closed_when_the_grace_period_ends(
             assert sock.recv(10) == b""  # closed, not reset, once the second is over
         assert proxy.proc.wait(30) == 0
         assert "waiting=2" in proxy.log() and "grace-over" in proxy.log()
+        [line] = [x for x in proxy.log().splitlines() if " dropped " in x]
+        assert "warning dropped" in line and "clients=2 " in line, line
     finally:
         release.set()
         for sock in clients:
@@ -1063,27 +1203,61 @@ def test_a_client_whose_fork_failed_is_held_and_served_when_a_child_exits(
 
 
 def test_a_client_held_at_a_stop_with_no_child_running_gets_the_grace_period(
-    pids_cgroup: Path, start_proxy: StartProxy, tcp_server: ServerFactory
+    pids_cgroup: Path, start_proxy: StartProxy, tcp_server: ServerFactory, short_dir: Path
 ) -> None:
     """A stop while a client is held (its fork failed) and no child runs: the supervisor
     exited at once and reset the client, though forks worked again within --grace. Held,
     it is a live connection like the others: served if a fork works before the grace
-    period ends."""
+    period ends. Status counts it as waiting meanwhile (it showed nothing)."""
     server = tcp_server(echo)
     (pids_cgroup / "pids.max").write_text("1")  # the supervisor alone: every fork fails
     enter = ("sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', str(pids_cgroup))
-    proxy = start_proxy("--grace", "60", f"127.0.0.1:0=127.0.0.1:{server.port}", prefix=enter)
+    spec, sock_path = f"127.0.0.1:0=127.0.0.1:{server.port}", short_dir / "s.sock"
+    proxy = start_proxy("--grace", "60", "--status-socket", str(sock_path), spec, prefix=enter)
     with connect(proxy.port) as held:
         held.sendall(b"held")
         assert wait_for(lambda: "fork-failed" in proxy.log())
+        stats = link_stats(control(sock_path, "status"), spec)
+        assert (stats["waiting"], stats["active"]) == (1, 0), stats
         proxy.signal(signal.SIGTERM)
         assert wait_for(lambda: "stopping" in proxy.log())
         assert not closed_by_peer(held, 1)  # still held, inside the grace period
+        assert link_stats(status_json(sock_path), spec)["waiting"] == 1  # the user's view
         (pids_cgroup / "pids.max").write_text("10")  # forks work again
         held.settimeout(15)
         assert recv_exact(held, len(b"held")) == b"held"
         assert exchange(held, b" again") == b" again"
+        stats = link_stats(control(sock_path, "status"), spec)
+        assert (stats["waiting"], stats["active"]) == (0, 1), stats
     assert proxy.proc.wait(15) == 0  # its connection closed: nothing left to wait for
+
+
+def test_clients_held_after_a_failed_fork_and_dropped_at_the_stop_are_logged(
+    pids_cgroup: Path, start_proxy: StartProxy, tcp_server: ServerFactory
+) -> None:
+    """Clients still waiting for a fork when the grace period ends are closed, unserved:
+    that happened without a word, the log's last line the `stopping` one. A `dropped`
+    warning now names the link and how many."""
+    server = tcp_server(echo)
+    (pids_cgroup / "pids.max").write_text("1")  # the supervisor alone: every fork fails
+    enter = ("sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', str(pids_cgroup))
+    spec = f"127.0.0.1:0=127.0.0.1:{server.port}"
+    proxy = start_proxy("--grace", "1", spec, prefix=enter)
+    held = [connect(proxy.port) for _ in range(3)]
+    try:
+        assert wait_for(lambda: "fork-failed" in proxy.log())
+        proxy.signal(signal.SIGTERM)
+        # One held since its fork failed, and the two behind it taken off the backlog.
+        assert wait_for(lambda: "stopping" in proxy.log())
+        assert "waiting=3" in proxy.log(), proxy.log()
+        for sock in held:
+            assert closed_by_peer(sock, 30)  # closed at the end of the grace period
+        assert proxy.proc.wait(30) == 0
+    finally:
+        for sock in held:
+            sock.close()
+    [line] = [x for x in proxy.log().splitlines() if " dropped " in x]
+    assert "warning dropped" in line and f'link="{spec}"' in line and "clients=3 " in line, line
 
 
 def test_a_client_held_on_a_link_a_reload_removed_counts_there_then_the_link_goes(

@@ -1053,7 +1053,7 @@ def test_a_link_a_reload_renamed_starts_at_zero_and_its_old_name_goes(
         [listener] = reply["listeners"]
         new = listener["link"]
         assert sorted(new.split(",")) == sorted([old, alias]) and listener["port"] == port
-        assert reply["links"][new] == {**vars(LinkStats()), "active": 0}
+        assert reply["links"][new] == {**vars(LinkStats()), "active": 0, "waiting": 0}
         assert reply["links"][old]["active"] == 1 and reply["links"][old]["connections"] == 2
         with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
             echo_round(sock, 10)  # the same socket serves, under the new name
@@ -1180,6 +1180,61 @@ def test_sigusr1_to_the_whole_process_group_spares_connections_and_metrics(
     assert "forkproxy_up 1.0" in scrape(url, timeout=20)
     assert metrics.is_running(), "the metrics process died of SIGUSR1"
     assert "metrics-died" not in proxy.log()
+
+
+def test_status_and_check_show_a_dead_metrics_process_until_it_is_back(
+    start_proxy: StartProxy, tcp_server: MakeServer, env: dict[str, str],
+) -> None:
+    """A metrics process that died (SIGKILL here, the OOM killer in life) is restarted 5 s
+    later; meanwhile the endpoint answers nothing, and status and check said nothing of it.
+    status shows its state, since when, and the restarts; check says it and still exits 0
+    (relaying works: a failed HEALTHCHECK would have the proxy restarted for its metrics)."""
+    server = tcp_server(echo)
+    proxy = start_proxy("--metrics", "127.0.0.1:0", f"127.0.0.1:0=127.0.0.1:{server.port}",
+                        expect=2, env=env)
+    url = metrics_url(proxy)
+    sock_path = Path(env["XDG_RUNTIME_DIR"]) / "forkproxy" / f"{proxy.pid}.sock"
+    supervisor = psutil.Process(proxy.pid)
+
+    def metrics_process() -> psutil.Process:
+        [found] = [p for p in supervisor.children()
+                   if any(part.endswith("metrics.py") for part in p.cmdline())]
+        return found
+
+    assert "forkproxy_up 1.0" in scrape(url)
+    state = status_json(sock_path, env)["metrics"]
+    assert state["url"] == url and state["state"] == "up" and state["restarts"] == 0, state
+    assert state["pid"] == metrics_process().pid and state["since"] <= time.time()
+    assert cli("check", "--status-socket", str(sock_path), env=env).stdout == "ok: 1 listener(s)\n"
+    # Killed, it is started again 5 s later: the CLI must ask within those 5 s, which a
+    # loaded machine may miss; then it is killed again (each death is a restart more).
+    restarts, seen = 0, None
+    while restarts < 5 and seen is None:
+        killed = metrics_process()
+        killed.kill()
+        restarts += 1
+        down = poll(lambda: ask(sock_path)["metrics"],
+                    lambda m, n=restarts: bool(m["restarts"] == n))
+        assert down["state"] == "restarting" and down["pid"] is None, down
+        assert "SIGKILL" in down["last_exit"] and down["since"] <= time.time(), down
+        check = cli("check", "--status-socket", str(sock_path), env=env)
+        status = cli("status", "--status-socket", str(sock_path), env=env)
+        assert check.returncode == 0 and status.returncode == 0, (check, status)
+        if "restarting" in check.stdout and "restarting" in status.stdout:
+            seen = check.stdout, status.stdout
+        poll(lambda: ask(sock_path)["metrics"]["state"], lambda s: s == "up")
+    assert seen is not None, "the metrics process was always back before the CLI asked"
+    note = f"metrics {url} restarting for "
+    assert seen[0].startswith(f"ok: 1 listener(s); {note}"), seen[0]
+    assert f"killed by SIGKILL (perhaps out of memory)), {restarts} restart" in seen[0], seen
+    assert seen[1].splitlines()[1].startswith(note), seen[1]
+    state = status_json(sock_path, env)["metrics"]
+    assert state["state"] == "up" and state["restarts"] == restarts, state
+    assert state["pid"] == metrics_process().pid != killed.pid
+    found = samples(poll(lambda: scrape_or_empty(url), lambda text: "forkproxy_up 1.0" in text))
+    assert value(found, "forkproxy_metrics_restarts_total") == restarts, found
+    assert cli("check", "--status-socket", str(sock_path), env=env).stdout == "ok: 1 listener(s)\n"
+    assert proxy.log().count("metrics-died") == restarts
 
 
 # -- JSON logs -------------------------------------------------------------------------------
