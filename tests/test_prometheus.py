@@ -22,7 +22,6 @@ import pytest
 from conftest import FORKPROXY, LOOPBACK, Proxy, TcpServer, echo, free_port, need, wait_for
 
 DEADLINE = 90.0
-LINK = "CACHE_PORT_6379_TCP"
 
 
 class Prometheus:
@@ -118,14 +117,20 @@ def test_prometheus_scrapes_rates_quantiles_and_no_reset_across_a_reload(
     env: dict[str, str],
 ) -> None:
     upstream, other = tcp_server(echo), tcp_server(echo)
+    # Link variables name the port the proxy listens on: free ones, never 6379 (a redis
+    # or another run may hold it) nor 1.
+    link_port, other_port = free_port(), free_port()
+    while other_port == link_port:
+        other_port = free_port()
+    link = f"CACHE_PORT_{link_port}_TCP"
     env_file = tmp_path / "links.env"
-    env_file.write_text(f"{LINK}=tcp://127.0.0.1:{upstream.port}\n")
+    env_file.write_text(f"{link}=tcp://127.0.0.1:{upstream.port}\n")
     sock_path = tmp_path / "status.sock"
     proxy = start_proxy("--env-file", str(env_file), *LOOPBACK, "--status-socket", str(sock_path),
                         "--metrics", "127.0.0.1:0", expect=2, env=env)
     target = proxy.lines[-1].removeprefix("metrics http://").removesuffix("/metrics")
     prom = prometheus_factory(target)
-    selector = f'{{job="forkproxy",link="{LINK}"}}'
+    selector = f'{{job="forkproxy",link="{link}"}}'
     total = f"forkproxy_connections_total{selector}"
 
     assert prom.wait_value('up{job="forkproxy"}', lambda v: v == 1) == 1
@@ -137,7 +142,7 @@ def test_prometheus_scrapes_rates_quantiles_and_no_reset_across_a_reload(
     # increase() extrapolates, but from a first sample of 0 only upwards.
     assert (prom.wait_value(f"increase({total}[5m])", lambda v: v >= 10) or 0) >= 10
     assert (prom.wait_value(f"rate({total}[5m])", lambda v: v > 0) or 0) > 0
-    bytes_up = f'forkproxy_bytes_total{{job="forkproxy",link="{LINK}",direction="upstream"}}'
+    bytes_up = f'forkproxy_bytes_total{{job="forkproxy",link="{link}",direction="upstream"}}'
     assert prom.wait_value(bytes_up, lambda v: v == 40) == 40
     # Every connection lasted 0.4 s or a little more: the median lies above the 0.25 s
     # bucket, and no clock on a loaded machine stretches it to 5 s.
@@ -147,8 +152,8 @@ def test_prometheus_scrapes_rates_quantiles_and_no_reset_across_a_reload(
     assert median is not None and 0.25 < median < 5.0, median
 
     # A reload that adds a link keeps this one and its totals: no counter reset.
-    env_file.write_text(f"{LINK}=tcp://127.0.0.1:{upstream.port}\n"
-                        f"OTHER_PORT_1_TCP=tcp://127.0.0.1:{other.port}\n")
+    env_file.write_text(f"{link}=tcp://127.0.0.1:{upstream.port}\n"
+                        f"OTHER_PORT_{other_port}_TCP=tcp://127.0.0.1:{other.port}\n")
     result = subprocess.run([FORKPROXY, "reload", "--status-socket", str(sock_path)],
                             capture_output=True, text=True, env=env, timeout=60, check=False)
     assert result.returncode == 0, result
