@@ -234,7 +234,7 @@ def redis() -> Iterator[Redis]:
 class TcpServer:
     """A threaded TCP server on loopback; `handler(conn)` runs per connection."""
 
-    handler: Callable[[socket.socket], None]
+    handler: Callable[[socket.socket], object]  # what it returns is ignored
     sock: socket.socket = field(init=False)
     threads: list[threading.Thread] = field(default_factory=list)
     errors: list[BaseException] = field(default_factory=list)
@@ -276,10 +276,10 @@ class TcpServer:
 
 
 @pytest.fixture
-def tcp_server() -> Iterator[Callable[[Callable[[socket.socket], None]], TcpServer]]:
+def tcp_server() -> Iterator[Callable[[Callable[[socket.socket], object]], TcpServer]]:
     servers: list[TcpServer] = []
 
-    def make(handler: Callable[[socket.socket], None]) -> TcpServer:
+    def make(handler: Callable[[socket.socket], object]) -> TcpServer:
         server = TcpServer(handler)
         servers.append(server)
         return server

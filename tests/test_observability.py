@@ -1213,8 +1213,10 @@ def test_status_and_check_show_a_dead_metrics_process_until_it_is_back(
         killed = metrics_process()
         killed.kill()
         restarts += 1
-        down = poll(lambda: ask(sock_path)["metrics"],
-                    lambda m, n=restarts: bool(m["restarts"] == n))
+        def restarted(metrics: dict[str, Any], count: int = restarts) -> bool:
+            return bool(metrics["restarts"] == count)
+
+        down = poll(lambda: ask(sock_path)["metrics"], restarted)
         assert down["state"] == "restarting" and down["pid"] is None, down
         assert "SIGKILL" in down["last_exit"] and down["since"] <= time.time(), down
         check = cli("check", "--status-socket", str(sock_path), env=env)

@@ -142,13 +142,14 @@ def test_a_connect_that_fails_with_a_reset_is_reached_then_reset(
     connect_upstream with Ended(UPSTREAM_RESET) at once: no other address, no retry."""
     attempts: list[object] = []  # a mock: this errno cannot be had on demand
 
-    class ResetOnConnect(relay.RawSocket):  # type: ignore[misc]
+    class ResetOnConnect(relay.RawSocket):
         def connect(self, address: object) -> None:
             attempts.append(address)
             raise OSError(code, os.strerror(code))
 
     monkeypatch.setattr(relay, "RawSocket", ResetOnConnect)
-    addresses = [(int(socket.AF_INET), ("127.0.0.1", 9)), (int(socket.AF_INET), ("127.0.0.2", 9))]
+    addresses: list[relay.Address] = [(int(socket.AF_INET), ("127.0.0.1", 9)),
+                                      (int(socket.AF_INET), ("127.0.0.2", 9))]
     with pytest.raises(relay.Ended) as ended:
         relay.connect_upstream(addresses, Endpoint("127.0.0.1", 9), 5.0, retries=2)
     assert ended.value.args[0] == relay.UPSTREAM_RESET

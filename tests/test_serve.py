@@ -94,8 +94,11 @@ def test_out_of_descriptors_for_a_splice_pipe_the_relay_copies(
     proxy = start_proxy("--relay", relay, f"127.0.0.1:0=127.0.0.1:{server.port}",
                         prefix=(need("prlimit"), "--nofile=8:8"))
     with socket.create_connection(("127.0.0.1", proxy.port)) as client:
-        sender = threading.Thread(target=lambda: (client.sendall(data),
-                                                  client.shutdown(socket.SHUT_WR)))
+        def send() -> None:
+            client.sendall(data)
+            client.shutdown(socket.SHUT_WR)
+
+        sender = threading.Thread(target=send)
         sender.start()
         got = recv_all(client)
         sender.join()
