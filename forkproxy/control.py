@@ -225,9 +225,10 @@ def answers(path: str) -> bool:
         return False
 
 
-def sweep_stale(directory: str) -> list[str]:
+def sweep_stale(directory: str, own: str) -> list[str]:
     """Remove the control sockets in `directory` that nobody listens on any more; return
-    their paths.
+    their paths. `own`, the caller's socket, is not probed: a connection to it would
+    wait in the caller's backlog, a descriptor it then spends on accepting itself.
 
     A supervisor removes its own socket when it exits, but not when it is killed (SIGKILL,
     the OOM killer, a container stopped hard), and those files would pile up. Only STALE
@@ -241,7 +242,7 @@ def sweep_stale(directory: str) -> list[str]:
     for name in names:
         path = os.path.join(directory, name)
         try:
-            if not name.endswith(".sock") or probe(path) != STALE:
+            if not name.endswith(".sock") or path == own or probe(path) != STALE:
                 continue
             os.unlink(path)
         except OSError:

@@ -250,7 +250,7 @@ class Supervisor:
         except OSError as exc:
             raise ConfigError(f"status socket directory {directory!r}: "
                               f"{exc.strerror or exc}") from None
-        stale = control.sweep_stale(directory)
+        stale = control.sweep_stale(directory, server.path)
         if stale:
             self.log.info("removed-stale-sockets", count=len(stale), directory=directory)
         return server

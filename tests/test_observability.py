@@ -516,6 +516,25 @@ def test_a_killed_supervisors_socket_is_swept_by_the_next_one(
         assert result.returncode == 0, result
 
 
+def test_a_starting_supervisor_sweeps_the_directory_without_probing_its_own_socket(
+    start_proxy: StartProxy, tcp_server: MakeServer, env: dict[str, str], tmp_path: Path,
+) -> None:
+    """The sweep probes each socket in the directory with a connect(); its own was
+    probed too, a connection left in its own backlog for its loop to accept (a
+    descriptor, and a `control-accept-failed` line at start under a tight limit).
+    Counted with strace: one connect, to the other supervisor's socket."""
+    strace = need("strace")
+    server = tcp_server(echo)
+    spec = f"127.0.0.1:0=127.0.0.1:{server.port}"
+    directory = Path(env["XDG_RUNTIME_DIR"]) / "forkproxy"
+    other = start_proxy(spec, env=env)
+    trace = tmp_path / "connects.trace"
+    start_proxy(spec, env=env, prefix=(strace, "-f", "-e", "trace=connect", "-o", str(trace)))
+    probes = [line for line in trace.read_text().splitlines()
+              if "AF_UNIX" in line and str(directory) in line]
+    assert len(probes) == 1 and f"{other.pid}.sock" in probes[0], probes
+
+
 def test_idle_control_clients_do_not_starve_check(
     start_proxy: StartProxy, tcp_server: MakeServer, tmp_path: Path, env: dict[str, str],
 ) -> None:
