@@ -1404,6 +1404,11 @@ def test_at_a_memory_limit_the_oom_killer_takes_connections_not_the_supervisor(
     assert killed == memory_cgroup.oom_kills() == len(lines), (killed, lines)
     assert all('status="killed by SIGKILL (perhaps out of memory)"' in line
                for line in lines), lines
+    with urllib.request.urlopen(url, timeout=60) as response:  # and in the metrics
+        exposed = response.read().decode()
+    series = f'forkproxy_connections_ended_total{{link="{spec}",outcome="killed"}} '
+    [sample] = [line for line in exposed.splitlines() if line.startswith(series)]
+    assert float(sample.split()[-1]) == killed, sample
     assert proxy.stop() == 0
 
 
