@@ -41,7 +41,12 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from forkproxy.relay import OUTCOMES
 from forkproxy.status import StatusError, enrich, request
+
+# How a connection can end: the relay's exit statuses, and `killed` (by a signal), which
+# the supervisor sees instead of a status (accounting.Accounting.finished).
+OUTCOME_NAMES = (*OUTCOMES.values(), "killed")
 
 
 class SupervisorCollector(Collector):
@@ -101,6 +106,9 @@ def render(status: dict[str, Any], cpu_seen: dict[str, float] | None = None) -> 
                                 labels=["link"])
     total = CounterMetricFamily("forkproxy_connections", "Connections accepted and forked",
                                 labels=["link"])
+    ended = CounterMetricFamily("forkproxy_connections_ended",
+                                "Connections ended, by how (killed: by a signal, most often "
+                                "the OOM killer at a memory limit)", labels=["link", "outcome"])
     denied = CounterMetricFamily("forkproxy_connections_denied",
                                  "Connections closed by --allow", labels=["link"])
     failures = CounterMetricFamily("forkproxy_upstream_connect_failures",
@@ -127,6 +135,9 @@ def render(status: dict[str, Any], cpu_seen: dict[str, float] | None = None) -> 
         active.add_metric([name], stats["active"])
         waiting.add_metric([name], stats.get("waiting", 0))
         total.add_metric([name], stats["connections"])
+        outcomes = stats.get("outcomes", {})
+        for outcome in OUTCOME_NAMES:  # each at 0 from the start: an alert needs the series
+            ended.add_metric([name, outcome], outcomes.get(outcome, 0))
         denied.add_metric([name], stats["denied"])
         failures.add_metric([name], stats["upstream_failures"])
         moved.add_metric([name, "upstream"], stats["bytes_up"])  # live bytes included
@@ -154,8 +165,9 @@ def render(status: dict[str, Any], cpu_seen: dict[str, float] | None = None) -> 
     restarts = CounterMetricFamily("forkproxy_metrics_restarts",
                                    "Times the metrics process died and was started again")
     restarts.add_metric([], (status.get("metrics") or {}).get("restarts", 0))
-    yield from (up, listeners, active, waiting, total, denied, failures, moved, durations, rss,
-                uss, cpu, resolve_failures, address_changes, supervisor_rss, orphans, restarts)
+    yield from (up, listeners, active, waiting, total, ended, denied, failures, moved,
+                durations, rss, uss, cpu, resolve_failures, address_changes, supervisor_rss,
+                orphans, restarts)
 
 
 def _answer_head(app: WSGIApplication) -> WSGIApplication:

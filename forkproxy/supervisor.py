@@ -55,6 +55,10 @@ MAX_REPORTERS = control.MAX_CLIENTS
 REPORT_TIMEOUT = 10.0  # seconds a reporter waits for a client that does not read
 RESOLVE_AGAIN_AFTER = MIN_RESOLVE_EVERY  # seconds: the least time between two lookups' starts
 _RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+OOM_SCORE_ADJ = "/proc/self/oom_score_adj"
+# What each connection's child writes there: the OOM killer's first choice, so that a
+# memory limit reached costs a connection, not the supervisor and every listener with it.
+CHILD_OOM_SCORE_ADJ = 1000
 _CONNECT_FAILED_STATUS = relay.CONNECT_FAILED << 8  # a wait status: exited with that code
 POLLIN, POLLOUT = select.POLLIN, select.POLLOUT
 
@@ -96,6 +100,24 @@ def resolve_all(targets: list[tuple[str, int]], out_fd: int, delay: float) -> No
     data = memoryview(json.dumps(results).encode())
     while data:
         data = data[os.write(out_fd, data):]
+
+
+def child_oom_score_adj() -> tuple[int, bytes | None]:
+    """The supervisor's own oom_score_adj, and what each connection's child raises its own
+    to: None when that changes nothing (already at the most, or no /proc to say it in).
+
+    Why: the OOM killer of a memory-limited container takes the process using the most
+    memory, and a child's resident size counts the pages it shares with the supervisor,
+    so the supervisor is always the largest: killed first, every listener went with it.
+    A child inherits the supervisor's value at fork; raising one's own needs no
+    privilege, lowering below what a privileged process set (the runtime's) does.
+    """
+    try:
+        with open(OOM_SCORE_ADJ, "rb") as handle:
+            own = int(handle.read())
+    except (OSError, ValueError):
+        return 0, None
+    return own, (str(CHILD_OOM_SCORE_ADJ).encode() if own < CHILD_OOM_SCORE_ADJ else None)
 
 
 def is_allowed(allow: list[Network], host: str) -> bool:
@@ -150,6 +172,7 @@ class Supervisor:
         self.resolve_failing: set[str] = set()  # links whose last lookup failed (log once)
         self.started = time.time()
         self.pid = os.getpid()  # also what a reporter child reports
+        self.oom_score_adj, self.child_oom_score_adj = child_oom_score_adj()
 
     # -- start and stop -------------------------------------------------------------
 
@@ -288,6 +311,9 @@ class Supervisor:
             os.close(devnull)
         for line in lines:
             self.log.debug("ready", detail=line)
+        self.log.debug("oom-score-adj", supervisor=self.oom_score_adj,
+                       children=(CHILD_OOM_SCORE_ADJ if self.child_oom_score_adj
+                                 else self.oom_score_adj))
         gc.freeze()  # the children never touch these objects' GC headers: fewer pages copied
         try:
             self.loop()
@@ -408,6 +434,9 @@ class Supervisor:
             _signal.set_wakeup_fd, _signal.signal, relay.CHILD_DISPOSITIONS
         )
         gc_disable, closerange, exit_child = gc.disable, os.closerange, os._exit
+        oom_value, open_file, write, oom_path, write_only = (
+            self.child_oom_score_adj, os.open, os.write, OOM_SCORE_ADJ, os.O_WRONLY
+        )
         serve, failed, family, sock_stream = (
             relay.serve, relay.FAILED, listener.family, relay.SOCK_STREAM
         )
@@ -447,6 +476,13 @@ class Supervisor:
                         for signum, action in child_dispositions:
                             set_signal(signum, action)
                         gc_disable()  # a collection would touch (and copy) every heap page
+                        if oom_value is not None:
+                            # The OOM killer's first choice (child_oom_score_adj says why):
+                            # two system calls, open and write; closerange closes it.
+                            try:
+                                write(open_file(oom_path, write_only), oom_value)
+                            except OSError:
+                                pass  # out of descriptors: this one child stays as it was
                         # Drop every inherited descriptor but stdio and the client, above all
                         # the listeners: a child holding one would keep a closed port open.
                         closerange(3, fd)

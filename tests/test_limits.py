@@ -20,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -1292,6 +1293,123 @@ def test_a_client_held_on_a_link_a_reload_removed_counts_there_then_the_link_goe
     assert wait_for(lambda: not children(proxy.pid))
     links = control(sock_path, "status")["links"]
     assert isinstance(links, dict) and sorted(links) == [kept], links
+
+
+class MemoryCgroup:
+    """A fresh memory cgroup (v1 `memory` hierarchy, or v2 with the memory controller),
+    no swap, so that its limit is met by the OOM killer, for real."""
+
+    def __init__(self, path: Path, v1: bool) -> None:
+        self.path, self.v1 = path, v1
+
+    def enter(self) -> tuple[str, ...]:
+        """A command prefix that runs the command inside the group."""
+        return ("sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', str(self.path))
+
+    def usage(self) -> int:
+        name = "memory.usage_in_bytes" if self.v1 else "memory.current"
+        return int((self.path / name).read_text())
+
+    def limit(self, size: int) -> None:
+        if self.v1:
+            (self.path / "memory.limit_in_bytes").write_text(str(size))
+            with contextlib.suppress(FileNotFoundError):  # no swap accounting: no swap file
+                (self.path / "memory.memsw.limit_in_bytes").write_text(str(size))
+        else:
+            (self.path / "memory.max").write_text(str(size))
+            with contextlib.suppress(FileNotFoundError):
+                (self.path / "memory.swap.max").write_text("0")
+
+    def oom_kills(self) -> int:
+        """Processes of the group the OOM killer has killed so far."""
+        name = "memory.oom_control" if self.v1 else "memory.events"
+        fields = (self.path / name).read_text().split()
+        return int(fields[fields.index("oom_kill") + 1])
+
+
+@pytest.fixture
+def memory_cgroup() -> Iterator[MemoryCgroup]:
+    v1 = Path("/sys/fs/cgroup/memory")
+    v2 = Path("/sys/fs/cgroup")
+    if v1.is_dir():
+        parent = v1
+    elif "memory" in (v2 / "cgroup.subtree_control").read_text().split():
+        parent = v2
+    else:
+        pytest.fail("no memory cgroup controller: this test needs one (root, cgroup v1 or v2)")
+    group = parent / f"forkproxy-test-{os.getpid()}-{time.monotonic_ns()}"
+    group.mkdir()
+    try:
+        yield MemoryCgroup(group, parent == v1)
+    finally:
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                group.rmdir()
+                break
+            except OSError:  # EBUSY while its last processes exit
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+
+
+def test_at_a_memory_limit_the_oom_killer_takes_connections_not_the_supervisor(
+    memory_cgroup: MemoryCgroup, start_proxy: StartProxy, tcp_server: ServerFactory,
+    short_dir: Path
+) -> None:
+    """A container's memory limit reached (docker run -m): the OOM killer takes the
+    process with the most memory, and a child's counts the pages it shares with the
+    supervisor, so it took the metrics process, then the supervisor, and every listener
+    went with it. Now each child makes itself the first choice: connections are killed,
+    each counted and logged, and the supervisor and the metrics process live on."""
+    server = tcp_server(echo)
+    spec, sock_path = f"127.0.0.1:0=127.0.0.1:{server.port}", short_dir / "s.sock"
+    proxy = start_proxy("--metrics", "127.0.0.1:0", "--status-socket", str(sock_path), spec,
+                        expect=2, prefix=memory_cgroup.enter())
+    url = proxy.lines[-1].split()[1]
+    with urllib.request.urlopen(url, timeout=60) as response:  # its imports are done
+        assert response.status == 200
+    metrics_pid = control(sock_path, "status")["metrics"]["pid"]
+    # Room for a few dozen connections (each child's own memory is ~0.3-1 MiB).
+    memory_cgroup.limit(memory_cgroup.usage() + 12 * MiB)
+    clients: list[socket.socket] = []
+    try:
+        for i in range(600):  # until the OOM killer has had to choose a few times
+            if memory_cgroup.oom_kills() >= 5 or proxy.proc.poll() is not None:
+                break
+            try:
+                clients.append(connect(proxy.port))
+            except ConnectionRefusedError:
+                break  # nothing listens any more: the supervisor was killed
+            with contextlib.suppress(OSError):  # an older one may be the one killed
+                exchange(clients[-1], b"%d" % i)
+        assert proxy.proc.poll() is None, "the supervisor was killed"
+        assert psutil.pid_exists(metrics_pid), "the metrics process was killed"
+        assert memory_cgroup.oom_kills() >= 5, "the limit was never reached"
+        for client in clients:
+            client.close()
+        assert wait_for(lambda: not children(proxy.pid) or
+                        [c.pid for c in children(proxy.pid)] == [metrics_pid], timeout=60)
+        assert ping_echo(proxy.port)  # still listening, still relaying
+    finally:
+        for client in clients:
+            client.close()
+    reply = control(sock_path, "status")
+    assert reply["metrics"]["pid"] == metrics_pid
+    assert reply["metrics"]["restarts"] == 0
+    # Every process the OOM killer took was a connection's child: counted as killed, and
+    # logged so, with the hint.
+    killed = link_stats(reply, spec)["outcomes"]["killed"]  # type: ignore[index]
+    lines = [line for line in proxy.log().splitlines() if " child-died " in line]
+    assert killed == memory_cgroup.oom_kills() == len(lines), (killed, lines)
+    assert all('status="killed by SIGKILL (perhaps out of memory)"' in line
+               for line in lines), lines
+    with urllib.request.urlopen(url, timeout=60) as response:  # and in the metrics
+        exposed = response.read().decode()
+    series = f'forkproxy_connections_ended_total{{link="{spec}",outcome="killed"}} '
+    [sample] = [line for line in exposed.splitlines() if line.startswith(series)]
+    assert float(sample.split()[-1]) == killed, sample
+    assert proxy.stop() == 0
 
 
 def test_fork_failures_pause_accepting_and_are_logged_once_with_a_count(

@@ -780,6 +780,20 @@ def test_metrics_count_lookups_that_failed_or_moved_a_name() -> None:
     assert samples[("forkproxy_address_changes", "db")] == 2
 
 
+def test_metrics_count_connections_by_how_they_ended() -> None:
+    """Each outcome per link, `killed` too (a child the OOM killer took): the log and
+    `status --json` counted them, the metrics did not. Every outcome is there from 0."""
+    stats = {**vars(LinkStats()), "outcomes": {"closed": 4, "killed": 2}, "active": 0}
+    status = {"links": {"db": stats},
+              "duration_buckets": list(DURATION_BUCKETS), "listeners": []}
+    samples = {(sample.name, sample.labels.get("link"), sample.labels.get("outcome")):
+               sample.value
+               for metric in render_metrics(status) for sample in metric.samples}
+    assert samples[("forkproxy_connections_ended_total", "db", "killed")] == 2
+    assert samples[("forkproxy_connections_ended_total", "db", "closed")] == 4
+    assert samples[("forkproxy_connections_ended_total", "db", "client-reset")] == 0
+
+
 def cpu_totals_over_scrapes(
     monkeypatch: pytest.MonkeyPatch, replies: list[dict[str, Any]]
 ) -> list[float]:
