@@ -59,6 +59,7 @@ OUTCOMES = {
 }
 
 COPY_CHUNK = 64 * 1024  # --relay copy
+DELIVER_REST_TIMEOUT = 5.0  # seconds: see _deliver_rest
 AUTO_CHUNK = 16 * 1024  # --relay auto: a read that fills it means bulk, so splice from then on
 SPLICE_CHUNK = 1024 * 1024
 PIPE_SIZE = 1024 * 1024
@@ -234,7 +235,7 @@ class Flow:
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
-            raise Ended(self.dst_reset, exc) from None
+            raise Ended(self.dst_reset, exc, self) from None  # the flow: see pump()
 
 
 def lookup(host: str, port: int) -> list[Address]:
@@ -455,11 +456,49 @@ def pump(
                         poller.unregister(ufd)
                         umask = -1
         return CLOSED
+    except Ended as ended:
+        if len(ended.args) > 2:
+            # A write failed: that side reset. What it sent just before (an early answer,
+            # then the RST its kernel sends for an upload it left unread) may still wait
+            # here, read or unread: deliver it first, as a direct connection would, then
+            # the reset goes on as usual (serve()).
+            _deliver_rest(down if ended.args[2] is up else up)
+            raise Ended(*ended.args[:2]) from None
+        raise
     finally:
         if up.pipe_r >= 0:  # a splice pipe: only then is there anything to close
             up.close()
         if down.pipe_r >= 0:
             down.close()
+
+
+def _deliver_rest(flow: Flow) -> None:
+    """`flow.src` reset: deliver to `flow.dst` what it had sent before, the bytes already
+    read (pending, in the buffer or the splice pipe) and then its receive queue (after an
+    RST the kernel still hands those out, then EOF). Best effort, and bounded: a
+    receiver that takes nothing for DELIVER_REST_TIMEOUT is reset with the rest unsent."""
+    dst = flow.dst
+    try:
+        dst.settimeout(DELIVER_REST_TIMEOUT)
+        while flow.pending:
+            if flow.splice:
+                data = os.read(flow.pipe_r, flow.pending)
+                if not data:
+                    break  # cannot be (the pipe holds `pending` bytes), but never spin
+            else:
+                data = bytes(flow.view[flow.start : flow.end])
+                flow.start = flow.end
+            dst.sendall(data)
+            flow.pending -= len(data)
+            flow.counters[flow.index] += len(data)
+        while not flow.eof:
+            data = flow.src.recv(COPY_CHUNK, MSG_DONTWAIT)
+            if not data:
+                break
+            dst.sendall(data)
+            flow.counters[flow.index] += len(data)
+    except OSError:
+        pass  # nothing more queued (EAGAIN), or the receiver is gone or too slow
 
 
 def _socket_error(sock: RawSocket) -> OSError:

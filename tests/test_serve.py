@@ -390,3 +390,57 @@ def test_python_dash_m_runs_the_cli(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-m", "forkproxy", "links", "6379=198.18.0.5:6379"],
                          capture_output=True, text=True, check=True)
     assert out.stdout == "listen 0.0.0.0:6379 -> 198.18.0.5:6379 (6379=198.18.0.5:6379)\n"
+
+
+@pytest.mark.parametrize("relay", ["auto", "splice", "copy"])
+def test_an_answer_sent_just_before_a_reset_reaches_the_client_still_uploading(
+    start_proxy: Callable[..., Proxy], relay: str
+) -> None:
+    """A server that answers early and closes with the upload unread (an HTTP 413, say):
+    its kernel sends the answer, then an RST. Direct, the client reads the answer, then
+    the reset. The proxy's write of more upload fails first on that RST; the answer,
+    already in the proxy's socket, must still be delivered before the client's reset
+    (it was dropped: the client got the reset alone). Ten rounds: the race is the
+    proxy's, and it lost it every time."""
+    answer = os.urandom(20_000)
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        proxy = start_proxy("--relay", relay, f"127.0.0.1:0=127.0.0.1:{server.getsockname()[1]}")
+        for _ in range(10):
+            with socket.create_connection(("127.0.0.1", proxy.port), timeout=30) as client:
+                conn, _ = server.accept()
+                with conn:
+                    client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 16)
+                    upload = threading.Thread(target=_upload_until_refused, args=(client,))
+                    upload.start()
+                    assert len(conn.recv(100)) > 0
+                    # Wait until the upload has filled what the proxy can queue, then
+                    # answer and close unread: an RST right behind the answer.
+                    time.sleep(0.3)
+                    conn.sendall(answer)
+                    # conn closes here with the upload unread: an RST follows the answer
+                got = b""
+                ended = "eof"
+                while True:
+                    try:
+                        chunk = client.recv(65536)
+                    except ConnectionResetError:
+                        ended = "reset"
+                        break
+                    if not chunk:
+                        break
+                    got += chunk
+                upload.join(30)
+            # Then the reset: as a read's ECONNRESET, or as EOF when the upload's send
+            # took the error first (direct, the client sees the same).
+            assert hashlib.sha256(got).hexdigest() == hashlib.sha256(answer).hexdigest(), \
+                (len(got), ended)
+
+
+def _upload_until_refused(sock: socket.socket) -> None:
+    """Send until the connection fails (the server's reset, passed on by the proxy)."""
+    block = b"u" * 65536
+    try:
+        while True:
+            sock.sendall(block)
+    except OSError:
+        pass
