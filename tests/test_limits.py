@@ -1155,22 +1155,23 @@ def test_accept_resource_errors_pause_accepting_briefly_then_resume(
         assert sup.accepting and fake.calls == 2
 
 
-@pytest.fixture
-def pids_cgroup() -> Iterator[Path]:
-    """A fresh pids cgroup (v1 `pids` hierarchy, or v2 with the pids controller) where
-    fork fails for real, with EAGAIN, past `pids.max`; removed once its processes exit."""
-    v1 = Path("/sys/fs/cgroup/pids")
+@contextlib.contextmanager
+def fresh_cgroup(controller: str) -> Iterator[tuple[Path, bool]]:
+    """A fresh cgroup of `controller` (its v1 hierarchy, or v2 with the controller on):
+    (its path, whether v1); removed once its processes exit."""
+    v1 = Path("/sys/fs/cgroup") / controller
     v2 = Path("/sys/fs/cgroup")
     if v1.is_dir():
         parent = v1
-    elif "pids" in (v2 / "cgroup.subtree_control").read_text().split():
+    elif controller in (v2 / "cgroup.subtree_control").read_text().split():
         parent = v2
     else:
-        pytest.fail("no pids cgroup controller: this test needs one (root, cgroup v1 or v2)")
+        pytest.fail(f"no {controller} cgroup controller: this test needs one "
+                    "(root, cgroup v1 or v2)")
     group = parent / f"forkproxy-test-{os.getpid()}-{time.monotonic_ns()}"
     group.mkdir()
     try:
-        yield group
+        yield group, parent == v1
     finally:
         deadline = time.monotonic() + 15
         while True:
@@ -1183,6 +1184,18 @@ def pids_cgroup() -> Iterator[Path]:
                 time.sleep(0.1)
 
 
+def in_cgroup(group: Path) -> tuple[str, ...]:
+    """A command prefix that runs the command inside `group`."""
+    return ("sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', str(group))
+
+
+@pytest.fixture
+def pids_cgroup() -> Iterator[Path]:
+    """A fresh pids cgroup where fork fails for real, with EAGAIN, past `pids.max`."""
+    with fresh_cgroup("pids") as (group, _):
+        yield group
+
+
 def test_a_client_whose_fork_failed_is_held_and_served_when_a_child_exits(
     pids_cgroup: Path, start_proxy: StartProxy, tcp_server: ServerFactory
 ) -> None:
@@ -1190,7 +1203,7 @@ def test_a_client_whose_fork_failed_is_held_and_served_when_a_child_exits(
     EAGAIN: the client is held, not closed, and served by the next fork that works."""
     server = tcp_server(echo)
     (pids_cgroup / "pids.max").write_text("2")  # the supervisor and one child
-    enter = ("sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', str(pids_cgroup))
+    enter = in_cgroup(pids_cgroup)
     proxy = start_proxy(f"127.0.0.1:0=127.0.0.1:{server.port}", prefix=enter)
     with connect(proxy.port) as first, connect(proxy.port) as second:
         assert exchange(first, b"first") == b"first"  # its child is the one allowed
@@ -1212,7 +1225,7 @@ def test_a_client_held_at_a_stop_with_no_child_running_gets_the_grace_period(
     period ends. Status counts it as waiting meanwhile (it showed nothing)."""
     server = tcp_server(echo)
     (pids_cgroup / "pids.max").write_text("1")  # the supervisor alone: every fork fails
-    enter = ("sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', str(pids_cgroup))
+    enter = in_cgroup(pids_cgroup)
     spec, sock_path = f"127.0.0.1:0=127.0.0.1:{server.port}", short_dir / "s.sock"
     proxy = start_proxy("--grace", "60", "--status-socket", str(sock_path), spec, prefix=enter)
     with connect(proxy.port) as held:
@@ -1241,7 +1254,7 @@ def test_clients_held_after_a_failed_fork_and_dropped_at_the_stop_are_logged(
     warning now names the link and how many."""
     server = tcp_server(echo)
     (pids_cgroup / "pids.max").write_text("1")  # the supervisor alone: every fork fails
-    enter = ("sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', str(pids_cgroup))
+    enter = in_cgroup(pids_cgroup)
     spec = f"127.0.0.1:0=127.0.0.1:{server.port}"
     proxy = start_proxy("--grace", "1", spec, prefix=enter)
     held = [connect(proxy.port) for _ in range(3)]
@@ -1275,7 +1288,7 @@ def test_a_client_held_on_a_link_a_reload_removed_counts_there_then_the_link_goe
     kept, removed = f"A_PORT_{pa}_TCP", f"B_PORT_{pb}_TCP"
     write_env_file(env_file, {kept: f"tcp://127.0.0.1:{server.port}",
                               removed: f"tcp://127.0.0.1:{server.port}"})
-    enter = ("sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', str(pids_cgroup))
+    enter = in_cgroup(pids_cgroup)
     proxy = start_proxy("--env-file", str(env_file), *LOOPBACK, "--status-socket", str(sock_path),
                         expect=2, prefix=enter)
     with connect(pa) as first, connect(pb) as held:
@@ -1304,7 +1317,7 @@ class MemoryCgroup:
 
     def enter(self) -> tuple[str, ...]:
         """A command prefix that runs the command inside the group."""
-        return ("sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', str(self.path))
+        return in_cgroup(self.path)
 
     def usage(self) -> int:
         name = "memory.usage_in_bytes" if self.v1 else "memory.current"
@@ -1329,28 +1342,8 @@ class MemoryCgroup:
 
 @pytest.fixture
 def memory_cgroup() -> Iterator[MemoryCgroup]:
-    v1 = Path("/sys/fs/cgroup/memory")
-    v2 = Path("/sys/fs/cgroup")
-    if v1.is_dir():
-        parent = v1
-    elif "memory" in (v2 / "cgroup.subtree_control").read_text().split():
-        parent = v2
-    else:
-        pytest.fail("no memory cgroup controller: this test needs one (root, cgroup v1 or v2)")
-    group = parent / f"forkproxy-test-{os.getpid()}-{time.monotonic_ns()}"
-    group.mkdir()
-    try:
-        yield MemoryCgroup(group, parent == v1)
-    finally:
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                group.rmdir()
-                break
-            except OSError:  # EBUSY while its last processes exit
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
+    with fresh_cgroup("memory") as (group, v1):
+        yield MemoryCgroup(group, v1)
 
 
 def test_at_a_memory_limit_the_oom_killer_takes_connections_not_the_supervisor(
