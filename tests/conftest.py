@@ -230,11 +230,15 @@ def redis() -> Iterator[Redis]:
     pytest.fail("redis-server did not start")
 
 
+Handler = Callable[[socket.socket], object]  # one per connection; what it returns is ignored
+ServerFactory = Callable[[Handler], "TcpServer"]  # the tcp_server fixture: a server per handler
+
+
 @dataclass
 class TcpServer:
     """A threaded TCP server on loopback; `handler(conn)` runs per connection."""
 
-    handler: Callable[[socket.socket], object]  # what it returns is ignored
+    handler: Handler
     sock: socket.socket = field(init=False)
     threads: list[threading.Thread] = field(default_factory=list)
     errors: list[BaseException] = field(default_factory=list)
@@ -276,10 +280,10 @@ class TcpServer:
 
 
 @pytest.fixture
-def tcp_server() -> Iterator[Callable[[Callable[[socket.socket], object]], TcpServer]]:
+def tcp_server() -> Iterator[ServerFactory]:
     servers: list[TcpServer] = []
 
-    def make(handler: Callable[[socket.socket], object]) -> TcpServer:
+    def make(handler: Handler) -> TcpServer:
         server = TcpServer(handler)
         servers.append(server)
         return server

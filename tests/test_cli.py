@@ -12,7 +12,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -22,7 +21,7 @@ from forkproxy.cli import app
 
 from conftest import (
     FORKPROXY,
-    TcpServer,
+    ServerFactory,
     echo,
     free_port,
     kill_group,
@@ -571,7 +570,7 @@ def test_reload_reports_the_outcome_unless_pid_file_is_on_the_command_line(
 @pytest.mark.parametrize(("redirects", "closed"),
                          [(">&-", {1}), ("2>&-", {2}), ("<&- >&- 2>&-", {0, 1, 2})])
 def test_serve_runs_with_standard_fds_closed(
-    tmp_path: Path, tcp_server: Callable[[Callable[[socket.socket], None]], TcpServer],
+    tmp_path: Path, tcp_server: ServerFactory,
     redirects: str, closed: set[int],
 ) -> None:
     """`serve ... >&-` died with a traceback (sys.stdout is None), `2>&-` silently; and a

@@ -38,7 +38,7 @@ from conftest import (
     LOOPBACK,
     Proxy,
     Redis,
-    TcpServer,
+    ServerFactory,
     control,
     echo,
     fd_count,
@@ -54,7 +54,6 @@ MiB = 1 << 20
 SYS_PIDFD_GETFD = 438  # the same number on every architecture
 PING, PONG = b"PING\r\n", b"+PONG\r\n"
 
-ServerFactory = Callable[[Callable[[socket.socket], object]], TcpServer]
 StartProxy = Callable[..., Proxy]
 
 

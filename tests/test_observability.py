@@ -37,7 +37,17 @@ from forkproxy.accounting import DURATION_BUCKETS, LinkStats
 from forkproxy.log import INFO, SLOT, SLOT_INT, SLOT_SECONDS, Logger, _stamp
 from forkproxy.metrics import render as render_metrics
 
-from conftest import FORKPROXY, LOOPBACK, Proxy, Redis, TcpServer, echo, free_port, need, recv_all
+from conftest import (
+    FORKPROXY,
+    LOOPBACK,
+    Proxy,
+    Redis,
+    ServerFactory,
+    echo,
+    free_port,
+    need,
+    recv_all,
+)
 
 T = TypeVar("T")
 MiB = 1 << 20
@@ -45,7 +55,6 @@ DEADLINE = 30.0  # generous: a loaded 2-core machine; polls return as soon as th
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 StartProxy = Callable[..., Proxy]
-MakeServer = Callable[[Callable[[socket.socket], None]], TcpServer]
 
 
 # -- helpers ---------------------------------------------------------------------------
@@ -312,7 +321,7 @@ def test_status_counts_exact_redis_bytes_and_upstream_failures(
 
 
 def test_live_connection_in_status_with_pid_client_age_bytes_and_psutil(
-    start_proxy: StartProxy, tcp_server: MakeServer, tmp_path: Path, env: dict[str, str],
+    start_proxy: StartProxy, tcp_server: ServerFactory, tmp_path: Path, env: dict[str, str],
 ) -> None:
     server = tcp_server(echo)
     sock_path = tmp_path / "status.sock"
@@ -367,7 +376,7 @@ def test_live_connection_in_status_with_pid_client_age_bytes_and_psutil(
 
 @pytest.mark.parametrize("relay", ["auto", "splice", "copy"])
 def test_bulk_byte_counts_are_exact_in_every_relay_mode(
-    start_proxy: StartProxy, tcp_server: MakeServer, tmp_path: Path, env: dict[str, str],
+    start_proxy: StartProxy, tcp_server: ServerFactory, tmp_path: Path, env: dict[str, str],
     relay: str,
 ) -> None:
     up_size, down_size = 3 * MiB + 7, 2 * MiB + 3  # not multiples of any buffer size
@@ -397,7 +406,7 @@ def test_bulk_byte_counts_are_exact_in_every_relay_mode(
 
 
 def test_status_from_outside_the_supervisors_pid_namespace_reads_the_right_children(
-    start_proxy: StartProxy, tcp_server: MakeServer, tmp_path: Path, env: dict[str, str],
+    start_proxy: StartProxy, tcp_server: ServerFactory, tmp_path: Path, env: dict[str, str],
 ) -> None:
     """The supervisor as PID 1 of its own namespace (a container), `status` run outside
     it (on the host, through a mounted socket): the children's pids in the reply are the
@@ -442,7 +451,7 @@ def test_status_shows_the_addresses_a_name_resolves_to(
 
 
 def test_check_exit_codes_while_serving_draining_and_after_exit(
-    start_proxy: StartProxy, tcp_server: MakeServer, env: dict[str, str],
+    start_proxy: StartProxy, tcp_server: ServerFactory, env: dict[str, str],
 ) -> None:
     server = tcp_server(echo)
     proxy = start_proxy("--grace", "60", f"127.0.0.1:0=127.0.0.1:{server.port}", env=env)
@@ -480,7 +489,7 @@ def test_check_exit_codes_while_serving_draining_and_after_exit(
 
 
 def test_a_killed_supervisors_socket_is_swept_by_the_next_one(
-    start_proxy: StartProxy, tcp_server: MakeServer, env: dict[str, str],
+    start_proxy: StartProxy, tcp_server: ServerFactory, env: dict[str, str],
 ) -> None:
     """SIGKILL leaves a supervisor no chance to remove its control socket; the next
     supervisor to start in the same directory removes it (nobody listens on it), and
@@ -517,7 +526,7 @@ def test_a_killed_supervisors_socket_is_swept_by_the_next_one(
 
 
 def test_a_starting_supervisor_sweeps_the_directory_without_probing_its_own_socket(
-    start_proxy: StartProxy, tcp_server: MakeServer, env: dict[str, str], tmp_path: Path,
+    start_proxy: StartProxy, tcp_server: ServerFactory, env: dict[str, str], tmp_path: Path,
 ) -> None:
     """The sweep probes each socket in the directory with a connect(); its own was
     probed too, a connection left in its own backlog for its loop to accept (a
@@ -536,7 +545,7 @@ def test_a_starting_supervisor_sweeps_the_directory_without_probing_its_own_sock
 
 
 def test_idle_control_clients_do_not_starve_check(
-    start_proxy: StartProxy, tcp_server: MakeServer, tmp_path: Path, env: dict[str, str],
+    start_proxy: StartProxy, tcp_server: ServerFactory, tmp_path: Path, env: dict[str, str],
 ) -> None:
     """A HEALTHCHECK must not be wedged by clients that connect and never ask anything."""
     server = tcp_server(echo)
@@ -573,7 +582,7 @@ def fill_backlog(path: Path, request: bytes) -> list[socket.socket]:
 
 
 def test_a_control_client_waits_for_room_in_a_busy_supervisors_backlog(
-    start_proxy: StartProxy, tcp_server: MakeServer, tmp_path: Path, env: dict[str, str],
+    start_proxy: StartProxy, tcp_server: ServerFactory, tmp_path: Path, env: dict[str, str],
 ) -> None:
     """A socket with a timeout is non-blocking, and a Unix socket's connect() then fails at
     once when the backlog is full: `check` reported a supervisor busy for a moment, while
@@ -606,7 +615,7 @@ def test_a_control_client_waits_for_room_in_a_busy_supervisors_backlog(
 
 
 def test_a_full_control_socket_answers_the_client_it_makes_room_from(
-    start_proxy: StartProxy, tcp_server: MakeServer, tmp_path: Path, env: dict[str, str],
+    start_proxy: StartProxy, tcp_server: ServerFactory, tmp_path: Path, env: dict[str, str],
 ) -> None:
     """Room for a new client is made by dropping the oldest; one whose request was waiting,
     not yet read in that round of poll(), was reset unanswered. A backlog of clients that
@@ -643,7 +652,7 @@ def recv_all_bytes(sock: socket.socket) -> bytes:
 
 
 def test_two_instances_with_default_sockets_do_not_clash(
-    start_proxy: StartProxy, tcp_server: MakeServer, env: dict[str, str],
+    start_proxy: StartProxy, tcp_server: ServerFactory, env: dict[str, str],
 ) -> None:
     server = tcp_server(echo)
     spec = f"127.0.0.1:0=127.0.0.1:{server.port}"
@@ -896,7 +905,7 @@ def test_an_idle_tcp_client_does_not_block_scrapes(
 
 
 def test_metrics_answer_head_as_get_without_a_body(
-    start_proxy: StartProxy, tcp_server: MakeServer, env: dict[str, str],
+    start_proxy: StartProxy, tcp_server: ServerFactory, env: dict[str, str],
 ) -> None:
     """prometheus_client answers HEAD with 405, and an uptime monitor that checks with HEAD
     (every HTTP server must support it) saw the endpoint down."""
@@ -918,7 +927,7 @@ def test_metrics_answer_head_as_get_without_a_body(
 
 
 def test_metrics_filtered_by_name_give_those_families(
-    start_proxy: StartProxy, tcp_server: MakeServer, env: dict[str, str],
+    start_proxy: StartProxy, tcp_server: ServerFactory, env: dict[str, str],
 ) -> None:
     """prometheus_client's `?name[]=` filter keeps the named series; the registry did not
     know the collector's names, and the filtered page was empty."""
@@ -930,7 +939,7 @@ def test_metrics_filtered_by_name_give_those_families(
 
 
 def test_idle_connections_to_the_metrics_port_cost_a_bounded_number_of_threads(
-    start_proxy: StartProxy, tcp_server: MakeServer, env: dict[str, str],
+    start_proxy: StartProxy, tcp_server: ServerFactory, env: dict[str, str],
 ) -> None:
     """Each connection to the metrics port got a thread, without bound, and threads count
     against a container's pids limit: with `--pids-limit 60`, 100 idle connections from
@@ -1004,7 +1013,7 @@ def reload(sock_path: Path, env: dict[str, str]) -> None:
 
 
 def test_a_link_a_reload_removed_leaves_status_and_metrics_with_its_last_connection(
-    start_proxy: StartProxy, tcp_server: MakeServer, tmp_path: Path, env: dict[str, str],
+    start_proxy: StartProxy, tcp_server: ServerFactory, tmp_path: Path, env: dict[str, str],
 ) -> None:
     """A removed link stayed in `status` and `/metrics` for good, its totals frozen: live
     rewiring piled up dead series. It goes as soon as it has no live connection; one held
@@ -1066,7 +1075,7 @@ def test_a_link_a_reload_removed_leaves_status_and_metrics_with_its_last_connect
 
 
 def test_a_link_a_reload_renamed_starts_at_zero_and_its_old_name_goes(
-    start_proxy: StartProxy, tcp_server: MakeServer, tmp_path: Path, env: dict[str, str],
+    start_proxy: StartProxy, tcp_server: ServerFactory, tmp_path: Path, env: dict[str, str],
 ) -> None:
     """A link is named by its sources: a Compose alias added to the same target renames it
     (`CACHE_PORT_P_TCP,DB_PORT_P_TCP`). The listener keeps its socket; the old name goes
@@ -1104,7 +1113,7 @@ def test_a_link_a_reload_renamed_starts_at_zero_and_its_old_name_goes(
 
 
 def test_sigusr1_writes_links_and_live_connections_to_the_log(
-    start_proxy: StartProxy, tcp_server: MakeServer, tmp_path: Path, env: dict[str, str],
+    start_proxy: StartProxy, tcp_server: ServerFactory, tmp_path: Path, env: dict[str, str],
 ) -> None:
     server = tcp_server(echo)
     sock_path = tmp_path / "status.sock"
@@ -1150,7 +1159,7 @@ def test_sigusr1_writes_links_and_live_connections_to_the_log(
 
 
 def test_sigusr1_link_line_counts_denied_clients_as_the_status_table_does(
-    start_proxy: StartProxy, tcp_server: MakeServer, tmp_path: Path, env: dict[str, str],
+    start_proxy: StartProxy, tcp_server: ServerFactory, tmp_path: Path, env: dict[str, str],
 ) -> None:
     """The log's table has every column of `forkproxy status`'s link table: DENIED too."""
     server = tcp_server(echo)
@@ -1172,7 +1181,7 @@ def test_sigusr1_link_line_counts_denied_clients_as_the_status_table_does(
 
 @pytest.mark.parametrize("quiet", ["-q", "-qq"])
 def test_sigusr1_writes_the_table_at_info_even_when_quiet(
-    start_proxy: StartProxy, tcp_server: MakeServer, env: dict[str, str], quiet: str,
+    start_proxy: StartProxy, tcp_server: ServerFactory, env: dict[str, str], quiet: str,
 ) -> None:
     """Asked for, so written with -q and -qq; still info, so alerts on warnings and
     errors do not fire on it (it was logged at the verbosity's own level)."""
@@ -1190,7 +1199,7 @@ def test_sigusr1_writes_the_table_at_info_even_when_quiet(
 
 
 def test_sigusr1_to_the_whole_process_group_spares_connections_and_metrics(
-    start_proxy: StartProxy, tcp_server: MakeServer, env: dict[str, str],
+    start_proxy: StartProxy, tcp_server: ServerFactory, env: dict[str, str],
 ) -> None:
     """`kill -USR1 -PGID` (or a process manager signalling the group) asks for the status:
     the relay children ignore it, and so must the metrics process."""
@@ -1216,7 +1225,7 @@ def test_sigusr1_to_the_whole_process_group_spares_connections_and_metrics(
 
 
 def test_status_and_check_show_a_dead_metrics_process_until_it_is_back(
-    start_proxy: StartProxy, tcp_server: MakeServer, env: dict[str, str],
+    start_proxy: StartProxy, tcp_server: ServerFactory, env: dict[str, str],
 ) -> None:
     """A metrics process that died (SIGKILL here, the OOM killer in life) is restarted 5 s
     later; meanwhile the endpoint answers nothing, and status and check said nothing of it.

@@ -19,7 +19,16 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FORKPROXY, LOOPBACK, Proxy, TcpServer, echo, free_port, need, wait_for
+from conftest import (
+    FORKPROXY,
+    LOOPBACK,
+    Proxy,
+    ServerFactory,
+    echo,
+    free_port,
+    need,
+    wait_for,
+)
 
 DEADLINE = 90.0
 
@@ -111,7 +120,7 @@ def connections(port: int, count: int, hold: float) -> None:
 
 def test_prometheus_scrapes_rates_quantiles_and_no_reset_across_a_reload(
     start_proxy: Callable[..., Proxy],
-    tcp_server: Callable[[Callable[[socket.socket], None]], TcpServer],
+    tcp_server: ServerFactory,
     prometheus_factory: Callable[[str], Prometheus],
     tmp_path: Path,
     env: dict[str, str],

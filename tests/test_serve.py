@@ -19,7 +19,7 @@ from conftest import (
     FORKPROXY,
     Proxy,
     Redis,
-    TcpServer,
+    ServerFactory,
     echo,
     fd_count,
     free_port,
@@ -48,7 +48,7 @@ def test_redis_through_the_proxy(start_proxy: Callable[..., Proxy], redis: Redis
 @pytest.mark.parametrize("relay", ["auto", "splice", "copy"])
 def test_64_mib_each_way_at_once(
     start_proxy: Callable[..., Proxy],
-    tcp_server: Callable[[Callable[[socket.socket], None]], TcpServer],
+    tcp_server: ServerFactory,
     relay: str,
 ) -> None:
     up_data, down_data = os.urandom(64 * MiB), os.urandom(64 * MiB)
@@ -82,7 +82,7 @@ def test_64_mib_each_way_at_once(
 @pytest.mark.parametrize("relay", ["auto", "splice"])
 def test_out_of_descriptors_for_a_splice_pipe_the_relay_copies(
     start_proxy: Callable[..., Proxy],
-    tcp_server: Callable[[Callable[[socket.socket], None]], TcpServer],
+    tcp_server: ServerFactory,
     relay: str,
 ) -> None:
     """A child with no descriptor left for its splice pipe (EMFILE) copies instead: the
@@ -152,7 +152,7 @@ def _blocked_signals(pid: int) -> int:
 
 @pytest.mark.parametrize("signum", [signal.SIGHUP, signal.SIGALRM], ids=["HUP", "ALRM"])
 def test_signals_during_start_up_wait_for_the_supervisor(
-    tcp_server: Callable[[Callable[[socket.socket], None]], TcpServer], tmp_path: Path,
+    tcp_server: ServerFactory, tmp_path: Path,
     signum: signal.Signals,
 ) -> None:
     """Before the supervisor's handlers are in place, ~0.2 s of imports and exec, SIGHUP's
@@ -194,7 +194,7 @@ def test_signals_during_start_up_wait_for_the_supervisor(
 
 def test_half_close_then_a_reply_2_seconds_later(
     start_proxy: Callable[..., Proxy],
-    tcp_server: Callable[[Callable[[socket.socket], None]], TcpServer],
+    tcp_server: ServerFactory,
 ) -> None:
     reply = os.urandom(3 * MiB)
 
@@ -217,7 +217,7 @@ def test_half_close_then_a_reply_2_seconds_later(
 
 def test_300_short_connections_leave_no_zombie_and_no_fd(
     start_proxy: Callable[..., Proxy],
-    tcp_server: Callable[[Callable[[socket.socket], None]], TcpServer],
+    tcp_server: ServerFactory,
 ) -> None:
     server = tcp_server(echo)
     proxy = start_proxy("-q", f"127.0.0.1:0=127.0.0.1:{server.port}")
@@ -253,7 +253,7 @@ def test_upstream_down_closes_the_client_and_carries_on(
 
 def test_sigterm_drains_a_transfer_refuses_new_clients_and_exits_0(
     start_proxy: Callable[..., Proxy],
-    tcp_server: Callable[[Callable[[socket.socket], None]], TcpServer],
+    tcp_server: ServerFactory,
 ) -> None:
     data = os.urandom(32 * MiB)
     received: list[tuple[int, str]] = []
@@ -284,7 +284,7 @@ def test_sigterm_drains_a_transfer_refuses_new_clients_and_exits_0(
 
 def test_reset_from_the_client_resets_upstream(
     start_proxy: Callable[..., Proxy],
-    tcp_server: Callable[[Callable[[socket.socket], None]], TcpServer],
+    tcp_server: ServerFactory,
 ) -> None:
     outcome: list[str] = []
 
@@ -309,7 +309,7 @@ def test_reset_from_the_client_resets_upstream(
 
 def test_second_sigint_stops_at_once(
     start_proxy: Callable[..., Proxy],
-    tcp_server: Callable[[Callable[[socket.socket], None]], TcpServer],
+    tcp_server: ServerFactory,
 ) -> None:
     server = tcp_server(echo)
     proxy = start_proxy("--grace", "60", f"127.0.0.1:0=127.0.0.1:{server.port}")
@@ -330,7 +330,7 @@ def test_second_sigint_stops_at_once(
 
 def test_children_ignore_sigint(
     start_proxy: Callable[..., Proxy],
-    tcp_server: Callable[[Callable[[socket.socket], None]], TcpServer],
+    tcp_server: ServerFactory,
 ) -> None:
     server = tcp_server(echo)
     proxy = start_proxy(f"127.0.0.1:0=127.0.0.1:{server.port}")

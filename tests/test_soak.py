@@ -38,7 +38,7 @@ from conftest import (
     LOOPBACK,
     Proxy,
     Redis,
-    TcpServer,
+    ServerFactory,
     control,
     echo,
     fd_count,
@@ -50,7 +50,6 @@ MAX_CHILDREN = 12
 RESET_AFTER = 100  # the resetting upstream reads this many bytes, then sends an RST
 
 StartProxy = Callable[..., Proxy]
-ServerFactory = Callable[[Callable[[socket.socket], None]], TcpServer]
 Key = tuple[str, str]  # (link, outcome)
 
 

@@ -27,7 +27,7 @@ from forkproxy.listeners import Listener
 from forkproxy.log import Logger
 from forkproxy.supervisor import METRICS_RESTART, Supervisor
 
-from conftest import FORKPROXY, Proxy, TcpServer, echo, need, wait_for
+from conftest import FORKPROXY, Proxy, ServerFactory, TcpServer, echo, need, wait_for
 
 ROOT = Path(forkproxy.__file__).resolve().parent.parent
 HEAVY = ("threading", "logging", "psutil", "typer", "click", "prometheus_client", "random",
@@ -49,7 +49,7 @@ def test_the_forking_process_imports_nothing_heavy() -> None:
 
 def test_a_serving_supervisor_maps_no_extension_it_does_not_need(
     start_proxy: Callable[..., Proxy],
-    tcp_server: Callable[[Callable[[socket.socket], None]], TcpServer],
+    tcp_server: ServerFactory,
 ) -> None:
     """Each mapping is copied by every fork and torn down by every child's exit. A str
     given to getaddrinfo (at start, for the target) imports the idna codec and with it
@@ -67,7 +67,7 @@ def test_a_serving_supervisor_maps_no_extension_it_does_not_need(
 
 def test_serving_supervisor_is_one_thread_and_keeps_its_pid(
     start_proxy: Callable[..., Proxy],
-    tcp_server: Callable[[Callable[[socket.socket], None]], TcpServer],
+    tcp_server: ServerFactory,
 ) -> None:
     server = tcp_server(echo)
     proxy = start_proxy(f"127.0.0.1:0=127.0.0.1:{server.port}")
@@ -241,7 +241,7 @@ os._exit(0)
 
 def test_a_forkproxy_restarted_right_after_a_sigkill_binds_the_same_metrics_port(
     start_proxy: Callable[..., Proxy],
-    tcp_server: Callable[[Callable[[socket.socket], None]], TcpServer],
+    tcp_server: ServerFactory,
     tmp_path: Path,
 ) -> None:
     """The metrics process noticed its supervisor's death only at the next turn of its
@@ -296,7 +296,7 @@ def test_out_of_descriptors_a_lookup_is_skipped_not_fatal(tmp_path: Path) -> Non
 
 
 def test_two_supervisors_that_are_both_pid_1_share_a_socket_directory(
-    tmp_path: Path, tcp_server: Callable[[Callable[[socket.socket], None]], TcpServer],
+    tmp_path: Path, tcp_server: ServerFactory,
 ) -> None:
     """Two containers with one /tmp: each supervisor is PID 1, and both wanted 1.sock; the
     second refused to start."""
