@@ -605,8 +605,10 @@ class Supervisor:
                                      detail=f"restarting in {METRICS_RESTART}s")
                     self.metrics_at = time.monotonic() + METRICS_RESTART
                 continue
-            if self.term_at is not None and os.WIFSIGNALED(status):
+            killed = os.WIFSIGNALED(status)
+            if killed and self.term_at is not None:
                 self._log_terminated(pid, status)  # before finished() zeroes its counters
+            moved = self._moved(pid) if killed and self.term_at is None else None
             record = self.accounting.finished(pid, status, usage.ru_utime + usage.ru_stime)
             if record is None:
                 self.log.debug("reaped-orphan", child_pid=pid, status=describe_status(status))
@@ -615,28 +617,38 @@ class Supervisor:
                 # address): look again, without waiting for the timer. (A child that found
                 # it does sends SIGALRM as it connects: see relay.serve.)
                 resolve_again = resolve_again or record[0].target.is_name
-            elif os.WIFSIGNALED(status) and self.term_at is None:
+            elif moved is not None:
+                # It died before writing its close line (the OOM killer, a kill -9): this
+                # line is that connection's only record, so it carries what the line would.
                 link, client, _, _ = record
                 self.log.warning("child-died", child_pid=pid, link=link.name,
-                                 client=peer_text(client), status=describe_status(status))
+                                 client=peer_text(client), status=describe_status(status),
+                                 bytes_up=moved[0], bytes_down=moved[1], duration=moved[2])
         if resolve_again:
             self.start_resolver()
         if self.held:
             self.serve_held()
         self.update_accepting()
 
+    def _moved(self, pid: int) -> tuple[int, int, float] | None:
+        """A live child's bytes up and down (its shared counters) and duration so far."""
+        record = self.accounting.children.get(pid)
+        if record is None:
+            return None
+        counters, base = self.accounting.slots.counters, record[2]
+        return counters[base], counters[base + 1], time.monotonic() - record[3]
+
     def _log_terminated(self, pid: int, status: int) -> None:
         """The close line of a connection the stop ended (grace over, TERM then KILL): its
         child died by the signal before it could write its own."""
-        record = self.accounting.children.get(pid)
-        if record is None:
+        record, moved = self.accounting.children.get(pid), self._moved(pid)
+        if record is None or moved is None:
             return
-        link, client, base, started = record
-        counters = self.accounting.slots.counters
+        link, client = record[0], record[1]
         self.log.info("close", link=link.name, client=peer_text(client),
-                      upstream=str(link.target), bytes_up=counters[base],
-                      bytes_down=counters[base + 1], duration=time.monotonic() - started,
-                      outcome="killed", status=describe_status(status), child_pid=pid)
+                      upstream=str(link.target), bytes_up=moved[0], bytes_down=moved[1],
+                      duration=moved[2], outcome="killed", status=describe_status(status),
+                      child_pid=pid)
 
     def serve_held(self) -> None:
         """Fork for held clients, in the order they were held, while there is room under

@@ -948,6 +948,8 @@ def test_kill_9_of_one_child_ends_that_connection_only(
     assert wait_for(lambda: f"child-died child_pid={pid}" in proxy.log())
     [line] = [x for x in proxy.log().splitlines() if f"child-died child_pid={pid}" in x]
     assert "killed by SIGKILL" in line and f"client={client}" in line
+    # Its only record (no close line): with what the close line would have said.
+    assert f"bytes_up={len(PING)} bytes_down={len(PONG)} duration=" in line, line
     assert wait_for(lambda: not children(proxy.pid))
     stats = link_stats(status_json(sock_path), spec)
     assert stats["outcomes"] == {"killed": 1, "closed": 2}, stats
