@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 
 TYPE_CHECKING = False  # not typing's: importing typing costs the supervisor ~0.9 MB of heap
@@ -167,8 +168,12 @@ class Options(Value):
         metrics: str | None = None,
         pid_file: str | None = None,
     ) -> None:
+        # Interned: then "auto" is the very object that is the constant relay.Flow compares
+        # it with, so a child reading both writes one reference count, not two on two
+        # pages (docs/benchmarks.md, "Page faults per connection").
         self._set(
-            relay=relay, connect_timeout=connect_timeout, connect_retries=connect_retries,
+            relay=sys.intern(relay) if isinstance(relay, str) else relay,
+            connect_timeout=connect_timeout, connect_retries=connect_retries,
             grace=grace, idle_timeout=idle_timeout, halfclose_timeout=halfclose_timeout,
             keepalive=keepalive, resolve_every=resolve_every, max_children=max_children,
             allow=allow, verbosity=verbosity, log_format=log_format,

@@ -80,10 +80,6 @@ POLLIN, POLLOUT = select.POLLIN, select.POLLOUT
 POLLERR, POLLHUP = select.POLLERR, select.POLLHUP
 SIGALRM, SIGTERM = int(signal.SIGALRM), int(signal.SIGTERM)
 
-# Which side reset, by where the error came from: (the flow's source, its destination).
-_UP_RESETS = (CLIENT_RESET, UPSTREAM_RESET)
-_DOWN_RESETS = (UPSTREAM_RESET, CLIENT_RESET)
-
 # A side's error that means it stopped answering rather than reset: its keepalive probes
 # (--keepalive) or its retransmissions went unanswered. With ICMP errors coming back
 # meanwhile (a router: "host unreachable") the kernel reports the last of those instead
@@ -143,24 +139,35 @@ class Flow:
         counters: memoryview,
         index: int,
         mode: str,
-        resets: tuple[int, int],
+        src_reset: int,
+        dst_reset: int,
         buffer: memoryview | None = None,
     ) -> None:
+        # The outcome when src (dst) fails: which side reset. Plain small ints rather than
+        # a tuple per direction: a fresh child writes the reference count of every object
+        # it reads, and each tuple was a page of the supervisor's copied per child
+        # (docs/benchmarks.md, "Page faults per connection"); CPython's small ints live
+        # in the interpreter's own data, on pages every child writes anyway.
         self.src, self.dst = src, dst
         self.counters, self.index = counters, index
-        self.src_reset, self.dst_reset = resets
+        self.src_reset, self.dst_reset = src_reset, dst_reset
         self.eof = False
         self.pending = 0  # bytes read from src and not yet written to dst
         self.start = self.end = 0
         self.pipe_r = self.pipe_w = -1
         self.splice = False
-        self.upgrade = mode == "auto" and HAS_SPLICE
-        self.chunk = COPY_CHUNK if mode == "copy" else AUTO_CHUNK
         # Without a buffer from the caller, one is allocated on the first read: many
         # connections never carry a byte one way.
         self.view = buffer if buffer is not None else _NO_BUFFER
-        if mode == "splice":
-            self._open_pipe()
+        # The default mode tested alone: each string constant compared here is an object
+        # read (and so written) by every child, a page each (see above).
+        if mode == "auto":
+            self.upgrade, self.chunk = HAS_SPLICE, AUTO_CHUNK
+        else:
+            self.upgrade = False
+            self.chunk = COPY_CHUNK if mode == "copy" else AUTO_CHUNK
+            if mode == "splice":
+                self._open_pipe()
 
     def _open_pipe(self) -> None:
         """Zero-copy from the next read on, if a pipe can be had."""
@@ -352,8 +359,9 @@ def pump(
         return IDLE_TIMEOUT
     mode = options.relay if HAS_SPLICE else "copy"
     up_buf, down_buf = buffers if buffers is not None else (None, None)
-    up = Flow(client, upstream, counters, base, mode, _UP_RESETS, up_buf)
-    down = Flow(upstream, client, counters, base + 1, mode, _DOWN_RESETS, down_buf)
+    up = Flow(client, upstream, counters, base, mode, CLIENT_RESET, UPSTREAM_RESET, up_buf)
+    down = Flow(upstream, client, counters, base + 1, mode, UPSTREAM_RESET, CLIENT_RESET,
+                down_buf)
     cmask = umask = POLLIN
     idle = options.idle_timeout
     halfclose = options.halfclose_timeout
@@ -647,10 +655,15 @@ def _reset_and_die(signum: int, frame: object) -> None:
 
 # The dispositions a relay child sets as it starts (see the supervisor's accept loop):
 # the other children's, but SIGTERM ends the connection with resets (_reset_and_die).
-CHILD_DISPOSITIONS = [
-    (signum, _reset_and_die if signum == SIGTERM else action)
+# Flat, signal and action in turn, rather than a list of pairs: every child reads it, and
+# reading an object writes its reference count, so each pair, on a page of its own among
+# the supervisor's objects, was a page copied per child; one tuple is one object
+# (docs/benchmarks.md, "Page faults per connection").
+CHILD_DISPOSITIONS = tuple(
+    item
     for signum, action in signals.CHILD_DISPOSITIONS
-]
+    for item in (signum, _reset_and_die if signum == SIGTERM else action)
+)
 
 
 def serve(

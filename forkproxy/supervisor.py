@@ -433,6 +433,7 @@ class Supervisor:
         set_wakeup_fd, set_signal, child_dispositions = (
             _signal.set_wakeup_fd, _signal.signal, relay.CHILD_DISPOSITIONS
         )
+        dispositions_len = len(child_dispositions)
         gc_disable, closerange, exit_child = gc.disable, os.closerange, os._exit
         oom_value, open_file, write, oom_path, write_only = (
             self.child_oom_score_adj, os.open, os.write, OOM_SCORE_ADJ, os.O_WRONLY
@@ -473,8 +474,8 @@ class Supervisor:
                     status = failed
                     try:
                         set_wakeup_fd(-1)
-                        for signum, action in child_dispositions:
-                            set_signal(signum, action)
+                        for i in range(0, dispositions_len, 2):  # signal, action in turn
+                            set_signal(child_dispositions[i], child_dispositions[i + 1])
                         gc_disable()  # a collection would touch (and copy) every heap page
                         if oom_value is not None:
                             # The OOM killer's first choice (child_oom_score_adj says why):

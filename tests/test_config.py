@@ -569,3 +569,13 @@ def test_no_accepted_name_is_an_address_to_libc(host: str) -> None:
         assert _libc_address(host) is None, host
     else:
         assert _libc_address(host) == target.host
+
+
+def test_relay_mode_is_the_interned_constant() -> None:
+    # A relay child reads the mode and compares it with relay.Flow's constant: one object
+    # is one reference count written per child, not two (docs/benchmarks.md, "Page
+    # faults per connection"). A mode built at run time (from JSON, say) is interned.
+    from forkproxy.config import Options
+
+    built = "".join(["au", "to"])
+    assert Options(relay=built).relay is "auto"  # noqa: F632
