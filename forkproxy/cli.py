@@ -324,8 +324,8 @@ def check_command(ctx: typer.Context, status_socket: StatusSocketOpt = None) -> 
 
     # Metrics down are said, not failed on: see Supervisor.handle_control_request.
     metrics = reply.get("metrics")
-    note = "" if not metrics or metrics.get("state") == "up" else "; metrics " + str(
-        describe_metrics(metrics))
+    down = metrics and metrics.get("state") != "up"
+    note = f"; metrics {describe_metrics(metrics)}" if down else ""
     typer.echo(f"ok: {len(reply.get('listeners', []))} listener(s){note}")
 
 

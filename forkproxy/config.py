@@ -598,12 +598,15 @@ def sources_from_json(data: Mapping[str, object]) -> Sources:
 _SECONDS = re.compile(r"-?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 
 
+_OFF = ("", "off", "none")  # what turns off a duration that can be off (--keepalive too)
+
+
 def parse_seconds(text: str | None, flag: str, *, can_be_off: bool = True) -> float | None:
     """A command-line duration: a plain decimal number of seconds (`0.5`, `10`, `1e3`).
 
     None when unset, or `off`, for the timeouts that can be off. Errors show the text
     as typed: `-0` or `1e-400` are not `0.0` to whoever wrote them."""
-    if text is None or (can_be_off and text.lower() in ("", "off", "none")):
+    if text is None or (can_be_off and text.lower() in _OFF):
         return None
     if not _SECONDS.fullmatch(text):
         raise ConfigError(f"{flag} {quoted(text)}: not a number of seconds")
@@ -651,7 +654,7 @@ def parse_keepalive(text: str | None) -> int | None:
     """--keepalive: whole seconds, the unit of the kernel's TCP_KEEPIDLE and TCP_KEEPINTVL,
     from 1 to 32767 (its limit); None when unset or `off`. A fraction is refused rather
     than rounded: the proxy would probe at another time than the one asked for."""
-    if text is None or text.lower() in ("", "off", "none"):
+    if text is None or text.lower() in _OFF:
         return None
     if not _SECONDS.fullmatch(text):
         raise ConfigError(f"--keepalive {quoted(text)}: not a number of seconds")

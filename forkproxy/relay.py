@@ -107,7 +107,8 @@ _child_buffers: tuple[memoryview, memoryview] | None = None
 
 
 class Ended(Exception):
-    """The relay is over; `args[0]` is the outcome."""
+    """The relay is over: (outcome, the OSError), and the Flow whose write failed when one
+    did (pump() then delivers what the other direction still holds)."""
 
 
 class Flow:
@@ -471,7 +472,6 @@ def pump(
             # here, read or unread: deliver it first, as a direct connection would, then
             # the reset goes on as usual (serve()).
             _deliver_rest(down if ended.args[2] is up else up)
-            raise Ended(*ended.args[:2]) from None
         raise
     finally:
         if up.pipe_r >= 0:  # a splice pipe: only then is there anything to close
@@ -756,7 +756,7 @@ def serve(
     try:
         outcome = pump(client, upstream, options, counters, base, _child_buffers)
     except Ended as ended:
-        outcome, cause = ended.args
+        outcome, cause = ended.args[:2]  # a third, from a failed write, is pump()'s
         error = cause.strerror or str(cause)
         if cause.errno in _PEER_TIMEOUT_ERRORS:
             # Not a reset: that side went silent. The other side still gets an RST, as for
