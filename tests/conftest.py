@@ -319,6 +319,23 @@ def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def metrics_pid(supervisor: int) -> int:
+    """The pid of `supervisor`'s metrics process (started from its loop soon after the
+    `metrics` line), 0 if it has none. Found by its command line, never as "the only
+    child": a status read or a scrape forks a short-lived reporter child, which is
+    there (a zombie, for a moment, once it has answered) after the reply is in."""
+    for name in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{name}/stat") as stat:
+                parent = int(stat.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{name}/cmdline", "rb") as cmdline:
+                if parent == supervisor and b"metrics.py" in cmdline.read():
+                    return int(name)
+        except (OSError, ValueError, IndexError):
+            continue  # not a process, or it exited while we looked
+    return 0
+
+
 def echo(conn: socket.socket) -> None:
     while data := conn.recv(1 << 16):
         conn.sendall(data)

@@ -45,6 +45,7 @@ from conftest import (
     ServerFactory,
     echo,
     free_port,
+    metrics_pid,
     need,
     recv_all,
 )
@@ -423,7 +424,8 @@ def test_status_from_outside_the_supervisors_pid_namespace_reads_the_right_child
         assert recv_exact(client, 1) == b"x"
         reply = poll(lambda: status_json(sock_path, env), lambda r: len(r["children"]) == 1)
         [child] = reply["children"]
-        [relay_child] = supervisor.children()
+        # The reporter child that answered may not be reaped yet: wait for the relay alone.
+        [relay_child] = poll(supervisor.children, lambda found: len(found) == 1)
     assert (reply["pid"], reply["pid_here"]) == (1, supervisor.pid)
     assert child["pid"] != relay_child.pid  # the container's number for it
     assert child["pid_here"] == relay_child.pid
@@ -950,7 +952,7 @@ def test_idle_connections_to_the_metrics_port_cost_a_bounded_number_of_threads(
                         expect=2, env=env)
     url = metrics_url(proxy)
     assert "forkproxy_up 1.0" in scrape(url)
-    (metrics_process,) = psutil.Process(proxy.pid).children()
+    metrics_process = psutil.Process(metrics_pid(proxy.pid))
     port = int(url.rsplit(":", 1)[1].split("/")[0])
     idle = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(50)]
     try:
@@ -1208,9 +1210,7 @@ def test_sigusr1_to_the_whole_process_group_spares_connections_and_metrics(
                         expect=2, env=env)
     url = metrics_url(proxy)
     assert "forkproxy_up 1.0" in scrape(url)  # the metrics process is up
-    supervisor = psutil.Process(proxy.pid)
-    [metrics] = [p for p in supervisor.children()
-                 if any(part.endswith("metrics.py") for part in p.cmdline())]
+    metrics = psutil.Process(metrics_pid(proxy.pid))
     with socket.create_connection(("127.0.0.1", listen_ports(proxy)[0]), timeout=30) as client:
         client.sendall(b"a")
         assert recv_exact(client, 1) == b"a"
@@ -1236,12 +1236,11 @@ def test_status_and_check_show_a_dead_metrics_process_until_it_is_back(
                         expect=2, env=env)
     url = metrics_url(proxy)
     sock_path = Path(env["XDG_RUNTIME_DIR"]) / "forkproxy" / f"{proxy.pid}.sock"
-    supervisor = psutil.Process(proxy.pid)
 
     def metrics_process() -> psutil.Process:
-        [found] = [p for p in supervisor.children()
-                   if any(part.endswith("metrics.py") for part in p.cmdline())]
-        return found
+        pid = metrics_pid(proxy.pid)
+        assert pid, "no metrics process"
+        return psutil.Process(pid)
 
     assert "forkproxy_up 1.0" in scrape(url)
     state = status_json(sock_path, env)["metrics"]

@@ -42,6 +42,7 @@ from conftest import (
     control,
     echo,
     fd_count,
+    metrics_pid,
     wait_for,
 )
 
@@ -115,20 +116,6 @@ def processes_under(pid: int) -> list[tuple[int, str]]:
         if int(fields[1]) == pid:
             found.append((int(name), fields[0]))
     return found
-
-
-def metrics_pid(proxy: Proxy) -> int:
-    """The metrics process's pid (the supervisor starts it from its loop, soon after
-    the `metrics` line)."""
-    def find() -> int:
-        for pid, _ in processes_under(proxy.pid):
-            with contextlib.suppress(OSError), open(f"/proc/{pid}/cmdline", "rb") as handle:
-                if b"metrics.py" in handle.read():
-                    return pid
-        return 0
-
-    assert wait_for(lambda: bool(find())), "no metrics process"
-    return find()
 
 
 def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -342,7 +329,8 @@ def test_churn_of_every_outcome_under_reloads_and_scrapes_adds_up_and_leaks_noth
         assert wait_for(lambda: [p for p, _ in processes_under(proxy.pid)] == [mpid], 30), \
             processes_under(proxy.pid)
 
-    mpid = metrics_pid(proxy)
+    assert wait_for(lambda: bool(metrics_pid(proxy.pid))), "no metrics process"
+    mpid = metrics_pid(proxy.pid)
     work(20)  # warm-up: the heap and every code path at their working size
     scrape(url)
     settle()
@@ -525,7 +513,9 @@ def wave(proxy: Proxy, sock_path: Path, url: str, spec: str, count: int, cap: in
         count * number, 0, {"closed": count * number}), stats
     assert (stats["bytes_up"], stats["bytes_down"]) == (
         len(ping) * count * number, len(pong) * count * number)
-    assert [state for _, state in processes_under(proxy.pid) if state == "Z"] == []
+    # The last status read forked a reporter child: reaped soon, not necessarily yet.
+    assert wait_for(lambda: [state for _, state in processes_under(proxy.pid)
+                             if state == "Z"] == []), processes_under(proxy.pid)
     return memory_kib(proxy.pid)
 
 

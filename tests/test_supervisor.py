@@ -27,7 +27,16 @@ from forkproxy.listeners import Listener
 from forkproxy.log import Logger
 from forkproxy.supervisor import METRICS_RESTART, Supervisor
 
-from conftest import FORKPROXY, Proxy, ServerFactory, TcpServer, echo, need, wait_for
+from conftest import (
+    FORKPROXY,
+    Proxy,
+    ServerFactory,
+    TcpServer,
+    echo,
+    metrics_pid,
+    need,
+    wait_for,
+)
 
 ROOT = Path(forkproxy.__file__).resolve().parent.parent
 HEAVY = ("threading", "logging", "psutil", "typer", "click", "prometheus_client", "random",
@@ -405,17 +414,11 @@ def test_a_metrics_restart_due_during_a_stop_leaves_the_loop_waiting_not_spinnin
     server = tcp_server(echo)
     proxy = start_proxy("--grace", "60", "--metrics", "127.0.0.1:0",
                         f"127.0.0.1:0=127.0.0.1:{server.port}", expect=2)
-    supervisor = psutil.Process(proxy.pid)
-
-    def metrics() -> list[psutil.Process]:
-        return [child for child in supervisor.children()
-                if any("metrics.py" in arg for arg in child.cmdline())]
-
-    assert wait_for(lambda: bool(metrics()))
+    assert wait_for(lambda: bool(metrics_pid(proxy.pid)))
     with socket.create_connection(("127.0.0.1", proxy.port), timeout=15) as client:
         client.sendall(b"ping")
         assert client.recv(4) == b"ping"  # a live connection: the stop waits for it
-        metrics()[0].kill()
+        os.kill(metrics_pid(proxy.pid), signal.SIGKILL)
         assert wait_for(lambda: "metrics-died" in proxy.log())
         proxy.signal(signal.SIGTERM)
         assert wait_for(lambda: "stopping" in proxy.log())
