@@ -160,6 +160,12 @@ def _upstream(listener: dict[str, Any]) -> str:
     return f"{listener['upstream']} ({', '.join(resolved) or 'not resolved'})"
 
 
+def _ended(outcomes: dict[str, int]) -> str:
+    """How a link's connections ended, most frequent first: `closed 1204, client-reset 3`."""
+    ranked = sorted(outcomes.items(), key=lambda item: (-item[1], item[0]))
+    return ", ".join(f"{outcome} {count}" for outcome, count in ranked if count) or "-"
+
+
 def describe_metrics(metrics: dict[str, Any] | None) -> str | None:
     """The metrics endpoint's state in words (None without --metrics), as
     `http://127.0.0.1:9090/metrics restarting for 3s (killed by SIGKILL), 1 restart`."""
@@ -197,9 +203,10 @@ def render(status: dict[str, Any]) -> str:
             str(stats.get("connections", 0)),
             str(stats.get("upstream_failures", 0)), str(stats.get("denied", 0)),
             _size(stats.get("bytes_up", 0)), _size(stats.get("bytes_down", 0)),
+            _ended(stats.get("outcomes", {})),
         ])
     lines += ["", *_table(["LINK", "LISTEN -> UPSTREAM", "ACTIVE", "WAITING", "TOTAL", "FAILED",
-                           "DENIED", "BYTES UP", "BYTES DOWN"], rows)]
+                           "DENIED", "BYTES UP", "BYTES DOWN", "ENDED"], rows)]
     rows = [
         [str(c["pid"]), c["link"], c["client"], f"{c['age']:.1f}s", _size(c["bytes_up"]),
          _size(c["bytes_down"]), _size(c.get("rss")), _size(c.get("uss")),

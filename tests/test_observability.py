@@ -301,6 +301,8 @@ def test_status_counts_exact_redis_bytes_and_upstream_failures(
     assert (rows[dead]["ACTIVE"], rows[dead]["TOTAL"], rows[dead]["FAILED"]) == ("0", "2", "2")
     assert rows[dead]["BYTES UP"] in size_cell(0)
     assert rows[dead]["BYTES DOWN"] in size_cell(0)
+    # How they ended, as in --json's outcomes: what FAILED counts, and everything else.
+    assert (rows[good]["ENDED"], rows[dead]["ENDED"]) == ("closed 3", "connect-failed 2")
 
     # Cut the upstream: redis stops; the next client of that link is one upstream failure,
     # and the totals of the three children before it are untouched.
@@ -317,6 +319,7 @@ def test_status_counts_exact_redis_bytes_and_upstream_failures(
     result = cli("status", "--status-socket", str(sock_path), env=env)
     rows = {row["LINK"]: row for row in parse_tables(result.stdout)[0][1]}
     assert (rows[good]["TOTAL"], rows[good]["FAILED"]) == ("4", "1")
+    assert rows[good]["ENDED"] == "closed 3, connect-failed 1"  # the most frequent first
     # A dead upstream is not an unhealthy proxy: every listener is still bound.
     assert cli("check", "--status-socket", str(sock_path), env=env).returncode == 0
 
