@@ -84,6 +84,10 @@ class LinkStats:
         self.denied = 0
         self.bytes_up = 0
         self.bytes_down = 0
+        # Ended with no byte moved either way, the upstream connected: a health check's
+        # connect-and-close (a tcpSocket probe, `nc -z`), a scanner's connect. Real
+        # traffic all but always moves one. (A failed connect is an upstream_failure.)
+        self.empty = 0
         self.cpu_seconds = 0.0
         self.outcomes: dict[str, int] = {}
         self.duration_buckets = [0] * len(DURATION_BUCKETS)
@@ -161,9 +165,10 @@ class Accounting:
         # children), so stats() finds them rather than bringing a stale entry back.
         stats = self.stats(link)
         counters = self.slots.counters
+        up, down = counters[base], counters[base + 1]
         stats.connections += 1
-        stats.bytes_up += counters[base]
-        stats.bytes_down += counters[base + 1]
+        stats.bytes_up += up
+        stats.bytes_down += down
         stats.cpu_seconds += cpu_seconds
         if os.WIFEXITED(status):
             outcome = self.outcome_names.get(os.WEXITSTATUS(status), "failed")
@@ -172,6 +177,8 @@ class Accounting:
         stats.outcomes[outcome] = stats.outcomes.get(outcome, 0) + 1
         if outcome == "connect-failed":
             stats.upstream_failures += 1
+        elif not (up or down):
+            stats.empty += 1
         duration = time.monotonic() - started
         stats.duration_count += 1
         stats.duration_sum += duration

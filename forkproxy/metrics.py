@@ -109,6 +109,9 @@ def render(status: dict[str, Any], cpu_seen: dict[str, float] | None = None) -> 
     ended = CounterMetricFamily("forkproxy_connections_ended",
                                 "Connections ended, by how (killed: by a signal, most often "
                                 "the OOM killer at a memory limit)", labels=["link", "outcome"])
+    empty = CounterMetricFamily("forkproxy_connections_empty",
+                                "Connections that ended having carried no byte either way "
+                                "(health checks, scanners)", labels=["link"])
     denied = CounterMetricFamily("forkproxy_connections_denied",
                                  "Connections closed by --allow", labels=["link"])
     failures = CounterMetricFamily("forkproxy_upstream_connect_failures",
@@ -138,6 +141,7 @@ def render(status: dict[str, Any], cpu_seen: dict[str, float] | None = None) -> 
         outcomes = stats.get("outcomes", {})
         for outcome in OUTCOME_NAMES:  # each at 0 from the start: an alert needs the series
             ended.add_metric([name, outcome], outcomes.get(outcome, 0))
+        empty.add_metric([name], stats.get("empty", 0))
         denied.add_metric([name], stats["denied"])
         failures.add_metric([name], stats["upstream_failures"])
         moved.add_metric([name, "upstream"], stats["bytes_up"])  # live bytes included
@@ -165,7 +169,7 @@ def render(status: dict[str, Any], cpu_seen: dict[str, float] | None = None) -> 
     restarts = CounterMetricFamily("forkproxy_metrics_restarts",
                                    "Times the metrics process died and was started again")
     restarts.add_metric([], (status.get("metrics") or {}).get("restarts", 0))
-    yield from (up, listeners, active, waiting, total, ended, denied, failures, moved,
+    yield from (up, listeners, active, waiting, total, ended, empty, denied, failures, moved,
                 durations, rss, uss, cpu, resolve_failures, address_changes, supervisor_rss,
                 orphans, restarts)
 

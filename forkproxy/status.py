@@ -200,13 +200,13 @@ def render(status: dict[str, Any]) -> str:
         rows.append([
             listener["link"], f"{listener['listen']} -> {_upstream(listener)}",
             str(stats.get("active", 0)), str(stats.get("waiting", 0)),
-            str(stats.get("connections", 0)),
+            str(stats.get("connections", 0)), str(stats.get("empty", 0)),
             str(stats.get("upstream_failures", 0)), str(stats.get("denied", 0)),
             _size(stats.get("bytes_up", 0)), _size(stats.get("bytes_down", 0)),
             _ended(stats.get("outcomes", {})),
         ])
-    lines += ["", *_table(["LINK", "LISTEN -> UPSTREAM", "ACTIVE", "WAITING", "TOTAL", "FAILED",
-                           "DENIED", "BYTES UP", "BYTES DOWN", "ENDED"], rows)]
+    lines += ["", *_table(["LINK", "LISTEN -> UPSTREAM", "ACTIVE", "WAITING", "TOTAL", "EMPTY",
+                           "FAILED", "DENIED", "BYTES UP", "BYTES DOWN", "ENDED"], rows)]
     rows = [
         [str(c["pid"]), c["link"], c["client"], f"{c['age']:.1f}s", _size(c["bytes_up"]),
          _size(c["bytes_down"]), _size(c.get("rss")), _size(c.get("uss")),

@@ -760,6 +760,7 @@ class Supervisor:
                 "active": stats.get("active", 0),
                 "waiting": stats.get("waiting", 0),
                 "total": stats.get("connections", 0),
+                "empty": stats.get("empty", 0),
                 "upstream_failures": stats.get("upstream_failures", 0),
                 "denied": stats.get("denied", 0),
                 "bytes_up": stats.get("bytes_up", 0), "bytes_down": stats.get("bytes_down", 0),
