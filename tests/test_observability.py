@@ -490,6 +490,17 @@ def test_check_exit_codes_while_serving_draining_and_after_exit(
     assert result.returncode != 0 and "no running forkproxy" in result.stderr, result
 
 
+def accept_queue(port: int) -> int:
+    """Clients in the accept queue of the IPv4 socket listening on `port` (its rx_queue
+    in /proc/net/tcp): their handshake is complete, so a stop holds them."""
+    with open("/proc/net/tcp") as table:
+        for line in list(table)[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                return int(fields[4].split(":")[1], 16)
+    raise AssertionError(f"nothing listens on port {port}")
+
+
 def test_status_at_a_stop_shows_each_link_with_its_active_and_waiting_clients(
     start_proxy: StartProxy, tcp_server: ServerFactory, env: dict[str, str],
 ) -> None:
@@ -509,6 +520,7 @@ def test_status_at_a_stop_shows_each_link_with_its_active_and_waiting_clients(
         # At --max-children: these two wait in the backlog, and the stop holds them.
         clients += [socket.create_connection(("127.0.0.1", proxy.port), timeout=30)
                     for _ in range(2)]
+        assert poll(lambda: accept_queue(proxy.port), lambda n: n == 2) == 2
         proxy.signal(signal.SIGTERM)
         reply = poll(lambda: ask(sock_path), lambda r: bool(r.get("stopping")))
         assert reply["stopping"] is True and reply["listeners"] == [], reply
