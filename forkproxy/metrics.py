@@ -102,7 +102,8 @@ def render(status: dict[str, Any], cpu_seen: dict[str, float] | None = None) -> 
     active = GaugeMetricFamily("forkproxy_connections_active", "Connections open now",
                                labels=["link"])
     waiting = GaugeMetricFamily("forkproxy_connections_waiting",
-                                "Clients accepted and waiting for a child (a failed fork)",
+                                "Clients accepted and waiting for a child (a failed fork, "
+                                "or held at a stop)",
                                 labels=["link"])
     total = CounterMetricFamily("forkproxy_connections", "Connections accepted and forked",
                                 labels=["link"])

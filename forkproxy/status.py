@@ -195,10 +195,17 @@ def render(status: dict[str, Any]) -> str:
     if metrics is not None:
         lines.append(f"metrics {metrics}")
     rows = []
-    for listener in status.get("listeners", []):
-        stats = links.get(listener["link"], {})
+    listening = status.get("listeners", [])
+    # A link without a listener still has a row while the supervisor reports it: at a
+    # stop (listeners closed, connections finishing, clients WAITING for a child) and
+    # after a reload removed it, until its last connection ends.
+    closed = sorted(links.keys() - {listener["link"] for listener in listening})
+    for name, where in [*((item["link"], f"{item['listen']} -> {_upstream(item)}")
+                          for item in listening),
+                        *((name, "(not listening)") for name in closed)]:
+        stats = links.get(name, {})
         rows.append([
-            listener["link"], f"{listener['listen']} -> {_upstream(listener)}",
+            name, where,
             str(stats.get("active", 0)), str(stats.get("waiting", 0)),
             str(stats.get("connections", 0)), str(stats.get("empty", 0)),
             str(stats.get("upstream_failures", 0)), str(stats.get("denied", 0)),

@@ -493,6 +493,53 @@ def test_check_exit_codes_while_serving_draining_and_after_exit(
     assert result.returncode != 0 and "no running forkproxy" in result.stderr, result
 
 
+def accept_queue(port: int) -> int:
+    """Clients in the accept queue of the IPv4 socket listening on `port` (its rx_queue
+    in /proc/net/tcp): their handshake is complete, so a stop holds them."""
+    with open("/proc/net/tcp") as table:
+        for line in list(table)[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                return int(fields[4].split(":")[1], 16)
+    raise AssertionError(f"nothing listens on port {port}")
+
+
+def test_status_at_a_stop_shows_each_link_with_its_active_and_waiting_clients(
+    start_proxy: StartProxy, tcp_server: ServerFactory, env: dict[str, str],
+) -> None:
+    """A stop closes the listeners, and the text table listed only links with one: a
+    stop with a connection finishing and clients held beyond --max-children showed an
+    empty link table, where README says WAITING shows them. The link keeps its row."""
+    release = threading.Event()
+    server = tcp_server(lambda conn: (conn.recv(100), release.wait(60)))
+    spec = f"127.0.0.1:0=127.0.0.1:{server.port}"
+    proxy = start_proxy("--max-children", "1", "--grace", "60", spec, env=env)
+    sock_path = Path(env["XDG_RUNTIME_DIR"]) / "forkproxy" / f"{proxy.pid}.sock"
+    clients = [socket.create_connection(("127.0.0.1", proxy.port), timeout=30)]
+    try:
+        clients[0].sendall(b"x")
+        reply = poll(lambda: ask(sock_path), lambda r: len(r.get("children", [])) == 1)
+        assert len(reply["children"]) == 1, reply
+        # At --max-children: these two wait in the backlog, and the stop holds them.
+        clients += [socket.create_connection(("127.0.0.1", proxy.port), timeout=30)
+                    for _ in range(2)]
+        assert poll(lambda: accept_queue(proxy.port), lambda n: n == 2) == 2
+        proxy.signal(signal.SIGTERM)
+        reply = poll(lambda: ask(sock_path), lambda r: bool(r.get("stopping")))
+        assert reply["stopping"] is True and reply["listeners"] == [], reply
+        assert reply["links"][spec]["waiting"] == 2, reply["links"]
+        result = cli("status", "--status-socket", str(sock_path), env=env)
+        assert result.returncode == 0, result
+        [(_, links), _] = parse_tables(result.stdout)
+        assert [(row["LINK"], row["LISTEN -> UPSTREAM"], row["ACTIVE"], row["WAITING"])
+                for row in links] == [(spec, "(not listening)", "1", "2")], result.stdout
+    finally:
+        release.set()
+        for sock in clients:
+            sock.close()
+    assert proxy.proc.wait(DEADLINE) == 0
+
+
 def test_a_killed_supervisors_socket_is_swept_by_the_next_one(
     start_proxy: StartProxy, tcp_server: ServerFactory, env: dict[str, str],
 ) -> None:
