@@ -674,11 +674,16 @@ class Supervisor:
         # at once while under --max-children, and those beyond it are accepted and held
         # (not forked: the limit stands) until a child exits or the grace period ends.
         for listener in self.listeners:
+            if not listener.waiting(0):
+                # Nobody in its backlog: no accept() to try, which out of descriptors
+                # would fail anyway (Linux wants a free one before it looks at the queue)
+                # and be logged as clients reset that were never there.
+                continue
             self.handle_accept(listener, batch=self.options.max_children)
             clients, error = listeners.accept_backlog(listener)
             if clients:
                 self.held.append(listeners.HeldBacklog(listener, clients))
-            if error is not None:
+            if error is not None and listener.waiting(0):
                 self.log.error("accept-failed", link=listener.link.name, error=error.strerror,
                                detail="stopping: the clients left in the backlog are reset")
         self.stopping = True

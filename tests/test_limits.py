@@ -998,6 +998,22 @@ def test_accept_emfile_backs_off_and_serves_the_waiting_clients_afterwards(
     assert proxy.proc.poll() is None
 
 
+def test_a_stop_out_of_descriptors_with_an_empty_backlog_says_nothing_of_resets(
+    start_proxy: StartProxy, tcp_server: ServerFactory
+) -> None:
+    """A stop drains each listener's backlog. Out of descriptors, accept() fails even
+    when nobody waits (Linux wants a free descriptor before it looks at the queue), and
+    every stop logged two `accept-failed` errors, one saying "the clients left in the
+    backlog are reset", with no client anywhere: an operator would go looking for them."""
+    server = tcp_server(echo)
+    proxy = start_proxy(f"127.0.0.1:0=127.0.0.1:{server.port}")
+    starve_accepts(proxy)  # never put back: the stop runs starved
+    proxy.signal(signal.SIGTERM)
+    assert proxy.proc.wait(30) == 0
+    assert "stopping" in proxy.log()
+    assert "accept-failed" not in proxy.log(), proxy.log()
+
+
 def test_accept_emfile_with_a_status_client_waiting_does_not_spin(
     start_proxy: StartProxy, tcp_server: ServerFactory, short_dir: Path
 ) -> None:
