@@ -195,14 +195,14 @@ def render(status: dict[str, Any]) -> str:
     if metrics is not None:
         lines.append(f"metrics {metrics}")
     rows = []
-    listening = status.get("listeners", [])
+    places = [(item["link"], f"{item['listen']} -> {_upstream(item)}")
+              for item in status.get("listeners", [])]
     # A link without a listener still has a row while the supervisor reports it: at a
     # stop (listeners closed, connections finishing, clients WAITING for a child) and
     # after a reload removed it, until its last connection ends.
-    closed = sorted(links.keys() - {listener["link"] for listener in listening})
-    for name, where in [*((item["link"], f"{item['listen']} -> {_upstream(item)}")
-                          for item in listening),
-                        *((name, "(not listening)") for name in closed)]:
+    places += [(name, "(not listening)")
+               for name in sorted(links.keys() - {name for name, _ in places})]
+    for name, where in places:
         stats = links.get(name, {})
         rows.append([
             name, where,
