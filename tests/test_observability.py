@@ -1092,6 +1092,10 @@ def test_a_link_a_reload_renamed_starts_at_zero_and_its_old_name_goes(
     _, url = env_file_proxy(start_proxy, env_file, sock_path, env, {old: x.port})
     with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
         echo_round(sock, 100)
+    # Its child reaped (it exits after the client's close, in its own time): then the held
+    # connection is the old name's only live one, as asserted below.
+    reply = poll(lambda: ask(sock_path), lambda reply: settled(reply, {old: 1}))
+    assert settled(reply, {old: 1}), reply
     with socket.create_connection(("127.0.0.1", port), timeout=30) as held:
         echo_round(held, 7)
         write_links(env_file, {old: x.port, alias: x.port})
