@@ -541,7 +541,10 @@ def test_status_reads_with_1500_live_connections_leave_the_supervisors_heap_as_i
         for _ in range(count):
             socks.append(socket.create_connection(("127.0.0.1", proxy.port), timeout=30))
             socks.append(upstream.accept()[0])  # each child connected: the pair is live
-        time.sleep(0.5)  # the last children's records are in (the supervisor forked them)
+        # The last children's records are in: every child is connected, so forked, and the
+        # supervisor is back waiting in poll() (a fixed 0.5 s sleep stood for this).
+        wchan = Path(f"/proc/{proxy.pid}/wchan")
+        assert wait_for(lambda: "poll" in wchan.read_text()), wchan.read_text()
         before = memory_kib(proxy.pid)  # before any status read: the first one grew it
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
             replies = list(pool.map(lambda _: control(sock_path, "status"), range(8)))
