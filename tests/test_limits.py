@@ -1019,6 +1019,9 @@ def test_accept_emfile_with_a_status_client_waiting_does_not_spin(
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as status_client:
         try:
             status_client.connect(str(sock_path))  # waits in the control socket's backlog
+            # Its first accept has failed (the line the count below finds), then 3 s of
+            # backing off: measured from there, not from a moment it may not have reached.
+            assert wait_for(lambda: "control-accept-failed" in proxy.log()), proxy.log()
             before = cpu_seconds(proxy.pid)
             time.sleep(3)
             spent = cpu_seconds(proxy.pid) - before
