@@ -323,7 +323,9 @@ def metrics_pid(supervisor: int) -> int:
     """The pid of `supervisor`'s metrics process (started from its loop soon after the
     `metrics` line), 0 if it has none. Found by its command line, never as "the only
     child": a status read or a scrape forks a short-lived reporter child, which is
-    there (a zombie, for a moment, once it has answered) after the reply is in."""
+    there (a zombie, for a moment, once it has answered) after the reply is in.
+    0 too until the child has exec'd metrics.py, which status's `up` (and its pid) do
+    not wait for: a caller that just saw `up` waits for a pid here."""
     for name in os.listdir("/proc"):
         try:
             with open(f"/proc/{name}/stat") as stat:

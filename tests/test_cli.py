@@ -11,17 +11,18 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
 import typer
 
 from forkproxy.cli import app
+from forkproxy.status import StatusError
 
 from conftest import (
     FORKPROXY,
     ServerFactory,
+    control,
     echo,
     free_port,
     kill_group,
@@ -191,12 +192,24 @@ def test_nobody_reading_stdout_is_no_error_at_exit(tmp_path: Path) -> None:
     proxy serves all the same and stops without "Exception ignored ... BrokenPipeError"."""
     reader, writer = os.pipe()
     os.close(reader)  # the pipe's reader is gone before the first line
+    sock_path = tmp_path / "s.sock"
     with open(tmp_path / "err", "w+") as err:
-        proc = subprocess.Popen([FORKPROXY, "serve", "127.0.0.1:0=127.0.0.1:1"],
+        proc = subprocess.Popen([FORKPROXY, "serve", "--status-socket", str(sock_path),
+                                 "127.0.0.1:0=127.0.0.1:1"],
                                 stdout=writer, stderr=err, start_new_session=True)
         os.close(writer)
+
+        def serving() -> bool:
+            """Its loop answers `check`: the lines were written (to nobody) before it ran."""
+            try:
+                return bool(control(sock_path, "check")["ok"])
+            except StatusError:
+                return False
+
         try:
-            time.sleep(3)  # it starts, writes to nobody, and keeps serving
+            # It starts, writes to nobody, and keeps serving (waited for: a fixed 3 s sleep
+            # assumed the start-up, and the write, were over by then).
+            assert wait_for(lambda: proc.poll() is not None or serving(), 60)
             assert proc.poll() is None, err.read()
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(15) == 0

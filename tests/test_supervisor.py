@@ -418,7 +418,9 @@ def test_a_metrics_restart_due_during_a_stop_leaves_the_loop_waiting_not_spinnin
     with socket.create_connection(("127.0.0.1", proxy.port), timeout=15) as client:
         client.sendall(b"ping")
         assert client.recv(4) == b"ping"  # a live connection: the stop waits for it
-        os.kill(metrics_pid(proxy.pid), signal.SIGKILL)
+        pid = metrics_pid(proxy.pid)
+        assert pid, "no metrics process"  # os.kill(0, ...) would kill the test's own group
+        os.kill(pid, signal.SIGKILL)
         assert wait_for(lambda: "metrics-died" in proxy.log())
         proxy.signal(signal.SIGTERM)
         assert wait_for(lambda: "stopping" in proxy.log())
