@@ -84,9 +84,10 @@ class LinkStats:
         self.denied = 0
         self.bytes_up = 0
         self.bytes_down = 0
-        # Ended with no byte moved either way, the upstream connected: a health check's
-        # connect-and-close (a tcpSocket probe, `nc -z`), a scanner's connect. Real
-        # traffic all but always moves one. (A failed connect is an upstream_failure.)
+        # Ended with no byte moved either way, by anything but a failed connect (that is
+        # an upstream_failure): a health check's connect-and-close (a tcpSocket probe,
+        # `nc -z`), a scanner's connect; also a child killed before a byte moved. Real
+        # traffic all but always moves one.
         self.empty = 0
         self.cpu_seconds = 0.0
         self.outcomes: dict[str, int] = {}
