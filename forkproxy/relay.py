@@ -666,6 +666,22 @@ CHILD_DISPOSITIONS = tuple(
 )
 
 
+def set_keepalive(sock: RawSocket | socket.socket, seconds: int) -> None:
+    """TCP keepalive on `sock`: the first probe after `seconds` of silence, then every
+    seconds // KEEPALIVE_PROBES (at least 1), KEEPALIVE_PROBES unanswered and the peer is
+    given up. Either side can vanish (a host powered off, a partition) with nothing queued,
+    and then nothing but probes ever notices. On a listening socket, every connection it
+    accepts inherits it (Linux copies the options at accept), so the supervisor sets it
+    once per listener instead of each child once per connection.
+
+    No TCP_USER_TIMEOUT: it would also cut a live peer that reads nothing for that long
+    (its window shut), which a keepalive must never do (README, "Dead peers")."""
+    sock.setsockopt(SOL_SOCKET, SO_KEEPALIVE, 1)
+    sock.setsockopt(IPPROTO_TCP, TCP_KEEPIDLE, seconds)
+    sock.setsockopt(IPPROTO_TCP, TCP_KEEPINTVL, seconds // KEEPALIVE_PROBES or 1)
+    sock.setsockopt(IPPROTO_TCP, TCP_KEEPCNT, KEEPALIVE_PROBES)
+
+
 def serve(
     client: RawSocket,
     client_address: tuple[object, ...],
@@ -731,17 +747,10 @@ def serve(
     upstream.setsockopt(IPPROTO_TCP, TCP_NODELAY, 1)
     keepalive = options.keepalive
     if keepalive is not None:
-        # Both sides: either can vanish (a host powered off, a partition) with nothing
-        # queued, and then nothing but probes ever notices. Only here, with the option:
-        # off, a connection pays for the test above and nothing else (docs/benchmarks.md).
-        # No TCP_USER_TIMEOUT: it would also cut a live peer that reads nothing for that
-        # long (its window shut), which a keepalive must never do (README, "Dead peers").
-        interval = keepalive // KEEPALIVE_PROBES or 1
-        for sock in (client, upstream):
-            sock.setsockopt(SOL_SOCKET, SO_KEEPALIVE, 1)
-            sock.setsockopt(IPPROTO_TCP, TCP_KEEPIDLE, keepalive)
-            sock.setsockopt(IPPROTO_TCP, TCP_KEEPINTVL, interval)
-            sock.setsockopt(IPPROTO_TCP, TCP_KEEPCNT, KEEPALIVE_PROBES)
+        # The upstream side here; the client's socket has it already, inherited from its
+        # listener (set_keepalive() at bind, by the supervisor). Off, a connection pays
+        # for the test above and nothing else (docs/benchmarks.md).
+        set_keepalive(upstream, keepalive)
     info = log.level <= INFO  # not log.enabled(): a call, so a code object to copy
     if info:
         # Formatted here, and only for a log line: not in the supervisor (accounting.ChildRecord).

@@ -183,6 +183,7 @@ class Supervisor:
             self.log.warning("link-skipped", detail=warning)
         self.listeners = listeners.bind_all(table.links)
         try:
+            self._listen_options(self.listeners)
             self.metrics_sock = self._bind_metrics()
             self.control = self._open_control()
             self._write_pid_file()
@@ -909,6 +910,13 @@ class Supervisor:
             self.log.info("resolved", link=link.name, host=link.target.host,
                           addresses=" ".join(peer_text(address[1]) for address in addresses))
 
+    def _listen_options(self, bound: list[Listener]) -> None:
+        """Socket options every accepted connection inherits from its listener: set here
+        once, not by each child (--keepalive)."""
+        if self.options.keepalive is not None:
+            for listener in bound:
+                relay.set_keepalive(listener.sock, self.options.keepalive)
+
     # -- reload ------------------------------------------------------------------------
 
     def reload(self) -> tuple[bool, str]:
@@ -918,6 +926,7 @@ class Supervisor:
         try:
             table = read_links(self.sources, self.environ)
             kept, fresh, retired = listeners.reconcile(self.listeners, table.links)
+            self._listen_options(fresh)
         except (ConfigError, OSError) as exc:
             # OSError: socket() for a new listener ran out of descriptors (EMFILE, ENFILE):
             # a reload that fails must never take the running listeners down with it.

@@ -15,20 +15,26 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import signal
 import socket
+import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from test_chain_faults import in_namespace, pattern, port_of, read_to_end
+from test_limits import distinct_free_ports, write_env_file
 from test_two_hosts import _unavailable, forkproxy_command
 
 import netns
+from conftest import LOOPBACK, Proxy, ServerFactory, echo, need, wait_for
 from netns import Lab, Namespace, Process
 
 pytestmark = [pytest.mark.netns]
+StartProxy = Callable[..., Proxy]
 
 CLIENT_ADDR, PROXY_CLIENT_SIDE = "198.18.20.1", "198.18.20.2"
 PROXY_UPSTREAM_SIDE, UPSTREAM_ADDR = "198.18.21.1", "198.18.21.2"
@@ -313,3 +319,35 @@ def test_an_upstream_that_vanished_with_data_in_flight_is_a_timeout_not_a_reset(
             assert read_to_end(client)[:2] == ("reset", 0)
     finally:
         ka.proxy.run(["sysctl", "-qw", f"net.ipv4.tcp_retries2={retries}"])
+
+
+def test_every_listener_hands_keepalive_to_what_it_accepts_those_a_reload_adds_too(
+    start_proxy: StartProxy, tcp_server: ServerFactory, tmp_path: Path
+) -> None:
+    """The client's side gets --keepalive from its listener (Linux copies a listening
+    socket's options to each connection it accepts), set once by the supervisor rather
+    than by each child: so a listener bound by a reload must have it too. Read from the
+    kernel with `ss`: the proxy's end of each connection runs a keepalive timer."""
+    server = tcp_server(echo)
+    upstream = f"tcp://127.0.0.1:{server.port}"
+    first, added = distinct_free_ports(2)
+    env_file = tmp_path / "links.env"
+    write_env_file(env_file, {f"A_PORT_{first}_TCP": upstream})
+    proxy = start_proxy("--keepalive", "600", "--env-file", str(env_file), *LOOPBACK)
+    write_env_file(env_file, {f"A_PORT_{first}_TCP": upstream, f"B_PORT_{added}_TCP": upstream})
+    proxy.signal(signal.SIGHUP)
+    assert wait_for(lambda: f":{added}" in proxy.log()), proxy.log()
+
+    def timers(selector: str) -> list[str]:
+        out = subprocess.run([need("ss"), "-tnoH", "state", "established", selector],
+                             capture_output=True, text=True, check=True).stdout
+        return out.splitlines()
+
+    for port in (first, added):
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as client:
+            client.sendall(b"x")
+            assert client.recv(1) == b"x"
+            own = timers(f"( sport = :{port} )")  # the proxy's end: accepted by the listener
+            assert len(own) == 1 and "timer:(keepalive," in own[0], own
+            ups = timers(f"( dport = :{server.port} )")  # the child's upstream socket
+            assert len(ups) == 1 and "timer:(keepalive," in ups[0], ups
