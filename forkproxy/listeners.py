@@ -200,6 +200,12 @@ def bind_all(links: Iterable[Link]) -> list[Listener]:
 
 
 def close_all(listeners: Iterable[Listener]) -> None:
+    """Stop listening on each (stop_listening)."""
+    for listener in listeners:
+        stop_listening(listener.sock)
+
+
+def stop_listening(sock: socket.socket) -> None:
     """Stop listening, for every process that holds a copy, then close ours.
 
     close() alone ends only our reference: a child forked a moment ago keeps the port
@@ -207,12 +213,11 @@ def close_all(listeners: Iterable[Listener]) -> None:
     can be a while, and a client that got in meanwhile is reset rather than refused.
     shutdown() acts on the socket itself, not on our descriptor (Linux).
     """
-    for listener in listeners:
-        try:
-            listener.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass  # not listening (ENOTCONN): close() is all there is to do
-        listener.sock.close()
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # not listening (ENOTCONN): close() is all there is to do
+    sock.close()
 
 
 def reconcile(

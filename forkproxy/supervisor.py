@@ -225,6 +225,13 @@ class Supervisor:
         except ConfigError as exc:
             raise ConfigError(f"--metrics {self.options.metrics}: {exc}") from None
 
+    def _close_metrics_port(self) -> None:
+        """No metrics process will serve the port again (a stop, and none running): refuse
+        scrapers at once rather than leave them in its backlog until they time out."""
+        if self.metrics_sock is not None:
+            listeners.stop_listening(self.metrics_sock)
+            self.metrics_sock = None
+
     def start_metrics(self) -> None:
         """Fork and exec the metrics process (forkproxy/metrics.py) with the bound socket."""
         assert self.metrics_sock is not None and self.control is not None
@@ -606,6 +613,8 @@ class Supervisor:
                     self.log.warning("metrics-died", status=describe_status(status),
                                      detail=f"restarting in {METRICS_RESTART}s")
                     self.metrics_at = time.monotonic() + METRICS_RESTART
+                else:
+                    self._close_metrics_port()
                 continue
             killed = os.WIFSIGNALED(status)
             if killed and self.term_at is not None:
@@ -692,6 +701,8 @@ class Supervisor:
         # Nor a metrics process: a restart still due would stay armed, never fired, and
         # poll every turn of the loop with a zero timeout (100% CPU until the last child).
         self.metrics_at = None
+        if not self.metrics_pid:
+            self._close_metrics_port()
         self.update_accepting()
         listeners.close_all(self.listeners)  # from now on, new clients are refused
         self.listeners = []

@@ -1281,6 +1281,49 @@ def test_sigusr1_to_the_whole_process_group_spares_connections_and_metrics(
     assert "metrics-died" not in proxy.log()
 
 
+@pytest.mark.parametrize("dies", ["during the stop", "just before the stop"])
+def test_a_metrics_port_nobody_will_serve_again_refuses_scrapers(
+    start_proxy: StartProxy, tcp_server: ServerFactory, env: dict[str, str], dies: str,
+) -> None:
+    """A stop restarts no metrics process. With it dead (killed during the stop, or just
+    before it, its restart not yet due), the supervisor kept the metrics socket open to
+    the end of the grace period: a scraper's connection sat in its backlog, unanswered,
+    until the scraper timed out. Now the port is closed: refused at once."""
+    server = tcp_server(echo)
+    proxy = start_proxy("--grace", "60", "--metrics", "127.0.0.1:0",
+                        f"127.0.0.1:0=127.0.0.1:{server.port}", expect=2, env=env)
+    url = metrics_url(proxy)
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    assert "forkproxy_up 1.0" in scrape(url)
+    pid = poll(lambda: metrics_pid(proxy.pid), bool)
+    assert pid, "no metrics process"
+    with socket.create_connection(("127.0.0.1", listen_ports(proxy)[0]), timeout=30) as client:
+        client.sendall(b"a")
+        assert recv_exact(client, 1) == b"a"  # a live connection: the stop waits for it
+        if dies == "just before the stop":
+            os.kill(pid, signal.SIGKILL)
+            poll(proxy.log, lambda log: "metrics-died" in log)
+            proxy.signal(signal.SIGTERM)
+        else:
+            proxy.signal(signal.SIGTERM)
+            poll(proxy.log, lambda log: "stopping" in log)
+            os.kill(pid, signal.SIGKILL)
+
+        def refused() -> bool:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            except ConnectionRefusedError:
+                return True
+            except TimeoutError:
+                return False  # its handshake left unanswered: the hang this is about
+            return False
+
+        assert poll(refused, bool), "the dead metrics port still takes connections"
+        client.sendall(b"b")
+        assert recv_exact(client, 1) == b"b"  # the stop goes on, the connection served
+    assert proxy.stop() == 0
+
+
 def test_status_and_check_show_a_dead_metrics_process_until_it_is_back(
     start_proxy: StartProxy, tcp_server: ServerFactory, env: dict[str, str],
 ) -> None:
