@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Mapping
 
 from . import __version__, control, listeners, relay, signals
-from .accounting import Accounting, describe_status
+from .accounting import Accounting, ChildRecord, describe_status
 from .config import (
     MIN_RESOLVE_EVERY,
     ConfigError,
@@ -616,10 +616,12 @@ class Supervisor:
                 else:
                     self._close_metrics_port()
                 continue
-            killed = os.WIFSIGNALED(status)
-            if killed and self.term_at is not None:
-                self._log_terminated(pid, status)  # before finished() zeroes its counters
-            moved = self._moved(pid) if killed and self.term_at is None else None
+            # A child killed by a signal wrote no close line: its record and counters are
+            # read for one now, before finished() zeroes them.
+            live = self.accounting.children.get(pid) if os.WIFSIGNALED(status) else None
+            if live is not None and self.term_at is not None:
+                self._log_terminated(pid, status, live)
+            moved = self._moved(live) if live is not None and self.term_at is None else None
             record = self.accounting.finished(pid, status, usage.ru_utime + usage.ru_stime)
             if record is None:
                 self.log.debug("reaped-orphan", child_pid=pid, status=describe_status(status))
@@ -641,21 +643,16 @@ class Supervisor:
             self.serve_held()
         self.update_accepting()
 
-    def _moved(self, pid: int) -> tuple[int, int, float] | None:
+    def _moved(self, record: ChildRecord) -> tuple[int, int, float]:
         """A live child's bytes up and down (its shared counters) and duration so far."""
-        record = self.accounting.children.get(pid)
-        if record is None:
-            return None
         counters, base = self.accounting.slots.counters, record[2]
         return counters[base], counters[base + 1], time.monotonic() - record[3]
 
-    def _log_terminated(self, pid: int, status: int) -> None:
+    def _log_terminated(self, pid: int, status: int, record: ChildRecord) -> None:
         """The close line of a connection the stop ended (grace over, TERM then KILL): its
         child died by the signal before it could write its own."""
-        record, moved = self.accounting.children.get(pid), self._moved(pid)
-        if record is None or moved is None:
-            return
         link, client = record[0], record[1]
+        moved = self._moved(record)
         self.log.info("close", link=link.name, client=peer_text(client),
                       upstream=str(link.target), bytes_up=moved[0], bytes_down=moved[1],
                       duration=moved[2], outcome="killed", status=describe_status(status),

@@ -319,6 +319,22 @@ def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def processes_under(pid: int) -> list[tuple[int, str]]:
+    """(pid, state) of each child process of `pid`, zombies (state Z) included."""
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # exited while we looked
+        if int(fields[1]) == pid:
+            found.append((int(name), fields[0]))
+    return found
+
+
 def metrics_pid(supervisor: int) -> int:
     """The pid of `supervisor`'s metrics process (started from its loop soon after the
     `metrics` line), 0 if it has none. Found by its command line, never as "the only
@@ -326,15 +342,10 @@ def metrics_pid(supervisor: int) -> int:
     there (a zombie, for a moment, once it has answered) after the reply is in.
     0 too until the child has exec'd metrics.py, which status's `up` (and its pid) do
     not wait for: a caller that just saw `up` waits for a pid here."""
-    for name in os.listdir("/proc"):
-        try:
-            with open(f"/proc/{name}/stat") as stat:
-                parent = int(stat.read().rsplit(")", 1)[1].split()[1])
-            with open(f"/proc/{name}/cmdline", "rb") as cmdline:
-                if parent == supervisor and b"metrics.py" in cmdline.read():
-                    return int(name)
-        except (OSError, ValueError, IndexError):
-            continue  # not a process, or it exited while we looked
+    for pid, _ in processes_under(supervisor):
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+            if b"metrics.py" in cmdline.read():
+                return pid
     return 0
 
 

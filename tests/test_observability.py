@@ -192,6 +192,11 @@ def metrics_url(proxy: Proxy) -> str:
     return match[1]
 
 
+def metrics_port(url: str) -> int:
+    """http://127.0.0.1:PORT/metrics -> PORT."""
+    return int(url.rsplit(":", 1)[1].split("/")[0])
+
+
 def scrape(url: str, timeout: float = 15) -> str:
     with urllib.request.urlopen(url, timeout=timeout) as response:
         assert response.status == 200
@@ -947,7 +952,7 @@ def test_an_idle_tcp_client_does_not_block_scrapes(
                         expect=2, env=env)
     url = metrics_url(proxy)
     assert "forkproxy_up 1.0" in scrape(url)
-    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    port = metrics_port(url)
     with socket.create_connection(("127.0.0.1", port), timeout=30):
         try:
             text = scrape(url, timeout=10)
@@ -1006,7 +1011,7 @@ def test_idle_connections_to_the_metrics_port_cost_a_bounded_number_of_threads(
     # The scrape's thread can outlive its reply for a moment (seen 1 time in 200 right
     # after one): counted from rest, the main thread alone, or it is one too many below.
     assert poll(metrics_process.num_threads, lambda threads: threads == 1) == 1
-    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    port = metrics_port(url)
     idle = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(50)]
     try:
         most = 0
@@ -1293,7 +1298,7 @@ def test_a_metrics_port_nobody_will_serve_again_refuses_scrapers(
     proxy = start_proxy("--grace", "60", "--metrics", "127.0.0.1:0",
                         f"127.0.0.1:0=127.0.0.1:{server.port}", expect=2, env=env)
     url = metrics_url(proxy)
-    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    port = metrics_port(url)
     assert "forkproxy_up 1.0" in scrape(url)
     pid = poll(lambda: metrics_pid(proxy.pid), bool)
     assert pid, "no metrics process"

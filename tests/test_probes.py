@@ -44,6 +44,7 @@ from conftest import (
     control,
     free_port,
     need,
+    processes_under,
     wait_for,
 )
 
@@ -391,20 +392,6 @@ def test_haproxy_redis_check_through_the_proxy_is_real_traffic_reset_by_the_clie
 # -- many probes -----------------------------------------------------------------------
 
 
-def children_of(pid: int) -> list[tuple[int, str]]:
-    """(pid, state) of `pid`'s children, zombies included."""
-    found = []
-    for name in os.listdir("/proc"):
-        try:
-            with open(f"/proc/{name}/stat") as stat:
-                after = stat.read().rsplit(")", 1)[1].split()
-        except (OSError, ValueError):
-            continue
-        if int(after[1]) == pid:
-            found.append((int(name), after[0]))
-    return found
-
-
 def rss_kib(pid: int) -> int:
     with open(f"/proc/{pid}/status") as status:
         line = next(line for line in status if line.startswith("VmRSS:"))
@@ -442,7 +429,7 @@ def test_thousands_of_probes_leave_nothing_behind(
     stats = settled(sock, 2200)
     assert (stats["empty"], stats["upstream_failures"]) == (2200, 0), stats
     assert sum(stats["outcomes"].values()) == 2200, stats
-    assert wait_for(lambda: children_of(proxy.pid) == []), children_of(proxy.pid)
+    assert wait_for(lambda: processes_under(proxy.pid) == []), processes_under(proxy.pid)
     assert len(os.listdir(f"/proc/{proxy.pid}/fd")) == fds
     grown = rss_kib(proxy.pid) - rss
     assert grown < 4096, f"the supervisor grew by {grown} KiB over 2000 probes"

@@ -43,6 +43,7 @@ from conftest import (
     echo,
     fd_count,
     metrics_pid,
+    processes_under,
     wait_for,
 )
 
@@ -99,22 +100,6 @@ def fd_targets(pid: int) -> dict[int, str]:
     for name in os.listdir(f"/proc/{pid}/fd"):
         with contextlib.suppress(OSError):
             found[int(name)] = os.readlink(f"/proc/{pid}/fd/{name}")
-    return found
-
-
-def processes_under(pid: int) -> list[tuple[int, str]]:
-    """(pid, state) of each child process of `pid`, zombies (state Z) included."""
-    found = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat") as handle:
-                fields = handle.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # exited while we looked
-        if int(fields[1]) == pid:
-            found.append((int(name), fields[0]))
     return found
 
 
