@@ -10,7 +10,11 @@ suite proves it with redis, iperf3, haproxy, socat and sockets of our own. Here:
   so curl verifying it through the proxy proves the ClientHello arrived byte for byte;
 - HTTP/1.1 with nginx and curl: several requests on one kept-alive connection, a large
   download and a large upload (WebDAV PUT) hashed end to end, and a client killed in the
-  middle of a download, after which nothing of its connection is left.
+  middle of a download, after which nothing of its connection is left; HTTP/2 over TLS;
+- PostgreSQL: TLS negotiated inside the protocol (SSLRequest, then the handshake) and
+  verified through the proxy, COPY up and down hashed, a query cancelled (libpq sends the
+  cancel on a connection of its own, through the proxy too), and pgbench opening a
+  connection per transaction.
 
 Every daemon binds 127.0.0.1 only (asserted from its sockets), keeps every file it writes
 in the test's temporary directory, and is stopped however the test ends. A missing
@@ -25,11 +29,13 @@ import contextlib
 import hashlib
 import json
 import os
+import pwd
 import re
 import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -98,7 +104,8 @@ class Daemon:
 
 @contextlib.contextmanager
 def daemon(name: str, argv_for: Callable[[int], list[str]], workdir: Path,
-           env: dict[str, str] | None = None) -> Iterator[Daemon]:
+           env: dict[str, str] | None = None,
+           stop_signal: int = signal.SIGTERM) -> Iterator[Daemon]:
     """Start `argv_for(port)` on a free loopback port, wait until it accepts, check that it
     listens on 127.0.0.1 and nowhere else, and stop it (TERM, then KILL of its process
     group) however the test ends. A port someone took between the pick and the bind is
@@ -117,7 +124,7 @@ def daemon(name: str, argv_for: Callable[[int], list[str]], workdir: Path,
                 yield server
                 return
         finally:
-            stop(proc)
+            stop(proc, stop_signal)
     pytest.fail(f"{name} did not start: {log.read_text(errors='replace')[-2000:]}")
 
 
@@ -134,10 +141,10 @@ def accepts(port: int) -> bool:
     return True
 
 
-def stop(proc: subprocess.Popen[bytes]) -> None:
+def stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
     if proc.poll() is None:
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
+            os.killpg(proc.pid, sig)
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(10)
     with contextlib.suppress(ProcessLookupError):
@@ -657,3 +664,163 @@ def test_http2_over_tls_multiplexes_streams_on_one_connection(
     assert wait_for(lambda: len(nginx.requests()) == 4, DEADLINE), nginx.requests()
     assert len({line["connection"] for line in nginx.requests()}) == 1, nginx.requests()
     assert_settled(proxy, sock, 1)
+
+
+# -- PostgreSQL: TLS negotiated inside the protocol, out-of-band cancel ------------------------
+
+
+@dataclass
+class Postgres:
+    server: Daemon
+    workdir: Path
+    ca: Path
+
+    def conninfo(self, port: int, sslmode: str = "verify-full") -> str:
+        """libpq's connection string: app.test's certificate checked (verify-full) unless
+        told otherwise; `hostaddr` dials loopback whatever the name."""
+        return (f"host=app.test hostaddr=127.0.0.1 port={port} user=postgres dbname=postgres "
+                f"sslmode={sslmode} sslrootcert={self.ca} connect_timeout=20")
+
+    def env(self) -> dict[str, str]:
+        """No ~/.psqlrc, ~/.postgresql client certificate or history of root's."""
+        return {**os.environ, "HOME": str(self.workdir), "PGAPPNAME": "forkproxy-test"}
+
+    def psql(self, port: int, sql: str, *, sslmode: str = "verify-full",
+             stdin: Path | None = None, stdout: Path | None = None) -> str:
+        with contextlib.ExitStack() as stack:
+            source = stack.enter_context(stdin.open("rb")) if stdin else subprocess.DEVNULL
+            sink = stack.enter_context(stdout.open("wb")) if stdout else subprocess.PIPE
+            done = subprocess.run(
+                [program("psql"), "-X", "-At", "-v", "ON_ERROR_STOP=1",
+                 self.conninfo(port, sslmode), "-c", sql],
+                stdin=source, stdout=sink, stderr=subprocess.PIPE, env=self.env(),
+                timeout=120, check=False)
+        assert done.returncode == 0, done.stderr.decode()
+        return done.stdout.decode().strip() if done.stdout is not None else ""
+
+
+def pg_program(name: str) -> str:
+    """A server program of the newest PostgreSQL installed (they live off PATH)."""
+    found = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"),
+                   key=lambda path: int(path.parts[-3]) if path.parts[-3].isdigit() else 0)
+    if not found:
+        pytest.fail(f"PostgreSQL's {name} is not installed: run ./scripts/test, which "
+                    "installs it")
+    return str(found[-1])
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[Postgres]:
+    """A throwaway cluster: initdb into a directory of its own under /tmp (owned by the
+    `postgres` user, which the package creates: the server refuses to run as root), the
+    server on a loopback port and a socket in that directory, ssl on with app.test's
+    certificate, trust for 127.0.0.1, durability off (a test's data). Fast shutdown
+    (SIGINT) at the end, then the directory goes."""
+    initdb, server = pg_program("initdb"), pg_program("postgres")
+    try:
+        owner = pwd.getpwnam("postgres")
+    except KeyError:
+        pytest.fail("no postgres user: run ./scripts/test, which installs PostgreSQL")
+    as_postgres = [program("setpriv"), "--reuid", str(owner.pw_uid), "--regid",
+                   str(owner.pw_gid), "--clear-groups"]
+    workdir = Path(tempfile.mkdtemp(prefix="fpt-pg-", dir="/tmp"))  # not under root's 0700
+    try:
+        os.chown(workdir, owner.pw_uid, owner.pw_gid)
+        certificate(workdir, "app.test")
+        key = workdir / "app.test.key"
+        os.chown(key, owner.pw_uid, owner.pw_gid)
+        key.chmod(0o600)  # the server insists
+        made = run([*as_postgres, initdb, "-D", str(workdir / "data"), "-U", "postgres",
+                    "--auth=trust", "--no-sync", "-E", "UTF8", "--locale=C"],
+                   env={**os.environ, "HOME": str(workdir)})
+        assert made.returncode == 0, made.stdout + made.stderr
+
+        def argv(port: int) -> list[str]:
+            settings = {
+                "listen_addresses": "127.0.0.1", "port": str(port),
+                "unix_socket_directories": str(workdir), "ssl": "on",
+                "ssl_cert_file": str(workdir / "app.test.crt"), "ssl_key_file": str(key),
+                "fsync": "off", "synchronous_commit": "off", "full_page_writes": "off",
+                "logging_collector": "off", "max_connections": "40",
+            }
+            return [*as_postgres, server, "-D", str(workdir / "data"),
+                    *[arg for name, value in settings.items()
+                      for arg in ("-c", f"{name}={value}")]]
+
+        with daemon("postgres", argv, workdir, stop_signal=signal.SIGINT) as started:
+            yield Postgres(started, workdir, workdir / "app.test.crt")
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def test_postgres_tls_copy_and_cancel_through_the_proxy(
+        postgres: Postgres, start_proxy: StartProxy, short_dir: Path, tmp_path: Path) -> None:
+    """psql through forkproxy: libpq's SSLRequest, the server's `S` and the TLS handshake
+    that follows pass, the certificate verified for app.test (the session reports TLS);
+    4 MiB of COPY up and back down hash as the file did; and a query cancelled with
+    Ctrl-C stops at once: libpq sends the cancel on a connection of its own, through the
+    proxy like the session (a 16-byte CancelRequest, nothing back)."""
+    sock = short_dir / "s.sock"
+    proxy = start_proxy(f"127.0.0.1:0=127.0.0.1:{postgres.server.port}",
+                        "--status-socket", str(sock))
+    port, direct = proxy.port, postgres.server.port
+    assert postgres.psql(port, "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()") == "t"
+
+    rows = tmp_path / "rows.tsv"
+    with rows.open("w") as out:
+        for index in range(32 * 1024):
+            out.write(f"{index}\t{os.urandom(64).hex()}\n")
+    postgres.psql(direct, "DROP TABLE IF EXISTS rows; CREATE TABLE rows (id int PRIMARY KEY, "
+                          "data text)")
+    postgres.psql(port, "COPY rows FROM STDIN", stdin=rows)
+    assert postgres.psql(direct, "SELECT count(*) FROM rows") == str(32 * 1024)
+    back = tmp_path / "back.tsv"
+    postgres.psql(port, "COPY (SELECT * FROM rows ORDER BY id) TO STDOUT", stdout=back)
+    assert sha256(back) == sha256(rows)
+
+    sleeper = subprocess.Popen(
+        [program("psql"), "-X", "-At", postgres.conninfo(port), "-c", "SELECT pg_sleep(60)"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=postgres.env(), text=True)
+    try:
+        assert wait_for(lambda: postgres.psql(
+            direct, "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' "
+                    "AND query = 'SELECT pg_sleep(60)'") == "1", DEADLINE)
+        sleeper.send_signal(signal.SIGINT)  # psql's Ctrl-C: libpq's PQcancel
+        _, errors = sleeper.communicate(timeout=DEADLINE)
+    finally:
+        sleeper.kill()
+        sleeper.wait(10)
+    assert "canceling statement due to user request" in errors, errors
+    assert_settled(proxy, sock, 5)  # ssl, COPY up, COPY down, the sleeper, its cancel
+    assert any(" bytes_up=16 bytes_down=0 " in line for line in close_lines(proxy)), (
+        close_lines(proxy))
+
+
+@pytest.mark.parametrize("sslmode", ["disable", "verify-full"])
+def test_pgbench_connection_per_transaction(postgres: Postgres, start_proxy: StartProxy,
+                                            short_dir: Path, sslmode: str) -> None:
+    """pgbench -C (a new connection for every transaction, 4 clients at once) through the
+    proxy: no transaction fails, every connection ends and no child is left. Without TLS
+    each ends `closed`. With TLS libpq sends its close_notify and closes without waiting
+    for the server's, which the server sends after the Terminate message: the client's
+    kernel answers it with an RST, as it would the server directly, so those connections
+    may end `client-reset` (README, "Health checks and scanners on a proxied port")."""
+    direct = postgres.server.port
+    initialized = run([program("pgbench"), "-i", "-q", postgres.conninfo(direct, "disable")],
+                      env=postgres.env())
+    assert initialized.returncode == 0, initialized.stderr
+    sock = short_dir / "s.sock"
+    proxy = start_proxy(f"127.0.0.1:0=127.0.0.1:{direct}", "--status-socket", str(sock))
+    result = run([program("pgbench"), "-C", "-c", "4", "-j", "2", "-t", "25", "-n", "-S",
+                  postgres.conninfo(proxy.port, sslmode)], env=postgres.env())
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "number of transactions actually processed: 100/100" in result.stdout, result.stdout
+    assert "number of failed transactions: 0 " in result.stdout, result.stdout
+
+    assert wait_for(lambda: link_stats(sock)["connections"] >= 100
+                    and link_stats(sock)["active"] == 0, DEADLINE), link_stats(sock)
+    stats = link_stats(sock)
+    assert_settled(proxy, sock, stats["connections"])
+    outcomes = link_stats(sock)["outcomes"]
+    expected = {"closed"} if sslmode == "disable" else {"closed", "client-reset"}
+    assert set(outcomes) <= expected, (outcomes, close_lines(proxy)[:5])
