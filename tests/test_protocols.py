@@ -748,7 +748,14 @@ def postgres() -> Iterator[Postgres]:
                       for arg in ("-c", f"{name}={value}")]]
 
         with daemon("postgres", argv, workdir, stop_signal=signal.SIGINT) as started:
-            yield Postgres(started, workdir, workdir / "app.test.crt")
+            cluster = Postgres(started, workdir, workdir / "app.test.crt")
+            # Accepting is not ready: until its startup process is done the server
+            # answers "the database system is starting up".
+            ready = [program("psql"), "-X", "-At", cluster.conninfo(started.port, "disable"),
+                     "-c", "SELECT 1"]
+            assert wait_for(lambda: run(ready, env=cluster.env()).returncode == 0,
+                            DEADLINE), started.text()
+            yield cluster
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -804,7 +811,10 @@ def test_pgbench_connection_per_transaction(postgres: Postgres, start_proxy: Sta
     each ends `closed`. With TLS libpq sends its close_notify and closes without waiting
     for the server's, which the server sends after the Terminate message: the client's
     kernel answers it with an RST, as it would the server directly, so those connections
-    may end `client-reset` (README, "Health checks and scanners on a proxied port")."""
+    usually end `client-reset`; and the server exits with the client's close_notify
+    unread, so its kernel resets too, which the proxy now and then meets first
+    (`upstream-reset`: seen on a loaded machine). README, "Health checks and scanners on
+    a proxied port"."""
     direct = postgres.server.port
     initialized = run([program("pgbench"), "-i", "-q", postgres.conninfo(direct, "disable")],
                       env=postgres.env())
@@ -822,5 +832,6 @@ def test_pgbench_connection_per_transaction(postgres: Postgres, start_proxy: Sta
     stats = link_stats(sock)
     assert_settled(proxy, sock, stats["connections"])
     outcomes = link_stats(sock)["outcomes"]
-    expected = {"closed"} if sslmode == "disable" else {"closed", "client-reset"}
+    expected = {"closed"} if sslmode == "disable" else {
+        "closed", "client-reset", "upstream-reset"}
     assert set(outcomes) <= expected, (outcomes, close_lines(proxy)[:5])
