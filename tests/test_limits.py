@@ -222,6 +222,12 @@ def hold_the_listener(pid: int, port: int) -> int:
     inode = listener_inode(pid, port)
     [fd] = [int(fd) for fd in os.listdir(f"/proc/{pid}/fd")
             if os.readlink(f"/proc/{pid}/fd/{fd}") == f"socket:[{inode}]"]
+    return copy_fd(pid, fd)
+
+
+def copy_fd(pid: int, fd: int) -> int:
+    """A copy, in this process, of `pid`'s descriptor `fd` (pidfd_getfd(2)): the same open
+    file, so the same socket, options and all."""
     libc = ctypes.CDLL(None, use_errno=True)
     pidfd = os.pidfd_open(pid)
     try:
