@@ -636,6 +636,15 @@ def test_clients_held_at_a_stop_are_closed_when_the_grace_period_ends(
         (["--connect-retries", "999999999"], {}, "--connect-retries 999999999: at most 1000"),
         ([], {"FORKPROXY_CONNECT_RETRIES": "1001"},
          "FORKPROXY_CONNECT_RETRIES (--connect-retries) 1001: at most 1000"),
+        # TCP_USER_TIMEOUT 0 is the kernel's default (off): 'off' says that, 0 is refused.
+        (["--user-timeout", "0"], {}, "--user-timeout 0: at least 0.001 seconds, or 'off'"),
+        (["--user-timeout", "-1"], {}, "--user-timeout '-1': at least 0.001 seconds, or 'off'"),
+        (["--user-timeout", "abc"], {}, "--user-timeout 'abc': not a number of seconds"),
+        # The kernel takes an int of milliseconds: 2,000,000 s is 2e9 ms, within it.
+        (["--user-timeout", "2147484"], {},
+         "--user-timeout '2147484': at most 2,000,000 seconds (23 days); 'off' means none"),
+        ([], {"FORKPROXY_USER_TIMEOUT": "0.0001"},
+         "FORKPROXY_USER_TIMEOUT (--user-timeout) 0.0001: at least 0.001 seconds, or 'off'"),
         (["--allow", "::1/129"], {}, "--allow '::1/129'"),
         (["--allow", "127.0.0.1/8/8"], {}, "--allow '127.0.0.1/8/8'"),
     ],
