@@ -205,6 +205,12 @@ def serve_command(
                             "RST) ends its connection in about twice that. [default: off]",
                             "KEEPALIVE", "SECONDS")
     ] = None,
+    user_timeout: Annotated[
+        str | None, _option("TCP_USER_TIMEOUT on both sides: end a connection whose peer "
+                            "leaves sent bytes unacknowledged (or its window shut) this long; "
+                            "cuts a live peer that reads nothing that long too. "
+                            "[default: off]", "USER_TIMEOUT", "SECONDS")
+    ] = None,
     resolve_every: Annotated[
         str, _option("Resolve the targets' host names again this often, or off. [default: 30]",
                      "RESOLVE_EVERY", "SECONDS")
@@ -249,6 +255,7 @@ def serve_command(
             idle_timeout=parse_seconds(idle_timeout, "--idle-timeout"),
             halfclose_timeout=parse_seconds(halfclose_timeout, "--halfclose-timeout"),
             keepalive=parse_keepalive(keepalive),
+            user_timeout=parse_seconds(user_timeout, "--user-timeout"),
             resolve_every=parse_seconds(resolve_every, "--resolve-every"),
             max_children=parse_count(max_children, "--max-children"),
             allow=tuple(allow or ()),

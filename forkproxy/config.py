@@ -141,6 +141,10 @@ class Options(Value):
     # seconds of silence (whole seconds, the kernel's unit), then every max(1, SECONDS // 3)
     # seconds, KEEPALIVE_PROBES of them unanswered and the peer is given up (relay.serve).
     keepalive: int | None
+    # TCP_USER_TIMEOUT on both sockets of each connection, in seconds (the kernel counts
+    # milliseconds): how long sent bytes may stay unacknowledged, or a shut window stay
+    # shut, before the kernel gives that peer up (relay.set_user_timeout).
+    user_timeout: float | None
     resolve_every: float | None  # seconds between two resolutions of the targets' names
     max_children: int
     allow: tuple[str, ...]
@@ -159,6 +163,7 @@ class Options(Value):
         idle_timeout: float | None = None,
         halfclose_timeout: float | None = None,
         keepalive: int | None = None,
+        user_timeout: float | None = None,
         resolve_every: float | None = 30.0,
         max_children: int = 1024,
         allow: tuple[str, ...] = (),
@@ -175,8 +180,8 @@ class Options(Value):
             relay=sys.intern(relay) if isinstance(relay, str) else relay,
             connect_timeout=connect_timeout, connect_retries=connect_retries,
             grace=grace, idle_timeout=idle_timeout, halfclose_timeout=halfclose_timeout,
-            keepalive=keepalive, resolve_every=resolve_every, max_children=max_children,
-            allow=allow, verbosity=verbosity, log_format=log_format,
+            keepalive=keepalive, user_timeout=user_timeout, resolve_every=resolve_every,
+            max_children=max_children, allow=allow, verbosity=verbosity, log_format=log_format,
             status_socket=status_socket, metrics=metrics, pid_file=pid_file,
         )
 
@@ -537,6 +542,8 @@ def check_options(options: Options) -> Options:
         ("--grace", options.grace, False),
         ("--idle-timeout", options.idle_timeout, True),
         ("--halfclose-timeout", options.halfclose_timeout, True),
+        # At most MAX_SECONDS: 2e9 ms, within the kernel's int of milliseconds (2**31 - 1).
+        ("--user-timeout", options.user_timeout, True),
         ("--resolve-every", options.resolve_every, True),
     ):
         if value is None:

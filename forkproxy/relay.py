@@ -9,7 +9,8 @@ for small messages, and switches a direction to splice once a read fills the buf
 EOF on one side becomes `shutdown(SHUT_WR)` on the other while the other direction keeps
 flowing, with no time limit unless --halfclose-timeout is set. A reset on either side
 resets the other and ends both; so does a side that stopped answering (the kernel's
-ETIMEDOUT: --keepalive's probes, or retransmissions, unanswered).
+ETIMEDOUT: --keepalive's probes, or retransmissions, unanswered; --user-timeout bounds
+the latter).
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ SOL_SOCKET, SO_ERROR, SO_LINGER = int(socket.SOL_SOCKET), socket.SO_ERROR, socke
 IPPROTO_TCP, TCP_NODELAY = int(socket.IPPROTO_TCP), socket.TCP_NODELAY
 SO_KEEPALIVE, TCP_KEEPIDLE = int(socket.SO_KEEPALIVE), int(socket.TCP_KEEPIDLE)
 TCP_KEEPINTVL, TCP_KEEPCNT = int(socket.TCP_KEEPINTVL), int(socket.TCP_KEEPCNT)
+TCP_USER_TIMEOUT = int(socket.TCP_USER_TIMEOUT)
 SHUT_WR = int(socket.SHUT_WR)
 MSG_PEEK, MSG_DONTWAIT = int(socket.MSG_PEEK), int(socket.MSG_DONTWAIT)
 POLLIN, POLLOUT = select.POLLIN, select.POLLOUT
@@ -81,9 +83,10 @@ POLLERR, POLLHUP = select.POLLERR, select.POLLHUP
 SIGALRM, SIGTERM = int(signal.SIGALRM), int(signal.SIGTERM)
 
 # A side's error that means it stopped answering rather than reset: its keepalive probes
-# (--keepalive) or its retransmissions went unanswered. With ICMP errors coming back
-# meanwhile (a router: "host unreachable") the kernel reports the last of those instead
-# of ETIMEDOUT; on an established connection they only ever surface at that timeout.
+# (--keepalive) or its retransmissions went unanswered (for --user-timeout, if set, or a
+# window stayed shut that long). With ICMP errors coming back meanwhile (a router: "host
+# unreachable") the kernel reports the last of those instead of ETIMEDOUT; on an
+# established connection they only ever surface at that timeout.
 _PEER_TIMEOUT_ERRORS = frozenset((errno.ETIMEDOUT, errno.EHOSTUNREACH, errno.ENETUNREACH))
 _TIMEOUT_OF = {CLIENT_RESET: CLIENT_TIMEOUT, UPSTREAM_RESET: UPSTREAM_TIMEOUT}
 
@@ -674,12 +677,23 @@ def set_keepalive(sock: RawSocket | socket.socket, seconds: int) -> None:
     accepts inherits it (Linux copies the options at accept), so the supervisor sets it
     once per listener instead of each child once per connection.
 
-    No TCP_USER_TIMEOUT: it would also cut a live peer that reads nothing for that long
-    (its window shut), which a keepalive must never do (README, "Dead peers")."""
+    Probes only while nothing is unacknowledged: with bytes in flight to a vanished peer,
+    only retransmissions find it (about 15 minutes), unless --user-timeout bounds them
+    (set_user_timeout). Not set here: it would also cut a live peer that reads nothing for
+    that long (its window shut), which a keepalive alone never does (README, "Dead peers").
+    With both, the user timeout also replaces KEEPALIVE_PROBES as the give-up point."""
     sock.setsockopt(SOL_SOCKET, SO_KEEPALIVE, 1)
     sock.setsockopt(IPPROTO_TCP, TCP_KEEPIDLE, seconds)
     sock.setsockopt(IPPROTO_TCP, TCP_KEEPINTVL, seconds // KEEPALIVE_PROBES or 1)
     sock.setsockopt(IPPROTO_TCP, TCP_KEEPCNT, KEEPALIVE_PROBES)
+
+
+def set_user_timeout(sock: RawSocket | socket.socket, seconds: float) -> None:
+    """TCP_USER_TIMEOUT on `sock`: the kernel gives the peer up (ETIMEDOUT) once bytes sent
+    to it stay unacknowledged, or its shut window stays shut, for `seconds` (in whole
+    milliseconds, at least 1: 0 would turn it off). It bounds what keepalive
+    cannot: a peer that vanished with data in flight. Inherited at accept, as keepalive."""
+    sock.setsockopt(IPPROTO_TCP, TCP_USER_TIMEOUT, round(seconds * 1000) or 1)
 
 
 def serve(
@@ -751,6 +765,11 @@ def serve(
         # listener (set_keepalive() at bind, by the supervisor). Off, a connection pays
         # for the test above and nothing else (docs/benchmarks.md).
         set_keepalive(upstream, keepalive)
+    user_timeout = options.user_timeout
+    if user_timeout is not None:
+        # Likewise: the client's socket inherited it from its listener. Set after the
+        # connect, which --connect-timeout bounds, not this.
+        set_user_timeout(upstream, user_timeout)
     info = log.level <= INFO  # not log.enabled(): a call, so a code object to copy
     if info:
         # Formatted here, and only for a log line: not in the supervisor (accounting.ChildRecord).

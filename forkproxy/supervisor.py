@@ -920,10 +920,13 @@ class Supervisor:
 
     def _listen_options(self, bound: list[Listener]) -> None:
         """Socket options every accepted connection inherits from its listener: set here
-        once, not by each child (--keepalive)."""
-        if self.options.keepalive is not None:
-            for listener in bound:
-                relay.set_keepalive(listener.sock, self.options.keepalive)
+        once, not by each child (--keepalive, --user-timeout)."""
+        keepalive, user_timeout = self.options.keepalive, self.options.user_timeout
+        for listener in bound:
+            if keepalive is not None:
+                relay.set_keepalive(listener.sock, keepalive)
+            if user_timeout is not None:
+                relay.set_user_timeout(listener.sock, user_timeout)
 
     # -- reload ------------------------------------------------------------------------
 

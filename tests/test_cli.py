@@ -98,6 +98,7 @@ def test_bad_input_exits_2_with_one_line(
         (["--keepalive", "1.5"], "--keepalive '1.5': a whole number of seconds from 1 to 32767"),
         (["--keepalive", "0"], "--keepalive '0': a whole number of seconds from 1 to 32767"),
         (["--keepalive", "forever"], "--keepalive 'forever': not a number of seconds"),
+        (["--user-timeout", "0"], "--user-timeout 0: at least 0.001 seconds, or 'off'"),
         (["--resolve-every", "soon"], "--resolve-every 'soon': not a number of seconds"),
         (["--resolve-every", "0.2"], "--resolve-every 0.2: at least 1 second, or 'off'"),
         (["--bind", "localhost"], "--bind 'localhost': bind address 'localhost' is not an IP"),
@@ -270,6 +271,8 @@ BAD_VARIABLES = [
     ("serve", "FORKPROXY_KEEPALIVE", "40000",
      "FORKPROXY_KEEPALIVE (--keepalive) '40000': a whole number of seconds from 1 to 32767, "
      "or 'off'"),
+    ("serve", "FORKPROXY_USER_TIMEOUT", "9e9",
+     "FORKPROXY_USER_TIMEOUT (--user-timeout) '9e9': at most 2,000,000 seconds"),
     ("serve", "FORKPROXY_RESOLVE_EVERY", "0.2",
      "FORKPROXY_RESOLVE_EVERY (--resolve-every) 0.2: at least 1 second, or 'off'"),
     ("serve", "FORKPROXY_MAX_CHILDREN", "lots",

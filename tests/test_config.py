@@ -404,7 +404,7 @@ def test_a_port_is_refused_as_out_of_range_only_when_it_is(text: str) -> None:
     assert link.target.port == int(text)
 
 
-CAN_BE_OFF = ("--idle-timeout", "--halfclose-timeout", "--resolve-every")
+CAN_BE_OFF = ("--idle-timeout", "--halfclose-timeout", "--user-timeout", "--resolve-every")
 
 
 @pytest.mark.parametrize(
@@ -419,6 +419,9 @@ CAN_BE_OFF = ("--idle-timeout", "--halfclose-timeout", "--resolve-every")
         ("--grace", "0.0", 0.0),
         ("--resolve-every", "1", 1.0),
         ("--resolve-every", "2000000", 2_000_000.0),
+        ("--user-timeout", "0.5", 0.5),
+        ("--user-timeout", "30", 30.0),
+        ("--user-timeout", "2000000", 2_000_000.0),  # 2e9 ms: the kernel's int holds it
     ],
 )
 def test_durations_parse(flag: str, text: str, value: float) -> None:
@@ -492,6 +495,27 @@ def test_options_with_a_keepalive_the_kernel_cannot_take_are_refused(value: obje
     """The supervisor checks what it is handed just as the command line does."""
     with pytest.raises(ConfigError, match=re.escape(f"--keepalive {value!r}: a whole number")):
         check_options(Options(keepalive=value))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("text", [None, "off", "OFF", "none", ""])
+def test_user_timeout_is_off_unless_set(text: str | None) -> None:
+    assert parse_seconds(text, "--user-timeout") is None
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (0.0, "--user-timeout 0: at least 0.001 seconds, or 'off'"),  # 0: the kernel's "off"
+        (float("nan"), "--user-timeout nan: not a finite number of seconds"),
+        (3e6, "--user-timeout 3e+06: at most 2,000,000 seconds"),  # past the kernel's int of ms
+    ],
+)
+def test_options_with_a_user_timeout_the_kernel_cannot_take_are_refused(
+    value: float, message: str
+) -> None:
+    """The supervisor checks what it is handed just as the command line does."""
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        check_options(Options(user_timeout=value))
 
 
 def test_options_with_a_duration_under_a_millisecond_are_refused() -> None:

@@ -1,4 +1,5 @@
-"""--keepalive for real: peers that vanish without a FIN or an RST, across veth cables.
+"""--keepalive and --user-timeout for real: peers that vanish without a FIN or an RST,
+across veth cables.
 
     client (ka-client) ---198.18.20.0/24--- proxy (ka-proxy) ---198.18.21.0/24--- upstream (ka-up)
 
@@ -12,6 +13,7 @@ Needs root, `ip` and iptables: fails without them (never a skip).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -26,11 +28,11 @@ from pathlib import Path
 
 import pytest
 from test_chain_faults import in_namespace, pattern, port_of, read_to_end
-from test_limits import distinct_free_ports, write_env_file
+from test_limits import copy_fd, distinct_free_ports, hold_the_listener, write_env_file
 from test_two_hosts import _unavailable, forkproxy_command
 
 import netns
-from conftest import LOOPBACK, Proxy, ServerFactory, echo, need, wait_for
+from conftest import LOOPBACK, Proxy, ServerFactory, echo, need, processes_under, wait_for
 from netns import Lab, Namespace, Process
 
 pytestmark = [pytest.mark.netns]
@@ -351,3 +353,177 @@ def test_every_listener_hands_keepalive_to_what_it_accepts_those_a_reload_adds_t
             assert len(own) == 1 and "timer:(keepalive," in own[0], own
             ups = timers(f"( dport = :{server.port} )")  # the child's upstream socket
             assert len(ups) == 1 and "timer:(keepalive," in ups[0], ups
+
+
+# -- --user-timeout -------------------------------------------------------------------
+
+USER_TIMEOUT = "2"  # seconds: OUTLIVE is four times that
+IN_FLIGHT = 65536  # bytes sent toward the vanished peer: unacknowledged, so never probed
+
+
+def assert_still_open(sock: socket.socket, since: float) -> None:
+    """Neither EOF nor a reset on `sock` until OUTLIVE seconds after `since` (at once if
+    that is past already)."""
+    sock.settimeout(max(OUTLIVE - (time.monotonic() - since), 0.1))
+    with pytest.raises(TimeoutError):
+        sock.recv(1)
+
+
+def test_user_timeout_ends_a_connection_whose_upstream_vanished_with_bytes_in_flight(
+    ka: KeepaliveLab,
+) -> None:
+    """Keepalive never probes while bytes are unacknowledged: only retransmissions find a
+    peer gone mid-transfer, after about 15 minutes (tcp_retries2). --user-timeout bounds
+    that: the child logs upstream-timeout and resets the client. A proxy without it, its
+    upstream gone at the same moment, still holds its connection well past the user
+    timeout: the option ended the first, not the kernel's default."""
+    cut = ka.start_proxy("--user-timeout", USER_TIMEOUT)
+    kept = ka.start_proxy("--grace", "0")  # its connection cannot finish: stop at once
+    client, upstream = ka.connect(cut)
+    kept_client, kept_upstream = ka.connect(kept)
+    with client, upstream, kept_client, kept_upstream:
+        exchange(client, upstream, SIZE, seed=21)
+        exchange(kept_client, kept_upstream, SIZE, seed=23)
+        ka.vanish(ka.upstream)
+        vanished = time.monotonic()
+        client.sendall(b"u" * IN_FLIGHT)
+        kept_client.sendall(b"u" * IN_FLIGHT)
+        line = wait_close_line(cut, DETECTED_WITHIN)
+        assert field(line, "outcome") == "upstream-timeout", line
+        assert field(line, "error") == "Connection timed out", line
+        assert field(line, "bytes_down") == str(SIZE), line
+        assert read_to_end(client)[:2] == ("reset", 0)
+        assert_still_open(kept_client, vanished)
+        assert close_lines(kept) == []
+
+
+def test_user_timeout_ends_a_connection_whose_client_vanished_with_bytes_in_flight(
+    ka: KeepaliveLab,
+) -> None:
+    """The client's side too (its socket has the option from its listener): a client host
+    gone while the upstream sends ends as client-timeout, the upstream reset. Without the
+    option the same connection stays open past the user timeout."""
+    cut = ka.start_proxy("--user-timeout", USER_TIMEOUT)
+    kept = ka.start_proxy("--grace", "0")  # its connection cannot finish: stop at once
+    client, upstream = ka.connect(cut, from_client_host=True)
+    kept_client, kept_upstream = ka.connect(kept, from_client_host=True)
+    with client, upstream, kept_client, kept_upstream:
+        exchange(client, upstream, SIZE, seed=25)
+        exchange(kept_client, kept_upstream, SIZE, seed=27)
+        ka.vanish(ka.client)
+        vanished = time.monotonic()
+        upstream.sendall(b"d" * IN_FLIGHT)
+        kept_upstream.sendall(b"d" * IN_FLIGHT)
+        line = wait_close_line(cut, DETECTED_WITHIN)
+        assert field(line, "outcome") == "client-timeout", line
+        assert field(line, "error") == "Connection timed out", line
+        assert field(line, "bytes_up") == str(SIZE), line
+        assert read_to_end(upstream)[:2] == ("reset", 0)
+        assert_still_open(kept_upstream, vanished)
+        assert close_lines(kept) == []
+
+
+def test_user_timeout_also_cuts_a_live_client_that_reads_nothing_that_long(
+    ka: KeepaliveLab,
+) -> None:
+    """What --user-timeout costs, and why it is off by default: a live client that stops
+    reading (its window shut, the proxy's data waiting) is cut as if it were dead, where
+    --keepalive leaves it alone (the keepalive test above, same pause)."""
+    proxy = ka.start_proxy("--user-timeout", "1")
+    client, upstream = ka.connect(proxy, from_client_host=True, rcvbuf=4096)
+    data = pattern(2 * 1024 * 1024, seed=29)
+
+    def send() -> None:
+        with contextlib.suppress(OSError):  # the reset this test expects
+            upstream.sendall(data)
+
+    with client, upstream:
+        sender = threading.Thread(target=send, daemon=True)
+        sender.start()
+        line = wait_close_line(proxy, DETECTED_WITHIN)  # the client reads nothing meanwhile
+        assert field(line, "outcome") == "client-timeout", line
+        assert field(line, "error") == "Connection timed out", line
+        assert read_to_end(upstream)[:2] == ("reset", 0)
+        sender.join(30)
+
+
+def test_with_keepalive_the_user_timeout_is_when_an_idle_dead_peer_is_given_up(
+    ka: KeepaliveLab,
+) -> None:
+    """Linux: with both set, an idle connection's silent peer is given up at the first
+    keepalive probe time at which it has been silent for the user timeout, not after
+    KEEPALIVE_PROBES probes: past them here (--keepalive 1 alone gives up after about
+    4 s, the control test above; --user-timeout 10 keeps probing until 10 s of silence)."""
+    proxy = ka.start_proxy("--keepalive", "1", "--user-timeout", "10")
+    client, upstream = ka.connect(proxy)
+    with client, upstream:
+        exchange(client, upstream, SIZE, seed=31)
+        ka.vanish(ka.upstream)
+        vanished = time.monotonic()
+        assert_still_open(client, vanished)  # 8 s: twice what keepalive alone takes
+        assert close_lines(proxy) == []
+        line = wait_close_line(proxy, DETECTED_WITHIN)
+        assert field(line, "outcome") == "upstream-timeout", line
+        assert field(line, "error") == "Connection timed out", line
+        assert read_to_end(client)[:2] == ("reset", 0)
+
+
+def user_timeouts(supervisor: int, inodes: list[int]) -> list[int]:
+    """TCP_USER_TIMEOUT (ms) of the sockets with these inodes, held by `supervisor`'s
+    children: read from the kernel through a copy of each descriptor (pidfd_getfd)."""
+    found: dict[int, int] = {}
+    for pid, _ in processes_under(supervisor):
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):  # closed while we looked
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                inode = int(target[8:-1]) if target.startswith("socket:[") else 0
+                if inode in inodes:
+                    with socket.socket(fileno=copy_fd(pid, int(fd))) as sock:
+                        found[inode] = sock.getsockopt(socket.IPPROTO_TCP,
+                                                       socket.TCP_USER_TIMEOUT)
+    assert set(found) == set(inodes), (inodes, found)
+    return [found[inode] for inode in inodes]
+
+
+def established(local: int = 0, remote: int = 0) -> list[int]:
+    """Inodes of established TCP sockets with that local or remote port (/proc/net/tcp)."""
+    inodes = []
+    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(name, encoding="ascii") as handle:
+            next(handle)
+            for fields in (line.split() for line in handle):
+                ports = (int(fields[1].rsplit(":", 1)[1], 16), int(fields[2].rsplit(":", 1)[1], 16))
+                if fields[3] == "01" and (ports[0] == local or ports[1] == remote):
+                    inodes.append(int(fields[9]))
+    return inodes
+
+
+def test_user_timeout_is_on_both_sockets_of_a_connection_and_every_listener(
+    start_proxy: StartProxy, tcp_server: ServerFactory, tmp_path: Path
+) -> None:
+    """`ss` shows no user timeout, so it is read where the kernel keeps it: on copies of
+    the descriptors. The supervisor sets it on each listener (at start and on those a
+    reload binds), the accepted socket inherits it, the child sets the upstream's; in
+    milliseconds. A proxy without the option leaves all three at 0, the kernel's off."""
+    server = tcp_server(echo)
+    upstream = f"tcp://127.0.0.1:{server.port}"
+    first, added, plain = distinct_free_ports(3)
+    env_file = tmp_path / "links.env"
+    write_env_file(env_file, {f"A_PORT_{first}_TCP": upstream})
+    proxy = start_proxy("--user-timeout", "2.5", "--env-file", str(env_file), *LOOPBACK)
+    write_env_file(env_file, {f"A_PORT_{first}_TCP": upstream, f"B_PORT_{added}_TCP": upstream})
+    proxy.signal(signal.SIGHUP)
+    assert wait_for(lambda: f":{added}" in proxy.log()), proxy.log()
+    off = start_proxy(f"127.0.0.1:{plain}=127.0.0.1:{server.port}")
+
+    for owner, port, expected in ((proxy, first, 2500), (proxy, added, 2500), (off, plain, 0)):
+        with socket.socket(fileno=hold_the_listener(owner.pid, port)) as listener:
+            assert listener.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == expected
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as client:
+            client.sendall(b"x")
+            assert client.recv(1) == b"x"
+            # One each; the previous connection's child may still be closing its own.
+            assert wait_for(lambda: len(established(remote=server.port)) == 1)
+            accepted, to_upstream = established(local=port), established(remote=server.port)
+            assert len(accepted) == 1 and len(to_upstream) == 1, (accepted, to_upstream)
+            assert user_timeouts(owner.pid, accepted + to_upstream) == [expected, expected]

@@ -222,6 +222,12 @@ def hold_the_listener(pid: int, port: int) -> int:
     inode = listener_inode(pid, port)
     [fd] = [int(fd) for fd in os.listdir(f"/proc/{pid}/fd")
             if os.readlink(f"/proc/{pid}/fd/{fd}") == f"socket:[{inode}]"]
+    return copy_fd(pid, fd)
+
+
+def copy_fd(pid: int, fd: int) -> int:
+    """A copy, in this process, of `pid`'s descriptor `fd` (pidfd_getfd(2)): the same open
+    file, so the same socket, options and all."""
     libc = ctypes.CDLL(None, use_errno=True)
     pidfd = os.pidfd_open(pid)
     try:
@@ -630,6 +636,15 @@ def test_clients_held_at_a_stop_are_closed_when_the_grace_period_ends(
         (["--connect-retries", "999999999"], {}, "--connect-retries 999999999: at most 1000"),
         ([], {"FORKPROXY_CONNECT_RETRIES": "1001"},
          "FORKPROXY_CONNECT_RETRIES (--connect-retries) 1001: at most 1000"),
+        # TCP_USER_TIMEOUT 0 is the kernel's default (off): 'off' says that, 0 is refused.
+        (["--user-timeout", "0"], {}, "--user-timeout 0: at least 0.001 seconds, or 'off'"),
+        (["--user-timeout", "-1"], {}, "--user-timeout '-1': at least 0.001 seconds, or 'off'"),
+        (["--user-timeout", "abc"], {}, "--user-timeout 'abc': not a number of seconds"),
+        # The kernel takes an int of milliseconds: 2,000,000 s is 2e9 ms, within it.
+        (["--user-timeout", "2147484"], {},
+         "--user-timeout '2147484': at most 2,000,000 seconds (23 days); 'off' means none"),
+        ([], {"FORKPROXY_USER_TIMEOUT": "0.0001"},
+         "FORKPROXY_USER_TIMEOUT (--user-timeout) 0.0001: at least 0.001 seconds, or 'off'"),
         (["--allow", "::1/129"], {}, "--allow '::1/129'"),
         (["--allow", "127.0.0.1/8/8"], {}, "--allow '127.0.0.1/8/8'"),
     ],

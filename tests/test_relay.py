@@ -184,3 +184,15 @@ def test_preload_leaves_nothing_open_and_gives_the_children_buffers(mode: str) -
         assert len(up) == len(down) == relay.COPY_CHUNK and up.obj is not down.obj
     finally:
         relay._child_buffers = None
+
+
+@pytest.mark.parametrize(
+    ("seconds", "milliseconds"),
+    [(0.001, 1), (0.5, 500), (2.5, 2500), (30.0, 30_000), (2_000_000.0, 2_000_000_000)],
+)
+def test_user_timeout_reaches_the_kernel_in_milliseconds(seconds: float, milliseconds: int) -> None:
+    """--user-timeout is seconds, TCP_USER_TIMEOUT milliseconds: read back from the kernel,
+    the least (1 ms: 0 would turn it off) and the most (within its int) included."""
+    with socket.socket() as sock:
+        relay.set_user_timeout(sock, seconds)
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == milliseconds
