@@ -17,14 +17,16 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 
-from . import __version__
+from . import __version__, cgroup
 from .config import (
     ANY_IPV4,
+    DEFAULT_MAX_CHILDREN,
     ConfigError,
     LinkTable,
     Options,
     Sources,
     check_options,
+    fitting_children,
     name_variable,
     parse_count,
     parse_keepalive,
@@ -127,6 +129,44 @@ def _variables(ctx: typer.Context) -> dict[str, str]:
     return found
 
 
+def read_memory_limit(proc: str = "/proc/self", root: str = "/") -> int | None:
+    """The memory limit of this process's cgroup in bytes, the smallest of its own and its
+    ancestors' (see forkproxy/cgroup.py), or None: none set, or nothing could be read.
+
+    `proc` and `root` are where /proc/self and / are (tests lay out a tree of their own).
+    Files that are missing (no memory controller in a hierarchy, the root cgroup's) or
+    unreadable are skipped; swap limits are not looked at (README, "Memory limits")."""
+    def read(path: str) -> str | None:
+        try:
+            with open(path, "rb") as handle:
+                return handle.read().decode()
+        except (OSError, UnicodeDecodeError):
+            return None
+
+    cgroup_text = read(os.path.join(proc, "cgroup"))
+    mountinfo = read(os.path.join(proc, "mountinfo"))
+    if cgroup_text is None or mountinfo is None:
+        return None
+    limits = []
+    for path in cgroup.memory_limit_files(cgroup_text, mountinfo):
+        text = read(os.path.join(root, path.lstrip("/")))
+        value = None if text is None else cgroup.parse_limit(path, text)
+        if value is not None:
+            limits.append(value)
+    return min(limits, default=None)
+
+
+def with_memory_limit(options: Options, memory_limit: int | None) -> Options:
+    """`options` with the memory limit found at start, and, where the operator chose no
+    --max-children (`max_children_given` False), the number of connections that fit it.
+    Fixed at start like the other options: a reload does not look again."""
+    fields = {**vars(options), "memory_limit": memory_limit}
+    if not options.max_children_given:
+        fields["max_children"] = (DEFAULT_MAX_CHILDREN if memory_limit is None
+                                  else fitting_children(memory_limit, options.metrics is not None))
+    return Options(**fields)
+
+
 def load(sources: Sources) -> LinkTable:
     check_options(sources.options)
     return read_links(sources, os.environ)
@@ -138,6 +178,10 @@ def serve(*, sources: Sources, variables: Mapping[str, str] | None = None) -> No
     `variables` (see `name_variable`) goes along: the supervisor reports what it finds
     wrong at start (a pid file it cannot write, say) in the same words."""
     load(sources)
+    # Read here, once, before the exec: the supervisor (the same process, in the same
+    # cgroup) then carries none of the code that finds it.
+    sources = Sources(sources.specs, sources.from_env, sources.env_file,
+                      with_memory_limit(sources.options, read_memory_limit()), sources.bind)
     payload = json.dumps({**sources_to_json(sources), "variables": dict(variables or {})}).encode()
     config_fd = os.memfd_create("forkproxy-config", 0)  # not CLOEXEC: the supervisor reads it
     os.write(config_fd, payload)
@@ -216,9 +260,10 @@ def serve_command(
                      "RESOLVE_EVERY", "SECONDS")
     ] = "30",
     max_children: Annotated[
-        str, _option("Most connections at once; more wait in the backlog. [default: 1024]",
-                     "MAX_CHILDREN", "N")
-    ] = "1024",
+        str | None, _option("Most connections at once; more wait in the backlog. "
+                            "[default: as many as fit the container's memory limit, "
+                            "at most 1024]", "MAX_CHILDREN", "N")
+    ] = None,
     allow: Annotated[
         list[str] | None, _option("Accept clients only from this CIDR (repeatable; socat "
                                   "range=). [default: everyone]", "ALLOW", "CIDR")
@@ -257,7 +302,10 @@ def serve_command(
             keepalive=parse_keepalive(keepalive),
             user_timeout=parse_seconds(user_timeout, "--user-timeout"),
             resolve_every=parse_seconds(resolve_every, "--resolve-every"),
-            max_children=parse_count(max_children, "--max-children"),
+            # None: neither the flag nor the variable; serve() derives it from the memory limit.
+            max_children=(DEFAULT_MAX_CHILDREN if max_children is None
+                          else parse_count(max_children, "--max-children")),
+            max_children_given=max_children is not None,
             allow=tuple(allow or ()),
             verbosity=verbose - quiet,
             log_format=log_format,

@@ -21,6 +21,22 @@ if TYPE_CHECKING:
 
 MAX_NAME = 253  # longest DNS name
 MAX_CHILDREN = 1 << 22  # PID_MAX_LIMIT: no more processes can ever exist at once
+DEFAULT_MAX_CHILDREN = 1024  # --max-children with no memory limit to fit
+MiB = 1 << 20
+# What a memory limit must hold besides the connections, and what each connection takes,
+# for the --max-children derived from the limit (fitting_children). Measured by hand in a
+# v1 memory cgroup (memory.usage_in_bytes, which counts kernel memory too; redis behind):
+# the supervisor alone 9.4 MiB (rss 7.8, page cache 1.3, kernel 0.2); its metrics process
+# 12-13 MiB more after scrapes (USS 15 MiB at 100 connections); each idle connection
+# 0.57-0.59 MiB (rss 0.45, kernel 0.13: page tables, stack), each one moving data at full
+# speed (4 MiB redis GETs, splice) 0.72-0.78 MiB. Socket buffers were not in those (v1
+# charges them apart); cgroup v2 charges them to the limit: ~0.19 MiB per connection at
+# full speed (ss -m). So 1 MiB per connection, and the supervisor's room includes a
+# status reporter and a resolver child: at 64 MiB, 52 connections moving data at full
+# speed stay ~10 MiB under the limit even on v2.
+SUPERVISOR_MEMORY = 12 * MiB
+METRICS_MEMORY = 16 * MiB
+CHILD_MEMORY = 1 * MiB
 MAX_SECONDS = 2_000_000  # any duration: poll() waits at most 2**31 - 1 ms (~24.8 days)
 ANY_IPV4 = "0.0.0.0"  # where a listener binds when nothing names an address (socat's TCP4-LISTEN)
 # Extra connect attempts: the backoff alone is then 2N - 5 s (N >= 4; relay.connect_upstream),
@@ -153,6 +169,11 @@ class Options(Value):
     status_socket: str | None
     metrics: str | None
     pid_file: str | None
+    # The memory limit of the process's cgroup, found at start (None: none, or not looked
+    # for), and whether the operator chose max_children (flag or variable) or it was
+    # derived from that limit (or is the default, with no limit).
+    memory_limit: int | None
+    max_children_given: bool
 
     def __init__(
         self,
@@ -165,13 +186,15 @@ class Options(Value):
         keepalive: int | None = None,
         user_timeout: float | None = None,
         resolve_every: float | None = 30.0,
-        max_children: int = 1024,
+        max_children: int = DEFAULT_MAX_CHILDREN,
         allow: tuple[str, ...] = (),
         verbosity: int = 0,
         log_format: str = "text",
         status_socket: str | None = None,
         metrics: str | None = None,
         pid_file: str | None = None,
+        memory_limit: int | None = None,
+        max_children_given: bool = True,
     ) -> None:
         # Interned: then "auto" is the very object that is the constant relay.Flow compares
         # it with, so a child reading both writes one reference count, not two on two
@@ -183,6 +206,7 @@ class Options(Value):
             keepalive=keepalive, user_timeout=user_timeout, resolve_every=resolve_every,
             max_children=max_children, allow=allow, verbosity=verbosity, log_format=log_format,
             status_socket=status_socket, metrics=metrics, pid_file=pid_file,
+            memory_limit=memory_limit, max_children_given=max_children_given,
         )
 
 
@@ -205,6 +229,24 @@ class Sources(Value):
     ) -> None:
         self._set(specs=specs, from_env=from_env, env_file=env_file,
                   options=Options() if options is None else options, bind=bind)
+
+
+def own_memory(metrics: bool) -> int:
+    """What a memory limit must hold besides the connections: the supervisor's room, and
+    its metrics process's with --metrics."""
+    return SUPERVISOR_MEMORY + (METRICS_MEMORY if metrics else 0)
+
+
+def fitting_children(memory_limit: int, metrics: bool) -> int:
+    """How many connections fit a memory limit beside the supervisor (and its metrics
+    process): the --max-children derived from the limit, 1 to DEFAULT_MAX_CHILDREN."""
+    room = memory_limit - own_memory(metrics)
+    return max(1, min(DEFAULT_MAX_CHILDREN, room // CHILD_MEMORY))
+
+
+def mebibytes(size: int) -> str:
+    """A memory limit for a log line: `64 MiB`, `95.4 MiB`."""
+    return f"{size / MiB:.1f} MiB" if size % MiB else f"{size // MiB} MiB"
 
 
 def join_host_port(host: str, port: int) -> str:
@@ -532,6 +574,9 @@ def check_options(options: Options) -> Options:
     if options.max_children > MAX_CHILDREN:
         raise ConfigError(f"--max-children {options.max_children}: at most {MAX_CHILDREN}, "
                           "the kernel's limit on processes")
+    limit = options.memory_limit
+    if limit is not None and not (type(limit) is int and limit >= 0):
+        raise ConfigError(f"bad memory limit {limit!r}")  # only from a bad handover
     if options.connect_retries < 0:
         raise ConfigError(f"--connect-retries {options.connect_retries}: must be 0 or more")
     if options.connect_retries > MAX_CONNECT_RETRIES:

@@ -16,6 +16,7 @@ from typing import Any
 
 import psutil
 
+from .config import mebibytes
 from .control import answers, default_dir
 
 
@@ -182,6 +183,21 @@ def describe_metrics(metrics: dict[str, Any] | None) -> str | None:
     return f"{text}, {restarts} restart{'' if restarts == 1 else 's'}"
 
 
+def _max_children(status: dict[str, Any]) -> str:
+    """`, max-children 52 (fits the memory limit of 64 MiB)`: the limit in force, and
+    where it came from when a memory limit was found."""
+    value, limit, fit = (status.get(key) for key in ("max_children", "memory_limit",
+                                                     "memory_fit"))
+    if value is None:
+        return ""
+    text = f", max-children {value}"
+    if limit is None or fit is None:
+        return text
+    if not status.get("max_children_given", True):
+        return f"{text} (fits the memory limit of {mebibytes(limit)})"
+    return f"{text} (about {fit} fit the memory limit of {mebibytes(limit)})"
+
+
 def render(status: dict[str, Any]) -> str:
     """The status as two tables, like `ss` or `docker ps`, after a line for the supervisor
     and, with --metrics, one for the metrics endpoint."""
@@ -190,6 +206,7 @@ def render(status: dict[str, Any]) -> str:
         f"forkproxy {status.get('version', '?')} pid {status.get('pid')}, "
         f"up {time.time() - status.get('started', time.time()):.0f}s"
         + (", stopping" if status.get("stopping") else "")
+        + _max_children(status)
     ]
     metrics = describe_metrics(status.get("metrics"))
     if metrics is not None:

@@ -28,6 +28,7 @@ from collections.abc import Callable, Mapping
 from . import __version__, control, listeners, relay, signals
 from .accounting import Accounting, ChildRecord, describe_status
 from .config import (
+    CHILD_MEMORY,
     MIN_RESOLVE_EVERY,
     ConfigError,
     Link,
@@ -35,7 +36,10 @@ from .config import (
     Network,
     Sources,
     build_links,
+    fitting_children,
     join_host_port,
+    mebibytes,
+    own_memory,
     parse_cidr,
     parse_metrics_address,
     peer_text,
@@ -308,6 +312,7 @@ class Supervisor:
             # `ulimit -n 7`, say: one line rather than a traceback from wherever it ran out
             raise ConfigError(f"out of file descriptors while starting: {exc.strerror} "
                               "(raise the limit, ulimit -n)") from None
+        self._log_max_children()  # before "listening": whoever waits for it can read it
         try:
             sys.stdout.write("".join(line + "\n" for line in lines))
             sys.stdout.flush()
@@ -328,6 +333,35 @@ class Supervisor:
         finally:
             self.cleanup()
         return 0
+
+    def memory_fit(self) -> int | None:
+        """How many connections fit the memory limit found at start (None: no limit)."""
+        limit = self.options.memory_limit
+        return None if limit is None else fitting_children(limit, self.options.metrics is not None)
+
+    def _log_max_children(self) -> None:
+        """At start: the --max-children derived from the memory limit, or a warning when
+        the operator's own is more than fits it (served as told all the same)."""
+        limit, fit = self.options.memory_limit, self.memory_fit()
+        if limit is None or fit is None:
+            self.log.debug("max-children", value=self.options.max_children,
+                           detail="no memory limit found")
+            return
+        value, size = self.options.max_children, mebibytes(limit)
+        own = own_memory(self.options.metrics is not None)
+        if not self.options.max_children_given and limit < own + CHILD_MEMORY:
+            # Clamped up to 1: even that one may cost its connection, or worse.
+            self.log.warning("max-children", value=value, memory_limit=limit,
+                             detail=f"the memory limit of {size} leaves no room for "
+                             f"connections beside forkproxy's own ~{mebibytes(own)}; "
+                             "--max-children overrides")
+        elif not self.options.max_children_given:
+            self.log.info("max-children", value=value, memory_limit=limit,
+                          detail=f"fits the memory limit of {size}; --max-children overrides")
+        elif value > fit:
+            self.log.warning("max-children", value=value, fits=fit, memory_limit=limit,
+                             detail=f"about {fit} fit the memory limit of {size}; beyond "
+                             "that the OOM killer ends connections")
 
     def loop(self) -> None:
         poll, handlers = self.poller.poll, self.handlers
@@ -1036,6 +1070,9 @@ class Supervisor:
             "started": self.started,
             "stopping": self.stopping,
             "max_children": self.options.max_children,
+            "max_children_given": self.options.max_children_given,
+            "memory_limit": self.options.memory_limit,
+            "memory_fit": self.memory_fit(),
             "listeners": self._listener_table(),
             "metrics": self._metrics_state(),
         }

@@ -13,6 +13,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import resource
 import signal
 import socket
@@ -29,7 +30,7 @@ import pytest
 
 from forkproxy import listeners
 from forkproxy import supervisor as fp_supervisor
-from forkproxy.config import Options, Sources, parse_spec
+from forkproxy.config import Options, Sources, fitting_children, parse_spec
 from forkproxy.listeners import Listener
 from forkproxy.log import Logger
 
@@ -1385,6 +1386,13 @@ class MemoryCgroup:
         fields = (self.path / name).read_text().split()
         return int(fields[fields.index("oom_kill") + 1])
 
+    def limit_hits(self) -> int:
+        """How often the group's usage reached its limit (v1 failcnt, v2 `max` events)."""
+        if self.v1:
+            return int((self.path / "memory.failcnt").read_text())
+        fields = (self.path / "memory.events").read_text().split()
+        return int(fields[fields.index("max") + 1])
+
 
 @pytest.fixture
 def memory_cgroup() -> Iterator[MemoryCgroup]:
@@ -1403,8 +1411,9 @@ def test_at_a_memory_limit_the_oom_killer_takes_connections_not_the_supervisor(
     each counted and logged, and the supervisor and the metrics process live on."""
     server = tcp_server(echo)
     spec, sock_path = f"127.0.0.1:0=127.0.0.1:{server.port}", short_dir / "s.sock"
-    proxy = start_proxy("--metrics", "127.0.0.1:0", "--status-socket", str(sock_path), spec,
-                        expect=2, prefix=memory_cgroup.enter())
+    # As many children as the OOM killer may take: the limit is lowered after the start.
+    proxy = start_proxy("--metrics", "127.0.0.1:0", "--status-socket", str(sock_path),
+                        "--max-children", "1024", spec, expect=2, prefix=memory_cgroup.enter())
     url = proxy.lines[-1].split()[1]
     with urllib.request.urlopen(url, timeout=60) as response:  # its imports are done
         assert response.status == 200
@@ -1448,6 +1457,166 @@ def test_at_a_memory_limit_the_oom_killer_takes_connections_not_the_supervisor(
     series = f'forkproxy_connections_ended_total{{link="{spec}",outcome="killed"}} '
     [sample] = [line for line in exposed.splitlines() if line.startswith(series)]
     assert float(sample.split()[-1]) == killed, sample
+    assert proxy.stop() == 0
+
+
+def max_children_lines(proxy: Proxy) -> list[str]:
+    return [line for line in proxy.log().splitlines()
+            if " max-children " in line or "\"max-children\"" in line]
+
+
+def redis_get(sock: socket.socket, key: bytes, size: int) -> bytes:
+    """GET `key`, whose value is `size` bytes, over a raw socket: the value."""
+    header = b"$%d\r\n" % size
+    reply = exchange(sock, b"GET %s\r\n" % key, len(header) + size + 2)
+    assert reply.startswith(header) and len(reply) == len(header) + size + 2, reply[:40]
+    return reply[len(header):-2]
+
+
+def test_at_a_memory_limit_the_clients_beyond_what_fits_wait_in_the_backlog(
+    memory_cgroup: MemoryCgroup, start_proxy: StartProxy, redis: Redis, short_dir: Path
+) -> None:
+    """docker run -m 64m without --max-children: each connection's child past what the
+    limit holds took its memory from a connection already open (the OOM killer ended
+    one per new client). Now the default is derived from the limit: the start line
+    names it, that many clients are served, and even moving data at full speed they stay
+    under the limit; the clients beyond wait in the kernel backlog, as at HAProxy's
+    maxconn, and are served as others close. Nothing is killed."""
+    memory_cgroup.limit(64 * MiB)  # as docker run -m sets it: before the process starts
+    value = b"v" * MiB
+    with connect(redis.port) as direct:  # too long for redis-cli's command line
+        command = b"*3\r\n$3\r\nSET\r\n$3\r\nbig\r\n$%d\r\n%s\r\n" % (len(value), value)
+        assert exchange(direct, command, len(b"+OK\r\n")) == b"+OK\r\n"
+    spec, sock_path = f"127.0.0.1:0=127.0.0.1:{redis.port}", short_dir / "s.sock"
+    proxy = start_proxy("--status-socket", str(sock_path), spec, prefix=memory_cgroup.enter())
+    [line] = max_children_lines(proxy)
+    match = re.search(r" info max-children value=(\d+) memory_limit=67108864 detail=\"fits the "
+                      r"memory limit of 64 MiB; --max-children overrides\"$", line)
+    assert match, line
+    fit = int(match.group(1))
+    assert 8 <= fit < 1024, line  # derived: not the old default, and room for a few
+    reply = control(sock_path, "status")
+    assert (reply["max_children"], reply["memory_limit"]) == (fit, 64 * MiB), reply
+    extra = 4
+    served: list[socket.socket] = []
+    waiting: list[socket.socket] = []
+    try:
+        for _ in range(fit):
+            served.append(connect(proxy.port))
+            assert exchange(served[-1], PING, len(PONG)) == PONG
+        for _ in range(extra):
+            waiting.append(connect(proxy.port))  # the handshake completes in the backlog
+            waiting[-1].sendall(PING)
+        assert wait_for(lambda: len(children(proxy.pid)) == fit)
+        for sock in waiting:
+            sock.settimeout(1)  # nothing answers them while all the children are busy
+            with pytest.raises(TimeoutError):
+                sock.recv(1)
+        # Every served connection moving data at once, at full speed.
+        errors: list[BaseException] = []
+
+        def busy(sock: socket.socket) -> None:
+            try:
+                for _ in range(4):
+                    assert redis_get(sock, b"big", len(value)) == value
+            except BaseException as exc:  # reported by the test, not lost in the thread
+                errors.append(exc)
+
+        threads = [threading.Thread(target=busy, args=(sock,)) for sock in served]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        assert not errors, errors[:3]
+        assert len(children(proxy.pid)) == fit  # still none beyond the limit
+        for sock in served[:extra]:
+            sock.close()  # their children exit: the waiting clients are accepted
+        for sock in waiting:
+            sock.settimeout(30)
+            assert recv_exact(sock, len(PONG)) == PONG
+            assert redis_get(sock, b"big", len(value)) == value
+        stats = link_stats(control(sock_path, "status"), spec)
+        assert stats["active"] == fit, stats
+    finally:
+        for sock in served + waiting:
+            sock.close()
+    assert memory_cgroup.oom_kills() == 0
+    assert memory_cgroup.limit_hits() == 0, "the limit was reached"
+    assert "child-died" not in proxy.log()
+    assert proxy.stop() == 0
+
+
+def test_an_explicit_max_children_wins_over_the_memory_limit_and_is_warned_if_too_many(
+    memory_cgroup: MemoryCgroup, start_proxy: StartProxy, tcp_server: ServerFactory,
+    short_dir: Path, tmp_path: Path
+) -> None:
+    """The operator's --max-children (or FORKPROXY_MAX_CHILDREN) is served as told; one
+    warning at start when it is more than the memory limit holds, none when it fits."""
+    memory_cgroup.limit(64 * MiB)
+    server = tcp_server(echo)
+    spec, sock_path = f"127.0.0.1:0=127.0.0.1:{server.port}", short_dir / "s.sock"
+    proxy = start_proxy("--max-children", "300", "--status-socket", str(sock_path), spec,
+                        prefix=memory_cgroup.enter())
+    [line] = max_children_lines(proxy)
+    match = re.search(r" warning max-children value=300 fits=(\d+) memory_limit=67108864 "
+                      r"detail=\"about (\d+) fit the memory limit of 64 MiB; beyond that the "
+                      r"OOM killer ends connections\"$", line)
+    assert match and match.group(1) == match.group(2), line
+    fit = int(match.group(1))
+    assert 8 <= fit < 300, line
+    reply = status_json(sock_path)
+    assert (reply["max_children"], reply["memory_fit"]) == (300, fit), reply
+    result = cli("status", "--status-socket", str(sock_path))
+    first = result.stdout.splitlines()[0]
+    assert first.endswith(f", max-children 300 (about {fit} fit the memory limit of 64 MiB)"), \
+        first
+    assert ping_echo(proxy.port)
+    assert proxy.stop() == 0
+
+    env = {**os.environ, "FORKPROXY_MAX_CHILDREN": "3", "XDG_RUNTIME_DIR": str(tmp_path)}
+    proxy = start_proxy("--status-socket", str(sock_path), spec, env=env,
+                        prefix=memory_cgroup.enter())
+    assert control(sock_path, "status")["max_children"] == 3
+    assert ping_echo(proxy.port)
+    assert max_children_lines(proxy) == []  # it fits: nothing to say
+    assert proxy.stop() == 0
+
+
+def test_the_derived_max_children_in_json_leaves_room_for_metrics_and_status_shows_it(
+    memory_cgroup: MemoryCgroup, start_proxy: StartProxy, tcp_server: ServerFactory,
+    short_dir: Path
+) -> None:
+    memory_cgroup.limit(64 * MiB)
+    server = tcp_server(echo)
+    spec, sock_path = f"127.0.0.1:0=127.0.0.1:{server.port}", short_dir / "s.sock"
+    proxy = start_proxy("--log-format", "json", "--metrics", "127.0.0.1:0",
+                        "--status-socket", str(sock_path), spec, expect=2,
+                        prefix=memory_cgroup.enter())
+    [line] = max_children_lines(proxy)
+    record = json.loads(line)
+    assert {k: record[k] for k in ("level", "event", "memory_limit")} == {
+        "level": "info", "event": "max-children", "memory_limit": 64 * MiB}, record
+    assert record["detail"] == "fits the memory limit of 64 MiB; --max-children overrides"
+    with_metrics = record["value"]
+    assert isinstance(with_metrics, int) and 1 <= with_metrics < fitting_children(64 * MiB, False)
+    result = cli("status", "--status-socket", str(sock_path))
+    first = result.stdout.splitlines()[0]
+    assert first.endswith(f", max-children {with_metrics} (fits the memory limit of 64 MiB)"), \
+        first
+    assert status_json(sock_path)["max_children"] == with_metrics
+    assert proxy.stop() == 0
+
+
+def test_without_a_memory_limit_max_children_stays_1024_and_nothing_is_said(
+    memory_cgroup: MemoryCgroup, start_proxy: StartProxy, tcp_server: ServerFactory,
+    short_dir: Path
+) -> None:
+    server = tcp_server(echo)
+    spec, sock_path = f"127.0.0.1:0=127.0.0.1:{server.port}", short_dir / "s.sock"
+    proxy = start_proxy("--status-socket", str(sock_path), spec, prefix=memory_cgroup.enter())
+    reply = control(sock_path, "status")
+    assert (reply["max_children"], reply["memory_limit"]) == (1024, None), reply
+    assert max_children_lines(proxy) == []
     assert proxy.stop() == 0
 
 

@@ -1,0 +1,285 @@
+"""The memory limit of the process's cgroup, read from a tree of real files laid out as
+/proc/self and /sys/fs/cgroup are (v1, v2, inside and outside containers), and the
+--max-children that fits it. The real cgroup at a real limit: tests/test_limits.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from forkproxy import cgroup
+from forkproxy.cli import read_memory_limit, with_memory_limit
+from forkproxy.config import (
+    CHILD_MEMORY,
+    DEFAULT_MAX_CHILDREN,
+    METRICS_MEMORY,
+    SUPERVISOR_MEMORY,
+    MiB,
+    Options,
+    Sources,
+    fitting_children,
+    mebibytes,
+)
+from forkproxy.log import Logger, level_for
+from forkproxy.supervisor import Supervisor
+
+V1_NONE = "9223372036854771712"  # what cgroup v1 says for no limit (4 KiB pages)
+# This machine's kind: cgroup v1 controllers, and a cgroup2 mount without the memory one.
+HYBRID_MOUNTS = """\
+31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755
+32 31 0:29 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu
+35 31 0:32 / /sys/fs/cgroup/memory rw,relatime shared:12 - cgroup cgroup rw,memory
+39 31 0:36 / /sys/fs/cgroup/pids rw,relatime - cgroup cgroup rw,pids
+41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
+"""
+V2_MOUNTS = "29 23 0:26 / /sys/fs/cgroup rw,nosuid,nodev,noexec,relatime shared:4 - " \
+            "cgroup2 cgroup2 rw,nsdelegate,memory_recursiveprot\n"
+
+
+class Tree:
+    """A root directory with proc/self/{cgroup,mountinfo} and cgroup files under it."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        (root / "proc/self").mkdir(parents=True)
+
+    def proc(self, cgroup_text: str, mountinfo: str) -> None:
+        (self.root / "proc/self/cgroup").write_text(cgroup_text)
+        (self.root / "proc/self/mountinfo").write_text(mountinfo)
+
+    def file(self, path: str, text: str) -> None:
+        target = self.root / path.lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text)
+
+    def limit(self) -> int | None:
+        return read_memory_limit(proc=str(self.root / "proc/self"), root=str(self.root))
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Tree:
+    return Tree(tmp_path)
+
+
+# -- cgroup v2 ------------------------------------------------------------------------------
+
+
+def test_v2_in_a_container_with_a_cgroup_namespace_reads_the_mount_root(tree: Tree) -> None:
+    """docker run -m 64m on a v2 host: `0::/`, the container's cgroup is the mount."""
+    tree.proc("0::/\n", V2_MOUNTS)
+    tree.file("/sys/fs/cgroup/memory.max", "67108864\n")
+    assert tree.limit() == 64 * MiB
+
+
+def test_v2_nested_limits_take_the_smallest_up_to_the_mount_root(tree: Tree) -> None:
+    """A pod's limit above a container's larger (or no) limit is the one in force; the
+    host's root cgroup has no memory.max at all."""
+    tree.proc("0::/kubepods.slice/pod1/ctr\n", V2_MOUNTS)
+    base = "/sys/fs/cgroup/kubepods.slice"
+    tree.file(f"{base}/pod1/ctr/memory.max", "max\n")
+    tree.file(f"{base}/pod1/memory.max", "134217728\n")
+    tree.file(f"{base}/memory.max", "max\n")
+    assert tree.limit() == 128 * MiB
+    tree.file(f"{base}/pod1/ctr/memory.max", "100663296\n")  # 96 MiB, below the pod's
+    assert tree.limit() == 96 * MiB
+    tree.file(f"{base}/memory.max", "33554432\n")  # an ancestor lower still
+    assert tree.limit() == 32 * MiB
+
+
+def test_v2_max_everywhere_is_no_limit(tree: Tree) -> None:
+    tree.proc("0::/system.slice/app.service\n", V2_MOUNTS)
+    tree.file("/sys/fs/cgroup/system.slice/app.service/memory.max", "max\n")
+    tree.file("/sys/fs/cgroup/system.slice/memory.max", "max\n")
+    assert tree.limit() is None
+
+
+def test_v2_mount_root_below_the_hierarchy_root(tree: Tree) -> None:
+    """Without a cgroup namespace, a runtime may mount the container's own cgroup at
+    /sys/fs/cgroup while /proc/self/cgroup names it by its full path."""
+    tree.proc("0::/docker/abc\n", "29 23 0:26 /docker/abc /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n")
+    tree.file("/sys/fs/cgroup/memory.max", "67108864\n")
+    assert tree.limit() == 64 * MiB
+
+
+def test_v2_a_cgroup_outside_the_namespace_root_is_not_guessed_at(tree: Tree) -> None:
+    """Moved out of its cgroup namespace's root, a process sees `0::/../other`: no file
+    under the mount is its cgroup's."""
+    tree.proc("0::/../other\n", V2_MOUNTS)
+    tree.file("/sys/fs/cgroup/memory.max", "67108864\n")
+    tree.file("/sys/fs/cgroup/other/memory.max", "67108864\n")
+    assert tree.limit() is None
+
+
+# -- cgroup v1 ------------------------------------------------------------------------------
+
+
+def test_v1_hierarchical_limit_takes_the_ancestors_into_account(tree: Tree) -> None:
+    """This machine's layout: the memory controller on v1, a cgroup2 mount without it
+    (no memory.max there, and its `0::/` line is not the memory controller's)."""
+    tree.proc("9:name=systemd:/\n4:memory:/jobs/a\n1:cpu:/\n0::/\n", HYBRID_MOUNTS)
+    base = "/sys/fs/cgroup/memory"
+    tree.file(f"{base}/jobs/a/memory.limit_in_bytes", V1_NONE)
+    tree.file(f"{base}/jobs/a/memory.stat",
+              f"cache 0\nrss 4096\nhierarchical_memory_limit 67108864\n"
+              f"hierarchical_memsw_limit {V1_NONE}\n")
+    tree.file(f"{base}/memory.limit_in_bytes", V1_NONE)
+    assert tree.limit() == 64 * MiB
+
+
+def test_v1_limit_in_bytes_of_each_ancestor_without_memory_stat(tree: Tree) -> None:
+    tree.proc("4:memory:/jobs/a\n", HYBRID_MOUNTS)
+    base = "/sys/fs/cgroup/memory"
+    tree.file(f"{base}/jobs/a/memory.limit_in_bytes", V1_NONE)
+    tree.file(f"{base}/jobs/memory.limit_in_bytes", "268435456\n")
+    tree.file(f"{base}/memory.limit_in_bytes", V1_NONE)
+    assert tree.limit() == 256 * MiB
+
+
+def test_v1_near_two_to_the_63_is_no_limit(tree: Tree) -> None:
+    tree.proc("4:memory:/jobs/a\n", HYBRID_MOUNTS)
+    base = "/sys/fs/cgroup/memory"
+    tree.file(f"{base}/jobs/a/memory.stat", f"hierarchical_memory_limit {V1_NONE}\n")
+    tree.file(f"{base}/jobs/a/memory.limit_in_bytes", V1_NONE)
+    tree.file(f"{base}/memory.limit_in_bytes", "9223372036854710272")  # 64 KiB pages' none
+    assert tree.limit() is None
+
+
+def test_v1_in_a_container_the_mount_root_is_the_containers_cgroup(tree: Tree) -> None:
+    """docker run -m 64m on a v1 host: /proc/self/cgroup names /docker/ID, and the
+    mount's root field is /docker/ID: its files are at the mount point itself."""
+    tree.proc("12:memory:/docker/0123abcd\n11:pids:/docker/0123abcd\n",
+              "700 690 0:40 /docker/0123abcd /sys/fs/cgroup/memory ro,nosuid - "
+              "cgroup cgroup rw,memory\n")
+    tree.file("/sys/fs/cgroup/memory/memory.stat", "hierarchical_memory_limit 67108864\n")
+    tree.file("/sys/fs/cgroup/memory/memory.limit_in_bytes", "67108864\n")
+    assert tree.limit() == 64 * MiB
+
+
+def test_v1_a_mount_of_another_cgroup_is_not_this_process_s(tree: Tree) -> None:
+    tree.proc("4:memory:/docker/mine\n",
+              "700 690 0:40 /docker/other /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory\n")
+    tree.file("/sys/fs/cgroup/memory/memory.limit_in_bytes", "67108864\n")
+    assert tree.limit() is None
+
+
+def test_v1_swap_limits_are_not_looked_at(tree: Tree) -> None:
+    tree.proc("4:memory:/\n", HYBRID_MOUNTS)
+    tree.file("/sys/fs/cgroup/memory/memory.memsw.limit_in_bytes", "33554432\n")
+    tree.file("/sys/fs/cgroup/memory/memory.limit_in_bytes", "67108864\n")
+    assert tree.limit() == 64 * MiB
+
+
+def test_a_mount_point_with_a_space_is_unescaped(tree: Tree) -> None:
+    tree.proc("0::/\n", "29 23 0:26 / /sys/fs/my\\040cgroup rw - cgroup2 cgroup2 rw\n")
+    tree.file("/sys/fs/my cgroup/memory.max", "67108864\n")
+    assert tree.limit() == 64 * MiB
+
+
+# -- nothing to read --------------------------------------------------------------------------
+
+
+def test_missing_proc_files_are_no_limit(tree: Tree) -> None:
+    tree.file("/sys/fs/cgroup/memory.max", "67108864\n")
+    assert tree.limit() is None  # neither file
+    (tree.root / "proc/self/cgroup").write_text("0::/\n")
+    assert tree.limit() is None  # no mountinfo
+
+
+@pytest.mark.parametrize("text", ["", "lots\n", "-1\n", "6.4e7\n", "\xff\n", "1" * 30])
+def test_a_file_that_is_not_a_limit_is_skipped(tree: Tree, text: str) -> None:
+    tree.proc("0::/a\n", V2_MOUNTS)
+    tree.file("/sys/fs/cgroup/a/memory.max", text)
+    assert tree.limit() is None
+    tree.file("/sys/fs/cgroup/memory.max", "67108864\n")  # an ancestor that says one
+    assert tree.limit() == 64 * MiB
+
+
+def test_an_unreadable_file_is_skipped(tree: Tree) -> None:
+    """A directory where memory.max should be (EISDIR; as root, modes do not stop reads)."""
+    tree.proc("0::/a\n", V2_MOUNTS)
+    (tree.root / "sys/fs/cgroup/a/memory.max").mkdir(parents=True)
+    assert tree.limit() is None
+    (tree.root / "sys/fs/cgroup/memory.max").write_bytes(b"\xff\xfe")
+    assert tree.limit() is None
+
+
+def test_garbage_in_the_proc_files_is_no_limit(tree: Tree) -> None:
+    tree.proc("not a cgroup line\n0:x\n", "short line\n1 2 3 4 5 6\n\n")
+    tree.file("/sys/fs/cgroup/memory.max", "67108864\n")
+    assert tree.limit() is None
+
+
+def test_the_last_mount_on_a_mount_point_is_the_one_seen() -> None:
+    mounts = ("31 23 0:28 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n"
+              "50 31 0:60 / /sys/fs/cgroup rw - tmpfs tmpfs rw\n")
+    assert cgroup.memory_limit_files("0::/\n", mounts) == []
+
+
+# -- the number that fits -----------------------------------------------------------------
+
+
+def test_fitting_children_at_64_mib() -> None:
+    """The allowances measured (config.py): 52 connections at 64 MiB, 36 with --metrics."""
+    assert fitting_children(64 * MiB, metrics=False) == 52
+    assert fitting_children(64 * MiB, metrics=True) == 36
+    assert fitting_children(64 * MiB, metrics=False) == \
+        (64 * MiB - SUPERVISOR_MEMORY) // CHILD_MEMORY
+    assert fitting_children(64 * MiB, metrics=True) == \
+        (64 * MiB - SUPERVISOR_MEMORY - METRICS_MEMORY) // CHILD_MEMORY
+
+
+@pytest.mark.parametrize(("limit", "metrics", "expected"), [
+    (0, False, 1), (1 * MiB, False, 1), (20 * MiB, True, 1),  # too small: one, not none
+    (SUPERVISOR_MEMORY + CHILD_MEMORY, False, 1),
+    (SUPERVISOR_MEMORY + 2 * CHILD_MEMORY - 1, False, 1),
+    (256 * MiB, False, 244), (2 << 30, False, DEFAULT_MAX_CHILDREN),
+    (1 << 61, True, DEFAULT_MAX_CHILDREN),
+])
+def test_fitting_children_is_clamped(limit: int, metrics: bool, expected: int) -> None:
+    assert fitting_children(limit, metrics) == expected
+
+
+def test_an_explicit_max_children_is_kept_and_the_default_derived() -> None:
+    given = Options(max_children=500, metrics="127.0.0.1:0")
+    assert with_memory_limit(given, 64 * MiB) == Options(
+        max_children=500, metrics="127.0.0.1:0", memory_limit=64 * MiB)
+    derived = with_memory_limit(Options(max_children_given=False), 64 * MiB)
+    assert (derived.max_children, derived.memory_limit) == (52, 64 * MiB)
+    unlimited = with_memory_limit(Options(max_children_given=False), None)
+    assert unlimited.max_children == DEFAULT_MAX_CHILDREN
+
+
+@pytest.mark.parametrize(("size", "text"), [(64 * MiB, "64 MiB"), (100_000_000, "95.4 MiB"),
+                                            (3 << 30, "3072 MiB")])
+def test_mebibytes(size: int, text: str) -> None:
+    assert mebibytes(size) == text
+
+
+def start_lines(tmp_path: Path, options: Options) -> list[str]:
+    """The max-children lines a supervisor with these options writes at start."""
+    log_path = tmp_path / "log"
+    with open(log_path, "w+b") as log_file:
+        sup = Supervisor(Sources(("127.0.0.1:0=127.0.0.1:1",), options=options), {},
+                         Logger(level_for(options.verbosity), options.log_format,
+                                fd=log_file.fileno()))
+        sup._log_max_children()
+    return [line for line in log_path.read_text().splitlines() if "max-children" in line]
+
+
+def test_a_limit_below_forkproxy_s_own_memory_is_a_warning(tmp_path: Path) -> None:
+    """Clamped up to 1 connection, the derived value is no promise: said as a warning."""
+    options = with_memory_limit(Options(metrics="127.0.0.1:0", max_children_given=False),
+                                20 * MiB)
+    assert options.max_children == 1
+    [line] = start_lines(tmp_path, options)
+    assert " warning max-children value=1 memory_limit=20971520 detail=\"the memory limit of " \
+           "20 MiB leaves no room for connections beside forkproxy's own ~28 MiB; " \
+           "--max-children overrides\"" in line, line
+
+
+def test_no_limit_is_a_debug_line_only(tmp_path: Path) -> None:
+    options = with_memory_limit(Options(max_children_given=False), None)
+    assert start_lines(tmp_path, options) == []
+    [line] = start_lines(tmp_path, Options(max_children_given=False, verbosity=1))
+    assert " debug max-children value=1024 detail=\"no memory limit found\"" in line, line
