@@ -369,57 +369,39 @@ def assert_still_open(sock: socket.socket, since: float) -> None:
         sock.recv(1)
 
 
-def test_user_timeout_ends_a_connection_whose_upstream_vanished_with_bytes_in_flight(
-    ka: KeepaliveLab,
+@pytest.mark.parametrize("gone", ["upstream", "client"])
+def test_user_timeout_ends_a_connection_whose_peer_vanished_with_bytes_in_flight(
+    ka: KeepaliveLab, gone: str
 ) -> None:
     """Keepalive never probes while bytes are unacknowledged: only retransmissions find a
     peer gone mid-transfer, after about 15 minutes (tcp_retries2). --user-timeout bounds
-    that: the child logs upstream-timeout and resets the client. A proxy without it, its
-    upstream gone at the same moment, still holds its connection well past the user
-    timeout: the option ended the first, not the kernel's default."""
+    that: a vanished upstream ends as upstream-timeout, the client reset; a vanished client
+    (its socket has the option from its listener) as client-timeout, the upstream reset.
+    A proxy without it, its peer gone at the same moment, still holds its connection well
+    past the user timeout: the option ended the first, not the kernel's default."""
+    from_client_host = gone == "client"
     cut = ka.start_proxy("--user-timeout", USER_TIMEOUT)
     kept = ka.start_proxy("--grace", "0")  # its connection cannot finish: stop at once
-    client, upstream = ka.connect(cut)
-    kept_client, kept_upstream = ka.connect(kept)
+    client, upstream = ka.connect(cut, from_client_host=from_client_host)
+    kept_client, kept_upstream = ka.connect(kept, from_client_host=from_client_host)
+    # The side that keeps sending into the vanished peer, and what it has moved before.
+    sender, kept_sender, fill, moved = (
+        (upstream, kept_upstream, b"d", "bytes_up") if from_client_host
+        else (client, kept_client, b"u", "bytes_down"))
     with client, upstream, kept_client, kept_upstream:
-        exchange(client, upstream, SIZE, seed=21)
-        exchange(kept_client, kept_upstream, SIZE, seed=23)
-        ka.vanish(ka.upstream)
+        seed = 25 if from_client_host else 21
+        exchange(client, upstream, SIZE, seed=seed)
+        exchange(kept_client, kept_upstream, SIZE, seed=seed + 2)
+        ka.vanish(ka.client if from_client_host else ka.upstream)
         vanished = time.monotonic()
-        client.sendall(b"u" * IN_FLIGHT)
-        kept_client.sendall(b"u" * IN_FLIGHT)
+        sender.sendall(fill * IN_FLIGHT)
+        kept_sender.sendall(fill * IN_FLIGHT)
         line = wait_close_line(cut, DETECTED_WITHIN)
-        assert field(line, "outcome") == "upstream-timeout", line
+        assert field(line, "outcome") == f"{gone}-timeout", line
         assert field(line, "error") == "Connection timed out", line
-        assert field(line, "bytes_down") == str(SIZE), line
-        assert read_to_end(client)[:2] == ("reset", 0)
-        assert_still_open(kept_client, vanished)
-        assert close_lines(kept) == []
-
-
-def test_user_timeout_ends_a_connection_whose_client_vanished_with_bytes_in_flight(
-    ka: KeepaliveLab,
-) -> None:
-    """The client's side too (its socket has the option from its listener): a client host
-    gone while the upstream sends ends as client-timeout, the upstream reset. Without the
-    option the same connection stays open past the user timeout."""
-    cut = ka.start_proxy("--user-timeout", USER_TIMEOUT)
-    kept = ka.start_proxy("--grace", "0")  # its connection cannot finish: stop at once
-    client, upstream = ka.connect(cut, from_client_host=True)
-    kept_client, kept_upstream = ka.connect(kept, from_client_host=True)
-    with client, upstream, kept_client, kept_upstream:
-        exchange(client, upstream, SIZE, seed=25)
-        exchange(kept_client, kept_upstream, SIZE, seed=27)
-        ka.vanish(ka.client)
-        vanished = time.monotonic()
-        upstream.sendall(b"d" * IN_FLIGHT)
-        kept_upstream.sendall(b"d" * IN_FLIGHT)
-        line = wait_close_line(cut, DETECTED_WITHIN)
-        assert field(line, "outcome") == "client-timeout", line
-        assert field(line, "error") == "Connection timed out", line
-        assert field(line, "bytes_up") == str(SIZE), line
-        assert read_to_end(upstream)[:2] == ("reset", 0)
-        assert_still_open(kept_upstream, vanished)
+        assert field(line, moved) == str(SIZE), line
+        assert read_to_end(sender)[:2] == ("reset", 0)
+        assert_still_open(kept_sender, vanished)
         assert close_lines(kept) == []
 
 
