@@ -163,6 +163,17 @@ def render(status: dict[str, Any], cpu_seen: dict[str, float] | None = None) -> 
                                        "Resident memory of the supervisor (psutil RSS)")
     with contextlib.suppress(psutil.Error, KeyError):
         supervisor_rss.add_metric([], psutil.Process(status["pid"]).memory_info().rss)
+    # For "how close to the limit": sum(forkproxy_connections_active) / forkproxy_max_children.
+    max_children = GaugeMetricFamily("forkproxy_max_children",
+                                     "Most connections at once: --max-children, or what fits "
+                                     "the memory limit")
+    if "max_children" in status:
+        max_children.add_metric([], status["max_children"])
+    memory_limit = GaugeMetricFamily("forkproxy_memory_limit_bytes",
+                                     "The memory limit of forkproxy's cgroup, found at start "
+                                     "(no sample: none)")
+    if status.get("memory_limit") is not None:
+        memory_limit.add_metric([], status["memory_limit"])
     orphans = CounterMetricFamily("forkproxy_orphans_reaped",
                                   "Processes reaped that were not forkproxy's own (as PID 1)")
     orphans.add_metric([], status.get("orphans_reaped", 0))
@@ -172,7 +183,7 @@ def render(status: dict[str, Any], cpu_seen: dict[str, float] | None = None) -> 
     restarts.add_metric([], (status.get("metrics") or {}).get("restarts", 0))
     yield from (up, listeners, active, waiting, total, ended, empty, denied, failures, moved,
                 durations, rss, uss, cpu, resolve_failures, address_changes, supervisor_rss,
-                orphans, restarts)
+                max_children, memory_limit, orphans, restarts)
 
 
 def _answer_head(app: WSGIApplication) -> WSGIApplication:

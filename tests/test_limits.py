@@ -27,6 +27,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from test_observability import metrics_url, samples, scrape, value
 
 from forkproxy import listeners
 from forkproxy import supervisor as fp_supervisor
@@ -1604,6 +1605,10 @@ def test_the_derived_max_children_in_json_leaves_room_for_metrics_and_status_sho
     assert first.endswith(f", max-children {with_metrics} (fits the memory limit of 64 MiB)"), \
         first
     assert status_json(sock_path)["max_children"] == with_metrics
+    # And in the metrics, for an alert on active connections near it.
+    found = samples(scrape(metrics_url(proxy)))
+    assert value(found, "forkproxy_max_children") == with_metrics
+    assert value(found, "forkproxy_memory_limit_bytes") == 64 * MiB
     assert proxy.stop() == 0
 
 
