@@ -323,6 +323,22 @@ def test_an_upstream_that_vanished_with_data_in_flight_is_a_timeout_not_a_reset(
         ka.proxy.run(["sysctl", "-qw", f"net.ipv4.tcp_retries2={retries}"])
 
 
+def with_a_listener_a_reload_adds(
+    start_proxy: StartProxy, port: int, tmp_path: Path, *options: str
+) -> tuple[Proxy, int, int]:
+    """A proxy with `options` and one link from an env file, then a SIGHUP that binds a
+    second: the proxy, the port bound at start and the port the reload added."""
+    upstream = f"tcp://127.0.0.1:{port}"
+    first, added = distinct_free_ports(2)
+    env_file = tmp_path / "links.env"
+    write_env_file(env_file, {f"A_PORT_{first}_TCP": upstream})
+    proxy = start_proxy(*options, "--env-file", str(env_file), *LOOPBACK)
+    write_env_file(env_file, {f"A_PORT_{first}_TCP": upstream, f"B_PORT_{added}_TCP": upstream})
+    proxy.signal(signal.SIGHUP)
+    assert wait_for(lambda: f":{added}" in proxy.log()), proxy.log()
+    return proxy, first, added
+
+
 def test_every_listener_hands_keepalive_to_what_it_accepts_those_a_reload_adds_too(
     start_proxy: StartProxy, tcp_server: ServerFactory, tmp_path: Path
 ) -> None:
@@ -331,14 +347,8 @@ def test_every_listener_hands_keepalive_to_what_it_accepts_those_a_reload_adds_t
     than by each child: so a listener bound by a reload must have it too. Read from the
     kernel with `ss`: the proxy's end of each connection runs a keepalive timer."""
     server = tcp_server(echo)
-    upstream = f"tcp://127.0.0.1:{server.port}"
-    first, added = distinct_free_ports(2)
-    env_file = tmp_path / "links.env"
-    write_env_file(env_file, {f"A_PORT_{first}_TCP": upstream})
-    proxy = start_proxy("--keepalive", "600", "--env-file", str(env_file), *LOOPBACK)
-    write_env_file(env_file, {f"A_PORT_{first}_TCP": upstream, f"B_PORT_{added}_TCP": upstream})
-    proxy.signal(signal.SIGHUP)
-    assert wait_for(lambda: f":{added}" in proxy.log()), proxy.log()
+    _, first, added = with_a_listener_a_reload_adds(
+        start_proxy, server.port, tmp_path, "--keepalive", "600")
 
     def timers(selector: str) -> list[str]:
         out = subprocess.run([need("ss"), "-tnoH", "state", "established", selector],
@@ -488,17 +498,11 @@ def test_user_timeout_is_on_both_sockets_of_a_connection_and_every_listener(
     reload binds), the accepted socket inherits it, the child sets the upstream's; in
     milliseconds. A proxy without the option leaves all three at 0, the kernel's off."""
     server = tcp_server(echo)
-    upstream = f"tcp://127.0.0.1:{server.port}"
-    first, added, plain = distinct_free_ports(3)
-    env_file = tmp_path / "links.env"
-    write_env_file(env_file, {f"A_PORT_{first}_TCP": upstream})
-    proxy = start_proxy("--user-timeout", "2.5", "--env-file", str(env_file), *LOOPBACK)
-    write_env_file(env_file, {f"A_PORT_{first}_TCP": upstream, f"B_PORT_{added}_TCP": upstream})
-    proxy.signal(signal.SIGHUP)
-    assert wait_for(lambda: f":{added}" in proxy.log()), proxy.log()
-    off = start_proxy(f"127.0.0.1:{plain}=127.0.0.1:{server.port}")
+    proxy, first, added = with_a_listener_a_reload_adds(
+        start_proxy, server.port, tmp_path, "--user-timeout", "2.5")
+    off = start_proxy(f"127.0.0.1:0=127.0.0.1:{server.port}")
 
-    for owner, port, expected in ((proxy, first, 2500), (proxy, added, 2500), (off, plain, 0)):
+    for owner, port, expected in ((proxy, first, 2500), (proxy, added, 2500), (off, off.port, 0)):
         with socket.socket(fileno=hold_the_listener(owner.pid, port)) as listener:
             assert listener.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == expected
         with socket.create_connection(("127.0.0.1", port), timeout=30) as client:
