@@ -160,11 +160,10 @@ def with_memory_limit(options: Options, memory_limit: int | None) -> Options:
     """`options` with the memory limit found at start, and, where the operator chose no
     --max-children (`max_children_given` False), the number of connections that fit it.
     Fixed at start like the other options: a reload does not look again."""
-    fields = {**vars(options), "memory_limit": memory_limit}
-    if not options.max_children_given:
-        fields["max_children"] = (DEFAULT_MAX_CHILDREN if memory_limit is None
-                                  else fitting_children(memory_limit, options.metrics is not None))
-    return Options(**fields)
+    if options.max_children_given or memory_limit is None:
+        return options.replace(memory_limit=memory_limit)  # max_children: as given, or 1024
+    return options.replace(memory_limit=memory_limit, max_children=fitting_children(
+        memory_limit, options.metrics is not None))
 
 
 def load(sources: Sources) -> LinkTable:
@@ -180,8 +179,7 @@ def serve(*, sources: Sources, variables: Mapping[str, str] | None = None) -> No
     load(sources)
     # Read here, once, before the exec: the supervisor (the same process, in the same
     # cgroup) then carries none of the code that finds it.
-    sources = Sources(sources.specs, sources.from_env, sources.env_file,
-                      with_memory_limit(sources.options, read_memory_limit()), sources.bind)
+    sources = sources.replace(options=with_memory_limit(sources.options, read_memory_limit()))
     payload = json.dumps({**sources_to_json(sources), "variables": dict(variables or {})}).encode()
     config_fd = os.memfd_create("forkproxy-config", 0)  # not CLOEXEC: the supervisor reads it
     os.write(config_fd, payload)

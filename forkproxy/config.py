@@ -237,11 +237,16 @@ def own_memory(metrics: bool) -> int:
     return SUPERVISOR_MEMORY + (METRICS_MEMORY if metrics else 0)
 
 
-def fitting_children(memory_limit: int, metrics: bool) -> int:
+def room_for_children(memory_limit: int, metrics: bool) -> int:
     """How many connections fit a memory limit beside the supervisor (and its metrics
-    process): the --max-children derived from the limit, 1 to DEFAULT_MAX_CHILDREN."""
-    room = memory_limit - own_memory(metrics)
-    return max(1, min(DEFAULT_MAX_CHILDREN, room // CHILD_MEMORY))
+    process), unbounded: 0 or less when there is no room for one."""
+    return (memory_limit - own_memory(metrics)) // CHILD_MEMORY
+
+
+def fitting_children(memory_limit: int, metrics: bool) -> int:
+    """The --max-children derived from a memory limit: room_for_children, 1 to
+    DEFAULT_MAX_CHILDREN."""
+    return max(1, min(DEFAULT_MAX_CHILDREN, room_for_children(memory_limit, metrics)))
 
 
 def mebibytes(size: int) -> str:

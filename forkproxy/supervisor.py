@@ -28,7 +28,6 @@ from collections.abc import Callable, Mapping
 from . import __version__, control, listeners, relay, signals
 from .accounting import Accounting, ChildRecord, describe_status
 from .config import (
-    CHILD_MEMORY,
     MIN_RESOLVE_EVERY,
     ConfigError,
     Link,
@@ -43,6 +42,7 @@ from .config import (
     parse_cidr,
     parse_metrics_address,
     peer_text,
+    room_for_children,
 )
 from .listeners import Listener
 from .log import DEBUG, WARNING, Logger
@@ -342,14 +342,14 @@ class Supervisor:
     def _log_max_children(self) -> None:
         """At start: the --max-children derived from the memory limit, or a warning when
         the operator's own is more than fits it (served as told all the same)."""
-        limit, fit = self.options.memory_limit, self.memory_fit()
-        if limit is None or fit is None:
+        limit, metrics = self.options.memory_limit, self.options.metrics is not None
+        if limit is None:
             self.log.debug("max-children", value=self.options.max_children,
                            detail="no memory limit found")
             return
         value, size = self.options.max_children, mebibytes(limit)
-        own = own_memory(self.options.metrics is not None)
-        if not self.options.max_children_given and limit < own + CHILD_MEMORY:
+        fit, own = fitting_children(limit, metrics), own_memory(metrics)
+        if not self.options.max_children_given and room_for_children(limit, metrics) < 1:
             # Clamped up to 1: even that one may cost its connection, or worse.
             self.log.warning("max-children", value=value, memory_limit=limit,
                              detail=f"the memory limit of {size} leaves no room for "
