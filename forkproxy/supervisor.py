@@ -52,6 +52,11 @@ ACCEPT_BATCH = 64  # accepts per wakeup, so signals and reaping get their turn i
 ACCEPT_BACKOFF = 0.1  # seconds without accepting after EMFILE/ENFILE/ENOBUFS/ENOMEM
 KILL_AFTER = 1.0  # seconds from TERM to KILL after --grace: 8 + 1 is inside docker stop's 10
 ERROR_LOG_EVERY = 10.0  # seconds between two accept-failed lines while they repeat
+# A link writes its first DENY_LOG_BURST `denied` lines in each DENY_LOG_WINDOW seconds and
+# one `denied-unlogged` line with the count of the rest: a scanner outside --allow must not
+# flood the log, nor block the supervisor in write() once a slow log reader's pipe is full.
+DENY_LOG_BURST = 10
+DENY_LOG_WINDOW = 10.0
 METRICS_RESTART = 5.0  # seconds before a metrics process that died is started again
 # Children answering `status` at once (as many as the control socket has clients); past
 # that, say clients that never read their answers, the loop answers itself.
@@ -135,6 +140,19 @@ def is_allowed(allow: list[Network], host: str) -> bool:
     return any(n.version == version and number & n.mask == n.address for n in allow)
 
 
+class DenialWindow:
+    """One link's `denied` lines since its window began: how many were written, and how
+    many were not (with the last such client) for the `denied-unlogged` line at its end."""
+
+    __slots__ = ("ends", "last_client", "lines", "unlogged")
+
+    def __init__(self, ends: float) -> None:
+        self.ends = ends
+        self.lines = 0
+        self.unlogged = 0
+        self.last_client: tuple[object, ...] = ()
+
+
 class Supervisor:
     def __init__(self, sources: Sources, environ: Mapping[str, str], log: Logger) -> None:
         self.sources = sources
@@ -152,6 +170,8 @@ class Supervisor:
         # accept-failed, fork-failed, control-accept-failed: [failures since the last
         # line, when it was logged]
         self.pause_logs: dict[str, list[float]] = {}
+        self.denials: dict[str, DenialWindow] = {}  # link name -> its denied lines' window
+        self.denials_at: float | None = None  # the first window with lines left unlogged ends
         self.control_at: float | None = None  # the same for the control socket
         self.stopping = False
         self.held: list[listeners.HeldBacklog] = []  # stopping at --max-children: see handle_stop
@@ -373,6 +393,7 @@ class Supervisor:
             timeout = -1 if (
                 self.resume_at is None and self.control_at is None and self.term_at is None
                 and self.kill_at is None and self.metrics_at is None
+                and self.denials_at is None
             ) else self._poll_timeout()
             for fd, events in poll(timeout):
                 handler = handlers.get(fd)
@@ -382,6 +403,7 @@ class Supervisor:
                 self.handle_timers()
 
     def cleanup(self) -> None:
+        self._end_denial_windows()  # the counts no window's end has logged yet
         listeners.close_all(self.listeners)
         self.listeners = []
         signal.setitimer(signal.ITIMER_REAL, 0)
@@ -412,8 +434,9 @@ class Supervisor:
                 pass  # already gone, or never ours to remove
 
     def _poll_timeout(self) -> int:
-        """Milliseconds to the next timer (the loop checks these five inline first)."""
-        timers = (self.resume_at, self.control_at, self.term_at, self.kill_at, self.metrics_at)
+        """Milliseconds to the next timer (the loop checks these six inline first)."""
+        timers = (self.resume_at, self.control_at, self.term_at, self.kill_at, self.metrics_at,
+                  self.denials_at)
         deadlines = [t for t in timers if t is not None]
         if not deadlines:
             return -1
@@ -554,9 +577,44 @@ class Supervisor:
 
     def _deny(self, listener: Listener | listeners.HeldBacklog, fd: int,
               address: tuple[object, ...]) -> None:
+        """Close a client --allow refuses: counted always, logged DENY_LOG_BURST times per
+        DENY_LOG_WINDOW per link, the rest summed when the window ends."""
         os.close(fd)
+        name = listener.link.name
         self.accounting.denied(listener.link)
-        self.log.warning("denied", link=listener.link.name, client=peer_text(address))
+        now = time.monotonic()
+        window = self.denials.get(name)
+        if window is None or now >= window.ends:
+            if window is not None:
+                self._log_unlogged_denials(name, window)  # its timer has not fired yet
+            window = self.denials[name] = DenialWindow(now + DENY_LOG_WINDOW)
+        if window.lines < DENY_LOG_BURST:
+            window.lines += 1
+            self.log.warning("denied", link=name, client=peer_text(address))
+            return
+        if not window.unlogged and (self.denials_at is None or window.ends < self.denials_at):
+            self.denials_at = window.ends
+        window.unlogged += 1
+        window.last_client = address
+
+    def _end_denial_windows(self, now: float | None = None) -> None:
+        """Log what the windows that ended (all of them, if `now` is None) left unlogged."""
+        for name, window in list(self.denials.items()):
+            if now is None or now >= window.ends:
+                del self.denials[name]
+                self._log_unlogged_denials(name, window)
+        pending = [window.ends for window in self.denials.values() if window.unlogged]
+        self.denials_at = min(pending) if pending else None
+
+    def _log_unlogged_denials(self, name: str, window: DenialWindow) -> None:
+        if window.unlogged:
+            self.log.warning(
+                "denied-unlogged", link=name, count=window.unlogged,
+                last_client=peer_text(window.last_client),
+                detail=f"clients denied without a line of their own (at most "
+                       f"{DENY_LOG_BURST} per link per {DENY_LOG_WINDOW:g}s); "
+                       f"status and metrics count every one",
+            )
 
     def _accept_failed(self, listener: Listener | listeners.HeldBacklog, exc: OSError) -> None:
         self._pause_accepting("accept-failed", listener, exc)
@@ -744,6 +802,8 @@ class Supervisor:
 
     def handle_timers(self) -> None:
         now = time.monotonic()
+        if self.denials_at is not None and now >= self.denials_at:
+            self._end_denial_windows(now)
         if self.metrics_at is not None and now >= self.metrics_at and not self.stopping:
             self.start_metrics()
         if self.resume_at is not None and now >= self.resume_at:

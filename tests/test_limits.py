@@ -1700,6 +1700,80 @@ def test_allow_closes_other_clients_before_any_upstream_connection_and_counts_th
     assert len(upstream_peers) == 1
 
 
+DENY_LOG_BURST, DENY_LOG_WINDOW = fp_supervisor.DENY_LOG_BURST, fp_supervisor.DENY_LOG_WINDOW
+
+
+def accounted_denials(log: str) -> int:
+    """Denials a log tells of: a `denied` line each, and the counts of `denied-unlogged`."""
+    return (sum(1 for line in log.splitlines() if " warning denied " in line)
+            + sum(int(count) for count in re.findall(r" warning denied-unlogged .* count=(\d+)",
+                                                     log)))
+
+
+def test_a_flood_of_denied_clients_neither_floods_the_log_nor_stalls_the_allowed_ones(
+    tcp_server: ServerFactory, short_dir: Path
+) -> None:
+    """A scanner outside --allow used to cost a `denied` line each, written by the
+    supervisor: with stderr a pipe its reader drains slowly (a log driver), the pipe filled
+    and the supervisor blocked in write(), so nobody was served any more. Now a link logs
+    DENY_LOG_BURST lines per DENY_LOG_WINDOW and one `denied-unlogged` line with the count
+    of the rest; the counters still count every one."""
+    server = tcp_server(echo)
+    sock_path = short_dir / "s.sock"
+    spec = f"127.0.0.1:0=127.0.0.1:{server.port}"
+    flood = 3000  # ~100 bytes a line: several times what a pipe holds (64 KiB)
+    with subprocess.Popen(
+        [FORKPROXY, "serve", "-q", "--allow", "127.0.0.2/32", "--status-socket",
+         str(sock_path), spec],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    ) as proc:
+        try:
+            lines = read_lines(proc, 1, 15)
+            assert lines and lines[0].startswith("listening "), lines
+            port = int(lines[0].split(" -> ")[0].rsplit(":", 1)[1])
+            started = time.monotonic()
+            for _ in range(flood):  # from 127.0.0.1, denied; nobody reads stderr now
+                with socket.create_connection(("127.0.0.1", port), timeout=10):
+                    pass
+            with connect(port, source="127.0.0.2", timeout=15) as sock:
+                assert exchange(sock, b"still served") == b"still served"
+            assert wait_for(lambda: link_stats(status_json(sock_path), spec)["denied"] == flood)
+            assert proc.stderr is not None
+            stderr = proc.stderr.fileno()
+            os.set_blocking(stderr, False)
+            log = ""
+            deadline = started + 2 * DENY_LOG_WINDOW + 15
+            while accounted_denials(log) < flood and time.monotonic() < deadline:
+                with contextlib.suppress(BlockingIOError):
+                    log += os.read(stderr, 1 << 20).decode()
+                time.sleep(0.2)
+        finally:
+            kill_group(proc)
+    denied = [line for line in log.splitlines() if " warning denied " in line]
+    unlogged = [line for line in log.splitlines() if " warning denied-unlogged " in line]
+    assert accounted_denials(log) == flood, (len(denied), unlogged)
+    # Each window logs its first DENY_LOG_BURST; the flood may straddle a window's end.
+    assert len(denied) in (DENY_LOG_BURST, 2 * DENY_LOG_BURST), log[:2000]
+    assert all("client=127.0.0.1:" in line for line in denied)
+    assert unlogged and all(spec in line and "last_client=127.0.0.1:" in line
+                            for line in unlogged), unlogged
+
+
+
+def test_denials_a_stop_comes_before_their_window_ends_are_logged_at_exit(
+    start_proxy: StartProxy, tcp_server: ServerFactory
+) -> None:
+    server = tcp_server(echo)
+    proxy = start_proxy("--allow", "127.0.0.2/32", f"127.0.0.1:0=127.0.0.1:{server.port}")
+    for _ in range(DENY_LOG_BURST + 5):
+        with connect(proxy.port) as sock:
+            assert closed_by_peer(sock, 10)
+    assert proxy.stop() == 0  # well within the window: no timer has logged the 5 yet
+    log = proxy.log()
+    assert log.count(" warning denied ") == DENY_LOG_BURST, log
+    assert re.search(r" warning denied-unlogged .* count=5 ", log), log
+    assert accounted_denials(log) == DENY_LOG_BURST + 5
+
 # -- --env-file ----------------------------------------------------------------------------
 
 
