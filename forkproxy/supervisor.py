@@ -853,7 +853,15 @@ class Supervisor:
                 pass  # exited, not reaped yet: the SIGCHLD is on its way
 
     def handle_usr1(self) -> None:
-        """The status table in the log; asked for explicitly, so written even with -q."""
+        """The status table in the log; asked for explicitly, so written even with -q.
+
+        Written by a forked reporter, as `status` is answered (answer_in_child says why),
+        and above all so that a log reader that has fallen behind blocks the reporter in
+        write(), not the loop; here only if no reporter can be forked."""
+        if not self._in_reporter(self._log_status_table):
+            self._log_status_table()
+
+    def _log_status_table(self) -> None:
         snapshot = self.accounting.snapshot(self._held_per_link())
         links: dict[str, dict[str, object]] = snapshot["links"]  # type: ignore[assignment]
         for listener in self.listeners:
@@ -1150,22 +1158,32 @@ class Supervisor:
         connection, docs/benchmarks.md). Every Prometheus scrape asks for it. A child's
         copy-on-write view of the table is the same snapshot, and its heap dies with it.
         """
+        def answer() -> None:
+            client.settimeout(REPORT_TIMEOUT)
+            client.sendall(control.encode_reply(self.status_reply()))
+
+        return self._in_reporter(answer, keep=client.fileno())
+
+    def _in_reporter(self, job: Callable[[], None], keep: int | None = None) -> bool:
+        """Run `job` in a forked reporter holding stdio and `keep` of our descriptors;
+        False if none could be forked (MAX_REPORTERS run, or out of processes)."""
         if len(self.reporter_pids) >= MAX_REPORTERS:
             return False
         try:
             pid = os.fork()
         except OSError:
-            return False  # out of processes: the loop answers, as before
+            return False
         if pid == 0:
             status = 1
             try:
                 signals.reset_in_child()
-                fd = client.fileno()
                 # Above all the listeners: a reporter must not keep a closed port open.
-                os.closerange(3, fd)
-                os.closerange(fd + 1, 1 << 20)
-                client.settimeout(REPORT_TIMEOUT)
-                client.sendall(control.encode_reply(self.status_reply()))
+                if keep is None:
+                    os.closerange(3, 1 << 20)
+                else:
+                    os.closerange(3, keep)
+                    os.closerange(keep + 1, 1 << 20)
+                job()
                 status = 0
             finally:
                 os._exit(status)

@@ -315,6 +315,26 @@ def wait_for(condition: Callable[[], bool], timeout: float = 15.0) -> bool:
     return condition()
 
 
+def full_pipe() -> tuple[int, int]:
+    """A pipe, (read end, write end), whose buffer is full: the next write to it blocks, as
+    a log line does once a slow log reader (a container's log driver) falls behind."""
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            os.write(write_end, b"x" * 4096)
+    os.set_blocking(write_end, True)
+    return read_end, write_end
+
+
+def blocked_writing(pid: int) -> bool:
+    """The process waits in write() to a full pipe (wchan pipe_write; anon_pipe_write on 6.x)."""
+    try:
+        return "pipe_write" in Path(f"/proc/{pid}/wchan").read_text()
+    except OSError:
+        return False  # gone
+
+
 def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 

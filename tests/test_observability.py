@@ -43,8 +43,11 @@ from conftest import (
     Proxy,
     Redis,
     ServerFactory,
+    blocked_writing,
     echo,
     free_port,
+    full_pipe,
+    kill_group,
     metrics_pid,
     need,
     recv_all,
@@ -1236,6 +1239,56 @@ def test_sigusr1_writes_links_and_live_connections_to_the_log(
     assert proxy.proc.poll() is None
 
 
+def test_sigusr1_table_is_written_by_a_reporter_so_a_stalled_log_stalls_nobody(
+    tcp_server: ServerFactory, tmp_path: Path,
+) -> None:
+    """The table is written by a forked reporter, as a `status` reply is built. Written
+    by the supervisor, a line per connection, it blocked in write() once stderr was a pipe
+    whose reader had fallen behind (a log driver), and nobody new was served until the
+    pipe drained; here the pipe is full from the start."""
+    server = tcp_server(echo)
+    read_end, write_end = full_pipe()
+    spec = f"127.0.0.1:0=127.0.0.1:{server.port}"
+    proc = subprocess.Popen([FORKPROXY, "serve", "-q", spec, "--status-socket",
+                             str(tmp_path / "s.sock")],
+                            stdout=subprocess.PIPE, stderr=write_end, start_new_session=True)
+    os.close(write_end)
+    try:
+        assert proc.stdout is not None
+        listening = proc.stdout.readline().decode()  # -q: no line of its own in the pipe
+        assert listening.startswith("listening"), listening
+        port = int(listening.split(" -> ")[0].rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as live:
+            live.sendall(b"a")
+            assert recv_exact(live, 1) == b"a"
+            proc.send_signal(signal.SIGUSR1)
+            writer = poll(lambda: [p for p in psutil.Process(proc.pid).children()
+                                   if blocked_writing(p.pid)], bool)
+            assert writer, "nobody is writing the table"
+            assert not blocked_writing(proc.pid)
+            with socket.create_connection(("127.0.0.1", port), timeout=30) as late:
+                late.settimeout(10)
+                late.sendall(b"served while the table waits for the log")
+                assert recv_exact(late, 40) == b"served while the table waits for the log"
+            os.set_blocking(read_end, False)
+            chunks: list[bytes] = []
+
+            def drained() -> str:
+                with contextlib.suppress(BlockingIOError):
+                    while chunk := os.read(read_end, 1 << 16):
+                        chunks.append(chunk)
+                return b"".join(chunks).decode()
+
+            log = poll(drained, lambda text: " status-connection " in text)
+        lines = [parse_text_line(line) for line in log.lstrip("x").splitlines()]
+        assert [line["event"] for line in lines] == ["status-link", "status-connection"], log
+        assert lines[1]["link"] == spec  # `live`: `late` came after the table
+    finally:
+        kill_group(proc)  # type: ignore[arg-type]
+        proc.stdout.close()  # type: ignore[union-attr]
+        os.close(read_end)
+
+
 def test_sigusr1_link_line_counts_denied_clients_as_the_status_table_does(
     start_proxy: StartProxy, tcp_server: ServerFactory, tmp_path: Path, env: dict[str, str],
 ) -> None:
@@ -1468,12 +1521,14 @@ def test_log_format_json_every_line_is_an_object_with_the_text_fields(
                   "stopping"):
         assert json_keys[event] == text_keys[event] | {"pid"}, event
     # ... and the same information: the text line's `forkproxy[PID]` is the process that
-    # wrote it, the supervisor for these events. A field must not overwrite it in JSON.
-    for event in ("status-link", "status-connection", "stopping"):
-        for record in by_event[event]:
-            assert record["pid"] == as_json.pid, (
-                f"{event}: JSON 'pid' is {record['pid']}, not the supervisor's {as_json.pid} "
-                f"that the text line names: {record}")
+    # wrote it, the supervisor for `stopping`, SIGUSR1's reporter for the table (one
+    # process, not the connection's child). A field must not overwrite it in JSON.
+    [stopping] = by_event["stopping"]
+    assert stopping["pid"] == as_json.pid, stopping
+    [connection] = by_event["status-connection"]
+    assert connection["pid"] != connection["child_pid"], connection
+    writers = {record["pid"] for record in by_event["status-link"] + [connection]}
+    assert len(writers) == 1 and as_json.pid not in writers, (writers, as_json.pid)
 
 
 def prepared_and_emitted(

@@ -32,7 +32,9 @@ from conftest import (
     Proxy,
     ServerFactory,
     TcpServer,
+    blocked_writing,
     echo,
+    full_pipe,
     metrics_pid,
     need,
     wait_for,
@@ -373,24 +375,23 @@ def test_a_stop_signal_is_not_lost_when_the_wakeup_pipe_is_full(tmp_path: Path) 
         with contextlib.suppress(BlockingIOError):
             while True:
                 capacity += probe.send(b"x")
-    read_end, write_end = os.pipe()
-    os.set_blocking(write_end, False)
-    with contextlib.suppress(BlockingIOError):
-        while True:
-            os.write(write_end, b"x" * 4096)  # stderr full: the next log line blocks
-    os.set_blocking(write_end, True)
-    proc = subprocess.Popen([FORKPROXY, "serve", "-qq", "127.0.0.1:0=127.0.0.1:9",
-                             "--status-socket", str(tmp_path / "s.sock")],
+    read_end, write_end = full_pipe()  # stderr full: the next log line blocks
+    proc = subprocess.Popen([FORKPROXY, "serve", "-q", "--allow", "198.18.0.0/15",
+                             "127.0.0.1:0=127.0.0.1:9", "--status-socket",
+                             str(tmp_path / "s.sock")],
                             stdout=subprocess.PIPE, stderr=write_end, start_new_session=True)
     os.close(write_end)
     try:
-        assert proc.stdout is not None and proc.stdout.readline().startswith(b"listening")
-        _deliver(proc.pid, signal.SIGUSR1)  # its status line: blocked writing it
-        blocked = Path(f"/proc/{proc.pid}/wchan")  # pipe_write, anon_pipe_write (6.x)
-        assert wait_for(lambda: "pipe_write" in blocked.read_text())
+        assert proc.stdout is not None
+        listening = proc.stdout.readline().decode()
+        assert listening.startswith("listening"), listening
+        port = int(listening.split(" -> ")[0].rsplit(":", 1)[1])
+        # A client --allow refuses: the supervisor writes its `denied` line itself, and blocks.
+        socket.create_connection(("127.0.0.1", port), timeout=10).close()
+        assert wait_for(lambda: blocked_writing(proc.pid))
         for _ in range(capacity + 50):
             _deliver(proc.pid, signal.SIGUSR1)
-        assert "pipe_write" in blocked.read_text()  # still blocked: nothing drained them
+        assert blocked_writing(proc.pid)  # still blocked: nothing drained them
         _deliver(proc.pid, signal.SIGTERM)
         drain = threading.Thread(target=_read_to_eof, args=(read_end,))
         drain.start()  # stderr read again: it runs on, and sees what the pipe held
