@@ -33,6 +33,8 @@ from pathlib import Path
 
 import pytest
 
+from forkproxy.supervisor import DENY_LOG_WINDOW
+
 from conftest import (
     FORKPROXY,
     LOOPBACK,
@@ -399,17 +401,28 @@ def test_churn_of_every_outcome_under_reloads_and_scrapes_adds_up_and_leaks_noth
                                  ("downstream", ledger.down[link])):
             series = ("forkproxy_bytes_total", (("direction", direction), ("link", link)))
             assert metrics[series] == total
-    # One open and one close line per connection that reached its upstream.
-    events: collections.Counter[Key] = collections.Counter()
-    for line in proxy.log().splitlines():
-        entry = json.loads(line)
-        if entry["event"] in ("open", "close", "denied"):
-            events[(entry["event"], entry["link"])] += 1
+    # One open and one close line per connection that reached its upstream; a `denied`
+    # line per denied client, or its count in a `denied-unlogged` line, which comes when
+    # the link's 10 s window ends.
+    def log_events() -> collections.Counter[Key]:
+        events: collections.Counter[Key] = collections.Counter()
+        for line in proxy.log().splitlines():
+            entry = json.loads(line)
+            if entry["event"] in ("open", "close", "denied"):
+                events[(entry["event"], entry["link"])] += 1
+            elif entry["event"] == "denied-unlogged":
+                events[("denied", entry["link"])] += entry["count"]
+        return events
+
+    stable_denied = ledger.denied[name["stable"]]
+    assert wait_for(lambda: log_events()[("denied", name["stable"])] == stable_denied,
+                    DENY_LOG_WINDOW + 15), (log_events()[("denied", name["stable"])],
+                                            stable_denied)
+    events = log_events()
     for key in ("stable", "flip", "named", "reset"):
         link = name[key]
         connections = ledger.per_link(link)[0]
         assert events[("open", link)] == events[("close", link)] == connections, key
-    assert events[("denied", name["stable"])] == ledger.denied[name["stable"]]
 
     # Nothing left behind: descriptors, processes, memory (the trend after the warm-up).
     # A descriptor in use for a moment (a lookup's pipe: every reload, and the 30 s timer,
