@@ -222,10 +222,15 @@ class Supervisor:
         self._watch(self.signals.fileno(), self.handle_signals)
         self._watch(self.control.fileno(), self.handle_control_accept)
         for listener in self.listeners:
-            self.addresses[listener.link.key] = self._resolve(listener.link)
+            # A name is looked up by a resolver child (below), as on reload: a DNS server
+            # that does not answer must hold up neither `listening` nor the loop. Until it
+            # answers, a client's child looks the name up itself. An address is parsed.
+            link = listener.link
+            self.addresses[link.key] = [] if link.target.is_name else self._resolve(link)
             self._prepare_relay(listener)
-            self.accounting.stats(listener.link)  # exported at 0 before the first client
+            self.accounting.stats(link)  # exported at 0 before the first client
         self._arm_resolve_timer()
+        self.start_resolver()
         self.update_accepting()
         lines = [f"listening {listener.describe()}" for listener in self.listeners]
         if self.metrics_sock is not None:
@@ -889,8 +894,8 @@ class Supervisor:
     # -- names -------------------------------------------------------------------------
 
     def _resolve(self, link: Link) -> list[Address]:
-        """The link's addresses, looked up here and now (start, reload); [] if that fails
-        (children then look the name up themselves until the supervisor can)."""
+        """The link's addresses, looked up here and now; [] if that fails. For a target
+        that is an address (start, reload): a name is left to start_resolver's child."""
         self.resolve_failing.discard(link.name)  # asked for now: a failure is always logged
         try:
             return relay.lookup(link.target.host, link.target.port)
@@ -1005,18 +1010,22 @@ class Supervisor:
                 continue
             raw, error = result
             if raw is None:
-                self._lookup_failed(link, error, "keeping the addresses in use")
+                self._lookup_failed(link, error, "keeping the addresses in use"
+                                    if self.addresses.get(link.key)
+                                    else "each client's child looks the name up itself")
                 continue
             addresses: list[Address] = [(int(family), tuple(sockaddr))
                                         for family, sockaddr in raw]  # type: ignore[attr-defined]
             recovered = link.name in self.resolve_failing
             self.resolve_failing.discard(link.name)
-            if addresses == self.addresses.get(link.key) and not recovered:
+            before = self.addresses.get(link.key)
+            if addresses == before and not recovered:
                 continue
-            if addresses != self.addresses.get(link.key):
+            if addresses != before:
                 self.addresses[link.key] = addresses
                 self._prepare_relay(listener)
-                self.accounting.stats(link).address_changes += 1
+                if before or recovered:  # a name's first addresses (start, reload) are no change
+                    self.accounting.stats(link).address_changes += 1
             self.log.info("resolved", link=link.name, host=link.target.host,
                           addresses=" ".join(peer_text(address[1]) for address in addresses))
 

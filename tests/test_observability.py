@@ -454,10 +454,15 @@ def test_status_shows_the_addresses_a_name_resolves_to(
                       f"127.0.0.1:0=127.0.0.1:{redis.port}")
     proxy = start_proxy("--status-socket", str(sock_path), named, literal, expect=2, env=env)
     named_port, literal_port = listen_ports(proxy)
-    result = cli("status", "--status-socket", str(sock_path), env=env)
-    assert result.returncode == 0, result
-    (_, link_rows), _ = parse_tables(result.stdout)
-    rows = {row["LINK"]: row["LISTEN -> UPSTREAM"] for row in link_rows}
+
+    def status_rows() -> dict[str, str]:
+        result = cli("status", "--status-socket", str(sock_path), env=env)
+        assert result.returncode == 0, result
+        (_, link_rows), _ = parse_tables(result.stdout)
+        return {row["LINK"]: row["LISTEN -> UPSTREAM"] for row in link_rows}
+
+    # The name's addresses come from a resolver child, a moment after `listening`.
+    rows = poll(status_rows, lambda rows: " (" in rows[named])
     assert rows[named].startswith(f"127.0.0.1:{named_port} -> localhost:{redis.port} ("), rows
     assert f"127.0.0.1:{redis.port}" in rows[named].split(" (", 1)[1], rows
     assert rows[literal] == f"127.0.0.1:{literal_port} -> 127.0.0.1:{redis.port}", rows

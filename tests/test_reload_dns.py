@@ -26,6 +26,8 @@ pytestmark = [pytest.mark.netns]
 FORKPROXY = str(Path(sys.executable).parent / "forkproxy")
 REDIS_PORT = 16390
 LISTEN_PORT = 7000
+TYPE_A = 1  # a DNS query's type for IPv4 addresses
+LINK = f'"{LISTEN_PORT}=upstream.test:{REDIS_PORT}"'  # the spec, quoted in a log line
 
 
 @pytest.fixture
@@ -73,11 +75,15 @@ def who(ns: Namespace) -> str:
     return redis_cli(ns, LISTEN_PORT, "GET", "who", check=False)
 
 
-def start_proxy(lab: Lab, ns: Namespace, *options: str) -> Process:
+def start_proxy(lab: Lab, ns: Namespace, *options: str, resolved: bool = True) -> Process:
+    """The proxy, listening and (with `resolved`) told by its resolver child where the
+    name points: a test that moves the name right away moves it from there."""
     proxy = lab.spawn(ns, [FORKPROXY, "serve", f"{LISTEN_PORT}=upstream.test:{REDIS_PORT}",
                            "--status-socket", str(lab.workdir / "fp.sock"), *options],
                       label="proxy")
     proxy.wait_stdout(lambda lines: any(x.startswith("listening ") for x in lines), 15)
+    if resolved:
+        wait_for_log(proxy, " resolved ")
     return proxy
 
 
@@ -118,8 +124,11 @@ def test_names_are_resolved_again_every_few_seconds(lab: Lab, ns: Namespace) -> 
 
     set_hosts(ns, "127.0.0.3")  # and comes back elsewhere: no SIGHUP, no restart
     wait_for_who(ns, "second", proxy)
-    line = next(x for x in proxy.stderr().splitlines() if " resolved " in x)
-    assert "host=upstream.test" in line and "addresses=127.0.0.3:" in line, line
+    lines = [x for x in proxy.stderr().splitlines() if " resolved " in x]
+    assert [line.split(" host=")[1] for line in lines] == [
+        f"upstream.test addresses=127.0.0.2:{REDIS_PORT}",  # at start
+        f"upstream.test addresses=127.0.0.3:{REDIS_PORT}",  # the timer, after the outage
+    ], lines
     assert proxy.alive()
     # Counted for status and metrics (forkproxy_resolve_failures, _address_changes).
     stats = link_stats(lab)
@@ -139,7 +148,7 @@ def test_sigusr1_names_the_addresses_a_name_resolves_to_now(lab: Lab, ns: Namesp
     assert f"addresses=127.0.0.2:{REDIS_PORT} " in status_links()[0], status_links()
 
     set_hosts(ns, "127.0.0.3")
-    wait_for_log(proxy, " resolved ")
+    wait_for_log(proxy, f"resolved link={LINK} host=upstream.test addresses=127.0.0.3:")
     proxy.popen.send_signal(signal.SIGUSR1)
     wait_until(lambda: len(status_links()) == 2, proxy)
     assert f"addresses=127.0.0.3:{REDIS_PORT} " in status_links()[1], status_links()
@@ -174,6 +183,50 @@ def test_a_failed_connect_looks_the_name_up_again(lab: Lab, ns: Namespace) -> No
     assert "reload" not in proxy.stderr()
 
 
+
+def test_a_dns_server_that_does_not_answer_holds_up_neither_start_nor_the_loop(
+    lab: Lab, ns: Namespace
+) -> None:
+    """At start a name is looked up by a resolver child, as on reload and on the timer.
+    The supervisor used to look it up itself before it printed `listening` and ran its
+    loop: with a DNS server that does not answer, for the resolver's whole timeout (30 s
+    here, per name), no `status`, no stop, no client served. Until the server answers,
+    a client's child looks the name up itself, as after a reload adds a link."""
+    set_hosts(ns, None)  # upstream.test only in DNS
+    gate = lab.workdir / "dns-answers"
+    dns = start_dns(lab, ns, gate)
+
+    proxy = start_proxy(lab, ns, resolved=False)  # within 15 s: the server has not answered
+    wait_until(lambda: f"query upstream.test {TYPE_A}" in dns.stdout(), proxy)
+    check = subprocess.run([FORKPROXY, "check", "--status-socket", str(lab.workdir / "fp.sock")],
+                           capture_output=True, text=True, timeout=30)
+    assert check.returncode == 0, check  # the loop runs while the lookup waits
+    early = lab.spawn(ns, ["redis-cli", "-p", str(LISTEN_PORT), "GET", "who"], label="early")
+    wait_until(lambda: dns.stdout().count(f"query upstream.test {TYPE_A}") >= 2, proxy)
+
+    gate.touch()  # the server answers
+    wait_for_log(proxy, " resolved ")
+    [line] = [x for x in proxy.stderr().splitlines() if " resolved " in x]
+    assert f"host=upstream.test addresses=127.0.0.2:{REDIS_PORT}" in line, line
+    assert lab.stop(early) == 0 and early.stdout().strip() == "first", early.describe()
+    assert who(ns) == "first"
+    stats = link_stats(lab)  # the first addresses a name gets are not a change
+    assert (stats["address_changes"], stats["resolve_failures"]) == (0, 0), stats
+    assert " resolve-failed " not in proxy.stderr()
+
+
+def start_dns(lab: Lab, ns: Namespace, gate: Path) -> Process:
+    """The namespace's DNS server (tests/dns_stub.py, on 127.0.0.53), where upstream.test
+    is 127.0.0.2: it holds every query, unanswered, until `gate` exists. A lookup waits
+    for it up to the resolver's timeout: 30 s, the most glibc takes."""
+    resolv = Path("/etc/netns") / ns.name / "resolv.conf"
+    resolv.write_text("nameserver 127.0.0.53\noptions timeout:30 attempts:1\n")
+    dns = lab.spawn(ns, [sys.executable, str(Path(__file__).with_name("dns_stub.py")),
+                         "127.0.0.53", "upstream.test", "127.0.0.2", str(gate)], label="dns")
+    dns.wait_stdout(lambda lines: "ready" in lines, 10)
+    return dns
+
+
 def start_env_file_proxy(lab: Lab, ns: Namespace) -> Process:
     """The proxy reading upstream.test from an env file, the timer off: only a reload (or
     a failed connect) looks the name up again. Answered by "first" to begin with."""
@@ -183,6 +236,7 @@ def start_env_file_proxy(lab: Lab, ns: Namespace) -> Process:
                            "off", "--status-socket", str(lab.workdir / "fp.sock")],
                       label="proxy")
     proxy.wait_stdout(lambda lines: any(x.startswith("listening ") for x in lines), 15)
+    wait_for_log(proxy, " resolved ")
     assert who(ns) == "first"
     return proxy
 
@@ -212,23 +266,10 @@ def test_a_reload_while_the_name_is_gone_keeps_the_addresses(lab: Lab, ns: Names
     assert "connect-failed" not in proxy.stderr()
 
 
-# A DNS server that takes every query and never answers: a lookup that reaches it waits
-# for the resolver's timeout (options timeout:60 below).
-_SILENT_DNS = """
-import socket
-server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-server.bind(("127.0.0.53", 53))
-while True:
-    server.recvfrom(512)
-"""
-
-
 def test_a_reload_waiting_on_dns_keeps_every_listener_serving(lab: Lab, ns: Namespace) -> None:
     """A reload looked names up in the supervisor: while the DNS server took its time,
     nothing was accepted on any listener. It leaves the lookup to a resolver child now."""
-    resolv = Path("/etc/netns") / ns.name / "resolv.conf"
-    resolv.write_text("nameserver 127.0.0.53\noptions timeout:60 attempts:1\n")
-    lab.spawn(ns, [sys.executable, "-c", _SILENT_DNS], label="silent-dns")
+    start_dns(lab, ns, gate=lab.workdir / "never")  # takes every query, never answers
     env_file = lab.workdir / "links.env"
     env_file.write_text(f"DB_PORT_{LISTEN_PORT}_TCP=tcp://upstream.test:{REDIS_PORT}\n"
                         f"IP_PORT_{LISTEN_PORT + 1}_TCP=tcp://127.0.0.3:{REDIS_PORT}\n")
@@ -236,6 +277,7 @@ def test_a_reload_waiting_on_dns_keeps_every_listener_serving(lab: Lab, ns: Name
                            "off", "--status-socket", str(lab.workdir / "fp.sock")],
                       label="proxy")
     proxy.wait_stdout(lambda lines: sum(x.startswith("listening ") for x in lines) == 2, 15)
+    wait_for_log(proxy, " resolved ")  # at start, from the hosts file
     set_hosts(ns, None)  # from now on a lookup of upstream.test asks the silent server
     proxy.popen.send_signal(signal.SIGHUP)
     wait_until(lambda: proxy.stderr().count("listening") >= 2, proxy)  # the reload is done

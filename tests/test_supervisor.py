@@ -288,6 +288,9 @@ def test_out_of_descriptors_a_lookup_is_skipped_not_fatal(tmp_path: Path) -> Non
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         spare = []
         with started(sup):
+            while sup.resolving or sup.resolver_pids:  # start()'s lookup: let it end first
+                for fd, events in sup.poller.poll(1000):
+                    sup.handlers[fd](events)
             try:
                 resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
                 try:

@@ -1,0 +1,67 @@
+"""A DNS server for tests, run inside a network namespace: `dns_stub.py ADDR NAME IPV4 GATE`.
+
+It answers UDP queries on ADDR:53: NAME's A record is IPV4, its other types have no
+record, any other name does not exist. While the file GATE does not exist it answers
+nothing and holds the queries, as a DNS server that has stopped answering would (a
+client waits out its resolver's timeout); once GATE appears it answers them all, and
+every query after. Each query is printed as `query NAME TYPE` when it arrives.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+import struct
+import sys
+
+TYPE_A = 1
+NOERROR, NXDOMAIN = 0, 3
+
+
+def question(query: bytes) -> tuple[str, int, int]:
+    """The query's name, type, and the offset just past its question."""
+    labels, offset = [], 12
+    while query[offset]:
+        length = query[offset]
+        labels.append(query[offset + 1:offset + 1 + length].decode("ascii"))
+        offset += 1 + length
+    qtype = struct.unpack_from("!H", query, offset + 1)[0]
+    return ".".join(labels).lower(), qtype, offset + 5
+
+
+def answer(query: bytes, name: str, ipv4: str) -> bytes:
+    asked, qtype, end = question(query)
+    (ident,) = struct.unpack_from("!H", query)
+    known = asked == name
+    records = known and qtype == TYPE_A
+    # A response (QR), recursion desired and available (RD, RA), and the rcode.
+    flags = 0x8180 | (NOERROR if known else NXDOMAIN)
+    header = struct.pack("!HHHHHH", ident, flags, 1, 1 if records else 0, 0, 0)
+    reply = header + query[12:end]
+    if records:
+        # The name as a pointer to the question's (offset 12), class IN, TTL 0, 4 bytes.
+        reply += struct.pack("!HHHIH", 0xC00C, TYPE_A, 1, 0, 4) + socket.inet_aton(ipv4)
+    return reply
+
+
+def main() -> None:
+    address, name, ipv4, gate = sys.argv[1:5]
+    server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    server.bind((address, 53))
+    print("ready", flush=True)
+    held: list[tuple[bytes, tuple[str, int]]] = []
+    while True:
+        if select.select([server], [], [], 0.05)[0]:
+            query, client = server.recvfrom(512)
+            asked, qtype, _ = question(query)
+            print(f"query {asked} {qtype}", flush=True)
+            held.append((query, client))
+        if held and os.path.exists(gate):
+            for query, client in held:
+                server.sendto(answer(query, name.lower(), ipv4), client)
+            held.clear()
+
+
+if __name__ == "__main__":
+    main()
