@@ -190,6 +190,8 @@ class Supervisor:
         self.resolving = False  # a resolver child's results are on their way
         self.resolver_pids: list[int] = []  # resolver children not reaped yet
         self.reporter_pids: list[int] = []  # children answering `status`, not reaped yet
+        self.table_writer = 0  # the reporter writing SIGUSR1's table, while it runs
+        self.table_pending = False  # a SIGUSR1 came meanwhile: another table when it ends
         self.resolver_output: list[bytes] = []
         self.resolver_due = 0.0  # when the last resolver was to look up (monotonic)
         self.resolve_pending = False  # asked again while one ran: start another after it
@@ -700,6 +702,10 @@ class Supervisor:
                 continue
             if pid in self.reporter_pids:
                 self.reporter_pids.remove(pid)
+                if pid == self.table_writer:
+                    self.table_writer = 0
+                    if self.table_pending:
+                        self.handle_usr1()
                 continue
             if pid == self.metrics_pid:
                 self.metrics_pid = 0
@@ -862,8 +868,15 @@ class Supervisor:
 
         Written by a forked reporter, as `status` is answered (answer_in_child says why),
         and above all so that a log reader that has fallen behind blocks the reporter in
-        write(), not the loop; here only if no reporter can be forked."""
-        if not self._in_reporter(self._log_status_table):
+        write(), not the loop; here only if no reporter can be forked. One at a time: a
+        SIGUSR1 while one writes (a log that stays blocked) gets the next table written
+        when it ends, rather than more writers, one more blocked process per signal."""
+        if self.table_writer:
+            self.table_pending = True
+            return
+        self.table_pending = False
+        self.table_writer = self._in_reporter(self._log_status_table)
+        if not self.table_writer:
             self._log_status_table()
 
     def _log_status_table(self) -> None:
@@ -1171,17 +1184,17 @@ class Supervisor:
             client.settimeout(REPORT_TIMEOUT)
             client.sendall(control.encode_reply(self.status_reply()))
 
-        return self._in_reporter(answer, keep=client.fileno())
+        return self._in_reporter(answer, keep=client.fileno()) != 0
 
-    def _in_reporter(self, job: Callable[[], None], keep: int | None = None) -> bool:
+    def _in_reporter(self, job: Callable[[], None], keep: int | None = None) -> int:
         """Run `job` in a forked reporter holding stdio and `keep` of our descriptors;
-        False if none could be forked (MAX_REPORTERS run, or out of processes)."""
+        its pid, or 0 if none could be forked (MAX_REPORTERS run, or out of processes)."""
         if len(self.reporter_pids) >= MAX_REPORTERS:
-            return False
+            return 0
         try:
             pid = os.fork()
         except OSError:
-            return False
+            return 0
         if pid == 0:
             status = 1
             try:
@@ -1197,7 +1210,7 @@ class Supervisor:
             finally:
                 os._exit(status)
         self.reporter_pids.append(pid)
-        return True
+        return pid
 
     def _metrics_state(self) -> dict[str, object] | None:
         """The metrics endpoint (None without --metrics): `up` while its process runs,

@@ -335,6 +335,23 @@ def blocked_writing(pid: int) -> bool:
         return False  # gone
 
 
+def signals_pending(pid: int) -> int:
+    """The signals pending for a process (thread and process-wide), as a bit mask."""
+    mask = 0
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith(("SigPnd:", "ShdPnd:")):
+                mask |= int(line.split()[1], 16)
+    return mask
+
+
+def deliver_signal(pid: int, signum: int) -> None:
+    """Send a signal and wait until the kernel has delivered it (no longer pending), so
+    that the next one is a delivery of its own rather than folded into this one."""
+    os.kill(pid, signum)
+    assert wait_for(lambda: not signals_pending(pid) & (1 << (signum - 1)), timeout=30)
+
+
 def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 

@@ -44,6 +44,7 @@ from conftest import (
     Redis,
     ServerFactory,
     blocked_writing,
+    deliver_signal,
     echo,
     free_port,
     full_pipe,
@@ -1275,6 +1276,19 @@ def test_sigusr1_table_is_written_by_a_reporter_so_a_stalled_log_stalls_nobody(
                 late.settimeout(10)
                 late.sendall(b"served while the table waits for the log")
                 assert recv_exact(late, 40) == b"served while the table waits for the log"
+            # Asked again and again while the log stays blocked: one writer still, and the
+            # next table after it (a writer per signal: 16, then the loop wrote it itself).
+            for _ in range(fp_control.MAX_CLIENTS + 2):
+                deliver_signal(proc.pid, signal.SIGUSR1)
+                time.sleep(0.05)  # handled one by one, not folded into one
+            assert not blocked_writing(proc.pid)
+            writers = [p.pid for p in psutil.Process(proc.pid).children()
+                       if blocked_writing(p.pid)]
+            assert writers == [writer[0].pid], writers
+            with socket.create_connection(("127.0.0.1", port), timeout=30) as later:
+                later.settimeout(10)
+                later.sendall(b"still")
+                assert recv_exact(later, 5) == b"still"
             os.set_blocking(read_end, False)
             chunks: list[bytes] = []
 
@@ -1284,10 +1298,15 @@ def test_sigusr1_table_is_written_by_a_reporter_so_a_stalled_log_stalls_nobody(
                         chunks.append(chunk)
                 return b"".join(chunks).decode()
 
-            log = poll(drained, lambda text: " status-connection " in text)
+            log = poll(drained, lambda text: text.count(" status-link ") == 2
+                       and text.count(" status-connection ") >= 2)
         lines = [parse_text_line(line) for line in log.lstrip("x").splitlines()]
-        assert [line["event"] for line in lines] == ["status-link", "status-connection"], log
-        assert lines[1]["link"] == spec  # `live`: `late` came after the table
+        events = [line["event"] for line in lines]
+        assert events[:3] == ["status-link", "status-connection", "status-link"], log
+        assert lines[1]["link"] == spec  # `live`: `late` came after the first table
+        # The second table, written once the first was: `live` still (and maybe `later`,
+        # its child not yet gone).
+        assert set(events[3:]) == {"status-connection"}, log
     finally:
         kill_group(proc)  # type: ignore[arg-type]
         proc.stdout.close()  # type: ignore[union-attr]

@@ -33,6 +33,7 @@ from conftest import (
     ServerFactory,
     TcpServer,
     blocked_writing,
+    deliver_signal,
     echo,
     full_pipe,
     metrics_pid,
@@ -343,23 +344,6 @@ def test_two_supervisors_that_are_both_pid_1_share_a_socket_directory(
     assert list((runtime / "forkproxy").iterdir()) == []
 
 
-def _pending(pid: int) -> int:
-    """The signals pending for a process (thread and process-wide), as a bit mask."""
-    mask = 0
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith(("SigPnd:", "ShdPnd:")):
-                mask |= int(line.split()[1], 16)
-    return mask
-
-
-def _deliver(pid: int, signum: int) -> None:
-    """Send a signal and wait until the kernel has delivered it (no longer pending), so
-    that the next one is a delivery of its own rather than folded into this one."""
-    os.kill(pid, signum)
-    assert wait_for(lambda: not _pending(pid) & (1 << (signum - 1)), timeout=30)
-
-
 def _read_to_eof(fd: int) -> None:
     with os.fdopen(fd, "rb") as reader:
         reader.read()
@@ -393,9 +377,9 @@ def test_a_stop_signal_is_not_lost_when_the_wakeup_pipe_is_full(tmp_path: Path) 
         socket.create_connection(("127.0.0.1", port), timeout=10).close()
         assert wait_for(lambda: blocked_writing(proc.pid))
         for _ in range(capacity + 50):
-            _deliver(proc.pid, signal.SIGUSR1)
+            deliver_signal(proc.pid, signal.SIGUSR1)
         assert blocked_writing(proc.pid)  # still blocked: nothing drained them
-        _deliver(proc.pid, signal.SIGTERM)
+        deliver_signal(proc.pid, signal.SIGTERM)
         drain = threading.Thread(target=_read_to_eof, args=(read_end,))
         drain.start()  # stderr read again: it runs on, and sees what the pipe held
         assert proc.wait(30) == 0
