@@ -185,6 +185,11 @@ def test_without_ipv6_sockets_an_ipv6_address_does_not_end_the_connect(
                               "--status-socket", str(sock)], label="forkproxy")
         [line] = proc.wait_stdout(lambda lines: len(lines) >= 1, 15)
         port = int(line.split(" -> ")[0].rsplit(":", 1)[1])
+        deadline = time.monotonic() + 15  # the start's lookup, by a resolver child
+        resolved = f'addresses="127.0.0.2:{REDIS_PORT} [2001:2::1]:{REDIS_PORT}"'
+        while resolved not in proc.stderr():
+            assert time.monotonic() < deadline, proc.describe()
+            time.sleep(0.05)
         # The name moves; the supervisor still has 127.0.0.2 and 2001:2::1.
         with hosts.open("w") as handle:  # in place: the bind mount follows the inode
             handle.write("127.0.0.1 localhost\n127.0.0.3 both.test\n2001:2::1 both.test\n")
