@@ -1058,6 +1058,8 @@ class Supervisor:
         """Re-read the sources; on any error keep the running configuration whole."""
         if self.stopping:
             return False, "stopping"
+        # What each port pointed at: reconcile() hands a kept listener its new link.
+        targets = {listener.link.key: listener.link.target for listener in self.listeners}
         try:
             table = read_links(self.sources, self.environ)
             kept, fresh, retired = listeners.reconcile(self.listeners, table.links)
@@ -1076,15 +1078,20 @@ class Supervisor:
         self.listeners = kept
         # Names are looked up again by a resolver child, as the timer does: a slow DNS
         # server must not stall accepting on every listener. Until it answers a name keeps
-        # the addresses it had, and a new one has none yet: its children look it up
-        # themselves. An address is only parsed, here and now. (Resolvers run one at a
-        # time, so a lookup started before the reload never lands after this one's.)
+        # the addresses it had, and a new one (a new port, or a port pointed at another
+        # name) has none yet: its children look it up themselves. An address is only
+        # parsed, here and now. (Resolvers run one at a time, so a lookup started before
+        # the reload never lands after this one's.)
         old = self.addresses
-        self.addresses = {
-            item.link.key: (old.get(item.link.key, []) if item.link.target.is_name
-                            else self._resolve(item.link))
-            for item in kept
-        }
+        self.addresses = {}
+        for item in kept:
+            key, target = item.link.key, item.link.target
+            if not target.is_name:
+                self.addresses[key] = self._resolve(item.link)
+            elif targets.get(key) == target:
+                self.addresses[key] = old.get(key, [])
+            else:
+                self.addresses[key] = []
         for item in kept:
             self._prepare_relay(item)
             self.accounting.stats(item.link)

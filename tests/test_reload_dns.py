@@ -43,6 +43,11 @@ def ns(lab: Lab) -> Iterator[Namespace]:
     namespace = lab.namespace("dns")
     try:
         set_hosts(namespace, "127.0.0.2")
+        # A name not in the hosts file is asked of a DNS server on the namespace's own
+        # loopback, where none listens (the query is refused at once) unless start_dns
+        # starts one: never the machine's.
+        (Path("/etc/netns") / namespace.name / "resolv.conf").write_text(
+            "nameserver 127.0.0.53\n")
         start_redis(lab, namespace, "127.0.0.2", "first")
         start_redis(lab, namespace, "127.0.0.3", "second")
         yield namespace
@@ -50,15 +55,17 @@ def ns(lab: Lab) -> Iterator[Namespace]:
         shutil.rmtree(Path("/etc/netns") / namespace.name, ignore_errors=True)
 
 
-def set_hosts(ns: Namespace, address: str | None) -> None:
+def set_hosts(ns: Namespace, address: str | None, moved: str | None = None) -> None:
     """Rewrite the namespace's hosts file in place (the bind mount follows the inode);
-    None: without upstream.test."""
+    None: without upstream.test. `moved`: moved.test's address, if it has one."""
     path = Path("/etc/netns") / ns.name / "hosts"
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w") as handle:
         handle.write("127.0.0.1 localhost\n")
         if address is not None:
             handle.write(f"{address} upstream.test\n")
+        if moved is not None:
+            handle.write(f"{moved} moved.test\n")
 
 
 def start_redis(lab: Lab, ns: Namespace, address: str, name: str) -> None:
@@ -253,6 +260,27 @@ def test_reload_re_resolves_names_and_only_reload_does(lab: Lab, ns: Namespace) 
     assert proxy.alive()
     assert "reload-failed" not in proxy.stderr()
 
+
+def test_a_reload_that_points_a_port_at_another_name_never_uses_the_old_ones_addresses(
+    lab: Lab, ns: Namespace
+) -> None:
+    """The port stays, its target changes to a name not (yet) resolvable: the reload
+    kept the old target's addresses for the port, so clients went on reaching the old
+    service, logged as the new one, for as long as the new name did not resolve. A
+    name's addresses are kept only while the name is the same."""
+    proxy = start_env_file_proxy(lab, ns)
+    env_file = lab.workdir / "links.env"
+    env_file.write_text(f"DB_PORT_{LISTEN_PORT}_TCP=tcp://moved.test:{REDIS_PORT}\n")
+    proxy.popen.send_signal(signal.SIGHUP)
+    wait_until(lambda: proxy.stderr().count(" listening ") == 1, proxy)  # the reload's
+    wait_for_log(proxy, "resolve-failed")  # moved.test resolves nowhere yet
+    assert who(ns) != "first"  # not the old target
+    wait_for_log(proxy, f"connect-failed link=DB_PORT_{LISTEN_PORT}_TCP")
+    assert "moved.test" in proxy.stderr().split(" connect-failed ")[1].splitlines()[0]
+
+    set_hosts(ns, "127.0.0.2", moved="127.0.0.3")  # now it does
+    wait_for_who(ns, "second", proxy)
+    assert proxy.alive()
 
 def test_a_reload_while_the_name_is_gone_keeps_the_addresses(lab: Lab, ns: Namespace) -> None:
     """As between reloads: a DNS outage at the moment of a reload used to leave the link
