@@ -61,6 +61,7 @@ METRICS_RESTART = 5.0  # seconds before a metrics process that died is started a
 # Children answering `status` at once (as many as the control socket has clients); past
 # that, say clients that never read their answers, the loop answers itself.
 MAX_REPORTERS = control.MAX_CLIENTS
+TABLE_EXIT_WAIT = 1.0  # seconds an exit waits for SIGUSR1's table to be written
 REPORT_TIMEOUT = 10.0  # seconds a reporter waits for a client that does not read
 RESOLVE_AGAIN_AFTER = MIN_RESOLVE_EVERY  # seconds: the least time between two lookups' starts
 _RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
@@ -410,10 +411,11 @@ class Supervisor:
                 self.handle_timers()
 
     def cleanup(self) -> None:
-        self._end_denial_windows()  # the counts no window's end has logged yet
         listeners.close_all(self.listeners)
         self.listeners = []
         signal.setitimer(signal.ITIMER_REAL, 0)
+        if self.table_writer:
+            self._let_the_table_be_written()
         for pid in self.resolver_pids + self.reporter_pids:
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -439,6 +441,25 @@ class Supervisor:
                         os.unlink(self.options.pid_file)
             except OSError:
                 pass  # already gone, or never ours to remove
+        # The counts no window's end has logged yet. Last: with the log blocked, this
+        # write waits, and everything above is done by then.
+        self._end_denial_windows()
+
+    def _let_the_table_be_written(self) -> None:
+        """Wait up to TABLE_EXIT_WAIT for SIGUSR1's reporter: a table asked for just
+        before a stop is still written. Longer, the log is blocked: it is killed."""
+        deadline = time.monotonic() + TABLE_EXIT_WAIT
+        while time.monotonic() < deadline:
+            try:
+                pid, _ = os.waitpid(self.table_writer, os.WNOHANG)
+            except ChildProcessError:
+                pid = self.table_writer  # reaped already
+            if pid:
+                if pid in self.reporter_pids:
+                    self.reporter_pids.remove(pid)  # reaped: its number may be reused
+                self.table_writer = 0
+                return
+            time.sleep(0.01)
 
     def _poll_timeout(self) -> int:
         """Milliseconds to the next timer (the loop checks these six inline first)."""

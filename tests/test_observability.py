@@ -1313,6 +1313,23 @@ def test_sigusr1_table_is_written_by_a_reporter_so_a_stalled_log_stalls_nobody(
         os.close(read_end)
 
 
+def test_a_table_asked_for_just_before_a_stop_is_written_before_the_exit(
+    start_proxy: StartProxy, tcp_server: ServerFactory, env: dict[str, str],
+) -> None:
+    """SIGUSR1 and SIGTERM handled in one turn of the loop, no connection live: the loop
+    ends at once, and the exit used to kill the reporter before it wrote the table."""
+    server = tcp_server(echo)
+    proxy = start_proxy(f"127.0.0.1:0=127.0.0.1:{server.port}", env=env)
+    os.kill(proxy.pid, signal.SIGSTOP)  # both pending, then delivered together
+    try:
+        os.kill(proxy.pid, signal.SIGUSR1)
+        os.kill(proxy.pid, signal.SIGTERM)
+    finally:
+        os.kill(proxy.pid, signal.SIGCONT)
+    assert proxy.proc.wait(30) == 0
+    assert " status-link " in proxy.log(), proxy.log()
+
+
 def test_sigusr1_link_line_counts_denied_clients_as_the_status_table_does(
     start_proxy: StartProxy, tcp_server: ServerFactory, tmp_path: Path, env: dict[str, str],
 ) -> None:
