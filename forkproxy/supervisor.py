@@ -1058,7 +1058,8 @@ class Supervisor:
             if addresses != before:
                 self.addresses[link.key] = addresses
                 self._prepare_relay(listener)
-                if before or recovered:  # a name's first addresses (start, reload) are no change
+                if before:  # a name's first addresses (start, reload, after a failed
+                    # first lookup) are not a change
                     self.accounting.stats(link).address_changes += 1
             self.log.info("resolved", link=link.name, host=link.target.host,
                           addresses=" ".join(peer_text(address[1]) for address in addresses))

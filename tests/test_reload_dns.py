@@ -280,7 +280,12 @@ def test_a_reload_that_points_a_port_at_another_name_never_uses_the_old_ones_add
 
     set_hosts(ns, "127.0.0.2", moved="127.0.0.3")  # now it does
     wait_for_who(ns, "second", proxy)
+    wait_for_log(proxy, "host=moved.test addresses=127.0.0.3:")
     assert proxy.alive()
+    # moved.test's first addresses, after its failed first lookup, are not a change of
+    # addresses; nor is upstream.test's first, at start.
+    stats = link_stats(lab)
+    assert stats["address_changes"] == 0 and stats["resolve_failures"] >= 1, stats
 
 def test_a_reload_while_the_name_is_gone_keeps_the_addresses(lab: Lab, ns: Namespace) -> None:
     """As between reloads: a DNS outage at the moment of a reload used to leave the link
