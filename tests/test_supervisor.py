@@ -289,7 +289,9 @@ def test_out_of_descriptors_a_lookup_is_skipped_not_fatal(tmp_path: Path) -> Non
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         spare = []
         with started(sup):
+            deadline = time.monotonic() + 30
             while sup.resolving or sup.resolver_pids:  # start()'s lookup: let it end first
+                assert time.monotonic() < deadline, "the start's lookup did not end"
                 for fd, events in sup.poller.poll(1000):
                     sup.handlers[fd](events)
             try:
