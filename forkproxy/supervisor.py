@@ -1114,6 +1114,8 @@ class Supervisor:
                 self.addresses[key] = old.get(key, [])
             else:
                 self.addresses[key] = []
+                # Another name: its failure is news (a warning), not the old one's outage.
+                self.resolve_failing.discard(item.link.name)
         for item in kept:
             self._prepare_relay(item)
             self.accounting.stats(item.link)

@@ -28,6 +28,7 @@ REDIS_PORT = 16390
 LISTEN_PORT = 7000
 TYPE_A = 1  # a DNS query's type for IPv4 addresses
 LINK = f'"{LISTEN_PORT}=upstream.test:{REDIS_PORT}"'  # the spec, quoted in a log line
+DB = f"DB_PORT_{LISTEN_PORT}_TCP"  # the env file's link
 
 
 @pytest.fixture
@@ -286,6 +287,23 @@ def test_a_reload_that_points_a_port_at_another_name_never_uses_the_old_ones_add
     # addresses; nor is upstream.test's first, at start.
     stats = link_stats(lab)
     assert stats["address_changes"] == 0 and stats["resolve_failures"] >= 1, stats
+
+def test_a_reload_that_points_a_failing_link_at_another_failing_name_warns_again(
+    lab: Lab, ns: Namespace
+) -> None:
+    """A mistyped name fixed by a reload with another typo: the outage was remembered per
+    link, so the new name's failure was logged at debug only, out of sight."""
+    env_file = lab.workdir / "links.env"
+    env_file.write_text(f"DB_PORT_{LISTEN_PORT}_TCP=tcp://nosuch-one.test:{REDIS_PORT}\n")
+    proxy = lab.spawn(ns, [FORKPROXY, "serve", "--env-file", str(env_file), "--resolve-every",
+                           "off", "--status-socket", str(lab.workdir / "fp.sock")],
+                      label="proxy")
+    proxy.wait_stdout(lambda lines: any(x.startswith("listening ") for x in lines), 15)
+    wait_for_log(proxy, f"warning resolve-failed link={DB} host=nosuch-one.test")
+    env_file.write_text(f"DB_PORT_{LISTEN_PORT}_TCP=tcp://nosuch-two.test:{REDIS_PORT}\n")
+    proxy.popen.send_signal(signal.SIGHUP)
+    wait_for_log(proxy, f"warning resolve-failed link={DB} host=nosuch-two.test")
+    assert proxy.alive()
 
 def test_a_reload_while_the_name_is_gone_keeps_the_addresses(lab: Lab, ns: Namespace) -> None:
     """As between reloads: a DNS outage at the moment of a reload used to leave the link
