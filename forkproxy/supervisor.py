@@ -1052,15 +1052,18 @@ class Supervisor:
                                         for family, sockaddr in raw]  # type: ignore[attr-defined]
             recovered = link.name in self.resolve_failing
             self.resolve_failing.discard(link.name)
-            before = self.addresses.get(link.key)
-            if addresses == before and not recovered:
-                continue
+            before = self.addresses.get(link.key) or []
             if addresses != before:
                 self.addresses[link.key] = addresses
                 self._prepare_relay(listener)
-                if before:  # a name's first addresses (start, reload, after a failed
-                    # first lookup) are not a change
-                    self.accounting.stats(link).address_changes += 1
+            # The same set in another order (round-robin DNS rotates it at every answer)
+            # is taken, for new connections to start elsewhere, but is no change.
+            changed = set(addresses) != set(before)
+            if not changed and not recovered:
+                continue
+            if changed and before:  # a name's first addresses (start, reload, after a
+                # failed first lookup) are not a change either
+                self.accounting.stats(link).address_changes += 1
             self.log.info("resolved", link=link.name, host=link.target.host,
                           addresses=" ".join(peer_text(address[1]) for address in addresses))
 

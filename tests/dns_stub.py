@@ -1,7 +1,8 @@
 """A DNS server for tests, run inside a network namespace: `dns_stub.py ADDR NAME IPV4 GATE`.
 
-It answers UDP queries on ADDR:53: NAME's A record is IPV4, its other types have no
-record, any other name does not exist. While the file GATE does not exist it answers
+It answers UDP queries on ADDR:53: NAME's A records are IPV4 (one address, or several
+separated by commas, rotated by one at each answer, as round-robin DNS does), its other
+types have no record, any other name does not exist. While the file GATE does not exist it answers
 nothing and holds the queries, as a DNS server that has stopped answering would (a
 client waits out its resolver's timeout); once GATE appears it answers them all, and
 every query after. Each query is printed as `query NAME TYPE` when it arrives.
@@ -30,23 +31,24 @@ def question(query: bytes) -> tuple[str, int, int]:
     return ".".join(labels).lower(), qtype, offset + 5
 
 
-def answer(query: bytes, name: str, ipv4: str) -> bytes:
+def answer(query: bytes, name: str, ipv4: list[str]) -> bytes:
     asked, qtype, end = question(query)
     (ident,) = struct.unpack_from("!H", query)
     known = asked == name
-    records = known and qtype == TYPE_A
+    records = ipv4 if known and qtype == TYPE_A else []
     # A response (QR), recursion desired and available (RD, RA), and the rcode.
     flags = 0x8180 | (NOERROR if known else NXDOMAIN)
-    header = struct.pack("!HHHHHH", ident, flags, 1, 1 if records else 0, 0, 0)
+    header = struct.pack("!HHHHHH", ident, flags, 1, len(records), 0, 0)
     reply = header + query[12:end]
-    if records:
+    for address in records:
         # The name as a pointer to the question's (offset 12), class IN, TTL 0, 4 bytes.
-        reply += struct.pack("!HHHIH", 0xC00C, TYPE_A, 1, 0, 4) + socket.inet_aton(ipv4)
+        reply += struct.pack("!HHHIH", 0xC00C, TYPE_A, 1, 0, 4) + socket.inet_aton(address)
     return reply
 
 
 def main() -> None:
-    address, name, ipv4, gate = sys.argv[1:5]
+    address, name, addresses, gate = sys.argv[1:5]
+    ipv4 = addresses.split(",")
     server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     server.bind((address, 53))
     print("ready", flush=True)
@@ -59,7 +61,10 @@ def main() -> None:
             held.append((query, client))
         if held and os.path.exists(gate):
             for query, client in held:
-                server.sendto(answer(query, name.lower(), ipv4), client)
+                reply = answer(query, name.lower(), ipv4)
+                server.sendto(reply, client)
+                if reply[7]:  # records given: the next answer starts with the next one
+                    ipv4 = ipv4[1:] + ipv4[:1]
             held.clear()
 
 

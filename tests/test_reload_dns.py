@@ -223,14 +223,32 @@ def test_a_dns_server_that_does_not_answer_holds_up_neither_start_nor_the_loop(
     assert " resolve-failed " not in proxy.stderr()
 
 
-def start_dns(lab: Lab, ns: Namespace, gate: Path) -> Process:
+def test_round_robin_dns_reordering_the_same_addresses_is_no_change(
+    lab: Lab, ns: Namespace
+) -> None:
+    """A name with several addresses whose DNS server rotates them at each answer (as
+    Docker's embedded DNS does for a scaled service): every lookup gave the same set in
+    another order, and was logged as `resolved` and counted as an address change."""
+    set_hosts(ns, None)
+    gate = lab.workdir / "dns-answers"
+    gate.touch()  # answering from the start
+    dns = start_dns(lab, ns, gate, addresses="127.0.0.2,127.0.0.3")
+    proxy = start_proxy(lab, ns, "--resolve-every", "1")
+    wait_until(lambda: dns.stdout().count(f"query upstream.test {TYPE_A}") >= 5, proxy)
+    assert who(ns) in ("first", "second")
+    resolved = [x for x in proxy.stderr().splitlines() if " resolved " in x]
+    assert len(resolved) == 1, resolved  # the start's
+    assert link_stats(lab)["address_changes"] == 0
+
+def start_dns(lab: Lab, ns: Namespace, gate: Path, addresses: str = "127.0.0.2") -> Process:
     """The namespace's DNS server (tests/dns_stub.py, on 127.0.0.53), where upstream.test
-    is 127.0.0.2: it holds every query, unanswered, until `gate` exists. A lookup waits
-    for it up to the resolver's timeout: 30 s, the most glibc takes."""
+    is `addresses` (several, comma-separated: rotated at each answer): it holds every
+    query, unanswered, until `gate` exists. A lookup waits for it up to the resolver's
+    timeout: 30 s, the most glibc takes."""
     resolv = Path("/etc/netns") / ns.name / "resolv.conf"
     resolv.write_text("nameserver 127.0.0.53\noptions timeout:30 attempts:1\n")
     dns = lab.spawn(ns, [sys.executable, str(Path(__file__).with_name("dns_stub.py")),
-                         "127.0.0.53", "upstream.test", "127.0.0.2", str(gate)], label="dns")
+                         "127.0.0.53", "upstream.test", addresses, str(gate)], label="dns")
     dns.wait_stdout(lambda lines: "ready" in lines, 10)
     return dns
 
