@@ -800,23 +800,8 @@ class Supervisor:
                 )
                 self.term_at = time.monotonic()
             return
-        # Clients already in the backlog have finished their handshake: closing the
-        # listener would reset them, so they are served like the ones accepted before:
-        # at once while under --max-children, and those beyond it are accepted and held
-        # (not forked: the limit stands) until a child exits or the grace period ends.
         for listener in self.listeners:
-            if not listener.waiting(0):
-                # Nobody in its backlog: no accept() to try, which out of descriptors
-                # would fail anyway (Linux wants a free one before it looks at the queue)
-                # and be logged as clients reset that were never there.
-                continue
-            self.handle_accept(listener, batch=self.options.max_children)
-            clients, error = listeners.accept_backlog(listener)
-            if clients:
-                self.held.append(listeners.HeldBacklog(listener, clients))
-            if error is not None and listener.waiting(0):
-                self.log.error("accept-failed", link=listener.link.name, error=error.strerror,
-                               detail="stopping: the clients left in the backlog are reset")
+            self._take_backlog(listener, "stopping")
         self.stopping = True
         signal.setitimer(signal.ITIMER_REAL, 0)  # no new children: names no longer matter
         # Nor a metrics process: a restart still due would stay armed, never fired, and
@@ -831,6 +816,25 @@ class Supervisor:
         self.log.info("stopping", signal=name, connections=len(self.accounting.children),
                       waiting=sum(len(held.clients) for held in self.held),
                       grace=self.options.grace)
+
+    def _take_backlog(self, listener: Listener, why: str) -> None:
+        """Accept the clients in the backlog of a listener about to close (a stop, or a
+        reload that removes it). They have finished their handshake: closing the
+        listener would reset them, so they are served like the ones accepted before: at
+        once while under --max-children, and those beyond it are accepted and held (not
+        forked: the limit stands) until a child exits (or, stopping, the grace ends)."""
+        if not listener.waiting(0):
+            # Nobody in its backlog: no accept() to try, which out of descriptors would
+            # fail anyway (Linux wants a free one before it looks at the queue) and be
+            # logged as clients reset that were never there.
+            return
+        self.handle_accept(listener, batch=self.options.max_children)
+        clients, error = listeners.accept_backlog(listener)
+        if clients:
+            self.held.append(listeners.HeldBacklog(listener, clients))
+        if error is not None and listener.waiting(0):
+            self.log.error("accept-failed", link=listener.link.name, error=error.strerror,
+                           detail=f"{why}: the clients left in the backlog are reset")
 
     def handle_timers(self) -> None:
         now = time.monotonic()
@@ -1096,6 +1100,8 @@ class Supervisor:
                      if isinstance(exc, OSError) else str(exc))
             self.log.error("reload-failed", error=error, detail="previous configuration stays")
             return False, error
+        for listener in retired:
+            self._take_backlog(listener, "unlisten")  # before they close: see handle_stop
         self.accepting = False
         for listener in self.listeners:
             self._unwatch(listener.fd)

@@ -1890,6 +1890,37 @@ def test_a_listener_a_reload_retires_refuses_newcomers_even_while_a_child_holds_
         assert ask(sock, b"1") == b"X:1"
 
 
+def test_clients_waiting_in_the_backlog_of_a_port_a_reload_removes_are_served(
+    start_proxy: StartProxy, tcp_server: ServerFactory, tmp_path: Path
+) -> None:
+    """At --max-children, a client waits in the backlog; a reload removes its port. The
+    listener closed with it in the backlog, and the kernel reset it, unlogged: a client
+    that had connected was refused. As at a stop, the backlog is accepted first, and its
+    clients served (by the wiring they connected to) as children exit."""
+    x = tcp_server(tagged(b"X:"))
+    pa, pb = distinct_free_ports(2)
+    env_file = tmp_path / "links.env"
+    write_env_file(env_file, {f"A_PORT_{pa}_TCP": f"tcp://127.0.0.1:{x.port}"})
+    proxy = start_proxy("--env-file", str(env_file), "--max-children", "1")
+    with connect(pa) as first:
+        assert ask(first, b"1") == b"X:1"  # the one child
+        waiting = connect(pa)  # in the backlog: --max-children 1
+        try:
+            waiting.sendall(b"2")
+            write_env_file(env_file, {f"B_PORT_{pb}_TCP": f"tcp://127.0.0.1:{x.port}"})
+            proxy.signal(signal.SIGHUP)
+            assert wait_for(lambda: "unlisten" in proxy.log(), 30)
+            assert refused(pa)  # newcomers are refused
+            assert ask(first, b"3") == b"X:3"
+        except BaseException:
+            waiting.close()
+            raise
+    with waiting:  # `first` closed: its child exits, and the waiting client gets one
+        waiting.settimeout(30)
+        assert recv_exact(waiting, 3) == b"X:2"
+    with connect(pb) as sock:
+        assert ask(sock, b"4") == b"X:4"
+
 BAD_RELOADS = {
     "unclosed-bracket": ("A_PORT_{pa}_TCP=tcp://[::1:1\n", "unclosed '['"),
     "conflicting-duplicate": (
