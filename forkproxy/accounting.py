@@ -79,6 +79,9 @@ class LinkStats:
     """
 
     def __init__(self) -> None:
+        # When these totals began (wall clock): a link a reload removes and another
+        # configures again is a new link, its totals from 0, and this tells the two apart.
+        self.since = time.time()
         self.connections = 0  # children reaped
         self.upstream_failures = 0
         self.denied = 0

@@ -52,7 +52,8 @@ OUTCOME_NAMES = (*OUTCOMES.values(), "killed")
 class SupervisorCollector(Collector):
     def __init__(self, status_socket: str) -> None:
         self.status_socket = status_socket
-        self.cpu_seen: dict[str, float] = {}  # the highest CPU total served, per link
+        # The highest CPU total served, per link: (its totals' `since`, that total).
+        self.cpu_seen: dict[str, tuple[float, float]] = {}
 
     def collect(self) -> Iterator[Metric]:
         try:
@@ -80,12 +81,14 @@ def _children_by_link(status: dict[str, Any]) -> dict[str, dict[str, float]]:
     return sums
 
 
-def render(status: dict[str, Any], cpu_seen: dict[str, float] | None = None) -> Iterator[Metric]:
+def render(status: dict[str, Any],
+           cpu_seen: dict[str, tuple[float, float]] | None = None) -> Iterator[Metric]:
     """The metrics of one status reply. `cpu_seen`: the CPU totals served before, per link,
     kept up to date here so that the counter never goes down (Prometheus reads that as a
     restart, and rate() jumps). It could by a hair: a child that exits between the status
     reply and psutil's reading leaves the live sum before its CPU reaches the exited total.
-    Links missing from the reply are dropped from it.
+    Links missing from the reply are dropped from it, and a link whose totals began anew
+    (`since`: removed and configured again between two scrapes) starts from its own.
     """
     cpu_seen = {} if cpu_seen is None else cpu_seen
     links: dict[str, dict[str, Any]] = status.get("links", {})
@@ -155,8 +158,11 @@ def render(status: dict[str, Any], cpu_seen: dict[str, float] | None = None) -> 
         durations.add_metric([name], buckets, stats["duration_sum"])
         rss.add_metric([name], now.get("rss", 0))
         uss.add_metric([name], now.get("uss", 0))
-        cpu_seen[name] = max(stats["cpu_seconds"] + now.get("cpu", 0), cpu_seen.get(name, 0.0))
-        cpu.add_metric([name], cpu_seen[name])
+        since = stats.get("since", 0.0)
+        floor_since, floor = cpu_seen.get(name, (since, 0.0))
+        cpu_now = stats["cpu_seconds"] + now.get("cpu", 0)
+        cpu_seen[name] = (since, max(cpu_now, floor) if floor_since == since else cpu_now)
+        cpu.add_metric([name], cpu_seen[name][1])
         resolve_failures.add_metric([name], stats.get("resolve_failures", 0))
         address_changes.add_metric([name], stats.get("address_changes", 0))
     supervisor_rss = GaugeMetricFamily("forkproxy_supervisor_resident_memory_bytes",

@@ -855,6 +855,27 @@ def test_metrics_count_lookups_that_failed_or_moved_a_name() -> None:
     assert samples[("forkproxy_address_changes", "db")] == 2
 
 
+def test_a_link_configured_again_between_scrapes_starts_its_cpu_counter_again() -> None:
+    """The CPU counter never goes down while a link lives (its floor, cpu_seen), but a
+    link removed and configured again by reloads between two scrapes is a new link, its
+    totals from 0: its CPU counter held the old link's total up (found by review)."""
+    def cpu_sample(stats: dict[str, object], seen: dict[str, Any]) -> float:
+        status = {"links": {"db": stats}, "duration_buckets": list(DURATION_BUCKETS),
+                  "listeners": [], "children": []}
+        [found] = [sample.value for metric in render_metrics(status, seen)
+                   for sample in metric.samples
+                   if sample.name == "forkproxy_children_cpu_seconds_total"]
+        return found
+
+    seen: dict[str, Any] = {}
+    old = {**vars(LinkStats()), "active": 0, "cpu_seconds": 0.5}
+    assert cpu_sample(old, seen) == 0.5
+    assert cpu_sample({**old, "cpu_seconds": 0.25}, seen) == 0.5  # its floor holds
+    again = {**vars(LinkStats()), "active": 0, "cpu_seconds": 0.0015,
+             "since": float(old["since"]) + 1}
+    assert cpu_sample(again, seen) == 0.0015
+    assert cpu_sample({**again, "cpu_seconds": 0.001}, seen) == 0.0015  # its own floor
+
 def test_metrics_count_connections_by_how_they_ended() -> None:
     """Each outcome per link, `killed` too (a child the OOM killer took): the log and
     `status --json` counted them, the metrics did not. Every outcome is there from 0."""
@@ -902,8 +923,10 @@ def test_the_cpu_counter_never_goes_down(monkeypatch: pytest.MonkeyPatch) -> Non
     """A child that exits between the status reply and psutil's reading leaves the live
     sum before its CPU reaches the exited total: for one scrape the sum is lower. The
     supervisor's two replies are given here; that moment cannot be hit on purpose."""
+    link = LinkStats()  # one link, its totals from one moment (`since`)
+
     def reply(exited_cpu: float) -> dict[str, Any]:
-        stats = {**vars(LinkStats()), "cpu_seconds": exited_cpu, "active": 0}
+        stats = {**vars(link), "cpu_seconds": exited_cpu, "active": 0}
         return {"links": {"db": stats}, "duration_buckets": list(DURATION_BUCKETS),
                 "listeners": []}
 
@@ -1182,7 +1205,8 @@ def test_a_link_a_reload_renamed_starts_at_zero_and_its_old_name_goes(
         [listener] = reply["listeners"]
         new = listener["link"]
         assert sorted(new.split(",")) == sorted([old, alias]) and listener["port"] == port
-        assert reply["links"][new] == {**vars(LinkStats()), "active": 0, "waiting": 0}
+        fresh = {**reply["links"][new], "since": 0.0}  # its totals began at the reload
+        assert fresh == {**vars(LinkStats()), "since": 0.0, "active": 0, "waiting": 0}
         assert reply["links"][old]["active"] == 1 and reply["links"][old]["connections"] == 2
         with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
             echo_round(sock, 10)  # the same socket serves, under the new name
