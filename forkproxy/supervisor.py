@@ -830,11 +830,22 @@ class Supervisor:
             return
         self.handle_accept(listener, batch=self.options.max_children)
         clients, error = listeners.accept_backlog(listener)
-        if clients:
-            self.held.append(listeners.HeldBacklog(listener, clients))
+        held = []
+        for fd, address in clients:
+            # --allow's check now, not when a child is free: a held client it refuses
+            # would take that turn and leave the next one waiting with a slot free, and
+            # keep a removed link in status as a child to come.
+            if self.allow and not is_allowed(self.allow, address[0]):
+                self._deny(listener, fd, address)
+            else:
+                held.append((fd, address))
+        if held:
+            self.held.append(listeners.HeldBacklog(listener, held))
         if error is not None and listener.waiting(0):
             self.log.error("accept-failed", link=listener.link.name, error=error.strerror,
                            detail=f"{why}: the clients left in the backlog are reset")
+        if self.held and len(self.accounting.children) < self.options.max_children:
+            self.serve_held()  # a client the accept above denied left a child's room
 
     def handle_timers(self) -> None:
         now = time.monotonic()

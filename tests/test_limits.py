@@ -1891,35 +1891,46 @@ def test_a_listener_a_reload_retires_refuses_newcomers_even_while_a_child_holds_
 
 
 def test_clients_waiting_in_the_backlog_of_a_port_a_reload_removes_are_served(
-    start_proxy: StartProxy, tcp_server: ServerFactory, tmp_path: Path
+    start_proxy: StartProxy, tcp_server: ServerFactory, tmp_path: Path, short_dir: Path
 ) -> None:
-    """At --max-children, a client waits in the backlog; a reload removes its port. The
-    listener closed with it in the backlog, and the kernel reset it, unlogged: a client
-    that had connected was refused. As at a stop, the backlog is accepted first, and its
-    clients served (by the wiring they connected to) as children exit."""
+    """At --max-children, clients wait in the backlog; a reload removes their port. The
+    listener closed with them in the backlog, and the kernel reset them, unlogged: a
+    client that had connected was refused. As at a stop, the backlog is accepted first,
+    its clients --allow refuses are denied then, and the others served (by the wiring
+    they connected to) as children exit; then the removed link leaves status."""
     x = tcp_server(tagged(b"X:"))
     pa, pb = distinct_free_ports(2)
-    env_file = tmp_path / "links.env"
+    env_file, sock_path = tmp_path / "links.env", short_dir / "s.sock"
     write_env_file(env_file, {f"A_PORT_{pa}_TCP": f"tcp://127.0.0.1:{x.port}"})
-    proxy = start_proxy("--env-file", str(env_file), "--max-children", "1")
-    with connect(pa) as first:
+    proxy = start_proxy("--env-file", str(env_file), "--max-children", "1",
+                        "--allow", "127.0.0.1/32", "--status-socket", str(sock_path))
+    with contextlib.ExitStack() as stack:
+        first = stack.enter_context(connect(pa))
         assert ask(first, b"1") == b"X:1"  # the one child
-        waiting = connect(pa)  # in the backlog: --max-children 1
-        try:
-            waiting.sendall(b"2")
-            write_env_file(env_file, {f"B_PORT_{pb}_TCP": f"tcp://127.0.0.1:{x.port}"})
-            proxy.signal(signal.SIGHUP)
-            assert wait_for(lambda: "unlisten" in proxy.log(), 30)
-            assert refused(pa)  # newcomers are refused
-            assert ask(first, b"3") == b"X:3"
-        except BaseException:
-            waiting.close()
-            raise
-    with waiting:  # `first` closed: its child exits, and the waiting client gets one
-        waiting.settimeout(30)
+        # In the backlog (--max-children 1): one --allow refuses, then one it allows.
+        outsider = stack.enter_context(connect(pa, source="127.0.0.2"))
+        waiting = stack.enter_context(connect(pa))
+        waiting.sendall(b"2")
+        write_env_file(env_file, {f"B_PORT_{pb}_TCP": f"tcp://127.0.0.1:{x.port}"})
+        proxy.signal(signal.SIGHUP)
+        assert wait_for(lambda: "unlisten" in proxy.log(), 30)
+        assert refused(pa)  # newcomers are refused
+        assert closed_by_peer(outsider, 10)  # denied as the backlog was taken
+        assert ask(first, b"3") == b"X:3"
+        first.close()  # its child exits, and the waiting client gets one
+        # (No status read before this: its reporter's exit would wake a stuck loop.)
+        waiting.settimeout(10)
         assert recv_exact(waiting, 3) == b"X:2"
     with connect(pb) as sock:
         assert ask(sock, b"4") == b"X:4"
+
+    def removed_link_gone() -> bool:
+        links = status_json(sock_path)["links"]
+        assert isinstance(links, dict)
+        return f"A_PORT_{pa}_TCP" not in links
+
+    assert wait_for(removed_link_gone)
+
 
 BAD_RELOADS = {
     "unclosed-bracket": ("A_PORT_{pa}_TCP=tcp://[::1:1\n", "unclosed '['"),
