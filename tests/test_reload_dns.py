@@ -253,15 +253,21 @@ def start_dns(lab: Lab, ns: Namespace, gate: Path, addresses: str = "127.0.0.2")
     return dns
 
 
-def start_env_file_proxy(lab: Lab, ns: Namespace) -> Process:
-    """The proxy reading upstream.test from an env file, the timer off: only a reload (or
-    a failed connect) looks the name up again. Answered by "first" to begin with."""
+def spawn_env_file_proxy(lab: Lab, ns: Namespace, host: str) -> Process:
+    """The proxy reading DB's link to `host` from an env file (lab.workdir/links.env),
+    the timer off: only a reload (or a failed connect) looks the name up again."""
     env_file = lab.workdir / "links.env"
-    env_file.write_text(f"DB_PORT_{LISTEN_PORT}_TCP=tcp://upstream.test:{REDIS_PORT}\n")
+    env_file.write_text(f"{DB}=tcp://{host}:{REDIS_PORT}\n")
     proxy = lab.spawn(ns, [FORKPROXY, "serve", "--env-file", str(env_file), "--resolve-every",
                            "off", "--status-socket", str(lab.workdir / "fp.sock")],
                       label="proxy")
     proxy.wait_stdout(lambda lines: any(x.startswith("listening ") for x in lines), 15)
+    return proxy
+
+
+def start_env_file_proxy(lab: Lab, ns: Namespace) -> Process:
+    """spawn_env_file_proxy to upstream.test, answered by "first" to begin with."""
+    proxy = spawn_env_file_proxy(lab, ns, "upstream.test")
     wait_for_log(proxy, " resolved ")
     assert who(ns) == "first"
     return proxy
@@ -306,19 +312,15 @@ def test_a_reload_that_points_a_port_at_another_name_never_uses_the_old_ones_add
     stats = link_stats(lab)
     assert stats["address_changes"] == 0 and stats["resolve_failures"] >= 1, stats
 
+
 def test_a_reload_that_points_a_failing_link_at_another_failing_name_warns_again(
     lab: Lab, ns: Namespace
 ) -> None:
     """A mistyped name fixed by a reload with another typo: the outage was remembered per
     link, so the new name's failure was logged at debug only, out of sight."""
-    env_file = lab.workdir / "links.env"
-    env_file.write_text(f"DB_PORT_{LISTEN_PORT}_TCP=tcp://nosuch-one.test:{REDIS_PORT}\n")
-    proxy = lab.spawn(ns, [FORKPROXY, "serve", "--env-file", str(env_file), "--resolve-every",
-                           "off", "--status-socket", str(lab.workdir / "fp.sock")],
-                      label="proxy")
-    proxy.wait_stdout(lambda lines: any(x.startswith("listening ") for x in lines), 15)
+    proxy = spawn_env_file_proxy(lab, ns, "nosuch-one.test")
     wait_for_log(proxy, f"warning resolve-failed link={DB} host=nosuch-one.test")
-    env_file.write_text(f"DB_PORT_{LISTEN_PORT}_TCP=tcp://nosuch-two.test:{REDIS_PORT}\n")
+    (lab.workdir / "links.env").write_text(f"{DB}=tcp://nosuch-two.test:{REDIS_PORT}\n")
     proxy.popen.send_signal(signal.SIGHUP)
     wait_for_log(proxy, f"warning resolve-failed link={DB} host=nosuch-two.test")
     assert proxy.alive()
