@@ -112,6 +112,17 @@ def resolve_all(targets: list[tuple[str, int]], out_fd: int, delay: float) -> No
         data = data[os.write(out_fd, data):]
 
 
+def close_inherited(keep: int | None = None) -> None:
+    """In a forked helper (resolver, reporter): close every descriptor but stdio and
+    `keep`, above all the listeners: a helper must not keep a closed port open. (The
+    relay child does the same inline: see Supervisor._accept_handler.)"""
+    if keep is None:
+        os.closerange(3, 1 << 20)
+    else:
+        os.closerange(3, keep)
+        os.closerange(keep + 1, 1 << 20)
+
+
 def child_oom_score_adj() -> tuple[int, bytes | None]:
     """The supervisor's own oom_score_adj, and what each connection's child raises its own
     to: None when that changes nothing (already at the most, or no /proc to say it in).
@@ -1012,9 +1023,7 @@ class Supervisor:
             status = 1
             try:
                 signals.reset_in_child()
-                # Above all the listeners: a resolver must not keep a closed port open.
-                os.closerange(3, write_fd)
-                os.closerange(write_fd + 1, 1 << 20)
+                close_inherited(keep=write_fd)
                 resolve_all(targets, write_fd, due - now)
                 status = 0
             finally:
@@ -1250,12 +1259,7 @@ class Supervisor:
             status = 1
             try:
                 signals.reset_in_child()
-                # Above all the listeners: a reporter must not keep a closed port open.
-                if keep is None:
-                    os.closerange(3, 1 << 20)
-                else:
-                    os.closerange(3, keep)
-                    os.closerange(keep + 1, 1 << 20)
+                close_inherited(keep)
                 job()
                 status = 0
             finally:
