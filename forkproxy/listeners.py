@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import errno
+import itertools
 import os
 import select
 import socket
@@ -29,6 +30,9 @@ class Listener:
         self.family = int(sock.family)
         # Set by the supervisor: relay.serve's arguments after the slot (see _prepare_relay).
         self.relay_args: tuple[object, ...] = ()
+        # Its connections, counted: each child's turn (relay.in_turn). Kept here, not in
+        # the accept handler, which is built anew whenever accepting resumes.
+        self.turns = itertools.count(1)
         # `waiting(0)`: is another client already in the backlog? A poll of this socket
         # alone, so the accept loop can ask without an accept() that fails: the
         # BlockingIOError that raises allocates an exception, a traceback and a frame
@@ -58,7 +62,7 @@ class HeldBacklog:
 
     def __init__(self, listener: Listener, clients: list[tuple[int, tuple[str, int]]]) -> None:
         self.link, self.port, self.family = listener.link, listener.port, listener.family
-        self.relay_args = listener.relay_args
+        self.relay_args, self.turns = listener.relay_args, listener.turns
         self.clients = collections.deque(clients)
         self.sock = self
 

@@ -268,6 +268,24 @@ def lookup(host: str, port: int) -> list[Address]:
     return addresses
 
 
+def in_turn(addresses: list[Address], turn: int) -> list[Address]:
+    """The order a connection tries `addresses` in when it is the `turn`-th of its
+    listener: the addresses of the first one's family take turns at being first (a name
+    with several, a scaled service behind round-robin DNS, gets its connections spread
+    over them, as socat's own lookup in every child spreads them), each followed by the
+    rest of its family in order, then the other family's addresses as they were.
+
+    The families keep getaddrinfo's order (RFC 6724 preference): putting an IPv6 address
+    first for every other connection would make half of them wait out one that is
+    unreachable.
+    """
+    family = addresses[0][0]
+    first = [address for address in addresses if address[0] == family]
+    start = turn % len(first)
+    return first[start:] + first[:start] + [address for address in addresses
+                                            if address[0] != family]
+
+
 def connect_upstream(
     addresses: list[Address], target: Endpoint, timeout: float, retries: int
 ) -> tuple[RawSocket, bool]:
@@ -579,7 +597,8 @@ def _preload_serve(options: Options, log: Logger, counters: memoryview, rounds: 
         target = upstream_listener.getsockname()
         link = Link("127.0.0.1", 0, Endpoint(target[0], target[1]), ("preload",))
         prepared = prepared_lines(warm_log, link)
-        addresses: list[Address] = [(int(socket.AF_INET), target)]
+        # The one address twice: a name with several runs in_turn() too.
+        addresses: list[Address] = [(int(socket.AF_INET), target)] * 2
         for _ in range(rounds):
             # Not create_connection: its getaddrinfo would import the idna codec (lookup()).
             with socket.socket() as client_peer:
@@ -588,8 +607,8 @@ def _preload_serve(options: Options, log: Logger, counters: memoryview, rounds: 
                 client_peer.sendall(b"PING\r\n")
                 client_peer.shutdown(socket.SHUT_WR)
                 client = RawSocket(int(socket.AF_INET), SOCK_STREAM, 0, fd)
-                serve(client, address, 0, link, addresses, warm_options, counters, warm_log,
-                      prepared, 0)
+                serve(client, address, 0, 0, link, addresses, warm_options, counters,
+                      warm_log, prepared, 0)
 
 
 def prepared_lines(log: Logger, link: Link) -> tuple[str | None, str | None]:
@@ -700,6 +719,7 @@ def serve(
     client: RawSocket,
     client_address: tuple[object, ...],
     base: int,
+    turn: int,
     link: Link,
     addresses: list[Address],
     options: Options,
@@ -710,13 +730,16 @@ def serve(
 ) -> int:
     """The whole life of one connection in its child; returns the exit status.
 
-    `base` is the child's slot in `counters`; the arguments after it are the same for
-    every connection of a listener, and the supervisor hands them over as one tuple.
+    `base` is the child's slot in `counters`; `turn` counts the listener's connections
+    (in_turn); the arguments after it are the same for every connection of a listener,
+    and the supervisor hands them over as one tuple.
     `lines` are the link's prepared "open" and "close" lines (prepared_lines()); None:
     log that one the usual way. `supervisor` is the supervisor's pid (0: none to tell).
     """
     started = time.monotonic()
     client.setblocking(False)
+    if len(addresses) > 1:
+        addresses = in_turn(addresses, turn)
     try:
         upstream, looked_up = connect_upstream(
             addresses, link.target, options.connect_timeout, options.connect_retries

@@ -546,6 +546,8 @@ class Supervisor:
             relay.serve, relay.FAILED, listener.family, relay.SOCK_STREAM
         )
 
+        next_turn = listener.turns.__next__  # a child's turn (relay.in_turn)
+
         def accept_clients(events: int, batch: int = ACCEPT_BATCH) -> None:
             room = max_children - len(children)  # at most this many more children
             for i in range(batch if batch < room else room):
@@ -564,6 +566,7 @@ class Supervisor:
                 if not free_slots:
                     refill_slots()  # one per slot up to --max-children, so never comes up short
                 base = free_slots.pop()
+                turn = next_turn()
                 try:
                     pid = fork()
                 except OSError as exc:
@@ -594,7 +597,7 @@ class Supervisor:
                         closerange(fd + 1, 1 << 20)
                         sock = RawSocket(family, sock_stream, 0, fd)
                         args = listener.relay_args
-                        status = serve(sock, address, base, *args)  # type: ignore[arg-type]
+                        status = serve(sock, address, base, turn, *args)  # type: ignore[arg-type]
                     except BaseException as exc:
                         self.log.error("relay-crashed", link=listener.link.name,
                                        error=repr(exc))

@@ -11,6 +11,8 @@ import threading
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from forkproxy import relay
 from forkproxy.config import Options
@@ -147,8 +149,8 @@ def specialized(function):
     adaptive = [i.opname for i in dis.get_instructions(function, adaptive=True)]
     return sum(a != b for a, b in zip(plain, adaptive))
 
-child_code = (relay.serve, relay.connect_upstream, relay.pump, relay.Flow.read, relay.Flow.write,
-              Logger.emit_prepared)
+child_code = (relay.serve, relay.in_turn, relay.connect_upstream, relay.pump, relay.Flow.read,
+              relay.Flow.write, Logger.emit_prepared)
 before = [specialized(f) for f in child_code]
 read_fd, write_fd = os.pipe()
 relay.preload(Options(), Logger(INFO, "text", write_fd), rounds=10)
@@ -161,7 +163,7 @@ print("warm")
 
 
 def test_preload_specializes_the_childs_code_without_logging_a_line() -> None:
-    """The point of preload: serve(), connect_upstream(), the relay loop, the flows and
+    """The point of preload: serve(), in_turn(), connect_upstream(), the relay loop, the flows and
     the prepared log lines' writer are already specialized in a process that has run
     nothing else, and the warm-up's open/close lines went to /dev/null, not to the
     children's log."""
@@ -196,3 +198,32 @@ def test_user_timeout_reaches_the_kernel_in_milliseconds(seconds: float, millise
     with socket.socket() as sock:
         relay.set_user_timeout(sock, seconds)
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == milliseconds
+
+
+_V4, _V6 = int(socket.AF_INET), int(socket.AF_INET6)
+addresses_st = st.lists(
+    st.one_of(
+        st.builds(lambda n: (_V4, (f"198.18.0.{n}", 6379)), st.integers(1, 254)),
+        st.builds(lambda n: (_V6, (f"fd00::{n:x}", 6379, 0, 0)), st.integers(1, 254)),
+    ),
+    min_size=1, max_size=8, unique=True,
+)
+
+
+@given(addresses=addresses_st, turn=st.integers(0, 10**6))
+def test_in_turn_rotates_the_preferred_family_and_keeps_the_rest(
+    addresses: list[relay.Address], turn: int
+) -> None:
+    """Each connection's order holds every address once; the first address's family
+    comes first, rotated by the turn, and the other family follows as getaddrinfo gave it;
+    over as many turns as that family has addresses, each of them is first once."""
+    family = addresses[0][0]
+    first = [a for a in addresses if a[0] == family]
+    rest = [a for a in addresses if a[0] != family]
+    ordered = relay.in_turn(addresses, turn)
+    assert sorted(ordered) == sorted(addresses)
+    assert ordered[len(first):] == rest
+    start = first.index(ordered[0])
+    assert ordered[:len(first)] == first[start:] + first[:start]
+    leaders = [relay.in_turn(addresses, turn + k)[0] for k in range(len(first))]
+    assert sorted(leaders) == sorted(first)

@@ -383,3 +383,23 @@ def test_a_link_configured_again_warns_of_its_failed_lookup_again(
     proxy.popen.send_signal(signal.SIGHUP)
     wait_until(lambda: warnings() == 2, proxy)
     assert proxy.alive()
+
+
+def test_connections_take_turns_at_a_names_addresses(lab: Lab, ns: Namespace) -> None:
+    """A name with several addresses (a scaled service behind round-robin DNS): each new
+    connection starts at the next one, so the load spreads over them as it does behind
+    socat, whose every child looks the name up and takes the DNS server's first answer.
+    Before, every connection went to the first address until the next lookup."""
+    set_hosts(ns, None)
+    gate = lab.workdir / "dns-answers"
+    gate.touch()
+    start_dns(lab, ns, gate, addresses="127.0.0.2,127.0.0.3")
+    start_proxy(lab, ns, "--resolve-every", "off")
+    socat_port = LISTEN_PORT + 1
+    socat = lab.spawn(ns, ["socat", f"TCP4-LISTEN:{socat_port},bind=127.0.0.1,fork,reuseaddr",
+                           f"TCP4:upstream.test:{REDIS_PORT}"], label="socat")
+    wait_until(lambda: redis_cli(ns, socat_port, "PING", check=False) == "PONG", socat)
+    for port in (LISTEN_PORT, socat_port):
+        answers = [redis_cli(ns, port, "GET", "who", check=False) for _ in range(10)]
+        # One after the other: strictly in turn.
+        assert answers in (["first", "second"] * 5, ["second", "first"] * 5), (port, answers)
