@@ -330,7 +330,7 @@ def links_command(
         table = load(Sources(tuple(specs or ()), from_env, env_file, bind=parse_link_bind(bind)))
     except ConfigError as exc:
         fail(str(exc), _variables(ctx))
-    for warning in table.warnings:
+    for warning in table.warnings + table.overrides:
         typer.echo(f"forkproxy: warning: {warning}", err=True)
     for link in table.links:
         typer.echo(f"listen {link.describe()}")

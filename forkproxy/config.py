@@ -137,11 +137,16 @@ class Link(Value):
 
 
 class LinkTable(Value):
+    """The links, what was skipped (`warnings`), and the variables that the env file
+    and the environment both set to different values (`overrides`: the file's wins)."""
+
     links: tuple[Link, ...]
     warnings: tuple[str, ...]
+    overrides: tuple[str, ...]
 
-    def __init__(self, links: tuple[Link, ...], warnings: tuple[str, ...] = ()) -> None:
-        self._set(links=links, warnings=warnings)
+    def __init__(self, links: tuple[Link, ...], warnings: tuple[str, ...] = (),
+                 overrides: tuple[str, ...] = ()) -> None:
+        self._set(links=links, warnings=warnings, overrides=overrides)
 
 
 class Options(Value):
@@ -505,16 +510,30 @@ def build_links(
     bind: str = ANY_IPV4,
 ) -> LinkTable:
     """All link sources together. `environ`: the environment when --from-env;
-    `env_file`: (path, text) of an --env-file; `bind`: where link variables listen."""
+    `env_file`: (path, text) of an --env-file; `bind`: where link variables listen.
+
+    A variable both set is the env file's: the file is what a reload reads again, so it
+    is how a link the environment gave (a `--link`, fixed for the container's life) is
+    rewired live. Where the values differ, the table says so (`overrides`).
+    """
     links = [parse_spec(spec) for spec in specs]
     warnings: list[str] = []
+    overrides: list[str] = []
+    path, text = env_file or ("", "")
+    from_file = parse_env_file(text, path) if env_file is not None else {}
     if environ is not None:
+        for name in sorted(set(environ) & set(from_file)):
+            if _LINK_VAR.match(name) and environ[name] != from_file[name]:
+                overrides.append(
+                    f"{name} is set in the environment and in env file {path}: the file's "
+                    f"{quoted(from_file[name])} is used, not {quoted(environ[name])}"
+                )
+        environ = {name: value for name, value in environ.items() if name not in from_file}
         found, warned = links_from_env(environ, bind=bind)
         links += found
         warnings += warned
     if env_file is not None:
-        path, text = env_file
-        found, warned = links_from_env(parse_env_file(text, path), origin=path, bind=bind)
+        found, warned = links_from_env(from_file, origin=path, bind=bind)
         links += found
         warnings += warned
     merged = merge_links(links)
@@ -526,7 +545,7 @@ def build_links(
             sources.append(f"env file {env_file[0]}")
         where = " or ".join(sources) or "the command line (give a SPEC or --from-env)"
         raise ConfigError(f"no links found: no <ALIAS>_PORT_<N>_TCP variable or SPEC in {where}")
-    return LinkTable(merged, tuple(warnings))
+    return LinkTable(merged, tuple(warnings), tuple(overrides))
 
 
 class Network(Value):

@@ -217,8 +217,7 @@ class Supervisor:
     def start(self) -> list[str]:
         """Bind everything or nothing; returns the `listening ...` lines. ConfigError on failure."""
         table = read_links(self.sources, self.environ)
-        for warning in table.warnings:
-            self.log.warning("link-skipped", detail=warning)
+        self._log_table_warnings(table)
         self.listeners = listeners.bind_all(table.links)
         try:
             self._listen_options(self.listeners)
@@ -1094,6 +1093,12 @@ class Supervisor:
             self.log.info("resolved", link=link.name, host=link.target.host,
                           addresses=" ".join(peer_text(address[1]) for address in addresses))
 
+    def _log_table_warnings(self, table: LinkTable) -> None:
+        for warning in table.warnings:
+            self.log.warning("link-skipped", detail=warning)
+        for override in table.overrides:
+            self.log.warning("link-overridden", detail=override)
+
     def _listen_options(self, bound: list[Listener]) -> None:
         """Socket options every accepted connection inherits from its listener: set here
         once, not by each child (--keepalive, --user-timeout)."""
@@ -1161,8 +1166,7 @@ class Supervisor:
         self.resolve_failing &= configured
         self._arm_resolve_timer()
         self.start_resolver()
-        for warning in table.warnings:
-            self.log.warning("link-skipped", detail=warning)
+        self._log_table_warnings(table)
         for listener in retired:
             self.log.info("unlisten", detail=listener.describe())
         for listener in kept:

@@ -201,6 +201,26 @@ def test_spec_and_variable_on_one_port_with_different_targets() -> None:
         build_links(["6379=10.0.0.1:6379"], {"REDIS_PORT_6379_TCP": "tcp://10.0.0.2:6379"})
 
 
+def test_the_env_file_overrides_a_variable_the_environment_also_sets() -> None:
+    """The env file is what a reload reads again: a link the environment gave (a
+    --link) is rewired live by setting its variable in the file. The same value is one
+    link, named once (it was `X,X`); another value is the file's, and the table says
+    so; a value only the environment had wrong is no error once the file replaces it."""
+    env_file = ("links.env", "REDIS_PORT_6379_TCP=tcp://10.0.0.6:6379\n")
+    same = build_links([], {"REDIS_PORT_6379_TCP": "tcp://10.0.0.6:6379"}, env_file)
+    assert [(x.names, str(x.target)) for x in same.links] == [
+        (("REDIS_PORT_6379_TCP",), "10.0.0.6:6379")]
+    assert same.overrides == ()
+    for value in ("tcp://10.0.0.5:6379", "not a link"):
+        table = build_links([], {"REDIS_PORT_6379_TCP": value, "HOME": "/root"}, env_file)
+        assert [(x.names, str(x.target)) for x in table.links] == [
+            (("REDIS_PORT_6379_TCP",), "10.0.0.6:6379")]
+        assert table.overrides == (
+            f"REDIS_PORT_6379_TCP is set in the environment and in env file links.env: the "
+            f"file's 'tcp://10.0.0.6:6379' is used, not {value!r}",)
+        assert table.warnings == ()
+
+
 def test_env_file_syntax() -> None:
     text = (
         "# the redis link\n"

@@ -41,6 +41,7 @@ from conftest import (
     Proxy,
     Redis,
     ServerFactory,
+    TcpServer,
     control,
     echo,
     fd_count,
@@ -1930,6 +1931,41 @@ def test_clients_waiting_in_the_backlog_of_a_port_a_reload_removes_are_served(
         return f"A_PORT_{pa}_TCP" not in links
 
     assert wait_for(removed_link_gone)
+
+
+def test_a_link_variable_from_the_environment_is_rewired_through_the_env_file(
+    start_proxy: StartProxy, tcp_server: ServerFactory, short_dir: Path, tmp_path: Path
+) -> None:
+    """--from-env with --env-file (an image whose default is --from-env, given
+    FORKPROXY_ENV_FILE): a variable both set is the file's, so editing the file and a
+    SIGHUP rewire a link that came from a --link. Before, the link was named `X,X` and
+    the edited file made every reload fail: the port linked twice to different targets."""
+    x, y, z = tcp_server(tagged(b"X:")), tcp_server(tagged(b"Y:")), tcp_server(tagged(b"Z:"))
+    [port] = distinct_free_ports(1)
+    variable = f"A_PORT_{port}_TCP"
+    env_file = tmp_path / "links.env"
+    write_env_file(env_file, {variable: f"tcp://127.0.0.1:{x.port}"})
+    env = {**os.environ, variable: f"tcp://127.0.0.1:{x.port}"}
+    env.pop("XDG_RUNTIME_DIR", None)
+    proxy = start_proxy("--from-env", "--env-file", str(env_file), *LOOPBACK,
+                        "--status-socket", str(short_dir / "s.sock"), env=env)
+    assert proxy.lines == [f"listening 127.0.0.1:{port} -> 127.0.0.1:{x.port} ({variable})"]
+    with connect(port) as sock:
+        assert ask(sock, b"1") == b"X:1"
+
+    def rewire(target: TcpServer, tag: bytes, reloads: int) -> None:
+        write_env_file(env_file, {variable: f"tcp://127.0.0.1:{target.port}"})
+        proxy.signal(signal.SIGHUP)
+        assert wait_for(lambda: proxy.log().count("link-overridden") == reloads), proxy.log()
+        with connect(port) as sock:
+            assert ask(sock, b"2") == tag + b"2"
+
+    rewire(y, b"Y:", 1)
+    rewire(z, b"Z:", 2)
+    assert "reload-failed" not in proxy.log()
+    [override] = [x for x in proxy.log().splitlines() if "link-overridden" in x][-1:]
+    assert f"the file's 'tcp://127.0.0.1:{z.port}' is used, not 'tcp://127.0.0.1:{x.port}'" in (
+        override)
 
 
 BAD_RELOADS = {
