@@ -58,13 +58,26 @@ class HeldBacklog:
 
     Stands in for the Listener in the supervisor's accept loop: `sock._accept()` hands the
     clients out in order, `waiting(0)` tells whether any are left.
+
+    Its link, and where its children connect, are the listener's at the time each client
+    is served: a reload that points a kept port elsewhere sends the clients held on it
+    there, as it does the clients still in the port's backlog. (A port the reload
+    removed keeps the link it had.)
     """
 
     def __init__(self, listener: Listener, clients: list[tuple[int, tuple[str, int]]]) -> None:
-        self.link, self.port, self.family = listener.link, listener.port, listener.family
-        self.relay_args, self.turns = listener.relay_args, listener.turns
+        self.listener = listener
+        self.port, self.family, self.turns = listener.port, listener.family, listener.turns
         self.clients = collections.deque(clients)
         self.sock = self
+
+    @property
+    def link(self) -> Link:
+        return self.listener.link
+
+    @property
+    def relay_args(self) -> tuple[object, ...]:
+        return self.listener.relay_args
 
     def _accept(self) -> tuple[int, tuple[str, int]]:
         if not self.clients:

@@ -1357,6 +1357,34 @@ def test_a_client_held_on_a_link_a_reload_removed_counts_there_then_the_link_goe
     assert isinstance(links, dict) and sorted(links) == [kept], links
 
 
+def test_a_client_held_on_a_port_a_reload_points_elsewhere_goes_to_the_new_target(
+    pids_cgroup: Path, start_proxy: StartProxy, tcp_server: ServerFactory, short_dir: Path,
+    tmp_path: Path
+) -> None:
+    """A client held after a failed fork, on a port a reload keeps but points at another
+    target, is served the new wiring, as the clients still in that port's backlog are:
+    the reload is usually the operator moving clients off a target that went bad. It
+    went to the old target."""
+    x, y = tcp_server(tagged(b"X:")), tcp_server(tagged(b"Y:"))
+    (pids_cgroup / "pids.max").write_text("2")  # the supervisor and one child
+    [port] = distinct_free_ports(1)
+    env_file, sock_path = tmp_path / "links.env", short_dir / "s.sock"
+    variable = f"A_PORT_{port}_TCP"
+    write_env_file(env_file, {variable: f"tcp://127.0.0.1:{x.port}"})
+    proxy = start_proxy("--env-file", str(env_file), *LOOPBACK, "--status-socket", str(sock_path),
+                        prefix=in_cgroup(pids_cgroup))
+    with connect(port) as first, connect(port) as held:
+        assert ask(first, b"1") == b"X:1"  # its child is the one allowed
+        assert wait_for(lambda: "fork-failed" in proxy.log())
+        write_env_file(env_file, {variable: f"tcp://127.0.0.1:{y.port}"})
+        assert control(sock_path, "reload")["ok"]
+        first.close()  # its child exits: the held client gets the next fork
+        held.settimeout(15)
+        assert ask(held, b"2") == b"Y:2"
+        stats = link_stats(control(sock_path, "status"), variable)
+        assert stats["active"] == 1, stats
+
+
 class MemoryCgroup:
     """A fresh memory cgroup (v1 `memory` hierarchy, or v2 with the memory controller),
     no swap, so that its limit is met by the OOM killer, for real."""
