@@ -114,6 +114,12 @@ class Ended(Exception):
     did (pump() then delivers what the other direction still holds)."""
 
 
+class ResetAtConnect(Ended):
+    """The upstream took the connection and reset it before connect() returned:
+    (UPSTREAM_RESET, the OSError, the socket). The socket is still open: what the
+    upstream sent before its RST may wait in its receive queue (serve() delivers it)."""
+
+
 class Flow:
     """One direction of a connection: bytes from `src` to `dst`."""
 
@@ -298,9 +304,9 @@ def connect_upstream(
     address), and then this client still gets through, as with socat, and the caller
     tells the supervisor to look again.
 
-    Raises OSError when no address took the connection, and Ended(UPSTREAM_RESET, error)
-    when one took it and reset it before connect() returned: that upstream answered, so
-    there is nothing to retry.
+    Raises OSError when no address took the connection, and ResetAtConnect when one took
+    it and reset it before connect() returned: that upstream answered, so there is nothing
+    to retry.
     """
     error: OSError | None = None
     for attempt in range(retries + 1):
@@ -339,8 +345,7 @@ def connect_upstream(
                     error = OSError(errno.ETIMEDOUT, os.strerror(errno.ETIMEDOUT))
                 except OSError as exc:
                     if exc.errno in _RESET_AFTER_CONNECT:
-                        sock.close()
-                        raise Ended(UPSTREAM_RESET, exc) from None
+                        raise ResetAtConnect(UPSTREAM_RESET, exc, sock) from None
                     error = exc
                 else:
                     sock.setblocking(False)
@@ -520,14 +525,22 @@ def _deliver_rest(flow: Flow) -> None:
             dst.sendall(data)
             flow.pending -= len(data)
             flow.counters[flow.index] += len(data)
-        while not flow.eof:
-            data = flow.src.recv(COPY_CHUNK, MSG_DONTWAIT)
-            if not data:
-                break
-            dst.sendall(data)
-            flow.counters[flow.index] += len(data)
+        if not flow.eof:
+            _deliver_queued(flow.src, dst, flow.counters, flow.index)
     except OSError:
         pass  # nothing more queued (EAGAIN), or the receiver is gone or too slow
+
+
+def _deliver_queued(src: RawSocket, dst: RawSocket, counters: memoryview, index: int) -> None:
+    """`src` reset: send `dst` what is left in its receive queue (after an RST the kernel
+    still hands that out, then EOF), counted at counters[index]. Raises OSError when
+    nothing more is queued (EAGAIN), or `dst` is gone or outlasts its timeout."""
+    while True:
+        data = src.recv(COPY_CHUNK, MSG_DONTWAIT)
+        if not data:
+            return
+        dst.sendall(data)
+        counters[index] += len(data)
 
 
 def _socket_error(sock: RawSocket) -> OSError:
@@ -754,12 +767,22 @@ def serve(
         )
         client.close()
         return CONNECT_FAILED
-    except Ended as ended:
+    except ResetAtConnect as ended:
         # The upstream took the connection and reset it before connect() returned: the same
         # end as an RST just after the connect, which pump() reports as upstream-reset, and
-        # told the same way (open and close lines, the client reset). Not a connect failure:
-        # no retry, no connect-failed count, no re-resolving.
-        cause = ended.args[1]
+        # told the same way (what it sent first delivered, open and close lines, the client
+        # reset). Not a connect failure: no retry, no connect-failed count, no re-resolving.
+        cause, upstream = ended.args[1], ended.args[2]
+        try:
+            # What it sent first (a server at its connection limit: an error line, then
+            # the reset) is still in the socket's receive queue, which the kernel keeps
+            # through the reset: as pump() does after an RST mid-stream (_deliver_rest),
+            # it goes to the client before the reset does.
+            client.settimeout(DELIVER_REST_TIMEOUT)
+            _deliver_queued(upstream, client, counters, base + 1)
+        except OSError:
+            pass
+        upstream.close()
         if cause.errno == errno.EPIPE:
             # Its FIN came before its RST: relayed in that order, as pump() relays them.
             try:
@@ -771,8 +794,9 @@ def serve(
             client_text, upstream_text = peer_text(client_address), str(link.target)
             log.info("open", link=link.name, client=client_text, upstream=upstream_text)
             log.info("close", link=link.name, client=client_text, upstream=upstream_text,
-                     bytes_up=0, bytes_down=0, duration=time.monotonic() - started,
-                     outcome=OUTCOMES[UPSTREAM_RESET], error=cause.strerror or str(cause))
+                     bytes_up=0, bytes_down=counters[base + 1],
+                     duration=time.monotonic() - started, outcome=OUTCOMES[UPSTREAM_RESET],
+                     error=cause.strerror or str(cause))
         return UPSTREAM_RESET
     if looked_up and supervisor and os.getppid() == supervisor:
         # The name points elsewhere now: SIGALRM, the supervisor's "resolve now" (the

@@ -34,8 +34,9 @@ from conftest import FORKPROXY, Proxy, need, read_lines, wait_for
 CONNECTIONS = 300
 DIRECT = 20  # connections straight to the upstream, for what a client should see
 
-# Accept, print one line, reset (SO_LINGER 0, inherited by accepted sockets); with "fin",
-# the upstream's FIN goes out before its RST. One line per accept: the test counts them.
+# Accept, print one line, send argv[2] (if not empty: a server at its connection limit
+# says so first), reset (SO_LINGER 0, inherited by accepted sockets); with "fin", the
+# upstream's FIN goes out before its RST. One line per accept: the test counts them.
 RESETTER = """
 import os, socket, sys
 listener = socket.socket()
@@ -46,14 +47,16 @@ print(listener.getsockname()[1], flush=True)
 while True:
     conn, _ = listener.accept()
     print("accepted", flush=True)
+    conn.sendall(sys.argv[2].encode())
     if sys.argv[1] == "fin":
         conn.shutdown(socket.SHUT_WR)
     conn.close()
 """
 
 
-def start_resetter(mode: str, pin: tuple[str, ...]) -> tuple[subprocess.Popen[str], int]:
-    proc = subprocess.Popen([*pin, sys.executable, "-c", RESETTER, mode],
+def start_resetter(mode: str, first: str,
+                   pin: tuple[str, ...]) -> tuple[subprocess.Popen[str], int]:
+    proc = subprocess.Popen([*pin, sys.executable, "-c", RESETTER, mode, first],
                             stdout=subprocess.PIPE, text=True)
     [port] = read_lines(proc, 1, 15)
     return proc, int(port)
@@ -61,25 +64,35 @@ def start_resetter(mode: str, pin: tuple[str, ...]) -> tuple[subprocess.Popen[st
 
 def what_a_client_sees(port: int) -> str:
     """"ECONNRESET" (a reset), "EOF, EPIPE" (an EOF, then a reset), or "EOF" (no reset within
-    5 s): what a direct client of the resetting upstream sees, in the same words."""
+    5 s), after "data b'...', " when bytes came first: what a direct client of the
+    resetting upstream sees, in the same words."""
     with socket.socket() as client:
         client.settimeout(15)
         try:
             # The reset can beat this connect() too, as it beats the child's: the kernel
-            # then reports it here, as it would to the child.
+            # then reports it here, as it would to the child, and still holds what the
+            # upstream sent before it.
             client.connect(("127.0.0.1", port))
-            data = client.recv(1)
+            ended = ""
         except ConnectionResetError:
-            return "ECONNRESET"
+            ended = "ECONNRESET"
         except BrokenPipeError:
-            return "EOF, EPIPE"  # to connect(): the RST came after a FIN
-        if data:
-            return f"data {data!r}"
+            ended = "EOF, EPIPE"  # to connect(): the RST came after a FIN
+        data = b""
+        try:
+            while chunk := client.recv(4096):
+                data += chunk
+        except ConnectionResetError:
+            ended = "ECONNRESET"
+        seen = f"data {data!r}, " if data else ""
+        if ended:
+            return seen + ended
         poller = select.poll()
         poller.register(client, 0)  # POLLERR and POLLHUP only: the RST, not the EOF
         if not poller.poll(5000):
-            return "EOF"
-        return f"EOF, {errno.errorcode[client.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)]}"
+            return seen + "EOF"
+        error = client.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        return f"{seen}EOF, {errno.errorcode[error]}"
 
 
 def status(sock_path: Path) -> dict[str, object]:
@@ -91,21 +104,24 @@ def status(sock_path: Path) -> dict[str, object]:
     return link
 
 
-@pytest.mark.parametrize("mode", ["rst", "fin"])
+@pytest.mark.parametrize(("mode", "first"), [("rst", ""), ("fin", ""),
+                                             ("rst", "-ERR busy\r\n"), ("fin", "-ERR busy\r\n")])
 def test_upstream_that_resets_at_once_resets_every_client(
-    start_proxy: Callable[..., Proxy], short_dir: Path, mode: str
+    start_proxy: Callable[..., Proxy], short_dir: Path, mode: str, first: str
 ) -> None:
-    """Every client sees what a direct client of the upstream sees: the reset (with "fin",
-    its EOF, then the reset). Each connection reaches the upstream once, although
-    --connect-retries allows two tries, and each ends as an `upstream-reset` close: no
-    connect-failed line, no upstream failure."""
+    """Every client sees what a direct client of the upstream sees: what the upstream sent
+    first, then the reset (with "fin", its EOF, then the reset). Each connection reaches
+    the upstream once, although --connect-retries allows two tries, and each ends as an
+    `upstream-reset` close: no connect-failed line, no upstream failure. The bytes sent
+    first were lost when the reset beat connect(): the client saw only the reset."""
     pin = (need("taskset"), "-c", str(min(os.sched_getaffinity(0))))
-    upstream, port = start_resetter(mode, pin)
+    upstream, port = start_resetter(mode, first, pin)
     try:
         sock_path = short_dir / "status.sock"
         proxy = start_proxy("--status-socket", str(sock_path), "--connect-retries", "1",
                             f"127.0.0.1:0=127.0.0.1:{port}", prefix=pin)
-        expected = "ECONNRESET" if mode == "rst" else "EOF, EPIPE"
+        expected = (f"data {first.encode()!r}, " if first else "") + (
+            "ECONNRESET" if mode == "rst" else "EOF, EPIPE")
         for _ in range(DIRECT):
             assert what_a_client_sees(port) == expected  # what the proxy must pass on
         for i in range(CONNECTIONS):
@@ -119,6 +135,7 @@ def test_upstream_that_resets_at_once_resets_every_client(
         link = status(sock_path)
         assert link["outcomes"] == {"upstream-reset": CONNECTIONS}, link
         assert link["upstream_failures"] == 0, link
+        assert link["bytes_down"] == CONNECTIONS * len(first), link
     finally:
         upstream.kill()
         accepted, _ = upstream.communicate(timeout=15)
@@ -131,6 +148,7 @@ def test_upstream_that_resets_at_once_resets_every_client(
     closes = [line for line in log if " close " in line]
     assert len(closes) == CONNECTIONS
     assert all(f'outcome=upstream-reset error="{error}"' in line for line in closes), closes[:3]
+    assert all(f"bytes_down={len(first)} " in line for line in closes), closes[:3]
 
 
 @pytest.mark.parametrize("code", [errno.ECONNRESET, errno.EPIPE])
@@ -139,7 +157,7 @@ def test_a_connect_that_fails_with_a_reset_is_reached_then_reset(
 ) -> None:
     """The errno itself, for when no kernel can be made to race (the test above could then
     pass without the path ever running): connect() failing with ECONNRESET or EPIPE ends
-    connect_upstream with Ended(UPSTREAM_RESET) at once: no other address, no retry."""
+    connect_upstream with ResetAtConnect at once, its socket open: no other address, no retry."""
     attempts: list[object] = []  # a mock: this errno cannot be had on demand
 
     class ResetOnConnect(relay.RawSocket):
@@ -150,8 +168,12 @@ def test_a_connect_that_fails_with_a_reset_is_reached_then_reset(
     monkeypatch.setattr(relay, "RawSocket", ResetOnConnect)
     addresses: list[relay.Address] = [(int(socket.AF_INET), ("127.0.0.1", 9)),
                                       (int(socket.AF_INET), ("127.0.0.2", 9))]
-    with pytest.raises(relay.Ended) as ended:
+    with pytest.raises(relay.ResetAtConnect) as ended:
         relay.connect_upstream(addresses, Endpoint("127.0.0.1", 9), 5.0, retries=2)
     assert ended.value.args[0] == relay.UPSTREAM_RESET
     assert ended.value.args[1].errno == code
+    # The socket comes along, open: its receive queue may hold what the upstream sent.
+    sock = ended.value.args[2]
+    assert sock.fileno() >= 0
+    sock.close()
     assert attempts == [("127.0.0.1", 9)]  # the first address only, tried once
