@@ -238,8 +238,9 @@ def serve_command(
                             "[default: off]", "IDLE_TIMEOUT", "SECONDS")
     ] = None,
     halfclose_timeout: Annotated[
-        str | None, _option("After one side finished, wait this long for the other. "
-                            "[default: off]", "HALFCLOSE_TIMEOUT", "SECONDS")
+        str | None, _option("After one side finished, end the connection once nothing "
+                            "has moved for this long. [default: off]", "HALFCLOSE_TIMEOUT",
+                            "SECONDS")
     ] = None,
     keepalive: Annotated[
         str | None, _option("TCP keepalive on both sides: probe after this many silent "

@@ -451,8 +451,12 @@ def pump(
                 if halfclose is not None and (
                     (up.eof and not up.pending) or (down.eof and not down.pending)
                 ):
+                    # Silence since the first EOF, not time since it: bytes moving either
+                    # way start the count again, as socat's -t and HAProxy's
+                    # client-fin/server-fin do, so a reply still flowing is never cut.
                     half_since = half_since or now
-                    deadlines.append((half_since + halfclose, HALFCLOSE_TIMEOUT))
+                    deadlines.append((max(half_since, last_active) + halfclose,
+                                      HALFCLOSE_TIMEOUT))
                 if deadlines:
                     deadline, outcome = min(deadlines)
                     if deadline <= now:

@@ -776,6 +776,48 @@ def test_halfclose_timeout_lets_a_reply_that_comes_within_it_through(
     assert "halfclose-timeout" not in proxy.log()
 
 
+def test_halfclose_timeout_counts_silence_as_socat_t_does_and_never_cuts_a_flowing_reply(
+    start_proxy: StartProxy, tcp_server: ServerFactory
+) -> None:
+    """After the client's half-close, a reply that drips for longer than the timeout, each
+    drip well within it, arrives whole; the cut comes once the upstream has been silent
+    for the timeout, and loses nothing then (a FIN). socat's `-t`, given the same, does
+    the same (it counts silence, HAProxy's client-fin too). forkproxy counted from the
+    first EOF and cut this reply after its first drips, with a FIN that passed it off as
+    complete."""
+    drips, gap, timeout = 8, 0.4, "2"  # 3.2 s of reply; each gap 1.6 s inside the timeout
+    release = threading.Event()
+
+    def drips_then_silence(conn: socket.socket) -> None:
+        if not recv_all(conn)[0]:  # the request, up to the client's half-close
+            return  # the probe that waits for socat to listen
+        for _ in range(drips):
+            conn.sendall(b"x" * 1000)
+            time.sleep(gap)
+        release.wait(60)  # then silent, and open: the timeout ends it
+        with contextlib.suppress(OSError):
+            conn.sendall(b"late")
+
+    server = tcp_server(drips_then_silence)
+    proxy = start_proxy("--halfclose-timeout", timeout, f"127.0.0.1:0=127.0.0.1:{server.port}")
+    socat_port = free_port()
+    socat = subprocess.Popen([need("socat"), "-t", timeout,
+                              f"TCP4-LISTEN:{socat_port},bind=127.0.0.1,fork,reuseaddr",
+                              f"TCP4:127.0.0.1:{server.port}"])
+    try:
+        assert wait_for(lambda: accepts(socat_port)), "socat did not listen"
+        for port in (proxy.port, socat_port):
+            with connect(port) as sock:
+                sock.sendall(b"request")
+                sock.shutdown(socket.SHUT_WR)
+                assert read_until_closed(sock, 60) == (drips * 1000, "fin"), port
+    finally:
+        release.set()
+        socat.terminate()
+        socat.wait(10)
+    assert wait_for(lambda: "outcome=halfclose-timeout" in proxy.log())
+
+
 def read_until_closed(sock: socket.socket, timeout: float = 20.0) -> tuple[int, str]:
     """Read everything; (bytes read, "fin" or "rst": how the peer ended)."""
     sock.settimeout(timeout)

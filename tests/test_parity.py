@@ -22,8 +22,9 @@ still does what the table says, forkproxy does better) and listed here and in RE
 | c | upstream refuses after the client sent 5 bytes | client's read end | EOF | reset |
 | d | upstream never accepts (queue full, SYNs dropped) | client's read end, 20 s | open | EOF |
 
-a. socat ends a connection 0.5 s (`-t`) after its first EOF: a slower answer is lost, and
-   the receiver takes the empty stream for a complete one (`--halfclose-timeout` is off).
+a. socat ends a connection once 0.5 s (`-t`) pass with nothing moving after its first EOF:
+   a slower answer is lost, and the receiver takes the empty stream for a complete one
+   (`--halfclose-timeout` is off).
 b. socat reads the RST as an end and passes on a FIN: a truncated stream looks complete.
 c. Those bytes were never delivered, and an RST is the kernel's way to close unread data
    (README); socat shuts the socket down (a FIN) before it exits. A client that sent
