@@ -11,6 +11,7 @@ import errno
 import json
 import os
 import signal
+import stat
 import sys
 from collections.abc import Mapping
 from typing import Annotated, Any, NoReturn
@@ -387,12 +388,19 @@ class ReloadError(Exception):
     """Why `reload --pid-file` sends no signal, as one line for the user."""
 
 
-def _is_supervisor(pid: int) -> bool:
-    """Does `pid` run what serve() execs: python -I -S .../_serve.py --config-fd N?"""
+def _runs_serve(pid: int) -> bool:
+    """Does `pid` run what serve() execs: python -I -S .../_serve.py --config-fd N? The
+    supervisor does, and so do the processes it forks (a connection's child)."""
     with open(f"/proc/{pid}/cmdline", "rb") as handle:
         argv = handle.read().split(b"\0")
     return any(os.path.basename(arg) == b"_serve.py" and argv[i + 1:i + 2] == [b"--config-fd"]
                for i, arg in enumerate(argv))
+
+
+def _parent(pid: int) -> int:
+    with open(f"/proc/{pid}/stat", "rb") as handle:
+        # pid (comm) state ppid ...: comm may hold spaces and parentheses, so after the last ')'.
+        return int(handle.read().rsplit(b")", 1)[1].split()[1])
 
 
 def _open_pidfd(pid: int) -> int | None:
@@ -411,17 +419,24 @@ def _open_pidfd(pid: int) -> int | None:
 
 def _signal_supervisor(pid_file: str) -> int:
     """SIGHUP the forkproxy supervisor whose PID is in `pid_file`; its PID, or ReloadError."""
+    shown_file = repr(pid_file)  # quoted: a path may hold a newline, and the line is one
     try:
-        with open(pid_file, "rb") as handle:
-            text = handle.read(64).strip()  # a PID has at most 7 digits
+        # O_NONBLOCK: a FIFO would wait for a writer for ever.
+        fd = os.open(pid_file, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise ReloadError(f"{shown_file} is not a regular file")
+            text = os.read(fd, 64).strip()  # a PID has at most 7 digits
+        finally:
+            os.close(fd)
     except OSError as exc:
-        raise ReloadError(f"cannot read {pid_file}: {exc.strerror}") from None
+        raise ReloadError(f"cannot read {shown_file}: {exc.strerror}") from None
     # ASCII digits only, not int(): kill() takes 0 as our own process group and -1 as
     # every process we may signal; int() also takes "+1", "1_0" and non-ASCII digits.
     if not text.isdigit() or int(text) == 0:
         # bytes' repr without its b: quoted, with control and non-ASCII bytes escaped
         shown = text.decode() if text.isdigit() else repr(text)[1:]
-        raise ReloadError(f"{pid_file} holds {shown}, not a process id")
+        raise ReloadError(f"{shown_file} holds {shown}, not a process id")
     pid = int(text)
     # A stale file may name a process that took the PID over; PID 1 is fine if it is ours.
     # The descriptor is taken first: the process checked is then the process signalled,
@@ -429,8 +444,13 @@ def _signal_supervisor(pid_file: str) -> int:
     try:
         pidfd = _open_pidfd(pid)
         try:
-            if not _is_supervisor(pid):
-                raise ReloadError(f"pid {pid} (from {pid_file}) is not a forkproxy supervisor")
+            if not _runs_serve(pid):
+                raise ReloadError(f"pid {pid} (from {shown_file}) is not a forkproxy supervisor")
+            parent = _parent(pid)
+            if parent and _runs_serve(parent):
+                # SIGHUP to one of its children would do nothing (they ignore it).
+                raise ReloadError(f"pid {pid} (from {shown_file}) is a child of forkproxy "
+                                  f"supervisor {parent}, not a supervisor")
             if pidfd is None:
                 os.kill(pid, signal.SIGHUP)  # no pidfds here: checked, then a PID signalled
             else:
@@ -439,9 +459,10 @@ def _signal_supervisor(pid_file: str) -> int:
             if pidfd is not None:
                 os.close(pidfd)
     except (FileNotFoundError, ProcessLookupError):
-        raise ReloadError(f"pid {pid} (from {pid_file}) is not running") from None
+        raise ReloadError(f"pid {pid} (from {shown_file}) is not running") from None
     except OSError as exc:
-        raise ReloadError(f"cannot signal pid {pid} (from {pid_file}): {exc.strerror}") from None
+        raise ReloadError(f"cannot signal pid {pid} (from {shown_file}): "
+                          f"{exc.strerror}") from None
     return pid
 
 

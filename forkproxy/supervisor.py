@@ -210,6 +210,9 @@ class Supervisor:
         self.resolve_failing: set[str] = set()  # links whose last lookup failed (log once)
         self.started = time.time()
         self.pid = os.getpid()  # also what a reporter child reports
+        # Did we write --pid-file? Only then is it ours to remove at exit (and a path we
+        # refused, a FIFO, is never opened again).
+        self.pid_file_written = False
         self.oom_score_adj, self.child_oom_score_adj = child_oom_score_adj()
 
     # -- start and stop -------------------------------------------------------------
@@ -329,14 +332,35 @@ class Supervisor:
         return server
 
     def _write_pid_file(self) -> None:
-        if self.options.pid_file is None:
+        """Our PID in --pid-file: a regular file, or none yet. Never waited on (a FIFO
+        given by mistake would hold the start up, the ports bound and nothing served),
+        and never left behind empty when the write fails (a full disk)."""
+        path = self.options.pid_file
+        if path is None:
             return
         try:
-            with open(self.options.pid_file, "w", encoding="ascii") as handle:
-                handle.write(f"{os.getpid()}\n")
+            # O_NONBLOCK: a FIFO without a reader fails (ENXIO) instead of waiting for one.
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NONBLOCK | os.O_CLOEXEC, 0o666)
         except OSError as exc:
-            raise ConfigError(f"--pid-file {self.options.pid_file!r}: "
-                              f"{exc.strerror}") from None
+            reason = "not a regular file" if exc.errno == errno.ENXIO else exc.strerror
+            raise ConfigError(f"--pid-file {path!r}: {reason}") from None
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise ConfigError(f"--pid-file {path!r}: not a regular file")
+            try:
+                os.ftruncate(fd, 0)
+                text = f"{os.getpid()}\n".encode()
+                if os.write(fd, text) != len(text):
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                self.pid_file_written = True
+            except OSError as exc:
+                try:
+                    os.unlink(path)  # emptied above: no one's PID any more
+                except OSError:
+                    pass
+                raise ConfigError(f"--pid-file {path!r}: {exc.strerror}") from None
+        finally:
+            os.close(fd)
 
     def run(self) -> int:
         """Serve until stopped; 0 after a clean stop."""
@@ -442,13 +466,14 @@ class Supervisor:
             self.metrics_sock.close()
         if self.control is not None:
             self.control.close()
-        if self.options.pid_file is not None:
+        pid_file = self.options.pid_file
+        if pid_file is not None and self.pid_file_written:
             try:
                 # Only while it still names us: a supervisor started after us with the
                 # same --pid-file has taken it over, and reload --pid-file needs it.
-                with open(self.options.pid_file, "rb") as handle:
+                with open(pid_file, "rb") as handle:
                     if handle.read(32).strip() == str(os.getpid()).encode():
-                        os.unlink(self.options.pid_file)
+                        os.unlink(pid_file)
             except OSError:
                 pass  # already gone, or never ours to remove
         # The counts no window's end has logged yet. Last: with the log blocked, this

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ from forkproxy.status import StatusError
 
 from conftest import (
     FORKPROXY,
+    Proxy,
     ServerFactory,
     control,
     echo,
@@ -170,6 +172,39 @@ def test_an_env_file_that_is_a_fifo_is_refused_not_waited_on(tmp_path: Path) -> 
     for command in ("serve", "links"):
         result = run(command, "--env-file", str(fifo), timeout=10)
         assert_one_line_error(result, f"env file '{fifo}': not a regular file")
+
+
+def test_a_pid_file_that_is_a_fifo_is_refused_not_waited_on(tmp_path: Path) -> None:
+    """The supervisor waited in open() for a reader of the FIFO: its port bound, its
+    status socket made, nothing served, and SIGTERM blocked (only SIGKILL ended it, which
+    left the socket behind)."""
+    fifo, runtime = tmp_path / "proxy.pid", tmp_path / "runtime"
+    os.mkfifo(fifo)
+    runtime.mkdir(mode=0o700)
+    port = free_port()
+    result = run("serve", "--pid-file", str(fifo), f"127.0.0.1:{port}=127.0.0.1:1",
+                 env={"XDG_RUNTIME_DIR": str(runtime)}, timeout=10)
+    assert_one_line_error(result, f"--pid-file '{fifo}': not a regular file")
+    assert_not_listening(port)
+    assert list((runtime / "forkproxy").iterdir()) == []  # its control socket went with it
+
+
+def test_a_pid_file_that_cannot_be_written_is_not_left_behind_empty(tmp_path: Path) -> None:
+    """On a full file system the pid file was created, the write failed, and the empty
+    file stayed: the clean-up removes only a file that names our PID. A tmpfs of 4 KiB,
+    filled, in a mount namespace of the test's own."""
+    script = ('mount -t tmpfs -o size=4k forkproxy-test "$0" && head -c 65536 /dev/zero '
+              '> "$0/fill" 2>/dev/null; "$@"; status=$?; ls -A "$0" >&2; exit $status')
+    result = subprocess.run(
+        [need("unshare"), "--mount", "--propagation", "private", "sh", "-c", script,
+         str(tmp_path), FORKPROXY, "serve", "--pid-file", f"{tmp_path}/proxy.pid",
+         "--status-socket", f"{tmp_path}/s.sock", "127.0.0.1:0=127.0.0.1:1"],
+        capture_output=True, text=True, timeout=30, env={"PATH": os.environ["PATH"]})
+    assert result.returncode == 2, result
+    error, listing = result.stderr.splitlines()[0], result.stderr.splitlines()[1:]
+    assert error == (f"forkproxy: error: --pid-file '{tmp_path}/proxy.pid': "
+                     "No space left on device"), result.stderr
+    assert listing == ["fill"], result.stderr  # no proxy.pid, no s.sock
 
 
 def test_too_few_descriptors_to_start_is_one_line_and_leaves_nothing(tmp_path: Path) -> None:
@@ -416,7 +451,7 @@ def test_reload_pid_file_signals_nothing_but_a_process_id(
     if content is not None:
         pid_file.write_bytes(content)
     result = run("reload", "--pid-file", str(pid_file), prefix=contained())
-    assert_cannot_reload(result, needle.format(path=pid_file))
+    assert_cannot_reload(result, needle.format(path=repr(str(pid_file))))
 
 
 def test_reload_pid_file_signals_a_supervisor_even_as_pid_1_and_nothing_else(
@@ -430,7 +465,8 @@ def test_reload_pid_file_signals_a_supervisor_even_as_pid_1_and_nothing_else(
             pid_file.write_text(f"{other.pid}\n")
             result = run("reload", "--pid-file", str(pid_file))
             assert_cannot_reload(
-                result, f"pid {other.pid} (from {pid_file}) is not a forkproxy supervisor")
+                result,
+                f"pid {other.pid} (from {str(pid_file)!r}) is not a forkproxy supervisor")
             assert other.poll() is None  # not hung up
         finally:
             other.kill()
@@ -461,6 +497,33 @@ def test_reload_pid_file_signals_a_supervisor_even_as_pid_1_and_nothing_else(
         shutil.rmtree(sock_dir, ignore_errors=True)
 
 
+def test_reload_pid_file_waits_on_no_fifo_and_signals_no_connection_child(
+    tmp_path: Path, start_proxy: Callable[..., Proxy], tcp_server: ServerFactory
+) -> None:
+    """A FIFO as --pid-file hung `reload` until Ctrl-C; a connection's child (it runs the
+    supervisor's command line) was sent SIGHUP, "sent" was printed, and nothing reloaded,
+    since children ignore SIGHUP."""
+    fifo = tmp_path / "fifo.pid"
+    os.mkfifo(fifo)
+    result = run("reload", "--pid-file", str(fifo), timeout=10)
+    assert_cannot_reload(result, f"{str(fifo)!r} is not a regular file")
+
+    server = tcp_server(echo)
+    proxy = start_proxy(f"127.0.0.1:0=127.0.0.1:{server.port}")
+    with socket.create_connection(("127.0.0.1", proxy.port)) as sock:
+        sock.sendall(b"x")
+        assert sock.recv(1) == b"x"
+        [child] = Path(f"/proc/{proxy.pid}/task/{proxy.pid}/children").read_text().split()
+        pid_file = tmp_path / "child.pid"
+        pid_file.write_text(f"{child}\n")
+        result = run("reload", "--pid-file", str(pid_file))
+        assert_cannot_reload(result, f"pid {child} (from {str(pid_file)!r}) is a child of "
+                                     f"forkproxy supervisor {proxy.pid}, not a supervisor")
+        sock.sendall(b"y")
+        assert sock.recv(1) == b"y"  # the connection lives on
+    assert "reload" not in proxy.log()
+
+
 # reload's check takes any ".../_serve.py --config-fd N" in a command line for forkproxy.
 # It prints a line once it runs: when Popen returns, its /proc/PID/cmdline may still be empty.
 FAKE_SUPERVISOR = [sys.executable, "-c", "import time; print(flush=True); time.sleep(60)",
@@ -478,9 +541,11 @@ fake = subprocess.Popen(FAKE_SUPERVISOR, stdout=subprocess.PIPE)
 fake.stdout.readline()
 with open(pid_file, "w") as handle:
     handle.write(f"{fake.pid}\\n")
-check, taken_over = cli._is_supervisor, []
+check, taken_over = cli._runs_serve, []
 
 def check_then_lose_the_pid(pid):
+    if taken_over:  # the check of its parent that follows: left as it is
+        return check(pid)
     assert check(pid)
     fake.kill()
     fake.wait()
@@ -490,7 +555,7 @@ def check_then_lose_the_pid(pid):
     assert taken_over[0].pid == pid, (taken_over[0].pid, pid)
     return True
 
-cli._is_supervisor = check_then_lose_the_pid
+cli._runs_serve = check_then_lose_the_pid
 try:
     print("sent to", cli._signal_supervisor(pid_file))
 except cli.ReloadError as exc:
@@ -515,7 +580,7 @@ def test_reload_pid_file_never_signals_the_process_that_took_the_pid_over(
     )
     assert result.returncode == 0, result
     pid = pid_file.read_text().strip()
-    assert result.stdout == (f"pid {pid} (from {pid_file}) is not running\n"
+    assert result.stdout == (f"pid {pid} (from {str(pid_file)!r}) is not running\n"
                              "the new owner was killed by signal 9\n"), result
 
 
