@@ -73,6 +73,9 @@ _CONNECT_FAILED_STATUS = relay.CONNECT_FAILED << 8  # a wait status: exited with
 POLLIN, POLLOUT = select.POLLIN, select.POLLOUT
 
 
+MAX_ENV_FILE = 1 << 20  # bytes (characters, as read): see read_links
+
+
 def read_links(sources: Sources, environ: Mapping[str, str]) -> LinkTable:
     """Read every source the configuration names and parse; the I/O: the env file, and the
     interfaces that targets' IPv6 zones name."""
@@ -85,9 +88,20 @@ def read_links(sources: Sources, environ: Mapping[str, str]) -> LinkTable:
             fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
             # newline="": no universal newlines, the parser decides where lines end
             with open(fd, encoding="utf-8", newline="") as handle:
-                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                info = os.fstat(fd)
+                if not stat.S_ISREG(info.st_mode):
                     raise ConfigError(f"env file {path!r}: not a regular file")
-                env_file = (path, handle.read())
+                # Bounded: a file of link variables is a few KiB, and reading a huge one
+                # whole could end the supervisor (MemoryError) on a reload that should
+                # only have kept the running configuration.
+                too_large = ConfigError(f"env file {path!r}: larger than {MAX_ENV_FILE >> 20} "
+                                        "MiB, too large for link variables")
+                if info.st_size > MAX_ENV_FILE:
+                    raise too_large
+                text = handle.read(MAX_ENV_FILE + 1)  # it may have grown since
+                if len(text) > MAX_ENV_FILE:
+                    raise too_large
+                env_file = (path, text)
         except (OSError, UnicodeDecodeError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
             raise ConfigError(f"cannot read env file {path!r}: {reason}") from None

@@ -174,6 +174,24 @@ def test_an_env_file_that_is_a_fifo_is_refused_not_waited_on(tmp_path: Path) -> 
         assert_one_line_error(result, f"env file '{fifo}': not a regular file")
 
 
+def test_an_env_file_over_1_mib_is_refused_and_one_of_1_mib_is_read(tmp_path: Path) -> None:
+    """A file of link variables is a few KiB; a huge one was read whole (see
+    test_limits' reload of one)."""
+    env_file = tmp_path / "links.env"
+    link = b"A_PORT_7000_TCP=tcp://127.0.0.1:1\n"
+    comment = b"#" * 1023 + b"\n"
+    env_file.write_bytes(link + comment * 1023 + b"#" * (1024 - len(link) - 1) + b"\n")
+    assert env_file.stat().st_size == 1 << 20
+    result = run("links", "--env-file", str(env_file), "--bind", "127.0.0.1")
+    assert result.returncode == 0, result
+    assert result.stdout == "listen 127.0.0.1:7000 -> 127.0.0.1:1 (A_PORT_7000_TCP)\n"
+    with env_file.open("ab") as handle:
+        handle.write(b"\n")
+    for command in ("links", "serve"):
+        result = run(command, "--env-file", str(env_file))
+        assert_one_line_error(result, f"env file '{env_file}': larger than 1 MiB")
+
+
 def test_a_pid_file_that_is_a_fifo_is_refused_not_waited_on(tmp_path: Path) -> None:
     """The supervisor waited in open() for a reader of the FIFO: its port bound, its
     status socket made, nothing served, and SIGTERM blocked (only SIGKILL ended it, which

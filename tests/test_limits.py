@@ -2038,6 +2038,28 @@ def test_a_link_variable_from_the_environment_is_rewired_through_the_env_file(
         override)
 
 
+def test_a_huge_env_file_fails_the_reload_and_the_proxy_serves_on(
+    start_proxy: StartProxy, tcp_server: ServerFactory, short_dir: Path, tmp_path: Path
+) -> None:
+    """A 3 GiB env file (sparse) swapped in: the supervisor read it whole and, under a
+    memory limit, died of MemoryError on the reload, every listener with it. Files over
+    1 MiB are refused: the reload fails, the running configuration stays."""
+    x = tcp_server(tagged(b"X:"))
+    [port] = distinct_free_ports(1)
+    env_file, sock_path = tmp_path / "links.env", short_dir / "s.sock"
+    write_env_file(env_file, {f"A_PORT_{port}_TCP": f"tcp://127.0.0.1:{x.port}"})
+    proxy = start_proxy("--env-file", str(env_file), *LOOPBACK, "--status-socket", str(sock_path),
+                        prefix=(need("prlimit"), f"--as={1536 << 20}"))
+    with open(env_file, "r+b") as handle:
+        handle.truncate(3 << 30)
+    result = cli("reload", "--status-socket", str(sock_path))
+    assert result.returncode == 1, result
+    assert "larger than 1 MiB, too large for link variables" in result.stderr, result
+    assert proxy.proc.poll() is None
+    with connect(port) as sock:
+        assert ask(sock, b"1") == b"X:1"
+
+
 BAD_RELOADS = {
     "unclosed-bracket": ("A_PORT_{pa}_TCP=tcp://[::1:1\n", "unclosed '['"),
     "conflicting-duplicate": (
