@@ -297,8 +297,10 @@ class Supervisor:
         self.metrics_at = None
         fd = self.metrics_sock.fileno()
         script = os.path.join(os.path.dirname(os.path.abspath(relay.__file__)), "metrics.py")
+        # --status-socket=PATH in one word: a relative PATH may start with "-", which the
+        # metrics process's argument parser would take for an option.
         argv = [sys.executable, "-I", script, "--fd", str(fd),
-                "--status-socket", self.control.path, "--supervisor-pid", str(os.getpid())]
+                f"--status-socket={self.control.path}", "--supervisor-pid", str(os.getpid())]
         try:
             pid = os.fork()
         except OSError as exc:  # EAGAIN at a pids limit, ENOMEM: try again later

@@ -973,6 +973,31 @@ def test_the_metrics_process_imports_nothing_from_the_current_directory(
         proc.stdout.close()
 
 
+def test_a_status_socket_path_that_starts_with_a_dash_reaches_the_metrics_process(
+    tmp_path: Path, redis: Redis, env: dict[str, str],
+) -> None:
+    """`--status-socket=-w.sock` (relative): the metrics process was given `--status-socket
+    -w.sock`, which its argument parser read as an option: it exited 2 every 5 s, usage
+    text in the log, and every scrape failed while `check` said all was well."""
+    proc = subprocess.Popen([FORKPROXY, "serve", "--metrics", "127.0.0.1:0",
+                             "--status-socket=-w.sock", f"127.0.0.1:0=127.0.0.1:{redis.port}"],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert proc.stdout is not None
+        lines = [proc.stdout.readline().strip() for _ in range(2)]
+        url = lines[-1].split(" ", 1)[1]
+        assert "forkproxy_up 1.0" in scrape(url)
+    finally:
+        proc.terminate()
+        proc.wait(15)
+        assert proc.stdout is not None and proc.stderr is not None
+        proc.stdout.close()
+        log = proc.stderr.read()
+        proc.stderr.close()
+    assert "metrics-died" not in log and "usage:" not in log, log
+
+
 def test_metrics_export_every_link_from_the_start(
     start_proxy: StartProxy, redis: Redis, dead_port: int, env: dict[str, str],
 ) -> None:
