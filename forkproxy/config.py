@@ -439,7 +439,7 @@ def links_from_env(
         match = _LINK_VAR.match(name)
         if match is None or "_ENV_" in match["alias"] + "_":
             continue
-        label = f"{name} ({origin})" if origin else name
+        label = f"{name} ({origin!r})" if origin else name  # quoted: a path may hold a newline
         if match["proto"] == "UDP":
             warnings.append(f"{label}: UDP links are not proxied; skipped")
             continue
@@ -463,7 +463,8 @@ def parse_env_file(text: str, path: str) -> dict[str, str]:
         if not sep:
             continue  # `KEY` alone means "copy from the host" to Docker: not a link definition
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]*", key):
-            raise ConfigError(f"env file {path}, line {number}: bad variable name {quoted(key)}")
+            raise ConfigError(f"env file {path!r}, line {number}: bad variable name "
+                              f"{quoted(key)}")
         result[key] = value
     return result
 
@@ -525,7 +526,7 @@ def build_links(
         for name in sorted(set(environ) & set(from_file)):
             if _LINK_VAR.match(name) and environ[name] != from_file[name]:
                 overrides.append(
-                    f"{name} is set in the environment and in env file {path}: the file's "
+                    f"{name} is set in the environment and in env file {path!r}: the file's "
                     f"{quoted(from_file[name])} is used, not {quoted(environ[name])}"
                 )
         environ = {name: value for name, value in environ.items() if name not in from_file}
@@ -542,7 +543,7 @@ def build_links(
         if environ is not None:
             sources.append("the environment")
         if env_file is not None:
-            sources.append(f"env file {env_file[0]}")
+            sources.append(f"env file {env_file[0]!r}")
         where = " or ".join(sources) or "the command line (give a SPEC or --from-env)"
         raise ConfigError(f"no links found: no <ALIAS>_PORT_<N>_TCP variable or SPEC in {where}")
     return LinkTable(merged, tuple(warnings), tuple(overrides))

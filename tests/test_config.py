@@ -216,7 +216,7 @@ def test_the_env_file_overrides_a_variable_the_environment_also_sets() -> None:
         assert [(x.names, str(x.target)) for x in table.links] == [
             (("REDIS_PORT_6379_TCP",), "10.0.0.6:6379")]
         assert table.overrides == (
-            f"REDIS_PORT_6379_TCP is set in the environment and in env file links.env: the "
+            f"REDIS_PORT_6379_TCP is set in the environment and in env file 'links.env': the "
             f"file's 'tcp://10.0.0.6:6379' is used, not {value!r}",)
         assert table.warnings == ()
 
@@ -237,9 +237,9 @@ def test_env_file_syntax() -> None:
     }
     table = build_links([], None, ("links.env", text))
     assert [str(link.target) for link in table.links] == ["10.0.0.5:6379"]
-    with pytest.raises(ConfigError, match=r"env file links.env, line 2: bad variable name"):
+    with pytest.raises(ConfigError, match=r"env file 'links.env', line 2: bad variable name"):
         parse_env_file("# ok\nBAD NAME=1\n", "links.env")
-    with pytest.raises(ConfigError, match=r"variable A_PORT_1_TCP \(links.env\): expected tcp://"):
+    with pytest.raises(ConfigError, match=r"variable A_PORT_1_TCP \('links.env'\): expected tcp://"):
         build_links([], None, ("links.env", "A_PORT_1_TCP=udp://1.2.3.4:1\n"))
 
 
