@@ -1155,6 +1155,9 @@ class Supervisor:
     def reload(self) -> tuple[bool, str]:
         """Re-read the sources; on any error keep the running configuration whole."""
         if self.stopping:
+            # Said in the log too: a SIGHUP's outcome is only there (reload --pid-file
+            # says so), and silence would read as a reload that went through.
+            self.log.warning("reload-skipped", detail="stopping: the listeners are closed")
             return False, "stopping"
         # What each port pointed at: reconcile() hands a kept listener its new link.
         targets = {listener.link.key: listener.link.target for listener in self.listeners}

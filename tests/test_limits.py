@@ -571,6 +571,27 @@ def test_a_stop_refuses_newcomers_even_while_a_child_still_holds_the_listener(
     assert proxy.proc.wait(30) == 0
 
 
+def test_a_reload_during_a_stop_says_it_did_nothing(
+    start_proxy: StartProxy, tcp_server: ServerFactory, short_dir: Path,
+) -> None:
+    """A SIGHUP while stopping (the grace period running) did nothing and said nothing,
+    though `reload --pid-file` tells the user the outcome is in the log."""
+    server = tcp_server(echo)
+    sock_path = short_dir / "s.sock"
+    proxy = start_proxy("--grace", "30", "--status-socket", str(sock_path),
+                        f"127.0.0.1:0=127.0.0.1:{server.port}")
+    with connect(proxy.port) as live:
+        assert exchange(live, b"hi") == b"hi"
+        proxy.signal(signal.SIGTERM)
+        assert wait_for(lambda: "stopping" in proxy.log(), 30)
+        proxy.signal(signal.SIGHUP)
+        assert wait_for(lambda: "reload-skipped" in proxy.log(), 30), proxy.log()
+        [line] = [x for x in proxy.log().splitlines() if "reload-skipped" in x]
+        assert "warning reload-skipped" in line and "stopping" in line, line
+        assert exchange(live, b"still") == b"still"  # the stop goes on as before
+    assert proxy.proc.wait(30) == 0
+
+
 def test_a_connection_the_stop_ends_still_gets_its_close_line(
     start_proxy: StartProxy, tcp_server: ServerFactory, short_dir: Path,
 ) -> None:
