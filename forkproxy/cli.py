@@ -339,8 +339,10 @@ def links_command(
 
 
 def _control(ctx: typer.Context, status_socket: str | None, command: str) -> dict[str, Any]:
+    """The supervisor's reply to `command`, in the shape it gives (status._read_reply), or
+    exit 1 with one line: nothing answers, or something that is not a forkproxy does."""
     from .control import check_path
-    from .status import StatusError, find_socket, request
+    from .status import NotForkproxy, StatusError, find_socket, request
 
     if status_socket is not None:
         try:
@@ -350,7 +352,8 @@ def _control(ctx: typer.Context, status_socket: str | None, command: str) -> dic
     try:
         return request(find_socket(status_socket), command)
     except StatusError as exc:
-        typer.echo(f"forkproxy: {exc}", err=True)
+        kind = "error: " if isinstance(exc, NotForkproxy) else ""
+        typer.echo(f"forkproxy: {kind}{exc}", err=True)
         raise typer.Exit(1) from None
 
 

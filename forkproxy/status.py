@@ -12,16 +12,22 @@ import os
 import socket
 import struct
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NoReturn
 
 import psutil
 
-from .config import mebibytes
+from .config import mebibytes, quoted
 from .control import answers, default_dir
 
 
 class StatusError(Exception):
     """No supervisor to talk to, or it answered nonsense; the message says which."""
+
+
+class NotForkproxy(StatusError):
+    """Something answered, but not as a forkproxy supervisor does: another program's
+    socket, or a version of forkproxy that speaks otherwise."""
 
 
 def find_socket(path: str | None) -> str:
@@ -61,13 +67,150 @@ def request(path: str, command: str, timeout: float = 5.0) -> dict[str, Any]:
                 chunks.append(chunk)
         except OSError as exc:
             raise StatusError(f"no answer on {path}: {exc.strerror or exc}") from None
+    if not chunks:
+        raise StatusError(f"no answer on {path}: closed without a reply")
     try:
-        reply = json.loads(b"".join(chunks))
-    except ValueError:
-        raise StatusError(f"unreadable answer on {path}") from None
-    if not isinstance(reply, dict):
-        raise StatusError(f"unreadable answer on {path}")
+        reply = _read_reply(command, b"".join(chunks))
+    except _Misfit as exc:
+        raise NotForkproxy(f"{quoted(path)} did not answer as a forkproxy status socket "
+                           f"does ({exc})") from None
     reply["pid_here"] = struct.unpack("3i", creds)[0]
+    return reply
+
+
+# -- what a supervisor's replies look like ----------------------------------------------
+#
+# Checked once, here, so that the code that prints a reply can take its shape as given:
+# whatever answers on the socket (another program's, another version's) gets one line
+# saying so, not a traceback from deep in render(). Keys a reply lacks are an error where
+# the supervisor always sends them; the others, when present, must have the right type.
+# Keys this version does not know are let through.
+
+
+class _Misfit(Exception):
+    """What makes a reply one no supervisor gives, in a few words."""
+
+
+_Shape = Callable[[object, str], None]  # raises _Misfit naming `where` if the value misfits
+
+PID_MAX = 1 << 22  # the kernel's ceiling for pid_max (PID_MAX_LIMIT)
+
+
+def _kind(what: str, test: Callable[[object], bool]) -> _Shape:
+    def fit(value: object, where: str) -> None:
+        if not test(value):
+            raise _Misfit(f"{where} is not {what}")
+    return fit
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+_TEXT = _kind("a string", lambda value: isinstance(value, str))
+# Printed in an error line, which must stay one line.
+_LINE = _kind("a line of text", lambda value: isinstance(value, str)
+              and value.splitlines() in ([value], []))
+_BOOL = _kind("true or false", lambda value: isinstance(value, bool))
+_NUMBER = _kind("a number", _number)
+_COUNT = _kind("a count", lambda value: _number(value) and isinstance(value, int) and value >= 0)
+_PID = _kind("a process id", lambda value: _number(value) and isinstance(value, int)
+             and 0 < value <= PID_MAX)
+
+
+def _nullable(shape: _Shape) -> _Shape:
+    def fit(value: object, where: str) -> None:
+        if value is not None:
+            shape(value, where)
+    return fit
+
+
+def _list_of(shape: _Shape) -> _Shape:
+    def fit(value: object, where: str) -> None:
+        if not isinstance(value, list):
+            raise _Misfit(f"{where} is not a list")
+        for index, item in enumerate(value):
+            shape(item, f"{where}[{index}]")
+    return fit
+
+
+def _map_of(shape: _Shape) -> _Shape:
+    def fit(value: object, where: str) -> None:
+        if not isinstance(value, dict):
+            raise _Misfit(f"{where} is not an object")
+        for key, item in value.items():
+            shape(item, f"{where}[{quoted(key)}]")
+    return fit
+
+
+def _object(required: dict[str, _Shape], optional: dict[str, _Shape] | None = None) -> _Shape:
+    def fit(value: object, where: str) -> None:
+        if not isinstance(value, dict):
+            raise _Misfit(f"{where or 'the reply'} is not an object")
+        for keys, needed in ((required, True), (optional or {}, False)):
+            for key, shape in keys.items():
+                name = f"{where}.{key}" if where else key
+                if key in value:
+                    shape(value[key], name)
+                elif needed:
+                    raise _Misfit(f"{name} is missing")
+    return fit
+
+
+_LISTENER = _object({"link": _TEXT, "listen": _TEXT, "upstream": _TEXT},
+                    {"port": _COUNT, "resolved": _list_of(_TEXT)})
+_METRICS = _nullable(_object({}, {"url": _TEXT, "state": _TEXT, "pid": _nullable(_PID),
+                                  "since": _nullable(_NUMBER), "restarts": _COUNT,
+                                  "last_exit": _nullable(_TEXT)}))
+_LINK = _object({}, {
+    **dict.fromkeys(("since", "connections", "upstream_failures", "denied", "bytes_up",
+                     "bytes_down", "empty", "cpu_seconds", "duration_count", "duration_sum",
+                     "resolve_failures", "address_changes", "active", "waiting"), _NUMBER),
+    "outcomes": _map_of(_NUMBER), "duration_buckets": _list_of(_NUMBER),
+})
+_CHILD = _object({"pid": _PID, "link": _TEXT, "client": _TEXT, "age": _NUMBER,
+                  "bytes_up": _NUMBER, "bytes_down": _NUMBER},
+                 {"upstream": _TEXT, "started": _NUMBER})
+_LISTENERS = _list_of(_LISTENER)
+_STATUS = _object(
+    {"pid": _PID, "version": _TEXT, "started": _NUMBER, "stopping": _BOOL,
+     "listeners": _LISTENERS, "links": _map_of(_LINK), "children": _list_of(_CHILD)},
+    {"ok": _BOOL, "max_children": _COUNT, "max_children_given": _BOOL,
+     "memory_limit": _nullable(_COUNT), "memory_fit": _nullable(_COUNT), "metrics": _METRICS,
+     "duration_buckets": _list_of(_NUMBER), "orphans_reaped": _COUNT},
+)
+_CHECK = _object({"ok": _BOOL, "stopping": _BOOL, "listeners": _LISTENERS},
+                 {"metrics": _METRICS})
+_OK = _object({"ok": _BOOL})
+_RELOADED = _object({"listeners": _LISTENERS}, {"error": _nullable(_LINE)})
+_NOT_RELOADED = _object({"error": _LINE}, {"listeners": _LISTENERS})
+
+
+def _no_constant(name: str) -> NoReturn:
+    raise ValueError(f"{name} is not JSON")  # json.loads takes NaN and Infinity otherwise
+
+
+def _read_reply(command: str, data: bytes) -> dict[str, Any]:
+    """The reply to `command` in `data`, checked to have the shape a supervisor gives it
+    (_Misfit otherwise): for `check`, `ok` true only with listeners bound and not stopping,
+    as the supervisor answers, so that no socket passes a health check by saying `ok`."""
+    try:
+        reply = json.loads(data, parse_constant=_no_constant)
+    except RecursionError:  # "[[[[..." nests past the stack
+        raise _Misfit("nested too deep") from None
+    except ValueError:  # also UnicodeDecodeError
+        raise _Misfit("not JSON") from None
+    if not isinstance(reply, dict):
+        raise _Misfit("not a JSON object")
+    if command == "status":
+        _STATUS(reply, "")
+    elif command == "check":
+        _CHECK(reply, "")
+        if reply["ok"] != (not reply["stopping"] and bool(reply["listeners"])):
+            raise _Misfit("ok contradicts stopping and listeners")
+    elif command == "reload":
+        _OK(reply, "")
+        (_RELOADED if reply["ok"] else _NOT_RELOADED)(reply, "")
     return reply
 
 

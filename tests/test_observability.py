@@ -507,6 +507,124 @@ def test_check_exit_codes_while_serving_draining_and_after_exit(
     assert result.returncode != 0 and "no running forkproxy" in result.stderr, result
 
 
+@contextlib.contextmanager
+def answering(path: Path, reply: bytes) -> Iterator[None]:
+    """A Unix socket at `path` that is not forkproxy's: each client's request is read and
+    answered with `reply`, then the connection closed (a thread; gone on exit)."""
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen()
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return  # closed: the test is over
+            with conn:
+                conn.settimeout(10)
+                with contextlib.suppress(OSError):
+                    conn.recv(4096)
+                    conn.sendall(reply)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        server.shutdown(socket.SHUT_RDWR)
+        server.close()
+        thread.join(DEADLINE)
+
+
+# Replies other programs (or other versions) could give: each crashed `status`, `check` or
+# `reload` with a 38-54 line traceback, or (`{"ok":true}`) passed `check` as healthy.
+NOT_FORKPROXY = {
+    "nested": b"[" * 100_000,  # json.loads: RecursionError
+    "listeners-a-number": b'{"ok":true,"listeners":5}',
+    "links-a-list": b'{"links":[]}',
+    "started-a-string": b'{"started":"x"}',
+    "only-ok": b'{"ok":true}',
+}
+
+
+@pytest.mark.parametrize("command", ["status", "check", "reload"])
+@pytest.mark.parametrize("reply", NOT_FORKPROXY.values(), ids=NOT_FORKPROXY.keys())
+def test_a_socket_that_is_not_forkproxys_is_one_line_and_exit_1(
+    command: str, reply: bytes, tmp_path: Path, env: dict[str, str],
+) -> None:
+    """Whatever answers on the socket, the clients never crash and never report health:
+    one line naming the socket and exit 1, as when nothing answers (README, "Status")."""
+    sock_path = tmp_path / "other.sock"
+    with answering(sock_path, reply):
+        result = cli(command, "--status-socket", str(sock_path), env=env)
+    assert result.returncode == 1, result
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"forkproxy: error: '{sock_path}' did not answer as a "
+                               "forkproxy status socket does ("), lines
+    assert result.stdout == ""
+
+
+def test_check_passes_only_a_reply_that_says_listeners_are_bound(
+    tmp_path: Path, env: dict[str, str],
+) -> None:
+    """`ok` alone is not health: the supervisor says ok when it is not stopping and has a
+    listener, and a reply that says ok without them is not one of its."""
+    sock_path = tmp_path / "other.sock"
+    for reply in (b'{"ok":true,"stopping":false,"listeners":[]}',
+                  b'{"ok":true,"stopping":true,"listeners":[{"link":"a","listen":"b",'
+                  b'"upstream":"c"}]}',
+                  b'{"ok":"yes","stopping":false,"listeners":[{"link":"a","listen":"b",'
+                  b'"upstream":"c"}]}'):
+        with answering(sock_path, reply):
+            result = cli("check", "--status-socket", str(sock_path), env=env)
+        sock_path.unlink()
+        assert result.returncode == 1, result
+        assert len(result.stderr.splitlines()) == 1, result.stderr
+        assert "did not answer as a forkproxy status socket does" in result.stderr, result
+
+
+def test_the_clients_read_a_real_supervisors_replies_in_every_state(
+    start_proxy: StartProxy, tcp_server: ServerFactory, tmp_path: Path, env: dict[str, str],
+) -> None:
+    """What a supervisor answers passes the clients' checks of a reply's shape: serving
+    with a live connection and metrics, after a reload that failed, and while stopping."""
+    server = tcp_server(echo)
+    sock_path = tmp_path / "status.sock"
+    env_file = tmp_path / "links.env"
+    proxy, url = env_file_proxy(start_proxy, env_file, sock_path, env,
+                                {"A_PORT_1_TCP": server.port})
+    args = ("--status-socket", str(sock_path))
+    with socket.create_connection(("127.0.0.1", listen_ports(proxy)[0]), timeout=30) as client:
+        client.sendall(b"ping")
+        assert recv_exact(client, 4) == b"ping"
+        reply = status_json(sock_path, env)  # the CLI's, with psutil's readings
+        assert len(reply["children"]) == 1 and reply["children"][0]["rss"], reply
+        assert reply["metrics"]["state"] == "up", reply
+        result = cli("status", *args, env=env)
+        assert result.returncode == 0 and "A_PORT_1_TCP" in result.stdout, result
+        result = cli("check", *args, env=env)
+        assert (result.returncode, result.stdout) == (0, "ok: 1 listener(s)\n"), result
+        result = cli("reload", *args, env=env)
+        assert result.returncode == 0 and result.stdout.startswith("listening "), result
+        assert "forkproxy_up 1.0" in scrape(url)  # the metrics process reads it too
+        env_file.write_text("A_PORT_1_TCP=tcp://127.0.0.1:http\n")
+        result = cli("reload", *args, env=env)
+        assert result.returncode == 1, result
+        assert result.stderr.startswith("forkproxy: reload failed, previous configuration "
+                                        "kept: "), result
+        assert len(result.stderr.splitlines()) == 1, result
+        proxy.signal(signal.SIGTERM)  # stopping: listeners closed, the connection held
+        poll(lambda: ask(sock_path, "check"), lambda r: bool(r.get("stopping")))
+        result = cli("check", *args, env=env)
+        assert (result.returncode, result.stderr) == (1, "forkproxy: unhealthy: stopping\n")
+        result = cli("status", *args, env=env)
+        assert result.returncode == 0 and ", stopping" in result.stdout, result
+    assert proxy.proc.wait(DEADLINE) == 0
+
+
 def accept_queue(port: int) -> int:
     """Clients in the accept queue of the IPv4 socket listening on `port` (its rx_queue
     in /proc/net/tcp): their handshake is complete, so a stop holds them."""
