@@ -25,7 +25,7 @@ import ctypes
 import signal
 import socket
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
@@ -195,15 +195,32 @@ def render(status: dict[str, Any],
 def _answer_head(app: WSGIApplication) -> WSGIApplication:
     """HEAD as GET without the body, as every HTTP server must (RFC 9110, 9.1):
     prometheus_client answers it 405, and uptime monitors that check with HEAD reported
-    the metrics endpoint down."""
+    the metrics endpoint down. The headers are GET's, Content-Length included (RFC 9110,
+    8.6): the body is rendered and counted, then dropped. Returned bare, with no
+    Content-Length, wsgiref's server would send `Content-Length: 0`."""
 
     def serve(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         if environ.get("REQUEST_METHOD") != "HEAD":
             return app(environ, start_response)
-        body = app({**environ, "REQUEST_METHOD": "GET"}, start_response)
-        close = getattr(body, "close", None)
-        if close is not None:
-            close()  # WSGI: a result with close() is closed by whoever drops it
+        started: list[tuple[str, list[tuple[str, str]], Any]] = []
+        body: list[bytes] = []
+
+        def hold(status: str, headers: list[tuple[str, str]],
+                 exc_info: Any = None) -> Callable[[bytes], object]:
+            started[:] = [(status, headers, exc_info)]
+            return body.append  # WSGI's write(): part of the body too
+
+        result = app({**environ, "REQUEST_METHOD": "GET"}, hold)
+        try:
+            body.extend(result)  # a WSGI app may call start_response as late as this
+        finally:
+            close = getattr(result, "close", None)
+            if close is not None:
+                close()  # WSGI: a result with close() is closed by whoever drops it
+        status, headers, exc_info = started[0]
+        if not any(name.lower() == "content-length" for name, _ in headers):
+            headers = [*headers, ("Content-Length", str(sum(map(len, body))))]
+        start_response(status, headers, exc_info)
         return []
 
     return serve

@@ -1172,6 +1172,45 @@ def test_metrics_answer_head_as_get_without_a_body(
     refused.value.close()
 
 
+def http_exchange(port: int, request: bytes) -> tuple[dict[str, str], bytes]:
+    """One HTTP/1.0 request on a raw socket (http.client reads no body after a HEAD
+    whatever is sent): the response's headers, by lower-case name, and all bytes after."""
+    with socket.create_connection(("127.0.0.1", port), timeout=15) as sock:
+        sock.sendall(request)
+        data = recv_all_bytes(sock)
+    head, _, body = data.partition(b"\r\n\r\n")
+    status, *lines = head.decode("latin-1").split("\r\n")
+    assert status.split()[1] == "200", data[:200]
+    return {name.lower(): value.strip()
+            for name, _, value in (line.partition(":") for line in lines)}, body
+
+
+def test_metrics_answer_head_with_the_headers_of_get(
+    start_proxy: StartProxy, tcp_server: ServerFactory, env: dict[str, str],
+) -> None:
+    """HEAD said `Content-Length: 0` while GET's body is ~6 KB: a HEAD response's
+    Content-Length must be what GET would send (RFC 9110, 8.6). Compared exactly on a
+    filtered page, whose values do not move between two requests, plain and gzipped."""
+    server = tcp_server(echo)
+    proxy = start_proxy("--metrics", "127.0.0.1:0", f"127.0.0.1:0=127.0.0.1:{server.port}",
+                        expect=2, env=env)
+    port = metrics_port(metrics_url(proxy))
+    headers, body = http_exchange(port, b"HEAD /metrics HTTP/1.0\r\n\r\n")
+    assert body == b""
+    assert int(headers["content-length"]) > 1000, headers  # the whole page, as for GET
+    page = "/metrics?name[]=forkproxy_up&name[]=forkproxy_listeners"
+    for extra in (b"", b"Accept-Encoding: gzip\r\n"):
+        request = f"{page} HTTP/1.0\r\n".encode() + extra + b"\r\n"
+        got, got_body = http_exchange(port, b"GET " + request)
+        headed, headed_body = http_exchange(port, b"HEAD " + request)
+        assert headed_body == b"" and got_body
+        assert int(got["content-length"]) == len(got_body)
+        assert {name: headed[name] for name in ("content-type", "content-length")} == {
+            name: got[name] for name in ("content-type", "content-length")}
+        assert headed.get("content-encoding") == got.get("content-encoding") == (
+            "gzip" if extra else None)
+
+
 def test_metrics_filtered_by_name_give_those_families(
     start_proxy: StartProxy, tcp_server: ServerFactory, env: dict[str, str],
 ) -> None:
