@@ -40,16 +40,20 @@ def find_socket(path: str | None) -> str:
     except FileNotFoundError:
         names = []
     except OSError as exc:
-        raise StatusError(f"cannot look for a running forkproxy in {directory}: "
+        raise StatusError(f"cannot look for a running forkproxy in {directory!r}: "
                           f"{exc.strerror}") from None
     paths = [os.path.join(directory, name) for name in names]
     live = [path for path in paths if answers(path)]
     if not live:
-        raise StatusError(f"no running forkproxy found in {directory} (use --status-socket)")
+        raise StatusError(f"no running forkproxy found in {directory!r} (use --status-socket)")
     if len(live) > 1:
-        raise StatusError(f"several forkproxy supervisors in {directory}: {', '.join(live)}; "
-                          "choose one with --status-socket")
+        raise StatusError(f"several forkproxy supervisors in {directory!r}: "
+                          f"{', '.join(map(repr, live))}; choose one with --status-socket")
     return live[0]
+
+
+# The most a reply may be: a status of a million live connections is ~250 MiB.
+MAX_REPLY = 512 << 20
 
 
 def request(path: str, command: str, timeout: float = 5.0) -> dict[str, Any]:
@@ -63,19 +67,27 @@ def request(path: str, command: str, timeout: float = 5.0) -> dict[str, Any]:
             creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
             sock.sendall(json.dumps({"command": command}).encode() + b"\n")
             chunks = []
+            size = 0
             while chunk := sock.recv(65536):
                 chunks.append(chunk)
+                size += len(chunk)
+                if size > MAX_REPLY:  # something that never stops sending
+                    raise _not_forkproxy(path, f"more than {MAX_REPLY >> 20} MiB")
         except OSError as exc:
-            raise StatusError(f"no answer on {path}: {exc.strerror or exc}") from None
+            raise StatusError(f"no answer on {path!r}: {exc.strerror or exc}") from None
     if not chunks:
-        raise StatusError(f"no answer on {path}: closed without a reply")
+        raise StatusError(f"no answer on {path!r}: closed without a reply")
     try:
         reply = _read_reply(command, b"".join(chunks))
     except _Misfit as exc:
-        raise NotForkproxy(f"{quoted(path)} did not answer as a forkproxy status socket "
-                           f"does ({exc})") from None
+        raise _not_forkproxy(path, str(exc)) from None
     reply["pid_here"] = struct.unpack("3i", creds)[0]
     return reply
+
+
+def _not_forkproxy(path: str, reason: str) -> NotForkproxy:
+    return NotForkproxy(f"{quoted(path)} did not answer as a forkproxy status socket does "
+                        f"({reason})")
 
 
 # -- what a supervisor's replies look like ----------------------------------------------

@@ -163,7 +163,7 @@ def test_an_unusable_default_socket_directory_is_named(tmp_path: Path) -> None:
         result = run(command, env=env)
         assert result.returncode == 1, result
         assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result
-        assert f"{runtime}/forkproxy: Not a directory" in result.stderr
+        assert f"'{runtime}/forkproxy': Not a directory" in result.stderr
 
 
 def test_an_env_file_that_is_a_fifo_is_refused_not_waited_on(tmp_path: Path) -> None:

@@ -586,6 +586,40 @@ def test_check_passes_only_a_reply_that_says_listeners_are_bound(
         assert "did not answer as a forkproxy status socket does" in result.stderr, result
 
 
+def test_a_socket_that_never_stops_answering_is_cut_off_and_paths_stay_quoted(
+    tmp_path: Path, env: dict[str, str],
+) -> None:
+    """A socket that sends for ever was read for ever, into memory; now past 512 MiB it
+    is not forkproxy's. And "no answer on PATH" printed PATH bare: a newline in it split
+    the line."""
+    sock_path = tmp_path / "endless.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(sock_path))
+    server.listen()
+
+    def flood() -> None:
+        conn, _ = server.accept()
+        with conn, contextlib.suppress(OSError):  # until the client hangs up
+            while True:
+                conn.sendall(b" " * 65536)
+
+    thread = threading.Thread(target=flood, daemon=True)
+    thread.start()
+    try:
+        result = cli("status", "--status-socket", str(sock_path), env=env)
+    finally:
+        server.close()
+        thread.join(DEADLINE)
+    assert result.returncode == 1, result
+    assert result.stderr == (f"forkproxy: error: '{sock_path}' did not answer as a forkproxy "
+                             "status socket does (more than 512 MiB)\n"), result.stderr
+    missing = tmp_path / "a\nb.sock"
+    result = cli("status", "--status-socket", str(missing), env=env)
+    assert result.returncode == 1, result
+    assert result.stderr == (f"forkproxy: no answer on {str(missing)!r}: "
+                             "No such file or directory\n"), result.stderr
+
+
 def test_the_clients_read_a_real_supervisors_replies_in_every_state(
     start_proxy: StartProxy, tcp_server: ServerFactory, tmp_path: Path, env: dict[str, str],
 ) -> None:
