@@ -177,10 +177,19 @@ def zone_index(zone: str) -> int:
     return socket.if_nametoindex(name)
 
 
-def check_target_zones(links: Iterable[Link]) -> None:
-    """ConfigError for a target address whose IPv6 zone names no interface here, as for a
-    listener's: getaddrinfo cannot parse it, so every connect would fail."""
+def check_zones(links: Iterable[Link]) -> None:
+    """ConfigError for an IPv6 zone that names no interface here: a listener's (bind()
+    would refuse it; checked here too, so that `links`, which binds nothing, says so as
+    `serve` does), or a target's (getaddrinfo cannot parse it: every connect would fail)."""
     for link in links:
+        if "%" in link.bind:
+            zone = link.bind.partition("%")[2]
+            try:
+                zone_index(zone)
+            except (OSError, OverflowError):
+                raise ConfigError(f"cannot listen on {join_host_port(link.bind, link.port)}: "
+                                  f"no interface {zone!r} on this host (for {link.name})"
+                                  ) from None
         host = link.target.host
         if "%" not in host or link.target.is_name:
             continue

@@ -107,7 +107,7 @@ def read_links(sources: Sources, environ: Mapping[str, str]) -> LinkTable:
             raise ConfigError(f"cannot read env file {path!r}: {reason}") from None
     table = build_links(sources.specs, environ if sources.from_env else None, env_file,
                         sources.bind)
-    listeners.check_target_zones(table.links)
+    listeners.check_zones(table.links)
     return table
 
 

@@ -137,6 +137,23 @@ def test_a_target_zone_naming_no_interface_is_one_line_and_exit_2(
                f"{zone!r} on this host (for {spec})\n")
 
 
+@pytest.mark.parametrize("command", ["serve", "links"])
+@pytest.mark.parametrize("zone", ["nosuch0", "99999"])
+def test_a_listen_zone_naming_no_interface_is_the_same_line_from_links_as_from_serve(
+    tmp_path: Path, command: str, zone: str
+) -> None:
+    """`links`, the dry run, printed such a listener as fine; `serve` refused it."""
+    spec = f"[fe80::1%{zone}]:7000=127.0.0.1:1"
+    result = subprocess.run(
+        [FORKPROXY, command, spec, *(["--status-socket", str(tmp_path / "s.sock")]
+                                     if command == "serve" else [])],
+        capture_output=True, text=True, timeout=30, check=False,
+    )
+    assert (result.returncode, result.stdout, result.stderr) == (
+        2, "", f"forkproxy: error: cannot listen on [fe80::1%{zone}]:7000: no interface "
+               f"{zone!r} on this host (for {spec})\n")
+
+
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
