@@ -256,6 +256,7 @@ def _remove_if_stale(path: str) -> None:
     is not a socket (a mistyped path must not cost the user a file), is an error."""
     state = probe(path)
     if state == LIVE:
-        raise OSError(errno.EADDRINUSE, "another forkproxy answers there")
+        # Only that something listens: telling forkproxy's apart would mean talking to it.
+        raise OSError(errno.EADDRINUSE, "something listens there (another forkproxy?)")
     if state == STALE:
         os.unlink(path)

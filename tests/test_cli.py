@@ -166,6 +166,20 @@ def test_an_unusable_default_socket_directory_is_named(tmp_path: Path) -> None:
         assert f"'{runtime}/forkproxy': Not a directory" in result.stderr
 
 
+def test_a_status_socket_another_program_listens_on_is_refused_and_kept(
+    tmp_path: Path,
+) -> None:
+    """Said to be "another forkproxy" whatever listened there; nothing tells which."""
+    path = tmp_path / "taken.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as other:
+        other.bind(str(path))
+        other.listen()
+        result = run("serve", "--status-socket", str(path), "127.0.0.1:0=127.0.0.1:1")
+        assert_one_line_error(result, f"--status-socket '{path}': something listens there "
+                                      "(another forkproxy?)")
+        assert path.is_socket()
+
+
 def test_an_env_file_that_is_a_fifo_is_refused_not_waited_on(tmp_path: Path) -> None:
     fifo = tmp_path / "links.env"
     os.mkfifo(fifo)
