@@ -249,6 +249,10 @@ class Supervisor:
                 self.control.close()
             raise
         self.signals = signals.SignalPipe()
+        # Children that exited before SIGCHLD had a handler (as PID 1, whatever the shell
+        # that exec'd us had started; the default disposition drops their signal) are
+        # zombies no signal will come for: reaped at the loop's first turn, as if one had.
+        signal.raise_signal(signal.SIGCHLD)
         self._watch(self.signals.fileno(), self.handle_signals)
         self._watch(self.control.fileno(), self.handle_control_accept)
         for listener in self.listeners:
@@ -797,9 +801,12 @@ class Supervisor:
             # A child killed by a signal wrote no close line: its record and counters are
             # read for one now, before finished() zeroes them.
             live = self.accounting.children.get(pid) if os.WIFSIGNALED(status) else None
-            if live is not None and self.term_at is not None:
+            # kill_at is set once the grace period is over and we have TERMed the children:
+            # only then is a signal's death ours. During the grace, as outside a stop, it is
+            # the OOM killer's or someone's kill -9.
+            if live is not None and self.kill_at is not None:
                 self._log_terminated(pid, status, live)
-            moved = self._moved(live) if live is not None and self.term_at is None else None
+            moved = self._moved(live) if live is not None and self.kill_at is None else None
             record = self.accounting.finished(pid, status, usage.ru_utime + usage.ru_stime)
             if record is None:
                 self.log.debug("reaped-orphan", child_pid=pid, status=describe_status(status))

@@ -592,6 +592,28 @@ def test_a_reload_during_a_stop_says_it_did_nothing(
     assert proxy.proc.wait(30) == 0
 
 
+def test_a_child_killed_by_someone_else_during_the_grace_is_a_child_died_warning(
+    start_proxy: StartProxy, tcp_server: ServerFactory,
+) -> None:
+    """While the grace period runs, a child that dies by a signal was not killed by the
+    stop (it TERMs its children only once the grace is over): it is the OOM killer's or
+    someone's kill -9, told by a `child-died` warning, as outside a stop. It was an info
+    `close ... outcome=killed` line, the stop's own, hidden with -q."""
+    server = tcp_server(echo)
+    proxy = start_proxy("--grace", "30", f"127.0.0.1:0=127.0.0.1:{server.port}")
+    with connect(proxy.port) as live:
+        assert exchange(live, b"hi") == b"hi"
+        [child] = children(proxy.pid)
+        proxy.signal(signal.SIGTERM)
+        assert wait_for(lambda: "stopping" in proxy.log(), 30)
+        child.kill()
+        assert wait_for(lambda: "child-died" in proxy.log(), 30), proxy.log()
+    assert proxy.proc.wait(30) == 0
+    [line] = [x for x in proxy.log().splitlines() if "child-died" in x]
+    assert "warning child-died" in line and "killed by SIGKILL" in line, line
+    assert "outcome=killed" not in proxy.log(), proxy.log()
+
+
 def test_a_connection_the_stop_ends_still_gets_its_close_line(
     start_proxy: StartProxy, tcp_server: ServerFactory, short_dir: Path,
 ) -> None:
