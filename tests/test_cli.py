@@ -447,6 +447,41 @@ def new_pid_namespace() -> tuple[str, ...]:
     return (need("unshare"), "--pid", "--fork", "--kill-child", "--mount-proc")
 
 
+def test_as_pid_1_zombies_from_before_the_start_are_reaped_at_once(tmp_path: Path) -> None:
+    """Children of the shell that exec'd forkproxy as PID 1, exited before it had a
+    SIGCHLD handler: no signal comes for them, and they stayed zombies until the first
+    connection's child exited."""
+    # Three children that exit at once, never waited for, then exec (a shell would reap
+    # them on its own while it waits for anything else).
+    script = ("import os, sys, time\n"
+              "for _ in range(3):\n"
+              "    if os.fork() == 0:\n"
+              "        os._exit(0)\n"
+              "time.sleep(0.3)\n"
+              "os.execv(sys.argv[1], sys.argv[1:])\n")
+    with (tmp_path / "log").open("w") as err:
+        proxy = subprocess.Popen(
+            [*new_pid_namespace(), sys.executable, "-c", script, FORKPROXY, "serve", "-v",
+             "--status-socket", str(tmp_path / "s.sock"), "127.0.0.1:0=127.0.0.1:1"],
+            stdout=subprocess.PIPE, stderr=err, text=True, start_new_session=True,
+            env={"PATH": os.environ["PATH"]})
+    try:
+        assert len(read_lines(proxy, 1, 15)) == 1, (tmp_path / "log").read_text()
+        [supervisor] = Path(f"/proc/{proxy.pid}/task/{proxy.pid}/children").read_text().split()
+
+        def zombies() -> list[str]:
+            children = Path(f"/proc/{supervisor}/task/{supervisor}/children").read_text()
+            return [pid for pid in children.split()
+                    if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"]
+
+        assert wait_for(lambda: not zombies(), 10), zombies()
+        assert wait_for(lambda: (tmp_path / "log").read_text().count("reaped-orphan") == 3, 10)
+    finally:
+        kill_group(proxy)
+        assert proxy.stdout is not None
+        proxy.stdout.close()
+
+
 def contained() -> tuple[str, ...]:
     """A prefix for a command that might signal 0 or -1 by mistake: kill(-1) then reaches
     its new PID namespace only, and kill(0) its new session's process group (a process
