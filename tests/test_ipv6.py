@@ -121,37 +121,29 @@ def test_a_target_with_a_zone_is_reached_through_its_interface(lab: Lab, ns: Nam
 
 @pytest.mark.parametrize("command", ["serve", "links"])
 @pytest.mark.parametrize("zone", ["nosuch0", "99999"])
-def test_a_target_zone_naming_no_interface_is_one_line_and_exit_2(
-    tmp_path: Path, command: str, zone: str
+@pytest.mark.parametrize(
+    ("spec", "refused"),
+    [
+        ("127.0.0.1:0=[fe80::1%{zone}]:6379", "cannot connect to [fe80::1%{zone}]:6379"),
+        ("[fe80::1%{zone}]:7000=127.0.0.1:1", "cannot listen on [fe80::1%{zone}]:7000"),
+    ],
+    ids=["target", "listen"],
+)
+def test_a_target_or_listen_zone_naming_no_interface_is_one_line_from_serve_and_links(
+    tmp_path: Path, command: str, zone: str, spec: str, refused: str
 ) -> None:
-    """As for a listener's zone: it used to start, log `resolve-failed` for an address,
-    and fail every connection with "cannot resolve fe80::1%nosuch0"."""
-    spec = f"127.0.0.1:0=[fe80::1%{zone}]:6379"
+    """A target's used to start, log `resolve-failed` for an address, and fail every
+    connection with "cannot resolve fe80::1%nosuch0". A listener's was refused by
+    `serve` at bind, and printed as fine by `links`, the dry run."""
+    spec, refused = spec.format(zone=zone), refused.format(zone=zone)
     result = subprocess.run(
         [FORKPROXY, command, spec, *(["--status-socket", str(tmp_path / "s.sock")]
                                      if command == "serve" else [])],
         capture_output=True, text=True, timeout=30, check=False,
     )
     assert (result.returncode, result.stdout, result.stderr) == (
-        2, "", f"forkproxy: error: cannot connect to [fe80::1%{zone}]:6379: no interface "
-               f"{zone!r} on this host (for {spec})\n")
-
-
-@pytest.mark.parametrize("command", ["serve", "links"])
-@pytest.mark.parametrize("zone", ["nosuch0", "99999"])
-def test_a_listen_zone_naming_no_interface_is_the_same_line_from_links_as_from_serve(
-    tmp_path: Path, command: str, zone: str
-) -> None:
-    """`links`, the dry run, printed such a listener as fine; `serve` refused it."""
-    spec = f"[fe80::1%{zone}]:7000=127.0.0.1:1"
-    result = subprocess.run(
-        [FORKPROXY, command, spec, *(["--status-socket", str(tmp_path / "s.sock")]
-                                     if command == "serve" else [])],
-        capture_output=True, text=True, timeout=30, check=False,
-    )
-    assert (result.returncode, result.stdout, result.stderr) == (
-        2, "", f"forkproxy: error: cannot listen on [fe80::1%{zone}]:7000: no interface "
-               f"{zone!r} on this host (for {spec})\n")
+        2, "", f"forkproxy: error: {refused}: no interface {zone!r} on this host "
+               f"(for {spec})\n")
 
 
 @pytest.mark.parametrize(
