@@ -147,13 +147,8 @@ def listen_tcp(host: str, port: int, backlog: int = BACKLOG) -> socket.socket:
             # id from the tuple's missing fourth item, 0, and the kernel refuses a
             # link-local address without one (EINVAL). config._ZONE admits only names
             # and indexes.
-            ip, _, zone = host.partition("%")
-            try:
-                scope = zone_index(zone)
-            except (OSError, OverflowError):
-                raise ConfigError(f"cannot listen on {join_host_port(host, port)}: "
-                                  f"no interface {zone!r} on this host") from None
-            address = (ip, port, 0, scope)
+            scope = zone_scope(host, f"cannot listen on {join_host_port(host, port)}")
+            address = (host.partition("%")[0], port, 0, scope)
         sock.bind(address)
         sock.listen(backlog)
     except ConfigError:
@@ -170,11 +165,15 @@ def listen_tcp(host: str, port: int, backlog: int = BACKLOG) -> socket.socket:
     return sock
 
 
-def zone_index(zone: str) -> int:
-    """The index of the interface an IPv6 zone names (a name or an index); OSError, or
-    OverflowError for an index past an int, when there is none."""
-    name = socket.if_indextoname(int(zone)) if zone.isdigit() else zone
-    return socket.if_nametoindex(name)
+def zone_scope(host: str, what: str) -> int:
+    """The index of the interface the IPv6 zone of `host` (fe80::1%eth0) names, by name
+    or by index; ConfigError "`what`: no interface ..." when there is none."""
+    zone = host.partition("%")[2]
+    try:
+        name = socket.if_indextoname(int(zone)) if zone.isdigit() else zone
+        return socket.if_nametoindex(name)
+    except (OSError, OverflowError):  # OverflowError: an index past an int
+        raise ConfigError(f"{what}: no interface {zone!r} on this host") from None
 
 
 def check_zones(links: Iterable[Link]) -> None:
@@ -182,23 +181,13 @@ def check_zones(links: Iterable[Link]) -> None:
     would refuse it; checked here too, so that `links`, which binds nothing, says so as
     `serve` does), or a target's (getaddrinfo cannot parse it: every connect would fail)."""
     for link in links:
-        if "%" in link.bind:
-            zone = link.bind.partition("%")[2]
-            try:
-                zone_index(zone)
-            except (OSError, OverflowError):
-                raise ConfigError(f"cannot listen on {join_host_port(link.bind, link.port)}: "
-                                  f"no interface {zone!r} on this host (for {link.name})"
-                                  ) from None
-        host = link.target.host
-        if "%" not in host or link.target.is_name:
-            continue
-        zone = host.partition("%")[2]
         try:
-            zone_index(zone)
-        except (OSError, OverflowError):
-            raise ConfigError(f"cannot connect to {link.target}: no interface {zone!r} on "
-                              f"this host (for {link.name})") from None
+            if "%" in link.bind:
+                zone_scope(link.bind, f"cannot listen on {join_host_port(link.bind, link.port)}")
+            if "%" in link.target.host and not link.target.is_name:
+                zone_scope(link.target.host, f"cannot connect to {link.target}")
+        except ConfigError as exc:
+            raise ConfigError(f"{exc} (for {link.name})") from None
 
 
 def bind(link: Link) -> Listener:

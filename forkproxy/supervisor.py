@@ -366,21 +366,20 @@ class Supervisor:
             raise ConfigError(f"--pid-file {path!r}: {reason}") from None
         try:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise ConfigError(f"--pid-file {path!r}: not a regular file")
+                raise ConfigError(f"--pid-file {path!r}: not a regular file")  # not OSError
+            os.ftruncate(fd, 0)
+            text = f"{os.getpid()}\n".encode()
+            if os.write(fd, text) != len(text):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        except OSError as exc:
             try:
-                os.ftruncate(fd, 0)
-                text = f"{os.getpid()}\n".encode()
-                if os.write(fd, text) != len(text):
-                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-                self.pid_file_written = True
-            except OSError as exc:
-                try:
-                    os.unlink(path)  # emptied above: no one's PID any more
-                except OSError:
-                    pass
-                raise ConfigError(f"--pid-file {path!r}: {exc.strerror}") from None
+                os.unlink(path)  # emptied above: no one's PID any more
+            except OSError:
+                pass
+            raise ConfigError(f"--pid-file {path!r}: {exc.strerror}") from None
         finally:
             os.close(fd)
+        self.pid_file_written = True
 
     def run(self) -> int:
         """Serve until stopped; 0 after a clean stop."""
