@@ -749,6 +749,9 @@ def parse_count(text: str, flag: str) -> int:
     # Past nine digits a count is beyond every limit checked later (and int() of a very
     # long string is slow by design); leading zeros are still fine.
     significant = digits.lstrip("0") or "0"
+    if text.startswith("-") and significant == "0":
+        # As durations do: whoever typed the sign meant something int() would drop.
+        raise ConfigError(f"{flag} {quoted(text)}: a count has no sign")
     if len(significant) > 9:
         raise ConfigError(f"{flag} {quoted(text)}: too large")
     # Not int(text): past 4,300 characters (leading zeros too) int() refuses the string.

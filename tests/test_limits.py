@@ -678,6 +678,7 @@ def test_clients_held_at_a_stop_are_closed_when_the_grace_period_ends(
         (["--idle-timeout", "-1"], {}, "--idle-timeout '-1'"),
         (["--halfclose-timeout", "nan"], {}, "--halfclose-timeout 'nan'"),
         (["--connect-retries", "-1"], {}, "--connect-retries -1"),
+        (["--connect-retries", "-0"], {}, "--connect-retries '-0': a count has no sign"),
         (["--connect-retries", "many"], {}, "--connect-retries 'many'"),
         (["--connect-retries", "999999999"], {}, "--connect-retries 999999999: at most 1000"),
         ([], {"FORKPROXY_CONNECT_RETRIES": "1001"},
