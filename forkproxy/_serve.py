@@ -16,7 +16,7 @@ if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from forkproxy.config import ConfigError, name_variable, sources_from_json
-from forkproxy.log import Logger, level_for
+from forkproxy.log import Logger, level_for, write_start_error
 from forkproxy.supervisor import Supervisor
 
 
@@ -33,7 +33,7 @@ def main(argv: list[str]) -> int:
     try:
         return Supervisor(sources, os.environ, log).run()
     except ConfigError as exc:
-        sys.stderr.write(f"forkproxy: error: {name_variable(str(exc), variables)}\n")
+        write_start_error(name_variable(str(exc), variables), options.log_format)
         return 2
     except KeyboardInterrupt:  # Ctrl-C before the signal handlers were in place
         return 130

@@ -36,6 +36,7 @@ from .config import (
     quoted,
     sources_to_json,
 )
+from .log import write_start_error
 from .supervisor import read_links
 
 EXEC_FAILED = 126  # exit status when serve cannot exec the supervisor (README, "Exit status")
@@ -96,10 +97,12 @@ StatusSocketOpt = Annotated[
 ]
 
 
-def fail(message: str, variables: Mapping[str, str] | None = None) -> NoReturn:
+def fail(message: str, variables: Mapping[str, str] | None = None,
+         log_format: str = "text") -> NoReturn:
     """The edge where a configuration error becomes exit 2 and one line; `variables`:
-    see `name_variable`."""
-    typer.echo(f"forkproxy: error: {name_variable(message, variables or {})}", err=True)
+    see `name_variable`. With `--log-format json` the line is a JSON log record, so
+    that a pipeline that parses every line of the log can read why it did not start."""
+    write_start_error(name_variable(message, variables or {}), log_format)
     raise typer.Exit(2)
 
 
@@ -196,8 +199,8 @@ def serve(*, sources: Sources, variables: Mapping[str, str] | None = None) -> No
         # Not bad input: the environment changed under us (the interpreter removed by an
         # upgrade or a rebuilt venv, a noexec mount). One line, and the status a shell
         # gives a command it found but could not execute.
-        typer.echo(f"forkproxy: error: cannot start the supervisor: {sys.executable!r}: "
-                   f"{exc.strerror or exc}", err=True)
+        write_start_error(f"cannot start the supervisor: {sys.executable!r}: "
+                          f"{exc.strerror or exc}", sources.options.log_format)
         raise typer.Exit(EXEC_FAILED) from None
 
 
@@ -316,7 +319,7 @@ def serve_command(
         sources = Sources(tuple(specs or ()), from_env, env_file, options, parse_link_bind(bind))
         serve(sources=sources, variables=variables)
     except ConfigError as exc:
-        fail(str(exc), variables)
+        fail(str(exc), variables, log_format)
 
 
 @app.command("links")

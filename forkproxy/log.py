@@ -183,6 +183,15 @@ def _text_value(value: object) -> str:
     return text
 
 
+def write_start_error(message: str, fmt: str) -> None:
+    """The one line of an error that keeps `serve` from starting (exit 2): plain text,
+    or with `--log-format json` an `error` record whose event is `start-failed`."""
+    if fmt == "json":
+        Logger(ERROR, "json").error("start-failed", error=message)
+    else:
+        Logger(ERROR)._write(f"forkproxy: error: {message}")
+
+
 def level_for(verbosity: int) -> int:
     """-q -> warnings only, default -> info (one line per connection open/close), -v -> debug."""
     return {-1: WARNING, 0: INFO}.get(verbosity, DEBUG if verbosity > 0 else ERROR)

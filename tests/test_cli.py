@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -120,6 +121,31 @@ def test_port_in_use_is_named_and_nothing_is_half_started() -> None:
         result = run("serve", f"127.0.0.1:{first}=127.0.0.1:1", f"127.0.0.1:{busy}=127.0.0.1:1")
     assert_one_line_error(result, f"cannot listen on 127.0.0.1:{busy}", "address already in use")
     assert_not_listening(first)  # the first listener was closed again, not left behind
+
+
+@pytest.mark.parametrize("how", [["--log-format", "json"], ["--log-format=json", "-qq"], []])
+def test_with_log_format_json_a_start_error_is_one_json_record(how: list[str]) -> None:
+    """A log pipeline that parses every line reads why serve did not start: both the
+    errors found before the supervisor runs and those it finds (a port in use)."""
+    env = {} if how else {"FORKPROXY_LOG_FORMAT": "json"}
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        results = {
+            "SPEC '6379=10.0.0.5:http': port 'http' is not a number":
+                run("serve", *how, "6379=10.0.0.5:http", env=env),
+            f"cannot listen on 127.0.0.1:{busy}: address already in use":
+                run("serve", *how, f"127.0.0.1:{busy}=127.0.0.1:1", env=env),
+        }
+    for needle, result in results.items():
+        assert result.returncode == 2, result
+        assert result.stdout == ""
+        [line] = result.stderr.splitlines()
+        record = json.loads(line)
+        assert (record["level"], record["event"]) == ("error", "start-failed"), record
+        assert needle in record["error"], record
+        assert isinstance(record["pid"], int) and record["ts"].endswith("Z"), record
 
 
 def test_low_port_without_privilege() -> None:
