@@ -119,10 +119,13 @@ def _number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-_TEXT = _kind("a string", lambda value: isinstance(value, str))
-# Printed in an error line, which must stay one line.
-_LINE = _kind("a line of text", lambda value: isinstance(value, str)
-              and value.splitlines() in ([value], []))
+def _line(value: object) -> bool:
+    return isinstance(value, str) and value.splitlines() in ([value], [])
+
+
+# Every string a supervisor sends is one line (names, addresses, states, errors), and each
+# is printed on a line of its own or inside one: a line break would forge more lines.
+_TEXT = _kind("a line of text", _line)
 _BOOL = _kind("true or false", lambda value: isinstance(value, bool))
 _NUMBER = _kind("a number", _number)
 _COUNT = _kind("a count", lambda value: _number(value) and isinstance(value, int) and value >= 0)
@@ -151,6 +154,8 @@ def _map_of(shape: _Shape) -> _Shape:
         if not isinstance(value, dict):
             raise _Misfit(f"{where} is not an object")
         for key, item in value.items():
+            if not _line(key):
+                raise _Misfit(f"{where} has a key that is not a line of text")
             shape(item, f"{where}[{quoted(key)}]")
     return fit
 
@@ -194,8 +199,8 @@ _STATUS = _object(
 _CHECK = _object({"ok": _BOOL, "stopping": _BOOL, "listeners": _LISTENERS},
                  {"metrics": _METRICS})
 _OK = _object({"ok": _BOOL})
-_RELOADED = _object({"listeners": _LISTENERS}, {"error": _nullable(_LINE)})
-_NOT_RELOADED = _object({"error": _LINE}, {"listeners": _LISTENERS})
+_RELOADED = _object({"listeners": _LISTENERS}, {"error": _nullable(_TEXT)})
+_NOT_RELOADED = _object({"error": _TEXT}, {"listeners": _LISTENERS})
 
 
 def _no_constant(name: str) -> NoReturn:

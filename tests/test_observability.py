@@ -567,6 +567,33 @@ def test_a_socket_that_is_not_forkproxys_is_one_line_and_exit_1(
     assert result.stdout == ""
 
 
+_FORGED = 'a\nlistening 127.0.0.1:1 -> 127.0.0.1:2'
+_LISTENER_OVER_TWO_LINES = {"link": _FORGED, "listen": "127.0.0.1:1", "upstream": "x:1"}
+# Each well-formed but for one name with a line break in it, which the client would print.
+OVER_TWO_LINES = {
+    "status": {"pid": 7, "version": "0", "started": 0, "stopping": False, "listeners": [],
+               "links": {_FORGED: {}}, "children": []},
+    "check": {"ok": True, "stopping": False, "listeners": [_LISTENER_OVER_TWO_LINES]},
+    "reload": {"ok": True, "listeners": [_LISTENER_OVER_TWO_LINES]},
+}
+
+
+@pytest.mark.parametrize("command", OVER_TWO_LINES)
+def test_a_reply_whose_text_would_print_as_two_lines_is_not_forkproxys(
+    command: str, tmp_path: Path, env: dict[str, str],
+) -> None:
+    """No supervisor sends a name with a line break; a socket that does would make the
+    client print lines of its choosing (a forged `listening` line on stdout)."""
+    sock_path = tmp_path / "other.sock"
+    with answering(sock_path, json.dumps(OVER_TWO_LINES[command]).encode()):
+        result = cli(command, "--status-socket", str(sock_path), env=env)
+    assert result.returncode == 1, result
+    assert result.stdout == "", result
+    [line] = result.stderr.splitlines()
+    assert "did not answer as a forkproxy status socket does" in line, line
+    assert "not a line of text" in line, line
+
+
 def test_check_passes_only_a_reply_that_says_listeners_are_bound(
     tmp_path: Path, env: dict[str, str],
 ) -> None:
