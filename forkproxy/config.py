@@ -264,8 +264,13 @@ def join_host_port(host: str, port: int) -> str:
 
 
 def peer_text(address: tuple[object, ...]) -> str:
-    """A socket address tuple as `host:port` (`[host]:port` for IPv6)."""
-    return join_host_port(str(address[0]), address[1])  # type: ignore[arg-type]
+    """A socket address tuple as `host:port` (`[host]:port` for IPv6, `[host%3]:port`
+    for one with a scope: a link-local peer, which the interface's index tells apart)."""
+    host = str(address[0])
+    if len(address) > 3 and address[3]:
+        # The index, not the interface's name: exact, and no system call to find it.
+        host = f"{host}%{address[3]}"
+    return join_host_port(host, address[1])  # type: ignore[arg-type]
 
 
 def name_variable(message: str, variables: Mapping[str, str]) -> str:

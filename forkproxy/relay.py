@@ -826,7 +826,12 @@ def serve(
         # Formatted here, and only for a log line: not in the supervisor (accounting.ChildRecord).
         # config.peer_text written out: its two calls cost ~23 KiB per idle connection.
         host, port = client_address[0], client_address[1]
-        client_addr = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"  # type: ignore[operator]
+        if ":" not in host:  # type: ignore[operator]
+            client_addr = f"{host}:{port}"
+        elif client_address[3]:  # a link-local client: its interface's index (peer_text)
+            client_addr = f"[{host}%{client_address[3]}]:{port}"
+        else:
+            client_addr = f"[{host}]:{port}"
         if lines[0] is None:
             log.info("open", link=link.name, client=client_addr, upstream=str(link.target))
         else:

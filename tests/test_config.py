@@ -23,9 +23,24 @@ from forkproxy.config import (
     parse_link_bind,
     parse_seconds,
     parse_spec,
+    peer_text,
     sources_from_json,
     sources_to_json,
 )
+
+
+@pytest.mark.parametrize(
+    ("address", "text"),
+    [
+        (("198.18.0.5", 41852), "198.18.0.5:41852"),
+        (("2001:2::1", 80, 0, 0), "[2001:2::1]:80"),
+        # A link-local peer: the interface's index tells two with the same address apart
+        # (status, `denied` and `connect-failed` lines; the relay writes the same).
+        (("fe80::2", 44304, 0, 3), "[fe80::2%3]:44304"),
+    ],
+)
+def test_a_peer_address_is_written_with_its_zone(address: tuple[object, ...], text: str) -> None:
+    assert peer_text(address) == text
 
 
 @pytest.mark.parametrize(

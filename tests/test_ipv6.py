@@ -77,6 +77,15 @@ def test_listens_on_a_link_local_address_with_a_zone(lab: Lab, ns: Namespace) ->
     assert lines[0].startswith("listening [fe80::1%v0]:"), lines
     port = int(lines[0].split(" -> ")[0].rsplit(":", 1)[1])
     assert ping(ns, "fe80::1%v0", port) == "+PONG"
+    # The client is link-local too: its zone (the interface's index) is in its log lines,
+    # or the same address on two interfaces could not be told apart.
+    index = ns.run(["cat", "/sys/class/net/v0/ifindex"]).strip()
+    deadline = time.monotonic() + 15
+    while " close " not in proc.stderr() and time.monotonic() < deadline:
+        time.sleep(0.05)  # the child writes it once the client has gone
+    for event in ("open", "close"):
+        assert any(f" {event} " in line and f" client=[fe80::1%{index}]:" in line
+                   for line in proc.stderr().splitlines()), proc.describe()
     # The zone stays in the URL (it used to be dropped: http://[fe80::1]:P reaches nothing).
     assert lines[1].startswith("metrics http://[fe80::1%25v0]:"), lines
     metrics_port = int(lines[1].rsplit(":", 1)[1].split("/")[0])
