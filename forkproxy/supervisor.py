@@ -1178,13 +1178,6 @@ class Supervisor:
                      if isinstance(exc, OSError) else str(exc))
             self.log.error("reload-failed", error=error, detail="previous configuration stays")
             return False, error
-        for listener in retired:
-            self._take_backlog(listener, "unlisten")  # before they close: see handle_stop
-        self.accepting = False
-        for listener in self.listeners:
-            self._unwatch(listener.fd)
-        listeners.close_all(retired)
-        self.listeners = kept
         # Names are looked up again by a resolver child, as the timer does: a slow DNS
         # server must not stall accepting on every listener. Until it answers a name keeps
         # the addresses it had, and a new one (a new port, or a port pointed at another
@@ -1206,6 +1199,15 @@ class Supervisor:
         for item in kept:
             self._prepare_relay(item)
             self.accounting.stats(item.link)
+        # Only now, with every kept port's new wiring in place: serving the backlogs may
+        # fork for clients held on a kept port too (serve_held), which must get the new.
+        for listener in retired:
+            self._take_backlog(listener, "unlisten")  # before they close: see handle_stop
+        self.accepting = False
+        for listener in self.listeners:
+            self._unwatch(listener.fd)
+        listeners.close_all(retired)
+        self.listeners = kept
         # A link no longer configured (or renamed: its name is its sources') leaves status
         # and metrics with its last live connection, rather than staying there for good,
         # and its lookup's outage with it: configured again later, its first failed

@@ -1471,6 +1471,42 @@ def test_a_client_held_on_a_port_a_reload_points_elsewhere_goes_to_the_new_targe
         assert stats["active"] == 1, stats
 
 
+def test_a_held_client_served_while_a_reload_drains_a_removed_port_gets_the_new_target(
+    pids_cgroup: Path, start_proxy: StartProxy, tcp_server: ServerFactory, short_dir: Path,
+    tmp_path: Path
+) -> None:
+    """A reload that removes one port (B) and points another (A) elsewhere serves B's
+    backlog before B closes, and with it, when a fork works again, a client held on A.
+    That client went to A's old target: A's relay arguments were rebuilt only after B's
+    backlog was served (found by a bug hunt, reading the code)."""
+    x, y, z = tcp_server(tagged(b"X:")), tcp_server(tagged(b"Y:")), tcp_server(tagged(b"Z:"))
+    (pids_cgroup / "pids.max").write_text("2")  # the supervisor and one child
+    port_a, port_b = distinct_free_ports(2)
+    env_file, sock_path = tmp_path / "links.env", short_dir / "s.sock"
+    a, b = f"A_PORT_{port_a}_TCP", f"B_PORT_{port_b}_TCP"
+    write_env_file(env_file, {a: f"tcp://127.0.0.1:{x.port}", b: f"tcp://127.0.0.1:{z.port}"})
+    proxy = start_proxy("--env-file", str(env_file), *LOOPBACK, "--status-socket", str(sock_path),
+                        expect=2, prefix=in_cgroup(pids_cgroup))
+    with connect(port_a) as first, connect(port_a) as held:
+        assert ask(first, b"1") == b"X:1"  # its child is the one allowed
+        assert wait_for(lambda: "fork-failed" in proxy.log())
+        # Frozen, so that the reload comes before the next retry of the held client's fork:
+        # a client waits in B's backlog, forks can work again, and the SIGHUP is first.
+        proxy.signal(signal.SIGSTOP)
+        try:
+            waiting = connect(port_b)
+            (pids_cgroup / "pids.max").write_text("10")
+            write_env_file(env_file, {a: f"tcp://127.0.0.1:{y.port}"})
+            proxy.signal(signal.SIGHUP)
+        finally:
+            proxy.signal(signal.SIGCONT)
+        with waiting:
+            waiting.settimeout(15)
+            assert ask(waiting, b"3") == b"Z:3"  # B's own client: B's wiring, as before
+        held.settimeout(15)
+        assert ask(held, b"2") == b"Y:2"
+
+
 class MemoryCgroup:
     """A fresh memory cgroup (v1 `memory` hierarchy, or v2 with the memory controller),
     no swap, so that its limit is met by the OOM killer, for real."""
