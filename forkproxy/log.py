@@ -14,6 +14,17 @@ import time
 DEBUG, INFO, WARNING, ERROR = 10, 20, 30, 40
 _NAMES = {DEBUG: "debug", INFO: "info", WARNING: "warning", ERROR: "error"}
 
+# The longest line written, newline included: PIPE_BUF on Linux. A write of at most this
+# many bytes to a pipe (stderr under Docker and most process managers) lands whole; a
+# longer one can be split by other children's lines written at the same time, and cut
+# short by a signal. So longer lines are cut to fit in their longest values, as HAProxy
+# cuts its log lines (at 1024 bytes by default). Only a link named by very many aliases,
+# or a name with very many addresses, comes near it.
+MAX_LINE = 4096
+# What a prepared line's slots (client address, counts, seconds) may add to its template.
+_SLOTS_ROOM = 256
+_CUT = "..."
+
 
 class Logger:
     """`log.info("open", link=..., client=...)` -> `... info open link=... client=...`."""
@@ -29,12 +40,29 @@ class Logger:
     def emit(self, level: int, event: str, fields: dict[str, object]) -> None:
         if level < self.level:
             return
-        self._write(self._render(level, event, fields, _stamp(), os.getpid()))
+        self._write(self._line(level, event, fields))
 
     def emit_requested(self, event: str, fields: dict[str, object]) -> None:
         """An info line someone asked for (SIGUSR1's status table): written whatever the
         verbosity, and still marked info, so that alerts on warnings do not fire on it."""
-        self._write(self._render(INFO, event, fields, _stamp(), os.getpid()))
+        self._write(self._line(INFO, event, fields))
+
+    def _line(self, level: int, event: str, fields: dict[str, object]) -> bytes:
+        """The line to write, newline included, at most MAX_LINE bytes: the longest text
+        value cut (and marked with `...`) by what the line is over, or by half when that
+        is more (escapes can make a value longer in the line), until it fits."""
+        stamp, pid = _stamp(), os.getpid()
+        while True:
+            data = (self._render(level, event, fields, stamp, pid) + "\n").encode(
+                "utf-8", "backslashreplace")
+            texts = [(len(v), k) for k, v in fields.items() if isinstance(v, str) and v]
+            if len(data) <= MAX_LINE or not texts:
+                return data
+            length, key = max(texts)
+            value = str(fields[key])
+            keep = max(length - (len(data) - MAX_LINE) - len(_CUT), length // 2)
+            cut = value[:keep] + _CUT if keep + len(_CUT) < length else ""
+            fields = {**fields, key: cut}
 
     def prepare(self, level: int, event: str, **fields: object) -> str | None:
         """This event's line (at a level that is logged) rendered now, but for the time,
@@ -60,6 +88,8 @@ class Logger:
         marks = [_STAMP_MARK, _PID_MARK] + [mark for mark, _ in slots]
         if any(rendered.count(mark) != 1 for mark in marks):
             return None
+        if len(rendered.encode("utf-8", "backslashreplace")) > MAX_LINE - _SLOTS_ROOM:
+            return None  # a line that may need cutting to fit (emit cuts it)
         template = rendered.replace("%", "%%") + "\n"
         for mark, directive in _DIRECTIVES:
             template = template.replace(mark, directive)
@@ -107,10 +137,12 @@ class Logger:
         parts += [f"{key}={_text_value(value)}" for key, value in fields.items()]
         return " ".join(parts)
 
-    def _write(self, line: str) -> None:
-        data = (line + "\n").encode("utf-8", "backslashreplace")
+    def _write(self, data: bytes) -> None:
         try:
-            os.write(self.fd, data)
+            while data:
+                # A short write (a signal during a write to a socket or a file) leaves
+                # the rest to write, not to drop: the next line would run on into it.
+                data = data[os.write(self.fd, data):]
         except OSError:
             pass  # stderr gone (closed pipe): logging must never take the proxy down
 
@@ -189,7 +221,7 @@ def write_start_error(message: str, fmt: str) -> None:
     if fmt == "json":
         Logger(ERROR, "json").error("start-failed", error=message)
     else:
-        Logger(ERROR)._write(f"forkproxy: error: {message}")
+        Logger(ERROR)._write(f"forkproxy: error: {message}\n".encode("utf-8", "backslashreplace"))
 
 
 def level_for(verbosity: int) -> int:

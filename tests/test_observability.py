@@ -1916,6 +1916,56 @@ def test_a_log_stamp_is_strftimes_utc_time_to_the_millisecond(now: float) -> Non
     assert _stamp(now) == f"{expected}.{int(now % 1 * 1000):03d}Z"
 
 
+def test_lines_longer_than_a_pipe_takes_whole_are_cut_to_fit_and_stay_whole(
+    redis: Redis, tmp_path: Path, env: dict[str, str],
+) -> None:
+    """A link named by many aliases (here ~6 KB) made `open` and `close` lines longer than
+    PIPE_BUF: 80 children writing them to a pipe drained slowly mixed their pieces, and
+    lines stopped being JSON. Each line is cut to 4096 bytes now, in its longest value."""
+    port = free_port()
+    aliases = [f"A{i:03d}_{'X' * 90}_PORT_{port}_TCP" for i in range(60)]
+    env_file = tmp_path / "links.env"
+    env_file.write_text("".join(f"{a}=tcp://127.0.0.1:{redis.port}\n" for a in aliases))
+    proc = subprocess.Popen(
+        [FORKPROXY, "serve", "--env-file", str(env_file), "--bind", "127.0.0.1",
+         "--log-format", "json", "--status-socket", str(tmp_path / "s.sock")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, start_new_session=True)
+    assert proc.stdout is not None and proc.stderr is not None
+    log = bytearray()
+
+    def drain_slowly() -> None:
+        assert proc.stderr is not None
+        while chunk := proc.stderr.read1(512):
+            log.extend(chunk)
+            time.sleep(0.001)
+
+    reader = threading.Thread(target=drain_slowly, daemon=True)
+    reader.start()
+    try:
+        assert proc.stdout.readline().startswith(b"listening 127.0.0.1:")
+        clients = [socket.create_connection(("127.0.0.1", port), timeout=DEADLINE)
+                   for _ in range(80)]
+        for client in clients:
+            client.sendall(b"PING\r\n")
+        for client in clients:
+            assert recv_exact(client, 7) == b"+PONG\r\n"
+            client.close()
+        poll(lambda: log.count(b'"event": "close"'), lambda closes: closes >= 80)
+    finally:
+        proc.terminate()
+        proc.wait(DEADLINE)
+        reader.join(DEADLINE)
+        proc.stdout.close()
+        proc.stderr.close()
+    lines = bytes(log).splitlines()
+    assert all(len(line) < 4096 for line in lines), max(map(len, lines))
+    records = [json.loads(line) for line in lines]  # every line whole: JSON, one per line
+    for event in ("open", "close"):
+        links = [r["link"] for r in records if r["event"] == event]
+        assert len(links) == 80, (event, len(links))
+        assert all(link.startswith(aliases[0]) and link.endswith("...") for link in links)
+
+
 def test_a_line_whose_fields_hold_a_mark_is_not_prepared() -> None:
     """prepare's marks never occur in validated names and targets; if one did, the caller
     gets None and logs the usual way rather than a garbled line."""
