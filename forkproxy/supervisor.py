@@ -365,8 +365,14 @@ class Supervisor:
             reason = "not a regular file" if exc.errno == errno.ENXIO else exc.strerror
             raise ConfigError(f"--pid-file {path!r}: {reason}") from None
         try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
+            found = os.fstat(fd)
+            if not stat.S_ISREG(found.st_mode):
                 raise ConfigError(f"--pid-file {path!r}: not a regular file")  # not OSError
+            if self._is_env_file(found):
+                # Written over, the links were gone at the next reload, and the file with
+                # them at exit. Raised before any write: not OSError, nothing unlinked.
+                raise ConfigError(f"--pid-file {path!r}: it is the --env-file "
+                                  f"{self.sources.env_file!r}")
             os.ftruncate(fd, 0)
             text = f"{os.getpid()}\n".encode()
             if os.write(fd, text) != len(text):
@@ -380,6 +386,16 @@ class Supervisor:
         finally:
             os.close(fd)
         self.pid_file_written = True
+
+    def _is_env_file(self, found: os.stat_result) -> bool:
+        """Whether `found` is the --env-file (the same file by any path or link)."""
+        if self.sources.env_file is None:
+            return False
+        try:
+            env = os.stat(self.sources.env_file)
+        except OSError:
+            return False
+        return (env.st_dev, env.st_ino) == (found.st_dev, found.st_ino)
 
     def run(self) -> int:
         """Serve until stopped; 0 after a clean stop."""

@@ -232,6 +232,33 @@ def test_an_env_file_over_1_mib_is_refused_and_one_of_1_mib_is_read(tmp_path: Pa
         assert_one_line_error(result, f"env file '{env_file}': larger than 1 MiB")
 
 
+@pytest.mark.parametrize("same", ["path", "hard link", "symlink"])
+def test_a_pid_file_that_is_the_env_file_is_refused_and_left_as_it_was(
+    tmp_path: Path, same: str
+) -> None:
+    """`--env-file links.env --pid-file links.env` wrote the PID over the links (every
+    reload then found none) and removed the file at exit."""
+    runtime, env_file = tmp_path / "runtime", tmp_path / "links.env"
+    runtime.mkdir(mode=0o700)
+    port = free_port()
+    content = f"A_PORT_{port}_TCP=tcp://127.0.0.1:1\n"
+    env_file.write_text(content)
+    pid_file = tmp_path / "proxy.pid"
+    if same == "path":
+        pid_file = env_file
+    elif same == "hard link":
+        pid_file.hardlink_to(env_file)
+    else:
+        pid_file.symlink_to(env_file)
+    result = run("serve", "--env-file", str(env_file), "--pid-file", str(pid_file),
+                 "--bind", "127.0.0.1", env={"XDG_RUNTIME_DIR": str(runtime)}, timeout=10)
+    assert_one_line_error(result, f"--pid-file '{pid_file}': it is the --env-file "
+                                  f"'{env_file}'")
+    assert env_file.read_text() == content
+    assert_not_listening(port)
+    assert list(runtime.rglob("*.sock")) == []
+
+
 def test_a_pid_file_that_is_a_fifo_is_refused_not_waited_on(tmp_path: Path) -> None:
     """The supervisor waited in open() for a reader of the FIFO: its port bound, its
     status socket made, nothing served, and SIGTERM blocked (only SIGKILL ended it, which
