@@ -697,7 +697,7 @@ def parse_seconds(text: str | None, flag: str, *, can_be_off: bool = True) -> fl
         raise _too_short_error(flag, quoted(text), can_be_off=can_be_off)
     if value > MAX_SECONDS:
         raise _too_long(flag, quoted(text), can_be_off=can_be_off)
-    if _below_least(flag, value):
+    if _below_least(flag, value, text):
         # Bare, as a count's range error is: by now the text is known to be a number.
         raise _too_short_error(flag, _shorten(text), can_be_off=can_be_off)
     return value
@@ -707,11 +707,14 @@ def _least_seconds(flag: str) -> float:
     return MIN_RESOLVE_EVERY if flag == "--resolve-every" else MIN_SECONDS
 
 
-def _below_least(flag: str, value: float) -> bool:
+def _below_least(flag: str, value: float, text: str | None = None) -> bool:
     # Under 1 ms a timeout cuts every connection (idle, half-close) or fails every
     # connect, and lookups run at most once a second anyway. A zero grace is a plain
-    # "stop now".
-    return value < _least_seconds(flag) and not (value == 0 and flag == "--grace")
+    # "stop now": a zero as typed (`0`, `0.0`, `0e5`), not a tiny number that float()
+    # rounds to 0.0 (`1e-400`), which is below the least like `1e-9`.
+    typed_zero = text is None or not text.lower().partition("e")[0].strip("0.")
+    return value < _least_seconds(flag) and not (
+        value == 0 and typed_zero and flag == "--grace")
 
 
 def _too_short_error(flag: str, shown: str, *, can_be_off: bool) -> ConfigError:

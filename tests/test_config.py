@@ -452,6 +452,7 @@ CAN_BE_OFF = ("--idle-timeout", "--halfclose-timeout", "--user-timeout", "--reso
         ("--halfclose-timeout", "1E3", 1000.0),
         ("--grace", "0", 0.0),  # a plain "stop now"
         ("--grace", "0.0", 0.0),
+        ("--grace", "0e5", 0.0),
         ("--resolve-every", "1", 1.0),
         ("--resolve-every", "2000000", 2_000_000.0),
         ("--user-timeout", "0.5", 0.5),
@@ -470,6 +471,8 @@ def test_durations_parse(flag: str, text: str, value: float) -> None:
         ("--connect-timeout", "1e-320", "--connect-timeout 1e-320: at least 0.001 seconds"),
         ("--idle-timeout", "1e-9", "--idle-timeout 1e-9: at least 0.001 seconds, or 'off'"),
         ("--grace", "1e-9", "--grace 1e-9: 0 or at least 0.001 seconds"),
+        # Not a zero as typed, though float() makes it one.
+        ("--grace", "1e-400", "--grace 1e-400: 0 or at least 0.001 seconds"),
         # Shown as typed, not as the float they became ('-0.0', '0.0', '0.2').
         ("--connect-timeout", "-0", "--connect-timeout '-0': at least 0.001 seconds"),
         ("--halfclose-timeout", "1e-400",
