@@ -294,9 +294,11 @@ def in_turn(addresses: list[Address], turn: int) -> list[Address]:
 
 def connect_upstream(
     addresses: list[Address], target: Endpoint, timeout: float, retries: int
-) -> tuple[RawSocket, bool]:
+) -> tuple[RawSocket, bool, tuple[str, str] | None]:
     """Connect to the first address that answers, retrying with a short backoff; return
-    the socket and whether its address came from a lookup of the child's own.
+    the socket, whether its address came from a lookup of the child's own, and None, or
+    (when addresses failed before one answered) the one that answered and the last that
+    failed, with its error, as text.
 
     Names are resolved by the supervisor. A child looks a name up itself only when the
     supervisor has no addresses (a DNS hiccup at start-up is not fatal) or when every one
@@ -309,6 +311,8 @@ def connect_upstream(
     to retry.
     """
     error: OSError | None = None
+    failed: tuple[tuple[object, ...], OSError] | None = None  # the last connect() that failed
+    failures = 0
     for attempt in range(retries + 1):
         if attempt:
             time.sleep(min(0.1 * 2**attempt, 2.0))
@@ -349,9 +353,18 @@ def connect_upstream(
                     error = exc
                 else:
                     sock.setblocking(False)
-                    return sock, own
+                    return sock, own, failed and _fallback(sockaddr, *failed, failures)
+                failed, failures = (sockaddr, error), failures + 1
                 sock.close()
     raise error or OSError(errno.EHOSTUNREACH, "no address")
+
+
+def _fallback(connected: tuple[object, ...], address: tuple[object, ...], error: OSError,
+              failures: int) -> tuple[str, str]:
+    """The address connected to, and `[fd00::5]:6379: Connection timed out` (with how many
+    more failed before it)."""
+    more = f" (and {failures - 1} more)" if failures > 1 else ""
+    return peer_text(connected), f"{peer_text(address)}: {error.strerror or error}{more}"
 
 
 def pump(
@@ -758,7 +771,7 @@ def serve(
     if len(addresses) > 1:
         addresses = in_turn(addresses, turn)
     try:
-        upstream, looked_up = connect_upstream(
+        upstream, looked_up, fallback = connect_upstream(
             addresses, link.target, options.connect_timeout, options.connect_retries
         )
     except OSError as exc:
@@ -802,6 +815,11 @@ def serve(
                      duration=time.monotonic() - started, outcome=OUTCOMES[UPSTREAM_RESET],
                      error=cause.strerror or str(cause))
         return UPSTREAM_RESET
+    if fallback is not None:
+        # Connected, but only after an address failed (a dead first address of a name, a
+        # retry): each such connection waited for it, and nothing else would say so.
+        log.warning("connect-fallback", link=link.name, client=peer_text(client_address),
+                    upstream=str(link.target), connected=fallback[0], failed=fallback[1])
     if looked_up and supervisor and os.getppid() == supervisor:
         # The name points elsewhere now: SIGALRM, the supervisor's "resolve now" (the
         # --resolve-every timer's signal), so that the clients after this one go straight

@@ -403,3 +403,27 @@ def test_connections_take_turns_at_a_names_addresses(lab: Lab, ns: Namespace) ->
         answers = [redis_cli(ns, port, "GET", "who", check=False) for _ in range(10)]
         # One after the other: strictly in turn.
         assert answers in (["first", "second"] * 5, ["second", "first"] * 5), (port, answers)
+
+
+def test_a_connection_that_gets_through_only_after_an_address_failed_says_so(
+    lab: Lab, ns: Namespace
+) -> None:
+    """A name whose first address is dead (here: nothing listens on 127.0.0.4) still
+    serves every client through the next one, but each whose turn starts there waits
+    for that address first: up to --connect-timeout for one that drops packets. Nothing
+    said so (found by a bug hunt: a steady 1 s delay on every connection, with clean
+    `close` lines). A `connect-fallback` warning names both addresses now."""
+    set_hosts(ns, None)
+    gate = lab.workdir / "dns-answers"
+    gate.touch()
+    start_dns(lab, ns, gate, addresses="127.0.0.4,127.0.0.2")
+    proxy = start_proxy(lab, ns, "--resolve-every", "off")
+    assert [who(ns) for _ in range(4)] == ["first"] * 4
+    wait_until(lambda: proxy.stderr().count(" connect-fallback ") >= 2, proxy)
+    lines = [x for x in proxy.stderr().splitlines() if " connect-fallback " in x]
+    assert len(lines) == 2, proxy.describe()  # every other connection starts at the dead one
+    for line in lines:
+        assert " warning connect-fallback " in line, line
+        assert f" upstream=upstream.test:{REDIS_PORT} " in line, line
+        assert f" connected=127.0.0.2:{REDIS_PORT} " in line, line
+        assert line.endswith(f' failed="127.0.0.4:{REDIS_PORT}: Connection refused"'), line
