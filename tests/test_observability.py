@@ -1935,7 +1935,7 @@ def test_lines_longer_than_a_pipe_takes_whole_are_cut_to_fit_and_stay_whole(
 
     def drain_slowly() -> None:
         assert proc.stderr is not None
-        while chunk := proc.stderr.read1(512):
+        while chunk := os.read(proc.stderr.fileno(), 512):
             log.extend(chunk)
             time.sleep(0.001)
 
