@@ -891,6 +891,42 @@ def test_a_status_socket_path_no_socket_can_have_is_bad_input_for_the_clients(
     assert_one_line_error(run(command, *args, env=env), *needles)
 
 
+@pytest.mark.parametrize("command", ["status", "check", "reload"])
+def test_a_status_socket_path_that_is_not_a_socket_is_bad_input_for_the_clients(
+    tmp_path: Path, command: str
+) -> None:
+    """connect() to a file is refused as to a dead socket: the clients said "no answer on
+    '/etc/passwd': Connection refused" and exit 1, a supervisor down, for a path serve
+    refuses as bad input. A symlink to a socket is followed, as connect() follows it."""
+    precious = tmp_path / "precious.conf"
+    precious.write_text("keep me\n")
+    for path in (str(precious), str(tmp_path), "/dev/null"):
+        assert_one_line_error(run(command, "--status-socket", path),
+                              f"--status-socket '{path}': exists and is not a socket")
+    assert_one_line_error(run(command, env={"FORKPROXY_STATUS_SOCKET": str(precious)}),
+                          f"FORKPROXY_STATUS_SOCKET (--status-socket) '{precious}': exists and "
+                          "is not a socket")
+    assert precious.read_text() == "keep me\n"
+    short = Path(tempfile.mkdtemp(prefix="fpc-", dir="/tmp"))  # sun_path is short
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as other:
+            other.bind(str(short / "other.sock"))
+            other.listen()
+            (short / "link.sock").symlink_to(short / "other.sock")
+            other.settimeout(10)
+            with subprocess.Popen([FORKPROXY, command, "--status-socket", str(short / "link.sock")],
+                                  stderr=subprocess.PIPE, text=True,
+                                  env={"PATH": os.environ["PATH"]}) as client:
+                conn = other.accept()[0]  # reached through the link
+                with conn:
+                    assert conn.recv(4096).endswith(b"\n")  # the request, left unanswered
+                assert client.wait(30) == 1
+                assert client.stderr is not None
+                assert "closed without a reply" in client.stderr.read()
+    finally:
+        shutil.rmtree(short, ignore_errors=True)
+
+
 _SERVE_WITHOUT_INTERPRETER = """
 import os, sys
 os.unlink(sys.executable)  # gone before serve execs it: a venv rebuilt, an upgrade
