@@ -31,10 +31,14 @@ def encode_reply(reply: dict[str, object]) -> bytes:
 def default_dir(environ: dict[str, str] | os._Environ[str], uid: int) -> str:
     """Per user, so two users' proxies never meet.
 
-    $XDG_RUNTIME_DIR/forkproxy, or /tmp/forkproxy-UID without it.
+    $XDG_RUNTIME_DIR/forkproxy, or /tmp/forkproxy-UID without it. A relative
+    XDG_RUNTIME_DIR counts as unset, as the XDG base directory spec says: relative to
+    each process's working directory, serve and its clients would look in different places.
     """
-    runtime = environ.get("XDG_RUNTIME_DIR")
-    return os.path.join(runtime, "forkproxy") if runtime else f"/tmp/forkproxy-{uid}"
+    runtime = environ.get("XDG_RUNTIME_DIR", "")
+    if os.path.isabs(runtime):
+        return os.path.join(runtime, "forkproxy")
+    return f"/tmp/forkproxy-{uid}"
 
 
 def prepare_dir(path: str) -> None:

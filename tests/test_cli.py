@@ -192,6 +192,28 @@ def test_an_unusable_default_socket_directory_is_named(tmp_path: Path) -> None:
         assert f"'{runtime}/forkproxy': Not a directory" in result.stderr
 
 
+def test_a_relative_xdg_runtime_dir_is_ignored_by_serve_and_the_clients(
+    tmp_path: Path, start_proxy: Callable[..., Proxy], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The XDG base directory spec: a relative path in XDG_RUNTIME_DIR is invalid and must
+    be ignored. serve failed ("status socket directory 'rel/forkproxy': No such file or
+    directory"), and a client run elsewhere would have looked somewhere else."""
+    env = {**os.environ, "XDG_RUNTIME_DIR": "rel"}
+    env = {name: value for name, value in env.items() if not name.startswith("FORKPROXY_")}
+    (tmp_path / "rel").mkdir()
+    monkeypatch.chdir(tmp_path)  # where a relative XDG_RUNTIME_DIR would lead serve
+    proxy = start_proxy("127.0.0.1:0=127.0.0.1:1", env=env)
+    sock = f"/tmp/forkproxy-{os.getuid()}/{proxy.pid}.sock"
+    assert Path(sock).is_socket()  # the default used without XDG_RUNTIME_DIR
+    assert list((tmp_path / "rel").iterdir()) == []
+    result = subprocess.run([FORKPROXY, "status", "--json"], capture_output=True, text=True,
+                            timeout=30, env=env)
+    if result.returncode == 0:
+        assert json.loads(result.stdout)["pid"] == proxy.pid
+    else:  # another supervisor of this user's runs in the shared default directory
+        assert "several forkproxy supervisors" in result.stderr and repr(sock) in result.stderr
+
+
 def test_a_status_socket_another_program_listens_on_is_refused_and_kept(
     tmp_path: Path,
 ) -> None:
