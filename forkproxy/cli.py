@@ -123,6 +123,12 @@ def _from_environment(ctx: Any, param: Any) -> str | None:
     return envvar if getattr(source, "name", None) == "ENVIRONMENT" else None
 
 
+def _given_on_command_line(ctx: Any, name: str) -> bool:
+    """Did parameter `name` come from the command line (not a variable, not its default)?
+    Compared by name, as in _from_environment."""
+    return getattr(ctx.get_parameter_source(name), "name", None) == "COMMANDLINE"
+
+
 def _variables(ctx: typer.Context) -> dict[str, str]:
     """Flag -> variable, for each option whose value came from its FORKPROXY_... variable."""
     found = {}
@@ -501,7 +507,13 @@ def reload_command(
     ] = None,
 ) -> None:
     """Re-read the env file and re-resolve names, as SIGHUP does; report the outcome."""
-    if pid_file is not None:  # asked for on the command line: it wins over the socket
+    if pid_file is not None and _given_on_command_line(ctx, "status_socket"):
+        # Two ways to reach the supervisor, both chosen here: taking one would ignore the
+        # other without a word. FORKPROXY_STATUS_SOCKET is serve's too, often set where
+        # reload runs: --pid-file goes over it, as any flag goes over a variable.
+        fail("--pid-file and --status-socket: give one or the other (--pid-file sends "
+             "SIGHUP, --status-socket asks the socket and reports the outcome)")
+    if pid_file is not None:  # asked for on the command line: it wins over the variable
         try:
             pid = _signal_supervisor(pid_file)
         except ReloadError as exc:

@@ -799,6 +799,19 @@ def test_reload_reports_the_outcome_unless_pid_file_is_on_the_command_line(
 
 
 
+def test_reload_refuses_both_pid_file_and_status_socket_on_the_command_line(
+    tmp_path: Path,
+) -> None:
+    """Usage shows `[--status-socket PATH | --pid-file PATH]`, but with both --status-socket
+    was ignored without a word. Only when both are typed: FORKPROXY_STATUS_SOCKET, serve's
+    variable, gives way to --pid-file (see the test above)."""
+    pid_file = tmp_path / "proxy.pid"
+    pid_file.write_text("4194304\n")  # beyond the kernel's pid_max: no process to signal
+    for args in (["--pid-file", str(pid_file), "--status-socket", str(tmp_path / "s.sock")],
+                 ["--status-socket", str(tmp_path / "s.sock"), "--pid-file", str(pid_file)]):
+        assert_one_line_error(run("reload", *args), "--pid-file and --status-socket")
+
+
 @pytest.mark.parametrize(("redirects", "closed"),
                          [(">&-", {1}), ("2>&-", {2}), ("<&- >&- 2>&-", {0, 1, 2})])
 def test_serve_runs_with_standard_fds_closed(
