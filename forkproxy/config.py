@@ -492,15 +492,39 @@ def merge_links(links: Iterable[Link]) -> tuple[Link, ...]:
     merged = tuple(by_key.values())
     for index, link in enumerate(merged):
         for other in merged[index + 1 :]:
-            if link.port and link.port == other.port and (
-                _covers(link.bind, other.bind) or _covers(other.bind, link.bind)
-            ):
+            if link.port and link.port == other.port and _overlap(link.bind, other.bind):
                 # bind() would say "address already in use", as if another program held it.
                 raise ConfigError(
                     f"port {link.port} is bound twice: {link.name} on {link.bind} and "
                     f"{other.name} on {other.bind} overlap"
                 )
     return merged
+
+
+def check_metrics_port(metrics: str | None, links: Iterable[Link]) -> None:
+    """ConfigError when --metrics would listen where a link does: bind() would say
+    "address already in use", as if another program held the port."""
+    if metrics is None:
+        return
+    host, port = parse_metrics_address(metrics)
+    for link in links:
+        if port and link.port == port and _overlap(host, link.bind):
+            raise ConfigError(f"--metrics {quoted(metrics)}: port {port} is bound twice: the "
+                              f"metrics endpoint on {host} and {link.name} on {link.bind} "
+                              "overlap")
+
+
+def _overlap(one: str, other: str) -> bool:
+    """Would listeners on these two addresses clash on one port?"""
+    one, other = _as_bound(one), _as_bound(other)
+    return one == other or _covers(one, other) or _covers(other, one)
+
+
+def _as_bound(address: str) -> str:
+    """An IPv4-mapped address (::ffff:a.b.c.d) as the IPv4 address it binds: Linux binds
+    an IPv6 socket given one on IPv4, where it clashes with a.b.c.d and 0.0.0.0."""
+    mapped = getattr(ipaddress.ip_address(address), "ipv4_mapped", None)
+    return address if mapped is None else str(mapped)
 
 
 def _covers(wide: str, narrow: str) -> bool:

@@ -35,6 +35,7 @@ from .config import (
     Network,
     Sources,
     build_links,
+    check_metrics_port,
     fitting_children,
     join_host_port,
     mebibytes,
@@ -107,6 +108,7 @@ def read_links(sources: Sources, environ: Mapping[str, str]) -> LinkTable:
             raise ConfigError(f"cannot read env file {path!r}: {reason}") from None
     table = build_links(sources.specs, environ if sources.from_env else None, env_file,
                         sources.bind)
+    check_metrics_port(sources.options.metrics, table.links)  # at start and at each reload
     listeners.check_zones(table.links)
     return table
 

@@ -123,6 +123,22 @@ def test_port_in_use_is_named_and_nothing_is_half_started() -> None:
     assert_not_listening(first)  # the first listener was closed again, not left behind
 
 
+def test_listeners_that_overlap_are_named_not_blamed_on_another_program() -> None:
+    """An IPv4-mapped bind address, and --metrics on a listener's port, ended in "cannot
+    listen on ...: address already in use", as if another program held the port."""
+    port = free_port()
+    result = run("serve", f"127.0.0.1:{port}=127.0.0.1:1", f"[::ffff:127.0.0.1]:{port}=127.0.0.1:1")
+    assert_one_line_error(result, f"port {port} is bound twice", "overlap")
+    spec = f"127.0.0.1:{port}=127.0.0.1:1"
+    result = run("serve", "--metrics", f"127.0.0.1:{port}", spec)
+    assert_one_line_error(result, f"--metrics '127.0.0.1:{port}': port {port} is bound twice: "
+                                  f"the metrics endpoint on 127.0.0.1 and {spec} on 127.0.0.1 "
+                                  "overlap")
+    result = run("serve", spec, env={"FORKPROXY_METRICS": f"127.0.0.1:{port}"})
+    assert_one_line_error(result, f"FORKPROXY_METRICS (--metrics) '127.0.0.1:{port}': port {port}")
+    assert_not_listening(port)
+
+
 @pytest.mark.parametrize("how", [["--log-format", "json"], ["--log-format=json", "-qq"], []])
 def test_with_log_format_json_a_start_error_is_one_json_record(how: list[str]) -> None:
     """A log pipeline that parses every line reads why serve did not start: both the

@@ -15,6 +15,7 @@ from forkproxy.config import (
     Options,
     Sources,
     build_links,
+    check_metrics_port,
     check_options,
     links_from_env,
     parse_count,
@@ -396,6 +397,11 @@ def test_ports_with_leading_zeros_are_their_value(spec: str, port: int, target_p
         (["127.0.0.1:6379=10.0.0.5:1", "127.0.0.2:6379=10.0.0.6:1"], {}, False),
         (["[::1]:6379=10.0.0.5:1", "6379=10.0.0.5:1"], {}, False),  # v6-only and v4
         (["127.0.0.1:0=10.0.0.5:1", "0=10.0.0.5:1"], {}, False),  # port 0: each its own
+        # An IPv4-mapped address binds IPv4: "address already in use" at start.
+        (["127.0.0.1:6379=10.0.0.5:1", "[::ffff:127.0.0.1]:6379=10.0.0.5:1"], {}, True),
+        (["6379=10.0.0.5:1", "[::ffff:127.0.0.1]:6379=10.0.0.5:1"], {}, True),
+        (["127.0.0.1:6379=10.0.0.5:1", "[::ffff:0.0.0.0]:6379=10.0.0.5:1"], {}, True),
+        (["127.0.0.2:6379=10.0.0.5:1", "[::ffff:127.0.0.1]:6379=10.0.0.5:1"], {}, False),
     ],
 )
 def test_listeners_whose_addresses_overlap_are_refused_by_name(
@@ -408,6 +414,35 @@ def test_listeners_whose_addresses_overlap_are_refused_by_name(
         return
     with pytest.raises(ConfigError, match=r"port 6379 is bound twice: .* overlap"):
         build_links(specs, env)
+
+
+@pytest.mark.parametrize(
+    ("metrics", "specs", "overlap"),
+    [
+        ("127.0.0.1:6379", ["127.0.0.1:6379=10.0.0.5:1"], True),
+        (":6379", ["127.0.0.1:6379=10.0.0.5:1"], True),  # empty HOST: 0.0.0.0
+        ("[::]:6379", ["127.0.0.2:6379=10.0.0.5:1"], True),
+        ("127.0.0.1:6379", ["[::ffff:127.0.0.1]:6379=10.0.0.5:1"], True),
+        ("127.0.0.1:6379", ["127.0.0.2:6379=10.0.0.5:1"], False),
+        ("127.0.0.1:6379", ["[::1]:6379=10.0.0.5:1"], False),
+        ("127.0.0.1:6380", ["127.0.0.1:6379=10.0.0.5:1"], False),
+        ("127.0.0.1:0", ["127.0.0.1:0=10.0.0.5:1"], False),  # port 0: each its own
+    ],
+)
+def test_metrics_on_a_listeners_port_is_refused_by_name(
+    metrics: str, specs: list[str], overlap: bool,
+) -> None:
+    """serve said "--metrics ...: cannot listen on ...: address already in use", as if
+    another program held the port."""
+    links = build_links(specs).links
+    if not overlap:
+        check_metrics_port(metrics, links)
+        return
+    with pytest.raises(ConfigError, match=(
+        rf"^--metrics '{re.escape(metrics)}': port 6379 is bound twice: the metrics endpoint "
+        rf"on .* and {re.escape(specs[0])} on .* overlap$"
+    )):
+        check_metrics_port(metrics, links)
 
 
 def test_a_dotted_link_alias_is_a_link() -> None:
