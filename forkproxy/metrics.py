@@ -25,6 +25,7 @@ import ctypes
 import signal
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from socketserver import ThreadingMixIn
 from typing import Any
@@ -41,6 +42,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from forkproxy.config import peer_text
+from forkproxy.log import WARNING, Logger
 from forkproxy.relay import OUTCOMES
 from forkproxy.status import StatusError, enrich, request
 
@@ -243,14 +246,63 @@ def _die_with_parent() -> None:
 # socket's 16 clients (control.MAX_CLIENTS), so that scrapes alone never fill it.
 MAX_SCRAPES = 8
 SCRAPE_WAIT = 1.0  # seconds a new client may wait for a slot
+# Seconds a client has to send its whole request (Prometheus sends it at once), then to
+# take the whole reply (a large table to a slow reader). Past them it is cut.
+REQUEST_DEADLINE = 5.0
+REPLY_DEADLINE = 30.0
+
+
+class _Deadlines:
+    """One thread that cuts the connections past their deadline. A socket timeout bounds
+    each recv, not a request trickled in a byte at a time (slowloris): eight such clients
+    held every scrape slot for as long as they trickled, and every scrape failed."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.due: dict[socket.socket, float] = {}
+        threading.Thread(target=self._cut_late, daemon=True).start()
+
+    def set(self, sock: socket.socket, seconds: float) -> None:
+        with self.lock:
+            self.due[sock] = time.monotonic() + seconds
+
+    def clear(self, sock: socket.socket) -> None:
+        with self.lock:
+            self.due.pop(sock, None)
+
+    def _cut_late(self) -> None:
+        while True:
+            time.sleep(0.25)
+            now = time.monotonic()
+            # Under the lock: a handler clears its socket before the server closes it, so
+            # no shutdown can reach a descriptor number a newer connection took since.
+            with self.lock:
+                for sock in [sock for sock, due in self.due.items() if due <= now]:
+                    del self.due[sock]
+                    # Its thread, blocked in recv or send, wakes to an end, freeing the slot.
+                    with contextlib.suppress(OSError):
+                        sock.shutdown(socket.SHUT_RDWR)
 
 
 class _Server(ThreadingMixIn, WSGIServer):
     """A thread per scrape, as prometheus_client's own server does: one client that
-    connects and sends nothing must not block the others. At most MAX_SCRAPES threads."""
+    connects and sends nothing must not block the others. At most MAX_SCRAPES threads,
+    each for at most REQUEST_DEADLINE + REPLY_DEADLINE."""
 
     daemon_threads = True
     scrapes = threading.BoundedSemaphore(MAX_SCRAPES)  # one server per process
+    deadlines: _Deadlines
+    log: Logger
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that reset, timed out or was cut (OSError) is no news. socketserver
+        printed a traceback for each one to the proxy's stderr (200 clients that reset:
+        3,417 lines, past -q and --log-format json; with stderr a pipe nobody read, the
+        threads blocked on it). Anything else is one warning line."""
+        error = sys.exc_info()[1]
+        if not isinstance(error, OSError):
+            self.log.warning("metrics-request-failed", client=peer_text(client_address),
+                             error=repr(error))
 
     def process_request(self, request: Any, client_address: Any) -> None:
         # A burst of scrapes waits its turn (each takes milliseconds); clients that hold
@@ -272,7 +324,24 @@ class _Server(ThreadingMixIn, WSGIServer):
 
 
 class _QuietHandler(WSGIRequestHandler):
-    timeout = 30  # seconds a client may take to send its request
+    timeout = REQUEST_DEADLINE  # per recv and send; _Deadlines bounds the whole
+    server: _Server
+
+    def setup(self) -> None:
+        self.server.deadlines.set(self.request, REQUEST_DEADLINE)
+        super().setup()
+
+    def parse_request(self) -> bool:
+        parsed = super().parse_request()  # reads the headers too
+        self.server.deadlines.set(self.request, REPLY_DEADLINE)
+        return parsed
+
+    def finish(self) -> None:
+        try:
+            super().finish()
+        finally:
+            self.server.deadlines.clear(self.request)
+
     def log_message(self, format: str, *args: Any) -> None:
         """Scrapes are not worth a log line each."""
 
@@ -283,6 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--status-socket", required=True)
     parser.add_argument("--supervisor-pid", type=int, required=True,
                         help="exit when this process is no longer the parent")
+    parser.add_argument("--log-format", default="text")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -297,6 +367,8 @@ def main(argv: list[str] | None = None) -> int:
     server.server_name, server.server_port = "forkproxy", sock.getsockname()[1]
     server.setup_environ()
     server.set_app(_answer_head(make_wsgi_app(registry)))
+    server.deadlines = _Deadlines()
+    server.log = Logger(WARNING, args.log_format)
     server.timeout = 1.0
     # The supervisor is gone: so is this process, which would otherwise hold the port. Its
     # pid comes from the command line, not from getppid() here: a supervisor killed while

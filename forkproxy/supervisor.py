@@ -63,6 +63,7 @@ METRICS_RESTART = 5.0  # seconds before a metrics process that died is started a
 # that, say clients that never read their answers, the loop answers itself.
 MAX_REPORTERS = control.MAX_CLIENTS
 TABLE_EXIT_WAIT = 1.0  # seconds an exit waits for SIGUSR1's table to be written
+METRICS_EXIT_WAIT = 2.0  # seconds the metrics process has to exit at a stop
 REPORT_TIMEOUT = 10.0  # seconds a reporter waits for a client that does not read
 RESOLVE_AGAIN_AFTER = MIN_RESOLVE_EVERY  # seconds: the least time between two lookups' starts
 _RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
@@ -306,7 +307,8 @@ class Supervisor:
         # --status-socket=PATH in one word: a relative PATH may start with "-", which the
         # metrics process's argument parser would take for an option.
         argv = [sys.executable, "-I", script, "--fd", str(fd),
-                f"--status-socket={self.control.path}", "--supervisor-pid", str(os.getpid())]
+                f"--status-socket={self.control.path}", "--supervisor-pid", str(os.getpid()),
+                f"--log-format={self.options.log_format}"]
         try:
             pid = os.fork()
         except OSError as exc:  # EAGAIN at a pids limit, ENOMEM: try again later
@@ -494,11 +496,7 @@ class Supervisor:
             except OSError:
                 pass  # already gone and reaped
         if self.metrics_pid:
-            try:
-                os.kill(self.metrics_pid, signal.SIGTERM)
-                os.waitpid(self.metrics_pid, 0)
-            except OSError:
-                pass  # already gone and reaped
+            self._end_metrics()
         if self.metrics_sock is not None:
             self.metrics_sock.close()
         if self.control is not None:
@@ -516,6 +514,23 @@ class Supervisor:
         # The counts no window's end has logged yet. Last: with the log blocked, this
         # write waits, and everything above is done by then.
         self._end_denial_windows()
+
+    def _end_metrics(self) -> None:
+        """SIGTERM the metrics process, and SIGKILL it if it has not exited within
+        METRICS_EXIT_WAIT: blocked on a stderr nobody reads, it never did, and the stop
+        waited for it for ever (docker stop then kills the whole container)."""
+        pid = self.metrics_pid
+        try:
+            os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + METRICS_EXIT_WAIT
+            while not os.waitpid(pid, os.WNOHANG)[0]:
+                if time.monotonic() >= deadline:
+                    os.kill(pid, signal.SIGKILL)
+                    os.waitpid(pid, 0)
+                    return
+                time.sleep(0.02)
+        except OSError:
+            pass  # already gone and reaped
 
     def _let_the_table_be_written(self) -> None:
         """Wait up to TABLE_EXIT_WAIT for SIGUSR1's reporter: a table asked for just

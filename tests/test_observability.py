@@ -15,6 +15,7 @@ import re
 import signal
 import socket
 import stat
+import struct
 import subprocess
 import threading
 import time
@@ -1324,6 +1325,93 @@ def scrape_or_empty(url: str) -> str:
         return scrape(url, timeout=10)
     except OSError:
         return ""
+
+
+def test_clients_that_trickle_their_request_are_cut_and_scrapes_get_through(
+    start_proxy: StartProxy, tcp_server: ServerFactory, env: dict[str, str],
+) -> None:
+    """Eight clients sending a request a byte at a time (slowloris) held every scrape slot
+    for as long as they trickled, a socket timeout bounding each recv, not the request:
+    every scrape failed. Each client has REQUEST_DEADLINE for its whole request now."""
+    server = tcp_server(echo)
+    proxy = start_proxy("--metrics", "127.0.0.1:0", f"127.0.0.1:0=127.0.0.1:{server.port}",
+                        expect=2, env=env)
+    url = metrics_url(proxy)
+    assert "forkproxy_up 1.0" in scrape(url)
+    port = metrics_port(url)
+    request = b"GET /metrics HTTP/1.1\r\nHost: x\r\n" + b"X-Pad: y\r\n" * 100
+    stop, cut = threading.Event(), []
+
+    def trickle() -> None:
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            for byte in request:  # 2 bytes a second: ~9 minutes for the whole request
+                try:
+                    sock.sendall(bytes([byte]))
+                except OSError:
+                    cut.append(True)
+                    return
+                if stop.wait(0.5):
+                    return
+            # Sent whole: never, unless it was served after all.
+
+    threads = [threading.Thread(target=trickle, daemon=True)
+               for _ in range(fp_metrics.MAX_SCRAPES)]
+    for thread in threads:
+        thread.start()
+    try:
+        time.sleep(1)  # every slot taken
+        text = poll(lambda: scrape_or_empty(url), lambda text: "forkproxy_up 1.0" in text,
+                    timeout=fp_metrics.REQUEST_DEADLINE + 15)
+        assert "forkproxy_up 1.0" in text, "no scrape got through the trickling clients"
+        # Each was cut by the metrics process (its next sends fail), not served or gone.
+        assert poll(lambda: len(cut), lambda n: n == len(threads)) == len(threads), cut
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(30)
+
+
+def test_clients_that_reset_leave_no_traceback_in_the_log(
+    start_proxy: StartProxy, tcp_server: ServerFactory, env: dict[str, str],
+) -> None:
+    """socketserver printed a traceback per client whose connection failed (a reset, a
+    timeout) to the proxy's stderr, past -q and --log-format json: 200 such clients, 3,417
+    lines. With stderr a pipe nobody read, the scrape threads blocked on it for good."""
+    server = tcp_server(echo)
+    proxy = start_proxy("--metrics", "127.0.0.1:0", f"127.0.0.1:0=127.0.0.1:{server.port}",
+                        "--log-format", "json", expect=2, env=env)
+    url = metrics_url(proxy)
+    port = metrics_port(url)
+    for _ in range(50):
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            sock.sendall(b"G")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    assert "forkproxy_up 1.0" in poll(lambda: scrape_or_empty(url),
+                                      lambda text: "forkproxy_up 1.0" in text)
+    assert proxy.stop() == 0
+    log = proxy.log()
+    assert "Traceback" not in log, log[:2000]
+    for line in log.splitlines():
+        json.loads(line)  # every line a record, as --log-format json promises
+
+
+def test_a_stop_does_not_wait_for_ever_on_a_metrics_process_that_will_not_exit(
+    start_proxy: StartProxy, tcp_server: ServerFactory, env: dict[str, str],
+) -> None:
+    """The stop SIGTERMed the metrics process and waited for it without a bound: blocked
+    on a stderr nobody read, it never exited, nor did forkproxy (docker stop kills it
+    after 10 s). A stopped process stands in for a stuck one: SIGTERM does not end it."""
+    server = tcp_server(echo)
+    proxy = start_proxy("--metrics", "127.0.0.1:0", f"127.0.0.1:0=127.0.0.1:{server.port}",
+                        expect=2, env=env)
+    assert "forkproxy_up 1.0" in scrape(metrics_url(proxy))
+    stuck = poll(lambda: metrics_pid(proxy.pid), bool)
+    assert stuck
+    os.kill(stuck, signal.SIGSTOP)
+    started = time.monotonic()
+    assert proxy.stop(timeout=30) == 0
+    assert time.monotonic() - started < 10, "the stop waited on the metrics process"
+    assert not psutil.pid_exists(stuck) or psutil.Process(stuck).status() == "zombie"
 
 
 # -- reload: links that go away ---------------------------------------------------------------
