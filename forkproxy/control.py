@@ -150,11 +150,14 @@ class ControlServer:
         try:
             if not client.outbox:
                 data = client.sock.recv(MAX_REQUEST)
-                if not data:
+                if not data and not client.inbox:
                     return self._drop(fd)
                 client.inbox += data
-                if b"\n" not in client.inbox:
+                if data and b"\n" not in client.inbox:
                     return len(client.inbox) < MAX_REQUEST or self._drop(fd)
+                # A line, or what came before the end of the client's writing: a request
+                # sent without a newline, then a shutdown (`printf ... | socat - UNIX:...`),
+                # is answered too, not dropped without a word.
                 line = client.inbox.split(b"\n", 1)[0]
                 outbox = self._reply(line, client.sock)
                 if outbox is None:

@@ -168,6 +168,22 @@ def test_a_control_request_nested_past_the_stack_is_a_bad_request(
     socket.create_connection(("127.0.0.1", proxy.port), timeout=10).close()  # still listening
 
 
+def test_a_control_request_without_a_newline_is_answered_at_the_end_of_its_writing(
+    start_proxy: Callable[..., Proxy], tmp_path: Path,
+) -> None:
+    """`printf '{"command":"check"}' | socat - UNIX:...`: the request came, then EOF, and
+    the connection was closed without a reply."""
+    sock_path = tmp_path / "s.sock"
+    start_proxy("--status-socket", str(sock_path), "127.0.0.1:0=127.0.0.1:1")
+    with socket.socket(socket.AF_UNIX) as client:
+        client.settimeout(30)
+        client.connect(str(sock_path))
+        client.sendall(b'{"command": "check"}')
+        client.shutdown(socket.SHUT_WR)
+        reply = json.loads(client.makefile("rb").read())
+    assert reply["ok"] is True and reply["stopping"] is False, reply
+
+
 @contextlib.contextmanager
 def started(sup: Supervisor) -> Iterator[Supervisor]:
     """sup.start() in pytest's own process, and what it changed there undone after: its
