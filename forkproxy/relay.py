@@ -21,6 +21,7 @@ import os
 import select
 import signal
 import socket
+import sys
 import time
 
 # The C socket type: socket.socket wraps it in Python (__init__, close, ...), and running
@@ -110,8 +111,9 @@ _child_buffers: tuple[memoryview, memoryview] | None = None
 
 
 class Ended(Exception):
-    """The relay is over: (outcome, the OSError), and the Flow whose write failed when one
-    did (pump() then delivers what the other direction still holds)."""
+    """The relay is over: (outcome, the OSError), and, when a side reset while the other
+    direction may hold its bytes, the Flow toward that side (its write failed, or poll
+    reported the error): pump() then delivers what the other direction still holds."""
 
 
 class ResetAtConnect(Ended):
@@ -493,7 +495,10 @@ def pump(
                     if events & (POLLIN | POLLERR | POLLHUP) and not (up.eof or up.pending):
                         up.read()
                     elif events & POLLERR and not down.pending:
-                        raise Ended(CLIENT_RESET, _socket_error(client))
+                        # With `down`: what the client sent before its reset (read and
+                        # held while the upstream was slow, or still queued) goes to the
+                        # upstream first, as after a failed write to the client.
+                        raise Ended(CLIENT_RESET, _socket_error(client), down)
                     elif events & POLLHUP and not cmask:
                         poller.unregister(cfd)
                         cmask = -1
@@ -503,17 +508,19 @@ def pump(
                     if events & (POLLIN | POLLERR | POLLHUP) and not (down.eof or down.pending):
                         down.read()
                     elif events & POLLERR and not up.pending:
-                        raise Ended(UPSTREAM_RESET, _socket_error(upstream))
+                        raise Ended(UPSTREAM_RESET, _socket_error(upstream), up)  # as above
                     elif events & POLLHUP and not umask:
                         poller.unregister(ufd)
                         umask = -1
         return CLOSED
     except Ended as ended:
         if len(ended.args) > 2:
-            # A write failed: that side reset. What it sent just before (an early answer,
-            # then the RST its kernel sends for an upload it left unread) may still wait
-            # here, read or unread: deliver it first, as a direct connection would, then
-            # the reset goes on as usual (serve()).
+            # A write failed, or poll reported an error: that side reset (the third
+            # argument is the flow toward it). What it sent just before (an early answer,
+            # then the RST its kernel sends for an upload it left unread; a download the
+            # proxy held for a slow client) may still wait here, read or unread: deliver
+            # it first, as a direct connection would, then the reset goes on as usual
+            # (serve()).
             _deliver_rest(down if ended.args[2] is up else up)
         raise
     finally:
@@ -532,13 +539,16 @@ def _deliver_rest(flow: Flow) -> None:
     try:
         dst.settimeout(DELIVER_REST_TIMEOUT)
         while flow.pending:
+            # At most COPY_CHUNK per send: sendall's timeout bounds the whole call, and a
+            # receiver that is slow but moving must not be taken for one that is stuck.
+            size = min(flow.pending, COPY_CHUNK)
             if flow.splice:
-                data = os.read(flow.pipe_r, flow.pending)
+                data = os.read(flow.pipe_r, size)
                 if not data:
                     break  # cannot be (the pipe holds `pending` bytes), but never spin
             else:
-                data = bytes(flow.view[flow.start : flow.end])
-                flow.start = flow.end
+                data = bytes(flow.view[flow.start : flow.start + size])
+                flow.start += size
             dst.sendall(data)
             flow.pending -= len(data)
             flow.counters[flow.index] += len(data)
@@ -558,6 +568,33 @@ def _deliver_queued(src: RawSocket, dst: RawSocket, counters: memoryview, index:
             return
         dst.sendall(data)
         counters[index] += len(data)
+
+
+TIOCOUTQ = 0x5411  # linux/asm-generic ioctls.h (termios.TIOCOUTQ: a module more to import)
+
+
+def _drain(sock: RawSocket) -> None:
+    """Wait until `sock`'s peer has acknowledged what was written to it (its send queue,
+    SIOCOUTQ, is empty), or for DELIVER_REST_TIMEOUT without progress. A reset (close
+    with SO_LINGER 0) throws that queue away: a slow reader lost what the proxy had
+    written for it (megabytes: the socket buffer), where a direct connection's reader
+    gets every byte the other side sent before its reset, then the reset."""
+    queue = bytearray(4)
+    left, moved = -1, time.monotonic()
+    while True:
+        try:
+            fcntl.ioctl(sock.fileno(), TIOCOUTQ, queue)
+        except OSError:
+            return  # closed or broken already: nothing to wait for
+        queued = int.from_bytes(queue, sys.byteorder)  # the C int the kernel wrote
+        if not queued:
+            return
+        now = time.monotonic()
+        if queued != left:
+            left, moved = queued, now
+        elif now - moved >= DELIVER_REST_TIMEOUT:
+            return
+        time.sleep(0.005)
 
 
 def _socket_error(sock: RawSocket) -> OSError:
@@ -806,6 +843,7 @@ def serve(
                 client.shutdown(SHUT_WR)
             except OSError:
                 pass  # the client is gone already
+        _drain(client)
         reset(client)
         if log.level <= INFO:
             client_text, upstream_text = peer_text(client_address), str(link.target)
@@ -864,7 +902,9 @@ def serve(
             # Not a reset: that side went silent. The other side still gets an RST, as for
             # a reset: what the silent one sent last may never have arrived.
             outcome = _TIMEOUT_OF.get(outcome, outcome)
-        reset(upstream if outcome in (CLIENT_RESET, CLIENT_TIMEOUT) else client)
+        receiver = upstream if outcome in (CLIENT_RESET, CLIENT_TIMEOUT) else client
+        _drain(receiver)  # what it was sent arrives first, then the reset
+        reset(receiver)
     client.close()
     upstream.close()
     if info:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import signal
 import socket
+import struct
 import subprocess
+import termios
 import threading
 import time
 from collections.abc import Callable
@@ -444,3 +447,59 @@ def _upload_until_refused(sock: socket.socket) -> None:
             sock.sendall(block)
     except OSError:
         pass
+
+
+def _sent_and_acknowledged(sock: socket.socket, data: bytes, timeout: float = 60) -> None:
+    """Send `data` and wait until the peer's kernel has acknowledged all of it (the send
+    queue, SIOCOUTQ, is empty): from then on it is the proxy's to deliver."""
+    sock.sendall(data)
+    deadline = time.monotonic() + timeout
+    while struct.unpack("i", fcntl.ioctl(sock, termios.TIOCOUTQ, b"\0" * 4))[0]:
+        assert time.monotonic() < deadline, "the proxy never took it all"
+        time.sleep(0.01)
+
+
+def _read_slowly(sock: socket.socket, into: bytearray) -> str:
+    """Read 64 KiB every 4 ms until the end: 'eof' or 'reset'."""
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            return "reset"
+        if not chunk:
+            return "eof"
+        into += chunk
+        time.sleep(0.004)
+
+
+@pytest.mark.parametrize("relay", ["auto", "copy"])
+@pytest.mark.parametrize("side", ["upstream", "client"])
+def test_bytes_the_proxy_took_before_a_reset_reach_the_slow_other_side(
+    start_proxy: Callable[..., Proxy], relay: str, side: str
+) -> None:
+    """A side sends 8 MiB, waits until the proxy has acknowledged every byte, then resets
+    (SO_LINGER 0); the other side reads slowly. Direct, the reader gets all 8 MiB, then
+    the reset. When poll reported the reset while the proxy still held bytes for the slow
+    reader, they were dropped, with the sender's receive queue (found by a code review:
+    1.5 of 16 MiB arrived). Both directions, splice and copy."""
+    data = os.urandom(8 * MiB)
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        proxy = start_proxy("--relay", relay, f"127.0.0.1:0=127.0.0.1:{server.getsockname()[1]}")
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=60) as client:
+            client.sendall(b"go")
+            conn, _ = server.accept()
+            with conn:
+                conn.settimeout(60)
+                assert conn.recv(2) == b"go"
+                sender, reader = (conn, client) if side == "upstream" else (client, conn)
+                got = bytearray()
+                ended: list[str] = []
+                slow = threading.Thread(target=lambda: ended.append(_read_slowly(reader, got)))
+                slow.start()
+                _sent_and_acknowledged(sender, data)
+                sender.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                sender.close()
+                slow.join(120)
+    assert len(got) == len(data), (len(got), ended)
+    assert hashlib.sha256(got).digest() == hashlib.sha256(data).digest()
+    assert ended == ["reset"], ended  # then the reset, as direct
