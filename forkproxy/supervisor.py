@@ -891,7 +891,8 @@ class Supervisor:
                 self.log.warning(
                     "stopping-now", signal=name, connections=len(self.accounting.children)
                 )
-                self.term_at = time.monotonic()
+                if self.kill_at is None:  # not TERMed yet: now (else KILL comes anyway)
+                    self.term_at = time.monotonic()
             return
         for listener in self.listeners:
             self._take_backlog(listener, "stopping")
@@ -961,6 +962,9 @@ class Supervisor:
                                  detail="terminating the connections left")
             self._signal_children(signal.SIGTERM)
             self.kill_at = now + KILL_AFTER
+            # Done with: left in the past, it made every poll return at once, 100% CPU
+            # until the last child was reaped (for ever for one stuck in the kernel).
+            self.term_at = None
         elif self.kill_at is not None and now >= self.kill_at:
             self._signal_children(signal.SIGKILL)
             self.kill_at = now + KILL_AFTER

@@ -441,3 +441,29 @@ def test_a_metrics_restart_due_during_a_stop_leaves_the_loop_waiting_not_spinnin
         assert len(busy) < 5, trace[:10]
         assert proxy.proc.poll() is None  # still waiting for the client
     assert proxy.stop() == 0
+
+
+def test_after_the_grace_period_the_supervisor_waits_for_its_children_without_spinning(
+    start_proxy: Callable[..., Proxy], tcp_server: Callable[..., TcpServer],
+) -> None:
+    """Once the grace period was over and the children TERMed, the timer that ended it
+    stayed armed in the past: every poll returned at once, and the supervisor spun at
+    100% CPU until the last child was reaped (the second before KILL; for ever for a
+    child stuck in the kernel). A stopped child stands in for one that outlives its
+    TERM. CPU time, not speed: a waiting supervisor uses next to none of that second."""
+    server = tcp_server(echo)
+    proxy = start_proxy("--grace", "0.5", f"127.0.0.1:0=127.0.0.1:{server.port}")
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=30) as client:
+        client.sendall(b"ping")
+        assert client.recv(4) == b"ping"
+        supervisor = psutil.Process(proxy.pid)
+        [child] = supervisor.children()
+        child.suspend()  # TERM stays pending: KILL (1 s after it) ends it
+        before = supervisor.cpu_times()
+        proxy.proc.send_signal(signal.SIGTERM)
+        assert wait_for(lambda: "grace-over" in proxy.log(), 15)
+        time.sleep(0.8)  # TERMed, not yet KILLed
+        after = supervisor.cpu_times()
+        assert proxy.proc.wait(15) == 0
+    used = (after.user + after.system) - (before.user + before.system)
+    assert used < 0.3, f"{used:.2f} s of CPU in ~1.3 s: the supervisor spun"
