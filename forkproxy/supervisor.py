@@ -1115,6 +1115,11 @@ class Supervisor:
             finally:
                 os._exit(status)
         os.close(write_fd)
+        # Non-blocking: the read end may take the number of a descriptor closed earlier in
+        # this turn of the loop (a listener a reload removed), whose event, still in this
+        # turn's list, then reaches the reader before the resolver has written a byte. A
+        # blocking read there held the whole loop up for the length of the lookup.
+        os.set_blocking(read_fd, False)
         self.resolving = True
         self.resolver_pids.append(pid)
         self.resolver_due = due
@@ -1124,7 +1129,10 @@ class Supervisor:
 
     def _resolver_reader(self, fd: int) -> Callable[[int], None]:
         def handle(events: int) -> None:
-            chunk = os.read(fd, 65536)
+            try:
+                chunk = os.read(fd, 65536)
+            except BlockingIOError:
+                return  # an event of the descriptor this number had before (above)
             if chunk:
                 self.resolver_output.append(chunk)
                 return

@@ -427,3 +427,48 @@ def test_a_connection_that_gets_through_only_after_an_address_failed_says_so(
         assert f" upstream=upstream.test:{REDIS_PORT} " in line, line
         assert f" connected=127.0.0.2:{REDIS_PORT} " in line, line
         assert line.endswith(f' failed="127.0.0.4:{REDIS_PORT}: Connection refused"'), line
+
+
+def test_a_reload_that_closes_a_port_never_blocks_the_loop_on_the_next_lookup(
+    lab: Lab, ns: Namespace
+) -> None:
+    """A reload removed port B while a client waited in B's backlog, then started a
+    lookup: the resolver's pipe took B's old descriptor number, and B's event, still in
+    that turn of the loop, ran the resolver's reader, whose blocking read waited for the
+    whole lookup (found by a code review). Nothing was accepted on any port meanwhile.
+    Here the lookup never ends (the DNS server holds every query), and port C, kept,
+    must still answer at once."""
+    set_hosts(ns, None)
+    gate = lab.workdir / "dns-answers"
+    gate.touch()
+    start_dns(lab, ns, gate)
+    ports = {"A": LISTEN_PORT, "B": LISTEN_PORT + 1, "C": LISTEN_PORT + 2}
+    env_file = lab.workdir / "links.env"
+    links = {"A": "upstream.test", "B": "127.0.0.2", "C": "127.0.0.3"}
+
+    def write(names: str) -> None:
+        env_file.write_text("".join(f"{n}_PORT_{ports[n]}_TCP=tcp://{links[n]}:{REDIS_PORT}\n"
+                                    for n in names))
+
+    write("ABC")
+    proxy = lab.spawn(ns, [FORKPROXY, "serve", "--env-file", str(env_file), "--bind",
+                           "127.0.0.1", "--resolve-every", "off", "--status-socket",
+                           str(lab.workdir / "fp.sock")], label="proxy")
+    proxy.wait_stdout(lambda lines: sum(x.startswith("listening ") for x in lines) == 3, 15)
+    wait_for_log(proxy, " resolved ")  # the first lookup is over: the next gets a pipe
+    gate.unlink()  # from now on every lookup hangs
+    proxy.popen.send_signal(signal.SIGSTOP)
+    try:
+        waiting = subprocess.Popen(  # in B's backlog: B's event comes with the SIGHUP's
+            ns.exec_argv(["redis-cli", "-p", str(ports["B"]), "GET", "who"]),
+            stdout=subprocess.PIPE, text=True)
+        time.sleep(0.5)
+        write("AC")
+        proxy.popen.send_signal(signal.SIGHUP)
+    finally:
+        proxy.popen.send_signal(signal.SIGCONT)
+    # A hang, not a speed: the lookup holds for 30 s, redis-cli's wait (netns.redis_cli)
+    # is 10 s, and an answer takes milliseconds.
+    assert redis_cli(ns, ports["C"], "GET", "who", check=False) == "second", proxy.describe()
+    out, _ = waiting.communicate(timeout=30)
+    assert out.strip() == "first"  # B's client, served by B's wiring before B closed
