@@ -467,7 +467,10 @@ def parse_env_file(text: str, path: str) -> dict[str, str]:
         key, sep, value = line.partition("=")
         if not sep:
             continue  # `KEY` alone means "copy from the host" to Docker: not a link definition
-        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]*", key):
+        # Docker refuses only an empty name or one with a space or a tab in it: a file it
+        # takes (`2FA_SECRET=...` beside the links) is taken here too; a name that is no
+        # link variable is never used, so never reaches anything.
+        if not key or " " in key or "\t" in key:
             raise ConfigError(f"env file {path!r}, line {number}: bad variable name "
                               f"{quoted(key)}")
         result[key] = value

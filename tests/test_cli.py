@@ -388,7 +388,7 @@ def test_a_path_in_an_error_is_quoted_and_stays_on_one_line(tmp_path: Path) -> N
     # An env file that exists at such a path, its content wrong: the errors that name it.
     (tmp_path / "a\nb").mkdir()
     env_file = tmp_path / "a\nb" / "links.env"
-    for content, needle in (("1bad=x\n", "line 1: bad variable name"),
+    for content, needle in (("bad name=x\n", "line 1: bad variable name"),
                             ("A_PORT_0_TCP=tcp://127.0.0.1:1\n", "A_PORT_0_TCP ("),
                             ("# nothing\n", "no links found")):
         env_file.write_text(content)

@@ -255,6 +255,15 @@ def test_env_file_syntax() -> None:
     assert [str(link.target) for link in table.links] == ["10.0.0.5:6379"]
     with pytest.raises(ConfigError, match=r"env file 'links.env', line 2: bad variable name"):
         parse_env_file("# ok\nBAD NAME=1\n", "links.env")
+    for refused in ("=1", "TAB\tNAME=1", "TRAILING =1"):  # what Docker refuses too
+        with pytest.raises(ConfigError, match=r"line 1: bad variable name"):
+            parse_env_file(refused + "\n", "links.env")
+    # What Docker takes, this takes: names that are no shell's (a file shared with the
+    # container's own --env-file), never links, so ignored.
+    shared = "2FA_SECRET=x\nmy.setting-1=y\nÄPFEL=z\nDB_PORT_5432_TCP=tcp://10.0.0.5:5432\n"
+    assert parse_env_file(shared, "links.env")["2FA_SECRET"] == "x"
+    table = build_links([], None, ("links.env", shared))
+    assert [link.name for link in table.links] == ["DB_PORT_5432_TCP"]
     with pytest.raises(ConfigError, match=r"variable A_PORT_1_TCP \('links.env'\): expected tcp://"):
         build_links([], None, ("links.env", "A_PORT_1_TCP=udp://1.2.3.4:1\n"))
 
