@@ -417,7 +417,8 @@ def parse_spec(spec: str) -> Link:
 # <ALIAS>_PORT_<N>_<PROTO>; ALIAS may itself contain _PORT_ (greedy match takes the last).
 # Docker upper-cases the alias and turns '-' into '_' but leaves '.': `--link db:app.db`
 # exports APP.DB_PORT_5432_TCP, which the original ambassador's sed line proxied too.
-_LINK_VAR = re.compile(r"(?P<alias>[A-Za-z0-9_.]+)_PORT_(?P<port>[0-9]+)_(?P<proto>TCP|UDP)\Z")
+_LINK_VAR = re.compile(
+    r"(?P<alias>[A-Za-z0-9_.]+)_PORT_(?P<port>[0-9]+)_(?P<proto>TCP|UDP|SCTP)\Z")
 
 
 def parse_link_value(name: str, value: str, proto: str) -> Endpoint:
@@ -445,8 +446,8 @@ def links_from_env(
         if match is None or "_ENV_" in match["alias"] + "_":
             continue
         label = f"{name} ({origin!r})" if origin else name  # quoted: a path may hold a newline
-        if match["proto"] == "UDP":
-            warnings.append(f"{label}: UDP links are not proxied; skipped")
+        if match["proto"] != "TCP":  # Docker writes _UDP and _SCTP variables too
+            warnings.append(f"{label}: {match['proto']} links are not proxied; skipped")
             continue
         port = parse_port(match["port"], f"variable {label}")
         target = parse_link_value(label, environ[name], match["proto"])

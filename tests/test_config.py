@@ -176,11 +176,14 @@ def test_link_variable_rules(
     assert got == expected
 
 
-def test_udp_links_are_reported_and_skipped() -> None:
-    env = {"DNS_PORT_53_UDP": "udp://10.0.0.2:53", "DNS_PORT_53_TCP": "tcp://10.0.0.2:53"}
+def test_udp_and_sctp_links_are_reported_and_skipped() -> None:
+    """SCTP was skipped without a word: Docker writes `_SCTP` link variables too."""
+    env = {"DNS_PORT_53_UDP": "udp://10.0.0.2:53", "DNS_PORT_53_TCP": "tcp://10.0.0.2:53",
+           "SIG_PORT_3868_SCTP": "sctp://10.0.0.3:3868"}
     table = build_links([], env)
     assert [link.names for link in table.links] == [("DNS_PORT_53_TCP",)]
-    assert table.warnings == ("DNS_PORT_53_UDP: UDP links are not proxied; skipped",)
+    assert table.warnings == ("DNS_PORT_53_UDP: UDP links are not proxied; skipped",
+                              "SIG_PORT_3868_SCTP: SCTP links are not proxied; skipped")
 
 
 @pytest.mark.parametrize(
