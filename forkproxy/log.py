@@ -121,8 +121,10 @@ class Logger:
         t = time.gmtime(now)
         line = template % (t.tm_year, t.tm_mon, t.tm_mday, t.tm_hour, t.tm_min, t.tm_sec,
                            now % 1 * 1000, os.getpid(), *values)
+        data = line.encode("utf-8", "backslashreplace")
         try:
-            os.write(self.fd, line.encode("utf-8", "backslashreplace"))
+            while data:  # a short write is finished, as in _write
+                data = data[os.write(self.fd, data):]
         except OSError:
             pass  # as in _write
 
