@@ -60,6 +60,13 @@ class Slots:
             raise IndexError("no free slot")
         return self.free.pop()
 
+    def copy(self) -> memoryview:
+        """The counters of every slot handed out so far, as they are now, in memory of our
+        own: a reporter forked to answer `status` reads these, not the live ones, which
+        the supervisor goes on changing (a reaped child's bytes move from its slot, which
+        is zeroed, into totals the reporter's copy of the heap never sees)."""
+        return memoryview(self._mem[: self._next * 8]).cast("Q")
+
     def release(self, base: int) -> None:
         self.counters[base] = self.counters[base + 1] = 0
         self.free.append(base)
@@ -199,11 +206,15 @@ class Accounting:
                 del self.retiring[name], self.links[name]
         return record
 
-    def snapshot(self, waiting: dict[str, int] | None = None) -> dict[str, object]:
+    def snapshot(self, waiting: dict[str, int] | None = None,
+                 counters: memoryview | None = None) -> dict[str, object]:
         """Plain data for the control socket (JSON). `waiting`: per link name, the clients
-        accepted and waiting for a child (a failed fork, a stop at --max-children)."""
+        accepted and waiting for a child (a failed fork, a stop at --max-children).
+        `counters`: the slots' counters as copied when this heap was (Slots.copy), in a
+        forked reporter; the live ones by default."""
         now = time.monotonic()
-        counters = self.slots.counters
+        if counters is None:
+            counters = self.slots.counters
         wall = time.time() - now
         waiting = waiting or {}
         links = {name: {**vars(stats), "active": 0, "waiting": waiting.get(name, 0)}

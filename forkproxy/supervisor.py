@@ -1008,12 +1008,13 @@ class Supervisor:
             self.table_pending = True
             return
         self.table_pending = False
-        self.table_writer = self._in_reporter(self._log_status_table)
+        counters = self.accounting.slots.copy()  # with the heap the reporter gets (copy())
+        self.table_writer = self._in_reporter(lambda: self._log_status_table(counters))
         if not self.table_writer:
             self._log_status_table()
 
-    def _log_status_table(self) -> None:
-        snapshot = self.accounting.snapshot(self._held_per_link())
+    def _log_status_table(self, counters: memoryview | None = None) -> None:
+        snapshot = self.accounting.snapshot(self._held_per_link(), counters)
         links: dict[str, dict[str, object]] = snapshot["links"]  # type: ignore[assignment]
         for listener in self.listeners:
             stats = links.get(listener.link.name, {})
@@ -1316,7 +1317,7 @@ class Supervisor:
             return None if self.answer_in_child(client) else self.status_reply()
         return {"ok": False, "error": f"unknown command {command!r}"}
 
-    def status_reply(self) -> dict[str, object]:
+    def status_reply(self, counters: memoryview | None = None) -> dict[str, object]:
         reply: dict[str, object] = {
             "ok": True,
             "pid": self.pid,
@@ -1330,7 +1331,7 @@ class Supervisor:
             "listeners": self._listener_table(),
             "metrics": self._metrics_state(),
         }
-        reply.update(self.accounting.snapshot(self._held_per_link()))
+        reply.update(self.accounting.snapshot(self._held_per_link(), counters))
         return reply
 
     def answer_in_child(self, client: socket.socket) -> bool:
@@ -1344,9 +1345,13 @@ class Supervisor:
         connection, docs/benchmarks.md). Every Prometheus scrape asks for it. A child's
         copy-on-write view of the table is the same snapshot, and its heap dies with it.
         """
+        # The live counters would change under the reporter: a child reaped meanwhile
+        # had its bytes vanish from the reply, and forkproxy_bytes_total went down.
+        counters = self.accounting.slots.copy()
+
         def answer() -> None:
             client.settimeout(REPORT_TIMEOUT)
-            client.sendall(control.encode_reply(self.status_reply()))
+            client.sendall(control.encode_reply(self.status_reply(counters)))
 
         return self._in_reporter(answer, keep=client.fileno()) != 0
 

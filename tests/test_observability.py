@@ -9,6 +9,7 @@ so default status sockets never meet another test's.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import re
@@ -1326,6 +1327,45 @@ def scrape_or_empty(url: str) -> str:
         return scrape(url, timeout=10)
     except OSError:
         return ""
+
+
+def test_byte_totals_in_status_never_go_down_while_children_exit(
+    start_proxy: StartProxy, tcp_server: ServerFactory, tmp_path: Path,
+) -> None:
+    """`status` is answered by a forked reporter, which read the children's counters live
+    while its copy of the totals stayed as at the fork: a child reaped meanwhile had its
+    bytes moved into totals the reporter never saw and its counter zeroed, so they fell
+    out of the reply (found by a code review: 39 decreases in 8 s, and in
+    forkproxy_bytes_total, a counter). The reporter reads the counters as copied at
+    its fork now."""
+    server = tcp_server(echo)
+    sock_path = tmp_path / "s.sock"
+    proxy = start_proxy("--status-socket", str(sock_path), "-q",
+                        f"127.0.0.1:0=127.0.0.1:{server.port}")
+    stop = threading.Event()
+    block = os.urandom(200_000)
+
+    def connections() -> None:
+        while not stop.is_set():
+            with socket.create_connection(("127.0.0.1", proxy.port), timeout=30) as sock:
+                sock.sendall(block)
+                sock.shutdown(socket.SHUT_WR)
+                recv_all(sock)
+
+    traffic = threading.Thread(target=connections, daemon=True)
+    traffic.start()
+    seen: list[tuple[int, int]] = []
+    try:
+        deadline = time.monotonic() + 6
+        while time.monotonic() < deadline:
+            [link] = ask(sock_path)["links"].values()
+            seen.append((link["bytes_up"], link["bytes_down"]))
+    finally:
+        stop.set()
+        traffic.join(30)
+    assert seen[-1][0] > len(block) * 5, seen[-1]  # connections came and went meanwhile
+    drops = [(a, b) for a, b in itertools.pairwise(seen) if b[0] < a[0] or b[1] < a[1]]
+    assert drops == [], f"{len(drops)} of {len(seen)} replies went down: {drops[:3]}"
 
 
 def test_clients_that_trickle_their_request_are_cut_and_scrapes_get_through(
