@@ -46,11 +46,15 @@ def prepare_dir(path: str) -> None:
     try:
         os.mkdir(path, 0o700)
     except FileExistsError:
-        info = os.lstat(path)
-        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
-            raise PermissionError(
-                errno.EPERM, f"{path} is not a directory owned by this user"
-            ) from None
+        check_owned(path)
+
+
+def check_owned(path: str) -> None:
+    """PermissionError unless `path` is a directory (not a link to one) of this user's:
+    in another user's, they could put a socket of their own where we look for ours."""
+    info = os.lstat(path)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+        raise PermissionError(errno.EPERM, f"{path} is not a directory owned by this user")
 
 
 class _Client:

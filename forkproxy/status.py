@@ -18,7 +18,7 @@ from typing import Any, NoReturn
 import psutil
 
 from .config import mebibytes, quoted
-from .control import answers, default_dir
+from .control import answers, check_owned, default_dir
 
 
 class StatusError(Exception):
@@ -36,6 +36,9 @@ def find_socket(path: str | None) -> str:
         return path
     directory = default_dir(os.environ, os.getuid())
     try:
+        # As serve does (control.prepare_dir): a socket in another user's directory may
+        # be theirs, answering `check` as healthy for a supervisor that is not there.
+        check_owned(directory)
         names = sorted(name for name in os.listdir(directory) if name.endswith(".sock"))
     except FileNotFoundError:
         names = []

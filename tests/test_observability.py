@@ -596,6 +596,28 @@ def test_a_reply_whose_text_would_print_as_two_lines_is_not_forkproxys(
     assert "not a line of text" in line, line
 
 
+def test_the_clients_look_in_no_socket_directory_another_user_owns(
+    tmp_path: Path, env: dict[str, str],
+) -> None:
+    """serve refuses a default directory another user owns, but the clients looked in
+    it: there another user's socket answered `check` as healthy (found by a code review).
+    They refuse it too now, in one line, exit 1."""
+    runtime = tmp_path / "runtime"
+    directory = runtime / "forkproxy"
+    directory.mkdir(parents=True)
+    reply = {"ok": True, "stopping": False,
+             "listeners": [{"link": "a", "listen": "127.0.0.1:1", "upstream": "b:1"}]}
+    with answering(directory / "7.sock", json.dumps(reply).encode()):
+        os.chown(directory, 12345, 12345)
+        directory.chmod(0o777)
+        for command in ("check", "status", "reload"):
+            result = cli(command, env={**env, "XDG_RUNTIME_DIR": str(runtime)})
+            assert result.returncode == 1, result
+            assert result.stdout == "", result
+            [line] = result.stderr.splitlines()
+            assert f"'{directory}'" in line and "not a directory owned by this user" in line, line
+
+
 def test_check_passes_only_a_reply_that_says_listeners_are_bound(
     tmp_path: Path, env: dict[str, str],
 ) -> None:
