@@ -118,8 +118,14 @@ def _kind(what: str, test: Callable[[object], bool]) -> _Shape:
     return fit
 
 
+# Beyond any count, byte total or time a supervisor sends (a 64-bit counter's range):
+# 10**400 or 1e400 (inf) made the table's float() and the ages' arithmetic raise.
+_MOST = 1 << 64
+
+
 def _number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
+    return (isinstance(value, int | float) and not isinstance(value, bool)
+            and -_MOST <= value <= _MOST)  # NaN is neither: refused too
 
 
 def _line(value: object) -> bool:

@@ -547,6 +547,11 @@ NOT_FORKPROXY = {
     "links-a-list": b'{"links":[]}',
     "started-a-string": b'{"started":"x"}',
     "only-ok": b'{"ok":true}',
+    # Numbers past any counter: float() and the table's arithmetic raised on them.
+    "huge-numbers": (b'{"ok":true,"stopping":false,"pid":7,"version":"0","started":1e400,'
+                     b'"listeners":[{"link":"a","listen":"b:1","upstream":"c:1","port":1'
+                     + b"0" * 400 + b'}],"links":{"a":{"bytes_up":1' + b"0" * 400 + b'}},'
+                     b'"children":[]}'),
 }
 
 
