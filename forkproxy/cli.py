@@ -570,8 +570,21 @@ def main() -> None:
     """The CLI (console.main runs it). Usage errors, like bad input, are one line and exit 2."""
     try:
         code = app(standalone_mode=False)
+        sys.stdout.flush()  # here, not at exit: a failure then is Python's, exit 120
     except KeyboardInterrupt:
         sys.exit(130)
+    except OSError as exc:
+        # Output that could not be written (stdout on /dev/full, a full disk): one line,
+        # as for any other failure, not a traceback. (A reader gone, EPIPE, is click's:
+        # it exits quietly.)
+        try:
+            typer.echo(f"forkproxy: error: cannot write: {exc.strerror or exc}", err=True)
+        except OSError:
+            pass  # stderr too: nothing left to tell it with
+        # What stdout still buffers goes nowhere: Python's flush at exit would fail again
+        # (a traceback-like "Exception ignored" and status 120), as its docs say for EPIPE.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
     except Exception as exc:
         # A usage error (click's, vendored or not, depending on the typer version):
         # recognised by what it carries rather than by a private import path.

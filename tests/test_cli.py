@@ -164,6 +164,16 @@ def test_with_log_format_json_a_start_error_is_one_json_record(how: list[str]) -
         assert isinstance(record["pid"], int) and record["ts"].endswith("Z"), record
 
 
+@pytest.mark.parametrize("args", [["links", "6379=198.18.0.5:6379"], ["--version"]])
+def test_output_that_cannot_be_written_is_one_line_not_a_traceback(args: list[str]) -> None:
+    """stdout on /dev/full (a full disk): a traceback (found by a code review)."""
+    with open("/dev/full", "w") as full:
+        result = subprocess.run([FORKPROXY, *args], stdout=full, stderr=subprocess.PIPE,
+                                text=True, timeout=30, env={"PATH": os.environ["PATH"]})
+    assert result.returncode == 1, result
+    assert result.stderr == "forkproxy: error: cannot write: No space left on device\n", result
+
+
 def test_low_port_without_privilege() -> None:
     # Root without CAP_NET_BIND_SERVICE is refused low ports just as any user is.
     unprivileged: tuple[str, ...] = ()
