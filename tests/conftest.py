@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import selectors
 import shutil
 import signal
@@ -218,16 +219,39 @@ def redis() -> Iterator[Redis]:
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and proc.poll() is None:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
-                break
-            time.sleep(0.05)
-        if proc.poll() is None:
+        ours = False  # answering PING, and with our process's pid: not another program
+        while time.monotonic() < deadline and proc.poll() is None and not ours:
+            ours = _redis_pid(port) == proc.pid
+            if not ours:
+                time.sleep(0.05)
+        if ours:
             yield Redis(port, proc)
             proc.terminate()
             proc.wait(10)
             return
+        # Its port taken meanwhile (free_port races with other programs), or too slow:
+        # this one goes, the next port is tried.
+        proc.kill()
+        proc.wait(10)
     pytest.fail("redis-server did not start")
+
+
+def _redis_pid(port: int) -> int | None:
+    """The process_id a redis on 127.0.0.1:port reports (INFO server), None if none."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), 1) as sock:
+            sock.settimeout(2)
+            sock.sendall(b"INFO server\r\n")
+            data = b""
+            while b"process_id:" not in data or not data.endswith(b"\r\n\r\n"):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+    except OSError:
+        return None
+    found = re.search(rb"process_id:(\d+)", data)
+    return int(found[1]) if found else None
 
 
 Handler = Callable[[socket.socket], object]  # one per connection; what it returns is ignored

@@ -869,8 +869,10 @@ def test_a_control_client_waits_for_room_in_a_busy_supervisors_backlog(
     try:
         idle = fill_backlog(sock_path, b"")
         replies: list[object] = []
+        asked = threading.Event()
 
         def check() -> None:
+            asked.set()
             try:
                 replies.append(fp_status.request(str(sock_path), "check", timeout=30))
             except fp_status.StatusError as exc:
@@ -878,7 +880,12 @@ def test_a_control_client_waits_for_room_in_a_busy_supervisors_backlog(
 
         asking = threading.Thread(target=check)
         asking.start()
-        asking.join(1.0)  # it connects (or, full, failed) at once; its wait is 30 s
+        # Its connect() has met the full backlog while the supervisor is still stopped:
+        # a fixed join stood in for that, and a thread slow to start connected only after
+        # SIGCONT, so the test passed whether or not a full backlog was waited out.
+        assert asked.wait(DEADLINE)
+        asking.join(0.5)  # it connects (or, full, failed) at once; its wait is 30 s
+        assert asking.is_alive() and not replies, replies  # waiting for room, not failed
     finally:
         proxy.signal(signal.SIGCONT)
     asking.join(DEADLINE)
@@ -1232,11 +1239,17 @@ def test_an_idle_tcp_client_does_not_block_scrapes(
     url = metrics_url(proxy)
     assert "forkproxy_up 1.0" in scrape(url)
     port = metrics_port(url)
-    with socket.create_connection(("127.0.0.1", port), timeout=30):
-        try:
-            text = scrape(url, timeout=10)
-        except OSError as exc:
-            pytest.fail(f"scrape blocked behind an idle connection: {exc!r}")
+    # Three: each is cut after REQUEST_DEADLINE (5 s), so behind one a server taking one
+    # client at a time would still answer within the scrape's 10 s; behind three it would
+    # not (found by a review that made the server serial and saw this pass).
+    idle = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(3)]
+    try:
+        text = scrape(url, timeout=10)
+    except OSError as exc:
+        pytest.fail(f"scrape blocked behind idle connections: {exc!r}")
+    finally:
+        for sock in idle:
+            sock.close()
     assert "forkproxy_up 1.0" in text
 
 

@@ -462,7 +462,9 @@ def test_a_reload_that_closes_a_port_never_blocks_the_loop_on_the_next_lookup(
         waiting = subprocess.Popen(  # in B's backlog: B's event comes with the SIGHUP's
             ns.exec_argv(["redis-cli", "-p", str(ports["B"]), "GET", "who"]),
             stdout=subprocess.PIPE, text=True)
-        time.sleep(0.5)
+        # In the backlog (the listener's Recv-Q) before the SIGHUP, not merely started.
+        wait_until(lambda: ns.run(["ss", "-Hltn", f"sport = :{ports['B']}"]).split()[1:2]
+                   == ["1"], proxy)
         write("AC")
         proxy.popen.send_signal(signal.SIGHUP)
     finally:

@@ -433,6 +433,11 @@ def test_a_metrics_restart_due_during_a_stop_leaves_the_loop_waiting_not_spinnin
         time.sleep(METRICS_RESTART + 1)  # the restart is due now
         tracer = subprocess.Popen([strace, "-p", str(proxy.pid), "-e", "trace=poll,ppoll"],
                                   stderr=subprocess.PIPE, text=True)
+        assert tracer.stderr is not None
+        # The window starts once strace is attached, not once it is started: on a loaded
+        # machine a fixed sleep could end before it attached, and an empty trace passed.
+        attached = tracer.stderr.readline()
+        assert f"Process {proxy.pid} attached" in attached, attached
         time.sleep(1)
         tracer.send_signal(signal.SIGINT)  # detach
         trace = tracer.communicate(timeout=15)[1].splitlines()
