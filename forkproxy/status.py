@@ -362,6 +362,8 @@ def _max_children(status: dict[str, Any]) -> str:
     text = f", max-children {value}"
     if limit is None or fit is None:
         return text
+    if not fit:  # clamped up to 1 (derived) or served as told (given): no promise either way
+        return f"{text} (the memory limit of {mebibytes(limit)} leaves no room for connections)"
     if not status.get("max_children_given", True):
         return f"{text} (fits the memory limit of {mebibytes(limit)})"
     return f"{text} (about {fit} fit the memory limit of {mebibytes(limit)})"

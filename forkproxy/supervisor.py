@@ -28,6 +28,7 @@ from collections.abc import Callable, Mapping
 from . import __version__, control, listeners, relay, signals
 from .accounting import Accounting, ChildRecord, describe_status
 from .config import (
+    DEFAULT_MAX_CHILDREN,
     MIN_RESOLVE_EVERY,
     ConfigError,
     Link,
@@ -36,7 +37,6 @@ from .config import (
     Sources,
     build_links,
     check_metrics_port,
-    fitting_children,
     join_host_port,
     mebibytes,
     own_memory,
@@ -180,6 +180,12 @@ class DenialWindow:
         self.lines = 0
         self.unlogged = 0
         self.last_client: tuple[object, ...] = ()
+
+
+def _fit(memory_limit: int, metrics: bool) -> int:
+    """Connections that fit `memory_limit`, 0 to DEFAULT_MAX_CHILDREN: unlike the derived
+    --max-children (config.fitting_children), not clamped up to 1."""
+    return max(0, min(DEFAULT_MAX_CHILDREN, room_for_children(memory_limit, metrics)))
 
 
 class Supervisor:
@@ -436,9 +442,10 @@ class Supervisor:
         return 0
 
     def memory_fit(self) -> int | None:
-        """How many connections fit the memory limit found at start (None: no limit)."""
+        """How many connections fit the memory limit found at start (None: no limit), 0
+        when none does: the derived --max-children is clamped up to 1, this is not."""
         limit = self.options.memory_limit
-        return None if limit is None else fitting_children(limit, self.options.metrics is not None)
+        return None if limit is None else _fit(limit, self.options.metrics is not None)
 
     def _log_max_children(self) -> None:
         """At start: the --max-children derived from the memory limit, or a warning when
@@ -449,7 +456,7 @@ class Supervisor:
                            detail="no memory limit found")
             return
         value, size = self.options.max_children, mebibytes(limit)
-        fit, own = fitting_children(limit, metrics), own_memory(metrics)
+        fit, own = _fit(limit, metrics), own_memory(metrics)
         if not self.options.max_children_given and room_for_children(limit, metrics) < 1:
             # Clamped up to 1: even that one may cost its connection, or worse.
             self.log.warning("max-children", value=value, memory_limit=limit,

@@ -22,6 +22,7 @@ from forkproxy.config import (
     mebibytes,
 )
 from forkproxy.log import Logger, level_for
+from forkproxy.status import _max_children as status_max_children
 from forkproxy.supervisor import Supervisor
 
 V1_NONE = "9223372036854771712"  # what cgroup v1 says for no limit (4 KiB pages)
@@ -276,6 +277,33 @@ def test_a_limit_below_forkproxy_s_own_memory_is_a_warning(tmp_path: Path) -> No
     assert " warning max-children value=1 memory_limit=20971520 detail=\"the memory limit of " \
            "20 MiB leaves no room for connections beside forkproxy's own ~28 MiB; " \
            "--max-children overrides\"" in line, line
+
+
+def test_a_given_max_children_where_nothing_fits_is_warned(tmp_path: Path) -> None:
+    """--max-children 1 under a limit with no room: the check compared it with the
+    derived value, clamped up to 1, so it said nothing."""
+    options = with_memory_limit(Options(max_children=1, metrics="127.0.0.1:0"), 5 * MiB)
+    [line] = start_lines(tmp_path, options)
+    assert " warning max-children value=1 fits=0 memory_limit=5242880 detail=\"about 0 " \
+           "fit the memory limit of 5 MiB; beyond that the OOM killer ends connections\"" \
+           in line, line
+
+
+@pytest.mark.parametrize("given", [False, True])
+def test_status_says_when_nothing_fits_the_memory_limit(given: bool) -> None:
+    """`status` said `max-children 1 (fits the memory limit of 5 MiB)` where the log had
+    warned that nothing fits: memory_fit was the clamped value (found by a code review)."""
+    options = with_memory_limit(Options(metrics="127.0.0.1:0", max_children_given=given,
+                                        max_children=1), 5 * MiB)
+    sup = Supervisor(Sources(("127.0.0.1:0=127.0.0.1:1",), options=options), {}, Logger())
+    assert sup.memory_fit() == 0
+    reply = {"max_children": 1, "memory_limit": 5 * MiB, "memory_fit": sup.memory_fit(),
+             "max_children_given": given}
+    assert status_max_children(reply) == (
+        ", max-children 1 (the memory limit of 5 MiB leaves no room for connections)")
+    fits = with_memory_limit(Options(max_children_given=False), 64 * MiB)
+    assert Supervisor(Sources(("127.0.0.1:0=127.0.0.1:1",), options=fits), {},
+                      Logger()).memory_fit() == fits.max_children == 52
 
 
 def test_no_limit_is_a_debug_line_only(tmp_path: Path) -> None:
