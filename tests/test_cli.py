@@ -570,10 +570,15 @@ def test_as_pid_1_zombies_from_before_the_start_are_reaped_at_once(tmp_path: Pat
         assert len(read_lines(proxy, 1, 15)) == 1, (tmp_path / "log").read_text()
         [supervisor] = Path(f"/proc/{proxy.pid}/task/{proxy.pid}/children").read_text().split()
 
+        def state(pid: str) -> str:
+            try:
+                return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            except FileNotFoundError:
+                return "reaped"  # between the listing and this read: what is waited for
+
         def zombies() -> list[str]:
             children = Path(f"/proc/{supervisor}/task/{supervisor}/children").read_text()
-            return [pid for pid in children.split()
-                    if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"]
+            return [pid for pid in children.split() if state(pid) == "Z"]
 
         assert wait_for(lambda: not zombies(), 10), zombies()
         assert wait_for(lambda: (tmp_path / "log").read_text().count("reaped-orphan") == 3, 10)
