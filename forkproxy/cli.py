@@ -354,6 +354,9 @@ def _check_is_socket(path: str) -> None:
     connect() follows them; a path that is missing or unreachable is left to connect()."""
     try:
         mode = os.stat(path).st_mode
+    except NotADirectoryError:
+        # A path through a file (/etc/passwd/x.sock): serve refuses it as well.
+        raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR)) from None
     except OSError:
         return
     if not stat.S_ISSOCK(mode):

@@ -973,6 +973,11 @@ def test_a_status_socket_path_that_is_not_a_socket_is_bad_input_for_the_clients(
                           f"FORKPROXY_STATUS_SOCKET (--status-socket) '{precious}': exists and "
                           "is not a socket")
     assert precious.read_text() == "keep me\n"
+    # A path through a file: serve says "Not a directory", exit 2; so do the clients (they
+    # said "no answer", exit 1).
+    through = f"{precious}/x.sock"
+    assert_one_line_error(run(command, "--status-socket", through),  # long: shortened
+                          "--status-socket '", "precious.conf/", "': Not a directory")
     short = Path(tempfile.mkdtemp(prefix="fpc-", dir="/tmp"))  # sun_path is short
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as other:
