@@ -1779,7 +1779,8 @@ def test_sigusr1_link_line_counts_denied_clients_as_the_status_table_does(
         refused.settimeout(30)
         with contextlib.suppress(ConnectionResetError):
             assert refused.recv(1) == b""
-    poll(lambda: ask(sock_path), lambda r: r["links"].get(spec, {}).get("denied") == 1)
+    reply = poll(lambda: ask(sock_path), lambda r: r["links"].get(spec, {}).get("denied") == 1)
+    assert reply["links"][spec]["denied"] == 1, reply
     proxy.signal(signal.SIGUSR1)
     found = poll(lambda: [parse_text_line(line) for line in proxy.log().splitlines()],
                  lambda found: any(r["event"] == "status-link" for r in found))
@@ -1851,11 +1852,12 @@ def test_a_metrics_port_nobody_will_serve_again_refuses_scrapers(
         assert recv_exact(client, 1) == b"a"  # a live connection: the stop waits for it
         if dies == "just before the stop":
             os.kill(pid, signal.SIGKILL)
-            poll(proxy.log, lambda log: "metrics-died" in log)
+            # Asserted: a missed wait would test the other case ("during") unnoticed.
+            assert "metrics-died" in poll(proxy.log, lambda log: "metrics-died" in log)
             proxy.signal(signal.SIGTERM)
         else:
             proxy.signal(signal.SIGTERM)
-            poll(proxy.log, lambda log: "stopping" in log)
+            assert "stopping" in poll(proxy.log, lambda log: "stopping" in log)
             os.kill(pid, signal.SIGKILL)
 
         def refused() -> bool:
