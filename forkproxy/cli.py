@@ -347,33 +347,16 @@ def links_command(
         typer.echo(f"listen {link.describe()}")
 
 
-def _check_is_socket(path: str) -> None:
-    """OSError when `path` exists and is not a socket (a regular file, a directory,
-    /dev/null): no supervisor can ever answer there, since serve refuses such a path, so
-    it is a mistyped path, not a supervisor that is down. Followed through symlinks, as
-    connect() follows them; a path that is missing or unreachable is left to connect()."""
-    try:
-        mode = os.stat(path).st_mode
-    except NotADirectoryError:
-        # A path through a file (/etc/passwd/x.sock): serve refuses it as well.
-        raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR)) from None
-    except OSError:
-        return
-    if not stat.S_ISSOCK(mode):
-        raise OSError(errno.ENOTSOCK, "exists and is not a socket")
-
-
 def _control(ctx: typer.Context, status_socket: str | None, command: str) -> dict[str, Any]:
     """The supervisor's reply to `command`, in the shape it gives (status._read_reply), or
     exit 1 with one line: nothing answers, or something that is not a forkproxy does
     (exit 2 for a path no supervisor could be at)."""
-    from .control import check_path
+    from .control import check_client_path
     from .status import NotForkproxy, StatusError, find_socket, request
 
     if status_socket is not None:
         try:
-            check_path(status_socket)
-            _check_is_socket(status_socket)
+            check_client_path(status_socket)
         except OSError as exc:  # bad input, as for serve: not "nothing answers" (exit 1)
             fail(f"--status-socket {quoted(status_socket)}: {exc.strerror}", _variables(ctx))
     try:

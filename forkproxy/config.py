@@ -248,10 +248,14 @@ def room_for_children(memory_limit: int, metrics: bool) -> int:
     return (memory_limit - own_memory(metrics)) // CHILD_MEMORY
 
 
+def children_that_fit(memory_limit: int, metrics: bool) -> int:
+    """Connections that fit a memory limit: room_for_children, 0 to DEFAULT_MAX_CHILDREN."""
+    return max(0, min(DEFAULT_MAX_CHILDREN, room_for_children(memory_limit, metrics)))
+
+
 def fitting_children(memory_limit: int, metrics: bool) -> int:
-    """The --max-children derived from a memory limit: room_for_children, 1 to
-    DEFAULT_MAX_CHILDREN."""
-    return max(1, min(DEFAULT_MAX_CHILDREN, room_for_children(memory_limit, metrics)))
+    """The --max-children derived from a memory limit: children_that_fit, at least 1."""
+    return max(1, children_that_fit(memory_limit, metrics))
 
 
 def mebibytes(size: int) -> str:

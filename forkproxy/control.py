@@ -205,6 +205,27 @@ class ControlServer:
 ABSENT, STALE, LIVE = "absent", "stale", "live"
 
 
+def check_client_path(path: str) -> None:
+    """OSError for a --status-socket no supervisor can ever answer on, as serve would
+    refuse it: one no socket can have (check_path), one through a file (ENOTDIR), or one
+    that exists and is not a socket. Followed through symlinks, as connect() follows them;
+    a path that is missing or unreachable is left to connect() (nothing answers, yet)."""
+    check_path(path)
+    try:
+        mode = os.stat(path).st_mode
+    except NotADirectoryError:
+        raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR)) from None
+    except OSError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise _not_a_socket()
+
+
+def _not_a_socket() -> OSError:
+    # connect() to a regular file is refused too: never let one pass for a dead socket
+    return OSError(errno.ENOTSOCK, "exists and is not a socket")
+
+
 def probe(path: str) -> str:
     """What is at `path`: ABSENT, STALE (a socket file whose connect() is refused: nobody
     listens, whatever PID namespace made it; a pid alone says nothing when containers share
@@ -215,8 +236,7 @@ def probe(path: str) -> str:
     except FileNotFoundError:
         return ABSENT
     if not stat.S_ISSOCK(mode):
-        # connect() to a regular file is refused too: never let one pass for a dead socket
-        raise OSError(errno.ENOTSOCK, "exists and is not a socket")
+        raise _not_a_socket()
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as prober:
         prober.setblocking(False)  # a live one with a full backlog: EAGAIN, not a wait
         try:

@@ -55,11 +55,10 @@ class Logger:
         while True:
             data = (self._render(level, event, fields, stamp, pid) + "\n").encode(
                 "utf-8", "backslashreplace")
-            texts = [(len(v), k) for k, v in fields.items() if isinstance(v, str) and v]
+            texts = [(len(v), k, v) for k, v in fields.items() if isinstance(v, str) and v]
             if len(data) <= MAX_LINE or not texts:
                 return data
-            length, key = max(texts)
-            value = str(fields[key])
+            length, key, value = max(texts)
             keep = max(length - (len(data) - MAX_LINE) - len(_CUT), length // 2)
             cut = value[:keep] + _CUT if keep + len(_CUT) < length else ""
             fields = {**fields, key: cut}

@@ -573,12 +573,19 @@ def _deliver_queued(src: RawSocket, dst: RawSocket, counters: memoryview, index:
 TIOCOUTQ = 0x5411  # linux/asm-generic ioctls.h (termios.TIOCOUTQ: a module more to import)
 
 
+def _pass_reset_on(sock: RawSocket) -> None:
+    """The other side reset: reset `sock` too, once its peer has acknowledged what was
+    written to it (its send queue, SIOCOUTQ, is empty), or after DELIVER_REST_TIMEOUT
+    without progress. The reset (close with SO_LINGER 0) throws that queue away: a slow
+    reader lost what the proxy had written for it (megabytes: the socket buffer), where a
+    direct connection's reader gets every byte the other side sent before its reset, then
+    the reset."""
+    _drain(sock)
+    reset(sock)
+
+
 def _drain(sock: RawSocket) -> None:
-    """Wait until `sock`'s peer has acknowledged what was written to it (its send queue,
-    SIOCOUTQ, is empty), or for DELIVER_REST_TIMEOUT without progress. A reset (close
-    with SO_LINGER 0) throws that queue away: a slow reader lost what the proxy had
-    written for it (megabytes: the socket buffer), where a direct connection's reader
-    gets every byte the other side sent before its reset, then the reset."""
+    """Wait until `sock`'s send queue is empty, or DELIVER_REST_TIMEOUT without progress."""
     queue = bytearray(4)
     left, moved = -1, time.monotonic()
     while True:
@@ -843,8 +850,7 @@ def serve(
                 client.shutdown(SHUT_WR)
             except OSError:
                 pass  # the client is gone already
-        _drain(client)
-        reset(client)
+        _pass_reset_on(client)
         if log.level <= INFO:
             client_text, upstream_text = peer_text(client_address), str(link.target)
             log.info("open", link=link.name, client=client_text, upstream=upstream_text)
@@ -902,9 +908,7 @@ def serve(
             # Not a reset: that side went silent. The other side still gets an RST, as for
             # a reset: what the silent one sent last may never have arrived.
             outcome = _TIMEOUT_OF.get(outcome, outcome)
-        receiver = upstream if outcome in (CLIENT_RESET, CLIENT_TIMEOUT) else client
-        _drain(receiver)  # what it was sent arrives first, then the reset
-        reset(receiver)
+        _pass_reset_on(upstream if outcome in (CLIENT_RESET, CLIENT_TIMEOUT) else client)
     client.close()
     upstream.close()
     if info:

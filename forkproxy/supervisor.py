@@ -28,7 +28,6 @@ from collections.abc import Callable, Mapping
 from . import __version__, control, listeners, relay, signals
 from .accounting import Accounting, ChildRecord, describe_status
 from .config import (
-    DEFAULT_MAX_CHILDREN,
     MIN_RESOLVE_EVERY,
     ConfigError,
     Link,
@@ -37,13 +36,13 @@ from .config import (
     Sources,
     build_links,
     check_metrics_port,
+    children_that_fit,
     join_host_port,
     mebibytes,
     own_memory,
     parse_cidr,
     parse_metrics_address,
     peer_text,
-    room_for_children,
 )
 from .listeners import Listener
 from .log import DEBUG, WARNING, Logger
@@ -182,10 +181,19 @@ class DenialWindow:
         self.last_client: tuple[object, ...] = ()
 
 
-def _fit(memory_limit: int, metrics: bool) -> int:
-    """Connections that fit `memory_limit`, 0 to DEFAULT_MAX_CHILDREN: unlike the derived
-    --max-children (config.fitting_children), not clamped up to 1."""
-    return max(0, min(DEFAULT_MAX_CHILDREN, room_for_children(memory_limit, metrics)))
+def _reaped_within(pid: int, seconds: float) -> bool:
+    """Wait up to `seconds` for child `pid` to exit, reaping it: True once it has (or was
+    reaped already), False if it still runs."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            if os.waitpid(pid, os.WNOHANG)[0]:
+                return True
+        except ChildProcessError:
+            return True  # reaped already
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.01)
 
 
 class Supervisor:
@@ -445,7 +453,7 @@ class Supervisor:
         """How many connections fit the memory limit found at start (None: no limit), 0
         when none does: the derived --max-children is clamped up to 1, this is not."""
         limit = self.options.memory_limit
-        return None if limit is None else _fit(limit, self.options.metrics is not None)
+        return None if limit is None else children_that_fit(limit, self.options.metrics is not None)
 
     def _log_max_children(self) -> None:
         """At start: the --max-children derived from the memory limit, or a warning when
@@ -456,8 +464,8 @@ class Supervisor:
                            detail="no memory limit found")
             return
         value, size = self.options.max_children, mebibytes(limit)
-        fit, own = _fit(limit, metrics), own_memory(metrics)
-        if not self.options.max_children_given and room_for_children(limit, metrics) < 1:
+        fit, own = children_that_fit(limit, metrics), own_memory(metrics)
+        if not self.options.max_children_given and not fit:
             # Clamped up to 1: even that one may cost its connection, or worse.
             self.log.warning("max-children", value=value, memory_limit=limit,
                              detail=f"the memory limit of {size} leaves no room for "
@@ -529,31 +537,20 @@ class Supervisor:
         pid = self.metrics_pid
         try:
             os.kill(pid, signal.SIGTERM)
-            deadline = time.monotonic() + METRICS_EXIT_WAIT
-            while not os.waitpid(pid, os.WNOHANG)[0]:
-                if time.monotonic() >= deadline:
-                    os.kill(pid, signal.SIGKILL)
-                    os.waitpid(pid, 0)
-                    return
-                time.sleep(0.02)
+            if not _reaped_within(pid, METRICS_EXIT_WAIT):
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
         except OSError:
             pass  # already gone and reaped
 
     def _let_the_table_be_written(self) -> None:
         """Wait up to TABLE_EXIT_WAIT for SIGUSR1's reporter: a table asked for just
         before a stop is still written. Longer, the log is blocked: it is killed."""
-        deadline = time.monotonic() + TABLE_EXIT_WAIT
-        while time.monotonic() < deadline:
-            try:
-                pid, _ = os.waitpid(self.table_writer, os.WNOHANG)
-            except ChildProcessError:
-                pid = self.table_writer  # reaped already
-            if pid:
-                if pid in self.reporter_pids:
-                    self.reporter_pids.remove(pid)  # reaped: its number may be reused
-                self.table_writer = 0
-                return
-            time.sleep(0.01)
+        pid = self.table_writer
+        if _reaped_within(pid, TABLE_EXIT_WAIT):
+            if pid in self.reporter_pids:
+                self.reporter_pids.remove(pid)  # reaped: its number may be reused
+            self.table_writer = 0
 
     def _poll_timeout(self) -> int:
         """Milliseconds to the next timer (the loop checks these six inline first)."""
