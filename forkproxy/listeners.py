@@ -236,17 +236,23 @@ def stop_listening(sock: socket.socket) -> None:
 
 
 def reconcile(
-    old: list[Listener], links: Iterable[Link]
+    old: list[Listener], links: Iterable[Link], prepare: Callable[[list[Listener]], None]
 ) -> tuple[list[Listener], list[Listener], list[Listener]]:
     """Work out a reload: returns (kept+new listeners, newly bound, to close).
 
     A listener whose address is unchanged keeps its socket (clients in its backlog are
-    not dropped) and takes the new link, whatever its target. New addresses are bound
-    all-or-nothing: on failure nothing has changed and ConfigError is raised.
+    not dropped) and takes the new link, whatever its target. New addresses are bound,
+    then given to `prepare`, all-or-nothing: on failure nothing has changed (the new
+    sockets are closed, no kept listener has its new link yet) and the error is raised.
     """
     by_key = {listener.link.key: listener for listener in old}
     wanted = list(links)
     fresh = bind_all(link for link in wanted if link.key not in by_key)
+    try:
+        prepare(fresh)
+    except BaseException:
+        close_all(fresh)
+        raise
     fresh_iter = iter(fresh)
     result: list[Listener] = []
     kept: set[int] = set()

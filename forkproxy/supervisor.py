@@ -1198,13 +1198,20 @@ class Supervisor:
 
     def _listen_options(self, bound: list[Listener]) -> None:
         """Socket options every accepted connection inherits from its listener: set here
-        once, not by each child (--keepalive, --user-timeout)."""
+        once, not by each child (--keepalive, --user-timeout). ConfigError naming the
+        listener if the kernel refuses one."""
         keepalive, user_timeout = self.options.keepalive, self.options.user_timeout
         for listener in bound:
-            if keepalive is not None:
-                relay.set_keepalive(listener.sock, keepalive)
-            if user_timeout is not None:
-                relay.set_user_timeout(listener.sock, user_timeout)
+            option = "--keepalive"
+            try:
+                if keepalive is not None:
+                    relay.set_keepalive(listener.sock, keepalive)
+                option = "--user-timeout"
+                if user_timeout is not None:
+                    relay.set_user_timeout(listener.sock, user_timeout)
+            except OSError as exc:
+                raise ConfigError(f"cannot set {option} on {listener.describe()}: "
+                                  f"{exc.strerror or exc}") from None
 
     # -- reload ------------------------------------------------------------------------
 
@@ -1219,8 +1226,8 @@ class Supervisor:
         targets = {listener.link.key: listener.link.target for listener in self.listeners}
         try:
             table = read_links(self.sources, self.environ)
-            kept, fresh, retired = listeners.reconcile(self.listeners, table.links)
-            self._listen_options(fresh)
+            kept, fresh, retired = listeners.reconcile(self.listeners, table.links,
+                                                       self._listen_options)
         except (ConfigError, OSError) as exc:
             # OSError: socket() for a new listener ran out of descriptors (EMFILE, ENFILE):
             # a reload that fails must never take the running listeners down with it.

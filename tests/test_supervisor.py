@@ -21,6 +21,7 @@ import psutil
 import pytest
 
 import forkproxy
+from forkproxy import relay as fp_relay
 from forkproxy import signals
 from forkproxy.config import Options, Sources, parse_spec
 from forkproxy.listeners import Listener
@@ -35,6 +36,7 @@ from conftest import (
     blocked_writing,
     deliver_signal,
     echo,
+    free_port,
     full_pipe,
     metrics_pid,
     need,
@@ -201,6 +203,43 @@ def started(sup: Supervisor) -> Iterator[Supervisor]:
             signal.signal(signum, handler)
         sup.signals.reader.close()
         sup.signals.writer.close()
+
+
+def test_a_reload_whose_new_listener_refuses_its_socket_options_changes_nothing(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+) -> None:
+    """Setting --keepalive on a new port's socket failed after the kept port had taken its
+    new link: the log said "previous configuration stays", but the kept port went on to
+    the new target and the new port's socket leaked, listening with nobody accepting.
+    setsockopt is made to fail here: no valid value makes the kernel refuse it."""
+    kept_port, new_port = free_port(), free_port()
+    env_file = tmp_path / "links.env"
+    env_file.write_text(f"A_PORT_{kept_port}_TCP=tcp://127.0.0.1:1\n")
+    options = Options(keepalive=60, status_socket=str(tmp_path / "s.sock"))
+    sources = Sources(env_file=str(env_file), options=options, bind="127.0.0.1")
+    with open(tmp_path / "log", "w+b") as log:
+        sup = Supervisor(sources, {}, Logger(fd=log.fileno()))
+        with started(sup):
+            env_file.write_text(f"A_PORT_{kept_port}_TCP=tcp://127.0.0.1:2\n"
+                                f"B_PORT_{new_port}_TCP=tcp://127.0.0.1:2\n")
+
+            def refused(sock: object, seconds: int) -> None:
+                raise OSError(errno.ENOPROTOOPT, os.strerror(errno.ENOPROTOOPT))
+
+            monkeypatch.setattr(fp_relay, "set_keepalive", refused)
+            ok, error = sup.reload()
+            monkeypatch.undo()
+            assert not ok and error.startswith("cannot set --keepalive on 127.0.0.1:"), error
+            [listener] = sup.listeners
+            assert str(listener.link.target) == "127.0.0.1:1"  # the old wiring, whole
+            with pytest.raises(ConnectionRefusedError):  # the new socket was closed
+                socket.create_connection(("127.0.0.1", new_port), timeout=10).close()
+            log.seek(0)
+            assert b"previous configuration stays" in log.read()
+            ok, error = sup.reload()  # the kernel takes the options again: it goes through
+            assert ok, error
+            assert sorted(item.port for item in sup.listeners) == sorted([kept_port, new_port])
+            assert all(str(item.link.target) == "127.0.0.1:2" for item in sup.listeners)
 
 
 def test_a_metrics_process_that_cannot_be_forked_is_tried_again_later(
