@@ -926,7 +926,10 @@ class Supervisor:
             # fail anyway (Linux wants a free one before it looks at the queue) and be
             # logged as clients reset that were never there.
             return
-        self.handle_accept(listener, batch=self.options.max_children)
+        if not self.held:
+            # Else clients whose fork failed are first in line: the backlog is held behind
+            # them, and serve_held (below) forks for all of them in that order.
+            self.handle_accept(listener, batch=self.options.max_children)
         clients, error = listeners.accept_backlog(listener)
         held = []
         for fd, address in clients:

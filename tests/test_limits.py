@@ -1290,6 +1290,41 @@ def test_accept_resource_errors_pause_accepting_briefly_then_resume(
         assert sup.accepting and fake.calls == 2
 
 
+def test_a_stop_during_the_pause_after_a_failed_fork_serves_the_held_client_first(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A client whose fork failed is first in line for the next fork. A stop (or a reload
+    removing its port) within the pause that followed forked for the clients in the
+    backlog first, ahead of it. fork is replaced: the pause is 0.1 s, too short to stop
+    inside on cue with a real pids limit."""
+    pids = iter(range(900_000, 900_100))
+
+    def fork() -> int:
+        if not forked:
+            forked.append(0)
+            raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
+        return next(pids)
+
+    forked: list[int] = []
+    monkeypatch.setattr(os, "fork", fork)
+    link = parse_spec("127.0.0.1:0=127.0.0.1:1")
+    with socket.create_server(("127.0.0.1", 0)) as real, open(tmp_path / "log", "wb") as log:
+        real.setblocking(False)
+        listener = Listener(link, real, real.getsockname()[1])
+        sup = fp_supervisor.Supervisor(Sources(link.names, options=Options()), {},
+                                       Logger(fd=log.fileno()))
+        sup.listeners = [listener]
+        with connect(listener.port) as first:
+            sup.handle_accept(listener)  # its fork fails: held, accepts paused
+            assert sup.resume_at is not None and not sup.accounting.children
+            with connect(listener.port) as second:
+                assert wait_for(lambda: bool(listener.waiting(0)))  # in the backlog
+                sup._take_backlog(listener, "stopping")
+                served = [record[1][1] for record in sup.accounting.children.values()]
+                assert served == [first.getsockname()[1], second.getsockname()[1]]
+                assert not sup.held
+
+
 @contextlib.contextmanager
 def fresh_cgroup(controller: str) -> Iterator[tuple[Path, bool]]:
     """A fresh cgroup of `controller` (its v1 hierarchy, or v2 with the controller on):
