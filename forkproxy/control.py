@@ -81,25 +81,24 @@ class ControlServer:
     def __init__(self, path: str, handle: Handler) -> None:
         self.path = path
         self.handle = handle
-        # Checked first: the short staging name below would bind and the rename would
+        # Checked first: the short staging name below would bind and the link would
         # succeed, leaving a socket no client can connect() to by its name.
         check_path(path)
         _remove_if_stale(path)
-        # Bound under a staging name and renamed into place once it listens, so a socket
+        # Bound under a staging name and given its real name once it listens, so a socket
         # file under its real name always answers: sweep_stale() in another supervisor
         # starting at the same moment can then tell a dead one from one not listening yet.
-        staging = os.path.join(os.path.dirname(path), f".{os.getpid()}.tmp")
-        if len(os.fsencode(staging)) > len(os.fsencode(path)):
-            staging = path  # never a longer name than the one asked for (AF_UNIX limit)
+        staging = _staging_name(path)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old_umask = os.umask(0o077)
         try:
-            if staging != path and os.path.lexists(staging):
-                os.unlink(staging)  # left by a killed process that had this pid
             self.sock.bind(staging)
             self.sock.listen(MAX_CLIENTS)
             if staging != path:
-                os.rename(staging, path)
+                _publish(staging, path)
+            # What close() may remove: the file we made, not one that took its place.
+            found = os.lstat(path)
+            self.identity = (found.st_dev, found.st_ino)
         except OSError:
             self.sock.close()
             raise
@@ -197,9 +196,47 @@ class ControlServer:
             self._drop(fd)
         self.sock.close()
         try:
-            os.unlink(self.path)
+            found = os.lstat(self.path)
+            if (found.st_dev, found.st_ino) == self.identity:
+                os.unlink(self.path)
         except FileNotFoundError:
             pass
+
+
+def _staging_name(path: str) -> str:
+    """A name beside `path` that no other process picks: a random one. (The pid was not:
+    supervisors in PID namespaces that share a directory, each PID 1, took the same
+    name at the same moment, and one unlinked or failed on the other's socket.)
+    `path` itself when no such name fits in sun_path."""
+    prefix = os.path.join(os.path.dirname(path), ".")
+    room = MAX_PATH - len(os.fsencode(prefix)) - len(".tmp")
+    if room < 8:
+        return path  # bound under its own name: bind() never replaces a file either
+    return f"{prefix}{os.urandom(8).hex()[:room]}.tmp"
+
+
+def _in_use() -> OSError:
+    return OSError(errno.EADDRINUSE, "something listens there (another forkproxy?)")
+
+
+def _publish(staging: str, path: str) -> None:
+    """Give the socket bound at `staging` the name `path`, unless a file took that name
+    meanwhile: link() never replaces one, while rename() did, silently, taking the
+    name from a supervisor started at the same moment (both then ran, and the first to
+    stop removed the other's socket). A filesystem without hard links gets rename()."""
+    try:
+        os.link(staging, path)
+    except FileExistsError:
+        raise _in_use() from None
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK):
+            raise
+        os.rename(staging, path)
+    finally:
+        try:
+            os.unlink(staging)
+        except FileNotFoundError:
+            pass  # renamed
 
 
 ABSENT, STALE, LIVE = "absent", "stale", "live"
@@ -288,6 +325,6 @@ def _remove_if_stale(path: str) -> None:
     state = probe(path)
     if state == LIVE:
         # Only that something listens: telling forkproxy's apart would mean talking to it.
-        raise OSError(errno.EADDRINUSE, "something listens there (another forkproxy?)")
+        raise _in_use()
     if state == STALE:
         os.unlink(path)
