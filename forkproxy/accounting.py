@@ -188,7 +188,8 @@ class Accounting:
         stats.outcomes[outcome] = stats.outcomes.get(outcome, 0) + 1
         if outcome == "connect-failed":
             stats.upstream_failures += 1
-        elif not (up or down):
+        elif not (up or down) and outcome != "killed" and outcome != "failed":
+            # A probe's: killed or crashed, nobody knows whether its upstream connected.
             stats.empty += 1
         duration = time.monotonic() - started
         stats.duration_count += 1

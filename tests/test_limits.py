@@ -1071,6 +1071,30 @@ def test_kill_9_of_one_child_ends_that_connection_only(
     assert proxy.proc.poll() is None
 
 
+def test_a_killed_connection_that_moved_no_byte_is_not_counted_empty(
+    start_proxy: StartProxy, tcp_server: ServerFactory, short_dir: Path
+) -> None:
+    """`empty` is for probes, connections that ended by themselves with no byte either
+    way (README: subtract it to see real traffic). A child killed (the OOM killer, a
+    kill -9) before a byte moved was counted there too: 27 of 45 OOM kills in one run.
+    Whether its upstream had even connected is unknown; it is `killed`, not empty."""
+    sock_path = short_dir / "s.sock"
+    server = tcp_server(echo)
+    spec = f"127.0.0.1:0=127.0.0.1:{server.port}"
+    proxy = start_proxy("--status-socket", str(sock_path), spec)
+    with connect(proxy.port) as idle:
+        assert wait_for(lambda: len(children(proxy.pid)) == 1)
+        [child] = children(proxy.pid)
+        assert wait_for(lambda: len(server.threads) == 1)  # its upstream connected
+        child.kill()
+        assert closed_by_peer(idle, 10)
+    connect(proxy.port).close()  # and a probe: connect, close
+    assert wait_for(lambda: link_stats(status_json(sock_path), spec)["connections"] == 2)
+    stats = link_stats(status_json(sock_path), spec)
+    assert stats["outcomes"] == {"killed": 1, "closed": 1}, stats
+    assert stats["empty"] == 1, stats  # the probe only
+
+
 def starve_accepts(proxy: Proxy) -> tuple[int, int]:
     """Lower the live supervisor's RLIMIT_NOFILE so that its next accept() fails with
     EMFILE; returns the (soft, hard) limits to put back.
