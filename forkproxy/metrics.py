@@ -43,7 +43,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from forkproxy.config import peer_text
-from forkproxy.log import WARNING, Logger
+from forkproxy.log import DEBUG, ERROR, INFO, WARNING, Logger
 from forkproxy.relay import OUTCOMES
 from forkproxy.status import StatusError, enrich, request
 
@@ -353,6 +353,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--supervisor-pid", type=int, required=True,
                         help="exit when this process is no longer the parent")
     parser.add_argument("--log-format", default="text")
+    # The supervisor's level (-q, -qq, -v), as a number: its `metrics-request-failed`
+    # warning is dropped under -qq as the supervisor's own warnings are.
+    parser.add_argument("--log-level", type=int, default=WARNING,
+                        choices=(DEBUG, INFO, WARNING, ERROR))
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -368,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     server.setup_environ()
     server.set_app(_answer_head(make_wsgi_app(registry)))
     server.deadlines = _Deadlines()
-    server.log = Logger(WARNING, args.log_format)
+    server.log = Logger(args.log_level, args.log_format)
     server.timeout = 1.0
     # The supervisor is gone: so is this process, which would otherwise hold the port. Its
     # pid comes from the command line, not from getppid() here: a supervisor killed while

@@ -1468,6 +1468,40 @@ def test_clients_held_after_a_failed_fork_and_dropped_at_the_stop_are_logged(
     assert "warning dropped" in line and f'link="{spec}"' in line and "clients=3 " in line, line
 
 
+@pytest.mark.parametrize(("level", "logged"), [(30, True), (40, False)])
+def test_the_metrics_process_logs_at_the_level_it_is_given(
+    pids_cgroup: Path, short_dir: Path, level: int, logged: bool
+) -> None:
+    """The metrics process's one warning, `metrics-request-failed`, was written at
+    warning level whatever the supervisor's -q/-qq: it took no level. It takes the
+    supervisor's now (`--log-level`, a number). Provoked for real: at a pids limit the
+    thread for a scrape cannot start (RuntimeError, not an OSError)."""
+    metrics_py = Path(fp_supervisor.__file__).with_name("metrics.py")
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        os.set_inheritable(listener.fileno(), True)
+        argv = [*in_cgroup(pids_cgroup), sys.executable, "-I", str(metrics_py),
+                "--fd", str(listener.fileno()), f"--status-socket={short_dir / 'none.sock'}",
+                "--supervisor-pid", str(os.getpid()), f"--log-level={level}"]
+        proc = subprocess.Popen(argv, pass_fds=[listener.fileno()], stderr=subprocess.PIPE,
+                                text=True)
+        try:
+            # Itself and its deadline thread: started, so its imports are done.
+            current = pids_cgroup / "pids.current"
+            assert wait_for(lambda: int(current.read_text()) >= 2 or proc.poll() is not None)
+            assert proc.poll() is None, proc.communicate()[1]
+            (pids_cgroup / "pids.max").write_text(current.read_text())  # no more threads
+            with socket.create_connection(listener.getsockname()[:2], timeout=15) as scrape:
+                scrape.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+                assert scrape.recv(100) == b""  # closed, after handle_error has run
+        finally:
+            proc.terminate()
+            err = proc.communicate(timeout=15)[1]
+    assert proc.returncode == 0, err
+    assert ("warning metrics-request-failed" in err) is logged, err
+    if logged:
+        assert "can't start new thread" in err, err
+
+
 def test_a_client_held_on_a_link_a_reload_removed_counts_there_then_the_link_goes(
     pids_cgroup: Path, start_proxy: StartProxy, tcp_server: ServerFactory, short_dir: Path,
     tmp_path: Path
