@@ -286,7 +286,20 @@ def name_variable(message: str, variables: Mapping[str, str]) -> str:
     variable in a compose file never typed that flag."""
     flag, space, rest = message.partition(" ")
     variable = variables.get(flag)
-    return f"{variable} ({flag}){space}{rest}" if variable else message
+    if variable:
+        return f"{variable} ({flag}){space}{rest}"
+    variable = variables.get("--env-file")
+    if variable:  # the env file's errors name it as `env file 'PATH'`: so does the variable
+        return _ENV_FILE_ERROR.sub(lambda m: f"{m[1] or ''}{variable} (--env-file) ", message,
+                                   count=1)
+    return message
+
+
+# Where an error about the env file names it (`env file 'PATH': not a regular file`,
+# `cannot read env file 'PATH': ...`, `env file 'PATH', line 3: ...`, `no links found:
+# ... in env file 'PATH'`): fixed words before the path, never a user's value.
+_ENV_FILE_ERROR = re.compile(
+    r"^(cannot read |no links found: [^'\"]* in (?:the environment or )?)?env file (?=['\"])")
 
 
 def _shorten(text: str) -> str:

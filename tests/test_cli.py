@@ -405,6 +405,32 @@ def test_a_path_in_an_error_is_quoted_and_stays_on_one_line(tmp_path: Path) -> N
         assert_one_line_error(run("links", "--env-file", str(env_file)), needle, "a\\nb")
 
 
+def test_the_env_files_errors_name_its_variable_when_it_came_from_one(tmp_path: Path) -> None:
+    """`env file 'PATH'` named the file but not FORKPROXY_ENV_FILE, unlike every other
+    variable's error: whoever set it in a compose file typed no --env-file. The variable
+    and its flag now stand where those words did; a typed --env-file is named as before."""
+    env_file = tmp_path / "links.env"
+    given = f"'{env_file}'"
+    for content, command, env, expected in (
+        ("bad name=x\n", "links", {},
+         f"FORKPROXY_ENV_FILE (--env-file) {given}, line 1: bad variable name 'bad name'"),
+        ("# nothing\n", "serve", {},
+         f"no links found: no <ALIAS>_PORT_<N>_TCP variable or SPEC in FORKPROXY_ENV_FILE "
+         f"(--env-file) {given}"),
+        ("# nothing\n", "links", {"FORKPROXY_FROM_ENV": "1"},
+         f"no links found: no <ALIAS>_PORT_<N>_TCP variable or SPEC in the environment or "
+         f"FORKPROXY_ENV_FILE (--env-file) {given}"),
+    ):
+        env_file.write_text(content)
+        from_variable = run(command, env={"FORKPROXY_ENV_FILE": str(env_file), **env})
+        assert_one_line_error(from_variable)
+        assert from_variable.stderr == f"forkproxy: error: {expected}\n"
+        typed = run(command, "--env-file", str(env_file), env=env)
+        assert_one_line_error(typed)
+        plain = expected.replace("FORKPROXY_ENV_FILE (--env-file) ", "env file ")
+        assert typed.stderr == f"forkproxy: error: {plain}\n"
+
+
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
@@ -421,14 +447,17 @@ def test_usage_errors_are_one_line_and_exit_2(args: list[str], needle: str) -> N
 
 # What each FORKPROXY_... variable's bad value gets: the line begins with the variable, the
 # flag in brackets (the user may have set the variable in a compose file and typed no flag).
-# {tmp} and {busy} are filled in by the test. The env file's errors name the file, not a flag.
+# {tmp} and {busy} are filled in by the test. The env file's errors name the file (`env file
+# 'PATH'`, as with the flag; the variable and its flag take those words' place).
 BAD_VARIABLES = [
     ("serve", "FORKPROXY_FROM_ENV", "maybe", "FORKPROXY_FROM_ENV (--from-env) 'maybe': "),
     ("links", "FORKPROXY_FROM_ENV", "maybe", "FORKPROXY_FROM_ENV (--from-env) 'maybe': "),
     ("serve", "FORKPROXY_ENV_FILE", "{tmp}/no.env",
-     "cannot read env file '{tmp}/no.env': No such file or directory"),
+     "cannot read FORKPROXY_ENV_FILE (--env-file) '{tmp}/no.env': No such file or directory"),
     ("links", "FORKPROXY_ENV_FILE", "{tmp}/no.env",
-     "cannot read env file '{tmp}/no.env': No such file or directory"),
+     "cannot read FORKPROXY_ENV_FILE (--env-file) '{tmp}/no.env': No such file or directory"),
+    ("serve", "FORKPROXY_ENV_FILE", "/dev/null",
+     "FORKPROXY_ENV_FILE (--env-file) '/dev/null': not a regular file"),
     ("serve", "FORKPROXY_RELAY", "magic",
      "FORKPROXY_RELAY (--relay) 'magic': expected one of auto, splice, copy"),
     ("serve", "FORKPROXY_CONNECT_TIMEOUT", "0",
