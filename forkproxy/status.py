@@ -302,7 +302,8 @@ def enrich(status: dict[str, Any]) -> dict[str, Any]:
 
 
 def _size(value: int | None) -> str:
-    """1536 -> '1.5K', as ls -h and docker ps print sizes."""
+    """1536 -> '1.5K', as ls -h and docker ps print sizes. The unit is chosen on the
+    value as shown: 1048575 (1023.999K) is `1.0M`, not `1024.0K`."""
     if value is None:
         return "-"
     if value < 1024:
@@ -310,7 +311,7 @@ def _size(value: int | None) -> str:
     scaled = float(value)
     for unit in ("K", "M", "G", "T"):
         scaled /= 1024
-        if scaled < 1024 or unit == "T":
+        if round(scaled, 1) < 1024 or unit == "T":
             break
     return f"{scaled:.1f}{unit}"
 

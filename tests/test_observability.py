@@ -59,6 +59,7 @@ from conftest import (
 
 T = TypeVar("T")
 MiB = 1 << 20
+GiB = 1 << 30
 DEADLINE = 30.0  # generous: a loaded 2-core machine; polls return as soon as they can
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -416,6 +417,33 @@ def test_bulk_byte_counts_are_exact_in_every_relay_mode(
     assert settled(reply, {spec: 1}), reply
     stats = status_json(sock_path, env)["links"][spec]
     assert (stats["bytes_up"], stats["bytes_down"]) == (up_size, down_size)
+
+
+def test_status_shows_a_size_just_below_a_unit_in_the_next_unit(
+    start_proxy: StartProxy, tcp_server: ServerFactory, tmp_path: Path, env: dict[str, str],
+) -> None:
+    """1048575 bytes (1023.999 KiB) showed as `1024.0K`: rounded after the unit was chosen.
+    A size that rounds to 1024 of a unit is 1.0 of the next; one that rounds below stays."""
+    up_size, down_size = MiB - 1, 1048524  # 1023.999K and 1023.949K
+    received: list[int] = []
+    server = tcp_server(sink_and_source(os.urandom(down_size), received))
+    sock_path = tmp_path / "status.sock"
+    spec = f"127.0.0.1:0=127.0.0.1:{server.port}"
+    proxy = start_proxy("-q", "--status-socket", str(sock_path), spec, env=env)
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=30) as client:
+        client.sendall(b"x" * up_size)
+        client.shutdown(socket.SHUT_WR)
+        assert recv_all(client)[0] == down_size
+    assert poll(lambda: received, lambda r: r == [up_size]) == [up_size]
+    reply = poll(lambda: ask(sock_path), lambda r: settled(r, {spec: 1}))
+    assert settled(reply, {spec: 1}), reply
+    result = cli("status", "--status-socket", str(sock_path), env=env)
+    assert result.returncode == 0, result
+    [row] = parse_tables(result.stdout)[0][1]
+    assert (row["BYTES UP"], row["BYTES DOWN"]) == ("1.0M", "1023.9K"), result.stdout
+    for value, shown in ((1023, "1023B"), (1024, "1.0K"), (1048524, "1023.9K"),
+                         (1048525, "1.0M"), (GiB - 1, "1.0G"), (1024 * GiB - 1, "1.0T")):
+        assert fp_status._size(value) == shown, value
 
 
 # -- check --------------------------------------------------------------------------------
