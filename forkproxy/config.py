@@ -462,7 +462,9 @@ def links_from_env(
         match = _LINK_VAR.match(name)
         if match is None or "_ENV_" in match["alias"] + "_":
             continue
-        label = f"{name} ({origin!r})" if origin else name  # quoted: a path may hold a newline
+        # Shortened, as values are (quoted()): a name is any length the environment holds.
+        shown = _shorten(name)
+        label = f"{shown} ({origin!r})" if origin else shown  # quoted: a path may hold a newline
         if match["proto"] != "TCP":  # Docker writes _UDP and _SCTP variables too
             warnings.append(f"{label}: {match['proto']} links are not proxied; skipped")
             continue

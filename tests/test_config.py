@@ -214,6 +214,24 @@ def test_bad_link_variables_name_the_variable(env: dict[str, str], message: str)
     assert "\n" not in str(caught.value)
 
 
+@pytest.mark.parametrize(
+    ("name", "value", "reason"),
+    [
+        ("A" + "1" * 5000 + "_PORT_6379_TCP", "tcp://10.0.0.5:x", ": port 'x' is not a number"),
+        ("A_PORT_" + "1" * 5000 + "_TCP", "tcp://10.0.0.5:1", ": port '1111"),
+    ],
+)
+def test_a_long_variable_name_is_shortened_in_its_error(name: str, value: str,
+                                                        reason: str) -> None:
+    """A 5000-character variable name was written whole into its error line, where values
+    are shortened to 80 characters (quoted()): the name is shortened the same way."""
+    with pytest.raises(ConfigError) as caught:
+        build_links([], {name: value})
+    message = str(caught.value)
+    assert message.startswith(f"variable {name[:77]}...{reason}"), message
+    assert len(message) < 250, message
+
+
 def test_spec_and_variable_on_one_port_with_different_targets() -> None:
     expected = re.escape("6379=10.0.0.1:6379 -> 10.0.0.1:6379 and REDIS")
     with pytest.raises(ConfigError, match=expected):
