@@ -506,7 +506,10 @@ def merge_links(links: Iterable[Link]) -> tuple[Link, ...]:
         if known is None:
             by_key[link.key] = link
         elif known.target == link.target:
-            by_key[link.key] = Link(known.bind, known.port, known.target, known.names + link.names)
+            # A name given twice (the same SPEC typed twice, port 0 or not) is one link,
+            # named once: a name is a link's identity (status, metrics, reload).
+            names = known.names + tuple(name for name in link.names if name not in known.names)
+            by_key[link.key] = Link(known.bind, known.port, known.target, names)
         else:
             raise ConfigError(
                 f"port {link.port} is linked twice to different targets: "

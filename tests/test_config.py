@@ -232,6 +232,20 @@ def test_a_long_variable_name_is_shortened_in_its_error(name: str, value: str,
     assert len(message) < 250, message
 
 
+@pytest.mark.parametrize("spec", ["127.0.0.1:0=127.0.0.1:6379", "0=127.0.0.1:6379",
+                                  "127.0.0.1:7001=127.0.0.1:6379"])
+def test_the_same_spec_given_twice_is_one_link_named_once(spec: str) -> None:
+    """A SPEC typed twice merged into one listener named twice (`link=X,X` in the log,
+    status and metrics). Port 0 included: two listeners cannot both be named X (status,
+    metrics and reload know a link by its name), and a non-zero port given twice was
+    already one listener. Now one link, named once; a different SPEC still is its own."""
+    [link] = build_links([spec, spec]).links
+    assert link.names == (spec,)
+    assert link.key == parse_spec(spec).key
+    other = spec.replace("7001=", "7002=").replace("6379", "6380")
+    assert [x.names for x in build_links([spec, other, spec]).links] == [(spec,), (other,)]
+
+
 def test_spec_and_variable_on_one_port_with_different_targets() -> None:
     expected = re.escape("6379=10.0.0.1:6379 -> 10.0.0.1:6379 and REDIS")
     with pytest.raises(ConfigError, match=expected):
