@@ -371,8 +371,13 @@ def main(argv: list[str] | None = None) -> int:
     server.server_name, server.server_port = "forkproxy", sock.getsockname()[1]
     server.setup_environ()
     server.set_app(_answer_head(make_wsgi_app(registry)))
-    server.deadlines = _Deadlines()
     server.log = Logger(args.log_level, args.log_format)
+    try:
+        server.deadlines = _Deadlines()
+    except RuntimeError as exc:  # "can't start new thread": at a pids limit
+        # One line, not a traceback: the supervisor logs the exit and tries again later.
+        server.log.error("metrics-failed", error=str(exc), detail="cannot start")
+        return 1
     server.timeout = 1.0
     # The supervisor is gone: so is this process, which would otherwise hold the port. Its
     # pid comes from the command line, not from getppid() here: a supervisor killed while

@@ -322,7 +322,7 @@ class Supervisor:
         # metrics process's argument parser would take for an option.
         argv = [sys.executable, "-I", script, "--fd", str(fd),
                 f"--status-socket={self.control.path}", "--supervisor-pid", str(os.getpid()),
-                f"--log-format={self.options.log_format}"]
+                f"--log-format={self.options.log_format}", f"--log-level={self.log.level}"]
         try:
             pid = os.fork()
         except OSError as exc:  # EAGAIN at a pids limit, ENOMEM: try again later

@@ -47,6 +47,7 @@ from conftest import (
     fd_count,
     free_port,
     kill_group,
+    metrics_pid,
     need,
     read_lines,
     recv_all,
@@ -1500,6 +1501,41 @@ def test_the_metrics_process_logs_at_the_level_it_is_given(
     assert ("warning metrics-request-failed" in err) is logged, err
     if logged:
         assert "can't start new thread" in err, err
+
+
+def test_a_metrics_process_that_cannot_start_its_thread_says_so_in_one_line(
+    pids_cgroup: Path, short_dir: Path
+) -> None:
+    """At a pids limit the metrics process's deadline thread cannot start: it died of a
+    traceback on stderr (past -q and --log-format json). One error line now, and an
+    exit the supervisor logs and restarts after (metrics-died)."""
+    metrics_py = Path(fp_supervisor.__file__).with_name("metrics.py")
+    (pids_cgroup / "pids.max").write_text("1")  # the process itself, no thread
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        os.set_inheritable(listener.fileno(), True)
+        argv = [*in_cgroup(pids_cgroup), sys.executable, "-I", str(metrics_py),
+                "--fd", str(listener.fileno()), f"--status-socket={short_dir / 'none.sock'}",
+                "--supervisor-pid", str(os.getpid()), "--log-format=json"]
+        out = subprocess.run(argv, pass_fds=[listener.fileno()], capture_output=True,
+                             text=True, timeout=60)
+    assert out.returncode == 1, out
+    [line] = out.stderr.splitlines()
+    record = json.loads(line)
+    assert (record["level"], record["event"]) == ("error", "metrics-failed"), record
+    assert "thread" in record["error"], record
+
+
+@pytest.mark.parametrize(("flags", "level"), [((), 20), (("-q",), 30), (("-qq",), 40),
+                                              (("-v",), 10)])
+def test_the_supervisor_gives_the_metrics_process_its_own_log_level(
+    start_proxy: StartProxy, flags: tuple[str, ...], level: int
+) -> None:
+    """The level the test above shows the metrics process honours is the supervisor's:
+    `serve -qq --metrics` logged the metrics process's warnings."""
+    proxy = start_proxy(*flags, "--metrics", "127.0.0.1:0", "127.0.0.1:0=127.0.0.1:1")
+    assert wait_for(lambda: metrics_pid(proxy.pid) != 0)
+    argv = psutil.Process(metrics_pid(proxy.pid)).cmdline()
+    assert f"--log-level={level}" in argv, argv
 
 
 def test_a_client_held_on_a_link_a_reload_removed_counts_there_then_the_link_goes(
