@@ -43,6 +43,7 @@ from .config import (
     parse_cidr,
     parse_metrics_address,
     peer_text,
+    quoted,
 )
 from .listeners import Listener
 from .log import DEBUG, WARNING, Logger
@@ -303,7 +304,7 @@ class Supervisor:
         try:
             return listeners.listen_tcp(host, port, backlog=64)
         except ConfigError as exc:
-            raise ConfigError(f"--metrics {self.options.metrics}: {exc}") from None
+            raise ConfigError(f"--metrics {quoted(self.options.metrics)}: {exc}") from None
 
     def _close_metrics_port(self) -> None:
         """No metrics process will serve the port again (a stop, and none running): refuse

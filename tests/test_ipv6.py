@@ -162,7 +162,7 @@ def test_a_target_or_listen_zone_naming_no_interface_is_one_line_from_serve_and_
          "forkproxy: error: cannot listen on [::1]:0: no IPv6 on this host (Address family "
          "not supported by protocol) (for [::1]:0=127.0.0.1:1)\n"),
         (["127.0.0.1:0=127.0.0.1:1", "--metrics", "[::]:0"],
-         "forkproxy: error: --metrics [::]:0: cannot listen on [::]:0: no IPv6 on this host "
+         "forkproxy: error: --metrics '[::]:0': cannot listen on [::]:0: no IPv6 on this host "
          "(Address family not supported by protocol)\n"),
     ],
 )
