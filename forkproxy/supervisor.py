@@ -421,6 +421,9 @@ class Supervisor:
         try:
             lines = self.start()
             relay.preload(self.options, self.log)  # before "listening": ready is at full speed
+            # One descriptor to spare, for accept(): at exactly the limit our own need, the
+            # proxy said `listening` and every client waited in the backlog for ever.
+            os.close(os.dup(2))
         except BaseException as exc:
             self.cleanup()  # nothing half-started: no socket file, no pid file left behind
             if not isinstance(exc, OSError) or exc.errno not in (errno.EMFILE, errno.ENFILE):
