@@ -1108,14 +1108,15 @@ class Supervisor:
         try:
             read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
         except OSError as exc:  # EMFILE: the next timer or failed connect asks again
-            self.log.error("resolve-failed", error=exc.strerror, detail="cannot open a pipe")
+            # Folded: at a descriptor limit every failed connect asks, a line each.
+            self._log_repeating("resolve-failed", exc, "cannot open a pipe")
             return
         try:
             pid = os.fork()
         except OSError as exc:
             os.close(read_fd)
             os.close(write_fd)
-            self.log.error("resolve-failed", error=exc.strerror, detail="cannot fork a resolver")
+            self._log_repeating("resolve-failed", exc, "cannot fork a resolver")
             return
         if pid == 0:
             status = 1

@@ -1184,6 +1184,35 @@ def test_accept_emfile_with_a_status_client_waiting_does_not_spin(
     assert ping_echo(proxy.port)
 
 
+def test_a_resolver_that_cannot_start_is_logged_folded_not_per_connection(
+    start_proxy: StartProxy,
+) -> None:
+    """Out of descriptors for the resolver's pipe, every connection that failed to reach a
+    named target asked for a lookup and logged `resolve-failed ... cannot open a pipe`:
+    31 lines for 30 clients. Folded now like `accept-failed`: one line per 10 s, with the
+    count of failures since the last."""
+    with socket.socket() as holder:  # a port that refuses: bound, not listening
+        holder.bind(("127.0.0.1", 0))
+        proxy = start_proxy(f"127.0.0.1:0=localhost:{holder.getsockname()[1]}")
+        # The start-up lookup done, its resolver gone and its pipe closed: at rest.
+        assert wait_for(lambda: " resolved " in proxy.log() and not children(proxy.pid))
+        saved = resource.prlimit(proxy.pid, resource.RLIMIT_NOFILE)
+        # One descriptor to spare: enough to accept a client, not for a pipe's two.
+        spare = fd_count(proxy.pid) + 1
+        resource.prlimit(proxy.pid, resource.RLIMIT_NOFILE, (spare, saved[1]))
+        try:
+            for _ in range(20):
+                with connect(proxy.port) as client:
+                    assert closed_by_peer(client, 10)  # its child could not connect
+            assert wait_for(lambda: proxy.log().count("connect-failed") >= 20)
+            assert wait_for(lambda: "cannot open a pipe" in proxy.log())
+        finally:
+            resource.prlimit(proxy.pid, resource.RLIMIT_NOFILE, saved)
+    lines = [line for line in proxy.log().splitlines() if "cannot open a pipe" in line]
+    assert len(lines) == 1, lines  # the first; the next at most 10 s later
+    assert "failures=1 " in lines[0], lines[0]
+
+
 def test_reload_out_of_descriptors_for_new_listeners_fails_and_the_proxy_serves_on(
     start_proxy: StartProxy, tcp_server: ServerFactory, tmp_path: Path
 ) -> None:
