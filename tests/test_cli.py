@@ -536,7 +536,7 @@ BAD_VARIABLES = [
      "FORKPROXY_METRICS (--metrics) 'nowhere': expected HOST:PORT, got 'nowhere'"),
     # The next three are found by the supervisor, after the exec.
     ("serve", "FORKPROXY_METRICS", "127.0.0.1:{busy}",
-     "FORKPROXY_METRICS (--metrics) 127.0.0.1:{busy}: cannot listen on 127.0.0.1:{busy}: "
+     "FORKPROXY_METRICS (--metrics) '127.0.0.1:{busy}': cannot listen on 127.0.0.1:{busy}: "
      "address already in use"),
     ("serve", "FORKPROXY_STATUS_SOCKET", "{tmp}/precious",
      "FORKPROXY_STATUS_SOCKET (--status-socket) '{tmp}/precious': exists and is not a socket"),
