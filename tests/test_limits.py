@@ -2554,7 +2554,7 @@ HOSTILE = {
     "long-host": ("env-file", "A_PORT_{P}_TCP=tcp://" + "a" * 300 + ":1\n",
                   ["A_PORT_{P}_TCP", "longer than 253"]),
     "long-name": ("from-env", {"A" * 5000 + "_PORT_{P}_TCP": "tcp://127.0.0.1:0"},
-                  ["A" * 5000 + "_PORT_{P}_TCP"]),
+                  ["variable " + "A" * 77 + "...: port '0' is out of range"]),  # shortened
     "non-ascii-host": ("env-file", "A_PORT_{P}_TCP=tcp://héllo:1\n",
                        ["A_PORT_{P}_TCP", "not a valid host name"]),
     "not-utf8": ("env-file", b"A_PORT_{P}_TCP=tcp://127.0.0.1:\xff\n", ["not UTF-8"]),
