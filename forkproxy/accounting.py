@@ -189,7 +189,7 @@ class Accounting:
         if outcome == "connect-failed":
             stats.upstream_failures += 1
         elif not (up or down) and outcome != "killed" and outcome != "failed":
-            # A probe's: killed or crashed, nobody knows whether its upstream connected.
+            # A probe. Not a killed or crashed child: its upstream may never have connected.
             stats.empty += 1
         duration = time.monotonic() - started
         stats.duration_count += 1
