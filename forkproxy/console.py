@@ -35,10 +35,16 @@ def fill_closed_std_fds() -> None:
     supervisor a listener or a client's socket, and the `listening` lines or the log
     would be written into it.
     """
-    for fd in (0, 1, 2):
+    for fd, name in ((0, "stdin"), (1, "stdout"), (2, "stderr")):
         try:
             os.fstat(fd)
         except OSError:
             # fd itself is the lowest free number (those below are open by now); made
             # inheritable, unlike os.open's default, so that it outlives serve's exec.
             os.set_inheritable(os.open(os.devnull, os.O_RDWR), True)
+        if getattr(sys, name) is None:
+            # Closed when Python started, it made sys.stdout None: a command's output,
+            # or its flush, would end in a traceback. Now a file on /dev/null, open for
+            # the process's life.
+            stream = open(fd, "r" if fd == 0 else "w", closefd=False)  # noqa: SIM115
+            setattr(sys, name, stream)

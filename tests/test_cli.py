@@ -913,6 +913,30 @@ def test_reload_refuses_both_pid_file_and_status_socket_on_the_command_line(
         assert_one_line_error(run("reload", *args), "--pid-file and --status-socket")
 
 
+@pytest.mark.parametrize(("args", "status", "error"), [
+    (("serve", "bad"), 2, "forkproxy: error: SPEC 'bad': expected"),
+    (("links", "1=127.0.0.1:1"), 0, None),
+    (("--version",), 0, None),
+    (("check", "--status-socket", "/nonexistent/s.sock"), 1, "forkproxy: "),
+])
+def test_every_command_runs_with_stdout_closed(
+    args: tuple[str, ...], status: int, error: str | None
+) -> None:
+    """`forkproxy serve bad >&-` wrote its error line, then a traceback (sys.stdout is None
+    when fd 1 is closed at start; cli.main flushed it), and exited 1, not 2; so did
+    `links`, `--version`, `status` and `check`. Their output goes to /dev/null now."""
+    result = subprocess.run([need("sh"), "-c", 'exec "$@" >&-', "sh", FORKPROXY, *args],
+                            capture_output=True, text=True, timeout=30,
+                            env={"PATH": os.environ["PATH"]})
+    assert result.returncode == status, result
+    assert "Traceback" not in result.stderr, result.stderr
+    if error is None:
+        assert result.stderr == "", result.stderr
+    else:
+        [line] = result.stderr.splitlines()
+        assert line.startswith(error), line
+
+
 @pytest.mark.parametrize(("redirects", "closed"),
                          [(">&-", {1}), ("2>&-", {2}), ("<&- >&- 2>&-", {0, 1, 2})])
 def test_serve_runs_with_standard_fds_closed(
