@@ -379,7 +379,8 @@ class Supervisor:
             return
         try:
             # O_NONBLOCK: a FIFO without a reader fails (ENXIO) instead of waiting for one.
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NONBLOCK | os.O_CLOEXEC, 0o666)
+            # 0o644: a pid file that anyone could write could name any process to `reload`.
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
         except OSError as exc:
             reason = "not a regular file" if exc.errno == errno.ENXIO else exc.strerror
             raise ConfigError(f"--pid-file {path!r}: {reason}") from None

@@ -9,6 +9,7 @@ import shutil
 import signal
 import site
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -305,6 +306,18 @@ def test_a_pid_file_that_is_the_env_file_is_refused_and_left_as_it_was(
     assert env_file.read_text() == content
     assert_not_listening(port)
     assert list(runtime.rglob("*.sock")) == []
+
+
+def test_a_pid_file_is_writable_by_its_owner_only_whatever_the_umask(
+    tmp_path: Path, start_proxy: Callable[..., Proxy]
+) -> None:
+    """Created 0o666 less the umask: under `umask 000` anyone could write it, and so name
+    any process of ours for `reload --pid-file` to signal. 0o644 less the umask now."""
+    pid_file = tmp_path / "proxy.pid"
+    proxy = start_proxy("--pid-file", str(pid_file), "127.0.0.1:0=127.0.0.1:1",
+                        prefix=(need("sh"), "-c", 'umask 000 && exec "$@"', "sh"))
+    assert wait_for(lambda: pid_file.exists() and pid_file.read_text() == f"{proxy.pid}\n")
+    assert stat.S_IMODE(pid_file.stat().st_mode) == 0o644
 
 
 def test_a_pid_file_that_is_a_fifo_is_refused_not_waited_on(tmp_path: Path) -> None:
