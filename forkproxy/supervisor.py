@@ -336,6 +336,11 @@ class Supervisor:
                 signals.reset_in_child()
                 os.set_inheritable(fd, True)
                 os.execv(sys.executable, argv)
+            except OSError as exc:
+                # The interpreter gone (a venv rebuilt under a running proxy): the exit
+                # status alone (127, in metrics-died) would not say why.
+                self.log.error("metrics-failed", error=exc.strerror,
+                               detail=f"cannot execute {sys.executable!r}")
             finally:
                 os._exit(127)
         self.metrics_pid = pid

@@ -242,6 +242,30 @@ def test_a_reload_whose_new_listener_refuses_its_socket_options_changes_nothing(
             assert all(str(item.link.target) == "127.0.0.1:2" for item in sup.listeners)
 
 
+def test_a_metrics_process_whose_interpreter_is_gone_says_why(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+) -> None:
+    """The interpreter deleted under a running proxy (a venv rebuilt): the metrics
+    process's restarts failed with `metrics-died status="exit status 127"` and no word of
+    why. The child says it now, with the path and the error."""
+    options = Options(metrics="127.0.0.1:0", status_socket=str(tmp_path / "s.sock"))
+    with open(tmp_path / "log", "w+b") as log:
+        sup = Supervisor(Sources(("127.0.0.1:0=127.0.0.1:1",), options=options), {},
+                         Logger(fd=log.fileno()))
+        with started(sup):
+            monkeypatch.setattr(sys, "executable", str(tmp_path / "gone" / "python3"))
+            sup.start_metrics()
+            monkeypatch.undo()
+            assert sup.metrics_pid
+            _, status = os.waitpid(sup.metrics_pid, 0)
+            sup.metrics_pid = 0
+            assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 127
+            log.seek(0)
+            [line] = [x for x in log.read().decode().splitlines() if "metrics-failed" in x]
+            assert 'error="No such file or directory"' in line, line
+            assert f"cannot execute '{tmp_path}/gone/python3'" in line, line
+
+
 def test_a_metrics_process_that_cannot_be_forked_is_tried_again_later(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
 ) -> None:
