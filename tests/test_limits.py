@@ -1200,6 +1200,7 @@ def test_a_resolver_that_cannot_start_is_logged_folded_not_per_connection(
         # One descriptor to spare: enough to accept a client, not for a pipe's two.
         spare = fd_count(proxy.pid) + 1
         resource.prlimit(proxy.pid, resource.RLIMIT_NOFILE, (spare, saved[1]))
+        started = time.monotonic()
         try:
             for _ in range(20):
                 with connect(proxy.port) as client:
@@ -1209,7 +1210,10 @@ def test_a_resolver_that_cannot_start_is_logged_folded_not_per_connection(
         finally:
             resource.prlimit(proxy.pid, resource.RLIMIT_NOFILE, saved)
     lines = [line for line in proxy.log().splitlines() if "cannot open a pipe" in line]
-    assert len(lines) == 1, lines  # the first; the next at most 10 s later
+    # The first, then one per 10 s at most (20 lines in ~1.3 s before; a slow run may
+    # have reached a second window).
+    windows = 1 + int((time.monotonic() - started) // fp_supervisor.ERROR_LOG_EVERY)
+    assert 1 <= len(lines) <= windows, lines
     assert "failures=1 " in lines[0], lines[0]
 
 

@@ -736,7 +736,8 @@ def test_the_clients_read_a_real_supervisors_replies_in_every_state(
                                         "kept: "), result
         assert len(result.stderr.splitlines()) == 1, result
         proxy.signal(signal.SIGTERM)  # stopping: listeners closed, the connection held
-        poll(lambda: ask(sock_path, "check"), lambda r: bool(r.get("stopping")))
+        assert poll(lambda: ask(sock_path, "check"), lambda r: bool(r.get("stopping")))[
+            "stopping"]
         result = cli("check", *args, env=env)
         assert (result.returncode, result.stderr) == (1, "forkproxy: unhealthy: stopping\n")
         result = cli("status", *args, env=env)
@@ -1533,7 +1534,10 @@ def test_clients_that_trickle_their_request_are_cut_and_scrapes_get_through(
     for thread in threads:
         thread.start()
     try:
-        time.sleep(1)  # every slot taken
+        # Every slot taken: a handler thread per trickler, beside the main and deadline ones.
+        metrics_process = psutil.Process(poll(lambda: metrics_pid(proxy.pid), bool))
+        assert poll(metrics_process.num_threads, lambda n: n >= 2 + len(threads)) >= 2 + len(
+            threads)
         text = poll(lambda: scrape_or_empty(url), lambda text: "forkproxy_up 1.0" in text,
                     timeout=fp_metrics.REQUEST_DEADLINE + 15)
         assert "forkproxy_up 1.0" in text, "no scrape got through the trickling clients"
@@ -2214,7 +2218,7 @@ def test_lines_longer_than_a_pipe_takes_whole_are_cut_to_fit_and_stay_whole(
         for client in clients:
             assert recv_exact(client, 7) == b"+PONG\r\n"
             client.close()
-        poll(lambda: log.count(b'"event": "close"'), lambda closes: closes >= 80)
+        assert poll(lambda: log.count(b'"event": "close"'), lambda closes: closes >= 80) >= 80
     finally:
         proc.terminate()
         proc.wait(DEADLINE)

@@ -14,16 +14,17 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import psutil
 import pytest
 
 import forkproxy
+from forkproxy import listeners as fp_listeners
 from forkproxy import relay as fp_relay
 from forkproxy import signals
-from forkproxy.config import Options, Sources, parse_spec
+from forkproxy.config import Link, Options, Sources, parse_spec
 from forkproxy.listeners import Listener
 from forkproxy.log import Logger
 from forkproxy.supervisor import METRICS_RESTART, Supervisor
@@ -226,13 +227,24 @@ def test_a_reload_whose_new_listener_refuses_its_socket_options_changes_nothing(
             def refused(sock: object, seconds: int) -> None:
                 raise OSError(errno.ENOPROTOOPT, os.strerror(errno.ENOPROTOOPT))
 
+            bound: list[Listener] = []
+
+            def bind_all(links: Iterable[Link]) -> list[Listener]:
+                bound.extend(real_bind_all(links))
+                return bound
+
+            real_bind_all = fp_listeners.bind_all
+            monkeypatch.setattr(fp_listeners, "bind_all", bind_all)
             monkeypatch.setattr(fp_relay, "set_keepalive", refused)
             ok, error = sup.reload()
             monkeypatch.undo()
             assert not ok and error.startswith("cannot set --keepalive on 127.0.0.1:"), error
             [listener] = sup.listeners
             assert str(listener.link.target) == "127.0.0.1:1"  # the old wiring, whole
-            with pytest.raises(ConnectionRefusedError):  # the new socket was closed
+            # The new socket was closed, not left to the garbage collector.
+            assert [item.port for item in bound] == [new_port]
+            assert bound[0].sock.fileno() == -1
+            with pytest.raises(ConnectionRefusedError):
                 socket.create_connection(("127.0.0.1", new_port), timeout=10).close()
             log.seek(0)
             assert b"previous configuration stays" in log.read()
