@@ -1287,6 +1287,9 @@ class Supervisor:
         # Clients whose fork failed: each will be a child of its link.
         self.accounting.retire(configured, self._held_per_link())
         self.resolve_failing &= configured
+        # Windows over: only those with unlogged denials have a timer to end them, and a
+        # removed (or renamed) link's would stay for good, one per name ever denied.
+        self._end_denial_windows(time.monotonic())
         self._arm_resolve_timer()
         self.start_resolver()
         self._log_table_warnings(table)

@@ -254,6 +254,30 @@ def test_a_reload_whose_new_listener_refuses_its_socket_options_changes_nothing(
             assert all(str(item.link.target) == "127.0.0.1:2" for item in sup.listeners)
 
 
+def test_a_reload_ends_the_denial_windows_that_are_over(tmp_path: Path) -> None:
+    """`denied` lines are counted per link in a window, and only a window with denials
+    it did not log has a timer to end it: a removed or renamed link's window stayed in
+    the supervisor for good, one per name ever denied (a soak's 235 renaming reloads).
+    A reload ends the windows that are over."""
+    port = free_port()
+    env_file = tmp_path / "links.env"
+    env_file.write_text(f"A_PORT_{port}_TCP=tcp://127.0.0.1:1\n")
+    options = Options(allow=("10.0.0.0/8",), status_socket=str(tmp_path / "s.sock"))
+    sources = Sources(env_file=str(env_file), options=options, bind="127.0.0.1")
+    with open(tmp_path / "log", "w+b") as log:
+        sup = Supervisor(sources, {}, Logger(fd=log.fileno()))
+        with started(sup):
+            [listener] = sup.listeners
+            with socket.create_connection(("127.0.0.1", port), timeout=10):
+                assert wait_for(lambda: bool(listener.waiting(0)))
+                sup.handle_accept(listener)  # 127.0.0.1 is not allowed: denied
+            assert list(sup.denials) == [f"A_PORT_{port}_TCP"]
+            sup.denials[f"A_PORT_{port}_TCP"].ends = time.monotonic() - 1  # over
+            env_file.write_text(f"B_PORT_{port}_TCP=tcp://127.0.0.1:1\n")  # renamed
+            assert sup.reload() == (True, "")
+            assert sup.denials == {}
+
+
 def test_a_metrics_process_whose_interpreter_is_gone_says_why(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
 ) -> None:
