@@ -63,7 +63,12 @@ def request(path: str, command: str, timeout: float = 5.0) -> dict[str, Any]:
     """Send one command, return the supervisor's reply, with `pid_here`: the supervisor's
     pid as this process sees it (SO_PEERCRED; 0 when it is in no PID namespace of ours),
     which differs from the reply's `pid` when it runs in another (a container's)."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+    try:
+        # In the try too: out of descriptors (EMFILE) is no answer, not a failed write.
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    except OSError as exc:
+        raise StatusError(f"no answer on {path!r}: {exc.strerror or exc}") from None
+    with sock:
         sock.settimeout(timeout)
         try:
             _connect(sock, path, time.monotonic() + timeout)
@@ -272,7 +277,7 @@ def _pids_here(status: dict[str, Any]) -> dict[int, int]:
     mapping: dict[int, int] = {}
     if not here:
         return mapping  # the supervisor is not visible from here: nothing to read
-    with contextlib.suppress(psutil.Error):
+    with contextlib.suppress(psutil.Error, OSError):
         for process in psutil.Process(here).children():
             try:
                 with open(f"/proc/{process.pid}/status") as handle:
@@ -292,7 +297,9 @@ def enrich(status: dict[str, Any]) -> dict[str, Any]:
         child.update(pid_here=here, rss=None, uss=None, cpu=None)
         if here is None:
             continue
-        with contextlib.suppress(psutil.Error):
+        # OSError too: psutil lets some through (ENOMEM, EIO reading /proc under memory
+        # pressure); one child's readings must not cost the whole table.
+        with contextlib.suppress(psutil.Error, OSError):
             process = psutil.Process(here)
             with process.oneshot():
                 memory = process.memory_full_info()
