@@ -22,6 +22,7 @@ if __name__ == "__main__":
 import argparse
 import contextlib
 import ctypes
+import errno
 import signal
 import socket
 import threading
@@ -30,7 +31,7 @@ from collections.abc import Callable, Iterable, Iterator
 from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
-from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
+from wsgiref.types import ErrorStream, StartResponse, WSGIApplication, WSGIEnvironment
 
 import psutil
 from prometheus_client import make_wsgi_app
@@ -250,6 +251,10 @@ SCRAPE_WAIT = 1.0  # seconds a new client may wait for a slot
 # take the whole reply (a large table to a slow reader). Past them it is cut.
 REQUEST_DEADLINE = 5.0
 REPLY_DEADLINE = 30.0
+# Seconds without accepting after accept() ran out of descriptors or memory: the port stays
+# readable, and without a pause the process spun at 100% CPU until one came back.
+ACCEPT_BACKOFF = 0.1
+_RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
 class _Deadlines:
@@ -304,6 +309,14 @@ class _Server(ThreadingMixIn, WSGIServer):
             self.log.warning("metrics-request-failed", client=peer_text(client_address),
                              error=repr(error))
 
+    def get_request(self) -> tuple[socket.socket, Any]:
+        try:
+            return super().get_request()
+        except OSError as exc:
+            if exc.errno in _RESOURCE_ERRORS:
+                time.sleep(ACCEPT_BACKOFF)  # socketserver drops the error and asks again
+            raise
+
     def process_request(self, request: Any, client_address: Any) -> None:
         # A burst of scrapes waits its turn (each takes milliseconds); clients that hold
         # every slot without finishing (slowloris) get the newcomer closed instead.
@@ -344,6 +357,34 @@ class _QuietHandler(WSGIRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         """Scrapes are not worth a log line each."""
+
+    def get_stderr(self) -> ErrorStream:
+        return _ErrorLine(self.server.log, self.client_address)
+
+
+class _ErrorLine:
+    """What wsgiref's handler takes for stderr. It prints there a traceback of whatever
+    failed while it answered: a reply cut by the client's send timeout (a slow reader),
+    an error in the app. That went to the proxy's stderr past -q and --log-format json.
+    Now a client gone or cut (OSError) is no news, and anything else is one warning,
+    `metrics-request-failed`, as _Server.handle_error writes it."""
+
+    def __init__(self, log: Logger, client: Any) -> None:
+        self.log, self.client = log, client
+
+    def write(self, text: str) -> None:
+        """The traceback's text: the line comes from flush()."""
+
+    def writelines(self, lines: list[str]) -> None:
+        """As write()."""
+
+    def flush(self) -> None:
+        # Called by wsgiref's log_exception after the traceback, inside its `except:`:
+        # the exception it is handling is sys.exc_info()'s.
+        error = sys.exc_info()[1]
+        if error is not None and not isinstance(error, OSError):
+            self.log.warning("metrics-request-failed", client=peer_text(self.client),
+                             error=repr(error))
 
 
 def main(argv: list[str] | None = None) -> int:

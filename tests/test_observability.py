@@ -14,11 +14,13 @@ import itertools
 import json
 import os
 import re
+import resource
 import signal
 import socket
 import stat
 import struct
 import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -628,6 +630,51 @@ def test_a_reply_whose_text_would_print_as_two_lines_is_not_forkproxys(
     [line] = result.stderr.splitlines()
     assert "did not answer as a forkproxy status socket does" in line, line
     assert "not a line of text" in line, line
+
+
+def test_a_client_out_of_descriptors_says_it_got_no_answer(
+    start_proxy: StartProxy, tcp_server: ServerFactory, env: dict[str, str], tmp_path: Path,
+) -> None:
+    """socket() failing (EMFILE) in `check`, `status` or `reload` was taken for a failed
+    write to stdout: `forkproxy: error: cannot write: Too many open files`. It is no
+    answer. The errno is injected with strace: a descriptor limit that lets Python
+    start lets a socket be made too."""
+    strace = need("strace")
+    sock_path = tmp_path / "s.sock"
+    start_proxy("--status-socket", str(sock_path), f"127.0.0.1:0=127.0.0.1:{tcp_server(echo).port}",
+                env=env)
+    for command in ("check", "status", "reload"):
+        result = subprocess.run(
+            [strace, "-f", "-qq", "-o", "/dev/null", "-e", "inject=socket:error=EMFILE",
+             FORKPROXY, command, "--status-socket", str(sock_path)],
+            capture_output=True, text=True, env=env, timeout=60)
+        assert result.returncode == 1, result
+        assert result.stderr == (f"forkproxy: no answer on {str(sock_path)!r}: "
+                                 "Too many open files\n"), result.stderr
+
+
+def test_a_connection_whose_proc_files_cannot_be_read_shows_no_readings_in_status(
+    start_proxy: StartProxy, tcp_server: ServerFactory, env: dict[str, str], tmp_path: Path,
+) -> None:
+    """psutil lets some errors through as plain OSError (ENOMEM reading a child's
+    smaps_rollup, likeliest under memory pressure, when `status` is wanted): the whole
+    table was lost, `forkproxy: error: cannot write: Cannot allocate memory`, and the
+    metrics process answered every scrape 500. That child shows `-` now. The errno is
+    injected with strace, on that one file."""
+    strace = need("strace")
+    sock_path = tmp_path / "s.sock"
+    proxy = start_proxy("--status-socket", str(sock_path),
+                        f"127.0.0.1:0=127.0.0.1:{tcp_server(echo).port}", env=env)
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=30):
+        [child] = poll(lambda: ask(sock_path)["children"], lambda children: len(children) == 1)
+        result = subprocess.run(
+            [strace, "-f", "-qq", "-o", "/dev/null", "-P",
+             f"/proc/{child['pid']}/smaps_rollup", "-e", "inject=openat:error=ENOMEM",
+             FORKPROXY, "status", "--json", "--status-socket", str(sock_path)],
+            capture_output=True, text=True, env=env, timeout=60)
+        assert result.returncode == 0, result
+        [shown] = json.loads(result.stdout)["children"]
+        assert shown["pid"] == child["pid"] and shown["rss"] is None, shown
 
 
 def test_the_clients_look_in_no_socket_directory_another_user_owns(
@@ -1571,6 +1618,80 @@ def test_clients_that_reset_leave_no_traceback_in_the_log(
     assert "Traceback" not in log, log[:2000]
     for line in log.splitlines():
         json.loads(line)  # every line a record, as --log-format json promises
+
+
+_SLOW_READER = """
+import json, socket, subprocess, sys, time, urllib.request
+specs = [f"127.0.0.1:0=127.0.0.1:{port}" for port in range(1, 101)]  # a large exposition
+proxy = subprocess.Popen([sys.argv[1], "serve", "-q", "--log-format", "json", "--metrics",
+                          "127.0.0.1:0", *specs], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+url = next(line.split()[1] for line in proxy.stdout if line.startswith("metrics "))
+host_port = url.split("/")[2]
+size = len(urllib.request.urlopen(url, timeout=30).read())
+with socket.socket() as reader:
+    reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)  # the least window there is
+    reader.connect((host_port.rpartition(":")[0], int(host_port.rpartition(":")[2])))
+    reader.sendall(b"GET /metrics HTTP/1.0\\r\\n\\r\\n")
+    time.sleep(float(sys.argv[2]))  # reads nothing: the reply's send times out
+    reader.settimeout(10)
+    received = 0
+    while chunk := reader.recv(1 << 16):
+        received += len(chunk)
+proxy.terminate()
+print(json.dumps({"size": size, "received": received, "log": proxy.communicate(30)[1]}))
+"""
+
+
+def test_a_reply_cut_by_a_slow_reader_leaves_no_traceback_in_the_log(tmp_path: Path) -> None:
+    """A scraper that reads nothing: the reply's send times out (REQUEST_DEADLINE), and
+    wsgiref printed its own traceback (TimeoutError) to the proxy's stderr, past -q and
+    --log-format json: _Server.handle_error never saw that one. A client cut is no news
+    now. In a network namespace of its own with small send buffers, so that the reply
+    (~300 KB) cannot all wait in the kernel."""
+    script = tmp_path / "slow_reader.py"
+    script.write_text(_SLOW_READER)
+    setup = ('ip link set lo up && sysctl -qw net.ipv4.tcp_wmem="4096 16384 65536" && '
+             'exec "$@"')
+    out = subprocess.run(
+        [need("unshare"), "--net", "sh", "-c", setup, "sh", sys.executable, str(script),
+         FORKPROXY, str(fp_metrics.REQUEST_DEADLINE + 3)],
+        capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out
+    result = json.loads(out.stdout)
+    assert 0 < result["received"] < result["size"], result  # cut: the send timed out
+    assert "Traceback" not in result["log"], result["log"][:2000]
+    for line in result["log"].splitlines():
+        json.loads(line)  # every line a record, as --log-format json promises
+
+
+def test_a_metrics_process_out_of_descriptors_pauses_rather_than_spins(
+    start_proxy: StartProxy, tcp_server: ServerFactory, env: dict[str, str],
+) -> None:
+    """accept() failing with EMFILE leaves the port readable, and socketserver asks again
+    at once: the metrics process spun at 100% CPU (6 s of CPU in 6 s) for as long as a
+    client waited. It pauses between tries now, and serves once a descriptor is back."""
+    server = tcp_server(echo)
+    proxy = start_proxy("--metrics", "127.0.0.1:0", f"127.0.0.1:0=127.0.0.1:{server.port}",
+                        expect=2, env=env)
+    url = metrics_url(proxy)
+    assert "forkproxy_up 1.0" in scrape(url)
+    metrics = psutil.Process(poll(lambda: metrics_pid(proxy.pid), bool))
+    saved = resource.prlimit(metrics.pid, resource.RLIMIT_NOFILE)
+    resource.prlimit(metrics.pid, resource.RLIMIT_NOFILE, (3, saved[1]))  # below its own fds
+    try:
+        with socket.create_connection(("127.0.0.1", metrics_port(url)), timeout=30) as client:
+            client.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+            time.sleep(0.5)  # it tries, and fails
+            before = sum(metrics.cpu_times()[:2])
+            time.sleep(2)
+            used = sum(metrics.cpu_times()[:2]) - before
+            assert used < 0.5, f"{used:.2f} s of CPU in 2 s: the metrics process spun"
+            resource.prlimit(metrics.pid, resource.RLIMIT_NOFILE, saved)
+            client.settimeout(30)
+            assert client.recv(12).startswith(b"HTTP/1.0 200"), "not served once it could be"
+    finally:
+        resource.prlimit(metrics.pid, resource.RLIMIT_NOFILE, saved)
 
 
 def test_a_stop_does_not_wait_for_ever_on_a_metrics_process_that_will_not_exit(
