@@ -182,6 +182,14 @@ class DenialWindow:
         self.last_client: tuple[object, ...] = ()
 
 
+def _may_be_waiting(listener: Listener) -> bool:
+    """Whether a client may be in the listener's backlog: yes when poll cannot say (ENOMEM)."""
+    try:
+        return bool(listener.waiting(0))
+    except OSError:
+        return True
+
+
 def _reaped_within(pid: int, seconds: float) -> bool:
     """Wait up to `seconds` for child `pid` to exit, reaping it: True once it has (or was
     reaped already), False if it still runs."""
@@ -501,7 +509,15 @@ class Supervisor:
                 and self.kill_at is None and self.metrics_at is None
                 and self.denials_at is None
             ) else self._poll_timeout()
-            for fd, events in poll(timeout):
+            try:
+                ready = poll(timeout)
+            except OSError as exc:
+                # ENOMEM (poll(2) could not allocate its table): a moment's shortage at a
+                # memory limit must not end every listener and orphan the children.
+                self._log_repeating("poll-failed", exc, f"trying again in {ACCEPT_BACKOFF}s")
+                time.sleep(ACCEPT_BACKOFF)
+                continue
+            for fd, events in ready:
                 handler = handlers.get(fd)
                 if handler is not None:
                     handler(events)
@@ -695,8 +711,12 @@ class Supervisor:
                         exit_child(status)
                 close(fd)
                 children[pid] = (link, address, base, monotonic())  # a ChildRecord
-                if not i and not waiting(0):
-                    break  # one client this wakeup, the usual case: done, no accept() that fails
+                if not i:
+                    try:
+                        if not waiting(0):
+                            break  # one client this wakeup, the usual case: no accept() that fails
+                    except OSError:
+                        pass  # poll's ENOMEM: go on, accept() says when there are no more
                 # More are waiting (a burst): accept until accept() says there are no more.
             if len(children) >= max_children:
                 self.update_accepting()  # the rest wait in the backlog until a child exits
@@ -931,7 +951,7 @@ class Supervisor:
         listener would reset them, so they are served like the ones accepted before: at
         once while under --max-children, and those beyond it are accepted and held (not
         forked: the limit stands) until a child exits (or, stopping, the grace ends)."""
-        if not listener.waiting(0):
+        if not _may_be_waiting(listener):
             # Nobody in its backlog: no accept() to try, which out of descriptors would
             # fail anyway (Linux wants a free one before it looks at the queue) and be
             # logged as clients reset that were never there.
@@ -952,7 +972,7 @@ class Supervisor:
                 held.append((fd, address))
         if held:
             self.held.append(listeners.HeldBacklog(listener, held))
-        if error is not None and listener.waiting(0):
+        if error is not None and _may_be_waiting(listener):
             self.log.error("accept-failed", link=listener.link.name, error=error.strerror,
                            detail=f"{why}: the clients left in the backlog are reset")
         if self.held and len(self.accounting.children) < self.options.max_children:

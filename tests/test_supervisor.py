@@ -547,6 +547,39 @@ def test_a_metrics_restart_due_during_a_stop_leaves_the_loop_waiting_not_spinnin
     assert proxy.stop() == 0
 
 
+def test_a_poll_that_fails_for_want_of_memory_is_tried_again(
+    start_proxy: Callable[..., Proxy], tcp_server: Callable[..., TcpServer],
+) -> None:
+    """poll(2) can fail with ENOMEM (its table could not be allocated): at a memory limit,
+    one such moment ended the supervisor with a traceback, every listener closed and the
+    live children orphaned. It waits a moment and polls again now. The errno is injected
+    with strace, attached to the running supervisor: its first three polls fail."""
+    strace = need("strace")
+    server = tcp_server(echo)
+    proxy = start_proxy(f"127.0.0.1:0=127.0.0.1:{server.port}")
+    tracer = subprocess.Popen(
+        [strace, "-p", str(proxy.pid), "-o", "/dev/null", "-e", "trace=poll",
+         "-e", "inject=poll:error=ENOMEM:when=1..3"], stderr=subprocess.PIPE, text=True)
+    try:
+        assert tracer.stderr is not None
+        attached = tracer.stderr.readline()
+        assert f"Process {proxy.pid} attached" in attached, attached
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=30) as client:
+            client.settimeout(30)
+            client.sendall(b"ping")
+            assert client.recv(4) == b"ping"  # served once poll works again
+        # The loop's own polls fail too (the accept loop's look at the backlog, the first
+        # call, just goes on accepting): said once, with the count.
+        assert wait_for(lambda: "poll-failed" in proxy.log()), proxy.log()
+    finally:
+        tracer.send_signal(signal.SIGINT)  # detach
+        tracer.communicate(timeout=15)
+    assert proxy.proc.poll() is None, proxy.log()
+    [line] = [x for x in proxy.log().splitlines() if "poll-failed" in x]
+    assert 'error="Cannot allocate memory"' in line and "failures=1 " in line, line
+    assert proxy.stop() == 0
+
+
 def test_after_the_grace_period_the_supervisor_waits_for_its_children_without_spinning(
     start_proxy: Callable[..., Proxy], tcp_server: Callable[..., TcpServer],
 ) -> None:
