@@ -35,7 +35,7 @@ from .log import INFO, SLOT, SLOT_INT, SLOT_SECONDS, Logger
 
 __all__ = [
     "CHILD_DISPOSITIONS", "Address", "Ended", "RawSocket", "connect_upstream", "lookup",
-    "preload", "prepared_lines", "pump", "serve",
+    "preload", "prepared_lines", "pump", "reset_connections", "serve",
 ]
 
 # How a relay ended: the child's exit status, decoded by the supervisor.
@@ -725,8 +725,17 @@ def _reset_and_die(signum: int, frame: object) -> None:
     Dying with SIGTERM's default action, the kernel would close a socket with nothing
     unread with a FIN: the consumer would take a download cut short for a whole one, and
     the server an upload. Only this signal runs this code; the relay's path is unchanged.
-    The descriptors are found in /proc rather than kept somewhere by every child.
     """
+    reset_connections()
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def reset_connections() -> None:
+    """Make every TCP socket of this process (stdio aside) close with an RST when it
+    closes: a relay child ended before its relay did (_reset_and_die; the supervisor's
+    accept loop, when serve() raised). A FIN would pass a stream cut short off as whole.
+    The descriptors are found in /proc rather than kept somewhere by every child."""
     try:
         fds = [int(name) for name in os.listdir("/proc/self/fd")]
     except OSError:
@@ -745,8 +754,6 @@ def _reset_and_die(signum: int, frame: object) -> None:
             pass
         finally:
             sock.detach()
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    os.kill(os.getpid(), signal.SIGTERM)
 
 
 # The dispositions a relay child sets as it starts (see the supervisor's accept loop):

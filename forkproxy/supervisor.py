@@ -648,8 +648,9 @@ class Supervisor:
         oom_value, open_file, write, oom_path, write_only = (
             self.child_oom_score_adj, os.open, os.write, OOM_SCORE_ADJ, os.O_WRONLY
         )
-        serve, failed, family, sock_stream = (
-            relay.serve, relay.FAILED, listener.family, relay.SOCK_STREAM
+        serve, failed, family, sock_stream, reset_connections = (
+            relay.serve, relay.FAILED, listener.family, relay.SOCK_STREAM,
+            relay.reset_connections,
         )
 
         next_turn = listener.turns.__next__  # a child's turn (relay.in_turn)
@@ -705,6 +706,9 @@ class Supervisor:
                         args = listener.relay_args
                         status = serve(sock, address, base, turn, *args)  # type: ignore[arg-type]
                     except BaseException as exc:
+                        # Cut short: each side gets an RST, never a FIN that would pass
+                        # what it got so far off as the whole stream.
+                        reset_connections()
                         self.log.error("relay-crashed", link=listener.link.name,
                                        error=repr(exc))
                     finally:

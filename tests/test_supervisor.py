@@ -580,6 +580,46 @@ def test_a_poll_that_fails_for_want_of_memory_is_tried_again(
     assert proxy.stop() == 0
 
 
+def test_a_relay_that_crashes_resets_both_sides_rather_than_ending_the_stream(
+    start_proxy: Callable[..., Proxy], tcp_server: Callable[..., TcpServer],
+) -> None:
+    """A relay child that failed for a reason of its own (poll's ENOMEM, a bug) exited,
+    and the kernel closed both its sockets with a FIN: a client reading a 20 MB
+    download got 1 MB and a clean end, a truncated file taken for a whole one. Both
+    sides get an RST now, as from a stop's TERM. The errno is injected with strace,
+    following the supervisor's children: each one's fifth poll fails."""
+    strace = need("strace")
+    payload = b"x" * (20 << 20)
+
+    def download(conn: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            conn.sendall(payload)
+
+    server = tcp_server(download)
+    proxy = start_proxy("--relay", "copy", f"127.0.0.1:0=127.0.0.1:{server.port}")
+    tracer = subprocess.Popen(
+        [strace, "-f", "-p", str(proxy.pid), "-o", "/dev/null", "-e", "trace=poll",
+         "-e", "inject=poll:error=ENOMEM:when=5"], stderr=subprocess.PIPE, text=True)
+    try:
+        assert tracer.stderr is not None
+        attached = tracer.stderr.readline()
+        assert f"Process {proxy.pid} attached" in attached, attached
+        received = 0
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=30) as client:
+            client.settimeout(30)
+            with pytest.raises(ConnectionResetError):
+                while chunk := client.recv(1 << 16):
+                    received += len(chunk)
+                    time.sleep(0.001)  # a reader slower than the proxy: it polls
+        assert received < len(payload)
+    finally:
+        tracer.send_signal(signal.SIGINT)  # detach
+        tracer.communicate(timeout=15)
+    assert wait_for(lambda: "relay-crashed" in proxy.log()), proxy.log()
+    assert proxy.proc.poll() is None
+    assert proxy.stop() == 0
+
+
 def test_after_the_grace_period_the_supervisor_waits_for_its_children_without_spinning(
     start_proxy: Callable[..., Proxy], tcp_server: Callable[..., TcpServer],
 ) -> None:
