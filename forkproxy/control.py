@@ -199,8 +199,8 @@ class ControlServer:
             found = os.lstat(self.path)
             if (found.st_dev, found.st_ino) == self.identity:
                 os.unlink(self.path)
-        except FileNotFoundError:
-            pass
+        except OSError:
+            pass  # gone already, or not ours to remove now (EACCES): the stop goes on
 
 
 def _staging_name(path: str) -> str:

@@ -16,6 +16,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+import psutil
 import pytest
 import typer
 
@@ -306,6 +307,35 @@ def test_a_pid_file_that_is_the_env_file_is_refused_and_left_as_it_was(
     assert env_file.read_text() == content
     assert_not_listening(port)
     assert list(runtime.rglob("*.sock")) == []
+
+
+def test_a_status_socket_that_cannot_be_removed_at_exit_does_not_fail_the_stop(
+    tmp_path: Path,
+) -> None:
+    """unlink() of the status socket failing at exit (EACCES: its directory made
+    read-only meanwhile) ended a clean stop in a traceback and exit 1, and the clean-up
+    stopped there: the pid file stayed. The errno is injected with strace, on that path
+    (strace exits with its command's status)."""
+    sock_path, pid_file = tmp_path / "s.sock", tmp_path / "proxy.pid"
+    with subprocess.Popen(
+        [need("strace"), "-qq", "-o", "/dev/null", "-P", str(sock_path),
+         "-e", "inject=unlink,unlinkat:error=EACCES", FORKPROXY, "serve",
+         "--status-socket", str(sock_path), "--pid-file", str(pid_file),
+         "127.0.0.1:0=127.0.0.1:1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={"PATH": os.environ["PATH"]}, start_new_session=True,
+    ) as tracer:
+        try:
+            assert tracer.stdout is not None and tracer.stderr is not None
+            assert tracer.stdout.readline().startswith("listening ")
+            [serve] = psutil.Process(tracer.pid).children()
+            serve.send_signal(signal.SIGTERM)
+            assert tracer.wait(30) == 0, tracer.stderr.read()
+        finally:
+            kill_group(tracer)
+        log = tracer.stderr.read()
+    assert "Traceback" not in log, log
+    assert not pid_file.exists()  # the rest of the clean-up ran
 
 
 def test_a_pid_file_is_writable_by_its_owner_only_whatever_the_umask(
