@@ -625,12 +625,20 @@ def preload(options: Options, log: Logger, rounds: int = 24) -> None:
     global _child_buffers
     _child_buffers = (memoryview(bytearray(COPY_CHUNK)), memoryview(bytearray(COPY_CHUNK)))
     counters = memoryview(bytearray(8 * 2)).cast("Q")  # not the children's slots
+    try:
+        _preload_pump(options, counters, rounds)
+        _preload_serve(options, log, counters, rounds)
+    except OSError:
+        # Out of descriptors or buffers (ENOBUFS from a send), no loopback here: what is
+        # left stays cold, and the proxy starts all the same.
+        pass
+
+
+def _preload_pump(options: Options, counters: memoryview, rounds: int) -> None:
+    """pump() over socketpairs, with the real options."""
     for _ in range(rounds):
-        try:
-            client, client_peer = socket.socketpair()
-            upstream, upstream_peer = socket.socketpair()
-        except OSError:
-            return
+        client, client_peer = socket.socketpair()
+        upstream, upstream_peer = socket.socketpair()
         with client, client_peer, upstream, upstream_peer:
             client_peer.sendall(b"PING\r\n")
             client_peer.shutdown(socket.SHUT_WR)
@@ -648,10 +656,6 @@ def preload(options: Options, log: Logger, rounds: int = 24) -> None:
             finally:
                 raw_client.close()
                 raw_upstream.close()
-    try:
-        _preload_serve(options, log, counters, rounds)
-    except OSError:
-        pass  # no loopback here: serve() and connect_upstream() stay cold
 
 
 def _preload_serve(options: Options, log: Logger, counters: memoryview, rounds: int) -> None:

@@ -338,6 +338,38 @@ def test_a_status_socket_that_cannot_be_removed_at_exit_does_not_fail_the_stop(
     assert not pid_file.exists()  # the rest of the clean-up ran
 
 
+def test_a_warm_up_that_fails_does_not_stop_the_start(
+    tmp_path: Path, tcp_server: ServerFactory
+) -> None:
+    """The warm-up before `listening` (relay.preload) is best effort, but only its
+    socketpair() was guarded: a send failing there (ENOBUFS) ended the start in a
+    traceback, exit 1. The proxy starts all the same now, and serves. The errno is
+    injected with strace on the first send the process makes, the warm-up's."""
+    server = tcp_server(echo)
+    with subprocess.Popen(
+        [need("strace"), "-qq", "-o", "/dev/null", "-e", "inject=sendto:error=ENOBUFS:when=1",
+         FORKPROXY, "serve", f"127.0.0.1:0=127.0.0.1:{server.port}"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={"PATH": os.environ["PATH"], "XDG_RUNTIME_DIR": str(tmp_path)},
+        start_new_session=True,
+    ) as tracer:
+        try:
+            assert tracer.stdout is not None and tracer.stderr is not None
+            line = tracer.stdout.readline()
+            assert line.startswith("listening "), (line, tracer.stderr.read())
+            port = int(line.split()[1].rpartition(":")[2])
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+                client.settimeout(10)
+                client.sendall(b"served")
+                assert client.recv(6) == b"served"
+            [serve] = psutil.Process(tracer.pid).children()
+            serve.send_signal(signal.SIGTERM)
+            assert tracer.wait(30) == 0
+        finally:
+            kill_group(tracer)
+        assert "Traceback" not in tracer.stderr.read()
+
+
 def test_a_pid_file_is_writable_by_its_owner_only_whatever_the_umask(
     tmp_path: Path, start_proxy: Callable[..., Proxy]
 ) -> None:
