@@ -1036,6 +1036,11 @@ class Supervisor:
                 os.kill(pid, signum)
             except ProcessLookupError:
                 pass  # exited, not reaped yet: the SIGCHLD is on its way
+            except OSError as exc:
+                # EPERM (a security module's rule): the stop must go on, and KILL follows
+                # a TERM refused (KILL_AFTER), then again, until it is reaped.
+                self._log_repeating("signal-failed", exc, f"cannot send "
+                                    f"{signal.Signals(signum).name} to a child", child_pid=pid)
 
     def handle_usr1(self) -> None:
         """The status table in the log; asked for explicitly, so written even with -q.

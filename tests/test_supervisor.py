@@ -620,6 +620,36 @@ def test_a_relay_that_crashes_resets_both_sides_rather_than_ending_the_stream(
     assert proxy.stop() == 0
 
 
+def test_a_signal_a_child_cannot_be_sent_does_not_end_the_stop(
+    start_proxy: Callable[..., Proxy], tcp_server: Callable[..., TcpServer],
+) -> None:
+    """kill() refused (EPERM, a security module's rule) when the grace period ended: the
+    supervisor died of it, a traceback, and left the connection's child running,
+    orphaned. It logs it and goes on: the KILL that follows ends the child. The errno
+    is injected with strace, attached to the supervisor: its first kill() fails."""
+    strace = need("strace")
+    server = tcp_server(echo)
+    proxy = start_proxy("--grace", "0.5", f"127.0.0.1:0=127.0.0.1:{server.port}")
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=30) as client:
+        client.sendall(b"ping")
+        assert client.recv(4) == b"ping"  # a live connection, its child idle
+        tracer = subprocess.Popen(
+            [strace, "-p", str(proxy.pid), "-o", "/dev/null", "-e", "trace=kill",
+             "-e", "inject=kill:error=EPERM:when=1"], stderr=subprocess.PIPE, text=True)
+        try:
+            assert tracer.stderr is not None
+            attached = tracer.stderr.readline()
+            assert f"Process {proxy.pid} attached" in attached, attached
+            proxy.proc.send_signal(signal.SIGTERM)
+            assert proxy.proc.wait(30) == 0, proxy.log()
+        finally:
+            tracer.send_signal(signal.SIGINT)
+            tracer.communicate(timeout=15)
+    log = proxy.log()
+    assert "Traceback" not in log and 'detail="cannot send SIGTERM to a child"' in log, log
+    assert 'outcome=killed status="killed by SIGKILL' in log, log
+
+
 def test_after_the_grace_period_the_supervisor_waits_for_its_children_without_spinning(
     start_proxy: Callable[..., Proxy], tcp_server: Callable[..., TcpServer],
 ) -> None:
