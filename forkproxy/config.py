@@ -283,7 +283,9 @@ def name_variable(message: str, variables: Mapping[str, str]) -> str:
 
     `variables` maps each flag whose value came from the environment to its variable.
     Every error about an option's value begins with the flag and a space; whoever set the
-    variable in a compose file never typed that flag."""
+    variable in a compose file never typed that flag. The env file's errors name it as
+    `env file 'PATH'` instead: those name FORKPROXY_ENV_FILE when the path came from it
+    (`cannot read FORKPROXY_ENV_FILE (--env-file) 'PATH': ...`)."""
     flag, space, rest = message.partition(" ")
     variable = variables.get(flag)
     if variable:

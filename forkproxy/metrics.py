@@ -300,12 +300,12 @@ class _Server(ThreadingMixIn, WSGIServer):
     log: Logger
 
     def handle_error(self, request: Any, client_address: Any) -> None:
-        """A client that reset, timed out or was cut (OSError) is no news. socketserver
+        """A client that reset, timed out or was cut is no news (_is_news). socketserver
         printed a traceback for each one to the proxy's stderr (200 clients that reset:
         3,417 lines, past -q and --log-format json; with stderr a pipe nobody read, the
         threads blocked on it). Anything else is one warning line."""
         error = sys.exc_info()[1]
-        if not isinstance(error, OSError):
+        if _is_news(error):
             self.log.warning("metrics-request-failed", client=peer_text(client_address),
                              error=repr(error))
 
@@ -366,8 +366,8 @@ class _ErrorLine:
     """What wsgiref's handler takes for stderr. It prints there a traceback of whatever
     failed while it answered: a reply cut by the client's send timeout (a slow reader),
     an error in the app. That went to the proxy's stderr past -q and --log-format json.
-    Now a client gone or cut (OSError) is no news, and anything else is one warning,
-    `metrics-request-failed`, as _Server.handle_error writes it."""
+    Now a client gone or cut is no news, and anything else is one warning,
+    `metrics-request-failed`, as _Server.handle_error writes it (_is_news)."""
 
     def __init__(self, log: Logger, client: Any) -> None:
         self.log, self.client = log, client
@@ -382,9 +382,15 @@ class _ErrorLine:
         # Called by wsgiref's log_exception after the traceback, inside its `except:`:
         # the exception it is handling is sys.exc_info()'s.
         error = sys.exc_info()[1]
-        if error is not None and not isinstance(error, OSError):
+        if _is_news(error):
             self.log.warning("metrics-request-failed", client=peer_text(self.client),
                              error=repr(error))
+
+
+def _is_news(error: BaseException | None) -> bool:
+    """Whether a failure while answering a scrape is worth a line: not a client that reset,
+    went away or was cut (by its socket timeout, or _Deadlines' shutdown: EPIPE)."""
+    return error is not None and not isinstance(error, (ConnectionError, TimeoutError))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -77,6 +77,7 @@ IPPROTO_TCP, TCP_NODELAY = int(socket.IPPROTO_TCP), socket.TCP_NODELAY
 SO_KEEPALIVE, TCP_KEEPIDLE = int(socket.SO_KEEPALIVE), int(socket.TCP_KEEPIDLE)
 TCP_KEEPINTVL, TCP_KEEPCNT = int(socket.TCP_KEEPINTVL), int(socket.TCP_KEEPCNT)
 TCP_USER_TIMEOUT = int(socket.TCP_USER_TIMEOUT)
+SO_ACCEPTCONN = int(socket.SO_ACCEPTCONN)
 SHUT_WR = int(socket.SHUT_WR)
 MSG_PEEK, MSG_DONTWAIT = int(socket.MSG_PEEK), int(socket.MSG_DONTWAIT)
 POLLIN, POLLOUT = select.POLLIN, select.POLLOUT
@@ -736,10 +737,13 @@ def _reset_and_die(signum: int, frame: object) -> None:
 
 
 def reset_connections() -> None:
-    """Make every TCP socket of this process (stdio aside) close with an RST when it
-    closes: a relay child ended before its relay did (_reset_and_die; the supervisor's
-    accept loop, when serve() raised). A FIN would pass a stream cut short off as whole.
-    The descriptors are found in /proc rather than kept somewhere by every child."""
+    """Make every connected stream socket of this process (stdio aside) close with an RST
+    when it closes: a relay child ended before its relay did (_reset_and_die; the
+    supervisor's accept loop, when serve() raised). A FIN would pass a stream cut short
+    off as whole. The descriptors are found in /proc rather than kept somewhere by every
+    child. A listening socket is left alone: one still shared with the supervisor (a
+    child ended before it closed what it inherited) would pass SO_LINGER 0 on to every
+    connection it accepts after."""
     try:
         fds = [int(name) for name in os.listdir("/proc/self/fd")]
     except OSError:
@@ -752,7 +756,7 @@ def reset_connections() -> None:
         except OSError:
             continue  # not a socket (a splice pipe), or already closed
         try:
-            if sock.type == SOCK_STREAM:
+            if sock.type == SOCK_STREAM and not sock.getsockopt(SOL_SOCKET, SO_ACCEPTCONN):
                 sock.setsockopt(SOL_SOCKET, SO_LINGER, _LINGER_RESET)
         except OSError:
             pass

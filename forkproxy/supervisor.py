@@ -513,7 +513,11 @@ class Supervisor:
                 ready = poll(timeout)
             except OSError as exc:
                 # ENOMEM (poll(2) could not allocate its table): a moment's shortage at a
-                # memory limit must not end every listener and orphan the children.
+                # memory limit must not end every listener and orphan the children. Only
+                # that: an error that persists (EINVAL) would leave a loop that can never
+                # read its signals, not even the TERM that stops it.
+                if exc.errno != errno.ENOMEM:
+                    raise
                 self._log_repeating("poll-failed", exc, f"trying again in {ACCEPT_BACKOFF}s")
                 time.sleep(ACCEPT_BACKOFF)
                 continue
@@ -720,7 +724,9 @@ class Supervisor:
                         if not waiting(0):
                             break  # one client this wakeup, the usual case: no accept() that fails
                     except OSError:
-                        pass  # poll's ENOMEM: go on, accept() says when there are no more
+                        # ENOMEM: seen only under fault injection (a poll of one socket
+                        # allocates nothing); go on, accept() says when there are no more.
+                        pass
                 # More are waiting (a burst): accept until accept() says there are no more.
             if len(children) >= max_children:
                 self.update_accepting()  # the rest wait in the backlog until a child exits
@@ -1245,15 +1251,17 @@ class Supervisor:
         listener if the kernel refuses one."""
         keepalive, user_timeout = self.options.keepalive, self.options.user_timeout
         for listener in bound:
-            option = "--keepalive"
+            option = f"--keepalive {keepalive}"
             try:
                 if keepalive is not None:
                     relay.set_keepalive(listener.sock, keepalive)
-                option = "--user-timeout"
+                option = f"--user-timeout {user_timeout:g}" if user_timeout is not None else ""
                 if user_timeout is not None:
                     relay.set_user_timeout(listener.sock, user_timeout)
             except OSError as exc:
-                raise ConfigError(f"cannot set {option} on {listener.describe()}: "
+                # `--flag VALUE: ...`, as every error about an option's value starts, so
+                # that one from FORKPROXY_KEEPALIVE names the variable (name_variable).
+                raise ConfigError(f"{option}: cannot set it on {listener.describe()}: "
                                   f"{exc.strerror or exc}") from None
 
     # -- reload ------------------------------------------------------------------------
@@ -1316,8 +1324,11 @@ class Supervisor:
         # Clients whose fork failed: each will be a child of its link.
         self.accounting.retire(configured, self._held_per_link())
         self.resolve_failing &= configured
-        # Windows over: only those with unlogged denials have a timer to end them, and a
-        # removed (or renamed) link's would stay for good, one per name ever denied.
+        # Only windows with unlogged denials have a timer to end them: a removed (or
+        # renamed) link's window would stay for good, one per name ever denied. Those
+        # end now, and so does any window that is over.
+        for name in [name for name in self.denials if name not in configured]:
+            self._log_unlogged_denials(name, self.denials.pop(name))
         self._end_denial_windows(time.monotonic())
         self._arm_resolve_timer()
         self.start_resolver()
