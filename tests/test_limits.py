@@ -957,7 +957,8 @@ def test_a_cut_that_loses_nothing_still_ends_with_a_fin(
         with connect(half.port) as sock:
             assert exchange(sock, b"ping") == b"ping"
             sock.shutdown(socket.SHUT_WR)
-            assert read_until_closed(sock) == (0, "fin")  # the upstream never finished
+            ending = read_until_closed(sock)
+            assert ending == (0, "fin"), half.log()  # the upstream never finished
     finally:
         release.set()
     assert wait_for(lambda: "outcome=idle-timeout" in idle.log())
