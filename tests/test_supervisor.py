@@ -546,6 +546,26 @@ def test_a_metrics_restart_due_during_a_stop_leaves_the_loop_waiting_not_spinnin
     assert proxy.stop() == 0
 
 
+@contextlib.contextmanager
+def injected(pid: int, syscall: str, fault: str, *, children: bool = False) -> Iterator[None]:
+    """strace attached to process `pid` (and, with `children`, to those it forks from
+    then on), failing `syscall` as `fault` says (`error=ENOMEM:when=1..3`): the real
+    kernel's answer replaced, for an errno no setup here can make happen on cue."""
+    tracer = subprocess.Popen(
+        [need("strace"), *(["-f"] if children else []), "-p", str(pid), "-o", "/dev/null",
+         "-e", f"trace={syscall}", "-e", f"inject={syscall}:{fault}"],
+        stderr=subprocess.PIPE, text=True)
+    try:
+        assert tracer.stderr is not None
+        # Faults start once strace is attached, not once it is started.
+        attached = tracer.stderr.readline()
+        assert f"Process {pid} attached" in attached, attached
+        yield
+    finally:
+        tracer.send_signal(signal.SIGINT)  # detach
+        tracer.communicate(timeout=15)
+
+
 def test_a_poll_that_fails_for_want_of_memory_is_tried_again(
     start_proxy: Callable[..., Proxy], tcp_server: Callable[..., TcpServer],
 ) -> None:
@@ -553,16 +573,9 @@ def test_a_poll_that_fails_for_want_of_memory_is_tried_again(
     one such moment ended the supervisor with a traceback, every listener closed and the
     live children orphaned. It waits a moment and polls again now. The errno is injected
     with strace, attached to the running supervisor: its first three polls fail."""
-    strace = need("strace")
     server = tcp_server(echo)
     proxy = start_proxy(f"127.0.0.1:0=127.0.0.1:{server.port}")
-    tracer = subprocess.Popen(
-        [strace, "-p", str(proxy.pid), "-o", "/dev/null", "-e", "trace=poll",
-         "-e", "inject=poll:error=ENOMEM:when=1..3"], stderr=subprocess.PIPE, text=True)
-    try:
-        assert tracer.stderr is not None
-        attached = tracer.stderr.readline()
-        assert f"Process {proxy.pid} attached" in attached, attached
+    with injected(proxy.pid, "poll", "error=ENOMEM:when=1..3"):
         with socket.create_connection(("127.0.0.1", proxy.port), timeout=30) as client:
             client.settimeout(30)
             client.sendall(b"ping")
@@ -570,9 +583,6 @@ def test_a_poll_that_fails_for_want_of_memory_is_tried_again(
         # The loop's own polls fail too (the accept loop's look at the backlog, the first
         # call, just goes on accepting): said once, with the count.
         assert wait_for(lambda: "poll-failed" in proxy.log()), proxy.log()
-    finally:
-        tracer.send_signal(signal.SIGINT)  # detach
-        tracer.communicate(timeout=15)
     assert proxy.proc.poll() is None, proxy.log()
     [line] = [x for x in proxy.log().splitlines() if "poll-failed" in x]
     assert 'error="Cannot allocate memory"' in line and "failures=1 " in line, line
@@ -587,7 +597,6 @@ def test_a_relay_that_crashes_resets_both_sides_rather_than_ending_the_stream(
     download got 1 MB and a clean end, a truncated file taken for a whole one. Both
     sides get an RST now, as from a stop's TERM. The errno is injected with strace,
     following the supervisor's children: each one's fifth poll fails."""
-    strace = need("strace")
     payload = b"x" * (20 << 20)
 
     def download(conn: socket.socket) -> None:
@@ -596,13 +605,7 @@ def test_a_relay_that_crashes_resets_both_sides_rather_than_ending_the_stream(
 
     server = tcp_server(download)
     proxy = start_proxy("--relay", "copy", f"127.0.0.1:0=127.0.0.1:{server.port}")
-    tracer = subprocess.Popen(
-        [strace, "-f", "-p", str(proxy.pid), "-o", "/dev/null", "-e", "trace=poll",
-         "-e", "inject=poll:error=ENOMEM:when=5"], stderr=subprocess.PIPE, text=True)
-    try:
-        assert tracer.stderr is not None
-        attached = tracer.stderr.readline()
-        assert f"Process {proxy.pid} attached" in attached, attached
+    with injected(proxy.pid, "poll", "error=ENOMEM:when=5", children=True):
         received = 0
         with socket.create_connection(("127.0.0.1", proxy.port), timeout=30) as client:
             client.settimeout(30)
@@ -611,9 +614,6 @@ def test_a_relay_that_crashes_resets_both_sides_rather_than_ending_the_stream(
                     received += len(chunk)
                     time.sleep(0.001)  # a reader slower than the proxy: it polls
         assert received < len(payload)
-    finally:
-        tracer.send_signal(signal.SIGINT)  # detach
-        tracer.communicate(timeout=15)
     assert wait_for(lambda: "relay-crashed" in proxy.log()), proxy.log()
     assert proxy.proc.poll() is None
     assert proxy.stop() == 0
@@ -626,24 +626,14 @@ def test_a_signal_a_child_cannot_be_sent_does_not_end_the_stop(
     supervisor died of it, a traceback, and left the connection's child running,
     orphaned. It logs it and goes on: the KILL that follows ends the child. The errno
     is injected with strace, attached to the supervisor: its first kill() fails."""
-    strace = need("strace")
     server = tcp_server(echo)
     proxy = start_proxy("--grace", "0.5", f"127.0.0.1:0=127.0.0.1:{server.port}")
     with socket.create_connection(("127.0.0.1", proxy.port), timeout=30) as client:
         client.sendall(b"ping")
         assert client.recv(4) == b"ping"  # a live connection, its child idle
-        tracer = subprocess.Popen(
-            [strace, "-p", str(proxy.pid), "-o", "/dev/null", "-e", "trace=kill",
-             "-e", "inject=kill:error=EPERM:when=1"], stderr=subprocess.PIPE, text=True)
-        try:
-            assert tracer.stderr is not None
-            attached = tracer.stderr.readline()
-            assert f"Process {proxy.pid} attached" in attached, attached
+        with injected(proxy.pid, "kill", "error=EPERM:when=1"):
             proxy.proc.send_signal(signal.SIGTERM)
             assert proxy.proc.wait(30) == 0, proxy.log()
-        finally:
-            tracer.send_signal(signal.SIGINT)
-            tracer.communicate(timeout=15)
     log = proxy.log()
     assert "Traceback" not in log and 'detail="cannot send SIGTERM to a child"' in log, log
     assert 'outcome=killed status="killed by SIGKILL' in log, log
