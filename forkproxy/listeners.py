@@ -93,6 +93,12 @@ class HeldBacklog:
             os.close(self.clients.popleft()[0])
 
 
+# What accept(2) returns when the process, not the client, is short: out of descriptors
+# or kernel memory. The listener stays readable, so whoever accepts pauses ACCEPT_BACKOFF
+# seconds before it tries again, rather than spin (the supervisor, the metrics process).
+RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+ACCEPT_BACKOFF = 0.1
+
 # What accept(2) returns for one client and not the listener: it reset while it waited
 # (ECONNABORTED), a firewall refused it (EPERM), or a network error pending on it (Linux
 # hands those on, for TCP: EPROTO, ENETDOWN, ...). The next client may be fine.

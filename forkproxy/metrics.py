@@ -22,7 +22,6 @@ if __name__ == "__main__":
 import argparse
 import contextlib
 import ctypes
-import errno
 import signal
 import socket
 import threading
@@ -44,6 +43,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from forkproxy.config import peer_text
+from forkproxy.listeners import ACCEPT_BACKOFF, RESOURCE_ERRORS
 from forkproxy.log import DEBUG, ERROR, INFO, WARNING, Logger
 from forkproxy.relay import OUTCOMES
 from forkproxy.status import StatusError, enrich, request
@@ -251,10 +251,6 @@ SCRAPE_WAIT = 1.0  # seconds a new client may wait for a slot
 # take the whole reply (a large table to a slow reader). Past them it is cut.
 REQUEST_DEADLINE = 5.0
 REPLY_DEADLINE = 30.0
-# Seconds without accepting after accept() ran out of descriptors or memory: the port stays
-# readable, and without a pause the process spun at 100% CPU until one came back.
-ACCEPT_BACKOFF = 0.1
-_RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
 class _Deadlines:
@@ -313,8 +309,10 @@ class _Server(ThreadingMixIn, WSGIServer):
         try:
             return super().get_request()
         except OSError as exc:
-            if exc.errno in _RESOURCE_ERRORS:
-                time.sleep(ACCEPT_BACKOFF)  # socketserver drops the error and asks again
+            if exc.errno in RESOURCE_ERRORS:
+                # socketserver drops the error and asks again at once: 100% CPU until a
+                # descriptor came back, without this pause.
+                time.sleep(ACCEPT_BACKOFF)
             raise
 
     def process_request(self, request: Any, client_address: Any) -> None:

@@ -64,13 +64,9 @@ def request(path: str, command: str, timeout: float = 5.0) -> dict[str, Any]:
     pid as this process sees it (SO_PEERCRED; 0 when it is in no PID namespace of ours),
     which differs from the reply's `pid` when it runs in another (a container's)."""
     try:
-        # In the try too: out of descriptors (EMFILE) is no answer, not a failed write.
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    except OSError as exc:
-        raise StatusError(f"no answer on {path!r}: {exc.strerror or exc}") from None
-    with sock:
-        sock.settimeout(timeout)
-        try:
+        # socket() in the try too: out of descriptors (EMFILE) is no answer either.
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
             _connect(sock, path, time.monotonic() + timeout)
             creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
             sock.sendall(json.dumps({"command": command}).encode() + b"\n")
@@ -81,8 +77,8 @@ def request(path: str, command: str, timeout: float = 5.0) -> dict[str, Any]:
                 size += len(chunk)
                 if size > MAX_REPLY:  # something that never stops sending
                     raise _not_forkproxy(path, f"more than {MAX_REPLY >> 20} MiB")
-        except OSError as exc:
-            raise StatusError(f"no answer on {path!r}: {exc.strerror or exc}") from None
+    except OSError as exc:
+        raise StatusError(f"no answer on {path!r}: {exc.strerror or exc}") from None
     if not chunks:
         raise StatusError(f"no answer on {path!r}: closed without a reply")
     try:

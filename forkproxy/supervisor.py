@@ -45,12 +45,11 @@ from .config import (
     peer_text,
     quoted,
 )
-from .listeners import Listener
+from .listeners import ACCEPT_BACKOFF, RESOURCE_ERRORS, Listener
 from .log import DEBUG, WARNING, Logger
 from .relay import Address, RawSocket
 
 ACCEPT_BATCH = 64  # accepts per wakeup, so signals and reaping get their turn in a burst
-ACCEPT_BACKOFF = 0.1  # seconds without accepting after EMFILE/ENFILE/ENOBUFS/ENOMEM
 KILL_AFTER = 1.0  # seconds from TERM to KILL after --grace: 8 + 1 is inside docker stop's 10
 ERROR_LOG_EVERY = 10.0  # seconds between two accept-failed lines while they repeat
 # A link writes its first DENY_LOG_BURST `denied` lines in each DENY_LOG_WINDOW seconds and
@@ -66,7 +65,6 @@ TABLE_EXIT_WAIT = 1.0  # seconds an exit waits for SIGUSR1's table to be written
 METRICS_EXIT_WAIT = 2.0  # seconds the metrics process has to exit at a stop
 REPORT_TIMEOUT = 10.0  # seconds a reporter waits for a client that does not read
 RESOLVE_AGAIN_AFTER = MIN_RESOLVE_EVERY  # seconds: the least time between two lookups' starts
-_RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 OOM_SCORE_ADJ = "/proc/self/oom_score_adj"
 # What each connection's child writes there: the OOM killer's first choice, so that a
 # memory limit reached costs a connection, not the supervisor and every listener with it.
@@ -667,7 +665,7 @@ class Supervisor:
                 except (BlockingIOError, InterruptedError):
                     return
                 except OSError as exc:
-                    if exc.errno in _RESOURCE_ERRORS:
+                    if exc.errno in RESOURCE_ERRORS:
                         self._accept_failed(listener, exc)
                         return
                     continue  # ECONNABORTED, EPERM from a firewall, ...: that client only
@@ -1251,12 +1249,13 @@ class Supervisor:
         listener if the kernel refuses one."""
         keepalive, user_timeout = self.options.keepalive, self.options.user_timeout
         for listener in bound:
-            option = f"--keepalive {keepalive}"
+            option = ""
             try:
                 if keepalive is not None:
+                    option = f"--keepalive {keepalive}"
                     relay.set_keepalive(listener.sock, keepalive)
-                option = f"--user-timeout {user_timeout:g}" if user_timeout is not None else ""
                 if user_timeout is not None:
+                    option = f"--user-timeout {user_timeout:g}"
                     relay.set_user_timeout(listener.sock, user_timeout)
             except OSError as exc:
                 # `--flag VALUE: ...`, as every error about an option's value starts, so

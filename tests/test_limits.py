@@ -1337,9 +1337,9 @@ def test_accept_resource_errors_pause_accepting_briefly_then_resume(
             assert fake.calls == 2  # it went straight on to the next accept()
             return
         assert sup.resume_at is not None
-        assert started < sup.resume_at <= time.monotonic() + fp_supervisor.ACCEPT_BACKOFF
+        assert started < sup.resume_at <= time.monotonic() + listeners.ACCEPT_BACKOFF
         assert not sup.accepting and real.fileno() not in sup.handlers  # paused
-        assert 0 < sup._poll_timeout() <= fp_supervisor.ACCEPT_BACKOFF * 1000 + 1
+        assert 0 < sup._poll_timeout() <= listeners.ACCEPT_BACKOFF * 1000 + 1
         log_file.seek(0)
         assert b"accept-failed" in log_file.read()
         sup.resume_at = time.monotonic() - 0.001  # the backoff is over
