@@ -32,6 +32,12 @@ def _note(signum: int, frame: FrameType | None) -> None:
     _caught.append(signum)
 
 
+def noted(*signums: int) -> bool:
+    """Whether one of these came since the loop last drained the signals (they stay
+    noted, for the loop)."""
+    return any(signum in _caught for signum in signums)
+
+
 def _take() -> list[int]:
     """The signals noted so far, and a fresh list for the next ones. A function of its
     own: entering it runs the handlers of the signals already delivered (CPython runs

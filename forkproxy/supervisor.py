@@ -444,15 +444,7 @@ class Supervisor:
             raise ConfigError(f"out of file descriptors while starting: {exc.strerror} "
                               "(raise the limit, ulimit -n)") from None
         self._log_max_children()  # before "listening": whoever waits for it can read it
-        try:
-            sys.stdout.write("".join(line + "\n" for line in lines))
-            sys.stdout.flush()
-        except OSError:
-            # Nobody reads stdout (`serve ... | head -1`): the proxy works all the same. The
-            # lines still buffered would fail again at exit, "Exception ignored" on stderr.
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, 1)
-            os.close(devnull)
+        self._print_ready(lines)
         for line in lines:
             self.log.debug("ready", detail=line)
         self.log.debug("oom-score-adj", supervisor=self.oom_score_adj,
@@ -464,6 +456,49 @@ class Supervisor:
         finally:
             self.cleanup()
         return 0
+
+    def _print_ready(self, lines: list[str]) -> None:
+        """The `listening` lines on stdout, or a warning on stderr saying why they are not.
+
+        A stdout that is a non-blocking pipe (the reader set O_NONBLOCK on the shared
+        file) fails with EAGAIN when full: wait for room, as a blocking write would, until
+        a TERM or INT comes (it must still stop the proxy; the loop acts on it, since the
+        signal stays noted). Whatever else fails, the proxy
+        serves all the same, and stdout becomes /dev/null: lines left in a buffer would
+        fail again at exit ("Exception ignored" on stderr). A reader gone (EPIPE:
+        `serve ... | head -1`) is no news; anything else is, since a script waiting for
+        `listening` would otherwise wait for ever with no clue why.
+        """
+        data = "".join(line + "\n" for line in lines).encode(
+            sys.stdout.encoding or "utf-8", "backslashreplace")
+        failure = ""
+        try:
+            sys.stdout.flush()
+            fd = sys.stdout.fileno()
+            while data:
+                try:
+                    data = data[os.write(fd, data):]
+                except BlockingIOError:
+                    if signals.noted(signal.SIGTERM, signal.SIGINT):
+                        failure = "still full when the proxy was told to stop"
+                        break
+                    room = select.poll()
+                    room.register(fd, POLLOUT)
+                    # A signal's handler runs during poll, which then goes on (PEP 475):
+                    # a timeout brings us back to see whether it was a stop.
+                    room.poll(100)
+        except OSError as exc:
+            if exc.errno != errno.EPIPE:
+                failure = exc.strerror or str(exc)
+        except ValueError:
+            failure = "closed"  # sys.stdout closed under us: fileno() refuses
+        if failure:
+            self.log.warning("stdout-failed", error=failure,
+                             detail="the `listening` lines are not all written")
+        if failure or data:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 1)
+            os.close(devnull)
 
     def memory_fit(self) -> int | None:
         """How many connections fit the memory limit found at start (None: no limit), 0

@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import os
 import re
+import select
 import shutil
 import signal
 import site
 import socket
 import stat
+import struct
 import subprocess
 import sys
 import tempfile
@@ -30,6 +32,7 @@ from conftest import (
     control,
     echo,
     free_port,
+    full_pipe,
     kill_group,
     need,
     read_lines,
@@ -472,6 +475,33 @@ def test_with_the_fewest_descriptors_it_starts_with_it_serves_a_client(
         pytest.fail("serve started at no limit up to 15")
 
 
+def polling_for_room(pid: int, fd: int) -> bool:
+    """Whether process `pid` is blocked in poll() waiting for room to write on `fd`: its
+    system call (/proc/PID/syscall) and the pollfd array it passed (read from its memory)."""
+    number = {"x86_64": 7, "aarch64": 73}[os.uname().machine]  # poll, or ppoll
+    try:
+        fields = Path(f"/proc/{pid}/syscall").read_text().split()
+        if fields[0] != str(number):
+            return False
+        address, count = int(fields[1], 16), int(fields[2], 16)
+        with open(f"/proc/{pid}/mem", "rb") as memory:
+            memory.seek(address)
+            table = memory.read(8 * count)  # struct pollfd: int fd; short events, revents
+    except (OSError, ValueError, IndexError):
+        return False  # not blocked in a system call, or gone
+    return any(polled == fd and events & select.POLLOUT
+               for polled, events, _ in struct.iter_unpack("ihh", table))
+
+
+def serving(sock_path: Path) -> bool:
+    """The loop answers `check`: the `listening` lines were written, or given up, before
+    it ran."""
+    try:
+        return bool(control(sock_path, "check")["ok"])
+    except StatusError:
+        return False
+
+
 def test_nobody_reading_stdout_is_no_error_at_exit(tmp_path: Path) -> None:
     """`serve ... | head -1` and the like: the `listening` lines cannot be written; the
     proxy serves all the same and stops without "Exception ignored ... BrokenPipeError"."""
@@ -484,17 +514,10 @@ def test_nobody_reading_stdout_is_no_error_at_exit(tmp_path: Path) -> None:
                                 stdout=writer, stderr=err, start_new_session=True)
         os.close(writer)
 
-        def serving() -> bool:
-            """Its loop answers `check`: the lines were written (to nobody) before it ran."""
-            try:
-                return bool(control(sock_path, "check")["ok"])
-            except StatusError:
-                return False
-
         try:
             # It starts, writes to nobody, and keeps serving (waited for: a fixed 3 s sleep
             # assumed the start-up, and the write, were over by then).
-            assert wait_for(lambda: proc.poll() is not None or serving(), 60)
+            assert wait_for(lambda: proc.poll() is not None or serving(sock_path), 60)
             assert proc.poll() is None, err.read()
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(15) == 0
@@ -504,6 +527,103 @@ def test_nobody_reading_stdout_is_no_error_at_exit(tmp_path: Path) -> None:
         err.seek(0)
         text = err.read()
     assert "Exception ignored" not in text and "BrokenPipe" not in text, text
+
+
+def test_a_full_non_blocking_stdout_delays_the_listening_lines_not_drops_them(
+    tmp_path: Path,
+) -> None:
+    """A reader that set O_NONBLOCK on the pipe (shared by both ends' file) and had not
+    read yet: the write failed with EAGAIN and the lines were dropped for good, silently,
+    while the proxy served. A script waiting for `listening` waited for ever. The proxy
+    waits for room now, as a blocking write would."""
+    reader, writer = full_pipe()
+    os.set_blocking(writer, False)
+    os.set_blocking(reader, False)
+    sock_path = tmp_path / "s.sock"
+    with open(tmp_path / "err", "w+") as err:
+        proc = subprocess.Popen([FORKPROXY, "serve", "--status-socket", str(sock_path),
+                                 "127.0.0.1:0=127.0.0.1:1"],
+                                stdout=writer, stderr=err, start_new_session=True,
+                                text=True)
+        os.close(writer)
+        got = bytearray()
+
+        def drain() -> bool:
+            """Read what is there; False, so that it can lead an `or`."""
+            while True:
+                try:
+                    chunk = os.read(reader, 65536)
+                except BlockingIOError:
+                    return False
+                if not chunk:
+                    return False
+                got.extend(chunk)
+
+        try:
+            # Let it meet the full pipe first: it waits in poll() for room on stdout (before,
+            # it dropped the lines and went on). Reading earlier would make room first.
+            assert wait_for(lambda: polling_for_room(proc.pid, 1) or proc.poll() is not None,
+                            60), "it never waited for room on stdout"
+            # Its loop runs only once the lines are out (or given up): read until then,
+            # then once more for what came in between.
+            assert wait_for(lambda: drain() or proc.poll() is not None or serving(sock_path),
+                            60)
+            drain()
+            assert proc.poll() is None, err.read()
+        finally:
+            kill_group(proc)
+            os.close(reader)
+        err.seek(0)
+        log = err.read()
+    assert bytes(got).lstrip(b"x").startswith(b"listening 127.0.0.1:"), (got[-200:], log)
+    assert "stdout-failed" not in log, log
+
+
+def test_a_stop_while_stdout_is_full_still_stops(tmp_path: Path) -> None:
+    """Waiting for room on a full stdout, as above, must not make the proxy deaf: a TERM
+    ends the wait (one warning says the lines were not written) and the stop goes on."""
+    reader, writer = full_pipe()
+    os.set_blocking(writer, False)
+    with open(tmp_path / "err", "w+") as err:
+        proc = subprocess.Popen([FORKPROXY, "serve", "127.0.0.1:0=127.0.0.1:1"],
+                                stdout=writer, stderr=err, start_new_session=True,
+                                text=True)
+        os.close(writer)
+        try:
+            assert wait_for(lambda: polling_for_room(proc.pid, 1) or proc.poll() is not None,
+                            60), "it never waited for room on stdout"
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(15) == 0
+        finally:
+            kill_group(proc)
+            os.close(reader)
+        err.seek(0)
+        lines = [line for line in err.read().splitlines() if "stdout-failed" in line]
+    assert len(lines) == 1 and "told to stop" in lines[0], lines
+
+
+def test_stdout_that_fails_is_said_on_stderr_and_the_proxy_serves(tmp_path: Path) -> None:
+    """stdout on a full disk (/dev/full: ENOSPC): the `listening` lines were dropped with
+    no word, so whoever waited for them had no clue why. A reader gone (EPIPE, above) is
+    still no news."""
+    sock_path = tmp_path / "s.sock"
+    with open(tmp_path / "err", "w+") as err, open("/dev/full", "w") as full:
+        proc = subprocess.Popen([FORKPROXY, "serve", "--status-socket", str(sock_path),
+                                 "127.0.0.1:0=127.0.0.1:1"],
+                                stdout=full, stderr=err, start_new_session=True,
+                                text=True)
+
+        try:
+            assert wait_for(lambda: proc.poll() is not None or serving(sock_path), 60)
+            assert proc.poll() is None, err.read()
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(15) == 0
+        finally:
+            kill_group(proc)
+        err.seek(0)
+        lines = [line for line in err.read().splitlines() if "stdout-failed" in line]
+    assert len(lines) == 1 and "No space left on device" in lines[0], lines
+    assert "listening" in lines[0]  # what is missing
 
 
 def test_a_path_in_an_error_is_quoted_and_stays_on_one_line(tmp_path: Path) -> None:
