@@ -218,6 +218,12 @@ class Flow:
             self.splice = False
             return
         except OSError as exc:
+            if exc.errno == errno.ENOMEM and self.splice:
+                # No page for the pipe (a memory cgroup at its limit). Nothing was read and
+                # the pipe is empty (a read comes only once all is written): copying, with
+                # the buffer we have or one chunk, can go on where a reset would cut.
+                self.splice = False
+                return
             raise Ended(self.src_reset, exc) from None
         if n == 0:
             if self.splice:

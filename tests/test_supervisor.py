@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import resource
@@ -616,6 +617,34 @@ def test_a_relay_that_crashes_resets_both_sides_rather_than_ending_the_stream(
         assert received < len(payload)
     assert wait_for(lambda: "relay-crashed" in proxy.log()), proxy.log()
     assert proxy.proc.poll() is None
+    assert proxy.stop() == 0
+
+
+def test_a_splice_refused_for_want_of_memory_goes_on_by_copying(
+    start_proxy: Callable[..., Proxy], tcp_server: Callable[..., TcpServer],
+) -> None:
+    """splice(2) from a socket into the pipe fails with ENOMEM when no page can be had for
+    the pipe (a memory cgroup at its limit). That was taken for a peer's reset: both sides
+    reset, a 20 MB download cut. Nothing was read, so the relay copies on from there;
+    each child's first splice is failed (strace, following the supervisor's forks)."""
+    payload = os.urandom(20 << 20)
+
+    def download(conn: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            conn.sendall(payload)
+
+    server = tcp_server(download)
+    proxy = start_proxy("--relay", "splice", f"127.0.0.1:0=127.0.0.1:{server.port}")
+    with (injected(proxy.pid, "splice", "error=ENOMEM:when=1", children=True),
+          socket.create_connection(("127.0.0.1", proxy.port), timeout=30) as client):
+        client.settimeout(30)
+        digest, received = hashlib.sha256(), 0
+        while chunk := client.recv(1 << 16):
+            digest.update(chunk)
+            received += len(chunk)
+    assert (received, digest.hexdigest()) == (len(payload), hashlib.sha256(payload).hexdigest())
+    assert wait_for(lambda: " close " in proxy.log()), proxy.log()
+    assert "reset" not in proxy.log(), proxy.log()
     assert proxy.stop() == 0
 
 
