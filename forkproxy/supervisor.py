@@ -250,7 +250,7 @@ class Supervisor:
         self.pid = os.getpid()  # also what a reporter child reports
         # Did we write --pid-file? Only then is it ours to remove at exit (and a path we
         # refused, a FIFO, is never opened again).
-        self.pid_file_written = False
+        self.pid_file_written: tuple[int, int] | None = None  # its (st_dev, st_ino)
         self.oom_score_adj, self.child_oom_score_adj = child_oom_score_adj()
 
     # -- start and stop -------------------------------------------------------------
@@ -391,9 +391,16 @@ class Supervisor:
         try:
             # O_NONBLOCK: a FIFO without a reader fails (ENXIO) instead of waiting for one.
             # 0o644: a pid file that anyone could write could name any process to `reload`.
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+            # O_NOFOLLOW: we may be root, in a directory another user can write to (/tmp,
+            # a service's run directory): a link planted at the path would have us empty
+            # and write whatever file it names.
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NONBLOCK | os.O_CLOEXEC
+                         | os.O_NOFOLLOW, 0o644)
         except OSError as exc:
             reason = "not a regular file" if exc.errno == errno.ENXIO else exc.strerror
+            # ELOOP, or EACCES in a sticky directory (O_CREAT there checks the link first)
+            if os.path.islink(path):
+                reason = "a symbolic link (give the path it points to)"
             raise ConfigError(f"--pid-file {path!r}: {reason}") from None
         try:
             found = os.fstat(fd)
@@ -404,6 +411,16 @@ class Supervisor:
                 # them at exit. Raised before any write: not OSError, nothing unlinked.
                 raise ConfigError(f"--pid-file {path!r}: it is the --env-file "
                                   f"{self.sources.env_file!r}")
+            # A file already there that another user owns, or with a second name (a hard
+            # link planted beside a file of ours), is not ours to write: refused before
+            # any write, as systemd refuses such a PIDFile.
+            if found.st_uid != os.geteuid():
+                raise ConfigError(f"--pid-file {path!r}: owned by uid {found.st_uid}, not "
+                                  f"by this user ({os.geteuid()})")
+            if found.st_nlink > 1:
+                raise ConfigError(f"--pid-file {path!r}: it has other names (hard links)")
+            if found.st_mode & 0o022:
+                os.fchmod(fd, stat.S_IMODE(found.st_mode) & ~0o022)  # as above: 0o644 at most
             os.ftruncate(fd, 0)
             text = f"{os.getpid()}\n".encode()
             if os.write(fd, text) != len(text):
@@ -416,7 +433,7 @@ class Supervisor:
             raise ConfigError(f"--pid-file {path!r}: {exc.strerror}") from None
         finally:
             os.close(fd)
-        self.pid_file_written = True
+        self.pid_file_written = (found.st_dev, found.st_ino)
 
     def _is_env_file(self, found: os.stat_result) -> bool:
         """Whether `found` is the --env-file (the same file by any path or link)."""
@@ -584,9 +601,18 @@ class Supervisor:
             try:
                 # Only while it still names us: a supervisor started after us with the
                 # same --pid-file has taken it over, and reload --pid-file needs it.
-                with open(pid_file, "rb") as handle:
-                    if handle.read(32).strip() == str(os.getpid()).encode():
-                        os.unlink(pid_file)
+                # The file we wrote, not whatever its directory holds by now (a link to
+                # another file, a FIFO to hang the stop on: the directory may be shared).
+                fd = os.open(pid_file, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
+                             | os.O_CLOEXEC)
+                try:
+                    found = os.fstat(fd)
+                    ours = ((found.st_dev, found.st_ino) == self.pid_file_written
+                            and os.read(fd, 32).strip() == str(os.getpid()).encode())
+                finally:
+                    os.close(fd)
+                if ours:
+                    os.unlink(pid_file)
             except OSError:
                 pass  # already gone, or never ours to remove
         # The counts no window's end has logged yet. Last: with the log blocked, this

@@ -305,8 +305,9 @@ def test_a_pid_file_that_is_the_env_file_is_refused_and_left_as_it_was(
         pid_file.symlink_to(env_file)
     result = run("serve", "--env-file", str(env_file), "--pid-file", str(pid_file),
                  "--bind", "127.0.0.1", env={"XDG_RUNTIME_DIR": str(runtime)}, timeout=10)
-    assert_one_line_error(result, f"--pid-file '{pid_file}': it is the --env-file "
-                                  f"'{env_file}'")
+    # A symbolic link is refused as such (below), whatever it points to.
+    assert_one_line_error(result, f"--pid-file '{pid_file}': " + (
+        "a symbolic link" if same == "symlink" else f"it is the --env-file '{env_file}'"))
     assert env_file.read_text() == content
     assert_not_listening(port)
     assert list(runtime.rglob("*.sock")) == []
@@ -383,6 +384,76 @@ def test_a_pid_file_is_writable_by_its_owner_only_whatever_the_umask(
                         prefix=(need("sh"), "-c", 'umask 000 && exec "$@"', "sh"))
     assert wait_for(lambda: pid_file.exists() and pid_file.read_text() == f"{proxy.pid}\n")
     assert stat.S_IMODE(pid_file.stat().st_mode) == 0o644
+
+
+def as_nobody(*command: str) -> None:
+    """Run `command` as user nobody (65534), as a local user without privileges would."""
+    subprocess.run([need("setpriv"), "--reuid=65534", "--regid=65534", "--clear-groups",
+                    *command], check=True, timeout=30)
+
+
+@pytest.mark.parametrize("planted", ["symlink", "hard link", "file"])
+def test_a_pid_file_another_user_planted_is_not_written(tmp_path: Path, planted: str) -> None:
+    """Root, told to write its PID in a directory another user can write to: a symbolic
+    link planted there had root empty and write whatever file it named (here a root-only
+    secret); a hard link did the same; a file that user made stayed theirs, writable by
+    them, so they could name any process to `reload --pid-file`. Each is refused now,
+    before any write, and left as it was."""
+    # pytest's tmp_path is root's alone (0700): nobody could not reach a directory in it.
+    shared = Path(tempfile.mkdtemp(prefix="forkproxy-test-shared-"))
+    shared.chmod(0o1777)  # as /tmp: sticky, world-writable
+    try:
+        _refused_in(shared, tmp_path, planted)
+    finally:
+        shutil.rmtree(shared)
+
+
+def _refused_in(shared: Path, tmp_path: Path, planted: str) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text("root's\n")
+    secret.chmod(0o600)
+    pid_file = shared / "proxy.pid"
+    if planted == "symlink":
+        as_nobody("ln", "-s", str(secret), str(pid_file))
+        expected = "a symbolic link"
+    elif planted == "hard link":
+        os.link(secret, pid_file)  # what protected_hardlinks=0 lets any user make
+        expected = "it has other names (hard links)"
+    else:
+        as_nobody("sh", "-c", f"umask 0; echo 1 > '{pid_file}'")
+        expected = f"owned by uid 65534, not by this user ({os.geteuid()})"
+    runtime = tmp_path / "runtime"
+    runtime.mkdir(mode=0o700)
+    port = free_port()
+    result = run("serve", "--pid-file", str(pid_file), f"127.0.0.1:{port}=127.0.0.1:1",
+                 env={"XDG_RUNTIME_DIR": str(runtime)}, timeout=10)
+    assert_one_line_error(result, f"--pid-file '{pid_file}': {expected}")
+    assert secret.read_text() == "root's\n"
+    assert os.path.lexists(pid_file)
+    assert_not_listening(port)
+
+
+def test_a_pid_file_replaced_while_serving_is_left_alone_at_the_stop(
+    tmp_path: Path, start_proxy: Callable[..., Proxy]
+) -> None:
+    """At the stop, the pid file was opened by its path, following a link: a FIFO put in
+    its place would hang the stop, and a link with our PID as content (any file naming
+    it) was removed. Only the file written at the start is removed now."""
+    pid_file = tmp_path / "proxy.pid"
+    proxy = start_proxy("--pid-file", str(pid_file), "127.0.0.1:0=127.0.0.1:1")
+    assert wait_for(lambda: pid_file.exists() and pid_file.read_text() == f"{proxy.pid}\n")
+    pid_file.unlink()
+    os.mkfifo(pid_file)
+    assert proxy.stop() == 0  # not hung on the FIFO
+    assert stat.S_ISFIFO(os.lstat(pid_file).st_mode)
+    pid_file.unlink()
+    proxy = start_proxy("--pid-file", str(pid_file), "127.0.0.1:0=127.0.0.1:1")
+    assert wait_for(lambda: pid_file.exists() and pid_file.read_text() == f"{proxy.pid}\n")
+    other = tmp_path / "other"
+    other.write_text(f"{proxy.pid}\n")  # names us, but is not the file we wrote
+    os.replace(other, pid_file)
+    assert proxy.stop() == 0
+    assert pid_file.read_text() == f"{proxy.pid}\n"
 
 
 def test_a_pid_file_that_is_a_fifo_is_refused_not_waited_on(tmp_path: Path) -> None:
