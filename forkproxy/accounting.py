@@ -16,13 +16,15 @@ import time
 
 from .config import Link, peer_text
 
-FIELDS = 2  # per slot: bytes client->upstream, bytes upstream->client
+# Per slot: bytes client->upstream, bytes upstream->client, and when the child ended
+# (time.monotonic_ns(); 0 until it has, and for ever if it was killed or crashed).
+FIELDS = 3
 # Connection duration histogram buckets, seconds (Prometheus `le` bounds).
 DURATION_BUCKETS = (0.005, 0.05, 0.25, 1.0, 5.0, 30.0, 120.0, 600.0, 3600.0)
 
 
 class Slots:
-    """Anonymous shared memory: each live child owns two uint64 counters.
+    """Anonymous shared memory: each live child owns FIELDS uint64 counters.
 
     A child adds to its counters as bytes move (no system call per message); the
     supervisor reads them for status at any time and for the totals after the reap.
@@ -68,7 +70,7 @@ class Slots:
         return memoryview(self._mem[: self._next * 8]).cast("Q")
 
     def release(self, base: int) -> None:
-        self.counters[base] = self.counters[base + 1] = 0
+        self.counters[base] = self.counters[base + 1] = self.counters[base + 2] = 0
         self.free.append(base)
 
     def __len__(self) -> int:
@@ -191,7 +193,10 @@ class Accounting:
         elif not (up or down) and outcome != "killed" and outcome != "failed":
             # A probe. Not a killed or crashed child: its upstream may never have connected.
             stats.empty += 1
-        duration = time.monotonic() - started
+        # The child's own end when it wrote one, not the reap's time: a supervisor frozen
+        # for 10 s (docker pause) had every connection of that time last 10 s longer.
+        ended = counters[base + 2]
+        duration = (ended / 1e9 if ended else time.monotonic()) - started
         stats.duration_count += 1
         stats.duration_sum += duration
         for index, bound in enumerate(DURATION_BUCKETS):

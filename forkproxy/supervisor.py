@@ -697,7 +697,8 @@ class Supervisor:
         allow = self.allow
         waiting = listener.waiting
         link = listener.link
-        fork, close, monotonic = os.fork, os.close, time.monotonic
+        fork, close, monotonic, monotonic_ns = os.fork, os.close, time.monotonic, time.monotonic_ns
+        slot_counters = self.accounting.slots.counters
         # And what the child's branch below uses, so that it names no module attribute:
         # the supervisor never runs that branch, and on Python 3.12+ an instruction's first
         # run takes the generic path, which for `module.name` writes to the module's
@@ -737,6 +738,7 @@ class Supervisor:
                     refill_slots()  # one per slot up to --max-children, so never comes up short
                 base = free_slots.pop()
                 turn = next_turn()
+                forked_at = monotonic()  # before: the child may end before the fork returns here
                 try:
                     pid = fork()
                 except OSError as exc:
@@ -768,6 +770,9 @@ class Supervisor:
                         sock = RawSocket(family, sock_stream, 0, fd)
                         args = listener.relay_args
                         status = serve(sock, address, base, turn, *args)  # type: ignore[arg-type]
+                        # When it ended, for the duration histogram: the reap may come
+                        # much later (a supervisor that is busy, starved or paused).
+                        slot_counters[base + 2] = monotonic_ns()
                     except BaseException as exc:
                         # Cut short: each side gets an RST, never a FIN that would pass
                         # what it got so far off as the whole stream.
@@ -777,7 +782,7 @@ class Supervisor:
                     finally:
                         exit_child(status)
                 close(fd)
-                children[pid] = (link, address, base, monotonic())  # a ChildRecord
+                children[pid] = (link, address, base, forked_at)  # a ChildRecord
                 if not i:
                     try:
                         if not waiting(0):

@@ -57,6 +57,7 @@ from conftest import (
     metrics_pid,
     need,
     recv_all,
+    wait_for,
 )
 
 T = TypeVar("T")
@@ -970,6 +971,40 @@ def test_a_control_client_waits_for_room_in_a_busy_supervisors_backlog(
         sock.close()
     assert len(replies) == 1 and isinstance(replies[0], dict), replies
     assert replies[0]["ok"] is True, replies
+
+
+def test_a_connections_duration_ends_when_its_child_does_not_when_it_is_reaped(
+    start_proxy: StartProxy, tcp_server: ServerFactory, tmp_path: Path, env: dict[str, str],
+) -> None:
+    """The duration histogram took the reap's time for a connection's end: a supervisor
+    paused for a while (docker pause, SIGSTOP, a starved CPU quota) had every connection
+    that ended meanwhile last as long as the pause. The child writes its own end now.
+    The bound is causal, not a speed: the connection began after `before` and its child
+    had ended by `ended`, whatever the machine's load."""
+    server = tcp_server(echo)
+    sock_path = tmp_path / "status.sock"
+    proxy = start_proxy("--status-socket", str(sock_path),
+                        f"127.0.0.1:0=127.0.0.1:{server.port}", env=env)
+    before = time.monotonic()
+    try:
+        with socket.create_connection(("127.0.0.1", listen_ports(proxy)[0]),
+                                      timeout=DEADLINE) as client:
+            client.settimeout(DEADLINE)
+            client.sendall(b"ping")
+            assert client.recv(4) == b"ping"
+            [child] = psutil.Process(proxy.pid).children()
+            proxy.signal(signal.SIGSTOP)  # the child ends while nobody can reap it
+        assert wait_for(lambda: child.status() == psutil.STATUS_ZOMBIE, DEADLINE)
+        ended = time.monotonic()
+        paused_until = ended + 2.0
+        while time.monotonic() < paused_until:  # the pause under test: nobody reaps
+            time.sleep(0.1)
+    finally:
+        proxy.signal(signal.SIGCONT)
+    assert wait_for(lambda: not psutil.Process(proxy.pid).children(), DEADLINE)
+    [totals] = ask(sock_path)["links"].values()
+    assert totals["duration_count"] == 1, totals
+    assert 0 < totals["duration_sum"] <= ended - before, (totals, ended - before)
 
 
 def test_a_full_control_socket_answers_the_client_it_makes_room_from(
