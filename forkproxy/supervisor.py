@@ -63,6 +63,7 @@ METRICS_RESTART = 5.0  # seconds before a metrics process that died is started a
 MAX_REPORTERS = control.MAX_CLIENTS
 TABLE_EXIT_WAIT = 1.0  # seconds an exit waits for SIGUSR1's table to be written
 METRICS_EXIT_WAIT = 2.0  # seconds the metrics process has to exit at a stop
+KILLED_EXIT_WAIT = 1.0  # seconds a stop waits for a helper process it killed (frozen: left)
 REPORT_TIMEOUT = 10.0  # seconds a reporter waits for a client that does not read
 RESOLVE_AGAIN_AFTER = MIN_RESOLVE_EVERY  # seconds: the least time between two lookups' starts
 OOM_SCORE_ADJ = "/proc/self/oom_score_adj"
@@ -585,11 +586,7 @@ class Supervisor:
         if self.table_writer:
             self._let_the_table_be_written()
         for pid in self.resolver_pids + self.reporter_pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
-            except OSError:
-                pass  # already gone and reaped
+            self._kill_and_reap(pid)
         if self.metrics_pid:
             self._end_metrics()
         if self.metrics_sock is not None:
@@ -626,11 +623,22 @@ class Supervisor:
         pid = self.metrics_pid
         try:
             os.kill(pid, signal.SIGTERM)
-            if not _reaped_within(pid, METRICS_EXIT_WAIT):
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
         except OSError:
-            pass  # already gone and reaped
+            return  # already gone and reaped
+        if not _reaped_within(pid, METRICS_EXIT_WAIT):
+            self._kill_and_reap(pid)
+
+    def _kill_and_reap(self, pid: int) -> None:
+        """SIGKILL a helper process of ours (resolver, reporter, metrics) and reap it, but
+        wait no more than KILLED_EXIT_WAIT: a frozen process (a freezer cgroup, docker
+        pause of that process alone) dies only once thawed, and the stop waited for ever."""
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            return  # already gone and reaped
+        if not _reaped_within(pid, KILLED_EXIT_WAIT):
+            self.log.warning("not-reaped", pid=pid,
+                             detail="still there after SIGKILL (frozen?): left to init")
 
     def _let_the_table_be_written(self) -> None:
         """Wait up to TABLE_EXIT_WAIT for SIGUSR1's reporter: a table asked for just

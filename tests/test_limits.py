@@ -1392,7 +1392,8 @@ def fresh_cgroup(controller: str) -> Iterator[tuple[Path, bool]]:
     v2 = Path("/sys/fs/cgroup")
     if v1.is_dir():
         parent = v1
-    elif controller in (v2 / "cgroup.subtree_control").read_text().split():
+    elif (controller == "freezer"  # no v2 controller: each cgroup but the root can freeze
+          or controller in (v2 / "cgroup.subtree_control").read_text().split()):
         parent = v2
     else:
         pytest.fail(f"no {controller} cgroup controller: this test needs one "
@@ -1423,6 +1424,32 @@ def pids_cgroup() -> Iterator[Path]:
     """A fresh pids cgroup where fork fails for real, with EAGAIN, past `pids.max`."""
     with fresh_cgroup("pids") as (group, _):
         yield group
+
+
+def test_a_stop_does_not_wait_for_ever_on_a_frozen_metrics_process(
+    start_proxy: StartProxy, tcp_server: ServerFactory
+) -> None:
+    """The metrics process frozen alone (a freezer cgroup: `docker pause` of one process,
+    or a freeze that caught it): SIGTERM, then SIGKILL after 2 s, and a frozen process
+    dies only once thawed. The stop waited in waitpid() until then, for ever. It gives the
+    killed process a second now, says so, and ends."""
+    server = tcp_server(echo)
+    proxy = start_proxy("--metrics", "127.0.0.1:0", f"127.0.0.1:0=127.0.0.1:{server.port}")
+    assert wait_for(lambda: metrics_pid(proxy.pid) != 0)
+    pid = metrics_pid(proxy.pid)
+    with fresh_cgroup("freezer") as (group, v1):
+        (group / "cgroup.procs").write_text(str(pid))
+        state, frozen, thawed = (("freezer.state", "FROZEN", "THAWED") if v1
+                                 else ("cgroup.freeze", "1", "0"))
+        (group / state).write_text(frozen)
+        try:
+            assert wait_for(lambda: frozen in (group / state).read_text())
+            proxy.signal(signal.SIGTERM)
+            assert proxy.proc.wait(30) == 0, proxy.log()
+        finally:
+            (group / state).write_text(thawed)  # it dies of its pending SIGKILL
+    [line] = [x for x in proxy.log().splitlines() if "not-reaped" in x]
+    assert f"pid={pid}" in line, line
 
 
 def test_a_client_whose_fork_failed_is_held_and_served_when_a_child_exits(
