@@ -117,12 +117,19 @@ class LinkStats:
 ChildRecord = tuple[Link, tuple[object, ...], int, float]
 
 
-def describe_status(status: int) -> str:
-    """A wait status in words, as gunicorn logs it."""
+def describe_status(status: int, sent_kill: bool = False) -> str:
+    """A wait status in words, as gunicorn logs it. `sent_kill`: the supervisor itself
+    sent this process SIGKILL (a stop past its grace), so a death by it is no hint of
+    the OOM killer, the usual sender of a SIGKILL nobody asked for."""
     if os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)
         name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else str(sig)
-        hint = " (perhaps out of memory)" if sig == signal.SIGKILL else ""
+        if sig != signal.SIGKILL:
+            hint = ""
+        elif sent_kill:
+            hint = " (sent by the stop)"
+        else:
+            hint = " (perhaps out of memory)"
         return f"killed by {name}{hint}"
     return f"exit status {os.WEXITSTATUS(status)}"
 

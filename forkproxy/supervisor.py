@@ -228,6 +228,9 @@ class Supervisor:
         self.held: list[listeners.HeldBacklog] = []  # stopping at --max-children: see handle_stop
         self.term_at: float | None = None  # grace period ends: TERM the children
         self.kill_at: float | None = None  # TERM ignored: KILL them
+        # Children the stop itself sent SIGKILL (past --grace + KILL_AFTER): their death by
+        # it is ours, not the OOM killer's, and their close line must not suggest it.
+        self.killed: set[int] = set()
         self.control: control.ControlServer | None = None
         self.metrics_sock: socket.socket | None = None
         self.metrics_pid = 0
@@ -988,7 +991,8 @@ class Supervisor:
         moved = self._moved(record)
         self.log.info("close", link=link.name, client=peer_text(client),
                       upstream=str(link.target), bytes_up=moved[0], bytes_down=moved[1],
-                      duration=moved[2], outcome="killed", status=describe_status(status),
+                      duration=moved[2], outcome="killed",
+                      status=describe_status(status, sent_kill=pid in self.killed),
                       child_pid=pid)
 
     def serve_held(self) -> None:
@@ -1112,6 +1116,8 @@ class Supervisor:
         for pid in list(self.accounting.children):
             try:
                 os.kill(pid, signum)
+                if signum == signal.SIGKILL:
+                    self.killed.add(pid)
             except ProcessLookupError:
                 pass  # exited, not reaped yet: the SIGCHLD is on its way
             except OSError as exc:

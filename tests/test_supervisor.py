@@ -692,3 +692,25 @@ def test_after_the_grace_period_the_supervisor_waits_for_its_children_without_sp
         assert proxy.proc.wait(15) == 0
     used = (after.user + after.system) - (before.user + before.system)
     assert used < 0.3, f"{used:.2f} s of CPU in ~1.3 s: the supervisor spun"
+
+
+def test_a_child_the_stop_kills_is_not_said_to_be_out_of_memory(
+    start_proxy: Callable[..., Proxy], tcp_server: Callable[..., TcpServer],
+) -> None:
+    """A child that outlives its TERM past --grace is KILLed by the stop itself. Its close
+    line said `killed by SIGKILL (perhaps out of memory)`: the hint is for a SIGKILL
+    nobody in the supervisor sent (the OOM killer's; see test_limits), not for our own.
+    A stopped child stands in for one that outlives its TERM."""
+    server = tcp_server(echo)
+    proxy = start_proxy("--grace", "0.5", f"127.0.0.1:0=127.0.0.1:{server.port}")
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=30) as client:
+        client.sendall(b"ping")
+        assert client.recv(4) == b"ping"
+        [child] = psutil.Process(proxy.pid).children()
+        child.suspend()  # TERM stays pending: the stop's KILL ends it
+        proxy.proc.send_signal(signal.SIGTERM)
+        assert proxy.proc.wait(30) == 0, proxy.log()
+    [line] = [x for x in proxy.log().splitlines() if " close " in x]
+    assert f"child_pid={child.pid}" in line, line
+    assert 'outcome=killed status="killed by SIGKILL (sent by the stop)"' in line, line
+    assert "out of memory" not in proxy.log(), proxy.log()
