@@ -16,6 +16,10 @@ from collections.abc import Callable
 MAX_CLIENTS = 16
 MAX_REQUEST = 4096
 MAX_PATH = 107  # sockaddr_un.sun_path is 108 bytes with the NUL
+# Seconds a reporter (the child the supervisor forks to answer `status`) has to send its
+# whole reply to a client that reads slowly, or not at all; then it gives up. Here, not
+# in supervisor.py, so that the client end (status.REQUEST_DEADLINE) is sized from it.
+REPORT_TIMEOUT = 10.0
 
 # A reply, or None when the handler handed the client's socket to another process that
 # answers on it (the supervisor answers `status` from a forked child: see

@@ -18,7 +18,7 @@ from typing import Any, NoReturn
 import psutil
 
 from .config import mebibytes, quoted
-from .control import answers, check_owned, default_dir
+from .control import REPORT_TIMEOUT, answers, check_owned, default_dir
 
 
 class StatusError(Exception):
@@ -57,22 +57,44 @@ def find_socket(path: str | None) -> str:
 
 # The most a reply may be: a status of a million live connections is ~250 MiB.
 MAX_REPLY = 512 << 20
+# Seconds one request may take in all, from connect to the reply's end. The timeout of
+# each step (connect, each recv) does not bound a peer that trickles a byte every few
+# seconds, which held `check` (a HEALTHCHECK) for ever. A supervisor's reporter sends the
+# whole reply within control.REPORT_TIMEOUT or gives up; the 5 s more are this client's
+# own step timeout, for the supervisor to take the request up and build the reply.
+REQUEST_DEADLINE = REPORT_TIMEOUT + 5.0
 
 
-def request(path: str, command: str, timeout: float = 5.0) -> dict[str, Any]:
+def request(path: str, command: str, timeout: float = 5.0,
+            deadline: float = REQUEST_DEADLINE) -> dict[str, Any]:
     """Send one command, return the supervisor's reply, with `pid_here`: the supervisor's
     pid as this process sees it (SO_PEERCRED; 0 when it is in no PID namespace of ours),
-    which differs from the reply's `pid` when it runs in another (a container's)."""
+    which differs from the reply's `pid` when it runs in another (a container's).
+    `timeout` bounds each step, `deadline` (seconds) the whole request."""
+    ends = time.monotonic() + deadline
     try:
         # socket() in the try too: out of descriptors (EMFILE) is no answer either.
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(timeout)
-            _connect(sock, path, time.monotonic() + timeout)
+            _connect(sock, path, time.monotonic() + min(timeout, deadline))
             creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
             sock.sendall(json.dumps({"command": command}).encode() + b"\n")
             chunks = []
             size = 0
-            while chunk := sock.recv(65536):
+            while True:
+                left = ends - time.monotonic()
+                try:
+                    if left <= 0:
+                        raise TimeoutError
+                    sock.settimeout(min(timeout, left))
+                    chunk = sock.recv(65536)
+                except TimeoutError:
+                    if left > timeout:
+                        raise  # this recv's own timeout: nothing came for `timeout` s
+                    raise StatusError(f"no complete answer on {path!r} within {deadline:g} s "
+                                      f"({size} bytes came)") from None
+                if not chunk:
+                    break
                 chunks.append(chunk)
                 size += len(chunk)
                 if size > MAX_REPLY:  # something that never stops sending
@@ -83,6 +105,11 @@ def request(path: str, command: str, timeout: float = 5.0) -> dict[str, Any]:
         raise StatusError(f"no answer on {path!r}: closed without a reply")
     try:
         reply = _read_reply(command, b"".join(chunks))
+    except _Cut:
+        # A supervisor (or its reporter) that died or was killed while it answered, not
+        # another program: telling the user "not a forkproxy" would send them the wrong way.
+        raise StatusError(f"no complete answer on {path!r}: the reply was cut short "
+                          f"(closed after {size} bytes, before its end)") from None
     except _Misfit as exc:
         raise _not_forkproxy(path, str(exc)) from None
     reply["pid_here"] = struct.unpack("3i", creds)[0]
@@ -105,6 +132,10 @@ def _not_forkproxy(path: str, reason: str) -> NotForkproxy:
 
 class _Misfit(Exception):
     """What makes a reply one no supervisor gives, in a few words."""
+
+
+class _Cut(Exception):
+    """The start of a reply, its end missing: see _read_reply."""
 
 
 _Shape = Callable[[object, str], None]  # raises _Misfit naming `where` if the value misfits
@@ -226,6 +257,11 @@ def _read_reply(command: str, data: bytes) -> dict[str, Any]:
     except RecursionError:  # "[[[[..." nests past the stack
         raise _Misfit("nested too deep") from None
     except ValueError:  # also UnicodeDecodeError
+        # A supervisor's reply is a JSON object and a newline (control.encode_reply): one
+        # that begins as such and ends before its newline was cut short, not another
+        # program's. (A cut object never parses: its closing brace is what is missing.)
+        if data.startswith(b"{") and not data.endswith(b"\n"):
+            raise _Cut from None
         raise _Misfit("not JSON") from None
     if not isinstance(reply, dict):
         raise _Misfit("not a JSON object")

@@ -64,7 +64,6 @@ MAX_REPORTERS = control.MAX_CLIENTS
 TABLE_EXIT_WAIT = 1.0  # seconds an exit waits for SIGUSR1's table to be written
 METRICS_EXIT_WAIT = 2.0  # seconds the metrics process has to exit at a stop
 KILLED_EXIT_WAIT = 1.0  # seconds a stop waits for a helper process it killed (frozen: left)
-REPORT_TIMEOUT = 10.0  # seconds a reporter waits for a client that does not read
 RESOLVE_AGAIN_AFTER = MIN_RESOLVE_EVERY  # seconds: the least time between two lookups' starts
 OOM_SCORE_ADJ = "/proc/self/oom_score_adj"
 # What each connection's child writes there: the OOM killer's first choice, so that a
@@ -1497,7 +1496,7 @@ class Supervisor:
         counters = self.accounting.slots.copy()
 
         def answer() -> None:
-            client.settimeout(REPORT_TIMEOUT)
+            client.settimeout(control.REPORT_TIMEOUT)
             client.sendall(control.encode_reply(self.status_reply(counters)))
 
         return self._in_reporter(answer, keep=client.fileno()) != 0

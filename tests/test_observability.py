@@ -753,6 +753,64 @@ def test_a_socket_that_never_stops_answering_is_cut_off_and_paths_stay_quoted(
                              "No such file or directory\n"), result.stderr
 
 
+@pytest.mark.parametrize("command", ["check", "status"])
+def test_a_socket_that_trickles_its_reply_is_given_up_at_the_deadline(
+    command: str, tmp_path: Path, env: dict[str, str],
+) -> None:
+    """Each recv had a 5 s timeout and nothing bounded the whole: a peer that sends a byte
+    a second never trips it, and held `check` (a HEALTHCHECK) for ever. The request has
+    an overall deadline now (status.REQUEST_DEADLINE). The peer gives up after 45 s, so
+    that a client without the deadline ends too, with another line."""
+    sock_path = tmp_path / "trickle.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(sock_path))
+    server.listen()
+    done = threading.Event()
+
+    def trickle() -> None:
+        conn, _ = server.accept()
+        with conn, contextlib.suppress(OSError):  # until the client hangs up
+            conn.recv(4096)
+            conn.sendall(b"{")
+            for _ in range(45):
+                if done.wait(1):
+                    return
+                conn.sendall(b" ")
+
+    thread = threading.Thread(target=trickle, daemon=True)
+    thread.start()
+    try:
+        result = cli(command, "--status-socket", str(sock_path), env=env)
+    finally:
+        done.set()
+        server.close()
+        thread.join(DEADLINE)
+    assert result.returncode == 1, result
+    [line] = result.stderr.splitlines()
+    # 15 s: control.REPORT_TIMEOUT, a reporter's time to send, and a step's 5 s more
+    assert line.startswith(f"forkproxy: no complete answer on '{sock_path}' within 15 s ("), line
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize("command", ["check", "status", "reload"])
+def test_a_reply_cut_short_is_said_to_be_cut_not_another_programs(
+    command: str, tmp_path: Path, env: dict[str, str],
+) -> None:
+    """A supervisor's reply is a JSON object and a newline. One that ends before its
+    newline (the reporter killed while it sent, the supervisor gone) was reported as
+    `did not answer as a forkproxy status socket does (not JSON)`: as if another program
+    answered. It is a reply cut short."""
+    sock_path = tmp_path / "cut.sock"
+    cut = b'{"ok": true, "stopping": false, "listeners": [{"link": "A_PORT_1_TCP", "li'
+    with answering(sock_path, cut):
+        result = cli(command, "--status-socket", str(sock_path), env=env)
+    assert result.returncode == 1, result
+    assert result.stderr == (f"forkproxy: no complete answer on '{sock_path}': the reply was "
+                             f"cut short (closed after {len(cut)} bytes, before its end)\n"
+                             ), result.stderr
+    assert result.stdout == ""
+
+
 def test_the_clients_read_a_real_supervisors_replies_in_every_state(
     start_proxy: StartProxy, tcp_server: ServerFactory, tmp_path: Path, env: dict[str, str],
 ) -> None:
