@@ -401,19 +401,35 @@ class ReloadError(Exception):
     """Why `reload --pid-file` sends no signal, as one line for the user."""
 
 
+class _Unreadable(Exception):
+    """A /proc file of the process to check could not be read: the message says which."""
+
+
+def _read_proc(pid: int, name: str) -> bytes:
+    """/proc/PID/NAME. A process gone is FileNotFoundError (or ProcessLookupError), as
+    before; any other failure (EPERM under hidepid, EACCES) is _Unreadable: it was the
+    check that failed, not the signal, and the line must say so, not "cannot signal"."""
+    path = f"/proc/{pid}/{name}"
+    try:
+        with open(path, "rb") as handle:
+            return handle.read()
+    except (FileNotFoundError, ProcessLookupError):
+        raise
+    except OSError as exc:
+        raise _Unreadable(f"cannot read {path}: {exc.strerror}") from None
+
+
 def _runs_serve(pid: int) -> bool:
     """Does `pid` run what serve() execs: python -I -S .../_serve.py --config-fd N? The
     supervisor does, and so do the processes it forks (a connection's child)."""
-    with open(f"/proc/{pid}/cmdline", "rb") as handle:
-        argv = handle.read().split(b"\0")
+    argv = _read_proc(pid, "cmdline").split(b"\0")
     return any(os.path.basename(arg) == b"_serve.py" and argv[i + 1:i + 2] == [b"--config-fd"]
                for i, arg in enumerate(argv))
 
 
 def _parent(pid: int) -> int:
-    with open(f"/proc/{pid}/stat", "rb") as handle:
-        # pid (comm) state ppid ...: comm may hold spaces and parentheses, so after the last ')'.
-        return int(handle.read().rsplit(b")", 1)[1].split()[1])
+    # pid (comm) state ppid ...: comm may hold spaces and parentheses, so after the last ')'.
+    return int(_read_proc(pid, "stat").rsplit(b")", 1)[1].split()[1])
 
 
 def _open_pidfd(pid: int) -> int | None:
@@ -473,6 +489,9 @@ def _signal_supervisor(pid_file: str) -> int:
                 os.close(pidfd)
     except (FileNotFoundError, ProcessLookupError):
         raise ReloadError(f"pid {pid} (from {shown_file}) is not running") from None
+    except _Unreadable as exc:
+        raise ReloadError(f"cannot check that pid {pid} (from {shown_file}) is a forkproxy "
+                          f"supervisor: {exc}") from None
     except OSError as exc:
         raise ReloadError(f"cannot signal pid {pid} (from {shown_file}): "
                           f"{exc.strerror}") from None

@@ -1127,6 +1127,39 @@ def test_reload_pid_file_signals_by_pid_where_there_are_no_pidfds(
             fake.kill()
 
 
+def test_reload_pid_file_says_so_when_it_cannot_read_the_process_it_checks() -> None:
+    """reload reads /proc/PID/cmdline to check that PID is forkproxy's before it signals.
+    A read refused (a process the caller may not inspect) was reported as `cannot signal
+    pid N`: the signal was never tried. Real, not patched: a /proc mounted hidepid=1 in a
+    mount namespace of the test's own, and reload run as nobody against a root process,
+    whose /proc/PID files nobody may then read (EPERM; EACCES elsewhere takes the same
+    path). The pid file in a directory nobody can enter: pytest's tmp_path is root's only."""
+    home = Path(tempfile.mkdtemp(prefix="fpc-", dir="/tmp"))
+    home.chmod(0o755)
+    pid_file = home / "proxy.pid"
+    with subprocess.Popen(FAKE_SUPERVISOR, stdout=subprocess.PIPE,
+                          start_new_session=True) as fake:
+        try:
+            assert fake.stdout is not None
+            fake.stdout.readline()
+            pid_file.write_text(f"{fake.pid}\n")
+            pid_file.chmod(0o644)
+            as_nobody = (f"mount -t proc -o hidepid=1 proc /proc && exec {need('setpriv')} "
+                         "--reuid=65534 --regid=65534 --clear-groups "
+                         f"{FORKPROXY} reload --pid-file {pid_file}")
+            result = subprocess.run(
+                [need("unshare"), "--mount", "--propagation", "private", "sh", "-c", as_nobody],
+                capture_output=True, text=True, timeout=30, env={"PATH": os.environ["PATH"]},
+            )
+            assert fake.poll() is None, "the process checked was signalled"
+        finally:
+            fake.kill()
+            shutil.rmtree(home)
+    assert_cannot_reload(result, f"cannot check that pid {fake.pid} (from '{pid_file}') is "
+                         f"a forkproxy supervisor: cannot read /proc/{fake.pid}/cmdline: "
+                         "Operation not permitted")
+
+
 def test_reload_reports_the_outcome_unless_pid_file_is_on_the_command_line(
     tmp_path: Path,
 ) -> None:
