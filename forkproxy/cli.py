@@ -166,6 +166,31 @@ def read_memory_limit(proc: str = "/proc/self", root: str = "/") -> int | None:
     return min(limits, default=None)
 
 
+PID_MAX_FILE = "/proc/sys/kernel/pid_max"
+
+
+def read_pid_max(path: str = PID_MAX_FILE) -> int | None:
+    """The kernel's pid_max, or None when it cannot be read (no /proc mounted)."""
+    try:
+        with open(path, "rb") as handle:
+            text = handle.read(32).strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def check_pid_max(options: Options, pid_max: int | None) -> None:
+    """ConfigError for a --max-children given above the kernel's pid_max: more children
+    than processes can exist, a limit never reached, so a mistake (a digit too many), and
+    reported as bad input rather than served. Here, not in check_options: it needs the
+    kernel's value, read at start, and parsing does no I/O. A derived value never exceeds
+    it (at most DEFAULT_MAX_CHILDREN)."""
+    if options.max_children_given and pid_max is not None and options.max_children > pid_max:
+        raise ConfigError(f"--max-children {options.max_children}: more than this kernel's "
+                          f"pid_max, {pid_max} ({PID_MAX_FILE}): that many processes cannot "
+                          "exist at once")
+
+
 def with_memory_limit(options: Options, memory_limit: int | None) -> Options:
     """`options` with the memory limit found at start, and, where the operator chose no
     --max-children (`max_children_given` False), the number of connections that fit it.
@@ -187,6 +212,7 @@ def serve(*, sources: Sources, variables: Mapping[str, str] | None = None) -> No
     `variables` (see `name_variable`) goes along: the supervisor reports what it finds
     wrong at start (a pid file it cannot write, say) in the same words."""
     load(sources)
+    check_pid_max(sources.options, read_pid_max())
     # Read here, once, before the exec: the supervisor (the same process, in the same
     # cgroup) then carries none of the code that finds it.
     sources = sources.replace(options=with_memory_limit(sources.options, read_memory_limit()))

@@ -117,6 +117,30 @@ def test_bad_options_exit_2(option: list[str], needle: str) -> None:
     assert_one_line_error(run("serve", *option, "127.0.0.1:0=127.0.0.1:1"), needle)
 
 
+def test_max_children_above_the_kernels_pid_max_is_refused() -> None:
+    """More children than pid_max lets processes exist was served silently: a limit no
+    stop could reach, most likely a digit too many. It is bad input now, named by where
+    it came from (the flag or its variable), with the kernel's value."""
+    pid_max = int(Path("/proc/sys/kernel/pid_max").read_text())
+    over = str(pid_max + 1)
+    if pid_max >= 1 << 22:
+        # pid_max at PID_MAX_LIMIT (systemd sets it so): its ceiling is --max-children's
+        # own, which the parser refuses first; that line is the one to expect then.
+        needle = "at most 4194304, the kernel's limit on processes"
+    else:
+        needle = (f"more than this kernel's pid_max, {pid_max} (/proc/sys/kernel/pid_max): "
+                  "that many processes cannot exist at once")
+    result = run("serve", "--max-children", over, "127.0.0.1:0=127.0.0.1:1")
+    assert_one_line_error(result, f"--max-children {over}: {needle}")
+    result = run("serve", "127.0.0.1:0=127.0.0.1:1", env={"FORKPROXY_MAX_CHILDREN": over})
+    assert_one_line_error(result, f"FORKPROXY_MAX_CHILDREN (--max-children) {over}: {needle}")
+    # pid_max itself passes: the start goes on to the next check, an empty socket path,
+    # which the supervisor refuses after the exec (so nothing is left running).
+    result = run("serve", "--max-children", str(pid_max), "--status-socket", "",
+                 "127.0.0.1:0=127.0.0.1:1")
+    assert_one_line_error(result, "--status-socket '': an empty path")
+
+
 def test_port_in_use_is_named_and_nothing_is_half_started() -> None:
     first = free_port()
     with socket.socket() as taken:
