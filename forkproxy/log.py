@@ -211,7 +211,10 @@ def _json_text(value: str) -> str:
 
 def _text_value(value: object) -> str:
     text = f"{value:.3f}" if isinstance(value, float) else str(value)
-    if not text or any(c in text for c in ' "=\n\\'):
+    # Quoted (JSON's escapes) when it would not read back as one value, or carries a
+    # character a terminal or a line-based reader acts on: tab, CR, ESC, U+2028 ...
+    # (a path from the environment, written raw, could recolour or rewrite the screen).
+    if not text or not text.isprintable() or any(c in text for c in ' "=\\'):
         return json.dumps(text)
     return text
 

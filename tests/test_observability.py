@@ -2323,6 +2323,25 @@ def test_log_format_json_every_line_is_an_object_with_the_text_fields(
     assert len(writers) == 1 and as_json.pid not in writers, (writers, as_json.pid)
 
 
+@pytest.mark.parametrize("value", ["tab\there", "carriage\rreturn", "\x1b[2J\x1b[31mred",
+                                   "line\u2028separator", "next\x85line", "nul\x00"])
+def test_a_text_line_carries_no_control_character_raw(value: str) -> None:
+    """Text values were quoted only for a space, `"`, `=`, a newline or a backslash: a
+    tab, a CR, an escape sequence (a path from the environment: XDG_RUNTIME_DIR in
+    `removed-stale-sockets`) went out raw, to recolour a terminal or split a line for
+    a reader that splits on U+2028 or NEL. Each is quoted, with JSON's escapes, now."""
+    read_fd, write_fd = os.pipe()
+    try:
+        Logger(INFO, "text", write_fd).info("removed-stale-sockets", directory=value)
+        line = os.read(read_fd, 65536).decode()
+    finally:
+        os.close(read_fd)
+        os.close(write_fd)
+    body = line.removesuffix("\n")
+    assert body.isprintable(), repr(line)
+    assert f"directory={json.dumps(value)}" in body, repr(line)
+
+
 def prepared_and_emitted(
     fmt: str, event: str, slots: dict[str, object], values: dict[str, object]
 ) -> tuple[str, str]:
@@ -2348,7 +2367,8 @@ def prepared_and_emitted(
 
 @pytest.mark.parametrize("fmt", ["text", "json"])
 @pytest.mark.parametrize("client", ["127.0.0.1:5000", "[fe80::1%eth0]:80", 'odd "value" =x',
-                                    "back\\slash", "new\nline", "", "ünï"])
+                                    "back\\slash", "new\nline", "", "ünï", "tab\there",
+                                    "\x1b[31mred", "line\u2028separator"])
 def test_a_prepared_line_is_the_line_emit_writes(fmt: str, client: str) -> None:
     """Children write their `open` line from a template the supervisor prepared per link
     (Logger.prepare): it must be byte for byte the line `emit` would write, but for the
