@@ -639,7 +639,7 @@ class Supervisor:
         except OSError:
             return  # already gone and reaped
         if not _reaped_within(pid, KILLED_EXIT_WAIT):
-            self.log.warning("not-reaped", pid=pid,
+            self.log.warning("not-reaped", child_pid=pid,  # `pid` is the supervisor's own
                              detail="still there after SIGKILL (frozen?): left to init")
 
     def _let_the_table_be_written(self) -> None:
@@ -1152,6 +1152,7 @@ class Supervisor:
             # while a name has never resolved (each child then looks it up itself).
             addresses = self.addresses.get(listener.link.key, [])
             self.log.emit_requested("status-link", {
+                "link": listener.link.name,  # as status-connection has it: the join key
                 "listen": listener.describe(),
                 "addresses": " ".join(peer_text(address[1]) for address in addresses),
                 "active": stats.get("active", 0),

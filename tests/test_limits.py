@@ -1449,7 +1449,7 @@ def test_a_stop_does_not_wait_for_ever_on_a_frozen_metrics_process(
         finally:
             (group / state).write_text(thawed)  # it dies of its pending SIGKILL
     [line] = [x for x in proxy.log().splitlines() if "not-reaped" in x]
-    assert f"pid={pid}" in line, line
+    assert f"child_pid={pid}" in line and f"forkproxy[{proxy.pid}]" in line, line
 
 
 def test_a_client_whose_fork_failed_is_held_and_served_when_a_child_exits(

@@ -2295,6 +2295,10 @@ def test_log_format_json_every_line_is_an_object_with_the_text_fields(
     # The addresses as the `resolved` line writes them: one string, the same as in text.
     assert sorted(r["addresses"] for r in by_event["status-link"]) == sorted(
         [f"127.0.0.1:{redis.port}", f"127.0.0.1:{dead_port}"])
+    # Each link's line names it in a field of its own, as status-connection does: a log
+    # shipper joins the two on `link` (it was only inside `listen`, lost when cut).
+    assert sorted(r["link"] for r in by_event["status-link"]) == sorted([good, dead])
+    assert {r["link"] for r in by_event["status-connection"]} <= {good, dead}
     [failed] = by_event["connect-failed"]
     assert (failed["link"], failed["upstream"]) == (dead, f"127.0.0.1:{dead_port}")
     assert failed["level"] == "warning" and failed["error"]
