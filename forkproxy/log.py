@@ -210,6 +210,8 @@ def _json_text(value: str) -> str:
 
 
 def _text_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"  # as in JSON: one spelling for a shipper's rule
     text = f"{value:.3f}" if isinstance(value, float) else str(value)
     # Quoted (JSON's escapes) when it would not read back as one value, or carries a
     # character a terminal or a line-based reader acts on: tab, CR, ESC, U+2028 ...

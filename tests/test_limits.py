@@ -1248,7 +1248,7 @@ def test_reload_out_of_descriptors_for_new_listeners_fails_and_the_proxy_serves_
     with pytest.raises(ConnectionRefusedError):  # B's socket was closed, not left listening
         connect(pb).close()
     proxy.proc.send_signal(signal.SIGHUP)  # descriptors are back: the same reload works
-    assert wait_for(lambda: proxy.log().count("new=True") == 2), proxy.log()
+    assert wait_for(lambda: proxy.log().count("new=true") == 2), proxy.log()
     assert ping_echo(pb) and ping_echo(pc) and ping_echo(pa)
 
 

@@ -2346,6 +2346,19 @@ def test_a_text_line_carries_no_control_character_raw(value: str) -> None:
     assert f"directory={json.dumps(value)}" in body, repr(line)
 
 
+def test_a_boolean_is_spelled_as_json_spells_it_in_text_too() -> None:
+    """`listening new=True` in text, `"new": true` in JSON: a shipper's rule written
+    for one format missed the other. Both say true and false now."""
+    read_fd, write_fd = os.pipe()
+    try:
+        Logger(INFO, "text", write_fd).info("listening", detail="x", new=True, old=False)
+        line = os.read(read_fd, 65536).decode()
+    finally:
+        os.close(read_fd)
+        os.close(write_fd)
+    assert line.endswith(" detail=x new=true old=false\n"), line
+
+
 def prepared_and_emitted(
     fmt: str, event: str, slots: dict[str, object], values: dict[str, object]
 ) -> tuple[str, str]:
