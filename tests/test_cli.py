@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -15,7 +16,7 @@ import struct
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psutil
@@ -597,30 +598,36 @@ def serving(sock_path: Path) -> bool:
         return False
 
 
-def test_nobody_reading_stdout_is_no_error_at_exit(tmp_path: Path) -> None:
-    """`serve ... | head -1` and the like: the `listening` lines cannot be written; the
-    proxy serves all the same and stops without "Exception ignored ... BrokenPipeError"."""
-    reader, writer = os.pipe()
-    os.close(reader)  # the pipe's reader is gone before the first line
+def serve_and_stop(tmp_path: Path, stdout: int) -> str:
+    """Start `serve` with `stdout`, wait until its loop answers (its `listening` lines
+    written or given up), stop it (exit 0), and return what it wrote on stderr."""
     sock_path = tmp_path / "s.sock"
     with open(tmp_path / "err", "w+") as err:
         proc = subprocess.Popen([FORKPROXY, "serve", "--status-socket", str(sock_path),
                                  "127.0.0.1:0=127.0.0.1:1"],
-                                stdout=writer, stderr=err, start_new_session=True)
-        os.close(writer)
-
+                                stdout=stdout, stderr=err, start_new_session=True, text=True)
         try:
-            # It starts, writes to nobody, and keeps serving (waited for: a fixed 3 s sleep
-            # assumed the start-up, and the write, were over by then).
+            # Waited for, not slept: a fixed 3 s once assumed the start and the write were
+            # over by then.
             assert wait_for(lambda: proc.poll() is not None or serving(sock_path), 60)
             assert proc.poll() is None, err.read()
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(15) == 0
         finally:
-            if proc.poll() is None:
-                proc.kill()
+            kill_group(proc)
         err.seek(0)
-        text = err.read()
+        return err.read()
+
+
+def test_nobody_reading_stdout_is_no_error_at_exit(tmp_path: Path) -> None:
+    """`serve ... | head -1` and the like: the `listening` lines cannot be written; the
+    proxy serves all the same and stops without "Exception ignored ... BrokenPipeError"."""
+    reader, writer = os.pipe()
+    os.close(reader)  # the pipe's reader is gone before the first line
+    try:
+        text = serve_and_stop(tmp_path, writer)
+    finally:
+        os.close(writer)
     assert "Exception ignored" not in text and "BrokenPipe" not in text, text
 
 
@@ -701,22 +708,9 @@ def test_stdout_that_fails_is_said_on_stderr_and_the_proxy_serves(tmp_path: Path
     """stdout on a full disk (/dev/full: ENOSPC): the `listening` lines were dropped with
     no word, so whoever waited for them had no clue why. A reader gone (EPIPE, above) is
     still no news."""
-    sock_path = tmp_path / "s.sock"
-    with open(tmp_path / "err", "w+") as err, open("/dev/full", "w") as full:
-        proc = subprocess.Popen([FORKPROXY, "serve", "--status-socket", str(sock_path),
-                                 "127.0.0.1:0=127.0.0.1:1"],
-                                stdout=full, stderr=err, start_new_session=True,
-                                text=True)
-
-        try:
-            assert wait_for(lambda: proc.poll() is not None or serving(sock_path), 60)
-            assert proc.poll() is None, err.read()
-            proc.send_signal(signal.SIGTERM)
-            assert proc.wait(15) == 0
-        finally:
-            kill_group(proc)
-        err.seek(0)
-        lines = [line for line in err.read().splitlines() if "stdout-failed" in line]
+    with open("/dev/full", "w") as full:
+        text = serve_and_stop(tmp_path, full.fileno())
+    lines = [line for line in text.splitlines() if "stdout-failed" in line]
     assert len(lines) == 1 and "No space left on device" in lines[0], lines
     assert "listening" in lines[0]  # what is missing
 
@@ -1070,6 +1064,21 @@ def test_reload_pid_file_waits_on_no_fifo_and_signals_no_connection_child(
 FAKE_SUPERVISOR = [sys.executable, "-c", "import time; print(flush=True); time.sleep(60)",
                    "/fake/_serve.py", "--config-fd", "3"]
 
+@contextlib.contextmanager
+def fake_supervisor(pid_file: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """A process that passes reload's check (FAKE_SUPERVISOR), running, its pid in
+    `pid_file`; killed at the end."""
+    with subprocess.Popen(FAKE_SUPERVISOR, stdout=subprocess.PIPE,
+                          start_new_session=True) as fake:
+        try:
+            assert fake.stdout is not None
+            fake.stdout.readline()  # it runs: its command line is in place
+            pid_file.write_text(f"{fake.pid}\n")
+            yield fake
+        finally:
+            fake.kill()
+
+
 # Run as PID 1 of its own PID namespace: a fake supervisor passes reload's check, then exits
 # and its PID is handed to another process (ns_last_pid makes the kernel pick that number),
 # before the signal is sent. What the driver prints is checked by the test.
@@ -1139,16 +1148,9 @@ def test_reload_pid_file_signals_by_pid_where_there_are_no_pidfds(
 
     monkeypatch.setattr(os, "pidfd_open", no_pidfds)
     pid_file = tmp_path / "proxy.pid"
-    with subprocess.Popen(FAKE_SUPERVISOR, stdout=subprocess.PIPE,
-                          start_new_session=True) as fake:
-        try:
-            assert fake.stdout is not None
-            fake.stdout.readline()
-            pid_file.write_text(f"{fake.pid}\n")
-            assert cli._signal_supervisor(str(pid_file)) == fake.pid
-            assert fake.wait(10) == -signal.SIGHUP
-        finally:
-            fake.kill()
+    with fake_supervisor(pid_file) as fake:
+        assert cli._signal_supervisor(str(pid_file)) == fake.pid
+        assert fake.wait(10) == -signal.SIGHUP
 
 
 def test_reload_pid_file_says_so_when_it_cannot_read_the_process_it_checks() -> None:
@@ -1161,12 +1163,8 @@ def test_reload_pid_file_says_so_when_it_cannot_read_the_process_it_checks() -> 
     home = Path(tempfile.mkdtemp(prefix="fpc-", dir="/tmp"))
     home.chmod(0o755)
     pid_file = home / "proxy.pid"
-    with subprocess.Popen(FAKE_SUPERVISOR, stdout=subprocess.PIPE,
-                          start_new_session=True) as fake:
-        try:
-            assert fake.stdout is not None
-            fake.stdout.readline()
-            pid_file.write_text(f"{fake.pid}\n")
+    try:
+        with fake_supervisor(pid_file) as fake:
             pid_file.chmod(0o644)
             as_nobody = (f"mount -t proc -o hidepid=1 proc /proc && exec {need('setpriv')} "
                          "--reuid=65534 --regid=65534 --clear-groups "
@@ -1176,9 +1174,8 @@ def test_reload_pid_file_says_so_when_it_cannot_read_the_process_it_checks() -> 
                 capture_output=True, text=True, timeout=30, env={"PATH": os.environ["PATH"]},
             )
             assert fake.poll() is None, "the process checked was signalled"
-        finally:
-            fake.kill()
-            shutil.rmtree(home)
+    finally:
+        shutil.rmtree(home)
     assert_cannot_reload(result, f"cannot check that pid {fake.pid} (from '{pid_file}') is "
                          f"a forkproxy supervisor: cannot read /proc/{fake.pid}/cmdline: "
                          "Operation not permitted")
