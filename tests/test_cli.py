@@ -30,6 +30,7 @@ from conftest import (
     FORKPROXY,
     Proxy,
     ServerFactory,
+    blocked_writing,
     control,
     echo,
     free_port,
@@ -494,6 +495,75 @@ def test_a_pid_file_that_is_a_fifo_is_refused_not_waited_on(tmp_path: Path) -> N
     assert_one_line_error(result, f"--pid-file '{fifo}': not a regular file")
     assert_not_listening(port)
     assert list((runtime / "forkproxy").iterdir()) == []  # its control socket went with it
+
+
+def test_a_pid_file_that_is_dev_null_is_refused_and_left_as_it_was(tmp_path: Path) -> None:
+    """`--pid-file /dev/null` (a PID thrown away, as a script might think it can): a
+    device, not a file a PID can be kept in and `reload --pid-file` read back. Opened,
+    it passed every check of the open itself, so only the file-type check after it stops
+    it: exit 2, one line naming the path, nothing left listening, the device untouched.
+    The /dev/null here is a null device of the test's own, bind-mounted over the path in
+    a mount namespace: with the check gone, the start would fchmod the machine's /dev/null
+    to 0644 (its mode is 0666) and write a PID to it."""
+    device = tmp_path / "null"
+    os.mknod(device, stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    device.chmod(0o666)  # whatever the umask took off
+    runtime = tmp_path / "runtime"
+    runtime.mkdir(mode=0o700)
+    port = free_port()
+    result = run("serve", "--pid-file", "/dev/null", f"127.0.0.1:{port}=127.0.0.1:1",
+                 env={"XDG_RUNTIME_DIR": str(runtime)}, timeout=30,
+                 prefix=(need("unshare"), "--mount", "--propagation", "private", "sh", "-c",
+                         'mount --bind "$0" /dev/null && exec "$@"', str(device)))
+    assert_one_line_error(result, "--pid-file '/dev/null': not a regular file")
+    assert_not_listening(port)
+    assert list((runtime / "forkproxy").iterdir()) == []  # its control socket went with it
+    assert stat.S_IMODE(device.stat().st_mode) == 0o666  # not written, not chmod'ed
+    assert device.stat().st_size == 0
+
+
+def test_a_start_that_fails_after_binding_metrics_has_freed_the_port_before_its_error_line(
+    tmp_path: Path,
+) -> None:
+    """The metrics port is bound at start before the pid file is written. A pid file
+    refused (here a FIFO) must close it with the listeners: the error line that follows
+    goes to a log reader that may take its time (stderr a pipe nobody drains, as under a
+    stalled log driver), and a port held until then refuses the replacement started
+    meanwhile. Seen while the supervisor waits to write that line: the port can be bound
+    by another program already, and again after exit 2."""
+    fifo = tmp_path / "proxy.pid"
+    os.mkfifo(fifo)
+    runtime = tmp_path / "runtime"
+    runtime.mkdir(mode=0o700)
+    port = free_port()
+    read_end, write_end = full_pipe()
+    try:
+        proc = subprocess.Popen(
+            [FORKPROXY, "serve", "--metrics", f"127.0.0.1:{port}", "--pid-file", str(fifo),
+             "127.0.0.1:0=127.0.0.1:1"],
+            stdout=subprocess.DEVNULL, stderr=write_end, text=True, start_new_session=True,
+            env={"PATH": os.environ["PATH"], "XDG_RUNTIME_DIR": str(runtime)})
+        os.close(write_end)
+        try:
+            assert wait_for(lambda: blocked_writing(proc.pid)), "never wrote its error line"
+            with socket.socket() as replacement:  # no SO_REUSEADDR: a listener there refuses
+                replacement.bind(("127.0.0.1", port))
+                replacement.listen()
+            data = b""
+            while chunk := os.read(read_end, 65536):
+                data += chunk
+            assert proc.wait(30) == 2
+        finally:
+            if proc.poll() is None:
+                kill_group(proc)
+    finally:
+        os.close(read_end)
+    # What waited was the error line itself (all that followed the pipe's filler): the
+    # port was freed by the refusal, not bound later than the check above.
+    assert data.lstrip(b"x") == f"forkproxy: error: --pid-file '{fifo}': not a regular file\n" \
+        .encode(), data.lstrip(b"x")
+    with socket.socket() as again:
+        again.bind(("127.0.0.1", port))
 
 
 def test_a_pid_file_that_cannot_be_written_is_not_left_behind_empty(tmp_path: Path) -> None:
@@ -1181,6 +1251,36 @@ def test_reload_pid_file_says_so_when_it_cannot_read_the_process_it_checks() -> 
                          "Operation not permitted")
 
 
+def test_reload_pid_file_says_so_when_the_signal_itself_is_not_permitted(
+    start_proxy: Callable[..., Proxy],
+) -> None:
+    """A user who may read the pid file and the supervisor's /proc files, but not signal
+    it (nobody, against a root supervisor): every check passes and the signal fails with
+    EPERM. That is the line, `cannot signal pid N ...: Operation not permitted`, exit 1,
+    no traceback, and the supervisor is not reloaded. The pid file in a directory nobody
+    can enter: pytest's tmp_path is root's only."""
+    home = Path(tempfile.mkdtemp(prefix="fpc-", dir="/tmp"))
+    try:
+        home.chmod(0o755)
+        pid_file = home / "proxy.pid"
+        proxy = start_proxy("--pid-file", str(pid_file), "127.0.0.1:0=127.0.0.1:1")
+        assert wait_for(lambda: pid_file.exists() and pid_file.read_text() == f"{proxy.pid}\n")
+        result = run("reload", "--pid-file", str(pid_file),
+                     prefix=(need("setpriv"), "--reuid=65534", "--regid=65534", "--clear-groups"))
+        assert_cannot_reload(result, f"cannot signal pid {proxy.pid} (from '{pid_file}'): "
+                             "Operation not permitted")
+        assert proxy.proc.poll() is None
+        # A reload logs its listeners (` listening `): none did. Root's reload, which may
+        # signal it, shows that this is where a reload would have said so.
+        assert " listening " not in proxy.log()
+        result = run("reload", "--pid-file", str(pid_file))
+        assert result.stdout == f"sent SIGHUP to {proxy.pid} (the outcome is in its log)\n", result
+        assert wait_for(lambda: " listening " in proxy.log()), proxy.log()
+        assert proxy.stop() == 0
+    finally:
+        shutil.rmtree(home)
+
+
 def test_reload_reports_the_outcome_unless_pid_file_is_on_the_command_line(
     tmp_path: Path,
 ) -> None:
@@ -1415,26 +1515,36 @@ def test_a_status_socket_path_that_is_not_a_socket_is_bad_input_for_the_clients(
 _SERVE_WITHOUT_INTERPRETER = """
 import os, sys
 os.unlink(sys.executable)  # gone before serve execs it: a venv rebuilt, an upgrade
-sys.argv = ["forkproxy", "serve", "127.0.0.1:0=127.0.0.1:9"]
+sys.argv = ["forkproxy", "serve", *sys.argv[1:], "127.0.0.1:0=127.0.0.1:9"]
 from forkproxy.console import main
 main()
 """
 
 
-def test_serve_that_cannot_exec_the_supervisor_says_so_in_one_line(tmp_path: Path) -> None:
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_serve_that_cannot_exec_the_supervisor_says_so_in_one_line(
+    tmp_path: Path, log_format: str
+) -> None:
     """The interpreter serve re-executes is gone: one line naming it, status 126 (what a
-    shell returns for a command it cannot execute), no traceback, nothing listening."""
+    shell returns for a command it cannot execute), no traceback, nothing listening.
+    With --log-format json that line is a JSON record like every other line of the log
+    (a collector that parses each line would otherwise drop the one that says why)."""
     interpreter = tmp_path / "python"
     interpreter.symlink_to(sys.executable)  # removing the link leaves the real one alone
     repo = Path(__file__).resolve().parent.parent
     path = os.pathsep.join([str(repo), *site.getsitepackages()])
     result = subprocess.run(
-        [str(interpreter), "-c", _SERVE_WITHOUT_INTERPRETER], capture_output=True, text=True,
-        timeout=60, env={"PATH": os.environ["PATH"], "PYTHONPATH": path},
+        [str(interpreter), "-c", _SERVE_WITHOUT_INTERPRETER, "--log-format", log_format],
+        capture_output=True, text=True, timeout=60,
+        env={"PATH": os.environ["PATH"], "PYTHONPATH": path},
     )
     assert result.returncode == 126, result
-    assert result.stderr.splitlines() == [
-        f"forkproxy: error: cannot start the supervisor: '{interpreter}': "
-        "No such file or directory"
-    ], result
+    message = f"cannot start the supervisor: '{interpreter}': No such file or directory"
+    if log_format == "text":
+        assert result.stderr.splitlines() == [f"forkproxy: error: {message}"], result
+    else:
+        [line] = result.stderr.splitlines()
+        record = json.loads(line)
+        assert {k: record[k] for k in ("level", "event", "error")} == {
+            "level": "error", "event": "start-failed", "error": message}, record
     assert result.stdout == ""

@@ -1953,6 +1953,32 @@ def test_the_derived_max_children_in_json_leaves_room_for_metrics_and_status_sho
     assert proxy.stop() == 0
 
 
+def test_status_says_when_a_real_memory_limit_leaves_no_room_for_connections(
+    memory_cgroup: MemoryCgroup, start_proxy: StartProxy, short_dir: Path
+) -> None:
+    """A limit under forkproxy's own room (~28 MiB with --metrics): the derived
+    --max-children is clamped up to 1, and a given one is served as told, but no number
+    is a promise. `status` said `(fits the memory limit of ...)` there, while the log
+    warned that nothing fits. Its header says so now, for both, read from a supervisor
+    in a real memory cgroup. (The derived value that fits and a given one above it are
+    checked in the two tests above.) 28 MiB: the most that leaves no room, and room
+    enough for the supervisor and its metrics process to run."""
+    memory_cgroup.limit(28 * MiB)
+    spec, sock_path = "127.0.0.1:0=127.0.0.1:1", short_dir / "s.sock"
+    for given, expected in (((), 1), (("--max-children", "5"), 5)):
+        proxy = start_proxy(*given, "--metrics", "127.0.0.1:0", "--status-socket",
+                            str(sock_path), spec, expect=2, prefix=memory_cgroup.enter())
+        result = cli("status", "--status-socket", str(sock_path))
+        assert result.returncode == 0, result
+        first = result.stdout.splitlines()[0]
+        assert first.endswith(f", max-children {expected} (the memory limit of 28 MiB leaves "
+                              "no room for connections)"), first
+        reply = status_json(sock_path)
+        assert (reply["max_children"], reply["memory_limit"], reply["memory_fit"]) == (
+            expected, 28 * MiB, 0), reply
+        assert proxy.stop() == 0
+
+
 def test_without_a_memory_limit_max_children_stays_1024_and_nothing_is_said(
     memory_cgroup: MemoryCgroup, start_proxy: StartProxy, tcp_server: ServerFactory,
     short_dir: Path

@@ -1463,6 +1463,35 @@ def test_metrics_export_every_link_from_the_start(
             assert value(found, "forkproxy_bytes_total", link=link, direction=direction) == 0
 
 
+def test_a_scrape_the_supervisor_cannot_answer_is_forkproxy_up_0_not_an_error(
+    start_proxy: StartProxy, short_dir: Path,
+) -> None:
+    """The metrics process asks the supervisor at each scrape; when it cannot reach it
+    (here its status socket renamed away under it, as a tmp cleaner or an operator's
+    rm would), the scrape still succeeds (HTTP 200) with `forkproxy_up 0` and nothing
+    else: an alert on `forkproxy_up == 0` fires, where an error page would only read as
+    the target down, and stale or made-up values are not served. Back at its name, the
+    next scrape is `forkproxy_up 1` with the full set again."""
+    sock_path = short_dir / "s.sock"
+    proxy = start_proxy("--metrics", "127.0.0.1:0", "--status-socket", str(sock_path),
+                        "127.0.0.1:0=127.0.0.1:1", expect=2)
+    url = metrics_url(proxy)
+    assert value(samples(scrape(url)), "forkproxy_up") == 1
+    away = short_dir / "away.sock"
+    sock_path.rename(away)
+    try:
+        text = scrape(url)  # asserts HTTP 200 and the exposition's content type
+    finally:
+        away.rename(sock_path)
+    assert samples(text) == {("forkproxy_up", ()): 0}, text
+    assert promtool_check(text).returncode == 0
+    found = samples(scrape(url))
+    assert value(found, "forkproxy_up") == 1
+    assert value(found, "forkproxy_connections_total", link="127.0.0.1:0=127.0.0.1:1") == 0
+    assert proxy.proc.poll() is None
+    assert proxy.stop() == 0
+
+
 def test_an_idle_tcp_client_does_not_block_scrapes(
     start_proxy: StartProxy, redis: Redis, env: dict[str, str],
 ) -> None:
@@ -2483,6 +2512,43 @@ def test_lines_longer_than_a_pipe_takes_whole_are_cut_to_fit_and_stay_whole(
         links = [r["link"] for r in records if r["event"] == event]
         assert len(links) == 80, (event, len(links))
         assert all(link.startswith(aliases[0]) and link.endswith("...") for link in links)
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_a_logger_line_over_4096_bytes_is_cut_in_its_longest_values_and_stays_one_line(
+    fmt: str,
+) -> None:
+    """Logger's own cut, written to a real pipe: a line over PIPE_BUF (4096 bytes) is not
+    written whole in one atomic write, so other children's lines can land inside it and a
+    JSON reader loses both. Each value too long is cut, marked with `...`, longest first;
+    one whose escapes double its length in the line (quotes) is cut as well; short
+    values are kept whole. What reaches the pipe is one line of at most 4096 bytes, and
+    in JSON a record that parses."""
+    read_end, write_end = os.pipe()
+    try:
+        Logger(INFO, fmt, fd=write_end).warning(
+            "resolve-failed", host="h" * 5000, error='"' * 3000, link="db", port=6379)
+        os.close(write_end)
+        data = os.read(read_end, 1 << 16)
+    finally:
+        os.close(read_end)
+    assert len(data) <= 4096, len(data)
+    assert data.endswith(b"\n") and data.count(b"\n") == 1, data[-200:]
+    line = data.decode()
+    if fmt == "json":
+        record = json.loads(line)
+        host, error = record["host"], record["error"]
+        assert (record["link"], record["port"], record["event"]) == ("db", 6379,
+                                                                     "resolve-failed")
+    else:
+        fields = parse_text_line(line.rstrip("\n"))
+        host, error = fields["host"], fields["error"]
+        assert (fields["link"], fields["port"]) == ("db", "6379"), fields
+        assert " warning resolve-failed " in line
+    assert host.endswith("...") and set(host[:-3]) == {"h"} and len(host) < 5000, host
+    assert error.endswith("...") and set(error[:-3]) <= {'"'} and len(error) < 3000, error
+    # Cut by what it takes to fit, not to nothing: the line is not much under the limit.
+    assert len(data) > 2048, len(data)
 
 
 def test_a_line_whose_fields_hold_a_mark_is_not_prepared() -> None:

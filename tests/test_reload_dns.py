@@ -8,7 +8,9 @@ without touching the machine's resolver.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -19,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import netns_lab
+from conftest import netns_lab, processes_under
 from netns import Lab, Namespace, Process, redis_cli
 
 pytestmark = [pytest.mark.netns]
@@ -221,6 +223,46 @@ def test_a_dns_server_that_does_not_answer_holds_up_neither_start_nor_the_loop(
     stats = link_stats(lab)  # the first addresses a name gets are not a change
     assert (stats["address_changes"], stats["resolve_failures"]) == (0, 0), stats
     assert " resolve-failed " not in proxy.stderr()
+
+
+def test_a_resolver_child_that_dies_is_a_warning_and_the_addresses_stay(
+    lab: Lab, ns: Namespace
+) -> None:
+    """The resolver child killed (the OOM killer, an operator's kill) before it wrote its
+    results: the supervisor read EOF and an empty answer. That is a warning, `the resolver
+    died`, saying the addresses in use are kept; no traceback, the supervisor serves on,
+    and the next lookup starts as usual. The child is held in its lookup here (the DNS
+    server answers nothing) so that it can be found and killed while it runs: the only
+    non-zombie child of the supervisor without a metrics process or a client, a fork
+    that runs the supervisor's command line."""
+    set_hosts(ns, None)  # upstream.test only in DNS
+    dns = start_dns(lab, ns, gate=lab.workdir / "never")  # holds every query
+    proxy = start_proxy(lab, ns, "--resolve-every", "1", resolved=False)
+    wait_until(lambda: f"query upstream.test {TYPE_A}" in dns.stdout(), proxy)
+
+    def resolvers() -> list[int]:
+        found = []
+        for pid, state in processes_under(proxy.pid):
+            with contextlib.suppress(OSError):
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+                if state != "Z" and cmdline == Path(f"/proc/{proxy.pid}/cmdline").read_bytes():
+                    found.append(pid)
+        return found
+
+    wait_until(lambda: len(resolvers()) == 1, proxy)
+    [resolver] = resolvers()
+    os.kill(resolver, signal.SIGKILL)
+    wait_for_log(proxy, " resolve-failed ")
+    [line] = [x for x in proxy.stderr().splitlines() if " resolve-failed " in x]
+    assert line.endswith(' warning resolve-failed error="the resolver died" '
+                         'detail="keeping the addresses in use"'), line
+    assert "Traceback" not in proxy.stderr()
+    # The timer asked again while it ran: another resolver starts, and asks the server.
+    wait_until(lambda: dns.stdout().count(f"query upstream.test {TYPE_A}") >= 2, proxy)
+    check = subprocess.run([FORKPROXY, "check", "--status-socket", str(lab.workdir / "fp.sock")],
+                           capture_output=True, text=True, timeout=30)
+    assert check.returncode == 0, check
+    assert proxy.alive()
 
 
 def test_round_robin_dns_reordering_the_same_addresses_is_no_change(

@@ -25,7 +25,7 @@ import forkproxy
 from forkproxy import listeners as fp_listeners
 from forkproxy import relay as fp_relay
 from forkproxy import signals
-from forkproxy.config import Link, Options, Sources, parse_spec
+from forkproxy.config import ConfigError, Link, Options, Sources, parse_spec
 from forkproxy.listeners import Listener
 from forkproxy.log import Logger
 from forkproxy.supervisor import METRICS_RESTART, Supervisor
@@ -172,6 +172,45 @@ def test_a_control_request_nested_past_the_stack_is_a_bad_request(
     socket.create_connection(("127.0.0.1", proxy.port), timeout=10).close()  # still listening
 
 
+@pytest.mark.parametrize(
+    ("request_line", "error"),
+    [
+        (b"[1, 2]", "bad request: request must be a JSON object"),
+        (b'"status"', "bad request: request must be a JSON object"),
+        (b"null", "bad request: request must be a JSON object"),
+        (b'{"command": "status"}\xff', "bad request: "),  # not UTF-8 (nor JSON)
+        (b"\xff\xfe\x00\x01", "bad request: "),
+        (b"{}", "unknown command None"),  # an object: it is read, and asks nothing known
+    ],
+)
+def test_a_control_request_that_is_not_a_json_object_is_one_refusal_and_serving_goes_on(
+    start_proxy: Callable[..., Proxy], tmp_path: Path, request_line: bytes, error: str,
+) -> None:
+    """The request is looked up as an object (`request.get("command")`): JSON of any other
+    kind, a list or a string, would raise AttributeError in the supervisor, which nothing
+    catches, and end it with every listener; bytes that are not UTF-8 must not either.
+    Each gets one reply, `ok: false` with the reason, then the connection closes, and the
+    supervisor goes on answering and serving."""
+    sock_path = tmp_path / "s.sock"
+    proxy = start_proxy("--status-socket", str(sock_path), "127.0.0.1:0=127.0.0.1:1")
+    with socket.socket(socket.AF_UNIX) as client:
+        client.settimeout(30)
+        client.connect(str(sock_path))
+        client.sendall(request_line + b"\n")
+        replies = client.makefile("rb").read().splitlines()  # to EOF: one reply, then closed
+    assert len(replies) == 1, replies
+    reply = json.loads(replies[0])
+    assert reply["ok"] is False and reply["error"].startswith(error), reply
+    assert proxy.proc.poll() is None
+    with socket.socket(socket.AF_UNIX) as client:  # the next request is answered
+        client.settimeout(30)
+        client.connect(str(sock_path))
+        client.sendall(b'{"command": "check"}\n')
+        assert json.loads(client.makefile("rb").readline())["ok"] is True
+    socket.create_connection(("127.0.0.1", proxy.port), timeout=10).close()  # still listening
+    assert "Traceback" not in proxy.log()
+
+
 def test_a_control_request_without_a_newline_is_answered_at_the_end_of_its_writing(
     start_proxy: Callable[..., Proxy], tmp_path: Path,
 ) -> None:
@@ -205,6 +244,31 @@ def started(sup: Supervisor) -> Iterator[Supervisor]:
             signal.signal(signum, handler)
         sup.signals.reader.close()
         sup.signals.writer.close()
+
+
+def test_a_start_that_fails_after_binding_the_metrics_port_closes_it(tmp_path: Path) -> None:
+    """start() binds everything or nothing: a pid file refused (here a FIFO) after the
+    metrics port was bound closes that port with the listeners and the control socket,
+    before the error reaches the caller. run()'s clean-up would close it too, but start()
+    is called without it (as here), and a socket left to the garbage collector holds
+    the port for as long as anything refers to the supervisor (the error's traceback
+    does). Bound by another socket right after: the port is free."""
+    port = free_port()
+    fifo = tmp_path / "proxy.pid"
+    os.mkfifo(fifo)
+    options = Options(metrics=f"127.0.0.1:{port}", pid_file=str(fifo),
+                      status_socket=str(tmp_path / "s.sock"))
+    with open(tmp_path / "log", "w+b") as log:
+        sup = Supervisor(Sources(("127.0.0.1:0=127.0.0.1:1",), options=options), {},
+                         Logger(fd=log.fileno()))
+        with pytest.raises(ConfigError, match=f"--pid-file '{fifo}': not a regular file"):
+            sup.start()
+    assert sup.metrics_sock is not None  # it was bound before the refusal
+    assert sup.metrics_sock.fileno() == -1
+    with socket.socket() as other:  # no SO_REUSEADDR: a listener there would refuse it
+        other.bind(("127.0.0.1", port))
+        other.listen()
+    assert not (tmp_path / "s.sock").exists()  # the control socket went too
 
 
 def test_a_reload_whose_new_listener_refuses_its_socket_options_changes_nothing(
