@@ -13,7 +13,7 @@ import os
 import signal
 import stat
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Annotated, Any, NoReturn
 
 import typer
@@ -139,31 +139,48 @@ def _variables(ctx: typer.Context) -> dict[str, str]:
     return found
 
 
+def _read(path: str) -> str | None:
+    """A small file's text, or None when it is missing or unreadable."""
+    try:
+        with open(path, "rb") as handle:
+            return handle.read().decode()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _smallest_limit(proc: str, root: str, files: Callable[[str, str], list[str]],
+                    parse: Callable[[str, str], int | None]) -> int | None:
+    """The smallest of the limits the files `files` names hold, read under `root`, or None.
+    Files that are missing (no such controller in a hierarchy, the root cgroup's) or
+    unreadable are skipped."""
+    cgroup_text = _read(os.path.join(proc, "cgroup"))
+    mountinfo = _read(os.path.join(proc, "mountinfo"))
+    if cgroup_text is None or mountinfo is None:
+        return None
+    limits = []
+    for path in files(cgroup_text, mountinfo):
+        text = _read(os.path.join(root, path.lstrip("/")))
+        value = None if text is None else parse(path, text)
+        if value is not None:
+            limits.append(value)
+    return min(limits, default=None)
+
+
 def read_memory_limit(proc: str = "/proc/self", root: str = "/") -> int | None:
     """The memory limit of this process's cgroup in bytes, the smallest of its own and its
     ancestors' (see forkproxy/cgroup.py), or None: none set, or nothing could be read.
 
     `proc` and `root` are where /proc/self and / are (tests lay out a tree of their own).
-    Files that are missing (no memory controller in a hierarchy, the root cgroup's) or
-    unreadable are skipped; swap limits are not looked at (README, "Memory limits")."""
-    def read(path: str) -> str | None:
-        try:
-            with open(path, "rb") as handle:
-                return handle.read().decode()
-        except (OSError, UnicodeDecodeError):
-            return None
+    Swap limits are not looked at (README, "Memory limits")."""
+    return _smallest_limit(proc, root, cgroup.memory_limit_files, cgroup.parse_limit)
 
-    cgroup_text = read(os.path.join(proc, "cgroup"))
-    mountinfo = read(os.path.join(proc, "mountinfo"))
-    if cgroup_text is None or mountinfo is None:
-        return None
-    limits = []
-    for path in cgroup.memory_limit_files(cgroup_text, mountinfo):
-        text = read(os.path.join(root, path.lstrip("/")))
-        value = None if text is None else cgroup.parse_limit(path, text)
-        if value is not None:
-            limits.append(value)
-    return min(limits, default=None)
+
+def read_pids_limit(proc: str = "/proc/self", root: str = "/") -> int | None:
+    """The pids limit of this process's cgroup (`pids.max`, processes and threads), the
+    smallest of its own and its ancestors', or None: none set, or nothing could be read.
+    `proc` and `root` as for read_memory_limit."""
+    return _smallest_limit(proc, root, cgroup.pids_limit_files,
+                           lambda _path, text: cgroup.parse_pids_limit(text))
 
 
 PID_MAX_FILE = "/proc/sys/kernel/pid_max"

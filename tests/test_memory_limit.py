@@ -1,6 +1,6 @@
-"""The memory limit of the process's cgroup, read from a tree of real files laid out as
-/proc/self and /sys/fs/cgroup are (v1, v2, inside and outside containers), and the
---max-children that fits it. The real cgroup at a real limit: tests/test_limits.py."""
+"""The memory and pids limits of the process's cgroup, read from a tree of real files laid
+out as /proc/self and /sys/fs/cgroup are (v1, v2, inside and outside containers), and the
+--max-children that fits them. The real cgroup at a real limit: tests/test_limits.py."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from forkproxy import cgroup
-from forkproxy.cli import read_memory_limit, with_memory_limit
+from forkproxy.cli import read_memory_limit, read_pids_limit, with_memory_limit
 from forkproxy.config import (
     CHILD_MEMORY,
     DEFAULT_MAX_CHILDREN,
@@ -56,6 +56,9 @@ class Tree:
 
     def limit(self) -> int | None:
         return read_memory_limit(proc=str(self.root / "proc/self"), root=str(self.root))
+
+    def pids(self) -> int | None:
+        return read_pids_limit(proc=str(self.root / "proc/self"), root=str(self.root))
 
 
 @pytest.fixture
@@ -175,6 +178,90 @@ def test_a_mount_point_with_a_space_is_unescaped(tree: Tree) -> None:
     tree.proc("0::/\n", "29 23 0:26 / /sys/fs/my\\040cgroup rw - cgroup2 cgroup2 rw\n")
     tree.file("/sys/fs/my cgroup/memory.max", "67108864\n")
     assert tree.limit() == 64 * MiB
+
+
+# -- the pids limit -------------------------------------------------------------------------
+
+
+def test_pids_v2_in_a_container_reads_the_mount_root(tree: Tree) -> None:
+    """docker run --pids-limit 100 on a v2 host, with a cgroup namespace: `0::/`."""
+    tree.proc("0::/\n", V2_MOUNTS)
+    tree.file("/sys/fs/cgroup/pids.max", "100\n")
+    tree.file("/sys/fs/cgroup/memory.max", "max\n")
+    assert tree.pids() == 100
+    assert tree.limit() is None  # the pids limit is not a memory limit
+
+
+def test_pids_v2_nested_limits_take_the_smallest_and_max_is_none(tree: Tree) -> None:
+    tree.proc("0::/kubepods.slice/pod1/ctr\n", V2_MOUNTS)
+    base = "/sys/fs/cgroup/kubepods.slice"
+    tree.file(f"{base}/pod1/ctr/pids.max", "max\n")
+    tree.file(f"{base}/pod1/pids.max", "max\n")
+    assert tree.pids() is None
+    tree.file(f"{base}/pids.max", "4096\n")  # an ancestor's
+    assert tree.pids() == 4096
+    tree.file(f"{base}/pod1/ctr/pids.max", "64\n")
+    assert tree.pids() == 64
+
+
+def test_pids_v2_mount_root_below_the_hierarchy_root(tree: Tree) -> None:
+    tree.proc("0::/docker/abc\n",
+              "29 23 0:26 /docker/abc /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n")
+    tree.file("/sys/fs/cgroup/pids.max", "100\n")
+    assert tree.pids() == 100
+
+
+def test_pids_v1_each_ancestor_s_own_limit_applies(tree: Tree) -> None:
+    """This machine's layout: the pids controller on its own v1 hierarchy, a cgroup2 mount
+    without it (its root, `0::/`, has no pids.max). v1 has no hierarchical summary: each
+    level's pids.max is read."""
+    tree.proc("9:name=systemd:/\n8:pids:/jobs/a\n4:memory:/\n0::/\n", HYBRID_MOUNTS)
+    base = "/sys/fs/cgroup/pids"
+    tree.file(f"{base}/jobs/a/pids.max", "max\n")
+    tree.file(f"{base}/jobs/pids.max", "50\n")
+    tree.file("/sys/fs/cgroup/memory/jobs/a/pids.max", "7\n")  # not the pids hierarchy
+    assert tree.pids() == 50
+    tree.file(f"{base}/jobs/a/pids.max", "20\n")
+    assert tree.pids() == 20
+
+
+def test_pids_v1_in_a_container_the_mount_root_is_the_containers_cgroup(tree: Tree) -> None:
+    tree.proc("12:memory:/docker/0123abcd\n11:pids:/docker/0123abcd\n",
+              "700 690 0:40 /docker/0123abcd /sys/fs/cgroup/memory ro,nosuid - "
+              "cgroup cgroup rw,memory\n"
+              "701 690 0:41 /docker/0123abcd /sys/fs/cgroup/pids ro,nosuid - "
+              "cgroup cgroup rw,pids\n")
+    tree.file("/sys/fs/cgroup/pids/pids.max", "100\n")
+    tree.file("/sys/fs/cgroup/memory/memory.limit_in_bytes", "67108864\n")
+    assert (tree.pids(), tree.limit()) == (100, 64 * MiB)
+
+
+def test_pids_v1_a_mount_of_another_cgroup_is_not_this_process_s(tree: Tree) -> None:
+    tree.proc("11:pids:/docker/mine\n",
+              "701 690 0:41 /docker/other /sys/fs/cgroup/pids rw - cgroup cgroup rw,pids\n")
+    tree.file("/sys/fs/cgroup/pids/pids.max", "100\n")
+    assert tree.pids() is None
+
+
+@pytest.mark.parametrize("text", ["", "max\n", "lots\n", "-1\n", "1e3\n", "\xff\n", "1" * 30])
+def test_a_pids_file_that_is_not_a_limit_is_skipped(tree: Tree, text: str) -> None:
+    tree.proc("0::/a\n", V2_MOUNTS)
+    tree.file("/sys/fs/cgroup/a/pids.max", text)
+    assert tree.pids() is None
+    tree.file("/sys/fs/cgroup/pids.max", "100\n")
+    assert tree.pids() == 100
+
+
+def test_pids_limit_files_from_fabricated_proc_text() -> None:
+    """The pure half, with no files at all: which files may hold the limit, v1 and v2."""
+    assert cgroup.pids_limit_files("0::/a/b\n", V2_MOUNTS) == [
+        "/sys/fs/cgroup/a/b/pids.max", "/sys/fs/cgroup/a/pids.max", "/sys/fs/cgroup/pids.max"]
+    assert cgroup.pids_limit_files("8:pids:/x\n4:memory:/y\n0::/\n", HYBRID_MOUNTS) == [
+        "/sys/fs/cgroup/pids/x/pids.max", "/sys/fs/cgroup/pids/pids.max",
+        "/sys/fs/cgroup/unified/pids.max"]
+    assert cgroup.pids_limit_files("4:memory:/y\n", HYBRID_MOUNTS) == []  # no pids line
+    assert [cgroup.parse_pids_limit(text) for text in ("100\n", "max\n", " 7 ", "x")] == [
+        100, None, 7, None]
 
 
 # -- nothing to read --------------------------------------------------------------------------
@@ -311,3 +398,4 @@ def test_no_limit_is_a_debug_line_only(tmp_path: Path) -> None:
     assert start_lines(tmp_path, options) == []
     [line] = start_lines(tmp_path, Options(max_children_given=False, verbosity=1))
     assert " debug max-children value=1024 detail=\"no memory limit found\"" in line, line
+
