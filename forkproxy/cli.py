@@ -27,7 +27,7 @@ from .config import (
     Options,
     Sources,
     check_options,
-    fitting_children,
+    derived_max_children,
     name_variable,
     parse_count,
     parse_keepalive,
@@ -208,14 +208,16 @@ def check_pid_max(options: Options, pid_max: int | None) -> None:
                           "exist at once")
 
 
-def with_memory_limit(options: Options, memory_limit: int | None) -> Options:
-    """`options` with the memory limit found at start, and, where the operator chose no
-    --max-children (`max_children_given` False), the number of connections that fit it.
-    Fixed at start like the other options: a reload does not look again."""
-    if options.max_children_given or memory_limit is None:
-        return options.replace(memory_limit=memory_limit)  # max_children: as given, or 1024
-    return options.replace(memory_limit=memory_limit, max_children=fitting_children(
-        memory_limit, options.metrics is not None))
+def with_limits(options: Options, memory_limit: int | None,
+                pids_limit: int | None = None) -> Options:
+    """`options` with the memory and pids limits found at start, and, where the operator
+    chose no --max-children (`max_children_given` False), the number of connections both
+    hold. Fixed at start like the other options: a reload does not look again."""
+    found = options.replace(memory_limit=memory_limit, pids_limit=pids_limit)
+    if options.max_children_given:
+        return found  # max_children: as given
+    return found.replace(max_children=derived_max_children(
+        memory_limit, pids_limit, options.metrics is not None))
 
 
 def load(sources: Sources) -> LinkTable:
@@ -232,7 +234,8 @@ def serve(*, sources: Sources, variables: Mapping[str, str] | None = None) -> No
     check_pid_max(sources.options, read_pid_max())
     # Read here, once, before the exec: the supervisor (the same process, in the same
     # cgroup) then carries none of the code that finds it.
-    sources = sources.replace(options=with_memory_limit(sources.options, read_memory_limit()))
+    sources = sources.replace(options=with_limits(sources.options, read_memory_limit(),
+                                                  read_pids_limit()))
     payload = json.dumps({**sources_to_json(sources), "variables": dict(variables or {})}).encode()
     config_fd = os.memfd_create("forkproxy-config", 0)  # not CLOEXEC: the supervisor reads it
     os.write(config_fd, payload)
@@ -354,7 +357,8 @@ def serve_command(
             keepalive=parse_keepalive(keepalive),
             user_timeout=parse_seconds(user_timeout, "--user-timeout"),
             resolve_every=parse_seconds(resolve_every, "--resolve-every"),
-            # None: neither the flag nor the variable; serve() derives it from the memory limit.
+            # None: neither the flag nor the variable; serve() derives it from the memory and
+            # pids limits.
             max_children=(DEFAULT_MAX_CHILDREN if max_children is None
                           else parse_count(max_children, "--max-children")),
             max_children_given=max_children is not None,

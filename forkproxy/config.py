@@ -15,13 +15,15 @@ import re
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 
+from .control import MAX_CLIENTS
+
 TYPE_CHECKING = False  # not typing's: importing typing costs the supervisor ~0.9 MB of heap
 if TYPE_CHECKING:
     from typing import Self
 
 MAX_NAME = 253  # longest DNS name
 MAX_CHILDREN = 1 << 22  # PID_MAX_LIMIT: no more processes can ever exist at once
-DEFAULT_MAX_CHILDREN = 1024  # --max-children with no memory limit to fit
+DEFAULT_MAX_CHILDREN = 1024  # --max-children with no memory or pids limit to fit
 MiB = 1 << 20
 # What a memory limit must hold besides the connections, and what each connection takes,
 # for the --max-children derived from the limit (fitting_children). Measured by hand in a
@@ -37,6 +39,19 @@ MiB = 1 << 20
 SUPERVISOR_MEMORY = 12 * MiB
 METRICS_MEMORY = 16 * MiB
 CHILD_MEMORY = 1 * MiB
+# What a pids limit (pids.max, docker run --pids-limit) must hold besides the connections,
+# one each, for the --max-children derived from it (children_within_pids): pids.max counts every
+# process and every thread in the cgroup, and past it a fork fails (`fork-failed`, the
+# client held and retried) where a lower --max-children keeps clients in the backlog. At
+# their most, at once: the supervisor; 2 resolver children (the next starts as soon as the
+# last one's output is read, before it is reaped); MAX_CLIENTS status reporters (one per
+# control client answering `status`, the SIGUSR1 table writer among them:
+# supervisor.MAX_REPORTERS); and 2 commands run inside the container (the image's
+# HEALTHCHECK `forkproxy check`, an operator's `docker exec ... forkproxy status`).
+OWN_PIDS = 1 + 2 + MAX_CLIENTS + 2
+# With --metrics: its process, its deadline thread and one thread per scrape served at
+# once (metrics.MAX_SCRAPES, 8; tests/test_memory_limit.py checks that this counts them).
+METRICS_PIDS = 1 + 1 + 8
 MAX_SECONDS = 2_000_000  # any duration: poll() waits at most 2**31 - 1 ms (~24.8 days)
 ANY_IPV4 = "0.0.0.0"  # where a listener binds when nothing names an address (socat's TCP4-LISTEN)
 # Extra connect attempts: the backoff alone is then 2N - 5 s (N >= 4; relay.connect_upstream),
@@ -174,11 +189,12 @@ class Options(Value):
     status_socket: str | None
     metrics: str | None
     pid_file: str | None
-    # The memory limit of the process's cgroup, found at start (None: none, or not looked
-    # for), and whether the operator chose max_children (flag or variable) or it was
-    # derived from that limit (or is the default, with no limit).
+    # The memory and pids limits of the process's cgroup, found at start (None: none, or
+    # not looked for), and whether the operator chose max_children (flag or variable) or
+    # it was derived from those limits (or is the default, with no limit).
     memory_limit: int | None
     max_children_given: bool
+    pids_limit: int | None
 
     def __init__(
         self,
@@ -200,6 +216,7 @@ class Options(Value):
         pid_file: str | None = None,
         memory_limit: int | None = None,
         max_children_given: bool = True,
+        pids_limit: int | None = None,
     ) -> None:
         # Interned: then "auto" is the very object that is the constant relay.Flow compares
         # it with, so a child reading both writes one reference count, not two on two
@@ -212,6 +229,7 @@ class Options(Value):
             max_children=max_children, allow=allow, verbosity=verbosity, log_format=log_format,
             status_socket=status_socket, metrics=metrics, pid_file=pid_file,
             memory_limit=memory_limit, max_children_given=max_children_given,
+            pids_limit=pids_limit,
         )
 
 
@@ -256,6 +274,48 @@ def children_that_fit(memory_limit: int, metrics: bool) -> int:
 def fitting_children(memory_limit: int, metrics: bool) -> int:
     """The --max-children derived from a memory limit: children_that_fit, at least 1."""
     return max(1, children_that_fit(memory_limit, metrics))
+
+
+def own_pids(metrics: bool) -> int:
+    """What a pids limit must hold besides the connections: OWN_PIDS, and METRICS_PIDS
+    with --metrics."""
+    return OWN_PIDS + (METRICS_PIDS if metrics else 0)
+
+
+def children_within_pids(pids_limit: int, metrics: bool) -> int:
+    """How many connections a pids limit holds beside forkproxy's own processes and
+    threads, 0 or more; not capped at DEFAULT_MAX_CHILDREN: a --max-children given is
+    compared with it."""
+    return max(0, pids_limit - own_pids(metrics))
+
+
+def limiting_fits(memory_fit: int | None, pids_fit: int | None) -> dict[str, int]:
+    """The limits that bound a derived --max-children, "memory" and "pids", each with how
+    many connections it holds (as Supervisor.memory_fit and .pids_fit say). A memory limit
+    always does (a value of 1024 then says it was looked at); a pids limit only below
+    DEFAULT_MAX_CHILDREN: systemd gives every service one (TasksMax, thousands), and a
+    limit that changes nothing is no news."""
+    fits = {} if memory_fit is None else {"memory": memory_fit}
+    if pids_fit is not None and pids_fit < DEFAULT_MAX_CHILDREN:
+        fits["pids"] = pids_fit
+    return fits
+
+
+def derived_max_children(memory_limit: int | None, pids_limit: int | None,
+                         metrics: bool) -> int:
+    """The --max-children when the operator gave none: as many connections as both the
+    memory and the pids limit hold, 1 to DEFAULT_MAX_CHILDREN."""
+    fits = limiting_fits(
+        None if memory_limit is None else children_that_fit(memory_limit, metrics),
+        None if pids_limit is None else children_within_pids(pids_limit, metrics))
+    return max(1, min(fits.values(), default=DEFAULT_MAX_CHILDREN))
+
+
+def limits_named(fits: Mapping[str, int]) -> list[str]:
+    """Which of `limiting_fits` a derived --max-children came from: the one holding the
+    fewest connections, or both when they hold as many."""
+    least = min(fits.values(), default=None)
+    return [name for name, fit in fits.items() if fit == least]
 
 
 def mebibytes(size: int) -> str:
@@ -656,9 +716,9 @@ def check_options(options: Options) -> Options:
     if options.max_children > MAX_CHILDREN:
         raise ConfigError(f"--max-children {options.max_children}: at most {MAX_CHILDREN}, "
                           "the kernel's limit on processes")
-    limit = options.memory_limit
-    if limit is not None and not (type(limit) is int and limit >= 0):
-        raise ConfigError(f"bad memory limit {limit!r}")  # only from a bad handover
+    for what, limit in (("memory", options.memory_limit), ("pids", options.pids_limit)):
+        if limit is not None and not (type(limit) is int and limit >= 0):
+            raise ConfigError(f"bad {what} limit {limit!r}")  # only from a bad handover
     if options.connect_retries < 0:
         raise ConfigError(f"--connect-retries {options.connect_retries}: must be 0 or more")
     if options.connect_retries > MAX_CONNECT_RETRIES:

@@ -17,7 +17,7 @@ from typing import Any, NoReturn
 
 import psutil
 
-from .config import mebibytes, quoted
+from .config import limiting_fits, limits_named, mebibytes, quoted
 from .control import REPORT_TIMEOUT, answers, check_owned, default_dir
 
 
@@ -234,7 +234,8 @@ _STATUS = _object(
     {"pid": _PID, "version": _TEXT, "started": _NUMBER, "stopping": _BOOL,
      "listeners": _LISTENERS, "links": _map_of(_LINK), "children": _list_of(_CHILD)},
     {"ok": _BOOL, "max_children": _COUNT, "max_children_given": _BOOL,
-     "memory_limit": _nullable(_COUNT), "memory_fit": _nullable(_COUNT), "metrics": _METRICS,
+     "memory_limit": _nullable(_COUNT), "memory_fit": _nullable(_COUNT),
+     "pids_limit": _nullable(_COUNT), "pids_fit": _nullable(_COUNT), "metrics": _METRICS,
      "duration_buckets": _list_of(_NUMBER), "orphans_reaped": _COUNT},
 )
 _CHECK = _object({"ok": _BOOL, "stopping": _BOOL, "listeners": _LISTENERS},
@@ -394,19 +395,39 @@ def describe_metrics(metrics: dict[str, Any] | None) -> str | None:
 
 def _max_children(status: dict[str, Any]) -> str:
     """`, max-children 52 (fits the memory limit of 64 MiB)`: the limit in force, and
-    where it came from when a memory limit was found."""
-    value, limit, fit = (status.get(key) for key in ("max_children", "memory_limit",
-                                                     "memory_fit"))
+    where it came from when a memory or pids limit was found (both: `fits the memory limit
+    of 64 MiB and the pids limit of 73`), as the start line says."""
+    value = status.get("max_children")
     if value is None:
         return ""
     text = f", max-children {value}"
-    if limit is None or fit is None:
+    memory, pids = status.get("memory_limit"), status.get("pids_limit")
+    limits = {"memory": (None if memory is None else f"the memory limit of {mebibytes(memory)}",
+                         status.get("memory_fit")),
+              "pids": (None if pids is None else f"the pids limit of {pids}",
+                       status.get("pids_fit"))}
+    known = {name: fit for name, (limit, fit) in limits.items()
+             if limit is not None and fit is not None}
+    if status.get("max_children_given", True):
+        # Each limit that says anything about the value given: the memory limit always (as
+        # before), the pids limit when it bounds derived values or is below the value.
+        shown = [name for name, fit in known.items()
+                 if name in limiting_fits(known.get("memory"), known.get("pids"))
+                 or fit < value]
+        if any(not known[name] for name in shown):  # served as told: no promise either way
+            shown = [name for name in shown if not known[name]]
+            return f"{text} ({' and '.join(str(limits[name][0]) for name in shown)} " \
+                   f"{'leave' if len(shown) > 1 else 'leaves'} no room for connections)"
+        parts = [f"about {known[name]} fit {limits[name][0]}" for name in shown]
+        return f"{text} ({', '.join(parts)})" if parts else text
+    named = limits_named(limiting_fits(known.get("memory"), known.get("pids")))
+    if not named:
         return text
-    if not fit:  # clamped up to 1 (derived) or served as told (given): no promise either way
-        return f"{text} (the memory limit of {mebibytes(limit)} leaves no room for connections)"
-    if not status.get("max_children_given", True):
-        return f"{text} (fits the memory limit of {mebibytes(limit)})"
-    return f"{text} (about {fit} fit the memory limit of {mebibytes(limit)})"
+    phrase = " and ".join(str(limits[name][0]) for name in named)
+    if not known[named[0]]:  # clamped up to 1: no promise
+        return f"{text} ({phrase} {'leave' if len(named) > 1 else 'leaves'} no room for " \
+               "connections)"
+    return f"{text} (fits {phrase})"
 
 
 def render(status: dict[str, Any]) -> str:

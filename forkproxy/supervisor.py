@@ -37,9 +37,13 @@ from .config import (
     build_links,
     check_metrics_port,
     children_that_fit,
+    children_within_pids,
     join_host_port,
+    limiting_fits,
+    limits_named,
     mebibytes,
     own_memory,
+    own_pids,
     parse_cidr,
     parse_metrics_address,
     peer_text,
@@ -526,29 +530,61 @@ class Supervisor:
         limit = self.options.memory_limit
         return None if limit is None else children_that_fit(limit, self.options.metrics is not None)
 
+    def pids_fit(self) -> int | None:
+        """How many connections the pids limit found at start holds beside forkproxy's own
+        processes and threads (None: no limit), 0 when none does; neither clamped nor
+        capped at the default: a --max-children given is compared with it."""
+        limit = self.options.pids_limit
+        return None if limit is None else children_within_pids(limit,
+                                                               self.options.metrics is not None)
+
     def _log_max_children(self) -> None:
-        """At start: the --max-children derived from the memory limit, or a warning when
-        the operator's own is more than fits it (served as told all the same)."""
-        limit, metrics = self.options.memory_limit, self.options.metrics is not None
-        if limit is None:
-            self.log.debug("max-children", value=self.options.max_children,
-                           detail="no memory limit found")
+        """At start: which limit the derived --max-children came from (memory, pids, or
+        both), or a warning for each limit the operator's own is more than (served as told
+        all the same: a limit can be raised while forkproxy runs)."""
+        value, metrics = self.options.max_children, self.options.metrics is not None
+        memory, pids = self.options.memory_limit, self.options.pids_limit
+        memory_fit, pids_fit = self.memory_fit(), self.pids_fit()
+        if memory is None and pids is None:
+            self.log.debug("max-children", value=value, detail="no memory or pids limit found")
             return
-        value, size = self.options.max_children, mebibytes(limit)
-        fit, own = children_that_fit(limit, metrics), own_memory(metrics)
-        if not self.options.max_children_given and not fit:
-            # Clamped up to 1: even that one may cost its connection, or worse.
-            self.log.warning("max-children", value=value, memory_limit=limit,
-                             detail=f"the memory limit of {size} leaves no room for "
-                             f"connections beside forkproxy's own ~{mebibytes(own)}; "
+        if self.options.max_children_given:
+            if memory is not None and memory_fit is not None and value > memory_fit:
+                self.log.warning("max-children", value=value, fits=memory_fit,
+                                 memory_limit=memory, detail=f"about {memory_fit} fit the "
+                                 f"memory limit of {mebibytes(memory)}; beyond that the OOM "
+                                 "killer ends connections")
+            if pids is not None and pids_fit is not None and value > pids_fit:
+                self.log.warning("max-children", value=value, fits=pids_fit, pids_limit=pids,
+                                 detail=f"about {pids_fit} fit the pids limit of {pids}; "
+                                 "beyond that forks fail and clients wait for one that "
+                                 "works (fork-failed)")
+            return
+        fits = limiting_fits(memory_fit, pids_fit)
+        named = limits_named(fits)
+        if not named:  # only a pids limit, far above the default (systemd's TasksMax)
+            self.log.debug("max-children", value=value, detail="no memory limit found, and "
+                           f"the pids limit of {pids} holds more")
+            return
+        fields: dict[str, object] = {"value": value}
+        limits, owns = [], []
+        if "memory" in named:
+            fields["memory_limit"] = memory
+            limits.append(f"the memory limit of {mebibytes(memory or 0)}")
+            owns.append(f"~{mebibytes(own_memory(metrics))}")
+        if "pids" in named:
+            fields["pids_limit"] = pids
+            limits.append(f"the pids limit of {pids}")
+            owns.append(f"{own_pids(metrics)} processes and threads")
+        if not fits[named[0]]:
+            # Clamped up to 1: even that one may cost its connection, or fail to fork.
+            self.log.warning("max-children", **fields, detail=f"{' and '.join(limits)} "
+                             f"{'leave' if len(named) > 1 else 'leaves'} no room for "
+                             f"connections beside forkproxy's own {' and '.join(owns)}; "
                              "--max-children overrides")
-        elif not self.options.max_children_given:
-            self.log.info("max-children", value=value, memory_limit=limit,
-                          detail=f"fits the memory limit of {size}; --max-children overrides")
-        elif value > fit:
-            self.log.warning("max-children", value=value, fits=fit, memory_limit=limit,
-                             detail=f"about {fit} fit the memory limit of {size}; beyond "
-                             "that the OOM killer ends connections")
+        else:
+            self.log.info("max-children", **fields, detail=f"fits {' and '.join(limits)}; "
+                          "--max-children overrides")
 
     def loop(self) -> None:
         poll, handlers = self.poller.poll, self.handlers
@@ -1475,6 +1511,8 @@ class Supervisor:
             "max_children_given": self.options.max_children_given,
             "memory_limit": self.options.memory_limit,
             "memory_fit": self.memory_fit(),
+            "pids_limit": self.options.pids_limit,
+            "pids_fit": self.pids_fit(),
             "listeners": self._listener_table(),
             "metrics": self._metrics_state(),
         }

@@ -31,7 +31,7 @@ from test_observability import metrics_url, samples, scrape, value
 
 from forkproxy import listeners
 from forkproxy import supervisor as fp_supervisor
-from forkproxy.config import Options, Sources, fitting_children, parse_spec
+from forkproxy.config import OWN_PIDS, Options, Sources, fitting_children, parse_spec
 from forkproxy.listeners import Listener
 from forkproxy.log import Logger
 
@@ -1419,6 +1419,12 @@ def in_cgroup(group: Path) -> tuple[str, ...]:
     return ("sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', str(group))
 
 
+# For the tests of what a failed fork does: a --max-children given, above pids.max, so that
+# forks fail there. Without one, the default derived from pids.max keeps the clients
+# beyond it in the backlog instead, and no fork fails.
+PAST_PIDS_MAX = ("--max-children", "1024")
+
+
 @pytest.fixture
 def pids_cgroup() -> Iterator[Path]:
     """A fresh pids cgroup where fork fails for real, with EAGAIN, past `pids.max`."""
@@ -1460,7 +1466,7 @@ def test_a_client_whose_fork_failed_is_held_and_served_when_a_child_exits(
     server = tcp_server(echo)
     (pids_cgroup / "pids.max").write_text("2")  # the supervisor and one child
     enter = in_cgroup(pids_cgroup)
-    proxy = start_proxy(f"127.0.0.1:0=127.0.0.1:{server.port}", prefix=enter)
+    proxy = start_proxy(*PAST_PIDS_MAX, f"127.0.0.1:0=127.0.0.1:{server.port}", prefix=enter)
     with connect(proxy.port) as first, connect(proxy.port) as second:
         assert exchange(first, b"first") == b"first"  # its child is the one allowed
         second.sendall(b"second")
@@ -1615,7 +1621,7 @@ def test_a_client_held_on_a_link_a_reload_removed_counts_there_then_the_link_goe
                               removed: f"tcp://127.0.0.1:{server.port}"})
     enter = in_cgroup(pids_cgroup)
     proxy = start_proxy("--env-file", str(env_file), *LOOPBACK, "--status-socket", str(sock_path),
-                        expect=2, prefix=enter)
+                        *PAST_PIDS_MAX, expect=2, prefix=enter)
     with connect(pa) as first, connect(pb) as held:
         assert exchange(first, b"first") == b"first"  # its child is the one allowed
         held.sendall(b"held")
@@ -1648,7 +1654,7 @@ def test_a_client_held_on_a_port_a_reload_points_elsewhere_goes_to_the_new_targe
     variable = f"A_PORT_{port}_TCP"
     write_env_file(env_file, {variable: f"tcp://127.0.0.1:{x.port}"})
     proxy = start_proxy("--env-file", str(env_file), *LOOPBACK, "--status-socket", str(sock_path),
-                        prefix=in_cgroup(pids_cgroup))
+                        *PAST_PIDS_MAX, prefix=in_cgroup(pids_cgroup))
     with connect(port) as first, connect(port) as held:
         assert ask(first, b"1") == b"X:1"  # its child is the one allowed
         assert wait_for(lambda: "fork-failed" in proxy.log())
@@ -1676,7 +1682,7 @@ def test_a_held_client_served_while_a_reload_drains_a_removed_port_gets_the_new_
     a, b = f"A_PORT_{port_a}_TCP", f"B_PORT_{port_b}_TCP"
     write_env_file(env_file, {a: f"tcp://127.0.0.1:{x.port}", b: f"tcp://127.0.0.1:{z.port}"})
     proxy = start_proxy("--env-file", str(env_file), *LOOPBACK, "--status-socket", str(sock_path),
-                        expect=2, prefix=in_cgroup(pids_cgroup))
+                        *PAST_PIDS_MAX, expect=2, prefix=in_cgroup(pids_cgroup))
     with connect(port_a) as first, connect(port_a) as held:
         assert ask(first, b"1") == b"X:1"  # its child is the one allowed
         assert wait_for(lambda: "fork-failed" in proxy.log())
@@ -1989,6 +1995,81 @@ def test_without_a_memory_limit_max_children_stays_1024_and_nothing_is_said(
     reply = control(sock_path, "status")
     assert (reply["max_children"], reply["memory_limit"]) == (1024, None), reply
     assert max_children_lines(proxy) == []
+    assert proxy.stop() == 0
+
+
+def test_at_a_pids_limit_the_clients_beyond_what_it_holds_wait_in_the_backlog(
+    pids_cgroup: Path, start_proxy: StartProxy, tcp_server: ServerFactory, short_dir: Path
+) -> None:
+    """docker run --pids-limit without --max-children (and no memory limit): the default
+    stayed 1024, and past pids.max every fork failed (`fork-failed`, clients held and
+    retried ten times a second). Now the default is derived from the limit too, leaving
+    room for forkproxy's own processes and threads: the start line and status name it, and
+    as many clients as pids.max (more than it could fork for) wait in the backlog instead
+    and are all served as earlier ones close."""
+    limit = 30
+    fit = limit - OWN_PIDS
+    (pids_cgroup / "pids.max").write_text(str(limit))  # as docker sets it: before the start
+    server = tcp_server(echo)
+    spec, sock_path = f"127.0.0.1:0=127.0.0.1:{server.port}", short_dir / "s.sock"
+    proxy = start_proxy("--status-socket", str(sock_path), spec, prefix=in_cgroup(pids_cgroup))
+    [line] = max_children_lines(proxy)
+    assert line.endswith(f" info max-children value={fit} pids_limit={limit} detail=\"fits "
+                         f"the pids limit of {limit}; --max-children overrides\""), line
+    first = cli("status", "--status-socket", str(sock_path)).stdout.splitlines()[0]
+    assert first.endswith(f", max-children {fit} (fits the pids limit of {limit})"), first
+    reply = status_json(sock_path)
+    assert (reply["max_children"], reply["pids_limit"], reply["pids_fit"]) == (
+        fit, limit, fit), reply
+    served: list[socket.socket] = []
+    waiting: list[socket.socket] = []
+    try:
+        for i in range(fit):
+            served.append(connect(proxy.port))
+            assert exchange(served[-1], b"%d" % i) == b"%d" % i
+        # With the old default, the supervisor and this many children were more than
+        # pids.max: the last forks failed.
+        for i in range(limit):
+            waiting.append(connect(proxy.port))  # the handshake completes in the backlog
+            waiting[-1].sendall(b"w%d" % i)
+        assert wait_for(lambda: len(children(proxy.pid)) == fit)
+        for sock in waiting[:3]:
+            assert not closed_by_peer(sock, 1)  # waiting: neither served nor closed
+        assert len(children(proxy.pid)) == fit  # none beyond the limit
+        for sock in served:
+            sock.close()  # their children exit: the waiting clients are accepted
+        for i, sock in enumerate(waiting):
+            sock.settimeout(30)
+            assert recv_exact(sock, len(b"w%d" % i)) == b"w%d" % i
+            sock.close()  # and makes room for the next
+    finally:
+        for sock in served + waiting:
+            sock.close()
+    assert "fork-failed" not in proxy.log()
+    assert proxy.stop() == 0
+
+
+def test_a_given_max_children_above_the_pids_limit_is_served_with_a_warning(
+    pids_cgroup: Path, start_proxy: StartProxy, tcp_server: ServerFactory, short_dir: Path
+) -> None:
+    """pids.max can be raised while forkproxy runs (docker update --pids-limit): a
+    --max-children above what it holds is no error, but one warning at start, and status
+    says how many fit."""
+    limit = 30
+    fit = limit - OWN_PIDS
+    (pids_cgroup / "pids.max").write_text(str(limit))
+    server = tcp_server(echo)
+    spec, sock_path = f"127.0.0.1:0=127.0.0.1:{server.port}", short_dir / "s.sock"
+    proxy = start_proxy("--max-children", "50", "--status-socket", str(sock_path), spec,
+                        prefix=in_cgroup(pids_cgroup))
+    [line] = max_children_lines(proxy)
+    assert line.endswith(f" warning max-children value=50 fits={fit} pids_limit={limit} "
+                         f"detail=\"about {fit} fit the pids limit of {limit}; beyond that "
+                         "forks fail and clients wait for one that works (fork-failed)\""), line
+    first = cli("status", "--status-socket", str(sock_path)).stdout.splitlines()[0]
+    assert first.endswith(f", max-children 50 (about {fit} fit the pids limit of {limit})"), \
+        first
+    assert ping_echo(proxy.port)
     assert proxy.stop() == 0
 
 

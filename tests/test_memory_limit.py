@@ -8,12 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from forkproxy import cgroup
-from forkproxy.cli import read_memory_limit, read_pids_limit, with_memory_limit
+from forkproxy import cgroup, control, metrics
+from forkproxy.cli import read_memory_limit, read_pids_limit, with_limits
 from forkproxy.config import (
     CHILD_MEMORY,
     DEFAULT_MAX_CHILDREN,
     METRICS_MEMORY,
+    METRICS_PIDS,
+    OWN_PIDS,
     SUPERVISOR_MEMORY,
     MiB,
     Options,
@@ -330,12 +332,42 @@ def test_fitting_children_is_clamped(limit: int, metrics: bool, expected: int) -
 
 def test_an_explicit_max_children_is_kept_and_the_default_derived() -> None:
     given = Options(max_children=500, metrics="127.0.0.1:0")
-    assert with_memory_limit(given, 64 * MiB) == Options(
+    assert with_limits(given, 64 * MiB) == Options(
         max_children=500, metrics="127.0.0.1:0", memory_limit=64 * MiB)
-    derived = with_memory_limit(Options(max_children_given=False), 64 * MiB)
+    derived = with_limits(Options(max_children_given=False), 64 * MiB)
     assert (derived.max_children, derived.memory_limit) == (52, 64 * MiB)
-    unlimited = with_memory_limit(Options(max_children_given=False), None)
+    unlimited = with_limits(Options(max_children_given=False), None)
     assert unlimited.max_children == DEFAULT_MAX_CHILDREN
+
+
+def test_the_headroom_counts_forkproxy_s_own_processes_and_threads() -> None:
+    """OWN_PIDS and METRICS_PIDS count what the code runs at its most: the supervisor, two
+    resolvers, a status reporter per control client, two commands run in the container;
+    the metrics process, its deadline thread and MAX_SCRAPES scrape threads."""
+    assert OWN_PIDS == 1 + 2 + control.MAX_CLIENTS + 2
+    assert METRICS_PIDS == 1 + 1 + metrics.MAX_SCRAPES
+
+
+@pytest.mark.parametrize(("memory", "pids", "metrics_on", "expected"), [
+    (None, 100, False, 100 - OWN_PIDS),
+    (None, 100, True, 100 - OWN_PIDS - METRICS_PIDS),
+    (None, OWN_PIDS, False, 1),  # no room: one, not none
+    (None, 1 << 22, False, DEFAULT_MAX_CHILDREN),  # systemd's TasksMax: the default stays
+    (64 * MiB, 100, False, 52),  # the memory limit holds fewer
+    (64 * MiB, 40, False, 40 - OWN_PIDS),  # the pids limit holds fewer
+    (None, None, False, DEFAULT_MAX_CHILDREN),
+])
+def test_the_derived_max_children_is_what_both_limits_hold(
+    memory: int | None, pids: int | None, metrics_on: bool, expected: int
+) -> None:
+    """docker run --pids-limit 100 with no memory limit kept 1024: past ~100 processes
+    every fork failed. The pids limit bounds the derived value too."""
+    options = Options(max_children_given=False, metrics="127.0.0.1:0" if metrics_on else None)
+    derived = with_limits(options, memory, pids)
+    assert (derived.max_children, derived.memory_limit, derived.pids_limit) == (
+        expected, memory, pids)
+    given = with_limits(Options(max_children=500), memory, pids)
+    assert given.max_children == 500  # the operator's own is kept
 
 
 @pytest.mark.parametrize(("size", "text"), [(64 * MiB, "64 MiB"), (100_000_000, "95.4 MiB"),
@@ -357,7 +389,7 @@ def start_lines(tmp_path: Path, options: Options) -> list[str]:
 
 def test_a_limit_below_forkproxy_s_own_memory_is_a_warning(tmp_path: Path) -> None:
     """Clamped up to 1 connection, the derived value is no promise: said as a warning."""
-    options = with_memory_limit(Options(metrics="127.0.0.1:0", max_children_given=False),
+    options = with_limits(Options(metrics="127.0.0.1:0", max_children_given=False),
                                 20 * MiB)
     assert options.max_children == 1
     [line] = start_lines(tmp_path, options)
@@ -369,7 +401,7 @@ def test_a_limit_below_forkproxy_s_own_memory_is_a_warning(tmp_path: Path) -> No
 def test_a_given_max_children_where_nothing_fits_is_warned(tmp_path: Path) -> None:
     """--max-children 1 under a limit with no room: the check compared it with the
     derived value, clamped up to 1, so it said nothing."""
-    options = with_memory_limit(Options(max_children=1, metrics="127.0.0.1:0"), 5 * MiB)
+    options = with_limits(Options(max_children=1, metrics="127.0.0.1:0"), 5 * MiB)
     [line] = start_lines(tmp_path, options)
     assert " warning max-children value=1 fits=0 memory_limit=5242880 detail=\"about 0 " \
            "fit the memory limit of 5 MiB; beyond that the OOM killer ends connections\"" \
@@ -380,7 +412,7 @@ def test_a_given_max_children_where_nothing_fits_is_warned(tmp_path: Path) -> No
 def test_status_says_when_nothing_fits_the_memory_limit(given: bool) -> None:
     """`status` said `max-children 1 (fits the memory limit of 5 MiB)` where the log had
     warned that nothing fits: memory_fit was the clamped value (found by a code review)."""
-    options = with_memory_limit(Options(metrics="127.0.0.1:0", max_children_given=given,
+    options = with_limits(Options(metrics="127.0.0.1:0", max_children_given=given,
                                         max_children=1), 5 * MiB)
     sup = Supervisor(Sources(("127.0.0.1:0=127.0.0.1:1",), options=options), {}, Logger())
     assert sup.memory_fit() == 0
@@ -388,14 +420,80 @@ def test_status_says_when_nothing_fits_the_memory_limit(given: bool) -> None:
              "max_children_given": given}
     assert status_max_children(reply) == (
         ", max-children 1 (the memory limit of 5 MiB leaves no room for connections)")
-    fits = with_memory_limit(Options(max_children_given=False), 64 * MiB)
+    fits = with_limits(Options(max_children_given=False), 64 * MiB)
     assert Supervisor(Sources(("127.0.0.1:0=127.0.0.1:1",), options=fits), {},
                       Logger()).memory_fit() == fits.max_children == 52
 
 
 def test_no_limit_is_a_debug_line_only(tmp_path: Path) -> None:
-    options = with_memory_limit(Options(max_children_given=False), None)
+    options = with_limits(Options(max_children_given=False), None)
     assert start_lines(tmp_path, options) == []
     [line] = start_lines(tmp_path, Options(max_children_given=False, verbosity=1))
-    assert " debug max-children value=1024 detail=\"no memory limit found\"" in line, line
+    assert " debug max-children value=1024 detail=\"no memory or pids limit found\"" in line, line
 
+
+def test_the_start_line_says_which_limit_the_value_came_from(tmp_path: Path) -> None:
+    only_pids = with_limits(Options(max_children_given=False), None, 100)
+    [line] = start_lines(tmp_path, only_pids)
+    assert line.endswith(f" info max-children value={100 - OWN_PIDS} pids_limit=100 "
+                         "detail=\"fits the pids limit of 100; --max-children overrides\""), line
+    memory_first = with_limits(Options(max_children_given=False), 64 * MiB, 100)
+    [line] = start_lines(tmp_path, memory_first)
+    assert line.endswith(" info max-children value=52 memory_limit=67108864 detail=\"fits "
+                         "the memory limit of 64 MiB; --max-children overrides\""), line
+    both = with_limits(Options(max_children_given=False), 64 * MiB, 52 + OWN_PIDS)
+    [line] = start_lines(tmp_path, both)
+    assert line.endswith(f" info max-children value=52 memory_limit=67108864 "
+                         f"pids_limit={52 + OWN_PIDS} detail=\"fits the memory limit of 64 MiB "
+                         f"and the pids limit of {52 + OWN_PIDS}; --max-children overrides\""), \
+        line
+    no_room = with_limits(Options(max_children_given=False), None, 10)
+    [line] = start_lines(tmp_path, no_room)
+    assert line.endswith(" warning max-children value=1 pids_limit=10 detail=\"the pids "
+                         "limit of 10 leaves no room for connections beside forkproxy's own "
+                         f"{OWN_PIDS} processes and threads; --max-children overrides\""), line
+    assert start_lines(tmp_path, with_limits(Options(max_children_given=False), None,
+                                             1 << 22)) == []  # far above: a debug line
+
+
+def test_a_given_max_children_above_the_pids_limit_is_warned_not_refused(
+    tmp_path: Path
+) -> None:
+    """pids.max can be raised while forkproxy runs (docker update --pids-limit): served as
+    told, one warning at start."""
+    fit = 100 - OWN_PIDS - METRICS_PIDS
+    options = with_limits(Options(max_children=300, metrics="127.0.0.1:0"), None, 100)
+    assert options.max_children == 300
+    [line] = start_lines(tmp_path, options)
+    assert line.endswith(f" warning max-children value=300 fits={fit} pids_limit=100 "
+                         f"detail=\"about {fit} fit the pids limit of 100; beyond that forks "
+                         "fail and clients wait for one that works (fork-failed)\""), line
+    assert start_lines(tmp_path, with_limits(Options(max_children=fit), None, 100)) == []
+    # Above both: a line for each.
+    both = start_lines(tmp_path, with_limits(Options(max_children=300), 64 * MiB, 100))
+    assert [" memory_limit=67108864 " in both[0], " pids_limit=100 " in both[1]] == [True, True]
+
+
+@pytest.mark.parametrize(("reply", "header"), [
+    ({"max_children": 79, "max_children_given": False, "pids_limit": 100, "pids_fit": 79},
+     ", max-children 79 (fits the pids limit of 100)"),
+    ({"max_children": 52, "max_children_given": False, "memory_limit": 64 * MiB,
+      "memory_fit": 52, "pids_limit": 100, "pids_fit": 79},
+     ", max-children 52 (fits the memory limit of 64 MiB)"),
+    ({"max_children": 52, "max_children_given": False, "memory_limit": 64 * MiB,
+      "memory_fit": 52, "pids_limit": 73, "pids_fit": 52},
+     ", max-children 52 (fits the memory limit of 64 MiB and the pids limit of 73)"),
+    ({"max_children": 1, "max_children_given": False, "pids_limit": 10, "pids_fit": 0},
+     ", max-children 1 (the pids limit of 10 leaves no room for connections)"),
+    ({"max_children": 300, "max_children_given": True, "pids_limit": 100, "pids_fit": 79},
+     ", max-children 300 (about 79 fit the pids limit of 100)"),
+    ({"max_children": 300, "max_children_given": True, "memory_limit": 64 * MiB,
+      "memory_fit": 52, "pids_limit": 100, "pids_fit": 79},
+     ", max-children 300 (about 52 fit the memory limit of 64 MiB, about 79 fit the pids "
+     "limit of 100)"),
+    ({"max_children": 1024, "max_children_given": False, "pids_limit": 5000,
+      "pids_fit": 5000 - OWN_PIDS}, ", max-children 1024"),  # far above: nothing to say
+])
+def test_status_says_which_limit_the_value_came_from(reply: dict[str, object],
+                                                     header: str) -> None:
+    assert status_max_children(reply) == header
