@@ -58,7 +58,9 @@ def check_owned(path: str) -> None:
     in another user's, they could put a socket of their own where we look for ours."""
     info = os.lstat(path)
     if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
-        raise PermissionError(errno.EPERM, f"{path} is not a directory owned by this user")
+        # Anyone can make /tmp/forkproxy-UID first: say where to go instead.
+        raise PermissionError(errno.EPERM, f"{path} is not a directory owned by this user "
+                              "(set XDG_RUNTIME_DIR, or give --status-socket, elsewhere)")
 
 
 class _Client:

@@ -698,6 +698,15 @@ def test_the_clients_look_in_no_socket_directory_another_user_owns(
             assert result.stdout == "", result
             [line] = result.stderr.splitlines()
             assert f"'{directory}'" in line and "not a directory owned by this user" in line, line
+            assert line.endswith("(set XDG_RUNTIME_DIR, or give --status-socket, elsewhere)"), line
+        # serve, refused the same directory (anyone can make /tmp/forkproxy-UID first),
+        # is told the same way out.
+        result = cli("serve", "127.0.0.1:0=127.0.0.1:1",
+                     env={**env, "XDG_RUNTIME_DIR": str(runtime)})
+        assert result.returncode == 2, result
+        [line] = result.stderr.splitlines()
+        assert line.startswith(f"forkproxy: error: status socket directory '{directory}': "), line
+        assert line.endswith("(set XDG_RUNTIME_DIR, or give --status-socket, elsewhere)"), line
 
 
 def test_check_passes_only_a_reply_that_says_listeners_are_bound(
