@@ -484,14 +484,15 @@ class Supervisor:
     def _print_ready(self, lines: list[str]) -> None:
         """The `listening` lines on stdout, or a warning on stderr saying why they are not.
 
-        A stdout that is a non-blocking pipe (the reader set O_NONBLOCK on the shared
-        file) fails with EAGAIN when full: wait for room, as a blocking write would, until
-        a TERM or INT comes (it must still stop the proxy; the loop acts on it, since the
-        signal stays noted). Whatever else fails, the proxy
-        serves all the same, and stdout becomes /dev/null: lines left in a buffer would
-        fail again at exit ("Exception ignored" on stderr). A reader gone (EPIPE:
-        `serve ... | head -1`) is no news; anything else is, since a script waiting for
-        `listening` would otherwise wait for ever with no clue why.
+        A stdout that is full (a pipe whose reader has not read yet) is waited for, as any
+        program's write waits, until a TERM or INT comes: that must still stop the proxy
+        (the loop acts on it, since the signal stays noted). So room is waited for in
+        poll(), never in write(): a write blocked on a full pipe goes on after a signal's
+        handler runs (PEP 475), and the stop waited for the reader. Whatever else fails,
+        the proxy serves all the same, and stdout becomes /dev/null: lines left in a
+        buffer would fail again at exit ("Exception ignored" on stderr). A reader gone
+        (EPIPE: `serve ... | head -1`) is no news; anything else is, since a script
+        waiting for `listening` would otherwise wait for ever with no clue why.
         """
         data = "".join(line + "\n" for line in lines).encode(
             sys.stdout.encoding or "utf-8", "backslashreplace")
@@ -499,18 +500,21 @@ class Supervisor:
         try:
             sys.stdout.flush()
             fd = sys.stdout.fileno()
+            room = select.poll()
+            room.register(fd, POLLOUT)
             while data:
-                try:
-                    data = data[os.write(fd, data):]
-                except BlockingIOError:
+                # A timeout, to see whether a signal that came was a stop (poll goes on
+                # after its handler). Then at most PIPE_BUF bytes, which a pipe with room
+                # takes whole without blocking, whether or not stdout is non-blocking.
+                if not room.poll(100):
                     if signals.noted(signal.SIGTERM, signal.SIGINT):
                         failure = "still full when the proxy was told to stop"
                         break
-                    room = select.poll()
-                    room.register(fd, POLLOUT)
-                    # A signal's handler runs during poll, which then goes on (PEP 475):
-                    # a timeout brings us back to see whether it was a stop.
-                    room.poll(100)
+                    continue
+                try:
+                    data = data[os.write(fd, data[:select.PIPE_BUF]):]
+                except BlockingIOError:
+                    continue  # another writer of the pipe took the room first
         except OSError as exc:
             if exc.errno != errno.EPIPE:
                 failure = exc.strerror or str(exc)

@@ -751,11 +751,14 @@ def test_a_full_non_blocking_stdout_delays_the_listening_lines_not_drops_them(
     assert "stdout-failed" not in log, log
 
 
-def test_a_stop_while_stdout_is_full_still_stops(tmp_path: Path) -> None:
+@pytest.mark.parametrize("blocking", [True, False])
+def test_a_stop_while_stdout_is_full_still_stops(tmp_path: Path, blocking: bool) -> None:
     """Waiting for room on a full stdout, as above, must not make the proxy deaf: a TERM
-    ends the wait (one warning says the lines were not written) and the stop goes on."""
+    ends the wait (one warning says the lines were not written) and the stop goes on.
+    On a blocking pipe, the usual stdout, the write itself waited: after the TERM's
+    handler ran it went on waiting (PEP 475), and only the reader could end the stop."""
     reader, writer = full_pipe()
-    os.set_blocking(writer, False)
+    os.set_blocking(writer, blocking)
     with open(tmp_path / "err", "w+") as err:
         proc = subprocess.Popen([FORKPROXY, "serve", "127.0.0.1:0=127.0.0.1:1"],
                                 stdout=writer, stderr=err, start_new_session=True,
