@@ -16,9 +16,11 @@ import time
 
 from .config import Link, peer_text
 
-# Per slot: bytes client->upstream, bytes upstream->client, and when the child ended
-# (time.monotonic_ns(); 0 until it has, and for ever if it was killed or crashed).
+# Per slot: bytes client->upstream, bytes upstream->client, and (at ENDED) when the child
+# ended (time.monotonic_ns(); 0 until it has, and for ever if it was killed or crashed).
 FIELDS = 3
+ENDED = 2
+_ZEROED_SLOT = memoryview(bytes(8 * FIELDS)).cast("Q")
 # Connection duration histogram buckets, seconds (Prometheus `le` bounds).
 DURATION_BUCKETS = (0.005, 0.05, 0.25, 1.0, 5.0, 30.0, 120.0, 600.0, 3600.0)
 
@@ -70,7 +72,7 @@ class Slots:
         return memoryview(self._mem[: self._next * 8]).cast("Q")
 
     def release(self, base: int) -> None:
-        self.counters[base] = self.counters[base + 1] = self.counters[base + 2] = 0
+        self.counters[base:base + FIELDS] = _ZEROED_SLOT
         self.free.append(base)
 
     def __len__(self) -> int:
@@ -202,7 +204,7 @@ class Accounting:
             stats.empty += 1
         # The child's own end when it wrote one, not the reap's time: a supervisor frozen
         # for 10 s (docker pause) had every connection of that time last 10 s longer.
-        ended = counters[base + 2]
+        ended = counters[base + ENDED]
         duration = (ended / 1e9 if ended else time.monotonic()) - started
         stats.duration_count += 1
         stats.duration_sum += duration

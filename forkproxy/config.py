@@ -318,6 +318,21 @@ def limits_named(fits: Mapping[str, int]) -> list[str]:
     return [name for name, fit in fits.items() if fit == least]
 
 
+def limits_text(named: Sequence[str], memory_limit: int | None, pids_limit: int | None) -> str:
+    """The limits `named` ("memory", "pids") in words, for the start line and `status`
+    alike: `the memory limit of 64 MiB and the pids limit of 73`."""
+    words = {"memory": f"the memory limit of {mebibytes(memory_limit or 0)}",
+             "pids": f"the pids limit of {pids_limit}"}
+    return " and ".join(words[name] for name in named)
+
+
+def no_room_text(named: Sequence[str], memory_limit: int | None,
+                 pids_limit: int | None) -> str:
+    """`the memory limit of 20 MiB leaves no room for connections` (`leave`, for two)."""
+    verb = "leave" if len(named) > 1 else "leaves"
+    return f"{limits_text(named, memory_limit, pids_limit)} {verb} no room for connections"
+
+
 def mebibytes(size: int) -> str:
     """A memory limit for a log line: `64 MiB`, `95.4 MiB`."""
     return f"{size / MiB:.1f} MiB" if size % MiB else f"{size // MiB} MiB"

@@ -17,7 +17,7 @@ from typing import Any, NoReturn
 
 import psutil
 
-from .config import limiting_fits, limits_named, mebibytes, quoted
+from .config import limiting_fits, limits_named, limits_text, no_room_text, quoted
 from .control import REPORT_TIMEOUT, answers, check_owned, default_dir
 
 
@@ -259,8 +259,9 @@ def _read_reply(command: str, data: bytes) -> dict[str, Any]:
         raise _Misfit("nested too deep") from None
     except ValueError:  # also UnicodeDecodeError
         # A supervisor's reply is a JSON object and a newline (control.encode_reply): one
-        # that begins as such and ends before its newline was cut short, not another
-        # program's. (A cut object never parses: its closing brace is what is missing.)
+        # that begins as such and ends before its newline was most likely cut short (a
+        # supervisor killed while it answered), and "not a forkproxy" would send the user
+        # the wrong way. (A cut object never parses: its closing brace is what is missing.)
         if data.startswith(b"{") and not data.endswith(b"\n"):
             raise _Cut from None
         raise _Misfit("not JSON") from None
@@ -402,10 +403,7 @@ def _max_children(status: dict[str, Any]) -> str:
         return ""
     text = f", max-children {value}"
     memory, pids = status.get("memory_limit"), status.get("pids_limit")
-    limits = {"memory": (None if memory is None else f"the memory limit of {mebibytes(memory)}",
-                         status.get("memory_fit")),
-              "pids": (None if pids is None else f"the pids limit of {pids}",
-                       status.get("pids_fit"))}
+    limits = {"memory": (memory, status.get("memory_fit")), "pids": (pids, status.get("pids_fit"))}
     known = {name: fit for name, (limit, fit) in limits.items()
              if limit is not None and fit is not None}
     if status.get("max_children_given", True):
@@ -416,18 +414,16 @@ def _max_children(status: dict[str, Any]) -> str:
                  or fit < value]
         if any(not known[name] for name in shown):  # served as told: no promise either way
             shown = [name for name in shown if not known[name]]
-            return f"{text} ({' and '.join(str(limits[name][0]) for name in shown)} " \
-                   f"{'leave' if len(shown) > 1 else 'leaves'} no room for connections)"
-        parts = [f"about {known[name]} fit {limits[name][0]}" for name in shown]
+            return f"{text} ({no_room_text(shown, memory, pids)})"
+        parts = [f"about {known[name]} fit {limits_text([name], memory, pids)}"
+                 for name in shown]
         return f"{text} ({', '.join(parts)})" if parts else text
     named = limits_named(limiting_fits(known.get("memory"), known.get("pids")))
     if not named:
         return text
-    phrase = " and ".join(str(limits[name][0]) for name in named)
     if not known[named[0]]:  # clamped up to 1: no promise
-        return f"{text} ({phrase} {'leave' if len(named) > 1 else 'leaves'} no room for " \
-               "connections)"
-    return f"{text} (fits {phrase})"
+        return f"{text} ({no_room_text(named, memory, pids)})"
+    return f"{text} (fits {limits_text(named, memory, pids)})"
 
 
 def render(status: dict[str, Any]) -> str:

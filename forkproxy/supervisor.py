@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Mapping
 
 from . import __version__, control, listeners, relay, signals
-from .accounting import Accounting, ChildRecord, describe_status
+from .accounting import ENDED, Accounting, ChildRecord, describe_status
 from .config import (
     MIN_RESOLVE_EVERY,
     ConfigError,
@@ -41,7 +41,9 @@ from .config import (
     join_host_port,
     limiting_fits,
     limits_named,
+    limits_text,
     mebibytes,
+    no_room_text,
     own_memory,
     own_pids,
     parse_cidr,
@@ -571,24 +573,21 @@ class Supervisor:
                            f"the pids limit of {pids} holds more")
             return
         fields: dict[str, object] = {"value": value}
-        limits, owns = [], []
+        owns = []
         if "memory" in named:
             fields["memory_limit"] = memory
-            limits.append(f"the memory limit of {mebibytes(memory or 0)}")
             owns.append(f"~{mebibytes(own_memory(metrics))}")
         if "pids" in named:
             fields["pids_limit"] = pids
-            limits.append(f"the pids limit of {pids}")
             owns.append(f"{own_pids(metrics)} processes and threads")
         if not fits[named[0]]:
             # Clamped up to 1: even that one may cost its connection, or fail to fork.
-            self.log.warning("max-children", **fields, detail=f"{' and '.join(limits)} "
-                             f"{'leave' if len(named) > 1 else 'leaves'} no room for "
-                             f"connections beside forkproxy's own {' and '.join(owns)}; "
-                             "--max-children overrides")
+            self.log.warning("max-children", **fields,
+                             detail=f"{no_room_text(named, memory, pids)} beside forkproxy's "
+                             f"own {' and '.join(owns)}; --max-children overrides")
         else:
-            self.log.info("max-children", **fields, detail=f"fits {' and '.join(limits)}; "
-                          "--max-children overrides")
+            self.log.info("max-children", **fields, detail=f"fits "
+                          f"{limits_text(named, memory, pids)}; --max-children overrides")
 
     def loop(self) -> None:
         poll, handlers = self.poller.poll, self.handlers
@@ -748,7 +747,7 @@ class Supervisor:
         waiting = listener.waiting
         link = listener.link
         fork, close, monotonic, monotonic_ns = os.fork, os.close, time.monotonic, time.monotonic_ns
-        slot_counters = self.accounting.slots.counters
+        slot_counters, slot_ended = self.accounting.slots.counters, ENDED
         # And what the child's branch below uses, so that it names no module attribute:
         # the supervisor never runs that branch, and on Python 3.12+ an instruction's first
         # run takes the generic path, which for `module.name` writes to the module's
@@ -822,7 +821,7 @@ class Supervisor:
                         status = serve(sock, address, base, turn, *args)  # type: ignore[arg-type]
                         # When it ended, for the duration histogram: the reap may come
                         # much later (a supervisor that is busy, starved or paused).
-                        slot_counters[base + 2] = monotonic_ns()
+                        slot_counters[base + slot_ended] = monotonic_ns()
                     except BaseException as exc:
                         # Cut short: each side gets an RST, never a FIN that would pass
                         # what it got so far off as the whole stream.
