@@ -245,7 +245,8 @@ def test_pids_v1_a_mount_of_another_cgroup_is_not_this_process_s(tree: Tree) -> 
     assert tree.pids() is None
 
 
-@pytest.mark.parametrize("text", ["", "max\n", "lots\n", "-1\n", "1e3\n", "\xff\n", "1" * 30])
+@pytest.mark.parametrize("text", ["", "max\n", "lots\n", "-1\n", "1e3\n", "\xff\n", "1" * 30,
+                                  "\u00b2\n", "\u0661\u0660\u0660\n"])
 def test_a_pids_file_that_is_not_a_limit_is_skipped(tree: Tree, text: str) -> None:
     tree.proc("0::/a\n", V2_MOUNTS)
     tree.file("/sys/fs/cgroup/a/pids.max", text)
@@ -454,6 +455,13 @@ def test_the_start_line_says_which_limit_the_value_came_from(tmp_path: Path) -> 
                          f"{OWN_PIDS} processes and threads; --max-children overrides\""), line
     assert start_lines(tmp_path, with_limits(Options(max_children_given=False), None,
                                              1 << 22)) == []  # far above: a debug line
+    # Exactly DEFAULT_MAX_CHILDREN fit: the default stays, said at debug only.
+    exactly = with_limits(Options(max_children_given=False), None, DEFAULT_MAX_CHILDREN + OWN_PIDS)
+    assert exactly.max_children == DEFAULT_MAX_CHILDREN
+    assert start_lines(tmp_path, exactly) == []
+    [line] = start_lines(tmp_path, with_limits(
+        Options(max_children_given=False, verbosity=1), None, DEFAULT_MAX_CHILDREN + OWN_PIDS))
+    assert f" debug max-children value={DEFAULT_MAX_CHILDREN} " in line, line
 
 
 def test_a_given_max_children_above_the_pids_limit_is_warned_not_refused(
@@ -468,7 +476,13 @@ def test_a_given_max_children_above_the_pids_limit_is_warned_not_refused(
     assert line.endswith(f" warning max-children value=300 fits={fit} pids_limit=100 "
                          f"detail=\"about {fit} fit the pids limit of 100; beyond that forks "
                          "fail and clients wait for one that works (fork-failed)\""), line
-    assert start_lines(tmp_path, with_limits(Options(max_children=fit), None, 100)) == []
+    # Exactly what fits, counted as the warning counts it (the metrics process's own
+    # threads too): no line; one more is warned.
+    at_fit = Options(max_children=fit, metrics="127.0.0.1:0")
+    assert start_lines(tmp_path, with_limits(at_fit, None, 100)) == []
+    one_more = Options(max_children=fit + 1, metrics="127.0.0.1:0")
+    [line] = start_lines(tmp_path, with_limits(one_more, None, 100))
+    assert f" warning max-children value={fit + 1} fits={fit} pids_limit=100 " in line, line
     # Above both: a line for each.
     both = start_lines(tmp_path, with_limits(Options(max_children=300), 64 * MiB, 100))
     assert [" memory_limit=67108864 " in both[0], " pids_limit=100 " in both[1]] == [True, True]
