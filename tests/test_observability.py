@@ -762,9 +762,8 @@ def test_a_socket_that_never_stops_answering_is_cut_off_and_paths_stay_quoted(
                              "No such file or directory\n"), result.stderr
 
 
-@pytest.mark.parametrize("command", ["check", "status"])
 def test_a_socket_that_trickles_its_reply_is_given_up_at_the_deadline(
-    command: str, tmp_path: Path, env: dict[str, str],
+    tmp_path: Path, env: dict[str, str],
 ) -> None:
     """Each recv had a 5 s timeout and nothing bounded the whole: a peer that sends a byte
     a second never trips it, and held `check` (a HEALTHCHECK) for ever. The request has
@@ -789,7 +788,7 @@ def test_a_socket_that_trickles_its_reply_is_given_up_at_the_deadline(
     thread = threading.Thread(target=trickle, daemon=True)
     thread.start()
     try:
-        result = cli(command, "--status-socket", str(sock_path), env=env)
+        result = cli("check", "--status-socket", str(sock_path), env=env)
     finally:
         done.set()
         server.close()
@@ -799,6 +798,76 @@ def test_a_socket_that_trickles_its_reply_is_given_up_at_the_deadline(
     # 15 s: control.REPORT_TIMEOUT, a reporter's time to send, and a step's 5 s more
     assert line.startswith(f"forkproxy: no complete answer on '{sock_path}' within 15 s ("), line
     assert result.stdout == ""
+
+
+HOLD = 10.0  # how long the peers below keep a request waiting before they end it
+
+
+@pytest.mark.parametrize(("every", "timeout"), [
+    # A byte each 0.1 s: no recv ever waits its step timeout; only the whole deadline ends it.
+    (0.1, 0.5),
+    # One byte, then silence, with a step timeout past the peer's end: only a recv capped
+    # at what is left of the deadline ends it before the peer does.
+    (None, 60.0),
+], ids=["trickle", "silent"])
+def test_the_request_deadline_bounds_the_whole_request_in_process(
+    tmp_path: Path, every: float | None, timeout: float,
+) -> None:
+    """status.request with a 1.5 s deadline against a real Unix socket that sends `{` and
+    then trickles (or nothing) for HOLD s before it closes. Causal bounds, no speed: the
+    error comes no sooner than the deadline, and while the peer still holds the request
+    (it had not ended it: then the reply would read as cut short instead)."""
+    sock_path = tmp_path / "trickle.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(sock_path))
+    server.listen()
+    done = threading.Event()
+    held_to_the_end = threading.Event()
+
+    def trickle() -> None:
+        conn, _ = server.accept()
+        with conn, contextlib.suppress(OSError):  # until the client hangs up
+            conn.recv(4096)
+            conn.sendall(b"{")
+            ends = time.monotonic() + HOLD
+            while time.monotonic() < ends:
+                if done.wait(every if every is not None else 0.1):
+                    return
+                if every is not None:
+                    conn.sendall(b" ")
+            held_to_the_end.set()
+
+    thread = threading.Thread(target=trickle, daemon=True)
+    thread.start()
+    try:
+        began = time.monotonic()
+        with pytest.raises(fp_status.StatusError) as raised:
+            fp_status.request(str(sock_path), "check", timeout=timeout, deadline=1.5)
+        took = time.monotonic() - began
+        ended_by_the_peer = held_to_the_end.is_set()
+    finally:
+        done.set()
+        server.close()
+        thread.join(DEADLINE)
+    assert str(raised.value).startswith(
+        f"no complete answer on '{sock_path}' within 1.5 s ("), raised.value
+    assert took >= 1.5, took
+    assert not ended_by_the_peer, f"given up only after the peer's {HOLD} s ({took:.1f} s)"
+
+
+@pytest.mark.parametrize("reply", [b"{bad}\n", b"garbage", b"garbage\n"],
+                         ids=["brace-and-newline", "no-brace-no-newline", "no-brace-newline"])
+def test_a_reply_that_is_not_json_is_another_programs_not_cut(
+    reply: bytes, tmp_path: Path,
+) -> None:
+    """Only what begins as a supervisor's reply does (`{`) and lacks its newline is said
+    to be cut short: a whole line that does not parse, or text that never began as an
+    object, is another program's, `not JSON`."""
+    sock_path = tmp_path / "other.sock"
+    with answering(sock_path, reply), pytest.raises(fp_status.NotForkproxy) as raised:
+        fp_status.request(str(sock_path), "check")
+    assert str(raised.value) == (f"'{sock_path}' did not answer as a forkproxy status "
+                                 "socket does (not JSON)"), raised.value
 
 
 @pytest.mark.parametrize("command", ["check", "status", "reload"])
@@ -2558,6 +2627,25 @@ def test_a_logger_line_over_4096_bytes_is_cut_in_its_longest_values_and_stays_on
     assert error.endswith("...") and set(error[:-3]) <= {'"'} and len(error) < 3000, error
     # Cut by what it takes to fit, not to nothing: the line is not much under the limit.
     assert len(data) > 2048, len(data)
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+@pytest.mark.parametrize("values", [{"host": "h" * 5000},
+                                    {"host": "h" * 5000, "error": "e" * 3000}],
+                         ids=["one-long", "two-long"])
+def test_a_logger_line_of_plain_values_is_cut_to_exactly_4096_bytes(
+    fmt: str, values: dict[str, str],
+) -> None:
+    """Values whose characters take one byte each in the line are cut by what the line is
+    over, not by half: the line written is exactly MAX_LINE (4096) bytes."""
+    read_end, write_end = os.pipe()
+    try:
+        Logger(INFO, fmt, fd=write_end).warning("resolve-failed", link="db", **values)
+        os.close(write_end)
+        data = os.read(read_end, 1 << 16)
+    finally:
+        os.close(read_end)
+    assert len(data) == 4096 and data.endswith(b"\n") and data.count(b"\n") == 1, len(data)
 
 
 def test_a_line_whose_fields_hold_a_mark_is_not_prepared() -> None:
