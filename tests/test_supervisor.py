@@ -690,7 +690,8 @@ def test_a_splice_refused_for_want_of_memory_goes_on_by_copying(
     """splice(2) from a socket into the pipe fails with ENOMEM when no page can be had for
     the pipe (a memory cgroup at its limit). That was taken for a peer's reset: both sides
     reset, a 20 MB download cut. Nothing was read, so the relay copies on from there;
-    each child's first splice is failed (strace, following the supervisor's forks)."""
+    every splice fails (strace, following the supervisor's forks), so the whole download
+    must be carried by the copy."""
     payload = os.urandom(20 << 20)
 
     def download(conn: socket.socket) -> None:
@@ -699,7 +700,7 @@ def test_a_splice_refused_for_want_of_memory_goes_on_by_copying(
 
     server = tcp_server(download)
     proxy = start_proxy("--relay", "splice", f"127.0.0.1:0=127.0.0.1:{server.port}")
-    with (injected(proxy.pid, "splice", "error=ENOMEM:when=1", children=True),
+    with (injected(proxy.pid, "splice", "error=ENOMEM:when=1+", children=True),
           socket.create_connection(("127.0.0.1", proxy.port), timeout=30) as client):
         client.settimeout(30)
         digest, received = hashlib.sha256(), 0
@@ -778,3 +779,52 @@ def test_a_child_the_stop_kills_is_not_said_to_be_out_of_memory(
     assert f"child_pid={child.pid}" in line, line
     assert 'outcome=killed status="killed by SIGKILL (sent by the stop)"' in line, line
     assert "out of memory" not in proxy.log(), proxy.log()
+
+
+def test_a_child_the_stop_only_termed_and_someone_else_killed_is_perhaps_out_of_memory(
+    start_proxy: Callable[..., Proxy], tcp_server: Callable[..., TcpServer],
+) -> None:
+    """Only the stop's own KILL is "sent by the stop": a child the stop has TERMed (grace
+    over, its KILL KILL_AFTER away) and that a SIGKILL from elsewhere ends (the test's,
+    standing in for the OOM killer's) keeps the hint. Causal, not timed: the TERM is seen
+    pending in the suspended child, then the supervisor is stopped (it can send nothing
+    more), and only if the child is still alive then is it killed; the supervisor, let go,
+    reaps it before it fires its timers. Were the stop's KILL first, a new try is made."""
+    server = tcp_server(echo)
+    for _ in range(5):
+        proxy = start_proxy("--grace", "0.2", f"127.0.0.1:0=127.0.0.1:{server.port}")
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=30) as client:
+            client.sendall(b"ping")
+            assert client.recv(4) == b"ping"
+            [child] = psutil.Process(proxy.pid).children()
+            child.suspend()  # the TERM stays pending
+
+            def term_pending(child: psutil.Process = child) -> bool:
+                try:
+                    status = Path(f"/proc/{child.pid}/status").read_text()
+                except OSError:
+                    return True  # gone: the stop's KILL came first
+                masks = [int(line.split()[1], 16) for line in status.splitlines()
+                         if line.startswith(("SigPnd:", "ShdPnd:"))]
+                return any(mask & (1 << (signal.SIGTERM - 1)) for mask in masks)
+
+            proxy.proc.send_signal(signal.SIGTERM)
+            assert wait_for(term_pending, 30), proxy.log()
+            proxy.proc.send_signal(signal.SIGSTOP)
+            try:
+                first = child.is_running() and child.status() == psutil.STATUS_STOPPED
+                if first:
+                    child.kill()
+                    assert wait_for(lambda c=child: c.status() == psutil.STATUS_ZOMBIE, 30)
+            except psutil.NoSuchProcess:
+                first = False
+            finally:
+                proxy.proc.send_signal(signal.SIGCONT)
+            assert proxy.proc.wait(30) == 0, proxy.log()
+        if first:
+            break
+    else:
+        pytest.fail("the stop's KILL came before the test's in every try")
+    [line] = [x for x in proxy.log().splitlines() if " close " in x]
+    assert f"child_pid={child.pid}" in line, line
+    assert 'outcome=killed status="killed by SIGKILL (perhaps out of memory)"' in line, line
