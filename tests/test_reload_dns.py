@@ -237,7 +237,9 @@ def test_a_resolver_child_that_dies_is_a_warning_and_the_addresses_stay(
     that runs the supervisor's command line."""
     set_hosts(ns, None)  # upstream.test only in DNS
     dns = start_dns(lab, ns, gate=lab.workdir / "never")  # holds every query
-    proxy = start_proxy(lab, ns, "--resolve-every", "1", resolved=False)
+    # No timer to start the next lookup (an hour away): only the death of the one that
+    # runs may start the one a reload asked for meanwhile.
+    proxy = start_proxy(lab, ns, "--resolve-every", "3600", resolved=False)
     wait_until(lambda: f"query upstream.test {TYPE_A}" in dns.stdout(), proxy)
 
     def resolvers() -> list[int]:
@@ -251,13 +253,17 @@ def test_a_resolver_child_that_dies_is_a_warning_and_the_addresses_stay(
 
     wait_until(lambda: len(resolvers()) == 1, proxy)
     [resolver] = resolvers()
+    # A reload while it runs asks for another lookup (answered once applied: causal).
+    reload = subprocess.run([FORKPROXY, "reload", "--status-socket", str(lab.workdir / "fp.sock")],
+                            capture_output=True, text=True, timeout=30)
+    assert reload.returncode == 0, reload
     os.kill(resolver, signal.SIGKILL)
     wait_for_log(proxy, " resolve-failed ")
     [line] = [x for x in proxy.stderr().splitlines() if " resolve-failed " in x]
     assert line.endswith(' warning resolve-failed error="the resolver died" '
                          'detail="keeping the addresses in use"'), line
     assert "Traceback" not in proxy.stderr()
-    # The timer asked again while it ran: another resolver starts, and asks the server.
+    # The reload asked again while it ran: another resolver starts, and asks the server.
     wait_until(lambda: dns.stdout().count(f"query upstream.test {TYPE_A}") >= 2, proxy)
     check = subprocess.run([FORKPROXY, "check", "--status-socket", str(lab.workdir / "fp.sock")],
                            capture_output=True, text=True, timeout=30)
