@@ -815,7 +815,11 @@ def test_a_child_the_stop_only_termed_and_someone_else_killed_is_perhaps_out_of_
                 first = child.is_running() and child.status() == psutil.STATUS_STOPPED
                 if first:
                     child.kill()
-                    assert wait_for(lambda c=child: c.status() == psutil.STATUS_ZOMBIE, 30)
+
+                    def zombie(child: psutil.Process = child) -> bool:
+                        return bool(child.status() == psutil.STATUS_ZOMBIE)
+
+                    assert wait_for(zombie, 30)
             except psutil.NoSuchProcess:
                 first = False
             finally:
