@@ -762,6 +762,39 @@ def test_a_socket_that_never_stops_answering_is_cut_off_and_paths_stay_quoted(
                              "No such file or directory\n"), result.stderr
 
 
+@contextlib.contextmanager
+def trickling_peer(sock_path: Path, every: float | None, hold: float) -> Iterator[threading.Event]:
+    """A Unix socket at `sock_path` that takes one request, answers `{`, then sends a
+    space each `every` s (None: nothing more) for `hold` s, then closes. Yields an event
+    set when it held the request to the end (the client had not hung up by then)."""
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(sock_path))
+    server.listen()
+    done, held_to_the_end = threading.Event(), threading.Event()
+
+    def trickle() -> None:
+        conn, _ = server.accept()
+        with conn, contextlib.suppress(OSError):  # until the client hangs up
+            conn.recv(4096)
+            conn.sendall(b"{")
+            ends = time.monotonic() + hold
+            while time.monotonic() < ends:
+                if done.wait(every if every is not None else 0.1):
+                    return
+                if every is not None:
+                    conn.sendall(b" ")
+            held_to_the_end.set()
+
+    thread = threading.Thread(target=trickle, daemon=True)
+    thread.start()
+    try:
+        yield held_to_the_end
+    finally:
+        done.set()
+        server.close()
+        thread.join(DEADLINE)
+
+
 def test_a_socket_that_trickles_its_reply_is_given_up_at_the_deadline(
     tmp_path: Path, env: dict[str, str],
 ) -> None:
@@ -770,29 +803,8 @@ def test_a_socket_that_trickles_its_reply_is_given_up_at_the_deadline(
     an overall deadline now (status.REQUEST_DEADLINE). The peer gives up after 45 s, so
     that a client without the deadline ends too, with another line."""
     sock_path = tmp_path / "trickle.sock"
-    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    server.bind(str(sock_path))
-    server.listen()
-    done = threading.Event()
-
-    def trickle() -> None:
-        conn, _ = server.accept()
-        with conn, contextlib.suppress(OSError):  # until the client hangs up
-            conn.recv(4096)
-            conn.sendall(b"{")
-            for _ in range(45):
-                if done.wait(1):
-                    return
-                conn.sendall(b" ")
-
-    thread = threading.Thread(target=trickle, daemon=True)
-    thread.start()
-    try:
+    with trickling_peer(sock_path, every=1.0, hold=45.0):
         result = cli("check", "--status-socket", str(sock_path), env=env)
-    finally:
-        done.set()
-        server.close()
-        thread.join(DEADLINE)
     assert result.returncode == 1, result
     [line] = result.stderr.splitlines()
     # 15 s: control.REPORT_TIMEOUT, a reporter's time to send, and a step's 5 s more
@@ -818,37 +830,12 @@ def test_the_request_deadline_bounds_the_whole_request_in_process(
     error comes no sooner than the deadline, and while the peer still holds the request
     (it had not ended it: then the reply would read as cut short instead)."""
     sock_path = tmp_path / "trickle.sock"
-    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    server.bind(str(sock_path))
-    server.listen()
-    done = threading.Event()
-    held_to_the_end = threading.Event()
-
-    def trickle() -> None:
-        conn, _ = server.accept()
-        with conn, contextlib.suppress(OSError):  # until the client hangs up
-            conn.recv(4096)
-            conn.sendall(b"{")
-            ends = time.monotonic() + HOLD
-            while time.monotonic() < ends:
-                if done.wait(every if every is not None else 0.1):
-                    return
-                if every is not None:
-                    conn.sendall(b" ")
-            held_to_the_end.set()
-
-    thread = threading.Thread(target=trickle, daemon=True)
-    thread.start()
-    try:
+    with trickling_peer(sock_path, every, HOLD) as held_to_the_end:
         began = time.monotonic()
         with pytest.raises(fp_status.StatusError) as raised:
             fp_status.request(str(sock_path), "check", timeout=timeout, deadline=1.5)
         took = time.monotonic() - began
         ended_by_the_peer = held_to_the_end.is_set()
-    finally:
-        done.set()
-        server.close()
-        thread.join(DEADLINE)
     assert str(raised.value).startswith(
         f"no complete answer on '{sock_path}' within 1.5 s ("), raised.value
     assert took >= 1.5, took
