@@ -1128,6 +1128,25 @@ def test_a_connections_duration_ends_when_its_child_does_not_when_it_is_reaped(
     [totals] = ask(sock_path)["links"].values()
     assert totals["duration_count"] == 1, totals
     assert 0 < totals["duration_sum"] <= ended - before, (totals, ended - before)
+    first = totals["duration_sum"]
+    # The next connection takes the slot the first released. Killed, its child writes no
+    # end: the reap is its end, and the first one's end must not be read for it (release
+    # zeroes the word). Causal bound again: alive from `seen` to at least `killed`.
+    with socket.create_connection(("127.0.0.1", listen_ports(proxy)[0]),
+                                  timeout=DEADLINE) as client:
+        client.settimeout(DEADLINE)
+        client.sendall(b"ping")
+        assert client.recv(4) == b"ping"
+        [child] = psutil.Process(proxy.pid).children()
+        seen = time.monotonic()
+        while time.monotonic() < seen + 0.5:  # held a while: any positive span would do
+            time.sleep(0.1)
+        killed = time.monotonic()
+        child.kill()
+        assert wait_for(lambda: not psutil.Process(proxy.pid).children(), DEADLINE)
+    [totals] = ask(sock_path)["links"].values()
+    assert totals["duration_count"] == 2, totals
+    assert totals["duration_sum"] - first >= killed - seen, (totals, first, killed - seen)
 
 
 def test_a_full_control_socket_answers_the_client_it_makes_room_from(
