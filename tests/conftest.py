@@ -415,3 +415,52 @@ def metrics_pid(supervisor: int) -> int:
 def echo(conn: socket.socket) -> None:
     while data := conn.recv(1 << 16):
         conn.sendall(data)
+
+
+@contextlib.contextmanager
+def fresh_cgroup(controller: str) -> Iterator[tuple[Path, bool]]:
+    """A fresh cgroup of `controller` (its v1 hierarchy, or v2 with the controller on):
+    (its path, whether v1); removed once its processes exit."""
+    v1 = Path("/sys/fs/cgroup") / controller
+    v2 = Path("/sys/fs/cgroup")
+    if v1.is_dir():
+        parent = v1
+    elif (controller == "freezer"  # no v2 controller: each cgroup but the root can freeze
+          or controller in (v2 / "cgroup.subtree_control").read_text().split()):
+        parent = v2
+    else:
+        pytest.fail(f"no {controller} cgroup controller: this test needs one "
+                    "(root, cgroup v1 or v2)")
+    group = parent / f"forkproxy-test-{os.getpid()}-{time.monotonic_ns()}"
+    group.mkdir()
+    try:
+        yield group, parent == v1
+    finally:
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                group.rmdir()
+                break
+            except OSError:  # EBUSY while its last processes exit
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+
+
+@contextlib.contextmanager
+def frozen(pid: int) -> Iterator[None]:
+    """Process `pid` alone in a fresh freezer cgroup, frozen (`docker pause`'s way: it
+    runs no instruction and dies of a signal only once thawed) for the block. Thawed at
+    the end, and moved to the parent cgroup, so that this one can go even if it lives on."""
+    with fresh_cgroup("freezer") as (group, v1):
+        (group / "cgroup.procs").write_text(str(pid))
+        state, on, off = (("freezer.state", "FROZEN", "THAWED") if v1
+                          else ("cgroup.freeze", "1", "0"))
+        try:
+            (group / state).write_text(on)
+            assert wait_for(lambda: on in (group / state).read_text())
+            yield
+        finally:
+            (group / state).write_text(off)  # what is pending (a SIGKILL) is acted on
+            with contextlib.suppress(OSError):  # gone: nothing to put back
+                (group.parent / "cgroup.procs").write_text(str(pid))

@@ -46,6 +46,8 @@ from conftest import (
     echo,
     fd_count,
     free_port,
+    fresh_cgroup,
+    frozen,
     kill_group,
     metrics_pid,
     need,
@@ -1384,36 +1386,6 @@ def test_a_stop_during_the_pause_after_a_failed_fork_serves_the_held_client_firs
                 assert not sup.held
 
 
-@contextlib.contextmanager
-def fresh_cgroup(controller: str) -> Iterator[tuple[Path, bool]]:
-    """A fresh cgroup of `controller` (its v1 hierarchy, or v2 with the controller on):
-    (its path, whether v1); removed once its processes exit."""
-    v1 = Path("/sys/fs/cgroup") / controller
-    v2 = Path("/sys/fs/cgroup")
-    if v1.is_dir():
-        parent = v1
-    elif (controller == "freezer"  # no v2 controller: each cgroup but the root can freeze
-          or controller in (v2 / "cgroup.subtree_control").read_text().split()):
-        parent = v2
-    else:
-        pytest.fail(f"no {controller} cgroup controller: this test needs one "
-                    "(root, cgroup v1 or v2)")
-    group = parent / f"forkproxy-test-{os.getpid()}-{time.monotonic_ns()}"
-    group.mkdir()
-    try:
-        yield group, parent == v1
-    finally:
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                group.rmdir()
-                break
-            except OSError:  # EBUSY while its last processes exit
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
-
-
 def in_cgroup(group: Path) -> tuple[str, ...]:
     """A command prefix that runs the command inside `group`."""
     return ("sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', str(group))
@@ -1443,17 +1415,9 @@ def test_a_stop_does_not_wait_for_ever_on_a_frozen_metrics_process(
     proxy = start_proxy("--metrics", "127.0.0.1:0", f"127.0.0.1:0=127.0.0.1:{server.port}")
     assert wait_for(lambda: metrics_pid(proxy.pid) != 0)
     pid = metrics_pid(proxy.pid)
-    with fresh_cgroup("freezer") as (group, v1):
-        (group / "cgroup.procs").write_text(str(pid))
-        state, frozen, thawed = (("freezer.state", "FROZEN", "THAWED") if v1
-                                 else ("cgroup.freeze", "1", "0"))
-        (group / state).write_text(frozen)
-        try:
-            assert wait_for(lambda: frozen in (group / state).read_text())
-            proxy.signal(signal.SIGTERM)
-            assert proxy.proc.wait(30) == 0, proxy.log()
-        finally:
-            (group / state).write_text(thawed)  # it dies of its pending SIGKILL
+    with frozen(pid):
+        proxy.signal(signal.SIGTERM)
+        assert proxy.proc.wait(30) == 0, proxy.log()
     [line] = [x for x in proxy.log().splitlines() if "not-reaped" in x]
     assert f"child_pid={pid}" in line and f"forkproxy[{proxy.pid}]" in line, line
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import netns_lab, processes_under
+from conftest import frozen, netns_lab, processes_under
 from netns import Lab, Namespace, Process, redis_cli
 
 pytestmark = [pytest.mark.netns]
@@ -225,6 +225,18 @@ def test_a_dns_server_that_does_not_answer_holds_up_neither_start_nor_the_loop(
     assert " resolve-failed " not in proxy.stderr()
 
 
+def resolver_pids(proxy: Process) -> list[int]:
+    """The supervisor's live children that run its own command line: its resolvers, when
+    it has no metrics process and no client (a connection's child runs it too)."""
+    found = []
+    for pid, state in processes_under(proxy.pid):
+        with contextlib.suppress(OSError):
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            if state != "Z" and cmdline == Path(f"/proc/{proxy.pid}/cmdline").read_bytes():
+                found.append(pid)
+    return found
+
+
 def test_a_resolver_child_that_dies_is_a_warning_and_the_addresses_stay(
     lab: Lab, ns: Namespace
 ) -> None:
@@ -241,18 +253,8 @@ def test_a_resolver_child_that_dies_is_a_warning_and_the_addresses_stay(
     # runs may start the one a reload asked for meanwhile.
     proxy = start_proxy(lab, ns, "--resolve-every", "3600", resolved=False)
     wait_until(lambda: f"query upstream.test {TYPE_A}" in dns.stdout(), proxy)
-
-    def resolvers() -> list[int]:
-        found = []
-        for pid, state in processes_under(proxy.pid):
-            with contextlib.suppress(OSError):
-                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-                if state != "Z" and cmdline == Path(f"/proc/{proxy.pid}/cmdline").read_bytes():
-                    found.append(pid)
-        return found
-
-    wait_until(lambda: len(resolvers()) == 1, proxy)
-    [resolver] = resolvers()
+    wait_until(lambda: len(resolver_pids(proxy)) == 1, proxy)
+    [resolver] = resolver_pids(proxy)
     # A reload while it runs asks for another lookup (answered once applied: causal).
     reload = subprocess.run([FORKPROXY, "reload", "--status-socket", str(lab.workdir / "fp.sock")],
                             capture_output=True, text=True, timeout=30)
@@ -269,6 +271,23 @@ def test_a_resolver_child_that_dies_is_a_warning_and_the_addresses_stay(
                            capture_output=True, text=True, timeout=30)
     assert check.returncode == 0, check
     assert proxy.alive()
+
+
+def test_a_stop_does_not_wait_for_ever_on_a_frozen_resolver(lab: Lab, ns: Namespace) -> None:
+    """As for the metrics process (test_limits): a stop kills the resolver child and
+    waited for it in waitpid(), and a frozen one dies only once thawed. Held in its lookup
+    (the DNS server answers nothing), then frozen: the stop ends, and says which it left."""
+    set_hosts(ns, None)  # upstream.test only in DNS
+    dns = start_dns(lab, ns, gate=lab.workdir / "never")  # holds every query
+    proxy = start_proxy(lab, ns, "--resolve-every", "3600", resolved=False)
+    wait_until(lambda: f"query upstream.test {TYPE_A}" in dns.stdout(), proxy)
+    wait_until(lambda: len(resolver_pids(proxy)) == 1, proxy)
+    [resolver] = resolver_pids(proxy)
+    with frozen(resolver):
+        proxy.popen.send_signal(signal.SIGTERM)
+        assert proxy.popen.wait(30) == 0, proxy.describe()
+    [line] = [x for x in proxy.stderr().splitlines() if " not-reaped " in x]
+    assert f"child_pid={resolver} " in line, line
 
 
 def test_round_robin_dns_reordering_the_same_addresses_is_no_change(
