@@ -1096,6 +1096,19 @@ def test_a_control_client_waits_for_room_in_a_busy_supervisors_backlog(
     assert replies[0]["ok"] is True, replies
 
 
+@contextlib.contextmanager
+def served_client(proxy: Proxy) -> Iterator[psutil.Process]:
+    """A client of the proxy's first port, served (an echo exchanged), connected for the
+    block; yields its connection's child (the supervisor's only child: no --metrics)."""
+    with socket.create_connection(("127.0.0.1", listen_ports(proxy)[0]),
+                                  timeout=DEADLINE) as client:
+        client.settimeout(DEADLINE)
+        client.sendall(b"ping")
+        assert client.recv(4) == b"ping"
+        [child] = psutil.Process(proxy.pid).children()
+        yield child
+
+
 def test_a_connections_duration_ends_when_its_child_does_not_when_it_is_reaped(
     start_proxy: StartProxy, tcp_server: ServerFactory, tmp_path: Path, env: dict[str, str],
 ) -> None:
@@ -1110,12 +1123,7 @@ def test_a_connections_duration_ends_when_its_child_does_not_when_it_is_reaped(
                         f"127.0.0.1:0=127.0.0.1:{server.port}", env=env)
     before = time.monotonic()
     try:
-        with socket.create_connection(("127.0.0.1", listen_ports(proxy)[0]),
-                                      timeout=DEADLINE) as client:
-            client.settimeout(DEADLINE)
-            client.sendall(b"ping")
-            assert client.recv(4) == b"ping"
-            [child] = psutil.Process(proxy.pid).children()
+        with served_client(proxy) as child:
             proxy.signal(signal.SIGSTOP)  # the child ends while nobody can reap it
         assert wait_for(lambda: child.status() == psutil.STATUS_ZOMBIE, DEADLINE)
         ended = time.monotonic()
@@ -1132,12 +1140,7 @@ def test_a_connections_duration_ends_when_its_child_does_not_when_it_is_reaped(
     # The next connection takes the slot the first released. Killed, its child writes no
     # end: the reap is its end, and the first one's end must not be read for it (release
     # zeroes the word). Causal bound again: alive from `seen` to at least `killed`.
-    with socket.create_connection(("127.0.0.1", listen_ports(proxy)[0]),
-                                  timeout=DEADLINE) as client:
-        client.settimeout(DEADLINE)
-        client.sendall(b"ping")
-        assert client.recv(4) == b"ping"
-        [child] = psutil.Process(proxy.pid).children()
+    with served_client(proxy) as child:
         seen = time.monotonic()
         while time.monotonic() < seen + 0.5:  # held a while: any positive span would do
             time.sleep(0.1)

@@ -237,6 +237,18 @@ def resolver_pids(proxy: Process) -> list[int]:
     return found
 
 
+def held_resolver(lab: Lab, ns: Namespace) -> tuple[Process, Process, int]:
+    """(the DNS server, the proxy, its resolver child's pid), the resolver held in its
+    lookup of upstream.test (the server answers nothing; --resolve-every an hour)."""
+    set_hosts(ns, None)  # upstream.test only in DNS
+    dns = start_dns(lab, ns, gate=lab.workdir / "never")  # holds every query
+    proxy = start_proxy(lab, ns, "--resolve-every", "3600", resolved=False)
+    wait_until(lambda: f"query upstream.test {TYPE_A}" in dns.stdout(), proxy)
+    wait_until(lambda: len(resolver_pids(proxy)) == 1, proxy)
+    [resolver] = resolver_pids(proxy)
+    return dns, proxy, resolver
+
+
 def test_a_resolver_child_that_dies_is_a_warning_and_the_addresses_stay(
     lab: Lab, ns: Namespace
 ) -> None:
@@ -247,14 +259,9 @@ def test_a_resolver_child_that_dies_is_a_warning_and_the_addresses_stay(
     server answers nothing) so that it can be found and killed while it runs: the only
     non-zombie child of the supervisor without a metrics process or a client, a fork
     that runs the supervisor's command line."""
-    set_hosts(ns, None)  # upstream.test only in DNS
-    dns = start_dns(lab, ns, gate=lab.workdir / "never")  # holds every query
     # No timer to start the next lookup (an hour away): only the death of the one that
     # runs may start the one a reload asked for meanwhile.
-    proxy = start_proxy(lab, ns, "--resolve-every", "3600", resolved=False)
-    wait_until(lambda: f"query upstream.test {TYPE_A}" in dns.stdout(), proxy)
-    wait_until(lambda: len(resolver_pids(proxy)) == 1, proxy)
-    [resolver] = resolver_pids(proxy)
+    dns, proxy, resolver = held_resolver(lab, ns)
     # A reload while it runs asks for another lookup (answered once applied: causal).
     reload = subprocess.run([FORKPROXY, "reload", "--status-socket", str(lab.workdir / "fp.sock")],
                             capture_output=True, text=True, timeout=30)
@@ -277,12 +284,7 @@ def test_a_stop_does_not_wait_for_ever_on_a_frozen_resolver(lab: Lab, ns: Namesp
     """As for the metrics process (test_limits): a stop kills the resolver child and
     waited for it in waitpid(), and a frozen one dies only once thawed. Held in its lookup
     (the DNS server answers nothing), then frozen: the stop ends, and says which it left."""
-    set_hosts(ns, None)  # upstream.test only in DNS
-    dns = start_dns(lab, ns, gate=lab.workdir / "never")  # holds every query
-    proxy = start_proxy(lab, ns, "--resolve-every", "3600", resolved=False)
-    wait_until(lambda: f"query upstream.test {TYPE_A}" in dns.stdout(), proxy)
-    wait_until(lambda: len(resolver_pids(proxy)) == 1, proxy)
-    [resolver] = resolver_pids(proxy)
+    _, proxy, resolver = held_resolver(lab, ns)
     with frozen(resolver):
         proxy.popen.send_signal(signal.SIGTERM)
         assert proxy.popen.wait(30) == 0, proxy.describe()
