@@ -557,14 +557,14 @@ class Supervisor:
         if self.options.max_children_given:
             if memory is not None and memory_fit is not None and value > memory_fit:
                 self.log.warning("max-children", value=value, fits=memory_fit,
-                                 memory_limit=memory, detail=f"about {memory_fit} fit the "
-                                 f"memory limit of {mebibytes(memory)}; beyond that the OOM "
-                                 "killer ends connections")
+                                 memory_limit=memory, detail=f"about {memory_fit} fit "
+                                 f"{limits_text(['memory'], memory, pids)}; beyond that the "
+                                 "OOM killer ends connections")
             if pids is not None and pids_fit is not None and value > pids_fit:
                 self.log.warning("max-children", value=value, fits=pids_fit, pids_limit=pids,
-                                 detail=f"about {pids_fit} fit the pids limit of {pids}; "
-                                 "beyond that forks fail and clients wait for one that "
-                                 "works (fork-failed)")
+                                 detail=f"about {pids_fit} fit "
+                                 f"{limits_text(['pids'], memory, pids)}; beyond that forks "
+                                 "fail and clients wait for one that works (fork-failed)")
             return
         fits = limiting_fits(memory_fit, pids_fit)
         named = limits_named(fits)
