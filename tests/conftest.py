@@ -84,8 +84,13 @@ class Proxy:
         try:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
+            # What held the stop, taken before the kill: the supervisor's state (T: left
+            # stopped, as by a tracer) and what it waits in, its children's, and its log.
+            held = describe_process(self.pid) + "".join(
+                f"\n  child {describe_process(pid)}" for pid, _ in processes_under(self.pid))
             kill_group(self.proc)
-            raise
+            raise AssertionError(f"no exit within {timeout} s of {signal.Signals(sig).name}: "
+                                 f"{held}\n--- log ---\n{self.log()[-4000:]}") from None
 
     def signal(self, sig: int) -> None:
         self.proc.send_signal(sig)
@@ -380,6 +385,16 @@ def deliver_signal(pid: int, signum: int) -> None:
 
 def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def describe_process(pid: int) -> str:
+    """`PID state S wchan do_sys_poll`: what a process is doing, for a failure message."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        wchan = Path(f"/proc/{pid}/wchan").read_text()
+    except OSError:
+        return f"{pid} gone"
+    return f"{pid} state {state} wchan {wchan or '-'}"
 
 
 def processes_under(pid: int) -> list[tuple[int, str]]:
