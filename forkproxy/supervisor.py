@@ -260,6 +260,8 @@ class Supervisor:
         # Did we write --pid-file? Only then is it ours to remove at exit (and a path we
         # refused, a FIFO, is never opened again).
         self.pid_file_written: tuple[int, int] | None = None  # its (st_dev, st_ino)
+        # (event, detail) of the link-table warnings last logged: see _log_table_warnings
+        self.table_warnings: set[tuple[str, str]] = set()
         self.oom_score_adj, self.child_oom_score_adj = child_oom_score_adj()
 
     # -- start and stop -------------------------------------------------------------
@@ -1357,10 +1359,15 @@ class Supervisor:
                           addresses=" ".join(peer_text(address[1]) for address in addresses))
 
     def _log_table_warnings(self, table: LinkTable) -> None:
-        for warning in table.warnings:
-            self.log.warning("link-skipped", detail=warning)
-        for override in table.overrides:
-            self.log.warning("link-overridden", detail=override)
+        """`link-skipped` and `link-overridden`, at start and then at each reload for those
+        that are new: one standing in the environment (a `_UDP` link) was repeated at every
+        reload, a warning nobody can act on twice."""
+        found = [*(("link-skipped", text) for text in table.warnings),
+                 *(("link-overridden", text) for text in table.overrides)]
+        for event, text in found:
+            if (event, text) not in self.table_warnings:
+                self.log.warning(event, detail=text)
+        self.table_warnings = set(found)
 
     def _listen_options(self, bound: list[Listener]) -> None:
         """Socket options every accepted connection inherits from its listener: set here

@@ -2379,6 +2379,36 @@ def test_a_link_variable_from_the_environment_is_rewired_through_the_env_file(
         override)
 
 
+def test_a_link_warning_that_stands_is_not_repeated_at_every_reload(
+    start_proxy: StartProxy, tcp_server: ServerFactory, short_dir: Path, tmp_path: Path
+) -> None:
+    """A `_UDP` link variable in the env file is skipped with a warning: at start, and
+    then again at every reload, for a condition nobody can act on twice (the log audit's
+    finding). Said once now, and again only for what a reload brings new."""
+    server = tcp_server(echo)
+    [port] = distinct_free_ports(1)
+    env_file = tmp_path / "links.env"
+    links = {f"A_PORT_{port}_TCP": f"tcp://127.0.0.1:{server.port}",
+             "DNS_PORT_53_UDP": "udp://127.0.0.1:53"}
+    write_env_file(env_file, links)
+    sock_path = short_dir / "s.sock"
+    proxy = start_proxy("--env-file", str(env_file), *LOOPBACK, "--status-socket",
+                        str(sock_path))
+
+    def reload() -> None:
+        result = cli("reload", "--status-socket", str(sock_path))
+        assert result.returncode == 0, result
+
+    reload()
+    reload()
+    assert proxy.log().count(" link-skipped ") == 1, proxy.log()
+    write_env_file(env_file, {**links, "NTP_PORT_123_UDP": "udp://127.0.0.1:123"})
+    reload()
+    skipped = [x for x in proxy.log().splitlines() if " link-skipped " in x]
+    assert len(skipped) == 2 and "NTP_PORT_123_UDP" in skipped[1], skipped
+    assert "DNS_PORT_53_UDP" not in skipped[1], skipped
+
+
 def test_a_huge_env_file_fails_the_reload_and_the_proxy_serves_on(
     start_proxy: StartProxy, tcp_server: ServerFactory, short_dir: Path, tmp_path: Path
 ) -> None:
