@@ -654,6 +654,18 @@ def test_a_poll_that_fails_for_want_of_memory_is_tried_again(
     assert proxy.stop() == 0
 
 
+def download_proxy(start_proxy: Callable[..., Proxy], tcp_server: Callable[..., TcpServer],
+                   payload: bytes, relay: str) -> Proxy:
+    """A proxy (`--relay relay`) in front of a server that sends `payload` to each client."""
+
+    def download(conn: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            conn.sendall(payload)
+
+    server = tcp_server(download)
+    return start_proxy("--relay", relay, f"127.0.0.1:0=127.0.0.1:{server.port}")
+
+
 def test_a_relay_that_crashes_resets_both_sides_rather_than_ending_the_stream(
     start_proxy: Callable[..., Proxy], tcp_server: Callable[..., TcpServer],
 ) -> None:
@@ -663,13 +675,7 @@ def test_a_relay_that_crashes_resets_both_sides_rather_than_ending_the_stream(
     sides get an RST now, as from a stop's TERM. The errno is injected with strace,
     following the supervisor's children: each one's fifth poll fails."""
     payload = b"x" * (20 << 20)
-
-    def download(conn: socket.socket) -> None:
-        with contextlib.suppress(OSError):
-            conn.sendall(payload)
-
-    server = tcp_server(download)
-    proxy = start_proxy("--relay", "copy", f"127.0.0.1:0=127.0.0.1:{server.port}")
+    proxy = download_proxy(start_proxy, tcp_server, payload, "copy")
     with injected(proxy.pid, "poll", "error=ENOMEM:when=5", children=True):
         received = 0
         with socket.create_connection(("127.0.0.1", proxy.port), timeout=30) as client:
@@ -693,13 +699,7 @@ def test_a_splice_refused_for_want_of_memory_goes_on_by_copying(
     every splice fails (strace, following the supervisor's forks), so the whole download
     must be carried by the copy."""
     payload = os.urandom(20 << 20)
-
-    def download(conn: socket.socket) -> None:
-        with contextlib.suppress(OSError):
-            conn.sendall(payload)
-
-    server = tcp_server(download)
-    proxy = start_proxy("--relay", "splice", f"127.0.0.1:0=127.0.0.1:{server.port}")
+    proxy = download_proxy(start_proxy, tcp_server, payload, "splice")
     with injected(proxy.pid, "splice", "error=ENOMEM:when=1+", children=True):
         with socket.create_connection(("127.0.0.1", proxy.port), timeout=30) as client:
             client.settimeout(30)
