@@ -1131,6 +1131,10 @@ class Supervisor:
         elif self.kill_at is not None and now >= self.kill_at:
             self._signal_children(signal.SIGKILL)
             self.kill_at = now + KILL_AFTER
+            # And reap without being told: a child whose SIGCHLD never came (seen when a
+            # tracer let go of it after it exited) stayed a zombie, KILLed each second,
+            # and the stop never ended.
+            self.handle_chld()
 
     def _held_per_link(self) -> dict[str, int]:
         """Link name -> clients held, waiting for a child (see handle_stop, _fork_failed)."""
