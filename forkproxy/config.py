@@ -267,13 +267,17 @@ def room_for_children(memory_limit: int, metrics: bool) -> int:
 
 
 def children_that_fit(memory_limit: int, metrics: bool) -> int:
-    """Connections that fit a memory limit: room_for_children, 0 to DEFAULT_MAX_CHILDREN."""
-    return max(0, min(DEFAULT_MAX_CHILDREN, room_for_children(memory_limit, metrics)))
+    """Connections that fit a memory limit: room_for_children, 0 or more. Not capped at
+    DEFAULT_MAX_CHILDREN (as children_within_pids is not): a --max-children given is
+    compared with it, and `--max-children 2000` under 4 GiB was told "about 1024 fit"
+    where ~4084 do. The derived value is capped apart (derived_max_children)."""
+    return max(0, room_for_children(memory_limit, metrics))
 
 
 def fitting_children(memory_limit: int, metrics: bool) -> int:
-    """The --max-children derived from a memory limit: children_that_fit, at least 1."""
-    return max(1, children_that_fit(memory_limit, metrics))
+    """The --max-children derived from a memory limit alone: children_that_fit, 1 to
+    DEFAULT_MAX_CHILDREN."""
+    return max(1, min(DEFAULT_MAX_CHILDREN, children_that_fit(memory_limit, metrics)))
 
 
 def own_pids(metrics: bool) -> int:
@@ -291,8 +295,9 @@ def children_within_pids(pids_limit: int, metrics: bool) -> int:
 
 def limiting_fits(memory_fit: int | None, pids_fit: int | None) -> dict[str, int]:
     """The limits that bound a derived --max-children, "memory" and "pids", each with how
-    many connections it holds (as Supervisor.memory_fit and .pids_fit say). A memory limit
-    always does (a value of 1024 then says it was looked at); a pids limit only below
+    many connections it holds (as Supervisor.memory_fit and .pids_fit say, uncapped). A
+    memory limit always does (one that holds more than the default then says it was
+    looked at, and the default, 1024, is what fits it); a pids limit only below
     DEFAULT_MAX_CHILDREN: systemd gives every service one (TasksMax, thousands), and a
     limit that changes nothing is no news."""
     fits = {} if memory_fit is None else {"memory": memory_fit}
@@ -308,7 +313,7 @@ def derived_max_children(memory_limit: int | None, pids_limit: int | None,
     fits = limiting_fits(
         None if memory_limit is None else children_that_fit(memory_limit, metrics),
         None if pids_limit is None else children_within_pids(pids_limit, metrics))
-    return max(1, min(fits.values(), default=DEFAULT_MAX_CHILDREN))
+    return max(1, min([DEFAULT_MAX_CHILDREN, *fits.values()]))
 
 
 def limits_named(fits: Mapping[str, int]) -> list[str]:

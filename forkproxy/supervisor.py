@@ -534,7 +534,8 @@ class Supervisor:
 
     def memory_fit(self) -> int | None:
         """How many connections fit the memory limit found at start (None: no limit), 0
-        when none does: the derived --max-children is clamped up to 1, this is not."""
+        when none does: the derived --max-children is clamped up to 1 and capped at the
+        default, this is neither: a --max-children given is compared with it."""
         limit = self.options.memory_limit
         return None if limit is None else children_that_fit(limit, self.options.metrics is not None)
 

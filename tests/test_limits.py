@@ -1894,6 +1894,37 @@ def test_an_explicit_max_children_wins_over_the_memory_limit_and_is_warned_if_to
     assert proxy.stop() == 0
 
 
+def test_a_max_children_above_the_default_is_told_what_fits_a_large_memory_limit_uncapped(
+    memory_cgroup: MemoryCgroup, start_proxy: StartProxy, short_dir: Path
+) -> None:
+    """`--max-children 5000` under a 4 GiB limit: the warning, `status` and its JSON said
+    "about 1024 fit", the cap of the derived default, where ~4084 do. The default itself
+    stays 1024 under that limit, said to fit it."""
+    memory_cgroup.limit(4 << 30)
+    fit = (4 << 30) // MiB - 12  # the supervisor's 12 MiB (config.SUPERVISOR_MEMORY)
+    spec, sock_path = "127.0.0.1:0=127.0.0.1:1", short_dir / "s.sock"
+    proxy = start_proxy("--max-children", "5000", "--status-socket", str(sock_path), spec,
+                        prefix=memory_cgroup.enter())
+    [line] = max_children_lines(proxy)
+    assert line.endswith(f" warning max-children value=5000 fits={fit} memory_limit={4 << 30} "
+                         f"detail=\"about {fit} fit the memory limit of 4096 MiB; beyond that "
+                         "the OOM killer ends connections\""), line
+    reply = status_json(sock_path)
+    assert (reply["max_children"], reply["memory_fit"]) == (5000, fit), reply
+    first = cli("status", "--status-socket", str(sock_path)).stdout.splitlines()[0]
+    assert first.endswith(f", max-children 5000 (about {fit} fit the memory limit of "
+                          "4096 MiB)"), first
+    assert proxy.stop() == 0
+
+    proxy = start_proxy("--status-socket", str(sock_path), spec, prefix=memory_cgroup.enter())
+    [line] = max_children_lines(proxy)
+    assert line.endswith(" info max-children value=1024 memory_limit=4294967296 detail=\"fits "
+                         "the memory limit of 4096 MiB; --max-children overrides\""), line
+    reply = status_json(sock_path)
+    assert (reply["max_children"], reply["memory_fit"]) == (1024, fit), reply
+    assert proxy.stop() == 0
+
+
 def test_the_derived_max_children_in_json_leaves_room_for_metrics_and_status_shows_it(
     memory_cgroup: MemoryCgroup, start_proxy: StartProxy, tcp_server: ServerFactory,
     short_dir: Path
