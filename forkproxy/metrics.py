@@ -176,7 +176,7 @@ def render(status: dict[str, Any],
     # For "how close to the limit": sum(forkproxy_connections_active) / forkproxy_max_children.
     max_children = GaugeMetricFamily("forkproxy_max_children",
                                      "Most connections at once: --max-children, or what fits "
-                                     "the memory limit")
+                                     "the memory and pids limits")
     if "max_children" in status:
         max_children.add_metric([], status["max_children"])
     memory_limit = GaugeMetricFamily("forkproxy_memory_limit_bytes",
@@ -184,6 +184,12 @@ def render(status: dict[str, Any],
                                      "(no sample: none)")
     if status.get("memory_limit") is not None:
         memory_limit.add_metric([], status["memory_limit"])
+    # The pids limit bounds the derived --max-children too (and a fork past it fails).
+    pids_limit = GaugeMetricFamily("forkproxy_pids_limit",
+                                   "The pids limit (pids.max, processes and threads) of "
+                                   "forkproxy's cgroup, found at start (no sample: none)")
+    if status.get("pids_limit") is not None:
+        pids_limit.add_metric([], status["pids_limit"])
     orphans = CounterMetricFamily("forkproxy_orphans_reaped",
                                   "Processes reaped that were not forkproxy's own (as PID 1)")
     orphans.add_metric([], status.get("orphans_reaped", 0))
@@ -193,7 +199,7 @@ def render(status: dict[str, Any],
     restarts.add_metric([], (status.get("metrics") or {}).get("restarts", 0))
     yield from (up, listeners, active, waiting, total, ended, empty, denied, failures, moved,
                 durations, rss, uss, cpu, resolve_failures, address_changes, supervisor_rss,
-                max_children, memory_limit, orphans, restarts)
+                max_children, memory_limit, pids_limit, orphans, restarts)
 
 
 def _answer_head(app: WSGIApplication) -> WSGIApplication:

@@ -31,7 +31,14 @@ from test_observability import metrics_url, samples, scrape, value
 
 from forkproxy import listeners
 from forkproxy import supervisor as fp_supervisor
-from forkproxy.config import OWN_PIDS, Options, Sources, fitting_children, parse_spec
+from forkproxy.config import (
+    METRICS_PIDS,
+    OWN_PIDS,
+    Options,
+    Sources,
+    fitting_children,
+    parse_spec,
+)
 from forkproxy.listeners import Listener
 from forkproxy.log import Logger
 
@@ -2065,6 +2072,25 @@ def test_a_given_max_children_above_the_pids_limit_is_served_with_a_warning(
     assert first.endswith(f", max-children 50 (about {fit} fit the pids limit of {limit})"), \
         first
     assert ping_echo(proxy.port)
+    assert proxy.stop() == 0
+
+
+def test_the_metrics_show_the_pids_limit_that_bounds_the_derived_max_children(
+    pids_cgroup: Path, start_proxy: StartProxy, short_dir: Path
+) -> None:
+    """The pids limit bounds the derived --max-children as the memory limit does, but
+    only the memory limit was in the metrics (forkproxy_memory_limit_bytes): an alert on
+    `forkproxy_max_children` had no way to tell where the number came from. Now
+    forkproxy_pids_limit says it, read from a real pids.max."""
+    limit = OWN_PIDS + METRICS_PIDS + 10
+    (pids_cgroup / "pids.max").write_text(str(limit))
+    spec, sock_path = "127.0.0.1:0=127.0.0.1:1", short_dir / "s.sock"
+    proxy = start_proxy("--metrics", "127.0.0.1:0", "--status-socket", str(sock_path), spec,
+                        expect=2, prefix=in_cgroup(pids_cgroup))
+    found = samples(scrape(metrics_url(proxy)))
+    assert value(found, "forkproxy_pids_limit") == limit
+    assert value(found, "forkproxy_max_children") == 10
+    assert status_json(sock_path)["pids_limit"] == limit
     assert proxy.stop() == 0
 
 

@@ -1426,18 +1426,21 @@ def test_metrics_count_connections_by_how_they_ended() -> None:
     assert samples[("forkproxy_connections_ended_total", "db", "client-reset")] == 0
 
 
-@pytest.mark.parametrize("memory_limit", [None, 64 << 20])
-def test_metrics_show_the_max_children_in_force_and_the_memory_limit_if_any(
-    memory_limit: int | None,
+@pytest.mark.parametrize(("memory_limit", "pids_limit"), [(None, None), (64 << 20, None),
+                                                          (None, 100), (64 << 20, 100)])
+def test_metrics_show_the_max_children_in_force_and_the_memory_and_pids_limits_if_any(
+    memory_limit: int | None, pids_limit: int | None
 ) -> None:
     """forkproxy_max_children, for an alert on active connections near the limit, and
-    forkproxy_memory_limit_bytes, which has no sample where no limit was found."""
+    forkproxy_memory_limit_bytes and forkproxy_pids_limit, which have no sample where no
+    such limit was found."""
     status = {"links": {}, "duration_buckets": list(DURATION_BUCKETS), "listeners": [],
-              "max_children": 36, "memory_limit": memory_limit}
+              "max_children": 36, "memory_limit": memory_limit, "pids_limit": pids_limit}
     samples = {sample.name: sample.value
                for metric in render_metrics(status) for sample in metric.samples}
     assert samples["forkproxy_max_children"] == 36
     assert samples.get("forkproxy_memory_limit_bytes") == memory_limit
+    assert samples.get("forkproxy_pids_limit") == pids_limit
 
 
 def cpu_totals_over_scrapes(
