@@ -261,7 +261,37 @@ class Flow:
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
+            if exc.errno == errno.ENOMEM and self.splice and self._unpipe():
+                self.write()  # copying on, splice now off: no deeper than this
+                return
             raise Ended(self.dst_reset, exc, self) from None  # the flow: see pump()
+
+    def _unpipe(self) -> bool:
+        """After a splice out of the pipe refused for want of memory (a memory cgroup at its
+        limit: no page for the socket's buffer), copy on where a reset would cut: the
+        bytes still in the pipe move to the buffer, in order, and go from there as a
+        copy read's would. False when the pipe does not give them all (cannot be: it
+        holds `pending`): the reset then goes on. Here, not in write()'s loop, so that
+        the relay's usual path does no more work for it.
+
+        The buffer holds all `pending` at once (up to SPLICE_CHUNK): the pipe's pages
+        are freed as they are read, so the child holds no more than it did. One of at
+        least `chunk` bytes, as copy reads need."""
+        self.splice = False
+        view = self.view
+        if len(view) < self.pending:
+            view = memoryview(bytearray(max(self.pending, self.chunk)))
+        got = 0
+        try:
+            while got < self.pending:
+                n = os.readv(self.pipe_r, [view[got : self.pending]])
+                if not n:
+                    return False
+                got += n
+        except OSError:
+            return False
+        self.view, self.start, self.end = view, 0, self.pending
+        return True
 
 
 def lookup(host: str, port: int) -> list[Address]:

@@ -7,6 +7,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import resource
 import signal
 import socket
@@ -612,12 +613,15 @@ def test_a_metrics_restart_due_during_a_stop_leaves_the_loop_waiting_not_spinnin
 
 
 @contextlib.contextmanager
-def injected(pid: int, syscall: str, fault: str, *, children: bool = False) -> Iterator[None]:
+def injected(pid: int, syscall: str, fault: str, *, children: bool = False,
+             trace: Path | None = None) -> Iterator[None]:
     """strace attached to process `pid` (and, with `children`, to those it forks from
     then on), failing `syscall` as `fault` says (`error=ENOMEM:when=1..3`): the real
-    kernel's answer replaced, for an errno no setup here can make happen on cue."""
+    kernel's answer replaced, for an errno no setup here can make happen on cue. With
+    `trace`, the calls go there, each descriptor with what it is (`5<pipe:[1234]>`)."""
     tracer = subprocess.Popen(
-        [need("strace"), *(["-f"] if children else []), "-p", str(pid), "-o", "/dev/null",
+        [need("strace"), *(["-f"] if children else []), "-p", str(pid),
+         *(["-y", "-o", str(trace)] if trace else ["-o", "/dev/null"]),
          "-e", f"trace={syscall}", "-e", f"inject={syscall}:{fault}"],
         stderr=subprocess.PIPE, text=True)
     try:
@@ -713,6 +717,37 @@ def test_a_splice_refused_for_want_of_memory_goes_on_by_copying(
         assert wait_for(lambda: " close " in proxy.log()), proxy.log()
     assert (received, digest.hexdigest()) == (len(payload), hashlib.sha256(payload).hexdigest())
     assert "reset" not in proxy.log(), proxy.log()
+    assert proxy.stop() == 0
+
+
+def test_a_splice_out_of_the_pipe_refused_for_want_of_memory_goes_on_by_copying(
+    start_proxy: Callable[..., Proxy], tcp_server: Callable[..., TcpServer], tmp_path: Path
+) -> None:
+    """splice(2) from the pipe into a socket can fail with ENOMEM too (no page for the
+    socket's buffer at a memory cgroup's limit). The read side copied on; this side took
+    it for the receiver's reset, and a download was cut with its first MiB still in the
+    pipe. Now those bytes are read out of the pipe and sent first, then the relay copies.
+    Each child's second splice fails (strace): its first write, once its first read has
+    filled the pipe; the trace shows it was the pipe's, and the download arrives whole
+    and in order (sha256)."""
+    payload = os.urandom(20 << 20)
+    proxy = download_proxy(start_proxy, tcp_server, payload, "splice")
+    trace = tmp_path / "strace"
+    with injected(proxy.pid, "splice", "error=ENOMEM:when=2", children=True, trace=trace):
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=30) as client:
+            client.settimeout(30)
+            digest, received = hashlib.sha256(), 0
+            while chunk := client.recv(1 << 16):
+                digest.update(chunk)
+                received += len(chunk)
+        # strace stays attached until the child is done (see the test above).
+        assert wait_for(lambda: " close " in proxy.log()), proxy.log()
+    assert (received, digest.hexdigest()) == (len(payload), hashlib.sha256(payload).hexdigest())
+    assert "reset" not in proxy.log(), proxy.log()
+    [failed] = [line for line in trace.read_text().splitlines() if "(INJECTED)" in line]
+    # pipe -> socket, with bytes in the pipe (the length asked for: `pending`).
+    assert re.search(r"splice\(\d+<pipe:\[\d+\]>, NULL, \d+<socket:\[\d+\]>, NULL, [1-9]",
+                     failed), failed
     assert proxy.stop() == 0
 
 
