@@ -34,9 +34,6 @@ class Logger:
         self.fmt = fmt
         self.fd = fd
 
-    def enabled(self, level: int) -> bool:
-        return level >= self.level
-
     def emit(self, level: int, event: str, fields: dict[str, object]) -> None:
         if level < self.level:
             return

@@ -934,7 +934,7 @@ def serve(
         # Likewise: the client's socket inherited it from its listener. Set after the
         # connect, which --connect-timeout bounds, not this.
         set_user_timeout(upstream, user_timeout)
-    info = log.level <= INFO  # not log.enabled(): a call, so a code object to copy
+    info = log.level <= INFO  # inline, not a Logger method: a call is a code object to copy
     if info:
         # Formatted here, and only for a log line: not in the supervisor (accounting.ChildRecord).
         # config.peer_text written out: its two calls cost ~23 KiB per idle connection.

@@ -2665,3 +2665,22 @@ def test_a_line_whose_fields_hold_a_mark_is_not_prepared() -> None:
     gets None and logs the usual way rather than a garbled line."""
     assert Logger(INFO).prepare(INFO, "open", link="<pid>", client=SLOT, upstream="x") is None
     assert Logger(INFO, "json").prepare(INFO, "open", link="a", client=SLOT) is not None
+
+
+def test_every_public_logger_method_is_called_somewhere_in_forkproxy() -> None:
+    """Logger.enabled() was dead code (coverage and vulture found it): a method nothing
+    calls is untested behaviour that a reader takes for part of the logger's contract.
+    Each public method must be called as an attribute (`log.name(...)`) in some module of
+    the package: calls in the code, not mentions in comments or docstrings."""
+    import ast
+
+    package = Path(fp_status.__file__).resolve().parent
+    trees = {path.name: ast.parse(path.read_text()) for path in package.glob("*.py")}
+    logger = next(node for node in trees["log.py"].body
+                  if isinstance(node, ast.ClassDef) and node.name == "Logger")
+    methods = {node.name for node in logger.body
+               if isinstance(node, ast.FunctionDef) and not node.name.startswith("_")}
+    assert {"info", "prepare", "emit"} <= methods  # the class was found and read
+    called = {node.func.attr for tree in trees.values() for node in ast.walk(tree)
+              if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)}
+    assert sorted(methods - called) == []
