@@ -48,6 +48,29 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 
+class _Command(typer.core.TyperCommand):
+    """A command whose --help names each argument by its metavar, as click writes it
+    (`SPEC...`: `...` when several may be given). typer (0.2x) writes the Python type of
+    the annotation after it, `SPEC <list[str]>`, whatever the metavar: words from the
+    code, not the command line's. Options show their metavar already."""
+
+    def format_options(self, ctx: Any, formatter: Any) -> None:
+        arguments, options = [], []
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record is None:
+                continue
+            if param.param_type_name == "argument":
+                name = param.metavar or (param.name or "").upper()
+                arguments.append((name + ("..." if param.nargs != 1 else ""), record[1]))
+            elif param.param_type_name == "option":
+                options.append(record)
+        for title, rows in (("Arguments", arguments), ("Options", options)):
+            if rows:
+                with formatter.section(title):
+                    formatter.write_dl(rows)
+
+
 SpecsArg = Annotated[
     list[str] | None,
     typer.Argument(
@@ -267,7 +290,7 @@ def _option(help: str, env: str, metavar: str) -> Any:
     return typer.Option(help=help, envvar=f"FORKPROXY_{env}", metavar=metavar, show_default=False)
 
 
-@app.command("serve")
+@app.command("serve", cls=_Command)
 def serve_command(
     ctx: typer.Context,
     specs: SpecsArg = None,
@@ -375,7 +398,7 @@ def serve_command(
         fail(str(exc), variables, log_format)
 
 
-@app.command("links")
+@app.command("links", cls=_Command)
 def links_command(
     ctx: typer.Context,
     specs: SpecsArg = None,

@@ -991,6 +991,27 @@ def test_help_shows_every_default_and_names_what_options_take() -> None:
     assert text.count("[default: 0]") == 1  # --connect-retries'; -v and -q: none to show
 
 
+@pytest.mark.parametrize("command", [[], ["serve"], ["links"], ["status"], ["check"],
+                                     ["reload"]])
+def test_help_names_what_each_argument_takes_and_no_python_type(command: list[str]) -> None:
+    """typer wrote the Python type after an argument's name, `SPEC <list[str]>`: an
+    operator reads the metavar, `SPEC...` (several may be given), as click writes it.
+    No command's help may show a type typer derived from an annotation (`<int>`,
+    `<float>`, `list[str]`, `NoneType`)."""
+    result = run(*command, "--help")
+    assert result.returncode == 0, result
+    assert result.stdout.startswith("Usage: forkproxy"), result.stdout
+    # Lower case inside <>: the upper-case <ALIAS> and <N> of --from-env's help are words.
+    leaks = re.findall(r"<[a-z][^>]*>|\blist\[|\bNoneType\b|\b(?:int|float|str|bool)\b",
+                       result.stdout)
+    assert leaks == [], result.stdout
+    if command in (["serve"], ["links"]):
+        assert "[OPTIONS] [SPEC]..." in result.stdout  # the usage line
+        rows = re.findall(r"^  (SPEC\S*)\s+\[BIND_ADDR:\]LISTEN_PORT=HOST:PORT",
+                          result.stdout, re.MULTILINE)
+        assert rows == ["SPEC..."], result.stdout
+
+
 # -- reload --pid-file ----------------------------------------------------------------------
 
 
