@@ -26,6 +26,7 @@ import signal
 import socket
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterable, Iterator
 from socketserver import ThreadingMixIn
 from typing import Any
@@ -200,6 +201,32 @@ def render(status: dict[str, Any],
     yield from (up, listeners, active, waiting, total, ended, empty, denied, failures, moved,
                 durations, rss, uss, cpu, resolve_failures, address_changes, supervisor_rss,
                 max_children, memory_limit, pids_limit, orphans, restarts)
+
+
+METRICS_PATH = "/metrics"
+NOT_FOUND = b"not found: the metrics are at /metrics\n"
+
+
+def _only_metrics(app: WSGIApplication) -> WSGIApplication:
+    """/metrics, the URL serve prints, and no other path: prometheus_client serves the
+    page for any path, so a mistyped scrape path or a prober's URL looked right, and a
+    scanner walking paths got the page at each. Others are 404, with a line saying
+    where the metrics are."""
+
+    def serve(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "")
+        if "://" in path:
+            # The absolute form of the target (RFC 9112, 3.2.2: a server must accept it),
+            # as an HTTP proxy between the scraper and this port may send it: wsgiref
+            # leaves scheme and host in PATH_INFO.
+            path = urllib.parse.urlsplit(path).path
+        if path == METRICS_PATH:
+            return app(environ, start_response)
+        start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8"),
+                                         ("Content-Length", str(len(NOT_FOUND)))])
+        return [NOT_FOUND]
+
+    return serve
 
 
 def _answer_head(app: WSGIApplication) -> WSGIApplication:
@@ -421,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
     server.socket = sock
     server.server_name, server.server_port = "forkproxy", sock.getsockname()[1]
     server.setup_environ()
-    server.set_app(_answer_head(make_wsgi_app(registry)))
+    server.set_app(_answer_head(_only_metrics(make_wsgi_app(registry))))
     server.log = Logger(args.log_level, args.log_format)
     try:
         server.deadlines = _Deadlines()

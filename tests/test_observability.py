@@ -1679,6 +1679,42 @@ def test_metrics_filtered_by_name_give_those_families(
     assert {name for name, _ in samples(text)} == {"forkproxy_up", "forkproxy_connections_total"}
 
 
+def test_metrics_are_served_at_metrics_only_and_other_paths_are_404(
+    start_proxy: StartProxy, tcp_server: ServerFactory, env: dict[str, str],
+) -> None:
+    """prometheus_client serves the page for any path: /, /metrics/, /anything answered
+    200 with the metrics, so a mistyped scrape path or a prober's URL looked right, and
+    a scanner walking paths got the page at each. Only /metrics (the URL serve prints;
+    with a query, `?name[]=`) is served; every other path, GET or HEAD, is 404."""
+    server = tcp_server(echo)
+    proxy = start_proxy("--metrics", "127.0.0.1:0", f"127.0.0.1:0=127.0.0.1:{server.port}",
+                        expect=2, env=env)
+    url = metrics_url(proxy)
+    port = metrics_port(url)
+    assert "forkproxy_up 1.0" in scrape(url)
+    assert "forkproxy_up 1.0" in scrape(url + "?name[]=forkproxy_up")
+    base = url.removesuffix("/metrics")
+    # (Not //metrics: http.server itself reduces a leading // to /.)
+    for path in ("/", "/metrics/", "/metricsx", "/foo", "/favicon.ico", "/foo/metrics",
+                 "/Metrics"):
+        for method in ("GET", "HEAD"):
+            with pytest.raises(urllib.error.HTTPError) as missing:
+                urllib.request.urlopen(urllib.request.Request(base + path, method=method),
+                                       timeout=15)
+            assert missing.value.code == 404, (method, path)
+            body = missing.value.read()
+            missing.value.close()
+            assert b"forkproxy_up" not in body
+            assert body == (b"" if method == "HEAD" else b"not found: the metrics are at "
+                            b"/metrics\n"), (method, path, body)
+    # The absolute form of the request target (RFC 9112, 3.2.2), as an HTTP proxy between
+    # Prometheus and the endpoint may send it, names /metrics too.
+    with socket.create_connection(("127.0.0.1", port), timeout=15) as sock:
+        sock.sendall(f"GET http://127.0.0.1:{port}/metrics HTTP/1.0\r\n\r\n".encode())
+        data = recv_all_bytes(sock)
+    assert data.startswith(b"HTTP/1.0 200 ") and b"forkproxy_up 1.0" in data, data[:200]
+
+
 def test_idle_connections_to_the_metrics_port_cost_a_bounded_number_of_threads(
     start_proxy: StartProxy, tcp_server: ServerFactory, env: dict[str, str],
 ) -> None:
