@@ -444,9 +444,9 @@ def status_command(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Show links, live connections and what each child costs (RSS, USS, CPU)."""
-    from .status import enrich, render
+    from .status import enrich, probe_metrics, render
 
-    reply = enrich(_control(ctx, status_socket, "status"))
+    reply = probe_metrics(enrich(_control(ctx, status_socket, "status")))
     typer.echo(json.dumps(reply, indent=2) if as_json else render(reply))
 
 

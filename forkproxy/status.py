@@ -12,6 +12,7 @@ import os
 import socket
 import struct
 import time
+import urllib.parse
 from collections.abc import Callable
 from typing import Any, NoReturn
 
@@ -342,6 +343,107 @@ def enrich(status: dict[str, Any]) -> dict[str, Any]:
     return status
 
 
+# Seconds `status` gives the metrics endpoint to answer. A request waits up to a second
+# for a free slot there (metrics.SCRAPE_WAIT) and is closed if none comes: 2 s is enough
+# for a busy endpoint to answer and short enough for a command run by hand.
+PROBE_DEADLINE = 2.0
+# Answered by the metrics process itself, 404 (it serves /metrics only), without asking
+# the supervisor or rendering the page: /metrics would read every child with psutil.
+PROBE_REQUEST = b"HEAD / HTTP/1.0\r\n\r\n"
+
+
+def probe_metrics(status: dict[str, Any]) -> dict[str, Any]:
+    """The supervisor says `up` while the metrics process lives, which does not mean it
+    answers (stopped with SIGSTOP, every request slot held by slow clients): ask it.
+    Adds to the reply's `metrics` `answers` (true, false, or null when not asked: not
+    up, or not reachable from here) and `no_answer` (why not, or why not asked)."""
+    metrics = status.get("metrics")
+    if not isinstance(metrics, dict):
+        return status
+    metrics.update(answers=None, no_answer=None)
+    if metrics.get("state") != "up":
+        return status
+    here = status.get("pid_here")
+    if not here or not _same_network_namespace(here):
+        # Run from the host for a supervisor in a container: its address means another
+        # network's there, and may reach some other program here.
+        metrics["no_answer"] = "not asked: in another network namespace, or cannot tell"
+        return status
+    address = _url_address(str(metrics.get("url", "")))
+    if address is None:
+        metrics["no_answer"] = f"not asked: no address in {quoted(str(metrics.get('url')))}"
+        return status
+    error = _ask_http(*address, PROBE_DEADLINE)
+    metrics["answers"] = error is None
+    if error is not None:
+        pid = metrics.get("pid")
+        if pid and here == status.get("pid") and _is_stopped(pid):
+            error += f"; process {pid} is stopped"
+        metrics["no_answer"] = error
+    return status
+
+
+def _same_network_namespace(pid: int) -> bool:
+    """Is process `pid` in this process's network namespace? False when it cannot be told
+    (another user's process, without root)."""
+    try:
+        theirs, ours = os.stat(f"/proc/{pid}/ns/net"), os.stat("/proc/self/ns/net")
+    except OSError:
+        return False
+    return (theirs.st_dev, theirs.st_ino) == (ours.st_dev, ours.st_ino)
+
+
+def _is_stopped(pid: int) -> bool:
+    with contextlib.suppress(psutil.Error, OSError):
+        return psutil.Process(pid).status() in (psutil.STATUS_STOPPED,
+                                                psutil.STATUS_TRACING_STOP)
+    return False
+
+
+def _url_address(url: str) -> tuple[str, int] | None:
+    """`url`'s host and port to connect to, or None. The unspecified address (what
+    --metrics binds for all interfaces) is asked on loopback."""
+    parts = urllib.parse.urlsplit(url)
+    host = (parts.hostname or "").replace("%25", "%")  # an IPv6 zone, as a URL writes it
+    try:
+        port = parts.port
+    except ValueError:  # out of range or not a number
+        return None
+    if not host or port is None:
+        return None
+    return {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host), port
+
+
+def _ask_http(host: str, port: int, deadline: float) -> str | None:
+    """None if an HTTP server answers at host:port within `deadline` seconds, else why
+    not, in a few words. Connecting proves nothing: the kernel completes handshakes for
+    a listener whose process is stopped."""
+    ends = time.monotonic() + deadline
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST)[0]
+        with socket.socket(family, kind, proto) as sock:
+            sock.settimeout(deadline)
+            sock.connect(address)
+            sock.sendall(PROBE_REQUEST)
+            reply = b""
+            while b"\n" not in reply and len(reply) < 64:
+                sock.settimeout(max(0.001, ends - time.monotonic()))
+                chunk = sock.recv(64)
+                if not chunk:
+                    break
+                reply += chunk
+    except TimeoutError:
+        return f"no reply within {deadline:g} s"
+    except OSError as exc:  # socket.gaierror too
+        return str(exc.strerror or exc).lower()
+    if not reply:
+        return "closed without a reply"
+    if not reply.startswith(b"HTTP/"):
+        return "answered, but not HTTP"
+    return None
+
+
 def _size(value: int | None) -> str:
     """1536 -> '1.5K', as ls -h and docker ps print sizes. The unit is chosen on the
     value as shown: 1048575 (1023.999K) is `1.0M`, not `1024.0K`."""
@@ -384,10 +486,19 @@ def describe_metrics(metrics: dict[str, Any] | None) -> str | None:
     if not metrics:
         return None
     state = metrics.get("state", "?")
-    text = f"{metrics.get('url', '?')} {state}"
+    # `up` is the supervisor's word for a live process; said here only of one that
+    # answered status's request (probe_metrics), or as the supervisor said it where none
+    # was made (`check`, which does not ask).
+    asked = "answers" in metrics
+    shown = "running" if state == "up" and asked and metrics["answers"] is not True else state
+    text = f"{metrics.get('url', '?')} {shown}"
     since = metrics.get("since")
     if since is not None and state != "starting":
         text += f" for {max(0.0, time.time() - since):.0f}s"
+    if shown == "running":
+        reason = metrics.get("no_answer") or "not asked"
+        text += (f", not answering ({reason})" if metrics["answers"] is False
+                 else f" ({reason})")
     if state != "up" and metrics.get("last_exit"):
         text += f" ({metrics['last_exit']})"
     restarts = int(metrics.get("restarts", 0))

@@ -2399,6 +2399,103 @@ def test_status_and_check_show_a_dead_metrics_process_until_it_is_back(
     assert proxy.log().count("metrics-died") == restarts
 
 
+def test_status_says_up_only_for_a_metrics_endpoint_that_answers(
+    start_proxy: StartProxy, tcp_server: ServerFactory, env: dict[str, str],
+) -> None:
+    """The supervisor calls the endpoint `up` while its process lives, and status said `up`
+    for a metrics process stopped with SIGSTOP, which answers no scrape: a reader takes
+    `up` to mean "answers". status now asks the endpoint itself (an HTTP request, 2 s at
+    most) and says `up` only when it answered; otherwise `running ... not answering` and
+    why, with `answers` and `no_answer` in --json (`state` stays the supervisor's)."""
+    server = tcp_server(echo)
+    proxy = start_proxy("--metrics", "127.0.0.1:0", f"127.0.0.1:0=127.0.0.1:{server.port}",
+                        expect=2, env=env)
+    url = metrics_url(proxy)
+    sock_path = Path(env["XDG_RUNTIME_DIR"]) / "forkproxy" / f"{proxy.pid}.sock"
+    assert "forkproxy_up 1.0" in scrape(url)  # imports done: it serves
+    pid = poll(lambda: metrics_pid(proxy.pid), bool)
+    assert pid, "no metrics process"
+
+    def status_line() -> str:
+        result = cli("status", "--status-socket", str(sock_path), env=env)
+        assert result.returncode == 0, result
+        line = result.stdout.splitlines()[1]
+        assert line.startswith(f"metrics {url} "), result.stdout
+        return line
+
+    state = status_json(sock_path, env)["metrics"]
+    assert state["state"] == "up" and state["answers"] is True, state
+    assert state["no_answer"] is None, state
+    assert re.fullmatch(rf"metrics {re.escape(url)} up for \d+s, 0 restarts", status_line())
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        state = status_json(sock_path, env)["metrics"]
+        assert state["state"] == "up" and state["pid"] == pid, state  # the process lives
+        assert state["answers"] is False, state
+        assert state["no_answer"] == f"no reply within 2 s; process {pid} is stopped", state
+        line = status_line()
+        assert " up " not in line, line
+        assert re.fullmatch(
+            rf"metrics {re.escape(url)} running for \d+s, not answering \(no reply within "
+            rf"2 s; process {pid} is stopped\), 0 restarts", line), line
+        # check (a HEALTHCHECK, run often) reports the supervisor's view, unprobed.
+        check = cli("check", "--status-socket", str(sock_path), env=env)
+        assert (check.returncode, check.stdout) == (0, "ok: 1 listener(s)\n"), check
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    state = poll(lambda: status_json(sock_path, env)["metrics"],
+                 lambda metrics: bool(metrics["answers"]))
+    assert state["answers"] is True and state["pid"] == pid, state
+    assert " up for " in status_line()
+    # From another network namespace (the host, for a proxy in a container) its address
+    # is not its endpoint: not asked, and not called `up` either.
+    result = subprocess.run([need("unshare"), "--net", FORKPROXY, "status", "--json",
+                             "--status-socket", str(sock_path)],
+                            capture_output=True, text=True, env=env, timeout=60, check=False)
+    assert result.returncode == 0, result
+    state = json.loads(result.stdout)["metrics"]
+    assert state["state"] == "up" and state["answers"] is None, state
+    assert state["no_answer"] == "not asked: in another network namespace, or cannot tell"
+    assert fp_status.describe_metrics({**state, "since": None}) == (
+        f"{url} running (not asked: in another network namespace, or cannot tell), 0 restarts")
+
+
+def test_status_says_a_metrics_endpoint_whose_slots_are_all_held_is_not_answering(
+    start_proxy: StartProxy, tcp_server: ServerFactory, env: dict[str, str],
+) -> None:
+    """Eight clients that send half a request hold every scrape slot (for up to 5 s each);
+    a ninth, status's request, is closed after waiting 1 s for one. status said `up`."""
+    server = tcp_server(echo)
+    proxy = start_proxy("--metrics", "127.0.0.1:0", f"127.0.0.1:0=127.0.0.1:{server.port}",
+                        expect=2, env=env)
+    url = metrics_url(proxy)
+    port = metrics_port(url)
+    sock_path = Path(env["XDG_RUNTIME_DIR"]) / "forkproxy" / f"{proxy.pid}.sock"
+    assert "forkproxy_up 1.0" in scrape(url)
+    # The slots are freed 5 s after each client came: on a loaded machine status may ask
+    # too late, so the clients come again until it asked in time (or 5 tries).
+    seen = None
+    for _ in range(5):
+        holders = [socket.create_connection(("127.0.0.1", port), timeout=15)
+                   for _ in range(fp_metrics.MAX_SCRAPES)]
+        try:
+            for holder in holders:
+                holder.sendall(b"GET /metrics HTTP/1.1\r\n")  # and no end of the headers
+            state = status_json(sock_path, env)["metrics"]
+        finally:
+            for holder in holders:
+                holder.close()
+        assert state["state"] == "up", state
+        if state["answers"] is False:
+            seen = state
+            break
+    assert seen is not None, "status always found a free slot"
+    assert seen["no_answer"] == "closed without a reply", seen
+    state = poll(lambda: status_json(sock_path, env)["metrics"],
+                 lambda metrics: bool(metrics["answers"]))
+    assert state["answers"] is True, state  # the slots freed, it answers again
+
+
 # -- JSON logs -------------------------------------------------------------------------------
 
 
