@@ -351,6 +351,11 @@ class Supervisor:
         if pid == 0:
             try:
                 signals.reset_in_child()
+                # Only the metrics socket goes through the exec: descriptors the
+                # launcher leaked to forkproxy (a shell's `50>file`) are not the
+                # metrics process's to hold, nor the control socket or the listeners
+                # (those are close-on-exec already).
+                close_inherited(fd)
                 os.set_inheritable(fd, True)
                 os.execv(sys.executable, argv)
             except OSError as exc:

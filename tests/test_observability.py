@@ -1606,6 +1606,28 @@ def test_an_idle_tcp_client_does_not_block_scrapes(
     assert "forkproxy_up 1.0" in text
 
 
+def test_the_metrics_process_holds_no_descriptor_the_launcher_leaked(
+    start_proxy: StartProxy, tcp_server: ServerFactory, env: dict[str, str], tmp_path: Path,
+) -> None:
+    """A descriptor the launcher left open (a shell's `50>file`) went through the metrics
+    process's exec: it held the file (or a pipe's end, keeping its reader waiting) as
+    long as it lived (found by a review of what each process holds). It holds stdio and
+    its socket only now."""
+    leaked = tmp_path / "leaked"
+    leaked.touch()
+    upstream = tcp_server(echo)
+    proxy = start_proxy("--metrics", "127.0.0.1:0", f"127.0.0.1:0=127.0.0.1:{upstream.port}",
+                        expect=2, env=env,
+                        prefix=("bash", "-c", 'exec 50>"$0" && exec "$@"', str(leaked)))
+    assert os.readlink(f"/proc/{proxy.pid}/fd/50") == str(leaked)  # the launcher did leak it
+    assert wait_for(lambda: metrics_pid(proxy.pid) != 0)
+    pid = metrics_pid(proxy.pid)
+    held = {int(fd): os.readlink(f"/proc/{pid}/fd/{fd}")
+            for fd in os.listdir(f"/proc/{pid}/fd")}
+    assert str(leaked) not in held.values(), held
+    assert all(target.startswith("socket:") for fd, target in held.items() if fd > 2), held
+
+
 def test_metrics_answer_head_as_get_without_a_body(
     start_proxy: StartProxy, tcp_server: ServerFactory, env: dict[str, str],
 ) -> None:
