@@ -18,8 +18,17 @@ from .config import Link, peer_text
 
 # Per slot: bytes client->upstream, bytes upstream->client, and (at ENDED) when the child
 # ended (time.monotonic_ns(); 0 until it has, and for ever if it was killed or crashed).
-FIELDS = 3
+# Then what a child tells the supervisor of a failed connect, for the lines the supervisor
+# writes folded (connect-failed, connect-fallback; relay.note_failure and note_fallback
+# write them, relay.failure_text and fallback_addresses read them): at FAILURE, the error's
+# code and flags (0: none); for a fallback, the failed and the connected address (128 bits
+# each, two words) and their scopes (SCOPES). Written only on those paths, once.
+FIELDS = 9
 ENDED = 2
+FAILURE = 3
+FAILED_ADDRESS = 4
+CONNECTED_ADDRESS = 6
+SCOPES = 8
 _ZEROED_SLOT = memoryview(bytes(8 * FIELDS)).cast("Q")
 # Connection duration histogram buckets, seconds (Prometheus `le` bounds).
 DURATION_BUCKETS = (0.005, 0.05, 0.25, 1.0, 5.0, 30.0, 120.0, 600.0, 3600.0)

@@ -30,12 +30,14 @@ import time
 from _socket import socket as RawSocket
 
 from . import signals
+from .accounting import CONNECTED_ADDRESS, FAILED_ADDRESS, FAILURE, SCOPES
 from .config import KEEPALIVE_PROBES, Endpoint, Link, Options, peer_text
-from .log import INFO, SLOT, SLOT_INT, SLOT_SECONDS, Logger
+from .log import INFO, SLOT, SLOT_INT, SLOT_SECONDS, WARNING, Logger
 
 __all__ = [
-    "CHILD_DISPOSITIONS", "Address", "Ended", "RawSocket", "connect_upstream", "lookup",
-    "preload", "prepared_lines", "pump", "reset_connections", "serve",
+    "CHILD_DISPOSITIONS", "Address", "Ended", "RawSocket", "connect_upstream",
+    "failure_text", "fallback_addresses", "lookup", "preload", "prepared_lines", "pump",
+    "reset_connections", "serve",
 ]
 
 # How a relay ended: the child's exit status, decoded by the supervisor.
@@ -91,6 +93,36 @@ SIGALRM, SIGTERM = int(signal.SIGALRM), int(signal.SIGTERM)
 # established connection they only ever surface at that timeout.
 _PEER_TIMEOUT_ERRORS = frozenset((errno.ETIMEDOUT, errno.EHOSTUNREACH, errno.ENETUNREACH))
 _TIMEOUT_OF = {CLIENT_RESET: CLIENT_TIMEOUT, UPSTREAM_RESET: UPSTREAM_TIMEOUT}
+
+# A failed connect's error as a child leaves it in its slot's FAILURE word (accounting.py),
+# for the supervisor's connect-failed and connect-fallback lines: the low 18 bits are an
+# errno, or NO_ADDRESS, or UNRESOLVED with the negated getaddrinfo code (failure_text).
+# The flags above them: FELL_BACK marks a fallback (its addresses in the slot, IPv6 ones
+# flagged), COUNTED one the supervisor has counted while the child lives on.
+_CODE = 0x3FFFF
+NO_ADDRESS = 0x10000
+UNRESOLVED = 0x20000
+FELL_BACK = 1 << 20
+COUNTED = 1 << 21
+_FAILED_V6 = 1 << 22
+_CONNECTED_V6 = 1 << 23
+_LOW_64 = (1 << 64) - 1
+AF_INET, AF_INET6 = int(socket.AF_INET), int(socket.AF_INET6)
+# glibc's gai_strerror for the codes a lookup gives (Python has no call for it): the
+# supervisor writes a child's failed lookup from its code alone.
+_GAI_TEXTS = {
+    getattr(socket, name): text
+    for name, text in (
+        ("EAI_NONAME", "Name or service not known"),
+        ("EAI_AGAIN", "Temporary failure in name resolution"),
+        ("EAI_FAIL", "Non-recoverable failure in name resolution"),
+        ("EAI_NODATA", "No address associated with hostname"),
+        ("EAI_ADDRFAMILY", "Address family for hostname not supported"),
+        ("EAI_MEMORY", "Memory allocation failure"),
+        ("EAI_SYSTEM", "System error"),
+    )
+    if hasattr(socket, name)
+}
 
 Address = tuple[int, tuple[object, ...]]  # (family, sockaddr) as getaddrinfo gives them
 
@@ -333,11 +365,11 @@ def in_turn(addresses: list[Address], turn: int) -> list[Address]:
 
 def connect_upstream(
     addresses: list[Address], target: Endpoint, timeout: float, retries: int
-) -> tuple[RawSocket, bool, tuple[str, str] | None]:
+) -> tuple[RawSocket, bool, tuple[tuple[object, ...], tuple[object, ...], OSError] | None]:
     """Connect to the first address that answers, retrying with a short backoff; return
     the socket, whether its address came from a lookup of the child's own, and None, or
     (when addresses failed before one answered) the one that answered and the last that
-    failed, with its error, as text.
+    failed, with its error.
 
     Names are resolved by the supervisor. A child looks a name up itself only when the
     supervisor has no addresses (a DNS hiccup at start-up is not fatal) or when every one
@@ -351,7 +383,6 @@ def connect_upstream(
     """
     error: OSError | None = None
     failed: tuple[tuple[object, ...], OSError] | None = None  # the last connect() that failed
-    failures = 0
     for attempt in range(retries + 1):
         if attempt:
             time.sleep(min(0.1 * 2**attempt, 2.0))
@@ -365,9 +396,11 @@ def connect_upstream(
                     candidates = [address for address in lookup(target.host, target.port)
                                   if address not in addresses]
                 except socket.gaierror as exc:
-                    # After failed connects, their error says more than this one.
+                    # After failed connects, their error says more than this one. Its
+                    # errno is the code the supervisor writes the line from (failure_text).
                     error = error or OSError(
-                        errno.EHOSTUNREACH, f"cannot resolve {target.host}: {exc}"
+                        UNRESOLVED | (-(exc.errno or 0) & 0xFFFF),
+                        f"cannot resolve {target.host}: {exc}",
                     )
                     break
             for family, sockaddr in candidates:
@@ -392,18 +425,59 @@ def connect_upstream(
                     error = exc
                 else:
                     sock.setblocking(False)
-                    return sock, own, failed and _fallback(sockaddr, *failed, failures)
-                failed, failures = (sockaddr, error), failures + 1
+                    return sock, own, failed and (sockaddr, *failed)
+                failed = (sockaddr, error)
                 sock.close()
-    raise error or OSError(errno.EHOSTUNREACH, "no address")
+    raise error or OSError(NO_ADDRESS, "no address")
 
 
-def _fallback(connected: tuple[object, ...], address: tuple[object, ...], error: OSError,
-              failures: int) -> tuple[str, str]:
-    """The address connected to, and `[fd00::5]:6379: Connection timed out` (with how many
-    more failed before it)."""
-    more = f" (and {failures - 1} more)" if failures > 1 else ""
-    return peer_text(connected), f"{peer_text(address)}: {error.strerror or error}{more}"
+def failure_text(code: int, host: str) -> str:
+    """The `error` text of a FAILURE word's code (see _CODE): what the child's OSError said."""
+    code &= _CODE
+    if code == NO_ADDRESS:
+        return "no address"
+    if code & UNRESOLVED:
+        gai = -(code & 0xFFFF)
+        return f"cannot resolve {host}: {_GAI_TEXTS.get(gai, f'lookup error {gai}')}"
+    return os.strerror(code)
+
+
+def note_fallback(counters: memoryview, base: int, connected: tuple[object, ...],
+                  failed: tuple[object, ...], error: OSError) -> None:
+    """Leave a fallback in the child's slot for the supervisor, which writes the folded
+    `connect-fallback` line (fallback_addresses reads it back). The FAILURE word last:
+    the supervisor reads the addresses once it sees that."""
+    word = FELL_BACK | ((error.errno or errno.EIO) & _CODE)
+    scopes = 0
+    for index, (sockaddr, v6) in enumerate(((failed, _FAILED_V6), (connected, _CONNECTED_V6))):
+        host = str(sockaddr[0]).partition("%")[0]  # a scope is its index, below
+        if len(sockaddr) > 2:
+            number = int.from_bytes(socket.inet_pton(AF_INET6, host))
+            scopes |= (int(sockaddr[3]) & 0xFFFFFFFF) << (32 * index)  # type: ignore[call-overload]
+            word |= v6
+        else:
+            number = int.from_bytes(socket.inet_pton(AF_INET, host))
+        at = base + (FAILED_ADDRESS, CONNECTED_ADDRESS)[index]
+        counters[at], counters[at + 1] = number >> 64, number & _LOW_64
+    counters[base + SCOPES] = scopes
+    counters[base + FAILURE] = word
+
+
+def fallback_addresses(counters: memoryview, base: int, word: int,
+                       port: int) -> tuple[str, str]:
+    """The connected and the failed address a child left in its slot (note_fallback), as
+    text: every address of a link's target has the target's port."""
+    texts = []
+    for index, v6 in enumerate((_CONNECTED_V6, _FAILED_V6)):
+        at = base + (CONNECTED_ADDRESS, FAILED_ADDRESS)[index]
+        number = counters[at] << 64 | counters[at + 1]
+        if word & v6:
+            host = socket.inet_ntop(AF_INET6, number.to_bytes(16))
+            scope = counters[base + SCOPES] >> (32 * (1 - index)) & 0xFFFFFFFF
+            texts.append(peer_text((host, port, 0, scope)))
+        else:
+            texts.append(peer_text((socket.inet_ntop(AF_INET, number.to_bytes(4)), port)))
+    return texts[0], texts[1]
 
 
 def pump(
@@ -852,6 +926,7 @@ def serve(
     log: Logger,
     lines: tuple[str | None, str | None],
     supervisor: int,
+    quiet: list[float] | None = None,
 ) -> int:
     """The whole life of one connection in its child; returns the exit status.
 
@@ -860,6 +935,8 @@ def serve(
     and the supervisor hands them over as one tuple.
     `lines` are the link's prepared "open" and "close" lines (prepared_lines()); None:
     log that one the usual way. `supervisor` is the supervisor's pid (0: none to tell).
+    `quiet` holds when the link's next `connect-fallback` line is due (monotonic; the
+    supervisor sets it as it writes one): a fallback before then is only noted in the slot.
     """
     started = time.monotonic()
     client.setblocking(False)
@@ -870,13 +947,10 @@ def serve(
             addresses, link.target, options.connect_timeout, options.connect_retries
         )
     except OSError as exc:
-        log.warning(
-            "connect-failed",
-            link=link.name,
-            client=peer_text(client_address),
-            upstream=str(link.target),
-            error=exc.strerror or str(exc),
-        )
+        # No line here: the supervisor writes `connect-failed`, folded per link, when it
+        # reaps this child (right away), from the error's code left in the slot. Every
+        # client of a dead upstream fails so, and a line each flooded the log.
+        counters[base + FAILURE] = (exc.errno or errno.EIO) & _CODE
         client.close()
         return CONNECT_FAILED
     except ResetAtConnect as ended:
@@ -912,9 +986,16 @@ def serve(
         return UPSTREAM_RESET
     if fallback is not None:
         # Connected, but only after an address failed (a dead first address of a name, a
-        # retry): each such connection waited for it, and nothing else would say so.
-        log.warning("connect-fallback", link=link.name, client=peer_text(client_address),
-                    upstream=str(link.target), connected=fallback[0], failed=fallback[1])
+        # retry): each such connection waited for it, and nothing else would say so. The
+        # supervisor writes the `connect-fallback` line, folded per link, from the slot
+        # (a line each flooded the log: half the connections to a name with one dead
+        # address); it counts this one at the reap, or when told. Told (SIGALRM, its
+        # "look again": an address of the name is dead) only when the link's line is due:
+        # the connection may live for hours, and the first fallback is logged at once.
+        note_fallback(counters, base, *fallback)
+        if (quiet is not None and supervisor and log.level <= WARNING
+                and time.monotonic() >= quiet[0] and os.getppid() == supervisor):
+            os.kill(supervisor, SIGALRM)
     if looked_up and supervisor and os.getppid() == supervisor:
         # The name points elsewhere now: SIGALRM, the supervisor's "resolve now" (the
         # --resolve-every timer's signal), so that the clients after this one go straight

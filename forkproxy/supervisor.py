@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Mapping
 
 from . import __version__, control, listeners, relay, signals
-from .accounting import ENDED, Accounting, ChildRecord, describe_status
+from .accounting import ENDED, FAILURE, Accounting, ChildRecord, describe_status
 from .config import (
     MIN_RESOLVE_EVERY,
     ConfigError,
@@ -226,6 +226,11 @@ class Supervisor:
         # accept-failed, fork-failed, control-accept-failed: [failures since the last
         # line, when it was logged]
         self.pause_logs: dict[str, list[float]] = {}
+        # connect-failed, connect-fallback: the same, per (event, link name) (_fold_link)
+        self.link_folds: dict[tuple[str, str], list[float]] = {}
+        # Link name -> [when its next connect-fallback line is due]: handed to its children
+        # (relay.serve's `quiet`), which tell the supervisor of a fallback only from then.
+        self.fallback_due: dict[str, list[float]] = {}
         self.denials: dict[str, DenialWindow] = {}  # link name -> its denied lines' window
         self.denials_at: float | None = None  # the first window with lines left unlogged ends
         self.control_at: float | None = None  # the same for the control socket
@@ -946,6 +951,7 @@ class Supervisor:
             self.log,
             relay.prepared_lines(self.log, link),
             os.getpid(),
+            self.fallback_due.setdefault(link.name, [0.0]),
         )
 
     # -- signals -----------------------------------------------------------------------
@@ -961,6 +967,7 @@ class Supervisor:
             elif signum == signal.SIGUSR1:
                 self.handle_usr1()
             elif signum == signal.SIGALRM:
+                self.count_fallbacks()
                 self.start_resolver()
 
     def handle_chld(self) -> None:
@@ -998,6 +1005,12 @@ class Supervisor:
             # A child killed by a signal wrote no close line: its record and counters are
             # read for one now, before finished() zeroes them.
             live = self.accounting.children.get(pid) if os.WIFSIGNALED(status) else None
+            # So is what it left of a failed connect, for the folded lines (see relay.serve).
+            child = self.accounting.children.get(pid)
+            failure = 0 if child is None else self.accounting.slots.counters[child[2] + FAILURE]
+            if failure & relay.FELL_BACK and not failure & relay.COUNTED:
+                assert child is not None
+                self._fallbacks([(child, failure)])
             # kill_at is set once the grace period is over and we have TERMed the children:
             # only then is a signal's death ours. During the grace, as outside a stop, it is
             # the OOM killer's or someone's kill -9.
@@ -1008,6 +1021,7 @@ class Supervisor:
             if record is None:
                 self.log.debug("reaped-orphan", child_pid=pid, status=describe_status(status))
             elif status == _CONNECT_FAILED_STATUS:
+                self._connect_failed(record, failure)
                 # Perhaps the name points elsewhere now (a container recreated with a new
                 # address): look again, without waiting for the timer. (A child that found
                 # it does sends SIGALRM as it connects: see relay.serve.)
@@ -1024,6 +1038,72 @@ class Supervisor:
         if self.held:
             self.serve_held()
         self.update_accepting()
+
+    def _fold_link(self, event: str, name: str, failures: int) -> int:
+        """Count `failures` more of `event` on link `name`; the count since its last line
+        when a line is due now (the first, or ERROR_LOG_EVERY after the last), else 0.
+        Per link, not per event name as _log_repeating: an upstream is down or not on its
+        own, and one link's steady failures must not hide another's for good."""
+        now = time.monotonic()
+        fold = self.link_folds.setdefault((event, name), [0, -ERROR_LOG_EVERY])
+        fold[0] += failures
+        if now - fold[1] < ERROR_LOG_EVERY:
+            return 0
+        count = int(fold[0])
+        fold[:] = [0, now]
+        return count
+
+    def _connect_failed(self, record: ChildRecord, failure: int) -> None:
+        """A reaped child's failed connect (relay.serve left its error's code): the folded
+        `connect-failed` line. Written here, not by each child: a dead upstream fails every
+        client, and a line each flooded the log in the very outage it is read in."""
+        link = record[0]
+        failures = self._fold_link("connect-failed", link.name, 1)
+        if failures:
+            self.log.warning("connect-failed", link=link.name, client=peer_text(record[1]),
+                             upstream=str(link.target),
+                             error=relay.failure_text(failure, link.target.host),
+                             failures=failures)
+
+    def count_fallbacks(self) -> None:
+        """Count the fallbacks of live children not counted yet (SIGALRM: a child that fell
+        back when its link's line was due says so, as the --resolve-every timer ticks), and
+        write the lines due. One read of a shared word per child, at most once per link per
+        ERROR_LOG_EVERY with fallbacks going on (and per timer tick)."""
+        counters = self.accounting.slots.counters
+        found = []
+        for record in self.accounting.children.values():
+            word = counters[record[2] + FAILURE]
+            if word & relay.FELL_BACK and not word & relay.COUNTED:
+                found.append((record, word))
+        if found:
+            self._fallbacks(found)
+
+    def _fallbacks(self, found: list[tuple[ChildRecord, int]]) -> None:
+        """Count these fallbacks (each child's record and FAILURE word), a live child's
+        marked counted in its slot (the child writes it once, before, and never again), and
+        write one `connect-fallback` line per link whose line is due, about its last one."""
+        counters = self.accounting.slots.counters
+        last: dict[str, tuple[ChildRecord, int]] = {}
+        counts: dict[str, int] = {}
+        for record, word in found:
+            counters[record[2] + FAILURE] = word | relay.COUNTED
+            name = record[0].name
+            counts[name] = counts.get(name, 0) + 1
+            last[name] = (record, word)
+        for name, (record, word) in last.items():
+            failures = self._fold_link("connect-fallback", name, counts[name])
+            if not failures:
+                continue
+            link, base = record[0], record[2]
+            connected, failed = relay.fallback_addresses(counters, base, word, link.target.port)
+            self.log.warning("connect-fallback", link=name, client=peer_text(record[1]),
+                             upstream=str(link.target), connected=connected, failed=failed,
+                             failed_error=relay.failure_text(word, link.target.host),
+                             failures=failures)
+            due = self.fallback_due.get(name)
+            if due is not None:
+                due[0] = time.monotonic() + ERROR_LOG_EVERY
 
     def _moved(self, record: ChildRecord) -> tuple[int, int, float]:
         """A live child's bytes up and down (its shared counters) and duration so far."""

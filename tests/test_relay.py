@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import socket
@@ -227,3 +228,39 @@ def test_in_turn_rotates_the_preferred_family_and_keeps_the_rest(
     assert ordered[:len(first)] == first[start:] + first[:start]
     leaders = [relay.in_turn(addresses, turn + k)[0] for k in range(len(first))]
     assert sorted(leaders) == sorted(first)
+
+
+@pytest.mark.parametrize(
+    ("connected", "failed", "texts"),
+    [
+        (("127.0.0.2", 6379), ("127.0.0.4", 6379), ("127.0.0.2:6379", "127.0.0.4:6379")),
+        (("fd00::7", 6379, 0, 0), ("fe80::1%eth0", 6379, 0, 3),
+         ("[fd00::7]:6379", "[fe80::1%3]:6379")),
+        (("198.18.0.7", 6379), ("2001:db8::ffff:1", 6379, 0, 4294967295),
+         ("198.18.0.7:6379", "[2001:db8::ffff:1%4294967295]:6379")),
+    ],
+)
+def test_a_fallback_left_in_the_slot_reads_back_as_the_childs_addresses(
+    connected: tuple[object, ...], failed: tuple[object, ...], texts: tuple[str, str]
+) -> None:
+    """The supervisor writes `connect-fallback` from what the child left in its slot
+    (relay.note_fallback): both addresses, either family, a scope, and the error."""
+    from forkproxy.accounting import FAILURE, FIELDS
+
+    counters = memoryview(bytearray(8 * FIELDS * 2)).cast("Q")
+    refused = OSError(errno.ECONNREFUSED, os.strerror(errno.ECONNREFUSED))
+    relay.note_fallback(counters, FIELDS, connected, failed, refused)
+    assert not any(counters[:FIELDS])  # the other slot untouched
+    word = counters[FIELDS + FAILURE]
+    assert word & relay.FELL_BACK and not word & relay.COUNTED
+    assert relay.fallback_addresses(counters, FIELDS, word, 6379) == texts
+    assert relay.failure_text(word, "upstream.test") == "Connection refused"
+
+
+def test_a_failed_connects_code_reads_back_as_its_error() -> None:
+    """connect-failed's `error`, from the code a child leaves (connect_upstream's errors)."""
+    assert relay.failure_text(errno.ETIMEDOUT, "db.test") == "Connection timed out"
+    assert relay.failure_text(relay.NO_ADDRESS, "db.test") == "no address"
+    code = relay.UNRESOLVED | (-socket.EAI_NONAME & 0xFFFF)
+    expected = "cannot resolve db.test: Name or service not known"
+    assert relay.failure_text(code, "db.test") == expected

@@ -474,28 +474,55 @@ def test_connections_take_turns_at_a_names_addresses(lab: Lab, ns: Namespace) ->
         assert answers in (["first", "second"] * 5, ["second", "first"] * 5), (port, answers)
 
 
-def test_a_connection_that_gets_through_only_after_an_address_failed_says_so(
+def test_a_connection_that_gets_through_only_after_an_address_failed_says_so_folded(
     lab: Lab, ns: Namespace
 ) -> None:
     """A name whose first address is dead (here: nothing listens on 127.0.0.4) still
     serves every client through the next one, but each whose turn starts there waits
     for that address first: up to --connect-timeout for one that drops packets. Nothing
     said so (found by a bug hunt: a steady 1 s delay on every connection, with clean
-    `close` lines). A `connect-fallback` warning names both addresses now."""
-    set_hosts(ns, None)
-    gate = lab.workdir / "dns-answers"
-    gate.touch()
-    start_dns(lab, ns, gate, addresses="127.0.0.4,127.0.0.2")
+    `close` lines). A `connect-fallback` warning names both addresses now, the failed
+    one's error in a field of its own. It was a line per such connection (every other
+    one here): folded per link now, the first at once, even while that connection lives
+    on; none for the next within 10 s; the next after them with their exact count."""
+    from forkproxy.supervisor import ERROR_LOG_EVERY
+
+    # Both addresses from the hosts file, in a stable order: every other connection's
+    # turn starts at the dead one (relay.in_turn).
+    hosts = Path("/etc/netns") / ns.name / "hosts"
+    with hosts.open("w") as handle:
+        handle.write("127.0.0.1 localhost\n127.0.0.4 upstream.test\n127.0.0.2 upstream.test\n")
     proxy = start_proxy(lab, ns, "--resolve-every", "off")
-    assert [who(ns) for _ in range(4)] == ["first"] * 4
-    wait_until(lambda: proxy.stderr().count(" connect-fallback ") >= 2, proxy)
-    lines = [x for x in proxy.stderr().splitlines() if " connect-fallback " in x]
-    assert len(lines) == 2, proxy.describe()  # every other connection starts at the dead one
-    for line in lines:
-        assert " warning connect-fallback " in line, line
-        assert f" upstream=upstream.test:{REDIS_PORT} " in line, line
-        assert f" connected=127.0.0.2:{REDIS_PORT} " in line, line
-        assert line.endswith(f' failed="127.0.0.4:{REDIS_PORT}: Connection refused"'), line
+
+    def lines() -> list[str]:
+        return [x for x in proxy.stderr().splitlines() if " connect-fallback " in x]
+
+    # Two connections that stay open (BLPOP waits 60 s): one of them fell back.
+    held = [lab.spawn(ns, ["redis-cli", "-p", str(LISTEN_PORT), "BLPOP", "nothing", "60"],
+                      label=f"held{i}") for i in range(2)]
+    wait_until(lambda: len(lines()) == 1, proxy)
+    first_seen = time.monotonic()
+    assert all(h.alive() for h in held), [h.describe() for h in held]  # before any close
+    [line] = lines()
+    assert " warning connect-fallback " in line, line
+    assert f" upstream=upstream.test:{REDIS_PORT} " in line, line
+    assert f" connected=127.0.0.2:{REDIS_PORT} " in line, line
+    assert line.endswith(f' failed=127.0.0.4:{REDIS_PORT} failed_error="Connection refused"'
+                         " failures=1"), line
+    wait_until(lambda: proxy.stderr().count(" open ") == 2, proxy)  # both turns taken
+    assert [who(ns) for _ in range(6)] == ["first"] * 6  # 3 of them fell back
+    assert time.monotonic() - first_seen < ERROR_LOG_EVERY  # (else the test proves nothing)
+    wait_until(lambda: proxy.stderr().count(" close ") == 6, proxy)  # all counted by now
+    # No line ends a burst: none until a fallback after the window, however late.
+    time.sleep(max(0.0, first_seen + ERROR_LOG_EVERY + 0.5 - time.monotonic()))
+    assert len(lines()) == 1, proxy.describe()
+    assert [who(ns) for _ in range(2)] == ["first"] * 2  # 1 fell back
+    wait_until(lambda: len(lines()) == 2, proxy)
+    assert lines()[1].endswith(f' failed=127.0.0.4:{REDIS_PORT} failed_error="Connection '
+                               'refused" failures=4'), proxy.describe()  # 3 folded + this one
+    for h in held:
+        h.popen.kill()
+        h.popen.wait(10)
 
 
 def test_a_reload_that_closes_a_port_never_blocks_the_loop_on_the_next_lookup(

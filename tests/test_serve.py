@@ -254,6 +254,61 @@ def test_upstream_down_closes_the_client_and_carries_on(
     assert proxy.proc.poll() is None
 
 
+def test_connect_failed_is_folded_per_link(
+    start_proxy: Callable[..., Proxy], short_dir: Path
+) -> None:
+    """Every client of a dead upstream wrote its own `connect-failed` warning: a flood in
+    the very outage the log is read in. Folded now, per link: the first failure at once,
+    none more within 10 s, then the next with the exact count since the last line; and
+    another link's first failure at once, whatever the first link's window."""
+    from forkproxy.supervisor import ERROR_LOG_EVERY
+
+    from conftest import control
+
+    with socket.socket() as dead_a, socket.socket() as dead_b:  # bound, never listening
+        dead_a.bind(("127.0.0.1", 0))
+        dead_b.bind(("127.0.0.1", 0))
+        specs = [f"127.0.0.1:0=127.0.0.1:{sock.getsockname()[1]}" for sock in (dead_a, dead_b)]
+        sock_path = short_dir / "s.sock"
+        proxy = start_proxy("--status-socket", str(sock_path), *specs, expect=2)
+
+        def refused(port: int) -> None:
+            with socket.create_connection(("127.0.0.1", port)) as client:
+                client.settimeout(10)
+                assert client.recv(10) == b""
+
+        def failures(spec: str) -> int:
+            links = control(sock_path, "status")["links"]
+            return int(links[spec]["upstream_failures"])
+
+        def lines(spec: str) -> list[str]:
+            return [x for x in proxy.log().splitlines()
+                    if " connect-failed " in x and f'link="{spec}"' in x]
+
+        refused(proxy.ports[0])
+        assert wait_for(lambda: len(lines(specs[0])) == 1)
+        first_seen = time.monotonic()
+        [first] = lines(specs[0])
+        assert " warning connect-failed " in first, first
+        assert first.endswith(f' upstream=127.0.0.1:{dead_a.getsockname()[1]} '
+                              'error="Connection refused" failures=1'), first
+        refused(proxy.ports[1])  # the other link: its own first line, at once
+        assert wait_for(lambda: len(lines(specs[1])) == 1)
+        assert lines(specs[1])[0].endswith(' error="Connection refused" failures=1')
+        for _ in range(5):
+            refused(proxy.ports[0])
+        assert wait_for(lambda: failures(specs[0]) == 6)  # all reaped: counted
+        assert time.monotonic() - first_seen < ERROR_LOG_EVERY  # (else the test proves nothing)
+        # No line until a failure after the window, however long after: none for the 5.
+        time.sleep(max(0.0, first_seen + ERROR_LOG_EVERY + 0.5 - time.monotonic()))
+        assert len(lines(specs[0])) == 1, proxy.log()
+        refused(proxy.ports[0])
+        assert wait_for(lambda: len(lines(specs[0])) == 2)
+        assert lines(specs[0])[1].endswith(' error="Connection refused" failures=6'), proxy.log()
+        assert (failures(specs[0]), failures(specs[1])) == (7, 1)  # the counters: every one
+        assert len(lines(specs[1])) == 1
+
+
 def test_sigterm_drains_a_transfer_refuses_new_clients_and_exits_0(
     start_proxy: Callable[..., Proxy],
     tcp_server: ServerFactory,
