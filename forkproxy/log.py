@@ -218,6 +218,31 @@ def _text_value(value: object) -> str:
     return text
 
 
+def crash_fields(exc: BaseException) -> dict[str, str]:
+    """`error` and `detail` for an exception nobody expected (`relay-crashed`,
+    `metrics-request-failed`). `error` is what a traceback's last line says,
+    `Type: message` (an OSError's message its strerror, as in every other event's
+    `error`), not a repr, whose quoting a shipper's rule would have to know apart.
+    `detail` is where it was raised, which a bug report needs and a repr never said."""
+    kind = type(exc)
+    name = kind.__qualname__
+    if kind.__module__ not in ("builtins", "__main__"):
+        name = f"{kind.__module__}.{name}"  # as a traceback names it: socket.gaierror
+    if isinstance(exc, OSError) and exc.strerror:
+        message = exc.strerror if exc.filename is None else f"{exc.strerror}: {exc.filename!r}"
+    else:
+        message = str(exc)
+    fields = {"error": f"{name}: {message}" if message else name}
+    tb = exc.__traceback__
+    if tb is not None:
+        while tb.tb_next is not None:
+            tb = tb.tb_next
+        code = tb.tb_frame.f_code
+        where = code.co_filename.rsplit("/", 1)[-1]
+        fields["detail"] = f"raised at {where}:{tb.tb_lineno} in {code.co_qualname}"
+    return fields
+
+
 def write_start_error(message: str, fmt: str) -> None:
     """The one line of an error that keeps `serve` from starting (exit 2): plain text,
     or with `--log-format json` an `error` record whose event is `start-failed`."""

@@ -45,7 +45,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from forkproxy.config import peer_text
 from forkproxy.listeners import ACCEPT_BACKOFF, RESOURCE_ERRORS
-from forkproxy.log import DEBUG, ERROR, INFO, WARNING, Logger
+from forkproxy.log import DEBUG, ERROR, INFO, WARNING, Logger, crash_fields
 from forkproxy.relay import OUTCOMES
 from forkproxy.status import StatusError, enrich, request
 
@@ -334,9 +334,9 @@ class _Server(ThreadingMixIn, WSGIServer):
         3,417 lines, past -q and --log-format json; with stderr a pipe nobody read, the
         threads blocked on it). Anything else is one warning line."""
         error = sys.exc_info()[1]
-        if _is_news(error):
+        if error is not None and _is_news(error):
             self.log.warning("metrics-request-failed", client=peer_text(client_address),
-                             error=repr(error))
+                             **crash_fields(error))
 
     def get_request(self) -> tuple[socket.socket, Any]:
         try:
@@ -413,15 +413,15 @@ class _ErrorLine:
         # Called by wsgiref's log_exception after the traceback, inside its `except:`:
         # the exception it is handling is sys.exc_info()'s.
         error = sys.exc_info()[1]
-        if _is_news(error):
+        if error is not None and _is_news(error):
             self.log.warning("metrics-request-failed", client=peer_text(self.client),
-                             error=repr(error))
+                             **crash_fields(error))
 
 
-def _is_news(error: BaseException | None) -> bool:
+def _is_news(error: BaseException) -> bool:
     """Whether a failure while answering a scrape is worth a line: not a client that reset,
     went away or was cut (by its socket timeout, or _Deadlines' shutdown: EPIPE)."""
-    return error is not None and not isinstance(error, (ConnectionError, TimeoutError))
+    return not isinstance(error, (ConnectionError, TimeoutError))
 
 
 def main(argv: list[str] | None = None) -> int:

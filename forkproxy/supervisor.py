@@ -52,7 +52,7 @@ from .config import (
     quoted,
 )
 from .listeners import ACCEPT_BACKOFF, RESOURCE_ERRORS, Listener
-from .log import DEBUG, WARNING, Logger
+from .log import DEBUG, WARNING, Logger, crash_fields
 from .relay import Address, RawSocket
 
 ACCEPT_BATCH = 64  # accepts per wakeup, so signals and reaping get their turn in a burst
@@ -840,7 +840,7 @@ class Supervisor:
                         # what it got so far off as the whole stream.
                         reset_connections()
                         self.log.error("relay-crashed", link=listener.link.name,
-                                       error=repr(exc))
+                                       **crash_fields(exc))
                     finally:
                         exit_child(status)
                 close(fd)

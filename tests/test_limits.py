@@ -1539,7 +1539,11 @@ def test_the_metrics_process_logs_at_the_level_it_is_given(
     assert proc.returncode == 0, err
     assert ("warning metrics-request-failed" in err) is logged, err
     if logged:
-        assert "can't start new thread" in err, err
+        # `Type: message`, as a traceback's last line says it, not a repr
+        # (`RuntimeError("can't start new thread")`); `detail` says where.
+        assert re.search(r' error="RuntimeError: can\'t start new thread" '
+                         r'detail="raised at threading\.py:\d+ in Thread\.start"$',
+                         err, re.MULTILINE), err
 
 
 def test_a_metrics_process_that_cannot_start_its_thread_says_so_in_one_line(

@@ -690,6 +690,11 @@ def test_a_relay_that_crashes_resets_both_sides_rather_than_ending_the_stream(
                     time.sleep(0.001)  # a reader slower than the proxy: it polls
         assert received < len(payload)
     assert wait_for(lambda: "relay-crashed" in proxy.log()), proxy.log()
+    [line] = [x for x in proxy.log().splitlines() if " relay-crashed " in x]
+    # `error` as a traceback's last line says it, with the strerror other events give, not
+    # a repr (`OSError(12, 'Cannot allocate memory')`); `detail` says where.
+    assert re.search(r' error="OSError: Cannot allocate memory" '
+                     r'detail="raised at relay\.py:\d+ in \S+"$', line), line
     assert proxy.proc.poll() is None
     assert proxy.stop() == 0
 
