@@ -839,7 +839,10 @@ class Supervisor:
                         # Cut short: each side gets an RST, never a FIN that would pass
                         # what it got so far off as the whole stream.
                         reset_connections()
-                        self.log.error("relay-crashed", link=listener.link.name,
+                        # Named as its open and close lines name the connection, to be
+                        # joined with them (a crash may also come before the open line).
+                        self.log.error("relay-crashed", link=link.name,
+                                       client=peer_text(address), upstream=str(link.target),
                                        **crash_fields(exc))
                     finally:
                         exit_child(status)
@@ -1031,7 +1034,8 @@ class Supervisor:
                 # line is that connection's only record, so it carries what the line would.
                 link, client, _, _ = record
                 self.log.warning("child-died", child_pid=pid, link=link.name,
-                                 client=peer_text(client), status=describe_status(status),
+                                 client=peer_text(client), upstream=str(link.target),
+                                 status=describe_status(status),
                                  bytes_up=moved[0], bytes_down=moved[1], duration=moved[2])
         if resolve_again:
             self.start_resolver()

@@ -1074,6 +1074,12 @@ def test_kill_9_of_one_child_ends_that_connection_only(
     assert wait_for(lambda: f"child-died child_pid={pid}" in proxy.log())
     [line] = [x for x in proxy.log().splitlines() if f"child-died child_pid={pid}" in x]
     assert "killed by SIGKILL" in line and f"client={client}" in line
+    # Named as its open line names the connection, to be joined with it (it had no upstream).
+    [opened] = [x for x in proxy.log().splitlines()
+                if " info open " in x and f" client={client} " in x]
+    named = opened.split(" info open ")[1]
+    assert named.endswith(f" upstream=127.0.0.1:{redis.port}"), opened
+    assert f" child-died child_pid={pid} {named} status=" in line, (opened, line)
     # Its only record (no close line): with what the close line would have said.
     assert f"bytes_up={len(PING)} bytes_down={len(PONG)} duration=" in line, line
     assert wait_for(lambda: not children(proxy.pid))

@@ -683,6 +683,7 @@ def test_a_relay_that_crashes_resets_both_sides_rather_than_ending_the_stream(
     with injected(proxy.pid, "poll", "error=ENOMEM:when=5", children=True):
         received = 0
         with socket.create_connection(("127.0.0.1", proxy.port), timeout=30) as client:
+            port = client.getsockname()[1]
             client.settimeout(30)
             with pytest.raises(ConnectionResetError):
                 while chunk := client.recv(1 << 16):
@@ -691,6 +692,11 @@ def test_a_relay_that_crashes_resets_both_sides_rather_than_ending_the_stream(
         assert received < len(payload)
     assert wait_for(lambda: "relay-crashed" in proxy.log()), proxy.log()
     [line] = [x for x in proxy.log().splitlines() if " relay-crashed " in x]
+    # Joined to its connection's other lines by the fields they share (it had only `link`).
+    [opened] = [x for x in proxy.log().splitlines() if " info open " in x]
+    named = opened.split(" info open ")[1]
+    assert f" client=127.0.0.1:{port} upstream=" in named, opened
+    assert f" relay-crashed {named} error=" in line, (opened, line)
     # `error` as a traceback's last line says it, with the strerror other events give, not
     # a repr (`OSError(12, 'Cannot allocate memory')`); `detail` says where.
     assert re.search(r' error="OSError: Cannot allocate memory" '
