@@ -483,6 +483,11 @@ class Supervisor:
                               "(raise the limit, ulimit -n)") from None
         self._log_max_children()  # before "listening": whoever waits for it can read it
         self._print_ready(lines)
+        # In the log too, as after a reload: stdout may go nowhere a log shipper looks,
+        # and `ready` is debug. After stdout, so that a script waiting there is not held
+        # up by a log that is slow to take lines.
+        for listener in self.listeners:
+            self.log.info("listening", detail=listener.describe(), new=True)
         for line in lines:
             self.log.debug("ready", detail=line)
         self.log.debug("oom-score-adj", supervisor=self.oom_score_adj,

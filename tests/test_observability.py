@@ -2620,6 +2620,37 @@ def test_a_text_line_carries_no_control_character_raw(value: str) -> None:
     assert f"directory={json.dumps(value)}" in body, repr(line)
 
 
+def test_the_listeners_are_logged_at_start_as_after_a_reload(
+    start_proxy: StartProxy, redis: Redis, dead_port: int, env: dict[str, str],
+) -> None:
+    """At start the log said nothing at the default level of what the proxy listens on:
+    stdout had the `listening` lines, the log only a debug `ready`; the info `listening`
+    lines came after a reload only. A shipper reading the log at the default level sees
+    them at start now too: one per listener, `new` true, the fields a reload's have."""
+    good, dead = f"127.0.0.1:0=127.0.0.1:{redis.port}", f"127.0.0.1:0=127.0.0.1:{dead_port}"
+    proxy = start_proxy("--log-format", "json", "--metrics", "127.0.0.1:0", good, dead,
+                        expect=3, env=env)
+    described = [line.removeprefix("listening ") for line in proxy.lines[:2]]
+    assert [line.split()[0] for line in proxy.lines] == ["listening", "listening", "metrics"]
+
+    def listening() -> list[dict[str, Any]]:
+        records = [json.loads(line) for line in proxy.log().splitlines()]
+        return [record for record in records if record["event"] == "listening"]
+
+    assert wait_for(lambda: len(listening()) == 2), proxy.log()
+    at_start = listening()
+    assert [(r["level"], r["pid"], r["detail"], r["new"]) for r in at_start] == [
+        ("info", proxy.pid, text, True) for text in described], at_start
+    proxy.signal(signal.SIGHUP)  # the same configuration: both listeners stay
+    assert wait_for(lambda: len(listening()) == 4), proxy.log()
+    after_reload = listening()[2:]
+    assert [(r["level"], r["detail"], r["new"]) for r in after_reload] == [
+        ("info", text, False) for text in described], after_reload
+    assert [set(r) for r in at_start] == [set(r) for r in after_reload], (at_start,
+                                                                          after_reload)
+    assert proxy.stop() == 0
+
+
 def test_a_boolean_is_spelled_as_json_spells_it_in_text_too() -> None:
     """`listening new=True` in text, `"new": true` in JSON: a shipper's rule written
     for one format missed the other. Both say true and false now."""

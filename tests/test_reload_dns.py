@@ -366,7 +366,8 @@ def test_a_reload_that_points_a_port_at_another_name_never_uses_the_old_ones_add
     env_file = lab.workdir / "links.env"
     env_file.write_text(f"DB_PORT_{LISTEN_PORT}_TCP=tcp://moved.test:{REDIS_PORT}\n")
     proxy.popen.send_signal(signal.SIGHUP)
-    wait_until(lambda: proxy.stderr().count(" listening ") == 1, proxy)  # the reload's
+    # The reload's (the first is the start's).
+    wait_until(lambda: proxy.stderr().count(" listening ") == 2, proxy)
     wait_for_log(proxy, "resolve-failed")  # moved.test resolves nowhere yet
     assert who(ns) != "first"  # not the old target
     wait_for_log(proxy, f"connect-failed link=DB_PORT_{LISTEN_PORT}_TCP")
@@ -420,7 +421,8 @@ def test_a_reload_waiting_on_dns_keeps_every_listener_serving(lab: Lab, ns: Name
     wait_for_log(proxy, " resolved ")  # at start, from the hosts file
     set_hosts(ns, None)  # from now on a lookup of upstream.test asks the silent server
     proxy.popen.send_signal(signal.SIGHUP)
-    wait_until(lambda: proxy.stderr().count("listening") >= 2, proxy)  # the reload is done
+    # The reload is done: its two `listening` lines after the start's two.
+    wait_until(lambda: proxy.stderr().count(" listening ") >= 4, proxy)
     # The lookup is still waiting; both listeners serve, the name with its old address.
     assert redis_cli(ns, LISTEN_PORT + 1, "GET", "who") == "second"
     assert who(ns) == "first"
