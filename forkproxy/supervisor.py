@@ -133,15 +133,17 @@ def resolve_all(targets: list[tuple[str, int]], out_fd: int, delay: float) -> No
         data = data[os.write(out_fd, data):]
 
 
-def close_inherited(keep: int | None = None) -> None:
-    """In a forked helper (resolver, reporter): close every descriptor but stdio and
-    `keep`, above all the listeners: a helper must not keep a closed port open. (The
-    relay child does the same inline: see Supervisor._accept_handler.)"""
-    if keep is None:
-        os.closerange(3, 1 << 20)
-    else:
-        os.closerange(3, keep)
-        os.closerange(keep + 1, 1 << 20)
+def close_inherited(*keep: int) -> None:
+    """In a forked helper (resolver, reporter, the metrics process before its exec): close
+    every descriptor but stdio and those in `keep`, above all the listeners: a helper must
+    not keep a closed port open. (The relay child does the same inline: see
+    Supervisor._accept_handler.)"""
+    start = 3
+    for fd in sorted(set(keep)):
+        if fd >= start:
+            os.closerange(start, fd)
+            start = fd + 1
+    os.closerange(start, 1 << 20)
 
 
 def child_oom_score_adj() -> tuple[int, bytes | None]:
@@ -360,7 +362,7 @@ class Supervisor:
                 # launcher leaked to forkproxy (a shell's `50>file`) are not the
                 # metrics process's to hold, nor the control socket or the listeners
                 # (those are close-on-exec already).
-                close_inherited(fd)
+                close_inherited(fd, self.log.fd)  # the log: for metrics-failed below
                 os.set_inheritable(fd, True)
                 os.execv(sys.executable, argv)
             except OSError as exc:
@@ -1381,7 +1383,7 @@ class Supervisor:
             status = 1
             try:
                 signals.reset_in_child()
-                close_inherited(keep=write_fd)
+                close_inherited(write_fd)
                 resolve_all(targets, write_fd, due - now)
                 status = 0
             finally:
@@ -1662,7 +1664,7 @@ class Supervisor:
             status = 1
             try:
                 signals.reset_in_child()
-                close_inherited(keep)
+                close_inherited(self.log.fd, *(() if keep is None else (keep,)))
                 job()
                 status = 0
             finally:
