@@ -404,12 +404,13 @@ def processes_under(pid: int) -> list[tuple[int, str]]:
         if not name.isdigit():
             continue
         try:
-            with open(f"/proc/{name}/stat") as handle:
-                fields = handle.read().rsplit(")", 1)[1].split()
+            # Bytes: any process's name may be any bytes, not UTF-8 (a test's, another run's)
+            with open(f"/proc/{name}/stat", "rb") as handle:
+                fields = handle.read().rsplit(b")", 1)[1].split()
         except OSError:
             continue  # exited while we looked
         if int(fields[1]) == pid:
-            found.append((int(name), fields[0]))
+            found.append((int(name), fields[0].decode()))
     return found
 
 
