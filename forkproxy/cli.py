@@ -52,7 +52,18 @@ class _Command(typer.core.TyperCommand):
     """A command whose --help names each argument by its metavar, as click writes it
     (`SPEC...`: `...` when several may be given). typer (0.2x) writes the Python type of
     the annotation after it, `SPEC <list[str]>`, whatever the metavar: words from the
-    code, not the command line's. Options show their metavar already."""
+    code, not the command line's. Options show their metavar already.
+    The usage line is written here too: typer below 0.16 wrote it `SPEC`, not `[SPEC]...`."""
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if param.param_type_name == "argument":
+                name = param.metavar or (param.name or "").upper()
+                if param.nargs != 1:
+                    name = f"{name}..." if param.required else f"[{name}]..."
+                pieces.append(name)
+        return pieces
 
     def format_options(self, ctx: Any, formatter: Any) -> None:
         arguments, options = [], []
