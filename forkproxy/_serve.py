@@ -17,13 +17,16 @@ if __name__ == "__main__":
 
 from forkproxy.config import ConfigError, name_variable, sources_from_json
 from forkproxy.log import Logger, level_for, write_start_error
-from forkproxy.supervisor import Supervisor
+from forkproxy.supervisor import SUPERVISOR_NAME, Supervisor, name_process
 
 
 def main(argv: list[str]) -> int:
     if len(argv) != 3 or argv[1] != "--config-fd":
         sys.stderr.write("forkproxy: error: _serve.py is started by `forkproxy serve`\n")
         return 2
+    # `forkproxy`, not the interpreter's `python`, for ps -e, top and `pgrep forkproxy`.
+    # The command line stays: argv[0] is where Python finds sys.executable and its venv.
+    name_process(SUPERVISOR_NAME)
     with os.fdopen(int(argv[2]), "rb") as handle:
         data = json.loads(handle.read())
     sources = sources_from_json(data)

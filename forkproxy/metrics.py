@@ -264,6 +264,16 @@ def _answer_head(app: WSGIApplication) -> WSGIApplication:
 
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
+PR_SET_NAME = 15
+# This process's name (comm) in ps -e, top and pgrep: `python` said nothing. 15 bytes at
+# most; the others' are in supervisor.py (SUPERVISOR_NAME...).
+PROCESS_NAME = b"forkproxy-metr"
+
+
+def _name_process() -> None:
+    """Before any thread starts: each takes the name of the thread that starts it."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_NAME, PROCESS_NAME)
 
 
 def _die_with_parent() -> None:
@@ -436,6 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-level", type=int, default=WARNING,
                         choices=(DEBUG, INFO, WARNING, ERROR))
     args = parser.parse_args(argv)
+    _name_process()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)

@@ -2319,6 +2319,81 @@ def test_sigusr1_to_the_whole_process_group_spares_connections_and_metrics(
     assert "metrics-died" not in proxy.log()
 
 
+def comm(pid: int) -> str:
+    """The process's name as ps -e, top and pgrep show it."""
+    return Path(f"/proc/{pid}/comm").read_text().rstrip("\n")
+
+
+def named_children(pid: int) -> dict[int, str]:
+    found = {}
+    for child in psutil.Process(pid).children():
+        with contextlib.suppress(OSError):  # gone meanwhile
+            found[child.pid] = comm(child.pid)
+    return found
+
+
+def test_each_process_is_named_for_what_it_is_in_ps_top_and_pgrep(
+    tcp_server: ServerFactory, tmp_path: Path,
+) -> None:
+    """Every process was `python`, the interpreter exec'd: `pgrep forkproxy`, ps -e and top
+    found none named forkproxy, and only the parent pid told the supervisor from its
+    children. Each reporter and resolver is caught while it lives: the reporter blocked
+    writing SIGUSR1's table to a full stderr, the resolver waiting out the second between
+    two lookups that reloads one after the other ask for."""
+    pgrep = need("pgrep")
+    server = tcp_server(echo)
+    read_end, write_end = full_pipe()
+    # localhost: a name, which the supervisor looks up again in a resolver at each reload
+    proc = subprocess.Popen([FORKPROXY, "serve", "-q", "--metrics", "127.0.0.1:0",
+                             f"127.0.0.1:0=localhost:{server.port}",
+                             "--status-socket", str(tmp_path / "s.sock")],
+                            stdout=subprocess.PIPE, stderr=write_end, start_new_session=True)
+    os.close(write_end)
+    try:
+        assert proc.stdout is not None
+        listening = proc.stdout.readline().decode()  # -q: nothing of its own in the pipe
+        assert listening.startswith("listening"), listening
+        port = int(listening.split(" -> ")[0].rsplit(":", 1)[1])
+        assert comm(proc.pid) == "forkproxy"
+        found = subprocess.run([pgrep, "-x", "forkproxy"], capture_output=True, text=True,
+                               check=False).stdout.split()
+        assert str(proc.pid) in found, found
+
+        metrics = poll(lambda: metrics_pid(proc.pid), bool)
+        assert metrics, "no metrics process"
+        # Its threads too (each scrape's, the deadlines'): named before any started.
+        threads = poll(lambda: os.listdir(f"/proc/{metrics}/task"), lambda t: len(t) > 1)
+        assert len(threads) > 1, threads
+        assert {Path(f"/proc/{metrics}/task/{t}/comm").read_text() for t in threads} == {
+            "forkproxy-metr\n"}
+
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as live:
+            live.sendall(b"a")
+            assert recv_exact(live, 1) == b"a"
+            others = {pid: name for pid, name in named_children(proc.pid).items()
+                      if pid != metrics}
+            assert list(others.values()) == ["forkproxy"], others  # the connection's child
+
+            proc.send_signal(signal.SIGUSR1)
+            writer = poll(lambda: [pid for pid in named_children(proc.pid)
+                                   if blocked_writing(pid)], bool)
+            assert writer, "nobody is writing the table"
+            assert comm(writer[0]) == "forkproxy-stat"
+
+            def reload_and_look() -> set[str]:
+                deliver_signal(proc.pid, signal.SIGHUP)
+                return set(named_children(proc.pid).values())
+
+            names = poll(reload_and_look, lambda names: "forkproxy-dns" in names)
+            assert "forkproxy-dns" in names, names
+            assert names <= {"forkproxy", "forkproxy-metr", "forkproxy-stat",
+                             "forkproxy-dns"}, names
+    finally:
+        kill_group(proc)  # type: ignore[arg-type]
+        proc.stdout.close()  # type: ignore[union-attr]
+        os.close(read_end)
+
+
 @pytest.mark.parametrize("dies", ["during the stop", "just before the stop"])
 def test_a_metrics_port_nobody_will_serve_again_refuses_scrapers(
     start_proxy: StartProxy, tcp_server: ServerFactory, env: dict[str, str], dies: str,
