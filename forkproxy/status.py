@@ -315,8 +315,11 @@ def _pids_here(status: dict[str, Any]) -> dict[int, int]:
     with contextlib.suppress(psutil.Error, OSError):
         for process in psutil.Process(here).children():
             try:
-                with open(f"/proc/{process.pid}/status") as handle:
-                    nspid = next(line for line in handle if line.startswith("NSpid:"))
+                # Binary: the kernel writes the Name: line as the process named itself,
+                # bytes that need not be UTF-8 (prctl PR_SET_NAME), and a PID 1 adopts
+                # orphans of any name, so a text read could end `status` in a traceback.
+                with open(f"/proc/{process.pid}/status", "rb") as handle:
+                    nspid = next(line for line in handle if line.startswith(b"NSpid:"))
             except (OSError, StopIteration):  # exited meanwhile; no NSpid before Linux 4.1
                 continue
             mapping[int(nspid.split()[-1])] = process.pid

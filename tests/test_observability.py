@@ -479,6 +479,68 @@ def test_status_from_outside_the_supervisors_pid_namespace_reads_the_right_child
     assert 0 < child["uss"] <= child["rss"]
 
 
+# A process that names itself with bytes that are not UTF-8 (prctl PR_SET_NAME, what the
+# kernel then writes on its status file's Name: line), and its parent exits at once: it is
+# an orphan in the PID namespace nsenter puts it in, adopted by that namespace's PID 1.
+ODDLY_NAMED_ORPHAN = """
+import ctypes, os, time
+if os.fork() == 0:
+    ctypes.CDLL(None).prctl(15, ctypes.c_char_p(b"odd\\xff\\xfename"), 0, 0, 0)
+    time.sleep(120)
+    os._exit(0)
+"""
+
+
+def test_status_from_outside_the_pid_namespace_with_a_child_named_in_bytes_not_utf8(
+    start_proxy: StartProxy, tcp_server: ServerFactory, tmp_path: Path, env: dict[str, str],
+) -> None:
+    """A supervisor as PID 1 of its namespace adopts the container's orphans, whatever
+    they are called. `status` on the host reads each child's /proc/PID/status for its
+    NSpid line, and read it as UTF-8 text: one child named in other bytes ended `status`
+    (and `status --json`) in a UnicodeDecodeError traceback. The odd child is skipped
+    over; the connection's child is still found."""
+    server = tcp_server(echo)
+    sock_path = tmp_path / "status.sock"
+    contained = (need("unshare"), "--pid", "--fork", "--kill-child", "--mount-proc")
+    proxy = start_proxy("--status-socket", str(sock_path),
+                        f"127.0.0.1:0=127.0.0.1:{server.port}", env=env, prefix=contained)
+    [supervisor] = psutil.Process(proxy.pid).children()  # unshare's child: PID 1 inside
+    subprocess.run([need("nsenter"), "--target", str(supervisor.pid), "--pid", "--mount",
+                    sys.executable, "-c", ODDLY_NAMED_ORPHAN], stdin=subprocess.DEVNULL,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=30, check=True)
+
+    def oddly_named() -> list[psutil.Process]:
+        found = []
+        for process in supervisor.children():
+            with contextlib.suppress(OSError):
+                if Path(f"/proc/{process.pid}/comm").read_bytes() == b"odd\xff\xfename\n":
+                    found.append(process)
+        return found
+
+    odd = poll(oddly_named, lambda found: len(found) == 1)
+    try:
+        assert len(odd) == 1, odd  # adopted by the supervisor, named as it asked
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=30) as client:
+            client.sendall(b"x")
+            assert recv_exact(client, 1) == b"x"
+            reply = poll(lambda: status_json(sock_path, env), lambda r: len(r["children"]) == 1)
+            [child] = reply["children"]
+            # The reporter child that answered may not be reaped yet: the relay and the odd one.
+            relay_children = poll(lambda: [p for p in supervisor.children() if p not in odd],
+                                  lambda found: len(found) == 1)
+            assert len(relay_children) == 1, relay_children
+            assert child["pid_here"] == relay_children[0].pid, reply
+            result = cli("status", "--status-socket", str(sock_path), env=env)
+            assert result.returncode == 0, result
+            assert "Traceback" not in result.stderr
+            [row] = parse_tables(result.stdout)[1][1]
+            assert row["PID"] == str(child["pid"]) and row["RSS"] != "-", result.stdout
+    finally:
+        for process in odd:
+            with contextlib.suppress(psutil.Error):
+                process.kill()
+
+
 def test_status_shows_the_addresses_a_name_resolves_to(
     start_proxy: StartProxy, redis: Redis, tmp_path: Path, env: dict[str, str],
 ) -> None:
