@@ -67,12 +67,6 @@ class Slots:
         self._next = stop
         return True
 
-    def take(self) -> int:
-        """A zeroed slot (the accept loop does this inline); IndexError when none is left."""
-        if not self.free and not self.refill():
-            raise IndexError("no free slot")
-        return self.free.pop()
-
     def copy(self) -> memoryview:
         """The counters of every slot handed out so far, as they are now, in memory of our
         own: a reporter forked to answer `status` reads these, not the live ones, which

@@ -26,7 +26,7 @@ MAX_CHILDREN = 1 << 22  # PID_MAX_LIMIT: no more processes can ever exist at onc
 DEFAULT_MAX_CHILDREN = 1024  # --max-children with no memory or pids limit to fit
 MiB = 1 << 20
 # What a memory limit must hold besides the connections, and what each connection takes,
-# for the --max-children derived from the limit (fitting_children). Measured by hand in a
+# for the --max-children derived from the limit (derived_max_children). Measured by hand in a
 # v1 memory cgroup (memory.usage_in_bytes, which counts kernel memory too; redis behind):
 # the supervisor alone 9.4 MiB (rss 7.8, page cache 1.3, kernel 0.2); its metrics process
 # 12-13 MiB more after scrapes (USS 15 MiB at 100 connections); each idle connection
@@ -272,12 +272,6 @@ def children_that_fit(memory_limit: int, metrics: bool) -> int:
     compared with it, and `--max-children 2000` under 4 GiB was told "about 1024 fit"
     where ~4084 do. The derived value is capped apart (derived_max_children)."""
     return max(0, room_for_children(memory_limit, metrics))
-
-
-def fitting_children(memory_limit: int, metrics: bool) -> int:
-    """The --max-children derived from a memory limit alone: children_that_fit, 1 to
-    DEFAULT_MAX_CHILDREN."""
-    return max(1, min(DEFAULT_MAX_CHILDREN, children_that_fit(memory_limit, metrics)))
 
 
 def own_pids(metrics: bool) -> int:

@@ -36,7 +36,7 @@ from forkproxy.config import (
     OWN_PIDS,
     Options,
     Sources,
-    fitting_children,
+    derived_max_children,
     parse_spec,
 )
 from forkproxy.listeners import Listener
@@ -1960,7 +1960,8 @@ def test_the_derived_max_children_in_json_leaves_room_for_metrics_and_status_sho
         "level": "info", "event": "max-children", "memory_limit": 64 * MiB}, record
     assert record["detail"] == "fits the memory limit of 64 MiB; --max-children overrides"
     with_metrics = record["value"]
-    assert isinstance(with_metrics, int) and 1 <= with_metrics < fitting_children(64 * MiB, False)
+    without_metrics = derived_max_children(64 * MiB, None, metrics=False)
+    assert isinstance(with_metrics, int) and 1 <= with_metrics < without_metrics
     result = cli("status", "--status-socket", str(sock_path))
     first = result.stdout.splitlines()[0]
     assert first.endswith(f", max-children {with_metrics} (fits the memory limit of 64 MiB)"), \

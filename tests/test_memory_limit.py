@@ -20,7 +20,7 @@ from forkproxy.config import (
     MiB,
     Options,
     Sources,
-    fitting_children,
+    derived_max_children,
     mebibytes,
 )
 from forkproxy.log import Logger, level_for
@@ -310,13 +310,13 @@ def test_the_last_mount_on_a_mount_point_is_the_one_seen() -> None:
 # -- the number that fits -----------------------------------------------------------------
 
 
-def test_fitting_children_at_64_mib() -> None:
+def test_the_children_that_fit_64_mib() -> None:
     """The allowances measured (config.py): 52 connections at 64 MiB, 36 with --metrics."""
-    assert fitting_children(64 * MiB, metrics=False) == 52
-    assert fitting_children(64 * MiB, metrics=True) == 36
-    assert fitting_children(64 * MiB, metrics=False) == \
+    assert derived_max_children(64 * MiB, None, metrics=False) == 52
+    assert derived_max_children(64 * MiB, None, metrics=True) == 36
+    assert derived_max_children(64 * MiB, None, metrics=False) == \
         (64 * MiB - SUPERVISOR_MEMORY) // CHILD_MEMORY
-    assert fitting_children(64 * MiB, metrics=True) == \
+    assert derived_max_children(64 * MiB, None, metrics=True) == \
         (64 * MiB - SUPERVISOR_MEMORY - METRICS_MEMORY) // CHILD_MEMORY
 
 
@@ -327,8 +327,10 @@ def test_fitting_children_at_64_mib() -> None:
     (256 * MiB, False, 244), (2 << 30, False, DEFAULT_MAX_CHILDREN),
     (1 << 61, True, DEFAULT_MAX_CHILDREN),
 ])
-def test_fitting_children_is_clamped(limit: int, metrics: bool, expected: int) -> None:
-    assert fitting_children(limit, metrics) == expected
+def test_the_max_children_a_memory_limit_alone_derives_is_clamped(
+    limit: int, metrics: bool, expected: int
+) -> None:
+    assert derived_max_children(limit, None, metrics) == expected
 
 
 def test_an_explicit_max_children_is_kept_and_the_default_derived() -> None:
