@@ -36,8 +36,8 @@ from .log import INFO, SLOT, SLOT_INT, SLOT_SECONDS, WARNING, Logger
 
 __all__ = [
     "CHILD_DISPOSITIONS", "Address", "Ended", "RawSocket", "connect_upstream",
-    "failure_text", "fallback_addresses", "lookup", "preload", "prepared_lines", "pump",
-    "reset_connections", "serve",
+    "failure_text", "fallback_addresses", "lookup", "lookup_error", "preload",
+    "prepared_lines", "pump", "reset_connections", "serve",
 ]
 
 # How a relay ended: the child's exit status, decoded by the supervisor.
@@ -108,6 +108,7 @@ _FAILED_V6 = 1 << 22
 _CONNECTED_V6 = 1 << 23
 _LOW_64 = (1 << 64) - 1
 AF_INET, AF_INET6 = int(socket.AF_INET), int(socket.AF_INET6)
+SYSTEM_ERROR = "System error"  # gai_strerror(EAI_SYSTEM)
 # glibc's gai_strerror for the codes a lookup gives (Python has no call for it): the
 # supervisor writes a child's failed lookup from its code alone.
 _GAI_TEXTS = {
@@ -119,7 +120,7 @@ _GAI_TEXTS = {
         ("EAI_NODATA", "No address associated with hostname"),
         ("EAI_ADDRFAMILY", "Address family for hostname not supported"),
         ("EAI_MEMORY", "Memory allocation failure"),
-        ("EAI_SYSTEM", "System error"),
+        ("EAI_SYSTEM", SYSTEM_ERROR),
     )
     if hasattr(socket, name)
 }
@@ -327,7 +328,8 @@ class Flow:
 
 
 def lookup(host: str, port: int) -> list[Address]:
-    """Addresses to try for host:port, in getaddrinfo's order, each once (socket.gaierror).
+    """Addresses to try for host:port, in getaddrinfo's order, each once. A failure is an
+    OSError, not always a socket.gaierror: see lookup_error.
 
     The supervisor's lookups (at start, on reload, in its resolver child), and a child's
     own when every address it was given failed.
@@ -343,6 +345,18 @@ def lookup(host: str, port: int) -> list[Address]:
         if address not in addresses:
             addresses.append(address)
     return addresses
+
+
+def lookup_error(exc: OSError) -> str:
+    """What a failed lookup says: getaddrinfo's text for its error (gai_strerror). Its
+    failures are socket.gaierror but for EAI_SYSTEM, a system call in the lookup failed
+    (the DNS query's socket() at the descriptor limit), which CPython raises as a plain
+    OSError from errno. That errno is not the cause: glibc's DNS lookup puts the caller's
+    errno back after EMFILE, and its text named some other error (EAGAIN left over from
+    a non-blocking call, or "[Errno 0] Error"). So "System error", as gai_strerror says."""
+    if isinstance(exc, socket.gaierror):
+        return exc.strerror or str(exc)
+    return SYSTEM_ERROR
 
 
 def in_turn(addresses: list[Address], turn: int) -> list[Address]:
@@ -395,13 +409,12 @@ def connect_upstream(
                 try:
                     candidates = [address for address in lookup(target.host, target.port)
                                   if address not in addresses]
-                except socket.gaierror as exc:
+                except OSError as exc:  # socket.gaierror, or EAI_SYSTEM's (lookup_error)
                     # After failed connects, their error says more than this one. Its
                     # errno is the code the supervisor writes the line from (failure_text).
-                    error = error or OSError(
-                        UNRESOLVED | (-(exc.errno or 0) & 0xFFFF),
-                        f"cannot resolve {target.host}: {exc}",
-                    )
+                    gai = exc.errno if isinstance(exc, socket.gaierror) else socket.EAI_SYSTEM
+                    error = error or OSError(UNRESOLVED | (-(gai or 0) & 0xFFFF),
+                                             f"cannot resolve {target.host}: {lookup_error(exc)}")
                     break
             for family, sockaddr in candidates:
                 try:

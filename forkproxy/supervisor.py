@@ -132,8 +132,8 @@ def resolve_all(targets: list[tuple[str, int]], out_fd: int, delay: float) -> No
     for host, port in targets:
         try:
             results.append([host, port, relay.lookup(host, port), ""])
-        except socket.gaierror as exc:
-            results.append([host, port, None, exc.strerror or str(exc)])
+        except OSError as exc:  # not only socket.gaierror: see relay.lookup_error
+            results.append([host, port, None, relay.lookup_error(exc)])
     data = memoryview(json.dumps(results).encode())
     while data:
         data = data[os.write(out_fd, data):]
@@ -1339,8 +1339,8 @@ class Supervisor:
         self.resolve_failing.discard(link.name)  # asked for now: a failure is always logged
         try:
             return relay.lookup(link.target.host, link.target.port)
-        except socket.gaierror as exc:
-            self._lookup_failed(link, exc.strerror)
+        except OSError as exc:  # not only socket.gaierror: see relay.lookup_error
+            self._lookup_failed(link, relay.lookup_error(exc))
             return []
 
     def _lookup_failed(self, link: Link, error: object, detail: str | None = None) -> None:

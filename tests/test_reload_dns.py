@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import frozen, netns_lab, processes_under
+from conftest import frozen, need, netns_lab, processes_under, wait_for
 from netns import Lab, Namespace, Process, redis_cli
 
 pytestmark = [pytest.mark.netns]
@@ -277,6 +277,50 @@ def test_a_resolver_child_that_dies_is_a_warning_and_the_addresses_stay(
     check = subprocess.run([FORKPROXY, "check", "--status-socket", str(lab.workdir / "fp.sock")],
                            capture_output=True, text=True, timeout=30)
     assert check.returncode == 0, check
+    assert proxy.alive()
+
+
+@contextlib.contextmanager
+def sockets_fail(pid: int, error: str) -> Iterator[None]:
+    """Every socket() of process `pid` and of the children it forks from now on fails
+    with `error`, injected by strace attached to it, for the block."""
+    tracer = subprocess.Popen([need("strace"), "-f", "-qq", "-o", "/dev/null", "-p", str(pid),
+                               "-e", "trace=socket", "-e", f"inject=socket:error={error}"],
+                              stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        status = Path(f"/proc/{pid}/status")
+        assert wait_for(lambda: f"TracerPid:\t{tracer.pid}\n" in status.read_text()), \
+            tracer.stderr
+        yield
+    finally:
+        tracer.terminate()  # strace detaches, and the process goes on untraced
+        tracer.wait(30)
+        if tracer.stderr is not None:
+            tracer.stderr.close()
+
+
+def test_a_lookup_that_fails_with_eai_system_is_a_failed_lookup(lab: Lab, ns: Namespace) -> None:
+    """getaddrinfo fails with EAI_SYSTEM when a system call in it does: here the DNS
+    query's socket() at the descriptor limit (EMFILE, injected by strace). CPython raises
+    that as a plain OSError from errno, not socket.gaierror, which was all the resolver
+    child caught: it died, the log said only "the resolver died", the failure not
+    counted. A client's child's own lookup ended its connect with that OSError, as if a
+    connect had failed so; its errno is not EMFILE (glibc puts the caller's back), and
+    the line named some unrelated error. Both say getaddrinfo's "System error" now."""
+    set_hosts(ns, None)  # upstream.test only in DNS (where nothing listens: refused)
+    proxy = start_proxy(lab, ns, "-v", "--resolve-every", "1", resolved=False)
+    wait_for_log(proxy, " resolve-failed ")  # an ordinary failure first: the query sent
+    with sockets_fail(proxy.pid, "EMFILE"):
+        wait_for_log(proxy, 'host=upstream.test error="System error"')
+        assert "the resolver died" not in proxy.stderr()
+        failures = link_stats(lab)["resolve_failures"]
+        wait_until(lambda: link_stats(lab)["resolve_failures"] > failures, proxy)  # counted
+        who(ns)  # a client: its child looks the name up itself, and fails so
+        wait_for_log(proxy, " connect-failed ")
+    [line] = [x for x in proxy.stderr().splitlines() if " connect-failed " in x]
+    assert 'error="cannot resolve upstream.test: System error"' in line, line
+    assert "the resolver died" not in proxy.stderr()
+    assert "Traceback" not in proxy.stderr()
     assert proxy.alive()
 
 
