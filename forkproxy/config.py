@@ -434,9 +434,9 @@ def parse_host(text: str, what: str) -> str:
         return str(ipaddress.IPv4Address(text))
     except ValueError:
         pass
-    if len(text) > MAX_NAME:
-        raise ConfigError(f"{what}: host name is longer than {MAX_NAME} characters")
     name = text[:-1] if text.endswith(".") else text
+    if len(name) > MAX_NAME:  # the name's: a trailing dot (fully qualified) is not part of it
+        raise ConfigError(f"{what}: host name is longer than {MAX_NAME} characters")
     if not all(_LABEL.match(label) for label in name.split(".")):
         raise ConfigError(f"{what}: {quoted(text)} is not a valid host name or address")
     labels = name.split(".")

@@ -47,6 +47,9 @@ def test_a_peer_address_is_written_with_its_zone(address: tuple[object, ...], te
     assert peer_text(address) == text
 
 
+LONGEST_NAME = ".".join(["a" * 63] * 3 + ["a" * 61])  # 253 characters, DNS's most
+
+
 @pytest.mark.parametrize(
     ("spec", "bind", "port", "host", "target_port"),
     [
@@ -56,6 +59,10 @@ def test_a_peer_address_is_written_with_its_zone(address: tuple[object, ...], te
         ("[::1]:1=[FD00:0::5]:2", "::1", 1, "fd00::5", 2),
         ("0=db.example.internal.:5432", "0.0.0.0", 0, "db.example.internal.", 5432),
         ("65535=my_service-1:65535", "0.0.0.0", 65535, "my_service-1", 65535),
+        (f"1={LONGEST_NAME}:5", "0.0.0.0", 1, LONGEST_NAME, 5),
+        # Fully qualified, as `redis.`: the dot is no character of the name (was "longer
+        # than 253 characters").
+        (f"1={LONGEST_NAME}.:5", "0.0.0.0", 1, f"{LONGEST_NAME}.", 5),
     ],
 )
 def test_good_specs(spec: str, bind: str, port: int, host: str, target_port: int) -> None:
@@ -109,6 +116,8 @@ def test_a_target_knows_whether_it_is_a_name(spec: str, is_name: bool) -> None:
         ("6379=a|b:6379", "is not a valid host name"),
         ("6379=héllo:6379", "is not a valid host name"),
         ("6379=" + "a" * 300 + ":6379", "longer than 253"),
+        (f"6379={LONGEST_NAME}a:6379", "longer than 253"),
+        (f"6379={LONGEST_NAME}a.:6379", "longer than 253"),
         ("6379=" + "a" * 64 + ".com:6379", "is not a valid host name"),
         ("6379=-bad:6379", "is not a valid host name"),
         ("6379=10.0.0.256:6379", "is not a valid IPv4 address"),
