@@ -131,6 +131,29 @@ StatusSocketOpt = Annotated[
 ]
 
 
+def output(text: str) -> None:
+    """A line (or lines) of a command's output on stdout.
+
+    A reader gone (EPIPE: `forkproxy links ... | head -1`) is no error, as for serve's
+    `listening` lines: what is left goes to /dev/null, unsaid, and the command ends as it
+    would have, with its own status. click would exit 1 with no word: a failure to a
+    `set -o pipefail` script for the reader's choice, and none to say why.
+    """
+    try:
+        typer.echo(text)
+    except BrokenPipeError:
+        _stdout_to_devnull()
+
+
+def _stdout_to_devnull() -> None:
+    """What stdout still buffers, and any later line, goes nowhere: Python's flush at exit
+    would fail again (a traceback-like "Exception ignored" and status 120), as its docs
+    say for EPIPE."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
 def fail(message: str, variables: Mapping[str, str] | None = None,
          log_format: str = "text") -> NoReturn:
     """The edge where a configuration error becomes exit 2 and one line; `variables`:
@@ -425,7 +448,7 @@ def links_command(
     for warning in table.warnings + table.overrides:
         typer.echo(f"forkproxy: warning: {warning}", err=True)
     for link in table.links:
-        typer.echo(f"listen {link.describe()}")
+        output(f"listen {link.describe()}")
 
 
 def _control(ctx: typer.Context, status_socket: str | None, command: str) -> dict[str, Any]:
@@ -458,7 +481,7 @@ def status_command(
     from .status import enrich, probe_metrics, render
 
     reply = probe_metrics(enrich(_control(ctx, status_socket, "status")))
-    typer.echo(json.dumps(reply, indent=2) if as_json else render(reply))
+    output(json.dumps(reply, indent=2) if as_json else render(reply))
 
 
 @app.command("check")
@@ -475,7 +498,7 @@ def check_command(ctx: typer.Context, status_socket: StatusSocketOpt = None) -> 
     metrics = reply.get("metrics")
     down = metrics and metrics.get("state") != "up"
     note = f"; metrics {describe_metrics(metrics)}" if down else ""
-    typer.echo(f"ok: {len(reply.get('listeners', []))} listener(s){note}")
+    output(f"ok: {len(reply.get('listeners', []))} listener(s){note}")
 
 
 class ReloadError(Exception):
@@ -605,7 +628,7 @@ def reload_command(
         except ReloadError as exc:
             typer.echo(f"forkproxy: cannot reload: {exc}", err=True)
             raise typer.Exit(1) from None
-        typer.echo(f"sent SIGHUP to {pid} (the outcome is in its log)")
+        output(f"sent SIGHUP to {pid} (the outcome is in its log)")
         return
     reply = _control(ctx, status_socket, "reload")
     if not reply.get("ok"):
@@ -613,12 +636,12 @@ def reload_command(
                    err=True)
         raise typer.Exit(1)
     for listener in reply.get("listeners", []):
-        typer.echo(f"listening {listener['listen']} -> {listener['upstream']} ({listener['link']})")
+        output(f"listening {listener['listen']} -> {listener['upstream']} ({listener['link']})")
 
 
 def version_callback(value: bool) -> None:
     if value:
-        typer.echo(f"forkproxy {__version__}")
+        output(f"forkproxy {__version__}")
         raise typer.Exit()
 
 
@@ -661,15 +684,13 @@ def main() -> None:
         sys.exit(130)
     except OSError as exc:
         # Output that could not be written (stdout on /dev/full, a full disk): one line,
-        # as for any other failure, not a traceback. (A reader gone, EPIPE, is click's:
-        # it exits quietly.)
+        # as for any other failure, not a traceback. (A reader gone, EPIPE, is no
+        # failure: see output().)
         try:
             typer.echo(f"forkproxy: error: cannot write: {exc.strerror or exc}", err=True)
         except OSError:
             pass  # stderr too: nothing left to tell it with
-        # What stdout still buffers goes nowhere: Python's flush at exit would fail again
-        # (a traceback-like "Exception ignored" and status 120), as its docs say for EPIPE.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _stdout_to_devnull()
         sys.exit(1)
     except Exception as exc:
         # A usage error (click's, vendored or not, depending on the typer version):

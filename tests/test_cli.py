@@ -222,6 +222,48 @@ def test_output_that_cannot_be_written_is_one_line_not_a_traceback(args: list[st
     assert result.stderr == "forkproxy: error: cannot write: No space left on device\n", result
 
 
+def test_a_reader_gone_after_the_first_line_is_no_error() -> None:
+    """`forkproxy links ... | head -1` exited 1 with nothing on stderr (click's answer to
+    EPIPE): a `set -o pipefail` script failed for its reader's choice. The output (5000
+    lines, more than a pipe holds) is cut where the reader left; the status is links'."""
+    specs = [f"{port}=redis:5" for port in range(10001, 15001)]
+    with subprocess.Popen([FORKPROXY, "links", *specs], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, start_new_session=True,
+                          env={"PATH": os.environ["PATH"]}) as proc:
+        try:
+            assert proc.stdout is not None and proc.stderr is not None
+            line = proc.stdout.readline()
+            proc.stdout.close()  # as head -1 does: the rest is still to be written
+            assert line == "listen 0.0.0.0:10001 -> redis:5 (10001=redis:5)\n"
+            assert proc.wait(30) == 0
+            assert proc.stderr.read() == ""
+        finally:
+            kill_group(proc)
+
+
+@pytest.mark.parametrize("command", [["status"], ["status", "--json"], ["check"], ["reload"],
+                                     ["links", "6379=redis:5"], ["--version"]])
+def test_no_reader_for_a_commands_output_is_no_error(
+    start_proxy: Callable[..., Proxy], short_dir: Path, command: list[str],
+) -> None:
+    """Every command that prints, as `serve` with its `listening` lines: its stdout's
+    reader gone before it wrote (`| true`) is said nowhere and changes no status (click
+    exited 1). The proxy is up, so each of them has its output to write."""
+    sock = short_dir / "s.sock"
+    start_proxy("--status-socket", str(sock), "127.0.0.1:0=127.0.0.1:1")
+    reader, writer = os.pipe()
+    os.close(reader)
+    try:
+        result = subprocess.run([FORKPROXY, *command, *(["--status-socket", str(sock)]
+                                                        if command[0] in ("status", "check",
+                                                                          "reload") else [])],
+                                stdout=writer, stderr=subprocess.PIPE, text=True, timeout=60,
+                                env={"PATH": os.environ["PATH"]})
+    finally:
+        os.close(writer)
+    assert (result.returncode, result.stderr) == (0, ""), result
+
+
 def test_low_port_without_privilege() -> None:
     # Root without CAP_NET_BIND_SERVICE is refused low ports just as any user is.
     unprivileged: tuple[str, ...] = ()
