@@ -853,24 +853,35 @@ def _reset_and_die(signum: int, frame: object) -> None:
     Dying with SIGTERM's default action, the kernel would close a socket with nothing
     unread with a FIN: the consumer would take a download cut short for a whole one, and
     the server an upload. Only this signal runs this code; the relay's path is unchanged.
+
+    No connection left: serve() has closed both sockets, so the relay is over and the
+    child is writing its own close line or about to exit with its outcome. Dying here,
+    it had that connection logged twice, the second time `killed` (and counted so, with
+    no end in its slot: its duration ran on to the reap). So it returns, and the child
+    ends as it would have (a close line stuck in a full pipe: the stop's SIGKILL follows).
+    Known from the scan the reset does anyway, rather than from a flag serve() sets: a
+    store per connection in the module's dict would copy that page in every child.
     """
-    reset_connections()
+    if not reset_connections():
+        return
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     os.kill(os.getpid(), signal.SIGTERM)
 
 
-def reset_connections() -> None:
+def reset_connections() -> bool:
     """Make every connected stream socket of this process (stdio aside) close with an RST
     when it closes: a relay child ended before its relay did (_reset_and_die; the
     supervisor's accept loop, when serve() raised). A FIN would pass a stream cut short
     off as whole. The descriptors are found in /proc rather than kept somewhere by every
     child. A listening socket is left alone: one still shared with the supervisor (a
     child ended before it closed what it inherited) would pass SO_LINGER 0 on to every
-    connection it accepts after."""
+    connection it accepts after. Whether there was any such socket: a relay child has
+    none left once serve() has closed its two."""
     try:
         fds = [int(name) for name in os.listdir("/proc/self/fd")]
     except OSError:
         fds = list(range(3, 1024))
+    found = False
     for fd in fds:
         if fd < 3:
             continue  # stdio: the log, never the connection
@@ -880,11 +891,13 @@ def reset_connections() -> None:
             continue  # not a socket (a splice pipe), or already closed
         try:
             if sock.type == SOCK_STREAM and not sock.getsockopt(SOL_SOCKET, SO_ACCEPTCONN):
+                found = True
                 sock.setsockopt(SOL_SOCKET, SO_LINGER, _LINGER_RESET)
         except OSError:
             pass
         finally:
             sock.detach()
+    return found
 
 
 # The dispositions a relay child sets as it starts (see the supervisor's accept loop):

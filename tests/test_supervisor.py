@@ -830,6 +830,35 @@ def test_a_child_the_stop_kills_is_not_said_to_be_out_of_memory(
     assert "out of memory" not in proxy.log(), proxy.log()
 
 
+def test_a_child_termed_while_it_writes_its_own_close_line_is_not_logged_again_as_killed(
+    start_proxy: Callable[..., Proxy], tcp_server: Callable[..., TcpServer],
+) -> None:
+    """The grace ended as a child, its relay over and its sockets closed, was writing its
+    own close line (`closed`): the TERM ran its handler, which reset nothing and died by
+    the signal, and the supervisor wrote a second close line for that connection,
+    `killed`, and counted it killed. Now the handler sees no connection left and returns:
+    the child exits as it would have. The window is widened with strace, attached to the
+    child: its next write, the close line, returns 0.6 s late (grace 0: the TERM comes
+    within that, the stop's KILL a second after the TERM)."""
+    server = tcp_server(echo)
+    proxy = start_proxy("--grace", "0", f"127.0.0.1:0=127.0.0.1:{server.port}")
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=30) as client:
+        client.settimeout(30)
+        client.sendall(b"ping")
+        assert client.recv(4) == b"ping"
+        [child] = psutil.Process(proxy.pid).children()
+        # Attached until the proxy has exited: the child's delayed write is its last.
+        with injected(child.pid, "write", "delay_exit=600000"):
+            client.shutdown(socket.SHUT_WR)
+            assert client.recv(1) == b""  # the relay is over: its close line is being written
+            proxy.proc.send_signal(signal.SIGTERM)
+            assert proxy.proc.wait(30) == 0, proxy.log()
+    log = proxy.log()
+    closes = [x for x in log.splitlines() if " close " in x]
+    assert len(closes) == 1 and "outcome=closed" in closes[0], log
+    assert "grace-over" in log and "killed" not in log, log
+
+
 def test_a_child_the_stop_only_termed_and_someone_else_killed_is_perhaps_out_of_memory(
     start_proxy: Callable[..., Proxy], tcp_server: Callable[..., TcpServer],
 ) -> None:
