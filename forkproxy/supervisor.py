@@ -67,7 +67,9 @@ METRICS_RESTART = 5.0  # seconds before a metrics process that died is started a
 # Children answering `status` at once (as many as the control socket has clients); past
 # that, say clients that never read their answers, the loop answers itself.
 MAX_REPORTERS = control.MAX_CLIENTS
-TABLE_EXIT_WAIT = 1.0  # seconds an exit waits for SIGUSR1's table to be written
+# Seconds an exit waits, all together, for its reporters to finish: SIGUSR1's table, the
+# `status` replies being sent.
+REPORTER_EXIT_WAIT = 1.0
 METRICS_EXIT_WAIT = 2.0  # seconds the metrics process has to exit at a stop
 KILLED_EXIT_WAIT = 1.0  # seconds a stop waits for a helper process it killed (frozen: left)
 RESOLVE_AGAIN_AFTER = MIN_RESOLVE_EVERY  # seconds: the least time between two lookups' starts
@@ -665,8 +667,7 @@ class Supervisor:
         listeners.close_all(self.listeners)
         self.listeners = []
         signal.setitimer(signal.ITIMER_REAL, 0)
-        if self.table_writer:
-            self._let_the_table_be_written()
+        self._let_the_reporters_finish()
         for pid in self.resolver_pids + self.reporter_pids:
             self._kill_and_reap(pid)
         if self.metrics_pid:
@@ -722,14 +723,18 @@ class Supervisor:
             self.log.warning("not-reaped", child_pid=pid,  # `pid` is the supervisor's own
                              detail="still there after SIGKILL (frozen?): left to init")
 
-    def _let_the_table_be_written(self) -> None:
-        """Wait up to TABLE_EXIT_WAIT for SIGUSR1's reporter: a table asked for just
-        before a stop is still written. Longer, the log is blocked: it is killed."""
-        pid = self.table_writer
-        if _reaped_within(pid, TABLE_EXIT_WAIT):
-            if pid in self.reporter_pids:
+    def _let_the_reporters_finish(self) -> None:
+        """Wait up to REPORTER_EXIT_WAIT, for all of them together, for the reporters: a
+        table asked for (SIGUSR1) or a `status` accepted just before a stop is still
+        written, or answered; killed at once, the client read a connection closed without
+        a reply. Those left after it are killed (cleanup): a blocked log, a client that
+        does not read (REPORT_TIMEOUT would hold the stop for 10 s)."""
+        deadline = time.monotonic() + REPORTER_EXIT_WAIT
+        for pid in list(self.reporter_pids):
+            if _reaped_within(pid, deadline - time.monotonic()):
                 self.reporter_pids.remove(pid)  # reaped: its number may be reused
-            self.table_writer = 0
+                if pid == self.table_writer:
+                    self.table_writer = 0
 
     def _poll_timeout(self) -> int:
         """Milliseconds to the next timer (the loop checks these six inline first)."""

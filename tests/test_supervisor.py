@@ -43,6 +43,7 @@ from conftest import (
     full_pipe,
     metrics_pid,
     need,
+    processes_under,
     wait_for,
 )
 
@@ -857,6 +858,31 @@ def test_a_child_termed_while_it_writes_its_own_close_line_is_not_logged_again_a
     closes = [x for x in log.splitlines() if " close " in x]
     assert len(closes) == 1 and "outcome=closed" in closes[0], log
     assert "grace-over" in log and "killed" not in log, log
+
+
+def test_a_status_accepted_just_before_a_stop_is_answered_before_the_exit(
+    start_proxy: Callable[..., Proxy], tmp_path: Path,
+) -> None:
+    """A stop with no connection live ends the loop at once, and the exit SIGKILLed the
+    reporter answering a `status` it had just taken: the client read a connection
+    closed without a reply. The reporters get the table writer's bounded wait now. The
+    window is widened with strace, following the supervisor's children: the reporter's
+    send waits 0.3 s, and the stop comes while it does."""
+    sock_path = tmp_path / "s.sock"
+    proxy = start_proxy("--status-socket", str(sock_path), "127.0.0.1:0=127.0.0.1:1")
+    # Attached until the proxy has exited: the reporter's delayed send is its last call.
+    with injected(proxy.pid, "sendto", "delay_enter=300000", children=True), \
+            socket.socket(socket.AF_UNIX) as client:
+        client.settimeout(30)
+        client.connect(str(sock_path))
+        client.sendall(b'{"command": "status"}\n')
+        assert wait_for(lambda: bool(processes_under(proxy.pid)))  # the reporter took it
+        proxy.proc.send_signal(signal.SIGTERM)
+        reply = client.makefile("rb").readline()
+        assert proxy.proc.wait(30) == 0, proxy.log()
+    assert reply.endswith(b"\n"), (reply, proxy.log())
+    answer = json.loads(reply)
+    assert answer["ok"] is True and answer["pid"] == proxy.pid, answer
 
 
 def test_a_child_the_stop_only_termed_and_someone_else_killed_is_perhaps_out_of_memory(
