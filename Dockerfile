@@ -59,7 +59,7 @@ USER 10001:10001
 # every child, its own and re-parented orphans alike. No init shim needed.
 STOPSIGNAL SIGTERM
 
-HEALTHCHECK --interval=30s --timeout=5s --start-period=5s --retries=3 \
+HEALTHCHECK --interval=30s --timeout=7s --start-period=5s --retries=3 \
     CMD ["forkproxy", "check"]
 
 ENTRYPOINT ["forkproxy", "serve"]
