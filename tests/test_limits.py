@@ -1543,7 +1543,7 @@ def test_the_metrics_process_logs_at_the_level_it_is_given(
         finally:
             proc.terminate()
             err = proc.communicate(timeout=15)[1]
-    assert proc.returncode == 0, err
+    assert proc.returncode == -signal.SIGTERM, err  # terminate(): killed by it, no exit(0)
     assert ("warning metrics-request-failed" in err) is logged, err
     if logged:
         # `Type: message`, as a traceback's last line says it, not a repr
