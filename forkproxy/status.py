@@ -220,7 +220,9 @@ _LISTENER = _object({"link": _TEXT, "listen": _TEXT, "upstream": _TEXT},
                     {"port": _COUNT, "resolved": _list_of(_TEXT)})
 _METRICS = _nullable(_object({}, {"url": _TEXT, "state": _TEXT, "pid": _nullable(_PID),
                                   "since": _nullable(_NUMBER), "restarts": _COUNT,
-                                  "last_exit": _nullable(_TEXT)}))
+                                  "last_exit": _nullable(_TEXT),
+                                  "deaths_in_a_row": _COUNT,
+                                  "retry_in": _nullable(_NUMBER)}))
 _LINK = _object({}, {
     **dict.fromkeys(("since", "connections", "upstream_failures", "denied", "bytes_up",
                      "bytes_down", "empty", "cpu_seconds", "duration_count", "duration_sum",
@@ -505,7 +507,13 @@ def describe_metrics(metrics: dict[str, Any] | None) -> str | None:
     if state != "up" and metrics.get("last_exit"):
         text += f" ({metrics['last_exit']})"
     restarts = int(metrics.get("restarts", 0))
-    return f"{text}, {restarts} restart{'' if restarts == 1 else 's'}"
+    text += f", {restarts} restart{'' if restarts == 1 else 's'}"
+    retry_in = metrics.get("retry_in")
+    deaths = int(metrics.get("deaths_in_a_row") or 0)
+    if state == "restarting" and retry_in is not None and deaths > 1:
+        # Backing off: the next start is later than the first 5 s.
+        text += f", {deaths} deaths in a row, next start in {retry_in:.0f}s"
+    return text
 
 
 def _max_children(status: dict[str, Any]) -> str:

@@ -64,6 +64,11 @@ ERROR_LOG_EVERY = 10.0  # seconds between two accept-failed lines while they rep
 DENY_LOG_BURST = 10
 DENY_LOG_WINDOW = 10.0
 METRICS_RESTART = 5.0  # seconds before a metrics process that died is started again
+# ... doubled at each death in a row of a process that lived less than METRICS_STEADY
+# seconds, up to METRICS_BACKOFF_MAX: a process that cannot start (its interpreter or a
+# module gone, a pids limit) must not log two lines every 5 s for days.
+METRICS_STEADY = 60.0
+METRICS_BACKOFF_MAX = 60.0
 # Children answering `status` at once (as many as the control socket has clients); past
 # that, say clients that never read their answers, the loop answers itself.
 MAX_REPORTERS = control.MAX_CLIENTS
@@ -276,6 +281,13 @@ class Supervisor:
         self.metrics_since = 0.0
         self.metrics_restarts = 0
         self.metrics_exit = ""
+        # Its deaths in a row (each but the first of a process that lived less than
+        # METRICS_STEADY), which set the delay before the next start; when the first of
+        # them came (wall clock: `restarting for` counts from it, not from the last); and
+        # when the process last started (monotonic).
+        self.metrics_deaths = 0
+        self.metrics_down_since = 0.0
+        self.metrics_started = 0.0
         self.resolving = False  # a resolver child's results are on their way
         self.resolver_pids: list[int] = []  # resolver children not reaped yet
         self.reporter_pids: list[int] = []  # children answering `status`, not reaped yet
@@ -397,6 +409,7 @@ class Supervisor:
                 os._exit(127)
         self.metrics_pid = pid
         self.metrics_since = time.time()
+        self.metrics_started = time.monotonic()
 
     def _open_control(self) -> control.ControlServer:
         path = self.options.status_socket
@@ -1028,13 +1041,19 @@ class Supervisor:
                 continue
             if pid == self.metrics_pid:
                 self.metrics_pid = 0
-                self.metrics_since = time.time()
                 self.metrics_exit = describe_status(status)
+                if self._metrics_steady():
+                    self.metrics_deaths = 0  # it had lived long enough: a new run begins
+                if not self.metrics_deaths:
+                    self.metrics_down_since = time.time()
+                self.metrics_deaths += 1
+                self.metrics_since = self.metrics_down_since
                 if not self.stopping:
                     self.metrics_restarts += 1
+                    delay = self._metrics_delay()
                     self.log.warning("metrics-died", status=describe_status(status),
-                                     detail=f"restarting in {METRICS_RESTART}s")
-                    self.metrics_at = time.monotonic() + METRICS_RESTART
+                                     detail=f"restarting in {delay:g}s")
+                    self.metrics_at = time.monotonic() + delay
                 else:
                     self._close_metrics_port()
                 continue
@@ -1712,9 +1731,25 @@ class Supervisor:
             state = "restarting" if self.metrics_since else "starting"
         else:
             state = "down"
+        retry_in = None
+        if state == "restarting" and self.metrics_at is not None:
+            retry_in = round(max(0.0, self.metrics_at - time.monotonic()), 1)
+        deaths = 0 if self.metrics_pid and self._metrics_steady() else self.metrics_deaths
         return {"url": self.metrics_url, "state": state, "pid": self.metrics_pid or None,
                 "since": self.metrics_since or None, "restarts": self.metrics_restarts,
-                "last_exit": self.metrics_exit or None}
+                "last_exit": self.metrics_exit or None, "deaths_in_a_row": deaths,
+                "retry_in": retry_in}
+
+    def _metrics_steady(self) -> bool:
+        """Whether the metrics process last started lived (or lives) long enough for its
+        death to start a new run of restarts, at the first delay again."""
+        return time.monotonic() - self.metrics_started >= METRICS_STEADY
+
+    def _metrics_delay(self) -> float:
+        """Seconds before the metrics process is started again after `metrics_deaths`
+        deaths in a row: 5, 10, 20, 40, then 60 for as long as it keeps dying young."""
+        exponent = min(self.metrics_deaths - 1, 8)  # 5 * 2**8 is past the cap already
+        return min(METRICS_RESTART * float(2 ** exponent), METRICS_BACKOFF_MAX)
 
     def _listener_table(self) -> list[dict[str, object]]:
         return [
