@@ -25,7 +25,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 
-from . import __version__, control, listeners, relay, signals
+from . import __version__, control, installed, listeners, relay, signals
 from .accounting import ENDED, FAILURE, Accounting, ChildRecord, describe_status
 from .config import (
     MIN_RESOLVE_EVERY,
@@ -288,6 +288,9 @@ class Supervisor:
         self.metrics_deaths = 0
         self.metrics_down_since = 0.0
         self.metrics_started = 0.0
+        # forkproxy's files as they were at start (installed.snapshot), None when they
+        # could not be read: each metrics process is started from them, checked unchanged.
+        self.metrics_files: dict[str, int] | None = None
         self.resolving = False  # a resolver child's results are on their way
         self.resolver_pids: list[int] = []  # resolver children not reaped yet
         self.reporter_pids: list[int] = []  # children answering `status`, not reaped yet
@@ -316,6 +319,12 @@ class Supervisor:
         try:
             self._listen_options(self.listeners)
             self.metrics_sock = self._bind_metrics()
+            if self.metrics_sock is not None:
+                # Read now, as close to the imports as it gets: the code this process runs.
+                try:
+                    self.metrics_files = installed.snapshot()
+                except OSError:
+                    pass  # unreadable already (not a plain directory?): nothing to compare
             self.control = self._open_control()
             self._write_pid_file()
         except ConfigError:
@@ -399,6 +408,17 @@ class Supervisor:
                 # (those are close-on-exec already).
                 close_inherited(fd, self.log.fd)  # the log: for metrics-failed below
                 os.set_inheritable(fd, True)
+                # The one process forkproxy starts by exec runs the files installed now,
+                # not the code this one runs: after a pip upgrade or downgrade, another
+                # version of metrics.py (its options, the status it reads) or none at all.
+                # Checked here, by the code that knows what it started with, so that
+                # any other version is never run: its failure said nothing of why.
+                changed = (None if self.metrics_files is None
+                           else installed.changes(self.metrics_files))
+                if changed is not None:
+                    self.log.error("metrics-failed", error=f"{installed.ADVICE} ({changed})",
+                                   detail="not restarted: restart forkproxy")
+                    os._exit(installed.FILES_CHANGED)
                 os.execv(sys.executable, argv)
             except OSError as exc:
                 # The interpreter gone (a venv rebuilt under a running proxy): the exit
@@ -1042,6 +1062,14 @@ class Supervisor:
             if pid == self.metrics_pid:
                 self.metrics_pid = 0
                 self.metrics_exit = describe_status(status)
+                if os.WIFEXITED(status) and os.WEXITSTATUS(status) == installed.FILES_CHANGED:
+                    # It said why (metrics-failed), and another start would run the same
+                    # files: not restarted, and its port closed, so scrapers are refused
+                    # rather than left waiting, until forkproxy itself is restarted.
+                    self.metrics_exit += f": {installed.ADVICE}, restart forkproxy"
+                    self.metrics_since = time.time()
+                    self._close_metrics_port()
+                    continue
                 if self._metrics_steady():
                     self.metrics_deaths = 0  # it had lived long enough: a new run begins
                 if not self.metrics_deaths:

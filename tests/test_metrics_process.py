@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -15,6 +16,10 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
+
+import psutil
+
+import forkproxy
 
 from conftest import FORKPROXY, Proxy, metrics_pid
 
@@ -101,4 +106,65 @@ def test_a_metrics_process_that_keeps_dying_is_restarted_less_and_less_often(
     assert found, line
     # From the first death (5 s and more before), not the last (a moment ago).
     assert int(found[1]) >= 4 and 0 <= int(found[2]) <= 10, line
+    assert proxy.stop() == 0
+
+
+def copied_package(into: Path) -> Path:
+    """forkproxy's package copied into `into` (its parent for PYTHONPATH): files to change
+    under a supervisor running from them, as a pip upgrade changes the installed ones."""
+    package = into / "forkproxy"
+    shutil.copytree(Path(forkproxy.__file__).parent, package,
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    return package
+
+
+def refused(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+def test_a_metrics_process_whose_files_changed_is_not_restarted_and_says_why(
+    start_proxy: StartProxy, short_dir: Path, tmp_path: Path,
+) -> None:
+    """The metrics process is the one process started by exec: after a pip upgrade under
+    a running supervisor, its restart ran the new metrics.py, whose options were not the
+    old supervisor's: argparse's usage text and `exit status 2` every 5 s for ever, the
+    scrapes hanging, nothing in the log or in status pointing at the upgrade. Now the
+    supervisor's fork sees the files changed, says so in one line, and it is not
+    restarted: status says why, and the port is closed (scrapers refused)."""
+    package = copied_package(tmp_path / "site")
+    sock = short_dir / "s.sock"
+    env = {**os.environ, "PYTHONPATH": str(package.parent), "XDG_RUNTIME_DIR": str(short_dir)}
+    proxy = start_proxy("--metrics", "127.0.0.1:0", f"--status-socket={sock}",
+                        "127.0.0.1:0=127.0.0.1:1", expect=2, env=env)
+    port = int(proxy.lines[-1].rsplit(":", 1)[1].split("/")[0])
+    pid = serving_metrics_pid(proxy)
+    assert str(package / "metrics.py") in psutil.Process(pid).cmdline()  # the copy runs
+    # The next version renamed an option: the old supervisor's command line is not its own.
+    metrics_py = package / "metrics.py"
+    text = metrics_py.read_text()
+    assert text.count('"--supervisor-pid"') == 1 and "args.supervisor_pid" in text
+    metrics_py.write_text(text.replace('"--supervisor-pid"', '"--parent-pid"')
+                          .replace("args.supervisor_pid", "args.parent_pid"))
+    os.kill(pid, signal.SIGKILL)
+    # Restarted 5 s later, by the first death's delay: failed, once, or a loop began.
+    poll(proxy.log, lambda text: "metrics-failed" in text or text.count("metrics-died") > 1)
+    state = poll(lambda: ask(sock)["metrics"], lambda state: state["state"] != "restarting")
+    log = proxy.log()
+    failed = [x for x in log.splitlines() if "metrics-failed" in x]
+    assert len(failed) == 1 and "usage:" not in log and log.count("metrics-died") == 1, log
+    assert ("error=\"forkproxy's files changed under the running supervisor "
+            "(metrics.py changed)\"") in failed[0], failed
+    assert 'detail="not restarted: restart forkproxy"' in failed[0], failed
+    assert state["state"] == "down" and state["pid"] is None and state["retry_in"] is None
+    assert state["last_exit"] == ("exit status 78: forkproxy's files changed under the "
+                                  "running supervisor, restart forkproxy"), state
+    assert refused(port), "the metrics port still takes scrapes nobody will answer"
+    assert metrics_pid(proxy.pid) == 0
+    status = subprocess.run([FORKPROXY, "status", f"--status-socket={sock}"],
+                            capture_output=True, text=True, timeout=60, check=True).stdout
+    assert "down for" in status and "running supervisor, restart forkproxy), 1 restart" in status
     assert proxy.stop() == 0
