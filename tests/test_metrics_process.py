@@ -11,6 +11,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Callable
@@ -168,3 +169,74 @@ def test_a_metrics_process_whose_files_changed_is_not_restarted_and_says_why(
                             capture_output=True, text=True, timeout=60, check=True).stdout
     assert "down for" in status and "running supervisor, restart forkproxy), 1 restart" in status
     assert proxy.stop() == 0
+
+
+def run_metrics_py(python: str, *args: str, short_dir: Path) -> subprocess.CompletedProcess[str]:
+    """metrics.py as the supervisor starts it (`python -I .../metrics.py`), on a listening
+    socket of its own, with --log-format=json and `args` after the supervisor's options."""
+    metrics_py = Path(forkproxy.__file__).with_name("metrics.py")
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        os.set_inheritable(listener.fileno(), True)
+        argv = [python, "-I", str(metrics_py), "--fd", str(listener.fileno()),
+                f"--status-socket={short_dir / 'none.sock'}", "--supervisor-pid",
+                str(os.getpid()), "--log-format=json", "--log-level=20", *args]
+        return subprocess.run(argv, pass_fds=[listener.fileno()], capture_output=True,
+                              text=True, timeout=60)
+
+
+def test_a_metrics_process_given_another_versions_options_says_so_in_one_line(
+    short_dir: Path,
+) -> None:
+    """A supervisor of another version (started before an upgrade, and not checking its
+    files) gives the metrics process options it does not know: argparse wrote its usage
+    text, past --log-format json, and exited 2. One line of the log's format now, and the
+    exit status that says the files changed."""
+    out = run_metrics_py(sys.executable, "--scrape-timeout=5", short_dir=short_dir)
+    assert out.returncode == 78 and out.stdout == "", out
+    [line] = out.stderr.splitlines()
+    record = json.loads(line)
+    assert (record["level"], record["event"]) == ("error", "metrics-failed"), record
+    assert record["error"] == ("forkproxy's files changed under the running supervisor (the "
+                               "metrics process's arguments: unrecognized arguments: "
+                               "--scrape-timeout=5)"), record
+    assert record["detail"] == "restart forkproxy", record
+
+
+def test_a_metrics_process_missing_a_module_says_so_in_one_line(
+    short_dir: Path, tmp_path: Path,
+) -> None:
+    """psutil or prometheus_client uninstalled (or an interpreter without them): the
+    metrics process died of a ModuleNotFoundError traceback on stderr, past --log-format
+    json. A Python without them here: a venv of its own, with no package installed."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tmp_path / "venv")],
+                   check=True, timeout=120)
+    out = run_metrics_py(str(tmp_path / "venv" / "bin" / "python"), short_dir=short_dir)
+    assert out.returncode == 1 and out.stdout == "", out
+    [line] = out.stderr.splitlines()
+    record = json.loads(line)
+    assert (record["level"], record["event"]) == ("error", "metrics-failed"), record
+    assert record["error"] == "ModuleNotFoundError: No module named 'psutil'", record
+
+
+def test_a_metrics_process_whose_package_moved_away_says_so_in_the_log_format(
+    start_proxy: StartProxy, short_dir: Path, tmp_path: Path,
+) -> None:
+    """forkproxy's package directory moved away under a running supervisor (an
+    uninstall, a virtualenv renamed): the metrics process's restart wrote `python: can't
+    open file '.../forkproxy/metrics.py'` to stderr, past --log-format json. Every line
+    is JSON now, and one says what happened."""
+    package = copied_package(tmp_path / "site")
+    env = {**os.environ, "PYTHONPATH": str(package.parent), "XDG_RUNTIME_DIR": str(short_dir)}
+    proxy = start_proxy("--log-format", "json", "--metrics", "127.0.0.1:0",
+                        "127.0.0.1:0=127.0.0.1:1", expect=2, env=env)
+    pid = serving_metrics_pid(proxy)
+    package.rename(tmp_path / "moved")
+    os.kill(pid, signal.SIGKILL)
+    poll(proxy.log, lambda text: "metrics-failed" in text or text.count("metrics-died") > 1)
+    records = [json.loads(line) for line in proxy.log().splitlines()]
+    failed = [r for r in records if r["event"] == "metrics-failed"]
+    assert len(failed) == 1, records
+    assert failed[0]["error"] == ("forkproxy's files changed under the running supervisor "
+                                  f"({str(package)!r}: No such file or directory)"), failed
+    assert proxy.stop() == 0
+    assert all(json.loads(line) for line in proxy.log().splitlines())
