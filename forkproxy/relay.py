@@ -156,6 +156,11 @@ class ResetAtConnect(Ended):
     upstream sent before its RST may wait in its receive queue (serve() delivers it)."""
 
 
+class ClientLeft(Ended):
+    """The client reset (poll: POLLERR or POLLHUP on its socket) while its child was still
+    connecting upstream: (CLIENT_RESET, the OSError). There is nobody left to connect for."""
+
+
 class Flow:
     """One direction of a connection: bytes from `src` to `dst`."""
 
@@ -377,13 +382,66 @@ def in_turn(addresses: list[Address], turn: int) -> list[Address]:
                                             if address[0] != family]
 
 
+# How long the child's first connect() runs as CPython's own (its timeout is a poll in C)
+# before the client is watched as well (_await_connect). A live upstream answers well
+# within it, so the usual connection makes no system call and no object more for the
+# watch; the kernel resends an unanswered SYN after 1 s, so a connect still pending then
+# has lost its SYN, or its upstream is gone. A client that resets meanwhile is noticed
+# at most this late.
+WATCH_CONNECT_AFTER = 1.0
+
+
+def _watch(client: RawSocket | None) -> select.poll:
+    """A poll object watching the client for a reset or a hang-up only: registered with no
+    event, poll reports POLLERR and POLLHUP alone. Not POLLIN: bytes the client sends
+    (a request, kept for the upstream) or its FIN (a half-close) are no reason to stop,
+    and, poll being level-triggered, would wake it for ever."""
+    watch = select.poll()
+    if client is not None:
+        watch.register(client.fileno(), 0)
+    return watch
+
+
+def _await_connect(sock: RawSocket, watch: select.poll, seconds: float,
+                   client: RawSocket | None) -> None:
+    """Wait up to `seconds` for the connect in progress on the non-blocking `sock` to end,
+    the client watched meanwhile (`watch`, _watch's). Raises as connect() would (OSError,
+    TimeoutError when it does not end), or ClientLeft."""
+    fd = sock.fileno()
+    watch.register(fd, POLLOUT)
+    try:
+        ready = watch.poll(int(seconds * 1000) + 1)
+    finally:
+        watch.unregister(fd)
+    if not ready:
+        raise TimeoutError(errno.ETIMEDOUT, os.strerror(errno.ETIMEDOUT))
+    # The upstream's answer first: had the client reset just as the upstream took the
+    # connection, the relay reports that reset (client-reset) and passes it on, as for a
+    # reset right after any connect.
+    if not any(ready_fd == fd for ready_fd, _ in ready):
+        assert client is not None  # only the client is watched besides
+        raise ClientLeft(CLIENT_RESET, _socket_error(client))
+    code = sock.getsockopt(SOL_SOCKET, SO_ERROR)  # as CPython's connect() reads it
+    if code:
+        raise OSError(code, os.strerror(code))
+
+
 def connect_upstream(
-    addresses: list[Address], target: Endpoint, timeout: float, retries: int
+    addresses: list[Address], target: Endpoint, timeout: float, retries: int,
+    client: RawSocket | None = None,
 ) -> tuple[RawSocket, bool, tuple[tuple[object, ...], tuple[object, ...], OSError] | None]:
     """Connect to the first address that answers, retrying with a short backoff; return
     the socket, whether its address came from a lookup of the child's own, and None, or
     (when addresses failed before one answered) the one that answered and the last that
     failed, with its error.
+
+    While it backs off, and while any connect but the child's first runs (that one after
+    WATCH_CONNECT_AFTER), it watches `client`: ClientLeft when the client resets. A
+    client that only sent its FIN is still connected for: it may have half-closed to
+    wait for the answer to what it sent, or for a server that speaks first (a banner:
+    SMTP, MySQL, SSH), as socat and HAProxy (without abortonclose) connect for it too;
+    from here, a client that closed for good looks the same until something is sent to
+    it. Without `client` (tests), nothing is watched.
 
     Names are resolved by the supervisor. A child looks a name up itself only when the
     supervisor has no addresses (a DNS hiccup at start-up is not fatal) or when every one
@@ -397,9 +455,19 @@ def connect_upstream(
     """
     error: OSError | None = None
     failed: tuple[tuple[object, ...], OSError] | None = None  # the last connect() that failed
+    # Made once the first connect() has failed or run long (never on the usual path: a
+    # Python object and its pages in a fresh child); from then on, every wait watches.
+    watch: select.poll | None = None
     for attempt in range(retries + 1):
         if attempt:
-            time.sleep(min(0.1 * 2**attempt, 2.0))
+            if watch is None:  # no connect() yet: a name with no address
+                watch = _watch(client)
+            # The backoff, as a poll on the client rather than a sleep: up to 2 s a time,
+            # half an hour in all at --connect-retries 1000, and a client that reset
+            # meanwhile must not hold its child and a --max-children slot all that time.
+            if watch.poll(int(min(0.1 * 2**attempt, 2.0) * 1000)):
+                assert client is not None
+                raise ClientLeft(CLIENT_RESET, _socket_error(client))
         for own in (False, True):  # the supervisor's addresses, then a lookup of our own
             if not own:
                 candidates = addresses
@@ -425,11 +493,29 @@ def connect_upstream(
                     # refused connect's error says more than this one.
                     error = error or exc
                     continue
-                # The C socket's own timeout (poll in C): fewer Python objects in a fresh
-                # child than a poll object of our own, so fewer pages copied.
-                sock.settimeout(timeout)
                 try:
-                    sock.connect(sockaddr)
+                    if watch is None:
+                        # The child's first connect: the C socket's own timeout (poll in
+                        # C), fewer Python objects in a fresh child than a poll object of
+                        # our own, so fewer pages copied. Past WATCH_CONNECT_AFTER, the
+                        # connect goes on in the kernel, and the client is watched too.
+                        sock.settimeout(min(timeout, WATCH_CONNECT_AFTER))
+                        try:
+                            sock.connect(sockaddr)
+                        except TimeoutError:
+                            if timeout <= WATCH_CONNECT_AFTER:
+                                raise
+                            watch = _watch(client)
+                            _await_connect(sock, watch, timeout - WATCH_CONNECT_AFTER, client)
+                    else:
+                        sock.setblocking(False)
+                        try:
+                            sock.connect(sockaddr)
+                        except (BlockingIOError, InterruptedError):  # EINPROGRESS, EINTR
+                            _await_connect(sock, watch, timeout, client)
+                except ClientLeft:
+                    sock.close()
+                    raise
                 except TimeoutError:
                     error = OSError(errno.ETIMEDOUT, os.strerror(errno.ETIMEDOUT))
                 except OSError as exc:
@@ -441,6 +527,8 @@ def connect_upstream(
                     return sock, own, failed and (sockaddr, *failed)
                 failed = (sockaddr, error)
                 sock.close()
+                if watch is None:
+                    watch = _watch(client)
     raise error or OSError(NO_ADDRESS, "no address")
 
 
@@ -970,8 +1058,21 @@ def serve(
         addresses = in_turn(addresses, turn)
     try:
         upstream, looked_up, fallback = connect_upstream(
-            addresses, link.target, options.connect_timeout, options.connect_retries
+            addresses, link.target, options.connect_timeout, options.connect_retries, client
         )
+    except ClientLeft:
+        # The client reset while its child backed off between retries, or waited on an
+        # upstream slow to answer: the child ends now and frees its --max-children slot
+        # (a health check or an app that reconnects on its own would otherwise fill them
+        # all against a dead upstream, with children nobody waits for). Counted as the
+        # client's reset (`client-reset`, as a probe's reset after the connect is), not
+        # as an upstream failure: the upstream may only have been slow, and the client's
+        # leaving says nothing of it (connect-failed still comes from the clients that
+        # wait for the last retry). No line: the upstream never took the connection, so
+        # there is no open line to close, and a line per impatient client would flood
+        # the log in the very outage that the folded connect-failed keeps it short in.
+        client.close()
+        return CLIENT_RESET
     except OSError as exc:
         # No line here: the supervisor writes `connect-failed`, folded per link, when it
         # reaps this child (right away), from the error's code left in the slot. Every

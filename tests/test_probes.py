@@ -18,6 +18,7 @@ it moved no byte either way. Half-open ones never reach accept(): nothing at all
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -34,6 +35,8 @@ from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from test_chain_faults import in_namespace, pattern, port_of, read_to_end
+from test_two_hosts import forkproxy_command
 
 from conftest import (
     FORKPROXY,
@@ -44,9 +47,11 @@ from conftest import (
     control,
     free_port,
     need,
+    netns_lab,
     processes_under,
     wait_for,
 )
+from netns import Namespace, Process
 
 StartProxy = Callable[..., Proxy]
 LINGER_RESET = struct.pack("ii", 1, 0)
@@ -521,3 +526,117 @@ def test_probes_while_the_upstream_is_down_are_connect_failures_not_empty(
     failed = [r for r in records(proxy) if r["event"] == "connect-failed"]
     assert [(r["level"], r["failures"]) for r in failed] == [("warning", 1)], failed
     assert scrape(url)[("forkproxy_connections_empty_total", "")] == 0
+
+
+# -- clients that leave while their child is still connecting ---------------------------
+
+UNROUTED = "198.18.5.5"  # no route to it in the lab: each connect() fails at once
+SILENT = "198.18.6.9"  # at the far end of a cable pulled out there: SYNs vanish
+
+
+@contextlib.contextmanager
+def patient_proxy(target: str, *options: str) -> Iterator[tuple[Namespace, Process, Path]]:
+    """forkproxy in a namespace of its own (where the clients are made too), in front of
+    `target`:80, with --max-children 1: (namespace, proxy, status socket)."""
+    if os.geteuid() != 0:
+        pytest.fail("network namespaces need root (run ./scripts/test as root)")
+    with netns_lab("fpcw-") as lab:
+        ns = lab.namespace("cw")
+        lab.cable(ns, "198.18.6.1", lab.namespace("cw-far"), SILENT).cut()
+        sock = lab.workdir / "status.sock"
+        argv = [*forkproxy_command(), "serve", f"127.0.0.1:0={target}:80", "--max-children",
+                "1", "--status-socket", str(sock), *options]
+        proc = lab.spawn(ns, argv, label="proxy")
+        proc.wait_stdout(lambda lines: any(ln.startswith("listening ") for ln in lines), 20.0)
+        yield ns, proc, sock
+
+
+def client_in(ns: Namespace, proc: Process) -> socket.socket:
+    with in_namespace(ns):
+        sock = socket.socket()
+    sock.settimeout(30)
+    sock.connect(("127.0.0.1", port_of(proc)))
+    return sock
+
+
+def child_pids(sock: Path) -> list[int]:
+    return [child["pid"] for child in control(sock, "status")["children"]]
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize(
+    ("target", "options"),
+    [
+        (UNROUTED, ["--connect-retries", "1000"]),  # ~33 min of backoff between attempts
+        (SILENT, ["--connect-timeout", "600"]),  # one connect, past its first second
+        (SILENT, ["--connect-timeout", "0.5", "--connect-retries", "1000"]),  # the retries'
+    ],
+    ids=["backoff", "first-connect", "retry-connect"],
+)
+def test_a_client_that_resets_while_its_child_connects_frees_the_child_and_its_slot(
+    target: str, options: list[str],
+) -> None:
+    """A health check or an app that gives up and reconnects on its own, against a dead
+    upstream and a proxy told to wait long for it: its reset ends its child (without the
+    watch, it kept its --max-children slot for the whole backoff, or the whole connect
+    timeout). Counted as the client's reset, not as an upstream failure; no line."""
+    with patient_proxy(target, *options) as (ns, proc, sock):
+        leaving = client_in(ns, proc)
+        assert wait_for(lambda: len(child_pids(sock)) == 1)
+        [pid] = child_pids(sock)
+        time.sleep(2.5)  # attempts and backoffs go by (the first connect past its first 1 s)
+        assert child_pids(sock) == [pid]  # still connecting for it
+        leaving.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+        leaving.close()
+        assert wait_for(lambda: not child_pids(sock), 15), proc.describe()
+        stats = link_stats(sock)
+        assert stats["outcomes"] == {"client-reset": 1}, stats
+        assert stats["upstream_failures"] == 0, stats
+        # Its only slot (--max-children 1) is free: the next client gets a child at once.
+        with client_in(ns, proc):
+            assert wait_for(lambda: len(child_pids(sock)) == 1 and child_pids(sock) != [pid])
+        log = proc.stderr()
+        assert "connect-failed" not in log and " close " not in log, log
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize("sent", [0, 48 * 1024], ids=["nothing-sent", "request-sent"])
+def test_a_client_that_half_closes_while_its_child_retries_is_served_when_the_upstream_is_back(
+    sent: int,
+) -> None:
+    """A FIN is no reason to give up: the client may have half-closed to wait for the
+    answer to its request, or for a server that speaks first (socat and HAProxy connect
+    for it too). Once the upstream's address exists and listens, the next retry reaches
+    it: the request arrives whole, then EOF, and the answer arrives whole at the client."""
+    request, answer = pattern(sent, seed=1), pattern(1024 * 1024, seed=2)
+    with patient_proxy(UNROUTED, "--connect-retries", "1000") as (ns, proc, sock):
+        client = client_in(ns, proc)
+        client.sendall(request)
+        client.shutdown(socket.SHUT_WR)
+        assert wait_for(lambda: len(child_pids(sock)) == 1)
+        [pid] = child_pids(sock)
+        time.sleep(2.5)  # attempts and backoffs go by, with the client's FIN there
+        assert child_pids(sock) == [pid]
+        ns.ip("addr", "add", f"{UNROUTED}/32", "dev", "lo")
+        with in_namespace(ns):
+            listener = socket.create_server((UNROUTED, 80))
+        with listener, client:
+            listener.settimeout(30)
+            upstream, _ = listener.accept()
+            with upstream:
+                upstream.settimeout(30)
+                assert read_to_end(upstream) == ("eof", sent, hashlib.sha256(request).hexdigest())
+
+                def reply() -> None:
+                    upstream.sendall(answer)
+                    upstream.shutdown(socket.SHUT_WR)
+
+                sender = threading.Thread(target=reply)
+                sender.start()
+                got = read_to_end(client)
+                sender.join(30)
+                assert got == ("eof", len(answer), hashlib.sha256(answer).hexdigest())
+        assert wait_for(lambda: not child_pids(sock), 15)
+        stats = link_stats(sock)
+        assert stats["outcomes"] == {"closed": 1}, stats
+        assert (stats["bytes_up"], stats["bytes_down"]) == (sent, len(answer)), stats
