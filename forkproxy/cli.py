@@ -86,8 +86,8 @@ SpecsArg = Annotated[
     list[str] | None,
     typer.Argument(
         metavar="SPEC",
-        help="[BIND_ADDR:]LISTEN_PORT=HOST:PORT, IPv6 in brackets; "
-        "LISTEN_PORT 0 picks a free port.",
+        help="[BIND_ADDR:]LISTEN_PORT=HOST:PORT, IPv6 in brackets; BIND_ADDR defaults "
+        "to --bind's; LISTEN_PORT 0 picks a free port.",
         show_default=False,
     ),
 ]
@@ -113,8 +113,9 @@ BindOpt = Annotated[
     typer.Option(
         "--bind",
         metavar="ADDR",
-        help="The address the listeners of link variables (--from-env, --env-file) bind; "
-        "SPECs name their own. [default: 0.0.0.0]",
+        help="The address listeners bind when nothing else names one: those of link "
+        "variables (--from-env, --env-file) and of SPECs without a BIND_ADDR. "
+        "[default: 0.0.0.0]",
         envvar="FORKPROXY_BIND",
         show_default=False,
     ),

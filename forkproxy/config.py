@@ -240,7 +240,7 @@ class Sources(Value):
     from_env: bool
     env_file: str | None
     options: Options
-    bind: str  # the address link variables' listeners bind (SPECs name their own)
+    bind: str  # where listeners bind when nothing names an address (link variables, SPECs)
 
     def __init__(
         self,
@@ -486,8 +486,10 @@ def parse_bind(text: str, what: str) -> str:
     return address
 
 
-def parse_spec(spec: str) -> Link:
-    """`[BIND_ADDR:]LISTEN_PORT=HOST:PORT` (IPv6 in brackets) -> Link."""
+def parse_spec(spec: str, bind: str = ANY_IPV4) -> Link:
+    """`[BIND_ADDR:]LISTEN_PORT=HOST:PORT` (IPv6 in brackets) -> Link; with no BIND_ADDR,
+    it listens on `bind` (--bind): a user who restricts the listeners with it means all of
+    them, and a SPEC listening on every interface regardless exposed what they meant to hide."""
     what = f"SPEC {quoted(spec)}"
     left, sep, right = spec.partition("=")
     if not sep:
@@ -497,7 +499,7 @@ def parse_spec(spec: str) -> Link:
     if not right:
         raise ConfigError(f"{what}: the upstream HOST:PORT is missing after '='")
     if ":" not in left:
-        bind, port_text = ANY_IPV4, left
+        port_text = left
     else:
         bind_text, port_text = split_host_port(left, what)
         bind = parse_bind(bind_text, what)
@@ -693,13 +695,14 @@ def build_links(
     bind: str = ANY_IPV4,
 ) -> LinkTable:
     """All link sources together. `environ`: the environment when --from-env;
-    `env_file`: (path, text) of an --env-file; `bind`: where link variables listen.
+    `env_file`: (path, text) of an --env-file; `bind`: where link variables, and SPECs
+    without a BIND_ADDR, listen.
 
     A variable both set is the env file's: the file is what a reload reads again, so it
     is how a link the environment gave (a `--link`, fixed for the container's life) is
     rewired live. Where the values differ, the table says so (`overrides`).
     """
-    links = [parse_spec(spec) for spec in specs]
+    links = [parse_spec(spec, bind) for spec in specs]
     warnings: list[str] = []
     overrides: list[str] = []
     path, text = env_file or ("", "")

@@ -241,6 +241,30 @@ def test_a_reader_gone_after_the_first_line_is_no_error() -> None:
             kill_group(proc)
 
 
+def test_bind_is_the_default_address_of_specs_too(
+    start_proxy: Callable[..., Proxy], tcp_server: ServerFactory
+) -> None:
+    """`serve 7200=HOST:PORT --bind ADDR` listened on 0.0.0.0:7200 without a word: whoever
+    meant to keep the listener off the other interfaces was exposed on all of them. A SPEC
+    without a BIND_ADDR now listens on --bind's (FORKPROXY_BIND's); one with its own keeps it."""
+    server = tcp_server(echo)
+    own = f"127.0.0.1:0=127.0.0.1:{server.port}"
+    listed = run("links", "7200=198.18.1.2:16379", "0.0.0.0:7201=198.18.1.2:16379",
+                 env={"FORKPROXY_BIND": "127.0.0.2"})
+    assert listed.returncode == 0, listed
+    assert listed.stdout == ("listen 127.0.0.2:7200 -> 198.18.1.2:16379 (7200=198.18.1.2:16379)\n"
+                             "listen 0.0.0.0:7201 -> 198.18.1.2:16379 "
+                             "(0.0.0.0:7201=198.18.1.2:16379)\n")
+    proxy = start_proxy(f"0=127.0.0.1:{server.port}", own, "--bind", "127.0.0.2", expect=2)
+    assert proxy.lines[0].startswith("listening 127.0.0.2:"), proxy.lines
+    assert proxy.lines[1].startswith("listening 127.0.0.1:"), proxy.lines
+    with socket.create_connection(("127.0.0.2", proxy.ports[0]), timeout=5) as sock:
+        sock.sendall(b"ping")
+        assert sock.recv(4) == b"ping"
+    with pytest.raises(ConnectionRefusedError):  # not on every interface
+        socket.create_connection(("127.0.0.1", proxy.ports[0]), timeout=2).close()
+
+
 @pytest.mark.parametrize("command", [["status"], ["status", "--json"], ["check"], ["reload"],
                                      ["links", "6379=redis:5"], ["--version"]])
 def test_no_reader_for_a_commands_output_is_no_error(

@@ -379,12 +379,14 @@ def test_sources_survive_the_trip_to_the_supervisor() -> None:
     ("text", "bind"),
     [("127.0.0.1", "127.0.0.1"), ("::", "::"), ("[::]", "::"), ("fe80::1%eth0", "fe80::1%eth0")],
 )
-def test_bind_moves_the_listeners_of_link_variables_only(text: str, bind: str) -> None:
+def test_bind_moves_every_listener_that_names_no_address(text: str, bind: str) -> None:
+    """A SPEC without a BIND_ADDR listened on 0.0.0.0 whatever --bind said: a user who
+    restricted the listeners with it was exposed on every interface, without a word."""
     env = {"REDIS_PORT_6379_TCP": "tcp://10.0.0.5:6379"}
-    table = build_links(["127.0.0.2:80=10.0.0.6:80"], env, ("f.env", "W_PORT_81_TCP=tcp://a:1\n"),
-                        parse_link_bind(text))
+    table = build_links(["127.0.0.2:80=10.0.0.6:80", "82=10.0.0.6:82"], env,
+                        ("f.env", "W_PORT_81_TCP=tcp://a:1\n"), parse_link_bind(text))
     assert sorted((link.bind, link.port) for link in table.links) == sorted(
-        [("127.0.0.2", 80), (bind, 6379), (bind, 81)]  # a SPEC names its own
+        [("127.0.0.2", 80), (bind, 82), (bind, 6379), (bind, 81)]  # a SPEC's own is kept
     )
 
 
