@@ -489,7 +489,21 @@ def parse_bind(text: str, what: str) -> str:
 def parse_spec(spec: str, bind: str = ANY_IPV4) -> Link:
     """`[BIND_ADDR:]LISTEN_PORT=HOST:PORT` (IPv6 in brackets) -> Link; with no BIND_ADDR,
     it listens on `bind` (--bind): a user who restricts the listeners with it means all of
-    them, and a SPEC listening on every interface regardless exposed what they meant to hide."""
+    them, and a SPEC listening on every interface regardless exposed what they meant to hide.
+
+    A SPEC that does not parse but reads as another tool's syntax (a link value's scheme,
+    socat's addresses, docker's `-p`) gets an error that says how to write it instead: the
+    generic one ("IPv6 addresses must be in brackets" for `7200=tcp://...`) misled."""
+    try:
+        return _parse_spec(spec, bind)
+    except ConfigError:
+        hint = _spec_hint(spec)
+        if hint is None:
+            raise
+        raise ConfigError(f"SPEC {quoted(spec)}: {hint}") from None
+
+
+def _parse_spec(spec: str, bind: str) -> Link:
     what = f"SPEC {quoted(spec)}"
     left, sep, right = spec.partition("=")
     if not sep:
@@ -507,6 +521,59 @@ def parse_spec(spec: str, bind: str = ANY_IPV4) -> Link:
     host_text, target_port = split_host_port(right, what)
     target = Endpoint(parse_host(host_text, what), parse_port(target_port, what))
     return Link(bind, listen_port, target, (spec,))
+
+
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+# socat's listening address (TCP-LISTEN, TCP4-L, ...: socat takes the abbreviation) and its
+# options, and its connecting one (TCP:HOST:PORT, TCP4:..., TCP6:...).
+_SOCAT_LISTEN = re.compile(r"(?i)TCP[46]?-L(?:ISTEN)?:([^,\s]*)((?:,[^\s]*)?)")
+_SOCAT_CONNECT = re.compile(r"(?i)(?:^|\s)TCP[46]?:([^,\s]+)")
+_USE_EQUALS = "use '=' between the listen port and the target"
+_SOCAT = f"socat syntax: write one SPEC, [BIND_ADDR:]LISTEN_PORT=HOST:PORT ({_USE_EQUALS})"
+
+
+def _spec_hint(spec: str) -> str | None:
+    """What a SPEC that failed to parse most likely meant, as one line, or None."""
+
+    def parses(candidate: str) -> bool:
+        try:
+            _parse_spec(candidate, ANY_IPV4)
+        except ConfigError:
+            return False
+        return True
+
+    scheme = _SCHEME.search(spec)
+    if scheme is not None:  # a link variable's value pasted: `7200=tcp://HOST:PORT`
+        name = scheme[0]
+        without = _SCHEME.sub("", spec)
+        tcp_only = " (forkproxy proxies TCP only)" if name.lower() in ("udp://", "sctp://") else ""
+        example = f", as in {without}" if parses(without) else ""
+        return (f"a SPEC takes no scheme: drop {name!r}{tcp_only}; "
+                f"expected [BIND_ADDR:]LISTEN_PORT=HOST:PORT{example}")
+    listen = _SOCAT_LISTEN.match(spec)
+    connect = _SOCAT_CONNECT.search(spec)
+    if listen is not None:  # socat's `TCP4-LISTEN:6379,fork,bind=ADDR [TCP4:HOST:PORT]`
+        options = dict(option.partition("=")[::2] for option in listen[2].split(",")[1:])
+        address = options.get("bind", "")
+        example = (f"{join_host_port(address, 0)[:-1] if address else ''}{listen[1]}="
+                   f"{connect[1] if connect is not None else 'HOST:PORT'}")
+        if not parses(example.replace("HOST:PORT", "h:1")):
+            example = "LISTEN_PORT=HOST:PORT"
+        return f"{_SOCAT}: {example}"
+    if connect is not None and "=" not in spec:  # socat's connecting address alone
+        target = connect[1] if parses(f"1={connect[1]}") else "HOST:PORT"
+        return f"{_SOCAT}: LISTEN_PORT={target}"
+    if "=" not in spec and ":" in spec:  # docker's `-p 6379:HOST:PORT`, say
+        parts = spec.split(":")
+        # Two bracketed IPv6 addresses and their ports are at most 20 parts; more is no
+        # SPEC, and trying every cut of it would be quadratic in its length.
+        for cut in range(1, len(parts) if len(parts) <= 20 else 1):
+            candidate = f"{':'.join(parts[:cut])}={':'.join(parts[cut:])}"
+            if parses(candidate):
+                return (f"expected [BIND_ADDR:]LISTEN_PORT=HOST:PORT: {_USE_EQUALS}, "
+                        f"as in {candidate}")
+        return f"expected [BIND_ADDR:]LISTEN_PORT=HOST:PORT: {_USE_EQUALS}"
+    return None
 
 
 # <ALIAS>_PORT_<N>_<PROTO>; ALIAS may itself contain _PORT_ (greedy match takes the last).

@@ -133,6 +133,39 @@ def test_bad_specs_name_the_input(spec: str, message: str) -> None:
     assert text.startswith("SPEC ")
 
 
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        # A link variable's value pasted: the error said "IPv6 addresses must be in brackets".
+        ("7200=tcp://198.18.1.2:16379",
+         "no scheme: drop 'tcp://'; expected [BIND_ADDR:]LISTEN_PORT=HOST:PORT, "
+         "as in 7200=198.18.1.2:16379"),
+        ("7200=UDP://198.18.1.2:16379", "drop 'UDP://' (forkproxy proxies TCP only)"),
+        ("tcp://198.18.1.2:16379", "drop 'tcp://'"),
+        # socat's addresses, and docker's -p: only the generic "expected ..." before.
+        ("TCP4-LISTEN:6379,fork,reuseaddr",
+         "socat syntax: write one SPEC, [BIND_ADDR:]LISTEN_PORT=HOST:PORT (use '=' between "
+         "the listen port and the target): 6379=HOST:PORT"),
+        ("TCP-LISTEN:6379,fork,bind=127.0.0.1 TCP:198.18.1.2:16379",
+         ": 127.0.0.1:6379=198.18.1.2:16379"),
+        ("tcp6-l:6379,bind=::1", ": [::1]:6379=HOST:PORT"),
+        ("TCP4:198.18.1.2:16379", "(use '=' between the listen port and the target): "
+         "LISTEN_PORT=198.18.1.2:16379"),
+        ("6379:198.18.1.2:16379", "expected [BIND_ADDR:]LISTEN_PORT=HOST:PORT: use '=' between "
+         "the listen port and the target, as in 6379=198.18.1.2:16379"),
+        ("127.0.0.1:6379:[fd00::5]:16379", "as in 127.0.0.1:6379=[fd00::5]:16379"),
+        ("6379:6379", "HOST:PORT: use '=' between the listen port and the target"),
+    ],
+)
+def test_a_spec_in_another_tools_syntax_says_how_to_write_it(spec: str, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_spec(spec)
+    text = str(caught.value)
+    assert message in text
+    assert "\n" not in text
+    assert text.startswith("SPEC ")
+
+
 DOCKER_LINK_ENV = {
     "REDIS_PORT": "tcp://172.17.0.5:6379",
     "REDIS_PORT_6379_TCP": "tcp://172.17.0.5:6379",
