@@ -605,7 +605,7 @@ def links_from_env(
     warnings: list[str] = []
     for name in sorted(environ):
         match = _LINK_VAR.match(name)
-        if match is None or "_ENV_" in match["alias"] + "_":
+        if match is None or _is_reexport(name):
             continue
         # Shortened, as values are (quoted()): a name is any length the environment holds.
         shown = _shorten(name)
@@ -617,6 +617,13 @@ def links_from_env(
         target = parse_link_value(label, environ[name], match["proto"])
         links.append(Link(bind, port, target, (name,)))
     return links, warnings
+
+
+def _is_reexport(name: str) -> bool:
+    """An `<ALIAS>_ENV_..._PORT_<N>_TCP` (any protocol): a linked container's own variable
+    that Docker re-exports, not a link (see links_from_env)."""
+    match = _LINK_VAR.match(name)
+    return match is not None and "_ENV_" in match["alias"] + "_"
 
 
 def parse_env_file(text: str, path: str) -> dict[str, str]:
@@ -796,9 +803,27 @@ def build_links(
             sources.append("the environment")
         if env_file is not None:
             sources.append(f"env file {env_file[0]!r}")
-        where = " or ".join(sources) or "the command line (give a SPEC or --from-env)"
-        raise ConfigError(f"no links found: no <ALIAS>_PORT_<N>_TCP variable or SPEC in {where}")
+        if not sources:
+            raise ConfigError("no links found: give a SPEC, --from-env or --env-file")
+        # A SPEC given always makes a link: none was. Re-exports are ignored by design
+        # (links_from_env), which a user who has only those cannot guess: name them.
+        ignored = _reexports([*(environ or ()), *from_file])
+        raise ConfigError(f"no links found: no SPEC given, and no <ALIAS>_PORT_<N>_TCP "
+                          f"variable in {' or '.join(sources)}{ignored}")
     return LinkTable(merged, tuple(warnings), tuple(overrides))
+
+
+def _reexports(names: Iterable[str]) -> str:
+    """`; ignored N re-exported variable(s), NAME[, NAME][ and K more]: why`, or ''."""
+    found = sorted({name for name in names if _is_reexport(name) and name.endswith("_TCP")})
+    if not found:
+        return ""
+    shown = ", ".join(_shorten(name) for name in found[:2])
+    more = f" and {len(found) - 2} more" if len(found) > 2 else ""
+    plural = "s" if len(found) > 1 else ""
+    return (f"; ignored {len(found)} variable{plural}, {shown}{more}: an <ALIAS>_ENV_... "
+            "variable is a linked container's own environment re-exported by Docker, not a "
+            "link (if it is one, give it as a SPEC)")
 
 
 class Network(Value):

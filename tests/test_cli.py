@@ -84,8 +84,14 @@ def assert_not_listening(port: int) -> None:
         (["6379:198.18.1.2:16379"], {},
          ["SPEC '6379:198.18.1.2:16379'", "use '=' between the listen port and the target",
           "as in 6379=198.18.1.2:16379"]),
-        (["--from-env"], {}, ["no links found", "the environment"]),
-        ([], {}, ["no links found"]),
+        (["--from-env"], {}, ["no links found: no SPEC given, and no <ALIAS>_PORT_<N>_TCP "
+                              "variable in the environment"]),
+        # Only re-exports: ignored by design, which the line said nothing of.
+        (["--from-env"], {"REDIS_ENV_REDIS_PORT_6379_TCP": "tcp://198.18.1.2:16379"},
+         ["in the environment; ignored 1 variable, REDIS_ENV_REDIS_PORT_6379_TCP: an "
+          "<ALIAS>_ENV_... variable is a linked container's own environment re-exported by "
+          "Docker, not a link"]),
+        ([], {}, ["no links found: give a SPEC, --from-env or --env-file"]),
         (["--from-env"], {"R_PORT_1_TCP": "tcp://;reboot:1"}, ["variable R_PORT_1_TCP"]),
         (["--from-env"], {"A_PORT_7_TCP": "tcp://127.0.0.1:1", "B_PORT_7_TCP": "tcp://127.0.0.2:1"},
          ["A_PORT_7_TCP", "B_PORT_7_TCP"]),
@@ -911,11 +917,11 @@ def test_the_env_files_errors_name_its_variable_when_it_came_from_one(tmp_path: 
         ("bad name=x\n", "links", {},
          f"FORKPROXY_ENV_FILE (--env-file) {given}, line 1: bad variable name 'bad name'"),
         ("# nothing\n", "serve", {},
-         f"no links found: no <ALIAS>_PORT_<N>_TCP variable or SPEC in FORKPROXY_ENV_FILE "
-         f"(--env-file) {given}"),
-        ("# nothing\n", "links", {"FORKPROXY_FROM_ENV": "1"},
-         f"no links found: no <ALIAS>_PORT_<N>_TCP variable or SPEC in the environment or "
+         f"no links found: no SPEC given, and no <ALIAS>_PORT_<N>_TCP variable in "
          f"FORKPROXY_ENV_FILE (--env-file) {given}"),
+        ("# nothing\n", "links", {"FORKPROXY_FROM_ENV": "1"},
+         f"no links found: no SPEC given, and no <ALIAS>_PORT_<N>_TCP variable in the "
+         f"environment or FORKPROXY_ENV_FILE (--env-file) {given}"),
     ):
         env_file.write_text(content)
         from_variable = run(command, env={"FORKPROXY_ENV_FILE": str(env_file), **env})

@@ -249,7 +249,13 @@ def test_udp_and_sctp_links_are_reported_and_skipped() -> None:
             "and B_PORT_6379_TCP -> 10.0.0.6:6379",
         ),
         ({"HOME": "/root"}, "no links found"),
-        ({"REDIS_ENV_X_PORT_1_TCP": "tcp://10.0.0.5:1"}, "no links found"),
+        ({"REDIS_ENV_X_PORT_1_TCP": "tcp://10.0.0.5:1"},
+         "no links found: no SPEC given, and no <ALIAS>_PORT_<N>_TCP variable in the "
+         "environment; ignored 1 variable, REDIS_ENV_X_PORT_1_TCP: an <ALIAS>_ENV_... "
+         "variable is a linked container's own environment re-exported by Docker"),
+        ({"A_ENV_X_PORT_1_TCP": "1", "B_ENV_PORT_2_TCP": "2", "C_ENV_X_PORT_3_TCP": "3",
+          "D_ENV_X_PORT_4_UDP": "4"},
+         "; ignored 3 variables, A_ENV_X_PORT_1_TCP, B_ENV_PORT_2_TCP and 1 more: "),
     ],
 )
 def test_bad_link_variables_name_the_variable(env: dict[str, str], message: str) -> None:
