@@ -583,11 +583,16 @@ _LINK_VAR = re.compile(
     r"(?P<alias>[A-Za-z0-9_.]+)_PORT_(?P<port>[0-9]+)_(?P<proto>TCP|UDP|SCTP)\Z")
 
 
-def parse_link_value(name: str, value: str, proto: str) -> Endpoint:
+def parse_link_value(name: str, value: str, proto: str, from_file: bool = False) -> Endpoint:
     what = f"variable {name}"
     scheme = proto.lower() + "://"
     if not value.startswith(scheme):
-        raise ConfigError(f"{what}: expected {scheme}HOST:PORT, got {quoted(value)}")
+        # `KEY="tcp://..."`: Compose's env_file removes the quotes, `docker run --env-file`
+        # does not, and neither does forkproxy (the same file may feed both): say why.
+        quotes = ("" if value[:1] not in ("'", '"') else
+                  ": values are taken literally, as `docker run --env-file` does: remove "
+                  "the quotes" if from_file else ": remove the quotes")
+        raise ConfigError(f"{what}: expected {scheme}HOST:PORT, got {quoted(value)}{quotes}")
     host_text, port_text = split_host_port(value[len(scheme) :], what)
     return Endpoint(parse_host(host_text, what), parse_port(port_text, what))
 
@@ -614,7 +619,7 @@ def links_from_env(
             warnings.append(f"{label}: {match['proto']} links are not proxied; skipped")
             continue
         port = parse_port(match["port"], f"variable {label}")
-        target = parse_link_value(label, environ[name], match["proto"])
+        target = parse_link_value(label, environ[name], match["proto"], bool(origin))
         links.append(Link(bind, port, target, (name,)))
     return links, warnings
 

@@ -907,6 +907,23 @@ def test_a_path_in_an_error_is_quoted_and_stays_on_one_line(tmp_path: Path) -> N
         assert_one_line_error(run("links", "--env-file", str(env_file)), needle, "a\\nb")
 
 
+@pytest.mark.parametrize("quote", ['"', "'"])
+def test_a_quoted_value_in_the_env_file_says_to_remove_the_quotes(
+    tmp_path: Path, quote: str
+) -> None:
+    """`REDIS_PORT_6379_TCP="tcp://..."` (as written for Compose's env_file, which removes
+    the quotes) said only `expected tcp://HOST:PORT, got '"tcp://..."'`: why the value,
+    visibly right, was wrong was left to guess. Values stay literal, as `docker run
+    --env-file` takes them (the same file may feed it); the line says so."""
+    env_file = tmp_path / "links.env"
+    env_file.write_text(f"REDIS_PORT_6379_TCP={quote}tcp://198.18.1.2:16379{quote}\n")
+    result = run("links", "--env-file", str(env_file))
+    assert_one_line_error(result, f"variable REDIS_PORT_6379_TCP ('{env_file}'): expected "
+                          "tcp://HOST:PORT, got ", "tcp://198.18.1.2:16379",
+                          ": values are taken literally, as `docker run --env-file` does: "
+                          "remove the quotes")
+
+
 def test_the_env_files_errors_name_its_variable_when_it_came_from_one(tmp_path: Path) -> None:
     """`env file 'PATH'` named the file but not FORKPROXY_ENV_FILE, unlike every other
     variable's error: whoever set it in a compose file typed no --env-file. The variable

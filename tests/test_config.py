@@ -248,6 +248,9 @@ def test_udp_and_sctp_links_are_reported_and_skipped() -> None:
             "port 6379 is linked twice to different targets: A_PORT_6379_TCP -> 10.0.0.5:6379 "
             "and B_PORT_6379_TCP -> 10.0.0.6:6379",
         ),
+        ({"REDIS_PORT_6379_TCP": '"tcp://10.0.0.5:6379"'},
+         """REDIS_PORT_6379_TCP: expected tcp://HOST:PORT, got '"tcp://10.0.0.5:6379"': """
+         "remove the quotes"),
         ({"HOME": "/root"}, "no links found"),
         ({"REDIS_ENV_X_PORT_1_TCP": "tcp://10.0.0.5:1"},
          "no links found: no SPEC given, and no <ALIAS>_PORT_<N>_TCP variable in the "
