@@ -1368,7 +1368,10 @@ class Supervisor:
             addresses = self.addresses.get(listener.link.key, [])
             self.log.emit_requested("status-link", {
                 "link": listener.link.name,  # as status-connection has it: the join key
-                "listen": listener.describe(),
+                # As `status --json` names them: the address alone, then the target (the
+                # whole `LISTEN -> TARGET (LINK)` was in `listen`, repeating `link`).
+                "listen": join_host_port(listener.link.bind, listener.port),
+                "upstream": str(listener.link.target),
                 "addresses": " ".join(peer_text(address[1]) for address in addresses),
                 "active": stats.get("active", 0),
                 "waiting": stats.get("waiting", 0),

@@ -2215,7 +2215,13 @@ def test_sigusr1_writes_links_and_live_connections_to_the_log(
         found = poll(records, lambda found: "status-connection" in events(found))
         [link_line] = [r for r in found if r["event"] == "status-link"]
         [conn_line] = [r for r in found if r["event"] == "status-connection"]
-        assert link_line["listen"] == f"127.0.0.1:{proxy.port} -> 127.0.0.1:{server.port} ({spec})"
+        # The address alone, and the target apart, as `status --json` has them: `listen`
+        # held the whole `LISTEN -> TARGET (LINK)`.
+        assert link_line["listen"] == f"127.0.0.1:{proxy.port}"
+        assert link_line["upstream"] == f"127.0.0.1:{server.port}"
+        [listener] = reply["listeners"]
+        assert (link_line["listen"], link_line["upstream"]) == (listener["listen"],
+                                                                 listener["upstream"])
         assert link_line["addresses"] == f"127.0.0.1:{server.port}"  # where it connects
         assert (link_line["active"], link_line["total"]) == ("1", "2")
         assert link_line["upstream_failures"] == "0"
