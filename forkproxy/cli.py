@@ -130,6 +130,19 @@ StatusSocketOpt = Annotated[
         envvar="FORKPROXY_STATUS_SOCKET",
     ),
 ]
+# The clients' default is no path of their own: PID.sock there read as some PID to
+# fill in. They look for the supervisor in serve's default directory (status.find_socket).
+ClientSocketOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--status-socket",
+        metavar="PATH",
+        help="The supervisor's control socket [default: the only live socket in "
+        "$XDG_RUNTIME_DIR/forkproxy/, else in /tmp/forkproxy-UID/, where serve puts its "
+        "own; several there is an error].",
+        envvar="FORKPROXY_STATUS_SOCKET",
+    ),
+]
 
 
 def output(text: str) -> None:
@@ -475,7 +488,7 @@ def _control(ctx: typer.Context, status_socket: str | None, command: str) -> dic
 @app.command("status")
 def status_command(
     ctx: typer.Context,
-    status_socket: StatusSocketOpt = None,
+    status_socket: ClientSocketOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Show links, live connections and what each child costs (RSS, USS, CPU)."""
@@ -486,7 +499,7 @@ def status_command(
 
 
 @app.command("check")
-def check_command(ctx: typer.Context, status_socket: StatusSocketOpt = None) -> None:
+def check_command(ctx: typer.Context, status_socket: ClientSocketOpt = None) -> None:
     """Exit 0 when the supervisor answers and every listener is bound (a HEALTHCHECK)."""
     reply = _control(ctx, status_socket, "check")
     if not reply.get("ok"):
@@ -606,7 +619,7 @@ def _signal_supervisor(pid_file: str) -> int:
 @app.command("reload")
 def reload_command(
     ctx: typer.Context,
-    status_socket: StatusSocketOpt = None,
+    status_socket: ClientSocketOpt = None,
     # No envvar: FORKPROXY_PID_FILE is serve's, often set where reload runs too, and it
     # would silently trade the reported outcome (exit 1 on failure) for a bare signal.
     pid_file: Annotated[

@@ -1088,6 +1088,18 @@ def test_help_shows_every_default_and_names_what_options_take() -> None:
     assert text.count("[default: 0]") == 1  # --connect-retries'; -v and -q: none to show
 
 
+@pytest.mark.parametrize("command", ["status", "check", "reload"])
+def test_the_clients_help_says_which_socket_they_use_by_default(command: str) -> None:
+    """The clients' help showed serve's default, `$XDG_RUNTIME_DIR/forkproxy/PID.sock`:
+    whose PID? They use the only live socket in that directory (status.find_socket)."""
+    result = run(command, "--help")
+    assert result.returncode == 0, result
+    text = " ".join(result.stdout.split())  # click wraps at 80 columns
+    assert "PID.sock" not in text, text
+    assert ("[default: the only live socket in $XDG_RUNTIME_DIR/forkproxy/, else in "
+            "/tmp/forkproxy-UID/, where serve puts its own; several there is an error]") in text
+
+
 @pytest.mark.parametrize("command", [[], ["serve"], ["links"], ["status"], ["check"],
                                      ["reload"]])
 def test_help_names_what_each_argument_takes_and_no_python_type(command: list[str]) -> None:
