@@ -149,6 +149,14 @@ class Accounting:
         self.retiring: dict[str, int] = {}
         self.outcome_names = outcome_names
         self.orphans_reaped = 0
+        # Connections of links whose totals a reload dropped (retire): counted here when
+        # dropped, not on each reap, for connections_total.
+        self.retired_connections = 0
+
+    def connections_total(self) -> int:
+        """Connections reaped since start, on every link, those a reload removed too."""
+        return self.retired_connections + sum(stats.connections
+                                              for stats in self.links.values())
 
     def stats(self, link: Link) -> LinkStats:
         stats = self.links.get(link.name)
@@ -176,7 +184,7 @@ class Accounting:
             if name in live:
                 self.retiring[name] = live[name]
             else:
-                del self.links[name]
+                self.retired_connections += self.links.pop(name).connections
 
     def finished(self, pid: int, status: int, cpu_seconds: float) -> ChildRecord | None:
         """Fold a reaped child into its link's totals; None when it was not ours."""
@@ -222,6 +230,7 @@ class Accounting:
                 self.retiring[name] = left - 1
             else:
                 del self.retiring[name], self.links[name]
+                self.retired_connections += stats.connections
         return record
 
     def snapshot(self, waiting: dict[str, int] | None = None,

@@ -301,6 +301,9 @@ class Supervisor:
         self.resolve_pending = False  # asked again while one ran: start another after it
         self.resolve_failing: set[str] = set()  # links whose last lookup failed (log once)
         self.started = time.time()
+        # The monotonic clock's, for `exited`: start, and the first stop signal (handle_stop).
+        self.began = time.monotonic()
+        self.stop_began: float | None = None
         self.pid = os.getpid()  # also what a reporter child reports
         # Did we write --pid-file? Only then is it ours to remove at exit (and a path we
         # refused, a FIFO, is never opened again).
@@ -556,7 +559,15 @@ class Supervisor:
             self.loop()
         finally:
             self.cleanup()
+        self._log_exited()
         return 0
+
+    def _log_exited(self) -> None:
+        """The last line: `stopping` said when the drain began, this when it ended (the
+        listeners and sockets closed, the pid file removed: all that is left is exit)."""
+        now = time.monotonic()
+        self.log.info("exited", total=self.accounting.connections_total(),
+                      duration=now - (self.stop_began or now), uptime=now - self.began)
 
     def _print_ready(self, lines: list[str]) -> None:
         """The `listening` lines on stdout, or a warning on stderr saying why they are not.
@@ -1227,6 +1238,7 @@ class Supervisor:
         for listener in self.listeners:
             self._take_backlog(listener, "stopping")
         self.stopping = True
+        self.stop_began = time.monotonic()
         signal.setitimer(signal.ITIMER_REAL, 0)  # no new children: names no longer matter
         # Nor a metrics process: a restart still due would stay armed, never fired, and
         # poll every turn of the loop with a zero timeout (100% CPU until the last child).

@@ -101,3 +101,21 @@ def test_a_link_configured_again_before_its_last_connection_ends_keeps_its_total
     accounting.retire({"db"})  # ... and back with the next
     accounting.finished(11, relay.CLOSED << 8, 0.0)
     assert accounting.links["db"].connections == 4
+
+
+def test_the_connections_total_counts_the_links_a_reload_removed() -> None:
+    """`exited`'s total: every connection since start, whether or not its link is still
+    configured (a reload drops a removed link's totals, at once or with its last child)."""
+    accounting = Accounting(4, relay.OUTCOMES)
+    kept, gone, idle = link_named("kept", 1), link_named("gone", 2), link_named("idle", 3)
+    accounting.stats(kept).connections = 5
+    accounting.stats(idle).connections = 2
+    accounting.stats(gone).connections = 3
+    accounting.children[11] = (gone, ("127.0.0.1", 11), take(accounting.slots), 0.0)
+    assert accounting.connections_total() == 10
+    accounting.retire({kept.name})  # idle's totals go now, gone's with its child
+    assert "idle" not in accounting.links
+    assert accounting.connections_total() == 10
+    accounting.finished(11, relay.CLOSED << 8, 0.0)
+    assert set(accounting.links) == {"kept"}
+    assert accounting.connections_total() == 11

@@ -2305,6 +2305,34 @@ def test_sigusr1_table_is_written_by_a_reporter_so_a_stalled_log_stalls_nobody(
         os.close(read_end)
 
 
+def test_the_last_line_says_the_supervisor_exited_when_the_drain_ended(
+    start_proxy: StartProxy, tcp_server: ServerFactory, env: dict[str, str],
+) -> None:
+    """The log ended at `stopping`: when the drain finished, and so when the proxy was
+    gone, it never said. `exited` is the last line, with the connections served since
+    start (`total`, as status-link's), how long the stop took (`duration`) and `uptime`."""
+    server = tcp_server(echo)
+    proxy = start_proxy(f"127.0.0.1:0=127.0.0.1:{server.port}", "--grace", "60", env=env)
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=30) as done:
+        done.sendall(b"x")
+        assert recv_exact(done, 1) == b"x"
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=30) as live:
+        live.sendall(b"y")
+        assert recv_exact(live, 1) == b"y"
+        proxy.signal(signal.SIGTERM)
+        poll(proxy.log, lambda text: " stopping " in text)
+        time.sleep(0.5)  # the drain lasts at least this long: `live` is open
+        assert proxy.proc.poll() is None
+    assert proxy.stop() == 0
+    lines = [parse_text_line(line) for line in proxy.log().splitlines()]
+    last = lines[-1]
+    assert (last["event"], last["level"]) == ("exited", "info"), lines[-3:]
+    assert last["total"] == "2", last
+    assert float(last["duration"]) >= 0.5, last
+    assert float(last["uptime"]) >= float(last["duration"]), last
+    assert [line["event"] for line in lines].count("exited") == 1
+
+
 def test_a_table_asked_for_just_before_a_stop_is_written_before_the_exit(
     start_proxy: StartProxy, tcp_server: ServerFactory, env: dict[str, str],
 ) -> None:
