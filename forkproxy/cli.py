@@ -391,8 +391,9 @@ def serve_command(
                             "limits, at most 1024]", "MAX_CHILDREN", "N")
     ] = None,
     allow: Annotated[
-        list[str] | None, _option("Accept clients only from this CIDR (repeatable; socat "
-                                  "range=). [default: everyone]", "ALLOW", "CIDR")
+        list[str] | None, _option("Accept clients only from this CIDR (repeatable; "
+                                  "FORKPROXY_ALLOW takes several, separated by spaces; "
+                                  "socat range=). [default: everyone]", "ALLOW", "CIDR")
     ] = None,
     status_socket: StatusSocketOpt = None,
     metrics: Annotated[

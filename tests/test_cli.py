@@ -1003,7 +1003,7 @@ BAD_VARIABLES = [
      "FORKPROXY_MAX_CHILDREN (--max-children) 'lots': not a whole number"),
     ("serve", "FORKPROXY_MAX_CHILDREN", "0",
      "FORKPROXY_MAX_CHILDREN (--max-children) 0: must be at least 1"),
-    # Repeatable: the variable holds the networks separated by spaces.
+    # Repeatable: the variable holds the networks separated by spaces (serve --help says so).
     ("serve", "FORKPROXY_ALLOW", "10.0.0.0/8 x",
      "FORKPROXY_ALLOW (--allow) 'x': not an IPv4 or IPv6 CIDR"),
     ("serve", "FORKPROXY_BIND", "nowhere",
@@ -1086,6 +1086,8 @@ def test_help_shows_every_default_and_names_what_options_take() -> None:
         assert needle in text, needle
     assert "<str>" not in text and "<bool>" not in text
     assert text.count("[default: 0]") == 1  # --connect-retries'; -v and -q: none to show
+    # What the variable of a repeatable option takes (click splits it at whitespace).
+    assert "FORKPROXY_ALLOW takes several, separated by spaces" in text
 
 
 @pytest.mark.parametrize("command", ["status", "check", "reload"])
