@@ -39,7 +39,7 @@ from forkproxy import control as fp_control
 from forkproxy import metrics as fp_metrics
 from forkproxy import status as fp_status
 from forkproxy.accounting import DURATION_BUCKETS, LinkStats
-from forkproxy.log import INFO, SLOT, SLOT_INT, SLOT_SECONDS, Logger, _stamp
+from forkproxy.log import INFO, SLOT, SLOT_INT, SLOT_SECONDS, Logger, _stamp, crash_fields
 from forkproxy.metrics import render as render_metrics
 
 from conftest import (
@@ -3041,3 +3041,33 @@ def test_every_public_logger_method_is_called_somewhere_in_forkproxy() -> None:
     called = {node.func.attr for tree in trees.values() for node in ast.walk(tree)
               if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)}
     assert sorted(methods - called) == []
+
+
+def _raised(action: Callable[[], object]) -> BaseException:
+    try:
+        action()
+    except Exception as exc:  # what each action raises is the subject
+        return exc
+    raise AssertionError("nothing raised")
+
+
+@pytest.mark.parametrize(("action", "error"), [
+    # Not builtins: named with the module, as a traceback's last line names it.
+    (lambda: json.loads("x"),
+     "json.decoder.JSONDecodeError: Expecting value: line 1 column 1 (char 0)"),
+    # An OSError with a file: its strerror and the file, as the traceback says.
+    (lambda: open("/nonexistent-forkproxy-dir/x", "rb"),  # noqa: SIM115
+     "FileNotFoundError: No such file or directory: '/nonexistent-forkproxy-dir/x'"),
+    (lambda: os.close(-1), "OSError: Bad file descriptor"),
+    (lambda: [][0], "IndexError: list index out of range"),
+    (lambda: next(iter(())), "StopIteration"),  # no message: the type alone
+], ids=["module", "filename", "oserror", "builtin", "no-message"])
+def test_a_crash_is_named_as_a_tracebacks_last_line_names_it(
+    action: Callable[[], object], error: str
+) -> None:
+    """relay-crashed's and metrics-request-failed's `error` (log.crash_fields): the real
+    runs show only builtin OSError and RuntimeError; the module prefix, the file of an
+    OSError and the message-less case are each a branch of their own."""
+    fields = crash_fields(_raised(action))
+    assert fields["error"] == error, fields
+    assert re.fullmatch(r"raised at \S+\.py:\d+ in \S+", fields["detail"]), fields
