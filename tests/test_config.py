@@ -577,20 +577,23 @@ def test_a_clash_names_the_first_two_links_that_clash(specs: list[str], message:
     assert str(caught.value) == message
 
 
-@pytest.mark.parametrize(("last", "clash"), [
-    (None, None),
-    ("0.0.0.0", "L0 on 127.0.0.1 and L2000 on 0.0.0.0"),
+@pytest.mark.parametrize(("last", "clash", "v6_first"), [
+    (None, None, False),
+    ("0.0.0.0", "L0 on 127.0.0.1 and L2000 on 0.0.0.0", False),
     # Late in the order: the pairwise loop compared ~2 million pairs before it.
-    ("::ffff:127.0.3.250", "L999 on 127.0.3.250 and L2000 on ::ffff:127.0.3.250"),
+    ("::ffff:127.0.3.250", "L999 on 127.0.3.250 and L2000 on ::ffff:127.0.3.250", False),
+    # An IPv6 address does not overlap 0.0.0.0: the IPv6 links before it scan nothing.
+    ("0.0.0.0", "L1000 on 127.0.0.1 and L2000 on 0.0.0.0", True),
 ])
 def test_the_overlap_check_compares_each_link_with_few_others(
-    monkeypatch: pytest.MonkeyPatch, last: str | None, clash: str | None,
+    monkeypatch: pytest.MonkeyPatch, last: str | None, clash: str | None, v6_first: bool,
 ) -> None:
     """It compared every pair: 7 s for the ~20,000 links of a 1 MiB env file, during which
     a reloading supervisor accepted no client. Counted, not timed: 2 links compared per
     link at most."""
     binds = [f"127.0.{n // 250}.{n % 250 + 1}" for n in range(1000)]
-    binds += [f"fd00::{n + 1:x}" for n in range(1000)]
+    v6 = [f"fd00::{n + 1:x}" for n in range(1000)]
+    binds = v6 + binds if v6_first else binds + v6
     binds += [last] if last else []
     links = [Link(bind, 6379, Endpoint("10.0.0.5", 1), (f"L{n}",)) for n, bind in enumerate(binds)]
     calls = 0
