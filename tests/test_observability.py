@@ -2689,6 +2689,22 @@ def test_status_says_a_metrics_endpoint_whose_slots_are_all_held_is_not_answerin
     assert state["answers"] is True, state  # the slots freed, it answers again
 
 
+def test_status_says_a_metrics_port_answered_by_something_not_http_is_not_answering(
+    tcp_server: ServerFactory,
+) -> None:
+    """A connection accepted proves nothing (a stopped process's kernel accepts): only a
+    reply that starts as HTTP's does. Here a real TCP server answers, but not HTTP (it
+    echoes the request back): the endpoint is not called `up`."""
+    server = tcp_server(echo)
+    url = f"http://127.0.0.1:{server.port}/metrics"
+    status = {"pid": os.getpid(), "pid_here": os.getpid(),
+              "metrics": {"url": url, "state": "up", "pid": None, "restarts": 0}}
+    metrics = fp_status.probe_metrics(status)["metrics"]
+    assert (metrics["answers"], metrics["no_answer"]) == (False, "answered, but not HTTP")
+    assert fp_status.describe_metrics(metrics) == (
+        f"{url} running, not answering (answered, but not HTTP), 0 restarts")
+
+
 # -- JSON logs -------------------------------------------------------------------------------
 
 
