@@ -280,21 +280,25 @@ def test_bind_is_the_default_address_of_specs_too(
 
 
 @pytest.mark.parametrize("command", [["status"], ["status", "--json"], ["check"], ["reload"],
-                                     ["links", "6379=redis:5"], ["--version"]])
+                                     ["reload", "--pid-file"], ["links", "6379=redis:5"],
+                                     ["--version"]])
 def test_no_reader_for_a_commands_output_is_no_error(
     start_proxy: Callable[..., Proxy], short_dir: Path, command: list[str],
 ) -> None:
     """Every command that prints, as `serve` with its `listening` lines: its stdout's
     reader gone before it wrote (`| true`) is said nowhere and changes no status (click
     exited 1). The proxy is up, so each of them has its output to write."""
-    sock = short_dir / "s.sock"
-    start_proxy("--status-socket", str(sock), "127.0.0.1:0=127.0.0.1:1")
+    sock, pid_file = short_dir / "s.sock", short_dir / "pid"
+    start_proxy("--status-socket", str(sock), "--pid-file", str(pid_file),
+                "127.0.0.1:0=127.0.0.1:1")
+    if command[-1] == "--pid-file":
+        command = [*command, str(pid_file)]
+    elif command[0] in ("status", "check", "reload"):
+        command = [*command, "--status-socket", str(sock)]
     reader, writer = os.pipe()
     os.close(reader)
     try:
-        result = subprocess.run([FORKPROXY, *command, *(["--status-socket", str(sock)]
-                                                        if command[0] in ("status", "check",
-                                                                          "reload") else [])],
+        result = subprocess.run([FORKPROXY, *command],
                                 stdout=writer, stderr=subprocess.PIPE, text=True, timeout=60,
                                 env={"PATH": os.environ["PATH"]})
     finally:
