@@ -397,10 +397,14 @@ class Supervisor:
                 f"--log-format={self.options.log_format}", f"--log-level={self.log.level}"]
         try:
             pid = os.fork()
-        except OSError as exc:  # EAGAIN at a pids limit, ENOMEM: try again later
+        except OSError as exc:  # EAGAIN at a pids limit, ENOMEM
+            # A death of a process that lived 0 s, backed off like one: a pids limit that
+            # lasts must not log this every 5 s for days, nor leave status at `starting`.
+            self.metrics_started = time.monotonic()
+            self.metrics_exit = f"cannot fork: {exc.strerror}"
+            delay = self._metrics_died()
             self.log.error("metrics-failed", error=exc.strerror,
-                           detail=f"cannot fork; trying again in {METRICS_RESTART:g}s")
-            self.metrics_at = time.monotonic() + METRICS_RESTART
+                           detail=f"cannot fork; trying again in {delay:g}s")
             return
         if pid == 0:
             try:
@@ -1081,19 +1085,12 @@ class Supervisor:
                     self.metrics_since = time.time()
                     self._close_metrics_port()
                     continue
-                if self._metrics_steady():
-                    self.metrics_deaths = 0  # it had lived long enough: a new run begins
-                if not self.metrics_deaths:
-                    self.metrics_down_since = time.time()
-                self.metrics_deaths += 1
-                self.metrics_since = self.metrics_down_since
                 if not self.stopping:
-                    self.metrics_restarts += 1
-                    delay = self._metrics_delay()
+                    delay = self._metrics_died()
                     self.log.warning("metrics-died", status=describe_status(status),
                                      detail=f"restarting in {delay:g}s")
-                    self.metrics_at = time.monotonic() + delay
                 else:
+                    self._count_metrics_death()
                     self._close_metrics_port()
                 continue
             # A child killed by a signal wrote no close line: its record and counters are
@@ -1787,6 +1784,24 @@ class Supervisor:
         """Whether the metrics process last started lived (or lives) long enough for its
         death to start a new run of restarts, at the first delay again."""
         return time.monotonic() - self.metrics_started >= METRICS_STEADY
+
+    def _count_metrics_death(self) -> None:
+        """Count a death of the metrics process (or a failed fork for one) in its run of
+        deaths in a row, which a process that had lived long enough ends first."""
+        if self._metrics_steady():
+            self.metrics_deaths = 0  # it had lived long enough: a new run begins
+        if not self.metrics_deaths:
+            self.metrics_down_since = time.time()
+        self.metrics_deaths += 1
+        self.metrics_since = self.metrics_down_since
+
+    def _metrics_died(self) -> float:
+        """Count a death outside a stop and arm the next start: the delay before it."""
+        self._count_metrics_death()
+        self.metrics_restarts += 1
+        delay = self._metrics_delay()
+        self.metrics_at = time.monotonic() + delay
+        return delay
 
     def _metrics_delay(self) -> float:
         """Seconds before the metrics process is started again after `metrics_deaths`

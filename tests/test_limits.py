@@ -1515,6 +1515,29 @@ def test_clients_held_after_a_failed_fork_and_dropped_at_the_stop_are_logged(
     assert "warning dropped" in line and f'link="{spec}"' in line and "clients=3 " in line, line
 
 
+def test_a_metrics_process_that_cannot_be_forked_is_backed_off_as_a_death(
+    pids_cgroup: Path, start_proxy: StartProxy, short_dir: Path
+) -> None:
+    """At a pids limit the fork for the metrics process fails. It was tried again every
+    5 s for ever, never counted, and status said `starting`. A failed fork is a death
+    that lived 0 s now: tried again after 5 s, then 10, and status says `restarting`."""
+    (pids_cgroup / "pids.max").write_text("1")  # the supervisor alone: every fork fails
+    sock_path = short_dir / "s.sock"
+    proxy = start_proxy("--metrics", "127.0.0.1:0", "--status-socket", str(sock_path),
+                        "127.0.0.1:0=127.0.0.1:1", prefix=in_cgroup(pids_cgroup))
+    assert wait_for(lambda: proxy.log().count("metrics-failed") >= 2, timeout=30), proxy.log()
+    failed = [x for x in proxy.log().splitlines() if "metrics-failed" in x]
+    assert 'detail="cannot fork; trying again in 5s"' in failed[0], failed
+    assert 'detail="cannot fork; trying again in 10s"' in failed[1], failed
+    metrics = status_json(sock_path)["metrics"]
+    assert isinstance(metrics, dict)
+    assert (metrics["state"], metrics["deaths_in_a_row"], metrics["restarts"]) == (
+        "restarting", 2, 2), metrics
+    assert 0 < metrics["retry_in"] <= 10 and "cannot fork" in metrics["last_exit"], metrics
+    text = cli("status", "--status-socket", str(sock_path)).stdout
+    assert "restarting for" in text and "2 deaths in a row, next start in" in text, text
+
+
 @pytest.mark.parametrize(("level", "logged"), [(30, True), (40, False)])
 def test_the_metrics_process_logs_at_the_level_it_is_given(
     pids_cgroup: Path, short_dir: Path, level: int, logged: bool
