@@ -157,8 +157,9 @@ class ResetAtConnect(Ended):
 
 
 class ClientLeft(Ended):
-    """The client reset (poll: POLLERR or POLLHUP on its socket) while its child was still
-    connecting upstream: (CLIENT_RESET, the OSError). There is nobody left to connect for."""
+    """The client reset or vanished (poll: POLLERR or POLLHUP on its socket) while its
+    child was still connecting upstream: (CLIENT_RESET, the OSError: ETIMEDOUT and the
+    like for one whose keepalive probes went unanswered). Nobody is left to connect for."""
 
 
 class Flow:
@@ -1060,7 +1061,7 @@ def serve(
         upstream, looked_up, fallback = connect_upstream(
             addresses, link.target, options.connect_timeout, options.connect_retries, client
         )
-    except ClientLeft:
+    except ClientLeft as left:
         # The client reset while its child backed off between retries, or waited on an
         # upstream slow to answer: the child ends now and frees its --max-children slot
         # (a health check or an app that reconnects on its own would otherwise fill them
@@ -1072,6 +1073,10 @@ def serve(
         # there is no open line to close, and a line per impatient client would flood
         # the log in the very outage that the folded connect-failed keeps it short in.
         client.close()
+        # A client that vanished (its keepalive probes unanswered) went silent rather
+        # than reset: `client-timeout`, as pump() counts the same error.
+        if left.args[1].errno in _PEER_TIMEOUT_ERRORS:
+            return CLIENT_TIMEOUT
         return CLIENT_RESET
     except OSError as exc:
         # No line here: the supervisor writes `connect-failed`, folded per link, when it

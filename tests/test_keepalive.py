@@ -32,7 +32,16 @@ from test_limits import copy_fd, distinct_free_ports, hold_the_listener, write_e
 from test_two_hosts import _unavailable, forkproxy_command
 
 import netns
-from conftest import LOOPBACK, Proxy, ServerFactory, echo, need, processes_under, wait_for
+from conftest import (
+    LOOPBACK,
+    Proxy,
+    ServerFactory,
+    control,
+    echo,
+    need,
+    processes_under,
+    wait_for,
+)
 from netns import Lab, Namespace, Process
 
 pytestmark = [pytest.mark.netns]
@@ -63,6 +72,7 @@ class KeepaliveLab:
         argv = [*forkproxy_command(), "serve", f"0.0.0.0:0={UPSTREAM_ADDR}:{port}",
                 "--status-socket", str(sock), *options]
         proc = self.lab.spawn(self.proxy, argv, label="proxy")
+        proc.status_socket = sock
         proc.wait_stdout(lambda lines: any(ln.startswith("listening ") for ln in lines), 20.0)
         return proc
 
@@ -284,6 +294,33 @@ def test_keepalive_ends_a_connection_whose_client_vanished(ka: KeepaliveLab) -> 
         assert field(line, "error") == "Connection timed out", line
         assert (field(line, "bytes_up"), field(line, "bytes_down")) == (str(SIZE), str(SIZE))
         assert read_to_end(upstream)[:2] == ("reset", 0)
+
+
+def test_a_client_that_vanishes_while_its_child_connects_is_a_client_timeout(
+    ka: KeepaliveLab,
+) -> None:
+    """A client host that goes silent while its child still waits on an upstream that
+    does not answer: the child ends when the client's keepalive probes go unanswered,
+    counted `client-timeout` as for a client that vanishes mid-relay (it was counted
+    `client-reset`: nothing reset). No attempt had failed yet: no connect-failed."""
+    ka.vanish(ka.upstream)  # the SYNs go unanswered: the first connect is still running
+    proxy = ka.start_proxy("--keepalive", "1", "--connect-timeout", "120",
+                           "--connect-retries", "100")
+    assert proxy.status_socket is not None
+    sock = proxy.status_socket
+    with in_namespace(ka.client):
+        client = socket.socket()
+    with client:
+        client.settimeout(30)
+        client.connect((PROXY_CLIENT_SIDE, port_of(proxy)))
+        assert wait_for(lambda: len(control(sock, "status")["children"]) == 1)
+        ka.vanish(ka.client)
+        assert wait_for(lambda: not control(sock, "status")["children"], DETECTED_WITHIN), (
+            proxy.describe())
+    [stats] = control(sock, "status")["links"].values()
+    assert stats["outcomes"] == {"client-timeout": 1}, stats
+    assert stats["upstream_failures"] == 0, stats
+    assert "connect-failed" not in proxy.stderr(), proxy.stderr()
 
 
 @pytest.mark.parametrize(
