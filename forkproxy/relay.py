@@ -159,7 +159,8 @@ class ResetAtConnect(Ended):
 class ClientLeft(Ended):
     """The client reset or vanished (poll: POLLERR or POLLHUP on its socket) while its
     child was still connecting upstream: (CLIENT_RESET, the OSError: ETIMEDOUT and the
-    like for one whose keepalive probes went unanswered). Nobody is left to connect for."""
+    like for one whose keepalive probes went unanswered, and the error of the last attempt
+    that failed before, or None). Nobody is left to connect for."""
 
 
 class Flow:
@@ -468,7 +469,7 @@ def connect_upstream(
             # meanwhile must not hold its child and a --max-children slot all that time.
             if watch.poll(int(min(0.1 * 2**attempt, 2.0) * 1000)):
                 assert client is not None
-                raise ClientLeft(CLIENT_RESET, _socket_error(client))
+                raise ClientLeft(CLIENT_RESET, _socket_error(client), error)
         for own in (False, True):  # the supervisor's addresses, then a lookup of our own
             if not own:
                 candidates = addresses
@@ -514,9 +515,9 @@ def connect_upstream(
                             sock.connect(sockaddr)
                         except (BlockingIOError, InterruptedError):  # EINPROGRESS, EINTR
                             _await_connect(sock, watch, timeout, client)
-                except ClientLeft:
+                except ClientLeft as left:
                     sock.close()
-                    raise
+                    raise ClientLeft(*left.args[:2], error) from None
                 except TimeoutError:
                     error = OSError(errno.ETIMEDOUT, os.strerror(errno.ETIMEDOUT))
                 except OSError as exc:
@@ -1068,11 +1069,18 @@ def serve(
         # all against a dead upstream, with children nobody waits for). Counted as the
         # client's reset (`client-reset`, as a probe's reset after the connect is), not
         # as an upstream failure: the upstream may only have been slow, and the client's
-        # leaving says nothing of it (connect-failed still comes from the clients that
-        # wait for the last retry). No line: the upstream never took the connection, so
+        # leaving says nothing of it. No line: the upstream never took the connection, so
         # there is no open line to close, and a line per impatient client would flood
         # the log in the very outage that the folded connect-failed keeps it short in.
         client.close()
+        failed = left.args[2]
+        if failed is not None:
+            # But an attempt had failed already: the upstream did say something, and it
+            # is counted as when the last retry fails (connect-failed, upstream_failures,
+            # from the code left in the slot). Were it not, a dead upstream whose every
+            # client gives up before the last retry (health checks) would go unseen.
+            counters[base + FAILURE] = (failed.errno or errno.EIO) & _CODE
+            return CONNECT_FAILED
         # A client that vanished (its keepalive probes unanswered) went silent rather
         # than reset: `client-timeout`, as pump() counts the same error.
         if left.args[1].errno in _PEER_TIMEOUT_ERRORS:

@@ -565,21 +565,27 @@ def child_pids(sock: Path) -> list[int]:
 
 @pytest.mark.netns
 @pytest.mark.parametrize(
-    ("target", "options"),
+    ("target", "options", "failed"),
     [
-        (UNROUTED, ["--connect-retries", "1000"]),  # ~33 min of backoff between attempts
-        (SILENT, ["--connect-timeout", "600"]),  # one connect, past its first second
-        (SILENT, ["--connect-timeout", "0.5", "--connect-retries", "1000"]),  # the retries'
+        # ~33 min of backoff between attempts, each failing at once
+        (UNROUTED, ["--connect-retries", "1000"], "Network is unreachable"),
+        (SILENT, ["--connect-timeout", "600"], None),  # one connect, past its first second
+        # the retries', each timed out
+        (SILENT, ["--connect-timeout", "0.5", "--connect-retries", "1000"],
+         "Connection timed out"),
     ],
     ids=["backoff", "first-connect", "retry-connect"],
 )
 def test_a_client_that_resets_while_its_child_connects_frees_the_child_and_its_slot(
-    target: str, options: list[str],
+    target: str, options: list[str], failed: str | None,
 ) -> None:
     """A health check or an app that gives up and reconnects on its own, against a dead
     upstream and a proxy told to wait long for it: its reset ends its child (without the
     watch, it kept its --max-children slot for the whole backoff, or the whole connect
-    timeout). Counted as the client's reset, not as an upstream failure; no line."""
+    timeout). Before any attempt failed, counted as the client's reset, not as an
+    upstream failure, and no line. After one failed, a connect failure: the folded
+    connect-failed line and upstream_failures (there were none when every client of a
+    dead upstream gave up before the last retry)."""
     with patient_proxy(target, *options) as (ns, proc, sock):
         leaving = client_in(ns, proc)
         assert wait_for(lambda: len(child_pids(sock)) == 1)
@@ -590,13 +596,23 @@ def test_a_client_that_resets_while_its_child_connects_frees_the_child_and_its_s
         leaving.close()
         assert wait_for(lambda: not child_pids(sock), 15), proc.describe()
         stats = link_stats(sock)
-        assert stats["outcomes"] == {"client-reset": 1}, stats
-        assert stats["upstream_failures"] == 0, stats
+        if failed is None:
+            assert stats["outcomes"] == {"client-reset": 1}, stats
+            assert stats["upstream_failures"] == 0, stats
+        else:
+            assert stats["outcomes"] == {"connect-failed": 1}, stats
+            assert stats["upstream_failures"] == 1, stats
         # Its only slot (--max-children 1) is free: the next client gets a child at once.
         with client_in(ns, proc):
             assert wait_for(lambda: len(child_pids(sock)) == 1 and child_pids(sock) != [pid])
         log = proc.stderr()
-        assert "connect-failed" not in log and " close " not in log, log
+        assert " close " not in log, log
+        lines = [line for line in log.splitlines() if "connect-failed" in line]
+        if failed is None:
+            assert lines == [], log
+        else:
+            [line] = lines
+            assert f'error="{failed}"' in line and "failures=1" in line, line
 
 
 @pytest.mark.netns
