@@ -384,12 +384,12 @@ def in_turn(addresses: list[Address], turn: int) -> list[Address]:
                                             if address[0] != family]
 
 
-# How long the child's first connect() runs as CPython's own (its timeout is a poll in C)
-# before the client is watched as well (_await_connect). A live upstream answers well
-# within it, so the usual connection makes no system call and no object more for the
-# watch; the kernel resends an unanswered SYN after 1 s, so a connect still pending then
-# has lost its SYN, or its upstream is gone. A client that resets meanwhile is noticed
-# at most this late.
+# How long each of the child's connect() calls runs as CPython's own (its timeout is a
+# poll in C) before the client is watched as well (_await_connect). A live upstream
+# answers well within it, so the usual connection makes no system call and no object
+# more for the watch; the kernel resends an unanswered SYN after 1 s, so a connect still
+# pending then has lost its SYN, or its upstream is gone. A client that resets meanwhile
+# is noticed at most this late.
 WATCH_CONNECT_AFTER = 1.0
 
 
@@ -437,13 +437,13 @@ def connect_upstream(
     (when addresses failed before one answered) the one that answered and the last that
     failed, with its error.
 
-    While it backs off, and while any connect but the child's first runs (that one after
-    WATCH_CONNECT_AFTER), it watches `client`: ClientLeft when the client resets. A
-    client that only sent its FIN is still connected for: it may have half-closed to
-    wait for the answer to what it sent, or for a server that speaks first (a banner:
-    SMTP, MySQL, SSH), as socat and HAProxy (without abortonclose) connect for it too;
-    from here, a client that closed for good looks the same until something is sent to
-    it. Without `client` (tests), nothing is watched.
+    While it backs off, and while a connect runs past its first WATCH_CONNECT_AFTER, it
+    watches `client`: ClientLeft when the client resets. A client that only sent its FIN
+    is still connected for: it may have half-closed to wait for the answer to what it
+    sent, or for a server that speaks first (a banner: SMTP, MySQL, SSH), as socat and
+    HAProxy (without abortonclose) connect for it too; from here, a client that closed
+    for good looks the same until something is sent to it. Without `client` (tests),
+    nothing is watched.
 
     Names are resolved by the supervisor. A child looks a name up itself only when the
     supervisor has no addresses (a DNS hiccup at start-up is not fatal) or when every one
@@ -457,12 +457,12 @@ def connect_upstream(
     """
     error: OSError | None = None
     failed: tuple[tuple[object, ...], OSError] | None = None  # the last connect() that failed
-    # Made once the first connect() has failed or run long (never on the usual path: a
-    # Python object and its pages in a fresh child); from then on, every wait watches.
+    # Made when a connect() first runs long, or before the first backoff (never on the
+    # usual path: a Python object and its pages in a fresh child).
     watch: select.poll | None = None
     for attempt in range(retries + 1):
         if attempt:
-            if watch is None:  # no connect() yet: a name with no address
+            if watch is None:
                 watch = _watch(client)
             # The backoff, as a poll on the client rather than a sleep: up to 2 s a time,
             # half an hour in all at --connect-retries 1000, and a client that reset
@@ -496,25 +496,19 @@ def connect_upstream(
                     error = error or exc
                     continue
                 try:
-                    if watch is None:
-                        # The child's first connect: the C socket's own timeout (poll in
-                        # C), fewer Python objects in a fresh child than a poll object of
-                        # our own, so fewer pages copied. Past WATCH_CONNECT_AFTER, the
-                        # connect goes on in the kernel, and the client is watched too.
-                        sock.settimeout(min(timeout, WATCH_CONNECT_AFTER))
-                        try:
-                            sock.connect(sockaddr)
-                        except TimeoutError:
-                            if timeout <= WATCH_CONNECT_AFTER:
-                                raise
+                    # The C socket's own timeout (poll in C) for the connect's first
+                    # WATCH_CONNECT_AFTER: fewer Python objects in a fresh child than a
+                    # poll object of our own, so fewer pages copied. Past it, the connect
+                    # goes on in the kernel, and the client is watched too.
+                    sock.settimeout(min(timeout, WATCH_CONNECT_AFTER))
+                    try:
+                        sock.connect(sockaddr)
+                    except TimeoutError:
+                        if timeout <= WATCH_CONNECT_AFTER:
+                            raise
+                        if watch is None:
                             watch = _watch(client)
-                            _await_connect(sock, watch, timeout - WATCH_CONNECT_AFTER, client)
-                    else:
-                        sock.setblocking(False)
-                        try:
-                            sock.connect(sockaddr)
-                        except (BlockingIOError, InterruptedError):  # EINPROGRESS, EINTR
-                            _await_connect(sock, watch, timeout, client)
+                        _await_connect(sock, watch, timeout - WATCH_CONNECT_AFTER, client)
                 except ClientLeft as left:
                     sock.close()
                     raise ClientLeft(*left.args[:2], error) from None
@@ -529,8 +523,6 @@ def connect_upstream(
                     return sock, own, failed and (sockaddr, *failed)
                 failed = (sockaddr, error)
                 sock.close()
-                if watch is None:
-                    watch = _watch(client)
     raise error or OSError(NO_ADDRESS, "no address")
 
 
