@@ -524,9 +524,9 @@ def _parse_spec(spec: str, bind: str) -> Link:
 
 
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
-# socat's listening address (TCP-LISTEN, TCP4-L, ...: socat takes the abbreviation) and its
-# options, and its connecting one (TCP:HOST:PORT, TCP4:..., TCP6:...).
-_SOCAT_LISTEN = re.compile(r"(?i)TCP[46]?-L(?:ISTEN)?:([^,\s]*)((?:,[^\s]*)?)")
+# socat's listening address (TCP-LISTEN, TCP4-L, ...: socat takes the abbreviation), its
+# IP version and its options, and its connecting one (TCP:HOST:PORT, TCP4:..., TCP6:...).
+_SOCAT_LISTEN = re.compile(r"(?i)TCP([46]?)-L(?:ISTEN)?:([^,\s]*)((?:,[^\s]*)?)")
 _SOCAT_CONNECT = re.compile(r"(?i)(?:^|\s)TCP[46]?:([^,\s]+)")
 _USE_EQUALS = "use '=' between the listen port and the target"
 _SOCAT = f"socat syntax: write one SPEC, [BIND_ADDR:]LISTEN_PORT=HOST:PORT ({_USE_EQUALS})"
@@ -553,9 +553,15 @@ def _spec_hint(spec: str) -> str | None:
     listen = _SOCAT_LISTEN.match(spec)
     connect = _SOCAT_CONNECT.search(spec)
     if listen is not None:  # socat's `TCP4-LISTEN:6379,fork,bind=ADDR [TCP4:HOST:PORT]`
-        options = dict(option.partition("=")[::2] for option in listen[2].split(",")[1:])
+        options = dict(option.partition("=")[::2] for option in listen[3].split(",")[1:])
         address = options.get("bind", "")
-        example = (f"{join_host_port(address, 0)[:-1] if address else ''}{listen[1]}="
+        if address.startswith("[") and address.endswith("]"):  # socat's `bind=[::1]`
+            address = address[1:-1]
+        elif not address and listen[1] == "6":
+            # TCP6-LISTEN listens on IPv6's any address; a SPEC without one, on --bind's,
+            # 0.0.0.0 (IPv4 only) unless told.
+            address = "::"
+        example = (f"{join_host_port(address, 0)[:-1] if address else ''}{listen[2]}="
                    f"{connect[1] if connect is not None else 'HOST:PORT'}")
         if not parses(example.replace("HOST:PORT", "h:1")):
             example = "LISTEN_PORT=HOST:PORT"

@@ -149,6 +149,12 @@ def test_bad_specs_name_the_input(spec: str, message: str) -> None:
         ("TCP-LISTEN:6379,fork,bind=127.0.0.1 TCP:198.18.1.2:16379",
          ": 127.0.0.1:6379=198.18.1.2:16379"),
         ("tcp6-l:6379,bind=::1", ": [::1]:6379=HOST:PORT"),
+        # IPv6's: TCP6-LISTEN listens on [::], and socat's bracketed bind address (both
+        # gave a hint that listened on IPv4, or the generic one).
+        ("TCP6-LISTEN:6379,fork TCP6:[fd00::5]:16379", ": [::]:6379=[fd00::5]:16379"),
+        ("TCP6-LISTEN:6379,fork,bind=[::1]", ": [::1]:6379=HOST:PORT"),
+        ("TCP-LISTEN:6379,bind=[fd00::1] TCP:198.18.1.2:16379",
+         ": [fd00::1]:6379=198.18.1.2:16379"),
         ("TCP4:198.18.1.2:16379", "(use '=' between the listen port and the target): "
          "LISTEN_PORT=198.18.1.2:16379"),
         ("6379:198.18.1.2:16379", "expected [BIND_ADDR:]LISTEN_PORT=HOST:PORT: use '=' between "
