@@ -224,6 +224,12 @@ def _may_be_waiting(listener: Listener) -> bool:
         return True
 
 
+def _listener_ends(listener: Listener) -> tuple[str, str]:
+    """A listener's `listen` (its address alone) and `upstream` (its target): one place,
+    so that status's listener table and SIGUSR1's status-link lines name them alike."""
+    return join_host_port(listener.link.bind, listener.port), str(listener.link.target)
+
+
 def _reaped_within(pid: int, seconds: float) -> bool:
     """Wait up to `seconds` for child `pid` to exit, reaping it: True once it has (or was
     reaped already), False if it still runs."""
@@ -1375,12 +1381,13 @@ class Supervisor:
             # learn after a DNS change. Written as the `resolved` line writes them; empty
             # while a name has never resolved (each child then looks it up itself).
             addresses = self.addresses.get(listener.link.key, [])
+            listen, upstream = _listener_ends(listener)
             self.log.emit_requested("status-link", {
                 "link": listener.link.name,  # as status-connection has it: the join key
                 # As `status --json` names them: the address alone, then the target (the
                 # whole `LISTEN -> TARGET (LINK)` was in `listen`, repeating `link`).
-                "listen": join_host_port(listener.link.bind, listener.port),
-                "upstream": str(listener.link.target),
+                "listen": listen,
+                "upstream": upstream,
                 "addresses": " ".join(peer_text(address[1]) for address in addresses),
                 "active": stats.get("active", 0),
                 "waiting": stats.get("waiting", 0),
@@ -1762,7 +1769,8 @@ class Supervisor:
     def _metrics_state(self) -> dict[str, object] | None:
         """The metrics endpoint (None without --metrics): `up` while its process runs,
         `restarting` from its death (or a failed fork) to the next start, `down` when it
-        died during a stop (not restarted), `starting` before the first start."""
+        is not restarted (it died during a stop, or exited FILES_CHANGED, 78, after an
+        upgrade under the supervisor), `starting` before the first start."""
         if not self.metrics_url:
             return None
         if self.metrics_pid:
@@ -1810,13 +1818,14 @@ class Supervisor:
         return min(METRICS_RESTART * float(2 ** exponent), METRICS_BACKOFF_MAX)
 
     def _listener_table(self) -> list[dict[str, object]]:
-        return [
-            {
+        table: list[dict[str, object]] = []
+        for item in self.listeners:
+            listen, upstream = _listener_ends(item)
+            table.append({
                 "link": item.link.name,
-                "listen": join_host_port(item.link.bind, item.port),
+                "listen": listen,
                 "port": item.port,
-                "upstream": str(item.link.target),
+                "upstream": upstream,
                 "resolved": [peer_text(addr[1]) for addr in self.addresses.get(item.link.key, [])],
-            }
-            for item in self.listeners
-        ]
+            })
+        return table
