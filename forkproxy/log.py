@@ -252,6 +252,18 @@ def write_start_error(message: str, fmt: str) -> None:
         Logger(ERROR)._write(f"forkproxy: error: {message}\n".encode("utf-8", "backslashreplace"))
 
 
+def format_in(argv: list[str]) -> str:
+    """`--log-format`'s value in `argv`, read by hand: for the metrics process's line
+    that says its arguments or its imports failed, before argparse or anything else
+    could read it."""
+    for i, arg in enumerate(argv):
+        if arg.startswith("--log-format="):
+            return arg.partition("=")[2]
+        if arg == "--log-format" and i + 1 < len(argv):
+            return argv[i + 1]
+    return "text"
+
+
 def level_for(verbosity: int) -> int:
     """-q -> warnings only, default -> info (one line per connection open/close), -v -> debug."""
     return {-1: WARNING, 0: INFO}.get(verbosity, DEBUG if verbosity > 0 else ERROR)

@@ -8,55 +8,15 @@ with prometheus_client. prometheus_client and psutil import threading and keep s
 they live here, not in the process that forks once per connection.
 """
 
-# E402: run as a script, the file first imports itself as forkproxy.metrics inside a try
-# (see below), before the imports that may fail.
-# ruff: noqa: E402
-
 from __future__ import annotations
-
-import os
-import sys
-
-
-def _log_format(argv: list[str]) -> str:
-    """`--log-format`'s value in `argv`, read by hand: for the line that says the
-    arguments or the imports failed, before argparse or anything else could read it."""
-    for i, arg in enumerate(argv):
-        if arg.startswith("--log-format="):
-            return arg.partition("=")[2]
-        if arg == "--log-format" and i + 1 < len(argv):
-            return argv[i + 1]
-    return "text"
-
-
-if __name__ == "__main__":
-    # Started as `python -I .../forkproxy/metrics.py` (Supervisor.start_metrics): -I keeps
-    # the current directory and PYTHONPATH out (a psutil.py lying there would run as the
-    # proxy's user); the package's parent goes first, site-packages stays for the rest.
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from forkproxy.log import ERROR as _ERROR
-    from forkproxy.log import Logger as _Logger
-    from forkproxy.log import crash_fields as _crash_fields
-
-    # The rest of this file runs as forkproxy.metrics, imported here: its third-party
-    # imports (psutil or prometheus_client uninstalled under a running proxy) fail inside
-    # this try, and end in one line of the supervisor's log format, not in a traceback on
-    # its stderr (past --log-format json). forkproxy.log imports nothing third-party.
-    try:
-        from forkproxy.metrics import main as _main
-
-        _status = _main()
-    except Exception as _exc:
-        _Logger(_ERROR, _log_format(sys.argv[1:])).error("metrics-failed",
-                                                         **_crash_fields(_exc))
-        _status = 1
-    sys.exit(_status)
 
 import argparse
 import contextlib
 import ctypes
+import os
 import signal
 import socket
+import sys
 import threading
 import time
 import urllib.parse
@@ -79,7 +39,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from forkproxy.config import peer_text
 from forkproxy.installed import ADVICE, FILES_CHANGED
 from forkproxy.listeners import ACCEPT_BACKOFF, RESOURCE_ERRORS
-from forkproxy.log import DEBUG, ERROR, INFO, WARNING, Logger, crash_fields
+from forkproxy.log import DEBUG, ERROR, INFO, WARNING, Logger, crash_fields, format_in
 from forkproxy.relay import OUTCOMES
 from forkproxy.status import StatusError, enrich, request
 
@@ -495,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
         # The supervisor's command line is not this file's: another version of forkproxy,
         # installed since that supervisor started (one that checks its files does not get
         # here; an older one does, and restarts this at its pace, this line each time).
-        Logger(ERROR, _log_format(argv)).error(
+        Logger(ERROR, format_in(argv)).error(
             "metrics-failed", error=f"{ADVICE} (the metrics process's arguments: {exc})",
             detail="restart forkproxy")
         return FILES_CHANGED

@@ -391,11 +391,12 @@ class Supervisor:
             self.metrics_sock = None
 
     def start_metrics(self) -> None:
-        """Fork and exec the metrics process (forkproxy/metrics.py) with the bound socket."""
+        """Fork and exec the metrics process (forkproxy/_metrics_main.py, which runs
+        forkproxy.metrics) with the bound socket."""
         assert self.metrics_sock is not None and self.control is not None
         self.metrics_at = None
         fd = self.metrics_sock.fileno()
-        script = os.path.join(os.path.dirname(os.path.abspath(relay.__file__)), "metrics.py")
+        script = os.path.join(os.path.dirname(os.path.abspath(relay.__file__)), "_metrics_main.py")
         # --status-socket=PATH in one word: a relative PATH may start with "-", which the
         # metrics process's argument parser would take for an option.
         argv = [sys.executable, "-I", script, "--fd", str(fd),

@@ -419,11 +419,11 @@ def metrics_pid(supervisor: int) -> int:
     `metrics` line), 0 if it has none. Found by its command line, never as "the only
     child": a status read or a scrape forks a short-lived reporter child, which is
     there (a zombie, for a moment, once it has answered) after the reply is in.
-    0 too until the child has exec'd metrics.py, which status's `up` (and its pid) do
+    0 too until the child has exec'd _metrics_main.py, which status's `up` (and its pid) do
     not wait for: a caller that just saw `up` waits for a pid here."""
     for pid, _ in processes_under(supervisor):
         with contextlib.suppress(OSError), open(f"/proc/{pid}/cmdline", "rb") as cmdline:
-            if b"metrics.py" in cmdline.read():
+            if b"_metrics_main.py" in cmdline.read():
                 return pid
     return 0
 

@@ -1546,7 +1546,7 @@ def test_the_metrics_process_logs_at_the_level_it_is_given(
     warning level whatever the supervisor's -q/-qq: it took no level. It takes the
     supervisor's now (`--log-level`, a number). Provoked for real: at a pids limit the
     thread for a scrape cannot start (RuntimeError, not an OSError)."""
-    metrics_py = Path(fp_supervisor.__file__).with_name("metrics.py")
+    metrics_py = Path(fp_supervisor.__file__).with_name("_metrics_main.py")
     with socket.create_server(("127.0.0.1", 0)) as listener:
         os.set_inheritable(listener.fileno(), True)
         argv = [*in_cgroup(pids_cgroup), sys.executable, "-I", str(metrics_py),
@@ -1582,7 +1582,7 @@ def test_a_metrics_process_that_cannot_start_its_thread_says_so_in_one_line(
     """At a pids limit the metrics process's deadline thread cannot start: it died of a
     traceback on stderr (past -q and --log-format json). One error line now, and an
     exit the supervisor logs and restarts after (metrics-died)."""
-    metrics_py = Path(fp_supervisor.__file__).with_name("metrics.py")
+    metrics_py = Path(fp_supervisor.__file__).with_name("_metrics_main.py")
     (pids_cgroup / "pids.max").write_text("1")  # the process itself, no thread
     with socket.create_server(("127.0.0.1", 0)) as listener:
         os.set_inheritable(listener.fileno(), True)

@@ -143,7 +143,7 @@ def test_a_metrics_process_whose_files_changed_is_not_restarted_and_says_why(
                         "127.0.0.1:0=127.0.0.1:1", expect=2, env=env)
     port = int(proxy.lines[-1].rsplit(":", 1)[1].split("/")[0])
     pid = serving_metrics_pid(proxy)
-    assert str(package / "metrics.py") in psutil.Process(pid).cmdline()  # the copy runs
+    assert str(package / "_metrics_main.py") in psutil.Process(pid).cmdline()  # the copy runs
     # The next version renamed an option: the old supervisor's command line is not its own.
     metrics_py = package / "metrics.py"
     text = metrics_py.read_text()
@@ -172,9 +172,10 @@ def test_a_metrics_process_whose_files_changed_is_not_restarted_and_says_why(
 
 
 def run_metrics_py(python: str, *args: str, short_dir: Path) -> subprocess.CompletedProcess[str]:
-    """metrics.py as the supervisor starts it (`python -I .../metrics.py`), on a listening
-    socket of its own, with --log-format=json and `args` after the supervisor's options."""
-    metrics_py = Path(forkproxy.__file__).with_name("metrics.py")
+    """The metrics process as the supervisor starts it (`python -I .../_metrics_main.py`),
+    on a listening socket of its own, with --log-format=json and `args` after the
+    supervisor's options."""
+    metrics_py = Path(forkproxy.__file__).with_name("_metrics_main.py")
     with socket.create_server(("127.0.0.1", 0)) as listener:
         os.set_inheritable(listener.fileno(), True)
         argv = [python, "-I", str(metrics_py), "--fd", str(listener.fileno()),

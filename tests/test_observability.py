@@ -2548,7 +2548,7 @@ def test_status_and_check_show_a_dead_metrics_process_until_it_is_back(
     sock_path = Path(env["XDG_RUNTIME_DIR"]) / "forkproxy" / f"{proxy.pid}.sock"
 
     def metrics_process() -> psutil.Process:
-        # Status says `up` from the fork; the command line is metrics.py's from the exec,
+        # Status says `up` from the fork; the command line is _metrics_main.py's from the exec,
         # a moment later (not yet, 8 times in 20 on a loaded machine): wait for it.
         pid = poll(lambda: metrics_pid(proxy.pid), bool)
         assert pid, "no metrics process"
