@@ -30,6 +30,7 @@ from .accounting import ENDED, FAILURE, Accounting, ChildRecord, describe_status
 from .config import (
     MIN_RESOLVE_EVERY,
     ConfigError,
+    Endpoint,
     Link,
     LinkTable,
     Network,
@@ -262,11 +263,15 @@ class Supervisor:
         # accept-failed, fork-failed, control-accept-failed: [failures since the last
         # line, when it was logged]
         self.pause_logs: dict[str, list[float]] = {}
-        # connect-failed, connect-fallback: the same, per (event, link name) (_fold_link)
-        self.link_folds: dict[tuple[str, str], list[float]] = {}
-        # Link name -> [when its next connect-fallback line is due]: handed to its children
-        # (relay.serve's `quiet`), which tell the supervisor of a fallback only from then.
-        self.fallback_due: dict[str, list[float]] = {}
+        # connect-failed, connect-fallback: the same, per (event, link name, its target)
+        # (_fold_link). The target too: a reload that points a link elsewhere keeps its
+        # name (an ambassador's retarget), and the new upstream's first failure must not
+        # fall in the old one's window. reload() drops the pairs no longer configured.
+        self.link_folds: dict[tuple[str, str, Endpoint], list[float]] = {}
+        # (Link name, target) -> [when its next connect-fallback line is due]: handed to
+        # its children (relay.serve's `quiet`), which tell the supervisor of a fallback
+        # only from then.
+        self.fallback_due: dict[tuple[str, Endpoint], list[float]] = {}
         self.denials: dict[str, DenialWindow] = {}  # link name -> its denied lines' window
         self.denials_at: float | None = None  # the first window with lines left unlogged ends
         self.control_at: float | None = None  # the same for the control socket
@@ -1042,7 +1047,7 @@ class Supervisor:
             self.log,
             relay.prepared_lines(self.log, link),
             os.getpid(),
-            self.fallback_due.setdefault(link.name, [0.0]),
+            self.fallback_due.setdefault((link.name, link.target), [0.0]),
         )
 
     # -- signals -----------------------------------------------------------------------
@@ -1138,13 +1143,15 @@ class Supervisor:
             self.serve_held()
         self.update_accepting()
 
-    def _fold_link(self, event: str, name: str, failures: int) -> int:
-        """Count `failures` more of `event` on link `name`; the count since its last line
+    def _fold_link(self, event: str, link: Link, failures: int) -> int:
+        """Count `failures` more of `event` on `link`; the count since its last line
         when a line is due now (the first, or ERROR_LOG_EVERY after the last), else 0.
-        Per link, not per event name as _log_repeating: an upstream is down or not on its
-        own, and one link's steady failures must not hide another's for good."""
+        Per link and target, not per event name as _log_repeating: an upstream is down or
+        not on its own, and one link's steady failures must not hide another's for good,
+        nor those of a link's old target (children a reload left) its new one's."""
         now = time.monotonic()
-        fold = self.link_folds.setdefault((event, name), [0, -ERROR_LOG_EVERY])
+        fold = self.link_folds.setdefault((event, link.name, link.target),
+                                          [0, -ERROR_LOG_EVERY])
         fold[0] += failures
         if now - fold[1] < ERROR_LOG_EVERY:
             return 0
@@ -1157,7 +1164,7 @@ class Supervisor:
         `connect-failed` line. Written here, not by each child: a dead upstream fails every
         client, and a line each flooded the log in the very outage it is read in."""
         link = record[0]
-        failures = self._fold_link("connect-failed", link.name, 1)
+        failures = self._fold_link("connect-failed", link, 1)
         if failures:
             self.log.warning("connect-failed", link=link.name, client=peer_text(record[1]),
                              upstream=str(link.target),
@@ -1183,24 +1190,27 @@ class Supervisor:
         marked counted in its slot (the child writes it once, before, and never again), and
         write one `connect-fallback` line per link whose line is due, about its last one."""
         counters = self.accounting.slots.counters
-        last: dict[str, tuple[ChildRecord, int]] = {}
-        counts: dict[str, int] = {}
+        # Per link name and target, as _fold_link folds them: a reload may have left
+        # children of a link's old target beside those of its new one.
+        last: dict[tuple[str, Endpoint], tuple[ChildRecord, int]] = {}
+        counts: dict[tuple[str, Endpoint], int] = {}
         for record, word in found:
             counters[record[2] + FAILURE] = word | relay.COUNTED
-            name = record[0].name
-            counts[name] = counts.get(name, 0) + 1
-            last[name] = (record, word)
-        for name, (record, word) in last.items():
-            failures = self._fold_link("connect-fallback", name, counts[name])
+            key = (record[0].name, record[0].target)
+            counts[key] = counts.get(key, 0) + 1
+            last[key] = (record, word)
+        for key, (record, word) in last.items():
+            link, base = record[0], record[2]
+            failures = self._fold_link("connect-fallback", link, counts[key])
             if not failures:
                 continue
-            link, base = record[0], record[2]
+            name = link.name
             connected, failed = relay.fallback_addresses(counters, base, word, link.target.port)
             self.log.warning("connect-fallback", link=name, client=peer_text(record[1]),
                              upstream=str(link.target), connected=connected, failed=failed,
                              failed_error=relay.failure_text(word, link.target.host),
                              failures=failures)
-            due = self.fallback_due.get(name)
+            due = self.fallback_due.get(key)
             if due is not None:
                 due[0] = time.monotonic() + ERROR_LOG_EVERY
 
@@ -1644,6 +1654,13 @@ class Supervisor:
         # Clients whose fork failed: each will be a child of its link.
         self.accounting.retire(configured, self._held_per_link())
         self.resolve_failing &= configured
+        # The folded lines' windows of a link removed or pointed elsewhere: they would stay
+        # for good, one per target ever configured. (A child of such a target reaped after
+        # this starts a window of its own again, kept until the next reload.)
+        wired = {(item.link.name, item.link.target) for item in kept}
+        self.link_folds = {key: fold for key, fold in self.link_folds.items()
+                           if key[1:] in wired}
+        self.fallback_due = {key: due for key, due in self.fallback_due.items() if key in wired}
         # Only windows with unlogged denials have a timer to end them: a removed (or
         # renamed) link's window would stay for good, one per name ever denied. Those
         # end now, and so does any window that is over.

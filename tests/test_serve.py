@@ -309,6 +309,51 @@ def test_connect_failed_is_folded_per_link(
         assert len(lines(specs[1])) == 1
 
 
+def test_a_link_a_reload_retargets_folds_its_new_upstream_apart(
+    start_proxy: Callable[..., Proxy], short_dir: Path
+) -> None:
+    """The usual ambassador retarget: a reload gives an env link a new upstream and keeps
+    its name. The folding was per link name, so the new upstream's first failure fell in
+    the old one's 10 s window: no line (or a late one, its `failures` counting both), when
+    one dead upstream's failures must never hide another's first one. Folded per upstream
+    of the link now: the new one's first failure is logged at once, counted alone."""
+    from conftest import control
+
+    with socket.socket() as dead_a, socket.socket() as dead_b:  # bound, never listening
+        dead_a.bind(("127.0.0.1", 0))
+        dead_b.bind(("127.0.0.1", 0))
+        port = free_port()
+        name = f"DB_PORT_{port}_TCP"
+        env_file, sock_path = short_dir / "links.env", short_dir / "s.sock"
+
+        def point_at(dead: socket.socket) -> str:
+            target = f"127.0.0.1:{dead.getsockname()[1]}"
+            env_file.write_text(f"{name}=tcp://{target}\n")
+            return target
+
+        def refused() -> None:
+            with socket.create_connection(("127.0.0.1", port)) as client:
+                client.settimeout(10)
+                assert client.recv(10) == b""
+
+        def lines() -> list[str]:
+            return [x for x in proxy.log().splitlines() if " connect-failed " in x]
+
+        first = point_at(dead_a)
+        proxy = start_proxy("--env-file", str(env_file), "--bind", "127.0.0.1",
+                            "--status-socket", str(sock_path))
+        refused()
+        assert wait_for(lambda: len(lines()) == 1)
+        assert lines()[0].endswith(f' upstream={first} error="Connection refused" failures=1')
+        second = point_at(dead_b)
+        reply = control(sock_path, "reload")
+        assert reply["ok"], reply
+        refused()  # well within the first upstream's window
+        assert wait_for(lambda: len(lines()) == 2), proxy.log()
+        assert lines()[1].endswith(f' upstream={second} error="Connection refused" failures=1')
+        assert f" link={name} " in lines()[1], lines()[1]
+
+
 def test_sigterm_drains_a_transfer_refuses_new_clients_and_exits_0(
     start_proxy: Callable[..., Proxy],
     tcp_server: ServerFactory,
