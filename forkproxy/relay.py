@@ -1022,6 +1022,74 @@ def set_user_timeout(sock: RawSocket | socket.socket, seconds: float) -> None:
     sock.setsockopt(IPPROTO_TCP, TCP_USER_TIMEOUT, round(seconds * 1000) or 1)
 
 
+# serve()'s rare ends and detours, one call each there, so that serve()'s own code is what
+# every connection runs: Python 3.11 specializes (rewrites) a function's bytecode as it
+# runs, and a child writes to, and so copies, the pages of the code it runs; code out
+# here is not touched until its path is taken (docs/benchmarks.md, "Page faults per
+# connection").
+
+
+def note_failure(counters: memoryview, base: int, error: OSError) -> None:
+    """Leave a failed connect's error in the child's slot (its FAILURE word), from which
+    the supervisor writes the folded `connect-failed` line at the reap (failure_text)."""
+    counters[base + FAILURE] = (error.errno or errno.EIO) & _CODE
+
+
+def _connect_failed(client: RawSocket, error: OSError, counters: memoryview, base: int) -> int:
+    """serve()'s end when no address took the connection: CONNECT_FAILED.
+
+    No line here: the supervisor writes `connect-failed`, folded per link, when it reaps
+    this child (right away), from the error's code left in the slot. Every client of a
+    dead upstream fails so, and a line each flooded the log."""
+    note_failure(counters, base, error)
+    client.close()
+    return CONNECT_FAILED
+
+
+def _client_left(client: RawSocket, left: ClientLeft, counters: memoryview, base: int) -> int:
+    """serve()'s end when the client left while its child was connecting (ClientLeft).
+
+    The client reset while its child backed off between retries, or waited on an
+    upstream slow to answer: the child ends now and frees its --max-children slot (a
+    health check or an app that reconnects on its own would otherwise fill them all
+    against a dead upstream, with children nobody waits for). Counted as the client's
+    reset (`client-reset`, as a probe's reset after the connect is), not as an upstream
+    failure: the upstream may only have been slow, and the client's leaving says nothing
+    of it. No line: the upstream never took the connection, so there is no open line to
+    close, and a line per impatient client would flood the log in the very outage that
+    the folded connect-failed keeps it short in."""
+    failed = left.args[2]
+    if failed is not None:
+        # But an attempt had failed already: the upstream did say something, and it is
+        # counted as when the last retry fails (connect-failed, upstream_failures, from
+        # the code left in the slot). Were it not, a dead upstream whose every client
+        # gives up before the last retry (health checks) would go unseen.
+        return _connect_failed(client, failed, counters, base)
+    client.close()
+    # A client that vanished (its keepalive probes unanswered) went silent rather than
+    # reset: `client-timeout`, as pump() counts the same error.
+    if left.args[1].errno in _PEER_TIMEOUT_ERRORS:
+        return CLIENT_TIMEOUT
+    return CLIENT_RESET
+
+
+def _fell_back(counters: memoryview, base: int,
+               fallback: tuple[tuple[object, ...], tuple[object, ...], OSError],
+               quiet: list[float] | None, supervisor: int, log: Logger) -> None:
+    """Connected, but only after an address failed (a dead first address of a name, a
+    retry): each such connection waited for it, and nothing else would say so.
+
+    The supervisor writes the `connect-fallback` line, folded per link, from the slot (a
+    line each flooded the log: half the connections to a name with one dead address); it
+    counts this one at the reap, or when told. Told (SIGALRM, its "look again": an
+    address of the name is dead) only when the link's line is due (`quiet`, serve()'s):
+    the connection may live for hours, and the first fallback is logged at once."""
+    note_fallback(counters, base, *fallback)
+    if (quiet is not None and supervisor and log.level <= WARNING
+            and time.monotonic() >= quiet[0] and os.getppid() == supervisor):
+        os.kill(supervisor, SIGALRM)
+
+
 def serve(
     client: RawSocket,
     client_address: tuple[object, ...],
@@ -1055,36 +1123,9 @@ def serve(
             addresses, link.target, options.connect_timeout, options.connect_retries, client
         )
     except ClientLeft as left:
-        # The client reset while its child backed off between retries, or waited on an
-        # upstream slow to answer: the child ends now and frees its --max-children slot
-        # (a health check or an app that reconnects on its own would otherwise fill them
-        # all against a dead upstream, with children nobody waits for). Counted as the
-        # client's reset (`client-reset`, as a probe's reset after the connect is), not
-        # as an upstream failure: the upstream may only have been slow, and the client's
-        # leaving says nothing of it. No line: the upstream never took the connection, so
-        # there is no open line to close, and a line per impatient client would flood
-        # the log in the very outage that the folded connect-failed keeps it short in.
-        client.close()
-        failed = left.args[2]
-        if failed is not None:
-            # But an attempt had failed already: the upstream did say something, and it
-            # is counted as when the last retry fails (connect-failed, upstream_failures,
-            # from the code left in the slot). Were it not, a dead upstream whose every
-            # client gives up before the last retry (health checks) would go unseen.
-            counters[base + FAILURE] = (failed.errno or errno.EIO) & _CODE
-            return CONNECT_FAILED
-        # A client that vanished (its keepalive probes unanswered) went silent rather
-        # than reset: `client-timeout`, as pump() counts the same error.
-        if left.args[1].errno in _PEER_TIMEOUT_ERRORS:
-            return CLIENT_TIMEOUT
-        return CLIENT_RESET
+        return _client_left(client, left, counters, base)
     except OSError as exc:
-        # No line here: the supervisor writes `connect-failed`, folded per link, when it
-        # reaps this child (right away), from the error's code left in the slot. Every
-        # client of a dead upstream fails so, and a line each flooded the log.
-        counters[base + FAILURE] = (exc.errno or errno.EIO) & _CODE
-        client.close()
-        return CONNECT_FAILED
+        return _connect_failed(client, exc, counters, base)
     except ResetAtConnect as ended:
         # The upstream took the connection and reset it before connect() returned: the same
         # end as an RST just after the connect, which pump() reports as upstream-reset, and
@@ -1117,17 +1158,7 @@ def serve(
                      error=cause.strerror or str(cause))
         return UPSTREAM_RESET
     if fallback is not None:
-        # Connected, but only after an address failed (a dead first address of a name, a
-        # retry): each such connection waited for it, and nothing else would say so. The
-        # supervisor writes the `connect-fallback` line, folded per link, from the slot
-        # (a line each flooded the log: half the connections to a name with one dead
-        # address); it counts this one at the reap, or when told. Told (SIGALRM, its
-        # "look again": an address of the name is dead) only when the link's line is due:
-        # the connection may live for hours, and the first fallback is logged at once.
-        note_fallback(counters, base, *fallback)
-        if (quiet is not None and supervisor and log.level <= WARNING
-                and time.monotonic() >= quiet[0] and os.getppid() == supervisor):
-            os.kill(supervisor, SIGALRM)
+        _fell_back(counters, base, fallback, quiet, supervisor, log)
     if looked_up and supervisor and os.getppid() == supervisor:
         # The name points elsewhere now: SIGALRM, the supervisor's "resolve now" (the
         # --resolve-every timer's signal), so that the clients after this one go straight
