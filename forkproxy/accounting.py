@@ -9,9 +9,11 @@ statuses from the reaper. Exited children's CPU and peak RSS come from `os.wait4
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import signal
+import socket
 import time
 
 from .config import Link, peer_text
@@ -19,10 +21,11 @@ from .config import Link, peer_text
 # Per slot: bytes client->upstream, bytes upstream->client, and (at ENDED) when the child
 # ended (time.monotonic_ns(); 0 until it has, and for ever if it was killed or crashed).
 # Then what a child tells the supervisor of a failed connect, for the lines the supervisor
-# writes folded (connect-failed, connect-fallback; relay.note_failure and note_fallback
-# write them, relay.failure_text and fallback_addresses read them): at FAILURE, the error's
-# code and flags (0: none); for a fallback, the failed and the connected address (128 bits
-# each, two words) and their scopes (SCOPES). Written only on those paths, once.
+# writes folded (connect-failed, connect-fallback; the child writes them with note_failure
+# and note_fallback, the supervisor reads them with failure_text and fallback_addresses,
+# below): at FAILURE, the error's code and flags (0: none); for a fallback, the failed and
+# the connected address (128 bits each, two words) and their scopes (SCOPES). Written only
+# on those paths, once.
 FIELDS = 9
 ENDED = 2
 FAILURE = 3
@@ -32,6 +35,95 @@ SCOPES = 8
 _ZEROED_SLOT = memoryview(bytes(8 * FIELDS)).cast("Q")
 # Connection duration histogram buckets, seconds (Prometheus `le` bounds).
 DURATION_BUCKETS = (0.005, 0.05, 0.25, 1.0, 5.0, 30.0, 120.0, 600.0, 3600.0)
+
+# The FAILURE word: the low 18 bits are an errno, or NO_ADDRESS, or UNRESOLVED with the
+# negated getaddrinfo code (failure_text). The flags above them: FELL_BACK marks a
+# fallback (its addresses in the slot, IPv6 ones flagged), COUNTED one the supervisor has
+# counted while the child lives on.
+_CODE = 0x3FFFF
+NO_ADDRESS = 0x10000
+UNRESOLVED = 0x20000
+FELL_BACK = 1 << 20
+COUNTED = 1 << 21
+_FAILED_V6 = 1 << 22
+_CONNECTED_V6 = 1 << 23
+_LOW_64 = (1 << 64) - 1
+AF_INET, AF_INET6 = int(socket.AF_INET), int(socket.AF_INET6)
+SYSTEM_ERROR = "System error"  # gai_strerror(EAI_SYSTEM)
+# glibc's gai_strerror for the codes a lookup gives (Python has no call for it): the
+# supervisor writes a child's failed lookup from its code alone. Under another libc (musl,
+# in an Alpine image) connect-failed says glibc's words all the same, where the
+# supervisor's own resolve-failed lines, from the lookup's exception, say that libc's
+# ("Name does not resolve" for EAI_NONAME): the codes are the same, and the line says
+# which failure it was either way.
+_GAI_TEXTS = {
+    getattr(socket, name): text
+    for name, text in (
+        ("EAI_NONAME", "Name or service not known"),
+        ("EAI_AGAIN", "Temporary failure in name resolution"),
+        ("EAI_FAIL", "Non-recoverable failure in name resolution"),
+        ("EAI_NODATA", "No address associated with hostname"),
+        ("EAI_ADDRFAMILY", "Address family for hostname not supported"),
+        ("EAI_MEMORY", "Memory allocation failure"),
+        ("EAI_SYSTEM", SYSTEM_ERROR),
+    )
+    if hasattr(socket, name)
+}
+
+
+def note_failure(counters: memoryview, base: int, error: OSError) -> None:
+    """Leave a failed connect's error in the child's slot (its FAILURE word), from which
+    the supervisor writes the folded `connect-failed` line at the reap (failure_text)."""
+    counters[base + FAILURE] = (error.errno or errno.EIO) & _CODE
+
+
+def failure_text(code: int, host: str) -> str:
+    """The `error` text of a FAILURE word's code (see _CODE): what the child's OSError said."""
+    code &= _CODE
+    if code == NO_ADDRESS:
+        return "no address"
+    if code & UNRESOLVED:
+        gai = -(code & 0xFFFF)
+        return f"cannot resolve {host}: {_GAI_TEXTS.get(gai, f'lookup error {gai}')}"
+    return os.strerror(code)
+
+
+def note_fallback(counters: memoryview, base: int, connected: tuple[object, ...],
+                  failed: tuple[object, ...], error: OSError) -> None:
+    """Leave a fallback in the child's slot for the supervisor, which writes the folded
+    `connect-fallback` line (fallback_addresses reads it back). The FAILURE word last:
+    the supervisor reads the addresses once it sees that."""
+    word = FELL_BACK | ((error.errno or errno.EIO) & _CODE)
+    scopes = 0
+    for index, (sockaddr, v6) in enumerate(((failed, _FAILED_V6), (connected, _CONNECTED_V6))):
+        host = str(sockaddr[0]).partition("%")[0]  # a scope is its index, below
+        if len(sockaddr) > 2:
+            number = int.from_bytes(socket.inet_pton(AF_INET6, host))
+            scopes |= (int(sockaddr[3]) & 0xFFFFFFFF) << (32 * index)  # type: ignore[call-overload]
+            word |= v6
+        else:
+            number = int.from_bytes(socket.inet_pton(AF_INET, host))
+        at = base + (FAILED_ADDRESS, CONNECTED_ADDRESS)[index]
+        counters[at], counters[at + 1] = number >> 64, number & _LOW_64
+    counters[base + SCOPES] = scopes
+    counters[base + FAILURE] = word
+
+
+def fallback_addresses(counters: memoryview, base: int, word: int,
+                       port: int) -> tuple[str, str]:
+    """The connected and the failed address a child left in its slot (note_fallback), as
+    text: every address of a link's target has the target's port."""
+    texts = []
+    for index, v6 in enumerate((_CONNECTED_V6, _FAILED_V6)):
+        at = base + (CONNECTED_ADDRESS, FAILED_ADDRESS)[index]
+        number = counters[at] << 64 | counters[at + 1]
+        if word & v6:
+            host = socket.inet_ntop(AF_INET6, number.to_bytes(16))
+            scope = counters[base + SCOPES] >> (32 * (1 - index)) & 0xFFFFFFFF
+            texts.append(peer_text((host, port, 0, scope)))
+        else:
+            texts.append(peer_text((socket.inet_ntop(AF_INET, number.to_bytes(4)), port)))
+    return texts[0], texts[1]
 
 
 class Slots:

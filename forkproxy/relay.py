@@ -30,14 +30,13 @@ import time
 from _socket import socket as RawSocket
 
 from . import signals
-from .accounting import CONNECTED_ADDRESS, FAILED_ADDRESS, FAILURE, SCOPES
+from .accounting import NO_ADDRESS, SYSTEM_ERROR, UNRESOLVED, note_failure, note_fallback
 from .config import KEEPALIVE_PROBES, Endpoint, Link, Options, peer_text
 from .log import INFO, SLOT, SLOT_INT, SLOT_SECONDS, WARNING, Logger
 
 __all__ = [
-    "CHILD_DISPOSITIONS", "Address", "Ended", "RawSocket", "connect_upstream",
-    "failure_text", "fallback_addresses", "lookup", "lookup_error", "preload",
-    "prepared_lines", "pump", "reset_connections", "serve",
+    "CHILD_DISPOSITIONS", "Address", "Ended", "RawSocket", "connect_upstream", "lookup",
+    "lookup_error", "preload", "prepared_lines", "pump", "reset_connections", "serve",
 ]
 
 # How a relay ended: the child's exit status, decoded by the supervisor.
@@ -93,37 +92,6 @@ SIGALRM, SIGTERM = int(signal.SIGALRM), int(signal.SIGTERM)
 # established connection they only ever surface at that timeout.
 _PEER_TIMEOUT_ERRORS = frozenset((errno.ETIMEDOUT, errno.EHOSTUNREACH, errno.ENETUNREACH))
 _TIMEOUT_OF = {CLIENT_RESET: CLIENT_TIMEOUT, UPSTREAM_RESET: UPSTREAM_TIMEOUT}
-
-# A failed connect's error as a child leaves it in its slot's FAILURE word (accounting.py),
-# for the supervisor's connect-failed and connect-fallback lines: the low 18 bits are an
-# errno, or NO_ADDRESS, or UNRESOLVED with the negated getaddrinfo code (failure_text).
-# The flags above them: FELL_BACK marks a fallback (its addresses in the slot, IPv6 ones
-# flagged), COUNTED one the supervisor has counted while the child lives on.
-_CODE = 0x3FFFF
-NO_ADDRESS = 0x10000
-UNRESOLVED = 0x20000
-FELL_BACK = 1 << 20
-COUNTED = 1 << 21
-_FAILED_V6 = 1 << 22
-_CONNECTED_V6 = 1 << 23
-_LOW_64 = (1 << 64) - 1
-AF_INET, AF_INET6 = int(socket.AF_INET), int(socket.AF_INET6)
-SYSTEM_ERROR = "System error"  # gai_strerror(EAI_SYSTEM)
-# glibc's gai_strerror for the codes a lookup gives (Python has no call for it): the
-# supervisor writes a child's failed lookup from its code alone.
-_GAI_TEXTS = {
-    getattr(socket, name): text
-    for name, text in (
-        ("EAI_NONAME", "Name or service not known"),
-        ("EAI_AGAIN", "Temporary failure in name resolution"),
-        ("EAI_FAIL", "Non-recoverable failure in name resolution"),
-        ("EAI_NODATA", "No address associated with hostname"),
-        ("EAI_ADDRFAMILY", "Address family for hostname not supported"),
-        ("EAI_MEMORY", "Memory allocation failure"),
-        ("EAI_SYSTEM", SYSTEM_ERROR),
-    )
-    if hasattr(socket, name)
-}
 
 Address = tuple[int, tuple[object, ...]]  # (family, sockaddr) as getaddrinfo gives them
 
@@ -480,8 +448,9 @@ def connect_upstream(
                     candidates = [address for address in lookup(target.host, target.port)
                                   if address not in addresses]
                 except OSError as exc:  # socket.gaierror, or EAI_SYSTEM's (lookup_error)
-                    # After failed connects, their error says more than this one. Its
-                    # errno is the code the supervisor writes the line from (failure_text).
+                    # After failed connects, their error says more than this one. Its errno
+                    # is the code the supervisor writes the line from (accounting's
+                    # failure_text).
                     gai = exc.errno if isinstance(exc, socket.gaierror) else socket.EAI_SYSTEM
                     error = error or OSError(UNRESOLVED | (-(gai or 0) & 0xFFFF),
                                              f"cannot resolve {target.host}: {lookup_error(exc)}")
@@ -524,55 +493,6 @@ def connect_upstream(
                 failed = (sockaddr, error)
                 sock.close()
     raise error or OSError(NO_ADDRESS, "no address")
-
-
-def failure_text(code: int, host: str) -> str:
-    """The `error` text of a FAILURE word's code (see _CODE): what the child's OSError said."""
-    code &= _CODE
-    if code == NO_ADDRESS:
-        return "no address"
-    if code & UNRESOLVED:
-        gai = -(code & 0xFFFF)
-        return f"cannot resolve {host}: {_GAI_TEXTS.get(gai, f'lookup error {gai}')}"
-    return os.strerror(code)
-
-
-def note_fallback(counters: memoryview, base: int, connected: tuple[object, ...],
-                  failed: tuple[object, ...], error: OSError) -> None:
-    """Leave a fallback in the child's slot for the supervisor, which writes the folded
-    `connect-fallback` line (fallback_addresses reads it back). The FAILURE word last:
-    the supervisor reads the addresses once it sees that."""
-    word = FELL_BACK | ((error.errno or errno.EIO) & _CODE)
-    scopes = 0
-    for index, (sockaddr, v6) in enumerate(((failed, _FAILED_V6), (connected, _CONNECTED_V6))):
-        host = str(sockaddr[0]).partition("%")[0]  # a scope is its index, below
-        if len(sockaddr) > 2:
-            number = int.from_bytes(socket.inet_pton(AF_INET6, host))
-            scopes |= (int(sockaddr[3]) & 0xFFFFFFFF) << (32 * index)  # type: ignore[call-overload]
-            word |= v6
-        else:
-            number = int.from_bytes(socket.inet_pton(AF_INET, host))
-        at = base + (FAILED_ADDRESS, CONNECTED_ADDRESS)[index]
-        counters[at], counters[at + 1] = number >> 64, number & _LOW_64
-    counters[base + SCOPES] = scopes
-    counters[base + FAILURE] = word
-
-
-def fallback_addresses(counters: memoryview, base: int, word: int,
-                       port: int) -> tuple[str, str]:
-    """The connected and the failed address a child left in its slot (note_fallback), as
-    text: every address of a link's target has the target's port."""
-    texts = []
-    for index, v6 in enumerate((_CONNECTED_V6, _FAILED_V6)):
-        at = base + (CONNECTED_ADDRESS, FAILED_ADDRESS)[index]
-        number = counters[at] << 64 | counters[at + 1]
-        if word & v6:
-            host = socket.inet_ntop(AF_INET6, number.to_bytes(16))
-            scope = counters[base + SCOPES] >> (32 * (1 - index)) & 0xFFFFFFFF
-            texts.append(peer_text((host, port, 0, scope)))
-        else:
-            texts.append(peer_text((socket.inet_ntop(AF_INET, number.to_bytes(4)), port)))
-    return texts[0], texts[1]
 
 
 def pump(
@@ -1027,12 +947,6 @@ def set_user_timeout(sock: RawSocket | socket.socket, seconds: float) -> None:
 # runs, and a child writes to, and so copies, the pages of the code it runs; code out
 # here is not touched until its path is taken (docs/benchmarks.md, "Page faults per
 # connection").
-
-
-def note_failure(counters: memoryview, base: int, error: OSError) -> None:
-    """Leave a failed connect's error in the child's slot (its FAILURE word), from which
-    the supervisor writes the folded `connect-failed` line at the reap (failure_text)."""
-    counters[base + FAILURE] = (error.errno or errno.EIO) & _CODE
 
 
 def _connect_failed(client: RawSocket, error: OSError, counters: memoryview, base: int) -> int:

@@ -26,7 +26,17 @@ import time
 from collections.abc import Callable, Mapping
 
 from . import __version__, control, installed, listeners, relay, signals
-from .accounting import ENDED, FAILURE, Accounting, ChildRecord, describe_status
+from .accounting import (
+    COUNTED,
+    ENDED,
+    FAILURE,
+    FELL_BACK,
+    Accounting,
+    ChildRecord,
+    describe_status,
+    failure_text,
+    fallback_addresses,
+)
 from .config import (
     MIN_RESOLVE_EVERY,
     ConfigError,
@@ -1111,7 +1121,7 @@ class Supervisor:
             # So is what it left of a failed connect, for the folded lines (see relay.serve).
             child = self.accounting.children.get(pid)
             failure = 0 if child is None else self.accounting.slots.counters[child[2] + FAILURE]
-            if failure & relay.FELL_BACK and not failure & relay.COUNTED:
+            if failure & FELL_BACK and not failure & COUNTED:
                 assert child is not None
                 self._fallbacks([(child, failure)])
             # kill_at is set once the grace period is over and we have TERMed the children:
@@ -1168,7 +1178,7 @@ class Supervisor:
         if failures:
             self.log.warning("connect-failed", link=link.name, client=peer_text(record[1]),
                              upstream=str(link.target),
-                             error=relay.failure_text(failure, link.target.host),
+                             error=failure_text(failure, link.target.host),
                              failures=failures)
 
     def count_fallbacks(self) -> None:
@@ -1180,7 +1190,7 @@ class Supervisor:
         found = []
         for record in self.accounting.children.values():
             word = counters[record[2] + FAILURE]
-            if word & relay.FELL_BACK and not word & relay.COUNTED:
+            if word & FELL_BACK and not word & COUNTED:
                 found.append((record, word))
         if found:
             self._fallbacks(found)
@@ -1195,7 +1205,7 @@ class Supervisor:
         last: dict[tuple[str, Endpoint], tuple[ChildRecord, int]] = {}
         counts: dict[tuple[str, Endpoint], int] = {}
         for record, word in found:
-            counters[record[2] + FAILURE] = word | relay.COUNTED
+            counters[record[2] + FAILURE] = word | COUNTED
             key = (record[0].name, record[0].target)
             counts[key] = counts.get(key, 0) + 1
             last[key] = (record, word)
@@ -1205,10 +1215,10 @@ class Supervisor:
             if not failures:
                 continue
             name = link.name
-            connected, failed = relay.fallback_addresses(counters, base, word, link.target.port)
+            connected, failed = fallback_addresses(counters, base, word, link.target.port)
             self.log.warning("connect-fallback", link=name, client=peer_text(record[1]),
                              upstream=str(link.target), connected=connected, failed=failed,
-                             failed_error=relay.failure_text(word, link.target.host),
+                             failed_error=failure_text(word, link.target.host),
                              failures=failures)
             due = self.fallback_due.get(key)
             if due is not None:

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from forkproxy import relay
+from forkproxy import accounting, relay
 from forkproxy.config import Options
 from forkproxy.log import Logger
 
@@ -244,23 +244,23 @@ def test_a_fallback_left_in_the_slot_reads_back_as_the_childs_addresses(
     connected: tuple[object, ...], failed: tuple[object, ...], texts: tuple[str, str]
 ) -> None:
     """The supervisor writes `connect-fallback` from what the child left in its slot
-    (relay.note_fallback): both addresses, either family, a scope, and the error."""
+    (accounting.note_fallback): both addresses, either family, a scope, and the error."""
     from forkproxy.accounting import FAILURE, FIELDS
 
     counters = memoryview(bytearray(8 * FIELDS * 2)).cast("Q")
     refused = OSError(errno.ECONNREFUSED, os.strerror(errno.ECONNREFUSED))
-    relay.note_fallback(counters, FIELDS, connected, failed, refused)
+    accounting.note_fallback(counters, FIELDS, connected, failed, refused)
     assert not any(counters[:FIELDS])  # the other slot untouched
     word = counters[FIELDS + FAILURE]
-    assert word & relay.FELL_BACK and not word & relay.COUNTED
-    assert relay.fallback_addresses(counters, FIELDS, word, 6379) == texts
-    assert relay.failure_text(word, "upstream.test") == "Connection refused"
+    assert word & accounting.FELL_BACK and not word & accounting.COUNTED
+    assert accounting.fallback_addresses(counters, FIELDS, word, 6379) == texts
+    assert accounting.failure_text(word, "upstream.test") == "Connection refused"
 
 
 def test_a_failed_connects_code_reads_back_as_its_error() -> None:
     """connect-failed's `error`, from the code a child leaves (connect_upstream's errors)."""
-    assert relay.failure_text(errno.ETIMEDOUT, "db.test") == "Connection timed out"
-    assert relay.failure_text(relay.NO_ADDRESS, "db.test") == "no address"
-    code = relay.UNRESOLVED | (-socket.EAI_NONAME & 0xFFFF)
+    assert accounting.failure_text(errno.ETIMEDOUT, "db.test") == "Connection timed out"
+    assert accounting.failure_text(accounting.NO_ADDRESS, "db.test") == "no address"
+    code = accounting.UNRESOLVED | (-socket.EAI_NONAME & 0xFFFF)
     expected = "cannot resolve db.test: Name or service not known"
-    assert relay.failure_text(code, "db.test") == expected
+    assert accounting.failure_text(code, "db.test") == expected
