@@ -989,18 +989,18 @@ def _client_left(client: RawSocket, left: ClientLeft, counters: memoryview, base
 
 def _fell_back(counters: memoryview, base: int,
                fallback: tuple[tuple[object, ...], tuple[object, ...], OSError],
-               quiet: list[float] | None, supervisor: int, log: Logger) -> None:
+               fallback_due: list[float] | None, supervisor: int, log: Logger) -> None:
     """Connected, but only after an address failed (a dead first address of a name, a
     retry): each such connection waited for it, and nothing else would say so.
 
     The supervisor writes the `connect-fallback` line, folded per link, from the slot (a
     line each flooded the log: half the connections to a name with one dead address); it
     counts this one at the reap, or when told. Told (SIGALRM, its "look again": an
-    address of the name is dead) only when the link's line is due (`quiet`, serve()'s):
+    address of the name is dead) only when the link's line is due (`fallback_due`, serve()'s):
     the connection may live for hours, and the first fallback is logged at once."""
     note_fallback(counters, base, *fallback)
-    if (quiet is not None and supervisor and log.level <= WARNING
-            and time.monotonic() >= quiet[0] and os.getppid() == supervisor):
+    if (fallback_due is not None and supervisor and log.level <= WARNING
+            and time.monotonic() >= fallback_due[0] and os.getppid() == supervisor):
         os.kill(supervisor, SIGALRM)
 
 
@@ -1016,7 +1016,7 @@ def serve(
     log: Logger,
     lines: tuple[str | None, str | None],
     supervisor: int,
-    quiet: list[float] | None = None,
+    fallback_due: list[float] | None = None,
 ) -> int:
     """The whole life of one connection in its child; returns the exit status.
 
@@ -1025,7 +1025,7 @@ def serve(
     and the supervisor hands them over as one tuple.
     `lines` are the link's prepared "open" and "close" lines (prepared_lines()); None:
     log that one the usual way. `supervisor` is the supervisor's pid (0: none to tell).
-    `quiet` holds when the link's next `connect-fallback` line is due (monotonic; the
+    `fallback_due` holds when the link's next `connect-fallback` line is due (monotonic; the
     supervisor sets it as it writes one): a fallback before then is only noted in the slot.
     """
     started = time.monotonic()
@@ -1072,7 +1072,7 @@ def serve(
                      error=cause.strerror or str(cause))
         return UPSTREAM_RESET
     if fallback is not None:
-        _fell_back(counters, base, fallback, quiet, supervisor, log)
+        _fell_back(counters, base, fallback, fallback_due, supervisor, log)
     if looked_up and supervisor and os.getppid() == supervisor:
         # The name points elsewhere now: SIGALRM, the supervisor's "resolve now" (the
         # --resolve-every timer's signal), so that the clients after this one go straight

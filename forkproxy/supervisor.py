@@ -279,7 +279,7 @@ class Supervisor:
         # fall in the old one's window. reload() drops the pairs no longer configured.
         self.link_folds: dict[tuple[str, str, Endpoint], list[float]] = {}
         # (Link name, target) -> [when its next connect-fallback line is due]: handed to
-        # its children (relay.serve's `quiet`), which tell the supervisor of a fallback
+        # its children (relay.serve's `fallback_due`), which tell the supervisor of a fallback
         # only from then.
         self.fallback_due: dict[tuple[str, Endpoint], list[float]] = {}
         self.denials: dict[str, DenialWindow] = {}  # link name -> its denied lines' window
