@@ -1115,11 +1115,11 @@ class Supervisor:
                     self._count_metrics_death()
                     self._close_metrics_port()
                 continue
-            # A child killed by a signal wrote no close line: its record and counters are
-            # read for one now, before finished() zeroes them.
-            live = self.accounting.children.get(pid) if os.WIFSIGNALED(status) else None
-            # So is what it left of a failed connect, for the folded lines (see relay.serve).
+            # Its record and slot are read before finished() zeroes them: what it left of a
+            # failed connect, for the folded lines (see relay.serve); and, for a child
+            # killed by a signal (`live`), which wrote no close line, the line in its place.
             child = self.accounting.children.get(pid)
+            live = child if os.WIFSIGNALED(status) else None
             failure = 0 if child is None else self.accounting.slots.counters[child[2] + FAILURE]
             if failure & FELL_BACK and not failure & COUNTED:
                 assert child is not None
