@@ -995,9 +995,15 @@ def _fell_back(counters: memoryview, base: int,
 
     The supervisor writes the `connect-fallback` line, folded per link, from the slot (a
     line each flooded the log: half the connections to a name with one dead address); it
-    counts this one at the reap, or when told. Told (SIGALRM, its "look again": an
-    address of the name is dead) only when the link's line is due (`fallback_due`, serve()'s):
-    the connection may live for hours, and the first fallback is logged at once."""
+    counts this one at the reap, or when told: the connection may live for hours, and
+    the first fallback is logged at once. Told only when the link's line is due
+    (`fallback_due`, serve()'s), with SIGALRM, its one "look again" (the --resolve-every
+    timer's): it counts the live children's fallbacks and looks the targets' names up
+    again, at most once per RESOLVE_AGAIN_AFTER. For a name, one of its addresses is
+    dead, worth a look; after a --connect-retries retry to an IP address there is nothing
+    to resolve for this link (a lookup of other links' names, if any, starts all the
+    same, as at a tick of the timer), but without the signal its line would wait for
+    the reap."""
     note_fallback(counters, base, *fallback)
     if (fallback_due is not None and supervisor and log.level <= WARNING
             and time.monotonic() >= fallback_due[0] and os.getppid() == supervisor):
