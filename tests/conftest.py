@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
@@ -29,6 +29,7 @@ import netns
 
 BIN = Path(sys.executable).parent
 FORKPROXY = str(BIN / "forkproxy")
+T = TypeVar("T")
 # Link variables listen on 0.0.0.0 by default, every interface of the host: tests that
 # serve them outside a network namespace of their own add this, to stay on loopback.
 LOOPBACK = ("--bind", "127.0.0.1")
@@ -344,6 +345,17 @@ def wait_for(condition: Callable[[], bool], timeout: float = 15.0) -> bool:
             return True
         time.sleep(0.05)
     return condition()
+
+
+def poll(probe: Callable[[], T], done: Callable[[T], bool], timeout: float = 30.0) -> T:
+    """Call `probe` until `done(value)` or the deadline; returns the last value, for the
+    caller to assert on (its message then shows what was last seen)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if done(value) or time.monotonic() >= deadline:
+            return value
+        time.sleep(0.05)
 
 
 def full_pipe() -> tuple[int, int]:

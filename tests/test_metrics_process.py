@@ -16,40 +16,14 @@ import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
 
 import psutil
 
 import forkproxy
 
-from conftest import FORKPROXY, Proxy, metrics_pid
+from conftest import FORKPROXY, Proxy, control, metrics_pid, poll
 
 StartProxy = Callable[..., Proxy]
-T = TypeVar("T")
-
-
-def poll(probe: Callable[[], T], done: Callable[[T], bool], timeout: float = 30) -> T:
-    """Call `probe` until `done(value)` or the deadline; returns the last value (asserted later)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if done(value) or time.monotonic() >= deadline:
-            return value
-        time.sleep(0.05)
-
-
-def ask(path: str | Path) -> dict[str, Any]:
-    """`status` on the control socket, spoken by hand (cheap enough to poll with)."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(15)
-        sock.connect(str(path))
-        sock.sendall(b'{"command": "status"}\n')
-        data = b""
-        while chunk := sock.recv(65536):
-            data += chunk
-    reply = json.loads(data)
-    assert isinstance(reply, dict)
-    return reply
 
 
 def serving_metrics_pid(proxy: Proxy) -> int:
@@ -96,7 +70,7 @@ def test_a_metrics_process_that_keeps_dying_is_restarted_less_and_less_often(
     log = poll(proxy.log, lambda text: text.count("metrics-died") == 2)
     details = [x.split("detail=", 1)[1] for x in log.splitlines() if "metrics-died" in x]
     assert details == ['"restarting in 5s"', '"restarting in 10s"'], log
-    state = ask(sock)["metrics"]
+    state = control(sock, "status")["metrics"]
     assert state["state"] == "restarting" and state["deaths_in_a_row"] == 2, state
     assert state["since"] <= died + 1 and 5 < state["retry_in"] <= 10, (state, died)
     status = subprocess.run([FORKPROXY, "status", f"--status-socket={sock}"],
@@ -153,7 +127,8 @@ def test_a_metrics_process_whose_files_changed_is_not_restarted_and_says_why(
     os.kill(pid, signal.SIGKILL)
     # Restarted 5 s later, by the first death's delay: failed, once, or a loop began.
     poll(proxy.log, lambda text: "metrics-failed" in text or text.count("metrics-died") > 1)
-    state = poll(lambda: ask(sock)["metrics"], lambda state: state["state"] != "restarting")
+    state = poll(lambda: control(sock, "status")["metrics"],
+                 lambda state: state["state"] != "restarting")
     log = proxy.log()
     failed = [x for x in log.splitlines() if "metrics-failed" in x]
     assert len(failed) == 1 and "usage:" not in log and log.count("metrics-died") == 1, log

@@ -27,7 +27,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import psutil
 import pytest
@@ -56,11 +56,11 @@ from conftest import (
     kill_group,
     metrics_pid,
     need,
+    poll,
     recv_all,
     wait_for,
 )
 
-T = TypeVar("T")
 MiB = 1 << 20
 GiB = 1 << 30
 DEADLINE = 30.0  # generous: a loaded 2-core machine; polls return as soon as they can
@@ -78,16 +78,6 @@ def dead_port() -> Iterator[int]:
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))
         yield int(holder.getsockname()[1])
-
-
-def poll(probe: Callable[[], T], done: Callable[[T], bool], timeout: float = DEADLINE) -> T:
-    """Call `probe` until `done(value)` or the deadline; returns the last value (asserted later)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if done(value) or time.monotonic() >= deadline:
-            return value
-        time.sleep(0.05)
 
 
 def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -452,6 +442,19 @@ def test_status_shows_a_size_just_below_a_unit_in_the_next_unit(
 # -- check --------------------------------------------------------------------------------
 
 
+def contained_proxy(start_proxy: StartProxy, tcp_server: ServerFactory, sock_path: Path,
+                    env: dict[str, str]) -> tuple[Proxy, psutil.Process]:
+    """A proxy to an echo server, its supervisor PID 1 of a PID namespace of its own (as
+    in a container), answering on `sock_path`; and that supervisor's process (unshare's
+    child), as this namespace sees it."""
+    server = tcp_server(echo)
+    contained = (need("unshare"), "--pid", "--fork", "--kill-child", "--mount-proc")
+    proxy = start_proxy("--status-socket", str(sock_path),
+                        f"127.0.0.1:0=127.0.0.1:{server.port}", env=env, prefix=contained)
+    [supervisor] = psutil.Process(proxy.pid).children()  # unshare's child: PID 1 inside
+    return proxy, supervisor
+
+
 def test_status_from_outside_the_supervisors_pid_namespace_reads_the_right_children(
     start_proxy: StartProxy, tcp_server: ServerFactory, tmp_path: Path, env: dict[str, str],
 ) -> None:
@@ -459,12 +462,8 @@ def test_status_from_outside_the_supervisors_pid_namespace_reads_the_right_child
     it (on the host, through a mounted socket): the children's pids in the reply are the
     container's, and psutil given them here read unrelated processes (pid 2 is kthreadd
     here: RSS 0). They are matched to this namespace's pids first."""
-    server = tcp_server(echo)
     sock_path = tmp_path / "status.sock"
-    contained = (need("unshare"), "--pid", "--fork", "--kill-child", "--mount-proc")
-    proxy = start_proxy("--status-socket", str(sock_path),
-                        f"127.0.0.1:0=127.0.0.1:{server.port}", env=env, prefix=contained)
-    [supervisor] = psutil.Process(proxy.pid).children()  # unshare's child: PID 1 inside
+    proxy, supervisor = contained_proxy(start_proxy, tcp_server, sock_path, env)
     with socket.create_connection(("127.0.0.1", proxy.port), timeout=30) as client:
         client.sendall(b"x")
         assert recv_exact(client, 1) == b"x"
@@ -499,12 +498,8 @@ def test_status_from_outside_the_pid_namespace_with_a_child_named_in_bytes_not_u
     NSpid line, and read it as UTF-8 text: one child named in other bytes ended `status`
     (and `status --json`) in a UnicodeDecodeError traceback. The odd child is skipped
     over; the connection's child is still found."""
-    server = tcp_server(echo)
     sock_path = tmp_path / "status.sock"
-    contained = (need("unshare"), "--pid", "--fork", "--kill-child", "--mount-proc")
-    proxy = start_proxy("--status-socket", str(sock_path),
-                        f"127.0.0.1:0=127.0.0.1:{server.port}", env=env, prefix=contained)
-    [supervisor] = psutil.Process(proxy.pid).children()  # unshare's child: PID 1 inside
+    proxy, supervisor = contained_proxy(start_proxy, tcp_server, sock_path, env)
     subprocess.run([need("nsenter"), "--target", str(supervisor.pid), "--pid", "--mount",
                     sys.executable, "-c", ODDLY_NAMED_ORPHAN], stdin=subprocess.DEVNULL,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=30, check=True)

@@ -671,6 +671,17 @@ def download_proxy(start_proxy: Callable[..., Proxy], tcp_server: Callable[..., 
     return start_proxy("--relay", relay, f"127.0.0.1:0=127.0.0.1:{server.port}")
 
 
+def download(port: int) -> tuple[int, str]:
+    """Read all a download through 127.0.0.1:`port` sends: its length and sha256."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as client:
+        client.settimeout(30)
+        digest, received = hashlib.sha256(), 0
+        while chunk := client.recv(1 << 16):
+            digest.update(chunk)
+            received += len(chunk)
+    return received, digest.hexdigest()
+
+
 def test_a_relay_that_crashes_resets_both_sides_rather_than_ending_the_stream(
     start_proxy: Callable[..., Proxy], tcp_server: Callable[..., TcpServer],
 ) -> None:
@@ -717,17 +728,12 @@ def test_a_splice_refused_for_want_of_memory_goes_on_by_copying(
     payload = os.urandom(20 << 20)
     proxy = download_proxy(start_proxy, tcp_server, payload, "splice")
     with injected(proxy.pid, "splice", "error=ENOMEM:when=1+", children=True):
-        with socket.create_connection(("127.0.0.1", proxy.port), timeout=30) as client:
-            client.settimeout(30)
-            digest, received = hashlib.sha256(), 0
-            while chunk := client.recv(1 << 16):
-                digest.update(chunk)
-                received += len(chunk)
+        received, digest = download(proxy.port)
         # strace stays attached until the child is done: detached while a splice it fails
         # is in flight, the kernel runs the skipped call as syscall -1 (ENOSYS), and the
         # child's close then says client-reset, "Function not implemented".
         assert wait_for(lambda: " close " in proxy.log()), proxy.log()
-    assert (received, digest.hexdigest()) == (len(payload), hashlib.sha256(payload).hexdigest())
+    assert (received, digest) == (len(payload), hashlib.sha256(payload).hexdigest())
     assert "reset" not in proxy.log(), proxy.log()
     assert proxy.stop() == 0
 
@@ -746,15 +752,10 @@ def test_a_splice_out_of_the_pipe_refused_for_want_of_memory_goes_on_by_copying(
     proxy = download_proxy(start_proxy, tcp_server, payload, "splice")
     trace = tmp_path / "strace"
     with injected(proxy.pid, "splice", "error=ENOMEM:when=2", children=True, trace=trace):
-        with socket.create_connection(("127.0.0.1", proxy.port), timeout=30) as client:
-            client.settimeout(30)
-            digest, received = hashlib.sha256(), 0
-            while chunk := client.recv(1 << 16):
-                digest.update(chunk)
-                received += len(chunk)
+        received, digest = download(proxy.port)
         # strace stays attached until the child is done (see the test above).
         assert wait_for(lambda: " close " in proxy.log()), proxy.log()
-    assert (received, digest.hexdigest()) == (len(payload), hashlib.sha256(payload).hexdigest())
+    assert (received, digest) == (len(payload), hashlib.sha256(payload).hexdigest())
     assert "reset" not in proxy.log(), proxy.log()
     [failed] = [line for line in trace.read_text().splitlines() if "(INJECTED)" in line]
     # pipe -> socket, with bytes in the pipe (the length asked for: `pending`).
