@@ -800,7 +800,7 @@ def _preload_serve(options: Options, log: Logger, counters: memoryview, rounds: 
         warm_log = Logger(log.level, log.fmt, devnull.fileno())
         target = upstream_listener.getsockname()
         link = Link("127.0.0.1", 0, Endpoint(target[0], target[1]), ("preload",))
-        prepared = prepared_lines(warm_log, link)
+        prepared = (*prepared_lines(warm_log, link), None)
         # The one address twice: a name with several runs in_turn() too.
         addresses: list[Address] = [(int(socket.AF_INET), target)] * 2
         for _ in range(rounds):
@@ -997,13 +997,13 @@ def _fell_back(counters: memoryview, base: int,
     line each flooded the log: half the connections to a name with one dead address); it
     counts this one at the reap, or when told: the connection may live for hours, and
     the first fallback is logged at once. Told only when the link's line is due
-    (`fallback_due`, serve()'s), with SIGALRM, its one "look again" (the --resolve-every
-    timer's): it counts the live children's fallbacks and looks the targets' names up
-    again, at most once per RESOLVE_AGAIN_AFTER. For a name, one of its addresses is
-    dead, worth a look; after a --connect-retries retry to an IP address there is nothing
-    to resolve for this link (a lookup of other links' names, if any, starts all the
-    same, as at a tick of the timer), but without the signal its line would wait for
-    the reap."""
+    (`fallback_due`, the last of serve()'s `lines`), with SIGALRM, its one "look again"
+    (the --resolve-every timer's): it counts the live children's fallbacks and looks the
+    targets' names up again, at most once per RESOLVE_AGAIN_AFTER. For a name, one of its
+    addresses is dead, worth a look; after a --connect-retries retry to an IP address
+    there is nothing to resolve for this link (a lookup of other links' names, if any,
+    starts all the same, as at a tick of the timer), but without the signal its line
+    would wait for the reap."""
     note_fallback(counters, base, *fallback)
     if (fallback_due is not None and supervisor and log.level <= WARNING
             and time.monotonic() >= fallback_due[0] and os.getppid() == supervisor):
@@ -1020,9 +1020,8 @@ def serve(
     options: Options,
     counters: memoryview,
     log: Logger,
-    lines: tuple[str | None, str | None],
+    lines: tuple[str | None, str | None, list[float] | None],
     supervisor: int,
-    fallback_due: list[float] | None = None,
 ) -> int:
     """The whole life of one connection in its child; returns the exit status.
 
@@ -1030,9 +1029,13 @@ def serve(
     (in_turn); the arguments after it are the same for every connection of a listener,
     and the supervisor hands them over as one tuple.
     `lines` are the link's prepared "open" and "close" lines (prepared_lines()); None:
-    log that one the usual way. `supervisor` is the supervisor's pid (0: none to tell).
-    `fallback_due` holds when the link's next `connect-fallback` line is due (monotonic; the
-    supervisor sets it as it writes one): a fallback before then is only noted in the slot.
+    log that one the usual way. Then the link's `fallback_due`: a list holding when its
+    next `connect-fallback` line is due (monotonic; the supervisor sets it as it writes
+    one), a fallback before then only noted in the slot; None: never tell. It rides in
+    `lines` rather than as an argument of its own: every argument is a reference count
+    each child writes, and so a page it copies, while an item of `lines` is touched only
+    by the fallback path that reads it (docs/benchmarks.md, "Page faults per
+    connection"). `supervisor` is the supervisor's pid (0: none to tell).
     """
     started = time.monotonic()
     client.setblocking(False)
@@ -1078,7 +1081,7 @@ def serve(
                      error=cause.strerror or str(cause))
         return UPSTREAM_RESET
     if fallback is not None:
-        _fell_back(counters, base, fallback, fallback_due, supervisor, log)
+        _fell_back(counters, base, fallback, lines[2], supervisor, log)
     if looked_up and supervisor and os.getppid() == supervisor:
         # The name points elsewhere now: SIGALRM, the supervisor's "resolve now" (the
         # --resolve-every timer's signal), so that the clients after this one go straight

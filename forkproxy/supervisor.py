@@ -279,7 +279,7 @@ class Supervisor:
         # fall in the old one's window. reload() drops the pairs no longer configured.
         self.link_folds: dict[tuple[str, str, Endpoint], list[float]] = {}
         # (Link name, target) -> [when its next connect-fallback line is due]: handed to
-        # its children (relay.serve's `fallback_due`), which tell the supervisor of a fallback
+        # its children (in relay.serve's `lines`), which tell the supervisor of a fallback
         # only from then.
         self.fallback_due: dict[tuple[str, Endpoint], list[float]] = {}
         self.denials: dict[str, DenialWindow] = {}  # link name -> its denied lines' window
@@ -1055,9 +1055,12 @@ class Supervisor:
             self.options,
             self.accounting.slots.counters,
             self.log,
-            relay.prepared_lines(self.log, link),
+            # The fallback's due time after the lines, not an argument of its own: a child
+            # writes the reference count of each argument (a page copied), and this list
+            # only a fallback reads (relay.serve).
+            (*relay.prepared_lines(self.log, link),
+             self.fallback_due.setdefault((link.name, link.target), [0.0])),
             os.getpid(),
-            self.fallback_due.setdefault((link.name, link.target), [0.0]),
         )
 
     # -- signals -----------------------------------------------------------------------

@@ -248,6 +248,24 @@ def started(sup: Supervisor) -> Iterator[Supervisor]:
         sup.signals.writer.close()
 
 
+def test_a_childs_arguments_hold_only_what_every_connection_reads(tmp_path: Path) -> None:
+    """relay.serve's per-link arguments, which every child unpacks (so writes each one's
+    reference count, copying its page): the link's connect-fallback due time, which only
+    a fallback reads, was one of them, a list of its own on a page no child wrote before
+    (about 3 page faults more per connection, docs/benchmarks.md). It rides in the
+    prepared lines' tuple now, where a child reaches it only on that path; it is still
+    the supervisor's own list, so a line written updates what later children see."""
+    options = Options(status_socket=str(tmp_path / "s.sock"))
+    sup = Supervisor(Sources(("127.0.0.1:0=127.0.0.1:1",), options=options), {}, Logger())
+    with started(sup):
+        [listener] = sup.listeners
+        [due] = sup.fallback_due.values()
+        args = listener.relay_args
+        assert all(arg is not due for arg in args)
+        [lines] = [arg for arg in args if isinstance(arg, tuple)]
+        assert lines[2] is due and due == [0.0]
+
+
 def test_a_start_that_fails_after_binding_the_metrics_port_closes_it(tmp_path: Path) -> None:
     """start() binds everything or nothing: a pid file refused (here a FIFO) after the
     metrics port was bound closes that port with the listeners and the control socket,
