@@ -17,7 +17,8 @@ if __name__ == "__main__":
 
 from forkproxy.config import ConfigError, name_variable, sources_from_json
 from forkproxy.log import Logger, level_for, write_start_error
-from forkproxy.supervisor import SUPERVISOR_NAME, Supervisor, name_process
+from forkproxy.process_name import SUPERVISOR, name_process
+from forkproxy.supervisor import Supervisor
 
 
 def main(argv: list[str]) -> int:
@@ -26,7 +27,7 @@ def main(argv: list[str]) -> int:
         return 2
     # `forkproxy`, not the interpreter's `python`, for ps -e, top and `pgrep forkproxy`.
     # The command line stays: argv[0] is where Python finds sys.executable and its venv.
-    name_process(SUPERVISOR_NAME)
+    name_process(SUPERVISOR)
     with os.fdopen(int(argv[2]), "rb") as handle:
         data = json.loads(handle.read())
     sources = sources_from_json(data)

@@ -40,6 +40,7 @@ from forkproxy.config import peer_text
 from forkproxy.installed import ADVICE, FILES_CHANGED
 from forkproxy.listeners import ACCEPT_BACKOFF, RESOURCE_ERRORS
 from forkproxy.log import DEBUG, ERROR, INFO, WARNING, Logger, crash_fields, format_in
+from forkproxy.process_name import METRICS, name_process
 from forkproxy.relay import OUTCOMES
 from forkproxy.status import StatusError, enrich, request
 
@@ -258,18 +259,6 @@ def _answer_head(app: WSGIApplication) -> WSGIApplication:
 
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
-PR_SET_NAME = 15
-# This process's name (comm) in ps -e, top and pgrep: `python` said nothing. 15 bytes at
-# most; the others' are in supervisor.py (SUPERVISOR_NAME...).
-PROCESS_NAME = b"forkproxy-metr"
-
-
-def _name_process() -> None:
-    """Before any thread starts: each takes the name of the thread that starts it."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_NAME, PROCESS_NAME)
-
-
 def _die_with_parent() -> None:
     """Have the kernel send SIGTERM the moment the supervisor dies (SIGKILL, the OOM
     killer), rather than notice it at the next turn of the loop: until then this process
@@ -459,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
             "metrics-failed", error=f"{ADVICE} (the metrics process's arguments: {exc})",
             detail="restart forkproxy")
         return FILES_CHANGED
-    _name_process()
+    name_process(METRICS)  # before any thread starts: they take its name
     # SIGTERM keeps its default action: a `kill` by hand (or PDEATHSIG) ends this process
     # by the signal, which the supervisor's metrics-died line says. An exit(0) from a
     # handler read `exit status 0`, as if it had quit of itself; a stop reaps it unlogged.

@@ -64,6 +64,7 @@ from .config import (
 )
 from .listeners import ACCEPT_BACKOFF, RESOURCE_ERRORS, Listener
 from .log import DEBUG, WARNING, Logger, crash_fields
+from .process_name import REPORTER, RESOLVER, name_process
 from .relay import Address, RawSocket
 
 ACCEPT_BATCH = 64  # accepts per wakeup, so signals and reaping get their turn in a burst
@@ -95,12 +96,6 @@ OOM_SCORE_ADJ = "/proc/self/oom_score_adj"
 CHILD_OOM_SCORE_ADJ = 1000
 _CONNECT_FAILED_STATUS = relay.CONNECT_FAILED << 8  # a wait status: exited with that code
 POLLIN, POLLOUT = select.POLLIN, select.POLLOUT
-# Process names (comm: what ps -e, top and pgrep show and match; 15 bytes at most), each
-# set by the process itself; the metrics process's is metrics.PROCESS_NAME. A connection's
-# child keeps the supervisor's: renaming each would add work to every connection's start.
-SUPERVISOR_NAME = b"forkproxy"
-RESOLVER_NAME = b"forkproxy-dns"
-REPORTER_NAME = b"forkproxy-stat"  # answers `status` and writes SIGUSR1's table
 
 
 MAX_ENV_FILE = 1 << 20  # bytes (characters, as read): see read_links
@@ -155,21 +150,6 @@ def resolve_all(targets: list[tuple[str, int]], out_fd: int, delay: float) -> No
     data = memoryview(json.dumps(results).encode())
     while data:
         data = data[os.write(out_fd, data):]
-
-
-def name_process(name: bytes) -> None:
-    """Name this process (its comm): `python`, from the interpreter exec'd, says nothing.
-
-    Through /proc, not prctl(PR_SET_NAME): that takes ctypes, and ctypes imported into the
-    supervisor makes every fork of it dearer."""
-    try:
-        fd = os.open("/proc/self/comm", os.O_WRONLY | os.O_CLOEXEC)
-        try:
-            os.write(fd, name)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass  # no /proc mounted (or read-only): a name is worth no failure
 
 
 def close_inherited(*keep: int) -> None:
@@ -1499,7 +1479,7 @@ class Supervisor:
             status = 1
             try:
                 signals.reset_in_child()
-                name_process(RESOLVER_NAME)
+                name_process(RESOLVER)
                 close_inherited(write_fd)
                 resolve_all(targets, write_fd, due - now)
                 status = 0
@@ -1788,7 +1768,7 @@ class Supervisor:
             status = 1
             try:
                 signals.reset_in_child()
-                name_process(REPORTER_NAME)
+                name_process(REPORTER)
                 close_inherited(self.log.fd, *(() if keep is None else (keep,)))
                 job()
                 status = 0
