@@ -41,7 +41,20 @@ from .supervisor import read_links
 
 EXEC_FAILED = 126  # exit status when serve cannot exec the supervisor (README, "Exit status")
 
+class _Group(typer.core.TyperGroup):
+    """The top level: `forkproxy [--version] COMMAND`."""
+
+    def resolve_command(self, ctx: Any, args: list[str]) -> Any:
+        # Here, before the command is looked up: `--version serve` would otherwise run
+        # root() for serve, and `--version junk` be "No such command" with no word of
+        # --version. ctx.params holds the root's options by now.
+        if ctx.params.get("version"):
+            ctx.fail(f"--version takes no command or argument: got {quoted(args[0])}")
+        return super().resolve_command(ctx, args)
+
+
 app = typer.Typer(
+    cls=_Group,
     add_completion=False,
     help="A forking TCP proxy for the Docker ambassador pattern (socat fork, grown up).",
     pretty_exceptions_enable=False,
@@ -654,21 +667,21 @@ def reload_command(
         output(f"listening {listener['listen']} -> {listener['upstream']} ({listener['link']})")
 
 
-def version_callback(value: bool) -> None:
-    if value:
-        output(f"forkproxy {__version__}")
-        raise typer.Exit()
-
-
 @app.callback(invoke_without_command=True)
 def root(
     ctx: typer.Context,
+    # Not an eager callback: that one printed the version and exited 0 before anything
+    # after it was looked at (`forkproxy --version junk`). Anything after it is refused in
+    # _Group.resolve_command, so root() sees --version only alone (or with --help, whose
+    # help comes first, whatever the order).
     version: Annotated[
-        bool, typer.Option("--version", callback=version_callback, is_eager=True,
-                           help="Print the version and exit.")
+        bool, typer.Option("--version", help="Print the version and exit.")
     ] = False,
 ) -> None:
     """forkproxy: socat TCP-LISTEN,fork grown into the engine of the ambassador pattern."""
+    if version:
+        output(f"forkproxy {__version__}")
+        raise typer.Exit()
     if ctx.invoked_subcommand is None:
         # No command is a usage error (exit 2, like the others and click's own since 8.2),
         # but the help is what helps here; on stderr, so stdout stays empty as on any error.

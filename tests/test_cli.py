@@ -23,6 +23,7 @@ import psutil
 import pytest
 import typer
 
+from forkproxy import __version__
 from forkproxy.cli import app, check_pid_max
 from forkproxy.config import ConfigError, Options
 from forkproxy.status import StatusError
@@ -966,6 +967,25 @@ def test_the_env_files_errors_name_its_variable_when_it_came_from_one(tmp_path: 
 def test_usage_errors_are_one_line_and_exit_2(args: list[str], needle: str) -> None:
     result = run(*args)
     assert_one_line_error(result, needle)
+
+
+@pytest.mark.parametrize(("rest", "extra"), [(["junk"], "junk"),
+                                             (["serve", "1=127.0.0.1:1"], "serve"),
+                                             (["--", "junk"], "junk")])
+def test_version_takes_nothing_after_it(rest: list[str], extra: str) -> None:
+    """`forkproxy --version junk` printed the version and exited 0: --version's eager
+    callback exited before anything after it was looked at, so a command line with a
+    mistake in it passed. `--version` alone prints the version as before; with `--help`,
+    in either order, the help."""
+    assert_one_line_error(run("--version", *rest),
+                          f"--version takes no command or argument: got {extra!r}")
+    alone = run("--version")
+    assert (alone.returncode, alone.stdout, alone.stderr) == (0, f"forkproxy {__version__}\n", "")
+    helped = run("--help")
+    assert helped.returncode == 0 and helped.stdout.startswith("Usage: forkproxy "), helped
+    for args in (["--version", "--help"], ["--help", "--version"]):
+        result = run(*args)
+        assert (result.returncode, result.stdout, result.stderr) == (0, helped.stdout, ""), result
 
 
 # What each FORKPROXY_... variable's bad value gets: the line begins with the variable, the
