@@ -340,6 +340,17 @@ def serve(*, sources: Sources, variables: Mapping[str, str] | None = None) -> No
         raise typer.Exit(EXEC_FAILED) from None
 
 
+def _allow(allow: list[str] | None, variables: Mapping[str, str]) -> tuple[str, ...]:
+    """--allow's networks. From FORKPROXY_ALLOW, click splits the value at whitespace:
+    `10.0.0.0/8, 192.168.0.0/16` became `10.0.0.0/8,` and `192.168.0.0/16`, and the error
+    quoted the fragment. A value with a comma is handed on whole, one entry that
+    parse_cidr refuses, quoting the value as the user wrote it, with the hint."""
+    variable = variables.get("--allow")  # None: not from the variable (see _variables)
+    if variable is not None and "," in os.environ.get(variable, ""):
+        return (os.environ[variable],)
+    return tuple(allow or ())
+
+
 def _seconds(text: str, flag: str) -> float:
     """A duration that cannot be off."""
     value = parse_seconds(text, flag, can_be_off=False)
@@ -447,7 +458,7 @@ def serve_command(
             max_children=(DEFAULT_MAX_CHILDREN if max_children is None
                           else parse_count(max_children, "--max-children")),
             max_children_given=max_children is not None,
-            allow=tuple(allow or ()),
+            allow=_allow(allow, variables),
             verbosity=verbose - quiet,
             log_format=log_format,
             status_socket=status_socket,

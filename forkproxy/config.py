@@ -849,11 +849,19 @@ class Network(Value):
         self._set(version=version, address=address, mask=mask, text=text)
 
 
+# A comma is in no network's syntax: a list written as another tool takes it.
+_ALLOW_LIST_HINT = ("networks are separated by spaces in FORKPROXY_ALLOW, and --allow is "
+                    "repeated on the command line, not joined with commas")
+
+
 def parse_cidr(text: str) -> Network:
+    """One --allow network. `text` may be a whole FORKPROXY_ALLOW value that holds a comma
+    (cli._allow): it is refused, and its error quotes what the user wrote."""
     try:
         net = ipaddress.ip_network(text, strict=False)
     except ValueError:
-        raise ConfigError(f"--allow {quoted(text)}: not an IPv4 or IPv6 CIDR") from None
+        hint = f": {_ALLOW_LIST_HINT}" if "," in text else ""
+        raise ConfigError(f"--allow {quoted(text)}: not an IPv4 or IPv6 CIDR{hint}") from None
     mapped = getattr(net.network_address, "ipv4_mapped", None)
     if mapped is not None and net.prefixlen >= 96:
         # ::ffff:a.b.c.d/N, as the log shows an IPv4 client of a `[::]` listener: the

@@ -114,6 +114,10 @@ def test_bad_input_exits_2_with_one_line(
         (["--relay", "magic"], "--relay 'magic'"),
         (["--connect-timeout", "0"], "--connect-timeout 0"),
         (["--allow", "300.0.0.0/8"], "--allow '300.0.0.0/8'"),
+        # A list written with commas: the token as typed, and how to write it.
+        (["--allow", "10.0.0.0/8,192.168.0.0/16"], "--allow '10.0.0.0/8,192.168.0.0/16': not "
+         "an IPv4 or IPv6 CIDR: networks are separated by spaces in FORKPROXY_ALLOW, and "
+         "--allow is repeated on the command line, not joined with commas"),
         (["--metrics", "nowhere"], "--metrics 'nowhere'"),
         # poll() takes a C int of milliseconds: longer would crash a relay or the supervisor.
         (["--grace", "1e10"], "--grace '1e10': at most 2,000,000 seconds"),
@@ -1030,6 +1034,12 @@ BAD_VARIABLES = [
     # Repeatable: the variable holds the networks separated by spaces (serve --help says so).
     ("serve", "FORKPROXY_ALLOW", "10.0.0.0/8 x",
      "FORKPROXY_ALLOW (--allow) 'x': not an IPv4 or IPv6 CIDR"),
+    # With commas: the value as written (click split it at the space: '10.0.0.0/8,' was
+    # quoted, a fragment), and how to write it.
+    ("serve", "FORKPROXY_ALLOW", "10.0.0.0/8, 192.168.0.0/16",
+     "FORKPROXY_ALLOW (--allow) '10.0.0.0/8, 192.168.0.0/16': not an IPv4 or IPv6 CIDR: "
+     "networks are separated by spaces in FORKPROXY_ALLOW, and --allow is repeated on the "
+     "command line, not joined with commas"),
     ("serve", "FORKPROXY_BIND", "nowhere",
      "FORKPROXY_BIND (--bind) 'nowhere': bind address 'nowhere' is not an IP address"),
     ("links", "FORKPROXY_BIND", "fe80::1",

@@ -376,6 +376,8 @@ def test_env_file_syntax() -> None:
          "hour of backoff)"),
         (Options(allow=("10.0.0.0/33",)), "--allow '10.0.0.0/33'"),
         (Options(allow=("bogus",)), "--allow 'bogus'"),
+        (Options(allow=("10.0.0.0/8,192.168.0.0/16",)), "--allow '10.0.0.0/8,192.168.0.0/16': "
+         "not an IPv4 or IPv6 CIDR: networks are separated by spaces in FORKPROXY_ALLOW"),
         (Options(metrics="localhost:9100"), "is not an IP address"),
         (Options(log_format="xml"), "--log-format 'xml'"),
         (Options(idle_timeout=2_000_001), "at most 2,000,000 seconds (23 days); 'off' means none"),
