@@ -41,8 +41,29 @@ from .supervisor import read_links
 
 EXEC_FAILED = 126  # exit status when serve cannot exec the supervisor (README, "Exit status")
 
+
+def _show_help(ctx: Any, _param: Any, value: bool) -> None:
+    """click's --help, written by output(): its reader gone (`forkproxy --help | true`) is
+    no error, as for every command's output. click's own callback lets the BrokenPipeError
+    through to its main(), which exits 1 with no word, before forkproxy's main() sees it."""
+    if value and not ctx.resilient_parsing:
+        output(ctx.get_help())
+        ctx.exit()
+
+
+def _help_by_output(option: Any) -> Any:
+    """`option`, click's --help (or None: none), with _show_help as its callback. The
+    option is click's, built (and cached, in click 8.2 on) by get_help_option."""
+    if option is not None:
+        option.callback = _show_help
+    return option
+
+
 class _Group(typer.core.TyperGroup):
-    """The top level: `forkproxy [--version] COMMAND`."""
+    """The top level: `forkproxy [--version] COMMAND`; its --help as _show_help writes it."""
+
+    def get_help_option(self, ctx: Any) -> Any:
+        return _help_by_output(super().get_help_option(ctx))
 
     def resolve_command(self, ctx: Any, args: list[str]) -> Any:
         # Here, before the command is looked up: `--version serve` would otherwise run
@@ -66,7 +87,12 @@ class _Command(typer.core.TyperCommand):
     (`SPEC...`: `...` when several may be given). typer (0.2x) writes the Python type of
     the annotation after it, `SPEC <list[str]>`, whatever the metavar: words from the
     code, not the command line's. Options show their metavar already.
-    The usage line is written here too: typer below 0.16 wrote it `SPEC`, not `[SPEC]...`."""
+    The usage line is written here too: typer below 0.16 wrote it `SPEC`, not `[SPEC]...`.
+    Every command is one (those without arguments get click's help unchanged), for --help
+    as _show_help writes it."""
+
+    def get_help_option(self, ctx: Any) -> Any:
+        return _help_by_output(super().get_help_option(ctx))
 
     def collect_usage_pieces(self, ctx: Any) -> list[str]:
         pieces = [self.options_metavar] if self.options_metavar else []
@@ -510,7 +536,7 @@ def _control(ctx: typer.Context, status_socket: str | None, command: str) -> dic
         raise typer.Exit(1) from None
 
 
-@app.command("status")
+@app.command("status", cls=_Command)
 def status_command(
     ctx: typer.Context,
     status_socket: ClientSocketOpt = None,
@@ -523,7 +549,7 @@ def status_command(
     output(json.dumps(reply, indent=2) if as_json else render(reply))
 
 
-@app.command("check")
+@app.command("check", cls=_Command)
 def check_command(ctx: typer.Context, status_socket: ClientSocketOpt = None) -> None:
     """Exit 0 when the supervisor answers and every listener is bound (a HEALTHCHECK)."""
     reply = _control(ctx, status_socket, "check")
@@ -641,7 +667,7 @@ def _signal_supervisor(pid_file: str) -> int:
     return pid
 
 
-@app.command("reload")
+@app.command("reload", cls=_Command)
 def reload_command(
     ctx: typer.Context,
     status_socket: ClientSocketOpt = None,
