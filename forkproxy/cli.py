@@ -366,14 +366,27 @@ def serve(*, sources: Sources, variables: Mapping[str, str] | None = None) -> No
         raise typer.Exit(EXEC_FAILED) from None
 
 
-def _allow(allow: list[str] | None, variables: Mapping[str, str]) -> tuple[str, ...]:
+ALLOW_VARIABLE = "FORKPROXY_ALLOW"  # --allow's variable (_option's "ALLOW")
+
+
+def _allow(allow: list[str] | None, variables: dict[str, str],
+           on_command_line: bool) -> tuple[str, ...]:
     """--allow's networks. From FORKPROXY_ALLOW, click splits the value at whitespace:
     `10.0.0.0/8, 192.168.0.0/16` became `10.0.0.0/8,` and `192.168.0.0/16`, and the error
     quoted the fragment. A value with a comma is handed on whole, one entry that
-    parse_cidr refuses, quoting the value as the user wrote it, with the hint."""
+    parse_cidr refuses, quoting the value as the user wrote it, with the hint.
+
+    An empty or blank FORKPROXY_ALLOW is handed on too, to be refused: click takes it for
+    unset, and unset means every client, so a template that emptied the variable by
+    mistake (`FORKPROXY_ALLOW: ${NETS}`) would open the filter without a word. Other
+    empty FORKPROXY_ variables stay unset: for them that is the default, not a door."""
     variable = variables.get("--allow")  # None: not from the variable (see _variables)
     if variable is not None and "," in os.environ.get(variable, ""):
         return (os.environ[variable],)
+    value = os.environ.get(ALLOW_VARIABLE)
+    if not on_command_line and value is not None and not value.strip():
+        variables["--allow"] = ALLOW_VARIABLE  # so that the error names the variable
+        return (value,)
     return tuple(allow or ())
 
 
@@ -484,7 +497,7 @@ def serve_command(
             max_children=(DEFAULT_MAX_CHILDREN if max_children is None
                           else parse_count(max_children, "--max-children")),
             max_children_given=max_children is not None,
-            allow=_allow(allow, variables),
+            allow=_allow(allow, variables, _given_on_command_line(ctx, "allow")),
             verbosity=verbose - quiet,
             log_format=log_format,
             status_socket=status_socket,

@@ -856,7 +856,10 @@ _ALLOW_LIST_HINT = ("networks are separated by spaces in FORKPROXY_ALLOW, and --
 
 def parse_cidr(text: str) -> Network:
     """One --allow network. `text` may be a whole FORKPROXY_ALLOW value that holds a comma
-    (cli._allow): it is refused, and its error quotes what the user wrote."""
+    or is blank (cli._allow): it is refused, and its error quotes what the user wrote."""
+    if not text.strip():
+        raise ConfigError(f"--allow {quoted(text)}: empty: name a network (without --allow "
+                          "and FORKPROXY_ALLOW every client is allowed)")
     try:
         net = ipaddress.ip_network(text, strict=False)
     except ValueError:

@@ -1059,6 +1059,13 @@ BAD_VARIABLES = [
      "FORKPROXY_ALLOW (--allow) '10.0.0.0/8, 192.168.0.0/16': not an IPv4 or IPv6 CIDR: "
      "networks are separated by spaces in FORKPROXY_ALLOW, and --allow is repeated on the "
      "command line, not joined with commas"),
+    # Empty or blank: click takes it for unset, which is every client; refused instead, so
+    # that a template that emptied the variable does not open the filter.
+    ("serve", "FORKPROXY_ALLOW", "",
+     "FORKPROXY_ALLOW (--allow) '': empty: name a network (without --allow and "
+     "FORKPROXY_ALLOW every client is allowed)"),
+    ("serve", "FORKPROXY_ALLOW", " \t",
+     "FORKPROXY_ALLOW (--allow) ' \\t': empty: name a network"),
     ("serve", "FORKPROXY_BIND", "nowhere",
      "FORKPROXY_BIND (--bind) 'nowhere': bind address 'nowhere' is not an IP address"),
     ("links", "FORKPROXY_BIND", "fe80::1",
@@ -1123,6 +1130,21 @@ def test_a_flag_typed_over_a_bad_variable_is_named_as_typed(
     result = run("serve", *args, "127.0.0.1:0=127.0.0.1:1", env={variable: "bad"})
     assert_one_line_error(result)
     assert result.stderr == f"forkproxy: error: {expected}\n"
+
+
+def test_allow_on_the_command_line_wins_over_an_empty_variable(
+    start_proxy: Callable[..., Proxy], tcp_server: ServerFactory
+) -> None:
+    """An empty FORKPROXY_ALLOW is refused (BAD_VARIABLES), but a flag typed over it is
+    what counts, as for every option: the proxy starts and filters by the flag."""
+    server = tcp_server(echo)
+    proxy = start_proxy("--allow", "127.0.0.2/32", f"127.0.0.1:0=127.0.0.1:{server.port}",
+                        env={**os.environ, "FORKPROXY_ALLOW": ""})
+    assert proxy.lines[0].startswith("listening 127.0.0.1:"), proxy.lines
+    with socket.create_connection(("127.0.0.1", proxy.ports[0]), timeout=5) as sock:
+        sock.sendall(b"ping")
+        with pytest.raises(ConnectionResetError):  # not in 127.0.0.2/32: closed at accept
+            sock.recv(4)
 
 
 def test_help_shows_every_default_and_names_what_options_take() -> None:

@@ -376,6 +376,7 @@ def test_env_file_syntax() -> None:
          "hour of backoff)"),
         (Options(allow=("10.0.0.0/33",)), "--allow '10.0.0.0/33'"),
         (Options(allow=("bogus",)), "--allow 'bogus'"),
+        (Options(allow=("",)), "--allow '': empty: name a network"),
         (Options(allow=("10.0.0.0/8,192.168.0.0/16",)), "--allow '10.0.0.0/8,192.168.0.0/16': "
          "not an IPv4 or IPv6 CIDR: networks are separated by spaces in FORKPROXY_ALLOW"),
         (Options(metrics="localhost:9100"), "is not an IP address"),
