@@ -33,6 +33,19 @@ FAILED_ADDRESS = 4
 CONNECTED_ADDRESS = 6
 SCOPES = 8
 _ZEROED_SLOT = memoryview(bytes(8 * FIELDS)).cast("Q")
+def read_clocks() -> tuple[float, float]:
+    """The monotonic clock now, and the wall clock's lead over it now: what turns a
+    monotonic time into Unix time as the wall clock reads at this moment.
+
+    Durations are the monotonic clock's (a wall clock stepped by NTP or by hand made
+    them negative, or a year long); the times of day a reply gives for them are derived
+    from one such reading, all of them, so that they agree with each other (a connection
+    never before its supervisor) and with the reply's durations, whatever the wall clock
+    did meanwhile."""
+    now = time.monotonic()
+    return now, time.time() - now
+
+
 # Connection duration histogram buckets, seconds (Prometheus `le` bounds).
 DURATION_BUCKETS = (0.005, 0.05, 0.25, 1.0, 5.0, 30.0, 120.0, 600.0, 3600.0)
 
@@ -326,15 +339,16 @@ class Accounting:
         return record
 
     def snapshot(self, waiting: dict[str, int] | None = None,
-                 counters: memoryview | None = None) -> dict[str, object]:
+                 counters: memoryview | None = None,
+                 clocks: tuple[float, float] | None = None) -> dict[str, object]:
         """Plain data for the control socket (JSON). `waiting`: per link name, the clients
         accepted and waiting for a child (a failed fork, a stop at --max-children).
         `counters`: the slots' counters as copied when this heap was (Slots.copy), in a
-        forked reporter; the live ones by default."""
-        now = time.monotonic()
+        forked reporter; the live ones by default. `clocks`: read_clocks() of the rest of
+        the reply, so that its times and these are of one reading; read here by default."""
+        now, wall = read_clocks() if clocks is None else clocks
         if counters is None:
             counters = self.slots.counters
-        wall = time.time() - now
         waiting = waiting or {}
         links = {name: {**vars(stats), "active": 0, "waiting": waiting.get(name, 0)}
                  for name, stats in self.links.items()}

@@ -171,6 +171,10 @@ _TEXT = _kind("a line of text", _line)
 _BOOL = _kind("true or false", lambda value: isinstance(value, bool))
 _NUMBER = _kind("a number", _number)
 _COUNT = _kind("a count", lambda value: _number(value) and isinstance(value, int) and value >= 0)
+# A duration by the supervisor's monotonic clock (`uptime`, the metrics state's `age`).
+# Optional: older supervisors send none, and the wall clock is the fallback (_age).
+_AGE = _kind("a duration", lambda value: _number(value) and isinstance(value, int | float)
+             and value >= 0)
 _PID = _kind("a process id", lambda value: _number(value) and isinstance(value, int)
              and 0 < value <= PID_MAX)
 
@@ -219,7 +223,8 @@ def _object(required: dict[str, _Shape], optional: dict[str, _Shape] | None = No
 _LISTENER = _object({"link": _TEXT, "listen": _TEXT, "upstream": _TEXT},
                     {"port": _COUNT, "resolved": _list_of(_TEXT)})
 _METRICS = _nullable(_object({}, {"url": _TEXT, "state": _TEXT, "pid": _nullable(_PID),
-                                  "since": _nullable(_NUMBER), "restarts": _COUNT,
+                                  "since": _nullable(_NUMBER), "age": _nullable(_AGE),
+                                  "restarts": _COUNT,
                                   "last_exit": _nullable(_TEXT),
                                   "deaths_in_a_row": _COUNT,
                                   "retry_in": _nullable(_NUMBER)}))
@@ -236,7 +241,7 @@ _LISTENERS = _list_of(_LISTENER)
 _STATUS = _object(
     {"pid": _PID, "version": _TEXT, "started": _NUMBER, "stopping": _BOOL,
      "listeners": _LISTENERS, "links": _map_of(_LINK), "children": _list_of(_CHILD)},
-    {"ok": _BOOL, "max_children": _COUNT, "max_children_given": _BOOL,
+    {"ok": _BOOL, "uptime": _AGE, "max_children": _COUNT, "max_children_given": _BOOL,
      "memory_limit": _nullable(_COUNT), "memory_fit": _nullable(_COUNT),
      "pids_limit": _nullable(_COUNT), "pids_fit": _nullable(_COUNT), "metrics": _METRICS,
      "duration_buckets": _list_of(_NUMBER), "orphans_reaped": _COUNT},
@@ -485,6 +490,17 @@ def _ended(outcomes: dict[str, int]) -> str:
     return ", ".join(f"{outcome} {count}" for outcome, count in ranked if count) or "-"
 
 
+def _age(reply: dict[str, Any], age: str, since: str) -> float | None:
+    """Seconds since `reply[since]` (None without it): `reply[age]`, the supervisor's
+    reading of its monotonic clock; from a supervisor that sends none (older ones), the
+    wall clock's time since, not below 0 (a clock stepped back since made it negative)."""
+    if reply.get(age) is not None:
+        return float(reply[age])
+    if reply.get(since) is None:
+        return None
+    return max(0.0, time.time() - float(reply[since]))
+
+
 def describe_metrics(metrics: dict[str, Any] | None) -> str | None:
     """The metrics endpoint's state in words (None without --metrics), as
     `http://127.0.0.1:9090/metrics restarting for 3s (killed by SIGKILL), 1 restart`."""
@@ -497,9 +513,9 @@ def describe_metrics(metrics: dict[str, Any] | None) -> str | None:
     asked = "answers" in metrics
     shown = "running" if state == "up" and asked and metrics["answers"] is not True else state
     text = f"{metrics.get('url', '?')} {shown}"
-    since = metrics.get("since")
-    if since is not None and state != "starting":
-        text += f" for {max(0.0, time.time() - since):.0f}s"
+    age = _age(metrics, "age", "since")
+    if age is not None and state != "starting":
+        text += f" for {age:.0f}s"
     if shown == "running":
         reason = metrics.get("no_answer") or "not asked"
         text += (f", not answering ({reason})" if metrics["answers"] is False
@@ -554,7 +570,7 @@ def render(status: dict[str, Any]) -> str:
     links = status.get("links", {})
     lines = [
         f"forkproxy {status.get('version', '?')} pid {status.get('pid')}, "
-        f"up {time.time() - status.get('started', time.time()):.0f}s"
+        f"up {_age(status, 'uptime', 'started') or 0.0:.0f}s"
         + (", stopping" if status.get("stopping") else "")
         + _max_children(status)
     ]

@@ -36,6 +36,7 @@ from .accounting import (
     describe_status,
     failure_text,
     fallback_addresses,
+    read_clocks,
 )
 from .config import (
     MIN_RESOLVE_EVERY,
@@ -277,14 +278,16 @@ class Supervisor:
         self.metrics_pid = 0
         self.metrics_at: float | None = None  # when to (re)start the metrics process
         # For status and check: the endpoint's URL, when the process last started or went
-        # down (wall clock), how often it died and was started again, and how it last ended.
+        # down (monotonic, None before the first start: replies give its age, and the wall
+        # clock's time for it as read then), how often it died and was started again, and
+        # how it last ended.
         self.metrics_url = ""
-        self.metrics_since = 0.0
+        self.metrics_since: float | None = None
         self.metrics_restarts = 0
         self.metrics_exit = ""
         # Its deaths in a row (each but the first of a process that lived less than
         # METRICS_STEADY), which set the delay before the next start; when the first of
-        # them came (wall clock: `restarting for` counts from it, not from the last); and
+        # them came (monotonic: `restarting for` counts from it, not from the last); and
         # when the process last started (monotonic).
         self.metrics_deaths = 0
         self.metrics_down_since = 0.0
@@ -301,8 +304,8 @@ class Supervisor:
         self.resolver_due = 0.0  # when the last resolver was to look up (monotonic)
         self.resolve_pending = False  # asked again while one ran: start another after it
         self.resolve_failing: set[str] = set()  # links whose last lookup failed (log once)
-        self.started = time.time()
-        # The monotonic clock's, for `exited`: start, and the first stop signal (handle_stop).
+        # The monotonic clock's: start (`exited`'s uptime, status's `uptime` and `started`),
+        # and the first stop signal (handle_stop).
         self.began = time.monotonic()
         self.stop_began: float | None = None
         self.pid = os.getpid()  # also what a reporter child reports
@@ -437,8 +440,7 @@ class Supervisor:
             finally:
                 os._exit(127)
         self.metrics_pid = pid
-        self.metrics_since = time.time()
-        self.metrics_started = time.monotonic()
+        self.metrics_since = self.metrics_started = time.monotonic()
 
     def _open_control(self) -> control.ControlServer:
         path = self.options.status_socket
@@ -1087,7 +1089,7 @@ class Supervisor:
                     # files: not restarted, and its port closed, so scrapers are refused
                     # rather than left waiting, until forkproxy itself is restarted.
                     self.metrics_exit += f": {installed.ADVICE}, restart forkproxy"
-                    self.metrics_since = time.time()
+                    self.metrics_since = time.monotonic()
                     self._close_metrics_port()
                     continue
                 if not self.stopping:
@@ -1710,17 +1712,26 @@ class Supervisor:
             # and the process is restarted anyway. `check` prints the state (README).
             ok = not self.stopping and bool(self.listeners)
             return {"ok": ok, "stopping": self.stopping, "listeners": self._listener_table(),
-                    "metrics": self._metrics_state()}
+                    "metrics": self._metrics_state(read_clocks())}
         if command == "status":
             return None if self.answer_in_child(client) else self.status_reply()
         return {"ok": False, "error": f"unknown command {command!r}"}
 
     def status_reply(self, counters: memoryview | None = None) -> dict[str, object]:
+        # `uptime` is the monotonic clock's, as every duration in the reply: the wall
+        # clock's (time.time() - started) went negative, or a year long, when NTP or an
+        # operator stepped it. `started`, and every time of day in the reply, is derived
+        # from one reading of both clocks (accounting.read_clocks): a connection never
+        # starts before its supervisor, and a client that computes `now - started` (one of
+        # an older version) still gets the uptime.
+        clocks = read_clocks()
+        now, wall = clocks
         reply: dict[str, object] = {
             "ok": True,
             "pid": self.pid,
             "version": __version__,
-            "started": self.started,
+            "started": wall + self.began,
+            "uptime": now - self.began,
             "stopping": self.stopping,
             "max_children": self.options.max_children,
             "max_children_given": self.options.max_children_given,
@@ -1729,9 +1740,9 @@ class Supervisor:
             "pids_limit": self.options.pids_limit,
             "pids_fit": self.pids_fit(),
             "listeners": self._listener_table(),
-            "metrics": self._metrics_state(),
+            "metrics": self._metrics_state(clocks),
         }
-        reply.update(self.accounting.snapshot(self._held_per_link(), counters))
+        reply.update(self.accounting.snapshot(self._held_per_link(), counters, clocks))
         return reply
 
     def answer_in_child(self, client: socket.socket) -> bool:
@@ -1777,25 +1788,31 @@ class Supervisor:
         self.reporter_pids.append(pid)
         return pid
 
-    def _metrics_state(self) -> dict[str, object] | None:
+    def _metrics_state(self, clocks: tuple[float, float]) -> dict[str, object] | None:
         """The metrics endpoint (None without --metrics): `up` while its process runs,
         `restarting` from its death (or a failed fork) to the next start, `down` when it
         is not restarted (it died during a stop, or exited FILES_CHANGED, 78, after an
-        upgrade under the supervisor), `starting` before the first start."""
+        upgrade under the supervisor), `starting` before the first start. `since` and
+        `age`: when it entered that state, and how long ago (monotonic; `clocks` are
+        accounting.read_clocks()'s, for the time of day)."""
         if not self.metrics_url:
             return None
         if self.metrics_pid:
             state = "up"
         elif self.metrics_at is not None:
-            state = "restarting" if self.metrics_since else "starting"
+            state = "starting" if self.metrics_since is None else "restarting"
         else:
             state = "down"
         retry_in = None
+        now, wall = clocks
         if state == "restarting" and self.metrics_at is not None:
-            retry_in = round(max(0.0, self.metrics_at - time.monotonic()), 1)
+            retry_in = round(max(0.0, self.metrics_at - now), 1)
         deaths = 0 if self.metrics_pid and self._metrics_steady() else self.metrics_deaths
+        since = self.metrics_since
         return {"url": self.metrics_url, "state": state, "pid": self.metrics_pid or None,
-                "since": self.metrics_since or None, "restarts": self.metrics_restarts,
+                "since": None if since is None else wall + since,
+                "age": None if since is None else now - since,
+                "restarts": self.metrics_restarts,
                 "last_exit": self.metrics_exit or None, "deaths_in_a_row": deaths,
                 "retry_in": retry_in}
 
@@ -1810,7 +1827,7 @@ class Supervisor:
         if self._metrics_steady():
             self.metrics_deaths = 0  # it had lived long enough: a new run begins
         if not self.metrics_deaths:
-            self.metrics_down_since = time.time()
+            self.metrics_down_since = time.monotonic()
         self.metrics_deaths += 1
         self.metrics_since = self.metrics_down_since
 

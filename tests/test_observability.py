@@ -57,6 +57,7 @@ from conftest import (
     metrics_pid,
     need,
     poll,
+    read_lines,
     recv_all,
     wait_for,
 )
@@ -688,6 +689,138 @@ def test_a_reply_whose_text_would_print_as_two_lines_is_not_forkproxys(
     [line] = result.stderr.splitlines()
     assert "did not answer as a forkproxy status socket does" in line, line
     assert "not a line of text" in line, line
+
+
+# Another version's reply: no `uptime`, no metrics `age` (supervisors before they came),
+# or a new one's; the clients render either, and refuse an `uptime` that is no duration.
+def _reply_at(started: float, **more: Any) -> dict[str, Any]:
+    return {"pid": 7, "version": "0", "started": started, "stopping": False,
+            "listeners": [], "links": {}, "children": [], **more}
+
+
+def test_status_renders_durations_from_the_supervisors_clock_and_an_older_ones_from_the_wall(
+    tmp_path: Path, env: dict[str, str],
+) -> None:
+    """`up` was always the client's wall clock minus `started`: negative, or a year long,
+    after a step of the clock. A supervisor's `uptime` (and the metrics state's `age`) is
+    shown now, whatever `started` says; a reply without them (an older supervisor) falls
+    back to the wall clock, never below 0."""
+    metrics = {"url": "http://127.0.0.1:1/metrics", "state": "restarting", "pid": None,
+               "since": time.time() - 365 * 86400, "age": 3.0, "restarts": 1}
+    replies = {
+        "up 5s": _reply_at(time.time() + 3600, uptime=5.0, metrics=metrics),  # stepped back
+        "up 7s": _reply_at(time.time() - 365 * 86400, uptime=7.0),  # stepped forward
+        "up 0s": _reply_at(time.time() + 3600),  # an older supervisor, clock stepped back
+    }
+    for index, (expected, reply) in enumerate(replies.items()):
+        sock_path = tmp_path / f"{index}.sock"
+        with answering(sock_path, json.dumps(reply).encode()):
+            result = cli("status", "--status-socket", str(sock_path), env=env)
+        assert result.returncode == 0, result
+        lines = result.stdout.splitlines()
+        assert lines[0] == f"forkproxy 0 pid 7, {expected}", result.stdout
+        if "metrics" in reply:
+            assert lines[1] == f"metrics {metrics['url']} restarting for 3s, 1 restart"
+    # An older supervisor's, on a clock not stepped: the wall clock's time since, as before.
+    before = time.time()
+    with answering(tmp_path / "old.sock", json.dumps(_reply_at(before - 1000)).encode()):
+        result = cli("status", "--status-socket", str(tmp_path / "old.sock"), env=env)
+    after = time.time()
+    match = re.fullmatch(r"forkproxy 0 pid 7, up (\d+)s", result.stdout.splitlines()[0])
+    assert match and 1000 <= int(match[1]) <= after - before + 1001, result.stdout
+    old = {key: value for key, value in metrics.items() if key != "age"}
+    line = fp_status.describe_metrics({**old, "since": after - 1000})
+    assert line is not None
+    match = re.fullmatch(r"\S+ restarting for (\d+)s, 1 restart", line)
+    assert match and 1000 <= int(match[1]) <= time.time() - after + 1001, line
+    for bad in (-1, "5", None):
+        sock_path = tmp_path / "bad.sock"
+        with answering(sock_path, json.dumps(_reply_at(before, uptime=bad)).encode()):
+            result = cli("status", "--status-socket", str(sock_path), env=env)
+        assert result.returncode == 1, result
+        assert "(uptime is not a duration)" in result.stderr, result.stderr
+        sock_path.unlink()
+
+
+# A supervisor whose wall clock is the real one moved by the seconds in a file, which the
+# test changes: a step of the clock, by NTP or by hand (only time.time() reads it here;
+# the monotonic clock is left alone, as a step leaves it).
+_STEPPED_SUPERVISOR = """
+import sys, time
+sys.path.insert(0, sys.argv[1])
+real_time = time.time
+def stepped():
+    with open(sys.argv[2]) as offset:
+        return real_time() + float(offset.read())
+time.time = stepped
+from forkproxy.config import Options, Sources
+from forkproxy.log import Logger
+from forkproxy.supervisor import Supervisor
+options = Options(metrics="127.0.0.1:0", status_socket=sys.argv[3])
+sys.exit(Supervisor(Sources((sys.argv[4],), options=options), {}, Logger(fd=2)).run())
+"""
+
+
+@pytest.mark.parametrize("step", [-3600, 365 * 86400], ids=["back-1h", "forward-1y"])
+def test_status_durations_and_times_survive_a_step_of_the_wall_clock(
+    step: int, tcp_server: ServerFactory, short_dir: Path, tmp_path: Path,
+    env: dict[str, str],
+) -> None:
+    """`up` and the metrics line's `for` were the wall clock's time since the supervisor's
+    `started` and the metrics state's `since`, both read at the event: after the clock was
+    stepped back 1 h, `up -3599s`; forward a year (NTP correcting a container's clock after
+    forkproxy started), `up 31536005s` and `up for 31536005s`. And in `--json` a child's
+    `started` was derived at the reply while the supervisor's stayed as read at its start:
+    after a step back, a connection began an hour before its supervisor. Durations are the
+    supervisor's monotonic clock's now (`uptime`, `age`), and every time of day in a reply
+    is derived from one reading of both clocks, on the clock as it reads now."""
+    server = tcp_server(echo)
+    offset = tmp_path / "offset"
+    offset.write_text(str(-step))  # the clock before the step
+    sock_path = short_dir / "s.sock"
+    root = str(Path(fp_status.__file__).resolve().parent.parent)
+    born = time.monotonic()
+    with (tmp_path / "proxy.log").open("w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _STEPPED_SUPERVISOR, root, str(offset), str(sock_path),
+             f"127.0.0.1:0=127.0.0.1:{server.port}"],
+            stdout=subprocess.PIPE, stderr=err, text=True, env=env, start_new_session=True)
+    proxy = Proxy(proc, [], tmp_path / "proxy.log")
+    try:
+        proxy.lines = read_lines(proc, 2, DEADLINE)
+        url = metrics_url(proxy)
+        assert "forkproxy_up 1.0" in scrape(url)
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=30) as held:
+            held.sendall(b"x")
+            assert recv_exact(held, 1) == b"x"  # its child forked before the step
+            offset.write_text("0")  # stepped: now the test's clock, and status's
+            before = time.time()
+            result = cli("status", "--status-socket", str(sock_path), env=env)
+            reply = status_json(sock_path, env)
+            after, elapsed = time.time(), time.monotonic() - born
+        assert result.returncode == 0, result
+        lines = result.stdout.splitlines()
+        match = re.fullmatch(r"forkproxy \S+ pid \d+, up (-?\d+)s, .*", lines[0])
+        assert match and 0 <= int(match[1]) <= elapsed + 1, lines[0]
+        match = re.fullmatch(rf"metrics {re.escape(url)} (?:up|running) for (-?\d+)s.*",
+                             lines[1])
+        assert match and 0 <= int(match[1]) <= elapsed + 1, lines[1]
+        assert 0 <= reply["uptime"] <= elapsed, reply
+        # One reading: the reply's moment is the same for every time and its duration,
+        # and it is now on the clock as stepped (not the hour or year off it was at start).
+        moment = reply["started"] + reply["uptime"]
+        assert before - 1 <= moment <= after + 1, (before, reply["started"], after)
+        [child] = reply["children"]
+        assert child["started"] >= reply["started"], (child, reply["started"])
+        assert child["started"] + child["age"] == pytest.approx(moment, abs=1e-3), child
+        metrics = reply["metrics"]
+        assert 0 <= metrics["age"] <= elapsed, metrics
+        assert metrics["since"] + metrics["age"] == pytest.approx(moment, abs=1e-3), metrics
+        assert proxy.stop() == 0
+    finally:
+        kill_group(proc)
+        assert proc.stdout is not None
+        proc.stdout.close()
 
 
 def test_a_client_out_of_descriptors_says_it_got_no_answer(
@@ -2644,7 +2777,7 @@ def test_status_says_up_only_for_a_metrics_endpoint_that_answers(
     state = json.loads(result.stdout)["metrics"]
     assert state["state"] == "up" and state["answers"] is None, state
     assert state["no_answer"] == "not asked: in another network namespace, or cannot tell"
-    assert fp_status.describe_metrics({**state, "since": None}) == (
+    assert fp_status.describe_metrics({**state, "since": None, "age": None}) == (
         f"{url} running (not asked: in another network namespace, or cannot tell), 0 restarts")
 
 
