@@ -1812,6 +1812,8 @@ def test_the_metrics_process_holds_no_descriptor_the_launcher_leaked(
     assert os.readlink(f"/proc/{proxy.pid}/fd/50") == str(leaked)  # the launcher did leak it
     assert wait_for(lambda: metrics_pid(proxy.pid) != 0)
     pid = metrics_pid(proxy.pid)
+    # Past its start: just after the exec, site was still reading a .pth file (fd 3).
+    assert "forkproxy_up 1.0" in scrape(metrics_url(proxy))
     held = {int(fd): os.readlink(f"/proc/{pid}/fd/{fd}")
             for fd in os.listdir(f"/proc/{pid}/fd")}
     assert str(leaked) not in held.values(), held
