@@ -648,15 +648,16 @@ def parse_env_file(text: str, path: str) -> dict[str, str]:
         if not line or line.startswith("#"):
             continue
         key, sep, value = line.partition("=")
-        if not sep:
-            continue  # `KEY` alone means "copy from the host" to Docker: not a link definition
         # Docker refuses only an empty name or one with a space or a tab in it: a file it
         # takes (`2FA_SECRET=...` beside the links) is taken here too; a name that is no
-        # link variable is never used, so never reaches anything.
+        # link variable is never used, so never reaches anything. Checked before the '=',
+        # as Docker does: a line of prose or a half-deleted one is refused, not skipped.
         if not key or " " in key or "\t" in key:
             raise ConfigError(f"env file {path!r}, line {number}: bad variable name "
                               f"{quoted(key)}")
-        result[key] = value
+        if sep:
+            result[key] = value
+        # else `KEY` alone: "copy from the host" to Docker, not a link definition
     return result
 
 

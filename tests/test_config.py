@@ -350,7 +350,10 @@ def test_env_file_syntax() -> None:
     assert [str(link.target) for link in table.links] == ["10.0.0.5:6379"]
     with pytest.raises(ConfigError, match=r"env file 'links.env', line 2: bad variable name"):
         parse_env_file("# ok\nBAD NAME=1\n", "links.env")
-    for refused in ("=1", "TAB\tNAME=1", "TRAILING =1"):  # what Docker refuses too
+    # What Docker refuses too; with no '=' as well (Docker checks the name first): a line
+    # of prose, or one half deleted, was skipped without a word, and a reload "succeeded".
+    for refused in ("=1", "TAB\tNAME=1", "TRAILING =1", "garbage line without equals",
+                    "A_PORT_1_TCP tcp://10.0.0.5:1", "FROM_HOST\t"):
         with pytest.raises(ConfigError, match=r"line 1: bad variable name"):
             parse_env_file(refused + "\n", "links.env")
     # What Docker takes, this takes: names that are no shell's (a file shared with the
