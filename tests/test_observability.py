@@ -1074,8 +1074,8 @@ def test_the_clients_read_a_real_supervisors_replies_in_every_state(
     server = tcp_server(echo)
     sock_path = tmp_path / "status.sock"
     env_file = tmp_path / "links.env"
-    proxy, url = env_file_proxy(start_proxy, env_file, sock_path, env,
-                                {"A_PORT_1_TCP": server.port})
+    link = f"A_PORT_{free_port()}_TCP"  # not a fixed port: whatever else runs may hold it
+    proxy, url = env_file_proxy(start_proxy, env_file, sock_path, env, {link: server.port})
     args = ("--status-socket", str(sock_path))
     with socket.create_connection(("127.0.0.1", listen_ports(proxy)[0]), timeout=30) as client:
         client.sendall(b"ping")
@@ -1084,13 +1084,13 @@ def test_the_clients_read_a_real_supervisors_replies_in_every_state(
         assert len(reply["children"]) == 1 and reply["children"][0]["rss"], reply
         assert reply["metrics"]["state"] == "up", reply
         result = cli("status", *args, env=env)
-        assert result.returncode == 0 and "A_PORT_1_TCP" in result.stdout, result
+        assert result.returncode == 0 and link in result.stdout, result
         result = cli("check", *args, env=env)
         assert (result.returncode, result.stdout) == (0, "ok: 1 listener(s)\n"), result
         result = cli("reload", *args, env=env)
         assert result.returncode == 0 and result.stdout.startswith("listening "), result
         assert "forkproxy_up 1.0" in scrape(url)  # the metrics process reads it too
-        env_file.write_text("A_PORT_1_TCP=tcp://127.0.0.1:http\n")
+        env_file.write_text(f"{link}=tcp://127.0.0.1:http\n")
         result = cli("reload", *args, env=env)
         assert result.returncode == 1, result
         assert result.stderr.startswith("forkproxy: reload failed, previous configuration "
