@@ -33,6 +33,8 @@ FAILED_ADDRESS = 4
 CONNECTED_ADDRESS = 6
 SCOPES = 8
 _ZEROED_SLOT = memoryview(bytes(8 * FIELDS)).cast("Q")
+
+
 def read_clocks() -> tuple[float, float]:
     """The monotonic clock now, and the wall clock's lead over it now: what turns a
     monotonic time into Unix time as the wall clock reads at this moment.
