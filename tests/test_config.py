@@ -629,6 +629,20 @@ _BINDS = ["0.0.0.0", "::", "127.0.0.1", "127.0.0.2", "::1", "fd00::1", "::ffff:1
           "::ffff:0.0.0.0", "fe80::1%eth0"]
 
 
+@pytest.mark.parametrize("second", ["1=10.0.0.6:1", "127.0.0.1:1=10.0.0.5:1"])
+def test_a_clash_of_long_names_is_one_short_line(second: str) -> None:
+    """A link's name went into the clash's line whole: 3,000 characters of a SPEC, or
+    every alias of a port (a file may hold thousands). Each is shortened as input is."""
+    long_spec = "0" * 3000 + "1=10.0.0.5:1"
+    aliases = [Link("0.0.0.0", 1, Endpoint("10.0.0.5", 1), (f"A{i}_PORT_1_TCP",))
+               for i in range(500)]
+    for links in ([parse_spec(long_spec)], aliases):
+        with pytest.raises(ConfigError) as caught:
+            merge_links([*links, parse_spec(second)])
+        assert len(str(caught.value)) < 300, str(caught.value)
+        assert "..." in str(caught.value)
+
+
 @settings(max_examples=1000)
 @given(st.lists(st.tuples(st.sampled_from(_BINDS), st.integers(0, 3), st.integers(1, 2),
                           st.integers(0, 12)), max_size=12))
