@@ -700,6 +700,8 @@ def reload_command(
         # reload runs: --pid-file goes over it, as any flag goes over a variable.
         fail("--pid-file and --status-socket: give one or the other (--pid-file sends "
              "SIGHUP, --status-socket asks the socket and reports the outcome)")
+    if pid_file == "":  # bad input (exit 2), as `--status-socket ''` is, not a failed read
+        fail("--pid-file '': an empty path")
     if pid_file is not None:  # asked for on the command line: it wins over the variable
         try:
             pid = _signal_supervisor(pid_file)

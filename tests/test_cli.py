@@ -1706,6 +1706,12 @@ def test_a_status_socket_path_no_socket_can_have_is_bad_input_for_the_clients(
     assert_one_line_error(run(command, *args, env=env), *needles)
 
 
+def test_an_empty_pid_file_path_is_bad_input_for_reload() -> None:
+    """`reload --pid-file ''` said "cannot reload: cannot read ''" and exited 1, the status
+    of a supervisor not found, where `--status-socket ''` is bad input (exit 2)."""
+    assert_one_line_error(run("reload", "--pid-file", ""), "--pid-file '': an empty path")
+
+
 @pytest.mark.parametrize("command", ["status", "check", "reload"])
 def test_a_status_socket_path_that_is_not_a_socket_is_bad_input_for_the_clients(
     tmp_path: Path, command: str
