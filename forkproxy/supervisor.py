@@ -100,6 +100,9 @@ POLLIN, POLLOUT = select.POLLIN, select.POLLOUT
 
 
 MAX_ENV_FILE = 1 << 20  # bytes (characters, as read): see read_links
+# The most a file already at --pid-file may hold to be taken over: a PID (7 digits at
+# most) with room for whitespace around it. See Supervisor._write_pid_file.
+MAX_PID_FILE = 32  # bytes
 
 
 def read_links(sources: Sources, environ: Mapping[str, str]) -> LinkTable:
@@ -472,19 +475,21 @@ class Supervisor:
         return server
 
     def _write_pid_file(self) -> None:
-        """Our PID in --pid-file: a regular file, or none yet. Never waited on (a FIFO
-        given by mistake would hold the start up, the ports bound and nothing served),
-        and never left behind empty when the write fails (a full disk)."""
+        """Our PID in --pid-file: a regular file, none yet, or one that holds nothing but
+        a PID (stale or not) or nothing at all. Never waited on (a FIFO given by mistake
+        would hold the start up, the ports bound and nothing served), and never left
+        behind empty when the write fails (a full disk)."""
         path = self.options.pid_file
         if path is None:
             return
         try:
-            # O_NONBLOCK: a FIFO without a reader fails (ENXIO) instead of waiting for one.
+            # O_NONBLOCK: a FIFO is opened without waiting for a writer, and refused below.
+            # O_RDWR: what is there is read before anything is written (below).
             # 0o644: a pid file that anyone could write could name any process to `reload`.
             # O_NOFOLLOW: we may be root, in a directory another user can write to (/tmp,
             # a service's run directory): a link planted at the path would have us empty
             # and write whatever file it names.
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NONBLOCK | os.O_CLOEXEC
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NONBLOCK | os.O_CLOEXEC
                          | os.O_NOFOLLOW, 0o644)
         except OSError as exc:
             reason = "not a regular file" if exc.errno == errno.ENXIO else exc.strerror
@@ -492,6 +497,7 @@ class Supervisor:
             if os.path.islink(path):
                 reason = "a symbolic link (give the path it points to)"
             raise ConfigError(f"--pid-file {path!r}: {reason}") from None
+        removable = False  # after a failure: only once it holds no one's PID
         try:
             found = os.fstat(fd)
             if not stat.S_ISREG(found.st_mode):
@@ -509,17 +515,30 @@ class Supervisor:
                                   f"by this user ({os.geteuid()})")
             if found.st_nlink > 1:
                 raise ConfigError(f"--pid-file {path!r}: it has other names (hard links)")
+            # A file already there is written over only if it is a pid file: empty, or a
+            # PID and whitespace (a stale one, or a supervisor's that this one takes over,
+            # as its stop then leaves it). Anything else is a file the flag (or the
+            # variable) named by mistake, `--pid-file notes.txt` for `--env-file`, or
+            # /etc/passwd as root: emptied and then removed at the stop, it was lost.
+            held = os.pread(fd, MAX_PID_FILE + 1, 0)  # at 0: the write below starts there
+            pid = held.strip()  # ASCII whitespace; isdigit(): ASCII digits only
+            if len(held) > MAX_PID_FILE or (pid and not pid.isdigit()):
+                raise ConfigError(f"--pid-file {path!r}: it holds something other than a "
+                                  "process id: not a pid file, left as it was")
+            removable = not pid  # empty already: nothing lost
             if found.st_mode & 0o022:
                 os.fchmod(fd, stat.S_IMODE(found.st_mode) & ~0o022)  # as above: 0o644 at most
             os.ftruncate(fd, 0)
+            removable = True
             text = f"{os.getpid()}\n".encode()
-            if os.write(fd, text) != len(text):
+            if os.pwrite(fd, text, 0) != len(text):
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         except OSError as exc:
-            try:
-                os.unlink(path)  # emptied above: no one's PID any more
-            except OSError:
-                pass
+            if removable:
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
             raise ConfigError(f"--pid-file {path!r}: {exc.strerror}") from None
         finally:
             os.close(fd)

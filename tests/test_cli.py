@@ -647,6 +647,59 @@ def test_a_pid_file_that_is_dev_null_is_refused_and_left_as_it_was(tmp_path: Pat
     assert device.stat().st_size == 0
 
 
+@pytest.mark.parametrize("given", ["flag", "variable"])
+@pytest.mark.parametrize("content", [
+    b"precious\n",  # `--pid-file notes.txt`, the file a typo named
+    b"root:x:0:0:root:/root:/bin/bash\n",  # /etc/passwd, as root
+    b"123\nnotes\n", b"12 34\n", b"-1\n", b"0x1f\n", "\u0661\u0662\n".encode(),  # not a PID
+    b"1" * 33,  # digits, but more than a pid file holds
+], ids=["text", "passwd", "pid-and-more", "two-numbers", "negative", "hex", "arabic-digits",
+        "33-digits"])
+def test_an_existing_file_that_is_not_a_pid_file_is_refused_and_left_as_it_was(
+    tmp_path: Path, content: bytes, given: str
+) -> None:
+    """Any file of this user's at --pid-file was emptied, given the PID, and removed at
+    the stop: `--pid-file notes.txt` (typed for --env-file) lost the notes, and as root
+    `--pid-file /etc/passwd` lost the system's users. Only an empty file or one holding
+    a PID is taken over now (the next test); anything else is refused at the start."""
+    pid_file, runtime = tmp_path / "notes.txt", tmp_path / "runtime"
+    pid_file.write_bytes(content)
+    pid_file.chmod(0o664)  # a mode a pid file is not given: not changed either
+    before = pid_file.stat()
+    runtime.mkdir(mode=0o700)
+    port = free_port()
+    args, env = ["--pid-file", str(pid_file)], {"XDG_RUNTIME_DIR": str(runtime)}
+    if given == "variable":
+        args, env = [], {**env, "FORKPROXY_PID_FILE": str(pid_file)}
+    result = run("serve", *args, f"127.0.0.1:{port}=127.0.0.1:1", env=env, timeout=10)
+    named = "--pid-file" if given == "flag" else "FORKPROXY_PID_FILE (--pid-file)"
+    assert_one_line_error(result, f"{named} '{pid_file}': it holds something other than a "
+                                  "process id")
+    assert_not_listening(port)
+    assert list((runtime / "forkproxy").iterdir()) == []  # its control socket went with it
+    assert pid_file.read_bytes() == content
+    after = pid_file.stat()
+    assert (after.st_mode, after.st_mtime_ns, after.st_ino) == \
+        (before.st_mode, before.st_mtime_ns, before.st_ino)
+
+
+@pytest.mark.parametrize("content", [
+    b"", b"\n", b"4194304\n",  # empty, blank, stale (beyond the kernel's pid_max)
+    b"  4194304 \r\n", b"4194304" + b" " * 24 + b"\n",  # whitespace around it, 32 bytes
+], ids=["empty", "blank", "stale", "whitespace", "32-bytes"])
+def test_an_empty_or_stale_pid_file_is_taken_over_and_removed_at_the_stop(
+    tmp_path: Path, start_proxy: Callable[..., Proxy], content: bytes
+) -> None:
+    """What is refused above must not be what a pid file left by a previous run holds:
+    that one is written over with our PID, and removed at the stop."""
+    pid_file = tmp_path / "proxy.pid"
+    pid_file.write_bytes(content)
+    proxy = start_proxy("--pid-file", str(pid_file), "127.0.0.1:0=127.0.0.1:1")
+    assert wait_for(lambda: pid_file.read_bytes() == f"{proxy.pid}\n".encode())
+    assert proxy.stop() == 0
+    assert not pid_file.exists()
+
+
 def test_a_start_that_fails_after_binding_metrics_has_freed_the_port_before_its_error_line(
     tmp_path: Path,
 ) -> None:
