@@ -412,7 +412,15 @@ def _check_zone(text: str, what: str) -> None:
     _, sep, zone = text.partition("%")
     if sep and not _ZONE.match(zone):
         raise ConfigError(f"{what}: {quoted(text)} has a bad IPv6 zone (an interface name)")
-    if not sep and ipaddress.IPv6Address(text).is_link_local:
+    link_local = ipaddress.IPv6Address(text).is_link_local
+    if sep and not link_local:
+        # Linux ignores a scope id on any other address, in bind() and connect() alike
+        # (even one of no interface): `[::1%lo]` would listen on, or connect to, ::1 on
+        # whatever interface, and a target's named zone (%lo) getaddrinfo does not even
+        # parse there, failing every connection. Said now, for binds and targets alike.
+        raise ConfigError(f"{what}: {quoted(text)} is not link-local (fe80::/10), the only "
+                          f"addresses a zone applies to: drop the '%{zone}'")
+    if not sep and link_local:
         # Linux refuses to bind or connect to one without its interface (EINVAL): say so
         # now rather than "Invalid argument" at start, or at every connection.
         raise ConfigError(f"{what}: {quoted(text)} is link-local: it needs a zone, "

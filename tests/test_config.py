@@ -693,6 +693,32 @@ def test_metrics_on_a_listeners_port_is_refused_by_name(
         check_metrics_port(metrics, links)
 
 
+# Global, unique local, loopback, unspecified and IPv4-mapped: no address but fe80::/10
+# takes a zone (as the fuzzing that found `[::1%lo]` tried them, with names and an index).
+_NOT_LINK_LOCAL = ["2001:db8::1", "fd00::5", "::1", "::", "::ffff:198.18.0.5"]
+
+
+@pytest.mark.parametrize("zone", ["lo", "eth0", "ifb0", "1"])
+@pytest.mark.parametrize("address", _NOT_LINK_LOCAL)
+def test_a_zone_on_an_address_that_is_not_link_local_is_refused(address: str, zone: str) -> None:
+    """`0=[::1%lo]:6379` started, and every connection failed: getaddrinfo parses a zone
+    name only on a link-local address ("Name or service not known"). And Linux ignores a
+    scope id on any other, so `[::1%1]` and `[::1%lo]:7000` (a listener) meant nothing
+    but ::1, which overlapped `[::1]:7000` unseen. A zone is for fe80::/10 alone."""
+    host = f"{address}%{zone}"
+    refused = (f"{config.quoted(host)} is not link-local (fe80::/10), the only addresses a "
+               f"zone applies to: drop the '%{zone}'")
+    for spec in (f"0=[{host}]:6379", f"[{host}]:7000=127.0.0.1:6379"):
+        with pytest.raises(ConfigError, match=f"^{re.escape(f'SPEC {spec!r}: {refused}')}$"):
+            build_links([spec])
+    with pytest.raises(ConfigError, match=f"^{re.escape(f'--bind {host!r}: {refused}')}$"):
+        parse_link_bind(host)
+    with pytest.raises(ConfigError, match=re.escape(f"variable A_PORT_1_TCP: {refused}")):
+        build_links([], {"A_PORT_1_TCP": f"tcp://[{host}]:1"})
+    with pytest.raises(ConfigError, match=re.escape(f"--metrics '[{host}]:0': {refused}")):
+        check_metrics_port(f"[{host}]:0", [])
+
+
 def test_a_dotted_link_alias_is_a_link() -> None:
     """`docker run --link db:app.db` exports APP.DB_PORT_5432_TCP (Docker keeps the dot);
     it was skipped without a word."""

@@ -155,6 +155,35 @@ def test_a_target_or_listen_zone_naming_no_interface_is_one_line_from_serve_and_
                f"(for {spec})\n")
 
 
+@pytest.mark.parametrize("command", ["serve", "links"])
+@pytest.mark.parametrize(
+    ("specs", "refused"),
+    [
+        (["1=[::1%lo]:6379"], "SPEC '1=[::1%lo]:6379': '::1%lo'"),
+        (["0=[2001:db8::1%1]:6379"], "SPEC '0=[2001:db8::1%1]:6379': '2001:db8::1%1'"),
+        (["[::1%lo]:7000=127.0.0.1:1", "[::1]:7000=127.0.0.1:2"],
+         "SPEC '[::1%lo]:7000=127.0.0.1:1': '::1%lo'"),
+    ],
+    ids=["named-target", "index-target", "listener"],
+)
+def test_a_zone_on_an_address_that_is_not_link_local_is_one_line_and_exit_2(
+    tmp_path: Path, command: str, specs: list[str], refused: str
+) -> None:
+    """`1=[::1%lo]:6379` started, and every client got EOF: getaddrinfo takes a zone name
+    only on a link-local address (`resolve-failed ... "Name or service not known"`). And
+    Linux ignores a scope id on any other address, so `[::1%lo]:7000` was `links`' fine
+    beside `[::1]:7000`, where `serve` then failed with "address already in use"."""
+    zone = refused.rsplit("%", 1)[1].rstrip("'")
+    result = subprocess.run(
+        [FORKPROXY, command, *specs, *(["--status-socket", str(tmp_path / "s.sock")]
+                                       if command == "serve" else [])],
+        capture_output=True, text=True, timeout=30, check=False,
+    )
+    assert (result.returncode, result.stdout, result.stderr) == (
+        2, "", f"forkproxy: error: {refused} is not link-local (fe80::/10), the only "
+               f"addresses a zone applies to: drop the '%{zone}'\n")
+
+
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
