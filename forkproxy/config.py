@@ -13,7 +13,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import sys
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from .control import MAX_CLIENTS
 
@@ -759,17 +759,12 @@ def _first_overlap_on_port(links: Sequence[Link], indexes: list[int]) -> tuple[i
     return None
 
 
-def check_metrics_port(metrics: str | None, links: Iterable[Link],
-                       zone_named: Callable[[str, str], str] | None = None) -> None:
+def check_metrics_port(metrics: str | None, links: Iterable[Link]) -> None:
     """ConfigError when --metrics would listen where a link does: bind() would say
-    "address already in use", as if another program held the port. `zone_named`: as
-    build_links's `zones`, for the metrics address (host, what -> host)."""
+    "address already in use", as if another program held the port."""
     if metrics is None:
         return
     host, port = parse_metrics_address(metrics)
-    if zone_named is not None and "%" in host:
-        what = f"--metrics {quoted(metrics)}: cannot listen on {join_host_port(host, port)}"
-        host = zone_named(host, what)
     for link in links:
         if port and link.port == port and _overlap(host, link.bind):
             raise ConfigError(f"--metrics {quoted(metrics)}: port {port} is bound twice: the "
@@ -801,13 +796,10 @@ def build_links(
     environ: Mapping[str, str] | None = None,
     env_file: tuple[str, str] | None = None,
     bind: str = ANY_IPV4,
-    zones: Callable[[Link], Link] | None = None,
 ) -> LinkTable:
     """All link sources together. `environ`: the environment when --from-env;
     `env_file`: (path, text) of an --env-file; `bind`: where link variables, and SPECs
-    without a BIND_ADDR, listen; `zones`: each link with its IPv6 zones written one way
-    for each interface (listeners.name_zones: that is I/O, which parsing does none of),
-    before the links are compared (%1 and %lo are one interface).
+    without a BIND_ADDR, listen.
 
     A variable both set is the env file's: the file is what a reload reads again, so it
     is how a link the environment gave (a `--link`, fixed for the container's life) is
@@ -833,8 +825,6 @@ def build_links(
         found, warned = links_from_env(from_file, origin=path, bind=bind)
         links += found
         warnings += warned
-    if zones is not None:
-        links = [zones(link) for link in links]
     merged = merge_links(links)
     if not merged:
         sources = []

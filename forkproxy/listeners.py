@@ -174,46 +174,26 @@ def listen_tcp(host: str, port: int, backlog: int = BACKLOG) -> socket.socket:
 def zone_scope(host: str, what: str) -> int:
     """The index of the interface the IPv6 zone of `host` (fe80::1%eth0) names, by name
     or by index; ConfigError "`what`: no interface ..." when there is none."""
-    return _interface(host, what)[0]
-
-
-def _interface(host: str, what: str) -> tuple[int, str]:
-    """The index and the name of the interface the IPv6 zone of `host` names."""
     zone = host.partition("%")[2]
     try:
-        index = int(zone) if zone.isdigit() else socket.if_nametoindex(zone)
-        # The name an index has, or the name an alternative one stands for (`ip link
-        # property add ... altname`): what `ip link` shows.
-        return index, socket.if_indextoname(index)
+        name = socket.if_indextoname(int(zone)) if zone.isdigit() else zone
+        return socket.if_nametoindex(name)
     except (OSError, OverflowError):  # OverflowError: an index past an int
         raise ConfigError(f"{what}: no interface {zone!r} on this host") from None
 
 
-def zone_named(host: str, what: str) -> str:
-    """`host` with its IPv6 zone, if any, written as its interface's name: fe80::1%1,
-    %01 and %lo are one address, which only the kernel's index tells, and compared as
-    text they were three (config.merge_links neither merged nor refused two listeners on
-    them, and bind() then said "address already in use"). ConfigError as zone_scope."""
-    if "%" not in host:
-        return host
-    return f"{host.partition('%')[0]}%{_interface(host, what)[1]}"
-
-
-def name_zones(link: Link) -> Link:
-    """`link` with the IPv6 zones of its address and its target's written as their
-    interfaces' names (zone_named), before config.merge_links compares the links.
-
-    ConfigError for a zone that names no interface here: a listener's (bind() would
-    refuse it; checked here too, so that `links`, which binds nothing, says so as `serve`
-    does), or a target's (getaddrinfo cannot parse it: every connect would fail)."""
-    if "%" not in link.bind and "%" not in link.target.host:
-        return link
-    try:
-        bind = zone_named(link.bind, f"cannot listen on {join_host_port(link.bind, link.port)}")
-        host = zone_named(link.target.host, f"cannot connect to {link.target}")
-    except ConfigError as exc:
-        raise ConfigError(f"{exc} (for {link.name})") from None
-    return link.replace(bind=bind, target=link.target.replace(host=host))
+def check_zones(links: Iterable[Link]) -> None:
+    """ConfigError for an IPv6 zone that names no interface here: a listener's (bind()
+    would refuse it; checked here too, so that `links`, which binds nothing, says so as
+    `serve` does), or a target's (getaddrinfo cannot parse it: every connect would fail)."""
+    for link in links:
+        try:
+            if "%" in link.bind:
+                zone_scope(link.bind, f"cannot listen on {join_host_port(link.bind, link.port)}")
+            if "%" in link.target.host and not link.target.is_name:
+                zone_scope(link.target.host, f"cannot connect to {link.target}")
+        except ConfigError as exc:
+            raise ConfigError(f"{exc} (for {link.name})") from None
 
 
 def bind(link: Link) -> Listener:

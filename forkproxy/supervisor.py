@@ -107,7 +107,7 @@ MAX_PID_FILE = 32  # bytes
 
 def read_links(sources: Sources, environ: Mapping[str, str]) -> LinkTable:
     """Read every source the configuration names and parse; the I/O: the env file, and the
-    interfaces that IPv6 zones name."""
+    interfaces that targets' IPv6 zones name."""
     env_file = None
     if sources.env_file is not None:
         path = sources.env_file
@@ -134,12 +134,10 @@ def read_links(sources: Sources, environ: Mapping[str, str]) -> LinkTable:
         except (OSError, UnicodeDecodeError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
             raise ConfigError(f"cannot read env file {path!r}: {reason}") from None
-    # listeners.name_zones: a zone naming no interface is an error, and each is written
-    # as its interface's name before the links are compared (%1 and %lo are one).
     table = build_links(sources.specs, environ if sources.from_env else None, env_file,
-                        sources.bind, listeners.name_zones)
-    # At start and at each reload.
-    check_metrics_port(sources.options.metrics, table.links, listeners.zone_named)
+                        sources.bind)
+    check_metrics_port(sources.options.metrics, table.links)  # at start and at each reload
+    listeners.check_zones(table.links)
     return table
 
 

@@ -719,32 +719,6 @@ def test_a_zone_on_an_address_that_is_not_link_local_is_refused(address: str, zo
         check_metrics_port(f"[{host}]:0", [])
 
 
-def test_zones_are_compared_as_the_caller_writes_them() -> None:
-    """build_links and check_metrics_port compare zones as `zones`/`zone_named` (the
-    supervisor's listeners.name_zones, which asks the kernel) write them: %1 and %lo
-    named one interface, compared as text they were two addresses, and `serve` then
-    failed at bind() with "address already in use"."""
-    def named(host: str, what: str = "") -> str:
-        return host.replace("%1", "%lo").replace("%01", "%lo")
-
-    def zones(link: Link) -> Link:
-        return link.replace(bind=named(link.bind),
-                            target=link.target.replace(host=named(link.target.host)))
-
-    [link] = build_links(["[fe80::1%lo]:7000=[fe80::2%1]:1", "[fe80::1%01]:7000=[fe80::2%lo]:1"],
-                         zones=zones).links
-    assert (link.bind, str(link.target)) == ("fe80::1%lo", "[fe80::2%lo]:1")
-    assert link.names == ("[fe80::1%lo]:7000=[fe80::2%1]:1", "[fe80::1%01]:7000=[fe80::2%lo]:1")
-    with pytest.raises(ConfigError, match=r"^port 7000 is linked twice to different targets"):
-        build_links(["[fe80::1%lo]:7000=127.0.0.1:1", "[fe80::1%1]:7000=127.0.0.1:2"],
-                    zones=zones)
-    links = build_links(["[fe80::1%lo]:7000=127.0.0.1:1"], zones=zones).links
-    refused = "--metrics '[fe80::1%1]:7000': port 7000 is bound twice"
-    with pytest.raises(ConfigError, match=f"^{re.escape(refused)}"):
-        check_metrics_port("[fe80::1%1]:7000", links, named)
-    check_metrics_port("[fe80::1%2]:7000", links, named)  # another interface
-
-
 def test_a_dotted_link_alias_is_a_link() -> None:
     """`docker run --link db:app.db` exports APP.DB_PORT_5432_TCP (Docker keeps the dot);
     it was skipped without a word."""

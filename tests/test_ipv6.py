@@ -185,59 +185,6 @@ def test_a_zone_on_an_address_that_is_not_link_local_is_one_line_and_exit_2(
 
 
 @pytest.mark.parametrize(
-    ("specs", "expected"),
-    [
-        # One listener named two ways, to one target also named two ways: one link.
-        (["[fe80::1%lo]:7000=[fe80::2%1]:1", "[fe80::1%01]:7000=[fe80::2%lo]:1"],
-         (0, "listen [fe80::1%lo]:7000 -> [fe80::2%lo]:1 ([fe80::1%lo]:7000=[fe80::2%1]:1,"
-             "[fe80::1%01]:7000=[fe80::2%lo]:1)\n", "")),
-        (["[fe80::1%lo]:7000=127.0.0.1:1", "[fe80::1%1]:7000=127.0.0.1:2"],
-         (2, "", "forkproxy: error: port 7000 is linked twice to different targets: "
-                 "[fe80::1%lo]:7000=127.0.0.1:1 -> 127.0.0.1:1 and "
-                 "[fe80::1%1]:7000=127.0.0.1:2 -> 127.0.0.1:2\n")),
-    ],
-    ids=["same-target", "other-target"],
-)
-def test_a_zone_by_name_and_by_index_are_one_interface(
-    specs: list[str], expected: tuple[int, str, str]
-) -> None:
-    """`%lo`, `%1` and `%01` were compared as text: neither merged nor refused, so
-    `links` printed two listeners where `serve` could bind one ("address already in
-    use"). Each zone is written as its interface's name (lo is index 1 everywhere)."""
-    result = subprocess.run([FORKPROXY, "links", *specs],
-                            capture_output=True, text=True, timeout=30, check=False)
-    assert (result.returncode, result.stdout, result.stderr) == expected
-
-
-def test_metrics_on_a_listener_named_by_another_zone_is_refused(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [FORKPROXY, "serve", "[fe80::1%lo]:7000=127.0.0.1:1", "--metrics", "[fe80::1%1]:7000",
-         "--status-socket", str(tmp_path / "s.sock")],
-        capture_output=True, text=True, timeout=30, check=False,
-    )
-    assert (result.returncode, result.stdout, result.stderr) == (
-        2, "", "forkproxy: error: --metrics '[fe80::1%1]:7000': port 7000 is bound twice: "
-               "the metrics endpoint on fe80::1%lo and [fe80::1%lo]:7000=127.0.0.1:1 on "
-               "fe80::1%lo overlap\n")
-
-
-@pytest.mark.netns
-def test_one_listener_named_by_its_zones_name_and_index_serves(lab: Lab, ns: Namespace) -> None:
-    """`[fe80::1%v0]:P` and `[fe80::1%<v0's index>]:P` to one target are one listener, as
-    the same text twice is (Compose aliases): `serve` exited 2 with "cannot listen on
-    [fe80::1%3]:7000: address already in use", its own other link holding the port."""
-    index = ns.run(["cat", "/sys/class/net/v0/ifindex"]).strip()
-    specs = [f"[fe80::1%v0]:7000=127.0.0.1:{REDIS_PORT}",
-             f"[fe80::1%{index}]:7000=127.0.0.1:{REDIS_PORT}"]
-    proc = lab.spawn(ns, [FORKPROXY, "serve", *specs,
-                          "--status-socket", str(lab.workdir / "status.sock")],
-                     label="forkproxy")
-    [line] = proc.wait_stdout(lambda lines: len(lines) >= 1, 15)
-    assert line == f"listening [fe80::1%v0]:7000 -> 127.0.0.1:{REDIS_PORT} ({','.join(specs)})"
-    assert ping(ns, f"fe80::1%{index}", 7000) == "+PONG", proc.describe()
-
-
-@pytest.mark.parametrize(
     ("args", "expected"),
     [
         (["[::1]:0=127.0.0.1:1"],
