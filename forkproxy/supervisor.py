@@ -521,7 +521,10 @@ class Supervisor:
             # variable) named by mistake, `--pid-file notes.txt` for `--env-file`, or
             # /etc/passwd as root: emptied and then removed at the stop, it was lost.
             held = os.pread(fd, MAX_PID_FILE + 1, 0)  # at 0: the write below starts there
-            pid = held.strip()  # ASCII whitespace; isdigit(): ASCII digits only
+            # ASCII whitespace, and NULs: a file written just before a crash or a power
+            # loss can come back its size in zeros (ext4's delayed allocation), and a
+            # restart must take it over. isdigit(): ASCII digits only.
+            pid = held.strip(b" \t\n\r\x0b\x0c\x00")
             if len(held) > MAX_PID_FILE or (pid and not pid.isdigit()):
                 raise ConfigError(f"--pid-file {path!r}: it holds something other than a "
                                   "process id: not a pid file, left as it was")

@@ -686,7 +686,9 @@ def test_an_existing_file_that_is_not_a_pid_file_is_refused_and_left_as_it_was(
 @pytest.mark.parametrize("content", [
     b"", b"\n", b"4194304\n",  # empty, blank, stale (beyond the kernel's pid_max)
     b"  4194304 \r\n", b"4194304" + b" " * 24 + b"\n",  # whitespace around it, 32 bytes
-], ids=["empty", "blank", "stale", "whitespace", "32-bytes"])
+    # What a crash or a power loss can leave of a file just written: its size in zeros.
+    b"\x00" * 8, b"4194304\n\x00\x00",
+], ids=["empty", "blank", "stale", "whitespace", "32-bytes", "zeros", "stale-and-zeros"])
 def test_an_empty_or_stale_pid_file_is_taken_over_and_removed_at_the_stop(
     tmp_path: Path, start_proxy: Callable[..., Proxy], content: bytes
 ) -> None:
@@ -1194,10 +1196,15 @@ def test_allow_on_the_command_line_wins_over_an_empty_variable(
     proxy = start_proxy("--allow", "127.0.0.2/32", f"127.0.0.1:0=127.0.0.1:{server.port}",
                         env={**os.environ, "FORKPROXY_ALLOW": ""})
     assert proxy.lines[0].startswith("listening 127.0.0.1:"), proxy.lines
-    with socket.create_connection(("127.0.0.1", proxy.ports[0]), timeout=5) as sock:
+    with socket.create_connection(("127.0.0.1", proxy.ports[0]), timeout=10) as sock:
         sock.sendall(b"ping")
-        with pytest.raises(ConnectionResetError):  # not in 127.0.0.2/32: closed at accept
-            sock.recv(4)
+        # Not in 127.0.0.2/32: closed at accept, never relayed. A reset if "ping" arrived
+        # before the close, else an end.
+        try:
+            got = sock.recv(4)
+        except ConnectionResetError:
+            got = b""
+        assert got == b""
 
 
 def test_help_shows_every_default_and_names_what_options_take() -> None:
