@@ -1145,14 +1145,17 @@ def test_a_bad_value_from_a_variable_is_named_by_the_variable(
     tmp_path: Path, command: str, variable: str, value: str, expected: str
 ) -> None:
     """The line named the flag (`--allow 'x': ...`) for a value that came from the variable,
-    sending whoever set FORKPROXY_ALLOW in a compose file looking for a flag never typed."""
+    sending whoever set FORKPROXY_ALLOW in a compose file looking for a flag never typed.
+    A runtime directory of the test's own: in the shared default one (/tmp/forkproxy-UID) a
+    stale socket left by any other run was tidied, and its `removed-stale-sockets` line
+    was a second line on stderr."""
     (tmp_path / "precious").write_text("keep me\n")
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         fill = {"tmp": str(tmp_path), "busy": str(taken.getsockname()[1])}
-        result = run(command, "127.0.0.1:0=127.0.0.1:1",
-                     env={variable: value.format(**fill)}, timeout=15)
+        result = run(command, "127.0.0.1:0=127.0.0.1:1", timeout=15,
+                     env={"XDG_RUNTIME_DIR": str(tmp_path), variable: value.format(**fill)})
     assert_one_line_error(result)
     # FORKPROXY_FROM_ENV: click's own reason follows, in the words of the typer version.
     assert result.stderr.startswith("forkproxy: error: " + expected.format(**fill)), result.stderr
