@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -700,6 +701,34 @@ def test_an_empty_or_stale_pid_file_is_taken_over_and_removed_at_the_stop(
     assert wait_for(lambda: pid_file.read_bytes() == f"{proxy.pid}\n".encode())
     assert proxy.stop() == 0
     assert not pid_file.exists()
+
+
+@pytest.mark.parametrize(("syscall", "error", "left"), [
+    ("pread64", "EIO", True),  # before anything is written: a stale PID is kept
+    ("ftruncate", "EIO", True),  # not emptied: the same
+    ("pwrite64", "ENOSPC", False),  # emptied and not written: removed, not left empty
+])
+def test_a_stale_pid_file_that_fails_to_be_read_or_written_is_kept_or_removed_never_emptied(
+    tmp_path: Path, syscall: str, error: str, left: bool
+) -> None:
+    """After a failure the pid file is removed only once it holds no one's PID: a stale
+    PID not yet read, or not yet truncated, is left as it was; once truncated, the empty
+    file goes. The errno is injected with strace on that file's syscalls alone (-P)."""
+    pid_file = tmp_path / "proxy.pid"
+    pid_file.write_bytes(b"4194304\n")
+    runtime = tmp_path / "runtime"
+    runtime.mkdir(mode=0o700)
+    result = run("serve", "--pid-file", str(pid_file), "127.0.0.1:0=127.0.0.1:1",
+                 env={"XDG_RUNTIME_DIR": str(runtime)},
+                 prefix=(need("strace"), "-f", "-qq", "-o", "/dev/null", "-P", str(pid_file),
+                         "-e", f"inject={syscall}:error={error}"))
+    assert_one_line_error(result, f"--pid-file '{pid_file}': "
+                                  f"{os.strerror(getattr(errno, error))}")
+    if left:
+        assert pid_file.read_bytes() == b"4194304\n"
+    else:
+        assert not pid_file.exists()
+    assert list((runtime / "forkproxy").iterdir()) == []
 
 
 def test_a_start_that_fails_after_binding_metrics_has_freed_the_port_before_its_error_line(
