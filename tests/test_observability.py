@@ -740,6 +740,13 @@ def test_status_renders_durations_from_the_supervisors_clock_and_an_older_ones_f
         assert result.returncode == 1, result
         assert "(uptime is not a duration)" in result.stderr, result.stderr
         sock_path.unlink()
+    # The metrics state's `age` is held to the same: a negative one is refused, not shown.
+    sock_path = tmp_path / "bad.sock"
+    with answering(sock_path, json.dumps(
+            _reply_at(before, uptime=5.0, metrics={**metrics, "age": -1})).encode()):
+        result = cli("status", "--status-socket", str(sock_path), env=env)
+    assert result.returncode == 1, result
+    assert "(metrics.age is not a duration)" in result.stderr, result.stderr
 
 
 # A supervisor whose wall clock is the real one moved by the seconds in a file, which the
