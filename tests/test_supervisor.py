@@ -26,6 +26,7 @@ import forkproxy
 from forkproxy import listeners as fp_listeners
 from forkproxy import relay as fp_relay
 from forkproxy import signals
+from forkproxy import status as fp_status
 from forkproxy.config import ConfigError, Link, Options, Sources, parse_spec
 from forkproxy.listeners import Listener
 from forkproxy.log import Logger
@@ -384,6 +385,29 @@ def test_a_metrics_process_whose_interpreter_is_gone_says_why(
             [line] = [x for x in log.read().decode().splitlines() if "metrics-failed" in x]
             assert 'error="No such file or directory"' in line, line
             assert f"cannot execute '{tmp_path}/gone/python3'" in line, line
+
+
+def test_before_the_metrics_process_is_started_status_and_check_say_starting(
+    tmp_path: Path,
+) -> None:
+    """Between the start (the port bound, `metrics URL` printed) and the loop's first
+    start of the metrics process, its state is `starting`, with no `since` and no `age`:
+    not `restarting`, which says it died. Asked of a supervisor started in-process whose
+    loop has not run."""
+    options = Options(metrics="127.0.0.1:0", status_socket=str(tmp_path / "s.sock"))
+    sup = Supervisor(Sources(("127.0.0.1:0=127.0.0.1:1",), options=options), {}, Logger())
+    with started(sup):
+        assert sup.metrics_pid == 0 and sup.metrics_at is not None  # not started yet
+        with socket.socket(socket.AF_UNIX) as client:  # not read by `check`
+            check = sup.handle_control_request({"command": "check"}, client)
+        assert check is not None
+        for metrics in (check["metrics"], sup.status_reply()["metrics"]):
+            assert isinstance(metrics, dict)
+            assert (metrics["url"], metrics["state"], metrics["pid"], metrics["since"],
+                    metrics["age"], metrics["restarts"], metrics["retry_in"]) == (
+                        sup.metrics_url, "starting", None, None, None, 0, None), metrics
+            assert fp_status.describe_metrics(metrics) == f"{sup.metrics_url} starting, " \
+                "0 restarts"
 
 
 def test_a_metrics_process_that_cannot_be_forked_is_tried_again_later(
