@@ -201,6 +201,54 @@ def test_scripts_ensure_peers_installs_the_tools_this_file_needs(tmp_path: Path)
     assert "iptables" in packages, line
 
 
+    assert "iptables" in packages, line
+
+
+_STUB = """#!/bin/sh
+echo "$(basename "$0") $*" >> {log}
+case "$(basename "$0") $*" in
+  "apt-get install "*) touch {installed} ;;
+  "apt-cache "*) exit 1 ;;
+  "systemctl is-active --quiet ssh") exit 0 ;;  # the host's, running before
+  "systemctl is-active --quiet redis-server") [ -e {installed} ] || exit 3 ;;
+  "systemctl is-active "*) exit 3 ;;
+esac
+exit 0
+"""
+
+
+def test_scripts_ensure_peers_stops_only_the_services_its_install_started(
+    tmp_path: Path,
+) -> None:
+    """Where a policy-rc.d of the host's own lets the install start services, ensure-peers
+    stops what the install started: redis-server, inactive before and active after. The
+    host's sshd, active before, is left running. apt-get, apt-cache and systemctl are stubs
+    on PATH that log their arguments; /usr/sbin is hidden (an empty directory mounted over
+    it, in a mount namespace of the test's own), so that the policy-rc.d the script writes
+    where none exists lands there, never on the host."""
+    if os.geteuid() != 0:
+        _unavailable("ensure-peers installs only as root, and a mount namespace needs root")
+    script = Path(__file__).resolve().parent.parent / "scripts" / "ensure-peers"
+    stubs, empty, log = tmp_path / "bin", tmp_path / "empty", tmp_path / "log"
+    stubs.mkdir()
+    empty.mkdir()
+    for name in ("apt-get", "apt-cache", "systemctl"):
+        stub = stubs / name
+        stub.write_text(_STUB.format(log=log, installed=tmp_path / "installed"))
+        stub.chmod(0o755)
+    hidden = f"mount --bind {empty} /usr/sbin && exec {script} no-such-tool"
+    result = subprocess.run(["unshare", "--mount", "sh", "-c", hidden],
+                            capture_output=True, text=True, timeout=60, check=False,
+                            env={"PATH": f"{stubs}:/usr/bin:/bin"})
+    assert result.returncode == 0, result
+    calls = log.read_text().splitlines()
+    assert any(call.startswith("apt-get install ") and call.endswith(" no-such-tool")
+               for call in calls), calls
+    assert [call for call in calls if call.startswith("systemctl stop ")] == [
+        "systemctl stop redis-server"], calls
+    assert list(empty.iterdir()) == []  # its policy-rc.d removed after the install
+
+
 @pytest.fixture(scope="module")
 def chain_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chain]:
     if os.geteuid() != 0:
