@@ -1007,7 +1007,10 @@ def test_stdout_that_fails_is_said_on_stderr_and_the_proxy_serves(tmp_path: Path
 def test_a_path_in_an_error_is_quoted_and_stays_on_one_line(tmp_path: Path) -> None:
     forged = f"{tmp_path}/missing/a\nlistening 127.0.0.1:1 -> 127.0.0.1:2"
     for option in ("--pid-file", "--env-file", "--status-socket"):
-        result = run("serve", option, forged, "127.0.0.1:0=127.0.0.1:1")
+        # A runtime directory of its own: in the shared default one, a stale socket left
+        # by another run was tidied, and `removed-stale-sockets` was a second line.
+        result = run("serve", option, forged, "127.0.0.1:0=127.0.0.1:1",
+                     env={"XDG_RUNTIME_DIR": str(tmp_path)})
         assert_one_line_error(result, "\\nlistening")  # the newline is shown as \n
     # An env file that exists at such a path, its content wrong: the errors that name it.
     (tmp_path / "a\nb").mkdir()
