@@ -1823,13 +1823,15 @@ def test_a_status_socket_path_that_is_not_a_socket_is_bad_input_for_the_clients(
                           f"FORKPROXY_STATUS_SOCKET (--status-socket) '{precious}': exists and "
                           "is not a socket")
     assert precious.read_text() == "keep me\n"
-    # A path through a file: serve says "Not a directory", exit 2; so do the clients (they
-    # said "no answer", exit 1).
-    through = f"{precious}/x.sock"
-    assert_one_line_error(run(command, "--status-socket", through),  # long: shortened
-                          "--status-socket '", "precious.conf/", "': Not a directory")
     short = Path(tempfile.mkdtemp(prefix="fpc-", dir="/tmp"))  # sun_path is short
     try:
+        # A path through a file: serve says "Not a directory", exit 2; so do the clients
+        # (they said "no answer", exit 1). In a short directory: a path longer than 80
+        # characters is shown cut, where its tail ("precious.conf/x.sock") may be lost.
+        (short / "precious.conf").write_text("keep me\n")
+        through = f"{short}/precious.conf/x.sock"
+        assert_one_line_error(run(command, "--status-socket", through),
+                              f"--status-socket '{through}': Not a directory")
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as other:
             other.bind(str(short / "other.sock"))
             other.listen()
