@@ -80,9 +80,19 @@ class HeldBacklog:
         return self.listener.relay_args
 
     def _accept(self) -> tuple[int, tuple[str, int]]:
-        if not self.clients:
-            raise BlockingIOError(errno.EAGAIN, "no held client left")
-        return self.clients.popleft()
+        """The next held client that is still there. One that reset while it was held
+        (POLLERR, POLLHUP: an RST) is closed and skipped, as accept() skips one that reset
+        in the backlog: a child would connect upstream for nobody, and count it. One that
+        only half-closed (a FIN: POLLIN, POLLRDHUP) is served; it may wait for an answer."""
+        while self.clients:
+            fd, address = self.clients.popleft()
+            poller = select.poll()
+            poller.register(fd, select.POLLIN)
+            if not any(events & (select.POLLERR | select.POLLHUP)
+                       for _, events in poller.poll(0)):
+                return fd, address
+            os.close(fd)
+        raise BlockingIOError(errno.EAGAIN, "no held client left")
 
     def waiting(self, timeout: int) -> list[tuple[int, int]]:
         return [(-1, select.POLLIN)] if self.clients else []

@@ -17,6 +17,7 @@ import re
 import resource
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -426,6 +427,46 @@ def test_a_stop_at_max_children_serves_the_backlog_instead_of_resetting_it(
         for sock in clients:
             sock.close()
     assert proxy.proc.wait(30) == 0
+
+
+def test_a_client_that_reset_while_held_at_a_stop_gets_no_child(
+    start_proxy: Callable[..., Proxy], tcp_server: ServerFactory,
+) -> None:
+    """A client the stop had taken off the backlog and held beyond --max-children, and
+    that reset while held, still got a child when a slot freed: an upstream connection
+    for nobody, an `open` and a `client-reset` close, counted in the totals. It is skipped
+    now, as README says; one held behind it that only half-closed is still served."""
+    upstreams: list[int] = []
+
+    def counting_echo(conn: socket.socket) -> None:
+        upstreams.append(1)
+        echo(conn)
+
+    server = tcp_server(counting_echo)
+    proxy = start_proxy("--max-children", "1", "--grace", "30",
+                        f"127.0.0.1:0=127.0.0.1:{server.port}")
+    live = connect(proxy.port, timeout=60)
+    gone, half = connect(proxy.port, timeout=60), connect(proxy.port, timeout=60)
+    try:
+        assert exchange(live, b"live") == b"live"
+        assert wait_for(lambda: listen_queue(proxy.port) == 2, 30), listen_queue(proxy.port)
+        proxy.proc.send_signal(signal.SIGTERM)
+        assert wait_for(lambda: "stopping" in proxy.log(), 30)
+        assert "waiting=2" in proxy.log(), proxy.log()  # both accepted and held
+        gone.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        gone.close()  # an RST, while held
+        half.sendall(b"half")
+        half.shutdown(socket.SHUT_WR)  # a FIN only: it waits for its answer
+        live.close()  # its child exits, and the slot goes to the held clients
+        assert recv_all(half) == (4, hashlib.sha256(b"half").hexdigest())
+    finally:
+        for sock in (live, gone, half):
+            sock.close()
+    assert proxy.proc.wait(30) == 0
+    log = proxy.log()
+    assert log.count(" open ") == 2, log  # live and half: none for the one that reset
+    assert "exited total=2 " in log, log
+    assert len(upstreams) == 2
 
 
 # A supervisor whose listening sockets' accept() fails with ECONNABORTED for the clients
