@@ -81,9 +81,10 @@ class HeldBacklog:
 
     def _accept(self) -> tuple[int, tuple[str, int]]:
         """The next held client that is still there. One that reset while it was held
-        (POLLERR, POLLHUP: an RST) is closed and skipped, as accept() skips one that reset
-        in the backlog: a child would connect upstream for nobody, and count it. One that
-        only half-closed (a FIN: POLLIN, POLLRDHUP) is served; it may wait for an answer."""
+        (POLLERR, POLLHUP: an RST) is closed and skipped: a child would connect upstream
+        for nobody, and count it. (Linux's accept() hands out a client that reset in the
+        backlog, BSD's fails ECONNABORTED; a held one is skipped either way.) One that only
+        half-closed (a FIN: POLLIN, POLLRDHUP) is served; it may wait for an answer."""
         while self.clients:
             fd, address = self.clients.popleft()
             poller = select.poll()
