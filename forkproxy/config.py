@@ -694,8 +694,7 @@ def merge_links(links: Iterable[Link]) -> tuple[Link, ...]:
                 f"{_shorten(','.join(names[link.key]))} -> {known.target} and "
                 f"{_shorten(link.name)} -> {link.target}"
             )
-    merged = tuple(link if len(names[key]) == len(link.names)
-                   else Link(link.bind, link.port, link.target, tuple(names[key]))
+    merged = tuple(Link(link.bind, link.port, link.target, tuple(names[key]))
                    for key, link in by_key.items())
     clash = _first_overlap(merged)
     if clash is not None:

@@ -440,6 +440,17 @@ def metrics_pid(supervisor: int) -> int:
     return 0
 
 
+def closed_by_peer(sock: socket.socket, timeout: float) -> bool:
+    """True when the other end closes (FIN or RST) within `timeout`, False if it stays open."""
+    sock.settimeout(timeout)
+    try:
+        return sock.recv(1) == b""
+    except (ConnectionResetError, BrokenPipeError):
+        return True
+    except TimeoutError:
+        return False
+
+
 def echo(conn: socket.socket) -> None:
     while data := conn.recv(1 << 16):
         conn.sendall(data)

@@ -50,6 +50,7 @@ from conftest import (
     Redis,
     ServerFactory,
     TcpServer,
+    closed_by_peer,
     control,
     echo,
     fd_count,
@@ -132,17 +133,6 @@ def read_to_eof(sock: socket.socket) -> bytes:
     while chunk := sock.recv(65536):
         chunks.append(chunk)
     return b"".join(chunks)
-
-
-def closed_by_peer(sock: socket.socket, timeout: float) -> bool:
-    """True when the other end closes (FIN or RST) within `timeout`, False if it stays open."""
-    sock.settimeout(timeout)
-    try:
-        return sock.recv(1) == b""
-    except (ConnectionResetError, BrokenPipeError):
-        return True
-    except TimeoutError:
-        return False
 
 
 def refused(port: int, host: str = "127.0.0.1") -> bool:
