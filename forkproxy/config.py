@@ -891,10 +891,14 @@ def parse_cidr(text: str) -> Network:
 
 
 def parse_link_bind(text: str) -> str:
-    """--bind: an IP address, IPv6 with or without brackets (`::`, `[::]`)."""
+    """--bind: an IP address, IPv6 with or without brackets (`::`, `[::]`). Brackets hold
+    IPv6 only, as in a SPEC (split_host_port): `[127.0.0.1]` was taken here and refused
+    there, so one address read right or wrong depending on where it was typed."""
     what = f"--bind {quoted(text)}"
     if text.startswith("[") and text.endswith("]"):
         text = text[1:-1]
+        if text and ":" not in text:
+            raise ConfigError(f"{what}: {quoted(text)} in brackets is not an IPv6 address")
     return parse_bind(text, what)
 
 

@@ -135,6 +135,9 @@ def test_bad_input_exits_2_with_one_line(
         (["--resolve-every", "0.2"], "--resolve-every 0.2: at least 1 second, or 'off'"),
         (["--bind", "localhost"], "--bind 'localhost': bind address 'localhost' is not an IP"),
         (["--bind", "[::1"], "--bind '[::1': bind address '[::1' is not an IP address"),
+        # Brackets hold IPv6 only, as in a SPEC's BIND_ADDR (`[127.0.0.1]:1=...`).
+        (["--bind", "[127.0.0.1]"],
+         "--bind '[127.0.0.1]': '127.0.0.1' in brackets is not an IPv6 address"),
     ],
 )
 def test_bad_options_exit_2(option: list[str], needle: str) -> None:
@@ -1158,6 +1161,8 @@ BAD_VARIABLES = [
      "FORKPROXY_BIND (--bind) 'nowhere': bind address 'nowhere' is not an IP address"),
     ("links", "FORKPROXY_BIND", "fe80::1",
      "FORKPROXY_BIND (--bind) 'fe80::1': 'fe80::1' is link-local: it needs a zone"),
+    ("links", "FORKPROXY_BIND", "[127.0.0.1]",
+     "FORKPROXY_BIND (--bind) '[127.0.0.1]': '127.0.0.1' in brackets is not an IPv6 address"),
     ("serve", "FORKPROXY_METRICS", "nowhere",
      "FORKPROXY_METRICS (--metrics) 'nowhere': expected HOST:PORT, got 'nowhere'"),
     # The next three are found by the supervisor, after the exec.

@@ -450,6 +450,19 @@ def test_a_bind_that_is_not_one_address_is_refused_by_flag(text: str) -> None:
         parse_link_bind(text)
 
 
+@pytest.mark.parametrize("inside", ["127.0.0.1", "0.0.0.0", "localhost"])
+def test_brackets_around_a_bind_hold_ipv6_only_as_in_a_spec(inside: str) -> None:
+    """`--bind '[127.0.0.1]'` was taken while the SPEC `[127.0.0.1]:1=...` was refused:
+    one rule for brackets now, in the SPEC's words."""
+    text = f"[{inside}]"
+    said = f"{inside!r} in brackets is not an IPv6 address"
+    with pytest.raises(ConfigError, match=f"^{re.escape(f'--bind {text!r}: {said}')}$"):
+        parse_link_bind(text)
+    with pytest.raises(ConfigError, match=re.escape(said)):
+        build_links([f"[{inside}]:1=127.0.0.1:2"])
+    assert parse_link_bind("[::1]") == "::1"  # IPv6 in brackets, as before
+
+
 @given(st.text(max_size=80))
 def test_any_spec_parses_or_raises_config_error(text: str) -> None:
     try:
