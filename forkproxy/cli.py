@@ -94,6 +94,21 @@ class _Command(typer.core.TyperCommand):
     def get_help_option(self, ctx: Any) -> Any:
         return _help_by_output(super().get_help_option(ctx))
 
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except Exception as exc:
+            # `forkproxy serve --version`: click suggested the nearest option of the
+            # command ("Possible options: --verbose", or --json), which is not what was
+            # meant. --version is the top level's: say where it goes. Recognised by what
+            # click's NoSuchOption carries, as main() does usage errors.
+            if (getattr(exc, "option_name", None) == "--version"
+                    and hasattr(exc, "possibilities") and hasattr(exc, "message")):
+                exc.possibilities = None
+                exc.message = ("No such option: --version (it goes before the command: "
+                               "forkproxy --version)")
+            raise
+
     def collect_usage_pieces(self, ctx: Any) -> list[str]:
         pieces = [self.options_metavar] if self.options_metavar else []
         for param in self.get_params(ctx):

@@ -1102,6 +1102,19 @@ def test_version_takes_nothing_after_it(rest: list[str], extra: str) -> None:
         assert (result.returncode, result.stdout, result.stderr) == (0, helped.stdout, ""), result
 
 
+@pytest.mark.parametrize("command", ["serve", "links", "status", "check", "reload"])
+def test_version_after_a_command_says_where_it_goes(command: str) -> None:
+    """`forkproxy serve --version` got click's nearest option of the command as a hint,
+    "(Possible options: --verbose)" (--json for status): not what was meant. The line
+    says where --version goes now; still a usage error, exit 2."""
+    assert_one_line_error(run(command, "--version"),
+                          "No such option: --version (it goes before the command: "
+                          "forkproxy --version)")
+    assert "Possible options" not in run(command, "--version").stderr
+    # Other unknown options keep click's suggestion.
+    assert_one_line_error(run("serve", "--verbos"), "(Possible options: --verbose)")
+
+
 # What each FORKPROXY_... variable's bad value gets: the line begins with the variable, the
 # flag in brackets (the user may have set the variable in a compose file and typed no flag).
 # {tmp} and {busy} are filled in by the test. The env file's errors name the file (`env file
