@@ -213,12 +213,28 @@ def output(text: str) -> None:
         _stdout_to_devnull()
 
 
+def say(text: str) -> None:
+    """A line (or lines) on stderr: a warning, or why a command failed. Its reader gone
+    is no error either, as for output(): `links`, with warnings to write, exited 1 with
+    no word when stderr was a pipe nobody read any more, before its `listen` lines. What
+    is left of stderr goes to /dev/null, and the command ends with its own status."""
+    try:
+        typer.echo(text, err=True)
+    except BrokenPipeError:
+        _to_devnull(sys.stderr)
+
+
 def _stdout_to_devnull() -> None:
-    """What stdout still buffers, and any later line, goes nowhere: Python's flush at exit
-    would fail again (a traceback-like "Exception ignored" and status 120), as its docs
-    say for EPIPE."""
+    """stdout's reader is gone: see _to_devnull."""
+    _to_devnull(sys.stdout)
+
+
+def _to_devnull(stream: Any) -> None:
+    """What `stream` still buffers, and any later line, goes nowhere: Python's flush at
+    exit would fail again (a traceback-like "Exception ignored" and status 120), as its
+    docs say for EPIPE."""
     devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
+    os.dup2(devnull, stream.fileno())
     os.close(devnull)
 
 
@@ -539,7 +555,7 @@ def links_command(
     except ConfigError as exc:
         fail(str(exc), _variables(ctx))
     for warning in table.warnings + table.overrides:
-        typer.echo(f"forkproxy: warning: {warning}", err=True)
+        say(f"forkproxy: warning: {warning}")
     for link in table.links:
         output(f"listen {link.describe()}")
 
@@ -560,7 +576,7 @@ def _control(ctx: typer.Context, status_socket: str | None, command: str) -> dic
         return request(find_socket(status_socket), command)
     except StatusError as exc:
         kind = "error: " if isinstance(exc, NotForkproxy) else ""
-        typer.echo(f"forkproxy: {kind}{exc}", err=True)
+        say(f"forkproxy: {kind}{exc}")
         raise typer.Exit(1) from None
 
 
@@ -582,8 +598,8 @@ def check_command(ctx: typer.Context, status_socket: ClientSocketOpt = None) -> 
     """Exit 0 when the supervisor answers and every listener is bound (a HEALTHCHECK)."""
     reply = _control(ctx, status_socket, "check")
     if not reply.get("ok"):
-        typer.echo("forkproxy: unhealthy: " + ("stopping" if reply.get("stopping")
-                                                else "no listener bound"), err=True)
+        say("forkproxy: unhealthy: " + ("stopping" if reply.get("stopping")
+                                         else "no listener bound"))
         raise typer.Exit(1)
     from .status import describe_metrics
 
@@ -721,14 +737,13 @@ def reload_command(
         try:
             pid = _signal_supervisor(pid_file)
         except ReloadError as exc:
-            typer.echo(f"forkproxy: cannot reload: {exc}", err=True)
+            say(f"forkproxy: cannot reload: {exc}")
             raise typer.Exit(1) from None
         output(f"sent SIGHUP to {pid} (the outcome is in its log)")
         return
     reply = _control(ctx, status_socket, "reload")
     if not reply.get("ok"):
-        typer.echo(f"forkproxy: reload failed, previous configuration kept: {reply.get('error')}",
-                   err=True)
+        say(f"forkproxy: reload failed, previous configuration kept: {reply.get('error')}")
         raise typer.Exit(1)
     for listener in reply.get("listeners", []):
         output(f"listening {listener['listen']} -> {listener['upstream']} ({listener['link']})")
@@ -754,7 +769,7 @@ def root(
         # but the help is what helps here; on stderr, so stdout stays empty as on any error.
         # Not no_args_is_help: its error carries the help as the message, which main()
         # would print as one `forkproxy: error: Usage: ...` line run on into the help.
-        typer.echo(ctx.get_help(), err=True)
+        say(ctx.get_help())
         raise typer.Exit(2)
 
 
@@ -792,6 +807,6 @@ def main() -> None:
         # recognised by what it carries rather than by a private import path.
         if getattr(exc, "exit_code", None) != 2 or not hasattr(exc, "format_message"):
             raise
-        typer.echo(f"forkproxy: error: {_usage_error(exc)}", err=True)
+        say(f"forkproxy: error: {_usage_error(exc)}")
         sys.exit(2)
     sys.exit(code if isinstance(code, int) else 0)

@@ -316,6 +316,31 @@ def test_no_reader_for_a_commands_output_is_no_error(
     assert (result.returncode, result.stderr) == (0, ""), result
 
 
+@pytest.mark.parametrize(("args", "status", "stdout"), [
+    (("links", "--from-env", "1=127.0.0.1:2"), 0,
+     "listen 0.0.0.0:1 -> 127.0.0.1:2 (1=127.0.0.1:2)\n"),
+    (("serve", "--bogus"), 2, ""),  # click's usage error
+    ((), 2, ""),  # no command: the help, on stderr
+    (("serve", "bad"), 2, ""),  # forkproxy's own error line (log.write_start_error)
+])
+def test_no_reader_for_stderr_is_no_error(args: tuple[str, ...], status: int,
+                                          stdout: str) -> None:
+    """As for stdout (above): `links` with a warning to write (a UDP link variable) to a
+    stderr whose reader was gone exited 1 with no word, before writing its `listen`
+    lines; a usage error exited 1 too. Each ends now as it would have, with its own
+    status and its output."""
+    reader, writer = os.pipe()
+    os.close(reader)
+    try:
+        result = subprocess.run([FORKPROXY, *args], stdout=subprocess.PIPE, stderr=writer,
+                                text=True, timeout=30,
+                                env={"PATH": os.environ["PATH"],
+                                     "A_PORT_1_UDP": "udp://127.0.0.1:3"})
+    finally:
+        os.close(writer)
+    assert (result.returncode, result.stdout) == (status, stdout), result
+
+
 COMMANDS = list(typer.main.get_command(app).commands)  # type: ignore[attr-defined]
 
 
