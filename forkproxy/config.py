@@ -427,21 +427,45 @@ def _check_zone(text: str, what: str) -> None:
                           f"as in [{text}%eth0]")
 
 
+_BROADCAST = ipaddress.IPv4Address("255.255.255.255")
+
+
+def _check_unicast(address: ipaddress.IPv4Address | ipaddress.IPv6Address, text: str,
+                   what: str) -> None:
+    """ConfigError for a target no TCP connection can reach: a multicast address, or the
+    broadcast address (also as ::ffff:a.b.c.d). Linux refuses to connect to one ("Network
+    is unreachable") without a packet sent: each connection failed, each logged. The
+    unspecified addresses (0.0.0.0, ::) are not refused: Linux connects them to this
+    host, as it does 127.0.0.1 (::1)."""
+    ip = getattr(address, "ipv4_mapped", None) or address
+    if ip.is_multicast:
+        kind = "a multicast address"
+    elif ip == _BROADCAST:
+        kind = "the broadcast address"
+    else:
+        return
+    raise ConfigError(f"{what}: {quoted(text)} is {kind}: TCP cannot connect to it")
+
+
 def parse_host(text: str, what: str) -> str:
     """An IP literal (IPv6 already without brackets) or a DNS name."""
     if not text:
         raise ConfigError(f"{what}: the host is empty")
     if ":" in text:
         try:
-            address = str(ipaddress.IPv6Address(text))
+            address = ipaddress.IPv6Address(text)
         except ValueError:
             raise ConfigError(f"{what}: {quoted(text)} is not an IPv6 address") from None
+        _check_unicast(address, text, what)  # first: ff02::1%eth0 is multicast, zone or not
         _check_zone(text, what)
-        return address
+        return str(address)
     try:
-        return str(ipaddress.IPv4Address(text))
+        address4 = ipaddress.IPv4Address(text)
     except ValueError:
         pass
+    else:
+        _check_unicast(address4, text, what)
+        return str(address4)
     name = text[:-1] if text.endswith(".") else text
     if len(name) > MAX_NAME:  # the name's: a trailing dot (fully qualified) is not part of it
         raise ConfigError(f"{what}: host name is longer than {MAX_NAME} characters")

@@ -96,6 +96,11 @@ def assert_not_listening(port: int) -> None:
           "Docker, not a link"]),
         ([], {}, ["no links found: give a SPEC, --from-env or --env-file"]),
         (["--from-env"], {"R_PORT_1_TCP": "tcp://;reboot:1"}, ["variable R_PORT_1_TCP"]),
+        # Linux refuses to connect to them: every connection failed, each logged.
+        (["1=[ff02::1]:80"], {}, ["SPEC '1=[ff02::1]:80': 'ff02::1' is a multicast address: "
+                                  "TCP cannot connect to it"]),
+        (["--from-env"], {"R_PORT_1_TCP": "tcp://255.255.255.255:1"},
+         ["variable R_PORT_1_TCP: '255.255.255.255' is the broadcast address"]),
         (["--from-env"], {"A_PORT_7_TCP": "tcp://127.0.0.1:1", "B_PORT_7_TCP": "tcp://127.0.0.2:1"},
          ["A_PORT_7_TCP", "B_PORT_7_TCP"]),
         (["--env-file", "/nonexistent/links.env"], {}, ["/nonexistent/links.env"]),

@@ -708,6 +708,36 @@ def test_metrics_on_a_listeners_port_is_refused_by_name(
 
 # Global, unique local, loopback, unspecified and IPv4-mapped: no address but fe80::/10
 # takes a zone (as the fuzzing that found `[::1%lo]` tried them, with names and an index).
+@pytest.mark.parametrize(("host", "kind"), [
+    ("224.0.0.1", "a multicast address"),
+    ("239.255.255.250", "a multicast address"),
+    ("[ff02::1]", "a multicast address"),
+    ("[ff02::1%eth0]", "a multicast address"),  # not "drop the zone": no zone would help
+    ("[ff0e::5]", "a multicast address"),
+    ("[::ffff:224.0.0.1]", "a multicast address"),
+    ("255.255.255.255", "the broadcast address"),
+    ("[::ffff:255.255.255.255]", "the broadcast address"),
+])
+def test_a_target_no_tcp_connection_can_reach_is_refused(host: str, kind: str) -> None:
+    """A multicast or the broadcast address as the target was taken, and every
+    connection failed ("Network is unreachable": Linux sends nothing). Said at once now,
+    by SPEC and by link variable alike."""
+    shown = repr(host.strip("[]"))
+    said = f"{shown} is {kind}: TCP cannot connect to it"
+    spec = f"1={host}:80"
+    with pytest.raises(ConfigError, match=f"^{re.escape(f'SPEC {spec!r}: {said}')}$"):
+        build_links([spec])
+    with pytest.raises(ConfigError, match=f"^{re.escape(f'variable A_PORT_1_TCP: {said}')}$"):
+        build_links([], {"A_PORT_1_TCP": f"tcp://{host}:80"})
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "[::]", "[::ffff:0.0.0.0]", "127.255.255.254",
+                                  "240.0.0.1", "[2001:db8::1]"])
+def test_targets_linux_can_connect_to_are_taken(host: str) -> None:
+    """The unspecified addresses stay targets: Linux connects 0.0.0.0 (::) to this host."""
+    assert build_links([f"1={host}:80"]).links[0].target.port == 80
+
+
 _NOT_LINK_LOCAL = ["2001:db8::1", "fd00::5", "::1", "::", "::ffff:198.18.0.5"]
 
 
