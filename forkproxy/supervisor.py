@@ -493,6 +493,14 @@ class Supervisor:
                          | os.O_NOFOLLOW, 0o644)
         except OSError as exc:
             reason = "not a regular file" if exc.errno == errno.ENXIO else exc.strerror
+            if exc.errno == errno.EACCES and os.path.isfile(path):
+                # A file already there that we may not read (0200) or not write (0400):
+                # refused, not chmodded. Unread, it could hold anything; and a pid file
+                # this user cannot read is none for `reload --pid-file`, nor for the stop,
+                # which checks that it still names us before removing it.
+                reason = (f"{exc.strerror}: a pid file already there must be readable and "
+                          "writable by this user (what it holds is checked before it is "
+                          "written over)")
             # ELOOP, or EACCES in a sticky directory (O_CREAT there checks the link first)
             if os.path.islink(path):
                 reason = "a symbolic link (give the path it points to)"

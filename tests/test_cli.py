@@ -809,6 +809,29 @@ def test_a_start_that_fails_after_binding_metrics_has_freed_the_port_before_its_
         again.bind(("127.0.0.1", port))
 
 
+@pytest.mark.parametrize("mode", [0o200, 0o400, 0o000])
+def test_a_pid_file_of_ours_we_may_not_read_or_write_is_refused_and_says_why(
+    tmp_path: Path, mode: int
+) -> None:
+    """An empty file of ours at the path, write-only (0200) or read-only (0400): "Permission
+    denied", as for a directory we may not write to, and the user owns the file. Refused
+    still (it cannot be checked, and no one could read the PID from it), and said why.
+    Root runs it without CAP_DAC_OVERRIDE, as any user would."""
+    pid_file = tmp_path / "proxy.pid"
+    pid_file.touch()
+    pid_file.chmod(mode)
+    runtime = tmp_path / "runtime"
+    runtime.mkdir(mode=0o700)
+    prefix: tuple[str, ...] = ()
+    if os.geteuid() == 0:
+        prefix = (need("setpriv"), "--bounding-set=-dac_override,-dac_read_search")
+    result = run("serve", "--pid-file", str(pid_file), "127.0.0.1:0=127.0.0.1:1",
+                 env={"XDG_RUNTIME_DIR": str(runtime)}, prefix=prefix)
+    assert_one_line_error(result, f"--pid-file '{pid_file}': Permission denied: a pid file "
+                                  "already there must be readable and writable by this user")
+    assert stat.S_IMODE(pid_file.stat().st_mode) == mode and pid_file.read_bytes() == b""
+
+
 def test_a_pid_file_that_cannot_be_written_is_not_left_behind_empty(tmp_path: Path) -> None:
     """On a full file system the pid file was created, the write failed, and the empty
     file stayed: the clean-up removes only a file that names our PID. A tmpfs of 4 KiB,
