@@ -507,15 +507,19 @@ def split_host_port(text: str, what: str) -> tuple[str, str]:
 
 
 def parse_bind(text: str, what: str) -> str:
+    """A listening address. A multicast or the broadcast one is refused as for a target:
+    Linux binds a TCP listener to 224.0.0.1 or 255.255.255.255 and it starts, but no SYN
+    to such an address is ever taken: a proxy that looked up and was never reached."""
     try:
-        address = str(ipaddress.ip_address(text))
+        address = ipaddress.ip_address(text)
     except ValueError:
         raise ConfigError(
             f"{what}: bind address {quoted(text)} is not an IP address"
         ) from None
+    _check_unicast(address, text, what)
     if ":" in text:
         _check_zone(text, what)
-    return address
+    return str(address)
 
 
 def parse_spec(spec: str, bind: str = ANY_IPV4) -> Link:

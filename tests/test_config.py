@@ -738,6 +738,33 @@ def test_targets_linux_can_connect_to_are_taken(host: str) -> None:
     assert build_links([f"1={host}:80"]).links[0].target.port == 80
 
 
+@pytest.mark.parametrize(("address", "kind"), [
+    ("224.0.0.1", "a multicast address"),
+    ("ff02::1", "a multicast address"),
+    ("255.255.255.255", "the broadcast address"),
+    ("::ffff:255.255.255.255", "the broadcast address"),
+])
+def test_a_listening_address_no_client_can_reach_is_refused(address: str, kind: str) -> None:
+    """Linux binds a listener to 224.0.0.1 or 255.255.255.255 and it starts, but takes no
+    SYN sent there: --bind, a SPEC's BIND_ADDR and --metrics are refused as targets are."""
+    said = f"{address!r} is {kind}: TCP cannot connect to it"
+    bracketed = f"[{address}]" if ":" in address else address
+    with pytest.raises(ConfigError, match=f"^{re.escape(f'--bind {address!r}: {said}')}$"):
+        parse_link_bind(address)
+    spec = f"{bracketed}:1=127.0.0.1:2"
+    with pytest.raises(ConfigError, match=f"^{re.escape(f'SPEC {spec!r}: {said}')}$"):
+        build_links([spec])
+    metrics = f"{bracketed}:9100"
+    with pytest.raises(ConfigError, match=f"^{re.escape(f'--metrics {metrics!r}: {said}')}$"):
+        config.parse_metrics_address(metrics)
+
+
+@pytest.mark.parametrize("address", ["0.0.0.0", "::", "127.0.0.1", "::1", "198.18.0.1",
+                                     "fe80::1%lo"])
+def test_listening_addresses_a_client_can_reach_are_taken(address: str) -> None:
+    assert parse_link_bind(address) == address
+
+
 _NOT_LINK_LOCAL = ["2001:db8::1", "fd00::5", "::1", "::", "::ffff:198.18.0.5"]
 
 
