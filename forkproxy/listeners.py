@@ -175,7 +175,10 @@ def listen_tcp(host: str, port: int, backlog: int = BACKLOG) -> socket.socket:
         sock.close()
         reason = {
             errno.EADDRINUSE: "address already in use",
-            errno.EACCES: "permission denied (ports below 1024 need root or CAP_NET_BIND_SERVICE)",
+            # Not "need root": root without the capability (--cap-drop=ALL) is refused
+            # too, and a lowered sysctl (Docker 20.10+ sets 0) lets anyone bind.
+            errno.EACCES: "permission denied (ports below net.ipv4.ip_unprivileged_port_start, "
+                          "1024 by default, need CAP_NET_BIND_SERVICE)",
             errno.EADDRNOTAVAIL: "no such address on this host",
         }.get(exc.errno or 0, exc.strerror or str(exc))
         raise ConfigError(f"cannot listen on {join_host_port(host, port)}: {reason}") from None
