@@ -62,7 +62,6 @@ OUTCOMES = {
 }
 
 COPY_CHUNK = 64 * 1024  # --relay copy
-DELIVER_REST_TIMEOUT = 5.0  # seconds: see _deliver_rest
 AUTO_CHUNK = 16 * 1024  # --relay auto: a read that fills it means bulk, so splice from then on
 SPLICE_CHUNK = 1024 * 1024
 PIPE_SIZE = 1024 * 1024
@@ -78,6 +77,7 @@ IPPROTO_TCP, TCP_NODELAY = int(socket.IPPROTO_TCP), socket.TCP_NODELAY
 SO_KEEPALIVE, TCP_KEEPIDLE = int(socket.SO_KEEPALIVE), int(socket.TCP_KEEPIDLE)
 TCP_KEEPINTVL, TCP_KEEPCNT = int(socket.TCP_KEEPINTVL), int(socket.TCP_KEEPCNT)
 TCP_USER_TIMEOUT = int(socket.TCP_USER_TIMEOUT)
+TCP_INFO, TCP_CLOSE = int(socket.TCP_INFO), 7  # TCP_CLOSE: linux/tcp_states.h
 SO_ACCEPTCONN = int(socket.SO_ACCEPTCONN)
 SHUT_WR = int(socket.SHUT_WR)
 MSG_PEEK, MSG_DONTWAIT = int(socket.MSG_PEEK), int(socket.MSG_DONTWAIT)
@@ -647,7 +647,7 @@ def pump(
             # proxy held for a slow client) may still wait here, read or unread: deliver
             # it first, as a direct connection would, then the reset goes on as usual
             # (serve()).
-            _deliver_rest(down if ended.args[2] is up else up)
+            _deliver_rest(down if ended.args[2] is up else up, idle)
         raise
     finally:
         if up.pipe_r >= 0:  # a splice pipe: only then is there anything to close
@@ -656,14 +656,17 @@ def pump(
             down.close()
 
 
-def _deliver_rest(flow: Flow) -> None:
+def _deliver_rest(flow: Flow, patience: float | None) -> None:
     """`flow.src` reset: deliver to `flow.dst` what it had sent before, the bytes already
     read (pending, in the buffer or the splice pipe) and then its receive queue (after an
-    RST the kernel still hands those out, then EOF). Best effort, and bounded: a
-    receiver that takes nothing for DELIVER_REST_TIMEOUT is reset with the rest unsent."""
+    RST the kernel still hands those out, then EOF). With the patience a live connection
+    gets (`patience`, --idle-timeout: a receiver that takes nothing for that long is reset
+    with the rest unsent; none, the default, waits as long as the receiver lives). A
+    fixed 5 s lost megabytes the proxy had taken for a reader that paused longer, where
+    socat's kernel still delivers them after its close."""
     dst = flow.dst
     try:
-        dst.settimeout(DELIVER_REST_TIMEOUT)
+        dst.settimeout(patience)
         while flow.pending:
             # At most COPY_CHUNK per send: sendall's timeout bounds the whole call, and a
             # receiver that is slow but moving must not be taken for one that is stuck.
@@ -699,35 +702,42 @@ def _deliver_queued(src: RawSocket, dst: RawSocket, counters: memoryview, index:
 TIOCOUTQ = 0x5411  # linux/asm-generic ioctls.h (termios.TIOCOUTQ: a module more to import)
 
 
-def _pass_reset_on(sock: RawSocket) -> None:
+def _pass_reset_on(sock: RawSocket, patience: float | None) -> None:
     """The other side reset: reset `sock` too, once its peer has acknowledged what was
-    written to it (its send queue, SIOCOUTQ, is empty), or after DELIVER_REST_TIMEOUT
-    without progress. The reset (close with SO_LINGER 0) throws that queue away: a slow
-    reader lost what the proxy had written for it (megabytes: the socket buffer), where a
-    direct connection's reader gets every byte the other side sent before its reset, then
-    the reset."""
-    _drain(sock)
+    written to it (its send queue, SIOCOUTQ, is empty), or after `patience` seconds
+    without progress (none: for as long as its peer lives). The reset (close with
+    SO_LINGER 0) throws that queue away: a slow reader lost what the proxy had written
+    for it (megabytes: the socket buffer), where a direct connection's reader gets every
+    byte the other side sent before its reset, then the reset."""
+    _drain(sock, patience)
     reset(sock)
 
 
-def _drain(sock: RawSocket) -> None:
-    """Wait until `sock`'s send queue is empty, or DELIVER_REST_TIMEOUT without progress."""
+def _drain(sock: RawSocket, patience: float | None) -> None:
+    """Wait until `sock`'s send queue is empty, its connection is closed (a reset from
+    its peer, or the kernel's retransmissions or --user-timeout running out: the queue
+    never shrinks after that), or `patience` seconds without progress."""
     queue = bytearray(4)
     left, moved = -1, time.monotonic()
+    pause = 0.005
     while True:
         try:
             fcntl.ioctl(sock.fileno(), TIOCOUTQ, queue)
         except OSError:
             return  # closed or broken already: nothing to wait for
         queued = int.from_bytes(queue, sys.byteorder)  # the C int the kernel wrote
-        if not queued:
+        # TCP_INFO's first byte is the state. Not poll()'s POLLHUP: both ends' FINs raise
+        # it too, with the queue still on its way.
+        if not queued or sock.getsockopt(IPPROTO_TCP, TCP_INFO, 1)[0] == TCP_CLOSE:
             return
         now = time.monotonic()
         if queued != left:
-            left, moved = queued, now
-        elif now - moved >= DELIVER_REST_TIMEOUT:
+            left, moved, pause = queued, now, 0.005
+        elif patience is not None and now - moved >= patience:
             return
-        time.sleep(0.005)
+        else:
+            pause = min(pause * 2, 0.5)  # a reader that paused: look less often
+        time.sleep(pause)
 
 
 def _socket_error(sock: RawSocket) -> OSError:
@@ -1060,7 +1070,7 @@ def serve(
             # the reset) is still in the socket's receive queue, which the kernel keeps
             # through the reset: as pump() does after an RST mid-stream (_deliver_rest),
             # it goes to the client before the reset does.
-            client.settimeout(DELIVER_REST_TIMEOUT)
+            client.settimeout(options.idle_timeout)
             _deliver_queued(upstream, client, counters, base + 1)
         except OSError:
             pass
@@ -1071,7 +1081,7 @@ def serve(
                 client.shutdown(SHUT_WR)
             except OSError:
                 pass  # the client is gone already
-        _pass_reset_on(client)
+        _pass_reset_on(client, options.idle_timeout)
         if log.level <= INFO:
             client_text, upstream_text = peer_text(client_address), str(link.target)
             log.info("open", link=link.name, client=client_text, upstream=upstream_text)
@@ -1126,7 +1136,8 @@ def serve(
             # Not a reset: that side went silent. The other side still gets an RST, as for
             # a reset: what the silent one sent last may never have arrived.
             outcome = _TIMEOUT_OF.get(outcome, outcome)
-        _pass_reset_on(upstream if outcome in (CLIENT_RESET, CLIENT_TIMEOUT) else client)
+        _pass_reset_on(upstream if outcome in (CLIENT_RESET, CLIENT_TIMEOUT) else client,
+                       options.idle_timeout)
     client.close()
     upstream.close()
     if info:
