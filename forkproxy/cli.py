@@ -36,6 +36,7 @@ from .config import (
     quoted,
     sources_to_json,
 )
+from .console import cannot_write, to_devnull
 from .log import write_start_error
 from .supervisor import read_links
 
@@ -221,21 +222,12 @@ def say(text: str) -> None:
     try:
         typer.echo(text, err=True)
     except BrokenPipeError:
-        _to_devnull(sys.stderr)
+        to_devnull(sys.stderr)
 
 
 def _stdout_to_devnull() -> None:
-    """stdout's reader is gone: see _to_devnull."""
-    _to_devnull(sys.stdout)
-
-
-def _to_devnull(stream: Any) -> None:
-    """What `stream` still buffers, and any later line, goes nowhere: Python's flush at
-    exit would fail again (a traceback-like "Exception ignored" and status 120), as its
-    docs say for EPIPE."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, stream.fileno())
-    os.close(devnull)
+    """stdout's reader is gone: see console.to_devnull."""
+    to_devnull(sys.stdout)
 
 
 def fail(message: str, variables: Mapping[str, str] | None = None,
@@ -560,26 +552,33 @@ def links_command(
         output(f"listen {link.describe()}")
 
 
-def _control(ctx: typer.Context, status_socket: str | None, command: str) -> dict[str, Any]:
-    """The supervisor's reply to `command`, in the shape it gives (status._read_reply), or
-    exit 1 with one line: nothing answers, or something that is not a forkproxy does
-    (exit 2 for a path no supervisor could be at)."""
+def _client_socket(ctx: typer.Context, status_socket: str | None) -> None:
+    """Exit 2 for a --status-socket no supervisor could be at: bad input, as for serve, not
+    "nothing answers" (exit 1)."""
     from .control import check_client_path
-    from .status import NotForkproxy, StatusError, find_socket, request
 
     if status_socket is not None:
         try:
             check_client_path(status_socket)
-        except OSError as exc:  # bad input, as for serve: not "nothing answers" (exit 1)
+        except OSError as exc:
             fail(f"--status-socket {quoted(status_socket)}: {exc.strerror}", _variables(ctx))
-    try:
-        return request(find_socket(status_socket), command)
-    except StatusError as exc:
-        kind = "error: " if isinstance(exc, NotForkproxy) else ""
-        say(f"forkproxy: {kind}{exc}")
-        raise typer.Exit(1) from None
 
 
+def _control(ctx: typer.Context, status_socket: str | None, command: str) -> dict[str, Any]:
+    """The supervisor's reply to `command`, in the shape it gives (status._read_reply), or
+    exit 1 with one line: nothing answers, or something that is not a forkproxy does
+    (exit 2 for a path no supervisor could be at)."""
+    from .status import ask
+
+    _client_socket(ctx, status_socket)
+    reply = ask(status_socket, command, say)
+    if reply is None:
+        raise typer.Exit(1)
+    return reply
+
+
+# status and check are status.run_status and run_check, which console.py's lean path runs
+# too, without typer, for a bare `check`, `status` or `status --json`.
 @app.command("status", cls=_Command)
 def status_command(
     ctx: typer.Context,
@@ -587,27 +586,23 @@ def status_command(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Show links, live connections and what each child costs (RSS, USS, CPU)."""
-    from .status import enrich, probe_metrics, render
+    from .status import run_status
 
-    reply = probe_metrics(enrich(_control(ctx, status_socket, "status")))
-    output(json.dumps(reply, indent=2) if as_json else render(reply))
+    _client_socket(ctx, status_socket)
+    code = run_status(status_socket, as_json, output, say)
+    if code:
+        raise typer.Exit(code)
 
 
 @app.command("check", cls=_Command)
 def check_command(ctx: typer.Context, status_socket: ClientSocketOpt = None) -> None:
     """Exit 0 when the supervisor answers and every listener is bound (a HEALTHCHECK)."""
-    reply = _control(ctx, status_socket, "check")
-    if not reply.get("ok"):
-        say("forkproxy: unhealthy: " + ("stopping" if reply.get("stopping")
-                                         else "no listener bound"))
-        raise typer.Exit(1)
-    from .status import describe_metrics
+    from .status import run_check
 
-    # Metrics down are said, not failed on: see Supervisor.handle_control_request.
-    metrics = reply.get("metrics")
-    down = metrics and metrics.get("state") != "up"
-    note = f"; metrics {describe_metrics(metrics)}" if down else ""
-    output(f"ok: {len(reply.get('listeners', []))} listener(s){note}")
+    _client_socket(ctx, status_socket)
+    code = run_check(status_socket, output, say)
+    if code:
+        raise typer.Exit(code)
 
 
 class ReloadError(Exception):
@@ -793,15 +788,8 @@ def main() -> None:
     except KeyboardInterrupt:
         sys.exit(130)
     except OSError as exc:
-        # Output that could not be written (stdout on /dev/full, a full disk): one line,
-        # as for any other failure, not a traceback. (A reader gone, EPIPE, is no
-        # failure: see output().)
-        try:
-            typer.echo(f"forkproxy: error: cannot write: {exc.strerror or exc}", err=True)
-        except OSError:
-            pass  # stderr too: nothing left to tell it with
-        _stdout_to_devnull()
-        sys.exit(1)
+        # (A reader gone, EPIPE, is no failure: see output().)
+        sys.exit(cannot_write(exc))
     except Exception as exc:
         # A usage error (click's, vendored or not, depending on the typer version):
         # recognised by what it carries rather than by a private import path.

@@ -8,24 +8,111 @@ starting proxy (the default action of SIGHUP and SIGALRM) or being dropped (PID 
 every signal it has no handler for: a `docker stop` right after `docker run` waited for
 the SIGKILL).
 A blocked mask and pending signals survive exec.
+
+A bare `check`, `status` or `status --json` runs here without the CLI (lean): typer
+imports click, pydantic and rich, ~20 MiB charged to a container's memory limit for every
+HEALTHCHECK and `docker exec ... forkproxy status`, which the OOM killer took from the
+connections. The same functions (status.run_check, run_status) say the same lines with
+the same exit status. Any other input, or a FORKPROXY_STATUS_SOCKET the CLI would refuse,
+goes to the CLI before anything is asked, so that its errors stay its own and no request
+is ever sent twice.
 """
+
+from __future__ import annotations
 
 import os
 import signal
 import sys
 
+TYPE_CHECKING = False  # not typing's: `serve` imports nothing it does not need
+if TYPE_CHECKING:
+    from typing import TextIO
+
 STARTUP_BLOCKED = (
     signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGALRM
 )
+LEAN = (["check"], ["status"], ["status", "--json"])  # the whole argv after `forkproxy`
 
 
 def main() -> None:
     fill_closed_std_fds()  # first: before this process opens a file that must not be 0-2
     if sys.argv[1:2] == ["serve"]:
         signal.pthread_sigmask(signal.SIG_BLOCK, STARTUP_BLOCKED)
+    elif sys.argv[1:] in LEAN:
+        code = lean(sys.argv[1:])
+        if code is not None:
+            sys.exit(code)
     from forkproxy.cli import main as cli_main
 
     cli_main()
+
+
+def lean(args: list[str]) -> int | None:
+    """Run `args` (one of LEAN) without the CLI: its exit status, or None, having asked
+    nothing, when FORKPROXY_STATUS_SOCKET is one the CLI would refuse (or empty, which
+    click reads as unset): the CLI then says what it says about it."""
+    path = os.environ.get("FORKPROXY_STATUS_SOCKET")
+    if path is not None:
+        from forkproxy.control import check_client_path
+
+        try:
+            if not path:
+                return None
+            check_client_path(path)
+        except Exception:  # whatever it is, the CLI says it (cli._client_socket)
+            return None
+    from forkproxy import status
+
+    # As cli.main: output that cannot be written is one line and exit 1; ^C is 130.
+    try:
+        if args == ["check"]:
+            code = status.run_check(path, output, say)
+        else:
+            code = status.run_status(path, args == ["status", "--json"], output, say)
+        sys.stdout.flush()
+    except KeyboardInterrupt:
+        return 130
+    except OSError as exc:
+        return cannot_write(exc)
+    return code
+
+
+def output(text: str) -> None:
+    """A line (or lines) on stdout, as cli.output writes them (click's echo)."""
+    _write(sys.stdout, text)
+
+
+def say(text: str) -> None:
+    """A line (or lines) on stderr, as cli.say writes them."""
+    _write(sys.stderr, text)
+
+
+def _write(stream: TextIO, text: str) -> None:
+    try:
+        stream.write(text + "\n")
+        stream.flush()
+    except BrokenPipeError:  # a reader gone is no error: see cli.output
+        to_devnull(stream)
+
+
+def to_devnull(stream: TextIO) -> None:
+    """What `stream` still buffers, and any later line, goes nowhere: Python's flush at
+    exit would fail again (a traceback-like "Exception ignored" and status 120), as its
+    docs say for EPIPE."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, stream.fileno())
+    os.close(devnull)
+
+
+def cannot_write(exc: OSError) -> int:
+    """Output that could not be written (stdout on /dev/full, a full disk): one line, as
+    for any other failure, not a traceback; the exit status, 1."""
+    try:
+        say(f"forkproxy: error: cannot write: {exc.strerror or exc}")
+    except OSError:
+        pass  # stderr too: nothing left to tell it with
+    to_devnull(sys.stdout)
+    return 1
 
 
 def fill_closed_std_fds() -> None:

@@ -1,7 +1,10 @@
 """The client end of the control socket: `forkproxy status`, `check` and `reload`.
 
 Runs in the short-lived CLI process, which is where psutil reads each live child's memory
-and CPU: the supervisor only hands out the table of pids (see accounting.py).
+and CPU: the supervisor only hands out the table of pids (see accounting.py). Imported
+without typer by console.py's lean path too (`check`, `status` run inside a container,
+charged to its memory limit): psutil is imported only where it is used, which `check`
+never is (~3 MiB less).
 """
 
 from __future__ import annotations
@@ -15,8 +18,6 @@ import time
 import urllib.parse
 from collections.abc import Callable
 from typing import Any, NoReturn
-
-import psutil
 
 from .config import limiting_fits, limits_named, limits_text, no_room_text, quoted
 from .control import REPORT_TIMEOUT, answers, check_owned, default_dir
@@ -319,6 +320,8 @@ def _pids_here(status: dict[str, Any]) -> dict[int, int]:
     mapping: dict[int, int] = {}
     if not here:
         return mapping  # the supervisor is not visible from here: nothing to read
+    import psutil
+
     with contextlib.suppress(psutil.Error, OSError):
         for process in psutil.Process(here).children():
             try:
@@ -336,6 +339,8 @@ def _pids_here(status: dict[str, Any]) -> dict[int, int]:
 def enrich(status: dict[str, Any]) -> dict[str, Any]:
     """Add psutil's readings (RSS, USS, CPU seconds) to each live connection, and its
     pid as this process sees it (`pid_here`, None if not visible from here)."""
+    import psutil
+
     pids_here = _pids_here(status)
     for child in status.get("children", []):
         here = pids_here.get(child["pid"])
@@ -404,6 +409,8 @@ def _same_network_namespace(pid: int) -> bool:
 
 
 def _is_stopped(pid: int) -> bool:
+    import psutil
+
     with contextlib.suppress(psutil.Error, OSError):
         return psutil.Process(pid).status() in (psutil.STATUS_STOPPED,
                                                 psutil.STATUS_TRACING_STOP)
@@ -606,3 +613,50 @@ def render(status: dict[str, Any]) -> str:
     lines += ["", *_table(["PID", "LINK", "CLIENT", "AGE", "UP", "DOWN", "RSS", "USS", "CPU"],
                           rows)]
     return "\n".join(lines)
+
+
+# What the client commands do once their arguments are read, here rather than in cli.py:
+# console.py's lean path runs them without typer for a plain `check` or `status`, and
+# both must say the same lines with the same exit status. `output` and `say` write a line
+# on stdout and stderr; a --status-socket given has passed control.check_client_path.
+Say = Callable[[str], None]
+
+
+def ask(path: str | None, command: str, say: Say) -> dict[str, Any] | None:
+    """The supervisor's reply to `command` (at `path`, else the one find_socket finds), or
+    None once `say` was told the one line why not: nothing answers, or something that is
+    not a forkproxy does (the command then exits 1)."""
+    try:
+        return request(find_socket(path), command)
+    except StatusError as exc:
+        kind = "error: " if isinstance(exc, NotForkproxy) else ""
+        say(f"forkproxy: {kind}{exc}")
+        return None
+
+
+def run_check(path: str | None, output: Say, say: Say) -> int:
+    """`forkproxy check`: exit status 0 when the supervisor answers and every listener is
+    bound, else 1, with one line each way."""
+    reply = ask(path, "check", say)
+    if reply is None:
+        return 1
+    if not reply.get("ok"):
+        say("forkproxy: unhealthy: " + ("stopping" if reply.get("stopping")
+                                         else "no listener bound"))
+        return 1
+    # Metrics down are said, not failed on: see Supervisor.handle_control_request.
+    metrics = reply.get("metrics")
+    down = metrics and metrics.get("state") != "up"
+    note = f"; metrics {describe_metrics(metrics)}" if down else ""
+    output(f"ok: {len(reply.get('listeners', []))} listener(s){note}")
+    return 0
+
+
+def run_status(path: str | None, as_json: bool, output: Say, say: Say) -> int:
+    """`forkproxy status [--json]`: the table (or its JSON) and exit status 0, else 1."""
+    reply = ask(path, "status", say)
+    if reply is None:
+        return 1
+    reply = probe_metrics(enrich(reply))
+    output(json.dumps(reply, indent=2) if as_json else render(reply))
+    return 0

@@ -561,6 +561,118 @@ def test_status_shows_the_addresses_a_name_resolves_to(
     assert rows[literal] == f"127.0.0.1:{literal_port} -> 127.0.0.1:{redis.port}", rows
 
 
+# Modules a bare `check` or `status` must not import: typer and what it pulls in, ~20 MiB
+# of a container's memory limit per run.
+CLI_ONLY = {"typer", "click", "pydantic", "pydantic_core", "rich"}
+FULL_CLI = "import sys; sys.argv[0] = 'forkproxy'; from forkproxy.cli import main; main()"
+
+
+def lean_and_full(args: list[str], env: dict[str, str]) -> tuple[set[str], tuple[Any, ...],
+                                                                 tuple[Any, ...]]:
+    """`forkproxy ARGS` as installed (console.main: its lean path where it applies), with
+    the top-level packages it imported, and the same through cli.main (typer's): each
+    (exit status, stdout, stderr), with status's clock readings made equal."""
+    lean = subprocess.run([sys.executable, "-X", "importtime", FORKPROXY, *args],
+                          capture_output=True, text=True, env=env, timeout=60, check=False)
+    times = [line for line in lean.stderr.splitlines() if line.startswith("import time:")]
+    imported = {line.rsplit("|", 1)[-1].strip().split(".")[0] for line in times[1:]}
+    stderr = "".join(line for line in lean.stderr.splitlines(keepends=True)
+                     if not line.startswith("import time:"))
+    full = subprocess.run([sys.executable, "-c", FULL_CLI, *args], capture_output=True,
+                          text=True, env=env, timeout=60, check=False)
+
+    def seen(code: int, stdout: str, stderr: str) -> tuple[Any, ...]:
+        if args[:1] == ["status"] and code == 0:
+            if "--json" in args:
+                reply = json.loads(stdout)
+                for clock in ("uptime", "started"):  # `started` is now less the uptime
+                    reply.pop(clock)
+                for stats in reply["links"].values():
+                    stats.pop("since")
+                return code, reply, stderr
+            stdout = re.sub(r", up \d+s,", ", up Ns,", stdout)
+        return code, stdout, stderr
+
+    return imported, seen(lean.returncode, lean.stdout, stderr), seen(
+        full.returncode, full.stdout, full.stderr)
+
+
+def test_a_bare_check_or_status_runs_without_typer_and_says_what_the_cli_says(
+    start_proxy: StartProxy, tcp_server: ServerFactory, env: dict[str, str], tmp_path: Path,
+) -> None:
+    """The image's HEALTHCHECK, `forkproxy check`, imported typer, and with it click,
+    pydantic and rich: ~20 MiB charged to the container's memory limit each run, which
+    the OOM killer took from the connections (13 of 52 at 64 MiB). A bare `check`,
+    `status` or `status --json` now runs without it (console.py), and says what the CLI
+    says, with its exit status. Anything else, a FORKPROXY_STATUS_SOCKET the CLI refuses
+    among it, is the CLI's, with its own errors."""
+    server = tcp_server(echo)
+    proxy = start_proxy("--grace", "60", f"127.0.0.1:0=127.0.0.1:{server.port}", env=env)
+    sock_path = Path(env["XDG_RUNTIME_DIR"]) / "forkproxy" / f"{proxy.pid}.sock"
+    named = {**env, "FORKPROXY_STATUS_SOCKET": str(sock_path)}
+    missing = {**env, "FORKPROXY_STATUS_SOCKET": str(tmp_path / "missing.sock")}
+    not_a_socket = {**env, "FORKPROXY_STATUS_SOCKET": str(tmp_path)}
+    empty = {**env, "FORKPROXY_STATUS_SOCKET": ""}  # click reads it as unset
+
+    def same(args: list[str], env: dict[str, str], code: int, lean: bool = True) -> str:
+        imported, got, full = lean_and_full(args, env)
+        assert got == full
+        assert got[0] == code, got
+        # The CLI's is typer's, through console.main as through cli.main.
+        assert (not imported & CLI_ONLY if lean else "typer" in imported), (args, imported)
+        if lean and args == ["check"]:
+            assert "psutil" not in imported  # only status reads the children with it
+        return f"{got[1]}{got[2]}" if isinstance(got[1], str) else got[2]
+
+    ok = "ok: 1 listener(s)\n"
+    assert same(["check"], env, 0) == ok  # the HEALTHCHECK: the default directory
+    assert same(["check"], named, 0) == ok
+    assert same(["check"], empty, 0, lean=False) == ok
+    assert same(["check", "--status-socket", str(sock_path)], env, 0, lean=False) == ok
+    assert same(["check"], missing, 1) == f"forkproxy: no answer on '{tmp_path}/missing.sock'" \
+                                          f": No such file or directory\n"
+    assert same(["check"], not_a_socket, 2, lean=False) == (
+        f"forkproxy: error: FORKPROXY_STATUS_SOCKET (--status-socket) '{tmp_path}': exists "
+        "and is not a socket\n")
+    assert same(["check", "--help"], env, 0, lean=False).startswith("Usage: ")
+    assert same(["status"], env, 0).startswith("forkproxy ")
+    assert same(["status"], named, 0).startswith("forkproxy ")
+    assert same(["status", "--json"], named, 0) == ""
+    assert same(["status", "--json"], missing, 1).startswith("forkproxy: no answer on ")
+    assert same(["status"], not_a_socket, 2, lean=False).startswith("forkproxy: error: ")
+    assert same(["status", "--verbose"], named, 2, lean=False).startswith("forkproxy: error: ")
+
+    # Output that cannot be written: one line, exit 1 (a full disk); no reader, no error.
+    for args in (["check"], ["status"], ["status", "--json"]):
+        with open("/dev/full", "w") as full:
+            runs = [subprocess.run(argv, stdout=full, stderr=subprocess.PIPE, text=True,
+                                   env=named, timeout=60)
+                    for argv in ([FORKPROXY, *args], [sys.executable, "-c", FULL_CLI, *args])]
+        assert [(run.returncode, run.stderr) for run in runs] == [
+            (1, "forkproxy: error: cannot write: No space left on device\n")] * 2, runs
+        reader, writer = os.pipe()
+        os.close(reader)
+        try:
+            gone = subprocess.run([FORKPROXY, *args], stdout=writer, stderr=subprocess.PIPE,
+                                  text=True, env=named, timeout=60)
+        finally:
+            os.close(writer)
+        assert (gone.returncode, gone.stderr) == (0, ""), gone
+
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=30) as client:
+        client.sendall(b"ping")
+        assert recv_exact(client, 4) == b"ping"
+        proxy.signal(signal.SIGTERM)  # draining: listeners closed, one connection held
+        poll(lambda: ask(sock_path, "check"), lambda r: bool(r.get("stopping")))
+        assert same(["check"], named, 1) == "forkproxy: unhealthy: stopping\n"
+        assert same(["check"], env, 1) == "forkproxy: unhealthy: stopping\n"
+    assert proxy.proc.wait(DEADLINE) == 0
+    directory = sock_path.parent
+    assert same(["check"], env, 1) == f"forkproxy: no running forkproxy found in " \
+                                      f"'{directory}' (use --status-socket)\n"
+    assert same(["status"], env, 1).startswith("forkproxy: no running forkproxy found in ")
+
+
 def test_check_exit_codes_while_serving_draining_and_after_exit(
     start_proxy: StartProxy, tcp_server: ServerFactory, env: dict[str, str],
 ) -> None:
