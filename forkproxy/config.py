@@ -34,11 +34,25 @@ MiB = 1 << 20
 # speed (4 MiB redis GETs, splice) 0.72-0.78 MiB. Socket buffers were not in those (v1
 # charges them apart); cgroup v2 charges them to the limit: ~0.19 MiB per connection at
 # full speed (ss -m). So 1 MiB per connection, and the supervisor's room includes a
-# status reporter and a resolver child: at 64 MiB, 52 connections moving data at full
-# speed stay ~10 MiB under the limit even on v2.
+# status reporter and a resolver child: at 64 MiB, 36 connections moving data at full
+# speed, with a `check` and a `status` (COMMANDS_MEMORY) run beside them, peaked at 48 MiB
+# (v1; ~7 MiB more of socket buffers on v2).
 SUPERVISOR_MEMORY = 12 * MiB
 METRICS_MEMORY = 16 * MiB
 CHILD_MEMORY = 1 * MiB
+# The commands run inside the container while it serves, charged to the same limit: the
+# image's HEALTHCHECK `forkproxy check` (every 30 s) and one operator's `docker exec ...
+# forkproxy status` at the same time (as OWN_PIDS counts them). Both run without typer
+# (console.py's lean path). Measured as above, each command alone in a fresh v1 memory
+# cgroup (memory.max_usage_in_bytes, its package's files dropped from the page cache
+# first), installed from the wheel, Python 3.11 and 3.13 alike: `check` 6.1-6.3 MiB,
+# `status` 8.1-8.3 MiB at 52 connections (~1.5 MiB more at 500, where the limit leaves
+# more room than this); in the image at 64 MiB with 36 connections, 6.3 and 8.3 MiB
+# (podman healthcheck run, podman exec; memory.max_usage_in_bytes less the usage before).
+# Through typer (any other argument: `reload`, `--status-socket`)
+# each costs 18-20 MiB, 25-28 MiB with cold files. Without this room, one HEALTHCHECK at
+# 64 MiB (52 idle connections) made the OOM killer take 13 of them.
+COMMANDS_MEMORY = 16 * MiB
 # What a pids limit (pids.max, docker run --pids-limit) must hold besides the connections,
 # one each, for the --max-children derived from it (children_within_pids): pids.max counts every
 # process and every thread in the cgroup, and past it a fork fails (`fork-failed`, the
@@ -255,9 +269,9 @@ class Sources(Value):
 
 
 def own_memory(metrics: bool) -> int:
-    """What a memory limit must hold besides the connections: the supervisor's room, and
-    its metrics process's with --metrics."""
-    return SUPERVISOR_MEMORY + (METRICS_MEMORY if metrics else 0)
+    """What a memory limit must hold besides the connections: the supervisor's room, the
+    commands run beside it (COMMANDS_MEMORY), and the metrics process's with --metrics."""
+    return SUPERVISOR_MEMORY + COMMANDS_MEMORY + (METRICS_MEMORY if metrics else 0)
 
 
 def room_for_children(memory_limit: int, metrics: bool) -> int:

@@ -1866,7 +1866,10 @@ def test_at_a_memory_limit_the_clients_beyond_what_fits_wait_in_the_backlog(
     one per new client). Now the default is derived from the limit: the start line
     names it, that many clients are served, and even moving data at full speed they stay
     under the limit; the clients beyond wait in the kernel backlog, as at HAProxy's
-    maxconn, and are served as others close. Nothing is killed."""
+    maxconn, and are served as others close. Nothing is killed, not even while the
+    HEALTHCHECK's `forkproxy check` and an operator's `forkproxy status` run in the same
+    cgroup: with no room for them (52 connections), one check made the OOM killer take 13
+    connections."""
     memory_cgroup.limit(64 * MiB)  # as docker run -m sets it: before the process starts
     value = b"v" * MiB
     with connect(redis.port) as direct:  # too long for redis-cli's command line
@@ -1900,19 +1903,36 @@ def test_at_a_memory_limit_the_clients_beyond_what_fits_wait_in_the_backlog(
         # Every served connection moving data at once, at full speed.
         errors: list[BaseException] = []
 
+        commands_done = threading.Event()
+
         def busy(sock: socket.socket) -> None:
             try:
-                for _ in range(4):
+                rounds = 0
+                while rounds < 4 or not commands_done.is_set():
                     assert redis_get(sock, b"big", len(value)) == value
+                    rounds += 1
             except BaseException as exc:  # reported by the test, not lost in the thread
                 errors.append(exc)
 
         threads = [threading.Thread(target=busy, args=(sock,)) for sock in served]
         for thread in threads:
             thread.start()
+        # The commands run inside the container, at once, while the data moves.
+        env = {**os.environ, "FORKPROXY_STATUS_SOCKET": str(sock_path)}
+        commands = {name: subprocess.Popen([*memory_cgroup.enter(), FORKPROXY, name], env=env,
+                                           stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                           text=True)
+                    for name in ("check", "status")}
+        try:
+            results = [(name, *command.communicate(timeout=60), command.returncode)
+                       for name, command in commands.items()]
+        finally:
+            commands_done.set()
         for thread in threads:
             thread.join(120)
         assert not errors, errors[:3]
+        assert [(name, code) for name, _, _, code in results] == [("check", 0), ("status", 0)], \
+            results
         assert len(children(proxy.pid)) == fit  # still none beyond the limit
         for sock in served[:extra]:
             sock.close()  # their children exit: the waiting clients are accepted
@@ -1974,7 +1994,8 @@ def test_a_max_children_above_the_default_is_told_what_fits_a_large_memory_limit
     "about 1024 fit", the cap of the derived default, where ~4084 do. The default itself
     stays 1024 under that limit, said to fit it."""
     memory_cgroup.limit(4 << 30)
-    fit = (4 << 30) // MiB - 12  # the supervisor's 12 MiB (config.SUPERVISOR_MEMORY)
+    # The supervisor's 12 MiB and its commands' 16 (config.SUPERVISOR_MEMORY, COMMANDS_MEMORY)
+    fit = (4 << 30) // MiB - 12 - 16
     spec, sock_path = "127.0.0.1:0=127.0.0.1:1", short_dir / "s.sock"
     proxy = start_proxy("--max-children", "5000", "--status-socket", str(sock_path), spec,
                         prefix=memory_cgroup.enter())
@@ -2031,14 +2052,14 @@ def test_the_derived_max_children_in_json_leaves_room_for_metrics_and_status_sho
 def test_status_says_when_a_real_memory_limit_leaves_no_room_for_connections(
     memory_cgroup: MemoryCgroup, start_proxy: StartProxy, short_dir: Path
 ) -> None:
-    """A limit under forkproxy's own room (~28 MiB with --metrics): the derived
+    """A limit under forkproxy's own room (~44 MiB with --metrics): the derived
     --max-children is clamped up to 1, and a given one is served as told, but no number
     is a promise. `status` said `(fits the memory limit of ...)` there, while the log
     warned that nothing fits. Its header says so now, for both, read from a supervisor
     in a real memory cgroup. (The derived value that fits and a given one above it are
-    checked in the two tests above.) 28 MiB: the most that leaves no room, and room
+    checked in the two tests above.) 44 MiB: the most that leaves no room, and room
     enough for the supervisor and its metrics process to run."""
-    memory_cgroup.limit(28 * MiB)
+    memory_cgroup.limit(44 * MiB)
     spec, sock_path = "127.0.0.1:0=127.0.0.1:1", short_dir / "s.sock"
     for given, expected in (((), 1), (("--max-children", "5"), 5)):
         proxy = start_proxy(*given, "--metrics", "127.0.0.1:0", "--status-socket",
@@ -2046,11 +2067,11 @@ def test_status_says_when_a_real_memory_limit_leaves_no_room_for_connections(
         result = cli("status", "--status-socket", str(sock_path))
         assert result.returncode == 0, result
         first = result.stdout.splitlines()[0]
-        assert first.endswith(f", max-children {expected} (the memory limit of 28 MiB leaves "
+        assert first.endswith(f", max-children {expected} (the memory limit of 44 MiB leaves "
                               "no room for connections)"), first
         reply = status_json(sock_path)
         assert (reply["max_children"], reply["memory_limit"], reply["memory_fit"]) == (
-            expected, 28 * MiB, 0), reply
+            expected, 44 * MiB, 0), reply
         assert proxy.stop() == 0
 
 

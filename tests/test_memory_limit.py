@@ -12,6 +12,7 @@ from forkproxy import cgroup, control, metrics
 from forkproxy.cli import read_memory_limit, read_pids_limit, with_limits
 from forkproxy.config import (
     CHILD_MEMORY,
+    COMMANDS_MEMORY,
     DEFAULT_MAX_CHILDREN,
     METRICS_MEMORY,
     METRICS_PIDS,
@@ -311,20 +312,23 @@ def test_the_last_mount_on_a_mount_point_is_the_one_seen() -> None:
 
 
 def test_the_children_that_fit_64_mib() -> None:
-    """The allowances measured (config.py): 52 connections at 64 MiB, 36 with --metrics."""
-    assert derived_max_children(64 * MiB, None, metrics=False) == 52
-    assert derived_max_children(64 * MiB, None, metrics=True) == 36
+    """The allowances measured (config.py): 36 connections at 64 MiB, 20 with --metrics.
+    It was 52 with no room for the commands run in the container: one HEALTHCHECK then
+    made the OOM killer take 13 connections, one `docker exec ... status` 14 more."""
+    assert derived_max_children(64 * MiB, None, metrics=False) == 36
+    assert derived_max_children(64 * MiB, None, metrics=True) == 20
     assert derived_max_children(64 * MiB, None, metrics=False) == \
-        (64 * MiB - SUPERVISOR_MEMORY) // CHILD_MEMORY
+        (64 * MiB - SUPERVISOR_MEMORY - COMMANDS_MEMORY) // CHILD_MEMORY
     assert derived_max_children(64 * MiB, None, metrics=True) == \
-        (64 * MiB - SUPERVISOR_MEMORY - METRICS_MEMORY) // CHILD_MEMORY
+        (64 * MiB - SUPERVISOR_MEMORY - COMMANDS_MEMORY - METRICS_MEMORY) // CHILD_MEMORY
 
 
 @pytest.mark.parametrize(("limit", "metrics", "expected"), [
     (0, False, 1), (1 * MiB, False, 1), (20 * MiB, True, 1),  # too small: one, not none
-    (SUPERVISOR_MEMORY + CHILD_MEMORY, False, 1),
-    (SUPERVISOR_MEMORY + 2 * CHILD_MEMORY - 1, False, 1),
-    (256 * MiB, False, 244), (2 << 30, False, DEFAULT_MAX_CHILDREN),
+    (SUPERVISOR_MEMORY + COMMANDS_MEMORY + CHILD_MEMORY, False, 1),
+    (SUPERVISOR_MEMORY + COMMANDS_MEMORY + 2 * CHILD_MEMORY - 1, False, 1),
+    (SUPERVISOR_MEMORY + COMMANDS_MEMORY + 2 * CHILD_MEMORY, False, 2),
+    (256 * MiB, False, 228), (2 << 30, False, DEFAULT_MAX_CHILDREN),
     (1 << 61, True, DEFAULT_MAX_CHILDREN),
 ])
 def test_the_max_children_a_memory_limit_alone_derives_is_clamped(
@@ -338,7 +342,7 @@ def test_an_explicit_max_children_is_kept_and_the_default_derived() -> None:
     assert with_limits(given, 64 * MiB) == Options(
         max_children=500, metrics="127.0.0.1:0", memory_limit=64 * MiB)
     derived = with_limits(Options(max_children_given=False), 64 * MiB)
-    assert (derived.max_children, derived.memory_limit) == (52, 64 * MiB)
+    assert (derived.max_children, derived.memory_limit) == (36, 64 * MiB)
     unlimited = with_limits(Options(max_children_given=False), None)
     assert unlimited.max_children == DEFAULT_MAX_CHILDREN
 
@@ -356,7 +360,7 @@ def test_the_headroom_counts_forkproxy_s_own_processes_and_threads() -> None:
     (None, 100, True, 100 - OWN_PIDS - METRICS_PIDS),
     (None, OWN_PIDS, False, 1),  # no room: one, not none
     (None, 1 << 22, False, DEFAULT_MAX_CHILDREN),  # systemd's TasksMax: the default stays
-    (64 * MiB, 100, False, 52),  # the memory limit holds fewer
+    (64 * MiB, 100, False, 36),  # the memory limit holds fewer
     (64 * MiB, 40, False, 40 - OWN_PIDS),  # the pids limit holds fewer
     (None, None, False, DEFAULT_MAX_CHILDREN),
 ])
@@ -397,7 +401,7 @@ def test_a_limit_below_forkproxy_s_own_memory_is_a_warning(tmp_path: Path) -> No
     assert options.max_children == 1
     [line] = start_lines(tmp_path, options)
     assert " warning max-children value=1 memory_limit=20971520 detail=\"the memory limit of " \
-           "20 MiB leaves no room for connections beside forkproxy's own ~28 MiB; " \
+           "20 MiB leaves no room for connections beside forkproxy's own ~44 MiB; " \
            "--max-children overrides\"" in line, line
 
 
@@ -425,7 +429,7 @@ def test_status_says_when_nothing_fits_the_memory_limit(given: bool) -> None:
         ", max-children 1 (the memory limit of 5 MiB leaves no room for connections)")
     fits = with_limits(Options(max_children_given=False), 64 * MiB)
     assert Supervisor(Sources(("127.0.0.1:0=127.0.0.1:1",), options=fits), {},
-                      Logger()).memory_fit() == fits.max_children == 52
+                      Logger()).memory_fit() == fits.max_children == 36
 
 
 def test_no_limit_is_a_debug_line_only(tmp_path: Path) -> None:
@@ -442,13 +446,13 @@ def test_the_start_line_says_which_limit_the_value_came_from(tmp_path: Path) -> 
                          "detail=\"fits the pids limit of 100; --max-children overrides\""), line
     memory_first = with_limits(Options(max_children_given=False), 64 * MiB, 100)
     [line] = start_lines(tmp_path, memory_first)
-    assert line.endswith(" info max-children value=52 memory_limit=67108864 detail=\"fits "
+    assert line.endswith(" info max-children value=36 memory_limit=67108864 detail=\"fits "
                          "the memory limit of 64 MiB; --max-children overrides\""), line
-    both = with_limits(Options(max_children_given=False), 64 * MiB, 52 + OWN_PIDS)
+    both = with_limits(Options(max_children_given=False), 64 * MiB, 36 + OWN_PIDS)
     [line] = start_lines(tmp_path, both)
-    assert line.endswith(f" info max-children value=52 memory_limit=67108864 "
-                         f"pids_limit={52 + OWN_PIDS} detail=\"fits the memory limit of 64 MiB "
-                         f"and the pids limit of {52 + OWN_PIDS}; --max-children overrides\""), \
+    assert line.endswith(f" info max-children value=36 memory_limit=67108864 "
+                         f"pids_limit={36 + OWN_PIDS} detail=\"fits the memory limit of 64 MiB "
+                         f"and the pids limit of {36 + OWN_PIDS}; --max-children overrides\""), \
         line
     no_room = with_limits(Options(max_children_given=False), None, 10)
     [line] = start_lines(tmp_path, no_room)
