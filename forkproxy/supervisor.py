@@ -225,6 +225,15 @@ def _listener_ends(listener: Listener) -> tuple[str, str]:
     return join_host_port(listener.link.bind, listener.port), str(listener.link.target)
 
 
+def _owner(path: str) -> int | None:
+    """The uid owning the regular file at `path` (not followed if a link), else None."""
+    try:
+        found = os.lstat(path)
+    except OSError:
+        return None
+    return found.st_uid if stat.S_ISREG(found.st_mode) else None
+
+
 def _reaped_within(pid: int, seconds: float) -> bool:
     """Wait up to `seconds` for child `pid` to exit, reaping it: True once it has (or was
     reaped already), False if it still runs."""
@@ -493,11 +502,17 @@ class Supervisor:
                          | os.O_NOFOLLOW, 0o644)
         except OSError as exc:
             reason = "not a regular file" if exc.errno == errno.ENXIO else exc.strerror
-            if exc.errno == errno.EACCES and os.path.isfile(path):
-                # A file already there that we may not read (0200) or not write (0400):
-                # refused, not chmodded. Unread, it could hold anything; and a pid file
-                # this user cannot read is none for `reload --pid-file`, nor for the stop,
-                # which checks that it still names us before removing it.
+            owner = _owner(path) if exc.errno == errno.EACCES else None
+            if owner is not None and owner != os.geteuid():
+                # fs.protected_regular refuses O_CREAT of another user's file in a sticky
+                # directory (/tmp), to root too, whatever its mode: the reason is whose it
+                # is, as for the same file opened below.
+                reason = f"owned by uid {owner}, not by this user ({os.geteuid()})"
+            elif owner is not None:
+                # A file of ours that we may not read (0200) or not write (0400): refused,
+                # not chmodded. Unread, it could hold anything; and a pid file this user
+                # cannot read is none for `reload --pid-file`, nor for the stop, which
+                # checks that it still names us before removing it.
                 reason = (f"{exc.strerror}: a pid file already there must be readable and "
                           "writable by this user (what it holds is checked before it is "
                           "written over)")

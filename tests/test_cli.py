@@ -836,6 +836,28 @@ def test_a_pid_file_of_ours_we_may_not_read_or_write_is_refused_and_says_why(
     assert stat.S_IMODE(pid_file.stat().st_mode) == mode and pid_file.read_bytes() == b""
 
 
+def test_a_pid_file_of_another_user_that_we_may_not_open_is_refused_as_not_ours(
+    tmp_path: Path,
+) -> None:
+    """Another user's file that we may not open (here 0644 and no CAP_DAC_OVERRIDE; with
+    fs.protected_regular, any such file in /tmp, as root too): the reason is whose it is,
+    as for one we may open. It said "must be readable and writable by this user", which
+    pointed at the mode, where no mode of ours would make it ours."""
+    if os.geteuid() != 0:  # a missing prerequisite fails, as everywhere here
+        pytest.fail("giving a file to another user needs root (run ./scripts/test as root)")
+    pid_file = tmp_path / "proxy.pid"
+    pid_file.touch()
+    os.chown(pid_file, 65534, 65534)
+    runtime = tmp_path / "runtime"
+    runtime.mkdir(mode=0o700)
+    prefix = (need("setpriv"), "--bounding-set=-dac_override,-dac_read_search")
+    result = run("serve", "--pid-file", str(pid_file), "127.0.0.1:0=127.0.0.1:1",
+                 env={"XDG_RUNTIME_DIR": str(runtime)}, prefix=prefix)
+    assert_one_line_error(result, f"--pid-file '{pid_file}': owned by uid 65534, not by this "
+                                  "user (0)")
+    assert pid_file.stat().st_uid == 65534 and pid_file.read_bytes() == b""
+
+
 def test_a_pid_file_that_cannot_be_written_is_not_left_behind_empty(tmp_path: Path) -> None:
     """On a full file system the pid file was created, the write failed, and the empty
     file stayed: the clean-up removes only a file that names our PID. A tmpfs of 4 KiB,
