@@ -445,9 +445,10 @@ _BROADCAST = ipaddress.IPv4Address("255.255.255.255")
 
 
 def _check_unicast(address: ipaddress.IPv4Address | ipaddress.IPv6Address, text: str,
-                   what: str) -> None:
-    """ConfigError for a target no TCP connection can reach: a multicast address, or the
-    broadcast address (also as ::ffff:a.b.c.d). Linux refuses to connect to one ("Network
+                   what: str, why: str = "TCP cannot connect to it") -> None:
+    """ConfigError for a target (or listening address: parse_bind, with its own `why`)
+    no TCP connection can reach: a multicast address, or the broadcast address (also as
+    ::ffff:a.b.c.d). Linux refuses to connect to one ("Network
     is unreachable") without a packet sent: each connection failed, each logged. The
     unspecified addresses (0.0.0.0, ::) are not refused: Linux connects them to this
     host, as it does 127.0.0.1 (::1)."""
@@ -458,7 +459,7 @@ def _check_unicast(address: ipaddress.IPv4Address | ipaddress.IPv6Address, text:
         kind = "the broadcast address"
     else:
         return
-    raise ConfigError(f"{what}: {quoted(text)} is {kind}: TCP cannot connect to it")
+    raise ConfigError(f"{what}: {quoted(text)} is {kind}: {why}")
 
 
 def parse_host(text: str, what: str) -> str:
@@ -530,7 +531,7 @@ def parse_bind(text: str, what: str) -> str:
         raise ConfigError(
             f"{what}: bind address {quoted(text)} is not an IP address"
         ) from None
-    _check_unicast(address, text, what)
+    _check_unicast(address, text, what, "no TCP client can connect to a listener there")
     if ":" in text:
         _check_zone(text, what)
     return str(address)

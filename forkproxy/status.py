@@ -540,7 +540,7 @@ def describe_metrics(metrics: dict[str, Any] | None) -> str | None:
 
 
 def _max_children(status: dict[str, Any]) -> str:
-    """`, max-children 52 (fits the memory limit of 64 MiB)`: the limit in force, and
+    """`, max-children 36 (fits the memory limit of 64 MiB)`: the limit in force, and
     where it came from when a memory or pids limit was found (both: `fits the memory limit
     of 64 MiB and the pids limit of 73`), as the start line says."""
     value = status.get("max_children")

@@ -747,7 +747,7 @@ def test_targets_linux_can_connect_to_are_taken(host: str) -> None:
 def test_a_listening_address_no_client_can_reach_is_refused(address: str, kind: str) -> None:
     """Linux binds a listener to 224.0.0.1 or 255.255.255.255 and it starts, but takes no
     SYN sent there: --bind, a SPEC's BIND_ADDR and --metrics are refused as targets are."""
-    said = f"{address!r} is {kind}: TCP cannot connect to it"
+    said = f"{address!r} is {kind}: no TCP client can connect to a listener there"
     bracketed = f"[{address}]" if ":" in address else address
     with pytest.raises(ConfigError, match=f"^{re.escape(f'--bind {address!r}: {said}')}$"):
         parse_link_bind(address)
