@@ -1555,7 +1555,11 @@ def test_reload_pid_file_waits_on_no_fifo_and_signals_no_connection_child(
 
 # reload's check takes any ".../_serve.py --config-fd N" in a command line for forkproxy.
 # It prints a line once it runs: when Popen returns, its /proc/PID/cmdline may still be empty.
-FAKE_SUPERVISOR = [sys.executable, "-c", "import time; print(flush=True); time.sleep(60)",
+# SIGHUP's default action put back first: an ignored signal stays ignored across fork and
+# exec, so under `nohup` (or any SIGHUP-ignoring parent) it would outlive the reload's signal.
+FAKE_SUPERVISOR = [sys.executable, "-c",
+                   "import signal, time; signal.signal(signal.SIGHUP, signal.SIG_DFL); "
+                   "print(flush=True); time.sleep(60)",
                    "/fake/_serve.py", "--config-fd", "3"]
 
 @contextlib.contextmanager
