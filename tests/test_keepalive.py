@@ -14,12 +14,15 @@ Needs root, `ip` and iptables: fails without them (never a skip).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import os
 import re
 import signal
 import socket
+import struct
 import subprocess
+import termios
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -164,6 +167,11 @@ def close_lines(proc: Process) -> list[str]:
     return [line for line in proc.stderr().splitlines() if " close " in line]
 
 
+def unacknowledged(sock: socket.socket) -> int:
+    """Bytes `sock` sent that its peer has not acknowledged yet (SIOCOUTQ, TIOCOUTQ's number)."""
+    return int(struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, bytes(4)))[0])
+
+
 def wait_close_line(proc: Process, timeout: float) -> str:
     deadline = time.monotonic() + timeout
     while not close_lines(proc):
@@ -201,6 +209,12 @@ def test_keepalive_ends_a_connection_whose_upstream_vanished(
     client, upstream = ka.connect(proxy)
     with client, upstream:
         exchange(client, upstream, SIZE, seed=1)
+        # The proxy's ACK of the upstream's last bytes may still be delayed (pingpong mode:
+        # 40 to 200 ms) when the rule goes in. Rejected, that ACK's ICMP is in the window (a
+        # pure ACK carries snd_nxt), and the kernel keeps it as the soft error the keepalive
+        # timeout reports: "No route to host" (2 of 6 in a probe whose upstream sent one
+        # more byte just before the rule). The rule waits until that ACK has arrived.
+        assert wait_for(lambda: unacknowledged(upstream) == 0), unacknowledged(upstream)
         if reject:
             ka.upstream.run(["iptables", "-A", "INPUT", *reject])
         else:
