@@ -62,6 +62,9 @@ OUTCOMES = {
 }
 
 COPY_CHUNK = 64 * 1024  # --relay copy
+# After one side reset: how long a receiver that takes nothing while it is sending to us
+# (a client blocked in its upload, reading only after it) is waited for. See _stuck.
+WRITER_PATIENCE = 5.0
 AUTO_CHUNK = 16 * 1024  # --relay auto: a read that fills it means bulk, so splice from then on
 SPLICE_CHUNK = 1024 * 1024
 PIPE_SIZE = 1024 * 1024
@@ -660,16 +663,13 @@ def _deliver_rest(flow: Flow, patience: float | None) -> None:
     """`flow.src` reset: deliver to `flow.dst` what it had sent before, the bytes already
     read (pending, in the buffer or the splice pipe) and then its receive queue (after an
     RST the kernel still hands those out, then EOF). With the patience a live connection
-    gets (`patience`, --idle-timeout: a receiver that takes nothing for that long is reset
-    with the rest unsent; none, the default, waits as long as the receiver lives). A
-    fixed 5 s lost megabytes the proxy had taken for a reader that paused longer, where
-    socat's kernel still delivers them after its close."""
+    gets: a receiver that takes nothing is waited for without limit, or for `patience`
+    (--idle-timeout), unless it is sending to us meanwhile (_stuck). A fixed 5 s lost
+    megabytes the proxy had taken for a reader that paused longer, where socat's kernel
+    still delivers them after its close."""
     dst = flow.dst
     try:
-        dst.settimeout(patience)
         while flow.pending:
-            # At most COPY_CHUNK per send: sendall's timeout bounds the whole call, and a
-            # receiver that is slow but moving must not be taken for one that is stuck.
             size = min(flow.pending, COPY_CHUNK)
             if flow.splice:
                 data = os.read(flow.pipe_r, size)
@@ -678,28 +678,90 @@ def _deliver_rest(flow: Flow, patience: float | None) -> None:
             else:
                 data = bytes(flow.view[flow.start : flow.start + size])
                 flow.start += size
-            dst.sendall(data)
+            _send_patiently(dst, data, patience)
             flow.pending -= len(data)
             flow.counters[flow.index] += len(data)
         if not flow.eof:
-            _deliver_queued(flow.src, dst, flow.counters, flow.index)
+            _deliver_queued(flow.src, dst, flow.counters, flow.index, patience)
     except OSError:
-        pass  # nothing more queued (EAGAIN), or the receiver is gone or too slow
+        pass  # nothing more queued (EAGAIN), or the receiver is gone or stuck
 
 
-def _deliver_queued(src: RawSocket, dst: RawSocket, counters: memoryview, index: int) -> None:
+def _deliver_queued(src: RawSocket, dst: RawSocket, counters: memoryview, index: int,
+                    patience: float | None) -> None:
     """`src` reset: send `dst` what is left in its receive queue (after an RST the kernel
     still hands that out, then EOF), counted at counters[index]. Raises OSError when
-    nothing more is queued (EAGAIN), or `dst` is gone or outlasts its timeout."""
+    nothing more is queued (EAGAIN), or `dst` is gone or stuck (_send_patiently)."""
     while True:
         data = src.recv(COPY_CHUNK, MSG_DONTWAIT)
         if not data:
             return
-        dst.sendall(data)
+        _send_patiently(dst, data, patience)
         counters[index] += len(data)
 
 
+# When what goes to the receiver last moved: _send_patiently sets it, and _drain, which
+# comes after it on the same socket, counts from it, so that --idle-timeout bounds the two
+# together, not each (one child, one connection: a module global is that connection's).
+_moved_at = 0.0
+
+
+def _send_patiently(dst: RawSocket, data: bytes, patience: float | None) -> None:
+    """Send all of `data` to `dst`, however slowly it takes it; TimeoutError once it is
+    stuck (_stuck), any other OSError as send() raises it. Progress is its send queue
+    shrinking (TIOCOUTQ), not only room to write: poll says writable only once a third
+    of the buffer is free, and a reader taking 64 KiB a second would look stuck."""
+    global _moved_at
+    view = memoryview(data)
+    writable = select.poll()
+    writable.register(dst.fileno(), POLLOUT)
+    left = -1
+    _moved_at = time.monotonic()
+    while view:
+        if writable.poll(500):
+            try:
+                sent = dst.send(view, MSG_DONTWAIT)
+            except BlockingIOError:
+                continue
+            view = view[sent:]
+            _moved_at = time.monotonic()
+            continue
+        queued = _queue_out(dst)
+        if queued != left:
+            left, _moved_at = queued, time.monotonic()
+        elif _stuck(dst, patience):
+            raise TimeoutError(errno.ETIMEDOUT, "stuck")
+
+
+def _stuck(sock: RawSocket, patience: float | None) -> bool:
+    """Whether a receiver that took nothing since _moved_at is given up on: after
+    `patience` (--idle-timeout), or after WRITER_PATIENCE while it sends to us (bytes wait
+    in our receive queue). That one reads only once its own send is done, which cannot
+    be, as nothing reads its side any more: a deadlock (a client blocked in its upload
+    after the upstream reset, whose send direct would fail at once with ECONNRESET).
+    A reader that paused sends nothing, and is waited for."""
+    still = time.monotonic() - _moved_at
+    if patience is not None and still >= patience:
+        return True
+    if still < WRITER_PATIENCE:
+        return False
+    waiting = bytearray(4)
+    try:
+        fcntl.ioctl(sock.fileno(), FIONREAD, waiting)
+    except OSError:
+        return True
+    return int.from_bytes(waiting, sys.byteorder) > 0
+
+
+def _queue_out(sock: RawSocket) -> int:
+    """The bytes `sock` has sent and its peer has not acknowledged, or not sent yet."""
+    queue = bytearray(4)
+    fcntl.ioctl(sock.fileno(), TIOCOUTQ, queue)
+    return int.from_bytes(queue, sys.byteorder)  # the C int the kernel wrote
+
+
 TIOCOUTQ = 0x5411  # linux/asm-generic ioctls.h (termios.TIOCOUTQ: a module more to import)
+FIONREAD = 0x541B  # the same header: SIOCINQ, the bytes waiting to be read
 
 
 def _pass_reset_on(sock: RawSocket, patience: float | None) -> None:
@@ -716,24 +778,25 @@ def _pass_reset_on(sock: RawSocket, patience: float | None) -> None:
 def _drain(sock: RawSocket, patience: float | None) -> None:
     """Wait until `sock`'s send queue is empty, its connection is closed (a reset from
     its peer, or the kernel's retransmissions or --user-timeout running out: the queue
-    never shrinks after that), or `patience` seconds without progress."""
-    queue = bytearray(4)
-    left, moved = -1, time.monotonic()
+    never shrinks after that), or its peer is stuck (_stuck: counted from the last
+    progress of what _deliver_rest sent it, if that came just before)."""
+    global _moved_at
+    left = -1
+    if not _moved_at:  # nothing was sent by _deliver_rest on this connection: start now
+        _moved_at = time.monotonic()
     pause = 0.005
     while True:
         try:
-            fcntl.ioctl(sock.fileno(), TIOCOUTQ, queue)
+            queued = _queue_out(sock)
         except OSError:
             return  # closed or broken already: nothing to wait for
-        queued = int.from_bytes(queue, sys.byteorder)  # the C int the kernel wrote
         # TCP_INFO's first byte is the state. Not poll()'s POLLHUP: both ends' FINs raise
         # it too, with the queue still on its way.
         if not queued or sock.getsockopt(IPPROTO_TCP, TCP_INFO, 1)[0] == TCP_CLOSE:
             return
-        now = time.monotonic()
         if queued != left:
-            left, moved, pause = queued, now, 0.005
-        elif patience is not None and now - moved >= patience:
+            left, _moved_at, pause = queued, time.monotonic(), 0.005
+        elif _stuck(sock, patience):
             return
         else:
             pause = min(pause * 2, 0.5)  # a reader that paused: look less often
@@ -1070,8 +1133,7 @@ def serve(
             # the reset) is still in the socket's receive queue, which the kernel keeps
             # through the reset: as pump() does after an RST mid-stream (_deliver_rest),
             # it goes to the client before the reset does.
-            client.settimeout(options.idle_timeout)
-            _deliver_queued(upstream, client, counters, base + 1)
+            _deliver_queued(upstream, client, counters, base + 1, options.idle_timeout)
         except OSError:
             pass
         upstream.close()

@@ -659,3 +659,52 @@ def test_with_idle_timeout_a_reader_that_takes_nothing_after_a_reset_is_reset(
             got = bytearray()
             assert _read_slowly(client, got) == "reset"
     assert 0 < len(got) < len(data)  # what was in the client's own buffers, not the rest
+
+
+@pytest.mark.parametrize("side", ["upstream", "client"])
+def test_a_side_blocked_in_its_send_after_the_other_reset_is_reset_not_waited_for(
+    start_proxy: Callable[..., Proxy], side: str
+) -> None:
+    """A client that uploads everything before it reads (request, then response), and an
+    upstream that answers early and resets: direct, the client's send fails with a reset
+    within seconds. The wait for it to take the answer (above) has no limit, but nothing
+    reads its upload any more, so it would never get to its read: a deadlock, found by
+    the hostile-upstream hunt (the client still blocked 30 s later). A receiver that
+    sends to us while it takes nothing is reset after a few seconds (WRITER_PATIENCE).
+    The mirror too: an upstream streaming an answer while the client that reset is gone."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        proxy = start_proxy(f"127.0.0.1:0=127.0.0.1:{server.getsockname()[1]}")
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=60) as client:
+            client.sendall(b"go")
+            conn, _ = server.accept()
+            with conn:
+                conn.settimeout(60)
+                assert conn.recv(2) == b"go"
+                writer, resetter = (client, conn) if side == "upstream" else (conn, client)
+                outcome: list[BaseException | None] = []
+
+                def send_forever() -> None:
+                    try:
+                        while True:
+                            writer.sendall(b"w" * 65536)
+                    except OSError as exc:
+                        outcome.append(exc)
+
+                sending = threading.Thread(target=send_forever, daemon=True)
+                sending.start()
+                resetter.recv(65536)  # it is sending
+                resetter.setblocking(False)
+                # An answer, more than the writer's socket and the proxy can hold for it:
+                # 2 s of what fits, as the buffers grow.
+                until = time.monotonic() + 2
+                while time.monotonic() < until:
+                    try:
+                        resetter.send(b"a" * 65536)
+                    except BlockingIOError:
+                        time.sleep(0.01)
+                time.sleep(0.3)
+                resetter.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                resetter.close()
+                sending.join(60)
+                assert not sending.is_alive(), "still blocked in its send 60 s after the reset"
+    assert isinstance(outcome[0], (ConnectionResetError, BrokenPipeError)), outcome
