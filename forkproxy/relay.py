@@ -678,9 +678,8 @@ def _deliver_rest(flow: Flow, patience: float | None) -> None:
             else:
                 data = bytes(flow.view[flow.start : flow.start + size])
                 flow.start += size
-            _send_patiently(dst, data, patience)
+            _send_patiently(dst, data, patience, flow.counters, flow.index)
             flow.pending -= len(data)
-            flow.counters[flow.index] += len(data)
         if not flow.eof:
             _deliver_queued(flow.src, dst, flow.counters, flow.index, patience)
     except OSError:
@@ -696,8 +695,7 @@ def _deliver_queued(src: RawSocket, dst: RawSocket, counters: memoryview, index:
         data = src.recv(COPY_CHUNK, MSG_DONTWAIT)
         if not data:
             return
-        _send_patiently(dst, data, patience)
-        counters[index] += len(data)
+        _send_patiently(dst, data, patience, counters, index)
 
 
 # When what goes to the receiver last moved: _send_patiently sets it, and _drain, which
@@ -706,11 +704,14 @@ def _deliver_queued(src: RawSocket, dst: RawSocket, counters: memoryview, index:
 _moved_at = 0.0
 
 
-def _send_patiently(dst: RawSocket, data: bytes, patience: float | None) -> None:
-    """Send all of `data` to `dst`, however slowly it takes it; TimeoutError once it is
-    stuck (_stuck), any other OSError as send() raises it. Progress is its send queue
-    shrinking (TIOCOUTQ), not only room to write: poll says writable only once a third
-    of the buffer is free, and a reader taking 64 KiB a second would look stuck."""
+def _send_patiently(dst: RawSocket, data: bytes, patience: float | None,
+                    counters: memoryview, index: int) -> None:
+    """Send all of `data` to `dst`, however slowly it takes it, counting what is written
+    at counters[index] as it goes (a failure after part of it counts that part);
+    TimeoutError once it is stuck (_stuck), any other OSError as send() raises it.
+    Progress is its send queue shrinking (TIOCOUTQ), not only room to write: poll says
+    writable only once a third of the buffer is free, and a reader taking 64 KiB a
+    second would look stuck."""
     global _moved_at
     view = memoryview(data)
     writable = select.poll()
@@ -722,10 +723,13 @@ def _send_patiently(dst: RawSocket, data: bytes, patience: float | None) -> None
             try:
                 sent = dst.send(view, MSG_DONTWAIT)
             except BlockingIOError:
+                sent = 0
+                time.sleep(0.05)  # said writable, yet no room (TCP memory pressure): no spin
+            if sent:
+                view = view[sent:]
+                counters[index] += sent
+                _moved_at = time.monotonic()
                 continue
-            view = view[sent:]
-            _moved_at = time.monotonic()
-            continue
         queued = _queue_out(dst)
         if queued != left:
             left, _moved_at = queued, time.monotonic()
@@ -785,22 +789,27 @@ def _drain(sock: RawSocket, patience: float | None) -> None:
     if not _moved_at:  # nothing was sent by _deliver_rest on this connection: start now
         _moved_at = time.monotonic()
     pause = 0.005
-    while True:
-        try:
-            queued = _queue_out(sock)
-        except OSError:
-            return  # closed or broken already: nothing to wait for
-        # TCP_INFO's first byte is the state. Not poll()'s POLLHUP: both ends' FINs raise
-        # it too, with the queue still on its way.
-        if not queued or sock.getsockopt(IPPROTO_TCP, TCP_INFO, 1)[0] == TCP_CLOSE:
-            return
-        if queued != left:
-            left, _moved_at, pause = queued, time.monotonic(), 0.005
-        elif _stuck(sock, patience):
-            return
-        else:
-            pause = min(pause * 2, 0.5)  # a reader that paused: look less often
-        time.sleep(pause)
+    try:
+        while True:
+            try:
+                queued = _queue_out(sock)
+            except OSError:
+                return  # closed or broken already: nothing to wait for
+            # TCP_INFO's first byte is the state. Not poll()'s POLLHUP: both ends' FINs
+            # raise it too, with the queue still on its way.
+            if not queued or sock.getsockopt(IPPROTO_TCP, TCP_INFO, 1)[0] == TCP_CLOSE:
+                return
+            if queued != left:
+                if left >= 0:  # moved; the first look only notes the queue, the clock
+                    _moved_at, pause = time.monotonic(), 0.005  # runs on from above
+                left = queued
+            elif _stuck(sock, patience):
+                return
+            else:
+                pause = min(pause * 2, 0.5)  # a reader that paused: look less often
+            time.sleep(pause)
+    finally:
+        _moved_at = 0.0  # this connection's: nothing stale for whatever runs next here
 
 
 def _socket_error(sock: RawSocket) -> OSError:
