@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import os
@@ -12,7 +13,7 @@ import subprocess
 import termios
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psutil
@@ -559,6 +560,29 @@ def _sent_and_acknowledged(sock: socket.socket, data: bytes, timeout: float = 60
         time.sleep(0.01)
 
 
+@contextlib.contextmanager
+def _relayed(
+    start_proxy: Callable[..., Proxy], *options: str
+) -> Iterator[tuple[Proxy, socket.socket, socket.socket]]:
+    """A proxy with `options` to a server here, and one connection through it, known to
+    be through both ways: (the proxy, the client's socket, the server's accepted one)."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        proxy = start_proxy(*options, f"127.0.0.1:0=127.0.0.1:{server.getsockname()[1]}")
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=60) as client:
+            client.sendall(b"go")
+            conn, _ = server.accept()
+            with conn:
+                conn.settimeout(60)
+                assert conn.recv(2) == b"go"
+                yield proxy, client, conn
+
+
+def _reset(sock: socket.socket) -> None:
+    """Close `sock` with an RST (SO_LINGER 0), as a peer that gives up does."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
 def _read_slowly(sock: socket.socket, into: bytearray) -> str:
     """Read 64 KiB every 4 ms until the end: 'eof' or 'reset'."""
     while True:
@@ -583,23 +607,15 @@ def test_bytes_the_proxy_took_before_a_reset_reach_the_slow_other_side(
     reader, they were dropped, with the sender's receive queue (found by a code review:
     1.5 of 16 MiB arrived). Both directions, splice and copy."""
     data = os.urandom(8 * MiB)
-    with socket.create_server(("127.0.0.1", 0)) as server:
-        proxy = start_proxy("--relay", relay, f"127.0.0.1:0=127.0.0.1:{server.getsockname()[1]}")
-        with socket.create_connection(("127.0.0.1", proxy.port), timeout=60) as client:
-            client.sendall(b"go")
-            conn, _ = server.accept()
-            with conn:
-                conn.settimeout(60)
-                assert conn.recv(2) == b"go"
-                sender, reader = (conn, client) if side == "upstream" else (client, conn)
-                got = bytearray()
-                ended: list[str] = []
-                slow = threading.Thread(target=lambda: ended.append(_read_slowly(reader, got)))
-                slow.start()
-                _sent_and_acknowledged(sender, data)
-                sender.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                sender.close()
-                slow.join(120)
+    with _relayed(start_proxy, "--relay", relay) as (_, client, conn):
+        sender, reader = (conn, client) if side == "upstream" else (client, conn)
+        got = bytearray()
+        ended: list[str] = []
+        slow = threading.Thread(target=lambda: ended.append(_read_slowly(reader, got)))
+        slow.start()
+        _sent_and_acknowledged(sender, data)
+        _reset(sender)
+        slow.join(120)
     assert len(got) == len(data), (len(got), ended)
     assert hashlib.sha256(got).digest() == hashlib.sha256(data).digest()
     assert ended == ["reset"], ended  # then the reset, as direct
@@ -615,21 +631,13 @@ def test_bytes_the_proxy_took_before_a_reset_wait_for_a_reader_that_paused(
     delivers them after its close. Without --idle-timeout a paused reader is waited for
     as on a live connection: every byte, then the reset."""
     data = os.urandom(3 * MiB)  # less than the proxy takes with no reader
-    with socket.create_server(("127.0.0.1", 0)) as server:
-        proxy = start_proxy(f"127.0.0.1:0=127.0.0.1:{server.getsockname()[1]}")
-        with socket.create_connection(("127.0.0.1", proxy.port), timeout=60) as client:
-            client.sendall(b"go")
-            conn, _ = server.accept()
-            with conn:
-                conn.settimeout(60)
-                assert conn.recv(2) == b"go"
-                sender, reader = (conn, client) if side == "upstream" else (client, conn)
-                _sent_and_acknowledged(sender, data)
-                sender.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                sender.close()
-                time.sleep(7)  # the pause under test: longer than the 5 s that was allowed
-                got = bytearray()
-                ended = _read_slowly(reader, got)
+    with _relayed(start_proxy) as (_, client, conn):
+        sender, reader = (conn, client) if side == "upstream" else (client, conn)
+        _sent_and_acknowledged(sender, data)
+        _reset(sender)
+        time.sleep(7)  # the pause under test: longer than the 5 s that was allowed
+        got = bytearray()
+        ended = _read_slowly(reader, got)
     assert len(got) == len(data), (len(got), ended)
     assert hashlib.sha256(got).digest() == hashlib.sha256(data).digest()
     assert ended == "reset"
@@ -642,22 +650,15 @@ def test_with_idle_timeout_a_reader_that_takes_nothing_after_a_reset_is_reset(
     client that reads nothing after the upstream reset is reset once nothing moved for
     that long, and its child is gone; without the option it would be waited for."""
     data = os.urandom(3 * MiB)
-    with socket.create_server(("127.0.0.1", 0)) as server:
-        proxy = start_proxy("--idle-timeout", "1",
-                            f"127.0.0.1:0=127.0.0.1:{server.getsockname()[1]}")
-        with socket.create_connection(("127.0.0.1", proxy.port), timeout=60) as client:
-            client.sendall(b"go")
-            conn, _ = server.accept()
-            with conn:
-                assert conn.recv(2) == b"go"
-                _sent_and_acknowledged(conn, data)
-                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            deadline = time.monotonic() + 30
-            while "outcome=upstream-reset" not in proxy.log():
-                assert time.monotonic() < deadline, proxy.log()
-                time.sleep(0.1)
-            got = bytearray()
-            assert _read_slowly(client, got) == "reset"
+    with _relayed(start_proxy, "--idle-timeout", "1") as (proxy, client, conn):
+        _sent_and_acknowledged(conn, data)
+        _reset(conn)
+        deadline = time.monotonic() + 30
+        while "outcome=upstream-reset" not in proxy.log():
+            assert time.monotonic() < deadline, proxy.log()
+            time.sleep(0.1)
+        got = bytearray()
+        assert _read_slowly(client, got) == "reset"
     assert 0 < len(got) < len(data)  # what was in the client's own buffers, not the rest
 
 
@@ -672,39 +673,31 @@ def test_a_side_blocked_in_its_send_after_the_other_reset_is_reset_not_waited_fo
     the hostile-upstream hunt (the client still blocked 30 s later). A receiver that
     sends to us while it takes nothing is reset after a few seconds (WRITER_PATIENCE).
     The mirror too: an upstream streaming an answer while the client that reset is gone."""
-    with socket.create_server(("127.0.0.1", 0)) as server:
-        proxy = start_proxy(f"127.0.0.1:0=127.0.0.1:{server.getsockname()[1]}")
-        with socket.create_connection(("127.0.0.1", proxy.port), timeout=60) as client:
-            client.sendall(b"go")
-            conn, _ = server.accept()
-            with conn:
-                conn.settimeout(60)
-                assert conn.recv(2) == b"go"
-                writer, resetter = (client, conn) if side == "upstream" else (conn, client)
-                outcome: list[BaseException | None] = []
+    with _relayed(start_proxy) as (_, client, conn):
+        writer, resetter = (client, conn) if side == "upstream" else (conn, client)
+        outcome: list[BaseException | None] = []
 
-                def send_forever() -> None:
-                    try:
-                        while True:
-                            writer.sendall(b"w" * 65536)
-                    except OSError as exc:
-                        outcome.append(exc)
+        def send_forever() -> None:
+            try:
+                while True:
+                    writer.sendall(b"w" * 65536)
+            except OSError as exc:
+                outcome.append(exc)
 
-                sending = threading.Thread(target=send_forever, daemon=True)
-                sending.start()
-                resetter.recv(65536)  # it is sending
-                resetter.setblocking(False)
-                # An answer, more than the writer's socket and the proxy can hold for it:
-                # 2 s of what fits, as the buffers grow.
-                until = time.monotonic() + 2
-                while time.monotonic() < until:
-                    try:
-                        resetter.send(b"a" * 65536)
-                    except BlockingIOError:
-                        time.sleep(0.01)
-                time.sleep(0.3)
-                resetter.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                resetter.close()
-                sending.join(60)
-                assert not sending.is_alive(), "still blocked in its send 60 s after the reset"
+        sending = threading.Thread(target=send_forever, daemon=True)
+        sending.start()
+        resetter.recv(65536)  # it is sending
+        resetter.setblocking(False)
+        # An answer, more than the writer's socket and the proxy can hold for it: 2 s of
+        # what fits, as the buffers grow.
+        until = time.monotonic() + 2
+        while time.monotonic() < until:
+            try:
+                resetter.send(b"a" * 65536)
+            except BlockingIOError:
+                time.sleep(0.01)
+        time.sleep(0.3)
+        _reset(resetter)
+        sending.join(60)
+        assert not sending.is_alive(), "still blocked in its send 60 s after the reset"
     assert isinstance(outcome[0], (ConnectionResetError, BrokenPipeError)), outcome
