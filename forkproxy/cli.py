@@ -211,7 +211,7 @@ def output(text: str) -> None:
     try:
         typer.echo(text)
     except BrokenPipeError:
-        _stdout_to_devnull()
+        to_devnull(sys.stdout)
 
 
 def say(text: str) -> None:
@@ -223,11 +223,6 @@ def say(text: str) -> None:
         typer.echo(text, err=True)
     except BrokenPipeError:
         to_devnull(sys.stderr)
-
-
-def _stdout_to_devnull() -> None:
-    """stdout's reader is gone: see console.to_devnull."""
-    to_devnull(sys.stdout)
 
 
 def fail(message: str, variables: Mapping[str, str] | None = None,

@@ -52,12 +52,12 @@ def lean(args: list[str]) -> int | None:
     nothing, when FORKPROXY_STATUS_SOCKET is one the CLI would refuse (or empty, which
     click reads as unset): the CLI then says what it says about it."""
     path = os.environ.get("FORKPROXY_STATUS_SOCKET")
+    if path == "":
+        return None
     if path is not None:
         from forkproxy.control import check_client_path
 
         try:
-            if not path:
-                return None
             check_client_path(path)
         except Exception:  # whatever it is, the CLI says it (cli._client_socket)
             return None

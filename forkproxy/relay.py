@@ -81,6 +81,10 @@ SO_KEEPALIVE, TCP_KEEPIDLE = int(socket.SO_KEEPALIVE), int(socket.TCP_KEEPIDLE)
 TCP_KEEPINTVL, TCP_KEEPCNT = int(socket.TCP_KEEPINTVL), int(socket.TCP_KEEPCNT)
 TCP_USER_TIMEOUT = int(socket.TCP_USER_TIMEOUT)
 TCP_INFO, TCP_CLOSE = int(socket.TCP_INFO), 7  # TCP_CLOSE: linux/tcp_states.h
+# linux/asm-generic/ioctls.h (termios's: a module more to import). TIOCOUTQ (SIOCOUTQ):
+# the bytes sent and not yet acknowledged, or not yet sent; FIONREAD (SIOCINQ): the bytes
+# waiting to be read.
+TIOCOUTQ, FIONREAD = 0x5411, 0x541B
 SO_ACCEPTCONN = int(socket.SO_ACCEPTCONN)
 SHUT_WR = int(socket.SHUT_WR)
 MSG_PEEK, MSG_DONTWAIT = int(socket.MSG_PEEK), int(socket.MSG_DONTWAIT)
@@ -730,7 +734,7 @@ def _send_patiently(dst: RawSocket, data: bytes, patience: float | None,
                 counters[index] += sent
                 _moved_at = time.monotonic()
                 continue
-        queued = _queue_out(dst)
+        queued = _queued(dst, TIOCOUTQ)
         if queued != left:
             left, _moved_at = queued, time.monotonic()
         elif _stuck(dst, patience):
@@ -749,23 +753,17 @@ def _stuck(sock: RawSocket, patience: float | None) -> bool:
         return True
     if still < WRITER_PATIENCE:
         return False
-    waiting = bytearray(4)
     try:
-        fcntl.ioctl(sock.fileno(), FIONREAD, waiting)
+        return _queued(sock, FIONREAD) > 0
     except OSError:
         return True
-    return int.from_bytes(waiting, sys.byteorder) > 0
 
 
-def _queue_out(sock: RawSocket) -> int:
-    """The bytes `sock` has sent and its peer has not acknowledged, or not sent yet."""
+def _queued(sock: RawSocket, request: int) -> int:
+    """`sock`'s queue that `request` (TIOCOUTQ, FIONREAD) asks the kernel for, in bytes."""
     queue = bytearray(4)
-    fcntl.ioctl(sock.fileno(), TIOCOUTQ, queue)
+    fcntl.ioctl(sock.fileno(), request, queue)
     return int.from_bytes(queue, sys.byteorder)  # the C int the kernel wrote
-
-
-TIOCOUTQ = 0x5411  # linux/asm-generic ioctls.h (termios.TIOCOUTQ: a module more to import)
-FIONREAD = 0x541B  # the same header: SIOCINQ, the bytes waiting to be read
 
 
 def _pass_reset_on(sock: RawSocket, patience: float | None) -> None:
@@ -792,7 +790,7 @@ def _drain(sock: RawSocket, patience: float | None) -> None:
     try:
         while True:
             try:
-                queued = _queue_out(sock)
+                queued = _queued(sock, TIOCOUTQ)
             except OSError:
                 return  # closed or broken already: nothing to wait for
             # TCP_INFO's first byte is the state. Not poll()'s POLLHUP: both ends' FINs
