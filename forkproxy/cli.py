@@ -29,6 +29,7 @@ from .config import (
     check_options,
     derived_max_children,
     name_variable,
+    parse_aliases,
     parse_count,
     parse_keepalive,
     parse_link_bind,
@@ -161,6 +162,18 @@ EnvFileOpt = Annotated[
         metavar="PATH",
         help="Read link variables from a Docker-style env file (serve re-reads it on SIGHUP).",
         envvar="FORKPROXY_ENV_FILE",
+    ),
+]
+AliasOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--alias",
+        metavar="ALIAS",
+        help="Take only this alias's link variables <ALIAS>_PORT_<N>_TCP (repeatable, or "
+        "several separated by commas; FORKPROXY_ALIAS takes them separated by spaces too). "
+        "[default: every link variable]",
+        envvar="FORKPROXY_ALIAS",
+        show_default=False,
     ),
 ]
 BindOpt = Annotated[
@@ -385,6 +398,27 @@ def serve(*, sources: Sources, variables: Mapping[str, str] | None = None) -> No
 
 
 ALLOW_VARIABLE = "FORKPROXY_ALLOW"  # --allow's variable (_option's "ALLOW")
+ALIAS_VARIABLE = "FORKPROXY_ALIAS"  # --alias's
+
+
+def _blank_variable(flag: str, variable: str, variables: dict[str, str],
+                    on_command_line: bool) -> str | None:
+    """The value of `variable` when it is set but blank and the flag is not given: click
+    takes it for unset, which for a filter (--allow, --alias) means no filter at all, so it
+    is handed on to be refused, and `variables` made to name it in the error."""
+    value = os.environ.get(variable)
+    if on_command_line or value is None or value.strip():
+        return None
+    variables[flag] = variable
+    return value
+
+
+def _aliases(ctx: typer.Context, given: list[str] | None,
+             variables: dict[str, str]) -> tuple[str, ...]:
+    """--alias's aliases (parse_aliases), a blank FORKPROXY_ALIAS refused."""
+    blank = _blank_variable("--alias", ALIAS_VARIABLE, variables,
+                            _given_on_command_line(ctx, "alias"))
+    return parse_aliases([blank] if blank is not None else given or ())
 
 
 def _allow(allow: list[str] | None, variables: dict[str, str],
@@ -401,11 +435,8 @@ def _allow(allow: list[str] | None, variables: dict[str, str],
     variable = variables.get("--allow")  # None: not from the variable (see _variables)
     if variable is not None and "," in os.environ.get(variable, ""):
         return (os.environ[variable],)
-    value = os.environ.get(ALLOW_VARIABLE)
-    if not on_command_line and value is not None and not value.strip():
-        variables["--allow"] = ALLOW_VARIABLE  # so that the error names the variable
-        return (value,)
-    return tuple(allow or ())
+    blank = _blank_variable("--allow", ALLOW_VARIABLE, variables, on_command_line)
+    return (blank,) if blank is not None else tuple(allow or ())
 
 
 def _seconds(text: str, flag: str) -> float:
@@ -425,6 +456,7 @@ def serve_command(
     specs: SpecsArg = None,
     from_env: FromEnvOpt = False,
     env_file: EnvFileOpt = None,
+    alias: AliasOpt = None,
     bind: BindOpt = ANY_IPV4,
     relay: Annotated[
         str, _option("How bytes move: auto, splice or copy. [default: auto]", "RELAY", "MODE")
@@ -522,7 +554,8 @@ def serve_command(
             metrics=metrics,
             pid_file=pid_file,
         )
-        sources = Sources(tuple(specs or ()), from_env, env_file, options, parse_link_bind(bind))
+        sources = Sources(tuple(specs or ()), from_env, env_file, options, parse_link_bind(bind),
+                          _aliases(ctx, alias, variables))
         serve(sources=sources, variables=variables)
     except ConfigError as exc:
         fail(str(exc), variables, log_format)
@@ -534,13 +567,16 @@ def links_command(
     specs: SpecsArg = None,
     from_env: FromEnvOpt = False,
     env_file: EnvFileOpt = None,
+    alias: AliasOpt = None,
     bind: BindOpt = ANY_IPV4,
 ) -> None:
     """Print the listeners `serve` would open with the same arguments, and exit."""
+    variables = _variables(ctx)
     try:
-        table = load(Sources(tuple(specs or ()), from_env, env_file, bind=parse_link_bind(bind)))
+        table = load(Sources(tuple(specs or ()), from_env, env_file, bind=parse_link_bind(bind),
+                             aliases=_aliases(ctx, alias, variables)))
     except ConfigError as exc:
-        fail(str(exc), _variables(ctx))
+        fail(str(exc), variables)
     for warning in table.warnings + table.overrides:
         say(f"forkproxy: warning: {warning}")
     for link in table.links:

@@ -255,6 +255,9 @@ class Sources(Value):
     env_file: str | None
     options: Options
     bind: str  # where listeners bind when nothing names an address (link variables, SPECs)
+    # --alias: the aliases whose link variables are taken, as variable names spell them
+    # (parse_aliases); none: every link variable.
+    aliases: tuple[str, ...]
 
     def __init__(
         self,
@@ -263,9 +266,11 @@ class Sources(Value):
         env_file: str | None = None,
         options: Options | None = None,
         bind: str = ANY_IPV4,
+        aliases: tuple[str, ...] = (),
     ) -> None:
         self._set(specs=specs, from_env=from_env, env_file=env_file,
-                  options=Options() if options is None else options, bind=bind)
+                  options=Options() if options is None else options, bind=bind,
+                  aliases=aliases)
 
 
 def own_memory(metrics: bool) -> int:
@@ -657,20 +662,57 @@ def parse_link_value(name: str, value: str, proto: str, from_file: bool = False)
     return Endpoint(parse_host(host_text, what), parse_port(port_text, what))
 
 
+# A --alias alias as `docker run --link NAME:ALIAS` takes it (Docker's own rule is wider,
+# but a variable name holds only these: see _LINK_VAR).
+_ALIAS = re.compile(r"[A-Za-z0-9_.-]+\Z")
+
+
+def parse_aliases(texts: Iterable[str]) -> tuple[str, ...]:
+    """--alias's values -> the aliases they select, spelled as variable names spell them
+    (upper case, '-' as '_', as Docker and Kubernetes write them), in order, once each.
+    A value may name several, separated by commas (FORKPROXY_ALIAS: spaces too)."""
+    aliases: list[str] = []
+    for text in texts:
+        if not text.strip():
+            # FORKPROXY_ALIAS emptied by a template: unset it means every link variable,
+            # which is not what a selection left empty by mistake should open.
+            raise ConfigError(f"--alias {quoted(text)}: empty: name an alias (without --alias "
+                              "and FORKPROXY_ALIAS every link variable is taken)")
+        for part in text.split(","):
+            if ":" in part:
+                raise ConfigError(f"--alias {quoted(text)}: give the alias alone: for "
+                                  "`docker run --link NAME:ALIAS`, the ALIAS")
+            if not _ALIAS.match(part):
+                raise ConfigError(f"--alias {quoted(text)}: not a link alias (letters, "
+                                  "digits, '_', '-', '.'; several separated by commas)")
+            alias = part.upper().replace("-", "_")
+            if alias not in aliases:
+                aliases.append(alias)
+    return tuple(aliases)
+
+
 def links_from_env(
-    environ: Mapping[str, str], origin: str = "", bind: str = ANY_IPV4
+    environ: Mapping[str, str], origin: str = "", bind: str = ANY_IPV4,
+    aliases: Sequence[str] = (),
 ) -> tuple[list[Link], list[str]]:
     """Docker link variables -> links (sorted by name) and warnings; each listens on
     `bind` (all IPv4 interfaces unless --bind says otherwise, as the ambassador's socat did).
 
     `<ALIAS>_ENV_<...>` variables are a linked container's own environment re-exported
-    by Docker (an ambassador linked to an ambassador sees them): they are not links.
+    by Docker (an ambassador linked to an ambassador sees them): they are not links,
+    unless `aliases` (--alias) names theirs. With `aliases`, only their variables are read:
+    the others (every Kubernetes service's, say) are not even parsed.
     """
     links: list[Link] = []
     warnings: list[str] = []
     for name in sorted(environ):
         match = _LINK_VAR.match(name)
-        if match is None or _is_reexport(name):
+        if match is None:
+            continue
+        if aliases:
+            if match["alias"].upper() not in aliases:
+                continue
+        elif _is_reexport(name):
             continue
         # Shortened, as values are (quoted()): a name is any length the environment holds.
         shown = _shorten(name)
@@ -838,42 +880,59 @@ def build_links(
     environ: Mapping[str, str] | None = None,
     env_file: tuple[str, str] | None = None,
     bind: str = ANY_IPV4,
+    aliases: Sequence[str] = (),
 ) -> LinkTable:
     """All link sources together. `environ`: the environment when --from-env;
     `env_file`: (path, text) of an --env-file; `bind`: where link variables, and SPECs
-    without a BIND_ADDR, listen.
+    without a BIND_ADDR, listen; `aliases` (--alias): the only aliases whose link
+    variables are taken, each of which must have one.
 
     A variable both set is the env file's: the file is what a reload reads again, so it
     is how a link the environment gave (a `--link`, fixed for the container's life) is
     rewired live. Where the values differ, the table says so (`overrides`).
     """
+    if aliases and environ is None and env_file is None:
+        raise ConfigError("--alias selects among link variables: give --from-env or "
+                          "--env-file too")
     links = [parse_spec(spec, bind) for spec in specs]
     warnings: list[str] = []
     overrides: list[str] = []
     path, text = env_file or ("", "")
     from_file = parse_env_file(text, path) if env_file is not None else {}
+    sources = []
     if environ is not None:
-        for name in sorted(set(environ) & set(from_file)):
-            if _LINK_VAR.match(name) and environ[name] != from_file[name]:
-                overrides.append(
-                    f"{name} is set in the environment and in env file {path!r}: the file's "
-                    f"{quoted(from_file[name])} is used, not {quoted(environ[name])}"
-                )
-        environ = {name: value for name, value in environ.items() if name not in from_file}
-        found, warned = links_from_env(environ, bind=bind)
-        links += found
-        warnings += warned
+        sources.append("the environment")
     if env_file is not None:
-        found, warned = links_from_env(from_file, origin=path, bind=bind)
-        links += found
-        warnings += warned
-    merged = merge_links(links)
-    if not merged:
-        sources = []
+        sources.append(f"env file {path!r}")
+    # In a Kubernetes pod every service of the namespace sets <SVC>_PORT_<N>_TCP, as Docker
+    # links do: two services on one port are then an error, which should say what to do.
+    pod = environ is not None and not aliases and "KUBERNETES_SERVICE_HOST" in environ
+    try:
         if environ is not None:
-            sources.append("the environment")
+            for name in sorted(set(environ) & set(from_file)):
+                match = _LINK_VAR.match(name)
+                if (match and environ[name] != from_file[name]
+                        and (not aliases or match["alias"].upper() in aliases)):
+                    overrides.append(
+                        f"{name} is set in the environment and in env file {path!r}: the "
+                        f"file's {quoted(from_file[name])} is used, not {quoted(environ[name])}"
+                    )
+            environ = {name: value for name, value in environ.items() if name not in from_file}
+            found, warned = links_from_env(environ, bind=bind, aliases=aliases)
+            links += found
+            warnings += warned
         if env_file is not None:
-            sources.append(f"env file {env_file[0]!r}")
+            found, warned = links_from_env(from_file, origin=path, bind=bind, aliases=aliases)
+            links += found
+            warnings += warned
+        _check_selected(aliases, links, " or ".join(sources))
+        merged = merge_links(links)
+    except ConfigError as exc:
+        if pod:
+            raise ConfigError(f"{exc} (in a Kubernetes pod every service sets such "
+                              "variables: choose the links with --alias ALIAS)") from None
+        raise
+    if not merged:
         if not sources:
             raise ConfigError("no links found: give a SPEC, --from-env or --env-file")
         # A SPEC given always makes a link: none was. Re-exports are ignored by design
@@ -882,6 +941,20 @@ def build_links(
         raise ConfigError(f"no links found: no SPEC given, and no <ALIAS>_PORT_<N>_TCP "
                           f"variable in {' or '.join(sources)}{ignored}")
     return LinkTable(merged, tuple(warnings), tuple(overrides))
+
+
+def _check_selected(aliases: Sequence[str], links: Sequence[Link], sources: str) -> None:
+    """ConfigError for the first --alias alias that none of the link variables has."""
+    found = set()
+    for link in links:
+        for name in link.names:
+            match = _LINK_VAR.match(name)
+            if match is not None:
+                found.add(match["alias"].upper())
+    for alias in aliases:
+        if alias not in found:
+            raise ConfigError(f"--alias selects {alias}, but no {alias}_PORT_<N>_TCP variable "
+                              f"is in {sources}")
 
 
 def _reexports(names: Iterable[str]) -> str:
@@ -894,7 +967,7 @@ def _reexports(names: Iterable[str]) -> str:
     plural = "s" if len(found) > 1 else ""
     return (f"; ignored {len(found)} variable{plural}, {shown}{more}: an <ALIAS>_ENV_... "
             "variable is a linked container's own environment re-exported by Docker, not a "
-            "link (if it is one, give it as a SPEC)")
+            "link (if it is one, name its alias with --alias)")
 
 
 class Network(Value):
@@ -1007,6 +1080,7 @@ def sources_to_json(sources: Sources) -> dict[str, object]:
         "env_file": sources.env_file,
         "options": {**vars(sources.options), "allow": list(sources.options.allow)},
         "bind": sources.bind,
+        "aliases": list(sources.aliases),
     }
 
 
@@ -1014,12 +1088,13 @@ def sources_from_json(data: Mapping[str, object]) -> Sources:
     """The inverse of sources_to_json (typing stays out of the supervisor: it costs
     ~0.9 MB of heap, and every fork copies the page tables of all of it)."""
     raw = data["options"]
-    specs, env_file, bind = data["specs"], data["env_file"], data["bind"]
+    specs, env_file, bind, aliases = data["specs"], data["env_file"], data["bind"], data["aliases"]
     if not (
         isinstance(raw, dict)
         and isinstance(specs, list)
         and (env_file is None or isinstance(env_file, str))
         and isinstance(bind, str)
+        and isinstance(aliases, list)
     ):
         raise ConfigError("bad configuration handed to the supervisor")
     options = dict(raw)
@@ -1030,6 +1105,7 @@ def sources_from_json(data: Mapping[str, object]) -> Sources:
         env_file=env_file,
         options=check_options(Options(**options)),
         bind=parse_link_bind(bind),
+        aliases=parse_aliases(str(alias) for alias in aliases),
     )
 
 

@@ -135,7 +135,7 @@ def read_links(sources: Sources, environ: Mapping[str, str]) -> LinkTable:
             reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
             raise ConfigError(f"cannot read env file {path!r}: {reason}") from None
     table = build_links(sources.specs, environ if sources.from_env else None, env_file,
-                        sources.bind)
+                        sources.bind, sources.aliases)
     check_metrics_port(sources.options.metrics, table.links)  # at start and at each reload
     listeners.check_zones(table.links)
     return table

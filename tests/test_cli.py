@@ -1249,6 +1249,15 @@ BAD_VARIABLES = [
      "FORKPROXY_ALLOW every client is allowed)"),
     ("serve", "FORKPROXY_ALLOW", " \t",
      "FORKPROXY_ALLOW (--allow) ' \\t': empty: name a network"),
+    # --alias: blank refused as FORKPROXY_ALLOW is (unset takes every link variable).
+    ("serve", "FORKPROXY_ALIAS", "",
+     "FORKPROXY_ALIAS (--alias) '': empty: name an alias (without --alias and FORKPROXY_ALIAS "
+     "every link variable is taken)"),
+    ("links", "FORKPROXY_ALIAS", "redis:db",
+     "FORKPROXY_ALIAS (--alias) 'redis:db': give the alias alone"),
+    ("serve", "FORKPROXY_ALIAS", "redis",
+     "FORKPROXY_ALIAS (--alias) selects among link variables: give --from-env or --env-file "
+     "too"),
     ("serve", "FORKPROXY_BIND", "nowhere",
      "FORKPROXY_BIND (--bind) 'nowhere': bind address 'nowhere' is not an IP address"),
     ("links", "FORKPROXY_BIND", "fe80::1",

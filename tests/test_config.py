@@ -20,6 +20,7 @@ from forkproxy.config import (
     check_options,
     links_from_env,
     merge_links,
+    parse_aliases,
     parse_count,
     parse_env_file,
     parse_keepalive,
@@ -274,6 +275,136 @@ def test_bad_link_variables_name_the_variable(env: dict[str, str], message: str)
     assert "\n" not in str(caught.value)
 
 
+# What a Kubernetes pod sees (kubelet's envvars.go: every service of the namespace, the
+# API server's among them), with two services on port 80 and a UDP port.
+POD_ENV = {
+    "KUBERNETES_SERVICE_HOST": "10.96.0.1",
+    "KUBERNETES_SERVICE_PORT": "443",
+    "KUBERNETES_PORT": "tcp://10.96.0.1:443",
+    "KUBERNETES_PORT_443_TCP": "tcp://10.96.0.1:443",
+    "KUBERNETES_PORT_443_TCP_PROTO": "tcp",
+    "WEB_PORT_80_TCP": "tcp://10.96.3.3:80",
+    "API_PORT_80_TCP": "tcp://10.96.4.4:80",
+    "REDIS_SERVICE_HOST": "10.96.5.5",
+    "REDIS_PORT_6379_TCP": "tcp://10.96.5.5:6379",
+    "MY_DB_PORT_5432_TCP": "tcp://10.96.6.6:5432",
+    "MY_DB_PORT_5432_UDP": "udp://10.96.6.6:5432",
+    "BROKEN_PORT_1_TCP": "not a link",
+}
+
+
+def test_link_takes_only_the_aliases_it_names() -> None:
+    """In a Kubernetes pod --from-env took every service of the namespace: it refused to
+    start wherever two services share a port, and listened on 443 for the API server.
+    --alias names the aliases to take; the rest are not even parsed (BROKEN_ is no error),
+    and their UDP variables are not reported."""
+    table = build_links([], POD_ENV, aliases=("REDIS",))
+    assert [(x.port, str(x.target), x.names) for x in table.links] == [
+        (6379, "10.96.5.5:6379", ("REDIS_PORT_6379_TCP",))]
+    assert table.warnings == ()
+    table = build_links([], POD_ENV, aliases=parse_aliases(["my-db,redis"]))
+    assert [x.names for x in table.links] == [("MY_DB_PORT_5432_TCP",), ("REDIS_PORT_6379_TCP",)]
+    assert table.warnings == ("MY_DB_PORT_5432_UDP: UDP links are not proxied; skipped",)
+
+
+def test_link_takes_from_the_env_file_too_and_reports_only_its_overrides() -> None:
+    env_file = ("links.env", "REDIS_PORT_6379_TCP=tcp://10.0.0.6:6379\n"
+                             "WEB_PORT_80_TCP=tcp://10.0.0.7:80\n")
+    table = build_links([], POD_ENV, env_file, aliases=("REDIS",))
+    assert [(x.names, str(x.target)) for x in table.links] == [
+        (("REDIS_PORT_6379_TCP",), "10.0.0.6:6379")]
+    assert [x.split(" is set")[0] for x in table.overrides] == ["REDIS_PORT_6379_TCP"]
+    # From the file alone, with a SPEC beside it: the SPEC is not filtered.
+    table = build_links(["7000=10.0.0.8:1"], None, env_file, aliases=("WEB",))
+    assert [x.names for x in table.links] == [("7000=10.0.0.8:1",), ("WEB_PORT_80_TCP",)]
+
+
+def test_link_takes_an_alias_whose_name_holds_an_env_word() -> None:
+    """Without --alias, `<ALIAS>_ENV_...` is a re-export and ignored; named by --alias, the
+    alias is the user's word that it is a link."""
+    env = {"APP_ENV_DB_PORT_5432_TCP": "tcp://10.0.0.5:5432"}
+    with pytest.raises(ConfigError, match="no links found"):
+        build_links([], env)
+    [link] = build_links([], env, aliases=("APP_ENV_DB",)).links
+    assert link.names == ("APP_ENV_DB_PORT_5432_TCP",)
+
+
+@pytest.mark.parametrize(
+    ("environ", "env_file", "aliases", "message"),
+    [
+        (POD_ENV, None, ("NOPE",),
+         "--alias selects NOPE, but no NOPE_PORT_<N>_TCP variable is in the environment"),
+        # Only a UDP variable: still none to proxy.
+        ({"DNS_PORT_53_UDP": "udp://10.0.0.2:53"}, ("l.env", ""), ("DNS",),
+         "--alias selects DNS, but no DNS_PORT_<N>_TCP variable is in the environment or "
+         "env file 'l.env'"),
+        (None, None, ("REDIS",),
+         "--alias selects among link variables: give --from-env or --env-file too"),
+        # A selected variable's own error is still reported, without the pod's hint.
+        ({**POD_ENV, "REDIS_PORT_6379_TCP": "tcp://x"}, None, ("REDIS",),
+         "variable REDIS_PORT_6379_TCP: expected HOST:PORT, got 'x'"),
+    ],
+)
+def test_link_errors(environ: dict[str, str] | None, env_file: tuple[str, str] | None,
+                     aliases: tuple[str, ...], message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        build_links(["7000=10.0.0.8:1"] if environ is None else [], environ, env_file,
+                    aliases=aliases)
+    assert str(caught.value) == message
+
+
+def test_a_clash_in_a_pod_says_to_choose_with_link() -> None:
+    """The error in a pod named two services' variables and stopped there: the user had
+    to know that Kubernetes sets them. Outside a pod, the error is as it was."""
+    hint = " (in a Kubernetes pod every service sets such variables: choose the links with " \
+           "--alias ALIAS)"
+    clash = ("port 80 is linked twice to different targets: API_PORT_80_TCP -> 10.96.4.4:80 "
+             "and WEB_PORT_80_TCP -> 10.96.3.3:80")
+    pod = {k: v for k, v in POD_ENV.items() if not k.startswith("BROKEN")}
+    with pytest.raises(ConfigError) as caught:
+        build_links([], pod)
+    assert str(caught.value) == clash + hint
+    del pod["KUBERNETES_SERVICE_HOST"]
+    with pytest.raises(ConfigError) as caught:
+        build_links([], pod)
+    assert str(caught.value) == clash
+
+
+@pytest.mark.parametrize(
+    ("texts", "expected"),
+    [
+        (["redis"], ("REDIS",)),
+        (["my-db", "REDIS", "redis,app.db"], ("MY_DB", "REDIS", "APP.DB")),
+        (["A_1"], ("A_1",)),
+    ],
+)
+def test_alias_options_are_spelled_as_variable_names_spell_them(
+    texts: list[str], expected: tuple[str, ...]
+) -> None:
+    """Docker and Kubernetes upper-case the name and write '-' as '_' (but keep '.')."""
+    assert parse_aliases(texts) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", "--alias '': empty: name an alias (without --alias and FORKPROXY_ALIAS every link "
+             "variable is taken)"),
+        (" ", "--alias ' ': empty"),
+        ("redis:db", "--alias 'redis:db': give the alias alone: for `docker run --link "
+                     "NAME:ALIAS`, the ALIAS"),
+        ("re dis", "--alias 're dis': not a link alias (letters, digits, '_', '-', '.'; "
+                   "several separated by commas)"),
+        ("redis,", "--alias 'redis,': not a link alias"),
+        ("$(id)", "--alias '$(id)': not a link alias"),
+    ],
+)
+def test_bad_alias_options(text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_aliases([text])
+    assert str(caught.value).startswith(message)
+
+
 @pytest.mark.parametrize(
     ("name", "value", "reason"),
     [
@@ -425,7 +556,8 @@ def test_bad_counts(text: str, message: str) -> None:
 
 def test_sources_survive_the_trip_to_the_supervisor() -> None:
     sources = Sources(("1=a:2",), True, "/x.env",
-                      Options(allow=("10.0.0.0/8",), grace=3.0, keepalive=30), bind="::1")
+                      Options(allow=("10.0.0.0/8",), grace=3.0, keepalive=30), bind="::1",
+                      aliases=("REDIS", "MY_DB"))
     assert sources_from_json(sources_to_json(sources)) == sources
 
 

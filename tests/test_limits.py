@@ -2524,6 +2524,57 @@ def test_a_link_variable_from_the_environment_is_rewired_through_the_env_file(
         override)
 
 
+def test_link_serves_only_its_aliases_in_a_pod_and_keeps_them_through_reloads(
+    start_proxy: StartProxy, tcp_server: ServerFactory, short_dir: Path, tmp_path: Path
+) -> None:
+    """A Kubernetes pod's environment (every service of the namespace, two on one port):
+    --from-env alone refused to start. With --alias the named aliases are served, from the
+    environment and from the env file a reload reads; a reload whose file loses one of
+    them fails, and the running configuration stays."""
+    x, y, z = tcp_server(tagged(b"X:")), tcp_server(tagged(b"Y:")), tcp_server(tagged(b"Z:"))
+    port, cache_port, other = distinct_free_ports(3)
+    redis, cache = f"REDIS_PORT_{port}_TCP", f"CACHE_PORT_{cache_port}_TCP"
+    env = {**os.environ, "KUBERNETES_SERVICE_HOST": "198.18.0.1",
+           "KUBERNETES_PORT_443_TCP": "tcp://198.18.0.1:443",
+           f"WEB_PORT_{other}_TCP": "tcp://198.18.0.3:80",
+           f"API_PORT_{other}_TCP": "tcp://198.18.0.4:80",
+           redis: f"tcp://127.0.0.1:{x.port}", "FORKPROXY_ALIAS": "redis cache"}
+    env.pop("XDG_RUNTIME_DIR", None)
+    refused = cli("links", "--from-env", *LOOPBACK, env={**env, "FORKPROXY_ALIAS": ""})
+    assert refused.returncode == 2, refused
+    refused = cli("links", "--from-env", *LOOPBACK, env={**env, "FORKPROXY_ALIAS": "web,api"})
+    assert refused.returncode == 2, refused
+    assert f"port {other} is linked twice" in refused.stderr, refused
+    env_file, sock_path = tmp_path / "links.env", short_dir / "s.sock"
+    write_env_file(env_file, {cache: f"tcp://127.0.0.1:{z.port}"})
+    proxy = start_proxy("--from-env", "--env-file", str(env_file), *LOOPBACK,
+                        "--status-socket", str(sock_path), env=env, expect=2)
+    assert sorted(proxy.lines) == sorted([
+        f"listening 127.0.0.1:{port} -> 127.0.0.1:{x.port} ({redis})",
+        f"listening 127.0.0.1:{cache_port} -> 127.0.0.1:{z.port} ({cache})"])
+    with connect(port) as sock:
+        assert ask(sock, b"1") == b"X:1"
+
+    def reload(links: dict[str, str]) -> subprocess.CompletedProcess[str]:
+        write_env_file(env_file, {**links, f"API_PORT_{other}_TCP": "tcp://198.18.0.9:80"})
+        return cli("reload", "--status-socket", str(sock_path))
+
+    result = reload({redis: f"tcp://127.0.0.1:{y.port}", cache: f"tcp://127.0.0.1:{z.port}"})
+    assert result.returncode == 0, result
+    with connect(port) as sock:
+        assert ask(sock, b"2") == b"Y:2"
+    result = reload({redis: f"tcp://127.0.0.1:{y.port}"})
+    assert result.returncode == 1, result
+    assert "--alias selects CACHE, but no CACHE_PORT_<N>_TCP variable" in result.stderr, result
+    assert proxy.proc.poll() is None
+    with connect(port) as sock:
+        assert ask(sock, b"3") == b"Y:3"
+    with connect(cache_port) as sock:
+        assert ask(sock, b"4") == b"Z:4"
+    with pytest.raises(OSError):
+        connect(other).close()
+
+
 def test_a_link_warning_that_stands_is_not_repeated_at_every_reload(
     start_proxy: StartProxy, tcp_server: ServerFactory, short_dir: Path, tmp_path: Path
 ) -> None:
