@@ -643,7 +643,9 @@ def _spec_hint(spec: str) -> str | None:
 
 # <ALIAS>_PORT_<N>_<PROTO>; ALIAS may itself contain _PORT_ (greedy match takes the last).
 # Docker upper-cases the alias and turns '-' into '_' but leaves '.': `--link db:app.db`
-# exports APP.DB_PORT_5432_TCP, which the original ambassador's sed line proxied too.
+# exports APP.DB_PORT_5432_TCP. (The original ambassador never saw such a name, nor one
+# that starts with a digit: its shell, busybox sh, drops from the environment the names
+# that are not shell identifiers before `env | sed` runs. forkproxy takes them.)
 _LINK_VAR = re.compile(
     r"(?P<alias>[A-Za-z0-9_.]+)_PORT_(?P<port>[0-9]+)_(?P<proto>TCP|UDP|SCTP)\Z")
 
@@ -708,6 +710,10 @@ def links_from_env(
     for name in sorted(environ):
         match = _LINK_VAR.match(name)
         if match is None:
+            continue
+        if match["alias"].endswith("_SERVICE") and environ[name].isdigit():
+            # Kubernetes' <SVC>_SERVICE_PORT_<PORT NAME>=<port> for a port named `8080-tcp`
+            # (what `oc new-app` names them): a port number, never a link.
             continue
         if aliases:
             if match["alias"].upper() not in aliases:
@@ -906,7 +912,8 @@ def build_links(
         sources.append(f"env file {path!r}")
     # In a Kubernetes pod every service of the namespace sets <SVC>_PORT_<N>_TCP, as Docker
     # links do: two services on one port are then an error, which should say what to do.
-    pod = environ is not None and not aliases and "KUBERNETES_SERVICE_HOST" in environ
+    pod = environ is not None and "KUBERNETES_SERVICE_HOST" in environ
+    hint = _POD_HINT if pod and not aliases else ""
     try:
         if environ is not None:
             for name in sorted(set(environ) & set(from_file)):
@@ -926,21 +933,38 @@ def build_links(
             links += found
             warnings += warned
         _check_selected(aliases, links, " or ".join(sources))
+        if len(links) > len(specs) and not aliases:
+            # Two links of Compose's scaled service (DB_1_, DB_2_), two Docker links
+            # on one port: the variables clash, and --alias chooses among them.
+            hint = hint or _ALIAS_HINT
         merged = merge_links(links)
     except ConfigError as exc:
-        if pod:
-            raise ConfigError(f"{exc} (in a Kubernetes pod every service sets such "
-                              "variables: choose the links with --alias ALIAS)") from None
+        if hint:
+            raise ConfigError(f"{exc} ({hint})") from None
         raise
     if not merged:
         if not sources:
             raise ConfigError("no links found: give a SPEC, --from-env or --env-file")
         # A SPEC given always makes a link: none was. Re-exports are ignored by design
-        # (links_from_env), which a user who has only those cannot guess: name them.
+        # (links_from_env), which a user who has only those cannot guess: name them;
+        # and so are UDP and SCTP variables (each a warning, not said when nothing starts).
         ignored = _reexports([*(environ or ()), *from_file])
+        skipped = f"; {warnings[0]}" + (f" (and {len(warnings) - 1} more)"
+                                         if len(warnings) > 1 else "") if warnings else ""
+        docker = (_DOCKER_HINT if environ is not None and not pod and not ignored
+                  and not skipped else "")
         raise ConfigError(f"no links found: no SPEC given, and no <ALIAS>_PORT_<N>_TCP "
-                          f"variable in {' or '.join(sources)}{ignored}")
+                          f"variable in {' or '.join(sources)}{ignored}{skipped}{docker}")
     return LinkTable(merged, tuple(warnings), tuple(overrides))
+
+
+_POD_HINT = ("in a Kubernetes pod every service sets such variables: choose the links "
+             "with --alias ALIAS")
+_ALIAS_HINT = "to take only some aliases' variables: --alias ALIAS"
+# moby/moby#50719: Docker Engine 29 stopped setting them (the seed's `docker run --link`).
+_DOCKER_HINT = ("; since Docker Engine 29, `docker run --link` sets no link variables "
+                "(unless its daemon runs with DOCKER_KEEP_DEPRECATED_LEGACY_LINKS_ENV_VARS=1): "
+                "set them with -e, as in -e REDIS_PORT_6379_TCP=tcp://redis:6379")
 
 
 def _check_selected(aliases: Sequence[str], links: Sequence[Link], sources: str) -> None:

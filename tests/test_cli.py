@@ -1136,7 +1136,10 @@ def test_the_env_files_errors_name_its_variable_when_it_came_from_one(tmp_path: 
          f"FORKPROXY_ENV_FILE (--env-file) {given}"),
         ("# nothing\n", "links", {"FORKPROXY_FROM_ENV": "1"},
          f"no links found: no SPEC given, and no <ALIAS>_PORT_<N>_TCP variable in the "
-         f"environment or FORKPROXY_ENV_FILE (--env-file) {given}"),
+         f"environment or FORKPROXY_ENV_FILE (--env-file) {given}; since Docker Engine 29, "
+         "`docker run --link` sets no link variables (unless its daemon runs with "
+         "DOCKER_KEEP_DEPRECATED_LEGACY_LINKS_ENV_VARS=1): set them with -e, as in -e "
+         "REDIS_PORT_6379_TCP=tcp://redis:6379"),
     ):
         env_file.write_text(content)
         from_variable = run(command, env={"FORKPROXY_ENV_FILE": str(env_file), **env})

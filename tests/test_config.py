@@ -353,21 +353,68 @@ def test_link_errors(environ: dict[str, str] | None, env_file: tuple[str, str] |
     assert str(caught.value) == message
 
 
-def test_a_clash_in_a_pod_says_to_choose_with_link() -> None:
+def test_a_clash_of_variables_says_to_choose_with_alias() -> None:
     """The error in a pod named two services' variables and stopped there: the user had
-    to know that Kubernetes sets them. Outside a pod, the error is as it was."""
-    hint = " (in a Kubernetes pod every service sets such variables: choose the links with " \
-           "--alias ALIAS)"
+    to know that Kubernetes sets them. Elsewhere (Compose v1's scaled service: DB_1_ and
+    DB_2_ on one port; two Docker links on one port) it says how to choose; between
+    SPECs alone, as it was."""
     clash = ("port 80 is linked twice to different targets: API_PORT_80_TCP -> 10.96.4.4:80 "
              "and WEB_PORT_80_TCP -> 10.96.3.3:80")
     pod = {k: v for k, v in POD_ENV.items() if not k.startswith("BROKEN")}
     with pytest.raises(ConfigError) as caught:
         build_links([], pod)
-    assert str(caught.value) == clash + hint
+    assert str(caught.value) == clash + (" (in a Kubernetes pod every service sets such "
+                                         "variables: choose the links with --alias ALIAS)")
     del pod["KUBERNETES_SERVICE_HOST"]
     with pytest.raises(ConfigError) as caught:
         build_links([], pod)
-    assert str(caught.value) == clash
+    assert str(caught.value) == clash + " (to take only some aliases' variables: --alias ALIAS)"
+    with pytest.raises(ConfigError) as caught:
+        build_links(["80=10.0.0.1:80", "80=10.0.0.2:80"], {"HOME": "/root"})
+    assert str(caught.value).endswith("80=10.0.0.2:80 -> 10.0.0.2:80"), caught.value
+
+
+def test_a_kubernetes_named_service_port_is_no_link() -> None:
+    """A service port named `8080-tcp` (`oc new-app` names them so) makes kubelet set
+    MYAPP_SERVICE_PORT_8080_TCP=8080 beside the link variables: it matched the link
+    pattern, and one such service in the namespace made --from-env exit 2 ("expected
+    tcp://HOST:PORT, got '8080'"); a `5060-udp` port was reported as a UDP link."""
+    env = {"MYAPP_SERVICE_HOST": "172.30.12.5", "MYAPP_SERVICE_PORT": "8080",
+           "MYAPP_SERVICE_PORT_8080_TCP": "8080", "MYAPP_PORT_8080_TCP": "tcp://172.30.12.5:8080",
+           "SIP_SERVICE_PORT_5060_UDP": "5060"}
+    table = build_links([], env)
+    assert [x.names for x in table.links] == [("MYAPP_PORT_8080_TCP",)]
+    assert table.warnings == ()
+    # An alias that ends in _SERVICE is still a link, checked as one, when its value is not
+    # a bare port number.
+    [link] = build_links([], {"X_SERVICE_PORT_1_TCP": "tcp://10.0.0.1:1"}).links
+    assert link.names == ("X_SERVICE_PORT_1_TCP",)
+    with pytest.raises(ConfigError, match="X_SERVICE_PORT_1_TCP: expected tcp://"):
+        build_links([], {"X_SERVICE_PORT_1_TCP": "10.0.0.1:1"})
+
+
+@pytest.mark.parametrize(
+    ("env", "end"),
+    [
+        # Docker 29 sets no variables for --link (moby/moby#50719): say so.
+        ({"HOME": "/root", "REDIS_NAME": "/amb/redis"},
+         "variable in the environment; since Docker Engine 29, `docker run --link` sets no "
+         "link variables (unless its daemon runs with "
+         "DOCKER_KEEP_DEPRECATED_LEGACY_LINKS_ENV_VARS=1): set them with -e, as in -e "
+         "REDIS_PORT_6379_TCP=tcp://redis:6379"),
+        # Only UDP variables: say that they were skipped, not only that nothing was found.
+        ({"DNS_PORT_53_UDP": "udp://10.0.0.2:53", "NTP_PORT_123_UDP": "udp://10.0.0.3:123"},
+         "variable in the environment; DNS_PORT_53_UDP: UDP links are not proxied; skipped "
+         "(and 1 more)"),
+        # In a pod: enableServiceLinks: false, most likely; no word about Docker.
+        ({"KUBERNETES_SERVICE_HOST": "10.96.0.1"}, "variable in the environment"),
+    ],
+)
+def test_no_links_found_says_why(env: dict[str, str], end: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        build_links([], env)
+    assert str(caught.value).startswith("no links found: no SPEC given, and no ")
+    assert str(caught.value).endswith(end), caught.value
 
 
 @pytest.mark.parametrize(
