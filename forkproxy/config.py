@@ -706,12 +706,15 @@ def links_from_env(
     the others (every Kubernetes service's, say) are not even parsed.
     """
     links: list[Link] = []
-    warnings: list[str] = []
+    # Not proxied, by alias and protocol: a container that exposes a UDP port range
+    # (EXPOSE 10000-10999/udp) has a variable per port, and gets one line, not 1,000.
+    skipped: dict[tuple[str, str], list[str]] = {}
     for name in sorted(environ):
         match = _LINK_VAR.match(name)
         if match is None:
             continue
-        if match["alias"].endswith("_SERVICE") and environ[name].isdigit():
+        value = environ[name]
+        if match["alias"].endswith("_SERVICE") and value.isascii() and value.isdigit():
             # Kubernetes' <SVC>_SERVICE_PORT_<PORT NAME>=<port> for a port named `8080-tcp`
             # (what `oc new-app` names them): a port number, never a link.
             continue
@@ -724,11 +727,16 @@ def links_from_env(
         shown = _shorten(name)
         label = f"{shown} ({origin!r})" if origin else shown  # quoted: a path may hold a newline
         if match["proto"] != "TCP":  # Docker writes _UDP and _SCTP variables too
-            warnings.append(f"{label}: {match['proto']} links are not proxied; skipped")
+            skipped.setdefault((match["alias"], match["proto"]), []).append(label)
             continue
         port = parse_port(match["port"], f"variable {label}")
-        target = parse_link_value(label, environ[name], match["proto"], bool(origin))
+        target = parse_link_value(label, value, match["proto"], bool(origin))
         links.append(Link(bind, port, target, (name,)))
+    warnings = []
+    for (alias, proto), labels in skipped.items():
+        more = (f" and {len(labels) - 1} more {_shorten(alias)}_PORT_<N>_{proto}"
+                if len(labels) > 1 else "")
+        warnings.append(f"{labels[0]}{more}: {proto} links are not proxied; skipped")
     return links, warnings
 
 

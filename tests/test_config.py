@@ -374,6 +374,19 @@ def test_a_clash_of_variables_says_to_choose_with_alias() -> None:
     assert str(caught.value).endswith("80=10.0.0.2:80 -> 10.0.0.2:80"), caught.value
 
 
+def test_a_udp_port_range_is_one_warning() -> None:
+    """A linked container with EXPOSE 10000-10999/udp: 1,000 `link-skipped` lines at
+    start, one per port. One per alias and protocol now, with the count."""
+    env = {f"RTP_PORT_{port}_UDP": f"udp://10.0.0.2:{port}" for port in range(10000, 11000)}
+    env.update({"RTP_PORT_5060_TCP": "tcp://10.0.0.2:5060", "RTP_PORT_5060_SCTP": "sctp://x:1",
+                "SIP_PORT_5060_UDP": "udp://10.0.0.3:5060"})
+    table = build_links([], env)
+    assert table.warnings == (
+        "RTP_PORT_10000_UDP and 999 more RTP_PORT_<N>_UDP: UDP links are not proxied; skipped",
+        "RTP_PORT_5060_SCTP: SCTP links are not proxied; skipped",
+        "SIP_PORT_5060_UDP: UDP links are not proxied; skipped")
+
+
 def test_a_kubernetes_named_service_port_is_no_link() -> None:
     """A service port named `8080-tcp` (`oc new-app` names them so) makes kubelet set
     MYAPP_SERVICE_PORT_8080_TCP=8080 beside the link variables: it matched the link
@@ -389,8 +402,9 @@ def test_a_kubernetes_named_service_port_is_no_link() -> None:
     # a bare port number.
     [link] = build_links([], {"X_SERVICE_PORT_1_TCP": "tcp://10.0.0.1:1"}).links
     assert link.names == ("X_SERVICE_PORT_1_TCP",)
-    with pytest.raises(ConfigError, match="X_SERVICE_PORT_1_TCP: expected tcp://"):
-        build_links([], {"X_SERVICE_PORT_1_TCP": "10.0.0.1:1"})
+    for value in ("10.0.0.1:1", "\u0663"):  # not ASCII digits: '٣'.isdigit() is True
+        with pytest.raises(ConfigError, match="X_SERVICE_PORT_1_TCP: expected tcp://"):
+            build_links([], {"X_SERVICE_PORT_1_TCP": value})
 
 
 @pytest.mark.parametrize(
