@@ -7,6 +7,7 @@ nowhere else.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -366,6 +367,22 @@ def load(sources: Sources) -> LinkTable:
     return read_links(sources, os.environ)
 
 
+def raise_open_files_limit() -> None:
+    """Raise the soft limit on open files to the hard one, as Go programs and HAProxy do.
+    The supervisor holds every listener in one process (the ambassador ran a socat per
+    link), and a runtime may start it at a soft 1024 under a far higher hard limit
+    (Docker 29 with containerd 2: moby/moby#51485; systemd's default for services): a
+    container exposing ~1,015 ports could not start. forkproxy waits with poll(), never
+    select(), so descriptors above 1024 are safe. Here, before the exec, which keeps it:
+    the supervisor then maps no `resource` module (docs/benchmarks.md, "Mappings")."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):  # an infinite hard limit: kept
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def serve(*, sources: Sources, variables: Mapping[str, str] | None = None) -> NoReturn:
     """Validate, then exec the lean supervisor in this same process (same PID).
 
@@ -377,6 +394,7 @@ def serve(*, sources: Sources, variables: Mapping[str, str] | None = None) -> No
     # cgroup) then carries none of the code that finds it.
     sources = sources.replace(options=with_limits(sources.options, read_memory_limit(),
                                                   read_pids_limit()))
+    raise_open_files_limit()
     payload = json.dumps({**sources_to_json(sources), "variables": dict(variables or {})}).encode()
     config_fd = os.memfd_create("forkproxy-config", 0)  # not CLOEXEC: the supervisor reads it
     os.write(config_fd, payload)

@@ -893,6 +893,39 @@ def test_too_few_descriptors_to_start_is_one_line_and_leaves_nothing(tmp_path: P
     assert list((runtime / "forkproxy").iterdir()) == []  # its control socket went with it
 
 
+def test_a_low_soft_descriptor_limit_is_raised_to_the_hard_one(
+    tmp_path: Path, tcp_server: ServerFactory
+) -> None:
+    """Docker 29 with containerd 2 starts containers at a soft 1024 under a hard 524288
+    (moby/moby#51485): the supervisor, which holds every listener, could not start with
+    a link per exposed port past ~1,015 ("out of file descriptors while starting"). Here
+    at a soft 32, 60 listeners: it raises the soft limit to the hard one, and serves."""
+    server = tcp_server(echo)
+    runtime = tmp_path / "runtime"
+    runtime.mkdir(mode=0o700)
+    specs = [f"127.0.{n // 250}.{n % 250 + 1}:0=127.0.0.1:{server.port}" for n in range(60)]
+    with subprocess.Popen(
+        [need("prlimit"), "--nofile=32:4096", FORKPROXY, "serve", "-q", *specs],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={"PATH": os.environ["PATH"], "XDG_RUNTIME_DIR": str(runtime)},
+    ) as proc:
+        assert proc.stdout is not None and proc.stderr is not None
+        try:
+            lines = [proc.stdout.readline() for _ in specs]
+            assert all(line.startswith("listening ") for line in lines), (
+                lines, proc.poll() is None or proc.stderr.read())
+            limits = Path(f"/proc/{proc.pid}/limits").read_text()
+            assert re.search(r"Max open files +4096 +4096 ", limits), limits
+            host, _, port = lines[-1].split()[1].rpartition(":")
+            with socket.create_connection((host, int(port)), timeout=10) as client:
+                client.settimeout(10)
+                client.sendall(b"served")
+                assert client.recv(6) == b"served"
+        finally:
+            proc.terminate()
+            proc.wait(30)
+
+
 def test_with_the_fewest_descriptors_it_starts_with_it_serves_a_client(
     tmp_path: Path, tcp_server: ServerFactory
 ) -> None:
