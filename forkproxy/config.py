@@ -661,11 +661,17 @@ def parse_link_value(name: str, value: str, proto: str, from_file: bool = False)
                   "the quotes" if from_file else ": remove the quotes")
         raise ConfigError(f"{what}: expected {scheme}HOST:PORT, got {quoted(value)}{quotes}")
     host_text, port_text = split_host_port(value[len(scheme) :], what)
+    if not host_text and not from_file:
+        # Docker's links.go writes the linked container's IPv4 address: empty for a
+        # container that has none (an IPv6-only network).
+        raise ConfigError(f"{what}: the host is empty, as Docker writes it for a linked "
+                          "container without an IPv4 address: set the variable yourself "
+                          f"(-e {name}=tcp://NAME:PORT)")
     return Endpoint(parse_host(host_text, what), parse_port(port_text, what))
 
 
-# A --alias alias as `docker run --link NAME:ALIAS` takes it (Docker's own rule is wider,
-# but a variable name holds only these: see _LINK_VAR).
+# A --alias value: the ALIAS of `docker run --link NAME:ALIAS` (Docker's own rule is
+# wider, but a variable name holds only these: see _LINK_VAR).
 _ALIAS = re.compile(r"[A-Za-z0-9_.-]+\Z")
 
 

@@ -244,6 +244,11 @@ def test_udp_and_sctp_links_are_reported_and_skipped() -> None:
         ({"REDIS_PORT_6379_TCP": "10.0.0.5:6379"}, "variable REDIS_PORT_6379_TCP: expected tcp://"),
         ({"REDIS_PORT_6379_TCP": "tcp://"}, "variable REDIS_PORT_6379_TCP: expected HOST:PORT"),
         ({"REDIS_PORT_6379_TCP": "tcp://10.0.0.5:"}, "REDIS_PORT_6379_TCP: port '' is not"),
+        # What Docker writes for a linked container without an IPv4 address.
+        ({"REDIS_PORT_6379_TCP": "tcp://:6379"},
+         "variable REDIS_PORT_6379_TCP: the host is empty, as Docker writes it for a linked "
+         "container without an IPv4 address: set the variable yourself (-e "
+         "REDIS_PORT_6379_TCP=tcp://NAME:PORT)"),
         ({"REDIS_PORT_6379_TCP": "tcp://10.0.0.5:0"}, "REDIS_PORT_6379_TCP: port '0' is out"),
         ({"REDIS_PORT_99999_TCP": "tcp://10.0.0.5:1"}, "REDIS_PORT_99999_TCP: port '99999'"),
         ({"REDIS_PORT_0_TCP": "tcp://10.0.0.5:1"}, "REDIS_PORT_0_TCP: port '0' is out"),
