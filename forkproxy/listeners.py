@@ -174,7 +174,10 @@ def listen_tcp(host: str, port: int, backlog: int = BACKLOG) -> socket.socket:
     except OSError as exc:
         sock.close()
         reason = {
-            errno.EADDRINUSE: "address already in use",
+            # Another program's listener (an old proxy still draining, in a handover on
+            # one host): say how to find it.
+            errno.EADDRINUSE: f"address already in use (another program listens there: "
+                              f"`ss -ltnp 'sport = :{port}'` names it)",
             # Not "need root": root without the capability (--cap-drop=ALL) is refused
             # too, and a lowered sysctl (Docker 20.10+ sets 0) lets anyone bind.
             errno.EACCES: "permission denied (ports below net.ipv4.ip_unprivileged_port_start, "

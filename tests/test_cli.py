@@ -196,7 +196,10 @@ def test_port_in_use_is_named_and_nothing_is_half_started() -> None:
         taken.listen()
         busy = taken.getsockname()[1]
         result = run("serve", f"127.0.0.1:{first}=127.0.0.1:1", f"127.0.0.1:{busy}=127.0.0.1:1")
-    assert_one_line_error(result, f"cannot listen on 127.0.0.1:{busy}", "address already in use")
+    # How to find who holds it (two proxies on one host in a handover: the old one drains).
+    assert_one_line_error(result, f"cannot listen on 127.0.0.1:{busy}", "address already in use",
+                          f"(another program listens there: `ss -ltnp 'sport = :{busy}'` "
+                          "names it)")
     assert_not_listening(first)  # the first listener was closed again, not left behind
 
 
