@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from typing import TextIO
 
 STARTUP_BLOCKED = (
-    signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGALRM
+    signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGUSR1, signal.SIGALRM
 )
 LEAN = (["check"], ["status"], ["status", "--json"])  # the whole argv after `forkproxy`
 

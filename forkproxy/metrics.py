@@ -454,6 +454,7 @@ def main(argv: list[str] | None = None) -> int:
     # handler read `exit status 0`, as if it had quit of itself; a stop reaps it unlogged.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGQUIT, signal.SIG_IGN)  # a terminal's Ctrl-\ is the supervisor's
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     _die_with_parent()
     registry = CollectorRegistry(auto_describe=False)

@@ -19,8 +19,13 @@ from types import FrameType
 
 # SIGALRM is the supervisor's own timer (--resolve-every). Children need no disposition for
 # it: a forked child does not inherit interval timers.
+# SIGQUIT (Ctrl-\) is handled too: without a handler the supervisor died at once, without a
+# word, and every child with it, their connections ending in FINs as if complete. Children
+# keep the handler they inherit, which only notes it: deaf to it at no cost per connection,
+# they are TERMed (reset) by the stop it starts.
 HANDLED = (
-    signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGALRM
+    signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP,
+    signal.SIGUSR1, signal.SIGALRM,
 )
 
 

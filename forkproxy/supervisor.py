@@ -648,7 +648,7 @@ class Supervisor:
                 # after its handler). Then at most PIPE_BUF bytes, which a pipe with room
                 # takes whole without blocking, whether or not stdout is non-blocking.
                 if not room.poll(100):
-                    if signals.noted(signal.SIGTERM, signal.SIGINT):
+                    if signals.noted(signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
                         failure = "still full when the proxy was told to stop"
                         break
                     continue
@@ -1096,7 +1096,7 @@ class Supervisor:
         for signum in self.signals.drain():
             if signum == signal.SIGCHLD:
                 self.handle_chld()
-            elif signum in (signal.SIGTERM, signal.SIGINT):
+            elif signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
                 self.handle_stop(signum)
             elif signum == signal.SIGHUP:
                 self.reload()
@@ -1282,7 +1282,7 @@ class Supervisor:
     def handle_stop(self, signum: int) -> None:
         name = signal.Signals(signum).name
         if self.stopping:
-            if signum == signal.SIGINT:
+            if signum in (signal.SIGINT, signal.SIGQUIT):
                 self.log.warning(
                     "stopping-now", signal=name, connections=len(self.accounting.children)
                 )
@@ -1302,10 +1302,11 @@ class Supervisor:
         self.update_accepting()
         listeners.close_all(self.listeners)  # from now on, new clients are refused
         self.listeners = []
-        self.term_at = time.monotonic() + self.options.grace
+        # SIGQUIT (a terminal's Ctrl-\) stops at once, as a second Ctrl-C does: no grace.
+        grace = 0.0 if signum == signal.SIGQUIT else self.options.grace
+        self.term_at = time.monotonic() + grace
         self.log.info("stopping", signal=name, connections=len(self.accounting.children),
-                      waiting=sum(len(held.clients) for held in self.held),
-                      grace=self.options.grace)
+                      waiting=sum(len(held.clients) for held in self.held), grace=grace)
 
     def _take_backlog(self, listener: Listener, why: str) -> None:
         """Accept the clients in the backlog of a listener about to close (a stop, or a

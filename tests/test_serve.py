@@ -432,6 +432,30 @@ def test_second_sigint_stops_at_once(
     server.close()
 
 
+def test_sigquit_to_the_group_stops_at_once_and_resets(
+    start_proxy: Callable[..., Proxy],
+    tcp_server: ServerFactory,
+) -> None:
+    """A terminal's Ctrl-\\ sends SIGQUIT to the whole process group. With no handler the
+    supervisor died on the spot without a line, and every child with it: their clients
+    saw FINs, a stream cut short passed off as complete. Now the supervisor stops at once
+    (as a second Ctrl-C: no grace), the children ignore it and are TERMed: reset."""
+    server = tcp_server(echo)
+    proxy = start_proxy("--grace", "60", f"127.0.0.1:0=127.0.0.1:{server.port}")
+    with socket.create_connection(("127.0.0.1", proxy.port)) as client:
+        client.sendall(b"x")
+        assert client.recv(1) == b"x"
+        os.killpg(proxy.pid, signal.SIGQUIT)  # its own session: the group is the proxy's
+        assert proxy.proc.wait(10) == 0
+        client.settimeout(5)
+        with pytest.raises(ConnectionResetError):
+            client.recv(1)
+    log = proxy.log()
+    assert "stopping signal=SIGQUIT connections=1 waiting=0 grace=0" in log, log
+    assert "outcome=killed" in log and "child-died" not in log, log
+    server.close()
+
+
 def test_children_ignore_sigint(
     start_proxy: Callable[..., Proxy],
     tcp_server: ServerFactory,
