@@ -50,7 +50,8 @@ CHILD_MEMORY = 1 * MiB
 # more room than this); in the image at 64 MiB with 36 connections, 6.3 and 8.3 MiB
 # (podman healthcheck run, podman exec; memory.max_usage_in_bytes less the usage before).
 # Through typer (any other argument: `reload`, `--status-socket`)
-# each costs 18-20 MiB, 25-28 MiB with cold files. Without this room, one HEALTHCHECK at
+# each costs 18-20 MiB with typer 0.28, 25-28 MiB with cold files, and peaks at ~32 MiB
+# with typer 0.29, which imports pydantic when a command runs. Without this room, one HEALTHCHECK at
 # 64 MiB (52 idle connections) made the OOM killer take 13 of them.
 COMMANDS_MEMORY = 16 * MiB
 # What a pids limit (pids.max, docker run --pids-limit) must hold besides the connections,
@@ -467,6 +468,15 @@ def _check_unicast(address: ipaddress.IPv4Address | ipaddress.IPv6Address, text:
     raise ConfigError(f"{what}: {quoted(text)} is {kind}: {why}")
 
 
+def address_text(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
+    """An address as forkproxy writes it: str(), but an IPv4-mapped IPv6 address always as
+    ::ffff:a.b.c.d. Python 3.13 writes it so, as the kernel does in the addresses it
+    reports (clients, resolved targets); 3.11 and 3.12 wrote ::ffff:7f00:1, so the image
+    (3.13) and a 3.11 install said a listener two ways, and 3.11 said one two ways."""
+    mapped = getattr(address, "ipv4_mapped", None)
+    return str(address) if mapped is None else f"::ffff:{mapped}"
+
+
 def parse_host(text: str, what: str) -> str:
     """An IP literal (IPv6 already without brackets) or a DNS name."""
     if not text:
@@ -478,7 +488,7 @@ def parse_host(text: str, what: str) -> str:
             raise ConfigError(f"{what}: {quoted(text)} is not an IPv6 address") from None
         _check_unicast(address, text, what)  # first: ff02::1%eth0 is multicast, zone or not
         _check_zone(text, what)
-        return str(address)
+        return address_text(address)
     try:
         address4 = ipaddress.IPv4Address(text)
     except ValueError:
@@ -539,7 +549,7 @@ def parse_bind(text: str, what: str) -> str:
     _check_unicast(address, text, what, "no TCP client can connect to a listener there")
     if ":" in text:
         _check_zone(text, what)
-    return str(address)
+    return address_text(address)
 
 
 def parse_spec(spec: str, bind: str = ANY_IPV4) -> Link:

@@ -34,6 +34,16 @@ from forkproxy.config import (
 from forkproxy.config import _overlap as overlap
 
 
+def test_an_ipv4_mapped_address_is_written_one_way_on_every_python() -> None:
+    """Python 3.13 writes ::ffff:127.0.0.1, 3.11 and 3.12 ::ffff:7f00:1: the image (3.13)
+    and a 3.11 install said a listener and a target two ways, and on 3.11 `status --json`
+    had the target one way and its resolved address (the kernel's) the other."""
+    link = parse_spec("[::ffff:127.0.0.1]:0=[::ffff:7f00:1]:6379")
+    assert (link.bind, link.target.host) == ("::ffff:127.0.0.1", "::ffff:127.0.0.1")
+    assert parse_link_bind("::ffff:7f00:1") == "::ffff:127.0.0.1"
+    assert parse_spec("[fd00::7f00:1]:1=[::1]:2").bind == "fd00::7f00:1"  # not mapped: as is
+
+
 @pytest.mark.parametrize(
     ("address", "text"),
     [
@@ -783,7 +793,7 @@ def _merge_links_pairwise(links: list[Link]) -> tuple[Link, ...]:
          "port 1 is bound twice: [::1]:1=10.0.0.5:1 on ::1 and [::]:1=10.0.0.5:1 on :: overlap"),
         # Named as given, mapped or not.
         (["[::ffff:127.0.0.1]:1=10.0.0.5:1", "127.0.0.1:1=10.0.0.5:1"],
-         "port 1 is bound twice: [::ffff:127.0.0.1]:1=10.0.0.5:1 on ::ffff:7f00:1 and "
+         "port 1 is bound twice: [::ffff:127.0.0.1]:1=10.0.0.5:1 on ::ffff:127.0.0.1 and "
          "127.0.0.1:1=10.0.0.5:1 on 127.0.0.1 overlap"),
         (["1=10.0.0.5:1", "1=10.0.0.6:1"],
          "port 1 is linked twice to different targets: 1=10.0.0.5:1 -> 10.0.0.5:1 and "
