@@ -63,6 +63,14 @@ COUNTED = 1 << 21
 _FAILED_V6 = 1 << 22
 _CONNECTED_V6 = 1 << 23
 _LOW_64 = (1 << 64) - 1
+# Above the flags, a child's own lookup of its target's name that failed or was given up
+# (relay.connect_upstream), told beside the connect's error: OWN_LOOKUP, then the lookup's
+# negated getaddrinfo code (0: timed out, unanswered after --connect-timeout) from
+# bit 32, and how long it had run, in milliseconds, from bit 40 (at most ~4.6 hours).
+OWN_LOOKUP = 1 << 24
+_LOOKUP_GAI_SHIFT, _LOOKUP_MS_SHIFT = 32, 40
+_LOOKUP_BITS = OWN_LOOKUP | (_LOW_64 ^ ((1 << _LOOKUP_GAI_SHIFT) - 1))
+_MAX_LOOKUP_MS = (1 << (64 - _LOOKUP_MS_SHIFT)) - 1
 AF_INET, AF_INET6 = int(socket.AF_INET), int(socket.AF_INET6)
 SYSTEM_ERROR = "System error"  # gai_strerror(EAI_SYSTEM)
 # glibc's gai_strerror for the codes a lookup gives (Python has no call for it): the
@@ -89,11 +97,33 @@ _GAI_TEXTS = {
 def note_failure(counters: memoryview, base: int, error: OSError) -> None:
     """Leave a failed connect's error in the child's slot (its FAILURE word), from which
     the supervisor writes the folded `connect-failed` line at the reap (failure_text)."""
-    counters[base + FAILURE] = (error.errno or errno.EIO) & _CODE
+    counters[base + FAILURE] = (error.errno or errno.EIO) & (_CODE | _LOOKUP_BITS)
+
+
+def own_lookup_failed(code: int, gai: int, seconds: float) -> int:
+    """The word of a connect whose error has `code` (an errno, or 0: no connect was tried)
+    and after which the child's own lookup failed with getaddrinfo's `gai` (0: it timed
+    out) after `seconds`: what failure_text tells of both."""
+    if not code & _CODE or code & UNRESOLVED:
+        code = UNRESOLVED | (-gai & 0xFFFF)  # the lookup alone failed (an earlier one too)
+    milliseconds = min(round(seconds * 1000), _MAX_LOOKUP_MS)
+    return ((code & _CODE) | OWN_LOOKUP | (-gai & 0xFF) << _LOOKUP_GAI_SHIFT
+            | milliseconds << _LOOKUP_MS_SHIFT)
 
 
 def failure_text(code: int, host: str) -> str:
-    """The `error` text of a FAILURE word's code (see _CODE): what the child's OSError said."""
+    """The `error` text of a FAILURE word's code (see _CODE): what the child's OSError
+    said, and what its own lookup, if it failed, did (own_lookup_failed)."""
+    if code & OWN_LOOKUP:
+        gai = -(code >> _LOOKUP_GAI_SHIFT & 0xFF)
+        seconds = f"{(code >> _LOOKUP_MS_SHIFT) / 1000:g} s"
+        lookup = (f"cannot resolve {host}: " + (
+            f"{_GAI_TEXTS.get(gai, f'lookup error {gai}')} (after {seconds})" if gai
+            else f"lookup timed out after {seconds}"))
+        code &= _CODE
+        if code & UNRESOLVED:
+            return lookup  # no connect was tried: the supervisor had no address yet
+        return f"{failure_text(code, host)}, then {lookup}"
     code &= _CODE
     if code == NO_ADDRESS:
         return "no address"

@@ -30,7 +30,14 @@ import time
 from _socket import socket as RawSocket
 
 from . import signals
-from .accounting import NO_ADDRESS, SYSTEM_ERROR, UNRESOLVED, note_failure, note_fallback
+from .accounting import (
+    NO_ADDRESS,
+    SYSTEM_ERROR,
+    failure_text,
+    note_failure,
+    note_fallback,
+    own_lookup_failed,
+)
 from .config import KEEPALIVE_PROBES, Endpoint, Link, Options, peer_text
 from .log import INFO, SLOT, SLOT_INT, SLOT_SECONDS, WARNING, Logger
 
@@ -403,6 +410,118 @@ def _await_connect(sock: RawSocket, watch: select.poll, seconds: float,
         raise OSError(code, os.strerror(code))
 
 
+class OwnLookup:
+    """A child's own lookup of its target's name (connect_upstream), bounded as a connect
+    is: each attempt waits for it up to --connect-timeout, with the client watched.
+
+    getaddrinfo itself has no deadline: glibc waits out each nameserver's timeout (5 s,
+    twice, for each by default), and for ever for an answer over TCP (a truncated UDP
+    answer, then a server that takes the connection and says nothing). Nor can it be cut
+    short from Python: a signal's handler runs only once it returns, and glibc retries
+    its reads on EINTR. So it runs in a thread of its own, and the child waits for it in
+    a poll that watches the client as well (_watch): a lookup that never ends leaves its
+    thread blocked, and the child goes on without it (the child's os._exit ends it).
+    Rather than a process of its own (the supervisor's resolver's way): a thread is
+    cheaper than a fork of the child, and _thread, built into the interpreter and already
+    imported by it, adds no module; `threading` would add a dozen, and the supervisor must
+    not import it (see supervisor.py). Made only on this path: a connection that needs no
+    lookup of its own runs none of this.
+
+    One lookup at a time: an attempt whose lookup timed out leaves it running, and the
+    next attempt (--connect-retries) waits for that one again rather than starting
+    another, so a hung DNS server holds one thread, and one query, per child. A thread
+    that cannot start (a pids limit reached) or an eventfd that cannot be had (out of
+    descriptors) leaves the plain blocking lookup, as before."""
+
+    __slots__ = ("client", "done", "result", "started", "target", "watch")
+
+    def __init__(self, target: Endpoint, client: RawSocket | None) -> None:
+        self.target, self.client = target, client
+        self.watch = _watch(client)
+        self.done = -1  # the running lookup's eventfd (readable once it ended); -1: none
+        self.result: list[tuple[list[Address] | OSError, float]] = []
+        self.started = 0.0
+
+    def wait(self, timeout: float, error: OSError | None) -> list[Address] | OSError:
+        """The name's addresses, or the OSError connect_upstream ends with if it gives up
+        here: `error` (the attempt's failed connects', if any) with what the lookup did,
+        for the connect-failed line (accounting.own_lookup_failed). Raises ClientLeft,
+        carrying `error`, when the client leaves meanwhile."""
+        if self.done < 0 and not self._start():
+            started = time.monotonic()
+            try:
+                found: list[Address] | OSError = lookup(self.target.host, self.target.port)
+            except OSError as exc:
+                found = exc
+            return self._outcome(found, time.monotonic() - started, error)
+        watch, done = self.watch, self.done
+        watch.register(done, POLLIN)
+        try:
+            ready = watch.poll(int(timeout * 1000) + 1)
+        finally:
+            watch.unregister(done)
+        for fd, _ in ready:
+            if fd != done:
+                # Nobody left to look up for: ends as during a connect or a backoff.
+                assert self.client is not None  # only the client is watched besides
+                raise ClientLeft(CLIENT_RESET, _socket_error(self.client), error)
+        if not ready:
+            # Still running: left to the thread, and its eventfd open (the thread writes
+            # to it when it ends: closed now, its number might be a socket's by then).
+            return self._outcome(None, time.monotonic() - self.started, error)
+        os.close(done)
+        self.done = -1
+        return self._outcome(*self.result.pop(), error)
+
+    def _start(self) -> bool:
+        """Start the lookup in a thread; False when it cannot be (see the class)."""
+        import _thread  # built in, and imported already: see the class
+
+        try:
+            done = os.eventfd(0, os.EFD_CLOEXEC)
+        except OSError:
+            return False
+        # Every signal blocked in the thread (it inherits the mask): one it took would
+        # run its handler only once the main thread ran bytecode again, after its poll.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+        try:
+            _thread.start_new_thread(_look_up, (self.target, done, self.result))
+        except RuntimeError:  # "can't start new thread": EAGAIN, a pids limit
+            os.close(done)
+            return False
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        self.done, self.started = done, time.monotonic()
+        return True
+
+    def _outcome(self, found: list[Address] | OSError | None, seconds: float,
+                 error: OSError | None) -> list[Address] | OSError:
+        """What wait() returns for what the lookup gave (None: nothing yet, timed out)."""
+        if isinstance(found, list):
+            return found
+        if found is None:
+            gai = 0
+        elif isinstance(found, socket.gaierror):
+            gai = found.errno or socket.EAI_SYSTEM
+        else:
+            gai = socket.EAI_SYSTEM  # a plain OSError: EAI_SYSTEM's (lookup_error)
+        code = own_lookup_failed(0 if error is None else error.errno or 0, gai, seconds)
+        return OSError(code, failure_text(code, self.target.host))
+
+
+def _look_up(target: Endpoint, done: int,
+             result: list[tuple[list[Address] | OSError, float]]) -> None:
+    """OwnLookup's thread: the lookup, its addresses or its OSError (and how long it took)
+    put in `result`, then its eventfd `done` made readable."""
+    started = time.monotonic()
+    try:
+        found: list[Address] | OSError = lookup(target.host, target.port)
+    except OSError as exc:
+        found = exc
+    result.append((found, time.monotonic() - started))
+    os.eventfd_write(done, 1)
+
+
 def connect_upstream(
     addresses: list[Address], target: Endpoint, timeout: float, retries: int,
     client: RawSocket | None = None,
@@ -424,7 +543,11 @@ def connect_upstream(
     supervisor has no addresses (a DNS hiccup at start-up is not fatal) or when every one
     of them failed: the name may point elsewhere now (a container recreated with a new
     address), and then this client still gets through, as with socat, and the caller
-    tells the supervisor to look again.
+    tells the supervisor to look again. That lookup is bounded as a connect is: each
+    attempt waits for it up to `timeout`, the client watched meanwhile (OwnLookup), so a
+    DNS server that does not answer holds a client no longer than a dead address would;
+    when it fails or times out, the error raised says so after the connect's (its code
+    carries both: accounting.own_lookup_failed).
 
     Raises OSError when no address took the connection, and ResetAtConnect when one took
     it and reset it before connect() returned: that upstream answered, so there is nothing
@@ -435,6 +558,7 @@ def connect_upstream(
     # Made when a connect() first runs long, or before the first backoff (never on the
     # usual path: a Python object and its pages in a fresh child).
     watch: select.poll | None = None
+    own_lookup: OwnLookup | None = None  # made at the first lookup of our own
     for attempt in range(retries + 1):
         if attempt:
             if watch is None:
@@ -451,17 +575,13 @@ def connect_upstream(
             elif addresses and not target.is_name:
                 break  # an address target: there is nothing else to try
             else:
-                try:
-                    candidates = [address for address in lookup(target.host, target.port)
-                                  if address not in addresses]
-                except OSError as exc:  # socket.gaierror, or EAI_SYSTEM's (lookup_error)
-                    # After failed connects, their error says more than this one. Its errno
-                    # is the code the supervisor writes the line from (accounting's
-                    # failure_text).
-                    gai = exc.errno if isinstance(exc, socket.gaierror) else socket.EAI_SYSTEM
-                    error = error or OSError(UNRESOLVED | (-(gai or 0) & 0xFFFF),
-                                             f"cannot resolve {target.host}: {lookup_error(exc)}")
+                if own_lookup is None:
+                    own_lookup = OwnLookup(target, client)
+                found = own_lookup.wait(timeout, error)
+                if isinstance(found, OSError):
+                    error = found  # the connect's error (if any) and the lookup's
                     break
+                candidates = [address for address in found if address not in addresses]
             for family, sockaddr in candidates:
                 try:
                     sock = RawSocket(family, SOCK_STREAM)

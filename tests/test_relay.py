@@ -16,7 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from forkproxy import accounting, relay
-from forkproxy.config import Options
+from forkproxy.config import Endpoint, Options
 from forkproxy.log import Logger
 
 from conftest import recv_all
@@ -141,7 +141,7 @@ def test_no_time_limit_on_a_half_closed_connection_by_default(
 WARM_CHECK = """
 import dis, os, sys
 from forkproxy import relay
-from forkproxy.config import Options
+from forkproxy.config import Endpoint, Options
 from forkproxy.log import INFO, Logger
 
 def specialized(function):
@@ -264,3 +264,87 @@ def test_a_failed_connects_code_reads_back_as_its_error() -> None:
     code = accounting.UNRESOLVED | (-socket.EAI_NONAME & 0xFFFF)
     expected = "cannot resolve db.test: Name or service not known"
     assert accounting.failure_text(code, "db.test") == expected
+
+
+@pytest.mark.parametrize(
+    ("code", "gai", "seconds", "expected"),
+    [
+        (0, 0, 2.0, "cannot resolve db.test: lookup timed out after 2 s"),
+        (0, socket.EAI_AGAIN, 20.004,
+         "cannot resolve db.test: Temporary failure in name resolution (after 20.004 s)"),
+        (errno.ECONNREFUSED, 0, 4.2,
+         "Connection refused, then cannot resolve db.test: lookup timed out after 4.2 s"),
+        (errno.ETIMEDOUT, socket.EAI_NONAME, 0.0015,
+         "Connection timed out, then cannot resolve db.test: Name or service not known "
+         "(after 0.002 s)"),
+        # An earlier attempt's failed lookup, no connect since: this one's alone.
+        (accounting.UNRESOLVED | 3, 0, 1.0, "cannot resolve db.test: lookup timed out after 1 s"),
+        (0, 0, 10**9, "cannot resolve db.test: lookup timed out after 16777.2 s"),  # capped
+    ],
+)
+def test_a_childs_own_lookup_that_failed_reads_back_with_the_connects_error(
+    code: int, gai: int, seconds: float, expected: str
+) -> None:
+    """connect-failed's `error` when the child's own lookup failed or timed out: what the
+    lookup did and for how long, after the connect's error if one was tried; through the
+    slot (note_failure) as the supervisor reads it, no flag of a fallback's set."""
+    from forkproxy.accounting import FAILURE, FIELDS
+
+    word = accounting.own_lookup_failed(code, gai, seconds)
+    counters = memoryview(bytearray(8 * FIELDS)).cast("Q")
+    accounting.note_failure(counters, 0, OSError(word, "ignored"))
+    assert counters[FAILURE] == word
+    assert not word & (accounting.FELL_BACK | accounting.COUNTED)
+    assert accounting.failure_text(word, "db.test") == expected
+
+
+@pytest.fixture
+def held_lookup(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
+    """relay.lookup held until the test ends (a DNS server that does not answer), then
+    giving 127.0.0.1: the hosts it was asked for, one per call."""
+    asked: list[str] = []
+    release = threading.Event()
+
+    def held(host: str, port: int) -> list[relay.Address]:
+        asked.append(host)
+        release.wait(10)
+        return [(int(socket.AF_INET), ("127.0.0.1", port))]
+
+    monkeypatch.setattr(relay, "lookup", held)
+    try:
+        yield asked
+    finally:
+        release.set()
+
+
+def test_a_lookup_that_does_not_answer_is_given_up_per_attempt_and_asked_once(
+    held_lookup: list[str],
+) -> None:
+    """connect_upstream's own lookup waits up to the connect timeout per attempt, as a
+    connect does; the next attempt waits for the same lookup again rather than starting
+    another (one query, one thread per child however many retries)."""
+    with pytest.raises(OSError) as raised:
+        relay.connect_upstream([], Endpoint("db.test", 9), 0.2, retries=2)
+    assert held_lookup == ["db.test"]
+    assert raised.value.strerror is not None
+    assert raised.value.strerror.startswith("cannot resolve db.test: lookup timed out after ")
+
+
+def test_a_lookup_whose_thread_cannot_start_runs_as_before(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No thread to be had (a pids limit reached): the lookup runs in the child itself,
+    unbounded, as it did before, rather than not at all."""
+    import _thread
+
+    def refused(*args: object) -> int:
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(_thread, "start_new_thread", refused)
+    monkeypatch.setattr(relay, "lookup", lambda host, port: [(int(socket.AF_INET),
+                                                              ("127.0.0.1", port))])
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+        sock, looked_up, fallback = relay.connect_upstream([], Endpoint("db.test", port), 5.0, 0)
+        sock.close()
+    assert (looked_up, fallback) == (True, None)

@@ -13,6 +13,8 @@ import json
 import os
 import shutil
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import time
@@ -20,8 +22,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from test_chain_faults import in_namespace
 
-from conftest import frozen, need, netns_lab, processes_under, wait_for
+from conftest import control, frozen, need, netns_lab, processes_under, wait_for
 from netns import Lab, Namespace, Process, redis_cli
 
 pytestmark = [pytest.mark.netns]
@@ -318,10 +321,91 @@ def test_a_lookup_that_fails_with_eai_system_is_a_failed_lookup(lab: Lab, ns: Na
         who(ns)  # a client: its child looks the name up itself, and fails so
         wait_for_log(proxy, " connect-failed ")
     [line] = [x for x in proxy.stderr().splitlines() if " connect-failed " in x]
-    assert 'error="cannot resolve upstream.test: System error"' in line, line
+    assert 'error="cannot resolve upstream.test: System error (after ' in line, line
     assert "the resolver died" not in proxy.stderr()
     assert "Traceback" not in proxy.stderr()
     assert proxy.alive()
+
+
+def client_in(ns: Namespace) -> socket.socket:
+    """A client of the proxy's port, from inside `ns`."""
+    with in_namespace(ns):
+        client = socket.socket()
+    client.settimeout(15)
+    client.connect(("127.0.0.1", LISTEN_PORT))
+    return client
+
+
+def child_pids(lab: Lab) -> list[int]:
+    """The live connections' children, from `forkproxy status`."""
+    return [child["pid"] for child in control(lab.workdir / "fp.sock", "status")["children"]]
+
+
+@pytest.mark.parametrize("first", ["unresolved", "refused"])
+def test_a_childs_own_lookup_that_gets_no_answer_is_given_up_after_the_connect_timeout(
+    lab: Lab, ns: Namespace, first: str
+) -> None:
+    """A connection's child looks the name up itself when the supervisor has no address
+    for it yet ("unresolved": the name did not resolve at start) or when a connect to the
+    addresses it has failed ("refused": the server is gone, the name with it). That
+    lookup had no bound but glibc's (30 s here, with each --connect-retries attempt
+    again; for ever for a DNS server that takes a query over TCP and never answers), and
+    the client waited all that time, where --connect-timeout promised it a bound. Now
+    each attempt waits for it up to --connect-timeout, as for a connect, and the
+    connect-failed line says that the lookup timed out (after the connect's own error,
+    when there was one), where it said only "Connection refused"."""
+    options = ["--connect-timeout", "1", "--connect-retries", "1", "--resolve-every", "off"]
+    if first == "unresolved":
+        set_hosts(ns, None)  # upstream.test only in DNS, which answers nothing
+        start_dns(lab, ns, gate=lab.workdir / "never")
+        proxy = start_proxy(lab, ns, *options, resolved=False)
+    else:
+        start_dns(lab, ns, gate=lab.workdir / "never")
+        proxy = start_proxy(lab, ns, *options)  # from the hosts file
+        assert who(ns) == "first"
+        set_hosts(ns, None)  # gone from the hosts file, and DNS answers nothing
+        redis_cli(ns, REDIS_PORT, "SHUTDOWN", "NOSAVE", host="127.0.0.2", check=False)
+    with client_in(ns) as client:
+        # A hang, not a speed: the lookup alone holds for 30 s a time, and the child gives
+        # up after its two attempts of 1 s each (and a backoff of 0.2 s).
+        try:
+            assert client.recv(1) == b""  # EOF: the child closed it
+        except TimeoutError:
+            pytest.fail(f"the client still waits\n{proxy.describe()}")
+    wait_for_log(proxy, " connect-failed ")
+    [line] = [x for x in proxy.stderr().splitlines() if " connect-failed " in x]
+    then = "Connection refused, then " if first == "refused" else ""
+    assert f'error="{then}cannot resolve upstream.test: lookup timed out after ' in line, line
+
+
+def test_a_client_that_resets_during_its_childs_own_lookup_frees_the_child_and_its_slot(
+    lab: Lab, ns: Namespace
+) -> None:
+    """As during a connect or a backoff (test_probes): a client that gives up while its
+    child waits for the DNS server ends that child at once, counted as `client-reset`, no
+    line, and its --max-children slot serves the next client. The child waited out the
+    lookup (30 s here) before it noticed, the slot held all that time."""
+    set_hosts(ns, None)  # upstream.test only in DNS, which answers nothing
+    dns = start_dns(lab, ns, gate=lab.workdir / "never")
+    proxy = start_proxy(lab, ns, "--max-children", "1", "--connect-timeout", "600",
+                        "--resolve-every", "off", resolved=False)
+    leaving = client_in(ns)
+    wait_until(lambda: len(child_pids(lab)) == 1, proxy)
+    [pid] = child_pids(lab)
+    # Its query asked (the resolver's was the first), then a while in the lookup.
+    wait_until(lambda: dns.stdout().count(f"query upstream.test {TYPE_A}") >= 2, proxy)
+    time.sleep(1.5)
+    assert child_pids(lab) == [pid]  # still looking up for it
+    leaving.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    leaving.close()
+    wait_until(lambda: not child_pids(lab), proxy)  # well before the lookup's 30 s
+    stats: dict[str, object] = dict(link_stats(lab))
+    assert stats["outcomes"] == {"client-reset": 1}, stats
+    assert stats["upstream_failures"] == 0, stats
+    # Its only slot (--max-children 1) is free: the next client gets a child at once.
+    with client_in(ns):
+        wait_until(lambda: len(child_pids(lab)) == 1 and child_pids(lab) != [pid], proxy)
+    assert " connect-failed " not in proxy.stderr() and " close " not in proxy.stderr()
 
 
 def test_a_stop_does_not_wait_for_ever_on_a_frozen_resolver(lab: Lab, ns: Namespace) -> None:
