@@ -59,7 +59,8 @@ COMMANDS_MEMORY = 16 * MiB
 # process and every thread in the cgroup, and past it a fork fails (`fork-failed`, the
 # client held and retried) where a lower --max-children keeps clients in the backlog. At
 # their most, at once: the supervisor; 2 resolver children (the next starts as soon as the
-# last one's output is read, before it is reaped); MAX_CLIENTS status reporters (one per
+# last one's output is read, or it is killed at its deadline, before it is reaped; a third
+# waits for a reap: supervisor.start_resolver); MAX_CLIENTS status reporters (one per
 # control client answering `status`, the SIGUSR1 table writer among them:
 # supervisor.MAX_REPORTERS); and 2 commands run inside the container (the image's
 # HEALTHCHECK `forkproxy check`, an operator's `docker exec ... forkproxy status`).

@@ -91,6 +91,19 @@ REPORTER_EXIT_WAIT = 1.0
 METRICS_EXIT_WAIT = 2.0  # seconds the metrics process has to exit at a stop
 KILLED_EXIT_WAIT = 1.0  # seconds a stop waits for a helper process it killed (frozen: left)
 RESOLVE_AGAIN_AFTER = MIN_RESOLVE_EVERY  # seconds: the least time between two lookups' starts
+# Seconds a resolver child may spend on one name (from its start, or from the name before
+# its result) before the supervisor kills it and logs that name's `resolve-failed`. glibc
+# bounds a DNS query over UDP (timeout:5 attempts:2 per server), but not one over TCP (an
+# answer too long for UDP, or a server that sets TC): a server that accepts and never
+# answers held the resolver for ever, and every name's re-resolution with it (no line).
+# Not shorter: a lookup that is slow but ends is legitimate, and in Kubernetes (ndots:5,
+# 4-5 search domains tried before the name itself) with a dead first nameserver each try
+# waits 5 s for it, 20-25 s a name, twice that with `single-request`. A lookup that takes
+# longer than this nearly always ends in a failure anyway (every server silent).
+RESOLVE_TIMEOUT = 60.0
+# How early a SIGALRM may come for the time it was armed for and still count as that time
+# (setitimer rounds to microseconds; the monotonic clock reads the same clock).
+TIMER_SLACK = 0.005
 OOM_SCORE_ADJ = "/proc/self/oom_score_adj"
 # What each connection's child writes there: the OOM killer's first choice, so that a
 # memory limit reached costs a connection, not the supervisor and every listener with it.
@@ -142,18 +155,21 @@ def read_links(sources: Sources, environ: Mapping[str, str]) -> LinkTable:
 
 
 def resolve_all(targets: list[tuple[str, int]], out_fd: int, delay: float) -> None:
-    """The resolver child's work: wait `delay` seconds, look every target up, write the
-    results to `out_fd` as one JSON list of [host, port, addresses or null, error]."""
+    """The resolver child's work: wait `delay` seconds, then look the targets up one after
+    the other, writing each one's result to `out_fd` as soon as it has it: a line of JSON,
+    [host, port, addresses or null, error]. A line each, not one list at the end, so that
+    the supervisor applies each name's addresses at once (a slow name after it no longer
+    holds up another's move), and keeps those a lookup that hangs came after when it kills
+    the resolver at RESOLVE_TIMEOUT."""
     time.sleep(delay)
-    results: list[object] = []
     for host, port in targets:
         try:
-            results.append([host, port, relay.lookup(host, port), ""])
+            result = [host, port, relay.lookup(host, port), ""]
         except OSError as exc:  # not only socket.gaierror: see relay.lookup_error
-            results.append([host, port, None, relay.lookup_error(exc)])
-    data = memoryview(json.dumps(results).encode())
-    while data:
-        data = data[os.write(out_fd, data):]
+            result = [host, port, None, relay.lookup_error(exc)]
+        data = memoryview(json.dumps(result).encode() + b"\n")
+        while data:
+            data = data[os.write(out_fd, data):]
 
 
 def close_inherited(*keep: int) -> None:
@@ -309,10 +325,23 @@ class Supervisor:
         self.metrics_files: dict[str, int] | None = None
         self.resolving = False  # a resolver child's results are on their way
         self.resolver_pids: list[int] = []  # resolver children not reaped yet
+        # The running resolver (while `resolving`): its pid, its pipe, the targets it was
+        # given in order, how many it has answered, when it answered the last (or was due
+        # to start), and when it is killed if the next answer has not come by then.
+        self.resolver_pid = 0
+        self.resolver_fd = -1
+        self.resolver_targets: list[tuple[str, int]] = []
+        self.resolver_done = 0
+        self.resolver_progress = 0.0
+        self.resolver_deadline: float | None = None
+        # Each target's last lookup time in seconds (RESOLVE_TIMEOUT: timed out): the
+        # next resolver looks the slowest up last, so that they hold up no other name.
+        self.resolve_took: dict[tuple[str, int], float] = {}
+        self.resolve_tick_at: float | None = None  # the --resolve-every timer's next tick
         self.reporter_pids: list[int] = []  # children answering `status`, not reaped yet
         self.table_writer = 0  # the reporter writing SIGUSR1's table, while it runs
         self.table_pending = False  # a SIGUSR1 came meanwhile: another table when it ends
-        self.resolver_output: list[bytes] = []
+        self.resolver_output = b""  # the start of a result line not read whole yet
         self.resolver_due = 0.0  # when the last resolver was to look up (monotonic)
         self.resolve_pending = False  # asked again while one ran: start another after it
         self.resolve_failing: set[str] = set()  # links whose last lookup failed (log once)
@@ -368,7 +397,7 @@ class Supervisor:
             self.addresses[link.key] = [] if link.target.is_name else self._resolve(link)
             self._prepare_relay(listener)
             self.accounting.stats(link)  # exported at 0 before the first client
-        self._arm_resolve_timer()
+        self._arm_resolve_timer(restart=True)
         self.start_resolver()
         self.update_accepting()
         lines = [f"listening {listener.describe()}" for listener in self.listeners]
@@ -1103,8 +1132,7 @@ class Supervisor:
             elif signum == signal.SIGUSR1:
                 self.handle_usr1()
             elif signum == signal.SIGALRM:
-                self.count_fallbacks()
-                self.start_resolver()
+                self.handle_alarm()
 
     def handle_chld(self) -> None:
         """Reap every child that has exited, ours or (as PID 1) anybody's orphan."""
@@ -1118,6 +1146,8 @@ class Supervisor:
                 break
             if pid in self.resolver_pids:
                 self.resolver_pids.remove(pid)
+                # A lookup asked for while two were not reaped yet (see start_resolver)
+                resolve_again = resolve_again or self.resolve_pending
                 continue
             if pid in self.reporter_pids:
                 self.reporter_pids.remove(pid)
@@ -1486,28 +1516,61 @@ class Supervisor:
                 targets.append((target.host, target.port))
         return targets
 
-    def _arm_resolve_timer(self) -> None:
-        """SIGALRM every --resolve-every seconds while some target is a name. A signal, not
-        a poll timeout: the accept loop runs with no timer armed (see loop())."""
+    def _arm_resolve_timer(self, restart: bool = False) -> None:
+        """SIGALRM at the next of: the --resolve-every timer's tick (while some target is a
+        name; `restart`: a period from now, as at start and reload), and the running
+        resolver's deadline. A signal, not a poll timeout: the accept loop runs with no
+        timer armed (see loop()). One shot, armed again at each SIGALRM (handle_alarm) and
+        each change of the deadline: one interval timer serves both."""
+        now = time.monotonic()
         every = self.options.resolve_every
         if every is None or not self._named_targets():
-            every = 0.0
-        signal.setitimer(signal.ITIMER_REAL, every, every)
+            self.resolve_tick_at = None
+        elif restart or self.resolve_tick_at is None:
+            self.resolve_tick_at = now + every
+        wakes = [at for at in (self.resolve_tick_at, self.resolver_deadline) if at is not None]
+        signal.setitimer(signal.ITIMER_REAL, max(min(wakes) - now, 0.001) if wakes else 0.0)
+
+    def handle_alarm(self) -> None:
+        """SIGALRM: the --resolve-every timer's tick, a child's "look again" (relay.serve)
+        or an operator's, or the running resolver's deadline. The first two count the
+        fallbacks and resolve; the last kills a resolver that is past it (and resolves
+        only if asked meanwhile: a name that hangs must not keep one resolver after
+        another running with --resolve-every off). A child's signal that comes with the
+        deadline's is taken as the deadline's."""
+        now = time.monotonic()
+        tick = self.resolve_tick_at is not None and now >= self.resolve_tick_at - TIMER_SLACK
+        if tick:
+            self.resolve_tick_at = None  # the next period from now (_arm_resolve_timer)
+        deadline = self.resolver_deadline
+        self._resolver_timed_out(now)
+        if tick or deadline is None or now < deadline - TIMER_SLACK:
+            self.count_fallbacks()
+            self.start_resolver()
+        self._arm_resolve_timer()
 
     def start_resolver(self) -> None:
         """Resolve the targets' names again in a child, so that a slow DNS server never
-        stalls the loop; apply_resolved() takes what it finds.
+        stalls the loop; each name's result is applied as it comes (_read_resolver).
 
         One at a time: asked while one runs, another starts when it ends. And at most one
         lookup per RESOLVE_AGAIN_AFTER: the child waits out the rest of that time itself
         (a failing upstream makes every connection ask), so the loop needs no timer.
+        At most two not reaped yet (config.OWN_PIDS counts two: the next may start as soon
+        as the last one's output ends, before it is reaped; and one killed at its deadline
+        may not be reaped yet, frozen): asked for a third, it starts once one is reaped.
+        The names whose last lookup was slowest go last (a name that timed out, last of
+        all): a name that hangs holds up none of the others, from the second run on.
         """
         targets = self._named_targets()
         if self.stopping or not targets:
             return
-        if self.resolving:
+        if self.resolving or len(self.resolver_pids) >= 2:
             self.resolve_pending = True
             return
+        took = self.resolve_took = {t: s for t, s in self.resolve_took.items() if t in targets}
+        # In whole seconds: names that answer at once stay in the order configured.
+        targets.sort(key=lambda target: int(took.get(target, 0.0)))
         now = time.monotonic()
         due = max(now, self.resolver_due + RESOLVE_AGAIN_AFTER)
         try:
@@ -1541,34 +1604,87 @@ class Supervisor:
         os.set_blocking(read_fd, False)
         self.resolving = True
         self.resolver_pids.append(pid)
-        self.resolver_due = due
+        self.resolver_pid, self.resolver_fd = pid, read_fd
+        self.resolver_targets, self.resolver_done = targets, 0
+        self.resolver_due = self.resolver_progress = due
+        self.resolver_deadline = due + RESOLVE_TIMEOUT
         self.resolve_pending = False
-        self.resolver_output = []
-        self._watch(read_fd, self._resolver_reader(read_fd))
+        self.resolver_output = b""
+        self._watch(read_fd, self._resolver_reader)
+        self._arm_resolve_timer()
 
-    def _resolver_reader(self, fd: int) -> Callable[[int], None]:
-        def handle(events: int) -> None:
+    def _resolver_reader(self, events: int) -> None:
+        if self._read_resolver():
+            self._resolver_ended()
+        else:
+            self._arm_resolve_timer()  # its deadline moved with each name answered
+
+    def _read_resolver(self) -> bool:
+        """Read what the running resolver has written, applying each whole line (one name's
+        result) at once; True at EOF (the resolver is done, or died)."""
+        while True:
             try:
-                chunk = os.read(fd, 65536)
+                chunk = os.read(self.resolver_fd, 65536)
             except BlockingIOError:
-                return  # an event of the descriptor this number had before (above)
-            if chunk:
-                self.resolver_output.append(chunk)
-                return
-            self._unwatch(fd)  # EOF: the resolver is done, or died (then nothing parses)
-            os.close(fd)
-            self.resolving = False
-            try:
-                results = json.loads(b"".join(self.resolver_output))
-            except ValueError:
-                self.log.warning("resolve-failed", error="the resolver died",
-                                 detail="keeping the addresses in use")
-            else:
-                self.apply_resolved(results)
-            if self.resolve_pending:
-                self.start_resolver()
+                return False  # all read, or an event of the number's last descriptor (above)
+            if not chunk:
+                return True
+            *lines, self.resolver_output = (self.resolver_output + chunk).split(b"\n")
+            for line in lines:
+                if self.resolver_done >= len(self.resolver_targets):
+                    break  # (never: a line per target)
+                now = time.monotonic()
+                target = self.resolver_targets[self.resolver_done]
+                self.resolve_took[target] = now - self.resolver_progress
+                self.resolver_done += 1
+                self.resolver_progress = now
+                self.resolver_deadline = now + RESOLVE_TIMEOUT
+                self.apply_resolved([json.loads(line)])
 
-        return handle
+    def _resolver_timed_out(self, now: float) -> None:
+        """Kill the running resolver if the name it looks up is past RESOLVE_TIMEOUT (what it
+        wrote before is applied first): that name's `resolve-failed` says it timed out, and
+        the others after it wait for the next resolver."""
+        if not self.resolving:
+            return
+        if self._read_resolver():  # done, answered just now, or died
+            self._resolver_ended()
+            return
+        deadline = self.resolver_deadline
+        if deadline is None or now < deadline - TIMER_SLACK:
+            return
+        done = self.resolver_done
+        # Not reaped yet, or its EOF would have been read above: the number is still ours.
+        if self.resolver_pid in self.resolver_pids:
+            try:
+                os.kill(self.resolver_pid, signal.SIGKILL)  # reaped by handle_chld, as ever
+            except OSError:
+                pass  # exited meanwhile: nothing to kill
+        self._read_resolver()  # a line written between the read above and the kill
+        hung = None
+        if self.resolver_done == done and done < len(self.resolver_targets):
+            hung = self.resolver_targets[done]
+        self._resolver_ended(hung)
+
+    def _resolver_ended(self, timed_out: tuple[str, int] | None = None) -> None:
+        """The running resolver's output is over: at EOF, or killed (`timed_out`: the
+        target it was looking up). Starts the resolution asked for meanwhile."""
+        self._unwatch(self.resolver_fd)
+        os.close(self.resolver_fd)
+        self.resolver_fd = -1
+        self.resolving = False
+        self.resolver_deadline = None
+        if timed_out is not None:
+            self.resolve_took[timed_out] = RESOLVE_TIMEOUT  # last, next time
+            self.apply_resolved([[*timed_out, None,
+                                  f"timed out after {RESOLVE_TIMEOUT:g}s (the resolver "
+                                  "was killed)"]])
+        elif self.resolver_done < len(self.resolver_targets):
+            self.log.warning("resolve-failed", error="the resolver died",
+                             detail="keeping the addresses in use")
+        self._arm_resolve_timer()
+        if self.resolve_pending:
+            self.start_resolver()
 
     def apply_resolved(self, results: list[list[object]]) -> None:
         """New addresses for the links whose names now resolve differently (new connections
@@ -1708,7 +1824,7 @@ class Supervisor:
         for name in [name for name in self.denials if name not in configured]:
             self._log_unlogged_denials(name, self.denials.pop(name))
         self._end_denial_windows(time.monotonic())
-        self._arm_resolve_timer()
+        self._arm_resolve_timer(restart=True)
         self.start_resolver()
         self._log_table_warnings(table)
         for listener in retired:

@@ -437,15 +437,18 @@ def test_round_robin_dns_reordering_the_same_addresses_is_no_change(
     assert len(resolved) == 1, resolved  # the start's
     assert link_stats(lab)["address_changes"] == 0
 
-def start_dns(lab: Lab, ns: Namespace, gate: Path, addresses: str = "127.0.0.2") -> Process:
-    """The namespace's DNS server (tests/dns_stub.py, on 127.0.0.53), where upstream.test
-    is `addresses` (several, comma-separated: rotated at each answer): it holds every
+def start_dns(lab: Lab, ns: Namespace, gate: Path, addresses: str = "127.0.0.2",
+              name: str = "upstream.test", hang: Path | None = None) -> Process:
+    """The namespace's DNS server (tests/dns_stub.py, on 127.0.0.53), where `name` is
+    `addresses` (several, comma-separated: rotated at each answer): it holds every
     query, unanswered, until `gate` exists. A lookup waits for it up to the resolver's
-    timeout: 30 s, the most glibc takes."""
+    timeout: 30 s, the most glibc takes. While `hang` exists, a lookup of `name` hangs
+    for good (an answer truncated over UDP, and none over TCP)."""
     resolv = Path("/etc/netns") / ns.name / "resolv.conf"
     resolv.write_text("nameserver 127.0.0.53\noptions timeout:30 attempts:1\n")
     dns = lab.spawn(ns, [sys.executable, str(Path(__file__).with_name("dns_stub.py")),
-                         "127.0.0.53", "upstream.test", addresses, str(gate)], label="dns")
+                         "127.0.0.53", name, addresses, str(gate),
+                         *([] if hang is None else [str(hang)])], label="dns")
     dns.wait_stdout(lambda lines: "ready" in lines, 10)
     return dns
 
@@ -704,3 +707,60 @@ def test_a_reload_that_closes_a_port_never_blocks_the_loop_on_the_next_lookup(
     assert redis_cli(ns, ports["C"], "GET", "who", check=False) == "second", proxy.describe()
     out, _ = waiting.communicate(timeout=30)
     assert out.strip() == "first"  # B's client, served by B's wiring before B closed
+
+
+def test_a_lookup_that_hangs_is_killed_at_its_deadline_and_holds_up_no_other_name(
+    lab: Lab, ns: Namespace
+) -> None:
+    """A DNS server that sets TC over UDP and never answers over TCP: glibc's getaddrinfo
+    waits for ever (found by a DNS hunt). The resolver child, looking the names up one
+    after the other and writing them all at the end, hung with it: no name was resolved
+    again, not on the timer, not on reload (which said ok), and nothing was logged. Now
+    the supervisor kills it once a name has taken RESOLVE_TIMEOUT, logs that name's
+    `resolve-failed` (its addresses kept), and looks it up last from then on: the other
+    name's move is applied by the next resolver, which a reload asked for during the
+    hang (the timer is off: only the reload can)."""
+    from forkproxy.supervisor import RESOLVE_TIMEOUT
+
+    gate, hang = lab.workdir / "dns-answers", lab.workdir / "hang"
+    gate.touch()
+    dns = start_dns(lab, ns, gate, name="hung.test", hang=hang)  # upstream.test: hosts file
+    sock = str(lab.workdir / "fp.sock")
+    hung_port, moved_port = LISTEN_PORT, LISTEN_PORT + 1
+    proxy = lab.spawn(ns, [FORKPROXY, "serve", f"{hung_port}=hung.test:{REDIS_PORT}",
+                           f"{moved_port}=upstream.test:{REDIS_PORT}", "--resolve-every", "off",
+                           "--status-socket", sock], label="proxy")
+    proxy.wait_stdout(lambda lines: sum(x.startswith("listening ") for x in lines) == 2, 15)
+    wait_until(lambda: proxy.stderr().count(" resolved ") == 2, proxy)
+
+    def control(command: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([FORKPROXY, command, "--status-socket", sock],
+                              capture_output=True, text=True, timeout=30)
+
+    hang.touch()
+    assert control("reload").returncode == 0  # a resolver, held in hung.test's lookup:
+    wait_until(lambda: "tcp" in dns.stdout().splitlines(), proxy)  # configured first
+    set_hosts(ns, "127.0.0.3")  # upstream.test moves; its lookup comes after the hang
+    reload = control("reload")  # answers, and asks for another resolver
+    assert reload.returncode == 0, reload
+    status = control("status")
+    assert status.returncode == 0, status
+    assert redis_cli(ns, moved_port, "GET", "who") == "first"  # not applied yet
+
+    # A bound, not a speed: the kill comes RESOLVE_TIMEOUT after the lookup began.
+    wait_for_log(proxy, " resolve-failed ", timeout=RESOLVE_TIMEOUT + 30)
+    [line] = [x for x in proxy.stderr().splitlines() if " resolve-failed " in x]
+    assert " warning resolve-failed " in line, line
+    assert (f' host=hung.test error="timed out after {RESOLVE_TIMEOUT:g}s (the resolver was'
+            ' killed)" detail="keeping the addresses in use"') in line, line
+    # The reload's resolver looks upstream.test up first, hung.test (hanging again) last.
+    wait_until(lambda: redis_cli(ns, moved_port, "GET", "who", check=False) == "second",
+               proxy, timeout=30)
+    [moved] = [x for x in proxy.stderr().splitlines()
+               if " resolved " in x and " host=upstream.test " in x][1:]
+    assert moved.endswith(f" addresses=127.0.0.3:{REDIS_PORT}"), moved
+    assert redis_cli(ns, hung_port, "GET", "who") == "first"  # its addresses kept
+    assert control("check").returncode == 0
+    assert "the resolver died" not in proxy.stderr()
+    assert "Traceback" not in proxy.stderr()
+    assert proxy.alive()
