@@ -1324,6 +1324,7 @@ class Supervisor:
         self.stopping = True
         self.stop_began = time.monotonic()
         signal.setitimer(signal.ITIMER_REAL, 0)  # no new children: names no longer matter
+        self.resolve_tick_at = None
         # Nor a metrics process: a restart still due would stay armed, never fired, and
         # poll every turn of the loop with a zero timeout (100% CPU until the last child).
         self.metrics_at = None
@@ -1524,7 +1525,9 @@ class Supervisor:
         each change of the deadline: one interval timer serves both."""
         now = time.monotonic()
         every = self.options.resolve_every
-        if every is None or not self._named_targets():
+        if every is None or self.stopping or not self._named_targets():
+            # Stopping: no new children, names no longer matter (a resolver that ended
+            # during a stop re-armed the tick, and woke the stop every period for nothing).
             self.resolve_tick_at = None
         elif restart or self.resolve_tick_at is None:
             self.resolve_tick_at = now + every
