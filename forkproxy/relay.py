@@ -124,6 +124,12 @@ _NO_BUFFER = memoryview(bytearray())  # until a flow's first read allocates its 
 # direction, made before any fork, so a child copies only the pages its reads fill
 # instead of allocating (and zeroing) whole buffers of its own.
 _child_buffers: tuple[memoryview, memoryview] | None = None
+# Whether a child's own lookup may run in a thread (OwnLookup): not under a pids limit.
+# A thread is a task pids.max counts, and the --max-children derived from that limit
+# counts one per connection: with every child of a link whose DNS hangs holding two,
+# forks failed at half the connections and healthy links starved (the review's
+# measurement: pids.max 60, 30 children). Set by preload(), in the supervisor.
+_lookup_in_thread = True
 
 
 class Ended(Exception):
@@ -429,9 +435,10 @@ class OwnLookup:
 
     One lookup at a time: an attempt whose lookup timed out leaves it running, and the
     next attempt (--connect-retries) waits for that one again rather than starting
-    another, so a hung DNS server holds one thread, and one query, per child. A thread
-    that cannot start (a pids limit reached) or an eventfd that cannot be had (out of
-    descriptors) leaves the plain blocking lookup, as before."""
+    another, so a hung DNS server holds one thread, and one query, per child. Under a
+    pids limit no thread is started (_lookup_in_thread), and a thread that cannot start
+    or an eventfd that cannot be had (out of descriptors) leaves the plain blocking
+    lookup, unbounded, as before."""
 
     __slots__ = ("client", "done", "result", "started", "target", "watch")
 
@@ -474,9 +481,12 @@ class OwnLookup:
         return self._outcome(*self.result.pop(), error)
 
     def _start(self) -> bool:
-        """Start the lookup in a thread; False when it cannot be (see the class)."""
+        """Start the lookup in a thread; False when it cannot be or must not be (under a
+        pids limit: _lookup_in_thread; see the class)."""
         import _thread  # built in, and imported already: see the class
 
+        if not _lookup_in_thread:
+            return False
         try:
             done = os.eventfd(0, os.EFD_CLOEXEC)
         except OSError:
@@ -948,8 +958,9 @@ def preload(options: Options, log: Logger, rounds: int = 24) -> None:
     /dev/null. Best effort: without sockets (no file descriptors left, no loopback in
     this network namespace) children warm their own.
     """
-    global _child_buffers
+    global _child_buffers, _lookup_in_thread
     _child_buffers = (memoryview(bytearray(COPY_CHUNK)), memoryview(bytearray(COPY_CHUNK)))
+    _lookup_in_thread = options.pids_limit is None
     counters = memoryview(bytearray(8 * 2)).cast("Q")  # not the children's slots
     try:
         _preload_pump(options, counters, rounds)

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -141,7 +142,7 @@ def test_no_time_limit_on_a_half_closed_connection_by_default(
 WARM_CHECK = """
 import dis, os, sys
 from forkproxy import relay
-from forkproxy.config import Endpoint, Options
+from forkproxy.config import Options
 from forkproxy.log import INFO, Logger
 
 def specialized(function):
@@ -328,6 +329,37 @@ def test_a_lookup_that_does_not_answer_is_given_up_per_attempt_and_asked_once(
     assert held_lookup == ["db.test"]
     assert raised.value.strerror is not None
     assert raised.value.strerror.startswith("cannot resolve db.test: lookup timed out after ")
+
+
+def test_under_a_pids_limit_a_childs_own_lookup_starts_no_thread(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A lookup thread is a second task per connection, and the --max-children derived
+    from a pids limit counts one: with a link's DNS hung, forks failed at half the
+    connections and healthy links starved (the review: pids.max 60, 30 children). Under a
+    pids limit (preload, from the options) the lookup runs as before, in the child."""
+    import _thread
+
+    started: list[object] = []
+    real = _thread.start_new_thread
+
+    def counted(*args: Any) -> int:
+        started.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(_thread, "start_new_thread", counted)
+    monkeypatch.setattr(relay, "lookup", lambda host, port: [(int(socket.AF_INET),
+                                                              ("127.0.0.1", port))])
+    monkeypatch.setattr(relay, "_lookup_in_thread", True)
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+        for pids_limit, threads in ((None, 1), (100, 1)):  # a thread without, none with
+            relay.preload(Options(pids_limit=pids_limit), Logger(), rounds=0)
+            assert relay._lookup_in_thread is (pids_limit is None)
+            sock, looked_up, _ = relay.connect_upstream([], Endpoint("db.test", port), 5.0, 0)
+            sock.close()
+            assert looked_up
+            assert len(started) == threads, pids_limit
 
 
 def test_a_lookup_whose_thread_cannot_start_runs_as_before(
