@@ -49,10 +49,10 @@ CHILD_MEMORY = 1 * MiB
 # `status` 8.1-8.3 MiB at 52 connections (~1.5 MiB more at 500, where the limit leaves
 # more room than this); in the image at 64 MiB with 36 connections, 6.3 and 8.3 MiB
 # (podman healthcheck run, podman exec; memory.max_usage_in_bytes less the usage before).
-# Through typer (any other argument: `reload`, `--status-socket`)
-# each costs 18-20 MiB with typer 0.28, 25-28 MiB with cold files, and peaks at ~32 MiB
-# with typer 0.29, which imports pydantic when a command runs. Without this room, one HEALTHCHECK at
-# 64 MiB (52 idle connections) made the OOM killer take 13 of them.
+# Through typer (any other argument: `reload`, `--status-socket`) each costs 18-20 MiB
+# with typer 0.28, 25-28 MiB with cold files, and peaks at ~32 MiB with typer 0.29, which
+# imports pydantic when a command runs. Without this room, one HEALTHCHECK at 64 MiB
+# (52 idle connections) made the OOM killer take 13 of them.
 COMMANDS_MEMORY = 16 * MiB
 # What a pids limit (pids.max, docker run --pids-limit) must hold besides the connections,
 # one each, for the --max-children derived from it (children_within_pids): pids.max counts every
@@ -697,7 +697,9 @@ def parse_aliases(texts: Iterable[str]) -> tuple[str, ...]:
             # which is not what a selection left empty by mistake should open.
             raise ConfigError(f"--alias {quoted(text)}: empty: name an alias (without --alias "
                               "and FORKPROXY_ALIAS every link variable is taken)")
-        for part in text.split(","):
+        # Empty parts dropped: FORKPROXY_ALIAS="redis, db" reaches here as 'redis,' and
+        # 'db' (click splits a variable at whitespace).
+        for part in [part for part in text.split(",") if part] or [text]:
             if ":" in part:
                 raise ConfigError(f"--alias {quoted(text)}: give the alias alone: for "
                                   "`docker run --link NAME:ALIAS`, the ALIAS")
@@ -993,7 +995,7 @@ _DOCKER_HINT = ("; since Docker Engine 29, `docker run --link` sets no link vari
 
 
 def _check_selected(aliases: Sequence[str], links: Sequence[Link], sources: str) -> None:
-    """ConfigError for the first --alias alias that none of the link variables has."""
+    """ConfigError for the first alias --alias names that none of the link variables has."""
     found = set()
     for link in links:
         for name in link.names:
