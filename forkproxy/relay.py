@@ -455,12 +455,7 @@ class OwnLookup:
         for the connect-failed line (accounting.own_lookup_failed). Raises ClientLeft,
         carrying `error`, when the client leaves meanwhile."""
         if self.done < 0 and not self._start():
-            started = time.monotonic()
-            try:
-                found: list[Address] | OSError = lookup(self.target.host, self.target.port)
-            except OSError as exc:
-                found = exc
-            return self._outcome(found, time.monotonic() - started, error)
+            return self._outcome(*_timed_lookup(self.target), error)
         watch, done = self.watch, self.done
         watch.register(done, POLLIN)
         try:
@@ -519,16 +514,21 @@ class OwnLookup:
         return OSError(code, failure_text(code, self.target.host))
 
 
-def _look_up(target: Endpoint, done: int,
-             result: list[tuple[list[Address] | OSError, float]]) -> None:
-    """OwnLookup's thread: the lookup, its addresses or its OSError (and how long it took)
-    put in `result`, then its eventfd `done` made readable."""
+def _timed_lookup(target: Endpoint) -> tuple[list[Address] | OSError, float]:
+    """`target`'s addresses, or the OSError its lookup raised, and the seconds it took."""
     started = time.monotonic()
     try:
         found: list[Address] | OSError = lookup(target.host, target.port)
     except OSError as exc:
         found = exc
-    result.append((found, time.monotonic() - started))
+    return found, time.monotonic() - started
+
+
+def _look_up(target: Endpoint, done: int,
+             result: list[tuple[list[Address] | OSError, float]]) -> None:
+    """OwnLookup's thread: _timed_lookup's outcome put in `result`, then its eventfd
+    `done` made readable."""
+    result.append(_timed_lookup(target))
     os.eventfd_write(done, 1)
 
 
@@ -956,7 +956,8 @@ def preload(options: Options, log: Logger, rounds: int = 24) -> None:
     the real options, then serve() whole (connect, log lines, relay, close) over loopback.
     `log` is the children's logger: the warm-up logs with its level and format to
     /dev/null. Best effort: without sockets (no file descriptors left, no loopback in
-    this network namespace) children warm their own.
+    this network namespace) children warm their own. Also decides, from the options,
+    whether a child's own lookup may use a thread (_lookup_in_thread).
     """
     global _child_buffers, _lookup_in_thread
     _child_buffers = (memoryview(bytearray(COPY_CHUNK)), memoryview(bytearray(COPY_CHUNK)))

@@ -326,14 +326,13 @@ class Supervisor:
         self.resolving = False  # a resolver child's results are on their way
         self.resolver_pids: list[int] = []  # resolver children not reaped yet
         # The running resolver (while `resolving`): its pid, its pipe, the targets it was
-        # given in order, how many it has answered, when it answered the last (or was due
-        # to start), and when it is killed if the next answer has not come by then.
+        # given in order, how many it has answered, and when it answered the last (or was
+        # due to start), from which its deadline runs (_resolver_deadline).
         self.resolver_pid = 0
         self.resolver_fd = -1
         self.resolver_targets: list[tuple[str, int]] = []
         self.resolver_done = 0
         self.resolver_progress = 0.0
-        self.resolver_deadline: float | None = None
         # Each target's last lookup time in seconds (RESOLVE_TIMEOUT: timed out): the
         # next resolver looks the slowest up last, so that they hold up no other name.
         self.resolve_took: dict[tuple[str, int], float] = {}
@@ -1531,7 +1530,7 @@ class Supervisor:
             self.resolve_tick_at = None
         elif restart or self.resolve_tick_at is None:
             self.resolve_tick_at = now + every
-        wakes = [at for at in (self.resolve_tick_at, self.resolver_deadline) if at is not None]
+        wakes = [at for at in (self.resolve_tick_at, self._resolver_deadline()) if at is not None]
         signal.setitimer(signal.ITIMER_REAL, max(min(wakes) - now, 0.001) if wakes else 0.0)
 
     def handle_alarm(self) -> None:
@@ -1545,7 +1544,7 @@ class Supervisor:
         tick = self.resolve_tick_at is not None and now >= self.resolve_tick_at - TIMER_SLACK
         if tick:
             self.resolve_tick_at = None  # the next period from now (_arm_resolve_timer)
-        deadline = self.resolver_deadline
+        deadline = self._resolver_deadline()
         self._resolver_timed_out(now)
         if tick or deadline is None or now < deadline - TIMER_SLACK:
             self.count_fallbacks()
@@ -1610,11 +1609,15 @@ class Supervisor:
         self.resolver_pid, self.resolver_fd = pid, read_fd
         self.resolver_targets, self.resolver_done = targets, 0
         self.resolver_due = self.resolver_progress = due
-        self.resolver_deadline = due + RESOLVE_TIMEOUT
         self.resolve_pending = False
         self.resolver_output = b""
         self._watch(read_fd, self._resolver_reader)
         self._arm_resolve_timer()
+
+    def _resolver_deadline(self) -> float | None:
+        """When the running resolver is killed if its next answer has not come (None: no
+        resolver runs): RESOLVE_TIMEOUT after its start or its last answer."""
+        return self.resolver_progress + RESOLVE_TIMEOUT if self.resolving else None
 
     def _resolver_reader(self, events: int) -> None:
         if self._read_resolver():
@@ -1641,7 +1644,6 @@ class Supervisor:
                 self.resolve_took[target] = now - self.resolver_progress
                 self.resolver_done += 1
                 self.resolver_progress = now
-                self.resolver_deadline = now + RESOLVE_TIMEOUT
                 self.apply_resolved([json.loads(line)])
 
     def _resolver_timed_out(self, now: float) -> None:
@@ -1653,7 +1655,7 @@ class Supervisor:
         if self._read_resolver():  # done, answered just now, or died
             self._resolver_ended()
             return
-        deadline = self.resolver_deadline
+        deadline = self._resolver_deadline()
         if deadline is None or now < deadline - TIMER_SLACK:
             return
         done = self.resolver_done
@@ -1676,7 +1678,6 @@ class Supervisor:
         os.close(self.resolver_fd)
         self.resolver_fd = -1
         self.resolving = False
-        self.resolver_deadline = None
         if timed_out is not None:
             self.resolve_took[timed_out] = RESOLVE_TIMEOUT  # last, next time
             self.apply_resolved([[*timed_out, None,
