@@ -30,9 +30,10 @@ class Listener:
         self.family = int(sock.family)
         # Set by the supervisor: relay.serve's arguments after the slot (see _prepare_relay).
         self.relay_args: tuple[object, ...] = ()
-        # Its connections, counted: each child's turn (relay.in_turn). Kept here, not in
+        # Its connections, counted from 0: each child's turn (relay.in_turn), so the
+        # first connection goes to the first address getaddrinfo gave. Kept here, not in
         # the accept handler, which is built anew whenever accepting resumes.
-        self.turns = itertools.count(1)
+        self.turns = itertools.count()
         # `waiting(0)`: is another client already in the backlog? A poll of this socket
         # alone, so the accept loop can ask without an accept() that fails: the
         # BlockingIOError that raises allocates an exception, a traceback and a frame

@@ -607,6 +607,25 @@ def test_connections_take_turns_at_a_names_addresses(lab: Lab, ns: Namespace) ->
         assert answers in (["first", "second"] * 5, ["second", "first"] * 5), (port, answers)
 
 
+@pytest.mark.parametrize("order", [("127.0.0.2", "127.0.0.3"), ("127.0.0.3", "127.0.0.2")])
+def test_the_first_connection_goes_to_the_first_address(
+    lab: Lab, ns: Namespace, order: tuple[str, str]
+) -> None:
+    """A fresh proxy's first connection to a name with several addresses goes where a
+    plain client would go: to the first address getaddrinfo gives (a primary listed
+    first). It went to the second: the turns were counted from 1 (found by a bug hunt)."""
+    hosts = Path("/etc/netns") / ns.name / "hosts"
+    with hosts.open("w") as handle:
+        handle.write("127.0.0.1 localhost\n")
+        handle.writelines(f"{address} upstream.test\n" for address in order)
+    lookup = ("import socket; print(socket.getaddrinfo('upstream.test', 6379, socket.AF_INET,"
+              " socket.SOCK_STREAM)[0][4][0])")
+    first = ns.run([sys.executable, "-I", "-c", lookup]).strip()
+    assert first in order, first
+    start_proxy(lab, ns, "--resolve-every", "off")
+    assert who(ns) == {"127.0.0.2": "first", "127.0.0.3": "second"}[first]
+
+
 def test_a_connection_that_gets_through_only_after_an_address_failed_says_so_folded(
     lab: Lab, ns: Namespace
 ) -> None:
