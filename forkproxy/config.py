@@ -716,7 +716,7 @@ def links_from_env(
     environ: Mapping[str, str], origin: str = "", bind: str = ANY_IPV4,
     aliases: Sequence[str] = (),
 ) -> tuple[list[Link], list[str]]:
-    """Docker link variables -> links (sorted by name) and warnings; each listens on
+    """Docker link variables -> links (by alias, then port) and warnings; each listens on
     `bind` (all IPv4 interfaces unless --bind says otherwise, as the ambassador's socat did).
 
     `<ALIAS>_ENV_<...>` variables are a linked container's own environment re-exported
@@ -728,7 +728,7 @@ def links_from_env(
     # Not proxied, by alias and protocol: a container that exposes a UDP port range
     # (EXPOSE 10000-10999/udp) has a variable per port, and gets one line, not 1,000.
     skipped: dict[tuple[str, str], list[str]] = {}
-    for name in sorted(environ):
+    for name in sorted(environ, key=_alias_then_port):
         match = _LINK_VAR.match(name)
         if match is None:
             continue
@@ -757,6 +757,17 @@ def links_from_env(
                 if len(labels) > 1 else "")
         warnings.append(f"{labels[0]}{more}: {proto} links are not proxied; skipped")
     return links, warnings
+
+
+def _alias_then_port(name: str) -> tuple[str, int, str, str]:
+    """The order link variables are read in: by alias, then by port as a number
+    (`X_PORT_443_TCP` before `X_PORT_10000_TCP`, which text order puts first). Compared as
+    digits, not int(): a port of 5,000 digits is an error to report, not a ValueError."""
+    match = _LINK_VAR.match(name)
+    if match is None:
+        return "", 0, "", name  # not a link variable: never read
+    digits = match["port"].lstrip("0")
+    return match["alias"], len(digits), digits, name
 
 
 def _is_reexport(name: str) -> bool:

@@ -211,12 +211,16 @@ DOCKER_LINK_ENV = {
             {"CACHE_PORT_6379_TCP": "tcp://10.0.0.5:6379", "DB_PORT_6379_TCP": "tcp://10.0.0.5:6379"},
             [("0.0.0.0", 6379, "10.0.0.5", 6379, ("CACHE_PORT_6379_TCP", "DB_PORT_6379_TCP"))],
         ),
-        # Several ports of one container.
+        # Several ports of one container, by alias then port as a number (text order
+        # put 10000 before 443 before 80).
         (
-            {"WEB_PORT_80_TCP": "tcp://10.0.0.7:80", "WEB_PORT_443_TCP": "tcp://10.0.0.7:443"},
+            {"WEB_PORT_80_TCP": "tcp://10.0.0.7:80", "WEB_PORT_443_TCP": "tcp://10.0.0.7:443",
+             "WEB_PORT_10000_TCP": "tcp://10.0.0.7:10000", "API_PORT_8080_TCP": "tcp://api:8080"},
             [
-                ("0.0.0.0", 443, "10.0.0.7", 443, ("WEB_PORT_443_TCP",)),
+                ("0.0.0.0", 8080, "api", 8080, ("API_PORT_8080_TCP",)),
                 ("0.0.0.0", 80, "10.0.0.7", 80, ("WEB_PORT_80_TCP",)),
+                ("0.0.0.0", 443, "10.0.0.7", 443, ("WEB_PORT_443_TCP",)),
+                ("0.0.0.0", 10000, "10.0.0.7", 10000, ("WEB_PORT_10000_TCP",)),
             ],
         ),
         # The seed's remote ambassador: the listen port and the target port may differ.
@@ -397,8 +401,8 @@ def test_a_udp_port_range_is_one_warning() -> None:
                 "SIP_PORT_5060_UDP": "udp://10.0.0.3:5060"})
     table = build_links([], env)
     assert table.warnings == (
-        "RTP_PORT_10000_UDP and 999 more RTP_PORT_<N>_UDP: UDP links are not proxied; skipped",
         "RTP_PORT_5060_SCTP: SCTP links are not proxied; skipped",
+        "RTP_PORT_10000_UDP and 999 more RTP_PORT_<N>_UDP: UDP links are not proxied; skipped",
         "SIP_PORT_5060_UDP: UDP links are not proxied; skipped")
 
 
