@@ -659,6 +659,10 @@ def _spec_hint(spec: str) -> str | None:
 # that are not shell identifiers before `env | sed` runs. forkproxy takes them.)
 _LINK_VAR = re.compile(
     r"(?P<alias>[A-Za-z0-9_.]+)_PORT_(?P<port>[0-9]+)_(?P<proto>TCP|UDP|SCTP)\Z")
+# A name shaped like one whose alias holds other characters: `redis-cache_PORT_6379_TCP`,
+# written by hand (Docker writes the alias with '-' as '_'). Skipped, with a warning.
+_NEAR_LINK_VAR = re.compile(
+    r"(?P<alias>.+)_PORT_(?P<port>[0-9]+)_(?P<proto>TCP|UDP|SCTP)\Z", re.DOTALL)
 
 
 def parse_link_value(name: str, value: str, proto: str, from_file: bool = False) -> Endpoint:
@@ -706,10 +710,15 @@ def parse_aliases(texts: Iterable[str]) -> tuple[str, ...]:
             if not _ALIAS.match(part):
                 raise ConfigError(f"--alias {quoted(text)}: not a link alias (letters, "
                                   "digits, '_', '-', '.'; several separated by commas)")
-            alias = part.upper().replace("-", "_")
+            alias = _alias_key(part)
             if alias not in aliases:
                 aliases.append(alias)
     return tuple(aliases)
+
+
+def _alias_key(alias: str) -> str:
+    """An alias as Docker writes it in its variables' names: upper case, '-' as '_'."""
+    return alias.upper().replace("-", "_")
 
 
 def links_from_env(
@@ -728,9 +737,15 @@ def links_from_env(
     # Not proxied, by alias and protocol: a container that exposes a UDP port range
     # (EXPOSE 10000-10999/udp) has a variable per port, and gets one line, not 1,000.
     skipped: dict[tuple[str, str], list[str]] = {}
+    warnings = []
     for name in sorted(environ, key=_alias_then_port):
         match = _LINK_VAR.match(name)
         if match is None:
+            near = _NEAR_LINK_VAR.match(name)
+            if near is not None and (not aliases or _alias_key(near["alias"]) in aliases):
+                label = f"{quoted(name)} ({origin!r})" if origin else quoted(name)
+                warnings.append(f"variable {label}: not a link variable: an alias is letters, "
+                                "digits, '_' and '.' (Docker writes '-' as '_'); skipped")
             continue
         value = environ[name]
         if match["alias"].endswith("_SERVICE") and value.isascii() and value.isdigit():
@@ -751,7 +766,6 @@ def links_from_env(
         port = parse_port(match["port"], f"variable {label}")
         target = parse_link_value(label, value, match["proto"], bool(origin))
         links.append(Link(bind, port, target, (name,)))
-    warnings = []
     for (alias, proto), labels in skipped.items():
         more = (f" and {len(labels) - 1} more {_shorten(alias)}_PORT_<N>_{proto}"
                 if len(labels) > 1 else "")
@@ -970,7 +984,7 @@ def build_links(
             found, warned = links_from_env(from_file, origin=path, bind=bind, aliases=aliases)
             links += found
             warnings += warned
-        _check_selected(aliases, links, " or ".join(sources))
+        _check_selected(aliases, links, " or ".join(sources), warnings)
         if len(links) > len(specs) and not aliases:
             # Two links of Compose's scaled service (DB_1_, DB_2_), two Docker links
             # on one port: the variables clash, and --alias chooses among them.
@@ -987,8 +1001,7 @@ def build_links(
         # (links_from_env), which a user who has only those cannot guess: name them;
         # and so are UDP and SCTP variables (each a warning, not said when nothing starts).
         ignored = _reexports([*(environ or ()), *from_file])
-        skipped = f"; {warnings[0]}" + (f" (and {len(warnings) - 1} more)"
-                                         if len(warnings) > 1 else "") if warnings else ""
+        skipped = _skipped(warnings)
         docker = (_DOCKER_HINT if environ is not None and not pod and not ignored
                   and not skipped else "")
         raise ConfigError(f"no links found: no SPEC given, and no <ALIAS>_PORT_<N>_TCP "
@@ -1005,8 +1018,17 @@ _DOCKER_HINT = ("; since Docker Engine 29, `docker run --link` sets no link vari
                 "set them with -e, as in -e REDIS_PORT_6379_TCP=tcp://redis:6379")
 
 
-def _check_selected(aliases: Sequence[str], links: Sequence[Link], sources: str) -> None:
-    """ConfigError for the first alias --alias names that none of the link variables has."""
+def _skipped(warnings: Sequence[str]) -> str:
+    """`; FIRST WARNING[ (and N more)]`, or '': what an error says was skipped."""
+    if not warnings:
+        return ""
+    return f"; {warnings[0]}" + (f" (and {len(warnings) - 1} more)" if len(warnings) > 1 else "")
+
+
+def _check_selected(aliases: Sequence[str], links: Sequence[Link], sources: str,
+                    warnings: Sequence[str]) -> None:
+    """ConfigError for the first alias --alias names that none of the link variables has
+    (with what was skipped: the selected aliases' UDP variables, or a name misspelt)."""
     found = set()
     for link in links:
         for name in link.names:
@@ -1016,7 +1038,7 @@ def _check_selected(aliases: Sequence[str], links: Sequence[Link], sources: str)
     for alias in aliases:
         if alias not in found:
             raise ConfigError(f"--alias selects {alias}, but no {alias}_PORT_<N>_TCP variable "
-                              f"is in {sources}")
+                              f"is in {sources}{_skipped(warnings)}")
 
 
 def _reexports(names: Iterable[str]) -> str:

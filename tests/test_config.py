@@ -353,10 +353,10 @@ def test_link_takes_an_alias_whose_name_holds_an_env_word() -> None:
     [
         (POD_ENV, None, ("NOPE",),
          "--alias selects NOPE, but no NOPE_PORT_<N>_TCP variable is in the environment"),
-        # Only a UDP variable: still none to proxy.
+        # Only a UDP variable: still none to proxy (and it says why that one is not).
         ({"DNS_PORT_53_UDP": "udp://10.0.0.2:53"}, ("l.env", ""), ("DNS",),
          "--alias selects DNS, but no DNS_PORT_<N>_TCP variable is in the environment or "
-         "env file 'l.env'"),
+         "env file 'l.env'; DNS_PORT_53_UDP: UDP links are not proxied; skipped"),
         (None, None, ("REDIS",),
          "--alias selects among link variables: give --from-env or --env-file too"),
         # A selected variable's own error is still reported, without the pod's hint.
@@ -404,6 +404,35 @@ def test_a_udp_port_range_is_one_warning() -> None:
         "RTP_PORT_5060_SCTP: SCTP links are not proxied; skipped",
         "RTP_PORT_10000_UDP and 999 more RTP_PORT_<N>_UDP: UDP links are not proxied; skipped",
         "SIP_PORT_5060_UDP: UDP links are not proxied; skipped")
+
+
+def test_a_link_variable_whose_alias_has_a_dash_is_named_not_skipped_silently() -> None:
+    """`redis-cache_PORT_6379_TCP`, written by hand (Docker writes the alias with '-' as
+    '_'), was skipped without a word: beside another link nothing said why its port was
+    not listening; alone, "no links found" named nothing. A warning names it now, and the
+    errors that follow say it: no links found, an --alias that selects nothing."""
+    why = ("not a link variable: an alias is letters, digits, '_' and '.' (Docker writes "
+           "'-' as '_'); skipped")
+    env = {"redis-cache_PORT_6379_TCP": "tcp://10.0.0.5:6379", "DB_PORT_5432_TCP": "tcp://db:5432"}
+    table = build_links([], env)
+    assert [x.names for x in table.links] == [("DB_PORT_5432_TCP",)]
+    assert table.warnings == (f"variable 'redis-cache_PORT_6379_TCP': {why}",)
+    table = build_links([], None, env_file=("links.env", "db-1_PORT_5432_TCP=tcp://db:5432\n"
+                                                         "DB_PORT_5432_TCP=tcp://db:5432\n"))
+    assert table.warnings == (f"variable 'db-1_PORT_5432_TCP' ('links.env'): {why}",)
+    with pytest.raises(ConfigError) as raised:
+        build_links([], {"redis-cache_PORT_6379_TCP": "tcp://10.0.0.5:6379"})
+    assert str(raised.value).endswith(
+        f"variable in the environment; variable 'redis-cache_PORT_6379_TCP': {why}")
+    with pytest.raises(ConfigError) as raised:
+        build_links([], {"redis-cache_PORT_6379_TCP": "tcp://10.0.0.5:6379"},
+                    aliases=("REDIS_CACHE",))
+    assert str(raised.value) == (
+        "--alias selects REDIS_CACHE, but no REDIS_CACHE_PORT_<N>_TCP variable is in the "
+        f"environment; variable 'redis-cache_PORT_6379_TCP': {why}")
+    # --alias's selection holds: another alias's misspelt variable is not its concern.
+    table = build_links([], env, aliases=("DB",))
+    assert (table.warnings, [x.names for x in table.links]) == ((), [("DB_PORT_5432_TCP",)])
 
 
 def test_a_kubernetes_named_service_port_is_no_link() -> None:
