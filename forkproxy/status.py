@@ -242,7 +242,8 @@ _LISTENERS = _list_of(_LISTENER)
 _STATUS = _object(
     {"pid": _PID, "version": _TEXT, "started": _NUMBER, "stopping": _BOOL,
      "listeners": _LISTENERS, "links": _map_of(_LINK), "children": _list_of(_CHILD)},
-    {"ok": _BOOL, "uptime": _AGE, "max_children": _COUNT, "max_children_given": _BOOL,
+    {"ok": _BOOL, "uptime": _AGE, "grace_left": _nullable(_AGE), "max_children": _COUNT,
+     "max_children_given": _BOOL,
      "memory_limit": _nullable(_COUNT), "memory_fit": _nullable(_COUNT),
      "pids_limit": _nullable(_COUNT), "pids_fit": _nullable(_COUNT), "metrics": _METRICS,
      "duration_buckets": _list_of(_NUMBER), "orphans_reaped": _COUNT},
@@ -571,6 +572,14 @@ def _max_children(status: dict[str, Any]) -> str:
     return f"{text} (fits {limits_text(named, memory, pids)})"
 
 
+def _grace_left(status: dict[str, Any]) -> str:
+    """` (grace ends in 7s)`, ` (grace over)`, or '' from a supervisor that does not say."""
+    left = status.get("grace_left")
+    if left is None:
+        return ""
+    return f" (grace ends in {max(1, round(left))}s)" if left > 0 else " (grace over)"
+
+
 def render(status: dict[str, Any]) -> str:
     """The status as two tables, like `ss` or `docker ps`, after a line for the supervisor
     and, with --metrics, one for the metrics endpoint."""
@@ -578,7 +587,7 @@ def render(status: dict[str, Any]) -> str:
     lines = [
         f"forkproxy {status.get('version', '?')} pid {status.get('pid')}, "
         f"up {_age(status, 'uptime', 'started') or 0.0:.0f}s"
-        + (", stopping" if status.get("stopping") else "")
+        + (f", stopping{_grace_left(status)}" if status.get("stopping") else "")
         + _max_children(status)
     ]
     metrics = describe_metrics(status.get("metrics"))

@@ -1899,6 +1899,10 @@ class Supervisor:
             "started": wall + self.began,
             "uptime": now - self.began,
             "stopping": self.stopping,
+            # During a stop: seconds until the connections left are TERMed (0 once they
+            # were); null otherwise.
+            "grace_left": (None if not self.stopping else
+                           0.0 if self.term_at is None else max(0.0, self.term_at - now)),
             "max_children": self.options.max_children,
             "max_children_given": self.options.max_children_given,
             "memory_limit": self.options.memory_limit,

@@ -1260,8 +1260,11 @@ def test_status_at_a_stop_shows_each_link_with_its_active_and_waiting_clients(
         reply = poll(lambda: ask(sock_path), lambda r: bool(r.get("stopping")))
         assert reply["stopping"] is True and reply["listeners"] == [], reply
         assert reply["links"][spec]["waiting"] == 2, reply["links"]
+        # When the grace ends (the drain's deadline was nowhere to be read).
+        assert 0 < reply["grace_left"] <= 60, reply
         result = cli("status", "--status-socket", str(sock_path), env=env)
         assert result.returncode == 0, result
+        assert re.search(r", stopping \(grace ends in [0-9]+s\), ", result.stdout), result.stdout
         [(_, links), _] = parse_tables(result.stdout)
         assert [(row["LINK"], row["LISTEN -> UPSTREAM"], row["ACTIVE"], row["WAITING"])
                 for row in links] == [(spec, "(not listening)", "1", "2")], result.stdout
@@ -1270,6 +1273,21 @@ def test_status_at_a_stop_shows_each_link_with_its_active_and_waiting_clients(
         for sock in clients:
             sock.close()
     assert proxy.proc.wait(DEADLINE) == 0
+
+
+@pytest.mark.parametrize(("grace_left", "says"), [
+    (7.2, ", stopping (grace ends in 7s)"), (0.3, ", stopping (grace ends in 1s)"),
+    (0.0, ", stopping (grace over)"), (None, ", stopping"),  # an older supervisor's
+])
+def test_status_says_when_a_stops_grace_ends(grace_left: float | None, says: str) -> None:
+    from forkproxy.status import render
+
+    reply = {"version": "1", "pid": 7, "uptime": 3.0, "stopping": True, "listeners": [],
+             "links": {}, "children": []}
+    if grace_left is not None:
+        reply["grace_left"] = grace_left
+    assert render(reply).splitlines()[0] == f"forkproxy 1 pid 7, up 3s{says}"
+    assert ", stopping" not in render({**reply, "stopping": False, "grace_left": None})
 
 
 def test_a_killed_supervisors_socket_is_swept_by_the_next_one(
