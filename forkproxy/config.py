@@ -501,18 +501,43 @@ def parse_host(text: str, what: str) -> str:
     if len(name) > MAX_NAME:  # the name's: a trailing dot (fully qualified) is not part of it
         raise ConfigError(f"{what}: host name is longer than {MAX_NAME} characters")
     if not all(_LABEL.match(label) for label in name.split(".")):
-        raise ConfigError(f"{what}: {quoted(text)} is not a valid host name or address")
+        raise ConfigError(f"{what}: {quoted(text)} is not a valid host name or address"
+                          f"{_ascii_form(name)}")
     labels = name.split(".")
     if all(_NUMBER_LABEL.fullmatch(label) for label in labels):
         # getaddrinfo would take '0x7f.1', '127.1' or '017.0.0.1' for an address
         # (127.0.0.1, 15.0.0.1) without looking anything up: only a dotted quad is one here.
         raise ConfigError(f"{what}: {quoted(text)} is not a valid IPv4 address "
-                          "(four decimal numbers, a.b.c.d)")
+                          f"({_not_a_quad(text, labels)})")
     if labels[-1].isdigit():
         # RFC 1123 2.1: the last label of a host name is never all digits.
         raise ConfigError(f"{what}: {quoted(text)} is not a valid host name "
                           "(its last label is all digits)")
     return text
+
+
+def _not_a_quad(text: str, labels: list[str]) -> str:
+    """Why `text`, all numbers, is no address here: what was typed that is not a.b.c.d."""
+    if len(labels) == 4 and all(label.isdigit() for label in labels):
+        if text.endswith("."):
+            return "an address takes no trailing dot"
+        for label in labels:
+            if len(label) > 1 and label.startswith("0"):
+                return f"no leading zeros: getaddrinfo would read {label} as octal"
+    return "four decimal numbers, a.b.c.d"
+
+
+def _ascii_form(name: str) -> str:
+    """For an internationalized name: ` (write it in its ASCII form, 'xn--...')`."""
+    if name.isascii():
+        return ""
+    try:
+        ascii_name = name.encode("idna").decode("ascii")  # IDNA 2003, as glibc's AI_IDN
+    except UnicodeError:
+        return ""
+    if not all(_LABEL.match(label) for label in ascii_name.split(".")):
+        return ""  # not a name in either form: a space, say
+    return f" (write it in its ASCII form, {quoted(ascii_name)})"
 
 
 def split_host_port(text: str, what: str) -> tuple[str, str]:

@@ -1213,6 +1213,18 @@ def test_any_duration_is_plain_and_in_range_or_a_config_error(text: str) -> None
         ("0x.1", "'0x.1' is not a valid host name (its last label is all digits)"),
         ("08.1", "'08.1' is not a valid IPv4 address"),
         ("db.1", "'db.1' is not a valid host name (its last label is all digits)"),
+        # Four decimal numbers as typed: the message says what else is wrong (it said
+        # "four decimal numbers" to whoever had typed four).
+        ("010.0.0.1", "'010.0.0.1' is not a valid IPv4 address (no leading zeros: "
+         "getaddrinfo would read 010 as octal)"),
+        ("10.0.0.07", "'10.0.0.07' is not a valid IPv4 address (no leading zeros: "
+         "getaddrinfo would read 07 as octal)"),
+        ("127.0.0.1.", "'127.0.0.1.' is not a valid IPv4 address (an address takes no "
+         "trailing dot)"),
+        # An internationalized name: glibc looks up only the ASCII form (AI_IDN aside).
+        ("bücher.example", "'bücher.example' is not a valid host name or address (write "
+         "it in its ASCII form, 'xn--bcher-kva.example')"),
+        ("bü cher.example", "'bü cher.example' is not a valid host name or address"),
     ],
 )
 def test_numeric_looking_hosts_are_refused_alike(host: str, message: str) -> None:
