@@ -126,7 +126,9 @@ def render(status: dict[str, Any],
                                       "Connection lifetimes, closed connections",
                                       labels=["link"])
     rss = GaugeMetricFamily("forkproxy_children_resident_memory_bytes",
-                            "Resident memory of the live children (psutil RSS)", labels=["link"])
+                            "Resident memory of the live children, summed (psutil RSS): pages "
+                            "they share count once per child, so it overstates their use: "
+                            "see forkproxy_children_unique_memory_bytes", labels=["link"])
     uss = GaugeMetricFamily("forkproxy_children_unique_memory_bytes",
                             "Memory only the live children hold (psutil USS)", labels=["link"])
     cpu = CounterMetricFamily("forkproxy_children_cpu_seconds",
