@@ -133,6 +133,12 @@ def failure_text(code: int, host: str) -> str:
     return os.strerror(code)
 
 
+def failure_errno(code: int) -> int:
+    """The errno of a FAILURE word's failed connect; 0 when no connect failed (a lookup)."""
+    code &= _CODE
+    return 0 if code & (NO_ADDRESS | UNRESOLVED) else code
+
+
 def note_fallback(counters: memoryview, base: int, connected: tuple[object, ...],
                   failed: tuple[object, ...], error: OSError) -> None:
     """Leave a fallback in the child's slot for the supervisor, which writes the folded

@@ -34,6 +34,7 @@ from .accounting import (
     Accounting,
     ChildRecord,
     describe_status,
+    failure_errno,
     failure_text,
     fallback_addresses,
     read_clocks,
@@ -263,6 +264,11 @@ def _reaped_within(pid: int, seconds: float) -> bool:
         if time.monotonic() >= deadline:
             return False
         time.sleep(0.01)
+
+
+_OUT_OF_PORTS = ("out of local ports toward the upstream: each connection holds one, and "
+                 "one after its close for 60 s (TIME_WAIT); widen "
+                 "net.ipv4.ip_local_port_range or spread over more upstream addresses")
 
 
 class Supervisor:
@@ -1235,10 +1241,13 @@ class Supervisor:
         link = record[0]
         failures = self._fold_link("connect-failed", link, 1)
         if failures:
+            # Out of local ports toward the upstream: one address takes at most
+            # ip_local_port_range's ~28,000 connections, fewer than --max-children may be.
+            ports = failure_errno(failure) == errno.EADDRNOTAVAIL
             self.log.warning("connect-failed", link=link.name, client=peer_text(record[1]),
                              upstream=str(link.target),
                              error=failure_text(failure, link.target.host),
-                             failures=failures)
+                             failures=failures, **({"detail": _OUT_OF_PORTS} if ports else {}))
 
     def count_fallbacks(self) -> None:
         """Count the fallbacks of live children not counted yet (SIGALRM: a child that fell

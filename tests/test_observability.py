@@ -2264,6 +2264,52 @@ def test_a_reply_cut_by_a_slow_reader_leaves_no_traceback_in_the_log(tmp_path: P
         json.loads(line)  # every line a record, as --log-format json promises
 
 
+_OUT_OF_PORTS = """
+import socket, subprocess, sys, time
+upstream = socket.socket()
+upstream.bind(("127.0.0.1", 6380))
+upstream.listen()
+proxy = subprocess.Popen([sys.argv[1], "serve", "127.0.0.1:6379=127.0.0.1:6380"],
+                         stderr=subprocess.PIPE, text=True)
+def client(port):
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", port))  # not from the one ephemeral port: the proxy needs it
+    for _ in range(100):
+        try:
+            sock.connect(("127.0.0.1", 6379))
+            return sock
+        except ConnectionRefusedError:
+            time.sleep(0.1)  # not listening yet
+    raise SystemExit("the proxy never listened")
+held = client(50001)
+held_upstream, _ = upstream.accept()  # its child took the one local port
+refused = client(50002)
+refused.settimeout(30)
+assert refused.recv(1) == b"", "the second client was served"
+proxy.terminate()
+print(proxy.communicate(timeout=30)[1])
+"""
+
+
+def test_a_connect_out_of_local_ports_says_what_to_widen(tmp_path: Path) -> None:
+    """A connect that fails with EADDRNOTAVAIL (the local ports toward one upstream
+    address used up: ~28,000 by default, fewer than --max-children may allow) said only
+    "Cannot assign requested address" (found by a scale hunt). It says which sysctl to
+    widen now. In a network namespace of its own whose port range is one port."""
+    script = tmp_path / "out_of_ports.py"
+    script.write_text(_OUT_OF_PORTS)
+    setup = ('ip link set lo up && sysctl -qw net.ipv4.ip_local_port_range="40000 40000" && '
+             'exec "$@"')
+    out = subprocess.run(
+        [need("unshare"), "--net", "sh", "-c", setup, "sh", sys.executable, str(script),
+         FORKPROXY], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out
+    [line] = [x for x in out.stdout.splitlines() if " connect-failed " in x]
+    assert ' error="Cannot assign requested address" failures=1 detail="out of local ports ' \
+        'toward the upstream: ' in line, line
+    assert "net.ipv4.ip_local_port_range" in line, line
+
+
 def test_a_metrics_process_out_of_descriptors_pauses_rather_than_spins(
     start_proxy: StartProxy, tcp_server: ServerFactory, env: dict[str, str],
 ) -> None:
