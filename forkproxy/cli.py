@@ -785,7 +785,9 @@ def reload_command(
             raise typer.Exit(1) from None
         output(f"sent SIGHUP to {pid} (the outcome is in its log)")
         return
-    reply = _control(ctx, status_socket, "reload")
+    from .status import shown
+
+    reply = shown(_control(ctx, status_socket, "reload"))
     if not reply.get("ok"):
         say(f"forkproxy: reload failed, previous configuration kept: {reply.get('error')}")
         raise typer.Exit(1)

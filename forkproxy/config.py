@@ -11,6 +11,7 @@ pulls in `threading` (see supervisor.py), nor `dataclasses` (see `Value`).
 from __future__ import annotations
 
 import ipaddress
+import json
 import re
 import sys
 from collections.abc import Iterable, Mapping, Sequence
@@ -406,6 +407,18 @@ def _shorten(text: str) -> str:
 def quoted(text: str) -> str:
     """Quote user input for an error line, keeping it on one line and short."""
     return repr(_shorten(text))
+
+
+def printable(text: str) -> str:
+    """`text` as it is when a terminal shows each of its characters as itself, else
+    quoted with JSON's escapes: ESC, BEL and the other C0 and C1 controls, DEL, tab, bidi
+    overrides (U+202E), U+2028, a lone surrogate (which no encoder writes) ... Text from
+    outside (a log value, a reply on the control socket) written raw could clear,
+    recolour or retitle the screen, or show as something else.
+
+    Here, not in log.py, which uses it: `status` (console.py's lean path) imports this
+    module anyway, and log.py's Logger would cost it ~40 KB more."""
+    return text if text.isprintable() else json.dumps(text)
 
 
 def parse_port(text: str, what: str, *, allow_zero: bool = False) -> int:

@@ -11,6 +11,8 @@ import json
 import os
 import time
 
+from .config import printable
+
 DEBUG, INFO, WARNING, ERROR = 10, 20, 30, 40
 _NAMES = {DEBUG: "debug", INFO: "info", WARNING: "warning", ERROR: "error"}
 
@@ -210,12 +212,13 @@ def _text_value(value: object) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"  # as in JSON: one spelling for a shipper's rule
     text = f"{value:.3f}" if isinstance(value, float) else str(value)
-    # Quoted (JSON's escapes) when it would not read back as one value, or carries a
-    # character a terminal or a line-based reader acts on: tab, CR, ESC, U+2028 ...
-    # (a path from the environment, written raw, could recolour or rewrite the screen).
-    if not text or not text.isprintable() or any(c in text for c in ' "=\\'):
+    # Quoted (JSON's escapes) when it would not read back as one value, or (printable)
+    # carries a character a terminal or a line-based reader acts on: tab, CR, ESC,
+    # U+2028 ... (a path from the environment, written raw, could recolour or rewrite
+    # the screen).
+    if not text or any(c in text for c in ' "=\\'):
         return json.dumps(text)
-    return text
+    return printable(text)
 
 
 def crash_fields(exc: BaseException) -> dict[str, str]:

@@ -19,7 +19,7 @@ import urllib.parse
 from collections.abc import Callable
 from typing import Any, NoReturn
 
-from .config import limiting_fits, limits_named, limits_text, no_room_text, quoted
+from .config import limiting_fits, limits_named, limits_text, no_room_text, printable, quoted
 from .control import REPORT_TIMEOUT, answers, check_owned, default_dir
 
 
@@ -168,6 +168,8 @@ def _line(value: object) -> bool:
 
 # Every string a supervisor sends is one line (names, addresses, states, errors), and each
 # is printed on a line of its own or inside one: a line break would forge more lines.
+# Other characters a terminal acts on (ESC, BEL, C1 controls) are let through, and shown
+# escaped (shown()).
 _TEXT = _kind("a line of text", _line)
 _BOOL = _kind("true or false", lambda value: isinstance(value, bool))
 _NUMBER = _kind("a number", _number)
@@ -253,6 +255,21 @@ _CHECK = _object({"ok": _BOOL, "stopping": _BOOL, "listeners": _LISTENERS},
 _OK = _object({"ok": _BOOL})
 _RELOADED = _object({"listeners": _LISTENERS}, {"error": _nullable(_TEXT)})
 _NOT_RELOADED = _object({"error": _TEXT}, {"listeners": _LISTENERS})
+
+
+def shown(reply: Any) -> Any:
+    """`reply` (a JSON value) for text output: each string in it, keys too, as
+    config.printable shows it, the others as they are. Whatever answers on the socket
+    (a container's, mounted on the host) could otherwise write ESC sequences, BEL and C1
+    controls to the user's terminal, and a lone surrogate (valid JSON) ended `status` in
+    a UnicodeEncodeError. Not for --json, whose json.dumps escapes them all itself."""
+    if isinstance(reply, str):
+        return printable(reply)
+    if isinstance(reply, list):
+        return [shown(item) for item in reply]
+    if isinstance(reply, dict):
+        return {printable(key): shown(value) for key, value in reply.items()}
+    return reply
 
 
 def _no_constant(name: str) -> NoReturn:
@@ -654,7 +671,7 @@ def run_check(path: str | None, output: Say, say: Say) -> int:
                                          else "no listener bound"))
         return 1
     # Metrics down are said, not failed on: see Supervisor.handle_control_request.
-    metrics = reply.get("metrics")
+    metrics = shown(reply.get("metrics"))
     down = metrics and metrics.get("state") != "up"
     note = f"; metrics {describe_metrics(metrics)}" if down else ""
     output(f"ok: {len(reply.get('listeners', []))} listener(s){note}")
@@ -667,5 +684,5 @@ def run_status(path: str | None, as_json: bool, output: Say, say: Say) -> int:
     if reply is None:
         return 1
     reply = probe_metrics(enrich(reply))
-    output(json.dumps(reply, indent=2) if as_json else render(reply))
+    output(json.dumps(reply, indent=2) if as_json else render(shown(reply)))
     return 0

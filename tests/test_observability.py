@@ -803,6 +803,104 @@ def test_a_reply_whose_text_would_print_as_two_lines_is_not_forkproxys(
     assert "not a line of text" in line, line
 
 
+# Text a socket can send that is one line but acts on a terminal: ESC sequences (clear
+# the screen, set the window title), BEL, a C1 control (CSI), a bidi override, DEL, tab.
+_EVIL = "EVIL\x1b[2J\x1b]0;pwned\x07\x9b31m\u202e\x7f\t"
+_SHOWN = json.dumps(_EVIL)  # as the log writes such text: quoted, with JSON's escapes
+_EVIL_METRICS = {"url": _EVIL, "state": _EVIL, "last_exit": _EVIL, "restarts": 1, "age": 3.0}
+_EVIL_LISTENER = {"link": _EVIL, "listen": "127.0.0.1:1", "upstream": "x:1"}
+
+
+def raw_controls(text: str) -> set[str]:
+    """The characters of `text` a terminal would act on (or show as something else)."""
+    return {char for char in text if not char.isprintable() and char != "\n"}
+
+
+def client_says(command: str, reply: dict[str, Any], sock_path: Path, env: dict[str, str],
+                lean: bool = False) -> subprocess.CompletedProcess[str]:
+    """`forkproxy COMMAND` against a fake socket answering `reply`: with --status-socket
+    (the CLI), or with FORKPROXY_STATUS_SOCKET and nothing else (console.py's lean path)."""
+    with answering(sock_path, json.dumps(reply).encode()):
+        if lean:
+            result = cli(command, env={**env, "FORKPROXY_STATUS_SOCKET": str(sock_path)})
+        else:
+            result = cli(command, "--status-socket", str(sock_path), env=env)
+    sock_path.unlink()
+    assert "Traceback" not in result.stderr, result.stderr
+    assert not raw_controls(result.stdout + result.stderr), result
+    return result
+
+
+@pytest.mark.parametrize("lean", [False, True], ids=["cli", "lean"])
+def test_status_and_check_show_a_replys_control_characters_escaped(
+    lean: bool, tmp_path: Path, env: dict[str, str],
+) -> None:
+    """Whatever answers on the socket (README mounts a container's on the host) wrote
+    ESC, BEL and C1 controls raw to the terminal through `status` and `check`: clearing
+    the screen, setting its title. Each string of a reply is shown as the log shows such
+    text now, quoted with JSON's escapes, and the rest of the output is as ever."""
+    reply = {"pid": 7, "version": _EVIL, "started": 0, "uptime": 5.0, "stopping": False,
+             "listeners": [{**_EVIL_LISTENER, "upstream": _EVIL,
+                            "resolved": ["10.0.0.1", _EVIL]}],
+             "links": {_EVIL: {"connections": 2, "outcomes": {_EVIL: 2}},
+                       "gone" + _EVIL: {}},
+             "children": [{"pid": 8, "link": _EVIL, "client": _EVIL, "age": 1.0,
+                           "bytes_up": 0, "bytes_down": 0}],
+             "metrics": _EVIL_METRICS}
+    result = client_says("status", reply, tmp_path / "s.sock", env, lean)
+    assert result.returncode == 0 and result.stderr == "", result
+    lines = result.stdout.splitlines()
+    assert lines[:3] == [f"forkproxy {_SHOWN} pid 7, up 5s",
+                         f"metrics {_SHOWN} {_SHOWN} for 3s ({_SHOWN}), 1 restart", ""], lines
+    (_, links), (_, children) = parse_tables(result.stdout)
+    assert [row["LINK"] for row in links] == [_SHOWN, json.dumps("gone" + _EVIL)], lines
+    assert links[0]["LISTEN -> UPSTREAM"] == f"127.0.0.1:1 -> {_SHOWN} (10.0.0.1, {_SHOWN})"
+    assert links[0]["ENDED"] == f"{_SHOWN} 2", lines
+    assert [(row["LINK"], row["CLIENT"]) for row in children] == [(_SHOWN, _SHOWN)], lines
+
+    reply = {"ok": True, "stopping": False, "listeners": [_EVIL_LISTENER],
+             "metrics": _EVIL_METRICS}
+    result = client_says("check", reply, tmp_path / "c.sock", env, lean)
+    assert result.returncode == 0 and result.stderr == "", result
+    assert result.stdout == (f"ok: 1 listener(s); metrics {_SHOWN} {_SHOWN} for 3s "
+                             f"({_SHOWN}), 1 restart\n"), result
+
+
+def test_reload_shows_a_replys_control_characters_escaped(
+    tmp_path: Path, env: dict[str, str],
+) -> None:
+    """`reload` wrote a reply's `error`, and its listeners, raw: escaped now, as status's."""
+    result = client_says("reload", {"ok": False, "error": _EVIL}, tmp_path / "r.sock", env)
+    assert result.returncode == 1 and result.stdout == "", result
+    assert result.stderr == (
+        f"forkproxy: reload failed, previous configuration kept: {_SHOWN}\n"), result
+    reply = {"ok": True, "listeners": [{"link": _EVIL, "listen": _EVIL, "upstream": _EVIL}]}
+    result = client_says("reload", reply, tmp_path / "r.sock", env)
+    assert result.returncode == 0 and result.stderr == "", result
+    assert result.stdout == f"listening {_SHOWN} -> {_SHOWN} ({_SHOWN})\n", result
+
+
+@pytest.mark.parametrize("lean", [False, True], ids=["cli", "lean"])
+def test_a_reply_with_a_lone_surrogate_is_shown_escaped_not_a_traceback(
+    lean: bool, tmp_path: Path, env: dict[str, str],
+) -> None:
+    """`"\\ud800"` is valid JSON, but no encoder writes the string it reads as: `status`
+    ended in a UnicodeEncodeError traceback, exit 1. Shown escaped now, as a control
+    character is: a supervisor's text can hold one (a path, surrogate-escaped)."""
+    link = "\ud800bad"
+    reply = {"pid": 7, "version": "0", "started": 0, "uptime": 5.0, "stopping": False,
+             "listeners": [{**_EVIL_LISTENER, "link": link}], "links": {}, "children": []}
+    result = client_says("status", reply, tmp_path / "s.sock", env, lean)
+    assert result.returncode == 0 and result.stderr == "", result
+    [row] = parse_tables(result.stdout)[0][1]
+    assert row["LINK"] == '"\\ud800bad"', result.stdout
+    if not lean:
+        reply = {"ok": True, "listeners": [{**_EVIL_LISTENER, "link": link}]}
+        result = client_says("reload", reply, tmp_path / "r.sock", env)
+        assert result.returncode == 0 and result.stderr == "", result
+        assert result.stdout == 'listening 127.0.0.1:1 -> x:1 ("\\ud800bad")\n', result
+
+
 # Another version's reply: no `uptime`, no metrics `age` (supervisors before they came),
 # or a new one's; the clients render either, and refuse an `uptime` that is no duration.
 def _reply_at(started: float, **more: Any) -> dict[str, Any]:
