@@ -55,11 +55,13 @@ def prepare_dir(path: str) -> None:
 
 def check_owned(path: str) -> None:
     """PermissionError unless `path` is a directory (not a link to one) of this user's:
-    in another user's, they could put a socket of their own where we look for ours."""
+    in another user's, they could put a socket of their own where we look for ours.
+    Its message does not name `path`: the callers' lines do, quoted (it came from
+    XDG_RUNTIME_DIR, and a newline or an ESC in it went out raw here)."""
     info = os.lstat(path)
     if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
         # Anyone can make /tmp/forkproxy-UID first: say where to go instead.
-        raise PermissionError(errno.EPERM, f"{path} is not a directory owned by this user "
+        raise PermissionError(errno.EPERM, "not a directory owned by this user "
                               "(set XDG_RUNTIME_DIR, or give --status-socket, elsewhere)")
 
 

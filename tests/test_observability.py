@@ -1085,15 +1085,20 @@ def test_a_connection_whose_proc_files_cannot_be_read_shows_no_readings_in_statu
         assert shown["pid"] == child["pid"] and shown["rss"] is None, shown
 
 
+@pytest.mark.parametrize("runtime_name", ["runtime", "ev\n\x1b[31mil"], ids=["plain", "escapes"])
 def test_the_clients_look_in_no_socket_directory_another_user_owns(
-    tmp_path: Path, env: dict[str, str],
+    runtime_name: str, tmp_path: Path, env: dict[str, str],
 ) -> None:
     """serve refuses a default directory another user owns, but the clients looked in
     it: there another user's socket answered `check` as healthy (found by a code review).
-    They refuse it too now, in one line, exit 1."""
-    runtime = tmp_path / "runtime"
+    They refuse it too now, in one line, exit 1. The line named the directory twice,
+    quoted and then raw: a newline in XDG_RUNTIME_DIR split it, an ESC went through.
+    Once now, quoted."""
+    runtime = tmp_path / runtime_name
     directory = runtime / "forkproxy"
     directory.mkdir(parents=True)
+    why = "not a directory owned by this user (set XDG_RUNTIME_DIR, or give --status-socket, "
+    why += "elsewhere)"
     reply = {"ok": True, "stopping": False,
              "listeners": [{"link": "a", "listen": "127.0.0.1:1", "upstream": "b:1"}]}
     with answering(directory / "7.sock", json.dumps(reply).encode()):
@@ -1103,17 +1108,22 @@ def test_the_clients_look_in_no_socket_directory_another_user_owns(
             result = cli(command, env={**env, "XDG_RUNTIME_DIR": str(runtime)})
             assert result.returncode == 1, result
             assert result.stdout == "", result
-            [line] = result.stderr.splitlines()
-            assert f"'{directory}'" in line and "not a directory owned by this user" in line, line
-            assert line.endswith("(set XDG_RUNTIME_DIR, or give --status-socket, elsewhere)"), line
+            assert result.stderr == (f"forkproxy: cannot look for a running forkproxy in "
+                                     f"{str(directory)!r}: {why}\n"), result
         # serve, refused the same directory (anyone can make /tmp/forkproxy-UID first),
-        # is told the same way out.
+        # is told the same way out; in JSON, the record's `error` says the same.
         result = cli("serve", "127.0.0.1:0=127.0.0.1:1",
                      env={**env, "XDG_RUNTIME_DIR": str(runtime)})
         assert result.returncode == 2, result
+        error = f"status socket directory {str(directory)!r}: {why}"
+        assert result.stderr == f"forkproxy: error: {error}\n", result
+        result = cli("serve", "--log-format", "json", "127.0.0.1:0=127.0.0.1:1",
+                     env={**env, "XDG_RUNTIME_DIR": str(runtime)})
+        assert result.returncode == 2, result
         [line] = result.stderr.splitlines()
-        assert line.startswith(f"forkproxy: error: status socket directory '{directory}': "), line
-        assert line.endswith("(set XDG_RUNTIME_DIR, or give --status-socket, elsewhere)"), line
+        assert not raw_controls(line), line
+        record = json.loads(line)
+        assert (record["event"], record["error"]) == ("start-failed", error), record
 
 
 def test_check_passes_only_a_reply_that_says_listeners_are_bound(
