@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
@@ -9,6 +10,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -380,3 +382,43 @@ def test_a_lookup_whose_thread_cannot_start_runs_as_before(
         sock, looked_up, fallback = relay.connect_upstream([], Endpoint("db.test", port), 5.0, 0)
         sock.close()
     assert (looked_up, fallback) == (True, None)
+
+
+def test_a_reset_waits_for_the_ack_looking_often_for_as_long_as_a_delayed_ack_may_take(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Before passing a reset on, the child waits for its peer to acknowledge what it
+    was sent (_drain). It looked at 5, 15, 35, 75 ms ...: behind a warm interactive peer,
+    which delays its ACK ~40 ms, the reset went on ~76 ms after the last bytes (found by
+    a latency hunt; direct, 0.1 ms). It looks every ACK_LOOK now for ACK_WAIT (a delayed
+    ACK is at most 200 ms), then less and less often. Here the peer reads nothing and
+    its window is full, so the queue never moves, and the wait ends with its patience."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    sender = relay.RawSocket(socket.AF_INET, socket.SOCK_STREAM)
+    sender.connect(listener.getsockname())
+    receiver, _ = listener.accept()
+    receiver.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sender.setblocking(False)
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            sender.send(b"x" * 65536)  # until both buffers are full: unacked bytes stay
+    sender.setblocking(True)
+    looks: list[tuple[float, float]] = []
+    sleep = time.sleep
+    began = time.monotonic()
+
+    def noted(pause: float) -> None:
+        looks.append((time.monotonic() - began, pause))
+        sleep(pause)
+
+    monkeypatch.setattr(time, "sleep", noted)  # the module relay's _drain sleeps with
+    try:
+        relay._drain(sender, 1.5)
+    finally:
+        monkeypatch.undo()
+        for sock in (sender, receiver, listener):
+            sock.close()
+    assert looks, "it did not wait"
+    quick = [pause for at, pause in looks if at < relay.ACK_WAIT - 0.05]
+    assert quick and set(quick) == {relay.ACK_LOOK}, looks[:10]
+    assert max(pause for _, pause in looks) > relay.ACK_LOOK, looks  # then less often
