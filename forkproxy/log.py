@@ -13,6 +13,13 @@ import time
 
 from .config import printable
 
+TYPE_CHECKING = False  # not typing's: importing typing costs every process ~0.9 MB of heap
+if TYPE_CHECKING:
+    from collections.abc import Hashable
+    from typing import TypeVar
+
+    _K = TypeVar("_K", bound=Hashable)
+
 DEBUG, INFO, WARNING, ERROR = 10, 20, 30, 40
 _NAMES = {DEBUG: "debug", INFO: "info", WARNING: "warning", ERROR: "error"}
 
@@ -219,6 +226,26 @@ def _text_value(value: object) -> str:
     if not text or any(c in text for c in ' "=\\'):
         return json.dumps(text)
     return printable(text)
+
+
+# A folded event (README, "Log events"): its first failure is a line at once, then at most
+# one line per ERROR_LOG_EVERY while failures go on, each with the count since the last.
+ERROR_LOG_EVERY = 10.0
+
+
+def fold(folds: dict[_K, list[float]], key: _K, failures: int = 1) -> int:
+    """Count `failures` more of the folded event `key` (`folds` holds each key's [failures
+    since its last line, when that line was written]); the count since its last line,
+    this one included, when a line is due now (the first, or ERROR_LOG_EVERY after the
+    last), else 0: the caller writes the line, with that count as `failures`."""
+    now = time.monotonic()
+    entry = folds.setdefault(key, [0, -ERROR_LOG_EVERY])
+    entry[0] += failures
+    if now - entry[1] < ERROR_LOG_EVERY:
+        return 0
+    count = int(entry[0])
+    entry[:] = [0, now]
+    return count
 
 
 def crash_fields(exc: BaseException) -> dict[str, str]:

@@ -65,13 +65,12 @@ from .config import (
     quoted,
 )
 from .listeners import ACCEPT_BACKOFF, RESOURCE_ERRORS, Listener
-from .log import DEBUG, WARNING, Logger, crash_fields
+from .log import DEBUG, ERROR_LOG_EVERY, WARNING, Logger, crash_fields, fold
 from .process_name import REPORTER, RESOLVER, name_process
 from .relay import Address, RawSocket
 
 ACCEPT_BATCH = 64  # accepts per wakeup, so signals and reaping get their turn in a burst
 KILL_AFTER = 1.0  # seconds from TERM to KILL after --grace: 8 + 1 is inside docker stop's 10
-ERROR_LOG_EVERY = 10.0  # seconds between two accept-failed lines while they repeat
 # A link writes its first DENY_LOG_BURST `denied` lines in each DENY_LOG_WINDOW seconds and
 # one `denied-unlogged` line with the count of the rest: a scanner outside --allow must not
 # flood the log, nor block the supervisor in write() once a slow log reader's pipe is full.
@@ -1098,13 +1097,10 @@ class Supervisor:
     def _log_repeating(self, event: str, exc: OSError, detail: str, **fields: object) -> None:
         """Log `event` once per ERROR_LOG_EVERY while it repeats, with the count of
         failures since its last line: at a resource limit it recurs every backoff."""
-        now = time.monotonic()
-        fold = self.pause_logs.setdefault(event, [0, -ERROR_LOG_EVERY])
-        fold[0] += 1
-        if now - fold[1] >= ERROR_LOG_EVERY:
-            self.log.error(event, **fields, error=exc.strerror, failures=int(fold[0]),
+        failures = fold(self.pause_logs, event)
+        if failures:
+            self.log.error(event, **fields, error=exc.strerror, failures=failures,
                            detail=detail)
-            fold[:] = [0, now]
 
     def _prepare_relay(self, listener: Listener) -> None:
         """What every child of this listener hands to relay.serve, built once: a fresh
@@ -1224,15 +1220,7 @@ class Supervisor:
         Per link and target, not per event name as _log_repeating: an upstream is down or
         not on its own, and one link's steady failures must not hide another's for good,
         nor those of a link's old target (children a reload left) its new one's."""
-        now = time.monotonic()
-        fold = self.link_folds.setdefault((event, link.name, link.target),
-                                          [0, -ERROR_LOG_EVERY])
-        fold[0] += failures
-        if now - fold[1] < ERROR_LOG_EVERY:
-            return 0
-        count = int(fold[0])
-        fold[:] = [0, now]
-        return count
+        return fold(self.link_folds, (event, link.name, link.target), failures)
 
     def _connect_failed(self, record: ChildRecord, failure: int) -> None:
         """A reaped child's failed connect (relay.serve left its error's code): the folded
@@ -1828,7 +1816,7 @@ class Supervisor:
         # for good, one per target ever configured. (A child of such a target reaped after
         # this starts a window of its own again, kept until the next reload.)
         wired = {(item.link.name, item.link.target) for item in kept}
-        self.link_folds = {key: fold for key, fold in self.link_folds.items()
+        self.link_folds = {key: counts for key, counts in self.link_folds.items()
                            if key[1:] in wired}
         self.fallback_due = {key: due for key, due in self.fallback_due.items() if key in wired}
         # Only windows with unlogged denials have a timer to end them: a removed (or

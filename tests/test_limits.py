@@ -41,7 +41,7 @@ from forkproxy.config import (
     parse_spec,
 )
 from forkproxy.listeners import Listener
-from forkproxy.log import Logger
+from forkproxy.log import ERROR_LOG_EVERY, Logger
 
 from conftest import (
     FORKPROXY,
@@ -1260,7 +1260,7 @@ def test_a_resolver_that_cannot_start_is_logged_folded_not_per_connection(
     lines = [line for line in proxy.log().splitlines() if "cannot open a pipe" in line]
     # The first, then one per 10 s at most (20 lines in ~1.3 s before; a slow run may
     # have reached a second window).
-    windows = 1 + int((time.monotonic() - started) // fp_supervisor.ERROR_LOG_EVERY)
+    windows = 1 + int((time.monotonic() - started) // ERROR_LOG_EVERY)
     assert 1 <= len(lines) <= windows, lines
     assert "failures=1 " in lines[0], lines[0]
 

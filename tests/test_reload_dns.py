@@ -637,7 +637,7 @@ def test_a_connection_that_gets_through_only_after_an_address_failed_says_so_fol
     one's error in a field of its own. It was a line per such connection (every other
     one here): folded per link now, the first at once, even while that connection lives
     on; none for the next within 10 s; the next after them with their exact count."""
-    from forkproxy.supervisor import ERROR_LOG_EVERY
+    from forkproxy.log import ERROR_LOG_EVERY
 
     # Both addresses from the hosts file, in a stable order: every other connection's
     # turn starts at the dead one (relay.in_turn).

@@ -262,7 +262,7 @@ def test_connect_failed_is_folded_per_link(
     the very outage the log is read in. Folded now, per link: the first failure at once,
     none more within 10 s, then the next with the exact count since the last line; and
     another link's first failure at once, whatever the first link's window."""
-    from forkproxy.supervisor import ERROR_LOG_EVERY
+    from forkproxy.log import ERROR_LOG_EVERY
 
     from conftest import control
 
