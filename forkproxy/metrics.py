@@ -34,6 +34,7 @@ from prometheus_client.core import (
     HistogramMetricFamily,
     Metric,
 )
+from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from forkproxy.config import peer_text
@@ -202,6 +203,7 @@ def render(status: dict[str, Any],
 
 METRICS_PATH = "/metrics"
 NOT_FOUND = b"not found: the metrics are at /metrics\n"
+BAD_TARGET = b"bad request: the request's target is not a URL\n"
 
 
 def _only_metrics(app: WSGIApplication) -> WSGIApplication:
@@ -216,12 +218,44 @@ def _only_metrics(app: WSGIApplication) -> WSGIApplication:
             # The absolute form of the target (RFC 9112, 3.2.2: a server must accept it),
             # as an HTTP proxy between the scraper and this port may send it: wsgiref
             # leaves scheme and host in PATH_INFO.
-            path = urllib.parse.urlsplit(path).path
+            try:
+                path = urllib.parse.urlsplit(path).path
+            except ValueError:  # `http://[::1/metrics`: Invalid IPv6 URL
+                # The client's mistake: 400 (RFC 9112, 3.2), not the 500 and the
+                # metrics-request-failed line each such request got.
+                return _plain("400 Bad Request", BAD_TARGET, start_response)
         if path == METRICS_PATH:
             return app(environ, start_response)
-        start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8"),
-                                         ("Content-Length", str(len(NOT_FOUND)))])
-        return [NOT_FOUND]
+        return _plain("404 Not Found", NOT_FOUND, start_response)
+
+    return serve
+
+
+def _plain(status: str, body: bytes, start_response: StartResponse) -> list[bytes]:
+    start_response(status, [("Content-Type", "text/plain; charset=utf-8"),
+                            ("Content-Length", str(len(body)))])
+    return [body]
+
+
+def _unread_accept_ignored(app: WSGIApplication) -> WSGIApplication:
+    """An Accept header prometheus_client cannot read is dropped: the page is served in
+    the plain text format, as with no Accept at all. From 0.23 on (its UTF-8 content
+    negotiation) it compares the `version=` of an openmetrics or text/plain Accept as
+    numbers, and `version=abc` raised a TypeError: a 500, and a metrics-request-failed
+    line per request, for anyone who sent one. Not a 400: an HTTP server may disregard
+    an Accept it cannot honour (RFC 9110, 12.5.1), the library already answers an Accept
+    it does not know (application/json, version=0.0.1) in that format, and every
+    scraper reads it; a scrape that gets the page beats one that fails. The check is
+    the library's own choice, made again here: nothing else is caught, and an Accept it
+    reads is served as it chooses."""
+
+    def serve(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        try:
+            choose_encoder(environ.get("HTTP_ACCEPT") or "")
+        except Exception:  # whatever the version in use raises on the client's text
+            environ = {name: value for name, value in environ.items()
+                       if name != "HTTP_ACCEPT"}
+        return app(environ, start_response)
 
     return serve
 
@@ -467,7 +501,7 @@ def main(argv: list[str] | None = None) -> int:
     server.socket = sock
     server.server_name, server.server_port = "forkproxy", sock.getsockname()[1]
     server.setup_environ()
-    server.set_app(_answer_head(_only_metrics(make_wsgi_app(registry))))
+    server.set_app(_answer_head(_only_metrics(_unread_accept_ignored(make_wsgi_app(registry)))))
     server.log = Logger(args.log_level, args.log_format)
     try:
         server.deadlines = _Deadlines()
