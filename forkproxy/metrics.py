@@ -40,7 +40,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from forkproxy.config import peer_text
 from forkproxy.installed import ADVICE, FILES_CHANGED
 from forkproxy.listeners import ACCEPT_BACKOFF, RESOURCE_ERRORS
-from forkproxy.log import DEBUG, ERROR, INFO, WARNING, Logger, crash_fields, format_in
+from forkproxy.log import DEBUG, ERROR, INFO, WARNING, Logger, crash_fields, fold, format_in
 from forkproxy.process_name import METRICS, name_process
 from forkproxy.relay import OUTCOMES
 from forkproxy.status import StatusError, enrich, request
@@ -356,16 +356,33 @@ class _Server(ThreadingMixIn, WSGIServer):
     scrapes = threading.BoundedSemaphore(MAX_SCRAPES)  # one server per process
     deadlines: _Deadlines
     log: Logger
+    # metrics-request-failed's [failures since its last line, when that was written]:
+    # folded (log.fold), as the supervisor folds its repeated failures. Anyone who reaches
+    # the port can send requests as fast as it likes; were there a request that fails
+    # every time (a bug), a line each would flood the log.
+    folds: dict[str, list[float]]
+    folds_lock = threading.Lock()  # a thread per scrape; one server per process
+
+    def request_failed(self, client: Any, error: BaseException) -> None:
+        """The `metrics-request-failed` line for a failure that is news (_is_news): the
+        first at once, then at most one per ERROR_LOG_EVERY, with `failures`."""
+        if not _is_news(error):
+            return
+        with self.folds_lock:
+            failures = fold(self.folds, "metrics-request-failed")
+        if failures:
+            fields = crash_fields(error)
+            self.log.warning("metrics-request-failed", client=peer_text(client),
+                             error=fields.pop("error"), failures=failures, **fields)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """A client that reset, timed out or was cut is no news (_is_news). socketserver
         printed a traceback for each one to the proxy's stderr (200 clients that reset:
         3,417 lines, past -q and --log-format json; with stderr a pipe nobody read, the
-        threads blocked on it). Anything else is one warning line."""
+        threads blocked on it). Anything else is a folded warning (request_failed)."""
         error = sys.exc_info()[1]
-        if error is not None and _is_news(error):
-            self.log.warning("metrics-request-failed", client=peer_text(client_address),
-                             **crash_fields(error))
+        if error is not None:
+            self.request_failed(client_address, error)
 
     def get_request(self) -> tuple[socket.socket, Any]:
         try:
@@ -419,18 +436,18 @@ class _QuietHandler(WSGIRequestHandler):
         """Scrapes are not worth a log line each."""
 
     def get_stderr(self) -> ErrorStream:
-        return _ErrorLine(self.server.log, self.client_address)
+        return _ErrorLine(self.server, self.client_address)
 
 
 class _ErrorLine:
     """What wsgiref's handler takes for stderr. It prints there a traceback of whatever
     failed while it answered: a reply cut by the client's send timeout (a slow reader),
     an error in the app. That went to the proxy's stderr past -q and --log-format json.
-    Now a client gone or cut is no news, and anything else is one warning,
-    `metrics-request-failed`, as _Server.handle_error writes it (_is_news)."""
+    Now a client gone or cut is no news, and anything else is the folded warning
+    `metrics-request-failed`, as _Server.handle_error writes it (_Server.request_failed)."""
 
-    def __init__(self, log: Logger, client: Any) -> None:
-        self.log, self.client = log, client
+    def __init__(self, server: _Server, client: Any) -> None:
+        self.server, self.client = server, client
 
     def write(self, text: str) -> None:
         """The traceback's text: the line comes from flush()."""
@@ -442,9 +459,8 @@ class _ErrorLine:
         # Called by wsgiref's log_exception after the traceback, inside its `except:`:
         # the exception it is handling is sys.exc_info()'s.
         error = sys.exc_info()[1]
-        if error is not None and _is_news(error):
-            self.log.warning("metrics-request-failed", client=peer_text(self.client),
-                             **crash_fields(error))
+        if error is not None:
+            self.server.request_failed(self.client, error)
 
 
 def _is_news(error: BaseException) -> bool:
@@ -503,6 +519,7 @@ def main(argv: list[str] | None = None) -> int:
     server.setup_environ()
     server.set_app(_answer_head(_only_metrics(_unread_accept_ignored(make_wsgi_app(registry)))))
     server.log = Logger(args.log_level, args.log_format)
+    server.folds = {}
     try:
         server.deadlines = _Deadlines()
     except RuntimeError as exc:  # "can't start new thread": at a pids limit

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from test_observability import metrics_url, samples, scrape, value
+from test_observability import metrics_port, metrics_url, samples, scrape, value
 
 from forkproxy import listeners
 from forkproxy import supervisor as fp_supervisor
@@ -1601,10 +1601,61 @@ def test_the_metrics_process_logs_at_the_level_it_is_given(
     assert ("warning metrics-request-failed" in err) is logged, err
     if logged:
         # `Type: message`, as a traceback's last line says it, not a repr
-        # (`RuntimeError("can't start new thread")`); `detail` says where.
-        assert re.search(r' error="RuntimeError: can\'t start new thread" '
+        # (`RuntimeError("can't start new thread")`); `detail` says where. Folded.
+        assert re.search(r' error="RuntimeError: can\'t start new thread" failures=1 '
                          r'detail="raised at threading\.py:\d+ in Thread\.start"$',
                          err, re.MULTILINE), err
+
+
+def test_scrapes_that_fail_on_the_metrics_side_are_logged_folded(
+    pids_cgroup: Path, start_proxy: StartProxy
+) -> None:
+    """Every scrape that failed on the metrics process's side wrote a metrics-request-failed
+    line of its own: while the failure lasted, anyone who could reach the port wrote a line
+    per request (30 scrapes, 30 lines). Folded now, as the supervisor's repeated failures
+    are: the first at once, then at most one per ERROR_LOG_EVERY, with the count since the
+    last. Provoked for real: at a pids limit no thread for a scrape can start."""
+    proxy = start_proxy("--metrics", "127.0.0.1:0", "127.0.0.1:0=127.0.0.1:1", expect=2,
+                        prefix=in_cgroup(pids_cgroup))
+    url = metrics_url(proxy)
+    address = ("127.0.0.1", metrics_port(url))
+    assert "forkproxy_up 1.0" in scrape(url)  # served, so its imports and threads are done
+    metrics = psutil.Process(metrics_pid(proxy.pid))
+    supervisor = psutil.Process(proxy.pid)
+    current = pids_cgroup / "pids.current"
+
+    def at_rest() -> bool:
+        """No scrape's thread, nor the supervisor's child that built its status reply,
+        left: each would free a task for a scrape that then succeeds."""
+        tasks = supervisor.num_threads() + metrics.num_threads()  # metrics: + deadlines
+        return metrics.num_threads() == 2 and int(current.read_text()) == tasks
+
+    assert wait_for(at_rest), (current.read_text(), metrics.num_threads())
+    (pids_cgroup / "pids.max").write_text(current.read_text())
+
+    def fail_scrapes(count: int) -> None:
+        for _ in range(count):
+            with socket.create_connection(address, timeout=15) as sock:
+                sock.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+                assert sock.recv(100) == b""  # closed, after handle_error has run
+
+    def lines() -> list[str]:
+        return [x for x in proxy.log().splitlines() if "metrics-request-failed" in x]
+
+    started = time.monotonic()
+    fail_scrapes(30)
+    # The first at once, then one per ERROR_LOG_EVERY at most (30 lines before; a slow
+    # run may have reached a second window).
+    windows = 1 + int((time.monotonic() - started) // ERROR_LOG_EVERY)
+    first = lines()
+    assert 1 <= len(first) <= windows, first
+    assert 'error="RuntimeError: can\'t start new thread" failures=1 ' in first[0], first[0]
+    # Past the window, the next failure's line counts every one since the last line.
+    time.sleep(max(0.0, started + ERROR_LOG_EVERY + 0.5 - time.monotonic()))
+    fail_scrapes(1)
+    assert wait_for(lambda: len(lines()) == len(first) + 1), lines()
+    counted = sum(int(re.findall(r" failures=(\d+) ", line)[0]) for line in lines())
+    assert counted == 31, lines()
 
 
 def test_a_metrics_process_that_cannot_start_its_thread_says_so_in_one_line(
