@@ -21,6 +21,7 @@ import os
 import select
 import signal
 import socket
+import struct
 import sys
 import time
 
@@ -124,12 +125,26 @@ _NO_BUFFER = memoryview(bytearray())  # until a flow's first read allocates its 
 # direction, made before any fork, so a child copies only the pages its reads fill
 # instead of allocating (and zeroing) whole buffers of its own.
 _child_buffers: tuple[memoryview, memoryview] | None = None
+
 # Whether a child's own lookup may run in a thread (OwnLookup): not under a pids limit.
 # A thread is a task pids.max counts, and the --max-children derived from that limit
 # counts one per connection: with every child of a link whose DNS hangs holding two,
 # forks failed at half the connections and healthy links starved (the review's
 # measurement: pids.max 60, 30 children). Set by preload(), in the supervisor.
 _lookup_in_thread = True
+
+# What a relay child writes to the supervisor's "ended" pipe as its last act: its pid, in
+# 4 bytes (one write, atomic: less than PIPE_BUF), so that the supervisor reaps it by its
+# pid rather than by a scan of all its children (Supervisor.handle_chld says why). The
+# pipe's write end is set once by the supervisor, before any child is forked; -1: none.
+ENDED_PID = struct.Struct("I")  # native: the supervisor reads it as memoryview.cast("I")
+_ended_fd = -1
+
+
+def set_ended_pipe(fd: int) -> None:
+    """The supervisor's: its children (relay children only) tell it their end on `fd`."""
+    global _ended_fd
+    _ended_fd = fd
 
 
 class Ended(Exception):

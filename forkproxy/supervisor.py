@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import _signal  # type: ignore[import-not-found]  # the C module: see signals.py
 import errno
+import fcntl
 import gc
 import json
 import os
@@ -69,6 +70,10 @@ from .log import DEBUG, ERROR_LOG_EVERY, WARNING, Logger, crash_fields, fold
 from .process_name import REPORTER, RESOLVER, name_process
 from .relay import Address, RawSocket
 
+TYPE_CHECKING = False  # not typing's: importing typing costs the supervisor heap (config.py)
+if TYPE_CHECKING:
+    from resource import struct_rusage
+
 ACCEPT_BATCH = 64  # accepts per wakeup, so signals and reaping get their turn in a burst
 KILL_AFTER = 1.0  # seconds from TERM to KILL after --grace: 8 + 1 is inside docker stop's 10
 # A link writes its first DENY_LOG_BURST `denied` lines in each DENY_LOG_WINDOW seconds and
@@ -90,6 +95,14 @@ MAX_REPORTERS = control.MAX_CLIENTS
 REPORTER_EXIT_WAIT = 1.0
 METRICS_EXIT_WAIT = 2.0  # seconds the metrics process has to exit at a stop
 KILLED_EXIT_WAIT = 1.0  # seconds a stop waits for a helper process it killed (frozen: left)
+# Seconds between two scans of all the children for one that exited unannounced (not on
+# the ended pipe: see handle_chld) whose SIGCHLD came folded into another child's.
+SCAN_EVERY = 1.0
+SCAN_WAIT = int(SCAN_EVERY * 1000)  # milliseconds: the loop's poll() while a scan is due
+# The ended pipe's size: room for this many bytes of pids (4 each) not read yet. A child
+# that finds it full is reaped by a scan instead, as before it was.
+ENDED_PIPE_SIZE = 1 << 20  # Linux's default pipe-max-size: more needs privilege
+ENDED_READ = 256  # bytes read from it at a time: 64 pids
 RESOLVE_AGAIN_AFTER = MIN_RESOLVE_EVERY  # seconds: the least time between two lookups' starts
 # Seconds a resolver child may spend on one name (from its start, or from the name before
 # its result) before the supervisor kills it and logs that name's `resolve-failed`. glibc
@@ -170,6 +183,28 @@ def resolve_all(targets: list[tuple[str, int]], out_fd: int, delay: float) -> No
         data = memoryview(json.dumps(result).encode() + b"\n")
         while data:
             data = data[os.write(out_fd, data):]
+
+
+def ended_pipe() -> tuple[int, int]:
+    """The ended pipe (see Supervisor.handle_chld), non-blocking: its read end and its
+    write end, one descriptor for both where /proc lets the pipe be opened read-write.
+    One: the supervisor and each child hold one more descriptor, not two, and a proxy
+    started at `ulimit -n 9` serves as one at 8 did before."""
+    read, write = os.pipe2(os.O_CLOEXEC)
+    try:
+        both = os.open(f"/proc/self/fd/{read}", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:  # no /proc
+        os.set_blocking(read, False)
+        os.set_blocking(write, False)
+    else:
+        os.close(read)
+        os.close(write)
+        read = write = both
+    try:
+        fcntl.fcntl(write, fcntl.F_SETPIPE_SZ, ENDED_PIPE_SIZE)
+    except OSError:
+        pass  # a lower pipe-max-size: the default size (64 KiB) will do
+    return read, write
 
 
 def close_inherited(*keep: int) -> None:
@@ -306,6 +341,15 @@ class Supervisor:
         # Children the stop itself sent SIGKILL (past --grace + KILL_AFTER): their death by
         # it is ours, not the OOM killer's, and their close line must not suggest it.
         self.killed: set[int] = set()
+        # The ended pipe (read end, write end): each relay child writes its pid to it as
+        # its last act (see the accept loop, relay._reset_and_die), and handle_chld reaps
+        # those pids one by one. `ended`: pids read from it and not reaped yet (still
+        # exiting); `scan_at`: when handle_chld scans all the children next (SCAN_EVERY).
+        self.ended_r = self.ended_w = -1
+        self.ended: set[int] = set()
+        self.ended_buffer = [bytearray(ENDED_READ)]
+        self.ended_pids = memoryview(self.ended_buffer[0]).cast("I")
+        self.scan_at: float | None = None
         self.control: control.ControlServer | None = None
         self.metrics_sock: socket.socket | None = None
         self.metrics_pid = 0
@@ -386,6 +430,8 @@ class Supervisor:
             if self.control is not None:
                 self.control.close()
             raise
+        self.ended_r, self.ended_w = ended_pipe()
+        relay.set_ended_pipe(self.ended_w)
         self.signals = signals.SignalPipe()
         # Children that exited before SIGCHLD had a handler (as PID 1, whatever the shell
         # that exec'd us had started; the default disposition drops their signal) are
@@ -768,14 +814,17 @@ class Supervisor:
         # the next one that works, or for the grace period to end).
         while not (self.stopping and not self.accounting.children and not self.held):
             # No timer armed, the usual case, needs no call and no list: every page written
-            # between two forks is copied (docs/benchmarks.md). Same timers as _poll_timeout.
+            # between two forks is copied (docs/benchmarks.md). Same timers as _poll_timeout
+            # but scan_at: armed whenever a connection ends, it is not a timer of its own
+            # (handle_chld scans when it is due), only a poll that times out.
             timeout = -1 if (
                 self.resume_at is None and self.control_at is None and self.term_at is None
                 and self.kill_at is None and self.metrics_at is None
                 and self.denials_at is None
             ) else self._poll_timeout()
+            scan_wait = timeout < 0 and self.scan_at is not None
             try:
-                ready = poll(timeout)
+                ready = poll(SCAN_WAIT if scan_wait else timeout)
             except OSError as exc:
                 # ENOMEM (poll(2) could not allocate its table): a moment's shortage at a
                 # memory limit must not end every listener and orphan the children. Only
@@ -792,6 +841,8 @@ class Supervisor:
                     handler(events)
             if timeout >= 0:  # a timer was armed: fire those that are due
                 self.handle_timers()
+            elif scan_wait and not ready:
+                self.handle_chld(scan=True)  # quiet for SCAN_EVERY after a connection ended
 
     def cleanup(self) -> None:
         listeners.close_all(self.listeners)
@@ -825,6 +876,11 @@ class Supervisor:
                     os.unlink(pid_file)
             except OSError:
                 pass  # already gone, or never ours to remove
+        for fd in {self.ended_r, self.ended_w}:
+            if fd >= 0:
+                os.close(fd)
+        self.ended_r = self.ended_w = -1
+        relay.set_ended_pipe(-1)
         # The counts no window's end has logged yet. Last: with the log blocked, this
         # write waits, and everything above is done by then.
         self._end_denial_windows()
@@ -867,13 +923,15 @@ class Supervisor:
                     self.table_writer = 0
 
     def _poll_timeout(self) -> int:
-        """Milliseconds to the next timer (the loop checks these six inline first)."""
-        timers = (self.resume_at, self.control_at, self.term_at, self.kill_at, self.metrics_at,
-                  self.denials_at)
-        deadlines = [t for t in timers if t is not None]
-        if not deadlines:
+        """Milliseconds to the next timer (the loop checks these seven inline first)."""
+        soonest = None
+        for deadline in (self.resume_at, self.control_at, self.term_at, self.kill_at,
+                         self.metrics_at, self.denials_at, self.scan_at):
+            if deadline is not None and (soonest is None or deadline < soonest):
+                soonest = deadline
+        if soonest is None:
             return -1
-        return max(0, int((min(deadlines) - time.monotonic()) * 1000) + 1)
+        return max(0, int((soonest - time.monotonic()) * 1000) + 1)
 
     def _watch(self, fd: int, handler: Callable[[int], None], events: int = POLLIN) -> None:
         """Poll fd for events; a number already watched (a reused fd) gets the new ones."""
@@ -941,6 +999,7 @@ class Supervisor:
             relay.serve, relay.FAILED, listener.family, relay.SOCK_STREAM,
             relay.reset_connections,
         )
+        ended_w, pack_pid, getpid = self.ended_w, relay.ENDED_PID.pack, os.getpid
 
         next_turn = listener.turns.__next__  # a child's turn (relay.in_turn)
 
@@ -988,10 +1047,15 @@ class Supervisor:
                                 write(open_file(oom_path, write_only), oom_value)
                             except OSError:
                                 pass  # out of descriptors: this one child stays as it was
-                        # Drop every inherited descriptor but stdio and the client, above all
-                        # the listeners: a child holding one would keep a closed port open.
-                        closerange(3, fd)
-                        closerange(fd + 1, 1 << 20)
+                        # Drop every inherited descriptor but stdio, the client and the
+                        # ended pipe, above all the listeners: a child holding one would
+                        # keep a closed port open. (The pipe was made first: lower, mostly;
+                        # -1 in a supervisor never started, as tests build them.)
+                        low, high = (ended_w, fd) if 2 < ended_w < fd else (
+                            fd, fd if ended_w < fd else ended_w)
+                        closerange(3, low)
+                        closerange(low + 1, high)
+                        closerange(high + 1, 1 << 20)
                         sock = RawSocket(family, sock_stream, 0, fd)
                         args = listener.relay_args
                         status = serve(sock, address, base, turn, *args)  # type: ignore[arg-type]
@@ -1008,6 +1072,12 @@ class Supervisor:
                                        client=peer_text(address), upstream=str(link.target),
                                        **crash_fields(exc))
                     finally:
+                        # The last act: tell the supervisor, which then reaps this child
+                        # by its pid, not by a scan of all its children (handle_chld).
+                        try:
+                            write(ended_w, pack_pid(getpid()))
+                        except OSError:
+                            pass  # full: found by a scan, as a child killed is
                         exit_child(status)
                 close(fd)
                 children[pid] = (link, address, base, forked_at)  # a ChildRecord
@@ -1135,84 +1205,139 @@ class Supervisor:
             elif signum == signal.SIGALRM:
                 self.handle_alarm()
 
-    def handle_chld(self) -> None:
-        """Reap every child that has exited, ours or (as PID 1) anybody's orphan."""
+    def handle_chld(self, scan: bool = False) -> None:
+        """Reap every child that has exited, ours or (as PID 1) anybody's orphan.
+
+        By its pid when it can: `wait4(-1)` has the kernel look through every child of
+        ours for one that exited, and the last call, which finds none, through all of
+        them: at 20,000 idle connections that was three quarters of the supervisor's
+        time, new connections came 17 times slower and a stop took seconds. Since Linux
+        5.12 `wait4(pid)` goes straight to that child. So a relay child writes its pid to
+        the ended pipe as its last act, and those pids are reaped one by one. A child
+        that wrote nothing (killed by a signal: the OOM killer, kill -9, the stop's KILL;
+        the helpers: resolver, reporter, metrics; an orphan, as PID 1; the pipe full) is
+        found by a scan of them all: when the pids reaped nothing (its SIGCHLD brought us
+        here), when asked (`scan`), and SCAN_EVERY after a reap that did not scan, here or
+        once the loop has been quiet that long (its SIGCHLD may have come folded into
+        that of a child that wrote, and none other come).
+
+        A pid read from the pipe may be that of a child reaped already (by a scan), even
+        reused since by a new child of ours: harmless, since wait4 only ever tells a
+        child's real state (one still running stays pending until it exits).
+        """
         resolve_again = False
+        ended = self.ended
+        # The pids written since (each one write of 4 bytes: whole, or not at all), read
+        # into a buffer kept for it and cast, not unpacked: every page the supervisor
+        # writes is copied once per fork, and a fresh buffer per read cost pages.
         while True:
             try:
-                pid, status, usage = os.wait4(-1, os.WNOHANG)
+                count = os.readv(self.ended_r, self.ended_buffer)
+            except OSError:
+                break  # none (EAGAIN); or no pipe (EBADF: a supervisor not started)
+            ended.update(self.ended_pids[:count >> 2])
+            if count < ENDED_READ:
+                break
+        reaped = False
+        for pid in list(ended):
+            try:
+                found, status, usage = os.wait4(pid, os.WNOHANG)
             except ChildProcessError:
-                break
-            if pid == 0:
-                break
-            if pid in self.resolver_pids:
-                self.resolver_pids.remove(pid)
-                # A lookup asked for while two were not reaped yet (see start_resolver)
-                resolve_again = resolve_again or self.resolve_pending
+                ended.discard(pid)  # reaped already (by a scan)
                 continue
-            if pid in self.reporter_pids:
-                self.reporter_pids.remove(pid)
-                if pid == self.table_writer:
-                    self.table_writer = 0
-                    if self.table_pending:
-                        self.handle_usr1()
-                continue
-            if pid == self.metrics_pid:
-                self.metrics_pid = 0
-                self.metrics_exit = describe_status(status)
-                if os.WIFEXITED(status) and os.WEXITSTATUS(status) == installed.FILES_CHANGED:
-                    # It said why (metrics-failed), and another start would run the same
-                    # files: not restarted, and its port closed, so scrapers are refused
-                    # rather than left waiting, until forkproxy itself is restarted.
-                    self.metrics_exit += f": {installed.ADVICE}, restart forkproxy"
-                    self.metrics_since = time.monotonic()
-                    self._close_metrics_port()
-                    continue
-                if not self.stopping:
-                    delay = self._metrics_died()
-                    self.log.warning("metrics-died", status=describe_status(status),
-                                     detail=f"restarting in {delay:g}s")
-                else:
-                    self._count_metrics_death()
-                    self._close_metrics_port()
-                continue
-            # Its record and slot are read before finished() zeroes them: what it left of a
-            # failed connect, for the folded lines (see relay.serve); and, for a child
-            # killed by a signal (`live`), which wrote no close line, the line in its place.
-            child = self.accounting.children.get(pid)
-            live = child if os.WIFSIGNALED(status) else None
-            failure = 0 if child is None else self.accounting.slots.counters[child[2] + FAILURE]
-            if failure & FELL_BACK and not failure & COUNTED:
-                assert child is not None
-                self._fallbacks([(child, failure)])
-            # kill_at is set once the grace period is over and we have TERMed the children:
-            # only then is a signal's death ours. During the grace, as outside a stop, it is
-            # the OOM killer's or someone's kill -9.
-            if live is not None and self.kill_at is not None:
-                self._log_terminated(pid, status, live)
-            moved = self._moved(live) if live is not None and self.kill_at is None else None
-            record = self.accounting.finished(pid, status, usage.ru_utime + usage.ru_stime)
-            if record is None:
-                self.log.debug("reaped-orphan", child_pid=pid, status=describe_status(status))
-            elif status == _CONNECT_FAILED_STATUS:
-                self._connect_failed(record, failure)
-                # Perhaps the name points elsewhere now (a container recreated with a new
-                # address): look again, without waiting for the timer. (A child that found
-                # it does sends SIGALRM as it connects: see relay.serve.)
-                resolve_again = resolve_again or record[0].target.is_name
-            elif moved is not None:
-                # It died before writing its close line (the OOM killer, a kill -9): this
-                # line is that connection's only record, so it carries what the line would.
-                link, client, _, _ = record
-                self.log.warning("child-died", child_pid=pid, link=link.name,
-                                 client=peer_text(client), upstream=str(link.target),
-                                 status=describe_status(status),
-                                 bytes_up=moved[0], bytes_down=moved[1], duration=moved[2])
+            if found:  # else it has not quite exited yet: its SIGCHLD brings us back
+                reaped = True
+                resolve_again = self._reaped(found, status, usage) or resolve_again
+        if reaped and not scan:
+            # Scan anyway once SCAN_EVERY has passed since the first reap not followed by
+            # one: done here while connections end, by the loop once it has been quiet.
+            now = time.monotonic()
+            if self.scan_at is None:
+                self.scan_at = now + SCAN_EVERY
+            scan = now >= self.scan_at
+        if scan or not reaped:
+            self.scan_at = None
+            while True:
+                try:
+                    pid, status, usage = os.wait4(-1, os.WNOHANG)
+                except ChildProcessError:
+                    break
+                if pid == 0:
+                    break
+                resolve_again = self._reaped(pid, status, usage) or resolve_again
         if resolve_again:
             self.start_resolver()
         if self.held:
             self.serve_held()
         self.update_accepting()
+
+    def _reaped(self, pid: int, status: int, usage: struct_rusage) -> bool:
+        """Child `pid` was reaped (handle_chld): its accounting and lines. Whether the
+        links' names are to be looked up again."""
+        self.ended.discard(pid)
+        if pid in self.resolver_pids:
+            self.resolver_pids.remove(pid)
+            # A lookup asked for while two were not reaped yet (see start_resolver)
+            return self.resolve_pending
+        if pid in self.reporter_pids:
+            self.reporter_pids.remove(pid)
+            if pid == self.table_writer:
+                self.table_writer = 0
+                if self.table_pending:
+                    self.handle_usr1()
+            return False
+        if pid == self.metrics_pid:
+            self.metrics_pid = 0
+            self.metrics_exit = describe_status(status)
+            if os.WIFEXITED(status) and os.WEXITSTATUS(status) == installed.FILES_CHANGED:
+                # It said why (metrics-failed), and another start would run the same
+                # files: not restarted, and its port closed, so scrapers are refused
+                # rather than left waiting, until forkproxy itself is restarted.
+                self.metrics_exit += f": {installed.ADVICE}, restart forkproxy"
+                self.metrics_since = time.monotonic()
+                self._close_metrics_port()
+                return False
+            if not self.stopping:
+                delay = self._metrics_died()
+                self.log.warning("metrics-died", status=describe_status(status),
+                                 detail=f"restarting in {delay:g}s")
+            else:
+                self._count_metrics_death()
+                self._close_metrics_port()
+            return False
+        # Its record and slot are read before finished() zeroes them: what it left of a
+        # failed connect, for the folded lines (see relay.serve); and, for a child
+        # killed by a signal (`live`), which wrote no close line, the line in its place.
+        child = self.accounting.children.get(pid)
+        live = child if os.WIFSIGNALED(status) else None
+        failure = 0 if child is None else self.accounting.slots.counters[child[2] + FAILURE]
+        if failure & FELL_BACK and not failure & COUNTED:
+            assert child is not None
+            self._fallbacks([(child, failure)])
+        # kill_at is set once the grace period is over and we have TERMed the children:
+        # only then is a signal's death ours. During the grace, as outside a stop, it is
+        # the OOM killer's or someone's kill -9.
+        if live is not None and self.kill_at is not None:
+            self._log_terminated(pid, status, live)
+        moved = self._moved(live) if live is not None and self.kill_at is None else None
+        record = self.accounting.finished(pid, status, usage.ru_utime + usage.ru_stime)
+        if record is None:
+            self.log.debug("reaped-orphan", child_pid=pid, status=describe_status(status))
+        elif status == _CONNECT_FAILED_STATUS:
+            self._connect_failed(record, failure)
+            # Perhaps the name points elsewhere now (a container recreated with a new
+            # address): look again, without waiting for the timer. (A child that found
+            # it does sends SIGALRM as it connects: see relay.serve.)
+            return record[0].target.is_name
+        elif moved is not None:
+            # It died before writing its close line (the OOM killer, a kill -9): this
+            # line is that connection's only record, so it carries what the line would.
+            link, client, _, _ = record
+            self.log.warning("child-died", child_pid=pid, link=link.name,
+                             client=peer_text(client), upstream=str(link.target),
+                             status=describe_status(status),
+                             bytes_up=moved[0], bytes_down=moved[1], duration=moved[2])
+        return False
 
     def _fold_link(self, event: str, link: Link, failures: int) -> int:
         """Count `failures` more of `event` on `link`; the count since its last line
@@ -1398,7 +1523,9 @@ class Supervisor:
             # And reap without being told: a child whose SIGCHLD never came (seen when a
             # tracer let go of it after it exited) stayed a zombie, KILLed each second,
             # and the stop never ended.
-            self.handle_chld()
+            self.handle_chld(scan=True)
+        if self.scan_at is not None and now >= self.scan_at:
+            self.handle_chld(scan=True)  # a child that exited unannounced: see handle_chld
 
     def _held_per_link(self) -> dict[str, int]:
         """Link name -> clients held, waiting for a child (see handle_stop, _fork_failed)."""

@@ -882,7 +882,7 @@ def test_a_pid_file_that_cannot_be_written_is_not_left_behind_empty(tmp_path: Pa
 def test_too_few_descriptors_to_start_is_one_line_and_leaves_nothing(tmp_path: Path) -> None:
     runtime = tmp_path / "runtime"
     runtime.mkdir(mode=0o700)
-    # 0-2, the listener and the control socket take five: the signal pipe's pair cannot
+    # 0-2, the listener and the control socket take five: the ended pipe's pair cannot
     # be had. (7 ran out too while the start-up lookup imported the idna codec, which
     # opened its files; with 7 it runs out of the one it keeps to spare for accept(),
     # see the next test: it starts with 8.)

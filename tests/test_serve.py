@@ -93,10 +93,11 @@ def test_out_of_descriptors_for_a_splice_pipe_the_relay_copies(
     pipe is an optimisation, and its failure used to cut the connection mid-transfer."""
     data = os.urandom(8 * MiB)
     server = tcp_server(echo)
-    # 8: the supervisor starts (stdio, listener, signal pipe, control socket), and a
-    # child holding stdio, client and upstream has no room for a pipe's two ends.
+    # 9: the supervisor starts (stdio, listener, signal pipe, control socket, ended
+    # pipe, one to spare), and a child holding stdio, client, upstream and the ended pipe
+    # has no room for its second splice pipe's two ends.
     proxy = start_proxy("--relay", relay, f"127.0.0.1:0=127.0.0.1:{server.port}",
-                        prefix=(need("prlimit"), "--nofile=8:8"))
+                        prefix=(need("prlimit"), "--nofile=9:9"))
     with socket.create_connection(("127.0.0.1", proxy.port)) as client:
         def send() -> None:
             client.sendall(data)

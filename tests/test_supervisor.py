@@ -883,7 +883,8 @@ def test_a_child_termed_while_it_writes_its_own_close_line_is_not_logged_again_a
     `killed`, and counted it killed. Now the handler sees no connection left and returns:
     the child exits as it would have. The window is widened with strace, attached to the
     child: its next write, the close line, returns 0.6 s late (grace 0: the TERM comes
-    within that, the stop's KILL a second after the TERM)."""
+    within that, the stop's KILL a second after the TERM). Only that write: the child's
+    last, its pid on the supervisor's ended pipe, comes after it."""
     server = tcp_server(echo)
     proxy = start_proxy("--grace", "0", f"127.0.0.1:0=127.0.0.1:{server.port}")
     with socket.create_connection(("127.0.0.1", proxy.port), timeout=30) as client:
@@ -892,7 +893,7 @@ def test_a_child_termed_while_it_writes_its_own_close_line_is_not_logged_again_a
         assert client.recv(4) == b"ping"
         [child] = psutil.Process(proxy.pid).children()
         # Attached until the proxy has exited: the child's delayed write is its last.
-        with injected(child.pid, "write", "delay_exit=600000"):
+        with injected(child.pid, "write", "delay_exit=600000:when=1"):
             client.shutdown(socket.SHUT_WR)
             assert client.recv(1) == b""  # the relay is over: its close line is being written
             proxy.proc.send_signal(signal.SIGTERM)
@@ -979,3 +980,117 @@ def test_a_child_the_stop_only_termed_and_someone_else_killed_is_perhaps_out_of_
     [line] = [x for x in proxy.log().splitlines() if " close " in x]
     assert f"child_pid={child.pid}" in line, line
     assert 'outcome=killed status="killed by SIGKILL (perhaps out of memory)"' in line, line
+
+
+@contextlib.contextmanager
+def traced(pid: int, syscall: str, trace: Path) -> Iterator[None]:
+    """strace attached to process `pid` alone, writing its `syscall` calls to `trace`."""
+    tracer = subprocess.Popen([need("strace"), "-p", str(pid), "-o", str(trace),
+                               "-e", f"trace={syscall}"], stderr=subprocess.PIPE, text=True)
+    try:
+        assert tracer.stderr is not None
+        attached = tracer.stderr.readline()  # calls are traced from then on
+        assert f"Process {pid} attached" in attached, attached
+        yield
+    finally:
+        if tracer.poll() is None:
+            tracer.send_signal(signal.SIGINT)  # detach
+        tracer.communicate(timeout=15)
+
+
+def reaped_by(trace: Path) -> dict[int, str]:
+    """Each pid a traced wait4 reaped -> the pid it was asked for ("-1": any child)."""
+    found = {}
+    for line in trace.read_text().splitlines():
+        match = re.match(r"wait4\((-?\d+), .*\) = (\d+)$", line)
+        if match and match[2] != "0":
+            found[int(match[2])] = match[1]
+    return found
+
+
+def idle_connections(port: int, count: int) -> list[socket.socket]:
+    clients = []
+    for _ in range(count):
+        client = socket.create_connection(("127.0.0.1", port), timeout=30)
+        client.sendall(b"ping")
+        assert client.recv(4) == b"ping"  # its child is running
+        clients.append(client)
+    return clients
+
+
+def child_pids(pid: int) -> set[int]:
+    return {child.pid for child in psutil.Process(pid).children()}
+
+
+def test_a_connection_that_ends_is_reaped_by_its_pid_and_one_killed_by_a_scan(
+    start_proxy: Callable[..., Proxy], tcp_server: Callable[..., TcpServer], tmp_path: Path,
+) -> None:
+    """Reaping with wait4(-1) has the kernel look through all the supervisor's children
+    for one that exited, twice a reap (the last call finds none): at 20,000 idle
+    connections that was most of the supervisor's time, new connections were 17 times
+    slower, and a stop took seconds. A relay child now writes its pid to the supervisor's
+    ended pipe as it exits, and is reaped by wait4(pid), which goes straight to it. A
+    child killed by a signal writes nothing: its SIGCHLD, which reaped nothing by pid,
+    has the supervisor scan all its children as before, and its `child-died` is logged.
+    Seen in the supervisor's wait4 calls (strace)."""
+    server = tcp_server(echo)
+    proxy = start_proxy(f"127.0.0.1:0=127.0.0.1:{server.port}")
+    trace = tmp_path / "wait4"
+    with traced(proxy.pid, "wait4", trace):
+        [victim] = idle_connections(proxy.port, 1)
+        [killed] = child_pids(proxy.pid)
+        clients = idle_connections(proxy.port, 3)
+        ending = child_pids(proxy.pid) - {killed}
+        assert len(ending) == 3
+        for done, client in enumerate(clients, 1):
+            client.close()  # one at a time
+
+            def closed(done: int = done) -> bool:
+                return proxy.log().count(" close ") == done
+
+            assert wait_for(closed), proxy.log()
+        assert wait_for(lambda: child_pids(proxy.pid) == {killed}), proxy.log()
+        os.kill(killed, signal.SIGKILL)
+        assert wait_for(lambda: f"child-died child_pid={killed} " in proxy.log()), proxy.log()
+        assert wait_for(lambda: not child_pids(proxy.pid))
+        victim.close()
+    reaped = reaped_by(trace)
+    assert {pid: reaped.get(pid) for pid in ending} == {pid: str(pid) for pid in ending}, \
+        trace.read_text()
+    assert reaped.get(killed) == "-1", trace.read_text()
+    assert proxy.stop() == 0
+
+
+def test_a_child_that_exited_unannounced_is_reaped_though_its_sigchld_was_folded(
+    start_proxy: Callable[..., Proxy], tcp_server: Callable[..., TcpServer],
+) -> None:
+    """A child killed by a signal (kill -9, the OOM killer) writes nothing to the ended
+    pipe, and its SIGCHLD can come folded into that of a child that did (a signal
+    pending once is pending once): the reap by pid then reaps the other and nothing has
+    this one's scan. The supervisor scans all its children SCAN_EVERY after a reap that
+    did not: the killed one is reaped, its `child-died` logged, with no other SIGCHLD to
+    come. The two exit while the supervisor is stopped (SIGSTOP), so one SIGCHLD comes."""
+    server = tcp_server(echo)
+    proxy = start_proxy(f"127.0.0.1:0=127.0.0.1:{server.port}")
+    [victim] = idle_connections(proxy.port, 1)
+    [killed] = child_pids(proxy.pid)
+    [client] = idle_connections(proxy.port, 1)
+    [ending] = child_pids(proxy.pid) - {killed}
+
+    def zombies() -> bool:
+        return all(psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+                   for pid in (killed, ending))
+
+    proxy.proc.send_signal(signal.SIGSTOP)
+    try:
+        os.kill(killed, signal.SIGKILL)
+        client.close()  # its child writes its close line, its pid, and exits
+        assert wait_for(zombies), proxy.log()
+    finally:
+        proxy.proc.send_signal(signal.SIGCONT)
+    assert wait_for(lambda: f"child-died child_pid={killed} " in proxy.log()), proxy.log()
+    assert " close " in proxy.log()
+    assert wait_for(lambda: not child_pids(proxy.pid))
+    victim.close()
+    assert proxy.proc.poll() is None
+    assert proxy.stop() == 0
