@@ -98,11 +98,11 @@ KILLED_EXIT_WAIT = 1.0  # seconds a stop waits for a helper process it killed (f
 # Seconds between two scans of all the children for one that exited unannounced (not on
 # the ended pipe: see handle_chld) whose SIGCHLD came folded into another child's.
 SCAN_EVERY = 1.0
-SCAN_WAIT = int(SCAN_EVERY * 1000)  # milliseconds: the loop's poll() while a scan is due
-# The ended pipe's size: room for this many bytes of pids (4 each) not read yet. A child
-# that finds it full is reaped by a scan instead, as before it was.
+# The ended pipe's size: room for this many bytes of pids (relay.ENDED_PID each) not read
+# yet. A child that finds it full is reaped by a scan instead, as before it was.
 ENDED_PIPE_SIZE = 1 << 20  # Linux's default pipe-max-size: more needs privilege
-ENDED_READ = 256  # bytes read from it at a time: 64 pids
+ENDED_PID_SIZE = relay.ENDED_PID.size
+ENDED_READ = 64 * ENDED_PID_SIZE  # bytes read from it at a time: 64 pids
 RESOLVE_AGAIN_AFTER = MIN_RESOLVE_EVERY  # seconds: the least time between two lookups' starts
 # Seconds a resolver child may spend on one name (from its start, or from the name before
 # its result) before the supervisor kills it and logs that name's `resolve-failed`. glibc
@@ -203,7 +203,8 @@ def ended_pipe() -> tuple[int, int]:
     try:
         fcntl.fcntl(write, fcntl.F_SETPIPE_SZ, ENDED_PIPE_SIZE)
     except OSError:
-        pass  # a lower pipe-max-size: the default size (64 KiB) will do
+        pass  # over the user's pipe limits: as made (64 KiB; 8 KiB past
+        # pipe-user-pages-soft, which the splice pipes of ~64 connections reach), it will do
     return read, write
 
 
@@ -301,7 +302,7 @@ def _reaped_within(pid: int, seconds: float) -> bool:
 
 
 _OUT_OF_PORTS = ("out of local ports toward the upstream: each connection holds one, and "
-                 "one after its close for 60 s (TIME_WAIT); widen "
+                 "for 60 s after a close the proxy began (TIME_WAIT); widen "
                  "net.ipv4.ip_local_port_range or spread over more upstream addresses")
 
 
@@ -348,7 +349,7 @@ class Supervisor:
         self.ended_r = self.ended_w = -1
         self.ended: set[int] = set()
         self.ended_buffer = [bytearray(ENDED_READ)]
-        self.ended_pids = memoryview(self.ended_buffer[0]).cast("I")
+        self.ended_pids = memoryview(self.ended_buffer[0]).cast("I")  # relay.ENDED_PID's
         self.scan_at: float | None = None
         self.control: control.ControlServer | None = None
         self.metrics_sock: socket.socket | None = None
@@ -809,22 +810,25 @@ class Supervisor:
                           f"{limits_text(named, memory, pids)}; --max-children overrides")
 
     def loop(self) -> None:
-        poll, handlers = self.poller.poll, self.handlers
+        poll, handlers, monotonic = self.poller.poll, self.handlers, time.monotonic
         # Stopped when no child runs and no client is held (a failed fork's, waiting for
         # the next one that works, or for the grace period to end).
         while not (self.stopping and not self.accounting.children and not self.held):
             # No timer armed, the usual case, needs no call and no list: every page written
             # between two forks is copied (docs/benchmarks.md). Same timers as _poll_timeout
-            # but scan_at: armed whenever a connection ends, it is not a timer of its own
-            # (handle_chld scans when it is due), only a poll that times out.
+            # but scan_at: set whenever a connection ends (handle_chld), it is checked
+            # here, after the poll, only while no other timer is armed (else by
+            # handle_timers).
             timeout = -1 if (
                 self.resume_at is None and self.control_at is None and self.term_at is None
                 and self.kill_at is None and self.metrics_at is None
                 and self.denials_at is None
             ) else self._poll_timeout()
-            scan_wait = timeout < 0 and self.scan_at is not None
+            scan_at = self.scan_at if timeout < 0 else None
+            if scan_at is not None:  # a scan pending: wait no longer than until it is due
+                timeout = max(0, int((scan_at - monotonic()) * 1000) + 1)
             try:
-                ready = poll(SCAN_WAIT if scan_wait else timeout)
+                ready = poll(timeout)
             except OSError as exc:
                 # ENOMEM (poll(2) could not allocate its table): a moment's shortage at a
                 # memory limit must not end every listener and orphan the children. Only
@@ -839,10 +843,13 @@ class Supervisor:
                 handler = handlers.get(fd)
                 if handler is not None:
                     handler(events)
-            if timeout >= 0:  # a timer was armed: fire those that are due
+            if scan_at is not None:
+                # Due whether or not the poll was quiet: other events (clients that stay,
+                # clients denied) coming less than SCAN_EVERY apart put it off for ever.
+                if monotonic() >= scan_at:
+                    self.handle_chld(scan=True)
+            elif timeout >= 0:  # a timer was armed: fire those that are due
                 self.handle_timers()
-            elif scan_wait and not ready:
-                self.handle_chld(scan=True)  # quiet for SCAN_EVERY after a connection ended
 
     def cleanup(self) -> None:
         listeners.close_all(self.listeners)
@@ -1235,7 +1242,7 @@ class Supervisor:
                 count = os.readv(self.ended_r, self.ended_buffer)
             except OSError:
                 break  # none (EAGAIN); or no pipe (EBADF: a supervisor not started)
-            ended.update(self.ended_pids[:count >> 2])
+            ended.update(self.ended_pids[:count // ENDED_PID_SIZE])
             if count < ENDED_READ:
                 break
         reaped = False
