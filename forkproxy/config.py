@@ -537,7 +537,7 @@ def _not_a_quad(text: str, labels: list[str]) -> str:
         for label in labels:
             if len(label) > 1 and label.startswith("0"):
                 return f"no leading zeros: getaddrinfo would read {label} as octal"
-    return "four decimal numbers, a.b.c.d"
+    return "four decimal numbers from 0 to 255, a.b.c.d"
 
 
 def _ascii_form(name: str) -> str:

@@ -235,7 +235,8 @@ class Flow:
         try:
             fcntl.fcntl(self.pipe_w, F_SETPIPE_SZ, PIPE_SIZE)
         except OSError:
-            pass  # over the user's pipe-pages limit: the default 64 KiB pipe still works
+            pass  # over the user's pipe limits: the pipe as made (64 KiB; 8 KiB once the
+            # user's pipes pass pipe-user-pages-soft) still works, in smaller steps
         self.splice = True
 
     def close(self) -> None:

@@ -1203,7 +1203,8 @@ def test_any_duration_is_plain_and_in_range_or_a_config_error(text: str) -> None
 @pytest.mark.parametrize(
     ("host", "message"),
     [
-        ("0x7f.1", "'0x7f.1' is not a valid IPv4 address (four decimal numbers, a.b.c.d)"),
+        ("0x7f.1", "'0x7f.1' is not a valid IPv4 address (four decimal numbers from 0 to 255, "
+         "a.b.c.d)"),
         ("1.0x7f", "'1.0x7f' is not a valid IPv4 address"),
         ("0X7F.0.0.1", "'0X7F.0.0.1' is not a valid IPv4 address"),
         ("0xcafe", "'0xcafe' is not a valid IPv4 address"),

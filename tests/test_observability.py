@@ -2395,20 +2395,25 @@ print(json.dumps({"size": size, "received": received, "log": proxy.communicate(3
 """
 
 
+def run_in_own_netns(tmp_path: Path, script: str, sysctl: str,
+                     *args: str) -> subprocess.CompletedProcess[str]:
+    """`script` (Python) run with `args` in a network namespace of its own, its loopback
+    up and `sysctl` (NAME=VALUE) set there: the machine's own settings stay as they are."""
+    path = tmp_path / "in_netns.py"
+    path.write_text(script)
+    setup = f"ip link set lo up && sysctl -qw {sysctl} && exec \"$@\""
+    return subprocess.run([need("unshare"), "--net", "sh", "-c", setup, "sh", sys.executable,
+                           str(path), *args], capture_output=True, text=True, timeout=120)
+
+
 def test_a_reply_cut_by_a_slow_reader_leaves_no_traceback_in_the_log(tmp_path: Path) -> None:
     """A scraper that reads nothing: the reply's send times out (REQUEST_DEADLINE), and
     wsgiref printed its own traceback (TimeoutError) to the proxy's stderr, past -q and
     --log-format json: _Server.handle_error never saw that one. A client cut is no news
     now. In a network namespace of its own with small send buffers, so that the reply
     (~300 KB) cannot all wait in the kernel."""
-    script = tmp_path / "slow_reader.py"
-    script.write_text(_SLOW_READER)
-    setup = ('ip link set lo up && sysctl -qw net.ipv4.tcp_wmem="4096 16384 65536" && '
-             'exec "$@"')
-    out = subprocess.run(
-        [need("unshare"), "--net", "sh", "-c", setup, "sh", sys.executable, str(script),
-         FORKPROXY, str(fp_metrics.REQUEST_DEADLINE + 3)],
-        capture_output=True, text=True, timeout=120)
+    out = run_in_own_netns(tmp_path, _SLOW_READER, 'net.ipv4.tcp_wmem="4096 16384 65536"',
+                           FORKPROXY, str(fp_metrics.REQUEST_DEADLINE + 3))
     assert out.returncode == 0, out
     result = json.loads(out.stdout)
     assert 0 < result["received"] < result["size"], result  # cut: the send timed out
@@ -2449,13 +2454,8 @@ def test_a_connect_out_of_local_ports_says_what_to_widen(tmp_path: Path) -> None
     address used up: ~28,000 by default, fewer than --max-children may allow) said only
     "Cannot assign requested address" (found by a scale hunt). It says which sysctl to
     widen now. In a network namespace of its own whose port range is one port."""
-    script = tmp_path / "out_of_ports.py"
-    script.write_text(_OUT_OF_PORTS)
-    setup = ('ip link set lo up && sysctl -qw net.ipv4.ip_local_port_range="40000 40000" && '
-             'exec "$@"')
-    out = subprocess.run(
-        [need("unshare"), "--net", "sh", "-c", setup, "sh", sys.executable, str(script),
-         FORKPROXY], capture_output=True, text=True, timeout=120)
+    out = run_in_own_netns(tmp_path, _OUT_OF_PORTS,
+                           'net.ipv4.ip_local_port_range="40000 40000"', FORKPROXY)
     assert out.returncode == 0, out
     [line] = [x for x in out.stdout.splitlines() if " connect-failed " in x]
     assert ' error="Cannot assign requested address" failures=1 detail="out of local ports ' \
