@@ -695,12 +695,11 @@ def _spec_hint(spec: str) -> str | None:
 # exports APP.DB_PORT_5432_TCP. (The original ambassador never saw such a name, nor one
 # that starts with a digit: its shell, busybox sh, drops from the environment the names
 # that are not shell identifiers before `env | sed` runs. forkproxy takes them.)
-_LINK_VAR = re.compile(
-    r"(?P<alias>[A-Za-z0-9_.]+)_PORT_(?P<port>[0-9]+)_(?P<proto>TCP|UDP|SCTP)\Z")
+_PORT_AND_PROTO = r"_PORT_(?P<port>[0-9]+)_(?P<proto>TCP|UDP|SCTP)\Z"
+_LINK_VAR = re.compile(r"(?P<alias>[A-Za-z0-9_.]+)" + _PORT_AND_PROTO)
 # A name shaped like one whose alias holds other characters: `redis-cache_PORT_6379_TCP`,
 # written by hand (Docker writes the alias with '-' as '_'). Skipped, with a warning.
-_NEAR_LINK_VAR = re.compile(
-    r"(?P<alias>.+)_PORT_(?P<port>[0-9]+)_(?P<proto>TCP|UDP|SCTP)\Z", re.DOTALL)
+_NEAR_LINK_VAR = re.compile(r"(?P<alias>.+)" + _PORT_AND_PROTO, re.DOTALL)
 
 
 def parse_link_value(name: str, value: str, proto: str, from_file: bool = False) -> Endpoint:
