@@ -130,6 +130,12 @@ class Endpoint(Value):
     def __str__(self) -> str:
         return join_host_port(self.host, self.port)
 
+    def same_as(self, other: Endpoint) -> bool:
+        """The same upstream: a name's letters compare without case, as DNS compares
+        them (RFC 4343), so `redis` and `REDIS` in two variables are one target, not a
+        clash. A trailing dot still differs: `redis.` skips the search domains."""
+        return self.port == other.port and self.host.lower() == other.host.lower()
+
     @property
     def is_name(self) -> bool:
         """A host name to resolve, not an IP literal."""
@@ -864,9 +870,10 @@ def merge_links(links: Iterable[Link]) -> tuple[Link, ...]:
         if known is None:
             by_key[link.key] = link
             names[link.key] = dict.fromkeys(link.names)
-        elif known.target == link.target:
+        elif known.target.same_as(link.target):
             # A name given twice (the same SPEC typed twice, port 0 or not) is one link,
-            # named once: a name is a link's identity (status, metrics, reload).
+            # named once: a name is a link's identity (status, metrics, reload). The
+            # target is spelled as it was first.
             names[link.key].update(dict.fromkeys(link.names))
         else:
             raise ConfigError(

@@ -548,6 +548,23 @@ def test_the_same_spec_given_twice_is_one_link_named_once(spec: str) -> None:
     assert [x.names for x in build_links([spec, other, spec]).links] == [(spec,), (other,)]
 
 
+def test_a_name_in_two_cases_is_one_target() -> None:
+    """DNS compares names without case (RFC 4343): `redis` in one variable and `REDIS`
+    in another on the same port were "linked twice to different targets" and serve
+    exited 2. One link now, spelled as first given; a trailing dot still differs (`redis.`
+    skips the search domains that `redis` may take)."""
+    [link] = build_links([], {"A_PORT_6379_TCP": "tcp://redis:6379",
+                              "B_PORT_6379_TCP": "tcp://REDIS:6379"}).links
+    assert link.names == ("A_PORT_6379_TCP", "B_PORT_6379_TCP")
+    assert str(link.target) == "redis:6379"
+    with pytest.raises(ConfigError, match="linked twice to different targets"):
+        build_links([], {"A_PORT_6379_TCP": "tcp://redis:6379",
+                         "B_PORT_6379_TCP": "tcp://redis.:6379"})
+    with pytest.raises(ConfigError, match="linked twice to different targets"):
+        build_links([], {"A_PORT_6379_TCP": "tcp://redis:6379",
+                         "B_PORT_6379_TCP": "tcp://redis:6380"})
+
+
 def test_spec_and_variable_on_one_port_with_different_targets() -> None:
     expected = re.escape("6379=10.0.0.1:6379 -> 10.0.0.1:6379 and REDIS")
     with pytest.raises(ConfigError, match=expected):
@@ -792,7 +809,7 @@ def _merge_links_pairwise(links: list[Link]) -> tuple[Link, ...]:
         known = by_key.get(link.key)
         if known is None:
             by_key[link.key] = link
-        elif known.target == link.target:
+        elif known.target.same_as(link.target):
             names = known.names + tuple(name for name in link.names if name not in known.names)
             by_key[link.key] = Link(known.bind, known.port, known.target, names)
         else:
