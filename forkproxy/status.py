@@ -33,10 +33,36 @@ class NotForkproxy(StatusError):
 
 
 def find_socket(path: str | None) -> str:
-    """The explicit path, or the only live socket in this user's default directory."""
+    """The explicit path, or the only live socket in this user's default directory.
+
+    With XDG_RUNTIME_DIR set and no live socket in its directory, /tmp/forkproxy-UID too:
+    where serve puts it when started without the variable, as systemd starts a system
+    service, while an ssh login of the same user has it set (root's `status` then said
+    "no running forkproxy" beside a healthy one)."""
     if path is not None:
         return path
     directory = default_dir(os.environ, os.getuid())
+    searched = [directory]
+    live = _live_sockets(directory)
+    fallback = default_dir({}, os.getuid())
+    if not live and fallback != directory:
+        searched.append(fallback)
+        try:
+            live = _live_sockets(fallback)
+        except StatusError:
+            pass  # unreadable, or another user's: the directory asked for had none
+
+    if not live:
+        raise StatusError(f"no running forkproxy found in {' or '.join(map(repr, searched))} "
+                          "(use --status-socket)")
+    if len(live) > 1:
+        raise StatusError(f"several forkproxy supervisors in {searched[-1]!r}: "
+                          f"{', '.join(map(repr, live))}; choose one with --status-socket")
+    return live[0]
+
+
+def _live_sockets(directory: str) -> list[str]:
+    """The sockets in `directory` that answer, by name."""
     try:
         # As serve does (control.prepare_dir): a socket in another user's directory may
         # be theirs, answering `check` as healthy for a supervisor that is not there.
@@ -48,13 +74,7 @@ def find_socket(path: str | None) -> str:
         raise StatusError(f"cannot look for a running forkproxy in {directory!r}: "
                           f"{exc.strerror}") from None
     paths = [os.path.join(directory, name) for name in names]
-    live = [path for path in paths if answers(path)]
-    if not live:
-        raise StatusError(f"no running forkproxy found in {directory!r} (use --status-socket)")
-    if len(live) > 1:
-        raise StatusError(f"several forkproxy supervisors in {directory!r}: "
-                          f"{', '.join(map(repr, live))}; choose one with --status-socket")
-    return live[0]
+    return [path for path in paths if answers(path)]
 
 
 # The most a reply may be: a status of a million live connections is ~250 MiB.

@@ -679,7 +679,11 @@ class Supervisor:
         self._print_ready(lines)
         # In the log too, as after a reload: stdout may go nowhere a log shipper looks,
         # and `ready` is debug. After stdout, so that a script waiting there is not held
-        # up by a log that is slow to take lines.
+        # up by a log that is slow to take lines. The control socket first: its default
+        # directory depends on XDG_RUNTIME_DIR, which a login shell has and a systemd
+        # service not, so `status` in the one may not look where the other put it.
+        if self.control is not None:
+            self.log.info("status-socket", path=self.control.path)
         for listener in self.listeners:
             self.log.info("listening", detail=listener.describe(), new=True)
         for line in lines:
