@@ -323,11 +323,12 @@ class Supervisor:
         # accept-failed, fork-failed, control-accept-failed: [failures since the last
         # line, when it was logged]
         self.pause_logs: dict[str, list[float]] = {}
-        # connect-failed, connect-fallback: the same, per (event, link name, its target)
-        # (_fold_link). The target too: a reload that points a link elsewhere keeps its
-        # name (an ambassador's retarget), and the new upstream's first failure must not
-        # fall in the old one's window. reload() drops the pairs no longer configured.
-        self.link_folds: dict[tuple[str, str, Endpoint], list[float]] = {}
+        # connect-failed, connect-fallback: the same, per (event, link name, its target,
+        # kind of failure) (_fold_link). The target too: a reload that points a link
+        # elsewhere keeps its name (an ambassador's retarget), and the new upstream's first
+        # failure must not fall in the old one's window. reload() drops the pairs no
+        # longer configured.
+        self.link_folds: dict[tuple[str, str, Endpoint, int], list[float]] = {}
         # (Link name, target) -> [when its next connect-fallback line is due]: handed to
         # its children (in relay.serve's `lines`), which tell the supervisor of a fallback
         # only from then.
@@ -1350,24 +1351,27 @@ class Supervisor:
                              bytes_up=moved[0], bytes_down=moved[1], duration=moved[2])
         return False
 
-    def _fold_link(self, event: str, link: Link, failures: int) -> int:
+    def _fold_link(self, event: str, link: Link, failures: int, kind: int = 0) -> int:
         """Count `failures` more of `event` on `link`; the count since its last line
         when a line is due now (the first, or ERROR_LOG_EVERY after the last), else 0.
         Per link and target, not per event name as _log_repeating: an upstream is down or
         not on its own, and one link's steady failures must not hide another's for good,
-        nor those of a link's old target (children a reload left) its new one's."""
-        return fold(self.link_folds, (event, link.name, link.target), failures)
+        nor those of a link's old target (children a reload left) its new one's. And per
+        `kind` (an errno): `Connection refused` turning into `Connection timed out` is
+        news (the host, not only its service, gone), which the refusals' window hid."""
+        return fold(self.link_folds, (event, link.name, link.target, kind), failures)
 
     def _connect_failed(self, record: ChildRecord, failure: int) -> None:
         """A reaped child's failed connect (relay.serve left its error's code): the folded
         `connect-failed` line. Written here, not by each child: a dead upstream fails every
         client, and a line each flooded the log in the very outage it is read in."""
         link = record[0]
-        failures = self._fold_link("connect-failed", link, 1)
+        kind = failure_errno(failure)  # 0 for a failed lookup of the child's own
+        failures = self._fold_link("connect-failed", link, 1, kind)
         if failures:
             # Out of local ports toward the upstream: one address takes at most
             # ip_local_port_range's ~28,000 connections, fewer than --max-children may be.
-            ports = failure_errno(failure) == errno.EADDRNOTAVAIL
+            ports = kind == errno.EADDRNOTAVAIL
             self.log.warning("connect-failed", link=link.name, client=peer_text(record[1]),
                              upstream=str(link.target),
                              error=failure_text(failure, link.target.host),
@@ -1955,7 +1959,7 @@ class Supervisor:
         # this starts a window of its own again, kept until the next reload.)
         wired = {(item.link.name, item.link.target) for item in kept}
         self.link_folds = {key: counts for key, counts in self.link_folds.items()
-                           if key[1:] in wired}
+                           if key[1:3] in wired}
         self.fallback_due = {key: due for key, due in self.fallback_due.items() if key in wired}
         # Only windows with unlogged denials have a timer to end them: a removed (or
         # renamed) link's window would stay for good, one per name ever denied. Those

@@ -1048,6 +1048,27 @@ def test_connect_timeout_and_retries_against_an_upstream_that_never_answers(
         )
 
 
+def test_a_new_kind_of_connect_failure_is_not_folded_into_the_last(
+    start_proxy: StartProxy,
+) -> None:
+    """connect-failed is folded per link and upstream: one line, then one per 10 s. A
+    failure of another kind in that window (timed out, then refused: the listener gone)
+    went into the next line's `failures` under that line's error, and the operator read
+    `error="Connection refused" failures=2` for what had been a timeout, then a refusal.
+    Each kind of failure has its first line at once now."""
+    with silent_upstream() as port:
+        proxy = start_proxy("--connect-timeout", "0.5", f"127.0.0.1:0=127.0.0.1:{port}")
+        with connect(proxy.port) as sock:
+            assert closed_by_peer(sock, 10)
+        assert wait_for(lambda: "connect-failed" in proxy.log())
+    with connect(proxy.port) as sock:  # nothing listens on the port now: refused
+        assert closed_by_peer(sock, 10)
+    assert wait_for(lambda: proxy.log().count("connect-failed") == 2), proxy.log()
+    lines = [x for x in proxy.log().splitlines() if "connect-failed" in x]
+    assert 'error="Connection timed out"' in lines[0], lines
+    assert 'error="Connection refused"' in lines[1] and "failures=1" in lines[1], lines
+
+
 def test_upstream_restart_new_connections_recover_with_and_without_retries(
     start_proxy: StartProxy,
 ) -> None:
