@@ -1115,6 +1115,21 @@ _ALLOW_LIST_HINT = ("networks are separated by spaces in FORKPROXY_ALLOW, and --
                     "repeated on the command line, not joined with commas")
 
 
+_SOCAT_IPV6_RANGE = re.compile(r"\[([0-9A-Fa-f:.]*)\](/[0-9]+)?\Z")
+_SOCAT_IPV4_RANGE = re.compile(r"([0-9.]+):([0-9.]+)\Z")
+
+
+def _cidr_of_socat_range(text: str) -> str:
+    """socat's range= spellings, which --allow stands in for, as ipaddress takes them:
+    an IPv6 address in brackets (`[::1]/128`, `[fd00::]`) and an IPv4 mask after a colon
+    (`10.0.0.0:255.0.0.0`). Anything else as it is."""
+    if match := _SOCAT_IPV6_RANGE.match(text):
+        return match[1] + (match[2] or "")
+    if match := _SOCAT_IPV4_RANGE.match(text):
+        return f"{match[1]}/{match[2]}"
+    return text
+
+
 def parse_cidr(text: str) -> Network:
     """One --allow network. `text` may be a whole FORKPROXY_ALLOW value that holds a comma
     or is blank (cli._allow): it is refused, and its error quotes what the user wrote."""
@@ -1122,7 +1137,7 @@ def parse_cidr(text: str) -> Network:
         raise ConfigError(f"--allow {quoted(text)}: empty: name a network (without --allow "
                           "and FORKPROXY_ALLOW every client is allowed)")
     try:
-        net = ipaddress.ip_network(text, strict=False)
+        net = ipaddress.ip_network(_cidr_of_socat_range(text), strict=False)
     except ValueError:
         hint = f": {_ALLOW_LIST_HINT}" if "," in text else ""
         raise ConfigError(f"--allow {quoted(text)}: not an IPv4 or IPv6 CIDR{hint}") from None

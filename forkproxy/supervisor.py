@@ -240,14 +240,22 @@ def child_oom_score_adj() -> tuple[int, bytes | None]:
 
 
 def is_allowed(allow: list[Network], host: str) -> bool:
-    """Is a peer address inside one of the --allow networks? (integers, no ipaddress)"""
-    if host.startswith("::ffff:") and "." in host:
-        host = host[7:]  # an IPv4 client on a dual-stack listener
+    """Is a peer address inside one of the --allow networks? (integers, no ipaddress)
+
+    An IPv4 client on a dual-stack listener (`::ffff:a.b.c.d`) is inside an IPv4 network
+    that holds a.b.c.d, and inside an IPv6 network that holds the mapped address: `::/0`
+    lets it in, as socat's range= and HAProxy's src do (prefixes of /96 and longer under
+    ::ffff:0:0/96 are IPv4 networks already, config.parse_cidr)."""
     if ":" in host:
-        version, number = 6, int.from_bytes(socket.inet_pton(socket.AF_INET6, host.split("%")[0]))
+        number = int.from_bytes(socket.inet_pton(socket.AF_INET6, host.split("%")[0]))
+        if any(n.version == 6 and number & n.mask == n.address for n in allow):
+            return True
+        if number >> 32 != 0xFFFF:
+            return False
+        number &= 0xFFFFFFFF
     else:
-        version, number = 4, int.from_bytes(socket.inet_aton(host))
-    return any(n.version == version and number & n.mask == n.address for n in allow)
+        number = int.from_bytes(socket.inet_aton(host))
+    return any(n.version == 4 and number & n.mask == n.address for n in allow)
 
 
 class DenialWindow:

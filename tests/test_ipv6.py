@@ -286,6 +286,8 @@ def test_a_link_local_address_without_a_zone_is_refused_at_start(
         ("127.0.0.0/8", "127.0.0.1", "::1", "client=[::1]:"),
         # As the log shows an IPv4 client of [::]: it used to deny that very client.
         ("::ffff:127.0.0.1/128", "127.0.0.1", "::1", "client=[::1]:"),
+        # An IPv6 network that holds ::ffff:0:0/96: it denied every IPv4 client.
+        ("::ffff:0:0/95", "127.0.0.1", "::1", "client=[::1]:"),
     ],
 )
 def test_allow_ipv6_and_ipv4_clients_of_a_dual_stack_listener(

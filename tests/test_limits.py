@@ -38,6 +38,7 @@ from forkproxy.config import (
     Options,
     Sources,
     derived_max_children,
+    parse_cidr,
     parse_spec,
 )
 from forkproxy.listeners import Listener
@@ -2296,6 +2297,33 @@ def test_fork_failures_pause_accepting_and_are_logged_once_with_a_count(
 
 
 # -- --allow -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("allow", "client", "allowed"),
+    [
+        # An IPv4 client of a `[::]` listener: IPv6 networks that hold its mapped
+        # address let it in, as socat's range= and HAProxy's src do (it was refused).
+        ("::/0", "::ffff:127.0.0.1", True),
+        ("::ffff:0:0/95", "::ffff:10.1.2.3", True),
+        ("::ffff:0:0/95", "::1", False),
+        ("fd00::/8", "::ffff:127.0.0.1", False),
+        ("::ffff:10.0.0.0/104", "::ffff:10.1.2.3", True),  # an IPv4 network (/8)
+        ("10.0.0.0/8", "::ffff:10.1.2.3", True),
+        ("10.0.0.0/8", "::ffff:11.1.2.3", False),
+        ("10.0.0.0/8", "10.9.9.9", True),
+        ("0.0.0.0/0", "::1", False),
+        # socat's range= spellings: an IPv6 address in brackets, an IPv4 mask after ':'.
+        ("[::1]/128", "::1", True),
+        ("[::1]", "::2", False),
+        ("127.0.0.0:255.0.0.0", "127.9.9.9", True),
+        ("127.0.0.0:255.0.0.0", "128.0.0.1", False),
+    ],
+)
+def test_allow_checks_a_client_as_every_network_that_holds_it(
+    allow: str, client: str, allowed: bool,
+) -> None:
+    assert fp_supervisor.is_allowed([parse_cidr(allow)], client) is allowed
 
 
 def test_allow_closes_other_clients_before_any_upstream_connection_and_counts_them(
