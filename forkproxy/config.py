@@ -977,6 +977,33 @@ def _covers(wide: str, narrow: str) -> bool:
     return wide == "::" or (wide == ANY_IPV4 and ":" not in narrow)
 
 
+def _check_no_loop(links: Sequence[Link]) -> None:
+    """Refuse a link whose target is its own listener: `6379=localhost:6379`, typed in a
+    container where localhost is the container itself. Each client's child would connect
+    back to the proxy, whose next child would do the same, until --max-children was used
+    up and every link of the proxy stopped serving, with no line said. Judged without
+    I/O, so only for a loopback target, an address or `localhost` (either of its two
+    addresses that the listener takes: the other one connects back after a refusal)."""
+    for link in links:
+        if not link.port or link.target.port != link.port:
+            continue
+        host = link.target.host
+        if host.lower() in ("localhost", "localhost."):
+            addresses: tuple[str, ...] = ("127.0.0.1", "::1")
+        elif link.target.is_name:
+            continue
+        else:
+            addresses = (_as_bound(host.split("%", 1)[0]),)
+        for address in addresses:
+            if ipaddress.ip_address(address).is_loopback and _overlap(link.bind, address):
+                raise ConfigError(
+                    f"{_shorten(link.name)} connects to its own listener "
+                    f"({join_host_port(link.bind, link.port)} -> {link.target}): every "
+                    "client would take a child that connects back, until none is left; "
+                    "localhost is this host (in a container, the container itself): "
+                    "name the server's host")
+
+
 def build_links(
     specs: Sequence[str],
     environ: Mapping[str, str] | None = None,
@@ -1034,6 +1061,7 @@ def build_links(
             # on one port: the variables clash, and --alias chooses among them.
             hint = hint or _ALIAS_HINT
         merged = merge_links(links)
+        _check_no_loop(merged)
     except ConfigError as exc:
         if hint:
             raise ConfigError(f"{exc} ({hint})") from None

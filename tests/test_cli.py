@@ -1811,7 +1811,7 @@ def test_reload_refuses_both_pid_file_and_status_socket_on_the_command_line(
 
 @pytest.mark.parametrize(("args", "status", "error"), [
     (("serve", "bad"), 2, "forkproxy: error: SPEC 'bad': expected"),
-    (("links", "1=127.0.0.1:1"), 0, None),
+    (("links", "1=127.0.0.1:2"), 0, None),
     (("--version",), 0, None),
     (("check", "--status-socket", "/nonexistent/s.sock"), 1, "forkproxy: "),
 ])
