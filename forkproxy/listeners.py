@@ -9,6 +9,7 @@ import itertools
 import os
 import select
 import socket
+import sys
 from collections.abc import Callable, Iterable
 
 from .config import ConfigError, Link, join_host_port
@@ -46,6 +47,23 @@ class Listener:
     @property
     def fd(self) -> int:
         return self.sock.fileno()
+
+    def queue(self) -> tuple[int, int] | None:
+        """(clients the kernel holds in the accept queue, its size), or None where it
+        cannot say. Clients queued there are not forkproxy's yet: at --max-children, or
+        while the supervisor is busy or stopped, they wait unseen by `waiting`.
+
+        TCP_INFO of a listening socket: Linux fills tcpi_unacked with the queue's length
+        and tcpi_sacked with its size (the listen() backlog, capped at somaxconn). The
+        queue holds one more than its size when it is full."""
+        try:
+            info = self.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 32)
+        except OSError:
+            return None
+        if len(info) < 32:
+            return None
+        return (int.from_bytes(info[24:28], sys.byteorder),
+                int.from_bytes(info[28:32], sys.byteorder))
 
     def describe(self) -> str:
         return self.link.describe(self.port)

@@ -109,6 +109,18 @@ def render(status: dict[str, Any],
                                 "Clients accepted and waiting for a child (a failed fork, "
                                 "or held at a stop)",
                                 labels=["link"])
+    queued = GaugeMetricFamily("forkproxy_backlog_queued",
+                               "Clients in the listening socket's accept queue, not accepted "
+                               "yet (at --max-children, or while the supervisor is busy)",
+                               labels=["link"])
+    backlog = GaugeMetricFamily("forkproxy_backlog_size",
+                                "The size of the listening socket's accept queue: past it, new "
+                                "clients' connections are dropped or reset", labels=["link"])
+    for item in status.get("listeners", []):
+        if item.get("queued") is not None:
+            queued.add_metric([item["link"]], item["queued"])
+        if item.get("backlog") is not None:
+            backlog.add_metric([item["link"]], item["backlog"])
     total = CounterMetricFamily("forkproxy_connections", "Connections accepted and forked",
                                 labels=["link"])
     ended = CounterMetricFamily("forkproxy_connections_ended",
@@ -196,9 +208,9 @@ def render(status: dict[str, Any],
     restarts = CounterMetricFamily("forkproxy_metrics_restarts",
                                    "Times the metrics process died and was started again")
     restarts.add_metric([], (status.get("metrics") or {}).get("restarts", 0))
-    yield from (up, listeners, active, waiting, total, ended, empty, denied, failures, moved,
-                durations, rss, uss, cpu, resolve_failures, address_changes, supervisor_rss,
-                max_children, memory_limit, pids_limit, orphans, restarts)
+    yield from (up, listeners, active, waiting, queued, backlog, total, ended, empty, denied,
+                failures, moved, durations, rss, uss, cpu, resolve_failures, address_changes,
+                supervisor_rss, max_children, memory_limit, pids_limit, orphans, restarts)
 
 
 METRICS_PATH = "/metrics"

@@ -244,7 +244,8 @@ def _object(required: dict[str, _Shape], optional: dict[str, _Shape] | None = No
 
 
 _LISTENER = _object({"link": _TEXT, "listen": _TEXT, "upstream": _TEXT},
-                    {"port": _COUNT, "resolved": _list_of(_TEXT)})
+                    {"port": _COUNT, "resolved": _list_of(_TEXT),
+                     "queued": _nullable(_COUNT), "backlog": _nullable(_COUNT)})
 _METRICS = _nullable(_object({}, {"url": _TEXT, "state": _TEXT, "pid": _nullable(_PID),
                                   "since": _nullable(_NUMBER), "age": _nullable(_AGE),
                                   "restarts": _COUNT,
@@ -617,6 +618,19 @@ def _grace_left(status: dict[str, Any]) -> str:
     return f" (grace ends in {max(1, round(left))}s)" if left > 0 else " (grace over)"
 
 
+def _queued(listeners: list[dict[str, Any]]) -> dict[str, str]:
+    """Link name -> its QUEUED cell: the clients in its listener's accept queue, `N full`
+    once the queue holds more than its size (the kernel then drops or resets the SYNs of
+    new clients). No cell (`-`) where the supervisor could not say."""
+    cells = {}
+    for item in listeners:
+        queued, backlog = item.get("queued"), item.get("backlog")
+        if queued is not None:
+            full = backlog is not None and queued > backlog
+            cells[item["link"]] = f"{queued} full" if full else str(queued)
+    return cells
+
+
 def render(status: dict[str, Any]) -> str:
     """The status as two tables, like `ss` or `docker ps`, after a line for the supervisor
     and, with --metrics, one for the metrics endpoint."""
@@ -638,18 +652,19 @@ def render(status: dict[str, Any]) -> str:
     # after a reload removed it, until its last connection ends.
     places += [(name, "(not listening)")
                for name in sorted(links.keys() - {name for name, _ in places})]
+    queued = _queued(status.get("listeners", []))
     for name, where in places:
         stats = links.get(name, {})
         rows.append([
             name, where,
-            str(stats.get("active", 0)), str(stats.get("waiting", 0)),
+            str(stats.get("active", 0)), str(stats.get("waiting", 0)), queued.get(name, "-"),
             str(stats.get("connections", 0)), str(stats.get("empty", 0)),
             str(stats.get("upstream_failures", 0)), str(stats.get("denied", 0)),
             _size(stats.get("bytes_up", 0)), _size(stats.get("bytes_down", 0)),
             _ended(stats.get("outcomes", {})),
         ])
-    lines += ["", *_table(["LINK", "LISTEN -> UPSTREAM", "ACTIVE", "WAITING", "TOTAL", "EMPTY",
-                           "FAILED", "DENIED", "BYTES UP", "BYTES DOWN", "ENDED"], rows)]
+    lines += ["", *_table(["LINK", "LISTEN -> UPSTREAM", "ACTIVE", "WAITING", "QUEUED", "TOTAL",
+                           "EMPTY", "FAILED", "DENIED", "BYTES UP", "BYTES DOWN", "ENDED"], rows)]
     rows = [
         [str(c["pid"]), c["link"], c["client"], f"{c['age']:.1f}s", _size(c["bytes_up"]),
          _size(c["bytes_down"]), _size(c.get("rss")), _size(c.get("uss")),

@@ -2030,7 +2030,8 @@ class Supervisor:
             return None if self.answer_in_child(client) else self.status_reply()
         return {"ok": False, "error": f"unknown command {command!r}"}
 
-    def status_reply(self, counters: memoryview | None = None) -> dict[str, object]:
+    def status_reply(self, counters: memoryview | None = None,
+                     queues: list[tuple[int, int] | None] | None = None) -> dict[str, object]:
         # `uptime` is the monotonic clock's, as every duration in the reply: the wall
         # clock's (time.time() - started) went negative, or a year long, when NTP or an
         # operator stepped it. `started`, and every time of day in the reply, is derived
@@ -2056,7 +2057,7 @@ class Supervisor:
             "memory_fit": self.memory_fit(),
             "pids_limit": self.options.pids_limit,
             "pids_fit": self.pids_fit(),
-            "listeners": self._listener_table(),
+            "listeners": self._listener_table(queues),
             "metrics": self._metrics_state(clocks),
         }
         reply.update(self.accounting.snapshot(self._held_per_link(), counters, clocks))
@@ -2076,10 +2077,12 @@ class Supervisor:
         # The live counters would change under the reporter: a child reaped meanwhile
         # had its bytes vanish from the reply, and forkproxy_bytes_total went down.
         counters = self.accounting.slots.copy()
+        # Read here: the reporter closes the listening sockets it inherits.
+        queues = [listener.queue() for listener in self.listeners]
 
         def answer() -> None:
             client.settimeout(control.REPORT_TIMEOUT)
-            client.sendall(control.encode_reply(self.status_reply(counters)))
+            client.sendall(control.encode_reply(self.status_reply(counters, queues)))
 
         return self._in_reporter(answer, keep=client.fileno()) != 0
 
@@ -2162,15 +2165,22 @@ class Supervisor:
         exponent = min(self.metrics_deaths - 1, 8)  # 5 * 2**8 is past the cap already
         return min(METRICS_RESTART * float(2 ** exponent), METRICS_BACKOFF_MAX)
 
-    def _listener_table(self) -> list[dict[str, object]]:
+    def _listener_table(self, queues: list[tuple[int, int] | None] | None = None,
+                        ) -> list[dict[str, object]]:
+        """The listeners as the control socket's replies show them. `queues`: each one's
+        Listener.queue(), read before a reporter closed the sockets; read now by default."""
         table: list[dict[str, object]] = []
-        for item in self.listeners:
+        for index, item in enumerate(self.listeners):
             listen, upstream = _listener_ends(item)
+            queue = item.queue() if queues is None else queues[index]
             table.append({
                 "link": item.link.name,
                 "listen": listen,
                 "port": item.port,
                 "upstream": upstream,
                 "resolved": [peer_text(addr[1]) for addr in self.addresses.get(item.link.key, [])],
+                # The kernel's accept queue: clients not accepted yet (null: unknown).
+                "queued": None if queue is None else queue[0],
+                "backlog": None if queue is None else queue[1],
             })
         return table

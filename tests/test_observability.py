@@ -1407,6 +1407,44 @@ def test_status_at_a_stop_shows_each_link_with_its_active_and_waiting_clients(
     assert proxy.proc.wait(DEADLINE) == 0
 
 
+def test_clients_the_kernel_queues_are_shown_per_link(
+    start_proxy: StartProxy, tcp_server: ServerFactory, env: dict[str, str],
+) -> None:
+    """At --max-children (or with the supervisor busy or stopped), new clients wait in
+    the listener's accept queue, where neither ACTIVE nor WAITING counts them: a consumer
+    hung for 53 s while status showed 124 of 1024 active and 0 waiting (an incident drill).
+    status (QUEUED; `queued` and `backlog` in --json) and the metrics show them now."""
+    release = threading.Event()
+    server = tcp_server(lambda conn: (conn.recv(100), release.wait(60)))
+    spec = f"127.0.0.1:0=127.0.0.1:{server.port}"
+    proxy = start_proxy("--max-children", "1", "--metrics", "127.0.0.1:0", spec, env=env,
+                        expect=2)
+    sock_path = Path(env["XDG_RUNTIME_DIR"]) / "forkproxy" / f"{proxy.pid}.sock"
+    clients = [socket.create_connection(("127.0.0.1", proxy.port), timeout=30)]
+    try:
+        clients[0].sendall(b"x")
+        poll(lambda: ask(sock_path), lambda r: len(r.get("children", [])) == 1)
+        clients += [socket.create_connection(("127.0.0.1", proxy.port), timeout=30)
+                    for _ in range(3)]
+        assert poll(lambda: accept_queue(proxy.port), lambda n: n == 3) == 3
+        [listener] = ask(sock_path)["listeners"]
+        with open("/proc/sys/net/core/somaxconn") as somaxconn:
+            assert (listener["queued"], listener["backlog"]) == (3, min(4096, int(
+                somaxconn.read()))), listener
+        result = cli("status", "--status-socket", str(sock_path), env=env)
+        [(_, links), _] = parse_tables(result.stdout)
+        assert [(row["ACTIVE"], row["WAITING"], row["QUEUED"]) for row in links] == [
+            ("1", "0", "3")], result.stdout
+        found = samples(scrape(metrics_url(proxy)))
+        assert value(found, "forkproxy_backlog_queued", link=spec) == 3, found
+        assert value(found, "forkproxy_backlog_size", link=spec) == listener["backlog"]
+    finally:
+        release.set()
+        for sock in clients:
+            sock.close()
+    assert poll(lambda: ask(sock_path)["listeners"][0]["queued"], lambda n: n == 0) == 0
+
+
 @pytest.mark.parametrize(("grace_left", "says"), [
     (7.2, ", stopping (grace ends in 7s)"), (0.3, ", stopping (grace ends in 1s)"),
     (0.0, ", stopping (grace over)"), (None, ", stopping"),  # an older supervisor's
