@@ -25,6 +25,10 @@ import struct
 import sys
 import time
 
+# The C function under signal.signal, which converts to and from enums in Python: run by
+# a child as it dies (_reset_and_die), that code copied ~40 pages of the supervisor's.
+from _signal import signal as _set_signal  # type: ignore[import-not-found]
+
 # The C socket type: socket.socket wraps it in Python (__init__, close, ...), and running
 # that Python code in a freshly forked child copies the pages it touches. The relay needs
 # only the C methods.
@@ -1083,6 +1087,9 @@ def reset(sock: RawSocket) -> None:
     sock.close()
 
 
+_SIG_DFL = int(signal.SIG_DFL)  # an int, for _set_signal
+
+
 def _reset_and_die(signum: int, frame: object) -> None:
     """A relay child's SIGTERM: a stop whose grace is over. End the connection with an
     RST each way, then die by the signal (the supervisor logs the `killed` close line).
@@ -1109,8 +1116,8 @@ def _reset_and_die(signum: int, frame: object) -> None:
         os.write(_ended_fd, ENDED_PID.pack(os.getpid()))
     except OSError:
         pass
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    os.kill(os.getpid(), signal.SIGTERM)
+    _set_signal(signum, _SIG_DFL)
+    os.kill(os.getpid(), signum)
 
 
 def reset_connections() -> bool:
@@ -1127,11 +1134,14 @@ def reset_connections() -> bool:
     except OSError:
         fds = list(range(3, 1024))
     found = False
+    # Every descriptor tried costs a dying child pages (an OSError is built, its message
+    # formatted): the ended pipe, always there and never a socket, is not tried.
+    ended = _ended_fd
     for fd in fds:
-        if fd < 3:
+        if fd < 3 or fd == ended:
             continue  # stdio: the log, never the connection
         try:
-            sock = RawSocket(fileno=fd)
+            sock = RawSocket(-1, -1, -1, fd)  # family, type, proto found from fd
         except OSError:
             continue  # not a socket (a splice pipe), or already closed
         try:

@@ -30,7 +30,7 @@ from forkproxy import status as fp_status
 from forkproxy.config import ConfigError, Link, Options, Sources, parse_spec
 from forkproxy.listeners import Listener
 from forkproxy.log import Logger
-from forkproxy.supervisor import METRICS_RESTART, Supervisor
+from forkproxy.supervisor import METRICS_RESTART, TERM_BATCH, Supervisor
 
 from conftest import (
     FORKPROXY,
@@ -38,6 +38,7 @@ from conftest import (
     ServerFactory,
     TcpServer,
     blocked_writing,
+    control,
     deliver_signal,
     echo,
     free_port,
@@ -657,15 +658,16 @@ def test_a_metrics_restart_due_during_a_stop_leaves_the_loop_waiting_not_spinnin
 
 @contextlib.contextmanager
 def injected(pid: int, syscall: str, fault: str, *, children: bool = False,
-             trace: Path | None = None) -> Iterator[None]:
+             trace: Path | None = None, also: tuple[str, ...] = ()) -> Iterator[None]:
     """strace attached to process `pid` (and, with `children`, to those it forks from
     then on), failing `syscall` as `fault` says (`error=ENOMEM:when=1..3`): the real
     kernel's answer replaced, for an errno no setup here can make happen on cue. With
-    `trace`, the calls go there, each descriptor with what it is (`5<pipe:[1234]>`)."""
+    `trace`, the calls go there, each descriptor with what it is (`5<pipe:[1234]>`),
+    and those of the syscalls `also` names, in the order they were made."""
     tracer = subprocess.Popen(
         [need("strace"), *(["-f"] if children else []), "-p", str(pid),
          *(["-y", "-o", str(trace)] if trace else ["-o", "/dev/null"]),
-         "-e", f"trace={syscall}", "-e", f"inject={syscall}:{fault}"],
+         "-e", f"trace={','.join((syscall, *also))}", "-e", f"inject={syscall}:{fault}"],
         stderr=subprocess.PIPE, text=True)
     try:
         assert tracer.stderr is not None
@@ -1087,6 +1089,45 @@ def test_a_stop_reaps_the_children_it_terminates_by_their_pid(
               if " close " in line and 'outcome=killed status="killed by SIGTERM"' in line]
     assert sorted(int(line.split("child_pid=")[1].split()[0]) for line in killed) == \
         sorted(pids), proxy.log()
+
+
+def test_a_stop_answers_check_between_the_batches_of_children_it_terminates(
+    start_proxy: Callable[..., Proxy], tcp_server: Callable[..., TcpServer], tmp_path: Path,
+    short_dir: Path,
+) -> None:
+    """Once the grace was over, the supervisor TERMed every child in one loop, and each
+    TERM woke a child that took the CPU from it (its reset, its exit): at 10,000
+    connections the loop held it for seconds, and `check`, `status`, the reaping and the
+    close lines waited for its end; a `check` sent meanwhile got no answer at all, its
+    connection closed at the exit. It TERMs TERM_BATCH children per turn of its loop now,
+    and serves what came in between. The TERMs are made slow with strace, attached to the
+    supervisor (each kill() returns 10 ms late, standing in for the child that takes the
+    CPU): a `check` sent once the grace is over is answered, before the last TERM."""
+    server = tcp_server(echo)
+    count = 6 * TERM_BATCH
+    sock_path = short_dir / "s.sock"
+    proxy = start_proxy("--grace", "0", "--max-children", str(count),
+                        "--status-socket", str(sock_path),
+                        f"127.0.0.1:0=127.0.0.1:{server.port}")
+    clients = idle_connections(proxy.port, count)
+    trace = tmp_path / "trace"
+    try:
+        with injected(proxy.pid, "kill", "delay_exit=10000", trace=trace, also=("sendto",)):
+            proxy.proc.send_signal(signal.SIGTERM)
+            assert wait_for(lambda: "grace-over" in proxy.log()), proxy.log()
+            reply = control(sock_path, "check")
+            assert proxy.proc.wait(60) == 0, proxy.log()
+    finally:
+        for client in clients:
+            client.close()
+    assert reply["ok"] is False and reply["stopping"] is True, reply
+    calls = trace.read_text().splitlines()
+    # The reply: the one sendto of more than a byte (the others are the signal wakeup's).
+    [answered] = [i for i, line in enumerate(calls)
+                  if line.startswith("sendto(") and not line.endswith(" = 1")]
+    terms = [i for i, line in enumerate(calls) if re.match(r"kill\(\d+, SIGTERM\)", line)]
+    assert len(terms) >= count and terms[-1] > answered, calls[answered]
+    assert proxy.log().count('outcome=killed status="killed by SIGTERM"') == count, proxy.log()
 
 
 @pytest.mark.parametrize("arrivals", [False, True])
