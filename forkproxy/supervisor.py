@@ -76,6 +76,11 @@ if TYPE_CHECKING:
 
 ACCEPT_BATCH = 64  # accepts per wakeup, so signals and reaping get their turn in a burst
 KILL_AFTER = 1.0  # seconds from TERM to KILL after --grace: 8 + 1 is inside docker stop's 10
+# Children TERMed per turn of the loop once the grace is over. Each TERM wakes a child that
+# takes the CPU from the supervisor (its reset and exit, ~0.3 ms): TERMed all in one go,
+# 10,000 of them kept the loop away for seconds, and `check`, `status`, the reaping and
+# the close lines waited for the last one. Between two batches the loop serves them.
+TERM_BATCH = 64
 # A link writes its first DENY_LOG_BURST `denied` lines in each DENY_LOG_WINDOW seconds and
 # one `denied-unlogged` line with the count of the rest: a scanner outside --allow must not
 # flood the log, nor block the supervisor in write() once a slow log reader's pipe is full.
@@ -347,6 +352,9 @@ class Supervisor:
         self.stopping = False
         self.held: list[listeners.HeldBacklog] = []  # stopping at --max-children: see handle_stop
         self.term_at: float | None = None  # grace period ends: TERM the children
+        # Once it has ended: the children still to TERM, a batch per turn of the loop
+        # (TERM_BATCH), first forked first; None before.
+        self.to_term: list[int] | None = None
         self.kill_at: float | None = None  # TERM ignored: KILL them
         # Children the stop itself sent SIGKILL (past --grace + KILL_AFTER): their death by
         # it is ours, not the OOM killer's, and their close line must not suggest it.
@@ -1334,12 +1342,13 @@ class Supervisor:
         if failure & FELL_BACK and not failure & COUNTED:
             assert child is not None
             self._fallbacks([(child, failure)])
-        # kill_at is set once the grace period is over and we have TERMed the children:
-        # only then is a signal's death ours. During the grace, as outside a stop, it is
-        # the OOM killer's or someone's kill -9.
-        if live is not None and self.kill_at is not None:
+        # to_term is set once the grace period is over and we TERM the children: only
+        # then is a signal's death ours. During the grace, as outside a stop, it is the
+        # OOM killer's or someone's kill -9.
+        grace_over = self.to_term is not None
+        if live is not None and grace_over:
             self._log_terminated(pid, status, live)
-        moved = self._moved(live) if live is not None and self.kill_at is None else None
+        moved = self._moved(live) if live is not None and not grace_over else None
         record = self.accounting.finished(pid, status, usage.ru_utime + usage.ru_stime)
         if record is None:
             self.log.debug("reaped-orphan", child_pid=pid, status=describe_status(status))
@@ -1531,15 +1540,22 @@ class Supervisor:
             self.control_at = None
             self._watch(self.control.fileno(), self.handle_control_accept)
         if self.term_at is not None and now >= self.term_at and self.kill_at is None:
-            self._drop_held()
-            if self.accounting.children:
-                self.log.warning("grace-over", connections=len(self.accounting.children),
-                                 detail="terminating the connections left")
-            self._signal_children(signal.SIGTERM)
-            self.kill_at = now + KILL_AFTER
-            # Done with: left in the past, it made every poll return at once, 100% CPU
-            # until the last child was reaped (for ever for one stuck in the kernel).
-            self.term_at = None
+            if self.to_term is None:
+                self._drop_held()
+                if self.accounting.children:
+                    self.log.warning("grace-over", connections=len(self.accounting.children),
+                                     detail="terminating the connections left")
+                self.to_term = list(reversed(self.accounting.children))
+            self._term_batch()
+            if not self.to_term:
+                # KILL_AFTER from the last TERM, not the first: TERMed in batches, the last
+                # children of thousands are TERMed well after the first ones.
+                self.kill_at = time.monotonic() + KILL_AFTER
+                # Done with: left in the past, it made every poll return at once, 100% CPU
+                # until the last child was reaped (for ever for one stuck in the kernel).
+                self.term_at = None
+            # Else left due: the loop polls without waiting, serves what came meanwhile
+            # (control requests, the children that ended), and comes back for the next batch.
         elif self.kill_at is not None and now >= self.kill_at:
             self._signal_children(signal.SIGKILL)
             self.kill_at = now + KILL_AFTER
@@ -1570,8 +1586,18 @@ class Supervisor:
                                  detail="still waiting for a child when the grace period "
                                         "ended: closed unserved")
 
-    def _signal_children(self, signum: int) -> None:
-        for pid in list(self.accounting.children):
+    def _term_batch(self) -> None:
+        """TERM the next TERM_BATCH children of to_term (those not reaped meanwhile: a pid
+        reaped may be reused already, by a reporter forked since)."""
+        assert self.to_term is not None
+        batch = self.to_term[-TERM_BATCH:]
+        del self.to_term[-TERM_BATCH:]
+        children = self.accounting.children
+        self._signal_children(signal.SIGTERM, [pid for pid in batch if pid in children])
+
+    def _signal_children(self, signum: int, pids: list[int] | None = None) -> None:
+        """Send `signum` to `pids`, by default to every child."""
+        for pid in list(self.accounting.children) if pids is None else pids:
             try:
                 os.kill(pid, signum)
                 if signum == signal.SIGKILL:

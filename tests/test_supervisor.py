@@ -1101,7 +1101,7 @@ def test_a_stop_answers_check_between_the_batches_of_children_it_terminates(
     close lines waited for its end; a `check` sent meanwhile got no answer at all, its
     connection closed at the exit. It TERMs TERM_BATCH children per turn of its loop now,
     and serves what came in between. The TERMs are made slow with strace, attached to the
-    supervisor (each kill() returns 10 ms late, standing in for the child that takes the
+    supervisor (each kill() returns 20 ms late, standing in for the child that takes the
     CPU): a `check` sent once the grace is over is answered, before the last TERM."""
     server = tcp_server(echo)
     count = 6 * TERM_BATCH
@@ -1112,7 +1112,7 @@ def test_a_stop_answers_check_between_the_batches_of_children_it_terminates(
     clients = idle_connections(proxy.port, count)
     trace = tmp_path / "trace"
     try:
-        with injected(proxy.pid, "kill", "delay_exit=10000", trace=trace, also=("sendto",)):
+        with injected(proxy.pid, "kill", "delay_exit=20000", trace=trace, also=("sendto",)):
             proxy.proc.send_signal(signal.SIGTERM)
             assert wait_for(lambda: "grace-over" in proxy.log()), proxy.log()
             reply = control(sock_path, "check")
@@ -1122,9 +1122,8 @@ def test_a_stop_answers_check_between_the_batches_of_children_it_terminates(
             client.close()
     assert reply["ok"] is False and reply["stopping"] is True, reply
     calls = trace.read_text().splitlines()
-    # The reply: the one sendto of more than a byte (the others are the signal wakeup's).
-    [answered] = [i for i, line in enumerate(calls)
-                  if line.startswith("sendto(") and not line.endswith(" = 1")]
+    # The reply: the one sendto of a JSON object (the others are the signal wakeup's byte).
+    [answered] = [i for i, line in enumerate(calls) if re.match(r'sendto\(\d+<.*?>, "\{', line)]
     terms = [i for i, line in enumerate(calls) if re.match(r"kill\(\d+, SIGTERM\)", line)]
     assert len(terms) >= count and terms[-1] > answered, calls[answered]
     assert proxy.log().count('outcome=killed status="killed by SIGTERM"') == count, proxy.log()
