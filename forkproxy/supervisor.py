@@ -1546,6 +1546,8 @@ class Supervisor:
                     self.log.warning("grace-over", connections=len(self.accounting.children),
                                      detail="terminating the connections left")
                 self.to_term = list(reversed(self.accounting.children))
+                # A batch ahead: the children end one while the loop reaps the other's.
+                self._term_batch()
             self._term_batch()
             if not self.to_term:
                 # KILL_AFTER from the last TERM, not the first: TERMed in batches, the last
