@@ -665,14 +665,16 @@ def render(status: dict[str, Any]) -> str:
         ])
     lines += ["", *_table(["LINK", "LISTEN -> UPSTREAM", "ACTIVE", "WAITING", "QUEUED", "TOTAL",
                            "EMPTY", "FAILED", "DENIED", "BYTES UP", "BYTES DOWN", "ENDED"], rows)]
+    # UPSTREAM: the target the connection was made to, which a reload that rewired its
+    # link since has not changed (the link's row shows the new one).
     rows = [
-        [str(c["pid"]), c["link"], c["client"], f"{c['age']:.1f}s", _size(c["bytes_up"]),
-         _size(c["bytes_down"]), _size(c.get("rss")), _size(c.get("uss")),
-         "-" if c.get("cpu") is None else f"{c['cpu']:.2f}s"]
+        [str(c["pid"]), c["link"], c["client"], c.get("upstream", "-"), f"{c['age']:.1f}s",
+         _size(c["bytes_up"]), _size(c["bytes_down"]), _size(c.get("rss")),
+         _size(c.get("uss")), "-" if c.get("cpu") is None else f"{c['cpu']:.2f}s"]
         for c in status.get("children", [])
     ]
-    lines += ["", *_table(["PID", "LINK", "CLIENT", "AGE", "UP", "DOWN", "RSS", "USS", "CPU"],
-                          rows)]
+    lines += ["", *_table(["PID", "LINK", "CLIENT", "UPSTREAM", "AGE", "UP", "DOWN", "RSS", "USS",
+                           "CPU"], rows)]
     return "\n".join(lines)
 
 

@@ -1445,6 +1445,23 @@ def test_clients_the_kernel_queues_are_shown_per_link(
     assert poll(lambda: ask(sock_path)["listeners"][0]["queued"], lambda n: n == 0) == 0
 
 
+def test_status_shows_the_upstream_each_connection_was_made_to() -> None:
+    """After a reload rewired a link, its row showed the new upstream and ACTIVE 1, and
+    nothing in the text said that this connection still went to the old one (an incident
+    drill; only --json had it). The connection table has an UPSTREAM column."""
+    from forkproxy.status import render
+
+    reply = {"version": "1", "pid": 7, "uptime": 3.0, "stopping": False,
+             "listeners": [{"link": "A", "listen": "0.0.0.0:6379", "upstream": "10.0.0.6:6379"}],
+             "links": {"A": {"active": 1}},
+             "children": [{"pid": 9, "link": "A", "client": "10.1.1.1:5000",
+                           "upstream": "10.0.0.5:6379", "age": 1.0, "bytes_up": 1,
+                           "bytes_down": 2}]}
+    [(_, links), (_, children)] = parse_tables(render(reply))
+    assert links[0]["LISTEN -> UPSTREAM"].startswith("0.0.0.0:6379 -> 10.0.0.6:6379")
+    assert [(row["PID"], row["UPSTREAM"]) for row in children] == [("9", "10.0.0.5:6379")]
+
+
 @pytest.mark.parametrize(("grace_left", "says"), [
     (7.2, ", stopping (grace ends in 7s)"), (0.3, ", stopping (grace ends in 1s)"),
     (0.0, ", stopping (grace over)"), (None, ", stopping"),  # an older supervisor's
