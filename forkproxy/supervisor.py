@@ -136,40 +136,46 @@ MAX_ENV_FILE = 1 << 20  # bytes (characters, as read): see read_links
 MAX_PID_FILE = 32  # bytes
 
 
-def read_links(sources: Sources, environ: Mapping[str, str]) -> LinkTable:
-    """Read every source the configuration names and parse; the I/O: the env file, and the
-    interfaces that targets' IPv6 zones name."""
+def read_links(sources: Sources, environ: Mapping[str, str],
+               env_text: str | None = None) -> LinkTable:
+    """Read every source the configuration names and parse; the I/O: the env file (unless
+    its `env_text` was read already), and the interfaces that targets' IPv6 zones name."""
     env_file = None
     if sources.env_file is not None:
-        path = sources.env_file
-        try:
-            # O_NONBLOCK: a FIFO given by mistake must not hang start or reload (a pipe
-            # could not be read again on reload anyway); regular files ignore the flag.
-            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-            # newline="": no universal newlines, the parser decides where lines end
-            with open(fd, encoding="utf-8", newline="") as handle:
-                info = os.fstat(fd)
-                if not stat.S_ISREG(info.st_mode):
-                    raise ConfigError(f"env file {path!r}: not a regular file")
-                # Bounded: a file of link variables is a few KiB, and reading a huge one
-                # whole could end the supervisor (MemoryError) on a reload that should
-                # only have kept the running configuration.
-                too_large = ConfigError(f"env file {path!r}: larger than {MAX_ENV_FILE >> 20} "
-                                        "MiB, too large for link variables")
-                if info.st_size > MAX_ENV_FILE:
-                    raise too_large
-                text = handle.read(MAX_ENV_FILE + 1)  # it may have grown since
-                if len(text) > MAX_ENV_FILE:
-                    raise too_large
-                env_file = (path, text)
-        except (OSError, UnicodeDecodeError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
-            raise ConfigError(f"cannot read env file {path!r}: {reason}") from None
+        text = read_env_file(sources.env_file) if env_text is None else env_text
+        env_file = (sources.env_file, text)
     table = build_links(sources.specs, environ if sources.from_env else None, env_file,
                         sources.bind, sources.aliases)
     check_metrics_port(sources.options.metrics, table.links)  # at start and at each reload
     listeners.check_zones(table.links)
     return table
+
+
+def read_env_file(path: str) -> str:
+    """The text of --env-file; ConfigError naming it when it cannot be read."""
+    try:
+        # O_NONBLOCK: a FIFO given by mistake must not hang start or reload (a pipe
+        # could not be read again on reload anyway); regular files ignore the flag.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        # newline="": no universal newlines, the parser decides where lines end
+        with open(fd, encoding="utf-8", newline="") as handle:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise ConfigError(f"env file {path!r}: not a regular file")
+            # Bounded: a file of link variables is a few KiB, and reading a huge one
+            # whole could end the supervisor (MemoryError) on a reload that should
+            # only have kept the running configuration.
+            too_large = ConfigError(f"env file {path!r}: larger than {MAX_ENV_FILE >> 20} "
+                                    "MiB, too large for link variables")
+            if info.st_size > MAX_ENV_FILE:
+                raise too_large
+            text = handle.read(MAX_ENV_FILE + 1)  # it may have grown since
+            if len(text) > MAX_ENV_FILE:
+                raise too_large
+            return text
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise ConfigError(f"cannot read env file {path!r}: {reason}") from None
 
 
 def resolve_all(targets: list[tuple[str, int]], out_fd: int, delay: float) -> None:
@@ -421,13 +427,19 @@ class Supervisor:
         self.pid_file_written: tuple[int, int] | None = None  # its (st_dev, st_ino)
         # (event, detail) of the link-table warnings last logged: see _log_table_warnings
         self.table_warnings: set[tuple[str, str]] = set()
+        # Whether --env-file was blank when last read (or is not given): a reload refuses
+        # to find it empty after it gave link variables (reload).
+        self.env_file_blank = True
         self.oom_score_adj, self.child_oom_score_adj = child_oom_score_adj()
 
     # -- start and stop -------------------------------------------------------------
 
     def start(self) -> list[str]:
         """Bind everything or nothing; returns the `listening ...` lines. ConfigError on failure."""
-        table = read_links(self.sources, self.environ)
+        env_text = (None if self.sources.env_file is None
+                    else read_env_file(self.sources.env_file))
+        table = read_links(self.sources, self.environ, env_text)
+        self.env_file_blank = env_text is None or not env_text.strip()
         self._log_table_warnings(table)
         self.listeners = listeners.bind_all(table.links)
         try:
@@ -1942,7 +1954,18 @@ class Supervisor:
         # What each port pointed at: reconcile() hands a kept listener its new link.
         targets = {listener.link.key: listener.link.target for listener in self.listeners}
         try:
-            table = read_links(self.sources, self.environ)
+            env_text = (None if self.sources.env_file is None
+                        else read_env_file(self.sources.env_file))
+            if env_text is not None and not env_text.strip() and not self.env_file_blank:
+                # A file caught empty as it is written (`cp`, `>`, an editor that moves the
+                # old one aside first) took every link it gave away, and with --from-env
+                # or SPECs beside it, silently: an override of a variable fell back to
+                # the environment's target and clients went to the old server.
+                raise ConfigError(
+                    f"env file {self.sources.env_file!r} is empty, and gave link variables "
+                    "before (a file being written? write it beside and mv it over; to take "
+                    "none from it, leave a comment line in it)")
+            table = read_links(self.sources, self.environ, env_text)
             kept, fresh, retired = listeners.reconcile(self.listeners, table.links,
                                                        self._listen_options)
         except (ConfigError, OSError) as exc:
@@ -1952,6 +1975,7 @@ class Supervisor:
                      if isinstance(exc, OSError) else str(exc))
             self.log.error("reload-failed", error=error, detail="previous configuration stays")
             return False, error
+        self.env_file_blank = env_text is None or not env_text.strip()
         # Names are looked up again by a resolver child, as the timer does: a slow DNS
         # server must not stall accepting on every listener. Until it answers a name keeps
         # the addresses it had, and a new one (a new port, or a port pointed at another

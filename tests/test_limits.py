@@ -2470,10 +2470,10 @@ def test_env_file_follows_the_same_rules_as_from_env(
 def test_env_file_with_a_utf8_bom_is_read_as_docker_reads_it(tmp_path: Path) -> None:
     # Docker's --env-file drops a UTF-8 byte order mark (Windows editors write one).
     env_file = tmp_path / "links.env"
-    env_file.write_bytes(b"\xef\xbb\xbfREDIS_PORT_6379_TCP=tcp://127.0.0.1:6379\n")
+    env_file.write_bytes(b"\xef\xbb\xbfREDIS_PORT_6379_TCP=tcp://127.0.0.1:16379\n")
     result = cli("links", "--env-file", str(env_file))
     assert result.returncode == 0, result
-    assert result.stdout == "listen 0.0.0.0:6379 -> 127.0.0.1:6379 (REDIS_PORT_6379_TCP)\n"
+    assert result.stdout == "listen 0.0.0.0:6379 -> 127.0.0.1:16379 (REDIS_PORT_6379_TCP)\n"
 
 
 # -- reload ----------------------------------------------------------------------------------
@@ -2622,6 +2622,43 @@ def test_a_link_variable_from_the_environment_is_rewired_through_the_env_file(
     [override] = [x for x in proxy.log().splitlines() if "link-overridden" in x][-1:]
     assert f"the file's 'tcp://127.0.0.1:{z.port}' is used, not 'tcp://127.0.0.1:{x.port}'" in (
         override)
+
+
+def test_a_reload_refuses_an_env_file_found_empty_after_it_gave_links(
+    start_proxy: StartProxy, tcp_server: ServerFactory, short_dir: Path, tmp_path: Path
+) -> None:
+    """A file caught empty as it is written (`cp`, `cat >`, an editor that moves the old
+    one aside first): with --from-env beside it, the reload took the override away and
+    rewired the link back to the environment's target, exit 0 and one info line, and the
+    next write went to the old server (a hunt of the ways configuration is delivered).
+    Refused now, the running configuration kept. A file that was blank at start may stay
+    blank; one with only a comment is a deliberate "no link from here"."""
+    x, y = tcp_server(tagged(b"X:")), tcp_server(tagged(b"Y:"))
+    [port] = distinct_free_ports(1)
+    variable = f"A_PORT_{port}_TCP"
+    env_file, sock_path = tmp_path / "links.env", short_dir / "s.sock"
+    env_file.write_text("")
+    env = {**os.environ, variable: f"tcp://127.0.0.1:{x.port}"}
+    env.pop("XDG_RUNTIME_DIR", None)
+    proxy = start_proxy("--from-env", "--env-file", str(env_file), *LOOPBACK,
+                        "--status-socket", str(sock_path), env=env)
+    result = cli("reload", "--status-socket", str(sock_path))  # blank then, blank now
+    assert result.returncode == 0, result
+    write_env_file(env_file, {variable: f"tcp://127.0.0.1:{y.port}"})
+    assert cli("reload", "--status-socket", str(sock_path)).returncode == 0
+    with connect(port) as sock:
+        assert ask(sock, b"1") == b"Y:1"
+    env_file.write_text("")  # the moment a `cp` or `>` has truncated it
+    result = cli("reload", "--status-socket", str(sock_path))
+    assert result.returncode == 1, result
+    assert f"env file '{env_file}' is empty, and gave link variables before" in result.stderr
+    assert "reload-failed" in proxy.log()
+    with connect(port) as sock:
+        assert ask(sock, b"2") == b"Y:2"  # the file's override stays
+    env_file.write_text("# no links from here\n")
+    assert cli("reload", "--status-socket", str(sock_path)).returncode == 0
+    with connect(port) as sock:
+        assert ask(sock, b"3") == b"X:3"
 
 
 def test_link_serves_only_its_aliases_in_a_pod_and_keeps_them_through_reloads(
