@@ -151,8 +151,9 @@ def read_links(sources: Sources, environ: Mapping[str, str],
     return table
 
 
-def read_env_file(path: str) -> str:
-    """The text of --env-file; ConfigError naming it when it cannot be read."""
+def read_env_file(path: str, *, unlinked_refused: bool = False) -> str:
+    """The text of --env-file; ConfigError naming it when it cannot be read, and with
+    `unlinked_refused` (a reload) when it is a file no directory holds any more."""
     try:
         # O_NONBLOCK: a FIFO given by mistake must not hang start or reload (a pipe
         # could not be read again on reload anyway); regular files ignore the flag.
@@ -162,6 +163,13 @@ def read_env_file(path: str) -> str:
             info = os.fstat(fd)
             if not stat.S_ISREG(info.st_mode):
                 raise ConfigError(f"env file {path!r}: not a regular file")
+            if unlinked_refused and info.st_nlink == 0:
+                # A bind mount of the file itself shows the inode it was made with: after
+                # an `mv` over it on the host (the advice for writing it whole), every
+                # reload read the old text and "succeeded" with the old wiring.
+                raise ConfigError(f"env file {path!r}: replaced or removed where it was "
+                                  "mounted from, and this mount of the file itself still "
+                                  "shows the old one: mount its directory instead")
             # Bounded: a file of link variables is a few KiB, and reading a huge one
             # whole could end the supervisor (MemoryError) on a reload that should
             # only have kept the running configuration.
@@ -1955,7 +1963,7 @@ class Supervisor:
         targets = {listener.link.key: listener.link.target for listener in self.listeners}
         try:
             env_text = (None if self.sources.env_file is None
-                        else read_env_file(self.sources.env_file))
+                        else read_env_file(self.sources.env_file, unlinked_refused=True))
             if env_text is not None and not env_text.strip() and not self.env_file_blank:
                 # A file caught empty as it is written (`cp`, `>`, an editor that moves the
                 # old one aside first) took every link it gave away, and with --from-env

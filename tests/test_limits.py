@@ -2661,6 +2661,41 @@ def test_a_reload_refuses_an_env_file_found_empty_after_it_gave_links(
         assert ask(sock, b"3") == b"X:3"
 
 
+def test_a_reload_refuses_an_env_file_whose_mount_shows_a_file_replaced_since(
+    start_proxy: StartProxy, tcp_server: ServerFactory, short_dir: Path, tmp_path: Path
+) -> None:
+    """`docker run -v /etc/links.env:/links.env`: a bind mount of the file itself shows the
+    inode it was made with. After the README's own advice, write beside and `mv` over, the
+    mount still showed the old text and every reload "succeeded" with the old wiring, exit
+    0 (a hunt of the ways configuration is delivered). The reload says so now."""
+    x, y = tcp_server(tagged(b"X:")), tcp_server(tagged(b"Y:"))
+    [port] = distinct_free_ports(1)
+    variable = f"A_PORT_{port}_TCP"
+    host_file = tmp_path / "links.env"
+    write_env_file(host_file, {variable: f"tcp://127.0.0.1:{x.port}"})
+    mounted = tmp_path / "mounted.env"
+    mounted.write_text("")
+    sock_path = short_dir / "s.sock"
+    proxy = start_proxy("--env-file", str(mounted), *LOOPBACK, "--status-socket", str(sock_path),
+                        prefix=(need("unshare"), "--mount", "--propagation", "private", "sh",
+                                "-c", 'mount --bind "$0" "$1" && shift && exec "$@"',
+                                str(host_file), str(mounted)))
+    with connect(port) as sock:
+        assert ask(sock, b"1") == b"X:1"
+    assert cli("reload", "--status-socket", str(sock_path)).returncode == 0  # as it was
+    beside = tmp_path / "links.env.new"
+    write_env_file(beside, {variable: f"tcp://127.0.0.1:{y.port}"})
+    beside.rename(host_file)
+    result = cli("reload", "--status-socket", str(sock_path))
+    assert result.returncode == 1, result
+    assert (f"env file '{mounted}': replaced or removed where it was mounted from"
+            in result.stderr), result
+    assert "mount its directory instead" in result.stderr
+    with connect(port) as sock:
+        assert ask(sock, b"2") == b"X:2"
+    assert proxy.proc.poll() is None
+
+
 def test_link_serves_only_its_aliases_in_a_pod_and_keeps_them_through_reloads(
     start_proxy: StartProxy, tcp_server: ServerFactory, short_dir: Path, tmp_path: Path
 ) -> None:
