@@ -35,41 +35,40 @@ class NotForkproxy(StatusError):
 def find_socket(path: str | None) -> str:
     """The explicit path, or the only live socket in this user's default directory.
 
-    With XDG_RUNTIME_DIR set and no live socket in its directory, /tmp/forkproxy-UID too:
-    where serve puts it when started without the variable, as systemd starts a system
+    With XDG_RUNTIME_DIR set and no forkproxy directory in it, /tmp/forkproxy-UID: where
+    serve puts its socket when started without the variable, as systemd starts a system
     service, while an ssh login of the same user has it set (root's `status` then said
-    "no running forkproxy" beside a healthy one)."""
+    "no running forkproxy" beside a healthy one). Only then: a directory serve made
+    under XDG_RUNTIME_DIR is where this user's proxies are."""
     if path is not None:
         return path
     directory = default_dir(os.environ, os.getuid())
-    searched = [directory]
     live = _live_sockets(directory)
     fallback = default_dir({}, os.getuid())
-    if not live and fallback != directory:
-        searched.append(fallback)
+    if live is None and fallback != directory:
         try:
             live = _live_sockets(fallback)
         except StatusError:
-            pass  # unreadable, or another user's: the directory asked for had none
-
+            live = None  # unreadable, or another user's: not where this user's proxies are
+        if live is not None:
+            directory = fallback
     if not live:
-        raise StatusError(f"no running forkproxy found in {' or '.join(map(repr, searched))} "
-                          "(use --status-socket)")
+        raise StatusError(f"no running forkproxy found in {directory!r} (use --status-socket)")
     if len(live) > 1:
-        raise StatusError(f"several forkproxy supervisors in {searched[-1]!r}: "
+        raise StatusError(f"several forkproxy supervisors in {directory!r}: "
                           f"{', '.join(map(repr, live))}; choose one with --status-socket")
     return live[0]
 
 
-def _live_sockets(directory: str) -> list[str]:
-    """The sockets in `directory` that answer, by name."""
+def _live_sockets(directory: str) -> list[str] | None:
+    """The sockets in `directory` that answer, by name; None without the directory."""
     try:
         # As serve does (control.prepare_dir): a socket in another user's directory may
         # be theirs, answering `check` as healthy for a supervisor that is not there.
         check_owned(directory)
         names = sorted(name for name in os.listdir(directory) if name.endswith(".sock"))
     except FileNotFoundError:
-        names = []
+        return None
     except OSError as exc:
         raise StatusError(f"cannot look for a running forkproxy in {directory!r}: "
                           f"{exc.strerror}") from None

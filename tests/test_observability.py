@@ -670,8 +670,7 @@ def test_a_bare_check_or_status_runs_without_typer_and_says_what_the_cli_says(
     assert proxy.proc.wait(DEADLINE) == 0
     directory = sock_path.parent
     assert same(["check"], env, 1) == f"forkproxy: no running forkproxy found in " \
-                                      f"'{directory}' or '/tmp/forkproxy-{os.getuid()}' " \
-                                      f"(use --status-socket)\n"
+                                      f"'{directory}' (use --status-socket)\n"
     assert same(["status"], env, 1).startswith("forkproxy: no running forkproxy found in ")
 
 
@@ -682,7 +681,7 @@ def test_clients_find_a_supervisor_started_without_xdg_runtime_dir(
     /tmp/forkproxy-UID; an ssh login of the same user has it set, and its `status` looked
     only in $XDG_RUNTIME_DIR/forkproxy: "no running forkproxy found" beside a healthy
     proxy, whose socket path was written nowhere. The clients look in /tmp/forkproxy-UID
-    too when the first directory has none, and serve logs the path at start."""
+    when XDG_RUNTIME_DIR has no forkproxy directory, and serve logs the path at start."""
     service_env = {k: v for k, v in env.items() if k != "XDG_RUNTIME_DIR"}
     proxy = start_proxy("127.0.0.1:0=127.0.0.1:1", env=service_env)
     sock_path = f"/tmp/forkproxy-{os.getuid()}/{proxy.pid}.sock"
@@ -691,10 +690,16 @@ def test_clients_find_a_supervisor_started_without_xdg_runtime_dir(
     lines = [line for line in log.splitlines() if " status-socket " in line]
     assert len(lines) == 1 and lines[0].endswith(f" info status-socket path={sock_path}"), lines
     # In CI, the only supervisor there; elsewhere another one's is "several", not this.
-    result = cli("check", env=env)  # XDG_RUNTIME_DIR set, nothing in its directory
+    result = cli("check", env=env)  # XDG_RUNTIME_DIR set, no forkproxy directory in it
     assert (result.returncode, result.stdout) == (0, "ok: 1 listener(s)\n"), result
     status = json.loads(cli("status", "--json", env=env).stdout)
     assert status["pid"] == proxy.pid
+    # A forkproxy directory under XDG_RUNTIME_DIR is where this user's proxies are.
+    own = Path(env["XDG_RUNTIME_DIR"]) / "forkproxy"
+    own.mkdir(mode=0o700)
+    result = cli("check", env=env)
+    assert (result.returncode, result.stderr) == (
+        1, f"forkproxy: no running forkproxy found in '{own}' (use --status-socket)\n"), result
 
 
 def test_check_exit_codes_while_serving_draining_and_after_exit(
