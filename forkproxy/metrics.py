@@ -211,6 +211,31 @@ def render(status: dict[str, Any],
     yield from (up, listeners, active, waiting, queued, backlog, total, ended, empty, denied,
                 failures, moved, durations, rss, uss, cpu, resolve_failures, address_changes,
                 supervisor_rss, max_children, memory_limit, pids_limit, orphans, restarts)
+    yield from _reload_metrics(status)
+
+
+def _reload_metrics(status: dict[str, Any]) -> Iterator[Metric]:
+    """Whether the running configuration is the file's, named and valued as Prometheus's
+    own prometheus_config_last_reload_*: successful is 1 before any reload (the start's
+    configuration applied), the timestamp is the start's until a reload applies. No
+    sample from a supervisor that does not say (an older one)."""
+    successful = GaugeMetricFamily("forkproxy_config_last_reload_successful",
+                                   "1 when the last reload (SIGHUP or `reload`) applied, or "
+                                   "none was made; 0 when it failed and the previous "
+                                   "configuration stays")
+    loaded = GaugeMetricFamily("forkproxy_config_last_reload_success_timestamp_seconds",
+                               "When the running configuration was read: the last reload "
+                               "that applied, or the start")
+    reloads = CounterMetricFamily("forkproxy_config_reloads", "Reloads, by result",
+                                  labels=["result"])
+    if "config_loaded" in status:
+        last = status.get("last_reload")
+        successful.add_metric([], 0 if last and not last["ok"] else 1)
+        loaded.add_metric([], status["config_loaded"])
+        counts = status.get("reloads", {})
+        for result in ("success", "failure"):  # both from the start: an alert needs the series
+            reloads.add_metric([result], counts.get(result, 0))
+    yield from (successful, loaded, reloads)
 
 
 METRICS_PATH = "/metrics"

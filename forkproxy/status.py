@@ -261,6 +261,9 @@ _CHILD = _object({"pid": _PID, "link": _TEXT, "client": _TEXT, "age": _NUMBER,
                   "bytes_up": _NUMBER, "bytes_down": _NUMBER},
                  {"upstream": _TEXT, "started": _NUMBER})
 _LISTENERS = _list_of(_LISTENER)
+# Optional in both replies: an older supervisor sends none.
+_LAST_RELOAD = _nullable(_object({"at": _NUMBER, "ok": _BOOL},
+                                 {"age": _nullable(_AGE), "error": _nullable(_TEXT)}))
 _STATUS = _object(
     {"pid": _PID, "version": _TEXT, "started": _NUMBER, "stopping": _BOOL,
      "listeners": _LISTENERS, "links": _map_of(_LINK), "children": _list_of(_CHILD)},
@@ -268,10 +271,11 @@ _STATUS = _object(
      "max_children_given": _BOOL,
      "memory_limit": _nullable(_COUNT), "memory_fit": _nullable(_COUNT),
      "pids_limit": _nullable(_COUNT), "pids_fit": _nullable(_COUNT), "metrics": _METRICS,
-     "duration_buckets": _list_of(_NUMBER), "orphans_reaped": _COUNT},
+     "duration_buckets": _list_of(_NUMBER), "orphans_reaped": _COUNT,
+     "last_reload": _LAST_RELOAD, "config_loaded": _NUMBER, "reloads": _map_of(_COUNT)},
 )
 _CHECK = _object({"ok": _BOOL, "stopping": _BOOL, "listeners": _LISTENERS},
-                 {"metrics": _METRICS})
+                 {"metrics": _METRICS, "last_reload": _LAST_RELOAD})
 _OK = _object({"ok": _BOOL})
 _RELOADED = _object({"listeners": _LISTENERS}, {"error": _nullable(_TEXT)})
 _NOT_RELOADED = _object({"error": _TEXT}, {"listeners": _LISTENERS})
@@ -577,6 +581,20 @@ def describe_metrics(metrics: dict[str, Any] | None) -> str | None:
     return text
 
 
+def describe_reload(reply: dict[str, Any], failed_only: bool = False) -> str | None:
+    """The last reload in words, as `last reload 12s ago: ok` or `last reload failed 12s
+    ago (the previous configuration stays): ERROR`; None before any reload, from a
+    supervisor that does not say, or (`failed_only`) when it applied."""
+    last = reply.get("last_reload")
+    if not last or (failed_only and last["ok"]):
+        return None
+    ago = f"{_age(last, 'age', 'at') or 0.0:.0f}s ago"
+    if last["ok"]:
+        return f"last reload {ago}: ok"
+    return (f"last reload failed {ago} (the previous configuration stays): "
+            f"{last.get('error') or '?'}")
+
+
 def _max_children(status: dict[str, Any]) -> str:
     """`, max-children 36 (fits the memory limit of 64 MiB)`: the limit in force, and
     where it came from when a memory or pids limit was found (both: `fits the memory limit
@@ -643,6 +661,9 @@ def render(status: dict[str, Any]) -> str:
     metrics = describe_metrics(status.get("metrics"))
     if metrics is not None:
         lines.append(f"metrics {metrics}")
+    reload = describe_reload(status)
+    if reload is not None:
+        lines.append(reload)
     rows = []
     places = [(item["link"], f"{item['listen']} -> {_upstream(item)}")
               for item in status.get("listeners", [])]
@@ -706,10 +727,13 @@ def run_check(path: str | None, output: Say, say: Say) -> int:
         say("forkproxy: unhealthy: " + ("stopping" if reply.get("stopping")
                                          else "no listener bound"))
         return 1
-    # Metrics down are said, not failed on: see Supervisor.handle_control_request.
+    # Metrics down, or a failed last reload, are said, not failed on: see
+    # Supervisor.handle_control_request.
     metrics = shown(reply.get("metrics"))
     down = metrics and metrics.get("state") != "up"
     note = f"; metrics {describe_metrics(metrics)}" if down else ""
+    reload = describe_reload(shown(reply), failed_only=True)
+    note += f"; {reload}" if reload else ""
     output(f"ok: {len(reply.get('listeners', []))} listener(s){note}")
     return 0
 

@@ -429,6 +429,13 @@ class Supervisor:
         # and the first stop signal (handle_stop).
         self.began = time.monotonic()
         self.stop_began: float | None = None
+        # The last reload's outcome, for status, check and the metrics (a SIGHUP's was in
+        # the log only): (when, monotonic; whether it applied; its error), None before
+        # any. When the running configuration was read: at start, then at each reload
+        # that applied. And how many reloads each way.
+        self.last_reload: tuple[float, bool, str] | None = None
+        self.config_loaded = self.began
+        self.reloads = {"success": 0, "failure": 0}
         self.pid = os.getpid()  # also what a reporter child reports
         # Did we write --pid-file? Only then is it ours to remove at exit (and a path we
         # refused, a FIFO, is never opened again).
@@ -1958,6 +1965,7 @@ class Supervisor:
             # Said in the log too: a SIGHUP's outcome is only there (reload --pid-file
             # says so), and silence would read as a reload that went through.
             self.log.warning("reload-skipped", detail="stopping: the listeners are closed")
+            self._reloaded(False, "stopping")
             return False, "stopping"
         # What each port pointed at: reconcile() hands a kept listener its new link.
         targets = {listener.link.key: listener.link.target for listener in self.listeners}
@@ -1982,6 +1990,7 @@ class Supervisor:
             error = (f"cannot open a listening socket: {exc.strerror or exc}"
                      if isinstance(exc, OSError) else str(exc))
             self.log.error("reload-failed", error=error, detail="previous configuration stays")
+            self._reloaded(False, error)
             return False, error
         self.env_file_blank = env_text is None or not env_text.strip()
         # Names are looked up again by a resolver child, as the timer does: a slow DNS
@@ -2044,7 +2053,25 @@ class Supervisor:
             self.log.info("listening", detail=listener.describe(),
                           new=any(listener is item for item in fresh))
         self.update_accepting()
+        self._reloaded(True, "")
         return True, ""
+
+    def _reloaded(self, ok: bool, error: str) -> None:
+        """Keep a reload's outcome for status, check and the metrics."""
+        now = time.monotonic()
+        self.last_reload = (now, ok, error)
+        self.reloads["success" if ok else "failure"] += 1
+        if ok:
+            self.config_loaded = now
+
+    def _last_reload(self, clocks: tuple[float, float]) -> dict[str, object] | None:
+        """The last reload as replies show it (None before any): `at` (time of day) and
+        `age` (seconds, monotonic), `ok`, and `error` (None when it applied)."""
+        if self.last_reload is None:
+            return None
+        now, wall = clocks
+        at, ok, error = self.last_reload
+        return {"at": wall + at, "age": now - at, "ok": ok, "error": error or None}
 
     # -- control socket ----------------------------------------------------------------
 
@@ -2083,9 +2110,14 @@ class Supervisor:
             # Metrics down fail no health check: relaying works, a HEALTHCHECK that failed
             # would have an orchestrator restart a working proxy and cut every connection,
             # and the process is restarted anyway. `check` prints the state (README).
+            # A failed last reload is said too, not failed on, for the same reason: the
+            # previous configuration serves, and a restart would cut every connection to
+            # run it (or, were the file still broken, not start at all).
             ok = not self.stopping and bool(self.listeners)
+            clocks = read_clocks()
             return {"ok": ok, "stopping": self.stopping, "listeners": self._listener_table(),
-                    "metrics": self._metrics_state(read_clocks())}
+                    "metrics": self._metrics_state(clocks),
+                    "last_reload": self._last_reload(clocks)}
         if command == "status":
             return None if self.answer_in_child(client) else self.status_reply()
         return {"ok": False, "error": f"unknown command {command!r}"}
@@ -2119,6 +2151,12 @@ class Supervisor:
             "pids_fit": self.pids_fit(),
             "listeners": self._listener_table(queues),
             "metrics": self._metrics_state(clocks),
+            # Whether the running configuration is the file's (as Prometheus's own
+            # prometheus_config_last_reload_* say): the last reload's outcome, when the
+            # configuration running was read, and the reloads each way.
+            "last_reload": self._last_reload(clocks),
+            "config_loaded": wall + self.config_loaded,
+            "reloads": dict(self.reloads),
         }
         reply.update(self.accounting.snapshot(self._held_per_link(), counters, clocks))
         return reply

@@ -3641,3 +3641,92 @@ def test_a_crash_is_named_as_a_tracebacks_last_line_names_it(
     fields = crash_fields(_raised(action))
     assert fields["error"] == error, fields
     assert re.fullmatch(r"raised at \S+\.py:\d+ in \S+", fields["detail"]), fields
+
+
+def test_a_sighups_outcome_is_in_status_check_and_the_metrics(
+    start_proxy: StartProxy, tcp_server: ServerFactory, tmp_path: Path, env: dict[str, str],
+) -> None:
+    """A reload sent with SIGHUP (kill -HUP, systemd's ExecReload, a sidecar) said how it
+    went in the log only: status, check and the metrics could not tell that the running
+    configuration was not the file's. Now status (text and --json) says the last reload's
+    time, result and error, check says a failed one while staying healthy (the previous
+    configuration serves), and the metrics have Prometheus's own three: successful 1 before
+    any reload, the time the running configuration was read (the start's until a reload
+    applies), and the reloads by result."""
+    x = tcp_server(echo)
+    env_file, sock_path = tmp_path / "links.env", tmp_path / "s.sock"
+    [port] = [free_port()]
+    proxy, url = env_file_proxy(start_proxy, env_file, sock_path, env,
+                                {f"X_PORT_{port}_TCP": x.port})
+
+    # Times of day are derived anew in each reply (accounting.read_clocks): equal within
+    # the clocks' drift between two readings, not to the last bit.
+    def same_time(at: float) -> Any:
+        return pytest.approx(at, abs=0.5)
+
+    def reload_metrics() -> tuple[float | None, ...]:
+        found = samples(scrape(url))
+        return (value(found, "forkproxy_config_last_reload_successful"),
+                value(found, "forkproxy_config_last_reload_success_timestamp_seconds"),
+                value(found, "forkproxy_config_reloads_total", result="success"),
+                value(found, "forkproxy_config_reloads_total", result="failure"))
+
+    before = status_json(sock_path, env)
+    assert before["last_reload"] is None and before["reloads"] == {"success": 0, "failure": 0}
+    assert abs(before["config_loaded"] - before["started"]) < 1, before
+    assert reload_metrics() == (1, same_time(before["config_loaded"]), 0, 0)
+    text = cli("status", "--status-socket", str(sock_path), env=env).stdout
+    assert "last reload" not in text, text
+
+    env_file.write_text("not a link variable\n")
+    proxy.signal(signal.SIGHUP)
+    assert wait_for(lambda: "reload-failed" in proxy.log()), proxy.log()
+    [failed_line] = [line for line in proxy.log().splitlines() if "reload-failed" in line]
+    failed = status_json(sock_path, env)
+    last = failed["last_reload"]
+    assert last["ok"] is False and last["error"] and last["error"] in failed_line, (
+        last, failed_line)
+    assert failed["started"] <= last["at"] <= time.time() and 0 <= last["age"] < DEADLINE
+    assert failed["config_loaded"] == same_time(before["config_loaded"])  # the start's runs
+    assert failed["reloads"] == {"success": 0, "failure": 1}
+    assert reload_metrics() == (0, same_time(before["config_loaded"]), 0, 1)
+    text = cli("status", "--status-socket", str(sock_path), env=env).stdout
+    [line] = [line for line in text.splitlines() if line.startswith("last reload")]
+    assert re.fullmatch(r"last reload failed \d+s ago \(the previous configuration stays\): .+",
+                        line), text
+    check = cli("check", "--status-socket", str(sock_path), env=env)
+    assert check.returncode == 0, check  # healthy: the previous configuration serves
+    assert check.stdout.startswith("ok: 1 listener(s); last reload failed "), check
+
+    write_links(env_file, {f"X_PORT_{port}_TCP": x.port})
+    reload(sock_path, env)  # through the control socket: the same record
+    applied = status_json(sock_path, env)
+    assert applied["last_reload"]["ok"] is True and applied["last_reload"]["error"] is None
+    assert applied["config_loaded"] == applied["last_reload"]["at"]
+    assert applied["config_loaded"] > failed["last_reload"]["at"]
+    assert applied["reloads"] == {"success": 1, "failure": 1}
+    assert reload_metrics() == (1, same_time(applied["config_loaded"]), 1, 1)
+    text = cli("status", "--status-socket", str(sock_path), env=env).stdout
+    assert re.search(r"^last reload \d+s ago: ok$", text, re.M), text
+    check = cli("check", "--status-socket", str(sock_path), env=env)
+    assert check.returncode == 0 and check.stdout == "ok: 1 listener(s)\n", check
+    assert proxy.stop() == 0
+
+
+def test_an_older_supervisors_reply_without_reload_fields_still_reads() -> None:
+    """The reload fields are optional: a reply from a supervisor that sends none is read,
+    and shown without a reload line or reload metrics; a misfit one is refused."""
+    reply = {"pid": 1, "version": "0", "started": 0.0, "stopping": False, "listeners": [],
+             "links": {}, "children": []}
+    data = json.dumps(reply).encode() + b"\n"
+    assert "last reload" not in fp_status.render(fp_status._read_reply("status", data))
+    assert not [family for family in render_metrics(reply)
+                if family.name.startswith("forkproxy_config_") and family.samples]
+    check = {"ok": True, "stopping": False, "listeners": [{"link": "a", "listen": "b",
+                                                            "upstream": "c"}]}
+    fp_status._read_reply("check", json.dumps(check).encode())
+    for misfit in ({"at": 1.0}, {"at": 1.0, "ok": "no"}, {"at": 1.0, "ok": False,
+                                                          "error": "a\nb"}):
+        with pytest.raises(fp_status._Misfit):
+            fp_status._read_reply("status", json.dumps({**reply, "last_reload": misfit})
+                                  .encode())
