@@ -92,28 +92,26 @@ class ControlServer:
         # Checked first: the short staging name below would bind and the link would
         # succeed, leaving a socket no client can connect() to by its name.
         check_path(path)
-        _remove_if_stale(path)
-        # Bound under a staging name and given its real name once it listens, so a socket
-        # file under its real name always answers: sweep_stale() in another supervisor
-        # starting at the same moment can then tell a dead one from one not listening yet.
-        staging = _staging_name(path)
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old_umask = os.umask(0o077)
-        try:
-            self.sock.bind(staging)
-            self.sock.listen(MAX_CLIENTS)
-            if staging != path:
-                _publish(staging, path)
-            # What close() may remove: the file we made, not one that took its place.
-            found = os.lstat(path)
-            self.identity = (found.st_dev, found.st_ino)
-        except OSError:
-            self.sock.close()
-            raise
-        finally:
-            os.umask(old_umask)
-        self.sock.setblocking(False)
+        self.sock, self.identity = _listen(path)
         self.clients: dict[int, _Client] = {}
+
+    def lost(self) -> bool:
+        """Is our socket file gone from its name (an operator's rm, systemd-tmpfiles'
+        aging of /tmp), or another file there now? Nobody can connect to us then."""
+        try:
+            found = os.lstat(self.path)
+        except OSError:
+            return True
+        return (found.st_dev, found.st_ino) != self.identity
+
+    def rebind(self) -> None:
+        """Listen on a new socket under our path, with the rules of the first: a stale
+        socket there is removed, a live one or a file that is not a socket is an OSError
+        (EADDRINUSE, ENOTSOCK), and the old socket is kept then. The clients connected to the
+        old one are served to their end; the caller polls the new fileno()."""
+        sock, self.identity = _listen(self.path)
+        self.sock.close()  # a client that connected to it just now is not answered
+        self.sock = sock
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -209,6 +207,32 @@ class ControlServer:
                 os.unlink(self.path)
         except OSError:
             pass  # gone already, or not ours to remove now (EACCES): the stop goes on
+
+
+def _listen(path: str) -> tuple[socket.socket, tuple[int, int]]:
+    """A non-blocking socket listening under `path`, and the (st_dev, st_ino) of its file.
+
+    Bound under a staging name and given its real name once it listens, so a socket file
+    under its real name always answers: sweep_stale() in another supervisor starting at
+    the same moment can then tell a dead one from one not listening yet."""
+    _remove_if_stale(path)
+    staging = _staging_name(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o077)
+    try:
+        sock.bind(staging)
+        sock.listen(MAX_CLIENTS)
+        if staging != path:
+            _publish(staging, path)
+        # What close() may remove: the file we made, not one that took its place.
+        found = os.lstat(path)
+    except OSError:
+        sock.close()
+        raise
+    finally:
+        os.umask(old_umask)
+    sock.setblocking(False)
+    return sock, (found.st_dev, found.st_ino)
 
 
 def _staging_name(path: str) -> str:

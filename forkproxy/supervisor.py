@@ -122,6 +122,11 @@ RESOLVE_TIMEOUT = 60.0
 # How early a SIGALRM may come for the time it was armed for and still count as that time
 # (setitimer rounds to microseconds; the monotonic clock reads the same clock).
 TIMER_SLACK = 0.005
+# Seconds between two looks at the control socket's file (Supervisor.check_control), on
+# the SIGALRM timer: a file removed (an operator's rm, or systemd-tmpfiles aging /tmp: its
+# live-socket test reads /proc/net/unix, which names our staging name, not the file) is
+# made again before a HEALTHCHECK's retries (3 x 30 s by default) turn the proxy unhealthy.
+CONTROL_CHECK_EVERY = 60.0
 OOM_SCORE_ADJ = "/proc/self/oom_score_adj"
 # What each connection's child writes there: the OOM killer's first choice, so that a
 # memory limit reached costs a connection, not the supervisor and every listener with it.
@@ -418,6 +423,7 @@ class Supervisor:
         # next resolver looks the slowest up last, so that they hold up no other name.
         self.resolve_took: dict[tuple[str, int], float] = {}
         self.resolve_tick_at: float | None = None  # the --resolve-every timer's next tick
+        self.control_check_at: float | None = None  # check_control's next, on the same timer
         self.reporter_pids: list[int] = []  # children answering `status`, not reaped yet
         self.table_writer = 0  # the reporter writing SIGUSR1's table, while it runs
         self.table_pending = False  # a SIGUSR1 came meanwhile: another table when it ends
@@ -484,6 +490,7 @@ class Supervisor:
         signal.raise_signal(signal.SIGCHLD)
         self._watch(self.signals.fileno(), self.handle_signals)
         self._watch(self.control.fileno(), self.handle_control_accept)
+        self.control_check_at = time.monotonic() + CONTROL_CHECK_EVERY
         for listener in self.listeners:
             # A name is looked up by a resolver child (below), as on reload: a DNS server
             # that does not answer must hold up neither `listening` nor the loop. Until it
@@ -1505,6 +1512,7 @@ class Supervisor:
         self.stop_began = time.monotonic()
         signal.setitimer(signal.ITIMER_REAL, 0)  # no new children: names no longer matter
         self.resolve_tick_at = None
+        self.control_check_at = None  # nor, for the little time left, the control socket's
         # Nor a metrics process: a restart still due would stay armed, never fired, and
         # poll every turn of the loop with a zero timeout (100% CPU until the last child).
         self.metrics_at = None
@@ -1732,7 +1740,8 @@ class Supervisor:
             self.resolve_tick_at = None
         elif restart or self.resolve_tick_at is None:
             self.resolve_tick_at = now + every
-        wakes = [at for at in (self.resolve_tick_at, self._resolver_deadline()) if at is not None]
+        wakes = [at for at in (self.resolve_tick_at, self._resolver_deadline(),
+                               self.control_check_at) if at is not None]
         signal.setitimer(signal.ITIMER_REAL, max(min(wakes) - now, 0.001) if wakes else 0.0)
 
     def handle_alarm(self) -> None:
@@ -1741,14 +1750,20 @@ class Supervisor:
         fallbacks and resolve; the last kills a resolver that is past it (and resolves
         only if asked meanwhile: a name that hangs must not keep one resolver after
         another running with --resolve-every off). A child's signal that comes with the
-        deadline's is taken as the deadline's."""
+        deadline's (or the control socket check's) is taken as the deadline's. Each
+        SIGALRM also checks the control socket's file (check_control: one lstat)."""
         now = time.monotonic()
+        self.check_control()
+        checked = (self.control_check_at is not None
+                   and now >= self.control_check_at - TIMER_SLACK)
+        if checked:
+            self.control_check_at = now + CONTROL_CHECK_EVERY
         tick = self.resolve_tick_at is not None and now >= self.resolve_tick_at - TIMER_SLACK
         if tick:
             self.resolve_tick_at = None  # the next period from now (_arm_resolve_timer)
         deadline = self._resolver_deadline()
         self._resolver_timed_out(now)
-        if tick or deadline is None or now < deadline - TIMER_SLACK:
+        if tick or (not checked and (deadline is None or now < deadline - TIMER_SLACK)):
             self.count_fallbacks()
             self.start_resolver()
         self._arm_resolve_timer()
@@ -1967,6 +1982,7 @@ class Supervisor:
             self.log.warning("reload-skipped", detail="stopping: the listeners are closed")
             self._reloaded(False, "stopping")
             return False, "stopping"
+        self.check_control()  # whatever the file says: an operator's SIGHUP mends it too
         # What each port pointed at: reconcile() hands a kept listener its new link.
         targets = {listener.link.key: listener.link.target for listener in self.listeners}
         try:
@@ -2074,6 +2090,33 @@ class Supervisor:
         return {"at": wall + at, "age": now - at, "ok": ok, "error": error or None}
 
     # -- control socket ----------------------------------------------------------------
+
+    def check_control(self) -> None:
+        """Listen again on a control socket whose file was removed (an operator's rm,
+        systemd-tmpfiles aging /tmp) or replaced: nothing could reach this supervisor,
+        and `check` failing, a HEALTHCHECK would have a working proxy restarted. The rules
+        of the start hold: a live socket there (another supervisor's now) or a file that
+        is not a socket is left alone, said, and tried again at the next check; the
+        default directory, made again if gone, must still be ours (prepare_dir)."""
+        if self.control is None or not self.control.lost():
+            return
+        old = self.control.fileno()
+        try:
+            if self.options.status_socket is None:
+                control.prepare_dir(os.path.dirname(self.control.path))
+            self.control.rebind()
+        except OSError as exc:
+            self._log_repeating("status-socket-lost", exc, "its file was removed or replaced, "
+                                "and no socket could be made there again: trying again at "
+                                f"each reload and every {CONTROL_CHECK_EVERY:g}s",
+                                path=self.control.path)
+            return
+        self.pause_logs.pop("status-socket-lost", None)  # a later loss is news again
+        if self.control_at is None:  # else paused (EMFILE): handle_timers watches the new
+            self._unwatch(old)
+            self._watch(self.control.fileno(), self.handle_control_accept)
+        self.log.warning("status-socket-recreated", path=self.control.path,
+                         detail="its file was removed or replaced: listening on a new one")
 
     def handle_control_accept(self, events: int) -> None:
         assert self.control is not None

@@ -15,6 +15,7 @@ import json
 import os
 import re
 import resource
+import shutil
 import signal
 import socket
 import stat
@@ -3730,3 +3731,66 @@ def test_an_older_supervisors_reply_without_reload_fields_still_reads() -> None:
         with pytest.raises(fp_status._Misfit):
             fp_status._read_reply("status", json.dumps({**reply, "last_reload": misfit})
                                   .encode())
+
+
+def test_a_removed_control_socket_is_made_again_at_a_reload_and_on_the_timer(
+    start_proxy: StartProxy, tcp_server: ServerFactory, tmp_path: Path, env: dict[str, str],
+) -> None:
+    """A control socket file removed (an operator's rm, systemd-tmpfiles aging /tmp: its
+    live-socket test reads /proc/net/unix, which names the staging name the socket was
+    bound to) was never made again, not even on SIGHUP, and nothing was logged: `check`
+    failed for good and a HEALTHCHECK would restart a working proxy. A reload (SIGHUP or
+    `reload`) and each SIGALRM (the timer that checks every CONTROL_CHECK_EVERY s) make it
+    again, with a warning; a file put in its place that is not a socket is left alone and
+    said; the default directory, removed with it, is made again. The stop removes the new
+    file, as the first."""
+    x = tcp_server(echo)
+    explicit = tmp_path / "s.sock"
+    proxy = start_proxy(f"127.0.0.1:0=127.0.0.1:{x.port}", "--status-socket", str(explicit),
+                        env=env)
+
+    def healthy(path: Path | None = None) -> bool:
+        where = () if path is None else ("--status-socket", str(path))
+        return cli("check", *where, env=env).returncode == 0
+
+    def recreated(count: int) -> bool:
+        return proxy.log().count("status-socket-recreated") == count
+
+    assert healthy(explicit)
+    explicit.unlink()
+    assert not healthy(explicit)
+    proxy.signal(signal.SIGHUP)
+    assert wait_for(lambda: recreated(1)), proxy.log()
+    assert stat.S_ISSOCK(explicit.lstat().st_mode)
+    assert healthy(explicit)
+
+    explicit.unlink()
+    proxy.signal(signal.SIGALRM)  # the check timer's signal, come early
+    assert wait_for(lambda: recreated(2)), proxy.log()
+    assert healthy(explicit)
+
+    explicit.unlink()
+    explicit.write_text("an operator's file\n")  # replaced: not ours to remove
+    proxy.signal(signal.SIGHUP)
+    assert wait_for(lambda: "status-socket-lost" in proxy.log()), proxy.log()
+    assert explicit.read_text() == "an operator's file\n" and recreated(2)
+    explicit.unlink()
+    reload_by_hup = proxy.log().count("status-socket-recreated")
+    proxy.signal(signal.SIGHUP)
+    assert wait_for(lambda: recreated(reload_by_hup + 1)), proxy.log()
+    assert healthy(explicit)
+    assert proxy.stop() == 0
+    assert not explicit.exists()  # the file made again is the one the stop removes
+
+    # The default directory, removed whole: made again, 0700, found by `check` as before.
+    directory = Path(env["XDG_RUNTIME_DIR"]) / "forkproxy"
+    proxy = start_proxy(f"127.0.0.1:0=127.0.0.1:{x.port}", env=env)
+    assert healthy()
+    shutil.rmtree(directory)
+    assert not healthy()
+    proxy.signal(signal.SIGHUP)
+    assert wait_for(lambda: recreated(1)), proxy.log()
+    assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+    assert healthy()
+    assert "status-socket-lost" not in proxy.log()
+    assert proxy.stop() == 0
