@@ -127,6 +127,9 @@ TIMER_SLACK = 0.005
 # live-socket test reads /proc/net/unix, which names our staging name, not the file) is
 # made again before a HEALTHCHECK's retries (3 x 30 s by default) turn the proxy unhealthy.
 CONTROL_CHECK_EVERY = 60.0
+# Seconds after which that look sets the file's times to now (ControlServer.lost): aged
+# by none of them, it is not removed in the first place.
+CONTROL_TOUCH_AFTER = 3600.0
 OOM_SCORE_ADJ = "/proc/self/oom_score_adj"
 # What each connection's child writes there: the OOM killer's first choice, so that a
 # memory limit reached costs a connection, not the supervisor and every listener with it.
@@ -2098,7 +2101,7 @@ class Supervisor:
         of the start hold: a live socket there (another supervisor's now) or a file that
         is not a socket is left alone, said, and tried again at the next check; the
         default directory, made again if gone, must still be ours (prepare_dir)."""
-        if self.control is None or not self.control.lost():
+        if self.control is None or not self.control.lost(CONTROL_TOUCH_AFTER):
             return
         old = self.control.fileno()
         try:
