@@ -587,7 +587,8 @@ def lean_and_full(args: list[str], env: dict[str, str]) -> tuple[set[str], tuple
         if args[:1] == ["status"] and code == 0:
             if "--json" in args:
                 reply = json.loads(stdout)
-                for clock in ("uptime", "started"):  # `started` is now less the uptime
+                # `started` is now less the uptime, `config_loaded` now less its age.
+                for clock in ("uptime", "started", "config_loaded"):
                     reply.pop(clock)
                 for stats in reply["links"].values():
                     stats.pop("since")
