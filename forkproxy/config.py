@@ -134,6 +134,8 @@ class Endpoint(Value):
         """The same upstream: a name's letters compare without case, as DNS compares
         them (RFC 4343), so `redis` and `REDIS` in two variables are one target, not a
         clash. A trailing dot still differs: `redis.` skips the search domains."""
+        if not self.is_name:  # an IP literal, parsed to one spelling; a zone's case counts
+            return self == other
         return self.port == other.port and self.host.lower() == other.host.lower()
 
     @property
@@ -982,8 +984,10 @@ def _check_no_loop(links: Sequence[Link]) -> None:
     container where localhost is the container itself. Each client's child would connect
     back to the proxy, whose next child would do the same, until --max-children was used
     up and every link of the proxy stopped serving, with no line said. Judged without
-    I/O, so only for a loopback target, an address or `localhost` (either of its two
-    addresses that the listener takes: the other one connects back after a refusal)."""
+    I/O: a loopback target (an address, `localhost`: either of its two addresses that the
+    listener takes, since the other one connects back after a refusal; 0.0.0.0 and ::,
+    which connect to this host) that the listener takes, or the very address it binds. A
+    non-loopback target under a wildcard bind may or may not be this host's: not judged."""
     for link in links:
         if not link.port or link.target.port != link.port:
             continue
@@ -993,9 +997,13 @@ def _check_no_loop(links: Sequence[Link]) -> None:
         elif link.target.is_name:
             continue
         else:
-            addresses = (_as_bound(host.split("%", 1)[0]),)
+            address = _as_bound(host.split("%", 1)[0])
+            # connect() to an unspecified address reaches this host's loopback (Linux).
+            addresses = {ANY_IPV4: ("127.0.0.1",), "::": ("::1",)}.get(address, (address,))
+        bind = _as_bound(link.bind.split("%", 1)[0])
         for address in addresses:
-            if ipaddress.ip_address(address).is_loopback and _overlap(link.bind, address):
+            if (address == bind or (ipaddress.ip_address(address).is_loopback
+                    and _overlap(link.bind, address))):
                 raise ConfigError(
                     f"{_shorten(link.name)} connects to its own listener "
                     f"({join_host_port(link.bind, link.port)} -> {link.target}): every "

@@ -75,7 +75,9 @@ if TYPE_CHECKING:
     from resource import struct_rusage
 
 ACCEPT_BATCH = 64  # accepts per wakeup, so signals and reaping get their turn in a burst
-KILL_AFTER = 1.0  # seconds from TERM to KILL after --grace: 8 + 1 is inside docker stop's 10
+# Seconds from the last TERM to KILL after --grace: 8 + 1 is inside docker stop's 10, but
+# thousands of connections TERMed in batches (TERM_BATCH) take longer (README, Signals).
+KILL_AFTER = 1.0
 # Children TERMed per turn of the loop once the grace is over. Each TERM wakes a child that
 # takes the CPU from the supervisor (its reset and exit, ~0.3 ms): TERMed all in one go,
 # 10,000 of them kept the loop away for seconds, and `check`, `status`, the reaping and
@@ -174,7 +176,11 @@ def read_env_file(path: str, *, unlinked_refused: bool = False) -> str:
             if unlinked_refused and info.st_nlink == 0:
                 # A bind mount of the file itself shows the inode it was made with: after
                 # an `mv` over it on the host (the advice for writing it whole), every
-                # reload read the old text and "succeeded" with the old wiring.
+                # reload read the old text and "succeeded" with the old wiring. Unless the
+                # path names another file now: replaced between the open and the fstat
+                # (an `mv` at that instant, no mount), read that one.
+                if os.stat(path).st_ino != info.st_ino:
+                    return read_env_file(path)
                 raise ConfigError(f"env file {path!r}: replaced or removed where it was "
                                   "mounted from, and this mount of the file itself still "
                                   "shows the old one: mount its directory instead")
@@ -452,7 +458,7 @@ class Supervisor:
         # (event, detail) of the link-table warnings last logged: see _log_table_warnings
         self.table_warnings: set[tuple[str, str]] = set()
         # Whether --env-file was blank when last read (or is not given): a reload refuses
-        # to find it empty after it gave link variables (reload).
+        # to find it empty when it was not (reload).
         self.env_file_blank = True
         self.oom_score_adj, self.child_oom_score_adj = child_oom_score_adj()
 
@@ -1731,10 +1737,11 @@ class Supervisor:
 
     def _arm_resolve_timer(self, restart: bool = False) -> None:
         """SIGALRM at the next of: the --resolve-every timer's tick (while some target is a
-        name; `restart`: a period from now, as at start and reload), and the running
-        resolver's deadline. A signal, not a poll timeout: the accept loop runs with no
-        timer armed (see loop()). One shot, armed again at each SIGALRM (handle_alarm) and
-        each change of the deadline: one interval timer serves both."""
+        name; `restart`: a period from now, as at start and reload), the running
+        resolver's deadline, and the control socket's next check (check_control). A
+        signal, not a poll timeout: the accept loop runs with no timer armed (see loop()).
+        One shot, armed again at each SIGALRM (handle_alarm) and each change of the
+        deadline: one interval timer serves all three."""
         now = time.monotonic()
         every = self.options.resolve_every
         if every is None or self.stopping or not self._named_targets():
@@ -1983,7 +1990,8 @@ class Supervisor:
             # Said in the log too: a SIGHUP's outcome is only there (reload --pid-file
             # says so), and silence would read as a reload that went through.
             self.log.warning("reload-skipped", detail="stopping: the listeners are closed")
-            self._reloaded(False, "stopping")
+            # Not kept as the last reload: nothing was read, and a SIGHUP during a stop
+            # would have the metrics say the running configuration is not the file's.
             return False, "stopping"
         self.check_control()  # whatever the file says: an operator's SIGHUP mends it too
         # What each port pointed at: reconcile() hands a kept listener its new link.
@@ -1997,9 +2005,9 @@ class Supervisor:
                 # or SPECs beside it, silently: an override of a variable fell back to
                 # the environment's target and clients went to the old server.
                 raise ConfigError(
-                    f"env file {self.sources.env_file!r} is empty, and gave link variables "
-                    "before (a file being written? write it beside and mv it over; to take "
-                    "none from it, leave a comment line in it)")
+                    f"env file {self.sources.env_file!r} is empty, and was not when last "
+                    "read (a file being written? write it beside and mv it over; to take "
+                    "no link from it, leave a comment line in it)")
             table = read_links(self.sources, self.environ, env_text)
             kept, fresh, retired = listeners.reconcile(self.listeners, table.links,
                                                        self._listen_options)

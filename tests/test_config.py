@@ -563,6 +563,9 @@ def test_a_name_in_two_cases_is_one_target() -> None:
     with pytest.raises(ConfigError, match="linked twice to different targets"):
         build_links([], {"A_PORT_6379_TCP": "tcp://redis:6379",
                          "B_PORT_6379_TCP": "tcp://redis:6380"})
+    # An interface name's case counts (Linux's are case-sensitive): not a DNS name.
+    with pytest.raises(ConfigError, match="linked twice to different targets"):
+        build_links(["1=[fe80::1%eth0]:1", "1=[fe80::1%ETH0]:1"])
 
 
 @pytest.mark.parametrize(
@@ -575,6 +578,11 @@ def test_a_name_in_two_cases_is_one_target() -> None:
         (["[::]:7000=[::1]:7000"], None, "([::]:7000 -> [::1]:7000)"),
         (["[::1]:7000=LOCALHOST.:7000"], None, "([::1]:7000 -> LOCALHOST.:7000)"),
         (["7000=[::ffff:127.0.0.1]:7000"], None, "(0.0.0.0:7000 -> [::ffff:127.0.0.1]:7000)"),
+        (["7000=0.0.0.0:7000"], None, "(0.0.0.0:7000 -> 0.0.0.0:7000)"),
+        (["[::]:7000=[::]:7000"], None, "([::]:7000 -> [::]:7000)"),
+        (["10.0.0.5:7000=10.0.0.5:7000"], None, "(10.0.0.5:7000 -> 10.0.0.5:7000)"),
+        (["[fe80::1%lo]:7000=[fe80::1%lo]:7000"], None,
+         "([fe80::1%lo]:7000 -> [fe80::1%lo]:7000)"),
         ([], {"REDIS_PORT_6379_TCP": "tcp://localhost:6379"},
          "REDIS_PORT_6379_TCP connects to its own listener (0.0.0.0:6379 -> localhost:6379)"),
         # Not its own listener: another port, address or family, a name.
@@ -584,6 +592,8 @@ def test_a_name_in_two_cases_is_one_target() -> None:
         (["0.0.0.0:7000=[::1]:7000"], None, None),
         (["7000=redis:7000"], None, None),
         (["7000=10.0.0.5:7000"], None, None),  # maybe this host's, maybe not: no I/O here
+        (["10.0.0.6:7000=10.0.0.5:7000"], None, None),
+        (["127.0.0.1:7000=0.0.0.0:7001"], None, None),
     ],
 )
 def test_a_link_to_its_own_listener_is_refused(

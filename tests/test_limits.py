@@ -630,6 +630,11 @@ def test_a_reload_during_a_stop_says_it_did_nothing(
         assert wait_for(lambda: "reload-skipped" in proxy.log(), 30), proxy.log()
         [line] = [x for x in proxy.log().splitlines() if "reload-skipped" in x]
         assert "warning reload-skipped" in line and "stopping" in line, line
+        # Nothing read, nothing kept: status (and so the metrics, whose
+        # last_reload_successful would say 0) has no last reload.
+        reply = control(sock_path, "status")
+        assert reply["last_reload"] is None, reply["last_reload"]
+        assert reply["reloads"] == {"success": 0, "failure": 0}, reply["reloads"]
         assert exchange(live, b"still") == b"still"  # the stop goes on as before
     assert proxy.proc.wait(30) == 0
 
@@ -2651,7 +2656,7 @@ def test_a_reload_refuses_an_env_file_found_empty_after_it_gave_links(
     env_file.write_text("")  # the moment a `cp` or `>` has truncated it
     result = cli("reload", "--status-socket", str(sock_path))
     assert result.returncode == 1, result
-    assert f"env file '{env_file}' is empty, and gave link variables before" in result.stderr
+    assert f"env file '{env_file}' is empty, and was not when last read" in result.stderr
     assert "reload-failed" in proxy.log()
     with connect(port) as sock:
         assert ask(sock, b"2") == b"Y:2"  # the file's override stays
