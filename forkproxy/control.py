@@ -96,29 +96,28 @@ class ControlServer:
         self.sock, self.identity = _listen(path)
         self.clients: dict[int, _Client] = {}
 
-    def lost(self, touch_after: float | None = None) -> bool:
+    def lost(self) -> bool:
         """Is our socket file gone from its name (an operator's rm, systemd-tmpfiles'
-        aging of /tmp), or another file there now? Nobody can connect to us then.
-
-        Given `touch_after` (seconds), a file of ours whose access and modification times
-        are both older is given the time of now: systemd-tmpfiles removes what is older
-        than its age by all of them (10 days for /tmp upstream), and its test for a live
-        socket (/proc/net/unix) names the staging name we bound, not the file, so a
-        socket nobody connected to for that long went (connect() touches the access time
-        once a day at most under relatime, never under noatime)."""
+        aging of /tmp), or another file there now? Nobody can connect to us then."""
         try:
             found = os.lstat(self.path)
         except OSError:
             return True
-        if (found.st_dev, found.st_ino) != self.identity:
-            return True
-        if touch_after is not None and max(found.st_atime, found.st_mtime) < (
-                time.time() - touch_after):
-            try:
+        return (found.st_dev, found.st_ino) != self.identity
+
+    def touch_if_older(self, seconds: float) -> None:
+        """Give our socket file the time of now if its access and modification times are
+        both older than `seconds`: systemd-tmpfiles removes what is older than its age by
+        all of them (10 days for /tmp upstream), and its test for a live socket
+        (/proc/net/unix) names the staging name we bound, not the file, so a socket
+        nobody connected to for that long went (connect() touches the access time once a
+        day at most under relatime, never under noatime). Call it after lost() said no."""
+        try:
+            found = os.lstat(self.path)
+            if max(found.st_atime, found.st_mtime) < time.time() - seconds:
                 os.utime(self.path, follow_symlinks=False)
-            except OSError:
-                pass  # then only made again once removed (the caller's next look)
-        return False
+        except OSError:
+            pass  # gone meanwhile, or not ours to touch: lost() finds the first next time
 
     def rebind(self) -> None:
         """Listen on a new socket under our path, with the rules of the first: a stale

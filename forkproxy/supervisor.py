@@ -129,7 +129,7 @@ TIMER_SLACK = 0.005
 # live-socket test reads /proc/net/unix, which names our staging name, not the file) is
 # made again before a HEALTHCHECK's retries (3 x 30 s by default) turn the proxy unhealthy.
 CONTROL_CHECK_EVERY = 60.0
-# Seconds after which that look sets the file's times to now (ControlServer.lost): aged
+# Seconds after which that look sets the file's times to now (ControlServer.touch_if_older): aged
 # by none of them, it is not removed in the first place.
 CONTROL_TOUCH_AFTER = 3600.0
 OOM_SCORE_ADJ = "/proc/self/oom_score_adj"
@@ -466,10 +466,9 @@ class Supervisor:
 
     def start(self) -> list[str]:
         """Bind everything or nothing; returns the `listening ...` lines. ConfigError on failure."""
-        env_text = (None if self.sources.env_file is None
-                    else read_env_file(self.sources.env_file))
+        env_text = self._read_env_text()
         table = read_links(self.sources, self.environ, env_text)
-        self.env_file_blank = env_text is None or not env_text.strip()
+        self.env_file_blank = not env_text.strip()
         self._log_table_warnings(table)
         self.listeners = listeners.bind_all(table.links)
         try:
@@ -1997,9 +1996,8 @@ class Supervisor:
         # What each port pointed at: reconcile() hands a kept listener its new link.
         targets = {listener.link.key: listener.link.target for listener in self.listeners}
         try:
-            env_text = (None if self.sources.env_file is None
-                        else read_env_file(self.sources.env_file, unlinked_refused=True))
-            if env_text is not None and not env_text.strip() and not self.env_file_blank:
+            env_text = self._read_env_text(unlinked_refused=True)
+            if not env_text.strip() and not self.env_file_blank:
                 # A file caught empty as it is written (`cp`, `>`, an editor that moves the
                 # old one aside first) took every link it gave away, and with --from-env
                 # or SPECs beside it, silently: an override of a variable fell back to
@@ -2019,7 +2017,7 @@ class Supervisor:
             self.log.error("reload-failed", error=error, detail="previous configuration stays")
             self._reloaded(False, error)
             return False, error
-        self.env_file_blank = env_text is None or not env_text.strip()
+        self.env_file_blank = not env_text.strip()
         # Names are looked up again by a resolver child, as the timer does: a slow DNS
         # server must not stall accepting on every listener. Until it answers a name keeps
         # the addresses it had, and a new one (a new port, or a port pointed at another
@@ -2083,6 +2081,12 @@ class Supervisor:
         self._reloaded(True, "")
         return True, ""
 
+    def _read_env_text(self, unlinked_refused: bool = False) -> str:
+        """--env-file's text for read_links ('' without one: blank, as an empty file)."""
+        if self.sources.env_file is None:
+            return ""
+        return read_env_file(self.sources.env_file, unlinked_refused=unlinked_refused)
+
     def _reloaded(self, ok: bool, error: str) -> None:
         """Keep a reload's outcome for status, check and the metrics."""
         now = time.monotonic()
@@ -2109,7 +2113,10 @@ class Supervisor:
         of the start hold: a live socket there (another supervisor's now) or a file that
         is not a socket is left alone, said, and tried again at the next check; the
         default directory, made again if gone, must still be ours (prepare_dir)."""
-        if self.control is None or not self.control.lost(CONTROL_TOUCH_AFTER):
+        if self.control is None:
+            return
+        if not self.control.lost():
+            self.control.touch_if_older(CONTROL_TOUCH_AFTER)
             return
         old = self.control.fileno()
         try:
