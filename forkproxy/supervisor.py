@@ -1024,11 +1024,24 @@ class Supervisor:
         if want == self.accepting:
             return
         self.accepting = want
+        if not want and not self.stopping and self.resume_at is None:
+            self._log_max_children_reached()
         for listener in self.listeners:
             if want:
                 self._watch(listener.fd, self._accept_handler(listener))
             else:
                 self._unwatch(listener.fd)
+
+    def _log_max_children_reached(self) -> None:
+        """Folded: accepting stops at --max-children, which at a steady overload happens
+        at every child's exit, so one line per ERROR_LOG_EVERY with the count. Without it
+        a consumer whose clients wait in the backlog (a pool larger than the limit) had
+        nothing in the log to say why."""
+        times = fold(self.pause_logs, "max-children-reached")
+        if times:
+            self.log.warning("max-children-reached", value=self.options.max_children,
+                             times=times, detail="new clients wait in the kernel backlog "
+                             "until a connection ends")
 
     def _accept_handler(self, listener: Listener | listeners.HeldBacklog) -> Callable[..., None]:
         """The listener's poll handler: `handler(events, batch)` accepts up to `batch`

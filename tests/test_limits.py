@@ -366,9 +366,13 @@ def test_max_children_5_serves_12_clients_five_at_a_time_and_refuses_none(
         assert reply["max_children"] == 5 and isinstance(live, list) and len(live) == 5
         time.sleep(1)  # and it stays so: nobody else gets in while the five are busy
         assert at_cap(7), (active[0], listen_queue(proxy.port))
+        # The log says why they wait, once.
+        assert reached_lines(proxy) == ["value=5 times=1"], proxy.log()
         # One slot frees: exactly one waiting client moves from the backlog to a child.
         slots.release()
         assert wait_for(lambda: at_cap(6), 30), (active[0], listen_queue(proxy.port))
+        # Reached again, within ERROR_LOG_EVERY of the first line: folded, no second line.
+        assert reached_lines(proxy) == ["value=5 times=1"], proxy.log()
     finally:
         slots.release(12)
         for thread in threads:
@@ -377,6 +381,12 @@ def test_max_children_5_serves_12_clients_five_at_a_time_and_refuses_none(
     assert replies == {n: f"reply to client {n:02d}".encode() for n in range(12)}
     assert peak[0] == 5
     assert proxy.proc.poll() is None
+
+
+def reached_lines(proxy: Proxy) -> list[str]:
+    """The fields after the event of each `max-children-reached` line, detail left out."""
+    return [line.split(" max-children-reached ", 1)[1].split(" detail=")[0]
+            for line in proxy.log().splitlines() if " warning max-children-reached " in line]
 
 
 def test_a_stop_at_max_children_serves_the_backlog_instead_of_resetting_it(
