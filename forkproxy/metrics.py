@@ -332,12 +332,15 @@ def _answer_head(app: WSGIApplication) -> WSGIApplication:
 
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
-def _die_with_parent() -> None:
+def _die_with_parent() -> bool:
     """Have the kernel send SIGTERM the moment the supervisor dies (SIGKILL, the OOM
     killer), rather than notice it at the next turn of the loop: until then this process
-    holds the metrics port, and a forkproxy restarted at once could not bind it."""
+    holds the metrics port, and a forkproxy restarted at once could not bind it. Whether
+    the kernel took it."""
     with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        result: int = ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        return result == 0
+    return False
 
 
 # Scrapes served at once; a client beyond them waits, then is closed. Each one's thread counts
@@ -358,30 +361,34 @@ class _Deadlines:
     held every scrape slot for as long as they trickled, and every scrape failed."""
 
     def __init__(self) -> None:
-        self.lock = threading.Lock()
+        self.lock = threading.Condition()
         self.due: dict[socket.socket, float] = {}
         threading.Thread(target=self._cut_late, daemon=True).start()
 
     def set(self, sock: socket.socket, seconds: float) -> None:
         with self.lock:
             self.due[sock] = time.monotonic() + seconds
+            self.lock.notify()  # it may be due before what the thread waits for
 
     def clear(self, sock: socket.socket) -> None:
         with self.lock:
-            self.due.pop(sock, None)
+            if self.due.pop(sock, None) is not None:
+                self.lock.notify()  # to wait for the next one, not this one's time
 
     def _cut_late(self) -> None:
-        while True:
-            time.sleep(0.25)
-            now = time.monotonic()
-            # Under the lock: a handler clears its socket before the server closes it, so
-            # no shutdown can reach a descriptor number a newer connection took since.
-            with self.lock:
+        # Sleeps until the next deadline, or until a scrape sets one: a metrics process
+        # nobody scrapes never wakes (it woke 4 times a second, in every pod, forever).
+        with self.lock:
+            while True:
+                now = time.monotonic()
+                # Under the lock: a handler clears its socket before the server closes
+                # it, so no shutdown can reach a descriptor number a newer connection took.
                 for sock in [sock for sock, due in self.due.items() if due <= now]:
                     del self.due[sock]
                     # Its thread, blocked in recv or send, wakes to an end, freeing the slot.
                     with contextlib.suppress(OSError):
                         sock.shutdown(socket.SHUT_RDWR)
+                self.lock.wait(min(self.due.values(), default=now + 3600) - now)
 
 
 class _Server(ThreadingMixIn, WSGIServer):
@@ -545,7 +552,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGQUIT, signal.SIG_IGN)  # a terminal's Ctrl-\ is the supervisor's
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    _die_with_parent()
+    dies_with_parent = _die_with_parent()
     registry = CollectorRegistry(auto_describe=False)
     registry.register(SupervisorCollector(args.status_socket))
     sock = socket.socket(fileno=args.fd)
@@ -563,11 +570,13 @@ def main(argv: list[str] | None = None) -> int:
         # One line, not a traceback: the supervisor logs the exit and tries again later.
         server.log.error("metrics-failed", error=str(exc), detail="cannot start")
         return 1
-    server.timeout = 1.0
     # The supervisor is gone: so is this process, which would otherwise hold the port. Its
     # pid comes from the command line, not from getppid() here: a supervisor killed while
     # this process was still importing (before _die_with_parent) would leave it serving
-    # forever.
+    # forever. Once the kernel is to signal its death, one look covers that window and the
+    # loop waits for requests only: idle, this process never wakes. Without it (no
+    # prctl), the loop looks every second.
+    server.timeout = None if dies_with_parent else 1.0
     while os.getppid() == args.supervisor_pid:
         server.handle_request()
     return 0

@@ -50,6 +50,35 @@ def test_a_metrics_process_killed_with_sigterm_is_logged_as_killed(
     assert proxy.stop() == 0
 
 
+def context_switches(pid: int) -> int:
+    """Every time any thread of `pid` has slept or been switched out, so far."""
+    total = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/status", encoding="ascii") as status:
+            total += sum(int(line.split()[1]) for line in status
+                         if line.startswith(("voluntary_ctxt_switches:",
+                                             "nonvoluntary_ctxt_switches:")))
+    return total
+
+
+def test_a_metrics_process_nobody_scrapes_never_wakes(start_proxy: StartProxy) -> None:
+    """A sidecar in every pod, scraped every 15 s or never: between scrapes its metrics
+    process slept in a loop (a deadline thread every 0.25 s, a parent check every second),
+    5 wakeups a second for ever. Now it waits for a scrape, or for a deadline of one."""
+    proxy = start_proxy("--metrics", "127.0.0.1:0", "127.0.0.1:0=127.0.0.1:1", expect=2)
+    pid = serving_metrics_pid(proxy)  # a scrape done: its deadlines set and cleared
+    assert poll(lambda: len(os.listdir(f"/proc/{pid}/task")), lambda n: n == 2), \
+        "the scrape's thread did not end"  # the loop and the deadline thread only
+    time.sleep(0.5)
+    before = context_switches(pid)
+    time.sleep(3)
+    assert context_switches(pid) - before == 0
+    # Still serving: a scrape wakes it.
+    serving_metrics_pid(proxy)
+    assert context_switches(pid) > before
+    assert proxy.stop() == 0
+
+
 def test_a_metrics_process_that_keeps_dying_is_restarted_less_and_less_often(
     start_proxy: StartProxy, short_dir: Path,
 ) -> None:
