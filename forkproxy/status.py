@@ -10,6 +10,7 @@ never is (~3 MiB less).
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import os
 import socket
@@ -400,6 +401,80 @@ def enrich(status: dict[str, Any]) -> dict[str, Any]:
     return status
 
 
+def read_sockets(status: dict[str, Any]) -> dict[str, Any]:
+    """Add what the kernel says of each live connection's two TCP sockets: `idle`,
+    seconds since data last moved on either, and `queued_to_client`, `queued_to_upstream`,
+    the bytes its socket toward that side holds unsent or unacknowledged (`ss`'s Send-Q):
+    a client that reads nothing leaves them queued toward it. None where the kernel
+    cannot tell from here: the supervisor in another network namespace, a child gone or
+    not readable, an upstream not connected yet. After enrich(), whose `pid_here` it reads.
+
+    Only `status` asks (not the metrics process, not the supervisor): one netlink dump of
+    the namespace's connected TCP sockets per family, and each child's /proc/PID/fd."""
+    from .sockdiag import read_tcp_sockets, socket_inodes
+
+    children = status.get("children", [])
+    for child in children:
+        child.update(idle=None, queued_to_client=None, queued_to_upstream=None)
+    here = status.get("pid_here")
+    if not children or not here or not _same_network_namespace(here):
+        # Socket inodes are unique across namespaces, so another's are never misread:
+        # they are simply not in this namespace's dump, which is not worth making.
+        return status
+    held: list[tuple[dict[str, Any], list[int]]] = []
+    for child in children:
+        if child.get("pid_here") is None:
+            continue
+        with contextlib.suppress(OSError, ValueError):  # gone, or another user's
+            held.append((child, socket_inodes(child["pid_here"])))
+    try:
+        sockets = read_tcp_sockets({inode for _, inodes in held for inode in inodes})
+    except OSError:
+        return status  # no NETLINK_SOCK_DIAG here (a sandbox): nothing to say
+    for child, inodes in held:
+        found = [sockets[inode] for inode in inodes if inode in sockets]
+        client = _socket_address(child["client"])
+        toward_client = [item for item in found if _normal(item.remote) == client]
+        if len(toward_client) != 1:
+            # Not this connection's child (its pid reused since the reply), or a client
+            # socket closed already: nothing here is known to be the connection's.
+            continue
+        others = [item for item in found if item is not toward_client[0]]
+        # The relay holds two TCP sockets; more (never seen) would leave the upstream's
+        # unknown rather than guessed.
+        upstream = others[0] if len(others) == 1 else None
+        moved = [item.idle_ms for item in (toward_client[0], upstream)
+                 if item is not None and item.idle_ms is not None]
+        child.update(
+            idle=min(moved) / 1000 if moved else None,
+            queued_to_client=toward_client[0].send_queue,
+            queued_to_upstream=None if upstream is None else upstream.send_queue,
+        )
+    return status
+
+
+_Address = tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]
+
+
+def _normal(address: _Address) -> _Address:
+    """An IPv4 client of an IPv6 listener as IPv4 (`::ffff:10.0.0.1` is 10.0.0.1)."""
+    host, port = address
+    if isinstance(host, ipaddress.IPv6Address) and host.ipv4_mapped is not None:
+        return host.ipv4_mapped, port
+    return address
+
+
+def _socket_address(text: str) -> _Address | None:
+    """A connection's `client` as the supervisor writes it (`10.0.0.1:5000`,
+    `[fe80::1%2]:5000`), as an address to compare; None if it is not one."""
+    host, _, port = text.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]").partition("%")[0]
+    try:
+        return _normal((ipaddress.ip_address(host), int(port)))
+    except ValueError:
+        return None
+
+
 # Seconds `status` gives the metrics endpoint to answer. A request waits up to a second
 # for a free slot there (metrics.SCRAPE_WAIT) and is closed if none comes: 2 s is enough
 # for a busy endpoint to answer and short enough for a command run by hand.
@@ -689,12 +764,15 @@ def render(status: dict[str, Any]) -> str:
     # link since has not changed (the link's row shows the new one).
     rows = [
         [str(c["pid"]), c["link"], c["client"], c.get("upstream", "-"), f"{c['age']:.1f}s",
-         _size(c["bytes_up"]), _size(c["bytes_down"]), _size(c.get("rss")),
-         _size(c.get("uss")), "-" if c.get("cpu") is None else f"{c['cpu']:.2f}s"]
+         "-" if c.get("idle") is None else f"{c['idle']:.1f}s",
+         _size(c["bytes_up"]), _size(c["bytes_down"]),
+         _size(c.get("queued_to_client")), _size(c.get("queued_to_upstream")),
+         _size(c.get("rss")), _size(c.get("uss")),
+         "-" if c.get("cpu") is None else f"{c['cpu']:.2f}s"]
         for c in status.get("children", [])
     ]
-    lines += ["", *_table(["PID", "LINK", "CLIENT", "UPSTREAM", "AGE", "UP", "DOWN", "RSS", "USS",
-                           "CPU"], rows)]
+    lines += ["", *_table(["PID", "LINK", "CLIENT", "UPSTREAM", "AGE", "IDLE", "UP", "DOWN",
+                           "QUEUED TO CLIENT", "QUEUED TO UPSTREAM", "RSS", "USS", "CPU"], rows)]
     return "\n".join(lines)
 
 
@@ -743,6 +821,6 @@ def run_status(path: str | None, as_json: bool, output: Say, say: Say) -> int:
     reply = ask(path, "status", say)
     if reply is None:
         return 1
-    reply = probe_metrics(enrich(reply))
+    reply = probe_metrics(read_sockets(enrich(reply)))
     output(json.dumps(reply, indent=2) if as_json else render(shown(reply)))
     return 0

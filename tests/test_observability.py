@@ -387,6 +387,136 @@ def test_live_connection_in_status_with_pid_client_age_bytes_and_psutil(
     assert reply["links"][spec]["outcomes"] == {"closed": 1}
 
 
+def flood(conn: socket.socket) -> None:
+    """A server that sends as fast as it is taken, until the connection breaks."""
+    chunk = b"x" * (1 << 16)
+    with contextlib.suppress(OSError):
+        while True:
+            conn.sendall(chunk)
+
+
+def the_connection(sock_path: Path, env: dict[str, str]) -> dict[str, Any]:
+    """The one live connection in `forkproxy status --json`."""
+    children: list[dict[str, Any]] = status_json(sock_path, env)["children"]
+    [child] = children
+    return child
+
+
+# Kernel timestamps are jiffies (1 to 10 ms each); idle readings made `slept` apart
+# differ by at least `slept` less this.
+JIFFIES = 0.05
+
+
+def test_status_shows_bytes_queued_toward_a_client_that_reads_nothing_and_idle_growing(
+    start_proxy: StartProxy, tcp_server: ServerFactory, tmp_path: Path, env: dict[str, str],
+) -> None:
+    """A consumer that stopped reading (hung) looked, in status, like one idle in a pool:
+    bytes are stuck in the proxy's socket toward it. Now the connection shows them queued
+    toward the client (the kernel's Send-Q of that socket; the upstream's stays 0), and
+    an IDLE that grows while nothing moves; once the client reads again, IDLE is back to
+    the time since bytes moved, shorter than the time they have been flowing."""
+    sock_path = tmp_path / "status.sock"
+    proxy = start_proxy("--status-socket", str(sock_path),
+                        f"127.0.0.1:0=127.0.0.1:{tcp_server(flood).port}", env=env)
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=30) as client:
+        # The proxy reads the upstream until its socket toward the client is full.
+        wedged = poll(lambda: the_connection(sock_path, env),
+                      lambda child: (child["queued_to_client"] or 0) > 0
+                      and child["idle"] is not None and child["idle"] >= 0.5)
+        assert wedged["queued_to_client"] > 0 and wedged["queued_to_upstream"] == 0, wedged
+        slept = 1.0
+        time.sleep(slept)
+        later = the_connection(sock_path, env)
+        assert later["queued_to_client"] > 0, later
+        assert later["idle"] >= wedged["idle"] + slept - JIFFIES, (wedged, later)
+
+        result = cli("status", "--status-socket", str(sock_path), env=env)
+        assert result.returncode == 0, result
+        [row] = parse_tables(result.stdout)[1][1]
+        assert re.fullmatch(r"\d+\.\d[KM]", row["QUEUED TO CLIENT"]), row
+        assert row["QUEUED TO UPSTREAM"] == "0B", row
+        assert re.fullmatch(r"\d+\.\ds", row["IDLE"]) and float(row["IDLE"][:-1]) >= slept, row
+
+        reading = threading.Event()
+
+        def read() -> None:
+            client.settimeout(30)
+            with contextlib.suppress(OSError):
+                while client.recv(1 << 16):
+                    reading.set()
+
+        flowing_since = time.monotonic()
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        assert reading.wait(30)
+        time.sleep(slept)
+        flowing = the_connection(sock_path, env)
+        # Bytes moved on the proxy's sockets after `flowing_since` (the queued ones went
+        # to the client only once it read): idle is less than the time since then.
+        assert flowing["idle"] < time.monotonic() - flowing_since, (flowing, later)
+        client.shutdown(socket.SHUT_RDWR)
+        reader.join(30)
+
+
+def test_an_idle_connections_idle_time_grows_and_traffic_starts_it_again(
+    start_proxy: StartProxy, tcp_server: ServerFactory, tmp_path: Path, env: dict[str, str],
+) -> None:
+    """An idle pooled connection: nothing queued either way, IDLE at least the time
+    nothing was sent on it; a request and its answer start it again."""
+    sock_path = tmp_path / "status.sock"
+    proxy = start_proxy("--status-socket", str(sock_path),
+                        f"127.0.0.1:0=127.0.0.1:{tcp_server(echo).port}", env=env)
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=30) as client:
+        client.sendall(b"ping")
+        assert recv_exact(client, 4) == b"ping"
+        slept = 1.5
+        time.sleep(slept)
+        idle = the_connection(sock_path, env)
+        assert idle["idle"] >= slept - JIFFIES, idle
+        assert (idle["queued_to_client"], idle["queued_to_upstream"]) == (0, 0), idle
+        time.sleep(slept)
+        later = the_connection(sock_path, env)
+        assert later["idle"] >= idle["idle"] + slept - JIFFIES, (idle, later)
+
+        sent = time.monotonic()
+        client.sendall(b"pong")
+        assert recv_exact(client, 4) == b"pong"
+        again = the_connection(sock_path, env)
+        assert again["idle"] < time.monotonic() - sent, (later, again)
+        assert (again["queued_to_client"], again["queued_to_upstream"]) == (0, 0), again
+
+
+def test_status_from_another_network_namespace_shows_no_socket_readings(
+    start_proxy: StartProxy, tcp_server: ServerFactory, tmp_path: Path, env: dict[str, str],
+) -> None:
+    """`status` in another network namespace than the supervisor's (on the host, for a
+    proxy in a container's network) cannot ask the kernel about its sockets: `-` and
+    null, not an error, and never another namespace's sockets' readings."""
+    sock_path = tmp_path / "status.sock"
+    proxy = start_proxy("--status-socket", str(sock_path),
+                        f"127.0.0.1:0=127.0.0.1:{tcp_server(echo).port}", env=env)
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=30) as client:
+        client.sendall(b"ping")
+        assert recv_exact(client, 4) == b"ping"
+        here = the_connection(sock_path, env)
+        assert here["idle"] is not None and here["queued_to_client"] == 0, here
+        elsewhere = [need("unshare"), "--net", FORKPROXY, "status", "--status-socket",
+                     str(sock_path)]
+        result = subprocess.run([*elsewhere, "--json"], capture_output=True, text=True,
+                                env=env, timeout=60, check=False)
+        assert (result.returncode, result.stderr) == (0, ""), result
+        [child] = json.loads(result.stdout)["children"]
+        assert child["rss"] is not None, child  # the same process, read from /proc
+        assert (child["idle"], child["queued_to_client"], child["queued_to_upstream"]) == (
+            None, None, None), child
+        result = subprocess.run(elsewhere, capture_output=True, text=True, env=env,
+                                timeout=60, check=False)
+        assert (result.returncode, result.stderr) == (0, ""), result
+        [row] = parse_tables(result.stdout)[1][1]
+        assert (row["IDLE"], row["QUEUED TO CLIENT"], row["QUEUED TO UPSTREAM"]) == (
+            "-", "-", "-"), row
+
+
 @pytest.mark.parametrize("relay", ["auto", "splice", "copy"])
 def test_bulk_byte_counts_are_exact_in_every_relay_mode(
     start_proxy: StartProxy, tcp_server: ServerFactory, tmp_path: Path, env: dict[str, str],
@@ -479,6 +609,10 @@ def test_status_from_outside_the_supervisors_pid_namespace_reads_the_right_child
     assert child["pid_here"] == relay_child.pid
     assert child["rss"] > 1 << 20, child  # a forked Python, not a kernel thread
     assert 0 < child["uss"] <= child["rss"]
+    # Its sockets too, read through /proc/PID/fd by the pid it has here (one network
+    # namespace: the kernel answers for them).
+    assert (child["queued_to_client"], child["queued_to_upstream"]) == (0, 0), child
+    assert child["idle"] is not None, child
 
 
 # A process that names itself with bytes that are not UTF-8 (prctl PR_SET_NAME, what the

@@ -1,0 +1,157 @@
+"""The kernel's view of TCP sockets, as `ss -tin` reads it: NETLINK_SOCK_DIAG (inet_diag).
+
+Used by `forkproxy status` only, in its own short-lived process: never by the supervisor
+or a relay child. One dump per address family of the connected TCP sockets of this
+process's network namespace, with each socket's tcp_info; unprivileged, as `ss` is. Only
+the sockets asked for (by inode, as /proc/PID/fd names them) are decoded.
+
+Layouts (linux/netlink.h, linux/sock_diag.h, linux/inet_diag.h, linux/tcp.h), all in the
+host's byte order but the ports and addresses (network order):
+  nlmsghdr          len u32, type u16, flags u16, seq u32, pid u32              16 bytes
+  inet_diag_req_v2  family u8, protocol u8, ext u8, pad u8, states u32, sockid  56 bytes
+  inet_diag_sockid  sport be16, dport be16, src 16B, dst 16B, if u32, cookie 8B 48 bytes
+  inet_diag_msg     family u8, state u8, timer u8, retrans u8, sockid,
+                    expires u32, rqueue u32, wqueue u32, uid u32, inode u32     72 bytes
+  rtattr            len u16, type u16, payload padded to 4 bytes
+  tcp_info          ... tcpi_last_data_sent u32 at 44, tcpi_last_data_recv u32 at 52
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+import struct
+from dataclasses import dataclass
+
+NETLINK_SOCK_DIAG = 4  # linux/netlink.h; the socket module has no name for it
+SOCK_DIAG_BY_FAMILY = 20
+NLM_F_REQUEST = 0x1
+NLM_F_DUMP = 0x300  # NLM_F_ROOT | NLM_F_MATCH
+NLMSG_ERROR = 2
+NLMSG_DONE = 3
+INET_DIAG_INFO = 2  # the rtattr carrying struct tcp_info
+
+# Sockets that are connected, or were and still hold their data: what a relay's two
+# sockets can be in while it lives. Not SYN_SENT (an upstream not connected yet: nothing
+# queued, nothing moved), nor LISTEN, SYN_RECV, TIME_WAIT (no process owns those), which
+# also keeps a busy host's many TIME_WAIT sockets out of the dump.
+TCP_ESTABLISHED, TCP_FIN_WAIT1, TCP_FIN_WAIT2 = 1, 4, 5
+TCP_CLOSE_WAIT, TCP_LAST_ACK, TCP_CLOSING = 8, 9, 11
+CONNECTED_STATES = sum(1 << state for state in (
+    TCP_ESTABLISHED, TCP_FIN_WAIT1, TCP_FIN_WAIT2, TCP_CLOSE_WAIT, TCP_LAST_ACK, TCP_CLOSING))
+
+_HEADER = struct.Struct("=IHHII")  # nlmsghdr
+_REQUEST = struct.Struct("=BBBBI48x")  # inet_diag_req_v2, its sockid all zero: any socket
+_PORTS = struct.Struct(">HH")  # inet_diag_msg's sport, dport, at 4
+_QUEUES_AND_INODE = struct.Struct("=4xIII")  # expires (skipped), rqueue, wqueue, uid, inode
+_ATTRIBUTE = struct.Struct("=HH")  # rtattr
+_U32 = struct.Struct("=I")
+_MSG_SIZE = 72  # inet_diag_msg
+_INODE_AT = 68  # inet_diag_msg's idiag_inode
+_WQUEUE_AT = 60  # inet_diag_msg's idiag_wqueue
+_LAST_DATA_SENT_AT = 44  # in struct tcp_info
+_LAST_DATA_RECV_AT = 52
+_TCP_INFO_NEEDED = _LAST_DATA_RECV_AT + 4
+# A dump's messages come in datagrams the kernel sizes after the reader's buffer, up to
+# 32 KiB each; a larger buffer is never filled, a smaller one would truncate them.
+_RECV_SIZE = 1 << 16
+# The kernel answers at once; a bound all the same, so that `status` cannot hang here.
+_KERNEL_TIMEOUT = 10.0
+
+
+@dataclass(frozen=True)
+class TcpSocket:
+    """One socket as the kernel reports it."""
+
+    state: int
+    local: tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]
+    remote: tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]
+    # Bytes written to it and not yet acknowledged by its peer, sent or not: `ss`'s
+    # Send-Q. Grows while the peer reads nothing (its window shut) or does not answer.
+    send_queue: int
+    # Milliseconds since data last moved on it, either way (the smaller of tcp_info's
+    # last_data_sent and last_data_recv); None when the kernel gave no tcp_info.
+    idle_ms: int | None
+
+
+def read_tcp_sockets(inodes: set[int]) -> dict[int, TcpSocket]:
+    """The connected TCP sockets among `inodes` (socket inodes, as /proc/PID/fd shows
+    them: `socket:[N]`) that this process's network namespace holds, by inode. Sockets
+    of another namespace, gone meanwhile, or not connected are absent. OSError when
+    the kernel cannot be asked at all (no NETLINK_SOCK_DIAG: a sandbox)."""
+    found: dict[int, TcpSocket] = {}
+    if not inodes:
+        return found
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
+                       NETLINK_SOCK_DIAG) as sock:
+        sock.settimeout(_KERNEL_TIMEOUT)
+        buffer = bytearray(_RECV_SIZE)
+        for sequence, family in enumerate((socket.AF_INET, socket.AF_INET6), start=1):
+            _dump(sock, family, sequence, inodes, buffer, found)
+    return found
+
+
+def _dump(sock: socket.socket, family: int, sequence: int, inodes: set[int],
+          buffer: bytearray, found: dict[int, TcpSocket]) -> None:
+    """Ask for one family's connected TCP sockets and decode those in `inodes` into
+    `found`. A family the kernel refuses (no IPv6 diag) adds nothing."""
+    request = _REQUEST.pack(family, socket.IPPROTO_TCP, 1 << (INET_DIAG_INFO - 1), 0,
+                            CONNECTED_STATES)
+    sock.send(_HEADER.pack(_HEADER.size + len(request), SOCK_DIAG_BY_FAMILY,
+                           NLM_F_REQUEST | NLM_F_DUMP, sequence, 0) + request)
+    view = memoryview(buffer)
+    while True:
+        size = sock.recv_into(view)
+        offset = 0
+        while offset + _HEADER.size <= size:
+            length, kind, _, seq, _ = _HEADER.unpack_from(buffer, offset)
+            if length < _HEADER.size or offset + length > size:
+                return  # malformed: what was decoded stands
+            if seq == sequence:
+                if kind in (NLMSG_DONE, NLMSG_ERROR):
+                    return
+                body = offset + _HEADER.size
+                if length - _HEADER.size >= _MSG_SIZE:
+                    inode = _U32.unpack_from(buffer, body + _INODE_AT)[0]
+                    if inode in inodes:
+                        found[inode] = _decode(buffer, body, offset + length)
+            offset += (length + 3) & ~3  # NLMSG_ALIGN
+
+
+def _decode(buffer: bytearray, body: int, end: int) -> TcpSocket:
+    """The inet_diag_msg at `body`, its attributes up to `end`."""
+    family, state = buffer[body], buffer[body + 1]
+    sport, dport = _PORTS.unpack_from(buffer, body + 4)
+    width = 4 if family == socket.AF_INET else 16
+    src = ipaddress.ip_address(bytes(buffer[body + 8:body + 8 + width]))
+    dst = ipaddress.ip_address(bytes(buffer[body + 24:body + 24 + width]))
+    send_queue = _U32.unpack_from(buffer, body + _WQUEUE_AT)[0]
+    idle_ms = None
+    at = body + _MSG_SIZE
+    while at + _ATTRIBUTE.size <= end:
+        length, kind = _ATTRIBUTE.unpack_from(buffer, at)
+        if length < _ATTRIBUTE.size:
+            break
+        if kind == INET_DIAG_INFO and length - _ATTRIBUTE.size >= _TCP_INFO_NEEDED:
+            info = at + _ATTRIBUTE.size
+            idle_ms = min(_U32.unpack_from(buffer, info + _LAST_DATA_SENT_AT)[0],
+                          _U32.unpack_from(buffer, info + _LAST_DATA_RECV_AT)[0])
+        at += (length + 3) & ~3  # RTA_ALIGN
+    return TcpSocket(state, (src, sport), (dst, dport), send_queue, idle_ms)
+
+
+def socket_inodes(pid: int) -> list[int]:
+    """The inodes of the sockets process `pid` holds (its /proc/PID/fd links that read
+    `socket:[N]`), in descriptor order. OSError when they cannot be listed (gone, or
+    another user's without root); a descriptor closed while listed is left out."""
+    fd_dir = f"/proc/{pid}/fd"
+    inodes = []
+    for name in os.listdir(fd_dir):
+        try:
+            target = os.readlink(f"{fd_dir}/{name}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.append(int(target[8:-1]))
+    return inodes
