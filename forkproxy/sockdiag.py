@@ -18,7 +18,6 @@ host's byte order but the ports and addresses (network order):
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import socket
 import struct
@@ -43,7 +42,7 @@ CONNECTED_STATES = sum(1 << state for state in (
 
 _HEADER = struct.Struct("=IHHII")  # nlmsghdr
 _REQUEST = struct.Struct("=BBBBI48x")  # inet_diag_req_v2, its sockid all zero: any socket
-_PORTS = struct.Struct(">HH")  # inet_diag_msg's sport, dport, at 4
+_PORT = struct.Struct(">H")  # a port, in network order
 _QUEUES_AND_INODE = struct.Struct("=4xIII")  # expires (skipped), rqueue, wqueue, uid, inode
 _ATTRIBUTE = struct.Struct("=HH")  # rtattr
 _U32 = struct.Struct("=I")
@@ -65,14 +64,32 @@ class TcpSocket:
     """One socket as the kernel reports it."""
 
     state: int
-    local: tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]
-    remote: tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]
+    # Its peer's address and port: the address packed, 4 bytes for IPv4 (an IPv4 peer of
+    # an IPv6 socket, ::ffff:a.b.c.d, too), 16 for IPv6 (packed_address() makes them).
+    remote: tuple[bytes, int]
     # Bytes written to it and not yet acknowledged by its peer, sent or not: `ss`'s
     # Send-Q. Grows while the peer reads nothing (its window shut) or does not answer.
     send_queue: int
     # Milliseconds since data last moved on it, either way (the smaller of tcp_info's
     # last_data_sent and last_data_recv); None when the kernel gave no tcp_info.
     idle_ms: int | None
+
+
+_MAPPED = bytes(10) + b"\xff\xff"  # ::ffff:0:0/96, IPv4 as an IPv6 socket sees it
+
+
+def packed_address(host: str) -> bytes:
+    """`host` (an IP address, without brackets or zone) as TcpSocket.remote packs it.
+    ValueError if it is not an address."""
+    try:
+        return socket.inet_pton(socket.AF_INET, host)
+    except OSError:
+        pass
+    try:
+        packed = socket.inet_pton(socket.AF_INET6, host)
+    except OSError:
+        raise ValueError(f"not an IP address: {host!r}") from None
+    return packed[12:] if packed.startswith(_MAPPED) else packed
 
 
 def read_tcp_sockets(inodes: set[int]) -> dict[int, TcpSocket]:
@@ -122,10 +139,13 @@ def _dump(sock: socket.socket, family: int, sequence: int, inodes: set[int],
 def _decode(buffer: bytearray, body: int, end: int) -> TcpSocket:
     """The inet_diag_msg at `body`, its attributes up to `end`."""
     family, state = buffer[body], buffer[body + 1]
-    sport, dport = _PORTS.unpack_from(buffer, body + 4)
-    width = 4 if family == socket.AF_INET else 16
-    src = ipaddress.ip_address(bytes(buffer[body + 8:body + 8 + width]))
-    dst = ipaddress.ip_address(bytes(buffer[body + 24:body + 24 + width]))
+    port = _PORT.unpack_from(buffer, body + 6)[0]  # idiag_dport
+    if family == socket.AF_INET:
+        remote = bytes(buffer[body + 24:body + 28])
+    else:
+        remote = bytes(buffer[body + 24:body + 40])
+        if remote.startswith(_MAPPED):
+            remote = remote[12:]
     send_queue = _U32.unpack_from(buffer, body + _WQUEUE_AT)[0]
     idle_ms = None
     at = body + _MSG_SIZE
@@ -137,21 +157,27 @@ def _decode(buffer: bytearray, body: int, end: int) -> TcpSocket:
             info = at + _ATTRIBUTE.size
             idle_ms = min(_U32.unpack_from(buffer, info + _LAST_DATA_SENT_AT)[0],
                           _U32.unpack_from(buffer, info + _LAST_DATA_RECV_AT)[0])
+            break
         at += (length + 3) & ~3  # RTA_ALIGN
-    return TcpSocket(state, (src, sport), (dst, dport), send_queue, idle_ms)
+    return TcpSocket(state, (remote, port), send_queue, idle_ms)
 
 
-def socket_inodes(pid: int) -> list[int]:
-    """The inodes of the sockets process `pid` holds (its /proc/PID/fd links that read
-    `socket:[N]`), in descriptor order. OSError when they cannot be listed (gone, or
-    another user's without root); a descriptor closed while listed is left out."""
-    fd_dir = f"/proc/{pid}/fd"
-    inodes = []
-    for name in os.listdir(fd_dir):
-        try:
-            target = os.readlink(f"{fd_dir}/{name}")
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            inodes.append(int(target[8:-1]))
-    return inodes
+def socket_inodes(pid: int, first: int = 0) -> list[int]:
+    """The inodes of the sockets process `pid` holds on descriptors `first` and up (its
+    /proc/PID/fd links that read `socket:[N]`). OSError when they cannot be listed (gone,
+    or another user's without root); a descriptor closed while listed is left out."""
+    directory = os.open(f"/proc/{pid}/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        inodes = []
+        for name in os.listdir(directory):
+            if int(name) < first:
+                continue
+            try:
+                target = os.readlink(name, dir_fd=directory)
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.append(int(target[8:-1]))
+        return inodes
+    finally:
+        os.close(directory)
