@@ -517,6 +517,29 @@ def test_status_from_another_network_namespace_shows_no_socket_readings(
             "-", "-", "-"), row
 
 
+def test_a_connection_whose_upstream_is_not_connected_yet_shows_no_upstream_queue(
+    start_proxy: StartProxy, tmp_path: Path, env: dict[str, str],
+) -> None:
+    """While the child still connects (its SYNs dropped by an upstream whose accept
+    queue is full), the upstream side has nothing to say: `-` and null, not an error;
+    the client's side is read."""
+    sock_path = tmp_path / "status.sock"
+    with socket.socket() as upstream, socket.socket() as filler:
+        upstream.bind(("127.0.0.1", 0))
+        upstream.listen(0)
+        filler.connect(upstream.getsockname())  # fills the queue; nobody ever accepts
+        proxy = start_proxy("--connect-timeout", "60", "--status-socket", str(sock_path),
+                            f"127.0.0.1:0=127.0.0.1:{upstream.getsockname()[1]}", env=env)
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=30):
+            child = poll(lambda: the_connection(sock_path, env),
+                         lambda child: child["idle"] is not None)
+            assert (child["queued_to_client"], child["queued_to_upstream"]) == (0, None), child
+            result = cli("status", "--status-socket", str(sock_path), env=env)
+            assert (result.returncode, result.stderr) == (0, ""), result
+            [row] = parse_tables(result.stdout)[1][1]
+            assert (row["QUEUED TO CLIENT"], row["QUEUED TO UPSTREAM"]) == ("0B", "-"), row
+
+
 @pytest.mark.parametrize("relay", ["auto", "splice", "copy"])
 def test_bulk_byte_counts_are_exact_in_every_relay_mode(
     start_proxy: StartProxy, tcp_server: ServerFactory, tmp_path: Path, env: dict[str, str],
