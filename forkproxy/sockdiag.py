@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 import socket
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 NETLINK_SOCK_DIAG = 4  # linux/netlink.h; the socket module has no name for it
 SOCK_DIAG_BY_FAMILY = 20
@@ -33,8 +33,8 @@ INET_DIAG_INFO = 2  # the rtattr carrying struct tcp_info
 
 # Sockets that are connected, or were and still hold their data: what a relay's two
 # sockets can be in while it lives. Not SYN_SENT (an upstream not connected yet: nothing
-# queued, nothing moved), nor LISTEN, SYN_RECV, TIME_WAIT (no process owns those), which
-# also keeps a busy host's many TIME_WAIT sockets out of the dump.
+# queued, nothing moved), nor LISTEN (a relay holds none), nor SYN_RECV and TIME_WAIT (no
+# process holds those), which keeps a busy host's many TIME_WAIT sockets out of the dump.
 TCP_ESTABLISHED, TCP_FIN_WAIT1, TCP_FIN_WAIT2 = 1, 4, 5
 TCP_CLOSE_WAIT, TCP_LAST_ACK, TCP_CLOSING = 8, 9, 11
 CONNECTED_STATES = sum(1 << state for state in (
@@ -43,7 +43,6 @@ CONNECTED_STATES = sum(1 << state for state in (
 _HEADER = struct.Struct("=IHHII")  # nlmsghdr
 _REQUEST = struct.Struct("=BBBBI48x")  # inet_diag_req_v2, its sockid all zero: any socket
 _PORT = struct.Struct(">H")  # a port, in network order
-_QUEUES_AND_INODE = struct.Struct("=4xIII")  # expires (skipped), rqueue, wqueue, uid, inode
 _ATTRIBUTE = struct.Struct("=HH")  # rtattr
 _U32 = struct.Struct("=I")
 _MSG_SIZE = 72  # inet_diag_msg
@@ -59,9 +58,9 @@ _RECV_SIZE = 1 << 16
 _KERNEL_TIMEOUT = 10.0
 
 
-@dataclass(frozen=True)
-class TcpSocket:
-    """One socket as the kernel reports it."""
+class TcpSocket(NamedTuple):
+    """One socket as the kernel reports it. (Not a dataclass: `status` runs in a
+    container's memory limit, and dataclasses imports inspect and more.)"""
 
     state: int
     # Its peer's address and port: the address packed, 4 bytes for IPv4 (an IPv4 peer of
@@ -120,6 +119,8 @@ def _dump(sock: socket.socket, family: int, sequence: int, inodes: set[int],
     view = memoryview(buffer)
     while True:
         size = sock.recv_into(view)
+        if not size:
+            return  # never sent by a kernel that answers: no loop on it
         offset = 0
         while offset + _HEADER.size <= size:
             length, kind, _, seq, _ = _HEADER.unpack_from(buffer, offset)

@@ -1,7 +1,8 @@
 """The client end of the control socket: `forkproxy status`, `check` and `reload`.
 
 Runs in the short-lived CLI process, which is where psutil reads each live child's memory
-and CPU: the supervisor only hands out the table of pids (see accounting.py). Imported
+and CPU, and the kernel tells its sockets' state (sockdiag.py): the supervisor only hands
+out the table of pids (see accounting.py). Imported
 without typer by console.py's lean path too (`check`, `status` run inside a container,
 charged to its memory limit): psutil is imported only where it is used, which `check`
 never is (~3 MiB less).
@@ -424,7 +425,7 @@ def read_sockets(status: dict[str, Any]) -> dict[str, Any]:
     for child in children:
         if child.get("pid_here") is None:
             continue
-        with contextlib.suppress(OSError, ValueError):  # gone, or another user's
+        with contextlib.suppress(OSError):  # gone, or another user's
             # From descriptor 3: a relay child's 0-2 are its supervisor's standard
             # descriptors, always open (console.fill_closed_std_fds), never its
             # connection's sockets; a quarter less of this loop's time at 2,000.

@@ -430,6 +430,19 @@ def test_status_shows_bytes_queued_toward_a_client_that_reads_nothing_and_idle_g
         assert later["queued_to_client"] > 0, later
         assert later["idle"] >= wedged["idle"] + slept - JIFFIES, (wedged, later)
 
+        def send_q() -> int:
+            """`ss`'s Send-Q of the proxy's socket toward the client."""
+            ports = f"( sport = :{proxy.port} and dport = :{client.getsockname()[1]} )"
+            out = subprocess.run([need("ss"), "-tnH", "state", "established", ports],
+                                 capture_output=True, text=True, timeout=30, check=True)
+            [line] = out.stdout.splitlines()
+            return int(line.split()[1])
+
+        # What ss reads for the same socket (the queue stands still: nothing moves).
+        pair = poll(lambda: (the_connection(sock_path, env)["queued_to_client"], send_q()),
+                    lambda pair: pair[0] == pair[1])
+        assert pair[0] == pair[1], pair
+
         result = cli("status", "--status-socket", str(sock_path), env=env)
         assert result.returncode == 0, result
         [row] = parse_tables(result.stdout)[1][1]
