@@ -1043,6 +1043,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         epilog="scripts/bench itself also takes --venv PATH (use that venv as it is, install"
         " nothing) and reads FORKPROXY_BENCH_VENV (where it keeps its own venv).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        # scripts/bench reads --smoke itself (no chart, no matplotlib): an abbreviation it
+        # would not see as one.
+        allow_abbrev=False,
     )
     p.add_argument("--rounds", type=int, help="rounds (default 3, 1 with --smoke)")
     p.add_argument(
@@ -1203,6 +1206,10 @@ def main(argv: list[str]) -> int:
     table = markdown(res, candidates, sizes)
     print(table, flush=True)
     data = report_json(res, candidates, workloads, sizes, machine, commands, rerun)
+    if args.update_docs and res.errors and args.out is None:
+        # docs/ keeps its JSON and chart beside the benchmarks.md they match, which a run
+        # with failed samples leaves as it was (below).
+        out_dir = Path(tempfile.mkdtemp(prefix="forkproxy-bench-"))
     json_path = out_dir / "benchmarks.json"
     json_path.write_text(json.dumps(data, indent=2) + "\n")
     log(f"JSON: {json_path}")
@@ -1212,7 +1219,7 @@ def main(argv: list[str]) -> int:
         log(f"chart: {png_path}")
     if args.update_docs:
         if res.errors:
-            log("scripts/bench: samples failed; docs/benchmarks.md left as it was")
+            log("scripts/bench: samples failed; docs/ left as it was (this run's files above)")
         else:
             doc = REPO / "docs" / "benchmarks.md"
             update_doc(

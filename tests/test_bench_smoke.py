@@ -84,3 +84,30 @@ def test_bench_help_prints_the_options_and_installs_nothing(tmp_path: Path) -> N
     for option in ("--rounds", "--only", "--candidates", "--forkproxy-args", "--venv"):
         assert option in result.stdout, option
     assert not venv.exists(), "--help made the bench venv"
+
+
+@pytest.mark.parametrize(("script", "argument", "says"), [
+    ("bench", "--bogus", "scripts/bench: error: unrecognized arguments: --bogus"),
+    # argparse took it for --smoke, the wrapper did not: a chart venv for a smoke run.
+    ("bench", "--smok", "scripts/bench: error: unrecognized arguments: --smok"),
+    ("ensure-venv", "--bogus", "ensure-venv: unknown option --bogus (try --help)"),
+    ("ensure-peers", "--bogus", "ensure-peers: unknown option --bogus (try --help)"),
+    ("demo", "--bogus", "demo: takes no arguments: --bogus (try --help)"),
+    ("image-test", "--bogus", "image-test: takes no arguments: --bogus (try --help)"),
+])
+def test_a_script_given_a_bad_argument_says_so_at_once_and_does_nothing(
+    tmp_path: Path, script: str, argument: str, says: str,
+) -> None:
+    """Each failed with exit 2 only after installing its venv and peers (bench: ~1 min),
+    or took the argument for something else: ensure-peers "installing --help", image-test
+    ran its whole build, demo started its servers, ensure-venv printed pip's traceback."""
+    venv = tmp_path / "bench-venv"
+    result = subprocess.run(
+        [str(REPO / "scripts" / script), argument],
+        capture_output=True, text=True, timeout=60, check=False,
+        env={**os.environ, "FORKPROXY_BENCH_VENV": str(venv)},
+    )
+    assert result.returncode == 2, result
+    assert result.stderr.strip().splitlines()[-1] == says, result.stderr
+    assert result.stdout == "", result.stdout
+    assert not venv.exists()
