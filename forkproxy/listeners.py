@@ -33,8 +33,11 @@ class Listener:
         self.relay_args: tuple[object, ...] = ()
         # Its connections, counted from 0: each child's turn (relay.in_turn), so the
         # first connection goes to the first address getaddrinfo gave. Kept here, not in
-        # the accept handler, which is built anew whenever accepting resumes.
+        # the accept handler, which is built anew after each reload.
         self.turns = itertools.count()
+        # Its poll handler (Supervisor._accept_handler), built when accepting first
+        # resumes after a start or a reload, kept while it pauses and resumes.
+        self.accept_clients: Callable[..., None] | None = None
         # `waiting(0)`: is another client already in the backlog? A poll of this socket
         # alone, so the accept loop can ask without an accept() that fails: the
         # BlockingIOError that raises allocates an exception, a traceback and a frame
