@@ -34,6 +34,16 @@ T = TypeVar("T")
 # serve them outside a network namespace of their own add this, to stay on loopback.
 LOOPBACK = ("--bind", "127.0.0.1")
 
+# What the caller's environment would hand every proxy a test starts (most start with a copy
+# of os.environ): FORKPROXY_* variables are its options (FORKPROXY_ALIAS=x failed each
+# start that gives a SPEC, FORKPROXY_BIND moved listeners), and link variables, which
+# Docker (--link) and Kubernetes (a variable per service: KUBERNETES_PORT_443_TCP) put in
+# the environment a CI job runs in, are links to --from-env. Removed once, before any test.
+_CALLERS_LINK = re.compile(r"[A-Za-z0-9_.]*_PORT_[0-9]+_(TCP|UDP|SCTP)(_ADDR|_PORT|_PROTO)?\Z")
+for _name in [name for name in os.environ
+              if name.startswith("FORKPROXY_") or _CALLERS_LINK.match(name)]:
+    del os.environ[_name]
+
 
 @contextlib.contextmanager
 def netns_lab(prefix: str) -> Iterator[netns.Lab]:
