@@ -1739,7 +1739,10 @@ def test_reload_pid_file_says_so_when_the_signal_itself_is_not_permitted(
     try:
         home.chmod(0o755)
         pid_file = home / "proxy.pid"
-        proxy = start_proxy("--pid-file", str(pid_file), "127.0.0.1:0=127.0.0.1:1")
+        # umask 022, whatever the caller's: the pid file is 0644 less the umask, and under
+        # `umask 077` nobody could not read it ("cannot read ...: Permission denied").
+        proxy = start_proxy("--pid-file", str(pid_file), "127.0.0.1:0=127.0.0.1:1",
+                            prefix=(need("sh"), "-c", 'umask 022 && exec "$@"', "sh"))
         assert wait_for(lambda: pid_file.exists() and pid_file.read_text() == f"{proxy.pid}\n")
         result = run("reload", "--pid-file", str(pid_file),
                      prefix=(need("setpriv"), "--reuid=65534", "--regid=65534", "--clear-groups"))
