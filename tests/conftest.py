@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from hypothesis.configuration import set_hypothesis_home_dir
 
 import netns
 
@@ -43,6 +44,13 @@ _CALLERS_LINK = re.compile(r"[A-Za-z0-9_.]*_PORT_[0-9]+_(TCP|UDP|SCTP)(_ADDR|_PO
 for _name in [name for name in os.environ
               if name.startswith("FORKPROXY_") or _CALLERS_LINK.match(name)]:
     del os.environ[_name]
+
+# Hypothesis keeps its example database and caches in .hypothesis/ under the working
+# directory: a run started elsewhere (`pytest /path/to/tests` from $HOME, or from /) left
+# one there. The repository's own (git-ignored) is used wherever the run starts from,
+# unless the caller chose one (HYPOTHESIS_STORAGE_DIRECTORY).
+if not os.environ.get("HYPOTHESIS_STORAGE_DIRECTORY"):
+    set_hypothesis_home_dir(Path(__file__).resolve().parent.parent / ".hypothesis")
 
 
 @contextlib.contextmanager
