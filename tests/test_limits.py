@@ -13,6 +13,7 @@ import errno
 import hashlib
 import json
 import os
+import platform
 import re
 import resource
 import signal
@@ -1826,6 +1827,28 @@ def test_a_client_held_on_a_port_a_reload_points_elsewhere_goes_to_the_new_targe
         assert stats["active"] == 1, stats
 
 
+# poll, and restart_syscall (how a poll with a timeout goes on after a SIGSTOP), by machine.
+POLL_SYSCALLS = {"x86_64": {"7", "219", "271"}, "aarch64": {"73", "128"}}
+
+
+def freeze_in_poll(pid: int) -> None:
+    """SIGSTOP `pid` at a moment it is waiting in its loop's poll(), and return once it is
+    stopped. A stop that lands elsewhere, say between a poll that timed out and the timer
+    it then fires, would let that timer run first at SIGCONT, before any signal sent
+    meanwhile (the loop handles the poll's events, signals among them, before its
+    timers): that one is let go, and the stop tried again."""
+    wanted = POLL_SYSCALLS.get(platform.machine())
+    for _ in range(500):
+        os.kill(pid, signal.SIGSTOP)
+        assert wait_for(lambda: Path(f"/proc/{pid}/stat").read_text()
+                        .rsplit(")", 1)[1].split()[0] == "T", 15), "not stopped"
+        if wanted is None or Path(f"/proc/{pid}/syscall").read_text().split()[0] in wanted:
+            return
+        os.kill(pid, signal.SIGCONT)
+        time.sleep(0.01)
+    raise AssertionError(f"{pid} was never stopped in poll()")
+
+
 def test_a_held_client_served_while_a_reload_drains_a_removed_port_gets_the_new_target(
     pids_cgroup: Path, start_proxy: StartProxy, tcp_server: ServerFactory, short_dir: Path,
     tmp_path: Path
@@ -1847,7 +1870,7 @@ def test_a_held_client_served_while_a_reload_drains_a_removed_port_gets_the_new_
         assert wait_for(lambda: "fork-failed" in proxy.log())
         # Frozen, so that the reload comes before the next retry of the held client's fork:
         # a client waits in B's backlog, forks can work again, and the SIGHUP is first.
-        proxy.signal(signal.SIGSTOP)
+        freeze_in_poll(proxy.pid)
         try:
             waiting = connect(port_b)
             (pids_cgroup / "pids.max").write_text("10")
