@@ -407,6 +407,19 @@ def the_connection(sock_path: Path, env: dict[str, str]) -> dict[str, Any]:
 JIFFIES = 0.05
 
 
+@contextlib.contextmanager
+def echoed_connection(start_proxy: StartProxy, tcp_server: ServerFactory, sock_path: Path,
+                      env: dict[str, str]) -> Iterator[socket.socket]:
+    """A client through a proxy (control socket at `sock_path`) to an echo server, one
+    ping echoed on it already."""
+    proxy = start_proxy("--status-socket", str(sock_path),
+                        f"127.0.0.1:0=127.0.0.1:{tcp_server(echo).port}", env=env)
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=30) as client:
+        client.sendall(b"ping")
+        assert recv_exact(client, 4) == b"ping"
+        yield client
+
+
 def test_status_shows_bytes_queued_toward_a_client_that_reads_nothing_and_idle_growing(
     start_proxy: StartProxy, tcp_server: ServerFactory, tmp_path: Path, env: dict[str, str],
 ) -> None:
@@ -477,11 +490,7 @@ def test_an_idle_connections_idle_time_grows_and_traffic_starts_it_again(
     """An idle pooled connection: nothing queued either way, IDLE at least the time
     nothing was sent on it; a request and its answer start it again."""
     sock_path = tmp_path / "status.sock"
-    proxy = start_proxy("--status-socket", str(sock_path),
-                        f"127.0.0.1:0=127.0.0.1:{tcp_server(echo).port}", env=env)
-    with socket.create_connection(("127.0.0.1", proxy.port), timeout=30) as client:
-        client.sendall(b"ping")
-        assert recv_exact(client, 4) == b"ping"
+    with echoed_connection(start_proxy, tcp_server, sock_path, env) as client:
         slept = 1.5
         time.sleep(slept)
         idle = the_connection(sock_path, env)
@@ -506,11 +515,7 @@ def test_status_from_another_network_namespace_shows_no_socket_readings(
     proxy in a container's network) cannot ask the kernel about its sockets: `-` and
     null, not an error, and never another namespace's sockets' readings."""
     sock_path = tmp_path / "status.sock"
-    proxy = start_proxy("--status-socket", str(sock_path),
-                        f"127.0.0.1:0=127.0.0.1:{tcp_server(echo).port}", env=env)
-    with socket.create_connection(("127.0.0.1", proxy.port), timeout=30) as client:
-        client.sendall(b"ping")
-        assert recv_exact(client, 4) == b"ping"
+    with echoed_connection(start_proxy, tcp_server, sock_path, env):
         here = the_connection(sock_path, env)
         assert here["idle"] is not None and here["queued_to_client"] == 0, here
         elsewhere = [need("unshare"), "--net", FORKPROXY, "status", "--status-socket",
