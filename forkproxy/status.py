@@ -20,7 +20,16 @@ import urllib.parse
 from collections.abc import Callable
 from typing import Any, NoReturn
 
-from .config import limiting_fits, limits_named, limits_text, no_room_text, printable, quoted
+from .config import (
+    ConfigError,
+    limiting_fits,
+    limits_named,
+    limits_text,
+    no_room_text,
+    printable,
+    quoted,
+    split_host_port,
+)
 from .control import REPORT_TIMEOUT, answers, check_owned, default_dir
 
 
@@ -461,11 +470,10 @@ def _socket_address(text: str) -> tuple[bytes, int] | None:
     `[fe80::1%2]:5000`), as sockdiag.TcpSocket.remote has it; None if not an address."""
     from .sockdiag import packed_address
 
-    host, _, port = text.rpartition(":")
-    host = host.removeprefix("[").removesuffix("]").partition("%")[0]
     try:
-        return packed_address(host), int(port)
-    except ValueError:
+        host, port = split_host_port(text, "client")
+        return packed_address(host.partition("%")[0]), int(port)
+    except (ConfigError, ValueError):
         return None
 
 
