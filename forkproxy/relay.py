@@ -36,6 +36,7 @@ from _socket import socket as RawSocket
 
 from . import signals
 from .accounting import (
+    FIELDS,
     NO_ADDRESS,
     SYSTEM_ERROR,
     failure_text,
@@ -989,7 +990,9 @@ def preload(options: Options, log: Logger, rounds: int = 24) -> None:
     global _child_buffers, _lookup_in_thread
     _child_buffers = (memoryview(bytearray(COPY_CHUNK)), memoryview(bytearray(COPY_CHUNK)))
     _lookup_in_thread = options.pids_limit is None
-    counters = memoryview(bytearray(8 * 2)).cast("Q")  # not the children's slots
+    # A whole slot of its own (not the children's): a warm-up connect that fails writes
+    # its FAILURE word there, as a child's would.
+    counters = memoryview(bytearray(8 * FIELDS)).cast("Q")
     try:
         _preload_pump(options, counters, rounds)
         _preload_serve(options, log, counters, rounds)
@@ -1028,15 +1031,19 @@ def _preload_serve(options: Options, log: Logger, counters: memoryview, rounds: 
 
     The connection waits in that listener's backlog, which is enough for connect() and
     for the relay to write; the 1 ms idle timeout then ends each relay, since the
-    upstream can never answer. (Only the warm-up's options carry that timeout.)
+    upstream can never answer. (Only the warm-up's options carry that timeout.) Each
+    round's connection is taken off the backlog once the relay is done with it: left
+    there, they filled a backlog that net.core.somaxconn (22 or less) had cut below
+    `rounds`, and the next connect waited out --connect-timeout at every start.
     """
     warm_options = options.replace(idle_timeout=0.001, connect_retries=0)
     with (
-        socket.create_server(("127.0.0.1", 0), backlog=rounds) as upstream_listener,
+        socket.create_server(("127.0.0.1", 0), backlog=1) as upstream_listener,
         socket.create_server(("127.0.0.1", 0), backlog=1) as client_listener,
         open(os.devnull, "wb") as devnull,
     ):
         warm_log = Logger(log.level, log.fmt, devnull.fileno())
+        upstream_listener.setblocking(False)
         target = upstream_listener.getsockname()
         link = Link("127.0.0.1", 0, Endpoint(target[0], target[1]), ("preload",))
         prepared = (*prepared_lines(warm_log, link), None)
@@ -1052,6 +1059,10 @@ def _preload_serve(options: Options, log: Logger, counters: memoryview, rounds: 
                 client = RawSocket(int(socket.AF_INET), SOCK_STREAM, 0, fd)
                 serve(client, address, 0, 0, link, addresses, warm_options, counters,
                       warm_log, prepared, 0)
+            try:
+                upstream_listener.accept()[0].close()
+            except BlockingIOError:
+                pass  # a connect that failed left none
 
 
 def prepared_lines(log: Logger, link: Link) -> tuple[str | None, str | None]:

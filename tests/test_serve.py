@@ -28,9 +28,11 @@ from conftest import (
     fd_count,
     free_port,
     need,
+    netns_lab,
     recv_all,
     wait_for,
 )
+from netns import redis_cli
 
 MiB = 1 << 20
 
@@ -726,3 +728,22 @@ def test_a_side_blocked_in_its_send_after_the_other_reset_is_reset_not_waited_fo
         sending.join(60)
         assert not sending.is_alive(), "still blocked in its send 60 s after the reset"
     assert isinstance(outcome[0], (ConnectionResetError, BrokenPipeError)), outcome
+
+
+def test_starts_and_serves_where_net_core_somaxconn_is_smaller_than_the_warm_up(
+    tmp_path: Path,
+) -> None:
+    """The warm-up before `listening` (relay.preload) connects 24 times to a loopback
+    listener that never accepts. With the kernel's backlog cap (net.core.somaxconn, per
+    network namespace) at 22 or less, its 24th connect waited out --connect-timeout and
+    the start ended in an IndexError traceback, exit 1."""
+    with netns_lab("fpsmc-") as lab:
+        ns = lab.namespace("small")
+        ns.run(["sysctl", "-qw", "net.core.somaxconn=4"])
+        lab.redis(ns, 7000, {"who": "redis"})
+        proc, lines = lab.ambassador(
+            ns, {"REDIS_PORT_6379_TCP": "tcp://127.0.0.1:7000"}, forkproxy=[FORKPROXY],
+            options=["--connect-timeout", "2"])
+        assert lines == ["listening 0.0.0.0:6379 -> 127.0.0.1:7000 (REDIS_PORT_6379_TCP)"]
+        assert redis_cli(ns, 6379, "GET", "who") == "redis", proc.describe()
+        assert "Traceback" not in proc.stderr(), proc.describe()
