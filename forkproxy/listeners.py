@@ -14,6 +14,17 @@ from collections.abc import Callable, Iterable
 
 from .config import ConfigError, Link, join_host_port
 
+# SO_MEMINFO, which Python's socket module does not name: 55 in asm-generic, which x86 and
+# ARM use (a few architectures, sparc and parisc, number it otherwise). It gives the
+# socket's sk_meminfo, u32s; the one at SK_MEMINFO_DROPS (8) is sk_drops, which for a
+# listener tcp_listendrop() counts up at each handshake packet it drops (a SYN, or the
+# client's last ACK, with the accept queue full; a SYN with the SYN queue full and no
+# syncookies). The kernel's own total of those is TcpExtListenDrops, for every listener.
+SO_MEMINFO = 55
+_MEMINFO_SIZE = 9 * 4
+_MEMINFO_DROPS = slice(8 * 4, 9 * 4)
+_U32 = 1 << 32
+
 # socat's default backlog of 5 makes a burst of clients wait for SYN retransmits
 # (1-3 s); the kernel caps this at net.core.somaxconn anyway.
 BACKLOG = 4096
@@ -46,6 +57,11 @@ class Listener:
         backlog = select.poll()
         backlog.register(sock.fileno(), select.POLLIN)
         self.waiting: Callable[[int], list[tuple[int, int]]] = backlog.poll
+        # Handshake packets dropped (drops()): the count at the last read, and the kernel's
+        # u32 it was read from, which wraps (a SYN flood at 100,000 a second does in 12 h).
+        # From 0: the socket was bound by us, and nothing was dropped before it listened.
+        self.drops_read = 0
+        self.drops_raw = 0
 
     @property
     def fd(self) -> int:
@@ -67,6 +83,28 @@ class Listener:
             return None
         return (int.from_bytes(info[24:28], sys.byteorder),
                 int.from_bytes(info[28:32], sys.byteorder))
+
+    def drops(self) -> int | None:
+        """Handshake packets the kernel dropped at this listener since it was bound (kept
+        across the reloads that keep the socket), None where it cannot say (an old kernel
+        without SO_MEMINFO, or one that gives fewer fields). Clients that met a full
+        accept queue: each dropped SYN is retried by the client's kernel (after 1 s, 3 s,
+        7 s...), and each retry dropped counts again, so this counts packets, not clients;
+        a client whose every retry is dropped times out (after ~2 minutes on Linux). One
+        getsockopt.
+
+        Read by the supervisor only (it keeps the running count across the u32's wraps):
+        a reporter child's reading would be lost with it."""
+        try:
+            info = self.sock.getsockopt(socket.SOL_SOCKET, SO_MEMINFO, _MEMINFO_SIZE)
+        except OSError:
+            return None
+        if len(info) < _MEMINFO_SIZE:
+            return None
+        raw = int.from_bytes(info[_MEMINFO_DROPS], sys.byteorder)
+        self.drops_read += (raw - self.drops_raw) % _U32
+        self.drops_raw = raw
+        return self.drops_read
 
     def describe(self) -> str:
         return self.link.describe(self.port)

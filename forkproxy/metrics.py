@@ -116,7 +116,15 @@ def render(status: dict[str, Any],
     backlog = GaugeMetricFamily("forkproxy_backlog_size",
                                 "The size of the listening socket's accept queue: past it, new "
                                 "clients' connections are dropped or reset", labels=["link"])
+    # The kernel's TcpExtListenDrops, for this listener alone: what the queue's snapshots
+    # above miss between two scrapes.
+    drops = CounterMetricFamily("forkproxy_listen_drops",
+                                "Handshake packets the kernel dropped at the listening socket "
+                                "since it was bound, its accept queue full (a client's retried "
+                                "SYN counts again)", labels=["link"])
     for item in status.get("listeners", []):
+        if item.get("drops") is not None:
+            drops.add_metric([item["link"]], item["drops"])
         if item.get("queued") is not None:
             queued.add_metric([item["link"]], item["queued"])
         if item.get("backlog") is not None:
@@ -208,7 +216,7 @@ def render(status: dict[str, Any],
     restarts = CounterMetricFamily("forkproxy_metrics_restarts",
                                    "Times the metrics process died and was started again")
     restarts.add_metric([], (status.get("metrics") or {}).get("restarts", 0))
-    yield from (up, listeners, active, waiting, queued, backlog, total, ended, empty, denied,
+    yield from (up, listeners, active, waiting, queued, backlog, drops, total, ended, empty, denied,
                 failures, moved, durations, rss, uss, cpu, resolve_failures, address_changes,
                 supervisor_rss, max_children, memory_limit, pids_limit, orphans, restarts)
     yield from _reload_metrics(status)

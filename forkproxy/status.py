@@ -254,7 +254,8 @@ def _object(required: dict[str, _Shape], optional: dict[str, _Shape] | None = No
 
 _LISTENER = _object({"link": _TEXT, "listen": _TEXT, "upstream": _TEXT},
                     {"port": _COUNT, "resolved": _list_of(_TEXT),
-                     "queued": _nullable(_COUNT), "backlog": _nullable(_COUNT)})
+                     "queued": _nullable(_COUNT), "backlog": _nullable(_COUNT),
+                     "drops": _nullable(_COUNT)})
 _METRICS = _nullable(_object({}, {"url": _TEXT, "state": _TEXT, "pid": _nullable(_PID),
                                   "since": _nullable(_NUMBER), "age": _nullable(_AGE),
                                   "restarts": _COUNT,
@@ -750,18 +751,23 @@ def render(status: dict[str, Any]) -> str:
     places += [(name, "(not listening)")
                for name in sorted(links.keys() - {name for name, _ in places})]
     queued = _queued(status.get("listeners", []))
+    # No cell (`-`) where the supervisor could not say, or is older than the field.
+    drops = {item["link"]: str(item["drops"]) for item in status.get("listeners", [])
+             if item.get("drops") is not None}
     for name, where in places:
         stats = links.get(name, {})
         rows.append([
             name, where,
             str(stats.get("active", 0)), str(stats.get("waiting", 0)), queued.get(name, "-"),
+            drops.get(name, "-"),
             str(stats.get("connections", 0)), str(stats.get("empty", 0)),
             str(stats.get("upstream_failures", 0)), str(stats.get("denied", 0)),
             _size(stats.get("bytes_up", 0)), _size(stats.get("bytes_down", 0)),
             _ended(stats.get("outcomes", {})),
         ])
-    lines += ["", *_table(["LINK", "LISTEN -> UPSTREAM", "ACTIVE", "WAITING", "QUEUED", "TOTAL",
-                           "EMPTY", "FAILED", "DENIED", "BYTES UP", "BYTES DOWN", "ENDED"], rows)]
+    lines += ["", *_table(["LINK", "LISTEN -> UPSTREAM", "ACTIVE", "WAITING", "QUEUED", "DROPS",
+                           "TOTAL", "EMPTY", "FAILED", "DENIED", "BYTES UP", "BYTES DOWN",
+                           "ENDED"], rows)]
     # UPSTREAM: the target the connection was made to, which a reload that rewired its
     # link since has not changed (the link's row shows the new one).
     rows = [

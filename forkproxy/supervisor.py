@@ -138,6 +138,9 @@ OOM_SCORE_ADJ = "/proc/self/oom_score_adj"
 CHILD_OOM_SCORE_ADJ = 1000
 _CONNECT_FAILED_STATUS = relay.CONNECT_FAILED << 8  # a wait status: exited with that code
 POLLIN, POLLOUT = select.POLLIN, select.POLLOUT
+# A listener's accept queue (length, size) and dropped handshakes, as the kernel gave them:
+# Listener.queue(), Listener.drops().
+ListenerReading = tuple[tuple[int, int] | None, int | None]
 
 
 MAX_ENV_FILE = 1 << 20  # bytes (characters, as read): see read_links
@@ -2205,7 +2208,7 @@ class Supervisor:
         return {"ok": False, "error": f"unknown command {command!r}"}
 
     def status_reply(self, counters: memoryview | None = None,
-                     queues: list[tuple[int, int] | None] | None = None) -> dict[str, object]:
+                     kernel: list[ListenerReading] | None = None) -> dict[str, object]:
         # `uptime` is the monotonic clock's, as every duration in the reply: the wall
         # clock's (time.time() - started) went negative, or a year long, when NTP or an
         # operator stepped it. `started`, and every time of day in the reply, is derived
@@ -2231,7 +2234,7 @@ class Supervisor:
             "memory_fit": self.memory_fit(),
             "pids_limit": self.options.pids_limit,
             "pids_fit": self.pids_fit(),
-            "listeners": self._listener_table(queues),
+            "listeners": self._listener_table(kernel),
             "metrics": self._metrics_state(clocks),
             # Whether the running configuration is the file's (as Prometheus's own
             # prometheus_config_last_reload_* say): the last reload's outcome, when the
@@ -2257,12 +2260,13 @@ class Supervisor:
         # The live counters would change under the reporter: a child reaped meanwhile
         # had its bytes vanish from the reply, and forkproxy_bytes_total went down.
         counters = self.accounting.slots.copy()
-        # Read here: the reporter closes the listening sockets it inherits.
-        queues = [listener.queue() for listener in self.listeners]
+        # Read here: the reporter closes the listening sockets it inherits (and the drops'
+        # running count is the supervisor's to keep: Listener.drops).
+        kernel = self._read_listeners()
 
         def answer() -> None:
             client.settimeout(control.REPORT_TIMEOUT)
-            client.sendall(control.encode_reply(self.status_reply(counters, queues)))
+            client.sendall(control.encode_reply(self.status_reply(counters, kernel)))
 
         return self._in_reporter(answer, keep=client.fileno()) != 0
 
@@ -2345,14 +2349,19 @@ class Supervisor:
         exponent = min(self.metrics_deaths - 1, 8)  # 5 * 2**8 is past the cap already
         return min(METRICS_RESTART * float(2 ** exponent), METRICS_BACKOFF_MAX)
 
-    def _listener_table(self, queues: list[tuple[int, int] | None] | None = None,
+    def _read_listeners(self) -> list[ListenerReading]:
+        """What the kernel says of each listener: its Listener.queue() and .drops()."""
+        return [(listener.queue(), listener.drops()) for listener in self.listeners]
+
+    def _listener_table(self, kernel: list[ListenerReading] | None = None,
                         ) -> list[dict[str, object]]:
-        """The listeners as the control socket's replies show them. `queues`: each one's
-        Listener.queue(), read before a reporter closed the sockets; read now by default."""
+        """The listeners as the control socket's replies show them. `kernel`: each one's
+        _read_listeners(), read before a reporter closed the sockets; read now by default."""
         table: list[dict[str, object]] = []
-        for index, item in enumerate(self.listeners):
+        if kernel is None:
+            kernel = self._read_listeners()
+        for item, (queue, drops) in zip(self.listeners, kernel, strict=True):
             listen, upstream = _listener_ends(item)
-            queue = item.queue() if queues is None else queues[index]
             table.append({
                 "link": item.link.name,
                 "listen": listen,
@@ -2362,5 +2371,8 @@ class Supervisor:
                 # The kernel's accept queue: clients not accepted yet (null: unknown).
                 "queued": None if queue is None else queue[0],
                 "backlog": None if queue is None else queue[1],
+                # Handshakes the kernel dropped there, its queue full, since it was bound
+                # (null: unknown).
+                "drops": drops,
             })
         return table
