@@ -62,6 +62,8 @@ class Listener:
         # From 0: the socket was bound by us, and nothing was dropped before it listened.
         self.drops_read = 0
         self.drops_raw = 0
+        # The count at the supervisor's last check (Supervisor.check_drops).
+        self.drops_checked = 0
 
     @property
     def fd(self) -> int:

@@ -129,6 +129,13 @@ TIMER_SLACK = 0.005
 # live-socket test reads /proc/net/unix, which names our staging name, not the file) is
 # made again before a HEALTHCHECK's retries (3 x 30 s by default) turn the proxy unhealthy.
 CONTROL_CHECK_EVERY = 60.0
+# The least seconds between two checks of the listeners' dropped handshakes (check_drops)
+# that a SIGALRM makes, an operator's "check now" or a child's (a connect fallback, a
+# name that changed: on thousands of links, many a second). Each check reads every
+# listener, ~2 us each (6.5-9.5 ms of CPU at 4,000). The timer's, every
+# CONTROL_CHECK_EVERY, always checks; a link's line comes at most once per ERROR_LOG_EVERY
+# anyway (folded).
+DROPS_CHECK_AGAIN_AFTER = ERROR_LOG_EVERY
 # Seconds after which that look sets the file's times to now (ControlServer.touch_if_older): aged
 # by none of them, it is not removed in the first place.
 CONTROL_TOUCH_AFTER = 3600.0
@@ -436,6 +443,10 @@ class Supervisor:
         self.resolve_took: dict[tuple[str, int], float] = {}
         self.resolve_tick_at: float | None = None  # the --resolve-every timer's next tick
         self.control_check_at: float | None = None  # check_control's next, on the same timer
+        self.drops_checked_at: float | None = None  # check_drops's last (monotonic)
+        # listen-drops: [drops since the last line, when it was logged] per listener's
+        # address (its link's key: a reload that keeps the socket keeps its window).
+        self.drop_folds: dict[tuple[str, int, tuple[str, ...]], list[float]] = {}
         self.reporter_pids: list[int] = []  # children answering `status`, not reaped yet
         self.table_writer = 0  # the reporter writing SIGUSR1's table, while it runs
         self.table_pending = False  # a SIGUSR1 came meanwhile: another table when it ends
@@ -1791,6 +1802,10 @@ class Supervisor:
                    and now >= self.control_check_at - TIMER_SLACK)
         if checked:
             self.control_check_at = now + CONTROL_CHECK_EVERY
+        if (checked or self.drops_checked_at is None
+                or now >= self.drops_checked_at + DROPS_CHECK_AGAIN_AFTER):
+            self.drops_checked_at = now
+            self.check_drops()
         tick = self.resolve_tick_at is not None and now >= self.resolve_tick_at - TIMER_SLACK
         if tick:
             self.resolve_tick_at = None  # the next period from now (_arm_resolve_timer)
@@ -2087,6 +2102,9 @@ class Supervisor:
         self.link_folds = {key: counts for key, counts in self.link_folds.items()
                            if key[1:3] in wired}
         self.fallback_due = {key: due for key, due in self.fallback_due.items() if key in wired}
+        listening = {item.link.key for item in kept}  # (a kept socket keeps its drops' window)
+        self.drop_folds = {key: counts for key, counts in self.drop_folds.items()
+                           if key in listening}
         # Only windows with unlogged denials have a timer to end them: a removed (or
         # renamed) link's window would stay for good, one per name ever denied. Those
         # end now, and so does any window that is over.
@@ -2159,6 +2177,33 @@ class Supervisor:
             self._watch(self.control.fileno(), self.handle_control_accept)
         self.log.warning("status-socket-recreated", path=self.control.path,
                          detail="its file was removed or replaced: listening on a new one")
+
+    def check_drops(self) -> None:
+        """A folded `listen-drops` warning per listener at which the kernel dropped
+        handshakes since the last check: its accept queue was full (the supervisor stopped
+        accepting at --max-children, or could not keep up with a burst, or was busy or
+        frozen), and those clients waited for their SYN's retry, or timed out. Nothing
+        else says so: the clients are not forkproxy's yet, and the queue's length, which
+        status shows, is a snapshot. One getsockopt per listener (Listener.drops), and the
+        queue read only where drops grew."""
+        for listener in self.listeners:
+            drops = listener.drops()
+            if drops is None or drops == listener.drops_checked:
+                continue
+            grown, listener.drops_checked = drops - listener.drops_checked, drops
+            count = fold(self.drop_folds, listener.link.key, grown)
+            if not count:
+                continue
+            fields: dict[str, object] = {"link": listener.link.name, "drops": count}
+            queue = listener.queue()
+            if queue is not None:
+                fields.update(queued=queue[0], backlog=queue[1])
+            fields["detail"] = (
+                "the listener's accept queue was full: the kernel dropped clients' "
+                "handshakes, which wait for a retry (1 s, 3 s, ...) or time out; at "
+                f"--max-children (max-children-reached) raise it; a backlog below "
+                f"{listeners.BACKLOG} is net.core.somaxconn's: raise that")
+            self.log.emit(WARNING, "listen-drops", fields)
 
     def handle_control_accept(self, events: int) -> None:
         assert self.control is not None

@@ -1717,6 +1717,18 @@ def test_handshakes_dropped_at_a_full_accept_queue_are_counted_and_said(
             found = samples(scrape(metrics_url(proxy)))
         assert (value(found, "forkproxy_listen_drops_total", link=flooded) or 0) > 0, found
         assert value(found, "forkproxy_listen_drops_total", link=idle) == 0, found
+
+        proxy.signal(signal.SIGALRM)
+        assert wait_for(lambda: "listen-drops" in proxy.log()), proxy.log()
+        [line] = [parse_text_line(line) for line in proxy.log().splitlines()
+                  if " listen-drops " in line]
+        assert line["link"] == flooded and int(line["drops"]) > 0, line
+        assert int(line["backlog"]) == SMALL_SOMAXCONN and "somaxconn" in line["detail"], line
+        # The same check read the idle listener: nothing to say of it.
+        # A reload that keeps the socket keeps its count.
+        counted = drops_of(ask(sock_path)["listeners"])[flooded]
+        assert ask(sock_path, "reload")["ok"] is True
+        assert drops_of(ask(sock_path)["listeners"])[flooded] >= counted > 0
         assert proxy.stop() == 0
     finally:
         proxy.signal(signal.SIGCONT)
