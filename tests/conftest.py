@@ -75,6 +75,14 @@ def need(program: str) -> str:
     return path
 
 
+def in_own_network(somaxconn: int = 4096) -> tuple[str, ...]:
+    """start_proxy's `prefix`: the proxy in a network namespace of its own (loopback up,
+    net.core.somaxconn set there only), gone with it."""
+    return (need("unshare"), "--net", "sh", "-c",
+            f'ip link set lo up && echo {somaxconn} >/proc/sys/net/core/somaxconn && '
+            'exec "$0" "$@"')
+
+
 @dataclass
 class Proxy:
     proc: subprocess.Popen[str]

@@ -56,6 +56,7 @@ from conftest import (
     echo,
     free_port,
     full_pipe,
+    in_own_network,
     kill_group,
     metrics_pid,
     need,
@@ -1634,18 +1635,9 @@ def test_clients_the_kernel_queues_are_shown_per_link(
 
 
 # The accept queue's size in a proxy's own network namespace (net.core.somaxconn there):
-# a flood of a few dozen clients overflows it, where the host's 4096 would need thousands.
-# Not below 24: relay.preload's warm-up, at start, needs that much of its own.
-SMALL_SOMAXCONN = 32
+# a flood of a dozen clients overflows it, where the host's 4096 would need thousands.
+SMALL_SOMAXCONN = 4
 CLONE_NEWNET = 0x40000000
-
-
-def in_own_network(somaxconn: int) -> tuple[str, ...]:
-    """start_proxy's `prefix`: the proxy in a network namespace of its own (loopback up,
-    net.core.somaxconn set there only), gone with it."""
-    return (need("unshare"), "--net", "sh", "-c",
-            f'ip link set lo up && echo {somaxconn} >/proc/sys/net/core/somaxconn && '
-            'exec "$0" "$@"')
 
 
 @contextlib.contextmanager
