@@ -1712,11 +1712,11 @@ def test_handshakes_dropped_at_a_full_accept_queue_are_counted_and_said(
 
         proxy.signal(signal.SIGALRM)
         assert wait_for(lambda: "listen-drops" in proxy.log()), proxy.log()
+        # One line: the same check read the idle listener, and had nothing to say of it.
         [line] = [parse_text_line(line) for line in proxy.log().splitlines()
                   if " listen-drops " in line]
         assert line["link"] == flooded and int(line["drops"]) > 0, line
         assert int(line["backlog"]) == SMALL_SOMAXCONN and "somaxconn" in line["detail"], line
-        # The same check read the idle listener: nothing to say of it.
         # A reload that keeps the socket keeps its count.
         counted = drops_of(ask(sock_path)["listeners"])[flooded]
         assert ask(sock_path, "reload")["ok"] is True
