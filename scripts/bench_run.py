@@ -265,13 +265,14 @@ class Running:
     proc: subprocess.Popen[bytes] | None
     logdir: Path
     command: list[str] = field(default_factory=list)
+    stopped: bool = False  # and reaped: its PID may be another process's now
 
     @property
     def pid(self) -> int | None:
         return None if self.proc is None else self.proc.pid
 
     def stop(self) -> None:
-        if self.proc is None:
+        if self.proc is None or self.stopped:
             return
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -283,6 +284,7 @@ class Running:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait()
+        self.stopped = True
 
     def stderr_tail(self) -> str:
         p = self.logdir / f"{self.name}.err"
@@ -309,6 +311,16 @@ class Lab:
         self.redis: Running | None = None
         self.iperf: Running | None = None
         self.seq = 0
+        # Everything started, stopped or not: a Ctrl-C between a start and the try/finally
+        # that stops it (while waiting for a proxy's `listening` line) leaves it to
+        # stop_all. Each leads its own session, so the terminal's SIGINT never reaches it.
+        self.started: list[Running] = []
+
+    def _spawn(self, name: str, port: int, argv: list[str]) -> Running:
+        run = Running(name, port, None, self.logdir, argv)
+        self.started.append(run)
+        run.proc = spawn(name, argv, self.logdir)
+        return run
 
     # targets -----------------------------------------------------------------
 
@@ -332,9 +344,7 @@ class Lab:
                 "--daemonize",
                 "no",
             ]
-            self.redis = Running(
-                "redis-server", port, spawn("redis-server", argv, self.logdir), self.logdir, argv
-            )
+            self.redis = self._spawn("redis-server", port, argv)
             wait_listening(port, self.redis.proc, 10, "redis-server")
         if need_iperf:
             self.restart_iperf()
@@ -344,15 +354,13 @@ class Lab:
             self.iperf.stop()
         port = free_port()
         argv = ["iperf3", "-s", "-B", "127.0.0.1", "-p", str(port)]
-        self.iperf = Running(
-            "iperf3-server", port, spawn("iperf3-server", argv, self.logdir), self.logdir, argv
-        )
+        self.iperf = self._spawn("iperf3-server", port, argv)
         wait_listening(port, self.iperf.proc, 10, "iperf3 -s")
 
-    def stop_targets(self) -> None:
-        for r in (self.redis, self.iperf):
-            if r is not None:
-                r.stop()
+    def stop_all(self) -> None:
+        """Stop whatever is still running, the targets last."""
+        for run in reversed(self.started):
+            run.stop()
 
     def target_port(self, workload: str) -> int:
         t = self.iperf if workload == "bulk" else self.redis
@@ -418,7 +426,7 @@ class Lab:
             cfg = self.logdir / f"{name}.cfg"
             cfg.write_text(self.haproxy_cfg(port, target))
             argv = ["haproxy", "-db", "-f", str(cfg)]
-        run = Running(name, port, spawn(name, argv, self.logdir), self.logdir, argv)
+        run = self._spawn(name, port, argv)
         try:
             wait_listening(port, run.proc, 10, name)
         except BenchError as e:
@@ -429,8 +437,9 @@ class Lab:
     def _start_announced(self, name: str, target: int, candidate: str = "forkproxy") -> Running:
         """forkproxy or the floor sketch: ready once it prints its `listening` line."""
         argv = self.command(candidate, target)
-        proc = spawn(name, argv, self.logdir)
-        run = Running(name, 0, proc, self.logdir, argv)
+        run = self._spawn(name, 0, argv)
+        proc = run.proc
+        assert proc is not None
         # Readiness is the `listening 127.0.0.1:PORT -> ...` line on stdout.
         pattern = re.compile(r"^listening 127\.0\.0\.1:(\d+) -> ", re.M)
         deadline = time.monotonic() + 15
@@ -1112,6 +1121,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 def _terminate(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)  # unwinds through the finally blocks that stop what we started
 
@@ -1194,7 +1206,12 @@ def main(argv: list[str]) -> int:
             )
             res = run_benchmark(lab, candidates, workloads, sizes, args.max_busy, args.max_wait)
         finally:
-            lab.stop_targets()
+            # A second Ctrl-C (or a TERM) must not cut the stopping short: what is left
+            # runs on in its own session.
+            handlers = {sig: signal.signal(sig, signal.SIG_IGN) for sig in STOP_SIGNALS}
+            lab.stop_all()
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
         machine["duration_s"] = round(time.monotonic() - started, 1)
         loads = [float(x["load1"]) for x in res.extra]
         if loads:
@@ -1238,4 +1255,10 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except KeyboardInterrupt:
+        # Ctrl-C: what the run started is stopped by now (the finally blocks); a traceback
+        # would only say where it was waiting.
+        log("scripts/bench: interrupted")
+        sys.exit(130)

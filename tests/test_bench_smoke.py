@@ -9,11 +9,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from conftest import processes_under, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 PEERS = ("redis-server", "redis-cli", "redis-benchmark", "socat", "haproxy", "iperf3")
@@ -111,3 +114,120 @@ def test_a_script_given_a_bad_argument_says_so_at_once_and_does_nothing(
     assert result.stderr.strip().splitlines()[-1] == says, result.stderr
     assert result.stdout == "", result.stdout
     assert not venv.exists()
+
+
+def _process_tree(root: int) -> list[int]:
+    """`root` and every process under it, as /proc shows them now."""
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo += [child for child, _state in processes_under(pid)]
+    return tree
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time (field 22 of /proc/PID/stat), or None once it is gone or a
+    zombie: the same PID with another start time is another process."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()
+    except OSError:
+        return None
+    return None if fields[0] == b"Z" else fields[19].decode()
+
+
+def _running_tree(root: int) -> dict[int, str]:
+    """pid -> start time of `root` and every live process under it."""
+    found = {pid: _start_time(pid) for pid in _process_tree(root)}
+    return {pid: start for pid, start in found.items() if start is not None}
+
+
+def _command(pid: int) -> str:
+    try:
+        return f"{pid} " + Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return f"{pid} (gone)"
+
+
+def test_bench_interrupted_stops_what_it_started_and_says_so_in_one_line(
+    tmp_path: Path,
+) -> None:
+    """Ctrl-C printed a KeyboardInterrupt traceback and exited by SIGINT; while it waited
+    for a proxy's `listening` line, the proxy (in a session of its own, which the
+    terminal's SIGINT never reaches) was left running. Here the "forkproxy" never says
+    `listening`, and the whole process group gets SIGINT, as from a terminal."""
+    missing = _missing_peers()
+    if missing and os.geteuid() != 0:  # a missing peer fails, never skips
+        pytest.fail(f"peers missing and not root: {', '.join(missing)} (run ./scripts/test)")
+    started = tmp_path / "started"
+    silent = tmp_path / "silent-forkproxy"
+    silent.write_text(f'#!/bin/sh\necho $$ >{started}.tmp && mv {started}.tmp {started}\n'
+                      "exec sleep 300\n")
+    silent.chmod(0o755)
+    argv = [str(REPO / "scripts" / "bench"), "--venv", sys.prefix, "--smoke",
+            "--only", "rr", "--candidates", "forkproxy", "--forkproxy", str(silent),
+            "--out", str(tmp_path / "out")]
+    with subprocess.Popen(
+        argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, start_new_session=True,
+    ) as proc:
+        tree: dict[int, str] = {}
+        try:
+            assert wait_for(started.exists, timeout=60), "the silent forkproxy never started"
+            tree = _running_tree(proc.pid)
+            silent_pid = int(started.read_text())
+            assert silent_pid in tree, tree
+            assert len(tree) >= 3, tree  # bench_run.py, redis-server, the silent forkproxy
+            os.killpg(proc.pid, signal.SIGINT)
+            out, err = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+            for pid, start_time in tree.items():  # never leave them to the next test
+                if _start_time(pid) == start_time:
+                    os.kill(pid, signal.SIGKILL)
+    assert proc.returncode == 130, err
+    assert err.splitlines()[-1] == "scripts/bench: interrupted", err
+    assert "Traceback" not in err, err
+    assert out == "", out
+    left = [_command(pid) for pid, start_time in tree.items() if _start_time(pid) == start_time]
+    assert left == [], f"still running after the interrupt: {left}"
+
+
+def test_demo_interrupted_while_starting_stops_there(tmp_path: Path) -> None:
+    """A SIGINT to scripts/demo (`kill -INT`, or a Ctrl-C landing between two commands)
+    ran its clean-up and then went on where it was: with redis stopped and its work
+    directory gone, it said "demo: redis-server did not start" and exited 1."""
+    for program in ("redis-server", "redis-cli"):
+        if shutil.which(program) is None and os.geteuid() != 0:  # fails, never skips
+            pytest.fail(f"{program} missing and not root (run ./scripts/test)")
+    with subprocess.Popen(
+        [str(REPO / "scripts" / "demo")],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, start_new_session=True,
+    ) as proc:
+        tree: dict[int, str] = {}
+        try:
+            assert proc.stdout is not None
+            seen = ""
+            for line in proc.stdout:
+                seen += line
+                if line.startswith("== big-server: redis-server on "):
+                    break
+            else:
+                pytest.fail(f"the demo stopped before starting redis-server:\n{seen}")
+            tree = _running_tree(proc.pid)
+            os.kill(proc.pid, signal.SIGINT)  # the shell alone: its trap does the rest
+            out, _ = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+            for pid, start_time in tree.items():
+                if _start_time(pid) == start_time:
+                    os.kill(pid, signal.SIGKILL)
+    out = seen + out
+    assert proc.returncode == 130, out
+    assert "did not start" not in out, out
+    assert out.rstrip().endswith("== stopping"), out
+    left = [_command(pid) for pid, start_time in tree.items() if _start_time(pid) == start_time]
+    assert left == [], f"still running after the interrupt: {left}"
