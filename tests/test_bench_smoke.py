@@ -116,6 +116,30 @@ def test_a_script_given_a_bad_argument_says_so_at_once_and_does_nothing(
     assert not venv.exists()
 
 
+@pytest.mark.parametrize(("arguments", "says"), [
+    (["--pace", "abc"], "two-hosts-demo: --pace wants a number of seconds (e.g. 2, 0.5 or 0),"
+                        " not 'abc'"),
+    (["--step", "--pace", "-1"], "two-hosts-demo: --pace wants a number of seconds"
+                                 " (e.g. 2, 0.5 or 0), not '-1'"),
+    (["--pace", ""], "two-hosts-demo: --pace wants a number of seconds (e.g. 2, 0.5 or 0),"
+                     " not ''"),
+    (["--pace"], "two-hosts-demo: --pace needs seconds (try --help)"),
+])
+def test_two_hosts_demo_refuses_a_bad_pace_before_starting_anything(
+    arguments: list[str], says: str,
+) -> None:
+    """`--pace abc` was taken as it was and failed at the first pause (`sleep abc`), with
+    exit 1, after the namespaces, redis servers and ambassadors were started; `--pace`
+    with no value was bash's "line 26: 2: --pace needs seconds", exit 1."""
+    result = subprocess.run(
+        [str(REPO / "scripts" / "two-hosts-demo"), *arguments],
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert result.returncode == 2, result
+    assert result.stderr.splitlines() == [says], result.stderr
+    assert result.stdout == "", result.stdout
+
+
 def _process_tree(root: int) -> list[int]:
     """`root` and every process under it, as /proc shows them now."""
     tree, todo = [], [root]
