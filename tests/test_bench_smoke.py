@@ -6,6 +6,7 @@ that each number is there and positive, never how fast anything is.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -255,3 +256,97 @@ def test_demo_interrupted_while_starting_stops_there(tmp_path: Path) -> None:
     assert out.rstrip().endswith("== stopping"), out
     left = [_command(pid) for pid, start_time in tree.items() if _start_time(pid) == start_time]
     assert left == [], f"still running after the interrupt: {left}"
+
+
+# scripts/image-test's podman, for the tests of its tag: records each call, has the base
+# image, and fails every build at once, so that nothing is built or tested for real.
+FAKE_PODMAN = """#!/bin/sh
+printf '%s\\n' "$*" >>"$FAKE_PODMAN_LOG"
+case "$1" in
+  image) [ "$2" = exists ] && exit 0 ;;
+  images | rmi) exit 0 ;;
+  build) echo "fake podman: builds nothing" >&2 ;;
+esac
+exit 1
+"""
+FAKE_HADOLINT = """#!/bin/sh
+[ "$1" = --version ] && echo "Haskell Dockerfile Linter 2.15.1"
+exit 0
+"""
+
+
+def _image_test_without_podman(
+    tmp_path: Path, name: str, tag: str | None = None,
+) -> tuple[subprocess.Popen[str], Path]:
+    """scripts/image-test with FAKE_PODMAN, a hadolint that finds nothing and a cache of its
+    own: it runs up to its build, which fails, and cleans up. -> (the run, podman's log)"""
+    if os.geteuid() != 0:  # image-test needs root; fails, never skips
+        pytest.fail("scripts/image-test runs as root (run ./scripts/test as root)")
+    fake_bin = tmp_path / "bin"
+    if not fake_bin.exists():
+        fake_bin.mkdir()
+        (fake_bin / "podman").write_text(FAKE_PODMAN)
+        (fake_bin / "podman").chmod(0o755)
+        hadolint = tmp_path / "cache" / "hadolint-venv" / "bin" / "hadolint"
+        hadolint.parent.mkdir(parents=True)
+        hadolint.write_text(FAKE_HADOLINT)
+        hadolint.chmod(0o755)
+    podman_log = tmp_path / f"{name}.podman"
+    env = {**os.environ, "PATH": f"{fake_bin}:{os.environ['PATH']}",
+           "FORKPROXY_IMAGE_CACHE": str(tmp_path / "cache"), "FAKE_PODMAN_LOG": str(podman_log)}
+    env.pop("FORKPROXY_IMAGE", None)
+    if tag is not None:
+        env["FORKPROXY_IMAGE"] = tag
+    run = subprocess.Popen(
+        [str(REPO / "scripts" / "image-test")], stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )
+    return run, podman_log
+
+
+def _built_tag(podman_log: Path) -> str:
+    calls = podman_log.read_text().splitlines()
+    builds = [call.split() for call in calls if call.startswith("build ")]
+    assert len(builds) == 1, calls
+    return builds[0][builds[0].index("-t") + 1]
+
+
+def test_image_test_runs_at_once_build_and_remove_each_its_own_image(tmp_path: Path) -> None:
+    """Two image-test runs shared the tag localhost/forkproxy:image-test: the second's
+    build moved it and removed the image the first had mounted and was testing."""
+    runs = [_image_test_without_podman(tmp_path, name) for name in ("first", "second")]
+    for run, podman_log in runs:
+        out, err = run.communicate(timeout=120)
+        assert run.returncode == 1, err  # the fake build failed
+        assert "FAIL: podman build failed" in err, err
+        assert out == "image: 1 passed, 1 failed\n", out  # hadolint's, the build
+        tag = _built_tag(podman_log)
+        assert tag == f"localhost/forkproxy:image-test-{run.pid}", tag
+        calls = podman_log.read_text().splitlines()
+        assert calls[-1] == f"rmi {tag}", calls  # removed at the end
+        assert not [call for call in calls if call.startswith("rmi") and call != f"rmi {tag}"]
+
+
+def test_image_test_keeps_a_tag_given_and_runs_given_it_take_turns(tmp_path: Path) -> None:
+    """FORKPROXY_IMAGE names an image the user wants: built, kept; a second run given the
+    same tag waits for the first instead of replacing its image under it."""
+    tag = "localhost/forkproxy:given"
+    lock_path = tmp_path / "cache" / "image.localhost_forkproxy_given.lock"
+    lock_path.parent.mkdir(parents=True)
+    with open(lock_path, "w") as held:  # another run, testing that image now
+        fcntl.flock(held, fcntl.LOCK_EX)
+        run, podman_log = _image_test_without_podman(tmp_path, "given", tag)
+        assert run.stderr is not None
+        seen = line = ""
+        for line in run.stderr:
+            seen += line
+            if "waiting" in line:
+                break
+        assert line.endswith(f"another run is testing {tag}: waiting for it\n"), seen
+        assert not [call for call in podman_log.read_text().splitlines()
+                    if call.startswith("build")], "built while another run held the tag"
+    out, err = run.communicate(timeout=120)  # its turn now
+    assert run.returncode == 1, seen + err
+    assert out == "image: 1 passed, 1 failed\n", out
+    assert _built_tag(podman_log) == tag
+    assert f"rmi {tag}" not in podman_log.read_text().splitlines()
