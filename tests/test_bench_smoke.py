@@ -350,3 +350,37 @@ def test_image_test_keeps_a_tag_given_and_runs_given_it_take_turns(tmp_path: Pat
     assert out == "image: 1 passed, 1 failed\n", out
     assert _built_tag(podman_log) == tag
     assert f"rmi {tag}" not in podman_log.read_text().splitlines()
+
+
+@pytest.mark.parametrize(("script", "arguments", "environment", "status", "says"), [
+    # pytest's collection of one file: ruff, mypy and the peers' check run first.
+    ("test", ["--co", "-q", "tests/test_config.py"], {}, 0, "== pytest"),
+    # an interpreter with no Python.h: the first thing it says, after ensure-peers
+    ("test-floors", [], {"PYTHON": "/bin/false"}, 1,
+     "test-floors: /bin/false has no Python.h (install its headers, e.g. python3-dev)"),
+    ("bench", ["--help"], {}, 0, "usage: scripts/bench"),
+    # fixed before (readlink -f), kept so: the repository's venv, not one beside the link
+    ("ensure-venv", ["test"], {}, 0, ""),
+])
+def test_a_script_run_through_a_symlink_finds_its_repository(
+    tmp_path: Path, script: str, arguments: list[str], environment: dict[str, str],
+    status: int, says: str,
+) -> None:
+    """`ln -s .../scripts/test /usr/local/bin/fp-test; fp-test`: scripts/test and
+    test-floors went to the symlink's directory's parent (`cd $(dirname $0)/..`) and
+    failed with "scripts/ensure-peers: No such file or directory"; bench looked for
+    bench_run.py there."""
+    link = tmp_path / "bin" / f"fp-{script}"
+    link.parent.mkdir()
+    link.symlink_to(REPO / "scripts" / script)
+    result = subprocess.run(
+        [str(link), *arguments], cwd=tmp_path, capture_output=True, text=True,
+        timeout=300, check=False, env={**os.environ, **environment},
+    )
+    assert result.returncode == status, result
+    output = result.stdout + result.stderr
+    if says:
+        assert any(line.startswith(says) for line in output.splitlines()), result
+    else:
+        assert output == "", result  # the repository's venv: nothing to do
+    assert not (tmp_path / ".venv").exists()
