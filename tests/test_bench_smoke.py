@@ -384,3 +384,122 @@ def test_a_script_run_through_a_symlink_finds_its_repository(
     else:
         assert output == "", result  # the repository's venv: nothing to do
     assert not (tmp_path / ".venv").exists()
+
+
+# A project for scripts/ensure-venv to install with no index (PIP_NO_INDEX): its build
+# backend is in the tree and needs nothing, and it makes one empty wheel.
+PROBE_PYPROJECT = """\
+[build-system]
+requires = []
+build-backend = "backend"
+backend-path = ["."]
+
+[project]
+name = "fpvenvprobe"
+version = "0"
+"""
+PROBE_BACKEND = '''\
+import base64
+import hashlib
+import zipfile
+
+DIST = "fpvenvprobe-0.dist-info"
+FILES = {
+    f"{DIST}/METADATA": "Metadata-Version: 2.1\\nName: fpvenvprobe\\nVersion: 0\\n",
+    f"{DIST}/WHEEL": "Wheel-Version: 1.0\\nGenerator: probe\\nRoot-Is-Purelib: true\\n"
+    "Tag: py3-none-any\\n",
+}
+
+
+def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):
+    name = "fpvenvprobe-0-py3-none-any.whl"
+    record = []
+    with zipfile.ZipFile(f"{wheel_directory}/{name}", "w") as wheel:
+        for path, text in FILES.items():
+            data = text.encode()
+            wheel.writestr(path, data)
+            digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=")
+            record.append(f"{path},sha256={digest.decode()},{len(data)}")
+        wheel.writestr(f"{DIST}/RECORD", "\\n".join([*record, f"{DIST}/RECORD,,"]) + "\\n")
+    return name
+
+
+build_editable = build_wheel
+'''
+
+
+def _real_interpreter(python: str) -> str | None:
+    """The file `python` runs, when it is a Python >= 3.11 with venv and ensurepip."""
+    try:
+        done = subprocess.run(
+            [python, "-c", "import ensurepip, os, sys, venv\n"
+             "assert sys.version_info >= (3, 11)\nprint(os.path.realpath(sys.executable))"],
+            capture_output=True, text=True, timeout=30, check=False,
+        )
+    except OSError:
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def _two_interpreters() -> tuple[str, str]:
+    """This test run's interpreter and another one on this machine (its file)."""
+    ours = _real_interpreter(sys.executable)
+    assert ours is not None
+    candidates = [shutil.which(f"python3.{minor}") for minor in range(11, 20)]
+    candidates += sorted(str(p) for p in Path("/usr/bin").glob("python3.[0-9]*"))
+    candidates += sorted(str(p) for p in Path.home().glob(".pyenv/versions/3.*/bin/python3"))
+    for candidate in candidates:
+        other = _real_interpreter(candidate) if candidate else None
+        if other is not None and other != ours:
+            return ours, other
+    pytest.fail(f"no Python >= 3.11 with venv beside {ours} on this machine")
+
+
+def _version(python: Path) -> str:
+    return subprocess.run([str(python), "-c", "import sys; print(sys.version)"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+
+
+def test_ensure_venv_makes_the_venv_again_for_the_python_asked(tmp_path: Path) -> None:
+    """`PYTHON=python3.12 scripts/ensure-venv` on a venv made with 3.11 kept it without a
+    word: everything after ran 3.11."""
+    first, second = _two_interpreters()
+    repo = tmp_path / "repo"
+    (repo / "scripts").mkdir(parents=True)
+    shutil.copy(REPO / "scripts" / "ensure-venv", repo / "scripts" / "ensure-venv")
+    (repo / "pyproject.toml").write_text(PROBE_PYPROJECT)
+    (repo / "backend.py").write_text(PROBE_BACKEND)
+    venv_python = repo / ".venv" / "bin" / "python"
+
+    def ensure_venv(python: str | None) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, "PIP_NO_INDEX": "1"}
+        env.pop("PYTHON", None)
+        if python is not None:
+            env["PYTHON"] = python
+        return subprocess.run([str(repo / "scripts" / "ensure-venv")], env=env,
+                              capture_output=True, text=True, timeout=240, check=False)
+
+    made = ensure_venv(first)
+    assert made.returncode == 0, made
+    first_version = _version(venv_python)
+    assert first_version == _version(Path(first))
+
+    again = ensure_venv(second)
+    assert again.returncode == 0, again
+    assert again.stderr.splitlines() == [
+        f"ensure-venv: .venv runs {first}: making it again with {second}"], again.stderr
+    assert _version(venv_python) == _version(Path(second)) != first_version
+    assert subprocess.run([str(venv_python), "-m", "pip", "show", "-q", "fpvenvprobe"],
+                          capture_output=True, check=False).returncode == 0, "not installed again"
+
+    # The same interpreter again, or none named: kept as it is, nothing said.
+    for python in (second, None):
+        kept = ensure_venv(python)
+        assert (kept.returncode, kept.stdout, kept.stderr) == (0, "", ""), kept
+        assert _version(venv_python) == _version(Path(second))
+
+    bad = ensure_venv("python3-that-is-not-here")
+    assert bad.returncode == 2, bad
+    assert bad.stderr.splitlines() == ["ensure-venv: PYTHON=python3-that-is-not-here does not"
+                                       " run (want a Python 3 interpreter)"], bad.stderr
+    assert _version(venv_python) == _version(Path(second))
