@@ -2,6 +2,10 @@
 
 Tiny workloads (~1 s each), one round, every workload and candidate, real peers. It checks
 that each number is there and positive, never how fast anything is.
+
+The other scripts are tested here too, run for real with cheap arguments: bad arguments,
+an interrupt, a symlink, image-test's tag (with a podman that builds nothing) and
+ensure-venv's interpreter.
 """
 
 from __future__ import annotations
