@@ -22,10 +22,20 @@ MAX_PATH = 107  # sockaddr_un.sun_path is 108 bytes with the NUL
 # in supervisor.py, so that the client end (status.REQUEST_DEADLINE) is sized from it.
 REPORT_TIMEOUT = 10.0
 
-# A reply, or None when the handler handed the client's socket to another process that
-# answers on it (the supervisor answers `status` from a forked child: see
+
+
+class Later:
+    """The type of LATER."""
+
+
+# What a handler returns for a request it answers later, with ControlServer.answer: the
+# supervisor answers every `reload` waiting with one reload (Supervisor.reload).
+LATER = Later()
+
+# A reply, LATER, or None when the handler handed the client's socket to another process
+# that answers on it (the supervisor answers `status` from a forked child: see
 # Supervisor.answer_in_child).
-Handler = Callable[[dict[str, object], socket.socket], "dict[str, object] | None"]
+Handler = Callable[[dict[str, object], socket.socket], "dict[str, object] | Later | None"]
 
 
 def encode_reply(reply: dict[str, object]) -> bytes:
@@ -67,12 +77,13 @@ def check_owned(path: str) -> None:
 
 
 class _Client:
-    __slots__ = ("inbox", "outbox", "sock")
+    __slots__ = ("inbox", "outbox", "sock", "waiting")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.inbox = b""
         self.outbox = b""
+        self.waiting = False  # its request was taken, its answer comes later (LATER)
 
 
 def check_path(path: str) -> None:
@@ -142,6 +153,11 @@ class ControlServer:
         fresh: list[int] = []
         dropped: list[int] = []
         for _ in range(MAX_CLIENTS):
+            if len(self.clients) >= MAX_CLIENTS and all(
+                    client.waiting for client in self.clients.values()):
+                # None may be dropped: each asked, and its answer is on its way (the
+                # next turn of the loop). The newcomers wait in the backlog until then.
+                break
             try:
                 sock, _ = self.sock.accept()
             except (BlockingIOError, InterruptedError):
@@ -153,7 +169,8 @@ class ControlServer:
                     raise
                 break
             if len(self.clients) >= MAX_CLIENTS:
-                oldest = next(iter(self.clients))  # dicts keep insertion order
+                # dicts keep insertion order; not one waiting for its answer (see above)
+                oldest = next(fd for fd, client in self.clients.items() if not client.waiting)
                 # Its request may be waiting, not yet read in this round of poll(): answer
                 # it first. Only a client that asked nothing (or reads nothing) is dropped.
                 if self.service(oldest):
@@ -171,6 +188,8 @@ class ControlServer:
     def service(self, fd: int) -> bool:
         """Read or write for one client; False when it is finished (caller unregisters)."""
         client = self.clients[fd]
+        if client.waiting:
+            return True  # its request is taken: nothing more is read until it is answered
         try:
             if not client.outbox:
                 data = client.sock.recv(MAX_REQUEST)
@@ -186,6 +205,9 @@ class ControlServer:
                 outbox = self._reply(line, client.sock)
                 if outbox is None:
                     return self._drop(fd)  # answered by another process: close our copy
+                if isinstance(outbox, Later):
+                    client.waiting = True
+                    return True
                 client.outbox = outbox
             sent = client.sock.send(client.outbox)
             client.outbox = client.outbox[sent:]
@@ -198,7 +220,23 @@ class ControlServer:
     def wants_write(self, fd: int) -> bool:
         return bool(self.clients[fd].outbox)
 
-    def _reply(self, line: bytes, sock: socket.socket) -> bytes | None:
+    def answer(self, socks: list[socket.socket], reply: dict[str, object]) -> list[int]:
+        """Give the clients whose handler said LATER, by their sockets, one reply (encoded
+        once: a reload's lists every listener); returns the fds now with a reply to
+        send (service() sends it). A client gone meanwhile is skipped, even where its fd
+        number went to a newer client."""
+        encoded = encode_reply(reply)
+        ready: list[int] = []
+        for sock in socks:
+            client = self.clients.get(sock.fileno())  # -1 once closed
+            if client is None or client.sock is not sock or not client.waiting:
+                continue
+            client.waiting = False
+            client.outbox = encoded
+            ready.append(sock.fileno())
+        return ready
+
+    def _reply(self, line: bytes, sock: socket.socket) -> bytes | Later | None:
         try:
             request = json.loads(line)
             if not isinstance(request, dict):
@@ -206,7 +244,9 @@ class ControlServer:
             reply = self.handle(request, sock)
         except (ValueError, RecursionError) as exc:  # "[[[[..." nests past the stack
             reply = {"ok": False, "error": f"bad request: {exc}"}
-        return None if reply is None else encode_reply(reply)
+        if reply is None or isinstance(reply, Later):
+            return reply
+        return encode_reply(reply)
 
     def _drop(self, fd: int) -> bool:
         self.clients.pop(fd).sock.close()

@@ -69,6 +69,14 @@ class SignalPipe:
     def fileno(self) -> int:
         return self.reader.fileno()
 
+    def wake(self) -> None:
+        """Have the loop call its handler for this pipe at its next turn, as a signal
+        does, with no signal (drain() reads bytes only to empty the pipe)."""
+        try:
+            self.writer.send(b"\0")
+        except (BlockingIOError, InterruptedError):
+            pass  # full: it wakes the loop all the same
+
     def drain(self) -> list[int]:
         """Signal numbers received since the last call, in order, duplicates folded
         (not SIGINT's: a second Ctrl-C stops at once)."""

@@ -465,6 +465,8 @@ class Supervisor:
         self.last_reload: tuple[float, bool, str] | None = None
         self.config_loaded = self.began
         self.reloads = {"success": 0, "failure": 0}
+        # The control clients whose `reload` waits for the next one (handle_control_request).
+        self.reload_waiting: list[socket.socket] = []
         self.pid = os.getpid()  # also what a reporter child reports
         # Did we write --pid-file? Only then is it ours to remove at exit (and a path we
         # refused, a FIFO, is never opened again).
@@ -1309,6 +1311,8 @@ class Supervisor:
                 self.handle_usr1()
             elif signum == signal.SIGALRM:
                 self.handle_alarm()
+        if self.reload_waiting:  # asked for on the control socket, which woke this pipe
+            self.reload()
 
     def handle_chld(self, scan: bool = False) -> None:
         """Reap every child that has exited, ours or (as PID 1) anybody's orphan.
@@ -2023,7 +2027,36 @@ class Supervisor:
     # -- reload ------------------------------------------------------------------------
 
     def reload(self) -> tuple[bool, str]:
-        """Re-read the sources; on any error keep the running configuration whole."""
+        """Re-read the sources; on any error keep the running configuration whole. One
+        reload answers every `reload` request waiting: each sent before its sources are
+        read, so each answer is of a reading that began after its request came (a
+        SIGHUP's too: each handle_signals drains every one noted, once)."""
+        # At 4,000 links a reload takes ~0.5 s: one per request, 16 clients asking at
+        # once were answered after 8 s, past the CLI's 5 s, and each got "no answer".
+        self._take_control_requests()
+        ok, error = self._reload()
+        if self.reload_waiting:
+            assert self.control is not None  # only its clients wait
+            waiting, self.reload_waiting = self.reload_waiting, []
+            reply = {"ok": ok, "error": error, "listeners": self._listener_table()}
+            for fd in self.control.answer(waiting, reply):
+                self.handlers[fd](POLLOUT)  # send what it can now (_control_handler)
+        return ok, error
+
+    def _take_control_requests(self) -> None:
+        """Take up the requests already sent to the control socket, without waiting for
+        the next turn of the loop: those accepted and read, those still in its backlog
+        too, so that a reload about to read its sources answers every `reload` among them."""
+        if self.control is None:
+            return
+        if self.control_at is None:  # else paused (EMFILE): handle_timers resumes it
+            self.handle_control_accept(POLLIN)
+        for fd in list(self.control.clients):
+            handler = self.handlers.get(fd)
+            if handler is not None:
+                handler(POLLIN)  # a client that sent nothing yet: recv says EAGAIN
+
+    def _reload(self) -> tuple[bool, str]:
         if self.stopping:
             # Said in the log too: a SIGHUP's outcome is only there (reload --pid-file
             # says so), and silence would read as a reload that went through.
@@ -2231,11 +2264,18 @@ class Supervisor:
         return handle
 
     def handle_control_request(self, request: dict[str, object],
-                               client: socket.socket) -> dict[str, object] | None:
+                               client: socket.socket) -> dict[str, object] | control.Later | None:
         command = request.get("command")
         if command == "reload":
-            ok, error = self.reload()
-            return {"ok": ok, "error": error, "listeners": self._listener_table()}
+            if self.stopping:  # nothing to read (and the loop may end before its next turn)
+                ok, error = self._reload()
+                return {"ok": ok, "error": error, "listeners": self._listener_table()}
+            # Answered by the next reload, at the loop's next turn (handle_signals), with
+            # every other one that came meanwhile: one reading for all (reload).
+            if not self.reload_waiting:
+                self.signals.wake()
+            self.reload_waiting.append(client)
+            return control.LATER
         if command == "check":
             # Metrics down fail no health check: relaying works, a HEALTHCHECK that failed
             # would have an orchestrator restart a working proxy and cut every connection,

@@ -400,7 +400,7 @@ def test_before_the_metrics_process_is_started_status_and_check_say_starting(
         assert sup.metrics_pid == 0 and sup.metrics_at is not None  # not started yet
         with socket.socket(socket.AF_UNIX) as client:  # not read by `check`
             check = sup.handle_control_request({"command": "check"}, client)
-        assert check is not None
+        assert isinstance(check, dict)
         for metrics in (check["metrics"], sup.status_reply()["metrics"]):
             assert isinstance(metrics, dict)
             assert (metrics["url"], metrics["state"], metrics["pid"], metrics["since"],
