@@ -3684,34 +3684,58 @@ def test_a_text_line_carries_no_control_character_raw(value: str) -> None:
     assert f"directory={json.dumps(value)}" in body, repr(line)
 
 
-def test_the_listeners_are_logged_at_start_as_after_a_reload(
-    start_proxy: StartProxy, redis: Redis, dead_port: int, env: dict[str, str],
+def test_the_listeners_are_logged_at_start_and_a_reload_logs_what_it_changed(
+    start_proxy: StartProxy, tmp_path: Path, env: dict[str, str],
 ) -> None:
     """At start the log said nothing at the default level of what the proxy listens on:
-    stdout had the `listening` lines, the log only a debug `ready`; the info `listening`
-    lines came after a reload only. A shipper reading the log at the default level sees
-    them at start now too: one per listener, `new` true, the fields a reload's have."""
-    good, dead = f"127.0.0.1:0=127.0.0.1:{redis.port}", f"127.0.0.1:0=127.0.0.1:{dead_port}"
-    proxy = start_proxy("--log-format", "json", "--metrics", "127.0.0.1:0", good, dead,
-                        expect=3, env=env)
-    described = [line.removeprefix("listening ") for line in proxy.lines[:2]]
-    assert [line.split()[0] for line in proxy.lines] == ["listening", "listening", "metrics"]
+    stdout had the `listening` lines, the log only a debug `ready`. A shipper reading the
+    log at the default level sees them at start now too: one per listener, `new` true.
+    A reload logged a `listening` line for every listener in force, 1,000 lines at each
+    reload of 1,000 links, most of them saying nothing new; it logs what it changed now
+    (`listening` for a listener it bound, `new` true, or rewired, `new` false; `unlisten`
+    for one it closed), then one `reloaded` line with the counts."""
+    keep, move, gone, add = (free_port() for _ in range(4))
+    env_file = tmp_path / "links.env"
 
-    def listening() -> list[dict[str, Any]]:
-        records = [json.loads(line) for line in proxy.log().splitlines()]
-        return [record for record in records if record["event"] == "listening"]
+    def links(*lines: str) -> None:
+        env_file.write_text("".join(f"{line}\n" for line in lines))
 
-    assert wait_for(lambda: len(listening()) == 2), proxy.log()
-    at_start = listening()
-    assert [(r["level"], r["pid"], r["detail"], r["new"]) for r in at_start] == [
-        ("info", proxy.pid, text, True) for text in described], at_start
-    proxy.signal(signal.SIGHUP)  # the same configuration: both listeners stay
-    assert wait_for(lambda: len(listening()) == 4), proxy.log()
-    after_reload = listening()[2:]
-    assert [(r["level"], r["detail"], r["new"]) for r in after_reload] == [
-        ("info", text, False) for text in described], after_reload
-    assert [set(r) for r in at_start] == [set(r) for r in after_reload], (at_start,
-                                                                          after_reload)
+    links(f"KEEP_PORT_{keep}_TCP=tcp://127.0.0.1:1", f"MOVE_PORT_{move}_TCP=tcp://127.0.0.1:1",
+          f"GONE_PORT_{gone}_TCP=tcp://127.0.0.1:1")
+    proxy = start_proxy("--log-format", "json", "--env-file", str(env_file), *LOOPBACK,
+                        "127.0.0.1:0=127.0.0.1:1", expect=4, env=env)
+    described = [line.removeprefix("listening ") for line in proxy.lines]
+
+    def records() -> list[dict[str, Any]]:
+        logged = [json.loads(line) for line in proxy.log().splitlines()]
+        return [record for record in logged
+                if record["event"] in ("listening", "unlisten", "reloaded")]
+
+    assert wait_for(lambda: len(records()) == 4), proxy.log()
+    at_start = records()
+    assert [(r["level"], r["pid"], r["event"], r["detail"], r["new"]) for r in at_start] == [
+        ("info", proxy.pid, "listening", text, True) for text in described], at_start
+    proxy.signal(signal.SIGHUP)  # the same configuration: nothing changed
+    assert wait_for(lambda: len(records()) == 5), proxy.log()
+    [reloaded] = records()[4:]
+    assert {key: reloaded[key] for key in ("level", "pid", "event", "listeners", "added",
+                                            "changed", "removed", "unchanged")} == {
+        "level": "info", "pid": proxy.pid, "event": "reloaded", "listeners": 4, "added": 0,
+        "changed": 0, "removed": 0, "unchanged": 4}, reloaded
+    links(f"KEEP_PORT_{keep}_TCP=tcp://127.0.0.1:1", f"MOVE_PORT_{move}_TCP=tcp://127.0.0.1:2",
+          f"ADD_PORT_{add}_TCP=tcp://127.0.0.1:1")
+    proxy.signal(signal.SIGHUP)
+    assert wait_for(lambda: records()[-1]["event"] == "reloaded" and len(records()) > 5), \
+        proxy.log()
+    changes = [(r["event"], r["detail"], r.get("new")) for r in records()[5:-1]]
+    assert sorted(changes) == sorted([
+        ("unlisten", f"127.0.0.1:{gone} -> 127.0.0.1:1 (GONE_PORT_{gone}_TCP)", None),
+        ("listening", f"127.0.0.1:{move} -> 127.0.0.1:2 (MOVE_PORT_{move}_TCP)", False),
+        ("listening", f"127.0.0.1:{add} -> 127.0.0.1:1 (ADD_PORT_{add}_TCP)", True),
+    ]), changes
+    assert {key: records()[-1][key] for key in ("listeners", "added", "changed", "removed",
+                                                "unchanged")} == {
+        "listeners": 4, "added": 1, "changed": 1, "removed": 1, "unchanged": 2}, records()[-1]
     assert proxy.stop() == 0
 
 
@@ -4136,8 +4160,7 @@ def test_a_control_socket_unused_for_an_hour_is_touched_so_tmpfiles_leaves_it(
                         env=env)
 
     def reloaded(count: int) -> bool:
-        # The start's `listening` line, then a reload's.
-        return proxy.log().count(" info listening ") == 1 + count
+        return proxy.log().count(" info reloaded ") == count
 
     young = time.time() - 600
     os.utime(path, (young, young), follow_symlinks=False)
