@@ -465,8 +465,12 @@ class Supervisor:
         self.last_reload: tuple[float, bool, str] | None = None
         self.config_loaded = self.began
         self.reloads = {"success": 0, "failure": 0}
-        # The control clients whose `reload` waits for the next one (handle_control_request).
+        # The control clients whose `reload` waits for the next one (handle_control_request),
+        # and whether any does: a bool for handle_signals to test, which runs at each reap,
+        # between forks (the reference counts of True and False are written anyway; a
+        # list's would be another page copied after a fork).
         self.reload_waiting: list[socket.socket] = []
+        self.reload_asked = False
         self.pid = os.getpid()  # also what a reporter child reports
         # Did we write --pid-file? Only then is it ours to remove at exit (and a path we
         # refused, a FIFO, is never opened again).
@@ -1311,7 +1315,7 @@ class Supervisor:
                 self.handle_usr1()
             elif signum == signal.SIGALRM:
                 self.handle_alarm()
-        if self.reload_waiting:  # asked for on the control socket, which woke this pipe
+        if self.reload_asked:  # on the control socket, which woke this pipe
             self.reload()
 
     def handle_chld(self, scan: bool = False) -> None:
@@ -2035,9 +2039,9 @@ class Supervisor:
         # once were answered after 8 s, past the CLI's 5 s, and each got "no answer".
         self._take_control_requests()
         ok, error = self._reload()
-        if self.reload_waiting:
+        if self.reload_asked:
             assert self.control is not None  # only its clients wait
-            waiting, self.reload_waiting = self.reload_waiting, []
+            waiting, self.reload_waiting, self.reload_asked = self.reload_waiting, [], False
             reply = {"ok": ok, "error": error, "listeners": self._listener_table()}
             for fd in self.control.answer(waiting, reply):
                 self.handlers[fd](POLLOUT)  # send what it can now (_control_handler)
@@ -2282,7 +2286,8 @@ class Supervisor:
                 return {"ok": ok, "error": error, "listeners": self._listener_table()}
             # Answered by the next reload, at the loop's next turn (handle_signals), with
             # every other one that came meanwhile: one reading for all (reload).
-            if not self.reload_waiting:
+            if not self.reload_asked:
+                self.reload_asked = True
                 self.signals.wake()
             self.reload_waiting.append(client)
             return control.LATER
