@@ -23,7 +23,6 @@ MAX_PATH = 107  # sockaddr_un.sun_path is 108 bytes with the NUL
 REPORT_TIMEOUT = 10.0
 
 
-
 class Later:
     """The type of LATER."""
 
