@@ -167,22 +167,34 @@ class ControlServer:
                 if not fresh:
                     raise
                 break
-            if len(self.clients) >= MAX_CLIENTS:
-                # dicts keep insertion order; not one waiting for its answer (see above)
-                oldest = next(fd for fd, client in self.clients.items() if not client.waiting)
-                # Its request may be waiting, not yet read in this round of poll(): answer
-                # it first. Only a client that asked nothing (or reads nothing) is dropped.
-                if self.service(oldest):
-                    self._drop(oldest)
-                dropped.append(oldest)
-            sock.setblocking(False)
-            self.clients[sock.fileno()] = _Client(sock)
+            dropped += self.adopt(sock)
             fresh.append(sock.fileno())
         # An fd number can be dropped and reused by a fresh client within one call.
         return (
             [fd for fd in fresh if fd in self.clients],
             [fd for fd in dropped if fd not in self.clients],
         )
+
+    def adopt(self, sock: socket.socket) -> list[int]:
+        """Serve `sock` as a client: one accepted here, or one connected elsewhere and
+        handed to us (the metrics process's, over a socketpair: see
+        Supervisor.handle_metrics_handoff). The fd dropped to make room, if any."""
+        dropped: list[int] = []
+        if len(self.clients) >= MAX_CLIENTS:
+            # dicts keep insertion order; never one waiting for its answer (a `reload`:
+            # see accept, which stops first when all are). A handed-over client finding
+            # all waiting is served beyond the limit: they are answered at the next turn.
+            oldest = next((fd for fd, client in self.clients.items() if not client.waiting),
+                          None)
+            if oldest is not None:
+                # Its request may be waiting, not yet read in this round of poll(): answer
+                # it first. Only a client that asked nothing (or reads nothing) is dropped.
+                if self.service(oldest):
+                    self._drop(oldest)
+                dropped.append(oldest)
+        sock.setblocking(False)
+        self.clients[sock.fileno()] = _Client(sock)
+        return dropped
 
     def service(self, fd: int) -> bool:
         """Read or write for one client; False when it is finished (caller unregisters)."""

@@ -2,10 +2,12 @@
 
 `forkproxy serve --metrics HOST:PORT` binds the port in the supervisor (so a bad or busy
 address is a start-up error like any other) and starts this process once with the socket
-inherited. On each scrape it asks the supervisor's control socket for the table of links
-and live children, reads the children's memory and CPU with psutil, and renders it all
-with prometheus_client. prometheus_client and psutil import threading and keep state, so
-they live here, not in the process that forks once per connection.
+inherited. On each scrape it asks the supervisor for the table of links and live
+children, as a client of its control socket (over a connection handed to the supervisor,
+so that the socket's file need not be there: SupervisorCollector), reads the children's
+memory and CPU with psutil, and renders it all with prometheus_client. prometheus_client
+and psutil import threading and keep state, so they live here, not in the process that
+forks once per connection.
 """
 
 from __future__ import annotations
@@ -51,14 +53,41 @@ OUTCOME_NAMES = (*OUTCOMES.values(), "killed")
 
 
 class SupervisorCollector(Collector):
-    def __init__(self, status_socket: str) -> None:
+    def __init__(self, status_socket: str, handoff: socket.socket | None = None,
+                 supervisor_pid: int = 0) -> None:
+        """`handoff`: the socket the supervisor takes our connections over (see
+        _handed_connection), None to connect to `status_socket`; `supervisor_pid`, as
+        this process sees it, for a handed connection (whose SO_PEERCRED names us)."""
         self.status_socket = status_socket
+        self.handoff = handoff
+        self.supervisor_pid = supervisor_pid
         # The highest CPU total served, per link: (its totals' `since`, that total).
         self.cpu_seen: dict[str, tuple[float, float]] = {}
 
+    def _handed_connection(self) -> socket.socket:
+        """A connection to the supervisor that no socket file stands for: one end of a
+        fresh socketpair, the other end sent over `handoff` to the supervisor, which
+        serves it as a client of its control socket. Through the file, scrapes failed
+        from its removal (systemd-tmpfiles aging /tmp, an rm) until the supervisor's
+        next look at it, up to a minute later."""
+        assert self.handoff is not None
+        ours, theirs = socket.socketpair()
+        with theirs:
+            try:
+                socket.send_fds(self.handoff, [b"."], [theirs.fileno()])
+            except OSError:
+                ours.close()
+                raise
+        return ours
+
     def collect(self) -> Iterator[Metric]:
         try:
-            status = request(self.status_socket, "status")
+            if self.handoff is None:
+                status = request(self.status_socket, "status")
+            else:
+                status = request(self.status_socket, "status",
+                                 connected=self._handed_connection)
+                status["pid_here"] = self.supervisor_pid  # our parent: our PID namespace
         except StatusError:
             up = GaugeMetricFamily("forkproxy_up", "1 when the supervisor answered this scrape")
             up.add_metric([], 0)
@@ -535,6 +564,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = _Arguments(prog="forkproxy-metrics")
     parser.add_argument("--fd", type=int, required=True, help="the bound listening socket")
     parser.add_argument("--status-socket", required=True)
+    parser.add_argument("--handoff-fd", type=int,
+                        help="a socket the supervisor takes each scrape's connection over")
     parser.add_argument("--supervisor-pid", type=int, required=True,
                         help="exit when this process is no longer the parent")
     parser.add_argument("--log-format", default="text")
@@ -562,7 +593,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     dies_with_parent = _die_with_parent()
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(SupervisorCollector(args.status_socket))
+    handoff = None if args.handoff_fd is None else socket.socket(fileno=args.handoff_fd)
+    registry.register(SupervisorCollector(args.status_socket, handoff, args.supervisor_pid))
     sock = socket.socket(fileno=args.fd)
     server = _Server(sock.getsockname()[:2], _QuietHandler, bind_and_activate=False)
     server.socket.close()

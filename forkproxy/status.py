@@ -97,17 +97,23 @@ REQUEST_DEADLINE = REPORT_TIMEOUT + 5.0
 
 
 def request(path: str, command: str, timeout: float = 5.0,
-            deadline: float = REQUEST_DEADLINE) -> dict[str, Any]:
+            deadline: float = REQUEST_DEADLINE,
+            connected: Callable[[], socket.socket] | None = None) -> dict[str, Any]:
     """Send one command, return the supervisor's reply, with `pid_here`: the supervisor's
     pid as this process sees it (SO_PEERCRED; 0 when it is in no PID namespace of ours),
     which differs from the reply's `pid` when it runs in another (a container's).
-    `timeout` bounds each step, `deadline` (seconds) the whole request."""
+    `timeout` bounds each step, `deadline` (seconds) the whole request. `connected`: makes
+    a connection to the supervisor, used rather than one to `path`, which then names it
+    in errors only (the metrics process's, handed over: SO_PEERCRED names whoever made
+    it, and `pid_here` is the caller's to set)."""
     ends = time.monotonic() + deadline
     try:
         # socket() in the try too: out of descriptors (EMFILE) is no answer either.
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        with (socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) if connected is None
+              else connected()) as sock:
             sock.settimeout(timeout)
-            _connect(sock, path, time.monotonic() + min(timeout, deadline))
+            if connected is None:
+                _connect(sock, path, time.monotonic() + min(timeout, deadline))
             creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
             sock.sendall(json.dumps({"command": command}).encode() + b"\n")
             chunks = []

@@ -410,6 +410,9 @@ class Supervisor:
         self.metrics_sock: socket.socket | None = None
         self.metrics_pid = 0
         self.metrics_at: float | None = None  # when to (re)start the metrics process
+        # Our end of the running metrics process's socketpair, over which it hands us a
+        # connection per scrape (handle_metrics_handoff); None without one.
+        self.metrics_handoff: socket.socket | None = None
         # For status and check: the endpoint's URL, when the process last started or went
         # down (monotonic, None before the first start: replies give its age, and the wall
         # clock's time for it as read then), how often it died and was started again, and
@@ -571,9 +574,21 @@ class Supervisor:
         argv = [sys.executable, "-I", script, "--fd", str(fd),
                 f"--status-socket={self.control.path}", "--supervisor-pid", str(os.getpid()),
                 f"--log-format={self.options.log_format}", f"--log-level={self.log.level}"]
+        self._close_metrics_handoff()  # a dead process's, if its EOF was not read yet
+        try:
+            # Scrapes need no socket file then (handle_metrics_handoff). Without it (out
+            # of descriptors), the metrics process connects to the control socket's path.
+            self.metrics_handoff, theirs = socket.socketpair()
+        except OSError:
+            theirs = None
+        if theirs is not None:
+            argv.append(f"--handoff-fd={theirs.fileno()}")
         try:
             pid = os.fork()
         except OSError as exc:  # EAGAIN at a pids limit, ENOMEM
+            self._close_metrics_handoff()
+            if theirs is not None:
+                theirs.close()
             # A death of a process that lived 0 s, backed off like one: a pids limit that
             # lasts must not log this every 5 s for days, nor leave status at `starting`.
             self.metrics_started = time.monotonic()
@@ -589,8 +604,10 @@ class Supervisor:
                 # launcher leaked to forkproxy (a shell's `50>file`) are not the
                 # metrics process's to hold, nor the control socket or the listeners
                 # (those are close-on-exec already).
-                close_inherited(fd, self.log.fd)  # the log: for metrics-failed below
-                os.set_inheritable(fd, True)
+                handoff = () if theirs is None else (theirs.fileno(),)
+                close_inherited(fd, self.log.fd, *handoff)  # the log: for metrics-failed below
+                for kept in (fd, *handoff):
+                    os.set_inheritable(kept, True)
                 # The one process forkproxy starts by exec runs the files installed now,
                 # not the code this one runs: after a pip upgrade or downgrade, another
                 # version of metrics.py (its options, the status it reads) or none at all.
@@ -612,6 +629,43 @@ class Supervisor:
                 os._exit(127)
         self.metrics_pid = pid
         self.metrics_since = self.metrics_started = time.monotonic()
+        if theirs is not None and self.metrics_handoff is not None:
+            theirs.close()
+            self.metrics_handoff.setblocking(False)
+            self._watch(self.metrics_handoff.fileno(), self.handle_metrics_handoff)
+
+    def handle_metrics_handoff(self, events: int) -> None:
+        """Serve a connection the metrics process made for a scrape (one end of a
+        socketpair, sent over the handoff socket) as a client of the control socket.
+        Scrapes connected to the control socket's file: once it was removed (systemd-
+        tmpfiles aging /tmp, an rm), every scrape said `forkproxy_up 0`, with no series
+        of the proxy serving on, until check_control made the file again up to
+        CONTROL_CHECK_EVERY later."""
+        assert self.metrics_handoff is not None and self.control is not None
+        try:
+            data, fds, _, _ = socket.recv_fds(self.metrics_handoff, 1, 1,
+                                              socket.MSG_CMSG_CLOEXEC)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data, fds = b"", []
+        if not data:  # the metrics process is gone
+            self._close_metrics_handoff()
+        for fd in fds:
+            try:
+                client = socket.socket(fileno=fd)
+            except OSError:  # not a socket: not one of the metrics process's
+                os.close(fd)
+                continue
+            for dropped in self.control.adopt(client):
+                self._unwatch(dropped)
+            self._watch(fd, self._control_handler(fd))
+
+    def _close_metrics_handoff(self) -> None:
+        if self.metrics_handoff is not None:
+            self._unwatch(self.metrics_handoff.fileno())
+            self.metrics_handoff.close()
+            self.metrics_handoff = None
 
     def _open_control(self) -> control.ControlServer:
         path = self.options.status_socket
@@ -943,6 +997,7 @@ class Supervisor:
             self._kill_and_reap(pid)
         if self.metrics_pid:
             self._end_metrics()
+        self._close_metrics_handoff()
         if self.metrics_sock is not None:
             self.metrics_sock.close()
         if self.control is not None:
@@ -1401,6 +1456,7 @@ class Supervisor:
             return False
         if pid == self.metrics_pid:
             self.metrics_pid = 0
+            self._close_metrics_handoff()
             self.metrics_exit = describe_status(status)
             if os.WIFEXITED(status) and os.WEXITSTATUS(status) == installed.FILES_CHANGED:
                 # It said why (metrics-failed), and another start would run the same

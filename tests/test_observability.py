@@ -2375,23 +2375,25 @@ def test_metrics_export_every_link_from_the_start(
 def test_a_scrape_the_supervisor_cannot_answer_is_forkproxy_up_0_not_an_error(
     start_proxy: StartProxy, short_dir: Path,
 ) -> None:
-    """The metrics process asks the supervisor at each scrape; when it cannot reach it
-    (here its status socket renamed away under it, as a tmp cleaner or an operator's
-    rm would), the scrape still succeeds (HTTP 200) with `forkproxy_up 0` and nothing
-    else: an alert on `forkproxy_up == 0` fires, where an error page would only read as
-    the target down, and stale or made-up values are not served. Back at its name, the
-    next scrape is `forkproxy_up 1` with the full set again."""
+    """The metrics process asks the supervisor at each scrape; when no answer comes (here
+    the supervisor stopped, SIGSTOP, as a debugger or a freeze would: the status socket's
+    file no longer matters, see test_the_metrics_go_on_while_the_control_sockets_file_is_gone),
+    the scrape still succeeds (HTTP 200) with `forkproxy_up 0` and nothing else: an alert
+    on `forkproxy_up == 0` fires, where an error page would only read as the target down,
+    and stale or made-up values are not served. Once it answers again, the next scrape
+    is `forkproxy_up 1` with the full set again."""
     sock_path = short_dir / "s.sock"
     proxy = start_proxy("--metrics", "127.0.0.1:0", "--status-socket", str(sock_path),
                         "127.0.0.1:0=127.0.0.1:1", expect=2)
     url = metrics_url(proxy)
     assert value(samples(scrape(url)), "forkproxy_up") == 1
-    away = short_dir / "away.sock"
-    sock_path.rename(away)
+    proxy.signal(signal.SIGSTOP)
     try:
-        text = scrape(url)  # asserts HTTP 200 and the exposition's content type
+        # Asserts HTTP 200 and the exposition's content type; the metrics process waits
+        # for the reply for its step timeout (5 s).
+        text = scrape(url, timeout=30)
     finally:
-        away.rename(sock_path)
+        proxy.signal(signal.SIGCONT)
     assert samples(text) == {("forkproxy_up", ()): 0}, text
     assert promtool_check(text).returncode == 0
     found = samples(scrape(url))
@@ -4143,6 +4145,46 @@ def test_a_removed_control_socket_is_made_again_at_a_reload_and_on_the_timer(
     assert stat.S_IMODE(directory.stat().st_mode) == 0o700
     assert healthy(default)
     assert "status-socket-lost" not in proxy.log()
+    assert proxy.stop() == 0
+
+
+def test_the_metrics_go_on_while_the_control_sockets_file_is_gone(
+    start_proxy: StartProxy, tcp_server: ServerFactory, tmp_path: Path, env: dict[str, str],
+) -> None:
+    """The metrics process connected to the control socket's file at each scrape: once the
+    file was removed (systemd-tmpfiles aging /tmp, an operator's rm), every scrape was
+    `forkproxy_up 0` alone, every series of the proxy serving on gone, until the
+    supervisor's timer made the file again up to a minute later. Each scrape's connection
+    is handed to the supervisor over a socketpair now, the file never needed, and so is
+    a restarted metrics process's."""
+    x = tcp_server(echo)
+    sock_path = tmp_path / "s.sock"
+    spec = f"127.0.0.1:0=127.0.0.1:{x.port}"
+    proxy = start_proxy("--metrics", "127.0.0.1:0", "--status-socket", str(sock_path), spec,
+                        expect=2, env=env)
+    url = metrics_url(proxy)
+
+    def full_metrics(connections: int) -> None:
+        found = samples(scrape(url))
+        assert value(found, "forkproxy_up") == 1, found
+        assert value(found, "forkproxy_connections_total", link=spec) == connections, found
+        assert value(found, "forkproxy_listeners") == 1, found
+
+    full_metrics(0)
+    sock_path.unlink()
+    for _ in range(2):
+        full_metrics(0)
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=15) as sock:
+        sock.sendall(b"x")
+        assert sock.recv(1) == b"x"
+        full_metrics(1)
+    # A metrics process started again gets a socketpair of its own.
+    first = metrics_pid(proxy.pid)
+    os.kill(first, signal.SIGKILL)
+    assert wait_for(lambda: metrics_pid(proxy.pid) not in (0, first), timeout=30), proxy.log()
+    assert wait_for(lambda: "forkproxy_up 1.0" in scrape_or_empty(url), timeout=30)
+    full_metrics(1)
+    assert "status-socket-recreated" not in proxy.log()
     assert proxy.stop() == 0
 
 
