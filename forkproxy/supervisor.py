@@ -463,10 +463,14 @@ class Supervisor:
         self.stop_began: float | None = None
         # The last reload's outcome, for status, check and the metrics (a SIGHUP's was in
         # the log only): (when, monotonic; whether it applied; its error), None before
-        # any. When the running configuration was read: at start, then at each reload
-        # that applied. And how many reloads each way.
+        # any, and when as the wall clock read then. When the running configuration was
+        # read, as the wall clock read then: at start, then at each reload that applied.
+        # Kept as read, not derived from the monotonic time at each reply: that moved by
+        # a hair at each scrape, and `changes()` of the metric counted a reload a scrape.
+        # And how many reloads each way.
         self.last_reload: tuple[float, bool, str] | None = None
-        self.config_loaded = self.began
+        self.last_reload_at = 0.0
+        self.config_loaded = time.time()
         self.reloads = {"success": 0, "failure": 0}
         # The control clients whose `reload` waits for the next one (handle_control_request),
         # and whether any does: a bool for handle_signals to test, which runs at each reap,
@@ -2236,18 +2240,19 @@ class Supervisor:
         """Keep a reload's outcome for status, check and the metrics."""
         now = time.monotonic()
         self.last_reload = (now, ok, error)
+        self.last_reload_at = time.time()
         self.reloads["success" if ok else "failure"] += 1
         if ok:
-            self.config_loaded = now
+            self.config_loaded = self.last_reload_at
 
     def _last_reload(self, clocks: tuple[float, float]) -> dict[str, object] | None:
-        """The last reload as replies show it (None before any): `at` (time of day) and
-        `age` (seconds, monotonic), `ok`, and `error` (None when it applied)."""
+        """The last reload as replies show it (None before any): `at` (time of day, as
+        read then) and `age` (seconds, monotonic), `ok`, and `error` (None when it applied)."""
         if self.last_reload is None:
             return None
-        now, wall = clocks
+        now, _ = clocks
         at, ok, error = self.last_reload
-        return {"at": wall + at, "age": now - at, "ok": ok, "error": error or None}
+        return {"at": self.last_reload_at, "age": now - at, "ok": ok, "error": error or None}
 
     # -- control socket ----------------------------------------------------------------
 
@@ -2396,7 +2401,7 @@ class Supervisor:
             # prometheus_config_last_reload_* say): the last reload's outcome, when the
             # configuration running was read, and the reloads each way.
             "last_reload": self._last_reload(clocks),
-            "config_loaded": wall + self.config_loaded,
+            "config_loaded": self.config_loaded,
             "reloads": dict(self.reloads),
         }
         reply.update(self.accounting.snapshot(self._held_per_link(), counters, clocks))
