@@ -248,7 +248,19 @@ def render(status: dict[str, Any],
     yield from (up, listeners, active, waiting, queued, backlog, drops, total, ended, empty, denied,
                 failures, moved, durations, rss, uss, cpu, resolve_failures, address_changes,
                 supervisor_rss, max_children, memory_limit, pids_limit, orphans, restarts)
+    yield _start_time(status)
     yield from _reload_metrics(status)
+
+
+def _start_time(status: dict[str, Any]) -> Metric:
+    """When the supervisor started, as its wall clock read then: the same at every scrape
+    until a restart, which counters that reset on idle links would not show. No sample
+    from a supervisor that does not say (an older one)."""
+    started = GaugeMetricFamily("forkproxy_start_time_seconds",
+                                "When the supervisor started, in seconds since the epoch")
+    if "start_time" in status:
+        started.add_metric([], status["start_time"])
+    return started
 
 
 def _reload_metrics(status: dict[str, Any]) -> Iterator[Metric]:

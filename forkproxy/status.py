@@ -289,7 +289,8 @@ _STATUS = _object(
      "memory_limit": _nullable(_COUNT), "memory_fit": _nullable(_COUNT),
      "pids_limit": _nullable(_COUNT), "pids_fit": _nullable(_COUNT), "metrics": _METRICS,
      "duration_buckets": _list_of(_NUMBER), "orphans_reaped": _COUNT,
-     "last_reload": _LAST_RELOAD, "config_loaded": _NUMBER, "reloads": _map_of(_COUNT)},
+     "last_reload": _LAST_RELOAD, "config_loaded": _NUMBER, "reloads": _map_of(_COUNT),
+     "start_time": _NUMBER},
 )
 _CHECK = _object({"ok": _BOOL, "stopping": _BOOL, "listeners": _LISTENERS},
                  {"metrics": _METRICS, "last_reload": _LAST_RELOAD})

@@ -461,6 +461,10 @@ class Supervisor:
         # and the first stop signal (handle_stop).
         self.began = time.monotonic()
         self.stop_began: float | None = None
+        # The start as the wall clock read it then, kept: forkproxy_start_time_seconds,
+        # which a restart changes and nothing else (status's `started` is derived at each
+        # reply, the start as the wall clock reads now).
+        self.start_time = time.time()
         # The last reload's outcome, for status, check and the metrics (a SIGHUP's was in
         # the log only): (when, monotonic; whether it applied; its error), None before
         # any, and when as the wall clock read then. When the running configuration was
@@ -470,7 +474,7 @@ class Supervisor:
         # And how many reloads each way.
         self.last_reload: tuple[float, bool, str] | None = None
         self.last_reload_at = 0.0
-        self.config_loaded = time.time()
+        self.config_loaded = self.start_time
         self.reloads = {"success": 0, "failure": 0}
         # The control clients whose `reload` waits for the next one (handle_control_request),
         # and whether any does: a bool for handle_signals to test, which runs at each reap,
@@ -2383,6 +2387,7 @@ class Supervisor:
             "pid": self.pid,
             "version": __version__,
             "started": wall + self.began,
+            "start_time": self.start_time,
             "uptime": now - self.began,
             "stopping": self.stopping,
             # During a stop: seconds until the connections left are TERMed (0 once they

@@ -3992,6 +3992,41 @@ def test_a_crash_is_named_as_a_tracebacks_last_line_names_it(
     assert re.fullmatch(r"raised at \S+\.py:\d+ in \S+", fields["detail"]), fields
 
 
+def test_the_supervisors_start_time_is_a_metric_that_changes_at_a_restart_only(
+    start_proxy: StartProxy, tcp_server: ServerFactory, env: dict[str, str],
+) -> None:
+    """A supervisor's restart showed only as counters reset, on the links that had had
+    traffic. forkproxy_start_time_seconds is its start, as the wall clock read then: the
+    same at every scrape, and after the metrics process is restarted, as in status's
+    `start_time`; and a new supervisor's is its own."""
+    x = tcp_server(echo)
+    spec = f"127.0.0.1:0=127.0.0.1:{x.port}"
+
+    def start_time(url: str) -> float | None:
+        return value(samples(scrape(url)), "forkproxy_start_time_seconds")
+
+    before = time.time()
+    proxy = start_proxy("--metrics", "127.0.0.1:0", spec, expect=2, env=env)
+    after = time.time()
+    url = metrics_url(proxy)
+    first = start_time(url)
+    assert first is not None and before <= first <= after, (before, first, after)
+    assert [start_time(url) for _ in range(3)] == [first] * 3
+    assert wait_for(lambda: "status-socket path=" in proxy.log()), proxy.log()
+    sock_path = re.findall(r"status-socket path=(\S+)", proxy.log())[0]
+    assert status_json(sock_path, env)["start_time"] == first
+    pid = metrics_pid(proxy.pid)
+    os.kill(pid, signal.SIGKILL)
+    assert wait_for(lambda: metrics_pid(proxy.pid) not in (0, pid), timeout=30), proxy.log()
+    assert wait_for(lambda: "forkproxy_up 1.0" in scrape_or_empty(url), timeout=30)
+    assert start_time(url) == first
+    assert proxy.stop() == 0
+    again = start_proxy("--metrics", "127.0.0.1:0", spec, expect=2, env=env)
+    restarted = start_time(metrics_url(again))
+    assert restarted is not None and restarted > first
+    assert again.stop() == 0
+
+
 def test_the_configurations_time_stays_the_same_from_one_reading_to_the_next(
     start_proxy: StartProxy, tcp_server: ServerFactory, tmp_path: Path, env: dict[str, str],
 ) -> None:
