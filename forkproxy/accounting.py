@@ -256,6 +256,9 @@ class LinkStats:
         self.duration_sum = 0.0
         self.resolve_failures = 0  # lookups of the target's name that failed
         self.address_changes = 0  # lookups that gave new addresses (after the first)
+        # Forks for a client that failed (a pids limit, no memory): each held client's
+        # every try, as the supervisor's fork-failed lines count them.
+        self.fork_failures = 0
 
 
 # A live child as the supervisor's accept loop records it, keyed by its pid in
@@ -309,6 +312,9 @@ class Accounting:
 
     def denied(self, link: Link) -> None:
         self.stats(link).denied += 1
+
+    def fork_failed(self, link: Link) -> None:
+        self.stats(link).fork_failures += 1
 
     def retire(self, configured: set[str], held: dict[str, int] | None = None) -> None:
         """After a reload: forget the totals of the links not in `configured` (names), at

@@ -249,7 +249,21 @@ def render(status: dict[str, Any],
                 failures, moved, durations, rss, uss, cpu, resolve_failures, address_changes,
                 supervisor_rss, max_children, memory_limit, pids_limit, orphans, restarts)
     yield _start_time(status)
+    yield _fork_failures(links)
     yield from _reload_metrics(status)
+
+
+def _fork_failures(links: dict[str, dict[str, Any]]) -> Metric:
+    """Failed forks for clients, per link, each link's from 0 (an alert needs the
+    series): at a pids limit the log said `fork-failed ... failures=99` while the metrics
+    showed only forkproxy_connections_waiting, the clients held meanwhile."""
+    failed = CounterMetricFamily("forkproxy_fork_failures",
+                                 "Forks of a child for a client that failed (at a pids "
+                                 "limit, out of memory): the client waits for the next "
+                                 "(forkproxy_connections_waiting)", labels=["link"])
+    for name, stats in sorted(links.items()):
+        failed.add_metric([name], stats.get("fork_failures", 0))
+    return failed
 
 
 def _start_time(status: dict[str, Any]) -> Metric:

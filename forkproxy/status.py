@@ -271,7 +271,8 @@ _METRICS = _nullable(_object({}, {"url": _TEXT, "state": _TEXT, "pid": _nullable
 _LINK = _object({}, {
     **dict.fromkeys(("since", "connections", "upstream_failures", "denied", "bytes_up",
                      "bytes_down", "empty", "cpu_seconds", "duration_count", "duration_sum",
-                     "resolve_failures", "address_changes", "active", "waiting"), _NUMBER),
+                     "resolve_failures", "address_changes", "active", "waiting",
+                     "fork_failures"), _NUMBER),
     "outcomes": _map_of(_NUMBER), "duration_buckets": _list_of(_NUMBER),
 })
 _CHILD = _object({"pid": _PID, "link": _TEXT, "client": _TEXT, "age": _NUMBER,

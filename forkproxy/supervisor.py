@@ -1325,6 +1325,7 @@ class Supervisor:
         else:
             self.held.append(listeners.HeldBacklog(listener, [client]))
         self.accounting.slots.release(base)
+        self.accounting.fork_failed(listener.link)
         self._pause_accepting("fork-failed", listener, exc)
 
     def _pause_accepting(self, event: str, listener: Listener | listeners.HeldBacklog,

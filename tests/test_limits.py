@@ -1560,6 +1560,47 @@ def test_a_client_whose_fork_failed_is_held_and_served_when_a_child_exits(
         assert exchange(second, b" again") == b" again"
 
 
+def test_failed_forks_are_counted_per_link_in_the_metrics(
+    pids_cgroup: Path, start_proxy: StartProxy, tcp_server: ServerFactory, short_dir: Path
+) -> None:
+    """At a pids limit the log said `fork-failed ... failures=99` while the metrics showed
+    only forkproxy_connections_waiting 1: a failed fork had no counter to alert on.
+    forkproxy_fork_failures_total counts each one per link, from 0, as status's links'
+    `fork_failures` do. (The metrics process is moved out of the limited cgroup first: a
+    scrape's thread needs a pid too.)"""
+    server = tcp_server(echo)
+    spec, sock_path = f"127.0.0.1:0=127.0.0.1:{server.port}", short_dir / "s.sock"
+    proxy = start_proxy(*PAST_PIDS_MAX, "--metrics", "127.0.0.1:0", "--status-socket",
+                        str(sock_path), spec, expect=2, prefix=in_cgroup(pids_cgroup))
+    url = metrics_url(proxy)
+
+    def failures() -> float | None:
+        return value(samples(scrape(url)), "forkproxy_fork_failures_total", link=spec)
+
+    assert failures() == 0  # from the start: an alert needs the series
+    (pids_cgroup.parent / "cgroup.procs").write_text(str(metrics_pid(proxy.pid)))
+    current = pids_cgroup / "pids.current"
+    assert wait_for(lambda: current.read_text().strip() == "1"), current.read_text()
+    (pids_cgroup / "pids.max").write_text("1")  # the supervisor alone: every fork fails
+    with connect(proxy.port) as held:
+        held.sendall(b"held")
+        assert wait_for(lambda: "fork-failed" in proxy.log())
+        found = samples(scrape(url))
+        assert value(found, "forkproxy_connections_waiting", link=spec) == 1, found
+        failed = value(found, "forkproxy_fork_failures_total", link=spec)
+        assert failed is not None and failed >= 1, found
+        (pids_cgroup / "pids.max").write_text("10")  # forks work again
+        held.settimeout(15)
+        assert recv_exact(held, len(b"held")) == b"held"
+    counted = link_stats(control(sock_path, "status"), spec)["fork_failures"]
+    assert isinstance(counted, int) and counted >= failed
+    assert failures() == counted  # no fork failed since
+    # The log's lines count them too (folded: the last window's may not be written yet).
+    logged = sum(map(int, re.findall(r" fork-failed .*failures=(\d+)", proxy.log())))
+    assert 1 <= logged <= counted, proxy.log()
+    assert proxy.stop() == 0
+
+
 def test_a_client_held_at_a_stop_with_no_child_running_gets_the_grace_period(
     pids_cgroup: Path, start_proxy: StartProxy, tcp_server: ServerFactory, short_dir: Path
 ) -> None:
