@@ -139,6 +139,42 @@ def failure_errno(code: int) -> int:
     return 0 if code & (NO_ADDRESS | UNRESOLVED) else code
 
 
+# Why no address took a connection, as forkproxy_upstream_connect_failures_total{reason}
+# and status's upstream_failures_by_reason tell it: an "upstream down" alert must not fire
+# for this host's own trouble (no-local-port: out of ephemeral ports toward the upstream,
+# TIME_WAIT), and a refusal (the service is down) is not a timeout (the network, a host
+# gone) nor a name that does not resolve. A fixed few, each exported from 0.
+FAILURE_REASONS = ("refused", "timeout", "unreachable", "unresolved", "no-local-port", "other")
+_REASON_OF_ERRNO = {
+    errno.ECONNREFUSED: "refused",
+    errno.ETIMEDOUT: "timeout",
+    # The kernel's word that there is no way there: an ICMP unreachable, no route, an
+    # unanswered ARP, a link down.
+    errno.EHOSTUNREACH: "unreachable",
+    errno.ENETUNREACH: "unreachable",
+    errno.EHOSTDOWN: "unreachable",
+    errno.ENETDOWN: "unreachable",
+    errno.ENONET: "unreachable",
+    errno.EADDRNOTAVAIL: "no-local-port",
+}
+
+
+def failure_reason(code: int) -> str:
+    """The reason (FAILURE_REASONS) of a failed connect's FAILURE word.
+
+    The word holds one error: the last connect's, after every address and retry failed
+    (relay.connect_upstream keeps the last, and the `connect-failed` line says that one,
+    so the label and the line agree). The last is the upstream's state at the end, when
+    the client was given up on: a service whose host went away mid-retries (refused, then
+    timed out) is counted as the host gone. When a connect was tried and the child's own
+    lookup of the name then failed too, the connect's error is the reason: it is what
+    the addresses in use said, and failed lookups have their own counter
+    (forkproxy_resolve_failures_total, the supervisor's). `unresolved` is for a failure
+    with no connect tried: the name gave no address."""
+    code = failure_errno(code)
+    return _REASON_OF_ERRNO.get(code, "other") if code else "unresolved"
+
+
 def note_fallback(counters: memoryview, base: int, connected: tuple[object, ...],
                   failed: tuple[object, ...], error: OSError) -> None:
     """Leave a fallback in the child's slot for the supervisor, which writes the folded
@@ -241,6 +277,8 @@ class LinkStats:
         self.since = time.time()
         self.connections = 0  # children reaped
         self.upstream_failures = 0
+        # The same, by why (failure_reason), every reason there from 0.
+        self.upstream_failures_by_reason = dict.fromkeys(FAILURE_REASONS, 0)
         self.denied = 0
         self.bytes_up = 0
         self.bytes_down = 0
@@ -359,6 +397,9 @@ class Accounting:
         stats.outcomes[outcome] = stats.outcomes.get(outcome, 0) + 1
         if outcome == "connect-failed":
             stats.upstream_failures += 1
+            # Classified here, at the reap, from the word the child left: not in the child,
+            # whose every write copies a page, nor in the accept loop.
+            stats.upstream_failures_by_reason[failure_reason(counters[base + FAILURE])] += 1
         elif not (up or down) and outcome != "killed" and outcome != "failed":
             # A probe. Not a killed or crashed child: its upstream may never have connected.
             stats.empty += 1

@@ -39,6 +39,7 @@ from prometheus_client.core import (
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from forkproxy.accounting import FAILURE_REASONS
 from forkproxy.config import peer_text
 from forkproxy.installed import ADVICE, FILES_CHANGED
 from forkproxy.listeners import ACCEPT_BACKOFF, RESOURCE_ERRORS
@@ -169,7 +170,10 @@ def render(status: dict[str, Any],
     denied = CounterMetricFamily("forkproxy_connections_denied",
                                  "Connections closed by --allow", labels=["link"])
     failures = CounterMetricFamily("forkproxy_upstream_connect_failures",
-                                   "Upstream connects that failed", labels=["link"])
+                                   "Connections no upstream address took, by why (the last "
+                                   "error: refused, timeout, unreachable, unresolved, "
+                                   "no-local-port: this host out of ports toward it, other)",
+                                   labels=["link", "reason"])
     moved = CounterMetricFamily("forkproxy_bytes", "Bytes relayed",
                                 labels=["link", "direction"])
     durations = HistogramMetricFamily("forkproxy_connection_duration_seconds",
@@ -199,7 +203,9 @@ def render(status: dict[str, Any],
             ended.add_metric([name, outcome], outcomes.get(outcome, 0))
         empty.add_metric([name], stats.get("empty", 0))
         denied.add_metric([name], stats["denied"])
-        failures.add_metric([name], stats["upstream_failures"])
+        by_reason = stats.get("upstream_failures_by_reason", {})
+        for reason in FAILURE_REASONS:  # each from 0, as the outcomes above
+            failures.add_metric([name, reason], by_reason.get(reason, 0))
         moved.add_metric([name, "upstream"], stats["bytes_up"])  # live bytes included
         moved.add_metric([name, "downstream"], stats["bytes_down"])
         cumulative, buckets = 0, []

@@ -274,6 +274,7 @@ _LINK = _object({}, {
                      "resolve_failures", "address_changes", "active", "waiting",
                      "fork_failures"), _NUMBER),
     "outcomes": _map_of(_NUMBER), "duration_buckets": _list_of(_NUMBER),
+    "upstream_failures_by_reason": _map_of(_NUMBER),
 })
 _CHILD = _object({"pid": _PID, "link": _TEXT, "client": _TEXT, "age": _NUMBER,
                   "bytes_up": _NUMBER, "bytes_down": _NUMBER},

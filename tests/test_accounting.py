@@ -3,10 +3,21 @@ and how a reaped child's exit status becomes its outcome."""
 
 from __future__ import annotations
 
+import errno
+import socket
+
 import pytest
 
 from forkproxy import relay
-from forkproxy.accounting import FIELDS, Accounting, Slots
+from forkproxy.accounting import (
+    FIELDS,
+    NO_ADDRESS,
+    UNRESOLVED,
+    Accounting,
+    Slots,
+    failure_reason,
+    own_lookup_failed,
+)
 from forkproxy.config import Endpoint, Link
 
 
@@ -119,3 +130,26 @@ def test_the_connections_total_counts_the_links_a_reload_removed() -> None:
     accounting.finished(11, relay.CLOSED << 8, 0.0)
     assert set(accounting.links) == {"kept"}
     assert accounting.connections_total() == 11
+
+
+@pytest.mark.parametrize(("word", "reason"), [
+    (errno.ECONNREFUSED, "refused"),
+    (errno.ETIMEDOUT, "timeout"),
+    (errno.EHOSTUNREACH, "unreachable"),
+    (errno.ENETUNREACH, "unreachable"),
+    (errno.EADDRNOTAVAIL, "no-local-port"),
+    (errno.EAFNOSUPPORT, "other"),
+    (NO_ADDRESS, "unresolved"),
+    (UNRESOLVED | -socket.EAI_NONAME, "unresolved"),
+    # The child's own lookup failed, no connect tried: the name gave nothing.
+    (own_lookup_failed(0, socket.EAI_NONAME, 0.1), "unresolved"),
+    (own_lookup_failed(0, 0, 2.0), "unresolved"),  # it timed out
+    # A connect failed, then the lookup did: the connect's error is the reason.
+    (own_lookup_failed(errno.ECONNREFUSED, socket.EAI_AGAIN, 0.1), "refused"),
+    (own_lookup_failed(errno.EADDRNOTAVAIL, 0, 2.0), "no-local-port"),
+])
+def test_a_failed_connects_word_is_classified_by_its_connects_error(word: int,
+                                                                   reason: str) -> None:
+    """forkproxy_upstream_connect_failures_total's `reason`, from the FAILURE word the
+    child left (the real network's reasons: test_observability's by_reason test)."""
+    assert failure_reason(word) == reason

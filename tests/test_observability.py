@@ -41,7 +41,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from forkproxy import control as fp_control
 from forkproxy import metrics as fp_metrics
 from forkproxy import status as fp_status
-from forkproxy.accounting import DURATION_BUCKETS, LinkStats
+from forkproxy.accounting import DURATION_BUCKETS, FAILURE_REASONS, LinkStats
 from forkproxy.log import INFO, SLOT, SLOT_INT, SLOT_SECONDS, Logger, _stamp, crash_fields
 from forkproxy.metrics import render as render_metrics
 
@@ -2168,8 +2168,11 @@ def test_metrics_values_match_the_traffic_and_promtool_accepts_them(
     assert value(found, "forkproxy_connections_active", link=dead) == 0
     assert value(found, "forkproxy_connections_total", link=good) == 3
     assert value(found, "forkproxy_connections_total", link=dead) == 3
-    assert value(found, "forkproxy_upstream_connect_failures_total", link=good) == 0
-    assert value(found, "forkproxy_upstream_connect_failures_total", link=dead) == 3
+    for reason in FAILURE_REASONS:  # the dead upstream refuses: that, and only
+        assert value(found, "forkproxy_upstream_connect_failures_total", link=good,
+                     reason=reason) == 0
+        assert value(found, "forkproxy_upstream_connect_failures_total", link=dead,
+                     reason=reason) == (3 if reason == "refused" else 0)
     assert value(found, "forkproxy_bytes_total", link=good, direction="upstream") == up
     assert value(found, "forkproxy_bytes_total", link=good, direction="downstream") == down
     assert value(found, "forkproxy_bytes_total", link=dead, direction="upstream") == 0
@@ -2367,7 +2370,9 @@ def test_metrics_export_every_link_from_the_start(
     for link in (good, dead):
         assert value(found, "forkproxy_connections_active", link=link) == 0, found
         assert value(found, "forkproxy_connections_total", link=link) == 0, found
-        assert value(found, "forkproxy_upstream_connect_failures_total", link=link) == 0, found
+        for reason in FAILURE_REASONS:
+            assert value(found, "forkproxy_upstream_connect_failures_total", link=link,
+                         reason=reason) == 0, found
         for direction in ("upstream", "downstream"):
             assert value(found, "forkproxy_bytes_total", link=link, direction=direction) == 0
 
@@ -4281,3 +4286,118 @@ def test_a_control_socket_unused_for_an_hour_is_touched_so_tmpfiles_leaves_it(
     assert path.lstat().st_mtime > young and path.lstat().st_atime > young
     assert "status-socket-recreated" not in proxy.log()
     assert proxy.stop() == 0
+
+
+# -- why connects failed ---------------------------------------------------------------
+
+
+BLACK_HOLE, NO_ROUTE = "198.18.5.2", "198.18.6.2"
+# In the proxy's own network only: nothing else binds there.
+BUSY_UPSTREAM_PORT, FIRST_CLIENT_PORT = 7777, 50001
+TWO_LOCAL_PORTS = "61000 61001"  # above the default range, so no port of before is in it
+
+
+def network_with_failures() -> tuple[str, ...]:
+    """start_proxy's `prefix`: the proxy in a network namespace of its own where
+    BLACK_HOLE takes packets and never answers (a veth whose far end, here too, drops
+    frames for a neighbour address pinned to nobody: no ARP to fail) and NO_ROUTE has an
+    `unreachable` route (EHOSTUNREACH at once)."""
+    return (need("unshare"), "--net", "sh", "-c", " && ".join((
+        "ip link set lo up",
+        "ip link add reasons0 type veth peer name reasons1",
+        "ip link set reasons0 up", "ip link set reasons1 up",
+        "ip addr add 198.18.5.1/24 dev reasons0",
+        f"ip neigh replace {BLACK_HOLE} lladdr 02:00:00:00:00:02 dev reasons0 nud permanent",
+        "ip route add unreachable 198.18.6.0/24",
+        'exec "$0" "$@"')))
+
+
+def set_local_ports(pid: int, ports: str) -> None:
+    """net.ipv4.ip_local_port_range in `pid`'s network namespace."""
+    subprocess.run([need("nsenter"), f"--net=/proc/{pid}/ns/net", "sh", "-c",
+                    f"echo '{ports}' >/proc/sys/net/ipv4/ip_local_port_range"],
+                   check=True, timeout=30)
+
+
+def test_upstream_connect_failures_are_counted_by_reason(
+    start_proxy: StartProxy, env: dict[str, str],
+) -> None:
+    """forkproxy_upstream_connect_failures_total{link} lumped together an upstream that
+    refuses (its service down), connects that time out (the network, a host gone), no
+    route, a name that does not resolve, and this host out of local ports toward the
+    upstream (EADDRNOTAVAIL, no fault of the upstream's): an "upstream down" alert fired
+    for a local problem. Each failure now counts under its `reason` (status --json's
+    upstream_failures_by_reason, the metric's label), every reason of every link from 0.
+    One proxy, in a network of its own, a link for each reason."""
+    refused, black_hole, no_route, unresolved, busy = links = [
+        "127.0.0.1:0=127.0.0.1:9", f"127.0.0.1:0={BLACK_HOLE}:80", f"127.0.0.1:0={NO_ROUTE}:80",
+        "127.0.0.1:0=nosuch.invalid:80", f"127.0.0.1:0=127.0.0.1:{BUSY_UPSTREAM_PORT}"]
+    proxy = start_proxy("--metrics", "127.0.0.1:0", "--connect-timeout", "0.5", *links,
+                        env=env, expect=len(links) + 1, prefix=network_with_failures())
+    sock_path = Path(env["XDG_RUNTIME_DIR"]) / "forkproxy" / f"{proxy.pid}.sock"
+    port = dict(zip(links, listen_ports(proxy), strict=True))
+    reasons = FAILURE_REASONS
+    zero = dict.fromkeys(reasons, 0)
+    with in_network_of(proxy.pid):
+        found = samples(scrape(metrics_url(proxy)))
+    for link in links:  # every reason of every link, before any failure
+        for reason in reasons:
+            assert value(found, "forkproxy_upstream_connect_failures_total", link=link,
+                         reason=reason) == 0, (link, reason, found)
+
+    expected = {refused: "refused", black_hole: "timeout", no_route: "unreachable",
+                unresolved: "unresolved"}
+    for link, reason in expected.items():
+        with in_network_of(proxy.pid):
+            refused_through(port[link])
+
+        def reaped(reply: dict[str, Any], link: str = link) -> bool:
+            return settled(reply, {link: 1})
+
+        stats = poll(lambda: ask(sock_path), reaped)["links"][link]
+        assert stats["upstream_failures"] == 1, (link, stats)
+        assert stats["upstream_failures_by_reason"] == {**zero, reason: 1}, (link, stats)
+
+    # This host out of local ports toward a working upstream: two of them, each taken by
+    # a connection held through the proxy; the next connects fail, EADDRNOTAVAIL.
+    # (The clients' own ports are outside the range, so that they connect.)
+    with in_network_of(proxy.pid):
+        upstream = socket.socket()  # never accepts: the kernel completes the handshakes
+        upstream.bind(("127.0.0.1", BUSY_UPSTREAM_PORT))
+        upstream.listen(8)
+    held: list[socket.socket] = []
+    set_local_ports(proxy.pid, TWO_LOCAL_PORTS)
+    try:
+        for count in range(1, 4):
+            with in_network_of(proxy.pid):
+                client = socket.create_connection(
+                    ("127.0.0.1", port[busy]), timeout=30,
+                    source_address=("127.0.0.1", FIRST_CLIENT_PORT + count))
+            held.append(client)
+            client.sendall(b"x")  # relayed (bytes_up) by a child that connected
+
+            def seen(reply: dict[str, Any], count: int = count) -> bool:
+                stats = reply["links"][busy]
+                return bool(stats["bytes_up"] + stats["upstream_failures"] == count)
+
+            stats = poll(lambda: ask(sock_path), seen)["links"][busy]
+        failed = stats["upstream_failures"]
+        assert stats["active"] >= 1 and failed >= 1 and stats["active"] + failed == 3, stats
+        assert stats["upstream_failures_by_reason"] == {**zero, "no-local-port": failed}, stats
+    finally:
+        set_local_ports(proxy.pid, "32768 60999")  # the default, for the scrape below
+        for client in held:
+            client.close()
+        upstream.close()
+
+    expected[busy] = "no-local-port"
+    with in_network_of(proxy.pid):
+        found = samples(scrape(metrics_url(proxy)))
+    for link, failed_for in expected.items():
+        for reason in reasons:
+            count = (failed if link == busy else 1) if reason == failed_for else 0
+            assert value(found, "forkproxy_upstream_connect_failures_total", link=link,
+                         reason=reason) == count, (link, reason, found)
+    [line] = [fields for fields in map(parse_text_line, proxy.log().splitlines())
+              if fields["event"] == "connect-failed" and fields["link"] == busy]
+    assert line["error"] == "Cannot assign requested address", line

@@ -38,6 +38,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from test_chain_faults import in_namespace, pattern, port_of, read_to_end
 from test_two_hosts import forkproxy_command
 
+from forkproxy.accounting import FAILURE_REASONS
+
 from conftest import (
     FORKPROXY,
     Proxy,
@@ -270,10 +272,11 @@ def settled(sock: Path, connections: int) -> dict[str, Any]:
 
 
 def scrape(url: str) -> dict[tuple[str, str], float]:
-    """{(sample name, outcome label or ""): value} for the one link."""
+    """{(sample name, outcome or reason label or ""): value} for the one link."""
     with urllib.request.urlopen(url, timeout=15) as response:
         text = response.read().decode()
-    return {(sample.name, sample.labels.get("outcome", "")): sample.value
+    return {(sample.name, sample.labels.get("outcome", sample.labels.get("reason", ""))):
+            sample.value
             for family in text_string_to_metric_families(text) for sample in family.samples}
 
 
@@ -313,7 +316,8 @@ def test_a_connect_and_close_probe_is_an_empty_connection_logged_at_info(
     metrics = scrape(url)
     assert metrics[("forkproxy_connections_empty_total", "")] == count, metrics
     assert metrics[("forkproxy_connections_ended_total", outcome)] == count
-    assert metrics[("forkproxy_upstream_connect_failures_total", "")] == 0
+    for reason in FAILURE_REASONS:
+        assert metrics[("forkproxy_upstream_connect_failures_total", reason)] == 0
     # The status table's EMPTY column, and the same in SIGUSR1's line.
     table = subprocess.run([FORKPROXY, "status", "--status-socket", str(sock)],
                            capture_output=True, text=True, timeout=60, check=True).stdout
