@@ -373,8 +373,8 @@ def raise_open_files_limit() -> None:
     link), and a runtime may start it at a soft 1024 under a far higher hard limit
     (Docker 29 with containerd 2: moby/moby#51485; systemd's default for services): a
     container exposing ~1,015 ports could not start. forkproxy waits with poll(), never
-    select(), so descriptors above 1024 are safe. Here, before the exec, which keeps it:
-    the supervisor then maps no `resource` module (docs/benchmarks.md, "Mappings")."""
+    select(), so descriptors above 1024 are safe. Here, before the exec, which keeps it
+    (the supervisor imports `resource` all the same, for os.wait4: see supervisor.py)."""
     import resource
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)

@@ -18,6 +18,13 @@ import fcntl
 import gc
 import json
 import os
+
+# Not used by name: os.wait4 imports it to build its rusage result, at the first reap,
+# which then opens the module's file. A first reap at EMFILE (a process that ended while
+# every descriptor was in use) raised ImportError out of handle_chld, and the supervisor
+# died with a traceback, its children orphaned. Imported here, before any child, with
+# the ~5 mappings every child forked after the first reap had anyway.
+import resource  # noqa: F401
 import select
 import signal
 import socket

@@ -1223,6 +1223,28 @@ def test_accept_emfile_backs_off_and_serves_the_waiting_clients_afterwards(
     assert proxy.proc.poll() is None
 
 
+def test_the_first_reap_out_of_descriptors_is_no_crash(
+    start_proxy: StartProxy, tcp_server: ServerFactory
+) -> None:
+    """os.wait4 imports `resource` at its first call (CPython builds its rusage result
+    with it): a first reap while every descriptor was in use raised ImportError ("Too
+    many open files") out of handle_chld, and the supervisor died with a traceback. A
+    SIGUSR1 reporter's exit is the first reap here."""
+    server = tcp_server(echo)
+    proxy = start_proxy(f"127.0.0.1:0=127.0.0.1:{server.port}")
+    saved = starve_accepts(proxy)
+    try:
+        proxy.signal(signal.SIGUSR1)
+        assert wait_for(lambda: "status-link" in proxy.log())
+        assert wait_for(lambda: not children(proxy.pid) or proxy.proc.poll() is not None)
+        assert proxy.proc.poll() is None, proxy.log()
+    finally:
+        if proxy.proc.poll() is None:
+            resource.prlimit(proxy.pid, resource.RLIMIT_NOFILE, saved)
+    assert ping_echo(proxy.port)
+    assert "Traceback" not in proxy.log()
+
+
 def test_a_stop_out_of_descriptors_with_an_empty_backlog_says_nothing_of_resets(
     start_proxy: StartProxy, tcp_server: ServerFactory
 ) -> None:
