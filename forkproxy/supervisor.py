@@ -377,6 +377,9 @@ class Supervisor:
         self.listeners: list[Listener] = []
         self.addresses: dict[tuple[str, int, tuple[str, ...]], list[Address]] = {}
         self.accepting = False
+        # The listener whose client took the last free slot under --max-children: when
+        # slots free up, the listeners after it are served first (update_accepting).
+        self.took_last_slot: Listener | None = None
         self.resume_at: float | None = None  # accept backoff after a resource error
         # accept-failed, fork-failed, control-accept-failed: [failures since the last
         # line, when it was logged]
@@ -1114,18 +1117,33 @@ class Supervisor:
         if want == self.accepting:
             return
         self.accepting = want
-        if not want and not self.stopping and self.resume_at is None:
-            self._log_max_children_reached()
-        for listener in self.listeners:
-            if want:
-                # Built once, not at every resume: at --max-children accepting pauses
-                # and resumes at every connection, and building a handler for each of
-                # 4,000 links took 66% of the supervisor (8-11 ms per connection).
-                if listener.accept_clients is None:
-                    listener.accept_clients = self._accept_handler(listener)
-                self._watch(listener.fd, listener.accept_clients)
-            else:
+        if not want:
+            if not self.stopping and self.resume_at is None:
+                self._log_max_children_reached()
+            for listener in self.listeners:
                 self._unwatch(listener.fd)
+            return
+        # Watched in turn from the one after the listener that took the last slot: poll
+        # reports ready descriptors in the order they were registered, and the first
+        # ready listener's handler takes the free room and stops accepting (all of them)
+        # before the next one runs. In the order of self.listeners, the first link would
+        # take every slot that frees while its clients wait, and the others none for as
+        # long (all links share the one --max-children). So at the limit the slots go to
+        # the links with clients waiting in turn; within a link, in the kernel's order.
+        listening = self.listeners
+        if self.took_last_slot is not None:
+            try:
+                after = listening.index(self.took_last_slot) + 1
+                listening = listening[after:] + listening[:after]
+            except ValueError:
+                pass  # a listener a reload has closed since
+        for listener in listening:
+            # Built once, not at every resume: at --max-children accepting pauses and
+            # resumes at every connection, and building a handler for each of 4,000
+            # links took 66% of the supervisor (8-11 ms per connection).
+            if listener.accept_clients is None:
+                listener.accept_clients = self._accept_handler(listener)
+            self._watch(listener.fd, listener.accept_clients)
 
     def _log_max_children_reached(self) -> None:
         """Folded: accepting stops at --max-children, which at a steady overload happens
@@ -1179,6 +1197,8 @@ class Supervisor:
             relay.reset_connections,
         )
         ended_w, pack_pid, getpid = self.ended_w, relay.ENDED_PID.pack, os.getpid
+        # Whose turn it was, told update_accepting at the limit (a held client's listener).
+        taker = listener if isinstance(listener, Listener) else listener.listener
 
         next_turn = listener.turns.__next__  # a child's turn (relay.in_turn)
 
@@ -1270,7 +1290,10 @@ class Supervisor:
                         pass
                 # More are waiting (a burst): accept until accept() says there are no more.
             if len(children) >= max_children:
-                self.update_accepting()  # the rest wait in the backlog until a child exits
+                # The rest wait in the backlog until a child exits; the next free slot
+                # goes first to the listeners after this one.
+                self.took_last_slot = taker
+                self.update_accepting()
 
         return accept_clients
 

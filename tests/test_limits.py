@@ -384,6 +384,68 @@ def test_max_children_5_serves_12_clients_five_at_a_time_and_refuses_none(
     assert proxy.proc.poll() is None
 
 
+def test_at_max_children_the_freed_slots_go_to_the_waiting_links_in_turn(
+    start_proxy: StartProxy, tcp_server: ServerFactory,
+) -> None:
+    """All links share the one --max-children. A freed slot went to the first listed link
+    with a client waiting, every time: while its clients kept coming, the other links'
+    waited without bound (behind ten of the first link's, one that came fifth was served
+    last). Now the slots go to the links with clients waiting in turn, and within a link
+    in the order they came. The upstream holds each connection until the test lets it go,
+    so this is the order of service, not a race."""
+    lock = threading.Lock()
+    served: list[str] = []  # the clients the upstream saw, in the order it saw them
+    release = {name: threading.Event() for name in
+               ("A0", "A1", "A2", "A3", "B0", "B1", "C0")}
+
+    def hold(conn: socket.socket) -> None:
+        name = recv_exact(conn, 2).decode()
+        with lock:
+            served.append(name)
+        assert release[name].wait(60), f"{name} never released"
+        conn.sendall(b"bye " + name.encode())
+
+    proxy = start_proxy("--max-children", "1", *(
+        f"127.0.0.1:0=127.0.0.1:{tcp_server(hold).port}" for _ in "ABC"), expect=3)
+    port = dict(zip("ABC", proxy.ports, strict=True))  # A is listed first
+    clients: dict[str, socket.socket] = {}
+
+    def arrive(name: str, queued: int) -> None:
+        """`name` connects; `queued`: its link's backlog once it waits there (0: served)."""
+        sock = clients[name] = connect(port[name[0]], timeout=60)
+        sock.sendall(name.encode())
+        if queued:
+            assert wait_for(lambda: listen_queue(port[name[0]]) == queued, 30), name
+        else:
+            assert wait_for(lambda: served == [name], 30), served
+
+    def end(name: str, then: list[str]) -> None:
+        """Let `name` go: its child exits, and the next client takes the slot."""
+        release[name].set()
+        assert recv_exact(clients[name], 6) == b"bye " + name.encode()
+        clients[name].close()  # both sides closed: the child exits
+        assert wait_for(lambda: len(served) == len(then), 30), (served, then)
+        assert served == then
+
+    try:
+        arrive("A0", 0)  # the one slot
+        for queued, name in enumerate(["A1", "A2", "A3"], 1):
+            arrive(name, queued)
+        arrive("B0", 1)
+        arrive("B1", 2)
+        arrive("C0", 1)
+        order = ["A0", "B0", "C0", "A1", "B1", "A2", "A3"]
+        for done in range(len(order) - 1):
+            end(order[done], order[:done + 2])
+        end(order[-1], order)
+    finally:
+        for event in release.values():
+            event.set()
+        for sock in clients.values():
+            sock.close()
+    assert proxy.proc.poll() is None
+
+
 def reached_lines(proxy: Proxy) -> list[str]:
     """The fields after the event of each `max-children-reached` line, detail left out."""
     return [line.split(" max-children-reached ", 1)[1].split(" detail=")[0]
