@@ -1123,27 +1123,32 @@ class Supervisor:
             for listener in self.listeners:
                 self._unwatch(listener.fd)
             return
-        # Watched in turn from the one after the listener that took the last slot: poll
-        # reports ready descriptors in the order they were registered, and the first
-        # ready listener's handler takes the free room and stops accepting (all of them)
-        # before the next one runs. In the order of self.listeners, the first link would
-        # take every slot that frees while its clients wait, and the others none for as
-        # long (all links share the one --max-children). So at the limit the slots go to
-        # the links with clients waiting in turn; within a link, in the kernel's order.
-        listening = self.listeners
-        if self.took_last_slot is not None:
-            try:
-                after = listening.index(self.took_last_slot) + 1
-                listening = listening[after:] + listening[:after]
-            except ValueError:
-                pass  # a listener a reload has closed since
-        for listener in listening:
+        # Watched in turn (_in_turn): poll reports ready descriptors in the order they
+        # were registered, and the first ready listener's handler takes the free room and
+        # stops accepting (all of them) before the next one runs.
+        for listener in self._in_turn():
             # Built once, not at every resume: at --max-children accepting pauses and
             # resumes at every connection, and building a handler for each of 4,000
             # links took 66% of the supervisor (8-11 ms per connection).
             if listener.accept_clients is None:
                 listener.accept_clients = self._accept_handler(listener)
             self._watch(listener.fd, listener.accept_clients)
+
+    def _in_turn(self) -> list[Listener]:
+        """The listeners from the one after the listener whose client took the last slot
+        under --max-children: the order in which they are served when slots free up. In
+        the order of self.listeners, the first link took every slot that freed while its
+        clients waited, and the others none for as long (all links share the one limit).
+        So at the limit the slots go to the links with clients waiting in turn; within a
+        link, in the order they came (the kernel's). O(links), as a resume is anyway."""
+        listening = self.listeners
+        if self.took_last_slot is not None:
+            try:
+                after = listening.index(self.took_last_slot) + 1
+            except ValueError:
+                return listening  # a listener a reload has closed since
+            return listening[after:] + listening[:after]
+        return listening
 
     def _log_max_children_reached(self) -> None:
         """Folded: accepting stops at --max-children, which at a steady overload happens
@@ -1634,13 +1639,25 @@ class Supervisor:
                       child_pid=pid)
 
     def serve_held(self) -> None:
-        """Fork for held clients, in the order they were held, while there is room under
-        --max-children and forks succeed."""
-        for held in self.held:
-            self._accept_handler(held)(POLLIN, self.options.max_children)
-            if held.clients:
-                break  # no room, or a fork failed: the ones after it wait their turn
-        self.held = [held for held in self.held if held.clients]
+        """Fork for held clients while there is room under --max-children and forks
+        succeed: the held backlogs (each a link's at a stop, or a client whose fork
+        failed, held first) take turns, a client each, as the links' backlogs do at the
+        limit (update_accepting); within one, in the order they were held. Served one
+        backlog after the other, a stop gave every slot that freed to the first link's
+        clients, and the other links' were closed unserved when the grace ran out."""
+        held, children = self.held, self.accounting.children
+        # A handler per client, built as it is served: a handler binds its link, which a
+        # reload may change meanwhile (a held client goes where its port points now).
+        while held and len(children) < self.options.max_children:
+            first = held[0]
+            forked = len(children)
+            self._accept_handler(first)(POLLIN, 1)
+            if not first.clients:
+                del held[0]  # served, or gone (reset while held)
+            elif len(children) == forked:
+                break  # its fork failed: first in line still, for the next that works
+            else:
+                held.append(held.pop(0))  # the next backlog's turn
 
     def handle_stop(self, signum: int) -> None:
         name = signal.Signals(signum).name
@@ -1652,7 +1669,7 @@ class Supervisor:
                 if self.kill_at is None:  # not TERMed yet: now (else KILL comes anyway)
                     self.term_at = time.monotonic()
             return
-        for listener in self.listeners:
+        for listener in self._in_turn():  # held in that order: the turns go on (serve_held)
             self._take_backlog(listener, "stopping")
         self.stopping = True
         self.stop_began = time.monotonic()

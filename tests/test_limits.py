@@ -384,6 +384,57 @@ def test_max_children_5_serves_12_clients_five_at_a_time_and_refuses_none(
     assert proxy.proc.poll() is None
 
 
+class ServiceOrder:
+    """Clients named after their link (A0, A1, B0...) that say their name, and upstreams
+    that hold each connection until the test lets it go: the order in which the upstreams
+    see the names is the order of service, with no race in it."""
+
+    def __init__(self, tcp_server: ServerFactory, links: str) -> None:
+        self.lock = threading.Lock()
+        self.served: list[str] = []
+        self.release: dict[str, threading.Event] = {}
+        self.clients: dict[str, socket.socket] = {}
+        self.specs = [f"127.0.0.1:0=127.0.0.1:{tcp_server(self.hold).port}" for _ in links]
+        self.links = links
+        self.port: dict[str, int] = {}
+
+    def hold(self, conn: socket.socket) -> None:
+        name = recv_exact(conn, 2).decode()
+        with self.lock:
+            self.served.append(name)
+        assert self.release[name].wait(60), f"{name} never released"
+        conn.sendall(b"bye " + name.encode())
+
+    def serving(self, proxy: Proxy) -> None:
+        self.port = dict(zip(self.links, proxy.ports, strict=True))  # in the order listed
+
+    def arrive(self, name: str, queued: int) -> None:
+        """`name` connects; `queued`: its link's backlog once it waits there (0: served)."""
+        self.release[name] = threading.Event()
+        sock = self.clients[name] = connect(self.port[name[0]], timeout=60)
+        sock.sendall(name.encode())
+        if queued:
+            assert wait_for(lambda: listen_queue(self.port[name[0]]) == queued, 30), name
+        else:
+            assert wait_for(lambda: self.served == [name], 30), self.served
+
+    def end(self, name: str, *, last: bool = False) -> None:
+        """Let `name` go: its child exits, and (unless it is the `last`) a client waiting
+        takes the slot."""
+        self.release[name].set()
+        assert recv_exact(self.clients[name], 6) == b"bye " + name.encode()
+        self.clients[name].close()  # both sides closed: the child exits
+        if not last:
+            count = len(self.served) + 1
+            assert wait_for(lambda: len(self.served) == count, 30), self.served
+
+    def close(self) -> None:
+        for event in self.release.values():
+            event.set()
+        for sock in self.clients.values():
+            sock.close()
+
+
 def test_at_max_children_the_freed_slots_go_to_the_waiting_links_in_turn(
     start_proxy: StartProxy, tcp_server: ServerFactory,
 ) -> None:
@@ -391,59 +442,52 @@ def test_at_max_children_the_freed_slots_go_to_the_waiting_links_in_turn(
     with a client waiting, every time: while its clients kept coming, the other links'
     waited without bound (behind ten of the first link's, one that came fifth was served
     last). Now the slots go to the links with clients waiting in turn, and within a link
-    in the order they came. The upstream holds each connection until the test lets it go,
-    so this is the order of service, not a race."""
-    lock = threading.Lock()
-    served: list[str] = []  # the clients the upstream saw, in the order it saw them
-    release = {name: threading.Event() for name in
-               ("A0", "A1", "A2", "A3", "B0", "B1", "C0")}
-
-    def hold(conn: socket.socket) -> None:
-        name = recv_exact(conn, 2).decode()
-        with lock:
-            served.append(name)
-        assert release[name].wait(60), f"{name} never released"
-        conn.sendall(b"bye " + name.encode())
-
-    proxy = start_proxy("--max-children", "1", *(
-        f"127.0.0.1:0=127.0.0.1:{tcp_server(hold).port}" for _ in "ABC"), expect=3)
-    port = dict(zip("ABC", proxy.ports, strict=True))  # A is listed first
-    clients: dict[str, socket.socket] = {}
-
-    def arrive(name: str, queued: int) -> None:
-        """`name` connects; `queued`: its link's backlog once it waits there (0: served)."""
-        sock = clients[name] = connect(port[name[0]], timeout=60)
-        sock.sendall(name.encode())
-        if queued:
-            assert wait_for(lambda: listen_queue(port[name[0]]) == queued, 30), name
-        else:
-            assert wait_for(lambda: served == [name], 30), served
-
-    def end(name: str, then: list[str]) -> None:
-        """Let `name` go: its child exits, and the next client takes the slot."""
-        release[name].set()
-        assert recv_exact(clients[name], 6) == b"bye " + name.encode()
-        clients[name].close()  # both sides closed: the child exits
-        assert wait_for(lambda: len(served) == len(then), 30), (served, then)
-        assert served == then
-
+    in the order they came."""
+    order = ServiceOrder(tcp_server, "ABC")
+    proxy = start_proxy("--max-children", "1", *order.specs, expect=3)
+    order.serving(proxy)
     try:
-        arrive("A0", 0)  # the one slot
+        order.arrive("A0", 0)  # the one slot
         for queued, name in enumerate(["A1", "A2", "A3"], 1):
-            arrive(name, queued)
-        arrive("B0", 1)
-        arrive("B1", 2)
-        arrive("C0", 1)
-        order = ["A0", "B0", "C0", "A1", "B1", "A2", "A3"]
-        for done in range(len(order) - 1):
-            end(order[done], order[:done + 2])
-        end(order[-1], order)
+            order.arrive(name, queued)
+        order.arrive("B0", 1)
+        order.arrive("B1", 2)
+        order.arrive("C0", 1)
+        expected = ["A0", "B0", "C0", "A1", "B1", "A2", "A3"]
+        for count, name in enumerate(expected[:-1], 2):
+            order.end(name)
+            assert order.served == expected[:count]
     finally:
-        for event in release.values():
-            event.set()
-        for sock in clients.values():
-            sock.close()
+        order.close()
     assert proxy.proc.poll() is None
+
+
+def test_a_stop_at_max_children_serves_the_links_held_clients_in_turn(
+    start_proxy: StartProxy, tcp_server: ServerFactory,
+) -> None:
+    """At a stop the clients waiting at --max-children are accepted and held, and served
+    as slots free up: one link's after the other's, so while the first link's lasted,
+    the others' waited, and were closed unserved when the grace ran out. They take turns
+    now, as the links' backlogs do before the stop, from where those turns were."""
+    order = ServiceOrder(tcp_server, "AB")
+    proxy = start_proxy("--max-children", "1", "--grace", "60", *order.specs, expect=2)
+    order.serving(proxy)
+    try:
+        order.arrive("A0", 0)
+        for queued, name in enumerate(["A1", "A2", "A3"], 1):
+            order.arrive(name, queued)
+        order.arrive("B0", 1)
+        order.arrive("B1", 2)
+        proxy.proc.send_signal(signal.SIGTERM)
+        assert wait_for(lambda: "waiting=5" in proxy.log(), 30), proxy.log()
+        expected = ["A0", "B0", "A1", "B1", "A2", "A3"]
+        for count, name in enumerate(expected[:-1], 2):
+            order.end(name)
+            assert order.served == expected[:count]
+        order.end("A3", last=True)
+    finally:
+        order.close()
+    assert proxy.proc.wait(30) == 0
 
 
 def reached_lines(proxy: Proxy) -> list[str]:
@@ -1551,6 +1595,31 @@ def test_pausing_and_resuming_at_the_limit_keeps_each_listeners_accept_handler(
         sup.update_accepting()
         assert all(sup.handlers[s.fileno()] is not old
                    for s, old in zip(socks, first, strict=True))
+
+
+def test_the_turns_at_the_limit_start_after_the_last_taker_and_from_the_first_after_a_reload(
+    tmp_path: Path,
+) -> None:
+    """The listeners are watched again, when a slot frees, from the one after the
+    listener whose client took the last slot; from the first when a reload has closed
+    that listener since (it is no longer among them)."""
+    links = [parse_spec(f"127.0.0.1:0=127.0.0.1:{port}") for port in (1, 2, 3)]
+    socks = [socket.create_server(("127.0.0.1", 0)) for _ in links]
+    with contextlib.ExitStack() as stack, open(tmp_path / "log", "w+b") as log_file:
+        for sock in socks:
+            stack.enter_context(sock)
+        sup = fp_supervisor.Supervisor(Sources(("x",), options=Options()), {},
+                                       Logger(fd=log_file.fileno()))
+        a, b, c = sup.listeners = [Listener(link, sock, 0)
+                                   for link, sock in zip(links, socks, strict=True)]
+        assert sup._in_turn() == [a, b, c]  # none taken yet
+        sup.took_last_slot = b
+        assert sup._in_turn() == [c, a, b]
+        sup.took_last_slot = c
+        assert sup._in_turn() == [a, b, c]
+        sup.listeners = [a, c]  # a reload removed b, which took the last slot
+        sup.took_last_slot = b
+        assert sup._in_turn() == [a, c]
 
 
 def test_a_stop_during_the_pause_after_a_failed_fork_serves_the_held_client_first(
