@@ -2016,7 +2016,7 @@ def test_a_client_held_on_a_port_a_reload_points_elsewhere_goes_to_the_new_targe
         assert control(sock_path, "reload")["ok"]
         first.close()  # its child exits: the held client gets the next fork
         held.settimeout(15)
-        assert ask(held, b"2") == b"Y:2"
+        assert ask(held, b"2") == b"Y:2", proxy.log()
         stats = link_stats(control(sock_path, "status"), variable)
         assert stats["active"] == 1, stats
 
@@ -2076,7 +2076,7 @@ def test_a_held_client_served_while_a_reload_drains_a_removed_port_gets_the_new_
             waiting.settimeout(15)
             assert ask(waiting, b"3") == b"Z:3"  # B's own client: B's wiring, as before
         held.settimeout(15)
-        assert ask(held, b"2") == b"Y:2"
+        assert ask(held, b"2") == b"Y:2", proxy.log()
 
 
 class MemoryCgroup:
