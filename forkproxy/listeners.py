@@ -19,7 +19,11 @@ from .config import ConfigError, Link, join_host_port
 # socket's sk_meminfo, u32s; the one at SK_MEMINFO_DROPS (8) is sk_drops, which for a
 # listener tcp_listendrop() counts up at each handshake packet it drops (a SYN, or the
 # client's last ACK, with the accept queue full; a SYN with the SYN queue full and no
-# syncookies). The kernel's own total of those is TcpExtListenDrops, for every listener.
+# syncookies), and which the kernel's receive path also counts up at each packet of a
+# handshake already under way that it discards (a client's SYN sent again after a
+# SYN-ACK was lost, a duplicated ACK): on a lossy network it grows with no queue full.
+# The kernel's own total of tcp_listendrop()'s alone is TcpExtListenDrops, for every
+# listener of the network namespace (kernel_listen_drops).
 SO_MEMINFO = 55
 _MEMINFO_SIZE = 9 * 4
 _MEMINFO_DROPS = slice(8 * 4, 9 * 4)
@@ -110,6 +114,24 @@ class Listener:
 
     def describe(self) -> str:
         return self.link.describe(self.port)
+
+
+def kernel_listen_drops(netstat: str = "/proc/self/net/netstat") -> int | None:
+    """TcpExtListenDrops: the handshakes every listener of this network namespace
+    dropped, its accept queue (or SYN queue) full; None where it cannot be read. Unlike
+    a listener's own count (Listener.drops), no packet of a lossy network is in it."""
+    try:
+        with open(netstat, "rb") as stats:
+            lines = stats.read().splitlines()
+    except OSError:
+        return None
+    # Pairs of lines: "TcpExt: Name Name ...", then "TcpExt: value value ...".
+    for names, values in zip(lines[::2], lines[1::2], strict=False):
+        if names.startswith(b"TcpExt:") and values.startswith(b"TcpExt:"):
+            found = dict(zip(names.split()[1:], values.split()[1:], strict=False))
+            value = found.get(b"ListenDrops")
+            return int(value) if value is not None and value.isdigit() else None
+    return None
 
 
 class HeldBacklog:

@@ -457,6 +457,9 @@ class Supervisor:
         self.resolve_tick_at: float | None = None  # the --resolve-every timer's next tick
         self.control_check_at: float | None = None  # check_control's next, on the same timer
         self.drops_checked_at: float | None = None  # check_drops's last (monotonic)
+        # TcpExtListenDrops at the last check (check_drops): from before any listener, so
+        # that the first check sees the drops of this run's.
+        self.kernel_drops_checked = listeners.kernel_listen_drops()
         # listen-drops: [drops since the last line, when it was logged] per listener's
         # address (its link's key: a reload that keeps the socket keeps its window).
         self.drop_folds: dict[tuple[str, int, tuple[str, ...]], list[float]] = {}
@@ -2345,12 +2348,23 @@ class Supervisor:
         frozen), and those clients waited for their SYN's retry, or timed out. Nothing
         else says so: the clients are not forkproxy's yet, and the queue's length, which
         status shows, is a snapshot. One getsockopt per listener (Listener.drops), and the
-        queue read only where drops grew."""
+        queue read only where drops grew.
+
+        Only when the kernel counted a listen drop in this network namespace meanwhile
+        (TcpExtListenDrops), or cannot say: a listener's own count also grows with every
+        packet of a handshake under way that it discards, and on a lossy network every
+        hop of a chain said its queue was full each minute, with none ever full."""
+        kernel = listeners.kernel_listen_drops()
+        overflowed = (kernel is None or self.kernel_drops_checked is None
+                      or kernel != self.kernel_drops_checked)
+        self.kernel_drops_checked = kernel
         for listener in self.listeners:
             drops = listener.drops()
             if drops is None or drops == listener.drops_checked:
                 continue
             grown, listener.drops_checked = drops - listener.drops_checked, drops
+            if not overflowed:
+                continue  # a lossy network's, not a full queue's (status counts them all)
             count = fold(self.drop_folds, listener.link.key, grown)
             if not count:
                 continue

@@ -16,6 +16,7 @@ import json
 import os
 import re
 import resource
+import select
 import shutil
 import signal
 import socket
@@ -1747,6 +1748,45 @@ def test_a_listener_with_no_drops_shows_0_and_no_line(
     assert value(samples(scrape(metrics_url(proxy))), "forkproxy_listen_drops_total",
                  link=spec) == 0
     assert proxy.stop() == 0
+    assert "listen-drops" not in proxy.log(), proxy.log()
+
+
+def test_a_lossy_network_counts_drops_but_says_no_queue_was_full(
+    start_proxy: StartProxy, env: dict[str, str],
+) -> None:
+    """A listener's own count (sk_drops) also grows with each packet of a handshake under
+    way that the kernel discards: a client's SYN sent again after a SYN-ACK was lost. On
+    a lossy network every hop of a chain warned each minute that its accept queue was
+    full, with none ever full (and said to raise --max-children or somaxconn). The
+    drops are counted, but the warning waits for the kernel's own listen drops
+    (TcpExtListenDrops), which here stay 0. Half the listener's SYN-ACKs are lost."""
+    spec = "127.0.0.1:0=127.0.0.1:9"  # the upstream refuses: only handshakes matter here
+    proxy = start_proxy(spec, env=env, prefix=in_own_network())
+    sock_path = Path(env["XDG_RUNTIME_DIR"]) / "forkproxy" / f"{proxy.pid}.sock"
+    [port] = listen_ports(proxy)
+    subprocess.run([need("nsenter"), f"--net=/proc/{proxy.pid}/ns/net", need("iptables"),
+                    "-A", "OUTPUT", "-p", "tcp", "--sport", str(port), "--tcp-flags",
+                    "SYN,ACK", "SYN,ACK", "-m", "statistic", "--mode", "random",
+                    "--probability", "0.5", "-j", "DROP"], check=True)
+    clients: list[socket.socket] = []
+    try:
+        with in_network_of(proxy.pid):
+            clients += connecting(port, 24)
+        pending = set(clients)
+        deadline = time.monotonic() + 60
+        while pending and time.monotonic() < deadline:
+            _, writable, _ = select.select([], list(pending), [], 1)
+            pending -= set(writable)
+        assert not pending, f"{len(pending)} clients never connected"
+        drops = poll(lambda: drops_of(ask(sock_path)["listeners"])[spec], lambda n: n > 0)
+        assert drops > 0  # the lost SYN-ACKs' retried SYNs, each discarded
+        proxy.signal(signal.SIGALRM)
+        # The signal was handled before this reply was made (its byte came first).
+        assert drops_of(status_json(sock_path, env)["listeners"])[spec] >= drops
+        assert proxy.stop() == 0
+    finally:
+        for sock in clients:
+            sock.close()
     assert "listen-drops" not in proxy.log(), proxy.log()
 
 
