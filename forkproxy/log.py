@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import time
 
 from .config import printable
 
 TYPE_CHECKING = False  # not typing's: importing typing costs every process ~0.9 MB of heap
 if TYPE_CHECKING:
-    from collections.abc import Hashable
+    from collections.abc import Callable, Hashable
     from typing import TypeVar
 
     _K = TypeVar("_K", bound=Hashable)
@@ -33,6 +34,11 @@ MAX_LINE = 4096
 # What a prepared line's slots (client address, counts, seconds) may add to its template.
 _SLOTS_ROOM = 256
 _CUT = "..."
+# The supervisor's lines its stderr (a pipe) could not take, held in order until it can,
+# up to this many bytes (16 of the longest lines, hundreds of the usual ones); past it,
+# whole lines are dropped and counted (`log-dropped`). Bounded: a reader that stopped
+# for good must not grow the supervisor, whose every page a fork may copy.
+HELD_MAX = 64 * 1024
 
 
 class Logger:
@@ -42,22 +48,43 @@ class Logger:
         self.level = level
         self.fmt = fmt
         self.fd = fd
+        # The supervisor's own description of stderr, non-blocking (never_wait), -1
+        # without one; `owner`, the pid that writes through it: the processes it forks
+        # inherit this logger and go on writing to `fd`, as they always did.
+        self.own_fd = -1
+        self.owner = 0
+        # Lines own_fd could not take yet (a full pipe), in order, and their bytes;
+        # lines dropped since the last `log-dropped`; who to tell when lines start to
+        # be held (the supervisor's loop, which then waits for room: flush_held).
+        self.held: list[bytes] = []
+        self.held_bytes = 0
+        self.dropped = 0
+        self.on_held: Callable[[int], None] | None = None
 
     def emit(self, level: int, event: str, fields: dict[str, object]) -> None:
         if level < self.level:
             return
-        self._write(self._line(level, event, fields))
+        pid = os.getpid()
+        self._put(self._line(level, event, fields, pid), pid)
 
     def emit_requested(self, event: str, fields: dict[str, object]) -> None:
         """An info line someone asked for (SIGUSR1's status table): written whatever the
         verbosity, and still marked info, so that alerts on warnings do not fire on it."""
-        self._write(self._line(INFO, event, fields))
+        pid = os.getpid()
+        self._put(self._line(INFO, event, fields, pid), pid)
 
-    def _line(self, level: int, event: str, fields: dict[str, object]) -> bytes:
+    def _put(self, data: bytes, pid: int) -> None:
+        """The supervisor's line (see never_wait) without waiting, any other's as always."""
+        if pid == self.owner:
+            self._offer(data)
+        else:
+            self._write(data)
+
+    def _line(self, level: int, event: str, fields: dict[str, object], pid: int) -> bytes:
         """The line to write, newline included, at most MAX_LINE bytes: the longest text
         value cut (and marked with `...`) by what the line is over, or by half when that
         is more (escapes can make a value longer in the line), until it fits."""
-        stamp, pid = _stamp(), os.getpid()
+        stamp = _stamp()
         while True:
             data = (self._render(level, event, fields, stamp, pid) + "\n").encode(
                 "utf-8", "backslashreplace")
@@ -152,6 +179,109 @@ class Logger:
                 data = data[os.write(self.fd, data):]
         except OSError:
             pass  # stderr gone (closed pipe): logging must never take the proxy down
+
+    # -- the supervisor's lines: never waited for -----------------------------------------
+
+    def never_wait(self, on_held: Callable[[int], None]) -> None:
+        """From now on, write this process's lines without ever waiting for the log, when
+        stderr is a pipe or a FIFO (a log driver's, a shipper's, `| tee`): through a
+        description of the pipe of its own, opened non-blocking, so that the processes
+        it forks, which share fd 2's, are left as they were. A full pipe (a reader that
+        stopped) then holds lines (HELD_MAX), or drops them, and never the process: a
+        supervisor blocked in write() accepted, reaped and answered nobody, and ignored
+        SIGTERM, until someone read. `on_held(fd)` is called when lines start to be
+        held: flush_held when fd has room.
+
+        A regular file or a terminal is written as before (non-blocking means nothing to
+        the one; the other is left alone). So is a pipe when the description cannot be
+        opened (no /proc, no reader left), or when it would take the one descriptor the
+        supervisor keeps spare for accept() (Supervisor.run)."""
+        try:
+            if not stat.S_ISFIFO(os.fstat(self.fd).st_mode):
+                return
+            own = os.open(f"/proc/self/fd/{self.fd}",
+                          os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            return
+        try:
+            os.close(os.dup(own))  # one still spare
+        except OSError:
+            os.close(own)
+            return
+        self.own_fd, self.owner, self.on_held = own, os.getpid(), on_held
+
+    def _offer(self, data: bytes) -> None:
+        """Write a line through own_fd now, or hold it (behind those already held, to keep
+        their order), or drop it (past HELD_MAX). A line takes one write, whole or not at
+        all: at most PIPE_BUF bytes (MAX_LINE), which a pipe never splits."""
+        if not self.held:
+            try:
+                written = os.write(self.own_fd, data)
+            except BlockingIOError:
+                written = 0
+            except OSError:
+                return  # no reader left: as in _write
+            if written == len(data):
+                return
+            if written:  # never for a line; the rest must follow, or the line is cut
+                self._hold(data[written:], always=True)
+                return
+        self._hold(data)
+
+    def _hold(self, data: bytes, always: bool = False) -> None:
+        if not always and self.held_bytes + len(data) > HELD_MAX:
+            self.dropped += 1
+            return
+        first = not self.held
+        self.held.append(data)
+        self.held_bytes += len(data)
+        if first and self.on_held is not None:
+            self.on_held(self.own_fd)
+
+    def flush_held(self) -> bool:
+        """Write the held lines the pipe takes now, in order, up to PIPE_BUF bytes of
+        whole lines at a time (whole, or refused); then, all written, a `log-dropped`
+        warning with the count of the lines dropped. True when none is left held (the
+        caller stops waiting for room), also when the reader is gone (dropped, unsaid)."""
+        held = self.held
+        while held:
+            count, size = 1, len(held[0])
+            while count < len(held) and size + len(held[count]) <= MAX_LINE:
+                size += len(held[count])
+                count += 1
+            chunk = held[0] if count == 1 else b"".join(held[:count])
+            try:
+                written = os.write(self.own_fd, chunk)
+            except BlockingIOError:
+                return False
+            except OSError:  # no reader left: nobody to write to
+                held.clear()
+                self.held_bytes = self.dropped = 0
+                return True
+            del held[:count]
+            self.held_bytes -= written
+            if written < len(chunk):  # never, as in _offer
+                held.insert(0, chunk[written:])
+        if self.dropped:
+            lines, self.dropped = self.dropped, 0
+            self.warning("log-dropped", lines=lines, detail="lines the supervisor could not "
+                         "write, stderr full (its reader stopped): at most "
+                         f"{HELD_MAX // 1024} KiB are held")
+        return not held
+
+    def settle(self, seconds: float) -> None:
+        """At exit: wait up to `seconds` for the held lines to be written, then drop what
+        is left (a reader that stopped for good: it would hold the exit up for ever), and
+        write as before, to fd."""
+        if self.own_fd < 0:
+            return
+        deadline = time.monotonic() + seconds
+        while not self.flush_held() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.close(self.own_fd)
+        self.own_fd, self.owner, self.on_held = -1, 0, None
+        self.held.clear()
+        self.held_bytes = self.dropped = 0
 
     def debug(self, event: str, **fields: object) -> None:
         self.emit(DEBUG, event, fields)

@@ -109,6 +109,9 @@ MAX_REPORTERS = control.MAX_CLIENTS
 REPORTER_EXIT_WAIT = 1.0
 METRICS_EXIT_WAIT = 2.0  # seconds the metrics process has to exit at a stop
 KILLED_EXIT_WAIT = 1.0  # seconds a stop waits for a helper process it killed (frozen: left)
+# Seconds the exit waits for the log's pipe to take the lines it holds (Logger.settle),
+# when it holds any: a reader only slow gets them, one that stopped loses them.
+LOG_SETTLE = 0.5
 # Seconds between two scans of all the children for one that exited unannounced (not on
 # the ended pipe: see handle_chld) whose SIGCHLD came folded into another child's.
 SCAN_EVERY = 1.0
@@ -822,6 +825,9 @@ class Supervisor:
             # One descriptor to spare, for accept(): at exactly the limit our own need, the
             # proxy said `listening` and every client waited in the backlog for ever.
             os.close(os.dup(2))
+            # From here on (and with a descriptor still spare, or not at all) the log is
+            # never waited for: lines a full pipe cannot take are held (_log_held).
+            self.log.never_wait(self._log_held)
         except BaseException as exc:
             self.cleanup()  # nothing half-started: no socket file, no pid file left behind
             if not isinstance(exc, OSError) or exc.errno not in (errno.EMFILE, errno.ENFILE):
@@ -851,6 +857,9 @@ class Supervisor:
         finally:
             self.cleanup()
         self._log_exited()
+        # A moment for what the log still holds, `exited` included: a reader that stopped
+        # for good must not hold up a stop, whose time (--grace) is counted.
+        self.log.settle(LOG_SETTLE)
         return 0
 
     def _log_exited(self) -> None:
@@ -1107,6 +1116,15 @@ class Supervisor:
     def _unwatch(self, fd: int) -> None:
         if self.handlers.pop(fd, None) is not None:
             self.poller.unregister(fd)
+
+    def _log_held(self, fd: int) -> None:
+        """Lines of ours wait for room in the log's pipe (Logger.never_wait): the loop
+        writes them when it has some, and serves on meanwhile."""
+        self._watch(fd, self._write_held_log, POLLOUT)
+
+    def _write_held_log(self, events: int) -> None:
+        if self.log.flush_held():
+            self._unwatch(self.log.own_fd)
 
     # -- accepting ---------------------------------------------------------------------
 

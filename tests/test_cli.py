@@ -7,13 +7,11 @@ import errno
 import json
 import os
 import re
-import select
 import shutil
 import signal
 import site
 import socket
 import stat
-import struct
 import subprocess
 import sys
 import tempfile
@@ -41,6 +39,7 @@ from conftest import (
     full_pipe,
     kill_group,
     need,
+    polling_for_room,
     read_lines,
     wait_for,
 )
@@ -972,29 +971,6 @@ def test_with_the_fewest_descriptors_it_starts_with_it_serves_a_client(
                 proc.wait(30)
     else:
         pytest.fail("serve started at no limit up to 15")
-
-
-def polling_for_room(pid: int, fd: int) -> bool:
-    """Whether process `pid` is blocked in poll() waiting for room to write on `fd`: its
-    system call (/proc/PID/syscall) and the pollfd array it passed (read from its memory)."""
-    machine = os.uname().machine
-    numbers = {"x86_64": 7, "aarch64": 73}  # poll, or ppoll
-    if machine not in numbers:
-        pytest.fail(f"polling_for_room knows the poll system call's number on "
-                    f"{', '.join(numbers)} only, not on this machine's {machine!r}: add it")
-    number = numbers[machine]
-    try:
-        fields = Path(f"/proc/{pid}/syscall").read_text().split()
-        if fields[0] != str(number):
-            return False
-        address, count = int(fields[1], 16), int(fields[2], 16)
-        with open(f"/proc/{pid}/mem", "rb") as memory:
-            memory.seek(address)
-            table = memory.read(8 * count)  # struct pollfd: int fd; short events, revents
-    except (OSError, ValueError, IndexError):
-        return False  # not blocked in a system call, or gone
-    return any(polled == fd and events & select.POLLOUT
-               for polled, events, _ in struct.iter_unpack("ihh", table))
 
 
 def serving(sock_path: Path) -> bool:

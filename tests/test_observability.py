@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import fcntl
 import itertools
 import json
 import os
@@ -43,7 +44,16 @@ from forkproxy import control as fp_control
 from forkproxy import metrics as fp_metrics
 from forkproxy import status as fp_status
 from forkproxy.accounting import DURATION_BUCKETS, FAILURE_REASONS, LinkStats
-from forkproxy.log import INFO, SLOT, SLOT_INT, SLOT_SECONDS, Logger, _stamp, crash_fields
+from forkproxy.log import (
+    HELD_MAX,
+    INFO,
+    SLOT,
+    SLOT_INT,
+    SLOT_SECONDS,
+    Logger,
+    _stamp,
+    crash_fields,
+)
 from forkproxy.metrics import render as render_metrics
 
 from conftest import (
@@ -3199,6 +3209,178 @@ def test_sigusr1_table_is_written_by_a_reporter_so_a_stalled_log_stalls_nobody(
         kill_group(proc)  # type: ignore[arg-type]
         proc.stdout.close()  # type: ignore[union-attr]
         os.close(read_end)
+
+
+# -- a log nobody reads: the supervisor never waits for it ------------------------------
+
+
+def drain(read_end: int, chunks: list[bytes]) -> str:
+    """What the pipe holds now, added to what was read before; the filler full_pipe put
+    in first (x's, no newline) left out."""
+    os.set_blocking(read_end, False)
+    with contextlib.suppress(BlockingIOError):
+        while chunk := os.read(read_end, 1 << 16):
+            chunks.append(chunk)
+    return b"".join(chunks).decode().lstrip("x")
+
+
+def whole_lines(text: str) -> list[dict[str, Any]]:
+    """Each line of the log, parsed; a line cut short or run into another fails here."""
+    assert not text or text.endswith("\n"), text[-300:]
+    return [parse_text_line(line) for line in text.splitlines()]
+
+
+def serve_with_a_stalled_log(tmp_path: Path, env: dict[str, str],
+                             *args: str) -> tuple[subprocess.Popen[bytes], int, list[int]]:
+    """`forkproxy serve -q ARGS`, stderr a pipe that is full from the start and that
+    nobody reads (a log driver whose remote end is down, a `| tee` stopped with Ctrl-Z):
+    the process, the pipe's read end, the ports listening (from stdout)."""
+    read_end, write_end = full_pipe()
+    proc = subprocess.Popen([FORKPROXY, "serve", "-q", "--status-socket",
+                             str(tmp_path / "s.sock"), *args],
+                            stdout=subprocess.PIPE, stderr=write_end, env=env,
+                            start_new_session=True)
+    os.close(write_end)
+    assert proc.stdout is not None
+    ports = []
+    for arg in args:
+        if "=" in arg and not arg.startswith("-"):
+            line = proc.stdout.readline().decode()
+            assert line.startswith("listening"), line
+            ports.append(int(line.split(" -> ")[0].rsplit(":", 1)[1]))
+    return proc, read_end, ports
+
+
+def test_a_supervisor_line_the_full_log_cannot_take_stalls_neither_clients_nor_status(
+    tcp_server: ServerFactory, dead_port: int, tmp_path: Path, env: dict[str, str],
+) -> None:
+    """With -q the supervisor still writes warnings of its own (`connect-failed`,
+    `max-children-reached`, `accept-failed`, ...). It wrote them with a blocking write to
+    stderr: with stderr a full pipe (its reader stopped), the first one blocked it in
+    write() for good: nobody new was served, `status` timed out, SIGTERM did nothing,
+    until someone read. Now the line waits in the supervisor, which serves on, and is
+    written whole once the pipe has room."""
+    server = tcp_server(echo)
+    dead_spec = f"127.0.0.1:0=127.0.0.1:{dead_port}"
+    good_spec = f"127.0.0.1:0=127.0.0.1:{server.port}"
+    proc, read_end, (dead, good) = serve_with_a_stalled_log(tmp_path, env, dead_spec,
+                                                            good_spec)
+    chunks: list[bytes] = []
+    try:
+        with socket.create_connection(("127.0.0.1", dead), timeout=DEADLINE) as refused:
+            assert refused.recv(1) == b""  # its upstream refused: the child closed it
+
+        def failures() -> int | None:
+            result = cli("status", "--json", "--status-socket", str(tmp_path / "s.sock"),
+                         env=env)
+            if result.returncode:
+                return None  # no answer in 5 s: a supervisor blocked in write()
+            return int(json.loads(result.stdout)["links"][dead_spec]["upstream_failures"])
+
+        # `connect-failed` is due once the failure is counted: then status answers.
+        assert poll(failures, lambda count: count != 0) == 1, "status does not answer"
+        assert not blocked_writing(proc.pid)
+        for message in (b"served", b"while the log", b"is full"):
+            with socket.create_connection(("127.0.0.1", good), timeout=DEADLINE) as client:
+                client.settimeout(10)
+                client.sendall(message)
+                assert recv_exact(client, len(message)) == message
+        assert failures() == 1
+        # Room at last (the filler read): the line held till now comes, whole.
+        log = poll(lambda: drain(read_end, chunks), lambda text: "connect-failed" in text)
+        lines = whole_lines(log)
+        assert [line["event"] for line in lines] == ["connect-failed"], log
+        assert lines[0]["link"] == dead_spec and lines[0]["level"] == "warning", log
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(DEADLINE) == 0
+    finally:
+        kill_group(proc)  # type: ignore[arg-type]
+        proc.stdout.close()  # type: ignore[union-attr]
+        os.close(read_end)
+
+
+def test_at_max_children_with_a_full_log_children_are_reaped_and_a_stop_stops(
+    tcp_server: ServerFactory, tmp_path: Path, env: dict[str, str],
+) -> None:
+    """`max-children-reached` (a warning, so written with -q) blocked the supervisor on a
+    full pipe as soon as the limit was reached: it never reaped the children (zombies),
+    so never accepted again, and a stop never came. Now it reaps, serves the client that
+    waited in the backlog, and SIGTERM ends it, the log still full: the lines it held are
+    dropped at exit (a moment is left for a reader that is only slow), and what the pipe
+    holds after it is whole lines."""
+    server = tcp_server(echo)
+    proc, read_end, (port,) = serve_with_a_stalled_log(
+        tmp_path, env, "--max-children", "1", f"127.0.0.1:0=127.0.0.1:{server.port}")
+    try:
+        supervisor = psutil.Process(proc.pid)
+        with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE) as first:
+            first.sendall(b"1")
+            assert recv_exact(first, 1) == b"1"
+            waiting = socket.create_connection(("127.0.0.1", port), timeout=DEADLINE)
+        with waiting:  # in the backlog until `first`'s child is reaped
+            waiting.settimeout(DEADLINE)
+            waiting.sendall(b"served after a reap")
+            try:
+                answer = recv_exact(waiting, 19)
+            except TimeoutError:
+                answer = b""
+            assert answer == b"served after a reap", "the supervisor never reaped `first`"
+            assert not [child.pid for child in supervisor.children()
+                        if child.status() == psutil.STATUS_ZOMBIE]
+        assert not blocked_writing(proc.pid)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(DEADLINE) == 0, "SIGTERM did not stop it"
+        whole_lines(drain(read_end, []))
+    finally:
+        kill_group(proc)  # type: ignore[arg-type]
+        proc.stdout.close()  # type: ignore[union-attr]
+        os.close(read_end)
+
+
+def test_lines_a_full_pipe_cannot_take_are_held_in_order_then_dropped_and_counted() -> None:
+    """Logger.never_wait, on a real pipe: the lines come out whole and in order once the
+    reader reads again; past HELD_MAX the rest are dropped whole and a `log-dropped` line
+    says how many. The pipe's own description (stderr's, which the children share) is
+    left blocking."""
+    read_end, write_end = full_pipe()
+    try:
+        logger = Logger(INFO, "text", write_end)
+        held_at: list[int] = []
+        logger.never_wait(held_at.append)
+        assert logger.own_fd >= 0 and logger.own_fd != write_end
+        assert not fcntl.fcntl(write_end, fcntl.F_GETFL) & os.O_NONBLOCK
+        sent = 400
+        for number in range(sent):  # ~500 bytes each: ~200 KiB, several times HELD_MAX
+            logger.warning("filler", number=number, detail="y" * 400)
+        assert held_at == [logger.own_fd]  # told once, at the first line held
+        assert 0 < logger.dropped < sent and logger.held_bytes <= HELD_MAX
+        assert not logger.flush_held()  # still full
+        chunks: list[bytes] = []
+        while not logger.flush_held():
+            drain(read_end, chunks)
+        log = drain(read_end, chunks)
+        lines = whole_lines(log)
+        numbers = [int(line["number"]) for line in lines if line["event"] == "filler"]
+        assert numbers == list(range(len(numbers))), numbers  # in order, none lost between
+        assert [line["event"] for line in lines[len(numbers):]] == ["log-dropped"], log[-600:]
+        assert int(lines[-1]["lines"]) == sent - len(numbers) and lines[-1]["level"] == "warning"
+        logger.warning("after", number=sent)  # room again: written at once
+        assert whole_lines(drain(read_end, []))[-1]["event"] == "after"
+        logger.settle(0)
+        assert logger.own_fd == -1
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+
+
+def test_a_log_on_a_regular_file_is_written_as_before(tmp_path: Path) -> None:
+    """No description of its own for a file (non-blocking means nothing to it)."""
+    with open(tmp_path / "log", "wb") as file:
+        logger = Logger(INFO, "text", file.fileno())
+        logger.never_wait(lambda fd: None)
+        assert logger.own_fd == -1
+        logger.warning("written", number=1)
+    assert parse_text_line((tmp_path / "log").read_text())["event"] == "written"
 
 
 def test_the_last_line_says_the_supervisor_exited_when_the_drain_ended(

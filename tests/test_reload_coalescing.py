@@ -23,7 +23,6 @@ from conftest import (
     Proxy,
     ServerFactory,
     TcpServer,
-    blocked_writing,
     control,
     free_port,
     kill_group,
@@ -135,21 +134,34 @@ def answer(client: socket.socket) -> dict[str, object]:
     return reply
 
 
+def sending(pid: int) -> bool:
+    """The process waits in send() (a write) to a full socket."""
+    try:
+        return "sock_alloc_send" in Path(f"/proc/{pid}/wchan").read_text()
+    except OSError:
+        return False  # gone
+
+
 def test_a_request_that_comes_while_a_reload_runs_gets_a_reading_of_its_own(
     tcp_server: ServerFactory, tmp_path: Path, env: dict[str, str],
 ) -> None:
     """A reload answers the requests that came before it read the sources, not one that
     came after (its answer would show a file older than the request). The first request's
-    reload is held after its reading (its log, a pipe nobody reads, is full); the file is
-    rewritten and two more requests come: those two are answered by one reload of their
-    own, which read the new file, and the first by its own, which read the old."""
+    reload is held after its reading (its log, a socket nobody reads, is full); the file
+    is rewritten and two more requests come: those two are answered by one reload of their
+    own, which read the new file, and the first by its own, which read the old.
+
+    A socket (as journald's stream), not a pipe: a line a full pipe cannot take waits in
+    the supervisor, which goes on (log.Logger.never_wait); a socket it still writes to
+    with blocking writes, which is what holds the reload here."""
     first, second = tcp_server(says(b"first")), tcp_server(says(b"second"))
     port = free_port()
     variable = f"APP_PORT_{port}_TCP"
     env_file = tmp_path / "links.env"
     env_file.write_text(f"{variable}=tcp://127.0.0.1:{first.port}\n")
     socket_path = tmp_path / "s.sock"
-    log_read, log_write = os.pipe()
+    log_sock, log_peer = socket.socketpair()
+    log_read, log_write = log_sock.detach(), log_peer.detach()
     proc = subprocess.Popen([FORKPROXY, "serve", "--env-file", str(env_file), "--bind",
                              "127.0.0.1", "--status-socket", str(socket_path)],
                             stdout=subprocess.PIPE, stderr=log_write, text=True, env=env,
@@ -166,18 +178,18 @@ def test_a_request_that_comes_while_a_reload_runs_gets_a_reading_of_its_own(
                 log += os.read(log_read, 65536)
             except BlockingIOError:
                 break
-        # Through an open file of its own: O_NONBLOCK on log_write would be the
-        # supervisor's too (one open file), and its write would fail, not wait.
-        filler = os.open(f"/proc/self/fd/{log_write}", os.O_WRONLY | os.O_NONBLOCK)
+        # MSG_DONTWAIT, not O_NONBLOCK: log_write is the supervisor's open file too,
+        # and its write would fail, not wait.
+        filler = socket.socket(fileno=os.dup(log_write))
         try:
             while True:
-                os.write(filler, b"x" * 4096)
+                filler.send(b"x" * 4096, socket.MSG_DONTWAIT)
         except BlockingIOError:
             pass
         finally:
-            os.close(filler)
+            filler.close()
         early = ask(socket_path, "reload")
-        assert wait_for(lambda: blocked_writing(proc.pid)), "the reload logged nothing"
+        assert wait_for(lambda: sending(proc.pid)), "the reload logged nothing"
         env_file.write_text(f"{variable}=tcp://127.0.0.1:{second.port}\n")
         late = [ask(socket_path, "reload"), ask(socket_path, "reload")]
         os.set_blocking(log_read, True)
