@@ -3231,23 +3231,26 @@ def whole_lines(text: str) -> list[dict[str, Any]]:
 
 
 def serve_with_a_stalled_log(tmp_path: Path, env: dict[str, str],
-                             *args: str) -> tuple[subprocess.Popen[bytes], int, list[int]]:
+                             *args: str) -> tuple[subprocess.Popen[str], int, list[int]]:
     """`forkproxy serve -q ARGS`, stderr a pipe that is full from the start and that
     nobody reads (a log driver whose remote end is down, a `| tee` stopped with Ctrl-Z):
     the process, the pipe's read end, the ports listening (from stdout)."""
     read_end, write_end = full_pipe()
     proc = subprocess.Popen([FORKPROXY, "serve", "-q", "--status-socket",
                              str(tmp_path / "s.sock"), *args],
-                            stdout=subprocess.PIPE, stderr=write_end, env=env,
+                            stdout=subprocess.PIPE, stderr=write_end, env=env, text=True,
                             start_new_session=True)
     os.close(write_end)
-    assert proc.stdout is not None
-    ports = []
-    for arg in args:
-        if "=" in arg and not arg.startswith("-"):
-            line = proc.stdout.readline().decode()
-            assert line.startswith("listening"), line
-            ports.append(int(line.split(" -> ")[0].rsplit(":", 1)[1]))
+    try:
+        specs = [arg for arg in args if "=" in arg and not arg.startswith("-")]
+        lines = read_lines(proc, len(specs), DEADLINE)
+        assert len(lines) == len(specs) and all(line.startswith("listening ")
+                                                for line in lines), lines
+        ports = [int(line.split(" -> ")[0].rsplit(":", 1)[1]) for line in lines]
+    except BaseException:
+        kill_group(proc)
+        os.close(read_end)
+        raise
     return proc, read_end, ports
 
 
@@ -3294,8 +3297,9 @@ def test_a_supervisor_line_the_full_log_cannot_take_stalls_neither_clients_nor_s
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(DEADLINE) == 0
     finally:
-        kill_group(proc)  # type: ignore[arg-type]
-        proc.stdout.close()  # type: ignore[union-attr]
+        kill_group(proc)
+        assert proc.stdout is not None
+        proc.stdout.close()
         os.close(read_end)
 
 
@@ -3332,8 +3336,9 @@ def test_at_max_children_with_a_full_log_children_are_reaped_and_a_stop_stops(
         assert proc.wait(DEADLINE) == 0, "SIGTERM did not stop it"
         whole_lines(drain(read_end, []))
     finally:
-        kill_group(proc)  # type: ignore[arg-type]
-        proc.stdout.close()  # type: ignore[union-attr]
+        kill_group(proc)
+        assert proc.stdout is not None
+        proc.stdout.close()
         os.close(read_end)
 
 
