@@ -455,6 +455,9 @@ def test_2000_idle_clients_beyond_max_children_are_all_served_and_nothing_grows(
         proxy = start_proxy("-q", "--status-socket", str(sock_path), "--max-children",
                             str(cap), "--metrics", "127.0.0.1:0", spec, expect=2)
         url = proxy.lines[-1].split()[1]
+        # Counted once the metrics process answers: the supervisor starts it after its
+        # `metrics` line, and holds the far end of its socket pair until the fork is done.
+        scrape(url)
         fds = fd_count(proxy.pid)
         heaps = [wave(proxy, sock_path, url, spec, clients, cap, n) for n in (1, 2)]
         assert fd_count(proxy.pid) == fds
