@@ -406,27 +406,32 @@ def blocked_writing(pid: int) -> bool:
         return False  # gone
 
 
-def polling_for_room(pid: int, fd: int) -> bool:
-    """Whether process `pid` is blocked in poll() waiting for room to write on `fd`: its
-    system call (/proc/PID/syscall) and the pollfd array it passed (read from its memory)."""
+def polled(pid: int) -> list[tuple[int, int]] | None:
+    """The (fd, events) process `pid` is blocked in poll() for: its system call
+    (/proc/PID/syscall) and the pollfd array it passed (read from its memory); None when
+    it is not in poll() (or is gone)."""
     machine = os.uname().machine
     numbers = {"x86_64": 7, "aarch64": 73}  # poll, or ppoll
     if machine not in numbers:
-        pytest.fail(f"polling_for_room knows the poll system call's number on "
+        pytest.fail(f"polled knows the poll system call's number on "
                     f"{', '.join(numbers)} only, not on this machine's {machine!r}: add it")
-    number = numbers[machine]
     try:
         fields = Path(f"/proc/{pid}/syscall").read_text().split()
-        if fields[0] != str(number):
-            return False
+        if fields[0] != str(numbers[machine]):
+            return None
         address, count = int(fields[1], 16), int(fields[2], 16)
         with open(f"/proc/{pid}/mem", "rb") as memory:
             memory.seek(address)
             table = memory.read(8 * count)  # struct pollfd: int fd; short events, revents
     except (OSError, ValueError, IndexError):
-        return False  # not blocked in a system call, or gone
-    return any(polled == fd and events & select.POLLOUT
-               for polled, events, _ in struct.iter_unpack("ihh", table))
+        return None  # not blocked in a system call, or gone
+    return [(fd, events) for fd, events, _ in struct.iter_unpack("ihh", table)]
+
+
+def polling_for_room(pid: int, fd: int) -> bool:
+    """Whether process `pid` is blocked in poll() waiting for room to write on `fd`."""
+    return any(polled_fd == fd and events & select.POLLOUT
+               for polled_fd, events in polled(pid) or [])
 
 
 def signals_pending(pid: int) -> int:

@@ -1563,13 +1563,10 @@ def test_accept_resource_errors_pause_accepting_briefly_then_resume(
         assert sup.accepting and fake.calls == 2
 
 
-def test_pausing_and_resuming_at_the_limit_keeps_each_listeners_accept_handler(
-    tmp_path: Path,
-) -> None:
-    """At --max-children accepting pauses and resumes at every connection. Each resume
-    built every listener's accept handler anew: with 4,000 links, 66% of the supervisor's
-    time and 8-11 ms per connection (the links-at-scale hunt). Built once now, and again
-    only after a reload prepared the listener anew (its link may have changed)."""
+@contextlib.contextmanager
+def three_listeners(tmp_path: Path) -> Iterator[fp_supervisor.Supervisor]:
+    """A supervisor in this process (nothing forked, nothing polled) with three listeners
+    on loopback, logging to a file in `tmp_path`."""
     links = [parse_spec(f"127.0.0.1:0=127.0.0.1:{port}") for port in (1, 2, 3)]
     socks = [socket.create_server(("127.0.0.1", 0)) for _ in links]
     with contextlib.ExitStack() as stack, open(tmp_path / "log", "w+b") as log_file:
@@ -1578,6 +1575,18 @@ def test_pausing_and_resuming_at_the_limit_keeps_each_listeners_accept_handler(
         sup = fp_supervisor.Supervisor(Sources(("x",), options=Options()), {},
                                        Logger(fd=log_file.fileno()))
         sup.listeners = [Listener(link, sock, 0) for link, sock in zip(links, socks, strict=True)]
+        yield sup
+
+
+def test_pausing_and_resuming_at_the_limit_keeps_each_listeners_accept_handler(
+    tmp_path: Path,
+) -> None:
+    """At --max-children accepting pauses and resumes at every connection. Each resume
+    built every listener's accept handler anew: with 4,000 links, 66% of the supervisor's
+    time and 8-11 ms per connection (the links-at-scale hunt). Built once now, and again
+    only after a reload prepared the listener anew (its link may have changed)."""
+    with three_listeners(tmp_path) as sup:
+        socks = [listener.sock for listener in sup.listeners]
         sup.update_accepting()
         first = [sup.handlers[sock.fileno()] for sock in socks]
         for _ in range(3):  # the limit reached, then a child exits
@@ -1603,15 +1612,8 @@ def test_the_turns_at_the_limit_start_after_the_last_taker_and_from_the_first_af
     """The listeners are watched again, when a slot frees, from the one after the
     listener whose client took the last slot; from the first when a reload has closed
     that listener since (it is no longer among them)."""
-    links = [parse_spec(f"127.0.0.1:0=127.0.0.1:{port}") for port in (1, 2, 3)]
-    socks = [socket.create_server(("127.0.0.1", 0)) for _ in links]
-    with contextlib.ExitStack() as stack, open(tmp_path / "log", "w+b") as log_file:
-        for sock in socks:
-            stack.enter_context(sock)
-        sup = fp_supervisor.Supervisor(Sources(("x",), options=Options()), {},
-                                       Logger(fd=log_file.fileno()))
-        a, b, c = sup.listeners = [Listener(link, sock, 0)
-                                   for link, sock in zip(links, socks, strict=True)]
+    with three_listeners(tmp_path) as sup:
+        a, b, c = sup.listeners
         assert sup._in_turn() == [a, b, c]  # none taken yet
         sup.took_last_slot = b
         assert sup._in_turn() == [c, a, b]

@@ -8,13 +8,10 @@ import os
 import select
 import signal
 import socket
-import struct
 import subprocess
 import threading
 from collections.abc import Callable
 from pathlib import Path
-
-import pytest
 
 from forkproxy import control as control_module
 
@@ -26,6 +23,7 @@ from conftest import (
     control,
     free_port,
     kill_group,
+    polled,
     read_lines,
     wait_for,
 )
@@ -35,24 +33,8 @@ StartProxy = Callable[..., Proxy]
 
 def awaiting_reply(pid: int) -> bool:
     """Whether process `pid` (a `forkproxy reload`) is blocked in poll() waiting to read,
-    which it does only once its request is sent: its system call (/proc/PID/syscall) and
-    the pollfd array it passed (read from its memory)."""
-    numbers = {"x86_64": 7, "aarch64": 73}  # poll, or ppoll
-    machine = os.uname().machine
-    if machine not in numbers:
-        pytest.fail(f"awaiting_reply knows the poll system call's number on "
-                    f"{', '.join(numbers)} only, not on this machine's {machine!r}: add it")
-    try:
-        fields = Path(f"/proc/{pid}/syscall").read_text().split()
-        if fields[0] != str(numbers[machine]):
-            return False
-        address, count = int(fields[1], 16), int(fields[2], 16)
-        with open(f"/proc/{pid}/mem", "rb") as memory:
-            memory.seek(address)
-            table = memory.read(8 * count)  # struct pollfd: int fd; short events, revents
-    except (OSError, ValueError, IndexError):
-        return False  # not blocked in a system call, or gone
-    return any(events & select.POLLIN for _, events, _ in struct.iter_unpack("ihh", table))
+    which it does only once its request is sent."""
+    return any(events & select.POLLIN for _, events in polled(pid) or [])
 
 
 def says(word: bytes) -> Callable[[socket.socket], None]:
@@ -72,6 +54,18 @@ def link_line(port: int, server: TcpServer, variable: str) -> str:
     return f"listening 127.0.0.1:{port} -> 127.0.0.1:{server.port} ({variable})"
 
 
+def app_link(tcp_server: ServerFactory,
+             tmp_path: Path) -> tuple[TcpServer, TcpServer, int, str, Path]:
+    """Two upstreams that say who they are, and an env file that links a free port to the
+    first: (first, second, the port, its link variable, the env file)."""
+    first, second = tcp_server(says(b"first")), tcp_server(says(b"second"))
+    port = free_port()
+    variable = f"APP_PORT_{port}_TCP"
+    env_file = tmp_path / "links.env"
+    env_file.write_text(f"{variable}=tcp://127.0.0.1:{first.port}\n")
+    return first, second, port, variable, env_file
+
+
 def test_concurrent_reloads_at_many_links_are_all_answered_by_one_reading(
     start_proxy: StartProxy, tcp_server: ServerFactory, tmp_path: Path, env: dict[str, str],
 ) -> None:
@@ -80,11 +74,7 @@ def test_concurrent_reloads_at_many_links_are_all_answered_by_one_reading(
     said "no answer" though all were applied. Sixteen sent to a supervisor stopped (as
     a busy one is) with 1,000 links, and a SIGHUP, are answered by one reload now, which
     read the file as it was written after they were all sent."""
-    first, second = tcp_server(says(b"first")), tcp_server(says(b"second"))
-    port = free_port()
-    variable = f"APP_PORT_{port}_TCP"
-    env_file = tmp_path / "links.env"
-    env_file.write_text(f"{variable}=tcp://127.0.0.1:{first.port}\n")
+    _, second, port, variable, env_file = app_link(tcp_server, tmp_path)
     socket_path = tmp_path / "s.sock"
     specs = [f"127.0.0.1:0=127.0.0.1:{number}" for number in range(1, 1000)]  # never reached
     proxy = start_proxy("--env-file", str(env_file), "--bind", "127.0.0.1", "--status-socket",
@@ -154,11 +144,7 @@ def test_a_request_that_comes_while_a_reload_runs_gets_a_reading_of_its_own(
     A socket (as journald's stream), not a pipe: a line a full pipe cannot take waits in
     the supervisor, which goes on (log.Logger.never_wait); a socket it still writes to
     with blocking writes, which is what holds the reload here."""
-    first, second = tcp_server(says(b"first")), tcp_server(says(b"second"))
-    port = free_port()
-    variable = f"APP_PORT_{port}_TCP"
-    env_file = tmp_path / "links.env"
-    env_file.write_text(f"{variable}=tcp://127.0.0.1:{first.port}\n")
+    first, second, port, variable, env_file = app_link(tcp_server, tmp_path)
     socket_path = tmp_path / "s.sock"
     log_sock, log_peer = socket.socketpair()
     log_read, log_write = log_sock.detach(), log_peer.detach()
