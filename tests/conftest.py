@@ -6,6 +6,7 @@ No peer is ever skipped: `./scripts/test` installs them, and a missing one fails
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import os
 import re
@@ -69,6 +70,30 @@ def netns_lab(prefix: str) -> Iterator[netns.Lab]:
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
+
+CLONE_NEWNET = 0x40000000
+
+
+@contextlib.contextmanager
+def in_network(namespace: str) -> Iterator[None]:
+    """Run the block with this thread in the network namespace at path `namespace`
+    (`/proc/PID/ns/net`, `/run/netns/NAME`), then back: sockets made there stay there,
+    and a URL opened there reaches that namespace's loopback."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    target = os.open(namespace, os.O_RDONLY)
+    try:
+        if libc.setns(target, CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), f"setns into {namespace}")
+        try:
+            yield
+        finally:
+            if libc.setns(own, CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), "setns back")
+    finally:
+        os.close(own)
+        os.close(target)
+
 def need(program: str) -> str:
     """The path of a peer program; its absence fails the test (never a skip)."""
     path = shutil.which(program)
@@ -94,6 +119,11 @@ class Proxy:
     @property
     def pid(self) -> int:
         return self.proc.pid
+
+    @property
+    def network(self) -> str:
+        """The supervisor's network namespace's file (what `in_network` takes)."""
+        return f"/proc/{self.pid}/ns/net"
 
     @property
     def ports(self) -> list[int]:

@@ -114,6 +114,11 @@ class Namespace:
     name: str
     host: str
 
+    @property
+    def path(self) -> str:
+        """The namespace's file (what setns(2) opens; `conftest.in_network` takes it)."""
+        return f"/run/netns/{self.name}"
+
     def exec_argv(self, argv: Sequence[str]) -> list[str]:
         return ["ip", "netns", "exec", self.name, *argv]
 

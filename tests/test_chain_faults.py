@@ -15,8 +15,6 @@ Needs root, iproute2 (`ip`, `tc`) and iptables: fails without them (never a skip
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import hashlib
 import os
 import re
@@ -32,35 +30,13 @@ import pytest
 from test_two_hosts import _unavailable, forkproxy_command
 
 import netns
+from conftest import in_network
 from netns import Cable, Lab, Namespace, Process
 
 pytestmark = [pytest.mark.netns]
 
 CLIENT_ADDR = "198.18.7.1"
 SERVER_ADDR = "198.18.7.2"
-CLONE_NEWNET = 0x40000000
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-@contextlib.contextmanager
-def in_namespace(ns: Namespace) -> Iterator[None]:
-    """Run the block with this thread in `ns`'s network namespace (sockets made there
-    stay there)."""
-    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    target = os.open(f"/run/netns/{ns.name}", os.O_RDONLY)
-    try:
-        if _libc.setns(target, CLONE_NEWNET) != 0:
-            raise OSError(ctypes.get_errno(), f"setns into {ns.name}")
-        try:
-            yield
-        finally:
-            if _libc.setns(own, CLONE_NEWNET) != 0:
-                raise OSError(ctypes.get_errno(), "setns back")
-    finally:
-        os.close(own)
-        os.close(target)
-
-
 def pattern(size: int, seed: int = 0) -> bytes:
     """`size` bytes that are not all alike (a reorder or a duplicate changes the hash)."""
     block = b"".join(hashlib.sha256(b"%d:%d" % (seed, i)).digest() for i in range(2048))
@@ -150,7 +126,7 @@ class Chain:
         return proc
 
     def connect(self, near: Process) -> socket.socket:
-        with in_namespace(self.client):
+        with in_network(self.client.path):
             sock = socket.socket()
         sock.settimeout(120)
         sock.connect(("127.0.0.1", port_of(near)))
@@ -260,7 +236,7 @@ def chain_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chain]:
         client = lab.namespace("chain-client")
         server = lab.namespace("chain-server")
         cable = lab.cable(client, CLIENT_ADDR, server, SERVER_ADDR)
-        with in_namespace(server):
+        with in_network(server.path):
             listener = socket.create_server(("127.0.0.1", 0), backlog=256)
         sink = Sink(listener)
         sink.start()

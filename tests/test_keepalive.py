@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from test_chain_faults import in_namespace, pattern, port_of, read_to_end
+from test_chain_faults import pattern, port_of, read_to_end
 from test_limits import copy_fd, distinct_free_ports, hold_the_listener, write_env_file
 from test_two_hosts import _unavailable, forkproxy_command
 
@@ -42,6 +42,7 @@ from conftest import (
     ServerFactory,
     control,
     echo,
+    in_network,
     need,
     processes_under,
     wait_for,
@@ -85,7 +86,7 @@ class KeepaliveLab:
     ) -> tuple[socket.socket, socket.socket]:
         """A relayed connection: (the client's socket, the upstream's accepted one).
         The client is on the proxy's own host unless `from_client_host`."""
-        with in_namespace(self.client if from_client_host else self.proxy):
+        with in_network((self.client if from_client_host else self.proxy).path):
             client = socket.socket()
         if rcvbuf:  # before connect(): the window scale is agreed on in the handshake
             client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
@@ -120,7 +121,7 @@ def keepalive_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Keepaliv
         upstream = lab.namespace("ka-up")
         lab.cable(client, CLIENT_ADDR, proxy, PROXY_CLIENT_SIDE)
         lab.cable(proxy, PROXY_UPSTREAM_SIDE, upstream, UPSTREAM_ADDR)
-        with in_namespace(upstream):
+        with in_network(upstream.path):
             listener = socket.create_server((UPSTREAM_ADDR, 0), backlog=16)
         try:
             yield KeepaliveLab(lab, client, proxy, upstream, listener)
@@ -323,7 +324,7 @@ def test_a_client_that_vanishes_while_its_child_connects_is_a_client_timeout(
                            "--connect-retries", "100")
     assert proxy.status_socket is not None
     sock = proxy.status_socket
-    with in_namespace(ka.client):
+    with in_network(ka.client.path):
         client = socket.socket()
     with client:
         client.settimeout(30)

@@ -9,7 +9,6 @@ so default status sockets never meet another test's.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import fcntl
 import itertools
@@ -67,6 +66,7 @@ from conftest import (
     echo,
     free_port,
     full_pipe,
+    in_network,
     in_own_network,
     kill_group,
     metrics_pid,
@@ -1648,27 +1648,6 @@ def test_clients_the_kernel_queues_are_shown_per_link(
 # The accept queue's size in a proxy's own network namespace (net.core.somaxconn there):
 # a flood of a dozen clients overflows it, where the host's 4096 would need thousands.
 SMALL_SOMAXCONN = 4
-CLONE_NEWNET = 0x40000000
-
-
-@contextlib.contextmanager
-def in_network_of(pid: int) -> Iterator[None]:
-    """Run the block with this thread in `pid`'s network namespace (sockets made there
-    stay there; a URL opened there reaches its loopback)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    target = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY)
-    try:
-        if libc.setns(target, CLONE_NEWNET) != 0:
-            raise OSError(ctypes.get_errno(), f"setns into {pid}'s network")
-        try:
-            yield
-        finally:
-            if libc.setns(own, CLONE_NEWNET) != 0:
-                raise OSError(ctypes.get_errno(), "setns back")
-    finally:
-        os.close(own)
-        os.close(target)
 
 
 def connecting(port: int, count: int) -> list[socket.socket]:
@@ -1705,7 +1684,7 @@ def test_handshakes_dropped_at_a_full_accept_queue_are_counted_and_said(
     clients: list[socket.socket] = []
     proxy.signal(signal.SIGSTOP)  # accepts nobody: the queue fills, then overflows
     try:
-        with in_network_of(proxy.pid):
+        with in_network(proxy.network):
             clients += connecting(listen_ports(proxy)[0], 3 * SMALL_SOMAXCONN)
         proxy.signal(signal.SIGCONT)
         listeners = poll(lambda: status_json(sock_path, env)["listeners"],
@@ -1716,7 +1695,7 @@ def test_handshakes_dropped_at_a_full_accept_queue_are_counted_and_said(
         [(_, rows), _] = parse_tables(result.stdout)
         cells = {row["LINK"]: row["DROPS"] for row in rows}
         assert int(cells[flooded]) > 0 and cells[idle] == "0", result.stdout
-        with in_network_of(proxy.pid):
+        with in_network(proxy.network):
             found = samples(scrape(metrics_url(proxy)))
         assert (value(found, "forkproxy_listen_drops_total", link=flooded) or 0) > 0, found
         assert value(found, "forkproxy_listen_drops_total", link=idle) == 0, found
@@ -1780,7 +1759,7 @@ def test_a_lossy_network_counts_drops_but_says_no_queue_was_full(
                     "--probability", "0.5", "-j", "DROP"], check=True)
     clients: list[socket.socket] = []
     try:
-        with in_network_of(proxy.pid):
+        with in_network(proxy.network):
             clients += connecting(port, 24)
         pending = set(clients)
         deadline = time.monotonic() + 60
@@ -4565,7 +4544,7 @@ def test_upstream_connect_failures_are_counted_by_reason(
     port = dict(zip(links, listen_ports(proxy), strict=True))
     reasons = FAILURE_REASONS
     zero = dict.fromkeys(reasons, 0)
-    with in_network_of(proxy.pid):
+    with in_network(proxy.network):
         found = samples(scrape(metrics_url(proxy)))
     for link in links:  # every reason of every link, before any failure
         for reason in reasons:
@@ -4575,7 +4554,7 @@ def test_upstream_connect_failures_are_counted_by_reason(
     expected = {refused: "refused", black_hole: "timeout", no_route: "unreachable",
                 unresolved: "unresolved"}
     for link, reason in expected.items():
-        with in_network_of(proxy.pid):
+        with in_network(proxy.network):
             refused_through(port[link])
 
         def reaped(reply: dict[str, Any], link: str = link) -> bool:
@@ -4588,7 +4567,7 @@ def test_upstream_connect_failures_are_counted_by_reason(
     # This host out of local ports toward a working upstream: two of them, each taken by
     # a connection held through the proxy; the next connects fail, EADDRNOTAVAIL.
     # (The clients' own ports are outside the range, so that they connect.)
-    with in_network_of(proxy.pid):
+    with in_network(proxy.network):
         upstream = socket.socket()  # never accepts: the kernel completes the handshakes
         upstream.bind(("127.0.0.1", BUSY_UPSTREAM_PORT))
         upstream.listen(8)
@@ -4596,7 +4575,7 @@ def test_upstream_connect_failures_are_counted_by_reason(
     set_local_ports(proxy.pid, TWO_LOCAL_PORTS)
     try:
         for count in range(1, 4):
-            with in_network_of(proxy.pid):
+            with in_network(proxy.network):
                 client = socket.create_connection(
                     ("127.0.0.1", port[busy]), timeout=30,
                     source_address=("127.0.0.1", FIRST_CLIENT_PORT + count))
@@ -4618,7 +4597,7 @@ def test_upstream_connect_failures_are_counted_by_reason(
         upstream.close()
 
     expected[busy] = "no-local-port"
-    with in_network_of(proxy.pid):
+    with in_network(proxy.network):
         found = samples(scrape(metrics_url(proxy)))
     for link, failed_for in expected.items():
         for reason in reasons:

@@ -35,7 +35,7 @@ from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from test_chain_faults import in_namespace, pattern, port_of, read_to_end
+from test_chain_faults import pattern, port_of, read_to_end
 from test_two_hosts import forkproxy_command
 
 from forkproxy.accounting import FAILURE_REASONS
@@ -48,6 +48,7 @@ from conftest import (
     TcpServer,
     control,
     free_port,
+    in_network,
     need,
     netns_lab,
     processes_under,
@@ -556,7 +557,7 @@ def patient_proxy(target: str, *options: str) -> Iterator[tuple[Namespace, Proce
 
 
 def client_in(ns: Namespace, proc: Process) -> socket.socket:
-    with in_namespace(ns):
+    with in_network(ns.path):
         sock = socket.socket()
     sock.settimeout(30)
     sock.connect(("127.0.0.1", port_of(proc)))
@@ -638,7 +639,7 @@ def test_a_client_that_half_closes_while_its_child_retries_is_served_when_the_up
         time.sleep(2.5)  # attempts and backoffs go by, with the client's FIN there
         assert child_pids(sock) == [pid]
         ns.ip("addr", "add", f"{UNROUTED}/32", "dev", "lo")
-        with in_namespace(ns):
+        with in_network(ns.path):
             listener = socket.create_server((UNROUTED, 80))
         with listener, client:
             listener.settimeout(30)

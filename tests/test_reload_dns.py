@@ -22,9 +22,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from test_chain_faults import in_namespace
 
-from conftest import control, frozen, need, netns_lab, processes_under, wait_for
+from conftest import control, frozen, in_network, need, netns_lab, processes_under, wait_for
 from netns import Lab, Namespace, Process, redis_cli
 
 pytestmark = [pytest.mark.netns]
@@ -329,7 +328,7 @@ def test_a_lookup_that_fails_with_eai_system_is_a_failed_lookup(lab: Lab, ns: Na
 
 def client_in(ns: Namespace) -> socket.socket:
     """A client of the proxy's port, from inside `ns`."""
-    with in_namespace(ns):
+    with in_network(ns.path):
         client = socket.socket()
     client.settimeout(15)
     client.connect(("127.0.0.1", LISTEN_PORT))
