@@ -46,7 +46,7 @@ from forkproxy.listeners import ACCEPT_BACKOFF, RESOURCE_ERRORS
 from forkproxy.log import DEBUG, ERROR, INFO, WARNING, Logger, crash_fields, fold, format_in
 from forkproxy.process_name import METRICS, name_process
 from forkproxy.relay import OUTCOMES
-from forkproxy.status import StatusError, enrich, request
+from forkproxy.status import StatusError, enrich, read_sockets, request
 
 # How a connection can end: the relay's exit statuses, and `killed` (by a signal), which
 # the supervisor sees instead of a status (accounting.Accounting.finished).
@@ -103,12 +103,15 @@ class SupervisorCollector(Collector):
 
 
 def _children_by_link(status: dict[str, Any]) -> dict[str, dict[str, float]]:
-    """Sum psutil's readings of the live children (as `forkproxy status` shows them) per link."""
+    """Sum psutil's readings of the live children (as `forkproxy status` shows them) per
+    link, with the longest any of them has waited for its upstream's answer (`unanswered`,
+    from the kernel's view of their sockets: read_sockets)."""
     sums: dict[str, dict[str, float]] = {}
-    for child in enrich(status).get("children", []):
+    for child in read_sockets(enrich(status)).get("children", []):
         entry = sums.setdefault(child["link"], {"rss": 0, "uss": 0, "cpu": 0})
         for key in entry:
             entry[key] += child[key] or 0  # None: the child exited while being read
+        entry["unanswered"] = max(entry.get("unanswered", 0), child["unanswered"] or 0)
     return sums
 
 
@@ -185,6 +188,12 @@ def render(status: dict[str, Any],
                             "see forkproxy_children_unique_memory_bytes", labels=["link"])
     uss = GaugeMetricFamily("forkproxy_children_unique_memory_bytes",
                             "Memory only the live children hold (psutil USS)", labels=["link"])
+    unanswered = GaugeMetricFamily(
+        "forkproxy_upstream_unanswered_seconds",
+        "The longest a live connection has waited for its upstream to answer: seconds since "
+        "data last went to the upstream, with none back since (0: none waits). Grows while "
+        "an upstream is stopped, hung or overloaded, and while a client waits on purpose "
+        "(redis BLPOP, a long poll)", labels=["link"])
     cpu = CounterMetricFamily("forkproxy_children_cpu_seconds",
                               "CPU time of the children, exited and live", labels=["link"])
     resolve_failures = CounterMetricFamily("forkproxy_resolve_failures",
@@ -216,6 +225,7 @@ def render(status: dict[str, Any],
         durations.add_metric([name], buckets, stats["duration_sum"])
         rss.add_metric([name], now.get("rss", 0))
         uss.add_metric([name], now.get("uss", 0))
+        unanswered.add_metric([name], now.get("unanswered", 0))
         since = stats.get("since", 0.0)
         floor_since, floor = cpu_seen.get(name, (since, 0.0))
         cpu_now = stats["cpu_seconds"] + now.get("cpu", 0)
@@ -252,8 +262,9 @@ def render(status: dict[str, Any],
                                    "Times the metrics process died and was started again")
     restarts.add_metric([], (status.get("metrics") or {}).get("restarts", 0))
     yield from (up, listeners, active, waiting, queued, backlog, drops, total, ended, empty, denied,
-                failures, moved, durations, rss, uss, cpu, resolve_failures, address_changes,
-                supervisor_rss, max_children, memory_limit, pids_limit, orphans, restarts)
+                failures, moved, durations, rss, uss, unanswered, cpu, resolve_failures,
+                address_changes, supervisor_rss, max_children, memory_limit, pids_limit, orphans,
+                restarts)
     yield _start_time(status)
     yield _fork_failures(links)
     yield from _reload_metrics(status)

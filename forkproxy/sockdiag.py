@@ -1,9 +1,10 @@
 """The kernel's view of TCP sockets, as `ss -tin` reads it: NETLINK_SOCK_DIAG (inet_diag).
 
-Used by `forkproxy status` only, in its own short-lived process: never by the supervisor
-or a relay child. One dump per address family of the connected TCP sockets of this
-process's network namespace, with each socket's tcp_info; unprivileged, as `ss` is. Only
-the sockets asked for (by inode, as /proc/PID/fd names them) are decoded.
+Used by `forkproxy status`, in its own short-lived process, and by the metrics process at
+each scrape: never by the supervisor or a relay child. One dump per address family of the
+connected TCP sockets of this process's network namespace, with each socket's tcp_info;
+unprivileged, as `ss` is. Only the sockets asked for (by inode, as /proc/PID/fd names
+them) are decoded.
 
 Layouts (linux/netlink.h, linux/sock_diag.h, linux/inet_diag.h, linux/tcp.h), all in the
 host's byte order but the ports and addresses (network order):
@@ -13,7 +14,8 @@ host's byte order but the ports and addresses (network order):
   inet_diag_msg     family u8, state u8, timer u8, retrans u8, sockid,
                     expires u32, rqueue u32, wqueue u32, uid u32, inode u32     72 bytes
   rtattr            len u16, type u16, payload padded to 4 bytes
-  tcp_info          ... tcpi_last_data_sent u32 at 44, tcpi_last_data_recv u32 at 52
+  tcp_info          ... tcpi_last_data_sent u32 at 44, tcpi_last_data_recv u32 at 52,
+                    ... tcpi_data_segs_in u32 at 152, tcpi_data_segs_out u32 at 156 (4.6+)
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ _WQUEUE_AT = 60  # inet_diag_msg's idiag_wqueue
 _LAST_DATA_SENT_AT = 44  # in struct tcp_info
 _LAST_DATA_RECV_AT = 52
 _TCP_INFO_NEEDED = _LAST_DATA_RECV_AT + 4
+_DATA_SEGS_IN_AT, _DATA_SEGS_OUT_AT = 152, 156
 # A dump's messages come in datagrams the kernel sizes after the reader's buffer, up to
 # 32 KiB each; a larger buffer is never filled, a smaller one would truncate them.
 _RECV_SIZE = 1 << 16
@@ -72,6 +75,14 @@ class TcpSocket(NamedTuple):
     # Milliseconds since data last moved on it, either way (the smaller of tcp_info's
     # last_data_sent and last_data_recv); None when the kernel gave no tcp_info.
     idle_ms: int | None
+    # Milliseconds since data was last sent to its peer, when no data came back from the
+    # peer since: how long the peer has left what it was sent unanswered. 0 when it
+    # answered, or nothing was sent. None when the kernel gave no tcp_info. The kernel
+    # stamps both times in ticks (CONFIG_HZ: 4 ms at 250): a send in the same tick as the
+    # peer's last data, a request right after the previous answer, cannot be told from
+    # one before it and is 0, unless the peer never sent data at all (a first request,
+    # counted however soon after the connect).
+    unanswered_ms: int | None
 
 
 _MAPPED = bytes(10) + b"\xff\xff"  # ::ffff:0:0/96, IPv4 as an IPv6 socket sees it
@@ -148,7 +159,7 @@ def _decode(buffer: bytearray, body: int, end: int) -> TcpSocket:
         if remote.startswith(_MAPPED):
             remote = remote[12:]
     send_queue = _U32.unpack_from(buffer, body + _WQUEUE_AT)[0]
-    idle_ms = None
+    idle_ms = unanswered_ms = None
     at = body + _MSG_SIZE
     while at + _ATTRIBUTE.size <= end:
         length, kind = _ATTRIBUTE.unpack_from(buffer, at)
@@ -156,11 +167,18 @@ def _decode(buffer: bytearray, body: int, end: int) -> TcpSocket:
             break
         if kind == INET_DIAG_INFO and length - _ATTRIBUTE.size >= _TCP_INFO_NEEDED:
             info = at + _ATTRIBUTE.size
-            idle_ms = min(_U32.unpack_from(buffer, info + _LAST_DATA_SENT_AT)[0],
-                          _U32.unpack_from(buffer, info + _LAST_DATA_RECV_AT)[0])
+            sent = _U32.unpack_from(buffer, info + _LAST_DATA_SENT_AT)[0]
+            received = _U32.unpack_from(buffer, info + _LAST_DATA_RECV_AT)[0]
+            idle_ms = min(sent, received)
+            # last_data_recv counts from the connect before any data came: a first request
+            # sent in the connect's tick would otherwise look answered.
+            never_answered = length - _ATTRIBUTE.size >= _DATA_SEGS_OUT_AT + 4 and (
+                _U32.unpack_from(buffer, info + _DATA_SEGS_IN_AT)[0] == 0
+                and _U32.unpack_from(buffer, info + _DATA_SEGS_OUT_AT)[0] > 0)
+            unanswered_ms = sent if sent < received or never_answered else 0
             break
         at += (length + 3) & ~3  # RTA_ALIGN
-    return TcpSocket(state, (remote, port), send_queue, idle_ms)
+    return TcpSocket(state, (remote, port), send_queue, idle_ms, unanswered_ms)
 
 
 def socket_inodes(pid: int, first: int = 0) -> list[int]:

@@ -422,19 +422,23 @@ def enrich(status: dict[str, Any]) -> dict[str, Any]:
 
 def read_sockets(status: dict[str, Any]) -> dict[str, Any]:
     """Add what the kernel says of each live connection's two TCP sockets: `idle`,
-    seconds since data last moved on either, and `queued_to_client`, `queued_to_upstream`,
+    seconds since data last moved on either, `queued_to_client`, `queued_to_upstream`,
     the bytes its socket toward that side holds unsent or unacknowledged (`ss`'s Send-Q):
-    a client that reads nothing leaves them queued toward it. None where the kernel
-    cannot tell from here: the supervisor in another network namespace, a child gone or
-    not readable, an upstream not connected yet. After enrich(), whose `pid_here` it reads.
+    a client that reads nothing leaves them queued toward it, and `unanswered`, seconds
+    since data last went to the upstream when none came back since (an upstream stopped,
+    hung or overloaded; a client waiting on purpose, redis's BLPOP, too). None where the
+    kernel cannot tell from here: the supervisor in another network namespace, a child
+    gone or not readable, an upstream not connected yet. After enrich(), whose `pid_here`
+    it reads.
 
-    Only `status` asks (not the metrics process, not the supervisor): one netlink dump of
-    the namespace's connected TCP sockets per family, and each child's /proc/PID/fd."""
+    `status` and the metrics process ask, never the supervisor: one netlink dump of the
+    namespace's connected TCP sockets per family, and each child's /proc/PID/fd."""
     from .sockdiag import read_tcp_sockets, socket_inodes
 
     children = status.get("children", [])
     for child in children:
-        child.update(idle=None, queued_to_client=None, queued_to_upstream=None)
+        child.update(idle=None, queued_to_client=None, queued_to_upstream=None,
+                     unanswered=None)
     here = status.get("pid_here")
     if not children or not here or not _same_network_namespace(here):
         # Socket inodes are unique across namespaces, so another's are never misread:
@@ -471,6 +475,8 @@ def read_sockets(status: dict[str, Any]) -> dict[str, Any]:
             idle=min(moved) / 1000 if moved else None,
             queued_to_client=toward_client[0].send_queue,
             queued_to_upstream=None if upstream is None else upstream.send_queue,
+            unanswered=(None if upstream is None or upstream.unanswered_ms is None
+                        else upstream.unanswered_ms / 1000),
         )
     return status
 
@@ -784,12 +790,14 @@ def render(status: dict[str, Any]) -> str:
          "-" if c.get("idle") is None else f"{c['idle']:.1f}s",
          _size(c["bytes_up"]), _size(c["bytes_down"]),
          _size(c.get("queued_to_client")), _size(c.get("queued_to_upstream")),
+         "-" if c.get("unanswered") is None else f"{c['unanswered']:.1f}s",
          _size(c.get("rss")), _size(c.get("uss")),
          "-" if c.get("cpu") is None else f"{c['cpu']:.2f}s"]
         for c in status.get("children", [])
     ]
     lines += ["", *_table(["PID", "LINK", "CLIENT", "UPSTREAM", "AGE", "IDLE", "UP", "DOWN",
-                           "QUEUED TO CLIENT", "QUEUED TO UPSTREAM", "RSS", "USS", "CPU"], rows)]
+                           "QUEUED TO CLIENT", "QUEUED TO UPSTREAM", "UNANSWERED", "RSS",
+                           "USS", "CPU"], rows)]
     return "\n".join(lines)
 
 

@@ -521,6 +521,72 @@ def test_an_idle_connections_idle_time_grows_and_traffic_starts_it_again(
         assert (again["queued_to_client"], again["queued_to_upstream"]) == (0, 0), again
 
 
+def test_an_upstream_that_stopped_answering_shows_how_long_it_was_left_unanswered(
+    start_proxy: StartProxy, redis: Redis, tmp_path: Path, env: dict[str, str],
+) -> None:
+    """A stalled upstream (redis stopped: its kernel still takes the requests, nothing
+    answers) looked like an idle pool in status and said nothing in the metrics, while
+    its clients hung. Each connection's `unanswered` (UNANSWERED) now counts the seconds
+    since data last went to the upstream with none back since, and
+    forkproxy_upstream_unanswered_seconds{link} the longest per link: for a pooled
+    connection's request and for a new connection's first one (sent at once after the
+    connect), 0 for a pooled connection that asked nothing since its answer; 0 again
+    once the answers come."""
+    sock_path = tmp_path / "status.sock"
+    asked, quiet = links = [f"127.0.0.1:0=127.0.0.1:{redis.port}",
+                            f"127.0.0.2:0=127.0.0.1:{redis.port}"]
+    proxy = start_proxy("--status-socket", str(sock_path), "--metrics", "127.0.0.1:0",
+                        *links, env=env, expect=3)
+    port = dict(zip(links, listen_ports(proxy), strict=True))
+    url = metrics_url(proxy)
+
+    def by_client() -> dict[int, dict[str, Any]]:
+        children = status_json(sock_path, env)["children"]
+        return {int(child["client"].rsplit(":", 1)[1]): child for child in children}
+
+    with socket.create_connection(("127.0.0.1", port[asked]), timeout=30) as pooled, \
+            socket.create_connection(("127.0.0.2", port[quiet]), timeout=30) as idle:
+        for client in (pooled, idle):
+            client.sendall(b"PING\r\n")
+            assert recv_exact(client, 7) == b"+PONG\r\n"
+        # Past the kernel's tick (4 ms at HZ=250): a request in the tick of the previous
+        # answer cannot be told from one before it (sockdiag.TcpSocket.unanswered_ms).
+        time.sleep(0.1)
+        redis.proc.send_signal(signal.SIGSTOP)
+        try:
+            pooled.sendall(b"PING\r\n")
+            fresh = socket.create_connection(("127.0.0.1", port[asked]), timeout=30)
+            fresh.sendall(b"PING\r\n")
+            slept = 1.5
+            time.sleep(slept)
+            children = poll(by_client, lambda found: len(found) == 3)
+            for client in (pooled, fresh):
+                child = children[client.getsockname()[1]]
+                assert child["unanswered"] >= slept - JIFFIES, children
+            assert children[idle.getsockname()[1]]["unanswered"] == 0, children
+            found = samples(scrape(url))
+            longest = value(found, "forkproxy_upstream_unanswered_seconds", link=asked)
+            assert longest is not None and longest >= slept - JIFFIES, found
+            assert value(found, "forkproxy_upstream_unanswered_seconds", link=quiet) == 0
+            result = cli("status", "--status-socket", str(sock_path), env=env)
+            assert result.returncode == 0, result
+            rows = parse_tables(result.stdout)[1][1]
+            cells = sorted(row["UNANSWERED"] for row in rows if row["LINK"] == asked)
+            assert all(re.fullmatch(r"\d+\.\ds", cell) and float(cell[:-1]) >= slept
+                       for cell in cells) and len(cells) == 2, rows
+            assert [row["UNANSWERED"] for row in rows if row["LINK"] == quiet] == ["0.0s"]
+        finally:
+            redis.proc.send_signal(signal.SIGCONT)
+        with fresh:
+            for client in (pooled, fresh):
+                assert recv_exact(client, 7) == b"+PONG\r\n"
+            answered = poll(by_client, lambda found: all(
+                child["unanswered"] == 0 for child in found.values()))
+            assert all(child["unanswered"] == 0 for child in answered.values()), answered
+            found = samples(scrape(url))
+            assert value(found, "forkproxy_upstream_unanswered_seconds", link=asked) == 0
+
+
 def test_status_from_another_network_namespace_shows_no_socket_readings(
     start_proxy: StartProxy, tcp_server: ServerFactory, tmp_path: Path, env: dict[str, str],
 ) -> None:
