@@ -142,9 +142,11 @@ def failure_errno(code: int) -> int:
 # Why no address took a connection, as forkproxy_upstream_connect_failures_total{reason}
 # and status's upstream_failures_by_reason tell it: an "upstream down" alert must not fire
 # for this host's own trouble (no-local-port: out of ephemeral ports toward the upstream,
-# TIME_WAIT), and a refusal (the service is down) is not a timeout (the network, a host
-# gone) nor a name that does not resolve. A fixed few, each exported from 0.
-FAILURE_REASONS = ("refused", "timeout", "unreachable", "unresolved", "no-local-port", "other")
+# TIME_WAIT; blocked: a policy here refused the connect itself), and a refusal (the
+# service is down) is not a timeout (the network, a host gone) nor a name that does not
+# resolve. A fixed few, each exported from 0.
+FAILURE_REASONS = ("refused", "timeout", "unreachable", "unresolved", "no-local-port",
+                   "blocked", "other")
 _REASON_OF_ERRNO = {
     errno.ECONNREFUSED: "refused",
     errno.ETIMEDOUT: "timeout",
@@ -156,6 +158,11 @@ _REASON_OF_ERRNO = {
     errno.ENETDOWN: "unreachable",
     errno.ENONET: "unreachable",
     errno.EADDRNOTAVAIL: "no-local-port",
+    # connect() itself refused on this host, no packet sent: a cgroup BPF connect hook
+    # (EPERM), seccomp, an LSM (Landlock, SELinux, AppArmor: EACCES). Not a firewall
+    # rule that drops the SYN: TCP retries that one and it ends as a timeout.
+    errno.EPERM: "blocked",
+    errno.EACCES: "blocked",
 }
 
 

@@ -175,7 +175,8 @@ def render(status: dict[str, Any],
     failures = CounterMetricFamily("forkproxy_upstream_connect_failures",
                                    "Connections no upstream address took, by why (the last "
                                    "error: refused, timeout, unreachable, unresolved, "
-                                   "no-local-port: this host out of ports toward it, other)",
+                                   "no-local-port: this host out of ports toward it, blocked: "
+                                   "a policy on this host refused the connect, other)",
                                    labels=["link", "reason"])
     moved = CounterMetricFamily("forkproxy_bytes", "Bytes relayed",
                                 labels=["link", "direction"])

@@ -138,6 +138,8 @@ def test_the_connections_total_counts_the_links_a_reload_removed() -> None:
     (errno.EHOSTUNREACH, "unreachable"),
     (errno.ENETUNREACH, "unreachable"),
     (errno.EADDRNOTAVAIL, "no-local-port"),
+    (errno.EPERM, "blocked"),  # a cgroup BPF connect hook, seccomp
+    (errno.EACCES, "blocked"),  # an LSM: Landlock, SELinux, AppArmor
     (errno.EAFNOSUPPORT, "other"),
     (NO_ADDRESS, "unresolved"),
     (UNRESOLVED | -socket.EAI_NONAME, "unresolved"),

@@ -4565,7 +4565,7 @@ def test_a_control_socket_unused_for_an_hour_is_touched_so_tmpfiles_leaves_it(
 
 BLACK_HOLE, NO_ROUTE = "198.18.5.2", "198.18.6.2"
 # In the proxy's own network only: nothing else binds there.
-BUSY_UPSTREAM_PORT, FIRST_CLIENT_PORT = 7777, 50001
+BUSY_UPSTREAM_PORT, BLOCKED_UPSTREAM_PORT, FIRST_CLIENT_PORT = 7777, 7778, 50001
 TWO_LOCAL_PORTS = "61000 61001"  # above the default range, so no port of before is in it
 
 
@@ -4584,6 +4584,35 @@ def network_with_failures() -> tuple[str, ...]:
         'exec "$0" "$@"')))
 
 
+# Run as `python -c LANDLOCK_CONNECTS PORTS PROGRAM ARGS...`: PROGRAM with every TCP
+# connect refused (EACCES, by the kernel's Landlock LSM, ABI 4: Linux 6.7) but to the
+# comma-separated PORTS, in it and all it forks. A policy of this host's that refuses the
+# connect() call itself, as a cgroup BPF connect hook (EPERM) or SELinux would. (An
+# iptables OUTPUT DROP would not do: TCP retries a SYN the firewall drops, and times out.)
+LANDLOCK_CONNECTS = """
+import ctypes, os, struct, sys
+libc = ctypes.CDLL(None, use_errno=True)
+CONNECT_TCP, NET_PORT, CREATE_RULESET, ADD_RULE, RESTRICT_SELF = 2, 2, 444, 445, 446
+def check(result):
+    if result < 0:
+        raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+    return result
+handled = ctypes.create_string_buffer(struct.pack("QQ", 0, CONNECT_TCP))
+ruleset = check(libc.syscall(CREATE_RULESET, handled, 16, 0))
+for port in sys.argv[1].split(","):
+    rule = ctypes.create_string_buffer(struct.pack("QQ", CONNECT_TCP, int(port)))
+    check(libc.syscall(ADD_RULE, ruleset, NET_PORT, rule, 0))
+check(libc.prctl(38, 1, 0, 0, 0))  # PR_SET_NO_NEW_PRIVS, which restrict_self needs
+check(libc.syscall(RESTRICT_SELF, ruleset, 0))
+os.execv(sys.argv[2], sys.argv[2:])
+"""
+
+
+def connects_only_to(*ports: int) -> tuple[str, ...]:
+    """start_proxy's `prefix` (after another's `exec "$0" "$@"`): LANDLOCK_CONNECTS."""
+    return (sys.executable, "-c", LANDLOCK_CONNECTS, ",".join(map(str, ports)))
+
+
 def set_local_ports(pid: int, ports: str) -> None:
     """net.ipv4.ip_local_port_range in `pid`'s network namespace."""
     subprocess.run([need("nsenter"), f"--net=/proc/{pid}/ns/net", "sh", "-c",
@@ -4600,12 +4629,16 @@ def test_upstream_connect_failures_are_counted_by_reason(
     upstream (EADDRNOTAVAIL, no fault of the upstream's): an "upstream down" alert fired
     for a local problem. Each failure now counts under its `reason` (status --json's
     upstream_failures_by_reason, the metric's label), every reason of every link from 0.
-    One proxy, in a network of its own, a link for each reason."""
-    refused, black_hole, no_route, unresolved, busy = links = [
+    One proxy, in a network of its own, a link for each reason; connects to the blocked
+    link's port refused by a policy of this host's (EACCES: `blocked`, once `other`)."""
+    refused, black_hole, no_route, unresolved, busy, blocked = links = [
         "127.0.0.1:0=127.0.0.1:9", f"127.0.0.1:0={BLACK_HOLE}:80", f"127.0.0.1:0={NO_ROUTE}:80",
-        "127.0.0.1:0=nosuch.invalid:80", f"127.0.0.1:0=127.0.0.1:{BUSY_UPSTREAM_PORT}"]
+        "127.0.0.1:0=nosuch.invalid:80", f"127.0.0.1:0=127.0.0.1:{BUSY_UPSTREAM_PORT}",
+        f"127.0.0.1:0=127.0.0.1:{BLOCKED_UPSTREAM_PORT}"]
     proxy = start_proxy("--metrics", "127.0.0.1:0", "--connect-timeout", "0.5", *links,
-                        env=env, expect=len(links) + 1, prefix=network_with_failures())
+                        env=env, expect=len(links) + 1,
+                        prefix=(*network_with_failures(),
+                                *connects_only_to(9, 80, BUSY_UPSTREAM_PORT)))
     sock_path = Path(env["XDG_RUNTIME_DIR"]) / "forkproxy" / f"{proxy.pid}.sock"
     port = dict(zip(links, listen_ports(proxy), strict=True))
     reasons = FAILURE_REASONS
@@ -4618,7 +4651,7 @@ def test_upstream_connect_failures_are_counted_by_reason(
                          reason=reason) == 0, (link, reason, found)
 
     expected = {refused: "refused", black_hole: "timeout", no_route: "unreachable",
-                unresolved: "unresolved"}
+                unresolved: "unresolved", blocked: "blocked"}
     for link, reason in expected.items():
         with in_network(proxy.network):
             refused_through(port[link])
@@ -4673,3 +4706,6 @@ def test_upstream_connect_failures_are_counted_by_reason(
     [line] = [fields for fields in map(parse_text_line, proxy.log().splitlines())
               if fields["event"] == "connect-failed" and fields["link"] == busy]
     assert line["error"] == "Cannot assign requested address", line
+    [line] = [fields for fields in map(parse_text_line, proxy.log().splitlines())
+              if fields["event"] == "connect-failed" and fields["link"] == blocked]
+    assert line["error"] == "Permission denied", line
