@@ -322,6 +322,8 @@ def _reload_metrics(status: dict[str, Any]) -> Iterator[Metric]:
 METRICS_PATH = "/metrics"
 NOT_FOUND = b"not found: the metrics are at /metrics\n"
 BAD_TARGET = b"bad request: the request's target is not a URL\n"
+NO_THREAD = (b"unavailable: no thread could start for this scrape "
+             b"(the pids limit of forkproxy's cgroup reached?)\n")
 
 
 def _only_metrics(app: WSGIApplication) -> WSGIApplication:
@@ -430,6 +432,9 @@ def _die_with_parent() -> bool:
 # socket's 16 clients (control.MAX_CLIENTS), so that scrapes alone never fill it.
 MAX_SCRAPES = 8
 SCRAPE_WAIT = 1.0  # seconds a new client may wait for a slot
+# Seconds the accepting thread waits for the request of a scrape no thread can serve, to
+# answer it 503 (_unavailable): short, as it holds up the next ones meanwhile.
+UNAVAILABLE_WAIT = 0.2
 # Seconds a client has to send its whole request (Prometheus sends it at once), then to
 # take the whole reply (a large table to a slow reader). Past them it is cut.
 REQUEST_DEADLINE = 5.0
@@ -527,15 +532,36 @@ class _Server(ThreadingMixIn, WSGIServer):
             return
         try:
             super().process_request(request, client_address)  # starts the thread
-        except BaseException:
+        except BaseException as exc:
             self.scrapes.release()
-            raise
+            if isinstance(exc, RuntimeError):  # "can't start new thread": a pids limit
+                _unavailable(request, NO_THREAD)
+            raise  # handle_error's line, then shutdown_request closes it
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
             super().process_request_thread(request, client_address)
         finally:
             self.scrapes.release()
+
+
+def _unavailable(request: socket.socket, body: bytes) -> None:
+    """A 503 saying why, from the accepting thread, for a scrape no thread can serve:
+    closed with no reply, Prometheus said only that the scrape failed. The request is
+    read first, as far as it came within UNAVAILABLE_WAIT (a scraper sends it at once):
+    a close with it unread sends an RST, which can cut the reply, and HEAD gets no body.
+    The reply fits any socket's buffer."""
+    request_head = b""
+    with contextlib.suppress(OSError):
+        request.settimeout(UNAVAILABLE_WAIT)
+        request_head = request.recv(4096)
+        for _ in range(15):  # at most 64 KiB: a client that keeps sending gets the reply
+            if not request.recv(4096, socket.MSG_DONTWAIT):
+                break
+    head = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
+            b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body))
+    with contextlib.suppress(OSError):
+        request.sendall(head if request_head.startswith(b"HEAD ") else head + body)
 
 
 class _QuietHandler(WSGIRequestHandler):

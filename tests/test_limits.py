@@ -23,13 +23,21 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psutil
 import pytest
-from test_observability import metrics_port, metrics_url, samples, scrape, value
+from test_observability import (
+    metrics_port,
+    metrics_url,
+    recv_all_bytes,
+    samples,
+    scrape,
+    value,
+)
 
 from forkproxy import listeners
 from forkproxy import supervisor as fp_supervisor
@@ -1837,6 +1845,15 @@ def test_a_metrics_process_that_cannot_be_forked_is_backed_off_as_a_death(
     assert "restarting for" in text and "2 deaths in a row, next start in" in text, text
 
 
+def assert_no_thread_reply(reply: bytes) -> None:
+    """The whole reply to a scrape no thread could start for, up to the close."""
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 503 Service Unavailable\r\n"), reply
+    assert f"Content-Length: {len(body)}".encode() in head.split(b"\r\n"), reply
+    assert body == (b"unavailable: no thread could start for this scrape "
+                    b"(the pids limit of forkproxy's cgroup reached?)\n"), reply
+
+
 @pytest.mark.parametrize(("level", "logged"), [(30, True), (40, False)])
 def test_the_metrics_process_logs_at_the_level_it_is_given(
     pids_cgroup: Path, short_dir: Path, level: int, logged: bool
@@ -1861,7 +1878,7 @@ def test_the_metrics_process_logs_at_the_level_it_is_given(
             (pids_cgroup / "pids.max").write_text(current.read_text())  # no more threads
             with socket.create_connection(listener.getsockname()[:2], timeout=15) as scrape:
                 scrape.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
-                assert scrape.recv(100) == b""  # closed, after handle_error has run
+                assert_no_thread_reply(recv_all_bytes(scrape))  # after handle_error ran
         finally:
             proc.terminate()
             err = proc.communicate(timeout=15)[1]
@@ -1905,7 +1922,7 @@ def test_scrapes_that_fail_on_the_metrics_side_are_logged_folded(
         for _ in range(count):
             with socket.create_connection(address, timeout=15) as sock:
                 sock.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
-                assert sock.recv(100) == b""  # closed, after handle_error has run
+                assert_no_thread_reply(recv_all_bytes(sock))  # after handle_error ran
 
     def lines() -> list[str]:
         return [x for x in proxy.log().splitlines() if "metrics-request-failed" in x]
@@ -1924,6 +1941,45 @@ def test_scrapes_that_fail_on_the_metrics_side_are_logged_folded(
     assert wait_for(lambda: len(lines()) == len(first) + 1), lines()
     counted = sum(int(re.findall(r" failures=(\d+) ", line)[0]) for line in lines())
     assert counted == 31, lines()
+
+
+def test_a_scrape_no_thread_can_serve_is_answered_503_saying_why(
+    pids_cgroup: Path, start_proxy: StartProxy
+) -> None:
+    """At a pids limit the metrics process cannot start the thread for a scrape: it
+    closed the connection with no reply, and Prometheus showed a scrape error with no
+    reason. A 503 now, whose one-line body says why, from the accepting thread (which
+    needs no new task); HEAD gets the head alone. The scrapes after the limit is raised
+    are served."""
+    proxy = start_proxy("--metrics", "127.0.0.1:0", "127.0.0.1:0=127.0.0.1:1", expect=2,
+                        prefix=in_cgroup(pids_cgroup))
+    url = metrics_url(proxy)
+    assert "forkproxy_up 1.0" in scrape(url)  # served, so its imports and threads are done
+    metrics = psutil.Process(metrics_pid(proxy.pid))
+    supervisor = psutil.Process(proxy.pid)
+    current = pids_cgroup / "pids.current"
+
+    def at_rest() -> bool:  # as in the test above
+        tasks = supervisor.num_threads() + metrics.num_threads()
+        return metrics.num_threads() == 2 and int(current.read_text()) == tasks
+
+    assert wait_for(at_rest), (current.read_text(), metrics.num_threads())
+    (pids_cgroup / "pids.max").write_text(current.read_text())  # no thread, no fork
+    try:
+        for _ in range(3):
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(url, timeout=15)
+            assert refused.value.code == 503, refused.value
+            body = refused.value.read()
+            assert body == (b"unavailable: no thread could start for this scrape "
+                            b"(the pids limit of forkproxy's cgroup reached?)\n"), body
+        with socket.create_connection(("127.0.0.1", metrics_port(url)), timeout=15) as sock:
+            sock.sendall(b"HEAD /metrics HTTP/1.0\r\n\r\n")
+            head = recv_all_bytes(sock)
+        assert head.startswith(b"HTTP/1.1 503 ") and head.endswith(b"\r\n\r\n"), head
+    finally:
+        (pids_cgroup / "pids.max").write_text("max")
+    assert "forkproxy_up 1.0" in scrape(url)
 
 
 def test_a_metrics_process_that_cannot_start_its_thread_says_so_in_one_line(
