@@ -1703,6 +1703,7 @@ class Supervisor:
         if not self.metrics_pid:
             self._close_metrics_port()
         self.update_accepting()
+        self.check_drops(closing=self.listeners)
         listeners.close_all(self.listeners)  # from now on, new clients are refused
         self.listeners = []
         # SIGQUIT (a terminal's Ctrl-\) stops at once, as a second Ctrl-C does: no grace.
@@ -2252,6 +2253,8 @@ class Supervisor:
         # fork for clients held on a kept port too (serve_held), which must get the new.
         for listener in retired:
             self._take_backlog(listener, "unlisten")  # before they close: see handle_stop
+        if retired:
+            self.check_drops(closing=retired)
         self.accepting = False
         for listener in self.listeners:
             self._unwatch(listener.fd)
@@ -2359,7 +2362,7 @@ class Supervisor:
         self.log.warning("status-socket-recreated", path=self.control.path,
                          detail="its file was removed or replaced: listening on a new one")
 
-    def check_drops(self) -> None:
+    def check_drops(self, closing: list[Listener] | None = None) -> None:
         """A folded `listen-drops` warning per listener at which the kernel dropped
         handshakes since the last check: its accept queue was full (the supervisor stopped
         accepting at --max-children, or could not keep up with a burst, or was busy or
@@ -2371,19 +2374,28 @@ class Supervisor:
         Only when the kernel counted a listen drop in this network namespace meanwhile
         (TcpExtListenDrops), or cannot say: a listener's own count also grows with every
         packet of a handshake under way that it discards, and on a lossy network every
-        hop of a chain said its queue was full each minute, with none ever full."""
+        hop of a chain said its queue was full each minute, with none ever full.
+
+        `closing`: listeners about to close (a reload that removes them, a stop), whose
+        check this is the last: their drops since the last check, and those folded into
+        a window not over, get their line now, or never would. Every listener is read,
+        not these alone, so that the next check's TcpExtListenDrops still covers the
+        others' drops since the last."""
         kernel = listeners.kernel_listen_drops()
         overflowed = (kernel is None or self.kernel_drops_checked is None
                       or kernel != self.kernel_drops_checked)
         self.kernel_drops_checked = kernel
+        last = {id(listener) for listener in closing or ()}
         for listener in self.listeners:
             drops = listener.drops()
-            if drops is None or drops == listener.drops_checked:
-                continue
-            grown, listener.drops_checked = drops - listener.drops_checked, drops
-            if not overflowed:
-                continue  # a lossy network's, not a full queue's (status counts them all)
-            count = fold(self.drop_folds, listener.link.key, grown)
+            count = 0
+            if drops is not None and drops != listener.drops_checked:
+                grown, listener.drops_checked = drops - listener.drops_checked, drops
+                if overflowed:  # else a lossy network's, not a full queue's (status counts all)
+                    count = fold(self.drop_folds, listener.link.key, grown)
+            if id(listener) in last:
+                unlogged = self.drop_folds.pop(listener.link.key, [0])[0]
+                count = count or int(unlogged)
             if not count:
                 continue
             fields: dict[str, object] = {"link": listener.link.name, "drops": count}

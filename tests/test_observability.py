@@ -1784,6 +1784,62 @@ def test_handshakes_dropped_at_a_full_accept_queue_are_counted_and_said(
             sock.close()
 
 
+@pytest.mark.parametrize("closed_by", ["reload", "stop"])
+def test_drops_of_a_listener_closed_get_their_line_at_its_close(
+    start_proxy: StartProxy, tmp_path: Path, env: dict[str, str], closed_by: str,
+) -> None:
+    """Drops the kernel counted at a listener after the last check (the timer's, every
+    60 s) never got a `listen-drops` line when a reload removed that listener or a stop
+    closed it, nor did drops folded into a window not over (a line comes at most once
+    per 10 s per listener). The close checks it a last time now: a line with what was
+    not said. Two floods: the first said by a check (SIGALRM), the second by the close."""
+    flooded, kept = "FLOODED_PORT_5000_TCP", "KEPT_PORT_5001_TCP"
+    env_file = tmp_path / "links.env"
+    env_file.write_text(f"{flooded}=tcp://127.0.0.1:9\n{kept}=tcp://127.0.0.1:9\n")
+    proxy = start_proxy("--env-file", str(env_file), *LOOPBACK, env=env, expect=2,
+                        prefix=in_own_network(SMALL_SOMAXCONN))
+    sock_path = Path(env["XDG_RUNTIME_DIR"]) / "forkproxy" / f"{proxy.pid}.sock"
+    clients: list[socket.socket] = []
+
+    def flood() -> int:
+        """The flooded listener's drops once a flood of it has some more counted."""
+        before = drops_of(ask(sock_path)["listeners"])[flooded]
+        proxy.signal(signal.SIGSTOP)  # accepts nobody: the queue fills, then overflows
+        try:
+            with in_network(proxy.network):
+                clients.extend(connecting(5000, 3 * SMALL_SOMAXCONN))
+        finally:
+            proxy.signal(signal.SIGCONT)
+        return int(poll(lambda: drops_of(ask(sock_path)["listeners"])[flooded],
+                        lambda drops: drops > before))
+
+    def lines() -> list[dict[str, str]]:
+        return [parse_text_line(line) for line in proxy.log().splitlines()
+                if " listen-drops " in line]
+
+    try:
+        first = flood()
+        proxy.signal(signal.SIGALRM)
+        assert wait_for(lambda: len(lines()) == 1), proxy.log()
+        said = int(lines()[0]["drops"])
+        assert said >= first, lines()
+        counted = flood()
+        assert counted > said
+        if closed_by == "reload":
+            env_file.write_text(f"{kept}=tcp://127.0.0.1:9\n")
+            assert ask(sock_path, "reload")["ok"] is True
+            assert "unlisten" in proxy.log(), proxy.log()
+        assert proxy.stop() == 0
+    finally:
+        proxy.signal(signal.SIGCONT)
+        for sock in clients:
+            sock.close()
+    # Its line at its close, with every drop the first did not say: none of the kept
+    # listener's, which dropped nothing.
+    assert [line["link"] for line in lines()] == [flooded, flooded], proxy.log()
+    assert said + int(lines()[1]["drops"]) >= counted, lines()
+
+
 def test_a_listener_with_no_drops_shows_0_and_no_line(
     start_proxy: StartProxy, tcp_server: ServerFactory, env: dict[str, str],
 ) -> None:
