@@ -15,10 +15,15 @@ if __name__ == "__main__":
     # own (which must not shadow stdlib names anyway), and -S leaves site-packages out.
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from forkproxy import __version__
 from forkproxy.config import ConfigError, name_variable, sources_from_json
 from forkproxy.log import Logger, level_for, write_start_error
 from forkproxy.process_name import SUPERVISOR, name_process
 from forkproxy.supervisor import Supervisor
+
+# As cli.EXEC_FAILED (not imported: cli.py is typer's, which the supervisor never loads):
+# what a shell returns for a command it found but could not execute.
+EXEC_FAILED = 126
 
 
 def main(argv: list[str]) -> int:
@@ -30,7 +35,20 @@ def main(argv: list[str]) -> int:
     name_process(SUPERVISOR)
     with os.fdopen(int(argv[2]), "rb") as handle:
         data = json.loads(handle.read())
-    sources = sources_from_json(data)
+    try:
+        if data["version"] != __version__:
+            raise ValueError(data["version"])
+        sources = sources_from_json(data)
+    except (ValueError, KeyError, TypeError, AttributeError, ConfigError):
+        # The `forkproxy serve` that read the command line ran other code than this file:
+        # forkproxy was upgraded or downgraded between its start and its exec (pip
+        # replacing the package under it). Mixing the two would misread the options.
+        given = data.get("options") if isinstance(data, dict) else None
+        json_log = isinstance(given, dict) and given.get("log_format") == "json"
+        write_start_error(f"forkproxy's files changed while `serve` started (an upgrade "
+                          f"under way?), to version {__version__}: start it again",
+                          "json" if json_log else "text")
+        return EXEC_FAILED
     variables = data.get("variables", {})  # flag -> variable, for the values that came from one
     options = sources.options
     log = Logger(level_for(options.verbosity), options.log_format)

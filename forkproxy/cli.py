@@ -395,7 +395,8 @@ def serve(*, sources: Sources, variables: Mapping[str, str] | None = None) -> No
     sources = sources.replace(options=with_limits(sources.options, read_memory_limit(),
                                                   read_pids_limit()))
     raise_open_files_limit()
-    payload = json.dumps({**sources_to_json(sources), "variables": dict(variables or {})}).encode()
+    payload = json.dumps({**sources_to_json(sources), "variables": dict(variables or {}),
+                          "version": __version__}).encode()
     config_fd = os.memfd_create("forkproxy-config", 0)  # not CLOEXEC: the supervisor reads it
     os.write(config_fd, payload)
     os.lseek(config_fd, 0, os.SEEK_SET)
@@ -404,13 +405,18 @@ def serve(*, sources: Sources, variables: Mapping[str, str] | None = None) -> No
         if stream is not None:  # None: Python found the fd closed at start
             stream.flush()
     try:
+        if not os.path.isfile(script):
+            # Removed since this process started (an upgrade under way): the interpreter
+            # would say so in its own words, with exit status 2, bad input's.
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), script)
         os.execv(sys.executable,
                  [sys.executable, "-I", "-S", script, "--config-fd", str(config_fd)])
     except OSError as exc:
         # Not bad input: the environment changed under us (the interpreter removed by an
         # upgrade or a rebuilt venv, a noexec mount). One line, and the status a shell
         # gives a command it found but could not execute.
-        write_start_error(f"cannot start the supervisor: {sys.executable!r}: "
+        what = script if exc.filename == script else sys.executable
+        write_start_error(f"cannot start the supervisor: {what!r}: "
                           f"{exc.strerror or exc}", sources.options.log_format)
         raise typer.Exit(EXEC_FAILED) from None
 

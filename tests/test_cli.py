@@ -17,6 +17,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -24,7 +25,7 @@ import typer
 
 from forkproxy import __version__
 from forkproxy.cli import app, check_pid_max
-from forkproxy.config import ConfigError, Options
+from forkproxy.config import ConfigError, Options, Sources, sources_to_json
 from forkproxy.status import StatusError
 
 from conftest import (
@@ -1986,6 +1987,73 @@ sys.argv = ["forkproxy", "serve", *sys.argv[1:], "127.0.0.1:0=127.0.0.1:9"]
 from forkproxy.console import main
 main()
 """
+
+
+def handed_to_supervisor(payload: dict[str, object]) -> subprocess.CompletedProcess[str]:
+    """_serve.py as `serve` execs it, handed `payload` as its configuration."""
+    config_fd = os.memfd_create("test-config", 0)
+    try:
+        os.write(config_fd, json.dumps(payload).encode())
+        os.lseek(config_fd, 0, os.SEEK_SET)
+        script = Path(__file__).resolve().parent.parent / "forkproxy" / "_serve.py"
+        return subprocess.run(
+            [sys.executable, "-I", "-S", str(script), "--config-fd", str(config_fd)],
+            pass_fds=(config_fd,), capture_output=True, text=True, timeout=60, check=False)
+    finally:
+        os.close(config_fd)
+
+
+@pytest.mark.parametrize("change", ["older version", "missing key", "unknown option"])
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_a_supervisor_handed_another_versions_configuration_says_so_in_one_line(
+    change: str, log_format: str
+) -> None:
+    """`serve` started while pip replaced forkproxy: the CLI, already loaded, ran the old
+    code and handed its configuration to the new _serve.py, which died with a traceback
+    (KeyError: 'aliases', exit 1), in text even with --log-format json. The supervisor now
+    checks the version the CLI wrote and the configuration's shape: one line saying the
+    files changed, exit 126 (as when the supervisor cannot be executed), nothing bound."""
+    sources = Sources(("127.0.0.1:0=127.0.0.1:9",), options=Options(log_format=log_format))
+    payload: dict[str, Any] = {**sources_to_json(sources), "variables": {},
+                               "version": __version__}
+    if change == "older version":
+        payload["version"] = "0.0.1"
+    elif change == "missing key":
+        del payload["aliases"]
+    else:
+        payload["options"] = {**payload["options"], "no_such_option": 1}
+    result = handed_to_supervisor(payload)
+    message = (f"forkproxy's files changed while `serve` started (an upgrade under way?), "
+               f"to version {__version__}: start it again")
+    assert result.returncode == 126, result
+    assert result.stdout == "", result  # no `listening` line: nothing was bound
+    if log_format == "text":
+        assert result.stderr.splitlines() == [f"forkproxy: error: {message}"], result
+    else:
+        [line] = result.stderr.splitlines()
+        record = json.loads(line)
+        assert {k: record[k] for k in ("level", "event", "error")} == {
+            "level": "error", "event": "start-failed", "error": message}, record
+
+
+def test_serve_whose_supervisor_script_is_gone_says_so_in_one_line(tmp_path: Path) -> None:
+    """_serve.py removed between the CLI's start and its exec (an upgrade under way): the
+    interpreter said "can't open file" with exit status 2, bad input's. Now one line
+    naming the file, and 126."""
+    package = tmp_path / "forkproxy"
+    shutil.copytree(Path(__file__).resolve().parent.parent / "forkproxy", package)
+    (package / "_serve.py").unlink()
+    path = os.pathsep.join([str(tmp_path), *site.getsitepackages()])
+    result = subprocess.run(
+        [sys.executable, "-m", "forkproxy", "serve", "127.0.0.1:0=127.0.0.1:9"],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+        env={"PATH": os.environ["PATH"], "PYTHONPATH": path},
+    )
+    assert result.returncode == 126, result
+    assert result.stderr.splitlines() == [
+        f"forkproxy: error: cannot start the supervisor: '{package / '_serve.py'}': "
+        "No such file or directory"], result
+    assert result.stdout == ""
 
 
 @pytest.mark.parametrize("log_format", ["text", "json"])
