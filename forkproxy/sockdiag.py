@@ -14,8 +14,9 @@ host's byte order but the ports and addresses (network order):
   inet_diag_msg     family u8, state u8, timer u8, retrans u8, sockid,
                     expires u32, rqueue u32, wqueue u32, uid u32, inode u32     72 bytes
   rtattr            len u16, type u16, payload padded to 4 bytes
-  tcp_info          ... tcpi_last_data_sent u32 at 44, tcpi_last_data_recv u32 at 52,
-                    ... tcpi_data_segs_in u32 at 152, tcpi_data_segs_out u32 at 156 (4.6+)
+  tcp_info          tcpi_retransmits u8 at 2, ... tcpi_last_data_sent u32 at 44,
+                    tcpi_last_data_recv u32 at 52, tcpi_last_ack_recv u32 at 56, ...
+                    tcpi_data_segs_in u32 at 152, tcpi_data_segs_out u32 at 156 (4.6+)
 """
 
 from __future__ import annotations
@@ -50,9 +51,11 @@ _U32 = struct.Struct("=I")
 _MSG_SIZE = 72  # inet_diag_msg
 _INODE_AT = 68  # inet_diag_msg's idiag_inode
 _WQUEUE_AT = 60  # inet_diag_msg's idiag_wqueue
-_LAST_DATA_SENT_AT = 44  # in struct tcp_info
+_RETRANSMITS_AT = 2  # in struct tcp_info: u8, RTO retransmissions of the unacknowledged data
+_LAST_DATA_SENT_AT = 44
 _LAST_DATA_RECV_AT = 52
-_TCP_INFO_NEEDED = _LAST_DATA_RECV_AT + 4
+_LAST_ACK_RECV_AT = 56
+_TCP_INFO_NEEDED = _LAST_ACK_RECV_AT + 4
 _DATA_SEGS_IN_AT, _DATA_SEGS_OUT_AT = 152, 156
 # A dump's messages come in datagrams the kernel sizes after the reader's buffer, up to
 # 32 KiB each; a larger buffer is never filled, a smaller one would truncate them.
@@ -73,7 +76,8 @@ class TcpSocket(NamedTuple):
     # Send-Q. Grows while the peer reads nothing (its window shut) or does not answer.
     send_queue: int
     # Milliseconds since data last moved on it, either way (the smaller of tcp_info's
-    # last_data_sent and last_data_recv); None when the kernel gave no tcp_info.
+    # last_data_sent and last_data_recv; while it retransmits, the peer's last ACK in
+    # place of the last send); None when the kernel gave no tcp_info.
     idle_ms: int | None
     # Milliseconds since data was last sent to its peer, when no data came back from the
     # peer since: how long the peer has left what it was sent unanswered. 0 when it
@@ -169,13 +173,21 @@ def _decode(buffer: bytearray, body: int, end: int) -> TcpSocket:
             info = at + _ATTRIBUTE.size
             sent = _U32.unpack_from(buffer, info + _LAST_DATA_SENT_AT)[0]
             received = _U32.unpack_from(buffer, info + _LAST_DATA_RECV_AT)[0]
-            idle_ms = min(sent, received)
             # last_data_recv counts from the connect before any data came: a first request
             # sent in the connect's tick would otherwise look answered.
             never_answered = length - _ATTRIBUTE.size >= _DATA_SEGS_OUT_AT + 4 and (
                 _U32.unpack_from(buffer, info + _DATA_SEGS_IN_AT)[0] == 0
                 and _U32.unpack_from(buffer, info + _DATA_SEGS_OUT_AT)[0] > 0)
             unanswered_ms = sent if sent < received or never_answered else 0
+            if buffer[info + _RETRANSMITS_AT]:
+                # Retransmitting, the peer silent (a host gone, a black hole): every
+                # retransmission counts as data sent in last_data_sent, which would make
+                # the connection look busy and answered. Nothing moved since the peer's
+                # last ACK, and what was sent since is unanswered at least that long.
+                silent = _U32.unpack_from(buffer, info + _LAST_ACK_RECV_AT)[0]
+                sent = max(sent, silent)
+                unanswered_ms = max(unanswered_ms, silent)
+            idle_ms = min(sent, received)
             break
         at += (length + 3) & ~3  # RTA_ALIGN
     return TcpSocket(state, (remote, port), send_queue, idle_ms, unanswered_ms)

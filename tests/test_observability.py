@@ -587,6 +587,46 @@ def test_an_upstream_that_stopped_answering_shows_how_long_it_was_left_unanswere
             assert value(found, "forkproxy_upstream_unanswered_seconds", link=asked) == 0
 
 
+def test_a_connection_into_a_black_hole_shows_idle_and_unanswered_growing(
+    start_proxy: StartProxy, tmp_path: Path, env: dict[str, str],
+) -> None:
+    """An upstream whose host vanished mid-connection (every packet to it dropped): the
+    proxy's socket retransmits, and the kernel counts each retransmission as data sent,
+    so IDLE went back down at each one (0.7, 3.7, 2.6, 13.2, 6.2 s over a minute: a busy
+    connection, to the reader) and UNANSWERED with it. While the socket retransmits, both
+    now count from the upstream's last ACK: they grow from the request on, with no dip.
+    In the proxy's own network namespace, the upstream this test's socket, the black hole
+    an iptables rule there (INPUT, to the upstream's port)."""
+    upstream_port = 7000  # the namespace is the proxy's own: nothing else listens there
+    sock_path = tmp_path / "status.sock"
+    proxy = start_proxy("--status-socket", str(sock_path), f"127.0.0.1:0=127.0.0.1:{upstream_port}",
+                        env=env, prefix=in_own_network())
+    with in_network(proxy.network):
+        upstream = socket.create_server(("127.0.0.1", upstream_port))
+        client = socket.create_connection(("127.0.0.1", proxy.port), timeout=30)
+    with upstream, client:
+        client.sendall(b"ping")
+        served, _ = upstream.accept()
+        with served:
+            assert recv_exact(served, 4) == b"ping"
+            served.sendall(b"pong")
+            assert recv_exact(client, 4) == b"pong"
+            drop = ["INPUT", "-p", "tcp", "--dport", str(upstream_port), "-j", "DROP"]
+            with in_network(proxy.network):
+                subprocess.run([need("iptables"), "-I", *drop], check=True, timeout=30)
+            asked = time.monotonic()
+            client.sendall(b"ping")
+            # Retransmissions after ~0.2, 0.6, 1.4, 3.0 and 6.2 s (the RTO doubling from
+            # its 200 ms floor): read at 4.5 s, the last one 1.5 s before.
+            time.sleep(4.5)
+            with in_network(proxy.network):
+                child = the_connection(sock_path, env)
+            waited = time.monotonic() - asked
+            assert child["queued_to_upstream"] == 4, child  # not acknowledged: retransmitted
+            assert child["idle"] >= 4.5 - JIFFIES, (waited, child)
+            assert child["unanswered"] >= 4.5 - JIFFIES, (waited, child)
+
+
 def test_status_from_another_network_namespace_shows_no_socket_readings(
     start_proxy: StartProxy, tcp_server: ServerFactory, tmp_path: Path, env: dict[str, str],
 ) -> None:
