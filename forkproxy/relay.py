@@ -52,7 +52,10 @@ __all__ = [
     "lookup_error", "preload", "prepared_lines", "pump", "reset_connections", "serve",
 ]
 
-# How a relay ended: the child's exit status, decoded by the supervisor.
+# How a relay ended: the child's exit status, decoded by the supervisor. CLOSED and
+# UPSTREAM_CLOSED both end cleanly (both FINs relayed), told apart by whose FIN reached
+# the proxy first: the client's, or the upstream's (a server that closes idle clients,
+# restarts or dies with nothing unread, or closes after answering a QUIT).
 CLOSED = 0
 FAILED = 1
 CLIENT_RESET = 10
@@ -62,8 +65,10 @@ IDLE_TIMEOUT = 13
 HALFCLOSE_TIMEOUT = 14
 CLIENT_TIMEOUT = 15
 UPSTREAM_TIMEOUT = 16
+UPSTREAM_CLOSED = 17
 OUTCOMES = {
     CLOSED: "closed",
+    UPSTREAM_CLOSED: "upstream-closed",
     FAILED: "failed",
     CLIENT_RESET: "client-reset",
     UPSTREAM_RESET: "upstream-reset",
@@ -181,6 +186,7 @@ class Flow:
         "dst_reset",
         "end",
         "eof",
+        "eof_at",
         "index",
         "pending",
         "pipe_r",
@@ -213,6 +219,9 @@ class Flow:
         self.counters, self.index = counters, index
         self.src_reset, self.dst_reset = src_reset, dst_reset
         self.eof = False
+        # When src's EOF was read (monotonic): which side ended first, for pump()'s
+        # outcome. A clock read per direction at its end, none per message.
+        self.eof_at = 0.0
         self.pending = 0  # bytes read from src and not yet written to dst
         self.start = self.end = 0
         self.pipe_r = self.pipe_w = -1
@@ -282,6 +291,7 @@ class Flow:
                 self.read()
                 return
             self.eof = True
+            self.eof_at = time.monotonic()
             try:
                 self.dst.shutdown(SHUT_WR)
             except OSError:
@@ -796,7 +806,11 @@ def pump(
                     elif events & POLLHUP and not umask:
                         poller.unregister(ufd)
                         umask = -1
-        return CLOSED
+        # Whose FIN the proxy read first. The client's is the usual end; the upstream's
+        # is a server ending its clients (its idle timeout, a restart, its death), which
+        # an operator must be able to tell from that. Two FINs in one wakeup are read in
+        # poll's order, a tie either way: nothing tells which was sent first.
+        return CLOSED if up.eof_at <= down.eof_at else UPSTREAM_CLOSED
     except Ended as ended:
         if len(ended.args) > 2:
             # A write failed, or poll reported an error: that side reset (the third

@@ -58,6 +58,7 @@ def test_slots_run_out_after_count_and_come_back() -> None:
     ("code", "outcome"),
     [
         (relay.CLOSED, "closed"),
+        (relay.UPSTREAM_CLOSED, "upstream-closed"),
         (relay.UPSTREAM_RESET, "upstream-reset"),
         (relay.CLIENT_TIMEOUT, "client-timeout"),
         (relay.UPSTREAM_TIMEOUT, "upstream-timeout"),

@@ -94,6 +94,35 @@ def test_both_directions_with_half_close(
     assert (counters[0], counters[1]) == (len(up), len(down))
 
 
+@pytest.mark.parametrize("mode", ["auto", "splice", "copy"])
+def test_an_upstream_that_ends_first_is_upstream_closed(
+    pairs: tuple[socket.socket, ...], mode: str
+) -> None:
+    """The mirror of the half-close above: the upstream answers and sends its FIN first
+    (a server closing an idle client, restarting, answering a QUIT), the client goes on
+    sending, then ends too. Every byte arrives, and the outcome says whose FIN came first:
+    `upstream-closed`, not `closed`, which was all an operator ever saw for both."""
+    client_peer, client, upstream, upstream_peer = pairs
+    up, down = os.urandom(3_000_000), os.urandom(2_000_000)
+    thread, result, counters = run_pump(client, upstream, Options(relay=mode))
+    upstream_peer.sendall(down)
+    upstream_peer.shutdown(socket.SHUT_WR)
+    assert recv_all(client_peer) == (len(down), hashlib.sha256(down).hexdigest())
+    assert thread.is_alive() and result == []  # half-closed: the client may still send
+
+    def client_side() -> None:
+        client_peer.sendall(up)
+        client_peer.shutdown(socket.SHUT_WR)
+
+    sender = threading.Thread(target=client_side)
+    sender.start()
+    assert recv_all(upstream_peer) == (len(up), hashlib.sha256(up).hexdigest())
+    sender.join()
+    thread.join(10)
+    assert result == [relay.UPSTREAM_CLOSED]
+    assert (counters[0], counters[1]) == (len(up), len(down))
+
+
 def test_idle_timeout_ends_a_silent_connection(pairs: tuple[socket.socket, ...]) -> None:
     client_peer, client, upstream, upstream_peer = pairs
     thread, result, _ = run_pump(client, upstream, Options(idle_timeout=0.3))
