@@ -165,8 +165,10 @@ def render(status: dict[str, Any],
     total = CounterMetricFamily("forkproxy_connections", "Connections accepted and forked",
                                 labels=["link"])
     ended = CounterMetricFamily("forkproxy_connections_ended",
-                                "Connections ended, by how (killed: by a signal, most often "
-                                "the OOM killer at a memory limit)", labels=["link", "outcome"])
+                                "Connections ended, by how (closed: the client's FIN came "
+                                "first; upstream-closed: the upstream's did; killed: by a "
+                                "signal, most often the OOM killer at a memory limit)",
+                                labels=["link", "outcome"])
     empty = CounterMetricFamily("forkproxy_connections_empty",
                                 "Connections that ended having carried no byte either way "
                                 "(health checks, scanners)", labels=["link"])
@@ -181,7 +183,7 @@ def render(status: dict[str, Any],
     moved = CounterMetricFamily("forkproxy_bytes", "Bytes relayed",
                                 labels=["link", "direction"])
     durations = HistogramMetricFamily("forkproxy_connection_duration_seconds",
-                                      "Connection lifetimes, closed connections",
+                                      "Connection lifetimes, ended connections (every outcome)",
                                       labels=["link"])
     rss = GaugeMetricFamily("forkproxy_children_resident_memory_bytes",
                             "Resident memory of the live children, summed (psutil RSS): pages "

@@ -2439,6 +2439,18 @@ def test_metrics_count_connections_by_how_they_ended() -> None:
     assert samples[("forkproxy_connections_ended_total", "db", "client-reset")] == 0
 
 
+def test_readme_lists_every_outcome_the_metrics_count_and_no_other() -> None:
+    """README's row of forkproxy_connections_ended_total names each outcome an alert can
+    match: one missing there (`upstream-closed` was new) would be an outcome nobody
+    knows to alert on, one more a series that is never there."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    [row] = [line for line in readme.splitlines()
+             if line.startswith("| `forkproxy_connections_ended_total` |")]
+    listed = row.split("every outcome from 0:", 1)[1].split("any other way)", 1)[0]
+    named = re.findall(r"`([a-z-]+)`", listed)
+    assert sorted(named) == sorted(fp_metrics.OUTCOME_NAMES), listed  # each once, in any order
+
+
 @pytest.mark.parametrize(("memory_limit", "pids_limit"), [(None, None), (64 << 20, None),
                                                           (None, 100), (64 << 20, 100)])
 def test_metrics_show_the_max_children_in_force_and_the_memory_and_pids_limits_if_any(
