@@ -293,6 +293,10 @@ def test_keepalive_leaves_a_client_that_reads_nothing_for_a_while_alone(
             time.sleep(0.1)
         assert recv_exactly(client, size) == hashlib.sha256(data).hexdigest()
         sender.join(30)
+        # The client ends first, and its FIN is through before the upstream closes: the
+        # outcome says whose came first (`closed`: the client's), never a race.
+        client.shutdown(socket.SHUT_WR)
+        assert upstream.recv(1) == b""
     line = wait_close_line(proxy, 30)
     assert field(line, "outcome") == "closed", line
 
