@@ -2,7 +2,8 @@
 
 An ambassador runs for months, so what a connection, a reload or a scrape leaves behind
 adds up. These tests make a few thousand connections with every way of ending (closed,
-reset by either side, refused upstream, denied, idle-timeout, waiting at --max-children)
+closed by the upstream first, reset by either side, refused upstream, denied,
+idle-timeout, waiting at --max-children)
 while reloads rewire the links every ~100 ms and status and metrics are read, then check
 that the counters match what the clients did, byte for byte, and that the supervisor and
 the metrics process are back to the descriptors, processes and (roughly) memory they had.
@@ -52,6 +53,7 @@ from conftest import (
 IDLE = 0.5  # --idle-timeout: the idle clients' connections end after it
 MAX_CHILDREN = 12
 RESET_AFTER = 100  # the resetting upstream reads this many bytes, then sends an RST
+QUIT, BYE = b"QUIT", b"BYE"  # ... unless it is asked to quit: it answers, then closes
 
 StartProxy = Callable[..., Proxy]
 Key = tuple[str, str]  # (link, outcome)
@@ -133,9 +135,16 @@ def read_to_eof(sock: socket.socket) -> tuple[bytes, bool]:
 
 
 def reset_after_reading(conn: socket.socket) -> None:
-    """An upstream that reads RESET_AFTER bytes, then closes with an RST."""
-    got = 0
-    while got < RESET_AFTER and (chunk := conn.recv(RESET_AFTER - got)):
+    """An upstream that reads RESET_AFTER bytes, then closes with an RST; or, asked with
+    QUIT, answers BYE and closes first, with a FIN (`upstream-closed`)."""
+    first = b""
+    while len(first) < len(QUIT) and (chunk := conn.recv(len(QUIT) - len(first))):
+        first += chunk
+    if first == QUIT:
+        conn.sendall(BYE)
+        return
+    got = len(first)
+    while got and got < RESET_AFTER and (chunk := conn.recv(RESET_AFTER - got)):
         got += len(chunk)
     conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
@@ -251,6 +260,12 @@ def test_churn_of_every_outcome_under_reloads_and_scrapes_adds_up_and_leaks_noth
             assert read_to_eof(sock) == (b"", True)
         ledger.add(name["reset"], "upstream-reset", RESET_AFTER, 0)
 
+    def upstream_closed() -> None:
+        with connect(ports["reset"]) as sock:
+            sock.sendall(QUIT)
+            assert read_to_eof(sock) == (BYE, False)  # its FIN first; ours after
+        ledger.add(name["reset"], "upstream-closed", len(QUIT), len(BYE))
+
     def denied() -> None:
         with connect(ports["stable"], source="127.0.0.2") as sock:
             assert read_to_eof(sock)[0] == b""
@@ -290,6 +305,7 @@ def test_churn_of_every_outcome_under_reloads_and_scrapes_adds_up_and_leaks_noth
         for _ in range(3):
             refused()
             upstream_reset()
+            upstream_closed()
             denied()
         toggled()
         if i % 10 == 0:
