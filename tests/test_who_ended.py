@@ -320,3 +320,24 @@ def test_the_near_ambassador_sees_the_far_redis_end_its_clients(
     assert outcomes_after(near_sock, 1) == {"upstream-closed": 1}
     [line] = close_fields(near)
     assert (int(line["bytes_up"]), int(line["bytes_down"])) == (idle.sent, idle.received)
+
+
+def test_a_far_ambassador_that_cannot_reach_redis_is_upstream_closed_at_the_near_one(
+    redis_server: RedisServer, start_proxy: StartProxy, tmp_path: Path,
+) -> None:
+    """The chain with redis down: the far ambassador takes the near one's connection,
+    its own connect is refused, and it closes that connection (a FIN: nothing was sent
+    yet). The near ambassador read its upstream's FIN first: `upstream-closed`, which
+    is no probe's end (a probe's is `closed`), though both moved no byte (`empty`).
+    Before, the near side counted `closed`, and the far redis's death showed only in
+    the far ambassador's `connect-failed`."""
+    far_sock, near_sock = tmp_path / "far.sock", tmp_path / "near.sock"
+    far = serve(start_proxy, redis_server.port, far_sock)
+    near = serve(start_proxy, far.port, near_sock)
+    redis_server.kill(signal.SIGKILL)
+    client = Resp(near.port)
+    client.wait_for_end()
+    client.close()
+    assert outcomes_after(far_sock, 1) == {"connect-failed": 1}
+    assert outcomes_after(near_sock, 1) == {"upstream-closed": 1}
+    assert stats(near_sock)["empty"] == 1
