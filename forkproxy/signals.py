@@ -29,6 +29,18 @@ HANDLED = (
     signal.SIGUSR1, signal.SIGALRM,
 )
 
+# Signals forkproxy gives no meaning, whose default action ends a process: a stray `kill
+# -USR2` (or `pkill -USR2 forkproxy`) ended the supervisor without a line, and each child
+# it reached with a FIN to both sides, its client taking a cut stream for a complete one.
+# Ignored, as PID 1 ignores them already (the kernel drops a signal PID 1 has no handler
+# for), from the supervisor's start: its children inherit that at no cost per fork, and
+# the metrics process through its exec. Not SIGXCPU or SIGXFSZ: whoever set a CPU or file
+# size limit asked for their default action.
+IGNORED = (
+    signal.SIGUSR2, signal.SIGIO, signal.SIGPROF, signal.SIGVTALRM, signal.SIGPWR,
+    signal.SIGSTKFLT, *range(signal.SIGRTMIN, signal.SIGRTMAX + 1),
+)
+
 
 _caught: list[int] = []  # signals whose handler ran since the last drain, in order
 
@@ -62,6 +74,8 @@ class SignalPipe:
         _take()  # a supervisor started before in this process (tests) noted its own
         for signum in HANDLED:
             signal.signal(signum, _note)
+        for signum in IGNORED:
+            signal.signal(signum, signal.SIG_IGN)
         # `forkproxy serve` blocked them until now (console.py): what came meanwhile is
         # delivered here, to the handlers, and waits in the pipe for the loop.
         signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)

@@ -624,6 +624,10 @@ class Supervisor:
         if pid == 0:
             try:
                 signals.reset_in_child()
+                # Ignored through the exec, from its first instruction: SIGALRM is the
+                # supervisor's "resolve now", which `pkill -ALRM forkproxy` sends this
+                # process too, and its handler here would be the default action there.
+                signal.signal(signal.SIGALRM, signal.SIG_IGN)
                 # Only the metrics socket goes through the exec: descriptors the
                 # launcher leaked to forkproxy (a shell's `50>file`) are not the
                 # metrics process's to hold, nor the control socket or the listeners

@@ -13,6 +13,7 @@ import subprocess
 import termios
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -27,8 +28,10 @@ from conftest import (
     echo,
     fd_count,
     free_port,
+    metrics_pid,
     need,
     netns_lab,
+    processes_under,
     recv_all,
     wait_for,
 )
@@ -457,6 +460,51 @@ def test_sigquit_to_the_group_stops_at_once_and_resets(
     assert "stopping signal=SIGQUIT connections=1 waiting=0 grace=0" in log, log
     assert "outcome=killed" in log and "child-died" not in log, log
     server.close()
+
+
+# Signals forkproxy gives no meaning whose default action ends a process.
+STRAY_SIGNALS = (signal.SIGUSR2, signal.SIGRTMIN, signal.SIGRTMIN + 3, signal.SIGRTMAX,
+                 signal.SIGPWR, signal.SIGIO, signal.SIGPROF, signal.SIGVTALRM,
+                 signal.SIGSTKFLT)
+
+
+def test_stray_signals_to_every_process_end_nothing(
+    start_proxy: Callable[..., Proxy],
+    tcp_server: ServerFactory,
+) -> None:
+    """A stray `kill -USR2` (or a real-time signal, SIGPWR...) ended the supervisor with no
+    line, its listeners closed, and each child it reached with a FIN to both sides: a
+    transfer cut at 19 MB of 500 looked complete to its client. The supervisor's own
+    USR1 and ALRM (`pkill -ALRM forkproxy`) killed the metrics process. Now each is
+    ignored, sent to the whole process group: the supervisor, a connection's child and
+    the metrics process all live on, the connection still carries bytes, a new one is
+    served, a scrape answered."""
+    server = tcp_server(echo)
+    proxy = start_proxy("--metrics", "127.0.0.1:0", f"127.0.0.1:0=127.0.0.1:{server.port}",
+                        expect=2)
+    assert wait_for(lambda: metrics_pid(proxy.pid) != 0)
+    metrics = metrics_pid(proxy.pid)
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as client:
+        client.sendall(b"a")
+        assert client.recv(1) == b"a"
+        children = {pid for pid, _ in processes_under(proxy.pid)}
+        for signum in (*STRAY_SIGNALS, signal.SIGUSR1, signal.SIGALRM):
+            os.killpg(proxy.pid, signum)  # its own session: the group is the proxy's
+        time.sleep(0.5)  # a default action is taken at delivery: done by now
+        assert proxy.proc.poll() is None, proxy.log()
+        assert children <= {pid for pid, _ in processes_under(proxy.pid)}, proxy.log()
+        assert metrics_pid(proxy.pid) == metrics, proxy.log()
+        client.sendall(b"b")
+        assert client.recv(1) == b"b"
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as another:
+            another.sendall(b"c")
+            assert another.recv(1) == b"c"
+        url = proxy.lines[-1].removeprefix("metrics ")
+        with urllib.request.urlopen(url, timeout=15) as response:
+            assert b"forkproxy_up 1.0" in response.read()
+    assert proxy.stop() == 0
+    log = proxy.log()
+    assert "metrics-died" not in log and "killed" not in log, log
 
 
 def test_children_ignore_sigint(
