@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import stat
 import time
 
@@ -48,11 +49,18 @@ class Logger:
         self.level = level
         self.fmt = fmt
         self.fd = fd
-        # The supervisor's own description of stderr, non-blocking (never_wait), -1
-        # without one; `owner`, the pid that writes through it: the processes it forks
-        # inherit this logger and go on writing to `fd`, as they always did.
+        # The supervisor's own way to stderr, never blocking (never_wait), -1 without
+        # one: a description of the pipe or terminal of its own, opened non-blocking; or,
+        # stderr a socket, a duplicate of it sent to with MSG_DONTWAIT (own_socket).
+        # `owner`, the pid that writes through it: the processes it forks inherit this
+        # logger and go on writing to `fd`, as they always did.
         self.own_fd = -1
+        self.own_socket: socket.socket | None = None
         self.owner = 0
+        # What stderr is ("pipe", "socket"; _kind_of), "" when never_wait left it alone;
+        # whether it is a socket that takes a datagram per send (or a SOCK_SEQPACKET).
+        self.own_kind = ""
+        self.own_datagrams = False
         # Lines own_fd could not take yet (a full pipe), in order, and their bytes;
         # lines dropped since the last `log-dropped`; who to tell when lines start to
         # be held (the supervisor's loop, which then waits for room: flush_held).
@@ -184,46 +192,87 @@ class Logger:
 
     def never_wait(self, on_held: Callable[[int], None]) -> None:
         """From now on, write this process's lines without ever waiting for the log, when
-        stderr is a pipe or a FIFO (a log driver's, a shipper's, `| tee`): through a
-        description of the pipe of its own, opened non-blocking, so that the processes
-        it forks, which share fd 2's, are left as they were. A full pipe (a reader that
-        stopped) then holds lines (HELD_MAX), or drops them, and never the process: a
-        supervisor blocked in write() accepted, reaped and answered nobody, and ignored
-        SIGTERM, until someone read. `on_held(fd)` is called when lines start to be
-        held: flush_held when fd has room.
+        stderr is one that can make a writer wait: a pipe or a FIFO (a log driver's, a
+        shipper's, `| tee`), or a socket (systemd's StandardError=journal, a shipper's).
+        A log that takes no more (a reader that stopped) then holds lines (HELD_MAX), or
+        drops them, and never the process: a supervisor blocked in write() accepted,
+        reaped and answered nobody, and ignored SIGTERM, until someone read. `on_held(fd)`
+        is called when lines start to be held: flush_held when fd has room.
+
+        The processes it forks, which share fd 2's description, are left as they were:
+        a pipe gets a description of its own, opened non-blocking. A socket's cannot be
+        opened again (ENXIO), so its one description is shared: the supervisor sends to
+        a duplicate of fd 2 with MSG_DONTWAIT, which makes that send non-blocking and
+        not the description. A datagram socket gets a line per datagram, as each write()
+        sends one; a stream socket that takes part of a line gets the rest next, before
+        any other line of the supervisor's.
 
         A regular file or a terminal is written as before (non-blocking means nothing to
-        the one; the other is left alone). So is a pipe when the description cannot be
-        opened (no /proc, no reader left), or when it would take the one descriptor the
-        supervisor keeps spare for accept() (Supervisor.run)."""
-        try:
-            if not stat.S_ISFIFO(os.fstat(self.fd).st_mode):
-                return
-            own = os.open(f"/proc/self/fd/{self.fd}",
-                          os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError:
+        the one; the other is left alone). So is the rest when the description cannot
+        be opened (no /proc, no reader left), or when it would take the one descriptor
+        the supervisor keeps spare for accept() (Supervisor.run)."""
+        self.own_kind = _kind_of(self.fd)
+        if not self.own_kind or not self._open_own():
+            self.own_kind = ""
             return
         try:
-            os.close(os.dup(own))  # one still spare
+            os.close(os.dup(self.own_fd))  # one still spare
         except OSError:
-            os.close(own)
+            self._close_own()
+            self.own_kind = ""
             return
-        self.own_fd, self.owner, self.on_held = own, os.getpid(), on_held
+        self.owner, self.on_held = os.getpid(), on_held
+
+    def _open_own(self) -> bool:
+        """own_fd (and own_socket) for own_kind's stderr; False when it cannot be had."""
+        try:
+            if self.own_kind == "socket":
+                dup = os.dup(self.fd)  # close-on-exec: Python's default
+                try:
+                    # Blocking still (no timeout set: socket.getdefaulttimeout() is None in
+                    # the supervisor), so fd 2's description is left as it was.
+                    own = socket.socket(fileno=dup)
+                except OSError:
+                    os.close(dup)
+                    raise
+                self.own_socket, self.own_fd = own, own.fileno()
+                self.own_datagrams = own.type != socket.SOCK_STREAM
+            else:
+                self.own_fd = os.open(f"/proc/self/fd/{self.fd}",
+                                      os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            return False
+        return True
+
+    def _close_own(self) -> None:
+        if self.own_socket is not None:
+            self.own_socket.close()
+        elif self.own_fd >= 0:
+            os.close(self.own_fd)
+        self.own_socket, self.own_fd = None, -1
+
+    def _send(self, data: bytes) -> int:
+        """The bytes of `data` own_fd takes now (BlockingIOError: none)."""
+        if self.own_socket is not None:
+            # MSG_NOSIGNAL: a peer gone is EPIPE here, as for the pipe (SIGPIPE ignored)
+            return self.own_socket.send(data, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+        return os.write(self.own_fd, data)
 
     def _offer(self, data: bytes) -> None:
         """Write a line through own_fd now, or hold it (behind those already held, to keep
-        their order), or drop it (past HELD_MAX). A line takes one write, whole or not at
-        all: at most PIPE_BUF bytes (MAX_LINE), which a pipe never splits."""
+        their order), or drop it (past HELD_MAX). A pipe takes a line (at most PIPE_BUF
+        bytes, MAX_LINE) whole or not at all, and so does a datagram socket; a stream
+        socket can take part of it, and the rest is held first in line."""
         if not self.held:
             try:
-                written = os.write(self.own_fd, data)
+                written = self._send(data)
             except BlockingIOError:
                 written = 0
             except OSError:
                 return  # no reader left: as in _write
             if written == len(data):
                 return
-            if written:  # never for a line; the rest must follow, or the line is cut
+            if written:  # the rest must follow, or the line is cut
                 self._hold(data[written:], always=True)
                 return
         self._hold(data)
@@ -239,19 +288,21 @@ class Logger:
             self.on_held(self.own_fd)
 
     def flush_held(self) -> bool:
-        """Write the held lines the pipe takes now, in order, up to PIPE_BUF bytes of
-        whole lines at a time (whole, or refused); then, all written, a `log-dropped`
-        warning with the count of the lines dropped. True when none is left held (the
-        caller stops waiting for room), also when the reader is gone (dropped, unsaid)."""
+        """Write the held lines own_fd takes now, in order, up to PIPE_BUF bytes of whole
+        lines at a time (one line at a time to a datagram socket); then, all written, a
+        `log-dropped` warning with the count of the lines dropped. True when none is left
+        held (the caller stops waiting for room), also when the reader is gone (dropped,
+        unsaid)."""
         held = self.held
         while held:
             count, size = 1, len(held[0])
-            while count < len(held) and size + len(held[count]) <= MAX_LINE:
+            while (not self.own_datagrams and count < len(held)
+                   and size + len(held[count]) <= MAX_LINE):
                 size += len(held[count])
                 count += 1
             chunk = held[0] if count == 1 else b"".join(held[:count])
             try:
-                written = os.write(self.own_fd, chunk)
+                written = self._send(chunk)
             except BlockingIOError:
                 return False
             except OSError:  # no reader left: nobody to write to
@@ -260,7 +311,7 @@ class Logger:
                 return True
             del held[:count]
             self.held_bytes -= written
-            if written < len(chunk):  # never, as in _offer
+            if written < len(chunk):  # a stream socket took part of it: the rest first
                 held.insert(0, chunk[written:])
         if self.dropped:
             lines, self.dropped = self.dropped, 0
@@ -278,8 +329,8 @@ class Logger:
         deadline = time.monotonic() + seconds
         while not self.flush_held() and time.monotonic() < deadline:
             time.sleep(0.01)
-        os.close(self.own_fd)
-        self.own_fd, self.owner, self.on_held = -1, 0, None
+        self._close_own()
+        self.owner, self.on_held, self.own_kind = 0, None, ""
         self.held.clear()
         self.held_bytes = self.dropped = 0
 
@@ -297,6 +348,20 @@ class Logger:
 
 
 _STAMP_FORMAT = "%04d-%02d-%02dT%02d:%02d:%02d.%03dZ"  # year ... second, milliseconds
+
+
+def _kind_of(fd: int) -> str:
+    """What Logger.never_wait makes of stderr: "pipe" (a FIFO too), "socket", or "" for
+    what it leaves alone."""
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError:
+        return ""
+    if stat.S_ISFIFO(mode):
+        return "pipe"
+    if stat.S_ISSOCK(mode):
+        return "socket"
+    return ""
 
 
 def _stamp(now: float | None = None) -> str:

@@ -428,6 +428,26 @@ def full_pipe() -> tuple[int, int]:
     return read_end, write_end
 
 
+def full_socket(kind: str) -> tuple[socket.socket, socket.socket]:
+    """A connected pair of sockets, (reader, writer), the writer's buffers full: the next
+    send blocks, as a log line does when stderr is a socket whose reader stopped
+    (systemd's StandardError=journal, a log shipper's). `kind`: "stream" (AF_UNIX),
+    "datagram" (AF_UNIX) or "tcp" (loopback, small buffers: it takes part of a send)."""
+    if kind == "tcp":
+        with socket.create_server(("127.0.0.1", 0)) as server:
+            writer = socket.create_connection(server.getsockname()[:2])
+            reader = server.accept()[0]
+        writer.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1)
+        reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)
+    else:
+        reader, writer = socket.socketpair(
+            socket.AF_UNIX, socket.SOCK_STREAM if kind == "stream" else socket.SOCK_DGRAM)
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            writer.send(b"x" * 100, socket.MSG_DONTWAIT)  # a datagram each, for "datagram"
+    return reader, writer
+
+
 def blocked_writing(pid: int) -> bool:
     """The process waits in write() to a full pipe (wchan pipe_write; anon_pipe_write on 6.x)."""
     try:

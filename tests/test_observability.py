@@ -66,6 +66,7 @@ from conftest import (
     echo,
     free_port,
     full_pipe,
+    full_socket,
     in_network,
     in_own_network,
     kill_group,
@@ -3383,17 +3384,15 @@ def whole_lines(text: str) -> list[dict[str, Any]]:
     return [parse_text_line(line) for line in text.splitlines()]
 
 
-def serve_with_a_stalled_log(tmp_path: Path, env: dict[str, str],
-                             *args: str) -> tuple[subprocess.Popen[str], int, list[int]]:
-    """`forkproxy serve -q ARGS`, stderr a pipe that is full from the start and that
-    nobody reads (a log driver whose remote end is down, a `| tee` stopped with Ctrl-Z):
-    the process, the pipe's read end, the ports listening (from stdout)."""
-    read_end, write_end = full_pipe()
+def serve_logging_to(stderr: int, tmp_path: Path, env: dict[str, str],
+                     *args: str) -> tuple[subprocess.Popen[str], list[int]]:
+    """`forkproxy serve -q ARGS` with `stderr`: the process, the ports listening (from
+    stdout). `stderr` is closed here (the process holds it)."""
     proc = subprocess.Popen([FORKPROXY, "serve", "-q", "--status-socket",
                              str(tmp_path / "s.sock"), *args],
-                            stdout=subprocess.PIPE, stderr=write_end, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=stderr, env=env, text=True,
                             start_new_session=True)
-    os.close(write_end)
+    os.close(stderr)
     try:
         specs = [arg for arg in args if "=" in arg and not arg.startswith("-")]
         lines = read_lines(proc, len(specs), DEADLINE)
@@ -3402,6 +3401,19 @@ def serve_with_a_stalled_log(tmp_path: Path, env: dict[str, str],
         ports = [int(line.split(" -> ")[0].rsplit(":", 1)[1]) for line in lines]
     except BaseException:
         kill_group(proc)
+        raise
+    return proc, ports
+
+
+def serve_with_a_stalled_log(tmp_path: Path, env: dict[str, str],
+                             *args: str) -> tuple[subprocess.Popen[str], int, list[int]]:
+    """`forkproxy serve -q ARGS`, stderr a pipe that is full from the start and that
+    nobody reads (a log driver whose remote end is down, a `| tee` stopped with Ctrl-Z):
+    the process, the pipe's read end, the ports listening (from stdout)."""
+    read_end, write_end = full_pipe()
+    try:
+        proc, ports = serve_logging_to(write_end, tmp_path, env, *args)
+    except BaseException:
         os.close(read_end)
         raise
     return proc, read_end, ports
@@ -3539,6 +3551,117 @@ def test_a_log_on_a_regular_file_is_written_as_before(tmp_path: Path) -> None:
         assert logger.own_fd == -1
         logger.warning("written", number=1)
     assert parse_text_line((tmp_path / "log").read_text())["event"] == "written"
+
+
+def received(reader: socket.socket) -> list[bytes]:
+    """What a socket holds now, a datagram (or a stream's chunk) each; the filler
+    full_socket sent first (x's, no newline) left out."""
+    found = []
+    with contextlib.suppress(BlockingIOError):
+        while chunk := reader.recv(1 << 16, socket.MSG_DONTWAIT):
+            found.append(chunk)
+    return [chunk for chunk in found if chunk.strip(b"x")]
+
+
+def blocking(fd: int) -> bool:
+    """Whether the file description behind fd is blocking (what the children share)."""
+    return not fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_NONBLOCK
+
+
+@pytest.mark.parametrize("kind", ["stream", "datagram", "tcp"])
+def test_lines_a_full_socket_cannot_take_are_held_whole_in_order_then_counted(
+    kind: str,
+) -> None:
+    """Logger.never_wait with stderr a socket whose reader stopped (systemd's
+    StandardError=journal is a unix stream socket): it was left alone, and the
+    supervisor's next line blocked it in send(). Now the lines are held, or dropped and
+    counted, as on a pipe; the socket's description, which the children share, stays
+    blocking (MSG_DONTWAIT, not O_NONBLOCK); a datagram socket gets a line per datagram,
+    and a stream that takes part of a line (TCP, here) gets the rest before the next."""
+    reader, writer = full_socket(kind)
+    with reader, writer:
+        logger = Logger(INFO, "text", writer.fileno())
+        held_at: list[int] = []
+        logger.never_wait(held_at.append)
+        assert logger.own_fd >= 0, "stderr a socket: written as before, blocking"
+        assert blocking(writer.fileno())
+        sent = 400
+        for number in range(sent):  # ~500 bytes each: ~200 KiB, several times HELD_MAX
+            logger.warning("filler", number=number, detail="y" * 400)
+        assert held_at == [logger.own_fd]
+        assert 0 < logger.dropped < sent and logger.held_bytes <= HELD_MAX
+        chunks = received(reader)
+        while not logger.flush_held():
+            chunks += received(reader)
+
+        def log_so_far() -> str:  # TCP: written, not all of it there to read yet
+            chunks.extend(received(reader))
+            return b"".join(chunks).decode().lstrip("x")
+
+        log = poll(log_so_far, lambda text: " log-dropped " in text and text.endswith("\n"))
+        if kind == "datagram":
+            assert all(chunk.count(b"\n") == 1 and chunk.endswith(b"\n")
+                       for chunk in chunks), [chunk[:80] for chunk in chunks]
+        lines = whole_lines(log)
+        numbers = [int(line["number"]) for line in lines if line["event"] == "filler"]
+        assert numbers == list(range(len(numbers))), numbers
+        assert [line["event"] for line in lines[len(numbers):]] == ["log-dropped"], log[-600:]
+        assert int(lines[-1]["lines"]) == sent - len(numbers)
+        logger.warning("after", number=sent)
+        chunks.clear()
+        assert whole_lines(poll(log_so_far, lambda text: text.endswith("\n")))[-1][
+            "event"] == "after"
+        logger.settle(0)
+        assert logger.own_fd == -1 and blocking(writer.fileno())
+
+
+@pytest.mark.parametrize("kind", ["stream", "datagram"])
+def test_with_stderr_a_stalled_socket_the_supervisor_serves_answers_and_stops(
+    kind: str, tcp_server: ServerFactory, dead_port: int, tmp_path: Path,
+    env: dict[str, str],
+) -> None:
+    """systemd's StandardError=journal (a unix stream socket), a shipper's socket: with
+    its reader stopped, the supervisor's first warning (`connect-failed`, written with
+    -q) blocked it in send() for good: nobody new was served, `status` timed out,
+    SIGTERM did nothing. Now it serves on, and the line comes whole once there is room."""
+    server = tcp_server(echo)
+    dead_spec = f"127.0.0.1:0=127.0.0.1:{dead_port}"
+    reader, writer = full_socket(kind)
+    with reader:
+        proc, (dead, good) = serve_logging_to(os.dup(writer.fileno()), tmp_path, env,
+                                              dead_spec, f"127.0.0.1:0=127.0.0.1:{server.port}")
+        writer.close()
+        try:
+            with socket.create_connection(("127.0.0.1", dead), timeout=DEADLINE) as refused:
+                assert refused.recv(1) == b""  # its upstream refused: the child closed it
+
+            def failures() -> int | None:
+                result = cli("status", "--json", "--status-socket", str(tmp_path / "s.sock"),
+                             env=env)
+                if result.returncode:
+                    return None  # no answer in 5 s: a supervisor blocked in send()
+                return int(json.loads(result.stdout)["links"][dead_spec]["upstream_failures"])
+
+            assert poll(failures, lambda count: count != 0) == 1, "status does not answer"
+            with socket.create_connection(("127.0.0.1", good), timeout=DEADLINE) as client:
+                client.settimeout(10)
+                client.sendall(b"served while the log is full")
+                assert recv_exact(client, 28) == b"served while the log is full"
+            chunks: list[bytes] = []
+
+            def log() -> str:
+                chunks.extend(received(reader))
+                return b"".join(chunks).decode().lstrip("x")
+
+            text = poll(log, lambda text: "connect-failed" in text and text.endswith("\n"))
+            lines = whole_lines(text)
+            assert [line["event"] for line in lines] == ["connect-failed"], text
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(DEADLINE) == 0, "SIGTERM did not stop it"
+        finally:
+            kill_group(proc)
+            assert proc.stdout is not None
+            proc.stdout.close()
 
 
 def test_the_last_line_says_the_supervisor_exited_when_the_drain_ended(
