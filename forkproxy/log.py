@@ -57,7 +57,7 @@ class Logger:
         self.own_fd = -1
         self.own_socket: socket.socket | None = None
         self.owner = 0
-        # What stderr is ("pipe", "socket"; _kind_of), "" when never_wait left it alone;
+        # What stderr is ("pipe", "socket", "tty"; _kind_of), "" when never_wait left it;
         # whether it is a socket that takes a datagram per send (or a SOCK_SEQPACKET).
         self.own_kind = ""
         self.own_datagrams = False
@@ -193,24 +193,31 @@ class Logger:
     def never_wait(self, on_held: Callable[[int], None]) -> None:
         """From now on, write this process's lines without ever waiting for the log, when
         stderr is one that can make a writer wait: a pipe or a FIFO (a log driver's, a
-        shipper's, `| tee`), or a socket (systemd's StandardError=journal, a shipper's).
+        shipper's, `| tee`), a socket (systemd's StandardError=journal, a shipper's), a
+        terminal (its output stopped: Ctrl-S, or a terminal emulator that stopped reading).
         A log that takes no more (a reader that stopped) then holds lines (HELD_MAX), or
         drops them, and never the process: a supervisor blocked in write() accepted,
         reaped and answered nobody, and ignored SIGTERM, until someone read. `on_held(fd)`
         is called when lines start to be held: flush_held when fd has room.
 
         The processes it forks, which share fd 2's description, are left as they were:
-        a pipe gets a description of its own, opened non-blocking. A socket's cannot be
-        opened again (ENXIO), so its one description is shared: the supervisor sends to
-        a duplicate of fd 2 with MSG_DONTWAIT, which makes that send non-blocking and
-        not the description. A datagram socket gets a line per datagram, as each write()
-        sends one; a stream socket that takes part of a line gets the rest next, before
-        any other line of the supervisor's.
+        a pipe or a terminal gets a description of its own, opened non-blocking (and
+        O_NOCTTY: on kernels older than Linux's "tty: require read access for controlling
+        terminal", 2019, the open by a session leader without a controlling terminal,
+        under systemd or setsid, made the terminal its own, and the terminal's hangup a
+        SIGHUP to it: a reload). A socket's description cannot be opened again (ENXIO),
+        so it is shared: the supervisor sends to a duplicate of fd 2 with MSG_DONTWAIT,
+        which makes that send non-blocking and not the description. A datagram socket
+        gets a line per datagram, as each write() sends one; a stream socket or a
+        terminal that takes part of a line gets the rest
+        next, before any other line of the supervisor's (a child's line, written whole
+        with a blocking write, can still come between the two parts: a terminal takes part
+        of a line only when its output stops, or fills, in the middle of it).
 
-        A regular file or a terminal is written as before (non-blocking means nothing to
-        the one; the other is left alone). So is the rest when the description cannot
-        be opened (no /proc, no reader left), or when it would take the one descriptor
-        the supervisor keeps spare for accept() (Supervisor.run)."""
+        A regular file or another device is written as before (non-blocking means nothing
+        to them). So is the rest when the description cannot be opened (no /proc, no
+        reader left), or when it would take the one descriptor the supervisor keeps spare
+        for accept() (Supervisor.run)."""
         self.own_kind = _kind_of(self.fd)
         if not self.own_kind or not self._open_own():
             self.own_kind = ""
@@ -238,8 +245,8 @@ class Logger:
                 self.own_socket, self.own_fd = own, own.fileno()
                 self.own_datagrams = own.type != socket.SOCK_STREAM
             else:
-                self.own_fd = os.open(f"/proc/self/fd/{self.fd}",
-                                      os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+                self.own_fd = os.open(f"/proc/self/fd/{self.fd}", os.O_WRONLY
+                                      | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
         except OSError:
             return False
         return True
@@ -262,7 +269,7 @@ class Logger:
         """Write a line through own_fd now, or hold it (behind those already held, to keep
         their order), or drop it (past HELD_MAX). A pipe takes a line (at most PIPE_BUF
         bytes, MAX_LINE) whole or not at all, and so does a datagram socket; a stream
-        socket can take part of it, and the rest is held first in line."""
+        socket or a terminal can take part of it, and the rest is held first in line."""
         if not self.held:
             try:
                 written = self._send(data)
@@ -311,7 +318,7 @@ class Logger:
                 return True
             del held[:count]
             self.held_bytes -= written
-            if written < len(chunk):  # a stream socket took part of it: the rest first
+            if written < len(chunk):  # a stream or a terminal took part: the rest first
                 held.insert(0, chunk[written:])
         if self.dropped:
             lines, self.dropped = self.dropped, 0
@@ -351,8 +358,8 @@ _STAMP_FORMAT = "%04d-%02d-%02dT%02d:%02d:%02d.%03dZ"  # year ... second, millis
 
 
 def _kind_of(fd: int) -> str:
-    """What Logger.never_wait makes of stderr: "pipe" (a FIFO too), "socket", or "" for
-    what it leaves alone."""
+    """What Logger.never_wait makes of stderr: "pipe" (a FIFO too), "socket", "tty", or
+    "" for what it leaves alone (a file, /dev/null: they take a write at once)."""
     try:
         mode = os.fstat(fd).st_mode
     except OSError:
@@ -361,6 +368,8 @@ def _kind_of(fd: int) -> str:
         return "pipe"
     if stat.S_ISSOCK(mode):
         return "socket"
+    if stat.S_ISCHR(mode) and os.isatty(fd):
+        return "tty"
     return ""
 
 

@@ -14,6 +14,7 @@ import fcntl
 import itertools
 import json
 import os
+import pty
 import re
 import resource
 import select
@@ -24,6 +25,7 @@ import stat
 import struct
 import subprocess
 import sys
+import termios
 import threading
 import time
 import urllib.error
@@ -3662,6 +3664,114 @@ def test_with_stderr_a_stalled_socket_the_supervisor_serves_answers_and_stops(
             kill_group(proc)
             assert proc.stdout is not None
             proc.stdout.close()
+
+
+def read_terminal(master: int, chunks: list[bytes]) -> str:
+    """What the terminal shows now (a pty's master end), added to what was read before;
+    its CR LF line ends (ONLCR) read as LF."""
+    os.set_blocking(master, False)
+    with contextlib.suppress(BlockingIOError):
+        while chunk := os.read(master, 1 << 16):
+            chunks.append(chunk)
+    return b"".join(chunks).decode().replace("\r\n", "\n")
+
+
+def test_lines_a_stopped_terminal_cannot_take_are_held_in_order_then_counted() -> None:
+    """Logger.never_wait with stderr a terminal whose output is stopped (Ctrl-S, XOFF;
+    tcflow TCOOFF here): it was left alone, and the supervisor's next line blocked it in
+    write() until Ctrl-Q. Now the lines are held, or dropped and counted, as on a pipe,
+    and come out whole and in order once the output starts again; the terminal's
+    description, which the children share, stays blocking."""
+    master, slave = pty.openpty()
+    try:
+        termios.tcflow(slave, termios.TCOOFF)
+        logger = Logger(INFO, "text", slave)
+        held_at: list[int] = []
+        logger.never_wait(held_at.append)
+        assert logger.own_fd >= 0, "stderr a terminal: written as before, blocking"
+        assert blocking(slave)
+        sent = 400
+        for number in range(sent):
+            logger.warning("filler", number=number, detail="y" * 400)
+        assert held_at == [logger.own_fd]
+        assert 0 < logger.dropped < sent and logger.held_bytes <= HELD_MAX
+        assert not logger.flush_held()  # still stopped
+        termios.tcflow(slave, termios.TCOON)  # Ctrl-Q
+        chunks: list[bytes] = []
+        while not logger.flush_held():
+            read_terminal(master, chunks)
+        log = poll(lambda: read_terminal(master, chunks),
+                   lambda text: " log-dropped " in text and text.endswith("\n"))
+        lines = whole_lines(log)
+        numbers = [int(line["number"]) for line in lines if line["event"] == "filler"]
+        assert numbers == list(range(len(numbers))), numbers
+        assert [line["event"] for line in lines[len(numbers):]] == ["log-dropped"], log[-600:]
+        assert int(lines[-1]["lines"]) == sent - len(numbers)
+        logger.settle(0)
+        assert logger.own_fd == -1 and blocking(slave)
+    finally:
+        os.close(master)
+        os.close(slave)
+
+
+def controlling_terminal(pid: int) -> int:
+    """The device number of the process's controlling terminal, 0 for none (stat's tty_nr)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return int(fields[4])  # state ppid pgrp session tty_nr
+
+
+def test_with_stderr_a_stopped_terminal_the_supervisor_serves_answers_and_stops(
+    tcp_server: ServerFactory, dead_port: int, tmp_path: Path, env: dict[str, str],
+) -> None:
+    """Output stopped with Ctrl-S (XOFF) in the terminal `serve` runs in: its first
+    warning (`connect-failed`, written with -q) blocked the supervisor in write() until
+    Ctrl-Q: nobody new was served, `status` timed out, SIGTERM did nothing. Now it serves
+    on, and the line comes whole after Ctrl-Q. Its own description of the terminal does
+    not make the terminal its controlling one (it is a session leader without one here,
+    as under setsid or systemd; that terminal's hangup would have been a SIGHUP): O_NOCTTY,
+    which only older kernels need (a write-only open takes no terminal since 2019)."""
+    server = tcp_server(echo)
+    dead_spec = f"127.0.0.1:0=127.0.0.1:{dead_port}"
+    master, slave = pty.openpty()
+    probe = os.open(os.ttyname(slave), os.O_WRONLY | os.O_NONBLOCK | os.O_NOCTTY)
+    try:
+        os.write(master, b"\x13")  # Ctrl-S, typed: the line discipline stops the output
+        room = select.poll()
+        room.register(probe, select.POLLOUT)
+        assert poll(lambda: room.poll(0), lambda ready: not ready) == [], "not stopped"
+        proc, (dead, good) = serve_logging_to(slave, tmp_path, env, dead_spec,
+                                              f"127.0.0.1:0=127.0.0.1:{server.port}")
+        try:
+            with socket.create_connection(("127.0.0.1", dead), timeout=DEADLINE) as refused:
+                assert refused.recv(1) == b""  # its upstream refused: the child closed it
+
+            def failures() -> int | None:
+                result = cli("status", "--json", "--status-socket", str(tmp_path / "s.sock"),
+                             env=env)
+                if result.returncode:
+                    return None  # no answer in 5 s: a supervisor blocked in write()
+                return int(json.loads(result.stdout)["links"][dead_spec]["upstream_failures"])
+
+            assert poll(failures, lambda count: count != 0) == 1, "status does not answer"
+            with socket.create_connection(("127.0.0.1", good), timeout=DEADLINE) as client:
+                client.settimeout(10)
+                client.sendall(b"served while the log is stopped")
+                assert recv_exact(client, 31) == b"served while the log is stopped"
+            assert controlling_terminal(proc.pid) == 0
+            os.write(master, b"\x11")  # Ctrl-Q
+            chunks: list[bytes] = []
+            text = poll(lambda: read_terminal(master, chunks),
+                        lambda text: "connect-failed" in text and text.endswith("\n"))
+            assert [line["event"] for line in whole_lines(text)] == ["connect-failed"], text
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(DEADLINE) == 0, "SIGTERM did not stop it"
+        finally:
+            kill_group(proc)
+            assert proc.stdout is not None
+            proc.stdout.close()
+    finally:
+        os.close(probe)
+        os.close(master)
 
 
 def test_the_last_line_says_the_supervisor_exited_when_the_drain_ended(
