@@ -58,9 +58,12 @@ class Logger:
         self.own_socket: socket.socket | None = None
         self.owner = 0
         # What stderr is ("pipe", "socket", "tty"; _kind_of), "" when never_wait left it;
-        # whether it is a socket that takes a datagram per send (or a SOCK_SEQPACKET).
+        # whether it is a socket that takes a datagram per send (or a SOCK_SEQPACKET);
+        # whether own_fd stays open (never_wait), or is opened for a line and closed
+        # after it unless lines are held (never_wait lazily, at start).
         self.own_kind = ""
         self.own_datagrams = False
+        self.own_kept = False
         # Lines own_fd could not take yet (a full pipe), in order, and their bytes;
         # lines dropped since the last `log-dropped`; who to tell when lines start to
         # be held (the supervisor's loop, which then waits for room: flush_held).
@@ -190,7 +193,7 @@ class Logger:
 
     # -- the supervisor's lines: never waited for -----------------------------------------
 
-    def never_wait(self, on_held: Callable[[int], None]) -> None:
+    def never_wait(self, on_held: Callable[[int], None], lazily: bool = False) -> None:
         """From now on, write this process's lines without ever waiting for the log, when
         stderr is one that can make a writer wait: a pipe or a FIFO (a log driver's, a
         shipper's, `| tee`), a socket (systemd's StandardError=journal, a shipper's), a
@@ -214,21 +217,47 @@ class Logger:
         with a blocking write, can still come between the two parts: a terminal takes part
         of a line only when its output stops, or fills, in the middle of it).
 
+        `lazily`, at start, before anything is logged and before the supervisor opens
+        what it needs: the description is opened for each line and closed after it,
+        unless lines are held (then the loop, once it runs, writes them), and a line
+        that finds no descriptor to open (EMFILE) is written as before. So a start that
+        writes its warnings at once takes no descriptor more than it did, and starts at
+        the same descriptor limit. never_wait() again, without it, keeps the description.
+
         A regular file or another device is written as before (non-blocking means nothing
         to them). So is the rest when the description cannot be opened (no /proc, no
-        reader left), or when it would take the one descriptor the supervisor keeps spare
-        for accept() (Supervisor.run)."""
-        self.own_kind = _kind_of(self.fd)
-        if not self.own_kind or not self._open_own():
-            self.own_kind = ""
+        reader left), or when keeping it would take the one descriptor the supervisor
+        keeps spare for accept() (Supervisor.run): the lines held by then are written
+        as before, waiting for the log."""
+        if not self.owner:
+            self.own_kind = _kind_of(self.fd)
+            if not self.own_kind:
+                return
+            self.owner = os.getpid()
+        self.on_held = on_held
+        if lazily:
+            return
+        if self.own_fd < 0 and not self._open_own():
+            self._give_back()
             return
         try:
             os.close(os.dup(self.own_fd))  # one still spare
         except OSError:
-            self._close_own()
-            self.own_kind = ""
+            self._give_back()
             return
-        self.owner, self.on_held = os.getpid(), on_held
+        self.own_kept = True
+
+    def _give_back(self) -> None:
+        """No description of its own after all (see never_wait): written as before, the
+        lines held first."""
+        held, dropped = self.held, self.dropped
+        self._close_own()
+        self.owner, self.on_held, self.own_kind = 0, None, ""
+        self.held, self.held_bytes, self.dropped = [], 0, 0
+        for data in held:
+            self._write(data)
+        if dropped:
+            self._log_dropped(dropped)
 
     def _open_own(self) -> bool:
         """own_fd (and own_socket) for own_kind's stderr; False when it cannot be had."""
@@ -256,7 +285,7 @@ class Logger:
             self.own_socket.close()
         elif self.own_fd >= 0:
             os.close(self.own_fd)
-        self.own_socket, self.own_fd = None, -1
+        self.own_socket, self.own_fd, self.own_kept = None, -1, False
 
     def _send(self, data: bytes) -> int:
         """The bytes of `data` own_fd takes now (BlockingIOError: none)."""
@@ -270,6 +299,14 @@ class Logger:
         their order), or drop it (past HELD_MAX). A pipe takes a line (at most PIPE_BUF
         bytes, MAX_LINE) whole or not at all, and so does a datagram socket; a stream
         socket or a terminal can take part of it, and the rest is held first in line."""
+        if self.own_fd < 0 and not self._open_own():
+            self._write(data)  # no descriptor to be had now (never_wait lazily): as before
+            return
+        self._offer_own(data)
+        if not self.own_kept and not self.held:
+            self._close_own()
+
+    def _offer_own(self, data: bytes) -> None:
         if not self.held:
             try:
                 written = self._send(data)
@@ -322,20 +359,22 @@ class Logger:
                 held.insert(0, chunk[written:])
         if self.dropped:
             lines, self.dropped = self.dropped, 0
-            self.warning("log-dropped", lines=lines, detail="lines the supervisor could not "
-                         "write, stderr full (its reader stopped): at most "
-                         f"{HELD_MAX // 1024} KiB are held")
+            self._log_dropped(lines)
         return not held
+
+    def _log_dropped(self, lines: int) -> None:
+        self.warning("log-dropped", lines=lines, detail="lines the supervisor could not "
+                     "write, stderr full (its reader stopped): at most "
+                     f"{HELD_MAX // 1024} KiB are held")
 
     def settle(self, seconds: float) -> None:
         """At exit: wait up to `seconds` for the held lines to be written, then drop what
         is left (a reader that stopped for good: it would hold the exit up for ever), and
         write as before, to fd."""
-        if self.own_fd < 0:
-            return
-        deadline = time.monotonic() + seconds
-        while not self.flush_held() and time.monotonic() < deadline:
-            time.sleep(0.01)
+        if self.own_fd >= 0:
+            deadline = time.monotonic() + seconds
+            while not self.flush_held() and time.monotonic() < deadline:
+                time.sleep(0.01)
         self._close_own()
         self.owner, self.on_held, self.own_kind = 0, None, ""
         self.held.clear()

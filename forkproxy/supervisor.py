@@ -824,6 +824,10 @@ class Supervisor:
     def run(self) -> int:
         """Serve until stopped; 0 after a clean stop."""
         try:
+            # Before anything is logged: a start-up warning (link-skipped, say) written to
+            # a full pipe blocked the start before `listening`. Held now, and written by
+            # the loop; lazily, so that no descriptor is taken unless lines wait.
+            self.log.never_wait(self._log_held, lazily=True)
             lines = self.start()
             relay.preload(self.options, self.log)  # before "listening": ready is at full speed
             # One descriptor to spare, for accept(): at exactly the limit our own need, the
@@ -831,9 +835,14 @@ class Supervisor:
             os.close(os.dup(2))
             # From here on (and with a descriptor still spare, or not at all) the log is
             # never waited for: lines a full pipe cannot take are held (_log_held).
+            held_on = self.log.own_fd
             self.log.never_wait(self._log_held)
+            if self.log.own_fd != held_on:  # given back: no spare for it (-1: a no-op)
+                self._unwatch(held_on)
         except BaseException as exc:
             self.cleanup()  # nothing half-started: no socket file, no pid file left behind
+            # A moment for the start-up lines held (a reader only slow), as at exit.
+            self.log.settle(LOG_SETTLE)
             if not isinstance(exc, OSError) or exc.errno not in (errno.EMFILE, errno.ENFILE):
                 raise
             # `ulimit -n 7`, say: one line rather than a traceback from wherever it ran out

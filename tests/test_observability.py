@@ -3774,6 +3774,86 @@ def test_with_stderr_a_stopped_terminal_the_supervisor_serves_answers_and_stops(
         os.close(master)
 
 
+def test_a_start_up_warning_the_full_log_cannot_take_holds_up_no_start(
+    tcp_server: ServerFactory, tmp_path: Path, env: dict[str, str],
+) -> None:
+    """A warning written at start, before the loop (`link-skipped`: a linked container
+    that exposes a UDP port), was written before never_wait: with stderr a full pipe the
+    start blocked in write() before `listening`, for as long as nobody read. Now it is
+    held from the first line on: `listening` comes, the loop serves and answers, and the
+    line comes whole once the pipe has room."""
+    server = tcp_server(echo)
+    port = free_port()
+    env_file = tmp_path / "links.env"
+    env_file.write_text(f"A_PORT_{port}_TCP=tcp://127.0.0.1:{server.port}\n"
+                        "DNS_PORT_53_UDP=udp://127.0.0.1:53\n")
+    read_end, write_end = full_pipe()
+    proc = subprocess.Popen([FORKPROXY, "serve", "-q", "--env-file", str(env_file), *LOOPBACK,
+                             "--status-socket", str(tmp_path / "s.sock")],
+                            stdout=subprocess.PIPE, stderr=write_end, env=env, text=True,
+                            start_new_session=True)
+    os.close(write_end)
+    try:
+        lines = read_lines(proc, 1, DEADLINE)
+        assert len(lines) == 1 and lines[0].startswith("listening "), (
+            "the start blocked on its warning", lines)
+        assert cli("check", "--status-socket", str(tmp_path / "s.sock"),
+                   env=env).returncode == 0
+        with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE) as client:
+            client.settimeout(10)
+            client.sendall(b"served")
+            assert recv_exact(client, 6) == b"served"
+        chunks: list[bytes] = []
+        log = poll(lambda: drain(read_end, chunks),
+                   lambda text: "link-skipped" in text and text.endswith("\n"))
+        [skipped] = whole_lines(log)
+        assert skipped["event"] == "link-skipped" and "DNS_PORT_53_UDP" in skipped["detail"]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(DEADLINE) == 0
+    finally:
+        kill_group(proc)
+        assert proc.stdout is not None
+        proc.stdout.close()
+        os.close(read_end)
+
+
+def test_start_up_lines_written_at_once_take_no_descriptor(tmp_path: Path) -> None:
+    """never_wait lazily (at start, before the supervisor's descriptors are open): a line
+    the pipe takes at once leaves no descriptor open, so a start at the lowest descriptor
+    limit it starts with still starts; one held keeps it until never_wait() keeps it for
+    good, or settle()."""
+    read_end, write_end = os.pipe()
+    try:
+        logger = Logger(INFO, "text", write_end)
+        held_at: list[int] = []
+        logger.never_wait(held_at.append, lazily=True)
+        before = set(os.listdir("/proc/self/fd"))
+        logger.warning("at-once", number=1)
+        assert set(os.listdir("/proc/self/fd")) == before and logger.own_fd == -1
+        assert whole_lines(drain(read_end, []))[0]["event"] == "at-once"
+        os.set_blocking(write_end, False)
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                os.write(write_end, b"x" * 4096)
+        os.set_blocking(write_end, True)
+        logger.warning("held", number=2)
+        assert held_at == [logger.own_fd] and logger.own_fd >= 0
+        logger.never_wait(held_at.append)  # kept now: the same description
+        assert held_at == [logger.own_fd]
+        chunks: list[bytes] = []
+        while not logger.flush_held():
+            drain(read_end, chunks)
+        logger.warning("after", number=3)
+        assert logger.own_fd == held_at[0]  # kept, all written
+        assert [line["event"] for line in whole_lines(drain(read_end, chunks))] == [
+            "held", "after"]
+        logger.settle(0)
+        assert logger.own_fd == -1 and set(os.listdir("/proc/self/fd")) == before
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+
+
 def test_the_last_line_says_the_supervisor_exited_when_the_drain_ended(
     start_proxy: StartProxy, tcp_server: ServerFactory, env: dict[str, str],
 ) -> None:
