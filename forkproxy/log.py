@@ -363,9 +363,14 @@ class Logger:
         return not held
 
     def _log_dropped(self, lines: int) -> None:
-        self.warning("log-dropped", lines=lines, detail="lines the supervisor could not "
-                     "write, stderr full (its reader stopped): at most "
-                     f"{HELD_MAX // 1024} KiB are held")
+        """`log-dropped`, a warning written whatever the level (-qq writes errors only):
+        it tells of the log itself, and lines lost without a word leave whoever reads
+        it believing it whole (the lines dropped may be errors)."""
+        fields: dict[str, object] = {
+            "lines": lines, "detail": "lines the supervisor could not write, stderr full "
+            f"(its reader stopped): at most {HELD_MAX // 1024} KiB are held"}
+        pid = os.getpid()
+        self._put(self._line(WARNING, "log-dropped", fields, pid), pid)
 
     def settle(self, seconds: float) -> None:
         """At exit: wait up to `seconds` for the held lines to be written, then drop what

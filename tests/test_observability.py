@@ -54,6 +54,7 @@ from forkproxy.log import (
     Logger,
     _stamp,
     crash_fields,
+    level_for,
 )
 from forkproxy.metrics import render as render_metrics
 
@@ -3540,6 +3541,32 @@ def test_lines_a_full_pipe_cannot_take_are_held_in_order_then_dropped_and_counte
         assert whole_lines(drain(read_end, []))[-1]["event"] == "after"
         logger.settle(0)
         assert logger.own_fd == -1
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+
+
+def test_log_dropped_is_written_whatever_the_level() -> None:
+    """With -qq (errors only) `log-dropped`, a warning, was filtered out like any other:
+    error lines were dropped on a full pipe and nothing ever said so. It tells of the log
+    itself: written at any level, a warning still."""
+    read_end, write_end = full_pipe()
+    try:
+        logger = Logger(level_for(-2), "text", write_end)
+        logger.never_wait(lambda fd: None)
+        sent = 400
+        for number in range(sent):
+            logger.error("filler", number=number, detail="y" * 400)
+        logger.warning("filtered", number=sent)  # below -qq's level: not a line
+        assert 0 < logger.dropped < sent
+        chunks: list[bytes] = []
+        while not logger.flush_held():
+            drain(read_end, chunks)
+        lines = whole_lines(drain(read_end, chunks))
+        kept = [line for line in lines if line["event"] == "filler"]
+        assert [line["event"] for line in lines[len(kept):]] == ["log-dropped"], lines[-2:]
+        assert lines[-1]["level"] == "warning" and int(lines[-1]["lines"]) == sent - len(kept)
+        logger.settle(0)
     finally:
         os.close(read_end)
         os.close(write_end)
