@@ -35,10 +35,11 @@ MAX_LINE = 4096
 # What a prepared line's slots (client address, counts, seconds) may add to its template.
 _SLOTS_ROOM = 256
 _CUT = "..."
-# The supervisor's lines its stderr (a pipe) could not take, held in order until it can,
-# up to this many bytes (16 of the longest lines, hundreds of the usual ones); past it,
-# whole lines are dropped and counted (`log-dropped`). Bounded: a reader that stopped
-# for good must not grow the supervisor, whose every page a fork may copy.
+# The supervisor's lines its stderr (a pipe, a socket, a terminal) could not take, held
+# in order until it can, up to this many bytes (16 of the longest lines, hundreds of the
+# usual ones); past it, whole lines are dropped and counted (`log-dropped`). Bounded: a
+# reader that stopped for good must not grow the supervisor, whose every page a fork
+# may copy.
 HELD_MAX = 64 * 1024
 
 
@@ -64,7 +65,7 @@ class Logger:
         self.own_kind = ""
         self.own_datagrams = False
         self.own_kept = False
-        # Lines own_fd could not take yet (a full pipe), in order, and their bytes;
+        # Lines own_fd could not take yet (a full log), in order, and their bytes;
         # lines dropped since the last `log-dropped`; who to tell when lines start to
         # be held (the supervisor's loop, which then waits for room: flush_held).
         self.held: list[bytes] = []

@@ -109,7 +109,7 @@ MAX_REPORTERS = control.MAX_CLIENTS
 REPORTER_EXIT_WAIT = 1.0
 METRICS_EXIT_WAIT = 2.0  # seconds the metrics process has to exit at a stop
 KILLED_EXIT_WAIT = 1.0  # seconds a stop waits for a helper process it killed (frozen: left)
-# Seconds the exit waits for the log's pipe to take the lines it holds (Logger.settle),
+# Seconds the exit waits for the log (stderr) to take the lines it holds (Logger.settle),
 # when it holds any: a reader only slow gets them, one that stopped loses them.
 LOG_SETTLE = 0.5
 # Seconds between two scans of all the children for one that exited unannounced (not on
@@ -834,7 +834,7 @@ class Supervisor:
             # proxy said `listening` and every client waited in the backlog for ever.
             os.close(os.dup(2))
             # From here on (and with a descriptor still spare, or not at all) the log is
-            # never waited for: lines a full pipe cannot take are held (_log_held).
+            # never waited for: lines a full log cannot take are held (_log_held).
             held_on = self.log.own_fd
             self.log.never_wait(self._log_held)
             if self.log.own_fd != held_on:  # given back: no spare for it (-1: a no-op)
@@ -1131,7 +1131,7 @@ class Supervisor:
             self.poller.unregister(fd)
 
     def _log_held(self, fd: int) -> None:
-        """Lines of ours wait for room in the log's pipe (Logger.never_wait): the loop
+        """Lines of ours wait for room in the log, stderr (Logger.never_wait): the loop
         writes them when it has some, and serves on meanwhile."""
         self._watch(fd, self._write_held_log, POLLOUT)
 
