@@ -226,7 +226,8 @@ class Logger:
         the same descriptor limit. never_wait() again, without it, keeps the description.
 
         A regular file or another device is written as before (non-blocking means nothing
-        to them). So is the rest when the description cannot be opened (no /proc, no
+        to them), and so are a pty's master end and /dev/tty (_OPENS_ANOTHER_TERMINAL).
+        So is the rest when the description cannot be opened (no /proc, no
         reader left), or when keeping it would take the one descriptor the supervisor
         keeps spare for accept() (Supervisor.run): the lines held by then are written
         as before, waiting for the log."""
@@ -406,16 +407,24 @@ def _kind_of(fd: int) -> str:
     """What Logger.never_wait makes of stderr: "pipe" (a FIFO too), "socket", "tty", or
     "" for what it leaves alone (a file, /dev/null: they take a write at once)."""
     try:
-        mode = os.fstat(fd).st_mode
+        found = os.fstat(fd)
     except OSError:
         return ""
-    if stat.S_ISFIFO(mode):
+    if stat.S_ISFIFO(found.st_mode):
         return "pipe"
-    if stat.S_ISSOCK(mode):
+    if stat.S_ISSOCK(found.st_mode):
         return "socket"
-    if stat.S_ISCHR(mode) and os.isatty(fd):
-        return "tty"
+    if stat.S_ISCHR(found.st_mode) and os.isatty(fd):
+        device = os.major(found.st_rdev), os.minor(found.st_rdev)
+        return "" if device in _OPENS_ANOTHER_TERMINAL else "tty"
     return ""
+
+
+# /dev/tty and /dev/ptmx (5:0, 5:2; a pty's master end is the latter): opened again, the
+# one opens whichever terminal controls the opener now, the other makes a new pty whose
+# slave nobody holds (every line lost, found with a master as stderr). fd 2's own
+# description is the only way to their terminal: written as before.
+_OPENS_ANOTHER_TERMINAL = ((5, 0), (5, 2))
 
 
 def _stamp(now: float | None = None) -> str:

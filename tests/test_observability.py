@@ -3546,6 +3546,23 @@ def test_lines_a_full_pipe_cannot_take_are_held_in_order_then_dropped_and_counte
         os.close(write_end)
 
 
+def test_a_log_on_a_pty_master_is_written_as_before() -> None:
+    """Stderr the master end of a pty (its link is /dev/ptmx): a description of its own
+    opened through /proc/self/fd/2 was a new pty, whose slave nobody holds, and every
+    line of the supervisor's went there. Left alone: the lines reach the slave."""
+    master, slave = pty.openpty()
+    try:
+        logger = Logger(INFO, "text", master)
+        logger.never_wait(lambda fd: None)
+        assert logger.own_fd == -1
+        logger.warning("written", number=1)
+        os.set_blocking(slave, False)
+        assert parse_text_line(os.read(slave, 4096).decode().strip())["event"] == "written"
+    finally:
+        os.close(master)
+        os.close(slave)
+
+
 def test_log_dropped_is_written_whatever_the_level() -> None:
     """With -qq (errors only) `log-dropped`, a warning, was filtered out like any other:
     error lines were dropped on a full pipe and nothing ever said so. It tells of the log
