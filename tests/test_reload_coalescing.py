@@ -3,15 +3,20 @@ sources began after each of them came: never by a reading from before one was se
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import pty
 import select
 import signal
 import socket
 import subprocess
 import threading
+import tty
 from collections.abc import Callable
 from pathlib import Path
+
+import pytest
 
 from forkproxy import control as control_module
 
@@ -124,12 +129,20 @@ def answer(client: socket.socket) -> dict[str, object]:
     return reply
 
 
-def sending(pid: int) -> bool:
-    """The process waits in send() (a write) to a full socket."""
+def writing(pid: int, tid: int, fd: int) -> bool:
+    """Thread `tid` of process `pid` waits in write() to `fd` (asleep in the call)."""
+    machine = os.uname().machine
+    numbers = {"x86_64": 1, "aarch64": 64}  # write
+    if machine not in numbers:
+        pytest.fail(f"writing knows the write system call's number on "
+                    f"{', '.join(numbers)} only, not on this machine's {machine!r}: add it")
+    task = Path(f"/proc/{pid}/task/{tid}")
     try:
-        return "sock_alloc_send" in Path(f"/proc/{pid}/wchan").read_text()
+        fields = (task / "syscall").read_text().split()
+        state = (task / "stat").read_text().rpartition(")")[2].split()[0]
     except OSError:
         return False  # gone
+    return state == "S" and fields[:2] == [str(numbers[machine]), hex(fd)]
 
 
 def test_a_request_that_comes_while_a_reload_runs_gets_a_reading_of_its_own(
@@ -137,55 +150,58 @@ def test_a_request_that_comes_while_a_reload_runs_gets_a_reading_of_its_own(
 ) -> None:
     """A reload answers the requests that came before it read the sources, not one that
     came after (its answer would show a file older than the request). The first request's
-    reload is held after its reading (its log, a socket nobody reads, is full); the file
+    reload is held after its reading (its log, nobody reading it, is full); the file
     is rewritten and two more requests come: those two are answered by one reload of their
     own, which read the new file, and the first by its own, which read the old.
 
-    A socket (as journald's stream), not a pipe: a line a full pipe cannot take waits in
-    the supervisor, which goes on (log.Logger.never_wait); a socket it still writes to
-    with blocking writes, which is what holds the reload here."""
+    The log is a pty's master end: a line a full pipe, socket or terminal cannot take
+    waits in the supervisor, which goes on (log.Logger.never_wait); a master, which it
+    cannot open a description of its own of (log._OPENS_ANOTHER_TERMINAL), it still
+    writes to with blocking writes, which is what holds the reload here."""
     first, second, port, variable, env_file = app_link(tcp_server, tmp_path)
     socket_path = tmp_path / "s.sock"
-    log_sock, log_peer = socket.socketpair()
-    log_read, log_write = log_sock.detach(), log_peer.detach()
+    master, slave = pty.openpty()
+    tty.setraw(slave)  # no echo: what the master writes fills the slave's input, then waits
     proc = subprocess.Popen([FORKPROXY, "serve", "--env-file", str(env_file), "--bind",
                              "127.0.0.1", "--status-socket", str(socket_path)],
-                            stdout=subprocess.PIPE, stderr=log_write, text=True, env=env,
+                            stdout=subprocess.PIPE, stderr=master, text=True, env=env,
                             start_new_session=True)
     log = bytearray()
-    reader: threading.Thread | None = None
+    threads: list[threading.Thread] = []
     try:
         assert read_lines(proc, 1, 30) == [link_line(port, first, variable)]
-        os.set_blocking(log_read, False)  # only this process holds the read end
+        os.set_blocking(slave, False)  # only this process holds the slave
         assert wait_for(lambda: control(socket_path, "check")["ok"] is True)
-        # The start's log taken, then the pipe filled: the supervisor's next line waits.
-        while True:
-            try:
-                log += os.read(log_read, 65536)
-            except BlockingIOError:
-                break
-        # MSG_DONTWAIT, not O_NONBLOCK: log_write is the supervisor's open file too,
-        # and its write would fail, not wait.
-        filler = socket.socket(fileno=os.dup(log_write))
-        try:
-            while True:
-                filler.send(b"x" * 4096, socket.MSG_DONTWAIT)
-        except BlockingIOError:
-            pass
-        finally:
-            filler.close()
+        # The start's log taken, then the terminal filled: the supervisor's next line
+        # waits. Filled by a blocking write of our own (O_NONBLOCK on the master would
+        # be the supervisor's too: its lines would fail, not wait), which waits in turn.
+        with contextlib.suppress(BlockingIOError):
+            while data := os.read(slave, 65536):
+                log += data
+        filler_id: list[int] = []
+
+        def fill() -> None:
+            filler_id.append(threading.get_native_id())
+            with contextlib.suppress(OSError):  # the master closed at the end
+                os.write(master, b"x" * (1 << 20))
+
+        threads.append(threading.Thread(target=fill, daemon=True))
+        threads[-1].start()
+        assert wait_for(lambda: bool(filler_id) and writing(os.getpid(), filler_id[0],
+                                                            master)), "not filled"
         early = ask(socket_path, "reload")
-        assert wait_for(lambda: sending(proc.pid)), "the reload logged nothing"
+        assert wait_for(lambda: writing(proc.pid, proc.pid, 2)), "the reload logged nothing"
         env_file.write_text(f"{variable}=tcp://127.0.0.1:{second.port}\n")
         late = [ask(socket_path, "reload"), ask(socket_path, "reload")]
-        os.set_blocking(log_read, True)
+        os.set_blocking(slave, True)
 
         def take_the_log() -> None:
-            while data := os.read(log_read, 65536):
-                log.extend(data)
+            with contextlib.suppress(OSError):  # EIO: every master end closed
+                while data := os.read(slave, 65536):
+                    log.extend(data)
 
-        reader = threading.Thread(target=take_the_log, daemon=True)
-        reader.start()
+        threads.append(threading.Thread(target=take_the_log, daemon=True))
+        threads[-1].start()
         replies = [answer(client) for client in [early, *late]]
         upstreams = [[row["upstream"] for row in reply["listeners"]]  # type: ignore[attr-defined]
                      for reply in replies]
@@ -197,10 +213,10 @@ def test_a_request_that_comes_while_a_reload_runs_gets_a_reading_of_its_own(
         assert proc.wait(30) == 0
     finally:
         kill_group(proc)
-        os.close(log_write)
-        if reader is not None:
-            reader.join(30)
-        os.close(log_read)
+        os.close(master)
+        for thread in threads:
+            thread.join(30)
+        os.close(slave)
         assert proc.stdout is not None
         proc.stdout.close()
 
