@@ -213,10 +213,11 @@ class Logger:
         so it is shared: the supervisor sends to a duplicate of fd 2 with MSG_DONTWAIT,
         which makes that send non-blocking and not the description. A datagram socket
         gets a line per datagram, as each write() sends one; a stream socket or a
-        terminal that takes part of a line gets the rest
-        next, before any other line of the supervisor's (a child's line, written whole
-        with a blocking write, can still come between the two parts: a terminal takes part
-        of a line only when its output stops, or fills, in the middle of it).
+        terminal that takes part of a line gets the rest next, before any other line of
+        the supervisor's (a child's line, written whole with a blocking write, can still
+        come between the two parts: a terminal takes part of a line only when its output
+        stops, or fills, in the middle of it; a unix stream socket, only with a send
+        buffer of a few KiB; TCP, more often).
 
         `lazily`, at start, before anything is logged and before the supervisor opens
         what it needs: the description is opened for each line and closed after it,
@@ -227,10 +228,10 @@ class Logger:
 
         A regular file or another device is written as before (non-blocking means nothing
         to them), and so are a pty's master end and /dev/tty (_OPENS_ANOTHER_TERMINAL).
-        So is the rest when the description cannot be opened (no /proc, no
-        reader left), or when keeping it would take the one descriptor the supervisor
-        keeps spare for accept() (Supervisor.run): the lines held by then are written
-        as before, waiting for the log."""
+        So is the rest when the description cannot be opened (no /proc, no reader left),
+        or when keeping it would take the one descriptor the supervisor keeps spare for
+        accept() (Supervisor.run): the lines held by then are written as before, waiting
+        for the log."""
         if not self.owner:
             self.own_kind = _kind_of(self.fd)
             if not self.own_kind:
