@@ -13,9 +13,9 @@ import errno
 import hashlib
 import json
 import os
-import platform
 import re
 import resource
+import select
 import signal
 import socket
 import struct
@@ -2079,26 +2079,55 @@ def test_a_client_held_on_a_port_a_reload_points_elsewhere_goes_to_the_new_targe
         assert stats["active"] == 1, stats
 
 
-# poll, and restart_syscall (how a poll with a timeout goes on after a SIGSTOP), by machine.
-POLL_SYSCALLS = {"x86_64": {"7", "219", "271"}, "aarch64": {"73", "128"}}
+FAN_CLASS_CONTENT, FAN_CLOEXEC, FAN_MARK_ADD, FAN_OPEN_PERM, FAN_ALLOW = 0x4, 0x1, 0x1, 0x10000, 0x1
+FANOTIFY_EVENT = struct.Struct("IBBHQii")  # struct fanotify_event_metadata
+FANOTIFY_RESPONSE = struct.Struct("iI")  # struct fanotify_response
 
 
-def freeze_in_poll(pid: int) -> None:
-    """SIGSTOP `pid` at a moment it is waiting in its loop's poll(), and return once it is
-    stopped. A stop that lands elsewhere, say between a poll that timed out and the timer
-    it then fires, would let that timer run first at SIGCONT, before any signal sent
-    meanwhile (the loop handles the poll's events, signals among them, before its
-    timers): that one is let go, and the stop tried again."""
-    wanted = POLL_SYSCALLS.get(platform.machine())
-    for _ in range(500):
-        os.kill(pid, signal.SIGSTOP)
-        assert wait_for(lambda: Path(f"/proc/{pid}/stat").read_text()
-                        .rsplit(")", 1)[1].split()[0] == "T", 15), "not stopped"
-        if wanted is None or Path(f"/proc/{pid}/syscall").read_text().split()[0] in wanted:
-            return
-        os.kill(pid, signal.SIGCONT)
-        time.sleep(0.01)
-    raise AssertionError(f"{pid} was never stopped in poll()")
+class OpenGate:
+    """Every open(2) of one file waits in the kernel until the test lets it through
+    (fanotify's FAN_OPEN_PERM, root): a point inside the proxy's own work (a reload reads
+    its env file) where the test acts while the proxy's loop is held, wherever its timers
+    stand. Stopping the proxy (SIGSTOP, the freezer) could not give that: a fork retry
+    due at the resume ran before the SIGHUP sent meanwhile, at a stop that landed as its
+    poll timed out, and at one inside the poll that outlasted the poll's timeout (CPython
+    retries a poll that a signal interrupted only if its timeout is not over)."""
+
+    def __init__(self, path: Path) -> None:
+        self.libc = ctypes.CDLL(None, use_errno=True)
+        self.libc.fanotify_mark.argtypes = [ctypes.c_int, ctypes.c_uint, ctypes.c_uint64,
+                                            ctypes.c_int, ctypes.c_char_p]
+        self.fd = int(self.libc.fanotify_init(FAN_CLASS_CONTENT | FAN_CLOEXEC, os.O_RDONLY))
+        if self.fd < 0:
+            raise OSError(ctypes.get_errno(), "fanotify_init (this test needs root)")
+        if self.libc.fanotify_mark(self.fd, FAN_MARK_ADD, FAN_OPEN_PERM, -100,  # AT_FDCWD
+                                   os.fsencode(path)) != 0:
+            os.close(self.fd)
+            raise OSError(ctypes.get_errno(), f"fanotify_mark {path}")
+        self.waiting: list[int] = []  # the event fds of the opens held
+
+    def held_open(self, timeout: float = 30) -> int:
+        """Wait for the next open of the file, and hold it: the opener's pid."""
+        ready, _, _ = select.select([self.fd], [], [], timeout)
+        assert ready, f"the file was not opened within {timeout}s"
+        event = os.read(self.fd, FANOTIFY_EVENT.size)  # one event per read: no batch to split
+        _, _, _, _, _, event_fd, pid = FANOTIFY_EVENT.unpack(event)
+        self.waiting.append(event_fd)
+        return int(pid)
+
+    def let_through(self) -> None:
+        """The opens held go on."""
+        for event_fd in self.waiting:
+            os.write(self.fd, FANOTIFY_RESPONSE.pack(event_fd, FAN_ALLOW))
+            os.close(event_fd)
+        self.waiting = []
+
+    def __enter__(self) -> OpenGate:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.let_through()
+        os.close(self.fd)  # opens still to come pass (the kernel allows those of a closed group)
 
 
 def test_a_held_client_served_while_a_reload_drains_a_removed_port_gets_the_new_target(
@@ -2120,16 +2149,15 @@ def test_a_held_client_served_while_a_reload_drains_a_removed_port_gets_the_new_
     with connect(port_a) as first, connect(port_a) as held:
         assert ask(first, b"1") == b"X:1"  # its child is the one allowed
         assert wait_for(lambda: "fork-failed" in proxy.log())
-        # Frozen, so that the reload comes before the next retry of the held client's fork:
-        # a client waits in B's backlog, forks can work again, and the SIGHUP is first.
-        freeze_in_poll(proxy.pid)
-        try:
-            waiting = connect(port_b)
-            (pids_cgroup / "pids.max").write_text("10")
-            write_env_file(env_file, {a: f"tcp://127.0.0.1:{y.port}"})
+        waiting = connect(port_b)  # in B's backlog: accepting pauses while the fork fails
+        write_env_file(env_file, {a: f"tcp://127.0.0.1:{y.port}"})
+        # Forks work again only once the reload is under way (it reads the file), so that
+        # it comes before the next retry of the held client's fork (every ACCEPT_BACKOFF).
+        with OpenGate(env_file) as gate:
             proxy.signal(signal.SIGHUP)
-        finally:
-            proxy.signal(signal.SIGCONT)
+            assert gate.held_open() == proxy.pid
+            (pids_cgroup / "pids.max").write_text("10")
+            gate.let_through()
         with waiting:
             waiting.settimeout(15)
             assert ask(waiting, b"3") == b"Z:3"  # B's own client: B's wiring, as before
