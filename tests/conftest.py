@@ -259,6 +259,25 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def listening_ports(pid: int) -> list[int]:
+    """The TCP ports process `pid` listens on, from its sockets' inodes in the kernel's
+    tables: for a proxy told port 0 (free_port's port is free only until somebody else
+    binds it) with no stdout to print which it got. [] before it listens (or once gone)."""
+    held = set()
+    with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(FileNotFoundError):  # closed meanwhile
+                held.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
+    ports = []
+    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(name, encoding="ascii") as table:
+            next(table)
+            for fields in map(str.split, table):
+                if fields[3] == "0A" and f"socket:[{fields[9]}]" in held:  # 0A: LISTEN
+                    ports.append(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
 @dataclass
 class Redis:
     port: int

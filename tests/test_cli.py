@@ -39,6 +39,7 @@ from conftest import (
     free_port,
     full_pipe,
     kill_group,
+    listening_ports,
     need,
     polling_for_room,
     read_lines,
@@ -1826,29 +1827,28 @@ def test_serve_runs_with_standard_fds_closed(
     """`serve ... >&-` died with a traceback (sys.stdout is None), `2>&-` silently; and a
     closed fd 1 or 2 was taken by the config memfd, then by a listener in the supervisor,
     where the `listening` lines and the log went. Now it serves, with /dev/null there."""
-    upstream, port = tcp_server(echo), free_port()
+    upstream = tcp_server(echo)
+    # Port 0, the kernel's choice: a port free_port() found free could be another
+    # process's by the time the proxy binds it, and the client below talk to that one.
+    spec = f"127.0.0.1:0=127.0.0.1:{upstream.port}"
     log = tmp_path / "proxy.log"
     with log.open("w") as err:
         proxy = subprocess.Popen(
-            [need("sh"), "-c", f'exec "$@" {redirects}', "sh", FORKPROXY, "serve",
-             f"127.0.0.1:{port}=127.0.0.1:{upstream.port}"],
+            [need("sh"), "-c", f'exec "$@" {redirects}', "sh", FORKPROXY, "serve", spec],
             stdout=subprocess.PIPE, stderr=err, text=True, start_new_session=True,
             env={"PATH": os.environ["PATH"]},
         )
     try:
-        if 1 in closed:  # no `listening` line to wait for: wait for the port
-            def up_or_dead() -> bool:
-                try:
-                    socket.create_connection(("127.0.0.1", port), timeout=2).close()
-                except OSError:
-                    return proxy.poll() is not None
-                return True
-
-            assert wait_for(up_or_dead) and proxy.poll() is None, log.read_text()
+        if 1 in closed:  # no `listening` line to read the port from: the kernel's tables
+            assert wait_for(lambda: bool(listening_ports(proxy.pid)) or proxy.poll() is not None)
+            assert proxy.poll() is None, log.read_text()
+            [port] = listening_ports(proxy.pid)
         else:
-            assert read_lines(proxy, 1, 15) == [
-                f"listening 127.0.0.1:{port} -> 127.0.0.1:{upstream.port} "
-                f"(127.0.0.1:{port}=127.0.0.1:{upstream.port})"], log.read_text()
+            lines = read_lines(proxy, 1, 15)
+            match = re.fullmatch(r"listening 127\.0\.0\.1:(\d+) -> (.*)", lines[0] if lines else "")
+            assert match, (lines, log.read_text())
+            port = int(match[1])
+            assert match[2] == f"127.0.0.1:{upstream.port} ({spec})", lines
         with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
             client.sendall(b"ping")
             client.shutdown(socket.SHUT_WR)
