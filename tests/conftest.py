@@ -9,6 +9,7 @@ import contextlib
 import ctypes
 import hashlib
 import os
+import random
 import re
 import select
 import selectors
@@ -254,9 +255,24 @@ def start_proxy(tmp_path: Path) -> Iterator[Callable[..., Proxy]]:
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A port free on 127.0.0.1 now, for a process the test starts to bind, below the
+    kernel's ephemeral range (as test_soak.listen_ports). One the kernel picked (port 0)
+    came from that range, which it hands out again to every bind to port 0 and every
+    connect() of any process: now and then one took the port before the proxy bound it,
+    which then failed to start, or left the test's client talking to another program
+    (test_serve_runs_with_standard_fds_closed timed out so). Below the range only
+    another program choosing its port itself can take it."""
+    with open("/proc/sys/net/ipv4/ip_local_port_range", encoding="ascii") as handle:
+        low = int(handle.read().split()[0])
+    for _ in range(100):
+        with socket.socket() as sock:
+            try:
+                # (A range set so low as to leave no room: the kernel's choice, as before.)
+                sock.bind(("127.0.0.1", random.randrange(10000, low) if low > 11000 else 0))
+            except OSError:  # in use
+                continue
+            return int(sock.getsockname()[1])
+    raise AssertionError(f"no free port found below {low}")
 
 
 def listening_ports(pid: int) -> list[int]:
