@@ -65,9 +65,24 @@ def find_socket(path: str | None) -> str:
     if not live:
         raise StatusError(f"no running forkproxy found in {directory!r} (use --status-socket)")
     if len(live) > 1:
+        # A supervisor that handed over (serve --take-over) drains beside the one that took
+        # its listeners, its socket still there for `status` to watch the drain: the one
+        # serving is the one meant. Asked only when several answer.
+        serving = [path for path in live if not _stopping(path)]
+        if len(serving) == 1:
+            return serving[0]
         raise StatusError(f"several forkproxy supervisors in {directory!r}: "
                           f"{', '.join(map(repr, live))}; choose one with --status-socket")
     return live[0]
+
+
+def _stopping(path: str) -> bool:
+    """Does the supervisor on `path` say it is stopping? No when it cannot say (no answer
+    within a moment, or not a forkproxy): such a one is not ruled out."""
+    try:
+        return request(path, "check", timeout=2.0, deadline=2.0).get("stopping") is True
+    except StatusError:
+        return False
 
 
 def _live_sockets(directory: str) -> list[str] | None:

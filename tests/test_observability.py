@@ -2234,6 +2234,35 @@ def test_two_instances_with_default_sockets_do_not_clash(
     assert cli("check", env=env).returncode == 0
 
 
+def test_the_default_socket_finds_the_one_supervisor_not_stopping(
+    start_proxy: StartProxy, tcp_server: ServerFactory, env: dict[str, str],
+) -> None:
+    """A supervisor that drains (after a take-over, or a stop beside a new start) keeps its
+    socket in the default directory for `status` to watch: `status`, `check` and `reload`
+    failed with "several forkproxy supervisors ... choose one" until its last connection
+    ended, where one of the two is the one serving. They now take that one."""
+    server = tcp_server(echo)
+    spec = f"127.0.0.1:0=127.0.0.1:{server.port}"
+    draining = start_proxy("--grace", "60", spec, env=env)
+    serving = start_proxy(spec, env=env)
+    held = socket.create_connection(("127.0.0.1", draining.port), timeout=10)
+    try:
+        held.sendall(b"x")
+        assert held.recv(1) == b"x"  # its child runs: the stop drains it
+        draining.signal(signal.SIGTERM)
+        directory = Path(env["XDG_RUNTIME_DIR"]) / "forkproxy"
+        assert poll(lambda: status_json(directory / f"{draining.pid}.sock", env),
+                    lambda reply: reply["stopping"])["stopping"]
+        result = cli("status", "--json", env=env)
+        assert result.returncode == 0, result
+        assert json.loads(result.stdout)["pid"] == serving.pid
+        assert cli("check", env=env).returncode == 0
+        assert cli("reload", env=env).returncode == 0
+    finally:
+        held.close()
+    assert draining.stop() == 0
+
+
 def _no_request(request: dict[str, object], client: socket.socket) -> dict[str, object]:
     return {"ok": True}
 
