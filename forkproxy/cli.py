@@ -383,13 +383,24 @@ def raise_open_files_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def serve(*, sources: Sources, variables: Mapping[str, str] | None = None) -> NoReturn:
+def serve(*, sources: Sources, variables: Mapping[str, str] | None = None,
+          take_over: bool = False) -> NoReturn:
     """Validate, then exec the lean supervisor in this same process (same PID).
 
     `variables` (see `name_variable`) goes along: the supervisor reports what it finds
-    wrong at start (a pid file it cannot write, say) in the same words."""
+    wrong at start (a pid file it cannot write, say) in the same words. `take_over`: the
+    supervisor to take the listeners of is found here, once the input is known good, as
+    `status` finds one; the supervisor asks it where it would bind them."""
     load(sources)
     check_pid_max(sources.options, read_pid_max())
+    if take_over:
+        from .status import StatusError, find_socket
+
+        try:
+            found = find_socket(sources.options.status_socket)
+        except StatusError as exc:
+            raise ConfigError(f"--take-over: nothing to take over: {exc}") from None
+        sources = sources.replace(options=sources.options.replace(take_over=found))
     # Read here, once, before the exec: the supervisor (the same process, in the same
     # cgroup) then carries none of the code that finds it.
     sources = sources.replace(options=with_limits(sources.options, read_memory_limit(),
@@ -542,6 +553,14 @@ def serve_command(
     log_format: Annotated[
         str, _option("text or json. [default: text]", "LOG_FORMAT", "FORMAT")
     ] = "text",
+    # No variable: a container or a unit restarted with it set would fail to start
+    # ("nothing to take over") once nothing runs.
+    take_over: Annotated[
+        bool, typer.Option("--take-over", show_default=False,
+                           help="Take the listening sockets of the running supervisor (its "
+                                "--status-socket, or the only one found as `status` finds "
+                                "it), which then drains: no client is refused.")
+    ] = False,
     # No "[default: 0]": a count of flags has no default worth showing.
     verbose: Annotated[
         int, typer.Option("--verbose", "-v", count=True, show_default=False,
@@ -580,7 +599,7 @@ def serve_command(
         )
         sources = Sources(tuple(specs or ()), from_env, env_file, options, parse_link_bind(bind),
                           _aliases(ctx, alias, variables))
-        serve(sources=sources, variables=variables)
+        serve(sources=sources, variables=variables, take_over=take_over)
     except ConfigError as exc:
         fail(str(exc), variables, log_format)
 

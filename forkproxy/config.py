@@ -220,6 +220,9 @@ class Options(Value):
     memory_limit: int | None
     max_children_given: bool
     pids_limit: int | None
+    # --take-over: the control socket of the supervisor whose listeners this one takes
+    # (found by the CLI, as `status` finds one), None for a plain start.
+    take_over: str | None
 
     def __init__(
         self,
@@ -242,6 +245,7 @@ class Options(Value):
         memory_limit: int | None = None,
         max_children_given: bool = True,
         pids_limit: int | None = None,
+        take_over: str | None = None,
     ) -> None:
         # Interned: then "auto" is the very object that is the constant relay.Flow compares
         # it with, so a child reading both writes one reference count, not two on two
@@ -254,7 +258,7 @@ class Options(Value):
             max_children=max_children, allow=allow, verbosity=verbosity, log_format=log_format,
             status_socket=status_socket, metrics=metrics, pid_file=pid_file,
             memory_limit=memory_limit, max_children_given=max_children_given,
-            pids_limit=pids_limit,
+            pids_limit=pids_limit, take_over=take_over,
         )
 
 
@@ -1217,6 +1221,8 @@ def check_options(options: Options) -> Options:
     for what, limit in (("memory", options.memory_limit), ("pids", options.pids_limit)):
         if limit is not None and not (type(limit) is int and limit >= 0):
             raise ConfigError(f"bad {what} limit {limit!r}")  # only from a bad handover
+    if options.take_over is not None and not isinstance(options.take_over, str):
+        raise ConfigError(f"bad --take-over socket {options.take_over!r}")  # the same
     if options.connect_retries < 0:
         raise ConfigError(f"--connect-retries {options.connect_retries}: must be 0 or more")
     if options.connect_retries > MAX_CONNECT_RETRIES:

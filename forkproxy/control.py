@@ -97,13 +97,15 @@ def check_path(path: str) -> None:
 class ControlServer:
     """A Unix stream socket; `handle` maps a request dict to a reply dict."""
 
-    def __init__(self, path: str, handle: Handler) -> None:
+    def __init__(self, path: str, handle: Handler, replace: bool = False) -> None:
+        """`replace`: a live socket at `path` is replaced, not refused (serve --take-over:
+        the socket of the supervisor taken over, whose close() then leaves ours alone)."""
         self.path = path
         self.handle = handle
         # Checked first: the short staging name below would bind and the link would
         # succeed, leaving a socket no client can connect() to by its name.
         check_path(path)
-        self.sock, self.identity = _listen(path)
+        self.sock, self.identity = _listen(path, replace)
         self.clients: dict[int, _Client] = {}
 
     def lost(self) -> bool:
@@ -275,20 +277,27 @@ class ControlServer:
             pass  # gone already, or not ours to remove now (EACCES): the stop goes on
 
 
-def _listen(path: str) -> tuple[socket.socket, tuple[int, int]]:
+def _listen(path: str, replace: bool = False) -> tuple[socket.socket, tuple[int, int]]:
     """A non-blocking socket listening under `path`, and the (st_dev, st_ino) of its file.
 
     Bound under a staging name and given its real name once it listens, so a socket file
     under its real name always answers: sweep_stale() in another supervisor starting at
-    the same moment can then tell a dead one from one not listening yet."""
-    _remove_if_stale(path)
+    the same moment can then tell a dead one from one not listening yet. `replace`: a
+    socket there, live or not, is replaced in one rename(), so that the name always
+    answers (a file that is not a socket is still refused)."""
+    if not replace or probe(path) != LIVE:
+        _remove_if_stale(path)
     staging = _staging_name(path)
+    if replace and staging == path:
+        os.unlink(path)  # no room for a staging name: a moment with no socket there
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old_umask = os.umask(0o077)
     try:
         sock.bind(staging)
         sock.listen(MAX_CLIENTS)
-        if staging != path:
+        if staging != path and replace:
+            os.rename(staging, path)
+        elif staging != path:
             _publish(staging, path)
         # What close() may remove: the file we made, not one that took its place.
         found = os.lstat(path)
@@ -426,3 +435,97 @@ def _remove_if_stale(path: str) -> None:
         raise _in_use()
     if state == STALE:
         os.unlink(path)
+
+
+# -- serve --take-over --------------------------------------------------------------------
+# The supervisor that hands its listening sockets over (send_sockets) and the new one that
+# takes them (ask_for_sockets), over the control socket: a `hand-over` request, a reply
+# line naming each socket, then the sockets themselves (SCM_RIGHTS), then `go` from the
+# new one when it is ready to serve, and a last reply line when the old one has stopped
+# accepting. The taking end is here, not in status.py: it runs in the supervisor.
+
+HAND_OVER = "hand-over"
+# Descriptors per message: the kernel takes at most SCM_MAX_FD (253) in one.
+FDS_PER_MESSAGE = 250
+
+
+def send_sockets(sock: socket.socket, reply: dict[str, object],
+                 handed: list[socket.socket]) -> None:
+    """Send the reply line, then the sockets `handed` in its order; blocking, but for no
+    more than REPORT_TIMEOUT a step (a taker that reads nothing). OSError on failure."""
+    sock.settimeout(REPORT_TIMEOUT)
+    sock.sendall(encode_reply(reply))
+    fds = [item.fileno() for item in handed]
+    for start in range(0, len(fds), FDS_PER_MESSAGE):
+        socket.send_fds(sock, [b"\0"], fds[start:start + FDS_PER_MESSAGE])
+
+
+def ask_for_sockets(path: str, timeout: float, pid: int,
+                    ) -> tuple[socket.socket, dict[str, object], list[socket.socket]]:
+    """Ask the supervisor on `path` to hand its sockets over: (the connection to it, for
+    `go`; its reply; the sockets, in the order its `sockets` names them, [] when it said
+    no). OSError when nothing answers; ValueError for an answer that is not a forkproxy's."""
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    fds: list[int] = []
+    try:
+        conn.settimeout(timeout)
+        conn.connect(path)
+        conn.sendall(json.dumps({"command": HAND_OVER, "pid": pid}).encode() + b"\n")
+        data = b""
+        reply: dict[str, object] | None = None
+        wanted = 0
+        while reply is None or len(fds) < wanted:
+            chunk, got, flags, _ = socket.recv_fds(conn, 65536, FDS_PER_MESSAGE,
+                                                   socket.MSG_CMSG_CLOEXEC)
+            fds += got
+            if flags & socket.MSG_CTRUNC:
+                raise OSError(errno.EMFILE, "sockets lost on the way (out of descriptors?)")
+            if not chunk:
+                raise ValueError("closed before its reply's end")
+            data += chunk
+            if reply is None and b"\n" in data:
+                found = json.loads(data.split(b"\n", 1)[0])
+                if not isinstance(found, dict):
+                    raise ValueError("a reply that is not a JSON object")
+                reply = found
+                named = reply.get("sockets", []) if reply.get("ok") else []
+                if not isinstance(named, list):
+                    raise ValueError("`sockets` is not a list")
+                wanted = len(named)
+            elif reply is None and len(data) > MAX_REQUEST * 1024:
+                raise ValueError("a reply line without its end")
+        if len(fds) != wanted:
+            raise ValueError(f"{len(fds)} sockets for the {wanted} it named")
+        handed: list[socket.socket] = []
+        try:
+            for fd in fds:
+                handed.append(socket.socket(fileno=fd))  # OSError (ENOTSOCK): another file
+        except OSError:
+            for item in handed:
+                item.detach()  # closed below, with the rest
+            raise
+        return conn, reply, handed
+    except BaseException:
+        conn.close()
+        for fd in fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        raise
+
+
+def say_go(conn: socket.socket) -> dict[str, object]:
+    """Tell the supervisor that handed its sockets over to stop accepting on them (the
+    taker is ready to serve): its last reply, once it has (OSError, ValueError if none)."""
+    conn.sendall(b"go\n")
+    data = b""
+    while b"\n" not in data:
+        chunk = conn.recv(MAX_REQUEST)
+        if not chunk:
+            raise ValueError("closed without a reply")
+        data += chunk
+    reply = json.loads(data.split(b"\n", 1)[0])
+    if not isinstance(reply, dict):
+        raise ValueError("a reply that is not a JSON object")
+    return reply

@@ -307,16 +307,68 @@ def bind(link: Link) -> Listener:
     return Listener(link, sock, sock.getsockname()[1])
 
 
-def bind_all(links: Iterable[Link]) -> list[Listener]:
-    """Every link or none: on the first failure the ones already bound are closed."""
+# A listening socket's bound address, to match a socket handed over (serve --take-over)
+# with a link: (family, the address packed, port, IPv6 scope id).
+BoundAddress = tuple[int, bytes, int, int]
+
+
+def address_key(host: str, port: int) -> BoundAddress:
+    """The BoundAddress a socket bound to `host` (an address, perhaps with a zone) and
+    `port` has; ConfigError for a zone that names no interface here."""
+    address, _, zone = host.partition("%")
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    scope = zone_scope(host, f"cannot listen on {join_host_port(host, port)}") if zone else 0
+    return int(family), socket.inet_pton(family, address), port, scope
+
+
+def bound_address(sock: socket.socket) -> BoundAddress | None:
+    """Where `sock` listens, None for anything but a listening TCP socket."""
+    try:
+        if (sock.type != socket.SOCK_STREAM
+                or not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)):
+            return None
+        name = sock.getsockname()
+        if sock.family == socket.AF_INET6:
+            return (int(sock.family), socket.inet_pton(socket.AF_INET6, name[0].partition("%")[0]),
+                    name[1], name[3])
+        if sock.family == socket.AF_INET:
+            return int(sock.family), socket.inet_pton(socket.AF_INET, name[0]), name[1], 0
+    except OSError:
+        pass
+    return None
+
+
+def bind_all(links: Iterable[Link],
+             handed: dict[BoundAddress, socket.socket] | None = None) -> list[Listener]:
+    """Every link or none: on the first failure the ones already bound are closed.
+
+    `handed`: listening sockets another supervisor handed over (serve --take-over), by
+    their bound address: a link with a port of its own and that address takes its socket
+    rather than binding one, listening again with our backlog. Those stay the caller's to
+    close on failure (closed, never shut down: the supervisor that handed them still serves
+    on them until it is told to stop)."""
+    handed = handed or {}
     bound: list[Listener] = []
     try:
         for link in links:
-            bound.append(bind(link))
+            sock = handed.get(address_key(link.bind, link.port)) if link.port else None
+            if sock is None:
+                bound.append(bind(link))
+                continue
+            try:
+                sock.listen(BACKLOG)
+                sock.setblocking(False)
+            except OSError as exc:
+                raise ConfigError(f"cannot listen on {link.describe()} again: "
+                                  f"{exc.strerror or exc}") from None
+            adopted = Listener(link, sock, link.port)
+            adopted.drops()  # counted from now: what the kernel counted before is not ours
+            adopted.drops_read = 0
+            bound.append(adopted)
     except BaseException:
         # ConfigError, or OSError from socket() (EMFILE, ENFILE): a socket left bound
         # here would listen with nobody accepting, its clients hanging in its backlog.
-        close_all(bound)
+        close_all(listener for listener in bound if listener.sock not in handed.values())
         raise
     return bound
 

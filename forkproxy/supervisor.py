@@ -108,6 +108,10 @@ MAX_REPORTERS = control.MAX_CLIENTS
 # `status` replies being sent.
 REPORTER_EXIT_WAIT = 1.0
 METRICS_EXIT_WAIT = 2.0  # seconds the metrics process has to exit at a stop
+METRICS_BACKLOG = 64
+# Seconds serve --take-over waits for the supervisor taken over at each step: as a client
+# of its control socket waits (status.REQUEST_DEADLINE).
+TAKE_OVER_TIMEOUT = control.REPORT_TIMEOUT + 5.0
 KILLED_EXIT_WAIT = 1.0  # seconds a stop waits for a helper process it killed (frozen: left)
 # Seconds the exit waits for the log (stderr) to take the lines it holds (Logger.settle),
 # when it holds any: a reader only slow gets them, one that stopped loses them.
@@ -508,6 +512,17 @@ class Supervisor:
         # to find it empty when it was not (reload).
         self.env_file_blank = True
         self.oom_score_adj, self.child_oom_score_adj = child_oom_score_adj()
+        # serve --take-over, the taking end: the connection to the supervisor taken over,
+        # until it confirmed; the sockets it handed (ours to close, never to shut down,
+        # until then), and what it said each one was.
+        self.taken_from: socket.socket | None = None
+        self.handed: list[socket.socket] = []
+        self.handed_names: list[dict[str, object]] = []
+        # The handing end: the connection of the supervisor taking over, until its `go`
+        # (handle_taker); and whether we handed our listeners over and are stopping.
+        self.taker: socket.socket | None = None
+        self.taker_said = b""
+        self.handed_over = False
 
     # -- start and stop -------------------------------------------------------------
 
@@ -517,7 +532,8 @@ class Supervisor:
         table = read_links(self.sources, self.environ, env_text)
         self.env_file_blank = not env_text.strip()
         self._log_table_warnings(table)
-        self.listeners = listeners.bind_all(table.links)
+        handed = self._take_over() if self.options.take_over is not None else {}
+        self.listeners = listeners.bind_all(table.links, handed)
         try:
             self._listen_options(self.listeners)
             self.metrics_sock = self._bind_metrics()
@@ -529,8 +545,10 @@ class Supervisor:
                     pass  # unreadable already (not a plain directory?): nothing to compare
             self.control = self._open_control()
             self._write_pid_file()
+            if self.taken_from is not None:
+                self._confirm_take_over()
         except ConfigError:
-            listeners.close_all(self.listeners)
+            self._close_listeners()
             if self.metrics_sock is not None:
                 self.metrics_sock.close()
             if self.control is not None:
@@ -570,12 +588,96 @@ class Supervisor:
             lines.append(f"metrics {self.metrics_url}")
         return lines
 
+    def _take_over(self) -> dict[listeners.BoundAddress, socket.socket]:
+        """serve --take-over: the listening sockets of the supervisor on that control socket,
+        handed over (it serves on until _confirm_take_over), by bound address; ConfigError
+        when there is nothing to take over, or it cannot hand over."""
+        path = self.options.take_over
+        assert path is not None
+        what = f"--take-over: the supervisor on {quoted(path)}"
+        try:
+            self.taken_from, reply, self.handed = control.ask_for_sockets(
+                path, TAKE_OVER_TIMEOUT, os.getpid())
+        except OSError as exc:
+            raise ConfigError(f"--take-over: nothing to take over: no supervisor answers on "
+                              f"{quoted(path)} ({exc.strerror or exc})") from None
+        except ValueError as exc:
+            raise ConfigError(f"--take-over: {quoted(path)} did not answer as a forkproxy "
+                              f"supervisor does ({exc})") from None
+        if not reply.get("ok"):
+            self._close_listeners()
+            error = str(reply.get("error"))
+            if error == "stopping":
+                raise ConfigError(f"{what} is stopping already: its listeners are closed, "
+                                  "nothing to take over")
+            if error.startswith("unknown command"):
+                raise ConfigError(f"{what} does not know how to hand over (a forkproxy older "
+                                  "than this one): stop it, then start without --take-over")
+            raise ConfigError(f"{what} cannot hand over: {error}")
+        names = reply.get("sockets")
+        assert isinstance(names, list)  # as ask_for_sockets found it
+        self.handed_names = [name if isinstance(name, dict) else {} for name in names]
+        self.log.info("taking-over", from_pid=reply.get("pid"), version=reply.get("version"),
+                      sockets=len(self.handed))
+        return {address: sock for sock, name in zip(self.handed, self.handed_names, strict=True)
+                if "metrics" not in name
+                and (address := listeners.bound_address(sock)) is not None}
+
+    def _confirm_take_over(self) -> None:
+        """Everything else is bound: tell the supervisor taken over to stop accepting (its
+        backlogs are ours now), then close what it handed that we have no use for."""
+        assert self.taken_from is not None
+        path = self.options.take_over
+        try:
+            reply = control.say_go(self.taken_from)
+        except (OSError, ValueError) as exc:
+            error = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise ConfigError(f"--take-over: the supervisor on {quoted(path or '')} did not "
+                              f"confirm the hand-over ({error})") from None
+        if not reply.get("ok"):
+            raise ConfigError(f"--take-over: the supervisor on {quoted(path or '')} did not "
+                              f"hand over: {reply.get('error')}")
+        self.taken_from.close()
+        self.taken_from = None
+        used = {id(listener.sock) for listener in self.listeners}
+        used.add(id(self.metrics_sock))
+        for sock, name in zip(self.handed, self.handed_names, strict=True):
+            if id(sock) not in used:
+                # A link (or the metrics port) this configuration does not have: its
+                # clients waiting are reset, as a reload that removes it would not.
+                self.log.info("unlisten", detail=f"{name.get('detail') or name.get('metrics')}"
+                              " (handed over; not in this configuration)")
+                listeners.stop_listening(sock)
+        self.handed, self.handed_names = [], []
+
+    def _close_listeners(self) -> None:
+        """Stop listening; but a socket handed over by a supervisor that has not confirmed
+        (a take-over that failed) is only closed: it serves on it."""
+        handed = {id(sock) for sock in self.handed}
+        listeners.close_all(listener for listener in self.listeners
+                            if id(listener.sock) not in handed)
+        for sock in self.handed:
+            sock.close()
+        self.handed = []
+        if self.taken_from is not None:
+            self.taken_from.close()  # the supervisor there serves on (handle_taker)
+            self.taken_from = None
+
     def _bind_metrics(self) -> socket.socket | None:
         if self.options.metrics is None:
             return None
         host, port = parse_metrics_address(self.options.metrics)
+        for sock, name in zip(self.handed, self.handed_names, strict=True):
+            if ("metrics" in name and port
+                    and listeners.bound_address(sock) == listeners.address_key(host, port)):
+                try:
+                    sock.listen(METRICS_BACKLOG)
+                except OSError as exc:
+                    raise ConfigError(f"--metrics {quoted(self.options.metrics)}: cannot "
+                                      f"listen again: {exc.strerror or exc}") from None
+                return sock
         try:
-            return listeners.listen_tcp(host, port, backlog=64)
+            return listeners.listen_tcp(host, port, backlog=METRICS_BACKLOG)
         except ConfigError as exc:
             raise ConfigError(f"--metrics {quoted(self.options.metrics)}: {exc}") from None
 
@@ -699,7 +801,10 @@ class Supervisor:
         path = self.options.status_socket
         if path is not None:
             try:
-                return control.ControlServer(path, self.handle_control_request)
+                # Taking over from the supervisor on this very path: its socket file is
+                # replaced by ours, in one rename, so that the name always answers.
+                return control.ControlServer(path, self.handle_control_request,
+                                             replace=path == self.options.take_over)
             except OSError as exc:
                 raise ConfigError(f"--status-socket {path!r}: "
                                   f"{exc.strerror or exc}") from None
@@ -1032,7 +1137,7 @@ class Supervisor:
                 self.handle_timers()
 
     def cleanup(self) -> None:
-        listeners.close_all(self.listeners)
+        self._close_listeners()
         self.listeners = []
         signal.setitimer(signal.ITIMER_REAL, 0)
         self._let_the_reporters_finish()
@@ -1693,7 +1798,11 @@ class Supervisor:
             else:
                 held.append(held.pop(0))  # the next backlog's turn
 
-    def handle_stop(self, signum: int) -> None:
+    def handle_stop(self, signum: int, handed_over: bool = False) -> None:
+        """Stop accepting, and let the connections finish within --grace. `handed_over`:
+        our listening sockets (and the metrics one) are the supervisor's that took over
+        (handle_taker): the clients in their backlogs are left to it, and our copies are
+        closed, not shut down, which would end them for it too."""
         name = signal.Signals(signum).name
         if self.stopping:
             if signum in (signal.SIGINT, signal.SIGQUIT):
@@ -1703,9 +1812,14 @@ class Supervisor:
                 if self.kill_at is None:  # not TERMed yet: now (else KILL comes anyway)
                     self.term_at = time.monotonic()
             return
-        for listener in self._in_turn():  # held in that order: the turns go on (serve_held)
-            self._take_backlog(listener, "stopping")
+        for listener in [] if handed_over else self._in_turn():  # held in that order: the
+            self._take_backlog(listener, "stopping")  # turns go on (serve_held)
+        if self.taker is not None and not handed_over:
+            self._unwatch(self.taker.fileno())  # a take-over under way: it fails (EOF)
+            self.taker.close()
+            self.taker = None
         self.stopping = True
+        self.handed_over = handed_over
         self.stop_began = time.monotonic()
         signal.setitimer(signal.ITIMER_REAL, 0)  # no new children: names no longer matter
         self.resolve_tick_at = None
@@ -1713,16 +1827,30 @@ class Supervisor:
         # Nor a metrics process: a restart still due would stay armed, never fired, and
         # poll every turn of the loop with a zero timeout (100% CPU until the last child).
         self.metrics_at = None
+        if handed_over and self.metrics_sock is not None:
+            # Its port is the new metrics process's: ours stops serving it now.
+            self.metrics_sock.close()
+            self.metrics_sock = None
+            if self.metrics_pid:
+                try:
+                    os.kill(self.metrics_pid, signal.SIGTERM)  # reaped as ever (handle_chld)
+                except OSError:
+                    pass
         if not self.metrics_pid:
             self._close_metrics_port()
         self.update_accepting()
         self.check_drops(closing=self.listeners)
-        listeners.close_all(self.listeners)  # from now on, new clients are refused
+        if handed_over:
+            for listener in self.listeners:
+                listener.sock.close()
+        else:
+            listeners.close_all(self.listeners)  # from now on, new clients are refused
         self.listeners = []
         # SIGQUIT (a terminal's Ctrl-\) stops at once, as a second Ctrl-C does: no grace.
         grace = 0.0 if signum == signal.SIGQUIT else self.options.grace
         self.term_at = time.monotonic() + grace
-        self.log.info("stopping", signal=name, connections=len(self.accounting.children),
+        self.log.info("stopping", signal="take-over" if handed_over else name,
+                      connections=len(self.accounting.children),
                       waiting=sum(len(held.clients) for held in self.held), grace=grace)
 
     def _take_backlog(self, listener: Listener, why: str) -> None:
@@ -2352,8 +2480,8 @@ class Supervisor:
         of the start hold: a live socket there (another supervisor's now) or a file that
         is not a socket is left alone, said, and tried again at the next check; the
         default directory, made again if gone, must still be ours (prepare_dir)."""
-        if self.control is None:
-            return
+        if self.control is None or self.handed_over:
+            return  # handed over: a socket at our path is the new supervisor's
         if not self.control.lost():
             self.control.touch_if_older(CONTROL_TOUCH_AFTER)
             return
@@ -2475,7 +2603,70 @@ class Supervisor:
                     "last_reload": self._last_reload(clocks)}
         if command == "status":
             return None if self.answer_in_child(client) else self.status_reply()
+        if command == control.HAND_OVER:
+            return self.hand_over(client, request.get("pid"))
         return {"ok": False, "error": f"unknown command {command!r}"}
+
+    def hand_over(self, client: socket.socket, taker_pid: object) -> dict[str, object] | None:
+        """serve --take-over asks for our listening sockets: send them (each listener's and
+        the metrics one, named by address), and serve on until it says `go` (handle_taker).
+        None once sent: the connection is ours from then on, not the control server's."""
+        if self.stopping:
+            return {"ok": False, "error": "stopping"}
+        if self.taker is not None:
+            return {"ok": False, "error": "another take-over is under way"}
+        handed = [listener.sock for listener in self.listeners]
+        names: list[dict[str, object]] = [
+            {"listen": _listener_ends(listener)[0], "detail": listener.describe()}
+            for listener in self.listeners]
+        if self.metrics_sock is not None:
+            handed.append(self.metrics_sock)
+            names.append({"metrics": self.metrics_url})
+        reply = {"ok": True, "pid": self.pid, "version": __version__, "sockets": names}
+        try:
+            taker = client.dup()
+        except OSError as exc:
+            return {"ok": False, "error": f"cannot hand over: {exc.strerror or exc}"}
+        try:
+            control.send_sockets(taker, reply, handed)
+            taker.setblocking(False)
+        except OSError as exc:
+            taker.close()
+            self.log.warning("take-over-failed", error=exc.strerror or str(exc),
+                             detail="could not send the listening sockets: serving on")
+            return None
+        self.taker, self.taker_said = taker, b""
+        self._watch(taker.fileno(), self.handle_taker)
+        self.log.info("handing-over", to_pid=taker_pid, sockets=len(handed))
+        return None
+
+    def handle_taker(self, events: int) -> None:
+        """The supervisor taking over says `go` (it listens on our sockets, and its control
+        socket and pid file are in place): stop as at SIGTERM, but leave the backlogs to it;
+        or it went away without (it could not start): serve on as before."""
+        assert self.taker is not None
+        try:
+            data = self.taker.recv(control.MAX_REQUEST)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        self.taker_said += data
+        if data and b"\n" not in self.taker_said and len(self.taker_said) < control.MAX_REQUEST:
+            return
+        taker, self.taker = self.taker, None
+        self._unwatch(taker.fileno())
+        if self.taker_said.split(b"\n", 1)[0] == b"go" and not self.stopping:
+            self.handle_stop(signal.SIGTERM, handed_over=True)
+            try:
+                taker.settimeout(control.REPORT_TIMEOUT)
+                taker.sendall(control.encode_reply({"ok": True}))
+            except OSError:
+                pass  # gone: it serves all the same, or not at all
+        else:
+            self.log.warning("take-over-abandoned", detail="the supervisor taking over went "
+                             "away before it was ready: serving on")
+        taker.close()
 
     def status_reply(self, counters: memoryview | None = None,
                      kernel: list[ListenerReading] | None = None) -> dict[str, object]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import json
 import os
 import signal
 import socket
@@ -25,6 +26,7 @@ from conftest import (
     Proxy,
     Redis,
     ServerFactory,
+    control,
     echo,
     fd_count,
     free_port,
@@ -795,3 +797,225 @@ def test_starts_and_serves_where_net_core_somaxconn_is_smaller_than_the_warm_up(
         assert lines == ["listening 0.0.0.0:6379 -> 127.0.0.1:7000 (REDIS_PORT_6379_TCP)"]
         assert redis_cli(ns, 6379, "GET", "who") == "redis", proc.describe()
         assert "Traceback" not in proc.stderr(), proc.describe()
+
+
+# -- serve --take-over ---------------------------------------------------------------------
+
+
+def _echoed(port: int, payload: bytes) -> bool:
+    """One connection: `payload` sent, the write side shut, the echo read to its end and
+    compared by hash. False for anything else (refused, reset, short)."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
+            sock.sendall(payload)
+            sock.shutdown(socket.SHUT_WR)
+            return recv_all(sock) == (len(payload), hashlib.sha256(payload).hexdigest())
+    except OSError:
+        return False
+
+
+def _metrics_port(proxy: Proxy) -> int:
+    line = next(line for line in proxy.lines if line.startswith("metrics "))
+    return int(line.rsplit(":", 1)[1].split("/")[0])
+
+
+def _scrape(port: int) -> str:
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
+        sock.sendall(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+        data = b""
+        while chunk := sock.recv(1 << 16):
+            data += chunk
+    return data.decode()
+
+
+def test_take_over_refuses_no_client_and_the_old_connections_finish(
+    start_proxy: Callable[..., Proxy], tcp_server: ServerFactory, short_dir: Path,
+) -> None:
+    """A new `serve` started after a SIGTERM to the old one refused clients for 0.3-1.2 s
+    (its start), a fixed --status-socket or --metrics port made it fail while the old one
+    drained. With --take-over the listening sockets pass from the old supervisor to the
+    new one and are never closed: a client loop through the hand-over has every
+    connection served, the old one's live connection finishes, the metrics port and the
+    status socket's path go to the new one, and the old one does not remove that path."""
+    server = tcp_server(echo)
+    path = str(short_dir / "fp.sock")
+    common = ("--status-socket", path, "--grace", "60")
+    old = start_proxy(*common, "--metrics", "127.0.0.1:0", f"127.0.0.1:0=127.0.0.1:{server.port}",
+                      expect=2)
+    port, metrics = old.port, _metrics_port(old)
+    live = socket.create_connection(("127.0.0.1", port), timeout=20)
+    first, second = os.urandom(1 << 20), os.urandom(1 << 20)
+    live.sendall(first)
+    echoed = bytearray()
+    while len(echoed) < len(first):
+        echoed += live.recv(1 << 20)
+
+    stop = threading.Event()
+    served: list[bool] = []
+    refused_scrapes: list[OSError] = []
+
+    def clients() -> None:
+        while not stop.is_set():
+            served.append(_echoed(port, os.urandom(4096)))
+
+    def scrapers() -> None:
+        while not stop.is_set():
+            try:
+                _scrape(metrics)
+            except ConnectionRefusedError as exc:
+                refused_scrapes.append(exc)
+            except OSError:
+                pass  # a scrape the old metrics process answered as it was ended
+            time.sleep(0.02)
+
+    threads = [threading.Thread(target=clients), threading.Thread(target=scrapers)]
+    for thread in threads:
+        thread.start()
+    try:
+        assert wait_for(lambda: len(served) >= 20)
+        new = start_proxy("--take-over", *common, "--metrics", f"127.0.0.1:{metrics}",
+                          f"127.0.0.1:{port}=127.0.0.1:{server.port}", expect=2)
+        assert new.port == port
+        count = len(served)
+        assert wait_for(lambda: len(served) >= count + 50)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(60)
+    assert served and all(served), f"{served.count(False)} of {len(served)} not served"
+    assert refused_scrapes == []
+
+    assert old.proc.poll() is None  # draining its live connection
+    assert control(Path(path), "status")["pid"] == new.pid
+    assert "forkproxy_up 1" in _scrape(metrics)
+    live.sendall(second)
+    live.shutdown(socket.SHUT_WR)
+    while chunk := live.recv(1 << 20):
+        echoed += chunk
+    live.close()
+    assert hashlib.sha256(echoed).digest() == hashlib.sha256(first + second).digest()
+    assert old.proc.wait(30) == 0
+    old_log = old.log()
+    assert f"handing-over to_pid={new.pid} sockets=2" in old_log, old_log
+    assert " stopping signal=take-over connections=" in old_log, old_log
+    assert " close " in old_log and "outcome=closed" in old_log, old_log
+    # The path is the new one's socket now: the old one left it there.
+    assert control(Path(path), "check")["ok"] is True
+    assert _echoed(port, b"after")
+    assert new.stop() == 0
+
+
+def _serve(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([FORKPROXY, "serve", *args], capture_output=True, text=True,
+                          timeout=60, env=env)
+
+
+def _one_line_error(result: subprocess.CompletedProcess[str], needle: str) -> None:
+    assert result.returncode == 2, result
+    assert result.stdout == "" and result.stderr.count("\n") == 1, result
+    assert result.stderr.startswith("forkproxy: error: --take-over: "), result
+    assert needle in result.stderr, result
+
+
+def test_take_over_says_why_there_is_nothing_to_take_over(
+    start_proxy: Callable[..., Proxy], tcp_server: ServerFactory, short_dir: Path,
+    tmp_path: Path,
+) -> None:
+    """Nothing answers, a supervisor that is stopping already, and one that does not know
+    the request (an older forkproxy, whose answer is this): one line each, exit 2."""
+    server = tcp_server(echo)
+    spec = f"127.0.0.1:0=127.0.0.1:{server.port}"
+    runtime = tmp_path / "xdg"
+    # Made: without it the clients (and --take-over) look in /tmp/forkproxy-UID too,
+    # where other proxies of this user may run.
+    (runtime / "forkproxy").mkdir(mode=0o700, parents=True)
+    env = {**os.environ, "XDG_RUNTIME_DIR": str(runtime)}
+    _one_line_error(_serve("--take-over", spec, env=env),
+                    f"nothing to take over: no running forkproxy found in '{runtime}/forkproxy'")
+    path = str(short_dir / "fp.sock")
+    _one_line_error(_serve("--take-over", "--status-socket", path, spec),
+                    f"nothing to take over: no supervisor answers on '{path}' (No such file")
+
+    stopping = start_proxy("--status-socket", path, "--grace", "60", spec)
+    with socket.create_connection(("127.0.0.1", stopping.port), timeout=20) as held:
+        held.sendall(b"x")
+        assert held.recv(1) == b"x"
+        stopping.signal(signal.SIGTERM)
+        assert wait_for(lambda: control(Path(path), "check")["stopping"])
+        _one_line_error(_serve("--take-over", "--status-socket", path, spec),
+                        f"the supervisor on '{path}' is stopping already")
+    assert stopping.stop() == 0
+
+    older = str(short_dir / "older.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(older)
+        listener.listen(1)
+
+        def answer() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                request = json.loads(conn.makefile("rb").readline())
+                error = f"unknown command {request['command']!r}"
+                conn.sendall(json.dumps({"ok": False, "error": error}).encode() + b"\n")
+
+        thread = threading.Thread(target=answer)
+        thread.start()
+        _one_line_error(_serve("--take-over", "--status-socket", older, spec),
+                        f"the supervisor on '{older}' does not know how to hand over")
+        thread.join(10)
+
+
+def test_a_take_over_that_fails_leaves_the_old_one_serving(
+    start_proxy: Callable[..., Proxy], tcp_server: ServerFactory, short_dir: Path,
+) -> None:
+    """The new supervisor holds the old one's sockets before it binds the rest: one it
+    cannot bind ends its start (exit 2), and the old one, never told `go`, serves on, its
+    sockets listening still (closed by the new one, not shut down)."""
+    server = tcp_server(echo)
+    path = str(short_dir / "fp.sock")
+    old = start_proxy("--status-socket", path, f"127.0.0.1:0=127.0.0.1:{server.port}")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        busy = taken.getsockname()[1]
+        result = _serve("--take-over", "--status-socket", path,
+                        f"127.0.0.1:{old.port}=127.0.0.1:{server.port}",
+                        f"127.0.0.1:{busy}=127.0.0.1:{server.port}")
+    assert result.returncode == 2 and "address already in use" in result.stderr, result
+    assert old.proc.poll() is None
+    assert wait_for(lambda: "take-over-abandoned" in old.log())
+    assert _echoed(old.port, os.urandom(4096))
+    assert control(Path(path), "check")["ok"] is True
+    assert old.stop() == 0
+
+
+def test_take_over_found_by_default_closes_a_link_no_longer_configured(
+    start_proxy: Callable[..., Proxy], tcp_server: ServerFactory, tmp_path: Path,
+) -> None:
+    """Without --status-socket the supervisor is found as `status` finds it; a handed
+    socket no link of the new configuration listens on is closed, with a line; and
+    `status` finds the new supervisor while the old one's socket is still there."""
+    server = tcp_server(echo)
+    runtime = tmp_path / "xdg"
+    runtime.mkdir(mode=0o700)
+    env = {**os.environ, "XDG_RUNTIME_DIR": str(runtime)}
+    old = start_proxy("--grace", "60", f"127.0.0.1:0=127.0.0.1:{server.port}",
+                      "127.0.0.1:0=127.0.0.1:1", expect=2, env=env)
+    kept, removed = old.ports
+    with socket.create_connection(("127.0.0.1", kept), timeout=20) as held:
+        held.sendall(b"x")
+        assert held.recv(1) == b"x"  # the old one drains it: its socket stays
+        new = start_proxy("--take-over", f"127.0.0.1:{kept}=127.0.0.1:{server.port}", env=env)
+        assert wait_for(lambda: " unlisten " in new.log())
+        assert f"127.0.0.1:{removed} -> 127.0.0.1:1 " in new.log()
+        assert "(handed over; not in this configuration)" in new.log()
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", removed), timeout=20).close()
+        assert _echoed(kept, b"served by the new one")
+        assert (runtime / "forkproxy" / f"{old.pid}.sock").exists()
+        status = subprocess.run([FORKPROXY, "status", "--json"], capture_output=True,
+                                text=True, timeout=60, env=env)
+        assert status.returncode == 0, status
+        assert json.loads(status.stdout)["pid"] == new.pid
+    assert old.proc.wait(30) == 0
+    assert new.stop() == 0
