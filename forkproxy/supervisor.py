@@ -659,9 +659,6 @@ class Supervisor:
         for sock in self.handed:
             sock.close()
         self.handed = []
-        if self.taken_from is not None:
-            self.taken_from.close()  # the supervisor there serves on (handle_taker)
-            self.taken_from = None
 
     def _bind_metrics(self) -> socket.socket | None:
         if self.options.metrics is None:
@@ -1174,6 +1171,12 @@ class Supervisor:
                 os.close(fd)
         self.ended_r = self.ended_w = -1
         relay.set_ended_pipe(-1)
+        if self.taken_from is not None:
+            # A take-over that failed: the supervisor there serves on (handle_taker), and
+            # makes its socket file and pid file again, which ours replaced: only now,
+            # once we removed them.
+            self.taken_from.close()
+            self.taken_from = None
         # The counts no window's end has logged yet. Last: with the log blocked, this
         # write waits, and everything above is done by then.
         self._end_denial_windows()
@@ -2666,6 +2669,13 @@ class Supervisor:
         else:
             self.log.warning("take-over-abandoned", detail="the supervisor taking over went "
                              "away before it was ready: serving on")
+            # It may have replaced our socket file and pid file, then removed them.
+            self.check_control()
+            if self.pid_file_written is not None:
+                try:
+                    self._write_pid_file()
+                except ConfigError as exc:
+                    self.log.warning("pid-file-failed", error=str(exc))
         taker.close()
 
     def status_reply(self, counters: memoryview | None = None,

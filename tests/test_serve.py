@@ -965,27 +965,40 @@ def test_take_over_says_why_there_is_nothing_to_take_over(
         thread.join(10)
 
 
+@pytest.mark.parametrize("failure", ["a port in use", "a bad pid file"])
 def test_a_take_over_that_fails_leaves_the_old_one_serving(
     start_proxy: Callable[..., Proxy], tcp_server: ServerFactory, short_dir: Path,
+    failure: str,
 ) -> None:
     """The new supervisor holds the old one's sockets before it binds the rest: one it
-    cannot bind ends its start (exit 2), and the old one, never told `go`, serves on, its
-    sockets listening still (closed by the new one, not shut down)."""
+    cannot bind, or a pid file it cannot write once it has replaced the old one's socket
+    file, ends its start (exit 2); the old one, never told `go`, serves on, its sockets
+    listening still (closed by the new one, not shut down), and makes its socket file and
+    pid file again (the new one removed them as it failed)."""
     server = tcp_server(echo)
     path = str(short_dir / "fp.sock")
-    old = start_proxy("--status-socket", path, f"127.0.0.1:0=127.0.0.1:{server.port}")
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen(1)
-        busy = taken.getsockname()[1]
-        result = _serve("--take-over", "--status-socket", path,
-                        f"127.0.0.1:{old.port}=127.0.0.1:{server.port}",
-                        f"127.0.0.1:{busy}=127.0.0.1:{server.port}")
-    assert result.returncode == 2 and "address already in use" in result.stderr, result
+    pid_file = short_dir / "fp.pid"
+    old = start_proxy("--status-socket", path, "--pid-file", str(pid_file),
+                      f"127.0.0.1:0=127.0.0.1:{server.port}")
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    extra: tuple[str, ...] = (f"127.0.0.1:{taken.getsockname()[1]}=127.0.0.1:{server.port}",)
+    notes = short_dir / "notes.txt"
+    notes.write_text("not a pid\n")
+    flags = ("--pid-file", str(pid_file))
+    if failure == "a bad pid file":
+        extra, flags = (), ("--pid-file", str(notes))
+    with taken:
+        result = _serve("--take-over", "--status-socket", path, *flags,
+                        f"127.0.0.1:{old.port}=127.0.0.1:{server.port}", *extra)
+    needle = "address already in use" if extra else "holds something other than a process id"
+    assert result.returncode == 2 and needle in result.stderr, result
     assert old.proc.poll() is None
     assert wait_for(lambda: "take-over-abandoned" in old.log())
     assert _echoed(old.port, os.urandom(4096))
     assert control(Path(path), "check")["ok"] is True
+    assert pid_file.read_text() == f"{old.pid}\n"
     assert old.stop() == 0
 
 
