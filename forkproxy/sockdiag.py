@@ -14,7 +14,8 @@ host's byte order but the ports and addresses (network order):
   inet_diag_msg     family u8, state u8, timer u8, retrans u8, sockid,
                     expires u32, rqueue u32, wqueue u32, uid u32, inode u32     72 bytes
   rtattr            len u16, type u16, payload padded to 4 bytes
-  tcp_info          tcpi_retransmits u8 at 2, ... tcpi_last_data_sent u32 at 44,
+  tcp_info          tcpi_retransmits u8 at 2, ... tcpi_rto u32 at 8, ...
+                    tcpi_last_data_sent u32 at 44,
                     tcpi_last_data_recv u32 at 52, tcpi_last_ack_recv u32 at 56, ...
                     tcpi_data_segs_in u32 at 152, tcpi_data_segs_out u32 at 156 (4.6+)
 """
@@ -50,8 +51,9 @@ _ATTRIBUTE = struct.Struct("=HH")  # rtattr
 _U32 = struct.Struct("=I")
 _MSG_SIZE = 72  # inet_diag_msg
 _INODE_AT = 68  # inet_diag_msg's idiag_inode
-_WQUEUE_AT = 60  # inet_diag_msg's idiag_wqueue
+_RQUEUE_AT, _WQUEUE_AT = 56, 60  # inet_diag_msg's idiag_rqueue, idiag_wqueue
 _RETRANSMITS_AT = 2  # in struct tcp_info: u8, RTO retransmissions of the unacknowledged data
+_RTO_AT = 8  # u32, microseconds: the retransmission timeout, doubled at each retransmission
 _LAST_DATA_SENT_AT = 44
 _LAST_DATA_RECV_AT = 52
 _LAST_ACK_RECV_AT = 56
@@ -183,10 +185,19 @@ def _decode(buffer: bytearray, body: int, end: int) -> TcpSocket:
                 # Retransmitting, the peer silent (a host gone, a black hole): every
                 # retransmission counts as data sent in last_data_sent, which would make
                 # the connection look busy and answered. Nothing moved since the peer's
-                # last ACK, and what was sent since is unanswered at least that long.
+                # last ACK (IDLE counts from there), and what was sent since has gone
+                # unanswered since it was first sent: the retransmissions came at the
+                # timeout, doubled each time, so that was at most the timeout now before
+                # the last one (the last ACK may be an idle hour older).
                 silent = _U32.unpack_from(buffer, info + _LAST_ACK_RECV_AT)[0]
+                rto_ms = _U32.unpack_from(buffer, info + _RTO_AT)[0] // 1000
+                unanswered_ms = max(unanswered_ms, min(silent, sent + rto_ms))
                 sent = max(sent, silent)
-                unanswered_ms = max(unanswered_ms, silent)
+            if _U32.unpack_from(buffer, body + _RQUEUE_AT)[0]:
+                # The peer answered, and its answer waits for the proxy to read it (a
+                # client that stopped reading holds the relay's side back): not the peer's
+                # to answer, whatever went to it since.
+                unanswered_ms = 0
             idle_ms = min(sent, received)
             break
         at += (length + 3) & ~3  # RTA_ALIGN

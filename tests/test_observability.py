@@ -459,6 +459,13 @@ def test_status_shows_bytes_queued_toward_a_client_that_reads_nothing_and_idle_g
         later = the_connection(sock_path, env)
         assert later["queued_to_client"] > 0, later
         assert later["idle"] >= wedged["idle"] + slept - JIFFIES, (wedged, later)
+        # A request the client sends meanwhile (a pipelining client) goes to the upstream,
+        # whose answers wait unread in the proxy's socket: the client holds them back,
+        # not the upstream, which is not left unanswered.
+        client.sendall(b"next request")
+        time.sleep(slept)
+        asked = the_connection(sock_path, env)
+        assert asked["unanswered"] == 0 and asked["queued_to_client"] > 0, asked
 
         def send_q() -> int:
             """`ss`'s Send-Q of the proxy's socket toward the client."""
@@ -597,8 +604,10 @@ def test_a_connection_into_a_black_hole_shows_idle_and_unanswered_growing(
     """An upstream whose host vanished mid-connection (every packet to it dropped): the
     proxy's socket retransmits, and the kernel counts each retransmission as data sent,
     so IDLE went back down at each one (0.7, 3.7, 2.6, 13.2, 6.2 s over a minute: a busy
-    connection, to the reader) and UNANSWERED with it. While the socket retransmits, both
-    now count from the upstream's last ACK: they grow from the request on, with no dip.
+    connection, to the reader) and UNANSWERED with it. While the socket retransmits, its
+    idle time counts from the upstream's last ACK (nothing moved since), and UNANSWERED
+    from the request, not from that ACK, which is older by the time the connection idled
+    in a pool: both grow, with no dip.
     In the proxy's own network namespace, the upstream this test's socket, the black hole
     an iptables rule there (INPUT, to the upstream's port)."""
     upstream_port = 7000  # the namespace is the proxy's own: nothing else listens there
@@ -615,6 +624,8 @@ def test_a_connection_into_a_black_hole_shows_idle_and_unanswered_growing(
             assert recv_exact(served, 4) == b"ping"
             served.sendall(b"pong")
             assert recv_exact(client, 4) == b"pong"
+            pooled = 3.0  # idle in a pool first: the upstream's last ACK is that much older
+            time.sleep(pooled)
             drop = ["INPUT", "-p", "tcp", "--dport", str(upstream_port), "-j", "DROP"]
             with in_network(proxy.network):
                 subprocess.run([need("iptables"), "-I", *drop], check=True, timeout=30)
@@ -627,8 +638,12 @@ def test_a_connection_into_a_black_hole_shows_idle_and_unanswered_growing(
                 child = the_connection(sock_path, env)
             waited = time.monotonic() - asked
             assert child["queued_to_upstream"] == 4, child  # not acknowledged: retransmitted
+            # The request moved on the client's socket: IDLE, the connection's, counts
+            # from there (the upstream's socket alone has moved nothing for longer).
             assert child["idle"] >= 4.5 - JIFFIES, (waited, child)
-            assert child["unanswered"] >= 4.5 - JIFFIES, (waited, child)
+            # Since the request, not since the last ACK, an idle time older: at most the
+            # first timeout (200 ms here) more than the time waited.
+            assert 4.5 - JIFFIES <= child["unanswered"] <= waited + 0.5, (waited, child)
 
 
 def test_status_from_another_network_namespace_shows_no_socket_readings(
