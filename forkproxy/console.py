@@ -38,6 +38,12 @@ def main() -> None:
     fill_closed_std_fds()  # first: before this process opens a file that must not be 0-2
     if sys.argv[1:2] == ["serve"]:
         signal.pthread_sigmask(signal.SIG_BLOCK, STARTUP_BLOCKED)
+        # And the ones no process of forkproxy's heeds (signals.IGNORED): ignored from here
+        # on, through the exec, rather than from the supervisor's start, ~0.3 s later.
+        from forkproxy.signals import IGNORED
+
+        for signum in IGNORED:
+            signal.signal(signum, signal.SIG_IGN)
     elif sys.argv[1:] in LEAN:
         code = lean(sys.argv[1:])
         if code is not None:

@@ -30,6 +30,7 @@ from conftest import (
     echo,
     fd_count,
     free_port,
+    kill_group,
     metrics_pid,
     need,
     netns_lab,
@@ -507,6 +508,46 @@ def test_stray_signals_to_every_process_end_nothing(
     assert proxy.stop() == 0
     log = proxy.log()
     assert "metrics-died" not in log and "killed" not in log, log
+
+
+def test_stray_signals_are_ignored_while_serve_starts(tmp_path: Path) -> None:
+    """The stray signals were ignored from the supervisor's start on, ~0.3 s after
+    `serve` began (imports, validation, exec): a `kill -USR2` in that time still ended it.
+    Now `serve` ignores them first thing, with the signals it blocks: seen ignored while
+    the CLI still runs (before the exec to the supervisor), and sent then, they end
+    nothing: the proxy starts, listens, and stops cleanly."""
+    env = {**os.environ, "XDG_RUNTIME_DIR": str(tmp_path)}
+    with (tmp_path / "serve.log").open("w") as log, subprocess.Popen(
+            [FORKPROXY, "serve", "127.0.0.1:0=127.0.0.1:9"], stdout=subprocess.PIPE,
+            stderr=log, text=True, env=env, start_new_session=True) as proc:
+        started(proc)
+
+
+def started(proc: subprocess.Popen[str]) -> None:
+    """test_stray_signals_are_ignored_while_serve_starts, with `proc` started."""
+    try:
+        stray = sum(1 << (signum - 1) for signum in STRAY_SIGNALS)
+        deadline = time.monotonic() + 30
+        while True:
+            assert time.monotonic() < deadline, "the stray signals never ignored"
+            try:
+                ignored = int(Path(f"/proc/{proc.pid}/status").read_text()
+                              .split("SigIgn:")[1].split()[0], 16)
+                command = Path(f"/proc/{proc.pid}/cmdline").read_bytes()
+            except (FileNotFoundError, ProcessLookupError, IndexError):
+                pytest.fail(f"serve ended while starting: {proc.wait(10)}")
+            assert b"_serve.py" not in command, "the supervisor started before they were ignored"
+            if ignored & stray == stray:
+                break
+        for signum in STRAY_SIGNALS:
+            os.kill(proc.pid, signum)
+        assert proc.stdout is not None
+        assert proc.stdout.readline().startswith("listening ")
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+    finally:
+        kill_group(proc)
 
 
 def test_children_ignore_sigint(
