@@ -350,7 +350,12 @@ def test_ssh_command_and_scp_up_and_down(sshd: Sshd, start_proxy: StartProxy,
     for hop, proxy in enumerate(proxies):
         sock = short_dir / f"hop{hop}.sock"
         assert_settled(proxy, sock, 4)
-        assert link_stats(sock)["outcomes"] == {"closed": 4}, proxy.log()
+        # Clean ends, each: the client's FIN first (`closed`), or now and then sshd's,
+        # closing at the client's last channel message before that FIN reaches the
+        # proxy (`upstream-closed`): which comes first is the network's race.
+        outcomes = link_stats(sock)["outcomes"]
+        assert sum(outcomes.values()) == 4, proxy.log()
+        assert set(outcomes) <= {"closed", "upstream-closed"}, proxy.log()
 
 
 def test_ssh_with_a_wrong_host_key_is_refused_through_the_proxy(
@@ -808,12 +813,14 @@ def test_pgbench_connection_per_transaction(postgres: Postgres, start_proxy: Sta
                                             short_dir: Path, sslmode: str) -> None:
     """pgbench -C (a new connection for every transaction, 4 clients at once) through the
     proxy: no transaction fails, every connection ends and no child is left. Without TLS
-    each ends `closed`. With TLS libpq sends its close_notify and closes without waiting
-    for the server's, which the server sends after the Terminate message: the client's
-    kernel answers it with an RST, as it would the server directly, so those connections
-    usually end `client-reset`; and the server exits with the client's close_notify
-    unread, so its kernel resets too, which the proxy now and then meets first
-    (`upstream-reset`: seen on a loaded machine). README, "Health checks and scanners on
+    each ends cleanly: `closed`, or `upstream-closed` now and then, the server closing at
+    the client's Terminate message before the client's own FIN, sent right after it,
+    reaches the proxy (1 of 101 in a CI run). With TLS libpq sends its close_notify and
+    closes without waiting for the server's, which the server sends after the Terminate
+    message: the client's kernel answers it with an RST, as it would the server directly,
+    so those connections usually end `client-reset`; and the server exits with the
+    client's close_notify unread, so its kernel resets too, which the proxy now and then
+    meets first (`upstream-reset`: seen on a loaded machine). README, "Health checks and scanners on
     a proxied port"."""
     direct = postgres.server.port
     initialized = run([program("pgbench"), "-i", "-q", postgres.conninfo(direct, "disable")],
@@ -832,6 +839,6 @@ def test_pgbench_connection_per_transaction(postgres: Postgres, start_proxy: Sta
     stats = link_stats(sock)
     assert_settled(proxy, sock, stats["connections"])
     outcomes = link_stats(sock)["outcomes"]
-    expected = {"closed"} if sslmode == "disable" else {
-        "closed", "client-reset", "upstream-reset"}
+    expected = {"closed", "upstream-closed"} if sslmode == "disable" else {
+        "closed", "upstream-closed", "client-reset", "upstream-reset"}
     assert set(outcomes) <= expected, (outcomes, close_lines(proxy)[:5])
