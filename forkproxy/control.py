@@ -460,6 +460,18 @@ def send_sockets(sock: socket.socket, reply: dict[str, object],
         socket.send_fds(sock, [b"\0"], fds[start:start + FDS_PER_MESSAGE])
 
 
+def process_start() -> int | None:
+    """When this process started, in clock ticks since boot (/proc/self/stat's starttime:
+    the exec of a `serve` keeps it), None where it cannot be read. A take-over compares
+    it: of two supervisors started one after the other, the later's configuration wins."""
+    try:
+        with open("/proc/self/stat", "rb") as stat_file:
+            fields = stat_file.read().rpartition(b")")[2].split()
+        return int(fields[19])  # the 22nd field; the 3rd is the first after the name
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def ask_for_sockets(path: str, timeout: float, pid: int,
                     ) -> tuple[socket.socket, dict[str, object], list[socket.socket]]:
     """Ask the supervisor on `path` to hand its sockets over: (the connection to it, for
@@ -470,7 +482,8 @@ def ask_for_sockets(path: str, timeout: float, pid: int,
     try:
         conn.settimeout(timeout)
         conn.connect(path)
-        conn.sendall(json.dumps({"command": HAND_OVER, "pid": pid}).encode() + b"\n")
+        conn.sendall(json.dumps({"command": HAND_OVER, "pid": pid,
+                                 "started": process_start()}).encode() + b"\n")
         data = b""
         reply: dict[str, object] | None = None
         wanted = 0

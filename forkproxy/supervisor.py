@@ -632,8 +632,16 @@ class Supervisor:
             reply = control.say_go(self.taken_from)
         except (OSError, ValueError) as exc:
             error = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-            raise ConfigError(f"--take-over: the supervisor on {quoted(path or '')} did not "
-                              f"confirm the hand-over ({error})") from None
+            if not all(listeners.bound_address(sock) for sock in self.handed):
+                raise ConfigError(f"--take-over: the supervisor on {quoted(path or '')} did "
+                                  f"not confirm the hand-over ({error})") from None
+            # Told, and silent since (stopped, frozen, swapping): giving up now would leave
+            # nobody serving once it reads our `go` and stops. The sockets still listen:
+            # served by both until it does.
+            self.log.warning("take-over-unconfirmed", error=error,
+                             detail="the supervisor taken over did not say it stopped "
+                             "accepting: serving; it stops when it reads the hand-over")
+            reply = {"ok": True}
         if not reply.get("ok"):
             raise ConfigError(f"--take-over: the supervisor on {quoted(path or '')} did not "
                               f"hand over: {reply.get('error')}")
@@ -2339,6 +2347,12 @@ class Supervisor:
                 handler(POLLIN)  # a client that sent nothing yet: recv says EAGAIN
 
     def _reload(self) -> tuple[bool, str]:
+        if self.taker is not None:
+            # Our listening sockets are the taking supervisor's too: a port this reload
+            # removed would be shut down under it (listeners.stop_listening). It reads
+            # the configuration itself, and we stop once it is ready.
+            self.log.warning("reload-skipped", detail="handing over to a new supervisor")
+            return False, "handing over to a new supervisor"
         if self.stopping:
             # Said in the log too: a SIGHUP's outcome is only there (reload --pid-file
             # says so), and silence would read as a reload that went through.
@@ -2483,8 +2497,8 @@ class Supervisor:
         of the start hold: a live socket there (another supervisor's now) or a file that
         is not a socket is left alone, said, and tried again at the next check; the
         default directory, made again if gone, must still be ours (prepare_dir)."""
-        if self.control is None or self.handed_over:
-            return  # handed over: a socket at our path is the new supervisor's
+        if self.control is None or self.handed_over or self.taker is not None:
+            return  # handing or handed over: a socket at our path is the new supervisor's
         if not self.control.lost():
             self.control.touch_if_older(CONTROL_TOUCH_AFTER)
             return
@@ -2607,17 +2621,25 @@ class Supervisor:
         if command == "status":
             return None if self.answer_in_child(client) else self.status_reply()
         if command == control.HAND_OVER:
-            return self.hand_over(client, request.get("pid"))
+            return self.hand_over(client, request.get("pid"), request.get("started"))
         return {"ok": False, "error": f"unknown command {command!r}"}
 
-    def hand_over(self, client: socket.socket, taker_pid: object) -> dict[str, object] | None:
+    def hand_over(self, client: socket.socket, taker_pid: object,
+                  taker_started: object) -> dict[str, object] | None:
         """serve --take-over asks for our listening sockets: send them (each listener's and
         the metrics one, named by address), and serve on until it says `go` (handle_taker).
-        None once sent: the connection is ours from then on, not the control server's."""
+        None once sent: the connection is ours from then on, not the control server's.
+        Not to a supervisor started before us (`taker_started`, control.process_start):
+        two take-overs started one after the other, the later (us, having taken over
+        first) holds the newer configuration."""
         if self.stopping:
             return {"ok": False, "error": "stopping"}
         if self.taker is not None:
             return {"ok": False, "error": "another take-over is under way"}
+        started = control.process_start()
+        if isinstance(taker_started, int) and started is not None and taker_started < started:
+            return {"ok": False, "error": "it started before this supervisor, which took over "
+                    "already: the newer configuration stays"}
         handed = [listener.sock for listener in self.listeners]
         names: list[dict[str, object]] = [
             {"listen": _listener_ends(listener)[0], "detail": listener.describe()}

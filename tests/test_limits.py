@@ -15,7 +15,6 @@ import json
 import os
 import re
 import resource
-import select
 import signal
 import socket
 import struct
@@ -56,6 +55,7 @@ from forkproxy.log import ERROR_LOG_EVERY, Logger
 from conftest import (
     FORKPROXY,
     LOOPBACK,
+    OpenGate,
     Proxy,
     Redis,
     ServerFactory,
@@ -2077,57 +2077,6 @@ def test_a_client_held_on_a_port_a_reload_points_elsewhere_goes_to_the_new_targe
         assert ask(held, b"2") == b"Y:2", proxy.log()
         stats = link_stats(control(sock_path, "status"), variable)
         assert stats["active"] == 1, stats
-
-
-FAN_CLASS_CONTENT, FAN_CLOEXEC, FAN_MARK_ADD, FAN_OPEN_PERM, FAN_ALLOW = 0x4, 0x1, 0x1, 0x10000, 0x1
-FANOTIFY_EVENT = struct.Struct("IBBHQii")  # struct fanotify_event_metadata
-FANOTIFY_RESPONSE = struct.Struct("iI")  # struct fanotify_response
-
-
-class OpenGate:
-    """Every open(2) of one file waits in the kernel until the test lets it through
-    (fanotify's FAN_OPEN_PERM, root): a point inside the proxy's own work (a reload reads
-    its env file) where the test acts while the proxy's loop is held, wherever its timers
-    stand. Stopping the proxy (SIGSTOP, the freezer) could not give that: a fork retry
-    due at the resume ran before the SIGHUP sent meanwhile, at a stop that landed as its
-    poll timed out, and at one inside the poll that outlasted the poll's timeout (CPython
-    retries a poll that a signal interrupted only if its timeout is not over)."""
-
-    def __init__(self, path: Path) -> None:
-        self.libc = ctypes.CDLL(None, use_errno=True)
-        self.libc.fanotify_mark.argtypes = [ctypes.c_int, ctypes.c_uint, ctypes.c_uint64,
-                                            ctypes.c_int, ctypes.c_char_p]
-        self.fd = int(self.libc.fanotify_init(FAN_CLASS_CONTENT | FAN_CLOEXEC, os.O_RDONLY))
-        if self.fd < 0:
-            raise OSError(ctypes.get_errno(), "fanotify_init (this test needs root)")
-        if self.libc.fanotify_mark(self.fd, FAN_MARK_ADD, FAN_OPEN_PERM, -100,  # AT_FDCWD
-                                   os.fsencode(path)) != 0:
-            os.close(self.fd)
-            raise OSError(ctypes.get_errno(), f"fanotify_mark {path}")
-        self.waiting: list[int] = []  # the event fds of the opens held
-
-    def held_open(self, timeout: float = 30) -> int:
-        """Wait for the next open of the file, and hold it: the opener's pid."""
-        ready, _, _ = select.select([self.fd], [], [], timeout)
-        assert ready, f"the file was not opened within {timeout}s"
-        event = os.read(self.fd, FANOTIFY_EVENT.size)  # one event per read: no batch to split
-        _, _, _, _, _, event_fd, pid = FANOTIFY_EVENT.unpack(event)
-        self.waiting.append(event_fd)
-        return int(pid)
-
-    def let_through(self) -> None:
-        """The opens held go on."""
-        for event_fd in self.waiting:
-            os.write(self.fd, FANOTIFY_RESPONSE.pack(event_fd, FAN_ALLOW))
-            os.close(event_fd)
-        self.waiting = []
-
-    def __enter__(self) -> OpenGate:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.let_through()
-        os.close(self.fd)  # opens still to come pass (the kernel allows those of a closed group)
 
 
 def test_a_held_client_served_while_a_reload_drains_a_removed_port_gets_the_new_target(

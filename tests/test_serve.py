@@ -23,6 +23,7 @@ import pytest
 
 from conftest import (
     FORKPROXY,
+    OpenGate,
     Proxy,
     Redis,
     ServerFactory,
@@ -1041,6 +1042,93 @@ def test_a_take_over_that_fails_leaves_the_old_one_serving(
     assert control(Path(path), "check")["ok"] is True
     assert pid_file.read_text() == f"{old.pid}\n"
     assert old.stop() == 0
+
+
+def _taking_over(args: tuple[str, ...], log: Path) -> subprocess.Popen[str]:
+    """`serve --take-over ARGS`, its stderr to `log`."""
+    with log.open("w") as err:
+        return subprocess.Popen([FORKPROXY, "serve", "--take-over", *args],
+                                stdout=subprocess.PIPE, stderr=err, text=True,
+                                start_new_session=True)
+
+
+def test_a_take_over_whose_old_supervisor_stalls_after_go_serves_on(
+    start_proxy: Callable[..., Proxy], tcp_server: ServerFactory, short_dir: Path,
+) -> None:
+    """The old supervisor stopped (frozen, swapping) between handing its sockets over and
+    reading the new one's `go`: the new one waited 15 s for its answer, gave up (exit 2)
+    and closed its copies; the old one, resumed, read the `go`, stopped, and nobody
+    served. The new one now serves on when the sockets it holds still listen, and says so
+    (`take-over-unconfirmed`); the old one, resumed, stops as handed over."""
+    server = tcp_server(echo)
+    path, pid_file = str(short_dir / "fp.sock"), short_dir / "fp.pid"
+    common = ("--status-socket", path, "--pid-file", str(pid_file))
+    old = start_proxy(*common, f"127.0.0.1:0=127.0.0.1:{server.port}")
+    log = short_dir / "new.log"
+    # Closed before the old one's exit, which reads the pid file too.
+    with OpenGate(pid_file) as gate:
+        new = _taking_over((*common, f"127.0.0.1:{old.port}=127.0.0.1:{server.port}"), log)
+        # At its pid file: it holds the old one's sockets, and has not said `go`.
+        at_pid_file = gate.held_open()
+        old.signal(signal.SIGSTOP)
+    with new:
+        try:
+            assert at_pid_file == new.pid
+            assert new.stdout is not None
+            assert new.stdout.readline().startswith("listening "), log.read_text()
+            assert "take-over-unconfirmed" in log.read_text()
+            assert _echoed(old.port, os.urandom(4096))  # the new one serves
+            old.signal(signal.SIGCONT)
+            assert old.proc.wait(30) == 0
+            assert " stopping signal=take-over " in old.log(), old.log()
+            assert _echoed(old.port, os.urandom(4096))
+            assert control(Path(path), "check")["ok"] is True
+            new.send_signal(signal.SIGTERM)
+            assert new.wait(15) == 0
+        finally:
+            old.signal(signal.SIGCONT)
+            kill_group(new)
+
+
+def test_a_reload_of_the_old_supervisor_during_a_take_over_waits(
+    start_proxy: Callable[..., Proxy], tcp_server: ServerFactory, short_dir: Path,
+) -> None:
+    """A reload of the old supervisor while it hands over (a SIGHUP in the window between
+    its sockets sent and the new one's `go`) removed a port from its env file and shut
+    that socket down, which the new one had taken: nothing listened there, status still
+    listed it, and the new one's accept() spun on EINVAL. The old one now skips a reload
+    while it hands over (`reload-skipped`): the new one reads the configuration itself."""
+    server = tcp_server(echo)
+    path, pid_file, env_file = (str(short_dir / "fp.sock"), short_dir / "fp.pid",
+                                short_dir / "links.env")
+    kept, dropped = free_port(), free_port()
+    variables = [f"K_PORT_{kept}_TCP=tcp://127.0.0.1:{server.port}",
+                 f"D_PORT_{dropped}_TCP=tcp://127.0.0.1:{server.port}"]
+    env_file.write_text("\n".join(variables) + "\n")
+    common = ("--status-socket", path, "--pid-file", str(pid_file), "--env-file", str(env_file),
+              "--bind", "127.0.0.1")
+    old = start_proxy(*common, expect=2)
+    log = short_dir / "new.log"
+    with OpenGate(pid_file) as gate:
+        new = _taking_over(common, log)
+        at_pid_file = gate.held_open()
+        env_file.write_text(variables[0] + "\n")
+        old.signal(signal.SIGHUP)
+        skipped = wait_for(lambda: "reload-skipped" in old.log())
+        env_file.write_text("\n".join(variables) + "\n")
+    with new:
+        try:
+            assert at_pid_file == new.pid
+            assert skipped and "handing over to a new supervisor" in old.log(), old.log()
+            assert new.stdout is not None
+            assert new.stdout.readline().startswith("listening "), log.read_text()
+            assert old.proc.wait(30) == 0
+            for port in (kept, dropped):
+                assert _echoed(port, os.urandom(4096)), (port, log.read_text())
+            new.send_signal(signal.SIGTERM)
+            assert new.wait(15) == 0
+        finally:
+            kill_group(new)
 
 
 def test_take_over_found_by_default_closes_a_link_no_longer_configured(
