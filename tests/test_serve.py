@@ -1044,6 +1044,28 @@ def test_a_take_over_that_fails_leaves_the_old_one_serving(
     assert old.stop() == 0
 
 
+def test_a_supervisor_does_not_hand_over_to_one_started_before_it(
+    start_proxy: Callable[..., Proxy], tcp_server: ServerFactory, short_dir: Path,
+) -> None:
+    """Two take-overs started close together, B then C: C took over first, then B, the
+    slower, took over from C, and the earlier configuration won, silently. A supervisor
+    now hands over only to one started after itself (their start times, in clock ticks
+    since boot): asked by an older one, it says why and serves on."""
+    server = tcp_server(echo)
+    path = str(short_dir / "fp.sock")
+    proxy = start_proxy("--status-socket", path, f"127.0.0.1:0=127.0.0.1:{server.port}")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+        conn.settimeout(20)
+        conn.connect(path)
+        conn.sendall(json.dumps({"command": "hand-over", "pid": 1, "started": 0}).encode()
+                     + b"\n")
+        reply = json.loads(conn.makefile("rb").readline())
+    assert reply["ok"] is False and "started before this supervisor" in reply["error"], reply
+    assert "handing-over" not in proxy.log()
+    assert _echoed(proxy.port, os.urandom(4096))
+    assert proxy.stop() == 0
+
+
 def _taking_over(args: tuple[str, ...], log: Path) -> subprocess.Popen[str]:
     """`serve --take-over ARGS`, its stderr to `log`."""
     with log.open("w") as err:
