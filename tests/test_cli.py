@@ -1989,6 +1989,19 @@ main()
 """
 
 
+def assert_one_start_error(result: subprocess.CompletedProcess[str], message: str,
+                           log_format: str) -> None:
+    """stderr is the one line of an error that kept `serve` from starting: in text, or
+    with --log-format json a `start-failed` record like every other line of the log."""
+    if log_format == "text":
+        assert result.stderr.splitlines() == [f"forkproxy: error: {message}"], result
+    else:
+        [line] = result.stderr.splitlines()
+        record = json.loads(line)
+        assert {k: record[k] for k in ("level", "event", "error")} == {
+            "level": "error", "event": "start-failed", "error": message}, record
+
+
 def handed_to_supervisor(payload: dict[str, object]) -> subprocess.CompletedProcess[str]:
     """_serve.py as `serve` execs it, handed `payload` as its configuration."""
     config_fd = os.memfd_create("test-config", 0)
@@ -2027,13 +2040,7 @@ def test_a_supervisor_handed_another_versions_configuration_says_so_in_one_line(
                f"to version {__version__}: start it again")
     assert result.returncode == 126, result
     assert result.stdout == "", result  # no `listening` line: nothing was bound
-    if log_format == "text":
-        assert result.stderr.splitlines() == [f"forkproxy: error: {message}"], result
-    else:
-        [line] = result.stderr.splitlines()
-        record = json.loads(line)
-        assert {k: record[k] for k in ("level", "event", "error")} == {
-            "level": "error", "event": "start-failed", "error": message}, record
+    assert_one_start_error(result, message, log_format)
 
 
 def test_serve_whose_supervisor_script_is_gone_says_so_in_one_line(tmp_path: Path) -> None:
@@ -2075,11 +2082,5 @@ def test_serve_that_cannot_exec_the_supervisor_says_so_in_one_line(
     )
     assert result.returncode == 126, result
     message = f"cannot start the supervisor: '{interpreter}': No such file or directory"
-    if log_format == "text":
-        assert result.stderr.splitlines() == [f"forkproxy: error: {message}"], result
-    else:
-        [line] = result.stderr.splitlines()
-        record = json.loads(line)
-        assert {k: record[k] for k in ("level", "event", "error")} == {
-            "level": "error", "event": "start-failed", "error": message}, record
+    assert_one_start_error(result, message, log_format)
     assert result.stdout == ""

@@ -3466,6 +3466,34 @@ def serve_with_a_stalled_log(tmp_path: Path, env: dict[str, str],
     return proc, read_end, ports
 
 
+
+def connect_failures(tmp_path: Path, env: dict[str, str], dead_spec: str) -> int | None:
+    """`dead_spec`'s upstream failures in `status` (control socket tmp_path/s.sock), None
+    when it does not answer within 5 s (a supervisor blocked writing its log)."""
+    result = cli("status", "--json", "--status-socket", str(tmp_path / "s.sock"), env=env)
+    if result.returncode:
+        return None
+    return int(json.loads(result.stdout)["links"][dead_spec]["upstream_failures"])
+
+
+def failed_connect_counted(tmp_path: Path, env: dict[str, str], dead_spec: str,
+                           dead: int) -> None:
+    """A client of `dead` (its upstream refuses) closed by its child, and its failure
+    counted in `status`, which answers only while the supervisor is not blocked in
+    writing to the log: the supervisor's `connect-failed` line is due by then."""
+    with socket.create_connection(("127.0.0.1", dead), timeout=DEADLINE) as refused:
+        assert refused.recv(1) == b""  # its upstream refused: the child closed it
+    assert poll(lambda: connect_failures(tmp_path, env, dead_spec),
+                lambda count: count != 0) == 1, "status does not answer"
+
+
+def echoed_through(port: int, message: bytes) -> None:
+    with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE) as client:
+        client.settimeout(10)
+        client.sendall(message)
+        assert recv_exact(client, len(message)) == message
+
+
 def test_a_supervisor_line_the_full_log_cannot_take_stalls_neither_clients_nor_status(
     tcp_server: ServerFactory, dead_port: int, tmp_path: Path, env: dict[str, str],
 ) -> None:
@@ -3482,25 +3510,11 @@ def test_a_supervisor_line_the_full_log_cannot_take_stalls_neither_clients_nor_s
                                                             good_spec)
     chunks: list[bytes] = []
     try:
-        with socket.create_connection(("127.0.0.1", dead), timeout=DEADLINE) as refused:
-            assert refused.recv(1) == b""  # its upstream refused: the child closed it
-
-        def failures() -> int | None:
-            result = cli("status", "--json", "--status-socket", str(tmp_path / "s.sock"),
-                         env=env)
-            if result.returncode:
-                return None  # no answer in 5 s: a supervisor blocked in write()
-            return int(json.loads(result.stdout)["links"][dead_spec]["upstream_failures"])
-
-        # `connect-failed` is due once the failure is counted: then status answers.
-        assert poll(failures, lambda count: count != 0) == 1, "status does not answer"
+        failed_connect_counted(tmp_path, env, dead_spec, dead)
         assert not blocked_writing(proc.pid)
         for message in (b"served", b"while the log", b"is full"):
-            with socket.create_connection(("127.0.0.1", good), timeout=DEADLINE) as client:
-                client.settimeout(10)
-                client.sendall(message)
-                assert recv_exact(client, len(message)) == message
-        assert failures() == 1
+            echoed_through(good, message)
+        assert connect_failures(tmp_path, env, dead_spec) == 1
         # Room at last (the filler read): the line held till now comes, whole.
         log = poll(lambda: drain(read_end, chunks), lambda text: "connect-failed" in text)
         lines = whole_lines(log)
@@ -3722,21 +3736,8 @@ def test_with_stderr_a_stalled_socket_the_supervisor_serves_answers_and_stops(
                                               dead_spec, f"127.0.0.1:0=127.0.0.1:{server.port}")
         writer.close()
         try:
-            with socket.create_connection(("127.0.0.1", dead), timeout=DEADLINE) as refused:
-                assert refused.recv(1) == b""  # its upstream refused: the child closed it
-
-            def failures() -> int | None:
-                result = cli("status", "--json", "--status-socket", str(tmp_path / "s.sock"),
-                             env=env)
-                if result.returncode:
-                    return None  # no answer in 5 s: a supervisor blocked in send()
-                return int(json.loads(result.stdout)["links"][dead_spec]["upstream_failures"])
-
-            assert poll(failures, lambda count: count != 0) == 1, "status does not answer"
-            with socket.create_connection(("127.0.0.1", good), timeout=DEADLINE) as client:
-                client.settimeout(10)
-                client.sendall(b"served while the log is full")
-                assert recv_exact(client, 28) == b"served while the log is full"
+            failed_connect_counted(tmp_path, env, dead_spec, dead)
+            echoed_through(good, b"served while the log is full")
             chunks: list[bytes] = []
 
             def log() -> str:
@@ -3830,21 +3831,8 @@ def test_with_stderr_a_stopped_terminal_the_supervisor_serves_answers_and_stops(
         proc, (dead, good) = serve_logging_to(slave, tmp_path, env, dead_spec,
                                               f"127.0.0.1:0=127.0.0.1:{server.port}")
         try:
-            with socket.create_connection(("127.0.0.1", dead), timeout=DEADLINE) as refused:
-                assert refused.recv(1) == b""  # its upstream refused: the child closed it
-
-            def failures() -> int | None:
-                result = cli("status", "--json", "--status-socket", str(tmp_path / "s.sock"),
-                             env=env)
-                if result.returncode:
-                    return None  # no answer in 5 s: a supervisor blocked in write()
-                return int(json.loads(result.stdout)["links"][dead_spec]["upstream_failures"])
-
-            assert poll(failures, lambda count: count != 0) == 1, "status does not answer"
-            with socket.create_connection(("127.0.0.1", good), timeout=DEADLINE) as client:
-                client.settimeout(10)
-                client.sendall(b"served while the log is stopped")
-                assert recv_exact(client, 31) == b"served while the log is stopped"
+            failed_connect_counted(tmp_path, env, dead_spec, dead)
+            echoed_through(good, b"served while the log is stopped")
             assert controlling_terminal(proc.pid) == 0
             os.write(master, b"\x11")  # Ctrl-Q
             chunks: list[bytes] = []
