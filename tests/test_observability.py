@@ -3875,10 +3875,7 @@ def test_a_start_up_warning_the_full_log_cannot_take_holds_up_no_start(
             "the start blocked on its warning", lines)
         assert cli("check", "--status-socket", str(tmp_path / "s.sock"),
                    env=env).returncode == 0
-        with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE) as client:
-            client.settimeout(10)
-            client.sendall(b"served")
-            assert recv_exact(client, 6) == b"served"
+        echoed_through(port, b"served")
         chunks: list[bytes] = []
         log = poll(lambda: drain(read_end, chunks),
                    lambda text: "link-skipped" in text and text.endswith("\n"))
