@@ -7,6 +7,7 @@ without either. One write per line keeps lines whole when children share stderr.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
@@ -65,6 +66,9 @@ class Logger:
         self.own_kind = ""
         self.own_datagrams = False
         self.own_kept = False
+        # A pipe this process may not open again (_open_own): a private pipe's two ends,
+        # each line written into it and spliced on to own_fd, a duplicate of fd 2.
+        self.splice_from = self.splice_to = -1
         # Lines own_fd could not take yet (a full log), in order, and their bytes;
         # lines dropped since the last `log-dropped`; who to tell when lines start to
         # be held (the supervisor's loop, which then waits for room: flush_held).
@@ -209,7 +213,10 @@ class Logger:
         O_NOCTTY: on kernels older than Linux's "tty: require read access for controlling
         terminal", 2019, the open by a session leader without a controlling terminal,
         under systemd or setsid, made the terminal its own, and the terminal's hangup a
-        SIGHUP to it: a reload). A socket's description cannot be opened again (ENXIO),
+        SIGHUP to it: a reload); a pipe this process may not open again (another user's:
+        a supervisor that is not root under a pipe root made) is written through a
+        private pipe, each line spliced on with SPLICE_F_NONBLOCK, which never waits
+        whatever the description says. A socket's description cannot be opened again (ENXIO),
         so it is shared: the supervisor sends to a duplicate of fd 2 with MSG_DONTWAIT,
         which makes that send non-blocking and not the description. A datagram socket
         gets a line per datagram, as each write() sends one; a stream socket or a
@@ -276,6 +283,22 @@ class Logger:
                     raise
                 self.own_socket, self.own_fd = own, own.fileno()
                 self.own_datagrams = own.type != socket.SOCK_STREAM
+            elif self.own_kind == "pipe":
+                try:
+                    self.own_fd = os.open(f"/proc/self/fd/{self.fd}",
+                                          os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+                except OSError:
+                    # The kernel lets only the pipe's owner (or root) open it again: a
+                    # supervisor that is not root, under a log pipe root made (the image
+                    # under a container runtime). splice() with SPLICE_F_NONBLOCK never
+                    # waits for a full pipe, whatever its description says: each line
+                    # goes through a private pipe (_splice_on).
+                    self.splice_from, self.splice_to = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+                    try:
+                        self.own_fd = os.dup(self.fd)  # close-on-exec: Python's default
+                    except OSError:
+                        self._close_own()
+                        raise
             else:
                 self.own_fd = os.open(f"/proc/self/fd/{self.fd}", os.O_WRONLY
                                       | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
@@ -288,6 +311,10 @@ class Logger:
             self.own_socket.close()
         elif self.own_fd >= 0:
             os.close(self.own_fd)
+        for fd in (self.splice_from, self.splice_to):
+            if fd >= 0:
+                os.close(fd)
+        self.splice_from = self.splice_to = -1
         self.own_socket, self.own_fd, self.own_kept = None, -1, False
 
     def _send(self, data: bytes) -> int:
@@ -295,7 +322,25 @@ class Logger:
         if self.own_socket is not None:
             # MSG_NOSIGNAL: a peer gone is EPIPE here, as for the pipe (SIGPIPE ignored)
             return self.own_socket.send(data, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+        if self.splice_to >= 0:
+            return self._splice_on(data)
         return os.write(self.own_fd, data)
+
+    def _splice_on(self, data: bytes) -> int:
+        """_send through the private pipe: `data` (at most MAX_LINE bytes, one page of the
+        pipe's: moved whole or not at all) written into it, then spliced on to own_fd's
+        pipe without waiting; what did not go is read back, so the private pipe is empty
+        again whatever happens."""
+        written = os.write(self.splice_to, data)  # empty, 64 KiB: it takes a line whole
+        moved = 0
+        try:
+            moved = os.splice(self.splice_from, self.own_fd, written, flags=_SPLICE_NONBLOCK)
+        finally:
+            if moved < written:
+                os.read(self.splice_from, written - moved)
+        if not moved:
+            raise BlockingIOError(errno.EAGAIN, "the log's pipe is full")
+        return moved
 
     def _offer(self, data: bytes) -> None:
         """Write a line through own_fd now, or hold it (behind those already held, to keep
@@ -402,6 +447,9 @@ class Logger:
 
 
 _STAMP_FORMAT = "%04d-%02d-%02dT%02d:%02d:%02d.%03dZ"  # year ... second, milliseconds
+
+
+_SPLICE_NONBLOCK = getattr(os, "SPLICE_F_NONBLOCK", 2)
 
 
 def _kind_of(fd: int) -> str:

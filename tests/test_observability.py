@@ -3431,11 +3431,11 @@ def whole_lines(text: str) -> list[dict[str, Any]]:
     return [parse_text_line(line) for line in text.splitlines()]
 
 
-def serve_logging_to(stderr: int, tmp_path: Path, env: dict[str, str],
-                     *args: str) -> tuple[subprocess.Popen[str], list[int]]:
+def serve_logging_to(stderr: int, tmp_path: Path, env: dict[str, str], *args: str,
+                     prefix: tuple[str, ...] = ()) -> tuple[subprocess.Popen[str], list[int]]:
     """`forkproxy serve -q ARGS` with `stderr`: the process, the ports listening (from
     stdout). `stderr` is closed here (the process holds it)."""
-    proc = subprocess.Popen([FORKPROXY, "serve", "-q", "--status-socket",
+    proc = subprocess.Popen([*prefix, FORKPROXY, "serve", "-q", "--status-socket",
                              str(tmp_path / "s.sock"), *args],
                             stdout=subprocess.PIPE, stderr=stderr, env=env, text=True,
                             start_new_session=True)
@@ -3452,14 +3452,30 @@ def serve_logging_to(stderr: int, tmp_path: Path, env: dict[str, str],
     return proc, ports
 
 
-def serve_with_a_stalled_log(tmp_path: Path, env: dict[str, str],
-                             *args: str) -> tuple[subprocess.Popen[str], int, list[int]]:
+# The pipe made by another user (65534), and the supervisor root without the capability
+# to override a file's permissions: what a supervisor that is not root meets under a log
+# pipe root made (the image under a container runtime). It may not open the pipe again.
+ANOTHER_USERS_PIPE = ("setpriv", "--inh-caps=-all",
+                      "--bounding-set=-dac_override,-dac_read_search")
+
+
+def serve_with_a_stalled_log(tmp_path: Path, env: dict[str, str], *args: str,
+                             owner: str = "ours") -> tuple[subprocess.Popen[str], int, list[int]]:
     """`forkproxy serve -q ARGS`, stderr a pipe that is full from the start and that
     nobody reads (a log driver whose remote end is down, a `| tee` stopped with Ctrl-Z):
-    the process, the pipe's read end, the ports listening (from stdout)."""
-    read_end, write_end = full_pipe()
+    the process, the pipe's read end, the ports listening (from stdout). `owner`
+    "another user's": the pipe made by another user, which the supervisor may not open."""
+    if owner == "ours":
+        read_end, write_end = full_pipe()
+    else:
+        os.seteuid(65534)
+        try:
+            read_end, write_end = full_pipe()
+        finally:
+            os.seteuid(0)
+    prefix = () if owner == "ours" else (need(ANOTHER_USERS_PIPE[0]), *ANOTHER_USERS_PIPE[1:])
     try:
-        proc, ports = serve_logging_to(write_end, tmp_path, env, *args)
+        proc, ports = serve_logging_to(write_end, tmp_path, env, *args, prefix=prefix)
     except BaseException:
         os.close(read_end)
         raise
@@ -3494,20 +3510,24 @@ def echoed_through(port: int, message: bytes) -> None:
         assert recv_exact(client, len(message)) == message
 
 
+@pytest.mark.parametrize("owner", ["ours", "another user's"])
 def test_a_supervisor_line_the_full_log_cannot_take_stalls_neither_clients_nor_status(
     tcp_server: ServerFactory, dead_port: int, tmp_path: Path, env: dict[str, str],
+    owner: str,
 ) -> None:
     """With -q the supervisor still writes warnings of its own (`connect-failed`,
     `max-children-reached`, `accept-failed`, ...). It wrote them with a blocking write to
     stderr: with stderr a full pipe (its reader stopped), the first one blocked it in
     write() for good: nobody new was served, `status` timed out, SIGTERM did nothing,
     until someone read. Now the line waits in the supervisor, which serves on, and is
-    written whole once the pipe has room."""
+    written whole once the pipe has room. Also with a pipe it may not open again (another
+    user's: the image's user under a runtime's pipe), which it wrote blocking as before:
+    its lines go through a private pipe, spliced on without waiting."""
     server = tcp_server(echo)
     dead_spec = f"127.0.0.1:0=127.0.0.1:{dead_port}"
     good_spec = f"127.0.0.1:0=127.0.0.1:{server.port}"
     proc, read_end, (dead, good) = serve_with_a_stalled_log(tmp_path, env, dead_spec,
-                                                            good_spec)
+                                                            good_spec, owner=owner)
     chunks: list[bytes] = []
     try:
         failed_connect_counted(tmp_path, env, dead_spec, dead)
