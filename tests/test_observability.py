@@ -1384,9 +1384,7 @@ def test_status_durations_and_times_survive_a_step_of_the_wall_clock(
         assert metrics["since"] + metrics["age"] == pytest.approx(moment, abs=1e-3), metrics
         assert proxy.stop() == 0
     finally:
-        kill_group(proc)
-        assert proc.stdout is not None
-        proc.stdout.close()
+        kill_serving(proc)
 
 
 def test_a_client_out_of_descriptors_says_it_got_no_answer(
@@ -3431,6 +3429,14 @@ def whole_lines(text: str) -> list[dict[str, Any]]:
     return [parse_text_line(line) for line in text.splitlines()]
 
 
+def kill_serving(proc: subprocess.Popen[str]) -> None:
+    """The end of a test that started `proc` (a proxy, stdout piped) itself: its group
+    killed (a no-op once it stopped), its stdout closed."""
+    kill_group(proc)
+    assert proc.stdout is not None
+    proc.stdout.close()
+
+
 def serve_logging_to(stderr: int, tmp_path: Path, env: dict[str, str], *args: str,
                      prefix: tuple[str, ...] = ()) -> tuple[subprocess.Popen[str], list[int]]:
     """`forkproxy serve -q ARGS` with `stderr`: the process, the ports listening (from
@@ -3543,9 +3549,7 @@ def test_a_supervisor_line_the_full_log_cannot_take_stalls_neither_clients_nor_s
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(DEADLINE) == 0
     finally:
-        kill_group(proc)
-        assert proc.stdout is not None
-        proc.stdout.close()
+        kill_serving(proc)
         os.close(read_end)
 
 
@@ -3582,9 +3586,7 @@ def test_at_max_children_with_a_full_log_children_are_reaped_and_a_stop_stops(
         assert proc.wait(DEADLINE) == 0, "SIGTERM did not stop it"
         whole_lines(drain(read_end, []))
     finally:
-        kill_group(proc)
-        assert proc.stdout is not None
-        proc.stdout.close()
+        kill_serving(proc)
         os.close(read_end)
 
 
@@ -3770,9 +3772,7 @@ def test_with_stderr_a_stalled_socket_the_supervisor_serves_answers_and_stops(
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(DEADLINE) == 0, "SIGTERM did not stop it"
         finally:
-            kill_group(proc)
-            assert proc.stdout is not None
-            proc.stdout.close()
+            kill_serving(proc)
 
 
 def read_terminal(master: int, chunks: list[bytes]) -> str:
@@ -3862,9 +3862,7 @@ def test_with_stderr_a_stopped_terminal_the_supervisor_serves_answers_and_stops(
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(DEADLINE) == 0, "SIGTERM did not stop it"
         finally:
-            kill_group(proc)
-            assert proc.stdout is not None
-            proc.stdout.close()
+            kill_serving(proc)
     finally:
         os.close(probe)
         os.close(master)
@@ -3904,9 +3902,7 @@ def test_a_start_up_warning_the_full_log_cannot_take_holds_up_no_start(
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(DEADLINE) == 0
     finally:
-        kill_group(proc)
-        assert proc.stdout is not None
-        proc.stdout.close()
+        kill_serving(proc)
         os.close(read_end)
 
 
