@@ -1840,7 +1840,11 @@ def test_serve_runs_with_standard_fds_closed(
         )
     try:
         if 1 in closed:  # no `listening` line to read the port from: the kernel's tables
-            assert wait_for(lambda: bool(listening_ports(proxy.pid)) or proxy.poll() is not None)
+            # One: the supervisor's relay warm-up (relay.preload) listens on two loopback
+            # ports of its own for a moment after the link's is bound, closed before it
+            # serves (a CI run read three).
+            assert wait_for(lambda: len(listening_ports(proxy.pid)) == 1
+                            or proxy.poll() is not None)
             assert proxy.poll() is None, log.read_text()
             [port] = listening_ports(proxy.pid)
         else:
