@@ -34,8 +34,8 @@ HANDLED = (
 # it reached with a FIN to both sides, its client taking a cut stream for a complete one.
 # Ignored, as PID 1 ignores them already (the kernel drops a signal PID 1 has no handler
 # for), from the supervisor's start: its children inherit that at no cost per fork, and
-# the metrics process through its exec. Not SIGXCPU or SIGXFSZ: whoever set a CPU or file
-# size limit asked for their default action.
+# the metrics process through its exec. Not SIGXCPU: whoever set a CPU limit asked for its
+# default action. (SIGXFSZ needs nothing here: Python ignores it at start, as SIGPIPE.)
 IGNORED = (
     signal.SIGUSR2, signal.SIGIO, signal.SIGPROF, signal.SIGVTALRM, signal.SIGPWR,
     signal.SIGSTKFLT, *range(signal.SIGRTMIN, signal.SIGRTMAX + 1),
