@@ -115,6 +115,25 @@ class Listener:
     def describe(self) -> str:
         return self.link.describe(self.port)
 
+    def listen_again(self) -> None:
+        """Listen again on this socket, which stopped listening under us: another process
+        holding a copy of it shut it down (shutdown(SHUT_RD) on its copy, `ss -K`), which
+        accept() tells by EINVAL. OSError when it cannot (EADDRINUSE: a socket of someone
+        else's listens on the port meanwhile).
+
+        Its port stays its own when it was asked for by number; one the kernel chose (port
+        0 asked) went back to the kernel with the listening, and a bare listen() would
+        take another: it is bound again to the same one first. An abort's error (`ss -K`:
+        ECONNABORTED) stays on the socket and keeps poll reporting it: read, so cleared."""
+        sock = self.sock
+        sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        try:
+            sock.bind(sock.getsockname())
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:  # EINVAL: still bound to its port
+                raise
+        sock.listen(BACKLOG)
+
 
 def kernel_listen_drops(netstat: str = "/proc/self/net/netstat") -> int | None:
     """TcpExtListenDrops: the handshakes every listener of this network namespace

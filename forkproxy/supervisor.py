@@ -1368,6 +1368,9 @@ class Supervisor:
                     if exc.errno in RESOURCE_ERRORS:
                         self._accept_failed(listener, exc)
                         return
+                    if exc.errno == errno.EINVAL:
+                        self._listener_shut(listener)
+                        return
                     continue  # ECONNABORTED, EPERM from a firewall, ...: that client only
                 if allow and not is_allowed(allow, address[0]):
                     self._deny(listener, fd, address)
@@ -1499,6 +1502,39 @@ class Supervisor:
 
     def _accept_failed(self, listener: Listener | listeners.HeldBacklog, exc: OSError) -> None:
         self._pause_accepting("accept-failed", listener, exc)
+
+    def _listener_shut(self, listener: Listener | listeners.HeldBacklog) -> None:
+        """accept() failed EINVAL: the socket is not listening any more, shut down by
+        another process holding a copy of it (its clients waiting were reset). Poll
+        reports such a socket ready for good: the loop spun on accept() failing (100%
+        CPU, no line) while the port refused everyone. Listen on it again, with a line
+        (folded per link); when that fails too, stop watching it, and try again when
+        accepting resumes or at the next SIGALRM (handle_alarm): folded per link, and
+        the line that it listens again is always written after one that it could not."""
+        if isinstance(listener, listeners.HeldBacklog):
+            return  # its clients are accepted already: never EINVAL
+        name = listener.link.name
+        listen = _listener_ends(listener)[0]
+        try:
+            listener.listen_again()
+        except OSError as exc:
+            self._unwatch(listener.fd)
+            failures = fold(self.pause_logs, f"listener-lost {name}")
+            if failures:
+                self.log.error("listener-shut", link=name, listen=listen, error=exc.strerror,
+                               failures=failures,
+                               detail="the port stopped listening (shut down by another "
+                               "process holding its socket) and cannot listen again: not "
+                               "served; trying again at each SIGALRM (at least every 60 s)")
+            return
+        failures = fold(self.pause_logs, f"listener-shut {name}")
+        if self.pause_logs.pop(f"listener-lost {name}", None) is not None:
+            failures = failures or 1
+        if failures:
+            self.log.error("listener-shut", link=name, listen=listen, failures=failures,
+                           detail="the port stopped listening (shut down by another process "
+                           "holding its socket; its clients waiting were reset): listening "
+                           "again")
 
     def _fork_failed(self, listener: Listener | listeners.HeldBacklog, fd: int,
                      address: tuple[str, int], base: int, exc: OSError) -> None:
@@ -2100,6 +2136,14 @@ class Supervisor:
                 or now >= self.drops_checked_at + DROPS_CHECK_AGAIN_AFTER):
             self.drops_checked_at = now
             self.check_drops()
+        if self.accepting:
+            # A listener that could not listen again (_listener_shut) is not watched:
+            # watched again, its handler tries again.
+            for listener in self.listeners:
+                if listener.fd not in self.handlers:
+                    if listener.accept_clients is None:
+                        listener.accept_clients = self._accept_handler(listener)
+                    self._watch(listener.fd, listener.accept_clients)
         tick = self.resolve_tick_at is not None and now >= self.resolve_tick_at - TIMER_SLACK
         if tick:
             self.resolve_tick_at = None  # the next period from now (_arm_resolve_timer)

@@ -68,6 +68,7 @@ from conftest import (
     fresh_cgroup,
     frozen,
     kill_group,
+    listening_ports,
     metrics_pid,
     need,
     read_lines,
@@ -1335,6 +1336,76 @@ def test_accept_emfile_backs_off_and_serves_the_waiting_clients_afterwards(
             assert recv_exact(sock, len(message)) == message
     assert ping_echo(proxy.port)
     assert proxy.proc.poll() is None
+
+
+def shut_down_from_outside(pid: int, port: int) -> None:
+    """Shut the listener `pid` has on `port` down through a copy of it, as another process
+    holding that socket may (one it was handed to, `ss -K`): it stops listening for every
+    holder, and accept() fails EINVAL from then on."""
+    with socket.socket(fileno=hold_the_listener(pid, port)) as copy:
+        copy.shutdown(socket.SHUT_RD)
+
+
+def test_a_listener_shut_down_from_outside_listens_again_with_one_line(
+    start_proxy: StartProxy, tcp_server: ServerFactory
+) -> None:
+    """Such a socket is ready for poll for good, and every accept() fails EINVAL: the
+    supervisor spun on it (64 failed accept() per wakeup, 100% CPU) without a line while
+    the port refused everyone. It says so once, naming the link and the port, and listens
+    on the same socket again: on the same port too when the kernel chose it (port 0),
+    whose port went back to the kernel with the listening."""
+    server = tcp_server(echo)
+    asked = free_port()
+    proxy = start_proxy(f"127.0.0.1:0=127.0.0.1:{server.port}",
+                        f"127.0.0.1:{asked}=127.0.0.1:{server.port}", expect=2)
+    chosen = proxy.ports[0]
+    for port in (chosen, asked):
+        shut_down_from_outside(proxy.pid, port)
+    assert wait_for(lambda: proxy.log().count("listener-shut") == 2), proxy.log()
+    for port, spec in ((chosen, f"127.0.0.1:0=127.0.0.1:{server.port}"),
+                       (asked, f"127.0.0.1:{asked}=127.0.0.1:{server.port}")):
+        [line] = [line for line in proxy.log().splitlines() if f"listen=127.0.0.1:{port} " in line]
+        assert " error listener-shut " in line and f'link="{spec}"' in line, line
+        assert "listening again" in line, line
+        assert ping_echo(port)
+    before = cpu_seconds(proxy.pid)
+    time.sleep(2)
+    assert cpu_seconds(proxy.pid) - before < 0.5, proxy.log()
+    assert proxy.log().count("listener-shut") == 2, proxy.log()
+    assert sorted(listening_ports(proxy.pid)) == sorted([chosen, asked])
+
+
+def test_a_listener_shut_down_that_cannot_listen_again_says_so_and_does_not_spin(
+    start_proxy: StartProxy, tcp_server: ServerFactory
+) -> None:
+    """Shut down while another socket took its port: listen() fails EADDRINUSE. The
+    line says the port is not served and why; the listener is no longer polled (no
+    spin), the other links serve on, and a SIGALRM (the 60 s timer's) tries again."""
+    server, another = tcp_server(echo), tcp_server(echo)
+    proxy = start_proxy(f"127.0.0.1:0=127.0.0.1:{server.port}",
+                        f"127.0.0.1:0=127.0.0.1:{another.port}", expect=2)
+    lost, other = proxy.ports
+    os.kill(proxy.pid, signal.SIGSTOP)
+    try:
+        shut_down_from_outside(proxy.pid, lost)
+        squatter = socket.socket()
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        squatter.bind(("127.0.0.1", lost))
+        squatter.listen()
+    finally:
+        os.kill(proxy.pid, signal.SIGCONT)
+    with squatter:
+        assert wait_for(lambda: "listener-shut" in proxy.log()), proxy.log()
+        [line] = [line for line in proxy.log().splitlines() if "listener-shut" in line]
+        assert f"listen=127.0.0.1:{lost} " in line and 'error="Address already in use"' in line
+        assert "cannot listen again" in line, line
+        before = cpu_seconds(proxy.pid)
+        time.sleep(2)
+        assert cpu_seconds(proxy.pid) - before < 0.5, proxy.log()
+        assert ping_echo(other)
+    proxy.signal(signal.SIGALRM)  # the squatter gone: the next try listens again
+    assert wait_for(lambda: "listening again" in proxy.log()), proxy.log()
+    assert ping_echo(lost)
 
 
 def test_the_first_reap_out_of_descriptors_is_no_crash(
