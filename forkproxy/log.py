@@ -42,6 +42,12 @@ _CUT = "..."
 # reader that stopped for good must not grow the supervisor, whose every page a fork
 # may copy.
 HELD_MAX = 64 * 1024
+# Seconds an exit waits for the log (stderr) to take the lines it holds (Logger.settle),
+# when it holds any: a reader only slow gets them, one that stopped loses them.
+LOG_SETTLE = 0.5
+# The same for the one line that says why `serve` did not start (write_start_error):
+# longer, as it is the only clue to the exit 2, and still bounded.
+START_ERROR_SETTLE = 2.0
 
 
 class Logger:
@@ -582,11 +588,20 @@ def crash_fields(exc: BaseException) -> dict[str, str]:
 
 def write_start_error(message: str, fmt: str) -> None:
     """The one line of an error that keeps `serve` from starting (exit 2): plain text,
-    or with `--log-format json` an `error` record whose event is `start-failed`."""
+    or with `--log-format json` an `error` record whose event is `start-failed`.
+
+    Written as the supervisor writes its lines (never_wait), given START_ERROR_SETTLE
+    to go out, then dropped, as at the supervisor's exit: a blocking write to a log whose
+    reader stopped (a full pipe nobody reads) held the exit for ever, and with it
+    whatever waits for it (a restart policy, a script)."""
+    logger = Logger(ERROR, fmt)
+    logger.never_wait(lambda fd: None)  # settle, below, waits for the room
     if fmt == "json":
-        Logger(ERROR, "json").error("start-failed", error=message)
+        logger.error("start-failed", error=message)
     else:
-        Logger(ERROR)._write(f"forkproxy: error: {message}\n".encode("utf-8", "backslashreplace"))
+        logger._put(f"forkproxy: error: {message}\n".encode("utf-8", "backslashreplace"),
+                    os.getpid())
+    logger.settle(START_ERROR_SETTLE)
 
 
 def format_in(argv: list[str]) -> str:

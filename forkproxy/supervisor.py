@@ -73,7 +73,7 @@ from .config import (
     quoted,
 )
 from .listeners import ACCEPT_BACKOFF, RESOURCE_ERRORS, Listener
-from .log import DEBUG, ERROR_LOG_EVERY, WARNING, Logger, crash_fields, fold
+from .log import DEBUG, ERROR_LOG_EVERY, LOG_SETTLE, WARNING, Logger, crash_fields, fold
 from .process_name import REPORTER, RESOLVER, name_process
 from .relay import Address, RawSocket
 
@@ -113,9 +113,6 @@ METRICS_BACKLOG = 64
 # of its control socket waits (status.REQUEST_DEADLINE).
 TAKE_OVER_TIMEOUT = control.REPORT_TIMEOUT + 5.0
 KILLED_EXIT_WAIT = 1.0  # seconds a stop waits for a helper process it killed (frozen: left)
-# Seconds the exit waits for the log (stderr) to take the lines it holds (Logger.settle),
-# when it holds any: a reader only slow gets them, one that stopped loses them.
-LOG_SETTLE = 0.5
 # Seconds between two scans of all the children for one that exited unannounced (not on
 # the ended pipe: see handle_chld) whose SIGCHLD came folded into another child's.
 SCAN_EVERY = 1.0

@@ -785,8 +785,9 @@ def test_a_start_that_fails_after_binding_metrics_has_freed_the_port_before_its_
     refused (here a FIFO) must close it with the listeners: the error line that follows
     goes to a log reader that may take its time (stderr a pipe nobody drains, as under a
     stalled log driver), and a port held until then refuses the replacement started
-    meanwhile. Seen while the supervisor waits to write that line: the port can be bound
-    by another program already, and again after exit 2."""
+    meanwhile. Seen while the supervisor waits for room for that line (it gives it
+    START_ERROR_SETTLE, sleeping): the port can be bound by another program already, and
+    again after exit 2."""
     fifo = tmp_path / "proxy.pid"
     os.mkfifo(fifo)
     runtime = tmp_path / "runtime"
@@ -801,7 +802,7 @@ def test_a_start_that_fails_after_binding_metrics_has_freed_the_port_before_its_
             env={"PATH": os.environ["PATH"], "XDG_RUNTIME_DIR": str(runtime)})
         os.close(write_end)
         try:
-            assert wait_for(lambda: blocked_writing(proc.pid)), "never wrote its error line"
+            assert wait_for(lambda: waiting_for_room(proc.pid)), "never wrote its error line"
             with socket.socket() as replacement:  # no SO_REUSEADDR: a listener there refuses
                 replacement.bind(("127.0.0.1", port))
                 replacement.listen()
@@ -820,6 +821,46 @@ def test_a_start_that_fails_after_binding_metrics_has_freed_the_port_before_its_
         .encode(), data.lstrip(b"x")
     with socket.socket() as again:
         again.bind(("127.0.0.1", port))
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+@pytest.mark.parametrize("where", ["command line", "supervisor"])
+def test_a_start_error_on_a_full_log_nobody_reads_still_exits_2(
+    log_format: str, where: str,
+) -> None:
+    """The start error's line was a blocking write: stderr a full pipe nobody reads (a
+    stalled log driver), `serve` waited in write() for ever instead of exiting 2, both
+    for bad input found before the supervisor runs and for an error the supervisor finds
+    (a port in use). The line now gets a moment to go out, and is dropped after it."""
+    read_end, write_end = full_pipe()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        spec = ("6379=10.0.0.5:http" if where == "command line"
+                else f"127.0.0.1:{taken.getsockname()[1]}=127.0.0.1:1")
+        try:
+            proc = subprocess.Popen(
+                [FORKPROXY, "serve", "--log-format", log_format, spec],
+                stdout=subprocess.DEVNULL, stderr=write_end, start_new_session=True,
+                text=True, env={"PATH": os.environ["PATH"]})
+            os.close(write_end)
+            try:
+                assert proc.wait(60) == 2
+            finally:
+                if proc.poll() is None:
+                    stuck = blocked_writing(proc.pid)
+                    kill_group(proc)
+                    pytest.fail(f"no exit; blocked writing its line: {stuck}")
+        finally:
+            os.close(read_end)
+
+
+def waiting_for_room(pid: int) -> bool:
+    """The process sleeps between two tries to write what the log holds (Logger.settle)."""
+    try:
+        return "nanosleep" in Path(f"/proc/{pid}/wchan").read_text()
+    except OSError:
+        return False  # gone
 
 
 @pytest.mark.parametrize("mode", [0o200, 0o400, 0o000])
