@@ -808,8 +808,10 @@ def pump(
                         umask = -1
         # Whose FIN the proxy read first. The client's is the usual end; the upstream's
         # is a server ending its clients (its idle timeout, a restart, its death), which
-        # an operator must be able to tell from that. Two FINs in one wakeup are read in
-        # poll's order, a tie either way: nothing tells which was sent first.
+        # an operator must be able to tell from that. Two FINs in one wakeup count as
+        # the client's first, `closed`: nothing tells which was sent first, and poll
+        # lists the client's socket first (registered first; modify keeps its place), so
+        # its EOF is read, and stamped, first, and a tie of the clock goes to it too (<=).
         return CLOSED if up.eof_at <= down.eof_at else UPSTREAM_CLOSED
     except Ended as ended:
         if len(ended.args) > 2:

@@ -6,6 +6,7 @@ import contextlib
 import errno
 import hashlib
 import os
+import select
 import socket
 import subprocess
 import sys
@@ -121,6 +122,27 @@ def test_an_upstream_that_ends_first_is_upstream_closed(
     thread.join(10)
     assert result == [relay.UPSTREAM_CLOSED]
     assert (counters[0], counters[1]) == (len(up), len(down))
+
+
+@pytest.mark.parametrize("mode", ["auto", "splice", "copy"])
+def test_both_fins_in_one_wakeup_count_as_the_clients_first(
+    pairs: tuple[socket.socket, ...], mode: str
+) -> None:
+    """Both FINs already there when the pump first looks: it cannot tell which was sent
+    first, and says `closed` (the client's, the usual end), as relay.pump's comment says;
+    not `upstream-closed` one time in two."""
+    client_peer, client, upstream, upstream_peer = pairs
+    client_peer.shutdown(socket.SHUT_WR)
+    upstream_peer.shutdown(socket.SHUT_WR)
+    both = select.poll()
+    both.register(client, select.POLLIN)
+    both.register(upstream, select.POLLIN)
+    deadline = time.monotonic() + 20
+    while len(both.poll(100)) < 2 and time.monotonic() < deadline:
+        pass
+    thread, result, _ = run_pump(client, upstream, Options(relay=mode))
+    thread.join(10)
+    assert result == [relay.CLOSED]
 
 
 def test_idle_timeout_ends_a_silent_connection(pairs: tuple[socket.socket, ...]) -> None:
