@@ -244,6 +244,11 @@ def accept_backlog(listener: Listener) -> tuple[list[tuple[int, tuple[str, int]]
                 return clients, exc
 
 
+class AddressInUse(ConfigError):
+    """listen_tcp's EADDRINUSE: another socket listens on the port at an address that
+    overlaps ours (bind_all tells one a supervisor taken over holds)."""
+
+
 def listen_tcp(host: str, port: int, backlog: int = BACKLOG) -> socket.socket:
     """A listening TCP socket with SO_REUSEADDR, or ConfigError saying why not."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -287,7 +292,8 @@ def listen_tcp(host: str, port: int, backlog: int = BACKLOG) -> socket.socket:
                           "1024 by default, need CAP_NET_BIND_SERVICE)",
             errno.EADDRNOTAVAIL: "no such address on this host",
         }.get(exc.errno or 0, exc.strerror or str(exc))
-        raise ConfigError(f"cannot listen on {join_host_port(host, port)}: {reason}") from None
+        kind = AddressInUse if exc.errno == errno.EADDRINUSE else ConfigError
+        raise kind(f"cannot listen on {join_host_port(host, port)}: {reason}") from None
     return sock
 
 
@@ -321,7 +327,7 @@ def bind(link: Link) -> Listener:
     try:
         sock = listen_tcp(link.bind, link.port)
     except ConfigError as exc:
-        raise ConfigError(f"{exc} (for {link.name})") from None
+        raise type(exc)(f"{exc} (for {link.name})") from None
     sock.setblocking(False)
     return Listener(link, sock, sock.getsockname()[1])
 
@@ -358,21 +364,30 @@ def bound_address(sock: socket.socket) -> BoundAddress | None:
 
 
 def bind_all(links: Iterable[Link],
-             handed: dict[BoundAddress, socket.socket] | None = None) -> list[Listener]:
+             handed: dict[BoundAddress, socket.socket] | None = None,
+             handed_by: str = "") -> list[Listener]:
     """Every link or none: on the first failure the ones already bound are closed.
 
     `handed`: listening sockets another supervisor handed over (serve --take-over), by
     their bound address: a link with a port of its own and that address takes its socket
     rather than binding one, listening again with our backlog. Those stay the caller's to
     close on failure (closed, never shut down: the supervisor that handed them still serves
-    on them until it is told to stop)."""
+    on them until it is told to stop). `handed_by` names that supervisor, for the error
+    of a link that moves a handed port to another address (moved_port)."""
     handed = handed or {}
     bound: list[Listener] = []
     try:
         for link in links:
             sock = handed.get(address_key(link.bind, link.port)) if link.port else None
             if sock is None:
-                bound.append(bind(link))
+                try:
+                    bound.append(bind(link))
+                except AddressInUse as exc:
+                    held = [address for address in handed
+                            if address[2] == link.port and _overlap(address, link.bind)]
+                    if not held:
+                        raise  # another program's, as the message says
+                    raise ConfigError(moved_port(link, held[0], handed_by)) from exc
                 continue
             try:
                 sock.listen(BACKLOG)
@@ -390,6 +405,35 @@ def bind_all(links: Iterable[Link],
         close_all(listener for listener in bound if listener.sock not in handed.values())
         raise
     return bound
+
+
+def moved_port(link: Link, held: BoundAddress, handed_by: str) -> str:
+    """The error of a take-over whose configuration listens on a port of the supervisor
+    taken over at another address that overlaps its (0.0.0.0:P there, 127.0.0.1:P here):
+    the handed socket holds the port, and only closing it frees it, which a take-over
+    never does (no client refused). What holds it, and the two ways on."""
+    there = join_host_port(_host_of(held), held[2])
+    return (f"cannot listen on {join_host_port(link.bind, link.port)} (for {link.name}): "
+            f"{handed_by} listens on {there}, and serves on; a take-over cannot move a port "
+            f"to another address, which closes it for a moment (clients refused): keep "
+            f"{there} in this configuration, or stop that supervisor first and start this "
+            f"one without --take-over")
+
+
+def _host_of(address: BoundAddress) -> str:
+    return socket.inet_ntop(address[0], address[1])
+
+
+def _overlap(held: BoundAddress, host: str) -> bool:
+    """Whether a socket listening at `held` keeps one at `host` (same port) from
+    listening: the same address, or either of them every address of its family (`::`,
+    as forkproxy binds it, every IPv4 one too)."""
+    there, here = _host_of(held), host.partition("%")[0]
+    if "::" in (there, here):
+        return True
+    if (":" in there) != (":" in here):
+        return False
+    return there in ("0.0.0.0", here) or here == "0.0.0.0"
 
 
 def close_all(listeners: Iterable[Listener]) -> None:

@@ -515,6 +515,7 @@ class Supervisor:
         self.taken_from: socket.socket | None = None
         self.handed: list[socket.socket] = []
         self.handed_names: list[dict[str, object]] = []
+        self.handed_by = ""  # that supervisor, named for an error (listeners.moved_port)
         # The handing end: the connection of the supervisor taking over, until its `go`
         # (handle_taker); and whether we handed our listeners over and are stopping.
         self.taker: socket.socket | None = None
@@ -530,7 +531,7 @@ class Supervisor:
         self.env_file_blank = not env_text.strip()
         self._log_table_warnings(table)
         handed = self._take_over() if self.options.take_over is not None else {}
-        self.listeners = listeners.bind_all(table.links, handed)
+        self.listeners = listeners.bind_all(table.links, handed, self.handed_by)
         try:
             self._listen_options(self.listeners)
             self.metrics_sock = self._bind_metrics()
@@ -616,6 +617,7 @@ class Supervisor:
         self.handed_names = [name if isinstance(name, dict) else {} for name in names]
         self.log.info("taking-over", from_pid=reply.get("pid"), version=reply.get("version"),
                       sockets=len(self.handed))
+        self.handed_by = f"the supervisor taken over (pid {reply.get('pid')})"
         return {address: sock for sock, name in zip(self.handed, self.handed_names, strict=True)
                 if "metrics" not in name
                 and (address := listeners.bound_address(sock)) is not None}

@@ -1045,6 +1045,40 @@ def test_a_take_over_that_fails_leaves_the_old_one_serving(
     assert old.stop() == 0
 
 
+@pytest.mark.parametrize(("old_bind", "new_bind"), [("0.0.0.0", "127.0.0.1"),
+                                                   ("127.0.0.1", "0.0.0.0")])
+def test_a_take_over_that_would_move_a_port_to_another_address_says_what_to_do(
+    start_proxy: Callable[..., Proxy], short_dir: Path, old_bind: str, new_bind: str,
+) -> None:
+    """The old supervisor listens on 0.0.0.0:P, the new configuration wants 127.0.0.1:P
+    (or the reverse): the handed socket holds the port, and a take-over never closes it,
+    so the new one exits 2 and the old serves on, which is right. Its line said "address
+    already in use (another program listens there: `ss -ltnp ...` names it)", sending
+    the user after a program that was the supervisor being taken over. It now names that
+    supervisor and its pid, and the two ways on. In a network namespace of the test's own:
+    0.0.0.0 is every address of the host's otherwise."""
+    path = str(short_dir / "fp.sock")
+    in_lab = (need("unshare"), "--net", "sh", "-c", 'ip link set lo up && exec "$@"', "sh")
+    old = start_proxy("--status-socket", path, f"{old_bind}:0=127.0.0.1:1", prefix=in_lab)
+    port = old.port
+    result = subprocess.run(
+        [need("nsenter"), f"--net={old.network}", FORKPROXY, "serve", "--take-over",
+         "--status-socket", path, f"{new_bind}:{port}=127.0.0.1:1"],
+        capture_output=True, text=True, timeout=60)
+    spec = f"{new_bind}:{port}=127.0.0.1:1"
+    assert (result.returncode, result.stdout) == (2, ""), result
+    assert result.stderr.endswith(
+        f"forkproxy: error: cannot listen on {new_bind}:{port} (for {spec}): the supervisor "
+        f"taken over (pid {old.pid}) listens on {old_bind}:{port}, and serves on; a "
+        f"take-over cannot move a port to another address, which closes it for a moment "
+        f"(clients refused): keep {old_bind}:{port} in this configuration, or stop that "
+        f"supervisor first and start this one without --take-over\n"), result.stderr
+    assert old.proc.poll() is None
+    assert wait_for(lambda: "take-over-abandoned" in old.log())
+    assert control(Path(path), "check")["ok"] is True
+    assert old.stop() == 0
+
+
 def test_a_supervisor_does_not_hand_over_to_one_started_before_it(
     start_proxy: Callable[..., Proxy], tcp_server: ServerFactory, short_dir: Path,
 ) -> None:
