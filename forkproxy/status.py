@@ -310,7 +310,8 @@ _STATUS = _object(
      "start_time": _NUMBER},
 )
 _CHECK = _object({"ok": _BOOL, "stopping": _BOOL, "listeners": _LISTENERS},
-                 {"metrics": _METRICS, "last_reload": _LAST_RELOAD})
+                 {"metrics": _METRICS, "last_reload": _LAST_RELOAD,
+                  "not_listening": _list_of(_TEXT)})
 _OK = _object({"ok": _BOOL})
 _RELOADED = _object({"listeners": _LISTENERS}, {"error": _nullable(_TEXT)})
 _NOT_RELOADED = _object({"error": _TEXT}, {"listeners": _LISTENERS})
@@ -357,7 +358,8 @@ def _read_reply(command: str, data: bytes) -> dict[str, Any]:
         _STATUS(reply, "")
     elif command == "check":
         _CHECK(reply, "")
-        if reply["ok"] != (not reply["stopping"] and bool(reply["listeners"])):
+        if reply["ok"] != (not reply["stopping"] and bool(reply["listeners"])
+                           and not reply.get("not_listening")):
             raise _Misfit("ok contradicts stopping and listeners")
     elif command == "reload":
         _OK(reply, "")
@@ -842,8 +844,12 @@ def run_check(path: str | None, output: Say, say: Say) -> int:
     if reply is None:
         return 1
     if not reply.get("ok"):
-        say("forkproxy: unhealthy: " + ("stopping" if reply.get("stopping")
-                                         else "no listener bound"))
+        lost = shown(reply.get("not_listening"))
+        say("forkproxy: unhealthy: " + (
+            "stopping" if reply.get("stopping")
+            else "not listening (shut down from outside, and it cannot listen again): "
+                 + ", ".join(lost) if lost
+            else "no listener bound"))
         return 1
     # Metrics down, or a failed last reload, are said, not failed on: see
     # Supervisor.handle_control_request.

@@ -516,6 +516,9 @@ class Supervisor:
         self.handed: list[socket.socket] = []
         self.handed_names: list[dict[str, object]] = []
         self.handed_by = ""  # that supervisor, named for an error (listeners.moved_port)
+        # Listeners shut down from outside that could not listen again (_listener_shut):
+        # not served, so `check` fails. Empty but for that.
+        self.not_listening: set[Listener] = set()
         # The handing end: the connection of the supervisor taking over, until its `go`
         # (handle_taker); and whether we handed our listeners over and are stopping.
         self.taker: socket.socket | None = None
@@ -1518,14 +1521,17 @@ class Supervisor:
             listener.listen_again()
         except OSError as exc:
             self._unwatch(listener.fd)
+            self.not_listening.add(listener)
             failures = fold(self.pause_logs, f"listener-lost {name}")
             if failures:
                 self.log.error("listener-shut", link=name, listen=listen, error=exc.strerror,
                                failures=failures,
                                detail="the port stopped listening (shut down by another "
                                "process holding its socket) and cannot listen again: not "
-                               "served; trying again at each SIGALRM (at least every 60 s)")
+                               "served, `check` fails; trying again when accepting resumes "
+                               "and at each SIGALRM (at least every 60 s)")
             return
+        self.not_listening.discard(listener)
         failures = fold(self.pause_logs, f"listener-shut {name}")
         if self.pause_logs.pop(f"listener-lost {name}", None) is not None:
             failures = failures or 1
@@ -2460,6 +2466,7 @@ class Supervisor:
         for listener in self.listeners:
             self._unwatch(listener.fd)
         listeners.close_all(retired)
+        self.not_listening.difference_update(retired)
         self.listeners = kept
         # A link no longer configured (or renamed: its name is its sources') leaves status
         # and metrics with its last live connection, rather than staying there for good,
@@ -2656,11 +2663,15 @@ class Supervisor:
             # A failed last reload is said too, not failed on, for the same reason: the
             # previous configuration serves, and a restart would cut every connection to
             # run it (or, were the file still broken, not start at all).
-            ok = not self.stopping and bool(self.listeners)
+            # A port shut down from outside that cannot listen again (_listener_shut) is
+            # one not served: unhealthy, unlike those above, as a port never bound is.
+            lost = [f"{_listener_ends(listener)[0]} ({listener.link.name})"
+                    for listener in self.listeners if listener in self.not_listening]
+            ok = not self.stopping and bool(self.listeners) and not lost
             clocks = read_clocks()
             return {"ok": ok, "stopping": self.stopping, "listeners": self._listener_table(),
                     "metrics": self._metrics_state(clocks),
-                    "last_reload": self._last_reload(clocks)}
+                    "last_reload": self._last_reload(clocks), "not_listening": lost}
         if command == "status":
             return None if self.answer_in_child(client) else self.status_reply()
         if command == control.HAND_OVER:

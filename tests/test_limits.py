@@ -1376,13 +1376,16 @@ def test_a_listener_shut_down_from_outside_listens_again_with_one_line(
 
 
 def test_a_listener_shut_down_that_cannot_listen_again_says_so_and_does_not_spin(
-    start_proxy: StartProxy, tcp_server: ServerFactory
+    start_proxy: StartProxy, tcp_server: ServerFactory, short_dir: Path
 ) -> None:
     """Shut down while another socket took its port: listen() fails EADDRINUSE. The
     line says the port is not served and why; the listener is no longer polled (no
-    spin), the other links serve on, and a SIGALRM (the 60 s timer's) tries again."""
+    spin), the other links serve on, `check` fails naming it, and a SIGALRM (the 60 s
+    timer's) tries again."""
     server, another = tcp_server(echo), tcp_server(echo)
-    proxy = start_proxy(f"127.0.0.1:0=127.0.0.1:{server.port}",
+    sock_path = short_dir / "s.sock"
+    proxy = start_proxy("--status-socket", str(sock_path),
+                        f"127.0.0.1:0=127.0.0.1:{server.port}",
                         f"127.0.0.1:0=127.0.0.1:{another.port}", expect=2)
     lost, other = proxy.ports
     os.kill(proxy.pid, signal.SIGSTOP)
@@ -1403,9 +1406,16 @@ def test_a_listener_shut_down_that_cannot_listen_again_says_so_and_does_not_spin
         time.sleep(2)
         assert cpu_seconds(proxy.pid) - before < 0.5, proxy.log()
         assert ping_echo(other)
+        # A port not served fails the health check, naming it.
+        unhealthy = cli("check", "--status-socket", str(sock_path))
+        assert (unhealthy.returncode, unhealthy.stdout) == (1, ""), unhealthy
+        assert unhealthy.stderr == (
+            "forkproxy: unhealthy: not listening (shut down from outside, and it cannot "
+            f"listen again): 127.0.0.1:{lost} (127.0.0.1:0=127.0.0.1:{server.port})\n")
     proxy.signal(signal.SIGALRM)  # the squatter gone: the next try listens again
     assert wait_for(lambda: "listening again" in proxy.log()), proxy.log()
     assert ping_echo(lost)
+    assert cli("check", "--status-socket", str(sock_path)).returncode == 0
 
 
 def test_the_first_reap_out_of_descriptors_is_no_crash(
