@@ -116,23 +116,26 @@ class Listener:
         return self.link.describe(self.port)
 
     def listen_again(self) -> None:
-        """Listen again on this socket, which stopped listening under us: another process
-        holding a copy of it shut it down (shutdown(SHUT_RD) on its copy, `ss -K`), which
-        accept() tells by EINVAL. OSError when it cannot (EADDRINUSE: a socket of someone
-        else's listens on the port meanwhile).
+        """Listen again at this listener's address and port, after its socket stopped
+        listening under us: another process holding a copy of it shut it down
+        (shutdown(SHUT_RD) on its copy), or an operator's `ss -K` destroyed it, which
+        accept() tells by EINVAL. ConfigError saying why when it cannot (another socket
+        listens on the port meanwhile: address already in use).
 
-        Its port stays its own when it was asked for by number; one the kernel chose (port
-        0 asked) went back to the kernel with the listening, and a bare listen() would
-        take another: it is bound again to the same one first. An abort's error (`ss -K`:
-        ECONNABORTED) stays on the socket and keeps poll reporting it: read, so cleared."""
-        sock = self.sock
-        sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        On a fresh socket, put in place of the old one on the same descriptor (dup2), so
+        that whatever holds the number (the accept handler, the poll, `waiting`) goes on
+        unchanged. The old socket will not do: listen() takes it up again after a
+        shutdown, but after `ss -K` every connection accepted from it is born shut down
+        (the kernel's abort left SHUTDOWN_MASK on the listener, which its children
+        copy), and the other holder of a copy would get our listener back too. Its
+        handshake drops count from 0 again (drops: the running total goes on)."""
+        fresh = listen_tcp(self.link.bind, self.port)
         try:
-            sock.bind(sock.getsockname())
-        except OSError as exc:
-            if exc.errno != errno.EINVAL:  # EINVAL: still bound to its port
-                raise
-        sock.listen(BACKLOG)
+            fresh.setblocking(False)
+            os.dup2(fresh.fileno(), self.sock.fileno(), inheritable=False)
+        finally:
+            fresh.close()
+        self.drops_raw = 0
 
 
 def kernel_listen_drops(netstat: str = "/proc/self/net/netstat") -> int | None:

@@ -1506,28 +1506,32 @@ class Supervisor:
         self._pause_accepting("accept-failed", listener, exc)
 
     def _listener_shut(self, listener: Listener | listeners.HeldBacklog) -> None:
-        """accept() failed EINVAL: the socket is not listening any more, shut down by
-        another process holding a copy of it (its clients waiting were reset). Poll
-        reports such a socket ready for good: the loop spun on accept() failing (100%
-        CPU, no line) while the port refused everyone. Listen on it again, with a line
-        (folded per link); when that fails too, stop watching it, and try again when
-        accepting resumes or at the next SIGALRM (handle_alarm): folded per link, and
-        the line that it listens again is always written after one that it could not."""
+        """accept() failed EINVAL: the socket is not listening any more, shut down from
+        outside (another process holding a copy of it, `ss -K`; its clients waiting were
+        reset). Poll reports such a socket ready for good: the loop spun on accept()
+        failing (100% CPU, no line) while the port refused everyone. Listen again
+        (Listener.listen_again), with a line (folded per link); when that fails too,
+        stop watching it, fail `check` (not_listening), and try again when accepting
+        resumes or at the next SIGALRM (handle_alarm): folded per link, and the line
+        that it listens again is always written after one that it could not."""
         if isinstance(listener, listeners.HeldBacklog):
             return  # its clients are accepted already: never EINVAL
         name = listener.link.name
         listen = _listener_ends(listener)[0]
         try:
             listener.listen_again()
-        except OSError as exc:
+            self._listen_options([listener])  # as at its start, where they took
+        except (OSError, ConfigError) as exc:  # OSError: socket() out of descriptors
             self._unwatch(listener.fd)
             self.not_listening.add(listener)
             failures = fold(self.pause_logs, f"listener-lost {name}")
             if failures:
-                self.log.error("listener-shut", link=name, listen=listen, error=exc.strerror,
+                error = exc.strerror if isinstance(exc, OSError) else str(exc)
+                self.log.error("listener-shut", link=name, listen=listen, error=error,
                                failures=failures,
-                               detail="the port stopped listening (shut down by another "
-                               "process holding its socket) and cannot listen again: not "
+                               detail="the port stopped listening (its socket shut down from "
+                               "outside: another process holding it, `ss -K`) and cannot "
+                               "listen again: not "
                                "served, `check` fails; trying again when accepting resumes "
                                "and at each SIGALRM (at least every 60 s)")
             return
@@ -1537,9 +1541,9 @@ class Supervisor:
             failures = failures or 1
         if failures:
             self.log.error("listener-shut", link=name, listen=listen, failures=failures,
-                           detail="the port stopped listening (shut down by another process "
-                           "holding its socket; its clients waiting were reset): listening "
-                           "again")
+                           detail="the port stopped listening (its socket shut down from "
+                           "outside: another process holding it, `ss -K`; its clients "
+                           "waiting were reset): listening again")
 
     def _fork_failed(self, listener: Listener | listeners.HeldBacklog, fd: int,
                      address: tuple[str, int], base: int, exc: OSError) -> None:
