@@ -1915,10 +1915,11 @@ class Supervisor:
         listener would reset them, so they are served like the ones accepted before: at
         once while under --max-children, and those beyond it are accepted and held (not
         forked: the limit stands) until a child exits (or, stopping, the grace ends)."""
-        if not _may_be_waiting(listener):
+        if listener in self.not_listening or not _may_be_waiting(listener):
             # Nobody in its backlog: no accept() to try, which out of descriptors would
             # fail anyway (Linux wants a free one before it looks at the queue) and be
-            # logged as clients reset that were never there.
+            # logged as clients reset that were never there. (A listener shut down from
+            # outside has no backlog, and poll says it ready for good.)
             return
         if not self.held:
             # Else clients whose fork failed are first in line: the backlog is held behind

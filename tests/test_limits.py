@@ -1382,13 +1382,15 @@ def test_a_listener_shut_down_from_outside_listens_again_with_one_line(
     assert sorted(listening_ports(proxy.pid)) == sorted([chosen, asked])
 
 
+@pytest.mark.parametrize("then", ["a SIGALRM", "a stop"])
 def test_a_listener_shut_down_that_cannot_listen_again_says_so_and_does_not_spin(
-    start_proxy: StartProxy, tcp_server: ServerFactory, short_dir: Path
+    start_proxy: StartProxy, tcp_server: ServerFactory, short_dir: Path, then: str
 ) -> None:
     """Shut down while another socket took its port: listen() fails EADDRINUSE. The
     line says the port is not served and why; the listener is no longer polled (no
     spin), the other links serve on, `check` fails naming it, and a SIGALRM (the 60 s
-    timer's) tries again."""
+    timer's) tries again. A stop meanwhile drains no backlog of it (it has none): no
+    `accept-failed` line saying clients were reset, no try to listen again."""
     server, another = tcp_server(echo), tcp_server(echo)
     sock_path = short_dir / "s.sock"
     proxy = start_proxy("--status-socket", str(sock_path),
@@ -1419,6 +1421,11 @@ def test_a_listener_shut_down_that_cannot_listen_again_says_so_and_does_not_spin
         assert unhealthy.stderr == (
             "forkproxy: unhealthy: not listening (shut down from outside, and it cannot "
             f"listen again): 127.0.0.1:{lost} (127.0.0.1:0=127.0.0.1:{server.port})\n")
+        if then == "a stop":
+            assert proxy.stop() == 0
+            assert "accept-failed" not in proxy.log(), proxy.log()
+            assert proxy.log().count("listener-shut") == 1, proxy.log()
+            return
     proxy.signal(signal.SIGALRM)  # the squatter gone: the next try listens again
     assert wait_for(lambda: "listening again" in proxy.log()), proxy.log()
     assert ping_echo(lost)
