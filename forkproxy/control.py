@@ -11,6 +11,7 @@ import json
 import os
 import socket
 import stat
+import struct
 import time
 from collections.abc import Callable
 
@@ -447,6 +448,41 @@ def _remove_if_stale(path: str) -> None:
 HAND_OVER = "hand-over"
 # Descriptors per message: the kernel takes at most SCM_MAX_FD (253) in one.
 FDS_PER_MESSAGE = 250
+
+
+# struct ucred: pid, uid, gid (SO_PEERCRED)
+_UCRED = struct.Struct("3i")
+
+
+def taker_refused(sock: socket.socket, claimed_pid: object) -> str | None:
+    """Why the peer on `sock`, asking for our listening sockets (`hand-over`), may not
+    have them; None when it may. Whoever can connect to the control socket may ask
+    `status`, `check` and `reload`, but the listeners let a process answer our clients
+    and `go` stops us: only a process of our own, as the kernel names it (SO_PEERCRED,
+    read at its connect(), not the pid it claims), gets them. It must be visible in our
+    PID namespace, and be the pid it says it is (which `handing-over` logs); run as our
+    user or root; and be in our network namespace, as a supervisor taking over from
+    us is (a listener taken into another namespace would serve our clients from there).
+    HAProxy has the same rule: `expose-fd listeners` only on a socket given it."""
+    try:
+        pid, uid, _ = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                    _UCRED.size))
+    except OSError as exc:
+        return f"its credentials cannot be read ({exc.strerror or exc})"
+    if pid == 0:
+        return "it runs in a PID namespace this supervisor cannot see"
+    if type(claimed_pid) is not int or claimed_pid != pid:
+        return f"its connection is process {pid}'s, which is not the pid it sent"
+    if uid not in (0, os.getuid()):
+        return f"it runs as uid {uid}, neither this supervisor's user nor root"
+    try:
+        theirs = os.stat(f"/proc/{pid}/ns/net")
+        ours = os.stat("/proc/self/ns/net")
+    except OSError as exc:
+        return f"its network namespace cannot be read ({exc.strerror or exc})"
+    if (theirs.st_dev, theirs.st_ino) != (ours.st_dev, ours.st_ino):
+        return "it runs in another network namespace"
+    return None
 
 
 def send_sockets(sock: socket.socket, reply: dict[str, object],

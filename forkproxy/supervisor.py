@@ -2691,6 +2691,16 @@ class Supervisor:
         Not to a supervisor started before us (`taker_started`, control.process_start):
         two take-overs started one after the other, the later (us, having taken over
         first) holds the newer configuration."""
+        refused = control.taker_refused(client, taker_pid)
+        if refused is not None:
+            # Before anything is logged, sent or written: a loop of such requests must
+            # cost one line per ERROR_LOG_EVERY, and never our pid file (handle_taker).
+            failures = fold(self.pause_logs, "take-over-refused")
+            if failures:
+                self.log.warning("take-over-refused", error=refused, failures=failures,
+                                 detail="a process asked for the listening sockets: "
+                                 "not handed, serving on")
+            return {"ok": False, "error": f"not to that process: {refused}"}
         if self.stopping:
             return {"ok": False, "error": "stopping"}
         if self.taker is not None:

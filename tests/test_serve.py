@@ -11,12 +11,14 @@ import signal
 import socket
 import struct
 import subprocess
+import sys
 import termios
 import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -1092,11 +1094,82 @@ def test_a_supervisor_does_not_hand_over_to_one_started_before_it(
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
         conn.settimeout(20)
         conn.connect(path)
-        conn.sendall(json.dumps({"command": "hand-over", "pid": 1, "started": 0}).encode()
-                     + b"\n")
+        conn.sendall(json.dumps({"command": "hand-over", "pid": os.getpid(),
+                                 "started": 0}).encode() + b"\n")
         reply = json.loads(conn.makefile("rb").readline())
     assert reply["ok"] is False and "started before this supervisor" in reply["error"], reply
     assert "handing-over" not in proxy.log()
+    assert _echoed(proxy.port, os.urandom(4096))
+    assert proxy.stop() == 0
+
+
+# A fake taker: asks for the listening sockets as `serve --take-over` does, claiming the
+# pid argv[2] (its own when "self"), and prints the reply line and the sockets it got.
+_FAKE_TAKER = """
+import json, os, socket, sys
+conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+conn.settimeout(20)
+conn.connect(sys.argv[1])
+pid = os.getpid() if sys.argv[2] == "self" else int(sys.argv[2])
+conn.sendall(json.dumps({"command": "hand-over", "pid": pid}).encode() + b"\\n")
+data, fds = b"", []
+while b"\\n" not in data:
+    chunk, got, _, _ = socket.recv_fds(conn, 65536, 16)
+    data, fds = data + chunk, fds + got
+    if not chunk:
+        break
+print(json.dumps({"reply": json.loads(data.split(b"\\n")[0]), "sockets": len(fds)}))
+"""
+
+
+def _fake_taker(path: str, claimed: str, *prefix: str) -> dict[str, Any]:
+    result = subprocess.run([*prefix, sys.executable, "-c", _FAKE_TAKER, path, claimed],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result
+    found: dict[str, Any] = json.loads(result.stdout)
+    return found
+
+
+def test_the_listening_sockets_go_only_to_a_process_of_our_own(
+    start_proxy: Callable[..., Proxy], tcp_server: ServerFactory, short_dir: Path,
+) -> None:
+    """Any process that could connect to the control socket got the listening sockets by
+    asking `hand-over` (and could stop the supervisor with `go`): one in another network
+    and PID namespace sharing only the socket's directory answered the proxy's clients
+    from there, and after a chmod of the socket so did user nobody. The pid it claimed
+    was never checked. Now the kernel's word (SO_PEERCRED) decides: the peer must be the
+    pid it claims, run as our user or root, in our network namespace; else it is told
+    no, with one `take-over-refused` line however many ask, and nothing else is logged
+    or written (the pid file is left alone)."""
+    server = tcp_server(echo)
+    path, pid_file = str(short_dir / "fp.sock"), short_dir / "fp.pid"
+    proxy = start_proxy("--status-socket", path, "--pid-file", str(pid_file),
+                        f"127.0.0.1:0=127.0.0.1:{server.port}")
+    written = pid_file.stat()
+    unshare = need("unshare")
+    cases = {
+        "not the pid it sent": _fake_taker(path, "1", unshare, "--pid", "--net", "--fork",
+                                           "--mount-proc"),
+        "another network namespace": _fake_taker(path, "self", unshare, "--net"),
+    }
+    os.chmod(short_dir, 0o755)
+    os.chmod(path, 0o666)  # an operator's, so that a monitoring user can ask `check`
+    cases["uid 65534"] = _fake_taker(path, "self", need("setpriv"), "--reuid=65534",
+                                     "--regid=65534", "--clear-groups")
+    for _ in range(20):
+        cases["the pid of another"] = _fake_taker(path, str(proxy.pid))
+    for case, found in cases.items():
+        assert found["sockets"] == 0, (case, found)
+        assert found["reply"]["ok"] is False, (case, found)
+        assert found["reply"]["error"].startswith("not to that process: "), (case, found)
+    assert "another network namespace" in cases["another network namespace"]["reply"]["error"]
+    assert "uid 65534" in cases["uid 65534"]["reply"]["error"]
+    assert "not the pid it sent" in cases["not the pid it sent"]["reply"]["error"]
+    log = proxy.log()
+    assert log.count(" take-over-refused ") == 1, log
+    assert "handing-over" not in log and "take-over-abandoned" not in log, log
+    assert pid_file.stat().st_mtime_ns == written.st_mtime_ns
+    assert control(Path(path), "check")["ok"] is True  # others still ask what they did
     assert _echoed(proxy.port, os.urandom(4096))
     assert proxy.stop() == 0
 
