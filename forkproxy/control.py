@@ -108,6 +108,10 @@ class ControlServer:
         check_path(path)
         self.sock, self.identity = _listen(path, replace)
         self.clients: dict[int, _Client] = {}
+        # While a handler runs: what its client sent after the request line, read with
+        # it. A handler that takes the connection over (hand-over) reads on from there:
+        # a taker that wrote "hand-over" and "go" at once was never heard saying `go`.
+        self.after_line = b""
 
     def lost(self) -> bool:
         """Is our socket file gone from its name (an operator's rm, systemd-tmpfiles'
@@ -215,8 +219,11 @@ class ControlServer:
                 # A line, or what came before the end of the client's writing: a request
                 # sent without a newline, then a shutdown (`printf ... | socat - UNIX:...`),
                 # is answered too, not dropped without a word.
-                line = client.inbox.split(b"\n", 1)[0]
-                outbox = self._reply(line, client.sock)
+                line, _, self.after_line = client.inbox.partition(b"\n")
+                try:
+                    outbox = self._reply(line, client.sock)
+                finally:
+                    self.after_line = b""
                 if outbox is None:
                     return self._drop(fd)  # answered by another process: close our copy
                 if isinstance(outbox, Later):
@@ -566,12 +573,25 @@ def ask_for_sockets(path: str, timeout: float, pid: int,
 
 def say_go(conn: socket.socket) -> dict[str, object]:
     """Tell the supervisor that handed its sockets over to stop accepting on them (the
-    taker is ready to serve): its last reply, once it has (OSError, ValueError if none)."""
-    conn.sendall(b"go\n")
+    taker is ready to serve): its last reply, once it has (OSError, ValueError if none).
+    Its reply is read even when the `go` could not be sent: one that gave up waiting for
+    it (HAND_OVER_DEADLINE) said no, then may have closed."""
+    unsent: OSError | None = None
+    try:
+        conn.sendall(b"go\n")
+    except OSError as exc:
+        unsent = exc
     data = b""
     while b"\n" not in data:
-        chunk = conn.recv(MAX_REQUEST)
+        try:
+            chunk = conn.recv(MAX_REQUEST)
+        except OSError:
+            if unsent is not None:
+                raise unsent from None
+            raise
         if not chunk:
+            if unsent is not None:
+                raise unsent
             raise ValueError("closed without a reply")
         data += chunk
     reply = json.loads(data.split(b"\n", 1)[0])

@@ -112,6 +112,14 @@ METRICS_BACKLOG = 64
 # Seconds serve --take-over waits for the supervisor taken over at each step: as a client
 # of its control socket waits (status.REQUEST_DEADLINE).
 TAKE_OVER_TIMEOUT = control.REPORT_TIMEOUT + 5.0
+# Seconds the supervisor handing over waits for `go` once the sockets are sent; then it
+# gives up (`take-over-abandoned`), tells the taker no, and is itself again (reloads, a
+# new take-over). The taker's work in between is its own start (binding the rest, the
+# control socket, the pid file): less than a second. As long as the taker waits for our
+# answer to its `go` (TAKE_OVER_TIMEOUT): each side gives the other one step's time.
+# One step late is told no, and exits; only one that got our yes (or no word at all, our
+# stall) serves: never both, never neither.
+HAND_OVER_DEADLINE = TAKE_OVER_TIMEOUT
 KILLED_EXIT_WAIT = 1.0  # seconds a stop waits for a helper process it killed (frozen: left)
 # Seconds between two scans of all the children for one that exited unannounced (not on
 # the ended pipe: see handle_chld) whose SIGCHLD came folded into another child's.
@@ -523,6 +531,10 @@ class Supervisor:
         # (handle_taker); and whether we handed our listeners over and are stopping.
         self.taker: socket.socket | None = None
         self.taker_said = b""
+        self.taker_deadline: float | None = None  # for its `go`: HAND_OVER_DEADLINE
+        # One that was told no at that deadline, until it goes away: then the socket file
+        # and pid file it may have replaced are made again (_own_again).
+        self.late_taker: socket.socket | None = None
         self.handed_over = False
 
     # -- start and stop -------------------------------------------------------------
@@ -1874,6 +1886,8 @@ class Supervisor:
             self._unwatch(self.taker.fileno())  # a take-over under way: it fails (EOF)
             self.taker.close()
             self.taker = None
+        self.taker_deadline = None
+        self._forget_late_taker()
         self.stopping = True
         self.handed_over = handed_over
         self.stop_began = time.monotonic()
@@ -2125,7 +2139,7 @@ class Supervisor:
         elif restart or self.resolve_tick_at is None:
             self.resolve_tick_at = now + every
         wakes = [at for at in (self.resolve_tick_at, self._resolver_deadline(),
-                               self.control_check_at) if at is not None]
+                               self.control_check_at, self.taker_deadline) if at is not None]
         signal.setitimer(signal.ITIMER_REAL, max(min(wakes) - now, 0.001) if wakes else 0.0)
 
     def handle_alarm(self) -> None:
@@ -2137,6 +2151,9 @@ class Supervisor:
         deadline's (or the control socket check's) is taken as the deadline's. Each
         SIGALRM also checks the control socket's file (check_control: one lstat)."""
         now = time.monotonic()
+        handing = self.taker_deadline is not None and now >= self.taker_deadline - TIMER_SLACK
+        if handing:
+            self._taker_deadline_due()
         self.check_control()
         checked = (self.control_check_at is not None
                    and now >= self.control_check_at - TIMER_SLACK)
@@ -2159,7 +2176,8 @@ class Supervisor:
             self.resolve_tick_at = None  # the next period from now (_arm_resolve_timer)
         deadline = self._resolver_deadline()
         self._resolver_timed_out(now)
-        if tick or (not checked and (deadline is None or now < deadline - TIMER_SLACK)):
+        if tick or (not checked and not handing
+                    and (deadline is None or now < deadline - TIMER_SLACK)):
             self.count_fallbacks()
             self.start_resolver()
         self._arm_resolve_timer()
@@ -2729,45 +2747,112 @@ class Supervisor:
             self.log.warning("take-over-failed", error=exc.strerror or str(exc),
                              detail="could not send the listening sockets: serving on")
             return None
-        self.taker, self.taker_said = taker, b""
+        assert self.control is not None  # whose client asked
+        self.taker, self.taker_said = taker, self.control.after_line
         self._watch(taker.fileno(), self.handle_taker)
         self.log.info("handing-over", to_pid=taker_pid, sockets=len(handed))
+        # Its `go` read with the request (no poll comes for it): taken at once, by the timer.
+        now = time.monotonic()
+        self.taker_deadline = now if b"\n" in self.taker_said else now + HAND_OVER_DEADLINE
+        self._arm_resolve_timer()
         return None
 
     def handle_taker(self, events: int) -> None:
         """The supervisor taking over says `go` (it listens on our sockets, and its control
         socket and pid file are in place): stop as at SIGTERM, but leave the backlogs to it;
         or it went away without (it could not start): serve on as before."""
+        if self._read_taker():
+            self._taker_done()
+
+    def _read_taker(self) -> bool:
+        """Read what the taker says: True once it said a line, went away, or said too much."""
         assert self.taker is not None
         try:
             data = self.taker.recv(control.MAX_REQUEST)
         except (BlockingIOError, InterruptedError):
-            return
+            return b"\n" in self.taker_said
         except OSError:
             data = b""
         self.taker_said += data
-        if data and b"\n" not in self.taker_said and len(self.taker_said) < control.MAX_REQUEST:
-            return
+        return (not data or b"\n" in self.taker_said
+                or len(self.taker_said) >= control.MAX_REQUEST)
+
+    def _taker_deadline_due(self) -> None:
+        """HAND_OVER_DEADLINE passed with no `go` (or a `go` read with the request): a taker
+        that stalled, or never meant to say it, must not keep us from reloads and from
+        the next take-over for ever. What it sent meanwhile is read first: a `go` that
+        came while we were stopped ourselves (SIGSTOP, swapping) still counts."""
+        self.taker_deadline = None
+        if self.taker is not None:
+            self._taker_done(timed_out=not self._read_taker())
+
+    def _taker_done(self, timed_out: bool = False) -> None:
+        assert self.taker is not None
         taker, self.taker = self.taker, None
+        self.taker_deadline = None
         self._unwatch(taker.fileno())
-        if self.taker_said.split(b"\n", 1)[0] == b"go" and not self.stopping:
+        if not timed_out and self.taker_said.split(b"\n", 1)[0] == b"go" and not self.stopping:
             self.handle_stop(signal.SIGTERM, handed_over=True)
             try:
                 taker.settimeout(control.REPORT_TIMEOUT)
                 taker.sendall(control.encode_reply({"ok": True}))
             except OSError:
                 pass  # gone: it serves all the same, or not at all
+            taker.close()
+            return
+        if timed_out:
+            self.log.warning("take-over-abandoned", detail="the supervisor taking over did "
+                             f"not say it was ready within {HAND_OVER_DEADLINE:g}s: serving "
+                             "on (it is told no if it does later)")
+            # Its answer, waiting for its `go`: a taker resumed late reads a no and exits,
+            # never serving beside us (its wait for an answer that never comes means we
+            # stalled, and it serves on). Kept open until it goes: see _own_again.
+            try:
+                taker.send(control.encode_reply({
+                    "ok": False, "error": "too late: it did not say `go` within "
+                    f"{HAND_OVER_DEADLINE:g}s of the hand-over, and serves on"}))
+            except OSError:
+                pass  # gone, or not reading: it fails at its `go` either way
+            self._forget_late_taker()
+            self.late_taker = taker
+            self._watch(taker.fileno(), self.handle_late_taker)
         else:
             self.log.warning("take-over-abandoned", detail="the supervisor taking over went "
                              "away before it was ready: serving on")
-            # It may have replaced our socket file and pid file, then removed them.
-            self.check_control()
-            if self.pid_file_written is not None:
-                try:
-                    self._write_pid_file()
-                except ConfigError as exc:
-                    self.log.warning("pid-file-failed", error=str(exc))
-        taker.close()
+            taker.close()
+        self._own_again()
+
+    def handle_late_taker(self, events: int) -> None:
+        """A taker told no at the deadline: what it says is not heard; once it is gone,
+        the socket file and pid file it replaced meanwhile (and removed) are made again."""
+        assert self.late_taker is not None
+        try:
+            data = self.late_taker.recv(control.MAX_REQUEST)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if data:
+            return
+        self._forget_late_taker()
+        if self.taker is None:  # else the files are the next taker's now
+            self._own_again()
+
+    def _forget_late_taker(self) -> None:
+        if self.late_taker is not None:
+            self._unwatch(self.late_taker.fileno())
+            self.late_taker.close()
+            self.late_taker = None
+
+    def _own_again(self) -> None:
+        """A take-over that did not happen: the taker may have replaced our socket file and
+        pid file, then removed them."""
+        self.check_control()
+        if self.pid_file_written is not None:
+            try:
+                self._write_pid_file()
+            except ConfigError as exc:
+                self.log.warning("pid-file-failed", error=str(exc))
 
     def status_reply(self, counters: memoryview | None = None,
                      kernel: list[ListenerReading] | None = None) -> dict[str, object]:

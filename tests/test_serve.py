@@ -1220,6 +1220,84 @@ def test_a_take_over_whose_old_supervisor_stalls_after_go_serves_on(
             kill_group(new)
 
 
+def test_a_taker_that_stalls_before_go_is_given_up_and_told_no_when_it_resumes(
+    start_proxy: Callable[..., Proxy], tcp_server: ServerFactory, short_dir: Path,
+) -> None:
+    """A taker that got the sockets and then stalled before `go` (stopped, frozen, or a
+    fake one that never says it) left the old supervisor handing over for ever: reloads
+    skipped, every other take-over refused ("another take-over is under way"), its
+    socket file never made again. It now waits HAND_OVER_DEADLINE, then gives up
+    (`take-over-abandoned`) and says no on that connection: the taker, resumed, reads it
+    at its `go` and exits 2 (no `take-over-unconfirmed`: it never serves beside the old
+    one), and the old one, once it has gone, makes its socket file and pid file again
+    and takes reloads and take-overs as before."""
+    server = tcp_server(echo)
+    path, pid_file = str(short_dir / "fp.sock"), short_dir / "fp.pid"
+    common = ("--status-socket", path, "--pid-file", str(pid_file))
+    spec = f"127.0.0.1:0=127.0.0.1:{server.port}"
+    old = start_proxy(*common, spec)
+    log = short_dir / "new.log"
+    with OpenGate(pid_file) as gate:
+        new = _taking_over((*common, f"127.0.0.1:{old.port}=127.0.0.1:{server.port}"), log)
+        # Held at its pid file: it holds the sockets, its socket file replaced ours.
+        at_pid_file = gate.held_open()
+        abandoned = wait_for(lambda: "take-over-abandoned" in old.log(), timeout=60)
+        # The old one writes its pid file again: let it.
+        rewriting = gate.held_open() if abandoned else None
+        gate.let_through()
+    with new:
+        try:
+            assert at_pid_file == new.pid
+            assert abandoned, old.log()
+            assert rewriting == old.pid
+            assert new.wait(30) == 2, log.read_text()
+            assert "too late: it did not say `go` within 15s" in log.read_text()
+            assert "take-over-unconfirmed" not in log.read_text()
+        finally:
+            kill_group(new)
+    assert old.proc.poll() is None, old.log()
+    assert "stopping" not in old.log()
+    assert wait_for(lambda: control(Path(path), "check")["ok"] is True), old.log()
+    assert wait_for(lambda: pid_file.exists() and pid_file.read_text() == f"{old.pid}\n")
+    assert _echoed(old.port, os.urandom(4096))
+    assert control(Path(path), "reload")["ok"] is True
+    assert "reload-skipped" not in old.log()
+    # And a take-over after it goes through.
+    taker = start_proxy("--take-over", *common, f"127.0.0.1:{old.port}=127.0.0.1:{server.port}")
+    assert old.proc.wait(30) == 0
+    assert _echoed(taker.port, os.urandom(4096))
+    assert taker.stop() == 0
+
+
+def test_a_go_written_with_the_hand_over_request_is_heard(
+    start_proxy: Callable[..., Proxy], tcp_server: ServerFactory, short_dir: Path,
+) -> None:
+    """"hand-over" and "go" in one write: the control server kept the first line and
+    dropped the rest it had read, and the `go` was never heard (the taker waited for its
+    answer for ever). What follows the request line is the taker's to say now."""
+    server = tcp_server(echo)
+    path = str(short_dir / "fp.sock")
+    proxy = start_proxy("--status-socket", path, f"127.0.0.1:0=127.0.0.1:{server.port}")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+        conn.settimeout(10)
+        conn.connect(path)
+        conn.sendall(json.dumps({"command": "hand-over", "pid": os.getpid()}).encode()
+                     + b"\ngo\n")
+        data, fds = b"", list[int]()
+        while data.count(b"\n") < 2:
+            chunk, got, _, _ = socket.recv_fds(conn, 65536, 16)
+            data, fds = data + chunk, fds + got
+            assert chunk, data
+        for fd in fds:
+            os.close(fd)
+    # A NUL byte carries each message of sockets: between the two lines.
+    first, last = (json.loads(line) for line in data.replace(b"\0", b"").splitlines()[:2])
+    assert first["ok"] is True and len(fds) == 1, first
+    assert last == {"ok": True}, last
+    assert proxy.proc.wait(30) == 0
+    assert " stopping signal=take-over " in proxy.log()
+
+
 def test_a_reload_of_the_old_supervisor_during_a_take_over_waits(
     start_proxy: Callable[..., Proxy], tcp_server: ServerFactory, short_dir: Path,
 ) -> None:
