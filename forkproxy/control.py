@@ -191,14 +191,20 @@ class ControlServer:
             # dicts keep insertion order; never one waiting for its answer (a `reload`:
             # see accept, which stops first when all are). A handed-over client finding
             # all waiting is served beyond the limit: they are answered at the next turn.
-            oldest = next((fd for fd, client in self.clients.items() if not client.waiting),
-                          None)
-            if oldest is not None:
+            for oldest in [fd for fd, client in self.clients.items() if not client.waiting]:
                 # Its request may be waiting, not yet read in this round of poll(): answer
                 # it first. Only a client that asked nothing (or reads nothing) is dropped.
-                if self.service(oldest):
-                    self._drop(oldest)
+                if not self.service(oldest):
+                    dropped.append(oldest)  # answered (or gone): room made
+                    break
+                if self.clients[oldest].waiting:
+                    # It asked just now for what is answered later (a `reload`, at the
+                    # loop's next turn): dropped, it read no answer to a reload that went
+                    # through. Kept; the next oldest goes instead.
+                    continue
+                self._drop(oldest)
                 dropped.append(oldest)
+                break
         sock.setblocking(False)
         self.clients[sock.fileno()] = _Client(sock)
         return dropped

@@ -254,3 +254,44 @@ def test_a_client_waiting_for_its_answer_is_never_dropped_to_make_room(
         for client in clients:
             client.close()
         server.close()
+
+
+def test_a_reload_asked_as_the_control_socket_fills_is_answered(
+    start_proxy: StartProxy, tcp_server: ServerFactory, short_dir: Path,
+) -> None:
+    """A full control socket makes room for a newcomer by answering its oldest client
+    and closing it: one that had just sent `reload` had its reload queued (answered at
+    the loop's next turn) and was closed all the same, with no answer (`forkproxy
+    reload` said "closed without a reply", though the reload went through). It is kept
+    now, and answered; a client that asked nothing is closed instead."""
+    server = tcp_server(says(b"first"))
+    path = str(short_dir / "fp.sock")
+    proxy = start_proxy("--status-socket", path, f"127.0.0.1:0=127.0.0.1:{server.port}")
+    clients: list[socket.socket] = []
+    proxy.signal(signal.SIGSTOP)  # so that all of them wait in the backlog, in this order
+    try:
+        asking = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        clients.append(asking)
+        asking.settimeout(20)
+        asking.connect(path)
+        asking.sendall(b'{"command": "reload"}\n')
+        for _ in range(control_module.MAX_CLIENTS):  # the backlog's room: saying nothing
+            idle = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            clients.append(idle)
+            idle.settimeout(20)
+            idle.connect(path)
+    finally:
+        proxy.signal(signal.SIGCONT)
+    try:
+        data = b""
+        while b"\n" not in data:
+            chunk = asking.recv(65536)
+            assert chunk, f"closed without a reply: {proxy.log()}"
+            data += chunk
+        reply = json.loads(data)
+        assert reply["ok"] is True, reply
+    finally:
+        for client in clients:
+            client.close()
+    assert control(Path(path), "check")["last_reload"] is not None
+    assert proxy.stop() == 0
