@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import ctypes
 import os
+import selectors
 import signal
 import socket
 import sys
@@ -441,6 +442,10 @@ UNAVAILABLE_WAIT = 0.2
 # take the whole reply (a large table to a slow reader). Past them it is cut.
 REQUEST_DEADLINE = 5.0
 REPLY_DEADLINE = 30.0
+# Handed over (serve --take-over): the seconds the scrapes under way have to finish
+# before this process exits all the same. Within the supervisor's METRICS_HANDOVER_WAIT,
+# for which it serves their status requests.
+HANDOVER_FINISH = 10.0
 
 
 class _Deadlines:
@@ -689,7 +694,35 @@ def main(argv: list[str] | None = None) -> int:
     # loop waits for requests only: idle, this process never wakes. Without it (no
     # prctl), the loop looks every second.
     server.timeout = None if dies_with_parent else 1.0
-    while os.getppid() == args.supervisor_pid:
-        server.handle_request()
+    # The port is shared with a taker's metrics process from the take-over on: a client
+    # both were woken for is accepted by one, and the other's accept must not wait for the
+    # next (past the hand-over). socketserver takes an accept that finds nobody.
+    sock.setblocking(False)
+    with selectors.PollSelector() as ready:  # no descriptor of its own (an epoll one)
+        ready.register(sock, selectors.EVENT_READ)
+        if handoff is not None:
+            # The supervisor writes on it when it has handed the port over (serve
+            # --take-over; EOF: it is gone). Its SIGTERM then cut each scrape under way:
+            # closed with no reply, or after a status line, or mid-body.
+            ready.register(handoff, selectors.EVENT_READ)
+        while os.getppid() == args.supervisor_pid:
+            woken = {key.fileobj for key, _ in ready.select(server.timeout)}
+            if handoff is not None and handoff in woken:
+                return _finish_scrapes(server)
+            if sock in woken:
+                # Its select waits no more (the socket's timeout is 0 now): it serves the
+                # client select saw, or finds it taken by the other process.
+                server.handle_request()
+    return 0
+
+
+def _finish_scrapes(server: _Server) -> int:
+    """Handed over: accept no more (the port is the new metrics process's, which accepts
+    what comes next), finish the scrapes under way, within HANDOVER_FINISH, and exit."""
+    server.socket.close()  # our copy only: the new supervisor's listens on
+    ends = time.monotonic() + HANDOVER_FINISH
+    for _ in range(MAX_SCRAPES):  # each slot back: its scrape answered and closed
+        if not server.scrapes.acquire(timeout=max(0.0, ends - time.monotonic())):
+            break
     return 0
 

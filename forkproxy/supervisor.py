@@ -108,6 +108,9 @@ MAX_REPORTERS = control.MAX_CLIENTS
 # `status` replies being sent.
 REPORTER_EXIT_WAIT = 1.0
 METRICS_EXIT_WAIT = 2.0  # seconds the metrics process has to exit at a stop
+# Seconds a supervisor that handed over waits, serving their status requests, for its
+# metrics process to finish the scrapes under way (metrics.HANDOVER_FINISH, less) and exit.
+METRICS_HANDOVER_WAIT = 12.0
 METRICS_BACKLOG = 64
 # Seconds serve --take-over waits for the supervisor taken over at each step: as a client
 # of its control socket waits (status.REQUEST_DEADLINE).
@@ -999,6 +1002,29 @@ class Supervisor:
         self.log.settle(LOG_SETTLE)
         return 0
 
+    def _tell_metrics_handed_over(self) -> None:
+        """A byte on the handoff socket: the metrics process accepts no more, finishes
+        the scrapes under way (asking us their status: the loop waits for it,
+        _metrics_finishing), and exits. A SIGTERM cut them. Without a handoff socket (none
+        could be made), or if the byte cannot go, SIGTERM all the same."""
+        handoff = self.metrics_handoff
+        try:
+            if handoff is not None and handoff.send(b"h"):
+                return
+        except OSError:
+            pass
+        try:
+            os.kill(self.metrics_pid, signal.SIGTERM)
+        except OSError:
+            pass
+
+    def _metrics_finishing(self) -> bool:
+        """Handed over, and our metrics process finishes the scrapes it has: they ask us for
+        the status (handle_metrics_handoff), so we wait, up to METRICS_HANDOVER_WAIT. Its
+        exit wakes the loop; past the grace, the KILL_AFTER timer does (no child left)."""
+        return (self.handed_over and self.metrics_pid != 0
+                and time.monotonic() < (self.stop_began or 0.0) + METRICS_HANDOVER_WAIT)
+
     def _log_exited(self) -> None:
         """The last line: `stopping` said when the drain began, this when it ended (the
         listeners and sockets closed, the pid file removed: all that is left is exit)."""
@@ -1117,7 +1143,8 @@ class Supervisor:
         poll, handlers, monotonic = self.poller.poll, self.handlers, time.monotonic
         # Stopped when no child runs and no client is held (a failed fork's, waiting for
         # the next one that works, or for the grace period to end).
-        while not (self.stopping and not self.accounting.children and not self.held):
+        while not (self.stopping and not self.accounting.children and not self.held
+                   and not self._metrics_finishing()):
             # No timer armed, the usual case, needs no call and no list: every page written
             # between two forks is copied (docs/benchmarks.md). Same timers as _poll_timeout
             # but scan_at: set whenever a connection ends (handle_chld), it is checked
@@ -1902,10 +1929,7 @@ class Supervisor:
             self.metrics_sock.close()
             self.metrics_sock = None
             if self.metrics_pid:
-                try:
-                    os.kill(self.metrics_pid, signal.SIGTERM)  # reaped as ever (handle_chld)
-                except OSError:
-                    pass
+                self._tell_metrics_handed_over()  # reaped as ever (handle_chld)
         if not self.metrics_pid:
             self._close_metrics_port()
         self.update_accepting()

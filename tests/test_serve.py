@@ -950,6 +950,56 @@ def test_take_over_refuses_no_client_and_the_old_connections_finish(
     assert new.stop() == 0
 
 
+def test_a_scrape_under_way_at_a_take_over_is_answered(
+    start_proxy: Callable[..., Proxy], tcp_server: ServerFactory, short_dir: Path,
+) -> None:
+    """At the hand-over the old supervisor SIGTERMed its metrics process, and exited at
+    once with no connection to drain: a scrape that process had accepted was cut (closed
+    with no reply, or after the status line, or mid-body; 41 of 4,480 scrapes in a soak
+    of take-overs). It now tells it the port is handed over: it accepts no more, answers
+    the scrapes it has, asking the old supervisor, which waits for that, and exits."""
+    server = tcp_server(echo)
+    path = str(short_dir / "fp.sock")
+    old = start_proxy("--status-socket", path, "--metrics", "127.0.0.1:0",
+                      f"127.0.0.1:0=127.0.0.1:{server.port}", expect=2)
+    metrics = _metrics_port(old)
+    for _ in range(2):  # the second: a take-over of a supervisor that took over
+        old = _scrape_across_take_over(start_proxy, old, "--status-socket", path,
+                                       "--metrics", f"127.0.0.1:{metrics}",
+                                       f"127.0.0.1:{old.port}=127.0.0.1:{server.port}")
+    assert old.stop() == 0
+
+
+def _scrape_across_take_over(start_proxy: Callable[..., Proxy], old: Proxy,
+                             *args: str) -> Proxy:
+    """A scrape the metrics process of `old` has accepted, its request not yet complete;
+    `serve --take-over ARGS`; the request's end: the reply must be whole. The new one."""
+    metrics = _metrics_port(old)
+    assert wait_for(lambda: metrics_pid(old.pid) != 0)
+    old_metrics = psutil.Process(metrics_pid(old.pid))
+    with socket.create_connection(("127.0.0.1", metrics), timeout=20) as scrape:
+        scrape.sendall(b"GET /metrics HTTP/1.0\r\nHost: x\r\n")  # not yet the end
+        ours = scrape.getsockname()[1]
+        # Accepted by the old metrics process, not left in the backlog for the new one.
+        assert wait_for(lambda: any(conn.raddr and conn.raddr[1] == ours
+                                    for conn in old_metrics.net_connections()))
+        new = start_proxy("--take-over", *args, expect=2)
+        assert wait_for(lambda: " stopping signal=take-over " in old.log()), old.log()
+        scrape.sendall(b"\r\n")
+        reply = b""
+        while chunk := scrape.recv(1 << 16):
+            reply += chunk
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 200 OK"), reply[:200]
+    length = int(next(line for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length:")).split(b":")[1])
+    assert len(body) == length and b"\nforkproxy_up 1.0\n" in body, reply[-300:]
+    assert old.proc.wait(30) == 0
+    assert "metrics-died" not in old.log()
+    assert "forkproxy_up 1" in _scrape(metrics)  # the new one's
+    return new
+
+
 def _serve(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([FORKPROXY, "serve", *args], capture_output=True, text=True,
                           timeout=60, env=env)
