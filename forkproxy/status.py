@@ -67,22 +67,32 @@ def find_socket(path: str | None) -> str:
     if len(live) > 1:
         # A supervisor that handed over (serve --take-over) drains beside the one that took
         # its listeners, its socket still there for `status` to watch the drain: the one
-        # serving is the one meant. Asked only when several answer.
-        serving = [path for path in live if not _stopping(path)]
-        if len(serving) == 1:
-            return serving[0]
+        # serving is the one meant. Asked only when several answer. Once more if that is
+        # not one: a take-over's old supervisor that stopped or exited between the two
+        # looks (it answered the first, not the second) counted as serving.
+        for _ in range(2):
+            serving = [path for path in live if not _winding_down(path)]
+            if len(serving) == 1:
+                return serving[0]
+            live = _live_sockets(directory) or []
+            if len(live) == 1:
+                return live[0]
         raise StatusError(f"several forkproxy supervisors in {directory!r}: "
                           f"{', '.join(map(repr, live))}; choose one with --status-socket")
     return live[0]
 
 
-def _stopping(path: str) -> bool:
-    """Does the supervisor on `path` say it is stopping? No when it cannot say (no answer
-    within a moment, or not a forkproxy): such a one is not ruled out."""
+def _winding_down(path: str) -> bool:
+    """Does the supervisor on `path` say it is stopping, or handing its listeners over to
+    one that takes over (which serves them from its `go` on, a moment later)? No when it
+    cannot say (no answer within a moment, or not a forkproxy): such a one is not ruled
+    out. Before `handing_over` (an older supervisor sends none), the old one answered as
+    serving until the `go`, beside the new one: "several forkproxy supervisors"."""
     try:
-        return request(path, "check", timeout=2.0, deadline=2.0).get("stopping") is True
+        reply = request(path, "check", timeout=2.0, deadline=2.0)
     except StatusError:
         return False
+    return reply.get("stopping") is True or reply.get("handing_over") is True
 
 
 def _live_sockets(directory: str) -> list[str] | None:
@@ -311,7 +321,7 @@ _STATUS = _object(
 )
 _CHECK = _object({"ok": _BOOL, "stopping": _BOOL, "listeners": _LISTENERS},
                  {"metrics": _METRICS, "last_reload": _LAST_RELOAD,
-                  "not_listening": _list_of(_TEXT)})
+                  "not_listening": _list_of(_TEXT), "handing_over": _BOOL})
 _OK = _object({"ok": _BOOL})
 _RELOADED = _object({"listeners": _LISTENERS}, {"error": _nullable(_TEXT)})
 _NOT_RELOADED = _object({"error": _TEXT}, {"listeners": _LISTENERS})
@@ -830,11 +840,41 @@ def ask(path: str | None, command: str, say: Say) -> dict[str, Any] | None:
     None once `say` was told the one line why not: nothing answers, or something that is
     not a forkproxy does (the command then exits 1)."""
     try:
-        return request(find_socket(path), command)
+        return _ask_across_take_over(path, command)
     except StatusError as exc:
         kind = "error: " if isinstance(exc, NotForkproxy) else ""
         say(f"forkproxy: {kind}{exc}")
         return None
+
+
+def _ask_across_take_over(path: str | None, command: str) -> dict[str, Any]:
+    """request(), asked once more of the supervisor that took over (serve --take-over)
+    when the one asked was the one handing over and it reset, went away or said it is
+    stopping: a `check` at that moment failed a healthy proxy. Only when another one
+    serves now: in the default directory, another socket find_socket finds. A proxy
+    stopping, with nobody taking over, is said stopping as before."""
+    found = find_socket(path)
+    try:
+        reply = request(found, command)
+    except NotForkproxy:
+        raise
+    except StatusError as exc:
+        failure: StatusError | None = exc
+    else:
+        if reply.get("stopping") is not True:
+            return reply
+        failure = None
+    successor: str | None = None
+    if path is None:
+        with contextlib.suppress(StatusError):
+            successor = find_socket(None)
+        if successor == found:  # named by pid: the same one (stopping, with no taker)
+            successor = None
+    if successor is None:
+        if failure is not None:
+            raise failure
+        return reply
+    return request(successor, command)
 
 
 def run_check(path: str | None, output: Say, say: Say) -> int:

@@ -2716,7 +2716,10 @@ class Supervisor:
                     for listener in self.listeners if listener in self.not_listening]
             ok = not self.stopping and bool(self.listeners) and not lost
             clocks = read_clocks()
+            # handing_over: a take-over under way (status.find_socket rules this one out,
+            # as a stopping one: the one taking over serves from its `go` on).
             return {"ok": ok, "stopping": self.stopping, "listeners": self._listener_table(),
+                    "handing_over": self.taker is not None,
                     "metrics": self._metrics_state(clocks),
                     "last_reload": self._last_reload(clocks), "not_listening": lost}
         if command == "status":

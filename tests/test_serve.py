@@ -1389,6 +1389,89 @@ def test_a_reload_of_the_old_supervisor_during_a_take_over_waits(
             kill_group(new)
 
 
+def test_the_default_directory_names_the_one_taking_over_while_the_old_one_hands_over(
+    start_proxy: Callable[..., Proxy], tcp_server: ServerFactory, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Between the sockets handed over and the new one's `go`, both supervisors' sockets
+    are in the default directory and the old one answered as serving: `check`, `status`
+    and `reload` without --status-socket said "several forkproxy supervisors" (17 of 733
+    `check`s in a soak of take-overs). The old one now says it is handing over, and
+    find_socket rules it out as it does a stopping one."""
+    from forkproxy import status
+
+    server = tcp_server(echo)
+    runtime = tmp_path / "xdg"
+    runtime.mkdir(mode=0o700)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))  # ours, and the new one's
+    pid_file = tmp_path / "fp.pid"
+    common = ("--pid-file", str(pid_file))
+    old = start_proxy(*common, f"127.0.0.1:0=127.0.0.1:{server.port}", env=dict(os.environ))
+    log = tmp_path / "new.log"
+    with OpenGate(pid_file) as gate:
+        new = _taking_over((*common, f"127.0.0.1:{old.port}=127.0.0.1:{server.port}"), log)
+        # At its pid file: its socket is in place, the old one's too, and no `go` yet.
+        at_pid_file = gate.held_open()
+        try:
+            found = status.find_socket(None)
+        except status.StatusError as exc:
+            found = str(exc)
+    with new:
+        try:
+            assert at_pid_file == new.pid
+            assert found == str(runtime / "forkproxy" / f"{new.pid}.sock")
+            assert new.stdout is not None
+            assert new.stdout.readline().startswith("listening "), log.read_text()
+            assert old.proc.wait(30) == 0
+            new.send_signal(signal.SIGTERM)
+            assert new.wait(15) == 0
+        finally:
+            kill_group(new)
+
+
+def test_check_in_the_default_directory_across_take_overs(
+    start_proxy: Callable[..., Proxy], tcp_server: ServerFactory, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`check` without --status-socket, in a loop, across take-overs: each one's answer
+    is ok. It failed at most hand-overs: the old one found just before it stopped (said
+    `stopping`) or exited (reset, or its file gone), or both counted as serving. Now
+    the old one says it hands over, and a `check` the old one fails that way is asked
+    once more of the one find_socket finds then."""
+    from forkproxy import status
+
+    server = tcp_server(echo)
+    runtime = tmp_path / "xdg"
+    runtime.mkdir(mode=0o700)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
+    spec = f"127.0.0.1:{free_port()}=127.0.0.1:{server.port}"
+    proxy = start_proxy(spec, env=dict(os.environ))
+    stop = threading.Event()
+    failures: list[str] = []
+    checks = [0]
+
+    def checker() -> None:
+        while not stop.is_set():
+            if status.run_check(None, lambda line: None, failures.append) != 0:
+                stop.set()  # one is enough, and its line says why
+            checks[0] += 1
+
+    thread = threading.Thread(target=checker)
+    thread.start()
+    try:
+        for _ in range(10):
+            new = start_proxy("--take-over", spec, env=dict(os.environ))
+            assert proxy.proc.wait(30) == 0
+            proxy = new
+            if stop.is_set():
+                break
+    finally:
+        stop.set()
+        thread.join(60)
+    assert failures == [], f"after {checks[0]} checks"
+    assert proxy.stop() == 0
+
+
 def test_take_over_found_by_default_closes_a_link_no_longer_configured(
     start_proxy: Callable[..., Proxy], tcp_server: ServerFactory, tmp_path: Path,
 ) -> None:
