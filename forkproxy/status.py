@@ -851,9 +851,11 @@ def _ask_across_take_over(path: str | None, command: str) -> dict[str, Any]:
     """request(), asked once more of the supervisor that took over (serve --take-over)
     when the one asked was the one handing over and it reset, went away or said it is
     stopping: a `check` at that moment failed a healthy proxy. Only when another one
-    serves now: in the default directory, another socket find_socket finds. A proxy
+    serves now: at --status-socket, another socket renamed into place since (the file's
+    inode changed); in the default directory, another socket find_socket finds. A proxy
     stopping, with nobody taking over, is said stopping as before."""
     found = find_socket(path)
+    before = _inode(found)
     try:
         reply = request(found, command)
     except NotForkproxy:
@@ -865,7 +867,10 @@ def _ask_across_take_over(path: str | None, command: str) -> dict[str, Any]:
             return reply
         failure = None
     successor: str | None = None
-    if path is None:
+    if path is not None:
+        now = _inode(path)
+        successor = path if now is not None and now != before else None
+    else:
         with contextlib.suppress(StatusError):
             successor = find_socket(None)
         if successor == found:  # named by pid: the same one (stopping, with no taker)
@@ -875,6 +880,15 @@ def _ask_across_take_over(path: str | None, command: str) -> dict[str, Any]:
             raise failure
         return reply
     return request(successor, command)
+
+
+def _inode(path: str) -> tuple[int, int] | None:
+    """Which file `path` is now, None when there is none."""
+    try:
+        found = os.stat(path)
+    except OSError:
+        return None
+    return found.st_dev, found.st_ino
 
 
 def run_check(path: str | None, output: Say, say: Say) -> int:

@@ -1472,6 +1472,56 @@ def test_check_in_the_default_directory_across_take_overs(
     assert proxy.stop() == 0
 
 
+def test_check_at_a_status_socket_asks_the_one_put_in_its_place(
+    start_proxy: Callable[..., Proxy], tcp_server: ServerFactory, short_dir: Path,
+) -> None:
+    """With a fixed --status-socket, a `check` that connected just before the new
+    supervisor's socket was renamed into place (serve --take-over) reached the old one,
+    which answered `stopping`, or closed it (7 in ~65,000 `check`s in a soak). It now
+    asks once more when the file at the path is another socket than the one it asked;
+    a supervisor stopping with nobody in its place is said stopping as before. The old
+    one is played by a socket of the test's, the new one is a supervisor."""
+    from forkproxy import control as control_module
+    from forkproxy import status
+
+    server = tcp_server(echo)
+    real, path = short_dir / "real.sock", short_dir / "fp.sock"
+    proxy = start_proxy("--status-socket", str(real), f"127.0.0.1:0=127.0.0.1:{server.port}")
+    stopping = control_module.encode_reply({"ok": False, "stopping": True, "listeners": []})
+
+    def old_one(answer: bytes, replaced: bool) -> threading.Thread:
+        listening = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listening.bind(str(path))
+        listening.listen()
+
+        def answer_once() -> None:
+            with listening, listening.accept()[0] as conn:
+                conn.recv(4096)  # the request
+                if replaced:  # as the new one does: a link made aside, renamed over it
+                    os.link(real, short_dir / "new.sock")
+                    os.rename(short_dir / "new.sock", path)
+                conn.sendall(answer)
+
+        thread = threading.Thread(target=answer_once)
+        thread.start()
+        return thread
+
+    for answer in (stopping, b""):  # b"": closed with no reply
+        said: list[str] = []
+        thread = old_one(answer, replaced=True)
+        reply = status.ask(str(path), "check", said.append)
+        thread.join(30)
+        assert said == [] and reply is not None, said
+        assert reply["ok"] is True and reply["pid_here"] == proxy.pid, reply
+        path.unlink()
+    said = []
+    thread = old_one(stopping, replaced=False)
+    reply = status.ask(str(path), "check", said.append)
+    thread.join(30)
+    assert reply is not None and reply["stopping"] is True, (reply, said)
+    assert proxy.stop() == 0
+
+
 def test_take_over_found_by_default_closes_a_link_no_longer_configured(
     start_proxy: Callable[..., Proxy], tcp_server: ServerFactory, tmp_path: Path,
 ) -> None:
