@@ -113,9 +113,14 @@ SIGALRM, SIGTERM = int(signal.SIGALRM), int(signal.SIGTERM)
 # A side's error that means it stopped answering rather than reset: its keepalive probes
 # (--keepalive) or its retransmissions went unanswered (for --user-timeout, if set, or a
 # window stayed shut that long). With ICMP errors coming back meanwhile (a router: "host
-# unreachable") the kernel reports the last of those instead of ETIMEDOUT; on an
-# established connection they only ever surface at that timeout.
-_PEER_TIMEOUT_ERRORS = frozenset((errno.ETIMEDOUT, errno.EHOSTUNREACH, errno.ENETUNREACH))
+# unreachable"; a firewall's REJECT: "port unreachable", "protocol unreachable") the
+# kernel reports the last of those instead of ETIMEDOUT; on an established connection
+# they only ever surface at that timeout (a soft error, tcp_v4_err). ECONNREFUSED and
+# ENOPROTOOPT included: a peer's RST on an established socket is ECONNRESET or EPIPE,
+# never those, so there they can only be a REJECT's ICMP (a refused connect is another
+# path: _connect_failed, `connect-failed reason=refused`).
+_PEER_TIMEOUT_ERRORS = frozenset((errno.ETIMEDOUT, errno.EHOSTUNREACH, errno.ENETUNREACH,
+                                  errno.ECONNREFUSED, errno.ENOPROTOOPT))
 _TIMEOUT_OF = {CLIENT_RESET: CLIENT_TIMEOUT, UPSTREAM_RESET: UPSTREAM_TIMEOUT}
 
 Address = tuple[int, tuple[object, ...]]  # (family, sockaddr) as getaddrinfo gives them

@@ -350,8 +350,14 @@ def test_a_client_that_vanishes_while_its_child_connects_is_a_client_timeout(
         # With data in flight, ICMP errors do count: the kernel reports the last one.
         (("-p", "tcp", "-j", "REJECT", "--reject-with", "icmp-host-unreachable"),
          "No route to host"),
+        # A firewall's default REJECT: ECONNREFUSED and ENOPROTOOPT here are that ICMP's
+        # soft error at the timeout, not a reset (they were counted upstream-reset).
+        (("-p", "tcp", "-j", "REJECT", "--reject-with", "icmp-port-unreachable"),
+         "Connection refused"),
+        (("-p", "tcp", "-j", "REJECT", "--reject-with", "icmp-proto-unreachable"),
+         "Protocol not available"),
     ],
-    ids=["silent", "host-unreachable"],
+    ids=["silent", "host-unreachable", "port-unreachable", "proto-unreachable"],
 )
 def test_an_upstream_that_vanished_with_data_in_flight_is_a_timeout_not_a_reset(
     ka: KeepaliveLab, reject: tuple[str, ...], error: str
