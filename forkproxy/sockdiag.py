@@ -14,10 +14,11 @@ host's byte order but the ports and addresses (network order):
   inet_diag_msg     family u8, state u8, timer u8, retrans u8, sockid,
                     expires u32, rqueue u32, wqueue u32, uid u32, inode u32     72 bytes
   rtattr            len u16, type u16, payload padded to 4 bytes
-  tcp_info          tcpi_retransmits u8 at 2, ... tcpi_rto u32 at 8, ...
+  tcp_info          tcpi_retransmits u8 at 2, tcpi_backoff u8 at 4, tcpi_rto u32 at 8, ...
                     tcpi_last_data_sent u32 at 44,
                     tcpi_last_data_recv u32 at 52, tcpi_last_ack_recv u32 at 56, ...
-                    tcpi_data_segs_in u32 at 152, tcpi_data_segs_out u32 at 156 (4.6+)
+                    tcpi_data_segs_in u32 at 152, tcpi_data_segs_out u32 at 156 (4.6+), ...
+                    tcpi_total_rto_recoveries u16 at 242, tcpi_total_rto_time u32 at 244 (6.7+)
 """
 
 from __future__ import annotations
@@ -53,12 +54,18 @@ _MSG_SIZE = 72  # inet_diag_msg
 _INODE_AT = 68  # inet_diag_msg's idiag_inode
 _RQUEUE_AT, _WQUEUE_AT = 56, 60  # inet_diag_msg's idiag_rqueue, idiag_wqueue
 _RETRANSMITS_AT = 2  # in struct tcp_info: u8, RTO retransmissions of the unacknowledged data
+_BACKOFF_AT = 4  # u8: how many times the timeout was doubled since the peer last answered
 _RTO_AT = 8  # u32, microseconds: the retransmission timeout, doubled at each retransmission
 _LAST_DATA_SENT_AT = 44
 _LAST_DATA_RECV_AT = 52
 _LAST_ACK_RECV_AT = 56
 _TCP_INFO_NEEDED = _LAST_ACK_RECV_AT + 4
 _DATA_SEGS_IN_AT, _DATA_SEGS_OUT_AT = 152, 156
+# u16: the RTO recoveries (episodes of retransmission timeouts) the socket has had,
+# counting one in progress; u32, milliseconds: their total time, each from its first
+# timeout to its end, one in progress up to now.
+_TOTAL_RTO_RECOVERIES_AT, _TOTAL_RTO_TIME_AT = 242, 244
+_U16 = struct.Struct("=H")
 # A dump's messages come in datagrams the kernel sizes after the reader's buffer, up to
 # 32 KiB each; a larger buffer is never filled, a smaller one would truncate them.
 _RECV_SIZE = 1 << 16
@@ -186,12 +193,28 @@ def _decode(buffer: bytearray, body: int, end: int) -> TcpSocket:
                 # retransmission counts as data sent in last_data_sent, which would make
                 # the connection look busy and answered. Nothing moved since the peer's
                 # last ACK (IDLE counts from there), and what was sent since has gone
-                # unanswered since it was first sent: the retransmissions came at the
-                # timeout, doubled each time, so that was at most the timeout now before
-                # the last one (the last ACK may be an idle hour older).
+                # unanswered since it was first sent (the last ACK may be an idle hour
+                # older, so not from there).
                 silent = _U32.unpack_from(buffer, info + _LAST_ACK_RECV_AT)[0]
                 rto_ms = _U32.unpack_from(buffer, info + _RTO_AT)[0] // 1000
-                unanswered_ms = max(unanswered_ms, min(silent, sent + rto_ms))
+                if length - _ATTRIBUTE.size >= _TOTAL_RTO_TIME_AT + 4 and _U16.unpack_from(
+                        buffer, info + _TOTAL_RTO_RECOVERIES_AT)[0]:
+                    # The kernel's own clock (6.7+): the time since this episode's first
+                    # timeout, plus the wait before it, the timeout it started from (the
+                    # one now, halved as many times as it was doubled since). Earlier
+                    # recoveries of the connection are in the sum too, each counted
+                    # from its timeout to the ACK that ended it: on a path that
+                    # recovered, a round trip each (no way to tell them apart).
+                    backoff = buffer[info + _BACKOFF_AT]
+                    episode_ms = _U32.unpack_from(buffer, info + _TOTAL_RTO_TIME_AT)[0]
+                    waited_ms = episode_ms + (rto_ms >> backoff)
+                else:
+                    # The retransmissions came at the timeout, doubled each time, so the
+                    # first send was at most the timeout now before the last one. Not
+                    # past the RTO's cap (tcp_rto_max_ms, 120 s): from there the timeout
+                    # stays, and this cycles between one and two caps.
+                    waited_ms = sent + rto_ms
+                unanswered_ms = max(unanswered_ms, min(silent, waited_ms))
                 sent = max(sent, silent)
             if _U32.unpack_from(buffer, body + _RQUEUE_AT)[0]:
                 # The peer answered, and its answer waits for the proxy to read it (a

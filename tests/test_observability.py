@@ -646,6 +646,59 @@ def test_a_connection_into_a_black_hole_shows_idle_and_unanswered_growing(
             assert 4.5 - JIFFIES <= child["unanswered"] <= waited + 0.5, (waited, child)
 
 
+def test_unanswered_keeps_growing_into_a_black_hole_past_the_retransmission_timeout_cap(
+    start_proxy: StartProxy, tmp_path: Path, env: dict[str, str],
+) -> None:
+    """Once the retransmission timeout stops doubling at its cap (tcp_rto_max_ms, 120 s
+    by default), UNANSWERED estimated from the last retransmission and the timeout
+    cycled between one and two caps (243 s read 148.5, 456.9 s read 120.6): an alert
+    above 240 s never fired. It counts from the kernel's own record of the retransmission
+    episode now: past the cap (1 s here, in the proxy's namespace only; tcp_retries2
+    raised there so the connection outlives the test) it grows with the time waited.
+    The black hole and the upstream as in the test above."""
+    upstream_port = 7000  # the namespace is the proxy's own: nothing else listens there
+    sock_path = tmp_path / "status.sock"
+    prefix = (need("unshare"), "--net", "sh", "-c",
+              "ip link set lo up && echo 1000 >/proc/sys/net/ipv4/tcp_rto_max_ms && "
+              'echo 60 >/proc/sys/net/ipv4/tcp_retries2 && exec "$0" "$@"')
+    proxy = start_proxy("--status-socket", str(sock_path), f"127.0.0.1:0=127.0.0.1:{upstream_port}",
+                        env=env, prefix=prefix)
+    with in_network(proxy.network):
+        upstream = socket.create_server(("127.0.0.1", upstream_port))
+        client = socket.create_connection(("127.0.0.1", proxy.port), timeout=30)
+    with upstream, client:
+        client.sendall(b"ping")
+        served, _ = upstream.accept()
+        with served:
+            assert recv_exact(served, 4) == b"ping"
+            served.sendall(b"pong")
+            assert recv_exact(client, 4) == b"pong"
+            time.sleep(1.0)  # idle first: the upstream's last ACK is older than the request
+            drop = ["INPUT", "-p", "tcp", "--dport", str(upstream_port), "-j", "DROP"]
+            with in_network(proxy.network):
+                subprocess.run([need("iptables"), "-I", *drop], check=True, timeout=30)
+            asked = time.monotonic()
+            client.sendall(b"ping")
+            # Retransmissions after ~0.2, 0.6, 1.4 s, then every second (the cap): read
+            # over eight caps and more, past where the old estimate topped out (2 s).
+            readings: list[tuple[float, float]] = []
+            while time.monotonic() - asked < 9.0:
+                time.sleep(0.7)
+                before = time.monotonic() - asked
+                with in_network(proxy.network):
+                    child = the_connection(sock_path, env)
+                after = time.monotonic() - asked
+                assert child["queued_to_upstream"] == 4, child  # still retransmitted
+                readings.append((before, child["unanswered"]))
+                # Since the request: at most the first timeout (200 ms floor, a tail
+                # loss probe before it) less than the time waited, never more.
+                assert before - 0.6 <= child["unanswered"] <= after + JIFFIES, readings
+            values = [unanswered for _, unanswered in readings]
+            assert all(later > earlier for earlier, later in itertools.pairwise(values)), (
+                readings)
+            assert values[-1] >= 8.0, readings  # four caps past the two the old one reached
+
+
 def test_status_from_another_network_namespace_shows_no_socket_readings(
     start_proxy: StartProxy, tcp_server: ServerFactory, tmp_path: Path, env: dict[str, str],
 ) -> None:
