@@ -205,9 +205,14 @@ def _decode(buffer: bytearray, body: int, end: int) -> TcpSocket:
                     # recoveries of the connection are in the sum too, each counted
                     # from its timeout to the ACK that ended it: on a path that
                     # recovered, a round trip each (no way to tell them apart).
+                    # Bounded by as many timeouts as came, each at most the one now:
+                    # an earlier recovery that lasted (an outage the path came back
+                    # from) overcounts by no more than the cap's ramp.
                     backoff = buffer[info + _BACKOFF_AT]
                     episode_ms = _U32.unpack_from(buffer, info + _TOTAL_RTO_TIME_AT)[0]
-                    waited_ms = episode_ms + (rto_ms >> backoff)
+                    timeouts = buffer[info + _RETRANSMITS_AT]
+                    waited_ms = min(episode_ms + (rto_ms >> backoff),
+                                    timeouts * rto_ms + sent)
                 else:
                     # The retransmissions came at the timeout, doubled each time, so the
                     # first send was at most the timeout now before the last one. Not

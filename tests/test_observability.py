@@ -43,6 +43,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from forkproxy import control as fp_control
 from forkproxy import metrics as fp_metrics
+from forkproxy import sockdiag as fp_sockdiag
 from forkproxy import status as fp_status
 from forkproxy.accounting import DURATION_BUCKETS, FAILURE_REASONS, LinkStats
 from forkproxy.log import (
@@ -697,6 +698,59 @@ def test_unanswered_keeps_growing_into_a_black_hole_past_the_retransmission_time
             assert all(later > earlier for earlier, later in itertools.pairwise(values)), (
                 readings)
             assert values[-1] >= 8.0, readings  # four caps past the two the old one reached
+
+
+def diag_message(tcp_info: bytes) -> bytearray:
+    """An inet_diag_msg as the kernel sends it for a connected IPv4 socket (to
+    198.18.0.2:7000, 4 bytes queued), with `tcp_info` as its INET_DIAG_INFO attribute."""
+    message = bytearray(72)
+    message[0], message[1] = socket.AF_INET, 1  # ESTABLISHED
+    struct.pack_into(">H", message, 6, 7000)
+    message[24:28] = socket.inet_aton("198.18.0.2")
+    struct.pack_into("=I", message, 60, 4)
+    return message + struct.pack("=HH", 4 + len(tcp_info), 2) + tcp_info
+
+
+def retransmitting_tcp_info(size: int, *, total_rto_time: int) -> bytes:
+    """tcp_info, `size` bytes of it, of a socket 10 timeouts into retransmitting a
+    request to a silent peer: the timeout at a 1 s cap, the last retransmission 300 ms
+    ago, the peer's last ACK 20 s ago (idle before the request), one recovery so far
+    that has lasted `total_rto_time` ms (with earlier ones, if any)."""
+    info = bytearray(size)
+    info[2], info[4] = 10, 10  # tcpi_retransmits, tcpi_backoff
+    struct.pack_into("=I", info, 8, 1_000_000)  # tcpi_rto, microseconds
+    struct.pack_into("=III", info, 52, 20_000, 20_000, 0)  # last data received, last ACK
+    struct.pack_into("=I", info, 44, 300)  # tcpi_last_data_sent
+    struct.pack_into("=II", info, 152, 5, 6)  # data segments in, out
+    if size >= 248:
+        struct.pack_into("=HHI", info, 240, 10, 1, total_rto_time)
+    return bytes(info)
+
+
+@pytest.mark.parametrize(
+    ("size", "total_rto_time", "unanswered_ms"),
+    [
+        # 6.7+: from the kernel's record of the episode (its first timeout 8.3 s ago).
+        (280, 8_300, 8_300),
+        # With an earlier recovery that lasted 100 s summed in: bounded by the 10
+        # timeouts that came, none longer than the 1 s cap.
+        (280, 108_300, 10_300),
+        # An older kernel's shorter tcp_info: the last retransmission plus the timeout.
+        (240, 8_300, 1_300),
+    ],
+    ids=["episode", "earlier-recovery", "pre-6.7"],
+)
+def test_unanswered_while_retransmitting_reads_the_kernels_rto_episode_when_it_has_one(
+    size: int, total_rto_time: int, unanswered_ms: int,
+) -> None:
+    """sockdiag's decoding of a retransmitting socket's tcp_info, on the kernel's own
+    layout: the estimate that keeps growing past the timeout's cap where the fields are
+    there, the old one where they are not, never more than the peer's silence."""
+    message = diag_message(retransmitting_tcp_info(size, total_rto_time=total_rto_time))
+    decoded = fp_sockdiag._decode(message, 0, len(message))
+    assert decoded.unanswered_ms == unanswered_ms, decoded
+    assert decoded.idle_ms == 20_000 and decoded.send_queue == 4, decoded
+    assert decoded.remote == (socket.inet_aton("198.18.0.2"), 7000), decoded
 
 
 def test_status_from_another_network_namespace_shows_no_socket_readings(
