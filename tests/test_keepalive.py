@@ -229,6 +229,39 @@ def test_keepalive_ends_a_connection_whose_upstream_vanished(
         assert read_to_end(client)[:2] == ("reset", 0)
 
 
+@pytest.mark.parametrize(
+    ("reject_with", "error"),
+    [("icmp-port-unreachable", "Connection refused"),
+     ("icmp-proto-unreachable", "Protocol not available")],
+    ids=["port-unreachable", "proto-unreachable"],
+)
+def test_keepalive_ends_a_connection_behind_a_firewall_that_started_rejecting_as_a_timeout(
+    ka: KeepaliveLab, reject_with: str, error: str
+) -> None:
+    """A stateful firewall in front of the upstream forgets the connection (a reboot, a
+    flush) and its default REJECT answers what the proxy sends next: the proxy's ACK of
+    the upstream's last bytes draws an ICMP port (or protocol) unreachable, which the
+    kernel keeps as the socket's soft error, and --keepalive's unanswered probes end it
+    with that error, ECONNREFUSED (ENOPROTOOPT), in place of ETIMEDOUT. Nothing reset:
+    upstream-timeout with the ICMP error, not the upstream-reset it was counted as."""
+    proxy = ka.start_proxy("--keepalive", "1")
+    client, upstream = ka.connect(proxy)
+    with client, upstream:
+        exchange(client, upstream, SIZE, seed=21)
+        assert wait_for(lambda: unacknowledged(upstream) == 0), unacknowledged(upstream)
+        ka.upstream.run(["iptables", "-A", "INPUT", "-p", "tcp", "-j", "REJECT",
+                         "--reject-with", reject_with])
+        upstream.sendall(b"z")  # out before the upstream goes mute; its ACK is rejected
+        assert client.recv(1) == b"z"
+        # Mute as well: a retransmission of that byte reaching the proxy is answered
+        # with another rejected ACK (the error stays), and the probes' answers never come.
+        ka.upstream.run(["iptables", "-A", "OUTPUT", "-p", "tcp", "-j", "DROP"])
+        line = wait_close_line(proxy, DETECTED_WITHIN)
+        assert field(line, "outcome") == "upstream-timeout", line
+        assert field(line, "error") == error, line
+        assert read_to_end(client)[:2] == ("reset", 0)
+
+
 def test_without_keepalive_a_vanished_upstream_leaves_the_connection_open(
     ka: KeepaliveLab,
 ) -> None:
