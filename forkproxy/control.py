@@ -136,12 +136,13 @@ class ControlServer:
         except OSError:
             pass  # gone meanwhile, or not ours to touch: lost() finds the first next time
 
-    def rebind(self) -> None:
+    def rebind(self, replace: bool = False) -> None:
         """Listen on a new socket under our path, with the rules of the first: a stale
         socket there is removed, a live one or a file that is not a socket is an OSError
         (EADDRINUSE, ENOTSOCK), and the old socket is kept then. The clients connected to the
-        old one are served to their end; the caller polls the new fileno()."""
-        sock, self.identity = _listen(self.path)
+        old one are served to their end; the caller polls the new fileno(). `replace`: a
+        live socket there is replaced too (_listen)."""
+        sock, self.identity = _listen(self.path, replace)
         self.sock.close()  # a client that connected to it just now is not answered
         self.sock = sock
 
@@ -459,6 +460,9 @@ def _remove_if_stale(path: str) -> None:
 # accepting. The taking end is here, not in status.py: it runs in the supervisor.
 
 HAND_OVER = "hand-over"
+# A reload's error while the supervisor hands its sockets over (status asks the one
+# taking over instead).
+HANDING_OVER = "handing over to a new supervisor"
 # Descriptors per message: the kernel takes at most SCM_MAX_FD (253) in one.
 FDS_PER_MESSAGE = 250
 

@@ -30,7 +30,7 @@ from .config import (
     quoted,
     split_host_port,
 )
-from .control import REPORT_TIMEOUT, answers, check_owned, default_dir
+from .control import HANDING_OVER, REPORT_TIMEOUT, answers, check_owned, default_dir
 
 
 class StatusError(Exception):
@@ -863,7 +863,10 @@ def _ask_across_take_over(path: str | None, command: str) -> dict[str, Any]:
     except StatusError as exc:
         failure: StatusError | None = exc
     else:
-        if reply.get("stopping") is not True:
+        # A reload's answer says it in its error (no `stopping` field).
+        if reply.get("stopping") is not True and (
+                reply.get("ok") is not False
+                or reply.get("error") not in ("stopping", HANDING_OVER)):
             return reply
         failure = None
     successor: str | None = None

@@ -1906,6 +1906,13 @@ class Supervisor:
                 )
                 if self.kill_at is None:  # not TERMed yet: now (else KILL comes anyway)
                     self.term_at = time.monotonic()
+                if self.handed_over and self.metrics_pid:
+                    # Nor do the scrapes our metrics process finishes (_metrics_finishing):
+                    # "at once" waited for them, up to METRICS_HANDOVER_WAIT.
+                    try:
+                        os.kill(self.metrics_pid, signal.SIGTERM)
+                    except OSError:
+                        pass
             return
         for listener in [] if handed_over else self._in_turn():  # held in that order: the
             self._take_backlog(listener, "stopping")  # turns go on (serve_held)
@@ -2187,7 +2194,7 @@ class Supervisor:
                 or now >= self.drops_checked_at + DROPS_CHECK_AGAIN_AFTER):
             self.drops_checked_at = now
             self.check_drops()
-        if self.accepting:
+        if self.accepting and self.not_listening:
             # A listener that could not listen again (_listener_shut) is not watched:
             # watched again, its handler tries again.
             for listener in self.listeners:
@@ -2447,8 +2454,8 @@ class Supervisor:
             # Our listening sockets are the taking supervisor's too: a port this reload
             # removed would be shut down under it (listeners.stop_listening). It reads
             # the configuration itself, and we stop once it is ready.
-            self.log.warning("reload-skipped", detail="handing over to a new supervisor")
-            return False, "handing over to a new supervisor"
+            self.log.warning("reload-skipped", detail=control.HANDING_OVER)
+            return False, control.HANDING_OVER
         if self.stopping:
             # Said in the log too: a SIGHUP's outcome is only there (reload --pid-file
             # says so), and silence would read as a reload that went through.
@@ -2587,13 +2594,14 @@ class Supervisor:
 
     # -- control socket ----------------------------------------------------------------
 
-    def check_control(self) -> None:
+    def check_control(self, replace: bool = False) -> None:
         """Listen again on a control socket whose file was removed (an operator's rm,
         systemd-tmpfiles aging /tmp) or replaced: nothing could reach this supervisor,
         and `check` failing, a HEALTHCHECK would have a working proxy restarted. The rules
         of the start hold: a live socket there (another supervisor's now) or a file that
         is not a socket is left alone, said, and tried again at the next check; the
-        default directory, made again if gone, must still be ours (prepare_dir)."""
+        default directory, made again if gone, must still be ours (prepare_dir).
+        `replace`: a live socket there is replaced too (a take-over's, given up: _own_again)."""
         if self.control is None or self.handed_over or self.taker is not None:
             return  # handing or handed over: a socket at our path is the new supervisor's
         if not self.control.lost():
@@ -2603,7 +2611,7 @@ class Supervisor:
         try:
             if self.options.status_socket is None:
                 control.prepare_dir(os.path.dirname(self.control.path))
-            self.control.rebind()
+            self.control.rebind(replace)
         except OSError as exc:
             self._log_repeating("status-socket-lost", exc, "its file was removed or replaced, "
                                 "and no socket could be made there again: trying again at "
@@ -2843,10 +2851,15 @@ class Supervisor:
             self._forget_late_taker()
             self.late_taker = taker
             self._watch(taker.fileno(), self.handle_late_taker)
-        else:
-            self.log.warning("take-over-abandoned", detail="the supervisor taking over went "
-                             "away before it was ready: serving on")
-            taker.close()
+            # The socket at our path may be its own now, which answers nobody while it is
+            # stalled (a `check` there timed out: unhealthy) and is no use once it is told
+            # no: ours again at once, in one rename. What it does after, resumed (its own
+            # rename, its exit removing its files), is mended when it goes.
+            self._own_again(replace=True)
+            return
+        self.log.warning("take-over-abandoned", detail="the supervisor taking over went "
+                         "away before it was ready: serving on")
+        taker.close()
         self._own_again()
 
     def handle_late_taker(self, events: int) -> None:
@@ -2871,10 +2884,10 @@ class Supervisor:
             self.late_taker.close()
             self.late_taker = None
 
-    def _own_again(self) -> None:
+    def _own_again(self, replace: bool = False) -> None:
         """A take-over that did not happen: the taker may have replaced our socket file and
-        pid file, then removed them."""
-        self.check_control()
+        pid file, then removed them. `replace`: its socket there too (check_control)."""
+        self.check_control(replace)
         if self.pid_file_written is not None:
             try:
                 self._write_pid_file()

@@ -970,6 +970,58 @@ def test_a_scrape_under_way_at_a_take_over_is_answered(
     assert old.stop() == 0
 
 
+def test_a_stop_at_once_after_a_take_over_does_not_wait_for_the_scrapes(
+    start_proxy: Callable[..., Proxy], tcp_server: ServerFactory, short_dir: Path,
+) -> None:
+    """After a take-over, the old supervisor waits for its metrics process to finish the
+    scrapes it has (up to METRICS_HANDOVER_WAIT). A second Ctrl-C or a SIGQUIT, "stop at
+    once", waited for them too. Now it ends them: a scrape under way is cut, not answered."""
+    server = tcp_server(echo)
+    path = str(short_dir / "fp.sock")
+    old = start_proxy("--status-socket", path, "--metrics", "127.0.0.1:0",
+                      f"127.0.0.1:0=127.0.0.1:{server.port}", expect=2)
+    metrics = _metrics_port(old)
+    assert wait_for(lambda: metrics_pid(old.pid) != 0)
+    old_metrics = psutil.Process(metrics_pid(old.pid))
+    with socket.create_connection(("127.0.0.1", metrics), timeout=20) as scrape:
+        scrape.sendall(b"GET /metrics HTTP/1.0\r\nHost: x\r\n")  # not yet the end
+        ours = scrape.getsockname()[1]
+        assert wait_for(lambda: any(conn.raddr and conn.raddr[1] == ours
+                                    for conn in old_metrics.net_connections()))
+        new = start_proxy("--take-over", "--status-socket", path, "--metrics",
+                          f"127.0.0.1:{metrics}",
+                          f"127.0.0.1:{old.port}=127.0.0.1:{server.port}", expect=2)
+        assert wait_for(lambda: " stopping signal=take-over " in old.log()), old.log()
+        # Held where it is (it would finish the scrape, or cut it at its deadline): a
+        # SIGTERM sent it waits, pending, for its SIGCONT.
+        os.kill(old_metrics.pid, signal.SIGSTOP)
+        try:
+            old.proc.send_signal(signal.SIGQUIT)
+            assert wait_for(lambda: " stopping-now " in old.log()), old.log()
+            # At the stop-now, not at the end of METRICS_HANDOVER_WAIT (12 s from the
+            # hand-over), when the stop's own SIGTERM comes: wait for less than that.
+            assert wait_for(lambda: bool(_pending(old_metrics.pid) & 1 << (signal.SIGTERM - 1)),
+                            timeout=8), old.log()
+        finally:
+            os.kill(old_metrics.pid, signal.SIGCONT)
+        assert old.proc.wait(30) == 0
+        try:
+            scrape.sendall(b"\r\n")
+            reply = scrape.recv(1 << 16)
+        except OSError:  # reset: cut all the same
+            reply = b""
+    assert reply == b"", reply[:200]
+    assert "forkproxy_up 1" in _scrape(metrics)  # the new one's, untouched
+    assert new.stop() == 0
+
+
+def _pending(pid: int) -> int:
+    """The signals pending for the process `pid` (its own and its threads' shared set)."""
+    fields = dict(line.split(":\t", 1) for line in
+                  Path(f"/proc/{pid}/status").read_text().splitlines() if ":\t" in line)
+    return int(fields["ShdPnd"], 16) | int(fields["SigPnd"], 16)
+
+
 def _scrape_across_take_over(start_proxy: Callable[..., Proxy], old: Proxy,
                              *args: str) -> Proxy:
     """A scrape the metrics process of `old` has accepted, its request not yet complete;
@@ -1291,22 +1343,28 @@ def test_a_taker_that_stalls_before_go_is_given_up_and_told_no_when_it_resumes(
         new = _taking_over((*common, f"127.0.0.1:{old.port}=127.0.0.1:{server.port}"), log)
         # Held at its pid file: it holds the sockets, its socket file replaced ours.
         at_pid_file = gate.held_open()
+        takers_socket = os.stat(path).st_ino
         abandoned = wait_for(lambda: "take-over-abandoned" in old.log(), timeout=60)
         # The old one writes its pid file again: let it.
         rewriting = gate.held_open() if abandoned else None
+        # Before that, its socket file: the taker's, there meanwhile, answers nobody while
+        # it is held (`check` timed out) and is no use once it is told no. Replaced at
+        # once (it was left, with a false `status-socket-lost` error, till the taker went).
+        ours_again = os.stat(path).st_ino != takers_socket
         gate.let_through()
     with new:
         try:
             assert at_pid_file == new.pid
             assert abandoned, old.log()
             assert rewriting == old.pid
+            assert ours_again, old.log()
             assert new.wait(30) == 2, log.read_text()
             assert "too late: it did not say `go` within 15s" in log.read_text()
             assert "take-over-unconfirmed" not in log.read_text()
         finally:
             kill_group(new)
     assert old.proc.poll() is None, old.log()
-    assert "stopping" not in old.log()
+    assert "stopping" not in old.log() and "status-socket-lost" not in old.log(), old.log()
     assert wait_for(lambda: control(Path(path), "check")["ok"] is True), old.log()
     assert wait_for(lambda: pid_file.exists() and pid_file.read_text() == f"{old.pid}\n")
     assert _echoed(old.port, os.urandom(4096))
@@ -1513,6 +1571,15 @@ def test_check_at_a_status_socket_asks_the_one_put_in_its_place(
         thread.join(30)
         assert said == [] and reply is not None, said
         assert reply["ok"] is True and reply["pid_here"] == proxy.pid, reply
+        path.unlink()
+    # A reload's refusal says it in its error: asked once more too (it was not).
+    for error in ("stopping", control_module.HANDING_OVER):
+        said = []
+        thread = old_one(control_module.encode_reply({"ok": False, "error": error}), True)
+        reply = status.ask(str(path), "reload", said.append)
+        thread.join(30)
+        assert said == [] and reply is not None and reply["ok"] is True, (reply, said)
+        assert reply["pid_here"] == proxy.pid, reply
         path.unlink()
     said = []
     thread = old_one(stopping, replaced=False)
