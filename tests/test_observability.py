@@ -615,36 +615,27 @@ def test_a_connection_into_a_black_hole_shows_idle_and_unanswered_growing(
     sock_path = tmp_path / "status.sock"
     proxy = start_proxy("--status-socket", str(sock_path), f"127.0.0.1:0=127.0.0.1:{upstream_port}",
                         env=env, prefix=in_own_network())
-    with in_network(proxy.network):
-        upstream = socket.create_server(("127.0.0.1", upstream_port))
-        client = socket.create_connection(("127.0.0.1", proxy.port), timeout=30)
-    with upstream, client:
+    with _answered_once(proxy, upstream_port) as client:
+        pooled = 3.0  # idle in a pool first: the upstream's last ACK is that much older
+        time.sleep(pooled)
+        drop = ["INPUT", "-p", "tcp", "--dport", str(upstream_port), "-j", "DROP"]
+        with in_network(proxy.network):
+            subprocess.run([need("iptables"), "-I", *drop], check=True, timeout=30)
+        asked = time.monotonic()
         client.sendall(b"ping")
-        served, _ = upstream.accept()
-        with served:
-            assert recv_exact(served, 4) == b"ping"
-            served.sendall(b"pong")
-            assert recv_exact(client, 4) == b"pong"
-            pooled = 3.0  # idle in a pool first: the upstream's last ACK is that much older
-            time.sleep(pooled)
-            drop = ["INPUT", "-p", "tcp", "--dport", str(upstream_port), "-j", "DROP"]
-            with in_network(proxy.network):
-                subprocess.run([need("iptables"), "-I", *drop], check=True, timeout=30)
-            asked = time.monotonic()
-            client.sendall(b"ping")
-            # Retransmissions after ~0.2, 0.6, 1.4, 3.0 and 6.2 s (the RTO doubling from
-            # its 200 ms floor): read at 4.5 s, the last one 1.5 s before.
-            time.sleep(4.5)
-            with in_network(proxy.network):
-                child = the_connection(sock_path, env)
-            waited = time.monotonic() - asked
-            assert child["queued_to_upstream"] == 4, child  # not acknowledged: retransmitted
-            # The request moved on the client's socket: IDLE, the connection's, counts
-            # from there (the upstream's socket alone has moved nothing for longer).
-            assert child["idle"] >= 4.5 - JIFFIES, (waited, child)
-            # Since the request, not since the last ACK, an idle time older: at most the
-            # first timeout (200 ms here) more than the time waited.
-            assert 4.5 - JIFFIES <= child["unanswered"] <= waited + 0.5, (waited, child)
+        # Retransmissions after ~0.2, 0.6, 1.4, 3.0 and 6.2 s (the RTO doubling from
+        # its 200 ms floor): read at 4.5 s, the last one 1.5 s before.
+        time.sleep(4.5)
+        with in_network(proxy.network):
+            child = the_connection(sock_path, env)
+        waited = time.monotonic() - asked
+        assert child["queued_to_upstream"] == 4, child  # not acknowledged: retransmitted
+        # The request moved on the client's socket: IDLE, the connection's, counts
+        # from there (the upstream's socket alone has moved nothing for longer).
+        assert child["idle"] >= 4.5 - JIFFIES, (waited, child)
+        # Since the request, not since the last ACK, an idle time older: at most the
+        # first timeout (200 ms here) more than the time waited.
+        assert 4.5 - JIFFIES <= child["unanswered"] <= waited + 0.5, (waited, child)
 
 
 def test_unanswered_keeps_growing_into_a_black_hole_past_the_retransmission_timeout_cap(
@@ -664,6 +655,38 @@ def test_unanswered_keeps_growing_into_a_black_hole_past_the_retransmission_time
               'echo 60 >/proc/sys/net/ipv4/tcp_retries2 && exec "$0" "$@"')
     proxy = start_proxy("--status-socket", str(sock_path), f"127.0.0.1:0=127.0.0.1:{upstream_port}",
                         env=env, prefix=prefix)
+    with _answered_once(proxy, upstream_port) as client:
+        time.sleep(1.0)  # idle first: the upstream's last ACK is older than the request
+        drop = ["INPUT", "-p", "tcp", "--dport", str(upstream_port), "-j", "DROP"]
+        with in_network(proxy.network):
+            subprocess.run([need("iptables"), "-I", *drop], check=True, timeout=30)
+        asked = time.monotonic()
+        client.sendall(b"ping")
+        # Retransmissions after ~0.2, 0.6, 1.4 s, then every second (the cap): read
+        # over eight caps and more, past where the old estimate topped out (2 s).
+        readings: list[tuple[float, float]] = []
+        while time.monotonic() - asked < 9.0:
+            time.sleep(0.7)
+            before = time.monotonic() - asked
+            with in_network(proxy.network):
+                child = the_connection(sock_path, env)
+            after = time.monotonic() - asked
+            assert child["queued_to_upstream"] == 4, child  # still retransmitted
+            readings.append((before, child["unanswered"]))
+            # Since the request: at most the first timeout (200 ms floor, a tail
+            # loss probe before it) less than the time waited, never more.
+            assert before - 0.6 <= child["unanswered"] <= after + JIFFIES, readings
+        values = [unanswered for _, unanswered in readings]
+        assert all(later > earlier for earlier, later in itertools.pairwise(values)), (
+            readings)
+        assert values[-1] >= 8.0, readings  # four caps past the two the old one reached
+
+
+@contextlib.contextmanager
+def _answered_once(proxy: Proxy, upstream_port: int) -> Iterator[socket.socket]:
+    """A client's connection through `proxy` to an upstream of the test's on
+    `upstream_port` in the proxy's network namespace, once one request went through and
+    was answered: the client's socket (the upstream's stays open with it)."""
     with in_network(proxy.network):
         upstream = socket.create_server(("127.0.0.1", upstream_port))
         client = socket.create_connection(("127.0.0.1", proxy.port), timeout=30)
@@ -674,30 +697,8 @@ def test_unanswered_keeps_growing_into_a_black_hole_past_the_retransmission_time
             assert recv_exact(served, 4) == b"ping"
             served.sendall(b"pong")
             assert recv_exact(client, 4) == b"pong"
-            time.sleep(1.0)  # idle first: the upstream's last ACK is older than the request
-            drop = ["INPUT", "-p", "tcp", "--dport", str(upstream_port), "-j", "DROP"]
-            with in_network(proxy.network):
-                subprocess.run([need("iptables"), "-I", *drop], check=True, timeout=30)
-            asked = time.monotonic()
-            client.sendall(b"ping")
-            # Retransmissions after ~0.2, 0.6, 1.4 s, then every second (the cap): read
-            # over eight caps and more, past where the old estimate topped out (2 s).
-            readings: list[tuple[float, float]] = []
-            while time.monotonic() - asked < 9.0:
-                time.sleep(0.7)
-                before = time.monotonic() - asked
-                with in_network(proxy.network):
-                    child = the_connection(sock_path, env)
-                after = time.monotonic() - asked
-                assert child["queued_to_upstream"] == 4, child  # still retransmitted
-                readings.append((before, child["unanswered"]))
-                # Since the request: at most the first timeout (200 ms floor, a tail
-                # loss probe before it) less than the time waited, never more.
-                assert before - 0.6 <= child["unanswered"] <= after + JIFFIES, readings
-            values = [unanswered for _, unanswered in readings]
-            assert all(later > earlier for earlier, later in itertools.pairwise(values)), (
-                readings)
-            assert values[-1] >= 8.0, readings  # four caps past the two the old one reached
+            yield client
+
 
 
 def diag_message(tcp_info: bytes) -> bytearray:
