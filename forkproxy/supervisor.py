@@ -527,6 +527,9 @@ class Supervisor:
         self.handed: list[socket.socket] = []
         self.handed_names: list[dict[str, object]] = []
         self.handed_by = ""  # that supervisor, named for an error (listeners.moved_port)
+        # The connection to one that did not answer our `go` (take-over-unconfirmed), held
+        # until we exit: it tells a taker there from one gone (_taker_done).
+        self.unconfirmed_by: socket.socket | None = None
         # Listeners shut down from outside that could not listen again (_listener_shut):
         # not served, so `check` fails. Empty but for that.
         self.not_listening: set[Listener] = set()
@@ -654,16 +657,19 @@ class Supervisor:
                                   f"not confirm the hand-over ({error})") from None
             # Told, and silent since (stopped, frozen, swapping): giving up now would leave
             # nobody serving once it reads our `go` and stops. The sockets still listen:
-            # served by both until it does.
+            # served by both until it does. The connection stays open until we exit: its
+            # answer to our `go` must find us there, or it takes us for gone, and serves on.
             self.log.warning("take-over-unconfirmed", error=error,
                              detail="the supervisor taken over did not say it stopped "
                              "accepting: serving; it stops when it reads the hand-over")
+            self.unconfirmed_by, self.taken_from = self.taken_from, None
             reply = {"ok": True}
         if not reply.get("ok"):
             raise ConfigError(f"--take-over: the supervisor on {quoted(path or '')} did not "
                               f"hand over: {reply.get('error')}")
-        self.taken_from.close()
-        self.taken_from = None
+        if self.taken_from is not None:
+            self.taken_from.close()
+            self.taken_from = None
         used = {id(listener.sock) for listener in self.listeners}
         used.add(id(self.metrics_sock))
         for sock, name in zip(self.handed, self.handed_names, strict=True):
@@ -1226,6 +1232,9 @@ class Supervisor:
             # once we removed them.
             self.taken_from.close()
             self.taken_from = None
+        if self.unconfirmed_by is not None:
+            self.unconfirmed_by.close()
+            self.unconfirmed_by = None
         # The counts no window's end has logged yet. Last: with the log blocked, this
         # write waits, and everything above is done by then.
         self._end_denial_windows()
@@ -2827,13 +2836,18 @@ class Supervisor:
         self.taker_deadline = None
         self._unwatch(taker.fileno())
         if not timed_out and self.taker_said.split(b"\n", 1)[0] == b"go" and not self.stopping:
-            self.handle_stop(signal.SIGTERM, handed_over=True)
-            try:
-                taker.settimeout(control.REPORT_TIMEOUT)
-                taker.sendall(control.encode_reply({"ok": True}))
-            except OSError:
-                pass  # gone: it serves all the same, or not at all
+            # Told before we stop: one that went away after its `go` (killed before it read
+            # this) serves nothing, and stopping left nobody serving, the pid file and
+            # socket file naming a dead process. Then we serve on, as without its `go`.
+            told = self._tell_taker_yes(taker)
             taker.close()
+            if told:
+                self.handle_stop(signal.SIGTERM, handed_over=True)
+                return
+            self.log.warning("take-over-abandoned", detail="the supervisor taking over "
+                             "went away after it said it was ready, before it read the "
+                             "answer: serving on")
+            self._own_again()
             return
         if timed_out:
             self.log.warning("take-over-abandoned", detail="the supervisor taking over did "
@@ -2861,6 +2875,16 @@ class Supervisor:
                          "away before it was ready: serving on")
         taker.close()
         self._own_again()
+
+    def _tell_taker_yes(self, taker: socket.socket) -> bool:
+        """The taker's last answer, yes: the listening sockets are its own now. Not waited
+        for (the socket is non-blocking; the line fits in its buffer, which it only
+        reads): False when it cannot go, the taker gone (EPIPE, ECONNRESET)."""
+        try:
+            taker.send(control.encode_reply({"ok": True}), socket.MSG_NOSIGNAL)
+        except OSError:
+            return False
+        return True
 
     def handle_late_taker(self, events: int) -> None:
         """A taker told no at the deadline: what it says is not heard; once it is gone,

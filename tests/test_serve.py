@@ -1377,6 +1377,82 @@ def test_a_taker_that_stalls_before_go_is_given_up_and_told_no_when_it_resumes(
     assert taker.stop() == 0
 
 
+def test_a_stop_of_the_old_supervisor_while_it_hands_over_leaves_the_taker_serving(
+    start_proxy: Callable[..., Proxy], tcp_server: ServerFactory, short_dir: Path,
+) -> None:
+    """SIGTERM to the old supervisor after it handed its sockets over, before the new
+    one's `go`: its stop shut the sockets down, which ended them for the new one too; that
+    one exited 2 ("did not confirm the hand-over (Broken pipe)") and nobody served. The
+    sockets are the taker's now: the old one closes its copies only, tells it yes, and the
+    taker serves."""
+    server = tcp_server(echo)
+    path, pid_file = str(short_dir / "fp.sock"), short_dir / "fp.pid"
+    common = ("--status-socket", path, "--pid-file", str(pid_file))
+    old = start_proxy(*common, f"127.0.0.1:0=127.0.0.1:{server.port}")
+    log = short_dir / "new.log"
+    with OpenGate(pid_file) as gate:  # left before the old one's exit reads it
+        new = _taking_over((*common, f"127.0.0.1:{old.port}=127.0.0.1:{server.port}"), log)
+        # Held at its pid file: it holds the sockets, and has not said `go`.
+        at_pid_file = gate.held_open()
+        old.signal(signal.SIGTERM)
+        stopping = wait_for(lambda: " stopping " in old.log())
+    with new:
+        try:
+            assert at_pid_file == new.pid
+            assert stopping, old.log()
+            assert " stopping signal=SIGTERM " in old.log(), old.log()
+            assert new.stdout is not None
+            assert new.stdout.readline().startswith("listening "), log.read_text()
+            assert old.proc.wait(30) == 0, old.log()
+            assert "take-over-unconfirmed" not in log.read_text()
+            assert _echoed(old.port, os.urandom(4096))
+            assert control(Path(path), "check")["ok"] is True
+            assert pid_file.read_text() == f"{new.pid}\n"
+            new.send_signal(signal.SIGTERM)
+            assert new.wait(15) == 0
+        finally:
+            kill_group(new)
+
+
+def test_a_taker_killed_after_its_go_leaves_the_old_supervisor_serving(
+    start_proxy: Callable[..., Proxy], tcp_server: ServerFactory, short_dir: Path,
+) -> None:
+    """The new supervisor killed after it sent `go`, before it read the answer: the old
+    one read the `go` and stopped, and nobody served, the pid file and socket file naming
+    a dead process. The old one now tells the taker yes before it stops: a taker gone
+    (EPIPE) is a take-over abandoned, and it serves on and makes its files again."""
+    server = tcp_server(echo)
+    path, pid_file = str(short_dir / "fp.sock"), short_dir / "fp.pid"
+    common = ("--status-socket", path, "--pid-file", str(pid_file))
+    old = start_proxy(*common, f"127.0.0.1:0=127.0.0.1:{server.port}")
+    log = short_dir / "new.log"
+    with OpenGate(pid_file) as gate:
+        new = _taking_over((*common, f"127.0.0.1:{old.port}=127.0.0.1:{server.port}"), log)
+        at_pid_file = gate.held_open()
+        old.signal(signal.SIGSTOP)  # the `go` waits unread
+    with new:
+        try:
+            assert at_pid_file == new.pid
+
+            def waiting_for_the_answer() -> bool:  # in say_go's poll (x86-64 poll, ppoll)
+                syscall = Path(f"/proc/{new.pid}/syscall").read_text().split()[0]
+                return syscall in ("7", "271")
+
+            assert wait_for(waiting_for_the_answer), log.read_text()
+            new.kill()
+            assert new.wait(15) == -signal.SIGKILL
+        finally:
+            old.signal(signal.SIGCONT)
+            kill_group(new)
+    assert wait_for(lambda: "take-over-abandoned" in old.log()), old.log()
+    assert old.proc.poll() is None, old.log()
+    assert "stopping" not in old.log(), old.log()
+    assert _echoed(old.port, os.urandom(4096))
+    assert wait_for(lambda: control(Path(path), "check")["ok"] is True), old.log()
+    assert wait_for(lambda: pid_file.exists() and pid_file.read_text() == f"{old.pid}\n")
+    assert old.stop() == 0
+
+
 def test_a_go_written_with_the_hand_over_request_is_heard(
     start_proxy: Callable[..., Proxy], tcp_server: ServerFactory, short_dir: Path,
 ) -> None:
