@@ -1923,12 +1923,23 @@ class Supervisor:
                     except OSError:
                         pass
             return
+        left_to_taker = False
+        if self.taker is not None and not handed_over:
+            # A stop while handing over: the taker holds our listening sockets already.
+            # Shutting them down (a stop's close_all) ended them for it too: it gave up at
+            # its `go`, and nobody served. They are its now: it is told yes (its `go`, sent
+            # or to come, reads it) and serves; their backlogs and our metrics port are
+            # left to it, as after its `go`. One gone already (EPIPE) has them no more.
+            taker, self.taker = self.taker, None
+            self._unwatch(taker.fileno())
+            handed_over = left_to_taker = self._tell_taker_yes(taker)
+            taker.close()
+            if left_to_taker:
+                # Nor is the pid file ours to remove at exit: the taker may be writing it
+                # now (in place: we would read our PID there and unlink its file).
+                self.pid_file_written = None
         for listener in [] if handed_over else self._in_turn():  # held in that order: the
             self._take_backlog(listener, "stopping")  # turns go on (serve_held)
-        if self.taker is not None and not handed_over:
-            self._unwatch(self.taker.fileno())  # a take-over under way: it fails (EOF)
-            self.taker.close()
-            self.taker = None
         self.taker_deadline = None
         self._forget_late_taker()
         self.stopping = True
@@ -1959,9 +1970,12 @@ class Supervisor:
         # SIGQUIT (a terminal's Ctrl-\) stops at once, as a second Ctrl-C does: no grace.
         grace = 0.0 if signum == signal.SIGQUIT else self.options.grace
         self.term_at = time.monotonic() + grace
-        self.log.info("stopping", signal="take-over" if handed_over else name,
-                      connections=len(self.accounting.children),
-                      waiting=sum(len(held.clients) for held in self.held), grace=grace)
+        self.log.info("stopping", signal="take-over" if handed_over and not left_to_taker
+                      else name, connections=len(self.accounting.children),
+                      waiting=sum(len(held.clients) for held in self.held), grace=grace,
+                      **({"detail": "asked while handing over: the listening sockets are "
+                          "left to the supervisor taking over, which serves"}
+                         if left_to_taker else {}))
 
     def _take_backlog(self, listener: Listener, why: str) -> None:
         """Accept the clients in the backlog of a listener about to close (a stop, or a
