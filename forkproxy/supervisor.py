@@ -379,6 +379,11 @@ _OUT_OF_PORTS = ("out of local ports toward the upstream: each connection holds 
                  "net.ipv4.ip_local_port_range or spread over more upstream addresses")
 
 
+class TakeOverCancelled(Exception):
+    """serve --take-over asked to stop (the signal's name) before the supervisor taken
+    over stopped: the take-over does not happen, and that one serves on."""
+
+
 class Supervisor:
     def __init__(self, sources: Sources, environ: Mapping[str, str], log: Logger) -> None:
         self.sources = sources
@@ -645,9 +650,14 @@ class Supervisor:
 
     def _confirm_take_over(self) -> None:
         """Everything else is bound: tell the supervisor taken over to stop accepting (its
-        backlogs are ours now), then close what it handed that we have no use for."""
+        backlogs are ours now), then close what it handed that we have no use for.
+        TakeOverCancelled for a stop asked meanwhile (before `go`)."""
         assert self.taken_from is not None
         path = self.options.take_over
+        # Our stop signals wait, blocked, until the loop runs (console.STARTUP_BLOCKED):
+        # one asked now was heard after the `go`, and stopped us once the old supervisor
+        # had stopped: nobody served. Now it stops the take-over instead.
+        self._cancel_if_stop_asked()
         try:
             reply = control.say_go(self.taken_from)
         except (OSError, ValueError) as exc:
@@ -655,6 +665,10 @@ class Supervisor:
             if not all(listeners.bound_address(sock) for sock in self.handed):
                 raise ConfigError(f"--take-over: the supervisor on {quoted(path or '')} did "
                                   f"not confirm the hand-over ({error})") from None
+            # A stop asked while we waited: the `go` is sent, but the old supervisor, once
+            # it reads it, finds us gone and serves on (_taker_done): we close our copies
+            # (never shut them down) and go.
+            self._cancel_if_stop_asked()
             # Told, and silent since (stopped, frozen, swapping): giving up now would leave
             # nobody serving once it reads our `go` and stops. The sockets still listen:
             # served by both until it does. The connection stays open until we exit: its
@@ -680,6 +694,11 @@ class Supervisor:
                               " (handed over; not in this configuration)")
                 listeners.stop_listening(sock)
         self.handed, self.handed_names = [], []
+
+    def _cancel_if_stop_asked(self) -> None:
+        pending = signal.sigpending() & {signal.SIGTERM, signal.SIGINT, signal.SIGQUIT}
+        if pending:
+            raise TakeOverCancelled(signal.Signals(min(pending)).name)
 
     def _close_listeners(self) -> None:
         """Stop listening; but a socket handed over by a supervisor that has not confirmed
@@ -972,6 +991,17 @@ class Supervisor:
             self.log.never_wait(self._log_held)
             if self.log.own_fd != held_on:  # given back: no spare for it (-1: a no-op)
                 self._unwatch(held_on)
+        except TakeOverCancelled as exc:
+            # Asked to stop, and stopped: exit 0, as any stop. Our copies of the handed
+            # sockets are closed, not shut down, and our socket file and pid file removed
+            # before the connection: the old supervisor, at its close, serves on and
+            # makes them again (_taker_done, _own_again).
+            self.log.warning("take-over-cancelled", signal=str(exc),
+                             detail="stopped before the supervisor taken over was told to "
+                             "stop: it serves on")
+            self.cleanup()
+            self.log.settle(LOG_SETTLE)
+            return 0
         except BaseException as exc:
             self.cleanup()  # nothing half-started: no socket file, no pid file left behind
             # A moment for the start-up lines held (a reader only slow), as at exit.

@@ -1414,6 +1414,42 @@ def test_a_stop_of_the_old_supervisor_while_it_hands_over_leaves_the_taker_servi
             kill_group(new)
 
 
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["TERM", "INT"])
+def test_a_stop_of_the_taker_before_its_go_cancels_the_take_over(
+    start_proxy: Callable[..., Proxy], tcp_server: ServerFactory, short_dir: Path,
+    stop: signal.Signals,
+) -> None:
+    """SIGTERM or Ctrl-C to the new supervisor before its `go`: blocked while it starts,
+    the signal was heard once the hand-over was done, the old one stopped, and the new
+    one stopped too: nobody served. A stop asked before `go` now cancels the take-over:
+    no `go`, its copies of the sockets closed (not shut down), its socket file and pid
+    file removed, exit 0 with `take-over-cancelled`; the old one serves on and makes its
+    files again."""
+    server = tcp_server(echo)
+    path, pid_file = str(short_dir / "fp.sock"), short_dir / "fp.pid"
+    common = ("--status-socket", path, "--pid-file", str(pid_file))
+    old = start_proxy(*common, f"127.0.0.1:0=127.0.0.1:{server.port}")
+    log = short_dir / "new.log"
+    with OpenGate(pid_file) as gate:
+        new = _taking_over((*common, f"127.0.0.1:{old.port}=127.0.0.1:{server.port}"), log)
+        at_pid_file = gate.held_open()
+        os.kill(new.pid, stop)
+    with new:
+        try:
+            assert at_pid_file == new.pid
+            assert new.wait(30) == 0, log.read_text()
+            assert " take-over-cancelled " in log.read_text(), log.read_text()
+        finally:
+            kill_group(new)
+    assert wait_for(lambda: "take-over-abandoned" in old.log()), old.log()
+    assert old.proc.poll() is None, old.log()
+    assert "stopping" not in old.log(), old.log()
+    assert _echoed(old.port, os.urandom(4096))
+    assert wait_for(lambda: control(Path(path), "check")["ok"] is True), old.log()
+    assert wait_for(lambda: pid_file.exists() and pid_file.read_text() == f"{old.pid}\n")
+    assert old.stop() == 0
+
+
 def test_a_taker_killed_after_its_go_leaves_the_old_supervisor_serving(
     start_proxy: Callable[..., Proxy], tcp_server: ServerFactory, short_dir: Path,
 ) -> None:
@@ -1441,6 +1477,47 @@ def test_a_taker_killed_after_its_go_leaves_the_old_supervisor_serving(
             assert wait_for(waiting_for_the_answer), log.read_text()
             new.kill()
             assert new.wait(15) == -signal.SIGKILL
+        finally:
+            old.signal(signal.SIGCONT)
+            kill_group(new)
+    assert wait_for(lambda: "take-over-abandoned" in old.log()), old.log()
+    assert old.proc.poll() is None, old.log()
+    assert "stopping" not in old.log(), old.log()
+    assert _echoed(old.port, os.urandom(4096))
+    assert wait_for(lambda: control(Path(path), "check")["ok"] is True), old.log()
+    assert wait_for(lambda: pid_file.exists() and pid_file.read_text() == f"{old.pid}\n")
+    assert old.stop() == 0
+
+
+def test_a_taker_stopped_while_it_waits_for_a_stalled_old_one_leaves_it_serving(
+    start_proxy: Callable[..., Proxy], tcp_server: ServerFactory, short_dir: Path,
+) -> None:
+    """Ctrl-C to the new supervisor after its `go`, while it waits for the answer of an
+    old one that stalled: it waited (TAKE_OVER_TIMEOUT), served, then stopped, shutting
+    the sockets down; the old one, resumed, read the `go` and stopped: nobody served. Now
+    the new one, its wait over, cancels (its copies closed, not shut down), and the old
+    one, resumed, finds it gone after its `go` and serves on."""
+    server = tcp_server(echo)
+    path, pid_file = str(short_dir / "fp.sock"), short_dir / "fp.pid"
+    common = ("--status-socket", path, "--pid-file", str(pid_file))
+    old = start_proxy(*common, f"127.0.0.1:0=127.0.0.1:{server.port}")
+    log = short_dir / "new.log"
+    with OpenGate(pid_file) as gate:
+        new = _taking_over((*common, f"127.0.0.1:{old.port}=127.0.0.1:{server.port}"), log)
+        at_pid_file = gate.held_open()
+        old.signal(signal.SIGSTOP)
+    with new:
+        try:
+            assert at_pid_file == new.pid
+
+            def waiting_for_the_answer() -> bool:  # in say_go's poll (x86-64 poll, ppoll)
+                syscall = Path(f"/proc/{new.pid}/syscall").read_text().split()[0]
+                return syscall in ("7", "271")
+
+            assert wait_for(waiting_for_the_answer), log.read_text()
+            new.send_signal(signal.SIGINT)
+            assert new.wait(60) == 0, log.read_text()
+            assert " take-over-cancelled signal=SIGINT " in log.read_text(), log.read_text()
         finally:
             old.signal(signal.SIGCONT)
             kill_group(new)
