@@ -543,6 +543,9 @@ class Supervisor:
         self.taker: socket.socket | None = None
         self.taker_said = b""
         self.taker_deadline: float | None = None  # for its `go`: HAND_OVER_DEADLINE
+        # Told yes after its `go`: until it closes (it read the yes) or is gone (it did
+        # not: ECONNRESET), we serve on (_taker_closed).
+        self.taker_told = False
         # One that was told no at that deadline, until it goes away: then the socket file
         # and pid file it may have replaced are made again (_own_again).
         self.late_taker: socket.socket | None = None
@@ -1960,9 +1963,9 @@ class Supervisor:
             # its `go`, and nobody served. They are its now: it is told yes (its `go`, sent
             # or to come, reads it) and serves; their backlogs and our metrics port are
             # left to it, as after its `go`. One gone already (EPIPE) has them no more.
-            taker, self.taker = self.taker, None
-            self._unwatch(taker.fileno())
-            handed_over = left_to_taker = self._tell_taker_yes(taker)
+            told = self.taker_told
+            taker = self._drop_taker()
+            handed_over = left_to_taker = told or self._tell_taker_yes(taker)
             taker.close()
             if left_to_taker:
                 # Nor is the pid file ours to remove at exit: the taker may be writing it
@@ -2849,7 +2852,9 @@ class Supervisor:
         """The supervisor taking over says `go` (it listens on our sockets, and its control
         socket and pid file are in place): stop as at SIGTERM, but leave the backlogs to it;
         or it went away without (it could not start): serve on as before."""
-        if self._read_taker():
+        if self.taker_told:
+            self._taker_closed()
+        elif self._read_taker():
             self._taker_done()
 
     def _read_taker(self) -> bool:
@@ -2871,7 +2876,12 @@ class Supervisor:
         the next take-over for ever. What it sent meanwhile is read first: a `go` that
         came while we were stopped ourselves (SIGSTOP, swapping) still counts."""
         self.taker_deadline = None
-        if self.taker is not None:
+        if self.taker is not None and self.taker_told:
+            # Told yes, and not closed since: one that serves unconfirmed (it holds the
+            # connection), or stalled. Stopped as before the yes waited for its close.
+            self._drop_taker().close()
+            self.handle_stop(signal.SIGTERM, handed_over=True)
+        elif self.taker is not None:
             self._taker_done(timed_out=not self._read_taker())
 
     def _taker_done(self, timed_out: bool = False) -> None:
@@ -2883,11 +2893,15 @@ class Supervisor:
             # Told before we stop: one that went away after its `go` (killed before it read
             # this) serves nothing, and stopping left nobody serving, the pid file and
             # socket file naming a dead process. Then we serve on, as without its `go`.
-            told = self._tell_taker_yes(taker)
-            taker.close()
-            if told:
-                self.handle_stop(signal.SIGTERM, handed_over=True)
+            # Nor do we stop once the yes is sent: it closes the connection once it read
+            # it (EOF), or is killed before (ECONNRESET): see _taker_closed.
+            if self._tell_taker_yes(taker):
+                self.taker, self.taker_told = taker, True
+                self._watch(taker.fileno(), self.handle_taker)
+                self.taker_deadline = time.monotonic() + HAND_OVER_DEADLINE
+                self._arm_resolve_timer()
                 return
+            taker.close()
             self.log.warning("take-over-abandoned", detail="the supervisor taking over "
                              "went away after it said it was ready, before it read the "
                              "answer: serving on")
@@ -2919,6 +2933,36 @@ class Supervisor:
                          "away before it was ready: serving on")
         taker.close()
         self._own_again()
+
+    def _taker_closed(self) -> None:
+        """The taker told yes closes its connection: having read the yes (EOF), it serves,
+        and we stop as handed over; killed before it read it (ECONNRESET: our yes left
+        unread), nobody would: we serve on, and make our files again."""
+        assert self.taker is not None
+        try:
+            if self.taker.recv(control.MAX_REQUEST):
+                return  # nothing more is asked of it: not heard (the deadline bounds it)
+            gone = False
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            gone = True
+        self._drop_taker().close()
+        if not gone:
+            self.handle_stop(signal.SIGTERM, handed_over=True)
+            return
+        self.log.warning("take-over-abandoned", detail="the supervisor taking over went "
+                         "away after it said it was ready, before it read the answer: "
+                         "serving on")
+        self._own_again()
+
+    def _drop_taker(self) -> socket.socket:
+        assert self.taker is not None
+        taker, self.taker = self.taker, None
+        self._unwatch(taker.fileno())
+        self.taker_told = False
+        self.taker_deadline = None
+        return taker
 
     def _tell_taker_yes(self, taker: socket.socket) -> bool:
         """The taker's last answer, yes: the listening sockets are its own now. Not waited

@@ -1530,6 +1530,37 @@ def test_a_taker_stopped_while_it_waits_for_a_stalled_old_one_leaves_it_serving(
     assert old.stop() == 0
 
 
+def test_a_taker_gone_before_it_read_the_yes_leaves_the_old_supervisor_serving(
+    start_proxy: Callable[..., Proxy], tcp_server: ServerFactory, short_dir: Path,
+) -> None:
+    """A taker killed after the old supervisor's yes reached it, before it read it: the
+    old one stopped at its yes, and nobody served. It now stops when the taker closes
+    the connection having read the yes (EOF); closed with the yes unread (ECONNRESET), the
+    taker is gone, and the old one serves on. A fake taker, as serve --take-over asks."""
+    server = tcp_server(echo)
+    path = str(short_dir / "fp.sock")
+    old = start_proxy("--status-socket", path, f"127.0.0.1:0=127.0.0.1:{server.port}")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+        conn.settimeout(10)
+        conn.connect(path)
+        conn.sendall(json.dumps({"command": "hand-over", "pid": os.getpid()}).encode() + b"\n")
+        data, fds = b"", list[int]()
+        while b"\n" not in data or not fds:
+            chunk, got, _, _ = socket.recv_fds(conn, 65536, 16)
+            data, fds = data + chunk, fds + got
+            assert chunk, data
+        for fd in fds:
+            os.close(fd)
+        conn.sendall(b"go\n")
+        assert conn.recv(1, socket.MSG_PEEK) == b"{"  # the yes, there: left unread
+    assert wait_for(lambda: "take-over-abandoned" in old.log()), old.log()
+    assert old.proc.poll() is None, old.log()
+    assert "stopping" not in old.log(), old.log()
+    assert _echoed(old.port, os.urandom(4096))
+    assert control(Path(path), "check")["ok"] is True
+    assert old.stop() == 0
+
+
 def test_a_go_written_with_the_hand_over_request_is_heard(
     start_proxy: Callable[..., Proxy], tcp_server: ServerFactory, short_dir: Path,
 ) -> None:
