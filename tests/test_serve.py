@@ -1441,12 +1441,7 @@ def test_a_stop_of_the_taker_before_its_go_cancels_the_take_over(
             assert " take-over-cancelled " in log.read_text(), log.read_text()
         finally:
             kill_group(new)
-    assert wait_for(lambda: "take-over-abandoned" in old.log()), old.log()
-    assert old.proc.poll() is None, old.log()
-    assert "stopping" not in old.log(), old.log()
-    assert _echoed(old.port, os.urandom(4096))
-    assert wait_for(lambda: control(Path(path), "check")["ok"] is True), old.log()
-    assert wait_for(lambda: pid_file.exists() and pid_file.read_text() == f"{old.pid}\n")
+    _serves_on_alone(old, path, pid_file)
     assert old.stop() == 0
 
 
@@ -1469,23 +1464,13 @@ def test_a_taker_killed_after_its_go_leaves_the_old_supervisor_serving(
     with new:
         try:
             assert at_pid_file == new.pid
-
-            def waiting_for_the_answer() -> bool:  # in say_go's poll (x86-64 poll, ppoll)
-                syscall = Path(f"/proc/{new.pid}/syscall").read_text().split()[0]
-                return syscall in ("7", "271")
-
-            assert wait_for(waiting_for_the_answer), log.read_text()
+            assert wait_for(lambda: _in_poll(new.pid)), log.read_text()
             new.kill()
             assert new.wait(15) == -signal.SIGKILL
         finally:
             old.signal(signal.SIGCONT)
             kill_group(new)
-    assert wait_for(lambda: "take-over-abandoned" in old.log()), old.log()
-    assert old.proc.poll() is None, old.log()
-    assert "stopping" not in old.log(), old.log()
-    assert _echoed(old.port, os.urandom(4096))
-    assert wait_for(lambda: control(Path(path), "check")["ok"] is True), old.log()
-    assert wait_for(lambda: pid_file.exists() and pid_file.read_text() == f"{old.pid}\n")
+    _serves_on_alone(old, path, pid_file)
     assert old.stop() == 0
 
 
@@ -1509,24 +1494,14 @@ def test_a_taker_stopped_while_it_waits_for_a_stalled_old_one_leaves_it_serving(
     with new:
         try:
             assert at_pid_file == new.pid
-
-            def waiting_for_the_answer() -> bool:  # in say_go's poll (x86-64 poll, ppoll)
-                syscall = Path(f"/proc/{new.pid}/syscall").read_text().split()[0]
-                return syscall in ("7", "271")
-
-            assert wait_for(waiting_for_the_answer), log.read_text()
+            assert wait_for(lambda: _in_poll(new.pid)), log.read_text()
             new.send_signal(signal.SIGINT)
             assert new.wait(60) == 0, log.read_text()
             assert " take-over-cancelled signal=SIGINT " in log.read_text(), log.read_text()
         finally:
             old.signal(signal.SIGCONT)
             kill_group(new)
-    assert wait_for(lambda: "take-over-abandoned" in old.log()), old.log()
-    assert old.proc.poll() is None, old.log()
-    assert "stopping" not in old.log(), old.log()
-    assert _echoed(old.port, os.urandom(4096))
-    assert wait_for(lambda: control(Path(path), "check")["ok"] is True), old.log()
-    assert wait_for(lambda: pid_file.exists() and pid_file.read_text() == f"{old.pid}\n")
+    _serves_on_alone(old, path, pid_file)
     assert old.stop() == 0
 
 
@@ -1553,12 +1528,26 @@ def test_a_taker_gone_before_it_read_the_yes_leaves_the_old_supervisor_serving(
             os.close(fd)
         conn.sendall(b"go\n")
         assert conn.recv(1, socket.MSG_PEEK) == b"{"  # the yes, there: left unread
+    _serves_on_alone(old, path)
+    assert old.stop() == 0
+
+
+def _serves_on_alone(old: Proxy, path: str, pid_file: Path | None = None) -> None:
+    """After a take-over that did not happen: `old` said so, serves on, not stopping,
+    answers `check` at `path`, and has its pid file back."""
     assert wait_for(lambda: "take-over-abandoned" in old.log()), old.log()
     assert old.proc.poll() is None, old.log()
     assert "stopping" not in old.log(), old.log()
     assert _echoed(old.port, os.urandom(4096))
-    assert control(Path(path), "check")["ok"] is True
-    assert old.stop() == 0
+    assert wait_for(lambda: control(Path(path), "check")["ok"] is True), old.log()
+    if pid_file is not None:
+        assert wait_for(lambda: pid_file.exists() and pid_file.read_text() == f"{old.pid}\n")
+
+
+def _in_poll(pid: int) -> bool:
+    """Is the process `pid` waiting in poll (x86-64 poll, ppoll): a taker in say_go's
+    wait for the answer to its `go`."""
+    return Path(f"/proc/{pid}/syscall").read_text().split()[0] in ("7", "271")
 
 
 def test_a_go_written_with_the_hand_over_request_is_heard(
