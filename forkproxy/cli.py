@@ -20,6 +20,7 @@ from typing import Annotated, Any, NoReturn
 import typer
 
 from . import __version__, cgroup
+from ._metrics_main import IMPORT_PATH_VARIABLE, import_path_to_hand
 from .config import (
     ANY_IPV4,
     DEFAULT_MAX_CHILDREN,
@@ -415,6 +416,18 @@ def serve(*, sources: Sources, variables: Mapping[str, str] | None = None,
     for stream in (sys.stdout, sys.stderr):
         if stream is not None:  # None: Python found the fd closed at start
             stream.flush()
+    # What this process imports from goes to the metrics process, which the supervisor
+    # starts with -I (see _metrics_main.import_path_to_hand).
+    try:
+        cwd = os.getcwd()
+    except OSError:  # removed: nothing is imported from it, nor handed as it
+        cwd = ""
+    handed = import_path_to_hand(sys.path, cwd,
+                                 not (sys.flags.isolated or sys.flags.safe_path))
+    if handed:
+        os.environ[IMPORT_PATH_VARIABLE] = os.pathsep.join(handed)
+    else:
+        os.environ.pop(IMPORT_PATH_VARIABLE, None)
     try:
         if not os.path.isfile(script):
             # Removed since this process started (an upgrade under way): the interpreter

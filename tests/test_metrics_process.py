@@ -245,3 +245,61 @@ def test_a_metrics_process_whose_package_moved_away_says_so_in_the_log_format(
                                   f"({str(package)!r}: No such file or directory)"), failed
     assert proxy.stop() == 0
     assert all(json.loads(line) for line in proxy.log().splitlines())
+
+
+def test_a_metrics_process_imports_the_dependencies_from_where_serve_did(
+    start_proxy: StartProxy, short_dir: Path, tmp_path: Path,
+) -> None:
+    """forkproxy's dependencies importable only through PYTHONPATH (or the user site, after
+    `pip install --user`): `serve`, `status` and `check` worked, but the metrics process,
+    started with `python -I`, which drops both, failed on `No module named 'psutil'` and
+    was restarted every 60 s for ever. A venv of its own with no package installed, every
+    package on PYTHONPATH: a scrape is answered. PYTHONPATH's empty component (the current
+    directory, which holds a psutil.py) is still not imported from."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tmp_path / "venv")],
+                   check=True, timeout=120)
+    python = str(tmp_path / "venv" / "bin" / "python")
+    bare = subprocess.run([python, "-c", "import psutil"], capture_output=True, timeout=60)
+    assert bare.returncode == 1  # the venv itself has none of them
+    site_packages = Path(psutil.__file__).parent.parent  # the test venv's, psutil's too
+    package_parent = Path(forkproxy.__file__).parent.parent  # the editable install's
+    marker = tmp_path / "imported"
+    (short_dir / "psutil.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    env = {**os.environ, "XDG_RUNTIME_DIR": str(short_dir),
+           "PYTHONPATH": f":{site_packages}:{package_parent}"}
+    cwd = os.getcwd()
+    os.chdir(short_dir)  # where the proxy starts: `:` in PYTHONPATH names it
+    try:
+        proxy = start_proxy("--metrics", "127.0.0.1:0", "127.0.0.1:0=127.0.0.1:1",
+                            expect=2, env=env, prefix=(python,))
+    finally:
+        os.chdir(cwd)
+    url = proxy.lines[-1].split(" ", 1)[1]
+    try:
+        with urllib.request.urlopen(url, timeout=15) as response:
+            assert response.status == 200 and b"forkproxy_up 1.0" in response.read()
+    except OSError as exc:
+        raise AssertionError(f"{exc}\n{proxy.log()}") from None
+    pid = poll(lambda: metrics_pid(proxy.pid), bool)
+    assert psutil.Process(pid).cmdline()[0] == python  # the venv's, without the packages
+    assert not marker.exists()
+    assert "metrics-failed" not in proxy.log()
+    assert proxy.stop() == 0
+
+
+def test_a_metrics_process_missing_a_module_says_which_interpreter_looked_where(
+    short_dir: Path, tmp_path: Path,
+) -> None:
+    """`No module named 'psutil'` alone read as a missing install, where `pip list` (or
+    `status`, with the user site) showed it there: the line says that the metrics
+    process's interpreter did not find it, and where it looked."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tmp_path / "venv")],
+                   check=True, timeout=120)
+    python = str(tmp_path / "venv" / "bin" / "python")
+    out = run_metrics_py(python, short_dir=short_dir)
+    [line] = out.stderr.splitlines()
+    record = json.loads(line)
+    assert record["error"] == "ModuleNotFoundError: No module named 'psutil'", record
+    assert record["detail"].startswith(
+        f"not importable by the metrics process's interpreter, {python} -I, from "), record
+    assert str(tmp_path / "venv" / "lib") in record["detail"], record
