@@ -32,9 +32,29 @@ STARTUP_BLOCKED = (
     signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGUSR1, signal.SIGALRM
 )
 LEAN = (["check"], ["status"], ["status", "--json"])  # the whole argv after `forkproxy`
+# A dependency missing (`pip install --no-deps`, one uninstalled since): as cli.EXEC_FAILED
+# (not imported: cli.py is typer's, which may be the module missing), the status a shell
+# gives a command it found but could not run. Not 2: the input is not at fault, and
+# scripts read 2 as a usage error.
+MISSING_DEPENDENCY = 126
 
 
 def main() -> None:
+    """`forkproxy ARGS`. A module forkproxy needs that is not installed ends it in one line
+    that names it and says what to do, not in a traceback."""
+    try:
+        run()
+    except ModuleNotFoundError as exc:
+        missing = (exc.name or "").partition(".")[0]
+        if not missing or missing == "forkproxy" or missing in sys.stdlib_module_names:
+            raise  # no dependency's absence: a bug, whose traceback is needed
+        say(f"forkproxy: error: cannot import {missing}: forkproxy's dependencies are not "
+            f"all installed for {sys.executable} (a `pip install --no-deps`?); install them: "
+            f"pip install forkproxy")
+        sys.exit(MISSING_DEPENDENCY)
+
+
+def run() -> None:
     fill_closed_std_fds()  # first: before this process opens a file that must not be 0-2
     if sys.argv[1:2] == ["serve"]:
         signal.pthread_sigmask(signal.SIG_BLOCK, STARTUP_BLOCKED)

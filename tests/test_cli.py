@@ -2129,3 +2129,59 @@ def test_serve_that_cannot_exec_the_supervisor_says_so_in_one_line(
     message = f"cannot start the supervisor: '{interpreter}': No such file or directory"
     assert_one_start_error(result, message, log_format)
     assert result.stdout == ""
+
+
+_WITHOUT_MODULE = """
+import sys
+sys.modules[sys.argv[1]] = None  # not importable: a `pip install --no-deps forkproxy`
+sys.argv = ["forkproxy", *sys.argv[2:]]
+from forkproxy.console import main
+main()
+"""
+
+
+def without_module(module: str, *args: str,
+                   env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """`forkproxy ARGS` (the console entry, as the script runs it) where `module` cannot
+    be imported."""
+    return subprocess.run([sys.executable, "-c", _WITHOUT_MODULE, module, *args],
+                          capture_output=True, text=True, timeout=60, env=env)
+
+
+def assert_missing(result: subprocess.CompletedProcess[str], module: str) -> None:
+    assert result.returncode == 126, result
+    assert result.stderr.splitlines() == [
+        f"forkproxy: error: cannot import {module}: forkproxy's dependencies are not all "
+        f"installed for {sys.executable} (a `pip install --no-deps`?); install them: "
+        f"pip install forkproxy"], result
+
+
+@pytest.mark.parametrize("args", [["--version"], ["serve", "127.0.0.1:0=127.0.0.1:9"],
+                                  ["links", "6379=127.0.0.1:6379"]])
+def test_a_command_without_typer_says_so_in_one_line(args: list[str]) -> None:
+    """`pip install --no-deps forkproxy`: every command that needs the CLI ended in a
+    ModuleNotFoundError traceback, exit 1. One line naming the module and what to do,
+    and the status of a command that could not run."""
+    assert_missing(without_module("typer", *args), "typer")
+
+
+def test_status_without_psutil_says_so_in_one_line(
+    start_proxy: Callable[..., Proxy], short_dir: Path,
+) -> None:
+    """typer installed but not psutil: the proxy serves, and `status` (the lean one and
+    the CLI's) ended in a traceback from status.enrich's `import psutil`."""
+    sock = short_dir / "s.sock"
+    start_proxy("--status-socket", str(sock), "127.0.0.1:0=127.0.0.1:9", expect=1)
+    env = {**os.environ, "FORKPROXY_STATUS_SOCKET": str(sock)}
+    assert_missing(without_module("psutil", "status", env=env), "psutil")
+    assert_missing(without_module("psutil", "status", "--json", f"--status-socket={sock}"),
+                   "psutil")
+    # `check` reads nothing with psutil: it still answers.
+    assert without_module("psutil", "check", env=env).returncode == 0
+
+
+def test_a_module_of_forkproxy_missing_is_still_a_traceback() -> None:
+    """Only a dependency's absence is the install's fault; forkproxy's own module (or the
+    standard library's) missing is a bug, whose traceback says where."""
+    result = without_module("forkproxy.cli", "--version")
+    assert result.returncode == 1 and "Traceback" in result.stderr, result
