@@ -988,14 +988,15 @@ def test_a_stop_at_once_after_a_take_over_does_not_wait_for_the_scrapes(
         ours = scrape.getsockname()[1]
         assert wait_for(lambda: any(conn.raddr and conn.raddr[1] == ours
                                     for conn in old_metrics.net_connections()))
-        new = start_proxy("--take-over", "--status-socket", path, "--metrics",
-                          f"127.0.0.1:{metrics}",
-                          f"127.0.0.1:{old.port}=127.0.0.1:{server.port}", expect=2)
-        assert wait_for(lambda: " stopping signal=take-over " in old.log()), old.log()
-        # Held where it is (it would finish the scrape, or cut it at its deadline): a
-        # SIGTERM sent it waits, pending, for its SIGCONT.
+        # Held where it is from now (it would finish the scrape, or cut it at its request
+        # deadline, 5 s, which a slow take-over on a loaded machine passed): a SIGTERM
+        # sent it waits, pending, for its SIGCONT.
         os.kill(old_metrics.pid, signal.SIGSTOP)
         try:
+            new = start_proxy("--take-over", "--status-socket", path, "--metrics",
+                              f"127.0.0.1:{metrics}",
+                              f"127.0.0.1:{old.port}=127.0.0.1:{server.port}", expect=2)
+            assert wait_for(lambda: " stopping signal=take-over " in old.log()), old.log()
             old.proc.send_signal(signal.SIGQUIT)
             assert wait_for(lambda: " stopping-now " in old.log()), old.log()
             # At the stop-now, not at the end of METRICS_HANDOVER_WAIT (12 s from the
