@@ -1293,14 +1293,10 @@ def test_a_take_over_whose_old_supervisor_stalls_after_go_serves_on(
     and closed its copies; the old one, resumed, read the `go`, stopped, and nobody
     served. The new one now serves on when the sockets it holds still listen, and says so
     (`take-over-unconfirmed`); the old one, resumed, stops as handed over."""
-    server = tcp_server(echo)
-    path, pid_file = str(short_dir / "fp.sock"), short_dir / "fp.pid"
-    common = ("--status-socket", path, "--pid-file", str(pid_file))
-    old = start_proxy(*common, f"127.0.0.1:0=127.0.0.1:{server.port}")
-    log = short_dir / "new.log"
+    old, taker_args, path, pid_file, log = _old_supervisor(start_proxy, tcp_server, short_dir)
     # Closed before the old one's exit, which reads the pid file too.
     with OpenGate(pid_file) as gate:
-        new = _taking_over((*common, f"127.0.0.1:{old.port}=127.0.0.1:{server.port}"), log)
+        new = _taking_over(taker_args, log)
         # At its pid file: it holds the old one's sockets, and has not said `go`.
         at_pid_file = gate.held_open()
         old.signal(signal.SIGSTOP)
@@ -1386,13 +1382,9 @@ def test_a_stop_of_the_old_supervisor_while_it_hands_over_leaves_the_taker_servi
     one exited 2 ("did not confirm the hand-over (Broken pipe)") and nobody served. The
     sockets are the taker's now: the old one closes its copies only, tells it yes, and the
     taker serves."""
-    server = tcp_server(echo)
-    path, pid_file = str(short_dir / "fp.sock"), short_dir / "fp.pid"
-    common = ("--status-socket", path, "--pid-file", str(pid_file))
-    old = start_proxy(*common, f"127.0.0.1:0=127.0.0.1:{server.port}")
-    log = short_dir / "new.log"
+    old, taker_args, path, pid_file, log = _old_supervisor(start_proxy, tcp_server, short_dir)
     with OpenGate(pid_file) as gate:  # left before the old one's exit reads it
-        new = _taking_over((*common, f"127.0.0.1:{old.port}=127.0.0.1:{server.port}"), log)
+        new = _taking_over(taker_args, log)
         # Held at its pid file: it holds the sockets, and has not said `go`.
         at_pid_file = gate.held_open()
         old.signal(signal.SIGTERM)
@@ -1426,13 +1418,9 @@ def test_a_stop_of_the_taker_before_its_go_cancels_the_take_over(
     no `go`, its copies of the sockets closed (not shut down), its socket file and pid
     file removed, exit 0 with `take-over-cancelled`; the old one serves on and makes its
     files again."""
-    server = tcp_server(echo)
-    path, pid_file = str(short_dir / "fp.sock"), short_dir / "fp.pid"
-    common = ("--status-socket", path, "--pid-file", str(pid_file))
-    old = start_proxy(*common, f"127.0.0.1:0=127.0.0.1:{server.port}")
-    log = short_dir / "new.log"
+    old, taker_args, path, pid_file, log = _old_supervisor(start_proxy, tcp_server, short_dir)
     with OpenGate(pid_file) as gate:
-        new = _taking_over((*common, f"127.0.0.1:{old.port}=127.0.0.1:{server.port}"), log)
+        new = _taking_over(taker_args, log)
         at_pid_file = gate.held_open()
         os.kill(new.pid, stop)
     with new:
@@ -1453,13 +1441,9 @@ def test_a_taker_killed_after_its_go_leaves_the_old_supervisor_serving(
     one read the `go` and stopped, and nobody served, the pid file and socket file naming
     a dead process. The old one now tells the taker yes before it stops: a taker gone
     (EPIPE) is a take-over abandoned, and it serves on and makes its files again."""
-    server = tcp_server(echo)
-    path, pid_file = str(short_dir / "fp.sock"), short_dir / "fp.pid"
-    common = ("--status-socket", path, "--pid-file", str(pid_file))
-    old = start_proxy(*common, f"127.0.0.1:0=127.0.0.1:{server.port}")
-    log = short_dir / "new.log"
+    old, taker_args, path, pid_file, log = _old_supervisor(start_proxy, tcp_server, short_dir)
     with OpenGate(pid_file) as gate:
-        new = _taking_over((*common, f"127.0.0.1:{old.port}=127.0.0.1:{server.port}"), log)
+        new = _taking_over(taker_args, log)
         at_pid_file = gate.held_open()
         old.signal(signal.SIGSTOP)  # the `go` waits unread
     with new:
@@ -1483,13 +1467,9 @@ def test_a_taker_stopped_while_it_waits_for_a_stalled_old_one_leaves_it_serving(
     the sockets down; the old one, resumed, read the `go` and stopped: nobody served. Now
     the new one, its wait over, cancels (its copies closed, not shut down), and the old
     one, resumed, finds it gone after its `go` and serves on."""
-    server = tcp_server(echo)
-    path, pid_file = str(short_dir / "fp.sock"), short_dir / "fp.pid"
-    common = ("--status-socket", path, "--pid-file", str(pid_file))
-    old = start_proxy(*common, f"127.0.0.1:0=127.0.0.1:{server.port}")
-    log = short_dir / "new.log"
+    old, taker_args, path, pid_file, log = _old_supervisor(start_proxy, tcp_server, short_dir)
     with OpenGate(pid_file) as gate:
-        new = _taking_over((*common, f"127.0.0.1:{old.port}=127.0.0.1:{server.port}"), log)
+        new = _taking_over(taker_args, log)
         at_pid_file = gate.held_open()
         old.signal(signal.SIGSTOP)
     with new:
@@ -1531,6 +1511,19 @@ def test_a_taker_gone_before_it_read_the_yes_leaves_the_old_supervisor_serving(
         assert conn.recv(1, socket.MSG_PEEK) == b"{"  # the yes, there: left unread
     _serves_on_alone(old, path)
     assert old.stop() == 0
+
+
+def _old_supervisor(start_proxy: Callable[..., Proxy], tcp_server: ServerFactory,
+                    short_dir: Path) -> tuple[Proxy, tuple[str, ...], str, Path, Path]:
+    """A take-over test's old supervisor, in front of an echo server, with a fixed
+    --status-socket and --pid-file: (it, the arguments of a `serve --take-over` of it,
+    the socket's path, the pid file, a log for the taker)."""
+    server = tcp_server(echo)
+    path, pid_file = str(short_dir / "fp.sock"), short_dir / "fp.pid"
+    common = ("--status-socket", path, "--pid-file", str(pid_file))
+    old = start_proxy(*common, f"127.0.0.1:0=127.0.0.1:{server.port}")
+    return (old, (*common, f"127.0.0.1:{old.port}=127.0.0.1:{server.port}"), path, pid_file,
+            short_dir / "new.log")
 
 
 def _serves_on_alone(old: Proxy, path: str, pid_file: Path | None = None) -> None:
