@@ -430,11 +430,13 @@ class ServiceOrder:
     def end(self, name: str, *, last: bool = False) -> None:
         """Let `name` go: its child exits, and (unless it is the `last`) a client waiting
         takes the slot."""
+        # Counted before the release: the next client can be served before this thread
+        # runs again (a loaded machine), and a count taken after would wait for one more.
+        count = len(self.served) + 1
         self.release[name].set()
         assert recv_exact(self.clients[name], 6) == b"bye " + name.encode()
         self.clients[name].close()  # both sides closed: the child exits
         if not last:
-            count = len(self.served) + 1
             assert wait_for(lambda: len(self.served) == count, 30), self.served
 
     def close(self) -> None:
