@@ -323,8 +323,10 @@ _CHECK = _object({"ok": _BOOL, "stopping": _BOOL, "listeners": _LISTENERS},
                  {"metrics": _METRICS, "last_reload": _LAST_RELOAD,
                   "not_listening": _list_of(_TEXT), "handing_over": _BOOL})
 _OK = _object({"ok": _BOOL})
-_RELOADED = _object({"listeners": _LISTENERS}, {"error": _nullable(_TEXT)})
-_NOT_RELOADED = _object({"error": _TEXT}, {"listeners": _LISTENERS})
+# `stopping`, `handing_over`: as `check`'s; optional, an older supervisor sends none.
+_RELOAD_STATE = {"stopping": _BOOL, "handing_over": _BOOL}
+_RELOADED = _object({"listeners": _LISTENERS}, {"error": _nullable(_TEXT), **_RELOAD_STATE})
+_NOT_RELOADED = _object({"error": _TEXT}, {"listeners": _LISTENERS, **_RELOAD_STATE})
 
 
 def shown(reply: Any) -> Any:
@@ -349,7 +351,8 @@ def _no_constant(name: str) -> NoReturn:
 def _read_reply(command: str, data: bytes) -> dict[str, Any]:
     """The reply to `command` in `data`, checked to have the shape a supervisor gives it
     (_Misfit otherwise): for `check`, `ok` true only with listeners bound and not stopping,
-    as the supervisor answers, so that no socket passes a health check by saying `ok`."""
+    as the supervisor answers, so that no socket passes a health check by saying `ok`; for
+    `reload`, not while stopping or handing over."""
     try:
         reply = json.loads(data, parse_constant=_no_constant)
     except RecursionError:  # "[[[[..." nests past the stack
@@ -374,6 +377,9 @@ def _read_reply(command: str, data: bytes) -> dict[str, Any]:
     elif command == "reload":
         _OK(reply, "")
         (_RELOADED if reply["ok"] else _NOT_RELOADED)(reply, "")
+        if reply["ok"] and (reply.get("stopping") or reply.get("handing_over")):
+            # A supervisor stopping or handing over reads no configuration (_reload).
+            raise _Misfit("ok contradicts stopping or handing_over")
     return reply
 
 
@@ -863,10 +869,7 @@ def _ask_across_take_over(path: str | None, command: str) -> dict[str, Any]:
     except StatusError as exc:
         failure: StatusError | None = exc
     else:
-        # A reload's answer says it in its error (no `stopping` field).
-        if reply.get("stopping") is not True and (
-                reply.get("ok") is not False
-                or reply.get("error") not in ("stopping", HANDING_OVER)):
+        if not _winding_down_refusal(command, reply):
             return reply
         failure = None
     successor: str | None = None
@@ -883,6 +886,21 @@ def _ask_across_take_over(path: str | None, command: str) -> dict[str, Any]:
             raise failure
         return reply
     return request(successor, command)
+
+
+def _winding_down_refusal(command: str, reply: dict[str, Any]) -> bool:
+    """Does `reply` say its supervisor is stopping, or (a `reload` refused) handing its
+    listeners over: one taking over may answer instead. A `check` during a hand-over is
+    answered by the old one, which serves until the `go`. A reload's answer from a
+    supervisor older than its `stopping` field (a take-over may be from one) says it in
+    its error alone."""
+    if reply.get("stopping") is True:
+        return True
+    if command != "reload" or reply.get("ok") is not False:
+        return False
+    if "stopping" in reply:
+        return reply.get("handing_over") is True
+    return reply.get("error") in ("stopping", HANDING_OVER)
 
 
 def _inode(path: str) -> tuple[int, int] | None:

@@ -2487,10 +2487,17 @@ class Supervisor:
         if self.reload_asked:
             assert self.control is not None  # only its clients wait
             waiting, self.reload_waiting, self.reload_asked = self.reload_waiting, [], False
-            reply = {"ok": ok, "error": error, "listeners": self._listener_table()}
+            reply = self._reload_reply(ok, error)
             for fd in self.control.answer(waiting, reply):
                 self.handlers[fd](POLLOUT)  # send what it can now (_control_handler)
         return ok, error
+
+    def _reload_reply(self, ok: bool, error: str) -> dict[str, object]:
+        """A `reload`'s answer. `stopping` and `handing_over` as `check` says them: a
+        client tells a reload refused by a stop or a take-over (and asks the supervisor
+        taking over: status._ask_across_take_over) by them, not by the error's words."""
+        return {"ok": ok, "error": error, "stopping": self.stopping,
+                "handing_over": self.taker is not None, "listeners": self._listener_table()}
 
     def _take_control_requests(self) -> None:
         """Take up the requests already sent to the control socket, without waiting for
@@ -2759,7 +2766,7 @@ class Supervisor:
         if command == "reload":
             if self.stopping:  # nothing to read (and the loop may end before its next turn)
                 ok, error = self._reload()
-                return {"ok": ok, "error": error, "listeners": self._listener_table()}
+                return self._reload_reply(ok, error)
             # Answered by the next reload, at the loop's next turn (handle_signals), with
             # every other one that came meanwhile: one reading for all (reload).
             if not self.reload_asked:

@@ -1152,6 +1152,13 @@ def test_check_exit_codes_while_serving_draining_and_after_exit(
         result = cli("check", "--status-socket", str(sock_path), env=env)
         assert result.returncode != 0, result
         assert "stopping" in result.stderr
+        # A reload's refusal says it as check's reply does, in `stopping`.
+        refused = ask(sock_path, "reload")
+        assert refused == {"ok": False, "error": "stopping", "stopping": True,
+                           "handing_over": False, "listeners": []}, refused
+        result = cli("reload", "--status-socket", str(sock_path), env=env)
+        assert (result.returncode, result.stderr) == (
+            1, "forkproxy: reload failed, previous configuration kept: stopping\n"), result
         assert status_json(sock_path, env)["stopping"] is True
     assert proxy.proc.wait(DEADLINE) == 0
 
@@ -5038,6 +5045,24 @@ def test_an_older_supervisors_reply_without_reload_fields_still_reads() -> None:
         with pytest.raises(fp_status._Misfit):
             fp_status._read_reply("status", json.dumps({**reply, "last_reload": misfit})
                                   .encode())
+
+
+def test_a_reload_reply_is_read_with_or_without_its_stopping_fields() -> None:
+    """`stopping` and `handing_over` in a reload's reply are optional (an older supervisor
+    sends neither) and true or false; a reply that says it reloaded while stopping or
+    handing over is none a supervisor gives (it reads no configuration then)."""
+    listeners = [{"link": "a", "listen": "b", "upstream": "c"}]
+    for fields in ({}, {"stopping": False, "handing_over": False}):
+        fp_status._read_reply("reload", json.dumps({"ok": True, "error": None,
+                                                    "listeners": listeners, **fields}).encode())
+        fp_status._read_reply("reload", json.dumps({"ok": False, "error": "stopping",
+                                                    **fields}).encode())
+    for misfit in ({"ok": False, "error": "x", "stopping": "yes"},
+                   {"ok": False, "error": "x", "handing_over": 1},
+                   {"ok": True, "listeners": listeners, "stopping": True},
+                   {"ok": True, "listeners": listeners, "handing_over": True}):
+        with pytest.raises(fp_status._Misfit):
+            fp_status._read_reply("reload", json.dumps(misfit).encode())
 
 
 def test_a_removed_control_socket_is_made_again_at_a_reload_and_on_the_timer(

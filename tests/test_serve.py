@@ -1573,6 +1573,41 @@ def test_a_go_written_with_the_hand_over_request_is_heard(
     assert " stopping signal=take-over " in proxy.log()
 
 
+def test_a_reload_during_a_hand_over_says_handing_over(
+    start_proxy: Callable[..., Proxy], tcp_server: ServerFactory, short_dir: Path,
+) -> None:
+    """A `reload` refused while the supervisor hands its listeners over says so in
+    `handing_over`, as `check` does (it said it in its error's words alone, which the
+    clients had to match to ask the one taking over). The taker is played by the test:
+    its sockets taken, no `go`; once it is gone the supervisor serves on, and reloads."""
+    from forkproxy import control as control_module
+
+    server = tcp_server(echo)
+    path = short_dir / "fp.sock"
+    proxy = start_proxy("--status-socket", str(path), f"127.0.0.1:0=127.0.0.1:{server.port}")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+        conn.settimeout(10)
+        conn.connect(str(path))
+        # No `started`: the test's process began before the supervisor (see hand_over).
+        conn.sendall(json.dumps({"command": "hand-over", "pid": os.getpid()}).encode() + b"\n")
+        data, fds = b"", list[int]()
+        while not (b"\n" in data and fds):
+            chunk, got, _, _ = socket.recv_fds(conn, 65536, 16)
+            data, fds = data + chunk, fds + got
+            assert chunk, data
+        for fd in fds:
+            os.close(fd)
+        assert json.loads(data.split(b"\n")[0])["ok"] is True, data
+        refused = control(path, "reload")
+    assert refused["ok"] is False and refused["error"] == control_module.HANDING_OVER, refused
+    assert (refused["handing_over"], refused["stopping"]) == (True, False), refused
+    assert wait_for(lambda: "take-over-abandoned" in proxy.log()), proxy.log()
+    reloaded = control(path, "reload")
+    assert reloaded["ok"] is True, reloaded
+    assert (reloaded["handing_over"], reloaded["stopping"]) == (False, False), reloaded
+    assert proxy.stop() == 0
+
+
 def test_a_reload_of_the_old_supervisor_during_a_take_over_waits(
     start_proxy: Callable[..., Proxy], tcp_server: ServerFactory, short_dir: Path,
 ) -> None:
@@ -1739,10 +1774,16 @@ def test_check_at_a_status_socket_asks_the_one_put_in_its_place(
         assert said == [] and reply is not None, said
         assert reply["ok"] is True and reply["pid_here"] == proxy.pid, reply
         path.unlink()
-    # A reload's refusal says it in its error: asked once more too (it was not).
-    for error in ("stopping", control_module.HANDING_OVER):
+    # A reload's refusal by a supervisor stopping or handing over: asked once more too
+    # (it was not). Said by its `stopping` and `handing_over` (whatever its error's
+    # words), and by an older supervisor, which has neither, in its error alone.
+    refusals: list[dict[str, object]] = [
+        {"ok": False, "error": error} for error in ("stopping", control_module.HANDING_OVER)]
+    refusals += [{"ok": False, "error": "refused", "stopping": stopping,
+                  "handing_over": not stopping, "listeners": []} for stopping in (True, False)]
+    for refusal in refusals:
         said = []
-        thread = old_one(control_module.encode_reply({"ok": False, "error": error}), True)
+        thread = old_one(control_module.encode_reply(refusal), True)
         reply = status.ask(str(path), "reload", said.append)
         thread.join(30)
         assert said == [] and reply is not None and reply["ok"] is True, (reply, said)
