@@ -29,6 +29,8 @@ _MEMINFO_SIZE = 9 * 4
 _MEMINFO_DROPS = slice(8 * 4, 9 * 4)
 _U32 = 1 << 32
 
+TCP_LISTEN = 10  # linux/tcp_states.h
+
 # socat's default backlog of 5 makes a burst of clients wait for SYN retransmits
 # (1-3 s); the kernel caps this at net.core.somaxconn anyway.
 BACKLOG = 4096
@@ -89,6 +91,18 @@ class Listener:
             return None
         return (int.from_bytes(info[24:28], sys.byteorder),
                 int.from_bytes(info[28:32], sys.byteorder))
+
+    def listening(self) -> bool | None:
+        """Does the socket listen now (TCP_INFO's tcpi_state is TCP_LISTEN)? None where
+        the kernel cannot say. One shut down from outside (another holder's shutdown(),
+        an operator's `ss -K`) is TCP_CLOSE: the port refuses everyone, from that moment,
+        before the supervisor's next accept() finds it (Supervisor._listener_shut), and
+        while it does not accept (at --max-children, backing off) too."""
+        try:
+            info = self.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)
+        except OSError:
+            return None
+        return info[0] == TCP_LISTEN if info else None
 
     def drops(self) -> int | None:
         """Handshake packets the kernel dropped at this listener since it was bound (kept

@@ -156,7 +156,15 @@ def render(status: dict[str, Any],
                                 "Handshake packets the kernel dropped at the listening socket "
                                 "since it was bound, its accept queue full (a client's retried "
                                 "SYN counts again)", labels=["link"])
+    # Per listener, as the listeners' other series: `check` fails on a port that cannot
+    # listen again; this shows one shut down from outside from the moment it is, too.
+    listener_up = GaugeMetricFamily("forkproxy_listener_up",
+                                    "1 when the link's listening socket listens; 0 when it "
+                                    "was shut down from outside (listener-shut) and does not "
+                                    "listen again yet", labels=["link"])
     for item in status.get("listeners", []):
+        if item.get("listening") is not None:
+            listener_up.add_metric([item["link"]], 1 if item["listening"] else 0)
         if item.get("drops") is not None:
             drops.add_metric([item["link"]], item["drops"])
         if item.get("queued") is not None:
@@ -265,10 +273,10 @@ def render(status: dict[str, Any],
     restarts = CounterMetricFamily("forkproxy_metrics_restarts",
                                    "Times the metrics process died and was started again")
     restarts.add_metric([], (status.get("metrics") or {}).get("restarts", 0))
-    yield from (up, listeners, active, waiting, queued, backlog, drops, total, ended, empty, denied,
-                failures, moved, durations, rss, uss, unanswered, cpu, resolve_failures,
-                address_changes, supervisor_rss, max_children, memory_limit, pids_limit, orphans,
-                restarts)
+    yield from (up, listeners, listener_up, active, waiting, queued, backlog, drops, total,
+                ended, empty, denied, failures, moved, durations, rss, uss, unanswered, cpu,
+                resolve_failures, address_changes, supervisor_rss, max_children, memory_limit,
+                pids_limit, orphans, restarts)
     yield _start_time(status)
     yield _fork_failures(links)
     yield from _reload_metrics(status)

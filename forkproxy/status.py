@@ -286,7 +286,7 @@ def _object(required: dict[str, _Shape], optional: dict[str, _Shape] | None = No
 _LISTENER = _object({"link": _TEXT, "listen": _TEXT, "upstream": _TEXT},
                     {"port": _COUNT, "resolved": _list_of(_TEXT),
                      "queued": _nullable(_COUNT), "backlog": _nullable(_COUNT),
-                     "drops": _nullable(_COUNT)})
+                     "drops": _nullable(_COUNT), "listening": _BOOL})
 _METRICS = _nullable(_object({}, {"url": _TEXT, "state": _TEXT, "pid": _nullable(_PID),
                                   "since": _nullable(_NUMBER), "age": _nullable(_AGE),
                                   "restarts": _COUNT,
@@ -721,6 +721,22 @@ def describe_reload(reply: dict[str, Any], failed_only: bool = False) -> str | N
             f"{last.get('error') or '?'}")
 
 
+def _shut(listeners: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The listeners that do not listen: shut down from outside (`listener-shut`). None
+    from a supervisor older than `listening`, which does not say."""
+    return [item for item in listeners if item.get("listening") is False]
+
+
+def describe_not_listening(listeners: list[dict[str, Any]]) -> str | None:
+    """`not listening (shut down from outside): ADDR (LINK), ...`, None when every listener
+    listens (or the supervisor does not say)."""
+    shut = _shut(listeners)
+    if not shut:
+        return None
+    return ("not listening (shut down from outside): "
+            + ", ".join(f"{item['listen']} ({item['link']})" for item in shut))
+
+
 def _max_children(status: dict[str, Any]) -> str:
     """`, max-children 36 (fits the memory limit of 64 MiB)`: the limit in force, and
     where it came from when a memory or pids limit was found (both: `fits the memory limit
@@ -790,8 +806,13 @@ def render(status: dict[str, Any]) -> str:
     reload = describe_reload(status)
     if reload is not None:
         lines.append(reload)
+    shut = describe_not_listening(status.get("listeners", []))
+    if shut is not None:
+        lines.append(shut)
     rows = []
-    places = [(item["link"], f"{item['listen']} -> {_upstream(item)}")
+    places = [(item["link"], f"{item['listen']}"
+               + (" (not listening)" if item.get("listening") is False else "")
+               + f" -> {_upstream(item)}")
               for item in status.get("listeners", [])]
     # A link without a listener still has a row while the supervisor reports it: at a
     # stop (listeners closed, connections finishing, clients WAITING for a child) and

@@ -167,9 +167,9 @@ OOM_SCORE_ADJ = "/proc/self/oom_score_adj"
 CHILD_OOM_SCORE_ADJ = 1000
 _CONNECT_FAILED_STATUS = relay.CONNECT_FAILED << 8  # a wait status: exited with that code
 POLLIN, POLLOUT = select.POLLIN, select.POLLOUT
-# A listener's accept queue (length, size) and dropped handshakes, as the kernel gave them:
-# Listener.queue(), Listener.drops().
-ListenerReading = tuple[tuple[int, int] | None, int | None]
+# A listener's accept queue (length, size), dropped handshakes, and whether it listens, as
+# the kernel gave them: Listener.queue(), Listener.drops(), Listener.listening().
+ListenerReading = tuple[tuple[int, int] | None, int | None, bool | None]
 
 
 MAX_ENV_FILE = 1 << 20  # bytes (characters, as read): see read_links
@@ -3157,8 +3157,10 @@ class Supervisor:
         return min(METRICS_RESTART * float(2 ** exponent), METRICS_BACKOFF_MAX)
 
     def _read_listeners(self) -> list[ListenerReading]:
-        """What the kernel says of each listener: its Listener.queue() and .drops()."""
-        return [(listener.queue(), listener.drops()) for listener in self.listeners]
+        """What the kernel says of each listener: its Listener.queue(), .drops() and
+        .listening()."""
+        return [(listener.queue(), listener.drops(), listener.listening())
+                for listener in self.listeners]
 
     def _listener_table(self, kernel: list[ListenerReading] | None = None,
                         ) -> list[dict[str, object]]:
@@ -3167,7 +3169,7 @@ class Supervisor:
         table: list[dict[str, object]] = []
         if kernel is None:
             kernel = self._read_listeners()
-        for item, (queue, drops) in zip(self.listeners, kernel, strict=True):
+        for item, (queue, drops, listening) in zip(self.listeners, kernel, strict=True):
             listen, upstream = _listener_ends(item)
             table.append({
                 "link": item.link.name,
@@ -3181,5 +3183,9 @@ class Supervisor:
                 # Handshakes the kernel dropped there, its queue full, since it was bound
                 # (null: unknown).
                 "drops": drops,
+                # False for a socket shut down from outside: as the kernel says it now (before
+                # the loop's next accept() finds it, and while it does not accept), or as
+                # the supervisor knows it, having failed to listen again (not_listening).
+                "listening": item not in self.not_listening and listening is not False,
             })
         return table

@@ -32,6 +32,7 @@ import pytest
 from test_observability import (
     metrics_port,
     metrics_url,
+    parse_tables,
     recv_all_bytes,
     samples,
     scrape,
@@ -1432,6 +1433,101 @@ def test_a_listener_shut_down_that_cannot_listen_again_says_so_and_does_not_spin
     assert wait_for(lambda: "listening again" in proxy.log()), proxy.log()
     assert ping_echo(lost)
     assert cli("check", "--status-socket", str(sock_path)).returncode == 0
+
+
+def _shown_listening(sock_path: Path, url: str, specs: dict[str, int]) -> dict[str, tuple[
+        bool, str, float | None]]:
+    """Per link (`specs`: its spec, its port): whether `status --json` says it listens, its
+    LISTEN -> UPSTREAM cell in `status`, and its forkproxy_listener_up."""
+    result = cli("status", "--json", "--status-socket", str(sock_path))
+    assert result.returncode == 0, result
+    listening = {item["link"]: item["listening"] for item in json.loads(result.stdout)["listeners"]}
+    result = cli("status", "--status-socket", str(sock_path))
+    assert result.returncode == 0, result
+    [(_, links), _] = parse_tables(result.stdout)
+    cells = {row["LINK"]: row["LISTEN -> UPSTREAM"] for row in links}
+    found = samples(scrape(url))
+    return {spec: (listening[spec], cells[spec], value(found, "forkproxy_listener_up", link=spec))
+            for spec in specs}
+
+
+def test_a_listener_that_cannot_listen_again_shows_in_status_and_the_metrics(
+    start_proxy: StartProxy, tcp_server: ServerFactory, short_dir: Path,
+) -> None:
+    """A port shut down from outside that cannot listen again (another socket took it)
+    failed `check`, while `status` and the metrics showed it as any other: an operator
+    looking there saw nothing wrong. `status` says it now (`listening` per listener in
+    --json; a line naming it, and its cell), and so does forkproxy_listener_up, until
+    it listens again."""
+    server, another = tcp_server(echo), tcp_server(echo)
+    sock_path = short_dir / "s.sock"
+    lost_spec = f"127.0.0.1:0=127.0.0.1:{server.port}"
+    other_spec = f"127.0.0.1:0=127.0.0.1:{another.port}"
+    proxy = start_proxy("--status-socket", str(sock_path), "--metrics", "127.0.0.1:0",
+                        lost_spec, other_spec, expect=3)
+    url = metrics_url(proxy)
+    lost, other = proxy.ports[:2]
+    specs = {lost_spec: lost, other_spec: other}
+    served = {lost_spec: (True, f"127.0.0.1:{lost} -> 127.0.0.1:{server.port}", 1.0),
+              other_spec: (True, f"127.0.0.1:{other} -> 127.0.0.1:{another.port}", 1.0)}
+    assert _shown_listening(sock_path, url, specs) == served
+    os.kill(proxy.pid, signal.SIGSTOP)
+    try:
+        shut_down_from_outside(proxy.pid, lost)
+        squatter = socket.socket()
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        squatter.bind(("127.0.0.1", lost))
+        squatter.listen()
+    finally:
+        os.kill(proxy.pid, signal.SIGCONT)
+    with squatter:
+        assert wait_for(lambda: "cannot listen again" in proxy.log()), proxy.log()
+        assert _shown_listening(sock_path, url, specs) == {
+            **served,
+            lost_spec: (False, f"127.0.0.1:{lost} (not listening) -> 127.0.0.1:{server.port}",
+                        0.0)}
+        text = cli("status", "--status-socket", str(sock_path)).stdout
+        assert (f"not listening (shut down from outside): 127.0.0.1:{lost} ({lost_spec})"
+                in text.splitlines()), text
+    proxy.signal(signal.SIGALRM)  # the squatter gone: the next try listens again
+    assert wait_for(lambda: "listening again" in proxy.log()), proxy.log()
+    assert _shown_listening(sock_path, url, specs) == served
+    assert "not listening" not in cli("status", "--status-socket", str(sock_path)).stdout
+    assert proxy.stop() == 0
+
+
+def test_a_listener_shut_down_while_not_accepting_shows_in_status_at_once(
+    start_proxy: StartProxy, tcp_server: ServerFactory, short_dir: Path,
+) -> None:
+    """At --max-children the supervisor polls no listener, so a port shut down from
+    outside then goes unseen by it until accepting resumes, refusing every client
+    meanwhile. `status` and the metrics read the kernel's state of the socket: they say
+    it at once; once a connection ends, it listens again and they say that."""
+    release = threading.Event()
+    server = tcp_server(lambda conn: (conn.recv(100), release.wait(60)))
+    sock_path = short_dir / "s.sock"
+    spec = f"127.0.0.1:0=127.0.0.1:{server.port}"
+    proxy = start_proxy("--max-children", "1", "--status-socket", str(sock_path),
+                        "--metrics", "127.0.0.1:0", spec, expect=2)
+    url = metrics_url(proxy)
+    cell = f"127.0.0.1:{proxy.port} -> 127.0.0.1:{server.port}"
+    shut_cell = f"127.0.0.1:{proxy.port} (not listening) -> 127.0.0.1:{server.port}"
+    try:
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=30) as held:
+            held.sendall(b"x")
+            assert wait_for(lambda: "max-children-reached" in proxy.log()), proxy.log()
+            shut_down_from_outside(proxy.pid, proxy.port)
+            with pytest.raises(ConnectionRefusedError):
+                socket.create_connection(("127.0.0.1", proxy.port), timeout=10).close()
+            assert _shown_listening(sock_path, url, {spec: proxy.port}) == {
+                spec: (False, shut_cell, 0.0)}
+            assert "listener-shut" not in proxy.log(), proxy.log()  # unseen by the loop
+            release.set()
+        assert wait_for(lambda: "listening again" in proxy.log()), proxy.log()
+        assert _shown_listening(sock_path, url, {spec: proxy.port}) == {spec: (True, cell, 1.0)}
+    finally:
+        release.set()
+    assert proxy.stop() == 0
 
 
 def test_the_first_reap_out_of_descriptors_is_no_crash(
