@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import select
 import socket
 import stat
 import struct
@@ -465,6 +466,33 @@ HAND_OVER = "hand-over"
 HANDING_OVER = "handing over to a new supervisor"
 # Descriptors per message: the kernel takes at most SCM_MAX_FD (253) in one.
 FDS_PER_MESSAGE = 250
+# Seconds between two looks at `stop_asked` while the taker waits for the supervisor
+# taken over (_readable). The supervisor's stop signals stay blocked while it starts
+# (console.STARTUP_BLOCKED), pending, and Python has neither ppoll() nor signalfd to
+# wait for them and a socket at once: a look this often, at start only, lets a Ctrl-C
+# cancel a wait for a frozen supervisor at once rather than after its whole timeout.
+STOP_CHECK_EVERY = 0.05
+
+
+def _never_asked() -> None:
+    """The `stop_asked` of a wait nothing cancels."""
+
+
+def _readable(conn: socket.socket, stop_asked: Callable[[], None]) -> None:
+    """Wait until `conn` has something to read (or its end: EOF, an error): TimeoutError
+    after its timeout, as a recv() on it would; `stop_asked` is called first and every
+    STOP_CHECK_EVERY meanwhile, and whatever it raises ends the wait, nothing read."""
+    poller = select.poll()
+    poller.register(conn, select.POLLIN)
+    timeout = conn.gettimeout()
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        stop_asked()
+        left = STOP_CHECK_EVERY if deadline is None else deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("timed out")  # a recv()'s words (socket.timeout)
+        if poller.poll(max(1, int(min(left, STOP_CHECK_EVERY) * 1000))):
+            return
 
 
 # struct ucred: pid, uid, gid (SO_PEERCRED)
@@ -526,10 +554,12 @@ def process_start() -> int | None:
 
 
 def ask_for_sockets(path: str, timeout: float, pid: int,
+                    stop_asked: Callable[[], None] = _never_asked,
                     ) -> tuple[socket.socket, dict[str, object], list[socket.socket]]:
     """Ask the supervisor on `path` to hand its sockets over: (the connection to it, for
     `go`; its reply; the sockets, in the order its `sockets` names them, [] when it said
-    no). OSError when nothing answers; ValueError for an answer that is not a forkproxy's."""
+    no). OSError when nothing answers; ValueError for an answer that is not a forkproxy's;
+    what `stop_asked` raises, called while it waits for the answer (_readable)."""
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     fds: list[int] = []
     try:
@@ -541,6 +571,7 @@ def ask_for_sockets(path: str, timeout: float, pid: int,
         reply: dict[str, object] | None = None
         wanted = 0
         while reply is None or len(fds) < wanted:
+            _readable(conn, stop_asked)
             chunk, got, flags, _ = socket.recv_fds(conn, 65536, FDS_PER_MESSAGE,
                                                    socket.MSG_CMSG_CLOEXEC)
             fds += got
@@ -581,11 +612,15 @@ def ask_for_sockets(path: str, timeout: float, pid: int,
         raise
 
 
-def say_go(conn: socket.socket) -> dict[str, object]:
+def say_go(conn: socket.socket,
+           stop_asked: Callable[[], None] = _never_asked) -> dict[str, object]:
     """Tell the supervisor that handed its sockets over to stop accepting on them (the
-    taker is ready to serve): its last reply, once it has (OSError, ValueError if none).
-    Its reply is read even when the `go` could not be sent: one that gave up waiting for
-    it (HAND_OVER_DEADLINE) said no, then may have closed."""
+    taker is ready to serve): its last reply, once it has (OSError, ValueError if none;
+    TimeoutError after the connection's timeout with no word). Its reply is read even when the
+    `go` could not be sent: one that gave up waiting for it (HAND_OVER_DEADLINE) said no,
+    then may have closed. What `stop_asked` raises ends the wait with the reply unread:
+    the connection closed then, that supervisor, finding its answer unread (ECONNRESET)
+    or us gone (EPIPE), serves on."""
     unsent: OSError | None = None
     try:
         conn.sendall(b"go\n")
@@ -594,6 +629,7 @@ def say_go(conn: socket.socket) -> dict[str, object]:
     data = b""
     while b"\n" not in data:
         try:
+            _readable(conn, stop_asked)
             chunk = conn.recv(MAX_REQUEST)
         except OSError:
             if unsent is not None:

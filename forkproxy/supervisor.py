@@ -623,8 +623,10 @@ class Supervisor:
         assert path is not None
         what = f"--take-over: the supervisor on {quoted(path)}"
         try:
+            # A stop asked while it waits (the supervisor there frozen) cancels at once,
+            # not when the wait is over: nothing is handed yet.
             self.taken_from, reply, self.handed = control.ask_for_sockets(
-                path, TAKE_OVER_TIMEOUT, os.getpid())
+                path, TAKE_OVER_TIMEOUT, os.getpid(), self._cancel_if_stop_asked)
         except OSError as exc:
             raise ConfigError(f"--take-over: nothing to take over: no supervisor answers on "
                               f"{quoted(path)} ({exc.strerror or exc})") from None
@@ -654,7 +656,7 @@ class Supervisor:
     def _confirm_take_over(self) -> None:
         """Everything else is bound: tell the supervisor taken over to stop accepting (its
         backlogs are ours now), then close what it handed that we have no use for.
-        TakeOverCancelled for a stop asked meanwhile (before `go`)."""
+        TakeOverCancelled for a stop asked meanwhile (before its answer is read)."""
         assert self.taken_from is not None
         path = self.options.take_over
         # Our stop signals wait, blocked, until the loop runs (console.STARTUP_BLOCKED):
@@ -662,7 +664,9 @@ class Supervisor:
         # had stopped: nobody served. Now it stops the take-over instead.
         self._cancel_if_stop_asked()
         try:
-            reply = control.say_go(self.taken_from)
+            # A stop asked while we wait for the answer cancels at once, the answer left
+            # unread: the supervisor there, finding it unread or us gone, serves on.
+            reply = control.say_go(self.taken_from, self._cancel_if_stop_asked)
         except (OSError, ValueError) as exc:
             error = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             if not all(listeners.bound_address(sock) for sock in self.handed):

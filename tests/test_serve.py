@@ -23,6 +23,8 @@ from typing import Any
 import psutil
 import pytest
 
+from forkproxy.supervisor import TAKE_OVER_TIMEOUT
+
 from conftest import (
     FORKPROXY,
     OpenGate,
@@ -1459,14 +1461,17 @@ def test_a_taker_killed_after_its_go_leaves_the_old_supervisor_serving(
     assert old.stop() == 0
 
 
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["INT", "TERM"])
 def test_a_taker_stopped_while_it_waits_for_a_stalled_old_one_leaves_it_serving(
     start_proxy: Callable[..., Proxy], tcp_server: ServerFactory, short_dir: Path,
+    stop: signal.Signals,
 ) -> None:
     """Ctrl-C to the new supervisor after its `go`, while it waits for the answer of an
     old one that stalled: it waited (TAKE_OVER_TIMEOUT), served, then stopped, shutting
-    the sockets down; the old one, resumed, read the `go` and stopped: nobody served. Now
-    the new one, its wait over, cancels (its copies closed, not shut down), and the old
-    one, resumed, finds it gone after its `go` and serves on."""
+    the sockets down; the old one, resumed, read the `go` and stopped: nobody served. Then
+    the new one cancelled, but only once its wait was over: a Ctrl-C did nothing for 15 s.
+    Now it cancels at once, the old one still stopped (its copies closed, not shut down),
+    and the old one, resumed, finds it gone after its `go` and serves on."""
     old, taker_args, path, pid_file, log = _old_supervisor(start_proxy, tcp_server, short_dir)
     with OpenGate(pid_file) as gate:
         new = _taking_over(taker_args, log)
@@ -1476,13 +1481,43 @@ def test_a_taker_stopped_while_it_waits_for_a_stalled_old_one_leaves_it_serving(
         try:
             assert at_pid_file == new.pid
             assert wait_for(lambda: _in_poll(new.pid)), log.read_text()
-            new.send_signal(signal.SIGINT)
-            assert new.wait(60) == 0, log.read_text()
-            assert " take-over-cancelled signal=SIGINT " in log.read_text(), log.read_text()
+            new.send_signal(stop)
+            # Before its wait for the stopped old one would have ended.
+            assert new.wait(TAKE_OVER_TIMEOUT - 3) == 0, log.read_text()
+            assert f" take-over-cancelled signal={stop.name} " in log.read_text(), \
+                log.read_text()
         finally:
             old.signal(signal.SIGCONT)
             kill_group(new)
     _serves_on_alone(old, path, pid_file)
+    assert old.stop() == 0
+
+
+def test_a_taker_stopped_while_it_waits_for_the_sockets_of_a_stalled_old_one_cancels(
+    start_proxy: Callable[..., Proxy], tcp_server: ServerFactory, short_dir: Path,
+) -> None:
+    """Ctrl-C to the new supervisor while it waits for an old one that stalled (frozen,
+    swapping) to hand its sockets over: heard only once its wait was over (15 s), as
+    "nothing to take over: no supervisor answers ... (timed out)", exit 2. Now it cancels
+    at once (`take-over-cancelled`, exit 0), and the old one, resumed, serves on."""
+    old, taker_args, path, pid_file, log = _old_supervisor(start_proxy, tcp_server, short_dir)
+    old.signal(signal.SIGSTOP)
+    new = _taking_over(taker_args, log)
+    with new:
+        try:
+            assert wait_for(lambda: _in_poll(new.pid)), log.read_text()
+            new.send_signal(signal.SIGINT)
+            assert new.wait(60) == 0, log.read_text()
+            assert " take-over-cancelled signal=SIGINT " in log.read_text(), log.read_text()
+            assert "taking-over" not in log.read_text(), log.read_text()
+        finally:
+            old.signal(signal.SIGCONT)
+            kill_group(new)
+    assert _echoed(old.port, os.urandom(4096))
+    assert old.proc.poll() is None, old.log()
+    assert "stopping" not in old.log() and "handing-over" not in old.log(), old.log()
+    assert control(Path(path), "check")["ok"] is True
+    assert pid_file.read_text() == f"{old.pid}\n"
     assert old.stop() == 0
 
 
