@@ -107,6 +107,8 @@ class ControlServer:
         # Checked first: the short staging name below would bind and the link would
         # succeed, leaving a socket no client can connect() to by its name.
         check_path(path)
+        # What a supervisor killed before it gave its socket its name left beside it.
+        self.swept = sweep_staging(os.path.dirname(path) or ".")
         self.sock, self.identity = _listen(path, replace)
         self.clients: dict[int, _Client] = {}
         # While a handler runs: what its client sent after the request line, read with
@@ -336,6 +338,61 @@ def _staging_name(path: str) -> str:
     if room < 8:
         return path  # bound under its own name: bind() never replaces a file either
     return f"{prefix}{os.urandom(8).hex()[:room]}.tmp"
+
+
+def _is_staging_name(name: str) -> bool:
+    """Is `name` one _staging_name makes: a dot, 8 to 16 hex digits, `.tmp`?"""
+    digits = name[1:-len(".tmp")]
+    return (name.startswith(".") and name.endswith(".tmp") and 8 <= len(digits) <= 16
+            and all(digit in "0123456789abcdef" for digit in digits))
+
+
+# Seconds a staging file must be old before sweep_staging may take it for a leftover. A
+# live supervisor's is renamed within microseconds of its bind(); the one moment it
+# refuses connections, between bind() and listen(), is two system calls long.
+STAGING_LEFT_AFTER = 60.0
+
+
+def sweep_staging(directory: str) -> list[str]:
+    """Remove the staging files (_staging_name) in `directory` that a supervisor killed
+    between its bind() and its rename (SIGKILL, the OOM killer) left behind, one more each
+    time, for ever; return their paths. Only what is proved dead goes: a socket file of
+    our user's, named as a staging file, older than STAGING_LEFT_AFTER, whose connect() is
+    refused (nobody listens), and bound by no socket of our network namespace
+    (/proc/net/unix: one bound that does not listen yet is a live supervisor's, stopped
+    between those two calls). Anything else, and any error, is left alone."""
+    try:
+        names = [name for name in os.listdir(directory) if _is_staging_name(name)]
+    except OSError:
+        return []
+    removed: list[str] = []
+    bound: set[bytes] | None = None
+    for name in names:
+        path = os.path.join(directory, name)
+        try:
+            found = os.lstat(path)
+            if (not stat.S_ISSOCK(found.st_mode) or found.st_uid != os.geteuid()
+                    or time.time() - found.st_mtime < STAGING_LEFT_AFTER
+                    or probe(path) != STALE):
+                continue
+            bound = _bound_names() if bound is None else bound
+            if os.fsencode(name) in bound:
+                continue
+            os.unlink(path)
+        except OSError:
+            continue
+        removed.append(path)
+    return removed
+
+
+def _bound_names() -> set[bytes]:
+    """The last component of the path of every Unix socket bound in our network namespace,
+    as bound (/proc/net/unix's last column). OSError where it cannot be read: nothing can
+    be proved dead then."""
+    with open("/proc/net/unix", "rb") as table:
+        next(table, None)  # the heading
+        return {fields[7].rstrip(b"\n").rpartition(b"/")[2] for line in table
+                if len(fields := line.split(maxsplit=7)) == 8}
 
 
 def _in_use() -> OSError:

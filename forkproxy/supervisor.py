@@ -857,11 +857,15 @@ class Supervisor:
             try:
                 # Taking over from the supervisor on this very path: its socket file is
                 # replaced by ours, in one rename, so that the name always answers.
-                return control.ControlServer(path, self.handle_control_request,
-                                             replace=path == self.options.take_over)
+                server = control.ControlServer(path, self.handle_control_request,
+                                               replace=path == self.options.take_over)
             except OSError as exc:
                 raise ConfigError(f"--status-socket {path!r}: "
                                   f"{exc.strerror or exc}") from None
+            if server.swept:
+                self.log.info("removed-stale-sockets", count=len(server.swept),
+                              directory=os.path.dirname(path) or ".")
+            return server
         directory = control.default_dir(dict(self.environ), os.getuid())
         try:
             control.prepare_dir(directory)
@@ -878,7 +882,7 @@ class Supervisor:
         except OSError as exc:
             raise ConfigError(f"status socket directory {directory!r}: "
                               f"{exc.strerror or exc}") from None
-        stale = control.sweep_stale(directory, server.path)
+        stale = [*server.swept, *control.sweep_stale(directory, server.path)]
         if stale:
             self.log.info("removed-stale-sockets", count=len(stale), directory=directory)
         return server

@@ -2436,6 +2436,48 @@ def test_a_supervisor_leaves_the_socket_file_that_took_its_own_ones_place(
     assert not os.path.lexists(path)
 
 
+def _staged(path: Path, listening: bool = False, age: float = 0.0) -> socket.socket:
+    """A socket bound at `path` (listening or not), its file `age` seconds old."""
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(path))
+    if listening:
+        sock.listen()
+    then = time.time() - age
+    os.utime(path, (then, then), follow_symlinks=False)
+    return sock
+
+
+def test_a_staging_file_left_by_a_killed_supervisor_is_removed_and_no_live_one(
+    short_dir: Path,
+) -> None:
+    """A supervisor killed between binding its socket under a staging name and giving it
+    its name left the staging file for good, one more per such kill. The next one to make
+    its socket in that directory removes those proved dead: named as staging files, older
+    than STAGING_LEFT_AFTER, refused, and bound by no socket of this network namespace;
+    never one a live process holds, listening or not yet, nor a fresh or other file."""
+    old = fp_control.STAGING_LEFT_AFTER * 2
+    dead = short_dir / ".0123456789abcdef.tmp"
+    _staged(dead, age=old).close()  # the file stays: its owner killed
+    fresh = short_dir / ".fedcba9876543210.tmp"
+    _staged(fresh).close()
+    other = short_dir / ".0123.tmp"  # not a name _staging_name makes
+    _staged(other, age=old).close()
+    not_a_socket = short_dir / ".aaaaaaaaaaaaaaaa.tmp"
+    not_a_socket.write_text("mine")
+    os.utime(not_a_socket, (time.time() - old, time.time() - old))
+    with _staged(short_dir / ".1111111111111111.tmp", listening=True, age=old), \
+            _staged(short_dir / ".2222222222222222.tmp", age=old):  # bound, not listening yet
+        server = fp_control.ControlServer(str(short_dir / _LONG_NAME), _no_request)
+        try:
+            assert sorted(os.listdir(short_dir)) == sorted(
+                [fresh.name, other.name, not_a_socket.name, ".1111111111111111.tmp",
+                 ".2222222222222222.tmp", _LONG_NAME])
+            assert server.swept == [str(dead)]  # for the supervisor's line
+        finally:
+            server.close()
+    assert not_a_socket.read_text() == "mine"
+
+
 def test_supervisors_that_share_a_pid_never_share_a_staging_name(short_dir: Path) -> None:
     """Supervisors in PID namespaces sharing a socket directory (containers, each
     supervisor PID 1) staged their sockets under `.{pid}.tmp`, one name: the second

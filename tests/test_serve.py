@@ -23,6 +23,7 @@ from typing import Any
 import psutil
 import pytest
 
+from forkproxy.control import STAGING_LEFT_AFTER
 from forkproxy.supervisor import TAKE_OVER_TIMEOUT
 
 from conftest import (
@@ -1519,6 +1520,37 @@ def test_a_taker_stopped_while_it_waits_for_the_sockets_of_a_stalled_old_one_can
     assert control(Path(path), "check")["ok"] is True
     assert pid_file.read_text() == f"{old.pid}\n"
     assert old.stop() == 0
+
+
+def test_a_taker_killed_before_its_socket_file_has_its_name_leaves_nothing_for_good(
+    start_proxy: Callable[..., Proxy], tcp_server: ServerFactory, short_dir: Path,
+) -> None:
+    """serve --take-over killed (SIGKILL, the OOM killer) between binding its status
+    socket under a staging name and renaming it over the old one's: the old one serves
+    on, and `.HEX.tmp` stayed beside the socket for good, one more per such kill. The
+    next supervisor to make its socket there removes it once it is proved dead (no
+    process listens on it, nor holds it bound), and says so. The kill lands on the
+    rename itself (strace; its -P matches a rename's first path only, the staging one,
+    random: the taker's first rename, Python writing no bytecode)."""
+    old, taker_args, path, pid_file, _ = _old_supervisor(start_proxy, tcp_server, short_dir)
+    killed = subprocess.run(
+        [need("strace"), "-f", "-qq", "-o", "/dev/null", "-e", "trace=rename",
+         "-e", "inject=rename:signal=SIGKILL:when=1", FORKPROXY, "serve", "--take-over",
+         *taker_args], capture_output=True, text=True, timeout=60,
+        env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+    assert killed.returncode == -signal.SIGKILL, killed  # strace dies as its command did
+    [left] = [name for name in os.listdir(short_dir) if name.endswith(".tmp")]
+    _serves_on_alone(old, path, pid_file)
+    # A minute later (STAGING_LEFT_AFTER: a live one is renamed within microseconds).
+    then = time.time() - 2 * STAGING_LEFT_AFTER
+    os.utime(short_dir / left, (then, then), follow_symlinks=False)
+    new = start_proxy("--take-over", *taker_args)
+    assert old.proc.wait(30) == 0, old.log()
+    assert not (short_dir / left).exists()
+    assert [name for name in os.listdir(short_dir) if name.endswith(".tmp")] == []
+    assert f" removed-stale-sockets count=1 directory={short_dir}\n" in new.log(), new.log()
+    assert _echoed(new.port, os.urandom(4096))
+    assert new.stop() == 0
 
 
 def test_a_taker_gone_before_it_read_the_yes_leaves_the_old_supervisor_serving(
