@@ -565,6 +565,7 @@ class Supervisor:
             self._listen_options(self.listeners)
             self.metrics_sock = self._bind_metrics()
             if self.metrics_sock is not None:
+                self.metrics_url = self._metrics_url(self.metrics_sock)
                 # Read now, as close to the imports as it gets: the code this process runs.
                 try:
                     self.metrics_files = installed.snapshot()
@@ -605,15 +606,17 @@ class Supervisor:
         lines = [f"listening {listener.describe()}" for listener in self.listeners]
         if self.metrics_sock is not None:
             self.metrics_at = time.monotonic()
-            host, port = self.metrics_sock.getsockname()[:2]
-            asked = self.options.metrics or ""
-            if "%" in asked:
-                # getsockname() drops the zone, without which the URL reaches nothing:
-                # keep it, written as a URL writes it (RFC 6874: '%25').
-                host = parse_metrics_address(asked)[0].replace("%", "%25")
-            self.metrics_url = f"http://{join_host_port(host, port)}/metrics"
             lines.append(f"metrics {self.metrics_url}")
         return lines
+
+    def _metrics_url(self, sock: socket.socket) -> str:
+        host, port = sock.getsockname()[:2]
+        asked = self.options.metrics or ""
+        if "%" in asked:
+            # getsockname() drops the zone, without which the URL reaches nothing:
+            # keep it, written as a URL writes it (RFC 6874: '%25').
+            host = parse_metrics_address(asked)[0].replace("%", "%25")
+        return f"http://{join_host_port(host, port)}/metrics"
 
     def _take_over(self) -> dict[listeners.BoundAddress, socket.socket]:
         """serve --take-over: the listening sockets of the supervisor on that control socket,
@@ -693,14 +696,28 @@ class Supervisor:
             self.taken_from = None
         used = {id(listener.sock) for listener in self.listeners}
         used.add(id(self.metrics_sock))
+        ours = {_listener_ends(listener)[0] for listener in self.listeners}
         for sock, name in zip(self.handed, self.handed_names, strict=True):
             if id(sock) not in used:
-                # A link (or the metrics port) this configuration does not have: its
-                # clients waiting are reset, as a reload that removes it would not.
                 self.log.info("unlisten", detail=f"{name.get('detail') or name.get('metrics')}"
-                              " (handed over; not in this configuration)")
+                              f" ({self._unused_why(sock, name, ours)})")
                 listeners.stop_listening(sock)
         self.handed, self.handed_names = [], []
+
+    def _unused_why(self, sock: socket.socket, name: dict[str, object], ours: set[str]) -> str:
+        """Why a handed socket is not ours to serve on, for its `unlisten` line: a link (or
+        the metrics port) this configuration does not have, its clients waiting reset, as
+        a reload that removes it would not; or a socket that listened no more, shut down
+        from outside (`ss -K`) before or while it was handed, which bind_all could not
+        take and which ends nothing: its port may well be ours, on a socket of its own.
+        `ours`: our listeners' addresses."""
+        if listeners.bound_address(sock) is not None:
+            return "handed over; not in this configuration"
+        dead = "handed over not listening, shut down from outside"
+        if name.get("listen") in ours or (
+                "metrics" in name and name.get("metrics") == self.metrics_url):
+            return f"{dead}; the port listens on a new socket"
+        return f"{dead}; not in this configuration"
 
     def _cancel_if_stop_asked(self) -> None:
         pending = signal.sigpending() & {signal.SIGTERM, signal.SIGINT, signal.SIGQUIT}

@@ -1553,6 +1553,39 @@ def test_a_taker_killed_before_its_socket_file_has_its_name_leaves_nothing_for_g
     assert new.stop() == 0
 
 
+def test_a_handed_socket_shut_down_from_outside_is_not_said_to_be_unconfigured(
+    start_proxy: Callable[..., Proxy], tcp_server: ServerFactory, short_dir: Path,
+) -> None:
+    """The old supervisor's listener shut down from outside (`ss -K`) and unable to listen
+    again (its port taken meanwhile): it hands the dead socket over, which the taker,
+    finding it not listening, cannot use; it binds the port anew. Its `unlisten` line said
+    "(handed over; not in this configuration)" of a link that is in it, and listens. It
+    now says what happened."""
+    old, taker_args, path, *_ = _old_supervisor(start_proxy, tcp_server, short_dir)
+    old.signal(signal.SIGSTOP)  # the shutdown and the port taken before it looks
+    try:
+        killed = subprocess.run([need("ss"), "-K", "-tln", f"sport = :{old.port}"],
+                                capture_output=True, text=True, timeout=30)
+        assert killed.returncode == 0, killed
+        occupier = socket.socket()
+        occupier.bind(("127.0.0.1", old.port))
+        occupier.listen()
+    finally:
+        old.signal(signal.SIGCONT)
+    with occupier:
+        assert wait_for(lambda: " listener-shut " in old.log()), old.log()
+        assert "cannot listen again" in old.log(), old.log()
+    new = start_proxy("--take-over", *taker_args)
+    assert old.proc.wait(30) == 0, old.log()
+    [line] = [line for line in new.log().splitlines() if " unlisten " in line]
+    assert "not in this configuration" not in line, line
+    assert "handed over not listening, shut down from outside; the port listens on a new " \
+        "socket" in line, line
+    assert _echoed(old.port, os.urandom(4096))
+    assert control(Path(path), "check")["ok"] is True
+    assert new.stop() == 0
+
+
 def test_a_taker_gone_before_it_read_the_yes_leaves_the_old_supervisor_serving(
     start_proxy: Callable[..., Proxy], tcp_server: ServerFactory, short_dir: Path,
 ) -> None:
