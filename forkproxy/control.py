@@ -108,7 +108,7 @@ class ControlServer:
         # succeed, leaving a socket no client can connect() to by its name.
         check_path(path)
         # What a supervisor killed before it gave its socket its name left beside it.
-        self.swept = sweep_staging(os.path.dirname(path) or ".")
+        self.swept_staging = sweep_staging(os.path.dirname(path) or ".")
         self.sock, self.identity = _listen(path, replace)
         self.clients: dict[int, _Client] = {}
         # While a handler runs: what its client sent after the request line, read with
@@ -673,11 +673,11 @@ def say_go(conn: socket.socket,
            stop_asked: Callable[[], None] = _never_asked) -> dict[str, object]:
     """Tell the supervisor that handed its sockets over to stop accepting on them (the
     taker is ready to serve): its last reply, once it has (OSError, ValueError if none;
-    TimeoutError after the connection's timeout with no word). Its reply is read even when the
-    `go` could not be sent: one that gave up waiting for it (HAND_OVER_DEADLINE) said no,
-    then may have closed. What `stop_asked` raises ends the wait with the reply unread:
-    the connection closed then, that supervisor, finding its answer unread (ECONNRESET)
-    or us gone (EPIPE), serves on."""
+    TimeoutError after the connection's timeout with no word). Its reply is read even
+    when the `go` could not be sent: one that gave up waiting for it (HAND_OVER_DEADLINE)
+    said no, then may have closed. What `stop_asked` raises ends the wait with the reply
+    unread: the connection closed then, that supervisor, finding its answer unread
+    (ECONNRESET) or us gone (EPIPE), serves on."""
     unsent: OSError | None = None
     try:
         conn.sendall(b"go\n")

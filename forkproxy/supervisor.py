@@ -879,8 +879,8 @@ class Supervisor:
             except OSError as exc:
                 raise ConfigError(f"--status-socket {path!r}: "
                                   f"{exc.strerror or exc}") from None
-            if server.swept:
-                self.log.info("removed-stale-sockets", count=len(server.swept),
+            if server.swept_staging:
+                self.log.info("removed-stale-sockets", count=len(server.swept_staging),
                               directory=os.path.dirname(path) or ".")
             return server
         directory = control.default_dir(dict(self.environ), os.getuid())
@@ -899,7 +899,7 @@ class Supervisor:
         except OSError as exc:
             raise ConfigError(f"status socket directory {directory!r}: "
                               f"{exc.strerror or exc}") from None
-        stale = [*server.swept, *control.sweep_stale(directory, server.path)]
+        stale = [*server.swept_staging, *control.sweep_stale(directory, server.path)]
         if stale:
             self.log.info("removed-stale-sockets", count=len(stale), directory=directory)
         return server

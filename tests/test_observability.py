@@ -2472,7 +2472,7 @@ def test_a_staging_file_left_by_a_killed_supervisor_is_removed_and_no_live_one(
             assert sorted(os.listdir(short_dir)) == sorted(
                 [fresh.name, other.name, not_a_socket.name, ".1111111111111111.tmp",
                  ".2222222222222222.tmp", _LONG_NAME])
-            assert server.swept == [str(dead)]  # for the supervisor's line
+            assert server.swept_staging == [str(dead)]  # for the supervisor's line
         finally:
             server.close()
     assert not_a_socket.read_text() == "mine"
