@@ -672,7 +672,12 @@ class Supervisor:
             reply = control.say_go(self.taken_from, self._cancel_if_stop_asked)
         except (OSError, ValueError) as exc:
             error = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-            if not all(listeners.bound_address(sock) for sock in self.handed):
+            # The ones we serve on: a handed socket shut down from outside before (one we
+            # bound anew, or do not need) says nothing of the old supervisor's state.
+            serving = {id(listener.sock) for listener in self.listeners}
+            serving.add(id(self.metrics_sock))
+            if not all(listeners.bound_address(sock) for sock in self.handed
+                       if id(sock) in serving):
                 raise ConfigError(f"--take-over: the supervisor on {quoted(path or '')} did "
                                   f"not confirm the hand-over ({error})") from None
             # A stop asked while we waited: the `go` is sent, but the old supervisor, once

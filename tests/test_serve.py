@@ -1586,6 +1586,49 @@ def test_a_handed_socket_shut_down_from_outside_is_not_said_to_be_unconfigured(
     assert new.stop() == 0
 
 
+def test_a_handed_socket_shut_down_from_outside_does_not_stop_an_unconfirmed_take_over(
+    start_proxy: Callable[..., Proxy], tcp_server: ServerFactory, short_dir: Path,
+) -> None:
+    """An old supervisor that stalls after its hand-over leaves the taker serving
+    (`take-over-unconfirmed`) when the sockets it holds still listen. It looked at every
+    handed socket: one shut down from outside before (`ss -K`, its port taken meanwhile,
+    which the taker binds anew) made it take the old one for stopped, and exit 2 ("did
+    not confirm the hand-over"). Only the sockets it serves on count now."""
+    old, taker_args, path, pid_file, log = _old_supervisor(start_proxy, tcp_server, short_dir)
+    old.signal(signal.SIGSTOP)
+    try:
+        killed = subprocess.run([need("ss"), "-K", "-tln", f"sport = :{old.port}"],
+                                capture_output=True, text=True, timeout=30)
+        assert killed.returncode == 0, killed
+        occupier = socket.socket()
+        occupier.bind(("127.0.0.1", old.port))
+        occupier.listen()
+    finally:
+        old.signal(signal.SIGCONT)
+    with occupier:
+        assert wait_for(lambda: "cannot listen again" in old.log()), old.log()
+    with OpenGate(pid_file) as gate:
+        new = _taking_over(taker_args, log)
+        at_pid_file = gate.held_open()
+        old.signal(signal.SIGSTOP)  # stalls before it reads the `go`
+    with new:
+        try:
+            assert at_pid_file == new.pid
+            assert new.stdout is not None
+            assert new.stdout.readline().startswith("listening "), log.read_text()
+            assert "take-over-unconfirmed" in log.read_text()
+            assert _echoed(old.port, os.urandom(4096))
+            old.signal(signal.SIGCONT)
+            assert old.proc.wait(30) == 0, old.log()
+            assert _echoed(old.port, os.urandom(4096))
+            assert control(Path(path), "check")["ok"] is True
+            new.send_signal(signal.SIGTERM)
+            assert new.wait(15) == 0
+        finally:
+            old.signal(signal.SIGCONT)
+            kill_group(new)
+
+
 def test_a_taker_gone_before_it_read_the_yes_leaves_the_old_supervisor_serving(
     start_proxy: Callable[..., Proxy], tcp_server: ServerFactory, short_dir: Path,
 ) -> None:
