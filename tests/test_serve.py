@@ -1533,12 +1533,18 @@ def test_a_taker_killed_before_its_socket_file_has_its_name_leaves_nothing_for_g
     rename itself (strace; its -P matches a rename's first path only, the staging one,
     random: the taker's first rename, Python writing no bytecode)."""
     old, taker_args, path, pid_file, _ = _old_supervisor(start_proxy, tcp_server, short_dir)
-    killed = subprocess.run(
+    with subprocess.Popen(
         [need("strace"), "-f", "-qq", "-o", "/dev/null", "-e", "trace=rename",
          "-e", "inject=rename:signal=SIGKILL:when=1", FORKPROXY, "serve", "--take-over",
-         *taker_args], capture_output=True, text=True, timeout=60,
-        env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
-    assert killed.returncode == -signal.SIGKILL, killed  # strace dies as its command did
+         *taker_args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}, start_new_session=True,
+    ) as tracer:
+        try:
+            # strace dies as its command did (a taker not killed would serve on: the group
+            # is killed below)
+            assert tracer.wait(60) == -signal.SIGKILL, tracer.communicate()
+        finally:
+            kill_group(tracer)
     [left] = [name for name in os.listdir(short_dir) if name.endswith(".tmp")]
     _serves_on_alone(old, path, pid_file)
     # A minute later (STAGING_LEFT_AFTER: a live one is renamed within microseconds).
