@@ -580,6 +580,10 @@ def taker_refused(sock: socket.socket, claimed_pid: object) -> str | None:
     try:
         theirs = os.stat(f"/proc/{pid}/ns/net")
         ours = os.stat("/proc/self/ns/net")
+    except FileNotFoundError:
+        # Not a stranger: a `serve --take-over` stopped (Ctrl-C) or timed out while we
+        # were stalled, and gone since. Its words here, not a namespace's.
+        return "it exited before its request was read (a take-over cancelled, or timed out)"
     except OSError as exc:
         return f"its network namespace cannot be read ({exc.strerror or exc})"
     if (theirs.st_dev, theirs.st_ino) != (ours.st_dev, ours.st_ino):

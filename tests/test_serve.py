@@ -1519,6 +1519,10 @@ def test_a_taker_stopped_while_it_waits_for_the_sockets_of_a_stalled_old_one_can
     assert "stopping" not in old.log() and "handing-over" not in old.log(), old.log()
     assert control(Path(path), "check")["ok"] is True
     assert pid_file.read_text() == f"{old.pid}\n"
+    # The request it read once resumed is the taker's, gone: said so, not as a stranger's
+    # whose network namespace could not be read.
+    assert wait_for(lambda: " take-over-refused " in old.log()), old.log()
+    assert "it exited before its request was read" in old.log(), old.log()
     assert old.stop() == 0
 
 
