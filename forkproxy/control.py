@@ -602,12 +602,28 @@ def send_sockets(sock: socket.socket, reply: dict[str, object],
         socket.send_fds(sock, [b"\0"], fds[start:start + FDS_PER_MESSAGE])
 
 
-def process_start() -> int | None:
-    """When this process started, in clock ticks since boot (/proc/self/stat's starttime:
-    the exec of a `serve` keeps it), None where it cannot be read. A take-over compares
-    it: of two supervisors started one after the other, the later's configuration wins."""
+def peer_pid(sock: socket.socket) -> int:
+    """The pid of the process at the other end of `sock` as this process sees it (the
+    kernel's word, SO_PEERCRED, read at its connect()): 0 when it is in no PID namespace
+    of ours, or the credentials cannot be read."""
     try:
-        with open("/proc/self/stat", "rb") as stat_file:
+        pid, _, _ = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                  _UCRED.size))
+    except OSError:
+        return 0
+    return int(pid)
+
+
+def process_start(pid: int | None = None) -> int | None:
+    """When process `pid` (this one when None) started, in clock ticks since boot
+    (/proc/PID/stat's starttime: the exec of a `serve` keeps it), None where it cannot be
+    read. A take-over compares two: of two supervisors started one after the other, the
+    later's configuration wins. The kernel gives the ticks of the READER's boot clock,
+    which a time namespace offsets (unshare --time, a CRIU restore): only two starts read
+    by one process are on one clock, so the supervisor asked reads the taker's itself."""
+    try:
+        with open("/proc/self/stat" if pid is None else f"/proc/{pid}/stat",
+                  "rb") as stat_file:
             fields = stat_file.read().rpartition(b")")[2].split()
         return int(fields[19])  # the 22nd field; the 3rd is the first after the name
     except (OSError, IndexError, ValueError):

@@ -2834,9 +2834,9 @@ class Supervisor:
         """serve --take-over asks for our listening sockets: send them (each listener's and
         the metrics one, named by address), and serve on until it says `go` (handle_taker).
         None once sent: the connection is ours from then on, not the control server's.
-        Not to a supervisor started before us (`taker_started`, control.process_start):
-        two take-overs started one after the other, the later (us, having taken over
-        first) holds the newer configuration."""
+        Not to a supervisor started before us (its start read from /proc, the one it sent
+        only as a fallback: control.process_start): of two take-overs started one after
+        the other, the later (us, having taken over first) holds the newer configuration."""
         refused = control.taker_refused(client, taker_pid)
         if refused is not None:
             # Before anything is logged, sent or written: a loop of such requests must
@@ -2852,6 +2852,12 @@ class Supervisor:
         if self.taker is not None:
             return {"ok": False, "error": "another take-over is under way"}
         started = control.process_start()
+        # The taker's start as we read it, on our boot clock: the one it sent was read on
+        # its own, which a time namespace may set apart from ours (control.process_start).
+        # What it sent only where we cannot read it (gone meanwhile: it is told no anyway).
+        read = control.process_start(control.peer_pid(client))
+        if read is not None:
+            taker_started = read
         if isinstance(taker_started, int) and started is not None and taker_started < started:
             return {"ok": False, "error": "it started before this supervisor, which took over "
                     "already: the newer configuration stays"}

@@ -1209,6 +1209,28 @@ def test_a_supervisor_does_not_hand_over_to_one_started_before_it(
     assert proxy.stop() == 0
 
 
+def test_a_take_over_compares_the_starts_on_one_clock_across_time_namespaces(
+    start_proxy: Callable[..., Proxy], tcp_server: ServerFactory, short_dir: Path,
+) -> None:
+    """/proc/PID/stat gives a start in ticks of the READER's boot clock, which a time
+    namespace offsets (unshare --time, a CRIU restore). The taker sent its start as it
+    read it, the supervisor compared it with its own as it read it: with the supervisor's
+    boot clock 1e6 s ahead, a taker started seconds after it was refused as one "started
+    before this supervisor" (and one that did start before, accepted). The supervisor now
+    reads the taker's start itself: both on its clock, the later one takes over."""
+    server = tcp_server(echo)
+    path = str(short_dir / "fp.sock")
+    spec = f"127.0.0.1:{free_port()}=127.0.0.1:{server.port}"
+    old = start_proxy("--status-socket", path, spec,
+                      prefix=(need("unshare"), "--time", "--boottime", "1000000", "--fork"))
+    time.sleep(0.05)  # the taker starts later by any clock: ticks are 10 ms
+    new = start_proxy("--take-over", "--status-socket", path, spec)
+    assert old.proc.wait(30) == 0, old.log()
+    assert " stopping signal=take-over " in old.log(), old.log()
+    assert _echoed(new.port, os.urandom(4096))
+    assert new.stop() == 0
+
+
 # A fake taker: asks for the listening sockets as `serve --take-over` does, claiming the
 # pid argv[2] (its own when "self"), and prints the reply line and the sockets it got.
 _FAKE_TAKER = """
