@@ -2851,6 +2851,20 @@ class Supervisor:
             return {"ok": False, "error": "stopping"}
         if self.taker is not None:
             return {"ok": False, "error": "another take-over is under way"}
+        if self.pid == 1:
+            # A container's own setup (`podman exec ... serve --take-over`): we would hand
+            # over, drain, exit, and the kernel kills every process of a PID namespace
+            # whose init exits, the taker with them: nobody serves. Any taker allowed
+            # this far is in our PID namespace or one below it (taker_refused), so it
+            # dies too: always refused, said on both sides.
+            error = ("it is PID 1 of its PID namespace: its exit at the end of the drain "
+                     "would have the kernel kill every process there, the one taking over "
+                     "too; restart the container instead")
+            failures = fold(self.pause_logs, "take-over-refused")
+            if failures:
+                self.log.warning("take-over-refused", error=error, failures=failures,
+                                 detail="not handed, serving on")
+            return {"ok": False, "error": error}
         started = control.process_start()
         # The taker's start as we read it, on our boot clock: the one it sent was read on
         # its own, which a time namespace may set apart from ours (control.process_start).

@@ -1231,6 +1231,34 @@ def test_a_take_over_compares_the_starts_on_one_clock_across_time_namespaces(
     assert new.stop() == 0
 
 
+def test_a_supervisor_that_is_pid_1_does_not_hand_over(
+    start_proxy: Callable[..., Proxy], tcp_server: ServerFactory, short_dir: Path,
+) -> None:
+    """A supervisor that is PID 1 of its PID namespace (the image's) taken over from
+    inside it (`podman exec ... serve --take-over`) handed over, drained and exited, and
+    the kernel killed every process of the namespace, the new supervisor too: nobody
+    served. It now says no, why, on both sides: the taker exits 2, the old one serves on."""
+    server = tcp_server(echo)
+    path = str(short_dir / "fp.sock")
+    spec = f"127.0.0.1:{free_port()}=127.0.0.1:{server.port}"
+    old = start_proxy("--grace", "1", "--status-socket", path, spec,
+                      prefix=(need("unshare"), "--pid", "--fork", "--mount-proc"))
+    [(init, _)] = processes_under(old.pid)  # the supervisor, PID 1 in there
+    result = subprocess.run([need("nsenter"), "-t", str(init), "--pid", "--mount", FORKPROXY,
+                             "serve", "--take-over", "--status-socket", path, spec],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, (result, old.log())
+    assert result.stderr.startswith("forkproxy: error: --take-over: "), result
+    assert "cannot hand over: it is PID 1 of its PID namespace: " in result.stderr, result
+    assert "restart the container instead" in result.stderr, result
+    log = old.log()
+    assert " take-over-refused " in log and "it is PID 1 of its PID namespace" in log, log
+    assert "handing-over" not in log, log
+    assert _echoed(old.port, os.urandom(4096))
+    os.kill(init, signal.SIGTERM)  # (unshare passes no signal on)
+    assert old.proc.wait(30) == 0
+
+
 # A fake taker: asks for the listening sockets as `serve --take-over` does, claiming the
 # pid argv[2] (its own when "self"), and prints the reply line and the sockets it got.
 _FAKE_TAKER = """
