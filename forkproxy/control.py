@@ -574,7 +574,19 @@ def taker_refused(sock: socket.socket, claimed_pid: object) -> str | None:
     if pid == 0:
         return "it runs in a PID namespace this supervisor cannot see"
     if type(claimed_pid) is not int or claimed_pid != pid:
-        return f"its connection is process {pid}'s, which is not the pid it sent"
+        # A taker in a PID namespace below ours (`unshare --pid` on the host) sends its
+        # own pid there, the last of its NSpid chain (ours first). Accepted when that
+        # is what it sent: the kernel named the process (pid, as we see it, which
+        # `handing-over` logs), the claim only has to agree with it, as ours does, and
+        # the user and network rules below hold as for any taker. A namespace below
+        # ours is one we see into: the taker is as much a process of our own as one
+        # beside us (a namespace we do not see into gives pid 0, above).
+        chain = _pid_chain(pid)
+        if len(chain) < 2:
+            return f"its connection is process {pid}'s, which is not the pid it sent"
+        if claimed_pid != chain[-1]:
+            return (f"its connection is process {pid}'s (pid {chain[-1]} in its own PID "
+                    f"namespace, one below this supervisor's), and it sent another pid")
     if uid not in (0, os.getuid()):
         return f"it runs as uid {uid}, neither this supervisor's user nor root"
     try:
@@ -589,6 +601,20 @@ def taker_refused(sock: socket.socket, claimed_pid: object) -> str | None:
     if (theirs.st_dev, theirs.st_ino) != (ours.st_dev, ours.st_ino):
         return "it runs in another network namespace"
     return None
+
+
+def _pid_chain(pid: int) -> tuple[int, ...]:
+    """Process `pid`'s pids, from ours (/proc's namespace) to its own namespace's (its
+    NSpid line; one for a process in our namespace); () when that cannot be read (gone,
+    a kernel before 4.1)."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as status_file:
+            for line in status_file:
+                if line.startswith(b"NSpid:"):
+                    return tuple(int(field) for field in line.split()[1:])
+    except (OSError, ValueError):
+        pass
+    return ()
 
 
 def send_sockets(sock: socket.socket, reply: dict[str, object],

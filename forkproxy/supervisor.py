@@ -2869,7 +2869,8 @@ class Supervisor:
         # The taker's start as we read it, on our boot clock: the one it sent was read on
         # its own, which a time namespace may set apart from ours (control.process_start).
         # What it sent only where we cannot read it (gone meanwhile: it is told no anyway).
-        read = control.process_start(control.peer_pid(client))
+        peer = control.peer_pid(client)  # as we see it (taker_pid may be in a namespace below)
+        read = control.process_start(peer)
         if read is not None:
             taker_started = read
         if isinstance(taker_started, int) and started is not None and taker_started < started:
@@ -2898,7 +2899,7 @@ class Supervisor:
         assert self.control is not None  # whose client asked
         self.taker, self.taker_said = taker, self.control.after_line
         self._watch(taker.fileno(), self.handle_taker)
-        self.log.info("handing-over", to_pid=taker_pid, sockets=len(handed))
+        self.log.info("handing-over", to_pid=peer, sockets=len(handed))
         # Its `go` read with the request (no poll comes for it): taken at once, by the timer.
         now = time.monotonic()
         self.taker_deadline = now if b"\n" in self.taker_said else now + HAND_OVER_DEADLINE

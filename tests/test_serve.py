@@ -1259,6 +1259,28 @@ def test_a_supervisor_that_is_pid_1_does_not_hand_over(
     assert old.proc.wait(30) == 0
 
 
+def test_a_take_over_from_a_pid_namespace_below_goes_through(
+    start_proxy: Callable[..., Proxy], tcp_server: ServerFactory, short_dir: Path,
+) -> None:
+    """A `serve --take-over` in a PID namespace below the supervisor's (`unshare --pid`
+    on the host) sends its pid there, which is not the one the supervisor sees on the
+    connection: it was refused with "its connection is process N's, which is not the pid
+    it sent", as if it lied. That pid is the last of the process's NSpid chain: it is
+    the process it says it is, and takes over; `handing-over` names it by our pid."""
+    server = tcp_server(echo)
+    path = str(short_dir / "fp.sock")
+    spec = f"127.0.0.1:{free_port()}=127.0.0.1:{server.port}"
+    old = start_proxy("--status-socket", path, spec)
+    new = start_proxy("--take-over", "--status-socket", path, spec,
+                      prefix=(need("unshare"), "--pid", "--fork", "--mount-proc"))
+    [(taker, _)] = processes_under(new.pid)  # PID 1 in there
+    assert old.proc.wait(30) == 0, old.log()
+    assert f" handing-over to_pid={taker} " in old.log(), old.log()
+    assert _echoed(new.port, os.urandom(4096))
+    os.kill(taker, signal.SIGTERM)  # (unshare passes no signal on)
+    assert new.proc.wait(30) == 0
+
+
 # A fake taker: asks for the listening sockets as `serve --take-over` does, claiming the
 # pid argv[2] (its own when "self"), and prints the reply line and the sockets it got.
 _FAKE_TAKER = """
@@ -1304,8 +1326,8 @@ def test_the_listening_sockets_go_only_to_a_process_of_our_own(
     written = pid_file.stat()
     unshare = need("unshare")
     cases = {
-        "not the pid it sent": _fake_taker(path, "1", unshare, "--pid", "--net", "--fork",
-                                           "--mount-proc"),
+        "another pid, from below": _fake_taker(path, "7", unshare, "--pid", "--net",
+                                               "--fork", "--mount-proc"),
         "another network namespace": _fake_taker(path, "self", unshare, "--net"),
     }
     os.chmod(short_dir, 0o755)
@@ -1320,7 +1342,9 @@ def test_the_listening_sockets_go_only_to_a_process_of_our_own(
         assert found["reply"]["error"].startswith("not to that process: "), (case, found)
     assert "another network namespace" in cases["another network namespace"]["reply"]["error"]
     assert "uid 65534" in cases["uid 65534"]["reply"]["error"]
-    assert "not the pid it sent" in cases["not the pid it sent"]["reply"]["error"]
+    assert "not the pid it sent" in cases["the pid of another"]["reply"]["error"]
+    assert ("(pid 1 in its own PID namespace, one below this supervisor's), and it sent "
+            "another pid" in cases["another pid, from below"]["reply"]["error"])
     log = proxy.log()
     assert log.count(" take-over-refused ") == 1, log
     assert "handing-over" not in log and "take-over-abandoned" not in log, log
