@@ -588,7 +588,7 @@ def taker_refused(sock: socket.socket, claimed_pid: object) -> str | None:
             return (f"its connection is process {pid}'s (pid {chain[-1]} in its own PID "
                     f"namespace, one below this supervisor's), and it sent another pid")
     if uid not in (0, os.getuid()):
-        return f"it runs as uid {uid}, neither this supervisor's user nor root"
+        return f"it runs as {_user_named(uid)}, neither this supervisor's user nor root"
     try:
         theirs = os.stat(f"/proc/{pid}/ns/net")
         ours = os.stat("/proc/self/ns/net")
@@ -601,6 +601,27 @@ def taker_refused(sock: socket.socket, claimed_pid: object) -> str | None:
     if (theirs.st_dev, theirs.st_ino) != (ours.st_dev, ours.st_ino):
         return "it runs in another network namespace"
     return None
+
+
+def _user_named(uid: int) -> str:
+    """How the error names a peer's `uid`, as SO_PEERCRED gave it: the kernel gives a
+    user not mapped into our user namespace as the overflow uid (65534), which names
+    nobody then. Said so where the overflow uid is not one of ours (no process here can
+    have it), with a doubt where it is one but our namespace is not the initial one."""
+    try:
+        with open("/proc/sys/kernel/overflowuid", "rb") as overflow_file:
+            if int(overflow_file.read()) != uid:
+                return f"uid {uid}"
+        with open("/proc/self/uid_map", "rb") as map_file:
+            ranges = [(first, count) for first, _, count
+                      in (map(int, line.split()) for line in map_file)]
+    except (OSError, ValueError):
+        return f"uid {uid}"
+    if not any(first <= uid < first + count for first, count in ranges):
+        return f"a user not mapped into this supervisor's user namespace (seen as uid {uid})"
+    if ranges != [(0, 0xFFFFFFFF)]:  # not the initial namespace, where all are mapped
+        return f"uid {uid} (or a user not mapped into this supervisor's user namespace)"
+    return f"uid {uid}"
 
 
 def _pid_chain(pid: int) -> tuple[int, ...]:

@@ -1354,6 +1354,31 @@ def test_the_listening_sockets_go_only_to_a_process_of_our_own(
     assert proxy.stop() == 0
 
 
+def test_a_taker_not_mapped_into_our_user_namespace_is_named_so(
+    start_proxy: Callable[..., Proxy], tcp_server: ServerFactory, short_dir: Path,
+) -> None:
+    """The kernel gives a peer whose user is not mapped into the supervisor's user
+    namespace as the overflow uid: a take-over asked from outside a container's user
+    namespace was refused as "it runs as uid 65534", naming user nobody, who had nothing
+    to do with it. It now says the user is not mapped into the namespace."""
+    server = tcp_server(echo)
+    path = str(short_dir / "fp.sock")
+    proxy = start_proxy("--status-socket", path, f"127.0.0.1:0=127.0.0.1:{server.port}",
+                        prefix=(need("unshare"), "--user", "--map-root-user"))  # root only
+    os.chmod(short_dir, 0o755)
+    os.chmod(path, 0o666)
+    found = _fake_taker(path, "self", need("setpriv"), "--reuid=4242", "--regid=4242",
+                        "--clear-groups")
+    overflow = int(Path("/proc/sys/kernel/overflowuid").read_text())
+    assert found["sockets"] == 0 and found["reply"]["ok"] is False, found
+    assert found["reply"]["error"] == (
+        f"not to that process: it runs as a user not mapped into this supervisor's user "
+        f"namespace (seen as uid {overflow}), neither this supervisor's user nor root"), found
+    assert "a user not mapped" in proxy.log(), proxy.log()
+    assert _echoed(proxy.port, os.urandom(4096))
+    assert proxy.stop() == 0
+
+
 def _taking_over(args: tuple[str, ...], log: Path) -> subprocess.Popen[str]:
     """`serve --take-over ARGS`, its stderr to `log`."""
     with log.open("w") as err:
