@@ -1281,6 +1281,48 @@ def test_a_take_over_from_a_pid_namespace_below_goes_through(
     assert new.proc.wait(30) == 0
 
 
+# A taker started before it asks: reads its start (as `serve --take-over` does) at once,
+# asks once argv[1] + ".go" exists, claiming its own pid; prints the reply line.
+_EARLY_TAKER = """
+import json, os, socket, sys, time
+from forkproxy.control import process_start
+started = process_start()
+while not os.path.exists(sys.argv[1] + ".go"):
+    time.sleep(0.02)
+conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+conn.settimeout(20)
+conn.connect(sys.argv[1])
+conn.sendall(json.dumps({"command": "hand-over", "pid": os.getpid(),
+                         "started": started}).encode() + b"\\n")
+data, fds, _, _ = socket.recv_fds(conn, 65536, 16)
+print(json.dumps({"reply": json.loads(data.split(b"\\n")[0]), "sockets": len(fds)}))
+"""
+
+
+def test_a_taker_started_first_is_refused_across_time_namespaces(
+    start_proxy: Callable[..., Proxy], tcp_server: ServerFactory, short_dir: Path,
+) -> None:
+    """The other way round (see above): a taker started BEFORE the supervisor, its boot
+    clock 1e6 s ahead, sent a start later than the supervisor's and was handed the
+    sockets (the slower of two take-overs winning). Read on the supervisor's clock, it
+    is refused."""
+    server = tcp_server(echo)
+    path = str(short_dir / "fp.sock")
+    with subprocess.Popen([need("unshare"), "--time", "--boottime", "1000000", "--fork",
+                           sys.executable, "-c", _EARLY_TAKER, path],
+                          stdout=subprocess.PIPE, text=True) as taker:
+        time.sleep(0.05)  # the supervisor starts later by any clock: ticks are 10 ms
+        proxy = start_proxy("--status-socket", path, f"127.0.0.1:0=127.0.0.1:{server.port}")
+        Path(path + ".go").touch()
+        out, _ = taker.communicate(timeout=60)
+    found = json.loads(out)
+    assert found["sockets"] == 0, (found, proxy.log())
+    assert "started before this supervisor" in found["reply"]["error"], found
+    assert "handing-over" not in proxy.log()
+    assert _echoed(proxy.port, os.urandom(4096))
+    assert proxy.stop() == 0
+
+
 # A fake taker: asks for the listening sockets as `serve --take-over` does, claiming the
 # pid argv[2] (its own when "self"), and prints the reply line and the sockets it got.
 _FAKE_TAKER = """
