@@ -2866,13 +2866,16 @@ class Supervisor:
                                  detail="not handed, serving on")
             return {"ok": False, "error": error}
         started = control.process_start()
-        # The taker's start as we read it, on our boot clock: the one it sent was read on
-        # its own, which a time namespace may set apart from ours (control.process_start).
-        # What it sent only where we cannot read it (gone meanwhile: it is told no anyway).
         peer = control.peer_pid(client)  # as we see it (taker_pid may be in a namespace below)
-        read = control.process_start(peer)
-        if read is not None:
-            taker_started = read
+        if isinstance(taker_started, int):
+            # A start sent asks for the comparison (every `serve --take-over` sends one; a
+            # request without, as before, has none). The taker's start as we read it, on
+            # our boot clock: the one it sent was read on its own, which a time namespace
+            # may set apart from ours (control.process_start). What it sent only where we
+            # cannot read it (gone meanwhile: it is told no anyway).
+            read = control.process_start(peer)
+            if read is not None:
+                taker_started = read
         if isinstance(taker_started, int) and started is not None and taker_started < started:
             return {"ok": False, "error": "it started before this supervisor, which took over "
                     "already: the newer configuration stays"}
