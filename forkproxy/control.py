@@ -581,10 +581,11 @@ def taker_refused(sock: socket.socket, claimed_pid: object) -> str | None:
         # the user and network rules below hold as for any taker. A namespace below
         # ours is one we see into: the taker is as much a process of our own as one
         # beside us (a namespace we do not see into gives pid 0, above).
+        # One gone meanwhile is left to the network rule, which says it exited.
         chain = _pid_chain(pid)
-        if len(chain) < 2:
+        if chain is not None and len(chain) < 2:
             return f"its connection is process {pid}'s, which is not the pid it sent"
-        if claimed_pid != chain[-1]:
+        if chain is not None and claimed_pid != chain[-1]:
             return (f"its connection is process {pid}'s (pid {chain[-1]} in its own PID "
                     f"namespace, one below this supervisor's), and it sent another pid")
     if uid not in (0, os.getuid()):
@@ -624,15 +625,17 @@ def _user_named(uid: int) -> str:
     return f"uid {uid}"
 
 
-def _pid_chain(pid: int) -> tuple[int, ...]:
+def _pid_chain(pid: int) -> tuple[int, ...] | None:
     """Process `pid`'s pids, from ours (/proc's namespace) to its own namespace's (its
-    NSpid line; one for a process in our namespace); () when that cannot be read (gone,
-    a kernel before 4.1)."""
+    NSpid line; one for a process in our namespace); () when that cannot be read (a
+    kernel before 4.1), None when the process is gone."""
     try:
         with open(f"/proc/{pid}/status", "rb") as status_file:
             for line in status_file:
                 if line.startswith(b"NSpid:"):
                     return tuple(int(field) for field in line.split()[1:])
+    except (FileNotFoundError, ProcessLookupError):
+        return None
     except (OSError, ValueError):
         pass
     return ()
