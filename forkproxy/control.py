@@ -44,16 +44,58 @@ def encode_reply(reply: dict[str, object]) -> bytes:
     return json.dumps(reply).encode() + b"\n"
 
 
-def default_dir(environ: dict[str, str] | os._Environ[str], uid: int) -> str:
+# Where a default status socket directory's owner is told to go instead, when it cannot
+# be used: said by serve and the clients alike.
+ELSEWHERE = "(set XDG_RUNTIME_DIR, or give --status-socket, elsewhere)"
+UID_MAP = "/proc/self/uid_map"
+
+
+def outer_uid(uid: int, uid_map: str | None) -> int | None:
+    """`uid` (as this process's user namespace sees it) as the namespace that made ours
+    sees it, from the text of /proc/self/uid_map (`INSIDE OUTSIDE COUNT` lines): the same
+    number outside any user namespace (`0 0 4294967295`); the real user's inside `unshare
+    -r`, rootless podman, rootlesskit (0 there, 999 on the host, whose /tmp it shares);
+    None where no line maps it (`unshare -U` with no map, where every unmapped owner reads
+    as 65534). No map to read (no /proc): `uid` as it is."""
+    if uid_map is None:
+        return uid
+    for line in uid_map.splitlines():
+        fields = line.split()
+        if len(fields) == 3 and all(field.isdigit() for field in fields):
+            inside, outside, count = (int(field) for field in fields)
+            if inside <= uid < inside + count:
+                return outside + uid - inside
+    return None
+
+
+def own_outer_uid() -> int | None:
+    """This process's real uid as outer_uid says it, read from UID_MAP."""
+    try:
+        with open(UID_MAP, "rb") as handle:
+            uid_map: str | None = handle.read(4096).decode("ascii", "replace")
+    except OSError:
+        uid_map = None
+    return outer_uid(os.getuid(), uid_map)
+
+
+def default_dir(environ: dict[str, str] | os._Environ[str], uid: int | None) -> str:
     """Per user, so two users' proxies never meet.
 
     $XDG_RUNTIME_DIR/forkproxy, or /tmp/forkproxy-UID without it. A relative
     XDG_RUNTIME_DIR counts as unset, as the XDG base directory spec says: relative to
     each process's working directory, serve and its clients would look in different places.
-    """
+
+    UID: `uid`, the user's as the namespace outside ours sees it (own_outer_uid). Named
+    by the uid inside a user namespace, `unshare -r` (uid 0 inside) made /tmp/forkproxy-0
+    owned by its real user, and root's next plain `serve` on the host exited 2. None (a
+    user namespace that maps no uid): PermissionError, as /tmp/forkproxy-65534 would be
+    the real nobody's, and whose a directory there is cannot be told."""
     runtime = environ.get("XDG_RUNTIME_DIR", "")
     if os.path.isabs(runtime):
         return os.path.join(runtime, "forkproxy")
+    if uid is None:
+        raise PermissionError(errno.EPERM, "a user namespace that maps no uid (unshare -U "
+                              f"without -r) has no /tmp/forkproxy-UID of its own {ELSEWHERE}")
     return f"/tmp/forkproxy-{uid}"
 
 
@@ -73,8 +115,15 @@ def check_owned(path: str) -> None:
     info = os.lstat(path)
     if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
         # Anyone can make /tmp/forkproxy-UID first: say where to go instead.
-        raise PermissionError(errno.EPERM, "not a directory owned by this user "
-                              "(set XDG_RUNTIME_DIR, or give --status-socket, elsewhere)")
+        raise PermissionError(errno.EPERM, f"not a directory owned by this user {ELSEWHERE}")
+
+
+def dir_error(exc: OSError) -> str:
+    """Why a default socket directory cannot be used, and where to go instead: a
+    missing XDG_RUNTIME_DIR (no login session) or another user's (`su` keeps root's)
+    said only `Permission denied`."""
+    reason = exc.strerror or str(exc)
+    return reason if reason.endswith(ELSEWHERE) else f"{reason} {ELSEWHERE}"
 
 
 class _Client:

@@ -30,7 +30,14 @@ from .config import (
     quoted,
     split_host_port,
 )
-from .control import HANDING_OVER, REPORT_TIMEOUT, answers, check_owned, default_dir
+from .control import (
+    HANDING_OVER,
+    REPORT_TIMEOUT,
+    answers,
+    check_owned,
+    default_dir,
+    own_outer_uid,
+)
 
 
 class StatusError(Exception):
@@ -52,9 +59,13 @@ def find_socket(path: str | None) -> str:
     under XDG_RUNTIME_DIR is where this user's proxies are."""
     if path is not None:
         return path
-    directory = default_dir(os.environ, os.getuid())
+    uid = own_outer_uid()
+    try:
+        directory = default_dir(os.environ, uid)
+    except OSError as exc:
+        raise StatusError(f"no default status socket directory: {exc.strerror}") from None
     live = _live_sockets(directory)
-    fallback = default_dir({}, os.getuid())
+    fallback = directory if uid is None else default_dir({}, uid)
     if live is None and fallback != directory:
         try:
             live = _live_sockets(fallback)

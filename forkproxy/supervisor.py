@@ -888,7 +888,10 @@ class Supervisor:
                 self.log.info("removed-stale-sockets", count=len(server.swept_staging),
                               directory=os.path.dirname(path) or ".")
             return server
-        directory = control.default_dir(dict(self.environ), os.getuid())
+        try:
+            directory = control.default_dir(dict(self.environ), control.own_outer_uid())
+        except OSError as exc:
+            raise ConfigError(f"status socket directory: {control.dir_error(exc)}") from None
         try:
             control.prepare_dir(directory)
             # Our pid is not unique in a directory that PID namespaces share (two containers
@@ -903,7 +906,7 @@ class Supervisor:
                         raise
         except OSError as exc:
             raise ConfigError(f"status socket directory {directory!r}: "
-                              f"{exc.strerror or exc}") from None
+                              f"{control.dir_error(exc)}") from None
         stale = [*server.swept_staging, *control.sweep_stale(directory, server.path)]
         if stale:
             self.log.info("removed-stale-sockets", count=len(stale), directory=directory)

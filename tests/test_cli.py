@@ -422,6 +422,85 @@ def test_an_unusable_default_socket_directory_is_named(tmp_path: Path) -> None:
         assert f"'{runtime}/forkproxy': Not a directory" in result.stderr
 
 
+ELSEWHERE = "(set XDG_RUNTIME_DIR, or give --status-socket, elsewhere)"
+
+
+def test_a_missing_or_foreign_xdg_runtime_dir_says_where_to_go_instead(tmp_path: Path) -> None:
+    """XDG_RUNTIME_DIR missing (no login session: /run/user/UID is not there) or another
+    user's (`su` keeps root's /run/user/0): serve's exit-2 line said only `No such file or
+    directory` or `Permission denied`, where one not owned says where to go instead.
+    Both say it now. Another user's: 0700, and root without CAP_DAC_OVERRIDE."""
+    missing = tmp_path / "run-user-999"
+    foreign = tmp_path / "run-user-0"
+    foreign.mkdir(mode=0o700)
+    os.chown(foreign, 65534, 65534)
+    unprivileged = (need("setpriv"), "--bounding-set=-dac_override,-dac_read_search")
+    for runtime, why in ((missing, "No such file or directory"), (foreign, "Permission denied")):
+        result = run("serve", "127.0.0.1:0=127.0.0.1:1", env={"XDG_RUNTIME_DIR": str(runtime)},
+                     prefix=unprivileged)
+        assert_one_line_error(result)
+        assert result.stderr == (f"forkproxy: error: status socket directory "
+                                 f"'{runtime}/forkproxy': {why} {ELSEWHERE}\n"), result
+
+
+def test_the_default_directory_in_a_user_namespace_is_named_by_the_real_uid() -> None:
+    """Inside a user namespace (`unshare -r`, rootless podman, rootlesskit) with no
+    XDG_RUNTIME_DIR, the default directory was named by the uid inside: a user's `unshare
+    -Ur` (uid 0 there) made /tmp/forkproxy-0, owned by that user, and root's next plain
+    `serve` exited 2. Named by the uid outside now: here root, mapped to an unused uid
+    inside, uses root's /tmp/forkproxy-0 (owned by it, so it passes the owner check)
+    and makes no directory named for that other uid."""
+    inside = 1_700_000_000 + os.getpid()  # no one's
+    squatted = Path(f"/tmp/forkproxy-{inside}")
+    os.makedirs("/tmp/forkproxy-0", mode=0o700, exist_ok=True)  # root's, as serve makes it
+    proc = subprocess.Popen(
+        [need("unshare"), "--user", f"--map-user={inside}", f"--map-group={inside}",
+         FORKPROXY, "serve", "127.0.0.1:0=127.0.0.1:1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        env={"PATH": os.environ["PATH"]})
+    try:
+        assert proc.stderr is not None
+        lines = []
+        for line in proc.stderr:
+            lines.append(line)
+            if " status-socket " in line or " start-failed " in line:
+                break
+        assert re.search(r" status-socket path=/tmp/forkproxy-0/[0-9]+\.sock$", lines[-1]), lines
+        assert not squatted.exists()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        if proc.stderr is not None:
+            proc.stderr.close()
+        if squatted.exists():
+            shutil.rmtree(squatted)  # made without the fix: not left behind
+
+
+def test_a_user_namespace_that_maps_no_uid_has_no_default_directory() -> None:
+    """`unshare -U` with no map: the uid is 65534 there, and so was the default directory,
+    /tmp/forkproxy-65534, the real nobody's: made first, it was this user's, and nobody's
+    own forkproxy exited 2; made by nobody, it read as owned by this user (every unmapped
+    owner reads 65534), who then put a socket in it. Refused now, with where to go."""
+    nobody = Path("/tmp/forkproxy-65534")
+    existed = nobody.exists()
+    try:
+        unmapped = (need("unshare"), "--user")
+        result = run("serve", "127.0.0.1:0=127.0.0.1:1", prefix=unmapped, timeout=30)
+        assert_one_line_error(result)
+        assert result.stderr == ("forkproxy: error: status socket directory: a user namespace "
+                                 "that maps no uid (unshare -U without -r) has no "
+                                 f"/tmp/forkproxy-UID of its own {ELSEWHERE}\n"), result
+        assert nobody.exists() == existed
+        result = run("status", prefix=unmapped)
+        assert result.returncode == 1, result
+        assert result.stderr == ("forkproxy: no default status socket directory: a user "
+                                 "namespace that maps no uid (unshare -U without -r) has no "
+                                 f"/tmp/forkproxy-UID of its own {ELSEWHERE}\n"), result
+    finally:
+        if not existed and nobody.exists():
+            shutil.rmtree(nobody)  # made without the fix: not left behind
+
+
 def test_a_relative_xdg_runtime_dir_is_ignored_by_serve_and_the_clients(
     tmp_path: Path, start_proxy: Callable[..., Proxy], monkeypatch: pytest.MonkeyPatch
 ) -> None:
