@@ -19,7 +19,7 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 
-from . import __version__, cgroup
+from . import __version__, cgroup, control
 from ._metrics_main import IMPORT_PATH_VARIABLE, import_path_to_hand
 from .config import (
     ANY_IPV4,
@@ -326,6 +326,76 @@ def read_pids_limit(proc: str = "/proc/self", root: str = "/") -> int | None:
                            lambda _path, text: cgroup.parse_pids_limit(text))
 
 
+# What exempts a process from RLIMIT_NPROC besides a real uid of 0 (the kernel's
+# copy_process: INIT_USER, or capable() of either, which asks the initial user namespace).
+CAP_SYS_ADMIN = 21
+CAP_SYS_RESOURCE = 24
+INITIAL_UID_MAP = ["0", "0", "4294967295"]  # /proc/self/uid_map outside any user namespace
+
+
+def nproc_exempt(outer_uid: int | None, uid_map: str | None, status: str | None) -> bool:
+    """Does the kernel let this process fork past RLIMIT_NPROC? Root, by its real uid as
+    the namespace outside sees it (control.outer_uid: root in a container without a user
+    namespace is; `unshare -r`'s and rootless podman's root is not), or a process of the
+    initial user namespace with CAP_SYS_ADMIN or CAP_SYS_RESOURCE in its effective set
+    (`status`: /proc/self/status's text). Unknown (no /proc): not exempt."""
+    if outer_uid == 0:
+        return True
+    if uid_map is None or uid_map.split() != INITIAL_UID_MAP:
+        return False  # capabilities in a user namespace are not capable() there
+    for line in (status or "").splitlines():
+        if line.startswith("CapEff:"):
+            effective = int(line.split()[1], 16)
+            return bool(effective & (1 << CAP_SYS_ADMIN | 1 << CAP_SYS_RESOURCE))
+    return False
+
+
+def count_user_tasks(uid: int, proc: str = "/proc", own_pid: int | None = None) -> int:
+    """The processes and threads of the user whose real uid is `uid`, this process's
+    (`own_pid`) left out: what RLIMIT_NPROC counts besides forkproxy's own. Only those
+    whose /proc/PID the user owns (its effective uid: one stat each, for every other
+    user's) have their status read; a set-uid program the user runs is missed, and
+    own_pids's room takes it. Those visible here: another PID namespace's are not."""
+    count = 0
+    try:
+        entries = os.scandir(proc)
+    except OSError:
+        return 0
+    with entries:
+        for entry in entries:
+            if not entry.name.isdigit() or int(entry.name) == own_pid:
+                continue
+            try:
+                if entry.stat(follow_symlinks=False).st_uid != uid:
+                    continue
+            except OSError:
+                continue  # ended meanwhile
+            text = _read(os.path.join(entry.path, "status")) or ""
+            fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+            real = fields.get("Uid", "").split()[:1]
+            threads = fields.get("Threads", "").strip()
+            if real == [str(uid)] and threads.isdigit():
+                count += int(threads)
+    return count
+
+
+def read_nproc_limit(proc: str = "/proc") -> tuple[int | None, int]:
+    """The soft RLIMIT_NPROC (ulimit -u) when the kernel holds this process to it, and
+    the user's processes and threads besides this one (count_user_tasks); (None, 0) when
+    there is no limit or it does not apply (nproc_exempt). The hard limit is not
+    raised to: past the soft one, forks fail all the same."""
+    import resource
+
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NPROC)
+    if soft == resource.RLIM_INFINITY:
+        return None, 0
+    uid_map = _read(os.path.join(proc, "self", "uid_map"))
+    if nproc_exempt(control.outer_uid(os.getuid(), uid_map), uid_map,
+                    _read(os.path.join(proc, "self", "status"))):
+        return None, 0
+    return soft, count_user_tasks(os.getuid(), proc, os.getpid())
+
+
 PID_MAX_FILE = "/proc/sys/kernel/pid_max"
 
 
@@ -352,15 +422,19 @@ def check_pid_max(options: Options, pid_max: int | None) -> None:
 
 
 def with_limits(options: Options, memory_limit: int | None,
-                pids_limit: int | None = None) -> Options:
-    """`options` with the memory and pids limits found at start, and, where the operator
-    chose no --max-children (`max_children_given` False), the number of connections both
-    hold. Fixed at start like the other options: a reload does not look again."""
-    found = options.replace(memory_limit=memory_limit, pids_limit=pids_limit)
+                pids_limit: int | None = None,
+                nproc: tuple[int | None, int] = (None, 0)) -> Options:
+    """`options` with the memory, pids and nproc limits found at start (`nproc`: as
+    read_nproc_limit says), and, where the operator chose no --max-children
+    (`max_children_given` False), the number of connections they all hold. Fixed at
+    start like the other options: a reload does not look again."""
+    nproc_limit, nproc_others = nproc
+    found = options.replace(memory_limit=memory_limit, pids_limit=pids_limit,
+                            nproc_limit=nproc_limit, nproc_others=nproc_others)
     if options.max_children_given:
         return found  # max_children: as given
     return found.replace(max_children=derived_max_children(
-        memory_limit, pids_limit, options.metrics is not None))
+        memory_limit, pids_limit, options.metrics is not None, nproc_limit, nproc_others))
 
 
 def load(sources: Sources) -> LinkTable:
@@ -405,7 +479,7 @@ def serve(*, sources: Sources, variables: Mapping[str, str] | None = None,
     # Read here, once, before the exec: the supervisor (the same process, in the same
     # cgroup) then carries none of the code that finds it.
     sources = sources.replace(options=with_limits(sources.options, read_memory_limit(),
-                                                  read_pids_limit()))
+                                                  read_pids_limit(), read_nproc_limit()))
     raise_open_files_limit()
     payload = json.dumps({**sources_to_json(sources), "variables": dict(variables or {}),
                           "version": __version__}).encode()
@@ -598,8 +672,8 @@ def serve_command(
             keepalive=parse_keepalive(keepalive),
             user_timeout=parse_seconds(user_timeout, "--user-timeout"),
             resolve_every=parse_seconds(resolve_every, "--resolve-every"),
-            # None: neither the flag nor the variable; serve() derives it from the memory and
-            # pids limits.
+            # None: neither the flag nor the variable; serve() derives it from the memory,
+            # pids and nproc limits.
             max_children=(DEFAULT_MAX_CHILDREN if max_children is None
                           else parse_count(max_children, "--max-children")),
             max_children_given=max_children is not None,

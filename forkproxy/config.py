@@ -220,6 +220,11 @@ class Options(Value):
     memory_limit: int | None
     max_children_given: bool
     pids_limit: int | None
+    # The soft RLIMIT_NPROC (ulimit -u) when the kernel holds this user to it (None: no
+    # limit, or root: exempt), and the user's processes and threads besides forkproxy
+    # found at start: it counts all of them, in every session (children_within_nproc).
+    nproc_limit: int | None
+    nproc_others: int
     # --take-over: the control socket of the supervisor whose listeners this one takes
     # (found by the CLI, as `status` finds one), None for a plain start.
     take_over: str | None
@@ -246,6 +251,8 @@ class Options(Value):
         max_children_given: bool = True,
         pids_limit: int | None = None,
         take_over: str | None = None,
+        nproc_limit: int | None = None,
+        nproc_others: int = 0,
     ) -> None:
         # Interned: then "auto" is the very object that is the constant relay.Flow compares
         # it with, so a child reading both writes one reference count, not two on two
@@ -258,7 +265,8 @@ class Options(Value):
             max_children=max_children, allow=allow, verbosity=verbosity, log_format=log_format,
             status_socket=status_socket, metrics=metrics, pid_file=pid_file,
             memory_limit=memory_limit, max_children_given=max_children_given,
-            pids_limit=pids_limit, take_over=take_over,
+            pids_limit=pids_limit, take_over=take_over, nproc_limit=nproc_limit,
+            nproc_others=nproc_others,
         )
 
 
@@ -321,26 +329,41 @@ def children_within_pids(pids_limit: int, metrics: bool) -> int:
     return max(0, pids_limit - own_pids(metrics))
 
 
-def limiting_fits(memory_fit: int | None, pids_fit: int | None) -> dict[str, int]:
-    """The limits that bound a derived --max-children, "memory" and "pids", each with how
-    many connections it holds (as Supervisor.memory_fit and .pids_fit say, uncapped). A
-    memory limit always does (one that holds more than the default then says it was
-    looked at, and the default, 1024, is what fits it); a pids limit only below
-    DEFAULT_MAX_CHILDREN: systemd gives every service one (TasksMax, thousands), and a
-    limit that changes nothing is no news."""
+def children_within_nproc(nproc_limit: int, others: int, metrics: bool) -> int:
+    """How many connections RLIMIT_NPROC holds, 0 or more, not capped (as
+    children_within_pids): the kernel counts every process and thread of the user (by
+    real uid), in every session, so besides forkproxy's own (own_pids) the `others` the
+    user ran at start. Past it a fork fails with EAGAIN, as at a pids limit, and the
+    metrics process cannot start a thread to answer a scrape."""
+    return max(0, nproc_limit - others - own_pids(metrics))
+
+
+def limiting_fits(memory_fit: int | None, pids_fit: int | None,
+                  nproc_fit: int | None = None) -> dict[str, int]:
+    """The limits that bound a derived --max-children, "memory", "pids" and "nproc", each
+    with how many connections it holds (as Supervisor.memory_fit, .pids_fit and
+    .nproc_fit say, uncapped). A memory limit always does (one that holds more than the
+    default then says it was looked at, and the default, 1024, is what fits it); a pids
+    or nproc limit only below DEFAULT_MAX_CHILDREN: systemd gives every service a pids
+    limit (TasksMax, thousands), most distributions every user an nproc one (~60,000),
+    and a limit that changes nothing is no news."""
     fits = {} if memory_fit is None else {"memory": memory_fit}
-    if pids_fit is not None and pids_fit < DEFAULT_MAX_CHILDREN:
-        fits["pids"] = pids_fit
+    for name, fit in (("pids", pids_fit), ("nproc", nproc_fit)):
+        if fit is not None and fit < DEFAULT_MAX_CHILDREN:
+            fits[name] = fit
     return fits
 
 
 def derived_max_children(memory_limit: int | None, pids_limit: int | None,
-                         metrics: bool) -> int:
-    """The --max-children when the operator gave none: as many connections as both the
-    memory and the pids limit hold, 1 to DEFAULT_MAX_CHILDREN."""
+                         metrics: bool, nproc_limit: int | None = None,
+                         nproc_others: int = 0) -> int:
+    """The --max-children when the operator gave none: as many connections as the
+    memory, the pids and the nproc limit all hold, 1 to DEFAULT_MAX_CHILDREN."""
     fits = limiting_fits(
         None if memory_limit is None else children_that_fit(memory_limit, metrics),
-        None if pids_limit is None else children_within_pids(pids_limit, metrics))
+        None if pids_limit is None else children_within_pids(pids_limit, metrics),
+        None if nproc_limit is None else children_within_nproc(nproc_limit, nproc_others,
+                                                               metrics))
     return max(1, min([DEFAULT_MAX_CHILDREN, *fits.values()]))
 
 
@@ -351,19 +374,23 @@ def limits_named(fits: Mapping[str, int]) -> list[str]:
     return [name for name, fit in fits.items() if fit == least]
 
 
-def limits_text(named: Sequence[str], memory_limit: int | None, pids_limit: int | None) -> str:
-    """The limits `named` ("memory", "pids") in words, for the start line and `status`
-    alike: `the memory limit of 64 MiB and the pids limit of 73`."""
+def limits_text(named: Sequence[str], memory_limit: int | None, pids_limit: int | None,
+                nproc_limit: int | None = None) -> str:
+    """The limits `named` ("memory", "pids", "nproc") in words, for the start line and
+    `status` alike: `the memory limit of 64 MiB and the pids limit of 73`, `the nproc
+    limit of 30` (ulimit -u, as prlimit, limits.conf and systemd's LimitNPROC name it)."""
     words = {"memory": f"the memory limit of {mebibytes(memory_limit or 0)}",
-             "pids": f"the pids limit of {pids_limit}"}
+             "pids": f"the pids limit of {pids_limit}",
+             "nproc": f"the nproc limit of {nproc_limit}"}
     return " and ".join(words[name] for name in named)
 
 
 def no_room_text(named: Sequence[str], memory_limit: int | None,
-                 pids_limit: int | None) -> str:
+                 pids_limit: int | None, nproc_limit: int | None = None) -> str:
     """`the memory limit of 20 MiB leaves no room for connections` (`leave`, for two)."""
     verb = "leave" if len(named) > 1 else "leaves"
-    return f"{limits_text(named, memory_limit, pids_limit)} {verb} no room for connections"
+    return (f"{limits_text(named, memory_limit, pids_limit, nproc_limit)} {verb} no room "
+            "for connections")
 
 
 def mebibytes(size: int) -> str:
@@ -1218,9 +1245,12 @@ def check_options(options: Options) -> Options:
     if options.max_children > MAX_CHILDREN:
         raise ConfigError(f"--max-children {options.max_children}: at most {MAX_CHILDREN}, "
                           "the kernel's limit on processes")
-    for what, limit in (("memory", options.memory_limit), ("pids", options.pids_limit)):
+    for what, limit in (("memory", options.memory_limit), ("pids", options.pids_limit),
+                        ("nproc", options.nproc_limit)):
         if limit is not None and not (type(limit) is int and limit >= 0):
             raise ConfigError(f"bad {what} limit {limit!r}")  # only from a bad handover
+    if not (type(options.nproc_others) is int and options.nproc_others >= 0):
+        raise ConfigError(f"bad nproc count {options.nproc_others!r}")  # the same
     if options.take_over is not None and not isinstance(options.take_over, str):
         raise ConfigError(f"bad --take-over socket {options.take_over!r}")  # the same
     if options.connect_retries < 0:

@@ -252,7 +252,7 @@ def render(status: dict[str, Any],
     # For "how close to the limit": sum(forkproxy_connections_active) / forkproxy_max_children.
     max_children = GaugeMetricFamily("forkproxy_max_children",
                                      "Most connections at once: --max-children, or what fits "
-                                     "the memory and pids limits")
+                                     "the memory, pids and nproc limits")
     if "max_children" in status:
         max_children.add_metric([], status["max_children"])
     memory_limit = GaugeMetricFamily("forkproxy_memory_limit_bytes",
@@ -266,6 +266,12 @@ def render(status: dict[str, Any],
                                    "forkproxy's cgroup, found at start (no sample: none)")
     if status.get("pids_limit") is not None:
         pids_limit.add_metric([], status["pids_limit"])
+    nproc_limit = GaugeMetricFamily("forkproxy_nproc_limit",
+                                    "The nproc limit (RLIMIT_NPROC, ulimit -u: the user's "
+                                    "processes and threads) found at start, where it applies "
+                                    "(no sample: none, or root)")
+    if status.get("nproc_limit") is not None:
+        nproc_limit.add_metric([], status["nproc_limit"])
     orphans = CounterMetricFamily("forkproxy_orphans_reaped",
                                   "Processes reaped that were not forkproxy's own (as PID 1)")
     orphans.add_metric([], status.get("orphans_reaped", 0))
@@ -276,7 +282,7 @@ def render(status: dict[str, Any],
     yield from (up, listeners, listener_up, active, waiting, queued, backlog, drops, total,
                 ended, empty, denied, failures, moved, durations, rss, uss, unanswered, cpu,
                 resolve_failures, address_changes, supervisor_rss, max_children, memory_limit,
-                pids_limit, orphans, restarts)
+                pids_limit, nproc_limit, orphans, restarts)
     yield _start_time(status)
     yield _fork_failures(links)
     yield from _reload_metrics(status)

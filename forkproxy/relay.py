@@ -141,7 +141,8 @@ _NO_BUFFER = memoryview(bytearray())  # until a flow's first read allocates its 
 # instead of allocating (and zeroing) whole buffers of its own.
 _child_buffers: tuple[memoryview, memoryview] | None = None
 
-# Whether a child's own lookup may run in a thread (OwnLookup): not under a pids limit.
+# Whether a child's own lookup may run in a thread (OwnLookup): not under a pids limit
+# (nor an nproc limit, which counts threads too).
 # A thread is a task pids.max counts, and the --max-children derived from that limit
 # counts one per connection: with every child of a link whose DNS hangs holding two,
 # forks failed at half the connections and healthy links starved (the review's
@@ -1010,7 +1011,7 @@ def preload(options: Options, log: Logger, rounds: int = 24) -> None:
     """
     global _child_buffers, _lookup_in_thread
     _child_buffers = (memoryview(bytearray(COPY_CHUNK)), memoryview(bytearray(COPY_CHUNK)))
-    _lookup_in_thread = options.pids_limit is None
+    _lookup_in_thread = options.pids_limit is None and options.nproc_limit is None
     # A whole slot of its own (not the children's): a warm-up connect that fails writes
     # its FAILURE word there, as a child's would.
     counters = memoryview(bytearray(8 * FIELDS)).cast("Q")

@@ -325,7 +325,8 @@ _STATUS = _object(
     {"ok": _BOOL, "uptime": _AGE, "grace_left": _nullable(_AGE), "max_children": _COUNT,
      "max_children_given": _BOOL,
      "memory_limit": _nullable(_COUNT), "memory_fit": _nullable(_COUNT),
-     "pids_limit": _nullable(_COUNT), "pids_fit": _nullable(_COUNT), "metrics": _METRICS,
+     "pids_limit": _nullable(_COUNT), "pids_fit": _nullable(_COUNT),
+     "nproc_limit": _nullable(_COUNT), "nproc_fit": _nullable(_COUNT), "metrics": _METRICS,
      "duration_buckets": _list_of(_NUMBER), "orphans_reaped": _COUNT,
      "last_reload": _LAST_RELOAD, "config_loaded": _NUMBER, "reloads": _map_of(_COUNT),
      "start_time": _NUMBER},
@@ -750,34 +751,34 @@ def describe_not_listening(listeners: list[dict[str, Any]]) -> str | None:
 
 def _max_children(status: dict[str, Any]) -> str:
     """`, max-children 36 (fits the memory limit of 64 MiB)`: the limit in force, and
-    where it came from when a memory or pids limit was found (both: `fits the memory limit
-    of 64 MiB and the pids limit of 73`), as the start line says."""
+    where it came from when a memory, pids or nproc limit was found (several: `fits the
+    memory limit of 64 MiB and the pids limit of 73`), as the start line says."""
     value = status.get("max_children")
     if value is None:
         return ""
     text = f", max-children {value}"
-    memory, pids = status.get("memory_limit"), status.get("pids_limit")
-    limits = {"memory": (memory, status.get("memory_fit")), "pids": (pids, status.get("pids_fit"))}
+    memory, pids, nproc = (status.get(f"{name}_limit") for name in ("memory", "pids", "nproc"))
+    limits = {"memory": (memory, status.get("memory_fit")), "pids": (pids, status.get("pids_fit")),
+              "nproc": (nproc, status.get("nproc_fit"))}
     known = {name: fit for name, (limit, fit) in limits.items()
              if limit is not None and fit is not None}
+    bounding = limiting_fits(known.get("memory"), known.get("pids"), known.get("nproc"))
     if status.get("max_children_given", True):
         # Each limit that says anything about the value given: the memory limit always (as
-        # before), the pids limit when it bounds derived values or is below the value.
-        shown = [name for name, fit in known.items()
-                 if name in limiting_fits(known.get("memory"), known.get("pids"))
-                 or fit < value]
+        # before), a pids or nproc limit when it bounds derived values or is below the value.
+        shown = [name for name, fit in known.items() if name in bounding or fit < value]
         if any(not known[name] for name in shown):  # served as told: no promise either way
             shown = [name for name in shown if not known[name]]
-            return f"{text} ({no_room_text(shown, memory, pids)})"
-        parts = [f"about {known[name]} fit {limits_text([name], memory, pids)}"
+            return f"{text} ({no_room_text(shown, memory, pids, nproc)})"
+        parts = [f"about {known[name]} fit {limits_text([name], memory, pids, nproc)}"
                  for name in shown]
         return f"{text} ({', '.join(parts)})" if parts else text
-    named = limits_named(limiting_fits(known.get("memory"), known.get("pids")))
+    named = limits_named(bounding)
     if not named:
         return text
     if not known[named[0]]:  # clamped up to 1: no promise
-        return f"{text} ({no_room_text(named, memory, pids)})"
-    return f"{text} (fits {limits_text(named, memory, pids)})"
+        return f"{text} ({no_room_text(named, memory, pids, nproc)})"
+    return f"{text} (fits {limits_text(named, memory, pids, nproc)})"
 
 
 def _grace_left(status: dict[str, Any]) -> str:

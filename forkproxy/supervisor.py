@@ -58,6 +58,7 @@ from .config import (
     build_links,
     check_metrics_port,
     children_that_fit,
+    children_within_nproc,
     children_within_pids,
     join_host_port,
     limiting_fits,
@@ -1166,14 +1167,24 @@ class Supervisor:
         return None if limit is None else children_within_pids(limit,
                                                                self.options.metrics is not None)
 
+    def nproc_fit(self) -> int | None:
+        """How many connections the nproc limit (RLIMIT_NPROC) found at start holds beside
+        forkproxy's own processes and threads and the user's others then (None: no
+        limit, or one that does not apply), 0 when none does; as pids_fit, neither
+        clamped nor capped."""
+        limit = self.options.nproc_limit
+        return None if limit is None else children_within_nproc(
+            limit, self.options.nproc_others, self.options.metrics is not None)
+
     def _log_max_children(self) -> None:
-        """At start: which limit the derived --max-children came from (memory, pids, or
-        both), or a warning for each limit the operator's own is more than (served as told
-        all the same: a limit can be raised while forkproxy runs)."""
+        """At start: which limit the derived --max-children came from (memory, pids,
+        nproc, or several), or a warning for each limit the operator's own is more than
+        (served as told all the same: a limit can be raised while forkproxy runs)."""
         value, metrics = self.options.max_children, self.options.metrics is not None
         memory, pids = self.options.memory_limit, self.options.pids_limit
-        memory_fit, pids_fit = self.memory_fit(), self.pids_fit()
-        if memory is None and pids is None:
+        nproc = self.options.nproc_limit
+        memory_fit, pids_fit, nproc_fit = self.memory_fit(), self.pids_fit(), self.nproc_fit()
+        if memory is None and pids is None and nproc is None:
             self.log.debug("max-children", value=value, detail="no memory or pids limit found")
             return
         if self.options.max_children_given:
@@ -1182,17 +1193,23 @@ class Supervisor:
                                  memory_limit=memory, detail=f"about {memory_fit} fit "
                                  f"{limits_text(['memory'], memory, pids)}; beyond that the "
                                  "OOM killer ends connections")
-            if pids is not None and pids_fit is not None and value > pids_fit:
-                self.log.warning("max-children", value=value, fits=pids_fit, pids_limit=pids,
-                                 detail=f"about {pids_fit} fit "
-                                 f"{limits_text(['pids'], memory, pids)}; beyond that forks "
-                                 "fail and clients wait for one that works (fork-failed)")
+            for name, limit, fit in (("pids", pids, pids_fit), ("nproc", nproc, nproc_fit)):
+                if limit is not None and fit is not None and value > fit:
+                    self.log.warning("max-children", value=value, fits=fit,
+                                     **{f"{name}_limit": limit},
+                                     detail=f"about {fit} fit "
+                                     f"{limits_text([name], memory, pids, nproc)}; beyond "
+                                     "that forks fail and clients wait for one that works "
+                                     "(fork-failed)")
             return
-        fits = limiting_fits(memory_fit, pids_fit)
+        fits = limiting_fits(memory_fit, pids_fit, nproc_fit)
         named = limits_named(fits)
-        if not named:  # only a pids limit, far above the default (systemd's TasksMax)
+        if not named:  # only pids or nproc limits, far above the default (systemd's TasksMax)
+            found = [name for name, limit in (("pids", pids), ("nproc", nproc))
+                     if limit is not None]
             self.log.debug("max-children", value=value, detail="no memory limit found, and "
-                           f"the pids limit of {pids} holds more")
+                           f"{limits_text(found, memory, pids, nproc)} "
+                           f"{'hold' if len(found) > 1 else 'holds'} more")
             return
         fields: dict[str, object] = {"value": value}
         owns = []
@@ -1201,15 +1218,22 @@ class Supervisor:
             owns.append(f"~{mebibytes(own_memory(metrics))}")
         if "pids" in named:
             fields["pids_limit"] = pids
+        if "nproc" in named:
+            fields["nproc_limit"] = nproc
+        if "pids" in named or "nproc" in named:
             owns.append(f"{own_pids(metrics)} processes and threads")
         if not fits[named[0]]:
             # Clamped up to 1: even that one may cost its connection, or fail to fork.
+            others = self.options.nproc_others if "nproc" in named else 0
             self.log.warning("max-children", **fields,
-                             detail=f"{no_room_text(named, memory, pids)} beside forkproxy's "
-                             f"own {' and '.join(owns)}; --max-children overrides")
+                             detail=f"{no_room_text(named, memory, pids, nproc)} beside "
+                             f"forkproxy's own {' and '.join(owns)}"
+                             + (f" and the user's {others} others" if others else "")
+                             + "; --max-children overrides")
         else:
             self.log.info("max-children", **fields, detail=f"fits "
-                          f"{limits_text(named, memory, pids)}; --max-children overrides")
+                          f"{limits_text(named, memory, pids, nproc)}; --max-children "
+                          "overrides")
 
     def loop(self) -> None:
         poll, handlers, monotonic = self.poller.poll, self.handlers, time.monotonic
@@ -3098,6 +3122,8 @@ class Supervisor:
             "memory_fit": self.memory_fit(),
             "pids_limit": self.options.pids_limit,
             "pids_fit": self.pids_fit(),
+            "nproc_limit": self.options.nproc_limit,
+            "nproc_fit": self.nproc_fit(),
             "listeners": self._listener_table(kernel),
             "metrics": self._metrics_state(clocks),
             # Whether the running configuration is the file's (as Prometheus's own

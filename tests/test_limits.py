@@ -2749,6 +2749,95 @@ def test_the_metrics_show_the_pids_limit_that_bounds_the_derived_max_children(
     assert proxy.stop() == 0
 
 
+def as_user_under_nproc(uid: int, nproc: int) -> tuple[str, ...]:
+    """The prefix that runs a command as `uid` (no account needed: RLIMIT_NPROC counts by
+    uid) under a soft and hard RLIMIT_NPROC of `nproc`, as `ulimit -u` or limits.conf
+    set it for a user (root is exempt: the test runs as root). With CAP_DAC_READ_SEARCH
+    ambient, which exempts from no limit: the interpreter may live under a home no other
+    user may enter, and the supervisor is exec'd again from it."""
+    return (need("setpriv"), f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
+            "--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search",
+            need("prlimit"), f"--nproc={nproc}:{nproc}")
+
+
+def test_at_an_nproc_limit_the_clients_beyond_what_it_holds_wait_and_metrics_answer(
+    start_proxy: StartProxy, tcp_server: ServerFactory, short_dir: Path
+) -> None:
+    """A user with a low RLIMIT_NPROC (ulimit -u, limits.conf's nproc), no --max-children:
+    the default stayed 1024, forks failed past the limit (fork-failed, clients held and
+    retried), and the metrics process answered 503, "can't start new thread". The limit
+    counts every process and thread of the user, as a pids limit counts the cgroup's:
+    the default is derived from it the same way now (the user's other tasks at start
+    counted too: none, for a uid of the test's own), named at start, in status and in
+    the metrics, and the clients beyond it wait in the backlog while scrapes work."""
+    uid = 1_700_000_000 + os.getpid() % 1_000_000  # nobody's: no other task of it runs
+    fit = 9
+    limit = OWN_PIDS + METRICS_PIDS + fit
+    os.chown(short_dir, uid, uid)
+    server = tcp_server(echo)
+    spec, sock_path = f"127.0.0.1:0=127.0.0.1:{server.port}", short_dir / "s.sock"
+    proxy = start_proxy("--metrics", "127.0.0.1:0", "--status-socket", str(sock_path), spec,
+                        expect=2, prefix=as_user_under_nproc(uid, limit))
+    [line] = max_children_lines(proxy)
+    assert line.endswith(f" info max-children value={fit} nproc_limit={limit} detail=\"fits "
+                         f"the nproc limit of {limit}; --max-children overrides\""), line
+    first = cli("status", "--status-socket", str(sock_path)).stdout.splitlines()[0]
+    assert first.endswith(f", max-children {fit} (fits the nproc limit of {limit})"), first
+    reply = status_json(sock_path)
+    assert (reply["max_children"], reply["nproc_limit"], reply["nproc_fit"]) == (
+        fit, limit, fit), reply
+    served: list[socket.socket] = []
+    waiting: list[socket.socket] = []
+    try:
+        for i in range(fit):
+            served.append(connect(proxy.port))
+            assert exchange(served[-1], b"%d" % i) == b"%d" % i
+        for i in range(limit):
+            waiting.append(connect(proxy.port))  # the handshake completes in the backlog
+            waiting[-1].sendall(b"w%d" % i)
+        # The relay children and the metrics process: none beyond the limit.
+        assert wait_for(lambda: len(children(proxy.pid)) == fit + 1)
+        found = samples(scrape(metrics_url(proxy)))  # a thread the limit has room for
+        assert value(found, "forkproxy_nproc_limit") == limit
+        assert value(found, "forkproxy_max_children") == fit
+        for sock in served:
+            sock.close()  # their children exit: the waiting clients are accepted
+        for i, sock in enumerate(waiting):
+            sock.settimeout(30)
+            assert recv_exact(sock, len(b"w%d" % i)) == b"w%d" % i
+            sock.close()  # and makes room for the next
+    finally:
+        for sock in served + waiting:
+            sock.close()
+    assert "fork-failed" not in proxy.log()
+    assert "metrics-request-failed" not in proxy.log()
+    assert proxy.stop() == 0
+
+
+def test_a_given_max_children_above_the_nproc_limit_is_served_with_a_warning(
+    start_proxy: StartProxy, tcp_server: ServerFactory, short_dir: Path
+) -> None:
+    """As above a pids limit (the limit can be raised: prlimit --pid): served as told,
+    with one warning at start, and status says how many fit."""
+    uid = 1_700_000_000 + os.getpid() % 1_000_000
+    limit = 30
+    fit = limit - OWN_PIDS
+    os.chown(short_dir, uid, uid)
+    server = tcp_server(echo)
+    spec, sock_path = f"127.0.0.1:0=127.0.0.1:{server.port}", short_dir / "s.sock"
+    proxy = start_proxy("--max-children", "50", "--status-socket", str(sock_path), spec,
+                        prefix=as_user_under_nproc(uid, limit))
+    [line] = max_children_lines(proxy)
+    assert line.endswith(f" warning max-children value=50 fits={fit} nproc_limit={limit} "
+                         f"detail=\"about {fit} fit the nproc limit of {limit}; beyond that "
+                         "forks fail and clients wait for one that works (fork-failed)\""), line
+    first = cli("status", "--status-socket", str(sock_path)).stdout.splitlines()[0]
+    assert first.endswith(f", max-children 50 (about {fit} fit the nproc limit of {limit})"), \
+        first
+    assert ping_echo(proxy.port)
+    assert proxy.stop() == 0
+
+
 def test_fork_failures_pause_accepting_and_are_logged_once_with_a_count(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

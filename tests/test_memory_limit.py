@@ -4,12 +4,20 @@ out as /proc/self and /sys/fs/cgroup are (v1, v2, inside and outside containers)
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from forkproxy import cgroup, control, metrics
-from forkproxy.cli import read_memory_limit, read_pids_limit, with_limits
+from forkproxy.cli import (
+    count_user_tasks,
+    nproc_exempt,
+    read_memory_limit,
+    read_nproc_limit,
+    read_pids_limit,
+    with_limits,
+)
 from forkproxy.config import (
     CHILD_MEMORY,
     COMMANDS_MEMORY,
@@ -517,3 +525,118 @@ def test_a_given_max_children_above_the_pids_limit_is_warned_not_refused(
 def test_status_says_which_limit_the_value_came_from(reply: dict[str, object],
                                                      header: str) -> None:
     assert status_max_children(reply) == header
+
+
+@pytest.mark.parametrize(("memory", "pids", "nproc", "metrics_on", "expected"), [
+    (None, None, (30, 0), False, 30 - OWN_PIDS),
+    (None, None, (30, 4), False, 30 - 4 - OWN_PIDS),  # the user's other tasks counted
+    (None, None, (100, 0), True, 100 - OWN_PIDS - METRICS_PIDS),
+    (None, None, (OWN_PIDS, 0), False, 1),  # no room: one, not none
+    (None, None, (63_000, 200), False, DEFAULT_MAX_CHILDREN),  # a distribution's default
+    (64 * MiB, None, (100, 0), False, 36),  # the memory limit holds fewer
+    (None, 40, (100, 0), False, 40 - OWN_PIDS),  # the pids limit holds fewer
+    (None, 100, (40, 0), False, 40 - OWN_PIDS),  # the nproc limit holds fewer
+    (None, None, (None, 0), False, DEFAULT_MAX_CHILDREN),  # none, or root: exempt
+])
+def test_the_derived_max_children_is_what_the_nproc_limit_holds_too(
+    memory: int | None, pids: int | None, nproc: tuple[int | None, int], metrics_on: bool,
+    expected: int
+) -> None:
+    """`ulimit -u 30` for a user: the default stayed 1024, and past the limit every fork
+    failed. RLIMIT_NPROC counts the user's processes and threads as pids.max counts the
+    cgroup's (the user's others too), and bounds the derived value the same way."""
+    options = Options(max_children_given=False, metrics="127.0.0.1:0" if metrics_on else None)
+    derived = with_limits(options, memory, pids, nproc)
+    assert (derived.max_children, derived.nproc_limit, derived.nproc_others) == (
+        expected, *nproc)
+    assert with_limits(Options(max_children=500), memory, pids, nproc).max_children == 500
+
+
+def test_the_start_line_says_when_the_nproc_limit_bounds_the_value(tmp_path: Path) -> None:
+    only_nproc = with_limits(Options(max_children_given=False), None, None, (50, 3))
+    [line] = start_lines(tmp_path, only_nproc)
+    assert line.endswith(f" info max-children value={50 - 3 - OWN_PIDS} nproc_limit=50 "
+                         "detail=\"fits the nproc limit of 50; --max-children overrides\""), line
+    both = with_limits(Options(max_children_given=False), None, 40, (40, 0))
+    [line] = start_lines(tmp_path, both)
+    assert line.endswith(f" info max-children value={40 - OWN_PIDS} pids_limit=40 "
+                         "nproc_limit=40 detail=\"fits the pids limit of 40 and the nproc limit "
+                         "of 40; --max-children overrides\""), line
+    no_room = with_limits(Options(max_children_given=False), None, None, (OWN_PIDS + 1, 2))
+    [line] = start_lines(tmp_path, no_room)
+    assert line.endswith(f" warning max-children value=1 nproc_limit={OWN_PIDS + 1} "
+                         f"detail=\"the nproc limit of {OWN_PIDS + 1} leaves no room for "
+                         f"connections beside forkproxy's own {OWN_PIDS} processes and threads "
+                         "and the user's 2 others; --max-children overrides\""), line
+    given = with_limits(Options(max_children=300), None, None, (100, 0))
+    [line] = start_lines(tmp_path, given)
+    assert line.endswith(f" warning max-children value=300 fits={100 - OWN_PIDS} "
+                         f"nproc_limit=100 detail=\"about {100 - OWN_PIDS} fit the nproc limit "
+                         "of 100; beyond that forks fail and clients wait for one that works "
+                         "(fork-failed)\""), line
+    # A distribution's default, far above: a debug line only.
+    far = with_limits(Options(max_children_given=False, verbosity=1), None, None, (63_000, 0))
+    [line] = start_lines(tmp_path, far)
+    assert line.endswith(" debug max-children value=1024 detail=\"no memory limit found, and "
+                         "the nproc limit of 63000 holds more\""), line
+
+
+@pytest.mark.parametrize(("reply", "header"), [
+    ({"max_children": 9, "max_children_given": False, "nproc_limit": 30, "nproc_fit": 9},
+     ", max-children 9 (fits the nproc limit of 30)"),
+    ({"max_children": 1, "max_children_given": False, "nproc_limit": 30, "nproc_fit": 0},
+     ", max-children 1 (the nproc limit of 30 leaves no room for connections)"),
+    ({"max_children": 50, "max_children_given": True, "nproc_limit": 30, "nproc_fit": 9},
+     ", max-children 50 (about 9 fit the nproc limit of 30)"),
+    ({"max_children": 1024, "max_children_given": False, "nproc_limit": 63000,
+      "nproc_fit": 62979}, ", max-children 1024"),
+])
+def test_status_says_when_the_nproc_limit_bounds_the_value(reply: dict[str, object],
+                                                           header: str) -> None:
+    assert status_max_children(reply) == header
+
+
+INITIAL_MAP = "         0          0 4294967295\n"
+
+
+@pytest.mark.parametrize(("outer_uid", "uid_map", "cap_eff", "exempt"), [
+    (0, INITIAL_MAP, "0000000000000000", True),  # root (a container's without a userns too)
+    (999, INITIAL_MAP, "0000000000000000", False),  # a user
+    (999, INITIAL_MAP, "0000000001000000", True),  # with CAP_SYS_RESOURCE
+    (999, INITIAL_MAP, "0000000000200000", True),  # with CAP_SYS_ADMIN
+    (999, INITIAL_MAP, "0000000000000004", False),  # CAP_DAC_READ_SEARCH exempts from nothing
+    (999, "0 999 1\n", "000001ffffffffff", False),  # `unshare -r`: every cap, in its userns
+    (None, "", "000001ffffffffff", False),  # `unshare -U`, no map
+    (0, "0 0 1\n", "000001ffffffffff", True),  # root mapped to root
+    (999, None, None, False),  # no /proc
+])
+def test_who_the_nproc_limit_holds(outer_uid: int | None, uid_map: str | None,
+                                   cap_eff: str | None, exempt: bool) -> None:
+    """As the kernel's copy_process: root by its real uid outside (INIT_USER), or
+    CAP_SYS_ADMIN or CAP_SYS_RESOURCE in the initial user namespace."""
+    status = None if cap_eff is None else f"Name:\tx\nCapInh:\t0\nCapEff:\t{cap_eff}\n"
+    assert nproc_exempt(outer_uid, uid_map, status) is exempt
+
+
+def test_the_user_s_other_tasks_are_counted_with_their_threads(tmp_path: Path) -> None:
+    """What RLIMIT_NPROC counts besides forkproxy: the user's processes (by real uid) and
+    their threads, this process left out; another user's, or one that is not a process
+    directory, not."""
+    uid = os.getuid()
+    for pid, real, threads in ((10, uid, 1), (11, uid, 4), (12, uid + 1, 7), (13, uid, 2)):
+        (tmp_path / str(pid)).mkdir()
+        (tmp_path / str(pid) / "status").write_text(
+            f"Name:\tx\nUid:\t{real}\t{uid}\t{uid}\t{uid}\nThreads:\t{threads}\n")
+    (tmp_path / "self").mkdir()
+    (tmp_path / "14").mkdir()  # ended while read: no status
+    os.chown(tmp_path / "13", uid + 1, uid + 1)  # another user's: not read
+    (tmp_path / "13" / "status").chmod(0)
+    assert count_user_tasks(uid, str(tmp_path), own_pid=11) == 1
+    assert count_user_tasks(uid, str(tmp_path)) == 1 + 4
+    assert count_user_tasks(uid, str(tmp_path / "none")) == 0
+
+
+def test_root_is_not_held_to_the_nproc_limit() -> None:
+    """The tests run as root: a limit that does not apply is no limit at all."""
+    assert os.getuid() == 0
+    assert read_nproc_limit() == (None, 0)
