@@ -36,6 +36,7 @@ from .control import (
     answers,
     check_owned,
     default_dir,
+    dir_error,
     own_outer_uid,
 )
 
@@ -117,7 +118,7 @@ def _live_sockets(directory: str) -> list[str] | None:
         return None
     except OSError as exc:
         raise StatusError(f"cannot look for a running forkproxy in {directory!r}: "
-                          f"{exc.strerror}") from None
+                          f"{dir_error(exc)}") from None
     paths = [os.path.join(directory, name) for name in names]
     return [path for path in paths if answers(path)]
 

@@ -441,6 +441,12 @@ def test_a_missing_or_foreign_xdg_runtime_dir_says_where_to_go_instead(tmp_path:
         assert_one_line_error(result)
         assert result.stderr == (f"forkproxy: error: status socket directory "
                                  f"'{runtime}/forkproxy': {why} {ELSEWHERE}\n"), result
+    # `status` there, which cannot look in it, says so too (a missing one is no error:
+    # it looks in /tmp/forkproxy-UID then).
+    result = run("status", env={"XDG_RUNTIME_DIR": str(foreign)}, prefix=unprivileged)
+    assert result.returncode == 1, result
+    assert result.stderr == (f"forkproxy: cannot look for a running forkproxy in "
+                             f"'{foreign}/forkproxy': Permission denied {ELSEWHERE}\n"), result
 
 
 def test_the_default_directory_in_a_user_namespace_is_named_by_the_real_uid() -> None:
