@@ -623,7 +623,7 @@ def serve_command(
     max_children: Annotated[
         str | None, _option("Most connections at once; more wait in the backlog. "
                             "[default: as many as fit the container's memory and pids "
-                            "limits, at most 1024]", "MAX_CHILDREN", "N")
+                            "limits and the user's nproc limit, at most 1024]", "MAX_CHILDREN", "N")
     ] = None,
     allow: Annotated[
         list[str] | None, _option("Accept clients only from this CIDR (repeatable; "
