@@ -883,6 +883,8 @@ class Supervisor:
                 server = control.ControlServer(path, self.handle_control_request,
                                                replace=path == self.options.take_over)
             except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE):
+                    raise  # out of descriptors, not a bad path: run() says so, as elsewhere
                 raise ConfigError(f"--status-socket {path!r}: "
                                   f"{exc.strerror or exc}") from None
             if server.swept_staging:
@@ -906,6 +908,8 @@ class Supervisor:
                     if exc.errno != errno.EADDRINUSE or suffix == "-99":
                         raise
         except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                raise  # as above: the limit is what to raise, not the directory to look at
             raise ConfigError(f"status socket directory {directory!r}: "
                               f"{control.dir_error(exc)}") from None
         stale = [*server.swept_staging, *control.sweep_stale(directory, server.path)]

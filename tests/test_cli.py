@@ -1028,6 +1028,47 @@ def test_too_few_descriptors_to_start_is_one_line_and_leaves_nothing(tmp_path: P
     assert list((runtime / "forkproxy").iterdir()) == []  # its control socket went with it
 
 
+@pytest.mark.parametrize("where", ["default directory", "--status-socket"])
+def test_out_of_descriptors_at_the_status_socket_says_so_like_elsewhere(
+    tmp_path: Path, where: str
+) -> None:
+    """20 links under hard limits from too few up to enough: each start refused said
+    "out of file descriptors ... ulimit -n", but the one that ran out at the control socket
+    (24 here) blamed the socket's directory, or the --status-socket path, for "Too many
+    open files". Every refusal says the same line now, whichever descriptor was the last."""
+    runtime = tmp_path / "runtime"
+    runtime.mkdir(mode=0o700)
+    specs = [f"127.0.0.{n + 1}:0=127.0.0.1:9" for n in range(20)]
+    socket_flag = ([] if where == "default directory"
+                   else ["--status-socket", str(tmp_path / "s.sock")])
+    refused = []
+    for limit in range(16, 64):
+        with subprocess.Popen(
+            [need("prlimit"), f"--nofile={limit}:{limit}", FORKPROXY, "serve", "-q",
+             *socket_flag, *specs],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={"PATH": os.environ["PATH"], "XDG_RUNTIME_DIR": str(runtime)},
+        ) as proc:
+            assert proc.stdout is not None and proc.stderr is not None
+            try:
+                if proc.stdout.readline():  # `listening`: enough descriptors
+                    break
+                assert proc.wait(30) == 2, (limit, proc.stderr.read())
+                lines = proc.stderr.read().splitlines()
+                assert lines[-1:] == ["forkproxy: error: out of file descriptors while "
+                                      "starting: Too many open files (raise the limit, "
+                                      "ulimit -n)"], (limit, lines)
+                refused.append(limit)
+            finally:
+                proc.terminate()
+                proc.wait(30)
+    else:
+        pytest.fail("did not start with 63 descriptors")
+    assert refused, "started with 16 descriptors: none refused"
+    # No socket left behind by the starts refused (the last one, stopped, removed its own).
+    assert [*runtime.glob("forkproxy/*"), *tmp_path.glob("*.sock")] == []
+
+
 def test_a_low_soft_descriptor_limit_is_raised_to_the_hard_one(
     tmp_path: Path, tcp_server: ServerFactory
 ) -> None:
