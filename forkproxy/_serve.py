@@ -8,6 +8,7 @@ the configuration arrives as JSON through an inherited file descriptor. Same PID
 
 import json
 import os
+import signal
 import sys
 
 if __name__ == "__main__":
@@ -19,6 +20,7 @@ from forkproxy import __version__
 from forkproxy.config import ConfigError, name_variable, sources_from_json
 from forkproxy.log import Logger, level_for, write_start_error
 from forkproxy.process_name import SUPERVISOR, name_process
+from forkproxy.signals import HANDLED
 from forkproxy.supervisor import Supervisor
 
 # As cli.EXEC_FAILED (not imported: cli.py is typer's, which the supervisor never loads):
@@ -61,5 +63,20 @@ def main(argv: list[str]) -> int:
         return 130
 
 
+def hold_signals_to_exit() -> None:
+    """Block the signals the supervisor handles, for the rest of the process's life.
+
+    Past main(), as Python finalizes (after atexit), it gives every signal it has a
+    handler for its default action back: a second SIGTERM or SIGINT in those few
+    milliseconds (`docker stop` and a `kill` of its own, two Ctrl-C) ended a clean
+    stop by the signal, 143 or 130, where it exits 0. Blocked, such a signal stays
+    pending, and a pending signal is discarded at exit."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
+
+
 if __name__ == "__main__":
-    sys.exit(main(sys.argv))
+    try:
+        status = main(sys.argv)
+    finally:
+        hold_signals_to_exit()
+    sys.exit(status)
