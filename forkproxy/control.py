@@ -701,6 +701,33 @@ def send_sockets(sock: socket.socket, reply: dict[str, object],
         socket.send_fds(sock, [b"\0"], fds[start:start + FDS_PER_MESSAGE])
 
 
+# Where /proc/self points: what foreign_proc() compares with our pid (tests point it
+# elsewhere).
+PROC_SELF = "/proc/self"
+
+
+def foreign_proc() -> str | None:
+    """Why /proc cannot be read for processes by their pids here, None when it can.
+
+    A PID namespace entered without a /proc of its own (`unshare --pid --fork` without
+    --mount-proc, bwrap without --proc) keeps the /proc of the namespace it came from:
+    /proc/self is still this process (by its pid there), but /proc/N is whichever process
+    has pid N there, not our process N. psutil, reading /proc/N, then showed some host
+    process's memory as a child's (`status`, the metrics), host pid 1's as the
+    supervisor's, and `status` ended in a traceback when psutil's import found no
+    /proc/<its pid>/smaps there. So /proc/self is compared with our pid, once, by
+    whoever would read /proc/N (status.py, the supervisor's start-up warning)."""
+    path, pid = PROC_SELF, os.getpid()
+    try:
+        shown = os.readlink(path)
+    except OSError as exc:  # no /proc; or another namespace's, where we are no process
+        return f"{path} cannot be read ({exc.strerror or exc})"
+    if shown == str(pid):
+        return None
+    return (f"/proc is another PID namespace's: {path} is {shown!r}, not this process's "
+            f"pid {pid}")
+
+
 def peer_pid(sock: socket.socket) -> int:
     """The pid of the process at the other end of `sock` as this process sees it (the
     kernel's word, SO_PEERCRED, read at its connect()): 0 when it is in no PID namespace

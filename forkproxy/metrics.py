@@ -47,7 +47,7 @@ from forkproxy.listeners import ACCEPT_BACKOFF, RESOURCE_ERRORS
 from forkproxy.log import DEBUG, ERROR, INFO, WARNING, Logger, crash_fields, fold, format_in
 from forkproxy.process_name import METRICS, name_process
 from forkproxy.relay import OUTCOMES
-from forkproxy.status import StatusError, enrich, read_sockets, request
+from forkproxy.status import StatusError, enrich, proc_not_ours, read_sockets, request
 
 # How a connection can end: the relay's exit statuses, and `killed` (by a signal), which
 # the supervisor sees instead of a status (accounting.Accounting.finished).
@@ -132,6 +132,10 @@ def render(status: dict[str, Any],
         # the floor of its old series would hold its CPU counter up.
         del cpu_seen[name]
     live = _children_by_link(status)
+    # /proc not this PID namespace's: the children's memory and sockets, and the
+    # supervisor's memory, are not read (status.proc_not_ours), and a 0 would say none
+    # is used. No sample: unknown. Their CPU counter counts the exited children only.
+    per_process = proc_not_ours() is None
     bounds = status.get("duration_buckets", [])
     up = GaugeMetricFamily("forkproxy_up", "1 when the supervisor answered this scrape")
     up.add_metric([], 1)
@@ -235,9 +239,10 @@ def render(status: dict[str, Any],
             buckets.append((repr(float(bound)), cumulative))
         buckets.append(("+Inf", stats["duration_count"]))
         durations.add_metric([name], buckets, stats["duration_sum"])
-        rss.add_metric([name], now.get("rss", 0))
-        uss.add_metric([name], now.get("uss", 0))
-        unanswered.add_metric([name], now.get("unanswered", 0))
+        if per_process:
+            rss.add_metric([name], now.get("rss", 0))
+            uss.add_metric([name], now.get("uss", 0))
+            unanswered.add_metric([name], now.get("unanswered", 0))
         since = stats.get("since", 0.0)
         floor_since, floor = cpu_seen.get(name, (since, 0.0))
         cpu_now = stats["cpu_seconds"] + now.get("cpu", 0)
@@ -247,8 +252,9 @@ def render(status: dict[str, Any],
         address_changes.add_metric([name], stats.get("address_changes", 0))
     supervisor_rss = GaugeMetricFamily("forkproxy_supervisor_resident_memory_bytes",
                                        "Resident memory of the supervisor (psutil RSS)")
-    with contextlib.suppress(psutil.Error, KeyError):
-        supervisor_rss.add_metric([], psutil.Process(status["pid"]).memory_info().rss)
+    if per_process:
+        with contextlib.suppress(psutil.Error, OSError, KeyError):
+            supervisor_rss.add_metric([], psutil.Process(status["pid"]).memory_info().rss)
     # For "how close to the limit": sum(forkproxy_connections_active) / forkproxy_max_children.
     max_children = GaugeMetricFamily("forkproxy_max_children",
                                      "Most connections at once: --max-children, or what fits "

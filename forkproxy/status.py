@@ -37,6 +37,7 @@ from .control import (
     check_owned,
     default_dir,
     dir_error,
+    foreign_proc,
     own_outer_uid,
 )
 
@@ -413,6 +414,18 @@ def _connect(sock: socket.socket, path: str, deadline: float) -> None:
             time.sleep(0.02)
 
 
+# What proc_not_ours() found, once per process: [] until asked.
+_proc_not_ours: list[str | None] = []
+
+
+def proc_not_ours() -> str | None:
+    """Why no process here is read by its pid in /proc (control.foreign_proc), None when
+    they can be. Asked once: the metrics process asks at every scrape."""
+    if not _proc_not_ours:
+        _proc_not_ours.append(foreign_proc())
+    return _proc_not_ours[0]
+
+
 def _pids_here(status: dict[str, Any]) -> dict[int, int]:
     """The children's pids as the supervisor sees them -> as this process sees them.
 
@@ -426,8 +439,10 @@ def _pids_here(status: dict[str, Any]) -> dict[int, int]:
     if here == status.get("pid"):
         return {pid: pid for pid in pids}
     mapping: dict[int, int] = {}
-    if not here:
-        return mapping  # the supervisor is not visible from here: nothing to read
+    if not here or proc_not_ours():
+        # The supervisor is not visible from here, or /proc/N is not our process N:
+        # nothing to read it by.
+        return mapping
     import psutil
 
     with contextlib.suppress(psutil.Error, OSError):
@@ -446,13 +461,19 @@ def _pids_here(status: dict[str, Any]) -> dict[int, int]:
 
 def enrich(status: dict[str, Any]) -> dict[str, Any]:
     """Add psutil's readings (RSS, USS, CPU seconds) to each live connection, and its
-    pid as this process sees it (`pid_here`, None if not visible from here)."""
+    pid as this process sees it (`pid_here`, None if not visible from here). The
+    readings stay None (unknown) where /proc is another PID namespace's (proc_not_ours):
+    they would be other processes'."""
+    pids_here = _pids_here(status)
+    children = status.get("children", [])
+    for child in children:
+        child.update(pid_here=pids_here.get(child["pid"]), rss=None, uss=None, cpu=None)
+    if proc_not_ours():
+        return status
     import psutil
 
-    pids_here = _pids_here(status)
-    for child in status.get("children", []):
-        here = pids_here.get(child["pid"])
-        child.update(pid_here=here, rss=None, uss=None, cpu=None)
+    for child in children:
+        here = child["pid_here"]
         if here is None:
             continue
         # OSError too: psutil lets some through (ENOMEM, EIO reading /proc under memory
@@ -462,7 +483,10 @@ def enrich(status: dict[str, Any]) -> dict[str, Any]:
             with process.oneshot():
                 memory = process.memory_full_info()
                 times = process.cpu_times()
-            child.update(rss=memory.rss, uss=memory.uss, cpu=times.user + times.system)
+            # No `uss` where psutil's import found no /proc/<its pid>/smaps (a kernel
+            # built without it): unknown, not an AttributeError's traceback.
+            child.update(rss=memory.rss, uss=getattr(memory, "uss", None),
+                         cpu=times.user + times.system)
     return status
 
 
@@ -486,7 +510,9 @@ def read_sockets(status: dict[str, Any]) -> dict[str, Any]:
         child.update(idle=None, queued_to_client=None, queued_to_upstream=None,
                      unanswered=None)
     here = status.get("pid_here")
-    if not children or not here or not _same_network_namespace(here):
+    if (not children or not here or proc_not_ours()
+            or not _same_network_namespace(here)):
+        # /proc/N not our process N (proc_not_ours): its descriptors would be another's.
         # Socket inodes are unique across namespaces, so another's are never misread:
         # they are simply not in this namespace's dump, which is not worth making.
         return status
@@ -560,6 +586,10 @@ def probe_metrics(status: dict[str, Any]) -> dict[str, Any]:
     if metrics.get("state") != "up":
         return status
     here = status.get("pid_here")
+    if proc_not_ours():
+        # Its network namespace is read in /proc/PID/ns/net: some other process's here.
+        metrics["no_answer"] = "not asked: cannot tell its network namespace (/proc is not ours)"
+        return status
     if not here or not _same_network_namespace(here):
         # Run from the host for a supervisor in a container: its address means another
         # network's there, and may reach some other program here.
@@ -976,6 +1006,10 @@ def run_status(path: str | None, as_json: bool, output: Say, say: Say) -> int:
     reply = ask(path, "status", say)
     if reply is None:
         return 1
+    not_ours = proc_not_ours()
+    if not_ours:
+        say(f"forkproxy: warning: {not_ours}: the connections' memory, CPU and socket "
+            "figures are not read (a PID namespace without a /proc of its own?)")
     reply = probe_metrics(read_sockets(enrich(reply)))
     output(json.dumps(reply, indent=2) if as_json else render(shown(reply)))
     return 0

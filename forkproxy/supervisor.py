@@ -1053,6 +1053,7 @@ class Supervisor:
             raise ConfigError(f"out of file descriptors while starting: {exc.strerror} "
                               "(raise the limit, ulimit -n)") from None
         self._log_max_children()  # before "listening": whoever waits for it can read it
+        self._log_foreign_proc()
         self._print_ready(lines)
         # In the log too, as after a reload: stdout may go nowhere a log shipper looks,
         # and `ready` is debug. After stdout, so that a script waiting there is not held
@@ -1179,6 +1180,17 @@ class Supervisor:
         limit = self.options.nproc_limit
         return None if limit is None else children_within_nproc(
             limit, self.options.nproc_others, self.options.metrics is not None)
+
+    def _log_foreign_proc(self) -> None:
+        """At start, once: a /proc that is not our PID namespace's, where `status` and
+        the metrics read none of our processes' figures (control.foreign_proc)."""
+        reason = control.foreign_proc()
+        if reason is not None:
+            self.log.warning("foreign-proc", detail=f"{reason} (a PID namespace entered "
+                             "without a /proc of its own: `unshare --pid` without "
+                             "--mount-proc, bwrap without --proc): `status` and the metrics "
+                             "show no memory, CPU or socket figures of forkproxy's processes; "
+                             "mount a /proc for the namespace to have them")
 
     def _log_max_children(self) -> None:
         """At start: which limit the derived --max-children came from (memory, pids,

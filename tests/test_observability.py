@@ -960,6 +960,100 @@ def test_status_from_outside_the_pid_namespace_with_a_child_named_in_bytes_not_u
                 process.kill()
 
 
+def test_a_pid_namespace_that_kept_the_hosts_proc_reads_no_process_by_its_pid(
+    start_proxy: StartProxy, tcp_server: ServerFactory, tmp_path: Path, env: dict[str, str],
+) -> None:
+    """`unshare --pid --fork` without --mount-proc: /proc is still the host's, and /proc/N
+    is the host's process N, not the namespace's. psutil read them all the same: `status`
+    inside showed some host process's RSS as a child's (and ended in AttributeError: 'pmem'
+    object has no attribute 'uss', 2 runs in 10, when psutil's import found no smaps for
+    its own pid there), the metrics host pid 1's RSS as the supervisor's. Those figures
+    are unknown now: null in status, no sample in the metrics, one warning at start and
+    one on status's stderr; the rest of status and the metrics as always."""
+    server = tcp_server(echo)
+    sock_path = tmp_path / "status.sock"
+    kept_proc = (need("unshare"), "--pid", "--fork", "--kill-child")
+    proxy = start_proxy("--status-socket", str(sock_path), "--metrics", "127.0.0.1:0",
+                        f"127.0.0.1:0=127.0.0.1:{server.port}", env=env, prefix=kept_proc,
+                        expect=2)
+    [supervisor] = psutil.Process(proxy.pid).children()  # unshare's child: PID 1 inside
+    inside = (need("nsenter"), f"--target={supervisor.pid}", "--pid")
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=30) as client:
+        client.sendall(b"x")
+        assert recv_exact(client, 1) == b"x"
+        result = subprocess.run([*inside, FORKPROXY, "status", "--json", "--status-socket",
+                                 str(sock_path)], capture_output=True, text=True, env=env,
+                                timeout=60, check=False)
+        assert result.returncode == 0, result
+        reply = json.loads(result.stdout)
+        [child] = reply["children"]
+        assert (reply["pid"], reply["pid_here"]) == (1, 1), reply
+        assert child["pid_here"] == child["pid"], child  # the namespace's own pids
+        assert {key: child[key] for key in ("rss", "uss", "cpu", "idle")} == dict.fromkeys(
+            ("rss", "uss", "cpu", "idle")), child
+        [warning] = result.stderr.splitlines()
+        assert warning.startswith("forkproxy: warning: /proc is another PID namespace's: "
+                                  "/proc/self is "), warning
+        table = subprocess.run([*inside, FORKPROXY, "status", "--status-socket",
+                                str(sock_path)], capture_output=True, text=True, env=env,
+                               timeout=60, check=False)
+        assert table.returncode == 0 and "Traceback" not in table.stderr, table
+        [row] = parse_tables(table.stdout)[1][1]
+        assert (row["RSS"], row["USS"], row["CPU"]) == ("-", "-", "-"), table.stdout
+        found = samples(scrape(metrics_url(proxy)))
+    link = f"127.0.0.1:0=127.0.0.1:{server.port}"
+    assert value(found, "forkproxy_connections_active", link=link) == 1, found
+    for name in ("forkproxy_supervisor_resident_memory_bytes",
+                 "forkproxy_children_resident_memory_bytes",
+                 "forkproxy_children_unique_memory_bytes",
+                 "forkproxy_upstream_unanswered_seconds"):
+        assert not [key for key in found if key[0] == name], (name, found)
+    supervisor.terminate()  # unshare passes no signal on; it exits with its child's status
+    assert proxy.proc.wait(30) == 0, proxy.log()
+    warnings = [line for line in proxy.log().splitlines() if " foreign-proc " in line]
+    assert len(warnings) == 1 and " warning " in warnings[0], proxy.log()
+
+
+def test_a_psutil_reading_without_uss_leaves_uss_unknown(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """psutil decides at import whether memory_full_info() can read USS (it looks for
+    /proc/<its pid>/smaps); where it cannot, it returns memory_info()'s tuple, with no
+    `uss`, and `status` ended in AttributeError. The child's USS is unknown now, its
+    RSS and CPU read as before."""
+    monkeypatch.setattr(psutil.Process, "memory_full_info",
+                        lambda self: self.memory_info())
+    child = {"pid": os.getpid(), "link": "x", "client": "127.0.0.1:1"}
+    reply = fp_status.enrich({"pid": os.getpid(), "pid_here": os.getpid(),
+                              "children": [child]})
+    assert reply["children"][0]["uss"] is None, reply
+    assert reply["children"][0]["rss"] > 0 and reply["children"][0]["cpu"] > 0, reply
+
+
+@pytest.mark.parametrize("shown", ["1", None])
+def test_a_proc_that_does_not_show_this_process_as_its_pid_is_not_read(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, shown: str | None,
+) -> None:
+    """/proc/self naming another pid (a PID namespace that kept the host's /proc), or not
+    there at all: no child is read by its pid, and the reason names /proc/self."""
+    proc_self = tmp_path / "self"
+    if shown is not None:
+        proc_self.symlink_to(shown)
+    monkeypatch.setattr(fp_control, "PROC_SELF", str(proc_self))
+    monkeypatch.setattr(fp_status, "_proc_not_ours", [])  # asked anew, not cached
+    reason = fp_status.proc_not_ours()
+    assert reason is not None and str(proc_self) in reason, reason
+    child = {"pid": os.getpid(), "link": "x", "client": "127.0.0.1:1"}
+    reply = fp_status.read_sockets(fp_status.enrich(
+        {"pid": os.getpid(), "pid_here": os.getpid(), "children": [child]}))
+    [read] = reply["children"]
+    assert read["pid_here"] == os.getpid()  # still its pid: this namespace's
+    assert [read[key] for key in ("rss", "uss", "cpu", "idle")] == [None] * 4, read
+    monkeypatch.setattr(fp_control, "PROC_SELF", "/proc/self")
+    monkeypatch.setattr(fp_status, "_proc_not_ours", [])
+    assert fp_status.proc_not_ours() is None  # the real one: ours
+
+
 def test_status_shows_the_addresses_a_name_resolves_to(
     start_proxy: StartProxy, redis: Redis, tmp_path: Path, env: dict[str, str],
 ) -> None:
