@@ -836,6 +836,15 @@ def _signal_supervisor(pid_file: str) -> int:
         shown = text.decode() if text.isdigit() else repr(text)[1:]
         raise ReloadError(f"{shown_file} holds {shown}, not a process id")
     pid = int(text)
+    from .control import foreign_proc
+
+    not_ours = foreign_proc()
+    if not_ours:
+        # /proc/PID would be another namespace's process PID: the check below would pass
+        # or fail on some other process, and the SIGHUP go to ours all the same.
+        raise ReloadError(f"cannot check that pid {pid} (from {shown_file}) is a forkproxy "
+                          f"supervisor: {not_ours}; `forkproxy reload` without --pid-file "
+                          "asks its status socket instead")
     # A stale file may name a process that took the PID over; PID 1 is fine if it is ours.
     # The descriptor is taken first: the process checked is then the process signalled,
     # even if it exits and its PID goes to another one in between (the signal then fails).

@@ -973,9 +973,10 @@ def test_a_pid_namespace_that_kept_the_hosts_proc_reads_no_process_by_its_pid(
     server = tcp_server(echo)
     sock_path = tmp_path / "status.sock"
     kept_proc = (need("unshare"), "--pid", "--fork", "--kill-child")
+    pid_file = tmp_path / "proxy.pid"
     proxy = start_proxy("--status-socket", str(sock_path), "--metrics", "127.0.0.1:0",
-                        f"127.0.0.1:0=127.0.0.1:{server.port}", env=env, prefix=kept_proc,
-                        expect=2)
+                        "--pid-file", str(pid_file), f"127.0.0.1:0=127.0.0.1:{server.port}",
+                        env=env, prefix=kept_proc, expect=2)
     [supervisor] = psutil.Process(proxy.pid).children()  # unshare's child: PID 1 inside
     inside = (need("nsenter"), f"--target={supervisor.pid}", "--pid")
     with socket.create_connection(("127.0.0.1", proxy.port), timeout=30) as client:
@@ -1001,6 +1002,14 @@ def test_a_pid_namespace_that_kept_the_hosts_proc_reads_no_process_by_its_pid(
         [row] = parse_tables(table.stdout)[1][1]
         assert (row["RSS"], row["USS"], row["CPU"]) == ("-", "-", "-"), table.stdout
         found = samples(scrape(metrics_url(proxy)))
+    # `reload --pid-file` checks /proc/PID/cmdline before its SIGHUP: host pid 1's here.
+    # It says it cannot check, and signals nothing, rather than judge another process.
+    reload = subprocess.run([*inside, FORKPROXY, "reload", "--pid-file", str(pid_file)],
+                            capture_output=True, text=True, env=env, timeout=60, check=False)
+    assert reload.returncode == 1, reload
+    assert reload.stderr.startswith(
+        f"forkproxy: cannot reload: cannot check that pid 1 (from '{pid_file}') is a "
+        "forkproxy supervisor: /proc is another PID namespace's: "), reload.stderr
     link = f"127.0.0.1:0=127.0.0.1:{server.port}"
     assert value(found, "forkproxy_connections_active", link=link) == 1, found
     for name in ("forkproxy_supervisor_resident_memory_bytes",
