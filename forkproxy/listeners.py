@@ -272,12 +272,10 @@ def listen_tcp(host: str, port: int, backlog: int = BACKLOG) -> socket.socket:
     try:
         sock = socket.socket(family, socket.SOCK_STREAM)
     except OSError as exc:
-        if exc.errno != errno.EAFNOSUPPORT:
-            raise  # EMFILE, ENFILE: Supervisor.run says so
-        # No IPv6 sockets here: ipv6.disable=1, or a seccomp filter such as systemd's
-        # RestrictAddressFamilies=AF_UNIX AF_INET.
-        raise ConfigError(f"cannot listen on {join_host_port(host, port)}: no IPv6 on this "
-                          f"host ({exc.strerror})") from None
+        if exc.errno in (errno.EMFILE, errno.ENFILE):
+            raise  # Supervisor.run says so (a reload: reload-failed)
+        raise ConfigError(f"cannot listen on {join_host_port(host, port)}: "
+                          f"{socket_refused(family, exc)}") from None
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if family == socket.AF_INET6 and host == "::":
@@ -312,6 +310,32 @@ def listen_tcp(host: str, port: int, backlog: int = BACKLOG) -> socket.socket:
         kind = AddressInUse if exc.errno == errno.EADDRINUSE else ConfigError
         raise kind(f"cannot listen on {join_host_port(host, port)}: {reason}") from None
     return sock
+
+
+def socket_refused(family: int, exc: OSError) -> str:
+    """Why socket() refused a TCP socket of `family`, for an operator: a sandbox or an
+    interposer, not the port (bind's EACCES is the port's)."""
+    text = exc.strerror or str(exc)
+    if exc.errno == errno.EAFNOSUPPORT:
+        if family == socket.AF_INET6:
+            # ipv6.disable=1, or a seccomp filter such as systemd's
+            # RestrictAddressFamilies=AF_UNIX AF_INET.
+            return f"no IPv6 on this host ({text})"
+        # Every Linux with TCP has IPv4: a filter refuses it to this process.
+        return (f"IPv4 sockets are refused to this process ({text}: a seccomp filter, such "
+                f"as systemd's RestrictAddressFamilies= without AF_INET)")
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        # A seccomp filter (a container runtime's profile) or an LSM's policy (SELinux,
+        # AppArmor, a BPF LSM program); never the port, which bind() is refused for.
+        return (f"cannot open a socket: {text} (refused by a seccomp filter or a security "
+                f"module's policy: SELinux, AppArmor)")
+    if exc.errno in (errno.ENOPROTOOPT, errno.EPROTONOSUPPORT):
+        # socket(AF_INET, SOCK_STREAM, 0) cannot fail so by itself: an interposer asked for
+        # another protocol. `mptcpize run` asks for IPPROTO_MPTCP, which the kernel
+        # refuses so in a network namespace with net.mptcp.enabled=0 (or without MPTCP).
+        return (f"cannot open a socket: {text} (under `mptcpize run`: MPTCP is off in this "
+                f"network namespace, net.mptcp.enabled=0, or not in this kernel)")
+    return f"cannot open a socket: {text}"  # ENOBUFS, ENOMEM...
 
 
 def zone_scope(host: str, what: str) -> int:

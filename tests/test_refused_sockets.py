@@ -1,0 +1,116 @@
+"""Listening sockets a sandbox refuses: socket() fails at start or at a reload with an
+errno of the process's sandbox (a seccomp filter: systemd's RestrictAddressFamilies=, a
+container runtime's profile; a security module; `mptcpize run` where MPTCP is off), not
+of the port. tests/refuse_sockets.py installs such a filter and runs forkproxy under it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+import refuse_sockets
+from conftest import FORKPROXY, Proxy, wait_for
+
+REFUSE = str(Path(__file__).with_name("refuse_sockets.py"))
+POLICY = "refused by a seccomp filter or a security module's policy: SELinux, AppArmor"
+
+
+@pytest.fixture
+def refuse() -> Callable[[str, str], tuple[str, ...]]:
+    """The command prefix that runs a program with socket(FAMILY) refused with ERRNO; on
+    a machine refuse_sockets.py does not know, the test fails (never a skip)."""
+    if not refuse_sockets.supported():
+        pytest.fail("tests/refuse_sockets.py knows the seccomp ABI of x86_64 and aarch64 only")
+    return lambda family, error: (sys.executable, REFUSE, family, error)
+
+
+@pytest.mark.parametrize(
+    ("family", "error", "args", "expected"),
+    [
+        ("AF_INET", "EACCES", ["127.0.0.1:0=127.0.0.1:1"],
+         f"cannot listen on 127.0.0.1:0: cannot open a socket: Permission denied ({POLICY}) "
+         "(for 127.0.0.1:0=127.0.0.1:1)"),
+        ("AF_INET", "EPERM", ["127.0.0.1:0=127.0.0.1:1"],
+         f"cannot listen on 127.0.0.1:0: cannot open a socket: Operation not permitted "
+         f"({POLICY}) (for 127.0.0.1:0=127.0.0.1:1)"),
+        # What `mptcpize run` gets in a network namespace with net.mptcp.enabled=0.
+        ("AF_INET", "ENOPROTOOPT", ["127.0.0.1:0=127.0.0.1:1"],
+         "cannot listen on 127.0.0.1:0: cannot open a socket: Protocol not available (under "
+         "`mptcpize run`: MPTCP is off in this network namespace, net.mptcp.enabled=0, or "
+         "not in this kernel) (for 127.0.0.1:0=127.0.0.1:1)"),
+        # systemd's RestrictAddressFamilies=AF_UNIX AF_INET6: it said "no IPv6 on this host".
+        ("AF_INET", "EAFNOSUPPORT", ["127.0.0.1:0=127.0.0.1:1"],
+         "cannot listen on 127.0.0.1:0: IPv4 sockets are refused to this process (Address "
+         "family not supported by protocol: a seccomp filter, such as systemd's "
+         "RestrictAddressFamilies= without AF_INET) (for 127.0.0.1:0=127.0.0.1:1)"),
+        # The listener binds; the metrics port cannot: the listener is closed again.
+        ("AF_INET6", "EACCES", ["127.0.0.1:0=127.0.0.1:1", "--metrics", "[::1]:0"],
+         f"--metrics '[::1]:0': cannot listen on [::1]:0: cannot open a socket: Permission "
+         f"denied ({POLICY})"),
+    ],
+)
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_a_listener_socket_refused_by_a_sandbox_is_one_line_and_exit_2(
+    tmp_path: Path, refuse: Callable[[str, str], tuple[str, ...]], family: str, error: str,
+    args: list[str], expected: str, log_format: str,
+) -> None:
+    """It was a 25-line traceback and exit 1 (EAFNOSUPPORT alone was handled), and with
+    --log-format json no start-failed record. Nothing is left half-started: no socket
+    file, no process of its session."""
+    sock = tmp_path / "status.sock"
+    proc = subprocess.Popen(
+        [*refuse(family, error), FORKPROXY, "serve", *args, "--log-format", log_format,
+         "--status-socket", str(sock)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
+    stdout, stderr = proc.communicate(timeout=30)
+    assert (proc.returncode, stdout) == (2, ""), stderr
+    if log_format == "text":
+        assert stderr == f"forkproxy: error: {expected}\n"
+    else:
+        [line] = stderr.splitlines()
+        record = json.loads(line)
+        assert (record["level"], record["event"], record["error"]) == (
+            "error", "start-failed", expected)
+    assert not sock.exists()
+    with pytest.raises(ProcessLookupError):
+        os.killpg(proc.pid, 0)  # no child left behind (a resolver, the metrics process)
+
+
+def test_a_reload_whose_new_listener_is_refused_by_a_sandbox_says_so_as_a_start_does(
+    tmp_path: Path, short_dir: Path, refuse: Callable[[str, str], tuple[str, ...]],
+    start_proxy: Callable[..., Proxy],
+) -> None:
+    """A reload that adds an IPv6 listener where IPv6 sockets are refused with EACCES: the
+    reload fails, naming the port and why, in the words a start uses (it said "cannot open
+    a listening socket: Permission denied", no port); the running listener serves on."""
+    env_file = tmp_path / "links.env"
+    env_file.write_text("# no link yet\n")
+    sock_path = short_dir / "s.sock"
+    with socket.create_server(("127.0.0.1", 0)) as upstream:
+        target = upstream.getsockname()[1]
+        proxy = start_proxy(f"127.0.0.1:0=127.0.0.1:{target}", "--env-file", str(env_file),
+                            "--bind", "::1", "--status-socket", str(sock_path),
+                            prefix=refuse("AF_INET6", "EACCES"))
+        env_file.write_text(f"A_PORT_6379_TCP=tcp://127.0.0.1:{target}\n")
+        result = subprocess.run([FORKPROXY, "reload", "--status-socket", str(sock_path)],
+                                capture_output=True, text=True, timeout=30, check=False)
+        expected = (f"cannot listen on [::1]:6379: cannot open a socket: Permission denied "
+                    f"({POLICY}) (for A_PORT_6379_TCP)")
+        assert result.returncode == 1, result
+        assert expected in result.stderr, result.stderr
+        assert wait_for(lambda: "reload-failed" in proxy.log()), proxy.log()
+        [failed] = [line for line in proxy.log().splitlines() if "reload-failed" in line]
+        assert expected in failed, failed
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=10):
+            conn, _ = upstream.accept()
+            conn.close()
+        assert proxy.proc.poll() is None
