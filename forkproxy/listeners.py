@@ -23,7 +23,7 @@ from .config import ConfigError, Link, join_host_port
 # handshake already under way that it discards (a client's SYN sent again after a
 # SYN-ACK was lost, a duplicated ACK): on a lossy network it grows with no queue full.
 # The kernel's own total of tcp_listendrop()'s alone is TcpExtListenDrops, for every
-# listener of the network namespace (kernel_listen_drops).
+# listener of the network namespace (kernel_listen_counts).
 SO_MEMINFO = 55
 _MEMINFO_SIZE = 9 * 4
 _MEMINFO_DROPS = slice(8 * 4, 9 * 4)
@@ -152,10 +152,15 @@ class Listener:
         self.drops_raw = 0
 
 
-def kernel_listen_drops(netstat: str = "/proc/self/net/netstat") -> int | None:
-    """TcpExtListenDrops: the handshakes every listener of this network namespace
-    dropped, its accept queue (or SYN queue) full; None where it cannot be read. Unlike
-    a listener's own count (Listener.drops), no packet of a lossy network is in it."""
+def kernel_listen_counts(netstat: str = "/proc/self/net/netstat") -> tuple[int, int] | None:
+    """(TcpExtListenDrops, TcpExtListenOverflows): the handshakes every listener of this
+    network namespace dropped, and those of them it dropped for a full accept queue; None
+    where they cannot be read. Unlike a listener's own count (Listener.drops), no packet
+    of a lossy network is in either.
+
+    The rest of ListenDrops (tcp_conn_request, tcp_v4_syn_recv_sock) is no accept queue's:
+    a SYN whose SYN-ACK has no route back (a missing return route, a spoofed source), a
+    full SYN queue without syncookies (net.ipv4.tcp_syncookies=0), no memory."""
     try:
         with open(netstat, "rb") as stats:
             lines = stats.read().splitlines()
@@ -165,8 +170,10 @@ def kernel_listen_drops(netstat: str = "/proc/self/net/netstat") -> int | None:
     for names, values in zip(lines[::2], lines[1::2], strict=False):
         if names.startswith(b"TcpExt:") and values.startswith(b"TcpExt:"):
             found = dict(zip(names.split()[1:], values.split()[1:], strict=False))
-            value = found.get(b"ListenDrops")
-            return int(value) if value is not None and value.isdigit() else None
+            drops, overflows = found.get(b"ListenDrops"), found.get(b"ListenOverflows")
+            if drops is None or overflows is None or not (drops + overflows).isdigit():
+                return None
+            return int(drops), int(overflows)
     return None
 
 

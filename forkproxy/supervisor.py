@@ -478,12 +478,15 @@ class Supervisor:
         self.resolve_tick_at: float | None = None  # the --resolve-every timer's next tick
         self.control_check_at: float | None = None  # check_control's next, on the same timer
         self.drops_checked_at: float | None = None  # check_drops's last (monotonic)
-        # TcpExtListenDrops at the last check (check_drops): from before any listener, so
-        # that the first check sees the drops of this run's.
-        self.kernel_drops_checked = listeners.kernel_listen_drops()
+        # (TcpExtListenDrops, TcpExtListenOverflows) at the last check (check_drops): from
+        # before any listener, so that the first check sees the drops of this run's.
+        self.kernel_drops_checked = listeners.kernel_listen_counts()
         # listen-drops: [drops since the last line, when it was logged] per listener's
         # address (its link's key: a reload that keeps the socket keeps its window).
         self.drop_folds: dict[tuple[str, int, tuple[str, ...]], list[float]] = {}
+        # The listeners (by the same key) whose drops folded since their last line include
+        # some counted while an accept queue overflowed: their next line says so.
+        self.drops_overflowed: set[tuple[str, int, tuple[str, ...]]] = set()
         self.reporter_pids: list[int] = []  # children answering `status`, not reaped yet
         self.table_writer = 0  # the reporter writing SIGUSR1's table, while it runs
         self.table_pending = False  # a SIGUSR1 came meanwhile: another table when it ends
@@ -2676,6 +2679,7 @@ class Supervisor:
         listening = {item.link.key for item in kept}  # (a kept socket keeps its drops' window)
         self.drop_folds = {key: counts for key, counts in self.drop_folds.items()
                            if key in listening}
+        self.drops_overflowed &= listening
         # Only windows with unlogged denials have a timer to end them: a removed (or
         # renamed) link's window would stay for good, one per name ever denied. Those
         # end now, and so does any window that is over.
@@ -2773,30 +2777,40 @@ class Supervisor:
         Only when the kernel counted a listen drop in this network namespace meanwhile
         (TcpExtListenDrops), or cannot say: a listener's own count also grows with every
         packet of a handshake under way that it discards, and on a lossy network every
-        hop of a chain said its queue was full each minute, with none ever full.
+        hop of a chain said its queue was full each minute, with none ever full. Said to
+        be a full accept queue only when the kernel counted one (TcpExtListenOverflows,
+        a part of ListenDrops), or cannot say: a SYN with no route back for its SYN-ACK
+        is a listen drop too, and the line had the operator raise --max-children.
 
         `closing`: listeners about to close (a reload that removes them, a stop), whose
         check this is the last: their drops since the last check, and those folded into
         a window not over, get their line now, or never would. Every listener is read,
         not these alone, so that the next check's TcpExtListenDrops still covers the
         others' drops since the last."""
-        kernel = listeners.kernel_listen_drops()
-        overflowed = (kernel is None or self.kernel_drops_checked is None
-                      or kernel != self.kernel_drops_checked)
+        kernel, before = listeners.kernel_listen_counts(), self.kernel_drops_checked
+        dropped = kernel is None or before is None or kernel[0] != before[0]
+        # Which drops they were, by the namespace's count (a listener has none of its own):
+        # with an accept queue full meanwhile at any listener, the line says that.
+        overflowed = kernel is None or before is None or kernel[1] != before[1]
         self.kernel_drops_checked = kernel
         last = {id(listener) for listener in closing or ()}
         for listener in self.listeners:
+            key = listener.link.key
             drops = listener.drops()
             count = 0
             if drops is not None and drops != listener.drops_checked:
                 grown, listener.drops_checked = drops - listener.drops_checked, drops
-                if overflowed:  # else a lossy network's, not a full queue's (status counts all)
-                    count = fold(self.drop_folds, listener.link.key, grown)
+                if dropped:  # else a lossy network's, not the kernel's drops (status counts all)
+                    count = fold(self.drop_folds, key, grown)
+                    if overflowed:
+                        self.drops_overflowed.add(key)
             if id(listener) in last:
-                unlogged = self.drop_folds.pop(listener.link.key, [0])[0]
+                unlogged = self.drop_folds.pop(key, [0])[0]
                 count = count or int(unlogged)
             if not count:
                 continue
+            full = key in self.drops_overflowed
+            self.drops_overflowed.discard(key)
             fields: dict[str, object] = {"link": listener.link.name, "drops": count}
             queue = listener.queue()
             if queue is not None:
@@ -2805,7 +2819,13 @@ class Supervisor:
                 "the listener's accept queue was full: the kernel dropped clients' "
                 "handshakes, which wait for a retry (1 s, 3 s, ...) or time out; at "
                 f"--max-children (max-children-reached) raise it; a backlog below "
-                f"{listeners.BACKLOG} is net.core.somaxconn's: raise that")
+                f"{listeners.BACKLOG} is net.core.somaxconn's: raise that"
+                if full else
+                "the kernel dropped clients' handshakes with no accept queue full "
+                "(TcpExtListenOverflows did not grow): no route back to those clients for "
+                "the SYN-ACK (a missing return route, spoofed SYNs), or a full SYN queue "
+                "with net.ipv4.tcp_syncookies=0 (a SYN flood); --max-children and "
+                "somaxconn are not the cause")
             self.log.emit(WARNING, "listen-drops", fields)
 
     def handle_control_accept(self, events: int) -> None:

@@ -2176,6 +2176,103 @@ def test_a_lossy_network_counts_drops_but_says_no_queue_was_full(
     assert "listen-drops" not in proxy.log(), proxy.log()
 
 
+def test_handshakes_dropped_with_no_route_back_are_not_said_to_be_a_full_queue(
+    start_proxy: StartProxy, env: dict[str, str],
+) -> None:
+    """A client the proxy's network namespace has no route back to (a missing return
+    route, asymmetric routing; a spoofed SYN flood alike): the kernel drops each of its
+    SYNs, the SYN-ACK having nowhere to go, and counts a listen drop (TcpExtListenDrops)
+    but no overflow (TcpExtListenOverflows). The line said "the listener's accept queue
+    was full ... raise --max-children / somaxconn", with the queue empty; it says what
+    else drops handshakes, and that those settings are not the cause."""
+    spec = "127.0.0.1:0=127.0.0.1:9"  # the upstream refuses: only handshakes matter here
+    proxy = start_proxy(spec, env=env, prefix=in_own_network())
+    sock_path = Path(env["XDG_RUNTIME_DIR"]) / "forkproxy" / f"{proxy.pid}.sock"
+    [port] = listen_ports(proxy)
+    with in_network(proxy.network), socket.socket() as client:
+        # From an address of no interface there (IP_TRANSPARENT lets it be the source):
+        # the namespace has a route to loopback alone.
+        client.setsockopt(socket.SOL_IP, socket.IP_TRANSPARENT, 1)
+        client.bind(("198.18.7.7", 0))
+        client.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            client.connect(("127.0.0.1", port))
+        drops = poll(lambda: drops_of(ask(sock_path)["listeners"])[spec], lambda n: n > 0)
+        assert drops > 0
+        assert ask(sock_path)["listeners"][0]["queued"] == 0
+        proxy.signal(signal.SIGALRM)
+        assert wait_for(lambda: "listen-drops" in proxy.log()), proxy.log()
+    [line] = [parse_text_line(line) for line in proxy.log().splitlines()
+              if " listen-drops " in line]
+    assert line["link"] == spec and int(line["drops"]) > 0, line
+    assert "no accept queue full" in line["detail"], line
+    assert "no route back" in line["detail"], line
+    assert "are not the cause" in line["detail"], line
+    assert proxy.stop() == 0
+
+
+def test_a_full_queue_folded_into_a_window_is_still_said_with_later_drops_of_no_route(
+    start_proxy: StartProxy, env: dict[str, str], tmp_path: Path,
+) -> None:
+    """Drops folded into a line's window (no line due yet) while the accept queue
+    overflowed, then more with no route back: the line that says them all at the close
+    says the queue was full, which it was, not only what the last check saw. A reload
+    that removes another listener is the check that folds (it reads every listener)."""
+    env_file = tmp_path / "links.env"
+    env_file.write_text("A_PORT_7101_TCP=tcp://127.0.0.1:9\nB_PORT_7102_TCP=tcp://127.0.0.1:9\n")
+    proxy = start_proxy("--env-file", str(env_file), env=env, expect=2,
+                        prefix=in_own_network(SMALL_SOMAXCONN))
+    sock_path = Path(env["XDG_RUNTIME_DIR"]) / "forkproxy" / f"{proxy.pid}.sock"
+
+    def drops() -> int:
+        return int(drops_of(ask(sock_path)["listeners"])["A_PORT_7101_TCP"])
+
+    def lines() -> list[dict[str, str]]:
+        return [parse_text_line(line) for line in proxy.log().splitlines()
+                if " listen-drops " in line]
+
+    def overflow() -> None:
+        before = drops()
+        proxy.signal(signal.SIGSTOP)  # accepts nobody: the queue fills, then overflows
+        try:
+            with in_network(proxy.network):
+                clients = connecting(7101, 3 * SMALL_SOMAXCONN)
+        finally:
+            proxy.signal(signal.SIGCONT)
+        try:
+            poll(drops, lambda n: n > before)
+            pending = set(clients)  # every one served: no SYN of theirs is retried later
+            deadline = time.monotonic() + 60
+            while pending and time.monotonic() < deadline:
+                _, writable, _ = select.select([], list(pending), [], 1)
+                pending -= set(writable)
+            assert not pending, f"{len(pending)} clients never connected"
+        finally:
+            for sock in clients:
+                sock.close()
+
+    overflow()
+    proxy.signal(signal.SIGALRM)
+    assert wait_for(lambda: len(lines()) == 1), proxy.log()  # the first: its window begins
+    overflow()
+    env_file.write_text("A_PORT_7101_TCP=tcp://127.0.0.1:9\n")
+    assert ask(sock_path, "reload")["ok"] is True  # folded: no line due yet
+    assert len(lines()) == 1, proxy.log()
+    before = drops()
+    with in_network(proxy.network), socket.socket() as client:
+        client.setsockopt(socket.SOL_IP, socket.IP_TRANSPARENT, 1)
+        client.bind(("198.18.7.7", 0))  # no route back there (see the test above)
+        client.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            client.connect(("127.0.0.1", 7101))
+        poll(drops, lambda n: n > before)
+    assert proxy.stop() == 0
+    first, last = lines()
+    assert last["link"] == "A_PORT_7101_TCP", last
+    assert "accept queue was full" in last["detail"], last
+    assert "accept queue was full" in first["detail"], first
+
+
 def test_status_shows_the_upstream_each_connection_was_made_to() -> None:
     """After a reload rewired a link, its row showed the new upstream and ACTIVE 1, and
     nothing in the text said that this connection still went to the old one (an incident
