@@ -16,7 +16,8 @@ host's byte order but the ports and addresses (network order):
   rtattr            len u16, type u16, payload padded to 4 bytes
   tcp_info          tcpi_retransmits u8 at 2, tcpi_backoff u8 at 4, tcpi_rto u32 at 8, ...
                     tcpi_last_data_sent u32 at 44,
-                    tcpi_last_data_recv u32 at 52, tcpi_last_ack_recv u32 at 56, ...
+                    tcpi_last_data_recv u32 at 52, tcpi_last_ack_recv u32 at 56,
+                    tcpi_rtt u32 at 68, ...
                     tcpi_data_segs_in u32 at 152, tcpi_data_segs_out u32 at 156 (4.6+), ...
                     tcpi_total_rto_recoveries u16 at 242, tcpi_total_rto_time u32 at 244 (6.7+)
 """
@@ -59,6 +60,12 @@ _RTO_AT = 8  # u32, microseconds: the retransmission timeout, doubled at each re
 _LAST_DATA_SENT_AT = 44
 _LAST_DATA_RECV_AT = 52
 _LAST_ACK_RECV_AT = 56
+_RTT_AT = 68  # u32, microseconds: the smoothed round-trip time
+# The longest a peer delays an ACK: Linux's delayed-ACK timer tops out at HZ/2 (500 ms;
+# 200 ms, tcp_delack_max, once the exchange is interactive), others' at 200 ms. Well
+# short of the shortest keepalive idle time (1 s), whose probes' ACKs must not read as
+# the ACK of a request.
+_LONGEST_DELAYED_ACK_MS = 500
 _TCP_INFO_NEEDED = _LAST_ACK_RECV_AT + 4
 _DATA_SEGS_IN_AT, _DATA_SEGS_OUT_AT = 152, 156
 # u16: the RTO recoveries (episodes of retransmission timeouts) the socket has had,
@@ -92,9 +99,10 @@ class TcpSocket(NamedTuple):
     # peer since: how long the peer has left what it was sent unanswered. 0 when it
     # answered, or nothing was sent. None when the kernel gave no tcp_info. The kernel
     # stamps both times in ticks (CONFIG_HZ: 4 ms at 250): a send in the same tick as the
-    # peer's last data, a request right after the previous answer, cannot be told from
-    # one before it and is 0, unless the peer never sent data at all (a first request,
-    # counted however soon after the connect).
+    # peer's last data (a request right after the previous answer) counts when the peer
+    # acknowledged it after that data (_acknowledged_since_its_last_data), or never sent
+    # data at all (a first request, however soon after the connect); else it cannot be
+    # told from one before it and is 0.
     unanswered_ms: int | None
 
 
@@ -188,6 +196,9 @@ def _decode(buffer: bytearray, body: int, end: int) -> TcpSocket:
                 _U32.unpack_from(buffer, info + _DATA_SEGS_IN_AT)[0] == 0
                 and _U32.unpack_from(buffer, info + _DATA_SEGS_OUT_AT)[0] > 0)
             unanswered_ms = sent if sent < received or never_answered else 0
+            if (sent == received and state == TCP_ESTABLISHED
+                    and _acknowledged_since_its_last_data(buffer, info, length)):
+                unanswered_ms = sent
             if buffer[info + _RETRANSMITS_AT]:
                 # Retransmitting, the peer silent (a host gone, a black hole): every
                 # retransmission counts as data sent in last_data_sent, which would make
@@ -230,6 +241,39 @@ def _decode(buffer: bytearray, body: int, end: int) -> TcpSocket:
             break
         at += (length + 3) & ~3  # RTA_ALIGN
     return TcpSocket(state, (remote, port), send_queue, idle_ms, unanswered_ms)
+
+
+def _acknowledged_since_its_last_data(buffer: bytearray, info: int, length: int) -> bool:
+    """Whether the peer, after its last data, acknowledged data sent to it in the same
+    tick as that data came: a request sent right after the previous answer (any client
+    that turns an answer around within a tick), left unanswered. The ticks cannot order
+    the two; the peer's ACK can. A data segment moves both last_data_recv and
+    last_ack_recv, a pure ACK only the latter: a newer ACK is the peer's receipt of
+    something sent after its last data went out (a hung upstream's kernel still
+    acknowledges the request, after its delayed-ACK time). Not counted when it can be
+    something else:
+    - a FIN's ACK, or an ACK with the peer's FIN (no data): only ESTABLISHED (the
+      caller), neither side closed;
+    - the ACK of one of our keepalive probes (--keepalive): those start only after the
+      keepalive idle time (1 s at the least) of nothing received, so the ACK must come
+      within a round trip and the longest delayed ACK (Linux: HZ/2) of the last data.
+      On a connection left unanswered, the first probe's ACK ends it (back to 0).
+      The peer's own probes: a Linux peer's is out of the window and dropped before its
+      ACK is looked at; another stack's one-byte probe comes after its idle time (2 h
+      by default), past the same bound.
+    A window update (the peer read what it was sent after its last data) is a request
+    pending all the same.
+    A peer that acknowledges at once (quick ACKs), in the tick its answer came, cannot
+    be told from one that answered: 0, as before."""
+    if length - _ATTRIBUTE.size < _RTT_AT + 4:
+        return False
+    if length - _ATTRIBUTE.size >= _DATA_SEGS_OUT_AT + 4 and not _U32.unpack_from(
+            buffer, info + _DATA_SEGS_OUT_AT)[0]:
+        return False  # nothing ever sent: the stamps are the connect's
+    received: int = _U32.unpack_from(buffer, info + _LAST_DATA_RECV_AT)[0]
+    acknowledged: int = _U32.unpack_from(buffer, info + _LAST_ACK_RECV_AT)[0]
+    rtt_ms: int = _U32.unpack_from(buffer, info + _RTT_AT)[0] // 1000
+    return 0 < received - acknowledged <= rtt_ms + _LONGEST_DELAYED_ACK_MS
 
 
 def socket_inodes(pid: int, first: int = 0) -> list[int]:

@@ -599,6 +599,112 @@ def test_an_upstream_that_stopped_answering_shows_how_long_it_was_left_unanswere
             assert value(found, "forkproxy_upstream_unanswered_seconds", link=asked) == 0
 
 
+def answer_then_stall(answers: int) -> Callable[[socket.socket], None]:
+    """A handler that answers `answers` one-byte requests with 8 bytes each, then reads
+    on and answers nothing (a hung server; its kernel acknowledges what comes) until
+    the connection ends."""
+    def handle(conn: socket.socket) -> None:
+        for _ in range(answers):
+            if not conn.recv(1):
+                return
+            conn.sendall(b"answer\r\n")
+        with contextlib.suppress(OSError):
+            while conn.recv(1 << 16):
+                pass
+    return handle
+
+
+def turn_around(client: socket.socket, answers: int) -> None:
+    """Request after request on `client`, each sent right after the previous answer came
+    (a fast request/response client), `answers` of them answered; a last one sent after
+    the last answer when the server stalls there."""
+    client.sendall(b"?")
+    for _ in range(answers - 1):
+        assert recv_exact(client, 8) == b"answer\r\n"
+        client.sendall(b"?")
+    assert recv_exact(client, 8) == b"answer\r\n"
+
+
+def upstream_stamps(upstream_port: int) -> dict[str, int]:
+    """`ss`'s lastsnd, lastrcv and lastack (ms ago) of the proxy's one socket toward
+    `upstream_port` (ss leaves out those that are 0)."""
+    out = subprocess.run([need("ss"), "-tinH", "state", "established",
+                          f"( dport = :{upstream_port} )"],
+                         capture_output=True, text=True, timeout=30, check=True)
+    assert len(out.stdout.splitlines()) == 2, out.stdout  # the socket, its tcp_info
+    stamps = dict.fromkeys(("lastsnd", "lastrcv", "lastack"), 0)
+    stamps.update((name, int(ms)) for name, ms in re.findall(
+        r"(lastsnd|lastrcv|lastack):(\d+)", out.stdout))
+    return stamps
+
+
+def test_a_request_sent_in_the_tick_of_the_previous_answer_and_left_unanswered_counts(
+    start_proxy: StartProxy, tcp_server: ServerFactory, tmp_path: Path, env: dict[str, str],
+) -> None:
+    """A client that sends its next request as soon as the previous answer comes (any
+    fast request/response client: memcached gets, SQL queries) sends it in the kernel's
+    tick of that answer: the proxy's socket toward the upstream has data sent and data
+    received stamped alike, which read as answered, so a hung upstream showed
+    UNANSWERED 0 (memcached stopped: 0.0 in 5 of 6 trials). The upstream's kernel
+    acknowledges the request after its last answer, a pure ACK: with it, the request
+    counts as unanswered since it was sent. A request that crossed into the next tick
+    counted already; the trials repeat until one lands in the answer's tick (ss shows
+    it), which nearly every one does."""
+    sock_path = tmp_path / "status.sock"
+    server = tcp_server(answer_then_stall(50))
+    link = f"127.0.0.1:0=127.0.0.1:{server.port}"
+    proxy = start_proxy("--status-socket", str(sock_path), "--metrics", "127.0.0.1:0",
+                        link, env=env, expect=2)
+    for _ in range(20):
+        poll(lambda: status_json(sock_path, env)["children"], lambda children: not children)
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=30) as client:
+            turn_around(client, 50)
+            client.sendall(b"?")  # the one the server leaves unanswered
+            # Its ACK, delayed (the server's kernel in interactive mode): 40 ms or so.
+            stamps = poll(lambda: upstream_stamps(server.port),
+                          lambda stamps: stamps["lastack"] < stamps["lastrcv"], timeout=2)
+            if not stamps["lastsnd"] == stamps["lastrcv"] > stamps["lastack"]:
+                continue  # sent in a later tick (counted already), or acknowledged at once
+            slept = 1.5
+            time.sleep(slept)
+            child = the_connection(sock_path, env)
+            assert child["unanswered"] >= slept - JIFFIES, (stamps, child)
+            found = samples(scrape(metrics_url(proxy)))
+            longest = value(found, "forkproxy_upstream_unanswered_seconds", link=link)
+            assert longest is not None and longest >= slept - JIFFIES, found
+            return
+    pytest.fail("no request went in the tick of the previous answer in 20 trials")
+
+
+def test_keepalive_probes_on_a_connection_answered_in_the_same_tick_leave_it_answered(
+    start_proxy: StartProxy, tcp_server: ServerFactory, tmp_path: Path, env: dict[str, str],
+) -> None:
+    """The other pure ACK that comes after the upstream's last data on an idle
+    connection: its answer to a --keepalive probe (1 s of silence here, the shortest).
+    A connection whose last request was answered in its own tick, then idle, stays at
+    UNANSWERED 0 through the probes."""
+    sock_path = tmp_path / "status.sock"
+    server = tcp_server(answer_then_stall(50))
+    proxy = start_proxy("--status-socket", str(sock_path), "--keepalive", "1",
+                        f"127.0.0.1:0=127.0.0.1:{server.port}", env=env)
+    for _ in range(20):
+        poll(lambda: status_json(sock_path, env)["children"], lambda children: not children)
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=30) as client:
+            turn_around(client, 50)
+            stamps = upstream_stamps(server.port)
+            if stamps["lastsnd"] != stamps["lastrcv"]:
+                continue  # the answer came a tick after the request: not the case
+            # Probes answered: the first after 1 s of silence, then every second.
+            probed = poll(lambda: upstream_stamps(server.port),
+                          lambda stamps: stamps["lastrcv"] - stamps["lastack"] >= 1500)
+            assert probed["lastsnd"] == probed["lastrcv"], probed
+            assert probed["lastrcv"] - probed["lastack"] >= 1500, probed
+            child = the_connection(sock_path, env)
+            assert child["unanswered"] == 0, (probed, child)
+            return
+    pytest.fail("no answer came in the tick of its request in 20 trials")
+
+
 def test_a_connection_into_a_black_hole_shows_idle_and_unanswered_growing(
     start_proxy: StartProxy, tmp_path: Path, env: dict[str, str],
 ) -> None:
@@ -752,6 +858,58 @@ def test_unanswered_while_retransmitting_reads_the_kernels_rto_episode_when_it_h
     assert decoded.unanswered_ms == unanswered_ms, decoded
     assert decoded.idle_ms == 20_000 and decoded.send_queue == 4, decoded
     assert decoded.remote == (socket.inet_aton("198.18.0.2"), 7000), decoded
+
+
+def same_tick_tcp_info(*, acknowledged: int, data_segs_out: int = 6,
+                       size: int = 280) -> bytes:
+    """tcp_info of a socket whose last data went out in the tick its peer's last data
+    came (2000 ms ago), the peer's last ACK `acknowledged` ms ago, a 30 ms round trip."""
+    info = bytearray(size)
+    struct.pack_into("=I", info, 8, 230_000)  # tcpi_rto, microseconds
+    struct.pack_into("=I", info, 44, 2000)  # tcpi_last_data_sent
+    struct.pack_into("=II", info, 52, 2000, acknowledged)  # last data received, last ACK
+    struct.pack_into("=I", info, 68, 30_000)  # tcpi_rtt, microseconds
+    if size >= 160:
+        struct.pack_into("=II", info, 152, 5, data_segs_out)
+    return bytes(info)
+
+
+@pytest.mark.parametrize(
+    ("state", "tcp_info", "unanswered_ms"),
+    [
+        # The peer's delayed ACK of the request, 40 ms after its answer: unanswered.
+        (1, same_tick_tcp_info(acknowledged=1960), 2000),
+        # As late as a round trip and the longest delayed ACK: still.
+        (1, same_tick_tcp_info(acknowledged=2000 - 30 - 500), 2000),
+        # An older kernel's tcp_info without the segment counts: the same.
+        (1, same_tick_tcp_info(acknowledged=1960, size=104), 2000),
+        # The ACK came with the answer, or at once in its tick: answered.
+        (1, same_tick_tcp_info(acknowledged=2000), 0),
+        # Older than the answer (the request acknowledged before it was answered).
+        (1, same_tick_tcp_info(acknowledged=2100), 0),
+        # A keepalive probe's ACK (1 s of silence at the least before the probe).
+        (1, same_tick_tcp_info(acknowledged=2000 - 1000), 0),
+        # Nothing ever sent: both stamps the connect's.
+        (1, same_tick_tcp_info(acknowledged=1960, data_segs_out=0), 0),
+        # The peer's FIN after its answer (CLOSE_WAIT), or the ACK of ours (FIN_WAIT2).
+        (8, same_tick_tcp_info(acknowledged=1960), 0),
+        (5, same_tick_tcp_info(acknowledged=1960), 0),
+    ],
+    ids=["delayed-ack", "late-ack", "pre-4.6", "ack-with-answer", "ack-before-answer",
+         "keepalive", "nothing-sent", "close-wait", "fin-wait2"],
+)
+def test_a_request_sent_in_the_answers_tick_counts_when_the_peer_acknowledged_it_after(
+    state: int, tcp_info: bytes, unanswered_ms: int,
+) -> None:
+    """sockdiag's decoding of a socket whose last send and last receive share a tick:
+    a pure ACK from the peer after its last data, within a round trip and a delayed
+    ACK, is the request acknowledged and left unanswered; none, a late one (keepalive),
+    or one a FIN can explain, and it reads answered."""
+    message = diag_message(tcp_info)
+    message[1] = state
+    decoded = fp_sockdiag._decode(message, 0, len(message))
+    assert decoded.unanswered_ms == unanswered_ms, decoded
+    assert decoded.idle_ms == 2000, decoded
 
 
 def test_status_from_another_network_namespace_shows_no_socket_readings(
