@@ -562,7 +562,8 @@ def test_an_upstream_that_stopped_answering_shows_how_long_it_was_left_unanswere
             client.sendall(b"PING\r\n")
             assert recv_exact(client, 7) == b"+PONG\r\n"
         # Past the kernel's tick (4 ms at HZ=250): a request in the tick of the previous
-        # answer cannot be told from one before it (sockdiag.TcpSocket.unanswered_ms).
+        # answer counts only once the upstream's kernel acknowledged it (a delayed ACK,
+        # sockdiag.TcpSocket.unanswered_ms), the case of the next test.
         time.sleep(0.1)
         redis.proc.send_signal(signal.SIGSTOP)
         try:
