@@ -1541,7 +1541,8 @@ def test_help_shows_every_default_and_names_what_options_take() -> None:
     assert result.returncode == 0, result
     text = " ".join(result.stdout.split())  # click wraps at 80 columns
     for needle in ("[default: 5]", "[default: 8]", "[default: 30]",
-                   "[default: as many as fit the container's memory and pids limits, at most 1024]",
+                   "[default: as many as fit the container's memory and pids limits and the "
+                   "user's nproc limit, at most 1024]",
                    "[default: auto]", "[default: off]", "[default: everyone]",
                    "[default: $XDG_RUNTIME_DIR/forkproxy/PID.sock, else /tmp/forkproxy-UID/",
                    "--env-file PATH", "--status-socket PATH", "--pid-file PATH"):
