@@ -614,7 +614,9 @@ def taker_refused(sock: socket.socket, claimed_pid: object) -> str | None:
     PID namespace, and be the pid it says it is (which `handing-over` logs); run as our
     user or root; and be in our network namespace, as a supervisor taking over from
     us is (a listener taken into another namespace would serve our clients from there).
-    HAProxy has the same rule: `expose-fd listeners` only on a socket given it."""
+    All read in /proc, ours only where it is our PID namespace's (foreign_proc): no
+    taker is judged by another process. HAProxy has the same rule: `expose-fd
+    listeners` only on a socket given it."""
     try:
         pid, uid, _ = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
                                                     _UCRED.size))
@@ -622,6 +624,16 @@ def taker_refused(sock: socket.socket, claimed_pid: object) -> str | None:
         return f"its credentials cannot be read ({exc.strerror or exc})"
     if pid == 0:
         return "it runs in a PID namespace this supervisor cannot see"
+    not_ours = foreign_proc()
+    if not_ours is not None:
+        # /proc/<pid> is then whichever process has that pid in /proc's namespace, not the
+        # peer (`unshare --pid` without --mount-proc), or there is no /proc: its NSpid, its
+        # start and its network namespace cannot be read. The last is the rule that
+        # matters (a Unix socket file is reachable from another network namespace: it
+        # keeps a man in the middle from serving our clients from there), and judging
+        # another process by it let a stranger through or refused ours by chance.
+        return (f"cannot check its network namespace: {not_ours}; mount a /proc for "
+                "the namespace")
     if type(claimed_pid) is not int or claimed_pid != pid:
         # A taker in a PID namespace below ours (`unshare --pid` on the host) sends its
         # own pid there, the last of its NSpid chain (ours first). Accepted when that

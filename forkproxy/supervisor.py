@@ -1185,15 +1185,17 @@ class Supervisor:
             limit, self.options.nproc_others, self.options.metrics is not None)
 
     def _log_foreign_proc(self) -> None:
-        """At start, once: a /proc that is not our PID namespace's, where `status` and
-        the metrics read none of our processes' figures (control.foreign_proc)."""
+        """At start, once: no /proc, or one that is not our PID namespace's, where
+        `status` and the metrics read none of our processes' figures, and a take-over
+        is refused (control.foreign_proc, control.taker_refused)."""
         reason = control.foreign_proc()
         if reason is not None:
-            self.log.warning("foreign-proc", detail=f"{reason} (a PID namespace entered "
-                             "without a /proc of its own: `unshare --pid` without "
-                             "--mount-proc, bwrap without --proc): `status` and the metrics "
-                             "show no memory, CPU or socket figures of forkproxy's processes; "
-                             "mount a /proc for the namespace to have them")
+            self.log.warning("foreign-proc", detail=f"{reason} (no /proc mounted, or a "
+                             "PID namespace entered without a /proc of its own: `unshare "
+                             "--pid` without --mount-proc, bwrap without --proc): `status` "
+                             "and the metrics show no memory, CPU or socket figures of "
+                             "forkproxy's processes, and a take-over is refused; mount a "
+                             "/proc for this PID namespace to have them")
 
     def _log_max_children(self) -> None:
         """At start: which limit the derived --max-children came from (memory, pids,
@@ -2936,7 +2938,9 @@ class Supervisor:
             # our boot clock: the one it sent was read on its own, which a time namespace
             # may set apart from ours (control.process_start). What it sent only where we
             # cannot read it (gone meanwhile: it is told no anyway).
-            read = control.process_start(peer)
+            # (taker_refused said no where /proc is not ours: /proc/<peer> would be
+            # another process, its start not the taker's.)
+            read = control.process_start(peer) if control.foreign_proc() is None else None
             if read is not None:
                 taker_started = read
         if isinstance(taker_started, int) and started is not None and taker_started < started:

@@ -1259,6 +1259,62 @@ def test_a_supervisor_that_is_pid_1_does_not_hand_over(
     assert old.proc.wait(30) == 0
 
 
+def test_a_take_over_where_proc_is_another_pid_namespaces_is_refused_and_says_why(
+    start_proxy: Callable[..., Proxy], tcp_server: ServerFactory, short_dir: Path,
+) -> None:
+    """`unshare --pid --fork` without --mount-proc: /proc/N is the host's process N, not
+    the taker. The supervisor read the taker's start there, some older host process's,
+    and refused a legitimate take-over as one "started before this supervisor" (or let
+    it through, by chance); its network namespace rule read that other process too. The
+    taker's namespace cannot be checked there: refused, saying so and what to do."""
+    server = tcp_server(echo)
+    path = str(short_dir / "fp.sock")
+    spec = f"127.0.0.1:{free_port()}=127.0.0.1:{server.port}"
+    old = start_proxy("--status-socket", path, spec,
+                      prefix=(need("unshare"), "--pid", "--fork", "--kill-child"))
+    [(supervisor, _)] = processes_under(old.pid)
+    result = subprocess.run([need("nsenter"), "-t", str(supervisor), "--pid", FORKPROXY,
+                             "serve", "--take-over", "--status-socket", path, spec],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, (result, old.log())
+    assert ("not to that process: cannot check its network namespace: /proc is another "
+            "PID namespace's: ") in result.stderr, result
+    assert "mount a /proc for the namespace" in result.stderr, result
+    log = old.log()
+    assert " take-over-refused " in log and "handing-over" not in log, log
+    assert _echoed(old.port, os.urandom(4096))
+    os.kill(supervisor, signal.SIGTERM)
+    assert old.proc.wait(30) == 0
+
+
+def test_a_take_over_without_proc_says_so_not_that_the_taker_exited(
+    start_proxy: Callable[..., Proxy], tcp_server: ServerFactory, short_dir: Path,
+) -> None:
+    """No /proc at all (a tmpfs over it, in a mount namespace of their own): the taker
+    was told "it exited before its request was read", of a process that was there and
+    waiting. It is told the namespace cannot be checked and why; the supervisor's start-up
+    warning names a /proc not mounted, not only a PID namespace entered without one."""
+    server = tcp_server(echo)
+    path = str(short_dir / "fp.sock")
+    spec = f"127.0.0.1:{free_port()}=127.0.0.1:{server.port}"
+    old = start_proxy("--status-socket", path, spec,
+                      prefix=(need("unshare"), "--mount", "--propagation", "private", "sh",
+                              "-c", 'mount -t tmpfs none /proc && exec "$@"', "sh"))
+    result = subprocess.run([need("nsenter"), "-t", str(old.pid), "--mount", FORKPROXY,
+                             "serve", "--take-over", "--status-socket", path, spec],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, (result, old.log())
+    assert "exited" not in result.stderr, result
+    assert ("not to that process: cannot check its network namespace: /proc/self cannot "
+            "be read (") in result.stderr, result
+    log = old.log()
+    [warning] = [line for line in log.splitlines() if " foreign-proc " in line]
+    assert "(no /proc mounted, or a PID namespace entered without" in warning, warning
+    assert "handing-over" not in log, log
+    assert _echoed(old.port, os.urandom(4096))
+    assert old.stop() == 0
+
+
 def test_a_take_over_from_a_pid_namespace_below_goes_through(
     start_proxy: Callable[..., Proxy], tcp_server: ServerFactory, short_dir: Path,
 ) -> None:
