@@ -652,8 +652,12 @@ def taker_refused(sock: socket.socket, claimed_pid: object) -> str | None:
     if uid not in (0, os.getuid()):
         return f"it runs as {_user_named(uid)}, neither this supervisor's user nor root"
     try:
-        theirs = os.stat(f"/proc/{pid}/ns/net")
+        # Ours first, on its own: its failure (no /proc at all) is no peer's exit.
         ours = os.stat("/proc/self/ns/net")
+    except OSError as exc:
+        return f"its network namespace cannot be read ({exc.strerror or exc})"
+    try:
+        theirs = os.stat(f"/proc/{pid}/ns/net")
     except FileNotFoundError:
         # Not a stranger: a `serve --take-over` stopped (Ctrl-C) or timed out while we
         # were stalled, and gone since. Its words here, not a namespace's.

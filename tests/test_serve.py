@@ -23,7 +23,7 @@ from typing import Any
 import psutil
 import pytest
 
-from forkproxy.control import STAGING_LEFT_AFTER
+from forkproxy.control import STAGING_LEFT_AFTER, taker_refused
 from forkproxy.supervisor import TAKE_OVER_TIMEOUT
 
 from conftest import (
@@ -1313,6 +1313,26 @@ def test_a_take_over_without_proc_says_so_not_that_the_taker_exited(
     assert "handing-over" not in log, log
     assert _echoed(old.port, os.urandom(4096))
     assert old.stop() == 0
+
+
+def test_a_taker_is_not_said_to_have_exited_when_our_own_namespace_is_unreadable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The taker's /proc/PID/ns/net was read first, then ours, and any FileNotFoundError
+    said "it exited before its request was read": ours missing (no /proc at all) too,
+    of a taker that was there. Ours is read first now, its failure said as what it is."""
+    real_stat = os.stat
+
+    def stat(path: Any, *args: Any, **kwargs: Any) -> os.stat_result:
+        if path == "/proc/self/ns/net":
+            raise FileNotFoundError(2, "No such file or directory", path)
+        return real_stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", stat)
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        assert taker_refused(ours, os.getpid()) == (
+            "its network namespace cannot be read (No such file or directory)")
 
 
 def test_a_take_over_from_a_pid_namespace_below_goes_through(
