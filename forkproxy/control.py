@@ -756,6 +756,26 @@ def peer_pid(sock: socket.socket) -> int:
     return int(pid)
 
 
+# The inode of the initial PID namespace's /proc/PID/ns/pid (the kernel's
+# PROC_PID_INIT_INO, fixed since Linux 3.8).
+INITIAL_PID_NAMESPACE = 0xEFFFFFFC
+
+
+def parent_is_namespace_init() -> bool:
+    """Whether this process's parent is PID 1 of a PID namespace other than the initial
+    one: a container's init (tini, `docker run --init`, dumb-init, a `sh` entrypoint that
+    waits), which exits with its one child. The initial namespace's PID 1 (systemd, the
+    parent of a service) never does. Told by our PID namespace's inode, not by NSpid,
+    which lists pids from /proc's namespace down: one pid in a container with its own
+    /proc. Where the namespace cannot be read, True: not known to be the initial one."""
+    if os.getppid() != 1:
+        return False
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino != INITIAL_PID_NAMESPACE
+    except OSError:
+        return True
+
+
 def process_start(pid: int | None = None) -> int | None:
     """When process `pid` (this one when None) started, in clock ticks since boot
     (/proc/PID/stat's starttime: the exec of a `serve` keeps it), None where it cannot be

@@ -2916,6 +2916,7 @@ class Supervisor:
             return {"ok": False, "error": "stopping"}
         if self.taker is not None:
             return {"ok": False, "error": "another take-over is under way"}
+        error: str | None = None
         if self.pid == 1:
             # A container's own setup (`podman exec ... serve --take-over`): we would hand
             # over, drain, exit, and the kernel kills every process of a PID namespace
@@ -2925,6 +2926,18 @@ class Supervisor:
             error = ("it is PID 1 of its PID namespace: its exit at the end of the drain "
                      "would have the kernel kill every process there, the one taking over "
                      "too; restart the container instead")
+        elif control.parent_is_namespace_init():
+            # The same under an init shim (tini, `docker run --init`, dumb-init, a `sh`
+            # entrypoint that waits), as README runs us: we are PID 2, and our parent,
+            # PID 1, exits when we do. Conservative: an init that would serve on without
+            # us (systemd or s6 in a container, or a container init we were reparented
+            # to) is refused too; we cannot tell which it is, and a wrong yes leaves
+            # nobody serving, a wrong no leaves us serving.
+            error = ("its parent is PID 1 of its PID namespace (an init such as tini or "
+                     "docker --init, which exits with it): that init's exit at the end of "
+                     "the drain would have the kernel kill every process there, the one "
+                     "taking over too; restart the container instead")
+        if error is not None:
             failures = fold(self.pause_logs, "take-over-refused")
             if failures:
                 self.log.warning("take-over-refused", error=error, failures=failures,

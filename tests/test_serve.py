@@ -1259,6 +1259,47 @@ def test_a_supervisor_that_is_pid_1_does_not_hand_over(
     assert old.proc.wait(30) == 0
 
 
+# A container's init shim (tini, `docker run --init`, dumb-init): runs argv[1:] as its one
+# child, waits for it, exits with it.
+_INIT_SHIM = """
+import os, sys
+child = os.fork()
+if child == 0:
+    os.execv(sys.argv[1], sys.argv[1:])
+os.waitpid(child, 0)
+"""
+
+
+def test_a_supervisor_under_an_init_shim_does_not_hand_over(
+    start_proxy: Callable[..., Proxy], tcp_server: ServerFactory, short_dir: Path,
+) -> None:
+    """The same as PID 1 (above) in the layout README supports, an init shim as PID 1 and
+    the supervisor its one child, PID 2: the supervisor handed over, drained and exited,
+    the init exited with it, and the kernel killed the new supervisor (SIGKILL): nobody
+    served. Refused now, said on both sides; the old one serves on."""
+    server = tcp_server(echo)
+    path = str(short_dir / "fp.sock")
+    spec = f"127.0.0.1:{free_port()}=127.0.0.1:{server.port}"
+    old = start_proxy("--grace", "1", "--status-socket", path, spec,
+                      prefix=(need("unshare"), "--pid", "--fork", "--mount-proc",
+                              sys.executable, "-c", _INIT_SHIM))
+    [(init, _)] = processes_under(old.pid)
+    [(supervisor, _)] = processes_under(init)  # PID 2 in there
+    result = subprocess.run([need("nsenter"), "-t", str(supervisor), "--pid", "--mount",
+                             FORKPROXY, "serve", "--take-over", "--status-socket", path,
+                             spec], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, (result, old.log())
+    assert "cannot hand over: its parent is PID 1 of its PID namespace (" in result.stderr, \
+        result
+    assert "restart the container instead" in result.stderr, result
+    log = old.log()
+    assert " take-over-refused " in log and "its parent is PID 1" in log, log
+    assert "handing-over" not in log, log
+    assert _echoed(old.port, os.urandom(4096))
+    os.kill(supervisor, signal.SIGTERM)  # (unshare passes no signal on)
+    assert old.proc.wait(30) == 0
+
+
 def test_a_take_over_where_proc_is_another_pid_namespaces_is_refused_and_says_why(
     start_proxy: Callable[..., Proxy], tcp_server: ServerFactory, short_dir: Path,
 ) -> None:
