@@ -148,16 +148,19 @@ def check_path(path: str) -> None:
 class ControlServer:
     """A Unix stream socket; `handle` maps a request dict to a reply dict."""
 
-    def __init__(self, path: str, handle: Handler, replace: bool = False) -> None:
+    def __init__(self, path: str, handle: Handler, replace: bool = False,
+                 sweep: bool = True) -> None:
         """`replace`: a live socket at `path` is replaced, not refused (serve --take-over:
-        the socket of the supervisor taken over, whose close() then leaves ours alone)."""
+        the socket of the supervisor taken over, whose close() then leaves ours alone).
+        `sweep`: False where the caller swept the directory itself (sweep_staging), once
+        for several tries: what a try that failed swept was never counted."""
         self.path = path
         self.handle = handle
         # Checked first: the short staging name below would bind and the link would
         # succeed, leaving a socket no client can connect() to by its name.
         check_path(path)
         # What a supervisor killed before it gave its socket its name left beside it.
-        self.swept_staging = sweep_staging(os.path.dirname(path) or ".")
+        self.swept_staging = sweep_staging(os.path.dirname(path) or ".") if sweep else []
         self.sock, self.identity = _listen(path, replace)
         self.clients: dict[int, _Client] = {}
         # While a handler runs: what its client sent after the request line, read with

@@ -900,12 +900,16 @@ class Supervisor:
             raise ConfigError(f"status socket directory: {control.dir_error(exc)}") from None
         try:
             control.prepare_dir(directory)
+            # Swept once here, not by each try below: a try that failed (EADDRINUSE) had
+            # swept and removed files that `removed-stale-sockets` never counted.
+            swept = control.sweep_staging(directory)
             # Our pid is not unique in a directory that PID namespaces share (two containers
             # with one /tmp, each supervisor PID 1): take the next name while one answers.
             for suffix in ("", *(f"-{n}" for n in range(2, 100))):
                 path = os.path.join(directory, f"{os.getpid()}{suffix}.sock")
                 try:
-                    server = control.ControlServer(path, self.handle_control_request)
+                    server = control.ControlServer(path, self.handle_control_request,
+                                                   sweep=False)
                     break
                 except OSError as exc:
                     if exc.errno != errno.EADDRINUSE or suffix == "-99":
@@ -915,7 +919,7 @@ class Supervisor:
                 raise  # as above: the limit is what to raise, not the directory to look at
             raise ConfigError(f"status socket directory {directory!r}: "
                               f"{control.dir_error(exc)}") from None
-        stale = [*server.swept_staging, *control.sweep_stale(directory, server.path)]
+        stale = [*swept, *control.sweep_stale(directory, server.path)]
         if stale:
             self.log.info("removed-stale-sockets", count=len(stale), directory=directory)
         return server

@@ -27,6 +27,7 @@ from forkproxy import relay as fp_relay
 from forkproxy import signals
 from forkproxy import status as fp_status
 from forkproxy.config import ConfigError, Link, Options, Sources, parse_spec
+from forkproxy.control import STAGING_LEFT_AFTER
 from forkproxy.listeners import Listener
 from forkproxy.log import Logger
 from forkproxy.supervisor import METRICS_RESTART, TERM_BATCH, Supervisor
@@ -566,6 +567,48 @@ def test_two_supervisors_that_are_both_pid_1_share_a_socket_directory(
             assert proc.stdout is not None
             proc.stdout.close()
     assert list((runtime / "forkproxy").iterdir()) == []
+
+
+def test_a_staging_file_swept_before_a_taken_name_is_counted(
+    tmp_path: Path, tcp_server: ServerFactory,
+) -> None:
+    """The second supervisor that is PID 1 in a shared directory tries 1.sock, taken, then
+    1-2.sock. Its first try swept a dead staging file (a supervisor killed before it named
+    its socket) and failed: the file was removed, and `removed-stale-sockets` never said
+    so. It is counted now."""
+    server = tcp_server(echo)
+    runtime = tmp_path / "runtime"
+    runtime.mkdir(mode=0o700)
+    env = {**os.environ, "XDG_RUNTIME_DIR": str(runtime)}
+    command = [need("unshare"), "-pf", "--mount-proc", FORKPROXY, "serve",
+               f"127.0.0.1:0=127.0.0.1:{server.port}"]
+    log = tmp_path / "second.log"
+    procs = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, text=True)]
+    try:
+        assert procs[0].stdout is not None
+        assert procs[0].stdout.readline().startswith("listening "), procs[0].poll()
+        dead = runtime / "forkproxy" / ".0123456789abcdef.tmp"  # its owner killed
+        with socket.socket(socket.AF_UNIX) as staged:
+            staged.bind(str(dead))
+        then = time.time() - STAGING_LEFT_AFTER * 2
+        os.utime(dead, (then, then), follow_symlinks=False)
+        with log.open("w") as err:
+            procs.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
+                                          stderr=err, text=True))
+        assert procs[1].stdout is not None
+        assert procs[1].stdout.readline().startswith("listening "), procs[1].poll()
+        assert sorted(p.name for p in (runtime / "forkproxy").iterdir()) == ["1-2.sock",
+                                                                               "1.sock"]
+        assert (" removed-stale-sockets count=1 directory="
+                f"{runtime / 'forkproxy'}\n") in log.read_text(), log.read_text()
+    finally:
+        for proc in procs:
+            for child in psutil.Process(proc.pid).children():  # the PID 1 inside
+                child.terminate()
+            proc.wait(15)
+            assert proc.stdout is not None
+            proc.stdout.close()
 
 
 def test_a_stop_signal_is_not_lost_when_the_wakeup_pipe_is_full(tmp_path: Path) -> None:
