@@ -58,7 +58,9 @@ def find_socket(path: str | None) -> str:
     serve puts its socket when started without the variable, as systemd starts a system
     service, while an ssh login of the same user has it set (root's `status` then said
     "no running forkproxy" beside a healthy one). Only then: a directory serve made
-    under XDG_RUNTIME_DIR is where this user's proxies are."""
+    under XDG_RUNTIME_DIR is where this user's proxies are. In a user namespace with
+    none there either, /tmp/forkproxy-UID by the uid inside, where an older forkproxy
+    put it."""
     if path is not None:
         return path
     uid = own_outer_uid()
@@ -75,6 +77,18 @@ def find_socket(path: str | None) -> str:
             live = None  # unreadable, or another user's: not where this user's proxies are
         if live is not None:
             directory = fallback
+    if not live and uid is not None and uid != os.getuid():
+        # A supervisor of an older forkproxy, from before an upgrade in place in this user
+        # namespace, named its directory by the uid inside (control.default_dir): `status`
+        # and `serve --take-over` found none. Looked in only when the new place has none
+        # that answers, and only if it is ours (_live_sockets checks the owner).
+        inside = default_dir({}, os.getuid())
+        try:
+            found = _live_sockets(inside)
+        except StatusError:
+            found = None  # another user's: not where this user's proxies are
+        if found:
+            directory, live = inside, found
     if not live:
         raise StatusError(f"no running forkproxy found in {directory!r} (use --status-socket)")
     if len(live) > 1:

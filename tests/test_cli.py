@@ -482,6 +482,39 @@ def test_the_default_directory_in_a_user_namespace_is_named_by_the_real_uid() ->
             shutil.rmtree(squatted)  # made without the fix: not left behind
 
 
+def test_an_older_supervisors_socket_named_by_the_uid_inside_is_found(tmp_path: Path) -> None:
+    """An upgrade in place inside a user namespace: the older supervisor's socket is in
+    /tmp/forkproxy-<uid inside> (its naming), while the new `status`, `check`, `reload`
+    and `serve --take-over` looked only in /tmp/forkproxy-<uid outside>: "no running
+    forkproxy found". Looked in too now, when the new place has none that answers.
+    Root maps to an unused uid in a namespace nested in one with its own mounts, where
+    root's /tmp/forkproxy-0 is an empty tmpfs (other tests' supervisors not in it)."""
+    inside = 1_700_000_000 + os.getpid()
+    legacy = Path(f"/tmp/forkproxy-{inside}")
+    os.makedirs("/tmp/forkproxy-0", mode=0o700, exist_ok=True)
+    legacy.mkdir(mode=0o700)  # root's: seen as the uid inside's in the namespace
+    script = tmp_path / "inner.sh"
+    script.write_text(f"""
+{FORKPROXY} serve --status-socket {legacy}/old.sock 127.0.0.1:0=127.0.0.1:1 \
+    >/dev/null 2>{tmp_path}/old.log &
+for _ in $(seq 300); do [ -S {legacy}/old.sock ] && break; sleep 0.1; done
+{FORKPROXY} status; echo "status=$?"
+{FORKPROXY} check; echo "check=$?"
+kill $!; wait
+""")
+    unshare = need("unshare")
+    try:
+        result = subprocess.run(
+            [unshare, "--user", "--map-root-user", "--mount", "sh", "-c",
+             "mount -t tmpfs -o mode=0700 forkproxy-test /tmp/forkproxy-0 && exec "
+             f"{unshare} --user --map-user={inside} --map-group={inside} sh {script}"],
+            capture_output=True, text=True, timeout=60, env={"PATH": os.environ["PATH"]})
+        assert "status=0" in result.stdout and "check=0" in result.stdout, result
+        assert "no running forkproxy" not in result.stderr, result
+    finally:
+        shutil.rmtree(legacy)
+
+
 def test_a_user_namespace_that_maps_no_uid_has_no_default_directory() -> None:
     """`unshare -U` with no map: the uid is 65534 there, and so was the default directory,
     /tmp/forkproxy-65534, the real nobody's: made first, it was this user's, and nobody's
