@@ -836,9 +836,7 @@ def _signal_supervisor(pid_file: str) -> int:
         shown = text.decode() if text.isdigit() else repr(text)[1:]
         raise ReloadError(f"{shown_file} holds {shown}, not a process id")
     pid = int(text)
-    from .control import foreign_proc
-
-    not_ours = foreign_proc()
+    not_ours = control.foreign_proc()
     if not_ours:
         # /proc/PID would be another namespace's process PID: the check below would pass
         # or fail on some other process, and the SIGHUP go to ours all the same.
