@@ -382,12 +382,16 @@ def _task_fields(path: str) -> tuple[int, int, int] | None:
     return None
 
 
-def count_user_tasks(uid: int, proc: str = "/proc", own_pid: int | None = None) -> int:
+def count_user_tasks(uid: int, proc: str = "/proc", own_pid: int | None = None,
+                     leave_out: int | None = None) -> int:
     """The processes and threads of the user whose real uid is `uid`, this process's
     (`own_pid`) left out: what RLIMIT_NPROC counts besides forkproxy's own. Only those
     whose /proc/PID the user owns (its effective uid: one stat each, for every other
     user's) have their status read; a set-uid program the user runs is missed, and
-    own_pids's room takes it. Those visible here: another PID namespace's are not."""
+    own_pids's room takes it. Those visible here: another PID namespace's are not.
+    `leave_out`: a process left out with its children (the supervisor `serve
+    --take-over` takes over from, and its connections' children, which exit as they
+    drain: counted, they lowered the new one's --max-children for good)."""
     count = 0
     try:
         entries = os.scandir(proc)
@@ -395,7 +399,7 @@ def count_user_tasks(uid: int, proc: str = "/proc", own_pid: int | None = None) 
         return 0
     with entries:
         for entry in entries:
-            if not entry.name.isdigit() or int(entry.name) == own_pid:
+            if not entry.name.isdigit() or int(entry.name) in (own_pid, leave_out):
                 continue
             try:
                 if entry.stat(follow_symlinks=False).st_uid != uid:
@@ -405,17 +409,20 @@ def count_user_tasks(uid: int, proc: str = "/proc", own_pid: int | None = None) 
             fields = _task_fields(os.path.join(entry.path, "status"))
             if fields is None:
                 continue
-            real, _parent, threads = fields
-            if real == uid:
+            real, parent, threads = fields
+            if real == uid and (leave_out is None or parent != leave_out):
                 count += threads
     return count
 
 
-def read_nproc_limit(proc: str = "/proc") -> tuple[int | None, int]:
+def read_nproc_limit(proc: str = "/proc",
+                     taken_from: str | None = None) -> tuple[int | None, int]:
     """The soft RLIMIT_NPROC (ulimit -u) when the kernel holds this process to it, and
     the user's processes and threads besides this one (count_user_tasks); (None, 0) when
     there is no limit or it does not apply (nproc_exempt). The hard limit is not
-    raised to: past the soft one, forks fail all the same."""
+    raised to: past the soft one, forks fail all the same. `taken_from`: the control
+    socket of the supervisor `serve --take-over` takes over from, whose process and
+    children are not counted either (asked who listens only when a limit applies)."""
     import resource
 
     soft, _hard = resource.getrlimit(resource.RLIMIT_NPROC)
@@ -425,7 +432,30 @@ def read_nproc_limit(proc: str = "/proc") -> tuple[int | None, int]:
     if nproc_exempt(control.outer_uid(os.getuid(), uid_map), uid_map,
                     _read(os.path.join(proc, "self", "status"))):
         return None, 0
-    return soft, count_user_tasks(os.getuid(), proc, os.getpid())
+    leave_out = None if taken_from is None else listener_pid(taken_from)
+    return soft, count_user_tasks(os.getuid(), proc, os.getpid(), leave_out)
+
+
+def listener_pid(path: str) -> int | None:
+    """The pid of the process that listens on the Unix socket `path`, as this process
+    sees it (SO_PEERCRED of a connection to a listening socket names who listened), or
+    None: no connection (nothing there, a full backlog), a process of a PID namespace
+    not ours, or /proc is not our PID namespace's (its /proc/PID would be another)."""
+    import socket
+    import struct
+
+    if control.foreign_proc():
+        return None
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.setblocking(False)  # a full backlog: EAGAIN, not a wait
+        try:
+            sock.connect(path)
+            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                    struct.calcsize("3i"))
+        except OSError:
+            return None
+    pid: int = struct.unpack("3i", creds)[0]
+    return pid or None
 
 
 PID_MAX_FILE = "/proc/sys/kernel/pid_max"
@@ -509,9 +539,12 @@ def serve(*, sources: Sources, variables: Mapping[str, str] | None = None,
             raise ConfigError(f"--take-over: nothing to take over: {exc}") from None
         sources = sources.replace(options=sources.options.replace(take_over=found))
     # Read here, once, before the exec: the supervisor (the same process, in the same
-    # cgroup) then carries none of the code that finds it.
-    sources = sources.replace(options=with_limits(sources.options, read_memory_limit(),
-                                                  read_pids_limit(), read_nproc_limit()))
+    # cgroup) then carries none of the code that finds it. The supervisor taken over
+    # from, and its connections' children, drain and exit: counted as the user's other
+    # tasks, they lowered this one's --max-children for good (fixed at start).
+    sources = sources.replace(options=with_limits(
+        sources.options, read_memory_limit(), read_pids_limit(),
+        read_nproc_limit(taken_from=sources.options.take_over)))
     raise_open_files_limit()
     payload = json.dumps({**sources_to_json(sources), "variables": dict(variables or {}),
                           "version": __version__}).encode()

@@ -636,6 +636,19 @@ def test_the_user_s_other_tasks_are_counted_with_their_threads(tmp_path: Path) -
     assert count_user_tasks(uid, str(tmp_path / "none")) == 0
 
 
+def test_a_process_left_out_is_left_out_with_its_children(tmp_path: Path) -> None:
+    """`serve --take-over`: the supervisor taken over from and its connections' children
+    (by PPid) are not the user's other tasks; its grandparent's other children are."""
+    uid = os.getuid()
+    for pid, parent, threads in ((20, 1, 2), (21, 20, 1), (22, 20, 3), (23, 1, 5)):
+        (tmp_path / str(pid)).mkdir()
+        (tmp_path / str(pid) / "status").write_text(
+            f"Name:\tx\nPPid:\t{parent}\nUid:\t{uid}\t{uid}\t{uid}\t{uid}\n"
+            f"Gid:\t0\t0\t0\t0\nThreads:\t{threads}\nSigQ:\t0/1\n")
+    assert count_user_tasks(uid, str(tmp_path)) == 2 + 1 + 3 + 5
+    assert count_user_tasks(uid, str(tmp_path), leave_out=20) == 5
+
+
 def test_root_is_not_held_to_the_nproc_limit() -> None:
     """The tests run as root: a limit that does not apply is no limit at all."""
     assert os.getuid() == 0
