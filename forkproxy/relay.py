@@ -44,7 +44,14 @@ from .accounting import (
     note_fallback,
     own_lookup_failed,
 )
-from .config import KEEPALIVE_PROBES, Endpoint, Link, Options, peer_text
+from .config import (
+    KEEPALIVE_PROBES,
+    Endpoint,
+    Link,
+    Options,
+    children_within_nproc,
+    peer_text,
+)
 from .log import INFO, SLOT, SLOT_INT, SLOT_SECONDS, WARNING, Logger
 
 __all__ = [
@@ -473,9 +480,9 @@ class OwnLookup:
     One lookup at a time: an attempt whose lookup timed out leaves it running, and the
     next attempt (--connect-retries) waits for that one again rather than starting
     another, so a hung DNS server holds one thread, and one query, per child. Under a
-    pids limit no thread is started (_lookup_in_thread), and a thread that cannot start
-    or an eventfd that cannot be had (out of descriptors) leaves the plain blocking
-    lookup, unbounded, as before."""
+    pids limit, or a tight nproc one, no thread is started (lookup_threads_fit), and a
+    thread that cannot start or an eventfd that cannot be had (out of descriptors)
+    leaves the plain blocking lookup, unbounded, as before."""
 
     __slots__ = ("client", "done", "result", "started", "target", "watch")
 
@@ -514,7 +521,7 @@ class OwnLookup:
 
     def _start(self) -> bool:
         """Start the lookup in a thread; False when it cannot be or must not be (under a
-        pids limit: _lookup_in_thread; see the class)."""
+        pids limit or a tight nproc one: _lookup_in_thread; see the class)."""
         import _thread  # built in, and imported already: see the class
 
         if not _lookup_in_thread:
@@ -995,6 +1002,19 @@ def _socket_error(sock: RawSocket) -> OSError:
     return OSError(code, os.strerror(code))
 
 
+def lookup_threads_fit(options: Options) -> bool:
+    """May a child's own lookup run in a thread, a second task per connection? Not under
+    a pids limit: the --max-children derived from it counts one task a connection. Under
+    an nproc limit (ulimit -u) only where it holds two a connection: most distributions
+    give every user one (~60,000), which bounds nothing, and any finite one turned the
+    bounded lookup off for most users who are not root."""
+    if options.pids_limit is not None:
+        return False
+    return options.nproc_limit is None or children_within_nproc(
+        options.nproc_limit, options.nproc_others,
+        options.metrics is not None) >= 2 * options.max_children
+
+
 def preload(options: Options, log: Logger, rounds: int = 24) -> None:
     """Prepare, in the supervisor before it forks, what every child would otherwise make.
 
@@ -1011,7 +1031,7 @@ def preload(options: Options, log: Logger, rounds: int = 24) -> None:
     """
     global _child_buffers, _lookup_in_thread
     _child_buffers = (memoryview(bytearray(COPY_CHUNK)), memoryview(bytearray(COPY_CHUNK)))
-    _lookup_in_thread = options.pids_limit is None and options.nproc_limit is None
+    _lookup_in_thread = lookup_threads_fit(options)
     # A whole slot of its own (not the children's): a warm-up connect that fails writes
     # its FAILURE word there, as a child's would.
     counters = memoryview(bytearray(8 * FIELDS)).cast("Q")

@@ -415,6 +415,31 @@ def test_under_a_pids_limit_a_childs_own_lookup_starts_no_thread(
             assert len(started) == threads, pids_limit
 
 
+@pytest.mark.parametrize(("options", "threads"), [
+    (Options(), True),
+    (Options(pids_limit=60_000), False),  # a pids limit: never, as the test above
+    # Most distributions give every user ~60,000: that bounds nothing.
+    (Options(nproc_limit=63_000, nproc_others=200), True),
+    (Options(nproc_limit=63_000, nproc_others=200, metrics="127.0.0.1:0"), True),
+    # A tight one: derived from it, --max-children leaves no room for a thread each.
+    (Options(nproc_limit=300, nproc_others=0, max_children=279), False),
+    (Options(nproc_limit=300, nproc_others=200, max_children=50), False),
+    (Options(nproc_limit=3000, nproc_others=0, max_children=1024), True),
+    (Options(nproc_limit=3000, nproc_others=1000, max_children=1024), False),
+])
+def test_under_an_nproc_limit_a_lookup_thread_only_where_it_holds_two_a_connection(
+    options: Options, threads: bool
+) -> None:
+    """Any finite ulimit -u turned the child's bounded lookup (a thread) off, as a pids
+    limit does: for most users who are not root, whose limit (~60,000) bounds nothing.
+    Now only where the limit does not hold two tasks a connection."""
+    try:
+        relay.preload(options, Logger(), rounds=0)
+        assert relay._lookup_in_thread is threads
+    finally:
+        relay.preload(Options(), Logger(), rounds=0)
+
+
 def test_a_lookup_whose_thread_cannot_start_runs_as_before(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
