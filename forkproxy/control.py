@@ -417,18 +417,28 @@ def sweep_staging(directory: str) -> list[str]:
         names = [name for name in os.listdir(directory) if _is_staging_name(name)]
     except OSError:
         return []
+    bound: set[bytes] | None = None  # /proc/net/unix, read at most once, when needed
+
+    def dead(path: str) -> bool:
+        nonlocal bound
+        found = os.lstat(path)
+        if (not stat.S_ISSOCK(found.st_mode) or found.st_uid != os.geteuid()
+                or time.time() - found.st_mtime < STAGING_LEFT_AFTER
+                or probe(path) != STALE):
+            return False
+        bound = _bound_names() if bound is None else bound
+        return os.fsencode(os.path.basename(path)) not in bound
+
+    return _remove_each([os.path.join(directory, name) for name in names], dead)
+
+
+def _remove_each(paths: list[str], dead: Callable[[str], bool]) -> list[str]:
+    """Remove each of `paths` that `dead` says is (an OSError from either: left alone);
+    those removed."""
     removed: list[str] = []
-    bound: set[bytes] | None = None
-    for name in names:
-        path = os.path.join(directory, name)
+    for path in paths:
         try:
-            found = os.lstat(path)
-            if (not stat.S_ISSOCK(found.st_mode) or found.st_uid != os.geteuid()
-                    or time.time() - found.st_mtime < STAGING_LEFT_AFTER
-                    or probe(path) != STALE):
-                continue
-            bound = _bound_names() if bound is None else bound
-            if os.fsencode(name) in bound:
+            if not dead(path):
                 continue
             os.unlink(path)
         except OSError:
@@ -534,21 +544,13 @@ def sweep_stale(directory: str, own: str) -> list[str]:
     the OOM killer, a container stopped hard), and those files would pile up. Only STALE
     sockets go; other files and errors are left alone.
     """
-    removed: list[str] = []
     try:
         names = os.listdir(directory)
     except OSError:
-        return removed
-    for name in names:
-        path = os.path.join(directory, name)
-        try:
-            if not name.endswith(".sock") or path == own or probe(path) != STALE:
-                continue
-            os.unlink(path)
-        except OSError:
-            continue
-        removed.append(path)
-    return removed
+        return []
+    return _remove_each([os.path.join(directory, name) for name in names
+                         if name.endswith(".sock")],
+                        lambda path: path != own and probe(path) == STALE)
 
 
 def _remove_if_stale(path: str) -> None:
