@@ -1821,15 +1821,10 @@ def test_a_taker_killed_before_its_socket_file_has_its_name_leaves_nothing_for_g
     assert new.stop() == 0
 
 
-def test_a_handed_socket_shut_down_from_outside_is_not_said_to_be_unconfigured(
-    start_proxy: Callable[..., Proxy], tcp_server: ServerFactory, short_dir: Path,
-) -> None:
-    """The old supervisor's listener shut down from outside (`ss -K`) and unable to listen
-    again (its port taken meanwhile): it hands the dead socket over, which the taker,
-    finding it not listening, cannot use; it binds the port anew. Its `unlisten` line said
-    "(handed over; not in this configuration)" of a link that is in it, and listens. It
-    now says what happened."""
-    old, taker_args, path, *_ = _old_supervisor(start_proxy, tcp_server, short_dir)
+def _shut_and_port_taken(old: Proxy) -> socket.socket:
+    """`old`'s listener shut down from outside (`ss -K`) and its port taken by another
+    socket, both while `old` is stopped, so that it cannot listen again: the other
+    socket, listening."""
     old.signal(signal.SIGSTOP)  # the shutdown and the port taken before it looks
     try:
         killed = subprocess.run([need("ss"), "-K", "-tln", f"sport = :{old.port}"],
@@ -1840,6 +1835,19 @@ def test_a_handed_socket_shut_down_from_outside_is_not_said_to_be_unconfigured(
         occupier.listen()
     finally:
         old.signal(signal.SIGCONT)
+    return occupier
+
+
+def test_a_handed_socket_shut_down_from_outside_is_not_said_to_be_unconfigured(
+    start_proxy: Callable[..., Proxy], tcp_server: ServerFactory, short_dir: Path,
+) -> None:
+    """The old supervisor's listener shut down from outside (`ss -K`) and unable to listen
+    again (its port taken meanwhile): it hands the dead socket over, which the taker,
+    finding it not listening, cannot use; it binds the port anew. Its `unlisten` line said
+    "(handed over; not in this configuration)" of a link that is in it, and listens. It
+    now says what happened."""
+    old, taker_args, path, *_ = _old_supervisor(start_proxy, tcp_server, short_dir)
+    occupier = _shut_and_port_taken(old)
     with occupier:
         assert wait_for(lambda: " listener-shut " in old.log()), old.log()
         assert "cannot listen again" in old.log(), old.log()
@@ -1863,16 +1871,7 @@ def test_a_handed_socket_shut_down_from_outside_does_not_stop_an_unconfirmed_tak
     which the taker binds anew) made it take the old one for stopped, and exit 2 ("did
     not confirm the hand-over"). Only the sockets it serves on count now."""
     old, taker_args, path, pid_file, log = _old_supervisor(start_proxy, tcp_server, short_dir)
-    old.signal(signal.SIGSTOP)
-    try:
-        killed = subprocess.run([need("ss"), "-K", "-tln", f"sport = :{old.port}"],
-                                capture_output=True, text=True, timeout=30)
-        assert killed.returncode == 0, killed
-        occupier = socket.socket()
-        occupier.bind(("127.0.0.1", old.port))
-        occupier.listen()
-    finally:
-        old.signal(signal.SIGCONT)
+    occupier = _shut_and_port_taken(old)
     with occupier:
         assert wait_for(lambda: "cannot listen again" in old.log()), old.log()
     with OpenGate(pid_file) as gate:
