@@ -2655,6 +2655,33 @@ def test_without_a_memory_limit_max_children_stays_1024_and_nothing_is_said(
     assert proxy.stop() == 0
 
 
+def _served_beyond_the_limit(proxy: Proxy, fit: int, beyond: int, others: int,
+                             at_the_limit: Callable[[list[socket.socket]], None]) -> None:
+    """`fit` clients served and held, then `beyond` more that wait in the backlog (as many
+    children as `fit`, and `others` besides: a metrics process); `at_the_limit` looks
+    then, given those waiting; and as the first ones close, every waiting one is served."""
+    served: list[socket.socket] = []
+    waiting: list[socket.socket] = []
+    try:
+        for i in range(fit):
+            served.append(connect(proxy.port))
+            assert exchange(served[-1], b"%d" % i) == b"%d" % i
+        for i in range(beyond):
+            waiting.append(connect(proxy.port))  # the handshake completes in the backlog
+            waiting[-1].sendall(b"w%d" % i)
+        assert wait_for(lambda: len(children(proxy.pid)) == fit + others)
+        at_the_limit(waiting)
+        for sock in served:
+            sock.close()  # their children exit: the waiting clients are accepted
+        for i, sock in enumerate(waiting):
+            sock.settimeout(30)
+            assert recv_exact(sock, len(b"w%d" % i)) == b"w%d" % i
+            sock.close()  # and makes room for the next
+    finally:
+        for sock in served + waiting:
+            sock.close()
+
+
 def test_at_a_pids_limit_the_clients_beyond_what_it_holds_wait_in_the_backlog(
     pids_cgroup: Path, start_proxy: StartProxy, tcp_server: ServerFactory, short_dir: Path
 ) -> None:
@@ -2678,30 +2705,14 @@ def test_at_a_pids_limit_the_clients_beyond_what_it_holds_wait_in_the_backlog(
     reply = status_json(sock_path)
     assert (reply["max_children"], reply["pids_limit"], reply["pids_fit"]) == (
         fit, limit, fit), reply
-    served: list[socket.socket] = []
-    waiting: list[socket.socket] = []
-    try:
-        for i in range(fit):
-            served.append(connect(proxy.port))
-            assert exchange(served[-1], b"%d" % i) == b"%d" % i
-        # With the old default, the supervisor and this many children were more than
-        # pids.max: the last forks failed.
-        for i in range(limit):
-            waiting.append(connect(proxy.port))  # the handshake completes in the backlog
-            waiting[-1].sendall(b"w%d" % i)
-        assert wait_for(lambda: len(children(proxy.pid)) == fit)
+    def at_the_limit(waiting: list[socket.socket]) -> None:
         for sock in waiting[:3]:
             assert not closed_by_peer(sock, 1)  # waiting: neither served nor closed
         assert len(children(proxy.pid)) == fit  # none beyond the limit
-        for sock in served:
-            sock.close()  # their children exit: the waiting clients are accepted
-        for i, sock in enumerate(waiting):
-            sock.settimeout(30)
-            assert recv_exact(sock, len(b"w%d" % i)) == b"w%d" % i
-            sock.close()  # and makes room for the next
-    finally:
-        for sock in served + waiting:
-            sock.close()
+
+    # With the old default, the supervisor and this many children were more than
+    # pids.max: the last forks failed.
+    _served_beyond_the_limit(proxy, fit, limit, 0, at_the_limit)
     assert "fork-failed" not in proxy.log()
     assert proxy.stop() == 0
 
@@ -2786,29 +2797,13 @@ def test_at_an_nproc_limit_the_clients_beyond_what_it_holds_wait_and_metrics_ans
     reply = status_json(sock_path)
     assert (reply["max_children"], reply["nproc_limit"], reply["nproc_fit"]) == (
         fit, limit, fit), reply
-    served: list[socket.socket] = []
-    waiting: list[socket.socket] = []
-    try:
-        for i in range(fit):
-            served.append(connect(proxy.port))
-            assert exchange(served[-1], b"%d" % i) == b"%d" % i
-        for i in range(limit):
-            waiting.append(connect(proxy.port))  # the handshake completes in the backlog
-            waiting[-1].sendall(b"w%d" % i)
-        # The relay children and the metrics process: none beyond the limit.
-        assert wait_for(lambda: len(children(proxy.pid)) == fit + 1)
+    def at_the_limit(_waiting: list[socket.socket]) -> None:
         found = samples(scrape(metrics_url(proxy)))  # a thread the limit has room for
         assert value(found, "forkproxy_nproc_limit") == limit
         assert value(found, "forkproxy_max_children") == fit
-        for sock in served:
-            sock.close()  # their children exit: the waiting clients are accepted
-        for i, sock in enumerate(waiting):
-            sock.settimeout(30)
-            assert recv_exact(sock, len(b"w%d" % i)) == b"w%d" % i
-            sock.close()  # and makes room for the next
-    finally:
-        for sock in served + waiting:
-            sock.close()
+
+    # The relay children and the metrics process (1): none beyond the limit.
+    _served_beyond_the_limit(proxy, fit, limit, 1, at_the_limit)
     assert "fork-failed" not in proxy.log()
     assert "metrics-request-failed" not in proxy.log()
     assert proxy.stop() == 0
