@@ -535,6 +535,16 @@ def test_out_of_descriptors_a_lookup_is_skipped_not_fatal(tmp_path: Path) -> Non
     assert b"resolve-failed" in text and b"cannot open a pipe" in text
 
 
+def _stop_in_pid_namespaces(procs: list[subprocess.Popen[str]]) -> None:
+    """Stop each `unshare -pf` and the supervisor that is PID 1 inside it."""
+    for proc in procs:
+        for child in psutil.Process(proc.pid).children():  # the PID 1 inside
+            child.terminate()
+        proc.wait(15)
+        assert proc.stdout is not None
+        proc.stdout.close()
+
+
 def test_two_supervisors_that_are_both_pid_1_share_a_socket_directory(
     tmp_path: Path, tcp_server: ServerFactory,
 ) -> None:
@@ -560,12 +570,7 @@ def test_two_supervisors_that_are_both_pid_1_share_a_socket_directory(
                                     capture_output=True, text=True, timeout=30)
             assert result.returncode == 0, result
     finally:
-        for proc in procs:
-            for child in psutil.Process(proc.pid).children():  # the PID 1 inside
-                child.terminate()
-            proc.wait(15)
-            assert proc.stdout is not None
-            proc.stdout.close()
+        _stop_in_pid_namespaces(procs)
     assert list((runtime / "forkproxy").iterdir()) == []
 
 
@@ -603,12 +608,7 @@ def test_a_staging_file_swept_before_a_taken_name_is_counted(
         assert (" removed-stale-sockets count=1 directory="
                 f"{runtime / 'forkproxy'}\n") in log.read_text(), log.read_text()
     finally:
-        for proc in procs:
-            for child in psutil.Process(proc.pid).children():  # the PID 1 inside
-                child.terminate()
-            proc.wait(15)
-            assert proc.stdout is not None
-            proc.stdout.close()
+        _stop_in_pid_namespaces(procs)
 
 
 def test_a_stop_signal_is_not_lost_when_the_wakeup_pipe_is_full(tmp_path: Path) -> None:
