@@ -2717,6 +2717,28 @@ def test_at_a_pids_limit_the_clients_beyond_what_it_holds_wait_in_the_backlog(
     assert proxy.stop() == 0
 
 
+def _given_above_the_limit(start_proxy: StartProxy, tcp_server: ServerFactory,
+                           short_dir: Path, kind: str, limit: int,
+                           prefix: tuple[str, ...]) -> None:
+    """A --max-children of 50 given, above what the `kind` limit ("pids", "nproc") of
+    `limit` holds beside forkproxy's own (run under `prefix`): served as told, with one
+    warning at start, and status says how many fit."""
+    fit = limit - OWN_PIDS
+    server = tcp_server(echo)
+    spec, sock_path = f"127.0.0.1:0=127.0.0.1:{server.port}", short_dir / "s.sock"
+    proxy = start_proxy("--max-children", "50", "--status-socket", str(sock_path), spec,
+                        prefix=prefix)
+    [line] = max_children_lines(proxy)
+    assert line.endswith(f" warning max-children value=50 fits={fit} {kind}_limit={limit} "
+                         f"detail=\"about {fit} fit the {kind} limit of {limit}; beyond that "
+                         "forks fail and clients wait for one that works (fork-failed)\""), line
+    first = cli("status", "--status-socket", str(sock_path)).stdout.splitlines()[0]
+    assert first.endswith(f", max-children 50 (about {fit} fit the {kind} limit of {limit})"), \
+        first
+    assert ping_echo(proxy.port)
+    assert proxy.stop() == 0
+
+
 def test_a_given_max_children_above_the_pids_limit_is_served_with_a_warning(
     pids_cgroup: Path, start_proxy: StartProxy, tcp_server: ServerFactory, short_dir: Path
 ) -> None:
@@ -2724,21 +2746,9 @@ def test_a_given_max_children_above_the_pids_limit_is_served_with_a_warning(
     --max-children above what it holds is no error, but one warning at start, and status
     says how many fit."""
     limit = 30
-    fit = limit - OWN_PIDS
     (pids_cgroup / "pids.max").write_text(str(limit))
-    server = tcp_server(echo)
-    spec, sock_path = f"127.0.0.1:0=127.0.0.1:{server.port}", short_dir / "s.sock"
-    proxy = start_proxy("--max-children", "50", "--status-socket", str(sock_path), spec,
-                        prefix=in_cgroup(pids_cgroup))
-    [line] = max_children_lines(proxy)
-    assert line.endswith(f" warning max-children value=50 fits={fit} pids_limit={limit} "
-                         f"detail=\"about {fit} fit the pids limit of {limit}; beyond that "
-                         "forks fail and clients wait for one that works (fork-failed)\""), line
-    first = cli("status", "--status-socket", str(sock_path)).stdout.splitlines()[0]
-    assert first.endswith(f", max-children 50 (about {fit} fit the pids limit of {limit})"), \
-        first
-    assert ping_echo(proxy.port)
-    assert proxy.stop() == 0
+    _given_above_the_limit(start_proxy, tcp_server, short_dir, "pids", limit,
+                           in_cgroup(pids_cgroup))
 
 
 def test_the_metrics_show_the_pids_limit_that_bounds_the_derived_max_children(
@@ -2816,21 +2826,9 @@ def test_a_given_max_children_above_the_nproc_limit_is_served_with_a_warning(
     with one warning at start, and status says how many fit."""
     uid = 1_700_000_000 + os.getpid() % 1_000_000
     limit = 30
-    fit = limit - OWN_PIDS
     os.chown(short_dir, uid, uid)
-    server = tcp_server(echo)
-    spec, sock_path = f"127.0.0.1:0=127.0.0.1:{server.port}", short_dir / "s.sock"
-    proxy = start_proxy("--max-children", "50", "--status-socket", str(sock_path), spec,
-                        prefix=as_user_under_nproc(uid, limit))
-    [line] = max_children_lines(proxy)
-    assert line.endswith(f" warning max-children value=50 fits={fit} nproc_limit={limit} "
-                         f"detail=\"about {fit} fit the nproc limit of {limit}; beyond that "
-                         "forks fail and clients wait for one that works (fork-failed)\""), line
-    first = cli("status", "--status-socket", str(sock_path)).stdout.splitlines()[0]
-    assert first.endswith(f", max-children 50 (about {fit} fit the nproc limit of {limit})"), \
-        first
-    assert ping_echo(proxy.port)
-    assert proxy.stop() == 0
+    _given_above_the_limit(start_proxy, tcp_server, short_dir, "nproc", limit,
+                           as_user_under_nproc(uid, limit))
 
 
 def test_a_take_over_under_an_nproc_limit_keeps_the_old_ones_max_children(
