@@ -149,7 +149,7 @@ _NO_BUFFER = memoryview(bytearray())  # until a flow's first read allocates its 
 _child_buffers: tuple[memoryview, memoryview] | None = None
 
 # Whether a child's own lookup may run in a thread (OwnLookup): not under a pids limit
-# (nor an nproc limit, which counts threads too).
+# (nor under an nproc limit too tight for two a connection: lookup_threads_fit).
 # A thread is a task pids.max counts, and the --max-children derived from that limit
 # counts one per connection: with every child of a link whose DNS hangs holding two,
 # forks failed at half the connections and healthy links starved (the review's
