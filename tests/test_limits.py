@@ -1400,15 +1400,7 @@ def test_a_listener_shut_down_that_cannot_listen_again_says_so_and_does_not_spin
                         f"127.0.0.1:0=127.0.0.1:{server.port}",
                         f"127.0.0.1:0=127.0.0.1:{another.port}", expect=2)
     lost, other = proxy.ports
-    os.kill(proxy.pid, signal.SIGSTOP)
-    try:
-        shut_down_from_outside(proxy.pid, lost)
-        squatter = socket.socket()
-        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        squatter.bind(("127.0.0.1", lost))
-        squatter.listen()
-    finally:
-        os.kill(proxy.pid, signal.SIGCONT)
+    squatter = shut_and_squatted(proxy.pid, lost)
     with squatter:
         assert wait_for(lambda: "listener-shut" in proxy.log()), proxy.log()
         [line] = [line for line in proxy.log().splitlines() if "listener-shut" in line]
@@ -1433,6 +1425,22 @@ def test_a_listener_shut_down_that_cannot_listen_again_says_so_and_does_not_spin
     assert wait_for(lambda: "listening again" in proxy.log()), proxy.log()
     assert ping_echo(lost)
     assert cli("check", "--status-socket", str(sock_path)).returncode == 0
+
+
+def shut_and_squatted(pid: int, port: int) -> socket.socket:
+    """Supervisor `pid`'s listener on `port` shut down from outside and the port taken by
+    another socket, both while it is stopped, so that it cannot listen again: that other
+    socket, listening."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        shut_down_from_outside(pid, port)
+        squatter = socket.socket()
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        squatter.bind(("127.0.0.1", port))
+        squatter.listen()
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    return squatter
 
 
 def _shown_listening(sock_path: Path, url: str, specs: dict[str, int]) -> dict[str, tuple[
@@ -1471,15 +1479,7 @@ def test_a_listener_that_cannot_listen_again_shows_in_status_and_the_metrics(
     served = {lost_spec: (True, f"127.0.0.1:{lost} -> 127.0.0.1:{server.port}", 1.0),
               other_spec: (True, f"127.0.0.1:{other} -> 127.0.0.1:{another.port}", 1.0)}
     assert _shown_listening(sock_path, url, specs) == served
-    os.kill(proxy.pid, signal.SIGSTOP)
-    try:
-        shut_down_from_outside(proxy.pid, lost)
-        squatter = socket.socket()
-        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        squatter.bind(("127.0.0.1", lost))
-        squatter.listen()
-    finally:
-        os.kill(proxy.pid, signal.SIGCONT)
+    squatter = shut_and_squatted(proxy.pid, lost)
     with squatter:
         assert wait_for(lambda: "cannot listen again" in proxy.log()), proxy.log()
         assert _shown_listening(sock_path, url, specs) == {
