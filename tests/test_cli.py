@@ -2207,15 +2207,24 @@ def assert_one_start_error(result: subprocess.CompletedProcess[str], message: st
             "level": "error", "event": "start-failed", "error": message}, record
 
 
+SERVE_SCRIPT = Path(__file__).resolve().parent.parent / "forkproxy" / "_serve.py"
+
+
+def config_in_memfd(payload: dict[str, object]) -> int:
+    """A memfd holding `payload` as JSON, at its start: the descriptor `serve` hands
+    _serve.py its configuration by (the caller closes it)."""
+    config_fd = os.memfd_create("test-config", 0)
+    os.write(config_fd, json.dumps(payload).encode())
+    os.lseek(config_fd, 0, os.SEEK_SET)
+    return config_fd
+
+
 def handed_to_supervisor(payload: dict[str, object]) -> subprocess.CompletedProcess[str]:
     """_serve.py as `serve` execs it, handed `payload` as its configuration."""
-    config_fd = os.memfd_create("test-config", 0)
+    config_fd = config_in_memfd(payload)
     try:
-        os.write(config_fd, json.dumps(payload).encode())
-        os.lseek(config_fd, 0, os.SEEK_SET)
-        script = Path(__file__).resolve().parent.parent / "forkproxy" / "_serve.py"
         return subprocess.run(
-            [sys.executable, "-I", "-S", str(script), "--config-fd", str(config_fd)],
+            [sys.executable, "-I", "-S", str(SERVE_SCRIPT), "--config-fd", str(config_fd)],
             pass_fds=(config_fd,), capture_output=True, text=True, timeout=60, check=False)
     finally:
         os.close(config_fd)
@@ -2280,13 +2289,10 @@ def test_a_second_signal_as_the_supervisor_exits_leaves_its_exit_status_0(
                       options=Options(status_socket=str(tmp_path / "s.sock")))
     payload: dict[str, Any] = {**sources_to_json(sources), "variables": {},
                                "version": __version__}
-    config_fd = os.memfd_create("test-config", 0)
+    config_fd = config_in_memfd(payload)
     try:
-        os.write(config_fd, json.dumps(payload).encode())
-        os.lseek(config_fd, 0, os.SEEK_SET)
-        script = Path(__file__).resolve().parent.parent / "forkproxy" / "_serve.py"
         with subprocess.Popen(
-            [sys.executable, "-I", "-S", "-c", SECOND_SIGNAL_AS_IT_EXITS, str(script),
+            [sys.executable, "-I", "-S", "-c", SECOND_SIGNAL_AS_IT_EXITS, str(SERVE_SCRIPT),
              str(config_fd), str(int(signum))],
             pass_fds=(config_fd,), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         ) as proc:
