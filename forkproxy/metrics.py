@@ -158,8 +158,9 @@ def render(status: dict[str, Any],
     # above miss between two scrapes.
     drops = CounterMetricFamily("forkproxy_listen_drops",
                                 "Handshake packets the kernel dropped at the listening socket "
-                                "since it was bound, its accept queue full (a client's retried "
-                                "SYN counts again)", labels=["link"])
+                                "since it was bound: its accept queue full (a client's retried "
+                                "SYN counts again), no route back for the SYN-ACK, or a full "
+                                "SYN queue without syncookies", labels=["link"])
     # Per listener, as the listeners' other series: `check` fails on a port that cannot
     # listen again; this shows one shut down from outside from the moment it is, too.
     listener_up = GaugeMetricFamily("forkproxy_listener_up",
