@@ -382,7 +382,10 @@ _OUT_OF_PORTS = ("out of local ports toward the upstream: each connection holds 
 
 class TakeOverCancelled(Exception):
     """serve --take-over asked to stop (the signal's name) before the supervisor taken
-    over stopped: the take-over does not happen, and that one serves on."""
+    over stopped: the take-over does not happen, and that one serves on. `told`: after
+    our `go` was sent, its answer not read yet."""
+
+    told = False
 
 
 class Supervisor:
@@ -674,6 +677,9 @@ class Supervisor:
             # A stop asked while we wait for the answer cancels at once, the answer left
             # unread: the supervisor there, finding it unread or us gone, serves on.
             reply = control.say_go(self.taken_from, self._cancel_if_stop_asked)
+        except TakeOverCancelled as exc:
+            exc.told = True
+            raise
         except (OSError, ValueError) as exc:
             error = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             # The ones we serve on: a handed socket shut down from outside before (one we
@@ -687,7 +693,11 @@ class Supervisor:
             # A stop asked while we waited: the `go` is sent, but the old supervisor, once
             # it reads it, finds us gone and serves on (_taker_done): we close our copies
             # (never shut them down) and go.
-            self._cancel_if_stop_asked()
+            try:
+                self._cancel_if_stop_asked()
+            except TakeOverCancelled as cancelled:
+                cancelled.told = True
+                raise
             # Told, and silent since (stopped, frozen, swapping): giving up now would leave
             # nobody serving once it reads our `go` and stops. The sockets still listen:
             # served by both until it does. The connection stays open until we exit: its
@@ -1044,9 +1054,10 @@ class Supervisor:
             # sockets are closed, not shut down, and our socket file and pid file removed
             # before the connection: the old supervisor, at its close, serves on and
             # makes them again (_taker_done, _own_again).
-            self.log.warning("take-over-cancelled", signal=str(exc),
-                             detail="stopped before the supervisor taken over was told to "
-                             "stop: it serves on")
+            self.log.warning("take-over-cancelled", signal=str(exc), detail=(
+                "stopped after the supervisor taken over was told to stop, before it "
+                "answered: it serves on once it finds its answer unread" if exc.told else
+                "stopped before the supervisor taken over was told to stop: it serves on"))
             self.cleanup()
             self.log.settle(LOG_SETTLE)
             return 0

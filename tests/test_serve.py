@@ -1689,6 +1689,8 @@ def test_a_stop_of_the_taker_before_its_go_cancels_the_take_over(
             assert at_pid_file == new.pid
             assert new.wait(30) == 0, log.read_text()
             assert " take-over-cancelled " in log.read_text(), log.read_text()
+            assert "before the supervisor taken over was told to stop" in log.read_text(), \
+                log.read_text()
         finally:
             kill_group(new)
     _serves_on_alone(old, path, pid_file)
@@ -1745,6 +1747,8 @@ def test_a_taker_stopped_while_it_waits_for_a_stalled_old_one_leaves_it_serving(
             assert new.wait(TAKE_OVER_TIMEOUT - 3) == 0, log.read_text()
             assert f" take-over-cancelled signal={stop.name} " in log.read_text(), \
                 log.read_text()
+            # Its `go` went out: the line does not say it had not.
+            assert "was told to stop, before it answered" in log.read_text(), log.read_text()
         finally:
             old.signal(signal.SIGCONT)
             kill_group(new)
