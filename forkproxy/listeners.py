@@ -413,7 +413,8 @@ def bound_address(sock: socket.socket) -> BoundAddress | None:
 
 def bind_all(links: Iterable[Link],
              handed: dict[BoundAddress, socket.socket] | None = None,
-             handed_by: str = "") -> list[Listener]:
+             handed_by: str = "",
+             kernel_ports: dict[str, BoundAddress] | None = None) -> list[Listener]:
     """Every link or none: on the first failure the ones already bound are closed.
 
     `handed`: listening sockets another supervisor handed over (serve --take-over), by
@@ -421,12 +422,24 @@ def bind_all(links: Iterable[Link],
     rather than binding one, listening again with our backlog. Those stay the caller's to
     close on failure (closed, never shut down: the supervisor that handed them still serves
     on them until it is told to stop). `handed_by` names that supervisor, for the error
-    of a link that moves a handed port to another address (moved_port)."""
+    of a link that moves a handed port to another address (moved_port). `kernel_ports`:
+    where that supervisor's links of port 0 listen, by link name: the same link here (port
+    0, the same address) takes that socket, and so keeps the port the kernel chose there,
+    as a reload keeps it, rather than closing it on the clients that learned it."""
     handed = handed or {}
+    links = list(links)
     bound: list[Listener] = []
     try:
+        # A port named here is that link's, even where the kernel chose it there.
+        named = {address_key(link.bind, link.port) for link in links if link.port}
         for link in links:
-            sock = handed.get(address_key(link.bind, link.port)) if link.port else None
+            if link.port:
+                port, sock = link.port, handed.get(address_key(link.bind, link.port))
+            else:
+                chosen = (kernel_ports or {}).get(link.name)
+                port, sock = (chosen[2], handed.get(chosen)) if chosen is not None and (
+                    chosen not in named and address_key(link.bind, chosen[2]) == chosen
+                ) else (0, None)
             if sock is None:
                 try:
                     bound.append(bind(link))
@@ -443,7 +456,7 @@ def bind_all(links: Iterable[Link],
             except OSError as exc:
                 raise ConfigError(f"cannot listen on {link.describe()} again: "
                                   f"{exc.strerror or exc}") from None
-            adopted = Listener(link, sock, link.port)
+            adopted = Listener(link, sock, port)
             adopted.drops()  # counted from now: what the kernel counted before is not ours
             adopted.drops_read = 0
             bound.append(adopted)

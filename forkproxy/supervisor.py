@@ -567,7 +567,8 @@ class Supervisor:
         self.env_file_blank = not env_text.strip()
         self._log_table_warnings(table)
         handed = self._take_over() if self.options.take_over is not None else {}
-        self.listeners = listeners.bind_all(table.links, handed, self.handed_by)
+        self.listeners = listeners.bind_all(table.links, handed, self.handed_by,
+                                            self._handed_kernel_ports())
         try:
             self._listen_options(self.listeners)
             self.metrics_sock = self._bind_metrics()
@@ -661,6 +662,14 @@ class Supervisor:
         self.handed_by = f"the supervisor taken over (pid {reply.get('pid')})"
         return {address: sock for sock, name in zip(self.handed, self.handed_names, strict=True)
                 if "metrics" not in name
+                and (address := listeners.bound_address(sock)) is not None}
+
+    def _handed_kernel_ports(self) -> dict[str, listeners.BoundAddress]:
+        """Where the supervisor taken over listens for its links of port 0, by link name
+        (listeners.bind_all keeps those ports); none from a forkproxy that does not say."""
+        return {str(name["link"]): address
+                for sock, name in zip(self.handed, self.handed_names, strict=True)
+                if name.get("asked") == 0 and isinstance(name.get("link"), str)
                 and (address := listeners.bound_address(sock)) is not None}
 
     def _confirm_take_over(self) -> None:
@@ -758,8 +767,11 @@ class Supervisor:
             return None
         host, port = parse_metrics_address(self.options.metrics)
         for sock, name in zip(self.handed, self.handed_names, strict=True):
-            if ("metrics" in name and port
-                    and listeners.bound_address(sock) == listeners.address_key(host, port)):
+            address = listeners.bound_address(sock) if "metrics" in name else None
+            # Port 0 takes the port the kernel chose there, as a link of port 0 does
+            # (listeners.bind_all): its scrapers keep finding it.
+            if address is not None and address == listeners.address_key(
+                    host, port or address[2]):
                 try:
                     sock.listen(METRICS_BACKLOG)
                 except OSError as exc:
@@ -2976,7 +2988,8 @@ class Supervisor:
                     "already: the newer configuration stays"}
         handed = [listener.sock for listener in self.listeners]
         names: list[dict[str, object]] = [
-            {"listen": _listener_ends(listener)[0], "detail": listener.describe()}
+            {"listen": _listener_ends(listener)[0], "detail": listener.describe(),
+             "link": listener.link.name, "asked": listener.link.port}
             for listener in self.listeners]
         if self.metrics_sock is not None:
             handed.append(self.metrics_sock)

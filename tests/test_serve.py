@@ -2211,6 +2211,34 @@ def test_check_at_a_status_socket_asks_the_one_put_in_its_place(
     assert proxy.stop() == 0
 
 
+def test_a_take_over_keeps_the_port_the_kernel_chose_for_a_link_of_port_0(
+    start_proxy: Callable[..., Proxy], tcp_server: ServerFactory, short_dir: Path,
+) -> None:
+    """The same configuration taken over, with a link of port 0: the new supervisor
+    listened on a port of its own and closed the one the kernel had chosen for the old
+    one (`unlisten ... not in this configuration`, for the very same SPEC), refusing the
+    clients that had learned it from the old one's `listening` line; `--metrics
+    127.0.0.1:0` moved as well. Both keep their port now, as a reload keeps a link's; a
+    link no longer configured is still closed."""
+    server = tcp_server(echo)
+    control_path = short_dir / "s.sock"
+    spec = f"127.0.0.1:0=127.0.0.1:{server.port}"
+    old = start_proxy("--status-socket", str(control_path), "--metrics", "127.0.0.1:0", spec,
+                      "127.0.0.1:0=127.0.0.1:1", expect=3)
+    kept, dropped = old.ports
+    new = start_proxy("--status-socket", str(control_path), "--metrics", "127.0.0.1:0",
+                      "--take-over", spec, expect=2)
+    assert new.ports == [kept]
+    assert _metrics_port(new) == _metrics_port(old)
+    assert old.proc.wait(30) == 0
+    assert _echoed(kept, b"served by the new one on the same port")
+    assert "\nforkproxy_up " in _scrape(_metrics_port(new))  # the new one answers there
+    assert f"127.0.0.1:{dropped} -> 127.0.0.1:1 " in new.log()  # not configured: closed
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", dropped), timeout=20).close()
+    assert new.stop() == 0
+
+
 def test_take_over_found_by_default_closes_a_link_no_longer_configured(
     start_proxy: Callable[..., Proxy], tcp_server: ServerFactory, tmp_path: Path,
 ) -> None:
