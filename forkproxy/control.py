@@ -829,9 +829,12 @@ def ask_for_sockets(path: str, timeout: float, pid: int,
                 if not isinstance(found, dict):
                     raise ValueError("a reply that is not a JSON object")
                 reply = found
-                named = reply.get("sockets", []) if reply.get("ok") else []
+                # A yes names the sockets it hands, none included: one without the list
+                # (something else on the path, not a forkproxy) is no hand-over, not a
+                # yes for no socket (_take_over takes the list as given).
+                named = reply.get("sockets") if reply.get("ok") else []
                 if not isinstance(named, list):
-                    raise ValueError("`sockets` is not a list")
+                    raise ValueError("`sockets` is missing or not a list")
                 wanted = len(named)
             elif reply is None and len(data) > MAX_REQUEST * 1024:
                 raise ValueError("a reply line without its end")

@@ -1116,6 +1116,35 @@ def test_take_over_says_why_there_is_nothing_to_take_over(
         thread.join(10)
 
 
+@pytest.mark.parametrize("answer", [{"ok": True, "pid": 1}, {"ok": True, "sockets": None}])
+def test_a_take_over_answered_yes_without_its_sockets_list_is_one_line(
+    tcp_server: ServerFactory, short_dir: Path, answer: dict[str, object]
+) -> None:
+    """Something else on the path that says yes but names no sockets (no `sockets`, or not
+    a list): one line and exit 2, as for any answer that is not a forkproxy's; a missing
+    list ended the start in an AssertionError's traceback, exit 1."""
+    server = tcp_server(echo)
+    spec = f"127.0.0.1:0=127.0.0.1:{server.port}"
+    path = str(short_dir / "other.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(path)
+        listener.listen(1)
+
+        def reply() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                conn.makefile("rb").readline()
+                conn.sendall(json.dumps(answer).encode() + b"\n")
+                conn.recv(100)  # until the taker closes: it must not read a hang-up
+
+        thread = threading.Thread(target=reply)
+        thread.start()
+        result = _serve("--take-over", "--status-socket", path, spec)
+        thread.join(10)
+    _one_line_error(result, f"'{path}' did not answer as a forkproxy supervisor does "
+                            "(`sockets` is missing or not a list)")
+
+
 @pytest.mark.parametrize("failure", ["a port in use", "a bad pid file"])
 def test_a_take_over_that_fails_leaves_the_old_one_serving(
     start_proxy: Callable[..., Proxy], tcp_server: ServerFactory, short_dir: Path,
