@@ -1248,6 +1248,14 @@ def parse_cidr(text: str) -> Network:
     if not text.strip():
         raise ConfigError(f"--allow {quoted(text)}: empty: name a network (without --allow "
                           "and FORKPROXY_ALLOW every client is allowed)")
+    if "%" in text:
+        # ipaddress takes `fe80::%eth0/64` and drops the zone: the filter then let in that
+        # network's clients on every interface, and a zone naming no interface started.
+        # A client is checked by its address alone (is_allowed), so a zone is refused, as
+        # HAProxy's `src` refuses it, rather than read as a narrowing it is not.
+        raise ConfigError(f"--allow {quoted(text)}: a network takes no IPv6 zone (clients "
+                          "are allowed by address, whatever the interface): drop the "
+                          f"'%{text.partition('%')[2].partition('/')[0]}'")
     try:
         net = ipaddress.ip_network(_cidr_of_socat_range(text), strict=False)
     except ValueError:

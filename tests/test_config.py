@@ -709,6 +709,12 @@ def test_env_file_syntax() -> None:
         (Options(allow=("",)), "--allow '': empty: name a network"),
         (Options(allow=("10.0.0.0/8,192.168.0.0/16",)), "--allow '10.0.0.0/8,192.168.0.0/16': "
          "not an IPv4 or IPv6 CIDR: networks are separated by spaces in FORKPROXY_ALLOW"),
+        # A zone was dropped by ipaddress: fe80::/64 let in on every interface (and a zone
+        # of no interface taken), while the flag read as one interface's clients only.
+        (Options(allow=("fe80::%eth0/64",)), "--allow 'fe80::%eth0/64': a network takes no "
+         "IPv6 zone (clients are allowed by address, whatever the interface): drop the '%eth0'"),
+        (Options(allow=("fe80::1%nosuch",)), "--allow 'fe80::1%nosuch': a network takes no "
+         "IPv6 zone"),
         (Options(metrics="localhost:9100"), "is not an IP address"),
         (Options(log_format="xml"), "--log-format 'xml'"),
         (Options(idle_timeout=2_000_001), "at most 2,000,000 seconds (23 days); 'off' means none"),
