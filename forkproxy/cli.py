@@ -586,6 +586,7 @@ def serve(*, sources: Sources, variables: Mapping[str, str] | None = None,
 
 ALLOW_VARIABLE = "FORKPROXY_ALLOW"  # --allow's variable (_option's "ALLOW")
 ALIAS_VARIABLE = "FORKPROXY_ALIAS"  # --alias's
+BIND_VARIABLE = "FORKPROXY_BIND"  # --bind's
 
 
 def _blank_variable(flag: str, variable: str, variables: dict[str, str],
@@ -606,6 +607,15 @@ def _aliases(ctx: typer.Context, given: list[str] | None,
     blank = _blank_variable("--alias", ALIAS_VARIABLE, variables,
                             _given_on_command_line(ctx, "alias"))
     return parse_aliases([blank] if blank is not None else given or ())
+
+
+def _bind(ctx: typer.Context, given: str, variables: dict[str, str]) -> str:
+    """--bind's address (parse_link_bind), a blank FORKPROXY_BIND refused: click takes it
+    for unset, and unset is 0.0.0.0, so a template that emptied the variable meant to keep
+    the listeners on 127.0.0.1 put them on every interface without a word."""
+    blank = _blank_variable("--bind", BIND_VARIABLE, variables,
+                            _given_on_command_line(ctx, "bind"))
+    return parse_link_bind(blank if blank is not None else given)
 
 
 def _allow(allow: list[str] | None, variables: dict[str, str],
@@ -749,8 +759,8 @@ def serve_command(
             metrics=metrics,
             pid_file=pid_file,
         )
-        sources = Sources(tuple(specs or ()), from_env, env_file, options, parse_link_bind(bind),
-                          _aliases(ctx, alias, variables))
+        sources = Sources(tuple(specs or ()), from_env, env_file, options,
+                          _bind(ctx, bind, variables), _aliases(ctx, alias, variables))
         serve(sources=sources, variables=variables, take_over=take_over)
     except ConfigError as exc:
         fail(str(exc), variables, log_format)
@@ -768,7 +778,8 @@ def links_command(
     """Print the listeners `serve` would open with the same arguments, and exit."""
     variables = _variables(ctx)
     try:
-        table = load(Sources(tuple(specs or ()), from_env, env_file, bind=parse_link_bind(bind),
+        table = load(Sources(tuple(specs or ()), from_env, env_file,
+                             bind=_bind(ctx, bind, variables),
                              aliases=_aliases(ctx, alias, variables)))
     except ConfigError as exc:
         fail(str(exc), variables)

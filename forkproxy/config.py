@@ -1274,6 +1274,11 @@ def parse_link_bind(text: str) -> str:
     IPv6 only, as in a SPEC (split_host_port): `[127.0.0.1]` was taken here and refused
     there, so one address read right or wrong depending on where it was typed."""
     what = f"--bind {quoted(text)}"
+    if not text.strip():
+        # FORKPROXY_BIND emptied by a template (`${BIND_ADDR}` unset) is handed here, as
+        # FORKPROXY_ALLOW is: taken for unset, it put every listener on every interface.
+        raise ConfigError(f"{what}: empty: name an address (without --bind and "
+                          "FORKPROXY_BIND, listeners bind 0.0.0.0, every IPv4 interface)")
     if text.startswith("[") and text.endswith("]"):
         text = text[1:-1]
         if text and ":" not in text:

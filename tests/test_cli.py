@@ -1480,6 +1480,15 @@ BAD_VARIABLES = [
     ("serve", "FORKPROXY_ALIAS", "redis",
      "FORKPROXY_ALIAS (--alias) selects among link variables: give --from-env or --env-file "
      "too"),
+    # Empty or blank: refused as FORKPROXY_ALLOW is, not taken for unset (0.0.0.0): a
+    # template that emptied it (`${BIND_ADDR}` unset) put the listeners on every interface.
+    ("serve", "FORKPROXY_BIND", "",
+     "FORKPROXY_BIND (--bind) '': empty: name an address (without --bind and FORKPROXY_BIND, "
+     "listeners bind 0.0.0.0, every IPv4 interface)"),
+    ("links", "FORKPROXY_BIND", "",
+     "FORKPROXY_BIND (--bind) '': empty: name an address"),
+    ("links", "FORKPROXY_BIND", " ",
+     "FORKPROXY_BIND (--bind) ' ': empty: name an address"),
     ("serve", "FORKPROXY_BIND", "nowhere",
      "FORKPROXY_BIND (--bind) 'nowhere': bind address 'nowhere' is not an IP address"),
     ("links", "FORKPROXY_BIND", "fe80::1",
@@ -1549,6 +1558,14 @@ def test_a_flag_typed_over_a_bad_variable_is_named_as_typed(
     result = run("serve", *args, "127.0.0.1:0=127.0.0.1:1", env={variable: "bad"})
     assert_one_line_error(result)
     assert result.stderr == f"forkproxy: error: {expected}\n"
+
+
+def test_bind_on_the_command_line_wins_over_an_empty_variable() -> None:
+    """An empty FORKPROXY_BIND is refused (BAD_VARIABLES), but a --bind typed over it is
+    what counts: `links` lists the flag's address."""
+    result = run("links", "--bind", "127.0.0.1", "0=a.test:1", env={"FORKPROXY_BIND": ""})
+    assert result.returncode == 0, result
+    assert result.stdout == "listen 127.0.0.1:0 -> a.test:1 (0=a.test:1)\n"
 
 
 def test_allow_on_the_command_line_wins_over_an_empty_variable(
