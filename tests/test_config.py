@@ -183,6 +183,28 @@ def test_a_spec_in_another_tools_syntax_says_how_to_write_it(spec: str, message:
     assert message in spec_refusal(spec)
 
 
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        # A quoted "$SPECS", a compose `command` string, a list joined by commas: was
+        # "IPv6 addresses must be in brackets", the rest read as the target's host.
+        ("6379=redis:6379 6380=redis:6380", "2 SPECs in one argument: give each as an "
+         "argument of its own, as in `serve 6379=redis:6379 6380=redis:6380`"),
+        ("6379=redis:6379,6380=redis:6380", "as in `serve 6379=redis:6379 6380=redis:6380`"),
+        ("1=a.test:1;\n2=b.test:2\t3=c.test:3 4=d.test:4",
+         "4 SPECs in one argument: give each as an argument of its own, as in "
+         "`serve 1=a.test:1 2=b.test:2 3=c.test:3 ...`"),
+    ],
+)
+def test_several_specs_in_one_argument_are_told_apart(spec: str, message: str) -> None:
+    assert message in spec_refusal(spec)
+
+
+@pytest.mark.parametrize("spec", ["6379=redis:6379 junk", " 6379=redis:6379 "])
+def test_one_spec_with_more_around_it_is_not_taken_for_several(spec: str) -> None:
+    assert "in one argument" not in spec_refusal(spec)
+
+
 DOCKER_LINK_ENV = {
     "REDIS_PORT": "tcp://172.17.0.5:6379",
     "REDIS_PORT_6379_TCP": "tcp://172.17.0.5:6379",
