@@ -760,6 +760,7 @@ _LINK_VAR = re.compile(r"(?P<alias>[A-Za-z0-9_.]+)" + _PORT_AND_PROTO)
 # A name shaped like one whose alias holds other characters: `redis-cache_PORT_6379_TCP`,
 # written by hand (Docker writes the alias with '-' as '_'). Skipped, with a warning.
 _NEAR_LINK_VAR = re.compile(r"(?P<alias>.+)" + _PORT_AND_PROTO, re.DOTALL)
+_SERVICE_PORT = "_SERVICE_PORT_"  # Kubernetes' <SVC>_SERVICE_PORT_<PORT NAME>
 
 
 def parse_link_value(name: str, value: str, proto: str, from_file: bool = False) -> Endpoint:
@@ -845,9 +846,11 @@ def links_from_env(
                                 "digits, '_' and '.' (Docker writes '-' as '_'); skipped")
             continue
         value = environ[name]
-        if match["alias"].endswith("_SERVICE") and value.isascii() and value.isdigit():
+        if (_SERVICE_PORT in match["alias"] + "_PORT_" and value.isascii()
+                and value.isdigit()):
             # Kubernetes' <SVC>_SERVICE_PORT_<PORT NAME>=<port> for a port named `8080-tcp`
-            # (what `oc new-app` names them): a port number, never a link.
+            # (what `oc new-app` names them), or `port-5432-tcp`, `x-port-5432-tcp` (the
+            # alias then ends in, or holds, _SERVICE_PORT_): a port number, never a link.
             continue
         if aliases:
             if match["alias"].upper() not in aliases:

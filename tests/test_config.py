@@ -468,10 +468,18 @@ def test_a_kubernetes_named_service_port_is_no_link() -> None:
     table = build_links([], env)
     assert [x.names for x in table.links] == [("MYAPP_PORT_8080_TCP",)]
     assert table.warnings == ()
+    # Ports named `port-5432-tcp` or `x-port-5432-tcp` (valid names: at most 15 characters,
+    # letters, digits and '-') end the variable's name the same way; the alias then ends
+    # in, or holds, _SERVICE_PORT: it made --from-env exit 2 too.
+    env = {"PG_SERVICE_PORT_PORT_5432_TCP": "5432", "PG_SERVICE_PORT_X_PORT_5432_TCP": "5432",
+           "PG_PORT_5432_TCP": "tcp://10.96.0.7:5432"}
+    assert [x.names for x in build_links([], env).links] == [("PG_PORT_5432_TCP",)]
     # An alias that ends in _SERVICE is still a link, checked as one, when its value is not
     # a bare port number.
     [link] = build_links([], {"X_SERVICE_PORT_1_TCP": "tcp://10.0.0.1:1"}).links
     assert link.names == ("X_SERVICE_PORT_1_TCP",)
+    [link] = build_links([], {"X_SERVICE_PORT_PORT_1_TCP": "tcp://10.0.0.1:1"}).links
+    assert link.names == ("X_SERVICE_PORT_PORT_1_TCP",)
     for value in ("10.0.0.1:1", "\u0663"):  # not ASCII digits: '٣'.isdigit() is True
         with pytest.raises(ConfigError, match="X_SERVICE_PORT_1_TCP: expected tcp://"):
             build_links([], {"X_SERVICE_PORT_1_TCP": value})
