@@ -86,6 +86,11 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 
+# Options whose repetition would drop what was given before without a word (click keeps
+# the last value of an option given twice).
+ONE_ONLY = ("--env-file",)
+
+
 class _Command(typer.core.TyperCommand):
     """A command whose --help names each argument by its metavar, as click writes it
     (`SPEC...`: `...` when several may be given). typer (0.2x) writes the Python type of
@@ -99,6 +104,12 @@ class _Command(typer.core.TyperCommand):
         return _help_by_output(super().get_help_option(ctx))
 
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        twice = self._given_twice(args)
+        if twice is not None:
+            # click keeps the last silently: `--env-file a.env --env-file b.env`, as
+            # `docker run` takes it (reading both), served b's links alone, without a word.
+            ctx.fail(f"{twice} given twice: forkproxy reads one env file (docker run reads "
+                     "every --env-file given): put the link variables in one file")
         try:
             return super().parse_args(ctx, args)
         except Exception as exc:
@@ -112,6 +123,27 @@ class _Command(typer.core.TyperCommand):
                 exc.message = ("No such option: --version (it goes before the command: "
                                "forkproxy --version)")
             raise
+
+    def _given_twice(self, args: list[str]) -> str | None:
+        """The option of ONE_ONLY that `args` give more than once, or None. Read as click
+        reads them: an option that takes a value takes the next argument, whatever it
+        is; nothing after `--` is an option."""
+        takes_value = {opt for param in self.params
+                       if param.param_type_name == "option"
+                       and not getattr(param, "is_flag", False)
+                       and not getattr(param, "count", False)
+                       for opt in param.opts}
+        seen: set[str] = set()
+        i = 0
+        while i < len(args) and args[i] != "--":
+            name = args[i].partition("=")[0] if args[i].startswith("--") else args[i]
+            if name in ONE_ONLY and name in takes_value:
+                if name in seen:
+                    return name
+                seen.add(name)
+            # A value of its own: `--env-file --env-file` names a file once.
+            i += 2 if args[i] in takes_value else 1
+        return None
 
     def collect_usage_pieces(self, ctx: Any) -> list[str]:
         pieces = [self.options_metavar] if self.options_metavar else []

@@ -1560,6 +1560,27 @@ def test_a_flag_typed_over_a_bad_variable_is_named_as_typed(
     assert result.stderr == f"forkproxy: error: {expected}\n"
 
 
+@pytest.mark.parametrize("command", ["serve", "links"])
+@pytest.mark.parametrize("second", [["--env-file", "{b}"], ["--env-file={b}"]])
+def test_env_file_given_twice_is_refused_not_half_read(
+    tmp_path: Path, command: str, second: list[str]
+) -> None:
+    """`--env-file a.env --env-file b.env`, as `docker run` takes it (reading both): click
+    kept the last, and the proxy served b's links alone, a's ports unserved without a word."""
+    (tmp_path / "a.env").write_text("A_PORT_7201_TCP=tcp://a.test:1\n")
+    # b's link is bad: read (the last one kept), it is an error of its own, so that without
+    # the refusal nothing starts either (and nothing listens: --bind 127.0.0.1 besides).
+    (tmp_path / "b.env").write_text("B_PORT_7202_TCP=tcp://b.test:http\n")
+    result = run(command, "--bind", "127.0.0.1", "--env-file", str(tmp_path / "a.env"),
+                 *[arg.format(b=tmp_path / "b.env") for arg in second],
+                 env={"XDG_RUNTIME_DIR": str(tmp_path)})
+    assert_one_line_error(result, "--env-file given twice: forkproxy reads one env file")
+    # Once on the command line over its variable is no repetition: the flag wins.
+    result = run("links", "--env-file", str(tmp_path / "a.env"),
+                 env={"FORKPROXY_ENV_FILE": str(tmp_path / "b.env")})
+    assert result.stdout == "listen 0.0.0.0:7201 -> a.test:1 (A_PORT_7201_TCP)\n", result
+
+
 def test_bind_on_the_command_line_wins_over_an_empty_variable() -> None:
     """An empty FORKPROXY_BIND is refused (BAD_VARIABLES), but a --bind typed over it is
     what counts: `links` lists the flag's address."""
