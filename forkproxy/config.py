@@ -697,6 +697,10 @@ def _spec_hint(spec: str) -> str | None:
         example = f", as in {without}" if parses(without) else ""
         return (f"a SPEC takes no scheme: drop {name!r}{tcp_only}; "
                 f"expected [BIND_ADDR:]LISTEN_PORT=HOST:PORT{example}")
+    dash = _TYPOGRAPHIC_OPTION.match(spec)
+    if dash is not None:  # `—from-env`, pasted from a page that set `--` as a dash
+        return (f"{dash[1]!r} (U+{ord(dash[1][0]):04X}) is no hyphen: an option is written "
+                f"with two ASCII hyphens, as in --{dash[2]}")
     several = _several_specs(spec, parses)
     if several is not None:  # `"$SPECS"` quoted, or a list joined by commas
         shown = " ".join(several[:3]) + (" ..." if len(several) > 3 else "")
@@ -735,6 +739,11 @@ def _spec_hint(spec: str) -> str | None:
 
 
 _SPEC_SEPARATORS = re.compile(r"[\s,;]+")
+# An option whose hyphens a word processor or a web page made typographic: one or two of
+# U+2010 to U+2015 (hyphen, non-breaking hyphen, figure dash, en dash, em dash, horizontal
+# bar) or U+2212 (minus), then an option's name.
+_TYPOGRAPHIC_OPTION = re.compile(r"([\u2010-\u2015\u2212]{1,2}-?)([a-z][a-z-]*)(?:=.*)?\Z",
+                                 re.DOTALL)
 
 
 def _several_specs(spec: str, parses: Callable[[str], bool]) -> list[str] | None:

@@ -200,6 +200,23 @@ def test_several_specs_in_one_argument_are_told_apart(spec: str, message: str) -
     assert message in spec_refusal(spec)
 
 
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        # Pasted from a page that set `--` as a dash: was "expected [BIND_ADDR:]LISTEN_PORT=
+        # HOST:PORT", and a reader looking at `—from-env` sees an option.
+        ("\u2014from-env", "'\u2014' (U+2014) is no hyphen: an option is written with two "
+         "ASCII hyphens, as in --from-env"),
+        ("\u2013bind", "'\u2013' (U+2013) is no hyphen: an option is written with two ASCII "
+         "hyphens, as in --bind"),
+        ("\u2212\u2212grace=5", "(U+2212) is no hyphen: an option is written with two ASCII "
+         "hyphens, as in --grace"),
+    ],
+)
+def test_an_option_with_a_typographic_dash_says_so(spec: str, message: str) -> None:
+    assert message in spec_refusal(spec)
+
+
 @pytest.mark.parametrize("spec", ["6379=redis:6379 junk", " 6379=redis:6379 "])
 def test_one_spec_with_more_around_it_is_not_taken_for_several(spec: str) -> None:
     assert "in one argument" not in spec_refusal(spec)
