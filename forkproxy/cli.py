@@ -40,6 +40,7 @@ from .config import (
     sources_to_json,
 )
 from .console import cannot_write, to_devnull
+from .listeners import zone_scope
 from .log import write_start_error
 from .supervisor import read_links
 
@@ -647,7 +648,14 @@ def _bind(ctx: typer.Context, given: str, variables: dict[str, str]) -> str:
     the listeners on 127.0.0.1 put them on every interface without a word."""
     blank = _blank_variable("--bind", BIND_VARIABLE, variables,
                             _given_on_command_line(ctx, "bind"))
-    return parse_link_bind(blank if blank is not None else given)
+    text = blank if blank is not None else given
+    address = parse_link_bind(text)
+    if "%" in address:
+        # A zone of no interface here: said of --bind (and of FORKPROXY_BIND, where it came
+        # from), not of the first link that listens there ("... (for 6379=...)"), which a
+        # user of FORKPROXY_BIND never typed, and also where no link listens there.
+        zone_scope(address, f"--bind {quoted(text)}")
+    return address
 
 
 def _allow(allow: list[str] | None, variables: dict[str, str],

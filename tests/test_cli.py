@@ -1493,6 +1493,10 @@ BAD_VARIABLES = [
      "FORKPROXY_BIND (--bind) 'nowhere': bind address 'nowhere' is not an IP address"),
     ("links", "FORKPROXY_BIND", "fe80::1",
      "FORKPROXY_BIND (--bind) 'fe80::1': 'fe80::1' is link-local: it needs a zone"),
+    # A zone of no interface: named as the variable's (it named the link listening there,
+    # and nothing at all where no link did, as here: the SPEC has its own address).
+    ("links", "FORKPROXY_BIND", "fe80::1%nosuchif0",
+     "FORKPROXY_BIND (--bind) 'fe80::1%nosuchif0': no interface 'nosuchif0' on this host"),
     ("links", "FORKPROXY_BIND", "[127.0.0.1]",
      "FORKPROXY_BIND (--bind) '[127.0.0.1]': '127.0.0.1' in brackets is not an IPv6 address"),
     ("serve", "FORKPROXY_METRICS", "nowhere",
