@@ -1051,74 +1051,29 @@ def _check_no_loop(links: Sequence[Link]) -> None:
     I/O: a loopback target (an address, `localhost`: either of its two addresses that the
     listener takes, since the other one connects back after a refusal; 0.0.0.0 and ::,
     which connect to this host) that the listener takes, or the very address it binds. A
-    non-loopback target under a wildcard bind may or may not be this host's: not judged.
-
-    Links that reach each other's listeners in a ring (`7000=localhost:7001` beside
-    `7001=localhost:7000`, two link variables pointing at each other) loop the same way,
-    a child per link per turn, and are refused too. A chain that ends outside the proxy
-    (`7000=localhost:7001`, `7001=redis:6379`) is no loop."""
-    reaches = [[other for other, listener in enumerate(links) if _reaches(link, listener)]
-               for link in links]
-    for index, link in enumerate(links):
-        if index in reaches[index]:
-            raise ConfigError(
-                f"{_shorten(link.name)} connects to its own listener "
-                f"({join_host_port(link.bind, link.port)} -> {link.target}): every "
-                "client would take a child that connects back, until none is left; "
-                "localhost is this host (in a container, the container itself): "
-                "name the server's host")
-    ring = _ring(reaches)
-    if ring:
-        hops = ", ".join(f"{join_host_port(links[index].bind, links[index].port)} -> "
-                         f"{links[index].target}" for index in ring)
-        names = " and ".join(_shorten(links[index].name) for index in ring)
-        raise ConfigError(
-            f"{names} connect to each other's listeners ({hops}): every client would "
-            "take a child per link that connects on, around the ring, until none is "
-            "left; localhost is this host (in a container, the container itself): name "
-            "the server's host")
-
-
-def _reaches(link: Link, listener: Link) -> bool:
-    """Does a child of `link` connect to `listener`'s socket (see _check_no_loop)?"""
-    if not listener.port or link.target.port != listener.port:
-        return False
-    host = link.target.host
-    if host.lower() in ("localhost", "localhost."):
-        addresses: tuple[str, ...] = ("127.0.0.1", "::1")
-    elif link.target.is_name:
-        return False
-    else:
-        address = _as_bound(host.split("%", 1)[0])
-        # connect() to an unspecified address reaches this host's loopback (Linux).
-        addresses = {ANY_IPV4: ("127.0.0.1",), "::": ("::1",)}.get(address, (address,))
-    bind = _as_bound(listener.bind.split("%", 1)[0])
-    return any(address == bind or (ipaddress.ip_address(address).is_loopback
-                                   and _overlap(listener.bind, address))
-               for address in addresses)
-
-
-def _ring(reaches: list[list[int]]) -> list[int]:
-    """The links of one ring in `reaches` (link -> the links whose listeners it reaches),
-    in order from its first link, or [] when there is none: a depth-first walk that
-    meets a link still on its path."""
-    done: set[int] = set()
-    for start in range(len(reaches)):
-        if start in done:
+    non-loopback target under a wildcard bind may or may not be this host's: not judged."""
+    for link in links:
+        if not link.port or link.target.port != link.port:
             continue
-        path = [start]
-        nexts = [iter(reaches[start])]
-        while path:
-            following = next(nexts[-1], None)
-            if following is None:
-                done.add(path.pop())
-                nexts.pop()
-            elif following in path:
-                return path[path.index(following):]
-            elif following not in done:
-                path.append(following)
-                nexts.append(iter(reaches[following]))
-    return []
+        host = link.target.host
+        if host.lower() in ("localhost", "localhost."):
+            addresses: tuple[str, ...] = ("127.0.0.1", "::1")
+        elif link.target.is_name:
+            continue
+        else:
+            address = _as_bound(host.split("%", 1)[0])
+            # connect() to an unspecified address reaches this host's loopback (Linux).
+            addresses = {ANY_IPV4: ("127.0.0.1",), "::": ("::1",)}.get(address, (address,))
+        bind = _as_bound(link.bind.split("%", 1)[0])
+        for address in addresses:
+            if (address == bind or (ipaddress.ip_address(address).is_loopback
+                    and _overlap(link.bind, address))):
+                raise ConfigError(
+                    f"{_shorten(link.name)} connects to its own listener "
+                    f"({join_host_port(link.bind, link.port)} -> {link.target}): every "
+                    "client would take a child that connects back, until none is left; "
+                    "localhost is this host (in a container, the container itself): "
+                    "name the server's host")
 
 
 def build_links(
