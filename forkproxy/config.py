@@ -1047,33 +1047,102 @@ def _check_no_loop(links: Sequence[Link]) -> None:
     """Refuse a link whose target is its own listener: `6379=localhost:6379`, typed in a
     container where localhost is the container itself. Each client's child would connect
     back to the proxy, whose next child would do the same, until --max-children was used
-    up and every link of the proxy stopped serving, with no line said. Judged without
-    I/O: a loopback target (an address, `localhost`: either of its two addresses that the
-    listener takes, since the other one connects back after a refusal; 0.0.0.0 and ::,
-    which connect to this host) that the listener takes, or the very address it binds. A
-    non-loopback target under a wildcard bind may or may not be this host's: not judged."""
-    for link in links:
-        if not link.port or link.target.port != link.port:
+    up and every link of the proxy stopped serving, with no line said. Links that reach
+    one another's listeners in a ring (`6379=127.0.0.1:6380 6380=127.0.0.1:6379`) do the
+    same, a child per link of the ring and round again; and a reload that undoes the ring
+    does not free them: each child is left half-closed, waiting for an upstream that is
+    the next one's client. Judged without I/O, as _reaches says."""
+    following = _following(links)
+    for index, link in enumerate(links):
+        if index in following[index]:
+            raise ConfigError(
+                f"{_shorten(link.name)} connects to its own listener "
+                f"({join_host_port(link.bind, link.port)} -> {link.target}): every "
+                "client would take a child that connects back, until none is left; "
+                "localhost is this host (in a container, the container itself): "
+                "name the server's host")
+    ring = _first_ring(links, following)
+    if ring is not None:
+        hops = ", ".join(f"{_shorten(link.name)} ({join_host_port(link.bind, link.port)} -> "
+                         f"{link.target})" for link in ring)
+        raise ConfigError(
+            f"links connect to one another's listeners in a ring: {hops}: every client "
+            "would take a child per link, round and round, until none is left; localhost "
+            "is this host (in a container, the container itself): name the server's host")
+
+
+def _reaches(target: Endpoint, link: Link, bound: Mapping[str, str]) -> bool:
+    """Would a connect to `target` reach `link`'s listener? A loopback target (an
+    address, `localhost`: either of its two addresses that the listener takes, since the
+    other one connects back after a refusal; 0.0.0.0 and ::, which connect to this host)
+    that the listener takes, or the very address it binds. A non-loopback target under a
+    wildcard bind may or may not be this host's, and a name is not looked up: not judged.
+    `bound` has each bind address as _as_bound gives it (parsed once, not per link)."""
+    if not link.port or target.port != link.port:
+        return False
+    host = target.host
+    if host.lower() in ("localhost", "localhost."):
+        addresses: tuple[tuple[str, bool], ...] = (("127.0.0.1", True), ("::1", True))
+    else:
+        literal = host.split("%", 1)[0]
+        try:
+            parsed = ipaddress.ip_address(literal)
+        except ValueError:
+            return False  # a name
+        mapped = getattr(parsed, "ipv4_mapped", None)  # as _as_bound has it
+        address = literal if mapped is None else str(mapped)
+        # connect() to an unspecified address reaches this host's loopback (Linux).
+        unspecified = {ANY_IPV4: "127.0.0.1", "::": "::1"}.get(address)
+        addresses = (((unspecified, True),) if unspecified else
+                     ((address, (parsed if mapped is None else mapped).is_loopback),))
+    bind = bound[link.bind]
+    return any(address == bind or (loopback and _overlap(link.bind, address))
+               for address, loopback in addresses)
+
+
+def _following(links: Sequence[Link]) -> list[list[int]]:
+    """For each link, the links whose listeners its target reaches (itself among them
+    when it connects back): only listeners on its target's port are judged, so a target
+    is parsed about once, as before for the port (`6379=redis:6379`) that a link so
+    often shares with its target."""
+    by_port: dict[int, list[int]] = {}
+    bound: dict[str, str] = {}
+    for index, link in enumerate(links):
+        if link.port:
+            by_port.setdefault(link.port, []).append(index)
+        if link.bind not in bound:
+            bound[link.bind] = _as_bound(link.bind.split("%", 1)[0])
+    return [[other for other in by_port.get(link.target.port, ())
+             if _reaches(link.target, links[other], bound)] for link in links]
+
+
+def _first_ring(links: Sequence[Link], following: list[list[int]]) -> list[Link] | None:
+    """Links whose targets reach the next one's listener, the last's the first's, or None.
+
+    Linear in the links: a target reaches at most two listeners (`localhost`'s two
+    addresses; listeners that overlap were refused), so each link has at most two next
+    ones, and a walk from each link stops at a link an earlier walk went through.
+    """
+    done = [False] * len(links)
+    for start in range(len(links)):
+        if done[start] or not following[start]:
             continue
-        host = link.target.host
-        if host.lower() in ("localhost", "localhost."):
-            addresses: tuple[str, ...] = ("127.0.0.1", "::1")
-        elif link.target.is_name:
-            continue
-        else:
-            address = _as_bound(host.split("%", 1)[0])
-            # connect() to an unspecified address reaches this host's loopback (Linux).
-            addresses = {ANY_IPV4: ("127.0.0.1",), "::": ("::1",)}.get(address, (address,))
-        bind = _as_bound(link.bind.split("%", 1)[0])
-        for address in addresses:
-            if (address == bind or (ipaddress.ip_address(address).is_loopback
-                    and _overlap(link.bind, address))):
-                raise ConfigError(
-                    f"{_shorten(link.name)} connects to its own listener "
-                    f"({join_host_port(link.bind, link.port)} -> {link.target}): every "
-                    "client would take a child that connects back, until none is left; "
-                    "localhost is this host (in a container, the container itself): "
-                    "name the server's host")
+        # Depth first, the path so far on a stack of (link, its next ones left to try).
+        on_path = {start: 0}
+        stack = [(start, iter(following[start]))]
+        while stack:
+            index, nexts = stack[-1]
+            step = next(nexts, None)
+            if step is None:
+                stack.pop()
+                del on_path[index]
+                done[index] = True
+            elif step in on_path:
+                return [links[at] for at, _ in stack[on_path[step]:]]
+            elif not done[step]:
+                on_path[step] = len(stack)
+                stack.append((step, iter(following[step])))
+    return None
 
 
 def build_links(

@@ -659,6 +659,46 @@ def test_a_link_to_its_own_listener_is_refused(
     assert "in a container, the container itself" in str(caught.value)
 
 
+@pytest.mark.parametrize(
+    ("specs", "environ", "ring"),
+    [
+        (["6379=127.0.0.1:6380", "6380=127.0.0.1:6379"], None,
+         "6379=127.0.0.1:6380 (0.0.0.0:6379 -> 127.0.0.1:6380), "
+         "6380=127.0.0.1:6379 (0.0.0.0:6380 -> 127.0.0.1:6379): "),
+        # Three links, through localhost and 0.0.0.0, entered from a fourth that chains in.
+        (["7003=127.0.0.1:7000", "7000=localhost:7001", "127.0.0.1:7001=0.0.0.0:7002",
+          "[::]:7002=[::ffff:127.0.0.1]:7000"], None,
+         "7000=localhost:7001 (0.0.0.0:7000 -> localhost:7001), 127.0.0.1:7001=0.0.0.0:7002 "
+         "(127.0.0.1:7001 -> 0.0.0.0:7002), [::]:7002=[::ffff:127.0.0.1]:7000 "
+         "([::]:7002 -> [::ffff:127.0.0.1]:7000): "),
+        ([], {"A_PORT_7000_TCP": "tcp://127.0.0.1:7001",
+              "B_PORT_7001_TCP": "tcp://localhost:7000"},
+         "A_PORT_7000_TCP (0.0.0.0:7000 -> 127.0.0.1:7001), "
+         "B_PORT_7001_TCP (0.0.0.0:7001 -> localhost:7000): "),
+        # A chain through the proxy's own listeners that ends elsewhere is no ring.
+        (["7000=127.0.0.1:7001", "7001=127.0.0.1:7002", "7002=10.0.0.5:7000"], None, None),
+        (["127.0.0.1:7000=127.0.0.1:7001", "127.0.0.1:7001=127.0.0.2:7000"], None, None),
+        (["[::1]:7000=127.0.0.1:7001", "127.0.0.1:7001=127.0.0.1:7000"], None, None),
+        (["7000=redis:7001", "7001=127.0.0.1:7000"], None, None),  # a name: not looked up
+    ],
+)
+def test_links_that_reach_one_another_in_a_ring_are_refused(
+    specs: list[str], environ: dict[str, str] | None, ring: str | None,
+) -> None:
+    """`6379=127.0.0.1:6380 6380=127.0.0.1:6379` (or an env file whose reload pointed one
+    link at another's port) was taken: one client's children connected round the ring
+    until --max-children was used up, every link stopped serving, `check` said ok, and a
+    reload that undid the ring left them all there, each half-closed (a model-based hunt
+    of reloads). Refused at start, and so at a reload, as a link to its own listener is."""
+    if ring is None:
+        assert build_links(specs, environ).links
+        return
+    with pytest.raises(ConfigError) as caught:
+        build_links(specs, environ)
+    assert f"links connect to one another's listeners in a ring: {ring}" in str(caught.value)
+    assert "in a container, the container itself" in str(caught.value)
+
+
 def test_spec_and_variable_on_one_port_with_different_targets() -> None:
     expected = re.escape("6379=10.0.0.1:6379 -> 10.0.0.1:6379 and REDIS")
     with pytest.raises(ConfigError, match=expected):
