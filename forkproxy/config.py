@@ -1202,11 +1202,13 @@ def build_links(
             # on one port: the variables clash, and --alias chooses among them.
             hint = hint or _ALIAS_HINT
         merged = merge_links(links)
-        _check_no_loop(merged)
     except ConfigError as exc:
         if hint:
             raise ConfigError(f"{exc} ({hint})") from None
         raise
+    # Not under the hints: --alias chooses among clashing variables, while a link that
+    # connects back to the proxy is mended by naming the server's host, as it says.
+    _check_no_loop(merged)
     if not merged:
         if not sources:
             raise ConfigError("no links found: give a SPEC, --from-env or --env-file")
