@@ -947,7 +947,7 @@ def merge_links(links: Iterable[Link]) -> tuple[Link, ...]:
                 f"{_shorten(','.join(names[link.key]))} -> {known.target} and "
                 f"{_shorten(link.name)} -> {link.target}"
             )
-    merged = tuple(Link(link.bind, link.port, link.target, tuple(names[key]))
+    merged = tuple(Link(link.bind, link.port, link.target, _in_name_order(names[key]))
                    for key, link in by_key.items())
     clash = _first_overlap(merged)
     if clash is not None:
@@ -958,6 +958,19 @@ def merge_links(links: Iterable[Link]) -> tuple[Link, ...]:
             f"{_shorten(other.name)} on {other.bind} overlap"
         )
     return merged
+
+
+def _in_name_order(names: Iterable[str]) -> tuple[str, ...]:
+    """A link's names: SPECs first, as given, then its variables in the order they are
+    read (by alias, then port), wherever each came from. The environment's are read
+    before the file's, so without this a variable the file starts to set to the value the
+    environment gives it renamed the link (`C_PORT_6379_TCP,B_PORT_6379_TCP` became
+    `B_PORT_6379_TCP,C_PORT_6379_TCP`) at a reload that rewired nothing: its totals
+    started again from 0, and Prometheus saw a new series."""
+    keyed = [(_alias_then_port(name), name) for name in names]
+    specs = [name for key, name in keyed if not key[0]]  # no alias: not a variable
+    variables = sorted((key, name) for key, name in keyed if key[0])
+    return (*specs, *(name for _, name in variables))
 
 
 def _first_overlap(links: Sequence[Link]) -> tuple[Link, Link] | None:

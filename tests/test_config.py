@@ -727,6 +727,25 @@ def test_the_env_file_overrides_a_variable_the_environment_also_sets() -> None:
         assert table.warnings == ()
 
 
+def test_a_link_keeps_its_name_whichever_source_sets_each_of_its_variables() -> None:
+    """A link's variables are named in one order (by alias, then port) wherever each
+    came from. The environment's were named before the file's, so pinning in the file a
+    variable to the value the environment gives it (a model-based hunt of reloads)
+    renamed the link, `C_PORT_6379_TCP,B_PORT_6379_TCP` becoming
+    `B_PORT_6379_TCP,C_PORT_6379_TCP`: a reload that rewired nothing set its totals back
+    to 0, and Prometheus saw a new series. SPECs still come first."""
+    target = "tcp://10.0.0.6:6379"
+    environ = {"C_PORT_6379_TCP": target, "A_PORT_6379_TCP": target}
+    expected = ("A_PORT_6379_TCP", "B_PORT_6379_TCP", "C_PORT_6379_TCP")
+    for text in ("B_PORT_6379_TCP=tcp://10.0.0.6:6379\n",
+                 "C_PORT_6379_TCP=tcp://10.0.0.6:6379\nB_PORT_6379_TCP=tcp://10.0.0.6:6379\n",
+                 "A_PORT_6379_TCP=tcp://10.0.0.6:6379\nB_PORT_6379_TCP=tcp://10.0.0.6:6379\n"):
+        table = build_links([], environ, ("links.env", text))
+        assert [link.names for link in table.links] == [expected], text
+    table = build_links(["6379=10.0.0.6:6379"], environ, ("links.env", text))
+    assert [link.names for link in table.links] == [("6379=10.0.0.6:6379", *expected)]
+
+
 def test_env_file_syntax() -> None:
     text = (
         "# the redis link\n"
