@@ -1098,22 +1098,34 @@ def test_take_over_says_why_there_is_nothing_to_take_over(
     assert stopping.stop() == 0
 
     older = str(short_dir / "older.sock")
+    with _answering(older, lambda request: {
+            "ok": False, "error": f"unknown command {request['command']!r}"}):
+        _one_line_error(_serve("--take-over", "--status-socket", older, spec),
+                        f"the supervisor on '{older}' does not know how to hand over")
+
+
+@contextlib.contextmanager
+def _answering(path: str, answer: Callable[[dict[str, Any]], dict[str, object]],
+               ) -> Iterator[None]:
+    """A control socket at `path` that is not a forkproxy's: it answers one request with
+    `answer(request)`, then waits for the asker to close (it must not read a hang-up)."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
-        listener.bind(older)
+        listener.bind(path)
         listener.listen(1)
 
-        def answer() -> None:
+        def reply() -> None:
             conn, _ = listener.accept()
             with conn:
                 request = json.loads(conn.makefile("rb").readline())
-                error = f"unknown command {request['command']!r}"
-                conn.sendall(json.dumps({"ok": False, "error": error}).encode() + b"\n")
+                conn.sendall(json.dumps(answer(request)).encode() + b"\n")
+                conn.recv(100)
 
-        thread = threading.Thread(target=answer)
+        thread = threading.Thread(target=reply)
         thread.start()
-        _one_line_error(_serve("--take-over", "--status-socket", older, spec),
-                        f"the supervisor on '{older}' does not know how to hand over")
-        thread.join(10)
+        try:
+            yield
+        finally:
+            thread.join(10)
 
 
 @pytest.mark.parametrize("answer", [{"ok": True, "pid": 1}, {"ok": True, "sockets": None}])
@@ -1126,21 +1138,8 @@ def test_a_take_over_answered_yes_without_its_sockets_list_is_one_line(
     server = tcp_server(echo)
     spec = f"127.0.0.1:0=127.0.0.1:{server.port}"
     path = str(short_dir / "other.sock")
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
-        listener.bind(path)
-        listener.listen(1)
-
-        def reply() -> None:
-            conn, _ = listener.accept()
-            with conn:
-                conn.makefile("rb").readline()
-                conn.sendall(json.dumps(answer).encode() + b"\n")
-                conn.recv(100)  # until the taker closes: it must not read a hang-up
-
-        thread = threading.Thread(target=reply)
-        thread.start()
+    with _answering(path, lambda _: answer):
         result = _serve("--take-over", "--status-socket", path, spec)
-        thread.join(10)
     _one_line_error(result, f"'{path}' did not answer as a forkproxy supervisor does "
                             "(`sockets` is missing or not a list)")
 
