@@ -228,6 +228,10 @@ class Options(Value):
     # --take-over: the control socket of the supervisor whose listeners this one takes
     # (found by the CLI, as `status` finds one), None for a plain start.
     take_over: str | None
+    # FORKPROXY_ variables set at start that no option reads (a typo, FORKPROXY_ALLOWED,
+    # serves every client): (name as shown, what the warning says), found by the CLI,
+    # logged by the supervisor as its other start warnings (`unknown-variable`).
+    unknown_variables: tuple[tuple[str, str], ...]
 
     def __init__(
         self,
@@ -253,6 +257,7 @@ class Options(Value):
         take_over: str | None = None,
         nproc_limit: int | None = None,
         nproc_others: int = 0,
+        unknown_variables: tuple[tuple[str, str], ...] = (),
     ) -> None:
         # Interned: then "auto" is the very object that is the constant relay.Flow compares
         # it with, so a child reading both writes one reference count, not two on two
@@ -266,7 +271,7 @@ class Options(Value):
             status_socket=status_socket, metrics=metrics, pid_file=pid_file,
             memory_limit=memory_limit, max_children_given=max_children_given,
             pids_limit=pids_limit, take_over=take_over, nproc_limit=nproc_limit,
-            nproc_others=nproc_others,
+            nproc_others=nproc_others, unknown_variables=unknown_variables,
         )
 
 
@@ -1444,6 +1449,8 @@ def sources_from_json(data: Mapping[str, object]) -> Sources:
         raise ConfigError("bad configuration handed to the supervisor")
     options = dict(raw)
     options["allow"] = tuple(options.get("allow", ()))
+    options["unknown_variables"] = tuple(
+        (str(name), str(detail)) for name, detail in options.get("unknown_variables", ()))
     return Sources(
         specs=tuple(str(spec) for spec in specs),
         from_env=bool(data["from_env"]),

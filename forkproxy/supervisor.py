@@ -1050,6 +1050,7 @@ class Supervisor:
             # a full pipe blocked the start before `listening`. Held now, and written by
             # the loop; lazily, so that no descriptor is taken unless lines wait.
             self.log.never_wait(self._log_held, lazily=True)
+            self._log_unknown_variables()
             lines = self.start()
             relay.preload(self.options, self.log)  # before "listening": ready is at full speed
             # One descriptor to spare, for accept(): at exactly the limit our own need, the
@@ -1210,6 +1211,14 @@ class Supervisor:
         limit = self.options.nproc_limit
         return None if limit is None else children_within_nproc(
             limit, self.options.nproc_others, self.options.metrics is not None)
+
+    def _log_unknown_variables(self) -> None:
+        """At start, first: each FORKPROXY_ variable no option reads (a typo: the option
+        it was meant for is at its default, FORKPROXY_ALLOWED's every client). Found by the
+        CLI (cli.unknown_variables): a warning, never an error, as a newer image's variable
+        set for an older forkproxy must not stop the proxy."""
+        for name, detail in self.options.unknown_variables:
+            self.log.warning("unknown-variable", variable=name, detail=detail)
 
     def _log_foreign_proc(self) -> None:
         """At start, once: no /proc, or one that is not our PID namespace's, where

@@ -1609,6 +1609,79 @@ def test_allow_on_the_command_line_wins_over_an_empty_variable(
         assert closed_by_peer(sock, 10)
 
 
+# What a container beside a chained ambassador (linked, or a Kubernetes Service, named
+# `forkproxy` or `forkproxy-...`) has in its environment, an option's variable, and the
+# project's scripts' own: none of them is an unknown variable.
+NOT_UNKNOWN = {
+    "FORKPROXY_PORT": "tcp://198.18.0.5:6379",
+    "FORKPROXY_PORT_6379_TCP": "tcp://198.18.0.5:6379",
+    "FORKPROXY_PORT_6379_TCP_ADDR": "198.18.0.5",
+    "FORKPROXY_NAME": "/app/forkproxy",
+    "FORKPROXY_ENV_REDIS_PORT_6379_TCP": "tcp://198.18.0.6:6379",
+    "FORKPROXY_SERVICE_HOST": "198.18.0.5",
+    "FORKPROXY_SERVICE_PORT": "6379",
+    "FORKPROXY_SERVICE_PORT_REDIS": "6379",
+    "FORKPROXY_CACHE_PORT": "tcp://198.18.0.7:6379",
+    "FORKPROXY_CACHE_SERVICE_HOST": "198.18.0.7",
+    "FORKPROXY_GRACE": "8",
+    "FORKPROXY_BENCH_VENV": "/nonexistent",
+}
+
+
+def test_an_unknown_forkproxy_variable_is_a_warning_and_the_proxy_serves(
+    start_proxy: Callable[..., Proxy], tcp_server: ServerFactory
+) -> None:
+    """FORKPROXY_ALLOWED (for FORKPROXY_ALLOW) served every client, FORKPROXY_TAKE_OVER
+    took nothing over, without a word: click ignores a variable no option reads. Each is
+    now an `unknown-variable` warning in the supervisor's log (JSON with --log-format
+    json), before the `listening` lines, naming the option meant; its value is never
+    shown (a secret, perhaps). A warning only: the proxy serves."""
+    server = tcp_server(echo)
+    secret = "s3cret-10.0.0.0/8"
+    proxy = start_proxy("--log-format", "json", f"127.0.0.1:0=127.0.0.1:{server.port}",
+                        env={**os.environ, **NOT_UNKNOWN, "FORKPROXY_ALLOWED": secret,
+                             "FORKPROXY_TAKE_OVER": secret})
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+        sock.sendall(b"ping")
+        assert sock.recv(4) == b"ping"
+    assert wait_for(lambda: '"event": "listening"' in proxy.log()), proxy.log()
+    records = [json.loads(line) for line in proxy.log().splitlines()]
+    events = [record["event"] for record in records]
+    unknown = [record for record in records if record["event"] == "unknown-variable"]
+    assert [(record["level"], record["variable"]) for record in unknown] == [
+        ("warning", "FORKPROXY_ALLOWED"), ("warning", "FORKPROXY_TAKE_OVER")], records
+    assert unknown[0]["detail"] == ("no option reads it: ignored; did you mean "
+                                    "FORKPROXY_ALLOW (--allow)?"), unknown
+    assert unknown[1]["detail"] == ("no option reads it: ignored; --take-over has no "
+                                    "variable, on purpose: give the flag"), unknown
+    assert events.index("unknown-variable") < events.index("listening"), events
+    assert secret not in proxy.log()
+
+
+def test_an_unknown_variables_name_is_shown_short_and_quoted(
+    start_proxy: Callable[..., Proxy], tcp_server: ServerFactory
+) -> None:
+    """The name is the environment's, any length, any character but `=`: in a text log
+    line it is cut to 80 characters and an ESC in it escaped, as other lines show
+    hostile names; a name in the wrong case is told the right one."""
+    server = tcp_server(echo)
+    hostile = "FORKPROXY_\x1b[2J" + "X" * 200
+    proxy = start_proxy(f"127.0.0.1:0=127.0.0.1:{server.port}",
+                        env={**os.environ, hostile: "1", "forkproxy_bind": "127.0.0.1",
+                             "FORKPROXY_BIND_ADDR": "127.0.0.1"})
+    assert wait_for(lambda: " listening " in proxy.log()), proxy.log()
+    lines = [line for line in proxy.log().splitlines() if " unknown-variable " in line]
+    assert len(lines) == 3, proxy.log()
+    assert "\x1b" not in proxy.log()
+    assert " warning unknown-variable variable=\"FORKPROXY_\\u001b[2J" + "X" * 63 + '..." ' in (
+        lines[0]), lines
+    assert lines[1].endswith(" variable=FORKPROXY_BIND_ADDR detail=\"no option reads it: "
+                             "ignored; did you mean FORKPROXY_BIND (--bind)?\""), lines
+    assert lines[2].endswith(" variable=forkproxy_bind detail=\"no option reads it: ignored; "
+                             "did you mean FORKPROXY_BIND (--bind)? (names are upper "
+                             "case)\""), lines
+
+
 def test_help_shows_every_default_and_names_what_options_take() -> None:
     """The defaults are written into the help strings in brackets, which rich markup
     used to swallow as tags: `serve --help` showed "Control socket path ." and no default."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -848,6 +849,14 @@ def test_sources_survive_the_trip_to_the_supervisor() -> None:
                       Options(allow=("10.0.0.0/8",), grace=3.0, keepalive=30), bind="::1",
                       aliases=("REDIS", "MY_DB"))
     assert sources_from_json(sources_to_json(sources)) == sources
+
+
+def test_unknown_variables_survive_the_trip_to_the_supervisor_as_json() -> None:
+    """The CLI's `unknown-variable` warnings reach the supervisor through JSON, which has
+    no tuples: they come back as the pairs they left as."""
+    options = Options(unknown_variables=(("FORKPROXY_ALLOWED", "did you mean ..."),))
+    sources = Sources(("1=a:2",), options=options)
+    assert sources_from_json(json.loads(json.dumps(sources_to_json(sources)))) == sources
 
 
 @pytest.mark.parametrize(
