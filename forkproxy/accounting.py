@@ -127,6 +127,10 @@ def failure_text(code: int, host: str) -> str:
     code &= _CODE
     if code == NO_ADDRESS:
         return "no address"
+    if code == errno.ELOOP:  # relay.LOOP_ERRNO: no connect() gives it
+        return (f"connects back to this proxy: {host} is this host, on a port it listens "
+                "on; every client would take a child per hop until none is left: name "
+                "the server's host")
     if code & UNRESOLVED:
         gai = -(code & 0xFFFF)
         return f"cannot resolve {host}: {_GAI_TEXTS.get(gai, f'lookup error {gai}')}"
@@ -146,7 +150,7 @@ def failure_errno(code: int) -> int:
 # service is down) is not a timeout (the network, a host gone) nor a name that does not
 # resolve. A fixed few, each exported from 0.
 FAILURE_REASONS = ("refused", "timeout", "unreachable", "unresolved", "no-local-port",
-                   "blocked", "other")
+                   "blocked", "loop", "other")
 _REASON_OF_ERRNO = {
     errno.ECONNREFUSED: "refused",
     errno.ETIMEDOUT: "timeout",
@@ -163,6 +167,9 @@ _REASON_OF_ERRNO = {
     # rule that drops the SYN: TCP retries that one and it ends as a timeout.
     errno.EPERM: "blocked",
     errno.EACCES: "blocked",
+    # Not a connect's error: the child refused an address that connects back into the
+    # proxy's own listeners (relay.LOOP_ERRNO), a loop no upstream is behind.
+    errno.ELOOP: "loop",
 }
 
 

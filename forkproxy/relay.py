@@ -576,9 +576,95 @@ def _look_up(target: Endpoint, done: int,
     os.eventfd_write(done, 1)
 
 
+# The proxy's own listeners, by the port each listens on: the address each binds (as
+# bound_host spells it) and its link's addresses, the supervisor's (one list shared with
+# its children's arguments, kept up to date in place: Supervisor._map_own_listeners).
+OwnListeners = dict[int, list[tuple[str, list[Address]]]]
+
+# The FAILURE word's code of an address refused because it connects back into the proxy
+# (_loops_back): an errno no TCP connect() fails with, so never mistaken for one
+# (accounting.failure_text gives its own words).
+LOOP_ERRNO = errno.ELOOP
+
+
+def bound_host(host: str) -> str:
+    """An address as a listener binds it: no zone (`%eth0`), and an IPv4-mapped IPv6 one
+    (`::ffff:10.0.0.5`, as a dual-stack socket names an IPv4 peer) as its IPv4 address.
+    String work only: it runs in children."""
+    host = host.partition("%")[0]
+    if host[:7].lower() == "::ffff:" and "." in host:
+        return host[7:]
+    return host
+
+
+def _this_host(host: str, client_host: str) -> bool:
+    """Is `host` (bound_host's) surely this host's own address? Loopback, unspecified (a
+    connect() to it reaches loopback), or the address the client came from, when that is
+    this host's: a hop of a loop, whose client is the child before."""
+    return (host == client_host or host.startswith("127.")
+            or host in ("::1", "0.0.0.0", "::"))
+
+
+def _takers(host: str, port: int, own: OwnListeners, client_host: str) -> list[int]:
+    """Which of our listeners (by id of their entry in `own`) a connect to host:port from
+    here reaches: its port, an address of this host (_this_host), and a bind that takes
+    that address (`::` takes IPv4 too: listeners.listen_tcp clears IPV6_V6ONLY)."""
+    entries = own.get(port)
+    if not entries or not _this_host(host, client_host):
+        return []
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)  # reaches loopback
+    return [id(entry) for entry in entries
+            if entry[0] == host or entry[0] == "::"
+            or (entry[0] == "0.0.0.0" and ":" not in host)]
+
+
+def _loops_back(sockaddr: tuple[object, ...], own: OwnListeners, client_host: str) -> bool:
+    """Would a connect to `sockaddr` come back around to it? It lands on one of our
+    listeners (_takers), and from there the links' addresses lead, listener after
+    listener, back to one already passed: a link whose target's name resolves to this
+    host (`vm`, `redis` in a Compose service named so), on its own port or around a ring.
+    Each hop would take a child, until --max-children was used up. A chain that ends
+    outside the proxy (`7000=vm:7001` beside `7001=redis:6379`) is no loop.
+
+    Judged with no system call: an address is this host's when it is loopback, or the
+    one `client_host` (the client's address) came from. So a loop through an address of
+    another interface (a container's own, which its service name resolves to) is let
+    through at its first hop, and refused at the second, whose client is the first hop's
+    child, from that very address. connect_upstream calls this only for an address that
+    may be this host's (_may_be_here)."""
+    host, port = bound_host(str(sockaddr[0])), int(sockaddr[1])  # type: ignore[call-overload]
+    client_host = bound_host(client_host)
+    takers = _takers(host, port, own, client_host)
+    if not takers:
+        return False
+    entries = {id(entry): entry for entries in own.values() for entry in entries}
+    # A depth-first walk that meets a listener still on its path: a ring (a listener
+    # reached twice by two paths that then end outside is none).
+    on_path: set[int] = set()
+    done: set[int] = set()
+
+    def rings(taker: int) -> bool:
+        if taker in on_path:
+            return True
+        if taker in done:
+            return False
+        on_path.add(taker)
+        for _, next_sockaddr in entries[taker][1]:
+            next_port = int(next_sockaddr[1])  # type: ignore[call-overload]
+            if any(rings(after) for after in _takers(bound_host(str(next_sockaddr[0])),
+                                                      next_port, own, client_host)):
+                return True
+        on_path.discard(taker)
+        done.add(taker)
+        return False
+
+    return any(rings(taker) for taker in takers)
+
+
 def connect_upstream(
     addresses: list[Address], target: Endpoint, timeout: float, retries: int,
-    client: RawSocket | None = None,
+    client: RawSocket | None = None, own_listeners: OwnListeners | None = None,
+    client_host: str = "",
 ) -> tuple[RawSocket, bool, tuple[tuple[object, ...], tuple[object, ...], OSError] | None]:
     """Connect to the first address that answers, retrying with a short backoff; return
     the socket, whether its address came from a lookup of the child's own, and None, or
@@ -606,6 +692,11 @@ def connect_upstream(
     Raises OSError when no address took the connection, and ResetAtConnect when one took
     it and reset it before connect() returned: that upstream answered, so there is nothing
     to retry.
+
+    `own_listeners`: the proxy's own listeners, given when the target's port is one of
+    theirs, and `client_host`, the client's address. An address that would connect back
+    into them around a loop is not connected to: it fails as a connect does, with
+    LOOP_ERRNO (_loops_back).
     """
     error: OSError | None = None
     failed: tuple[tuple[object, ...], OSError] | None = None  # the last connect() that failed
@@ -637,6 +728,18 @@ def connect_upstream(
                     break
                 candidates = [address for address in found if address not in addresses]
             for family, sockaddr in candidates:
+                # Inline, and no more than string tests on the usual path (an upstream
+                # elsewhere): a call is a code object more for every child to copy.
+                host: str = sockaddr[0]  # type: ignore[assignment]
+                if (own_listeners is not None
+                        and (client_host.endswith(host) or host.startswith("127.")
+                             or host in ("::1", "0.0.0.0", "::"))
+                        and _loops_back(sockaddr, own_listeners, client_host)):
+                    # Before the connect: once connected, the next hop's child would be
+                    # forked, and would connect on in its turn.
+                    error = OSError(LOOP_ERRNO, "connects back to this proxy")
+                    failed = (sockaddr, error)
+                    continue
                 try:
                     sock = RawSocket(family, SOCK_STREAM)
                 except OSError as exc:
@@ -1088,10 +1191,15 @@ def _preload_serve(options: Options, log: Logger, counters: memoryview, rounds: 
         upstream_listener.setblocking(False)
         target = upstream_listener.getsockname()
         link = Link("127.0.0.1", 0, Endpoint(target[0], target[1]), ("preload",))
-        prepared = (*prepared_lines(warm_log, link), None)
+        # Half the rounds as a child of a link whose target's port is one of the proxy's
+        # listeners (not this upstream's address: nothing is refused), so that the loop
+        # check (connect_upstream, _loops_back) is warm too.
+        warm_own: OwnListeners = {target[1]: [("127.0.0.2", [])]}
+        prepared_for = ((*prepared_lines(warm_log, link), None, None),
+                        (*prepared_lines(warm_log, link), None, warm_own))
         # The one address twice: a name with several runs in_turn() too.
         addresses: list[Address] = [(int(socket.AF_INET), target)] * 2
-        for _ in range(rounds):
+        for round_ in range(rounds):
             # Not create_connection: its getaddrinfo would import the idna codec (lookup()).
             with socket.socket() as client_peer:
                 client_peer.connect(client_listener.getsockname())
@@ -1100,7 +1208,7 @@ def _preload_serve(options: Options, log: Logger, counters: memoryview, rounds: 
                 client_peer.shutdown(socket.SHUT_WR)
                 client = RawSocket(int(socket.AF_INET), SOCK_STREAM, 0, fd)
                 serve(client, address, 0, 0, link, addresses, warm_options, counters,
-                      warm_log, prepared, 0)
+                      warm_log, prepared_for[round_ % 2], 0)
             try:
                 upstream_listener.accept()[0].close()
             except BlockingIOError:
@@ -1328,7 +1436,7 @@ def serve(
     options: Options,
     counters: memoryview,
     log: Logger,
-    lines: tuple[str | None, str | None, list[float] | None],
+    lines: tuple[str | None, str | None, list[float] | None, OwnListeners | None],
     supervisor: int,
 ) -> int:
     """The whole life of one connection in its child; returns the exit status.
@@ -1343,7 +1451,9 @@ def serve(
     `lines` rather than as an argument of its own: every argument is a reference count
     each child writes, and so a page it copies, while an item of `lines` is touched only
     by the fallback path that reads it (docs/benchmarks.md, "Page faults per
-    connection"). `supervisor` is the supervisor's pid (0: none to tell).
+    connection"). Last, the proxy's own listeners (OwnListeners) when the target's port
+    is one of theirs, else None: connect_upstream refuses an address that loops back.
+    `supervisor` is the supervisor's pid (0: none to tell).
     """
     started = time.monotonic()
     client.setblocking(False)
@@ -1351,7 +1461,8 @@ def serve(
         addresses = in_turn(addresses, turn)
     try:
         upstream, looked_up, fallback = connect_upstream(
-            addresses, link.target, options.connect_timeout, options.connect_retries, client
+            addresses, link.target, options.connect_timeout, options.connect_retries, client,
+            lines[3], client_address[0],  # type: ignore[arg-type]
         )
     except ClientLeft as left:
         return _client_left(client, left, counters, base)

@@ -400,6 +400,9 @@ class Supervisor:
         self.handlers: dict[int, Callable[[int], None]] = {}
         self.listeners: list[Listener] = []
         self.addresses: dict[tuple[str, int, tuple[str, ...]], list[Address]] = {}
+        # The listeners in force by port, with their links' addresses: what a child whose
+        # target's port is one of theirs judges loops by (_map_own_listeners).
+        self.own_listeners: relay.OwnListeners = {}
         self.accepting = False
         # The listener whose client took the last free slot under --max-children: when
         # slots free up, the listeners after it are served first (update_accepting).
@@ -608,6 +611,7 @@ class Supervisor:
             self.addresses[link.key] = [] if link.target.is_name else self._resolve(link)
             self._prepare_relay(listener)
             self.accounting.stats(link)  # exported at 0 before the first client
+        self._map_own_listeners(self.listeners)
         self._arm_resolve_timer(restart=True)
         self.start_resolver()
         self.update_accepting()
@@ -1784,11 +1788,37 @@ class Supervisor:
             self.log,
             # The fallback's due time after the lines, not an argument of its own: a child
             # writes the reference count of each argument (a page copied), and this list
-            # only a fallback reads (relay.serve).
+            # only a fallback reads (relay.serve). Then the loop check's map, or None.
             (*relay.prepared_lines(self.log, link),
-             self.fallback_due.setdefault((link.name, link.target), [0.0])),
+             self.fallback_due.setdefault((link.name, link.target), [0.0]),
+             self._own_for(link)),
             os.getpid(),
         )
+
+    def _own_for(self, link: Link) -> relay.OwnListeners | None:
+        """The own listeners a child of `link` judges its addresses against (relay's
+        _loops_back): only when the target's port is one of theirs, so that every other
+        link's children do no more than read a None."""
+        own = self.own_listeners
+        return own if link.target.port in own else None
+
+    def _map_own_listeners(self, listening: list[Listener]) -> None:
+        """Map the listeners in force, and their links' addresses, for the children's loop
+        check (relay.OwnListeners). Filled in place: the children's arguments hold this
+        one dict. Pure work, no lookup: the addresses are those already resolved. Again
+        whenever listeners or addresses change (start, reload, a resolve), and a listener
+        whose children now need the map (or no longer do) is prepared anew."""
+        own = self.own_listeners
+        own.clear()
+        for listener in listening:
+            own.setdefault(listener.port, []).append(
+                (relay.bound_host(listener.link.bind),
+                 self.addresses.get(listener.link.key, [])))
+        for listener in listening:
+            lines = listener.relay_args[5] if listener.relay_args else None
+            if lines is not None and lines[3] is not self._own_for(  # type: ignore[index]
+                    listener.link):
+                self._prepare_relay(listener)
 
     # -- signals -----------------------------------------------------------------------
 
@@ -2526,6 +2556,7 @@ class Supervisor:
         """New addresses for the links whose names now resolve differently (new connections
         only: live ones keep their upstream). A name that fails keeps its old addresses."""
         found = {(host, port): (addresses, error) for host, port, addresses, error in results}
+        remap = False
         for listener in self.listeners:
             link = listener.link
             result = found.get((link.target.host, link.target.port))
@@ -2545,6 +2576,7 @@ class Supervisor:
             if addresses != before:
                 self.addresses[link.key] = addresses
                 self._prepare_relay(listener)
+                remap = True
             # The same set in another order (round-robin DNS rotates it at every answer)
             # is taken, for new connections to start elsewhere, but is no change.
             changed = set(addresses) != set(before)
@@ -2555,6 +2587,8 @@ class Supervisor:
                 self.accounting.stats(link).address_changes += 1
             self.log.info("resolved", link=link.name, host=link.target.host,
                           addresses=" ".join(peer_text(address[1]) for address in addresses))
+        if remap:
+            self._map_own_listeners(self.listeners)  # the children's loop check: new addresses
 
     def _log_table_warnings(self, table: LinkTable) -> None:
         """`link-skipped` and `link-overridden`, at start and then at each reload for those
@@ -2687,6 +2721,7 @@ class Supervisor:
         for item in kept:
             self._prepare_relay(item)
             self.accounting.stats(item.link)
+        self._map_own_listeners(kept)
         # Only now, with every kept port's new wiring in place: serving the backlogs may
         # fork for clients held on a kept port too (serve_held), which must get the new.
         for listener in retired:

@@ -142,6 +142,7 @@ def test_the_connections_total_counts_the_links_a_reload_removed() -> None:
     (errno.EPERM, "blocked"),  # a cgroup BPF connect hook, seccomp
     (errno.EACCES, "blocked"),  # an LSM: Landlock, SELinux, AppArmor
     (errno.EAFNOSUPPORT, "other"),
+    (relay.LOOP_ERRNO, "loop"),  # an address that connects back into the proxy
     (NO_ADDRESS, "unresolved"),
     (UNRESOLVED | -socket.EAI_NONAME, "unresolved"),
     # The child's own lookup failed, no connect tried: the name gave nothing.

@@ -270,6 +270,76 @@ def test_upstream_down_closes_the_client_and_carries_on(
     assert proxy.proc.poll() is None
 
 
+def test_a_name_of_this_host_on_its_own_port_is_refused_not_looped(
+    start_proxy: Callable[..., Proxy], redis: Redis, short_dir: Path
+) -> None:
+    """`[::]:P=vm:P`, where `vm` is this machine's own name (in Compose, an ambassador
+    service named like its target): config.py cannot judge a name without a lookup, so
+    each client's child connected back to the proxy, whose next child did the same,
+    until one client held every --max-children slot and the other links stopped
+    serving, with no line said. Now the child refuses an address that leads back into
+    the proxy's own listeners: the client is closed, the loop said as a connect-failed,
+    and the other links serve. A chain through another listener that ends outside the
+    proxy is no loop, and is served."""
+    host = socket.gethostname()  # a real name of this host: /etc/hosts or DNS
+    own = {info[4][0] for info in socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)}
+    assert own, host
+    loop, chained, served = free_port(), free_port(), free_port()
+    sock_path = short_dir / "s.sock"
+    proxy = start_proxy("--status-socket", str(sock_path), f"[::]:{loop}={host}:{loop}",
+                        f"[::]:{chained}={host}:{served}",
+                        f"127.0.0.1:{served}=127.0.0.1:{redis.port}",
+                        "--max-children", "8", expect=3)
+    # The name's addresses are the supervisor's before the first client (until then a
+    # child looks the name up itself, and its hops would judge with none).
+    assert wait_for(lambda: proxy.log().count(" resolved ") >= 2), proxy.log()
+    with socket.create_connection(("127.0.0.1", loop)) as client:
+        client.sendall(b"PING\r\n")
+        client.settimeout(10)
+        with contextlib.suppress(ConnectionResetError):
+            assert client.recv(10) == b""
+    assert wait_for(lambda: "connects back to this proxy" in proxy.log()), proxy.log()
+    [line] = [x for x in proxy.log().splitlines() if " connect-failed " in x]
+    assert f"upstream={host}:{loop}" in line, line
+    # The other links still have children to serve with: the loop took none for good.
+    assert redis.cli("PING", port=served) == "PONG"
+    assert redis.cli("PING", port=chained) == "PONG"  # a chain that ends outside
+    # One connection on the link, its client's: no hop was made.
+    stats = control(sock_path, "status")["links"][f"[::]:{loop}={host}:{loop}"]
+    assert stats["connections"] == 1, stats
+    reasons = stats["upstream_failures_by_reason"]
+    assert reasons["loop"] == 1 and sum(reasons.values()) == 1, reasons
+
+
+def test_an_ambassador_linked_to_its_own_address_is_refused_at_the_second_hop() -> None:
+    """Compose's case: the ambassador's link points at its own container's address (a
+    service named like its target: `redis` resolves to the ambassador itself), not a
+    loopback one, which config.py cannot judge (a non-loopback address under a wildcard
+    bind may be another host's). Each hop connected back to the proxy until --max-children
+    was used up. Now the first hop, whose client came from elsewhere, connects; the second,
+    whose client is that hop, from the address it connects to again, refuses: the chain
+    ends, the client gets an end rather than a hang, and the other link serves."""
+    with netns_lab("namedloop-") as lab:
+        ns = lab.namespace("box")
+        ns.ip("addr", "add", "198.18.0.1/32", "dev", "lo")  # the container's own address
+        lab.redis(ns, 7000, {"who": "redis"})
+        proc, lines = lab.ambassador(
+            ns, {"REDIS_PORT_6379_TCP": "tcp://198.18.0.1:6379",
+                 "DB_PORT_7001_TCP": "tcp://127.0.0.1:7000"},
+            forkproxy=[FORKPROXY], options=["--max-children", "8"])
+        assert len(lines) == 2, lines
+        reply = redis_cli(ns, 6379, "GET", "who", check=False)
+        assert reply != "redis", reply  # an end, not an answer: no upstream is behind it
+        assert wait_for(lambda: "connects back to this proxy" in proc.stderr()), proc.describe()
+        for _ in range(3):  # children freed: the other link serves, again and again
+            assert redis_cli(ns, 7001, "GET", "who") == "redis", proc.describe()
+        assert proc.status_socket is not None
+        links = control(proc.status_socket, "status")["links"]
+        reasons = links["REDIS_PORT_6379_TCP"]["upstream_failures_by_reason"]
+        assert reasons["loop"] == 1 and sum(reasons.values()) == 1, reasons
+        assert links["REDIS_PORT_6379_TCP"]["connections"] == 2, links  # two hops
+
+
 def test_connect_failed_is_folded_per_link(
     start_proxy: Callable[..., Proxy], short_dir: Path
 ) -> None:
