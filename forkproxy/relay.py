@@ -631,7 +631,7 @@ def _loops_back(sockaddr: tuple[object, ...], own: OwnListeners, client_host: st
     another interface (a container's own, which its service name resolves to) is let
     through at its first hop, and refused at the second, whose client is the first hop's
     child, from that very address. connect_upstream calls this only for an address that
-    may be this host's (_may_be_here)."""
+    string tests find may be this host's (loopback, or the client's)."""
     host, port = bound_host(str(sockaddr[0])), int(sockaddr[1])  # type: ignore[call-overload]
     client_host = bound_host(client_host)
     takers = _takers(host, port, own, client_host)
