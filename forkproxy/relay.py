@@ -597,20 +597,22 @@ def bound_host(host: str) -> str:
     return host
 
 
-def _this_host(host: str, client_host: str) -> bool:
+def _this_host(host: str, local_host: str) -> bool:
     """Is `host` (bound_host's) surely this host's own address? Loopback, unspecified (a
-    connect() to it reaches loopback), or the address the client came from, when that is
-    this host's: a hop of a loop, whose client is the child before."""
-    return (host == client_host or host.startswith("127.")
+    connect() to it reaches loopback), or the address the client reached us at (the
+    accepted socket's own: this host's for sure). Not the client's address: a client may
+    well sit on the upstream's host (a host's redis reached through an ambassador, Docker's
+    gateway address for both), and its connections were refused as loops."""
+    return (host == local_host or host.startswith("127.")
             or host in ("::1", "0.0.0.0", "::"))
 
 
-def _takers(host: str, port: int, own: OwnListeners, client_host: str) -> list[int]:
+def _takers(host: str, port: int, own: OwnListeners, local_host: str) -> list[int]:
     """Which of our listeners (by id of their entry in `own`) a connect to host:port from
     here reaches: its port, an address of this host (_this_host), and a bind that takes
     that address (`::` takes IPv4 too: listeners.listen_tcp clears IPV6_V6ONLY)."""
     entries = own.get(port)
-    if not entries or not _this_host(host, client_host):
+    if not entries or not _this_host(host, local_host):
         return []
     host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)  # reaches loopback
     return [id(entry) for entry in entries
@@ -618,7 +620,7 @@ def _takers(host: str, port: int, own: OwnListeners, client_host: str) -> list[i
             or (entry[0] == "0.0.0.0" and ":" not in host)]
 
 
-def _loops_back(sockaddr: tuple[object, ...], own: OwnListeners, client_host: str) -> bool:
+def _loops_back(sockaddr: tuple[object, ...], own: OwnListeners, local_host: str) -> bool:
     """Would a connect to `sockaddr` come back around to it? It lands on one of our
     listeners (_takers), and from there the links' addresses lead, listener after
     listener, back to one already passed: a link whose target's name resolves to this
@@ -627,14 +629,14 @@ def _loops_back(sockaddr: tuple[object, ...], own: OwnListeners, client_host: st
     outside the proxy (`7000=vm:7001` beside `7001=redis:6379`) is no loop.
 
     Judged with no system call: an address is this host's when it is loopback, or the
-    one `client_host` (the client's address) came from. So a loop through an address of
-    another interface (a container's own, which its service name resolves to) is let
-    through at its first hop, and refused at the second, whose client is the first hop's
-    child, from that very address. connect_upstream calls this only for an address that
+    one the client reached us at (`local_host`). So a loop through an address of another
+    interface (a container's own, which its service name resolves to) is let through at
+    its first hop, and refused at the second, which the first hop's child reached at that
+    very address. connect_upstream calls this only for an address that
     string tests find may be this host's (loopback, or the client's)."""
     host, port = bound_host(str(sockaddr[0])), int(sockaddr[1])  # type: ignore[call-overload]
-    client_host = bound_host(client_host)
-    takers = _takers(host, port, own, client_host)
+    local_host = bound_host(local_host)
+    takers = _takers(host, port, own, local_host)
     if not takers:
         return False
     entries = {id(entry): entry for entries in own.values() for entry in entries}
@@ -652,7 +654,7 @@ def _loops_back(sockaddr: tuple[object, ...], own: OwnListeners, client_host: st
         for _, next_sockaddr in entries[taker][1]:
             next_port = int(next_sockaddr[1])  # type: ignore[call-overload]
             if any(rings(after) for after in _takers(bound_host(str(next_sockaddr[0])),
-                                                      next_port, own, client_host)):
+                                                      next_port, own, local_host)):
                 return True
         on_path.discard(taker)
         done.add(taker)
@@ -664,7 +666,7 @@ def _loops_back(sockaddr: tuple[object, ...], own: OwnListeners, client_host: st
 def connect_upstream(
     addresses: list[Address], target: Endpoint, timeout: float, retries: int,
     client: RawSocket | None = None, own_listeners: OwnListeners | None = None,
-    client_host: str = "",
+    local_host: str = "",
 ) -> tuple[RawSocket, bool, tuple[tuple[object, ...], tuple[object, ...], OSError] | None]:
     """Connect to the first address that answers, retrying with a short backoff; return
     the socket, whether its address came from a lookup of the child's own, and None, or
@@ -694,9 +696,9 @@ def connect_upstream(
     to retry.
 
     `own_listeners`: the proxy's own listeners, given when the target's port is one of
-    theirs, and `client_host`, the client's address. An address that would connect back
-    into them around a loop is not connected to: it fails as a connect does, with
-    LOOP_ERRNO (_loops_back).
+    theirs, and `local_host`, the address the client reached us at. An address that would
+    connect back into them around a loop is not connected to: it fails as a connect does,
+    with LOOP_ERRNO (_loops_back).
     """
     error: OSError | None = None
     failed: tuple[tuple[object, ...], OSError] | None = None  # the last connect() that failed
@@ -732,9 +734,9 @@ def connect_upstream(
                 # elsewhere): a call is a code object more for every child to copy.
                 host: str = sockaddr[0]  # type: ignore[assignment]
                 if (own_listeners is not None
-                        and (client_host.endswith(host) or host.startswith("127.")
+                        and (local_host.endswith(host) or host.startswith("127.")
                              or host in ("::1", "0.0.0.0", "::"))
-                        and _loops_back(sockaddr, own_listeners, client_host)):
+                        and _loops_back(sockaddr, own_listeners, local_host)):
                     # Before the connect: once connected, the next hop's child would be
                     # forked, and would connect on in its turn.
                     error = OSError(LOOP_ERRNO, "connects back to this proxy")
@@ -1459,10 +1461,13 @@ def serve(
     client.setblocking(False)
     if len(addresses) > 1:
         addresses = in_turn(addresses, turn)
+    own_listeners = lines[3]
     try:
         upstream, looked_up, fallback = connect_upstream(
             addresses, link.target, options.connect_timeout, options.connect_retries, client,
-            lines[3], client_address[0],  # type: ignore[arg-type]
+            # The address the client reached us at, for the loop check only (a system
+            # call: only for a link whose target's port is one of our listeners').
+            own_listeners, "" if own_listeners is None else client.getsockname()[0],
         )
     except ClientLeft as left:
         return _client_left(client, left, counters, base)

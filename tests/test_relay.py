@@ -503,7 +503,7 @@ def test_a_reset_waits_for_the_ack_looking_often_for_as_long_as_a_delayed_ack_ma
 V4 = int(socket.AF_INET)
 
 
-@pytest.mark.parametrize(("own", "sockaddr", "client", "loops"), [
+@pytest.mark.parametrize(("own", "sockaddr", "reached", "loops"), [
     # A link's name resolves to this host, on its listener's port: `[::]:7000=vm:7000`.
     ({7000: [("::", [(V4, ("127.0.1.1", 7000))])]}, ("127.0.1.1", 7000), "10.0.0.9", True),
     # A listener on 127.0.0.1 only: 127.0.1.1 is another address, nobody listens there.
@@ -520,13 +520,13 @@ V4 = int(socket.AF_INET)
       7001: [("::", [(V4, ("10.0.0.5", 6379))])]}, ("127.0.0.1", 7001), "10.0.0.9", False),
     # An ambassador to a remote upstream on the same port: `6379=redis:6379`.
     ({6379: [("0.0.0.0", [(V4, ("10.0.0.5", 6379))])]}, ("10.0.0.5", 6379), "10.0.0.9", False),
-    # Its own non-loopback address: a loop once the client came from there (the second
-    # hop, over a dual-stack listener: an IPv4-mapped client address).
+    # Its own non-loopback address: a loop once a client reached us there (the second
+    # hop, over a dual-stack listener: an IPv4-mapped address).
     ({6379: [("::", [(V4, ("198.18.0.1", 6379))])]}, ("198.18.0.1", 6379),
      "::ffff:198.18.0.1", True),
     ({6379: [("::", [(V4, ("198.18.0.1", 6379))])]}, ("198.18.0.1", 6379), "127.0.0.1", False),
 ])
 def test_an_address_that_leads_back_into_the_proxy_loops(
-    own: relay.OwnListeners, sockaddr: tuple[object, ...], client: str, loops: bool
+    own: relay.OwnListeners, sockaddr: tuple[object, ...], reached: str, loops: bool
 ) -> None:
-    assert relay._loops_back(sockaddr, own, client) is loops
+    assert relay._loops_back(sockaddr, own, reached) is loops

@@ -340,6 +340,31 @@ def test_an_ambassador_linked_to_its_own_address_is_refused_at_the_second_hop() 
         assert links["REDIS_PORT_6379_TCP"]["connections"] == 2, links  # two hops
 
 
+def test_a_client_on_the_upstreams_host_is_no_loop() -> None:
+    """A client on the very host of the upstream (the host's redis reached through an
+    ambassador on another host; Docker's gateway address as both the clients' source and
+    `host.docker.internal`): the loop check took the client's address for this host's, and
+    refused every connection of the link as a loop. Only the address a client reached the
+    proxy at is known to be its own."""
+    with netns_lab("namedloop-") as lab:
+        box, host = lab.namespace("box"), lab.namespace("host")
+        lab.cable(host, "198.18.0.2", box, "198.18.0.1")
+        # On the address the ambassador reaches (lab.redis binds loopback only).
+        redis = lab.spawn(host, ["redis-server", "--port", "6379", "--bind", "198.18.0.2",
+                                 "--protected-mode", "no", "--save", "", "--appendonly", "no",
+                                 "--dir", str(lab.workdir)], label="redis")
+        assert wait_for(lambda: redis_cli(host, 6379, "PING", host="198.18.0.2",
+                                          check=False) == "PONG"), redis.describe()
+        redis_cli(host, 6379, "SET", "who", "redis on the client's host", host="198.18.0.2")
+        proc, lines = lab.ambassador(box, {"REDIS_PORT_6379_TCP": "tcp://198.18.0.2:6379"},
+                                     forkproxy=[FORKPROXY])
+        assert len(lines) == 1, lines
+        for _ in range(3):
+            assert redis_cli(host, 6379, "GET", "who", host="198.18.0.1", check=False) == (
+                "redis on the client's host"), proc.describe()
+        assert "connects back to this proxy" not in proc.stderr(), proc.describe()
+
+
 def test_connect_failed_is_folded_per_link(
     start_proxy: Callable[..., Proxy], short_dir: Path
 ) -> None:
