@@ -251,6 +251,17 @@ def resolve_all(targets: list[tuple[str, int]], out_fd: int, delay: float) -> No
             data = data[os.write(out_fd, data):]
 
 
+# Above every descriptor of ours: where children and helpers stop closing what they inherit.
+FD_CEILING = 1 << 20
+# closerange_is_whole(): the numbers tried; the CPU time within which they were one system
+# call (microseconds), and from which a close() each (50 ns a number at the very least); in
+# between, tried again up to CLOSERANGE_TRIES times.
+CLOSERANGE_PROBE = 1 << 16
+CLOSERANGE_WHOLE_WITHIN = 0.001
+CLOSERANGE_LOOP_FROM = 0.003
+CLOSERANGE_TRIES = 3
+
+
 def ended_pipe() -> tuple[int, int]:
     """The ended pipe (see Supervisor.handle_chld), non-blocking: its read end and its
     write end, one descriptor for both where /proc lets the pipe be opened read-write.
@@ -274,17 +285,58 @@ def ended_pipe() -> tuple[int, int]:
     return read, write
 
 
-def close_inherited(*keep: int) -> None:
+def closerange_is_whole() -> bool:
+    """Whether os.closerange() closes a range in one system call, close_range(2), rather
+    than with a close() for every number in it, as CPython does where close_range is
+    missing (Linux before 5.9), refused (a seccomp profile that does not know it) or was
+    not there to build Python with (glibc before 2.34). There each child's cleanup up to
+    FD_CEILING was ~1M system calls, ~0.3 s of CPU per connection before its connect.
+
+    Timed once, at start, over numbers no descriptor can have (from the open-files limit
+    up): the one call takes microseconds of CPU, the loop milliseconds (30-100 ms here).
+    CPU time, not the clock's: a busy machine that holds the supervisor off the CPU in
+    the middle of the one call does not make it a loop. Should every try still fall
+    between the marks, the children list their descriptors (close_inherited), which is
+    right either way."""
+    first = os.sysconf("SC_OPEN_MAX")
+    for _ in range(CLOSERANGE_TRIES):
+        began = time.thread_time()
+        os.closerange(first, first + CLOSERANGE_PROBE)
+        took = time.thread_time() - began
+        if took < CLOSERANGE_WHOLE_WITHIN:
+            return True
+        if took >= CLOSERANGE_LOOP_FROM:
+            return False
+    return False
+
+
+def close_inherited(*keep: int, whole: bool = True) -> None:
     """In a forked helper (resolver, reporter, the metrics process before its exec): close
     every descriptor but stdio and those in `keep`, above all the listeners: a helper must
     not keep a closed port open. (The relay child does the same inline: see
-    Supervisor._accept_handler.)"""
+    Supervisor._accept_handler, which calls this only where `whole` is False.)
+
+    `whole`: closerange_is_whole(). Where it is not, the descriptors /proc/self/fd lists
+    are closed one by one instead of every number up to FD_CEILING."""
+    if not whole:
+        try:
+            listed = [int(name) for name in os.listdir("/proc/self/fd")]
+        except OSError:
+            pass  # no /proc: every number, then (below)
+        else:
+            for fd in listed:
+                if fd > 2 and fd not in keep:
+                    try:
+                        os.close(fd)
+                    except OSError:
+                        pass  # the listing's own descriptor, closed by now
+            return
     start = 3
     for fd in sorted(set(keep)):
         if fd >= start:
             os.closerange(start, fd)
             start = fd + 1
-    os.closerange(start, 1 << 20)
+    os.closerange(start, FD_CEILING)
 
 
 def child_oom_score_adj() -> tuple[int, bytes | None]:
@@ -535,6 +587,7 @@ class Supervisor:
         # to find it empty when it was not (reload).
         self.env_file_blank = True
         self.oom_score_adj, self.child_oom_score_adj = child_oom_score_adj()
+        self.closerange_whole = closerange_is_whole()
         # serve --take-over, the taking end: the connection to the supervisor taken over,
         # until it confirmed; the sockets it handed (ours to close, never to shut down,
         # until then), and what it said each one was.
@@ -841,7 +894,8 @@ class Supervisor:
                 # metrics process's to hold, nor the control socket or the listeners
                 # (those are close-on-exec already).
                 handoff = () if theirs is None else (theirs.fileno(),)
-                close_inherited(fd, self.log.fd, *handoff)  # the log: for metrics-failed below
+                close_inherited(fd, self.log.fd, *handoff,  # the log: for metrics-failed below
+                                whole=self.closerange_whole)
                 for kept in (fd, *handoff):
                     os.set_inheritable(kept, True)
                 # The one process forkproxy starts by exec runs the files installed now,
@@ -1545,6 +1599,7 @@ class Supervisor:
         )
         dispositions_len = len(child_dispositions)
         gc_disable, closerange, exit_child = gc.disable, os.closerange, os._exit
+        closerange_whole, close_listed = self.closerange_whole, close_inherited
         oom_value, open_file, write, oom_path, write_only = (
             self.child_oom_score_adj, os.open, os.write, OOM_SCORE_ADJ, os.O_WRONLY
         )
@@ -1609,11 +1664,14 @@ class Supervisor:
                         # ended pipe, above all the listeners: a child holding one would
                         # keep a closed port open. (The pipe was made first: lower, mostly;
                         # -1 in a supervisor never started, as tests build them.)
-                        low, high = (ended_w, fd) if 2 < ended_w < fd else (
-                            fd, fd if ended_w < fd else ended_w)
-                        closerange(3, low)
-                        closerange(low + 1, high)
-                        closerange(high + 1, 1 << 20)
+                        if closerange_whole:
+                            low, high = (ended_w, fd) if 2 < ended_w < fd else (
+                                fd, fd if ended_w < fd else ended_w)
+                            closerange(3, low)
+                            closerange(low + 1, high)
+                            closerange(high + 1, 1 << 20)  # FD_CEILING
+                        else:  # closerange would close() every number up to FD_CEILING
+                            close_listed(ended_w, fd, whole=False)
                         sock = RawSocket(family, sock_stream, 0, fd)
                         args = listener.relay_args
                         status = serve(sock, address, base, turn, *args)  # type: ignore[arg-type]
@@ -2455,7 +2513,7 @@ class Supervisor:
             try:
                 signals.reset_in_child()
                 name_process(RESOLVER)
-                close_inherited(write_fd)
+                close_inherited(write_fd, whole=self.closerange_whole)
                 resolve_all(targets, write_fd, due - now)
                 status = 0
             finally:
@@ -3299,7 +3357,8 @@ class Supervisor:
             try:
                 signals.reset_in_child()
                 name_process(REPORTER)
-                close_inherited(self.log.fd, *(() if keep is None else (keep,)))
+                close_inherited(self.log.fd, *(() if keep is None else (keep,)),
+                                whole=self.closerange_whole)
                 job()
                 status = 0
             finally:
