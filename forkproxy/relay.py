@@ -34,7 +34,6 @@ from _signal import signal as _set_signal  # type: ignore[import-not-found]
 # only the C methods.
 from _socket import socket as RawSocket
 
-from . import signals
 from .accounting import (
     FIELDS,
     NO_ADDRESS,
@@ -1320,17 +1319,13 @@ def reset_connections() -> bool:
     return found
 
 
-# The dispositions a relay child sets as it starts (see the supervisor's accept loop):
-# the other children's, but SIGTERM ends the connection with resets (_reset_and_die).
-# Flat, signal and action in turn, rather than a list of pairs: every child reads it, and
-# reading an object writes its reference count, so each pair, on a page of its own among
-# the supervisor's objects, was a page copied per child; one tuple is one object
-# (docs/benchmarks.md, "Page faults per connection").
-CHILD_DISPOSITIONS = tuple(
-    item
-    for signum, action in signals.CHILD_DISPOSITIONS
-    for item in (signum, _reset_and_die if signum == SIGTERM else action)
-)
+# The one disposition a relay child sets as it starts (see the supervisor's accept loop):
+# SIGTERM ends the connection with resets (_reset_and_die). The supervisor's other
+# handled signals (SIGINT, SIGHUP, SIGUSR1, SIGCHLD, as SIGQUIT: signals.HANDLED) keep the
+# handler the child inherits, which only notes them in a list the child never reads:
+# deaf to them as an ignored signal would leave it (its wakeup fd is gone), for no system
+# call, where setting each to SIG_IGN or SIG_DFL was one rt_sigaction per connection.
+CHILD_DISPOSITIONS = (SIGTERM, _reset_and_die)
 
 
 def set_keepalive(sock: RawSocket | socket.socket, seconds: int) -> None:

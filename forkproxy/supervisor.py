@@ -1594,10 +1594,8 @@ class Supervisor:
         # run takes the generic path, which for `module.name` writes to the module's
         # __dict__ (its reference count): a page per module, copied by every child
         # (docs/benchmarks.md, "Which Python"). 3.11 specializes it at once instead.
-        set_wakeup_fd, set_signal, child_dispositions = (
-            _signal.set_wakeup_fd, _signal.signal, relay.CHILD_DISPOSITIONS
-        )
-        dispositions_len = len(child_dispositions)
+        set_wakeup_fd, set_signal = _signal.set_wakeup_fd, _signal.signal
+        term_signal, term_action = relay.CHILD_DISPOSITIONS
         gc_disable, closerange, exit_child = gc.disable, os.closerange, os._exit
         closerange_whole, close_listed = self.closerange_whole, close_inherited
         oom_value, open_file, write, oom_path, write_only = (
@@ -1649,9 +1647,10 @@ class Supervisor:
                     # It never returns.
                     status = failed
                     try:
+                        # The other handled signals keep the handler that only notes
+                        # them (relay.CHILD_DISPOSITIONS says why).
                         set_wakeup_fd(-1)
-                        for i in range(0, dispositions_len, 2):  # signal, action in turn
-                            set_signal(child_dispositions[i], child_dispositions[i + 1])
+                        set_signal(term_signal, term_action)
                         gc_disable()  # a collection would touch (and copy) every heap page
                         if oom_value is not None:
                             # The OOM killer's first choice (child_oom_score_adj says why):
@@ -1668,7 +1667,8 @@ class Supervisor:
                             low, high = (ended_w, fd) if 2 < ended_w < fd else (
                                 fd, fd if ended_w < fd else ended_w)
                             closerange(3, low)
-                            closerange(low + 1, high)
+                            if high > low + 1:  # adjacent, the usual case: nothing between
+                                closerange(low + 1, high)  # (close_range(2) refuses it)
                             closerange(high + 1, 1 << 20)  # FD_CEILING
                         else:  # closerange would close() every number up to FD_CEILING
                             close_listed(ended_w, fd, whole=False)

@@ -647,6 +647,46 @@ def test_a_stop_signal_is_not_lost_when_the_wakeup_pipe_is_full(tmp_path: Path) 
         os.close(read_end)
 
 
+def test_a_child_sets_one_disposition_and_lives_through_the_supervisors_signals(
+    start_proxy: Callable[..., Proxy], tcp_server: Callable[..., TcpServer], tmp_path: Path,
+) -> None:
+    """A connection's child set five signal dispositions as it started, one rt_sigaction
+    each: SIGINT, SIGHUP and SIGUSR1 ignored, SIGCHLD the default, SIGTERM its reset. Only
+    SIGTERM's is its own now; the others keep the handler it inherits, which only notes
+    them (as SIGQUIT's always did), and its connection lives through each as before. Nor
+    does it close the empty range between two adjacent kept descriptors (close_range(2)
+    refuses it). Counted with strace, following the supervisor's forks."""
+    server = tcp_server(echo)
+    proxy = start_proxy(f"127.0.0.1:0=127.0.0.1:{server.port}")
+    trace = tmp_path / "trace"
+    tracer = subprocess.Popen([need("strace"), "-f", "-p", str(proxy.pid), "-o", str(trace),
+                               "-e", "trace=rt_sigaction,close_range"],
+                              stderr=subprocess.PIPE, text=True)
+    assert tracer.stderr is not None
+    try:
+        attached = tracer.stderr.readline()  # the children forked from now on are traced
+        assert f"Process {proxy.pid} attached" in attached, attached
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=15) as client:
+            client.sendall(b"a")
+            assert client.recv(1) == b"a"
+            [child] = psutil.Process(proxy.pid).children()
+            for signum in (signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGCHLD,
+                           signal.SIGQUIT):
+                os.kill(child.pid, signum)
+                client.sendall(b"b")
+                assert client.recv(1) == b"b", signum
+    finally:
+        tracer.send_signal(signal.SIGINT)  # detach
+        tracer.communicate(timeout=15)
+    calls = [line.split(None, 1)[1] for line in trace.read_text().splitlines()
+             if line.startswith(f"{child.pid} ")]
+    set_up = [call for call in calls if call.startswith("rt_sigaction(")]
+    assert len(set_up) == 1 and set_up[0].startswith("rt_sigaction(SIGTERM, "), calls
+    refused = [call for call in calls if call.startswith("close_range(") and "= -1 " in call]
+    assert not refused, calls
+    assert "killed" not in proxy.log() and "crashed" not in proxy.log(), proxy.log()
+
+
 def test_a_metrics_restart_due_during_a_stop_leaves_the_loop_waiting_not_spinning(
     start_proxy: Callable[..., Proxy], tcp_server: Callable[..., TcpServer],
 ) -> None:
