@@ -112,8 +112,10 @@ def reset_in_child() -> None:
 
     SIGINT (a terminal's Ctrl-C reaches the whole process group) and SIGHUP (reload)
     are the supervisor's business; live connections are never touched by them. (The
-    relay children do the same inline, from relay.CHILD_DISPOSITIONS, where SIGTERM resets
-    the connection first: see the accept loop in Supervisor._accept_handler.)
+    relay children set SIGTERM alone, to reset the connection first, and keep the
+    supervisor's handler for the others, which only notes them, for one system call
+    rather than five: relay.CHILD_DISPOSITIONS, and the accept loop in
+    Supervisor._accept_handler.)
     """
     _signal.set_wakeup_fd(-1)
     for signum, action in CHILD_DISPOSITIONS:
