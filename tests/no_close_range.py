@@ -13,22 +13,29 @@ or aarch64, as tests/refuse_sockets.py.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import platform
 import resource
-import struct
 import sys
+
+from seccomp_filter import (
+    ALLOW,
+    ARCH,
+    ARG0,
+    ERRNO,
+    JUMP_IF_AT_LEAST,
+    JUMP_IF_EQUAL,
+    KILL_PROCESS,
+    LOAD,
+    NR,
+    RETURN,
+    install,
+    op,
+)
 
 # (AUDIT_ARCH_*, close's number, close_range's number) per machine
 ARCHES = {"x86_64": (0xC000003E, 3, 436), "aarch64": (0xC00000B7, 57, 436)}
-PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 38, 22, 2
-# BPF_LD|W|ABS, BPF_JMP|JEQ|K, BPF_JMP|JGE|K, BPF_RET|K
-LOAD, JUMP_IF_EQUAL, JUMP_IF_AT_LEAST, RETURN = 0x20, 0x15, 0x35, 0x06
-ALLOW, ERRNO, KILL_PROCESS = 0x7FFF0000, 0x00050000, 0x80000000
-# offsets in struct seccomp_data (the first argument's low half: little-endian machines)
-NR, ARCH, ARG0 = 0, 4, 16
 CLOSE_MARK = 1 << 19
 OPEN_FILES_LIMIT = 4096
 
@@ -37,33 +44,19 @@ def supported() -> bool:
     return sys.platform == "linux" and platform.machine() in ARCHES
 
 
-def _op(code: int, k: int, yes: int = 0, no: int = 0) -> bytes:
-    return struct.pack("HBBI", code, yes, no, k)
-
-
 def no_close_range() -> None:
     """From now on, in this process and what it runs, close_range() fails with ENOSYS and
     close(n) for n >= CLOSE_MARK kills the process; every other call goes through."""
     arch, close_nr, close_range_nr = ARCHES[platform.machine()]
-    program = b"".join([
-        _op(LOAD, ARCH), _op(JUMP_IF_EQUAL, arch, 1, 0), _op(RETURN, ALLOW),
-        _op(LOAD, NR), _op(JUMP_IF_EQUAL, close_range_nr, 0, 1),
-        _op(RETURN, ERRNO | errno.ENOSYS),
-        _op(JUMP_IF_EQUAL, close_nr, 0, 3),
-        _op(LOAD, ARG0), _op(JUMP_IF_AT_LEAST, CLOSE_MARK, 0, 1),
-        _op(RETURN, KILL_PROCESS),
-        _op(RETURN, ALLOW),
-    ])
-    filters = ctypes.create_string_buffer(program)
-    fprog = ctypes.create_string_buffer(
-        struct.pack("HxxxxxxQ", len(program) // 8, ctypes.addressof(filters))
-    )
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl.argtypes = [ctypes.c_int] + [ctypes.c_ulong] * 4
-    if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) or libc.prctl(
-        PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.addressof(fprog), 0, 0
-    ):
-        raise OSError(ctypes.get_errno(), "cannot install the seccomp filter")
+    install(b"".join([
+        op(LOAD, ARCH), op(JUMP_IF_EQUAL, arch, 1, 0), op(RETURN, ALLOW),
+        op(LOAD, NR), op(JUMP_IF_EQUAL, close_range_nr, 0, 1),
+        op(RETURN, ERRNO | errno.ENOSYS),
+        op(JUMP_IF_EQUAL, close_nr, 0, 3),
+        op(LOAD, ARG0), op(JUMP_IF_AT_LEAST, CLOSE_MARK, 0, 1),
+        op(RETURN, KILL_PROCESS),
+        op(RETURN, ALLOW),
+    ]))
 
 
 if __name__ == "__main__":
