@@ -29,7 +29,6 @@ from .config import (
     LinkTable,
     Options,
     Sources,
-    _shorten,
     check_options,
     derived_max_children,
     name_variable,
@@ -39,6 +38,7 @@ from .config import (
     parse_link_bind,
     parse_seconds,
     quoted,
+    shorten,
     sources_to_json,
 )
 from .console import cannot_write, to_devnull
@@ -718,7 +718,7 @@ def unknown_variables(environ: Mapping[str, str], option_variables: Mapping[str,
                 or (alias in aliases and rest in ("PORT", "NAME"))
                 or any(upper.startswith(f"{known}_ENV_") for known in aliases)):
             continue
-        found.append((_shorten(name), "no option reads it: ignored" + _meant(
+        found.append((shorten(name), "no option reads it: ignored" + _meant(
             upper, option_variables, flags_without_variable)))
     return tuple(found)
 

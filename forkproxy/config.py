@@ -444,13 +444,14 @@ _ENV_FILE_ERROR = re.compile(
     r"^(cannot read |no links found: [^'\"]* in (?:the environment or )?)?env file (?=['\"])")
 
 
-def _shorten(text: str) -> str:
+def shorten(text: str) -> str:
+    """Cut a user's text to 80 characters for a line that names it."""
     return text if len(text) <= 80 else text[:77] + "..."
 
 
 def quoted(text: str) -> str:
     """Quote user input for an error line, keeping it on one line and short."""
-    return repr(_shorten(text))
+    return repr(shorten(text))
 
 
 def printable(text: str) -> str:
@@ -872,7 +873,7 @@ def links_from_env(
         elif _is_reexport(name):
             continue
         # Shortened, as values are (quoted()): a name is any length the environment holds.
-        shown = _shorten(name)
+        shown = shorten(name)
         label = f"{shown} ({origin!r})" if origin else shown  # quoted: a path may hold a newline
         if match["proto"] != "TCP":  # Docker writes _UDP and _SCTP variables too
             skipped.setdefault((match["alias"], match["proto"]), []).append(label)
@@ -881,7 +882,7 @@ def links_from_env(
         target = parse_link_value(label, value, match["proto"], bool(origin))
         links.append(Link(bind, port, target, (name,)))
     for (alias, proto), labels in skipped.items():
-        more = (f" and {len(labels) - 1} more {_shorten(alias)}_PORT_<N>_{proto}"
+        more = (f" and {len(labels) - 1} more {shorten(alias)}_PORT_<N>_{proto}"
                 if len(labels) > 1 else "")
         warnings.append(f"{labels[0]}{more}: {proto} links are not proxied; skipped")
     return links, warnings
@@ -949,8 +950,8 @@ def merge_links(links: Iterable[Link]) -> tuple[Link, ...]:
         else:
             raise ConfigError(
                 f"port {link.port} is linked twice to different targets: "
-                f"{_shorten(','.join(names[link.key]))} -> {known.target} and "
-                f"{_shorten(link.name)} -> {link.target}"
+                f"{shorten(','.join(names[link.key]))} -> {known.target} and "
+                f"{shorten(link.name)} -> {link.target}"
             )
     merged = tuple(Link(link.bind, link.port, link.target, _in_name_order(names[key]))
                    for key, link in by_key.items())
@@ -959,8 +960,8 @@ def merge_links(links: Iterable[Link]) -> tuple[Link, ...]:
         link, other = clash
         # bind() would say "address already in use", as if another program held it.
         raise ConfigError(
-            f"port {link.port} is bound twice: {_shorten(link.name)} on {link.bind} and "
-            f"{_shorten(other.name)} on {other.bind} overlap"
+            f"port {link.port} is bound twice: {shorten(link.name)} on {link.bind} and "
+            f"{shorten(other.name)} on {other.bind} overlap"
         )
     return merged
 
@@ -1074,14 +1075,14 @@ def _check_no_loop(links: Sequence[Link]) -> None:
     for index, link in enumerate(links):
         if index in following[index]:
             raise ConfigError(
-                f"{_shorten(link.name)} connects to its own listener "
+                f"{shorten(link.name)} connects to its own listener "
                 f"({join_host_port(link.bind, link.port)} -> {link.target}): every "
                 "client would take a child that connects back, until none is left; "
                 "localhost is this host (in a container, the container itself): "
                 "name the server's host")
     ring = _first_ring(links, following)
     if ring is not None:
-        hops = ", ".join(f"{_shorten(link.name)} ({join_host_port(link.bind, link.port)} -> "
+        hops = ", ".join(f"{shorten(link.name)} ({join_host_port(link.bind, link.port)} -> "
                          f"{link.target})" for link in ring)
         raise ConfigError(
             f"links connect to one another's listeners in a ring: {hops}: every client "
@@ -1279,7 +1280,7 @@ def _reexports(names: Iterable[str]) -> str:
     found = sorted({name for name in names if _is_reexport(name) and name.endswith("_TCP")})
     if not found:
         return ""
-    shown = ", ".join(_shorten(name) for name in found[:2])
+    shown = ", ".join(shorten(name) for name in found[:2])
     more = f" and {len(found) - 2} more" if len(found) > 2 else ""
     plural = "s" if len(found) > 1 else ""
     return (f"; ignored {len(found)} variable{plural}, {shown}{more}: an <ALIAS>_ENV_... "
@@ -1485,7 +1486,7 @@ def parse_seconds(text: str | None, flag: str, *, can_be_off: bool = True) -> fl
         raise _too_long(flag, quoted(text), can_be_off=can_be_off)
     if _below_least(flag, value, text):
         # Bare, as a count's range error is: by now the text is known to be a number.
-        raise _too_short_error(flag, _shorten(text), can_be_off=can_be_off)
+        raise _too_short_error(flag, shorten(text), can_be_off=can_be_off)
     return value
 
 

@@ -596,14 +596,19 @@ def bound_host(host: str) -> str:
     return host
 
 
+# Addresses that are this host's whatever its interfaces: IPv6 loopback, and the two
+# unspecified ones (a connect() to them reaches loopback). _this_host and the inline
+# prefilter in connect_upstream both test against it, so they cannot drift apart.
+_LOOPBACK6_OR_ANY = ("::1", "0.0.0.0", "::")
+
+
 def _this_host(host: str, local_host: str) -> bool:
     """Is `host` (bound_host's) surely this host's own address? Loopback, unspecified (a
     connect() to it reaches loopback), or the address the client reached us at (the
     accepted socket's own: this host's for sure). Not the client's address: a client may
     well sit on the upstream's host (a host's redis reached through an ambassador, Docker's
     gateway address for both), and its connections were refused as loops."""
-    return (host == local_host or host.startswith("127.")
-            or host in ("::1", "0.0.0.0", "::"))
+    return host == local_host or host.startswith("127.") or host in _LOOPBACK6_OR_ANY
 
 
 def _takers(host: str, port: int, own: OwnListeners, local_host: str) -> list[int]:
@@ -734,7 +739,7 @@ def connect_upstream(
                 host: str = sockaddr[0]  # type: ignore[assignment]
                 if (own_listeners is not None
                         and (local_host.endswith(host) or host.startswith("127.")
-                             or host in ("::1", "0.0.0.0", "::"))
+                             or host in _LOOPBACK6_OR_ANY)
                         and _loops_back(sockaddr, own_listeners, local_host)):
                     # Before the connect: once connected, the next hop's child would be
                     # forked, and would connect on in its turn.
