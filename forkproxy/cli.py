@@ -981,6 +981,12 @@ class ReloadError(Exception):
     """Why `reload --pid-file` sends no signal, as one line for the user."""
 
 
+class _NotAPidFile(ReloadError):
+    """The path given to `reload --pid-file` is no pid file (a directory, a FIFO, text
+    that no supervisor writes): bad input, exit 2, as a --status-socket path that is not
+    a socket is. A missing or empty file, or a PID not running, is a state (exit 1)."""
+
+
 class _Unreadable(Exception):
     """A /proc file of the process to check could not be read: the message says which."""
 
@@ -1034,8 +1040,10 @@ def _signal_supervisor(pid_file: str) -> int:
         fd = os.open(pid_file, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         try:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise ReloadError(f"{shown_file} is not a regular file")
-            text = os.read(fd, 64).strip()  # a PID has at most 7 digits
+                raise _NotAPidFile(f"{shown_file}: not a regular file")
+            # A PID has at most 7 digits. NUL bytes are what a crash or a power loss can
+            # leave of a file just written (README): a state, like an empty file.
+            text = os.read(fd, 64).strip(b"\0 \t\n\r\v\f")
         finally:
             os.close(fd)
     except OSError as exc:
@@ -1045,7 +1053,9 @@ def _signal_supervisor(pid_file: str) -> int:
     if not text.isdigit() or int(text) == 0:
         # bytes' repr without its b: quoted, with control and non-ASCII bytes escaped
         shown = text.decode() if text.isdigit() else repr(text)[1:]
-        raise ReloadError(f"{shown_file} holds {shown}, not a process id")
+        if not text:
+            raise ReloadError(f"{shown_file} holds '', not a process id")
+        raise _NotAPidFile(f"{shown_file}: holds {shown}, not a process id")
     pid = int(text)
     not_ours = control.foreign_proc()
     if not_ours:
@@ -1110,6 +1120,8 @@ def reload_command(
     if pid_file is not None:  # asked for on the command line: it wins over the variable
         try:
             pid = _signal_supervisor(pid_file)
+        except _NotAPidFile as exc:
+            fail(f"--pid-file {exc}")
         except ReloadError as exc:
             say(f"forkproxy: cannot reload: {exc}")
             raise typer.Exit(1) from None

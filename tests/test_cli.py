@@ -1804,14 +1804,8 @@ def assert_cannot_reload(result: subprocess.CompletedProcess[str], needle: str) 
 @pytest.mark.parametrize(
     ("content", "needle"),
     [
-        (b"0\n", "{path} holds 0, not a process id"),  # kill(0): reload's own process group
-        (b"-1\n", "{path} holds '-1', not a process id"),  # kill(-1): every process
         (b"", "{path} holds '', not a process id"),
-        (b"abc\n", "{path} holds 'abc', not a process id"),
-        (b"+1\n", "{path} holds '+1', not a process id"),
-        (b"1_0\n", "{path} holds '1_0', not a process id"),
-        ("\u0661\n".encode(), r"{path} holds '\xd9\xa1', not a process id"),  # int() takes it
-        (b"\xff\n", r"{path} holds '\xff', not a process id"),
+        (b"\0\0\0\n", "{path} holds '', not a process id"),  # what a power loss leaves
         (b"2\n", "pid 2 (from {path}) is not running"),  # PID 1 is alone in its namespace
         (b"99999999999999999999\n", "pid 99999999999999999999 (from {path}) is not running"),
         (b"1\n", "pid 1 (from {path}) is not a forkproxy supervisor"),  # reload itself
@@ -1822,12 +1816,46 @@ def test_reload_pid_file_signals_nothing_but_a_process_id(
     tmp_path: Path, content: bytes | None, needle: str
 ) -> None:
     """`reload --pid-file` sent SIGHUP to whatever int() made of the file: 0 hung up its own
-    process group, -1 every process on the system; junk gave Python's exception text."""
+    process group, -1 every process on the system; junk gave Python's exception text.
+    These are states (no supervisor, or not yet): exit 1."""
     pid_file = tmp_path / "proxy.pid"
     if content is not None:
         pid_file.write_bytes(content)
     result = run("reload", "--pid-file", str(pid_file), prefix=contained())
     assert_cannot_reload(result, needle.format(path=repr(str(pid_file))))
+
+
+@pytest.mark.parametrize(
+    ("content", "needle"),
+    [
+        (b"0\n", "{path}: holds 0, not a process id"),  # kill(0): reload's own process group
+        (b"-1\n", "{path}: holds '-1', not a process id"),  # kill(-1): every process
+        (b"abc\n", "{path}: holds 'abc', not a process id"),
+        (b"+1\n", "{path}: holds '+1', not a process id"),
+        (b"1_0\n", "{path}: holds '1_0', not a process id"),
+        ("\u0661\n".encode(), r"{path}: holds '\xd9\xa1', not a process id"),  # int() takes it
+        (b"\xff\n", r"{path}: holds '\xff', not a process id"),
+        ("directory", "{path}: not a regular file"),
+        ("fifo", "{path}: not a regular file"),
+    ],
+)
+def test_reload_pid_file_that_is_no_pid_file_is_bad_input(
+    tmp_path: Path, content: bytes | str, needle: str
+) -> None:
+    """A path that no supervisor wrote as its pid file (a directory, a FIFO, text that is
+    no PID: `--pid-file` given the env file) is bad input: exit 2 and one line naming
+    the flag, as `reload --status-socket` given a path that is not a socket. It exited 1,
+    as for a supervisor that is not running."""
+    pid_file = tmp_path / "proxy.pid"
+    if content == "directory":
+        pid_file.mkdir()
+    elif content == "fifo":
+        os.mkfifo(pid_file)
+    else:
+        assert isinstance(content, bytes)
+        pid_file.write_bytes(content)
+    result = run("reload", "--pid-file", str(pid_file), prefix=contained())
+    assert_one_line_error(result, "--pid-file " + needle.format(path=repr(str(pid_file))))
 
 
 def test_reload_pid_file_signals_a_supervisor_even_as_pid_1_and_nothing_else(
@@ -1882,7 +1910,7 @@ def test_reload_pid_file_waits_on_no_fifo_and_signals_no_connection_child(
     fifo = tmp_path / "fifo.pid"
     os.mkfifo(fifo)
     result = run("reload", "--pid-file", str(fifo), timeout=10)
-    assert_cannot_reload(result, f"{str(fifo)!r} is not a regular file")
+    assert_one_line_error(result, f"--pid-file {str(fifo)!r}: not a regular file")
 
     server = tcp_server(echo)
     proxy = start_proxy(f"127.0.0.1:0=127.0.0.1:{server.port}")
