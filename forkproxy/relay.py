@@ -826,6 +826,7 @@ def pump(
     last_active = time.monotonic()
     half_since = 0.0
     moved = 0
+    sent_queue = -1  # the kernel's send queues once a write stopped short; -1: not noted
     try:
         while not (up.eof and not up.pending and down.eof and not down.pending):
             if cmask == POLLIN and umask == POLLIN:
@@ -875,7 +876,14 @@ def pump(
                 now = time.monotonic()
                 total = counters[base] + counters[base + 1]
                 if total != moved:
-                    moved, last_active = total, now
+                    moved, last_active, sent_queue = total, now, -1
+                if sent_queue < 0 and (up.pending or down.pending):
+                    # A write stopped short: the kernel goes on sending what it took, as
+                    # fast as the receiver reads. Its send queues, noted now and looked at
+                    # again at the deadline, tell a slow reader (they shrank) from one
+                    # that takes nothing; poll says writable only once a third of the
+                    # buffer (megabytes) is free, long after bytes last moved on the wire.
+                    sent_queue = _send_queues(client, upstream)
                 deadlines = []
                 if idle is not None:
                     deadlines.append((last_active + idle, IDLE_TIMEOUT))
@@ -890,6 +898,13 @@ def pump(
                                       HALFCLOSE_TIMEOUT))
                 if deadlines:
                     deadline, outcome = min(deadlines)
+                    if deadline <= now and sent_queue > 0:
+                        still = _send_queues(client, upstream)
+                        if 0 <= still < sent_queue:
+                            # A receiver took bytes since: the connection moves, so the
+                            # count starts again (socat's -T and -t do not cut it either).
+                            sent_queue, last_active = still, now
+                            continue
                     if deadline <= now:
                         # The cut: a direction that loses bytes here (read and not yet
                         # written, or still unread from its source) ends toward its
@@ -1046,6 +1061,16 @@ def _stuck(sock: RawSocket, patience: float | None) -> bool:
         return _queued(sock, FIONREAD) > 0
     except OSError:
         return True
+
+
+def _send_queues(client: RawSocket, upstream: RawSocket) -> int:
+    """Bytes the kernel holds to send, toward the client and the upstream together, or -1
+    when a socket cannot say (gone): without a write of the relay's they only shrink, as
+    the peers acknowledge what they read."""
+    try:
+        return _queued(client, TIOCOUTQ) + _queued(upstream, TIOCOUTQ)
+    except OSError:
+        return -1
 
 
 def _queued(sock: RawSocket, request: int) -> int:

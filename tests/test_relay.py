@@ -165,6 +165,62 @@ def test_halfclose_timeout_bounds_the_wait_for_the_other_side(
     assert result == [relay.HALFCLOSE_TIMEOUT]
 
 
+@pytest.mark.parametrize("mode", ["auto", "splice", "copy"])
+@pytest.mark.parametrize("timeout", ["idle", "halfclose"])
+def test_a_reader_taking_a_reply_slowly_is_never_cut_by_a_timeout(
+    pairs: tuple[socket.socket, ...], mode: str, timeout: str
+) -> None:
+    """A client reading a large reply slowly, but without pause, is a connection that moves
+    bytes: neither --idle-timeout nor (once it has half-closed) --halfclose-timeout cuts
+    it, as socat's -T and -t do not. The pump's own writes stop for long stretches there
+    (the socket toward it holds megabytes, and poll says writable only once a third of
+    its buffer is free), while the kernel goes on sending: its send queue shrinking is
+    the reader's progress. They cut it with an RST after the timeout, mid-reply."""
+    client_peer, client, upstream, upstream_peer = pairs
+    client_peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    reply = os.urandom(16 << 20)
+    options = (Options(relay=mode, idle_timeout=2) if timeout == "idle"
+               else Options(relay=mode, halfclose_timeout=2))
+    if timeout == "halfclose":
+        client_peer.shutdown(socket.SHUT_WR)  # the request is complete; the reply is not
+    thread, result, counters = run_pump(client, upstream, options)
+
+    send_errors: list[OSError] = []
+
+    def answer() -> None:
+        try:
+            upstream_peer.sendall(reply)
+            upstream_peer.shutdown(socket.SHUT_WR)
+        except OSError as exc:  # the upstream reset too, by the cut: the assert says so
+            send_errors.append(exc)
+
+    sender = threading.Thread(target=answer)
+    sender.start()
+    received = bytearray()
+    reading_since = time.monotonic()
+    # 8 KiB every 50 ms (~160 KB/s) for 3 timeouts: never a pause near the timeout.
+    while time.monotonic() - reading_since < 6 and not result:
+        try:
+            chunk = client_peer.recv(8192)
+        except ConnectionResetError:
+            break  # the cut: result says which
+        assert chunk, f"ended after {len(received)} bytes: {result}"
+        received += chunk
+        time.sleep(0.05)
+    thread.join(0.5 if result else 0)
+    assert not result, f"cut after {len(received)} bytes, read without pause: {result}"
+    while chunk := client_peer.recv(1 << 20):  # the rest at full speed, to its end
+        received += chunk
+    sender.join(10)
+    assert not send_errors, send_errors
+    if timeout == "idle":
+        client_peer.shutdown(socket.SHUT_WR)
+    thread.join(10)
+    assert hashlib.sha256(received).digest() == hashlib.sha256(reply).digest()
+    assert result == [relay.UPSTREAM_CLOSED if timeout == "idle" else relay.CLOSED]
+    assert counters[1] == len(reply)
+
+
 def test_reset_from_upstream_ends_both(pairs: tuple[socket.socket, ...]) -> None:
     client_peer, client, upstream, upstream_peer = pairs
     thread, result, _ = run_pump(client, upstream, Options())
