@@ -1043,6 +1043,45 @@ def check_metrics_port(metrics: str | None, links: Iterable[Link]) -> None:
                               "overlap")
 
 
+def check_allow_families(allow: Sequence[str], links: Iterable[Link]) -> None:
+    """ConfigError when --allow holds no network a link's clients can be in. A client is
+    checked against the networks of its own family (supervisor.is_allowed): those of an
+    IPv4 listener are IPv4, those of an IPv6 one IPv6, but for `::`, which takes both,
+    and an IPv4-mapped address (::ffff:a.b.c.d), whose IPv4 clients an IPv6 network that
+    holds ::ffff:0:0/96 takes too. `--allow ::/0` on the default bind (0.0.0.0) started,
+    and denied every client, where on `--bind ::` it lets them all in; socat refuses such
+    a range= at start."""
+    if not allow:
+        return
+    networks = [parse_cidr(cidr) for cidr in allow]
+    has_ipv4 = any(network.version == 4 for network in networks)
+    has_ipv6 = any(network.version == 6 for network in networks)
+    holds_mapped = any(network.version == 6 and _MAPPED_PREFIX & network.mask == network.address
+                       for network in networks)
+    for link in links:
+        bind = link.bind.split("%", 1)[0]
+        if bind == "::":
+            continue
+        address = ipaddress.ip_address(bind)
+        if address.version == 4:
+            family, served = "IPv4", has_ipv4
+        elif getattr(address, "ipv4_mapped", None) is not None:
+            family, served = "IPv4", has_ipv4 or holds_mapped
+        else:
+            family, served = "IPv6", has_ipv6
+        if not served:
+            every = "0.0.0.0/0" if family == "IPv4" else "::/0"
+            raise ConfigError(
+                f"--allow {quoted(' '.join(allow))}: no {family} network, and "
+                f"{shorten(link.name)} listens on {join_host_port(link.bind, link.port)}, "
+                f"whose clients are {family}: each would be denied; add an {family} "
+                f"network ({every} for any), or listen on ::, which takes both")
+
+
+# ::ffff:0:0/96, where an IPv6 socket sees IPv4 clients: as an integer, for Network's mask.
+_MAPPED_PREFIX = 0xFFFF << 32
+
+
 def _overlap(one: str, other: str) -> bool:
     """Would listeners on these two addresses clash on one port?"""
     one, other = _as_bound(one), _as_bound(other)

@@ -56,6 +56,7 @@ from .config import (
     Network,
     Sources,
     build_links,
+    check_allow_families,
     check_metrics_port,
     children_that_fit,
     children_within_nproc,
@@ -190,6 +191,7 @@ def read_links(sources: Sources, environ: Mapping[str, str],
     table = build_links(sources.specs, environ if sources.from_env else None, env_file,
                         sources.bind, sources.aliases)
     check_metrics_port(sources.options.metrics, table.links)  # at start and at each reload
+    check_allow_families(sources.options.allow, table.links)
     listeners.check_zones(table.links)
     return table
 

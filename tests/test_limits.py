@@ -44,8 +44,10 @@ from forkproxy import supervisor as fp_supervisor
 from forkproxy.config import (
     METRICS_PIDS,
     OWN_PIDS,
+    ConfigError,
     Options,
     Sources,
+    check_allow_families,
     derived_max_children,
     parse_cidr,
     parse_spec,
@@ -2938,6 +2940,54 @@ def test_allow_checks_a_client_as_every_network_that_holds_it(
     allow: str, client: str, allowed: bool,
 ) -> None:
     assert fp_supervisor.is_allowed([parse_cidr(allow)], client) is allowed
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "needle"),
+    [
+        (["--allow", "::/0", "127.0.0.1:0=127.0.0.1:1"], {},
+         "--allow '::/0': no IPv4 network, and 127.0.0.1:0=127.0.0.1:1 listens on "
+         "127.0.0.1:0, whose clients are IPv4: each would be denied"),
+        (["--bind", "::1", "0=127.0.0.1:1"], {"FORKPROXY_ALLOW": "127.0.0.0/8 10.0.0.0/8"},
+         "FORKPROXY_ALLOW (--allow) '127.0.0.0/8 10.0.0.0/8': no IPv6 network"),
+    ],
+)
+def test_an_allow_list_no_client_of_a_listener_can_be_in_is_refused(
+    args: list[str], env: dict[str, str], needle: str
+) -> None:
+    """A client is checked against the networks of its own family, so `--allow ::/0` on
+    the default bind (0.0.0.0) started and denied every client, while on `--bind ::` it
+    lets them all in (found by the pairwise hunt; socat refuses such a range= at start).
+    Refused at start now, naming the listener and what to add."""
+    result = cli("serve", *args, env=env, timeout=20)
+    assert result.returncode == 2, result
+    [line] = result.stderr.splitlines()
+    assert line.startswith("forkproxy: error: ") and needle in line, line
+
+
+@pytest.mark.parametrize(
+    ("allow", "bind", "refused"),
+    [
+        (["::/0"], "::", False),  # takes IPv4 clients as ::ffff:a.b.c.d
+        (["10.0.0.0/8"], "::", False),
+        (["10.0.0.0/8"], "::ffff:127.0.0.1", False),  # an IPv6 socket, IPv4 clients
+        (["::/0"], "::ffff:127.0.0.1", False),  # ::/0 holds ::ffff:0:0/96
+        (["::1/128"], "::ffff:127.0.0.1", True),
+        (["::ffff:10.0.0.0/104"], "127.0.0.1", False),  # an IPv4 network (parse_cidr)
+        (["::1/128", "127.0.0.1/32"], "127.0.0.1", False),
+        (["fe80::/64"], "fe80::1%lo", False),
+        (["10.0.0.0/8"], "fe80::1%lo", True),
+    ],
+)
+def test_allow_families_judge_each_listener_by_the_clients_it_can_have(
+    allow: list[str], bind: str, refused: bool
+) -> None:
+    links = [parse_spec("6379=10.0.0.5:6379", bind)]
+    if refused:
+        with pytest.raises(ConfigError, match="each would be denied"):
+            check_allow_families(allow, links)
+    else:
+        check_allow_families(allow, links)
 
 
 def test_allow_closes_other_clients_before_any_upstream_connection_and_counts_them(
