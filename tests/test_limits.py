@@ -1079,6 +1079,43 @@ def test_idle_timeout_resets_a_client_whose_reply_it_could_not_deliver(
     assert ending == "rst", f"{got} of {len(reply)} bytes, then a clean EOF"
 
 
+@pytest.mark.parametrize("option", ["--idle-timeout", "--halfclose-timeout"])
+def test_a_timeout_never_cuts_a_reply_that_a_slow_client_keeps_reading(
+    start_proxy: StartProxy, tcp_server: ServerFactory, option: str
+) -> None:
+    """A client that reads a big reply steadily, slower than it comes (~1 MB/s, 4 s for
+    4 MiB, each read 30 ms after the last), gets all of it: bytes move all the time,
+    and socat's -T and -t give it whole. forkproxy counted only its own writes as
+    movement: waiting for room in a send buffer of megabytes (poll says writable only
+    once a third of it is free), it took the client's steady reading for silence, cut at
+    the timeout and reset the client, who lost what the buffer held (found by the
+    pairwise hunt: 1 of 4 MB with --idle-timeout 1)."""
+    reply = os.urandom(4 * MiB)
+
+    def big_reply(conn: socket.socket) -> None:
+        conn.recv(16)
+        conn.sendall(reply)
+
+    server = tcp_server(big_reply)
+    proxy = start_proxy(option, "1", f"127.0.0.1:0=127.0.0.1:{server.port}")
+    got = bytearray()
+    with socket.socket() as sock:
+        # A small receive buffer: what waits, waits in the proxy's send buffer.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        sock.connect(("127.0.0.1", proxy.port))
+        sock.sendall(b"GET")
+        sock.shutdown(socket.SHUT_WR)  # the half-close: --halfclose-timeout runs from here
+        sock.settimeout(20)
+        try:
+            while data := sock.recv(32 * 1024):
+                got += data
+                time.sleep(0.03)
+        except ConnectionResetError:
+            pytest.fail(f"reset after {len(got)} of {len(reply)} bytes: {proxy.log()[-600:]}")
+    assert len(got) == len(reply) and got == reply
+    assert wait_for(lambda: "outcome=closed" in proxy.log()), proxy.log()
+
+
 def test_idle_timeout_resets_an_upstream_whose_request_it_could_not_deliver(
     start_proxy: StartProxy, tcp_server: ServerFactory
 ) -> None:
