@@ -53,6 +53,10 @@ from .config import (
 )
 from .log import INFO, SLOT, SLOT_INT, SLOT_SECONDS, WARNING, Logger
 
+TYPE_CHECKING = False  # not typing's: see supervisor.py
+if TYPE_CHECKING:
+    from types import FrameType
+
 __all__ = [
     "CHILD_DISPOSITIONS", "Address", "Ended", "RawSocket", "connect_upstream", "lookup",
     "lookup_error", "preload", "prepared_lines", "pump", "reset_connections", "serve",
@@ -1282,13 +1286,37 @@ def reset(sock: RawSocket) -> None:
 _SIG_DFL = int(signal.SIG_DFL)  # an int, for _set_signal
 
 
-def _reset_and_die(signum: int, frame: object) -> None:
+# Where a TERM may find a relay child, told by the code of the frame it interrupted
+# (_reset_and_die): pump()'s own, or a step of one of its flows. Built once, in the
+# supervisor; a child reads them only as it dies.
+_PUMP_CODE = pump.__code__
+_FLOW_CODES = frozenset(member.__code__ for member in vars(Flow).values()
+                        if hasattr(member, "__code__"))
+
+# The most a stop's cut hands the client (_deliver_received): an upstream queue refilled
+# as fast as it is read must not hold the death.
+CUT_DELIVERY_LIMIT = 4 * 1024 * 1024
+
+
+def _reset_and_die(signum: int, frame: FrameType | None) -> None:
     """A relay child's SIGTERM: a stop whose grace is over. End the connection with an
     RST each way, then die by the signal (the supervisor logs the `killed` close line).
 
     Dying with SIGTERM's default action, the kernel would close a socket with nothing
     unread with a FIN: the consumer would take a download cut short for a whole one, and
     the server an upload. Only this signal runs this code; the relay's path is unchanged.
+
+    What the upstream had already sent to this child goes to the client first
+    (_deliver_received): a reset throws it away, and it may be what the upstream will
+    never send again (a BLPOP's element, popped off redis's list as it was sent). That
+    needs pump()'s state, so it is done when the TERM finds the child in pump() itself
+    (the interrupted frame's code: the relay runs no code for it). In the middle of a
+    flow's step, bytes may have moved while the flow's count of them (pending, start)
+    has not followed yet, and delivering by that count could repeat or skip bytes: it is
+    done as that step returns to pump() (_at_flow_return), where the counts are right.
+    (Not by sending the signal again: the handler would run again at once, inside this
+    one, still in the step.) Elsewhere (connecting, delivering after a reset, logging),
+    the resets alone, as ever.
 
     No connection left: serve() has closed both sockets, so the relay is over and the
     child is writing its own close line or about to exit with its outcome. Dying here,
@@ -1298,8 +1326,55 @@ def _reset_and_die(signum: int, frame: object) -> None:
     Known from the scan the reset does anyway, rather than from a flag serve() sets: a
     store per connection in the module's dict would copy that page in every child.
     """
-    if not reset_connections():
+    code = None if frame is None else frame.f_code
+    if code in _FLOW_CODES:
+        # Called back at every function's return from here on, only in this dying child;
+        # a flow's step is short and never blocks, so the death is not held.
+        sys.setprofile(_at_flow_return)
         return
+    if code is _PUMP_CODE:
+        assert frame is not None
+        if not _deliver_and_reset(frame):
+            return
+    elif not reset_connections():
+        return
+    _die(signum)
+
+
+def _at_flow_return(frame: FrameType, event: str, arg: object) -> None:
+    """sys.setprofile's hook, set by _reset_and_die when the TERM came in a flow's step:
+    as that step returns to pump(), the flows' counts are right, and the cut goes on."""
+    if event != "return" or frame.f_code not in _FLOW_CODES:
+        return
+    caller = frame.f_back
+    if caller is None or caller.f_code is not _PUMP_CODE:
+        return  # a step inside a step (read() writes): the outer one returns later
+    sys.setprofile(None)
+    if _deliver_and_reset(caller):
+        _die(SIGTERM)
+
+
+def _deliver_and_reset(pump_frame: FrameType) -> bool:
+    """The cut of the connection pump() (`pump_frame`) relays: what the upstream had sent
+    to the client (_deliver_received), then both sockets set to close with an RST.
+    False when pump() had closed both already (a timeout's cut): nothing to do."""
+    held = pump_frame.f_locals
+    client, upstream = held["client"], held["upstream"]
+    if client.fileno() < 0 and upstream.fileno() < 0:
+        return False
+    _deliver_received(held.get("down"), client, upstream, held["counters"], held["base"] + 1)
+    # Straight after it, with no scan of the descriptors: the two sockets are known, and
+    # each millisecond before the reset is one in which what the upstream sends is lost.
+    for sock in (client, upstream):
+        try:
+            sock.setsockopt(SOL_SOCKET, SO_LINGER, _LINGER_RESET)
+        except OSError:
+            pass  # closed already
+    return True
+
+
+def _die(signum: int) -> None:
+    """A relay child's end by `signum`, its connection cut: the supervisor reaps it."""
     # Said on the ended pipe, as the child's exit says it, so that the supervisor reaps
     # it by its pid (handle_chld) rather than by a scan of all the children. (A stop TERMs
     # thousands within a second or two, 64 at a time; their dying, ~0.3-0.4 ms of CPU
@@ -1310,6 +1385,56 @@ def _reset_and_die(signum: int, frame: object) -> None:
         pass
     _set_signal(signum, _SIG_DFL)
     os.kill(os.getpid(), signum)
+
+
+def _deliver_received(down: Flow | None, client: RawSocket, upstream: RawSocket,
+                      counters: memoryview, index: int) -> None:
+    """A stop's TERM in pump(): hand the client, in order, what the upstream had already
+    sent to this child: first what the downward flow holds (its splice pipe, counted by
+    the pipe itself, FIONREAD; or its buffer), then the upstream socket's receive queue.
+    Counted at counters[index] (bytes_down). HAProxy's hard-stop-after delivers these;
+    a reset without this threw them away (a BLPOP consumer lost the popped element at
+    every such cut).
+
+    Non-blocking moves only, and at most CUT_DELIVERY_LIMIT: a client that does not read
+    gets what its socket takes now, and the death waits for nothing. It stops at the
+    first byte that cannot go, since nothing after it may go before it. Nothing goes
+    toward the upstream: the upload stays cut with an RST (README, "Signals"), as a
+    server must never take a cut upload for a whole one."""
+    cfd = client.fileno()
+    try:
+        if down is not None:
+            if down.pipe_r >= 0:
+                queue = bytearray(4)
+                fcntl.ioctl(down.pipe_r, FIONREAD, queue)
+                left = int.from_bytes(queue, sys.byteorder)
+                while left:
+                    moved = os.splice(down.pipe_r, cfd, left, flags=_SPLICE_FLAGS)
+                    if not moved:
+                        return
+                    counters[index] += moved
+                    left -= moved
+            if not down.splice and down.pending:
+                sent = client.send(down.view[down.start : down.end], MSG_DONTWAIT)
+                counters[index] += sent
+                if sent < down.pending:
+                    return
+            elif down.pending and down.pipe_r < 0:
+                return  # pump()'s end closed the pipe that held them: nothing may follow
+            if down.eof:
+                return  # the queue ended with the upstream's FIN, read already
+        budget = CUT_DELIVERY_LIMIT
+        while budget > 0:
+            data = upstream.recv(min(COPY_CHUNK, budget), MSG_DONTWAIT)
+            if not data:
+                return
+            sent = client.send(data, MSG_DONTWAIT)
+            counters[index] += sent
+            if sent < len(data):
+                return
+            budget -= sent
+    except OSError:
+        pass  # nothing more now (EAGAIN either way), or a side gone: the reset goes on
 
 
 def reset_connections() -> bool:

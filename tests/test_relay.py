@@ -7,6 +7,7 @@ import errno
 import hashlib
 import os
 import select
+import signal
 import socket
 import subprocess
 import sys
@@ -23,7 +24,7 @@ from forkproxy import accounting, relay
 from forkproxy.config import Endpoint, Options
 from forkproxy.log import Logger
 
-from conftest import recv_all
+from conftest import recv_all, wait_for
 
 
 def tcp_pair(listener: socket.socket) -> tuple[socket.socket, socket.socket]:
@@ -586,3 +587,90 @@ def test_an_address_that_leads_back_into_the_proxy_loops(
     own: relay.OwnListeners, sockaddr: tuple[object, ...], reached: str, loops: bool
 ) -> None:
     assert relay._loops_back(sockaddr, own, reached) is loops
+
+
+@pytest.mark.parametrize("mode", ["copy", "splice"])
+def test_a_cut_hands_the_client_what_the_flow_holds_then_the_queue_in_order(
+    pairs: tuple[socket.socket, ...], mode: str,
+) -> None:
+    """A stop's TERM in pump() (relay._reset_and_die): before the resets, the client gets
+    what the upstream had already sent to the child, the downward flow's held bytes (its
+    splice pipe, counted by the pipe itself: a splice into it may not be counted in
+    `pending` yet; or its buffer) first, then the upstream socket's receive queue, in
+    that order, counted as bytes_down. Nothing goes to the upstream."""
+    client_peer, client, upstream, upstream_peer = pairs
+    counters = memoryview(bytearray(16)).cast("Q")
+    down = relay.Flow(upstream, client, counters, 1, mode, relay.UPSTREAM_RESET,
+                      relay.CLIENT_RESET)
+    held, queued = os.urandom(5000), os.urandom(7000)
+    try:
+        if mode == "splice":
+            assert os.write(down.pipe_w, held) == len(held)  # pending left 0: uncounted
+        else:
+            down.view = memoryview(bytearray(held))
+            down.start, down.end, down.pending = 0, len(held), len(held)
+        upstream_peer.sendall(queued)
+        assert wait_for(lambda: relay._queued(upstream, relay.FIONREAD) == len(queued))
+        relay._deliver_received(down, client, upstream, counters, 1)
+    finally:
+        down.close()
+    received = bytearray()
+    while len(received) < len(held) + len(queued):
+        received += client_peer.recv(1 << 16)
+    assert received == held + queued
+    assert counters[1] == len(held) + len(queued)
+    upstream_peer.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        upstream_peer.recv(1)
+
+
+class TermedAfterItsFirstSend(socket.socket):
+    """A client socket whose first send() sends only part of what it is given, then has
+    the stop's TERM come: in the middle of a flow's step (write), its counts (start,
+    pending) not yet following the bytes that went."""
+
+    termed = False
+
+    def send(self, data: Any, flags: int = 0) -> int:
+        if self.termed:
+            return super().send(data, flags)
+        sent = super().send(memoryview(data)[:1000], flags)
+        TermedAfterItsFirstSend.termed = True
+        os.kill(os.getpid(), signal.SIGTERM)
+        return sent
+
+
+def test_a_cut_in_the_middle_of_a_flows_step_repeats_and_skips_no_byte(
+    pairs: tuple[socket.socket, ...],
+) -> None:
+    """The TERM came in a flow's step, after a send and before the flow counted it:
+    delivering by the counts then would send those bytes again. The cut waits for the
+    step to return to pump() (relay._at_flow_return): the client reads every byte the
+    upstream sent, once, in order, then the reset; the child dies by the TERM. Its socket
+    class's send stands in for a step of the flow (its code counted as one)."""
+    client_peer, client, upstream, upstream_peer = pairs
+    payload = os.urandom(100_000)  # more than a copy read takes: some stays queued
+    upstream_peer.sendall(payload)
+    assert wait_for(lambda: relay._queued(upstream, relay.FIONREAD) == len(payload))
+    termed = TermedAfterItsFirstSend(fileno=os.dup(client.fileno()))
+    pid = os.fork()
+    if pid == 0:  # the relay child
+        try:
+            signal.signal(*relay.CHILD_DISPOSITIONS)
+            relay._FLOW_CODES |= {TermedAfterItsFirstSend.send.__code__}
+            counters = memoryview(bytearray(16)).cast("Q")
+            relay.pump(termed, upstream, Options(relay="copy"), counters, 0)
+        finally:
+            os._exit(99)
+    for sock in (termed, client, upstream):  # the child's now
+        sock.close()
+    received = bytearray()
+    with pytest.raises(ConnectionResetError):
+        while chunk := client_peer.recv(1 << 16):
+            received += chunk
+    assert (len(received), hashlib.sha256(received).digest()) == (
+        len(payload), hashlib.sha256(payload).digest())
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM, status
+    with pytest.raises(ConnectionResetError):
+        upstream_peer.recv(1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -13,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterable, Iterator
@@ -944,6 +946,131 @@ def test_a_child_the_stop_kills_is_not_said_to_be_out_of_memory(
     assert f"child_pid={child.pid}" in line, line
     assert 'outcome=killed status="killed by SIGKILL (sent by the stop)"' in line, line
     assert "out of memory" not in proxy.log(), proxy.log()
+
+
+def _unsent(sock: socket.socket) -> int:
+    """Bytes `sock` has sent and its peer's kernel has not acknowledged yet (SIOCOUTQ)."""
+    queue = bytearray(4)
+    fcntl.ioctl(sock.fileno(), fp_relay.TIOCOUTQ, queue)
+    return int.from_bytes(queue, sys.byteorder)
+
+
+def _held_upstream(tcp_server: Callable[..., TcpServer],
+                   ) -> tuple[TcpServer, list[socket.socket], threading.Event]:
+    """An upstream that answers `ping` with `pong`, then hands its side of the connection
+    to the test (the list), open until the event is set."""
+    held: list[socket.socket] = []
+    release = threading.Event()
+
+    def hold(conn: socket.socket) -> None:
+        assert conn.recv(4) == b"ping"
+        conn.sendall(b"pong")
+        held.append(conn)
+        release.wait(60)
+
+    server = tcp_server(hold)
+    # Set before the server's own close at teardown (which waits for its handlers), were
+    # the test to fail before it lets go.
+    real_close = server.close
+
+    def close() -> None:
+        release.set()
+        real_close()
+
+    server.close = close  # type: ignore[method-assign]
+    return server, held, release
+
+
+@pytest.mark.parametrize("mode", ["auto", "copy", "splice"])
+def test_a_cut_connection_first_delivers_what_the_upstream_had_sent(
+    start_proxy: Callable[..., Proxy], tcp_server: Callable[..., TcpServer], mode: str,
+) -> None:
+    """The TERM that ends a stop's (or a take-over's) --grace reset both sides of a live
+    connection at once: what the upstream had already sent to the child, in its receive
+    queue, was thrown away (a BLPOP's element, popped off redis's list as it was sent,
+    lost at every such cut; HAProxy's hard-stop-after delivers it). Now the child hands
+    the client those bytes, then resets both sides as before: the client reads every one
+    of them and then the reset, never a FIN; the upstream sees the reset. The child is
+    stopped while the upstream's bytes land, so they all wait in its receive queue."""
+    server, held, release = _held_upstream(tcp_server)
+    proxy = start_proxy("--relay", mode, f"127.0.0.1:0=127.0.0.1:{server.port}")
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=30) as client:
+        client.sendall(b"ping")
+        assert client.recv(4) == b"pong"
+        [child] = psutil.Process(proxy.pid).children()
+        assert wait_for(lambda: child.status() == psutil.STATUS_SLEEPING)  # in its poll
+        assert wait_for(lambda: bool(held))
+        upstream = held[0]
+        child.suspend()
+        payload = os.urandom(32 * 1024)
+        upstream.sendall(payload)
+        assert wait_for(lambda: not _unsent(upstream))  # all in the child's receive queue
+        os.kill(child.pid, signal.SIGTERM)
+        child.resume()
+        received = bytearray()
+        with pytest.raises(ConnectionResetError):
+            while chunk := client.recv(1 << 16):
+                received += chunk
+        assert (len(received), hashlib.sha256(received).hexdigest()) == (
+            len(payload), hashlib.sha256(payload).hexdigest())
+        upstream.settimeout(30)
+        with pytest.raises(ConnectionResetError):
+            upstream.recv(1)
+    release.set()
+    # The stop's TERM, sent here by hand: the supervisor tells it from its own (`killed`).
+    assert wait_for(lambda: 'status="killed by SIGTERM"' in proxy.log()), proxy.log()
+    [line] = [x for x in proxy.log().splitlines() if " child-died " in x]
+    assert f"bytes_down={4 + len(payload)} " in line, line
+
+
+@pytest.mark.parametrize("mode", ["copy", "splice"])
+def test_a_cut_connection_whose_client_reads_nothing_ends_at_once_bytes_in_order(
+    start_proxy: Callable[..., Proxy], tcp_server: Callable[..., TcpServer], mode: str,
+) -> None:
+    """What the child hands the client at the cut goes only as far as the client's socket
+    takes it now: a client that reads nothing (its window shut, the child's pipe and
+    queues full) holds the death for nothing. The child ends (killed by the TERM) with
+    the client still not reading; what the client then reads is the upstream's stream
+    from its start, no byte skipped or repeated, and then the reset."""
+    server, held, release = _held_upstream(tcp_server)
+    proxy = start_proxy("--relay", mode, f"127.0.0.1:0=127.0.0.1:{server.port}")
+    stream = os.urandom(48 * 1024 * 1024)
+    sent: list[int] = []
+
+    def flood(upstream: socket.socket) -> None:
+        view = memoryview(stream)
+        with contextlib.suppress(OSError):
+            while view:
+                done = upstream.send(view[: 1 << 20])
+                view = view[done:]
+                sent.append(done)
+
+    with socket.socket() as client:
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        client.settimeout(30)
+        client.connect(("127.0.0.1", proxy.port))
+        client.sendall(b"ping")
+        assert client.recv(4) == b"pong"
+        [child] = psutil.Process(proxy.pid).children()
+        assert wait_for(lambda: bool(held))
+        flooder = threading.Thread(target=flood, args=(held[0],), daemon=True)
+        flooder.start()
+
+        def stalled() -> bool:
+            before = len(sent)
+            time.sleep(0.2)
+            return bool(sent) and len(sent) == before
+
+        assert wait_for(stalled)  # everything between the upstream and the client is full
+        os.kill(child.pid, signal.SIGTERM)
+        assert wait_for(lambda: 'status="killed by SIGTERM"' in proxy.log()), proxy.log()
+        received = bytearray()
+        with pytest.raises(ConnectionResetError):
+            while chunk := client.recv(1 << 16):
+                received += chunk
+        assert received and received == stream[: len(received)]
+    release.set()
+    flooder.join(30)
 
 
 def test_a_child_termed_while_it_writes_its_own_close_line_is_not_logged_again_as_killed(
