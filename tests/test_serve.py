@@ -7,6 +7,7 @@ import fcntl
 import hashlib
 import json
 import os
+import shutil
 import signal
 import socket
 import struct
@@ -338,6 +339,48 @@ def test_an_ambassador_linked_to_its_own_address_is_refused_at_the_second_hop() 
         reasons = links["REDIS_PORT_6379_TCP"]["upstream_failures_by_reason"]
         assert reasons["loop"] == 1 and sum(reasons.values()) == 1, reasons
         assert links["REDIS_PORT_6379_TCP"]["connections"] == 2, links  # two hops
+
+
+def test_a_name_of_two_own_addresses_is_refused_not_looped_between_them() -> None:
+    """A service name with an IPv4 and an IPv6 address, both the ambassador's own (a
+    Compose service named like its target, on a dual-stack network; its /etc/hosts): the
+    second hop refused the address its client reached it at as a loop, fell back to the
+    other one, which it could not tell was this host's too, and connected; the third hop
+    did the same the other way round, and so on: one client took every --max-children
+    slot, the other link stopped serving, and no connect-failed was said. Once one of a
+    name's addresses is refused as a loop, the others are asked of the kernel (a bind
+    to each) and refused as well when they are this host's: the chain ends at the
+    second hop."""
+    with netns_lab("namedloop-") as lab:
+        ns = lab.namespace("box")
+        ns.ip("addr", "add", "198.18.0.1/32", "dev", "lo")
+        ns.ip("-6", "addr", "add", "fd00::1/128", "dev", "lo", "nodad")
+        etc = Path("/etc/netns") / ns.name  # `ip netns exec` mounts these over /etc's
+        try:
+            etc.mkdir(parents=True)
+            (etc / "hosts").write_text(
+                "127.0.0.1 localhost\nfd00::1 self.test\n198.18.0.1 self.test\n")
+            (etc / "resolv.conf").write_text("nameserver 127.0.0.53\n")  # nobody: refused
+            lab.redis(ns, 7000, {"who": "redis"})
+            proc, lines = lab.ambassador(
+                ns, {"SELF_PORT_6379_TCP": "tcp://self.test:6379",
+                     "DB_PORT_7001_TCP": "tcp://127.0.0.1:7000"},
+                forkproxy=[FORKPROXY], options=["--bind", "::", "--max-children", "8"])
+            assert len(lines) == 2, lines
+            assert wait_for(lambda: "198.18.0.1:6379" in proc.stderr()), proc.describe()
+            reply = redis_cli(ns, 6379, "GET", "who", check=False)
+            assert reply != "redis", reply  # an end, not an answer
+            assert wait_for(lambda: " connect-failed " in proc.stderr()), proc.describe()
+            assert "connects back to this proxy" in proc.stderr(), proc.describe()
+            assert proc.status_socket is not None
+            links = control(proc.status_socket, "status")["links"]
+            assert links["SELF_PORT_6379_TCP"]["connections"] == 2, links  # two hops
+            reasons = links["SELF_PORT_6379_TCP"]["upstream_failures_by_reason"]
+            assert reasons["loop"] == 1 and sum(reasons.values()) == 1, reasons
+            for _ in range(3):  # children freed: the other link serves
+                assert redis_cli(ns, 7001, "GET", "who") == "redis", proc.describe()
+        finally:
+            shutil.rmtree(etc, ignore_errors=True)
 
 
 def test_a_client_on_the_upstreams_host_is_no_loop() -> None:
