@@ -2720,6 +2720,16 @@ class Supervisor:
             if handler is not None:
                 handler(POLLIN)  # a client that sent nothing yet: recv says EAGAIN
 
+    def _prepare_new_listeners(self, fresh: list[Listener]) -> None:
+        """A reload's new listeners, before anything changes (listeners.reconcile): their
+        options, as at start; and one descriptor left to spare after them, as run() keeps
+        at start, or OSError (EMFILE) fails the reload. A SIGHUP whose new listener took
+        the last one was `reloaded`, and from then on every accept() failed EMFILE: no
+        port served, the control socket answering nobody, for good."""
+        self._listen_options(fresh)
+        if fresh:
+            os.close(os.dup(2))
+
     def _reload(self) -> tuple[bool, str]:
         if self.taker is not None:
             # Our listening sockets are the taking supervisor's too: a port this reload
@@ -2750,12 +2760,16 @@ class Supervisor:
                     "no link from it, leave a comment line in it)")
             table = read_links(self.sources, self.environ, env_text)
             kept, fresh, retired = listeners.reconcile(self.listeners, table.links,
-                                                       self._listen_options)
+                                                       self._prepare_new_listeners)
         except (ConfigError, OSError) as exc:
             # OSError: socket() for a new listener ran out of descriptors (EMFILE, ENFILE):
             # a reload that fails must never take the running listeners down with it.
-            error = (f"cannot open a listening socket: {exc.strerror or exc}"
-                     if isinstance(exc, OSError) else str(exc))
+            if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
+                error = (f"out of file descriptors for new listening sockets: "
+                         f"{exc.strerror} (raise the limit, ulimit -n)")
+            else:
+                error = (f"cannot open a listening socket: {exc.strerror or exc}"
+                         if isinstance(exc, OSError) else str(exc))
             self.log.error("reload-failed", error=error, detail="previous configuration stays")
             self._reloaded(False, error)
             return False, error

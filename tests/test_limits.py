@@ -1706,6 +1706,43 @@ def test_reload_out_of_descriptors_for_new_listeners_fails_and_the_proxy_serves_
     assert ping_echo(pb) and ping_echo(pc) and ping_echo(pa)
 
 
+def test_a_reload_that_would_take_the_last_descriptor_fails_and_the_proxy_serves_on(
+    start_proxy: StartProxy, tcp_server: ServerFactory, tmp_path: Path
+) -> None:
+    """A start keeps one descriptor to spare for accept() (at exactly the limit its own
+    sockets need, it said `listening` and served nobody), but a SIGHUP whose new listener
+    took that last one was `reloaded`: from then on every accept() failed EMFILE, on every
+    port and on the control socket (`check` timed out), for good. Such a reload fails
+    now, as one whose new sockets cannot all be had, and the proxy serves on."""
+    server = tcp_server(echo)
+    upstream = f"tcp://127.0.0.1:{server.port}"
+    pa, pb = distinct_free_ports(2)
+    env_file = tmp_path / "links.env"
+    kept, new = {f"A_PORT_{pa}_TCP": upstream}, {f"B_PORT_{pb}_TCP": upstream}
+    write_env_file(env_file, kept)
+    proxy = start_proxy("--env-file", str(env_file), *LOOPBACK)
+    write_env_file(env_file, {**kept, **new})
+    saved = starve_accepts(proxy)
+    try:
+        # One descriptor to spare: the env file's, closed again, then B's socket: no
+        # descriptor would be left for accept().
+        spare = resource.prlimit(proxy.pid, resource.RLIMIT_NOFILE)[0] + 1
+        resource.prlimit(proxy.pid, resource.RLIMIT_NOFILE, (spare, saved[1]))
+        proxy.proc.send_signal(signal.SIGHUP)
+        assert wait_for(lambda: " reload-failed " in proxy.log()
+                        or " reloaded " in proxy.log()), proxy.log()
+        assert " reload-failed " in proxy.log(), proxy.log()
+        assert "ulimit -n" in proxy.log(), proxy.log()
+        assert ping_echo(pa)  # its spare descriptor kept: served, at the same limit
+        with pytest.raises(ConnectionRefusedError):  # B's socket closed, not listening
+            connect(pb).close()
+    finally:
+        resource.prlimit(proxy.pid, resource.RLIMIT_NOFILE, saved)
+    proxy.proc.send_signal(signal.SIGHUP)  # descriptors are back: the same reload works
+    assert wait_for(lambda: proxy.log().count("new=true") == 2), proxy.log()
+    assert ping_echo(pb) and ping_echo(pa)
+
+
 _BIND_ALL_AT_EMFILE = """
 import os, resource, socket, sys
 from forkproxy.config import parse_spec
