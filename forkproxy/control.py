@@ -825,7 +825,7 @@ def ask_for_sockets(path: str, timeout: float, pid: int,
                 raise ValueError("closed before its reply's end")
             data += chunk
             if reply is None and b"\n" in data:
-                found = json.loads(data.split(b"\n", 1)[0])
+                found = _loads(data.split(b"\n", 1)[0])
                 if not isinstance(found, dict):
                     raise ValueError("a reply that is not a JSON object")
                 reply = found
@@ -887,7 +887,17 @@ def say_go(conn: socket.socket,
                 raise unsent
             raise ValueError("closed without a reply")
         data += chunk
-    reply = json.loads(data.split(b"\n", 1)[0])
+    reply = _loads(data.split(b"\n", 1)[0])
     if not isinstance(reply, dict):
         raise ValueError("a reply that is not a JSON object")
     return reply
+
+
+def _loads(line: bytes) -> object:
+    """A reply line to a take-over's request, parsed: ValueError for one that is not JSON,
+    and for one nested past Python's stack (`[[[[...`), a RecursionError otherwise, whose
+    traceback ended the start with exit 1 (status says "nested too deep" likewise)."""
+    try:
+        return json.loads(line)
+    except RecursionError:
+        raise ValueError("nested too deep") from None

@@ -72,6 +72,7 @@ from .config import (
     parse_cidr,
     parse_metrics_address,
     peer_text,
+    printable,
     quoted,
 )
 from .listeners import ACCEPT_BACKOFF, RESOURCE_ERRORS, Listener
@@ -712,13 +713,15 @@ class Supervisor:
             if error.startswith("unknown command"):
                 raise ConfigError(f"{what} does not know how to hand over (a forkproxy older "
                                   "than this one): stop it, then start without --take-over")
-            raise ConfigError(f"{what} cannot hand over: {error}")
+            # Escaped (as `status` shows a reply's strings): whatever answers on the path
+            # could write a line break (a line of its own, forged) or ESC to the terminal.
+            raise ConfigError(f"{what} cannot hand over: {printable(error)}")
         names = reply.get("sockets")
         assert isinstance(names, list)  # as ask_for_sockets found it
         self.handed_names = [name if isinstance(name, dict) else {} for name in names]
         self.log.info("taking-over", from_pid=reply.get("pid"), version=reply.get("version"),
                       sockets=len(self.handed))
-        self.handed_by = f"the supervisor taken over (pid {reply.get('pid')})"
+        self.handed_by = f"the supervisor taken over (pid {printable(str(reply.get('pid')))})"
         return {address: sock for sock, name in zip(self.handed, self.handed_names, strict=True)
                 if "metrics" not in name
                 and (address := listeners.bound_address(sock)) is not None}
@@ -777,7 +780,7 @@ class Supervisor:
             reply = {"ok": True}
         if not reply.get("ok"):
             raise ConfigError(f"--take-over: the supervisor on {quoted(path or '')} did not "
-                              f"hand over: {reply.get('error')}")
+                              f"hand over: {printable(str(reply.get('error')))}")
         if self.taken_from is not None:
             self.taken_from.close()
             self.taken_from = None

@@ -1282,6 +1282,89 @@ def test_a_take_over_answered_yes_without_its_sockets_list_is_one_line(
                             "(`sockets` is missing or not a list)")
 
 
+@contextlib.contextmanager
+def _answering_raw(path: str, reply: bytes, after_go: bytes | None = None) -> Iterator[None]:
+    """A control socket at `path` that is not a forkproxy's, answering one request with the
+    bytes `reply` and, given `after_go`, the `go` that follows with those; then it waits
+    for the asker to close."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(path)
+        listener.listen(1)
+
+        def answer() -> None:
+            conn, _ = listener.accept()
+            with conn, contextlib.suppress(OSError):
+                conn.makefile("rb").readline()
+                conn.sendall(reply)
+                if after_go is not None:
+                    conn.recv(100)  # the `go`
+                    conn.sendall(after_go)
+                conn.recv(100)
+
+        thread = threading.Thread(target=answer)
+        thread.start()
+        try:
+            yield
+        finally:
+            thread.join(10)
+
+
+NESTED = b"[" * 100_000 + b"\n"  # valid JSON's start, nested past Python's stack
+YES = json.dumps({"ok": True, "pid": 1, "sockets": []}).encode() + b"\n"
+FORGED = "no\nlistening 127.0.0.1:1 -> evil\x1b[2J\x07"  # a line of its own, ESC, BEL
+
+
+@pytest.mark.parametrize(("reply", "after_go", "needle"), [
+    (NESTED, None, "did not answer as a forkproxy supervisor does (nested too deep)"),
+    (json.dumps({"ok": False, "error": FORGED}).encode() + b"\n", None,
+     "cannot hand over: " + json.dumps(FORGED)),
+    (YES, json.dumps({"ok": False, "error": FORGED}).encode() + b"\n",
+     "did not hand over: " + json.dumps(FORGED)),
+], ids=["nested", "error with controls", "go's error with controls"])
+def test_a_take_over_answered_past_the_stack_or_with_control_characters_is_one_line(
+    tcp_server: ServerFactory, short_dir: Path, reply: bytes, after_go: bytes | None,
+    needle: str
+) -> None:
+    """Something else on the path (not a forkproxy) answering `[[[[...`: a RecursionError
+    traceback, exit 1, where `status` says "nested too deep"; or an error holding a line
+    break and ESC: written raw, it forged a line of its own and wrote to the terminal,
+    where `status` shows such strings escaped. One line each, exit 2, escaped."""
+    server = tcp_server(echo)
+    path = str(short_dir / "other.sock")
+    with _answering_raw(path, reply, after_go):  # -q: without the `taking-over` line
+        result = _serve("-q", "--take-over", "--status-socket", path,
+                        f"127.0.0.1:0=127.0.0.1:{server.port}")
+    _one_line_error(result, needle)
+    assert "\x1b" not in result.stderr and "\x07" not in result.stderr, result
+
+
+def test_a_go_answered_past_the_stack_is_no_traceback(
+    tcp_server: ServerFactory, short_dir: Path
+) -> None:
+    """An answer to the `go` nested past Python's stack ended the start in a RecursionError
+    traceback, exit 1. It is an answer that is not a forkproxy's, as `[1]` is: the sockets
+    listen, so the taker serves on them (take-over-unconfirmed)."""
+    server = tcp_server(echo)
+    path = str(short_dir / "other.sock")
+    with _answering_raw(path, YES, NESTED):
+        proc = subprocess.Popen([FORKPROXY, "serve", "--take-over", "--status-socket", path,
+                                 f"127.0.0.1:0=127.0.0.1:{server.port}"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            assert proc.stdout is not None and proc.stderr is not None
+            line = proc.stdout.readline()
+            assert line.startswith("listening "), (line, proc.poll(), proc.stderr.read())
+            port = int(line.split()[1].rsplit(":", 1)[1])
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+                client.sendall(b"hello")
+                assert client.recv(5) == b"hello"
+        finally:
+            proc.terminate()
+            _, err = proc.communicate(timeout=30)
+    assert "take-over-unconfirmed" in err and "Traceback" not in err, err
+    assert proc.returncode == 0, err
+
+
 @pytest.mark.parametrize("failure", ["a port in use", "a bad pid file"])
 def test_a_take_over_that_fails_leaves_the_old_one_serving(
     start_proxy: Callable[..., Proxy], tcp_server: ServerFactory, short_dir: Path,
