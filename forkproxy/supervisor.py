@@ -1027,6 +1027,8 @@ class Supervisor:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NONBLOCK | os.O_CLOEXEC
                          | os.O_NOFOLLOW, 0o644)
         except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                raise  # out of descriptors, not a bad path: run() says so, as elsewhere
             reason = "not a regular file" if exc.errno == errno.ENXIO else exc.strerror
             owner = _owner(path) if exc.errno == errno.EACCES else None
             if owner is not None and owner != os.geteuid():
@@ -3295,6 +3297,8 @@ class Supervisor:
                 self._write_pid_file()
             except ConfigError as exc:
                 self.log.warning("pid-file-failed", error=str(exc))
+            except OSError as exc:  # out of descriptors (EMFILE): not a start, no run() here
+                self.log.warning("pid-file-failed", error=exc.strerror or str(exc))
 
     def status_reply(self, counters: memoryview | None = None,
                      kernel: list[ListenerReading] | None = None) -> dict[str, object]:

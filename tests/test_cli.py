@@ -1062,19 +1062,21 @@ def test_too_few_descriptors_to_start_is_one_line_and_leaves_nothing(tmp_path: P
     assert list((runtime / "forkproxy").iterdir()) == []  # its control socket went with it
 
 
-@pytest.mark.parametrize("where", ["default directory", "--status-socket"])
+@pytest.mark.parametrize("where", ["default directory", "--status-socket", "--pid-file"])
 def test_out_of_descriptors_at_the_status_socket_says_so_like_elsewhere(
     tmp_path: Path, where: str
 ) -> None:
     """20 links under hard limits from too few up to enough: each start refused said
     "out of file descriptors ... ulimit -n", but the one that ran out at the control socket
     (24 here) blamed the socket's directory, or the --status-socket path, for "Too many
-    open files". Every refusal says the same line now, whichever descriptor was the last."""
+    open files". Every refusal says the same line now, whichever descriptor was the last:
+    the --pid-file's open too, which said "--pid-file PATH: Too many open files"."""
     runtime = tmp_path / "runtime"
     runtime.mkdir(mode=0o700)
     specs = [f"127.0.0.{n + 1}:0=127.0.0.1:9" for n in range(20)]
-    socket_flag = ([] if where == "default directory"
-                   else ["--status-socket", str(tmp_path / "s.sock")])
+    socket_flag = {"default directory": [],
+                   "--status-socket": ["--status-socket", str(tmp_path / "s.sock")],
+                   "--pid-file": ["--pid-file", str(tmp_path / "p.pid")]}[where]
     refused = []
     for limit in range(16, 64):
         with subprocess.Popen(
@@ -1100,7 +1102,8 @@ def test_out_of_descriptors_at_the_status_socket_says_so_like_elsewhere(
         pytest.fail("did not start with 63 descriptors")
     assert refused, "started with 16 descriptors: none refused"
     # No socket left behind by the starts refused (the last one, stopped, removed its own).
-    assert [*runtime.glob("forkproxy/*"), *tmp_path.glob("*.sock")] == []
+    assert [*runtime.glob("forkproxy/*"), *tmp_path.glob("*.sock"),
+            *tmp_path.glob("*.pid")] == []
 
 
 def test_a_low_soft_descriptor_limit_is_raised_to_the_hard_one(
