@@ -236,6 +236,9 @@ class HeldBacklog:
 # seconds before it tries again, rather than spin (the supervisor, the metrics process).
 RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 ACCEPT_BACKOFF = 0.1
+# The exit status of a metrics process whose listening socket was shut down from outside
+# (accept() failing EINVAL): the supervisor listens on the port again, then starts another.
+METRICS_SOCKET_SHUT = 3
 
 # What accept(2) returns for one client and not the listener: it reset while it waited
 # (ECONNABORTED), a firewall refused it (EPERM), or a network error pending on it (Linux

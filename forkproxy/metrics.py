@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import errno
 import os
 import selectors
 import signal
@@ -43,7 +44,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from forkproxy.accounting import FAILURE_REASONS
 from forkproxy.config import peer_text
 from forkproxy.installed import ADVICE, FILES_CHANGED
-from forkproxy.listeners import ACCEPT_BACKOFF, RESOURCE_ERRORS
+from forkproxy.listeners import ACCEPT_BACKOFF, METRICS_SOCKET_SHUT, RESOURCE_ERRORS
 from forkproxy.log import DEBUG, ERROR, INFO, WARNING, Logger, crash_fields, fold, format_in
 from forkproxy.process_name import METRICS, name_process
 from forkproxy.relay import OUTCOMES
@@ -550,6 +551,12 @@ class _Server(ThreadingMixIn, WSGIServer):
                 # socketserver drops the error and asks again at once: 100% CPU until a
                 # descriptor came back, without this pause.
                 time.sleep(ACCEPT_BACKOFF)
+            elif exc.errno == errno.EINVAL:
+                # Not listening any more: shut down from outside (another process holding
+                # the socket, `ss -K`). Poll says it is ready for good and socketserver
+                # drops the error: a spin (95% of a core), every scrape refused, no line.
+                # Not an OSError, so that it ends the loop (main).
+                raise _SocketShut from None
             raise
 
     def process_request(self, request: Any, client_address: Any) -> None:
@@ -652,6 +659,10 @@ class _BadArguments(Exception):
     pass
 
 
+class _SocketShut(Exception):
+    """The listening socket was shut down from outside (_Server.get_request)."""
+
+
 class _Arguments(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         raise _BadArguments(message)  # for main's line, not argparse's usage and exit 2
@@ -733,7 +744,15 @@ def main(argv: list[str] | None = None) -> int:
             if sock in woken:
                 # Its select waits no more (the socket's timeout is 0 now): it serves the
                 # client select saw, or finds it taken by the other process.
-                server.handle_request()
+                try:
+                    server.handle_request()
+                except _SocketShut:
+                    server.log.error(
+                        "metrics-failed", error="its listening socket was shut down from "
+                        "outside (another process holding it, `ss -K`)",
+                        detail="exiting: the supervisor listens on the port again and "
+                        "starts another")
+                    return METRICS_SOCKET_SHUT
     return 0
 
 

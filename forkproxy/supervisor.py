@@ -845,6 +845,28 @@ class Supervisor:
         except ConfigError as exc:
             raise ConfigError(f"--metrics {quoted(self.options.metrics)}: {exc}") from None
 
+    def _metrics_listen_again(self) -> bool:
+        """Listen on the metrics port again, on a fresh socket put in place of the one shut
+        down from outside on the same descriptor (as Listener.listen_again does for a
+        link's, and why), at the port it had: the kernel's choice for `--metrics HOST:0`
+        too. False, with a line, when it cannot (the port taken meanwhile): the metrics
+        process is then restarted as after any death, and tries again."""
+        assert self.metrics_sock is not None
+        host = parse_metrics_address(self.options.metrics or "")[0]
+        try:
+            port = self.metrics_sock.getsockname()[1]
+            fresh = listeners.listen_tcp(host, port, backlog=METRICS_BACKLOG)
+        except (OSError, ConfigError) as exc:
+            error = exc.strerror or str(exc) if isinstance(exc, OSError) else str(exc)
+            self.log.error("metrics-failed", error=error, detail="its port was shut down "
+                           "from outside and cannot listen again: restarting later")
+            return False
+        try:
+            os.dup2(fresh.fileno(), self.metrics_sock.fileno(), inheritable=False)
+        finally:
+            fresh.close()
+        return True
+
     def _close_metrics_port(self) -> None:
         """No metrics process will serve the port again (a stop, and none running): refuse
         scrapers at once rather than leave them in its backlog until they time out."""
@@ -1995,7 +2017,17 @@ class Supervisor:
                 self.metrics_since = time.monotonic()
                 self._close_metrics_port()
                 return False
-            if not self.stopping:
+            if (not self.stopping and os.WIFEXITED(status)
+                    and os.WEXITSTATUS(status) == listeners.METRICS_SOCKET_SHUT
+                    and self._metrics_listen_again()):
+                # It said why (metrics-failed): the port listens again, and a process
+                # started now serves it. Not backed off: it did not fail of itself.
+                self._count_metrics_death()
+                self.metrics_restarts += 1
+                self.metrics_at = time.monotonic()
+                self.log.warning("metrics-died", status=describe_status(status),
+                                 detail="its port listens again on a new socket: restarting now")
+            elif not self.stopping:
                 delay = self._metrics_died()
                 self.log.warning("metrics-died", status=describe_status(status),
                                  detail=f"restarting in {delay:g}s")

@@ -1466,6 +1466,43 @@ def test_a_listener_shut_down_that_cannot_listen_again_says_so_and_does_not_spin
     assert cli("check", "--status-socket", str(sock_path)).returncode == 0
 
 
+@pytest.mark.parametrize("how", ["shutdown", "ss -K"])
+def test_the_metrics_port_shut_down_from_outside_listens_again(
+    start_proxy: StartProxy, tcp_server: ServerFactory, how: str
+) -> None:
+    """The links' sockets listen again once shut down from outside, but the metrics port
+    did not: every accept() of the metrics process failed EINVAL, which socketserver
+    drops and asks again at once (95% of a core, ~4,500 accept() a second), no line was
+    written, scrapes were refused for good and `check` said ok. Now the metrics process
+    says why and exits, and the supervisor listens on the port again (the one the kernel
+    chose, for port 0) and starts another at once."""
+    server = tcp_server(echo)
+    proxy = start_proxy("--metrics", "127.0.0.1:0", f"127.0.0.1:0=127.0.0.1:{server.port}",
+                        expect=2)
+    url = metrics_url(proxy)
+    assert wait_for(lambda: metrics_pid(proxy.pid) != 0)
+    first = metrics_pid(proxy.pid)
+    assert "forkproxy_up 1.0" in scrape(url)
+    shut_down_from_outside(proxy.pid, metrics_port(url), how)
+
+    def scraped() -> bool:
+        try:
+            return "forkproxy_up 1.0" in scrape(url, timeout=2)
+        except OSError:
+            return False
+
+    assert wait_for(lambda: not psutil.pid_exists(first)
+                    or psutil.Process(first).status() == psutil.STATUS_ZOMBIE,
+                    timeout=5), proxy.log()  # it ends, not spins
+    assert wait_for(scraped, timeout=10), proxy.log()
+    second = metrics_pid(proxy.pid)
+    assert second not in (0, first), proxy.log()
+    assert "shut down from outside" in proxy.log(), proxy.log()
+    before = cpu_seconds(second)
+    time.sleep(1)
+    assert cpu_seconds(second) - before < 0.5, proxy.log()
+
+
 def shut_and_squatted(pid: int, port: int) -> socket.socket:
     """Supervisor `pid`'s listener on `port` shut down from outside and the port taken by
     another socket, both while it is stopped, so that it cannot listen again: that other
