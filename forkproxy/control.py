@@ -749,6 +749,17 @@ def foreign_proc() -> str | None:
             f"pid {pid}")
 
 
+def peer_uid(sock: socket.socket) -> int | None:
+    """The uid of the process at the other end of `sock` (SO_PEERCRED), None when the
+    credentials cannot be read."""
+    try:
+        _, uid, _ = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                  _UCRED.size))
+    except OSError:
+        return None
+    return int(uid)
+
+
 def peer_pid(sock: socket.socket) -> int:
     """The pid of the process at the other end of `sock` as this process sees it (the
     kernel's word, SO_PEERCRED, read at its connect()): 0 when it is in no PID namespace

@@ -626,6 +626,7 @@ class Supervisor:
         self.env_file_blank = not env_text.strip()
         self._log_table_warnings(table)
         handed = self._take_over() if self.options.take_over is not None else {}
+        handed_addresses = self._handed_addresses()
         self.listeners = listeners.bind_all(table.links, handed, self.handed_by,
                                             self._handed_kernel_ports())
         try:
@@ -662,9 +663,13 @@ class Supervisor:
         for listener in self.listeners:
             # A name is looked up by a resolver child (below), as on reload: a DNS server
             # that does not answer must hold up neither `listening` nor the loop. Until it
-            # answers, a client's child looks the name up itself. An address is parsed.
+            # answers, a client's child looks the name up itself, or, after a take-over,
+            # uses the addresses the supervisor taken over had for the same target (a
+            # reload keeps them so). An address is parsed.
             link = listener.link
-            self.addresses[link.key] = [] if link.target.is_name else self._resolve(link)
+            self.addresses[link.key] = (
+                handed_addresses.get((link.target.host.lower(), link.target.port), [])
+                if link.target.is_name else self._resolve(link))
             self._prepare_relay(listener)
             self.accounting.stats(link)  # exported at 0 before the first client
         self._map_own_listeners(self.listeners)
@@ -725,6 +730,30 @@ class Supervisor:
         return {address: sock for sock, name in zip(self.handed, self.handed_names, strict=True)
                 if "metrics" not in name
                 and (address := listeners.bound_address(sock)) is not None}
+
+    def _handed_addresses(self) -> dict[tuple[str, int], list[Address]]:
+        """The addresses the supervisor taken over had for each target, by (host in lower
+        case, port): where this one's own lookup fails (a DNS outage), every client failed
+        once that one stopped accepting, where it served and a reload keeps them. Only
+        from a supervisor of our own user or root (SO_PEERCRED): they say where clients
+        go. None from a forkproxy that does not send them."""
+        found: dict[tuple[str, int], list[Address]] = {}
+        if self.taken_from is None or control.peer_uid(self.taken_from) not in (
+                0, os.geteuid()):
+            return found
+        for name in self.handed_names:
+            target, addresses = name.get("target"), name.get("addresses")
+            if not (isinstance(target, list) and len(target) == 2
+                    and isinstance(target[0], str) and isinstance(target[1], int)
+                    and isinstance(addresses, list)):
+                continue
+            found[(target[0].lower(), target[1])] = [
+                (item[0], tuple(item[1])) for item in addresses
+                if isinstance(item, list) and len(item) == 2 and isinstance(item[0], int)
+                and isinstance(item[1], list) and len(item[1]) in (2, 4)
+                and isinstance(item[1][0], str)
+                and all(isinstance(part, int) for part in item[1][1:])]
+        return found
 
     def _handed_kernel_ports(self) -> dict[str, listeners.BoundAddress]:
         """Where the supervisor taken over listens for its links of port 0, by link name
@@ -3142,9 +3171,14 @@ class Supervisor:
             return {"ok": False, "error": "it started before this supervisor, which took over "
                     "already: the newer configuration stays"}
         handed = [listener.sock for listener in self.listeners]
+        # With each link its target and the addresses its name resolves to now: a taker
+        # whose own lookups fail (a DNS outage) keeps them, as a reload does.
         names: list[dict[str, object]] = [
             {"listen": _listener_ends(listener)[0], "detail": listener.describe(),
-             "link": listener.link.name, "asked": listener.link.port}
+             "link": listener.link.name, "asked": listener.link.port,
+             "target": [listener.link.target.host, listener.link.target.port],
+             "addresses": [[family, list(sockaddr)] for family, sockaddr
+                           in self.addresses.get(listener.link.key, [])]}
             for listener in self.listeners]
         if self.metrics_sock is not None:
             handed.append(self.metrics_sock)

@@ -537,6 +537,27 @@ def test_a_reload_while_the_name_is_gone_keeps_the_addresses(lab: Lab, ns: Names
     assert "connect-failed" not in proxy.stderr()
 
 
+def test_a_take_over_while_the_name_is_gone_keeps_the_addresses(
+    lab: Lab, ns: Namespace
+) -> None:
+    """As a reload does: `serve --take-over` during a DNS outage started with no address
+    for the name, and once the old supervisor stopped accepting, every client failed
+    (`cannot resolve`) while the upstream was up, where the old one served and a reload
+    would have kept its addresses. The taker now starts from the addresses the old one
+    had for each link whose target is the same."""
+    old = start_proxy(lab, ns)
+    assert who(ns) == "first"
+    set_hosts(ns, None)
+    taker = lab.spawn(ns, [FORKPROXY, "serve", "--take-over", f"{LISTEN_PORT}=upstream.test:"
+                           f"{REDIS_PORT}", "--status-socket", str(lab.workdir / "fp.sock")],
+                      label="taker")
+    taker.wait_stdout(lambda lines: any(x.startswith("listening ") for x in lines), 15)
+    wait_until(lambda: not old.alive(), taker, 30)  # drained: the taker alone accepts
+    for _ in range(5):
+        assert who(ns) == "first", taker.describe()
+    assert "connect-failed" not in taker.stderr(), taker.describe()
+
+
 def test_a_reload_waiting_on_dns_keeps_every_listener_serving(lab: Lab, ns: Namespace) -> None:
     """A reload looked names up in the supervisor: while the DNS server took its time,
     nothing was accepted on any listener. It leaves the lookup to a resolver child now."""
