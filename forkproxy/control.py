@@ -825,7 +825,14 @@ def ask_for_sockets(path: str, timeout: float, pid: int,
         data = b""
         reply: dict[str, object] | None = None
         wanted = 0
+        # The whole answer within `timeout`, not each read: a peer that sends a blank
+        # now and then and never a line (not a forkproxy) held the start for ever.
+        deadline = time.monotonic() + timeout
         while reply is None or len(fds) < wanted:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("timed out")
+            conn.settimeout(left)
             _readable(conn, stop_asked)
             chunk, got, flags, _ = socket.recv_fds(conn, 65536, FDS_PER_MESSAGE,
                                                    socket.MSG_CMSG_CLOEXEC)

@@ -1365,6 +1365,37 @@ def test_a_go_answered_past_the_stack_is_no_traceback(
     assert proc.returncode == 0, err
 
 
+def test_a_take_over_answered_a_byte_at_a_time_gives_up(
+    tcp_server: ServerFactory, short_dir: Path
+) -> None:
+    """Something on the path that answers a blank every second and never a line: each
+    read was bounded by TAKE_OVER_TIMEOUT, the answer not at all, and `serve --take-over`
+    waited for ever (as `status` did before its 15 s for the whole request). The whole
+    answer now has TAKE_OVER_TIMEOUT: then one line, exit 2."""
+    server = tcp_server(echo)
+    path = str(short_dir / "other.sock")
+    stop = threading.Event()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(path)
+        listener.listen(1)
+
+        def trickle() -> None:
+            conn, _ = listener.accept()
+            with conn, contextlib.suppress(OSError):
+                while not stop.wait(1):
+                    conn.sendall(b" ")  # JSON's whitespace: the start of an answer
+
+        thread = threading.Thread(target=trickle)
+        thread.start()
+        try:
+            result = _serve("--take-over", "--status-socket", path,
+                            f"127.0.0.1:0=127.0.0.1:{server.port}")
+        finally:
+            stop.set()
+            thread.join(10)
+    _one_line_error(result, "(timed out)")
+
+
 @pytest.mark.parametrize("failure", ["a port in use", "a bad pid file"])
 def test_a_take_over_that_fails_leaves_the_old_one_serving(
     start_proxy: Callable[..., Proxy], tcp_server: ServerFactory, short_dir: Path,
