@@ -2957,6 +2957,7 @@ class Supervisor:
         `replace`: a live socket there is replaced too (a take-over's, given up: _own_again)."""
         if self.control is None or self.handed_over or self.taker is not None:
             return  # handing or handed over: a socket at our path is the new supervisor's
+        self._check_pid_file()
         if not self.control.lost():
             self.control.touch_if_older(CONTROL_TOUCH_AFTER)
             return
@@ -2977,6 +2978,40 @@ class Supervisor:
             self._watch(self.control.fileno(), self.handle_control_accept)
         self.log.warning("status-socket-recreated", path=self.control.path,
                          detail="its file was removed or replaced: listening on a new one")
+
+    def _check_pid_file(self) -> None:
+        """Write --pid-file again when its file was removed (an rm, systemd-tmpfiles aging
+        /tmp), as check_control makes the control socket's again: `reload --pid-file` said
+        "cannot read" for as long as we ran. Its times are set to now once an hour old, so
+        that tmpfiles leaves it. A file put at the path since (another supervisor's) is
+        left alone, as at our stop."""
+        path = self.options.pid_file
+        if path is None or self.pid_file_written is None:
+            return
+        try:
+            found = os.stat(path, follow_symlinks=False)
+        except FileNotFoundError:
+            pass
+        except OSError:
+            return  # cannot look: nothing is known to be wrong
+        else:
+            if ((found.st_dev, found.st_ino) == self.pid_file_written
+                    and time.time() - found.st_mtime > CONTROL_TOUCH_AFTER):
+                try:
+                    os.utime(path, follow_symlinks=False)
+                except OSError:
+                    pass
+            return
+        try:
+            self._write_pid_file()
+        except ConfigError as exc:
+            self.log.warning("pid-file-failed", error=str(exc))
+            return
+        except OSError as exc:  # out of descriptors (EMFILE)
+            self.log.warning("pid-file-failed", error=exc.strerror or str(exc))
+            return
+        self.log.warning("pid-file-recreated", path=path,
+                         detail="its file was removed: written again")
 
     def check_drops(self, closing: list[Listener] | None = None) -> None:
         """A folded `listen-drops` warning per listener at which the kernel dropped

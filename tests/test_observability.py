@@ -5556,6 +5556,46 @@ def test_a_removed_control_socket_is_made_again_at_a_reload_and_on_the_timer(
     assert proxy.stop() == 0
 
 
+def test_a_removed_pid_file_is_made_again_at_a_reload_and_on_the_timer(
+    start_proxy: StartProxy, tcp_server: ServerFactory, tmp_path: Path, env: dict[str, str],
+) -> None:
+    """The control socket's file is made again once removed (an rm, systemd-tmpfiles
+    aging /tmp), but the --pid-file was not: `reload --pid-file` said "cannot read" for as
+    long as the proxy ran, with nothing in the log. A reload and each SIGALRM (the timer
+    that checks every CONTROL_CHECK_EVERY s) write it again, with a warning; a file put in
+    its place is left alone; the stop removes the file made again."""
+    x = tcp_server(echo)
+    pid_file = tmp_path / "fp.pid"
+    proxy = start_proxy(f"127.0.0.1:0=127.0.0.1:{x.port}", "--pid-file", str(pid_file),
+                        env=env)
+
+    def rewritten(count: int) -> bool:
+        return proxy.log().count("pid-file-recreated") == count
+
+    assert pid_file.read_text() == f"{proxy.pid}\n"
+    pid_file.unlink()
+    proxy.signal(signal.SIGHUP)
+    assert wait_for(lambda: rewritten(1)), proxy.log()
+    assert pid_file.read_text() == f"{proxy.pid}\n"
+    assert cli("reload", "--pid-file", str(pid_file), env=env).returncode == 0
+
+    pid_file.unlink()
+    proxy.signal(signal.SIGALRM)  # the check timer's signal, come early
+    assert wait_for(lambda: rewritten(2)), proxy.log()
+    assert pid_file.read_text() == f"{proxy.pid}\n"
+
+    pid_file.unlink()
+    pid_file.write_text("4242\n")  # another supervisor's now: not ours to write over
+    proxy.signal(signal.SIGHUP)
+    assert wait_for(lambda: proxy.log().count(" reloaded ") >= 2), proxy.log()
+    assert pid_file.read_text() == "4242\n" and rewritten(2), proxy.log()
+    pid_file.unlink()
+    proxy.signal(signal.SIGHUP)
+    assert wait_for(lambda: rewritten(3)), proxy.log()
+    assert proxy.stop() == 0
+    assert not pid_file.exists()  # the file made again is the one the stop removes
+
+
 def test_the_metrics_go_on_while_the_control_sockets_file_is_gone(
     start_proxy: StartProxy, tcp_server: ServerFactory, tmp_path: Path, env: dict[str, str],
 ) -> None:
