@@ -1243,19 +1243,28 @@ def test_take_over_says_why_there_is_nothing_to_take_over(
 
 
 @contextlib.contextmanager
-def _answering(path: str, answer: Callable[[dict[str, Any]], dict[str, object]],
-               ) -> Iterator[None]:
+def _answering(path: str,
+               answer: bytes | Callable[[dict[str, Any]], dict[str, object]],
+               after_go: bytes | None = None) -> Iterator[None]:
     """A control socket at `path` that is not a forkproxy's: it answers one request with
-    `answer(request)`, then waits for the asker to close (it must not read a hang-up)."""
+    `answer(request)` as a JSON line, or with the bytes `answer` as they are, and, given
+    `after_go`, the `go` that follows with those bytes; then it waits for the asker to
+    close (it must not read a hang-up)."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
         listener.bind(path)
         listener.listen(1)
 
         def reply() -> None:
             conn, _ = listener.accept()
-            with conn:
-                request = json.loads(conn.makefile("rb").readline())
-                conn.sendall(json.dumps(answer(request)).encode() + b"\n")
+            with conn, contextlib.suppress(OSError):
+                line = conn.makefile("rb").readline()
+                if isinstance(answer, bytes):
+                    conn.sendall(answer)
+                else:
+                    conn.sendall(json.dumps(answer(json.loads(line))).encode() + b"\n")
+                if after_go is not None:
+                    conn.recv(100)  # the `go`
+                    conn.sendall(after_go)
                 conn.recv(100)
 
         thread = threading.Thread(target=reply)
@@ -1282,33 +1291,6 @@ def test_a_take_over_answered_yes_without_its_sockets_list_is_one_line(
                             "(`sockets` is missing or not a list)")
 
 
-@contextlib.contextmanager
-def _answering_raw(path: str, reply: bytes, after_go: bytes | None = None) -> Iterator[None]:
-    """A control socket at `path` that is not a forkproxy's, answering one request with the
-    bytes `reply` and, given `after_go`, the `go` that follows with those; then it waits
-    for the asker to close."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
-        listener.bind(path)
-        listener.listen(1)
-
-        def answer() -> None:
-            conn, _ = listener.accept()
-            with conn, contextlib.suppress(OSError):
-                conn.makefile("rb").readline()
-                conn.sendall(reply)
-                if after_go is not None:
-                    conn.recv(100)  # the `go`
-                    conn.sendall(after_go)
-                conn.recv(100)
-
-        thread = threading.Thread(target=answer)
-        thread.start()
-        try:
-            yield
-        finally:
-            thread.join(10)
-
-
 NESTED = b"[" * 100_000 + b"\n"  # valid JSON's start, nested past Python's stack
 YES = json.dumps({"ok": True, "pid": 1, "sockets": []}).encode() + b"\n"
 FORGED = "no\nlistening 127.0.0.1:1 -> evil\x1b[2J\x07"  # a line of its own, ESC, BEL
@@ -1331,7 +1313,7 @@ def test_a_take_over_answered_past_the_stack_or_with_control_characters_is_one_l
     where `status` shows such strings escaped. One line each, exit 2, escaped."""
     server = tcp_server(echo)
     path = str(short_dir / "other.sock")
-    with _answering_raw(path, reply, after_go):  # -q: without the `taking-over` line
+    with _answering(path, reply, after_go):  # -q: without the `taking-over` line
         result = _serve("-q", "--take-over", "--status-socket", path,
                         f"127.0.0.1:0=127.0.0.1:{server.port}")
     _one_line_error(result, needle)
@@ -1346,7 +1328,7 @@ def test_a_go_answered_past_the_stack_is_no_traceback(
     listen, so the taker serves on them (take-over-unconfirmed)."""
     server = tcp_server(echo)
     path = str(short_dir / "other.sock")
-    with _answering_raw(path, YES, NESTED):
+    with _answering(path, YES, NESTED):
         proc = subprocess.Popen([FORKPROXY, "serve", "--take-over", "--status-socket", path,
                                  f"127.0.0.1:0=127.0.0.1:{server.port}"],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
