@@ -893,6 +893,7 @@ def serve_command(
             pid_file=pid_file,
             unknown_variables=unknown_variables(os.environ, _option_variables(ctx),
                                                 _flags_without_variable(ctx)),
+            option_variables=tuple(_option_variables(ctx).items()),
         )
         sources = Sources(tuple(specs or ()), from_env, env_file, options,
                           _bind(ctx, bind, variables), _aliases(ctx, alias, variables))
@@ -914,12 +915,15 @@ def links_command(
     variables = _variables(ctx)
     try:
         table = load(Sources(tuple(specs or ()), from_env, env_file,
+                             Options(option_variables=tuple(_option_variables(ctx).items())),
                              bind=_bind(ctx, bind, variables),
                              aliases=_aliases(ctx, alias, variables)))
     except ConfigError as exc:
         fail(str(exc), variables)
     for warning in table.warnings + table.overrides:
         say(f"forkproxy: warning: {warning}")
+    for name, detail in table.file_options:
+        say(f"forkproxy: warning: {name}: {detail}")
     for link in table.links:
         output(f"listen {link.describe()}")
 

@@ -177,16 +177,21 @@ class Link(Value):
 
 
 class LinkTable(Value):
-    """The links, what was skipped (`warnings`), and the variables that the env file
-    and the environment both set to different values (`overrides`: the file's wins)."""
+    """The links, what was skipped (`warnings`), the variables that the env file and the
+    environment both set to different values (`overrides`: the file's wins), and the
+    option variables the env file holds, which it cannot set (`file_options`: (name as a
+    log line shows it, what its warning says))."""
 
     links: tuple[Link, ...]
     warnings: tuple[str, ...]
     overrides: tuple[str, ...]
+    file_options: tuple[tuple[str, str], ...]
 
     def __init__(self, links: tuple[Link, ...], warnings: tuple[str, ...] = (),
-                 overrides: tuple[str, ...] = ()) -> None:
-        self._set(links=links, warnings=warnings, overrides=overrides)
+                 overrides: tuple[str, ...] = (),
+                 file_options: tuple[tuple[str, str], ...] = ()) -> None:
+        self._set(links=links, warnings=warnings, overrides=overrides,
+                  file_options=file_options)
 
 
 class Options(Value):
@@ -232,6 +237,10 @@ class Options(Value):
     # serves every client): (name as shown, what the warning says), found by the CLI,
     # logged by the supervisor as its other start warnings (`unknown-variable`).
     unknown_variables: tuple[tuple[str, str], ...]
+    # (variable, flag) of every option that a FORKPROXY_ variable sets, given by the CLI
+    # (click knows them): an env file holding one is said (LinkTable.file_options), since
+    # only the environment sets options and the file's line was ignored without a word.
+    option_variables: tuple[tuple[str, str], ...]
 
     def __init__(
         self,
@@ -258,6 +267,7 @@ class Options(Value):
         nproc_limit: int | None = None,
         nproc_others: int = 0,
         unknown_variables: tuple[tuple[str, str], ...] = (),
+        option_variables: tuple[tuple[str, str], ...] = (),
     ) -> None:
         # Interned: then "auto" is the very object that is the constant relay.Flow compares
         # it with, so a child reading both writes one reference count, not two on two
@@ -272,6 +282,7 @@ class Options(Value):
             memory_limit=memory_limit, max_children_given=max_children_given,
             pids_limit=pids_limit, take_over=take_over, nproc_limit=nproc_limit,
             nproc_others=nproc_others, unknown_variables=unknown_variables,
+            option_variables=option_variables,
         )
 
 
@@ -1209,11 +1220,13 @@ def build_links(
     env_file: tuple[str, str] | None = None,
     bind: str = ANY_IPV4,
     aliases: Sequence[str] = (),
+    option_variables: Sequence[tuple[str, str]] = (),
 ) -> LinkTable:
     """All link sources together. `environ`: the environment when --from-env;
     `env_file`: (path, text) of an --env-file; `bind`: where link variables, and SPECs
     without a BIND_ADDR, listen; `aliases` (--alias): the only aliases whose link
-    variables are taken, each of which must have one.
+    variables are taken, each of which must have one; `option_variables`: (variable,
+    flag) of the options, the env file's of which are said (`file_options`).
 
     A variable both set is the env file's: the file is what a reload reads again, so it
     is how a link the environment gave (a `--link`, fixed for the container's life) is
@@ -1279,7 +1292,32 @@ def build_links(
                   and not skipped else "")
         raise ConfigError(f"no links found: no SPEC given, and no <ALIAS>_PORT_<N>_TCP "
                           f"variable in {' or '.join(sources)}{ignored}{skipped}{docker}")
-    return LinkTable(merged, tuple(warnings), tuple(overrides))
+    return LinkTable(merged, tuple(warnings), tuple(overrides),
+                     options_in_env_file(from_file, path, option_variables))
+
+
+def options_in_env_file(from_file: Mapping[str, str], path: str,
+                        option_variables: Sequence[tuple[str, str]]
+                        ) -> tuple[tuple[str, str], ...]:
+    """The option variables (FORKPROXY_ALLOW...) the env file sets, in name order: (the
+    name as a log line shows it, what its warning says). The file gives links only: an
+    option is set by the environment or the flag, read once at start, so the file's line
+    is ignored, and was without a word: `FORKPROXY_ALLOW=10.0.0.0/8` beside the links (a
+    file written for `docker run --env-file`, which sets it too) left every client
+    served. Matched in any case, as click reads only the upper-case name. Values are
+    never looked at: they may be secrets."""
+    flags = dict(option_variables)
+    found = []
+    for name in sorted(from_file):
+        variable = name.upper()
+        flag = flags.get(variable)
+        if flag is None:
+            continue
+        case = "" if name == variable else " (in upper case)"
+        found.append((shorten(name), (
+            f"an option variable in env file {path!r}, which sets links only: ignored; "
+            f"set {variable}{case} in forkproxy's environment, or give {flag}")))
+    return tuple(found)
 
 
 _POD_HINT = ("in a Kubernetes pod every service sets such variables: choose the links "
@@ -1491,6 +1529,8 @@ def sources_from_json(data: Mapping[str, object]) -> Sources:
     options["allow"] = tuple(options.get("allow", ()))
     options["unknown_variables"] = tuple(
         (str(name), str(detail)) for name, detail in options.get("unknown_variables", ()))
+    options["option_variables"] = tuple(
+        (str(name), str(flag)) for name, flag in options.get("option_variables", ()))
     return Sources(
         specs=tuple(str(spec) for spec in specs),
         from_env=bool(data["from_env"]),

@@ -190,7 +190,7 @@ def read_links(sources: Sources, environ: Mapping[str, str],
         text = read_env_file(sources.env_file) if env_text is None else env_text
         env_file = (sources.env_file, text)
     table = build_links(sources.specs, environ if sources.from_env else None, env_file,
-                        sources.bind, sources.aliases)
+                        sources.bind, sources.aliases, sources.options.option_variables)
     check_metrics_port(sources.options.metrics, table.links)  # at start and at each reload
     check_allow_families(sources.options.allow, table.links)
     listeners.check_zones(table.links)
@@ -584,8 +584,9 @@ class Supervisor:
         # Did we write --pid-file? Only then is it ours to remove at exit (and a path we
         # refused, a FIFO, is never opened again).
         self.pid_file_written: tuple[int, int] | None = None  # its (st_dev, st_ino)
-        # (event, detail) of the link-table warnings last logged: see _log_table_warnings
-        self.table_warnings: set[tuple[str, str]] = set()
+        # (event, variable or "", detail) of the link-table warnings last logged: see
+        # _log_table_warnings
+        self.table_warnings: set[tuple[str, str, str]] = set()
         # Whether --env-file was blank when last read (or is not given): a reload refuses
         # to find it empty when it was not (reload).
         self.env_file_blank = True
@@ -2717,13 +2718,18 @@ class Supervisor:
             self._map_own_listeners(self.listeners)  # the children's loop check: new addresses
 
     def _log_table_warnings(self, table: LinkTable) -> None:
-        """`link-skipped` and `link-overridden`, at start and then at each reload for those
-        that are new: one standing in the environment (a `_UDP` link) was repeated at every
-        reload, a warning nobody can act on twice."""
-        found = [*(("link-skipped", text) for text in table.warnings),
-                 *(("link-overridden", text) for text in table.overrides)]
-        for event, text in found:
-            if (event, text) not in self.table_warnings:
+        """`link-skipped`, `link-overridden` and `env-file-option`, at start and then at
+        each reload for those that are new: one standing in the environment (a `_UDP`
+        link) was repeated at every reload, a warning nobody can act on twice."""
+        found = [*(("link-skipped", "", text) for text in table.warnings),
+                 *(("link-overridden", "", text) for text in table.overrides),
+                 *(("env-file-option", name, text) for name, text in table.file_options)]
+        for event, variable, text in found:
+            if (event, variable, text) in self.table_warnings:
+                continue
+            if variable:
+                self.log.warning(event, variable=variable, detail=text)
+            else:
                 self.log.warning(event, detail=text)
         self.table_warnings = set(found)
 

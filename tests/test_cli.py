@@ -1686,6 +1686,63 @@ def test_an_unknown_variables_name_is_shown_short_and_quoted(
                              "case)\""), lines
 
 
+def test_an_option_variable_in_the_env_file_is_a_warning_at_start_and_at_reload(
+    start_proxy: Callable[..., Proxy], tcp_server: ServerFactory, tmp_path: Path
+) -> None:
+    """The env file gives links only; FORKPROXY_ALLOW=10.0.0.0/8 written in it beside them
+    (as for `docker run --env-file`) was ignored without a word: a client from 127.0.0.1
+    was served. Each option variable the file holds is now an `env-file-option` warning
+    naming it and where it must go, never its value: at start, before `listening`, and at
+    a reload for one the edited file adds (one standing is not repeated)."""
+    server = tcp_server(echo)
+    port = free_port()
+    link = f"A_PORT_{port}_TCP=tcp://127.0.0.1:{server.port}"
+    secret = "10.0.0.0/8-s3cret"
+    env_file = tmp_path / "links.env"
+    env_file.write_text(f"{link}\nFORKPROXY_ALLOW={secret}\nOTHER=1\n")
+    proxy = start_proxy("--log-format", "json", "--env-file", str(env_file),
+                        "--bind", "127.0.0.1")
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"ping")  # the file's FORKPROXY_ALLOW set nothing: still served
+        assert sock.recv(4) == b"ping"
+
+    def warnings() -> list[dict[str, Any]]:
+        records = [json.loads(line) for line in proxy.log().splitlines()]
+        return [record for record in records if record["event"] == "env-file-option"]
+
+    assert wait_for(lambda: '"event": "listening"' in proxy.log()), proxy.log()
+    assert len(warnings()) == 1, proxy.log()
+    [first] = warnings()
+    assert (first["level"], first["variable"]) == ("warning", "FORKPROXY_ALLOW"), first
+    assert first["detail"] == (
+        f"an option variable in env file {str(env_file)!r}, which sets links only: ignored; "
+        "set FORKPROXY_ALLOW in forkproxy's environment, or give --allow"), first
+    events = [json.loads(line)["event"] for line in proxy.log().splitlines()]
+    assert events.index("env-file-option") < events.index("listening"), events
+
+    env_file.write_text(f"{link}\nFORKPROXY_ALLOW={secret}\nFORKPROXY_IDLE_TIMEOUT=77\n")
+    proxy.signal(signal.SIGHUP)
+    assert wait_for(lambda: '"event": "reloaded"' in proxy.log()), proxy.log()
+    assert [record["variable"] for record in warnings()] == [
+        "FORKPROXY_ALLOW", "FORKPROXY_IDLE_TIMEOUT"], proxy.log()
+    assert warnings()[1]["detail"].endswith(
+        "set FORKPROXY_IDLE_TIMEOUT in forkproxy's environment, or give --idle-timeout")
+    assert secret not in proxy.log()
+
+
+def test_links_says_the_option_variables_of_the_env_file(tmp_path: Path) -> None:
+    """`forkproxy links`, the dry run, says what serve's log says of them."""
+    env_file = tmp_path / "links.env"
+    env_file.write_text("A_PORT_7000_TCP=tcp://10.0.0.5:7000\nFORKPROXY_ALLOW=10.0.0.0/8\n")
+    result = run("links", "--env-file", str(env_file))
+    assert result.returncode == 0, result
+    assert result.stdout == "listen 0.0.0.0:7000 -> 10.0.0.5:7000 (A_PORT_7000_TCP)\n"
+    assert result.stderr == (
+        f"forkproxy: warning: FORKPROXY_ALLOW: an option variable in env file "
+        f"{str(env_file)!r}, which sets links only: ignored; set FORKPROXY_ALLOW in "
+        "forkproxy's environment, or give --allow\n"), result
+
+
 def test_help_shows_every_default_and_names_what_options_take() -> None:
     """The defaults are written into the help strings in brackets, which rich markup
     used to swallow as tags: `serve --help` showed "Control socket path ." and no default."""

@@ -854,9 +854,33 @@ def test_sources_survive_the_trip_to_the_supervisor() -> None:
 def test_unknown_variables_survive_the_trip_to_the_supervisor_as_json() -> None:
     """The CLI's `unknown-variable` warnings reach the supervisor through JSON, which has
     no tuples: they come back as the pairs they left as."""
-    options = Options(unknown_variables=(("FORKPROXY_ALLOWED", "did you mean ..."),))
+    options = Options(unknown_variables=(("FORKPROXY_ALLOWED", "did you mean ..."),),
+                      option_variables=(("FORKPROXY_ALLOW", "--allow"),))
     sources = Sources(("1=a:2",), options=options)
     assert sources_from_json(json.loads(json.dumps(sources_to_json(sources)))) == sources
+
+
+def test_the_option_variables_an_env_file_holds_are_told_never_their_values() -> None:
+    """The file sets links only: FORKPROXY_ALLOW in it set nothing, without a word. Each
+    option variable in it (any case) is said, in name order, with where it must go; the
+    links of an alias FORKPROXY (a chained ambassador) and other variables are not."""
+    text = ("FORKPROXY_PORT_7000_TCP=tcp://10.0.0.5:7000\nforkproxy_bind=10.9.9.9\n"
+            "FORKPROXY_ALLOW=10.0.0.0/8\nFORKPROXY_ALLOWED=x\nOTHER=1\nFORKPROXY_GRACE\n")
+    variables = (("FORKPROXY_ALLOW", "--allow"), ("FORKPROXY_BIND", "--bind"),
+                 ("FORKPROXY_GRACE", "--grace"))
+    table = build_links((), env_file=("/e.env", text), option_variables=variables)
+    assert [link.name for link in table.links] == ["FORKPROXY_PORT_7000_TCP"]
+    assert table.file_options == (
+        ("FORKPROXY_ALLOW", "an option variable in env file '/e.env', which sets links only: "
+         "ignored; set FORKPROXY_ALLOW in forkproxy's environment, or give --allow"),
+        ("forkproxy_bind", "an option variable in env file '/e.env', which sets links only: "
+         "ignored; set FORKPROXY_BIND (in upper case) in forkproxy's environment, or give "
+         "--bind"),
+    )
+    assert "10." not in repr(table.file_options)
+    # The environment's option variables are options, never the file's warnings.
+    environ = {"FORKPROXY_ALLOW": "10.0.0.0/8", "A_PORT_1_TCP": "tcp://10.0.0.5:1"}
+    assert build_links((), environ, option_variables=variables).file_options == ()
 
 
 @pytest.mark.parametrize(
