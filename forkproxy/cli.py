@@ -41,7 +41,7 @@ from .config import (
     shorten,
     sources_to_json,
 )
-from .console import cannot_write, to_devnull
+from .console import cannot_write, write_line
 from .listeners import zone_scope
 from .log import write_start_error
 from .supervisor import read_links
@@ -258,10 +258,7 @@ def output(text: str) -> None:
     would have, with its own status. click would exit 1 with no word: a failure to a
     `set -o pipefail` script for the reader's choice, and none to say why.
     """
-    try:
-        typer.echo(text)
-    except BrokenPipeError:
-        to_devnull(sys.stdout)
+    write_line(sys.stdout, text)  # waits for room on a full non-blocking pipe
 
 
 def say(text: str) -> None:
@@ -269,10 +266,7 @@ def say(text: str) -> None:
     is no error either, as for output(): `links`, with warnings to write, exited 1 with
     no word when stderr was a pipe nobody read any more, before its `listen` lines. What
     is left of stderr goes to /dev/null, and the command ends with its own status."""
-    try:
-        typer.echo(text, err=True)
-    except BrokenPipeError:
-        to_devnull(sys.stderr)
+    write_line(sys.stderr, text)
 
 
 def fail(message: str, variables: Mapping[str, str] | None = None,

@@ -105,20 +105,62 @@ def lean(args: list[str]) -> int | None:
 
 def output(text: str) -> None:
     """A line (or lines) on stdout, as cli.output writes them (click's echo)."""
-    _write(sys.stdout, text)
+    write_line(sys.stdout, text)
 
 
 def say(text: str) -> None:
     """A line (or lines) on stderr, as cli.say writes them."""
-    _write(sys.stderr, text)
+    write_line(sys.stderr, text)
 
 
-def _write(stream: TextIO, text: str) -> None:
+def write_line(stream: TextIO, text: str) -> None:
+    """`text` and a newline on `stream`, all of it: every command's output and messages
+    (here and cli.output, cli.say) go through this one writer.
+
+    A stream whose file is non-blocking (O_NONBLOCK, set on the pipe by its reader: node,
+    some CI runners, `| pv -L`) and full refused the rest with EAGAIN, which Python's
+    buffered writer lost: `status --json` was cut at 64 KiB, invalid JSON, `links` at 900
+    lines of 3000, with exit 0 and no word. Room is waited for in poll() now, as a blocking
+    write waits (serve's `listening` lines wait so too: Supervisor._print_ready). A reader
+    gone (EPIPE) is no error: see cli.output.
+    """
     try:
-        stream.write(text + "\n")
-        stream.flush()
-    except BrokenPipeError:  # a reader gone is no error: see cli.output
+        _write_all(stream, text + "\n")
+    except BrokenPipeError:
         to_devnull(stream)
+
+
+def _write_all(stream: TextIO, text: str) -> None:
+    """`text` on `stream`'s file, past the stream's buffer (whose own write loses what a
+    non-blocking file refuses), waiting for room whenever the file has none."""
+    try:
+        fd = stream.fileno()
+    except (OSError, ValueError):  # no file under it (a test runner's StringIO): its own write
+        stream.write(text)
+        stream.flush()
+        return
+    while True:  # first what the stream holds of earlier writes, kept on EAGAIN
+        try:
+            stream.flush()
+            break
+        except BlockingIOError:
+            _wait_for_room(fd)
+    data = text.encode(stream.encoding or "utf-8", stream.errors or "strict")
+    while data:
+        try:
+            data = data[os.write(fd, data):]
+        except BlockingIOError:
+            _wait_for_room(fd)
+
+
+def _wait_for_room(fd: int) -> None:
+    """Until `fd` takes a write (or has no reader any more: the write then says EPIPE).
+    No timeout, as a blocking write has none; ^C still ends it (KeyboardInterrupt)."""
+    import select  # only here: a full non-blocking stdout is rare, serve's start is lean
+
+    room = select.poll()
+    room.register(fd, select.POLLOUT)
+    room.poll()
 
 
 def to_devnull(stream: TextIO) -> None:

@@ -15,6 +15,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -1271,6 +1272,68 @@ def test_a_full_non_blocking_stdout_delays_the_listening_lines_not_drops_them(
         log = err.read()
     assert bytes(got).lstrip(b"x").startswith(b"listening 127.0.0.1:"), (got[-200:], log)
     assert "stdout-failed" not in log, log
+
+
+def run_into_a_slow_non_blocking_pipe(command: list[str],
+                                      env: dict[str, str]) -> tuple[int, bytes, str]:
+    """`forkproxy COMMAND` with stdout a pipe set O_NONBLOCK (as node, some CI runners or
+    `| pv -L` set it) that is read only once the command met it full, then slowly: (exit
+    status, all of stdout, stderr)."""
+    reader, writer = os.pipe()
+    os.set_blocking(writer, False)
+    with tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen([FORKPROXY, *command], stdout=writer, stderr=err, env=env,
+                                start_new_session=True, text=True)
+        os.close(writer)
+        got = bytearray()
+        try:
+            # Its output is more than the pipe holds: it either waits for room (polls) or,
+            # as before, loses the rest and exits.
+            assert wait_for(lambda: polling_for_room(proc.pid, 1) or proc.poll() is not None,
+                            60), "it neither waited for room nor ended"
+            while chunk := os.read(reader, 4096):
+                got.extend(chunk)
+                time.sleep(0.005)  # a slow reader: the pipe fills again and again
+            status = proc.wait(60)
+        finally:
+            kill_group(proc)
+            os.close(reader)
+        err.seek(0)
+        return status, bytes(got), err.read()
+
+
+def test_links_into_a_full_non_blocking_pipe_writes_every_line() -> None:
+    """`links` stopped at the 64 KiB a pipe holds, 900 lines of 3000, exit 0 and no word:
+    the rest met EAGAIN, which Python's buffered stdout lost. It waits for room now."""
+    specs = [f"{port}=redis:5" for port in range(10001, 13001)]
+    status, out, err = run_into_a_slow_non_blocking_pipe(
+        ["links", *specs], {"PATH": os.environ["PATH"]})
+    lines = out.decode().splitlines()
+    assert (status, err) == (0, ""), (status, err)
+    assert len(lines) == len(specs), (len(lines), lines[-1:])
+    assert lines[-1] == "listen 0.0.0.0:13000 -> redis:5 (13000=redis:5)"
+
+
+@pytest.mark.parametrize("lean", [True, False])
+def test_status_json_into_a_full_non_blocking_pipe_is_whole_json(
+    start_proxy: Callable[..., Proxy], short_dir: Path, lean: bool,
+) -> None:
+    """`status --json` of 100 links (~100 KiB) was cut at 64 KiB into invalid JSON, exit 0,
+    no word, on a non-blocking pipe its reader had not emptied yet. Both ways it runs:
+    lean (console.lean, the socket in FORKPROXY_STATUS_SOCKET) and through the CLI."""
+    sock = short_dir / "s.sock"
+    specs = [f"127.0.0.1:0=127.0.0.1:{port}" for port in range(1, 101)]
+    start_proxy("--status-socket", str(sock), *specs, expect=len(specs))
+    env = {"PATH": os.environ["PATH"]}
+    command = ["status", "--json"]
+    if lean:
+        env["FORKPROXY_STATUS_SOCKET"] = str(sock)
+    else:
+        command += ["--status-socket", str(sock)]
+    status, out, err = run_into_a_slow_non_blocking_pipe(command, env)
+    assert (status, err) == (0, ""), (status, err)
+    assert len(out) > 65536, len(out)  # more than the pipe holds: else this tests nothing
+    assert len(json.loads(out)["listeners"]) == len(specs)
 
 
 @pytest.mark.parametrize("blocking", [True, False])
