@@ -197,6 +197,15 @@ def read_links(sources: Sources, environ: Mapping[str, str],
     return table
 
 
+def absolute_path(path: str) -> str:
+    """`path` made absolute against our working directory, as given where that cannot be
+    read (removed): how a take-over tells the supervisor taken over read the same env file."""
+    try:
+        return os.path.abspath(path)
+    except OSError:
+        return path
+
+
 def read_env_file(path: str, *, unlinked_refused: bool = False) -> str:
     """The text of --env-file; ConfigError naming it when it cannot be read, and with
     `unlinked_refused` (a reload) when it is a file no directory holds any more."""
@@ -722,6 +731,23 @@ class Supervisor:
             # Escaped (as `status` shows a reply's strings): whatever answers on the path
             # could write a line break (a line of its own, forged) or ESC to the terminal.
             raise ConfigError(f"{what} cannot hand over: {printable(error)}")
+        theirs = reply.get("env_file")
+        if (self.env_file_blank and self.sources.env_file is not None
+                and isinstance(theirs, dict) and theirs.get("blank") is False
+                and theirs.get("path") == absolute_path(self.sources.env_file)):
+            # The file caught empty as it is written (`cp`, `>`, an editor that moves the
+            # old one aside first), as a reload refuses it: beside --from-env or SPECs an
+            # empty file is a valid configuration without its links, whose ports we would
+            # close (`unlisten`) as the supervisor there stops. Nothing is bound yet, and
+            # without our `go` that one serves on. A forkproxy that does not say: as before.
+            self._close_listeners()
+            self.taken_from.close()
+            self.taken_from = None
+            raise ConfigError(
+                f"--take-over: env file {self.sources.env_file!r} is empty, and was not for "
+                f"the supervisor taken over, which serves on (a file being written? write "
+                "it again, beside, and mv it over; to take no link from it, leave a comment "
+                "line in it)")
         names = reply.get("sockets")
         assert isinstance(names, list)  # as ask_for_sockets found it
         self.handed_names = [name if isinstance(name, dict) else {} for name in names]
@@ -3225,6 +3251,11 @@ class Supervisor:
             handed.append(self.metrics_sock)
             names.append({"metrics": self.metrics_url})
         reply = {"ok": True, "pid": self.pid, "version": __version__, "sockets": names}
+        if self.sources.env_file is not None:
+            # Whether our env file was blank when last read: a taker that finds the same
+            # file empty where it was not for us caught it mid-write, and refuses (_take_over).
+            reply["env_file"] = {"path": absolute_path(self.sources.env_file),
+                                 "blank": self.env_file_blank}
         try:
             taker = client.dup()
         except OSError as exc:

@@ -3436,6 +3436,42 @@ def test_a_reload_refuses_an_env_file_found_empty_after_it_gave_links(
         assert ask(sock, b"3") == b"X:3"
 
 
+def test_a_take_over_refuses_an_env_file_found_empty_that_gave_links(
+    start_proxy: StartProxy, tcp_server: ServerFactory, short_dir: Path, tmp_path: Path
+) -> None:
+    """`serve --take-over` with the same arguments, reading the env file in the moment a
+    `cp` or `>` has truncated it: beside a SPEC an empty file is a valid configuration, so
+    the taker closed the file's link port (`unlisten ... not in this configuration`) and
+    the old supervisor stopped: clients refused (a hunt of configuration's variants). The
+    old one says its file was not blank now, and the taker refuses, exit 2, as a reload
+    does; the old one serves on. A comment line is a deliberate "no link from here"."""
+    x, y = tcp_server(tagged(b"X:")), tcp_server(tagged(b"Y:"))
+    [port] = distinct_free_ports(1)
+    env_file, sock_path = tmp_path / "links.env", short_dir / "s.sock"
+    write_env_file(env_file, {f"A_PORT_{port}_TCP": f"tcp://127.0.0.1:{x.port}"})
+    args = ("--env-file", str(env_file), *LOOPBACK, "--status-socket", str(sock_path),
+            f"127.0.0.1:0=127.0.0.1:{y.port}")
+    old = start_proxy(*args, expect=2)
+    with connect(port) as sock:
+        assert ask(sock, b"1") == b"X:1"
+    env_file.write_text("")  # the moment a `cp` or `>` has truncated it
+    result = cli("serve", "--take-over", *args, timeout=20)  # one that took over: serves on
+    assert result.returncode == 2, result
+    assert result.stdout == "" and result.stderr.count("\n") == 1, result
+    assert result.stderr.startswith(
+        f"forkproxy: error: --take-over: env file '{env_file}' is empty, and was not for "
+        "the supervisor taken over, which serves on"), result
+    assert wait_for(lambda: "take-over-abandoned" in old.log()), old.log()
+    assert old.proc.poll() is None and " stopping " not in old.log(), old.log()
+    with connect(port) as sock:
+        assert ask(sock, b"2") == b"X:2"  # the file's link still served
+    env_file.write_text("# no links from here\n")
+    new = start_proxy("--take-over", *args)
+    assert old.proc.wait(30) == 0
+    assert f"unlisten detail=\"127.0.0.1:{port} -> " in new.log(), new.log()
+    assert new.stop() == 0
+
+
 def test_a_reload_refuses_an_env_file_whose_mount_shows_a_file_replaced_since(
     start_proxy: StartProxy, tcp_server: ServerFactory, short_dir: Path, tmp_path: Path
 ) -> None:
