@@ -90,8 +90,21 @@ app = typer.Typer(
 )
 
 # Options whose repetition would drop what was given before without a word (click keeps
-# the last value of an option given twice).
-ONE_ONLY = ("--env-file",)
+# the last value of an option given twice), where a second one reads as "and this one
+# too": what the error says instead. Other options keep click's last-one-wins, which
+# wrappers that append an override to a default command line rely on.
+ONE_ONLY = {
+    # `docker run` takes it so (reading both): b's links alone were served.
+    "--env-file": "forkproxy reads one env file (docker run reads every --env-file "
+                  "given): put the link variables in one file",
+    # Listeners on 127.0.0.1 and ::1 looked asked for; only ::1 was bound.
+    "--bind": "links listen on one default address: to listen on more, give SPECs "
+              "with their own (127.0.0.1:6379=HOST:PORT [::1]:6379=HOST:PORT), or "
+              "--bind :: for every IPv6 and IPv4 address",
+    # Two scrape ports looked asked for; only the last listened.
+    "--metrics": "forkproxy serves metrics on one address (--metrics 0.0.0.0:PORT, or "
+                 "[::]:PORT, for every address)",
+}
 
 
 class _Command(typer.core.TyperCommand):
@@ -109,10 +122,7 @@ class _Command(typer.core.TyperCommand):
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
         twice = self._given_twice(args)
         if twice is not None:
-            # click keeps the last silently: `--env-file a.env --env-file b.env`, as
-            # `docker run` takes it (reading both), served b's links alone, without a word.
-            ctx.fail(f"{twice} given twice: forkproxy reads one env file (docker run reads "
-                     "every --env-file given): put the link variables in one file")
+            ctx.fail(f"{twice} given twice: {ONE_ONLY[twice]}")
         try:
             return super().parse_args(ctx, args)
         except Exception as exc:

@@ -1652,6 +1652,29 @@ def test_env_file_given_twice_is_refused_not_half_read(
     assert result.stdout == "listen 0.0.0.0:7201 -> a.test:1 (A_PORT_7201_TCP)\n", result
 
 
+@pytest.mark.parametrize(("twice", "needle"), [
+    (["--bind", "127.0.0.1", "--bind", "::1"],
+     "--bind given twice: links listen on one default address"),
+    (["--bind=127.0.0.1", "--bind", "::1"],
+     "--bind given twice: links listen on one default address"),
+    (["--metrics", "127.0.0.1:0", "--metrics=[::1]:0"],
+     "--metrics given twice: forkproxy serves metrics on one address"),
+])
+def test_bind_or_metrics_given_twice_is_refused_not_the_last_taken(
+    tmp_path: Path, twice: list[str], needle: str
+) -> None:
+    """`--bind 127.0.0.1 --bind ::1` reads as "both": click kept the last, so only ::1 was
+    bound, without a word; `--metrics` twice served one scrape port of the two. Refused,
+    as --env-file given twice is; once on the command line over its variable is none."""
+    for command in ("serve", "links"):
+        if command == "links" and twice[0].startswith("--metrics"):
+            continue  # links takes no --metrics
+        result = run(command, *twice, "0=a.test:1", env={"XDG_RUNTIME_DIR": str(tmp_path)})
+        assert_one_line_error(result, needle)
+    result = run("links", "--bind", "127.0.0.1", "0=a.test:1", env={"FORKPROXY_BIND": "::1"})
+    assert result.stdout == "listen 127.0.0.1:0 -> a.test:1 (0=a.test:1)\n", result
+
+
 def test_bind_on_the_command_line_wins_over_an_empty_variable() -> None:
     """An empty FORKPROXY_BIND is refused (BAD_VARIABLES), but a --bind typed over it is
     what counts: `links` lists the flag's address."""
