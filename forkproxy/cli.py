@@ -873,6 +873,7 @@ def serve_command(
     """Listen and forward, one forked child per connection."""
     variables = _variables(ctx)
     try:
+        option_variables = _option_variables(ctx)
         # Numbers arrive as text so that a bad one is reported like any other bad input.
         options = Options(
             relay=relay,
@@ -895,9 +896,9 @@ def serve_command(
             status_socket=status_socket,
             metrics=metrics,
             pid_file=pid_file,
-            unknown_variables=unknown_variables(os.environ, _option_variables(ctx),
+            unknown_variables=unknown_variables(os.environ, option_variables,
                                                 _flags_without_variable(ctx)),
-            option_variables=tuple(_option_variables(ctx).items()),
+            option_variables=tuple(option_variables.items()),
         )
         sources = Sources(tuple(specs or ()), from_env, env_file, options,
                           _bind(ctx, bind, variables), _aliases(ctx, alias, variables))

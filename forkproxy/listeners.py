@@ -143,13 +143,21 @@ class Listener:
         (the kernel's abort left SHUTDOWN_MASK on the listener, which its children
         copy), and the other holder of a copy would get our listener back too. Its
         handshake drops count from 0 again (drops: the running total goes on)."""
-        fresh = listen_tcp(self.link.bind, self.port)
-        try:
-            fresh.setblocking(False)
-            os.dup2(fresh.fileno(), self.sock.fileno(), inheritable=False)
-        finally:
-            fresh.close()
+        listen_again_in_place(self.sock, self.link.bind, self.port, blocking=False)
         self.drops_raw = 0
+
+
+def listen_again_in_place(sock: socket.socket, host: str, port: int, *,
+                          backlog: int = BACKLOG, blocking: bool = True) -> None:
+    """A fresh listening socket at host:port put in place of `sock` on its descriptor
+    (dup2): Listener.listen_again says why a fresh one, and why the same number. For a
+    link's listener and for the metrics port alike. ConfigError when it cannot listen."""
+    fresh = listen_tcp(host, port, backlog)
+    try:
+        fresh.setblocking(blocking)
+        os.dup2(fresh.fileno(), sock.fileno(), inheritable=False)
+    finally:
+        fresh.close()
 
 
 def kernel_listen_counts(netstat: str = "/proc/self/net/netstat") -> tuple[int, int] | None:

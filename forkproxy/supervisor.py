@@ -911,16 +911,13 @@ class Supervisor:
         host = parse_metrics_address(self.options.metrics or "")[0]
         try:
             port = self.metrics_sock.getsockname()[1]
-            fresh = listeners.listen_tcp(host, port, backlog=METRICS_BACKLOG)
+            listeners.listen_again_in_place(self.metrics_sock, host, port,
+                                            backlog=METRICS_BACKLOG)
         except (OSError, ConfigError) as exc:
             error = exc.strerror or str(exc) if isinstance(exc, OSError) else str(exc)
             self.log.error("metrics-failed", error=error, detail="its port was shut down "
                            "from outside and cannot listen again: restarting later")
             return False
-        try:
-            os.dup2(fresh.fileno(), self.metrics_sock.fileno(), inheritable=False)
-        finally:
-            fresh.close()
         return True
 
     def _close_metrics_port(self) -> None:
