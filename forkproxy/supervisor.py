@@ -176,6 +176,8 @@ ListenerReading = tuple[tuple[int, int] | None, int | None, bool | None]
 
 
 MAX_ENV_FILE = 1 << 20  # bytes (characters, as read): see read_links
+# What every line saying forkproxy ran out of descriptors (EMFILE, ENFILE) advises.
+RAISE_NOFILE = "(raise the limit, ulimit -n)"
 # The most a file already at --pid-file may hold to be taken over: a PID (7 digits at
 # most) with room for whitespace around it. See Supervisor._write_pid_file.
 MAX_PID_FILE = 32  # bytes
@@ -242,6 +244,10 @@ def read_env_file(path: str, *, unlinked_refused: bool = False) -> str:
             return text
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
+            # A reload at the limit (every connection's socket held): the file is fine,
+            # the limit is what to raise, as every other out-of-descriptors line says.
+            reason = f"{reason} {RAISE_NOFILE}"
         raise ConfigError(f"cannot read env file {path!r}: {reason}") from None
 
 
@@ -1222,7 +1228,7 @@ class Supervisor:
                 raise
             # `ulimit -n 7`, say: one line rather than a traceback from wherever it ran out
             raise ConfigError(f"out of file descriptors while starting: {exc.strerror} "
-                              "(raise the limit, ulimit -n)") from None
+                              f"{RAISE_NOFILE}") from None
         self._log_max_children()  # before "listening": whoever waits for it can read it
         self._log_foreign_proc()
         self._print_ready(lines)
@@ -2861,7 +2867,7 @@ class Supervisor:
             # a reload that fails must never take the running listeners down with it.
             if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
                 error = (f"out of file descriptors for new listening sockets: "
-                         f"{exc.strerror} (raise the limit, ulimit -n)")
+                         f"{exc.strerror} {RAISE_NOFILE}")
             else:
                 error = (f"cannot open a listening socket: {exc.strerror or exc}"
                          if isinstance(exc, OSError) else str(exc))

@@ -1780,6 +1780,41 @@ def test_a_reload_that_would_take_the_last_descriptor_fails_and_the_proxy_serves
     assert ping_echo(pb) and ping_echo(pa)
 
 
+def test_a_reload_out_of_descriptors_for_the_env_file_says_to_raise_the_limit(
+    start_proxy: StartProxy, tcp_server: ServerFactory, short_dir: Path
+) -> None:
+    """A reload (SIGHUP, or `forkproxy reload`) at the descriptor limit said only
+    "cannot read env file 'PATH': Too many open files", which sends an operator to the
+    file, not to the limit every other out-of-descriptors line says to raise."""
+    server = tcp_server(echo)
+    port = free_port()
+    env_file = short_dir / "links.env"
+    sock_path = short_dir / "s.sock"
+    write_env_file(env_file, {f"A_PORT_{port}_TCP": f"tcp://127.0.0.1:{server.port}"})
+    proxy = start_proxy("--env-file", str(env_file), "--status-socket", str(sock_path),
+                        *LOOPBACK)
+    expected = (f"cannot read env file {str(env_file)!r}: Too many open files (raise the "
+                "limit, ulimit -n)")
+    saved = starve_accepts(proxy)
+    try:
+        proxy.proc.send_signal(signal.SIGHUP)
+        assert wait_for(lambda: " reload-failed " in proxy.log()), proxy.log()
+        [line] = [line for line in proxy.log().splitlines() if " reload-failed " in line]
+        assert f"error={json.dumps(expected)} " in line, line
+        # One descriptor for `reload`'s connection, none for the file.
+        starved = resource.prlimit(proxy.pid, resource.RLIMIT_NOFILE)[0]
+        resource.prlimit(proxy.pid, resource.RLIMIT_NOFILE, (starved + 1, saved[1]))
+        result = subprocess.run(
+            [FORKPROXY, "reload", "--status-socket", str(sock_path)],
+            capture_output=True, text=True, timeout=60)
+    finally:
+        resource.prlimit(proxy.pid, resource.RLIMIT_NOFILE, saved)
+    assert (result.returncode, result.stdout) == (1, ""), result
+    assert result.stderr == (f"forkproxy: reload failed, previous configuration kept: "
+                             f"{expected}\n"), result.stderr
+    assert ping_echo(port)  # served on, as configured
+
+
 _BIND_ALL_AT_EMFILE = """
 import os, resource, socket, sys
 from forkproxy.config import parse_spec
