@@ -715,6 +715,14 @@ class Supervisor:
         assert path is not None
         what = f"--take-over: the supervisor on {quoted(path)}"
         try:
+            control.check_client_path(path)
+        except OSError as exc:
+            # No supervisor can ever be there, as status, check, reload and a plain serve
+            # say it (exit 2): connect() to a file that is not a socket is refused, and
+            # "no supervisor answers (Connection refused)" read as one that had died.
+            given = "--status-socket" if path == self.options.status_socket else "--take-over"
+            raise ConfigError(f"{given} {quoted(path)}: {exc.strerror or exc}") from None
+        try:
             # A stop asked while it waits (the supervisor there frozen) cancels at once,
             # not when the wait is over: nothing is handed yet.
             self.taken_from, reply, self.handed = control.ask_for_sockets(

@@ -1242,6 +1242,34 @@ def test_take_over_says_why_there_is_nothing_to_take_over(
                         f"the supervisor on '{older}' does not know how to hand over")
 
 
+def test_take_over_from_a_path_that_is_not_a_socket_says_so(
+    tmp_path: Path, short_dir: Path,
+) -> None:
+    """`serve --take-over --status-socket /etc/passwd` said "nothing to take over: no
+    supervisor answers on '/etc/passwd' (Connection refused)", a supervisor that had
+    died, where status, check, reload and a plain serve say the path is no socket: one
+    line naming the path, exit 2, as theirs. The file is left as it was."""
+    spec = "127.0.0.1:0=127.0.0.1:1"
+    precious = tmp_path / "precious.conf"
+    precious.write_text("keep me\n")
+    (short_dir / "file").write_text("")
+    for path, reason in [(str(precious), "exists and is not a socket"),
+                         (str(tmp_path), "exists and is not a socket"),
+                         (f"{short_dir}/file/x.sock", "Not a directory")]:
+        expected = f"forkproxy: error: --status-socket '{path}': {reason}\n"
+        for command in (["serve", "--take-over", spec], ["status"], ["check"], ["reload"]):
+            result = subprocess.run([FORKPROXY, *command, "--status-socket", path],
+                                    capture_output=True, text=True, timeout=60)
+            assert (result.returncode, result.stdout, result.stderr) == (2, "", expected), (
+                command, result)
+    result = _serve("--take-over", spec, env={**os.environ,
+                                              "FORKPROXY_STATUS_SOCKET": str(precious)})
+    assert (result.returncode, result.stderr) == (2, (
+        f"forkproxy: error: FORKPROXY_STATUS_SOCKET (--status-socket) '{precious}': exists "
+        "and is not a socket\n")), result
+    assert precious.read_text() == "keep me\n"
+
+
 @contextlib.contextmanager
 def _answering(path: str,
                answer: bytes | Callable[[dict[str, Any]], dict[str, object]],
