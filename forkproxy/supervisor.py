@@ -2452,15 +2452,23 @@ class Supervisor:
             return
         self.table_pending = False
         counters = self.accounting.slots.copy()  # with the heap the reporter gets (copy())
-        self.table_writer = self._in_reporter(lambda: self._log_status_table(counters))
+        # Read here, as for `status` (answer_in_child): the reporter closes the listening
+        # sockets it inherits, and the drops' running count is ours to keep.
+        kernel = self._read_listeners()
+        self.table_writer = self._in_reporter(lambda: self._log_status_table(counters, kernel))
         if not self.table_writer:
-            self._log_status_table()
+            self._log_status_table(kernel=kernel)
 
-    def _log_status_table(self, counters: memoryview | None = None) -> None:
+    def _log_status_table(self, counters: memoryview | None = None,
+                          kernel: list[ListenerReading] | None = None) -> None:
+        """One `status-link` line per listener, with what `status` shows of it, and one
+        `status-connection` per live connection. `counters`, `kernel`: as status_reply's."""
         snapshot = self.accounting.snapshot(self._held_per_link(), counters)
         links: dict[str, dict[str, object]] = snapshot["links"]  # type: ignore[assignment]
-        for listener in self.listeners:
+        table = self._listener_table(kernel)
+        for listener, row in zip(self.listeners, table, strict=True):
             stats = links.get(listener.link.name, {})
+            outcomes: dict[str, int] = stats.get("outcomes", {})  # type: ignore[assignment]
             # The addresses new connections go to now: what an operator sends SIGUSR1 to
             # learn after a DNS change. Written as the `resolved` line writes them; empty
             # while a name has never resolved (each child then looks it up itself).
@@ -2480,6 +2488,18 @@ class Supervisor:
                 "upstream_failures": stats.get("upstream_failures", 0),
                 "denied": stats.get("denied", 0),
                 "bytes_up": stats.get("bytes_up", 0), "bytes_down": stats.get("bytes_down", 0),
+                # The rest of what `status` shows per link, by its --json names: whether
+                # the port listens, its accept queue and the handshakes the kernel
+                # dropped there (left out where the kernel cannot say: status's `-`), the
+                # forks and lookups that failed, and how connections ended (its ENDED).
+                "listening": row["listening"],
+                **{key: row[key] for key in ("queued", "backlog", "drops")
+                   if row[key] is not None},
+                "fork_failures": stats.get("fork_failures", 0),
+                "resolve_failures": stats.get("resolve_failures", 0),
+                "address_changes": stats.get("address_changes", 0),
+                "ended": ", ".join(f"{outcome} {count}" for outcome, count in sorted(
+                    outcomes.items(), key=lambda item: (-item[1], item[0])) if count) or "-",
             })
         for child in snapshot["children"]:  # type: ignore[attr-defined]
             fields = dict(child)

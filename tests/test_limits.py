@@ -1606,6 +1606,57 @@ def test_a_listener_shut_down_while_not_accepting_shows_in_status_at_once(
     assert proxy.stop() == 0
 
 
+def test_sigusr1_link_lines_carry_what_status_shows_per_link(
+    start_proxy: StartProxy, tcp_server: ServerFactory, short_dir: Path,
+) -> None:
+    """SIGUSR1's `status-link` lines had the counters, not what `status` also shows per
+    link: that a port does not listen (shut down from outside), its accept queue (the
+    clients kept waiting at --max-children), the handshakes dropped there, the forks and
+    lookups that failed, how connections ended. They carry those now, by status --json's
+    names, with status's values; one listener shut and one queueing show it."""
+    release = threading.Event()
+    held_server = tcp_server(lambda conn: (conn.recv(100), release.wait(60)))
+    echo_server = tcp_server(echo)
+    sock_path = short_dir / "s.sock"
+    waiting, shut = distinct_free_ports(2)
+    specs = {f"127.0.0.1:{waiting}=127.0.0.1:{held_server.port}": waiting,
+             f"127.0.0.1:{shut}=127.0.0.1:{echo_server.port}": shut}
+    proxy = start_proxy("--max-children", "1", "--status-socket", str(sock_path),
+                        "--log-format", "json", *specs, expect=2)
+    try:
+        assert ping_echo(shut)  # an ENDED of `closed 1` there
+        assert wait_for(lambda: not children(proxy.pid))
+        with contextlib.ExitStack() as stack:
+            held = stack.enter_context(connect(waiting))
+            held.sendall(b"x")
+            assert wait_for(lambda: "max-children-reached" in proxy.log()), proxy.log()
+            queued = [stack.enter_context(connect(waiting)) for _ in range(2)]
+            shut_down_from_outside(proxy.pid, shut)
+            reply = status_json(sock_path)
+            proxy.signal(signal.SIGUSR1)
+            assert wait_for(lambda: proxy.log().count('"status-link"') == 2), proxy.log()
+            assert len(queued) == 2
+    finally:
+        release.set()
+    lines = {record["link"]: record for record in map(json.loads, proxy.log().splitlines())
+             if record.get("event") == "status-link"}
+    shown_listeners, links = reply["listeners"], reply["links"]
+    assert isinstance(shown_listeners, list) and isinstance(links, dict), reply
+    listeners_shown = {item["link"]: item for item in shown_listeners}
+    assert {spec: line["listening"] for spec, line in lines.items()} == {
+        spec: port == waiting for spec, port in specs.items()}, lines
+    assert [line.get("queued") for spec, line in lines.items() if specs[spec] == waiting] == [2]
+    for spec in specs:
+        line, shown, stats = lines[spec], listeners_shown[spec], links[spec]
+        for key in ("listening", "queued", "backlog", "drops"):
+            assert line.get(key) == shown[key], (key, line, shown)
+        for key in ("fork_failures", "resolve_failures", "address_changes"):
+            assert line[key] == stats[key], (key, line, stats)
+    ended = {spec: line["ended"] for spec, line in lines.items()}
+    assert ended == {spec: "closed 1" if port == shut else "-" for spec, port in specs.items()}
+    assert proxy.stop() == 0
+
+
 def test_the_first_reap_out_of_descriptors_is_no_crash(
     start_proxy: StartProxy, tcp_server: ServerFactory
 ) -> None:
