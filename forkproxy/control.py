@@ -126,6 +126,30 @@ def dir_error(exc: OSError) -> str:
     return reason if reason.endswith(ELSEWHERE) else f"{reason} {ELSEWHERE}"
 
 
+class UnixSocketRefused(OSError):
+    """socket(AF_UNIX) refused by this process's sandbox; its strerror says so, and what
+    to do. No path's or directory's fault: those errors blamed them."""
+
+
+def unix_socket() -> socket.socket:
+    """A Unix stream socket. UnixSocketRefused where the sandbox refuses the family: a
+    seccomp filter (systemd's RestrictAddressFamilies= without AF_UNIX: EAFNOSUPPORT; a
+    container runtime's profile: EPERM, EACCES) or a security module's policy (EACCES).
+    Every Linux has Unix sockets, so those are never the kernel's. Other errors (EMFILE,
+    ENOBUFS) as they are."""
+    try:
+        return socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    except OSError as exc:
+        if exc.errno == errno.EAFNOSUPPORT:
+            why = "a seccomp filter, such as systemd's RestrictAddressFamilies= without AF_UNIX"
+        elif exc.errno in (errno.EACCES, errno.EPERM):
+            why = "a seccomp filter or a security module's policy: SELinux, AppArmor"
+        else:
+            raise
+        raise UnixSocketRefused(exc.errno, f"Unix sockets are refused to this process "
+                                f"({exc.strerror}: {why}); allow AF_UNIX") from None
+
+
 class _Client:
     __slots__ = ("inbox", "outbox", "sock", "waiting")
 
@@ -360,7 +384,7 @@ def _listen(path: str, replace: bool = False) -> tuple[socket.socket, tuple[int,
     staging = _staging_name(path)
     if replace and staging == path:
         os.unlink(path)  # no room for a staging name: a moment with no socket there
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock = unix_socket()
     old_umask = os.umask(0o077)
     try:
         sock.bind(staging)
@@ -516,7 +540,7 @@ def probe(path: str) -> str:
         return ABSENT
     if not stat.S_ISSOCK(mode):
         raise _not_a_socket()
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as prober:
+    with unix_socket() as prober:
         prober.setblocking(False)  # a live one with a full backlog: EAGAIN, not a wait
         try:
             prober.connect(path)
@@ -528,9 +552,12 @@ def probe(path: str) -> str:
 
 
 def answers(path: str) -> bool:
-    """Does a supervisor listen on this socket file? (A crash leaves files nobody does.)"""
+    """Does a supervisor listen on this socket file? (A crash leaves files nobody does.)
+    UnixSocketRefused when this process cannot tell: none would have answered."""
     try:
         return probe(path) == LIVE
+    except UnixSocketRefused:
+        raise
     except OSError:
         return False
 
@@ -815,7 +842,7 @@ def ask_for_sockets(path: str, timeout: float, pid: int,
     `go`; its reply; the sockets, in the order its `sockets` names them, [] when it said
     no). OSError when nothing answers; ValueError for an answer that is not a forkproxy's;
     what `stop_asked` raises, called while it waits for the answer (_readable)."""
-    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    conn = unix_socket()
     fds: list[int] = []
     try:
         conn.settimeout(timeout)

@@ -33,17 +33,24 @@ from .config import (
 from .control import (
     HANDING_OVER,
     REPORT_TIMEOUT,
+    UnixSocketRefused,
     answers,
     check_owned,
     default_dir,
     dir_error,
     foreign_proc,
     own_outer_uid,
+    unix_socket,
 )
 
 
 class StatusError(Exception):
     """No supervisor to talk to, or it answered nonsense; the message says which."""
+
+
+class _Refused(StatusError):
+    """This process may not open a Unix socket (control.UnixSocketRefused): no directory
+    can be looked in, this one or another."""
 
 
 class NotForkproxy(StatusError):
@@ -73,6 +80,8 @@ def find_socket(path: str | None) -> str:
     if live is None and fallback != directory:
         try:
             live = _live_sockets(fallback)
+        except _Refused:
+            raise
         except StatusError:
             live = None  # unreadable, or another user's: not where this user's proxies are
         if live is not None:
@@ -85,6 +94,8 @@ def find_socket(path: str | None) -> str:
         inside = default_dir({}, os.getuid())
         try:
             found = _live_sockets(inside)
+        except _Refused:
+            raise
         except StatusError:
             found = None  # another user's: not where this user's proxies are
         if found:
@@ -135,7 +146,12 @@ def _live_sockets(directory: str) -> list[str] | None:
         raise StatusError(f"cannot look for a running forkproxy in {directory!r}: "
                           f"{dir_error(exc)}") from None
     paths = [os.path.join(directory, name) for name in names]
-    return [path for path in paths if answers(path)]
+    try:
+        return [path for path in paths if answers(path)]
+    except UnixSocketRefused as exc:
+        # None could be asked: "no running forkproxy found" beside a live one.
+        raise _Refused(f"cannot look for a running forkproxy in {directory!r}: "
+                       f"{exc.strerror}") from None
 
 
 # The most a reply may be: a status of a million live connections is ~250 MiB.
@@ -161,8 +177,7 @@ def request(path: str, command: str, timeout: float = 5.0,
     ends = time.monotonic() + deadline
     try:
         # socket() in the try too: out of descriptors (EMFILE) is no answer either.
-        with (socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) if connected is None
-              else connected()) as sock:
+        with (unix_socket() if connected is None else connected()) as sock:
             sock.settimeout(timeout)
             if connected is None:
                 _connect(sock, path, time.monotonic() + min(timeout, deadline))
@@ -188,6 +203,8 @@ def request(path: str, command: str, timeout: float = 5.0,
                 size += len(chunk)
                 if size > MAX_REPLY:  # something that never stops sending
                     raise _not_forkproxy(path, f"more than {MAX_REPLY >> 20} MiB")
+    except UnixSocketRefused as exc:
+        raise StatusError(f"cannot ask {path!r}: {exc.strerror}") from None
     except OSError as exc:
         raise StatusError(f"no answer on {path!r}: {exc.strerror or exc}") from None
     if not chunks:

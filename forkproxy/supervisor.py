@@ -727,6 +727,9 @@ class Supervisor:
             # not when the wait is over: nothing is handed yet.
             self.taken_from, reply, self.handed = control.ask_for_sockets(
                 path, TAKE_OVER_TIMEOUT, os.getpid(), self._cancel_if_stop_asked)
+        except control.UnixSocketRefused as exc:
+            raise ConfigError(f"--take-over: cannot ask the supervisor on {quoted(path)}: "
+                              f"{exc.strerror}") from None
         except OSError as exc:
             raise ConfigError(f"--take-over: nothing to take over: no supervisor answers on "
                               f"{quoted(path)} ({exc.strerror or exc})") from None
@@ -1059,6 +1062,8 @@ class Supervisor:
                 # replaced by ours, in one rename, so that the name always answers.
                 server = control.ControlServer(path, self.handle_control_request,
                                                replace=path == self.options.take_over)
+            except control.UnixSocketRefused as exc:
+                raise ConfigError(f"cannot open the status socket: {exc.strerror}") from None
             except OSError as exc:
                 if exc.errno in (errno.EMFILE, errno.ENFILE):
                     raise  # out of descriptors, not a bad path: run() says so, as elsewhere
@@ -1088,6 +1093,11 @@ class Supervisor:
                 except OSError as exc:
                     if exc.errno != errno.EADDRINUSE or suffix == "-99":
                         raise
+        except control.UnixSocketRefused as exc:
+            # Not the directory's fault: "status socket directory '/run/...': Address
+            # family not supported by protocol (set XDG_RUNTIME_DIR, or give
+            # --status-socket, elsewhere)" sent the operator to look at a directory.
+            raise ConfigError(f"cannot open the status socket: {exc.strerror}") from None
         except OSError as exc:
             if exc.errno in (errno.EMFILE, errno.ENFILE):
                 raise  # as above: the limit is what to raise, not the directory to look at

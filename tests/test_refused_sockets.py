@@ -114,3 +114,73 @@ def test_a_reload_whose_new_listener_is_refused_by_a_sandbox_says_so_as_a_start_
             conn, _ = upstream.accept()
             conn.close()
         assert proxy.proc.poll() is None
+
+
+def _unix_refused(error: str) -> str:
+    """What forkproxy says of socket(AF_UNIX) refused with `error`."""
+    why = {"EAFNOSUPPORT": "Address family not supported by protocol: a seccomp filter, such "
+                           "as systemd's RestrictAddressFamilies= without AF_UNIX",
+           "EACCES": "Permission denied: a seccomp filter or a security module's policy: "
+                     "SELinux, AppArmor",
+           "EPERM": "Operation not permitted: a seccomp filter or a security module's "
+                    "policy: SELinux, AppArmor"}[error]
+    return f"Unix sockets are refused to this process ({why}); allow AF_UNIX"
+
+
+@pytest.mark.parametrize("error", ["EAFNOSUPPORT", "EACCES", "EPERM"])
+@pytest.mark.parametrize("where", ["default", "given"])
+def test_a_status_socket_refused_by_a_sandbox_is_not_blamed_on_its_directory(
+    tmp_path: Path, short_dir: Path, refuse: Callable[[str, str], tuple[str, ...]],
+    error: str, where: str,
+) -> None:
+    """systemd's RestrictAddressFamilies= without AF_UNIX (or a seccomp profile, a
+    security module) refuses the status socket's socket(): serve said "status socket
+    directory '/run/user/0/forkproxy': Address family not supported by protocol (set
+    XDG_RUNTIME_DIR, or give --status-socket, elsewhere)", sending the operator to a
+    directory that was fine, or blamed the --status-socket path. It says the system
+    refused a Unix socket, and to allow AF_UNIX: one line, exit 2, nothing left behind."""
+    sock = short_dir / "s.sock"
+    given = ["--status-socket", str(sock)] if where == "given" else []
+    env = {**os.environ, "XDG_RUNTIME_DIR": str(tmp_path)}
+    proc = subprocess.run(
+        [*refuse("AF_UNIX", error), FORKPROXY, "serve", "127.0.0.1:0=127.0.0.1:1", *given],
+        capture_output=True, text=True, timeout=30, env=env, start_new_session=True)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (
+        2, "", f"forkproxy: error: cannot open the status socket: {_unix_refused(error)}\n"
+    ), proc
+    assert [*short_dir.iterdir(), *tmp_path.rglob("*.sock")] == []
+
+
+@pytest.mark.parametrize("command", ["status", "check", "reload"])
+def test_a_client_refused_a_unix_socket_says_so_not_that_nothing_runs(
+    short_dir: Path, refuse: Callable[[str, str], tuple[str, ...]],
+    start_proxy: Callable[..., Proxy], command: str,
+) -> None:
+    """`status`, `check`, `reload` (a HEALTHCHECK in a sandboxed unit) refused
+    socket(AF_UNIX) said "no running forkproxy found in DIR" beside a live supervisor,
+    or "no answer on PATH", one that had died; `serve --take-over` said "nothing to take
+    over". Each says the system refused a Unix socket, and to allow AF_UNIX."""
+    env = {**os.environ, "XDG_RUNTIME_DIR": str(short_dir)}  # short: paths shown whole
+    proxy = start_proxy("127.0.0.1:0=127.0.0.1:1", env=env)
+    [path] = (short_dir / "forkproxy").glob("*.sock")
+    refused = _unix_refused("EAFNOSUPPORT")
+    for args, expected in [
+            ([command], f"forkproxy: cannot look for a running forkproxy in "
+                        f"'{short_dir}/forkproxy': {refused}"),
+            ([command, "--status-socket", str(path)],
+             f"forkproxy: cannot ask '{path}': {refused}")]:
+        result = subprocess.run([*refuse("AF_UNIX", "EAFNOSUPPORT"), FORKPROXY, *args],
+                                capture_output=True, text=True, timeout=30, env=env)
+        assert (result.returncode, result.stdout, result.stderr) == (1, "", f"{expected}\n"), (
+            args, result)
+    result = subprocess.run(
+        [*refuse("AF_UNIX", "EAFNOSUPPORT"), FORKPROXY, "serve", "--take-over",
+         "--status-socket", str(path), "127.0.0.1:0=127.0.0.1:1"],
+        capture_output=True, text=True, timeout=30, env=env, start_new_session=True)
+    assert (result.returncode, result.stderr) == (2, (
+        f"forkproxy: error: --take-over: cannot ask the supervisor on '{path}': {refused}\n")
+    ), result
+    assert proxy.proc.poll() is None
+    check = subprocess.run([FORKPROXY, "check", "--status-socket", str(path)],
+                           capture_output=True, text=True, timeout=30, env=env)
+    assert check.returncode == 0, check  # it served on, untouched
