@@ -478,3 +478,10 @@ class Accounting:
             "duration_buckets": list(DURATION_BUCKETS),
             "orphans_reaped": self.orphans_reaped,
         }
+
+
+def ended_text(outcomes: dict[str, int]) -> str:
+    """How a link's connections ended, most frequent first: `closed 1204, client-reset 3`
+    (status's ENDED column and SIGUSR1's `ended` field); `-` for none yet."""
+    ranked = sorted(outcomes.items(), key=lambda item: (-item[1], item[0]))
+    return ", ".join(f"{outcome} {count}" for outcome, count in ranked if count) or "-"

@@ -20,6 +20,7 @@ import urllib.parse
 from collections.abc import Callable
 from typing import Any, NoReturn
 
+from .accounting import ended_text
 from .config import (
     ConfigError,
     limiting_fits,
@@ -733,12 +734,6 @@ def _upstream(listener: dict[str, Any]) -> str:
     return f"{listener['upstream']} ({', '.join(resolved) or 'not resolved'})"
 
 
-def _ended(outcomes: dict[str, int]) -> str:
-    """How a link's connections ended, most frequent first: `closed 1204, client-reset 3`."""
-    ranked = sorted(outcomes.items(), key=lambda item: (-item[1], item[0]))
-    return ", ".join(f"{outcome} {count}" for outcome, count in ranked if count) or "-"
-
-
 def _age(reply: dict[str, Any], age: str, since: str) -> float | None:
     """Seconds since `reply[since]` (None without it): `reply[age]`, the supervisor's
     reading of its monotonic clock; from a supervisor that sends none (older ones), the
@@ -906,7 +901,7 @@ def render(status: dict[str, Any]) -> str:
             str(stats.get("connections", 0)), str(stats.get("empty", 0)),
             str(stats.get("upstream_failures", 0)), str(stats.get("denied", 0)),
             _size(stats.get("bytes_up", 0)), _size(stats.get("bytes_down", 0)),
-            _ended(stats.get("outcomes", {})),
+            ended_text(stats.get("outcomes", {})),
         ])
     lines += ["", *_table(["LINK", "LISTEN -> UPSTREAM", "ACTIVE", "WAITING", "QUEUED", "DROPS",
                            "TOTAL", "EMPTY", "FAILED", "DENIED", "BYTES UP", "BYTES DOWN",

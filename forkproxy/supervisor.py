@@ -42,6 +42,7 @@ from .accounting import (
     Accounting,
     ChildRecord,
     describe_status,
+    ended_text,
     failure_errno,
     failure_text,
     fallback_addresses,
@@ -2508,8 +2509,7 @@ class Supervisor:
                 "fork_failures": stats.get("fork_failures", 0),
                 "resolve_failures": stats.get("resolve_failures", 0),
                 "address_changes": stats.get("address_changes", 0),
-                "ended": ", ".join(f"{outcome} {count}" for outcome, count in sorted(
-                    outcomes.items(), key=lambda item: (-item[1], item[0])) if count) or "-",
+                "ended": ended_text(outcomes),
             })
         for child in snapshot["children"]:  # type: ignore[attr-defined]
             fields = dict(child)
