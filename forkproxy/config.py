@@ -1464,6 +1464,11 @@ def check_options(options: Options) -> Options:
             raise ConfigError(f"bad {what} limit {limit!r}")  # only from a bad handover
     if not (type(options.nproc_others) is int and options.nproc_others >= 0):
         raise ConfigError(f"bad nproc count {options.nproc_others!r}")  # the same
+    if options.pid_file == "":
+        # As `--status-socket ''` (control.check_client_path): the flag given empty is bad
+        # input; it was "No such file or directory" from the supervisor, after the exec.
+        # (An empty FORKPROXY_PID_FILE counts as unset and never reaches here.)
+        raise ConfigError("--pid-file '': an empty path")
     if options.take_over is not None and not isinstance(options.take_over, str):
         raise ConfigError(f"bad --take-over socket {options.take_over!r}")  # the same
     if options.connect_retries < 0:
@@ -1546,7 +1551,17 @@ def sources_from_json(data: Mapping[str, object]) -> Sources:
 _SECONDS = re.compile(r"-?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 
 
-_OFF = ("", "off", "none")  # what turns off a duration that can be off (--keepalive too)
+_OFF = ("off", "none")  # what turns off a duration that can be off (--keepalive too)
+
+
+def _empty_duration(flag: str, *, can_be_off: bool) -> ConfigError:
+    """`--resolve-every ''`: refused, where an empty FORKPROXY_RESOLVE_EVERY counts as
+    unset (click's rule, and `FOO=` in a Compose file: the default applies). They differ
+    on purpose: no variable reaches here empty, while on the command line '' is a shell
+    variable left empty (`--resolve-every "$EVERY"`); read as `off`, it stopped
+    re-resolution, where the variable's '' kept the default 30 s."""
+    off = ", or 'off'" if can_be_off else ""
+    return ConfigError(f"{flag} '': empty: give a number of seconds{off}")
 
 
 def parse_seconds(text: str | None, flag: str, *, can_be_off: bool = True) -> float | None:
@@ -1556,6 +1571,8 @@ def parse_seconds(text: str | None, flag: str, *, can_be_off: bool = True) -> fl
     as typed: `-0` or `1e-400` are not `0.0` to whoever wrote them."""
     if text is None or (can_be_off and text.lower() in _OFF):
         return None
+    if not text:
+        raise _empty_duration(flag, can_be_off=can_be_off)
     if not _SECONDS.fullmatch(text):
         raise ConfigError(f"{flag} {quoted(text)}: not a number of seconds")
     value = float(text)
@@ -1607,6 +1624,8 @@ def parse_keepalive(text: str | None) -> int | None:
     than rounded: the proxy would probe at another time than the one asked for."""
     if text is None or text.lower() in _OFF:
         return None
+    if not text:
+        raise _empty_duration("--keepalive", can_be_off=True)  # as a duration's, above
     if not _SECONDS.fullmatch(text):
         raise ConfigError(f"--keepalive {quoted(text)}: not a number of seconds")
     value = float(text)

@@ -212,6 +212,11 @@ def absolute_path(path: str) -> str:
 def read_env_file(path: str, *, unlinked_refused: bool = False) -> str:
     """The text of --env-file; ConfigError naming it when it cannot be read, and with
     `unlinked_refused` (a reload) when it is a file no directory holds any more."""
+    if not path:
+        # As `--pid-file ''`: the flag given empty is bad input, said as such, not as
+        # "cannot read env file '': No such file or directory". (An empty
+        # FORKPROXY_ENV_FILE counts as unset and never reaches here.)
+        raise ConfigError("--env-file '': an empty path")
     try:
         # O_NONBLOCK: a FIFO given by mistake must not hang start or reload (a pipe
         # could not be read again on reload anyway); regular files ignore the flag.

@@ -1631,6 +1631,59 @@ def test_a_flag_typed_over_a_bad_variable_is_named_as_typed(
     assert result.stderr == f"forkproxy: error: {expected}\n"
 
 
+# Each empty on the command line, where its variable empty counts as unset. --resolve-every
+# '' was `off`, where FORKPROXY_RESOLVE_EVERY='' is the default 30; the paths said "No
+# such file or directory", as if one had been named.
+EMPTY_FLAGS = [
+    (["--resolve-every", ""], "--resolve-every '': empty: give a number of seconds, or 'off'"),
+    (["--idle-timeout="], "--idle-timeout '': empty: give a number of seconds, or 'off'"),
+    (["--keepalive", ""], "--keepalive '': empty: give a number of seconds, or 'off'"),
+    (["--grace", ""], "--grace '': empty: give a number of seconds"),
+    (["--pid-file", ""], "--pid-file '': an empty path"),
+    (["--env-file", ""], "--env-file '': an empty path"),
+]
+
+
+@pytest.mark.parametrize(("args", "expected"), EMPTY_FLAGS)
+def test_a_flag_given_empty_is_refused(args: list[str], expected: str) -> None:
+    result = run("serve", *args, "127.0.0.1:0=127.0.0.1:1")
+    assert_one_line_error(result)
+    assert result.stderr == f"forkproxy: error: {expected}\n"
+
+
+def test_an_empty_variable_counts_as_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`FORKPROXY_X=` (a Compose file's `FOO=`) is the option's default, for every option
+    variable, as if unset; but for FORKPROXY_ALLOW, _BIND and _ALIAS, refused (their
+    default opens what they restrict: BAD_VARIABLES). Read through the real CLI up to
+    the exec, which is replaced by keeping what it was handed."""
+    from typer.main import get_command
+
+    from forkproxy import cli
+
+    handed: list[Sources] = []
+
+    def keep(*, sources: Sources, **_: object) -> None:
+        handed.append(sources)
+        raise typer.Exit(0)
+
+    monkeypatch.setattr(cli, "serve", keep)
+    for name in [name for name in os.environ if name.upper().startswith("FORKPROXY_")]:
+        monkeypatch.delenv(name)
+    serve = get_command(app).commands["serve"]  # type: ignore[attr-defined]
+    variables = sorted(param.envvar for param in serve.params if param.envvar)
+    refused = {"FORKPROXY_ALLOW", "FORKPROXY_BIND", "FORKPROXY_ALIAS"}
+    assert refused < set(variables)
+    args = ["serve", "127.0.0.1:0=127.0.0.1:1"]
+    app(args, standalone_mode=False)
+    [unset] = handed
+    for variable in sorted(set(variables) - refused):
+        monkeypatch.setenv(variable, "")
+        handed.clear()
+        app(args, standalone_mode=False)
+        monkeypatch.delenv(variable)
+        assert handed == [unset], variable
+
+
 @pytest.mark.parametrize("command", ["serve", "links"])
 @pytest.mark.parametrize("second", [["--env-file", "{b}"], ["--env-file={b}"]])
 def test_env_file_given_twice_is_refused_not_half_read(

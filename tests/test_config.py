@@ -1329,7 +1329,7 @@ def test_bad_durations_are_shown_as_typed(flag: str, text: str, message: str) ->
 
 @pytest.mark.parametrize(
     ("text", "value"),
-    [(None, None), ("off", None), ("OFF", None), ("", None), ("1", 1), ("60", 60),
+    [(None, None), ("off", None), ("OFF", None), ("1", 1), ("60", 60),
      ("60.0", 60), ("1e3", 1000), ("032767", 32767)],
 )
 def test_keepalive_is_whole_seconds_or_off(text: str | None, value: int | None) -> None:
@@ -1353,6 +1353,8 @@ def test_keepalive_is_whole_seconds_or_off(text: str | None, value: int | None) 
         ("soon", "--keepalive 'soon': not a number of seconds"),
         ("nan", "--keepalive 'nan': not a number of seconds"),
         ("+5", "--keepalive '+5': not a number of seconds"),
+        # The flag given empty (no variable reaches here empty: it counts as unset).
+        ("", "--keepalive '': empty: give a number of seconds, or 'off'"),
     ],
 )
 def test_bad_keepalive_is_named(text: str, message: str) -> None:
@@ -1368,9 +1370,19 @@ def test_options_with_a_keepalive_the_kernel_cannot_take_are_refused(value: obje
         check_options(Options(keepalive=value))  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("text", [None, "off", "OFF", "none", ""])
+@pytest.mark.parametrize("text", [None, "off", "OFF", "none"])
 def test_user_timeout_is_off_unless_set(text: str | None) -> None:
     assert parse_seconds(text, "--user-timeout") is None
+
+
+@pytest.mark.parametrize("flag", ["--user-timeout", "--resolve-every", "--grace"])
+def test_a_duration_given_empty_is_refused(flag: str) -> None:
+    """'' was `off` (--resolve-every: not its default, 30); no variable reaches here
+    empty (it counts as unset), so it is the flag given empty: bad input."""
+    off = ", or 'off'" if flag != "--grace" else ""
+    with pytest.raises(ConfigError) as caught:
+        parse_seconds("", flag, can_be_off=flag != "--grace")
+    assert str(caught.value) == f"{flag} '': empty: give a number of seconds{off}"
 
 
 @pytest.mark.parametrize(
