@@ -40,6 +40,7 @@ from .config import (
     quoted,
     shorten,
     sources_to_json,
+    typographic_option,
 )
 from .console import cannot_write, write_line
 from .listeners import zone_scope
@@ -78,6 +79,9 @@ class _Group(typer.core.TyperGroup):
         # --version. ctx.params holds the root's options by now.
         if ctx.params.get("version"):
             ctx.fail(f"--version takes no command or argument: got {quoted(args[0])}")
+        dash = typographic_option(args[0]) if args else None
+        if dash is not None:  # `forkproxy —version`: "No such command"
+            ctx.fail(f"{quoted(args[0])}: {dash}")
         return super().resolve_command(ctx, args)
 
 
@@ -123,6 +127,9 @@ class _Command(typer.core.TyperCommand):
         twice = self._given_twice(args)
         if twice is not None:
             ctx.fail(f"{twice} given twice: {ONE_ONLY[twice]}")
+        dash = self._typographic_option(args)
+        if dash is not None:
+            ctx.fail(dash)
         try:
             return super().parse_args(ctx, args)
         except Exception as exc:
@@ -137,15 +144,35 @@ class _Command(typer.core.TyperCommand):
                                "forkproxy --version)")
             raise
 
+    def _takes_value(self) -> set[str]:
+        """The option names that take the next argument as their value."""
+        return {opt for param in self.params
+                if param.param_type_name == "option"
+                and not getattr(param, "is_flag", False)
+                and not getattr(param, "count", False)
+                for opt in param.opts}
+
+    def _typographic_option(self, args: list[str]) -> str | None:
+        """`'—json': '—' (U+2014) is no hyphen: ...` for the first argument that is an
+        option typed with typographic dashes, where click said "Got unexpected extra
+        argument" (`status —json`); read as _given_twice reads. Only for a command that
+        takes no arguments: serve's and links' SPECs say it (config._spec_hint)."""
+        if any(param.param_type_name == "argument" for param in self.params):
+            return None
+        takes_value = self._takes_value()
+        i = 0
+        while i < len(args) and args[i] != "--":
+            dash = typographic_option(args[i])
+            if dash is not None:
+                return f"{quoted(args[i])}: {dash}"
+            i += 2 if args[i] in takes_value else 1
+        return None
+
     def _given_twice(self, args: list[str]) -> str | None:
         """The option of ONE_ONLY that `args` give more than once, or None. Read as click
         reads them: an option that takes a value takes the next argument, whatever it
         is; nothing after `--` is an option."""
-        takes_value = {opt for param in self.params
-                       if param.param_type_name == "option"
-                       and not getattr(param, "is_flag", False)
-                       and not getattr(param, "count", False)
-                       for opt in param.opts}
+        takes_value = self._takes_value()
         seen: set[str] = set()
         i = 0
         while i < len(args) and args[i] != "--":

@@ -714,10 +714,9 @@ def _spec_hint(spec: str) -> str | None:
         example = f", as in {without}" if parses(without) else ""
         return (f"a SPEC takes no scheme: drop {name!r}{tcp_only}; "
                 f"expected [BIND_ADDR:]LISTEN_PORT=HOST:PORT{example}")
-    dash = _TYPOGRAPHIC_OPTION.match(spec)
-    if dash is not None:  # `—from-env`, pasted from a page that set `--` as a dash
-        return (f"{dash[1]!r} (U+{ord(dash[1][0]):04X}) is no hyphen: an option is written "
-                f"with two ASCII hyphens, as in --{dash[2]}")
+    dash = typographic_option(spec)
+    if dash is not None:
+        return dash
     several = _several_specs(spec, parses)
     if several is not None:  # `"$SPECS"` quoted, or a list joined by commas
         shown = " ".join(several[:3]) + (" ..." if len(several) > 3 else "")
@@ -761,6 +760,22 @@ _SPEC_SEPARATORS = re.compile(r"[\s,;]+")
 # bar) or U+2212 (minus), then an option's name.
 _TYPOGRAPHIC_OPTION = re.compile(r"([\u2010-\u2015\u2212]{1,2}-?)([a-z][a-z-]*)(?:=.*)?\Z",
                                  re.DOTALL)
+
+
+def typographic_option(arg: str) -> str | None:
+    """What is wrong with `arg` when it is an option whose hyphens are typographic
+    (an em dash before `from-env`, an en dash before `v`: pasted from a page that set
+    `--` as a dash), or None. The one place for every command: serve and links read such
+    an argument as a SPEC (_spec_hint), the others had click's "extra argument" or "no
+    such command"."""
+    dash = _TYPOGRAPHIC_OPTION.match(arg)
+    if dash is None:
+        return None
+    if len(dash[2]) == 1:  # a short option (-v, -q): one hyphen
+        return (f"{dash[1]!r} (U+{ord(dash[1][0]):04X}) is no hyphen: a short option is "
+                f"written with one ASCII hyphen, as in -{dash[2]}")
+    return (f"{dash[1]!r} (U+{ord(dash[1][0]):04X}) is no hyphen: an option is written "
+            f"with two ASCII hyphens, as in --{dash[2]}")
 
 
 def _several_specs(spec: str, parses: Callable[[str], bool]) -> list[str] | None:

@@ -1631,6 +1631,35 @@ def test_a_flag_typed_over_a_bad_variable_is_named_as_typed(
     assert result.stderr == f"forkproxy: error: {expected}\n"
 
 
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["status", "\u2014json"], "'\u2014json': '\u2014' (U+2014) is no hyphen: an option is "
+         "written with two ASCII hyphens, as in --json"),
+        (["check", "\u2013status-socket=/x"], "'\u2013status-socket=/x': '\u2013' (U+2013) is "
+         "no hyphen: an option is written with two ASCII hyphens, as in --status-socket"),
+        # After an option's value, still found; the value itself is not judged.
+        (["reload", "--status-socket", "/x", "\u2212\u2212pid-file", "/p"],
+         "'\u2212\u2212pid-file': '\u2212\u2212' (U+2212) is no hyphen: an option is written "
+         "with two ASCII hyphens, as in --pid-file"),
+        (["\u2014version"], "'\u2014version': '\u2014' (U+2014) is no hyphen: an option is "
+         "written with two ASCII hyphens, as in --version"),
+        # serve and links say it of the SPEC, as before; a short option gets one hyphen.
+        (["serve", "\u2013v", "1=198.18.0.1:1"], "SPEC '\u2013v': '\u2013' (U+2013) is no "
+         "hyphen: a short option is written with one ASCII hyphen, as in -v"),
+    ],
+)
+def test_an_option_with_typographic_dashes_is_named_by_every_command(
+    args: list[str], expected: str
+) -> None:
+    """`status \u2014json` (pasted from a page that set `--` as a dash) got click's "Got
+    unexpected extra argument", and `\u2014version` "No such command": the hint that serve
+    and links gave, in one place for every command. Nothing is asked of a supervisor."""
+    result = run(*args, env={"XDG_RUNTIME_DIR": "/nonexistent"})
+    assert_one_line_error(result)
+    assert result.stderr == f"forkproxy: error: {expected}\n"
+
+
 # Each empty on the command line, where its variable empty counts as unset. --resolve-every
 # '' was `off`, where FORKPROXY_RESOLVE_EVERY='' is the default 30; the paths said "No
 # such file or directory", as if one had been named.
