@@ -25,6 +25,8 @@ from ._metrics_main import IMPORT_PATH_VARIABLE, import_path_to_hand
 from .config import (
     ANY_IPV4,
     DEFAULT_MAX_CHILDREN,
+    ONE_BIND,
+    ONE_METRICS,
     ConfigError,
     LinkTable,
     Options,
@@ -102,12 +104,9 @@ ONE_ONLY = {
     "--env-file": "forkproxy reads one env file (docker run reads every --env-file "
                   "given): put the link variables in one file",
     # Listeners on 127.0.0.1 and ::1 looked asked for; only ::1 was bound.
-    "--bind": "links listen on one default address: to listen on more, give SPECs "
-              "with their own (127.0.0.1:6379=HOST:PORT [::1]:6379=HOST:PORT), or "
-              "--bind :: for every IPv6 and IPv4 address",
+    "--bind": ONE_BIND,
     # Two scrape ports looked asked for; only the last listened.
-    "--metrics": "forkproxy serves metrics on one address (--metrics 0.0.0.0:PORT, or "
-                 "[::]:PORT, for every address)",
+    "--metrics": ONE_METRICS,
 }
 
 

@@ -1395,6 +1395,28 @@ class Network(Value):
 # A comma is in no network's syntax: a list written as another tool takes it.
 _ALLOW_LIST_HINT = ("networks are separated by spaces in FORKPROXY_ALLOW, and --allow is "
                     "repeated on the command line, not joined with commas")
+# Nor is a space: `--allow "$NETS"`, a list as FORKPROXY_ALLOW takes it (click splits the
+# variable; a flag's value is one network).
+_ALLOW_SPACES_HINT = ("give each its own --allow (FORKPROXY_ALLOW takes them separated by "
+                      "spaces)")
+# What a second --bind or --metrics is told (cli.ONE_ONLY), and a list in one value.
+ONE_BIND = ("links listen on one default address: to listen on more, give SPECs with "
+            "their own (127.0.0.1:6379=HOST:PORT [::1]:6379=HOST:PORT), or --bind :: for "
+            "every IPv6 and IPv4 address")
+ONE_METRICS = ("forkproxy serves metrics on one address (--metrics 0.0.0.0:PORT, or "
+               "[::]:PORT, for every address)")
+# Spaces or commas between addresses: in no address's syntax (IPv6 is in brackets).
+_ADDRESS_LIST = re.compile(r"[\s,]+")
+
+
+def _several(text: str, flag: str, what: str, hint: str) -> ConfigError | None:
+    """`--metrics 'A B': 2 addresses in one --metrics: HINT` when `text` is a list, as a
+    `"$ADDRS"` or another tool's comma list gives one; else None, and the error at hand
+    stands (IPv6 brackets were blamed for `h:p h:p`: the rest read as the host)."""
+    parts = [part for part in _ADDRESS_LIST.split(text) if part]
+    if len(parts) < 2:
+        return None
+    return ConfigError(f"{what}: {len(parts)} addresses in one {flag}: {hint}")
 
 
 _SOCAT_IPV6_RANGE = re.compile(r"\[([0-9A-Fa-f:.]*)\](/[0-9]+)?\Z")
@@ -1429,7 +1451,12 @@ def parse_cidr(text: str) -> Network:
     try:
         net = ipaddress.ip_network(_cidr_of_socat_range(text), strict=False)
     except ValueError:
-        hint = f": {_ALLOW_LIST_HINT}" if "," in text else ""
+        if "," in text:
+            hint = f": {_ALLOW_LIST_HINT}"
+        elif len(text.split()) > 1:
+            hint = f": {len(text.split())} networks in one --allow: {_ALLOW_SPACES_HINT}"
+        else:
+            hint = ""
         raise ConfigError(f"--allow {quoted(text)}: not an IPv4 or IPv6 CIDR{hint}") from None
     mapped = getattr(net.network_address, "ipv4_mapped", None)
     if mapped is not None and net.prefixlen >= 96:
@@ -1453,13 +1480,20 @@ def parse_link_bind(text: str) -> str:
         text = text[1:-1]
         if text and ":" not in text:
             raise ConfigError(f"{what}: {quoted(text)} in brackets is not an IPv6 address")
-    return parse_bind(text, what)
+    try:
+        return parse_bind(text, what)
+    except ConfigError as exc:
+        raise _several(text, "--bind", what, ONE_BIND) or exc from None
 
 
 def parse_metrics_address(text: str) -> tuple[str, int]:
     what = f"--metrics {quoted(text)}"
-    host, port = split_host_port(text, what)
-    return parse_bind(host, what) if host else ANY_IPV4, parse_port(port, what, allow_zero=True)
+    try:
+        host, port = split_host_port(text, what)
+        return (parse_bind(host, what) if host else ANY_IPV4,
+                parse_port(port, what, allow_zero=True))
+    except ConfigError as exc:
+        raise _several(text, "--metrics", what, ONE_METRICS) or exc from None
 
 
 def check_options(options: Options) -> Options:

@@ -904,6 +904,51 @@ def test_a_bind_that_is_not_one_address_is_refused_by_flag(text: str) -> None:
         parse_link_bind(text)
 
 
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        # `--allow "$NETS"`: a list as FORKPROXY_ALLOW takes it, in one flag's value.
+        (Options(allow=("10.0.0.0/8 192.168.0.0/16",)), "--allow '10.0.0.0/8 192.168.0.0/16': "
+         "not an IPv4 or IPv6 CIDR: 2 networks in one --allow: give each its own --allow "
+         "(FORKPROXY_ALLOW takes them separated by spaces)"),
+        # Two addresses in one --metrics: IPv6 brackets were blamed, the rest read as the host.
+        (Options(metrics="127.0.0.1:9100 127.0.0.1:9101"), "--metrics '127.0.0.1:9100 "
+         "127.0.0.1:9101': 2 addresses in one --metrics: forkproxy serves metrics on one "
+         "address (--metrics 0.0.0.0:PORT, or [::]:PORT, for every address)"),
+        (Options(metrics="0.0.0.0:9100,[::]:9100"), "--metrics '0.0.0.0:9100,[::]:9100': 2 "
+         "addresses in one --metrics: forkproxy serves metrics on one address (--metrics "
+         "0.0.0.0:PORT, or [::]:PORT, for every address)"),
+        # One address that is wrong keeps its own error.
+        (Options(metrics="127.0.0.1:x"), "--metrics '127.0.0.1:x': port 'x' is not a number"),
+        (Options(allow=("10.0.0.0/8 ",)), "--allow '10.0.0.0/8 ': not an IPv4 or IPv6 CIDR"),
+    ],
+)
+def test_a_list_in_one_value_says_how_to_give_several(options: Options, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        check_options(options)
+    assert str(caught.value) == message
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("127.0.0.1 ::1", "--bind '127.0.0.1 ::1': 2 addresses in one --bind: links listen on "
+         "one default address: to listen on more, give SPECs with their own "
+         "(127.0.0.1:6379=HOST:PORT [::1]:6379=HOST:PORT), or --bind :: for every IPv6 and "
+         "IPv4 address"),
+        ("127.0.0.1,10.0.0.1", "--bind '127.0.0.1,10.0.0.1': 2 addresses in one --bind: links "
+         "listen on one default address: to listen on more, give SPECs with their own "
+         "(127.0.0.1:6379=HOST:PORT [::1]:6379=HOST:PORT), or --bind :: for every IPv6 and "
+         "IPv4 address"),
+        ("nowhere", "--bind 'nowhere': bind address 'nowhere' is not an IP address"),
+    ],
+)
+def test_a_list_in_one_bind_says_how_to_listen_on_several(text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_link_bind(text)
+    assert str(caught.value) == message
+
+
 @pytest.mark.parametrize("inside", ["127.0.0.1", "0.0.0.0", "localhost"])
 def test_brackets_around_a_bind_hold_ipv6_only_as_in_a_spec(inside: str) -> None:
     """`--bind '[127.0.0.1]'` was taken while the SPEC `[127.0.0.1]:1=...` was refused:
