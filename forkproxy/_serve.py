@@ -57,7 +57,7 @@ def main(argv: list[str]) -> int:
     try:
         return Supervisor(sources, os.environ, log).run()
     except ConfigError as exc:
-        write_start_error(name_variable(str(exc), variables), options.log_format)
+        write_start_error(name_variable(str(exc), variables, os.environ), options.log_format)
         return 2
     except KeyboardInterrupt:  # Ctrl-C before the signal handlers were in place
         return 130

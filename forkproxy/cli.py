@@ -40,6 +40,7 @@ from .config import (
     parse_link_bind,
     parse_seconds,
     quoted,
+    quotes_kept,
     shorten,
     sources_to_json,
     typographic_option,
@@ -310,7 +311,7 @@ def fail(message: str, variables: Mapping[str, str] | None = None,
     """The edge where a configuration error becomes exit 2 and one line; `variables`:
     see `name_variable`. With `--log-format json` the line is a JSON log record, so
     that a pipeline that parses every line of the log can read why it did not start."""
-    write_start_error(name_variable(message, variables or {}), log_format)
+    write_start_error(name_variable(message, variables or {}, os.environ), log_format)
     raise typer.Exit(2)
 
 
@@ -1205,7 +1206,8 @@ def _usage_error(exc: Any) -> str:
     if variable is None:
         return str(exc.format_message())
     value = quoted(os.environ.get(variable, ""))
-    return f"{variable} ({_long_flag(param)}) {value}: {exc.message}"
+    return (f"{variable} ({_long_flag(param)}) {value}: {exc.message}"
+            f"{quotes_kept(variable, os.environ)}")
 
 
 def main() -> None:

@@ -428,7 +428,8 @@ def peer_text(address: tuple[object, ...]) -> str:
     return join_host_port(host, address[1])  # type: ignore[arg-type]
 
 
-def name_variable(message: str, variables: Mapping[str, str]) -> str:
+def name_variable(message: str, variables: Mapping[str, str],
+                  environ: Mapping[str, str] | None = None) -> str:
     """An error naming the variable its value came from, not only the flag:
     `--allow 'x': ...` -> `FORKPROXY_ALLOW (--allow) 'x': ...`.
 
@@ -436,16 +437,35 @@ def name_variable(message: str, variables: Mapping[str, str]) -> str:
     Every error about an option's value begins with the flag and a space; whoever set the
     variable in a compose file never typed that flag. The env file's errors name it as
     `env file 'PATH'` instead: those name FORKPROXY_ENV_FILE when the path came from it
-    (`cannot read FORKPROXY_ENV_FILE (--env-file) 'PATH': ...`)."""
+    (`cannot read FORKPROXY_ENV_FILE (--env-file) 'PATH': ...`). With `environ`, a
+    variable's value in quotes is told to lose them (quotes_kept)."""
     flag, space, rest = message.partition(" ")
     variable = variables.get(flag)
     if variable:
-        return f"{variable} ({flag}){space}{rest}"
+        return f"{variable} ({flag}){space}{rest}{quotes_kept(variable, environ)}"
     variable = variables.get("--env-file")
     if variable:  # the env file's errors name it as `env file 'PATH'`: so does the variable
-        return _ENV_FILE_ERROR.sub(lambda m: f"{m[1] or ''}{variable} (--env-file) ", message,
-                                   count=1)
+        named = _ENV_FILE_ERROR.sub(lambda m: f"{m[1] or ''}{variable} (--env-file) ",
+                                    message, count=1)
+        return named + (quotes_kept(variable, environ) if named != message else "")
     return message
+
+
+# What a value in quotes is told: a link variable's (parse_link_value) and an option
+# variable's (quotes_kept) alike. `docker run --env-file` and Compose's list form of
+# `environment:` (`- FORKPROXY_BIND="0.0.0.0"`) keep quotes; Compose's env_file and a
+# shell remove them, so one file or line read two ways.
+_LITERAL = "values are taken literally, as `docker run --env-file` does: remove the quotes"
+_QUOTES = ("'", '"')
+
+
+def quotes_kept(variable: str, environ: Mapping[str, str] | None) -> str:
+    """`: values are taken literally ...: remove the quotes` when `variable`'s value in
+    `environ` begins or ends with a quote (the error at hand is about that value), else
+    ''. The quotes were kept by whatever set the variable, and forkproxy takes them as
+    part of the value, as Docker does: an address, a path or a number in quotes is none."""
+    value = (environ or {}).get(variable, "")
+    return f": {_LITERAL}" if value[:1] in _QUOTES or value[-1:] in _QUOTES else ""
 
 
 # Where an error about the env file names it (`env file 'PATH': not a regular file`,
@@ -810,9 +830,8 @@ def parse_link_value(name: str, value: str, proto: str, from_file: bool = False)
     if not value.startswith(scheme):
         # `KEY="tcp://..."`: Compose's env_file removes the quotes, `docker run --env-file`
         # does not, and neither does forkproxy (the same file may feed both): say why.
-        quotes = ("" if value[:1] not in ("'", '"') else
-                  ": values are taken literally, as `docker run --env-file` does: remove "
-                  "the quotes" if from_file else ": remove the quotes")
+        quotes = ("" if value[:1] not in _QUOTES else
+                  f": {_LITERAL}" if from_file else ": remove the quotes")
         raise ConfigError(f"{what}: expected {scheme}HOST:PORT, got {quoted(value)}{quotes}")
     host_text, port_text = split_host_port(value[len(scheme) :], what)
     if not host_text and not from_file:

@@ -1615,6 +1615,46 @@ def test_every_variable_has_a_bad_value_tested() -> None:
     assert variables == {variable for _, variable, _, _ in BAD_VARIABLES}
 
 
+LITERAL = ": values are taken literally, as `docker run --env-file` does: remove the quotes"
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "expected"),
+    [
+        ("FORKPROXY_BIND", '"0.0.0.0"',
+         "FORKPROXY_BIND (--bind) '\"0.0.0.0\"': bind address '\"0.0.0.0\"' is not an IP "
+         "address"),
+        # Split at the space by click: the fragment is quoted, the whole value judged.
+        ("FORKPROXY_ALLOW", "'10.0.0.0/8 192.168.0.0/16'",
+         "FORKPROXY_ALLOW (--allow) \"'10.0.0.0/8\": not an IPv4 or IPv6 CIDR"),
+        ("FORKPROXY_MAX_CHILDREN", '"10"',
+         "FORKPROXY_MAX_CHILDREN (--max-children) '\"10\"': not a whole number"),
+        # click's own error (a usage error), in forkproxy's words.
+        ("FORKPROXY_FROM_ENV", '"1"', "FORKPROXY_FROM_ENV (--from-env) '\"1\"': "),
+        # Found by the supervisor, after the exec.
+        ("FORKPROXY_PID_FILE", '"{tmp}/proxy.pid"',
+         "FORKPROXY_PID_FILE (--pid-file) '\"{tmp}/proxy.pid\"': No such file or directory"),
+        ("FORKPROXY_ENV_FILE", '"{tmp}/links.env"',
+         "cannot read FORKPROXY_ENV_FILE (--env-file) '\"{tmp}/links.env\"': No such file or "
+         "directory"),
+    ],
+)
+def test_a_quoted_variable_is_told_values_are_literal(
+    tmp_path: Path, variable: str, value: str, expected: str
+) -> None:
+    """`FORKPROXY_BIND="0.0.0.0"` in a `docker run --env-file` file, or a Compose
+    `environment:` list, reaches forkproxy with its quotes: the error named the value
+    but not why it was wrong, where a link variable's says to remove them."""
+    (tmp_path / "links.env").write_text("A_PORT_7000_TCP=tcp://198.18.0.1:7000\n")
+    result = run("serve", "127.0.0.1:0=127.0.0.1:1", timeout=15,
+                 env={"XDG_RUNTIME_DIR": str(tmp_path),
+                      variable: value.format(tmp=tmp_path)})
+    assert_one_line_error(result)
+    line = result.stderr.removesuffix("\n")
+    assert line.startswith("forkproxy: error: " + expected.format(tmp=tmp_path)), line
+    assert line.endswith(LITERAL), line
+
+
 @pytest.mark.parametrize(
     ("variable", "args", "expected"),
     [
