@@ -11,7 +11,6 @@ import contextlib
 import errno
 import json
 import os
-import re
 import signal
 import stat
 import sys
@@ -41,9 +40,9 @@ from .config import (
     parse_seconds,
     quoted,
     quotes_kept,
-    shorten,
     sources_to_json,
     typographic_option,
+    unknown_variables,
 )
 from .console import cannot_write, write_line
 from .listeners import zone_scope
@@ -707,77 +706,6 @@ def _allow(allow: list[str] | None, variables: dict[str, str],
         return (os.environ[variable],)
     blank = _blank_variable("--allow", ALLOW_VARIABLE, variables, on_command_line)
     return (blank,) if blank is not None else tuple(allow or ())
-
-
-VARIABLE_PREFIX = "FORKPROXY_"
-# FORKPROXY_ names that are no option's and still no mistake: the project's scripts' own
-# (scripts/bench*, scripts/image-test, scripts/two-hosts-demo, the Dockerfile's build),
-# and the one serve sets for the metrics process (_metrics_main.IMPORT_PATH_VARIABLE).
-PROJECT_VARIABLES = re.compile(
-    rf"FORKPROXY_(?:BENCH_.*|IMAGE.*|BASE_IMAGE|DEBIAN_MIRROR|REBUILD_BASE|CMD)\Z"
-    rf"|{IMPORT_PATH_VARIABLE}\Z", re.DOTALL)
-# A container linked as `forkproxy` (or `forkproxy-...`: a chained ambassador) or a
-# Kubernetes Service of that name gives every container beside it variables of this shape
-# (Docker's links.go, Kubernetes' service environment variables); `serve --from-env` reads
-# the first kind as links. Matched in upper case, as config's link variables are any case.
-LINKED_VARIABLE = re.compile(
-    r"(?P<alias>FORKPROXY(?:_[A-Z0-9_.]*)?)_(?:PORT_[0-9]+_(?:TCP|UDP|SCTP)"
-    r"(?:_ADDR|_PORT|_PROTO|_START|_END)?|SERVICE_HOST|SERVICE_PORT(?:_[A-Z0-9_]+)?)\Z")
-
-
-def unknown_variables(environ: Mapping[str, str], option_variables: Mapping[str, str],
-                      flags_without_variable: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
-    """The FORKPROXY_ variables of `environ` (in any case) that no option reads, in name
-    order: (the name as a log line shows it, what its warning says). Click ignores them
-    without a word, so a typo (FORKPROXY_ALLOWED for FORKPROXY_ALLOW) served every client.
-    `option_variables`: each option's variable -> its flag; `flags_without_variable`:
-    serve's options that have none on purpose (--take-over). Not unknown: those, the
-    project's own (PROJECT_VARIABLES), and the link and service variables of an alias
-    FORKPROXY... (LINKED_VARIABLE, and its <ALIAS>_PORT, _NAME and _ENV_... beside them).
-    Values are never looked at: they may be secrets."""
-    names = sorted(name for name in environ if name.upper().startswith(VARIABLE_PREFIX))
-    # The aliases whose variables are here: FORKPROXY's always (a container linked as
-    # `forkproxy` with no port has its _NAME and _ENV_ alone).
-    aliases = {"FORKPROXY"} | {match["alias"] for name in names
-                               if (match := LINKED_VARIABLE.match(name.upper()))}
-    found = []
-    for name in names:
-        upper = name.upper()
-        alias, _, rest = upper.rpartition("_")
-        if (name in option_variables or PROJECT_VARIABLES.match(name)
-                or LINKED_VARIABLE.match(upper)
-                or (alias in aliases and rest in ("PORT", "NAME"))
-                or any(upper.startswith(f"{known}_ENV_") for known in aliases)):
-            continue
-        found.append((shorten(name), "no option reads it: ignored" + _meant(
-            upper, option_variables, flags_without_variable)))
-    return tuple(found)
-
-
-def _meant(upper: str, option_variables: Mapping[str, str],
-           flags_without_variable: tuple[str, ...]) -> str:
-    """`; did you mean FORKPROXY_ALLOW (--allow)?` for the option variable `upper` (an
-    unknown name, upper-cased) is nearest to, if one is near; or what an option without
-    a variable is given as; or where the variables are listed."""
-    import difflib
-
-    typed = upper.removeprefix(VARIABLE_PREFIX)
-    for flag in flags_without_variable:
-        if typed == flag.removeprefix("--").upper().replace("-", "_"):
-            return f"; {flag} has no variable, on purpose: give the flag"
-    by_suffix = {variable.removeprefix(VARIABLE_PREFIX): variable
-                 for variable in option_variables}
-    # An option's name with a word more or less (FORKPROXY_BIND_ADDR, FORKPROXY_RETRIES)
-    # when only one has it, else the nearest spelling (FORKPROXY_MAXCHILDREN).
-    near = [suffix for suffix in by_suffix if typed.startswith(suffix)
-            or suffix.startswith(typed) or suffix.endswith(f"_{typed}")]
-    if len(near) != 1:
-        near = difflib.get_close_matches(typed, sorted(by_suffix), n=1, cutoff=0.75)
-    if near:
-        variable = by_suffix[near[0]]
-        case = " (names are upper case)" if variable == upper else ""
-        return f"; did you mean {variable} ({option_variables[variable]})?{case}"
-    return "; each option's variable is in README's table of serve's options"
 
 
 def _option_variables(ctx: typer.Context) -> dict[str, str]:

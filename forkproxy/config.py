@@ -1330,6 +1330,113 @@ def build_links(
                      options_in_env_file(from_file, path, option_variables))
 
 
+VARIABLE_PREFIX = "FORKPROXY_"
+# FORKPROXY_ names that are no option's and still no mistake: the project's scripts' own
+# (scripts/bench*, scripts/image-test, scripts/two-hosts-demo, the Dockerfile's build),
+# and the one serve sets for the metrics process (_metrics_main.IMPORT_PATH_VARIABLE,
+# spelt out: this module is the supervisor's, which never imports that one).
+PROJECT_VARIABLES = re.compile(
+    r"FORKPROXY_(?:BENCH_.*|IMAGE.*|BASE_IMAGE|DEBIAN_MIRROR|REBUILD_BASE|CMD)\Z"
+    r"|FORKPROXY_IMPORT_PATH\Z", re.DOTALL)
+# A container linked as `forkproxy` (or `forkproxy-...`: a chained ambassador) or a
+# Kubernetes Service of that name gives every container beside it variables of this shape
+# (Docker's links.go, Kubernetes' service environment variables); `serve --from-env` reads
+# the first kind as links. Matched in upper case, as link variables are any case.
+LINKED_VARIABLE = re.compile(
+    r"(?P<alias>FORKPROXY(?:_[A-Z0-9_.]*)?)_(?:PORT_[0-9]+_(?:TCP|UDP|SCTP)"
+    r"(?:_ADDR|_PORT|_PROTO|_START|_END)?|SERVICE_HOST|SERVICE_PORT(?:_[A-Z0-9_]+)?)\Z")
+
+
+def unknown_variables(environ: Mapping[str, str], option_variables: Mapping[str, str],
+                      flags_without_variable: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+    """The FORKPROXY_ variables of `environ` (in any case) that no option reads, in name
+    order: (the name as a log line shows it, what its warning says). Click ignores them
+    without a word, so a typo (FORKPROXY_ALLOWED for FORKPROXY_ALLOW) served every client.
+    `option_variables`: each option's variable -> its flag; `flags_without_variable`:
+    serve's options that have none on purpose (--take-over). Values are never looked
+    at: they may be secrets."""
+    return tuple((shorten(name), "no option reads it: ignored" + _meant(
+        name.upper(), option_variables, flags_without_variable))
+        for name in _unknown_names(environ, option_variables))
+
+
+def _unknown_names(names: Iterable[str], option_variables: Mapping[str, str]) -> list[str]:
+    """The FORKPROXY_ names of `names` (in any case) that no option reads, in name order.
+    Not unknown: the options' own, the project's (PROJECT_VARIABLES), and the link and
+    service variables of an alias FORKPROXY... (LINKED_VARIABLE, and its <ALIAS>_PORT,
+    _NAME and _ENV_... beside them): the environment's and the env file's alike."""
+    found = sorted(name for name in names if name.upper().startswith(VARIABLE_PREFIX))
+    # The aliases whose variables are here: FORKPROXY's always (a container linked as
+    # `forkproxy` with no port has its _NAME and _ENV_ alone).
+    aliases = {"FORKPROXY"} | {match["alias"] for name in found
+                               if (match := LINKED_VARIABLE.match(name.upper()))}
+    unknown = []
+    for name in found:
+        upper = name.upper()
+        alias, _, rest = upper.rpartition("_")
+        if (name in option_variables or PROJECT_VARIABLES.match(name)
+                or LINKED_VARIABLE.match(upper)
+                or (alias in aliases and rest in ("PORT", "NAME"))
+                or any(upper.startswith(f"{known}_ENV_") for known in aliases)):
+            continue
+        unknown.append(name)
+    return unknown
+
+
+def _meant(upper: str, option_variables: Mapping[str, str],
+           flags_without_variable: tuple[str, ...]) -> str:
+    """`; did you mean FORKPROXY_ALLOW (--allow)?` for the option variable `upper` (an
+    unknown name, upper-cased) is nearest to, if one is near; or what an option without
+    a variable is given as; or where the variables are listed."""
+    typed = upper.removeprefix(VARIABLE_PREFIX)
+    for flag in flags_without_variable:
+        if typed == flag.removeprefix("--").upper().replace("-", "_"):
+            return f"; {flag} has no variable, on purpose: give the flag"
+    by_suffix = {variable.removeprefix(VARIABLE_PREFIX): variable
+                 for variable in option_variables}
+    # An option's name with a word more or less (FORKPROXY_BIND_ADDR, FORKPROXY_RETRIES)
+    # when only one has it, else the nearest spelling (FORKPROXY_MAXCHILDREN).
+    near = [suffix for suffix in by_suffix if typed.startswith(suffix)
+            or suffix.startswith(typed) or suffix.endswith(f"_{typed}")]
+    if len(near) != 1:
+        near = [nearest] if (nearest := _nearest(typed, sorted(by_suffix))) else []
+    if near:
+        variable = by_suffix[near[0]]
+        case = " (names are upper case)" if variable == upper else ""
+        return f"; did you mean {variable} ({option_variables[variable]})?{case}"
+    return "; each option's variable is in README's table of serve's options"
+
+
+
+
+def _nearest(typed: str, candidates: Sequence[str], cutoff: float = 0.75) -> str | None:
+    """The candidate most like `typed`, the first of equals, if alike at least `cutoff`:
+    twice their longest common subsequence over their lengths, as difflib's ratio (which
+    is not imported: this module is the supervisor's, and every fork copies its heap)."""
+    best, best_ratio = None, cutoff
+    for candidate in candidates:
+        total = len(typed) + len(candidate)
+        # Lengths this far apart cannot reach the cutoff: a name of any length costs
+        # nothing (an env file's may be 1 MiB, read by the supervisor at a reload).
+        if not total or 2 * min(len(typed), len(candidate)) < cutoff * total:
+            continue
+        ratio = 2 * _common(typed, candidate) / total
+        if ratio > best_ratio or (best is None and ratio >= best_ratio):
+            best, best_ratio = candidate, ratio
+    return best
+
+
+def _common(one: str, other: str) -> int:
+    """The length of the longest common subsequence of two short strings."""
+    row = [0] * (len(other) + 1)
+    for char in one:
+        diagonal = 0
+        for index, theirs in enumerate(other, start=1):
+            diagonal, row[index] = row[index], (diagonal + 1 if char == theirs
+                                                else max(row[index], row[index - 1]))
+    return row[-1]
+
+
 def options_in_env_file(from_file: Mapping[str, str], path: str,
                         option_variables: Sequence[tuple[str, str]]
                         ) -> tuple[tuple[str, str], ...]:
@@ -1341,17 +1448,23 @@ def options_in_env_file(from_file: Mapping[str, str], path: str,
     served. Matched in any case, as click reads only the upper-case name. Values are
     never looked at: they may be secrets."""
     flags = dict(option_variables)
-    found = []
+    found = {}
     for name in sorted(from_file):
         variable = name.upper()
         flag = flags.get(variable)
         if flag is None:
             continue
         case = "" if name == variable else " (in upper case)"
-        found.append((shorten(name), (
+        found[name] = (
             f"an option variable in env file {path!r}, which sets links only: ignored; "
-            f"set {variable}{case} in forkproxy's environment, or give {flag}")))
-    return tuple(found)
+            f"set {variable}{case} in forkproxy's environment, or give {flag}")
+    if flags:  # none known (a caller that gives none): none can be judged unknown
+        # A typo (FORKPROXY_MAX_CHILDRN=10) was silent, where the same name in the
+        # environment is an `unknown-variable` warning: told here in the same words.
+        for name in _unknown_names((name for name in from_file if name not in found), flags):
+            found[name] = (f"no option reads it, and env file {path!r} sets links only: "
+                           f"ignored{_meant(name.upper(), flags, ())}")
+    return tuple((shorten(name), found[name]) for name in sorted(found))
 
 
 _POD_HINT = ("in a Kubernetes pod every service sets such variables: choose the links "

@@ -1928,14 +1928,33 @@ def test_an_option_variable_in_the_env_file_is_a_warning_at_start_and_at_reload(
     events = [json.loads(line)["event"] for line in proxy.log().splitlines()]
     assert events.index("env-file-option") < events.index("listening"), events
 
-    env_file.write_text(f"{link}\nFORKPROXY_ALLOW={secret}\nFORKPROXY_IDLE_TIMEOUT=77\n")
+    env_file.write_text(f"{link}\nFORKPROXY_ALLOW={secret}\nFORKPROXY_IDLE_TIMEOUT=77\n"
+                        f"FORKPROXY_IDLE_TIMEOT={secret}\n")  # a typo: said too
     proxy.signal(signal.SIGHUP)
     assert wait_for(lambda: '"event": "reloaded"' in proxy.log()), proxy.log()
     assert [record["variable"] for record in warnings()] == [
-        "FORKPROXY_ALLOW", "FORKPROXY_IDLE_TIMEOUT"], proxy.log()
-    assert warnings()[1]["detail"].endswith(
+        "FORKPROXY_ALLOW", "FORKPROXY_IDLE_TIMEOT", "FORKPROXY_IDLE_TIMEOUT"], proxy.log()
+    assert warnings()[2]["detail"].endswith(
         "set FORKPROXY_IDLE_TIMEOUT in forkproxy's environment, or give --idle-timeout")
+    assert warnings()[1]["detail"] == (
+        f"no option reads it, and env file {str(env_file)!r} sets links only: ignored; "
+        "did you mean FORKPROXY_IDLE_TIMEOUT (--idle-timeout)?")
     assert secret not in proxy.log()
+
+
+def test_links_says_an_unknown_forkproxy_name_in_the_env_file(tmp_path: Path) -> None:
+    """A typo in the env file (FORKPROXY_MAX_CHILDRN) was silent, where in the environment
+    it is an `unknown-variable` warning; serve logs it as an `env-file-option` warning
+    (config.options_in_env_file, the table's), at start and at a reload."""
+    env_file = tmp_path / "links.env"
+    env_file.write_text("A_PORT_7000_TCP=tcp://10.0.0.5:7000\nFORKPROXY_MAX_CHILDRN=10\n")
+    result = run("links", "--env-file", str(env_file))
+    assert result.returncode == 0, result
+    assert result.stdout == "listen 0.0.0.0:7000 -> 10.0.0.5:7000 (A_PORT_7000_TCP)\n"
+    assert result.stderr == (
+        f"forkproxy: warning: FORKPROXY_MAX_CHILDRN: no option reads it, and env file "
+        f"{str(env_file)!r} sets links only: ignored; did you mean FORKPROXY_MAX_CHILDREN "
+        "(--max-children)?\n"), result
 
 
 def test_links_says_the_option_variables_of_the_env_file(tmp_path: Path) -> None:

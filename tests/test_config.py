@@ -16,6 +16,7 @@ from forkproxy.config import (
     Link,
     Options,
     Sources,
+    _nearest,
     build_links,
     check_metrics_port,
     check_options,
@@ -31,6 +32,7 @@ from forkproxy.config import (
     peer_text,
     sources_from_json,
     sources_to_json,
+    unknown_variables,
 )
 from forkproxy.config import _overlap as overlap
 
@@ -862,8 +864,9 @@ def test_unknown_variables_survive_the_trip_to_the_supervisor_as_json() -> None:
 
 def test_the_option_variables_an_env_file_holds_are_told_never_their_values() -> None:
     """The file sets links only: FORKPROXY_ALLOW in it set nothing, without a word. Each
-    option variable in it (any case) is said, in name order, with where it must go; the
-    links of an alias FORKPROXY (a chained ambassador) and other variables are not."""
+    option variable in it (any case) is said, in name order, with where it must go, and
+    so is a FORKPROXY_ name no option reads (test below); the links of an alias FORKPROXY
+    (a chained ambassador) and other variables are not."""
     text = ("FORKPROXY_PORT_7000_TCP=tcp://10.0.0.5:7000\nforkproxy_bind=10.9.9.9\n"
             "FORKPROXY_ALLOW=10.0.0.0/8\nFORKPROXY_ALLOWED=x\nOTHER=1\nFORKPROXY_GRACE\n")
     variables = (("FORKPROXY_ALLOW", "--allow"), ("FORKPROXY_BIND", "--bind"),
@@ -873,6 +876,8 @@ def test_the_option_variables_an_env_file_holds_are_told_never_their_values() ->
     assert table.file_options == (
         ("FORKPROXY_ALLOW", "an option variable in env file '/e.env', which sets links only: "
          "ignored; set FORKPROXY_ALLOW in forkproxy's environment, or give --allow"),
+        ("FORKPROXY_ALLOWED", "no option reads it, and env file '/e.env' sets links only: "
+         "ignored; did you mean FORKPROXY_ALLOW (--allow)?"),
         ("forkproxy_bind", "an option variable in env file '/e.env', which sets links only: "
          "ignored; set FORKPROXY_BIND (in upper case) in forkproxy's environment, or give "
          "--bind"),
@@ -881,6 +886,53 @@ def test_the_option_variables_an_env_file_holds_are_told_never_their_values() ->
     # The environment's option variables are options, never the file's warnings.
     environ = {"FORKPROXY_ALLOW": "10.0.0.0/8", "A_PORT_1_TCP": "tcp://10.0.0.5:1"}
     assert build_links((), environ, option_variables=variables).file_options == ()
+
+
+def test_an_unknown_forkproxy_name_in_the_env_file_is_told_as_in_the_environment() -> None:
+    """FORKPROXY_MAX_CHILDRN=10 in the env file (a typo) was silent, where in the
+    environment it is an `unknown-variable` warning: said now, in the same words, with the
+    option meant; what the environment's check takes for no mistake (the project's own,
+    the variables of a linked alias FORKPROXY) is none here either. Values never shown."""
+    text = ("A_PORT_7000_TCP=tcp://10.0.0.5:7000\nFORKPROXY_MAX_CHILDRN=10-s3cret\n"
+            "FORKPROXY_NOSUCHTHING=1\nFORKPROXY_BENCH_VENV=/v\nFORKPROXY_PORT=tcp://x:1\n"
+            "FORKPROXY_NAME=/a/forkproxy\nFORKPROXY_ENV_X=1\nFORKPROXY_SERVICE_HOST=10.0.0.9\n"
+            "FORKPROXY_GRACE=5\n")
+    variables = (("FORKPROXY_MAX_CHILDREN", "--max-children"), ("FORKPROXY_GRACE", "--grace"))
+    table = build_links((), env_file=("/e.env", text), option_variables=variables)
+    assert table.file_options == (
+        ("FORKPROXY_GRACE", "an option variable in env file '/e.env', which sets links only: "
+         "ignored; set FORKPROXY_GRACE in forkproxy's environment, or give --grace"),
+        ("FORKPROXY_MAX_CHILDRN", "no option reads it, and env file '/e.env' sets links only: "
+         "ignored; did you mean FORKPROXY_MAX_CHILDREN (--max-children)?"),
+        ("FORKPROXY_NOSUCHTHING", "no option reads it, and env file '/e.env' sets links only: "
+         "ignored; each option's variable is in README's table of serve's options"),
+    )
+    assert "s3cret" not in repr(table.file_options)
+    # The environment's check, on the same names, finds the same ones unknown.
+    environ = dict(line.split("=", 1) for line in text.splitlines())
+    assert [name for name, _ in unknown_variables(environ, dict(variables), ())] == [
+        "FORKPROXY_MAX_CHILDRN", "FORKPROXY_NOSUCHTHING"]
+    # No option variables given (nothing known): nothing judged unknown.
+    assert build_links((), env_file=("/e.env", text)).file_options == ()
+
+
+@pytest.mark.parametrize(
+    "typed",
+    ["MAXCHILDREN", "MAX_CHILDRN", "MAX_CHILD", "GRAEC", "LOGFORMAT", "PIDFILE", "KEEP_ALIVE",
+     "USERTIMEOUT", "ALOW", "BIN", "METRIC", "CONECT_TIMEOUT", "RESOLVE", "TAKE_OVER", "X",
+     "STATUS", "TIMEOUT", "CONNECT", "", "A" * 5000],
+)
+def test_the_nearest_option_name_is_difflibs(typed: str) -> None:
+    """config._nearest (the supervisor does not import difflib) suggests what difflib's
+    get_close_matches did, when the CLI used it for the environment's unknown names."""
+    import difflib
+
+    names = sorted(["RELAY", "CONNECT_TIMEOUT", "CONNECT_RETRIES", "GRACE", "IDLE_TIMEOUT",
+                    "HALFCLOSE_TIMEOUT", "KEEPALIVE", "USER_TIMEOUT", "RESOLVE_EVERY",
+                    "MAX_CHILDREN", "ALLOW", "STATUS_SOCKET", "METRICS", "PID_FILE",
+                    "LOG_FORMAT", "FROM_ENV", "ENV_FILE", "ALIAS", "BIND"])
+    expected = difflib.get_close_matches(typed, names, n=1, cutoff=0.75)
+    assert _nearest(typed, names) == (expected[0] if expected else None)
 
 
 @pytest.mark.parametrize(
