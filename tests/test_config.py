@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from forkproxy import config
+from forkproxy._metrics_main import IMPORT_PATH_VARIABLE
 from forkproxy.config import (
     ConfigError,
     Endpoint,
@@ -914,6 +915,8 @@ def test_an_unknown_forkproxy_name_in_the_env_file_is_told_as_in_the_environment
         "FORKPROXY_MAX_CHILDRN", "FORKPROXY_NOSUCHTHING"]
     # No option variables given (nothing known): nothing judged unknown.
     assert build_links((), env_file=("/e.env", text)).file_options == ()
+    # The variable serve sets for the metrics process, spelt out here: no mistake either.
+    assert unknown_variables({IMPORT_PATH_VARIABLE: "/x"}, dict(variables), ()) == ()
 
 
 @pytest.mark.parametrize(
