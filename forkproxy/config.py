@@ -1407,8 +1407,6 @@ def _meant(upper: str, option_variables: Mapping[str, str],
     return "; each option's variable is in README's table of serve's options"
 
 
-
-
 def _nearest(typed: str, candidates: Sequence[str], cutoff: float = 0.75) -> str | None:
     """The candidate most like `typed`, the first of equals, if alike at least `cutoff`:
     twice their longest common subsequence over their lengths, as difflib's ratio (which
