@@ -141,7 +141,26 @@ class _Command(typer.core.TyperCommand):
                 exc.possibilities = None
                 exc.message = ("No such option: --version (it goes before the command: "
                                "forkproxy --version)")
+            elif hasattr(exc, "possibilities") and hasattr(exc, "message"):
+                # `forkproxy links --grace 5 ...`, a serve command line with the command
+                # changed: "No such option" (and a "Possible options" of links') read as a
+                # typo. Say whose option it is.
+                option = getattr(exc, "option_name", None)
+                owners = self._owners(ctx, option)
+                if owners:
+                    exc.possibilities = None
+                    exc.message = (f"No such option: {option} (an option of "
+                                   f"{' and '.join(owners)}, not of {ctx.info_name})")
             raise
+
+    @staticmethod
+    def _owners(ctx: Any, option: str | None) -> list[str]:
+        """The other commands that take `option`, by name."""
+        group = getattr(ctx.parent, "command", None) if ctx.parent else None
+        commands = getattr(group, "commands", {})
+        return sorted(name for name, command in commands.items()
+                      if option and name != ctx.info_name
+                      and any(option in param.opts for param in command.params))
 
     def _takes_value(self) -> set[str]:
         """The option names that take the next argument as their value."""
@@ -511,14 +530,16 @@ def listener_pid(path: str) -> int | None:
 
     if control.foreign_proc():
         return None
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.setblocking(False)  # a full backlog: EAGAIN, not a wait
-        try:
+    try:
+        # socket() in the try too: out of descriptors, or Unix sockets refused by a
+        # sandbox, is no pid to leave out, not a traceback.
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.setblocking(False)  # a full backlog: EAGAIN, not a wait
             sock.connect(path)
             creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
                                     struct.calcsize("3i"))
-        except OSError:
-            return None
+    except OSError:
+        return None
     pid: int = struct.unpack("3i", creds)[0]
     return pid or None
 
@@ -596,10 +617,12 @@ def serve(*, sources: Sources, variables: Mapping[str, str] | None = None,
     load(sources)
     check_pid_max(sources.options, read_pid_max())
     if take_over:
-        from .status import StatusError, find_socket
+        from .status import SocketsRefused, StatusError, find_socket
 
         try:
             found = find_socket(sources.options.status_socket)
+        except SocketsRefused as exc:  # not "nothing to take over": none could be asked
+            raise ConfigError(f"--take-over: {exc}") from None
         except StatusError as exc:
             raise ConfigError(f"--take-over: nothing to take over: {exc}") from None
         sources = sources.replace(options=sources.options.replace(take_over=found))

@@ -49,7 +49,7 @@ class StatusError(Exception):
     """No supervisor to talk to, or it answered nonsense; the message says which."""
 
 
-class _Refused(StatusError):
+class SocketsRefused(StatusError):
     """This process may not open a Unix socket (control.UnixSocketRefused): no directory
     can be looked in, this one or another."""
 
@@ -81,7 +81,7 @@ def find_socket(path: str | None) -> str:
     if live is None and fallback != directory:
         try:
             live = _live_sockets(fallback)
-        except _Refused:
+        except SocketsRefused:
             raise
         except StatusError:
             live = None  # unreadable, or another user's: not where this user's proxies are
@@ -95,7 +95,7 @@ def find_socket(path: str | None) -> str:
         inside = default_dir({}, os.getuid())
         try:
             found = _live_sockets(inside)
-        except _Refused:
+        except SocketsRefused:
             raise
         except StatusError:
             found = None  # another user's: not where this user's proxies are
@@ -151,7 +151,7 @@ def _live_sockets(directory: str) -> list[str] | None:
         return [path for path in paths if answers(path)]
     except UnixSocketRefused as exc:
         # None could be asked: "no running forkproxy found" beside a live one.
-        raise _Refused(f"cannot look for a running forkproxy in {directory!r}: "
+        raise SocketsRefused(f"cannot look for a running forkproxy in {directory!r}: "
                        f"{exc.strerror}") from None
 
 

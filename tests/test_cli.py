@@ -1483,6 +1483,22 @@ def test_version_after_a_command_says_where_it_goes(command: str) -> None:
     assert_one_line_error(run("serve", "--verbos"), "(Possible options: --verbose)")
 
 
+@pytest.mark.parametrize(("args", "owners"), [
+    (["links", "--grace", "5", "6379=127.0.0.1:1"], "serve"),
+    (["links", "--metrics", "127.0.0.1:0", "6379=127.0.0.1:1"], "serve"),
+    (["check", "--json"], "status"),
+    (["status", "--from-env"], "links and serve"),
+])
+def test_another_commands_option_says_whose_it_is(args: list[str], owners: str) -> None:
+    """`forkproxy links --grace 5 ...` (a serve command line with the command changed, as
+    `links` is serve's dry run) got "No such option: --grace", which read as a typo, and
+    for --metrics a "Possible options" of links'. The line says whose option it is."""
+    result = run(*args)
+    assert_one_line_error(result, f"No such option: {args[1]} (an option of {owners}, "
+                                  f"not of {args[0]})")
+    assert "Possible options" not in result.stderr
+
+
 # What each FORKPROXY_... variable's bad value gets: the line begins with the variable, the
 # flag in brackets (the user may have set the variable in a compose file and typed no flag).
 # {tmp} and {busy} are filled in by the test. The env file's errors name the file (`env file

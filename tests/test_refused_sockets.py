@@ -180,6 +180,15 @@ def test_a_client_refused_a_unix_socket_says_so_not_that_nothing_runs(
     assert (result.returncode, result.stderr) == (2, (
         f"forkproxy: error: --take-over: cannot ask the supervisor on '{path}': {refused}\n")
     ), result
+    # Without --status-socket, found as `status` finds one: the same refusal, not
+    # "nothing to take over" (which says no supervisor runs).
+    result = subprocess.run(
+        [*refuse("AF_UNIX", "EAFNOSUPPORT"), FORKPROXY, "serve", "--take-over",
+         "127.0.0.1:0=127.0.0.1:1"],
+        capture_output=True, text=True, timeout=30, env=env, start_new_session=True)
+    assert (result.returncode, result.stderr) == (2, (
+        f"forkproxy: error: --take-over: cannot look for a running forkproxy in "
+        f"'{short_dir}/forkproxy': {refused}\n")), result
     assert proxy.proc.poll() is None
     check = subprocess.run([FORKPROXY, "check", "--status-socket", str(path)],
                            capture_output=True, text=True, timeout=30, env=env)
