@@ -1958,32 +1958,28 @@ def test_an_option_variable_in_the_env_file_is_a_warning_at_start_and_at_reload(
     assert secret not in proxy.log()
 
 
-def test_links_says_an_unknown_forkproxy_name_in_the_env_file(tmp_path: Path) -> None:
-    """A typo in the env file (FORKPROXY_MAX_CHILDRN) was silent, where in the environment
-    it is an `unknown-variable` warning; serve logs it as an `env-file-option` warning
-    (config.options_in_env_file, the table's), at start and at a reload."""
+@pytest.mark.parametrize(("line", "warning"), [
+    # A known option's variable: it sets nothing there.
+    ("FORKPROXY_ALLOW=10.0.0.0/8", "FORKPROXY_ALLOW: an option variable in env file {file}, "
+     "which sets links only: ignored; set FORKPROXY_ALLOW in forkproxy's environment, or "
+     "give --allow"),
+    # A typo (FORKPROXY_MAX_CHILDRN) was silent, where in the environment it is an
+    # `unknown-variable` warning (config.options_in_env_file).
+    ("FORKPROXY_MAX_CHILDRN=10", "FORKPROXY_MAX_CHILDRN: no option reads it, and env file "
+     "{file} sets links only: ignored; did you mean FORKPROXY_MAX_CHILDREN (--max-children)?"),
+])
+def test_links_says_the_forkproxy_names_of_the_env_file(
+    tmp_path: Path, line: str, warning: str,
+) -> None:
+    """`forkproxy links`, the dry run, says what serve's log says of them (an
+    `env-file-option` warning, at start and at a reload)."""
     env_file = tmp_path / "links.env"
-    env_file.write_text("A_PORT_7000_TCP=tcp://10.0.0.5:7000\nFORKPROXY_MAX_CHILDRN=10\n")
+    env_file.write_text(f"A_PORT_7000_TCP=tcp://10.0.0.5:7000\n{line}\n")
     result = run("links", "--env-file", str(env_file))
     assert result.returncode == 0, result
     assert result.stdout == "listen 0.0.0.0:7000 -> 10.0.0.5:7000 (A_PORT_7000_TCP)\n"
-    assert result.stderr == (
-        f"forkproxy: warning: FORKPROXY_MAX_CHILDRN: no option reads it, and env file "
-        f"{str(env_file)!r} sets links only: ignored; did you mean FORKPROXY_MAX_CHILDREN "
-        "(--max-children)?\n"), result
-
-
-def test_links_says_the_option_variables_of_the_env_file(tmp_path: Path) -> None:
-    """`forkproxy links`, the dry run, says what serve's log says of them."""
-    env_file = tmp_path / "links.env"
-    env_file.write_text("A_PORT_7000_TCP=tcp://10.0.0.5:7000\nFORKPROXY_ALLOW=10.0.0.0/8\n")
-    result = run("links", "--env-file", str(env_file))
-    assert result.returncode == 0, result
-    assert result.stdout == "listen 0.0.0.0:7000 -> 10.0.0.5:7000 (A_PORT_7000_TCP)\n"
-    assert result.stderr == (
-        f"forkproxy: warning: FORKPROXY_ALLOW: an option variable in env file "
-        f"{str(env_file)!r}, which sets links only: ignored; set FORKPROXY_ALLOW in "
-        "forkproxy's environment, or give --allow\n"), result
+    expected = warning.format(file=repr(str(env_file)))
+    assert result.stderr == f"forkproxy: warning: {expected}\n", result
 
 
 def test_help_shows_every_default_and_names_what_options_take() -> None:
