@@ -326,6 +326,12 @@ def _triple(text: str) -> str:
     return text
 
 
+def _program(text: str) -> str:
+    if not os.access(text, os.X_OK) or os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"not a program: {text!r}")
+    return os.path.abspath(text)
+
+
 def _setting(text: str) -> str:
     if not re.fullmatch(r"net\.[\w.]+=\S.*", text):
         raise argparse.ArgumentTypeError(f"not NAME=VALUE of a net.* setting: {text!r}")
@@ -336,8 +342,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--proxies", type=_names, default="forkproxy,socat,haproxy")
     parser.add_argument("--conns", type=_counts, default="1,50")
-    parser.add_argument("--forkproxy", default=shutil.which("forkproxy")
-                        or str(REPO / ".venv/bin/forkproxy"))
+    parser.add_argument("--forkproxy", type=_program, default=None,
+                        help="the forkproxy to measure [default: this tree's .venv's, "
+                        "else the one on PATH]")
     parser.add_argument("--rmem", type=_triple, default="4096 131072 6291456")  # Linux's
     parser.add_argument("--wmem", type=_triple, default="4096 16384 4194304")  # defaults
     parser.add_argument("--sysctl", type=_setting, action="append", default=[],
@@ -351,6 +358,11 @@ def main() -> None:
     parser.add_argument("--settle", type=float, default=30.0,
                         help="seconds to wait at most for the queues to stop growing")
     args = parser.parse_args()
+    if args.forkproxy is None and "forkproxy" in args.proxies and not args.try_bounds:
+        tree = REPO / ".venv/bin/forkproxy"
+        args.forkproxy = str(tree) if tree.exists() else shutil.which("forkproxy")
+        if args.forkproxy is None:
+            parser.error("no forkproxy in this tree's .venv nor on PATH: give --forkproxy")
     in_own_netns(args)
     if args.try_bounds:
         for bound in ("none", "clamp", "rcvbuf"):

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import processes_under, wait_for
+from conftest import need, processes_under, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 PEERS = ("redis-server", "redis-cli", "redis-benchmark", "socat", "haproxy", "iperf3")
@@ -102,6 +102,10 @@ def test_bench_help_prints_the_options_and_installs_nothing(tmp_path: Path) -> N
     ("ensure-peers", "--bogus", "ensure-peers: unknown option --bogus (try --help)"),
     ("demo", "--bogus", "demo: takes no arguments: --bogus (try --help)"),
     ("image-test", "--bogus", "image-test: takes no arguments: --bogus (try --help)"),
+    ("slowread_mem.py", "--conns=0",
+     "slowread_mem.py: error: argument --conns: not counts of 1 or more, comma-separated: '0'"),
+    ("slowread_mem.py", "--proxies=nginx",
+     "slowread_mem.py: error: argument --proxies: not forkproxy, socat or haproxy: 'nginx'"),
 ])
 def test_a_script_given_a_bad_argument_says_so_at_once_and_does_nothing(
     tmp_path: Path, script: str, argument: str, says: str,
@@ -119,6 +123,29 @@ def test_a_script_given_a_bad_argument_says_so_at_once_and_does_nothing(
     assert result.stderr.strip().splitlines()[-1] == says, result.stderr
     assert result.stdout == "", result.stdout
     assert not venv.exists()
+
+
+@pytest.mark.timeout(120)
+def test_slowread_mem_measures_what_each_proxy_holds_for_clients_that_never_read() -> None:
+    """scripts/slowread_mem.py (docs/benchmarks.md, "A client that never reads"), run for
+    real with two connections: a row per proxy, each holding bytes for its clients."""
+    for peer in ("unshare", "ss", "socat", "haproxy"):
+        need(peer)
+    forkproxy = Path(sys.prefix) / "bin" / "forkproxy"
+    result = subprocess.run(
+        [str(REPO / "scripts" / "slowread_mem.py"), "--conns", "2", "--settle", "5",
+         "--forkproxy", str(forkproxy)],
+        capture_output=True, text=True, timeout=100, check=False,
+    )
+    assert result.returncode == 0, result
+    rows = {line.split()[0]: line.split() for line in result.stdout.splitlines()[2:]}
+    assert sorted(rows) == ["forkproxy", "haproxy", "socat"], result.stdout
+    for name, row in rows.items():
+        assert row[1] == "2", row
+        # cl_w (the client-facing send queues, MiB each) and the total: the upstream's
+        # bytes back up toward a client that never reads, in every proxy.
+        assert float(row[4]) > 0.1 and float(row[-1]) > 0.1, (name, result.stdout)
+    assert result.stderr == "", result.stderr  # every connection seen on both sides
 
 
 @pytest.mark.parametrize(("arguments", "says"), [
