@@ -193,7 +193,9 @@ def render(status: dict[str, Any],
                                    "Connections no upstream address took, by why (the last "
                                    "error: refused, timeout, unreachable, unresolved, "
                                    "no-local-port: this host out of ports toward it, blocked: "
-                                   "a policy on this host refused the connect, other)",
+                                   "a policy on this host refused the connect, loop: the "
+                                   "target leads back into this proxy's own listeners, "
+                                   "other)",
                                    labels=["link", "reason"])
     moved = CounterMetricFamily("forkproxy_bytes", "Bytes relayed",
                                 labels=["link", "direction"])

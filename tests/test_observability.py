@@ -3013,6 +3013,18 @@ def test_readme_lists_every_outcome_the_metrics_count_and_no_other() -> None:
     assert sorted(named) == sorted(fp_metrics.OUTCOME_NAMES), listed  # each once, in any order
 
 
+def test_the_connect_failures_help_names_every_reason_it_counts() -> None:
+    """The HELP of forkproxy_upstream_connect_failures_total is what a scraper's user
+    reads: `loop` (a target that leads back into the proxy) was counted from 0 but not
+    named there, so a rising `loop` series had no word on what it was."""
+    status = {"links": {"db": {**vars(LinkStats()), "active": 0}},
+              "duration_buckets": list(DURATION_BUCKETS), "listeners": []}
+    [documentation] = [metric.documentation for metric in render_metrics(status)
+                       if metric.name == "forkproxy_upstream_connect_failures"]
+    named = set(re.findall(r"[a-z]+(?:-[a-z]+)*", documentation))
+    assert set(FAILURE_REASONS) <= named, (set(FAILURE_REASONS) - named, documentation)
+
+
 @pytest.mark.parametrize(("memory_limit", "pids_limit"), [(None, None), (64 << 20, None),
                                                           (None, 100), (64 << 20, 100)])
 def test_metrics_show_the_max_children_in_force_and_the_memory_and_pids_limits_if_any(
