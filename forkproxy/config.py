@@ -1575,9 +1575,12 @@ def parse_cidr(text: str) -> Network:
         # network's clients on every interface, and a zone naming no interface started.
         # A client is checked by its address alone (is_allowed), so a zone is refused, as
         # HAProxy's `src` refuses it, rather than read as a narrowing it is not.
+        # The zone ends at the prefix, or at socat's bracket (`[fe80::%eth0]/64`), and is
+        # quoted: a newline in it made the error two lines.
+        zone = re.split(r"[/\]]", text.partition("%")[2], maxsplit=1)[0]
         raise ConfigError(f"--allow {quoted(text)}: a network takes no IPv6 zone (clients "
                           "are allowed by address, whatever the interface): drop the "
-                          f"'%{text.partition('%')[2].partition('/')[0]}'")
+                          f"{quoted('%' + zone)}")
     try:
         net = ipaddress.ip_network(_cidr_of_socat_range(text), strict=False)
     except ValueError:

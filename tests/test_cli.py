@@ -1813,6 +1813,18 @@ def test_bind_or_metrics_given_twice_is_refused_not_the_last_taken(
     assert result.stdout == "listen 127.0.0.1:0 -> a.test:1 (0=a.test:1)\n", result
 
 
+@pytest.mark.parametrize(("allow", "drop"), [
+    ("[fe80::%lo]/64", "drop the '%lo'"),  # socat's spelling: not "'%lo]'"
+    ("fe80::%a\nb/64", "drop the '%a\\nb'"),  # one line, as the value is quoted
+])
+def test_an_allow_zone_is_named_as_written_on_one_line(allow: str, drop: str) -> None:
+    """The zone an --allow network must drop is what follows its `%`, up to the prefix
+    or socat's closing bracket, quoted as the value is: the bracket was named as part of
+    it, and a newline in it split the error in two lines."""
+    result = run("serve", "--allow", allow, "--bind", "::1", "0=a.test:1")
+    assert_one_line_error(result, "a network takes no IPv6 zone", drop)
+
+
 def test_bind_on_the_command_line_wins_over_an_empty_variable() -> None:
     """An empty FORKPROXY_BIND is refused (BAD_VARIABLES), but a --bind typed over it is
     what counts: `links` lists the flag's address."""
