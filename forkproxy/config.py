@@ -1533,8 +1533,8 @@ _ALLOW_SPACES_HINT = ("give each its own --allow (FORKPROXY_ALLOW takes them sep
 ONE_BIND = ("links listen on one default address: to listen on more, give SPECs with "
             "their own (127.0.0.1:6379=HOST:PORT [::1]:6379=HOST:PORT), or --bind :: for "
             "every IPv6 and IPv4 address")
-ONE_METRICS = ("forkproxy serves metrics on one address (--metrics 0.0.0.0:PORT, or "
-               "[::]:PORT, for every address)")
+ONE_METRICS = ("forkproxy serves metrics on one address (--metrics 0.0.0.0:PORT for every "
+               "IPv4 address, [::]:PORT for every IPv6 and IPv4 one)")
 # Spaces or commas between addresses: in no address's syntax (IPv6 is in brackets).
 _ADDRESS_LIST = re.compile(r"[\s,]+")
 

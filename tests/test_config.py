@@ -969,10 +969,11 @@ def test_a_bind_that_is_not_one_address_is_refused_by_flag(text: str) -> None:
         # Two addresses in one --metrics: IPv6 brackets were blamed, the rest read as the host.
         (Options(metrics="127.0.0.1:9100 127.0.0.1:9101"), "--metrics '127.0.0.1:9100 "
          "127.0.0.1:9101': 2 addresses in one --metrics: forkproxy serves metrics on one "
-         "address (--metrics 0.0.0.0:PORT, or [::]:PORT, for every address)"),
+         "address (--metrics 0.0.0.0:PORT for every IPv4 address, [::]:PORT for every IPv6 "
+         "and IPv4 one)"),
         (Options(metrics="0.0.0.0:9100,[::]:9100"), "--metrics '0.0.0.0:9100,[::]:9100': 2 "
          "addresses in one --metrics: forkproxy serves metrics on one address (--metrics "
-         "0.0.0.0:PORT, or [::]:PORT, for every address)"),
+         "0.0.0.0:PORT for every IPv4 address, [::]:PORT for every IPv6 and IPv4 one)"),
         # One address that is wrong keeps its own error.
         (Options(metrics="127.0.0.1:x"), "--metrics '127.0.0.1:x': port 'x' is not a number"),
         (Options(allow=("10.0.0.0/8 ",)), "--allow '10.0.0.0/8 ': not an IPv4 or IPv6 CIDR"),
