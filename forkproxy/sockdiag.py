@@ -61,6 +61,11 @@ _LAST_DATA_SENT_AT = 44
 _LAST_DATA_RECV_AT = 52
 _LAST_ACK_RECV_AT = 56
 _RTT_AT = 68  # u32, microseconds: the smoothed round-trip time
+_UNACKED_AT = 24  # u32: segments sent and not acknowledged (the kernel's packets_out)
+_TOTAL_RETRANS_AT = 100  # u32: every retransmission of the connection's life
+# Linux's TCP_RTO_MIN: what a tail loss probe adds to two round trips when one segment is
+# out (tcp_schedule_loss_probe), to let the peer's delayed ACK come first.
+_LOSS_PROBE_ALLOWANCE_MS = 200
 # The longest a peer delays an ACK: Linux's delayed-ACK timer tops out at HZ/2 (500 ms;
 # 200 ms, tcp_delack_max, once the exchange is interactive), others' at 200 ms. Well
 # short of the shortest keepalive idle time (1 s), whose probes' ACKs must not read as
@@ -222,8 +227,9 @@ def _decode(buffer: bytearray, body: int, end: int) -> TcpSocket:
                     backoff = buffer[info + _BACKOFF_AT]
                     episode_ms = _U32.unpack_from(buffer, info + _TOTAL_RTO_TIME_AT)[0]
                     timeouts = buffer[info + _RETRANSMITS_AT]
-                    waited_ms = min(episode_ms + (rto_ms >> backoff),
-                                    timeouts * rto_ms + sent)
+                    first_rto_ms = rto_ms >> backoff
+                    waited_ms = min(episode_ms + first_rto_ms + _loss_probe_ms(
+                        buffer, info, timeouts, first_rto_ms), timeouts * rto_ms + sent)
                 else:
                     # The retransmissions came at the timeout, doubled each time, so the
                     # first send was at most the timeout now before the last one. Not
@@ -241,6 +247,22 @@ def _decode(buffer: bytearray, body: int, end: int) -> TcpSocket:
             break
         at += (length + 3) & ~3  # RTA_ALIGN
     return TcpSocket(state, (remote, port), send_queue, idle_ms, unanswered_ms)
+
+
+def _loss_probe_ms(buffer: bytearray, info: int, timeouts: int, first_rto_ms: int) -> int:
+    """How long before the first timeout its timer was armed again by a tail loss probe
+    (Linux's default, tcp_early_retrans): the probe goes first, two round trips (and
+    TCP_RTO_MIN with one segment out) after the send, and the timeout counts from the
+    probe, so the episode's clock starts that much later (UNANSWERED read ~0.2 s low into
+    a black hole on loopback). Told by a retransmission more than this episode's
+    timeouts; one of an earlier loss the connection recovered from reads the same, and
+    then UNANSWERED reads at most that first timeout high. 0 without one."""
+    if _U32.unpack_from(buffer, info + _TOTAL_RETRANS_AT)[0] <= timeouts:
+        return 0
+    two_rtts_ms: int = _U32.unpack_from(buffer, info + _RTT_AT)[0] // 500
+    one_out = _U32.unpack_from(buffer, info + _UNACKED_AT)[0] == 1
+    # Never later than the timeout it stands in for (the kernel's min with the RTO).
+    return min(first_rto_ms, two_rtts_ms + (_LOSS_PROBE_ALLOWANCE_MS if one_out else 0))
 
 
 def _acknowledged_since_its_last_data(buffer: bytearray, info: int, length: int) -> bool:
