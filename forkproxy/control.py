@@ -12,7 +12,6 @@ import os
 import select
 import socket
 import stat
-import struct
 import time
 from collections.abc import Callable
 
@@ -633,8 +632,17 @@ def _readable(conn: socket.socket, stop_asked: Callable[[], None]) -> None:
             return
 
 
-# struct ucred: pid, uid, gid (SO_PEERCRED)
-_UCRED = struct.Struct("3i")
+# struct ucred: pid, uid, gid (SO_PEERCRED), three native ints. Read by a memoryview
+# cast, not struct: importing struct maps _struct into the supervisor, and every fork
+# copies each of its mappings (docs/benchmarks.md, "What this session found (conn)").
+_UCRED_SIZE = 12
+
+
+def _peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end of `sock`; OSError if unread."""
+    pid, uid, gid = memoryview(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                               _UCRED_SIZE)).cast("i")
+    return pid, uid, gid
 
 
 def taker_refused(sock: socket.socket, claimed_pid: object) -> str | None:
@@ -650,8 +658,7 @@ def taker_refused(sock: socket.socket, claimed_pid: object) -> str | None:
     taker is judged by another process. HAProxy has the same rule: `expose-fd
     listeners` only on a socket given it."""
     try:
-        pid, uid, _ = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                                    _UCRED.size))
+        pid, uid, _ = _peer_credentials(sock)
     except OSError as exc:
         return f"its credentials cannot be read ({exc.strerror or exc})"
     if pid == 0:
@@ -780,8 +787,7 @@ def peer_uid(sock: socket.socket) -> int | None:
     """The uid of the process at the other end of `sock` (SO_PEERCRED), None when the
     credentials cannot be read."""
     try:
-        _, uid, _ = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                                  _UCRED.size))
+        _, uid, _ = _peer_credentials(sock)
     except OSError:
         return None
     return int(uid)
@@ -792,8 +798,7 @@ def peer_pid(sock: socket.socket) -> int:
     kernel's word, SO_PEERCRED, read at its connect()): 0 when it is in no PID namespace
     of ours, or the credentials cannot be read."""
     try:
-        pid, _, _ = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                                  _UCRED.size))
+        pid, _, _ = _peer_credentials(sock)
     except OSError:
         return 0
     return int(pid)

@@ -21,7 +21,6 @@ import os
 import select
 import signal
 import socket
-import struct
 import sys
 import time
 
@@ -163,7 +162,12 @@ _lookup_in_thread = True
 # 4 bytes (one write, atomic: less than PIPE_BUF), so that the supervisor reaps it by its
 # pid rather than by a scan of all its children (Supervisor.handle_chld says why). The
 # pipe's write end is set once by the supervisor, before any child is forked; -1: none.
-ENDED_PID = struct.Struct("I")  # native: the supervisor reads it as memoryview.cast("I")
+# Packed as int.to_bytes(ENDED_PID_SIZE, ENDED_PID_ORDER), read back by the supervisor as
+# memoryview.cast("I"): native order and size. Not a struct.Struct: importing struct maps
+# _struct's 5 regions into the supervisor, which every fork copies and every exit tears
+# down (docs/benchmarks.md, "What this session found (conn)").
+ENDED_PID_SIZE = 4
+ENDED_PID_ORDER = sys.byteorder
 _ended_fd = -1
 
 
@@ -1409,7 +1413,7 @@ def _die(signum: int) -> None:
     # thousands within a second or two, 64 at a time; their dying, ~0.3-0.4 ms of CPU
     # each, costs far more than scans would.) Full, or none: reaped by a scan instead.
     try:
-        os.write(_ended_fd, ENDED_PID.pack(os.getpid()))
+        os.write(_ended_fd, os.getpid().to_bytes(ENDED_PID_SIZE, ENDED_PID_ORDER))
     except OSError:
         pass
     _set_signal(signum, _SIG_DFL)

@@ -131,10 +131,10 @@ KILLED_EXIT_WAIT = 1.0  # seconds a stop waits for a helper process it killed (f
 # Seconds between two scans of all the children for one that exited unannounced (not on
 # the ended pipe: see handle_chld) whose SIGCHLD came folded into another child's.
 SCAN_EVERY = 1.0
-# The ended pipe's size: room for this many bytes of pids (relay.ENDED_PID each) not read
+# The ended pipe's size: room for this many bytes of pids (relay.ENDED_PID_SIZE each) not read
 # yet. A child that finds it full is reaped by a scan instead, as before it was.
 ENDED_PIPE_SIZE = 1 << 20  # Linux's default pipe-max-size: more needs privilege
-ENDED_PID_SIZE = relay.ENDED_PID.size
+ENDED_PID_SIZE = relay.ENDED_PID_SIZE
 ENDED_READ = 64 * ENDED_PID_SIZE  # bytes read from it at a time: 64 pids
 RESOLVE_AGAIN_AFTER = MIN_RESOLVE_EVERY  # seconds: the least time between two lookups' starts
 # Seconds a resolver child may spend on one name (from its start, or from the name before
@@ -517,7 +517,7 @@ class Supervisor:
         self.ended_r = self.ended_w = -1
         self.ended: set[int] = set()
         self.ended_buffer = [bytearray(ENDED_READ)]
-        self.ended_pids = memoryview(self.ended_buffer[0]).cast("I")  # relay.ENDED_PID's
+        self.ended_pids = memoryview(self.ended_buffer[0]).cast("I")  # relay.ENDED_PID_ORDER's
         self.scan_at: float | None = None
         self.control: control.ControlServer | None = None
         self.metrics_sock: socket.socket | None = None
@@ -1717,7 +1717,9 @@ class Supervisor:
             relay.serve, relay.FAILED, listener.family, relay.SOCK_STREAM,
             relay.reset_connections,
         )
-        ended_w, pack_pid, getpid = self.ended_w, relay.ENDED_PID.pack, os.getpid
+        ended_w, pid_size, pid_order, getpid = (
+            self.ended_w, ENDED_PID_SIZE, relay.ENDED_PID_ORDER, os.getpid
+        )
         # Whose turn it was, told update_accepting at the limit (a held client's listener).
         taker = listener if isinstance(listener, Listener) else listener.listener
 
@@ -1803,7 +1805,7 @@ class Supervisor:
                         # The last act: tell the supervisor, which then reaps this child
                         # by its pid, not by a scan of all its children (handle_chld).
                         try:
-                            write(ended_w, pack_pid(getpid()))
+                            write(ended_w, getpid().to_bytes(pid_size, pid_order))
                         except OSError:
                             pass  # full: found by a scan, as a child killed is
                         exit_child(status)

@@ -74,7 +74,9 @@ def test_a_serving_supervisor_maps_no_extension_it_does_not_need(
 ) -> None:
     """Each mapping is copied by every fork and torn down by every child's exit. A str
     given to getaddrinfo (at start, for the target) imports the idna codec and with it
-    unicodedata; dataclasses brought _opcode (docs/benchmarks.md)."""
+    unicodedata; dataclasses brought _opcode; struct brought _struct, for the ended
+    pipe's pid and SO_PEERCRED, which int.to_bytes and a memoryview cast do as well
+    (docs/benchmarks.md)."""
     server = tcp_server(echo)
     proxy = start_proxy(f"127.0.0.1:0=127.0.0.1:{server.port}")
     with socket.create_connection(("127.0.0.1", proxy.port)) as client:
@@ -82,7 +84,7 @@ def test_a_serving_supervisor_maps_no_extension_it_does_not_need(
         assert client.recv(1) == b"x"
     maps = Path(f"/proc/{proxy.pid}/maps").read_text()
     assert "_socket." in maps  # the check sees extension modules
-    for name in ("unicodedata.", "_opcode.", "_ssl.", "_hashlib."):
+    for name in ("unicodedata.", "_opcode.", "_ssl.", "_hashlib.", "_struct."):
         assert name not in maps, name
 
 
