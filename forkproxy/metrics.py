@@ -137,6 +137,9 @@ def render(status: dict[str, Any],
     # supervisor's memory, are not read (status.proc_not_ours), and a 0 would say none
     # is used. No sample: unknown. Their CPU counter counts the exited children only.
     per_process = proc_not_ours() is None
+    # The kernel's socket table unreadable (a sandbox refusing AF_NETLINK): how long
+    # upstreams left requests unanswered is unknown, where a 0 says none waits.
+    sockets_read = per_process and not status.get("sockets_unread")
     bounds = status.get("duration_buckets", [])
     up = GaugeMetricFamily("forkproxy_up", "1 when the supervisor answered this scrape")
     up.add_metric([], 1)
@@ -213,7 +216,8 @@ def render(status: dict[str, Any],
         "The longest a live connection has waited for its upstream to answer: seconds since "
         "data last went to the upstream, with none back since (0: none waits). Grows while "
         "an upstream is stopped, hung or overloaded, and while a client waits on purpose "
-        "(redis BLPOP, a long poll)", labels=["link"])
+        "(redis BLPOP, a long poll). No sample while the kernel's view of the sockets "
+        "cannot be read (a sandbox refusing AF_NETLINK)", labels=["link"])
     cpu = CounterMetricFamily("forkproxy_children_cpu_seconds",
                               "CPU time of the children, exited and live", labels=["link"])
     resolve_failures = CounterMetricFamily("forkproxy_resolve_failures",
@@ -246,6 +250,7 @@ def render(status: dict[str, Any],
         if per_process:
             rss.add_metric([name], now.get("rss", 0))
             uss.add_metric([name], now.get("uss", 0))
+        if sockets_read:
             unanswered.add_metric([name], now.get("unanswered", 0))
         since = stats.get("since", 0.0)
         floor_since, floor = cpu_seen.get(name, (since, 0.0))

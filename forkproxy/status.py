@@ -559,8 +559,11 @@ def read_sockets(status: dict[str, Any]) -> dict[str, Any]:
             held.append((child, socket_inodes(child["pid_here"], first=3)))
     try:
         sockets = read_tcp_sockets({inode for _, inodes in held for inode in inodes})
-    except OSError:
-        return status  # no NETLINK_SOCK_DIAG here (a sandbox): nothing to say
+    except OSError as exc:
+        # No NETLINK_SOCK_DIAG here: a sandbox (systemd's RestrictAddressFamilies= without
+        # AF_NETLINK). Said, so that a 0 is not served, nor `-` shown, without a reason.
+        status["sockets_unread"] = f"NETLINK_SOCK_DIAG: {exc.strerror or exc}"
+        return status
     for child, inodes in held:
         found = [sockets[inode] for inode in inodes if inode in sockets]
         client = _socket_address(child["client"])
@@ -1037,5 +1040,9 @@ def run_status(path: str | None, as_json: bool, output: Say, say: Say) -> int:
         say(f"forkproxy: warning: {not_ours}: the connections' memory, CPU and socket "
             "figures are not read (a PID namespace without a /proc of its own?)")
     reply = probe_metrics(read_sockets(enrich(reply)))
+    if reply.get("sockets_unread"):
+        say(f"forkproxy: warning: the kernel's view of the connections' sockets cannot be "
+            f"read here ({reply['sockets_unread']}): their IDLE, QUEUED and UNANSWERED are "
+            "not known; allow AF_NETLINK (systemd's RestrictAddressFamilies=)")
     output(json.dumps(reply, indent=2) if as_json else render(shown(reply)))
     return 0

@@ -8,16 +8,20 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 import refuse_sockets
-from conftest import FORKPROXY, Proxy, wait_for
+from conftest import FORKPROXY, Proxy, Redis, wait_for
 
 REFUSE = str(Path(__file__).with_name("refuse_sockets.py"))
 POLICY = "refused by a seccomp filter or a security module's policy: SELinux, AppArmor"
@@ -193,3 +197,59 @@ def test_a_client_refused_a_unix_socket_says_so_not_that_nothing_runs(
     check = subprocess.run([FORKPROXY, "check", "--status-socket", str(path)],
                            capture_output=True, text=True, timeout=30, env=env)
     assert check.returncode == 0, check  # it served on, untouched
+
+
+def test_a_sandbox_refusing_netlink_leaves_unanswered_unknown_not_zero(
+    short_dir: Path, refuse: Callable[[str, str], tuple[str, ...]],
+    start_proxy: Callable[..., Proxy], redis: Redis,
+) -> None:
+    """systemd's RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6, the usual line of a
+    hardened unit, refuses the NETLINK_SOCK_DIAG socket the kernel's view of the
+    connections is read through. With redis stopped under a waiting request,
+    forkproxy_upstream_unanswered_seconds read 0 ("none waits": an alert on it never
+    fired) and `status` showed `-` without a word. The sample is left out (unknown), and
+    `status` says on stderr why those figures are missing, in one line."""
+    sock = short_dir / "s.sock"
+    link = f"127.0.0.1:0=127.0.0.1:{redis.port}"
+    sandbox = refuse("AF_NETLINK", "EAFNOSUPPORT")
+    proxy = start_proxy(link, "--status-socket", str(sock), "--metrics", "127.0.0.1:0",
+                        expect=2, prefix=sandbox)
+    url = proxy.lines[-1].removeprefix("metrics ")
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=30) as client:
+        client.sendall(b"PING\r\n")
+        assert client.recv(7) == b"+PONG\r\n"
+        redis.proc.send_signal(signal.SIGSTOP)
+        try:
+            client.sendall(b"PING\r\n")
+            time.sleep(1.5)  # left unanswered that long
+            with urllib.request.urlopen(url, timeout=30) as response:
+                text = response.read().decode()
+            found = {(sample.name, sample.labels.get("link")): sample.value
+                     for family in text_string_to_metric_families(text)
+                     for sample in family.samples}
+            assert ("forkproxy_connections_active", link) in found, text  # a real scrape
+            assert ("forkproxy_upstream_unanswered_seconds", link) not in found, text
+            # The sandbox's own `status` (ExecReload=, a HEALTHCHECK): it says why.
+            result = subprocess.run([*sandbox, FORKPROXY, "status", "--status-socket",
+                                     str(sock)], capture_output=True, text=True, timeout=60)
+            assert result.returncode == 0, result
+            assert result.stderr == (
+                "forkproxy: warning: the kernel's view of the connections' sockets cannot "
+                "be read here (NETLINK_SOCK_DIAG: Address family not supported by "
+                "protocol): their IDLE, QUEUED and UNANSWERED are not known; allow "
+                "AF_NETLINK (systemd's RestrictAddressFamilies=)\n"), result
+            lines = result.stdout.splitlines()
+            header = next(i for i, line in enumerate(lines) if line.startswith("PID "))
+            [row] = [line.split() for line in lines[header + 1:] if line.strip()]
+            # PID LINK CLIENT UPSTREAM AGE IDLE UP DOWN QUEUED QUEUED UNANSWERED RSS USS CPU
+            assert (row[5], row[8], row[9], row[10]) == ("-", "-", "-", "-"), row
+            as_json = subprocess.run([*sandbox, FORKPROXY, "status", "--json",
+                                      "--status-socket", str(sock)],
+                                     capture_output=True, text=True, timeout=60)
+            reply = json.loads(as_json.stdout)
+            assert reply["sockets_unread"] == (
+                "NETLINK_SOCK_DIAG: Address family not supported by protocol"), reply
+            assert [child["unanswered"] for child in reply["children"]] == [None], reply
+        finally:
+            redis.proc.send_signal(signal.SIGCONT)
+        assert client.recv(7) == b"+PONG\r\n"
