@@ -636,7 +636,15 @@ def serve(*, sources: Sources, variables: Mapping[str, str] | None = None,
     raise_open_files_limit()
     payload = json.dumps({**sources_to_json(sources), "variables": dict(variables or {}),
                           "version": __version__}).encode()
-    config_fd = os.memfd_create("forkproxy-config", 0)  # not CLOEXEC: the supervisor reads it
+    try:
+        config_fd = os.memfd_create("forkproxy-config", 0)  # not CLOEXEC: the supervisor reads it
+    except OSError as exc:
+        # A sandbox that refuses the call (systemd's SystemCallFilter=~memfd_create, a
+        # runtime's profile that does not know it): main() would blame an output.
+        write_start_error(f"cannot start the supervisor: memfd_create, which hands it the "
+                          f"configuration, failed: {exc.strerror or exc} (a seccomp filter "
+                          "refusing it? allow memfd_create)", sources.options.log_format)
+        raise typer.Exit(EXEC_FAILED) from None
     os.write(config_fd, payload)
     os.lseek(config_fd, 0, os.SEEK_SET)
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_serve.py")

@@ -29,6 +29,7 @@ from forkproxy.cli import app, check_pid_max
 from forkproxy.config import ConfigError, Options, Sources, sources_to_json
 from forkproxy.status import StatusError
 
+import refuse_calls
 from conftest import (
     FORKPROXY,
     Proxy,
@@ -47,6 +48,8 @@ from conftest import (
     read_lines,
     wait_for,
 )
+
+REFUSE_CALLS = Path(__file__).with_name("refuse_calls.py")
 
 
 def run(*args: str, env: dict[str, str] | None = None, prefix: tuple[str, ...] = (),
@@ -2829,6 +2832,34 @@ def test_serve_that_cannot_exec_the_supervisor_says_so_in_one_line(
     message = f"cannot start the supervisor: '{interpreter}': No such file or directory"
     assert_one_start_error(result, message, log_format)
     assert result.stdout == ""
+
+
+@pytest.mark.parametrize(("error", "strerror"), [("EPERM", "Operation not permitted"),
+                                               ("ENOSYS", "Function not implemented")])
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_serve_refused_memfd_create_by_a_sandbox_says_so_in_one_line(
+    tmp_path: Path, error: str, strerror: str, log_format: str
+) -> None:
+    """A seccomp filter that refuses memfd_create (systemd's SystemCallFilter=~memfd_create,
+    an allow-list written without it; a runtime's profile that does not know the call),
+    through which serve hands its supervisor the configuration: it said
+    "cannot write: Operation not permitted" with exit status 1, blaming an output. It
+    says what failed and what to allow, in one line, and 126 as for an exec that fails;
+    nothing is left listening."""
+    if not refuse_calls.supported():
+        pytest.fail("tests/refuse_calls.py knows the seccomp ABI of x86_64 and aarch64 only")
+    sock = tmp_path / "s.sock"
+    result = subprocess.run(
+        [sys.executable, str(REFUSE_CALLS), "memfd_create", error, FORKPROXY, "serve",
+         "127.0.0.1:0=127.0.0.1:9", "--status-socket", str(sock), "--log-format",
+         log_format],
+        capture_output=True, text=True, timeout=60, start_new_session=True)
+    assert (result.returncode, result.stdout) == (126, ""), result
+    assert_one_start_error(result, (
+        f"cannot start the supervisor: memfd_create, which hands it the configuration, "
+        f"failed: {strerror} (a seccomp filter refusing it? allow memfd_create)"),
+        log_format)
+    assert not sock.exists()
 
 
 _WITHOUT_MODULE = """
