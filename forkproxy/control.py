@@ -473,8 +473,9 @@ def _remove_each(paths: list[str], dead: Callable[[str], bool]) -> list[str]:
 def _bound_names() -> set[bytes]:
     """The last component of the path of every Unix socket bound in our network namespace,
     as bound (/proc/net/unix's last column). OSError where it cannot be read: nothing can
-    be proved dead then."""
-    with open("/proc/net/unix", "rb") as table:
+    be proved dead then. Through /proc/self/net, where /proc/net points: a /proc of the
+    processes only (systemd's ProcSubset=pid) has no /proc/net."""
+    with open("/proc/self/net/unix", "rb") as table:
         next(table, None)  # the heading
         return {fields[7].rstrip(b"\n").rpartition(b"/")[2] for line in table
                 if len(fields := line.split(maxsplit=7)) == 8}

@@ -2848,6 +2848,30 @@ def test_a_staging_file_left_by_a_killed_supervisor_is_removed_and_no_live_one(
     assert not_a_socket.read_text() == "mine"
 
 
+def test_a_staging_file_left_behind_is_removed_under_a_proc_of_pids_only(
+    short_dir: Path,
+) -> None:
+    """systemd's ProcSubset=pid (and ProtectProc=invisible with it) mounts a /proc of the
+    processes only: no /proc/net, which the proof that a staging file is bound by nobody
+    read (/proc/net/unix). Such files, left by a supervisor killed between its bind and
+    its rename, were never removed there, one more per kill. /proc/self/net/unix, the
+    same table, is there: it is read, and the file goes."""
+    old = fp_control.STAGING_LEFT_AFTER * 2
+    dead = short_dir / ".0123456789abcdef.tmp"
+    _staged(dead, age=old).close()  # the file stays: its owner killed
+    sock = short_dir / "s.sock"
+    script = ('mount -t proc -o subset=pid,hidepid=invisible proc /proc && '
+              'test ! -e /proc/net/unix && exec "$@"')
+    result = subprocess.run(
+        [need("unshare"), "--mount", "--pid", "--fork", "--mount-proc", "sh", "-c", script,
+         "sh", "timeout", "-s", "TERM", "2", FORKPROXY, "serve", "127.0.0.1:0=127.0.0.1:9",
+         "--status-socket", str(sock)],
+        capture_output=True, text=True, timeout=60, check=False)
+    assert result.stdout.startswith("listening "), result
+    assert f" removed-stale-sockets count=1 directory={short_dir}\n" in result.stderr, result
+    assert not dead.exists()
+
+
 def test_supervisors_that_share_a_pid_never_share_a_staging_name(short_dir: Path) -> None:
     """Supervisors in PID namespaces sharing a socket directory (containers, each
     supervisor PID 1) staged their sockets under `.{pid}.tmp`, one name: the second
