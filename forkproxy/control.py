@@ -810,6 +810,15 @@ def peer_pid(sock: socket.socket) -> int:
 INITIAL_PID_NAMESPACE = 0xEFFFFFFC
 
 
+def in_child_pid_namespace() -> bool:
+    """Whether this process runs in a PID namespace other than the initial one (a
+    container's), known by its inode; False where that cannot be read."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino != INITIAL_PID_NAMESPACE
+    except OSError:
+        return False
+
+
 def parent_is_namespace_init() -> bool:
     """Whether this process's parent is PID 1 of a PID namespace other than the initial
     one: a container's init (tini, `docker run --init`, dumb-init, a `sh` entrypoint that

@@ -1449,6 +1449,11 @@ class Supervisor:
             fields["nproc_limit"] = nproc
         if "pids" in named or "nproc" in named:
             owns.append(f"{own_pids(metrics)} processes and threads")
+        # RLIMIT_NPROC counts the user's processes in every PID namespace; those outside
+        # ours (another container of the same uid) were not seen, so not counted.
+        unseen = (", as counted in this PID namespace: the user's processes outside it "
+                  "(another container of the same uid) count too, unseen"
+                  if "nproc" in named and control.in_child_pid_namespace() else "")
         if not fits[named[0]]:
             # Clamped up to 1: even that one may cost its connection, or fail to fork.
             others = self.options.nproc_others if "nproc" in named else 0
@@ -1456,11 +1461,12 @@ class Supervisor:
                              detail=f"{no_room_text(named, memory, pids, nproc)} beside "
                              f"forkproxy's own {' and '.join(owns)}"
                              + (f" and the user's {others} others" if others else "")
-                             + "; --max-children overrides")
+                             + f"{unseen}; --max-children overrides")
         else:
             self.log.info("max-children", **fields, detail=f"fits "
-                          f"{limits_text(named, memory, pids, nproc)}; --max-children "
-                          "overrides")
+                          f"{limits_text(named, memory, pids, nproc)}{unseen}; "
+                          + ("give --max-children there" if unseen
+                             else "--max-children overrides"))
 
     def loop(self) -> None:
         poll, handlers, monotonic = self.poller.poll, self.handlers, time.monotonic

@@ -3018,6 +3018,42 @@ def test_at_an_nproc_limit_the_clients_beyond_what_it_holds_wait_and_metrics_ans
     assert proxy.stop() == 0
 
 
+def test_an_nproc_limit_counted_in_a_pid_namespace_says_what_it_cannot_see(
+    start_proxy: StartProxy, tcp_server: ServerFactory, short_dir: Path
+) -> None:
+    """RLIMIT_NPROC counts the user's processes in every PID namespace, and a container
+    sees its own only: ambassadors of one image run as one uid (10001) under `docker run
+    --ulimit nproc=N`, and each derived its --max-children as if it were the user's only
+    one, said it "fits the nproc limit", and failed forks below it (fork-failed). The
+    value is the same (what runs outside cannot be counted), and the line says so, and
+    what to do."""
+    uid = 1_800_000_000 + os.getpid() % 1_000_000  # not the other nproc tests' uid
+    fit = 9
+    limit = OWN_PIDS + fit
+    os.chown(short_dir, uid, uid)
+    server = tcp_server(echo)
+    outside = [subprocess.Popen([need("setpriv"), f"--reuid={uid}", f"--regid={uid}",
+                                 "--clear-groups", need("sleep"), "60"]) for _ in range(3)]
+    proxy = None
+    try:
+        proxy = start_proxy(f"127.0.0.1:0=127.0.0.1:{server.port}", "--status-socket",
+                            str(short_dir / "s.sock"),
+                            prefix=(need("unshare"), "--pid", "--fork", "--mount-proc",
+                                    "--kill-child", *as_user_under_nproc(uid, limit)))
+        [line] = max_children_lines(proxy)
+        assert line.endswith(
+            f" info max-children value={fit} nproc_limit={limit} detail=\"fits the nproc "
+            f"limit of {limit}, as counted in this PID namespace: the user's processes "
+            "outside it (another container of the same uid) count too, unseen; give "
+            "--max-children there\""), line
+    finally:
+        if proxy is not None:
+            kill_group(proxy.proc)  # unshare, and with it (--kill-child) the namespace
+        for process in outside:
+            process.kill()
+            process.wait()
+
+
 def test_a_given_max_children_above_the_nproc_limit_is_served_with_a_warning(
     start_proxy: StartProxy, tcp_server: ServerFactory, short_dir: Path
 ) -> None:
