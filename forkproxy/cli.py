@@ -44,7 +44,7 @@ from .config import (
     typographic_option,
     unknown_variables,
 )
-from .console import cannot_write, write_line
+from .console import OutputError, cannot_write, flush, unexpected, write_line
 from .listeners import zone_scope
 from .log import write_start_error
 from .supervisor import read_links
@@ -645,12 +645,18 @@ def serve(*, sources: Sources, variables: Mapping[str, str] | None = None,
                           f"configuration, failed: {exc.strerror or exc} (a seccomp filter "
                           "refusing it? allow memfd_create)", sources.options.log_format)
         raise typer.Exit(EXEC_FAILED) from None
-    os.write(config_fd, payload)
+    # All of it: a file size limit (`ulimit -f`, LimitFSIZE=) cuts a write short rather
+    # than failing it, and the supervisor read half a configuration (a JSON traceback).
+    # The next write fails with EFBIG (SIGXFSZ is ignored: Python's default), which main()
+    # says as what it is.
+    left = memoryview(payload)
+    while left:
+        left = left[os.write(config_fd, left):]
     os.lseek(config_fd, 0, os.SEEK_SET)
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_serve.py")
     for stream in (sys.stdout, sys.stderr):
         if stream is not None:  # None: Python found the fd closed at start
-            stream.flush()
+            flush(stream)
     # What this process imports from goes to the metrics process, which the supervisor
     # starts with -I (see _metrics_main.import_path_to_hand).
     try:
@@ -1173,12 +1179,14 @@ def main() -> None:
     """The CLI (console.main runs it). Usage errors, like bad input, are one line and exit 2."""
     try:
         code = app(standalone_mode=False)
-        sys.stdout.flush()  # here, not at exit: a failure then is Python's, exit 120
+        flush(sys.stdout)  # here, not at exit: a failure then is Python's, exit 120
     except KeyboardInterrupt:
         sys.exit(130)
-    except OSError as exc:
+    except OutputError as exc:
         # (A reader gone, EPIPE, is no failure: see output().)
         sys.exit(cannot_write(exc))
+    except OSError as exc:  # not the output's: said as what it is, not "cannot write"
+        sys.exit(unexpected(exc))
     except Exception as exc:
         # A usage error (click's, vendored or not, depending on the typer version):
         # recognised by what it carries rather than by a private import path.

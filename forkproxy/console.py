@@ -95,11 +95,13 @@ def lean(args: list[str]) -> int | None:
             code = status.run_check(path, output, say)
         else:
             code = status.run_status(path, args == ["status", "--json"], output, say)
-        sys.stdout.flush()
+        flush(sys.stdout)
     except KeyboardInterrupt:
         return 130
-    except OSError as exc:
+    except OutputError as exc:
         return cannot_write(exc)
+    except OSError as exc:
+        return unexpected(exc)
     return code
 
 
@@ -128,6 +130,21 @@ def write_line(stream: TextIO, text: str) -> None:
         _write_all(stream, text + "\n")
     except BrokenPipeError:
         to_devnull(stream)
+    except OSError as exc:
+        raise OutputError(exc.errno, exc.strerror) from exc
+
+
+class OutputError(OSError):
+    """stdout or stderr refused a write (a full disk, /dev/full): the one OSError that
+    cannot_write names as the output's. Any other is said as what it is (unexpected)."""
+
+
+def flush(stream: TextIO) -> None:
+    """`stream.flush()`, whose failure is the output's (OutputError)."""
+    try:
+        stream.flush()
+    except OSError as exc:
+        raise OutputError(exc.errno, exc.strerror) from exc
 
 
 def _write_all(stream: TextIO, text: str) -> None:
@@ -180,6 +197,37 @@ def cannot_write(exc: OSError) -> int:
     except OSError:
         pass  # stderr too: nothing left to tell it with
     to_devnull(sys.stdout)
+    return 1
+
+
+def unexpected(exc: OSError) -> int:
+    """An OSError that no code on its way handled (a system call failing where none was
+    expected to: a sandbox's refusal, a resource limit): one line saying what failed and
+    where, not a traceback, nor "cannot write", which sent operators to stdout and the
+    disk. The exit status, 1: the input is not known to be at fault."""
+    import errno  # only here: the lean path imports nothing it does not need
+
+    where = exc.__traceback__
+    own = None  # the innermost frame of forkproxy's own: the call it made that failed
+    while where is not None:
+        if where.tb_frame.f_globals.get("__name__", "").startswith("forkproxy"):
+            own = where
+        if where.tb_next is None:
+            break
+        where = where.tb_next
+    place = own or where
+    site = ""
+    if place is not None:
+        code = place.tb_frame.f_code
+        site = f" in {code.co_name} ({os.path.basename(code.co_filename)}:{place.tb_lineno})"
+    name = errno.errorcode.get(exc.errno or 0)
+    what = f"{exc.strerror or exc}{f' ({name})' if name else ''}"
+    if exc.filename is not None:
+        what += f": {exc.filename!r}"
+    try:
+        say(f"forkproxy: error: a system call failed{site}: {what}")
+    except OSError:
+        pass  # stderr refused it: nothing left to tell it with
     return 1
 
 

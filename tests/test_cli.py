@@ -260,6 +260,18 @@ def test_output_that_cannot_be_written_is_one_line_not_a_traceback(args: list[st
     assert result.stderr == "forkproxy: error: cannot write: No space left on device\n", result
 
 
+def test_a_failure_other_than_the_outputs_is_not_said_as_cannot_write() -> None:
+    """Any OSError reaching cli.main was said as `cannot write: ...`, sending the operator
+    to stdout and the disk. A file size limit (`ulimit -f`) below serve's configuration
+    cut its write to the memfd short (the supervisor then died of half a JSON document,
+    in a traceback), and the next write fails with EFBIG: said as a failed call, where."""
+    result = run("serve", "127.0.0.1:0=127.0.0.1:1", prefix=(need("prlimit"), "--fsize=1"))
+    assert result.returncode == 1, result
+    assert result.stdout == ""
+    assert re.fullmatch(r"forkproxy: error: a system call failed in serve \(cli\.py:[1-9]\d*\): "
+                        r"File too large \(EFBIG\)\n", result.stderr), result.stderr
+
+
 def test_a_reader_gone_after_the_first_line_is_no_error() -> None:
     """`forkproxy links ... | head -1` exited 1 with nothing on stderr (click's answer to
     EPIPE): a `set -o pipefail` script failed for its reader's choice. The output (5000
