@@ -1933,14 +1933,45 @@ class Supervisor:
             self.held.append(listeners.HeldBacklog(listener, [client]))
         self.accounting.slots.release(base)
         self.accounting.fork_failed(listener.link)
-        self._pause_accepting("fork-failed", listener, exc)
+        self._pause_accepting("fork-failed", listener, exc, self._fork_limit(exc))
+
+    def _fork_limit(self, exc: OSError) -> str:
+        """The limit a failed fork likely met, in words for `fork-failed`'s detail: the
+        kernel says EAGAIN alike for a cgroup's pids.max and the user's RLIMIT_NPROC, and
+        ENOMEM for memory. Judged from the limits found at start (as status shows them),
+        on this failure branch only: a fork that works does none of it."""
+        if exc.errno == errno.ENOMEM:
+            memory = self.options.memory_limit
+            return ("out of memory: likely the memory limit of "
+                    f"{mebibytes(memory)} (memory.max; the container's -m)"
+                    if memory is not None else "out of memory, and no memory limit was "
+                    "found at start: the machine's, or one set since")
+        if exc.errno != errno.EAGAIN:
+            return ""
+        # The limit holding the fewest connections is the one met first (pids on a tie:
+        # a container's own, the likelier to be low).
+        fits = [(fit, name) for name, fit in (("pids", self.pids_fit()),
+                                              ("nproc", self.nproc_fit())) if fit is not None]
+        if not fits:
+            return ("no pids or nproc limit was found at start: one set since (docker "
+                    "update --pids-limit, prlimit --nproc), or the kernel's threads-max "
+                    "or pid_max")
+        name = min(fits, key=lambda fit: fit[0])[1]
+        if name == "pids":
+            return (f"likely the cgroup's pids limit of {self.options.pids_limit} "
+                    "(pids.max; the container's --pids-limit), which counts its processes "
+                    "and threads")
+        return (f"likely the user's nproc limit of {self.options.nproc_limit} (RLIMIT_NPROC; "
+                "ulimit -u, LimitNPROC=), which counts all the user's processes and threads")
 
     def _pause_accepting(self, event: str, listener: Listener | listeners.HeldBacklog,
-                         exc: OSError) -> None:
+                         exc: OSError, cause: str = "") -> None:
         """Pause accepting for a moment; log `event` once per ERROR_LOG_EVERY while it
-        repeats (every ACCEPT_BACKOFF at a pids or descriptor limit), with a count."""
+        repeats (every ACCEPT_BACKOFF at a pids or descriptor limit), with a count, and
+        `cause`, what the failure likely met, first in the detail."""
         self.resume_at = time.monotonic() + ACCEPT_BACKOFF
-        self._log_repeating(event, exc, f"pausing accepts for {ACCEPT_BACKOFF}s at a time",
+        pausing = f"pausing accepts for {ACCEPT_BACKOFF}s at a time"
+        self._log_repeating(event, exc, f"{cause}; {pausing}" if cause else pausing,
                             link=listener.link.name)
         self.update_accepting()
 

@@ -2068,6 +2068,8 @@ def in_cgroup(group: Path) -> tuple[str, ...]:
 # forks fail there. Without one, the default derived from pids.max keeps the clients
 # beyond it in the backlog instead, and no fork fails.
 PAST_PIDS_MAX = ("--max-children", "1024")
+# A whole `fork-failed` line (the log may be read while one is written).
+FORK_FAILED_LINE = r" fork-failed .*\n"
 
 
 @pytest.fixture
@@ -2107,7 +2109,13 @@ def test_a_client_whose_fork_failed_is_held_and_served_when_a_child_exits(
     with connect(proxy.port) as first, connect(proxy.port) as second:
         assert exchange(first, b"first") == b"first"  # its child is the one allowed
         second.sendall(b"second")
-        assert wait_for(lambda: "fork-failed" in proxy.log())
+        # EAGAIN, as for the user's nproc limit: the line names the one met (as root,
+        # the nproc limit does not apply), first in its detail.
+        assert wait_for(lambda: re.search(FORK_FAILED_LINE, proxy.log()) is not None)
+        line = re.findall(FORK_FAILED_LINE, proxy.log())[0]
+        assert ("detail=\"likely the cgroup's pids limit of 2 (pids.max; the container's "
+                "--pids-limit), which counts its processes and threads; pausing accepts "
+                "for 0.1s at a time\"") in line, line
         assert not closed_by_peer(second, 1)  # held: neither closed nor served
         first.close()  # its child exits: the held client gets the next fork
         second.settimeout(15)
@@ -3064,6 +3072,34 @@ def test_a_given_max_children_above_the_nproc_limit_is_served_with_a_warning(
     os.chown(short_dir, uid, uid)
     _given_above_the_limit(start_proxy, tcp_server, short_dir, "nproc", limit,
                            as_user_under_nproc(uid, limit))
+
+
+def test_a_fork_failed_at_the_nproc_limit_names_that_limit(
+    start_proxy: StartProxy, tcp_server: ServerFactory, short_dir: Path
+) -> None:
+    """fork() fails with EAGAIN at the user's RLIMIT_NPROC as at a cgroup's pids.max, and
+    `fork-failed` said only "Resource temporarily unavailable": the operator had to guess
+    which limit to raise. Its detail names the nproc limit found at start (prlimit
+    --nproc, as a non-root user: root is exempt)."""
+    uid = 1_900_000_000 + os.getpid() % 1_000_000  # not the other nproc tests' uid
+    limit = 4  # the supervisor and three children: the next fork fails
+    os.chown(short_dir, uid, uid)
+    server = tcp_server(echo)
+    proxy = start_proxy("--max-children", "50", "--status-socket", str(short_dir / "s.sock"),
+                        f"127.0.0.1:0=127.0.0.1:{server.port}",
+                        prefix=as_user_under_nproc(uid, limit))
+    clients = [connect(proxy.port) for _ in range(limit + 2)]
+    try:
+        assert wait_for(lambda: re.search(FORK_FAILED_LINE, proxy.log()) is not None)
+        line = re.findall(FORK_FAILED_LINE, proxy.log())[0]
+        assert ("error=\"Resource temporarily unavailable\"" in line
+                and f"detail=\"likely the user's nproc limit of {limit} (RLIMIT_NPROC; "
+                "ulimit -u, LimitNPROC=), which counts all the user's processes and "
+                "threads; pausing accepts for 0.1s at a time\"" in line), line
+    finally:
+        for client in clients:
+            client.close()
+    assert proxy.stop() == 0
 
 
 def test_a_take_over_under_an_nproc_limit_keeps_the_old_ones_max_children(
