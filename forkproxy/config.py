@@ -1366,10 +1366,9 @@ def _unknown_names(names: Iterable[str], option_variables: Mapping[str, str]) ->
     service variables of an alias FORKPROXY... (LINKED_VARIABLE, and its <ALIAS>_PORT,
     _NAME and _ENV_... beside them): the environment's and the env file's alike."""
     found = sorted(name for name in names if name.upper().startswith(VARIABLE_PREFIX))
-    # The aliases whose variables are here: FORKPROXY's always (a container linked as
-    # `forkproxy` with no port has its _NAME and _ENV_ alone).
-    aliases = {"FORKPROXY"} | {match["alias"] for name in found
-                               if (match := LINKED_VARIABLE.match(name.upper()))}
+    # The aliases a port variable shows linked: their _PORT, _NAME and _ENV_ are theirs.
+    aliases = {match["alias"] for name in found
+               if (match := LINKED_VARIABLE.match(name.upper()))}
     unknown = []
     for name in found:
         upper = name.upper()
@@ -1377,10 +1376,32 @@ def _unknown_names(names: Iterable[str], option_variables: Mapping[str, str]) ->
         if (name in option_variables or PROJECT_VARIABLES.match(name)
                 or LINKED_VARIABLE.match(upper)
                 or (alias in aliases and rest in ("PORT", "NAME"))
-                or any(upper.startswith(f"{known}_ENV_") for known in aliases)):
+                or any(upper.startswith(f"{known}_ENV_") for known in aliases)
+                or _portless_link_variable(upper, option_variables)):
             continue
         unknown.append(name)
     return unknown
+
+
+def _portless_link_variable(upper: str, option_variables: Mapping[str, str]) -> bool:
+    """Whether `upper` is FORKPROXY[_ALIAS]_NAME or FORKPROXY[_ALIAS]_ENV_..., which a
+    container linked as `forkproxy[-alias]` that exposes no port gives (Docker's legacy
+    links: no port variable shows the alias linked), and no likely typo of an option
+    variable: one the warning would name as meant (FORKPROXY_ENV_FIEL for
+    FORKPROXY_ENV_FILE, FORKPROXY_BIND_NAME) is still unknown. By the name alone: values
+    may be secrets."""
+    body = upper.removeprefix(VARIABLE_PREFIX)
+    alias, env, _ = f"_{body}".partition("_ENV_")  # the first: an alias has no _ENV_
+    if not env:
+        if not f"_{body}".endswith("_NAME"):
+            return False
+        alias = f"_{body}"[:-len("_NAME")]
+    # Docker's alias in a variable: upper case, `-` made `_` ([A-Z0-9_.]).
+    if alias and (not alias.startswith("_")
+                  or not alias.replace("_", "").replace(".", "").isalnum()
+                  or not alias.isascii()):
+        return False
+    return _near_option(body, option_variables) is None
 
 
 def _meant(upper: str, option_variables: Mapping[str, str],
@@ -1392,6 +1413,16 @@ def _meant(upper: str, option_variables: Mapping[str, str],
     for flag in flags_without_variable:
         if typed == flag.removeprefix("--").upper().replace("-", "_"):
             return f"; {flag} has no variable, on purpose: give the flag"
+    variable = _near_option(typed, option_variables)
+    if variable is not None:
+        case = " (names are upper case)" if variable == upper else ""
+        return f"; did you mean {variable} ({option_variables[variable]})?{case}"
+    return "; each option's variable is in README's table of serve's options"
+
+
+def _near_option(typed: str, option_variables: Mapping[str, str]) -> str | None:
+    """The option variable that `typed` (a name without FORKPROXY_, upper-cased) likely
+    misspells, or None."""
     by_suffix = {variable.removeprefix(VARIABLE_PREFIX): variable
                  for variable in option_variables}
     # An option's name with a word more or less (FORKPROXY_BIND_ADDR, FORKPROXY_RETRIES)
@@ -1400,11 +1431,7 @@ def _meant(upper: str, option_variables: Mapping[str, str],
             or suffix.startswith(typed) or suffix.endswith(f"_{typed}")]
     if len(near) != 1:
         near = [nearest] if (nearest := _nearest(typed, sorted(by_suffix))) else []
-    if near:
-        variable = by_suffix[near[0]]
-        case = " (names are upper case)" if variable == upper else ""
-        return f"; did you mean {variable} ({option_variables[variable]})?{case}"
-    return "; each option's variable is in README's table of serve's options"
+    return by_suffix[near[0]] if near else None
 
 
 def _nearest(typed: str, candidates: Sequence[str], cutoff: float = 0.75) -> str | None:

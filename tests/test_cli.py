@@ -1913,6 +1913,35 @@ def test_an_unknown_forkproxy_variable_is_a_warning_and_the_proxy_serves(
     assert secret not in proxy.log()
 
 
+def test_a_portless_link_is_no_unknown_variable_but_a_typo_shaped_like_one_is(
+    start_proxy: Callable[..., Proxy], tcp_server: ServerFactory
+) -> None:
+    """A container linked as `forkproxy-db` (Docker's legacy links) that exposes no port
+    gives FORKPROXY_DB_NAME and FORKPROXY_DB_ENV_... alone: each was an `unknown-variable`
+    warning, though no option's. Taken by their names for a link's now, unless the name
+    is a likely typo of an option variable (FORKPROXY_ENV_FIEL, which FORKPROXY's own
+    _ENV_ let through before, and FORKPROXY_BIND_NAME): those are still warned of."""
+    server = tcp_server(echo)
+    secret = "s3cret-pw"
+    proxy = start_proxy("--log-format", "json", f"127.0.0.1:0=127.0.0.1:{server.port}",
+                        env={**os.environ, "FORKPROXY_DB_NAME": "/app/forkproxy-db",
+                             "FORKPROXY_DB_ENV_PASSWORD": secret,
+                             "FORKPROXY_DB_ENV_PATH": "/usr/bin",
+                             "FORKPROXY_CACHE.1_NAME": "/app/forkproxy-cache.1",
+                             "FORKPROXY_ENV_FIEL": secret, "FORKPROXY_BIND_NAME": secret})
+    assert wait_for(lambda: '"event": "listening"' in proxy.log()), proxy.log()
+    unknown = [(record["variable"], record["detail"])
+               for record in map(json.loads, proxy.log().splitlines())
+               if record["event"] == "unknown-variable"]
+    assert unknown == [
+        ("FORKPROXY_BIND_NAME",
+         "no option reads it: ignored; did you mean FORKPROXY_BIND (--bind)?"),
+        ("FORKPROXY_ENV_FIEL",
+         "no option reads it: ignored; did you mean FORKPROXY_ENV_FILE (--env-file)?"),
+    ], proxy.log()
+    assert secret not in proxy.log()
+
+
 def test_an_unknown_variables_name_is_shown_short_and_quoted(
     start_proxy: Callable[..., Proxy], tcp_server: ServerFactory
 ) -> None:
