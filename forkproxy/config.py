@@ -1162,16 +1162,52 @@ def _check_no_loop(links: Sequence[Link]) -> None:
                 f"{shorten(link.name)} connects to its own listener "
                 f"({join_host_port(link.bind, link.port)} -> {link.target}): every "
                 "client would take a child that connects back, until none is left; "
-                "localhost is this host (in a container, the container itself): "
-                "name the server's host")
+                f"{_this_host([link.target.host])}")
     ring = _first_ring(links, following)
     if ring is not None:
         hops = ", ".join(f"{shorten(link.name)} ({join_host_port(link.bind, link.port)} -> "
                          f"{link.target})" for link in ring)
         raise ConfigError(
             f"links connect to one another's listeners in a ring: {hops}: every client "
-            "would take a child per link, round and round, until none is left; localhost "
-            "is this host (in a container, the container itself): name the server's host")
+            "would take a child per link, round and round, until none is left; "
+            f"{_this_host([link.target.host for link in ring])}")
+
+
+def _this_host(hosts: Sequence[str]) -> str:
+    """Why the target `hosts` of a loop or ring reach this proxy, named as they were
+    given (it said "localhost is this host" for `127.0.0.1`, `0.0.0.0` too), and what to
+    do: `127.0.0.1 is this host (in a container, the container itself): name the
+    server's host`. Each is one _reaches took for this host's: localhost, a loopback or
+    unspecified address, or the very address a listener binds."""
+    loopback: list[str] = []
+    unspecified: list[str] = []
+    bound: list[str] = []
+    for host in dict.fromkeys(hosts):
+        try:
+            parsed = ipaddress.ip_address(host.split("%", 1)[0])
+        except ValueError:  # a name: only localhost reaches a listener (_reaches)
+            loopback.append(host)
+            continue
+        address = getattr(parsed, "ipv4_mapped", None) or parsed
+        (unspecified if address.is_unspecified else loopback if address.is_loopback
+         else bound).append(host)
+    said = []
+    if loopback:
+        said.append(f"{_and(loopback)} {'is' if len(loopback) == 1 else 'are'} this host")
+    if unspecified:
+        said.append(f"{_and(unspecified)} {'connects' if len(unspecified) == 1 else 'connect'}"
+                    " to this host")
+    if loopback or unspecified:
+        said[-1] += " (in a container, the container itself)"
+    if bound:
+        said.append(f"{_and(bound)} {'is an address' if len(bound) == 1 else 'are addresses'}"
+                    " this proxy listens on")
+    return f"{', '.join(said)}: name the server's host"
+
+
+def _and(words: Sequence[str]) -> str:
+    """`a`, `a and b`, `a, b and c`."""
+    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} and {words[-1]}"
 
 
 def _reaches(target: Endpoint, link: Link, bound: Mapping[str, str]) -> bool:

@@ -660,35 +660,46 @@ def test_a_link_to_its_own_listener_is_refused(
     with pytest.raises(ConfigError) as caught:
         build_links(specs, environ)
     assert looped in str(caught.value)
-    assert str(caught.value).endswith("in a container, the container itself): "
-                                      "name the server's host")  # not `--alias`'s hint
+    assert str(caught.value).endswith(": name the server's host")  # not `--alias`'s hint
+    # Why it is this host, said of the host as given (it said "localhost" of them all).
+    host = re.search(r" -> (.*):\d+\)", looped)
+    assert host is not None
+    given = host[1].removeprefix("[").removesuffix("]")
+    why = {"0.0.0.0": "connects to this host", "::": "connects to this host",
+           "10.0.0.5": "is an address this proxy listens on",
+           "fe80::1%lo": "is an address this proxy listens on"}.get(given, "is this host")
+    in_container = " (in a container, the container itself)" if why[-4:] == "host" else ""
+    assert str(caught.value).endswith(
+        f"none is left; {given} {why}{in_container}: name the server's host"), caught.value
 
 
 @pytest.mark.parametrize(
-    ("specs", "environ", "ring"),
+    ("specs", "environ", "ring", "said"),
     [
         (["6379=127.0.0.1:6380", "6380=127.0.0.1:6379"], None,
          "6379=127.0.0.1:6380 (0.0.0.0:6379 -> 127.0.0.1:6380), "
-         "6380=127.0.0.1:6379 (0.0.0.0:6380 -> 127.0.0.1:6379): "),
+         "6380=127.0.0.1:6379 (0.0.0.0:6380 -> 127.0.0.1:6379): ", "127.0.0.1 is this host"),
         # Three links, through localhost and 0.0.0.0, entered from a fourth that chains in.
         (["7003=127.0.0.1:7000", "7000=localhost:7001", "127.0.0.1:7001=0.0.0.0:7002",
           "[::]:7002=[::ffff:127.0.0.1]:7000"], None,
          "7000=localhost:7001 (0.0.0.0:7000 -> localhost:7001), 127.0.0.1:7001=0.0.0.0:7002 "
          "(127.0.0.1:7001 -> 0.0.0.0:7002), [::]:7002=[::ffff:127.0.0.1]:7000 "
-         "([::]:7002 -> [::ffff:127.0.0.1]:7000): "),
+         "([::]:7002 -> [::ffff:127.0.0.1]:7000): ",
+         "localhost and ::ffff:127.0.0.1 are this host, 0.0.0.0 connects to this host"),
         ([], {"A_PORT_7000_TCP": "tcp://127.0.0.1:7001",
               "B_PORT_7001_TCP": "tcp://localhost:7000"},
          "A_PORT_7000_TCP (0.0.0.0:7000 -> 127.0.0.1:7001), "
-         "B_PORT_7001_TCP (0.0.0.0:7001 -> localhost:7000): "),
+         "B_PORT_7001_TCP (0.0.0.0:7001 -> localhost:7000): ",
+         "127.0.0.1 and localhost are this host"),
         # A chain through the proxy's own listeners that ends elsewhere is no ring.
-        (["7000=127.0.0.1:7001", "7001=127.0.0.1:7002", "7002=10.0.0.5:7000"], None, None),
-        (["127.0.0.1:7000=127.0.0.1:7001", "127.0.0.1:7001=127.0.0.2:7000"], None, None),
-        (["[::1]:7000=127.0.0.1:7001", "127.0.0.1:7001=127.0.0.1:7000"], None, None),
-        (["7000=redis:7001", "7001=127.0.0.1:7000"], None, None),  # a name: not looked up
+        (["7000=127.0.0.1:7001", "7001=127.0.0.1:7002", "7002=10.0.0.5:7000"], None, None, ""),
+        (["127.0.0.1:7000=127.0.0.1:7001", "127.0.0.1:7001=127.0.0.2:7000"], None, None, ""),
+        (["[::1]:7000=127.0.0.1:7001", "127.0.0.1:7001=127.0.0.1:7000"], None, None, ""),
+        (["7000=redis:7001", "7001=127.0.0.1:7000"], None, None, ""),  # a name: not looked up
     ],
 )
 def test_links_that_reach_one_another_in_a_ring_are_refused(
-    specs: list[str], environ: dict[str, str] | None, ring: str | None,
+    specs: list[str], environ: dict[str, str] | None, ring: str | None, said: str,
 ) -> None:
     """`6379=127.0.0.1:6380 6380=127.0.0.1:6379` (or an env file whose reload pointed one
     link at another's port) was taken: one client's children connected round the ring
@@ -701,8 +712,8 @@ def test_links_that_reach_one_another_in_a_ring_are_refused(
     with pytest.raises(ConfigError) as caught:
         build_links(specs, environ)
     assert f"links connect to one another's listeners in a ring: {ring}" in str(caught.value)
-    assert str(caught.value).endswith("in a container, the container itself): "
-                                      "name the server's host")
+    assert str(caught.value).endswith(f"none is left; {said} (in a container, the container "
+                                      "itself): name the server's host"), caught.value
 
 
 def test_spec_and_variable_on_one_port_with_different_targets() -> None:
