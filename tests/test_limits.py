@@ -38,6 +38,7 @@ from test_observability import (
     scrape,
     value,
 )
+from test_supervisor import injected
 
 from forkproxy import listeners
 from forkproxy import supervisor as fp_supervisor
@@ -3099,6 +3100,26 @@ def test_a_fork_failed_at_the_nproc_limit_names_that_limit(
     finally:
         for client in clients:
             client.close()
+    assert proxy.stop() == 0
+
+
+def test_a_fork_failed_for_want_of_memory_names_the_memory_limit(
+    memory_cgroup: MemoryCgroup, start_proxy: StartProxy, tcp_server: ServerFactory
+) -> None:
+    """fork() failing with ENOMEM said only "Cannot allocate memory": `fork-failed`'s
+    detail names the memory limit found at start now (a real memory cgroup's). The errno
+    is injected with strace, attached to the running supervisor (its clone fails): at a
+    cgroup's memory limit the kernel OOM-kills rather than fail a fork on cue."""
+    memory_cgroup.limit(512 * MiB)
+    server = tcp_server(echo)
+    proxy = start_proxy("--max-children", "4", f"127.0.0.1:0=127.0.0.1:{server.port}",
+                        prefix=memory_cgroup.enter())
+    with injected(proxy.pid, "clone,clone3", "error=ENOMEM"), connect(proxy.port):
+        assert wait_for(lambda: re.search(FORK_FAILED_LINE, proxy.log()) is not None)
+    line = re.findall(FORK_FAILED_LINE, proxy.log())[0]
+    assert ('error="Cannot allocate memory"' in line
+            and "detail=\"out of memory: likely the memory limit of 512 MiB (memory.max; "
+            "the container's -m); pausing accepts for 0.1s at a time\"" in line), line
     assert proxy.stop() == 0
 
 
