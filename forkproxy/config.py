@@ -1392,8 +1392,8 @@ def unknown_variables(environ: Mapping[str, str], option_variables: Mapping[str,
     serve's options that have none on purpose (--take-over). Values are never looked
     at: they may be secrets."""
     return tuple((shorten(name), "no option reads it: ignored" + _meant(
-        name.upper(), option_variables, flags_without_variable))
-        for name in _unknown_names(environ, option_variables))
+        name.upper(), option_variables, flags_without_variable, spell=index < SPELLED_AT_MOST))
+        for index, name in enumerate(_unknown_names(environ, option_variables)))
 
 
 def _unknown_names(names: Iterable[str], option_variables: Mapping[str, str]) -> list[str]:
@@ -1406,20 +1406,32 @@ def _unknown_names(names: Iterable[str], option_variables: Mapping[str, str]) ->
     aliases = {match["alias"] for name in found
                if (match := LINKED_VARIABLE.match(name.upper()))}
     unknown = []
+    spelled = 0  # names of a portless link's shape compared with every option's spelling
     for name in found:
         upper = name.upper()
         alias, _, rest = upper.rpartition("_")
         if (name in option_variables or PROJECT_VARIABLES.match(name)
                 or LINKED_VARIABLE.match(upper)
                 or (alias in aliases and rest in ("PORT", "NAME"))
-                or any(upper.startswith(f"{known}_ENV_") for known in aliases)
-                or _portless_link_variable(upper, option_variables)):
+                or any(upper.startswith(f"{known}_ENV_") for known in aliases)):
+            continue
+        spell = spelled < SPELLED_AT_MOST
+        spelled += spell
+        if _portless_link_variable(upper, option_variables, spell=spell):
             continue
         unknown.append(name)
     return unknown
 
 
-def _portless_link_variable(upper: str, option_variables: Mapping[str, str]) -> bool:
+# The unknown names, in name order, whose spelling is compared with every option's
+# (_nearest, ~0.25 ms a name): a typo or two is what it is for. Past them, a file of
+# unknown names (an env file holds up to 1 MiB: ~40,000) took the supervisor ~10 s at each
+# reload, accepting nobody; each is still warned of, with the other hints.
+SPELLED_AT_MOST = 16
+
+
+def _portless_link_variable(upper: str, option_variables: Mapping[str, str], *,
+                            spell: bool = True) -> bool:
     """Whether `upper` is FORKPROXY[_ALIAS]_NAME or FORKPROXY[_ALIAS]_ENV_..., which a
     container linked as `forkproxy[-alias]` that exposes no port gives (Docker's legacy
     links: no port variable shows the alias linked), and no likely typo of an option
@@ -1437,28 +1449,30 @@ def _portless_link_variable(upper: str, option_variables: Mapping[str, str]) -> 
                   or not alias.replace("_", "").replace(".", "").isalnum()
                   or not alias.isascii()):
         return False
-    return _near_option(body, option_variables) is None
+    return _near_option(body, option_variables, spell=spell) is None
 
 
 def _meant(upper: str, option_variables: Mapping[str, str],
-           flags_without_variable: tuple[str, ...]) -> str:
+           flags_without_variable: tuple[str, ...], *, spell: bool = True) -> str:
     """`; did you mean FORKPROXY_ALLOW (--allow)?` for the option variable `upper` (an
     unknown name, upper-cased) is nearest to, if one is near; or what an option without
-    a variable is given as; or where the variables are listed."""
+    a variable is given as; or where the variables are listed. Without `spell`, a name
+    spelt near one is not looked for (SPELLED_AT_MOST)."""
     typed = upper.removeprefix(VARIABLE_PREFIX)
     for flag in flags_without_variable:
         if typed == flag.removeprefix("--").upper().replace("-", "_"):
             return f"; {flag} has no variable, on purpose: give the flag"
-    variable = _near_option(typed, option_variables)
+    variable = _near_option(typed, option_variables, spell=spell)
     if variable is not None:
         case = " (names are upper case)" if variable == upper else ""
         return f"; did you mean {variable} ({option_variables[variable]})?{case}"
     return "; each option's variable is in README's table of serve's options"
 
 
-def _near_option(typed: str, option_variables: Mapping[str, str]) -> str | None:
+def _near_option(typed: str, option_variables: Mapping[str, str], *,
+                 spell: bool = True) -> str | None:
     """The option variable that `typed` (a name without FORKPROXY_, upper-cased) likely
-    misspells, or None."""
+    misspells, or None. Without `spell`, by a word more or less only (SPELLED_AT_MOST)."""
     by_suffix = {variable.removeprefix(VARIABLE_PREFIX): variable
                  for variable in option_variables}
     # An option's name with a word more or less (FORKPROXY_BIND_ADDR, FORKPROXY_RETRIES)
@@ -1466,7 +1480,7 @@ def _near_option(typed: str, option_variables: Mapping[str, str]) -> str | None:
     near = [suffix for suffix in by_suffix if typed.startswith(suffix)
             or suffix.startswith(typed) or suffix.endswith(f"_{typed}")]
     if len(near) != 1:
-        near = [nearest] if (nearest := _nearest(typed, sorted(by_suffix))) else []
+        near = [nearest] if spell and (nearest := _nearest(typed, sorted(by_suffix))) else []
     return by_suffix[near[0]] if near else None
 
 
@@ -1522,9 +1536,11 @@ def options_in_env_file(from_file: Mapping[str, str], path: str,
     if flags:  # none known (a caller that gives none): none can be judged unknown
         # A typo (FORKPROXY_MAX_CHILDRN=10) was silent, where the same name in the
         # environment is an `unknown-variable` warning: told here in the same words.
-        for name in _unknown_names((name for name in from_file if name not in found), flags):
+        unknown = _unknown_names((name for name in from_file if name not in found), flags)
+        for index, name in enumerate(unknown):
+            meant = _meant(name.upper(), flags, (), spell=index < SPELLED_AT_MOST)
             found[name] = (f"no option reads it, and env file {path!r} sets links only: "
-                           f"ignored{_meant(name.upper(), flags, ())}")
+                           f"ignored{meant}")
     return tuple((shorten(name), found[name]) for name in sorted(found))
 
 
