@@ -1406,7 +1406,7 @@ def _unknown_names(names: Iterable[str], option_variables: Mapping[str, str]) ->
     aliases = {match["alias"] for name in found
                if (match := LINKED_VARIABLE.match(name.upper()))}
     unknown = []
-    spelled = 0  # names of a portless link's shape compared with every option's spelling
+    spelled = 0  # unknown-looking names looked at: the first SPELLED_AT_MOST may be spelled
     for name in found:
         upper = name.upper()
         alias, _, rest = upper.rpartition("_")
