@@ -1730,6 +1730,10 @@ def check_options(options: Options) -> Options:
         # input; it was "No such file or directory" from the supervisor, after the exec.
         # (An empty FORKPROXY_PID_FILE counts as unset and never reaches here.)
         raise ConfigError("--pid-file '': an empty path")
+    if options.pid_file is not None and options.pid_file.isspace():
+        # As a blank --status-socket (control.check_path): written in the working
+        # directory as a file named ' ', where no `reload --pid-file` looks.
+        raise ConfigError(f"--pid-file {quoted(options.pid_file)}: a blank path")
     if options.take_over is not None and not isinstance(options.take_over, str):
         raise ConfigError(f"bad --take-over socket {options.take_over!r}")  # the same
     if options.connect_retries < 0:

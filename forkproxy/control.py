@@ -160,9 +160,12 @@ class _Client:
 
 
 def check_path(path: str) -> None:
-    """OSError for a path no Unix socket can have: empty, or past sun_path's bytes."""
+    """OSError for a path no Unix socket can have: empty, or past sun_path's bytes; or
+    one of blanks alone, which a socket can have and nobody means (`"$DIR "` left empty)."""
     if not path:
         raise OSError(errno.EINVAL, "an empty path")  # bind('') would autobind unnamed
+    if path.isspace():  # bound in the working directory, a file named ' ' nobody looks for
+        raise OSError(errno.EINVAL, "a blank path")
     if len(os.fsencode(path)) > MAX_PATH:
         raise OSError(errno.ENAMETOOLONG, f"longer than the {MAX_PATH} bytes a Unix "
                       "socket path can have")

@@ -1751,6 +1751,22 @@ def test_a_flag_given_empty_is_refused(args: list[str], expected: str) -> None:
     assert result.stderr == f"forkproxy: error: {expected}\n"
 
 
+@pytest.mark.parametrize("variable", [False, True])
+@pytest.mark.parametrize("flag", ["--pid-file", "--status-socket"])
+def test_a_blank_path_is_refused(flag: str, variable: bool, tmp_path: Path) -> None:
+    """A path of blanks alone (`--pid-file "$RUN "` with RUN left empty, a stray space in
+    a Compose value) was taken: serve wrote a file named ' ' in its working directory,
+    where neither `reload --pid-file` nor `status` looks. Refused as the empty one is."""
+    name = "FORKPROXY_" + flag.removeprefix("--").upper().replace("-", "_")
+    args = [] if variable else [flag, " "]
+    result = run("serve", *args, "127.0.0.1:0=127.0.0.1:1", timeout=10,
+                 env={name: " "} if variable else None, prefix=("env", f"--chdir={tmp_path}"))
+    assert_one_line_error(result)
+    named = f"{name} ({flag})" if variable else flag
+    assert result.stderr == f"forkproxy: error: {named} ' ': a blank path\n"
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_an_empty_variable_counts_as_unset(monkeypatch: pytest.MonkeyPatch) -> None:
     """`FORKPROXY_X=` (a Compose file's `FOO=`) is the option's default, for every option
     variable, as if unset; but for FORKPROXY_ALLOW, _BIND and _ALIAS, refused (their
