@@ -958,6 +958,15 @@ def test_a_file_of_unknown_names_costs_no_spelling_search_past_the_first_few() -
     table = build_links((), env_file=("/e.env", text), option_variables=variables)
     assert len(table.file_options) == len(names)
     assert time.process_time() - started < 2.5
+    # And names of a portless link's shape (FORKPROXY_<ALIAS>_NAME), each of which is
+    # also checked for being an option's typo: the same budget bounds them, against as
+    # many option variables as serve has (~30).
+    many = variables + tuple((f"FORKPROXY_OPTION_{word}_{index}", f"--option-{index}")
+                             for index, word in enumerate(["TIMEOUT", "LIMIT", "FILE"] * 10))
+    text = link + "".join(f"{name}_NAME=1\n" for name in names)
+    started = time.process_time()
+    build_links((), env_file=("/e.env", text), option_variables=many)
+    assert time.process_time() - started < 2.5
 
 
 @pytest.mark.parametrize(
