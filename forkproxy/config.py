@@ -1486,8 +1486,10 @@ def _near_option(typed: str, option_variables: Mapping[str, str], *,
 
 def _nearest(typed: str, candidates: Sequence[str], cutoff: float = 0.75) -> str | None:
     """The candidate most like `typed`, the first of equals, if alike at least `cutoff`:
-    twice their longest common subsequence over their lengths, as difflib's ratio (which
-    is not imported: this module is the supervisor's, and every fork copies its heap)."""
+    twice their longest common subsequence over their lengths. Close to difflib's ratio,
+    not the same (difflib counts matching blocks, which a subsequence may outnumber: on
+    fuzzed names this suggests a little more often); difflib is not imported because this
+    module is the supervisor's, and every fork copies its heap."""
     best, best_ratio = None, cutoff
     for candidate in candidates:
         total = len(typed) + len(candidate)

@@ -975,9 +975,10 @@ def test_a_file_of_unknown_names_costs_no_spelling_search_past_the_first_few() -
      "USERTIMEOUT", "ALOW", "BIN", "METRIC", "CONECT_TIMEOUT", "RESOLVE", "TAKE_OVER", "X",
      "STATUS", "TIMEOUT", "CONNECT", "", "A" * 5000],
 )
-def test_the_nearest_option_name_is_difflibs(typed: str) -> None:
+def test_the_nearest_option_name_is_difflibs_for_these_typos(typed: str) -> None:
     """config._nearest (the supervisor does not import difflib) suggests what difflib's
-    get_close_matches did, when the CLI used it for the environment's unknown names."""
+    get_close_matches did, when the CLI used it for the environment's unknown names, for
+    these typos (not for every input: its ratio is a subsequence's, not difflib's blocks)."""
     import difflib
 
     names = sorted(["RELAY", "CONNECT_TIMEOUT", "CONNECT_RETRIES", "GRACE", "IDLE_TIMEOUT",
