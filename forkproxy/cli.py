@@ -173,14 +173,16 @@ class _Command(typer.core.TyperCommand):
     def _typographic_option(self, args: list[str]) -> str | None:
         """`'—json': '—' (U+2014) is no hyphen: ...` for the first argument that is an
         option typed with typographic dashes, where click said "Got unexpected extra
-        argument" (`status —json`); read as _given_twice reads. Only for a command that
-        takes no arguments: serve's and links' SPECs say it (config._spec_hint)."""
-        if any(param.param_type_name == "argument" for param in self.params):
-            return None
+        argument" (`status —json`); read as _given_twice reads."""
+        # A command with arguments (serve's and links' SPECs) says it of an argument that
+        # click reads as one (config._spec_hint), but not of one starting with an ASCII
+        # hyphen (then an en dash, U+2013): click takes that for options ("No such option").
+        spec_hint = any(param.param_type_name == "argument" for param in self.params)
         takes_value = self._takes_value()
         i = 0
         while i < len(args) and args[i] != "--":
-            dash = typographic_option(args[i])
+            dash = (None if spec_hint and not args[i].startswith("-")
+                    else typographic_option(args[i]))
             if dash is not None:
                 return f"{quoted(args[i])}: {dash}"
             i += 2 if args[i] in takes_value else 1

@@ -778,8 +778,11 @@ _SPEC_SEPARATORS = re.compile(r"[\s,;]+")
 # An option whose hyphens a word processor or a web page made typographic: one or two of
 # U+2010 to U+2015 (hyphen, non-breaking hyphen, figure dash, en dash, em dash, horizontal
 # bar) or U+2212 (minus), then an option's name.
-_TYPOGRAPHIC_OPTION = re.compile(r"([\u2010-\u2015\u2212]{1,2}-?)([a-z][a-z-]*)(?:=.*)?\Z",
-                                 re.DOTALL)
+# An ASCII hyphen may come first (then an en dash: one typed, the other a word
+# processor's), and the option's name in any case (a page's heading style): said in
+# lower case.
+_TYPOGRAPHIC_OPTION = re.compile(
+    r"(-?[\u2010-\u2015\u2212]{1,2}-?)([A-Za-z][A-Za-z-]*)(?:=.*)?\Z", re.DOTALL)
 
 
 def typographic_option(arg: str) -> str | None:
@@ -791,11 +794,13 @@ def typographic_option(arg: str) -> str | None:
     dash = _TYPOGRAPHIC_OPTION.match(arg)
     if dash is None:
         return None
-    if len(dash[2]) == 1:  # a short option (-v, -q): one hyphen
-        return (f"{dash[1]!r} (U+{ord(dash[1][0]):04X}) is no hyphen: a short option is "
-                f"written with one ASCII hyphen, as in -{dash[2]}")
-    return (f"{dash[1]!r} (U+{ord(dash[1][0]):04X}) is no hyphen: an option is written "
-            f"with two ASCII hyphens, as in --{dash[2]}")
+    # Named by the first character that is no ASCII hyphen.
+    typographic = dash[1].lstrip("-")
+    said = f"{typographic!r} (U+{ord(typographic[0]):04X}) is no hyphen"
+    name = dash[2] if len(dash[2]) == 1 else dash[2].lower()  # -V is not -v; --JSON is
+    if len(name) == 1:  # a short option (-v, -q): one hyphen
+        return f"{said}: a short option is written with one ASCII hyphen, as in -{name}"
+    return f"{said}: an option is written with two ASCII hyphens, as in --{name}"
 
 
 def _several_specs(spec: str, parses: Callable[[str], bool]) -> list[str] | None:

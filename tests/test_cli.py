@@ -1718,6 +1718,15 @@ def test_a_flag_typed_over_a_bad_variable_is_named_as_typed(
         # serve and links say it of the SPEC, as before; a short option gets one hyphen.
         (["serve", "\u2013v", "1=198.18.0.1:1"], "SPEC '\u2013v': '\u2013' (U+2013) is no "
          "hyphen: a short option is written with one ASCII hyphen, as in -v"),
+        # In a heading's upper case: said in lower case, as options are.
+        (["status", "\u2014JSON"], "'\u2014JSON': '\u2014' (U+2014) is no hyphen: an option is "
+         "written with two ASCII hyphens, as in --json"),
+        # An ASCII hyphen, then a word processor's en dash: click read it as options
+        # ("No such option: -\u2013"), serve's SPECs too; named by the en dash.
+        (["serve", "-\u2013from-env"], "'-\u2013from-env': '\u2013' (U+2013) is no hyphen: an "
+         "option is written with two ASCII hyphens, as in --from-env"),
+        (["check", "-\u2013json"], "'-\u2013json': '\u2013' (U+2013) is no hyphen: an option "
+         "is written with two ASCII hyphens, as in --json"),
     ],
 )
 def test_an_option_with_typographic_dashes_is_named_by_every_command(
