@@ -66,6 +66,8 @@ _TOTAL_RETRANS_AT = 100  # u32: every retransmission of the connection's life
 # Linux's TCP_RTO_MIN: what a tail loss probe adds to two round trips when one segment is
 # out (tcp_schedule_loss_probe), to let the peer's delayed ACK come first.
 _LOSS_PROBE_ALLOWANCE_MS = 200
+_TCP_RTO_MAX_MS = 120_000  # the cap where tcp_rto_max_ms is not (before Linux 6.15)
+_TIMER_SLACK_MS = 10  # a few jiffies a timer may fire late besides its batching
 # The longest a peer delays an ACK: Linux's delayed-ACK timer tops out at HZ/2 (500 ms;
 # 200 ms, tcp_delack_max, once the exchange is interactive), others' at 200 ms. Well
 # short of the shortest keepalive idle time (1 s), whose probes' ACKs must not read as
@@ -228,8 +230,18 @@ def _decode(buffer: bytearray, body: int, end: int) -> TcpSocket:
                     episode_ms = _U32.unpack_from(buffer, info + _TOTAL_RTO_TIME_AT)[0]
                     timeouts = buffer[info + _RETRANSMITS_AT]
                     first_rto_ms = rto_ms >> backoff
-                    waited_ms = min(episode_ms + first_rto_ms + _loss_probe_ms(
-                        buffer, info, timeouts, first_rto_ms), timeouts * rto_ms + sent)
+                    probe_ms = _loss_probe_ms(buffer, info, timeouts, first_rto_ms)
+                    waited_ms = min(episode_ms + first_rto_ms + probe_ms,
+                                    timeouts * rto_ms + sent)
+                    if rto_ms < _rto_max_ms():
+                        # Below the cap, the timeouts doubled from the first: this
+                        # episode is their sum (the one now less the first) and the time
+                        # since the last, which leaves out the earlier recoveries the
+                        # kernel's clock adds in (1-3 s high after a recovered outage).
+                        # Long timers fire up to 1/8 late (the timer wheel's batching):
+                        # a bound, not a reading.
+                        waited_ms = min(waited_ms, probe_ms + (rto_ms - first_rto_ms) * 9 // 8
+                                        + sent + _TIMER_SLACK_MS)
                 else:
                     # The retransmissions came at the timeout, doubled each time, so the
                     # first send was at most the timeout now before the last one. Not
@@ -247,6 +259,16 @@ def _decode(buffer: bytearray, body: int, end: int) -> TcpSocket:
             break
         at += (length + 3) & ~3  # RTA_ALIGN
     return TcpSocket(state, (remote, port), send_queue, idle_ms, unanswered_ms)
+
+
+def _rto_max_ms() -> int:
+    """The retransmission timeout's cap in this network namespace: tcp_rto_max_ms
+    (Linux 6.15+), else TCP_RTO_MAX. Read only for a socket that is retransmitting."""
+    try:
+        with open("/proc/sys/net/ipv4/tcp_rto_max_ms", "rb") as value:
+            return int(value.read(32))
+    except (OSError, ValueError):
+        return _TCP_RTO_MAX_MS
 
 
 def _loss_probe_ms(buffer: bytearray, info: int, timeouts: int, first_rto_ms: int) -> int:

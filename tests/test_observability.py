@@ -830,14 +830,16 @@ def diag_message(tcp_info: bytes) -> bytearray:
     return message + struct.pack("=HH", 4 + len(tcp_info), 2) + tcp_info
 
 
-def retransmitting_tcp_info(size: int, *, total_rto_time: int) -> bytes:
-    """tcp_info, `size` bytes of it, of a socket 10 timeouts into retransmitting a
-    request to a silent peer: the timeout at a 1 s cap, the last retransmission 300 ms
-    ago, the peer's last ACK 20 s ago (idle before the request), one recovery so far
-    that has lasted `total_rto_time` ms (with earlier ones, if any)."""
+def retransmitting_tcp_info(size: int, *, total_rto_time: int, timeouts: int = 10,
+                            rto_ms: int = 1_000) -> bytes:
+    """tcp_info, `size` bytes of it, of a socket `timeouts` timeouts into retransmitting
+    a request to a silent peer: the timeout now `rto_ms` (at a 1 s cap by default), the
+    last retransmission 300 ms ago, the peer's last ACK 20 s ago (idle before the
+    request), one recovery so far that has lasted `total_rto_time` ms (with earlier ones,
+    if any)."""
     info = bytearray(size)
-    info[2], info[4] = 10, 10  # tcpi_retransmits, tcpi_backoff
-    struct.pack_into("=I", info, 8, 1_000_000)  # tcpi_rto, microseconds
+    info[2], info[4] = timeouts, timeouts  # tcpi_retransmits, tcpi_backoff
+    struct.pack_into("=I", info, 8, rto_ms * 1000)  # tcpi_rto, microseconds
     struct.pack_into("=III", info, 52, 20_000, 20_000, 0)  # last data received, last ACK
     struct.pack_into("=I", info, 44, 300)  # tcpi_last_data_sent
     struct.pack_into("=II", info, 152, 5, 6)  # data segments in, out
@@ -847,25 +849,37 @@ def retransmitting_tcp_info(size: int, *, total_rto_time: int) -> bytes:
 
 
 @pytest.mark.parametrize(
-    ("size", "total_rto_time", "unanswered_ms"),
+    ("size", "total_rto_time", "timeouts", "rto_ms", "unanswered_ms"),
     [
         # 6.7+: from the kernel's record of the episode (its first timeout 8.3 s ago).
-        (280, 8_300, 8_300),
+        (280, 8_300, 10, 1_000, 8_300),
         # With an earlier recovery that lasted 100 s summed in: bounded by the 10
         # timeouts that came, none longer than the 1 s cap.
-        (280, 108_300, 10_300),
+        (280, 108_300, 10, 1_000, 10_300),
         # An older kernel's shorter tcp_info: the last retransmission plus the timeout.
-        (240, 8_300, 1_300),
+        (240, 8_300, 10, 1_000, 1_300),
+        # Below the cap, 4 timeouts doubled from 204 ms (3,264 now), the last 300 ms
+        # ago: 3.36 s since the request. The kernel's clock (3.16 s since the first
+        # timeout) reads it...
+        (280, 3_160, 4, 3_264, 3_160 + 204),
+        # ...but with an earlier recovery of 3 s summed in, it read 3 s high: bounded by
+        # the doubled timeouts' sum, up to 1/8 late each, and the 300 ms since the last.
+        (280, 6_160, 4, 3_264, (3_264 - 204) * 9 // 8 + 300 + 10),
     ],
-    ids=["episode", "earlier-recovery", "pre-6.7"],
+    ids=["episode", "earlier-recovery", "pre-6.7", "below-cap", "below-cap-earlier-recovery"],
 )
 def test_unanswered_while_retransmitting_reads_the_kernels_rto_episode_when_it_has_one(
-    size: int, total_rto_time: int, unanswered_ms: int,
+    size: int, total_rto_time: int, timeouts: int, rto_ms: int, unanswered_ms: int,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """sockdiag's decoding of a retransmitting socket's tcp_info, on the kernel's own
     layout: the estimate that keeps growing past the timeout's cap where the fields are
-    there, the old one where they are not, never more than the peer's silence."""
-    message = diag_message(retransmitting_tcp_info(size, total_rto_time=total_rto_time))
+    there, the old one where they are not, never more than the peer's silence. The cap
+    is the network namespace's tcp_rto_max_ms: 1 s here, as the real test past the cap
+    sets it (this process's own namespace has the default 120 s)."""
+    monkeypatch.setattr(fp_sockdiag, "_rto_max_ms", lambda: 1_000 if rto_ms == 1_000 else 120_000)
+    message = diag_message(retransmitting_tcp_info(
+        size, total_rto_time=total_rto_time, timeouts=timeouts, rto_ms=rto_ms))
     decoded = fp_sockdiag._decode(message, 0, len(message))
     assert decoded.unanswered_ms == unanswered_ms, decoded
     assert decoded.idle_ms == 20_000 and decoded.send_queue == 4, decoded
