@@ -233,7 +233,10 @@ def _decode(buffer: bytearray, body: int, end: int) -> TcpSocket:
                     probe_ms = _loss_probe_ms(buffer, info, timeouts, first_rto_ms)
                     waited_ms = min(episode_ms + first_rto_ms + probe_ms,
                                     timeouts * rto_ms + sent)
-                    if rto_ms < _rto_max_ms():
+                    # An ICMP unreachable for the data undoes a doubling (Linux's
+                    # tcp_ld_RTO_revert: a host gone behind a router), and the timeouts
+                    # come at the first one's pace, backoff short of them: no bound.
+                    if backoff == timeouts and rto_ms < _rto_max_ms():
                         # Below the cap, the timeouts doubled from the first: this
                         # episode is their sum (the one now less the first) and the time
                         # since the last, which leaves out the earlier recoveries the

@@ -756,6 +756,38 @@ def test_a_connection_into_a_black_hole_shows_idle_and_unanswered_growing(
         assert child["unanswered"] <= time.monotonic() - asked, (waited, child)
 
 
+def test_unanswered_keeps_growing_when_each_retransmission_meets_an_icmp_unreachable(
+    start_proxy: StartProxy, tmp_path: Path, env: dict[str, str],
+) -> None:
+    """An upstream host gone behind a router, which answers each retransmission with an
+    ICMP host unreachable: Linux undoes each doubling (tcp_ld_RTO_revert), so the socket
+    retransmits every ~200 ms with its backoff back at 0. UNANSWERED read ~0.2 s (the time
+    since the last retransmission) however long the request had waited, once it was
+    bounded by the doubled timeouts' sum, which these timeouts are not.
+    The upstream as in the tests above; the router an iptables REJECT rule there."""
+    upstream_port = 7000  # the namespace is the proxy's own: nothing else listens there
+    sock_path = tmp_path / "status.sock"
+    proxy = start_proxy("--status-socket", str(sock_path), f"127.0.0.1:0=127.0.0.1:{upstream_port}",
+                        env=env, prefix=in_own_network())
+    with _answered_once(proxy, upstream_port) as client:
+        time.sleep(1.0)  # idle first: the upstream's last ACK is older than the request
+        reject = ["INPUT", "-p", "tcp", "--dport", str(upstream_port), "-j", "REJECT",
+                  "--reject-with", "icmp-host-unreachable"]
+        with in_network(proxy.network):
+            subprocess.run([need("iptables"), "-I", *reject], check=True, timeout=30)
+        asked = time.monotonic()
+        client.sendall(b"ping")
+        time.sleep(4.5)
+        before = time.monotonic() - asked
+        with in_network(proxy.network):
+            child = the_connection(sock_path, env)
+        after = time.monotonic() - asked
+        assert child["queued_to_upstream"] == 4, child  # not acknowledged: retransmitted
+        # Since the request: at most the first timeout (200 ms floor, a tail loss probe
+        # before it) less than the time waited, never more.
+        assert before - 0.6 <= child["unanswered"] <= after + JIFFIES, (before, child)
+
+
 def test_unanswered_keeps_growing_into_a_black_hole_past_the_retransmission_timeout_cap(
     start_proxy: StartProxy, tmp_path: Path, env: dict[str, str],
 ) -> None:
@@ -831,14 +863,15 @@ def diag_message(tcp_info: bytes) -> bytearray:
 
 
 def retransmitting_tcp_info(size: int, *, total_rto_time: int, timeouts: int = 10,
-                            rto_ms: int = 1_000) -> bytes:
+                            rto_ms: int = 1_000, backoff: int | None = None) -> bytes:
     """tcp_info, `size` bytes of it, of a socket `timeouts` timeouts into retransmitting
     a request to a silent peer: the timeout now `rto_ms` (at a 1 s cap by default), the
     last retransmission 300 ms ago, the peer's last ACK 20 s ago (idle before the
     request), one recovery so far that has lasted `total_rto_time` ms (with earlier ones,
-    if any)."""
+    if any). The timeout doubled at each, but where `backoff` says fewer times."""
     info = bytearray(size)
-    info[2], info[4] = timeouts, timeouts  # tcpi_retransmits, tcpi_backoff
+    info[2] = timeouts  # tcpi_retransmits
+    info[4] = timeouts if backoff is None else backoff  # tcpi_backoff
     struct.pack_into("=I", info, 8, rto_ms * 1000)  # tcpi_rto, microseconds
     struct.pack_into("=III", info, 52, 20_000, 20_000, 0)  # last data received, last ACK
     struct.pack_into("=I", info, 44, 300)  # tcpi_last_data_sent
@@ -849,28 +882,33 @@ def retransmitting_tcp_info(size: int, *, total_rto_time: int, timeouts: int = 1
 
 
 @pytest.mark.parametrize(
-    ("size", "total_rto_time", "timeouts", "rto_ms", "unanswered_ms"),
+    ("size", "total_rto_time", "timeouts", "rto_ms", "backoff", "unanswered_ms"),
     [
         # 6.7+: from the kernel's record of the episode (its first timeout 8.3 s ago).
-        (280, 8_300, 10, 1_000, 8_300),
+        (280, 8_300, 10, 1_000, None, 8_300),
         # With an earlier recovery that lasted 100 s summed in: bounded by the 10
         # timeouts that came, none longer than the 1 s cap.
-        (280, 108_300, 10, 1_000, 10_300),
+        (280, 108_300, 10, 1_000, None, 10_300),
         # An older kernel's shorter tcp_info: the last retransmission plus the timeout.
-        (240, 8_300, 10, 1_000, 1_300),
+        (240, 8_300, 10, 1_000, None, 1_300),
         # Below the cap, 4 timeouts doubled from 204 ms (3,264 now), the last 300 ms
         # ago: 3.36 s since the request. The kernel's clock (3.16 s since the first
         # timeout) reads it...
-        (280, 3_160, 4, 3_264, 3_160 + 204),
+        (280, 3_160, 4, 3_264, None, 3_160 + 204),
         # ...but with an earlier recovery of 3 s summed in, it read 3 s high: bounded by
         # the doubled timeouts' sum, up to 1/8 late each, and the 300 ms since the last.
-        (280, 6_160, 4, 3_264, (3_264 - 204) * 9 // 8 + 300 + 10),
+        (280, 6_160, 4, 3_264, None, (3_264 - 204) * 9 // 8 + 300 + 10),
+        # An ICMP host unreachable for each retransmission undid its doubling (Linux's
+        # tcp_ld_RTO_revert): 40 timeouts at 204 ms, backoff 0. The doubled timeouts'
+        # bound read 0.3 s, the time since the last: the kernel's clock, as before.
+        (280, 8_000, 40, 204, 0, 8_000 + 204),
     ],
-    ids=["episode", "earlier-recovery", "pre-6.7", "below-cap", "below-cap-earlier-recovery"],
+    ids=["episode", "earlier-recovery", "pre-6.7", "below-cap", "below-cap-earlier-recovery",
+         "icmp-unreachable"],
 )
 def test_unanswered_while_retransmitting_reads_the_kernels_rto_episode_when_it_has_one(
-    size: int, total_rto_time: int, timeouts: int, rto_ms: int, unanswered_ms: int,
-    monkeypatch: pytest.MonkeyPatch,
+    size: int, total_rto_time: int, timeouts: int, rto_ms: int, backoff: int | None,
+    unanswered_ms: int, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """sockdiag's decoding of a retransmitting socket's tcp_info, on the kernel's own
     layout: the estimate that keeps growing past the timeout's cap where the fields are
@@ -879,7 +917,8 @@ def test_unanswered_while_retransmitting_reads_the_kernels_rto_episode_when_it_h
     sets it (this process's own namespace has the default 120 s)."""
     monkeypatch.setattr(fp_sockdiag, "_rto_max_ms", lambda: 1_000 if rto_ms == 1_000 else 120_000)
     message = diag_message(retransmitting_tcp_info(
-        size, total_rto_time=total_rto_time, timeouts=timeouts, rto_ms=rto_ms))
+        size, total_rto_time=total_rto_time, timeouts=timeouts, rto_ms=rto_ms,
+        backoff=backoff))
     decoded = fp_sockdiag._decode(message, 0, len(message))
     assert decoded.unanswered_ms == unanswered_ms, decoded
     assert decoded.idle_ms == 20_000 and decoded.send_queue == 4, decoded
