@@ -1410,8 +1410,19 @@ def _unknown_names(names: Iterable[str], option_variables: Mapping[str, str]) ->
     # The aliases a port variable shows linked: their _PORT, _NAME and _ENV_ are theirs.
     aliases = {match["alias"] for name in found
                if (match := LINKED_VARIABLE.match(name.upper()))}
+    uppers = {name.upper() for name in found}
     unknown = []
     spelled = 0  # unknown-looking names looked at: the first SPELLED_AT_MOST may be spelled
+    portless: dict[str, bool] = {}  # a name -> _portless_link_variable's answer
+
+    def is_portless(upper: str) -> bool:
+        nonlocal spelled
+        if upper not in portless:
+            spell = spelled < SPELLED_AT_MOST
+            spelled += spell
+            portless[upper] = _portless_link_variable(upper, option_variables, spell=spell)
+        return portless[upper]
+
     for name in found:
         upper = name.upper()
         alias, _, rest = upper.rpartition("_")
@@ -1420,9 +1431,15 @@ def _unknown_names(names: Iterable[str], option_variables: Mapping[str, str]) ->
                 or (alias in aliases and rest in ("PORT", "NAME"))
                 or any(upper.startswith(f"{known}_ENV_") for known in aliases)):
             continue
-        spell = spelled < SPELLED_AT_MOST
-        spelled += spell
-        if _portless_link_variable(upper, option_variables, spell=spell):
+        # The environment of a container linked as forkproxy-ALIAS with no port, whose
+        # FORKPROXY_ALIAS_NAME (Docker gives every link one) is a portless link's: one
+        # look for them all. Each spent the spelling budget, and a typo past a container's
+        # 16 variables (FORKPROXY_ENV_FIEL after FORKPROXY_DB_ENV_...) went unwarned.
+        owner = upper.partition("_ENV_")[0]
+        if (owner != VARIABLE_PREFIX[:-1] and f"{owner}_NAME" in uppers
+                and is_portless(f"{owner}_NAME")):
+            continue
+        if is_portless(upper):
             continue
         unknown.append(name)
     return unknown

@@ -969,6 +969,27 @@ def test_a_file_of_unknown_names_costs_no_spelling_search_past_the_first_few() -
     assert time.process_time() - started < 2.5
 
 
+def test_a_portless_linked_containers_environment_leaves_the_spelling_budget_for_typos() -> None:
+    """A container linked as forkproxy-db with no port gives FORKPROXY_DB_NAME and one
+    FORKPROXY_DB_ENV_ name per variable of its environment (often 16 and more): each spent
+    the spelling budget, and a typo after them in name order (FORKPROXY_ENV_FIEL) was
+    taken for a portless link's variable, unwarned. Its _NAME is looked at once for all."""
+    variables = {"FORKPROXY_ENV_FILE": "--env-file", "FORKPROXY_GRACE": "--grace"}
+    container = {f"FORKPROXY_DB_ENV_VAR{index:02d}": "x"
+                 for index in range(config.SPELLED_AT_MOST + 4)}
+    environ = {"FORKPROXY_DB_NAME": "/app/forkproxy-db", **container,
+               "FORKPROXY_ENV_FIEL": "/e.env"}
+    assert unknown_variables(environ, variables, ()) == ((
+        "FORKPROXY_ENV_FIEL",
+        "no option reads it: ignored; did you mean FORKPROXY_ENV_FILE (--env-file)?"),)
+    # The same names in the env file alike (FORKPROXY_ENV_FILE named too: an option's).
+    text = "A_PORT_7000_TCP=tcp://10.0.0.5:7000\n" + "".join(
+        f"{name}={value}\n" for name, value in environ.items())
+    table = build_links((), env_file=("/e.env", text),
+                        option_variables=tuple(variables.items()))
+    assert [name for name, _ in table.file_options] == ["FORKPROXY_ENV_FIEL"]
+
+
 @pytest.mark.parametrize(
     "typed",
     ["MAXCHILDREN", "MAX_CHILDRN", "MAX_CHILD", "GRAEC", "LOGFORMAT", "PIDFILE", "KEEP_ALIVE",
