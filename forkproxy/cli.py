@@ -1120,6 +1120,8 @@ def reload_command(
              "SIGHUP, --status-socket asks the socket and reports the outcome)")
     if pid_file == "":  # bad input (exit 2), as `--status-socket ''` is, not a failed read
         fail("--pid-file '': an empty path")
+    if pid_file is not None and pid_file.isspace():  # as serve's (config.check_options)
+        fail(f"--pid-file {quoted(pid_file)}: a blank path")
     if pid_file is not None:  # asked for on the command line: it wins over the variable
         try:
             pid = _signal_supervisor(pid_file)

@@ -2666,6 +2666,9 @@ def test_an_empty_pid_file_path_is_bad_input_for_reload() -> None:
     """`reload --pid-file ''` said "cannot reload: cannot read ''" and exited 1, the status
     of a supervisor not found, where `--status-socket ''` is bad input (exit 2)."""
     assert_one_line_error(run("reload", "--pid-file", ""), "--pid-file '': an empty path")
+    # And one of blanks alone, which serve refuses as it refuses an empty one: it said
+    # "cannot reload: cannot read ' '" and exited 1.
+    assert_one_line_error(run("reload", "--pid-file", " "), "--pid-file ' ': a blank path")
 
 
 @pytest.mark.parametrize("command", ["status", "check", "reload"])
