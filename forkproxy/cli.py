@@ -31,6 +31,7 @@ from .config import (
     Options,
     Sources,
     check_options,
+    check_pid_file_path,
     derived_max_children,
     name_variable,
     parse_aliases,
@@ -1118,10 +1119,10 @@ def reload_command(
         # reload runs: --pid-file goes over it, as any flag goes over a variable.
         fail("--pid-file and --status-socket: give one or the other (--pid-file sends "
              "SIGHUP, --status-socket asks the socket and reports the outcome)")
-    if pid_file == "":  # bad input (exit 2), as `--status-socket ''` is, not a failed read
-        fail("--pid-file '': an empty path")
-    if pid_file is not None and pid_file.isspace():  # as serve's (config.check_options)
-        fail(f"--pid-file {quoted(pid_file)}: a blank path")
+    try:  # bad input (exit 2), as for serve and `--status-socket ''`, not a failed read
+        check_pid_file_path(pid_file)
+    except ConfigError as exc:
+        fail(str(exc))
     if pid_file is not None:  # asked for on the command line: it wins over the variable
         try:
             pid = _signal_supervisor(pid_file)

@@ -1732,6 +1732,18 @@ def parse_metrics_address(text: str) -> tuple[str, int]:
         raise _several(text, "--metrics", what, ONE_METRICS) or exc from None
 
 
+def check_pid_file_path(path: str | None) -> None:
+    """ConfigError for a --pid-file path nobody means, `serve`'s and `reload`'s alike.
+    Empty, as `--status-socket ''` (control.check_path): it was "No such file or
+    directory" from the supervisor, after the exec (an empty FORKPROXY_PID_FILE counts as
+    unset and never reaches here). Blank: written in the working directory as a file
+    named ' ', where no `reload --pid-file` looks."""
+    if path == "":
+        raise ConfigError("--pid-file '': an empty path")
+    if path is not None and path.isspace():
+        raise ConfigError(f"--pid-file {quoted(path)}: a blank path")
+
+
 def check_options(options: Options) -> Options:
     """Raise ConfigError for values no proxy could run with."""
     if options.relay not in RELAY_MODES:
@@ -1749,15 +1761,7 @@ def check_options(options: Options) -> Options:
             raise ConfigError(f"bad {what} limit {limit!r}")  # only from a bad handover
     if not (type(options.nproc_others) is int and options.nproc_others >= 0):
         raise ConfigError(f"bad nproc count {options.nproc_others!r}")  # the same
-    if options.pid_file == "":
-        # As `--status-socket ''` (control.check_client_path): the flag given empty is bad
-        # input; it was "No such file or directory" from the supervisor, after the exec.
-        # (An empty FORKPROXY_PID_FILE counts as unset and never reaches here.)
-        raise ConfigError("--pid-file '': an empty path")
-    if options.pid_file is not None and options.pid_file.isspace():
-        # As a blank --status-socket (control.check_path): written in the working
-        # directory as a file named ' ', where no `reload --pid-file` looks.
-        raise ConfigError(f"--pid-file {quoted(options.pid_file)}: a blank path")
+    check_pid_file_path(options.pid_file)
     if options.take_over is not None and not isinstance(options.take_over, str):
         raise ConfigError(f"bad --take-over socket {options.take_over!r}")  # the same
     if options.connect_retries < 0:

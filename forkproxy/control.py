@@ -813,13 +813,19 @@ def peer_pid(sock: socket.socket) -> int:
 INITIAL_PID_NAMESPACE = 0xEFFFFFFC
 
 
+def _pid_namespace() -> int | None:
+    """The inode of this process's PID namespace, None where it cannot be read."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return None
+
+
 def in_child_pid_namespace() -> bool:
     """Whether this process runs in a PID namespace other than the initial one (a
     container's), known by its inode; False where that cannot be read."""
-    try:
-        return os.stat("/proc/self/ns/pid").st_ino != INITIAL_PID_NAMESPACE
-    except OSError:
-        return False
+    namespace = _pid_namespace()
+    return namespace is not None and namespace != INITIAL_PID_NAMESPACE
 
 
 def parent_is_namespace_init() -> bool:
@@ -829,12 +835,7 @@ def parent_is_namespace_init() -> bool:
     parent of a service) never does. Told by our PID namespace's inode, not by NSpid,
     which lists pids from /proc's namespace down: one pid in a container with its own
     /proc. Where the namespace cannot be read, True: not known to be the initial one."""
-    if os.getppid() != 1:
-        return False
-    try:
-        return os.stat("/proc/self/ns/pid").st_ino != INITIAL_PID_NAMESPACE
-    except OSError:
-        return True
+    return os.getppid() == 1 and _pid_namespace() != INITIAL_PID_NAMESPACE
 
 
 def process_start(pid: int | None = None) -> int | None:

@@ -152,7 +152,7 @@ def _live_sockets(directory: str) -> list[str] | None:
     except UnixSocketRefused as exc:
         # None could be asked: "no running forkproxy found" beside a live one.
         raise SocketsRefused(f"cannot look for a running forkproxy in {directory!r}: "
-                       f"{exc.strerror}") from None
+                             f"{exc.strerror}") from None
 
 
 # The most a reply may be: a status of a million live connections is ~250 MiB.
