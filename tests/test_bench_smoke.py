@@ -59,6 +59,13 @@ def test_bench_smoke_run(tmp_path: Path) -> None:
             pytest.fail(f"scripts/bench --smoke took over 240 s\nstderr:\n{err[-5000:]}")
     assert proc.returncode == 0, f"stdout:\n{out[-3000:]}\nstderr:\n{err[-5000:]}"
     assert out.startswith("| metric | unit | direct | socat | haproxy | floor | forkproxy |")
+    # What each proxy spends, with its ratios beside (steadier than the rates between runs).
+    side_head = "| | unit | socat | haproxy | floor | forkproxy | haproxy / socat | floor / socat"
+    assert side_head + " | forkproxy / socat | forkproxy / haproxy | forkproxy / floor |" in out
+    (cpu_conn,) = [ln for ln in out.splitlines() if ln.startswith("| proxy CPU per connection")]
+    cells = [c.strip() for c in cpu_conn.strip("|").split("|")]
+    assert len(cells) == 2 + 4 + 5, cpu_conn
+    assert all(c == "n/a" or c.endswith("x") for c in cells[6:]), cpu_conn
 
     data = json.loads((tmp_path / "benchmarks.json").read_text())
     assert data["errors"] == []
