@@ -550,14 +550,44 @@ def listener_pid(path: str) -> int | None:
 PID_MAX_FILE = "/proc/sys/kernel/pid_max"
 
 
+# What a kernel boots with at least (PID_MAX_DEFAULT; more with many CPUs, 4194304 where
+# systemd raises it): a --max-children up to it fits any pid_max but one lowered by hand.
+PID_MAX_DEFAULT = 32768
+
+
 def read_pid_max(path: str = PID_MAX_FILE) -> int | None:
     """The kernel's pid_max, or None when it cannot be read (no /proc mounted)."""
+    return pid_max_or_why(path)[0]
+
+
+def pid_max_or_why(path: str = PID_MAX_FILE) -> tuple[int | None, str]:
+    """The kernel's pid_max and "", or None and why it cannot be read: under systemd's
+    ProcSubset=pid (proc mounted with subset=pid) /proc/sys is hidden, with no /proc
+    nothing is there."""
     try:
         with open(path, "rb") as handle:
             text = handle.read(32).strip()
-    except OSError:
+    except OSError as exc:
+        if not os.path.isdir("/proc/self"):
+            return None, f"{path}: no /proc is mounted"
+        if exc.errno == errno.ENOENT and not os.path.isdir("/proc/sys"):
+            return None, (f"{path}: /proc/sys is hidden (a /proc of processes only: proc "
+                          "mounted with subset=pid, systemd's ProcSubset=pid)")
+        return None, f"{path}: {exc.strerror or exc}"
+    if not text.isdigit():
+        return None, f"{path}: not a number: {text[:20]!r}"
+    return int(text), ""
+
+
+def pid_max_unchecked(options: Options, why: str) -> str | None:
+    """What the supervisor says at start when a --max-children given could not be checked
+    against pid_max (`why` it could not be read), or None: checked, derived, or no more
+    than any kernel's pid_max but one lowered by hand (PID_MAX_DEFAULT)."""
+    if not options.max_children_given or not why or options.max_children <= PID_MAX_DEFAULT:
         return None
-    return int(text) if text.isdigit() else None
+    return (f"--max-children {options.max_children} was not checked against the kernel's "
+            f"pid_max: {why}; more than pid_max is served, and the forks past it fail "
+            "(fork-failed): give at most what `sysctl kernel.pid_max` says on the host")
 
 
 def check_pid_max(options: Options, pid_max: int | None) -> None:
@@ -618,7 +648,8 @@ def serve(*, sources: Sources, variables: Mapping[str, str] | None = None,
     supervisor to take the listeners of is found here, once the input is known good, as
     `status` finds one; the supervisor asks it where it would bind them."""
     load(sources)
-    check_pid_max(sources.options, read_pid_max())
+    pid_max, pid_max_why = pid_max_or_why()
+    check_pid_max(sources.options, pid_max)
     if take_over:
         from .status import SocketsRefused, StatusError, find_socket
 
@@ -635,7 +666,8 @@ def serve(*, sources: Sources, variables: Mapping[str, str] | None = None,
     # tasks, they lowered this one's --max-children for good (fixed at start).
     sources = sources.replace(options=with_limits(
         sources.options, read_memory_limit(), read_pids_limit(),
-        read_nproc_limit(taken_from=sources.options.take_over)))
+        read_nproc_limit(taken_from=sources.options.take_over)).replace(
+            pid_max_unread=pid_max_unchecked(sources.options, pid_max_why)))
     raise_open_files_limit()
     payload = json.dumps({**sources_to_json(sources), "variables": dict(variables or {}),
                           "version": __version__}).encode()

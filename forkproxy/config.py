@@ -230,6 +230,10 @@ class Options(Value):
     # found at start: it counts all of them, in every session (children_within_nproc).
     nproc_limit: int | None
     nproc_others: int
+    # Why a --max-children given could not be checked against the kernel's pid_max
+    # (/proc/sys hidden: systemd's ProcSubset=pid), found by the CLI, said by the
+    # supervisor at start (`pid-max-unknown`); None: checked, or nothing to check.
+    pid_max_unread: str | None
     # --take-over: the control socket of the supervisor whose listeners this one takes
     # (found by the CLI, as `status` finds one), None for a plain start.
     take_over: str | None
@@ -268,6 +272,7 @@ class Options(Value):
         nproc_others: int = 0,
         unknown_variables: tuple[tuple[str, str], ...] = (),
         option_variables: tuple[tuple[str, str], ...] = (),
+        pid_max_unread: str | None = None,
     ) -> None:
         # Interned: then "auto" is the very object that is the constant relay.Flow compares
         # it with, so a child reading both writes one reference count, not two on two
@@ -282,7 +287,7 @@ class Options(Value):
             memory_limit=memory_limit, max_children_given=max_children_given,
             pids_limit=pids_limit, take_over=take_over, nproc_limit=nproc_limit,
             nproc_others=nproc_others, unknown_variables=unknown_variables,
-            option_variables=option_variables,
+            option_variables=option_variables, pid_max_unread=pid_max_unread,
         )
 
 

@@ -1255,6 +1255,7 @@ class Supervisor:
                               f"{RAISE_NOFILE}") from None
         self._log_max_children()  # before "listening": whoever waits for it can read it
         self._log_foreign_proc()
+        self._log_pid_max_unread()
         self._print_ready(lines)
         # In the log too, as after a reload: stdout may go nowhere a log shipper looks,
         # and `ready` is debug. After stdout, so that a script waiting there is not held
@@ -1402,6 +1403,14 @@ class Supervisor:
                              "and the metrics show no memory, CPU or socket figures of "
                              "forkproxy's processes, and a take-over is refused; mount a "
                              "/proc for this PID namespace to have them")
+
+    def _log_pid_max_unread(self) -> None:
+        """At start, once: a --max-children given that could not be checked against the
+        kernel's pid_max (cli.pid_max_unchecked says when, and why), where a value
+        above it was refused (exit 2) with /proc/sys readable."""
+        if self.options.pid_max_unread is not None:
+            self.log.warning("pid-max-unknown", value=self.options.max_children,
+                             detail=self.options.pid_max_unread)
 
     def _log_max_children(self) -> None:
         """At start: which limit the derived --max-children came from (memory, pids,

@@ -25,7 +25,7 @@ import pytest
 import typer
 
 from forkproxy import __version__
-from forkproxy.cli import app, check_pid_max
+from forkproxy.cli import PID_MAX_DEFAULT, app, check_pid_max, pid_max_unchecked
 from forkproxy.config import ConfigError, Options, Sources, sources_to_json
 from forkproxy.status import StatusError
 
@@ -193,6 +193,51 @@ def test_check_pid_max_refuses_only_a_given_value_above_it(pid_max: int | None) 
             check_pid_max(given, pid_max)  # at or below, or no pid_max read: no error
         # A derived value is never refused: the operator did not choose it.
         check_pid_max(Options(max_children=value, max_children_given=False), pid_max)
+
+
+@pytest.mark.parametrize(("value", "warned"), [(str(PID_MAX_DEFAULT + 1), True),
+                                                ("1000", False)])
+def test_max_children_unchecked_under_a_proc_of_pids_only_is_said_at_start(
+    short_dir: Path, value: str, warned: bool,
+) -> None:
+    """systemd's ProcSubset=pid (proc mounted with subset=pid) hides /proc/sys: a
+    --max-children given was not checked against pid_max, without a word. One warning
+    at start says so now, and why; a value no kernel's default pid_max is below is
+    not warned of (only `-v` would show it: nothing to do about it)."""
+    script = ('mount -t proc -o subset=pid,hidepid=invisible proc /proc && '
+              'test ! -e /proc/sys/kernel/pid_max && test -d /proc/self && exec "$@"')
+    result = subprocess.run(
+        [need("unshare"), "--mount", "--pid", "--fork", "--mount-proc", "sh", "-c", script,
+         "sh", "timeout", "-s", "TERM", "2", FORKPROXY, "serve", "127.0.0.1:0=127.0.0.1:9",
+         "--max-children", value, "--status-socket", str(short_dir / "s.sock")],
+        capture_output=True, text=True, timeout=60, check=False)
+    assert result.stdout.startswith("listening "), result  # served, as before
+    lines = [line for line in result.stderr.splitlines() if " pid-max-unknown " in line]
+    if not warned:
+        assert lines == [], result.stderr
+        return
+    assert len(lines) == 1, result.stderr
+    assert lines[0].endswith(
+        f" warning pid-max-unknown value={value} detail=\"--max-children {value} was not "
+        "checked against the kernel's pid_max: /proc/sys/kernel/pid_max: /proc/sys is "
+        "hidden (a /proc of processes only: proc mounted with subset=pid, systemd's "
+        "ProcSubset=pid); more than pid_max is served, and the forks past it fail "
+        "(fork-failed): give at most what `sysctl kernel.pid_max` says on the host\""), lines
+    events = [line.split()[3] for line in result.stderr.splitlines()]
+    assert events.index("pid-max-unknown") < events.index("listening"), events
+
+
+def test_pid_max_unchecked_only_for_a_given_value_that_could_be_above_it() -> None:
+    """pid_max_unchecked itself: nothing when pid_max was read, or the value derived, or
+    no more than PID_MAX_DEFAULT; else the reason, in the words given."""
+    over = PID_MAX_DEFAULT + 1
+    assert pid_max_unchecked(Options(max_children=over), "") is None
+    assert pid_max_unchecked(Options(max_children=over, max_children_given=False),
+                             "hidden") is None
+    assert pid_max_unchecked(Options(max_children=PID_MAX_DEFAULT), "hidden") is None
+    said = pid_max_unchecked(Options(max_children=over), "hidden")
+    assert said is not None and said.startswith(
+        f"--max-children {over} was not checked against the kernel's pid_max: hidden; "), said
 
 
 def test_port_in_use_is_named_and_nothing_is_half_started() -> None:
