@@ -81,6 +81,7 @@ from .log import DEBUG, ERROR_LOG_EVERY, LOG_SETTLE, WARNING, Logger, crash_fiel
 from .process_name import REPORTER, RESOLVER, name_process
 from .relay import Address, RawSocket
 
+NETLINK_SOCK_DIAG = 4  # as sockdiag.py's: not imported, the supervisor stays lean
 TYPE_CHECKING = False  # not typing's: importing typing costs the supervisor heap (config.py)
 if TYPE_CHECKING:
     from resource import struct_rusage
@@ -1256,6 +1257,7 @@ class Supervisor:
         self._log_max_children()  # before "listening": whoever waits for it can read it
         self._log_foreign_proc()
         self._log_pid_max_unread()
+        self._log_sockets_unread()
         self._print_ready(lines)
         # In the log too, as after a reload: stdout may go nowhere a log shipper looks,
         # and `ready` is debug. After stdout, so that a script waiting there is not held
@@ -1411,6 +1413,29 @@ class Supervisor:
         if self.options.pid_max_unread is not None:
             self.log.warning("pid-max-unknown", value=self.options.max_children,
                              detail=self.options.pid_max_unread)
+
+    def _log_sockets_unread(self) -> None:
+        """At start, once: the kernel's view of the connections' sockets (NETLINK_SOCK_DIAG)
+        refused to this process's sandbox, and so to the metrics process and a `status` run
+        in it, which said so only once a connection was live to be read. One socket,
+        opened and closed here: nothing on a connection's path."""
+        try:
+            socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
+                          NETLINK_SOCK_DIAG).close()
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                return  # short of descriptors or memory this moment: no sandbox's doing
+            refused = exc.errno in (errno.EAFNOSUPPORT, errno.EPERM, errno.EACCES)
+            metric = ("the metric forkproxy_upstream_unanswered_seconds has no sample, "
+                      if self.options.metrics is not None else "")
+            self.log.warning(
+                "sockets-unread", error=exc.strerror,
+                detail="the kernel's view of the connections' sockets (NETLINK_SOCK_DIAG) "
+                + ("is refused to this process: a seccomp filter (systemd's "
+                   "RestrictAddressFamilies= without AF_NETLINK, a container's profile) or "
+                   "a security module; " if refused else "cannot be read here; ")
+                + f"{metric}`status` run in the same sandbox shows IDLE, QUEUED and "
+                "UNANSWERED as unknown (`-`); allow AF_NETLINK to have them")
 
     def _log_max_children(self) -> None:
         """At start: which limit the derived --max-children came from (memory, pids,

@@ -253,3 +253,38 @@ def test_a_sandbox_refusing_netlink_leaves_unanswered_unknown_not_zero(
         finally:
             redis.proc.send_signal(signal.SIGCONT)
         assert client.recv(7) == b"+PONG\r\n"
+
+
+@pytest.mark.parametrize("metrics", [True, False])
+def test_a_sandbox_refusing_netlink_is_said_once_at_start(
+    short_dir: Path, refuse: Callable[[str, str], tuple[str, ...]],
+    start_proxy: Callable[..., Proxy], metrics: bool,
+) -> None:
+    """Under a sandbox refusing AF_NETLINK, serve said nothing at start: the metrics
+    process left its UNANSWERED sample out, and `status` said why, only once a connection
+    was live to be read. One warning at start names what will be missing and why, before
+    `listening`; none without the sandbox."""
+    sandbox = refuse("AF_NETLINK", "EAFNOSUPPORT")
+    extra = ("--metrics", "127.0.0.1:0") if metrics else ()
+    for prefix in (sandbox, ()):
+        sock = short_dir / f"s{len(prefix)}.sock"
+        proxy = start_proxy("127.0.0.1:0=127.0.0.1:9", "--status-socket", str(sock), *extra,
+                            expect=2 if metrics else 1, prefix=prefix)
+        assert proxy.stop() == 0
+        log = proxy.log().splitlines()
+        lines = [line for line in log if " sockets-unread " in line]
+        if not prefix:
+            assert lines == [], log
+            continue
+        metric = ("the metric forkproxy_upstream_unanswered_seconds has no sample, "
+                  if metrics else "")
+        assert len(lines) == 1, log
+        assert lines[0].endswith(
+            " warning sockets-unread error=\"Address family not supported by protocol\" "
+            "detail=\"the kernel's view of the connections' sockets (NETLINK_SOCK_DIAG) is "
+            "refused to this process: a seccomp filter (systemd's RestrictAddressFamilies= "
+            "without AF_NETLINK, a container's profile) or a security module; "
+            f"{metric}`status` run in the same sandbox shows IDLE, QUEUED and UNANSWERED as "
+            "unknown (`-`); allow AF_NETLINK to have them\""), lines
+        events = [line.split()[3] for line in log]
+        assert events.index("sockets-unread") < events.index("listening"), events
