@@ -413,6 +413,17 @@ def read_pids_limit(proc: str = "/proc/self", root: str = "/") -> int | None:
                            lambda _path, text: cgroup.parse_pids_limit(text))
 
 
+def pids_limit_paths(proc: str = "/proc/self") -> tuple[str, ...]:
+    """The `pids.max` files of this process's cgroup and its ancestors (any may be
+    missing, or say "max"), where the supervisor reads the limit again when a fork fails:
+    `docker update --pids-limit` writes them while it runs. () when none can be found."""
+    cgroup_text = _read(os.path.join(proc, "cgroup"))
+    mountinfo = _read(os.path.join(proc, "mountinfo"))
+    if cgroup_text is None or mountinfo is None:
+        return ()
+    return tuple(cgroup.pids_limit_files(cgroup_text, mountinfo))
+
+
 # What exempts a process from RLIMIT_NPROC besides a real uid of 0 (the kernel's
 # copy_process: INIT_USER, or capable() of either, which asks the initial user namespace).
 CAP_SYS_ADMIN = 21
@@ -513,14 +524,17 @@ def read_nproc_limit(proc: str = "/proc",
     import resource
 
     soft, _hard = resource.getrlimit(resource.RLIMIT_NPROC)
-    if soft == resource.RLIM_INFINITY:
-        return None, 0
-    uid_map = _read(os.path.join(proc, "self", "uid_map"))
-    if nproc_exempt(control.outer_uid(os.getuid(), uid_map), uid_map,
-                    _read(os.path.join(proc, "self", "status"))):
+    if soft == resource.RLIM_INFINITY or exempt_from_nproc(proc):
         return None, 0
     leave_out = None if taken_from is None else listener_pid(taken_from)
     return soft, count_user_tasks(os.getuid(), proc, os.getpid(), leave_out)
+
+
+def exempt_from_nproc(proc: str = "/proc") -> bool:
+    """nproc_exempt for this process, read from `proc`."""
+    uid_map = _read(os.path.join(proc, "self", "uid_map"))
+    return nproc_exempt(control.outer_uid(os.getuid(), uid_map), uid_map,
+                        _read(os.path.join(proc, "self", "status")))
 
 
 def listener_pid(path: str) -> int | None:
@@ -667,6 +681,7 @@ def serve(*, sources: Sources, variables: Mapping[str, str] | None = None,
     sources = sources.replace(options=with_limits(
         sources.options, read_memory_limit(), read_pids_limit(),
         read_nproc_limit(taken_from=sources.options.take_over)).replace(
+            pids_limit_files=pids_limit_paths(), nproc_exempt=exempt_from_nproc(),
             pid_max_unread=pid_max_unchecked(sources.options, pid_max_why)))
     raise_open_files_limit()
     payload = json.dumps({**sources_to_json(sources), "variables": dict(variables or {}),

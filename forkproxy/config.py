@@ -230,6 +230,12 @@ class Options(Value):
     # found at start: it counts all of them, in every session (children_within_nproc).
     nproc_limit: int | None
     nproc_others: int
+    # Where the limits are read again when a fork fails (a pids.max written, `docker update
+    # --pids-limit`, `prlimit --nproc` on the supervisor change them while it runs): the
+    # pids.max files of the cgroup and its ancestors found at start, and whether the
+    # kernel exempts this process from RLIMIT_NPROC (root: no limit to read again).
+    pids_limit_files: tuple[str, ...]
+    nproc_exempt: bool
     # Why a --max-children given could not be checked against the kernel's pid_max
     # (/proc/sys hidden: systemd's ProcSubset=pid), found by the CLI, said by the
     # supervisor at start (`pid-max-unknown`); None: checked, or nothing to check.
@@ -272,6 +278,8 @@ class Options(Value):
         nproc_others: int = 0,
         unknown_variables: tuple[tuple[str, str], ...] = (),
         option_variables: tuple[tuple[str, str], ...] = (),
+        pids_limit_files: tuple[str, ...] = (),
+        nproc_exempt: bool = False,
         pid_max_unread: str | None = None,
     ) -> None:
         # Interned: then "auto" is the very object that is the constant relay.Flow compares
@@ -287,7 +295,8 @@ class Options(Value):
             memory_limit=memory_limit, max_children_given=max_children_given,
             pids_limit=pids_limit, take_over=take_over, nproc_limit=nproc_limit,
             nproc_others=nproc_others, unknown_variables=unknown_variables,
-            option_variables=option_variables, pid_max_unread=pid_max_unread,
+            option_variables=option_variables, pids_limit_files=pids_limit_files,
+            nproc_exempt=nproc_exempt, pid_max_unread=pid_max_unread,
         )
 
 
@@ -1834,6 +1843,7 @@ def sources_from_json(data: Mapping[str, object]) -> Sources:
         (str(name), str(detail)) for name, detail in options.get("unknown_variables", ()))
     options["option_variables"] = tuple(
         (str(name), str(flag)) for name, flag in options.get("option_variables", ()))
+    options["pids_limit_files"] = tuple(str(path) for path in options.get("pids_limit_files", ()))
     return Sources(
         specs=tuple(str(spec) for spec in specs),
         from_env=bool(data["from_env"]),

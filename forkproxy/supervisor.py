@@ -19,12 +19,12 @@ import gc
 import json
 import os
 
-# Not used by name: os.wait4 imports it to build its rusage result, at the first reap,
-# which then opens the module's file. A first reap at EMFILE (a process that ended while
-# every descriptor was in use) raised ImportError out of handle_chld, and the supervisor
-# died with a traceback, its children orphaned. Imported here, before any child, with
-# the ~5 mappings every child forked after the first reap had anyway.
-import resource  # noqa: F401
+# os.wait4 imports it to build its rusage result, at the first reap, which then opens the
+# module's file. A first reap at EMFILE (a process that ended while every descriptor was
+# in use) raised ImportError out of handle_chld, and the supervisor died with a traceback,
+# its children orphaned. Imported here, before any child, with the ~5 mappings every child
+# forked after the first reap had anyway; by name too, by a failed fork (_nproc_limit_now).
+import resource
 import select
 import signal
 import socket
@@ -1967,13 +1967,43 @@ class Supervisor:
             self.held.append(listeners.HeldBacklog(listener, [client]))
         self.accounting.slots.release(base)
         self.accounting.fork_failed(listener.link)
-        self._pause_accepting("fork-failed", listener, exc, self._fork_limit(exc))
+        self._pause_accepting("fork-failed", listener, exc, self._fork_limit)
+
+    def _pids_limit_now(self) -> int | None:
+        """The pids limit as pids.max says now, the smallest of the files found at start
+        (None: "max" in each, or none readable). os.open and os.read, as at start."""
+        found = None
+        for path in self.options.pids_limit_files:
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                continue  # the root cgroup's: none; a cgroup removed
+            try:
+                text = os.read(fd, 32).strip()
+            except OSError:
+                continue
+            finally:
+                os.close(fd)
+            if text.isdigit() and (found is None or int(text) < found):
+                found = int(text)
+        return found
+
+    def _nproc_limit_now(self) -> int | None:
+        """The soft RLIMIT_NPROC now (`prlimit --nproc --pid` changes it while we run), or
+        None: none, or the kernel exempts us (root), as found at start."""
+        if self.options.nproc_exempt:
+            return None
+        soft = resource.getrlimit(resource.RLIMIT_NPROC)[0]
+        return None if soft == resource.RLIM_INFINITY else soft
 
     def _fork_limit(self, exc: OSError) -> str:
         """The limit a failed fork likely met, in words for `fork-failed`'s detail: the
         kernel says EAGAIN alike for a cgroup's pids.max and the user's RLIMIT_NPROC, and
-        ENOMEM for memory. Judged from the limits found at start (as status shows them),
-        on this failure branch only: a fork that works does none of it."""
+        ENOMEM for memory. The pids and nproc limits are read again, as they are now:
+        `docker update --pids-limit` or `prlimit --nproc` since the start made those
+        found then stale (the user's other tasks are those counted at start). Called
+        only when a line is due (once per ERROR_LOG_EVERY): a fork that works does none
+        of it, nor does each retry."""
         if exc.errno == errno.ENOMEM:
             memory = self.options.memory_limit
             return ("out of memory: likely the memory limit of "
@@ -1982,31 +2012,47 @@ class Supervisor:
                     "found at start: the machine's, or one set since")
         if exc.errno != errno.EAGAIN:
             return ""
+        metrics = self.options.metrics is not None
+        pids, nproc = self._pids_limit_now(), self._nproc_limit_now()
         # The limit holding the fewest connections is the one met first (pids on a tie:
         # a container's own, the likelier to be low).
-        fits = [(fit, name) for name, fit in (("pids", self.pids_fit()),
-                                              ("nproc", self.nproc_fit())) if fit is not None]
+        fits = [(fit, name) for name, fit in (
+            ("pids", None if pids is None else children_within_pids(pids, metrics)),
+            ("nproc", None if nproc is None else children_within_nproc(
+                nproc, self.options.nproc_others, metrics))) if fit is not None]
         if not fits:
-            return ("no pids or nproc limit was found at start: one set since (docker "
-                    "update --pids-limit, prlimit --nproc), or the kernel's threads-max "
-                    "or pid_max")
+            return ("no pids or nproc limit found, read again now: likely the kernel's "
+                    "threads-max or pid_max")
         name = min(fits, key=lambda fit: fit[0])[1]
         if name == "pids":
-            return (f"likely the cgroup's pids limit of {self.options.pids_limit} "
+            return (f"likely the cgroup's pids limit of {pids}{self._since(pids, 'pids')} "
                     "(pids.max; the container's --pids-limit), which counts its processes "
                     "and threads")
-        return (f"likely the user's nproc limit of {self.options.nproc_limit} (RLIMIT_NPROC; "
-                "ulimit -u, LimitNPROC=), which counts all the user's processes and threads")
+        return (f"likely the user's nproc limit of {nproc}{self._since(nproc, 'nproc')} "
+                "(RLIMIT_NPROC; ulimit -u, LimitNPROC=), which counts all the user's "
+                "processes and threads")
+
+    def _since(self, now: int | None, name: str) -> str:
+        """", N at start" where the `name` limit found at start (status shows it) was not
+        the one in force now."""
+        then = self.options.pids_limit if name == "pids" else self.options.nproc_limit
+        if then == now:
+            return ""
+        return f", {'none' if then is None else then} at start"
 
     def _pause_accepting(self, event: str, listener: Listener | listeners.HeldBacklog,
-                         exc: OSError, cause: str = "") -> None:
+                         exc: OSError, cause: Callable[[OSError], str] | None = None) -> None:
         """Pause accepting for a moment; log `event` once per ERROR_LOG_EVERY while it
         repeats (every ACCEPT_BACKOFF at a pids or descriptor limit), with a count, and
-        `cause`, what the failure likely met, first in the detail."""
+        `cause`'s words, what the failure likely met, first in the detail (asked only
+        when a line is due)."""
         self.resume_at = time.monotonic() + ACCEPT_BACKOFF
         pausing = f"pausing accepts for {ACCEPT_BACKOFF}s at a time"
-        self._log_repeating(event, exc, f"{cause}; {pausing}" if cause else pausing,
-                            link=listener.link.name)
+        failures = fold(self.pause_logs, event)
+        if failures:
+            why = cause(exc) if cause is not None else ""
+            self.log.error(event, link=listener.link.name, error=exc.strerror,
+                           failures=failures, detail=f"{why}; {pausing}" if why else pausing)
         self.update_accepting()
 
     def _log_repeating(self, event: str, exc: OSError, detail: str, **fields: object) -> None:

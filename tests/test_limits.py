@@ -3103,6 +3103,70 @@ def test_a_fork_failed_at_the_nproc_limit_names_that_limit(
     assert proxy.stop() == 0
 
 
+def test_a_fork_failed_after_the_nproc_limit_was_lowered_names_the_limit_now(
+    start_proxy: StartProxy, tcp_server: ServerFactory, short_dir: Path
+) -> None:
+    """`prlimit --nproc --pid` on the running supervisor: `fork-failed` named the limit
+    found at start, which the forks no longer met. The limit is read again when a fork
+    fails, and the line names it, with the one found at start."""
+    uid = 1_950_000_000 + os.getpid() % 1_000_000  # not the other nproc tests' uid
+    os.chown(short_dir, uid, uid)
+    server = tcp_server(echo)
+    proxy = start_proxy("--max-children", "50", "--status-socket", str(short_dir / "s.sock"),
+                        f"127.0.0.1:0=127.0.0.1:{server.port}",
+                        prefix=as_user_under_nproc(uid, 50))
+    limit = 4  # the supervisor and three children: the next fork fails
+    # As the user: no CAP_SYS_RESOURCE needed to lower one's own (nor had here, as root).
+    lowered = subprocess.run([need("setpriv"), f"--reuid={uid}", f"--regid={uid}",
+                              "--clear-groups", need("prlimit"), f"--pid={proxy.pid}",
+                              f"--nproc={limit}:{limit}"], capture_output=True, text=True,
+                             timeout=30, check=False)
+    assert lowered.returncode == 0, lowered
+    [processes] = [line.split()[2:4] for line in
+                   Path(f"/proc/{proxy.pid}/limits").read_text().splitlines()
+                   if line.startswith("Max processes ")]
+    assert processes == [str(limit), str(limit)], processes
+    clients = [connect(proxy.port) for _ in range(limit + 2)]
+    try:
+        assert wait_for(lambda: re.search(FORK_FAILED_LINE, proxy.log()) is not None)
+        line = re.findall(FORK_FAILED_LINE, proxy.log())[0]
+        assert (f"detail=\"likely the user's nproc limit of {limit}, 50 at start "
+                "(RLIMIT_NPROC; ulimit -u, LimitNPROC=), which counts all the user's "
+                "processes and threads; pausing accepts for 0.1s at a time\"") in line, line
+    finally:
+        for client in clients:
+            client.close()
+    assert proxy.stop() == 0
+
+
+@pytest.mark.parametrize("at_start", ["100", "max"])
+def test_a_fork_failed_after_pids_max_was_lowered_names_the_limit_now(
+    pids_cgroup: Path, start_proxy: StartProxy, tcp_server: ServerFactory, at_start: str
+) -> None:
+    """`docker update --pids-limit` (pids.max written while forkproxy runs): `fork-failed`
+    named the pids limit found at start (100), or none ("max": "one set since"), not
+    the one the fork met. pids.max is read again when a fork fails."""
+    server = tcp_server(echo)
+    (pids_cgroup / "pids.max").write_text(at_start)
+    proxy = start_proxy(*PAST_PIDS_MAX, f"127.0.0.1:0=127.0.0.1:{server.port}",
+                        prefix=in_cgroup(pids_cgroup))
+    (pids_cgroup / "pids.max").write_text("2")  # the supervisor and one child
+    with connect(proxy.port) as first, connect(proxy.port) as second:
+        assert exchange(first, b"first") == b"first"
+        second.sendall(b"second")
+        assert wait_for(lambda: re.search(FORK_FAILED_LINE, proxy.log()) is not None)
+        line = re.findall(FORK_FAILED_LINE, proxy.log())[0]
+        then = "none" if at_start == "max" else at_start
+        assert (f"detail=\"likely the cgroup's pids limit of 2, {then} at start (pids.max; "
+                "the container's --pids-limit), which counts its processes and threads; "
+                "pausing accepts for 0.1s at a time\"") in line, line
+        (pids_cgroup / "pids.max").write_text("max")
+        first.close()
+        second.settimeout(15)
+        assert recv_exact(second, len(b"second")) == b"second"
+    assert proxy.stop() == 0
+
+
 def test_a_fork_failed_for_want_of_memory_names_the_memory_limit(
     memory_cgroup: MemoryCgroup, start_proxy: StartProxy, tcp_server: ServerFactory
 ) -> None:
