@@ -3033,6 +3033,14 @@ class Supervisor:
             else:
                 error = (f"cannot open a listening socket: {exc.strerror or exc}"
                          if isinstance(exc, OSError) else str(exc))
+            if self.reload_asked and RAISE_NOFILE in error:
+                # Out of descriptors (the env file's, a new listener's or the one kept
+                # spare for accept()) while each `reload` waiting holds one for its
+                # connection, answered and closed only after this: a SIGHUP at the same
+                # limit needs one fewer. Said, so that the gap is not a mystery.
+                error += (" (each `forkproxy reload` waiting holds one for its connection "
+                          "until it is answered: SIGHUP, or `reload --pid-file`, needs one "
+                          "fewer)")
             self.log.error("reload-failed", error=error, detail="previous configuration stays")
             self._reloaded(False, error)
             return False, error

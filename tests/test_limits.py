@@ -1837,7 +1837,12 @@ def test_a_reload_out_of_descriptors_for_the_env_file_says_to_raise_the_limit(
 ) -> None:
     """A reload (SIGHUP, or `forkproxy reload`) at the descriptor limit said only
     "cannot read env file 'PATH': Too many open files", which sends an operator to the
-    file, not to the limit every other out-of-descriptors line says to raise."""
+    file, not to the limit every other out-of-descriptors line says to raise.
+
+    `forkproxy reload` needs one descriptor more than a SIGHUP: its connection's, held
+    until it is answered (strace: accept4 takes it, the env file's open comes after, its
+    close after the reply). Its failure said nothing of it, and a SIGHUP at the very
+    same limit went through: it says so now."""
     server = tcp_server(echo)
     port = free_port()
     env_file = short_dir / "links.env"
@@ -1859,11 +1864,19 @@ def test_a_reload_out_of_descriptors_for_the_env_file_says_to_raise_the_limit(
         result = subprocess.run(
             [FORKPROXY, "reload", "--status-socket", str(sock_path)],
             capture_output=True, text=True, timeout=60)
+        # The same limit, its connection closed: a SIGHUP has the file's descriptor.
+        proxy.proc.send_signal(signal.SIGHUP)
+        assert wait_for(lambda: " reloaded " in proxy.log()), proxy.log()
     finally:
         resource.prlimit(proxy.pid, resource.RLIMIT_NOFILE, saved)
     assert (result.returncode, result.stdout) == (1, ""), result
-    assert result.stderr == (f"forkproxy: reload failed, previous configuration kept: "
-                             f"{expected}\n"), result.stderr
+    assert result.stderr == (
+        f"forkproxy: reload failed, previous configuration kept: {expected} (each "
+        "`forkproxy reload` waiting holds one for its connection until it is answered: "
+        "SIGHUP, or `reload --pid-file`, needs one fewer)\n"), result.stderr
+    # The SIGHUP's own failure, first, said nothing of a connection: it had none.
+    first = next(line for line in proxy.log().splitlines() if " reload-failed " in line)
+    assert "forkproxy reload" not in first, first
     assert ping_echo(port)  # served on, as configured
 
 
