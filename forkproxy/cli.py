@@ -70,6 +70,12 @@ def _help_by_output(option: Any) -> Any:
     return option
 
 
+def _option_names(command: Any, ctx: Any) -> set[str]:
+    """Every name of `command`'s options, --help's included."""
+    return {name for param in command.get_params(ctx)
+            if param.param_type_name == "option" for name in param.opts}
+
+
 class _Group(typer.core.TyperGroup):
     """The top level: `forkproxy [--version] COMMAND`; its --help as _show_help writes it."""
 
@@ -82,7 +88,7 @@ class _Group(typer.core.TyperGroup):
         # --version. ctx.params holds the root's options by now.
         if ctx.params.get("version"):
             ctx.fail(f"--version takes no command or argument: got {quoted(args[0])}")
-        dash = typographic_option(args[0]) if args else None
+        dash = typographic_option(args[0], _option_names(self, ctx)) if args else None
         if dash is not None:  # `forkproxy —version`: "No such command"
             ctx.fail(f"{quoted(args[0])}: {dash}")
         return super().resolve_command(ctx, args)
@@ -127,7 +133,7 @@ class _Command(typer.core.TyperCommand):
         twice = self._given_twice(args)
         if twice is not None:
             ctx.fail(f"{twice} given twice: {ONE_ONLY[twice]}")
-        dash = self._typographic_option(args)
+        dash = self._typographic_option(ctx, args)
         if dash is not None:
             ctx.fail(dash)
         try:
@@ -171,21 +177,25 @@ class _Command(typer.core.TyperCommand):
                 and not getattr(param, "count", False)
                 for opt in param.opts}
 
-    def _typographic_option(self, args: list[str]) -> str | None:
+    def _typographic_option(self, ctx: Any, args: list[str]) -> str | None:
         """`'—json': '—' (U+2014) is no hyphen: ...` for the first argument that is an
         option typed with typographic dashes, where click said "Got unexpected extra
-        argument" (`status —json`); read as _given_twice reads."""
+        argument" (`status —json`); read as _given_twice reads. The option it suggests
+        is one of this command's."""
         # A command with arguments (serve's and links' SPECs) says it of an argument that
-        # click reads as one (config._spec_hint), but not of one starting with an ASCII
-        # hyphen (then an en dash, U+2013): click takes that for options ("No such option").
-        spec_hint = any(param.param_type_name == "argument" for param in self.params)
+        # click reads as one, as config._spec_hint does, but not of one starting with an
+        # ASCII hyphen (then an en dash, U+2013): click takes that for options. Said here,
+        # not by config, which does not know whose SPEC it reads (`links —verbose`).
+        spec = any(param.param_type_name == "argument" for param in self.params)
         takes_value = self._takes_value()
         i = 0
         while i < len(args) and args[i] != "--":
-            dash = (None if spec_hint and not args[i].startswith("-")
-                    else typographic_option(args[i]))
+            dash = typographic_option(args[i], _option_names(self, ctx),
+                                      f"forkproxy {ctx.info_name}",
+                                      lambda option: self._owners(ctx, option))
             if dash is not None:
-                return f"{quoted(args[i])}: {dash}"
+                what = "SPEC " if spec and not args[i].startswith("-") else ""
+                return f"{what}{quoted(args[i])}: {dash}"
             i += 2 if args[i] in takes_value else 1
         return None
 

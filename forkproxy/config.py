@@ -14,7 +14,7 @@ import ipaddress
 import json
 import re
 import sys
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 
 from .control import MAX_CLIENTS
 
@@ -799,12 +799,17 @@ _TYPOGRAPHIC_OPTION = re.compile(
     r"(-?[\u2010-\u2015\u2212]{1,2}-?)([A-Za-z][A-Za-z-]*)(?:=.*)?\Z", re.DOTALL)
 
 
-def typographic_option(arg: str) -> str | None:
+def typographic_option(arg: str, options: Collection[str] | None = None,
+                       command: str = "forkproxy",
+                       owners: Callable[[str], Sequence[str]] | None = None) -> str | None:
     """What is wrong with `arg` when it is an option whose hyphens are typographic
     (an em dash before `from-env`, an en dash before `v`: pasted from a page that set
     `--` as a dash), or None. The one place for every command: serve and links read such
     an argument as a SPEC (_spec_hint), the others had click's "extra argument" or "no
-    such command"."""
+    such command". `options`: the option names `command` has, when known; the option
+    said to be meant is one of them (`status —j` was told "as in -j", which status
+    has not); `owners`: the other commands that have an option, named where `command`
+    has not (`check —json`)."""
     dash = _TYPOGRAPHIC_OPTION.match(arg)
     if dash is None:
         return None
@@ -812,9 +817,31 @@ def typographic_option(arg: str) -> str | None:
     typographic = dash[1].lstrip("-")
     said = f"{typographic!r} (U+{ord(typographic[0]):04X}) is no hyphen"
     name = dash[2] if len(dash[2]) == 1 else dash[2].lower()  # -V is not -v; --JSON is
+    written = f"-{name}" if len(name) == 1 else f"--{name}"
+    if options is not None and written not in options:
+        others = owners(written) if owners is not None else ()
+        if others:
+            return (f"{said}, and {written} is an option of {' and '.join(others)}, "
+                    f"not of {command}")
+        meant = _option_meant(name, options, command)
+        return f"{said}, and {command} has no option {written}: {meant}"
     if len(name) == 1:  # a short option (-v, -q): one hyphen
         return f"{said}: a short option is written with one ASCII hyphen, as in -{name}"
     return f"{said}: an option is written with two ASCII hyphens, as in --{name}"
+
+
+def _option_meant(name: str, options: Collection[str], command: str) -> str:
+    """The option of `options` that `name` (typed after typographic dashes, without
+    them) most likely meant, or where the command's options are listed."""
+    longs = sorted(option for option in options if option.startswith("--"))
+    # `—j`, `—stat`: the start of one long option's name (a page's dash for `--`).
+    near = [option for option in longs if option[2:].startswith(name.lower())]
+    if len(near) != 1:
+        nearest = _nearest(f"--{name.lower()}", longs)
+        near = [nearest] if nearest is not None else []
+    if near:
+        return f"did you mean {near[0]}?"
+    return f"its options are in `{command} --help`"
 
 
 def _several_specs(spec: str, parses: Callable[[str], bool]) -> list[str] | None:

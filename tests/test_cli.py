@@ -1770,7 +1770,7 @@ def test_a_flag_typed_over_a_bad_variable_is_named_as_typed(
         # ("No such option: -\u2013"), serve's SPECs too; named by the en dash.
         (["serve", "-\u2013from-env"], "'-\u2013from-env': '\u2013' (U+2013) is no hyphen: an "
          "option is written with two ASCII hyphens, as in --from-env"),
-        (["check", "-\u2013json"], "'-\u2013json': '\u2013' (U+2013) is no hyphen: an option "
+        (["status", "-\u2013json"], "'-\u2013json': '\u2013' (U+2013) is no hyphen: an option "
          "is written with two ASCII hyphens, as in --json"),
     ],
 )
@@ -1783,6 +1783,41 @@ def test_an_option_with_typographic_dashes_is_named_by_every_command(
     result = run(*args, env={"XDG_RUNTIME_DIR": "/nonexistent"})
     assert_one_line_error(result)
     assert result.stderr == f"forkproxy: error: {expected}\n"
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        # Was "as in -j": status has no -j; the one long option it starts is meant.
+        (["status", "\u2014j"], "'\u2014j': '\u2014' (U+2014) is no hyphen, and forkproxy "
+         "status has no option -j: did you mean --json?"),
+        (["status", "\u2014jsno"], "and forkproxy status has no option --jsno: did you mean "
+         "--json?"),
+        (["serve", "\u2014verbos", "1=198.18.0.1:1"], "SPEC '\u2014verbos': '\u2014' (U+2014) "
+         "is no hyphen, and forkproxy serve has no option --verbos: did you mean --verbose?"),
+        # Another command's option: said whose, as click's "No such option" is.
+        (["check", "-\u2013json"], "'-\u2013json': '\u2013' (U+2013) is no hyphen, and --json "
+         "is an option of status, not of forkproxy check"),
+        (["links", "\u2014verbose"], "SPEC '\u2014verbose': '\u2014' (U+2014) is no hyphen, and "
+         "--verbose is an option of serve, not of forkproxy links"),
+        (["serve", "\u2014json", "1=198.18.0.1:1"], "and --json is an option of status, not of "
+         "forkproxy serve"),
+        (["reload", "\u2014x"], "and forkproxy reload has no option -x: its options are in "
+         "`forkproxy reload --help`"),
+        # The top level has --version and --help alone: -v is serve's, -V nobody's.
+        (["\u2014V"], "'\u2014V': '\u2014' (U+2014) is no hyphen, and forkproxy has no option "
+         "-V: did you mean --version?"),
+    ],
+)
+def test_a_typographic_dash_suggests_only_an_option_of_the_command(
+    args: list[str], expected: str
+) -> None:
+    """`status \u2014j` was told "as in -j", an option status has not (nor any command):
+    what the hint suggests is one of the command's options, or says whose it is."""
+    result = run(*args, env={"XDG_RUNTIME_DIR": "/nonexistent"})
+    assert_one_line_error(result)
+    assert result.stderr.startswith("forkproxy: error: ")
+    assert expected in result.stderr
 
 
 # Each empty on the command line, where its variable empty counts as unset. --resolve-every
