@@ -1041,8 +1041,11 @@ def run_status(path: str | None, as_json: bool, output: Say, say: Say) -> int:
             "figures are not read (a PID namespace without a /proc of its own?)")
     reply = probe_metrics(read_sockets(enrich(reply)))
     if reply.get("sockets_unread"):
+        # The connections' columns only: the links' QUEUED is the listener's accept
+        # queue, which the supervisor reads itself and which is shown still.
         say(f"forkproxy: warning: the kernel's view of the connections' sockets cannot be "
-            f"read here ({reply['sockets_unread']}): their IDLE, QUEUED and UNANSWERED are "
-            "not known; allow AF_NETLINK (systemd's RestrictAddressFamilies=)")
+            f"read here ({reply['sockets_unread']}): their IDLE, QUEUED TO CLIENT, QUEUED "
+            "TO UPSTREAM and UNANSWERED are not known; allow AF_NETLINK (systemd's "
+            "RestrictAddressFamilies=)")
     output(json.dumps(reply, indent=2) if as_json else render(shown(reply)))
     return 0
