@@ -2078,6 +2078,36 @@ def test_a_taker_stopped_while_it_waits_for_the_sockets_of_a_stalled_old_one_can
     assert old.stop() == 0
 
 
+def test_a_take_over_of_a_supervisor_too_slow_to_answer_says_it_is_there(
+    start_proxy: Callable[..., Proxy], tcp_server: ServerFactory, short_dir: Path,
+) -> None:
+    """An old supervisor that stalls (frozen, swapping, starved of CPU) past the taker's
+    wait was reported as "nothing to take over: no supervisor answers ... (timed out)",
+    though its socket took the request: read as none there, a plain start beside it then
+    found its ports in use. It says that one is there, too slow, what was done (nothing)
+    and what to do; exit 2 as before, and the old one, resumed, serves on."""
+    old, taker_args, path, _, log = _old_supervisor(start_proxy, tcp_server, short_dir)
+    old.signal(signal.SIGSTOP)
+    try:
+        new = _taking_over(taker_args, log)
+        with new:
+            try:
+                assert new.wait(60) == 2, log.read_text()
+            finally:
+                kill_group(new)
+    finally:
+        old.signal(signal.SIGCONT)
+    assert log.read_text() == (
+        f"forkproxy: error: --take-over: the supervisor on '{path}' is there but did not "
+        "answer within 15s (stalled or too loaded: stopped, swapping, short of CPU): nothing "
+        "taken, it serves on; try again once its load is lower (the wait is fixed), or stop "
+        "it and start without --take-over\n")
+    assert wait_for(lambda: " take-over-refused " in old.log()), old.log()
+    assert _echoed(old.port, os.urandom(4096))
+    assert control(Path(path), "check")["ok"] is True
+    assert old.stop() == 0
+
+
 def test_a_taker_killed_before_its_socket_file_has_its_name_leaves_nothing_for_good(
     start_proxy: Callable[..., Proxy], tcp_server: ServerFactory, short_dir: Path,
 ) -> None:
