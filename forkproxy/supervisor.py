@@ -178,8 +178,17 @@ ListenerReading = tuple[tuple[int, int] | None, int | None, bool | None]
 
 
 MAX_ENV_FILE = 1 << 20  # bytes (characters, as read): see read_links
-# What every line saying forkproxy ran out of descriptors (EMFILE, ENFILE) advises.
+# What every line saying forkproxy ran out of descriptors advises: EMFILE is this
+# process's limit; ENFILE the kernel's file table, shared by the whole host, which no
+# `ulimit -n` raises (out_of_files_advice).
 RAISE_NOFILE = "(raise the limit, ulimit -n)"
+FILE_TABLE_FULL = ("(the host's file table is full, not this process's limit: raise the "
+                   "host's fs.file-max, or end what holds so many files)")
+
+
+def out_of_files_advice(error: int | None) -> str:
+    """What to do about an out-of-descriptors `error`: RAISE_NOFILE, or FILE_TABLE_FULL."""
+    return FILE_TABLE_FULL if error == errno.ENFILE else RAISE_NOFILE
 # The most a file already at --pid-file may hold to be taken over: a PID (7 digits at
 # most) with room for whitespace around it. See Supervisor._write_pid_file.
 MAX_PID_FILE = 32  # bytes
@@ -254,7 +263,7 @@ def read_env_file(path: str, *, unlinked_refused: bool = False) -> str:
         if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
             # A reload at the limit (every connection's socket held): the file is fine,
             # the limit is what to raise, as every other out-of-descriptors line says.
-            reason = f"{reason} {RAISE_NOFILE}"
+            reason = f"{reason} {out_of_files_advice(exc.errno)}"
         raise ConfigError(f"cannot read env file {path!r}: {reason}") from None
 
 
@@ -1262,7 +1271,7 @@ class Supervisor:
                 raise
             # `ulimit -n 7`, say: one line rather than a traceback from wherever it ran out
             raise ConfigError(f"out of file descriptors while starting: {exc.strerror} "
-                              f"{RAISE_NOFILE}") from None
+                              f"{out_of_files_advice(exc.errno)}") from None
         self._log_max_children()  # before "listening": whoever waits for it can read it
         self._log_foreign_proc()
         self._log_pid_max_unread()
@@ -3038,7 +3047,7 @@ class Supervisor:
             # a reload that fails must never take the running listeners down with it.
             if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
                 error = (f"out of file descriptors for new listening sockets: "
-                         f"{exc.strerror} {RAISE_NOFILE}")
+                         f"{exc.strerror} {out_of_files_advice(exc.errno)}")
             else:
                 error = (f"cannot open a listening socket: {exc.strerror or exc}"
                          if isinstance(exc, OSError) else str(exc))

@@ -56,6 +56,7 @@ from forkproxy.config import (
 from forkproxy.listeners import Listener
 from forkproxy.log import ERROR_LOG_EVERY, Logger
 
+import refuse_sockets
 from conftest import (
     FORKPROXY,
     LOOPBACK,
@@ -82,6 +83,7 @@ from conftest import (
 
 MiB = 1 << 20
 SYS_PIDFD_GETFD = 438  # the same number on every architecture
+REFUSE_SOCKETS = str(Path(__file__).with_name("refuse_sockets.py"))
 PING, PONG = b"PING\r\n", b"+PONG\r\n"
 
 StartProxy = Callable[..., Proxy]
@@ -1878,6 +1880,58 @@ def test_a_reload_out_of_descriptors_for_the_env_file_says_to_raise_the_limit(
     first = next(line for line in proxy.log().splitlines() if " reload-failed " in line)
     assert "forkproxy reload" not in first, first
     assert ping_echo(port)  # served on, as configured
+
+
+# ENFILE's line, whatever ran out: the host's table, which `ulimit -n` does not raise.
+FILE_TABLE_FULL = ("Too many open files in system (the host's file table is full, not this "
+                   "process's limit: raise the host's fs.file-max, or end what holds so many "
+                   "files)")
+
+
+@pytest.mark.parametrize(
+    ("call", "expected"),
+    [
+        ("socket", f"out of file descriptors for new listening sockets: {FILE_TABLE_FULL}"),
+        # The reload's first open is the env file's.
+        ("openat", "cannot read env file {env_file!r}: " + FILE_TABLE_FULL),
+    ],
+)
+def test_a_reload_at_a_full_file_table_says_so_not_ulimit(
+    start_proxy: StartProxy, tcp_server: ServerFactory, short_dir: Path, call: str,
+    expected: str,
+) -> None:
+    """ENFILE (the kernel's file table full, host-wide) was told "raise the limit, ulimit
+    -n", EMFILE's advice: no process limit raises it. Each out-of-descriptors line says
+    which it is now. Injected with strace on the running supervisor: the host's table
+    cannot be filled here."""
+    server = tcp_server(echo)
+    pa, pb = distinct_free_ports(2)
+    env_file = short_dir / "links.env"
+    upstream = f"tcp://127.0.0.1:{server.port}"
+    write_env_file(env_file, {f"A_PORT_{pa}_TCP": upstream})
+    proxy = start_proxy("--env-file", str(env_file), *LOOPBACK)
+    write_env_file(env_file, {f"A_PORT_{pa}_TCP": upstream, f"B_PORT_{pb}_TCP": upstream})
+    with injected(proxy.pid, call, "error=ENFILE:when=1"):
+        proxy.proc.send_signal(signal.SIGHUP)
+        assert wait_for(lambda: " reload-failed " in proxy.log()), proxy.log()
+    [line] = [line for line in proxy.log().splitlines() if " reload-failed " in line]
+    error = expected.format(env_file=str(env_file))
+    assert f"error={json.dumps(error)} " in line, line
+    assert ping_echo(pa)  # served on
+
+
+def test_a_start_at_a_full_file_table_says_so_not_ulimit(tmp_path: Path) -> None:
+    """The start's line for ENFILE, as the reload's: socket() for the listener refused so
+    by a seccomp filter (tests/refuse_sockets.py), the table being the host's."""
+    if not refuse_sockets.supported():
+        pytest.fail("tests/refuse_sockets.py knows the seccomp ABI of x86_64 and aarch64 only")
+    result = subprocess.run(
+        [sys.executable, REFUSE_SOCKETS, "AF_INET", "ENFILE", FORKPROXY, "serve",
+         "--status-socket", str(tmp_path / "s.sock"), "127.0.0.1:0=127.0.0.1:1"],
+        capture_output=True, text=True, timeout=60)
+    assert (result.returncode, result.stdout) == (2, ""), result
+    assert result.stderr == (f"forkproxy: error: out of file descriptors while starting: "
+                             f"{FILE_TABLE_FULL}\n"), result.stderr
 
 
 _BIND_ALL_AT_EMFILE = """
