@@ -991,10 +991,17 @@ def _client_socket(ctx: typer.Context, status_socket: str | None) -> None:
     from .control import check_client_path
 
     if status_socket is not None:
+        variables = _variables(ctx)
         try:
             check_client_path(status_socket)
+            if "--status-socket" in variables and quotes_kept(variables["--status-socket"],
+                                                              os.environ):
+                # FORKPROXY_STATUS_SOCKET='"/run/x.sock"' (quotes kept by a compose file or
+                # an env file): "no answer on ... No such file or directory", exit 1, read
+                # as a supervisor down. Bad input, as serve says it, with the hint.
+                os.stat(status_socket)
         except OSError as exc:
-            fail(f"--status-socket {quoted(status_socket)}: {exc.strerror}", _variables(ctx))
+            fail(f"--status-socket {quoted(status_socket)}: {exc.strerror}", variables)
 
 
 def _control(ctx: typer.Context, status_socket: str | None, command: str) -> dict[str, Any]:

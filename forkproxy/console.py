@@ -81,6 +81,10 @@ def lean(args: list[str]) -> int | None:
     if path == "":
         return None
     if path is not None:
+        if path[:1] in ("'", '"') or path[-1:] in ("'", '"'):
+            # In quotes (kept by whoever set it): the CLI says to remove them where no
+            # file has that name (cli._client_socket).
+            return None
         from forkproxy.control import check_client_path
 
         try:

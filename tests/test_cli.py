@@ -2794,6 +2794,32 @@ def test_a_status_socket_path_that_is_not_a_socket_is_bad_input_for_the_clients(
         shutil.rmtree(short, ignore_errors=True)
 
 
+@pytest.mark.parametrize("command", [["status"], ["status", "--json"], ["check"], ["reload"]])
+@pytest.mark.parametrize("value", ['"{tmp}/fp.sock"', "'{tmp}/fp.sock'"])
+def test_a_quoted_status_socket_variable_is_told_to_lose_the_quotes_by_the_clients(
+    tmp_path: Path, command: list[str], value: str
+) -> None:
+    """FORKPROXY_STATUS_SOCKET in quotes (a `docker run --env-file` file, Compose's list
+    form of `environment:`) is serve's bad input with "remove the quotes"; status, check
+    and reload said "no answer on ...: No such file or directory", exit 1, a supervisor
+    down. They say what serve says now (the lean `status`, `check` too)."""
+    path = value.format(tmp=tmp_path)
+    assert_one_line_error(
+        run(*command, env={"FORKPROXY_STATUS_SOCKET": path}),
+        f"FORKPROXY_STATUS_SOCKET (--status-socket) {path!r}: No such file or directory{LITERAL}")
+
+
+def test_a_status_socket_whose_name_has_a_quote_is_still_asked(
+    start_proxy: Callable[..., Proxy], short_dir: Path
+) -> None:
+    """A socket that is there under a name with a quote is no mistake: asked, not refused."""
+    sock = f'{short_dir}/fp.sock"'
+    start_proxy("--status-socket", sock, "127.0.0.1:0=127.0.0.1:9")
+    for command in (["check"], ["status"], ["reload"]):
+        result = run(*command, env={"FORKPROXY_STATUS_SOCKET": sock})
+        assert (result.returncode, result.stderr) == (0, ""), result
+
+
 _SERVE_WITHOUT_INTERPRETER = """
 import os, sys
 os.unlink(sys.executable)  # gone before serve execs it: a venv rebuilt, an upgrade
