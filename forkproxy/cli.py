@@ -820,8 +820,10 @@ def _option_variables(ctx: typer.Context) -> dict[str, str]:
 
 
 def _flags_without_variable(ctx: typer.Context) -> tuple[str, ...]:
-    """serve's options that no variable sets (--take-over, --verbose, --quiet)."""
-    return tuple(_long_flag(param) for param in ctx.command.params
+    """serve's options that no variable sets (--take-over, --verbose, --quiet), whichever
+    command asks (`links` reads the env file as serve does)."""
+    serve = getattr(ctx.find_root().command, "commands", {}).get("serve", ctx.command)
+    return tuple(_long_flag(param) for param in serve.params
                  if param.param_type_name == "option" and not getattr(param, "envvar", None))
 
 
@@ -951,6 +953,7 @@ def serve_command(
             unknown_variables=unknown_variables(os.environ, option_variables,
                                                 _flags_without_variable(ctx)),
             option_variables=tuple(option_variables.items()),
+            flags_without_variable=_flags_without_variable(ctx),
         )
         sources = Sources(tuple(specs or ()), from_env, env_file, options,
                           _bind(ctx, bind, variables), _aliases(ctx, alias, variables))
@@ -972,7 +975,8 @@ def links_command(
     variables = _variables(ctx)
     try:
         table = load(Sources(tuple(specs or ()), from_env, env_file,
-                             Options(option_variables=tuple(_option_variables(ctx).items())),
+                             Options(option_variables=tuple(_option_variables(ctx).items()),
+                                     flags_without_variable=_flags_without_variable(ctx)),
                              bind=_bind(ctx, bind, variables),
                              aliases=_aliases(ctx, alias, variables)))
     except ConfigError as exc:

@@ -251,6 +251,9 @@ class Options(Value):
     # (click knows them): an env file holding one is said (LinkTable.file_options), since
     # only the environment sets options and the file's line was ignored without a word.
     option_variables: tuple[tuple[str, str], ...]
+    # serve's options that have no variable, on purpose (--take-over, --verbose): the env
+    # file's FORKPROXY_TAKE_OVER is told so, as the environment's is (unknown_variables).
+    flags_without_variable: tuple[str, ...]
 
     def __init__(
         self,
@@ -281,6 +284,7 @@ class Options(Value):
         pids_limit_files: tuple[str, ...] = (),
         nproc_exempt: bool = False,
         pid_max_unread: str | None = None,
+        flags_without_variable: tuple[str, ...] = (),
     ) -> None:
         # Interned: then "auto" is the very object that is the constant relay.Flow compares
         # it with, so a child reading both writes one reference count, not two on two
@@ -297,6 +301,7 @@ class Options(Value):
             nproc_others=nproc_others, unknown_variables=unknown_variables,
             option_variables=option_variables, pids_limit_files=pids_limit_files,
             nproc_exempt=nproc_exempt, pid_max_unread=pid_max_unread,
+            flags_without_variable=flags_without_variable,
         )
 
 
@@ -1337,12 +1342,14 @@ def build_links(
     bind: str = ANY_IPV4,
     aliases: Sequence[str] = (),
     option_variables: Sequence[tuple[str, str]] = (),
+    flags_without_variable: tuple[str, ...] = (),
 ) -> LinkTable:
     """All link sources together. `environ`: the environment when --from-env;
     `env_file`: (path, text) of an --env-file; `bind`: where link variables, and SPECs
     without a BIND_ADDR, listen; `aliases` (--alias): the only aliases whose link
     variables are taken, each of which must have one; `option_variables`: (variable,
-    flag) of the options, the env file's of which are said (`file_options`).
+    flag) of the options, the env file's of which are said (`file_options`), as are
+    those of `flags_without_variable`, serve's options that have none (--take-over).
 
     A variable both set is the env file's: the file is what a reload reads again, so it
     is how a link the environment gave (a `--link`, fixed for the container's life) is
@@ -1409,7 +1416,8 @@ def build_links(
         raise ConfigError(f"no links found: no SPEC given, and no <ALIAS>_PORT_<N>_TCP "
                           f"variable in {' or '.join(sources)}{ignored}{skipped}{docker}")
     return LinkTable(merged, tuple(warnings), tuple(overrides),
-                     options_in_env_file(from_file, path, option_variables))
+                     options_in_env_file(from_file, path, option_variables,
+                                         flags_without_variable))
 
 
 VARIABLE_PREFIX = "FORKPROXY_"
@@ -1578,7 +1586,8 @@ def _common(one: str, other: str) -> int:
 
 
 def options_in_env_file(from_file: Mapping[str, str], path: str,
-                        option_variables: Sequence[tuple[str, str]]
+                        option_variables: Sequence[tuple[str, str]],
+                        flags_without_variable: tuple[str, ...] = (),
                         ) -> tuple[tuple[str, str], ...]:
     """The option variables (FORKPROXY_ALLOW...) the env file sets, in name order: (the
     name as a log line shows it, what its warning says). The file gives links only: an
@@ -1603,7 +1612,10 @@ def options_in_env_file(from_file: Mapping[str, str], path: str,
         # environment is an `unknown-variable` warning: told here in the same words.
         unknown = _unknown_names((name for name in from_file if name not in found), flags)
         for index, name in enumerate(unknown):
-            meant = _meant(name.upper(), flags, (), spell=index < SPELLED_AT_MOST)
+            # FORKPROXY_TAKE_OVER: "no variable, on purpose", as in the environment, not
+            # the README's table, where it is not.
+            meant = _meant(name.upper(), flags, flags_without_variable,
+                           spell=index < SPELLED_AT_MOST)
             found[name] = (f"no option reads it, and env file {path!r} sets links only: "
                            f"ignored{meant}")
     return tuple((shorten(name), found[name]) for name in sorted(found))
@@ -1871,6 +1883,8 @@ def sources_from_json(data: Mapping[str, object]) -> Sources:
     options["option_variables"] = tuple(
         (str(name), str(flag)) for name, flag in options.get("option_variables", ()))
     options["pids_limit_files"] = tuple(str(path) for path in options.get("pids_limit_files", ()))
+    options["flags_without_variable"] = tuple(
+        str(flag) for flag in options.get("flags_without_variable", ()))
     return Sources(
         specs=tuple(str(spec) for spec in specs),
         from_env=bool(data["from_env"]),

@@ -203,7 +203,8 @@ def read_links(sources: Sources, environ: Mapping[str, str],
         text = read_env_file(sources.env_file) if env_text is None else env_text
         env_file = (sources.env_file, text)
     table = build_links(sources.specs, environ if sources.from_env else None, env_file,
-                        sources.bind, sources.aliases, sources.options.option_variables)
+                        sources.bind, sources.aliases, sources.options.option_variables,
+                        sources.options.flags_without_variable)
     check_metrics_port(sources.options.metrics, table.links)  # at start and at each reload
     check_allow_families(sources.options.allow, table.links)
     listeners.check_zones(table.links)

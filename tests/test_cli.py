@@ -2119,6 +2119,23 @@ def test_an_option_variable_in_the_env_file_is_a_warning_at_start_and_at_reload(
     assert secret not in proxy.log()
 
 
+def test_take_over_in_the_env_file_is_told_it_has_no_variable_by_the_supervisor(
+    start_proxy: Callable[..., Proxy], tmp_path: Path
+) -> None:
+    """The supervisor's own `env-file-option` line (at start, and at every reload, from
+    the configuration handed to it) says what `links` says of FORKPROXY_TAKE_OVER."""
+    env_file = tmp_path / "links.env"
+    env_file.write_text(f"A_PORT_{free_port()}_TCP=tcp://198.18.0.1:7000\n"
+                        "FORKPROXY_TAKE_OVER=1\n")
+    proxy = start_proxy("--log-format", "json", "--env-file", str(env_file),
+                        "--bind", "127.0.0.1")
+    [record] = [record for line in proxy.log().splitlines()
+                if (record := json.loads(line))["event"] == "env-file-option"]
+    assert (record["variable"], record["detail"]) == (
+        "FORKPROXY_TAKE_OVER", f"no option reads it, and env file {str(env_file)!r} sets "
+        "links only: ignored; --take-over has no variable, on purpose: give the flag"), record
+
+
 @pytest.mark.parametrize(("line", "warning"), [
     # A known option's variable: it sets nothing there.
     ("FORKPROXY_ALLOW=10.0.0.0/8", "FORKPROXY_ALLOW: an option variable in env file {file}, "
@@ -2128,6 +2145,14 @@ def test_an_option_variable_in_the_env_file_is_a_warning_at_start_and_at_reload(
     # `unknown-variable` warning (config.options_in_env_file).
     ("FORKPROXY_MAX_CHILDRN=10", "FORKPROXY_MAX_CHILDRN: no option reads it, and env file "
      "{file} sets links only: ignored; did you mean FORKPROXY_MAX_CHILDREN (--max-children)?"),
+    # An option of serve's with no variable at all, in the environment either: said so, as
+    # the environment's `unknown-variable` says it; it was sent to README's table, where
+    # it is not.
+    ("FORKPROXY_TAKE_OVER=/run/fp.sock", "FORKPROXY_TAKE_OVER: no option reads it, and env "
+     "file {file} sets links only: ignored; --take-over has no variable, on purpose: give "
+     "the flag"),
+    ("FORKPROXY_QUIET=1", "FORKPROXY_QUIET: no option reads it, and env file {file} sets "
+     "links only: ignored; --quiet has no variable, on purpose: give the flag"),
 ])
 def test_links_says_the_forkproxy_names_of_the_env_file(
     tmp_path: Path, line: str, warning: str,
