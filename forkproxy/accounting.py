@@ -16,7 +16,7 @@ import signal
 import socket
 import time
 
-from .config import Link, peer_text
+from .config import Link, peer_text, this_host_reason
 
 # Per slot: bytes client->upstream, bytes upstream->client, and (at ENDED) when the child
 # ended (time.monotonic_ns(); 0 until it has, and for ever if it was killed or crashed).
@@ -68,6 +68,10 @@ _LOW_64 = (1 << 64) - 1
 # negated getaddrinfo code (0: timed out, unanswered after --connect-timeout) from
 # bit 32, and how long it had run, in milliseconds, from bit 40 (at most ~4.6 hours).
 OWN_LOOKUP = 1 << 24
+# A connect refused as a loop (relay.LOOP_ERRNO) with the address refused left at
+# FAILED_ADDRESS (note_loop; _FAILED_V6 and SCOPES as for a fallback): what the
+# `connect-failed` line names as this host's, as the supervisor's own loop lines do.
+LOOPED = 1 << 25
 _LOOKUP_GAI_SHIFT, _LOOKUP_MS_SHIFT = 32, 40
 _LOOKUP_BITS = OWN_LOOKUP | (_LOW_64 ^ ((1 << _LOOKUP_GAI_SHIFT) - 1))
 _MAX_LOOKUP_MS = (1 << (64 - _LOOKUP_MS_SHIFT)) - 1
@@ -100,6 +104,34 @@ def note_failure(counters: memoryview, base: int, error: OSError) -> None:
     counters[base + FAILURE] = (error.errno or errno.EIO) & (_CODE | _LOOKUP_BITS)
 
 
+def note_loop(counters: memoryview, base: int, error: OSError,
+              sockaddr: tuple[object, ...]) -> None:
+    """note_failure for a connect refused as a loop, with the address refused (`sockaddr`),
+    which looped_address reads back. A failed connect's path only."""
+    host = str(sockaddr[0]).partition("%")[0]
+    word = LOOPED | ((error.errno or errno.EIO) & _CODE)
+    if len(sockaddr) > 2:
+        number = int.from_bytes(socket.inet_pton(AF_INET6, host))
+        counters[base + SCOPES] = int(sockaddr[3]) & 0xFFFFFFFF  # type: ignore[call-overload]
+        word |= _FAILED_V6
+    else:
+        number = int.from_bytes(socket.inet_pton(AF_INET, host))
+    counters[base + FAILED_ADDRESS] = number >> 64
+    counters[base + FAILED_ADDRESS + 1] = number & _LOW_64
+    counters[base + FAILURE] = word
+
+
+def looped_address(counters: memoryview, base: int, word: int) -> str:
+    """The address a child refused as a loop (note_loop), as text: `127.0.0.1`, `::1`,
+    `fe80::1%2` (the scope's index)."""
+    number = counters[base + FAILED_ADDRESS] << 64 | counters[base + FAILED_ADDRESS + 1]
+    if not word & _FAILED_V6:
+        return socket.inet_ntop(AF_INET, number.to_bytes(4))
+    scope = counters[base + SCOPES] & 0xFFFFFFFF
+    host = socket.inet_ntop(AF_INET6, number.to_bytes(16))
+    return f"{host}%{scope}" if scope else host
+
+
 def own_lookup_failed(code: int, gai: int, seconds: float) -> int:
     """The word of a connect whose error has `code` (an errno, or 0: no connect was tried)
     and after which the child's own lookup failed with getaddrinfo's `gai` (0: it timed
@@ -111,9 +143,10 @@ def own_lookup_failed(code: int, gai: int, seconds: float) -> int:
             | milliseconds << _LOOKUP_MS_SHIFT)
 
 
-def failure_text(code: int, host: str) -> str:
+def failure_text(code: int, host: str, looped: str | None = None) -> str:
     """The `error` text of a FAILURE word's code (see _CODE): what the child's OSError
-    said, and what its own lookup, if it failed, did (own_lookup_failed)."""
+    said, and what its own lookup, if it failed, did (own_lookup_failed). `looped`: the
+    address a loop was refused at (looped_address), named with why it is this host's."""
     if code & OWN_LOOKUP:
         gai = -(code >> _LOOKUP_GAI_SHIFT & 0xFF)
         seconds = f"{(code >> _LOOKUP_MS_SHIFT) / 1000:g} s"
@@ -128,13 +161,28 @@ def failure_text(code: int, host: str) -> str:
     if code == NO_ADDRESS:
         return "no address"
     if code == errno.ELOOP:  # relay.LOOP_ERRNO: no connect() gives it
-        return (f"connects back to this proxy: {host} is this host, on a port it listens "
-                "on; every client would take a child per hop until none is left: name "
-                "the server's host")
+        # In the words of the supervisor's loop lines (config._this_host): `vm (127.0.0.1)
+        # is this host (in a container, ...)`, `redis (198.18.0.1) is an address this
+        # proxy listens on`; the address alone where the target is that address.
+        why = (f"{host} is this host" if looped is None else this_host_reason(
+            [looped], {looped: looped if _same_address(host, looped) else f"{host} ({looped})"}))
+        return (f"connects back to this proxy: {why}, on a port it listens on; every client "
+                "would take a child per hop until none is left: name the server's host")
     if code & UNRESOLVED:
         gai = -(code & 0xFFFF)
         return f"cannot resolve {host}: {_GAI_TEXTS.get(gai, f'lookup error {gai}')}"
     return os.strerror(code)
+
+
+def _same_address(host: str, address: str) -> bool:
+    """Is the target `host` the very `address` (as inet_ntop writes it), not a name?"""
+    host = host.partition("%")[0]
+    try:
+        family = AF_INET6 if ":" in host else AF_INET
+        return socket.inet_ntop(family, socket.inet_pton(family, host)) == address.partition(
+            "%")[0]
+    except OSError:
+        return False
 
 
 def failure_errno(code: int) -> int:

@@ -1230,18 +1230,27 @@ def _this_host(hosts: Sequence[str]) -> str:
     do: `127.0.0.1 is this host (in a container, the container itself): name the
     server's host`. Each is one _reaches took for this host's: localhost, a loopback or
     unspecified address, or the very address a listener binds."""
+    return f"{this_host_reason(hosts)}: name the server's host"
+
+
+def this_host_reason(hosts: Sequence[str], shown: Mapping[str, str] | None = None) -> str:
+    """_this_host's reason alone: `127.0.0.1 is this host (in a container, the container
+    itself)`. Judged by each of `hosts` (a name: localhost), each named as `shown` names
+    it (`vm (127.0.0.1)`: a name a relay child found to be this host's), else as given.
+    Also the supervisor's words for a child's loop (accounting.failure_text)."""
     loopback: list[str] = []
     unspecified: list[str] = []
     bound: list[str] = []
     for host in dict.fromkeys(hosts):
+        named = (shown or {}).get(host, host)
         try:
             parsed = ipaddress.ip_address(host.split("%", 1)[0])
         except ValueError:  # a name: only localhost reaches a listener (_reaches)
-            loopback.append(host)
+            loopback.append(named)
             continue
         address = getattr(parsed, "ipv4_mapped", None) or parsed
         (unspecified if address.is_unspecified else loopback if address.is_loopback
-         else bound).append(host)
+         else bound).append(named)
     said = []
     if loopback:
         said.append(f"{_and(loopback)} {'is' if len(loopback) == 1 else 'are'} this host")
@@ -1253,7 +1262,7 @@ def _this_host(hosts: Sequence[str]) -> str:
     if bound:
         said.append(f"{_and(bound)} {'is an address' if len(bound) == 1 else 'are addresses'}"
                     " this proxy listens on")
-    return f"{', '.join(said)}: name the server's host"
+    return ", ".join(said)
 
 
 def _and(words: Sequence[str]) -> str:

@@ -40,6 +40,7 @@ from .accounting import (
     failure_text,
     note_failure,
     note_fallback,
+    note_loop,
     own_lookup_failed,
 )
 from .config import (
@@ -594,6 +595,15 @@ OwnListeners = dict[int, list[tuple[str, list[Address]]]]
 LOOP_ERRNO = errno.ELOOP
 
 
+class LoopRefused(OSError):
+    """A connect to `sockaddr` refused as a loop (LOOP_ERRNO): the supervisor's line names
+    that address (accounting.note_loop). Made on that path only."""
+
+    def __init__(self, sockaddr: tuple[object, ...]) -> None:
+        super().__init__(LOOP_ERRNO, "connects back to this proxy")
+        self.sockaddr = sockaddr
+
+
 def bound_host(host: str) -> str:
     """An address as a listener binds it: no zone (`%eth0`), and an IPv4-mapped IPv6 one
     (`::ffff:10.0.0.5`, as a dual-stack socket names an IPv4 peer) as its IPv4 address.
@@ -779,7 +789,7 @@ def connect_upstream(
                                         host if looped else local_host)):
                     # Before the connect: once connected, the next hop's child would be
                     # forked, and would connect on in its turn.
-                    error = OSError(LOOP_ERRNO, "connects back to this proxy")
+                    error = LoopRefused(sockaddr)
                     failed = (sockaddr, error)
                     looped = True
                     continue
@@ -1556,7 +1566,10 @@ def _connect_failed(client: RawSocket, error: OSError, counters: memoryview, bas
     No line here: the supervisor writes `connect-failed`, folded per link, when it reaps
     this child (right away), from the error's code left in the slot. Every client of a
     dead upstream fails so, and a line each flooded the log."""
-    note_failure(counters, base, error)
+    if isinstance(error, LoopRefused):  # its address too, for the line to name
+        note_loop(counters, base, error, error.sockaddr)
+    else:
+        note_failure(counters, base, error)
     client.close()
     return CONNECT_FAILED
 

@@ -39,6 +39,7 @@ from .accounting import (
     ENDED,
     FAILURE,
     FELL_BACK,
+    LOOPED,
     Accounting,
     ChildRecord,
     describe_status,
@@ -46,6 +47,7 @@ from .accounting import (
     failure_errno,
     failure_text,
     fallback_addresses,
+    looped_address,
     read_clocks,
 )
 from .config import (
@@ -2265,6 +2267,10 @@ class Supervisor:
         if failure & FELL_BACK and not failure & COUNTED:
             assert child is not None
             self._fallbacks([(child, failure)])
+        # The address a loop was refused at, while the slot holds it (0 for a connection
+        # that connected: one test of a word already read).
+        looped = (looped_address(self.accounting.slots.counters, child[2], failure)
+                  if failure & LOOPED and child is not None else None)
         # to_term is set once the grace period is over and we TERM the children: only
         # then is a signal's death ours. During the grace, as outside a stop, it is the
         # OOM killer's or someone's kill -9.
@@ -2276,7 +2282,7 @@ class Supervisor:
         if record is None:
             self.log.debug("reaped-orphan", child_pid=pid, status=describe_status(status))
         elif status == _CONNECT_FAILED_STATUS:
-            self._connect_failed(record, failure)
+            self._connect_failed(record, failure, looped)
             # Perhaps the name points elsewhere now (a container recreated with a new
             # address): look again, without waiting for the timer. (A child that found
             # it does sends SIGALRM as it connects: see relay.serve.)
@@ -2301,10 +2307,12 @@ class Supervisor:
         news (the host, not only its service, gone), which the refusals' window hid."""
         return fold(self.link_folds, (event, link.name, link.target, kind), failures)
 
-    def _connect_failed(self, record: ChildRecord, failure: int) -> None:
+    def _connect_failed(self, record: ChildRecord, failure: int,
+                        looped: str | None = None) -> None:
         """A reaped child's failed connect (relay.serve left its error's code): the folded
         `connect-failed` line. Written here, not by each child: a dead upstream fails every
-        client, and a line each flooded the log in the very outage it is read in."""
+        client, and a line each flooded the log in the very outage it is read in.
+        `looped`: the address a loop was refused at, which the line names."""
         link = record[0]
         kind = failure_errno(failure)  # 0 for a failed lookup of the child's own
         failures = self._fold_link("connect-failed", link, 1, kind)
@@ -2314,7 +2322,7 @@ class Supervisor:
             ports = kind == errno.EADDRNOTAVAIL
             self.log.warning("connect-failed", link=link.name, client=peer_text(record[1]),
                              upstream=str(link.target),
-                             error=failure_text(failure, link.target.host),
+                             error=failure_text(failure, link.target.host, looped),
                              failures=failures, **({"detail": _OUT_OF_PORTS} if ports else {}))
 
     def count_fallbacks(self) -> None:

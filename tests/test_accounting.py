@@ -10,12 +10,17 @@ import pytest
 
 from forkproxy import relay
 from forkproxy.accounting import (
+    FAILURE,
     FIELDS,
+    LOOPED,
     NO_ADDRESS,
     UNRESOLVED,
     Accounting,
     Slots,
     failure_reason,
+    failure_text,
+    looped_address,
+    note_loop,
     own_lookup_failed,
 )
 from forkproxy.config import Endpoint, Link
@@ -52,6 +57,49 @@ def test_slots_run_out_after_count_and_come_back() -> None:
         take(slots)
     slots.release(taken[5])
     assert take(slots) == taken[5]
+
+
+LOOP_END = ("on a port it listens on; every client would take a child per hop until none "
+            "is left: name the server's host")
+
+
+@pytest.mark.parametrize(
+    ("host", "sockaddr", "said"),
+    [
+        # A name: said with the address it gave, and why that one is this host's, in the
+        # supervisor's words (config._this_host); it said "vm is this host" for them all.
+        ("vm", ("127.0.1.1", 6379), "vm (127.0.1.1) is this host (in a container, the "
+         "container itself)"),
+        ("redis", ("198.18.0.1", 6379), "redis (198.18.0.1) is an address this proxy "
+         "listens on"),
+        ("any.test", ("0.0.0.0", 6379), "any.test (0.0.0.0) connects to this host (in a "
+         "container, the container itself)"),
+        ("self.test", ("fd00::1", 6379, 0, 0), "self.test (fd00::1) is an address this "
+         "proxy listens on"),
+        ("ll.test", ("fe80::1", 6379, 0, 2), "ll.test (fe80::1%2) is an address this "
+         "proxy listens on"),
+        # An address target: the address once.
+        ("198.18.0.1", ("198.18.0.1", 6379), "198.18.0.1 is an address this proxy listens on"),
+        ("::1", ("::1", 6379, 0, 0), "::1 is this host (in a container, the container itself)"),
+    ],
+)
+def test_a_loop_refused_is_said_with_its_address(
+    host: str, sockaddr: tuple[object, ...], said: str
+) -> None:
+    """The child leaves the address it refused as a loop in its slot (on that path only),
+    and the supervisor's connect-failed line names it and why it is this host's."""
+    slots = Slots(1)
+    base = take(slots)
+    note_loop(slots.counters, base, relay.LoopRefused(sockaddr), sockaddr)
+    word = slots.counters[base + FAILURE]
+    assert word & LOOPED and failure_reason(word) == "loop"
+    looped = looped_address(slots.counters, base, word)
+    assert failure_text(word, host, looped) == (
+        f"connects back to this proxy: {said}, {LOOP_END}")
+    # Without the address (connect-fallback's failed_error, whose `failed` names it): as
+    # before.
+    assert failure_text(word, host) == (
+        f"connects back to this proxy: {host} is this host, {LOOP_END}")
 
 
 @pytest.mark.parametrize(

@@ -5,8 +5,10 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import ipaddress
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -302,6 +304,13 @@ def test_a_name_of_this_host_on_its_own_port_is_refused_not_looped(
     assert wait_for(lambda: "connects back to this proxy" in proxy.log()), proxy.log()
     [line] = [x for x in proxy.log().splitlines() if " connect-failed " in x]
     assert f"upstream={host}:{loop}" in line, line
+    # The address the name gave, and why it is this host's, as the supervisor's own loop
+    # lines say it (it said "NAME is this host" alone, whatever the address).
+    said = re.search(rf"connects back to this proxy: {re.escape(host)} \(([^)]+)\) (is this "
+                     r"host \(in a container, the container itself\)|is an address this "
+                     r"proxy listens on), on a port it listens on;", line)
+    assert said is not None and said[1] in own, line
+    assert said[2].startswith("is this host") == ipaddress.ip_address(said[1]).is_loopback, line
     # The other links still have children to serve with: the loop took none for good.
     assert redis.cli("PING", port=served) == "PONG"
     assert redis.cli("PING", port=chained) == "PONG"  # a chain that ends outside
@@ -332,6 +341,10 @@ def test_an_ambassador_linked_to_its_own_address_is_refused_at_the_second_hop() 
         reply = redis_cli(ns, 6379, "GET", "who", check=False)
         assert reply != "redis", reply  # an end, not an answer: no upstream is behind it
         assert wait_for(lambda: "connects back to this proxy" in proc.stderr()), proc.describe()
+        # Named by its address, the target's own, and why: it said "198.18.0.1 is this
+        # host", where the supervisor's lines tell a loopback address from a listener's.
+        assert ("connects back to this proxy: 198.18.0.1 is an address this proxy listens "
+                "on, on a port it listens on;") in proc.stderr(), proc.describe()
         for _ in range(3):  # children freed: the other link serves, again and again
             assert redis_cli(ns, 7001, "GET", "who") == "redis", proc.describe()
         assert proc.status_socket is not None
@@ -372,6 +385,10 @@ def test_a_name_of_two_own_addresses_is_refused_not_looped_between_them() -> Non
             assert reply != "redis", reply  # an end, not an answer
             assert wait_for(lambda: " connect-failed " in proc.stderr()), proc.describe()
             assert "connects back to this proxy" in proc.stderr(), proc.describe()
+            # The name, and the address of its two that was refused last.
+            assert re.search(r"connects back to this proxy: self\.test \((198\.18\.0\.1|fd00::1)"
+                             r"\) is an address this proxy listens on, on a port it listens "
+                             "on;", proc.stderr()), proc.describe()
             assert proc.status_socket is not None
             links = control(proc.status_socket, "status")["links"]
             assert links["SELF_PORT_6379_TCP"]["connections"] == 2, links  # two hops
