@@ -88,7 +88,11 @@ class _Group(typer.core.TyperGroup):
         # --version. ctx.params holds the root's options by now.
         if ctx.params.get("version"):
             ctx.fail(f"--version takes no command or argument: got {quoted(args[0])}")
-        dash = typographic_option(args[0], _option_names(self, ctx)) if args else None
+        # An option of a command, typed before any (`forkproxy —from-env`): said whose.
+        dash = typographic_option(
+            args[0], _option_names(self, ctx), owners=lambda option: sorted(
+                name for name, command in self.commands.items()
+                if any(option in param.opts for param in command.params))) if args else None
         if dash is not None:  # `forkproxy —version`: "No such command"
             ctx.fail(f"{quoted(args[0])}: {dash}")
         return super().resolve_command(ctx, args)

@@ -1807,6 +1807,9 @@ def test_an_option_with_typographic_dashes_is_named_by_every_command(
         # The top level has --version and --help alone: -v is serve's, -V nobody's.
         (["\u2014V"], "'\u2014V': '\u2014' (U+2014) is no hyphen, and forkproxy has no option "
          "-V: did you mean --version?"),
+        # A command's option before any command: whose it is.
+        (["\u2014from-env"], "'\u2014from-env': '\u2014' (U+2014) is no hyphen, and "
+         "--from-env is an option of links and serve, not of forkproxy"),
     ],
 )
 def test_a_typographic_dash_suggests_only_an_option_of_the_command(
