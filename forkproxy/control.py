@@ -854,13 +854,19 @@ def process_start(pid: int | None = None) -> int | None:
         return None
 
 
+class AnsweredInPart(TimeoutError):
+    """ask_for_sockets' TimeoutError once part of the answer came: the peer answers, too
+    slowly (or not as a forkproxy does, whose answer is one write)."""
+
+
 def ask_for_sockets(path: str, timeout: float, pid: int,
                     stop_asked: Callable[[], None] = _never_asked,
                     ) -> tuple[socket.socket, dict[str, object], list[socket.socket]]:
     """Ask the supervisor on `path` to hand its sockets over: (the connection to it, for
     `go`; its reply; the sockets, in the order its `sockets` names them, [] when it said
-    no). OSError when nothing answers; ValueError for an answer that is not a forkproxy's;
-    what `stop_asked` raises, called while it waits for the answer (_readable)."""
+    no). OSError when nothing answers (TimeoutError in time, AnsweredInPart when some of
+    the answer came); ValueError for an answer that is not a forkproxy's; what
+    `stop_asked` raises, called while it waits for the answer (_readable)."""
     conn = unix_socket()
     fds: list[int] = []
     try:
@@ -876,10 +882,15 @@ def ask_for_sockets(path: str, timeout: float, pid: int,
         deadline = time.monotonic() + timeout
         while reply is None or len(fds) < wanted:
             left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError("timed out")
-            conn.settimeout(left)
-            _readable(conn, stop_asked)
+            try:
+                if left <= 0:
+                    raise TimeoutError("timed out")
+                conn.settimeout(left)
+                _readable(conn, stop_asked)
+            except TimeoutError:
+                if data or fds:
+                    raise AnsweredInPart("timed out, the answer begun") from None
+                raise
             chunk, got, flags, _ = socket.recv_fds(conn, 65536, FDS_PER_MESSAGE,
                                                    socket.MSG_CMSG_CLOEXEC)
             fds += got

@@ -749,15 +749,17 @@ class Supervisor:
         except control.UnixSocketRefused as exc:
             raise ConfigError(f"--take-over: cannot ask the supervisor on {quoted(path)}: "
                               f"{exc.strerror}") from None
-        except TimeoutError:
+        except TimeoutError as exc:
             # Connected (or queued in its full backlog): something holds the socket and
             # did not answer in time. "No supervisor answers" read as none there, and a
             # plain start beside it then failed on its ports in use.
+            slow = ("answered too slowly: its answer was not whole" if isinstance(
+                exc, control.AnsweredInPart) else "is there but did not answer")
             raise ConfigError(
-                f"{what} is there but did not answer within {TAKE_OVER_TIMEOUT:g}s (stalled "
-                "or too loaded: stopped, swapping, short of CPU): nothing taken, it serves "
-                "on; try again once its load is lower (the wait is fixed), or stop it and "
-                "start without --take-over") from None
+                f"{what} {slow} within {TAKE_OVER_TIMEOUT:g}s (stalled or too loaded: "
+                "stopped, swapping, short of CPU): nothing taken, it serves on; try again "
+                "once its load is lower (the wait is fixed), or stop it and start without "
+                "--take-over") from None
         except OSError as exc:
             raise ConfigError(f"--take-over: nothing to take over: no supervisor answers on "
                               f"{quoted(path)} ({exc.strerror or exc})") from None

@@ -1398,7 +1398,8 @@ def test_a_take_over_answered_a_byte_at_a_time_gives_up(
     """Something on the path that answers a blank every second and never a line: each
     read was bounded by TAKE_OVER_TIMEOUT, the answer not at all, and `serve --take-over`
     waited for ever (as `status` did before its 15 s for the whole request). The whole
-    answer now has TAKE_OVER_TIMEOUT: then one line, exit 2."""
+    answer now has TAKE_OVER_TIMEOUT: then one line, exit 2, which says it answered, too
+    slowly (it said "no supervisor answers ... (timed out)")."""
     server = tcp_server(echo)
     path = str(short_dir / "other.sock")
     stop = threading.Event()
@@ -1420,7 +1421,9 @@ def test_a_take_over_answered_a_byte_at_a_time_gives_up(
         finally:
             stop.set()
             thread.join(10)
-    _one_line_error(result, "(timed out)")
+    _one_line_error(result, f"the supervisor on '{path}' answered too slowly: its answer "
+                    "was not whole within 15s (stalled or too loaded: stopped, swapping, short "
+                    "of CPU): nothing taken, it serves on;")
 
 
 @pytest.mark.parametrize("failure", ["a port in use", "a bad pid file"])
