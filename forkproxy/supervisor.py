@@ -1457,8 +1457,9 @@ class Supervisor:
                 + ("is refused to this process: a seccomp filter (systemd's "
                    "RestrictAddressFamilies= without AF_NETLINK, a container's profile) or "
                    "a security module; " if refused else "cannot be read here; ")
-                + f"{metric}`status` run in the same sandbox shows IDLE, QUEUED and "
-                "UNANSWERED as unknown (`-`); allow AF_NETLINK to have them")
+                + f"{metric}`status` run in the same sandbox shows IDLE, QUEUED TO "
+                "CLIENT, QUEUED TO UPSTREAM and UNANSWERED as unknown (`-`); allow "
+                "AF_NETLINK to have them")
 
     def _log_max_children(self) -> None:
         """At start: which limit the derived --max-children came from (memory, pids,

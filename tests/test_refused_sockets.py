@@ -292,7 +292,7 @@ def test_a_sandbox_refusing_netlink_is_said_once_at_start(
             "detail=\"the kernel's view of the connections' sockets (NETLINK_SOCK_DIAG) is "
             "refused to this process: a seccomp filter (systemd's RestrictAddressFamilies= "
             "without AF_NETLINK, a container's profile) or a security module; "
-            f"{metric}`status` run in the same sandbox shows IDLE, QUEUED and UNANSWERED as "
-            "unknown (`-`); allow AF_NETLINK to have them\""), lines
+            f"{metric}`status` run in the same sandbox shows IDLE, QUEUED TO CLIENT, QUEUED "
+            "TO UPSTREAM and UNANSWERED as unknown (`-`); allow AF_NETLINK to have them\""), lines
         events = [line.split()[3] for line in log]
         assert events.index("sockets-unread") < events.index("listening"), events
