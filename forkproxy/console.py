@@ -50,8 +50,27 @@ def main() -> None:
             raise  # no dependency's absence: a bug, whose traceback is needed
         say(f"forkproxy: error: cannot import {missing}: forkproxy's dependencies are not "
             f"all installed for {sys.executable} (a `pip install --no-deps`?); install them: "
-            f"pip install forkproxy")
+            f"{install_dependencies()}")
         sys.exit(MISSING_DEPENDENCY)
+
+
+def install_dependencies() -> str:
+    """The command that installs forkproxy's dependencies for this interpreter: its own
+    pip, given the requirements forkproxy was installed with (its metadata's, those of no
+    extra), whose own dependencies pip installs too. It said `pip install forkproxy`:
+    forkproxy is installed from a checkout, and no package of that name is on PyPI (pip
+    finds none), nor is a bare `pip` always this interpreter's."""
+    import shlex
+    from importlib.metadata import PackageNotFoundError, requires
+
+    try:
+        wanted = [requirement for requirement in requires("forkproxy") or ()
+                  if "extra ==" not in requirement.partition(";")[2]]
+    except PackageNotFoundError:  # run from a checkout's directory, never installed
+        wanted = []
+    if not wanted:
+        return "install forkproxy again, without --no-deps"
+    return shlex.join([sys.executable, "-m", "pip", "install", *wanted])
 
 
 def run() -> None:

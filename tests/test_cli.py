@@ -7,6 +7,7 @@ import errno
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import site
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -50,6 +52,7 @@ from conftest import (
 )
 
 REFUSE_CALLS = Path(__file__).with_name("refuse_calls.py")
+PYPROJECT = Path(__file__).parent.parent / "pyproject.toml"
 
 
 def run(*args: str, env: dict[str, str] | None = None, prefix: tuple[str, ...] = (),
@@ -3083,11 +3086,16 @@ def without_module(module: str, *args: str,
 
 
 def assert_missing(result: subprocess.CompletedProcess[str], module: str) -> None:
+    """One line, exit 126, and a command that installs the dependencies pyproject.toml
+    names with this interpreter's pip (pip brings their own: a missing `rich` comes back
+    with `typer`). It said `pip install forkproxy`, which pip cannot find: forkproxy is
+    installed from a checkout, not from PyPI."""
+    dependencies = tomllib.loads(PYPROJECT.read_text())["project"]["dependencies"]
     assert result.returncode == 126, result
     assert result.stderr.splitlines() == [
         f"forkproxy: error: cannot import {module}: forkproxy's dependencies are not all "
         f"installed for {sys.executable} (a `pip install --no-deps`?); install them: "
-        f"pip install forkproxy"], result
+        f"{shlex.join([sys.executable, '-m', 'pip', 'install', *dependencies])}"], result
 
 
 @pytest.mark.parametrize("args", [["--version"], ["serve", "127.0.0.1:0=127.0.0.1:9"],
