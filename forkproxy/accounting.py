@@ -328,9 +328,9 @@ class LinkStats:
     (a reload that drops it drops them too, with its last live child: `Accounting.retire`).
 
     Live children are counted in `snapshot()` only (`connections` and `active` there
-    include them): the fork path records the child and nothing else (see
-    `Accounting.started`). A plain class, not a dataclass (see config.Value); `vars()`
-    gives the totals as a dict, in this order.
+    include them): the fork path records the child in `Accounting.children` and nothing
+    else (Supervisor._accept_handler). A plain class, not a dataclass (see config.Value);
+    `vars()` gives the totals as a dict, in this order.
     """
 
     def __init__(self) -> None:

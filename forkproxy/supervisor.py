@@ -1411,8 +1411,9 @@ class Supervisor:
     def _log_unknown_variables(self) -> None:
         """At start, first: each FORKPROXY_ variable no option reads (a typo: the option
         it was meant for is at its default, FORKPROXY_ALLOWED's every client). Found by the
-        CLI (cli.unknown_variables): a warning, never an error, as a newer image's variable
-        set for an older forkproxy must not stop the proxy."""
+        CLI (config.unknown_variables, which serve_command calls): a warning, never an
+        error, as a newer image's variable set for an older forkproxy must not stop the
+        proxy."""
         for name, detail in self.options.unknown_variables:
             self.log.warning("unknown-variable", variable=name, detail=detail)
 
