@@ -120,6 +120,36 @@ def test_a_reload_whose_new_listener_is_refused_by_a_sandbox_says_so_as_a_start_
         assert proxy.proc.poll() is None
 
 
+def test_a_reload_out_of_the_systems_descriptors_says_which_limit_to_raise(
+    tmp_path: Path, short_dir: Path, refuse: Callable[[str, str], tuple[str, ...]],
+    start_proxy: Callable[..., Proxy],
+) -> None:
+    """A reload whose new listener's socket() fails with ENFILE, the whole system's
+    limit: it advised `ulimit -n`, which raises this process's alone. The reload fails
+    saying fs.file-max; the running listener serves on."""
+    env_file = tmp_path / "links.env"
+    env_file.write_text("# no link yet\n")
+    sock_path = short_dir / "s.sock"
+    with socket.create_server(("127.0.0.1", 0)) as upstream:
+        target = upstream.getsockname()[1]
+        proxy = start_proxy(f"127.0.0.1:0=127.0.0.1:{target}", "--env-file", str(env_file),
+                            "--bind", "::1", "--status-socket", str(sock_path),
+                            prefix=refuse("AF_INET6", "ENFILE"))
+        env_file.write_text(f"A_PORT_6379_TCP=tcp://127.0.0.1:{target}\n")
+        result = subprocess.run([FORKPROXY, "reload", "--status-socket", str(sock_path)],
+                                capture_output=True, text=True, timeout=30, check=False)
+        expected = ("out of file descriptors for new listening sockets: Too many open files "
+                    "in system (the host's file table is full, not this process's limit: "
+                    "raise the host's fs.file-max, or end what holds so many files)")
+        assert result.returncode == 1, result
+        assert expected in result.stderr, result.stderr
+        assert "ulimit -n" not in result.stderr, result.stderr
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=10):
+            conn, _ = upstream.accept()
+            conn.close()
+        assert proxy.proc.poll() is None
+
+
 def _unix_refused(error: str) -> str:
     """What forkproxy says of socket(AF_UNIX) refused with `error`."""
     why = {"EAFNOSUPPORT": "Address family not supported by protocol: a seccomp filter, such "
