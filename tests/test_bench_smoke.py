@@ -132,6 +132,33 @@ def test_a_script_given_a_bad_argument_says_so_at_once_and_does_nothing(
     assert not venv.exists()
 
 
+@pytest.mark.parametrize(("script", "first_line"), [
+    ("test", "The test command: installs what the tests need"),
+    ("test-floors", "Check the dependency floors pyproject.toml declares"),
+])
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_the_test_scripts_help_installs_and_runs_nothing(
+    tmp_path: Path, script: str, first_line: str, flag: str,
+) -> None:
+    """`--help` went to pytest after everything was installed and checked: scripts/test ran
+    ensure-peers, ensure-venv, ruff and mypy first; scripts/test-floors began building its
+    venv of old dependency floors (minutes; apt-get as root) before pytest saw it. A copy
+    whose installers would fail shows that none of them runs."""
+    copy = tmp_path / "repo"
+    (copy / "scripts").mkdir(parents=True)
+    shutil.copy2(REPO / "scripts" / script, copy / "scripts" / script)
+    for installer in ("ensure-peers", "ensure-venv"):
+        (copy / "scripts" / installer).write_text("#!/bin/sh\necho ran >&2\nexit 9\n")
+        (copy / "scripts" / installer).chmod(0o755)
+    result = subprocess.run([str(copy / "scripts" / script), flag], capture_output=True,
+                            text=True, timeout=30, check=False, cwd=tmp_path)
+    assert result.returncode == 0, result
+    assert result.stdout.startswith(first_line), result.stdout
+    assert result.stdout.endswith("pytest's own options: .venv/bin/pytest --help\n")
+    assert result.stderr == "", result.stderr
+    assert sorted(p.name for p in copy.iterdir()) == ["scripts"]  # no venv made
+
+
 @pytest.mark.timeout(120)
 def test_slowread_mem_measures_what_each_proxy_holds_for_clients_that_never_read() -> None:
     """scripts/slowread_mem.py (docs/benchmarks.md, "A client that never reads"), run for
