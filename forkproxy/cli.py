@@ -316,7 +316,8 @@ ClientSocketOpt = Annotated[
         metavar="PATH",
         help="The supervisor's control socket [default: the only live socket in "
         "$XDG_RUNTIME_DIR/forkproxy/, else in /tmp/forkproxy-UID/, where serve puts its "
-        "own; several there is an error].",
+        "own; of several, the one not stopping or handing its listeners over, and several "
+        "such is an error].",
         envvar="FORKPROXY_STATUS_SOCKET",
     ),
 ]

@@ -2202,7 +2202,8 @@ def test_the_clients_help_says_which_socket_they_use_by_default(command: str) ->
     text = " ".join(result.stdout.split())  # click wraps at 80 columns
     assert "PID.sock" not in text, text
     assert ("[default: the only live socket in $XDG_RUNTIME_DIR/forkproxy/, else in "
-            "/tmp/forkproxy-UID/, where serve puts its own; several there is an error]") in text
+            "/tmp/forkproxy-UID/, where serve puts its own; of several, the one not stopping "
+            "or handing its listeners over, and several such is an error]") in text
 
 
 @pytest.mark.parametrize("command", [[], ["serve"], ["links"], ["status"], ["check"],
