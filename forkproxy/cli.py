@@ -121,6 +121,10 @@ ONE_ONLY = {
 }
 
 
+# ctx.meta's key for serve's option given twice (_Command.parse_args).
+GIVEN_TWICE = "forkproxy.given_twice"
+
+
 class _Command(typer.core.TyperCommand):
     """A command whose --help names each argument by its metavar, as click writes it
     (`SPEC...`: `...` when several may be given). typer (0.2x) writes the Python type of
@@ -136,7 +140,14 @@ class _Command(typer.core.TyperCommand):
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
         twice = self._given_twice(args)
         if twice is not None:
-            ctx.fail(f"{twice} given twice: {ONE_ONLY[twice]}")
+            message = f"{twice} given twice: {ONE_ONLY[twice]}"
+            if not any(param.name == "log_format" for param in self.params):
+                ctx.fail(message)
+            # serve's is a configuration error like any other: with --log-format json its
+            # line is a `start-failed` record (fail()), not plain text in a JSON log. The
+            # format is not parsed yet: serve_command raises it before judging any value
+            # (a usage error, plain text as documented, still comes first).
+            ctx.meta[GIVEN_TWICE] = message
         dash = self._typographic_option(ctx, args)
         if dash is not None:
             ctx.fail(dash)
@@ -932,6 +943,8 @@ def serve_command(
     """Listen and forward, one forked child per connection."""
     variables = _variables(ctx)
     try:
+        if GIVEN_TWICE in ctx.meta:
+            raise ConfigError(ctx.meta[GIVEN_TWICE])
         option_variables = _option_variables(ctx)
         # Numbers arrive as text so that a bad one is reported like any other bad input.
         options = Options(

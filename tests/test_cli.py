@@ -276,7 +276,8 @@ def test_listeners_that_overlap_are_named_not_blamed_on_another_program() -> Non
 @pytest.mark.parametrize("how", [["--log-format", "json"], ["--log-format=json", "-qq"], []])
 def test_with_log_format_json_a_start_error_is_one_json_record(how: list[str]) -> None:
     """A log pipeline that parses every line reads why serve did not start: both the
-    errors found before the supervisor runs and those it finds (a port in use)."""
+    errors found before the supervisor runs and those it finds (a port in use). An
+    option given twice too, found before the format is parsed: it was plain text."""
     env = {} if how else {"FORKPROXY_LOG_FORMAT": "json"}
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -287,6 +288,15 @@ def test_with_log_format_json_a_start_error_is_one_json_record(how: list[str]) -
                 run("serve", *how, "6379=10.0.0.5:http", env=env),
             f"cannot listen on 127.0.0.1:{busy}: address already in use":
                 run("serve", *how, f"127.0.0.1:{busy}=127.0.0.1:1", env=env),
+            "--env-file given twice: forkproxy reads one env file":
+                run("serve", *how, "--env-file", "a.env", "--env-file=b.env", "0=a.test:1",
+                    env=env),
+            "--bind given twice: links listen on one default address":
+                run("serve", "--bind", "127.0.0.1", *how, "--bind", "::1", "0=a.test:1",
+                    env=env),
+            "--metrics given twice: forkproxy serves metrics on one address":
+                run("serve", "--metrics=127.0.0.1:0", "--metrics", "[::1]:0", *how,
+                    "0=a.test:1", env=env),
         }
     for needle, result in results.items():
         assert result.returncode == 2, result
