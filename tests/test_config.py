@@ -199,6 +199,9 @@ def test_a_spec_in_another_tools_syntax_says_how_to_write_it(spec: str, message:
         ("1=a.test:1;\n2=b.test:2\t3=c.test:3 4=d.test:4",
          "4 SPECs in one argument: give each as an argument of its own, as in "
          "`serve 1=a.test:1 2=b.test:2 3=c.test:3 ...`"),
+        # Three: every one shown, none left out ("..." only past three).
+        ("1=a.test:1 2=b.test:2 3=c.test:3", "3 SPECs in one argument: give each as an "
+         "argument of its own, as in `serve 1=a.test:1 2=b.test:2 3=c.test:3`"),
     ],
 )
 def test_several_specs_in_one_argument_are_told_apart(spec: str, message: str) -> None:
@@ -216,6 +219,9 @@ def test_several_specs_in_one_argument_are_told_apart(spec: str, message: str) -
          "hyphens, as in --bind"),
         ("\u2212\u2212grace=5", "(U+2212) is no hyphen: an option is written with two ASCII "
          "hyphens, as in --grace"),
+        # A short option's letter as typed: -V is not -v (a long one's name is lowered).
+        ("\u2013V", "'\u2013' (U+2013) is no hyphen: a short option is written with one "
+         "ASCII hyphen, as in -V"),
     ],
 )
 def test_an_option_with_a_typographic_dash_says_so(spec: str, message: str) -> None:
@@ -437,6 +443,15 @@ def test_a_clash_of_variables_says_to_choose_with_alias() -> None:
     assert str(caught.value).endswith("80=10.0.0.2:80 -> 10.0.0.2:80"), caught.value
 
 
+def test_an_empty_host_in_the_env_file_is_not_blamed_on_docker() -> None:
+    """Docker writes `tcp://:6379` into the environment for a linked container without an
+    IPv4 address, and that error says so (test_bad_link_variables_name_the_variable); an
+    env file is written by hand or a template, and its empty host is only that."""
+    with pytest.raises(ConfigError) as caught:
+        build_links([], env_file=("/e.env", "REDIS_PORT_6379_TCP=tcp://:6379\n"))
+    assert str(caught.value) == "variable REDIS_PORT_6379_TCP ('/e.env'): the host is empty"
+
+
 def test_a_udp_port_range_is_one_warning() -> None:
     """A linked container with EXPOSE 10000-10999/udp: 1,000 `link-skipped` lines at
     start, one per port. One per alias and protocol now, with the count."""
@@ -448,6 +463,39 @@ def test_a_udp_port_range_is_one_warning() -> None:
         "RTP_PORT_5060_SCTP: SCTP links are not proxied; skipped",
         "RTP_PORT_10000_UDP and 999 more RTP_PORT_<N>_UDP: UDP links are not proxied; skipped",
         "SIP_PORT_5060_UDP: UDP links are not proxied; skipped")
+
+
+LITERAL = ": values are taken literally, as `docker run --env-file` does: remove the quotes"
+
+
+def test_a_variables_value_that_only_ends_in_a_quote_is_told_values_are_literal() -> None:
+    """`FORKPROXY_GRACE=5"` (a quote left at one end by an edit, or by a template): the
+    quote is part of the value, as at the start (test_cli's quoted-variable test)."""
+    assert config.name_variable(
+        "--grace '5\"': not a number of seconds", {"--grace": "FORKPROXY_GRACE"},
+        {"FORKPROXY_GRACE": '5"'}) == (
+        "FORKPROXY_GRACE (--grace) '5\"': not a number of seconds" + LITERAL)
+
+
+def test_a_quoted_env_file_variable_is_not_blamed_for_another_options_error() -> None:
+    """FORKPROXY_ENV_FILE in quotes, and an error that is not the env file's (--grace's,
+    typed on the command line): told as it is, without the env file's quotes hint."""
+    message = "--grace 'x': not a number of seconds"
+    assert config.name_variable(message, {"--env-file": "FORKPROXY_ENV_FILE"},
+                                {"FORKPROXY_ENV_FILE": '"/e.env"'}) == message
+    # The env file's own error names the variable, and says so.
+    assert config.name_variable("cannot read env file '\"/e.env\"': No such file",
+                                {"--env-file": "FORKPROXY_ENV_FILE"},
+                                {"FORKPROXY_ENV_FILE": '"/e.env"'}) == (
+        "cannot read FORKPROXY_ENV_FILE (--env-file) '\"/e.env\"': No such file" + LITERAL)
+
+
+def test_two_udp_variables_of_one_alias_are_one_warning() -> None:
+    """The fewest that share a line: two (one would say `and 0 more`)."""
+    env = {"DNS_PORT_53_UDP": "udp://10.0.0.2:53", "DNS_PORT_5353_UDP": "udp://10.0.0.2:5353",
+           "DNS_PORT_53_TCP": "tcp://10.0.0.2:53"}
+    assert build_links([], env).warnings == (
+        "DNS_PORT_53_UDP and 1 more DNS_PORT_<N>_UDP: UDP links are not proxied; skipped",)
 
 
 def test_a_link_variable_whose_alias_has_a_dash_is_named_not_skipped_silently() -> None:
@@ -990,6 +1038,37 @@ def test_a_portless_linked_containers_environment_leaves_the_spelling_budget_for
     assert [name for name, _ in table.file_options] == ["FORKPROXY_ENV_FIEL"]
 
 
+def test_a_typo_of_an_option_variable_is_warned_beside_a_portless_link_named_forkproxy() -> None:
+    """A container linked as `forkproxy` (no alias after it) with no port gives
+    FORKPROXY_NAME: its presence makes no FORKPROXY_ENV_ name a portless link's own, and
+    FORKPROXY_ENV_FIEL is still the typo of FORKPROXY_ENV_FILE it looks like."""
+    variables = {"FORKPROXY_ENV_FILE": "--env-file", "FORKPROXY_GRACE": "--grace"}
+    environ = {"FORKPROXY_NAME": "/app/forkproxy", "FORKPROXY_ENV_FIEL": "/e.env"}
+    assert unknown_variables(environ, variables, ()) == ((
+        "FORKPROXY_ENV_FIEL",
+        "no option reads it: ignored; did you mean FORKPROXY_ENV_FILE (--env-file)?"),)
+
+
+def test_a_name_that_begins_several_option_variables_suggests_none_of_them() -> None:
+    """FORKPROXY_CONNECT begins FORKPROXY_CONNECT_TIMEOUT and FORKPROXY_CONNECT_RETRIES:
+    a word more or less names the option only when one option has it; here neither is
+    near enough in spelling either, so the warning names where the variables are listed,
+    not the first of the two."""
+    variables = {"FORKPROXY_CONNECT_TIMEOUT": "--connect-timeout",
+                 "FORKPROXY_CONNECT_RETRIES": "--connect-retries", "FORKPROXY_GRACE": "--grace"}
+    assert unknown_variables({"FORKPROXY_CONNECT": "5"}, variables, ()) == ((
+        "FORKPROXY_CONNECT",
+        "no option reads it: ignored; each option's variable is in README's table of serve's "
+        "options"),)
+
+
+def test_the_nearest_of_equally_near_names_is_the_first() -> None:
+    """As difflib's get_close_matches (n=1) would: the first of those alike, in the
+    candidates' order, not the last."""
+    assert _nearest("ABCDX", ["ABCDY", "ABCDZ"]) == "ABCDY"
+    assert _nearest("ABCDX", ["ABCDZ", "ABCDY"]) == "ABCDZ"
+
+
 @pytest.mark.parametrize(
     "typed",
     ["MAXCHILDREN", "MAX_CHILDRN", "MAX_CHILD", "GRAEC", "LOGFORMAT", "PIDFILE", "KEEP_ALIVE",
@@ -1431,6 +1510,10 @@ def test_a_dotted_link_alias_is_a_link() -> None:
 def test_link_variable_ports_with_leading_zeros_are_their_value() -> None:
     links, _ = links_from_env({"A_PORT_024010_TCP": "tcp://127.0.0.1:0024011"})
     assert [(link.port, link.target.port) for link in links] == [(24010, 24011)]
+    # And their place, by port: 443 before 999, however many zeros lead it.
+    links, _ = links_from_env({"A_PORT_0443_TCP": "tcp://127.0.0.1:1",
+                               "A_PORT_999_TCP": "tcp://127.0.0.1:2"})
+    assert [link.port for link in links] == [443, 999]
 
 
 @given(st.from_regex(r"0{0,8}[0-9]{1,7}", fullmatch=True))
