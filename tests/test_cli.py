@@ -615,6 +615,25 @@ def test_a_user_namespace_that_maps_no_uid_has_no_default_directory() -> None:
             shutil.rmtree(nobody)  # made without the fix: not left behind
 
 
+@pytest.mark.parametrize(("uid", "uid_map", "outer"), [
+    (1000, "         0          0 4294967295\n", 1000),  # no user namespace
+    (0, "0 999 1\n", 999),  # `unshare -r`
+    (1, "0 999 1\n", None),  # just past the one uid mapped: unmapped
+    (3, "0 1000 1\n1 100000 65536\n", 100002),  # rootless podman's subordinate range
+    (65537, "0 1000 1\n1 100000 65536\n", None),  # just past that range
+    (5, None, 5),  # no /proc: as it is
+])
+def test_a_uid_inside_a_user_namespace_is_named_as_the_namespace_outside_sees_it(
+    uid: int, uid_map: str | None, outer: int | None,
+) -> None:
+    """control.outer_uid, which names the default directory and judges who the nproc
+    limit holds: each `INSIDE OUTSIDE COUNT` line maps COUNT uids from INSIDE, the last
+    INSIDE + COUNT - 1; a uid past it is no uid of the line's."""
+    from forkproxy.control import outer_uid
+
+    assert outer_uid(uid, uid_map) == outer
+
+
 def test_a_relative_xdg_runtime_dir_is_ignored_by_serve_and_the_clients(
     tmp_path: Path, start_proxy: Callable[..., Proxy], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1559,6 +1578,9 @@ def test_version_after_a_command_says_where_it_goes(command: str) -> None:
 @pytest.mark.parametrize(("args", "owners"), [
     (["links", "--grace", "5", "6379=127.0.0.1:1"], "serve"),
     (["links", "--metrics", "127.0.0.1:0", "6379=127.0.0.1:1"], "serve"),
+    # Given twice to a command that takes it not once: whose it is, not "given twice".
+    (["links", "--metrics", "127.0.0.1:0", "--metrics", "127.0.0.1:1", "6379=127.0.0.1:1"],
+     "serve"),
     (["check", "--json"], "status"),
     (["status", "--from-env"], "links and serve"),
 ])
@@ -3138,3 +3160,7 @@ def test_a_module_of_forkproxy_missing_is_still_a_traceback() -> None:
     standard library's) missing is a bug, whose traceback says where."""
     result = without_module("forkproxy.cli", "--version")
     assert result.returncode == 1 and "Traceback" in result.stderr, result
+    # The standard library's (a broken Python): not blamed on forkproxy's dependencies.
+    result = without_module("ipaddress", "links", "6379=127.0.0.1:6379")
+    assert result.returncode == 1 and "Traceback" in result.stderr, result
+    assert "cannot import" not in result.stderr, result
