@@ -17,6 +17,7 @@ from forkproxy.accounting import (
     UNRESOLVED,
     Accounting,
     Slots,
+    ended_text,
     failure_reason,
     failure_text,
     looped_address,
@@ -205,3 +206,18 @@ def test_a_failed_connects_word_is_classified_by_its_connects_error(word: int,
     """forkproxy_upstream_connect_failures_total's `reason`, from the FAILURE word the
     child left (the real network's reasons: test_observability's by_reason test)."""
     assert failure_reason(word) == reason
+
+
+@pytest.mark.parametrize(("outcomes", "text"), [
+    ({"closed": 5, "client-reset": 3, "upstream-reset": 0}, "closed 5, client-reset 3"),
+    # Equals by name; an outcome none ended with is not named.
+    ({"upstream-reset": 2, "closed": 2, "idle-timeout": 0}, "closed 2, upstream-reset 2"),
+    ({"closed": 0}, "-"),
+    ({}, "-"),
+])
+def test_how_a_links_connections_ended_is_most_frequent_first(
+    outcomes: dict[str, int], text: str,
+) -> None:
+    """status's ENDED column and SIGUSR1's `ended` field: the likeliest cause first, and
+    no `reset 0` among them."""
+    assert ended_text(outcomes) == text

@@ -590,6 +590,12 @@ def test_the_start_line_says_when_the_nproc_limit_bounds_the_value(tmp_path: Pat
      ", max-children 50 (about 9 fit the nproc limit of 30)"),
     ({"max_children": 1024, "max_children_given": False, "nproc_limit": 63000,
       "nproc_fit": 62979}, ", max-children 1024"),
+    # A value given above the default: a limit that holds fewer is said, one that holds
+    # as many (or more) is no news.
+    ({"max_children": 2000, "max_children_given": True, "nproc_limit": 5000,
+      "nproc_fit": 1999}, ", max-children 2000 (about 1999 fit the nproc limit of 5000)"),
+    ({"max_children": 2000, "max_children_given": True, "nproc_limit": 5000,
+      "nproc_fit": 2000}, ", max-children 2000"),
 ])
 def test_status_says_when_the_nproc_limit_bounds_the_value(reply: dict[str, object],
                                                            header: str) -> None:

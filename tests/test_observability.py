@@ -438,6 +438,24 @@ def echoed_connection(start_proxy: StartProxy, tcp_server: ServerFactory, sock_p
         yield client
 
 
+def test_status_reads_the_sockets_of_an_ipv4_client_of_a_dual_stack_listener(
+    start_proxy: StartProxy, tcp_server: ServerFactory, tmp_path: Path, env: dict[str, str],
+) -> None:
+    """A listener on `::` takes IPv4 clients too, as ::ffff:a.b.c.d: the kernel reports
+    such a client's address in the IPv6 socket's dump, and the connection's client is
+    matched to it by its IPv4 address, so IDLE and QUEUED are read, not `-`."""
+    sock_path = tmp_path / "status.sock"
+    proxy = start_proxy("--status-socket", str(sock_path),
+                        f"[::]:0=127.0.0.1:{tcp_server(echo).port}", env=env)
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=30) as client:
+        client.sendall(b"ping")
+        assert recv_exact(client, 4) == b"ping"
+        child = the_connection(sock_path, env)
+        assert child["client"].startswith("[::ffff:127.0.0.1]:"), child
+        assert child["idle"] is not None, child
+        assert (child["queued_to_client"], child["queued_to_upstream"]) == (0, 0), child
+
+
 def test_status_shows_bytes_queued_toward_a_client_that_reads_nothing_and_idle_growing(
     start_proxy: StartProxy, tcp_server: ServerFactory, tmp_path: Path, env: dict[str, str],
 ) -> None:
@@ -923,6 +941,38 @@ def test_unanswered_while_retransmitting_reads_the_kernels_rto_episode_when_it_h
     assert decoded.unanswered_ms == unanswered_ms, decoded
     assert decoded.idle_ms == 20_000 and decoded.send_queue == 4, decoded
     assert decoded.remote == (socket.inet_aton("198.18.0.2"), 7000), decoded
+
+
+@pytest.mark.parametrize(
+    ("unacknowledged", "rtt_ms", "retransmissions", "probe_ms"),
+    [
+        # No retransmission beyond the 4 timeouts: no tail loss probe went first.
+        (1, 10, 4, 0),
+        # One went: two round trips, and TCP_RTO_MIN with one segment out (220 ms), but
+        # never later than the first timeout it stands in for (204 ms).
+        (1, 10, 5, 204),
+        # Three segments out: two round trips alone (no delayed ACK to wait for).
+        (3, 10, 5, 20),
+        (3, 150, 5, 204),
+    ],
+    ids=["no-probe", "one-out-capped", "several-out", "several-out-capped"],
+)
+def test_a_tail_loss_probe_is_allowed_for_as_the_kernel_schedules_it(
+    unacknowledged: int, rtt_ms: int, retransmissions: int, probe_ms: int,
+) -> None:
+    """sockdiag._loss_probe_ms on the kernel's layout (tcp_schedule_loss_probe): the
+    probe's delay before the first timeout is two round trips, plus TCP_RTO_MIN when one
+    segment is out (for the peer's delayed ACK), at most that timeout. Below the cap, 4
+    timeouts doubled from 204 ms, the last 300 ms ago: 3.364 s since the request, and
+    the probe's delay on top."""
+    info = bytearray(retransmitting_tcp_info(280, total_rto_time=3_160, timeouts=4,
+                                             rto_ms=3_264))
+    struct.pack_into("=I", info, 24, unacknowledged)  # tcpi_unacked
+    struct.pack_into("=I", info, 68, rtt_ms * 1000)  # tcpi_rtt, microseconds
+    struct.pack_into("=I", info, 100, retransmissions)  # tcpi_total_retrans
+    message = diag_message(bytes(info))
+    decoded = fp_sockdiag._decode(message, 0, len(message))
+    assert decoded.unanswered_ms == 3_160 + 204 + probe_ms, decoded
 
 
 def same_tick_tcp_info(*, acknowledged: int, data_segs_out: int = 6,
@@ -2513,6 +2563,19 @@ def test_status_shows_the_upstream_each_connection_was_made_to() -> None:
     assert [(row["PID"], row["UPSTREAM"]) for row in children] == [("9", "10.0.0.5:6379")]
 
 
+@pytest.mark.parametrize(("queued", "backlog", "cell"), [
+    (4, 5, "4"), (5, 5, "5"), (6, 5, "6 full"), (3, None, "3"),
+])
+def test_status_says_an_accept_queue_is_full_only_past_its_size(
+    queued: int, backlog: int | None, cell: str,
+) -> None:
+    """The kernel's accept queue takes one more than its size (sk_acceptq_is_full: more
+    than the backlog), and drops or resets new clients only then: `full` past the size,
+    not at it; no size known (an older supervisor), never `full`."""
+    listeners = [{"link": "6379=redis:6379", "queued": queued, "backlog": backlog}]
+    assert fp_status._queued(listeners) == {"6379=redis:6379": cell}
+
+
 @pytest.mark.parametrize(("grace_left", "says"), [
     (7.2, ", stopping (grace ends in 7s)"), (0.3, ", stopping (grace ends in 1s)"),
     (0.0, ", stopping (grace over)"), (None, ", stopping"),  # an older supervisor's
@@ -3087,6 +3150,21 @@ def test_metrics_count_connections_by_how_they_ended() -> None:
     assert samples[("forkproxy_connections_ended_total", "db", "killed")] == 2
     assert samples[("forkproxy_connections_ended_total", "db", "closed")] == 4
     assert samples[("forkproxy_connections_ended_total", "db", "client-reset")] == 0
+
+
+def test_a_supervisor_that_does_not_say_its_start_has_no_start_time_sample() -> None:
+    """An older supervisor's status has no `start_time`: no sample, not a start at the
+    epoch (0), which an alert on restarts (changes()) would read as one."""
+    status: dict[str, Any] = {"links": {}, "duration_buckets": list(DURATION_BUCKETS),
+                              "listeners": []}
+
+    def start_samples() -> list[float]:
+        return [sample.value for metric in render_metrics(status)
+                for sample in metric.samples if sample.name == "forkproxy_start_time_seconds"]
+
+    assert start_samples() == []
+    status["start_time"] = 1_796_000_000.5
+    assert start_samples() == [1_796_000_000.5]
 
 
 def test_readme_lists_every_outcome_the_metrics_count_and_no_other() -> None:
