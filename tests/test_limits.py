@@ -3234,6 +3234,47 @@ def test_a_fork_failed_after_pids_max_was_lowered_names_the_limit_now(
     assert proxy.stop() == 0
 
 
+def test_a_fork_failed_under_a_pids_and_an_nproc_limit_names_the_one_met(
+    pids_cgroup: Path, start_proxy: StartProxy, tcp_server: ServerFactory, short_dir: Path
+) -> None:
+    """Both a cgroup's pids.max and the user's RLIMIT_NPROC found at start, and fork()
+    fails with EAGAIN at either: the detail names the one that holds fewer connections,
+    the one met first (here the nproc limit of 4, under a pids.max of 50)."""
+    uid = 1_900_000_000 + os.getpid() % 1_000_000 + 1  # not the other nproc tests' uid
+    limit = 4  # the supervisor and three children: the next fork fails
+    os.chown(short_dir, uid, uid)
+    (pids_cgroup / "pids.max").write_text("50")
+    server = tcp_server(echo)
+    proxy = start_proxy("--max-children", "50", "--status-socket", str(short_dir / "s.sock"),
+                        f"127.0.0.1:0=127.0.0.1:{server.port}",
+                        prefix=(*in_cgroup(pids_cgroup), *as_user_under_nproc(uid, limit)))
+    clients = [connect(proxy.port) for _ in range(limit + 2)]
+    try:
+        assert wait_for(lambda: re.search(FORK_FAILED_LINE, proxy.log()) is not None)
+        line = re.findall(FORK_FAILED_LINE, proxy.log())[0]
+        assert f"detail=\"likely the user's nproc limit of {limit} (RLIMIT_NPROC; " in line, line
+    finally:
+        for client in clients:
+            client.close()
+    assert proxy.stop() == 0
+
+
+def test_a_fork_failed_with_another_errno_blames_no_limit(
+    start_proxy: StartProxy, tcp_server: ServerFactory
+) -> None:
+    """Only EAGAIN (a pids or nproc limit) and ENOMEM (memory) name a limit: a fork a
+    sandbox refuses (EPERM from a seccomp filter) says what the kernel said and no more,
+    not that some pids or nproc limit must have been set since the start."""
+    server = tcp_server(echo)
+    proxy = start_proxy("--max-children", "4", f"127.0.0.1:0=127.0.0.1:{server.port}")
+    with injected(proxy.pid, "clone,clone3", "error=EPERM"), connect(proxy.port):
+        assert wait_for(lambda: re.search(FORK_FAILED_LINE, proxy.log()) is not None)
+    line = re.findall(FORK_FAILED_LINE, proxy.log())[0]
+    assert ('error="Operation not permitted"' in line
+            and 'detail="pausing accepts for 0.1s at a time"' in line), line
+    assert proxy.stop() == 0
+
+
 def test_a_fork_failed_for_want_of_memory_names_the_memory_limit(
     memory_cgroup: MemoryCgroup, start_proxy: StartProxy, tcp_server: ServerFactory
 ) -> None:
