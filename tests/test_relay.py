@@ -575,6 +575,10 @@ V4 = int(socket.AF_INET)
     # Two ways to one listener whose link ends outside: no ring.
     ({7000: [("::", [(V4, ("127.0.0.1", 7001)), (int(socket.AF_INET6), ("::1", 7001, 0, 0))])],
       7001: [("::", [(V4, ("10.0.0.5", 6379))])]}, ("127.0.0.1", 7001), "10.0.0.9", False),
+    # ...reached from a listener before it (7000's two addresses both lead to 7001): the
+    # second way meets a listener already walked, not one on the path, and no ring.
+    ({7000: [("::", [(V4, ("127.0.0.1", 7001)), (int(socket.AF_INET6), ("::1", 7001, 0, 0))])],
+      7001: [("::", [(V4, ("10.0.0.5", 6379))])]}, ("127.0.0.1", 7000), "10.0.0.9", False),
     # An ambassador to a remote upstream on the same port: `6379=redis:6379`.
     ({6379: [("0.0.0.0", [(V4, ("10.0.0.5", 6379))])]}, ("10.0.0.5", 6379), "10.0.0.9", False),
     # Its own non-loopback address: a loop once a client reached us there (the second

@@ -1464,7 +1464,8 @@ def test_a_take_over_that_fails_leaves_the_old_one_serving(
 
 
 @pytest.mark.parametrize(("old_bind", "new_bind"), [("0.0.0.0", "127.0.0.1"),
-                                                   ("127.0.0.1", "0.0.0.0")])
+                                                   ("127.0.0.1", "0.0.0.0"),
+                                                   ("::", "::1")])
 def test_a_take_over_that_would_move_a_port_to_another_address_says_what_to_do(
     start_proxy: Callable[..., Proxy], short_dir: Path, old_bind: str, new_bind: str,
 ) -> None:
@@ -1477,20 +1478,23 @@ def test_a_take_over_that_would_move_a_port_to_another_address_says_what_to_do(
     0.0.0.0 is every address of the host's otherwise."""
     path = str(short_dir / "fp.sock")
     in_lab = (need("unshare"), "--net", "sh", "-c", 'ip link set lo up && exec "$@"', "sh")
-    old = start_proxy("--status-socket", path, f"{old_bind}:0=127.0.0.1:1", prefix=in_lab)
+    def at(host: str, port: int) -> str:  # an IPv6 address in brackets (`::` takes both)
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    old = start_proxy("--status-socket", path, f"{at(old_bind, 0)}=127.0.0.1:1", prefix=in_lab)
     port = old.port
+    spec = f"{at(new_bind, port)}=127.0.0.1:1"
     result = subprocess.run(
         [need("nsenter"), f"--net={old.network}", FORKPROXY, "serve", "--take-over",
-         "--status-socket", path, f"{new_bind}:{port}=127.0.0.1:1"],
+         "--status-socket", path, spec],
         capture_output=True, text=True, timeout=60)
-    spec = f"{new_bind}:{port}=127.0.0.1:1"
     assert (result.returncode, result.stdout) == (2, ""), result
     assert result.stderr.endswith(
-        f"forkproxy: error: cannot listen on {new_bind}:{port} (for {spec}): the supervisor "
-        f"taken over (pid {old.pid}) listens on {old_bind}:{port}, and serves on; a "
-        f"take-over cannot move a port to another address, which closes it for a moment "
-        f"(clients refused): keep {old_bind}:{port} in this configuration, or stop that "
-        f"supervisor first and start this one without --take-over\n"), result.stderr
+        f"forkproxy: error: cannot listen on {at(new_bind, port)} (for {spec}): the "
+        f"supervisor taken over (pid {old.pid}) listens on {at(old_bind, port)}, and serves "
+        f"on; a take-over cannot move a port to another address, which closes it for a "
+        f"moment (clients refused): keep {at(old_bind, port)} in this configuration, or stop "
+        f"that supervisor first and start this one without --take-over\n"), result.stderr
     assert old.proc.poll() is None
     assert wait_for(lambda: "take-over-abandoned" in old.log())
     assert control(Path(path), "check")["ok"] is True
@@ -1978,7 +1982,8 @@ def test_a_stop_of_the_old_supervisor_while_it_hands_over_leaves_the_taker_servi
             kill_group(new)
 
 
-@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["TERM", "INT"])
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT, signal.SIGQUIT],
+                         ids=["TERM", "INT", "QUIT"])
 def test_a_stop_of_the_taker_before_its_go_cancels_the_take_over(
     start_proxy: Callable[..., Proxy], tcp_server: ServerFactory, short_dir: Path,
     stop: signal.Signals,
@@ -2203,6 +2208,44 @@ def test_a_handed_socket_shut_down_from_outside_is_not_said_to_be_unconfigured(
         "socket" in line, line
     assert _echoed(old.port, os.urandom(4096))
     assert control(Path(path), "check")["ok"] is True
+    assert new.stop() == 0
+
+
+def test_a_handed_metrics_socket_shut_down_from_outside_is_not_said_to_be_unconfigured(
+    start_proxy: Callable[..., Proxy], tcp_server: ServerFactory, short_dir: Path,
+) -> None:
+    """As for a link's listener above, for the metrics port: shut down from outside while
+    its port was taken, the metrics process failed and waits to start again; taken over
+    meanwhile by a configuration with the same --metrics, the dead socket's `unlisten`
+    line says the port listens on a new socket, not that it is no longer configured."""
+    server_spec = f"127.0.0.1:{tcp_server(echo).port}"
+    common = ("--status-socket", str(short_dir / "fp.sock"))
+    old = start_proxy(*common, "--metrics", "127.0.0.1:0", f"127.0.0.1:0={server_spec}",
+                      expect=2)
+    said = old.lines[-1]  # `metrics http://127.0.0.1:PORT/metrics`
+    assert said.startswith("metrics http://127.0.0.1:") and said.endswith("/metrics"), said
+    metrics = int(said.removesuffix("/metrics").rsplit(":", 1)[1])
+    old.signal(signal.SIGSTOP)  # the shutdown and the port taken before it looks
+    try:
+        killed = subprocess.run([need("ss"), "-K", "-tln", f"sport = :{metrics}"],
+                                capture_output=True, text=True, timeout=30)
+        assert killed.returncode == 0, killed
+        occupier = socket.socket()
+        occupier.bind(("127.0.0.1", metrics))
+        occupier.listen()
+    finally:
+        old.signal(signal.SIGCONT)
+    with occupier:
+        assert wait_for(lambda: " metrics-failed " in old.log()), old.log()
+        assert "cannot listen again" in old.log(), old.log()
+    # Within METRICS_RESTART (5 s) of that, before the old one tries again.
+    new = start_proxy("--take-over", *common, "--metrics", f"127.0.0.1:{metrics}",
+                      f"127.0.0.1:{old.port}={server_spec}")
+    assert old.proc.wait(30) == 0, old.log()
+    [line] = [line for line in new.log().splitlines()
+              if " unlisten " in line and "metrics" in line]
+    assert "handed over not listening, shut down from outside; the port listens on a new " \
+        "socket" in line, line
     assert new.stop() == 0
 
 
