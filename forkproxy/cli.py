@@ -989,7 +989,7 @@ def links_command(
     alias: AliasOpt = None,
     bind: BindOpt = ANY_IPV4,
 ) -> None:
-    """Print the listeners `serve` would open with the same arguments, and exit."""
+    """Print the listeners `serve` would open from the same SPECs and link options, and exit."""
     variables = _variables(ctx)
     try:
         table = load(Sources(tuple(specs or ()), from_env, env_file,

@@ -1524,9 +1524,9 @@ def _portless_link_variable(upper: str, option_variables: Mapping[str, str], *,
         if not f"_{body}".endswith("_NAME"):
             return False
         alias = f"_{body}"[:-len("_NAME")]
-    # Docker's alias in a variable: upper case, `-` made `_` ([A-Z0-9_.]).
-    if alias and (not alias.startswith("_")
-                  or not alias.replace("_", "").replace(".", "").isalnum()
+    # Docker's alias in a variable: upper case, `-` made `_` ([A-Z0-9_.]). (`alias` is cut
+    # from `_BODY`, so it starts with `_` whenever it is not empty.)
+    if alias and (not alias.replace("_", "").replace(".", "").isalnum()
                   or not alias.isascii()):
         return False
     return _near_option(body, option_variables, spell=spell) is None

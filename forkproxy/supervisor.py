@@ -1,4 +1,4 @@
-"""The supervisor: the only code that forks, waits and kills.
+"""The supervisor: the only code that forks, waits for and kills the proxy's processes.
 
 One thread, one `poll` loop: listeners, the signal pipe and the control socket are all
 file descriptors in it, and every piece of work (accept+fork, reap, drain, reload,
