@@ -1262,8 +1262,15 @@ def _usage_error(exc: Any) -> str:
     if variable is None:
         return str(exc.format_message())
     value = quoted(os.environ.get(variable, ""))
-    return (f"{variable} ({_long_flag(param)}) {value}: {exc.message}"
+    # A flag's variable: the parser's own words differ by typer version (click's "is not
+    # a valid boolean", pydantic's "unable to interpret input") and name no answer.
+    message = (BOOLEAN_WANTED if getattr(param, "is_bool_flag", False) else exc.message)
+    return (f"{variable} ({_long_flag(param)}) {value}: {message}"
             f"{quotes_kept(variable, os.environ)}")
+
+
+# What a flag's variable takes (FORKPROXY_FROM_ENV=yes), as both typer's parsers read it.
+BOOLEAN_WANTED = "not true or false (1/0, yes/no, on/off, t/f, y/n and their capitals too)"
 
 
 def main() -> None:

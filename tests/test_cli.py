@@ -1599,8 +1599,12 @@ def test_another_commands_option_says_whose_it_is(args: list[str], owners: str) 
 # {tmp} and {busy} are filled in by the test. The env file's errors name the file (`env file
 # 'PATH'`, as with the flag; the variable and its flag take those words' place).
 BAD_VARIABLES = [
-    ("serve", "FORKPROXY_FROM_ENV", "maybe", "FORKPROXY_FROM_ENV (--from-env) 'maybe': "),
-    ("links", "FORKPROXY_FROM_ENV", "maybe", "FORKPROXY_FROM_ENV (--from-env) 'maybe': "),
+    # A flag's variable: what it takes, in forkproxy's words whatever typer's version says
+    # (click's "is not a valid boolean", pydantic's "unable to interpret input").
+    ("serve", "FORKPROXY_FROM_ENV", "maybe", "FORKPROXY_FROM_ENV (--from-env) 'maybe': not "
+     "true or false (1/0, yes/no, on/off, t/f, y/n and their capitals too)\n"),
+    ("links", "FORKPROXY_FROM_ENV", "maybe", "FORKPROXY_FROM_ENV (--from-env) 'maybe': not "
+     "true or false (1/0, yes/no, on/off, t/f, y/n and their capitals too)\n"),
     ("serve", "FORKPROXY_ENV_FILE", "{tmp}/no.env",
      "cannot read FORKPROXY_ENV_FILE (--env-file) '{tmp}/no.env': No such file or directory"),
     ("links", "FORKPROXY_ENV_FILE", "{tmp}/no.env",
@@ -1709,7 +1713,6 @@ def test_a_bad_value_from_a_variable_is_named_by_the_variable(
         result = run(command, "127.0.0.1:0=127.0.0.1:1", timeout=15,
                      env={"XDG_RUNTIME_DIR": str(tmp_path), variable: value.format(**fill)})
     assert_one_line_error(result)
-    # FORKPROXY_FROM_ENV: click's own reason follows, in the words of the typer version.
     assert result.stderr.startswith("forkproxy: error: " + expected.format(**fill)), result.stderr
     assert (tmp_path / "precious").read_text() == "keep me\n"
 
