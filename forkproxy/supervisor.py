@@ -1996,12 +1996,16 @@ class Supervisor:
 
     def _pids_limit_now(self) -> int | None:
         """The pids limit as pids.max says now, the smallest of the files found at start
-        (None: "max" in each, or none readable). os.open and os.read, as at start."""
+        (None: "max" in each, or none readable). os.open and os.read, as at start; out of
+        descriptors (the failed fork's client took the last), the limit found at start."""
         found = None
         for path in self.options.pids_limit_files:
             try:
                 fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            except OSError:
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE):
+                    # Not that no limit is set: the line blamed threads-max or pid_max.
+                    return self.options.pids_limit
                 continue  # the root cgroup's: none; a cgroup removed
             try:
                 text = os.read(fd, 32).strip()

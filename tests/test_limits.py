@@ -4287,3 +4287,32 @@ def test_hostile_link_input_exits_2_and_creates_nothing(
             args = [fill(str(content))]
         outcome = run_serve(args, tmp_path, short_dir, env=env, ports=(p, q))
     outcome.assert_config_error(*(fill(needle) for needle in needles))
+
+
+def test_a_fork_failed_at_the_descriptor_limit_still_names_the_pids_limit(
+    pids_cgroup: Path, start_proxy: StartProxy, tcp_server: ServerFactory
+) -> None:
+    """The client whose fork failed took the supervisor's last descriptor: pids.max,
+    read again for the line, could not be opened (EMFILE), and the line blamed the
+    kernel's threads-max or pid_max. The limit found at start is named then."""
+    server = tcp_server(echo)
+    (pids_cgroup / "pids.max").write_text("2")  # the supervisor and one child
+    proxy = start_proxy(*PAST_PIDS_MAX, f"127.0.0.1:0=127.0.0.1:{server.port}",
+                        prefix=in_cgroup(pids_cgroup))
+    with connect(proxy.port) as first:
+        assert exchange(first, b"first") == b"first"  # its child is the one allowed
+        saved = starve_accepts(proxy)
+        soft = resource.prlimit(proxy.pid, resource.RLIMIT_NOFILE)[0]
+        # One descriptor: the next client's, and none left for pids.max.
+        resource.prlimit(proxy.pid, resource.RLIMIT_NOFILE, (soft + 1, saved[1]))
+        try:
+            with connect(proxy.port) as second:
+                second.sendall(b"second")
+                assert wait_for(lambda: re.search(FORK_FAILED_LINE, proxy.log()) is not None)
+        finally:
+            resource.prlimit(proxy.pid, resource.RLIMIT_NOFILE, saved)
+    line = re.findall(FORK_FAILED_LINE, proxy.log())[0]
+    assert ("detail=\"likely the cgroup's pids limit of 2 (pids.max; the container's "
+            "--pids-limit), which counts its processes and threads; pausing accepts "
+            "for 0.1s at a time\"") in line, line
+    assert proxy.stop() == 0
