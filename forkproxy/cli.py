@@ -121,8 +121,10 @@ ONE_ONLY = {
 }
 
 
-# ctx.meta's key for serve's option given twice (_Command.parse_args).
-GIVEN_TWICE = "forkproxy.given_twice"
+# ctx.meta's key for what serve says of its command line as a configuration error, a
+# `start-failed` record under --log-format json (_Command.parse_args): an option given
+# twice, a SPEC typed as an option with typographic dashes.
+START_ERROR = "forkproxy.start_error"
 
 
 class _Command(typer.core.TyperCommand):
@@ -138,19 +140,24 @@ class _Command(typer.core.TyperCommand):
         return _help_by_output(super().get_help_option(ctx))
 
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        logs = any(param.name == "log_format" for param in self.params)
         twice = self._given_twice(args)
         if twice is not None:
             message = f"{twice} given twice: {ONE_ONLY[twice]}"
-            if not any(param.name == "log_format" for param in self.params):
+            if not logs:
                 ctx.fail(message)
             # serve's is a configuration error like any other: with --log-format json its
             # line is a `start-failed` record (fail()), not plain text in a JSON log. The
             # format is not parsed yet: serve_command raises it before judging any value
             # (a usage error, plain text as documented, still comes first).
-            ctx.meta[GIVEN_TWICE] = message
+            ctx.meta[START_ERROR] = message
         dash = self._typographic_option(ctx, args)
         if dash is not None:
-            ctx.fail(dash)
+            # serve's SPEC (`serve —from-env`) was a bad SPEC, a `start-failed` record
+            # under --log-format json, before the hint moved here: it still is.
+            if not (logs and dash.startswith("SPEC ")):
+                ctx.fail(dash)
+            ctx.meta.setdefault(START_ERROR, dash)
         try:
             return super().parse_args(ctx, args)
         except Exception as exc:
@@ -943,8 +950,8 @@ def serve_command(
     """Listen and forward, one forked child per connection."""
     variables = _variables(ctx)
     try:
-        if GIVEN_TWICE in ctx.meta:
-            raise ConfigError(ctx.meta[GIVEN_TWICE])
+        if START_ERROR in ctx.meta:
+            raise ConfigError(ctx.meta[START_ERROR])
         option_variables = _option_variables(ctx)
         # Numbers arrive as text so that a bad one is reported like any other bad input.
         options = Options(

@@ -277,7 +277,9 @@ def test_listeners_that_overlap_are_named_not_blamed_on_another_program() -> Non
 def test_with_log_format_json_a_start_error_is_one_json_record(how: list[str]) -> None:
     """A log pipeline that parses every line reads why serve did not start: both the
     errors found before the supervisor runs and those it finds (a port in use). An
-    option given twice too, found before the format is parsed: it was plain text."""
+    option given twice too, found before the format is parsed: it was plain text; and a
+    SPEC typed as an option with a typographic dash, a JSON record before its hint moved
+    to the parsing of the command line, and plain text there."""
     env = {} if how else {"FORKPROXY_LOG_FORMAT": "json"}
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -297,6 +299,12 @@ def test_with_log_format_json_a_start_error_is_one_json_record(how: list[str]) -
             "--metrics given twice: forkproxy serves metrics on one address":
                 run("serve", "--metrics=127.0.0.1:0", "--metrics", "[::1]:0", *how,
                     "0=a.test:1", env=env),
+            "SPEC '\u2014from-env': '\u2014' (U+2014) is no hyphen: an option is written "
+            "with two ASCII hyphens, as in --from-env":
+                run("serve", *how, "\u2014from-env", env=env),
+            "SPEC '\u2014json': '\u2014' (U+2014) is no hyphen, and --json is an option of "
+            "status, not of forkproxy serve":
+                run("serve", "\u2014json", *how, "0=a.test:1", env=env),
         }
     for needle, result in results.items():
         assert result.returncode == 2, result
