@@ -1014,6 +1014,13 @@ def links_command(
         output(f"listen {link.describe()}")
 
 
+def _in_quotes(value: str) -> bool:
+    """Is `value` wrapped in a pair of quotes, as a Compose file or an env file keeps them?
+    Not a quote at one end alone: serve takes `/run/fp.sock"` as a path, and its socket
+    missing is a supervisor down (exit 1 for `check`), not bad input."""
+    return len(value) >= 2 and value[0] == value[-1] and value[0] in ("'", '"')
+
+
 def _client_socket(ctx: typer.Context, status_socket: str | None) -> None:
     """Exit 2 for a --status-socket no supervisor could be at: bad input, as for serve, not
     "nothing answers" (exit 1)."""
@@ -1023,8 +1030,7 @@ def _client_socket(ctx: typer.Context, status_socket: str | None) -> None:
         variables = _variables(ctx)
         try:
             check_client_path(status_socket)
-            if "--status-socket" in variables and quotes_kept(variables["--status-socket"],
-                                                              os.environ):
+            if "--status-socket" in variables and _in_quotes(status_socket):
                 # FORKPROXY_STATUS_SOCKET='"/run/x.sock"' (quotes kept by a compose file or
                 # an env file): "no answer on ... No such file or directory", exit 1, read
                 # as a supervisor down. Bad input, as serve says it, with the hint.

@@ -2895,6 +2895,19 @@ def test_a_status_socket_whose_name_has_a_quote_is_still_asked(
         assert (result.returncode, result.stderr) == (0, ""), result
 
 
+@pytest.mark.parametrize("command", [["status"], ["check"], ["reload"]])
+def test_a_status_socket_whose_name_ends_with_a_quote_is_down_when_missing(
+    short_dir: Path, command: list[str]
+) -> None:
+    """serve takes `FORKPROXY_STATUS_SOCKET=/run/fp.sock"` as a path: with no supervisor
+    there (stopped: its socket removed), `check` in a HEALTHCHECK exited 2 with "remove
+    the quotes" (bad input, and a status Docker reserves), not 1, a supervisor down."""
+    sock = f'{short_dir}/fp.sock"'
+    result = run(*command, env={"FORKPROXY_STATUS_SOCKET": sock})
+    assert (result.returncode, result.stdout) == (1, ""), result
+    assert result.stderr.startswith(f"forkproxy: no answer on {sock!r}: "), result
+
+
 _SERVE_WITHOUT_INTERPRETER = """
 import os, sys
 os.unlink(sys.executable)  # gone before serve execs it: a venv rebuilt, an upgrade
