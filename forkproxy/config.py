@@ -826,7 +826,7 @@ def typographic_option(arg: str, options: Collection[str] | None = None,
     if options is not None and written not in options:
         others = owners(written) if owners is not None else ()
         if others:
-            return (f"{said}, and {written} is an option of {' and '.join(others)}, "
+            return (f"{said}, and {written} is an option of {_and(others)}, "
                     f"not of {command}")
         meant = _option_meant(name, options, command)
         return f"{said}, and {command} has no option {written}: {meant}"

@@ -1856,6 +1856,9 @@ def test_an_option_with_typographic_dashes_is_named_by_every_command(
         # A command's option before any command: whose it is.
         (["\u2014from-env"], "'\u2014from-env': '\u2014' (U+2014) is no hyphen, and "
          "--from-env is an option of links and serve, not of forkproxy"),
+        # Of more than two: a list, not "check and reload and serve and status".
+        (["\u2014status-socket=/x"], "and --status-socket is an option of check, reload, "
+         "serve and status, not of forkproxy"),
     ],
 )
 def test_a_typographic_dash_suggests_only_an_option_of_the_command(
