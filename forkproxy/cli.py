@@ -30,6 +30,7 @@ from .config import (
     LinkTable,
     Options,
     Sources,
+    and_list,
     check_options,
     check_pid_file_path,
     derived_max_children,
@@ -179,7 +180,7 @@ class _Command(typer.core.TyperCommand):
                 if owners:
                     exc.possibilities = None
                     exc.message = (f"No such option: {option} (an option of "
-                                   f"{' and '.join(owners)}, not of {ctx.info_name})")
+                                   f"{and_list(owners)}, not of {ctx.info_name})")
             raise
 
     @staticmethod

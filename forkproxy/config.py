@@ -826,7 +826,7 @@ def typographic_option(arg: str, options: Collection[str] | None = None,
     if options is not None and written not in options:
         others = owners(written) if owners is not None else ()
         if others:
-            return (f"{said}, and {written} is an option of {_and(others)}, "
+            return (f"{said}, and {written} is an option of {and_list(others)}, "
                     f"not of {command}")
         meant = _option_meant(name, options, command)
         return f"{said}, and {command} has no option {written}: {meant}"
@@ -1253,19 +1253,19 @@ def this_host_reason(hosts: Sequence[str], shown: Mapping[str, str] | None = Non
          else bound).append(named)
     said = []
     if loopback:
-        said.append(f"{_and(loopback)} {'is' if len(loopback) == 1 else 'are'} this host")
+        said.append(f"{and_list(loopback)} {'is' if len(loopback) == 1 else 'are'} this host")
     if unspecified:
-        said.append(f"{_and(unspecified)} {'connects' if len(unspecified) == 1 else 'connect'}"
+        said.append(f"{and_list(unspecified)} {'connects' if len(unspecified) == 1 else 'connect'}"
                     " to this host")
     if loopback or unspecified:
         said[-1] += " (in a container, the container itself)"
     if bound:
-        said.append(f"{_and(bound)} {'is an address' if len(bound) == 1 else 'are addresses'}"
+        said.append(f"{and_list(bound)} {'is an address' if len(bound) == 1 else 'are addresses'}"
                     " this proxy listens on")
     return ", ".join(said)
 
 
-def _and(words: Sequence[str]) -> str:
+def and_list(words: Sequence[str]) -> str:
     """`a`, `a and b`, `a, b and c`."""
     return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} and {words[-1]}"
 

@@ -1591,6 +1591,8 @@ def test_version_after_a_command_says_where_it_goes(command: str) -> None:
      "serve"),
     (["check", "--json"], "status"),
     (["status", "--from-env"], "links and serve"),
+    # Of more than two, a list: not "check and reload and serve and status".
+    (["links", "--status-socket", "/x", "6379=127.0.0.1:1"], "check, reload, serve and status"),
 ])
 def test_another_commands_option_says_whose_it_is(args: list[str], owners: str) -> None:
     """`forkproxy links --grace 5 ...` (a serve command line with the command changed, as
