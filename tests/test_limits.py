@@ -3240,7 +3240,11 @@ def test_a_fork_failed_under_a_pids_and_an_nproc_limit_names_the_one_met(
     """Both a cgroup's pids.max and the user's RLIMIT_NPROC found at start, and fork()
     fails with EAGAIN at either: the detail names the one that holds fewer connections,
     the one met first (here the nproc limit of 4, under a pids.max of 50)."""
-    uid = 1_900_000_000 + os.getpid() % 1_000_000 + 1  # not the other nproc tests' uid
+    # Not the other nproc tests' uid, in this run or in another beside it: a base of its
+    # own. 1_900_000_000 + pid + 1 was test_a_fork_failed_at_the_nproc_limit_names_that_
+    # limit's uid in a run whose pid is one more, and RLIMIT_NPROC counts a uid's
+    # processes host-wide.
+    uid = 1_850_000_000 + os.getpid() % 1_000_000
     limit = 4  # the supervisor and three children: the next fork fails
     os.chown(short_dir, uid, uid)
     (pids_cgroup / "pids.max").write_text("50")
