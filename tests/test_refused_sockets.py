@@ -89,13 +89,22 @@ def test_a_listener_socket_refused_by_a_sandbox_is_one_line_and_exit_2(
         os.killpg(proc.pid, 0)  # no child left behind (a resolver, the metrics process)
 
 
+@pytest.mark.parametrize(("error", "expected"), [
+    ("EACCES", f"cannot listen on [::1]:6379: cannot open a socket: Permission denied "
+               f"({POLICY}) (for A_PORT_6379_TCP)"),
+    # The whole system's limit: it advised `ulimit -n`, which raises this process's alone.
+    ("ENFILE", "out of file descriptors for new listening sockets: Too many open files in "
+               "system (the host's file table is full, not this process's limit: raise the "
+               "host's fs.file-max, or end what holds so many files)"),
+])
 def test_a_reload_whose_new_listener_is_refused_by_a_sandbox_says_so_as_a_start_does(
     tmp_path: Path, short_dir: Path, refuse: Callable[[str, str], tuple[str, ...]],
-    start_proxy: Callable[..., Proxy],
+    start_proxy: Callable[..., Proxy], error: str, expected: str,
 ) -> None:
-    """A reload that adds an IPv6 listener where IPv6 sockets are refused with EACCES: the
-    reload fails, naming the port and why, in the words a start uses (it said "cannot open
-    a listening socket: Permission denied", no port); the running listener serves on."""
+    """A reload that adds an IPv6 listener where IPv6 sockets are refused (EACCES) or the
+    system is out of files (ENFILE): the reload fails, naming the port and why in the
+    words a start uses (it said "cannot open a listening socket: Permission denied", no
+    port), or the limit to raise; the running listener serves on."""
     env_file = tmp_path / "links.env"
     env_file.write_text("# no link yet\n")
     sock_path = short_dir / "s.sock"
@@ -103,47 +112,16 @@ def test_a_reload_whose_new_listener_is_refused_by_a_sandbox_says_so_as_a_start_
         target = upstream.getsockname()[1]
         proxy = start_proxy(f"127.0.0.1:0=127.0.0.1:{target}", "--env-file", str(env_file),
                             "--bind", "::1", "--status-socket", str(sock_path),
-                            prefix=refuse("AF_INET6", "EACCES"))
+                            prefix=refuse("AF_INET6", error))
         env_file.write_text(f"A_PORT_6379_TCP=tcp://127.0.0.1:{target}\n")
         result = subprocess.run([FORKPROXY, "reload", "--status-socket", str(sock_path)],
                                 capture_output=True, text=True, timeout=30, check=False)
-        expected = (f"cannot listen on [::1]:6379: cannot open a socket: Permission denied "
-                    f"({POLICY}) (for A_PORT_6379_TCP)")
-        assert result.returncode == 1, result
-        assert expected in result.stderr, result.stderr
-        assert wait_for(lambda: "reload-failed" in proxy.log()), proxy.log()
-        [failed] = [line for line in proxy.log().splitlines() if "reload-failed" in line]
-        assert expected in failed, failed
-        with socket.create_connection(("127.0.0.1", proxy.port), timeout=10):
-            conn, _ = upstream.accept()
-            conn.close()
-        assert proxy.proc.poll() is None
-
-
-def test_a_reload_out_of_the_systems_descriptors_says_which_limit_to_raise(
-    tmp_path: Path, short_dir: Path, refuse: Callable[[str, str], tuple[str, ...]],
-    start_proxy: Callable[..., Proxy],
-) -> None:
-    """A reload whose new listener's socket() fails with ENFILE, the whole system's
-    limit: it advised `ulimit -n`, which raises this process's alone. The reload fails
-    saying fs.file-max; the running listener serves on."""
-    env_file = tmp_path / "links.env"
-    env_file.write_text("# no link yet\n")
-    sock_path = short_dir / "s.sock"
-    with socket.create_server(("127.0.0.1", 0)) as upstream:
-        target = upstream.getsockname()[1]
-        proxy = start_proxy(f"127.0.0.1:0=127.0.0.1:{target}", "--env-file", str(env_file),
-                            "--bind", "::1", "--status-socket", str(sock_path),
-                            prefix=refuse("AF_INET6", "ENFILE"))
-        env_file.write_text(f"A_PORT_6379_TCP=tcp://127.0.0.1:{target}\n")
-        result = subprocess.run([FORKPROXY, "reload", "--status-socket", str(sock_path)],
-                                capture_output=True, text=True, timeout=30, check=False)
-        expected = ("out of file descriptors for new listening sockets: Too many open files "
-                    "in system (the host's file table is full, not this process's limit: "
-                    "raise the host's fs.file-max, or end what holds so many files)")
         assert result.returncode == 1, result
         assert expected in result.stderr, result.stderr
         assert "ulimit -n" not in result.stderr, result.stderr
+        assert wait_for(lambda: "reload-failed" in proxy.log()), proxy.log()
+        [failed] = [line for line in proxy.log().splitlines() if "reload-failed" in line]
+        assert expected in failed, failed
         with socket.create_connection(("127.0.0.1", proxy.port), timeout=10):
             conn, _ = upstream.accept()
             conn.close()

@@ -2170,17 +2170,18 @@ def test_a_taker_killed_before_its_socket_file_has_its_name_leaves_nothing_for_g
     assert new.stop() == 0
 
 
-def _shut_and_port_taken(old: Proxy) -> socket.socket:
-    """`old`'s listener shut down from outside (`ss -K`) and its port taken by another
-    socket, both while `old` is stopped, so that it cannot listen again: the other
-    socket, listening."""
+def _shut_and_port_taken(old: Proxy, port: int | None = None) -> socket.socket:
+    """`old`'s listener on `port` (its link's by default) shut down from outside (`ss -K`)
+    and the port taken by another socket, both while `old` is stopped, so that it cannot
+    listen again: the other socket, listening."""
+    port = old.port if port is None else port
     old.signal(signal.SIGSTOP)  # the shutdown and the port taken before it looks
     try:
-        killed = subprocess.run([need("ss"), "-K", "-tln", f"sport = :{old.port}"],
+        killed = subprocess.run([need("ss"), "-K", "-tln", f"sport = :{port}"],
                                 capture_output=True, text=True, timeout=30)
         assert killed.returncode == 0, killed
         occupier = socket.socket()
-        occupier.bind(("127.0.0.1", old.port))
+        occupier.bind(("127.0.0.1", port))
         occupier.listen()
     finally:
         old.signal(signal.SIGCONT)
@@ -2225,16 +2226,7 @@ def test_a_handed_metrics_socket_shut_down_from_outside_is_not_said_to_be_unconf
     said = old.lines[-1]  # `metrics http://127.0.0.1:PORT/metrics`
     assert said.startswith("metrics http://127.0.0.1:") and said.endswith("/metrics"), said
     metrics = int(said.removesuffix("/metrics").rsplit(":", 1)[1])
-    old.signal(signal.SIGSTOP)  # the shutdown and the port taken before it looks
-    try:
-        killed = subprocess.run([need("ss"), "-K", "-tln", f"sport = :{metrics}"],
-                                capture_output=True, text=True, timeout=30)
-        assert killed.returncode == 0, killed
-        occupier = socket.socket()
-        occupier.bind(("127.0.0.1", metrics))
-        occupier.listen()
-    finally:
-        old.signal(signal.SIGCONT)
+    occupier = _shut_and_port_taken(old, metrics)
     # The metrics process says `metrics-failed` too, as it exits, before the supervisor
     # has tried to listen again: wait for the supervisor's own line, that it cannot.
     cannot = f"forkproxy[{old.pid}] error metrics-failed "
