@@ -103,6 +103,21 @@ def need(program: str) -> str:
     return path
 
 
+def as_user(uid: int) -> tuple[str, ...]:
+    """A prefix running a command as `uid` (and gid), no other groups. Checked first that
+    this interpreter starts as that user: pyenv's under root's 0700 home does not (its
+    libpython is root's alone), and the test then failed on an assertion naming neither."""
+    prefix = (need("setpriv"), f"--reuid={uid}", f"--regid={uid}", "--clear-groups")
+    probe = subprocess.run([*prefix, sys.executable, "-c", ""], capture_output=True,
+                           text=True, timeout=30)
+    if probe.returncode != 0:
+        said = (probe.stderr.strip().splitlines() or [f"exit status {probe.returncode}"])[-1]
+        pytest.fail(f"{sys.executable} does not start as uid {uid} ({said}): this test runs "
+                    "it as another user; use a Python every user can run (not one under a "
+                    "0700 home, as pyenv's under /root)")
+    return prefix
+
+
 def in_own_network(somaxconn: int = 4096) -> tuple[str, ...]:
     """start_proxy's `prefix`: the proxy in a network namespace of its own (loopback up,
     net.core.somaxconn set there only), gone with it."""

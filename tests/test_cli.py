@@ -36,6 +36,7 @@ from conftest import (
     FORKPROXY,
     Proxy,
     ServerFactory,
+    as_user,
     blocked_writing,
     closed_by_peer,
     control,
@@ -2579,9 +2580,8 @@ def test_reload_pid_file_says_so_when_it_cannot_read_the_process_it_checks() -> 
     try:
         with fake_supervisor(pid_file) as fake:
             pid_file.chmod(0o644)
-            as_nobody = (f"mount -t proc -o hidepid=1 proc /proc && exec {need('setpriv')} "
-                         "--reuid=65534 --regid=65534 --clear-groups "
-                         f"{FORKPROXY} reload --pid-file {pid_file}")
+            as_nobody = (f"mount -t proc -o hidepid=1 proc /proc && exec "
+                         f"{' '.join(as_user(65534))} {FORKPROXY} reload --pid-file {pid_file}")
             result = subprocess.run(
                 [need("unshare"), "--mount", "--propagation", "private", "sh", "-c", as_nobody],
                 capture_output=True, text=True, timeout=30, env={"PATH": os.environ["PATH"]},
@@ -2612,7 +2612,7 @@ def test_reload_pid_file_says_so_when_the_signal_itself_is_not_permitted(
                             prefix=(need("sh"), "-c", 'umask 022 && exec "$@"', "sh"))
         assert wait_for(lambda: pid_file.exists() and pid_file.read_text() == f"{proxy.pid}\n")
         result = run("reload", "--pid-file", str(pid_file),
-                     prefix=(need("setpriv"), "--reuid=65534", "--regid=65534", "--clear-groups"))
+                     prefix=as_user(65534))
         assert_cannot_reload(result, f"cannot signal pid {proxy.pid} (from '{pid_file}'): "
                              "Operation not permitted")
         assert proxy.proc.poll() is None

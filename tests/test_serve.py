@@ -35,6 +35,7 @@ from conftest import (
     Proxy,
     Redis,
     ServerFactory,
+    as_user,
     control,
     echo,
     fd_count,
@@ -1805,8 +1806,7 @@ def test_the_listening_sockets_go_only_to_a_process_of_our_own(
     }
     os.chmod(short_dir, 0o755)
     os.chmod(path, 0o666)  # an operator's, so that a monitoring user can ask `check`
-    cases["uid 65534"] = _fake_taker(path, "self", need("setpriv"), "--reuid=65534",
-                                     "--regid=65534", "--clear-groups")
+    cases["uid 65534"] = _fake_taker(path, "self", *as_user(65534))
     for _ in range(20):
         cases["the pid of another"] = _fake_taker(path, str(proxy.pid))
     for case, found in cases.items():
@@ -1840,8 +1840,7 @@ def test_a_taker_not_mapped_into_our_user_namespace_is_named_so(
                         prefix=(need("unshare"), "--user", "--map-root-user"))  # root only
     os.chmod(short_dir, 0o755)
     os.chmod(path, 0o666)
-    found = _fake_taker(path, "self", need("setpriv"), "--reuid=4242", "--regid=4242",
-                        "--clear-groups")
+    found = _fake_taker(path, "self", *as_user(4242))
     overflow = int(Path("/proc/sys/kernel/overflowuid").read_text())
     assert found["sockets"] == 0 and found["reply"]["ok"] is False, found
     assert found["reply"]["error"] == (
