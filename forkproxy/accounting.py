@@ -123,13 +123,19 @@ def note_loop(counters: memoryview, base: int, error: OSError,
 
 def looped_address(counters: memoryview, base: int, word: int) -> str:
     """The address a child refused as a loop (note_loop), as text: `127.0.0.1`, `::1`,
-    `fe80::1%2` (the scope's index)."""
+    `fe80::1%eth0` (the scope's interface, as a target names it; its index where that
+    interface is gone)."""
     number = counters[base + FAILED_ADDRESS] << 64 | counters[base + FAILED_ADDRESS + 1]
     if not word & _FAILED_V6:
         return socket.inet_ntop(AF_INET, number.to_bytes(4))
     scope = counters[base + SCOPES] & 0xFFFFFFFF
     host = socket.inet_ntop(AF_INET6, number.to_bytes(16))
-    return f"{host}%{scope}" if scope else host
+    if not scope:
+        return host
+    try:  # a failed connect's line only: one ioctl
+        return f"{host}%{socket.if_indextoname(scope)}"
+    except OSError:
+        return f"{host}%{scope}"
 
 
 def own_lookup_failed(code: int, gai: int, seconds: float) -> int:

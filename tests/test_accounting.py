@@ -77,8 +77,12 @@ LOOP_END = ("on a port it listens on; every client would take a child per hop un
          "container, the container itself)"),
         ("self.test", ("fd00::1", 6379, 0, 0), "self.test (fd00::1) is an address this "
          "proxy listens on"),
-        ("ll.test", ("fe80::1", 6379, 0, 2), "ll.test (fe80::1%2) is an address this "
-         "proxy listens on"),
+        # A link-local address: its scope by the interface's name, as a target writes it
+        # (it said `%1`); by its index where no interface has it (gone since).
+        ("ll.test", ("fe80::1", 6379, 0, socket.if_nametoindex("lo")), "ll.test (fe80::1%lo) "
+         "is an address this proxy listens on"),
+        ("ll.test", ("fe80::1", 6379, 0, 999_999), "ll.test (fe80::1%999999) is an address "
+         "this proxy listens on"),
         # An address target: the address once.
         ("198.18.0.1", ("198.18.0.1", 6379), "198.18.0.1 is an address this proxy listens on"),
         ("::1", ("::1", 6379, 0, 0), "::1 is this host (in a container, the container itself)"),
