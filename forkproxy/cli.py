@@ -71,6 +71,13 @@ def _help_by_output(option: Any) -> Any:
     return option
 
 
+def _commands_with(group: Any, option: str | None, besides: str | None = None) -> list[str]:
+    """The names of `group`'s commands (but `besides`) that take `option`, sorted."""
+    return sorted(name for name, command in getattr(group, "commands", {}).items()
+                  if option and name != besides
+                  and any(option in param.opts for param in command.params))
+
+
 def _option_names(command: Any, ctx: Any) -> set[str]:
     """Every name of `command`'s options, --help's included."""
     return {name for param in command.get_params(ctx)
@@ -91,9 +98,8 @@ class _Group(typer.core.TyperGroup):
             ctx.fail(f"--version takes no command or argument: got {quoted(args[0])}")
         # An option of a command, typed before any (`forkproxy —from-env`): said whose.
         dash = typographic_option(
-            args[0], _option_names(self, ctx), owners=lambda option: sorted(
-                name for name, command in self.commands.items()
-                if any(option in param.opts for param in command.params))) if args else None
+            args[0], _option_names(self, ctx),
+            owners=lambda option: _commands_with(self, option)) if args else None
         if dash is not None:  # `forkproxy —version`: "No such command"
             ctx.fail(f"{quoted(args[0])}: {dash}")
         return super().resolve_command(ctx, args)
@@ -187,10 +193,7 @@ class _Command(typer.core.TyperCommand):
     def _owners(ctx: Any, option: str | None) -> list[str]:
         """The other commands that take `option`, by name."""
         group = getattr(ctx.parent, "command", None) if ctx.parent else None
-        commands = getattr(group, "commands", {})
-        return sorted(name for name, command in commands.items()
-                      if option and name != ctx.info_name
-                      and any(option in param.opts for param in command.params))
+        return _commands_with(group, option, besides=ctx.info_name)
 
     def _takes_value(self) -> set[str]:
         """The option names that take the next argument as their value."""

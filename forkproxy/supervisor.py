@@ -2077,20 +2077,23 @@ class Supervisor:
         when a line is due)."""
         self.resume_at = time.monotonic() + ACCEPT_BACKOFF
         pausing = f"pausing accepts for {ACCEPT_BACKOFF}s at a time"
-        failures = fold(self.pause_logs, event)
-        if failures:
+
+        def detail() -> str:
             why = cause(exc) if cause is not None else ""
-            self.log.error(event, link=listener.link.name, error=exc.strerror,
-                           failures=failures, detail=f"{why}; {pausing}" if why else pausing)
+            return f"{why}; {pausing}" if why else pausing
+
+        self._log_repeating(event, exc, detail, link=listener.link.name)
         self.update_accepting()
 
-    def _log_repeating(self, event: str, exc: OSError, detail: str, **fields: object) -> None:
+    def _log_repeating(self, event: str, exc: OSError, detail: str | Callable[[], str],
+                       **fields: object) -> None:
         """Log `event` once per ERROR_LOG_EVERY while it repeats, with the count of
-        failures since its last line: at a resource limit it recurs every backoff."""
+        failures since its last line: at a resource limit it recurs every backoff.
+        `detail` may be a function, asked only when a line is due."""
         failures = fold(self.pause_logs, event)
         if failures:
             self.log.error(event, **fields, error=exc.strerror, failures=failures,
-                           detail=detail)
+                           detail=detail if isinstance(detail, str) else detail())
 
     def _prepare_relay(self, listener: Listener) -> None:
         """What every child of this listener hands to relay.serve, built once: a fresh
