@@ -134,25 +134,49 @@ def _winding_down(path: str) -> bool:
     return reply.get("stopping") is True or reply.get("handing_over") is True
 
 
+# Looks at a directory one `status` makes at most, while sockets appear in it as it asks.
+LOOKS = 3
+
+
 def _live_sockets(directory: str) -> list[str] | None:
-    """The sockets in `directory` that answer, by name; None without the directory."""
+    """The sockets in `directory` that answer, by name; None without the directory.
+
+    Looked at again when a socket appeared there while those listed were asked: in a
+    take-over, the old supervisor, listed alone, can hand over and exit before it is
+    asked, and the one that took over, whose socket came after the listing, went
+    unasked: "no running forkproxy found" (once in ~1,000 `check`s across take-overs)."""
+    names = _socket_names(directory)
+    if names is None:
+        return None
+    live: list[str] = []
+    for _ in range(LOOKS):
+        listed = names
+        paths = [os.path.join(directory, name) for name in sorted(names)]
+        try:
+            live = [path for path in paths if answers(path)]
+        except UnixSocketRefused as exc:
+            # None could be asked: "no running forkproxy found" beside a live one.
+            raise SocketsRefused(f"cannot look for a running forkproxy in {directory!r}: "
+                                 f"{exc.strerror}") from None
+        now = _socket_names(directory)
+        if now is None or now <= listed:
+            break  # none came (or the directory went: those that answered are all)
+        names = now
+    return live
+
+
+def _socket_names(directory: str) -> set[str] | None:
+    """The names of the sockets `status` asks in `directory`; None without it."""
     try:
         # As serve does (control.prepare_dir): a socket in another user's directory may
         # be theirs, answering `check` as healthy for a supervisor that is not there.
         check_owned(directory)
-        names = sorted(name for name in os.listdir(directory) if name.endswith(".sock"))
+        return {name for name in os.listdir(directory) if name.endswith(".sock")}
     except FileNotFoundError:
         return None
     except OSError as exc:
         raise StatusError(f"cannot look for a running forkproxy in {directory!r}: "
                           f"{dir_error(exc)}") from None
-    paths = [os.path.join(directory, name) for name in names]
-    try:
-        return [path for path in paths if answers(path)]
-    except UnixSocketRefused as exc:
-        # None could be asked: "no running forkproxy found" beside a live one.
-        raise SocketsRefused(f"cannot look for a running forkproxy in {directory!r}: "
-                             f"{exc.strerror}") from None
 
 
 # The most a reply may be: a status of a million live connections is ~250 MiB.
