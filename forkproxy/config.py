@@ -1459,6 +1459,15 @@ def unknown_variables(environ: Mapping[str, str], option_variables: Mapping[str,
         for index, name in enumerate(_unknown_names(environ, option_variables)))
 
 
+# The unknown variables that get a warning of their own, the first in name order; the rest
+# are counted in one more line: 3,300 in an environment were 3,300 lines before
+# `listening`, in which the proxy's own start was lost. UNLOGGED_UNKNOWN is what that line
+# says: `serve`'s `unknown-variable-unlogged` (with `count`), `links`'s after the count.
+UNKNOWN_LINES_AT_MOST = 10
+UNLOGGED_UNKNOWN = (f"more FORKPROXY_ variables that no option reads, ignored: at most "
+                    f"{UNKNOWN_LINES_AT_MOST} have a line of their own")
+
+
 def _unknown_names(names: Iterable[str], option_variables: Mapping[str, str]) -> list[str]:
     """The FORKPROXY_ names of `names` (in any case) that no option reads, in name order.
     Not unknown: the options' own, the project's (PROJECT_VARIABLES), and the link and

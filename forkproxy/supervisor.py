@@ -52,6 +52,8 @@ from .accounting import (
 )
 from .config import (
     MIN_RESOLVE_EVERY,
+    UNKNOWN_LINES_AT_MOST,
+    UNLOGGED_UNKNOWN,
     ConfigError,
     Endpoint,
     Link,
@@ -1413,9 +1415,13 @@ class Supervisor:
         it was meant for is at its default, FORKPROXY_ALLOWED's every client). Found by the
         CLI (config.unknown_variables, which serve_command calls): a warning, never an
         error, as a newer image's variable set for an older forkproxy must not stop the
-        proxy."""
-        for name, detail in self.options.unknown_variables:
+        proxy. The first UNKNOWN_LINES_AT_MOST each, then one line counting the rest."""
+        found = self.options.unknown_variables
+        for name, detail in found[:UNKNOWN_LINES_AT_MOST]:
             self.log.warning("unknown-variable", variable=name, detail=detail)
+        if len(found) > UNKNOWN_LINES_AT_MOST:
+            self.log.warning("unknown-variable-unlogged", count=len(found) - UNKNOWN_LINES_AT_MOST,
+                             detail=UNLOGGED_UNKNOWN)
 
     def _log_foreign_proc(self) -> None:
         """At start, once: no /proc, or one that is not our PID namespace's, where

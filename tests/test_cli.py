@@ -2126,6 +2126,38 @@ def test_an_unknown_variables_name_is_shown_short_and_quoted(
                              "case)\""), lines
 
 
+# 3,300 unknown names were 3,300 warnings before `listening`; 25 show the bound as well.
+MANY_UNKNOWN = {f"FORKPROXY_JUNK_{index:02d}": "s3cret" for index in range(25)}
+UNLOGGED = ("more FORKPROXY_ variables that no option reads, ignored: at most 10 have a "
+            "line of their own")
+
+
+def test_many_unknown_variables_are_ten_warnings_and_a_count_of_the_rest(
+    start_proxy: Callable[..., Proxy], tcp_server: ServerFactory
+) -> None:
+    """The first 10 unknown variables (in name order) keep their `unknown-variable` line,
+    word for word; the rest are one `unknown-variable-unlogged` record with their count,
+    before `listening`: an environment of 3,300 wrote 3,300 lines first."""
+    server = tcp_server(echo)
+    proxy = start_proxy("--log-format", "json", f"127.0.0.1:0=127.0.0.1:{server.port}",
+                        env={**os.environ, **MANY_UNKNOWN, "FORKPROXY_ALLOWED": "x"})
+    assert wait_for(lambda: '"event": "listening"' in proxy.log()), proxy.log()
+    records = [json.loads(line) for line in proxy.log().splitlines()]
+    events = [record["event"] for record in records]
+    unknown = [record for record in records if record["event"] == "unknown-variable"]
+    assert [record["variable"] for record in unknown] == [
+        "FORKPROXY_ALLOWED", *sorted(MANY_UNKNOWN)[:9]], records
+    assert unknown[0]["detail"] == ("no option reads it: ignored; did you mean "
+                                    "FORKPROXY_ALLOW (--allow)?"), unknown
+    [unlogged] = [record for record in records
+                  if record["event"] == "unknown-variable-unlogged"]
+    assert (unlogged["level"], unlogged["count"], unlogged["detail"]) == (
+        "warning", 16, UNLOGGED), unlogged
+    assert events.index("unknown-variable-unlogged") == events.index("unknown-variable") + 10
+    assert events.index("unknown-variable-unlogged") < events.index("listening"), events
+    assert "s3cret" not in proxy.log()
+
+
 def test_an_option_variable_in_the_env_file_is_a_warning_at_start_and_at_reload(
     start_proxy: Callable[..., Proxy], tcp_server: ServerFactory, tmp_path: Path
 ) -> None:
