@@ -26,6 +26,8 @@ from .config import (
     DEFAULT_MAX_CHILDREN,
     ONE_BIND,
     ONE_METRICS,
+    UNKNOWN_LINES_AT_MOST,
+    UNLOGGED_UNKNOWN,
     ConfigError,
     LinkTable,
     Options,
@@ -1002,14 +1004,23 @@ def links_command(
 ) -> None:
     """Print the listeners `serve` would open from the same SPECs and link options, and exit."""
     variables = _variables(ctx)
+    option_variables = _option_variables(ctx)
     try:
         table = load(Sources(tuple(specs or ()), from_env, env_file,
-                             Options(option_variables=tuple(_option_variables(ctx).items()),
+                             Options(option_variables=tuple(option_variables.items()),
                                      flags_without_variable=_flags_without_variable(ctx)),
                              bind=_bind(ctx, bind, variables),
                              aliases=_aliases(ctx, alias, variables)))
     except ConfigError as exc:
         fail(str(exc), variables)
+    # What serve's log says first (`unknown-variable`, then `unknown-variable-unlogged`),
+    # in the same words: the dry run was silent of a typo (FORKPROXY_ALLOWED) that serve
+    # warns of. Only when serve would start, as serve says them.
+    unknown = unknown_variables(os.environ, option_variables, _flags_without_variable(ctx))
+    for name, detail in unknown[:UNKNOWN_LINES_AT_MOST]:
+        say(f"forkproxy: warning: {name}: {detail}")
+    if len(unknown) > UNKNOWN_LINES_AT_MOST:
+        say(f"forkproxy: warning: {len(unknown) - UNKNOWN_LINES_AT_MOST} {UNLOGGED_UNKNOWN}")
     for warning in table.warnings + table.overrides:
         say(f"forkproxy: warning: {warning}")
     for name, detail in table.file_options:

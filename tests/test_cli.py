@@ -2158,6 +2158,32 @@ def test_many_unknown_variables_are_ten_warnings_and_a_count_of_the_rest(
     assert "s3cret" not in proxy.log()
 
 
+def test_links_says_the_unknown_variables_serve_warns_of() -> None:
+    """`forkproxy links`, the dry run, said nothing of FORKPROXY_ALLOWED, which serve warns
+    of: now the same warnings, in the same words and bound, on stderr, before the table's
+    own; the listen lines and the exit status as before."""
+    one = run("links", "127.0.0.1:7000=10.0.0.5:7000",
+              env={"FORKPROXY_ALLOWED": "s3cret", "FORKPROXY_BIND_ADDR": "s3cret"})
+    assert one.returncode == 0, one
+    assert one.stdout == "listen 127.0.0.1:7000 -> 10.0.0.5:7000 (127.0.0.1:7000=10.0.0.5:7000)\n"
+    assert one.stderr == (
+        "forkproxy: warning: FORKPROXY_ALLOWED: no option reads it: ignored; did you mean "
+        "FORKPROXY_ALLOW (--allow)?\n"
+        "forkproxy: warning: FORKPROXY_BIND_ADDR: no option reads it: ignored; did you mean "
+        "FORKPROXY_BIND (--bind)?\n"), one
+    many = run("links", "127.0.0.1:7000=10.0.0.5:7000", env=MANY_UNKNOWN)
+    assert many.returncode == 0, many
+    lines = many.stderr.splitlines()
+    assert lines[:10] == [
+        f"forkproxy: warning: {name}: no option reads it: ignored; each option's variable "
+        "is in README's table of serve's options" for name in sorted(MANY_UNKNOWN)[:10]], lines
+    assert lines[10:] == [f"forkproxy: warning: 15 {UNLOGGED}"], lines
+    assert "s3cret" not in many.stderr
+    # Bad input is still one line, not the warnings too (serve says none when it fails).
+    bad = run("links", "7000=10.0.0.5:bad", env=MANY_UNKNOWN)
+    assert_one_line_error(bad)
+
+
 def test_an_option_variable_in_the_env_file_is_a_warning_at_start_and_at_reload(
     start_proxy: Callable[..., Proxy], tcp_server: ServerFactory, tmp_path: Path
 ) -> None:
