@@ -180,6 +180,22 @@ def failure_text(code: int, host: str, looped: str | None = None) -> str:
     return os.strerror(code)
 
 
+# connect-fallback's failed_error for an address refused as a loop: no hop was made, and
+# the connection went on through the next address; failure_text's words ("every client
+# would take a child per hop") read as the outage that did not happen.
+LOOP_SKIPPED = ("refused as a loop and skipped: it connects back to this proxy (an address "
+                "of this host, on a port it listens on); the connection went on to the next "
+                "address")
+
+
+def fallback_error(word: int, host: str) -> str:
+    """The `failed_error` of a FELL_BACK word (note_fallback): failure_text's, but for an
+    address skipped as a loop (LOOP_SKIPPED), which is no failure."""
+    if not word & OWN_LOOKUP and word & _CODE == errno.ELOOP:  # relay.LOOP_ERRNO
+        return LOOP_SKIPPED
+    return failure_text(word, host)
+
+
 def _same_address(host: str, address: str) -> bool:
     """Is the target `host` the very `address` (as inet_ntop writes it), not a name?"""
     host = host.partition("%")[0]

@@ -47,6 +47,7 @@ from .accounting import (
     failure_errno,
     failure_text,
     fallback_addresses,
+    fallback_error,
     looped_address,
     read_clocks,
 )
@@ -2379,7 +2380,7 @@ class Supervisor:
             connected, failed = fallback_addresses(counters, base, word, link.target.port)
             self.log.warning("connect-fallback", link=name, client=peer_text(record[1]),
                              upstream=str(link.target), connected=connected, failed=failed,
-                             failed_error=failure_text(word, link.target.host),
+                             failed_error=fallback_error(word, link.target.host),
                              failures=failures)
             due = self.fallback_due.get(key)
             if due is not None:

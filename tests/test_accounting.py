@@ -101,8 +101,7 @@ def test_a_loop_refused_is_said_with_its_address(
     looped = looped_address(slots.counters, base, word)
     assert failure_text(word, host, looped) == (
         f"connects back to this proxy: {said}, {LOOP_END}")
-    # Without the address (connect-fallback's failed_error, whose `failed` names it): as
-    # before.
+    # Without the address (a child's own error text): as before.
     assert failure_text(word, host) == (
         f"connects back to this proxy: {host} is this host, {LOOP_END}")
 

@@ -366,6 +366,24 @@ def test_a_fallback_left_in_the_slot_reads_back_as_the_childs_addresses(
     assert word & accounting.FELL_BACK and not word & accounting.COUNTED
     assert accounting.fallback_addresses(counters, FIELDS, word, 6379) == texts
     assert accounting.failure_text(word, "upstream.test") == "Connection refused"
+    assert accounting.fallback_error(word, "upstream.test") == "Connection refused"
+
+
+def test_a_fallback_past_a_loop_says_the_loop_was_skipped() -> None:
+    """A fallback whose failed address was refused as a loop (relay.LoopRefused): its
+    failed_error said "every client would take a child per hop", a failure that did not
+    happen; it says the address was skipped and the connection went on."""
+    from forkproxy.accounting import FAILURE, FIELDS
+
+    counters = memoryview(bytearray(8 * FIELDS)).cast("Q")
+    failed = ("198.18.0.1", 6379)
+    accounting.note_fallback(counters, 0, ("198.18.0.2", 6379), failed,
+                             relay.LoopRefused(failed))
+    word = counters[FAILURE]
+    assert accounting.fallback_error(word, "loop.test") == (
+        "refused as a loop and skipped: it connects back to this proxy (an address of this "
+        "host, on a port it listens on); the connection went on to the next address")
+    assert "child per hop" in accounting.failure_text(word, "loop.test")  # connect-failed's
 
 
 def test_a_failed_connects_code_reads_back_as_its_error() -> None:

@@ -401,6 +401,49 @@ def test_a_name_of_two_own_addresses_is_refused_not_looped_between_them() -> Non
             shutil.rmtree(etc, ignore_errors=True)
 
 
+def test_a_loop_skipped_for_the_next_address_is_said_as_skipped_not_as_a_failure() -> None:
+    """A name with an address of this host that leads back into the proxy (refused as a
+    loop) and another where the server is: every client is served, some after the loop
+    was skipped. The `connect-fallback` line's failed_error said "every client would take
+    a child per hop until none is left" of it, a failure that did not happen; it says now
+    that the address was refused as a loop and skipped, and the connection went on."""
+    with netns_lab("skiploop-") as lab:
+        ns = lab.namespace("box")
+        for address in ("198.18.0.1/32", "198.18.0.2/32"):
+            ns.ip("addr", "add", address, "dev", "lo")
+        etc = Path("/etc/netns") / ns.name  # `ip netns exec` mounts these over /etc's
+        try:
+            etc.mkdir(parents=True)
+            # Both in this order: every other connection's turn starts at the loop.
+            (etc / "hosts").write_text(
+                "127.0.0.1 localhost\n198.18.0.1 loop.test\n198.18.0.2 loop.test\n")
+            (etc / "resolv.conf").write_text("nameserver 127.0.0.53\n")  # nobody: refused
+            redis = lab.spawn(ns, ["redis-server", "--port", "6379", "--bind", "198.18.0.2",
+                                   "--protected-mode", "no", "--save", "", "--appendonly",
+                                   "no", "--dir", str(lab.workdir)], label="redis")
+            assert wait_for(lambda: redis_cli(ns, 6379, "PING", host="198.18.0.2",
+                                              check=False) == "PONG"), redis.describe()
+            redis_cli(ns, 6379, "SET", "who", "redis", host="198.18.0.2")
+            # The listener on the loop's address only: 198.18.0.2:6379 is the server's.
+            proc, lines = lab.ambassador(ns, {"LOOP_PORT_6379_TCP": "tcp://loop.test:6379"},
+                                         forkproxy=[FORKPROXY], options=["--bind", "198.18.0.1"])
+            assert len(lines) == 1, lines
+            assert wait_for(lambda: " resolved " in proc.stderr()), proc.describe()
+            for _ in range(4):  # each served, through 198.18.0.2
+                assert redis_cli(ns, 6379, "GET", "who", host="198.18.0.1") == "redis", (
+                    proc.describe())
+            assert wait_for(lambda: " connect-fallback " in proc.stderr()), proc.describe()
+            [line] = [x for x in proc.stderr().splitlines() if " connect-fallback " in x]
+            assert " connected=198.18.0.2:6379 failed=198.18.0.1:6379 " in line, line
+            assert line.endswith(
+                ' failed_error="refused as a loop and skipped: it connects back to this proxy '
+                "(an address of this host, on a port it listens on); the connection went on "
+                'to the next address" failures=1'), line
+            assert " connect-failed " not in proc.stderr(), proc.describe()
+        finally:
+            shutil.rmtree(etc, ignore_errors=True)
+
+
 def test_a_client_on_the_upstreams_host_is_no_loop() -> None:
     """A client on the very host of the upstream (the host's redis reached through an
     ambassador on another host; Docker's gateway address as both the clients' source and
