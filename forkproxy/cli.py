@@ -14,7 +14,7 @@ import os
 import signal
 import stat
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Annotated, Any, NoReturn
 
 import typer
@@ -136,6 +136,23 @@ ONE_ONLY = {
 START_ERROR = "forkproxy.start_error"
 
 
+# difflib.get_close_matches' cutoff, which click uses: the same bar, without the dashes.
+CLOSE_OPTION = 0.6
+
+
+def _close_options(option: str, possibilities: Sequence[str]) -> list[str]:
+    """Those of click's suggestions for `option` still alike without the leading dashes.
+    click's difflib compares `--bogus` with `--verbose` dashes and all, and the two
+    dashes every long option shares made it "Possible options: --verbose"; without them
+    a typo (`--verbos`, `--max-child`) keeps its suggestion and an unrelated word gets
+    none. Only a subset: the dashes only ever raise the likeness."""
+    from difflib import SequenceMatcher  # click's parser imports it for the same error
+
+    typed = option.lstrip("-")
+    return [name for name in possibilities
+            if SequenceMatcher(None, typed, name.lstrip("-")).ratio() >= CLOSE_OPTION]
+
+
 class _Command(typer.core.TyperCommand):
     """A command whose --help names each argument by its metavar, as click writes it
     (`SPEC...`: `...` when several may be given). typer (0.2x) writes the Python type of
@@ -189,6 +206,8 @@ class _Command(typer.core.TyperCommand):
                     exc.possibilities = None
                     exc.message = (f"No such option: {option} (an option of "
                                    f"{and_list(owners)}, not of {ctx.info_name})")
+                elif option and exc.possibilities:
+                    exc.possibilities = _close_options(option, exc.possibilities)
             raise
 
     @staticmethod

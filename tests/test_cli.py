@@ -1584,6 +1584,27 @@ def test_version_after_a_command_says_where_it_goes(command: str) -> None:
     assert_one_line_error(run("serve", "--verbos"), "(Possible options: --verbose)")
 
 
+@pytest.mark.parametrize(("args", "said"), [
+    # Unlike every option: no suggestion (it was "Possible options: --verbose", of an
+    # option alike only in the two dashes all share).
+    (["serve", "--bogus"], "No such option: --bogus"),
+    (["serve", "--x"], "No such option: --x"),
+    (["status", "--bogus"], "No such option: --bogus"),
+    # A typo keeps click's suggestion.
+    (["serve", "--max-child", "1"], "No such option: --max-child (Possible options: "
+     "--max-children)"),
+    (["serve", "--allowed", "10.0.0.0/8"], "No such option: --allowed (Possible options: "
+     "--allow)"),
+    (["status", "--jsn"], "No such option: --jsn (Possible options: --json)"),
+])
+def test_an_unknown_option_is_suggested_only_a_close_one(args: list[str], said: str) -> None:
+    """click's difflib compares the options dashes and all; `--bogus` was told
+    `--verbose`. The line suggests only an option alike without the dashes."""
+    result = run(*args)
+    assert_one_line_error(result, said)
+    assert result.stderr == f"forkproxy: error: {said}\n", result
+
+
 @pytest.mark.parametrize(("args", "owners"), [
     (["links", "--grace", "5", "6379=127.0.0.1:1"], "serve"),
     (["links", "--metrics", "127.0.0.1:0", "6379=127.0.0.1:1"], "serve"),
