@@ -976,7 +976,8 @@ def _ask_across_take_over(path: str | None, command: str) -> dict[str, Any]:
     stopping: a `check` at that moment failed a healthy proxy. Only when another one
     serves now: at --status-socket, another socket renamed into place since (the file's
     inode changed); in the default directory, another socket find_socket finds. A proxy
-    stopping, with nobody taking over, is said stopping as before."""
+    stopping, with nobody taking over, is said stopping as before. A `reload` refused as
+    handing over, with no other one yet, waits for the hand-over to end (_after_hand_over)."""
     found = find_socket(path)
     before = _inode(found)
     try:
@@ -989,20 +990,65 @@ def _ask_across_take_over(path: str | None, command: str) -> dict[str, Any]:
         if not _winding_down_refusal(command, reply):
             return reply
         failure = None
-    successor: str | None = None
-    if path is not None:
-        now = _inode(path)
-        successor = path if now is not None and now != before else None
-    else:
-        with contextlib.suppress(StatusError):
-            successor = find_socket(None)
-        if successor == found:  # named by pid: the same one (stopping, with no taker)
-            successor = None
+    successor = _successor(path, found, before)
+    if successor is None and failure is None and _handing_over(reply):
+        successor = _after_hand_over(path, found, before)
     if successor is None:
         if failure is not None:
             raise failure
         return reply
     return request(successor, command)
+
+
+def _successor(path: str | None, found: str, before: tuple[int, int] | None) -> str | None:
+    """The socket of another supervisor serving in place of the one on `found` (which was
+    the file `before`), None when there is none (yet)."""
+    if path is not None:
+        now = _inode(path)
+        return path if now is not None and now != before else None
+    successor = None
+    with contextlib.suppress(StatusError):
+        successor = find_socket(None)
+    return None if successor == found else successor  # named by pid: the same one
+
+
+def _handing_over(reply: dict[str, Any]) -> bool:
+    """Does a refused `reload` say a hand-over is under way (not a stop)? In its error
+    alone from a supervisor older than the `stopping` field."""
+    if reply.get("stopping") is True:
+        return False
+    if "stopping" in reply:
+        return reply.get("handing_over") is True
+    return reply.get("error") == HANDING_OVER
+
+
+# Seconds between two looks while a supervisor hands over (_after_hand_over).
+HAND_OVER_LOOK_EVERY = 0.05
+
+
+def _after_hand_over(path: str | None, found: str,
+                     before: tuple[int, int] | None) -> str | None:
+    """Where to ask again once the supervisor on `found`, which refused a `reload` as
+    handing over, is done: the socket of the one that took over, or `found` itself when
+    the take-over was given up (it serves on, and reloads again). None if neither within
+    REQUEST_DEADLINE, the time the supervisor gives the one taking over (its
+    HAND_OVER_DEADLINE, as long) before it gives up. Asked before the one taking over
+    had made its socket (it binds the sockets handed first), or just before it was given
+    up, the refusal was the answer: exit 1, "handing over to a new supervisor", beside
+    one that served a moment later and would have reloaded."""
+    ends = time.monotonic() + REQUEST_DEADLINE
+    while time.monotonic() < ends:
+        time.sleep(HAND_OVER_LOOK_EVERY)
+        successor = _successor(path, found, before)
+        if successor is not None:
+            return successor
+        try:
+            state = request(found, "check", timeout=2.0, deadline=2.0)
+        except StatusError:
+            continue  # gone, or busy: the one that took over is found at the next look
+        if state.get("stopping") is not True and state.get("handing_over") is not True:
+            return found  # the take-over was given up: it serves on
+    return None
 
 
 def _winding_down_refusal(command: str, reply: dict[str, Any]) -> bool:

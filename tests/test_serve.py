@@ -2601,6 +2601,71 @@ def test_the_default_directory_is_looked_at_again_when_a_socket_came_as_it_was_a
     assert taken[0].stop() == 0
 
 
+@pytest.mark.parametrize("given_up", [False, True], ids=["taken over", "given up"])
+@pytest.mark.parametrize("fixed", [False, True], ids=["default directory", "status socket"])
+def test_a_reload_refused_as_the_old_one_hands_over_reaches_the_one_serving_after(
+    start_proxy: Callable[..., Proxy], tcp_server: ServerFactory, short_dir: Path,
+    monkeypatch: pytest.MonkeyPatch, fixed: bool, given_up: bool,
+) -> None:
+    """A `reload` that reached the supervisor handing over before the one taking over had
+    made its socket (it binds the sockets handed first) was refused, with nobody else to
+    ask: exit 1, "handing over to a new supervisor", beside the one that served a moment
+    later and would have reloaded; so was one whose take-over was then given up (the old
+    one serves on, and reloads again). It now waits for the hand-over to end and asks the
+    one serving then. Real supervisors; the new one is held at a file it reads between
+    the two (--metrics: forkproxy's own files), and let go (or killed: given up) at the
+    first look the waiting `reload` takes."""
+    from forkproxy import installed, status
+
+    server = tcp_server(echo)
+    runtime = short_dir / "xdg"
+    runtime.mkdir(mode=0o700)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))  # ours, and the new one's
+    path = str(short_dir / "fp.sock") if fixed else None
+    args = (*(("--status-socket", path) if path else ()), "--metrics", "127.0.0.1:0",
+            f"127.0.0.1:{free_port()}=127.0.0.1:{server.port}")
+    old = start_proxy(*args, expect=2, env=dict(os.environ))
+    asked = Path(path or runtime / "forkproxy" / f"{old.pid}.sock")
+    # Its metrics process has run _metrics_main.py: that open is not the one held below.
+    assert wait_for(lambda: control(asked, "check")["metrics"]["state"] == "up")
+    with OpenGate(Path(installed.PACKAGE) / "_metrics_main.py") as gate:
+        new = _taking_over(args, short_dir / "new.log")
+        with new:
+            try:
+                while gate.held_open() != new.pid or not control(asked, "check")["handing_over"]:
+                    gate.let_through()  # another process's open, or before the hand-over
+                if not fixed:  # handed over, and the new one's socket not made yet
+                    assert os.listdir(runtime / "forkproxy") == [asked.name]
+                request, looked = status.request, list[str]()
+
+                def request_ending_the_hand_over(where: str, command: str,
+                                                 **kwargs: Any) -> dict[str, Any]:
+                    if command == "check" and not looked:  # a look while it hands over
+                        looked.append(where)
+                        if given_up:
+                            new.kill()
+                        gate.let_through()
+                    return request(where, command, **kwargs)
+
+                monkeypatch.setattr(status, "request", request_ending_the_hand_over)
+                said: list[str] = []
+                reply = status.ask(path, "reload", said.append)
+                monkeypatch.setattr(status, "request", request)
+                assert said == [] and reply is not None, said
+                assert reply["ok"] is True, reply
+                assert reply["pid_here"] == (old.pid if given_up else new.pid), reply
+                if given_up:
+                    assert new.wait(15) == -signal.SIGKILL
+                    assert "take-over-abandoned" in old.log()
+                    assert old.stop() == 0
+                else:
+                    assert old.proc.wait(30) == 0
+                    new.send_signal(signal.SIGTERM)
+                    assert new.wait(15) == 0
+            finally:
+                kill_group(new)
+
+
 def test_check_at_a_status_socket_asks_the_one_put_in_its_place(
     start_proxy: Callable[..., Proxy], tcp_server: ServerFactory, short_dir: Path,
 ) -> None:
