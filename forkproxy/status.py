@@ -108,9 +108,13 @@ def find_socket(path: str | None) -> str:
         # its listeners, its socket still there for `status` to watch the drain: the one
         # serving is the one meant. Asked only when several answer. Once more if that is
         # not one: a take-over's old supervisor that stopped or exited between the two
-        # looks (it answered the first, not the second) counted as serving.
+        # looks (it answered the first, not the second) counted as serving. None serving:
+        # the one handing over serves until the `go` of the one taking over, whose socket
+        # is not made yet (two take-overs in a row, its own one draining beside it).
         for _ in range(2):
-            serving = [path for path in live if not _winding_down(path)]
+            states = {path: _winding_down(path) for path in live}
+            serving = ([path for path in live if not states[path]]
+                       or [path for path in live if states[path] == HANDING_OVER])
             if len(serving) == 1:
                 return serving[0]
             live = _live_sockets(directory) or []
@@ -121,17 +125,20 @@ def find_socket(path: str | None) -> str:
     return live[0]
 
 
-def _winding_down(path: str) -> bool:
+def _winding_down(path: str) -> str | None:
     """Does the supervisor on `path` say it is stopping, or handing its listeners over to
-    one that takes over (which serves them from its `go` on, a moment later)? No when it
-    cannot say (no answer within a moment, or not a forkproxy): such a one is not ruled
-    out. Before `handing_over` (an older supervisor sends none), the old one answered as
-    serving until the `go`, beside the new one: "several forkproxy supervisors"."""
+    one that takes over (which serves them from its `go` on, a moment later)? "stopping",
+    HANDING_OVER, or None: also when it cannot say (no answer within a moment, or not a
+    forkproxy): such a one is not ruled out. Before `handing_over` (an older supervisor
+    sends none), the old one answered as serving until the `go`, beside the new one:
+    "several forkproxy supervisors"."""
     try:
         reply = request(path, "check", timeout=2.0, deadline=2.0)
     except StatusError:
-        return False
-    return reply.get("stopping") is True or reply.get("handing_over") is True
+        return None
+    if reply.get("stopping") is True:
+        return "stopping"
+    return HANDING_OVER if reply.get("handing_over") is True else None
 
 
 # Looks at a directory one `status` makes at most, while sockets appear in it as it asks.

@@ -2666,6 +2666,62 @@ def test_a_reload_refused_as_the_old_one_hands_over_reaches_the_one_serving_afte
                 kill_group(new)
 
 
+def test_the_one_handing_over_is_found_beside_one_draining_before_the_next_ones_socket(
+    start_proxy: Callable[..., Proxy], tcp_server: ServerFactory, short_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two take-overs in a row: the first supervisor drains a live connection, and the
+    second, handing over to a third that has not made its socket yet, serves until that
+    one's `go`. Both answered as winding down, neither was taken for the one serving, and
+    `check`, `status`, `reload` and `serve --take-over` without --status-socket said
+    "several forkproxy supervisors" beside the one that served. The one handing over is
+    now found when none serves otherwise. Real supervisors; the third is held at a file
+    it reads between the hand-over and its socket (--metrics: forkproxy's own files)."""
+    from forkproxy import installed, status
+
+    server = tcp_server(echo)
+    runtime = short_dir / "xdg"
+    runtime.mkdir(mode=0o700)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))  # ours, and the proxies'
+    args = ("--grace", "60", "--metrics", "127.0.0.1:0",
+            f"127.0.0.1:{free_port()}=127.0.0.1:{server.port}")
+    first = start_proxy(*args, expect=2, env=dict(os.environ))
+    with socket.create_connection(("127.0.0.1", first.port), timeout=15) as client:
+        client.sendall(b"live")
+        assert client.recv(4) == b"live"  # relayed by a child of the first one's
+        second = start_proxy("--take-over", *args, expect=2, env=dict(os.environ))
+        assert wait_for(lambda: "stopping signal=take-over" in first.log())  # it drains
+        asked = runtime / "forkproxy" / f"{second.pid}.sock"
+        # Its metrics process has run _metrics_main.py: that open is not the one held below.
+        assert wait_for(lambda: control(asked, "check")["metrics"]["state"] == "up")
+        third: subprocess.Popen[str] | None = None
+        try:
+            with OpenGate(Path(installed.PACKAGE) / "_metrics_main.py") as gate:
+                third = _taking_over(args, short_dir / "third.log")
+                while (gate.held_open() != third.pid
+                       or not control(asked, "check")["handing_over"]):
+                    gate.let_through()  # another process's open, or before the hand-over
+                sockets = sorted(os.listdir(runtime / "forkproxy"))
+                try:
+                    found = status.find_socket(None)
+                except status.StatusError as exc:
+                    found = str(exc)
+            assert sockets == sorted([f"{first.pid}.sock", asked.name])  # not the third's
+            assert found == str(asked)
+            assert third.stdout is not None
+            assert third.stdout.readline().startswith("listening "), (
+                (short_dir / "third.log").read_text())
+            assert second.proc.wait(30) == 0
+            third.send_signal(signal.SIGTERM)
+            assert third.wait(15) == 0
+        finally:
+            if third is not None:
+                kill_group(third)
+                with third:  # its pipe closed
+                    pass
+    assert first.proc.wait(30) == 0  # its connection closed: drained
+
+
 def test_check_at_a_status_socket_asks_the_one_put_in_its_place(
     start_proxy: Callable[..., Proxy], tcp_server: ServerFactory, short_dir: Path,
 ) -> None:
