@@ -986,25 +986,33 @@ def _ask_across_take_over(path: str | None, command: str) -> dict[str, Any]:
     stopping, with nobody taking over, is said stopping as before. A `reload` refused as
     handing over, with no other one yet, waits for the hand-over to end (_after_hand_over)."""
     found = find_socket(path)
-    before = _inode(found)
-    try:
-        reply = request(found, command)
-    except NotForkproxy:
-        raise
-    except StatusError as exc:
-        failure: StatusError | None = exc
-    else:
-        if not _winding_down_refusal(command, reply):
-            return reply
-        failure = None
-    successor = _successor(path, found, before)
-    if successor is None and failure is None and _handing_over(reply):
-        successor = _after_hand_over(path, found, before)
-    if successor is None:
-        if failure is not None:
-            raise failure
-        return reply
-    return request(successor, command)
+    for _ in range(ASKS):
+        before = _inode(found)
+        try:
+            reply = request(found, command)
+        except NotForkproxy:
+            raise
+        except StatusError as exc:
+            failure: StatusError | None = exc
+        else:
+            if not _winding_down_refusal(command, reply):
+                return reply
+            failure = None
+        successor = _successor(path, found, before)
+        if successor is None and failure is None and _handing_over(reply):
+            successor = _after_hand_over(path, found, before)
+        if successor is None:
+            break
+        # Asked in turn as the first was: it may be handing over itself (a take-over
+        # in a row), or be the one taking over that failed (its old one serves on).
+        found = successor
+    if failure is not None:
+        raise failure
+    return reply
+
+
+# Supervisors one request is asked of at most, each the successor of the one before.
+ASKS = 3
 
 
 def _successor(path: str | None, found: str, before: tuple[int, int] | None) -> str | None:

@@ -2666,6 +2666,63 @@ def test_a_reload_refused_as_the_old_one_hands_over_reaches_the_one_serving_afte
                 kill_group(new)
 
 
+def test_a_reload_follows_two_take_overs_in_a_row(
+    start_proxy: Callable[..., Proxy], tcp_server: ServerFactory, short_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A `reload` whose supervisor was taken over as it asked (gone) was asked once more of
+    the one found then, whose answer was final: handing over itself already, to a third
+    without its socket yet, it refused ("handing over to a new supervisor", exit 1)
+    beside the one that served a moment later. The one asked in turn is now followed as
+    the first was. Real supervisors: the take-overs are made at the first ask, the
+    third held at a file it reads between the hand-over and its socket, and let go at the
+    first look the waiting `reload` takes."""
+    from forkproxy import installed, status
+
+    server = tcp_server(echo)
+    runtime = short_dir / "xdg"
+    runtime.mkdir(mode=0o700)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))  # ours, and the proxies'
+    args = ("--metrics", "127.0.0.1:0", f"127.0.0.1:{free_port()}=127.0.0.1:{server.port}")
+    first = start_proxy(*args, expect=2, env=dict(os.environ))
+    request, taken = status.request, list[Proxy]()
+    third: list[subprocess.Popen[str]] = []
+    gates: list[OpenGate] = []
+    with contextlib.ExitStack() as stack:
+
+        def request_across_two_take_overs(where: str, command: str,
+                                          **kwargs: Any) -> dict[str, Any]:
+            if command == "reload" and not taken:  # the first ask: two take-overs now
+                taken.append(start_proxy("--take-over", *args, expect=2,
+                                         env=dict(os.environ)))
+                assert first.proc.wait(30) == 0
+                asked = str(runtime / "forkproxy" / f"{taken[0].pid}.sock")
+                # Its metrics process ran _metrics_main.py: not the open to hold.
+                assert wait_for(lambda: request(asked, "check")["metrics"]["state"] == "up")
+                gate = stack.enter_context(OpenGate(Path(installed.PACKAGE)
+                                                    / "_metrics_main.py"))
+                third.append(_taking_over(args, short_dir / "third.log"))
+                stack.enter_context(third[0])  # its pipe closed at the end
+                stack.callback(kill_group, third[0])
+                while (gate.held_open() != third[0].pid
+                       or not request(asked, "check")["handing_over"]):
+                    gate.let_through()  # another process's open, or before the hand-over
+                gates.append(gate)
+            elif command == "check" and gates:  # the waiting reload's first look
+                gates.pop().let_through()
+            return request(where, command, **kwargs)
+
+        monkeypatch.setattr(status, "request", request_across_two_take_overs)
+        said: list[str] = []
+        reply = status.ask(None, "reload", said.append)
+        monkeypatch.setattr(status, "request", request)
+        assert third and said == [] and reply is not None, said
+        assert reply["ok"] is True and reply["pid_here"] == third[0].pid, reply
+        assert taken[0].proc.wait(30) == 0
+        third[0].send_signal(signal.SIGTERM)
+        assert third[0].wait(15) == 0
+
+
 def test_the_one_handing_over_is_found_beside_one_draining_before_the_next_ones_socket(
     start_proxy: Callable[..., Proxy], tcp_server: ServerFactory, short_dir: Path,
     monkeypatch: pytest.MonkeyPatch,
