@@ -118,7 +118,8 @@ def link_stats(lab: Lab) -> dict[str, int]:
     """The one link's totals, from `forkproxy status --json`."""
     status = subprocess.run([FORKPROXY, "status", "--json", "--status-socket",
                              str(lab.workdir / "fp.sock")], capture_output=True, text=True,
-                            check=True, timeout=30)
+                            timeout=30)
+    assert status.returncode == 0, status.stderr
     [stats] = json.loads(status.stdout)["links"].values()
     return stats  # type: ignore[no-any-return]
 
