@@ -96,6 +96,15 @@ WRITER_PATIENCE = 5.0
 AUTO_CHUNK = 16 * 1024  # --relay auto: a read that fills it means bulk, so splice from then on
 SPLICE_CHUNK = 1024 * 1024
 PIPE_SIZE = 1024 * 1024
+# The unsent bytes a client's socket takes before it refuses more (TCP_NOTSENT_LOWAT): set
+# on each listener, which every accepted socket inherits, so no child pays a system call.
+# Without it the kernel queues up to tcp_wmem's max (4 MiB) for a client that never reads,
+# and the relay reads that much from the upstream as fast as it comes, which grows the
+# upstream socket's receive buffer toward tcp_rmem's max (6 MiB), then filled as well:
+# ~10 MiB a stuck client (docs/benchmarks.md, "A client that never reads"). Bytes in
+# flight are not counted: a far client's window is no smaller for it.
+NOTSENT_LOWAT = 128 * 1024
+TCP_NOTSENT_LOWAT = int(getattr(socket, "TCP_NOTSENT_LOWAT", 25))
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 HAS_SPLICE = hasattr(os, "splice")
@@ -929,7 +938,8 @@ def pump(
                     # fast as the receiver reads. Its send queues, noted now and looked at
                     # again at the deadline, tell a slow reader (they shrank) from one
                     # that takes nothing; poll says writable only once a third of the
-                    # buffer (megabytes) is free, long after bytes last moved on the wire.
+                    # buffer (megabytes) is free, long after bytes last moved on the wire
+                    # (a client's socket: once half of NOTSENT_LOWAT is left unsent).
                     sent_queue = _send_queues(client, upstream)
                 deadlines = []
                 if idle is not None:
@@ -1543,6 +1553,15 @@ def set_keepalive(sock: RawSocket | socket.socket, seconds: int) -> None:
     sock.setsockopt(IPPROTO_TCP, TCP_KEEPIDLE, seconds)
     sock.setsockopt(IPPROTO_TCP, TCP_KEEPINTVL, seconds // KEEPALIVE_PROBES or 1)
     sock.setsockopt(IPPROTO_TCP, TCP_KEEPCNT, KEEPALIVE_PROBES)
+
+
+def set_notsent_lowat(sock: RawSocket | socket.socket) -> None:
+    """NOTSENT_LOWAT on a listener, for the client sockets it accepts (Linux copies it at
+    accept). A kernel without the option (before 3.12) keeps the queue as it was."""
+    try:
+        sock.setsockopt(IPPROTO_TCP, TCP_NOTSENT_LOWAT, NOTSENT_LOWAT)
+    except OSError:
+        pass
 
 
 def set_user_timeout(sock: RawSocket | socket.socket, seconds: float) -> None:

@@ -2971,10 +2971,12 @@ class Supervisor:
 
     def _listen_options(self, bound: list[Listener]) -> None:
         """Socket options every accepted connection inherits from its listener: set here
-        once, not by each child (--keepalive, --user-timeout). ConfigError naming the
-        listener if the kernel refuses one."""
+        once, not by each child (--keepalive, --user-timeout, and the bound on what a
+        client's socket queues unsent: relay.NOTSENT_LOWAT). ConfigError naming the
+        listener if the kernel refuses one of the options."""
         keepalive, user_timeout = self.options.keepalive, self.options.user_timeout
         for listener in bound:
+            relay.set_notsent_lowat(listener.sock)
             option = ""
             try:
                 if keepalive is not None:

@@ -40,6 +40,8 @@ from conftest import (
     echo,
     fd_count,
     free_port,
+    in_network,
+    in_own_network,
     kill_group,
     metrics_pid,
     need,
@@ -99,6 +101,100 @@ def test_64_mib_each_way_at_once(
     assert not server.errors
     assert got == (len(down_data), hashlib.sha256(down_data).hexdigest())
     assert received_by_server == [(len(up_data), hashlib.sha256(up_data).hexdigest())]
+
+
+def _tcp_queues(pid: int) -> list[tuple[int, int, int, int]]:
+    """(local port, remote port, send queue, receive queue) of each established TCP socket
+    in the network namespace of process `pid`, from its /proc/PID/net/tcp (tx_queue: bytes
+    not yet acknowledged; rx_queue: bytes not yet read)."""
+    queues = []
+    for line in Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[3] != "01":  # TCP_ESTABLISHED
+            continue
+        sent, unread = fields[4].split(":")
+        queues.append((int(fields[1].rsplit(":", 1)[1], 16), int(fields[2].rsplit(":", 1)[1], 16),
+                       int(sent, 16), int(unread, 16)))
+    return queues
+
+
+@pytest.mark.parametrize("relay", ["auto", "splice", "copy"])
+def test_a_client_that_never_reads_leaves_the_proxy_holding_little(
+    start_proxy: Callable[..., Proxy], relay: str,
+) -> None:
+    """An upstream sending as fast as it can to clients that read nothing (a stuck
+    subscriber): the proxy holds little for each, not the ~10 MiB it held at Linux's
+    default buffer limits (docs/benchmarks.md, "A client that never reads"): tcp_wmem's
+    max (4 MiB) queued to the client, which took the upstream's receive buffer, as the
+    relay read that much from it at full speed, to tcp_rmem's max (6 MiB), filled then as
+    well. Then they read: every byte arrives, in order. Those defaults are set in the
+    proxy's own network namespace, so the host's settings do not matter."""
+    upstream_port, conns = 7000, 4  # the namespace is the proxy's own
+    prefix = in_own_network()
+    prefix = (*prefix[:-1], prefix[-1].replace(
+        "exec", 'echo "4096 131072 6291456" >/proc/sys/net/ipv4/tcp_rmem && '
+        'echo "4096 16384 4194304" >/proc/sys/net/ipv4/tcp_wmem && exec', 1))
+    proxy = start_proxy("--relay", relay, f"127.0.0.1:0=127.0.0.1:{upstream_port}",
+                        prefix=prefix)
+    block = os.urandom(256 * 1024 + 7)  # an odd length: a byte lost or moved shows
+    with in_network(proxy.network):
+        server = socket.create_server(("127.0.0.1", upstream_port))
+        clients = [socket.create_connection(("127.0.0.1", proxy.port), timeout=20)
+                   for _ in range(conns)]
+    senders: list[socket.socket] = []
+
+    def send_for_ever(sock: socket.socket) -> None:
+        with contextlib.suppress(OSError):  # until the test shuts it
+            while True:
+                sock.sendall(block)
+
+    threads = []
+    try:
+        for _ in range(conns):
+            server.settimeout(15)
+            sock, _ = server.accept()
+            senders.append(sock)
+            threads.append(threading.Thread(target=send_for_ever, args=(sock,), daemon=True))
+            threads[-1].start()
+
+        def held() -> tuple[list[int], list[int]]:
+            """The proxy's client sockets' send queues, its upstream sockets' receive
+            queues."""
+            queues = _tcp_queues(proxy.pid)
+            return ([sent for local, _, sent, _ in queues if local == proxy.port],
+                    [unread for _, remote, _, unread in queues if remote == upstream_port])
+
+        # Until the queues stop growing: three looks 0.5 s apart within 1%.
+        last, steady, deadline = -1, 0, time.monotonic() + 20
+        while steady < 3 and time.monotonic() < deadline:
+            time.sleep(0.5)
+            to_clients, from_upstream = held()
+            now = sum(to_clients) + sum(from_upstream)
+            steady = steady + 1 if last > 0 and abs(now - last) <= last // 100 else 0
+            last = now
+        assert len(to_clients) == len(from_upstream) == conns, held()
+        # Each client's socket holds the unsent bytes relay.NOTSENT_LOWAT allows and what
+        # is in flight to a reader that reads nothing (its receive buffer): ~0.16 MiB.
+        assert max(to_clients) < MiB // 2, (to_clients, from_upstream)
+
+        expected = (block * (8 * MiB // len(block) + 1))[: 8 * MiB]
+        for client in clients:
+            got = bytearray()
+            while len(got) < len(expected):
+                chunk = client.recv(len(expected) - len(got))
+                assert chunk, len(got)
+                got += chunk
+            moved = next((at for at in range(0, len(got), 65536)
+                          if got[at : at + 65536] != expected[at : at + 65536]), None)
+            assert moved is None, f"a byte lost or moved within bytes {moved}-{moved + 65536}"
+    finally:
+        for sock in (*clients, *senders):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+        server.close()
+        for thread in threads:
+            thread.join(10)
 
 
 @pytest.mark.parametrize("relay", ["auto", "splice"])
