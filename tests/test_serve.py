@@ -127,8 +127,9 @@ def test_a_client_that_never_reads_leaves_the_proxy_holding_little(
     default buffer limits (docs/benchmarks.md, "A client that never reads"): tcp_wmem's
     max (4 MiB) queued to the client, which took the upstream's receive buffer, as the
     relay read that much from it at full speed, to tcp_rmem's max (6 MiB), filled then as
-    well. Then they read: every byte arrives, in order. Those defaults are set in the
-    proxy's own network namespace, so the host's settings do not matter."""
+    well (relay.NOTSENT_LOWAT, relay.PIPE_SIZE). Then they read: every byte arrives, in
+    order. Those defaults are set in the proxy's own network namespace, so the host's
+    settings do not matter."""
     upstream_port, conns = 7000, 4  # the namespace is the proxy's own
     prefix = in_own_network()
     prefix = (*prefix[:-1], prefix[-1].replace(
@@ -176,6 +177,9 @@ def test_a_client_that_never_reads_leaves_the_proxy_holding_little(
         # Each client's socket holds the unsent bytes relay.NOTSENT_LOWAT allows and what
         # is in flight to a reader that reads nothing (its receive buffer): ~0.16 MiB.
         assert max(to_clients) < MiB // 2, (to_clients, from_upstream)
+        # The upstream's sockets hold what the window the proxy offered at its last read
+        # allows: ~0.5 MiB, where reads of up to 1 MiB had grown it to ~6 MiB.
+        assert sum(from_upstream) < conns * 3 * MiB // 2, (to_clients, from_upstream)
 
         expected = (block * (8 * MiB // len(block) + 1))[: 8 * MiB]
         for client in clients:
