@@ -94,13 +94,16 @@ COPY_CHUNK = 64 * 1024  # --relay copy
 # (a client blocked in its upload, reading only after it) is waited for. See _stuck.
 WRITER_PATIENCE = 5.0
 AUTO_CHUNK = 16 * 1024  # --relay auto: a read that fills it means bulk, so splice from then on
-# A splice pipe's size, and the most one splice reads. 256 KiB rather than 1 MiB: the
-# kernel grows a receive buffer to about twice what its reader takes per round trip, and
-# a read of up to 1 MiB as a client's socket fills took the upstream's to tcp_rmem's max
-# (6 MiB), which an upstream then fills for a client that reads nothing; ~0.5 MiB with
-# 256 KiB (docs/benchmarks.md, "A client that never reads"). Bulk moved as much.
-SPLICE_CHUNK = 256 * 1024
-PIPE_SIZE = 256 * 1024
+SPLICE_CHUNK = 1024 * 1024
+PIPE_SIZE = 1024 * 1024
+# The most one splice reads until its flow has delivered SPLICE_RAMP bytes. The kernel
+# grows a receive buffer to about twice what its reader takes per round trip, and reads of
+# up to 1 MiB as a client's socket filled took the upstream's to tcp_rmem's max (6 MiB),
+# which an upstream then fills for a client that reads nothing: ~0.5 MiB with 256 KiB
+# (docs/benchmarks.md, "A client that never reads"). A flow that delivered 4 MiB has a
+# reader, and bulk goes on in 1 MiB steps: 256 KiB throughout cost ~10% more CPU per GB.
+FIRST_SPLICE_CHUNK = 256 * 1024
+SPLICE_RAMP = 4 * 1024 * 1024
 # The unsent bytes a client's socket takes before it refuses more (TCP_NOTSENT_LOWAT): set
 # on each listener, which every accepted socket inherits, so no child pays a system call.
 # Without it the kernel queues up to tcp_wmem's max (4 MiB) for a client that never reads,
@@ -299,7 +302,9 @@ class Flow:
         """Read one chunk from src and push as much as dst takes now."""
         try:
             if self.splice:
-                n = os.splice(self.src.fileno(), self.pipe_w, SPLICE_CHUNK, flags=_SPLICE_FLAGS)
+                size = (SPLICE_CHUNK if self.counters[self.index] >= SPLICE_RAMP
+                        else FIRST_SPLICE_CHUNK)
+                n = os.splice(self.src.fileno(), self.pipe_w, size, flags=_SPLICE_FLAGS)
             else:
                 if not self.view:
                     self.view = memoryview(bytearray(self.chunk))
