@@ -145,12 +145,15 @@ def _close_options(option: str, possibilities: Sequence[str]) -> list[str]:
     click's difflib compares `--bogus` with `--verbose` dashes and all, and the two
     dashes every long option shares made it "Possible options: --verbose"; without them
     a typo (`--verbos`, `--max-child`) keeps its suggestion and an unrelated word gets
-    none. Only a subset: the dashes only ever raise the likeness."""
+    none. So does an option cut short (`--tak`, `--gr`): too short to be alike without
+    the dashes, it is the start of the one meant. Only a subset: the dashes only ever
+    raise the likeness."""
     from difflib import SequenceMatcher  # click's parser imports it for the same error
 
     typed = option.lstrip("-")
     return [name for name in possibilities
-            if SequenceMatcher(None, typed, name.lstrip("-")).ratio() >= CLOSE_OPTION]
+            if (typed and name.lstrip("-").startswith(typed))
+            or SequenceMatcher(None, typed, name.lstrip("-")).ratio() >= CLOSE_OPTION]
 
 
 class _Command(typer.core.TyperCommand):

@@ -1596,6 +1596,10 @@ def test_version_after_a_command_says_where_it_goes(command: str) -> None:
     (["serve", "--allowed", "10.0.0.0/8"], "No such option: --allowed (Possible options: "
      "--allow)"),
     (["status", "--jsn"], "No such option: --jsn (Possible options: --json)"),
+    # An option cut short keeps it too: too short to be alike without the dashes, it is
+    # the start of the one meant (click suggested these, and the filter dropped them).
+    (["serve", "--tak"], "No such option: --tak (Possible options: --take-over)"),
+    (["serve", "--gr", "5"], "No such option: --gr (Possible options: --grace)"),
 ])
 def test_an_unknown_option_is_suggested_only_a_close_one(args: list[str], said: str) -> None:
     """click's difflib compares the options dashes and all; `--bogus` was told
