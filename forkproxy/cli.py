@@ -1042,7 +1042,8 @@ def links_command(
     for name, detail in unknown[:UNKNOWN_LINES_AT_MOST]:
         say(f"forkproxy: warning: {name}: {detail}")
     if len(unknown) > UNKNOWN_LINES_AT_MOST:
-        say(f"forkproxy: warning: {len(unknown) - UNKNOWN_LINES_AT_MOST} {UNLOGGED_UNKNOWN}")
+        # The count last: "1 more FORKPROXY_ variables" read wrong.
+        say(f"forkproxy: warning: {UNLOGGED_UNKNOWN}: {len(unknown) - UNKNOWN_LINES_AT_MOST}")
     for warning in table.warnings + table.overrides:
         say(f"forkproxy: warning: {warning}")
     for name, detail in table.file_options:

@@ -1464,8 +1464,8 @@ def unknown_variables(environ: Mapping[str, str], option_variables: Mapping[str,
 # `listening`, in which the proxy's own start was lost. UNLOGGED_UNKNOWN is what that line
 # says: `serve`'s `unknown-variable-unlogged` (with `count`), `links`'s after the count.
 UNKNOWN_LINES_AT_MOST = 10
-UNLOGGED_UNKNOWN = (f"more FORKPROXY_ variables that no option reads, ignored: at most "
-                    f"{UNKNOWN_LINES_AT_MOST} have a line of their own")
+UNLOGGED_UNKNOWN = (f"more FORKPROXY_ variables that no option reads, ignored (at most "
+                    f"{UNKNOWN_LINES_AT_MOST} have a line of their own)")
 
 
 def _unknown_names(names: Iterable[str], option_variables: Mapping[str, str]) -> list[str]:

@@ -2153,8 +2153,8 @@ def test_an_unknown_variables_name_is_shown_short_and_quoted(
 
 # 3,300 unknown names were 3,300 warnings before `listening`; 25 show the bound as well.
 MANY_UNKNOWN = {f"FORKPROXY_JUNK_{index:02d}": "s3cret" for index in range(25)}
-UNLOGGED = ("more FORKPROXY_ variables that no option reads, ignored: at most 10 have a "
-            "line of their own")
+UNLOGGED = ("more FORKPROXY_ variables that no option reads, ignored (at most 10 have a "
+            "line of their own)")
 
 
 def test_many_unknown_variables_are_ten_warnings_and_a_count_of_the_rest(
@@ -2202,7 +2202,7 @@ def test_links_says_the_unknown_variables_serve_warns_of() -> None:
     assert lines[:10] == [
         f"forkproxy: warning: {name}: no option reads it: ignored; each option's variable "
         "is in README's table of serve's options" for name in sorted(MANY_UNKNOWN)[:10]], lines
-    assert lines[10:] == [f"forkproxy: warning: 15 {UNLOGGED}"], lines
+    assert lines[10:] == [f"forkproxy: warning: {UNLOGGED}: 15"], lines
     assert "s3cret" not in many.stderr
     # Bad input is still one line, not the warnings too (serve says none when it fails).
     bad = run("links", "7000=10.0.0.5:bad", env=MANY_UNKNOWN)
