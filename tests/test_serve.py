@@ -1057,7 +1057,9 @@ def test_bytes_the_proxy_took_before_a_reset_wait_for_a_reader_that_paused(
     lost (the TCP edge-case hunt: 4.2 of 9.3 MB arrived), where socat's kernel still
     delivers them after its close. Without --idle-timeout a paused reader is waited for
     as on a live connection: every byte, then the reset."""
-    data = os.urandom(3 * MiB)  # less than the proxy takes with no reader
+    # Less than the proxy takes with no reader: ~1.2 MiB toward a client since the
+    # client's socket queues at most relay.NOTSENT_LOWAT unsent (it took 3 MiB before).
+    data = os.urandom(512 * 1024)
     with _relayed(start_proxy) as (_, client, conn):
         sender, reader = (conn, client) if side == "upstream" else (client, conn)
         _sent_and_acknowledged(sender, data)
@@ -1076,7 +1078,7 @@ def test_with_idle_timeout_a_reader_that_takes_nothing_after_a_reset_is_reset(
     """The bound for the wait above is --idle-timeout's, as on a live connection: a
     client that reads nothing after the upstream reset is reset once nothing moved for
     that long, and its child is gone; without the option it would be waited for."""
-    data = os.urandom(3 * MiB)
+    data = os.urandom(512 * 1024)  # what the proxy takes toward a client (above)
     with _relayed(start_proxy, "--idle-timeout", "1") as (proxy, client, conn):
         _sent_and_acknowledged(conn, data)
         _reset(conn)
