@@ -696,3 +696,69 @@ def test_a_cut_in_the_middle_of_a_flows_step_repeats_and_skips_no_byte(
     assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM, status
     with pytest.raises(ConnectionResetError):
         upstream_peer.recv(1)
+
+
+def test_a_splice_flow_reads_little_until_it_has_delivered_its_first_mebibytes() -> None:
+    """relay.FIRST_SPLICE_CHUNK: until a flow has delivered relay.SPLICE_RAMP bytes, one
+    splice read takes at most that much, however much waits (what keeps the upstream's
+    receive buffer small for a client that never reads: test_serve.py's
+    test_a_client_that_never_reads_leaves_the_proxy_holding_little, where the kernel's
+    buffer tuning makes the bound only likely); from then on up to relay.SPLICE_CHUNK
+    (bulk's CPU per GB). Every byte arrives, in order."""
+    mib = 1024 * 1024
+    payload = os.urandom(relay.SPLICE_RAMP + 6 * mib + 3)
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client_peer, client = tcp_pair(listener)
+        upstream = socket.socket()
+        # Room for more than a whole splice read to wait in its queue: set before the
+        # connect, so that the window it offers grows to it.
+        upstream.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * mib)
+        upstream.connect(listener.getsockname())
+        upstream_peer, _ = listener.accept()
+    received = bytearray()
+
+    def read_all() -> None:
+        while chunk := client_peer.recv(1 << 20):
+            received.extend(chunk)
+
+    sender = threading.Thread(target=upstream_peer.sendall, args=(payload,))
+    reader = threading.Thread(target=read_all)
+    counters = memoryview(bytearray(16)).cast("Q")
+    upstream.setblocking(False)
+    client.setblocking(False)
+    down = relay.Flow(upstream, client, counters, 1, "splice", relay.UPSTREAM_RESET,
+                      relay.CLIENT_RESET)
+    reads: list[tuple[int, int]] = []  # (delivered before the read, bytes it took)
+    try:
+        sender.start()
+        reader.start()
+        writable = select.poll()
+        writable.register(client.fileno(), select.POLLOUT)
+        while counters[1] < len(payload):
+            # More waiting than one read may take (or all that is left), so that a
+            # read's size is the relay's bound, not what had come.
+            want = min(len(payload) - counters[1], relay.SPLICE_CHUNK + 1)
+
+            def waiting(want: int = want) -> bool:
+                return relay._queued(upstream, relay.FIONREAD) >= want
+
+            assert wait_for(waiting), want
+            before = counters[1]
+            down.read()
+            reads.append((before, counters[1] - before + down.pending))
+            while down.pending:
+                writable.poll(1000)
+                down.write()
+        client.shutdown(socket.SHUT_WR)
+        sender.join(20)
+        reader.join(20)
+    finally:
+        down.close()
+        for sock in (client_peer, client, upstream, upstream_peer):
+            sock.close()
+    assert bytes(received) == payload
+    ramp = [size for before, size in reads if before < relay.SPLICE_RAMP]
+    # 256 KiB: the bound docs/benchmarks.md measured ("A client that never reads").
+    assert max(ramp) == relay.FIRST_SPLICE_CHUNK <= 256 * 1024, reads
+    bulk = [size for before, size in reads if before >= relay.SPLICE_RAMP]
+    assert max(bulk) == relay.SPLICE_CHUNK, reads
