@@ -177,12 +177,13 @@ def test_a_client_that_never_reads_leaves_the_proxy_holding_little(
         # Each client's socket holds the unsent bytes relay.NOTSENT_LOWAT allows and what
         # is in flight to a reader that reads nothing (its receive buffer): ~0.16 MiB.
         assert max(to_clients) < MiB // 2, (to_clients, from_upstream)
-        if relay != "copy":
-            # The upstream's sockets hold what the window the proxy offered at its last
-            # read allows: ~0.5 MiB, where splices of up to 1 MiB had grown it to ~6 MiB
-            # (relay.FIRST_SPLICE_CHUNK). Copying reads 64 KiB at a time, and that window
-            # came to ~1.3 MiB: not what this bounds, and too near the bound to test.
-            assert sum(from_upstream) < conns * 3 * MiB // 2, (to_clients, from_upstream)
+        # The upstream's sockets are not bounded here: what they hold is the window the
+        # kernel's receive-buffer tuning offered, driven by timing. Most often 0.3-0.5 MiB
+        # each with relay.FIRST_SPLICE_CHUNK, but now and then one grows to 1.5-5 MiB,
+        # more often on a busy machine (sums of 8-9 MiB failed the 6 MiB bound this had,
+        # 2 runs in 8 under two busy loops); without it, as often 0.5-1.5 MiB as 6 MiB.
+        # The reads that make the small window likely are tested exactly in
+        # test_relay.py (test_a_splice_flow_reads_little_until_...).
 
         expected = (block * (8 * MiB // len(block) + 1))[: 8 * MiB]
         for client in clients:
