@@ -988,6 +988,15 @@ def _sent_and_acknowledged(sock: socket.socket, data: bytes, timeout: float = 60
         time.sleep(0.01)
 
 
+# Less than the proxy takes toward a reader that reads nothing, and more than the
+# reader's socket at the proxy holds (~0.16 MiB: relay.NOTSENT_LOWAT and what is in
+# flight), so that some wait in the child. The proxy takes ~0.45 MiB at the least
+# (the upstream's socket, ~0.27 MiB or more, the child's splice pipe or buffer, the
+# client's socket); 3 MiB, before the bound, was never acknowledged in the download
+# direction ("the proxy never took it all").
+PROXY_TAKES = 320 * 1024
+
+
 @contextlib.contextmanager
 def _relayed(
     start_proxy: Callable[..., Proxy], *options: str
@@ -1058,9 +1067,7 @@ def test_bytes_the_proxy_took_before_a_reset_wait_for_a_reader_that_paused(
     lost (the TCP edge-case hunt: 4.2 of 9.3 MB arrived), where socat's kernel still
     delivers them after its close. Without --idle-timeout a paused reader is waited for
     as on a live connection: every byte, then the reset."""
-    # Less than the proxy takes with no reader: ~1.2 MiB toward a client since the
-    # client's socket queues at most relay.NOTSENT_LOWAT unsent (it took 3 MiB before).
-    data = os.urandom(512 * 1024)
+    data = os.urandom(PROXY_TAKES)
     with _relayed(start_proxy) as (_, client, conn):
         sender, reader = (conn, client) if side == "upstream" else (client, conn)
         _sent_and_acknowledged(sender, data)
@@ -1079,7 +1086,7 @@ def test_with_idle_timeout_a_reader_that_takes_nothing_after_a_reset_is_reset(
     """The bound for the wait above is --idle-timeout's, as on a live connection: a
     client that reads nothing after the upstream reset is reset once nothing moved for
     that long, and its child is gone; without the option it would be waited for."""
-    data = os.urandom(512 * 1024)  # what the proxy takes toward a client (above)
+    data = os.urandom(PROXY_TAKES)
     with _relayed(start_proxy, "--idle-timeout", "1") as (proxy, client, conn):
         _sent_and_acknowledged(conn, data)
         _reset(conn)
