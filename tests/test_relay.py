@@ -711,8 +711,14 @@ def test_a_splice_flow_reads_little_until_it_has_delivered_its_first_mebibytes()
         client_peer, client = tcp_pair(listener)
         upstream = socket.socket()
         # Room for more than a whole splice read to wait in its queue: set before the
-        # connect, so that the window it offers grows to it.
-        upstream.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * mib)
+        # connect, so that the window it offers grows to it. Forced (root): SO_RCVBUF is
+        # capped at net.core.rmem_max, 208 KiB by Linux's default (4 MiB on this machine
+        # kind), under which a whole read never waits.
+        try:
+            upstream.setsockopt(socket.SOL_SOCKET, getattr(socket, "SO_RCVBUFFORCE", 33),
+                                4 * mib)
+        except PermissionError:
+            upstream.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * mib)
         upstream.connect(listener.getsockname())
         upstream_peer, _ = listener.accept()
     received = bytearray()
