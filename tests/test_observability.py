@@ -4218,14 +4218,20 @@ def echoed_or_explained(proc: subprocess.Popen[str], read_end: int, chunks: list
     try:
         echoed_through(port, message)
     except (OSError, AssertionError) as error:
-        waits: dict[int, tuple[str, str, str]] = {}
+        waits: dict[int, tuple[str, ...]] = {}
         with contextlib.suppress(psutil.Error):
             for process in [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(True)]:
                 with contextlib.suppress(OSError, psutil.Error):
-                    waits[process.pid] = (process.name(), process.status(),
-                                          Path(f"/proc/{process.pid}/wchan").read_text())
-        sockets = subprocess.run(["ss", "-tnpiaH", f"( sport = :{port} or dport = :{port} )"],
-                                 capture_output=True, text=True, check=False).stdout
+                    # Seen twice in CI (a child `running`, no echo, its connection closed
+                    # once the client gave up): what each one does, and since when.
+                    where = [Path(f"/proc/{process.pid}/{name}").read_text().strip()
+                             for name in ("wchan", "syscall", "stack")]
+                    waits[process.pid] = (process.name(), process.status(), *where,
+                                          f"ppid {process.ppid()}, cpu {process.cpu_times()}, "
+                                          f"started {time.time() - process.create_time():.1f}s ago")
+        # Every TCP socket of the test's and the proxy's: the upstream's side too.
+        sockets = subprocess.run(["ss", "-tnpiaH"], capture_output=True, text=True,
+                                 check=False).stdout
         drain(read_end, chunks)  # room at last: what the supervisor held comes after it
         time.sleep(1)
         pytest.fail(f"no echo of {message!r} through port {port} ({error!r}); processes "
