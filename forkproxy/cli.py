@@ -26,7 +26,6 @@ from .config import (
     DEFAULT_MAX_CHILDREN,
     ONE_BIND,
     ONE_METRICS,
-    UNKNOWN_LINES_AT_MOST,
     UNLOGGED_UNKNOWN,
     ConfigError,
     LinkTable,
@@ -46,6 +45,7 @@ from .config import (
     quotes_kept,
     sources_to_json,
     typographic_option,
+    unknown_lines,
     unknown_variables,
 )
 from .console import OutputError, cannot_write, flush, unexpected, write_line
@@ -1038,12 +1038,13 @@ def links_command(
     # What serve's log says first (`unknown-variable`, then `unknown-variable-unlogged`),
     # in the same words: the dry run was silent of a typo (FORKPROXY_ALLOWED) that serve
     # warns of. Only when serve would start, as serve says them.
-    unknown = unknown_variables(os.environ, option_variables, _flags_without_variable(ctx))
-    for name, detail in unknown[:UNKNOWN_LINES_AT_MOST]:
+    said, more = unknown_lines(
+        unknown_variables(os.environ, option_variables, _flags_without_variable(ctx)))
+    for name, detail in said:
         say(f"forkproxy: warning: {name}: {detail}")
-    if len(unknown) > UNKNOWN_LINES_AT_MOST:
+    if more:
         # The count last: "1 more FORKPROXY_ variables" read wrong.
-        say(f"forkproxy: warning: {UNLOGGED_UNKNOWN}: {len(unknown) - UNKNOWN_LINES_AT_MOST}")
+        say(f"forkproxy: warning: {UNLOGGED_UNKNOWN}: {more}")
     for warning in table.warnings + table.overrides:
         say(f"forkproxy: warning: {warning}")
     for name, detail in table.file_options:

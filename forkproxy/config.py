@@ -1468,6 +1468,12 @@ UNLOGGED_UNKNOWN = (f"more FORKPROXY_ variables that no option reads, ignored (a
                     f"{UNKNOWN_LINES_AT_MOST} have a line of their own)")
 
 
+def unknown_lines(found: Sequence[tuple[str, str]]) -> tuple[Sequence[tuple[str, str]], int]:
+    """Of unknown_variables' `found`: those said a line each, and how many more are
+    counted in UNLOGGED_UNKNOWN's one line (serve's log and `links` alike)."""
+    return found[:UNKNOWN_LINES_AT_MOST], max(0, len(found) - UNKNOWN_LINES_AT_MOST)
+
+
 def _unknown_names(names: Iterable[str], option_variables: Mapping[str, str]) -> list[str]:
     """The FORKPROXY_ names of `names` (in any case) that no option reads, in name order.
     Not unknown: the options' own, the project's (PROJECT_VARIABLES), and the link and

@@ -994,12 +994,14 @@ def _ask_across_take_over(path: str | None, command: str) -> dict[str, Any]:
             raise
         except StatusError as exc:
             failure: StatusError | None = exc
+            refusal = None
         else:
-            if not _winding_down_refusal(command, reply):
+            refusal = _winding_down_refusal(command, reply)
+            if refusal is None:
                 return reply
             failure = None
         successor = _successor(path, found, before)
-        if successor is None and failure is None and _handing_over(reply):
+        if successor is None and refusal == HANDING_OVER:
             successor = _after_hand_over(path, found, before)
         if successor is None:
             break
@@ -1025,16 +1027,6 @@ def _successor(path: str | None, found: str, before: tuple[int, int] | None) -> 
     with contextlib.suppress(StatusError):
         successor = find_socket(None)
     return None if successor == found else successor  # named by pid: the same one
-
-
-def _handing_over(reply: dict[str, Any]) -> bool:
-    """Does a refused `reload` say a hand-over is under way (not a stop)? In its error
-    alone from a supervisor older than the `stopping` field."""
-    if reply.get("stopping") is True:
-        return False
-    if "stopping" in reply:
-        return reply.get("handing_over") is True
-    return reply.get("error") == HANDING_OVER
 
 
 # Seconds between two looks while a supervisor hands over (_after_hand_over).
@@ -1066,19 +1058,21 @@ def _after_hand_over(path: str | None, found: str,
     return None
 
 
-def _winding_down_refusal(command: str, reply: dict[str, Any]) -> bool:
-    """Does `reply` say its supervisor is stopping, or (a `reload` refused) handing its
-    listeners over: one taking over may answer instead. A `check` during a hand-over is
+def _winding_down_refusal(command: str, reply: dict[str, Any]) -> str | None:
+    """"stopping" when `reply` says its supervisor is stopping, HANDING_OVER when (a
+    `reload` refused) it is handing its listeners over, else None (as _winding_down
+    says them): one taking over may answer instead. A `check` during a hand-over is
     answered by the old one, which serves until the `go`. A reload's answer from a
     supervisor older than its `stopping` field (a take-over may be from one) says it in
     its error alone."""
     if reply.get("stopping") is True:
-        return True
+        return "stopping"
     if command != "reload" or reply.get("ok") is not False:
-        return False
+        return None
     if "stopping" in reply:
-        return reply.get("handing_over") is True
-    return reply.get("error") in ("stopping", HANDING_OVER)
+        return HANDING_OVER if reply.get("handing_over") is True else None
+    error = reply.get("error")
+    return error if error in ("stopping", HANDING_OVER) else None
 
 
 def _inode(path: str) -> tuple[int, int] | None:

@@ -53,7 +53,6 @@ from .accounting import (
 )
 from .config import (
     MIN_RESOLVE_EVERY,
-    UNKNOWN_LINES_AT_MOST,
     UNLOGGED_UNKNOWN,
     ConfigError,
     Endpoint,
@@ -80,6 +79,7 @@ from .config import (
     peer_text,
     printable,
     quoted,
+    unknown_lines,
 )
 from .listeners import ACCEPT_BACKOFF, RESOURCE_ERRORS, Listener
 from .log import DEBUG, ERROR_LOG_EVERY, LOG_SETTLE, WARNING, Logger, crash_fields, fold
@@ -1417,12 +1417,11 @@ class Supervisor:
         CLI (config.unknown_variables, which serve_command calls): a warning, never an
         error, as a newer image's variable set for an older forkproxy must not stop the
         proxy. The first UNKNOWN_LINES_AT_MOST each, then one line counting the rest."""
-        found = self.options.unknown_variables
-        for name, detail in found[:UNKNOWN_LINES_AT_MOST]:
+        said, more = unknown_lines(self.options.unknown_variables)
+        for name, detail in said:
             self.log.warning("unknown-variable", variable=name, detail=detail)
-        if len(found) > UNKNOWN_LINES_AT_MOST:
-            self.log.warning("unknown-variable-unlogged", count=len(found) - UNKNOWN_LINES_AT_MOST,
-                             detail=UNLOGGED_UNKNOWN)
+        if more:
+            self.log.warning("unknown-variable-unlogged", count=more, detail=UNLOGGED_UNKNOWN)
 
     def _log_foreign_proc(self) -> None:
         """At start, once: no /proc, or one that is not our PID namespace's, where
