@@ -65,6 +65,7 @@ from conftest import (
     Proxy,
     Redis,
     ServerFactory,
+    TcpServer,
     blocked_writing,
     deliver_signal,
     echo,
@@ -4211,32 +4212,60 @@ def echoed_through(port: int, message: bytes) -> None:
 
 
 def echoed_or_explained(proc: subprocess.Popen[str], read_end: int, chunks: list[bytes],
-                        port: int, message: bytes) -> None:
+                        port: int, message: bytes, server: TcpServer) -> None:
     """echoed_through, and when the echo does not come, a failure that says where each
     process waits and what the log held: its lines go to the stalled pipe, so pytest
-    captures none of them (seen once in CI: the second of three echoes timed out)."""
-    try:
-        echoed_through(port, message)
-    except (OSError, AssertionError) as error:
-        waits: dict[int, tuple[str, ...]] = {}
-        with contextlib.suppress(psutil.Error):
-            for process in [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(True)]:
-                with contextlib.suppress(OSError, psutil.Error):
-                    # Seen twice in CI (a child `running`, no echo, its connection closed
-                    # once the client gave up): what each one does, and since when.
-                    where = [Path(f"/proc/{process.pid}/{name}").read_text().strip()
-                             for name in ("wchan", "syscall", "stack")]
-                    waits[process.pid] = (process.name(), process.status(), *where,
-                                          f"ppid {process.ppid()}, cpu {process.cpu_times()}, "
-                                          f"started {time.time() - process.create_time():.1f}s ago")
-        # Every TCP socket of the test's and the proxy's: the upstream's side too.
-        sockets = subprocess.run(["ss", "-tnpiaH"], capture_output=True, text=True,
-                                 check=False).stdout
-        drain(read_end, chunks)  # room at last: what the supervisor held comes after it
-        time.sleep(1)
-        pytest.fail(f"no echo of {message!r} through port {port} ({error!r}); processes "
-                    f"(pid: name, status, wchan): {waits}; sockets:\n{sockets}\nlog:\n"
-                    f"{drain(read_end, chunks)[-3000:]}")
+    captures none of them (seen in CI: the second of three echoes timed out).
+
+    Taken while the client still waits for its echo. It was taken once the client had
+    closed, and the client's FIN had woken the child by then: what it showed in CI (a
+    child `running`, the connection closed on both sides) was that wake-up, not what
+    held the echo up."""
+    with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE) as client:
+        client.settimeout(10)
+        try:
+            client.sendall(message)
+            assert recv_exact(client, len(message)) == message
+            return
+        except (OSError, AssertionError) as error:
+            failure = (f"no echo of {message!r} through port {port} ({error!r}); "
+                       f"{where_they_wait(proc, server)}")
+    drain(read_end, chunks)  # room at last: what the supervisor held comes after it
+    time.sleep(1)
+    pytest.fail(f"{failure}\nlog:\n{drain(read_end, chunks)[-3000:]}")
+
+
+def where_they_wait(proc: subprocess.Popen[str], server: TcpServer) -> str:
+    """What `proc` and its children do now, and since when; the echo server's threads (the
+    upstream, in this process); every TCP socket."""
+    waits: dict[int, tuple[str, ...]] = {}
+    with contextlib.suppress(psutil.Error):
+        for process in [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(True)]:
+            with contextlib.suppress(OSError, psutil.Error):
+                where = [Path(f"/proc/{process.pid}/{name}").read_text().strip()
+                         for name in ("wchan", "syscall", "stack")]
+                # schedstat: ns on a CPU, ns runnable but waiting for one, times run. A
+                # `running` (R) process that waited for a CPU is starved, not spinning.
+                cpu = "no schedstat"
+                with contextlib.suppress(OSError, ValueError):
+                    on_cpu, waited, runs = map(
+                        int, Path(f"/proc/{process.pid}/schedstat").read_text().split())
+                    cpu = (f"on a CPU {on_cpu / 1e9:.6f}s, waited for one {waited / 1e9:.6f}s,"
+                           f" {runs} runs")
+                waits[process.pid] = (process.name(), process.status(), *where,
+                                      f"ppid {process.ppid()}, cpu {process.cpu_times()}, "
+                                      f"{cpu}, started "
+                                      f"{time.time() - process.create_time():.1f}s ago")
+    handlers = [thread for thread in server.threads if thread.is_alive()]
+    upstream = (f"echo server: acceptor {'alive' if server.acceptor.is_alive() else 'gone'}, "
+                f"{len(handlers)} of {len(server.threads)} handler threads alive, "
+                f"errors {server.errors!r}")
+    # Every TCP socket of the test's and the proxy's, the upstream's side too; not the
+    # machine's thousands in TIME-WAIT, nor the padding `-i` lines carry.
+    sockets = "\n".join(line.rstrip() for line in subprocess.run(
+        ["ss", "-tnpiaH", "exclude", "time-wait"], capture_output=True, text=True,
+        check=False).stdout.splitlines())
+    return f"processes (pid: name, status, wchan, ...): {waits}; {upstream}; sockets:\n{sockets}"
 
 
 @pytest.mark.parametrize("owner", ["ours", "another user's"])
@@ -4262,7 +4291,7 @@ def test_a_supervisor_line_the_full_log_cannot_take_stalls_neither_clients_nor_s
         failed_connect_counted(tmp_path, env, dead_spec, dead)
         assert not blocked_writing(proc.pid)
         for message in (b"served", b"while the log", b"is full"):
-            echoed_or_explained(proc, read_end, chunks, good, message)
+            echoed_or_explained(proc, read_end, chunks, good, message, server)
         assert connect_failures(tmp_path, env, dead_spec) == 1
         # Room at last (the filler read): the line held till now comes, whole.
         log = poll(lambda: drain(read_end, chunks), lambda text: "connect-failed" in text)
