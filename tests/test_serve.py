@@ -2714,6 +2714,67 @@ def test_the_default_directory_is_looked_at_again_when_a_socket_came_as_it_was_a
     assert taken[0].stop() == 0
 
 
+@pytest.mark.parametrize("gone", [False, True], ids=["one stopping", "one of two draining gone"])
+def test_the_default_directory_is_looked_at_again_when_one_of_several_stops_as_it_is_asked(
+    start_proxy: Callable[..., Proxy], tcp_server: ServerFactory, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch, gone: bool,
+) -> None:
+    """Two supervisors in the default directory, one of which begins to stop (a stop
+    beside a new start), or, both draining, exits, right after both were looked at: two
+    serving, or none, at that look, "several forkproxy supervisors". The directory is
+    listed and looked at once more, and the one serving, or the one left (draining:
+    `status` then shows its drain), is the one meant. Real supervisors; the first is
+    stopped, or let end its drain, right after the look."""
+    from forkproxy import status
+
+    server = tcp_server(echo)
+    runtime = tmp_path / "xdg"
+    runtime.mkdir(mode=0o700)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
+    spec = f"127.0.0.1:0=127.0.0.1:{server.port}"
+    first, second = (start_proxy("--grace", "60", spec, env=dict(os.environ))
+                     for _ in range(2))
+    directory = runtime / "forkproxy"
+
+    def stopping(proxy: Proxy) -> None:
+        proxy.signal(signal.SIGTERM)
+        assert wait_for(lambda: control(directory / f"{proxy.pid}.sock", "check")["stopping"])
+
+    held: list[socket.socket] = []
+    try:
+        for proxy in (first, second) if gone else (first,):
+            held.append(socket.create_connection(("127.0.0.1", proxy.port), timeout=10))
+            held[-1].sendall(b"x")
+            assert held[-1].recv(1) == b"x"  # its child runs: a stop drains it
+            if gone:
+                stopping(proxy)
+        winding_down, looked = status._winding_down, list[str]()
+
+        def first_one_stops_after_the_look(path: str) -> str | None:
+            looked.append(path)
+            state = winding_down(path)
+            if len(looked) == 2:  # both looked at: the first stops before the next look
+                if gone:
+                    held.pop(0).close()
+                    assert first.proc.wait(30) == 0
+                else:
+                    stopping(first)
+            return state
+
+        monkeypatch.setattr(status, "_winding_down", first_one_stops_after_the_look)
+        try:
+            found = status.find_socket(None)
+        except status.StatusError as exc:
+            found = str(exc)
+        assert len(looked) >= 2, looked
+        assert found == str(directory / f"{second.pid}.sock")
+    finally:
+        for sock in held:
+            sock.close()
+    assert first.proc.wait(30) == 0
+    assert second.stop() == 0
+
+
 @pytest.mark.parametrize("given_up", [False, True], ids=["taken over", "given up"])
 @pytest.mark.parametrize("fixed", [False, True], ids=["default directory", "status socket"])
 def test_a_reload_refused_as_the_old_one_hands_over_reaches_the_one_serving_after(
@@ -2954,6 +3015,74 @@ def test_check_at_a_status_socket_asks_the_one_put_in_its_place(
     reply = status.ask(str(path), "check", said.append)
     thread.join(30)
     assert reply is not None and reply["stopping"] is True, (reply, said)
+    assert proxy.stop() == 0
+
+
+@pytest.mark.parametrize("older", [False, True], ids=["handing_over", "error alone"])
+def test_a_reload_refused_as_handing_over_waits_past_a_look_that_finds_the_old_one_gone(
+    start_proxy: Callable[..., Proxy], tcp_server: ServerFactory, short_dir: Path,
+    monkeypatch: pytest.MonkeyPatch, older: bool,
+) -> None:
+    """A `reload` refused as handing over waits for the hand-over to end
+    (status._after_hand_over): a look at the old supervisor that finds it gone (it
+    handed over and exited) or too busy to answer is no reason to stop waiting, and the
+    one serving after it is asked. So is the refusal of a supervisor older than the
+    `handing_over` field, which says it in its error alone. The old one is played by a
+    socket of the test's in the default directory; the one taking over is a supervisor,
+    whose socket shows up there as the old one goes."""
+    from forkproxy import control as control_module
+    from forkproxy import status
+
+    server = tcp_server(echo)
+    runtime = short_dir / "xdg"
+    (runtime / "forkproxy").mkdir(mode=0o700, parents=True)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
+    real = short_dir / "real.sock"
+    proxy = start_proxy("--status-socket", str(real), f"127.0.0.1:0=127.0.0.1:{server.port}")
+    old_path = runtime / "forkproxy" / "1.sock"
+    refusal: dict[str, object] = {"ok": False, "error": control_module.HANDING_OVER}
+    if not older:
+        refusal.update(stopping=False, handing_over=True, listeners=[])
+    asked: list[str] = []
+    listening = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listening.bind(str(old_path))
+    listening.listen()
+
+    def old_one() -> None:
+        with listening:
+            while True:
+                conn, _ = listening.accept()
+                with conn:
+                    conn.settimeout(10)
+                    request = b""
+                    while not request.endswith(b"\n") and (chunk := conn.recv(4096)):
+                        request += chunk
+                    if not request:
+                        continue  # a look at whether it answers (control.answers)
+                    asked.append(json.loads(request)["command"])
+                    if asked[-1] == "reload":
+                        conn.sendall(control_module.encode_reply(refusal))
+                        continue
+                    # A look while it hands over: it has gone, unanswered, and the one
+                    # that took over has its socket in the directory.
+                    old_path.unlink()
+                    os.link(real, runtime / "forkproxy" / f"{proxy.pid}.sock")
+                    return
+
+    thread = threading.Thread(target=old_one)
+    thread.start()
+    said: list[str] = []
+    try:
+        reply = status.ask(None, "reload", said.append)
+    finally:
+        if thread.is_alive():  # not asked as it should have been: let it go
+            with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX) as nudge:
+                nudge.connect(str(old_path))
+                nudge.sendall(b'{"command": "check"}\n')
+        thread.join(30)
+    assert asked == ["reload", "check"], asked
+    assert said == [] and reply is not None, said
+    assert reply["ok"] is True and reply["pid_here"] == proxy.pid, reply
     assert proxy.stop() == 0
 
 
