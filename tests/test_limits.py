@@ -3234,6 +3234,48 @@ def test_a_fork_failed_after_pids_max_was_lowered_names_the_limit_now(
     assert proxy.stop() == 0
 
 
+def test_a_fork_failed_in_a_nested_cgroup_names_the_smallest_pids_limit_now(
+    pids_cgroup: Path, start_proxy: StartProxy, tcp_server: ServerFactory
+) -> None:
+    """pids.max is read in the proxy's cgroup and in each one above it (a pod's limit
+    above a container's), and a fork fails at the smallest: the one `fork-failed` names
+    when it reads them again, not another of them. Here the outer one is lowered below
+    the proxy's own after the start."""
+    server = tcp_server(echo)
+    if (pids_cgroup / "cgroup.subtree_control").exists():  # v2: pids.max below it too
+        (pids_cgroup / "cgroup.subtree_control").write_text("+pids")
+    inner = pids_cgroup / "inner"
+    inner.mkdir()
+    proxy: Proxy | None = None
+    try:
+        (inner / "pids.max").write_text("50")
+        proxy = start_proxy(*PAST_PIDS_MAX, f"127.0.0.1:0=127.0.0.1:{server.port}",
+                            prefix=in_cgroup(inner))
+        (pids_cgroup / "pids.max").write_text("2")  # the supervisor and one child
+        with connect(proxy.port) as first, connect(proxy.port) as second:
+            assert exchange(first, b"first") == b"first"
+            second.sendall(b"second")
+            assert wait_for(lambda: re.search(FORK_FAILED_LINE, proxy.log()) is not None)
+            line = re.findall(FORK_FAILED_LINE, proxy.log())[0]
+            assert ("detail=\"likely the cgroup's pids limit of 2, 50 at start (pids.max; "
+                    "the container's --pids-limit)") in line, line
+            (pids_cgroup / "pids.max").write_text("max")
+            first.close()
+            second.settimeout(15)
+            assert recv_exact(second, len(b"second")) == b"second"
+        assert proxy.stop() == 0
+    finally:
+        if proxy is not None and proxy.proc.poll() is None:
+            kill_group(proxy.proc)  # a failure's: gone before its cgroup can be
+        deadline = time.monotonic() + 15
+        while inner.exists():
+            try:
+                inner.rmdir()
+            except OSError:  # EBUSY while its last processes exit
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+
+
 def test_a_fork_failed_under_a_pids_and_an_nproc_limit_names_the_one_met(
     pids_cgroup: Path, start_proxy: StartProxy, tcp_server: ServerFactory, short_dir: Path
 ) -> None:
