@@ -1038,6 +1038,25 @@ def test_a_portless_linked_containers_environment_leaves_the_spelling_budget_for
     assert [name for name, _ in table.file_options] == ["FORKPROXY_ENV_FIEL"]
 
 
+def test_a_linked_containers_name_variable_is_no_typo_of_the_option_its_alias_spells() -> None:
+    """A container linked as forkproxy-metrics, with a port, gives FORKPROXY_METRICS_NAME
+    beside its port variables: its link's own, as the port variables are, not a typo of
+    FORKPROXY_METRICS (--metrics) to be warned of. A _NAME no link gives (a non-ASCII
+    alias) is still warned of."""
+    variables = {"FORKPROXY_METRICS": "--metrics", "FORKPROXY_GRACE": "--grace"}
+    environ = {"FORKPROXY_METRICS_PORT": "tcp://172.17.0.6:9000",
+               "FORKPROXY_METRICS_PORT_9000_TCP": "tcp://172.17.0.6:9000",
+               "FORKPROXY_METRICS_PORT_9000_TCP_ADDR": "172.17.0.6",
+               "FORKPROXY_METRICS_PORT_9000_TCP_PORT": "9000",
+               "FORKPROXY_METRICS_PORT_9000_TCP_PROTO": "tcp",
+               "FORKPROXY_METRICS_NAME": "/app/forkproxy-metrics",
+               "FORKPROXY_METRICS_ENV_LEVEL": "info"}
+    assert unknown_variables(environ, variables, ()) == ()
+    # A name no Docker link gives (its alias upper-cased ASCII, `-` made `_`): warned.
+    assert [name for name, _ in unknown_variables(
+        {"FORKPROXY_D\u00c9BUG_NAME": "x"}, variables, ())] == ["FORKPROXY_D\u00c9BUG_NAME"]
+
+
 def test_a_typo_of_an_option_variable_is_warned_beside_a_portless_link_named_forkproxy() -> None:
     """A container linked as `forkproxy` (no alias after it) with no port gives
     FORKPROXY_NAME: its presence makes no FORKPROXY_ENV_ name a portless link's own, and
