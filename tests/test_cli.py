@@ -1596,6 +1596,9 @@ def test_version_after_a_command_says_where_it_goes(command: str) -> None:
     (["serve", "--allowed", "10.0.0.0/8"], "No such option: --allowed (Possible options: "
      "--allow)"),
     (["status", "--jsn"], "No such option: --jsn (Possible options: --json)"),
+    # Alike without the dashes only just (difflib's ratio 0.6-0.7): still suggested.
+    (["status", "--socket", "/run/fp.sock"], "No such option: --socket (Possible options: "
+     "--status-socket)"),
     # An option cut short keeps it too: too short to be alike without the dashes, it is
     # the start of the one meant (click suggested these, and the filter dropped them).
     (["serve", "--tak"], "No such option: --tak (Possible options: --take-over)"),
@@ -1878,6 +1881,9 @@ def test_an_option_with_typographic_dashes_is_named_by_every_command(
          "forkproxy serve"),
         (["reload", "\u2014x"], "and forkproxy reload has no option -x: its options are in "
          "`forkproxy reload --help`"),
+        # The start of several (--connect-retries, --connect-timeout): neither is guessed.
+        (["serve", "\u2014connect", "1=198.18.0.1:1"], "and forkproxy serve has no option "
+         "--connect: its options are in `forkproxy serve --help`"),
         # The top level has --version and --help alone: -v is serve's, -V nobody's.
         (["\u2014V"], "'\u2014V': '\u2014' (U+2014) is no hyphen, and forkproxy has no option "
          "-V: did you mean --version?"),
@@ -2983,14 +2989,16 @@ def test_a_status_socket_whose_name_has_a_quote_is_still_asked(
         assert (result.returncode, result.stderr) == (0, ""), result
 
 
+@pytest.mark.parametrize("where", ["end", "start", "alone"])
 @pytest.mark.parametrize("command", [["status"], ["check"], ["reload"]])
 def test_a_status_socket_whose_name_ends_with_a_quote_is_down_when_missing(
-    short_dir: Path, command: list[str]
+    short_dir: Path, command: list[str], where: str
 ) -> None:
     """serve takes `FORKPROXY_STATUS_SOCKET=/run/fp.sock"` as a path: with no supervisor
     there (stopped: its socket removed), `check` in a HEALTHCHECK exited 2 with "remove
-    the quotes" (bad input, and a status Docker reserves), not 1, a supervisor down."""
-    sock = f'{short_dir}/fp.sock"'
+    the quotes" (bad input, and a status Docker reserves), not 1, a supervisor down. So
+    for a quote at its start alone, or a name that is one quote: no pair of quotes."""
+    sock = {"end": f'{short_dir}/fp.sock"', "start": f'"{short_dir}/fp.sock', "alone": '"'}[where]
     result = run(*command, env={"FORKPROXY_STATUS_SOCKET": sock})
     assert (result.returncode, result.stdout) == (1, ""), result
     assert result.stderr.startswith(f"forkproxy: no answer on {sock!r}: "), result
