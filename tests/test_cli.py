@@ -339,6 +339,28 @@ def test_a_failure_other_than_the_outputs_is_not_said_as_cannot_write() -> None:
                         r"File too large \(EFBIG\)\n", result.stderr), result.stderr
 
 
+def test_a_failed_call_is_placed_at_forkproxys_own_line_not_in_the_standard_library(
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    """console.unexpected names where forkproxy's own code made the call that failed,
+    the innermost of its frames: a call failing inside a standard module (os.fdopen's
+    io.open, here) was to be named by forkproxy's line, not by os.py's, which says
+    nothing of what forkproxy was doing. A real failed call from a function compiled as
+    a forkproxy module's."""
+    from forkproxy import console
+
+    namespace: dict[str, Any] = {"__name__": "forkproxy.site", "os": os}
+    exec(compile("def reopen():\n    return os.fdopen(999999)\n", "site.py", "exec"),
+         namespace)
+    with pytest.raises(OSError) as failed:
+        namespace["reopen"]()
+    capfd.readouterr()
+    assert console.unexpected(failed.value) == 1
+    assert capfd.readouterr().err == (
+        "forkproxy: error: a system call failed in reopen (site.py:2): Bad file descriptor "
+        "(EBADF)\n")
+
+
 def test_a_reader_gone_after_the_first_line_is_no_error() -> None:
     """`forkproxy links ... | head -1` exited 1 with nothing on stderr (click's answer to
     EPIPE): a `set -o pipefail` script failed for its reader's choice. The output (5000
