@@ -147,10 +147,15 @@ def _close_options(option: str, possibilities: Sequence[str]) -> list[str]:
     a typo (`--verbos`, `--max-child`) keeps its suggestion and an unrelated word gets
     none. So does an option cut short (`--tak`, `--gr`): too short to be alike without
     the dashes, it is the start of the one meant. Only a subset: the dashes only ever
-    raise the likeness."""
+    raise the likeness. A word typed that is a whole word of some options (`--retries`,
+    `--timeout`) suggests those alone: `--metrics` is alike to `retries` by its letters,
+    not by what it does."""
     from difflib import SequenceMatcher  # click's parser imports it for the same error
 
     typed = option.lstrip("-")
+    worded = [name for name in possibilities if typed in name.lstrip("-").split("-")]
+    if worded:
+        return worded
     return [name for name in possibilities
             if (typed and name.lstrip("-").startswith(typed))
             or SequenceMatcher(None, typed, name.lstrip("-")).ratio() >= CLOSE_OPTION]

@@ -1625,6 +1625,12 @@ def test_version_after_a_command_says_where_it_goes(command: str) -> None:
     # the start of the one meant (click suggested these, and the filter dropped them).
     (["serve", "--tak"], "No such option: --tak (Possible options: --take-over)"),
     (["serve", "--gr", "5"], "No such option: --gr (Possible options: --grace)"),
+    # A whole word of some options: those, not one alike only by its letters (`--retries`
+    # was told `--metrics` too).
+    (["serve", "--retries", "3"], "No such option: --retries (Possible options: "
+     "--connect-retries)"),
+    (["serve", "--timeout", "3"], "No such option: --timeout (Possible options: "
+     "--connect-timeout, --idle-timeout, --user-timeout)"),
 ])
 def test_an_unknown_option_is_suggested_only_a_close_one(args: list[str], said: str) -> None:
     """click's difflib compares the options dashes and all; `--bogus` was told
