@@ -594,6 +594,47 @@ def test_a_client_that_reset_while_held_at_a_stop_gets_no_child(
     assert len(upstreams) == 2
 
 
+def test_a_stop_whose_every_held_client_reset_ends_with_its_last_connection(
+    start_proxy: Callable[..., Proxy], tcp_server: ServerFactory,
+) -> None:
+    """The held backlog's other end (coverage found it never run): every client held at a
+    stop reset while held, so the slot that frees finds none left to serve. No child for
+    any of them, nothing dropped, and the stop ends as its last connection does, not when
+    the 30 s grace runs out with an empty backlog still counted as waiting."""
+    upstreams: list[int] = []
+
+    def counting_echo(conn: socket.socket) -> None:
+        upstreams.append(1)
+        echo(conn)
+
+    server = tcp_server(counting_echo)
+    proxy = start_proxy("--max-children", "1", "--grace", "30",
+                        f"127.0.0.1:0=127.0.0.1:{server.port}")
+    live = connect(proxy.port, timeout=60)
+    gone = [connect(proxy.port, timeout=60) for _ in range(2)]
+    try:
+        assert exchange(live, b"live") == b"live"
+        assert wait_for(lambda: listen_queue(proxy.port) == 2, 30), listen_queue(proxy.port)
+        proxy.proc.send_signal(signal.SIGTERM)
+        assert wait_for(lambda: "stopping" in proxy.log(), 30)
+        assert "waiting=2" in proxy.log(), proxy.log()
+        for sock in gone:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()  # an RST, while held
+        closed_at = time.monotonic()
+        live.close()  # its child exits; the slot finds no held client still there
+    finally:
+        for sock in (live, *gone):
+            sock.close()
+    assert proxy.proc.wait(30) == 0
+    assert time.monotonic() - closed_at < 15, proxy.log()  # not the grace's 30 s
+    log = proxy.log()
+    assert log.count(" open ") == 1, log  # the live one's only
+    assert "exited total=1 " in log, log
+    assert " dropped " not in log and " grace-over " not in log, log
+    assert len(upstreams) == 1
+
+
 # A supervisor whose listening sockets' accept() fails with ECONNABORTED for the clients
 # whose port is in the file argv[1] names: what accept(2) returns for a client that reset
 # while it waited in the backlog (BSD; on Linux the other per-connection errors of
