@@ -498,14 +498,25 @@ class Accounting:
                 stats.duration_buckets[index] += 1
                 break
         self.slots.release(base)
-        left = self.retiring.get(name)  # the reap path's one lookup more
-        if left is not None:  # a reload removed its link: gone with its last child
-            if left > 1:
-                self.retiring[name] = left - 1
-            else:
-                del self.retiring[name], self.links[name]
-                self.retired_connections += stats.connections
+        if name in self.retiring:  # the reap path's one lookup more
+            self._retire_one(name)
         return record
+
+    def held_gone(self, link: Link) -> None:
+        """A client held for a child (see retire) reset and was closed unserved: no child
+        will come for it, so a removed link whose last one it was goes now."""
+        if link.name in self.retiring:
+            self._retire_one(link.name)
+
+    def _retire_one(self, name: str) -> None:
+        """One of a removed link's connections to come is over: the link goes with its
+        last one."""
+        left = self.retiring[name]
+        if left > 1:
+            self.retiring[name] = left - 1
+        else:
+            del self.retiring[name]
+            self.retired_connections += self.links.pop(name).connections
 
     def snapshot(self, waiting: dict[str, int] | None = None,
                  counters: memoryview | None = None,

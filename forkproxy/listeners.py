@@ -200,8 +200,10 @@ class HeldBacklog:
     removed keeps the link it had.)
     """
 
-    def __init__(self, listener: Listener, clients: list[tuple[int, tuple[str, int]]]) -> None:
+    def __init__(self, listener: Listener, clients: list[tuple[int, tuple[str, int]]],
+                 gone: Callable[[Link], None]) -> None:
         self.listener = listener
+        self.gone = gone  # told of each client that reset while held: no child comes for it
         self.port, self.family, self.turns = listener.port, listener.family, listener.turns
         self.clients = collections.deque(clients)
         self.sock = self
@@ -228,6 +230,7 @@ class HeldBacklog:
                        for _, events in poller.poll(0)):
                 return fd, address
             os.close(fd)
+            self.gone(self.link)
         raise BlockingIOError(errno.EAGAIN, "no held client left")
 
     def waiting(self, timeout: int) -> list[tuple[int, int]]:

@@ -1995,7 +1995,7 @@ class Supervisor:
         if isinstance(listener, listeners.HeldBacklog):
             listener.clients.appendleft(client)  # it was already held: keep its place
         else:
-            self.held.append(listeners.HeldBacklog(listener, [client]))
+            self.held.append(listeners.HeldBacklog(listener, [client], self.accounting.held_gone))
         self.accounting.slots.release(base)
         self.accounting.fork_failed(listener.link)
         self._pause_accepting("fork-failed", listener, exc, self._fork_limit)
@@ -2524,7 +2524,7 @@ class Supervisor:
             else:
                 held.append((fd, address))
         if held:
-            self.held.append(listeners.HeldBacklog(listener, held))
+            self.held.append(listeners.HeldBacklog(listener, held, self.accounting.held_gone))
         if error is not None and _may_be_waiting(listener):
             self.log.error("accept-failed", link=listener.link.name, error=error.strerror,
                            detail=f"{why}: the clients left in the backlog are reset")

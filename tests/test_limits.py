@@ -2560,6 +2560,41 @@ def test_a_client_held_on_a_link_a_reload_removed_counts_there_then_the_link_goe
     assert isinstance(links, dict) and sorted(links) == [kept], links
 
 
+def test_a_client_held_on_a_link_a_reload_removed_that_resets_takes_the_link_with_it(
+    pids_cgroup: Path, start_proxy: StartProxy, tcp_server: ServerFactory, short_dir: Path,
+    tmp_path: Path
+) -> None:
+    """As above, but the held client resets before a fork comes: it is skipped, never
+    served (HeldBacklog._accept), and was the removed link's last connection to come.
+    The link stayed in status and the metrics until the next reload: counted as a child
+    to come that never would."""
+    server = tcp_server(echo)
+    (pids_cgroup / "pids.max").write_text("2")  # the supervisor and one child
+    pa, pb = distinct_free_ports(2)
+    env_file, sock_path = tmp_path / "links.env", short_dir / "s.sock"
+    kept, removed = f"A_PORT_{pa}_TCP", f"B_PORT_{pb}_TCP"
+    write_env_file(env_file, {kept: f"tcp://127.0.0.1:{server.port}",
+                              removed: f"tcp://127.0.0.1:{server.port}"})
+    proxy = start_proxy("--env-file", str(env_file), *LOOPBACK, "--status-socket", str(sock_path),
+                        *PAST_PIDS_MAX, expect=2, prefix=in_cgroup(pids_cgroup))
+    with connect(pa) as first:
+        held = connect(pb)
+        held.sendall(b"held")
+        assert exchange(first, b"first") == b"first"
+        assert wait_for(lambda: "fork-failed" in proxy.log())
+        write_env_file(env_file, {kept: f"tcp://127.0.0.1:{server.port}"})
+        assert control(sock_path, "reload")["ok"]
+        assert removed in control(sock_path, "status")["links"]
+        held.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        held.close()  # a reset, while it waits
+    # first's child exits: the next fork would be the held client's, which is gone.
+    assert wait_for(lambda: not children(proxy.pid))
+    assert wait_for(lambda: sorted(control(sock_path, "status")["links"]) == [kept]), \
+        control(sock_path, "status")["links"]
+    with connect(pa) as after:
+        assert exchange(after, b"after") == b"after"  # served as before
+
+
 def test_a_client_held_on_a_port_a_reload_points_elsewhere_goes_to_the_new_target(
     pids_cgroup: Path, start_proxy: StartProxy, tcp_server: ServerFactory, short_dir: Path,
     tmp_path: Path
