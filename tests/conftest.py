@@ -171,6 +171,12 @@ class Proxy:
         self.proc.send_signal(sig)
 
 
+def reset_close(sock: socket.socket) -> None:
+    """Close `sock` with an RST (SO_LINGER 0), as a peer that gives up does."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
 def kill_group(proc: subprocess.Popen[str]) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)

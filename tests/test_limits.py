@@ -17,7 +17,6 @@ import re
 import resource
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import threading
@@ -78,6 +77,7 @@ from conftest import (
     need,
     read_lines,
     recv_all,
+    reset_close,
     wait_for,
 )
 
@@ -554,13 +554,12 @@ def test_a_stop_at_max_children_serves_the_backlog_instead_of_resetting_it(
     assert proxy.proc.wait(30) == 0
 
 
-def test_a_client_that_reset_while_held_at_a_stop_gets_no_child(
-    start_proxy: Callable[..., Proxy], tcp_server: ServerFactory,
-) -> None:
-    """A client the stop had taken off the backlog and held beyond --max-children, and
-    that reset while held, still got a child when a slot freed: an upstream connection
-    for nobody, an `open` and a `client-reset` close, counted in the totals. It is skipped
-    now, as README says; one held behind it that only half-closed is still served."""
+def held_at_a_stop(start_proxy: StartProxy, tcp_server: ServerFactory, held: int
+                   ) -> tuple[Proxy, list[int], socket.socket, list[socket.socket]]:
+    """A proxy at --max-children 1 (grace 30 s) to an echo server that counts its
+    connections, stopped (SIGTERM) while one client is live and `held` more wait: the stop
+    took them off the backlog and holds them. The proxy, the upstream's count, the live
+    client and the held ones."""
     upstreams: list[int] = []
 
     def counting_echo(conn: socket.socket) -> None:
@@ -571,15 +570,25 @@ def test_a_client_that_reset_while_held_at_a_stop_gets_no_child(
     proxy = start_proxy("--max-children", "1", "--grace", "30",
                         f"127.0.0.1:0=127.0.0.1:{server.port}")
     live = connect(proxy.port, timeout=60)
-    gone, half = connect(proxy.port, timeout=60), connect(proxy.port, timeout=60)
+    waiting = [connect(proxy.port, timeout=60) for _ in range(held)]
+    assert exchange(live, b"live") == b"live"
+    assert wait_for(lambda: listen_queue(proxy.port) == held, 30), listen_queue(proxy.port)
+    proxy.proc.send_signal(signal.SIGTERM)
+    assert wait_for(lambda: "stopping" in proxy.log(), 30)
+    assert f"waiting={held}" in proxy.log(), proxy.log()  # every one accepted and held
+    return proxy, upstreams, live, waiting
+
+
+def test_a_client_that_reset_while_held_at_a_stop_gets_no_child(
+    start_proxy: Callable[..., Proxy], tcp_server: ServerFactory,
+) -> None:
+    """A client the stop had taken off the backlog and held beyond --max-children, and
+    that reset while held, still got a child when a slot freed: an upstream connection
+    for nobody, an `open` and a `client-reset` close, counted in the totals. It is skipped
+    now, as README says; one held behind it that only half-closed is still served."""
+    proxy, upstreams, live, (gone, half) = held_at_a_stop(start_proxy, tcp_server, 2)
     try:
-        assert exchange(live, b"live") == b"live"
-        assert wait_for(lambda: listen_queue(proxy.port) == 2, 30), listen_queue(proxy.port)
-        proxy.proc.send_signal(signal.SIGTERM)
-        assert wait_for(lambda: "stopping" in proxy.log(), 30)
-        assert "waiting=2" in proxy.log(), proxy.log()  # both accepted and held
-        gone.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        gone.close()  # an RST, while held
+        reset_close(gone)  # while held
         half.sendall(b"half")
         half.shutdown(socket.SHUT_WR)  # a FIN only: it waits for its answer
         live.close()  # its child exits, and the slot goes to the held clients
@@ -601,26 +610,10 @@ def test_a_stop_whose_every_held_client_reset_ends_with_its_last_connection(
     stop reset while held, so the slot that frees finds none left to serve. No child for
     any of them, nothing dropped, and the stop ends as its last connection does, not when
     the 30 s grace runs out with an empty backlog still counted as waiting."""
-    upstreams: list[int] = []
-
-    def counting_echo(conn: socket.socket) -> None:
-        upstreams.append(1)
-        echo(conn)
-
-    server = tcp_server(counting_echo)
-    proxy = start_proxy("--max-children", "1", "--grace", "30",
-                        f"127.0.0.1:0=127.0.0.1:{server.port}")
-    live = connect(proxy.port, timeout=60)
-    gone = [connect(proxy.port, timeout=60) for _ in range(2)]
+    proxy, upstreams, live, gone = held_at_a_stop(start_proxy, tcp_server, 2)
     try:
-        assert exchange(live, b"live") == b"live"
-        assert wait_for(lambda: listen_queue(proxy.port) == 2, 30), listen_queue(proxy.port)
-        proxy.proc.send_signal(signal.SIGTERM)
-        assert wait_for(lambda: "stopping" in proxy.log(), 30)
-        assert "waiting=2" in proxy.log(), proxy.log()
         for sock in gone:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            sock.close()  # an RST, while held
+            reset_close(sock)  # while held
         closed_at = time.monotonic()
         live.close()  # its child exits; the slot finds no held client still there
     finally:
@@ -2526,13 +2519,14 @@ def test_the_supervisor_gives_the_metrics_process_its_own_log_level(
     assert f"--log-level={level}" in argv, argv
 
 
-def test_a_client_held_on_a_link_a_reload_removed_counts_there_then_the_link_goes(
+def held_on_a_link_a_reload_removed(
     pids_cgroup: Path, start_proxy: StartProxy, tcp_server: ServerFactory, short_dir: Path,
     tmp_path: Path
-) -> None:
-    """A client held after a failed fork is a live connection of its link: a reload that
-    removes the link keeps the link in status while the client waits and while it is
-    served, and the link leaves with it, not brought back for good by its reap."""
+) -> tuple[Proxy, Path, tuple[str, str], socket.socket, socket.socket]:
+    """Two links (an env file) to an echo server at a pids limit of 2: the first's client
+    takes the one child, the second's is held after its fork fails, and a reload removes
+    the second link (still in status). The proxy, its status socket, the two link names
+    (kept, removed), the first client and the held one (it sent b"held")."""
     server = tcp_server(echo)
     (pids_cgroup / "pids.max").write_text("2")  # the supervisor and one child
     pa, pb = distinct_free_ports(2)
@@ -2540,16 +2534,29 @@ def test_a_client_held_on_a_link_a_reload_removed_counts_there_then_the_link_goe
     kept, removed = f"A_PORT_{pa}_TCP", f"B_PORT_{pb}_TCP"
     write_env_file(env_file, {kept: f"tcp://127.0.0.1:{server.port}",
                               removed: f"tcp://127.0.0.1:{server.port}"})
-    enter = in_cgroup(pids_cgroup)
     proxy = start_proxy("--env-file", str(env_file), *LOOPBACK, "--status-socket", str(sock_path),
-                        *PAST_PIDS_MAX, expect=2, prefix=enter)
-    with connect(pa) as first, connect(pb) as held:
-        assert exchange(first, b"first") == b"first"  # its child is the one allowed
-        held.sendall(b"held")
-        assert wait_for(lambda: "fork-failed" in proxy.log())
-        write_env_file(env_file, {kept: f"tcp://127.0.0.1:{server.port}"})
-        assert control(sock_path, "reload")["ok"]
-        assert removed in control(sock_path, "status")["links"]
+                        *PAST_PIDS_MAX, expect=2, prefix=in_cgroup(pids_cgroup))
+    first = connect(pa)
+    assert exchange(first, b"first") == b"first"  # its child is the one allowed
+    held = connect(pb)  # only now: the first's fork is never the one that fails
+    held.sendall(b"held")
+    assert wait_for(lambda: "fork-failed" in proxy.log())
+    write_env_file(env_file, {kept: f"tcp://127.0.0.1:{server.port}"})
+    assert control(sock_path, "reload")["ok"]
+    assert removed in control(sock_path, "status")["links"]
+    return proxy, sock_path, (kept, removed), first, held
+
+
+def test_a_client_held_on_a_link_a_reload_removed_counts_there_then_the_link_goes(
+    pids_cgroup: Path, start_proxy: StartProxy, tcp_server: ServerFactory, short_dir: Path,
+    tmp_path: Path
+) -> None:
+    """A client held after a failed fork is a live connection of its link: a reload that
+    removes the link keeps the link in status while the client waits and while it is
+    served, and the link leaves with it, not brought back for good by its reap."""
+    proxy, sock_path, (kept, removed), first, held = held_on_a_link_a_reload_removed(
+        pids_cgroup, start_proxy, tcp_server, short_dir, tmp_path)
+    with first, held:
         first.close()  # its child exits: the held client gets the next fork
         held.settimeout(15)
         assert recv_exact(held, len(b"held")) == b"held"
@@ -2568,30 +2575,16 @@ def test_a_client_held_on_a_link_a_reload_removed_that_resets_takes_the_link_wit
     served (HeldBacklog._accept), and was the removed link's last connection to come.
     The link stayed in status and the metrics until the next reload: counted as a child
     to come that never would."""
-    server = tcp_server(echo)
-    (pids_cgroup / "pids.max").write_text("2")  # the supervisor and one child
-    pa, pb = distinct_free_ports(2)
-    env_file, sock_path = tmp_path / "links.env", short_dir / "s.sock"
-    kept, removed = f"A_PORT_{pa}_TCP", f"B_PORT_{pb}_TCP"
-    write_env_file(env_file, {kept: f"tcp://127.0.0.1:{server.port}",
-                              removed: f"tcp://127.0.0.1:{server.port}"})
-    proxy = start_proxy("--env-file", str(env_file), *LOOPBACK, "--status-socket", str(sock_path),
-                        *PAST_PIDS_MAX, expect=2, prefix=in_cgroup(pids_cgroup))
-    with connect(pa) as first:
-        held = connect(pb)
-        held.sendall(b"held")
-        assert exchange(first, b"first") == b"first"
-        assert wait_for(lambda: "fork-failed" in proxy.log())
-        write_env_file(env_file, {kept: f"tcp://127.0.0.1:{server.port}"})
-        assert control(sock_path, "reload")["ok"]
-        assert removed in control(sock_path, "status")["links"]
-        held.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        held.close()  # a reset, while it waits
+    proxy, sock_path, (kept, _), first, held = held_on_a_link_a_reload_removed(
+        pids_cgroup, start_proxy, tcp_server, short_dir, tmp_path)
+    kept_port = first.getpeername()[1]
+    with first:
+        reset_close(held)  # while it waits
     # first's child exits: the next fork would be the held client's, which is gone.
     assert wait_for(lambda: not children(proxy.pid))
     assert wait_for(lambda: sorted(control(sock_path, "status")["links"]) == [kept]), \
         control(sock_path, "status")["links"]
-    with connect(pa) as after:
+    with connect(kept_port) as after:
         assert exchange(after, b"after") == b"after"  # served as before
 
 
@@ -3282,6 +3275,22 @@ def test_a_fork_failed_after_the_nproc_limit_was_lowered_names_the_limit_now(
     assert proxy.stop() == 0
 
 
+def fork_failed_at_two_then_served(proxy: Proxy, pids_max: Path) -> str:
+    """`pids_max` lowered to 2 (the supervisor and one child) while the proxy runs: a
+    second client's fork fails, and is served once the limit is lifted and the first
+    client's child exits. The `fork-failed` line."""
+    pids_max.write_text("2")
+    with connect(proxy.port) as first, connect(proxy.port) as second:
+        assert exchange(first, b"first") == b"first"
+        second.sendall(b"second")
+        assert wait_for(lambda: re.search(FORK_FAILED_LINE, proxy.log()) is not None)
+        pids_max.write_text("max")
+        first.close()
+        second.settimeout(15)
+        assert recv_exact(second, len(b"second")) == b"second"
+    return str(re.findall(FORK_FAILED_LINE, proxy.log())[0])
+
+
 @pytest.mark.parametrize("at_start", ["100", "max"])
 def test_a_fork_failed_after_pids_max_was_lowered_names_the_limit_now(
     pids_cgroup: Path, start_proxy: StartProxy, tcp_server: ServerFactory, at_start: str
@@ -3293,20 +3302,11 @@ def test_a_fork_failed_after_pids_max_was_lowered_names_the_limit_now(
     (pids_cgroup / "pids.max").write_text(at_start)
     proxy = start_proxy(*PAST_PIDS_MAX, f"127.0.0.1:0=127.0.0.1:{server.port}",
                         prefix=in_cgroup(pids_cgroup))
-    (pids_cgroup / "pids.max").write_text("2")  # the supervisor and one child
-    with connect(proxy.port) as first, connect(proxy.port) as second:
-        assert exchange(first, b"first") == b"first"
-        second.sendall(b"second")
-        assert wait_for(lambda: re.search(FORK_FAILED_LINE, proxy.log()) is not None)
-        line = re.findall(FORK_FAILED_LINE, proxy.log())[0]
-        then = "none" if at_start == "max" else at_start
-        assert (f"detail=\"likely the cgroup's pids limit of 2, {then} at start (pids.max; "
-                "the container's --pids-limit), which counts its processes and threads; "
-                "pausing accepts for 0.1s at a time\"") in line, line
-        (pids_cgroup / "pids.max").write_text("max")
-        first.close()
-        second.settimeout(15)
-        assert recv_exact(second, len(b"second")) == b"second"
+    line = fork_failed_at_two_then_served(proxy, pids_cgroup / "pids.max")
+    then = "none" if at_start == "max" else at_start
+    assert (f"detail=\"likely the cgroup's pids limit of 2, {then} at start (pids.max; "
+            "the container's --pids-limit), which counts its processes and threads; "
+            "pausing accepts for 0.1s at a time\"") in line, line
     assert proxy.stop() == 0
 
 
@@ -3327,18 +3327,9 @@ def test_a_fork_failed_in_a_nested_cgroup_names_the_smallest_pids_limit_now(
         (inner / "pids.max").write_text("50")
         proxy = start_proxy(*PAST_PIDS_MAX, f"127.0.0.1:0=127.0.0.1:{server.port}",
                             prefix=in_cgroup(inner))
-        (pids_cgroup / "pids.max").write_text("2")  # the supervisor and one child
-        with connect(proxy.port) as first, connect(proxy.port) as second:
-            assert exchange(first, b"first") == b"first"
-            second.sendall(b"second")
-            assert wait_for(lambda: re.search(FORK_FAILED_LINE, proxy.log()) is not None)
-            line = re.findall(FORK_FAILED_LINE, proxy.log())[0]
-            assert ("detail=\"likely the cgroup's pids limit of 2, 50 at start (pids.max; "
-                    "the container's --pids-limit)") in line, line
-            (pids_cgroup / "pids.max").write_text("max")
-            first.close()
-            second.settimeout(15)
-            assert recv_exact(second, len(b"second")) == b"second"
+        line = fork_failed_at_two_then_served(proxy, pids_cgroup / "pids.max")
+        assert ("detail=\"likely the cgroup's pids limit of 2, 50 at start (pids.max; "
+                "the container's --pids-limit)") in line, line
         assert proxy.stop() == 0
     finally:
         if proxy is not None and proxy.proc.poll() is None:

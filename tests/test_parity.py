@@ -69,7 +69,7 @@ from typing import TypeVar
 
 import pytest
 
-from conftest import Proxy, free_port, kill_group, need, wait_for
+from conftest import Proxy, free_port, kill_group, need, reset_close, wait_for
 
 WAIT = 30.0  # the longest any read waits for its next byte or end: "open" after that
 THINK = 2.0  # a peer that pauses before it goes on (socat's -t is 0.5 s)
@@ -166,11 +166,6 @@ def fill(sock: socket.socket, pattern: bytes, settle: float = 1.0) -> int:
     finally:
         sock.settimeout(WAIT)
     raise AssertionError(f"{len(pattern)} bytes went in and the path never filled")
-
-
-def reset_close(sock: socket.socket) -> None:
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-    sock.close()
 
 
 def in_thread(target: Callable[[], T]) -> Callable[[], T]:

@@ -48,6 +48,7 @@ from conftest import (
     netns_lab,
     processes_under,
     recv_all,
+    reset_close,
     wait_for,
 )
 from netns import redis_cli
@@ -1014,12 +1015,6 @@ def _relayed(
                 yield proxy, client, conn
 
 
-def _reset(sock: socket.socket) -> None:
-    """Close `sock` with an RST (SO_LINGER 0), as a peer that gives up does."""
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    sock.close()
-
-
 def _read_slowly(sock: socket.socket, into: bytearray) -> str:
     """Read 64 KiB every 4 ms until the end: 'eof' or 'reset'."""
     while True:
@@ -1051,7 +1046,7 @@ def test_bytes_the_proxy_took_before_a_reset_reach_the_slow_other_side(
         slow = threading.Thread(target=lambda: ended.append(_read_slowly(reader, got)))
         slow.start()
         _sent_and_acknowledged(sender, data)
-        _reset(sender)
+        reset_close(sender)
         slow.join(120)
     assert len(got) == len(data), (len(got), ended)
     assert hashlib.sha256(got).digest() == hashlib.sha256(data).digest()
@@ -1071,7 +1066,7 @@ def test_bytes_the_proxy_took_before_a_reset_wait_for_a_reader_that_paused(
     with _relayed(start_proxy) as (_, client, conn):
         sender, reader = (conn, client) if side == "upstream" else (client, conn)
         _sent_and_acknowledged(sender, data)
-        _reset(sender)
+        reset_close(sender)
         time.sleep(7)  # the pause under test: longer than the 5 s that was allowed
         got = bytearray()
         ended = _read_slowly(reader, got)
@@ -1089,7 +1084,7 @@ def test_with_idle_timeout_a_reader_that_takes_nothing_after_a_reset_is_reset(
     data = os.urandom(PROXY_TAKES)
     with _relayed(start_proxy, "--idle-timeout", "1") as (proxy, client, conn):
         _sent_and_acknowledged(conn, data)
-        _reset(conn)
+        reset_close(conn)
         deadline = time.monotonic() + 30
         while "outcome=upstream-reset" not in proxy.log():
             assert time.monotonic() < deadline, proxy.log()
@@ -1134,7 +1129,7 @@ def test_a_side_blocked_in_its_send_after_the_other_reset_is_reset_not_waited_fo
             except BlockingIOError:
                 time.sleep(0.01)
         time.sleep(0.3)
-        _reset(resetter)
+        reset_close(resetter)
         sending.join(60)
         assert not sending.is_alive(), "still blocked in its send 60 s after the reset"
     assert isinstance(outcome[0], (ConnectionResetError, BrokenPipeError)), outcome
