@@ -472,10 +472,11 @@ def poll(probe: Callable[[], T], done: Callable[[T], bool], timeout: float = 30.
         time.sleep(0.05)
 
 
-def full_pipe() -> tuple[int, int]:
+def full_pipe(pipe: tuple[int, int] | None = None) -> tuple[int, int]:
     """A pipe, (read end, write end), whose buffer is full: the next write to it blocks, as
-    a log line does once a slow log reader (a container's log driver) falls behind."""
-    read_end, write_end = os.pipe()
+    a log line does once a slow log reader (a container's log driver) falls behind.
+    `pipe`: the one to fill (a new one by default)."""
+    read_end, write_end = pipe or os.pipe()
     os.set_blocking(write_end, False)
     with contextlib.suppress(BlockingIOError):
         while True:

@@ -15,6 +15,7 @@ Needs root, iproute2 (`ip`, `tc`) and iptables: fails without them (never a skip
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -55,13 +56,27 @@ class Sink:
 
     sock: socket.socket
     uploads: list[tuple[str, int]] = field(default_factory=list)
+    acceptor: threading.Thread = field(init=False)
 
     @property
     def port(self) -> int:
         return int(self.sock.getsockname()[1])
 
     def start(self) -> None:
-        threading.Thread(target=self._accept, daemon=True).start()
+        self.acceptor = threading.Thread(target=self._accept, daemon=True)
+        self.acceptor.start()
+
+    def close(self) -> None:
+        """Stop accepting, for good. shutdown() wakes the accept() blocked in the acceptor;
+        a close() alone left it blocked on the socket closed, its descriptor's number free:
+        a signal that restarts system calls (glibc's for a seteuid) then restarted that
+        accept() on the number, which by then was another test's listener, and the Sink
+        took that test's connections (CI: an echo test's message read, never answered)."""
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+        self.acceptor.join(30)
+        assert not self.acceptor.is_alive(), "the sink's acceptor did not stop"
 
     def _accept(self) -> None:
         while True:
@@ -243,7 +258,7 @@ def chain_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chain]:
         try:
             yield Chain(lab, forkproxy_command(), client, server, cable, sink)
         finally:
-            listener.close()
+            sink.close()
 
 
 @pytest.fixture

@@ -66,6 +66,7 @@ from conftest import (
     Redis,
     ServerFactory,
     TcpServer,
+    as_user,
     blocked_writing,
     deliver_signal,
     echo,
@@ -4160,20 +4161,33 @@ ANOTHER_USERS_PIPE = ("setpriv", "--inh-caps=-all",
                       "--bounding-set=-dac_override,-dac_read_search")
 
 
+def another_users_pipe() -> tuple[int, int]:
+    """A pipe made by user 65534, in a process of that user's, passed here (SCM_RIGHTS).
+    It was made here under seteuid(65534): glibc changes the ids of each thread of the
+    process by signalling it, and the signal restarted the system calls they were blocked
+    in, with the same descriptor numbers: an accept() left blocked on a closed socket (an
+    older test's) accepted this test's connections on the listener that had taken its
+    number (CI: an echo's message read by another test's server, never answered)."""
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        make = ("import os, socket; "
+                f"socket.send_fds(socket.socket(fileno={theirs.fileno()}), [b'p'], "
+                "list(os.pipe()))")
+        subprocess.run([*as_user(65534), sys.executable, "-I", "-c", make],
+                       pass_fds=[theirs.fileno()], check=True, timeout=30)
+        _, (read_end, write_end), _, _ = socket.recv_fds(ours, 1, 2)
+    for fd in (read_end, write_end):
+        os.set_inheritable(fd, False)  # as os.pipe() makes them
+    return read_end, write_end
+
+
 def serve_with_a_stalled_log(tmp_path: Path, env: dict[str, str], *args: str,
                              owner: str = "ours") -> tuple[subprocess.Popen[str], int, list[int]]:
     """`forkproxy serve -q ARGS`, stderr a pipe that is full from the start and that
     nobody reads (a log driver whose remote end is down, a `| tee` stopped with Ctrl-Z):
     the process, the pipe's read end, the ports listening (from stdout). `owner`
     "another user's": the pipe made by another user, which the supervisor may not open."""
-    if owner == "ours":
-        read_end, write_end = full_pipe()
-    else:
-        os.seteuid(65534)
-        try:
-            read_end, write_end = full_pipe()
-        finally:
-            os.seteuid(0)
+    read_end, write_end = full_pipe(None if owner == "ours" else another_users_pipe())
     prefix = () if owner == "ours" else (need(ANOTHER_USERS_PIPE[0]), *ANOTHER_USERS_PIPE[1:])
     try:
         proc, ports = serve_logging_to(write_end, tmp_path, env, *args, prefix=prefix)
