@@ -111,7 +111,8 @@ def _children_by_link(status: dict[str, Any]) -> dict[str, dict[str, float]]:
     sums: dict[str, dict[str, float]] = {}
     for child in read_sockets(enrich(status)).get("children", []):
         entry = sums.setdefault(child["link"], {"rss": 0, "uss": 0, "cpu": 0})
-        for key in entry:
+        # The summed keys alone: `unanswered`, once in the entry, is a maximum, not a sum.
+        for key in ("rss", "uss", "cpu"):
             entry[key] += child[key] or 0  # None: the child exited while being read
         entry["unanswered"] = max(entry.get("unanswered", 0), child["unanswered"] or 0)
     return sums
