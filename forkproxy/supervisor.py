@@ -480,6 +480,20 @@ class TakeOverCancelled(Exception):
     told = False
 
 
+def descriptor_limit(exc: OSError) -> str:
+    """The limit an accept() out of descriptors met, for its line's detail: the open files
+    limit read when the line is written (a `prlimit --nofile` on the running proxy, not
+    the start's), whose number the operator needs to raise it; "" for other errors."""
+    if exc.errno == errno.EMFILE:
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        limit = "none" if soft == resource.RLIM_INFINITY else str(soft)
+        return (f"the process's open files limit of {limit} is reached (RLIMIT_NOFILE: "
+                "ulimit -n, LimitNOFILE=, docker run --ulimit nofile=)")
+    if exc.errno == errno.ENFILE:
+        return "the host's file table is full (fs.file-max, which no ulimit -n raises)"
+    return ""
+
+
 class Supervisor:
     def __init__(self, sources: Sources, environ: Mapping[str, str], log: Logger) -> None:
         self.sources = sources
@@ -1945,7 +1959,7 @@ class Supervisor:
             )
 
     def _accept_failed(self, listener: Listener | listeners.HeldBacklog, exc: OSError) -> None:
-        self._pause_accepting("accept-failed", listener, exc)
+        self._pause_accepting("accept-failed", listener, exc, descriptor_limit)
 
     def _listener_shut(self, listener: Listener | listeners.HeldBacklog) -> None:
         """accept() failed EINVAL: the socket is not listening any more, shut down from
@@ -3332,8 +3346,14 @@ class Supervisor:
         try:
             fresh, dropped = self.control.accept()
         except OSError as exc:  # EMFILE and friends: wait, as the listeners do
-            self._log_repeating("control-accept-failed", exc,
-                                f"pausing the control socket for {ACCEPT_BACKOFF}s at a time")
+            pausing = f"pausing the control socket for {ACCEPT_BACKOFF}s at a time"
+            error = exc  # `exc` is unbound after the clause; the detail is asked when due
+
+            def detail() -> str:
+                why = descriptor_limit(error)
+                return f"{why}; {pausing}" if why else pausing
+
+            self._log_repeating("control-accept-failed", error, detail)
             self._unwatch(self.control.fileno())
             self.control_at = time.monotonic() + ACCEPT_BACKOFF
             return

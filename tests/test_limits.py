@@ -1402,6 +1402,11 @@ def test_accept_emfile_backs_off_and_serves_the_waiting_clients_afterwards(
                 sock.sendall(f"hello {number}".encode())
             assert wait_for(lambda: "accept-failed" in proxy.log())
             assert "Too many open files" in proxy.log()
+            # The limit met, and its number, read as the line was written (the prlimit
+            # above, not the start's): the operator raises it without a look at /proc.
+            limit = resource.prlimit(proxy.pid, resource.RLIMIT_NOFILE)[0]
+            [line] = [ln for ln in proxy.log().splitlines() if " accept-failed " in ln]
+            assert f"open files limit of {limit} is reached" in line, line
             # It backs off rather than spins, and keeps its place: no child, no crash.
             before = cpu_seconds(proxy.pid)
             time.sleep(2)
@@ -1745,6 +1750,11 @@ def test_accept_emfile_with_a_status_client_waiting_does_not_spin(
             # Its first accept has failed (the line the count below finds), then 3 s of
             # backing off: measured from there, not from a moment it may not have reached.
             assert wait_for(lambda: "control-accept-failed" in proxy.log()), proxy.log()
+            # `check` only times out meanwhile (as for a wedged supervisor): the line
+            # says which limit, with its number.
+            limit = resource.prlimit(proxy.pid, resource.RLIMIT_NOFILE)[0]
+            [line] = [ln for ln in proxy.log().splitlines() if "control-accept-failed" in ln]
+            assert f"open files limit of {limit} is reached" in line, line
             before = cpu_seconds(proxy.pid)
             time.sleep(3)
             spent = cpu_seconds(proxy.pid) - before
