@@ -72,6 +72,11 @@ OWN_LOOKUP = 1 << 24
 # FAILED_ADDRESS (note_loop; _FAILED_V6 and SCOPES as for a fallback): what the
 # `connect-failed` line names as this host's, as the supervisor's own loop lines do.
 LOOPED = 1 << 25
+# A failed connect with the last address tried left at FAILED_ADDRESS (note_failure's
+# `sockaddr`; _FAILED_V6 and SCOPES as for a loop): the `address` the `connect-failed`
+# line of a name's target names, which of its addresses said `error` (an old one the
+# name no longer gives, one of several).
+FAILED_AT = 1 << 26
 _LOOKUP_GAI_SHIFT, _LOOKUP_MS_SHIFT = 32, 40
 _LOOKUP_BITS = OWN_LOOKUP | (_LOW_64 ^ ((1 << _LOOKUP_GAI_SHIFT) - 1))
 _MAX_LOOKUP_MS = (1 << (64 - _LOOKUP_MS_SHIFT)) - 1
@@ -98,33 +103,46 @@ _GAI_TEXTS = {
 }
 
 
-def note_failure(counters: memoryview, base: int, error: OSError) -> None:
+def note_failure(counters: memoryview, base: int, error: OSError,
+                 sockaddr: tuple[object, ...] | None = None) -> None:
     """Leave a failed connect's error in the child's slot (its FAILURE word), from which
-    the supervisor writes the folded `connect-failed` line at the reap (failure_text)."""
-    counters[base + FAILURE] = (error.errno or errno.EIO) & (_CODE | _LOOKUP_BITS)
+    the supervisor writes the folded `connect-failed` line at the reap (failure_text),
+    and the last address tried (`sockaddr`, None when none was), which noted_address
+    reads back."""
+    word = (error.errno or errno.EIO) & (_CODE | _LOOKUP_BITS)
+    if sockaddr is not None:
+        word |= FAILED_AT | _note_address(counters, base, sockaddr)
+    counters[base + FAILURE] = word
 
 
 def note_loop(counters: memoryview, base: int, error: OSError,
               sockaddr: tuple[object, ...]) -> None:
     """note_failure for a connect refused as a loop, with the address refused (`sockaddr`),
-    which looped_address reads back. A failed connect's path only."""
-    host = str(sockaddr[0]).partition("%")[0]
-    word = LOOPED | ((error.errno or errno.EIO) & _CODE)
-    if len(sockaddr) > 2:
-        number = int.from_bytes(socket.inet_pton(AF_INET6, host))
-        counters[base + SCOPES] = int(sockaddr[3]) & 0xFFFFFFFF  # type: ignore[call-overload]
-        word |= _FAILED_V6
-    else:
-        number = int.from_bytes(socket.inet_pton(AF_INET, host))
-    counters[base + FAILED_ADDRESS] = number >> 64
-    counters[base + FAILED_ADDRESS + 1] = number & _LOW_64
+    which noted_address reads back. A failed connect's path only."""
+    word = LOOPED | ((error.errno or errno.EIO) & _CODE) | _note_address(counters, base, sockaddr)
     counters[base + FAILURE] = word
 
 
-def looped_address(counters: memoryview, base: int, word: int) -> str:
-    """The address a child refused as a loop (note_loop), as text: `127.0.0.1`, `::1`,
-    `fe80::1%eth0` (the scope's interface, as a target names it; its index where that
-    interface is gone)."""
+def _note_address(counters: memoryview, base: int, sockaddr: tuple[object, ...]) -> int:
+    """Put `sockaddr`'s address at FAILED_ADDRESS (and its scope at SCOPES); the FAILURE
+    word's flag for an IPv6 one, which the caller writes last."""
+    host = str(sockaddr[0]).partition("%")[0]
+    if len(sockaddr) > 2:
+        number = int.from_bytes(socket.inet_pton(AF_INET6, host))
+        counters[base + SCOPES] = int(sockaddr[3]) & 0xFFFFFFFF  # type: ignore[call-overload]
+        v6 = _FAILED_V6
+    else:
+        number = int.from_bytes(socket.inet_pton(AF_INET, host))
+        v6 = 0
+    counters[base + FAILED_ADDRESS] = number >> 64
+    counters[base + FAILED_ADDRESS + 1] = number & _LOW_64
+    return v6
+
+
+def noted_address(counters: memoryview, base: int, word: int) -> str:
+    """The address a child refused as a loop (note_loop), or tried last before its connect
+    failed (note_failure), as text: `127.0.0.1`, `::1`, `fe80::1%eth0` (the scope's
+    interface, as a target names it; its index where that interface is gone)."""
     number = counters[base + FAILED_ADDRESS] << 64 | counters[base + FAILED_ADDRESS + 1]
     if not word & _FAILED_V6:
         return socket.inet_ntop(AF_INET, number.to_bytes(4))
@@ -152,7 +170,7 @@ def own_lookup_failed(code: int, gai: int, seconds: float) -> int:
 def failure_text(code: int, host: str, looped: str | None = None) -> str:
     """The `error` text of a FAILURE word's code (see _CODE): what the child's OSError
     said, and what its own lookup, if it failed, did (own_lookup_failed). `looped`: the
-    address a loop was refused at (looped_address), named with why it is this host's."""
+    address a loop was refused at (noted_address), named with why it is this host's."""
     if code & OWN_LOOKUP:
         gai = -(code >> _LOOKUP_GAI_SHIFT & 0xFF)
         seconds = f"{(code >> _LOOKUP_MS_SHIFT) / 1000:g} s"

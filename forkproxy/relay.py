@@ -782,7 +782,7 @@ def connect_upstream(
             # meanwhile must not hold its child and a --max-children slot all that time.
             if watch.poll(int(min(0.1 * 2**attempt, 2.0) * 1000)):
                 assert client is not None
-                raise ClientLeft(CLIENT_RESET, _socket_error(client), error)
+                raise ClientLeft(CLIENT_RESET, _socket_error(client), _tried(error, failed))
         for own in (False, True):  # the supervisor's addresses, then a lookup of our own
             if not own:
                 candidates = addresses
@@ -791,7 +791,7 @@ def connect_upstream(
             else:
                 if own_lookup is None:
                     own_lookup = OwnLookup(target, client)
-                found = own_lookup.wait(timeout, error)
+                found = own_lookup.wait(timeout, _tried(error, failed))
                 if isinstance(found, OSError):
                     error = found  # the connect's error (if any) and the lookup's
                     break
@@ -836,7 +836,7 @@ def connect_upstream(
                         _await_connect(sock, watch, timeout - WATCH_CONNECT_AFTER, client)
                 except ClientLeft as left:
                     sock.close()
-                    raise ClientLeft(*left.args[:2], error) from None
+                    raise ClientLeft(*left.args[:2], _tried(error, failed)) from None
                 except TimeoutError:
                     error = OSError(errno.ETIMEDOUT, os.strerror(errno.ETIMEDOUT))
                 except OSError as exc:
@@ -848,7 +848,17 @@ def connect_upstream(
                     return sock, own, failed and (sockaddr, *failed)
                 failed = (sockaddr, error)
                 sock.close()
-    raise error or OSError(NO_ADDRESS, "no address")
+    raise _tried(error, failed) or OSError(NO_ADDRESS, "no address")
+
+
+def _tried(error: OSError | None,
+           failed: tuple[tuple[object, ...], OSError] | None) -> OSError | None:
+    """`error`, with the address the last failed connect tried (`failed`'s) as its
+    `tried`, which the `connect-failed` line names (accounting.note_failure). On a
+    failed connect's path only."""
+    if error is not None and failed is not None:
+        error.tried = failed[0]  # type: ignore[attr-defined]
+    return error
 
 
 def pump(
@@ -1598,7 +1608,7 @@ def _connect_failed(client: RawSocket, error: OSError, counters: memoryview, bas
     if isinstance(error, LoopRefused):  # its address too, for the line to name
         note_loop(counters, base, error, error.sockaddr)
     else:
-        note_failure(counters, base, error)
+        note_failure(counters, base, error, getattr(error, "tried", None))
     client.close()
     return CONNECT_FAILED
 

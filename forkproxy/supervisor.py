@@ -37,6 +37,7 @@ from . import __version__, control, installed, listeners, relay, signals
 from .accounting import (
     COUNTED,
     ENDED,
+    FAILED_AT,
     FAILURE,
     FELL_BACK,
     LOOPED,
@@ -48,7 +49,7 @@ from .accounting import (
     failure_text,
     fallback_addresses,
     fallback_error,
-    looped_address,
+    noted_address,
     read_clocks,
 )
 from .config import (
@@ -176,6 +177,8 @@ OOM_SCORE_ADJ = "/proc/self/oom_score_adj"
 # memory limit reached costs a connection, not the supervisor and every listener with it.
 CHILD_OOM_SCORE_ADJ = 1000
 _CONNECT_FAILED_STATUS = relay.CONNECT_FAILED << 8  # a wait status: exited with that code
+# A failed connect's slot holding an address (noted_address): a loop's, or the last tried.
+_NOTED = LOOPED | FAILED_AT
 POLLIN, POLLOUT = select.POLLIN, select.POLLOUT
 # A listener's accept queue (length, size), dropped handshakes, and whether it listens, as
 # the kernel gave them: Listener.queue(), Listener.drops(), Listener.listening().
@@ -2298,10 +2301,11 @@ class Supervisor:
         if failure & FELL_BACK and not failure & COUNTED:
             assert child is not None
             self._fallbacks([(child, failure)])
-        # The address a loop was refused at, while the slot holds it (0 for a connection
-        # that connected: one test of a word already read).
-        looped = (looped_address(self.accounting.slots.counters, child[2], failure)
-                  if failure & LOOPED and child is not None else None)
+        # The address a loop was refused at, or a failed connect tried last, while the
+        # slot holds it (0 for a connection that connected: one test of a word already
+        # read).
+        noted = (noted_address(self.accounting.slots.counters, child[2], failure)
+                 if failure & _NOTED and child is not None else None)
         # to_term is set once the grace period is over and we TERM the children: only
         # then is a signal's death ours. During the grace, as outside a stop, it is the
         # OOM killer's or someone's kill -9.
@@ -2313,7 +2317,7 @@ class Supervisor:
         if record is None:
             self.log.debug("reaped-orphan", child_pid=pid, status=describe_status(status))
         elif status == _CONNECT_FAILED_STATUS:
-            self._connect_failed(record, failure, looped)
+            self._connect_failed(record, failure, noted)
             # Perhaps the name points elsewhere now (a container recreated with a new
             # address): look again, without waiting for the timer. (A child that found
             # it does sends SIGALRM as it connects: see relay.serve.)
@@ -2339,11 +2343,13 @@ class Supervisor:
         return fold(self.link_folds, (event, link.name, link.target, kind), failures)
 
     def _connect_failed(self, record: ChildRecord, failure: int,
-                        looped: str | None = None) -> None:
+                        noted: str | None = None) -> None:
         """A reaped child's failed connect (relay.serve left its error's code): the folded
         `connect-failed` line. Written here, not by each child: a dead upstream fails every
         client, and a line each flooded the log in the very outage it is read in.
-        `looped`: the address a loop was refused at, which the line names."""
+        `noted`: the address a loop was refused at, which the line's error names, or the
+        last one a name's connect tried, which it names as `address` (a name's addresses
+        change, and one of several may be the dead one; an address target is its own)."""
         link = record[0]
         kind = failure_errno(failure)  # 0 for a failed lookup of the child's own
         failures = self._fold_link("connect-failed", link, 1, kind)
@@ -2351,8 +2357,11 @@ class Supervisor:
             # Out of local ports toward the upstream: one address takes at most
             # ip_local_port_range's ~28,000 connections, fewer than --max-children may be.
             ports = kind == errno.EADDRNOTAVAIL
+            looped = noted if failure & LOOPED else None
+            tried = ({"address": peer_text((noted, link.target.port))}
+                     if noted is not None and looped is None and link.target.is_name else {})
             self.log.warning("connect-failed", link=link.name, client=peer_text(record[1]),
-                             upstream=str(link.target),
+                             upstream=str(link.target), **tried,
                              error=failure_text(failure, link.target.host, looped),
                              failures=failures, **({"detail": _OUT_OF_PORTS} if ports else {}))
 

@@ -20,8 +20,8 @@ from forkproxy.accounting import (
     ended_text,
     failure_reason,
     failure_text,
-    looped_address,
     note_loop,
+    noted_address,
     own_lookup_failed,
 )
 from forkproxy.config import Endpoint, Link
@@ -98,7 +98,7 @@ def test_a_loop_refused_is_said_with_its_address(
     note_loop(slots.counters, base, relay.LoopRefused(sockaddr), sockaddr)
     word = slots.counters[base + FAILURE]
     assert word & LOOPED and failure_reason(word) == "loop"
-    looped = looped_address(slots.counters, base, word)
+    looped = noted_address(slots.counters, base, word)
     assert failure_text(word, host, looped) == (
         f"connects back to this proxy: {said}, {LOOP_END}")
     # Without the address (a child's own error text): as before.

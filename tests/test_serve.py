@@ -375,8 +375,28 @@ def test_upstream_down_closes_the_client_and_carries_on(
     assert wait_for(lambda: "connect-failed" in proxy.log())
     [line] = [line for line in proxy.log().splitlines() if "connect-failed" in line]
     assert f"127.0.0.1:0=127.0.0.1:{dead}" in line and "refused" in line
+    assert " address=" not in line, line  # an address target is its own address
     assert redis.cli("PING", port=proxy.ports[1]) == "PONG"  # the supervisor carries on
     assert proxy.proc.poll() is None
+
+
+def test_a_failed_connect_to_a_name_says_which_of_its_addresses_failed(
+    start_proxy: Callable[..., Proxy],
+) -> None:
+    """A name's `connect-failed` line named the name alone: after a `resolved` line gave
+    it a new address, or with one of its several addresses dead, which one had refused or
+    timed out was nowhere (an incident drill: `connect-failed upstream=redis-far.drill:6379
+    error="No route to host"` after the name moved, the old address or the new one?). It
+    names the last address tried, as `connect-fallback` names its `failed` one."""
+    dead = free_port()
+    proxy = start_proxy(f"127.0.0.1:0=localhost:{dead}")
+    with socket.create_connection(("127.0.0.1", proxy.port)) as client:
+        client.settimeout(10)
+        assert client.recv(10) == b""
+    assert wait_for(lambda: "connect-failed" in proxy.log())
+    [line] = [line for line in proxy.log().splitlines() if " connect-failed " in line]
+    assert (f"upstream=localhost:{dead} address=127.0.0.1:{dead} "
+            'error="Connection refused"') in line, line
 
 
 def test_a_name_of_this_host_on_its_own_port_is_refused_not_looped(
