@@ -1197,7 +1197,7 @@ def _covers(wide: str, narrow: str) -> bool:
     return wide == "::" or (wide == ANY_IPV4 and ":" not in narrow)
 
 
-def _check_no_loop(links: Sequence[Link]) -> None:
+def _check_no_loop(links: Sequence[Link], own: Collection[str] = ()) -> None:
     """Refuse a link whose target is its own listener: `6379=localhost:6379`, typed in a
     container where localhost is the container itself. Each client's child would connect
     back to the proxy, whose next child would do the same, until --max-children was used
@@ -1205,15 +1205,16 @@ def _check_no_loop(links: Sequence[Link]) -> None:
     one another's listeners in a ring (`6379=127.0.0.1:6380 6380=127.0.0.1:6379`) do the
     same, a child per link of the ring and round again; and a reload that undoes the ring
     does not free them: each child is left half-closed, waiting for an upstream that is
-    the next one's client. Judged without I/O, as _reaches says."""
-    following = _following(links)
+    the next one's client. Judged without I/O, as _reaches says; `own`: the IP-literal
+    targets the caller found to be this host's (check_own_addresses)."""
+    following = _following(links, own)
     for index, link in enumerate(links):
         if index in following[index]:
             raise ConfigError(
                 f"{shorten(link.name)} connects to its own listener "
                 f"({join_host_port(link.bind, link.port)} -> {link.target}): every "
                 "client would take a child that connects back, until none is left; "
-                f"{_this_host([link.target.host])}")
+                f"{_this_host([link.target.host], own)}")
     ring = _first_ring(links, following)
     if ring is not None:
         hops = ", ".join(f"{shorten(link.name)} ({join_host_port(link.bind, link.port)} -> "
@@ -1221,43 +1222,84 @@ def _check_no_loop(links: Sequence[Link]) -> None:
         raise ConfigError(
             f"links connect to one another's listeners in a ring: {hops}: every client "
             "would take a child per link, round and round, until none is left; "
-            f"{_this_host([link.target.host for link in ring])}")
+            f"{_this_host([link.target.host for link in ring], own)}")
 
 
-def _this_host(hosts: Sequence[str]) -> str:
+def own_address_candidates(links: Sequence[Link]) -> dict[str, Endpoint]:
+    """The IP-literal targets worth asking the kernel whether they are this host's own
+    (read_links asks: this module does no I/O), keyed by the address as _reaches
+    compares it, one target per address (the answer does not depend on the port): those
+    neither loopback nor unspecified (judged without asking) on the port of a listener
+    that would take them if they were, a wildcard bind of their family or `::` (the
+    very address a listener binds is judged without asking too). So `6379=10.0.0.5:6379`
+    asks about one address, and a target on no listener's port about none."""
+    families: dict[int, set[int]] = {}  # port -> the IP versions a wildcard on it takes
+    for link in links:
+        bind = _as_bound(link.bind.split("%", 1)[0])
+        if link.port and bind in ("::", ANY_IPV4):
+            families.setdefault(link.port, set()).update((4, 6) if bind == "::" else (4,))
+    found: dict[str, Endpoint] = {}
+    if not families:
+        return found
+    for link in links:
+        takes = families.get(link.target.port)
+        literal = _literal(link.target.host) if takes else None
+        if takes is None or literal is None:
+            continue
+        address, parsed = literal
+        if parsed.version in takes and not (parsed.is_loopback or parsed.is_unspecified):
+            found.setdefault(address, link.target)
+    return found
+
+
+def check_own_addresses(links: Sequence[Link], own: Collection[str]) -> None:
+    """The loop and ring checks of build_links again, now with the targets among
+    own_address_candidates that the caller found to be this host's (`own`): a container's
+    own address on the port of a wildcard listener (`0.0.0.0:6379=172.17.0.5:6379`) brings
+    each client back into the proxy as surely as localhost does."""
+    if own:
+        _check_no_loop(links, own)
+
+
+def _this_host(hosts: Sequence[str], own: Collection[str] = ()) -> str:
     """Why the target `hosts` of a loop or ring reach this proxy, named as they were
     given (it said "localhost is this host" for `127.0.0.1`, `0.0.0.0` too), and what to
     do: `127.0.0.1 is this host (in a container, the container itself): name the
     server's host`. Each is one _reaches took for this host's: localhost, a loopback or
-    unspecified address, or the very address a listener binds."""
-    return f"{this_host_reason(hosts)}: name the server's host"
+    unspecified address, one of `own`, or the very address a listener binds."""
+    return f"{this_host_reason(hosts, own=own)}: name the server's host"
 
 
-def this_host_reason(hosts: Sequence[str], shown: Mapping[str, str] | None = None) -> str:
+def this_host_reason(hosts: Sequence[str], shown: Mapping[str, str] | None = None,
+                     own: Collection[str] = ()) -> str:
     """_this_host's reason alone: `127.0.0.1 is this host (in a container, the container
     itself)`. Judged by each of `hosts` (a name: localhost), each named as `shown` names
-    it (`vm (127.0.0.1)`: a name a relay child found to be this host's), else as given.
+    it (`vm (127.0.0.1)`: a name a relay child found to be this host's), else as given;
+    one of `own` (as _literal spells it) is "an address of this host".
     Also the supervisor's words for a child's loop (accounting.failure_text)."""
     loopback: list[str] = []
     unspecified: list[str] = []
+    of_host: list[str] = []
     bound: list[str] = []
     for host in dict.fromkeys(hosts):
         named = (shown or {}).get(host, host)
-        try:
-            parsed = ipaddress.ip_address(host.split("%", 1)[0])
-        except ValueError:  # a name: only localhost reaches a listener (_reaches)
+        literal = _literal(host)
+        if literal is None:  # a name: only localhost reaches a listener (_reaches)
             loopback.append(named)
             continue
-        address = getattr(parsed, "ipv4_mapped", None) or parsed
+        spelt, address = literal
         (unspecified if address.is_unspecified else loopback if address.is_loopback
-         else bound).append(named)
+         else of_host if spelt in own else bound).append(named)
     said = []
     if loopback:
         said.append(f"{and_list(loopback)} {'is' if len(loopback) == 1 else 'are'} this host")
     if unspecified:
         said.append(f"{and_list(unspecified)} {'connects' if len(unspecified) == 1 else 'connect'}"
                     " to this host")
-    if loopback or unspecified:
+    if of_host:
+        said.append(f"{and_list(of_host)} "
+                    f"{'is an address' if len(of_host) == 1 else 'are addresses'} of this host")
+    if loopback or unspecified or of_host:
         said[-1] += " (in a container, the container itself)"
     if bound:
         said.append(f"{and_list(bound)} {'is an address' if len(bound) == 1 else 'are addresses'}"
@@ -1270,12 +1312,26 @@ def and_list(words: Sequence[str]) -> str:
     return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} and {words[-1]}"
 
 
-def _reaches(target: Endpoint, link: Link, bound: Mapping[str, str]) -> bool:
+def _literal(host: str) -> tuple[str, ipaddress.IPv4Address | ipaddress.IPv6Address] | None:
+    """A target's IP literal as a listener would bind it (no zone; an IPv4-mapped address
+    as its IPv4 one, as _as_bound has it), spelt and parsed; None for a name."""
+    literal = host.split("%", 1)[0]
+    try:
+        parsed = ipaddress.ip_address(literal)
+    except ValueError:
+        return None
+    mapped = getattr(parsed, "ipv4_mapped", None)
+    return (literal, parsed) if mapped is None else (str(mapped), mapped)
+
+
+def _reaches(target: Endpoint, link: Link, bound: Mapping[str, str],
+             own: Collection[str] = ()) -> bool:
     """Would a connect to `target` reach `link`'s listener? A loopback target (an
     address, `localhost`: either of its two addresses that the listener takes, since the
     other one connects back after a refusal; 0.0.0.0 and ::, which connect to this host)
-    that the listener takes, or the very address it binds. A non-loopback target under a
-    wildcard bind may or may not be this host's, and a name is not looked up: not judged.
+    or one of `own`, the addresses the caller found to be this host's, that the listener
+    takes, or the very address it binds. Any other non-loopback target under a wildcard
+    bind may or may not be this host's, and a name is not looked up: not judged.
     `bound` has each bind address as _as_bound gives it (parsed once, not per link)."""
     if not link.port or target.port != link.port:
         return False
@@ -1283,23 +1339,20 @@ def _reaches(target: Endpoint, link: Link, bound: Mapping[str, str]) -> bool:
     if host.lower() in ("localhost", "localhost."):
         addresses: tuple[tuple[str, bool], ...] = (("127.0.0.1", True), ("::1", True))
     else:
-        literal = host.split("%", 1)[0]
-        try:
-            parsed = ipaddress.ip_address(literal)
-        except ValueError:
+        literal = _literal(host)
+        if literal is None:
             return False  # a name
-        mapped = getattr(parsed, "ipv4_mapped", None)  # as _as_bound has it
-        address = literal if mapped is None else str(mapped)
+        address, parsed = literal
         # connect() to an unspecified address reaches this host's loopback (Linux).
         unspecified = {ANY_IPV4: "127.0.0.1", "::": "::1"}.get(address)
         addresses = (((unspecified, True),) if unspecified else
-                     ((address, (parsed if mapped is None else mapped).is_loopback),))
+                     ((address, parsed.is_loopback or address in own),))
     bind = bound[link.bind]
-    return any(address == bind or (loopback and _overlap(link.bind, address))
-               for address, loopback in addresses)
+    return any(address == bind or (this_host and _overlap(link.bind, address))
+               for address, this_host in addresses)
 
 
-def _following(links: Sequence[Link]) -> list[list[int]]:
+def _following(links: Sequence[Link], own: Collection[str] = ()) -> list[list[int]]:
     """For each link, the links whose listeners its target reaches (itself among them
     when it connects back): only listeners on its target's port are judged, so a target
     is parsed about once, as before for the port (`6379=redis:6379`) that a link so
@@ -1312,7 +1365,7 @@ def _following(links: Sequence[Link]) -> list[list[int]]:
         if link.bind not in bound:
             bound[link.bind] = _as_bound(link.bind.split("%", 1)[0])
     return [[other for other in by_port.get(link.target.port, ())
-             if _reaches(link.target, links[other], bound)] for link in links]
+             if _reaches(link.target, links[other], bound, own)] for link in links]
 
 
 def _first_ring(links: Sequence[Link], following: list[list[int]]) -> list[Link] | None:

@@ -765,6 +765,75 @@ def test_links_that_reach_one_another_in_a_ring_are_refused(
                                       "itself): name the server's host"), caught.value
 
 
+@pytest.mark.parametrize(
+    ("specs", "asked"),
+    [
+        (["7000=10.0.0.5:7000"], {"10.0.0.5": "10.0.0.5:7000"}),  # the usual link: one
+        (["[::]:7000=[fd00::1]:7000"], {"fd00::1": "[fd00::1]:7000"}),
+        (["[::]:7000=[::ffff:10.0.0.5]:7000"], {"10.0.0.5": "[::ffff:10.0.0.5]:7000"}),
+        (["[::]:7000=[fe80::1%eth0]:7000"], {"fe80::1": "[fe80::1%eth0]:7000"}),
+        # One per address, whatever the port; a ring's links alike.
+        (["7000=10.0.0.5:7001", "7001=10.0.0.5:7000", "7002=10.0.0.6:7002"],
+         {"10.0.0.5": "10.0.0.5:7001", "10.0.0.6": "10.0.0.6:7002"}),
+        # No listener that could take it: none asked.
+        (["7000=10.0.0.5:7001"], {}),  # no listener on its port
+        (["127.0.0.1:7000=10.0.0.5:7000"], {}),  # no wildcard on it
+        (["0.0.0.0:7000=[fd00::1]:7000"], {}),  # a wildcard of the other family
+        (["7000=redis:7000"], {}),  # a name: never looked up at start
+        # Judged without asking (build_links refuses them): loopback, unspecified.
+        (["7000=127.0.0.2:7000"], {}),
+        (["[::]:7000=[::]:7000"], {}),
+    ],
+)
+def test_only_literal_targets_a_wildcard_listener_would_take_are_asked_about(
+    specs: list[str], asked: dict[str, str]
+) -> None:
+    """read_links asks the kernel about these alone (config.py does no I/O): the usual
+    `6379=10.0.0.5:6379` costs one tiny probe, and a target no listener could take none."""
+    links = [parse_spec(spec, "0.0.0.0") for spec in specs]
+    found = config.own_address_candidates(links)
+    assert {address: str(target) for address, target in found.items()} == asked
+
+
+@pytest.mark.parametrize(
+    ("specs", "said"),
+    [
+        (["7000=10.0.0.5:7000"], "7000=10.0.0.5:7000 connects to its own listener "
+         "(0.0.0.0:7000 -> 10.0.0.5:7000): every client would take a child that connects "
+         "back, until none is left; 10.0.0.5 is an address of this host"),
+        (["[::]:7000=[::ffff:10.0.0.5]:7000"], "([::]:7000 -> [::ffff:10.0.0.5]:7000): every "
+         "client would take a child that connects back, until none is left; "
+         "::ffff:10.0.0.5 is an address of this host"),
+        (["7000=10.0.0.5:7001", "7001=127.0.0.1:7000"], "links connect to one another's "
+         "listeners in a ring: 7000=10.0.0.5:7001 (0.0.0.0:7000 -> 10.0.0.5:7001), "
+         "7001=127.0.0.1:7000 (0.0.0.0:7001 -> 127.0.0.1:7000): every client would take a "
+         "child per link, round and round, until none is left; 127.0.0.1 is this host, "
+         "10.0.0.5 is an address of this host"),
+        # Not reached: another address's listener, a chain that ends elsewhere, an address
+        # not this host's.
+        (["10.0.0.6:7000=10.0.0.5:7000"], None),
+        (["7000=10.0.0.5:7001", "7001=10.0.0.7:7000"], None),
+        (["7000=10.0.0.7:7000"], None),
+    ],
+)
+def test_a_target_of_this_hosts_own_addresses_loops_as_localhost_does(
+    specs: list[str], said: str | None
+) -> None:
+    """`0.0.0.0:6379=<the container's own IP>:6379` was taken, and each client came back
+    into the proxy, refused only a hop later. With the addresses the kernel said are this
+    host's (here 10.0.0.5), the loop and ring checks refuse it at start and at reload."""
+    links = build_links(specs).links
+    config.check_own_addresses(links, frozenset())  # none of this host's: nothing to say
+    if said is None:
+        config.check_own_addresses(links, frozenset({"10.0.0.5"}))
+        return
+    with pytest.raises(ConfigError) as caught:
+        config.check_own_addresses(links, frozenset({"10.0.0.5"}))
+    assert said in str(caught.value)
+    assert str(caught.value).endswith(" is an address of this host (in a container, the "
+                                      "container itself): name the server's host"), caught.value
+
+
 def test_spec_and_variable_on_one_port_with_different_targets() -> None:
     expected = re.escape("6379=10.0.0.1:6379 -> 10.0.0.1:6379 and REDIS")
     with pytest.raises(ConfigError, match=expected):
