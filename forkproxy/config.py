@@ -180,18 +180,21 @@ class LinkTable(Value):
     """The links, what was skipped (`warnings`), the variables that the env file and the
     environment both set to different values (`overrides`: the file's wins), and the
     option variables the env file holds, which it cannot set (`file_options`: (name as a
-    log line shows it, what its warning says))."""
+    log line shows it, what its warning says)), and a loop through an address of this
+    host's that may be one (`loops`: own_address_loop's text)."""
 
     links: tuple[Link, ...]
     warnings: tuple[str, ...]
     overrides: tuple[str, ...]
     file_options: tuple[tuple[str, str], ...]
+    loops: tuple[str, ...]
 
     def __init__(self, links: tuple[Link, ...], warnings: tuple[str, ...] = (),
                  overrides: tuple[str, ...] = (),
-                 file_options: tuple[tuple[str, str], ...] = ()) -> None:
+                 file_options: tuple[tuple[str, str], ...] = (),
+                 loops: tuple[str, ...] = ()) -> None:
         self._set(links=links, warnings=warnings, overrides=overrides,
-                  file_options=file_options)
+                  file_options=file_options, loops=loops)
 
 
 class Options(Value):
@@ -1206,7 +1209,7 @@ def _check_no_loop(links: Sequence[Link], own: Collection[str] = ()) -> None:
     same, a child per link of the ring and round again; and a reload that undoes the ring
     does not free them: each child is left half-closed, waiting for an upstream that is
     the next one's client. Judged without I/O, as _reaches says; `own`: the IP-literal
-    targets the caller found to be this host's (check_own_addresses)."""
+    targets the caller found to be this host's (own_address_loop)."""
     following = _following(links, own)
     for index, link in enumerate(links):
         if index in following[index]:
@@ -1252,13 +1255,25 @@ def own_address_candidates(links: Sequence[Link]) -> dict[str, Endpoint]:
     return found
 
 
-def check_own_addresses(links: Sequence[Link], own: Collection[str]) -> None:
+def own_address_loop(links: Sequence[Link], own: Collection[str]) -> str | None:
     """The loop and ring checks of build_links again, now with the targets among
-    own_address_candidates that the caller found to be this host's (`own`): a container's
-    own address on the port of a wildcard listener (`0.0.0.0:6379=172.17.0.5:6379`) brings
-    each client back into the proxy as surely as localhost does."""
-    if own:
+    own_address_candidates that the caller found to be this host's (`own`): what they
+    would refuse, as a warning's text, or None. A container's own address on the port of
+    a wildcard listener (`0.0.0.0:6379=172.17.0.5:6379`) brings each client back into the
+    proxy as localhost does, unless something on this host takes the address's
+    connections first: kube-proxy's IPVS puts every service address on an interface of
+    the node (a hostNetwork ambassador's target is then "this host's", and reached), as
+    may a DNAT rule. So said, not refused: a false refusal would stop a proxy that works,
+    and a true loop is refused at its second hop anyway (relay._loops_back)."""
+    if not own:
+        return None
+    try:
         _check_no_loop(links, own)
+    except ConfigError as exc:
+        return (f"{exc} (unless this host gives the address's connections to another "
+                "first: an IPVS service address, a DNAT rule; if not, each client is "
+                "refused at its second hop: connect-failed, reason loop)")
+    return None
 
 
 def _this_host(hosts: Sequence[str], own: Collection[str] = ()) -> str:

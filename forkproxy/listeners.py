@@ -10,9 +10,9 @@ import os
 import select
 import socket
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
-from .config import ConfigError, Link, join_host_port
+from .config import ConfigError, Endpoint, Link, join_host_port
 
 # SO_MEMINFO, which Python's socket module does not name: 55 in asm-generic, which x86 and
 # ARM use (a few architectures, sparc and parisc, number it otherwise). It gives the
@@ -382,6 +382,33 @@ def check_zones(links: Iterable[Link]) -> None:
                 zone_scope(link.target.host, f"cannot connect to {link.target}")
         except ConfigError as exc:
             raise ConfigError(f"{exc} (for {link.name})") from None
+
+
+def own_addresses(targets: Mapping[str, Endpoint]) -> frozenset[str]:
+    """Which of `targets` (config.own_address_candidates: address -> a target of it) are
+    addresses of this host, as its routing says: a UDP socket connected to one (no packet
+    is sent) is given that very address as its own only when the route to it is a `local`
+    one. Not a bind(), which any address passes under net.ipv4.ip_nonlocal_bind=1
+    (keepalived's hosts, for a VIP they may take over): a remote server's address would
+    be refused. A probe that fails (no route, no IPv6 sockets, a zone gone) says "not
+    known to be this host's", never a reason to refuse: run time judges it again."""
+    own = set()
+    for address, target in targets.items():
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        try:
+            sockaddr: tuple[str, int] | tuple[str, int, int, int] = (address, target.port)
+            if family == socket.AF_INET6:
+                zone = "%" in target.host
+                sockaddr = (address, target.port, 0,
+                            zone_scope(target.host, str(target)) if zone else 0)
+            with socket.socket(family, socket.SOCK_DGRAM) as probe:
+                probe.connect(sockaddr)
+                source = str(probe.getsockname()[0]).partition("%")[0]
+            if socket.inet_pton(family, source) == socket.inet_pton(family, address):
+                own.add(address)
+        except (OSError, ConfigError):
+            continue
+    return frozenset(own)
 
 
 def bind(link: Link) -> Listener:

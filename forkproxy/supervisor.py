@@ -73,6 +73,8 @@ from .config import (
     limits_text,
     mebibytes,
     no_room_text,
+    own_address_candidates,
+    own_address_loop,
     own_memory,
     own_pids,
     parse_cidr,
@@ -205,7 +207,8 @@ MAX_PID_FILE = 32  # bytes
 def read_links(sources: Sources, environ: Mapping[str, str],
                env_text: str | None = None) -> LinkTable:
     """Read every source the configuration names and parse; the I/O: the env file (unless
-    its `env_text` was read already), and the interfaces that targets' IPv6 zones name."""
+    its `env_text` was read already), the interfaces that targets' IPv6 zones name, and
+    which IP-literal targets are this host's own (listeners.own_addresses)."""
     env_file = None
     if sources.env_file is not None:
         text = read_env_file(sources.env_file) if env_text is None else env_text
@@ -216,7 +219,13 @@ def read_links(sources: Sources, environ: Mapping[str, str],
     check_metrics_port(sources.options.metrics, table.links)  # at start and at each reload
     check_allow_families(sources.options.allow, table.links)
     listeners.check_zones(table.links)
-    return table
+    # A target that is one of this host's own addresses, on a port a wildcard listener
+    # takes (a container's own IP), loops as localhost does, unless the host hands it on
+    # first (IPVS): asked of the kernel here, for the few literal targets that could
+    # (none, or one per address, usually), and warned of (own_address_loop).
+    loop = own_address_loop(table.links,
+                            listeners.own_addresses(own_address_candidates(table.links)))
+    return table if loop is None else table.replace(loops=(loop,))
 
 
 def absolute_path(path: str) -> str:
@@ -2976,12 +2985,14 @@ class Supervisor:
             self._map_own_listeners(self.listeners)  # the children's loop check: new addresses
 
     def _log_table_warnings(self, table: LinkTable) -> None:
-        """`link-skipped`, `link-overridden` and `env-file-option`, at start and then at
-        each reload for those that are new: one standing in the environment (a `_UDP`
-        link) was repeated at every reload, a warning nobody can act on twice."""
+        """`link-skipped`, `link-overridden`, `env-file-option` and `link-may-loop`, at
+        start and then at each reload for those that are new: one standing in the
+        environment (a `_UDP` link) was repeated at every reload, a warning nobody can act
+        on twice."""
         found = [*(("link-skipped", "", text) for text in table.warnings),
                  *(("link-overridden", "", text) for text in table.overrides),
-                 *(("env-file-option", name, text) for name, text in table.file_options)]
+                 *(("env-file-option", name, text) for name, text in table.file_options),
+                 *(("link-may-loop", "", text) for text in table.loops)]
         for event, variable, text in found:
             if (event, variable, text) in self.table_warnings:
                 continue
