@@ -93,6 +93,10 @@ COPY_CHUNK = 64 * 1024  # --relay copy
 # After one side reset: how long a receiver that takes nothing while it is sending to us
 # (a client blocked in its upload, reading only after it) is waited for. See _stuck.
 WRITER_PATIENCE = 5.0
+# --idle-timeout and --halfclose-timeout: how many times per timeout the pump looks at
+# the kernel's send queues while a write waits (see pump): a receiver that takes nothing
+# is cut at most 1/8 of the timeout after it is due; a wakeup each time, only then.
+LOOKS_PER_TIMEOUT = 8
 AUTO_CHUNK = 16 * 1024  # --relay auto: a read that fills it means bulk, so splice from then on
 SPLICE_CHUNK = 1024 * 1024
 PIPE_SIZE = 1024 * 1024
@@ -903,6 +907,11 @@ def pump(
     half_since = 0.0
     moved = 0
     sent_queue = -1  # the kernel's send queues once a write stopped short; -1: not noted
+    # While a write waits, the send queues are looked at every eighth of the shortest
+    # timeout (below), so a receiver that takes nothing is cut at most that late.
+    shortest = idle if halfclose is None else halfclose if idle is None else min(idle, halfclose)
+    look = 0.0 if shortest is None else shortest / LOOKS_PER_TIMEOUT
+    looked_at = 0.0
     try:
         while not (up.eof and not up.pending and down.eof and not down.pending):
             if cmask == POLLIN and umask == POLLIN:
@@ -960,7 +969,7 @@ def pump(
                     # that takes nothing; poll says writable only once a third of the
                     # buffer (megabytes) is free, long after bytes last moved on the wire
                     # (a client's socket: once half of NOTSENT_LOWAT is left unsent).
-                    sent_queue = _send_queues(client, upstream)
+                    sent_queue, looked_at = _send_queues(client, upstream), now
                 deadlines = []
                 if idle is not None:
                     deadlines.append((last_active + idle, IDLE_TIMEOUT))
@@ -975,8 +984,16 @@ def pump(
                                       HALFCLOSE_TIMEOUT))
                 if deadlines:
                     deadline, outcome = min(deadlines)
-                    if deadline <= now and sent_queue > 0:
+                    if sent_queue > 0 and (deadline <= now or now >= looked_at + look):
+                        # Looked at every `look`, not only at the deadline: a queue that
+                        # shrank says bytes moved at some time since the last look, and
+                        # the count starts again from now, so the look before must be
+                        # recent. Looked at first at the deadline, the acknowledgements
+                        # of what was in flight at the note (a delayed ACK, an RTT
+                        # later) made a receiver that took nothing since wait twice the
+                        # timeout.
                         still = _send_queues(client, upstream)
+                        looked_at = now
                         if 0 <= still < sent_queue:
                             # A receiver took bytes since: the connection moves, so the
                             # count starts again (socat's -T and -t do not cut it either).
@@ -993,6 +1010,8 @@ def pump(
                         for receiver in losing:  # all judged first: a reset closes a source
                             reset(receiver)
                         return outcome
+                    if sent_queue > 0 and looked_at + look < deadline:
+                        deadline = looked_at + look
                     timeout_ms = int((deadline - now) * 1000) + 1
             # The client and upstream branches mirror each other, written out rather than
             # shared through a helper: this runs once per message, where a call costs.

@@ -222,6 +222,49 @@ def test_a_reader_taking_a_reply_slowly_is_never_cut_by_a_timeout(
     assert counters[1] == len(reply)
 
 
+@pytest.mark.parametrize("mode", ["auto", "splice", "copy"])
+@pytest.mark.parametrize(("timeout", "direction"),
+                         [("idle", "down"), ("halfclose", "down"), ("idle", "up")])
+def test_a_receiver_that_takes_nothing_is_cut_once_the_timeout_is_due(
+    pairs: tuple[socket.socket, ...], mode: str, timeout: str, direction: str
+) -> None:
+    """The other half of the test above: a receiver whose window stays shut (an MQTT
+    subscriber that stopped reading, its broker still publishing) moves nothing, and is
+    cut once the timeout is due (at most an eighth of it later, the pump's look at the
+    send queues), not after twice the timeout: the acknowledgements of what was in
+    flight when the pump's last write stopped short (a delayed ACK, an RTT) shrink the
+    send queue a moment after the pump noted it, and taken as progress at the deadline
+    they started the whole count again."""
+    client_peer, client, upstream, upstream_peer = pairs
+    limit = 2.0
+    options = (Options(relay=mode, idle_timeout=limit) if timeout == "idle"
+               else Options(relay=mode, halfclose_timeout=limit))
+    sender, receiver = (upstream_peer, client_peer) if direction == "down" else (
+        client_peer, upstream_peer)
+    if timeout == "halfclose":
+        receiver.shutdown(socket.SHUT_WR)  # it has said all it had to; it reads no more
+    thread, result, counters = run_pump(client, upstream, options)
+
+    def flood() -> None:
+        with contextlib.suppress(OSError):  # the cut resets the sender's side too
+            sender.sendall(os.urandom(64 << 20))  # far more than every buffer holds
+
+    threading.Thread(target=flood, daemon=True).start()
+    moved, moved_at = -1, time.monotonic()
+    while thread.is_alive() and time.monotonic() - moved_at < 4 * limit:
+        if counters[0] + counters[1] != moved:  # the pump's own writes: the last movement
+            moved, moved_at = counters[0] + counters[1], time.monotonic()
+        time.sleep(0.005)
+    silent = time.monotonic() - moved_at
+    thread.join(10)
+    expected = relay.IDLE_TIMEOUT if timeout == "idle" else relay.HALFCLOSE_TIMEOUT
+    assert result == [expected], (result, silent)
+    assert moved > 0
+    # Due at `limit`, looked at every limit/8: 2.25 s at most, plus a loaded machine's
+    # lateness; twice the timeout (4 s) was the bug.
+    assert limit - 0.05 <= silent <= 1.5 * limit, silent
+
+
 def test_reset_from_upstream_ends_both(pairs: tuple[socket.socket, ...]) -> None:
     client_peer, client, upstream, upstream_peer = pairs
     thread, result, _ = run_pump(client, upstream, Options())
