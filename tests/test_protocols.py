@@ -14,7 +14,10 @@ suite proves it with redis, iperf3, haproxy, socat and sockets of our own. Here:
 - PostgreSQL: TLS negotiated inside the protocol (SSLRequest, then the handshake) and
   verified through the proxy, COPY up and down hashed, a query cancelled (libpq sends the
   cancel on a connection of its own, through the proxy too), and pgbench opening a
-  connection per transaction.
+  connection per transaction;
+- MQTT with mosquitto: every message at each QoS, a retained one and a 10 MiB payload,
+  through one ambassador and two; keepalive pings that keep a session up through
+  --idle-timeout, and a subscriber that stops reading, cut once the timeout is due.
 
 Every daemon binds 127.0.0.1 only (asserted from its sockets), keeps every file it writes
 in the test's temporary directory, and is stopped however the test ends. A missing
@@ -26,6 +29,7 @@ as root to read the test's 0700 directory.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -35,7 +39,10 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
+import termios
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -842,3 +849,188 @@ def test_pgbench_connection_per_transaction(postgres: Postgres, start_proxy: Sta
     expected = {"closed", "upstream-closed"} if sslmode == "disable" else {
         "closed", "upstream-closed", "client-reset", "upstream-reset"}
     assert set(outcomes) <= expected, (outcomes, close_lines(proxy)[:5])
+
+
+# -- MQTT with mosquitto: keepalive pings, QoS, a subscriber that stops reading ------------
+
+
+@dataclass
+class Mosquitto:
+    server: Daemon
+    log: Path  # the broker's log file: its stdout is block-buffered into Daemon.log
+
+    def log_has(self, text: str) -> bool:
+        return self.log.exists() and text in self.log.read_text(errors="replace")
+
+
+@pytest.fixture
+def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
+    """mosquitto in the foreground on a loopback port: anonymous clients, nothing
+    persisted, every log line (connections, subscriptions) in a file, written as they
+    happen; `user root`, so it keeps running as the test's user rather than switching to
+    the package's."""
+    binary = program("mosquitto")
+    log = tmp_path / "broker.log"
+
+    def argv(port: int) -> list[str]:
+        config = tmp_path / "mosquitto.conf"
+        config.write_text("\n".join([
+            f"listener {port} 127.0.0.1", "allow_anonymous true", "persistence false",
+            f"log_dest file {log}", "log_type all", "connection_messages true", "user root", "",
+        ]))
+        return [binary, "-c", str(config)]
+
+    with daemon("mosquitto", argv, tmp_path) as server:
+        yield Mosquitto(server, log)
+
+
+def mqtt_length(size: int) -> bytes:
+    """MQTT's variable-length "remaining length" (7 bits a byte, high bit: more)."""
+    out = bytearray()
+    while True:
+        size, digit = divmod(size, 128)
+        out.append(digit | (0x80 if size else 0))
+        if not size:
+            return bytes(out)
+
+
+def mqtt_string(text: str) -> bytes:
+    return len(text).to_bytes(2, "big") + text.encode()
+
+
+def mqtt_client(port: int, client_id: str, keepalive: int, topic: str | None = None,
+                ) -> socket.socket:
+    """A raw MQTT 3.1.1 client: CONNECT (clean session, `keepalive` seconds), CONNACK
+    checked, then SUBSCRIBE to `topic` at QoS 0 and its SUBACK read, if given."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=DEADLINE)
+    body = mqtt_string("MQTT") + bytes([4, 0x02]) + keepalive.to_bytes(2, "big")
+    body += mqtt_string(client_id)
+    sock.sendall(b"\x10" + mqtt_length(len(body)) + body)
+    assert sock.recv(4) == b"\x20\x02\x00\x00"  # CONNACK, accepted
+    if topic is not None:
+        body = (1).to_bytes(2, "big") + mqtt_string(topic) + b"\x00"
+        sock.sendall(b"\x82" + mqtt_length(len(body)) + body)
+        assert sock.recv(5) == b"\x90\x03\x00\x01\x00"  # SUBACK, granted QoS 0
+    return sock
+
+
+def mosquitto_pub(port: int, *args: str, stdin: bytes | None = None) -> None:
+    done = subprocess.run([program("mosquitto_pub"), "-h", "127.0.0.1", "-p", str(port),
+                           *args], input=stdin, capture_output=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr.decode()
+
+
+@pytest.mark.parametrize("hops", [1, 2], ids=["one-ambassador", "two-ambassadors"])
+def test_mqtt_qos_retained_and_a_large_payload(
+        mosquitto: Mosquitto, start_proxy: StartProxy, short_dir: Path, tmp_path: Path,
+        hops: int) -> None:
+    """mosquitto_pub and mosquitto_sub through one ambassador and the seed's two: 300
+    messages at each QoS (2 is a four-packet handshake both ways per message) arrive all
+    and in order, a retained message is handed to a subscriber that comes later, and a
+    10 MiB payload at QoS 2 hashes the same; every connection ends cleanly."""
+    proxies = chain(start_proxy, mosquitto.server.port, hops, short_dir)
+    port = proxies[0].port
+    lines = b"".join(b"message %d %s\n" % (index, os.urandom(24).hex().encode())
+                     for index in range(300))
+    big = tmp_path / "big.bin"
+    big_hash = random_file(big, 10 * MIB)
+    received = tmp_path / "received.bin"
+    runs: list[tuple[str, list[str], list[str], bytes]] = [
+        (f"qos{qos}", ["-q", str(qos), "-C", "300"], ["-q", str(qos), "-l"], lines)
+        for qos in (0, 1, 2)]
+    runs.append(("big", ["-q", "2", "-C", "1", "-N"], ["-q", "2", "-f", str(big)], b""))
+    for name, sub_args, pub_args, stdin in runs:
+        with received.open("wb") as out:
+            subscriber = subprocess.Popen(
+                [program("mosquitto_sub"), "-h", "127.0.0.1", "-p", str(port), "-i",
+                 f"sub-{name}", "-t", f"test/{name}", *sub_args],
+                stdout=out, stderr=subprocess.PIPE, start_new_session=True)
+        try:
+            # Subscribed (the broker logs it) before anything is published: QoS 0 and 1
+            # messages to a topic nobody holds yet are dropped, not queued.
+            subscribed = [f"sub-{name} {qos} test/{name}" for qos in "012"]
+            assert wait_for(lambda: any(map(mosquitto.log_has, subscribed)),  # noqa: B023
+                            DEADLINE), mosquitto.log.read_text()[-2000:]
+            mosquitto_pub(port, "-t", f"test/{name}", *pub_args, stdin=stdin)
+            _, errors = subscriber.communicate(timeout=DEADLINE)
+        finally:
+            stop(subscriber, signal.SIGKILL)
+        assert subscriber.returncode == 0, errors.decode()
+        if name == "big":
+            assert sha256(received) == big_hash
+        else:
+            assert received.read_bytes() == lines, name
+
+    mosquitto_pub(port, "-t", "test/retained", "-q", "1", "-r", "-m", "kept for later")
+    later = run([program("mosquitto_sub"), "-h", "127.0.0.1", "-p", str(port), "-t",
+                 "test/retained", "-C", "1", "-W", "20"])
+    assert (later.returncode, later.stdout) == (0, "kept for later\n"), later.stderr
+
+    for hop, proxy in enumerate(proxies):
+        sock = short_dir / f"hop{hop}.sock"
+        assert_settled(proxy, sock, 10)  # 4 subscribers, 4 + 1 publishers, the latecomer
+        assert set(link_stats(sock)["outcomes"]) <= {"closed", "upstream-closed"}, (
+            proxy.log())
+
+
+def test_mqtt_keepalive_pings_outlive_idle_timeout_and_a_stuck_subscriber_is_cut_on_time(
+        mosquitto: Mosquitto, start_proxy: StartProxy, short_dir: Path) -> None:
+    """--idle-timeout 2 in front of mosquitto. A client with a 1 s keepalive (a PINGREQ
+    after each second of silence, the broker's PINGRESP back) is never cut: its pings are
+    bytes moving, so a keepalive shorter than --idle-timeout keeps an idle MQTT session
+    up. A subscriber that stops reading while the broker publishes to it (its window
+    shut, the proxy's writes stalled) moves nothing and is cut once the timeout is due,
+    with a reset (the proxy holds bytes it never took), as socat -T 2 and HAProxy's
+    `timeout client 2s` cut it at 2 s; it was cut after twice the timeout (relay.pump
+    took the acknowledgements of what was in flight at its last write for progress)."""
+    idle = 2.0
+    sock = short_dir / "s.sock"
+    proxy = start_proxy(f"127.0.0.1:0=127.0.0.1:{mosquitto.server.port}",
+                        "--idle-timeout", f"{idle:g}", "--status-socket", str(sock))
+    pinger = mqtt_client(proxy.port, "pinger", keepalive=1)
+    started = time.monotonic()
+    stuck = mqtt_client(proxy.port, "stuck", keepalive=0, topic="flood")  # never pings
+    try:
+        # The flood: QoS 0 messages of 10 KiB, straight to the broker, which sends them on
+        # to the stuck subscriber until every buffer on the way is full (a few MiB).
+        flood = b"".join(b"%06d" % index * 1700 + b"\n" for index in range(1000))
+        mosquitto_pub(mosquitto.server.port, "-t", "flood", "-q", "0", "-l", stdin=flood)
+        grew_at, queued = time.monotonic(), -1
+        state = 0
+        while time.monotonic() - grew_at < 3 * idle:
+            # The ping: PINGREQ, PINGRESP back; a second's silence either side.
+            pinger.sendall(b"\xc0\x00")
+            assert pinger.recv(2) == b"\xd0\x00"
+            for _ in range(100):  # meanwhile, the stuck one's queue, every 10 ms
+                state = stuck.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+                if state == 7:  # TCP_CLOSE: the proxy's reset arrived
+                    break
+                now_queued = int.from_bytes(
+                    fcntl.ioctl(stuck.fileno(), termios.FIONREAD, b"\0\0\0\0"), sys.byteorder)
+                if now_queued != queued:  # the proxy wrote to it: bytes moved
+                    grew_at, queued = time.monotonic(), now_queued
+                time.sleep(0.01)
+            if state == 7:
+                break
+        silent = time.monotonic() - grew_at
+        assert state == 7, f"not cut {silent:.1f} s after its last byte"
+        assert queued > 0  # it was sent something before its window shut
+        # Due at `idle` (a look every idle/8 while the write waits, and a loaded
+        # machine's lateness on top); twice `idle` was the bug.
+        assert idle - 0.1 <= silent <= 1.5 * idle, silent
+        with pytest.raises(ConnectionResetError):  # what had arrived, then the reset
+            while stuck.recv(1 << 20):
+                pass
+        # The pinger, idle but for its pings, outlives the cut and over twice the timeout.
+        while time.monotonic() - started < 2.5 * idle:
+            time.sleep(1)
+            pinger.sendall(b"\xc0\x00")
+            assert pinger.recv(2) == b"\xd0\x00"
+        pinger.sendall(b"\xe0\x00")  # DISCONNECT
+    finally:
+        pinger.close()
+        stuck.close()
+    assert_settled(proxy, sock, 2)
+    outcomes = link_stats(sock)["outcomes"]
+    assert outcomes.get("idle-timeout") == 1, (outcomes, close_lines(proxy))
+    assert outcomes.get("closed", 0) + outcomes.get("upstream-closed", 0) == 1, outcomes
