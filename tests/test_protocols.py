@@ -17,7 +17,9 @@ suite proves it with redis, iperf3, haproxy, socat and sockets of our own. Here:
   connection per transaction;
 - MQTT with mosquitto: every message at each QoS, a retained one and a 10 MiB payload,
   through one ambassador and two; keepalive pings that keep a session up through
-  --idle-timeout, and a subscriber that stops reading, cut once the timeout is due.
+  --idle-timeout, and a subscriber that stops reading, cut once the timeout is due;
+- redis-cli --pipe: a million commands through two ambassadors, written while their
+  replies stream back, every value landed once and in order.
 
 Every daemon binds 127.0.0.1 only (asserted from its sockets), keeps every file it writes
 in the test's temporary directory, and is stopped however the test ends. A missing
@@ -55,6 +57,7 @@ import pytest
 from conftest import (
     FORKPROXY,
     Proxy,
+    Redis,
     control,
     fd_count,
     free_port,
@@ -1034,3 +1037,38 @@ def test_mqtt_keepalive_pings_outlive_idle_timeout_and_a_stuck_subscriber_is_cut
     outcomes = link_stats(sock)["outcomes"]
     assert outcomes.get("idle-timeout") == 1, (outcomes, close_lines(proxy))
     assert outcomes.get("closed", 0) + outcomes.get("upstream-closed", 0) == 1, outcomes
+
+
+# -- redis-cli --pipe: both directions at full speed at once ---------------------------------
+
+
+def test_redis_mass_insertion_through_two_ambassadors(
+        redis: Redis, start_proxy: StartProxy, short_dir: Path, tmp_path: Path) -> None:
+    """`redis-cli --pipe` (redis's documented mass insertion) through the seed's two
+    ambassadors: a million commands written as fast as the client can while the replies
+    stream back at the same time, both directions of every hop busy at once (a relay
+    that blocks writing one way while the other fills deadlocks here). Every reply comes
+    back (redis-cli counts them), and every value landed once and in order: 16 lists of
+    62,500 numbers each, read back directly."""
+    count, lists = 1_000_000, 16
+    commands = tmp_path / "mass.resp"
+    with commands.open("wb") as out:
+        for start in range(0, count, 50_000):
+            out.write(b"".join(
+                b"*3\r\n$5\r\nRPUSH\r\n$4\r\nl:%02d\r\n$%d\r\n%d\r\n"
+                % (index % lists, len(b"%d" % index), index)
+                for index in range(start, start + 50_000)))
+    proxies = chain(start_proxy, redis.port, 2, short_dir)
+    with commands.open("rb") as source:
+        done = subprocess.run([program("redis-cli"), "-p", str(proxies[0].port), "--pipe"],
+                              stdin=source, capture_output=True, text=True, timeout=120,
+                              check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"errors: 0, replies: {count}" in done.stdout, done.stdout
+    for number in range(lists):
+        values = redis.cli("LRANGE", f"l:{number:02d}", "0", "-1").split()
+        assert values == [str(index) for index in range(number, count, lists)], number
+    for hop, proxy in enumerate(proxies):
+        sock = short_dir / f"hop{hop}.sock"
+        assert_settled(proxy, sock, 1)
+        assert set(link_stats(sock)["outcomes"]) == {"closed"}, proxy.log()
