@@ -907,11 +907,9 @@ def pump(
     half_since = 0.0
     moved = 0
     sent_queue = -1  # the kernel's send queues once a write stopped short; -1: not noted
-    # While a write waits, the send queues are looked at every eighth of the shortest
-    # timeout (below), so a receiver that takes nothing is cut at most that late.
-    shortest = idle if halfclose is None else halfclose if idle is None else min(idle, halfclose)
-    look = 0.0 if shortest is None else shortest / LOOKS_PER_TIMEOUT
-    looked_at = 0.0
+    # When the send queues were last looked at: set as sent_queue is noted, read only
+    # once it is (nothing here for a connection without these options: its path).
+    looked_at: float
     try:
         while not (up.eof and not up.pending and down.eof and not down.pending):
             if cmask == POLLIN and umask == POLLIN:
@@ -972,7 +970,7 @@ def pump(
                     sent_queue, looked_at = _send_queues(client, upstream), now
                 deadlines = []
                 if idle is not None:
-                    deadlines.append((last_active + idle, IDLE_TIMEOUT))
+                    deadlines.append((last_active + idle, IDLE_TIMEOUT, idle))
                 if halfclose is not None and (
                     (up.eof and not up.pending) or (down.eof and not down.pending)
                 ):
@@ -981,9 +979,15 @@ def pump(
                     # client-fin/server-fin do, so a reply still flowing is never cut.
                     half_since = half_since or now
                     deadlines.append((max(half_since, last_active) + halfclose,
-                                      HALFCLOSE_TIMEOUT))
+                                      HALFCLOSE_TIMEOUT, halfclose))
                 if deadlines:
-                    deadline, outcome = min(deadlines)
+                    deadline, outcome, timeout = min(deadlines)
+                    # While a write waits, the send queues are looked at every eighth of
+                    # the timeout due first, so a receiver that takes nothing is cut at
+                    # most that late. Of that timeout, not the shorter of the two: a
+                    # --halfclose-timeout 1 beside --idle-timeout 3600 woke every stalled
+                    # connection that had not half-closed 8 times a second, for nothing.
+                    look = timeout / LOOKS_PER_TIMEOUT
                     if sent_queue > 0 and (deadline <= now or now >= looked_at + look):
                         # Looked at every `look`, not only at the deadline: a queue that
                         # shrank says bytes moved at some time since the last look, and

@@ -9,6 +9,7 @@ import os
 import select
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -263,6 +264,50 @@ def test_a_receiver_that_takes_nothing_is_cut_once_the_timeout_is_due(
     # Due at `limit`, looked at every limit/8: 2.25 s at most, plus a loaded machine's
     # lateness; twice the timeout (4 s) was the bug.
     assert limit - 0.05 <= silent <= 1.5 * limit, silent
+
+
+def _wakeups(thread: threading.Thread) -> int:
+    """How often `thread` has gone to sleep and woken since it started: a poll's timeout
+    each time, for a pump whose sockets say nothing."""
+    with open(f"/proc/self/task/{thread.native_id}/status") as status:
+        for line in status:
+            if line.startswith("voluntary_ctxt_switches:"):
+                return int(line.split()[1])
+    raise AssertionError("no voluntary_ctxt_switches")
+
+
+def test_a_stalled_receiver_is_looked_at_for_the_timeout_that_is_due(
+    pairs: tuple[socket.socket, ...]
+) -> None:
+    """The looks at the send queues (an eighth of a timeout apart while a write waits)
+    are for the deadline due first: with --idle-timeout 3600 and --halfclose-timeout
+    0.4, a client that stopped reading on a connection that never half-closed has an
+    hour to go, yet its child woke every 50 ms (8 per 0.4 s) for all of it, 1,000 such
+    connections half a core here (~70 µs a wakeup on this loaded box)."""
+    client_peer, client, upstream, upstream_peer = pairs
+    thread, result, counters = run_pump(
+        client, upstream, Options(idle_timeout=3600, halfclose_timeout=0.4))
+
+    def flood() -> None:
+        with contextlib.suppress(OSError):  # the end below resets the sender's side
+            upstream_peer.sendall(os.urandom(64 << 20))  # far more than every buffer holds
+
+    threading.Thread(target=flood, daemon=True).start()
+    # Filled: the pump's writes toward the client stopped short, and it only waits.
+    moved = -1
+    while counters[1] != moved:
+        moved = counters[1]
+        time.sleep(0.5)
+    before = _wakeups(thread)
+    time.sleep(2)
+    woke = _wakeups(thread) - before
+    assert thread.is_alive() and result == [], result  # an hour to go: not cut
+    client_peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    client_peer.close()  # a reset: the pump ends
+    thread.join(10)
+    assert not thread.is_alive()
+    # Once at most (a look noted late); 40 in 2 s was the bug (20 on a very busy box).
+    assert woke <= 3, woke
 
 
 def test_reset_from_upstream_ends_both(pairs: tuple[socket.socket, ...]) -> None:
