@@ -225,7 +225,9 @@ def test_a_reader_taking_a_reply_slowly_is_never_cut_by_a_timeout(
 
 @pytest.mark.parametrize("mode", ["auto", "splice", "copy"])
 @pytest.mark.parametrize(("timeout", "direction"),
-                         [("idle", "down"), ("halfclose", "down"), ("idle", "up")])
+                         [("idle", "down"), ("halfclose", "down"), ("idle", "up"),
+                          # The half-close's deadline is due first: looked at for it.
+                          ("halfclose beside an hour's idle", "down")])
 def test_a_receiver_that_takes_nothing_is_cut_once_the_timeout_is_due(
     pairs: tuple[socket.socket, ...], mode: str, timeout: str, direction: str
 ) -> None:
@@ -239,10 +241,11 @@ def test_a_receiver_that_takes_nothing_is_cut_once_the_timeout_is_due(
     client_peer, client, upstream, upstream_peer = pairs
     limit = 2.0
     options = (Options(relay=mode, idle_timeout=limit) if timeout == "idle"
-               else Options(relay=mode, halfclose_timeout=limit))
+               else Options(relay=mode, halfclose_timeout=limit) if timeout == "halfclose"
+               else Options(relay=mode, idle_timeout=3600, halfclose_timeout=limit))
     sender, receiver = (upstream_peer, client_peer) if direction == "down" else (
         client_peer, upstream_peer)
-    if timeout == "halfclose":
+    if timeout != "idle":
         receiver.shutdown(socket.SHUT_WR)  # it has said all it had to; it reads no more
     thread, result, counters = run_pump(client, upstream, options)
 
