@@ -1200,7 +1200,18 @@ def _covers(wide: str, narrow: str) -> bool:
     return wide == "::" or (wide == ANY_IPV4 and ":" not in narrow)
 
 
-def _check_no_loop(links: Sequence[Link], own: Collection[str] = ()) -> None:
+# What a loop that _check_no_loop finds does, in its line: refused (loopback, the very
+# address bound), and warned of (an address of this host's other interfaces: the host
+# may hand its connections on first, and run time refuses a true loop a hop later).
+_LOOP_REFUSED = "every client would take a child that connects back, until none is left"
+_RING_REFUSED = "every client would take a child per link, round and round, until none is left"
+_MAY_LOOP = ("each client would come back into the proxy, refused then (connect-failed, "
+             "reason loop), unless this host gives the address's connections to another "
+             "first (an IPVS service address, a DNAT rule)")
+
+
+def _check_no_loop(links: Sequence[Link], own: Collection[str] = (),
+                   warning: bool = False) -> None:
     """Refuse a link whose target is its own listener: `6379=localhost:6379`, typed in a
     container where localhost is the container itself. Each client's child would connect
     back to the proxy, whose next child would do the same, until --max-children was used
@@ -1209,22 +1220,23 @@ def _check_no_loop(links: Sequence[Link], own: Collection[str] = ()) -> None:
     same, a child per link of the ring and round again; and a reload that undoes the ring
     does not free them: each child is left half-closed, waiting for an upstream that is
     the next one's client. Judged without I/O, as _reaches says; `own`: the IP-literal
-    targets the caller found to be this host's (own_address_loop)."""
+    targets the caller found to be this host's (own_address_loop), whose line says what
+    follows as a `warning`'s."""
     following = _following(links, own)
     for index, link in enumerate(links):
         if index in following[index]:
             raise ConfigError(
                 f"{shorten(link.name)} connects to its own listener "
-                f"({join_host_port(link.bind, link.port)} -> {link.target}): every "
-                "client would take a child that connects back, until none is left; "
+                f"({join_host_port(link.bind, link.port)} -> {link.target}): "
+                f"{_MAY_LOOP if warning else _LOOP_REFUSED}; "
                 f"{_this_host([link.target.host], own)}")
     ring = _first_ring(links, following)
     if ring is not None:
         hops = ", ".join(f"{shorten(link.name)} ({join_host_port(link.bind, link.port)} -> "
                          f"{link.target})" for link in ring)
         raise ConfigError(
-            f"links connect to one another's listeners in a ring: {hops}: every client "
-            "would take a child per link, round and round, until none is left; "
+            f"links connect to one another's listeners in a ring: {hops}: "
+            f"{_MAY_LOOP if warning else _RING_REFUSED}; "
             f"{_this_host([link.target.host for link in ring], own)}")
 
 
@@ -1268,11 +1280,9 @@ def own_address_loop(links: Sequence[Link], own: Collection[str]) -> str | None:
     if not own:
         return None
     try:
-        _check_no_loop(links, own)
+        _check_no_loop(links, own, warning=True)
     except ConfigError as exc:
-        return (f"{exc} (unless this host gives the address's connections to another "
-                "first: an IPVS service address, a DNAT rule; if not, each client is "
-                "refused at its second hop: connect-failed, reason loop)")
+        return str(exc)
     return None
 
 

@@ -799,16 +799,20 @@ def test_only_literal_targets_a_wildcard_listener_would_take_are_asked_about(
     ("specs", "said"),
     [
         (["7000=10.0.0.5:7000"], "7000=10.0.0.5:7000 connects to its own listener "
-         "(0.0.0.0:7000 -> 10.0.0.5:7000): every client would take a child that connects "
-         "back, until none is left; 10.0.0.5 is an address of this host"),
-        (["[::]:7000=[::ffff:10.0.0.5]:7000"], "([::]:7000 -> [::ffff:10.0.0.5]:7000): every "
-         "client would take a child that connects back, until none is left; "
-         "::ffff:10.0.0.5 is an address of this host"),
+         "(0.0.0.0:7000 -> 10.0.0.5:7000): each client would come back into the proxy, "
+         "refused then (connect-failed, reason loop), unless this host gives the address's "
+         "connections to another first (an IPVS service address, a DNAT rule); 10.0.0.5 is "
+         "an address of this host"),
+        (["[::]:7000=[::ffff:10.0.0.5]:7000"], "([::]:7000 -> [::ffff:10.0.0.5]:7000): each "
+         "client would come back into the proxy, refused then (connect-failed, reason loop), "
+         "unless this host gives the address's connections to another first (an IPVS "
+         "service address, a DNAT rule); ::ffff:10.0.0.5 is an address of this host"),
         (["7000=10.0.0.5:7001", "7001=127.0.0.1:7000"], "links connect to one another's "
          "listeners in a ring: 7000=10.0.0.5:7001 (0.0.0.0:7000 -> 10.0.0.5:7001), "
-         "7001=127.0.0.1:7000 (0.0.0.0:7001 -> 127.0.0.1:7000): every client would take a "
-         "child per link, round and round, until none is left; 127.0.0.1 is this host, "
-         "10.0.0.5 is an address of this host"),
+         "7001=127.0.0.1:7000 (0.0.0.0:7001 -> 127.0.0.1:7000): each client would come "
+         "back into the proxy, refused then (connect-failed, reason loop), unless this host "
+         "gives the address's connections to another first (an IPVS service address, a "
+         "DNAT rule); 127.0.0.1 is this host, 10.0.0.5 is an address of this host"),
         # Not reached: another address's listener, a chain that ends elsewhere, an address
         # not this host's.
         (["10.0.0.6:7000=10.0.0.5:7000"], None),
@@ -833,9 +837,7 @@ def test_a_target_of_this_hosts_own_addresses_loops_as_localhost_does(
     assert said in warning
     assert warning.endswith(
         " is an address of this host (in a container, the container itself): name the "
-        "server's host (unless this host gives the address's connections to another "
-        "first: an IPVS service address, a DNAT rule; if not, each client is refused at "
-        "its second hop: connect-failed, reason loop)"), warning
+        "server's host"), warning
 
 
 def test_spec_and_variable_on_one_port_with_different_targets() -> None:
