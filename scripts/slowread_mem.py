@@ -20,8 +20,17 @@ Needs root, socat, haproxy, iperf3 (--bulk). Usage:
 
     scripts/slowread_mem.py [--proxies forkproxy,socat,haproxy] [--conns 1,50]
         [--forkproxy PATH] [--rmem "4096 131072 6291456"] [--wmem "4096 16384 4194304"]
-        [--sysctl NAME=VALUE]... [--bulk SECONDS]
+        [--sysctl NAME=VALUE]... [--bulk SECONDS] [--upload] [--read-first MIB]
     scripts/slowread_mem.py --try-bounds [--sysctl net.ipv4.tcp_shrink_window=1]
+
+--upload turns it around (an upstream that never reads a client's upload: a server
+that stopped draining a request): clients send from /dev/zero as fast as they can, the
+upstream accepts and never reads; the columns are then the proxy's client-facing
+receive queues (cl_r) and largest receive buffer (cl_rb), its upstream-facing send
+queues (up_w) and largest send buffer (up_tb), between, cl_other (the client sockets'
+w and f), up_other (the upstream sockets' r and f), pss, total. --read-first MIB has the
+reader (the clients; with --upload, the upstream) take that many MiB of each connection
+as fast as it can first, then stop: what the buffers grown meanwhile hold.
 
 --bulk adds iperf3 through each proxy both ways at the namespace's settings (what a
 lower tcp_rmem/tcp_wmem costs throughput on loopback). --try-bounds shows what a bound
@@ -40,6 +49,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -162,60 +172,122 @@ def sockets() -> list[dict[str, int]]:
     return out
 
 
-def held(socks: list[dict[str, int]]) -> dict[str, int]:
-    """Sum the proxy's client-facing (local port PROXY) and upstream-facing (peer port
-    UPSTREAM) sockets; `between` is what it read from upstream and has not queued to the
-    client (its pipe or buffer): bytes received minus still queued, minus bytes written
-    to the client (acknowledged plus still queued)."""
+def held(socks: list[dict[str, int]], upload: bool = False) -> dict[str, int]:
+    """Sum the proxy's sockets on the side it reads from (src: the upstream-facing ones,
+    peer port UPSTREAM; with `upload`, the client-facing ones, local port PROXY) and on
+    the side it writes to (dst); `between` is what it read from src and has not queued
+    to dst (its pipe or buffer): bytes received minus still queued, minus bytes written
+    to dst (acknowledged plus still queued)."""
     cl = [s for s in socks if s["lport"] == PROXY]
     up = [s for s in socks if s["pport"] == UPSTREAM]
-    got = sum(s.get("bytes_received", 0) - s["recvq"] for s in up)
-    gave = sum(s.get("bytes_acked", 1) - 1 + s["sendq"] for s in cl)
+    src, dst = (cl, up) if upload else (up, cl)
+    got = sum(s.get("bytes_received", 0) - s["recvq"] for s in src)
+    gave = sum(s.get("bytes_acked", 1) - 1 + s["sendq"] for s in dst)
     return {
         "n_client": len(cl), "n_up": len(up),
-        "up_r": sum(s.get("r", 0) for s in up), "up_rb": max((s.get("rb", 0) for s in up),
-                                                             default=0),
-        "up_other": sum(s.get("w", 0) + s.get("f", 0) for s in up),
-        "cl_w": sum(s.get("w", 0) for s in cl), "cl_tb": max((s.get("tb", 0) for s in cl),
-                                                             default=0),
-        "cl_other": sum(s.get("r", 0) + s.get("f", 0) for s in cl),
+        "src_r": sum(s.get("r", 0) for s in src),
+        "src_rb": max((s.get("rb", 0) for s in src), default=0),
+        "src_other": sum(s.get("w", 0) + s.get("f", 0) for s in src),
+        "dst_w": sum(s.get("w", 0) for s in dst),
+        "dst_tb": max((s.get("tb", 0) for s in dst), default=0),
+        "dst_other": sum(s.get("r", 0) + s.get("f", 0) for s in dst),
         "between": max(0, got - gave),
     }
 
 
+# Each mode's names for held()'s src_ and dst_ columns.
+DOWNLOAD_COLS = {"src_r": "up_r", "src_rb": "up_rb", "dst_w": "cl_w", "dst_tb": "cl_tb",
+                 "src_other": "up_other", "dst_other": "cl_other"}
+UPLOAD_COLS = {"src_r": "cl_r", "src_rb": "cl_rb", "dst_w": "up_w", "dst_tb": "up_tb",
+               "src_other": "cl_other", "dst_other": "up_other"}
+
+# The upload mode's upstream: accepts, reads the first argv[2] bytes of each connection
+# as fast as it comes (none: never reads), then holds it unread.
+SINK = """
+import socket, sys, threading
+srv = socket.create_server(("127.0.0.1", int(sys.argv[1])), backlog=1024)
+first, held = int(sys.argv[2]), []
+def take(conn):
+    buf, got = bytearray(1 << 20), 0
+    while got < first:
+        n = conn.recv_into(buf, min(len(buf), first - got))
+        if not n:
+            return
+        got += n
+while True:
+    conn, _ = srv.accept()
+    held.append(conn)
+    if first:
+        threading.Thread(target=take, args=(conn,), daemon=True).start()
+"""
+
+
+def read_first(sock: socket.socket, size: int) -> None:
+    """Take `size` bytes from `sock` as fast as they come (a download's client)."""
+    buf, got = bytearray(1 << 20), 0
+    while got < size:
+        n = sock.recv_into(buf, min(len(buf), size - got))
+        if not n:
+            return
+        got += n
+
+
 def total(h: dict[str, int]) -> int:
-    return h["up_r"] + h["up_other"] + h["cl_w"] + h["cl_other"] + h["between"]
+    return h["src_r"] + h["src_other"] + h["dst_w"] + h["dst_other"] + h["between"]
 
 
-def measure(name: str, conns: int, forkproxy: str, settle: float) -> dict[str, float]:
+def measure(name: str, conns: int, forkproxy: str, settle: float, upload: bool = False,
+            first: int = 0) -> dict[str, float]:
+    """What the proxy holds per connection, once the queues stopped growing, with `conns`
+    connections whose reader (the client; with `upload`, the upstream) takes `first`
+    bytes of each, then nothing."""
     with tempfile.TemporaryDirectory() as tmp:
-        upstream = subprocess.Popen(
-            ["socat", "-u", "-b", "262144", "OPEN:/dev/zero",
-             f"TCP4-LISTEN:{UPSTREAM},bind=127.0.0.1,fork,reuseaddr,backlog=1024"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        if upload:
+            upstream = subprocess.Popen(
+                [sys.executable, "-c", SINK, str(UPSTREAM), str(first)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        else:
+            upstream = subprocess.Popen(
+                ["socat", "-u", "-b", "262144", "OPEN:/dev/zero",
+                 f"TCP4-LISTEN:{UPSTREAM},bind=127.0.0.1,fork,reuseaddr,backlog=1024"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         wait_port(UPSTREAM)
         time.sleep(0.3)  # the probe's connection ended
         proxy = start_proxy(name, forkproxy, Path(tmp))
+        senders: list[subprocess.Popen[bytes]] = []
+        clients: list[socket.socket] = []
         try:
             time.sleep(1.0)  # started and settled (HAProxy frees some start-up memory)
             pss_before = pss_kib(proxy.pid)
-            clients = []
+            readers = []
             for _ in range(conns):
+                if upload:  # one sender each, as fast as it can
+                    senders.append(subprocess.Popen(
+                        ["socat", "-u", "-b", "262144", "OPEN:/dev/zero",
+                         f"TCP4:127.0.0.1:{PROXY}"], stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL, start_new_session=True))
+                    continue
                 c = socket.create_connection(("127.0.0.1", PROXY))
-                clients.append(c)  # never read
+                clients.append(c)  # never read, or only its first bytes
+                if first:
+                    readers.append(threading.Thread(target=read_first, args=(c, first),
+                                                    daemon=True))
+                    readers[-1].start()
+            for reader in readers:
+                reader.join()
             # Until the queues stop growing: three looks 0.5 s apart within 0.5%.
             last, steady, start = -1, 0, time.monotonic()
             while steady < 3 and time.monotonic() - start < settle:
                 time.sleep(0.5)
-                now = total(held(sockets()))
+                now = total(held(sockets(), upload))
                 steady = steady + 1 if last > 0 and abs(now - last) <= last * 0.005 else 0
                 last = now
-            h = held(sockets())
+            h = held(sockets(), upload)
             pss = pss_kib(proxy.pid) - pss_before
+        finally:
             for c in clients:
                 c.close()
-        finally:
-            for p in (proxy, upstream):
+            for p in (*senders, proxy, upstream):
                 os.killpg(p.pid, 15)
                 p.wait()
             time.sleep(0.5)
@@ -223,7 +295,7 @@ def measure(name: str, conns: int, forkproxy: str, settle: float) -> dict[str, f
     per = {k: v / conns / mib for k, v in h.items() if k not in ("n_client", "n_up")}
     per["pss"] = pss / conns / 1024
     per["total"] = total(h) / conns / mib + per["pss"]
-    per["up_rb"], per["cl_tb"] = h["up_rb"] / mib, h["cl_tb"] / mib  # largest, not a mean
+    per["src_rb"], per["dst_tb"] = h["src_rb"] / mib, h["dst_tb"] / mib  # largest, not a mean
     if h["n_client"] != conns or h["n_up"] != conns:
         print(f"# {name}: {h['n_client']} client-side, {h['n_up']} upstream-side sockets "
               f"for {conns} connections", file=sys.stderr)
@@ -332,6 +404,12 @@ def _program(text: str) -> str:
     return os.path.abspath(text)
 
 
+def _mib(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"not a whole number of MiB: {text!r}")
+    return int(text) * 1024 * 1024
+
+
 def _setting(text: str) -> str:
     if not re.fullmatch(r"net\.[\w.]+=\S.*", text):
         raise argparse.ArgumentTypeError(f"not NAME=VALUE of a net.* setting: {text!r}")
@@ -355,6 +433,12 @@ def main() -> None:
     parser.add_argument("--try-bounds", action="store_true",
                         help="only show what TCP_WINDOW_CLAMP or SO_RCVBUF set once a reader "
                         "stopped does to its queue, and to its reads after")
+    parser.add_argument("--upload", action="store_true",
+                        help="clients upload as fast as they can to an upstream that never "
+                        "reads (default: the upstream sends to clients that never read)")
+    parser.add_argument("--read-first", type=_mib, default=0, metavar="MIB",
+                        help="the reader takes this many MiB of each connection first, "
+                        "then stops [default: 0, it never reads]")
     parser.add_argument("--settle", type=float, default=30.0,
                         help="seconds to wait at most for the queues to stop growing")
     args = parser.parse_args()
@@ -368,14 +452,19 @@ def main() -> None:
         for bound in ("none", "clamp", "rcvbuf"):
             print(try_bound(bound), flush=True)
         return
-    print(f"tcp_rmem {args.rmem}; tcp_wmem {args.wmem}; MiB per connection "
-          "(up_rb, cl_tb: the largest buffer size)")
-    cols = ("up_r", "up_rb", "cl_w", "cl_tb", "between", "up_other", "cl_other", "pss",
-            "total")
-    print(f"{'proxy':10} {'conns':>5} " + " ".join(f"{c:>8}" for c in cols))
+    names = UPLOAD_COLS if args.upload else DOWNLOAD_COLS
+    reader = "the upstream" if args.upload else "the clients"
+    print(f"{'upload' if args.upload else 'download'}; {reader} read "
+          f"{args.read_first // 2**20 or 'no'} MiB first; tcp_rmem {args.rmem}; tcp_wmem "
+          f"{args.wmem}; MiB per connection ({names['src_rb']}, {names['dst_tb']}: the "
+          "largest buffer size)")
+    cols = ("src_r", "src_rb", "dst_w", "dst_tb", "between", "src_other", "dst_other",
+            "pss", "total")
+    print(f"{'proxy':10} {'conns':>5} " + " ".join(f"{names.get(c, c):>8}" for c in cols))
     for conns in args.conns:
         for name in args.proxies:
-            per = measure(name, conns, args.forkproxy, args.settle)
+            per = measure(name, conns, args.forkproxy, args.settle, args.upload,
+                          args.read_first)
             print(f"{name:10} {conns:5d} " + " ".join(f"{per[c]:8.2f}" for c in cols),
                   flush=True)
     if args.bulk:
