@@ -108,13 +108,18 @@ PIPE_SIZE = 1024 * 1024
 # reader, and bulk goes on in 1 MiB steps: 256 KiB throughout cost ~10% more CPU per GB.
 FIRST_SPLICE_CHUNK = 256 * 1024
 SPLICE_RAMP = 4 * 1024 * 1024
-# The unsent bytes a client's socket takes before it refuses more (TCP_NOTSENT_LOWAT): set
-# on each listener, which every accepted socket inherits, so no child pays a system call.
+# The unsent bytes a socket the relay writes to takes before it refuses more
+# (TCP_NOTSENT_LOWAT). A client's socket inherits it from its listener, set once there.
 # Without it the kernel queues up to tcp_wmem's max (4 MiB) for a client that never reads,
 # and the relay reads that much from the upstream as fast as it comes, which grows the
 # upstream socket's receive buffer toward tcp_rmem's max (6 MiB), then filled as well:
-# ~10 MiB a stuck client (docs/benchmarks.md, "A client that never reads"). Bytes in
-# flight are not counted: a far client's window is no smaller for it.
+# ~10 MiB a stuck client (docs/benchmarks.md, "A client that never reads"). The same for
+# an upstream that stops reading an upload, so serve() sets it on the upstream's socket,
+# which nothing can inherit it from: one setsockopt per connection (~0.5 us; 4-8 MiB
+# less per such connection). Flow.read lifts it there once the upload has delivered
+# SPLICE_RAMP, as it ends the small reads: with it, a bulk upload's writes were of ~64
+# KiB, which cost ~50% more of the proxy's CPU per GB. Bytes in flight are not counted: a
+# far peer's window is no smaller for it.
 NOTSENT_LOWAT = 128 * 1024
 TCP_NOTSENT_LOWAT = int(getattr(socket, "TCP_NOTSENT_LOWAT", 25))
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
@@ -230,6 +235,7 @@ class Flow:
         "eof",
         "eof_at",
         "index",
+        "marked",
         "pending",
         "pipe_r",
         "pipe_w",
@@ -261,6 +267,7 @@ class Flow:
         self.counters, self.index = counters, index
         self.src_reset, self.dst_reset = src_reset, dst_reset
         self.eof = False
+        self.marked = False  # dst has our NOTSENT_LOWAT, to lift at SPLICE_RAMP (pump)
         # When src's EOF was read (monotonic): which side ended first, for pump()'s
         # outcome. A clock read per direction at its end, none per message.
         self.eof_at = 0.0
@@ -306,8 +313,19 @@ class Flow:
         """Read one chunk from src and push as much as dst takes now."""
         try:
             if self.splice:
-                size = (SPLICE_CHUNK if self.counters[self.index] >= SPLICE_RAMP
-                        else FIRST_SPLICE_CHUNK)
+                if self.counters[self.index] >= SPLICE_RAMP:
+                    size = SPLICE_CHUNK
+                    if self.marked:
+                        # A flow that delivered SPLICE_RAMP has a reader: bulk goes on
+                        # without the low-water mark's small writes (+50% of the proxy's
+                        # CPU per GB). 0: the namespace's net.ipv4.tcp_notsent_lowat.
+                        self.marked = False
+                        try:
+                            self.dst.setsockopt(IPPROTO_TCP, TCP_NOTSENT_LOWAT, 0)
+                        except OSError:
+                            pass
+                else:
+                    size = FIRST_SPLICE_CHUNK
                 n = os.splice(self.src.fileno(), self.pipe_w, size, flags=_SPLICE_FLAGS)
             else:
                 if not self.view:
@@ -898,6 +916,7 @@ def pump(
     mode = options.relay if HAS_SPLICE else "copy"
     up_buf, down_buf = buffers if buffers is not None else (None, None)
     up = Flow(client, upstream, counters, base, mode, CLIENT_RESET, UPSTREAM_RESET, up_buf)
+    up.marked = True  # serve() set NOTSENT_LOWAT on the upstream's socket
     down = Flow(upstream, client, counters, base + 1, mode, UPSTREAM_RESET, CLIENT_RESET,
                 down_buf)
     cmask = umask = POLLIN
@@ -1771,6 +1790,12 @@ def serve(
         os.kill(supervisor, SIGALRM)
     client.setsockopt(IPPROTO_TCP, TCP_NODELAY, 1)
     upstream.setsockopt(IPPROTO_TCP, TCP_NODELAY, 1)
+    try:
+        # What the client's socket has from its listener (NOTSENT_LOWAT): an upstream that
+        # stops reading an upload then holds ~0.2 MiB of it here, not tcp_wmem's max.
+        upstream.setsockopt(IPPROTO_TCP, TCP_NOTSENT_LOWAT, NOTSENT_LOWAT)
+    except OSError:
+        pass  # a kernel without it (before 3.12): the queue as it was
     keepalive = options.keepalive
     if keepalive is not None:
         # The upstream side here; the client's socket has it already, inherited from its

@@ -789,6 +789,55 @@ def test_a_cut_in_the_middle_of_a_flows_step_repeats_and_skips_no_byte(
         upstream_peer.recv(1)
 
 
+@pytest.mark.parametrize("mode", ["auto", "splice", "copy"])
+def test_an_upload_keeps_the_upstream_low_water_mark_until_it_has_delivered_its_first_mebibytes(
+    pairs: tuple[socket.socket, socket.socket, socket.socket, socket.socket], mode: str,
+) -> None:
+    """The NOTSENT_LOWAT serve() sets on the upstream's socket bounds what an upstream that
+    reads nothing holds of an upload (test_serve.py's
+    test_an_upstream_that_never_reads_leaves_the_proxy_holding_little); once the upload
+    has delivered relay.SPLICE_RAMP it has a reader, and the relay lifts the mark (back to
+    the namespace's default), so that bulk is not written in the mark's small steps (+50%
+    of the proxy's CPU per GB: docs/benchmarks.md). Copy mode keeps it (its reads test
+    nothing more per message). Every byte arrives, in order."""
+    client_peer, client, upstream, upstream_peer = pairs
+    upstream.setsockopt(socket.IPPROTO_TCP, relay.TCP_NOTSENT_LOWAT, relay.NOTSENT_LOWAT)
+    payload = os.urandom(relay.SPLICE_RAMP + 4 * 1024 * 1024 + 3)
+
+    def mark() -> int:
+        return upstream.getsockopt(socket.IPPROTO_TCP, relay.TCP_NOTSENT_LOWAT)
+
+    thread, result, counters = run_pump(client, upstream, Options(relay=mode))
+    sender = threading.Thread(target=client_peer.sendall, args=(payload,))
+    sender.start()
+    try:
+        # The upstream reads nothing yet: the relay is stopped well short of the ramp,
+        # the mark in place.
+        def stopped() -> bool:
+            now = counters[0]
+            time.sleep(0.2)
+            return now == counters[0] > 0
+
+        assert wait_for(stopped)
+        assert counters[0] < relay.SPLICE_RAMP, counters[0]
+        assert mark() == relay.NOTSENT_LOWAT
+        got = hashlib.sha256()
+        total = 0
+        while total < len(payload):
+            chunk = upstream_peer.recv(1 << 20)
+            assert chunk, total
+            got.update(chunk)
+            total += len(chunk)
+        sender.join(20)
+        assert got.hexdigest() == hashlib.sha256(payload).hexdigest()
+        assert mark() == (relay.NOTSENT_LOWAT if mode == "copy" else 0)
+    finally:
+        client_peer.shutdown(socket.SHUT_WR)
+        upstream_peer.shutdown(socket.SHUT_WR)
+        thread.join(20)
+    assert result == [relay.CLOSED], result
+
+
 def test_a_splice_flow_reads_little_until_it_has_delivered_its_first_mebibytes() -> None:
     """relay.FIRST_SPLICE_CHUNK: until a flow has delivered relay.SPLICE_RAMP bytes, one
     splice read takes at most that much, however much waits (what keeps the upstream's

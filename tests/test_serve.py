@@ -206,6 +206,88 @@ def test_a_client_that_never_reads_leaves_the_proxy_holding_little(
             thread.join(10)
 
 
+@pytest.mark.parametrize("relay", ["auto", "splice", "copy"])
+def test_an_upstream_that_never_reads_leaves_the_proxy_holding_little(
+    start_proxy: Callable[..., Proxy], relay: str,
+) -> None:
+    """Clients uploading as fast as they can to an upstream that reads nothing (a server
+    that stopped draining requests): the proxy's upstream sockets queue little, where
+    they took tcp_wmem's max (4 MiB) each at Linux's default limits before the relay set
+    relay.NOTSENT_LOWAT on them (docs/benchmarks.md, "A client that never reads"). Then
+    the upstream reads: every byte arrives, in order. Those defaults are set in the
+    proxy's own network namespace, so the host's settings do not matter."""
+    upstream_port, conns = 7000, 4  # the namespace is the proxy's own
+    prefix = in_own_network()
+    prefix = (*prefix[:-1], prefix[-1].replace(
+        "exec", 'echo "4096 131072 6291456" >/proc/sys/net/ipv4/tcp_rmem && '
+        'echo "4096 16384 4194304" >/proc/sys/net/ipv4/tcp_wmem && exec', 1))
+    proxy = start_proxy("--relay", relay, f"127.0.0.1:0=127.0.0.1:{upstream_port}",
+                        prefix=prefix)
+    block = os.urandom(256 * 1024 + 7)  # an odd length: a byte lost or moved shows
+    with in_network(proxy.network):
+        server = socket.create_server(("127.0.0.1", upstream_port))
+        clients = [socket.create_connection(("127.0.0.1", proxy.port), timeout=20)
+                   for _ in range(conns)]
+    accepted: list[socket.socket] = []
+
+    def send_for_ever(sock: socket.socket) -> None:
+        with contextlib.suppress(OSError):  # until the test shuts it
+            while True:
+                sock.sendall(block)
+
+    threads = [threading.Thread(target=send_for_ever, args=(c,), daemon=True)
+               for c in clients]
+    try:
+        for thread in threads:
+            thread.start()
+        server.settimeout(15)
+        for _ in range(conns):
+            accepted.append(server.accept()[0])  # and never read, for now
+
+        def held() -> tuple[list[int], list[int]]:
+            """The proxy's upstream sockets' send queues, its client sockets' receive
+            queues."""
+            queues = _tcp_queues(proxy.pid)
+            return ([sent for _, remote, sent, _ in queues if remote == upstream_port],
+                    [unread for local, _, _, unread in queues if local == proxy.port])
+
+        # Until the queues stop growing: three looks 0.5 s apart within 1%.
+        last, steady, deadline = -1, 0, time.monotonic() + 20
+        while steady < 3 and time.monotonic() < deadline:
+            time.sleep(0.5)
+            to_upstream, from_clients = held()
+            now = sum(to_upstream) + sum(from_clients)
+            steady = steady + 1 if last > 0 and abs(now - last) <= last // 100 else 0
+            last = now
+        assert len(to_upstream) == len(from_clients) == conns, held()
+        # Each upstream socket holds the unsent bytes relay.NOTSENT_LOWAT allows, plus what
+        # its last write put beyond it: ~0.16 MiB (3.7 MiB without it).
+        assert max(to_upstream) < MiB // 2, (to_upstream, from_clients)
+        # The client sockets' receive queues are not bounded by it: the window the
+        # kernel's buffer tuning offered while the relay still read (timing), as the
+        # upstream's in the download direction (test above).
+
+        expected = (block * (8 * MiB // len(block) + 1))[: 8 * MiB]
+        for sock in accepted:
+            sock.settimeout(20)
+            got = bytearray()
+            while len(got) < len(expected):
+                chunk = sock.recv(len(expected) - len(got))
+                assert chunk, len(got)
+                got += chunk
+            moved = next((at for at in range(0, len(got), 65536)
+                          if got[at : at + 65536] != expected[at : at + 65536]), None)
+            assert moved is None, f"a byte lost or moved within bytes {moved}-{moved + 65536}"
+    finally:
+        for sock in (*clients, *accepted):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+        server.close()
+        for thread in threads:
+            thread.join(10)
+
+
 @pytest.mark.parametrize("relay", ["auto", "splice"])
 def test_out_of_descriptors_for_a_splice_pipe_the_relay_copies(
     start_proxy: Callable[..., Proxy],
