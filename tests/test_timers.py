@@ -1,0 +1,134 @@
+"""Timers measured from cause to effect, with bounds both ways.
+
+A test that only waits for a timer's effect "eventually" passes when the timer fires
+late by a factor: `--idle-timeout` cut a receiver that took nothing after twice the
+timeout, and its tests passed. These measure the delay of each timer a real `serve`
+runs and bound it below (never early) and above (well under twice the documented
+delay, with room for a loaded 2-core machine).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import time
+from collections.abc import Callable
+
+import pytest
+
+from conftest import Proxy, TcpServer, processes_under, wait_for
+
+ServerFactory = Callable[[Callable[[socket.socket], None]], TcpServer]
+
+
+def hold(conn: socket.socket) -> None:
+    """Read to EOF, answering nothing, and keep the connection open a while after: an
+    upstream that says nothing and does not finish (the timers under test end it)."""
+    conn.settimeout(10)
+    try:
+        while conn.recv(65536):
+            pass
+    except OSError:
+        return
+    time.sleep(3)
+
+
+def seconds_to_end(sock: socket.socket, limit: float = 20.0) -> float:
+    """Seconds until `sock` reads its end (a FIN or a reset)."""
+    start = time.monotonic()
+    sock.settimeout(limit)
+    try:
+        while sock.recv(65536):
+            pass
+    except TimeoutError:
+        pytest.fail(f"the connection did not end within {limit} s")
+    except OSError:
+        pass  # a reset is an end too
+    return time.monotonic() - start
+
+
+def close_duration(proxy: Proxy, outcome: str) -> float:
+    """The `duration=` of the connection's close line with this outcome."""
+    pattern = re.compile(rf" close .*duration=([0-9.]+) outcome={outcome}\b")
+    assert wait_for(lambda: pattern.search(proxy.log()) is not None, timeout=20), (
+        proxy.log()[-2000:])
+    found = pattern.search(proxy.log())
+    assert found is not None
+    return float(found[1])
+
+
+def test_connect_retries_back_off_as_documented(
+        start_proxy: Callable[..., Proxy]) -> None:
+    """--connect-retries 3 against a refusing upstream: 0.2 + 0.4 + 0.8 = 1.4 s in all."""
+    refusing = socket.socket()  # bound, not listening: every connect is refused at once
+    refusing.bind(("127.0.0.1", 0))
+    with refusing:
+        proxy = start_proxy(f"127.0.0.1:0=127.0.0.1:{refusing.getsockname()[1]}",
+                            "--connect-retries", "3")
+        with socket.create_connection(("127.0.0.1", proxy.port)) as client:
+            waited = seconds_to_end(client)
+    assert 1.35 <= waited <= 2.6, waited
+
+
+@pytest.mark.parametrize("relay", ["auto", "splice", "copy"])
+def test_idle_timeout_cuts_when_due(start_proxy: Callable[..., Proxy],
+                                    tcp_server: ServerFactory, relay: str) -> None:
+    """Idle both ways, the cut comes at the timeout, at most an eighth of it later."""
+    server = tcp_server(hold)
+    proxy = start_proxy(f"127.0.0.1:0=127.0.0.1:{server.port}", "--idle-timeout", "1",
+                        "--relay", relay)
+    with socket.create_connection(("127.0.0.1", proxy.port)) as client:
+        client.sendall(b"x")  # the last byte moved: the idle count starts about here
+        waited = seconds_to_end(client)
+    assert 0.95 <= waited <= 1.8, waited
+
+
+def test_halfclose_timeout_after_the_clients_end(start_proxy: Callable[..., Proxy],
+                                                 tcp_server: ServerFactory) -> None:
+    """The client finished (FIN) and the upstream stays silent: ended at the timeout."""
+    server = tcp_server(hold)
+    proxy = start_proxy(f"127.0.0.1:0=127.0.0.1:{server.port}", "--halfclose-timeout", "1")
+    with socket.create_connection(("127.0.0.1", proxy.port)) as client:
+        client.shutdown(socket.SHUT_WR)
+        waited = seconds_to_end(client)
+    assert 0.95 <= waited <= 1.8, waited
+
+
+def test_halfclose_timeout_after_the_upstreams_end(start_proxy: Callable[..., Proxy],
+                                                   tcp_server: ServerFactory) -> None:
+    """The upstream finished and the client stays silent. The client, which read the
+    FIN already, sees nothing of the end: the close line's duration tells it."""
+
+    def finish_then_hold(conn: socket.socket) -> None:
+        conn.shutdown(socket.SHUT_WR)
+        hold(conn)  # the proxy's end, its reset, comes before the client's (never)
+
+    server = tcp_server(finish_then_hold)
+    proxy = start_proxy(f"127.0.0.1:0=127.0.0.1:{server.port}", "--halfclose-timeout", "1")
+    with socket.create_connection(("127.0.0.1", proxy.port)) as client:
+        client.settimeout(10)
+        assert client.recv(1) == b""
+        duration = close_duration(proxy, "halfclose-timeout")
+    assert 0.95 <= duration <= 1.8, duration
+
+
+def test_grace_then_kill_one_second_after_term(start_proxy: Callable[..., Proxy],
+                                               tcp_server: ServerFactory) -> None:
+    """A stop with a child that cannot act on its TERM (stopped): --grace, then TERM,
+    then KILL 1 s later: the supervisor exits after grace + 1 s, inside docker stop's
+    10 s for the default 8."""
+    server = tcp_server(hold)
+    proxy = start_proxy(f"127.0.0.1:0=127.0.0.1:{server.port}", "--grace", "1")
+    with socket.create_connection(("127.0.0.1", proxy.port)) as client:
+        client.sendall(b"x")
+        assert wait_for(lambda: len(processes_under(proxy.pid)) == 1), (
+            processes_under(proxy.pid))
+        [(child, _)] = processes_under(proxy.pid)
+        os.kill(child, signal.SIGSTOP)
+        start = time.monotonic()
+        proxy.signal(signal.SIGTERM)
+        assert proxy.stop(timeout=15) == 0
+        waited = time.monotonic() - start
+    assert 1.9 <= waited <= 3.5, waited
