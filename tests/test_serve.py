@@ -119,6 +119,54 @@ def _tcp_queues(pid: int) -> list[tuple[int, int, int, int]]:
     return queues
 
 
+def _at_default_buffers(start_proxy: Callable[..., Proxy], relay: str,
+                        upstream_port: int) -> Proxy:
+    """A proxy in a network namespace of its own, with Linux's default TCP buffer limits
+    set there (tcp_rmem max 6 MiB, tcp_wmem max 4 MiB): the host's settings do not
+    matter. Its upstream is 127.0.0.1:`upstream_port` in that namespace."""
+    prefix = in_own_network()
+    prefix = (*prefix[:-1], prefix[-1].replace(
+        "exec", 'echo "4096 131072 6291456" >/proc/sys/net/ipv4/tcp_rmem && '
+        'echo "4096 16384 4194304" >/proc/sys/net/ipv4/tcp_wmem && exec', 1))
+    return start_proxy("--relay", relay, f"127.0.0.1:0=127.0.0.1:{upstream_port}",
+                       prefix=prefix)
+
+
+def _send_for_ever(sock: socket.socket, block: bytes) -> None:
+    """Send `block` again and again, until the test shuts the socket."""
+    with contextlib.suppress(OSError):
+        while True:
+            sock.sendall(block)
+
+
+def _until_steady(held: Callable[[], tuple[list[int], list[int]]]
+                  ) -> tuple[list[int], list[int]]:
+    """`held()` once the queues it gives stop growing: three looks 0.5 s apart within 1%
+    (or after 20 s)."""
+    last, steady, deadline = -1, 0, time.monotonic() + 20
+    queues: tuple[list[int], list[int]] = ([], [])
+    while steady < 3 and time.monotonic() < deadline:
+        time.sleep(0.5)
+        queues = held()
+        now = sum(queues[0]) + sum(queues[1])
+        steady = steady + 1 if last > 0 and abs(now - last) <= last // 100 else 0
+        last = now
+    return queues
+
+
+def _reads_in_order(sock: socket.socket, block: bytes) -> None:
+    """`sock` reads 8 MiB of `block` repeated, every byte in its place."""
+    expected = (block * (8 * MiB // len(block) + 1))[: 8 * MiB]
+    got = bytearray()
+    while len(got) < len(expected):
+        chunk = sock.recv(len(expected) - len(got))
+        assert chunk, len(got)
+        got += chunk
+    moved = next((at for at in range(0, len(got), 65536)
+                  if got[at : at + 65536] != expected[at : at + 65536]), None)
+    assert moved is None, f"a byte lost or moved within bytes {moved}-{moved + 65536}"
+
+
 @pytest.mark.parametrize("relay", ["auto", "splice", "copy"])
 def test_a_client_that_never_reads_leaves_the_proxy_holding_little(
     start_proxy: Callable[..., Proxy], relay: str,
@@ -129,34 +177,23 @@ def test_a_client_that_never_reads_leaves_the_proxy_holding_little(
     max (4 MiB) queued to the client, which took the upstream's receive buffer, as the
     relay read that much from it at full speed, to tcp_rmem's max (6 MiB), filled then as
     well (relay.NOTSENT_LOWAT, relay.PIPE_SIZE). Then they read: every byte arrives, in
-    order. Those defaults are set in the proxy's own network namespace, so the host's
-    settings do not matter."""
+    order."""
     upstream_port, conns = 7000, 4  # the namespace is the proxy's own
-    prefix = in_own_network()
-    prefix = (*prefix[:-1], prefix[-1].replace(
-        "exec", 'echo "4096 131072 6291456" >/proc/sys/net/ipv4/tcp_rmem && '
-        'echo "4096 16384 4194304" >/proc/sys/net/ipv4/tcp_wmem && exec', 1))
-    proxy = start_proxy("--relay", relay, f"127.0.0.1:0=127.0.0.1:{upstream_port}",
-                        prefix=prefix)
+    proxy = _at_default_buffers(start_proxy, relay, upstream_port)
     block = os.urandom(256 * 1024 + 7)  # an odd length: a byte lost or moved shows
     with in_network(proxy.network):
         server = socket.create_server(("127.0.0.1", upstream_port))
         clients = [socket.create_connection(("127.0.0.1", proxy.port), timeout=20)
                    for _ in range(conns)]
     senders: list[socket.socket] = []
-
-    def send_for_ever(sock: socket.socket) -> None:
-        with contextlib.suppress(OSError):  # until the test shuts it
-            while True:
-                sock.sendall(block)
-
     threads = []
     try:
         for _ in range(conns):
             server.settimeout(15)
             sock, _ = server.accept()
             senders.append(sock)
-            threads.append(threading.Thread(target=send_for_ever, args=(sock,), daemon=True))
+            threads.append(threading.Thread(target=_send_for_ever, args=(sock, block),
+                                            daemon=True))
             threads[-1].start()
 
         def held() -> tuple[list[int], list[int]]:
@@ -166,14 +203,7 @@ def test_a_client_that_never_reads_leaves_the_proxy_holding_little(
             return ([sent for local, _, sent, _ in queues if local == proxy.port],
                     [unread for _, remote, _, unread in queues if remote == upstream_port])
 
-        # Until the queues stop growing: three looks 0.5 s apart within 1%.
-        last, steady, deadline = -1, 0, time.monotonic() + 20
-        while steady < 3 and time.monotonic() < deadline:
-            time.sleep(0.5)
-            to_clients, from_upstream = held()
-            now = sum(to_clients) + sum(from_upstream)
-            steady = steady + 1 if last > 0 and abs(now - last) <= last // 100 else 0
-            last = now
+        to_clients, from_upstream = _until_steady(held)
         assert len(to_clients) == len(from_upstream) == conns, held()
         # Each client's socket holds the unsent bytes relay.NOTSENT_LOWAT allows and what
         # is in flight to a reader that reads nothing (its receive buffer): ~0.16 MiB.
@@ -185,17 +215,8 @@ def test_a_client_that_never_reads_leaves_the_proxy_holding_little(
         # 2 runs in 8 under two busy loops); without it, as often 0.5-1.5 MiB as 6 MiB.
         # The reads that make the small window likely are tested exactly in
         # test_relay.py (test_a_splice_flow_reads_little_until_...).
-
-        expected = (block * (8 * MiB // len(block) + 1))[: 8 * MiB]
         for client in clients:
-            got = bytearray()
-            while len(got) < len(expected):
-                chunk = client.recv(len(expected) - len(got))
-                assert chunk, len(got)
-                got += chunk
-            moved = next((at for at in range(0, len(got), 65536)
-                          if got[at : at + 65536] != expected[at : at + 65536]), None)
-            assert moved is None, f"a byte lost or moved within bytes {moved}-{moved + 65536}"
+            _reads_in_order(client, block)
     finally:
         for sock in (*clients, *senders):
             with contextlib.suppress(OSError):
@@ -214,28 +235,16 @@ def test_an_upstream_that_never_reads_leaves_the_proxy_holding_little(
     that stopped draining requests): the proxy's upstream sockets queue little, where
     they took tcp_wmem's max (4 MiB) each at Linux's default limits before the relay set
     relay.NOTSENT_LOWAT on them (docs/benchmarks.md, "A client that never reads"). Then
-    the upstream reads: every byte arrives, in order. Those defaults are set in the
-    proxy's own network namespace, so the host's settings do not matter."""
+    the upstream reads: every byte arrives, in order."""
     upstream_port, conns = 7000, 4  # the namespace is the proxy's own
-    prefix = in_own_network()
-    prefix = (*prefix[:-1], prefix[-1].replace(
-        "exec", 'echo "4096 131072 6291456" >/proc/sys/net/ipv4/tcp_rmem && '
-        'echo "4096 16384 4194304" >/proc/sys/net/ipv4/tcp_wmem && exec', 1))
-    proxy = start_proxy("--relay", relay, f"127.0.0.1:0=127.0.0.1:{upstream_port}",
-                        prefix=prefix)
+    proxy = _at_default_buffers(start_proxy, relay, upstream_port)
     block = os.urandom(256 * 1024 + 7)  # an odd length: a byte lost or moved shows
     with in_network(proxy.network):
         server = socket.create_server(("127.0.0.1", upstream_port))
         clients = [socket.create_connection(("127.0.0.1", proxy.port), timeout=20)
                    for _ in range(conns)]
     accepted: list[socket.socket] = []
-
-    def send_for_ever(sock: socket.socket) -> None:
-        with contextlib.suppress(OSError):  # until the test shuts it
-            while True:
-                sock.sendall(block)
-
-    threads = [threading.Thread(target=send_for_ever, args=(c,), daemon=True)
+    threads = [threading.Thread(target=_send_for_ever, args=(c, block), daemon=True)
                for c in clients]
     try:
         for thread in threads:
@@ -251,14 +260,7 @@ def test_an_upstream_that_never_reads_leaves_the_proxy_holding_little(
             return ([sent for _, remote, sent, _ in queues if remote == upstream_port],
                     [unread for local, _, _, unread in queues if local == proxy.port])
 
-        # Until the queues stop growing: three looks 0.5 s apart within 1%.
-        last, steady, deadline = -1, 0, time.monotonic() + 20
-        while steady < 3 and time.monotonic() < deadline:
-            time.sleep(0.5)
-            to_upstream, from_clients = held()
-            now = sum(to_upstream) + sum(from_clients)
-            steady = steady + 1 if last > 0 and abs(now - last) <= last // 100 else 0
-            last = now
+        to_upstream, from_clients = _until_steady(held)
         assert len(to_upstream) == len(from_clients) == conns, held()
         # Each upstream socket holds the unsent bytes relay.NOTSENT_LOWAT allows, plus what
         # its last write put beyond it: ~0.16 MiB (3.7 MiB without it).
@@ -266,18 +268,9 @@ def test_an_upstream_that_never_reads_leaves_the_proxy_holding_little(
         # The client sockets' receive queues are not bounded by it: the window the
         # kernel's buffer tuning offered while the relay still read (timing), as the
         # upstream's in the download direction (test above).
-
-        expected = (block * (8 * MiB // len(block) + 1))[: 8 * MiB]
         for sock in accepted:
             sock.settimeout(20)
-            got = bytearray()
-            while len(got) < len(expected):
-                chunk = sock.recv(len(expected) - len(got))
-                assert chunk, len(got)
-                got += chunk
-            moved = next((at for at in range(0, len(got), 65536)
-                          if got[at : at + 65536] != expected[at : at + 65536]), None)
-            assert moved is None, f"a byte lost or moved within bytes {moved}-{moved + 65536}"
+            _reads_in_order(sock, block)
     finally:
         for sock in (*clients, *accepted):
             with contextlib.suppress(OSError):
