@@ -2108,24 +2108,22 @@ class Supervisor:
         `cause`'s words, what the failure likely met, first in the detail (asked only
         when a line is due)."""
         self.resume_at = time.monotonic() + ACCEPT_BACKOFF
-        pausing = f"pausing accepts for {ACCEPT_BACKOFF}s at a time"
-
-        def detail() -> str:
-            why = cause(exc) if cause is not None else ""
-            return f"{why}; {pausing}" if why else pausing
-
-        self._log_repeating(event, exc, detail, link=listener.link.name)
+        self._log_repeating(event, exc, f"pausing accepts for {ACCEPT_BACKOFF}s at a time",
+                            cause, link=listener.link.name)
         self.update_accepting()
 
-    def _log_repeating(self, event: str, exc: OSError, detail: str | Callable[[], str],
+    def _log_repeating(self, event: str, exc: OSError, detail: str,
+                       cause: Callable[[OSError], str] | None = None,
                        **fields: object) -> None:
         """Log `event` once per ERROR_LOG_EVERY while it repeats, with the count of
         failures since its last line: at a resource limit it recurs every backoff.
-        `detail` may be a function, asked only when a line is due."""
+        `cause`'s words for `exc`, what the failure likely met, go first in the detail
+        (asked only when a line is due)."""
         failures = fold(self.pause_logs, event)
         if failures:
+            why = cause(exc) if cause is not None else ""
             self.log.error(event, **fields, error=exc.strerror, failures=failures,
-                           detail=detail if isinstance(detail, str) else detail())
+                           detail=f"{why}; {detail}" if why else detail)
 
     def _prepare_relay(self, listener: Listener) -> None:
         """What every child of this listener hands to relay.serve, built once: a fresh
@@ -3366,14 +3364,9 @@ class Supervisor:
         try:
             fresh, dropped = self.control.accept()
         except OSError as exc:  # EMFILE and friends: wait, as the listeners do
-            pausing = f"pausing the control socket for {ACCEPT_BACKOFF}s at a time"
-            error = exc  # `exc` is unbound after the clause; the detail is asked when due
-
-            def detail() -> str:
-                why = descriptor_limit(error)
-                return f"{why}; {pausing}" if why else pausing
-
-            self._log_repeating("control-accept-failed", error, detail)
+            self._log_repeating("control-accept-failed", exc,
+                                f"pausing the control socket for {ACCEPT_BACKOFF}s at a time",
+                                descriptor_limit)
             self._unwatch(self.control.fileno())
             self.control_at = time.monotonic() + ACCEPT_BACKOFF
             return

@@ -19,7 +19,7 @@ import termios
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -167,6 +167,19 @@ def _reads_in_order(sock: socket.socket, block: bytes) -> None:
     assert moved is None, f"a byte lost or moved within bytes {moved}-{moved + 65536}"
 
 
+def _shut_all(socks: Sequence[socket.socket], server: socket.socket,
+              threads: Sequence[threading.Thread]) -> None:
+    """The never-reads tests' end: every socket shut and closed (which ends the senders),
+    then the senders joined."""
+    for sock in socks:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+        sock.close()
+    server.close()
+    for thread in threads:
+        thread.join(10)
+
+
 @pytest.mark.parametrize("relay", ["auto", "splice", "copy"])
 def test_a_client_that_never_reads_leaves_the_proxy_holding_little(
     start_proxy: Callable[..., Proxy], relay: str,
@@ -218,13 +231,7 @@ def test_a_client_that_never_reads_leaves_the_proxy_holding_little(
         for client in clients:
             _reads_in_order(client, block)
     finally:
-        for sock in (*clients, *senders):
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-            sock.close()
-        server.close()
-        for thread in threads:
-            thread.join(10)
+        _shut_all([*clients, *senders], server, threads)
 
 
 @pytest.mark.parametrize("relay", ["auto", "splice", "copy"])
@@ -272,13 +279,7 @@ def test_an_upstream_that_never_reads_leaves_the_proxy_holding_little(
             sock.settimeout(20)
             _reads_in_order(sock, block)
     finally:
-        for sock in (*clients, *accepted):
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-            sock.close()
-        server.close()
-        for thread in threads:
-            thread.join(10)
+        _shut_all([*clients, *accepted], server, threads)
 
 
 @pytest.mark.parametrize("relay", ["auto", "splice"])
