@@ -10,6 +10,9 @@ import os
 import select
 import socket
 import sys
+
+# The C socket type (see relay.py): routes_here runs in a relay child too.
+from _socket import socket as RawSocket
 from collections.abc import Callable, Iterable, Mapping
 
 from .config import ConfigError, Endpoint, Link, join_host_port
@@ -386,29 +389,46 @@ def check_zones(links: Iterable[Link]) -> None:
 
 def own_addresses(targets: Mapping[str, Endpoint]) -> frozenset[str]:
     """Which of `targets` (config.own_address_candidates: address -> a target of it) are
-    addresses of this host, as its routing says: a UDP socket connected to one (no packet
-    is sent) is given that very address as its own only when the route to it is a `local`
-    one. Not a bind(), which any address passes under net.ipv4.ip_nonlocal_bind=1
-    (keepalived's hosts, for a VIP they may take over): a remote server's address would
-    be refused. A probe that fails (no route, no IPv6 sockets, a zone gone) says "not
-    known to be this host's", never a reason to refuse: run time judges it again."""
+    addresses of this host, as its routing says (routes_here). A probe that fails (no
+    route, no IPv6 sockets, a zone gone) says "not known to be this host's", never a
+    reason to refuse: run time judges it again."""
     own = set()
     for address, target in targets.items():
         family = socket.AF_INET6 if ":" in address else socket.AF_INET
-        try:
-            sockaddr: tuple[str, int] | tuple[str, int, int, int] = (address, target.port)
-            if family == socket.AF_INET6:
-                zone = "%" in target.host
-                sockaddr = (address, target.port, 0,
-                            zone_scope(target.host, str(target)) if zone else 0)
-            with socket.socket(family, socket.SOCK_DGRAM) as probe:
-                probe.connect(sockaddr)
-                source = str(probe.getsockname()[0]).partition("%")[0]
-            if socket.inet_pton(family, source) == socket.inet_pton(family, address):
-                own.add(address)
-        except (OSError, ConfigError):
-            continue
+        sockaddr: tuple[str, int] | tuple[str, int, int, int] = (address, target.port)
+        if family == socket.AF_INET6:
+            try:
+                scope = zone_scope(target.host, str(target)) if "%" in target.host else 0
+            except ConfigError:
+                continue
+            sockaddr = (address.partition("%")[0], target.port, 0, scope)
+        if routes_here(family, sockaddr):
+            own.add(address)
     return frozenset(own)
+
+
+def routes_here(family: int, sockaddr: tuple[object, ...]) -> bool:
+    """Is `sockaddr`'s address one of this host's own, as its routing says: a UDP socket
+    connected to it (no packet is sent) is given that very address as its own only when
+    the route to it is a `local` one. Not a bind(), which any address passes under
+    net.ipv4.ip_nonlocal_bind=1 (keepalived's hosts, for a VIP they may take over): a
+    remote server's address would be called this host's. False when the probe fails (no
+    route, no sockets of the family). Also the relay child's (relay.connect_upstream),
+    after a refusal only: the C socket, whose Python wrapper a fresh child would copy
+    pages to run."""
+    try:
+        probe = RawSocket(family, socket.SOCK_DGRAM)
+    except OSError:
+        return False
+    try:
+        probe.connect(sockaddr)
+        source = str(probe.getsockname()[0]).partition("%")[0]
+        address = str(sockaddr[0]).partition("%")[0]
+        return socket.inet_pton(family, source) == socket.inet_pton(family, address)
+    except OSError:
+        return False
+    finally:
+        probe.close()
 
 
 def bind(link: Link) -> Listener:

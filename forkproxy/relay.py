@@ -51,6 +51,7 @@ from .config import (
     children_within_nproc,
     peer_text,
 )
+from .listeners import routes_here
 from .log import INFO, SLOT, SLOT_INT, SLOT_SECONDS, WARNING, Logger
 
 TYPE_CHECKING = False  # not typing's: see supervisor.py
@@ -697,7 +698,7 @@ def _loops_back(sockaddr: tuple[object, ...], own: OwnListeners, local_host: str
     its first hop, and refused at the second, which the first hop's child reached at that
     very address. connect_upstream calls this only for an address that
     string tests find may be this host's (loopback, or the client's), or, once another
-    address of the target was refused so, that the kernel says is (_own_address): then
+    address of the target was refused so, that the kernel says is (routes_here): then
     with that address as `local_host`."""
     host, port = bound_host(str(sockaddr[0])), int(sockaddr[1])  # type: ignore[call-overload]
     local_host = bound_host(local_host)
@@ -726,24 +727,6 @@ def _loops_back(sockaddr: tuple[object, ...], own: OwnListeners, local_host: str
         return False
 
     return any(rings(taker) for taker in takers)
-
-
-def _own_address(family: int, sockaddr: tuple[object, ...]) -> bool:
-    """Is `sockaddr`'s address one of this host's own, as the kernel says: a bind to it
-    (port 0, on a socket of its own) works only there (unless ip_nonlocal_bind lets any
-    address be bound). Asked only once another address of the same target was refused
-    as a loop (connect_upstream): never on a connection's usual path."""
-    try:
-        probe = RawSocket(family, SOCK_STREAM)
-    except OSError:
-        return False
-    try:
-        probe.bind((sockaddr[0], 0, *sockaddr[2:]))
-    except OSError:
-        return False
-    finally:
-        probe.close()
-    return True
 
 
 def connect_upstream(
@@ -793,7 +776,8 @@ def connect_upstream(
     # its other addresses may be this host's too, which string tests cannot tell (an IPv4
     # and an IPv6 one, neither loopback): each hop refused the address it was reached at
     # and connected to the other, until --max-children was used up. They are asked of
-    # the kernel (_own_address) and judged as this host's.
+    # the kernel (listeners.routes_here: its routing, not a bind, which any address
+    # passes under ip_nonlocal_bind) and judged as this host's.
     looped = False
     for attempt in range(retries + 1):
         if attempt:
@@ -825,7 +809,7 @@ def connect_upstream(
                 if (own_listeners is not None
                         and (local_host.endswith(host) or host.startswith("127.")
                              or host in _LOOPBACK6_OR_ANY
-                             or (looped and _own_address(family, sockaddr)))
+                             or (looped and routes_here(family, sockaddr)))
                         and _loops_back(sockaddr, own_listeners,
                                         host if looped else local_host)):
                     # Before the connect: once connected, the next hop's child would be

@@ -186,3 +186,42 @@ def test_links_says_what_serve_would(lab: Lab, box: Namespace) -> None:
     assert result.stderr == (
         f"forkproxy: warning: {PORT}={OWN}:{PORT} connects to its own listener "
         f"(0.0.0.0:{PORT} -> {OWN}:{PORT}): {MAY}; {WHY}\n"), result
+
+
+def test_a_name_with_a_loop_and_a_remote_server_serves_under_nonlocal_bind(
+    lab: Lab, box: Namespace
+) -> None:
+    """A name with a loopback address (a loop: refused) and a remote server's. Once one
+    address was refused as a loop, the child asked the kernel whether the others are this
+    host's by a bind(), which ip_nonlocal_bind=1 (keepalived's hosts; set in the box's
+    own netns) lets any address pass: the server's address was called this host's too,
+    and every client whose turn started at the loop was refused (connect-failed, reason
+    loop). Asked by routing now, as read_links asks: each client is served."""
+    server = lab.namespace("server")
+    lab.cable(box, "198.18.35.1", server, REMOTE)
+    box.run(["sysctl", "-qw", "net.ipv4.ip_nonlocal_bind=1"])
+    redis = lab.spawn(server, ["redis-server", "--port", str(PORT), "--bind", REMOTE,
+                               "--protected-mode", "no", "--save", "", "--appendonly", "no",
+                               "--dir", str(lab.workdir)], label="redis-server")
+    assert wait_for(lambda: redis_cli(server, PORT, "PING", host=REMOTE, check=False)
+                    == "PONG"), redis.describe()
+    redis_cli(server, PORT, "SET", "who", "server", host=REMOTE)
+    # The name's two addresses, by a hosts file mounted over /etc/hosts in a mount
+    # namespace of the proxy's own (nothing under /etc is written).
+    hosts = lab.workdir / "hosts"
+    hosts.write_text(f"127.0.0.1 localhost\n127.0.0.1 both.test\n{REMOTE} both.test\n")
+    sock = lab.workdir / f"{lab.started + 1:02d}.sock"
+    proc = lab.spawn(box, ["unshare", "--mount", "sh", "-c",
+                           'mount --bind "$0" /etc/hosts && exec "$@"', str(hosts),
+                           FORKPROXY, "serve", "--status-socket", str(sock),
+                           f"{PORT}=both.test:{PORT}"], label="forkproxy")
+    proc.status_socket = sock
+    proc.wait_stdout(lambda lines: len(lines) >= 1, 15)
+    assert wait_for(lambda: f"127.0.0.1:{PORT} {REMOTE}:{PORT}" in proc.stderr()
+                    or f"{REMOTE}:{PORT} 127.0.0.1:{PORT}" in proc.stderr()), proc.describe()
+    for _ in range(4):  # turns start at each address in turn: two at the loop
+        assert redis_cli(box, PORT, "GET", "who", check=False) == "server", proc.describe()
+    # The loop was refused and skipped (so the remote address was asked), and no
+    # connection failed.
+    assert wait_for(lambda: " connect-fallback " in proc.stderr()), proc.describe()
+    assert " connect-failed " not in proc.stderr(), proc.describe()
