@@ -1243,7 +1243,9 @@ def _check_no_loop(links: Sequence[Link], own: Collection[str] = (),
 def own_address_candidates(links: Sequence[Link]) -> dict[str, Endpoint]:
     """The IP-literal targets worth asking the kernel whether they are this host's own
     (read_links asks: this module does no I/O), keyed by the address as _reaches
-    compares it, one target per address (the answer does not depend on the port): those
+    compares it (_own_key: with its zone), one target per address (the answer does not
+    depend on the port, but does on the interface: fe80::1 may be this host's on eth0
+    and a neighbour's on eth1, so each zone is asked): those
     neither loopback nor unspecified (judged without asking) on the port of a listener
     that would take them if they were, a wildcard bind of their family or `::` (the
     very address a listener binds is judged without asking too). So `6379=10.0.0.5:6379`
@@ -1261,9 +1263,9 @@ def own_address_candidates(links: Sequence[Link]) -> dict[str, Endpoint]:
         literal = _literal(link.target.host) if takes else None
         if takes is None or literal is None:
             continue
-        address, parsed = literal
+        parsed = literal[1]
         if parsed.version in takes and not (parsed.is_loopback or parsed.is_unspecified):
-            found.setdefault(address, link.target)
+            found.setdefault(_own_key(link.target.host, literal), link.target)
     return found
 
 
@@ -1300,7 +1302,7 @@ def this_host_reason(hosts: Sequence[str], shown: Mapping[str, str] | None = Non
     """_this_host's reason alone: `127.0.0.1 is this host (in a container, the container
     itself)`. Judged by each of `hosts` (a name: localhost), each named as `shown` names
     it (`vm (127.0.0.1)`: a name a relay child found to be this host's), else as given;
-    one of `own` (as _literal spells it) is "an address of this host".
+    one of `own` (as _own_key spells it) is "an address of this host".
     Also the supervisor's words for a child's loop (accounting.failure_text)."""
     loopback: list[str] = []
     unspecified: list[str] = []
@@ -1312,9 +1314,9 @@ def this_host_reason(hosts: Sequence[str], shown: Mapping[str, str] | None = Non
         if literal is None:  # a name: only localhost reaches a listener (_reaches)
             loopback.append(named)
             continue
-        spelt, address = literal
+        address = literal[1]
         (unspecified if address.is_unspecified else loopback if address.is_loopback
-         else of_host if spelt in own else bound).append(named)
+         else of_host if _own_key(host, literal) in own else bound).append(named)
     said = []
     if loopback:
         said.append(f"{and_list(loopback)} {'is' if len(loopback) == 1 else 'are'} this host")
@@ -1335,6 +1337,16 @@ def this_host_reason(hosts: Sequence[str], shown: Mapping[str, str] | None = Non
 def and_list(words: Sequence[str]) -> str:
     """`a`, `a and b`, `a, b and c`."""
     return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} and {words[-1]}"
+
+
+def _own_key(host: str,
+             literal: tuple[str, ipaddress.IPv4Address | ipaddress.IPv6Address]) -> str:
+    """How `own` (own_address_candidates, own_address_loop) spells the literal target
+    `host` (_literal's `literal` of it): as _literal does, with its IPv6 zone, since a
+    link-local address is another on each interface (`fe80::1%eth0`, `fe80::1%eth1`)."""
+    address, parsed = literal
+    zone = host.partition("%")[2]
+    return f"{address}%{zone}" if zone and parsed.version == 6 else address
 
 
 def _literal(host: str) -> tuple[str, ipaddress.IPv4Address | ipaddress.IPv6Address] | None:
@@ -1371,7 +1383,7 @@ def _reaches(target: Endpoint, link: Link, bound: Mapping[str, str],
         # connect() to an unspecified address reaches this host's loopback (Linux).
         unspecified = {ANY_IPV4: "127.0.0.1", "::": "::1"}.get(address)
         addresses = (((unspecified, True),) if unspecified else
-                     ((address, parsed.is_loopback or address in own),))
+                     ((address, parsed.is_loopback or _own_key(host, literal) in own),))
     bind = bound[link.bind]
     return any(address == bind or (this_host and _overlap(link.bind, address))
                for address, this_host in addresses)

@@ -388,10 +388,10 @@ def check_zones(links: Iterable[Link]) -> None:
 
 
 def own_addresses(targets: Mapping[str, Endpoint]) -> frozenset[str]:
-    """Which of `targets` (config.own_address_candidates: address -> a target of it) are
-    addresses of this host, as its routing says (routes_here). A probe that fails (no
-    route, no IPv6 sockets, a zone gone) says "not known to be this host's", never a
-    reason to refuse: run time judges it again."""
+    """Which of `targets` (config.own_address_candidates: address, with its zone, -> a
+    target of it) are addresses of this host, as its routing says (routes_here). A probe
+    that fails (no route, no IPv6 sockets, a zone gone) says "not known to be this
+    host's", never a reason to refuse: run time judges it again."""
     own = set()
     for address, target in targets.items():
         family = socket.AF_INET6 if ":" in address else socket.AF_INET

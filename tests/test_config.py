@@ -771,7 +771,11 @@ def test_links_that_reach_one_another_in_a_ring_are_refused(
         (["7000=10.0.0.5:7000"], {"10.0.0.5": "10.0.0.5:7000"}),  # the usual link: one
         (["[::]:7000=[fd00::1]:7000"], {"fd00::1": "[fd00::1]:7000"}),
         (["[::]:7000=[::ffff:10.0.0.5]:7000"], {"10.0.0.5": "[::ffff:10.0.0.5]:7000"}),
-        (["[::]:7000=[fe80::1%eth0]:7000"], {"fe80::1": "[fe80::1%eth0]:7000"}),
+        (["[::]:7000=[fe80::1%eth0]:7000"], {"fe80::1%eth0": "[fe80::1%eth0]:7000"}),
+        # One link-local address on two interfaces is two: this host's on one, perhaps a
+        # neighbour's on the other. Keyed by the address alone, only the first was asked.
+        (["[::]:7000=[fe80::1%eth0]:7000", "[::]:7001=[fe80::1%eth1]:7001"],
+         {"fe80::1%eth0": "[fe80::1%eth0]:7000", "fe80::1%eth1": "[fe80::1%eth1]:7001"}),
         # One per address, whatever the port; a ring's links alike.
         (["7000=10.0.0.5:7001", "7001=10.0.0.5:7000", "7002=10.0.0.6:7002"],
          {"10.0.0.5": "10.0.0.5:7001", "10.0.0.6": "10.0.0.6:7002"}),
@@ -838,6 +842,24 @@ def test_a_target_of_this_hosts_own_addresses_loops_as_localhost_does(
     assert warning.endswith(
         " is an address of this host (in a container, the container itself): name the "
         "server's host"), warning
+
+
+def test_a_link_local_target_is_this_hosts_on_its_own_interface_only() -> None:
+    """fe80::1 this host's on eth1 and a neighbour's on eth0: only the eth1 target loops
+    (what read_links found, its zone kept, as own_address_candidates keys it). With the
+    address alone, which zone's answer counted depended on the links' order, and the
+    other's loop went unsaid, or a neighbour was called this host."""
+    links = build_links(["[::]:7000=[fe80::1%eth0]:7000",
+                         "[::]:7001=[fe80::1%eth1]:7001"]).links
+    own = frozenset({"fe80::1%eth1"})
+    assert set(config.own_address_candidates(links)) >= own
+    warning = config.own_address_loop(links, own)
+    assert warning is not None
+    assert warning.startswith("[::]:7001=[fe80::1%eth1]:7001 connects to its own "
+                              "listener ([::]:7001 -> [fe80::1%eth1]:7001)"), warning
+    assert "fe80::1%eth0" not in warning, warning
+    assert warning.endswith("; fe80::1%eth1 is an address of this host (in a container, "
+                            "the container itself): name the server's host"), warning
 
 
 def test_spec_and_variable_on_one_port_with_different_targets() -> None:
