@@ -14,7 +14,7 @@ import ipaddress
 import json
 import re
 import sys
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 
 from .control import MAX_CLIENTS
 
@@ -180,8 +180,8 @@ class LinkTable(Value):
     """The links, what was skipped (`warnings`), the variables that the env file and the
     environment both set to different values (`overrides`: the file's wins), and the
     option variables the env file holds, which it cannot set (`file_options`: (name as a
-    log line shows it, what its warning says)), and a loop through an address of this
-    host's that may be one (`loops`: own_address_loop's text)."""
+    log line shows it, what its warning says)), and the loops through an address of this
+    host's that may be ones (`loops`: own_address_loop's texts, one line each)."""
 
     links: tuple[Link, ...]
     warnings: tuple[str, ...]
@@ -1210,8 +1210,7 @@ _MAY_LOOP = ("each client would come back into the proxy, refused then (connect-
              "first (an IPVS service address, a DNAT rule)")
 
 
-def _check_no_loop(links: Sequence[Link], own: Collection[str] = (),
-                   warning: bool = False) -> None:
+def _check_no_loop(links: Sequence[Link]) -> None:
     """Refuse a link whose target is its own listener: `6379=localhost:6379`, typed in a
     container where localhost is the container itself. Each client's child would connect
     back to the proxy, whose next child would do the same, until --max-children was used
@@ -1219,25 +1218,31 @@ def _check_no_loop(links: Sequence[Link], own: Collection[str] = (),
     one another's listeners in a ring (`6379=127.0.0.1:6380 6380=127.0.0.1:6379`) do the
     same, a child per link of the ring and round again; and a reload that undoes the ring
     does not free them: each child is left half-closed, waiting for an upstream that is
-    the next one's client. Judged without I/O, as _reaches says; `own`: the IP-literal
-    targets the caller found to be this host's (own_address_loop), whose line says what
-    follows as a `warning`'s."""
+    the next one's client. Judged without I/O, as _reaches says; the first loop (_loops)
+    refused."""
+    for text in _loops(links):
+        raise ConfigError(text)
+
+
+def _loops(links: Sequence[Link], own: Collection[str] = (),
+           warning: bool = False) -> Iterator[str]:
+    """What _check_no_loop refuses, a line for each loop: each link that connects to its
+    own listener, then each ring (_rings), found as they are wanted. `own`: the
+    IP-literal targets the caller found to be this host's (own_address_loop), whose
+    lines say what follows as a `warning`'s."""
     following = _following(links, own)
     for index, link in enumerate(links):
         if index in following[index]:
-            raise ConfigError(
-                f"{shorten(link.name)} connects to its own listener "
-                f"({join_host_port(link.bind, link.port)} -> {link.target}): "
-                f"{_MAY_LOOP if warning else _LOOP_REFUSED}; "
-                f"{_this_host([link.target.host], own)}")
-    ring = _first_ring(links, following)
-    if ring is not None:
+            yield (f"{shorten(link.name)} connects to its own listener "
+                   f"({join_host_port(link.bind, link.port)} -> {link.target}): "
+                   f"{_MAY_LOOP if warning else _LOOP_REFUSED}; "
+                   f"{_this_host([link.target.host], own)}")
+    for ring in _rings(links, following):
         hops = ", ".join(f"{shorten(link.name)} ({join_host_port(link.bind, link.port)} -> "
                          f"{link.target})" for link in ring)
-        raise ConfigError(
-            f"links connect to one another's listeners in a ring: {hops}: "
-            f"{_MAY_LOOP if warning else _RING_REFUSED}; "
-            f"{_this_host([link.target.host for link in ring], own)}")
+        yield (f"links connect to one another's listeners in a ring: {hops}: "
+               f"{_MAY_LOOP if warning else _RING_REFUSED}; "
+               f"{_this_host([link.target.host for link in ring], own)}")
 
 
 def own_address_candidates(links: Sequence[Link]) -> dict[str, Endpoint]:
@@ -1269,23 +1274,18 @@ def own_address_candidates(links: Sequence[Link]) -> dict[str, Endpoint]:
     return found
 
 
-def own_address_loop(links: Sequence[Link], own: Collection[str]) -> str | None:
+def own_address_loop(links: Sequence[Link], own: Collection[str]) -> tuple[str, ...]:
     """The loop and ring checks of build_links again, now with the targets among
-    own_address_candidates that the caller found to be this host's (`own`): what they
-    would refuse, as a warning's text, or None. A container's own address on the port of
+    own_address_candidates that the caller found to be this host's (`own`): each loop
+    they would refuse, as a warning's text (one line each: it said only the first, and
+    the next was found only once that one was mended). A container's own address on the port of
     a wildcard listener (`0.0.0.0:6379=172.17.0.5:6379`) brings each client back into the
     proxy as localhost does, unless something on this host takes the address's
     connections first: kube-proxy's IPVS puts every service address on an interface of
     the node (a hostNetwork ambassador's target is then "this host's", and reached), as
     may a DNAT rule. So said, not refused: a false refusal would stop a proxy that works,
     and a true loop is refused at its second hop anyway (relay._loops_back)."""
-    if not own:
-        return None
-    try:
-        _check_no_loop(links, own, warning=True)
-    except ConfigError as exc:
-        return str(exc)
-    return None
+    return tuple(_loops(links, own, warning=True)) if own else ()
 
 
 def _this_host(hosts: Sequence[str], own: Collection[str] = ()) -> str:
@@ -1405,8 +1405,13 @@ def _following(links: Sequence[Link], own: Collection[str] = ()) -> list[list[in
              if _reaches(link.target, links[other], bound, own)] for link in links]
 
 
-def _first_ring(links: Sequence[Link], following: list[list[int]]) -> list[Link] | None:
-    """Links whose targets reach the next one's listener, the last's the first's, or None.
+def _rings(links: Sequence[Link], following: list[list[int]]) -> Iterator[list[Link]]:
+    """Rings of links, each link's target reaching the next one's listener, the last's
+    the first's: one for each step of a depth-first walk back to a link on its path (a
+    link that reaches its own listener is _loops's, not a ring). Every ring holds such a
+    step, and each step's ring is said; of two rings through one step (a `localhost`
+    target reaching two listeners), one. Yielded as found: _check_no_loop wants the
+    first alone.
 
     Linear in the links: a target reaches at most two listeners (`localhost`'s two
     addresses; listeners that overlap were refused), so each link has at most two next
@@ -1427,11 +1432,11 @@ def _first_ring(links: Sequence[Link], following: list[list[int]]) -> list[Link]
                 del on_path[index]
                 done[index] = True
             elif step in on_path:
-                return [links[at] for at, _ in stack[on_path[step]:]]
+                if step != index:
+                    yield [links[at] for at, _ in stack[on_path[step]:]]
             elif not done[step]:
                 on_path[step] = len(stack)
                 stack.append((step, iter(following[step])))
-    return None
 
 
 def build_links(

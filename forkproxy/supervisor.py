@@ -223,9 +223,9 @@ def read_links(sources: Sources, environ: Mapping[str, str],
     # takes (a container's own IP), loops as localhost does, unless the host hands it on
     # first (IPVS): asked of the kernel here, for the few literal targets that could
     # (none, or one per address, usually), and warned of (own_address_loop).
-    loop = own_address_loop(table.links,
-                            listeners.own_addresses(own_address_candidates(table.links)))
-    return table if loop is None else table.replace(loops=(loop,))
+    loops = own_address_loop(table.links,
+                             listeners.own_addresses(own_address_candidates(table.links)))
+    return table.replace(loops=loops) if loops else table
 
 
 def absolute_path(path: str) -> str:

@@ -832,16 +832,45 @@ def test_a_target_of_this_hosts_own_addresses_loops_as_localhost_does(
     kernel said are this host's (here 10.0.0.5), the loop and ring checks say so, as a
     warning: the host may hand that address on first (IPVS), where it is no loop."""
     links = build_links(specs).links
-    assert config.own_address_loop(links, frozenset()) is None  # none of this host's
-    warning = config.own_address_loop(links, frozenset({"10.0.0.5"}))
+    assert config.own_address_loop(links, frozenset()) == ()  # none of this host's
+    warnings = config.own_address_loop(links, frozenset({"10.0.0.5"}))
     if said is None:
-        assert warning is None
+        assert warnings == ()
         return
-    assert warning is not None
+    [warning] = warnings
     assert said in warning
     assert warning.endswith(
         " is an address of this host (in a container, the container itself): name the "
         "server's host"), warning
+
+
+def test_every_loop_through_an_own_address_is_said_each_on_its_line() -> None:
+    """Two links to their own listeners and two rings, through this host's 10.0.0.5: only
+    the first was said, and the next came up only once that one was mended, a restart
+    later. Each is said now, a line each (the log's `link-may-loop`, `links`'s warning),
+    links to their own listeners first; a chain out to another host is not."""
+    links = build_links(["7000=10.0.0.5:7000", "7001=10.0.0.5:7001",
+                         "7002=10.0.0.5:7003", "7003=127.0.0.1:7002",
+                         "7004=10.0.0.5:7005", "7005=127.0.0.1:7004",
+                         "7006=10.0.0.5:7007", "7007=10.0.0.7:7006"]).links
+    said = config.own_address_loop(links, frozenset({"10.0.0.5"}))
+    starts = ("7000=10.0.0.5:7000 connects to its own listener ",
+              "7001=10.0.0.5:7001 connects to its own listener ",
+              "links connect to one another's listeners in a ring: 7002=10.0.0.5:7003 ",
+              "links connect to one another's listeners in a ring: 7004=10.0.0.5:7005 ")
+    assert len(said) == len(starts), said
+    assert all(line.startswith(start) for line, start in zip(said, starts, strict=True)), said
+    assert said[1] == (
+        "7001=10.0.0.5:7001 connects to its own listener (0.0.0.0:7001 -> 10.0.0.5:7001): "
+        "each client would come back into the proxy, refused then (connect-failed, reason "
+        "loop), unless this host gives the address's connections to another first (an "
+        "IPVS service address, a DNAT rule); 10.0.0.5 is an address of this host (in a "
+        "container, the container itself): name the server's host")
+    assert said[3].startswith(
+        "links connect to one another's listeners in a ring: 7004=10.0.0.5:7005 "
+        "(0.0.0.0:7004 -> 10.0.0.5:7005), 7005=127.0.0.1:7004 (0.0.0.0:7005 -> "
+        "127.0.0.1:7004): each client"), said
+    assert all("7006" not in line and "7007" not in line for line in said), said
 
 
 def test_a_link_local_target_is_this_hosts_on_its_own_interface_only() -> None:
@@ -853,8 +882,7 @@ def test_a_link_local_target_is_this_hosts_on_its_own_interface_only() -> None:
                          "[::]:7001=[fe80::1%eth1]:7001"]).links
     own = frozenset({"fe80::1%eth1"})
     assert set(config.own_address_candidates(links)) >= own
-    warning = config.own_address_loop(links, own)
-    assert warning is not None
+    [warning] = config.own_address_loop(links, own)
     assert warning.startswith("[::]:7001=[fe80::1%eth1]:7001 connects to its own "
                               "listener ([::]:7001 -> [fe80::1%eth1]:7001)"), warning
     assert "fe80::1%eth0" not in warning, warning

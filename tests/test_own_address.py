@@ -225,3 +225,20 @@ def test_a_name_with_a_loop_and_a_remote_server_serves_under_nonlocal_bind(
     # connection failed.
     assert wait_for(lambda: " connect-fallback " in proc.stderr()), proc.describe()
     assert " connect-failed " not in proc.stderr(), proc.describe()
+
+
+def test_two_loops_through_an_own_address_are_each_said(lab: Lab, box: Namespace) -> None:
+    """Two links to their own listeners through the box's own address: serve's log and
+    `links` said the first alone, and the second only after the first was mended. A
+    `link-may-loop` line, and a warning line of `links`, for each."""
+    specs = (f"{PORT}={OWN}:{PORT}", f"{OTHER}={OWN}:{OTHER}")
+    lines = [f"{spec} connects to its own listener (0.0.0.0:{port} -> {OWN}:{port}): "
+             f"{MAY}; {WHY}" for spec, port in zip(specs, (PORT, OTHER), strict=True)]
+    proc = started(lab, box, *specs, count=2)
+    assert wait_for(lambda: len(warnings(proc)) == 2), proc.describe()
+    for warning, line in zip(warnings(proc), lines, strict=True):
+        assert warning.endswith(f' detail="{line}"'), proc.describe()
+    result = subprocess.run(box.exec_argv([FORKPROXY, "links", *specs]),
+                            capture_output=True, text=True, timeout=30, check=False)
+    assert result.returncode == 0, result
+    assert result.stderr == "".join(f"forkproxy: warning: {line}\n" for line in lines), result
