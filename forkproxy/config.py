@@ -1250,10 +1250,10 @@ def own_address_candidates(links: Sequence[Link]) -> dict[str, Endpoint]:
     (read_links asks: this module does no I/O), keyed by the address as _reaches
     compares it (_own_key: with its zone), one target per address (the answer does not
     depend on the port, but does on the interface: fe80::1 may be this host's on eth0
-    and a neighbour's on eth1, so each zone is asked): those
-    neither loopback nor unspecified (judged without asking) on the port of a listener
-    that would take them if they were, a wildcard bind of their family or `::` (the
-    very address a listener binds is judged without asking too). So `6379=10.0.0.5:6379`
+    and a neighbour's on eth1, so each zone is asked): those neither loopback nor
+    unspecified (judged without asking) on the port of a listener that would take them
+    if they were, a wildcard bind of their family or `::` (the very address a listener
+    binds is judged without asking too). So `6379=10.0.0.5:6379`
     asks about one address, and a target on no listener's port about none."""
     families: dict[int, set[int]] = {}  # port -> the IP versions a wildcard on it takes
     for link in links:
@@ -1278,9 +1278,9 @@ def own_address_loop(links: Sequence[Link], own: Collection[str]) -> tuple[str, 
     """The loop and ring checks of build_links again, now with the targets among
     own_address_candidates that the caller found to be this host's (`own`): each loop
     they would refuse, as a warning's text (one line each: it said only the first, and
-    the next was found only once that one was mended). A container's own address on the port of
-    a wildcard listener (`0.0.0.0:6379=172.17.0.5:6379`) brings each client back into the
-    proxy as localhost does, unless something on this host takes the address's
+    the next was found only once that one was mended). A container's own address on the
+    port of a wildcard listener (`0.0.0.0:6379=172.17.0.5:6379`) brings each client back
+    into the proxy as localhost does, unless something on this host takes the address's
     connections first: kube-proxy's IPVS puts every service address on an interface of
     the node (a hostNetwork ambassador's target is then "this host's", and reached), as
     may a DNAT rule. So said, not refused: a false refusal would stop a proxy that works,
