@@ -249,9 +249,15 @@ _REASON_OF_ERRNO = {
     errno.EHOSTDOWN: "unreachable",
     errno.ENETDOWN: "unreachable",
     errno.ENONET: "unreachable",
+    # A blackhole route to the upstream (a network plugin's for addresses no container
+    # holds now): connect() fails EINVAL, no packet sent. So does a link-local IPv6
+    # address without its interface (a name's: config refuses such a literal), which has
+    # no route either.
+    errno.EINVAL: "unreachable",
     errno.EADDRNOTAVAIL: "no-local-port",
     # connect() itself refused on this host, no packet sent: a cgroup BPF connect hook
-    # (EPERM), seccomp, an LSM (Landlock, SELinux, AppArmor: EACCES). Not a firewall
+    # (EPERM), seccomp, an LSM (Landlock, SELinux, AppArmor: EACCES), a prohibit route to
+    # the upstream (EACCES: the routing policy of this host's). Not a firewall
     # rule that drops the SYN: TCP retries that one and it ends as a timeout.
     errno.EPERM: "blocked",
     errno.EACCES: "blocked",

@@ -482,6 +482,22 @@ def _reaped_within(pid: int, seconds: float) -> bool:
 _OUT_OF_PORTS = ("out of local ports toward the upstream: each connection holds one, and "
                  "for 60 s after a close the proxy began (TIME_WAIT); widen "
                  "net.ipv4.ip_local_port_range or spread over more upstream addresses")
+# The `detail` of a connect-failed line, by the connect's errno, where its error alone
+# misleads. A route (or rule) of type blackhole or prohibit fails connect() on this host
+# before any packet leaves, with EINVAL and EACCES (`ip route get` fails alike, naming
+# nothing): `Invalid argument` and `Permission denied` sent operators after a bug or
+# file permissions. Network plugins install such routes (Calico: a blackhole route for
+# each block of pod addresses it hands out, so a pod's address no pod holds now fails so).
+_CONNECT_FAILED_DETAIL = {
+    errno.EADDRNOTAVAIL: _OUT_OF_PORTS,
+    errno.EINVAL: "no route: a blackhole route on this host covers the upstream's address "
+                  "(`ip route show table all match ADDRESS` lists it; or an `ip rule`), as "
+                  "a network plugin's for addresses no container holds any more",
+    errno.EACCES: "refused on this host, no packet sent: a prohibit route covers the "
+                  "upstream's address (`ip route show table all match ADDRESS` lists it; "
+                  "or an `ip rule`), or a security module (Landlock, SELinux, AppArmor) "
+                  "refuses the connect",
+}
 
 
 class TakeOverCancelled(Exception):
@@ -2361,16 +2377,17 @@ class Supervisor:
         kind = failure_errno(failure)  # 0 for a failed lookup of the child's own
         failures = self._fold_link("connect-failed", link, 1, kind)
         if failures:
-            # Out of local ports toward the upstream: one address takes at most
-            # ip_local_port_range's ~28,000 connections, fewer than --max-children may be.
-            ports = kind == errno.EADDRNOTAVAIL
+            # Out of local ports toward the upstream (one address takes at most
+            # ip_local_port_range's ~28,000 connections, fewer than --max-children may
+            # be), a blackhole or prohibit route: said, as the error alone does not.
+            detail = _CONNECT_FAILED_DETAIL.get(kind)
             looped = noted if failure & LOOPED else None
             tried = ({"address": peer_text((noted, link.target.port))}
                      if noted is not None and looped is None and link.target.is_name else {})
             self.log.warning("connect-failed", link=link.name, client=peer_text(record[1]),
                              upstream=str(link.target), **tried,
                              error=failure_text(failure, link.target.host, looped),
-                             failures=failures, **({"detail": _OUT_OF_PORTS} if ports else {}))
+                             failures=failures, **({"detail": detail} if detail else {}))
 
     def count_fallbacks(self) -> None:
         """Count the fallbacks of live children not counted yet (SIGALRM: a child that fell

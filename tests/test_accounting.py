@@ -190,9 +190,10 @@ def test_the_connections_total_counts_the_links_a_reload_removed() -> None:
     (errno.ETIMEDOUT, "timeout"),
     (errno.EHOSTUNREACH, "unreachable"),
     (errno.ENETUNREACH, "unreachable"),
+    (errno.EINVAL, "unreachable"),  # a blackhole route (once `other`)
     (errno.EADDRNOTAVAIL, "no-local-port"),
     (errno.EPERM, "blocked"),  # a cgroup BPF connect hook, seccomp
-    (errno.EACCES, "blocked"),  # an LSM: Landlock, SELinux, AppArmor
+    (errno.EACCES, "blocked"),  # an LSM: Landlock, SELinux, AppArmor; a prohibit route
     (errno.EAFNOSUPPORT, "other"),
     (relay.LOOP_ERRNO, "loop"),  # an address that connects back into the proxy
     (NO_ADDRESS, "unresolved"),

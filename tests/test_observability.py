@@ -5903,6 +5903,9 @@ def test_a_control_socket_unused_for_an_hour_is_touched_so_tmpfiles_leaves_it(
 
 
 BLACK_HOLE, NO_ROUTE = "198.18.5.2", "198.18.6.2"
+# Routes of type blackhole and prohibit: connect() fails at once on this host, EINVAL and
+# EACCES, no packet sent (a network plugin's routes for addresses no container holds).
+BLACKHOLE_ROUTE, PROHIBIT_ROUTE = "198.18.7.2", "198.18.8.2"
 # In the proxy's own network only: nothing else binds there.
 BUSY_UPSTREAM_PORT, BLOCKED_UPSTREAM_PORT, FIRST_CLIENT_PORT = 7777, 7778, 50001
 TWO_LOCAL_PORTS = "61000 61001"  # above the default range, so no port of before is in it
@@ -5912,7 +5915,8 @@ def network_with_failures() -> tuple[str, ...]:
     """start_proxy's `prefix`: the proxy in a network namespace of its own where
     BLACK_HOLE takes packets and never answers (a veth whose far end, here too, drops
     frames for a neighbour address pinned to nobody: no ARP to fail) and NO_ROUTE has an
-    `unreachable` route (EHOSTUNREACH at once)."""
+    `unreachable` route (EHOSTUNREACH at once), BLACKHOLE_ROUTE a `blackhole` one (EINVAL)
+    and PROHIBIT_ROUTE a `prohibit` one (EACCES)."""
     return (need("unshare"), "--net", "sh", "-c", " && ".join((
         "ip link set lo up",
         "ip link add reasons0 type veth peer name reasons1",
@@ -5920,6 +5924,8 @@ def network_with_failures() -> tuple[str, ...]:
         "ip addr add 198.18.5.1/24 dev reasons0",
         f"ip neigh replace {BLACK_HOLE} lladdr 02:00:00:00:00:02 dev reasons0 nud permanent",
         "ip route add unreachable 198.18.6.0/24",
+        "ip route add blackhole 198.18.7.0/24",
+        "ip route add prohibit 198.18.8.0/24",
         'exec "$0" "$@"')))
 
 
@@ -5969,11 +5975,15 @@ def test_upstream_connect_failures_are_counted_by_reason(
     for a local problem. Each failure now counts under its `reason` (status --json's
     upstream_failures_by_reason, the metric's label), every reason of every link from 0.
     One proxy, in a network of its own, a link for each reason; connects to the blocked
-    link's port refused by a policy of this host's (EACCES: `blocked`, once `other`)."""
-    refused, black_hole, no_route, unresolved, busy, blocked = links = [
+    link's port refused by a policy of this host's (EACCES: `blocked`, once `other`).
+    A blackhole route's connects failed EINVAL, counted `other` and logged as `Invalid
+    argument` alone: now `unreachable`, and the line's detail names the route; a
+    prohibit route's (EACCES, `Permission denied`) are `blocked`, the route named too."""
+    refused, black_hole, no_route, unresolved, busy, blocked, blackhole, prohibit = links = [
         "127.0.0.1:0=127.0.0.1:9", f"127.0.0.1:0={BLACK_HOLE}:80", f"127.0.0.1:0={NO_ROUTE}:80",
         "127.0.0.1:0=nosuch.invalid:80", f"127.0.0.1:0=127.0.0.1:{BUSY_UPSTREAM_PORT}",
-        f"127.0.0.1:0=127.0.0.1:{BLOCKED_UPSTREAM_PORT}"]
+        f"127.0.0.1:0=127.0.0.1:{BLOCKED_UPSTREAM_PORT}", f"127.0.0.1:0={BLACKHOLE_ROUTE}:80",
+        f"127.0.0.1:0={PROHIBIT_ROUTE}:80"]
     proxy = start_proxy("--metrics", "127.0.0.1:0", "--connect-timeout", "0.5", *links,
                         env=env, expect=len(links) + 1,
                         prefix=(*network_with_failures(),
@@ -5990,7 +6000,8 @@ def test_upstream_connect_failures_are_counted_by_reason(
                          reason=reason) == 0, (link, reason, found)
 
     expected = {refused: "refused", black_hole: "timeout", no_route: "unreachable",
-                unresolved: "unresolved", blocked: "blocked"}
+                unresolved: "unresolved", blocked: "blocked", blackhole: "unreachable",
+                prohibit: "blocked"}
     for link, reason in expected.items():
         with in_network(proxy.network):
             refused_through(port[link])
@@ -6048,3 +6059,9 @@ def test_upstream_connect_failures_are_counted_by_reason(
     [line] = [fields for fields in map(parse_text_line, proxy.log().splitlines())
               if fields["event"] == "connect-failed" and fields["link"] == blocked]
     assert line["error"] == "Permission denied", line
+    # A route's failure says so: the errors alone sent operators after a bug or permissions.
+    for link, error, route in ((blackhole, "Invalid argument", "a blackhole route"),
+                               (prohibit, "Permission denied", "a prohibit route")):
+        [line] = [fields for fields in map(parse_text_line, proxy.log().splitlines())
+                  if fields["event"] == "connect-failed" and fields["link"] == link]
+        assert line["error"] == error and route in line.get("detail", ""), line
