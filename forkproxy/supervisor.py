@@ -551,6 +551,12 @@ class Supervisor:
         # failure must not fall in the old one's window. reload() drops the pairs no
         # longer configured.
         self.link_folds: dict[tuple[str, str, Endpoint, int], list[float]] = {}
+        # A connect-failed window's last failure folded without a line: (link, client,
+        # FAILURE word, noted address), what the line that says the window's count names
+        # when the window is dropped (a reload, the exit) before a failure after it wrote
+        # one (_log_folded_failures). On the failed connect's reap only.
+        self.link_fold_last: dict[tuple[str, str, Endpoint, int],
+                                  tuple[Link, tuple[object, ...], int, str | None]] = {}
         # (Link name, target) -> [when its next connect-fallback line is due]: handed to
         # its children (in relay.serve's `lines`), which tell the supervisor of a fallback
         # only from then.
@@ -1667,6 +1673,7 @@ class Supervisor:
             self.unconfirmed_by = None
         # The counts no window's end has logged yet. Last: with the log blocked, this
         # write waits, and everything above is done by then.
+        self._log_folded_failures()
         self._end_denial_windows()
 
     def _end_metrics(self) -> None:
@@ -2377,17 +2384,41 @@ class Supervisor:
         kind = failure_errno(failure)  # 0 for a failed lookup of the child's own
         failures = self._fold_link("connect-failed", link, 1, kind)
         if failures:
-            # Out of local ports toward the upstream (one address takes at most
-            # ip_local_port_range's ~28,000 connections, fewer than --max-children may
-            # be), a blackhole or prohibit route: said, as the error alone does not.
-            detail = _CONNECT_FAILED_DETAIL.get(kind)
-            looped = noted if failure & LOOPED else None
-            tried = ({"address": peer_text((noted, link.target.port))}
-                     if noted is not None and looped is None and link.target.is_name else {})
-            self.log.warning("connect-failed", link=link.name, client=peer_text(record[1]),
-                             upstream=str(link.target), **tried,
-                             error=failure_text(failure, link.target.host, looped),
-                             failures=failures, **({"detail": detail} if detail else {}))
+            self._log_connect_failed(link, record[1], failure, noted, failures)
+        else:
+            self.link_fold_last[("connect-failed", link.name, link.target, kind)] = (
+                link, record[1], failure, noted)
+
+    def _log_connect_failed(self, link: Link, client: tuple[object, ...], failure: int,
+                            noted: str | None, failures: int) -> None:
+        """The `connect-failed` line of `failures` failures, the last one of `client`."""
+        # Out of local ports toward the upstream (one address takes at most
+        # ip_local_port_range's ~28,000 connections, fewer than --max-children may
+        # be), a blackhole or prohibit route: said, as the error alone does not.
+        detail = _CONNECT_FAILED_DETAIL.get(failure_errno(failure))
+        looped = noted if failure & LOOPED else None
+        tried = ({"address": peer_text((noted, link.target.port))}
+                 if noted is not None and looped is None and link.target.is_name else {})
+        self.log.warning("connect-failed", link=link.name, client=peer_text(client),
+                         upstream=str(link.target), **tried,
+                         error=failure_text(failure, link.target.host, looped),
+                         failures=failures, **({"detail": detail} if detail else {}))
+
+    def _log_folded_failures(self, wired: set[tuple[str, Endpoint]] | None = None) -> None:
+        """Say the failures the connect-failed windows folded since their last line, for
+        the windows about to be dropped: those of (link name, target) not in `wired` (a
+        reload pointed the link elsewhere or removed it), or all of them (the exit). No
+        failure after the window would ever write their count: the log's `failures` then
+        summed to less than upstream_failures (forkproxy_upstream_connect_failures_total)
+        for good, as `denied-unlogged` sees to for `denied`."""
+        for key, (failures, _) in self.link_folds.items():
+            if failures and key[0] == "connect-failed" and (
+                    wired is None or key[1:3] not in wired):
+                last = self.link_fold_last.get(key)
+                if last is not None:
+                    self._log_connect_failed(*last, int(failures))
+        self.link_fold_last = {key: last for key, last in self.link_fold_last.items()
+                               if wired is not None and key[1:3] in wired}
 
     def count_fallbacks(self) -> None:
         """Count the fallbacks of live children not counted yet (SIGALRM: a child that fell
@@ -3186,6 +3217,7 @@ class Supervisor:
         # for good, one per target ever configured. (A child of such a target reaped after
         # this starts a window of its own again, kept until the next reload.)
         wired = {(item.link.name, item.link.target) for item in kept}
+        self._log_folded_failures(wired)
         self.link_folds = {key: counts for key, counts in self.link_folds.items()
                            if key[1:3] in wired}
         self.fallback_due = {key: due for key, due in self.fallback_due.items() if key in wired}

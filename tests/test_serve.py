@@ -773,6 +773,62 @@ def test_a_link_a_reload_retargets_folds_its_new_upstream_apart(
         assert f" link={name} " in lines()[1], lines()[1]
 
 
+def test_failures_a_window_folded_are_said_when_a_reload_or_the_exit_drops_it(
+    start_proxy: Callable[..., Proxy], short_dir: Path
+) -> None:
+    """A connect-failed window's count waits for a failure after its 10 s; a reload that
+    points the link elsewhere (or removes it) dropped the window, and the exit ended it,
+    with the count unsaid: the lines' `failures` summed to less than upstream_failures
+    for good (a retargeted ambassador: 33 failures, 22 in the log). Said now, in one line
+    per window as it goes, naming the last failure, as `denied-unlogged` says denials."""
+    from conftest import control
+
+    with socket.socket() as dead_a, socket.socket() as dead_b:  # bound, never listening
+        dead_a.bind(("127.0.0.1", 0))
+        dead_b.bind(("127.0.0.1", 0))
+        port = free_port()
+        name = f"DB_PORT_{port}_TCP"
+        env_file, sock_path = short_dir / "links.env", short_dir / "s.sock"
+
+        def point_at(dead: socket.socket) -> str:
+            target = f"127.0.0.1:{dead.getsockname()[1]}"
+            env_file.write_text(f"{name}=tcp://{target}\n")
+            return target
+
+        def refused(times: int) -> None:
+            for _ in range(times):
+                with socket.create_connection(("127.0.0.1", port)) as client:
+                    client.settimeout(10)
+                    assert client.recv(10) == b""
+
+        def lines() -> list[str]:
+            return [x for x in proxy.log().splitlines() if " connect-failed " in x]
+
+        def failed() -> int:
+            return int(control(sock_path, "status")["links"][name]["upstream_failures"])
+
+        first = point_at(dead_a)
+        proxy = start_proxy("--env-file", str(env_file), "--bind", "127.0.0.1",
+                            "--status-socket", str(sock_path))
+        refused(4)  # one line at once, three folded
+        assert wait_for(lambda: failed() == 4)
+        assert len(lines()) == 1, proxy.log()
+        second = point_at(dead_b)
+        assert control(sock_path, "reload")["ok"]
+        assert wait_for(lambda: len(lines()) == 2), proxy.log()
+        assert lines()[1].endswith(f' upstream={first} error="Connection refused" failures=3')
+        refused(3)  # the new upstream: its own line at once, two folded
+        assert wait_for(lambda: failed() == 7)
+        assert len(lines()) == 3, proxy.log()
+        assert lines()[2].endswith(f' upstream={second} error="Connection refused" failures=1')
+        assert proxy.stop() == 0
+        log = proxy.log().splitlines()
+        assert len(lines()) == 4, log
+        assert lines()[3].endswith(f' upstream={second} error="Connection refused" failures=2')
+        assert " exited " in log[-1], log[-1]  # still the last line
+        assert sum(int(line.rsplit("failures=", 1)[1]) for line in lines()) == 7
+
+
 def test_sigterm_drains_a_transfer_refuses_new_clients_and_exits_0(
     start_proxy: Callable[..., Proxy],
     tcp_server: ServerFactory,
