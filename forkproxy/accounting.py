@@ -391,9 +391,10 @@ class LinkStats:
         self.bytes_up = 0
         self.bytes_down = 0
         # Ended with no byte moved either way, by anything but a failed connect (that is
-        # an upstream_failure): a health check's connect-and-close (a tcpSocket probe,
-        # `nc -z`), a scanner's connect; also a child killed before a byte moved. Real
-        # traffic all but always moves one.
+        # an upstream_failure), a kill or a crash (`killed`, `failed`: see finished()): a
+        # health check's connect-and-close (a tcpSocket probe, `nc -z`), a scanner's
+        # connect, and a client that reset while its child still connected (no upstream
+        # connection then: relay._client_left). Real traffic all but always moves one.
         self.empty = 0
         self.cpu_seconds = 0.0
         self.outcomes: dict[str, int] = {}
