@@ -557,6 +557,9 @@ class Supervisor:
         # one (_log_folded_failures). On the failed connect's reap only.
         self.link_fold_last: dict[tuple[str, str, Endpoint, int],
                                   tuple[Link, tuple[object, ...], int, str | None]] = {}
+        # The same for connect-fallback: the last folded fallback's line, but its count
+        # (its addresses are read from the slot, which the reap frees).
+        self.fallback_fold_last: dict[tuple[str, str, Endpoint, int], dict[str, object]] = {}
         # (Link name, target) -> [when its next connect-fallback line is due]: handed to
         # its children (in relay.serve's `lines`), which tell the supervisor of a fallback
         # only from then.
@@ -2405,20 +2408,28 @@ class Supervisor:
                          failures=failures, **({"detail": detail} if detail else {}))
 
     def _log_folded_failures(self, wired: set[tuple[str, Endpoint]] | None = None) -> None:
-        """Say the failures the connect-failed windows folded since their last line, for
-        the windows about to be dropped: those of (link name, target) not in `wired` (a
-        reload pointed the link elsewhere or removed it), or all of them (the exit). No
-        failure after the window would ever write their count: the log's `failures` then
-        summed to less than upstream_failures (forkproxy_upstream_connect_failures_total)
-        for good, as `denied-unlogged` sees to for `denied`."""
+        """Say what the connect-failed and connect-fallback windows folded since their
+        last line, for the windows about to be dropped: those of (link name, target) not
+        in `wired` (a reload pointed the link elsewhere or removed it), or all of them (the
+        exit). No failure after the window would ever write their count: the log's
+        `failures` then summed to less than upstream_failures
+        (forkproxy_upstream_connect_failures_total) for good; as `denied-unlogged` says
+        the denials a window left unlogged, at a reload and at exit."""
         for key, (failures, _) in self.link_folds.items():
-            if failures and key[0] == "connect-failed" and (
-                    wired is None or key[1:3] not in wired):
+            if not failures or (wired is not None and key[1:3] in wired):
+                continue
+            if key[0] == "connect-failed":
                 last = self.link_fold_last.get(key)
                 if last is not None:
                     self._log_connect_failed(*last, int(failures))
+            else:
+                fields = self.fallback_fold_last.get(key)
+                if fields is not None:
+                    self.log.warning("connect-fallback", **fields, failures=int(failures))
         self.link_fold_last = {key: last for key, last in self.link_fold_last.items()
                                if wired is not None and key[1:3] in wired}
+        self.fallback_fold_last = {key: last for key, last in self.fallback_fold_last.items()
+                                   if wired is not None and key[1:3] in wired}
 
     def count_fallbacks(self) -> None:
         """Count the fallbacks of live children not counted yet (SIGALRM: a child that fell
@@ -2451,14 +2462,17 @@ class Supervisor:
         for key, (record, word) in last.items():
             link, base = record[0], record[2]
             failures = self._fold_link("connect-fallback", link, counts[key])
-            if not failures:
-                continue
-            name = link.name
             connected, failed = fallback_addresses(counters, base, word, link.target.port)
-            self.log.warning("connect-fallback", link=name, client=peer_text(record[1]),
-                             upstream=str(link.target), connected=connected, failed=failed,
-                             failed_error=fallback_error(word, link.target.host),
-                             failures=failures)
+            fields: dict[str, object] = {
+                "link": link.name, "client": peer_text(record[1]),
+                "upstream": str(link.target), "connected": connected, "failed": failed,
+                "failed_error": fallback_error(word, link.target.host)}
+            if not failures:
+                # Read now, while the slot holds them: said if the window is dropped
+                # before a fallback after it writes its count (_log_folded_failures).
+                self.fallback_fold_last[("connect-fallback", *key, 0)] = fields
+                continue
+            self.log.warning("connect-fallback", **fields, failures=failures)
             due = self.fallback_due.get(key)
             if due is not None:
                 due[0] = time.monotonic() + ERROR_LOG_EVERY

@@ -713,6 +713,34 @@ def test_a_connection_that_gets_through_only_after_an_address_failed_says_so_fol
                                'refused" failures=4'), proxy.describe()  # 3 folded + this one
 
 
+def test_fallbacks_a_window_folded_are_said_when_the_exit_ends_it(
+    lab: Lab, ns: Namespace
+) -> None:
+    """The fallbacks a connect-fallback window folded were said only by a fallback after
+    its 10 s: a stop (or a reload pointing the link elsewhere) ended the window with its
+    count unsaid, and the log showed fewer fallbacks than happened, for good (found by
+    reconciling the log with what the clients saw). Said now, in one last line naming
+    the last of them, before `exited`."""
+    hosts = Path("/etc/netns") / ns.name / "hosts"
+    with hosts.open("w") as handle:
+        handle.write("127.0.0.1 localhost\n127.0.0.4 upstream.test\n127.0.0.2 upstream.test\n")
+    proxy = start_proxy(lab, ns, "--resolve-every", "off")
+
+    def lines() -> list[str]:
+        return [x for x in proxy.stderr().splitlines() if " connect-fallback " in x]
+
+    assert [who(ns) for _ in range(6)] == ["first"] * 6  # 3 fell back: a line, 2 folded
+    wait_until(lambda: proxy.stderr().count(" close ") == 6, proxy)  # all reaped
+    assert len(lines()) == 1, proxy.describe()
+    proxy.popen.send_signal(signal.SIGTERM)
+    assert proxy.popen.wait(15) == 0, proxy.describe()
+    assert len(lines()) == 2, proxy.describe()
+    assert lines()[1].endswith(f' failed=127.0.0.4:{REDIS_PORT} failed_error="Connection '
+                               'refused" failures=2'), proxy.describe()
+    assert f" connected=127.0.0.2:{REDIS_PORT} " in lines()[1], lines()[1]
+    assert " exited " in proxy.stderr().splitlines()[-1], proxy.describe()
+
+
 def test_a_reload_that_closes_a_port_never_blocks_the_loop_on_the_next_lookup(
     lab: Lab, ns: Namespace
 ) -> None:
