@@ -2467,6 +2467,12 @@ class Supervisor:
                 "link": link.name, "client": peer_text(record[1]),
                 "upstream": str(link.target), "connected": connected, "failed": failed,
                 "failed_error": fallback_error(word, link.target.host)}
+            # An address refused on this host (a blackhole or prohibit route: a network
+            # plugin's for an address no container holds now) is named as connect-failed
+            # names it: `Invalid argument` alone sends operators the wrong way.
+            detail = _CONNECT_FAILED_DETAIL.get(failure_errno(word))
+            if detail is not None:
+                fields["detail"] = detail
             if not failures:
                 # Read now, while the slot holds them: said if the window is dropped
                 # before a fallback after it writes its count (_log_folded_failures).

@@ -741,6 +741,28 @@ def test_fallbacks_a_window_folded_are_said_when_the_exit_ends_it(
     assert " exited " in proxy.stderr().splitlines()[-1], proxy.describe()
 
 
+def test_a_fallback_past_a_blackhole_route_names_the_route(lab: Lab, ns: Namespace) -> None:
+    """An address of a name that a blackhole route on this host covers (a network plugin's
+    for an address no container holds now) fails connect() at once with EINVAL: the
+    `connect-fallback` line said only `Invalid argument`, which sends operators after a
+    bug. It names the route now, as `connect-failed` does (found by a network churn
+    hunt)."""
+    ns.run(["ip", "route", "add", "blackhole", "198.18.7.0/24"])
+    hosts = Path("/etc/netns") / ns.name / "hosts"
+    with hosts.open("w") as handle:
+        handle.write("127.0.0.1 localhost\n198.18.7.2 upstream.test\n127.0.0.2 upstream.test\n")
+    proxy = start_proxy(lab, ns, "--resolve-every", "off")
+
+    def lines() -> list[str]:
+        return [x for x in proxy.stderr().splitlines() if " connect-fallback " in x]
+
+    assert [who(ns) for _ in range(2)] == ["first"] * 2  # 1 fell back: its line at once
+    wait_until(lambda: len(lines()) == 1, proxy)
+    [line] = lines()
+    assert f' failed=198.18.7.2:{REDIS_PORT} failed_error="Invalid argument" ' in line, line
+    assert ' detail="no route: a blackhole route on this host covers' in line, line
+
+
 def test_a_reload_that_closes_a_port_never_blocks_the_loop_on_the_next_lookup(
     lab: Lab, ns: Namespace
 ) -> None:
