@@ -568,3 +568,52 @@ def test_ensure_venv_makes_the_venv_again_for_the_python_asked(tmp_path: Path) -
     assert bad.stderr.splitlines() == ["ensure-venv: PYTHON=python3-that-is-not-here does not"
                                        " run (want a Python 3 interpreter)"], bad.stderr
     assert _version(venv_python) == _version(Path(second))
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("proxy", ["forkproxy", "socat", "haproxy"])
+def test_scale_conns_measures_each_proxy_with_connections_held(proxy: str) -> None:
+    """scripts/scale_conns.py (docs/benchmarks.md, "Many live connections"), run for real
+    with a few connections: a row per count, then the reap and the churn. What it asserts
+    of the proxies is what holds at any count: no descriptor per child in forkproxy's
+    supervisor (nor in socat's), every child of the clients that closed reaped and none
+    left a zombie, `status` listing exactly the live ones, and no connection failed."""
+    if proxy != "forkproxy":
+        need(proxy)
+    result = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "scale_conns.py"), "--proxy", proxy,
+         "--levels", "0,30", "--rest", "0.5", "--probes", "5", "--reap", "20",
+         "--churn", "1"],
+        capture_output=True, text=True, timeout=100, check=False,
+    )
+    assert result.returncode == 0, result
+    assert result.stderr == "", result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [row.get("n") for row in rows[:2]] == [0, 30], rows
+    if proxy != "haproxy":  # its one process holds both sockets of each connection
+        assert rows[0]["fds"] == rows[1]["fds"], rows
+    for row in rows[:2]:
+        assert row["rss_kib"] > 0 and len(row["ttfb_ms"]) == 2, row
+        if proxy == "forkproxy":
+            assert all(row[key][1] > 0 for key in ("status", "status_json", "check", "metrics"))
+    churn = rows[-1]
+    assert churn["connections"] > 0 and churn["errors"] == 0, churn
+    if proxy == "haproxy":  # no child to reap: no reap row
+        assert len(rows) == 3, rows
+        return
+    reap = rows[2]
+    assert reap["closed"] == reap["reaped"] == 20 and reap["zombies"] == 0, reap
+    if proxy == "forkproxy":
+        assert reap["status_children"] == reap["expected"] == 10, reap
+
+
+def test_scale_conns_refuses_a_bad_level_before_starting_anything() -> None:
+    result = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "scale_conns.py"), "--levels", "40,10"],
+        capture_output=True, text=True, timeout=30, check=False,
+    )
+    assert result.returncode == 2, result
+    assert result.stderr.strip().splitlines()[-1] == (
+        "scale_conns.py: error: argument --levels: wants counts that rise from 0 up, "
+        "not '40,10'"), result.stderr
+    assert result.stdout == "", result.stdout
