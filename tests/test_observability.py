@@ -440,6 +440,31 @@ def echoed_connection(start_proxy: StartProxy, tcp_server: ServerFactory, sock_p
         yield client
 
 
+def test_a_connection_is_never_shown_idle_for_longer_than_it_has_lived(
+    start_proxy: StartProxy, tcp_server: ServerFactory, tmp_path: Path, env: dict[str, str],
+) -> None:
+    """`status` reads the kernel's idle times after psutil has read every child (~0.3 ms
+    each), while the ages are of the supervisor's reply: at 4,000 connections a
+    connection was shown IDLE 6.1 s with an AGE of 4.7 s. Here the second the reading
+    takes at ~3,000 connections is a sleep between the reply and the reading, as
+    run_status() has them; the client waits before its one ping, so that its connection
+    was idle for less than its age by far more than a jiffy."""
+    sock_path = tmp_path / "status.sock"
+    proxy = start_proxy("--status-socket", str(sock_path),
+                        f"127.0.0.1:0=127.0.0.1:{tcp_server(echo).port}", env=env)
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=30) as client:
+        time.sleep(0.3)
+        client.sendall(b"ping")
+        assert recv_exact(client, 4) == b"ping"
+        reply = ask(sock_path)
+        replied_at = time.monotonic()
+        reply["pid_here"] = reply["pid"]  # as status.request() adds it: one namespace
+        time.sleep(1.0)
+        [child] = fp_status.read_sockets(fp_status.enrich(reply), replied_at)["children"]
+        assert child["idle"] is not None, child
+        assert child["idle"] <= child["age"], child
+
+
 def test_status_reads_the_sockets_of_an_ipv4_client_of_a_dual_stack_listener(
     start_proxy: StartProxy, tcp_server: ServerFactory, tmp_path: Path, env: dict[str, str],
 ) -> None:
