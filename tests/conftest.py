@@ -416,11 +416,18 @@ class TcpServer:
             self.errors.append(exc)
 
     def close(self) -> None:
+        """Stop accepting, then close: shutdown() wakes the acceptor's accept() (EINVAL,
+        and at once for any it makes after), and the socket is closed only once the
+        acceptor has returned. Closed first, its descriptor's number was free while the
+        acceptor could still enter (or restart, after a signal) accept() on that number,
+        by then another test's listener: it took that test's connections (as the Sink in
+        test_chain_faults did, in CI)."""
         if self.sock.fileno() >= 0:
             with contextlib.suppress(OSError):
                 self.sock.shutdown(socket.SHUT_RDWR)
+            self.acceptor.join(30)
+            assert not self.acceptor.is_alive(), "the server's acceptor did not stop"
             self.sock.close()
-        self.acceptor.join(5)
         for thread in self.threads:
             thread.join(30)
 

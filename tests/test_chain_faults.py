@@ -71,12 +71,14 @@ class Sink:
         a close() alone left it blocked on the socket closed, its descriptor's number free:
         a signal that restarts system calls (glibc's for a seteuid) then restarted that
         accept() on the number, which by then was another test's listener, and the Sink
-        took that test's connections (CI: an echo test's message read, never answered)."""
+        took that test's connections (CI: an echo test's message read, never answered).
+        Closed only once the acceptor has returned: shut down, the socket fails any
+        accept() at once, where a close() before the join left that window open."""
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
-        self.sock.close()
         self.acceptor.join(30)
         assert not self.acceptor.is_alive(), "the sink's acceptor did not stop"
+        self.sock.close()
 
     def _accept(self) -> None:
         while True:

@@ -1608,9 +1608,12 @@ def answering(path: Path, reply: bytes) -> Iterator[None]:
     try:
         yield
     finally:
+        # Closed once the thread has returned: closed first, its number could be another
+        # listener's by the time the thread's accept() ran (conftest's TcpServer.close).
         server.shutdown(socket.SHUT_RDWR)
-        server.close()
         thread.join(DEADLINE)
+        assert not thread.is_alive(), "the answering thread did not stop"
+        server.close()
 
 
 # Replies other programs (or other versions) could give: each crashed `status`, `check` or

@@ -1607,7 +1607,10 @@ def _answering(path: str,
         listener.listen(1)
 
         def reply() -> None:
-            conn, _ = listener.accept()
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return  # shut down below: nobody came
             with conn, contextlib.suppress(OSError):
                 line = conn.makefile("rb").readline()
                 if isinstance(answer, bytes):
@@ -1624,6 +1627,10 @@ def _answering(path: str,
         try:
             yield
         finally:
+            # An accept() still waiting (nobody came) ends before the close: closed with
+            # the thread in it, the number could be another listener's by then.
+            with contextlib.suppress(OSError):
+                listener.shutdown(socket.SHUT_RDWR)
             thread.join(10)
 
 
@@ -1715,7 +1722,10 @@ def test_a_take_over_answered_a_byte_at_a_time_gives_up(
         listener.listen(1)
 
         def trickle() -> None:
-            conn, _ = listener.accept()
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return  # shut down below: nobody came
             with conn, contextlib.suppress(OSError):
                 while not stop.wait(1):
                     conn.sendall(b" ")  # JSON's whitespace: the start of an answer
@@ -1727,6 +1737,8 @@ def test_a_take_over_answered_a_byte_at_a_time_gives_up(
                             f"127.0.0.1:0=127.0.0.1:{server.port}")
         finally:
             stop.set()
+            with contextlib.suppress(OSError):  # as in _answering: no accept() left waiting
+                listener.shutdown(socket.SHUT_RDWR)
             thread.join(10)
     _one_line_error(result, f"the supervisor on '{path}' answered too slowly: its answer "
                     "was not whole within 15s (stalled or too loaded: stopped, swapping, short "
