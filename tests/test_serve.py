@@ -864,11 +864,15 @@ def test_reset_from_the_client_resets_upstream(
     start_proxy: Callable[..., Proxy],
     tcp_server: ServerFactory,
 ) -> None:
+    """The client's RST, once its connection is relayed (the server has read its byte: a
+    fixed sleep was no such proof on a loaded machine), reaches the server as an RST."""
     outcome: list[str] = []
+    arrived = threading.Event()
 
     def server_side(conn: socket.socket) -> None:
         try:
-            conn.recv(100)
+            assert conn.recv(100) == b"x"
+            arrived.set()
             outcome.append(repr(conn.recv(100)))
         except ConnectionResetError:
             outcome.append("reset")
@@ -877,7 +881,7 @@ def test_reset_from_the_client_resets_upstream(
     proxy = start_proxy(f"127.0.0.1:0=127.0.0.1:{server.port}")
     client = socket.create_connection(("127.0.0.1", proxy.port))
     client.sendall(b"x")
-    time.sleep(0.3)
+    assert arrived.wait(30), proxy.log()
     client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
     client.close()
     server.close()
