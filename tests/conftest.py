@@ -512,6 +512,20 @@ def full_socket(kind: str) -> tuple[socket.socket, socket.socket]:
     return reader, writer
 
 
+def pending_signals(pid: int) -> set[int] | None:
+    """The signals pending in process `pid` (its thread's and the process's); None once it
+    is gone or has exited (a zombie takes no signal)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    fields = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
+    if fields.get("State", "").startswith(("Z", "X")):
+        return None
+    mask = int(fields["SigPnd"], 16) | int(fields["ShdPnd"], 16)
+    return {signum for signum in range(1, 65) if mask & (1 << (signum - 1))}
+
+
 def blocked_writing(pid: int) -> bool:
     """The process waits in write() to a full pipe (wchan pipe_write; anon_pipe_write on 6.x)."""
     try:

@@ -46,6 +46,7 @@ from conftest import (
     metrics_pid,
     need,
     netns_lab,
+    pending_signals,
     processes_under,
     recv_all,
     reset_close,
@@ -1031,7 +1032,9 @@ def test_children_ignore_sigint(
         assert client.recv(1) == b"a"
         [child] = psutil.Process(proxy.pid).children()
         os.kill(child.pid, signal.SIGINT)  # what a terminal's Ctrl-C does to the group
-        time.sleep(0.2)
+        # Taken (no longer pending): its disposition has acted, which a 0.2 s sleep did
+        # not prove on a loaded machine. A child it ended is no longer pending either.
+        assert wait_for(lambda: signal.SIGINT not in (pending_signals(child.pid) or set()))
         client.sendall(b"b")
         assert client.recv(1) == b"b"
     server.close()

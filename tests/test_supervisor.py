@@ -46,6 +46,7 @@ from conftest import (
     full_pipe,
     metrics_pid,
     need,
+    pending_signals,
     poll,
     polling_for_room,
     wait_for,
@@ -1090,20 +1091,6 @@ def _socket_inodes(pid: int) -> set[str] | None:
     return found
 
 
-def _pending(pid: int) -> set[int] | None:
-    """The signals pending in process `pid` (its thread's and the process's); None once it
-    is gone or has exited (a zombie takes no signal)."""
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return None
-    fields = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
-    if fields.get("State", "").startswith(("Z", "X")):
-        return None
-    mask = int(fields["SigPnd"], 16) | int(fields["ShdPnd"], 16)
-    return {signum for signum in range(1, 65) if mask & (1 << (signum - 1))}
-
-
 def _termed_in_its_close_line(proxy: Proxy) -> bool:
     """One try of the test below, on `proxy` (grace 0, to an echo server): a connection
     whose child the stop TERMs while the child writes its close line, its two sockets
@@ -1125,7 +1112,7 @@ def _termed_in_its_close_line(proxy: Proxy) -> bool:
             # Only then is it the close line that the child writes.
             assert wait_for(lambda: not (_socket_inodes(child.pid) or set()) & connection, 30)
             proxy.proc.send_signal(signal.SIGTERM)
-            pending = poll(lambda: _pending(child.pid),
+            pending = poll(lambda: pending_signals(child.pid),
                            lambda signals: signals is None or signal.SIGTERM in signals)
             assert pending is None or signal.SIGTERM in pending, (pending, proxy.log())
             proxy.proc.send_signal(signal.SIGSTOP)
@@ -1136,10 +1123,10 @@ def _termed_in_its_close_line(proxy: Proxy) -> bool:
                 # It sends nothing more: a valid try if the child, TERMed (seen above), has
                 # not exited and no KILL came (a KILL ends a traced child at once). Not
                 # reaped while the supervisor is stopped: its pid is not reused meanwhile.
-                pending = _pending(child.pid) if child.is_running() else None
+                pending = pending_signals(child.pid) if child.is_running() else None
                 valid = pending is not None and signal.SIGKILL not in pending
                 if valid:
-                    assert wait_for(lambda: _pending(child.pid) is None, 30)  # it has exited
+                    assert wait_for(lambda: pending_signals(child.pid) is None, 30)  # exited
             finally:
                 proxy.proc.send_signal(signal.SIGCONT)
             assert proxy.proc.wait(30) == 0, proxy.log()
