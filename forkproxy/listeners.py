@@ -431,6 +431,28 @@ def routes_here(family: int, sockaddr: tuple[object, ...]) -> bool:
         probe.close()
 
 
+def no_source_address(host: str, port: int) -> bool:
+    """Does this host lack an address to send to `host` (an IP literal, perhaps with a
+    zone) from: a UDP socket connected to it (no packet is sent) fails EADDRNOTAVAIL, as a
+    TCP connect does, where IPv6 is disabled (`net.ipv6.conf.*.disable_ipv6=1`, `::1` gone
+    from lo) or no interface holds an address of the family. A TCP connect out of local
+    ports fails so too, but a UDP socket takes its port from another table: the probe tells
+    the two apart. False when the probe cannot say. For a connect-failed line only."""
+    try:
+        family, _, _, _, sockaddr = socket.getaddrinfo(
+            host, port, type=socket.SOCK_DGRAM, flags=socket.AI_NUMERICHOST)[0]
+        probe = RawSocket(family, socket.SOCK_DGRAM)
+    except (OSError, socket.gaierror):
+        return False
+    try:
+        probe.connect(sockaddr)
+    except OSError as exc:
+        return exc.errno == errno.EADDRNOTAVAIL
+    finally:
+        probe.close()
+    return False
+
+
 def bind(link: Link) -> Listener:
     """Bind and listen, or raise ConfigError naming the link and what went wrong."""
     try:

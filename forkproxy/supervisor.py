@@ -482,6 +482,16 @@ def _reaped_within(pid: int, seconds: float) -> bool:
 _OUT_OF_PORTS = ("out of local ports toward the upstream: each connection holds one, and "
                  "for 60 s after a close the proxy began (TIME_WAIT); widen "
                  "net.ipv4.ip_local_port_range or spread over more upstream addresses")
+# The `detail` of a connect-failed line whose EADDRNOTAVAIL was no source address (an
+# IPv4 upstream, an IPv6 one), not the local ports' (listeners.no_source_address).
+_NO_SOURCE_ADDRESS = (
+    "no address of this host's can send to the upstream: no interface holds an IPv4 "
+    "address that routes there (`ip -4 addr`; a loopback with no 127.0.0.1)",
+    "no address of this host's can send to the upstream: IPv6 is disabled here "
+    "(net.ipv6.conf.all.disable_ipv6=1, as in many containers, or ::1 gone from lo) or no "
+    "interface holds an IPv6 address that routes there; give the upstream's IPv4 address "
+    "(127.0.0.1 for ::1) or a name that has one",
+)
 # The `detail` of a connect-failed line, by the connect's errno, where its error alone
 # misleads. A route (or rule) of type blackhole or prohibit fails connect() on this host
 # before any packet leaves, with EINVAL and EACCES (`ip route get` fails alike, naming
@@ -2398,8 +2408,15 @@ class Supervisor:
         # Out of local ports toward the upstream (one address takes at most
         # ip_local_port_range's ~28,000 connections, fewer than --max-children may
         # be), a blackhole or prohibit route: said, as the error alone does not.
-        detail = _CONNECT_FAILED_DETAIL.get(failure_errno(failure))
+        kind = failure_errno(failure)
+        detail = _CONNECT_FAILED_DETAIL.get(kind)
         looped = noted if failure & LOOPED else None
+        address = noted if link.target.is_name else link.target.host
+        if (kind == errno.EADDRNOTAVAIL and address is not None
+                and listeners.no_source_address(address, link.target.port)):
+            # Not out of ports: no address to send from (IPv6 off on this host), which
+            # the ports' advice would have operators widen a range for nothing.
+            detail = _NO_SOURCE_ADDRESS[":" in address]
         tried = ({"address": peer_text((noted, link.target.port))}
                  if noted is not None and looped is None and link.target.is_name else {})
         self.log.warning("connect-failed", link=link.name, client=peer_text(client),

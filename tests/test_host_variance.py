@@ -1,0 +1,86 @@
+"""Hosts configured unlike the test machine, made of network namespaces whose per-namespace
+sysctls differ (a host hunt, sysvar35): what forkproxy says there must fit that host."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from conftest import FORKPROXY, netns_lab, wait_for
+from netns import Lab, Namespace, Process, redis_cli
+
+pytestmark = [pytest.mark.netns]
+
+PORT, SERVER_PORT = 6379, 7000
+
+
+@pytest.fixture
+def lab() -> Iterator[Lab]:
+    with netns_lab("hostvar35-") as lab:
+        yield lab
+
+
+def started(lab: Lab, ns: Namespace, *args: str, env: tuple[str, ...] = ()) -> Process:
+    """`forkproxy serve ARGS` in `ns`, once its listening line is out."""
+    sock = lab.workdir / f"{lab.started + 1:02d}.sock"
+    proc = lab.spawn(ns, ["env", *env, FORKPROXY, "serve", "--status-socket", str(sock),
+                          *args], label="forkproxy")
+    proc.wait_stdout(lambda lines: len(lines) >= 1, 15)
+    return proc
+
+
+def connect_failed(proc: Process) -> list[str]:
+    return [line for line in proc.stderr().splitlines() if " connect-failed " in line]
+
+
+@pytest.mark.parametrize("via", ["spec", "link-variable"])
+def test_an_ipv6_upstream_where_ipv6_is_disabled_is_not_called_out_of_ports(
+    lab: Lab, via: str
+) -> None:
+    """Where IPv6 is disabled (net.ipv6.conf.*.disable_ipv6=1, as in many containers and
+    pods), a connect to an IPv6 upstream (`[::1]`, a link variable's IPv6 literal) fails
+    EADDRNOTAVAIL: no address to send from. The line said "out of local ports ... widen
+    net.ipv4.ip_local_port_range", sending the operator to a sysctl that cannot help;
+    it says IPv6 is disabled now. The same host out of ports still says ports."""
+    ns = lab.namespace("v6off")
+    for key in ("all", "default", "lo"):
+        ns.run(["sysctl", "-qw", f"net.ipv6.conf.{key}.disable_ipv6=1"])
+    lab.redis(ns, SERVER_PORT, {"who": "v6off"})
+    if via == "spec":
+        proc = started(lab, ns, f"{PORT}=[::1]:{SERVER_PORT}")
+    else:
+        proc = started(lab, ns, "--from-env",
+                       env=(f"DB_PORT_{PORT}_TCP=tcp://[::1]:{SERVER_PORT}",))
+    assert redis_cli(ns, PORT, "GET", "who", check=False) != "v6off"
+    assert wait_for(lambda: len(connect_failed(proc)) == 1), proc.describe()
+    [line] = connect_failed(proc)
+    assert ' error="Cannot assign requested address" failures=1 detail="no address of ' \
+        "this host's can send to the upstream: IPv6 is disabled here " in line, line
+    assert "out of local ports" not in line, line
+    # An IPv4 upstream out of local ports, on the same host: still the ports' advice.
+    ns.run(["sysctl", "-qw", "net.ipv4.ip_local_port_range=40000 40000"])
+    other = started(lab, ns, f"{PORT + 1}=127.0.0.1:{SERVER_PORT}")
+    ns.run(["python3", "-c", TWO_CLIENTS, str(PORT + 1)])
+    assert wait_for(lambda: len(connect_failed(other)) == 1), other.describe()
+    assert 'detail="out of local ports toward the upstream: ' in connect_failed(other)[0]
+
+
+# One client served (its child holds the one local port), then one refused: each from a
+# port of its own, not the ephemeral one the proxy needs.
+TWO_CLIENTS = """
+import socket, sys
+def client(source):
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", source))
+    sock.connect(("127.0.0.1", int(sys.argv[1])))
+    sock.settimeout(10)
+    return sock
+held = client(50001)
+held.sendall(b"PING\\r\\n")
+assert held.recv(7) == b"+PONG\\r\\n"
+try:
+    assert client(50002).recv(1) == b"", "the second client was served"
+except ConnectionResetError:
+    pass  # refused, as a close would say
+"""
