@@ -3430,8 +3430,12 @@ class Supervisor:
             self.drops_overflowed.discard(key)
             fields: dict[str, object] = {"link": listener.link.name, "drops": count}
             queue = listener.queue()
+            syn_queue = ""
             if queue is not None:
                 fields.update(queued=queue[0], backlog=queue[1])
+                # Without syncookies the SYN queue's size is the backlog's, which
+                # net.core.somaxconn caps (a low one is what such a flood fills).
+                syn_queue = f" ({queue[1]} here, net.core.somaxconn at most)"
             fields["detail"] = (
                 "the listener's accept queue was full: the kernel dropped clients' "
                 "handshakes, which wait for a retry (1 s, 3 s, ...) or time out; at "
@@ -3440,9 +3444,11 @@ class Supervisor:
                 if full else
                 "the kernel dropped clients' handshakes with no accept queue full "
                 "(TcpExtListenOverflows did not grow): no route back to those clients for "
-                "the SYN-ACK (a missing return route, spoofed SYNs), or a full SYN queue "
-                "with net.ipv4.tcp_syncookies=0 (a SYN flood); --max-children and "
-                "somaxconn are not the cause")
+                "the SYN-ACK (a missing return route, spoofed SYNs; --max-children and "
+                "somaxconn are not the cause then), or, with net.ipv4.tcp_syncookies=0, "
+                "a full SYN queue (a SYN flood, a burst over a slow network), which holds "
+                f"no more handshakes under way than the listener's backlog{syn_queue}: "
+                "set tcp_syncookies=1 (the kernel's default), or raise somaxconn")
             self.log.emit(WARNING, "listen-drops", fields)
 
     def handle_control_accept(self, events: int) -> None:

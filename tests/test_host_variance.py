@@ -3,6 +3,7 @@ sysctls differ (a host hunt, sysvar35): what forkproxy says there must fit that 
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 
 import pytest
@@ -84,3 +85,50 @@ try:
 except ConnectionResetError:
     pass  # refused, as a close would say
 """
+
+
+# Handshakes from addresses that never answer a SYN-ACK (hosts of the client's subnet
+# that are not there: IP_TRANSPARENT lets the client's host send from them), each left in
+# the box's SYN queue, as a SYN flood's; then one real client's connect.
+SYN_FLOOD = """
+import contextlib, socket, sys
+box, port, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+held = []
+for i in range(count):
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_IP, socket.IP_TRANSPARENT, 1)
+    sock.bind((f"198.18.36.{100 + i}", 0))
+    sock.setblocking(False)
+    with contextlib.suppress(BlockingIOError):
+        sock.connect((box, port))
+    held.append(sock)
+"""
+
+
+def test_a_full_syn_queue_without_syncookies_names_its_size_and_what_to_raise(
+    lab: Lab,
+) -> None:
+    """With net.ipv4.tcp_syncookies=0 a SYN flood fills the listener's SYN queue, whose
+    size is the listen backlog, capped by net.core.somaxconn: at somaxconn 4 here, 20
+    half-open handshakes dropped every real client's SYN, and at 4096 none. The line
+    said "--max-children and somaxconn are not the cause", sending the operator away
+    from the one setting that would have helped (besides syncookies); it names the
+    queue's size and both settings now."""
+    box, client = lab.namespace("box"), lab.namespace("client")
+    lab.cable(client, "198.18.36.2", box, "198.18.36.1")
+    box.run(["sysctl", "-qw", "net.ipv4.tcp_syncookies=0", "net.core.somaxconn=4"])
+    lab.redis(box, SERVER_PORT, {"who": "box"})
+    proc = started(lab, box, f"{PORT}=127.0.0.1:{SERVER_PORT}")
+    client.run(["python3", "-c", SYN_FLOOD, "198.18.36.1", str(PORT), "20"])
+    # A real client: its SYN is dropped while the queue is full.
+    assert redis_cli(client, PORT, "PING", host="198.18.36.1", check=False) in (
+        "PONG", "")
+    proc.popen.send_signal(signal.SIGALRM)
+    assert wait_for(lambda: " listen-drops " in proc.stderr()), proc.describe()
+    [line] = [x for x in proc.stderr().splitlines() if " listen-drops " in x]
+    assert "no accept queue full" in line, line
+    assert "backlog=4 " in line, line
+    assert ("with net.ipv4.tcp_syncookies=0, a full SYN queue (a SYN flood, a burst over "
+            "a slow network), which holds no more handshakes under way than the "
+            "listener's backlog (4 here, net.core.somaxconn at most): set "
+            "tcp_syncookies=1 (the kernel's default), or raise somaxconn") in line, line
