@@ -325,15 +325,35 @@ def listen_tcp(host: str, port: int, backlog: int = BACKLOG) -> socket.socket:
             # one host): say how to find it.
             errno.EADDRINUSE: f"address already in use (another program listens there: "
                               f"`ss -ltnp 'sport = :{port}'` names it)",
-            # Not "need root": root without the capability (--cap-drop=ALL) is refused
-            # too, and a lowered sysctl (Docker 20.10+ sets 0) lets anyone bind.
-            errno.EACCES: "permission denied (ports below net.ipv4.ip_unprivileged_port_start, "
-                          "1024 by default, need CAP_NET_BIND_SERVICE)",
+            errno.EACCES: bind_refused(port),
             errno.EADDRNOTAVAIL: "no such address on this host",
         }.get(exc.errno or 0, exc.strerror or str(exc))
         kind = AddressInUse if exc.errno == errno.EADDRINUSE else ConfigError
         raise kind(f"cannot listen on {join_host_port(host, port)}: {reason}") from None
     return sock
+
+
+UNPRIVILEGED_PORT_START = "/proc/sys/net/ipv4/ip_unprivileged_port_start"
+
+
+def bind_refused(port: int) -> str:
+    """Why bind() to `port` was refused (EACCES), for an operator: a port below this
+    network namespace's net.ipv4.ip_unprivileged_port_start without the capability, or,
+    at or above it, a policy of this host's, which the port's advice would not help."""
+    try:
+        with open(UNPRIVILEGED_PORT_START, "rb") as file:
+            start: int | None = int(file.read())
+    except (OSError, ValueError):
+        start = None  # no /proc/sys (hidden, not mounted): the port's word, as before
+    if start is None or 0 < port < start:
+        # Not "need root": root without the capability (--cap-drop=ALL) is refused
+        # too, and a lowered sysctl (Docker 20.10+ sets 0) lets anyone bind.
+        here = "1024 by default" if start is None else f"{start} here"
+        return (f"permission denied (ports below net.ipv4.ip_unprivileged_port_start, "
+                f"{here}, need CAP_NET_BIND_SERVICE)")
+    return (f"permission denied, not for the port ({port} is at or above "
+            f"net.ipv4.ip_unprivileged_port_start, {start} here): a security module's "
+            f"policy refuses the bind (SELinux, AppArmor, Landlock), or a cgroup BPF hook")
 
 
 def socket_refused(family: int, exc: OSError) -> str:

@@ -488,8 +488,9 @@ def test_low_port_without_privilege() -> None:
     result = run("serve", "127.0.0.1:81=127.0.0.1:1", prefix=unprivileged)
     # What to change, whoever runs it: the capability or the sysctl (podman does not
     # lower it as Docker 20.10+ does); "need root" misled root without the capability.
+    start = Path("/proc/sys/net/ipv4/ip_unprivileged_port_start").read_text().strip()
     assert_one_line_error(result, "127.0.0.1:81", "permission denied (ports below "
-                          "net.ipv4.ip_unprivileged_port_start, 1024 by default, need "
+                          f"net.ipv4.ip_unprivileged_port_start, {start} here, need "
                           "CAP_NET_BIND_SERVICE)")
 
 

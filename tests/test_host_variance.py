@@ -4,6 +4,8 @@ sysctls differ (a host hunt, sysvar35): what forkproxy says there must fit that 
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -132,3 +134,54 @@ def test_a_full_syn_queue_without_syncookies_names_its_size_and_what_to_raise(
             "a slow network), which holds no more handshakes under way than the "
             "listener's backlog (4 here, net.core.somaxconn at most): set "
             "tcp_syncookies=1 (the kernel's default), or raise somaxconn") in line, line
+
+
+# `python -c LANDLOCK_BINDS PROGRAM ARGS...`: PROGRAM with every TCP bind refused
+# (EACCES, by the kernel's Landlock LSM, ABI 4: Linux 6.7), as SELinux's name_bind or an
+# AppArmor profile refuses one: a policy of this host's, whatever the port.
+LANDLOCK_BINDS = """
+import ctypes, os, struct, sys
+libc = ctypes.CDLL(None, use_errno=True)
+BIND_TCP, CREATE_RULESET, RESTRICT_SELF = 1, 444, 446
+def check(result):
+    if result < 0:
+        raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+    return result
+handled = ctypes.create_string_buffer(struct.pack("QQ", 0, BIND_TCP))
+ruleset = check(libc.syscall(CREATE_RULESET, handled, 16, 0))
+check(libc.prctl(38, 1, 0, 0, 0))  # PR_SET_NO_NEW_PRIVS, which restrict_self needs
+check(libc.syscall(RESTRICT_SELF, ruleset, 0))
+os.execv(sys.argv[1], sys.argv[1:])
+"""
+
+
+@pytest.mark.parametrize(
+    ("prefix", "spec", "said"),
+    [
+        # Root without CAP_NET_BIND_SERVICE, below this namespace's start (80): the
+        # sysctl's value here, not "1024 by default".
+        (("setpriv", "--bounding-set=-net_bind_service"), "79=127.0.0.1:1",
+         "cannot listen on 0.0.0.0:79: permission denied (ports below "
+         "net.ipv4.ip_unprivileged_port_start, 80 here, need CAP_NET_BIND_SERVICE) "
+         "(for 79=127.0.0.1:1)"),
+        # A policy refusing a high port: it said "ports below ... need
+        # CAP_NET_BIND_SERVICE" for port 8080, which no capability or sysctl fixes.
+        ((sys.executable, "-c", LANDLOCK_BINDS), "8080=127.0.0.1:1",
+         "cannot listen on 0.0.0.0:8080: permission denied, not for the port (8080 is at "
+         "or above net.ipv4.ip_unprivileged_port_start, 80 here): a security module's "
+         "policy refuses the bind (SELinux, AppArmor, Landlock), or a cgroup BPF hook "
+         "(for 8080=127.0.0.1:1)"),
+    ],
+)
+def test_a_refused_bind_says_this_hosts_unprivileged_port_start_or_a_policy(
+    lab: Lab, prefix: tuple[str, ...], spec: str, said: str
+) -> None:
+    """A host whose net.ipv4.ip_unprivileged_port_start is neither 1024 nor Docker's 0
+    (80 here): a refused bind names the value in force, and one at or above it is
+    not blamed on the port."""
+    ns = lab.namespace("ports")
+    ns.run(["sysctl", "-qw", "net.ipv4.ip_unprivileged_port_start=80"])
+    done = subprocess.run(ns.exec_argv([*prefix, FORKPROXY, "serve", spec]),
+                          capture_output=True, text=True, timeout=30, check=False)
+    assert (done.returncode, done.stdout) == (2, ""), done
+    assert done.stderr == f"forkproxy: error: {said}\n", done
