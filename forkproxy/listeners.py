@@ -326,11 +326,27 @@ def listen_tcp(host: str, port: int, backlog: int = BACKLOG) -> socket.socket:
             errno.EADDRINUSE: f"address already in use (another program listens there: "
                               f"`ss -ltnp 'sport = :{port}'` names it)",
             errno.EACCES: bind_refused(port),
-            errno.EADDRNOTAVAIL: "no such address on this host",
+            errno.EADDRNOTAVAIL: "no such address on this host" + (
+                ipv6_off(host) if family == socket.AF_INET6 else ""),
         }.get(exc.errno or 0, exc.strerror or str(exc))
         kind = AddressInUse if exc.errno == errno.EADDRINUSE else ConfigError
         raise kind(f"cannot listen on {join_host_port(host, port)}: {reason}") from None
     return sock
+
+
+def ipv6_off(host: str) -> str:
+    """`(IPv6 is disabled here: ...)` where the sysctl that took `host`'s IPv6 address
+    away is set in this network namespace (a container's or pod's usual setting), else
+    "": the address missing alone leaves the operator to find why."""
+    loopback = host.partition("%")[0] == "::1"
+    for conf in ("lo", "all") if loopback else ("all",):
+        try:
+            with open(f"/proc/sys/net/ipv6/conf/{conf}/disable_ipv6", "rb") as file:
+                if file.read().strip() == b"1":
+                    return f" (IPv6 is disabled here: net.ipv6.conf.{conf}.disable_ipv6=1)"
+        except OSError:
+            pass
+    return ""
 
 
 UNPRIVILEGED_PORT_START = "/proc/sys/net/ipv4/ip_unprivileged_port_start"
