@@ -1305,6 +1305,11 @@ def _preload_pump(options: Options, counters: memoryview, rounds: int) -> None:
                 raw_upstream.close()
 
 
+# How long the warm-up's client waits for loopback to take its connect: once, not per
+# round (a connect that times out ends the warm-up; preload catches it).
+PRELOAD_CONNECT_TIMEOUT = 1.0
+
+
 def _preload_serve(options: Options, log: Logger, counters: memoryview, rounds: int) -> None:
     """serve() as a child runs it, against a loopback 'upstream' that never accepts.
 
@@ -1336,6 +1341,10 @@ def _preload_serve(options: Options, log: Logger, counters: memoryview, rounds: 
         for round_ in range(rounds):
             # Not create_connection: its getaddrinfo would import the idna codec (lookup()).
             with socket.socket() as client_peer:
+                # Bounded: where loopback drops packets (lo set down after it was up, a
+                # default-deny firewall without an `-o lo` rule) a blocking connect waited
+                # out the SYN retries, ~130 s with no `listening` line and no status.
+                client_peer.settimeout(PRELOAD_CONNECT_TIMEOUT)
                 client_peer.connect(client_listener.getsockname())
                 fd, address = client_listener._accept()  # type: ignore[attr-defined]
                 client_peer.sendall(b"PING\r\n")
