@@ -467,6 +467,32 @@ def routes_here(family: int, sockaddr: tuple[object, ...]) -> bool:
         probe.close()
 
 
+def loopback_down() -> bool:
+    """Is this network namespace's loopback interface down: `ip netns add` and `unshare
+    -n` make one so, and a connect to 127.0.0.1 then fails (no route, or a timeout once
+    it was up: its local routes stay, its packets are dropped) with nothing naming lo.
+    From the kernel (SIOCGIFFLAGS), not /sys, which may be another namespace's. False
+    when it cannot say. For a connect-failed line only."""
+    import fcntl  # the supervisor's already: no new module loaded
+
+    try:
+        probe = RawSocket(socket.AF_INET, socket.SOCK_DGRAM)
+    except OSError:
+        return False
+    try:
+        # struct ifreq: the name in 16 bytes, then ifr_flags (a short) in a 24-byte union.
+        answer = fcntl.ioctl(probe.fileno(), SIOCGIFFLAGS, b"lo".ljust(40, b"\0"))
+        flags = int.from_bytes(answer[16:18], sys.byteorder)
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return not flags & IFF_UP
+
+
+SIOCGIFFLAGS, IFF_UP = 0x8913, 0x1
+
+
 def no_source_address(host: str, port: int) -> bool:
     """Does this host lack an address to send to `host` (an IP literal, perhaps with a
     zone) from: a UDP socket connected to it (no packet is sent) fails EADDRNOTAVAIL, as a

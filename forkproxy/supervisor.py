@@ -492,6 +492,12 @@ _NO_SOURCE_ADDRESS = (
     "interface holds an IPv6 address that routes there; give the upstream's IPv4 address "
     "(127.0.0.1 for ::1) or a name that has one",
 )
+# A loopback upstream's connect-failed where lo is down: no route (lo never up) or a
+# timeout (it was up: its local routes stay, its packets are dropped).
+_LOOPBACK_DOWN_ERRORS = frozenset({errno.ENETUNREACH, errno.ETIMEDOUT, errno.EHOSTUNREACH})
+_LOOPBACK_DOWN = ("the loopback interface is down in this network namespace: `ip link set "
+                  "lo up` (a namespace made with `ip netns add` or `unshare -n` starts with "
+                  "it down)")
 # The `detail` of a connect-failed line, by the connect's errno, where its error alone
 # misleads. A route (or rule) of type blackhole or prohibit fails connect() on this host
 # before any packet leaves, with EINVAL and EACCES (`ip route get` fails alike, naming
@@ -2417,6 +2423,9 @@ class Supervisor:
             # Not out of ports: no address to send from (IPv6 off on this host), which
             # the ports' advice would have operators widen a range for nothing.
             detail = _NO_SOURCE_ADDRESS[":" in address]
+        elif (kind in _LOOPBACK_DOWN_ERRORS and address is not None
+              and address.startswith(("127.", "::1", "::ffff:127.")) and listeners.loopback_down()):
+            detail = _LOOPBACK_DOWN
         tried = ({"address": peer_text((noted, link.target.port))}
                  if noted is not None and looped is None and link.target.is_name else {})
         self.log.warning("connect-failed", link=link.name, client=peer_text(client),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -29,7 +30,7 @@ def started(lab: Lab, ns: Namespace, *args: str, env: tuple[str, ...] = ()) -> P
     sock = lab.workdir / f"{lab.started + 1:02d}.sock"
     proc = lab.spawn(ns, ["env", *env, FORKPROXY, "serve", "--status-socket", str(sock),
                           *args], label="forkproxy")
-    proc.wait_stdout(lambda lines: len(lines) >= 1, 15)
+    proc.wait_stdout(lambda lines: len(lines) >= 1, 30)
     return proc
 
 
@@ -214,3 +215,46 @@ def test_an_ipv6_listener_where_ipv6_is_disabled_says_so(
                           capture_output=True, text=True, timeout=30, check=False)
     assert (done.returncode, done.stdout) == (2, ""), done
     assert done.stderr == f"forkproxy: error: {said}\n", done
+
+
+@pytest.mark.parametrize("was_up", [False, True])
+def test_a_loopback_upstream_with_lo_down_names_lo(lab: Lab, was_up: bool) -> None:
+    """A namespace whose loopback is down (`ip netns add`, `unshare -n` leave it so; or
+    brought down): the proxy binds and `check` says ok, while each connect to a
+    127.0.0.1 upstream fails, `Network is unreachable` (lo never up) or `Connection
+    timed out` (it was up: its local routes stay, its packets are dropped), neither
+    naming lo. The line's detail does now. The client comes over a cable."""
+    box, client = lab.namespace("box"), lab.namespace("client")
+    lab.cable(client, "198.18.36.2", box, "198.18.36.1")
+    if was_up:
+        lab.redis(box, SERVER_PORT, {"who": "box"})
+    box.ip("link", "set", "lo", "down")
+    if not was_up:  # its local routes gone too, as in a namespace lo was never up in
+        box.ip("route", "flush", "table", "local", "dev", "lo")
+    proc = started(lab, box, "--connect-timeout", "0.5", f"{PORT}=127.0.0.1:{SERVER_PORT}")
+    assert redis_cli(client, PORT, "PING", host="198.18.36.1", check=False) != "PONG"
+    assert wait_for(lambda: len(connect_failed(proc)) == 1), proc.describe()
+    [line] = connect_failed(proc)
+    error = "Connection timed out" if was_up else "Network is unreachable"
+    assert (f'error="{error}" failures=1 detail="the loopback interface is down in this '
+            "network namespace: `ip link set lo up` (a namespace made with `ip netns add` "
+            'or `unshare -n` starts with it down)"') in line, line
+
+
+@pytest.mark.parametrize("drops", ["lo-down", "firewall"])
+def test_serve_starts_at_once_where_loopback_drops_packets(lab: Lab, drops: str) -> None:
+    """The warm-up before `listening` connects over 127.0.0.1 with a blocking connect:
+    where loopback drops packets (lo set down after it was up, whose local routes stay;
+    a default-deny OUTPUT firewall with no `-o lo` rule, as hardened hosts have) it
+    waited out the SYN retries: no `listening` line, no status socket answering, and
+    SIGTERM held, for ~130 s. It gives up the warm-up after 1 s now (children then warm
+    their own) and serves."""
+    ns = lab.namespace("box")
+    if drops == "lo-down":
+        ns.ip("link", "set", "lo", "down")
+    else:
+        ns.run(["iptables", "-P", "OUTPUT", "DROP"])
+    started_at = time.monotonic()
+    proc = started(lab, ns, f"{PORT}=127.0.0.1:{SERVER_PORT}")
+    assert time.monotonic() - started_at < 8, proc.describe()
+    assert proc.alive(), proc.describe()
