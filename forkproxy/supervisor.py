@@ -2424,7 +2424,8 @@ class Supervisor:
             # the ports' advice would have operators widen a range for nothing.
             detail = _NO_SOURCE_ADDRESS[":" in address]
         elif (kind in _LOOPBACK_DOWN_ERRORS and address is not None
-              and address.startswith(("127.", "::1", "::ffff:127.")) and listeners.loopback_down()):
+              and (address == "::1" or address.startswith(("127.", "::ffff:127.")))
+              and listeners.loopback_down()):
             detail = _LOOPBACK_DOWN
         tried = ({"address": peer_text((noted, link.target.port))}
                  if noted is not None and looped is None and link.target.is_name else {})
