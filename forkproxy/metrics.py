@@ -66,6 +66,7 @@ class SupervisorCollector(Collector):
         self.supervisor_pid = supervisor_pid
         # The highest CPU total served, per link: (its totals' `since`, that total).
         self.cpu_seen: dict[str, tuple[float, float]] = {}
+        self.readings = FreshReadings(self._read)
 
     def _handed_connection(self) -> socket.socket:
         """A connection to the supervisor that no socket file stands for: one end of a
@@ -84,6 +85,16 @@ class SupervisorCollector(Collector):
         return ours
 
     def collect(self) -> Iterator[Metric]:
+        """A scrape's metrics: from a reading begun after the scrape came, shared with
+        the scrapes that came while the one before it was read (FreshReadings)."""
+        yield from self.readings.get()
+
+    def _read(self) -> list[Metric]:
+        """One reading: the supervisor's reply, its children read, rendered. Readings
+        never overlap (FreshReadings), so cpu_seen has one writer at a time."""
+        return list(self._render())
+
+    def _render(self) -> Iterator[Metric]:
         try:
             if self.handoff is None:
                 status = request(self.status_socket, "status")
@@ -102,6 +113,59 @@ class SupervisorCollector(Collector):
         """The families collect() yields, without asking the supervisor: the registry
         learns their names, which `/metrics?name[]=...` filters on (an empty body without)."""
         return render({})
+
+
+class FreshReadings:
+    """Readings taken one at a time, each shared by every caller waiting for it.
+
+    A caller is answered from a reading begun after it called, never from one already
+    under way: its numbers are at least as fresh as those of a reading of its own. The
+    callers that come while a reading is taken wait for it to end, and then share the
+    next one, which the first of them to wake takes. Four scrapes at once at 3,000
+    connections each took a reading of their own, 3.4 s each, interleaved in one
+    interpreter; now they take two readings between them, at most, one after the other.
+    """
+
+    def __init__(self, read: Callable[[], list[Metric]]) -> None:
+        self._read = read
+        self._changed = threading.Condition()
+        self._reading = False
+        self._started = 0  # readings begun, the one under way included
+        self._done = 0  # the number of the latest reading ended, whose outcome this is:
+        self._outcome: list[Metric] | BaseException = []
+
+    def get(self) -> list[Metric]:
+        """The metrics of a reading begun after this call; what it raised, raised."""
+        with self._changed:
+            wanted = self._started + 1  # begun after this call: not the one under way
+            while self._done < wanted:
+                if not self._reading:
+                    return self._take()
+                self._changed.wait()
+            outcome = self._outcome  # the latest, begun after the call too
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    def _take(self) -> list[Metric]:
+        """Take the next reading, for this caller and those waiting (the lock held)."""
+        self._reading = True
+        self._started += 1
+        number = self._started
+        self._changed.release()
+        outcome: list[Metric] | BaseException
+        try:
+            outcome = self._read()
+        except BaseException as exc:  # each waiting scrape fails as this one does
+            outcome = exc
+        finally:
+            self._changed.acquire()
+        self._reading = False
+        self._done, self._outcome = number, outcome
+        self._changed.notify_all()
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
 
 
 def _children_by_link(status: dict[str, Any]) -> dict[str, dict[str, float]]:

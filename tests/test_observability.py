@@ -1328,6 +1328,68 @@ def test_a_pid_namespace_that_kept_the_hosts_proc_reads_no_process_by_its_pid(
     assert len(warnings) == 1 and " warning " in warnings[0], proxy.log()
 
 
+def test_concurrent_scrapes_share_the_next_reading_never_one_under_way() -> None:
+    """Four scrapes at once each read every child (3.4 s each at 3,000 connections,
+    interleaved). Now a scrape that comes while a reading is taken waits for it to end and
+    shares the next one with the others that came meanwhile: never the one under way,
+    begun before it came. Readings are numbered by the reader; each blocks until let go."""
+    taken: list[int] = []
+    go = {number: threading.Event() for number in (1, 2, 3)}
+    entered = threading.Semaphore(0)
+
+    def read() -> list[Any]:
+        taken.append(len(taken) + 1)
+        entered.release()
+        assert go[taken[-1]].wait(30)
+        return [taken[-1]]
+
+    readings = fp_metrics.FreshReadings(read)
+    got: dict[str, list[Any]] = {}
+
+    def scrape(name: str) -> threading.Thread:
+        thread = threading.Thread(target=lambda: got.__setitem__(name, readings.get()))
+        thread.start()
+        return thread
+
+    first = scrape("a")
+    assert entered.acquire(timeout=30)  # reading 1 under way
+    later = [scrape(name) for name in "bcd"]
+    # The three are waiting on the readings' condition before reading 1 ends.
+    assert poll(lambda: len(readings._changed._waiters),  # type: ignore[attr-defined]
+                lambda waiting: waiting == 3) == 3
+    go[1].set()
+    first.join(30)
+    assert entered.acquire(timeout=30)  # one of b, c, d took reading 2 for all three
+    last = scrape("e")  # comes while reading 2 is taken: it is answered from reading 3
+    assert poll(lambda: len(readings._changed._waiters),  # type: ignore[attr-defined]
+                lambda waiting: waiting == 3) == 3  # two of b, c, d, and e
+    go[2].set()
+    for thread in later:
+        thread.join(30)
+    assert entered.acquire(timeout=30)
+    go[3].set()
+    last.join(30)
+    assert got == {"a": [1], "b": [2], "c": [2], "d": [2], "e": [3]}, got
+    assert taken == [1, 2, 3], taken
+
+
+def test_a_reading_that_fails_fails_each_scrape_that_shared_it() -> None:
+    """A reading that raised (a bug) is raised to each scrape waiting for it (each gets its
+    500 and its line), and the next scrape takes a reading anew."""
+    calls: list[int] = []
+
+    def read() -> list[Any]:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+        return ["ok"]
+
+    readings = fp_metrics.FreshReadings(read)
+    with pytest.raises(RuntimeError, match="boom"):
+        readings.get()
+    assert readings.get() == ["ok"] and len(calls) == 2
+
+
 def test_a_psutil_reading_without_uss_leaves_uss_unknown(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
