@@ -12,7 +12,8 @@ to each of LEVELS (each one's first byte echoed), and prints one JSON line per l
 - `rss_kib`, `pss_kib`, `fds`: the supervisor's memory and descriptors;
 - `ttfb_ms`: median and 95th percentile of a new connection's first echoed byte while
   the N live;
-- forkproxy only: `status`, `status_json`, `check`, `metrics`: [seconds, bytes] of each.
+- forkproxy only: `status`, `status_json`, `check`, `metrics`: [seconds, bytes] of each,
+  and `metrics_4_at_once_s`: the seconds of each of four scrapes started together.
 
 Then `--reap K` (forking proxies): K clients close at once; seconds until half and all
 of their children are reaped (the supervisor's /proc/PID/task/PID/children), zombies left, and what
@@ -143,6 +144,14 @@ def timed(command: list[str], env: dict[str, str]) -> tuple[float, str]:
     return round(time.monotonic() - started, 3), done.stdout
 
 
+def scrape(url: str) -> list[float]:
+    """[seconds, bytes] of one scrape of `url`."""
+    began = time.monotonic()
+    with urllib.request.urlopen(url, timeout=60) as reply:
+        body = reply.read()
+    return [round(time.monotonic() - began, 3), len(body)]
+
+
 def churn(port: int, seconds: float) -> dict[str, object]:
     stop = threading.Event()
     latencies: list[float] = []
@@ -249,10 +258,16 @@ def measure(args: argparse.Namespace, workdir: str,
                                   ("check", ["check"])):
                 seconds, out = timed([sys.executable, "-m", "forkproxy", *command], env)
                 row[name] = [seconds, len(out)]
-            began = time.monotonic()
-            with urllib.request.urlopen(url, timeout=60) as reply:
-                body = reply.read()
-            row["metrics"] = [round(time.monotonic() - began, 3), len(body)]
+            row["metrics"] = scrape(url)
+            # Four at once: each answered from one reading begun after it came, shared.
+            four: list[list[float]] = [[] for _ in range(4)]
+            scrapers = [threading.Thread(target=lambda got=got: got.extend(scrape(url)))
+                        for got in four]
+            for scraper in scrapers:
+                scraper.start()
+            for scraper in scrapers:
+                scraper.join()
+            row["metrics_4_at_once_s"] = sorted(seconds for seconds, _ in four)
         print(json.dumps(row), flush=True)
     if args.reap and args.proxy != "haproxy":  # HAProxy forks no child to reap
         before = len(children(pid))
