@@ -6,8 +6,8 @@ inherited. On each scrape it asks the supervisor for the table of links and live
 children, as a client of its control socket (over a connection handed to the supervisor,
 so that the socket's file need not be there: SupervisorCollector), reads the children's
 memory and CPU with psutil, and renders it all with prometheus_client; scrapes that come
-together share readings (FreshReadings). prometheus_client and psutil import threading and keep state, so they live here, not in the process that
-forks once per connection.
+together share readings (FreshReadings). prometheus_client and psutil import threading
+and keep state, so they live here, not in the process that forks once per connection.
 """
 
 from __future__ import annotations
