@@ -254,6 +254,10 @@ _REASON_OF_ERRNO = {
     # address without its interface (a name's: config refuses such a literal), which has
     # no route either.
     errno.EINVAL: "unreachable",
+    # Out of local ports toward the upstream; or no address of this host's to send to it
+    # from at all (IPv6 disabled, for an IPv6 upstream), which is no way there: the
+    # supervisor tells the two apart at the reap (listeners.no_source_address) and counts
+    # that one `unreachable`.
     errno.EADDRNOTAVAIL: "no-local-port",
     # connect() itself refused on this host, no packet sent: a cgroup BPF connect hook
     # (EPERM), seccomp, an LSM (Landlock, SELinux, AppArmor: EACCES), a prohibit route to
@@ -482,8 +486,11 @@ class Accounting:
             else:
                 self.retired_connections += self.links.pop(name).connections
 
-    def finished(self, pid: int, status: int, cpu_seconds: float) -> ChildRecord | None:
-        """Fold a reaped child into its link's totals; None when it was not ours."""
+    def finished(self, pid: int, status: int, cpu_seconds: float,
+                 reason: str | None = None) -> ChildRecord | None:
+        """Fold a reaped child into its link's totals; None when it was not ours.
+        `reason`: a failed connect's reason as the caller found it on this host, where its
+        FAILURE word's error alone misleads (failure_reason's otherwise)."""
         record = self.children.pop(pid, None)
         if record is None:
             self.orphans_reaped += 1
@@ -508,7 +515,9 @@ class Accounting:
             stats.upstream_failures += 1
             # Classified here, at the reap, from the word the child left: not in the child,
             # whose every write copies a page, nor in the accept loop.
-            stats.upstream_failures_by_reason[failure_reason(counters[base + FAILURE])] += 1
+            if reason is None:
+                reason = failure_reason(counters[base + FAILURE])
+            stats.upstream_failures_by_reason[reason] += 1
         elif not (up or down) and outcome != "killed" and outcome != "failed":
             # A probe. Not a killed or crashed child: its upstream may never have connected.
             stats.empty += 1

@@ -568,11 +568,11 @@ class Supervisor:
         # longer configured.
         self.link_folds: dict[tuple[str, str, Endpoint, int], list[float]] = {}
         # A connect-failed window's last failure folded without a line: (link, client,
-        # FAILURE word, noted address), what the line that says the window's count names
-        # when the window is dropped (a reload, the exit) before a failure after it wrote
-        # one (_log_folded_failures). On the failed connect's reap only.
+        # FAILURE word, noted address, unsendable), what the line that says the window's
+        # count names when the window is dropped (a reload, the exit) before a failure
+        # after it wrote one (_log_folded_failures). On the failed connect's reap only.
         self.link_fold_last: dict[tuple[str, str, Endpoint, int],
-                                  tuple[Link, tuple[object, ...], int, str | None]] = {}
+                                  tuple[Link, tuple[object, ...], int, str | None, bool]] = {}
         # The same for connect-fallback: the last folded fallback's line, but its count
         # (its addresses are read from the slot, which the reap frees).
         self.fallback_fold_last: dict[tuple[str, str, Endpoint, int], dict[str, object]] = {}
@@ -2362,11 +2362,18 @@ class Supervisor:
         if live is not None and grace_over:
             self._log_terminated(pid, status, live)
         moved = self._moved(live) if live is not None and not grace_over else None
-        record = self.accounting.finished(pid, status, usage.ru_utime + usage.ru_stime)
+        # No address of this host's to send to the upstream from (IPv6 disabled, for an
+        # IPv6 one): EADDRNOTAVAIL as out of local ports is, counted `unreachable`, not
+        # `no-local-port`, and said so. Probed here, for a failed connect's that error
+        # only (`failure` is 0 for one that connected: one test of a word already read).
+        unsendable = (bool(failure) and status == _CONNECT_FAILED_STATUS and child is not None
+                      and self._unsendable(child[0], failure, noted))
+        record = self.accounting.finished(pid, status, usage.ru_utime + usage.ru_stime,
+                                          "unreachable" if unsendable else None)
         if record is None:
             self.log.debug("reaped-orphan", child_pid=pid, status=describe_status(status))
         elif status == _CONNECT_FAILED_STATUS:
-            self._connect_failed(record, failure, noted)
+            self._connect_failed(record, failure, noted, unsendable)
             # Perhaps the name points elsewhere now (a container recreated with a new
             # address): look again, without waiting for the timer. (A child that found
             # it does sends SIGALRM as it connects: see relay.serve.)
@@ -2391,26 +2398,41 @@ class Supervisor:
         news (the host, not only its service, gone), which the refusals' window hid."""
         return fold(self.link_folds, (event, link.name, link.target, kind), failures)
 
+    @staticmethod
+    def _unsendable(link: Link, failure: int, noted: str | None) -> bool:
+        """Did a failed connect's EADDRNOTAVAIL mean that no address of this host's can
+        send to the upstream (listeners.no_source_address), not that local ports ran out?
+        The address it tried: a name's last one (`noted`), an address target's own. One
+        UDP socket's connect, no packet sent, for that error only: ~9 us a failure, where
+        the failed child's fork and reap alone take ~580 (measured: not worth a cache)."""
+        if failure_errno(failure) != errno.EADDRNOTAVAIL:
+            return False
+        address = noted if link.target.is_name else link.target.host
+        return address is not None and listeners.no_source_address(address, link.target.port)
+
     def _connect_failed(self, record: ChildRecord, failure: int,
-                        noted: str | None = None) -> None:
+                        noted: str | None = None, unsendable: bool = False) -> None:
         """A reaped child's failed connect (relay.serve left its error's code): the folded
         `connect-failed` line. Written here, not by each child: a dead upstream fails every
         client, and a line each flooded the log in the very outage it is read in.
         `noted`: the address a loop was refused at, which the line's error names, or the
         last one a name's connect tried, which it names as `address` (a name's addresses
-        change, and one of several may be the dead one; an address target is its own)."""
+        change, and one of several may be the dead one; an address target is its own).
+        `unsendable`: no address of this host's could send to it (_unsendable)."""
         link = record[0]
         kind = failure_errno(failure)  # 0 for a failed lookup of the child's own
         failures = self._fold_link("connect-failed", link, 1, kind)
         if failures:
-            self._log_connect_failed(link, record[1], failure, noted, failures)
+            self._log_connect_failed(link, record[1], failure, noted, unsendable, failures)
         else:
             self.link_fold_last[("connect-failed", link.name, link.target, kind)] = (
-                link, record[1], failure, noted)
+                link, record[1], failure, noted, unsendable)
 
     def _log_connect_failed(self, link: Link, client: tuple[object, ...], failure: int,
-                            noted: str | None, failures: int) -> None:
-        """The `connect-failed` line of `failures` failures, the last one of `client`."""
+                            noted: str | None, unsendable: bool, failures: int) -> None:
+        """The `connect-failed` line of `failures` failures, the last one of `client`
+        (`unsendable`: as its reap found it, so that the line says what the metric
+        counted)."""
         # Out of local ports toward the upstream (one address takes at most
         # ip_local_port_range's ~28,000 connections, fewer than --max-children may
         # be), a blackhole or prohibit route: said, as the error alone does not.
@@ -2418,8 +2440,7 @@ class Supervisor:
         detail = _CONNECT_FAILED_DETAIL.get(kind)
         looped = noted if failure & LOOPED else None
         address = noted if link.target.is_name else link.target.host
-        if (kind == errno.EADDRNOTAVAIL and address is not None
-                and listeners.no_source_address(address, link.target.port)):
+        if unsendable and address is not None:
             # Not out of ports: no address to send from (IPv6 off on this host), which
             # the ports' advice would have operators widen a range for nothing.
             detail = _NO_SOURCE_ADDRESS[":" in address]

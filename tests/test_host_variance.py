@@ -70,6 +70,45 @@ def test_an_ipv6_upstream_where_ipv6_is_disabled_is_not_called_out_of_ports(
     assert 'detail="out of local ports toward the upstream: ' in connect_failed(other)[0]
 
 
+def test_an_ipv6_upstream_where_ipv6_is_disabled_counts_as_unreachable(lab: Lab) -> None:
+    """The metric agrees with the line: such a failure counted under
+    forkproxy_upstream_connect_failures_total{reason="no-local-port"} (this host out of
+    ports), where an alert on ports fired for a configuration error and the README's
+    alert on `refused|timeout|unreachable` missed it. It counts `unreachable` now (no
+    address to send from is no way there); the same host out of ports still counts
+    `no-local-port`."""
+    ns = lab.namespace("v6off")
+    for key in ("all", "default", "lo"):
+        ns.run(["sysctl", "-qw", f"net.ipv6.conf.{key}.disable_ipv6=1"])
+    lab.redis(ns, SERVER_PORT, {"who": "v6off"})
+    sock = lab.workdir / "metrics.sock"
+    proc = lab.spawn(ns, [FORKPROXY, "serve", "--status-socket", str(sock), "--metrics",
+                          "127.0.0.1:0", f"{PORT}=[::1]:{SERVER_PORT}",
+                          f"{PORT + 1}=127.0.0.1:{SERVER_PORT}"], label="forkproxy")
+    lines = proc.wait_stdout(lambda lines: any("metrics http" in line for line in lines), 30)
+    [url] = [line.split()[-1] for line in lines if line.startswith("metrics http")]
+    assert redis_cli(ns, PORT, "GET", "who", check=False) != "v6off"
+    assert wait_for(lambda: len(connect_failed(proc)) == 1), proc.describe()
+    # The other link out of local ports: one client held, the next one's connect fails.
+    ns.run(["sysctl", "-qw", "net.ipv4.ip_local_port_range=40000 40000"])
+    ns.run(["python3", "-c", TWO_CLIENTS, str(PORT + 1)])
+    assert wait_for(lambda: len(connect_failed(proc)) == 2), proc.describe()
+    scraped = ns.run(["python3", "-c", SCRAPE, url])
+    failures = {line.rpartition(" ")[0]: float(line.rpartition(" ")[2])
+                for line in scraped.splitlines()
+                if line.startswith("forkproxy_upstream_connect_failures_total{")}
+    failures = {sample: count for sample, count in failures.items() if count}
+    assert failures == {
+        f'forkproxy_upstream_connect_failures_total{{link="{PORT}=[::1]:{SERVER_PORT}",'
+        'reason="unreachable"}': 1,
+        f'forkproxy_upstream_connect_failures_total{{link="{PORT + 1}=127.0.0.1:{SERVER_PORT}",'
+        'reason="no-local-port"}': 1,
+    }, scraped
+
+
+SCRAPE = "import sys, urllib.request; print(urllib.request.urlopen(sys.argv[1]).read().decode())"
+
+
 # One client served (its child holds the one local port), then one refused: each from a
 # port of its own, not the ephemeral one the proxy needs.
 TWO_CLIENTS = """
