@@ -1050,7 +1050,7 @@ def links_command(
     if more:
         # The count last: "1 more FORKPROXY_ variables" read wrong.
         say(f"forkproxy: warning: {UNLOGGED_UNKNOWN}: {more}")
-    for warning in table.warnings + table.overrides + table.loops:
+    for warning in table.warnings + table.overrides + table.loops + table.unreachable:
         say(f"forkproxy: warning: {warning}")
     for name, detail in table.file_options:
         say(f"forkproxy: warning: {name}: {detail}")

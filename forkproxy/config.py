@@ -180,21 +180,24 @@ class LinkTable(Value):
     """The links, what was skipped (`warnings`), the variables that the env file and the
     environment both set to different values (`overrides`: the file's wins), and the
     option variables the env file holds, which it cannot set (`file_options`: (name as a
-    log line shows it, what its warning says)), and the loops through an address of this
-    host's that may be ones (`loops`: own_address_loop's texts, one line each)."""
+    log line shows it, what its warning says)), the loops through an address of this
+    host's that may be ones (`loops`: own_address_loop's texts, one line each), and the
+    links whose literal target no address of this host's can send to (`unreachable`:
+    unreachable_links's texts, one line each)."""
 
     links: tuple[Link, ...]
     warnings: tuple[str, ...]
     overrides: tuple[str, ...]
     file_options: tuple[tuple[str, str], ...]
     loops: tuple[str, ...]
+    unreachable: tuple[str, ...]
 
     def __init__(self, links: tuple[Link, ...], warnings: tuple[str, ...] = (),
                  overrides: tuple[str, ...] = (),
                  file_options: tuple[tuple[str, str], ...] = (),
-                 loops: tuple[str, ...] = ()) -> None:
+                 loops: tuple[str, ...] = (), unreachable: tuple[str, ...] = ()) -> None:
         self._set(links=links, warnings=warnings, overrides=overrides,
-                  file_options=file_options, loops=loops)
+                  file_options=file_options, loops=loops, unreachable=unreachable)
 
 
 class Options(Value):
@@ -1286,6 +1289,42 @@ def own_address_loop(links: Sequence[Link], own: Collection[str]) -> tuple[str, 
     may a DNAT rule. So said, not refused: a false refusal would stop a proxy that works,
     and a true loop is refused at its second hop anyway (relay._loops_back)."""
     return tuple(_loops(links, own, warning=True)) if own else ()
+
+
+def literal_targets(links: Sequence[Link]) -> dict[str, Endpoint]:
+    """The IP-literal targets, keyed as _own_key spells them (with their zone), one target
+    per address: those read_links asks the kernel whether this host can send to at all
+    (listeners.unsendable; this module does no I/O). Names are not looked up at start:
+    their addresses are the relay child's and the resolver's."""
+    found: dict[str, Endpoint] = {}
+    for link in links:
+        literal = None if link.target.is_name else _literal(link.target.host)
+        if literal is not None:
+            found.setdefault(_own_key(link.target.host, literal), link.target)
+    return found
+
+
+def unreachable_links(links: Sequence[Link], unsendable: Mapping[str, str]) -> tuple[str, ...]:
+    """A warning's text for each link whose literal target is one of `unsendable` (those
+    of literal_targets that no address of this host's can send to, each with why, as the
+    caller found: IPv6 disabled here), one line per link: each of its connects would fail
+    (`connect-failed`, reason `unreachable`), which nothing said before the first client.
+    Not refused: the sysctl may be turned on later, and the link then serves without a
+    reload; a reload must not fail for it either."""
+    said = []
+    for link in links:
+        literal = None if link.target.is_name else _literal(link.target.host)
+        why = None if literal is None else unsendable.get(_own_key(link.target.host, literal))
+        if literal is None or why is None:
+            continue
+        advice = ("give an address this host can reach" if literal[1].version == 4
+                  else "give 127.0.0.1" if literal[1].is_loopback
+                  else "give the upstream's IPv4 address or a name that has one")
+        said.append(f"{shorten(link.name)} ({join_host_port(link.bind, link.port)} -> "
+                    f"{link.target}): no address of this host's can send to the upstream: "
+                    f"{why}; each connect fails until one can (`connect-failed`, reason "
+                    f"unreachable): {advice}")
+    return tuple(said)
 
 
 def _this_host(hosts: Sequence[str], own: Collection[str] = ()) -> str:

@@ -338,12 +338,19 @@ def ipv6_off(host: str) -> str:
     """`(IPv6 is disabled here: ...)` where the sysctl that took `host`'s IPv6 address
     away is set in this network namespace (a container's or pod's usual setting), else
     "": the address missing alone leaves the operator to find why."""
+    sysctl = ipv6_disabled_by(host)
+    return f" (IPv6 is disabled here: {sysctl})" if sysctl else ""
+
+
+def ipv6_disabled_by(host: str) -> str:
+    """The sysctl set in this network namespace that takes `host`'s IPv6 addresses away
+    (`net.ipv6.conf.all.disable_ipv6=1`; lo's too for ::1), else ""."""
     loopback = host.partition("%")[0] == "::1"
     for conf in ("lo", "all") if loopback else ("all",):
         try:
             with open(f"/proc/sys/net/ipv6/conf/{conf}/disable_ipv6", "rb") as file:
                 if file.read().strip() == b"1":
-                    return f" (IPv6 is disabled here: net.ipv6.conf.{conf}.disable_ipv6=1)"
+                    return f"net.ipv6.conf.{conf}.disable_ipv6=1"
         except OSError:
             pass
     return ""
@@ -441,6 +448,24 @@ def own_addresses(targets: Mapping[str, Endpoint]) -> frozenset[str]:
         if routes_here(family, sockaddr):
             own.add(address)
     return frozenset(own)
+
+
+def unsendable(targets: Mapping[str, Endpoint]) -> dict[str, str]:
+    """Which of `targets` (config.literal_targets: address, with its zone, -> a target of
+    it) no address of this host's can send to (no_source_address: one UDP socket's
+    connect each, no packet sent), each with why, for config.unreachable_links: IPv6
+    disabled here (the sysctl named, as ipv6_off finds it), or no interface holding an
+    address of the family that routes there. A probe that cannot say leaves it out."""
+    found = {}
+    for address, target in targets.items():
+        if no_source_address(target.host, target.port):
+            v6 = ":" in address
+            sysctl = ipv6_disabled_by(target.host) if v6 else ""
+            found[address] = (
+                f"IPv6 is disabled here ({sysctl}, as in many containers)" if sysctl
+                else f"no interface holds an {'IPv6' if v6 else 'IPv4'} address that routes "
+                     f"there (`ip -{6 if v6 else 4} addr`)")
+    return found
 
 
 def routes_here(family: int, sockaddr: tuple[object, ...]) -> bool:

@@ -71,6 +71,7 @@ from .config import (
     limiting_fits,
     limits_named,
     limits_text,
+    literal_targets,
     mebibytes,
     no_room_text,
     own_address_candidates,
@@ -83,6 +84,7 @@ from .config import (
     printable,
     quoted,
     unknown_lines,
+    unreachable_links,
 )
 from .listeners import ACCEPT_BACKOFF, RESOURCE_ERRORS, Listener
 from .log import DEBUG, ERROR_LOG_EVERY, LOG_SETTLE, WARNING, Logger, crash_fields, fold
@@ -225,7 +227,12 @@ def read_links(sources: Sources, environ: Mapping[str, str],
     # (none, or one per address, usually), and warned of (own_address_loop).
     loops = own_address_loop(table.links,
                              listeners.own_addresses(own_address_candidates(table.links)))
-    return table.replace(loops=loops) if loops else table
+    # A literal target no address of this host's can send to (an IPv6 one where IPv6 is
+    # disabled, as in many containers): every connect to it fails, which nothing said
+    # until a client came. Warned of, never refused: the sysctl may be turned on later.
+    unreachable = unreachable_links(table.links,
+                                    listeners.unsendable(literal_targets(table.links)))
+    return table.replace(loops=loops, unreachable=unreachable) if loops or unreachable else table
 
 
 def absolute_path(path: str) -> str:
@@ -3099,14 +3106,15 @@ class Supervisor:
             self._map_own_listeners(self.listeners)  # the children's loop check: new addresses
 
     def _log_table_warnings(self, table: LinkTable) -> None:
-        """`link-skipped`, `link-overridden`, `env-file-option` and `link-may-loop`, at
-        start and then at each reload for those that are new: one standing in the
-        environment (a `_UDP` link) was repeated at every reload, a warning nobody can act
-        on twice."""
+        """`link-skipped`, `link-overridden`, `env-file-option`, `link-may-loop` and
+        `link-unreachable`, at start and then at each reload for those that are new: one
+        standing in the environment (a `_UDP` link) was repeated at every reload, a
+        warning nobody can act on twice."""
         found = [*(("link-skipped", "", text) for text in table.warnings),
                  *(("link-overridden", "", text) for text in table.overrides),
                  *(("env-file-option", name, text) for name, text in table.file_options),
-                 *(("link-may-loop", "", text) for text in table.loops)]
+                 *(("link-may-loop", "", text) for text in table.loops),
+                 *(("link-unreachable", "", text) for text in table.unreachable)]
         for event, variable, text in found:
             if (event, variable, text) in self.table_warnings:
                 continue

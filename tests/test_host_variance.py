@@ -109,6 +109,65 @@ def test_an_ipv6_upstream_where_ipv6_is_disabled_counts_as_unreachable(lab: Lab)
 SCRAPE = "import sys, urllib.request; print(urllib.request.urlopen(sys.argv[1]).read().decode())"
 
 
+def unreachable(proc: Process) -> list[str]:
+    return [line for line in proc.stderr().splitlines() if " link-unreachable " in line]
+
+
+def test_a_link_no_address_can_send_to_is_said_at_start_at_a_reload_and_by_links(
+    lab: Lab,
+) -> None:
+    """A link whose target is an IPv6 literal, on a host where IPv6 is disabled: every
+    client's connect fails, and nothing said so before the first one (a probe that
+    never comes). Said now, a `link-unreachable` line per link, at start and at a reload
+    that brings one in (not again while it stands), and by `links`. Not refused: once
+    IPv6 is on, the link serves, without a reload."""
+    ns = lab.namespace("v6off")
+    for key in ("all", "default", "lo"):
+        ns.run(["sysctl", "-qw", f"net.ipv6.conf.{key}.disable_ipv6=1"])
+    lab.redis(ns, SERVER_PORT, {"who": "v6off"})
+    v6, v4 = f"{PORT}=[::1]:{SERVER_PORT + 1}", f"{PORT + 1}=127.0.0.1:{SERVER_PORT}"
+    why = ("no address of this host's can send to the upstream: IPv6 is disabled here "
+           "(net.ipv6.conf.lo.disable_ipv6=1, as in many containers); each connect fails "
+           "until one can (`connect-failed`, reason unreachable): give 127.0.0.1")
+    said = f"{v6} (0.0.0.0:{PORT} -> [::1]:{SERVER_PORT + 1}): {why}"
+    done = subprocess.run(ns.exec_argv([FORKPROXY, "links", v6, v4]),
+                          capture_output=True, text=True, timeout=30, check=False)
+    assert (done.returncode, done.stderr) == (0, f"forkproxy: warning: {said}\n"), done
+    env_file = lab.workdir / "links.env"
+    env_file.write_text(f"DB_PORT_{PORT + 2}_TCP=tcp://127.0.0.1:{SERVER_PORT}\n")
+    sock = lab.workdir / "unreachable.sock"
+    proc = lab.spawn(ns, [FORKPROXY, "serve", "--status-socket", str(sock), "--env-file",
+                          str(env_file), v6, v4], label="forkproxy")
+    proc.wait_stdout(lambda lines: len(lines) >= 3, 30)
+    assert [line.partition(" detail=")[2] for line in unreachable(proc)] == [
+        f'"{said}"'], proc.describe()
+    assert redis_cli(ns, PORT + 1, "GET", "who") == "v6off"
+    # A reload that brings in a second such link, to another IPv6 address: said, the
+    # first not again; the reload done (twice: the second says nothing new).
+    env_file.write_text(f"DB_PORT_{PORT + 2}_TCP=tcp://[2001:db8::5]:{SERVER_PORT}\n")
+    for _ in range(2):
+        result = subprocess.run([FORKPROXY, "reload", "--status-socket", str(sock)],
+                                capture_output=True, text=True, timeout=30, check=False)
+        assert result.returncode == 0, result
+    assert wait_for(lambda: proc.stderr().count(" reloaded ") == 2), proc.describe()
+    lines = unreachable(proc)
+    assert len(lines) == 2, proc.describe()
+    assert lines[1].endswith(
+        f"(0.0.0.0:{PORT + 2} -> [2001:db8::5]:{SERVER_PORT}): no address of this host's "
+        "can send to the upstream: IPv6 is disabled here (net.ipv6.conf.all.disable_ipv6=1,"
+        " as in many containers); each connect fails until one can (`connect-failed`, "
+        "reason unreachable): give the upstream's IPv4 address or a name that has one\""
+    ), lines
+    # IPv6 turned on: the link serves, with no reload.
+    for key in ("all", "default", "lo"):
+        ns.run(["sysctl", "-qw", f"net.ipv6.conf.{key}.disable_ipv6=0"])
+    assert wait_for(lambda: "inet6 ::1" in ns.ip("addr", "show", "lo")), ns.ip("addr")
+    lab.spawn(ns, ["redis-server", "--port", str(SERVER_PORT + 1), "--bind", "::1", "--save",
+                   "", "--appendonly", "no", "--dir", str(lab.workdir)], label="redis-v6")
+    assert wait_for(lambda: redis_cli(ns, PORT, "PING", check=False) == "PONG"), \
+        proc.describe()
+
+
 # One client served (its child holds the one local port), then one refused: each from a
 # port of its own, not the ephemeral one the proxy needs.
 TWO_CLIENTS = """
