@@ -1292,33 +1292,45 @@ def own_address_loop(links: Sequence[Link], own: Collection[str]) -> tuple[str, 
 
 
 def literal_targets(links: Sequence[Link]) -> dict[str, Endpoint]:
-    """The IP-literal targets, keyed as _own_key spells them (with their zone), one target
-    per address: those read_links asks the kernel whether this host can send to at all
-    (listeners.unsendable; this module does no I/O). Names are not looked up at start:
-    their addresses are the relay child's and the resolver's."""
+    """The IPv6-literal targets, keyed as _own_key spells them (with their zone), one
+    target per address: those read_links asks the kernel whether this host can send to
+    at all (listeners.unsendable; this module does no I/O). IPv6 only, where a host
+    without it is common (containers): an IPv4 target's probe, ~10 us, would be paid by
+    every start and reload for a host with no IPv4 address, which is not seen. Names are
+    not looked up at start: their addresses are the relay child's and the resolver's."""
     found: dict[str, Endpoint] = {}
     for link in links:
-        literal = None if link.target.is_name else _literal(link.target.host)
+        literal = _ipv6_literal(link.target)
         if literal is not None:
             found.setdefault(_own_key(link.target.host, literal), link.target)
     return found
 
 
+def _ipv6_literal(
+        target: Endpoint) -> tuple[str, ipaddress.IPv4Address | ipaddress.IPv6Address] | None:
+    """`target`'s IPv6 literal as _literal gives it; None for a name, an IPv4 address, or
+    an IPv4-mapped one (IPv4's: a host without IPv6 connects to it). The usual IPv4
+    target is told by a character, not parsed."""
+    if ":" not in target.host:  # (a name's host has none either)
+        return None
+    literal = _literal(target.host)
+    return literal if literal is not None and literal[1].version == 6 else None
+
+
 def unreachable_links(links: Sequence[Link], unsendable: Mapping[str, str]) -> tuple[str, ...]:
-    """A warning's text for each link whose literal target is one of `unsendable` (those
-    of literal_targets that no address of this host's can send to, each with why, as the
-    caller found: IPv6 disabled here), one line per link: each of its connects would fail
-    (`connect-failed`, reason `unreachable`), which nothing said before the first client.
-    Not refused: the sysctl may be turned on later, and the link then serves without a
-    reload; a reload must not fail for it either."""
+    """A warning's text for each link whose IPv6-literal target is one of `unsendable`
+    (those of literal_targets that no address of this host's can send to, each with why,
+    as the caller found: IPv6 disabled here), one line per link: each of its connects
+    would fail (`connect-failed`, reason `unreachable`), which nothing said before the
+    first client. Not refused: the sysctl may be turned on later, and the link then
+    serves without a reload; a reload must not fail for it either."""
     said = []
     for link in links:
-        literal = None if link.target.is_name else _literal(link.target.host)
+        literal = _ipv6_literal(link.target) if unsendable else None
         why = None if literal is None else unsendable.get(_own_key(link.target.host, literal))
         if literal is None or why is None:
             continue
-        advice = ("give an address this host can reach" if literal[1].version == 4
-                  else "give 127.0.0.1" if literal[1].is_loopback
+        advice = ("give 127.0.0.1" if literal[1].is_loopback
                   else "give the upstream's IPv4 address or a name that has one")
         said.append(f"{shorten(link.name)} ({join_host_port(link.bind, link.port)} -> "
                     f"{link.target}): no address of this host's can send to the upstream: "

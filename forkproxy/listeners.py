@@ -451,20 +451,18 @@ def own_addresses(targets: Mapping[str, Endpoint]) -> frozenset[str]:
 
 
 def unsendable(targets: Mapping[str, Endpoint]) -> dict[str, str]:
-    """Which of `targets` (config.literal_targets: address, with its zone, -> a target of
-    it) no address of this host's can send to (no_source_address: one UDP socket's
-    connect each, no packet sent), each with why, for config.unreachable_links: IPv6
-    disabled here (the sysctl named, as ipv6_off finds it), or no interface holding an
-    address of the family that routes there. A probe that cannot say leaves it out."""
+    """Which of `targets` (config.literal_targets: an IPv6 address, with its zone, -> a
+    target of it) no address of this host's can send to (no_source_address: one UDP
+    socket's connect each, no packet sent), each with why, for config.unreachable_links:
+    IPv6 disabled here (the sysctl named, as ipv6_off finds it), or no interface holding
+    an IPv6 address that routes there. A probe that cannot say leaves it out."""
     found = {}
     for address, target in targets.items():
         if no_source_address(target.host, target.port):
-            v6 = ":" in address
-            sysctl = ipv6_disabled_by(target.host) if v6 else ""
-            found[address] = (
-                f"IPv6 is disabled here ({sysctl}, as in many containers)" if sysctl
-                else f"no interface holds an {'IPv6' if v6 else 'IPv4'} address that routes "
-                     f"there (`ip -{6 if v6 else 4} addr`)")
+            sysctl = ipv6_disabled_by(target.host)
+            found[address] = (f"IPv6 is disabled here ({sysctl}, as in many containers)"
+                              if sysctl else "no interface holds an IPv6 address that "
+                              "routes there (`ip -6 addr`, `ip -6 route`)")
     return found
 
 
