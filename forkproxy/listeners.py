@@ -524,8 +524,11 @@ def no_source_address(host: str, port: int) -> bool:
     ports fails so too, but a UDP socket takes its port from another table: the probe tells
     the two apart. False when the probe cannot say. For a connect-failed line only."""
     try:
+        # As bytes: given a str, getaddrinfo imports the idna codec (and unicodedata) into
+        # the supervisor, whose every mapping each fork copies (relay.lookup's reason).
         family, _, _, _, sockaddr = socket.getaddrinfo(
-            host, port, type=socket.SOCK_DGRAM, flags=socket.AI_NUMERICHOST)[0]
+            host.encode("ascii", "replace"), port, type=socket.SOCK_DGRAM,
+            flags=socket.AI_NUMERICHOST)[0]
         probe = RawSocket(family, socket.SOCK_DGRAM)
     except (OSError, socket.gaierror):
         return False

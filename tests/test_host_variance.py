@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -62,6 +63,10 @@ def test_an_ipv6_upstream_where_ipv6_is_disabled_is_not_called_out_of_ports(
     assert ' error="Cannot assign requested address" failures=1 detail="no address of ' \
         "this host's can send to the upstream: IPv6 is disabled here " in line, line
     assert "out of local ports" not in line, line
+    # The probe that told the two apart loaded nothing into the supervisor, whose every
+    # mapping each fork copies: a str given to getaddrinfo imports the idna codec and
+    # unicodedata with it (test_a_serving_supervisor_maps_no_extension_it_does_not_need).
+    assert "unicodedata." not in Path(f"/proc/{proc.pid}/maps").read_text()
     # An IPv4 upstream out of local ports, on the same host: still the ports' advice.
     ns.run(["sysctl", "-qw", "net.ipv4.ip_local_port_range=40000 40000"])
     other = started(lab, ns, f"{PORT + 1}=127.0.0.1:{SERVER_PORT}")
