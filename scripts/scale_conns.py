@@ -41,6 +41,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -318,15 +319,34 @@ def levels(text: str) -> list[int]:
     return counts
 
 
+def _number(kind: Callable[[str], float], least: float, above: bool,
+            wants: str) -> Callable[[str], float]:
+    """An option's type: a number of `kind` above (or at least) `least`, else argparse's
+    one line naming the option (a bad one failed as a traceback, connections open)."""
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            value = least - 1
+        if value < least or (above and value == least):
+            raise argparse.ArgumentTypeError(f"{wants}, not {text!r}")
+        return value
+    return parse
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--proxy", choices=["forkproxy", "socat", "haproxy"],
                         default="forkproxy")
     parser.add_argument("--levels", default="0,500,1000,2000,4000", type=levels)
-    parser.add_argument("--rest", type=float, default=6.0, help="seconds measured at rest")
-    parser.add_argument("--probes", type=int, default=100)
-    parser.add_argument("--reap", type=int, default=0, help="clients that close at once")
-    parser.add_argument("--churn", type=float, default=0.0, help="seconds of churn")
+    parser.add_argument("--rest", type=_number(float, 0, True, "wants seconds above 0"),
+                        default=6.0, help="seconds measured at rest")
+    parser.add_argument("--probes", type=_number(int, 1, False, "wants a count of 1 or more"),
+                        default=100)
+    parser.add_argument("--reap", type=_number(int, 0, False, "wants a count of 0 or more"),
+                        default=0, help="clients that close at once")
+    parser.add_argument("--churn", type=_number(float, 0, False, "wants seconds of 0 or more"),
+                        default=0.0, help="seconds of churn")
     args = parser.parse_args()
     if args.reap > args.levels[-1]:
         parser.error(f"--reap {args.reap}: more than the {args.levels[-1]} connections held")

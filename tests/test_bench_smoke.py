@@ -617,3 +617,26 @@ def test_scale_conns_refuses_a_bad_level_before_starting_anything() -> None:
         "scale_conns.py: error: argument --levels: wants counts that rise from 0 up, "
         "not '40,10'"), result.stderr
     assert result.stdout == "", result.stdout
+
+
+@pytest.mark.parametrize(("option", "value", "wanted"), [
+    ("--rest", "0", "wants seconds above 0"),
+    ("--probes", "0", "wants a count of 1 or more"),
+    ("--reap", "-5", "wants a count of 0 or more"),
+    ("--churn", "-1", "wants seconds of 0 or more"),
+])
+def test_scale_conns_refuses_a_bad_option_before_starting_anything(
+    option: str, value: str, wanted: str
+) -> None:
+    """`--rest 0` divided by zero and `--probes 0` took the median of nothing, each a
+    traceback once thousands of connections were open; `--reap -5` closed all but 5 of
+    them. Refused at once now, naming the option, as `--levels` is."""
+    result = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "scale_conns.py"), "--levels", "0",
+         option, value],
+        capture_output=True, text=True, timeout=30, check=False,
+    )
+    assert result.returncode == 2, result
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"scale_conns.py: error: argument {option}: {wanted}, not {value!r}"), result.stderr
+    assert result.stdout == "", result.stdout
