@@ -356,18 +356,22 @@ def ipv6_disabled_by(host: str) -> str:
     return ""
 
 
-UNPRIVILEGED_PORT_START = "/proc/sys/net/ipv4/ip_unprivileged_port_start"
+def sysctl(name: str) -> int | None:
+    """This network namespace's integer sysctl `name` (`net/ipv4/...`), for a line's
+    words, or None where /proc/sys does not say (hidden, not mounted)."""
+    try:
+        with open(f"/proc/sys/{name}", "rb") as file:
+            return int(file.read())
+    except (OSError, ValueError):
+        return None
 
 
 def bind_refused(port: int) -> str:
     """Why bind() to `port` was refused (EACCES), for an operator: a port below this
     network namespace's net.ipv4.ip_unprivileged_port_start without the capability, or,
     at or above it, a policy of this host's, which the port's advice would not help."""
-    try:
-        with open(UNPRIVILEGED_PORT_START, "rb") as file:
-            start: int | None = int(file.read())
-    except (OSError, ValueError):
-        start = None  # no /proc/sys (hidden, not mounted): the port's word, as before
+    start = sysctl("net/ipv4/ip_unprivileged_port_start")
+    # None: no /proc/sys, the port's word, as before.
     if start is None or 0 < port < start:
         # Not "need root": root without the capability (--cap-drop=ALL) is refused
         # too, and a lowered sysctl (Docker 20.10+ sets 0) lets anyone bind.

@@ -523,6 +523,27 @@ _CONNECT_FAILED_DETAIL = {
 }
 
 
+def _syn_queue(queue: tuple[int, int] | None) -> str:
+    """listen-drops' words for a SYN queue full without syncookies: what bounds it, and
+    what to raise. The kernel drops a handshake once the queue holds the listener's
+    backlog (net.core.somaxconn caps it), and one from a client it has not seen before
+    once the queue holds 3/4 of net.ipv4.tcp_max_syn_backlog (tcp_conn_request), which
+    may be the smaller: somaxconn is no help once the backlog is listeners.BACKLOG."""
+    backlog = None if queue is None else queue[1]
+    syn_backlog = listeners.sysctl("net/ipv4/tcp_max_syn_backlog")
+    here = "" if backlog is None else f" ({backlog} here, net.core.somaxconn at most)"
+    syn_here = "" if syn_backlog is None else f" ({syn_backlog} here)"
+    raise_ = [name for name, low in (
+        ("somaxconn", backlog is None or backlog < listeners.BACKLOG),
+        ("tcp_max_syn_backlog",
+         syn_backlog is None or syn_backlog * 3 // 4 < (backlog or listeners.BACKLOG)))
+        if low]
+    return (f"which holds no more handshakes under way than the listener's backlog{here}, "
+            f"nor, from clients it has not seen before, more than 3/4 of "
+            f"net.ipv4.tcp_max_syn_backlog{syn_here}: set tcp_syncookies=1 (the kernel's "
+            f"default)" + (f", or raise {' or '.join(raise_)}" if raise_ else ""))
+
+
 class TakeOverCancelled(Exception):
     """serve --take-over asked to stop (the signal's name) before the supervisor taken
     over stopped: the take-over does not happen, and that one serves on. `told`: after
@@ -3469,12 +3490,8 @@ class Supervisor:
             self.drops_overflowed.discard(key)
             fields: dict[str, object] = {"link": listener.link.name, "drops": count}
             queue = listener.queue()
-            syn_queue = ""
             if queue is not None:
                 fields.update(queued=queue[0], backlog=queue[1])
-                # Without syncookies the SYN queue's size is the backlog's, which
-                # net.core.somaxconn caps (a low one is what such a flood fills).
-                syn_queue = f" ({queue[1]} here, net.core.somaxconn at most)"
             fields["detail"] = (
                 "the listener's accept queue was full: the kernel dropped clients' "
                 "handshakes, which wait for a retry (1 s, 3 s, ...) or time out; at "
@@ -3485,9 +3502,7 @@ class Supervisor:
                 "(TcpExtListenOverflows did not grow): no route back to those clients for "
                 "the SYN-ACK (a missing return route, spoofed SYNs; --max-children and "
                 "somaxconn are not the cause then), or, with net.ipv4.tcp_syncookies=0, "
-                "a full SYN queue (a SYN flood, a burst over a slow network), which holds "
-                f"no more handshakes under way than the listener's backlog{syn_queue}: "
-                "set tcp_syncookies=1 (the kernel's default), or raise somaxconn")
+                f"a full SYN queue (a SYN flood, a burst over a slow network), {_syn_queue(queue)}")
             self.log.emit(WARNING, "listen-drops", fields)
 
     def handle_control_accept(self, events: int) -> None:

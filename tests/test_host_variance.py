@@ -236,9 +236,36 @@ def test_a_full_syn_queue_without_syncookies_names_its_size_and_what_to_raise(
     assert "backlog=4 " in line, line
     assert ("with net.ipv4.tcp_syncookies=0, a full SYN queue (a SYN flood, a burst over "
             "a slow network), which holds no more handshakes under way than the "
-            "listener's backlog (4 here, net.core.somaxconn at most): set "
-            "tcp_syncookies=1 (the kernel's default), or raise somaxconn") in line, line
+            "listener's backlog (4 here, net.core.somaxconn at most), nor, from clients "
+            "it has not seen before, more than 3/4 of net.ipv4.tcp_max_syn_backlog (") \
+        in line, line
+    assert "): set tcp_syncookies=1 (the kernel's default), or raise somaxconn" in line, line
 
+
+
+def test_a_syn_queue_full_at_tcp_max_syn_backlog_names_it_not_somaxconn(lab: Lab) -> None:
+    """Without syncookies the kernel also keeps the last quarter of
+    net.ipv4.tcp_max_syn_backlog for clients it has seen before: at 16 here, 20 half-open
+    handshakes dropped the rest with the listener's backlog (4096) far from full. The
+    line named the backlog alone and said to raise somaxconn, which was at the proxy's
+    own 4096 already and could not help; it names tcp_max_syn_backlog and its value now,
+    and asks for somaxconn only where the backlog is below the proxy's."""
+    box, client = lab.namespace("box"), lab.namespace("client")
+    lab.cable(client, "198.18.36.2", box, "198.18.36.1")
+    box.run(["sysctl", "-qw", "net.ipv4.tcp_syncookies=0", "net.core.somaxconn=4096",
+             "net.ipv4.tcp_max_syn_backlog=16"])
+    lab.redis(box, SERVER_PORT, {"who": "box"})
+    proc = started(lab, box, f"{PORT}=127.0.0.1:{SERVER_PORT}")
+    client.run(["python3", "-c", SYN_FLOOD, "198.18.36.1", str(PORT), "20"])
+    proc.popen.send_signal(signal.SIGALRM)
+    assert wait_for(lambda: " listen-drops " in proc.stderr()), proc.describe()
+    [line] = [x for x in proc.stderr().splitlines() if " listen-drops " in x]
+    assert "backlog=4096 " in line, line
+    assert ("which holds no more handshakes under way than the listener's backlog (4096 "
+            "here, net.core.somaxconn at most), nor, from clients it has not seen before, "
+            "more than 3/4 of net.ipv4.tcp_max_syn_backlog (16 here): set "
+            "tcp_syncookies=1 (the kernel's default), or raise tcp_max_syn_backlog\"") \
+        in line, line
 
 # `python -c LANDLOCK_BINDS PROGRAM ARGS...`: PROGRAM with every TCP bind refused
 # (EACCES, by the kernel's Landlock LSM, ABI 4: Linux 6.7), as SELinux's name_bind or an
