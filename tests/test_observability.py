@@ -1390,6 +1390,48 @@ def test_a_reading_that_fails_fails_each_scrape_that_shared_it() -> None:
     assert readings.get() == ["ok"] and len(calls) == 2
 
 
+def test_a_failed_reading_fails_every_scrape_that_waited_for_it() -> None:
+    """Two scrapes come while reading 1 is taken; the reading they share (2) raises: each
+    of them gets the error, not the reader alone (the other served an empty page, `[]`,
+    as if the supervisor had no links), and reading 3 is taken anew for the next."""
+    taken: list[int] = []
+    release = threading.Event()
+    entered = threading.Semaphore(0)
+
+    def read() -> list[Any]:
+        taken.append(len(taken) + 1)
+        entered.release()
+        if taken[-1] == 1:
+            assert release.wait(30)
+        if taken[-1] == 2:
+            raise RuntimeError("boom")
+        return [taken[-1]]
+
+    readings = fp_metrics.FreshReadings(read)
+    got: dict[str, object] = {}
+
+    def scrape(name: str) -> threading.Thread:
+        def run() -> None:
+            try:
+                got[name] = readings.get()
+            except RuntimeError as exc:
+                got[name] = str(exc)
+        thread = threading.Thread(target=run)
+        thread.start()
+        return thread
+
+    first = scrape("a")
+    assert entered.acquire(timeout=30)  # reading 1 under way
+    later = [scrape(name) for name in "bc"]
+    assert poll(lambda: len(readings._changed._waiters),  # type: ignore[attr-defined]
+                lambda waiting: waiting == 2) == 2
+    release.set()
+    for thread in (first, *later):
+        thread.join(30)
+    assert got == {"a": [1], "b": "boom", "c": "boom"}, got
+    assert readings.get() == [3] and taken == [1, 2, 3], taken
+
+
 def test_a_psutil_reading_without_uss_leaves_uss_unknown(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
