@@ -523,6 +523,28 @@ _CONNECT_FAILED_DETAIL = {
 }
 
 
+_LINK_LOCAL_NO_ZONE = (
+    "a link-local IPv6 address without its interface: connect() cannot tell which link "
+    "to send on (no route, no packet sent); the name's record (a hosts file, an AAAA "
+    "record) gives fe80:: addresses no zone: give the upstream's address with its zone "
+    "(`[fe80::1%eth0]`), or a name with a routable address")
+
+
+def _einval_detail(host: str | None) -> str:
+    """The `detail` of a connect that failed EINVAL toward `host` (an address as text,
+    perhaps bracketed with a port, as peer_text writes one): a link-local IPv6 address
+    with no zone (a name's, which has none) fails so as a blackhole route does."""
+    address = (host or "").rpartition("]")[0].lstrip("[") or (host or "")
+    if "%" not in address:
+        try:
+            packed = socket.inet_pton(socket.AF_INET6, address)
+        except OSError:
+            packed = b""
+        if packed[:1] == b"\xfe" and packed[1] & 0xC0 == 0x80:  # fe80::/10
+            return _LINK_LOCAL_NO_ZONE
+    return _CONNECT_FAILED_DETAIL[errno.EINVAL]
+
+
 def _syn_queue(queue: tuple[int, int] | None) -> str:
     """listen-drops' words for a SYN queue full without syncookies: what bounds it, and
     what to raise. The kernel drops a handshake once the queue holds the listener's
@@ -2468,6 +2490,8 @@ class Supervisor:
         detail = _CONNECT_FAILED_DETAIL.get(kind)
         looped = noted if failure & LOOPED else None
         address = noted if link.target.is_name else link.target.host
+        if kind == errno.EINVAL:
+            detail = _einval_detail(address)
         if unsendable and address is not None:
             # Not out of ports: no address to send from (IPv6 off on this host), which
             # the ports' advice would have operators widen a range for nothing.
@@ -2546,7 +2570,8 @@ class Supervisor:
             # An address refused on this host (a blackhole or prohibit route: a network
             # plugin's for an address no container holds now) is named as connect-failed
             # names it: `Invalid argument` alone sends operators the wrong way.
-            detail = _CONNECT_FAILED_DETAIL.get(failure_errno(word))
+            detail = (_einval_detail(failed) if failure_errno(word) == errno.EINVAL
+                      else _CONNECT_FAILED_DETAIL.get(failure_errno(word)))
             if detail is not None:
                 fields["detail"] = detail
             if not failures:

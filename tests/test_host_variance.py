@@ -173,6 +173,30 @@ def test_a_link_no_address_can_send_to_is_said_at_start_at_a_reload_and_by_links
         proc.describe()
 
 
+def test_a_names_link_local_address_without_its_interface_is_not_called_a_blackhole(
+    lab: Lab,
+) -> None:
+    """A name whose only address is a link-local IPv6 one (`fe80::1` in a hosts file or
+    an AAAA record) gives it no interface: connect() fails EINVAL, no packet sent, as at
+    a blackhole route. The `connect-failed` line's detail blamed a blackhole route on
+    this host, which `ip route` would not show; it names the missing interface now."""
+    ns = lab.namespace("linklocal")
+    hosts = lab.workdir / "hosts"
+    hosts.write_text("127.0.0.1 localhost\nfe80::1 ll.test\n")
+    sock = lab.workdir / f"{lab.started + 1:02d}.sock"
+    proc = lab.spawn(ns, ["unshare", "--mount", "sh", "-c",
+                          'mount --bind "$0" /etc/hosts && exec "$@"', str(hosts),
+                          FORKPROXY, "serve", "--status-socket", str(sock),
+                          f"{PORT}=ll.test:{SERVER_PORT}"], label="forkproxy")
+    proc.wait_stdout(lambda lines: len(lines) >= 1, 30)
+    assert redis_cli(ns, PORT, "PING", check=False) != "PONG"
+    assert wait_for(lambda: len(connect_failed(proc)) == 1), proc.describe()
+    [line] = connect_failed(proc)
+    assert f' address=[fe80::1]:{SERVER_PORT} error="Invalid argument" failures=1 ' \
+        in line, line
+    assert "blackhole" not in line, line
+    assert ' detail="a link-local IPv6 address without its interface' in line, line
+
 # One client served (its child holds the one local port), then one refused: each from a
 # port of its own, not the ephemeral one the proxy needs.
 TWO_CLIENTS = """
