@@ -102,12 +102,13 @@ class SupervisorCollector(Collector):
                 status = request(self.status_socket, "status",
                                  connected=self._handed_connection)
                 status["pid_here"] = self.supervisor_pid  # our parent: our PID namespace
+            replied_at = time.monotonic()
         except StatusError:
             up = GaugeMetricFamily("forkproxy_up", "1 when the supervisor answered this scrape")
             up.add_metric([], 0)
             yield up
             return
-        yield from render(status, self.cpu_seen)
+        yield from render(status, self.cpu_seen, replied_at)
 
     def describe(self) -> Iterator[Metric]:
         """The families collect() yields, without asking the supervisor: the registry
@@ -166,12 +167,14 @@ class FreshReadings:
         return mine.outcome
 
 
-def _children_by_link(status: dict[str, Any]) -> dict[str, dict[str, float]]:
+def _children_by_link(status: dict[str, Any],
+                      replied_at: float | None = None) -> dict[str, dict[str, float]]:
     """Sum psutil's readings of the live children (as `forkproxy status` shows them) per
     link, with the longest any of them has waited for its upstream's answer (`unanswered`,
-    from the kernel's view of their sockets: read_sockets)."""
+    from the kernel's view of their sockets: read_sockets, of the reply's moment
+    `replied_at`, as `status` shows it)."""
     sums: dict[str, dict[str, float]] = {}
-    for child in read_sockets(enrich(status)).get("children", []):
+    for child in read_sockets(enrich(status), replied_at).get("children", []):
         entry = sums.setdefault(child["link"], {"rss": 0, "uss": 0, "cpu": 0})
         # The summed keys alone: `unanswered`, once in the entry, is a maximum, not a sum.
         for key in ("rss", "uss", "cpu"):
@@ -181,7 +184,8 @@ def _children_by_link(status: dict[str, Any]) -> dict[str, dict[str, float]]:
 
 
 def render(status: dict[str, Any],
-           cpu_seen: dict[str, tuple[float, float]] | None = None) -> Iterator[Metric]:
+           cpu_seen: dict[str, tuple[float, float]] | None = None,
+           replied_at: float | None = None) -> Iterator[Metric]:
     """The metrics of one status reply. `cpu_seen`: the CPU totals served before, per link,
     kept up to date here so that the counter never goes down (Prometheus reads that as a
     restart, and rate() jumps). It could by a hair: a child that exits between the status
@@ -195,7 +199,7 @@ def render(status: dict[str, Any],
         # Gone (a reload removed it): were it configured again, its totals start at 0, and
         # the floor of its old series would hold its CPU counter up.
         del cpu_seen[name]
-    live = _children_by_link(status)
+    live = _children_by_link(status, replied_at)
     # /proc not this PID namespace's: the children's memory and sockets, and the
     # supervisor's memory, are not read (status.proc_not_ours), and a 0 would say none
     # is used. No sample: unknown. Their CPU counter counts the exited children only.

@@ -650,6 +650,49 @@ def test_an_upstream_that_stopped_answering_shows_how_long_it_was_left_unanswere
             assert value(found, "forkproxy_upstream_unanswered_seconds", link=asked) == 0
 
 
+def test_a_scrape_says_how_long_an_upstream_was_left_unanswered_at_the_reply(
+    start_proxy: StartProxy, redis: Redis, tmp_path: Path, env: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """forkproxy_upstream_unanswered_seconds was read from the kernel after every child's
+    memory (~0.3 ms each): at 4,000 connections 1.4 s after the supervisor's reply, so the
+    gauge ran that much ahead of `status`, whose times are of the reply. Of the reply now,
+    as `status`'s. The seconds those thousands of readings take are a sleep before them
+    (enrich wrapped: the one thing here not made to happen for real)."""
+    sock_path = tmp_path / "status.sock"
+    link = f"127.0.0.1:0=127.0.0.1:{redis.port}"
+    proxy = start_proxy("--status-socket", str(sock_path), link, env=env)
+    real_enrich = fp_status.enrich
+
+    def slow_enrich(status: dict[str, Any]) -> dict[str, Any]:
+        time.sleep(2.0)
+        return real_enrich(status)
+
+    monkeypatch.setattr(fp_metrics, "enrich", slow_enrich)
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=30) as client:
+        client.sendall(b"PING\r\n")
+        assert recv_exact(client, 7) == b"+PONG\r\n"
+        time.sleep(0.1)  # past the answer's tick (see the test above)
+        redis.proc.send_signal(signal.SIGSTOP)
+        try:
+            client.sendall(b"PING\r\n")
+            sent = time.monotonic()
+            time.sleep(0.5)
+            poll(lambda: len(ask(sock_path)["children"]), lambda count: count == 1)
+            asked = time.monotonic()
+            found = {family.name: family for family in
+                     fp_metrics.SupervisorCollector(str(sock_path)).collect()}
+            [sample] = [sample for sample in found["forkproxy_upstream_unanswered_seconds"]
+                        .samples if sample.labels["link"] == link]
+            # At least the wait before the scrape; at most the wait until its reply (the
+            # slow reading's 2 s not in it), with room for a loaded machine's delays.
+            assert sample.value >= 0.5 - JIFFIES, (sample, asked - sent)
+            assert sample.value <= asked - sent + 1.0, (sample, asked - sent)
+        finally:
+            redis.proc.send_signal(signal.SIGCONT)
+        assert recv_exact(client, 7) == b"+PONG\r\n"
+
+
 def answer_then_stall(answers: int) -> Callable[[socket.socket], None]:
     """A handler that answers `answers` one-byte requests with 8 bytes each, then reads
     on and answers nothing (a hung server; its kernel acknowledges what comes) until
