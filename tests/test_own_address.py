@@ -140,6 +140,16 @@ def test_a_reload_to_an_own_address_is_said(lab: Lab, box: Namespace) -> None:
         f'(0.0.0.0:{PORT} -> {OWN}:{PORT}): {MAY}; {WHY}"'), proc.describe()
 
 
+def remote_redis(lab: Lab, server: Namespace) -> None:
+    """A redis-server on REMOTE:PORT in `server`, its key `who` set to "server"."""
+    redis = lab.spawn(server, ["redis-server", "--port", str(PORT), "--bind", REMOTE,
+                               "--protected-mode", "no", "--save", "", "--appendonly", "no",
+                               "--dir", str(lab.workdir)], label="redis-server")
+    assert wait_for(lambda: redis_cli(server, PORT, "PING", host=REMOTE, check=False)
+                    == "PONG"), redis.describe()
+    redis_cli(server, PORT, "SET", "who", "server", host=REMOTE)
+
+
 @pytest.mark.parametrize("nonlocal_bind", [0, 1])
 def test_a_remote_literal_is_not_said_and_an_own_one_is_under_nonlocal_bind(
     lab: Lab, box: Namespace, nonlocal_bind: int
@@ -158,12 +168,7 @@ def test_a_remote_literal_is_not_said_and_an_own_one_is_under_nonlocal_bind(
         except OSError:
             binds = False
     assert binds == bool(nonlocal_bind)
-    redis = lab.spawn(server, ["redis-server", "--port", str(PORT), "--bind", REMOTE,
-                               "--protected-mode", "no", "--save", "", "--appendonly", "no",
-                               "--dir", str(lab.workdir)], label="redis-server")
-    assert wait_for(lambda: redis_cli(server, PORT, "PING", host=REMOTE, check=False)
-                    == "PONG"), redis.describe()
-    redis_cli(server, PORT, "SET", "who", "server", host=REMOTE)
+    remote_redis(lab, server)
     # 198.18.36.1: no route to it from the box, whose probe fails: nothing said.
     proc = started(lab, box, f"{PORT}={REMOTE}:{PORT}", f"{OTHER}=198.18.36.1:{OTHER}",
                    count=2)
@@ -200,12 +205,7 @@ def test_a_name_with_a_loop_and_a_remote_server_serves_under_nonlocal_bind(
     server = lab.namespace("server")
     lab.cable(box, "198.18.35.1", server, REMOTE)
     box.run(["sysctl", "-qw", "net.ipv4.ip_nonlocal_bind=1"])
-    redis = lab.spawn(server, ["redis-server", "--port", str(PORT), "--bind", REMOTE,
-                               "--protected-mode", "no", "--save", "", "--appendonly", "no",
-                               "--dir", str(lab.workdir)], label="redis-server")
-    assert wait_for(lambda: redis_cli(server, PORT, "PING", host=REMOTE, check=False)
-                    == "PONG"), redis.describe()
-    redis_cli(server, PORT, "SET", "who", "server", host=REMOTE)
+    remote_redis(lab, server)
     # The name's two addresses, by a hosts file mounted over /etc/hosts in a mount
     # namespace of the proxy's own (nothing under /etc is written).
     hosts = lab.workdir / "hosts"

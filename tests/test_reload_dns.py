@@ -647,6 +647,20 @@ def test_the_first_connection_goes_to_the_first_address(
     assert who(ns) == {"127.0.0.2": "first", "127.0.0.3": "second"}[first]
 
 
+def name_with_a_dead_first_address(ns: Namespace) -> Path:
+    """upstream.test in `ns`'s hosts file: 127.0.0.4 (nothing listens), then 127.0.0.2,
+    in a stable order (every other connection's turn starts at the dead one)."""
+    hosts = Path("/etc/netns") / ns.name / "hosts"
+    with hosts.open("w") as handle:
+        handle.write("127.0.0.1 localhost\n127.0.0.4 upstream.test\n127.0.0.2 upstream.test\n")
+    return hosts
+
+
+def fallback_lines(proxy: Process) -> list[str]:
+    """The proxy's connect-fallback lines."""
+    return [x for x in proxy.stderr().splitlines() if " connect-fallback " in x]
+
+
 def test_a_connection_that_gets_through_only_after_an_address_failed_says_so_folded(
     lab: Lab, ns: Namespace
 ) -> None:
@@ -662,13 +676,11 @@ def test_a_connection_that_gets_through_only_after_an_address_failed_says_so_fol
 
     # Both addresses from the hosts file, in a stable order: every other connection's
     # turn starts at the dead one (relay.in_turn).
-    hosts = Path("/etc/netns") / ns.name / "hosts"
-    with hosts.open("w") as handle:
-        handle.write("127.0.0.1 localhost\n127.0.0.4 upstream.test\n127.0.0.2 upstream.test\n")
+    hosts = name_with_a_dead_first_address(ns)
     proxy = start_proxy(lab, ns, "--resolve-every", "off")
 
     def lines() -> list[str]:
-        return [x for x in proxy.stderr().splitlines() if " connect-fallback " in x]
+        return fallback_lines(proxy)
 
     # Two connections that stay open (BLPOP waits 60 s): one of them fell back.
     held = [lab.spawn(ns, ["redis-cli", "-p", str(LISTEN_PORT), "BLPOP", "nothing", "60"],
@@ -721,13 +733,11 @@ def test_fallbacks_a_window_folded_are_said_when_the_exit_ends_it(
     count unsaid, and the log showed fewer fallbacks than happened, for good (found by
     reconciling the log with what the clients saw). Said now, in one last line naming
     the last of them, before `exited`."""
-    hosts = Path("/etc/netns") / ns.name / "hosts"
-    with hosts.open("w") as handle:
-        handle.write("127.0.0.1 localhost\n127.0.0.4 upstream.test\n127.0.0.2 upstream.test\n")
+    name_with_a_dead_first_address(ns)
     proxy = start_proxy(lab, ns, "--resolve-every", "off")
 
     def lines() -> list[str]:
-        return [x for x in proxy.stderr().splitlines() if " connect-fallback " in x]
+        return fallback_lines(proxy)
 
     assert [who(ns) for _ in range(6)] == ["first"] * 6  # 3 fell back: a line, 2 folded
     wait_until(lambda: proxy.stderr().count(" close ") == 6, proxy)  # all reaped
@@ -754,7 +764,7 @@ def test_a_fallback_past_a_blackhole_route_names_the_route(lab: Lab, ns: Namespa
     proxy = start_proxy(lab, ns, "--resolve-every", "off")
 
     def lines() -> list[str]:
-        return [x for x in proxy.stderr().splitlines() if " connect-fallback " in x]
+        return fallback_lines(proxy)
 
     assert [who(ns) for _ in range(2)] == ["first"] * 2  # 1 fell back: its line at once
     wait_until(lambda: len(lines()) == 1, proxy)

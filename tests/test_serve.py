@@ -729,6 +729,53 @@ def test_connect_failed_is_folded_per_link(
         assert len(lines(specs[1])) == 1
 
 
+class Retarget:
+    """An env link retargeted between two dead upstreams (bound, never listening) by
+    writing its env file and reloading: the proxy's connect-failed lines, its counters."""
+
+    def __init__(self, short_dir: Path, dead_a: socket.socket, dead_b: socket.socket) -> None:
+        self.dead = (dead_a, dead_b)
+        for dead in self.dead:
+            dead.bind(("127.0.0.1", 0))
+        self.port = free_port()
+        self.name = f"DB_PORT_{self.port}_TCP"
+        self.env_file, self.sock_path = short_dir / "links.env", short_dir / "s.sock"
+        self.proxy: Proxy | None = None
+
+    def point_at(self, which: int) -> str:
+        """Point the link at dead upstream `which` (0, 1) in its env file: its target."""
+        target = f"127.0.0.1:{self.dead[which].getsockname()[1]}"
+        self.env_file.write_text(f"{self.name}=tcp://{target}\n")
+        return target
+
+    def start(self, start_proxy: Callable[..., Proxy]) -> Proxy:
+        self.proxy = start_proxy("--env-file", str(self.env_file), "--bind", "127.0.0.1",
+                                 "--status-socket", str(self.sock_path))
+        return self.proxy
+
+    def refused(self, times: int = 1) -> None:
+        """`times` clients, each closed unserved."""
+        for _ in range(times):
+            with socket.create_connection(("127.0.0.1", self.port)) as client:
+                client.settimeout(10)
+                assert client.recv(10) == b""
+
+    def lines(self) -> list[str]:
+        assert self.proxy is not None
+        return [x for x in self.proxy.log().splitlines() if " connect-failed " in x]
+
+    def reload(self) -> None:
+        from conftest import control
+
+        reply = control(self.sock_path, "reload")
+        assert reply["ok"], reply
+
+    def failed(self) -> int:
+        from conftest import control
+
+        return int(control(self.sock_path, "status")["links"][self.name]["upstream_failures"])
+
+
 def test_a_link_a_reload_retargets_folds_its_new_upstream_apart(
     start_proxy: Callable[..., Proxy], short_dir: Path
 ) -> None:
@@ -737,41 +784,20 @@ def test_a_link_a_reload_retargets_folds_its_new_upstream_apart(
     the old one's 10 s window: no line (or a late one, its `failures` counting both), when
     one dead upstream's failures must never hide another's first one. Folded per upstream
     of the link now: the new one's first failure is logged at once, counted alone."""
-    from conftest import control
-
-    with socket.socket() as dead_a, socket.socket() as dead_b:  # bound, never listening
-        dead_a.bind(("127.0.0.1", 0))
-        dead_b.bind(("127.0.0.1", 0))
-        port = free_port()
-        name = f"DB_PORT_{port}_TCP"
-        env_file, sock_path = short_dir / "links.env", short_dir / "s.sock"
-
-        def point_at(dead: socket.socket) -> str:
-            target = f"127.0.0.1:{dead.getsockname()[1]}"
-            env_file.write_text(f"{name}=tcp://{target}\n")
-            return target
-
-        def refused() -> None:
-            with socket.create_connection(("127.0.0.1", port)) as client:
-                client.settimeout(10)
-                assert client.recv(10) == b""
-
-        def lines() -> list[str]:
-            return [x for x in proxy.log().splitlines() if " connect-failed " in x]
-
-        first = point_at(dead_a)
-        proxy = start_proxy("--env-file", str(env_file), "--bind", "127.0.0.1",
-                            "--status-socket", str(sock_path))
-        refused()
-        assert wait_for(lambda: len(lines()) == 1)
-        assert lines()[0].endswith(f' upstream={first} error="Connection refused" failures=1')
-        second = point_at(dead_b)
-        reply = control(sock_path, "reload")
-        assert reply["ok"], reply
-        refused()  # well within the first upstream's window
-        assert wait_for(lambda: len(lines()) == 2), proxy.log()
-        assert lines()[1].endswith(f' upstream={second} error="Connection refused" failures=1')
-        assert f" link={name} " in lines()[1], lines()[1]
+    with socket.socket() as dead_a, socket.socket() as dead_b:
+        lab = Retarget(short_dir, dead_a, dead_b)
+        first = lab.point_at(0)
+        proxy = lab.start(start_proxy)
+        lab.refused()
+        assert wait_for(lambda: len(lab.lines()) == 1)
+        assert lab.lines()[0].endswith(f' upstream={first} error="Connection refused" failures=1')
+        second = lab.point_at(1)
+        lab.reload()
+        lab.refused()  # well within the first upstream's window
+        assert wait_for(lambda: len(lab.lines()) == 2), proxy.log()
+        assert lab.lines()[1].endswith(
+            f' upstream={second} error="Connection refused" failures=1')
+        assert f" link={lab.name} " in lab.lines()[1], lab.lines()[1]
 
 
 def test_failures_a_window_folded_are_said_when_a_reload_or_the_exit_drops_it(
@@ -782,52 +808,29 @@ def test_failures_a_window_folded_are_said_when_a_reload_or_the_exit_drops_it(
     with the count unsaid: the lines' `failures` summed to less than upstream_failures
     for good (a retargeted ambassador: 33 failures, 22 in the log). Said now, in one line
     per window as it goes, naming the last failure, as `denied-unlogged` says denials."""
-    from conftest import control
-
-    with socket.socket() as dead_a, socket.socket() as dead_b:  # bound, never listening
-        dead_a.bind(("127.0.0.1", 0))
-        dead_b.bind(("127.0.0.1", 0))
-        port = free_port()
-        name = f"DB_PORT_{port}_TCP"
-        env_file, sock_path = short_dir / "links.env", short_dir / "s.sock"
-
-        def point_at(dead: socket.socket) -> str:
-            target = f"127.0.0.1:{dead.getsockname()[1]}"
-            env_file.write_text(f"{name}=tcp://{target}\n")
-            return target
-
-        def refused(times: int) -> None:
-            for _ in range(times):
-                with socket.create_connection(("127.0.0.1", port)) as client:
-                    client.settimeout(10)
-                    assert client.recv(10) == b""
-
-        def lines() -> list[str]:
-            return [x for x in proxy.log().splitlines() if " connect-failed " in x]
-
-        def failed() -> int:
-            return int(control(sock_path, "status")["links"][name]["upstream_failures"])
-
-        first = point_at(dead_a)
-        proxy = start_proxy("--env-file", str(env_file), "--bind", "127.0.0.1",
-                            "--status-socket", str(sock_path))
-        refused(4)  # one line at once, three folded
-        assert wait_for(lambda: failed() == 4)
-        assert len(lines()) == 1, proxy.log()
-        second = point_at(dead_b)
-        assert control(sock_path, "reload")["ok"]
-        assert wait_for(lambda: len(lines()) == 2), proxy.log()
-        assert lines()[1].endswith(f' upstream={first} error="Connection refused" failures=3')
-        refused(3)  # the new upstream: its own line at once, two folded
-        assert wait_for(lambda: failed() == 7)
-        assert len(lines()) == 3, proxy.log()
-        assert lines()[2].endswith(f' upstream={second} error="Connection refused" failures=1')
+    with socket.socket() as dead_a, socket.socket() as dead_b:
+        lab = Retarget(short_dir, dead_a, dead_b)
+        first = lab.point_at(0)
+        proxy = lab.start(start_proxy)
+        lab.refused(4)  # one line at once, three folded
+        assert wait_for(lambda: lab.failed() == 4)
+        assert len(lab.lines()) == 1, proxy.log()
+        second = lab.point_at(1)
+        lab.reload()
+        assert wait_for(lambda: len(lab.lines()) == 2), proxy.log()
+        assert lab.lines()[1].endswith(f' upstream={first} error="Connection refused" failures=3')
+        lab.refused(3)  # the new upstream: its own line at once, two folded
+        assert wait_for(lambda: lab.failed() == 7)
+        assert len(lab.lines()) == 3, proxy.log()
+        assert lab.lines()[2].endswith(
+            f' upstream={second} error="Connection refused" failures=1')
         assert proxy.stop() == 0
         log = proxy.log().splitlines()
-        assert len(lines()) == 4, log
-        assert lines()[3].endswith(f' upstream={second} error="Connection refused" failures=2')
+        assert len(lab.lines()) == 4, log
+        assert lab.lines()[3].endswith(
+            f' upstream={second} error="Connection refused" failures=2')
         assert " exited " in log[-1], log[-1]  # still the last line
-        assert sum(int(line.rsplit("failures=", 1)[1]) for line in lines()) == 7
+        assert sum(int(line.rsplit("failures=", 1)[1]) for line in lab.lines()) == 7
 
 
 def test_sigterm_drains_a_transfer_refuses_new_clients_and_exits_0(
