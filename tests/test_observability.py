@@ -1371,6 +1371,20 @@ def test_a_pid_namespace_that_kept_the_hosts_proc_reads_no_process_by_its_pid(
     assert len(warnings) == 1 and " warning " in warnings[0], proxy.log()
 
 
+def scrape_in_a_thread(readings: fp_metrics.FreshReadings, got: dict[str, object],
+                      name: str) -> threading.Thread:
+    """A scrape `name` of `readings` in a thread of its own, started: what it got in
+    `got[name]`, or its RuntimeError's text."""
+    def run() -> None:
+        try:
+            got[name] = readings.get()
+        except RuntimeError as exc:
+            got[name] = str(exc)
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
 def test_concurrent_scrapes_share_the_next_reading_never_one_under_way() -> None:
     """Four scrapes at once each read every child (3.4 s each at 3,000 connections,
     interleaved). Now a scrape that comes while a reading is taken waits for it to end and
@@ -1387,12 +1401,10 @@ def test_concurrent_scrapes_share_the_next_reading_never_one_under_way() -> None
         return [taken[-1]]
 
     readings = fp_metrics.FreshReadings(read)
-    got: dict[str, list[Any]] = {}
+    got: dict[str, object] = {}
 
     def scrape(name: str) -> threading.Thread:
-        thread = threading.Thread(target=lambda: got.__setitem__(name, readings.get()))
-        thread.start()
-        return thread
+        return scrape_in_a_thread(readings, got, name)
 
     first = scrape("a")
     assert entered.acquire(timeout=30)  # reading 1 under way
@@ -1454,14 +1466,7 @@ def test_a_failed_reading_fails_every_scrape_that_waited_for_it() -> None:
     got: dict[str, object] = {}
 
     def scrape(name: str) -> threading.Thread:
-        def run() -> None:
-            try:
-                got[name] = readings.get()
-            except RuntimeError as exc:
-                got[name] = str(exc)
-        thread = threading.Thread(target=run)
-        thread.start()
-        return thread
+        return scrape_in_a_thread(readings, got, name)
 
     first = scrape("a")
     assert entered.acquire(timeout=30)  # reading 1 under way
