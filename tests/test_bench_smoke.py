@@ -113,6 +113,9 @@ def test_bench_help_prints_the_options_and_installs_nothing(tmp_path: Path) -> N
      "slowread_mem.py: error: argument --conns: not counts of 1 or more, comma-separated: '0'"),
     ("slowread_mem.py", "--proxies=nginx",
      "slowread_mem.py: error: argument --proxies: not forkproxy, socat or haproxy: 'nginx'"),
+    ("latency_pathologies.py", "nope",
+     "latency_pathologies.py: unknown case 'nope'"
+     " (one of wwr, tiny, after, first, bulk, two, upl)"),
 ])
 def test_a_script_given_a_bad_argument_says_so_at_once_and_does_nothing(
     tmp_path: Path, script: str, argument: str, says: str,
