@@ -967,7 +967,11 @@ def test_stray_signals_to_every_process_end_nothing(
         # SIGXFSZ too: Python ignores it at start (README says so), every process inherits it
         for signum in (*STRAY_SIGNALS, signal.SIGUSR1, signal.SIGALRM, signal.SIGXFSZ):
             os.killpg(proxy.pid, signum)  # its own session: the group is the proxy's
-        time.sleep(0.5)  # a default action is taken at delivery: done by now
+        # A default action is taken at delivery: wait until every process has had each
+        # signal delivered, not a fixed while (under load 0.5 s could pass first).
+        sent = {*STRAY_SIGNALS, signal.SIGUSR1, signal.SIGALRM, signal.SIGXFSZ}
+        assert wait_for(lambda: all(settled(pid, sent)
+                                    for pid in {proxy.pid, metrics, *children})), proxy.log()
         assert proxy.proc.poll() is None, proxy.log()
         assert children <= {pid for pid, _ in processes_under(proxy.pid)}, proxy.log()
         assert metrics_pid(proxy.pid) == metrics, proxy.log()
@@ -982,6 +986,27 @@ def test_stray_signals_to_every_process_end_nothing(
     assert proxy.stop() == 0
     log = proxy.log()
     assert "metrics-died" not in log and "killed" not in log, log
+
+
+def settled(pid: int, signums: set[int]) -> bool:
+    """Whether none of `signums` can still be delivered to process `pid`: each is no longer
+    pending, or pending but blocked in every thread (taken only once unblocked, which the
+    test's later checks then see). A process gone counts as settled: the checks catch it.
+    "Not pending" alone is not enough: a signal that every thread of a process blocks
+    stays pending for good, and the wait would never end."""
+    mask = sum(1 << (signum - 1) for signum in signums)
+    try:
+        pending, blocked_everywhere = 0, mask
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            fields = dict(line.split(":\t", 1) for line in
+                          (task / "status").read_text().splitlines() if ":\t" in line)
+            if fields["State"].startswith(("Z", "X")):
+                return True
+            pending |= mask & (int(fields["ShdPnd"], 16) | int(fields["SigPnd"], 16))
+            blocked_everywhere &= int(fields["SigBlk"], 16)
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    return pending & ~blocked_everywhere == 0
 
 
 def test_stray_signals_are_ignored_while_serve_starts(tmp_path: Path) -> None:
