@@ -1138,7 +1138,7 @@ def test_an_answer_sent_just_before_a_reset_reaches_the_client_still_uploading(
                     assert len(conn.recv(100)) > 0
                     # Wait until the upload has filled what the proxy can queue, then
                     # answer and close unread: an RST right behind the answer.
-                    time.sleep(0.3)
+                    _wait_until_filled(client, conn)
                     conn.sendall(answer)
                     # conn closes here with the upload unread: an RST follows the answer
                 got = b""
@@ -1157,6 +1157,27 @@ def test_an_answer_sent_just_before_a_reset_reaches_the_client_still_uploading(
             # took the error first (direct, the client sees the same).
             assert hashlib.sha256(got).hexdigest() == hashlib.sha256(answer).hexdigest(), \
                 (len(got), ended)
+
+
+def _wait_until_filled(client: socket.socket, conn: socket.socket,
+                       timeout: float = 30) -> None:
+    """Wait until the upload fills every queue on its way: the server's receive queue
+    (`conn`, FIONREAD) no longer grows, and the client still holds bytes the proxy has not
+    taken (its send queue, SIOCOUTQ): the proxy has upload left to write when the server's
+    RST comes. A fixed 0.3 s was not that under load: the RST came before the proxy had
+    upload to write, and the race the test is about was not run."""
+    def queues() -> tuple[int, int]:
+        inq = struct.unpack("i", fcntl.ioctl(conn, termios.FIONREAD, b"\0" * 4))[0]
+        outq = struct.unpack("i", fcntl.ioctl(client, termios.TIOCOUTQ, b"\0" * 4))[0]
+        return inq, outq
+    deadline = time.monotonic() + timeout
+    seen, same = queues(), 0
+    while same < 3:  # the same for 3 looks 50 ms apart, the client's bytes still waiting
+        assert time.monotonic() < deadline, f"the upload never filled the queues: {seen}"
+        time.sleep(0.05)
+        now = queues()
+        same = same + 1 if now == seen and now[1] > 0 else 0
+        seen = now
 
 
 def _upload_until_refused(sock: socket.socket) -> None:
