@@ -12,7 +12,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -229,7 +228,9 @@ def test_a_sandbox_refusing_netlink_leaves_unanswered_unknown_not_zero(
         redis.proc.send_signal(signal.SIGSTOP)
         try:
             client.sendall(b"PING\r\n")
-            time.sleep(1.5)  # left unanswered that long
+            # Unanswered: the request is in the stopped redis's receive queue (a fixed
+            # 1.5 s could end, under load, before the proxy had passed it on).
+            assert wait_for(lambda: queued_at(redis.port) == [6], 30), queued_at(redis.port)
             with urllib.request.urlopen(url, timeout=30) as response:
                 text = response.read().decode()
             found = {(sample.name, sample.labels.get("link")): sample.value
@@ -269,6 +270,14 @@ def test_a_sandbox_refusing_netlink_leaves_unanswered_unknown_not_zero(
         finally:
             redis.proc.send_signal(signal.SIGCONT)
         assert client.recv(7) == b"+PONG\r\n"
+
+
+def queued_at(port: int) -> list[int]:
+    """The receive queues (bytes unread) of the established TCP sockets on local `port`,
+    as the kernel shows them to `ss` (run here, outside any sandbox)."""
+    out = subprocess.run(["ss", "-tnH", "state", "established", f"( sport = :{port} )"],
+                         capture_output=True, text=True, timeout=30, check=True).stdout
+    return [int(line.split()[0]) for line in out.splitlines() if line.strip()]
 
 
 @pytest.mark.parametrize("metrics", [True, False])
