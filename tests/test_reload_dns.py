@@ -341,6 +341,17 @@ def child_pids(lab: Lab) -> list[int]:
     return [child["pid"] for child in control(lab.workdir / "fp.sock", "status")["children"]]
 
 
+def waiting_in_own_lookup(pid: int) -> bool:
+    """Whether child `pid` waits in its own lookup: a second thread (the lookup's) and the
+    main one asleep in a poll (`wchan`), as during a connect."""
+    try:
+        threads = len(list(Path(f"/proc/{pid}/task").iterdir()))
+        wchan = Path(f"/proc/{pid}/wchan").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return threads >= 2 and "poll" in wchan
+
+
 @pytest.mark.parametrize("first", ["unresolved", "refused"])
 def test_a_childs_own_lookup_that_gets_no_answer_is_given_up_after_the_connect_timeout(
     lab: Lab, ns: Namespace, first: str
@@ -392,9 +403,11 @@ def test_a_client_that_resets_during_its_childs_own_lookup_frees_the_child_and_i
     leaving = client_in(ns)
     wait_until(lambda: len(child_pids(lab)) == 1, proxy)
     [pid] = child_pids(lab)
-    # Its query asked (the resolver's was the first), then a while in the lookup.
+    # Its query asked (the resolver's was the first), and the child waiting in its
+    # lookup: the lookup's thread started, the main one in its poll, which watches the
+    # client (a fixed 1.5 s could end, under load, before it got there).
     wait_until(lambda: dns.stdout().count(f"query upstream.test {TYPE_A}") >= 2, proxy)
-    time.sleep(1.5)
+    wait_until(lambda: waiting_in_own_lookup(pid), proxy)
     assert child_pids(lab) == [pid]  # still looking up for it
     leaving.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     leaving.close()
