@@ -359,8 +359,19 @@ class Lab:
         proc = self.spawn(ns, argv, label=f"{label}-{ns.host}", env=env)
         proc.status_socket = sock
         proc.wait_stdout(lambda lines: any(ln.startswith("listening ") for ln in lines), timeout)
-        time.sleep(0.2)  # let any further listener line land before we count them
+        # Every listener line is in once the log says `status-socket`: the supervisor logs
+        # it after its stdout lines are all written. (A fixed 0.2 s could end, under load,
+        # before a further line came, and a count of them pass that should not.)
+        deadline = time.monotonic() + timeout
+        while not STATUS_SOCKET_LOGGED.search(proc.stderr()):
+            if not proc.alive() or time.monotonic() > deadline:
+                raise LabError(f"no status-socket line in its log:\n{proc.describe()}")
+            time.sleep(0.05)
         return proc, listening_lines(proc)
+
+
+# The supervisor's `status-socket` log line, as text or JSON (not a `--status-socket`).
+STATUS_SOCKET_LOGGED = re.compile(r'[ "]status-socket[ "]')
 
 
 def listening_lines(proc: Process) -> list[str]:
