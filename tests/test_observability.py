@@ -4908,9 +4908,13 @@ def test_the_last_line_says_the_supervisor_exited_when_the_drain_ended(
     with socket.create_connection(("127.0.0.1", proxy.port), timeout=30) as live:
         live.sendall(b"y")
         assert recv_exact(live, 1) == b"y"
+        live_client = f"127.0.0.1:{live.getsockname()[1]}"
         proxy.signal(signal.SIGTERM)
         poll(proxy.log, lambda text: " stopping " in text)
-        time.sleep(0.5)  # the drain lasts at least this long: `live` is open
+        # A negative, so a sleep: nothing ends the drain while `live` is open, for 0.5 s
+        # (the floor of `duration` asserted below). That it waited for `live` at all is
+        # shown by the order of the lines, not by this.
+        time.sleep(0.5)
         assert proxy.proc.poll() is None
     assert proxy.stop() == 0
     lines = [parse_text_line(line) for line in proxy.log().splitlines()]
@@ -4920,6 +4924,11 @@ def test_the_last_line_says_the_supervisor_exited_when_the_drain_ended(
     assert float(last["duration"]) >= 0.5, last
     assert float(last["uptime"]) >= float(last["duration"]), last
     assert [line["event"] for line in lines].count("exited") == 1
+    # The drain waited for `live`: its close, by its client (not killed), between
+    # `stopping` and `exited`, whatever the load (the poll() above alone could pass on a
+    # supervisor that stops at once but is slow to exit).
+    assert [line["event"] for line in lines][-3:] == ["stopping", "close", "exited"], lines
+    assert (lines[-2]["client"], lines[-2]["outcome"]) == (live_client, "closed"), lines[-2]
 
 
 def test_a_table_asked_for_just_before_a_stop_is_written_before_the_exit(
