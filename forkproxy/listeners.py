@@ -526,7 +526,9 @@ def no_source_address(host: str, port: int) -> bool:
     TCP connect does, where IPv6 is disabled (`net.ipv6.conf.*.disable_ipv6=1`, `::1` gone
     from lo) or no interface holds an address of the family. A TCP connect out of local
     ports fails so too, but a UDP socket takes its port from another table: the probe tells
-    the two apart. False when the probe cannot say. For a connect-failed line only."""
+    the two apart. False when the probe cannot say. Asked off a connection's path: at the
+    reap of a connect that failed so, and at start and reload for IPv6 literals
+    (unsendable)."""
     try:
         # As bytes: given a str, getaddrinfo imports the idna codec (and unicodedata) into
         # the supervisor, whose every mapping each fork copies (relay.lookup's reason).
