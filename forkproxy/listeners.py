@@ -347,12 +347,8 @@ def ipv6_disabled_by(host: str) -> str:
     (`net.ipv6.conf.all.disable_ipv6=1`; lo's too for ::1), else ""."""
     loopback = host.partition("%")[0] == "::1"
     for conf in ("lo", "all") if loopback else ("all",):
-        try:
-            with open(f"/proc/sys/net/ipv6/conf/{conf}/disable_ipv6", "rb") as file:
-                if file.read().strip() == b"1":
-                    return f"net.ipv6.conf.{conf}.disable_ipv6=1"
-        except OSError:
-            pass
+        if sysctl(f"net/ipv6/conf/{conf}/disable_ipv6") == 1:
+            return f"net.ipv6.conf.{conf}.disable_ipv6=1"
     return ""
 
 

@@ -530,10 +530,14 @@ _LINK_LOCAL_NO_ZONE = (
     "(`[fe80::1%eth0]`), or a name with a routable address")
 
 
-def _einval_detail(host: str | None) -> str:
-    """The `detail` of a connect that failed EINVAL toward `host` (an address as text,
-    perhaps bracketed with a port, as peer_text writes one): a link-local IPv6 address
-    with no zone (a name's, which has none) fails so as a blackhole route does."""
+def _error_detail(kind: int, host: str | None) -> str | None:
+    """The `detail` of a connect (connect-failed) or an address (connect-fallback) that
+    failed with errno `kind` toward `host` (an address as text, perhaps bracketed with a
+    port, as peer_text writes one), by _CONNECT_FAILED_DETAIL; None for an error that
+    says enough. EINVAL: a link-local IPv6 address with no zone (a name's, which has
+    none) fails so as a blackhole route does."""
+    if kind != errno.EINVAL:
+        return _CONNECT_FAILED_DETAIL.get(kind)
     address = (host or "").rpartition("]")[0].lstrip("[") or (host or "")
     if "%" not in address:
         try:
@@ -2487,11 +2491,9 @@ class Supervisor:
         # ip_local_port_range's ~28,000 connections, fewer than --max-children may
         # be), a blackhole or prohibit route: said, as the error alone does not.
         kind = failure_errno(failure)
-        detail = _CONNECT_FAILED_DETAIL.get(kind)
         looped = noted if failure & LOOPED else None
         address = noted if link.target.is_name else link.target.host
-        if kind == errno.EINVAL:
-            detail = _einval_detail(address)
+        detail = _error_detail(kind, address)
         if unsendable and address is not None:
             # Not out of ports: no address to send from (IPv6 off on this host), which
             # the ports' advice would have operators widen a range for nothing.
@@ -2570,8 +2572,7 @@ class Supervisor:
             # An address refused on this host (a blackhole or prohibit route: a network
             # plugin's for an address no container holds now) is named as connect-failed
             # names it: `Invalid argument` alone sends operators the wrong way.
-            detail = (_einval_detail(failed) if failure_errno(word) == errno.EINVAL
-                      else _CONNECT_FAILED_DETAIL.get(failure_errno(word)))
+            detail = _error_detail(failure_errno(word), failed)
             if detail is not None:
                 fields["detail"] = detail
             if not failures:
