@@ -619,6 +619,3 @@ def format_in(argv: list[str]) -> str:
 def level_for(verbosity: int) -> int:
     """-q -> warnings only, default -> info (one line per connection open/close), -v -> debug."""
     return {-1: WARNING, 0: INFO}.get(verbosity, DEBUG if verbosity > 0 else ERROR)
-
-
-log = Logger()
