@@ -49,7 +49,7 @@ class Listener:
         # A plain int: socket.family runs enum code, which a fresh child would pay for in
         # copied pages.
         self.family = int(sock.family)
-        # Set by the supervisor: relay.serve's arguments after the slot (see _prepare_relay).
+        # Set by the supervisor: relay.serve's arguments after the slot and turn (_prepare_relay).
         self.relay_args: tuple[object, ...] = ()
         # Its connections, counted from 0: each child's turn (relay.in_turn), so the
         # first connection goes to the first address getaddrinfo gave. Kept here, not in

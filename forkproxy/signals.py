@@ -18,8 +18,8 @@ import socket
 from types import FrameType
 
 # SIGALRM is the supervisor's own timer (--resolve-every, a resolver's deadline, the control
-# socket's check). Children need no disposition for it: a forked child does not inherit
-# interval timers.
+# socket's check, a hand-over's deadline). Children need no disposition for it: a forked
+# child does not inherit interval timers.
 # SIGQUIT (Ctrl-\) is handled too: without a handler the supervisor died at once, without a
 # word, and every child with it, their connections ending in FINs as if complete. Children
 # keep the handler they inherit, which only notes it: deaf to it at no cost per connection,

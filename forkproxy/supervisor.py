@@ -189,7 +189,7 @@ POLLIN, POLLOUT = select.POLLIN, select.POLLOUT
 ListenerReading = tuple[tuple[int, int] | None, int | None, bool | None]
 
 
-MAX_ENV_FILE = 1 << 20  # bytes (characters, as read): see read_links
+MAX_ENV_FILE = 1 << 20  # bytes (characters, as read): see read_env_file
 # What every line saying forkproxy ran out of descriptors advises: EMFILE is this
 # process's limit; ENFILE the kernel's file table, shared by the whole host, which no
 # `ulimit -n` raises (out_of_files_advice).
@@ -1787,7 +1787,7 @@ class Supervisor:
                     self.table_writer = 0
 
     def _poll_timeout(self) -> int:
-        """Milliseconds to the next timer (the loop checks these seven inline first)."""
+        """Milliseconds to the next timer (the loop checks six inline first, all but scan_at)."""
         soonest = None
         for deadline in (self.resume_at, self.control_at, self.term_at, self.kill_at,
                          self.metrics_at, self.denials_at, self.scan_at):
@@ -2919,10 +2919,11 @@ class Supervisor:
     def _arm_resolve_timer(self, restart: bool = False) -> None:
         """SIGALRM at the next of: the --resolve-every timer's tick (while some target is a
         name; `restart`: a period from now, as at start and reload), the running
-        resolver's deadline, and the control socket's next check (check_control). A
-        signal, not a poll timeout: the accept loop runs with no timer armed (see loop()).
-        One shot, armed again at each SIGALRM (handle_alarm) and each change of the
-        deadline: one interval timer serves all three."""
+        resolver's deadline, the control socket's next check (check_control), and a
+        hand-over's deadline for the taker's `go` (HAND_OVER_DEADLINE). A signal, not a
+        poll timeout: the accept loop runs with no timer armed (see loop()). One shot,
+        armed again at each SIGALRM (handle_alarm) and each change of a deadline: one
+        interval timer serves all four."""
         now = time.monotonic()
         every = self.options.resolve_every
         if every is None or self.stopping or not self._named_targets():
@@ -2941,8 +2942,10 @@ class Supervisor:
         fallbacks and resolve; the last kills a resolver that is past it (and resolves
         only if asked meanwhile: a name that hangs must not keep one resolver after
         another running with --resolve-every off). A child's signal that comes with the
-        deadline's (or the control socket check's) is taken as the deadline's. Each
-        SIGALRM also checks the control socket's file (check_control: one lstat)."""
+        deadline's (or the control socket check's, or the hand-over deadline's) is taken
+        as the deadline's. Each SIGALRM also checks the control socket's file
+        (check_control: one lstat) and, at most once per DROPS_CHECK_AGAIN_AFTER, the
+        listeners' dropped handshakes (check_drops)."""
         now = time.monotonic()
         handing = self.taker_deadline is not None and now >= self.taker_deadline - TIMER_SLACK
         if handing:
@@ -3630,11 +3633,11 @@ class Supervisor:
                      "too; restart the container instead")
         elif control.parent_is_namespace_init():
             # The same under an init shim (tini, `docker run --init`, dumb-init, a `sh`
-            # entrypoint that waits), as README runs us: we are PID 2, and our parent,
-            # PID 1, exits when we do. Conservative: an init that would serve on without
-            # us (systemd or s6 in a container, or a container init we were reparented
-            # to) is refused too; we cannot tell which it is, and a wrong yes leaves
-            # nobody serving, a wrong no leaves us serving.
+            # entrypoint that waits; README, "Upgrading and handing over"): we are PID 2,
+            # and our parent, PID 1, exits when we do. Conservative: an init that would
+            # serve on without us (systemd or s6 in a container, or a container init we
+            # were reparented to) is refused too; we cannot tell which it is, and a wrong
+            # yes leaves nobody serving, a wrong no leaves us serving.
             error = ("its parent is PID 1 of its PID namespace (an init such as tini or "
                      "docker --init, which exits with it): that init's exit at the end of "
                      "the drain would have the kernel kill every process there, the one "
