@@ -4,7 +4,7 @@ that outlive them, and the shared-memory slots the children count their bytes in
 Lean on purpose (imported into the forking process). Live memory and CPU readings come
 from psutil in the processes that *read* this table (`forkproxy status`, the metrics
 process), never here: psutil imports threading, and `Process.wait()` would steal exit
-statuses from the reaper. Exited children's CPU and peak RSS come from `os.wait4`.
+statuses from the reaper. Exited children's CPU time comes from `os.wait4`'s rusage.
 """
 
 from __future__ import annotations

@@ -612,8 +612,9 @@ class Supervisor:
         # slots free up, the listeners after it are served first (update_accepting).
         self.took_last_slot: Listener | None = None
         self.resume_at: float | None = None  # accept backoff after a resource error
-        # accept-failed, fork-failed, control-accept-failed: [failures since the last
-        # line, when it was logged]
+        # The supervisor's own folded events (accept-failed, fork-failed, every
+        # _log_repeating event, max-children-reached, listener-shut per link,
+        # take-over-refused): [failures since the last line, when it was logged]
         self.pause_logs: dict[str, list[float]] = {}
         # connect-failed, connect-fallback: the same, per (event, link name, its target,
         # kind of failure) (_fold_link). The target too: a reload that points a link
@@ -636,9 +637,11 @@ class Supervisor:
         self.fallback_due: dict[tuple[str, Endpoint], list[float]] = {}
         self.denials: dict[str, DenialWindow] = {}  # link name -> its denied lines' window
         self.denials_at: float | None = None  # the first window with lines left unlogged ends
-        self.control_at: float | None = None  # the same for the control socket
+        self.control_at: float | None = None  # the control socket's accept backoff (EMFILE)
         self.stopping = False
-        self.held: list[listeners.HeldBacklog] = []  # stopping at --max-children: see handle_stop
+        # Clients accepted, waiting for a child: a stop's at --max-children, a failed
+        # fork's (handle_stop, _fork_failed).
+        self.held: list[listeners.HeldBacklog] = []
         self.term_at: float | None = None  # grace period ends: TERM the children
         # Once it has ended: the children still to TERM, a batch per turn of the loop
         # (TERM_BATCH), first forked first; None before.
