@@ -163,7 +163,7 @@ def listen_again_in_place(sock: socket.socket, host: str, port: int, *,
         fresh.close()
 
 
-def kernel_listen_counts(netstat: str = "/proc/self/net/netstat") -> tuple[int, int] | None:
+def kernel_listen_counts() -> tuple[int, int] | None:
     """(TcpExtListenDrops, TcpExtListenOverflows): the handshakes every listener of this
     network namespace dropped, and those of them it dropped for a full accept queue; None
     where they cannot be read. Unlike a listener's own count (Listener.drops), no packet
@@ -173,7 +173,7 @@ def kernel_listen_counts(netstat: str = "/proc/self/net/netstat") -> tuple[int, 
     a SYN whose SYN-ACK has no route back (a missing return route, a spoofed source), a
     full SYN queue without syncookies (net.ipv4.tcp_syncookies=0), no memory."""
     try:
-        with open(netstat, "rb") as stats:
+        with open("/proc/self/net/netstat", "rb") as stats:
             lines = stats.read().splitlines()
     except OSError:
         return None
