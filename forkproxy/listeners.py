@@ -189,10 +189,11 @@ def kernel_listen_counts() -> tuple[int, int] | None:
 
 
 class HeldBacklog:
-    """Accepted clients waiting for a child: those a stopping supervisor took off a
-    listener's backlog while --max-children children were running (accepted, so closing
-    the listener does not reset them), and one whose fork failed (a pids limit). Served
-    as slots free up or forks succeed again; closed when the grace period ends.
+    """Accepted clients waiting for a child: those the supervisor took off the backlog of
+    a listener about to close (a stop, or a reload that removes it) while --max-children
+    children were running (accepted, so closing the listener does not reset them), and
+    one whose fork failed (a pids limit). Served as slots free up or forks succeed again;
+    closed when a stop's grace period ends.
 
     Stands in for the Listener in the supervisor's accept loop: `sock._accept()` hands the
     clients out in order, `waiting(0)` tells whether any are left.

@@ -639,8 +639,9 @@ class Supervisor:
         self.denials_at: float | None = None  # the first window with lines left unlogged ends
         self.control_at: float | None = None  # the control socket's accept backoff (EMFILE)
         self.stopping = False
-        # Clients accepted, waiting for a child: a stop's at --max-children, a failed
-        # fork's (handle_stop, _fork_failed).
+        # Clients accepted, waiting for a child: those past --max-children in the backlog
+        # of a listener about to close (a stop, a reload that removes it: _take_backlog),
+        # and a failed fork's (_fork_failed).
         self.held: list[listeners.HeldBacklog] = []
         self.term_at: float | None = None  # grace period ends: TERM the children
         # Once it has ended: the children still to TERM, a batch per turn of the loop
