@@ -43,8 +43,14 @@ RUN python3 -m venv /opt/forkproxy \
 # ---- runtime stage: the base image plus the venv, nothing else -------------
 FROM ${BASE_IMAGE}
 
+# The base named, as the interpreter sets much of a connection's cost (see above);
+# the version as `forkproxy --version` says it (tests/test_packaging.py holds them equal).
+ARG BASE_IMAGE
 LABEL org.opencontainers.image.title="forkproxy" \
-      org.opencontainers.image.description="Docker ambassador: a forking TCP proxy configured from link variables"
+      org.opencontainers.image.description="Docker ambassador: a forking TCP proxy configured from link variables" \
+      org.opencontainers.image.version="0.1.0.dev0" \
+      org.opencontainers.image.licenses="MIT" \
+      org.opencontainers.image.base.name="${BASE_IMAGE}"
 
 COPY --from=build /opt/forkproxy /opt/forkproxy
 
