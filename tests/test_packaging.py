@@ -18,7 +18,6 @@ import sys
 import tomllib
 import urllib.request
 import zipfile
-from collections.abc import Iterator
 from email.message import Message
 from pathlib import Path
 
@@ -116,14 +115,14 @@ def test_dockerfile_labels_name_this_version() -> None:
 
 
 @pytest.fixture
-def elsewhere(tmp_path: Path) -> Iterator[dict[str, str]]:
+def elsewhere(tmp_path: Path) -> dict[str, str]:
     """An environment with no trace of the checkout or the suite's venv."""
     env = {name: value for name, value in os.environ.items()
            if name not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
     env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep)
                                   if p and Path(p).resolve() != Path(sys.executable).parent)
     env["XDG_RUNTIME_DIR"] = str(tmp_path)
-    yield env
+    return env
 
 
 def test_installed_wheel_serves_outside_a_checkout(
