@@ -44,7 +44,8 @@ RUN python3 -m venv /opt/forkproxy \
 FROM ${BASE_IMAGE}
 
 # The base named, as the interpreter sets much of a connection's cost (see above);
-# the version as `forkproxy --version` says it (tests/test_packaging.py holds them equal).
+# the version as `forkproxy --version` says it (tests/test_packaging.py holds the two
+# equal, scripts/image-test the label and the version installed in the image).
 ARG BASE_IMAGE
 LABEL org.opencontainers.image.title="forkproxy" \
       org.opencontainers.image.description="Docker ambassador: a forking TCP proxy configured from link variables" \
