@@ -1,8 +1,8 @@
 """Command line: argv and environment -> configuration -> the lean supervisor.
 
-Each command forwards to a plain keyword-only function that tests can call; the one
-domain error, ConfigError, becomes exit status 2 and one line on stderr here and
-nowhere else.
+Each command forwards to a plain function (serve, load, status.run_status, ...); the one
+domain error, ConfigError, becomes exit status 2 and one line on stderr here (fail), and
+in _serve.main for what the supervisor finds at start (a port taken, a pid file).
 """
 
 from __future__ import annotations

@@ -129,7 +129,7 @@ def lean(args: list[str]) -> int | None:
 
 
 def output(text: str) -> None:
-    """A line (or lines) on stdout, as cli.output writes them (click's echo)."""
+    """A line (or lines) on stdout, as cli.output writes them (write_line)."""
     write_line(sys.stdout, text)
 
 
