@@ -268,7 +268,7 @@ class Flow:
         self.counters, self.index = counters, index
         self.src_reset, self.dst_reset = src_reset, dst_reset
         self.eof = False
-        self.marked = False  # dst has our NOTSENT_LOWAT, to lift at SPLICE_RAMP (pump)
+        self.marked = False  # dst has our NOTSENT_LOWAT (pump), lifted at SPLICE_RAMP (read)
         # When src's EOF was read (monotonic): which side ended first, for pump()'s
         # outcome. A clock read per direction at its end, none per message.
         self.eof_at = 0.0
@@ -696,8 +696,8 @@ def _loops_back(sockaddr: tuple[object, ...], own: OwnListeners, local_host: str
     one the client reached us at (`local_host`). So a loop through an address of another
     interface (a container's own, which its service name resolves to) is let through at
     its first hop, and refused at the second, which the first hop's child reached at that
-    very address. connect_upstream calls this only for an address that
-    string tests find may be this host's (loopback, or the client's), or, once another
+    very address. connect_upstream calls this only for an address that string tests
+    find may be this host's (loopback, or `local_host`), or, once another
     address of the target was refused so, that the kernel says is (routes_here): then
     with that address as `local_host`."""
     host, port = bound_host(str(sockaddr[0])), int(sockaddr[1])  # type: ignore[call-overload]
@@ -1584,7 +1584,7 @@ def reset_connections() -> bool:
 
 # The one disposition a relay child sets as it starts (see the supervisor's accept loop):
 # SIGTERM ends the connection with resets (_reset_and_die). The supervisor's other
-# handled signals (SIGINT, SIGHUP, SIGUSR1, SIGCHLD, as SIGQUIT: signals.HANDLED) keep the
+# handled signals (SIGINT, SIGQUIT, SIGHUP, SIGUSR1, SIGALRM, SIGCHLD: signals.HANDLED) keep the
 # handler the child inherits, which only notes them in a list the child never reads:
 # deaf to them as an ignored signal would leave it (its wakeup fd is gone), for no system
 # call, where setting each to SIG_IGN or SIG_DFL was one rt_sigaction per connection.
