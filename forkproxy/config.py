@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 MAX_NAME = 253  # longest DNS name
 MAX_CHILDREN = 1 << 22  # PID_MAX_LIMIT: no more processes can ever exist at once
-DEFAULT_MAX_CHILDREN = 1024  # --max-children with no memory or pids limit to fit
+DEFAULT_MAX_CHILDREN = 1024  # --max-children with no memory, pids or nproc limit to fit
 MiB = 1 << 20
 # What a memory limit must hold besides the connections, and what each connection takes,
 # for the --max-children derived from the limit (derived_max_children). Measured by hand in a
@@ -410,7 +410,7 @@ def derived_max_children(memory_limit: int | None, pids_limit: int | None,
 
 def limits_named(fits: Mapping[str, int]) -> list[str]:
     """Which of `limiting_fits` a derived --max-children came from: the one holding the
-    fewest connections, or both when they hold as many."""
+    fewest connections, or each that holds as few."""
     least = min(fits.values(), default=None)
     return [name for name, fit in fits.items() if fit == least]
 

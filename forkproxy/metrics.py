@@ -566,7 +566,7 @@ class _Deadlines:
 
     def _cut_late(self) -> None:
         # Sleeps until the next deadline, or until a scrape sets one: a metrics process
-        # nobody scrapes never wakes (it woke 4 times a second, in every pod, forever).
+        # nobody scrapes wakes once an hour (it woke 4 times a second, in every pod).
         with self.lock:
             while True:
                 now = time.monotonic()
