@@ -635,11 +635,6 @@ PID_MAX_FILE = "/proc/sys/kernel/pid_max"
 PID_MAX_DEFAULT = 32768
 
 
-def read_pid_max(path: str = PID_MAX_FILE) -> int | None:
-    """The kernel's pid_max, or None when it cannot be read (no /proc mounted)."""
-    return pid_max_or_why(path)[0]
-
-
 def pid_max_or_why(path: str = PID_MAX_FILE) -> tuple[int | None, str]:
     """The kernel's pid_max and "", or None and why it cannot be read: under systemd's
     ProcSubset=pid (proc mounted with subset=pid) /proc/sys is hidden, with no /proc
