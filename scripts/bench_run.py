@@ -81,7 +81,6 @@ METRICS = (
     Metric("p99", "rr", "latency p99 (rr run)", "ms", False, "{:.3f}"),
     Metric("mem", "mem", "mem: PSS (anonymous) per idle connection", "KiB", False, "{:.1f}"),
 )
-METRIC_BY_KEY = {m.key: m for m in METRICS}
 
 
 @dataclass(frozen=True)
