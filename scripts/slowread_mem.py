@@ -55,7 +55,9 @@ from pathlib import Path
 
 UPSTREAM, PROXY = 7001, 7002  # fixed: the namespace is ours alone
 REPO = Path(__file__).resolve().parent.parent
-NETNS_MARK = "FORKPROXY_SLOWREAD_NETNS"
+# Not a FORKPROXY_ name: forkproxy serve, started with this environment, warns of
+# FORKPROXY_ variables no option reads (config.PROJECT_VARIABLES lists the scripts' own).
+NETNS_MARK = "SLOWREAD_MEM_NETNS"
 
 
 def in_own_netns(args: argparse.Namespace) -> None:
