@@ -291,14 +291,19 @@ def test_a_stalled_receiver_is_looked_at_for_the_timeout_that_is_due(
     thread, result, counters = run_pump(
         client, upstream, Options(idle_timeout=3600, halfclose_timeout=0.4))
 
+    # Far more than every buffer holds; made before the sender starts: made in its thread
+    # (0.2 s, more under load), the first look below could see nothing moved yet, take
+    # that for "filled", and count the whole flood's wakeups (41 under load).
+    data = os.urandom(64 << 20)
+
     def flood() -> None:
         with contextlib.suppress(OSError):  # the end below resets the sender's side
-            upstream_peer.sendall(os.urandom(64 << 20))  # far more than every buffer holds
+            upstream_peer.sendall(data)
 
     threading.Thread(target=flood, daemon=True).start()
     # Filled: the pump's writes toward the client stopped short, and it only waits.
     moved = -1
-    while counters[1] != moved:
+    while counters[1] == 0 or counters[1] != moved:
         moved = counters[1]
         time.sleep(0.5)
     before = _wakeups(thread)
