@@ -3,17 +3,20 @@
 
 Run by hand, as root (tcpdump; `--icmp` adds network namespaces), never in CI:
 
-    sudo .venv/bin/python scripts/wire_audit.py [--only NAME ...] [--icmp] [--json OUT]
+    sudo .venv/bin/python scripts/wire_audit.py [--only NAME ...] [--proxy KIND ...]
+                                                [--icmp] [--json OUT]
 
-Each scenario runs through each proxy on loopback, a port the kernel chose for each hop,
+Each scenario runs directly (the baseline: the client at the server itself) and through
+each proxy on loopback, a port the kernel chose for each hop,
 with tcpdump capturing both hops (`port P or port T`). What it prints per scenario and
 proxy: how the client's and the server's reads ended (`eof`, `reset`, `open`), and the
 FIN/RST packets of each hop in order (`c>p F` the client's FIN to the proxy, `p>s R` the
 proxy's reset toward the server, ...), plus what the scenario measures itself (TIME_WAIT
 holders, SYN options, segment sizes, window, keepalive probes). docs/wire.md holds the
 results and what they mean. The proxies: `forkproxy serve 127.0.0.1:0=127.0.0.1:T`
-(`--relay auto`), `socat TCP4-LISTEN:P,bind=127.0.0.1,fork,reuseaddr TCP4:127.0.0.1:T`,
-and HAProxy in tcp mode with `option splice-auto`. Standard library only.
+(`--relay auto`; `forkproxy-splice`, `forkproxy-copy` for the other modes),
+`socat TCP4-LISTEN:P,bind=127.0.0.1,fork,reuseaddr TCP4:127.0.0.1:T`, and HAProxy in tcp
+mode with `option splice-auto`. Standard library only.
 """
 
 from __future__ import annotations
@@ -624,6 +627,54 @@ def s_small_writes_down() -> Scenario:
     return server, client, Options()
 
 
+def s_halfclosed_client_resets() -> Scenario:
+    """The client half-closes, then resets while the server's 8 MiB reply flows."""
+    def server(conn: socket.socket) -> str:
+        ended(conn, 2)
+        try:
+            for _ in range(128):
+                conn.sendall(b"d" * 65536)
+                time.sleep(0.01)
+        except OSError as exc:
+            return f"send failed: {exc.strerror}"
+        how, _ = ended(conn, 3)
+        return f"all sent, then {how}"
+
+    def client(sock: socket.socket, r: Result) -> None:
+        sock.sendall(b"request")
+        sock.shutdown(socket.SHUT_WR)
+        sock.recv(65536)
+        time.sleep(0.3)
+        reset(sock)
+        r.client = "reset sent"
+    return server, client, Options()
+
+
+def s_halfclosed_server_resets() -> Scenario:
+    """The server half-closes, then resets while the client's 8 MiB upload flows."""
+    def server(conn: socket.socket) -> str:
+        conn.sendall(b"banner")
+        conn.shutdown(socket.SHUT_WR)
+        conn.recv(65536)
+        time.sleep(0.3)
+        reset(conn)
+        return "reset sent"
+
+    def client(sock: socket.socket, r: Result) -> None:
+        sock.recv(100)
+        try:
+            for _ in range(128):
+                sock.sendall(b"u" * 65536)
+                time.sleep(0.01)
+        except OSError as exc:
+            r.client = f"send failed: {exc.strerror}"
+        else:
+            how, _ = ended(sock, 3)
+            r.client = f"all sent, then {how}"
+        sock.close()
+    return server, client, Options()
+
+
 def s_stop() -> Scenario:
     """The proxy is stopped (SIGTERM; forkproxy with --grace 1) with one idle connection."""
     def server(conn: socket.socket) -> str:
@@ -699,6 +750,8 @@ SCENARIOS: dict[str, Callable[[], Scenario]] = {
     "client half-closed, server resets mid-answer": s_halfclosed_client_server_resets,
     "server accepts and resets at once": s_accept_then_reset,
     "proxy stopped (SIGTERM) with an idle connection": s_stop,
+    "client half-closed, then resets while the reply flows": s_halfclosed_client_resets,
+    "server half-closed, then resets while the upload flows": s_halfclosed_server_resets,
 }
 
 ICMP_SCENARIOS = {
