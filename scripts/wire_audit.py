@@ -852,10 +852,24 @@ def main() -> int:
     parser.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     global UPSTREAM, INTERFACE
-    if args.icmp and not args.inside:
-        if os.geteuid() != 0:
-            print("wire_audit: run as root (network namespaces)", file=sys.stderr)
+    # Bad input first, before minutes of runs or a namespace: one line, exit 2.
+    pool = ICMP_SCENARIOS if args.icmp else SCENARIOS
+    for only in args.only:
+        if not any(only in name for name in pool):
+            print(f"{parser.prog}: no scenario{' of --icmp' if args.icmp else ''} matches "
+                  f"--only {only!r}", file=sys.stderr)
             return 2
+    if args.json is not None and not args.inside:
+        try:
+            args.json.write_text("{}")
+        except OSError as exc:
+            print(f"{parser.prog}: cannot write --json {args.json}: {exc.strerror}",
+                  file=sys.stderr)
+            return 2
+    if os.geteuid() != 0:
+        print(f"{parser.prog}: run as root (tcpdump, network namespaces)", file=sys.stderr)
+        return 2
+    if args.icmp and not args.inside:
         with icmp_lab() as near:
             return subprocess.run(["ip", "netns", "exec", near, sys.executable, *sys.argv,
                                    "--inside"], check=False).returncode
@@ -863,12 +877,9 @@ def main() -> int:
         UPSTREAM, INTERFACE = "198.18.36.2", "any"
         SCENARIOS.clear()
         SCENARIOS.update(ICMP_SCENARIOS)
-    if os.geteuid() != 0:
-        print("wire_audit: run as root (tcpdump)", file=sys.stderr)
-        return 2
     for tool in ("tcpdump", "socat", "haproxy", "ss"):
         if shutil.which(tool) is None:
-            print(f"wire_audit: {tool} not found", file=sys.stderr)
+            print(f"{parser.prog}: {tool} not found", file=sys.stderr)
             return 2
     kinds = args.proxy or ["direct", "forkproxy", "socat", "haproxy"]
     names = [n for n in SCENARIOS if not args.only or any(o in n for o in args.only)]

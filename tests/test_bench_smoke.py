@@ -116,6 +116,8 @@ def test_bench_help_prints_the_options_and_installs_nothing(tmp_path: Path) -> N
     ("latency_pathologies.py", "nope",
      "latency_pathologies.py: unknown case 'nope'"
      " (one of wwr, tiny, after, first, bulk, two, upl)"),
+    # Checked before the root check and the runs: a typo ran nothing and said nothing.
+    ("wire_audit.py", "--only=nope", "wire_audit.py: no scenario matches --only 'nope'"),
 ])
 def test_a_script_given_a_bad_argument_says_so_at_once_and_does_nothing(
     tmp_path: Path, script: str, argument: str, says: str,
