@@ -41,6 +41,7 @@ from .config import (
     parse_keepalive,
     parse_link_bind,
     parse_seconds,
+    printable,
     quoted,
     quotes_kept,
     sources_to_json,
@@ -1040,15 +1041,17 @@ def links_command(
     # warns of. Only when serve would start, as serve says them.
     said, more = unknown_lines(
         unknown_variables(os.environ, option_variables, _flags_without_variable(ctx)))
+    # A name is the environment's (or the env file's) as it is: printable() keeps an ESC
+    # in it from reaching the terminal raw, as serve's log line quotes it.
     for name, detail in said:
-        say(f"forkproxy: warning: {name}: {detail}")
+        say(f"forkproxy: warning: {printable(name)}: {detail}")
     if more:
         # The count last: "1 more FORKPROXY_ variables" read wrong.
         say(f"forkproxy: warning: {UNLOGGED_UNKNOWN}: {more}")
     for warning in table.warnings + table.overrides + table.loops + table.unreachable:
         say(f"forkproxy: warning: {warning}")
     for name, detail in table.file_options:
-        say(f"forkproxy: warning: {name}: {detail}")
+        say(f"forkproxy: warning: {printable(name)}: {detail}")
     for link in table.links:
         output(f"listen {link.describe()}")
 

@@ -2244,6 +2244,24 @@ def test_links_says_the_unknown_variables_serve_warns_of() -> None:
     assert_one_line_error(bad)
 
 
+def test_links_never_writes_a_variable_names_escape_raw(tmp_path: Path) -> None:
+    """A FORKPROXY_ name with an ESC in it (the environment's, or an env file's that another
+    party writes) went raw to the operator's terminal in `links`'s warning: a title set,
+    the screen recoloured. Quoted now, as serve's log line quotes it."""
+    escape = "\x1b]0;pwned\x07\x1b[31m"
+    env_file = tmp_path / "links.env"
+    env_file.write_text(f"FORKPROXY_{escape}X=1\n")
+    result = run("links", "127.0.0.1:7000=10.0.0.5:7000", "--env-file", str(env_file),
+                 env={f"FORKPROXY_{escape}Y": "1"})
+    assert result.returncode == 0, result
+    assert "\x1b" not in result.stderr and "\x07" not in result.stderr, result.stderr
+    lines = result.stderr.splitlines()
+    assert lines[0].startswith('forkproxy: warning: "FORKPROXY_\\u001b]0;pwned\\u0007'
+                               '\\u001b[31mY": no option reads it'), lines
+    assert lines[1].startswith('forkproxy: warning: "FORKPROXY_\\u001b]0;pwned\\u0007'
+                               '\\u001b[31mX": no option reads it, and env file'), lines
+
+
 def test_an_option_variable_in_the_env_file_is_a_warning_at_start_and_at_reload(
     start_proxy: Callable[..., Proxy], tcp_server: ServerFactory, tmp_path: Path
 ) -> None:
