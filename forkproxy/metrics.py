@@ -16,6 +16,8 @@ import argparse
 import contextlib
 import ctypes
 import errno
+import http.client
+import io
 import os
 import selectors
 import signal
@@ -538,6 +540,11 @@ UNAVAILABLE_WAIT = 0.2
 # take the whole reply (a large table to a slow reader). Past them it is cut.
 REQUEST_DEADLINE = 5.0
 REPLY_DEADLINE = 30.0
+# Bytes a client's request line and headers may take in all (a scrape's are a few hundred,
+# a bearer token's a few KiB more): HAProxy's whole buffer (tune.bufsize). http.server's own
+# bounds are 100 lines of 64 KiB each: eight clients held ~50 MiB of the metrics process's
+# memory for REQUEST_DEADLINE, in a container budgeted 16 MiB for it (README, "Memory limits").
+MAX_REQUEST_HEAD = 16 * 1024
 # Handed over (serve --take-over): the seconds the scrapes under way have to finish
 # before this process exits all the same. Within the supervisor's METRICS_HANDOVER_WAIT,
 # for which it serves their status requests.
@@ -673,6 +680,34 @@ def _unavailable(request: socket.socket, body: bytes) -> None:
         request.sendall(head if request_head.startswith(b"HEAD ") else head + body)
 
 
+class _HeadBudget(io.BufferedIOBase):
+    """A request's rfile that gives its request line and headers MAX_REQUEST_HEAD bytes in
+    all: past them, readline() raises LineTooLong, which http.server answers 431."""
+
+    def __init__(self, rfile: io.BufferedIOBase) -> None:
+        super().__init__()
+        self.rfile = rfile
+        self.left = MAX_REQUEST_HEAD
+
+    def readline(self, size: int | None = -1) -> bytes:
+        if self.left <= 0:
+            raise http.client.LineTooLong(f"request head past {MAX_REQUEST_HEAD} bytes")
+        wanted = self.left if size is None or size < 0 else min(size, self.left)
+        line = self.rfile.readline(wanted)
+        self.left -= len(line)
+        return line
+
+    def read(self, size: int | None = -1) -> bytes:
+        return self.rfile.read(size)  # a body (wsgi.input), which nothing here reads
+
+    def readable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        self.rfile.close()
+        super().close()
+
+
 class _QuietHandler(WSGIRequestHandler):
     timeout = REQUEST_DEADLINE  # per recv and send; _Deadlines bounds the whole
     server: _Server
@@ -680,6 +715,7 @@ class _QuietHandler(WSGIRequestHandler):
     def setup(self) -> None:
         self.server.deadlines.set(self.request, REQUEST_DEADLINE)
         super().setup()
+        self.rfile = _HeadBudget(self.rfile)
 
     def parse_request(self) -> bool:
         parsed = super().parse_request()  # reads the headers too

@@ -3868,6 +3868,54 @@ def test_clients_that_trickle_their_request_are_cut_and_scrapes_get_through(
             thread.join(30)
 
 
+def test_huge_request_headers_cost_the_metrics_process_no_memory_to_speak_of(
+    start_proxy: StartProxy, tcp_server: ServerFactory, env: dict[str, str],
+) -> None:
+    """http.server bounds a request head at 100 lines of 64 KiB: eight clients sending that
+    much held ~50 MiB of the metrics process's memory (budgeted 16 MiB in a container)
+    until REQUEST_DEADLINE. A head is MAX_REQUEST_HEAD bytes at most now, and a scrape
+    with a large header of its own (a bearer token) is still served."""
+    server = tcp_server(echo)
+    proxy = start_proxy("--metrics", "127.0.0.1:0", f"127.0.0.1:0=127.0.0.1:{server.port}",
+                        expect=2, env=env)
+    url = metrics_url(proxy)
+    request = urllib.request.Request(url, headers={"Authorization": "Bearer " + "t" * 4000})
+    with urllib.request.urlopen(request, timeout=15) as response:
+        assert b"forkproxy_up 1.0" in response.read()
+    metrics_process = psutil.Process(poll(lambda: metrics_pid(proxy.pid), bool))
+    before = metrics_process.memory_info().rss
+    port = metrics_port(url)
+    line = b"X-Pad: " + b"a" * 65000 + b"\r\n"
+    sent = threading.Barrier(fp_metrics.MAX_SCRAPES + 1, timeout=60)
+    held: list[socket.socket] = []
+
+    def flood() -> None:
+        sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        held.append(sock)
+        with contextlib.suppress(OSError):  # cut short by the bound
+            sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n" + line * 99)
+        sent.wait()
+
+    threads = [threading.Thread(target=flood, daemon=True)
+               for _ in range(fp_metrics.MAX_SCRAPES)]
+    for thread in threads:
+        thread.start()
+    try:
+        sent.wait()  # every head sent (~6 MiB each, unbounded), or refused
+        most = before
+        for _ in range(20):  # the heads are held until REQUEST_DEADLINE, unbounded
+            most = max(most, metrics_process.memory_info().rss)
+            time.sleep(0.05)
+    finally:
+        for thread in threads:
+            thread.join(30)
+        for sock in held:
+            sock.close()
+    assert most - before < 8 << 20, f"{(most - before) >> 20} MiB more"
+    assert "forkproxy_up 1.0" in poll(lambda: scrape_or_empty(url),
+                                      lambda text: "forkproxy_up 1.0" in text)
+
+
 def test_clients_that_reset_leave_no_traceback_in_the_log(
     start_proxy: StartProxy, tcp_server: ServerFactory, env: dict[str, str],
 ) -> None:
