@@ -545,6 +545,15 @@ REPLY_DEADLINE = 30.0
 # bounds are 100 lines of 64 KiB each: eight clients held ~50 MiB of the metrics process's
 # memory for REQUEST_DEADLINE, in a container budgeted 16 MiB for it (README, "Memory limits").
 MAX_REQUEST_HEAD = 16 * 1024
+# Connections whose request has not all come yet, held by the accepting thread (no thread
+# each): past this many, the oldest is closed. A scrape slot went to each connection as
+# it was accepted, and 40 that sent nothing (reopened as they were cut) failed every
+# scrape: a slot is a thread, and only requests that have come get one now.
+MAX_PENDING = 256
+# Connections accepted per wake of the accepting thread: the requests that came meanwhile
+# are read in between, so that a burst of new connections cannot push a scrape whose
+# request is on its way out as the oldest.
+ACCEPT_BATCH = 16
 # Handed over (serve --take-over): the seconds the scrapes under way have to finish
 # before this process exits all the same. Within the supervisor's METRICS_HANDOVER_WAIT,
 # for which it serves their status requests.
@@ -602,6 +611,9 @@ class _Server(ThreadingMixIn, WSGIServer):
     # every time (a bug), a line each would flood the log.
     folds: dict[str, list[float]]
     folds_lock = threading.Lock()  # a thread per scrape; one server per process
+    # What the accepting thread read of each request it hands a thread (_Pending): taken
+    # by the request's handler (_QuietHandler.setup), or dropped with its connection.
+    heads: dict[socket.socket, bytes]
 
     def request_failed(self, client: Any, error: BaseException) -> None:
         """The `metrics-request-failed` line for a failure that is news (_is_news): the
@@ -644,14 +656,16 @@ class _Server(ThreadingMixIn, WSGIServer):
         # A burst of scrapes waits its turn (each takes milliseconds); clients that hold
         # every slot without finishing (slowloris) get the newcomer closed instead.
         if not self.scrapes.acquire(timeout=SCRAPE_WAIT):
+            self.heads.pop(request, None)
             self.shutdown_request(request)
             return
         try:
             super().process_request(request, client_address)  # starts the thread
         except BaseException as exc:
             self.scrapes.release()
+            head = self.heads.pop(request, b"")
             if isinstance(exc, RuntimeError):  # "can't start new thread": a pids limit
-                _unavailable(request, NO_THREAD)
+                _unavailable(request, NO_THREAD, head)
             raise  # handle_error's line, then shutdown_request closes it
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
@@ -661,16 +675,15 @@ class _Server(ThreadingMixIn, WSGIServer):
             self.scrapes.release()
 
 
-def _unavailable(request: socket.socket, body: bytes) -> None:
+def _unavailable(request: socket.socket, body: bytes, request_head: bytes = b"") -> None:
     """A 503 saying why, from the accepting thread, for a scrape no thread can serve:
     closed with no reply, Prometheus said only that the scrape failed. The request is
     read first, as far as it came within UNAVAILABLE_WAIT (a scraper sends it at once):
     a close with it unread sends an RST, which can cut the reply, and HEAD gets no body.
     The reply fits any socket's buffer."""
-    request_head = b""
     with contextlib.suppress(OSError):
         request.settimeout(UNAVAILABLE_WAIT)
-        request_head = request.recv(4096)
+        request_head = request_head or request.recv(4096)  # read whole already, or not
         for _ in range(15):  # at most 64 KiB: a client that keeps sending gets the reply
             if not request.recv(4096, socket.MSG_DONTWAIT):
                 break
@@ -684,21 +697,29 @@ class _HeadBudget(io.BufferedIOBase):
     """A request's rfile that gives its request line and headers MAX_REQUEST_HEAD bytes in
     all: past them, readline() raises LineTooLong, which http.server answers 431."""
 
-    def __init__(self, rfile: io.BufferedIOBase) -> None:
+    def __init__(self, rfile: io.BufferedIOBase, head: bytes = b"") -> None:
+        """`head`: what the accepting thread read of the request already (_Pending)."""
         super().__init__()
         self.rfile = rfile
+        self.head = io.BytesIO(head)
         self.left = MAX_REQUEST_HEAD
 
     def readline(self, size: int | None = -1) -> bytes:
         if self.left <= 0:
             raise http.client.LineTooLong(f"request head past {MAX_REQUEST_HEAD} bytes")
         wanted = self.left if size is None or size < 0 else min(size, self.left)
-        line = self.rfile.readline(wanted)
+        line = self.head.readline(wanted)
+        if not line.endswith(b"\n") and len(line) < wanted:
+            line += self.rfile.readline(wanted - len(line))  # the head ran out mid-line
         self.left -= len(line)
         return line
 
     def read(self, size: int | None = -1) -> bytes:
-        return self.rfile.read(size)  # a body (wsgi.input), which nothing here reads
+        # A body (wsgi.input), which nothing here reads: what came with the head first.
+        data = self.head.read(size)
+        if size is None or size < 0 or len(data) < size:
+            data += self.rfile.read(None if size is None or size < 0 else size - len(data))
+        return data
 
     def readable(self) -> bool:
         return True
@@ -708,6 +729,99 @@ class _HeadBudget(io.BufferedIOBase):
         super().close()
 
 
+def _head_complete(head: bytes) -> bool:
+    """Has a request's head all come: its headers' blank line, or a request line without
+    a version (HTTP/0.9, which has no headers), or MAX_REQUEST_HEAD bytes (answered 431)?"""
+    if b"\r\n\r\n" in head or b"\n\n" in head or len(head) >= MAX_REQUEST_HEAD:
+        return True
+    line, newline, _ = head.partition(b"\n")
+    return bool(newline) and len(line.split()) < 3
+
+
+class _Pending:
+    """The connections accepted whose request has not all come: read by the accepting
+    thread as it comes, each handed to a scrape's thread once whole (_Server.heads), or
+    closed at REQUEST_DEADLINE, or as the oldest past MAX_PENDING. A thread each, idle
+    clients held every slot (MAX_SCRAPES) and every scrape failed."""
+
+    def __init__(self, server: _Server, ready: selectors.BaseSelector) -> None:
+        self.server, self.ready = server, ready
+        # Each connection: its client's address, what came of its head, when it is cut.
+        self.waiting: dict[socket.socket, tuple[Any, bytes, float]] = {}
+
+    def accept(self) -> None:
+        """Take what waits on the listening socket (_Server.get_request's errors)."""
+        for _ in range(ACCEPT_BATCH):
+            try:
+                sock, client = self.server.get_request()
+            except BlockingIOError:
+                return  # none left, or the other process's (a take-over) took it
+            except OSError:
+                return  # out of descriptors (get_request paused), or the client gone
+            sock.setblocking(False)
+            if len(self.waiting) >= MAX_PENDING:
+                self.drop(next(iter(self.waiting)))  # dicts keep insertion order
+            self.waiting[sock] = (client, b"", time.monotonic() + REQUEST_DEADLINE)
+            self.ready.register(sock, selectors.EVENT_READ)
+
+    def read(self, sock: socket.socket) -> None:
+        """Read what came on `sock`; hand it to a thread once its head is whole."""
+        client, head, due = self.waiting[sock]
+        try:
+            data = sock.recv(MAX_REQUEST_HEAD - len(head))
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self.drop(sock)
+            return
+        if not data and not head:
+            self.drop(sock)  # connected and left: nothing to answer
+            return
+        head += data
+        if data and not _head_complete(head):
+            self.waiting[sock] = (client, head, due)
+            return
+        # Whole, or the client's writing ended (a request without its blank line is
+        # answered as before, by http.server: a 400, or the page).
+        del self.waiting[sock]
+        self.ready.unregister(sock)
+        sock.setblocking(True)  # the handler sets its own timeout (_QuietHandler.timeout)
+        self.server.heads[sock] = head
+        try:
+            self.server.process_request(sock, client)
+        except Exception:
+            self.server.handle_error(sock, client)
+            self.server.heads.pop(sock, None)
+            self.server.shutdown_request(sock)
+
+    def cut_late(self) -> float | None:
+        """Close the connections past REQUEST_DEADLINE; seconds until the next is due."""
+        now = time.monotonic()
+        for sock in [sock for sock, (_, _, due) in self.waiting.items() if due <= now]:
+            self.drop(sock)
+        return min((due for _, _, due in self.waiting.values()), default=None)
+
+    def drop(self, sock: socket.socket) -> None:
+        del self.waiting[sock]
+        self.ready.unregister(sock)
+        self.server.shutdown_request(sock)
+
+    def finish(self, seconds: float) -> None:
+        """Handed over (the port is the taker's): the requests under way that come within
+        `seconds` are handed to threads, as those that had come were; the rest closed."""
+        ends = time.monotonic() + seconds
+        while self.waiting and time.monotonic() < ends:
+            due = min(self.cut_late() or ends, ends)
+            for key, _ in self.ready.select(max(0.0, due - time.monotonic())):
+                if key.fileobj in self.waiting:
+                    self.read(key.fileobj)
+        self.close()
+
+    def close(self) -> None:
+        for sock in list(self.waiting):
+            self.drop(sock)
+
+
 class _QuietHandler(WSGIRequestHandler):
     timeout = REQUEST_DEADLINE  # per recv and send; _Deadlines bounds the whole
     server: _Server
@@ -715,7 +829,7 @@ class _QuietHandler(WSGIRequestHandler):
     def setup(self) -> None:
         self.server.deadlines.set(self.request, REQUEST_DEADLINE)
         super().setup()
-        self.rfile = _HeadBudget(self.rfile)
+        self.rfile = _HeadBudget(self.rfile, self.server.heads.pop(self.request, b""))
 
     def parse_request(self) -> bool:
         parsed = super().parse_request()  # reads the headers too
@@ -823,6 +937,7 @@ def main(argv: list[str] | None = None) -> int:
     server.set_app(_answer_head(_only_metrics(_unread_accept_ignored(make_wsgi_app(registry)))))
     server.log = Logger(args.log_level, args.log_format)
     server.folds = {}
+    server.heads = {}
     try:
         server.deadlines = _Deadlines()
     except RuntimeError as exc:  # "can't start new thread": at a pids limit
@@ -842,21 +957,31 @@ def main(argv: list[str] | None = None) -> int:
     sock.setblocking(False)
     with selectors.PollSelector() as ready:  # no descriptor of its own (an epoll one)
         ready.register(sock, selectors.EVENT_READ)
+        pending = _Pending(server, ready)
         if handoff is not None:
             # The supervisor writes on it when it has handed the port over (serve
             # --take-over; EOF: it is gone). Its SIGTERM then cut each scrape under way:
             # closed with no reply, or after a status line, or mid-body.
             ready.register(handoff, selectors.EVENT_READ)
         while os.getppid() == args.supervisor_pid:
-            woken = {key.fileobj for key, _ in ready.select(server.timeout)}
+            due = pending.cut_late()
+            wait = None if due is None else max(0.0, due - time.monotonic())
+            if server.timeout is not None:
+                wait = server.timeout if wait is None else min(wait, server.timeout)
+            woken = {key.fileobj for key, _ in ready.select(wait)}
             if handoff is not None and handoff in woken:
+                ready.unregister(sock)
+                ready.unregister(handoff)
+                pending.finish(HANDOVER_FINISH)
                 return _finish_scrapes(server)
+            for client in woken:
+                if client in pending.waiting:
+                    pending.read(client)
             if sock in woken:
-                # Its select waits no more (the socket's timeout is 0 now): it serves the
-                # client select saw, or finds it taken by the other process.
                 try:
-                    server.handle_request()
+                    pending.accept()
                 except _SocketShut:
+                    pending.close()
                     server.log.error(
                         "metrics-failed", error="its listening socket was shut down from "
                         "outside (another process holding it, `ss -K`)",

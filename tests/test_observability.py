@@ -3826,7 +3826,8 @@ def test_clients_that_trickle_their_request_are_cut_and_scrapes_get_through(
 ) -> None:
     """Eight clients sending a request a byte at a time (slowloris) held every scrape slot
     for as long as they trickled, a socket timeout bounding each recv, not the request:
-    every scrape failed. Each client has REQUEST_DEADLINE for its whole request now."""
+    every scrape failed. Each client has REQUEST_DEADLINE for its whole request now, and
+    holds no thread meanwhile: only a request that has come takes a scrape slot."""
     server = tcp_server(echo)
     proxy = start_proxy("--metrics", "127.0.0.1:0", f"127.0.0.1:0=127.0.0.1:{server.port}",
                         expect=2, env=env)
@@ -3853,10 +3854,10 @@ def test_clients_that_trickle_their_request_are_cut_and_scrapes_get_through(
     for thread in threads:
         thread.start()
     try:
-        # Every slot taken: a handler thread per trickler, beside the main and deadline ones.
+        # No thread for a trickler: the main and the deadline ones alone, as at rest.
         metrics_process = psutil.Process(poll(lambda: metrics_pid(proxy.pid), bool))
-        assert poll(metrics_process.num_threads, lambda n: n >= 2 + len(threads)) >= 2 + len(
-            threads)
+        time.sleep(1)  # each has sent a byte or two by now
+        assert metrics_process.num_threads() == 2
         text = poll(lambda: scrape_or_empty(url), lambda text: "forkproxy_up 1.0" in text,
                     timeout=fp_metrics.REQUEST_DEADLINE + 15)
         assert "forkproxy_up 1.0" in text, "no scrape got through the trickling clients"
@@ -3914,6 +3915,44 @@ def test_huge_request_headers_cost_the_metrics_process_no_memory_to_speak_of(
     assert most - before < 8 << 20, f"{(most - before) >> 20} MiB more"
     assert "forkproxy_up 1.0" in poll(lambda: scrape_or_empty(url),
                                       lambda text: "forkproxy_up 1.0" in text)
+
+
+def test_idle_connections_to_the_metrics_port_never_fail_a_scrape(
+    start_proxy: StartProxy, tcp_server: ServerFactory, env: dict[str, str],
+) -> None:
+    """A scrape slot went to each connection as it was accepted: 40 connections that sent
+    nothing, opened again as each was cut, held all eight and the backlog behind them, and
+    every scrape failed (a 10 s timeout, Prometheus's default) for anyone who could reach
+    the port. The accepting thread now reads requests as they come, holding up to
+    MAX_PENDING without a thread; a scrape, sent whole at once, is served at once."""
+    server = tcp_server(echo)
+    proxy = start_proxy("--metrics", "127.0.0.1:0", f"127.0.0.1:0=127.0.0.1:{server.port}",
+                        expect=2, env=env)
+    url = metrics_url(proxy)
+    port = metrics_port(url)
+    stop = threading.Event()
+
+    def hold() -> None:
+        while not stop.is_set():
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+                    sock.recv(1)  # until the proxy cuts it
+            except OSError:
+                stop.wait(0.01)
+
+    threads = [threading.Thread(target=hold, daemon=True) for _ in range(40)]
+    for thread in threads:
+        thread.start()
+    try:
+        time.sleep(1)  # every one connected, and the first scrape behind them
+        for _ in range(3):
+            started = time.monotonic()
+            assert "forkproxy_up 1.0" in scrape(url, timeout=10)
+            assert time.monotonic() - started < 2
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(60)
 
 
 def test_clients_that_reset_leave_no_traceback_in_the_log(
@@ -5327,40 +5366,59 @@ def test_status_says_up_only_for_a_metrics_endpoint_that_answers(
         f"{url} running (not asked: in another network namespace, or cannot tell), 0 restarts")
 
 
+_SLOTS_HELD = """
+import json, os, socket, subprocess, sys, time
+env = {**os.environ, "XDG_RUNTIME_DIR": sys.argv[2]}
+specs = [f"127.0.0.1:0=127.0.0.1:{port}" for port in range(1, 101)]  # a page of ~400 KB
+proxy = subprocess.Popen([sys.argv[1], "serve", "-q", "--metrics", "127.0.0.1:0", *specs],
+                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+url = next(line.split()[1] for line in proxy.stdout if line.startswith("metrics "))
+port = int(url.rsplit(":", 1)[1].split("/")[0])
+sock_path = os.path.join(sys.argv[2], "forkproxy", f"{proxy.pid}.sock")
+def state():
+    out = subprocess.run([sys.argv[1], "status", "--json", "--status-socket", sock_path],
+                         capture_output=True, text=True, env=env, timeout=60)
+    return json.loads(out.stdout)["metrics"]
+held = []
+for _ in range(int(sys.argv[3])):
+    holder = socket.socket()
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)  # the least window there is
+    holder.connect(("127.0.0.1", port))
+    holder.sendall(b"GET /metrics HTTP/1.0\\r\\n\\r\\n")  # and reads nothing
+    held.append(holder)
+time.sleep(1)  # each taken up by a thread, its send waiting
+while_held = state()
+for holder in held:
+    holder.close()
+after = state()
+for _ in range(50):
+    if after["answers"]:
+        break
+    time.sleep(0.2)
+    after = state()
+proxy.terminate()
+proxy.wait(30)
+print(json.dumps({"held": while_held, "after": after}))
+"""
+
+
 def test_status_says_a_metrics_endpoint_whose_slots_are_all_held_is_not_answering(
-    start_proxy: StartProxy, tcp_server: ServerFactory, env: dict[str, str],
+    tmp_path: Path,
 ) -> None:
-    """Eight clients that send half a request hold every scrape slot (for up to 5 s each);
-    a ninth, status's request, is closed after waiting 1 s for one. status said `up`."""
-    server = tcp_server(echo)
-    proxy = start_proxy("--metrics", "127.0.0.1:0", f"127.0.0.1:0=127.0.0.1:{server.port}",
-                        expect=2, env=env)
-    url = metrics_url(proxy)
-    port = metrics_port(url)
-    sock_path = Path(env["XDG_RUNTIME_DIR"]) / "forkproxy" / f"{proxy.pid}.sock"
-    assert "forkproxy_up 1.0" in scrape(url)
-    # The slots are freed 5 s after each client came: on a loaded machine status may ask
-    # too late, so the clients come again until it asked in time (or 5 tries).
-    seen = None
-    for _ in range(5):
-        holders = [socket.create_connection(("127.0.0.1", port), timeout=15)
-                   for _ in range(fp_metrics.MAX_SCRAPES)]
-        try:
-            for holder in holders:
-                holder.sendall(b"GET /metrics HTTP/1.1\r\n")  # and no end of the headers
-            state = status_json(sock_path, env)["metrics"]
-        finally:
-            for holder in holders:
-                holder.close()
-        assert state["state"] == "up", state
-        if state["answers"] is False:
-            seen = state
-            break
-    assert seen is not None, "status always found a free slot"
-    assert seen["no_answer"] == "closed without a reply", seen
-    state = poll(lambda: status_json(sock_path, env)["metrics"],
-                 lambda metrics: bool(metrics["answers"]))
-    assert state["answers"] is True, state  # the slots freed, it answers again
+    """Eight clients that ask for a large page and read none of it hold every scrape slot
+    (for up to 30 s each); a ninth, status's request, is closed after waiting 1 s for one.
+    status said `up`. (Half a request holds no slot any more: the accepting thread reads
+    it. In a network namespace with small send buffers, so that the page's send waits.)"""
+    runtime = tmp_path / "xdg"
+    runtime.mkdir(mode=0o700)
+    out = run_in_own_netns(tmp_path, _SLOTS_HELD, 'net.ipv4.tcp_wmem="4096 16384 65536"',
+                           FORKPROXY, str(runtime), str(fp_metrics.MAX_SCRAPES))
+    assert out.returncode == 0, out
+    result = json.loads(out.stdout)
+    held, after = result["held"], result["after"]
+    assert held["state"] == "up", held
+    assert (held["answers"], held["no_answer"]) == (False, "closed without a reply"), held
+    assert after["answers"] is True, after  # the slots freed, it answers again
 
 
 def test_status_says_a_metrics_port_answered_by_something_not_http_is_not_answering(
