@@ -806,10 +806,10 @@ class _Pending:
         self.ready.unregister(sock)
         self.server.shutdown_request(sock)
 
-    def finish(self, seconds: float) -> None:
-        """Handed over (the port is the taker's): the requests under way that come within
-        `seconds` are handed to threads, as those that had come were; the rest closed."""
-        ends = time.monotonic() + seconds
+    def finish(self, ends: float) -> None:
+        """Handed over (the port is the taker's): the requests under way that come by
+        `ends` (monotonic) are handed to threads, as those that had come were; the rest
+        closed."""
         while self.waiting and time.monotonic() < ends:
             due = min(self.cut_late() or ends, ends)
             for key, _ in self.ready.select(max(0.0, due - time.monotonic())):
@@ -972,8 +972,11 @@ def main(argv: list[str] | None = None) -> int:
             if handoff is not None and handoff in woken:
                 ready.unregister(sock)
                 ready.unregister(handoff)
-                pending.finish(HANDOVER_FINISH)
-                return _finish_scrapes(server)
+                # One HANDOVER_FINISH for both: the requests still coming, then the
+                # scrapes, all within the supervisor's METRICS_HANDOVER_WAIT.
+                ends = time.monotonic() + HANDOVER_FINISH
+                pending.finish(ends)
+                return _finish_scrapes(server, ends)
             for client in woken:
                 if client in pending.waiting:
                     pending.read(client)
@@ -991,11 +994,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _finish_scrapes(server: _Server) -> int:
+def _finish_scrapes(server: _Server, ends: float) -> int:
     """Handed over: accept no more (the port is the new metrics process's, which accepts
-    what comes next), finish the scrapes under way, within HANDOVER_FINISH, and exit."""
+    what comes next), finish the scrapes under way by `ends` (monotonic), and exit."""
     server.socket.close()  # our copy only: the new supervisor's listens on
-    ends = time.monotonic() + HANDOVER_FINISH
     for _ in range(MAX_SCRAPES):  # each slot back: its scrape answered and closed
         if not server.scrapes.acquire(timeout=max(0.0, ends - time.monotonic())):
             break
