@@ -486,8 +486,11 @@ def _reaped_within(pid: int, seconds: float) -> bool:
         time.sleep(0.01)
 
 
+# tcp_tw_reuse=1 first: measured (docs/wire.md, TIME_WAIT) to let every connect through
+# toward a remote upstream, where the default 2 reuses TIME_WAIT ports on loopback only.
 _OUT_OF_PORTS = ("out of local ports toward the upstream: each connection holds one, and "
-                 "for 60 s after a close the proxy began (TIME_WAIT); widen "
+                 "for 60 s after a close the proxy began (TIME_WAIT); set "
+                 "net.ipv4.tcp_tw_reuse=1 (a TIME_WAIT port reused after 1 s), widen "
                  "net.ipv4.ip_local_port_range or spread over more upstream addresses")
 # The `detail` of a connect-failed line whose EADDRNOTAVAIL was no source address (an
 # IPv4 upstream, an IPv6 one), not the local ports' (listeners.no_source_address).
