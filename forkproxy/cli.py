@@ -26,6 +26,7 @@ from .config import (
     DEFAULT_MAX_CHILDREN,
     ONE_BIND,
     ONE_METRICS,
+    UNLOGGED_FILE_OPTIONS,
     UNLOGGED_UNKNOWN,
     ConfigError,
     LinkTable,
@@ -1050,8 +1051,11 @@ def links_command(
         say(f"forkproxy: warning: {UNLOGGED_UNKNOWN}: {more}")
     for warning in table.warnings + table.overrides + table.loops + table.unreachable:
         say(f"forkproxy: warning: {warning}")
-    for name, detail in table.file_options:
+    said, more = unknown_lines(table.file_options)  # bounded as serve's log bounds them
+    for name, detail in said:
         say(f"forkproxy: warning: {printable(name)}: {detail}")
+    if more:
+        say(f"forkproxy: warning: {UNLOGGED_FILE_OPTIONS}: {more}")
     for link in table.links:
         output(f"listen {link.describe()}")
 

@@ -1614,6 +1614,13 @@ UNLOGGED_UNKNOWN = (f"more FORKPROXY_ variables that no option reads, ignored (a
                     f"{UNKNOWN_LINES_AT_MOST} have a line of their own)")
 
 
+# What `env-file-option-unlogged` (with `count`) says, and `links` after the count: the env
+# file's FORKPROXY_ names past the first UNKNOWN_LINES_AT_MOST, bounded as the
+# environment's are (a file of 5,000 wrote 5,000 lines before `listening`).
+UNLOGGED_FILE_OPTIONS = (f"more FORKPROXY_ variables in the env file, which sets links only, "
+                         f"ignored (at most {UNKNOWN_LINES_AT_MOST} have a line of their own)")
+
+
 def unknown_lines(found: Sequence[tuple[str, str]]) -> tuple[Sequence[tuple[str, str]], int]:
     """Of unknown_variables' `found`: those said a line each, and how many more are
     counted in UNLOGGED_UNKNOWN's one line (serve's log and `links` alike)."""

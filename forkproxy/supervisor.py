@@ -54,6 +54,8 @@ from .accounting import (
 )
 from .config import (
     MIN_RESOLVE_EVERY,
+    UNKNOWN_LINES_AT_MOST,
+    UNLOGGED_FILE_OPTIONS,
     UNLOGGED_UNKNOWN,
     ConfigError,
     Endpoint,
@@ -3172,13 +3174,22 @@ class Supervisor:
                  *(("env-file-option", name, text) for name, text in table.file_options),
                  *(("link-may-loop", "", text) for text in table.loops),
                  *(("link-unreachable", "", text) for text in table.unreachable)]
-        for event, variable, text in found:
-            if (event, variable, text) in self.table_warnings:
+        new = [entry for entry in found if entry not in self.table_warnings]
+        # The env file's FORKPROXY_ names: the first UNKNOWN_LINES_AT_MOST new ones a line
+        # each, then a count, as the environment's unknown ones (a file of 5,000 was
+        # 5,000 lines, at start and at a reload that added them).
+        options = [entry for entry in new if entry[0] == "env-file-option"]
+        unlogged = set(options[UNKNOWN_LINES_AT_MOST:])
+        for event, variable, text in new:
+            if (event, variable, text) in unlogged:
                 continue
             if variable:
                 self.log.warning(event, variable=variable, detail=text)
             else:
                 self.log.warning(event, detail=text)
+            if unlogged and (event, variable, text) == options[UNKNOWN_LINES_AT_MOST - 1]:
+                self.log.warning("env-file-option-unlogged", count=len(unlogged),
+                                 detail=UNLOGGED_FILE_OPTIONS)
         self.table_warnings = set(found)
 
     def _listen_options(self, bound: list[Listener]) -> None:

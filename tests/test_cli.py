@@ -2327,6 +2327,66 @@ def test_take_over_in_the_env_file_is_told_it_has_no_variable_by_the_supervisor(
         "links only: ignored; --take-over has no variable, on purpose: give the flag"), record
 
 
+FILE_UNLOGGED = ("more FORKPROXY_ variables in the env file, which sets links only, ignored "
+                 "(at most 10 have a line of their own)")
+
+
+def many_file_options(count: int) -> list[str]:
+    """`count` option-variable names an env file may hold: FORKPROXY_ALLOW in as many
+    spellings of its case (each is one), in name order."""
+    spellings = ("_".join(("".join(char.upper() if bit == "1" else char
+                                   for char, bit in zip(word, bits, strict=True)))
+                          for word, bits in (("forkproxy", f"{index:014b}"[:9]),
+                                             ("allow", f"{index:014b}"[9:])))
+                 for index in range(count))
+    return sorted(spellings)
+
+
+def test_many_option_variables_in_the_env_file_are_ten_warnings_and_a_count(
+    start_proxy: Callable[..., Proxy], tmp_path: Path
+) -> None:
+    """An env file of 5,000 option variables wrote 5,000 `env-file-option` lines before
+    `listening` (and `links` 5,000 to stderr), where unknown variables in the environment
+    are bounded: the first 10 (in name order) keep their line, the rest are one
+    `env-file-option-unlogged` record with their count; a reload adding more does the
+    same for the new ones."""
+    names = many_file_options(5_000)
+    env_file = tmp_path / "links.env"
+    link = f"A_PORT_{free_port()}_TCP=tcp://198.18.0.1:7000"
+    env_file.write_text(link + "\n" + "".join(f"{name}=s3cret\n" for name in names[:4_000]))
+    listed = run("links", "--env-file", str(env_file))
+    assert listed.returncode == 0, listed
+    lines = listed.stderr.splitlines()
+    assert [line.split(": ")[2] for line in lines[:10]] == names[:10], lines[:12]
+    assert lines[10:] == [f"forkproxy: warning: {FILE_UNLOGGED}: 3990"], lines[10:12]
+    proxy = start_proxy("--log-format", "json", "--env-file", str(env_file),
+                        "--bind", "127.0.0.1")
+    assert wait_for(lambda: '"event": "listening"' in proxy.log()), proxy.log()[-2000:]
+
+    def records() -> list[dict[str, Any]]:
+        return [json.loads(line) for line in proxy.log().splitlines()]
+
+    events = [record["event"] for record in records()]
+    said = [record["variable"] for record in records() if record["event"] == "env-file-option"]
+    assert said == names[:10], said[:12]
+    [unlogged] = [record for record in records()
+                  if record["event"] == "env-file-option-unlogged"]
+    assert (unlogged["level"], unlogged["count"], unlogged["detail"]) == (
+        "warning", 3990, FILE_UNLOGGED), unlogged
+    assert events.index("env-file-option-unlogged") == events.index("env-file-option") + 10
+    assert events.index("env-file-option-unlogged") < events.index("listening"), events
+    # A reload adding 1,000: only the new ones are said, bounded alike.
+    env_file.write_text(link + "\n" + "".join(f"{name}=s3cret\n" for name in names))
+    proxy.signal(signal.SIGHUP)
+    assert wait_for(lambda: '"event": "reloaded"' in proxy.log()), proxy.log()[-2000:]
+    said = [record["variable"] for record in records() if record["event"] == "env-file-option"]
+    assert said == names[:10] + names[4_000:4_010], said[8:22]
+    counts = [record["count"] for record in records()
+              if record["event"] == "env-file-option-unlogged"]
+    assert counts == [3990, 990], counts
+    assert "s3cret" not in proxy.log()
+
+
 @pytest.mark.parametrize(("line", "warning"), [
     # A known option's variable: it sets nothing there.
     ("FORKPROXY_ALLOW=10.0.0.0/8", "FORKPROXY_ALLOW: an option variable in env file {file}, "
