@@ -225,8 +225,13 @@ def request(path: str, command: str, timeout: float = 5.0,
                     sock.settimeout(min(timeout, left))
                     chunk = sock.recv(65536)
                 except TimeoutError:
-                    if left > timeout:
-                        raise  # this recv's own timeout: nothing came for `timeout` s
+                    if left > timeout:  # this recv's own timeout: nothing came for `timeout` s
+                        # SO_PEERCRED names the listener's process before any accept().
+                        starved = (None if connected is not None
+                                   else _out_of_descriptors(struct.unpack("3i", creds)[0]))
+                        if starved is not None:
+                            raise StatusError(f"no answer on {path!r}: {starved}") from None
+                        raise
                     raise StatusError(f"no complete answer on {path!r} within {deadline:g} s "
                                       f"({size} bytes came)") from None
                 if not chunk:
@@ -458,6 +463,34 @@ def _read_reply(command: str, data: bytes) -> dict[str, Any]:
             # A supervisor stopping or handing over reads no configuration (_reload).
             raise _Misfit("ok contradicts stopping or handing_over")
     return reply
+
+
+def _out_of_descriptors(pid: int) -> str | None:
+    """Why the supervisor `pid` (SO_PEERCRED's, as this process sees it) never took a
+    request up, when /proc shows it out of file descriptors: every number below its open
+    files limit in use, where its control socket's accept() fails (EMFILE, its
+    `control-accept-failed`) and the request waits in the backlog, which `check` said as
+    `timed out`, a hung supervisor's words. None when it is not, or cannot be read: pid
+    0 (another PID namespace), another user's process, a /proc not ours. Read only
+    after the timeout, never on an answered request."""
+    if pid <= 0 or proc_not_ours() is not None:
+        return None
+    try:
+        held = {int(name) for name in os.listdir(f"/proc/{pid}/fd")}
+        with open(f"/proc/{pid}/limits", encoding="ascii") as limits:
+            # `Max open files  1024  4096  files`: the soft limit, the one accept() meets
+            soft = next(line.split()[3] for line in limits if line.startswith("Max open files"))
+        limit = int(soft)  # "unlimited": ValueError, never out of descriptors
+    except (OSError, ValueError, StopIteration, IndexError):
+        return None
+    # The kernel gives the lowest free number: EMFILE once it is not below the limit (a
+    # limit lowered live leaves higher numbers open: the count alone may be under it).
+    if min(set(range(len(held) + 1)) - held) < limit:
+        return None
+    return (f"its supervisor (pid {pid}) is out of file descriptors ({len(held)} open of "
+            f"a limit of {limit}), so it cannot take the request up (its log says "
+            "control-accept-failed); raise its open files limit (ulimit -n, LimitNOFILE=, "
+            "docker run --ulimit nofile=) or find what holds them")
 
 
 def _connect(sock: socket.socket, path: str, deadline: float) -> None:

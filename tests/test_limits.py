@@ -1772,6 +1772,53 @@ def test_accept_emfile_with_a_status_client_waiting_does_not_spin(
     assert ping_echo(proxy.port)
 
 
+def test_check_out_of_descriptors_says_so_where_it_said_timed_out(
+    start_proxy: StartProxy, tcp_server: ServerFactory, short_dir: Path
+) -> None:
+    """A supervisor out of file descriptors (`ulimit -n` low, filled here by control
+    clients that connect and never ask) cannot accept `check`'s connection: `check` and
+    `status` said `timed out`, a hung supervisor's words. The listener's process is known
+    before any accept (SO_PEERCRED) and its /proc readable (same user): they now say it
+    is out of descriptors, with the count and the limit, still after the same wait and
+    with exit 1. Once a descriptor is free, the answer is the usual one."""
+    need("prlimit")
+    server = tcp_server(echo)
+    sock_path = short_dir / "s.sock"
+    limit = 20
+    proxy = start_proxy("--status-socket", str(sock_path),
+                        f"127.0.0.1:0=127.0.0.1:{server.port}",
+                        prefix=("prlimit", f"--nofile={limit}:{limit}", "--"))
+    with contextlib.ExitStack() as stack:
+        room = limit - fd_count(proxy.pid)
+        assert 0 < room <= 16, room  # held by the control socket, none dropped for room
+        held = [stack.enter_context(socket.socket(socket.AF_UNIX)) for _ in range(room)]
+        for sock in held:
+            sock.connect(str(sock_path))  # accepted, kept: it may ask later
+        assert wait_for(lambda: fd_count(proxy.pid) == limit), fd_count(proxy.pid)
+        for command in ("check", "status"):
+            started = time.monotonic()
+            result = cli(command, "--status-socket", str(sock_path))
+            assert (result.returncode, result.stdout) == (1, ""), result
+            assert result.stderr == (
+                f"forkproxy: no answer on {str(sock_path)!r}: its supervisor (pid "
+                f"{proxy.pid}) is out of file descriptors ({limit} open of a limit of "
+                f"{limit}), so it cannot take the request up (its log says "
+                "control-accept-failed); raise its open files limit (ulimit -n, "
+                "LimitNOFILE=, docker run --ulimit nofile=) or find what holds them\n"), result
+            assert time.monotonic() - started >= 5  # the same wait as for a hung one
+        assert "control-accept-failed" in proxy.log(), proxy.log()
+    # Descriptors free again (the held clients gone): answered as ever.
+    assert wait_for(lambda: cli("check", "--status-socket", str(sock_path)).returncode == 0)
+    # A hung supervisor with descriptors to spare is still `timed out`, nothing more.
+    proxy.signal(signal.SIGSTOP)
+    try:
+        result = cli("check", "--status-socket", str(sock_path))
+    finally:
+        proxy.signal(signal.SIGCONT)
+    assert (result.returncode, result.stderr) == (
+        1, f"forkproxy: no answer on {str(sock_path)!r}: timed out\n"), result
+
+
 def test_a_resolver_that_cannot_start_is_logged_folded_not_per_connection(
     start_proxy: StartProxy,
 ) -> None:
