@@ -38,6 +38,8 @@ FUNCTION_EMITTER = {"Supervisor._accept_handler.accept_clients": "connection chi
                     "write_start_error": "`serve`, before it starts",
                     "Logger._log_dropped": "supervisor"}
 
+EMITTERS = {*MODULE_EMITTER.values(), *FUNCTION_EMITTER.values()}
+
 
 @dataclass
 class Emission:
@@ -436,6 +438,11 @@ def test_every_event_the_code_writes_is_a_readme_row() -> None:
             if emission.emitter and emission.emitter not in row.emitter:
                 problems.append(f"{event} ({emission.where}): written by {emission.emitter}, "
                                 f"README's from: {row.emitter!r}")
+        # And back: each process the row names (not in an aside) writes it somewhere.
+        named = {e for e in EMITTERS if e in _top_level(row.emitter)}
+        if named - {e.emitter for e in emissions}:
+            problems.append(f"{event}: README's from names {sorted(named)}, the code's "
+                            f"writers are {sorted({e.emitter for e in emissions})}")
         written = set().union(*(e.fields for e in emissions)) - COMMON_FIELDS
         if written - row.fields:
             where = sorted({e.where for e in emissions if e.fields - row.fields})
