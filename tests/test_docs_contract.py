@@ -12,10 +12,13 @@ from __future__ import annotations
 import ast
 import functools
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from forkproxy import metrics
+
+from conftest import LOOPBACK, Proxy, control, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "forkproxy"
@@ -367,9 +370,14 @@ class _Scanner:
 
 
 @functools.cache
+def _scanner() -> _Scanner:
+    return _Scanner()
+
+
+@functools.cache
 def _emissions() -> dict[str, list[Emission]]:
     by_event: dict[str, list[Emission]] = {}
-    for emission in _Scanner().emissions:
+    for emission in _scanner().emissions:
         by_event.setdefault(emission.event, []).append(emission)
     return by_event
 
@@ -466,7 +474,7 @@ def test_the_scan_finds_what_it_must() -> None:
     """The scan is not vacuous: the ways an event is written each found, with their
     fields (a helper's, a loop's, a dict built apart, a prepared line, a dropped line),
     and no `x.warning("some-event", ...)` through a logger it does not recognize."""
-    assert not _Scanner().unread
+    assert not _scanner().unread
     found = _emissions()
     assert len(found) > 60
     assert found["accept-failed"][0].fields >= {"link", "error", "failures", "detail"}
@@ -576,3 +584,27 @@ def test_status_connection_fields_are_the_snapshot_children_keys() -> None:
     keys = _dict_keys(appended.args[0])
     assert "pid" in keys
     assert _event_rows()["status-connection"].fields == keys - {"pid"} | {"child_pid"}
+
+
+def test_a_real_status_renders_the_families_the_table_is_checked_against(
+    start_proxy: Callable[..., Proxy], tmp_path: Path, env: dict[str, str]
+) -> None:
+    """The status above is made up: a real supervisor's reply renders the same
+    families, with the same types, and each of its samples has the labels checked."""
+    port = free_port()
+    env_file = tmp_path / "links.env"
+    env_file.write_text(f"CACHE_PORT_{port}_TCP=tcp://127.0.0.1:{free_port()}\n")
+    sock_path = tmp_path / "status.sock"
+    start_proxy("--env-file", str(env_file), *LOOPBACK, "--status-socket", str(sock_path),
+                env=env)
+    checked = _families()
+    rendered = list(metrics.render(control(sock_path, "status")))
+    assert {(f.name + ("_total" if f.type == "counter" else ""), f.type)
+            for f in rendered} == {(name, kind) for name, (kind, _) in checked.items()}
+    sampled = 0
+    for family in rendered:
+        name = family.name + ("_total" if family.type == "counter" else "")
+        for sample in family.samples:
+            assert set(sample.labels) - {"le"} == checked[name][1], sample
+            sampled += 1
+    assert sampled > 20
