@@ -338,9 +338,16 @@ class _Scanner:
         assert loop is not None and isinstance(loop.target, ast.Tuple), ast.unparse(call)
         names = [e.id if isinstance(e, ast.Name) else "" for e in loop.target.elts]
         source: ast.AST = loop.iter
-        if isinstance(loop.iter, ast.Name) and function is not None:
+        # A name's assignment, and through a filter of another list (`new = [entry for
+        # entry in found if ...]`) that list's, to the tuples themselves.
+        while function is not None:
+            if isinstance(source, ast.ListComp) and len(source.generators) == 1:
+                source = source.generators[0].iter
+            if not isinstance(source, ast.Name):
+                break
+            wanted = source.id
             source = next(n.value for n in ast.walk(function) if isinstance(n, ast.Assign)
-                          and any(isinstance(t, ast.Name) and t.id == loop.iter.id
+                          and any(isinstance(t, ast.Name) and t.id == wanted
                                   for t in n.targets))
         guards: list[tuple[str, bool]] = []  # (name, truthy wanted) of the ifs around it
         inner: ast.AST = call
