@@ -19,7 +19,7 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 
-from . import __version__, cgroup, control
+from . import __version__, cgroup, control, installed
 from ._metrics_main import IMPORT_PATH_VARIABLE, import_path_to_hand
 from .config import (
     ANY_IPV4,
@@ -716,6 +716,28 @@ def raise_open_files_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+def development_options() -> list[str]:
+    """The development checks this process runs with, as options for the supervisor's
+    interpreter, which -I would start without them: those asked for by variable
+    (PYTHONDEVMODE, PYTHONTRACEMALLOC, PYTHONFAULTHANDLER, PYTHONWARNDEFAULTENCODING;
+    PYTHONWARNINGS's filters are in sys.warnoptions) as -X options, and the -X and -W
+    options given. The supervisor hands its own on to the metrics process
+    (installed.interpreter_options)."""
+    import _tracemalloc  # builtin; tracemalloc imports more
+    import faulthandler
+
+    options = installed.interpreter_options()
+    if sys.flags.dev_mode and "dev" not in sys._xoptions:
+        options.append("-Xdev")
+    if _tracemalloc.is_tracing() and "tracemalloc" not in sys._xoptions:
+        options.append(f"-Xtracemalloc={_tracemalloc.get_traceback_limit()}")
+    if faulthandler.is_enabled() and not (sys.flags.dev_mode or "faulthandler" in sys._xoptions):
+        options.append("-Xfaulthandler")  # (dev mode enables it)
+    if sys.flags.warn_default_encoding and "warn_default_encoding" not in sys._xoptions:
+        options.append("-Xwarn_default_encoding")
+    return options
+
+
 def serve(*, sources: Sources, variables: Mapping[str, str] | None = None,
           take_over: bool = False) -> NoReturn:
     """Validate, then exec the lean supervisor in this same process (same PID).
@@ -787,8 +809,8 @@ def serve(*, sources: Sources, variables: Mapping[str, str] | None = None,
             # Removed since this process started (an upgrade under way): the interpreter
             # would say so in its own words, with exit status 2, bad input's.
             raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), script)
-        os.execv(sys.executable,
-                 [sys.executable, "-I", "-S", script, "--config-fd", str(config_fd)])
+        os.execv(sys.executable, [sys.executable, *development_options(), "-I", "-S",
+                                  script, "--config-fd", str(config_fd)])
     except OSError as exc:
         # Not bad input: the environment changed under us (the interpreter removed by an
         # upgrade or a rebuilt venv, a noexec mount). One line, and the status a shell

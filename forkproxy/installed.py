@@ -8,6 +8,7 @@ connection, and an extension module (zlib, _hashlib) is one more mapping in each
 from __future__ import annotations
 
 import os
+import sys
 
 PACKAGE = os.path.dirname(os.path.abspath(__file__))
 
@@ -48,3 +49,13 @@ def changes(before: dict[str, int]) -> str | None:
         (changed, "changed"), ([n for n in before if n not in now], "gone"),
         ([n for n in now if n not in before], "new")) if names]
     return "; ".join(parts) or None
+
+
+def interpreter_options() -> list[str]:
+    """The -X and -W options this interpreter was started with, as arguments for the
+    `python -I` forkproxy execs (the supervisor, the metrics process): -I ignores every
+    PYTHON* variable, so without them `python -X dev -m forkproxy serve` ran its
+    processes without the development checks it asked for. [] when none were given."""
+    options = [f"-X{name}" if value is True else f"-X{name}={value}"
+               for name, value in sys._xoptions.items()]
+    return options + [f"-W{option}" for option in sys.warnoptions]

@@ -1116,7 +1116,7 @@ class Supervisor:
         script = os.path.join(os.path.dirname(os.path.abspath(relay.__file__)), "_metrics_main.py")
         # --status-socket=PATH in one word: a relative PATH may start with "-", which the
         # metrics process's argument parser would take for an option.
-        argv = [sys.executable, "-I", script, "--fd", str(fd),
+        argv = [sys.executable, *installed.interpreter_options(), "-I", script, "--fd", str(fd),
                 f"--status-socket={self.control.path}", "--supervisor-pid", str(os.getpid()),
                 f"--log-format={self.options.log_format}", f"--log-level={self.log.level}"]
         self._close_metrics_handoff()  # a dead process's, if its EOF was not read yet

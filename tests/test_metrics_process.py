@@ -303,3 +303,38 @@ def test_a_metrics_process_missing_a_module_says_which_interpreter_looked_where(
     assert record["detail"].startswith(
         f"not importable by the metrics process's interpreter, {python} -I, from "), record
     assert str(tmp_path / "venv" / "lib") in record["detail"], record
+
+
+def argv_of(pid: int) -> list[str]:
+    """Process `pid`'s command line, one string an argument."""
+    return Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")[:-1]
+
+
+def interpreter_options(argv: list[str]) -> list[str]:
+    """The options before -I in a command line forkproxy execs (`python [...] -I ...`)."""
+    return argv[1:argv.index("-I")]
+
+
+def test_serve_under_python_dev_mode_runs_its_processes_in_it(
+    start_proxy: StartProxy, env: dict[str, str],
+) -> None:
+    """`forkproxy serve` execs `python -I`, which ignores every PYTHON* variable: under
+    PYTHONDEVMODE=1 (or `python -X dev -m forkproxy serve`) only the few milliseconds
+    before the exec ran in development mode, and the supervisor and the metrics process,
+    where a ResourceWarning or a faulthandler dump would show, ran without it. Without
+    such variables nothing is added: production's command line is as it was."""
+    checks = ("PYTHONDEVMODE", "PYTHONWARNINGS", "PYTHONTRACEMALLOC", "PYTHONFAULTHANDLER",
+              "PYTHONWARNDEFAULTENCODING")  # a run of the tests under them: not here
+    plain = start_proxy("--metrics", "127.0.0.1:0", "127.0.0.1:0=127.0.0.1:1", expect=2,
+                        env={k: v for k, v in env.items() if k not in checks})
+    assert interpreter_options(argv_of(plain.pid)) == []
+    assert interpreter_options(argv_of(serving_metrics_pid(plain))) == []
+    assert plain.stop() == 0
+    dev = start_proxy("--metrics", "127.0.0.1:0", "127.0.0.1:0=127.0.0.1:1", expect=2,
+                      env={**env, "PYTHONDEVMODE": "1", "PYTHONTRACEMALLOC": "5",
+                           "PYTHONWARNINGS": "error::ResourceWarning"}, timeout=60)
+    for pid in (dev.pid, serving_metrics_pid(dev)):
+        options = interpreter_options(argv_of(pid))
+        assert {"-Xdev", "-Xtracemalloc=5", "-Werror::ResourceWarning"} <= set(options), \
+            options
+    assert dev.stop() == 0
