@@ -929,69 +929,76 @@ def main(argv: list[str] | None = None) -> int:
     handoff = None if args.handoff_fd is None else socket.socket(fileno=args.handoff_fd)
     registry.register(SupervisorCollector(args.status_socket, handoff, args.supervisor_pid))
     sock = socket.socket(fileno=args.fd)
-    server = _Server(sock.getsockname()[:2], _QuietHandler, bind_and_activate=False)
-    server.socket.close()
-    server.socket = sock
-    server.server_name, server.server_port = "forkproxy", sock.getsockname()[1]
-    server.setup_environ()
-    server.set_app(_answer_head(_only_metrics(_unread_accept_ignored(make_wsgi_app(registry)))))
-    server.log = Logger(args.log_level, args.log_format)
-    server.folds = {}
-    server.heads = {}
     try:
-        server.deadlines = _Deadlines()
-    except RuntimeError as exc:  # "can't start new thread": at a pids limit
-        # One line, not a traceback: the supervisor logs the exit and tries again later.
-        server.log.error("metrics-failed", error=str(exc), detail="cannot start")
-        return 1
-    # The supervisor is gone: so is this process, which would otherwise hold the port. Its
-    # pid comes from the command line, not from getppid() here: a supervisor killed while
-    # this process was still importing (before _die_with_parent) would leave it serving
-    # forever. Once the kernel is to signal its death, one look covers that window and the
-    # loop waits for requests only: idle, this process never wakes. Without it (no
-    # prctl), the loop looks every second.
-    server.timeout = None if dies_with_parent else 1.0
-    # The port is shared with a taker's metrics process from the take-over on: a client
-    # both were woken for is accepted by one, and the other's accept must not wait for the
-    # next (past the hand-over). socketserver takes an accept that finds nobody.
-    sock.setblocking(False)
-    with selectors.PollSelector() as ready:  # no descriptor of its own (an epoll one)
-        ready.register(sock, selectors.EVENT_READ)
-        pending = _Pending(server, ready)
+        server = _Server(sock.getsockname()[:2], _QuietHandler, bind_and_activate=False)
+        server.socket.close()
+        server.socket = sock
+        server.server_name, server.server_port = "forkproxy", sock.getsockname()[1]
+        server.setup_environ()
+        server.set_app(_answer_head(_only_metrics(_unread_accept_ignored(make_wsgi_app(registry)))))
+        server.log = Logger(args.log_level, args.log_format)
+        server.folds = {}
+        server.heads = {}
+        try:
+            server.deadlines = _Deadlines()
+        except RuntimeError as exc:  # "can't start new thread": at a pids limit
+            # One line, not a traceback: the supervisor logs the exit and tries again later.
+            server.log.error("metrics-failed", error=str(exc), detail="cannot start")
+            return 1
+        # The supervisor is gone: so is this process, which would otherwise hold the port. Its
+        # pid comes from the command line, not from getppid() here: a supervisor killed while
+        # this process was still importing (before _die_with_parent) would leave it serving
+        # forever. Once the kernel is to signal its death, one look covers that window and the
+        # loop waits for requests only: idle, this process never wakes. Without it (no
+        # prctl), the loop looks every second.
+        server.timeout = None if dies_with_parent else 1.0
+        # The port is shared with a taker's metrics process from the take-over on: a client
+        # both were woken for is accepted by one, and the other's accept must not wait for the
+        # next (past the hand-over). socketserver takes an accept that finds nobody.
+        sock.setblocking(False)
+        with selectors.PollSelector() as ready:  # no descriptor of its own (an epoll one)
+            ready.register(sock, selectors.EVENT_READ)
+            pending = _Pending(server, ready)
+            if handoff is not None:
+                # The supervisor writes on it when it has handed the port over (serve
+                # --take-over; EOF: it is gone). Its SIGTERM then cut each scrape under way:
+                # closed with no reply, or after a status line, or mid-body.
+                ready.register(handoff, selectors.EVENT_READ)
+            while os.getppid() == args.supervisor_pid:
+                due = pending.cut_late()
+                wait = None if due is None else max(0.0, due - time.monotonic())
+                if server.timeout is not None:
+                    wait = server.timeout if wait is None else min(wait, server.timeout)
+                woken = {key.fileobj for key, _ in ready.select(wait)}
+                if handoff is not None and handoff in woken:
+                    ready.unregister(sock)
+                    ready.unregister(handoff)
+                    # One HANDOVER_FINISH for both: the requests still coming, then the
+                    # scrapes, all within the supervisor's METRICS_HANDOVER_WAIT.
+                    ends = time.monotonic() + HANDOVER_FINISH
+                    pending.finish(ends)
+                    return _finish_scrapes(server, ends)
+                for client in woken:
+                    if client in pending.waiting:
+                        pending.read(client)
+                if sock in woken:
+                    try:
+                        pending.accept()
+                    except _SocketShut:
+                        pending.close()
+                        server.log.error(
+                            "metrics-failed", error="its listening socket was shut down from "
+                            "outside (another process holding it, `ss -K`)",
+                            detail="exiting: the supervisor listens on the port again and "
+                            "starts another")
+                        return METRICS_SOCKET_SHUT
+        return 0
+    finally:
+        # Closed here, not left to the interpreter's exit: under -X dev each one left
+        # open was a ResourceWarning in the log at every take-over.
         if handoff is not None:
-            # The supervisor writes on it when it has handed the port over (serve
-            # --take-over; EOF: it is gone). Its SIGTERM then cut each scrape under way:
-            # closed with no reply, or after a status line, or mid-body.
-            ready.register(handoff, selectors.EVENT_READ)
-        while os.getppid() == args.supervisor_pid:
-            due = pending.cut_late()
-            wait = None if due is None else max(0.0, due - time.monotonic())
-            if server.timeout is not None:
-                wait = server.timeout if wait is None else min(wait, server.timeout)
-            woken = {key.fileobj for key, _ in ready.select(wait)}
-            if handoff is not None and handoff in woken:
-                ready.unregister(sock)
-                ready.unregister(handoff)
-                # One HANDOVER_FINISH for both: the requests still coming, then the
-                # scrapes, all within the supervisor's METRICS_HANDOVER_WAIT.
-                ends = time.monotonic() + HANDOVER_FINISH
-                pending.finish(ends)
-                return _finish_scrapes(server, ends)
-            for client in woken:
-                if client in pending.waiting:
-                    pending.read(client)
-            if sock in woken:
-                try:
-                    pending.accept()
-                except _SocketShut:
-                    pending.close()
-                    server.log.error(
-                        "metrics-failed", error="its listening socket was shut down from "
-                        "outside (another process holding it, `ss -K`)",
-                        detail="exiting: the supervisor listens on the port again and "
-                        "starts another")
-                    return METRICS_SOCKET_SHUT
-    return 0
+            handoff.close()
+        sock.close()
 
 
 def _finish_scrapes(server: _Server, ends: float) -> int:

@@ -338,3 +338,30 @@ def test_serve_under_python_dev_mode_runs_its_processes_in_it(
         assert {"-Xdev", "-Xtracemalloc=5", "-Werror::ResourceWarning"} <= set(options), \
             options
     assert dev.stop() == 0
+
+
+def test_a_metrics_process_handed_over_closes_its_sockets_before_it_exits(
+    start_proxy: StartProxy, env: dict[str, str], short_dir: Path,
+) -> None:
+    """At a take-over the old metrics process returned from its loop with its handoff
+    socket still open, and under -X dev the interpreter's exit said so in the old
+    supervisor's log at every take-over (`ResourceWarning: unclosed <socket.socket ...>`),
+    a line that hides a real leak among expected ones. Its sockets are closed now."""
+    dev = {**env, "PYTHONDEVMODE": "1"}
+    path = str(short_dir / "fp.sock")
+    args = ("--status-socket", path, "--metrics", "127.0.0.1:0", "127.0.0.1:0=127.0.0.1:1")
+    old = start_proxy(*args, expect=2, env=dev, timeout=60)
+    old_metrics = serving_metrics_pid(old)  # in its loop, its handoff socket open
+    metrics_port = old.lines[-1].rsplit(":", 1)[1].split("/")[0]
+    new = start_proxy("--take-over", "--status-socket", path, "--metrics",
+                      f"127.0.0.1:{metrics_port}", f"127.0.0.1:{old.port}=127.0.0.1:1",
+                      expect=2, env=dev, timeout=60)
+    assert old.proc.wait(30) == 0
+    # Its last words are written as it exits: once it is gone (or a zombie), all are in.
+    assert not poll(lambda: psutil.pid_exists(old_metrics)
+                and psutil.Process(old_metrics).status() != psutil.STATUS_ZOMBIE,
+                lambda alive: not alive), "the old metrics process did not exit"
+    log = old.log()
+    assert "stopping signal=take-over" in log, log
+    assert "ResourceWarning" not in log and "unclosed" not in log, log
+    assert new.stop() == 0
