@@ -271,6 +271,8 @@ def fill_closed_std_fds() -> None:
         if getattr(sys, name) is None:
             # Closed when Python started, it made sys.stdout None: a command's output,
             # or its flush, would end in a traceback. Now a file on /dev/null, open for
-            # the process's life.
-            stream = open(fd, "r" if fd == 0 else "w", closefd=False)  # noqa: SIM115
+            # the process's life. Its encoding is the one open() picks unasked, named:
+            # unnamed, it was an EncodingWarning under -X warn_default_encoding.
+            stream = open(fd, "r" if fd == 0 else "w", encoding="locale",  # noqa: SIM115
+                          closefd=False)
             setattr(sys, name, stream)

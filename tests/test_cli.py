@@ -2886,10 +2886,12 @@ def test_every_command_runs_with_stdout_closed(
 ) -> None:
     """`forkproxy serve bad >&-` wrote its error line, then a traceback (sys.stdout is None
     when fd 1 is closed at start; cli.main flushed it), and exited 1, not 2; so did
-    `links`, `--version`, `status` and `check`. Their output goes to /dev/null now."""
+    `links`, `--version`, `status` and `check`. Their output goes to /dev/null now.
+    PYTHONWARNDEFAULTENCODING: the /dev/null file was opened with no encoding named, an
+    EncodingWarning on stderr under -X warn_default_encoding (and an error under -W error)."""
     result = subprocess.run([need("sh"), "-c", 'exec "$@" >&-', "sh", FORKPROXY, *args],
                             capture_output=True, text=True, timeout=30,
-                            env={"PATH": os.environ["PATH"]})
+                            env={"PATH": os.environ["PATH"], "PYTHONWARNDEFAULTENCODING": "1"})
     assert result.returncode == status, result
     assert "Traceback" not in result.stderr, result.stderr
     if error is None:
