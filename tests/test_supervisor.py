@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dis
 import errno
 import fcntl
 import hashlib
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 import urllib.request
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -28,6 +30,7 @@ from forkproxy import listeners as fp_listeners
 from forkproxy import relay as fp_relay
 from forkproxy import signals
 from forkproxy import status as fp_status
+from forkproxy import supervisor as fp_supervisor
 from forkproxy.config import ConfigError, Link, Options, Sources, parse_spec
 from forkproxy.control import STAGING_LEFT_AFTER, ControlServer
 from forkproxy.listeners import Listener
@@ -68,6 +71,28 @@ def test_the_forking_process_imports_nothing_heavy() -> None:
     modules = set(out.stdout.split())
     assert "forkproxy.supervisor" in modules
     assert modules.isdisjoint(HEAVY), modules & set(HEAVY)
+
+
+def test_the_childs_branch_of_the_accept_loop_names_no_module_attribute() -> None:
+    """On Python 3.12+ an instruction's first run takes the generic path, which for
+    `module.name` writes to the module's __dict__ (its reference count): run first in each
+    child (the supervisor never runs the child's branch), a page per module copied by
+    every child, 40-75 KiB per connection (docs/benchmarks.md, "Which Python"). 3.11
+    specializes it at once, so nothing else in a 3.11 run would see one come back: read
+    from the bytecode, the same on every Python."""
+    code = next(c for c in Supervisor._accept_handler.__code__.co_consts
+                if isinstance(c, types.CodeType) and c.co_name == "accept_clients")
+    lines = Path(fp_supervisor.__file__).read_text().splitlines()
+    start = next(n for n in range(code.co_firstlineno, len(lines) + 1)
+                 if lines[n - 1].strip() == "if pid == 0:")
+    end = next(n for n in range(start, len(lines) + 1) if lines[n - 1].strip() == "close(fd)")
+    branch = [i for i in dis.get_instructions(code)
+              if i.positions and i.positions.lineno and start < i.positions.lineno < end]
+    assert any(i.opname == "CALL" for i in branch)  # the branch was found: it calls serve
+    modules = sorted({(i.argval, i.positions.lineno) for i in branch if i.positions
+                      and i.opname in ("LOAD_GLOBAL", "LOAD_NAME")
+                      and isinstance(vars(fp_supervisor).get(i.argval), types.ModuleType)})
+    assert not modules, f"bind these in _accept_handler, before the loop: {modules}"
 
 
 def test_a_serving_supervisor_maps_no_extension_it_does_not_need(
