@@ -703,13 +703,16 @@ class _HeadBudget(io.BufferedIOBase):
         self.rfile = rfile
         self.head = io.BytesIO(head)
         self.left = MAX_REQUEST_HEAD
+        # HTTP/0.9 has no headers, but http.server reads them all the same: a line past
+        # the head waited for REQUEST_DEADLINE, and "GET /\n" held a scrape's thread.
+        self.lines_left = not _simple_request(head)
 
     def readline(self, size: int | None = -1) -> bytes:
         if self.left <= 0:
             raise http.client.LineTooLong(f"request head past {MAX_REQUEST_HEAD} bytes")
         wanted = self.left if size is None or size < 0 else min(size, self.left)
         line = self.head.readline(wanted)
-        if not line.endswith(b"\n") and len(line) < wanted:
+        if self.lines_left and not line.endswith(b"\n") and len(line) < wanted:
             line += self.rfile.readline(wanted - len(line))  # the head ran out mid-line
         self.left -= len(line)
         return line
@@ -734,6 +737,12 @@ def _head_complete(head: bytes) -> bool:
     a version (HTTP/0.9, which has no headers), or MAX_REQUEST_HEAD bytes (answered 431)?"""
     if b"\r\n\r\n" in head or b"\n\n" in head or len(head) >= MAX_REQUEST_HEAD:
         return True
+    return _simple_request(head)
+
+
+def _simple_request(head: bytes) -> bool:
+    """Is a head's request line all there and without a version (HTTP/0.9, or a line
+    http.server refuses without reading on)?"""
     line, newline, _ = head.partition(b"\n")
     return bool(newline) and len(line.split()) < 3
 

@@ -3955,6 +3955,40 @@ def test_idle_connections_to_the_metrics_port_never_fail_a_scrape(
             thread.join(60)
 
 
+def test_http09_request_lines_hold_no_scrape_slot(
+    start_proxy: StartProxy, tcp_server: ServerFactory, env: dict[str, str],
+) -> None:
+    """A request line without a version (HTTP/0.9: "GET /metrics", no headers) counted as
+    a whole request and got a thread, where http.server waited for headers all the same:
+    clients sending that line and nothing more held every slot for REQUEST_DEADLINE, as
+    idle ones did before the accepting thread read requests. They are answered at once."""
+    server = tcp_server(echo)
+    proxy = start_proxy("--metrics", "127.0.0.1:0", f"127.0.0.1:0=127.0.0.1:{server.port}",
+                        expect=2, env=env)
+    url = metrics_url(proxy)
+    port = metrics_port(url)
+    replies: list[bytes] = []
+    held: list[socket.socket] = []
+    for _ in range(4 * fp_metrics.MAX_SCRAPES):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        held.append(sock)
+        sock.sendall(b"GET /metrics\r\n")  # and holds the connection open
+    try:
+        started = time.monotonic()
+        assert "forkproxy_up 1.0" in scrape(url, timeout=10)
+        assert time.monotonic() - started < 2
+        for sock in held:
+            reply = b""
+            with contextlib.suppress(OSError):
+                while chunk := sock.recv(65536):
+                    reply += chunk
+            replies.append(reply)
+    finally:
+        for sock in held:
+            sock.close()
+    assert all(b"forkproxy_up 1.0" in reply for reply in replies), replies[:3]
+
+
 def test_clients_that_reset_leave_no_traceback_in_the_log(
     start_proxy: StartProxy, tcp_server: ServerFactory, env: dict[str, str],
 ) -> None:
