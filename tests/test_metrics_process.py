@@ -365,3 +365,31 @@ def test_a_metrics_process_handed_over_closes_its_sockets_before_it_exits(
     assert "stopping signal=take-over" in log, log
     assert "ResourceWarning" not in log and "unclosed" not in log, log
     assert new.stop() == 0
+
+
+def test_a_request_half_sent_at_a_take_over_is_answered_by_the_old_metrics_process(
+    start_proxy: StartProxy, env: dict[str, str], short_dir: Path,
+) -> None:
+    """A connection whose request had not all come when the port was handed over is the
+    old metrics process's alone (the taker's never accepted it): its reading goes on
+    there (_Pending.finish) and the request is answered once whole, not closed unread."""
+    path = str(short_dir / "fp.sock")
+    old = start_proxy("--status-socket", path, "--metrics", "127.0.0.1:0",
+                      "127.0.0.1:0=127.0.0.1:1", expect=2, env=env)
+    serving_metrics_pid(old)  # in its loop
+    metrics_port = old.lines[-1].rsplit(":", 1)[1].split("/")[0]
+    with socket.create_connection(("127.0.0.1", int(metrics_port)), timeout=20) as sock:
+        sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")  # its blank line still to come
+        new = start_proxy("--take-over", "--status-socket", path, "--metrics",
+                          f"127.0.0.1:{metrics_port}", f"127.0.0.1:{old.port}=127.0.0.1:1",
+                          expect=2, env=env)
+        assert poll(lambda: "stopping signal=take-over" in old.log(), bool), old.log()
+        time.sleep(0.5)  # the old metrics process is finishing: the request ends now
+        sock.sendall(b"\r\n")
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.0 200 "), reply[:200]
+    assert b"forkproxy_up" in reply, reply[:200]
+    assert old.proc.wait(30) == 0
+    assert new.stop() == 0
