@@ -1674,14 +1674,19 @@ class Supervisor:
             # but scan_at: set whenever a connection ends (handle_chld), it is checked
             # here, after the poll, only while no other timer is armed (else by
             # handle_timers).
-            timeout = -1 if (
+            timeout: float = -1 if (
                 self.resume_at is None and self.control_at is None and self.term_at is None
                 and self.kill_at is None and self.metrics_at is None
                 and self.denials_at is None
             ) else self._poll_timeout()
             scan_at = self.scan_at if timeout < 0 else None
             if scan_at is not None:  # a scan pending: wait no longer than until it is due
-                timeout = max(0, int((scan_at - monotonic()) * 1000) + 1)
+                # Pending nearly always while connections end (set at each reap): so no
+                # max() and int(), ~1,900 instructions a turn, a few turns a connection
+                # (docs/benchmarks.md). poll() takes float milliseconds, rounded up.
+                timeout = (scan_at - monotonic()) * 1000 + 1
+                if timeout < 0:
+                    timeout = 0
             try:
                 ready = poll(timeout)
             except OSError as exc:
