@@ -98,7 +98,7 @@ class SignalPipe:
             try:
                 # A stream socketpair: a short read took all there was, so no second
                 # recv() only to fail with EAGAIN (a system call and an OSError built
-                # from strerror: ~6% of the supervisor's instructions per connection,
+                # from strerror: ~11% of the supervisor's instructions per connection,
                 # one SIGCHLD each). A byte written after it wakes the poll again.
                 if len(self.reader.recv(4096)) < 4096:
                     break

@@ -1682,7 +1682,7 @@ class Supervisor:
             scan_at = self.scan_at if timeout < 0 else None
             if scan_at is not None:  # a scan pending: wait no longer than until it is due
                 # Pending nearly always while connections end (set at each reap): so no
-                # max() and int(), ~1,900 instructions a turn, a few turns a connection
+                # max() and int(), 3,200 of the supervisor's instructions a connection
                 # (docs/benchmarks.md). poll() takes float milliseconds, rounded up.
                 timeout = (scan_at - monotonic()) * 1000 + 1
                 if timeout < 0:

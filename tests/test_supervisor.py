@@ -1372,7 +1372,7 @@ def test_a_signal_wakeup_reads_the_socketpair_once_not_until_it_fails(
     """Each connection that ends wakes the supervisor with its SIGCHLD's byte in the
     signal socketpair. drain() read it, then read again until recv() failed with EAGAIN:
     a system call and an OSError (its message from strerror, decoded) per connection,
-    ~6% of the supervisor's instructions for one (docs/benchmarks.md, "Instructions per
+    ~11% of the supervisor's instructions for one (docs/benchmarks.md, "Instructions per
     connection"). A short read of a stream socket took all there was. Seen in the
     supervisor's recvfrom calls (strace): none fails, and connections are served."""
     server = tcp_server(echo)
