@@ -62,7 +62,7 @@ def start_serve(command: list[str], out: Path) -> tuple[subprocess.Popen[bytes],
             break
         time.sleep(0.2)
     proxy.kill()
-    raise SystemExit(f"instr_per_conn: no 'listening' line: {out.read_text()!r}")
+    raise SystemExit(f"instr_per_conn.py: no 'listening' line: {out.read_text()!r}")
 
 
 def ping(sock: socket.socket) -> None:
@@ -72,7 +72,7 @@ def ping(sock: socket.socket) -> None:
     while not got.endswith(b"\r\n"):
         chunk = sock.recv(64)
         if not chunk:
-            raise SystemExit("instr_per_conn: connection closed before +PONG")
+            raise SystemExit("instr_per_conn.py: connection closed before +PONG")
         got += chunk
 
 
@@ -212,10 +212,10 @@ def main() -> int:
     args = parser.parse_args()
     for tool in ("valgrind", "redis-server"):
         if not shutil.which(tool):
-            print(f"instr_per_conn: {tool} is not installed", file=sys.stderr)
+            print(f"instr_per_conn.py: {tool} is not installed", file=sys.stderr)
             return 2
     if not os.access(args.venv / "bin" / "forkproxy", os.X_OK):
-        print(f"instr_per_conn: --venv {args.venv}: no bin/forkproxy there", file=sys.stderr)
+        print(f"instr_per_conn.py: --venv {args.venv}: no bin/forkproxy there", file=sys.stderr)
         return 2
     print(json.dumps(measure(args.venv.absolute(), args.conns, args.pings, args.keep)))
     return 0

@@ -116,6 +116,10 @@ def test_bench_help_prints_the_options_and_installs_nothing(tmp_path: Path) -> N
     ("latency_pathologies.py", "nope",
      "latency_pathologies.py: unknown case 'nope'"
      " (one of wwr, tiny, after, first, bulk, two, upl)"),
+    ("instr_per_conn.py", "--conns=0",
+     "instr_per_conn.py: error: argument --conns: '0' is not a whole number above 0"),
+    ("instr_per_conn.py", "--venv=/nonexistent",
+     "instr_per_conn.py: --venv /nonexistent: no bin/forkproxy there"),
     # Checked before the root check and the runs: a typo ran nothing and said nothing.
     ("wire_audit.py", "--only=nope", "wire_audit.py: no scenario matches --only 'nope'"),
 ])
