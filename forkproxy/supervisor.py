@@ -54,7 +54,6 @@ from .accounting import (
 )
 from .config import (
     MIN_RESOLVE_EVERY,
-    UNKNOWN_LINES_AT_MOST,
     UNLOGGED_FILE_OPTIONS,
     UNLOGGED_UNKNOWN,
     ConfigError,
@@ -3180,20 +3179,19 @@ class Supervisor:
                  *(("link-may-loop", "", text) for text in table.loops),
                  *(("link-unreachable", "", text) for text in table.unreachable)]
         new = [entry for entry in found if entry not in self.table_warnings]
-        # The env file's FORKPROXY_ names: the first UNKNOWN_LINES_AT_MOST new ones a line
-        # each, then a count, as the environment's unknown ones (a file of 5,000 was
-        # 5,000 lines, at start and at a reload that added them).
-        options = [entry for entry in new if entry[0] == "env-file-option"]
-        unlogged = set(options[UNKNOWN_LINES_AT_MOST:])
+        # The env file's FORKPROXY_ names bounded as the environment's unknown ones, by
+        # the same unknown_lines: a line each for the first, then a count (a file of 5,000
+        # was 5,000 lines, at start and at a reload that added them).
+        said, more = unknown_lines([(v, t) for e, v, t in new if e == "env-file-option"])
         for event, variable, text in new:
-            if (event, variable, text) in unlogged:
+            if event == "env-file-option" and (variable, text) not in said:
                 continue
             if variable:
                 self.log.warning(event, variable=variable, detail=text)
             else:
                 self.log.warning(event, detail=text)
-            if unlogged and (event, variable, text) == options[UNKNOWN_LINES_AT_MOST - 1]:
-                self.log.warning("env-file-option-unlogged", count=len(unlogged),
+            if more and event == "env-file-option" and (variable, text) == said[-1]:
+                self.log.warning("env-file-option-unlogged", count=more,
                                  detail=UNLOGGED_FILE_OPTIONS)
         self.table_warnings = set(found)
 
