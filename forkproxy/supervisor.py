@@ -1428,6 +1428,14 @@ class Supervisor:
         self.log.debug("oom-score-adj", supervisor=self.oom_score_adj,
                        children=(CHILD_OOM_SCORE_ADJ if self.child_oom_score_adj
                                  else self.oom_score_adj))
+        # Calls the child's branch (_accept_handler) makes and the supervisor otherwise
+        # never does: the first call of a C function through the PLT has the dynamic
+        # linker look it up (lazy binding), ~650 instructions in every child; once here,
+        # the resolved address is inherited at the fork.
+        time.monotonic_ns()
+        if gc.isenabled():
+            gc.disable()
+            gc.enable()
         gc.freeze()  # the children never touch these objects' GC headers: fewer pages copied
         try:
             self.loop()
