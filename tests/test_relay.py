@@ -380,6 +380,66 @@ def test_preload_specializes_the_childs_code_without_logging_a_line() -> None:
     assert result.returncode == 0 and result.stdout == "warm\n", result.stderr
 
 
+CHILD_WARM_CHECK = """
+import dis, os, socket, sys, threading
+from forkproxy import relay
+from forkproxy.config import Endpoint, Link, Options
+from forkproxy.log import WARNING, Logger
+
+options, log = Options(), Logger(WARNING, "text", 2)
+relay.preload(options, log)
+child_code = {"serve": relay.serve, "connect_upstream": relay.connect_upstream,
+              "pump": relay.pump, "Flow.__init__": relay.Flow.__init__,
+              "Flow.read": relay.Flow.read, "Flow.write": relay.Flow.write}
+
+def snapshot():
+    return {(name, i.offset): i.opname for name, f in child_code.items()
+            for i in dis.get_instructions(f, adaptive=True)}
+
+upstream = socket.create_server(("127.0.0.1", 0))
+
+def answer():  # a redis-like upstream: +PONG per request, its FIN after the proxy's
+    conn, _ = upstream.accept()
+    while conn.recv(100):
+        conn.sendall(b"+PONG\\r\\n")
+    conn.close()
+
+threading.Thread(target=answer, daemon=True).start()
+listener = socket.create_server(("127.0.0.1", 0))
+client = socket.create_connection(listener.getsockname())
+fd, address = listener._accept()
+client.sendall(b"PING\\r\\n")
+before = snapshot()
+pid = os.fork()
+if pid == 0:
+    target = upstream.getsockname()
+    link = Link("127.0.0.1", 0, Endpoint(target[0], target[1]), ("check",))
+    counters = memoryview(bytearray(8 * relay.FIELDS)).cast("Q")
+    status = relay.serve(relay.RawSocket(socket.AF_INET, socket.SOCK_STREAM, 0, fd), address,
+                         0, 0, link, [(int(socket.AF_INET), target)], options, counters, log,
+                         (*relay.prepared_lines(log, link), None, None), 0)
+    after = snapshot()
+    changed = sorted(f"{k[0]}@{k[1]}" for k in before if before[k] != after[k])
+    print(status, changed, flush=True)
+    os._exit(0)
+assert client.recv(100) == b"+PONG\\r\\n"
+client.shutdown(socket.SHUT_WR)
+assert client.recv(100) == b""
+os.waitpid(pid, 0)
+"""
+
+
+def test_preload_leaves_a_childs_plain_connection_nothing_to_specialize() -> None:
+    """A one-request connection whose upstream ends after the proxy's FIN (the usual end:
+    its last wakeup reports POLLIN|POLLHUP, the relay's general path) runs only code the
+    warm-up specialized: an instruction specialized in a child is work and a page of
+    code written in every child."""
+    result = subprocess.run([sys.executable, "-c", CHILD_WARM_CHECK], capture_output=True,
+                            text=True, timeout=60, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"{relay.CLOSED} []\n", result.stdout
+
+
 @pytest.mark.parametrize("mode", ["auto", "splice", "copy"])
 def test_preload_leaves_nothing_open_and_gives_the_children_buffers(mode: str) -> None:
     """relay.preload runs the relay over socketpairs in the calling process (the
