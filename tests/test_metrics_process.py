@@ -4,6 +4,7 @@ running supervisor (a pip upgrade or downgrade on the host)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -54,7 +55,10 @@ def context_switches(pid: int) -> int:
     """Every time any thread of `pid` has slept or been switched out, so far."""
     total = 0
     for task in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{task}/status", encoding="ascii") as status:
+        # A scrape's thread may end between the listing and its read (its reply read by
+        # the client before the thread has exited): gone, it counts for nothing.
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError), \
+                open(f"/proc/{pid}/task/{task}/status", encoding="ascii") as status:
             total += sum(int(line.split()[1]) for line in status
                          if line.startswith(("voluntary_ctxt_switches:",
                                              "nonvoluntary_ctxt_switches:")))
