@@ -25,6 +25,10 @@ if TYPE_CHECKING:
 MAX_NAME = 253  # longest DNS name
 MAX_CHILDREN = 1 << 22  # PID_MAX_LIMIT: no more processes can ever exist at once
 DEFAULT_MAX_CHILDREN = 1024  # --max-children with no memory, pids or nproc limit to fit
+# Where an operator raises a process's open files limit (RLIMIT_NOFILE), for the lines that
+# name it: the supervisor's accept-failed detail and status/check against a supervisor out
+# of descriptors.
+RAISE_OPEN_FILES = "ulimit -n, LimitNOFILE=, docker run --ulimit nofile="
 MiB = 1 << 20
 # What a memory limit must hold besides the connections, and what each connection takes,
 # for the --max-children derived from the limit (derived_max_children). Measured by hand in a

@@ -22,6 +22,7 @@ from typing import Any, NoReturn
 
 from .accounting import ended_text
 from .config import (
+    RAISE_OPEN_FILES,
     ConfigError,
     limiting_fits,
     limits_named,
@@ -489,8 +490,8 @@ def _out_of_descriptors(pid: int) -> str | None:
         return None
     return (f"its supervisor (pid {pid}) is out of file descriptors ({len(held)} open of "
             f"a limit of {limit}), so it cannot take the request up (its log says "
-            "control-accept-failed); raise its open files limit (ulimit -n, LimitNOFILE=, "
-            "docker run --ulimit nofile=) or find what holds them")
+            f"control-accept-failed); raise its open files limit ({RAISE_OPEN_FILES}) or "
+            "find what holds them")
 
 
 def _connect(sock: socket.socket, path: str, deadline: float) -> None:

@@ -54,6 +54,7 @@ from .accounting import (
 )
 from .config import (
     MIN_RESOLVE_EVERY,
+    RAISE_OPEN_FILES,
     UNLOGGED_FILE_OPTIONS,
     UNLOGGED_UNKNOWN,
     ConfigError,
@@ -590,7 +591,7 @@ def descriptor_limit(exc: OSError) -> str:
         soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         limit = "none" if soft == resource.RLIM_INFINITY else str(soft)
         return (f"the process's open files limit of {limit} is reached (RLIMIT_NOFILE: "
-                "ulimit -n, LimitNOFILE=, docker run --ulimit nofile=)")
+                f"{RAISE_OPEN_FILES})")
     if exc.errno == errno.ENFILE:
         return "the host's file table is full (fs.file-max, which no ulimit -n raises)"
     return ""
