@@ -247,11 +247,15 @@ def test_a_receiver_that_takes_nothing_is_cut_once_the_timeout_is_due(
         client_peer, upstream_peer)
     if timeout != "idle":
         receiver.shutdown(socket.SHUT_WR)  # it has said all it had to; it reads no more
+    # Far more than every buffer holds; made before the pump starts: made in the sender's
+    # thread (0.2 s, seconds at a load of 8), a half-closed connection's deadline could
+    # come before its first byte (`moved > 0` failed once so).
+    data = os.urandom(64 << 20)
     thread, result, counters = run_pump(client, upstream, options)
 
     def flood() -> None:
         with contextlib.suppress(OSError):  # the cut resets the sender's side too
-            sender.sendall(os.urandom(64 << 20))  # far more than every buffer holds
+            sender.sendall(data)
 
     threading.Thread(target=flood, daemon=True).start()
     moved, moved_at = -1, time.monotonic()
