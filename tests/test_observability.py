@@ -5142,6 +5142,17 @@ def comm(pid: int) -> str:
     return Path(f"/proc/{pid}/comm").read_text().rstrip("\n")
 
 
+def thread_names(pid: int) -> list[str]:
+    """The names (comm) of the threads of `pid` that live while read."""
+    names = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        # A scrape's thread may end between the listing and its read (its reply read by
+        # the client before the thread has exited): gone, it has no name to check.
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            names.append(Path(f"/proc/{pid}/task/{task}/comm").read_text())
+    return names
+
+
 def named_children(pid: int) -> dict[int, str]:
     """{pid: name} of the supervisor's children, from the kernel's list of the children of
     its (only) thread: a look that takes as long with 10k processes on the machine as with
@@ -5186,10 +5197,9 @@ def test_each_process_is_named_for_what_it_is_in_ps_top_and_pgrep(
         metrics = poll(lambda: metrics_pid(proc.pid), bool)
         assert metrics, "no metrics process"
         # Its threads too (each scrape's, the deadlines'): named before any started.
-        threads = poll(lambda: os.listdir(f"/proc/{metrics}/task"), lambda t: len(t) > 1)
+        threads = poll(lambda: thread_names(metrics), lambda n: len(n) > 1)
         assert len(threads) > 1, threads
-        assert {Path(f"/proc/{metrics}/task/{t}/comm").read_text() for t in threads} == {
-            "forkproxy-metr\n"}
+        assert set(threads) == {"forkproxy-metr\n"}, threads
 
         with socket.create_connection(("127.0.0.1", port), timeout=30) as live:
             live.sendall(b"a")

@@ -996,16 +996,24 @@ def settled(pid: int, signums: set[int]) -> bool:
     stays pending for good, and the wait would never end."""
     mask = sum(1 << (signum - 1) for signum in signums)
     try:
-        pending, blocked_everywhere = 0, mask
-        for task in Path(f"/proc/{pid}/task").iterdir():
-            fields = dict(line.split(":\t", 1) for line in
-                          (task / "status").read_text().splitlines() if ":\t" in line)
-            if fields["State"].startswith(("Z", "X")):
-                return True
-            pending |= mask & (int(fields["ShdPnd"], 16) | int(fields["SigPnd"], 16))
-            blocked_everywhere &= int(fields["SigBlk"], 16)
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
     except (FileNotFoundError, ProcessLookupError):
         return True
+    pending, blocked_everywhere = 0, mask
+    for task in tasks:
+        # A thread (a scrape's) may end between the listing and its read: gone, it blocks
+        # nothing. Taken for the whole process gone, it ended the wait before delivery.
+        try:
+            status = (task / "status").read_text()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        fields = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
+        if fields["State"].startswith(("Z", "X")):
+            if task.name == str(pid):
+                return True  # the process ends
+            continue  # a thread that ends, as above
+        pending |= mask & (int(fields["ShdPnd"], 16) | int(fields["SigPnd"], 16))
+        blocked_everywhere &= int(fields["SigBlk"], 16)
     return pending & ~blocked_everywhere == 0
 
 
