@@ -499,7 +499,9 @@ def _connect(sock: socket.socket, path: str, deadline: float) -> None:
 
     A socket with a timeout is non-blocking, and a Unix socket's connect() then fails at
     once with EAGAIN when the listener's backlog is full: a supervisor busy for a moment
-    while others ask too, which is no reason for `check` to report it unhealthy.
+    while others ask too, which is no reason for `check` to report it unhealthy. Full
+    until `deadline`, it is StatusError saying so: EAGAIN's own words ("Resource
+    temporarily unavailable") named nothing to act on.
     """
     while True:
         try:
@@ -507,7 +509,13 @@ def _connect(sock: socket.socket, path: str, deadline: float) -> None:
             return
         except BlockingIOError:
             if time.monotonic() >= deadline:
-                raise
+                # Requests that timed out stay queued until accepted: 17 checks of a
+                # stopped supervisor fill it for every later one.
+                raise StatusError(
+                    f"no answer on {path!r}: its control socket's backlog is full, and the "
+                    "supervisor takes no request up: stopped or paused (SIGSTOP, docker "
+                    "pause), wedged, or out of file descriptors (its log then says "
+                    "control-accept-failed)") from None
             time.sleep(0.02)
 
 

@@ -2911,6 +2911,38 @@ def test_a_control_client_waits_for_room_in_a_busy_supervisors_backlog(
     assert replies[0]["ok"] is True, replies
 
 
+def test_a_backlog_that_stays_full_says_the_supervisor_takes_no_request_up(
+    start_proxy: StartProxy, tcp_server: ServerFactory, tmp_path: Path, env: dict[str, str],
+) -> None:
+    """Once requests that timed out fill a stopped supervisor's backlog (17 `check`s of a
+    HEALTHCHECK, each gone after 5 s but still queued), every later `check`, `status` and
+    `reload` said `no answer on 'PATH': Resource temporarily unavailable`, which names
+    nothing the operator can act on. Each now says the backlog is full and why that is."""
+    server = tcp_server(echo)
+    sock_path = tmp_path / "status.sock"
+    proxy = start_proxy("--status-socket", str(sock_path),
+                        f"127.0.0.1:0=127.0.0.1:{server.port}", env=env)
+    proxy.signal(signal.SIGSTOP)
+    try:
+        waiting = fill_backlog(sock_path, json.dumps({"command": "check"}).encode() + b"\n")
+        for sock in waiting:
+            sock.close()  # timed out and gone: still in the backlog, never accepted
+        asking = [subprocess.Popen([FORKPROXY, command, "--status-socket", str(sock_path)],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                   env=env)
+                  for command in ("check", "status", "reload")]
+        said = [(proc.wait(DEADLINE), proc.communicate()) for proc in asking]
+    finally:
+        proxy.signal(signal.SIGCONT)
+    line = (f"forkproxy: no answer on {str(sock_path)!r}: its control socket's backlog is "
+            "full, and the supervisor takes no request up: stopped or paused (SIGSTOP, "
+            "docker pause), wedged, or out of file descriptors (its log then says "
+            "control-accept-failed)\n")
+    assert said == [(1, ("", line))] * 3, said
+    assert cli("check", "--status-socket", str(sock_path), env=env).returncode == 0
+    assert proxy.stop() == 0
+
+
 @contextlib.contextmanager
 def served_client(proxy: Proxy) -> Iterator[psutil.Process]:
     """A client of the proxy's first port, served (an echo exchanged), connected for the
