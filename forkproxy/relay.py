@@ -169,6 +169,13 @@ Address = tuple[int, tuple[object, ...]]  # (family, sockaddr) as getaddrinfo gi
 # real connect failures, where nothing took the connection: ECONNREFUSED (an RST answering
 # our SYN), ETIMEDOUT (no answer), EHOSTUNREACH or ENETUNREACH (an ICMP error instead).
 _RESET_AFTER_CONNECT = (errno.ECONNRESET, errno.EPIPE)
+# connect() errors where this host found no way to the address (no route to it, no
+# address of its own to send from: an IPv6 address where IPv6 is not routed or is
+# disabled), nothing sent as a rule. getaddrinfo sorts such an address last, so it was
+# the last error of every name with A and AAAA records: the IPv4 address's refusal (the
+# service down) was said as "Network is unreachable". One of these does not replace an
+# earlier address's error that is not one of them.
+_NO_WAY_FROM_HERE = (errno.ENETUNREACH, errno.EADDRNOTAVAIL)
 
 
 _NO_BUFFER = memoryview(bytearray())  # until a flow's first read allocates its own
@@ -737,7 +744,8 @@ def connect_upstream(
     """Connect to the first address that answers, retrying with a short backoff; return
     the socket, whether its address came from a lookup of the child's own, and None, or
     (when addresses failed before one answered) the one that answered and the last that
-    failed, with its error.
+    failed, with its error. "The last" passes over an address this host has no way to
+    (_NO_WAY_FROM_HERE) when an earlier one failed otherwise, here and in the error raised.
 
     While it backs off, and while a connect runs past its first WATCH_CONNECT_AFTER, it
     watches `client`: ClientLeft when the client resets. A client that only sent its FIN
@@ -853,6 +861,10 @@ def connect_upstream(
                 except OSError as exc:
                     if exc.errno in _RESET_AFTER_CONNECT:
                         raise ResetAtConnect(UPSTREAM_RESET, exc, sock) from None
+                    if (exc.errno in _NO_WAY_FROM_HERE and failed is not None
+                            and failed[1].errno not in _NO_WAY_FROM_HERE):
+                        sock.close()  # the earlier address's error says more
+                        continue
                     error = exc
                 else:
                     sock.setblocking(False)

@@ -8,6 +8,7 @@ The namespace has a veth pair, v0 and v1, both ends inside it; v0 holds fe80::1 
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -242,6 +243,68 @@ def test_without_ipv6_sockets_an_ipv6_address_does_not_end_the_connect(
             handle.write("127.0.0.1 localhost\n127.0.0.3 both.test\n2001:2::1 both.test\n")
         assert ping(ns, "127.0.0.1", port) == "+PONG", proc.describe()
         assert "connect-failed" not in proc.stderr(), proc.describe()
+    finally:
+        shutil.rmtree(hosts.parent, ignore_errors=True)
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize(
+    ("no_ipv6", "v6_error"),
+    [
+        (False, "Network is unreachable"),  # IPv6 on, but no route to the AAAA address
+        (True, "Cannot assign requested address"),  # IPv6 disabled, as in many containers
+    ],
+)
+def test_a_name_whose_every_address_fails_says_the_refusal_not_the_unusable_address(
+    lab: Lab, no_ipv6: bool, v6_error: str,
+) -> None:
+    """A name with A and AAAA records on a host that cannot send IPv6 there: its IPv4
+    address refused (the service down), its IPv6 one failing on this host, before any
+    packet, and tried last (getaddrinfo sorts an unusable address last). The line said
+    the IPv6 address's error, `Network is unreachable` (or `Cannot assign requested
+    address`, out of local ports), and counted the upstream `unreachable`, sending the
+    operator to the network; it says the refusal now. Retried: still the refusal."""
+    here = lab.namespace("dual")  # loopback alone: no route to 2001:2::/48
+    if no_ipv6:
+        here.run(["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1",
+                  "net.ipv6.conf.lo.disable_ipv6=1"])
+    hosts = Path("/etc/netns") / here.name / "hosts"
+    hosts.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        hosts.write_text("127.0.0.1 localhost\n127.0.0.2 both.test\n2001:2::5 both.test\n")
+        # The IPv6 address fails as the test says, before forkproxy meets it.
+        probe = here.run([sys.executable, "-c", (
+            "import socket\n"
+            "try:\n"
+            f"    socket.create_connection(('2001:2::5', {REDIS_PORT}), timeout=5)\n"
+            "except OSError as exc:\n"
+            "    print(exc.strerror)\n")])
+        assert probe.strip() == v6_error, probe
+        sock = lab.workdir / "status.sock"
+        proc = lab.spawn(here, [FORKPROXY, "serve", f"0=both.test:{REDIS_PORT}",
+                                "--connect-retries", "1", "--status-socket", str(sock)],
+                         label="forkproxy")
+        [line] = proc.wait_stdout(lambda lines: len(lines) >= 1, 15)
+        port = int(line.split(" -> ")[0].rsplit(":", 1)[1])
+        deadline = time.monotonic() + 15  # the start's lookup, by a resolver child
+        resolved = f'addresses="127.0.0.2:{REDIS_PORT} [2001:2::5]:{REDIS_PORT}"'
+        while resolved not in proc.stderr():
+            assert time.monotonic() < deadline, proc.describe()
+            time.sleep(0.05)
+        assert ping(here, "127.0.0.1", port) == "", proc.describe()  # closed: no upstream
+        deadline = time.monotonic() + 15
+        while "connect-failed" not in proc.stderr():
+            assert time.monotonic() < deadline, proc.describe()
+            time.sleep(0.05)
+        [failed] = [line for line in proc.stderr().splitlines() if "connect-failed" in line]
+        assert (f'address=127.0.0.2:{REDIS_PORT} error="Connection refused" failures=1'
+                in failed), failed
+        assert "detail=" not in failed, failed
+        status = json.loads(here.run([FORKPROXY, "status", "--json",
+                                      "--status-socket", str(sock)]))
+        [link] = status["links"].values()
+        counted = {reason: n for reason, n in link["upstream_failures_by_reason"].items() if n}
+        assert counted == {"refused": 1}, link
     finally:
         shutil.rmtree(hosts.parent, ignore_errors=True)
 
