@@ -40,8 +40,8 @@ MISSING_DEPENDENCY = 126
 
 
 def main() -> None:
-    """`forkproxy ARGS`. A module forkproxy needs that is not installed ends it in one line
-    that names it and says what to do, not in a traceback."""
+    """`forkproxy ARGS`. A module forkproxy needs that is not installed, or does not load,
+    ends it in one line that names it and says what to do, not in a traceback."""
     try:
         run()
     except ModuleNotFoundError as exc:
@@ -52,9 +52,32 @@ def main() -> None:
             f"all installed for {sys.executable} (a `pip install --no-deps`?); install them: "
             f"{install_dependencies()}")
         sys.exit(MISSING_DEPENDENCY)
+    except ImportError as exc:
+        # Installed but not loadable: a compiled part built for another Python, libc or
+        # machine (a venv copied into another image), or a file cut short. The loader's
+        # words say which; a plain `pip install` would find it "already satisfied".
+        broken = _top_module(exc)
+        if not broken or broken == "forkproxy" or broken in sys.stdlib_module_names:
+            raise
+        say(f"forkproxy: error: cannot import {broken}: {' '.join(str(exc).split())}: it is "
+            f"installed for {sys.executable} but does not load; reinstall them: "
+            f"{install_dependencies(reinstall=True)}")
+        sys.exit(MISSING_DEPENDENCY)
 
 
-def install_dependencies() -> str:
+def _top_module(exc: ImportError) -> str:
+    """The top-level module a failed import belongs to: by the file the loader refused,
+    under the longest sys.path entry that holds it (an extension's ImportError names
+    only its own short name, `_psutil_linux`), else by the name it gives."""
+    entries = [entry.rstrip("/") for entry in sys.path if entry]
+    held = [entry for entry in entries if (exc.path or "").startswith(entry + "/")]
+    if held:
+        below = (exc.path or "")[len(max(held, key=len)) + 1:]
+        return below.partition("/")[0].partition(".")[0]
+    return (exc.name or "").partition(".")[0]
+
+
+def install_dependencies(reinstall: bool = False) -> str:
     """The command that installs forkproxy's dependencies for this interpreter: its own
     pip, given the requirements forkproxy was installed with (its metadata's, those of no
     extra), whose own dependencies pip installs too. It said `pip install forkproxy`:
@@ -69,8 +92,9 @@ def install_dependencies() -> str:
     except PackageNotFoundError:  # run from a checkout's directory, never installed
         wanted = []
     if not wanted:
-        return "install forkproxy again, without --no-deps"
-    return shlex.join([sys.executable, "-m", "pip", "install", *wanted])
+        return "install forkproxy again" + ("" if reinstall else ", without --no-deps")
+    return shlex.join([sys.executable, "-m", "pip", "install",
+                       *(["--force-reinstall"] if reinstall else []), *wanted])
 
 
 def run() -> None:

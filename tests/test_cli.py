@@ -3393,3 +3393,31 @@ def test_a_module_of_forkproxy_missing_is_still_a_traceback() -> None:
     result = without_module("ipaddress", "links", "6379=127.0.0.1:6379")
     assert result.returncode == 1 and "Traceback" in result.stderr, result
     assert "cannot import" not in result.stderr, result
+
+
+def test_status_with_a_broken_psutil_says_so_in_one_line(
+    start_proxy: Callable[..., Proxy], short_dir: Path, tmp_path: Path,
+) -> None:
+    """psutil installed but its compiled part not loadable (built for another Python,
+    libc or machine: a venv copied into another image; a file cut short): the dynamic
+    loader's ImportError, not a ModuleNotFoundError, ended `status` in a traceback, exit
+    1. One line naming the module and why, and a command that reinstalls (a plain `pip
+    install` says "already satisfied" and changes nothing), exit 126 as for one missing."""
+    sock = short_dir / "s.sock"
+    start_proxy("--status-socket", str(sock), "127.0.0.1:0=127.0.0.1:9", expect=1)
+    broken = tmp_path / "site"
+    shutil.copytree(Path(psutil.__file__).parent, broken / "psutil")
+    for extension in (broken / "psutil").glob("_psutil_linux*.so"):
+        extension.write_bytes(b"not an ELF file\n" * 64)  # what dlopen() refuses
+    dependencies = tomllib.loads(PYPROJECT.read_text())["project"]["dependencies"]
+    env = {**os.environ, "PYTHONPATH": str(broken), "FORKPROXY_STATUS_SOCKET": str(sock)}
+    for args in (["status"], ["status", "--json", f"--status-socket={sock}"]):
+        result = subprocess.run([sys.executable, "-c", _WITHOUT_MODULE, "no-such-module",
+                                 *args], capture_output=True, text=True, timeout=60, env=env)
+        assert result.returncode == 126, result
+        lines = result.stderr.splitlines()
+        assert len(lines) == 1 and lines[0].startswith(
+            "forkproxy: error: cannot import psutil: "), result
+        assert "invalid ELF header" in lines[0], result
+        reinstall = [sys.executable, "-m", "pip", "install", "--force-reinstall", *dependencies]
+        assert lines[0].endswith(f"reinstall them: {shlex.join(reinstall)}"), result
