@@ -1808,8 +1808,16 @@ def serve(
         # to the new address. Only to our own supervisor: were it gone, the parent would
         # be an init, which SIGALRM might kill.
         os.kill(supervisor, SIGALRM)
-    client.setsockopt(IPPROTO_TCP, TCP_NODELAY, 1)
-    upstream.setsockopt(IPPROTO_TCP, TCP_NODELAY, 1)
+    # Nagle off, where the socket takes it: an MPTCP one refuses it before Linux 5.17
+    # (EOPNOTSUPP, `mptcpize run`), and a latency hint is no reason to cut the connection.
+    try:
+        client.setsockopt(IPPROTO_TCP, TCP_NODELAY, 1)
+    except OSError:
+        pass
+    try:
+        upstream.setsockopt(IPPROTO_TCP, TCP_NODELAY, 1)
+    except OSError:
+        pass
     try:
         # What the client's socket has from its listener (NOTSENT_LOWAT): an upstream that
         # stops reading an upload then holds ~0.2 MiB of it here, not tcp_wmem's max.

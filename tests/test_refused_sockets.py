@@ -19,10 +19,12 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+import refuse_nodelay
 import refuse_sockets
-from conftest import FORKPROXY, Proxy, Redis, wait_for
+from conftest import FORKPROXY, Proxy, Redis, ServerFactory, echo, recv_all, wait_for
 
 REFUSE = str(Path(__file__).with_name("refuse_sockets.py"))
+REFUSE_NODELAY = str(Path(__file__).with_name("refuse_nodelay.py"))
 POLICY = "refused by a seccomp filter or a security module's policy: SELinux, AppArmor"
 
 
@@ -313,3 +315,25 @@ def test_a_sandbox_refusing_netlink_is_said_once_at_start(
             "TO UPSTREAM and UNANSWERED as unknown (`-`); allow AF_NETLINK to have them\""), lines
         events = [line.split()[3] for line in log]
         assert events.index("sockets-unread") < events.index("listening"), events
+
+
+def test_a_socket_refusing_tcp_nodelay_is_relayed_not_cut(
+    start_proxy: Callable[..., Proxy], tcp_server: ServerFactory,
+) -> None:
+    """A kernel that refuses TCP_NODELAY on a connection's socket (an MPTCP one before
+    Linux 5.17, EOPNOTSUPP: `mptcpize run` on Ubuntu 22.04's 5.15) had every connection
+    cut with an RST and a relay-crashed line, the child's setsockopt() unguarded. Nagle
+    is a latency hint: the bytes go through without it."""
+    if not refuse_nodelay.supported():
+        pytest.fail("tests/refuse_nodelay.py knows the seccomp ABI of x86_64 and aarch64 only")
+    upstream = tcp_server(echo)
+    proxy = start_proxy(f"127.0.0.1:0=127.0.0.1:{upstream.port}",
+                        prefix=(sys.executable, REFUSE_NODELAY, "EOPNOTSUPP"))
+    payload = os.urandom(256 * 1024)
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as client:
+        client.sendall(payload)
+        client.shutdown(socket.SHUT_WR)
+        assert recv_all(client)[0] == len(payload)
+    assert wait_for(lambda: " close " in proxy.log()), proxy.log()
+    assert "relay-crashed" not in proxy.log(), proxy.log()
+    assert proxy.proc.poll() is None
