@@ -59,8 +59,8 @@ def main() -> None:
         broken = _top_module(exc)
         if not broken or broken == "forkproxy" or broken in sys.stdlib_module_names:
             raise
-        say(f"forkproxy: error: cannot import {broken}: {' '.join(str(exc).split())}: it is "
-            f"installed for {sys.executable} but does not load; reinstall them: "
+        say(f"forkproxy: error: cannot import {broken}: {' '.join(str(exc).split())}: installed "
+            f"for {sys.executable} but it does not load; reinstall forkproxy's dependencies: "
             f"{install_dependencies(reinstall=True)}")
         sys.exit(MISSING_DEPENDENCY)
 

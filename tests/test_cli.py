@@ -3420,4 +3420,5 @@ def test_status_with_a_broken_psutil_says_so_in_one_line(
             "forkproxy: error: cannot import psutil: "), result
         assert "invalid ELF header" in lines[0], result
         reinstall = [sys.executable, "-m", "pip", "install", "--force-reinstall", *dependencies]
-        assert lines[0].endswith(f"reinstall them: {shlex.join(reinstall)}"), result
+        assert lines[0].endswith(f"installed for {sys.executable} but it does not load; reinstall "
+                                 f"forkproxy's dependencies: {shlex.join(reinstall)}"), result
