@@ -671,12 +671,14 @@ def fresh_cgroup(controller: str) -> Iterator[tuple[Path, bool]]:
 
 
 @contextlib.contextmanager
-def frozen(pid: int) -> Iterator[None]:
-    """Process `pid` alone in a fresh freezer cgroup, frozen (`docker pause`'s way: it
-    runs no instruction and dies of a signal only once thawed) for the block. Thawed at
-    the end, and moved to the parent cgroup, so that this one can go even if it lives on."""
+def frozen(*pids: int) -> Iterator[None]:
+    """Processes `pids` alone in a fresh freezer cgroup, frozen (`docker pause`'s way: they
+    run no instruction and die of a signal only once thawed) for the block; children they
+    fork meanwhile are frozen with them. Thawed at the end, and moved to the parent
+    cgroup, so that this one can go even if they live on."""
     with fresh_cgroup("freezer") as (group, v1):
-        (group / "cgroup.procs").write_text(str(pid))
+        for pid in pids:
+            (group / "cgroup.procs").write_text(str(pid))
         state, on, off = (("freezer.state", "FROZEN", "THAWED") if v1
                           else ("cgroup.freeze", "1", "0"))
         try:
@@ -685,8 +687,9 @@ def frozen(pid: int) -> Iterator[None]:
             yield
         finally:
             (group / state).write_text(off)  # what is pending (a SIGKILL) is acted on
-            with contextlib.suppress(OSError):  # gone: nothing to put back
-                (group.parent / "cgroup.procs").write_text(str(pid))
+            for member in (group / "cgroup.procs").read_text().split():
+                with contextlib.suppress(OSError):  # gone: nothing to put back
+                    (group.parent / "cgroup.procs").write_text(member)
 
 
 FAN_CLASS_CONTENT, FAN_CLOEXEC, FAN_MARK_ADD, FAN_OPEN_PERM, FAN_ALLOW = 0x4, 0x1, 0x1, 0x10000, 0x1

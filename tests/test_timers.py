@@ -9,16 +9,18 @@ delay, with room for a loaded 2-core machine).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import signal
 import socket
+import threading
 import time
 from collections.abc import Callable
 
 import pytest
 
-from conftest import Proxy, TcpServer, processes_under, wait_for
+from conftest import Proxy, TcpServer, echo, frozen, processes_under, wait_for
 
 ServerFactory = Callable[[Callable[[socket.socket], None]], TcpServer]
 
@@ -132,3 +134,56 @@ def test_grace_then_kill_one_second_after_term(start_proxy: Callable[..., Proxy]
         assert proxy.stop(timeout=15) == 0
         waited = time.monotonic() - start
     assert 1.9 <= waited <= 3.5, waited
+
+
+def test_a_pause_past_the_idle_timeout_cuts_only_the_connections_idle_before_it(
+        start_proxy: Callable[..., Proxy], tcp_server: ServerFactory) -> None:
+    """`docker pause` (the freezer) of the whole proxy, 3 s against --idle-timeout 1: on
+    the thaw the connection that was moving bytes until the pause goes on, every byte
+    through in order (the kernel queued what its peers sent meanwhile, and the relay reads
+    that before it looks at the clock); only the one that was idle before the pause is cut,
+    as socat's -T cuts it. Timers are wall-clock, the pause counts: a relay that judged the
+    time since its last byte before looking at its sockets would cut them all."""
+    if os.geteuid() != 0 and os.environ.get("CI") != "true":
+        pytest.skip("a freezer cgroup of our own needs root")
+    server = tcp_server(echo)
+    proxy = start_proxy(f"127.0.0.1:0=127.0.0.1:{server.port}", "--idle-timeout", "1")
+    idle = socket.create_connection(("127.0.0.1", proxy.port))
+    busy = socket.create_connection(("127.0.0.1", proxy.port))
+    sent, got = hashlib.sha256(), hashlib.sha256()
+    stop = threading.Event()
+
+    def send() -> None:
+        while not stop.is_set():
+            chunk = os.urandom(4096)
+            busy.sendall(chunk)  # blocks once the paused proxy's buffers are full
+            sent.update(chunk)
+            time.sleep(0.02)
+        busy.shutdown(socket.SHUT_WR)
+
+    with idle, busy:
+        idle.sendall(b"x")
+        idle.settimeout(5)
+        assert idle.recv(1) == b"x"
+        writer = threading.Thread(target=send, daemon=True)
+        writer.start()
+        assert wait_for(lambda: len(processes_under(proxy.pid)) == 2), (
+            processes_under(proxy.pid))
+        busy.settimeout(10)
+        got.update(busy.recv(65536))  # moving before the pause
+        with frozen(proxy.pid, *(pid for pid, _ in processes_under(proxy.pid))):
+            time.sleep(3)
+        thawed = time.monotonic()
+        idle.settimeout(3)
+        assert idle.recv(1) == b"", "the connection idle before the pause was not cut"
+        assert time.monotonic() - thawed < 1.5
+        time.sleep(1.5)  # past the timeout again, the busy one moving all along
+        stop.set()
+        writer.join(10)
+        while chunk := busy.recv(65536):
+            got.update(chunk)
+    assert got.hexdigest() == sent.hexdigest(), "bytes lost or changed across the pause"
+    log = proxy.log()
+    assert len(re.findall(r" close .*outcome=idle-timeout", log)) == 1, log
+    assert wait_for(lambda: re.search(r" close .*outcome=closed", proxy.log()) is not None), (
+        proxy.log())
