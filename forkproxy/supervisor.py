@@ -99,6 +99,11 @@ if TYPE_CHECKING:
     from resource import struct_rusage
 
 ACCEPT_BATCH = 64  # accepts per wakeup, so signals and reaping get their turn in a burst
+# Seconds of forking after which a burst's batch ends early, for the same reason: at a
+# memory limit each fork waits on the OOM killer (~0.2 s), and 64 of them kept children it
+# killed unreaped for up to 10 s (counted live in status, holding --max-children slots,
+# their child-died lines late with durations overstated by as much).
+ACCEPT_PATIENCE = 0.25
 # Seconds from the last TERM to KILL after --grace: 8 + 1 is inside docker stop's 10, but
 # thousands of connections TERMed in batches (TERM_BATCH) take longer (README, Signals).
 KILL_AFTER = 1.0
@@ -1940,8 +1945,10 @@ class Supervisor:
 
         next_turn = listener.turns.__next__  # a child's turn (relay.in_turn)
 
-        def accept_clients(events: int, batch: int = ACCEPT_BATCH) -> None:
+        def accept_clients(events: int, batch: int = ACCEPT_BATCH,
+                           patience: float = ACCEPT_PATIENCE) -> None:
             room = max_children - len(children)  # at most this many more children
+            began = 0.0  # the batch's first fork (0 when the first was denied: yields sooner)
             for i in range(batch if batch < room else room):
                 try:
                     fd, address = accept()
@@ -2027,6 +2034,7 @@ class Supervisor:
                 close(fd)
                 children[pid] = (link, address, base, forked_at)  # a ChildRecord
                 if not i:
+                    began = forked_at
                     try:
                         if not waiting(0):
                             break  # one client this wakeup, the usual case: no accept() that fails
@@ -2034,6 +2042,8 @@ class Supervisor:
                         # ENOMEM: seen only under fault injection (a poll of one socket
                         # allocates nothing); go on, accept() says when there are no more.
                         pass
+                elif forked_at - began > patience:
+                    break  # forks this slow: signals and reaping first (poll says the rest)
                 # More are waiting (a burst): accept until accept() says there are no more.
             if len(children) >= max_children:
                 # The rest wait in the backlog until a child exits; the next free slot
@@ -2044,8 +2054,9 @@ class Supervisor:
         return accept_clients
 
     def handle_accept(self, listener: Listener, batch: int = ACCEPT_BATCH) -> None:
-        """Accept up to `batch` clients of `listener` now (a stop drains the backlog so)."""
-        self._accept_handler(listener)(POLLIN, batch)
+        """Accept up to `batch` clients of `listener` now (a stop drains the backlog so),
+        however slow the forks: the listener closes next."""
+        self._accept_handler(listener)(POLLIN, batch, float("inf"))
 
     def _deny(self, listener: Listener | listeners.HeldBacklog, fd: int,
               address: tuple[object, ...]) -> None:
