@@ -100,6 +100,69 @@ def dumps(work: Path) -> dict[int, dict[int, int]]:
     return parts
 
 
+def parents(work: Path) -> dict[int, int]:
+    """Per traced pid, its parent's (valgrind's log of it: `==PID== Parent PID: N`)."""
+    found: dict[int, int] = {}
+    for path in work.glob("vg.*"):
+        line = re.search(r"^==(\d+)== Parent PID: (\d+)$", path.read_text(errors="replace"), re.M)
+        if line:
+            found[int(line.group(1))] = int(line.group(2))
+    return found
+
+
+def pid_max() -> int:
+    """Where the kernel's pids wrap around (to 300, past those of its own threads)."""
+    try:
+        return int(Path("/proc/sys/kernel/pid_max").read_text())
+    except (OSError, ValueError):
+        return 1 << 22
+
+
+def processes(parts: dict[int, dict[int, int]], parent: dict[int, int],
+              wrap: int) -> tuple[int, list[int]]:
+    """The supervisor's pid (the one traced process no traced process started) and its
+    children's, in the order it forked them. Not by their numbers: pids wrap around at
+    `wrap` (32768 by default), so after a wrap the smallest was a child's, whose parts had
+    nothing between its first and last (`no median for empty data`), and the child
+    sorted last not the one that was forked last."""
+    roots = [pid for pid in parts if parent.get(pid) not in parts]
+    if len(roots) != 1:
+        raise SystemExit(f"instr_per_conn.py: expected one supervisor among the traced "
+                         f"processes, found {len(roots)} without a traced parent: {roots}")
+    supervisor = roots[0]
+    children = sorted((pid for pid in parts if parent.get(pid) == supervisor),
+                      key=lambda pid: (pid - supervisor) % wrap)
+    return supervisor, children
+
+
+def summary(load: dict[int, dict[int, int]], load_parents: dict[int, int],
+            idle: dict[int, dict[int, int]], idle_parents: dict[int, int],
+            conns: int, pings: int, wrap: int) -> dict[str, object]:
+    """The numbers of a run's dumps (see the module docstring)."""
+    supervisor, forked = processes(load, load_parents, wrap)
+    sup_parts = load[supervisor]
+    between = [sup_parts[n] for n in sorted(sup_parts)[1:-1]]  # not startup, not stop
+    children = [load[pid][max(load[pid])] for pid in forked]
+    if not between or len(children) < 2:
+        raise SystemExit(
+            f"instr_per_conn.py: the supervisor (pid {supervisor}) dumped {len(sup_parts)} "
+            f"parts and {len(children)} children were traced, for {conns} connections and "
+            "a persistent one: too few to measure (see the vg.* logs: --keep DIR)")
+    one_ping, persistent = children[:-1], children[-1]
+    child = statistics.median(one_ping)
+    idle_supervisor, _ = processes(idle, idle_parents, wrap)
+    return {
+        "conns": conns,
+        "pings": pings,
+        "children": len(children),
+        "sup_instr_per_conn": statistics.median(between[:conns]),
+        "sup_total_minus_idle_per_conn": round(
+            (sum(sup_parts.values()) - sum(idle[idle_supervisor].values())) / (conns + 1)),
+        "child_instr_per_conn": child,
+        "rr_instr_per_request": round((persistent - child) / max(pings - 1, 1)),
+    }
+
+
 def callgrind_run(
     venv: Path, redis_port: int, work: Path, conns: int, pings: int,
 ) -> dict[int, dict[int, int]]:
@@ -168,24 +231,9 @@ def measure(venv: Path, conns: int, pings: int, keep: Path | None) -> dict[str, 
         dirty = dirty_kib(venv, redis_port, work)
         idle = callgrind_run(venv, redis_port, work / "idle", 0, 0)
         load = callgrind_run(venv, redis_port, work / "load", conns, pings)
-        supervisor = min(load)  # the first pid (pids grow; a wrap here is unlikely)
-        sup_parts = load.pop(supervisor)
-        between = [sup_parts[n] for n in sorted(sup_parts)[1:-1]]  # not startup, not stop
-        children = [parts[max(parts)] for pid, parts in sorted(load.items())]
-        one_ping, persistent = children[:-1], children[-1]
-        child = statistics.median(one_ping)
-        return {
-            "venv": str(venv),
-            "conns": conns,
-            "pings": pings,
-            "children": len(children),
-            "sup_instr_per_conn": statistics.median(between[:conns]),
-            "sup_total_minus_idle_per_conn": round(
-                (sum(sup_parts.values()) - sum(idle[min(idle)].values())) / (conns + 1)),
-            "child_instr_per_conn": child,
-            "rr_instr_per_request": round((persistent - child) / max(pings - 1, 1)),
-            "child_dirty_kib": dirty,
-        }
+        numbers = summary(load, parents(work / "load"), idle, parents(work / "idle"),
+                          conns, pings, pid_max())
+        return {"venv": str(venv), **numbers, "child_dirty_kib": dirty}
     finally:
         redis.terminate()
         redis.wait()

@@ -11,12 +11,14 @@ ensure-venv's interpreter.
 from __future__ import annotations
 
 import fcntl
+import importlib.util
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -649,3 +651,65 @@ def test_scale_conns_refuses_a_bad_option_before_starting_anything(
     assert result.stderr.strip().splitlines()[-1] == (
         f"scale_conns.py: error: argument {option}: {wanted}, not {value!r}"), result.stderr
     assert result.stdout == "", result.stdout
+
+
+def _instr_per_conn() -> types.ModuleType:
+    """scripts/instr_per_conn.py as a module (scripts/ is no package)."""
+    spec = importlib.util.spec_from_file_location(
+        "instr_per_conn", REPO / "scripts" / "instr_per_conn.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _traced(work: Path, pid: int, parent: int, parts: dict[int | None, int]) -> None:
+    """Write what valgrind leaves of one process: its log, and a callgrind file per dump
+    (`None`: the last one, at exit, which has no number)."""
+    work.mkdir(exist_ok=True)
+    (work / f"vg.{pid}").write_text(f"=={pid}== Command: python _serve.py\n"
+                                    f"=={pid}== Parent PID: {parent}\n")
+    for number, instructions in parts.items():
+        name = f"cg.{pid}" if number is None else f"cg.{pid}.{number}"
+        (work / name).write_text(f"events: Ir\nsummary: {instructions}\n")
+
+
+def test_instr_per_conn_finds_the_supervisor_and_the_last_child_after_pids_wrap(
+    tmp_path: Path,
+) -> None:
+    """It took the smallest pid for the supervisor's and the largest for the persistent
+    child's: once the machine's pids wrapped around (pid_max 32768 here, other work
+    forking meanwhile) the smallest was a child's, and the run failed with
+    `statistics.StatisticsError: no median for empty data` after its ~80 s. Now each is
+    found by its parent, and the children ordered as they were forked."""
+    script = _instr_per_conn()
+    load, idle = tmp_path / "load", tmp_path / "idle"
+    supervisor, conns, pings = 32700, 4, 11
+    _traced(load, supervisor, 99, {1: 9_000_000, **{n: 62_000 + n for n in range(2, 6)},
+                                   None: 5_000})
+    for pid in (32766, 32767, 300, 301):  # one PING each; the pids wrapped between them
+        _traced(load, pid, supervisor, {1: 700, None: 79_000})
+    _traced(load, 302, supervisor, {1: 700, None: 79_000 + 18_900 * (pings - 1)})
+    _traced(idle, 32000, 99, {None: 9_000_000})
+    numbers = script.summary(script.dumps(load), script.parents(load), script.dumps(idle),
+                             script.parents(idle), conns, pings, 32768)
+    assert numbers["children"] == 5, numbers
+    assert numbers["sup_instr_per_conn"] == 62_003.5, numbers
+    assert numbers["child_instr_per_conn"] == 79_000, numbers
+    assert numbers["rr_instr_per_request"] == 18_900, numbers
+
+
+def test_instr_per_conn_says_when_a_run_left_too_little_to_measure(tmp_path: Path) -> None:
+    """A supervisor that dumped no part between its start and its stop (no connection got
+    through) is said in one line, not `no median for empty data`."""
+    script = _instr_per_conn()
+    load, idle = tmp_path / "load", tmp_path / "idle"
+    _traced(load, 500, 99, {1: 9_000_000, None: 5_000})
+    _traced(idle, 400, 99, {None: 9_000_000})
+    with pytest.raises(SystemExit) as exit_:
+        script.summary(script.dumps(load), script.parents(load), script.dumps(idle),
+                       script.parents(idle), 4, 11, 32768)
+    assert str(exit_.value) == (
+        "instr_per_conn.py: the supervisor (pid 500) dumped 2 parts and 0 children were "
+        "traced, for 4 connections and a persistent one: too few to measure (see the vg.* "
+        "logs: --keep DIR)")
