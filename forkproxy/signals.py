@@ -13,6 +13,7 @@ from __future__ import annotations
 # The C module under `signal`: signal.signal() converts to and from enums in Python on
 # every call, and in a freshly forked child that code touches (and so copies) ~90 pages.
 import _signal  # type: ignore[import-not-found]  # no stubs for the C module
+import os
 import signal
 import socket
 from types import FrameType
@@ -70,6 +71,10 @@ class SignalPipe:
         self.reader, self.writer = socket.socketpair()
         self.reader.setblocking(False)
         self.writer.setblocking(False)
+        # What drain() reads into, kept: recv(4096) allocated 4 KiB and shrank it at each
+        # wakeup, once per connection in the supervisor (docs/benchmarks.md).
+        self._fd = self.reader.fileno()
+        self._buffers = [memoryview(bytearray(4096))]
         signal.set_wakeup_fd(self.writer.fileno(), warn_on_full_buffer=False)
         _take()  # a supervisor started before in this process (tests) noted its own
         for signum in HANDLED:
@@ -97,10 +102,10 @@ class SignalPipe:
         while True:  # first empty the socketpair: a byte read is a signal noted by now
             try:
                 # A stream socketpair: a short read took all there was, so no second
-                # recv() only to fail with EAGAIN (a system call and an OSError built
+                # read only to fail with EAGAIN (a system call and an OSError built
                 # from strerror: ~11% of the supervisor's instructions per connection,
                 # one SIGCHLD each). A byte written after it wakes the poll again.
-                if len(self.reader.recv(4096)) < 4096:
+                if os.readv(self._fd, self._buffers) < 4096:
                     break
             except (BlockingIOError, InterruptedError):
                 break
