@@ -501,7 +501,7 @@ class Accounting:
         name = link.name
         # A removed link's totals are still here (retire() keeps them while it has live
         # children), so stats() finds them rather than bringing a stale entry back.
-        stats = self.stats(link)
+        stats = self.links.get(name) or self.stats(link)  # no call when it is there
         counters = self.slots.counters
         up, down = counters[base], counters[base + 1]
         stats.connections += 1
@@ -529,10 +529,13 @@ class Accounting:
         duration = (ended / 1e9 if ended else time.monotonic()) - started
         stats.duration_count += 1
         stats.duration_sum += duration
-        for index, bound in enumerate(DURATION_BUCKETS):
+        # Counted along, not enumerate(): no iterator and no tuple per bucket passed.
+        index = 0
+        for bound in DURATION_BUCKETS:
             if duration <= bound:
                 stats.duration_buckets[index] += 1
                 break
+            index += 1  # noqa: SIM113 (enumerate is what this saves)
         self.slots.release(base)
         if name in self.retiring:  # the reap path's one lookup more
             self._retire_one(name)

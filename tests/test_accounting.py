@@ -10,6 +10,8 @@ import pytest
 
 from forkproxy import relay
 from forkproxy.accounting import (
+    DURATION_BUCKETS,
+    ENDED,
     FAILURE,
     FIELDS,
     LOOPED,
@@ -154,6 +156,24 @@ def test_a_link_a_reload_removed_goes_with_its_last_connection() -> None:
     links = accounting.snapshot()["links"]
     assert isinstance(links, dict) and set(links) == {"kept"}
     assert accounting.links["kept"].connections == 5
+
+
+def test_a_connections_duration_counts_in_the_first_bucket_it_does_not_exceed() -> None:
+    """The histogram's buckets are upper bounds (Prometheus' `le`): a duration equal to
+    one counts in it; past the last, in none of them but in the count and the sum."""
+    accounting = Accounting(8, relay.OUTCOMES)
+    link = link_named("db", 1)
+    durations = (0.001, 0.005, 0.0051, 1.0, 3600.0, 4000.0)
+    for pid, duration in enumerate(durations, start=11):
+        base = take(accounting.slots)
+        accounting.children[pid] = (link, ("127.0.0.1", pid), base, 0.0)
+        accounting.slots.counters[base + ENDED] = round(duration * 1e9)  # its end, in ns
+        assert accounting.finished(pid, relay.CLOSED << 8, 0.0) is not None
+    stats = accounting.links["db"]
+    assert DURATION_BUCKETS[0] == 0.005 and DURATION_BUCKETS[-1] == 3600.0
+    assert stats.duration_buckets == [2, 1, 0, 1, 0, 0, 0, 0, 1], stats.duration_buckets
+    assert stats.duration_count == len(durations)
+    assert stats.duration_sum == pytest.approx(sum(durations))
 
 
 def test_a_link_configured_again_before_its_last_connection_ends_keeps_its_totals() -> None:
