@@ -2347,11 +2347,14 @@ class Supervisor:
                 count = os.readv(self.ended_r, self.ended_buffer)
             except OSError:
                 break  # none (EAGAIN); or no pipe (EBADF: a supervisor not started)
-            ended.update(self.ended_pids[:count // ENDED_PID_SIZE])
+            if count == ENDED_PID_SIZE:  # one, the usual case: no memoryview sliced for it
+                ended.add(self.ended_pids[0])
+            else:
+                ended.update(self.ended_pids[:count // ENDED_PID_SIZE])
             if count < ENDED_READ:
                 break
         reaped = False
-        for pid in list(ended):
+        for pid in [*ended]:  # a copy: _reaped discards from it (no list() call)
             try:
                 found, status, usage = os.wait4(pid, os.WNOHANG)
             except ChildProcessError:
