@@ -1949,7 +1949,10 @@ class Supervisor:
                            patience: float = ACCEPT_PATIENCE) -> None:
             room = max_children - len(children)  # at most this many more children
             began = 0.0  # the batch's first fork (0 when the first was denied: yields sooner)
-            for i in range(batch if batch < room else room):
+            # Counted, not range(): a builtin call, ~700 instructions a wakeup in 3.11.
+            limit, taken = (batch if batch < room else room), 0
+            while taken < limit:
+                taken += 1
                 try:
                     fd, address = accept()
                 except (BlockingIOError, InterruptedError):
@@ -2033,7 +2036,7 @@ class Supervisor:
                         exit_child(status)
                 close(fd)
                 children[pid] = (link, address, base, forked_at)  # a ChildRecord
-                if not i:
+                if taken == 1:
                     began = forked_at
                     try:
                         if not waiting(0):
