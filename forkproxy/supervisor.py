@@ -1930,8 +1930,9 @@ class Supervisor:
         term_signal, term_action = relay.CHILD_DISPOSITIONS
         gc_disable, closerange, exit_child = gc.disable, os.closerange, os._exit
         closerange_whole, close_listed = self.closerange_whole, close_inherited
+        # The path as bytes: os.open encodes a str one at every call, in each child.
         oom_value, open_file, write, oom_path, write_only = (
-            self.child_oom_score_adj, os.open, os.write, OOM_SCORE_ADJ, os.O_WRONLY
+            self.child_oom_score_adj, os.open, os.write, os.fsencode(OOM_SCORE_ADJ), os.O_WRONLY
         )
         serve, failed, family, sock_stream, reset_connections = (
             relay.serve, relay.FAILED, listener.family, relay.SOCK_STREAM,

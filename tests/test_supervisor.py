@@ -95,6 +95,24 @@ def test_the_childs_branch_of_the_accept_loop_names_no_module_attribute() -> Non
     assert not modules, f"bind these in _accept_handler, before the loop: {modules}"
 
 
+def test_a_connections_child_is_the_oom_killers_first_choice(
+    start_proxy: Callable[..., Proxy],
+    tcp_server: ServerFactory,
+) -> None:
+    """Each child raises its own oom_score_adj to the most (supervisor.child_oom_score_adj
+    says why), with the path passed as bytes, which os.open need not encode in each
+    child; the supervisor keeps its own."""
+    server = tcp_server(echo)
+    proxy = start_proxy(f"127.0.0.1:0=127.0.0.1:{server.port}")
+    with socket.create_connection(("127.0.0.1", proxy.port)) as client:
+        client.sendall(b"x")
+        assert client.recv(1) == b"x"
+        [child] = child_pids(proxy.pid)
+        assert Path(f"/proc/{child}/oom_score_adj").read_text() == "1000\n"
+    own = Path("/proc/self/oom_score_adj").read_text()  # what the supervisor inherited
+    assert Path(f"/proc/{proxy.pid}/oom_score_adj").read_text() == own
+
+
 def test_a_serving_supervisor_maps_no_extension_it_does_not_need(
     start_proxy: Callable[..., Proxy],
     tcp_server: ServerFactory,
