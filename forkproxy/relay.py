@@ -173,8 +173,8 @@ _RESET_AFTER_CONNECT = (errno.ECONNRESET, errno.EPIPE)
 # address of its own to send from: an IPv6 address where IPv6 is not routed or is
 # disabled), nothing sent as a rule. getaddrinfo sorts such an address last, so it was
 # the last error of every name with A and AAAA records: the IPv4 address's refusal (the
-# service down) was said as "Network is unreachable". One of these does not replace an
-# earlier address's error that is not one of them.
+# service down) was said as "Network is unreachable". One of these does not replace
+# another address's earlier error that is not one of them (the same address's is older).
 _NO_WAY_FROM_HERE = (errno.ENETUNREACH, errno.EADDRNOTAVAIL)
 
 
@@ -862,8 +862,12 @@ def connect_upstream(
                     if exc.errno in _RESET_AFTER_CONNECT:
                         raise ResetAtConnect(UPSTREAM_RESET, exc, sock) from None
                     if (exc.errno in _NO_WAY_FROM_HERE and failed is not None
-                            and failed[1].errno not in _NO_WAY_FROM_HERE):
-                        sock.close()  # the earlier address's error says more
+                            and failed[1].errno not in _NO_WAY_FROM_HERE
+                            and failed[0] != sockaddr):
+                        # The earlier address's error says more. Not this address's own
+                        # error of an earlier round: its way gone since (an interface
+                        # down, a network disconnected) is its state now.
+                        sock.close()
                         continue
                     error = exc
                 else:

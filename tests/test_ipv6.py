@@ -8,19 +8,26 @@ The namespace has a veth pair, v0 and v1, both ends inside it; v0 holds fe80::1 
 
 from __future__ import annotations
 
+import errno
 import json
+import random
 import shutil
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from forkproxy import relay
+from forkproxy.config import Endpoint
+
 import netns
 import no_ipv6
-from conftest import netns_lab
+from conftest import in_network, netns_lab
 from netns import Lab, Namespace
 
 NO_IPV6 = str(Path(__file__).with_name("no_ipv6.py"))
@@ -307,6 +314,58 @@ def test_a_name_whose_every_address_fails_says_the_refusal_not_the_unusable_addr
         assert counted == {"refused": 1}, link
     finally:
         shutil.rmtree(hosts.parent, ignore_errors=True)
+
+
+
+def _attempt_fails(namespace: Namespace) -> int:
+    """The namespace's count of connects that ended in SYN_SENT (Tcp AttemptFails): a
+    refusal (an RST answering the SYN) adds one; a connect with no route sends nothing."""
+    with in_network(namespace.path):
+        rows = [line.split() for line in
+                Path("/proc/thread-self/net/snmp").read_text().splitlines()
+                if line.startswith("Tcp:")]
+    names, values = rows
+    return int(values[names.index("AttemptFails")])
+
+
+@pytest.mark.netns
+def test_an_address_refused_then_left_without_a_route_says_the_route(lab: Lab) -> None:
+    """One address, retried: refused (the service down), then the host's way to it gone
+    (its interface's address removed: a network disconnected, a VPN down). Every attempt
+    after the first said `Network is unreachable`, and the error raised said the first
+    one's refusal: an error with no way from here passed over the same address's earlier
+    one, as it does (rightly) another address's, so the operator was sent to a service
+    whose network was gone. The last attempt's state is what is said."""
+    here = lab.namespace("gone")
+    here.ip("link", "add", "g0", "type", "veth", "peer", "name", "g1")
+    here.ip("link", "set", "g0", "up")
+    here.ip("addr", "add", "198.18.7.1/24", "dev", "g0")
+    port = random.randrange(20000, 60000)  # nothing listens in a new namespace
+    target = ("198.18.7.1", port)
+    before = _attempt_fails(here)
+    removed: list[float] = []
+
+    def remove_after_the_refusal() -> None:
+        deadline = time.monotonic() + 10
+        while _attempt_fails(here) == before and time.monotonic() < deadline:
+            time.sleep(0.005)
+        here.ip("addr", "del", "198.18.7.1/24", "dev", "g0")
+        removed.append(time.monotonic())
+
+    remover = threading.Thread(target=remove_after_the_refusal)
+    remover.start()
+    try:
+        with in_network(here.path), pytest.raises(OSError) as raised:
+            # Backoffs of 0.2 and 0.4 s: the removal comes in them, after the refusal.
+            relay.connect_upstream([(socket.AF_INET, target)], Endpoint(*target), 1.0,
+                                   retries=2)
+        ended = time.monotonic()
+    finally:
+        remover.join()
+    assert _attempt_fails(here) == before + 1  # the first attempt was refused, no other
+    assert removed and removed[0] < ended  # the way was gone before the last attempt
+    assert raised.value.errno == errno.ENETUNREACH, raised.value
+    assert raised.value.tried == target  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize(
