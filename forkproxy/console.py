@@ -66,15 +66,19 @@ def main() -> None:
 
 
 def _top_module(exc: ImportError) -> str:
-    """The top-level module a failed import belongs to: by the file the loader refused,
-    under the longest sys.path entry that holds it (an extension's ImportError names
-    only its own short name, `_psutil_linux`), else by the name it gives."""
-    entries = [entry.rstrip("/") for entry in sys.path if entry]
-    held = [entry for entry in entries if (exc.path or "").startswith(entry + "/")]
-    if held:
-        below = (exc.path or "")[len(max(held, key=len)) + 1:]
-        return below.partition("/")[0].partition(".")[0]
-    return (exc.name or "").partition(".")[0]
+    """The top-level module a failed import belongs to: by the file the loader refused
+    (an extension's ImportError names only its own short name, `_psutil_linux`), the
+    outermost package folder holding it, up to a sys.path entry; else by the name it
+    gives. Not by the path below a sys.path entry: an editable install's finder serves a
+    package from a folder on none, and one above it (`python -m` from there) named the
+    checkout's folder, blaming forkproxy's own module on a dependency."""
+    if not exc.path:
+        return (exc.name or "").partition(".")[0]
+    entries = {os.path.normpath(entry) for entry in sys.path if entry}
+    folder, top = os.path.split(exc.path)
+    while top and folder not in entries and os.path.isfile(os.path.join(folder, "__init__.py")):
+        folder, top = os.path.split(folder)
+    return top.partition(".")[0]
 
 
 def install_dependencies(reinstall: bool = False) -> str:

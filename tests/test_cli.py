@@ -3395,6 +3395,49 @@ def test_a_module_of_forkproxy_missing_is_still_a_traceback() -> None:
     assert "cannot import" not in result.stderr, result
 
 
+# An editable install's finder (setuptools' __editable__ one) serves forkproxy from its
+# checkout, which is on no sys.path entry; `python -m forkproxy` run from a directory above
+# the checkout puts that directory first on sys.path.
+_EDITABLE_FROM_ABOVE = """
+import importlib.util, sys
+package, above = sys.argv[1], sys.argv[2]
+
+class Editable:
+    def find_spec(self, name, path=None, target=None):
+        if name != "forkproxy":
+            return None
+        return importlib.util.spec_from_file_location(
+            name, package + "/__init__.py", submodule_search_locations=[package])
+
+sys.meta_path.insert(0, Editable())
+sys.path.insert(0, above)
+sys.argv = ["forkproxy", *sys.argv[3:]]
+from forkproxy.console import main
+main()
+"""
+
+
+def test_a_module_of_forkproxy_that_does_not_load_is_a_traceback_wherever_it_lies(
+    tmp_path: Path,
+) -> None:
+    """forkproxy's own files of two versions (one module without a name another imports
+    from it), in an editable checkout run from the directory above it: the module was
+    named by its path below the longest sys.path entry holding it, that directory, so
+    the line blamed a dependency called after the checkout's directory (`cannot import
+    checkout: ... reinstall forkproxy's dependencies`, exit 126). forkproxy's own
+    ImportError is a bug, whose traceback says where, wherever its files lie."""
+    package = tmp_path / "checkout" / "forkproxy"
+    shutil.copytree(Path(__file__).parent.parent / "forkproxy", package,
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    (package / "accounting.py").write_text('"""Another version\'s, without ended_text."""\n')
+    result = subprocess.run(
+        [sys.executable, "-c", _EDITABLE_FROM_ABOVE, str(package), str(tmp_path), "check"],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert "cannot import name 'ended_text' from 'forkproxy.accounting'" in result.stderr, result
+    assert result.returncode == 1 and "Traceback" in result.stderr, result
+    assert "reinstall" not in result.stderr, result
+
+
 def test_status_with_a_broken_psutil_says_so_in_one_line(
     start_proxy: Callable[..., Proxy], short_dir: Path, tmp_path: Path,
 ) -> None:
