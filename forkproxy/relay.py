@@ -51,7 +51,7 @@ from .config import (
     children_within_nproc,
     peer_text,
 )
-from .listeners import routes_here
+from .listeners import no_source_address, routes_here
 from .log import INFO, SLOT, SLOT_INT, SLOT_SECONDS, WARNING, Logger
 
 TYPE_CHECKING = False  # not typing's: see supervisor.py
@@ -174,7 +174,8 @@ _RESET_AFTER_CONNECT = (errno.ECONNRESET, errno.EPIPE)
 # disabled), nothing sent as a rule. getaddrinfo sorts such an address last, so it was
 # the last error of every name with A and AAAA records: the IPv4 address's refusal (the
 # service down) was said as "Network is unreachable". One of these does not replace
-# another address's earlier error that is not one of them (the same address's is older).
+# another address's earlier error that is not one of them (the same address's is older),
+# EADDRNOTAVAIL only when it is no source address (not local ports run out).
 _NO_WAY_FROM_HERE = (errno.ENETUNREACH, errno.EADDRNOTAVAIL)
 
 
@@ -862,8 +863,8 @@ def connect_upstream(
                     if exc.errno in _RESET_AFTER_CONNECT:
                         raise ResetAtConnect(UPSTREAM_RESET, exc, sock) from None
                     if (exc.errno in _NO_WAY_FROM_HERE and failed is not None
-                            and failed[1].errno not in _NO_WAY_FROM_HERE
-                            and failed[0] != sockaddr):
+                            and failed[0] != sockaddr and _no_way_from_here(exc, sockaddr)
+                            and not _no_way_from_here(failed[1], failed[0])):
                         # The earlier address's error says more. Not this address's own
                         # error of an earlier round: its way gone since (an interface
                         # down, a network disconnected) is its state now.
@@ -876,6 +877,17 @@ def connect_upstream(
                 failed = (sockaddr, error)
                 sock.close()
     raise _tried(error, failed) or OSError(NO_ADDRESS, "no address")
+
+
+def _no_way_from_here(error: OSError, sockaddr: tuple[object, ...]) -> bool:
+    """Did this host find no way to the address (_NO_WAY_FROM_HERE)? An EADDRNOTAVAIL is
+    one only when no address of this host's can send there: out of local ports toward it
+    fails so too, this host's trouble, which no-local-port counts so that no "upstream
+    down" alert fires for it (a probe tells the two apart). A failed connect's path only."""
+    if error.errno == errno.ENETUNREACH:
+        return True
+    return error.errno == errno.EADDRNOTAVAIL and no_source_address(
+        str(sockaddr[0]), sockaddr[1])  # type: ignore[arg-type]
 
 
 def _tried(error: OSError | None,

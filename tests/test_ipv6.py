@@ -8,6 +8,7 @@ The namespace has a veth pair, v0 and v1, both ends inside it; v0 holds fe80::1 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import random
@@ -366,6 +367,53 @@ def test_an_address_refused_then_left_without_a_route_says_the_route(lab: Lab) -
     assert removed and removed[0] < ended  # the way was gone before the last attempt
     assert raised.value.errno == errno.ENETUNREACH, raised.value
     assert raised.value.tried == target  # type: ignore[attr-defined]
+
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize("no_ipv6", [False, True])
+def test_local_ports_run_out_toward_a_later_address_are_said_not_an_earlier_refusal(
+    lab: Lab, no_ipv6: bool,
+) -> None:
+    """Two addresses, the first refused (one replica down), the second out of local ports
+    (every port of ip_local_port_range holds a connection to it: the TIME_WAIT of a high
+    connection rate, which all goes there). Its EADDRNOTAVAIL was passed over as no
+    source address (IPv6 disabled) is, so the error said the refusal and counted it
+    `refused`, where no-local-port (this host's trouble, with tcp_tw_reuse's advice) is
+    counted apart so that no "upstream down" alert fires for it. Told apart by a probe
+    now; an IPv6 address with IPv6 disabled after them is still passed over."""
+    here = lab.namespace("ports")
+    here.ip("link", "add", "p0", "type", "veth", "peer", "name", "p1")
+    here.ip("link", "set", "p0", "up")
+    here.ip("addr", "add", "198.18.8.1/24", "dev", "p0")
+    here.ip("addr", "add", "198.18.8.2/32", "dev", "p0")
+    here.run(["sysctl", "-qw", "net.ipv4.ip_local_port_range=50000 50001"])
+    if no_ipv6:
+        here.run(["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1",
+                  "net.ipv6.conf.lo.disable_ipv6=1"])
+    port = random.randrange(20000, 40000)  # below the ephemeral range set above
+    refused, busy = ("198.18.8.1", port), ("198.18.8.2", port)
+    addresses: list[relay.Address] = [(socket.AF_INET, refused), (socket.AF_INET, busy)]
+    if no_ipv6:
+        addresses.append((socket.AF_INET6, ("2001:2::5", port, 0, 0)))
+    with in_network(here.path), socket.create_server(busy) as server, \
+            contextlib.ExitStack() as held:
+        for _ in range(2):  # both local ports toward `busy`
+            held.enter_context(socket.create_connection(busy, timeout=5))
+        with pytest.raises(OSError) as third:
+            socket.create_connection(busy, timeout=5).close()
+        assert third.value.errno == errno.EADDRNOTAVAIL  # out of ports, as the test says
+        with pytest.raises(OSError) as raised:
+            relay.connect_upstream(addresses, Endpoint(*refused), 1.0, retries=0)
+        if no_ipv6:  # the refusal, then only the IPv6 address: passed over, as it was
+            with pytest.raises(OSError) as alone:
+                relay.connect_upstream([addresses[0], addresses[2]], Endpoint(*refused),
+                                       1.0, retries=0)
+            assert alone.value.errno == errno.ECONNREFUSED, alone.value
+            assert alone.value.tried == refused  # type: ignore[attr-defined]
+        server.close()
+    assert raised.value.errno == errno.EADDRNOTAVAIL, raised.value
+    assert raised.value.tried == busy  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize(
