@@ -26,7 +26,7 @@ import sys
 
 TYPE_CHECKING = False  # not typing's: `serve` imports nothing it does not need
 if TYPE_CHECKING:
-    from typing import TextIO
+    from typing import NoReturn, TextIO
 
 STARTUP_BLOCKED = (
     signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGUSR1, signal.SIGALRM
@@ -45,6 +45,11 @@ def main() -> None:
     try:
         run()
     except ModuleNotFoundError as exc:
+        if "." in (exc.name or ""):
+            # A module of a package that is there (its parent imported): a file gone from
+            # an installed dependency (a slimmed image, a copy cut short), which a plain
+            # `pip install` finds "already satisfied": reinstalled, as one that does not load.
+            _not_loading(exc)
         missing = (exc.name or "").partition(".")[0]
         if not missing or missing == "forkproxy" or missing in sys.stdlib_module_names:
             raise  # no dependency's absence: a bug, whose traceback is needed
@@ -53,16 +58,20 @@ def main() -> None:
             f"{install_dependencies()}")
         sys.exit(MISSING_DEPENDENCY)
     except ImportError as exc:
-        # Installed but not loadable: a compiled part built for another Python, libc or
-        # machine (a venv copied into another image), or a file cut short. The loader's
-        # words say which; a plain `pip install` would find it "already satisfied".
-        broken = _top_module(exc)
-        if not broken or broken == "forkproxy" or broken in sys.stdlib_module_names:
-            raise
-        say(f"forkproxy: error: cannot import {broken}: {' '.join(str(exc).split())}: installed "
-            f"for {sys.executable} but it does not load; reinstall forkproxy's dependencies: "
-            f"{install_dependencies(reinstall=True)}")
-        sys.exit(MISSING_DEPENDENCY)
+        _not_loading(exc)
+
+
+def _not_loading(exc: ImportError) -> NoReturn:
+    """Installed but not loadable: a compiled part built for another Python, libc or
+    machine (a venv copied into another image), or a file cut short. The loader's words
+    say which; a plain `pip install` would find it "already satisfied"."""
+    broken = _top_module(exc)
+    if not broken or broken == "forkproxy" or broken in sys.stdlib_module_names:
+        raise exc
+    say(f"forkproxy: error: cannot import {broken}: {' '.join(str(exc).split())}: installed "
+        f"for {sys.executable} but it does not load; reinstall forkproxy's dependencies: "
+        f"{install_dependencies(reinstall=True)}")
+    sys.exit(MISSING_DEPENDENCY)
 
 
 def _top_module(exc: ImportError) -> str:

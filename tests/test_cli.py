@@ -3395,6 +3395,28 @@ def test_a_module_of_forkproxy_missing_is_still_a_traceback() -> None:
     assert "cannot import" not in result.stderr, result
 
 
+def test_a_dependency_with_a_module_gone_says_to_reinstall_it(tmp_path: Path) -> None:
+    """typer installed, one of its modules gone (a slimmed image, a copy cut short):
+    `from .core import ...` is a ModuleNotFoundError as for a dependency not installed,
+    and the line said to `pip install` the dependencies, which finds typer "already
+    satisfied" and changes nothing. A module of a package that imported is reinstalled,
+    as one that does not load."""
+    broken = tmp_path / "site"
+    shutil.copytree(Path(typer.__file__).parent, broken / "typer",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    (broken / "typer" / "core.py").unlink()
+    dependencies = tomllib.loads(PYPROJECT.read_text())["project"]["dependencies"]
+    result = subprocess.run([sys.executable, "-c", _WITHOUT_MODULE, "no-such-module",
+                             "--version"], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "PYTHONPATH": str(broken)})
+    reinstall = [sys.executable, "-m", "pip", "install", "--force-reinstall", *dependencies]
+    assert result.returncode == 126, result
+    assert result.stderr.splitlines() == [
+        f"forkproxy: error: cannot import typer: No module named 'typer.core': installed for "
+        f"{sys.executable} but it does not load; reinstall forkproxy's dependencies: "
+        f"{shlex.join(reinstall)}"], result
+
+
 # An editable install's finder (setuptools' __editable__ one) serves forkproxy from its
 # checkout, which is on no sys.path entry; `python -m forkproxy` run from a directory above
 # the checkout puts that directory first on sys.path.
