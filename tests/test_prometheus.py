@@ -9,13 +9,16 @@ Timeouts are generous: Prometheus scrapes every second, on a loaded 2-core machi
 from __future__ import annotations
 
 import json
+import re
 import socket
 import subprocess
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -31,6 +34,7 @@ from conftest import (
 )
 
 DEADLINE = 90.0
+README = Path(__file__).resolve().parent.parent / "README.md"
 
 
 class Prometheus:
@@ -72,6 +76,16 @@ class Prometheus:
         result = reply["data"]["result"]
         assert len(result) <= 1, result
         return float(result[0]["value"][1]) if result else None
+
+    def reply(self, expr: str) -> dict[str, Any]:
+        """An instant query's whole reply, a parse error's included (HTTP 400)."""
+        path = "/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+        try:
+            body = self.get(path)
+        except urllib.error.HTTPError as error:
+            body = error.read()
+        reply: dict[str, Any] = json.loads(body)
+        return reply
 
     def wait_value(self, expr: str, done: Callable[[float], bool]) -> float | None:
         """Query until the value satisfies `done` (Prometheus lags a scrape or two)."""
@@ -172,3 +186,69 @@ def test_prometheus_scrapes_rates_quantiles_and_no_reset_across_a_reload(
     assert prom.query(f"resets({total}[10m])") == 0
     assert prom.query(f"max(resets(forkproxy_bytes_total{selector}[10m]))") == 0
     assert prom.wait_value('up{job="forkproxy"}', lambda v: v == 1) == 1
+
+
+def readme_promql() -> list[str]:
+    """The PromQL expressions README gives, as a reader copies them from the rendered page.
+
+    In a table row GitHub renders `\\|` as `|` even inside a code span (the raw file's
+    escape, so the row is not cut there). Taken: a span that starts `up ==`, or names a
+    forkproxy_ family with PromQL around it; not a bare family name, nor a fragment
+    (`rate(...) > 0`, `sum without (reason)`), which names no family.
+    """
+    found: list[str] = []
+    for line in README.read_text().splitlines():
+        if line.startswith("|"):
+            line = line.replace("\\|", "|")
+        for span in re.findall(r"`([^`]+)`", line):
+            if span.startswith("up ==") or (re.search(r"\bforkproxy_\w+", span)
+                                            and re.search(r"[({/<>]|==| or ", span)):
+                found.append(span)
+    return found
+
+
+def selectors(expr: str) -> list[str]:
+    """Each forkproxy_ selector of `expr`, one per alternative of a `=~"a|b"` matcher: each
+    must select a series, a misspelt name or label value selecting nothing, for ever."""
+    out: list[str] = []
+    for name, matchers in re.findall(r"\b(forkproxy_\w+)(\{[^}]*\})?", expr):
+        regex = re.fullmatch(r'\{(\w+)=~"([^"]*)"\}', matchers)
+        if regex:
+            out += [f'{name}{{{regex[1]}="{value}"}}' for value in regex[2].split("|")]
+        else:
+            out.append(name + matchers)
+    return out
+
+
+def test_every_promql_expression_in_the_readme_runs_and_selects_real_series(
+    start_proxy: Callable[..., Proxy],
+    tcp_server: ServerFactory,
+    prometheus_factory: Callable[[str], Prometheus],
+) -> None:
+    """README's alerts are copied into rule files as they are: one that does not parse
+    fails a rule load, and one naming a family, label or value forkproxy does not serve
+    never fires. Every family named is checked against a real scrape in Prometheus."""
+    exprs = readme_promql()
+    # The scan must find what it is for: the alerts README gives verbatim.
+    assert "up == 0 or forkproxy_up == 0" in exprs, exprs
+    assert "forkproxy_config_last_reload_successful == 0" in exprs, exprs
+    assert any(e.startswith("sum without (link) (forkproxy_connections_active)")
+               for e in exprs), exprs
+    upstream = tcp_server(echo)
+    proxy = start_proxy(*LOOPBACK, f"127.0.0.1:0=127.0.0.1:{upstream.port}",
+                        "--metrics", "127.0.0.1:0", expect=2)
+    target = proxy.lines[-1].removeprefix("metrics http://").removesuffix("/metrics")
+    prom = prometheus_factory(target)
+    assert prom.wait_value('forkproxy_up{job="forkproxy"}', lambda v: v == 1) == 1
+
+    problems = []
+    for expr in exprs:
+        reply = prom.reply(expr)
+        if reply["status"] != "success":
+            problems.append(f"{expr!r}: {reply.get('error')}")
+            continue
+        for selector in selectors(expr):
+            if prom.reply(f"count({selector})")["data"]["result"] == []:
+                problems.append(f"{expr!r}: {selector} selects no series forkproxy serves")
+    assert not problems, "\n".join(problems)
+
