@@ -252,3 +252,44 @@ def test_every_promql_expression_in_the_readme_runs_and_selects_real_series(
                 problems.append(f"{expr!r}: {selector} selects no series forkproxy serves")
     assert not problems, "\n".join(problems)
 
+
+def test_prometheus_sees_one_reset_across_a_take_over_and_never_the_old_supervisor_again(
+    start_proxy: Callable[..., Proxy],
+    tcp_server: ServerFactory,
+    prometheus_factory: Callable[[str], Prometheus],
+    tmp_path: Path,
+) -> None:
+    """A take-over hands the metrics socket over: the new supervisor's counters start from
+    0 (README), which Prometheus takes as one reset. Were the old metrics process still
+    answering on the shared socket during its drain, scrapes would alternate between the
+    two supervisors, each switch a false reset and a spike in rate()."""
+    upstream = tcp_server(echo)
+    args = (*LOOPBACK, f"127.0.0.1:0=127.0.0.1:{upstream.port}",
+            "--status-socket", str(tmp_path / "status.sock"), "--metrics", "127.0.0.1:0")
+    old = start_proxy(*args, expect=2)
+    target = old.lines[-1].removeprefix("metrics http://").removesuffix("/metrics")
+    prom = prometheus_factory(target)
+    total = 'forkproxy_connections_total{job="forkproxy"}'
+    start = 'forkproxy_start_time_seconds{job="forkproxy"}'
+    assert prom.wait_value(total, lambda v: v == 0) == 0  # increase() counts from this 0
+    connections(old.port, 5, hold=0)
+    assert prom.wait_value(total, lambda v: v == 5) == 5
+    old_start = prom.query(start)
+
+    # A connection the old supervisor still serves keeps it draining, its metrics
+    # process's copy of the socket with it, while the new one serves and is scraped.
+    with socket.create_connection(("127.0.0.1", old.port), timeout=30) as held:
+        held.sendall(b"ping")
+        assert held.recv(4) == b"ping"
+        new = start_proxy("--take-over", *args, expect=2)
+        assert new.lines == old.lines  # the same ports, the metrics one included
+        connections(new.port, 3, hold=0)
+        assert prom.wait_value(total, lambda v: v == 3) == 3
+        # Scrapes go on during the drain: were any answered by the old process, its
+        # start time would come back among the new one's samples.
+        time.sleep(5)
+        assert old.proc.poll() is None, "the old supervisor did not drain its connection"
+    assert prom.wait_value(start, lambda v: v != old_start) != old_start
+    assert prom.query(f"changes({start}[5m])") == 1
+    assert prom.query(f"resets({total}[5m])") == 1
+    assert (prom.query(f"increase({total}[5m])") or 0) >= 8
