@@ -9,7 +9,9 @@ Timeouts are generous: Prometheus scrapes every second, on a loaded 2-core machi
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import socket
 import subprocess
 import time
@@ -29,6 +31,7 @@ from conftest import (
     ServerFactory,
     echo,
     free_port,
+    metrics_pid,
     need,
     wait_for,
 )
@@ -293,3 +296,33 @@ def test_prometheus_sees_one_reset_across_a_take_over_and_never_the_old_supervis
     assert prom.query(f"changes({start}[5m])") == 1
     assert prom.query(f"resets({total}[5m])") == 1
     assert (prom.query(f"increase({total}[5m])") or 0) >= 8
+
+
+def test_a_metrics_process_restart_is_a_gap_in_prometheus_not_a_reset(
+    start_proxy: Callable[..., Proxy],
+    tcp_server: ServerFactory,
+    prometheus_factory: Callable[[str], Prometheus],
+) -> None:
+    """The totals live in the supervisor, not in the metrics process: one killed (the OOM
+    killer's choice) and restarted 5 s later leaves scrapes failing meanwhile, `up == 0`
+    as README says to alert on, and then the same counters, with no reset."""
+    upstream = tcp_server(echo)
+    proxy = start_proxy(*LOOPBACK, f"127.0.0.1:0=127.0.0.1:{upstream.port}",
+                        "--metrics", "127.0.0.1:0", expect=2)
+    target = proxy.lines[-1].removeprefix("metrics http://").removesuffix("/metrics")
+    prom = prometheus_factory(target)
+    total = 'forkproxy_connections_total{job="forkproxy"}'
+    restarts = 'forkproxy_metrics_restarts_total{job="forkproxy"}'
+    assert prom.wait_value(total, lambda v: v == 0) == 0
+    connections(proxy.port, 4, hold=0)
+    assert prom.wait_value(total, lambda v: v == 4) == 4
+    pid = metrics_pid(proxy.pid)
+    assert pid, proxy.log()
+    os.kill(pid, signal.SIGKILL)
+    connections(proxy.port, 3, hold=0)  # counted meanwhile, by the supervisor
+    assert prom.wait_value(restarts, lambda v: v == 1) == 1
+    assert prom.wait_value(total, lambda v: v == 7) == 7
+    assert prom.query('min_over_time(up{job="forkproxy"}[5m])') == 0
+    assert prom.query(f"resets({total}[5m])") == 0
+    assert prom.query('changes(forkproxy_start_time_seconds{job="forkproxy"}[5m])') == 0
+    assert (prom.query(f"increase({total}[5m])") or 0) >= 7
