@@ -190,6 +190,18 @@ def test_prometheus_scrapes_rates_quantiles_and_no_reset_across_a_reload(
     assert prom.query(f"max(resets(forkproxy_bytes_total{selector}[10m]))") == 0
     assert prom.wait_value('up{job="forkproxy"}', lambda v: v == 1) == 1
 
+    # A reload that removes a link with no connection: its series leave the next scrape,
+    # and Prometheus marks them stale at once, not 5 minutes (its lookback) later.
+    gone = f'forkproxy_connections_total{{job="forkproxy",link="OTHER_PORT_{other_port}_TCP"}}'
+    assert prom.wait_value(gone, lambda v: v == 0) == 0
+    env_file.write_text(f"{link}=tcp://127.0.0.1:{upstream.port}\n")
+    result = subprocess.run([FORKPROXY, "reload", "--status-socket", str(sock_path)],
+                            capture_output=True, text=True, env=env, timeout=60, check=False)
+    assert result.returncode == 0, result
+    assert wait_for(lambda: prom.query(gone) is None, DEADLINE), prom.query(gone)
+    assert prom.query(f"count_over_time({gone}[10m])") is not None  # it was there
+    assert prom.query(total) == 15  # the link that stays keeps its series
+
 
 def readme_promql() -> list[str]:
     """The PromQL expressions README gives, as a reader copies them from the rendered page.
