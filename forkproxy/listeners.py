@@ -322,10 +322,13 @@ def listen_tcp(host: str, port: int, backlog: int = BACKLOG) -> socket.socket:
     except OSError as exc:
         sock.close()
         reason = {
-            # Another program's listener (an old proxy still draining, in a handover on
-            # one host): say how to find it.
-            errno.EADDRINUSE: f"address already in use (another program listens there: "
-                              f"`ss -ltnp 'sport = :{port}'` names it)",
+            # Another program's socket: its listener (an old proxy still draining, in a
+            # handover on one host), or a connection from that port, TIME-WAIT's too (one
+            # that closed without SO_REUSEADDR blocks a bind for 60 s), which `ss -l`
+            # would not show: say how to find either.
+            errno.EADDRINUSE: f"address already in use (another program's socket holds "
+                              f"it: `ss -tanp 'sport = :{port}'` names it, a listener or a "
+                              "connection from that port; a TIME-WAIT ends within 60 s)",
             errno.EACCES: bind_refused(port),
             errno.EADDRNOTAVAIL: "no such address on this host" + (
                 ipv6_off(host) if family == socket.AF_INET6 else ""),

@@ -253,9 +253,32 @@ def test_port_in_use_is_named_and_nothing_is_half_started() -> None:
         result = run("serve", f"127.0.0.1:{first}=127.0.0.1:1", f"127.0.0.1:{busy}=127.0.0.1:1")
     # How to find who holds it (two proxies on one host in a handover: the old one drains).
     assert_one_line_error(result, f"cannot listen on 127.0.0.1:{busy}", "address already in use",
-                          f"(another program listens there: `ss -ltnp 'sport = :{busy}'` "
-                          "names it)")
+                          f"(another program's socket holds it: `ss -tanp 'sport = :{busy}'` "
+                          "names it, a listener or a connection from that port; a TIME-WAIT "
+                          "ends within 60 s)")
     assert_not_listening(first)  # the first listener was closed again, not left behind
+
+
+def test_a_port_held_by_a_connection_in_time_wait_is_not_blamed_on_a_listener() -> None:
+    """A connection from the port, closed first on that side without SO_REUSEADDR, holds
+    it in TIME-WAIT for 60 s, and the kernel refuses our bind (SO_REUSEADDR needs both
+    sides'). The line said "another program listens there", and named `ss -ltnp`, which
+    lists listeners only: nothing. It names what shows the TIME-WAIT."""
+    with socket.create_server(("127.0.0.1", 0)) as server, socket.socket() as client:
+        client.bind(("127.0.0.1", 0))
+        held = client.getsockname()[1]
+        client.connect(server.getsockname())
+        accepted, _ = server.accept()
+        client.close()  # this side first: its port goes to TIME-WAIT
+        accepted.close()
+        states = subprocess.run(["ss", "-Htan", f"sport = :{held}"], capture_output=True,
+                                text=True, check=True).stdout
+        assert "TIME-WAIT" in states, states  # the setting, as the user meets it
+        assert not subprocess.run(["ss", "-Hltn", f"sport = :{held}"], capture_output=True,
+                                  text=True, check=True).stdout  # no listener to name
+        result = run("serve", f"127.0.0.1:{held}=127.0.0.1:1")
+    assert_one_line_error(result, f"cannot listen on 127.0.0.1:{held}", "address already in use",
+                          f"`ss -tanp 'sport = :{held}'` names it", "a TIME-WAIT")
 
 
 def test_listeners_that_overlap_are_named_not_blamed_on_another_program() -> None:
