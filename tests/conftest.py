@@ -237,6 +237,7 @@ def start_proxy(tmp_path: Path) -> Iterator[Callable[..., Proxy]]:
     a test that counts its descriptors or lowers its RLIMIT_NOFILE would see one more.
     """
     started: list[Proxy] = []
+    wrapped: set[int] = set()  # pids of proxies started under a `prefix` (unshare, strace)
     runtime = Path(tempfile.mkdtemp(prefix="fpr-", dir="/tmp"))  # short: sun_path
 
     def start(*args: str, expect: int = 1, env: dict[str, str] | None = None,
@@ -255,6 +256,8 @@ def start_proxy(tmp_path: Path) -> Iterator[Callable[..., Proxy]]:
             )
         proxy = Proxy(proc, [], stderr)
         started.append(proxy)
+        if prefix:
+            wrapped.add(proc.pid)
         proxy.lines = read_lines(proc, expect, timeout)
         if len(proxy.lines) < expect:
             kill_group(proc)
@@ -264,7 +267,14 @@ def start_proxy(tmp_path: Path) -> Iterator[Callable[..., Proxy]]:
     yield start
     for proxy in started:
         if proxy.proc.poll() is None:
-            proxy.proc.send_signal(signal.SIGTERM)
+            if proxy.pid in wrapped:
+                # A wrapper that forks (`unshare --fork` ignores SIGTERM while it waits)
+                # or traces (strace) kept the TERM from the supervisor under it: the stop
+                # waited out the 12 s below for nothing. Its whole group gets it.
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proxy.pid, signal.SIGTERM)
+            else:
+                proxy.proc.send_signal(signal.SIGTERM)
             try:
                 proxy.proc.wait(12)
             except subprocess.TimeoutExpired:
