@@ -16,7 +16,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -25,16 +25,29 @@ from conftest import Proxy, TcpServer, echo, frozen, processes_under, wait_for
 ServerFactory = Callable[[Callable[[socket.socket], None]], TcpServer]
 
 
-def hold(conn: socket.socket) -> None:
-    """Read to EOF, answering nothing, and keep the connection open a while after: an
-    upstream that says nothing and does not finish (the timers under test end it)."""
-    conn.settimeout(10)
-    try:
-        while conn.recv(65536):
-            pass
-    except OSError:
-        return
-    time.sleep(3)
+@pytest.fixture
+def held(tcp_server: ServerFactory) -> Iterator[threading.Event]:
+    """Set once the test is over (torn down before tcp_server, which joins its handlers):
+    what ends `hold`'s wait after the EOF. A fixed 3 s sleep there held each test's
+    teardown 2 to 3 s after its measurement was made, for nothing."""
+    over = threading.Event()
+    yield over
+    over.set()
+
+
+def hold(over: threading.Event) -> Callable[[socket.socket], None]:
+    """A handler that reads to EOF, answering nothing, and keeps the connection open
+    after it until the test is `over` (at most 30 s): an upstream that says nothing and
+    does not finish (the timers under test end it)."""
+    def handle(conn: socket.socket) -> None:
+        conn.settimeout(10)
+        try:
+            while conn.recv(65536):
+                pass
+        except OSError:
+            return
+        over.wait(30)
+    return handle
 
 
 def seconds_to_end(sock: socket.socket, limit: float = 20.0) -> float:
@@ -76,9 +89,10 @@ def test_connect_retries_back_off_as_documented(
 
 @pytest.mark.parametrize("relay", ["auto", "splice", "copy"])
 def test_idle_timeout_cuts_when_due(start_proxy: Callable[..., Proxy],
-                                    tcp_server: ServerFactory, relay: str) -> None:
+                                    tcp_server: ServerFactory, held: threading.Event,
+                                    relay: str) -> None:
     """Idle both ways, the cut comes at the timeout, at most an eighth of it later."""
-    server = tcp_server(hold)
+    server = tcp_server(hold(held))
     proxy = start_proxy(f"127.0.0.1:0=127.0.0.1:{server.port}", "--idle-timeout", "1",
                         "--relay", relay)
     with socket.create_connection(("127.0.0.1", proxy.port)) as client:
@@ -88,9 +102,10 @@ def test_idle_timeout_cuts_when_due(start_proxy: Callable[..., Proxy],
 
 
 def test_halfclose_timeout_after_the_clients_end(start_proxy: Callable[..., Proxy],
-                                                 tcp_server: ServerFactory) -> None:
+                                                 tcp_server: ServerFactory,
+                                                 held: threading.Event) -> None:
     """The client finished (FIN) and the upstream stays silent: ended at the timeout."""
-    server = tcp_server(hold)
+    server = tcp_server(hold(held))
     proxy = start_proxy(f"127.0.0.1:0=127.0.0.1:{server.port}", "--halfclose-timeout", "1")
     with socket.create_connection(("127.0.0.1", proxy.port)) as client:
         client.shutdown(socket.SHUT_WR)
@@ -99,13 +114,14 @@ def test_halfclose_timeout_after_the_clients_end(start_proxy: Callable[..., Prox
 
 
 def test_halfclose_timeout_after_the_upstreams_end(start_proxy: Callable[..., Proxy],
-                                                   tcp_server: ServerFactory) -> None:
+                                                   tcp_server: ServerFactory,
+                                                   held: threading.Event) -> None:
     """The upstream finished and the client stays silent. The client, which read the
     FIN already, sees nothing of the end: the close line's duration tells it."""
 
     def finish_then_hold(conn: socket.socket) -> None:
         conn.shutdown(socket.SHUT_WR)
-        hold(conn)  # the proxy's end, its reset, comes before the client's (never)
+        hold(held)(conn)  # the proxy's end, its reset, comes before the client's (never)
 
     server = tcp_server(finish_then_hold)
     proxy = start_proxy(f"127.0.0.1:0=127.0.0.1:{server.port}", "--halfclose-timeout", "1")
@@ -117,11 +133,12 @@ def test_halfclose_timeout_after_the_upstreams_end(start_proxy: Callable[..., Pr
 
 
 def test_grace_then_kill_one_second_after_term(start_proxy: Callable[..., Proxy],
-                                               tcp_server: ServerFactory) -> None:
+                                               tcp_server: ServerFactory,
+                                               held: threading.Event) -> None:
     """A stop with a child that cannot act on its TERM (stopped): --grace, then TERM,
     then KILL 1 s later: the supervisor exits after grace + 1 s, inside docker stop's
     10 s for the default 8."""
-    server = tcp_server(hold)
+    server = tcp_server(hold(held))
     proxy = start_proxy(f"127.0.0.1:0=127.0.0.1:{server.port}", "--grace", "1")
     with socket.create_connection(("127.0.0.1", proxy.port)) as client:
         client.sendall(b"x")
