@@ -398,8 +398,11 @@ def test_a_client_that_resets_during_its_childs_own_lookup_frees_the_child_and_i
     lookup (30 s here) before it noticed, the slot held all that time."""
     set_hosts(ns, None)  # upstream.test only in DNS, which answers nothing
     dns = start_dns(lab, ns, gate=lab.workdir / "never")
+    # --grace 1: the last client's child is still in its lookup (its client closed with
+    # a FIN, which it waits out) when the lab stops the proxy; the default 8 s outlasted
+    # the lab's 5 s stop, a kill after 5 s of every run's teardown.
     proxy = start_proxy(lab, ns, "--max-children", "1", "--connect-timeout", "600",
-                        "--resolve-every", "off", resolved=False)
+                        "--resolve-every", "off", "--grace", "1", resolved=False)
     leaving = client_in(ns)
     wait_until(lambda: len(child_pids(lab)) == 1, proxy)
     [pid] = child_pids(lab)
