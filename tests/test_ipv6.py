@@ -29,7 +29,7 @@ from forkproxy.config import Endpoint
 import netns
 import no_ipv6
 from conftest import in_network, netns_lab
-from netns import Lab, Namespace
+from netns import Lab, Namespace, Process
 
 NO_IPV6 = str(Path(__file__).with_name("no_ipv6.py"))
 FORKPROXY = str(Path(sys.executable).parent / "forkproxy")
@@ -106,6 +106,20 @@ def test_listens_on_a_link_local_address_with_a_zone(lab: Lab, ns: Namespace) ->
 
 @pytest.mark.netns
 @pytest.mark.parametrize("zone", ["nosuch0", "99999"])
+def serve_resolved(lab: Lab, namespace: Namespace, argv: list[str],
+                   addresses: str) -> tuple[Process, int]:
+    """A forkproxy started in `namespace` with one link to a name, once its start's lookup
+    (by a resolver child) has logged `addresses`: the process and its listener's port."""
+    proc = lab.spawn(namespace, argv, label="forkproxy")
+    [line] = proc.wait_stdout(lambda lines: len(lines) >= 1, 15)
+    port = int(line.split(" -> ")[0].rsplit(":", 1)[1])
+    deadline = time.monotonic() + 15
+    while f'addresses="{addresses}"' not in proc.stderr():
+        assert time.monotonic() < deadline, proc.describe()
+        time.sleep(0.05)
+    return proc, port
+
+
 def test_a_zone_naming_no_interface_is_one_line_and_exit_2(
     lab: Lab, ns: Namespace, zone: str
 ) -> None:
@@ -236,16 +250,11 @@ def test_without_ipv6_sockets_an_ipv6_address_does_not_end_the_connect(
             assert time.monotonic() < deadline, "redis on 127.0.0.3 did not start"
             time.sleep(0.05)
         sock = lab.workdir / "status.sock"
-        proc = lab.spawn(ns, [sys.executable, no_ipv6_filter, FORKPROXY, "serve",
-                              f"0=both.test:{REDIS_PORT}", "--resolve-every", "off",
-                              "--status-socket", str(sock)], label="forkproxy")
-        [line] = proc.wait_stdout(lambda lines: len(lines) >= 1, 15)
-        port = int(line.split(" -> ")[0].rsplit(":", 1)[1])
-        deadline = time.monotonic() + 15  # the start's lookup, by a resolver child
-        resolved = f'addresses="127.0.0.2:{REDIS_PORT} [2001:2::1]:{REDIS_PORT}"'
-        while resolved not in proc.stderr():
-            assert time.monotonic() < deadline, proc.describe()
-            time.sleep(0.05)
+        proc, port = serve_resolved(
+            lab, ns, [sys.executable, no_ipv6_filter, FORKPROXY, "serve",
+                      f"0=both.test:{REDIS_PORT}", "--resolve-every", "off",
+                      "--status-socket", str(sock)],
+            f"127.0.0.2:{REDIS_PORT} [2001:2::1]:{REDIS_PORT}")
         # The name moves; the supervisor still has 127.0.0.2 and 2001:2::1.
         with hosts.open("w") as handle:  # in place: the bind mount follows the inode
             handle.write("127.0.0.1 localhost\n127.0.0.3 both.test\n2001:2::1 both.test\n")
@@ -289,16 +298,10 @@ def test_a_name_whose_every_address_fails_says_the_refusal_not_the_unusable_addr
             "    print(exc.strerror)\n")])
         assert probe.strip() == v6_error, probe
         sock = lab.workdir / "status.sock"
-        proc = lab.spawn(here, [FORKPROXY, "serve", f"0=both.test:{REDIS_PORT}",
-                                "--connect-retries", "1", "--status-socket", str(sock)],
-                         label="forkproxy")
-        [line] = proc.wait_stdout(lambda lines: len(lines) >= 1, 15)
-        port = int(line.split(" -> ")[0].rsplit(":", 1)[1])
-        deadline = time.monotonic() + 15  # the start's lookup, by a resolver child
-        resolved = f'addresses="127.0.0.2:{REDIS_PORT} [2001:2::5]:{REDIS_PORT}"'
-        while resolved not in proc.stderr():
-            assert time.monotonic() < deadline, proc.describe()
-            time.sleep(0.05)
+        proc, port = serve_resolved(
+            lab, here, [FORKPROXY, "serve", f"0=both.test:{REDIS_PORT}",
+                        "--connect-retries", "1", "--status-socket", str(sock)],
+            f"127.0.0.2:{REDIS_PORT} [2001:2::5]:{REDIS_PORT}")
         assert ping(here, "127.0.0.1", port) == "", proc.describe()  # closed: no upstream
         deadline = time.monotonic() + 15
         while "connect-failed" not in proc.stderr():
