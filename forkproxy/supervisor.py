@@ -1952,7 +1952,7 @@ class Supervisor:
         def accept_clients(events: int, batch: int = ACCEPT_BATCH,
                            patience: float = ACCEPT_PATIENCE) -> None:
             room = max_children - len(children)  # at most this many more children
-            began = 0.0  # the batch's first fork (0 when the first was denied: yields sooner)
+            began = 0.0  # the batch's first fork's time, for its patience
             # Counted, not range(): a builtin call, ~700 instructions a wakeup in 3.11.
             limit, taken = (batch if batch < room else room), 0
             while taken < limit:
@@ -2049,6 +2049,8 @@ class Supervisor:
                         # ENOMEM: seen only under fault injection (a poll of one socket
                         # allocates nothing); go on, accept() says when there are no more.
                         pass
+                elif not began:
+                    began = forked_at  # the first fork after denied clients (--allow)
                 elif forked_at - began > patience:
                     break  # forks this slow: signals and reaping first (poll says the rest)
                 # More are waiting (a burst): accept until accept() says there are no more.
