@@ -12,6 +12,7 @@ import json
 import os
 import socket
 import stat
+import sys
 import time
 
 from .config import printable
@@ -593,13 +594,18 @@ def write_start_error(message: str, fmt: str) -> None:
     Written as the supervisor writes its lines (never_wait), given START_ERROR_SETTLE
     to go out, then dropped, as at the supervisor's exit: a blocking write to a log whose
     reader stopped (a full pipe nobody reads) held the exit for ever, and with it
-    whatever waits for it (a restart policy, a script)."""
+    whatever waits for it (a restart policy, a script).
+
+    The text line is in stderr's encoding (the locale's), as every other line a command
+    says: in UTF-8 it named a path or host typed under a Latin-1 locale in mojibake
+    (`nÃ¼` for `nü`), which could not be copied back. JSON stays UTF-8, as JSON is."""
     logger = Logger(ERROR, fmt)
     logger.never_wait(lambda fd: None)  # settle, below, waits for the room
     if fmt == "json":
         logger.error("start-failed", error=message)
     else:
-        logger._put(f"forkproxy: error: {message}\n".encode("utf-8", "backslashreplace"),
+        encoding = getattr(sys.stderr, "encoding", None) or "utf-8"
+        logger._put(f"forkproxy: error: {message}\n".encode(encoding, "backslashreplace"),
                     os.getpid())
     logger.settle(START_ERROR_SETTLE)
 

@@ -3510,3 +3510,31 @@ def test_status_with_a_broken_psutil_says_so_in_one_line(
         reinstall = [sys.executable, "-m", "pip", "install", "--force-reinstall", *dependencies]
         assert lines[0].endswith(f"installed for {sys.executable} but it does not load; reinstall "
                                  f"forkproxy's dependencies: {shlex.join(reinstall)}"), result
+
+
+@pytest.fixture(scope="session")
+def latin1_locale(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """The environment of a host whose locale is ISO-8859-1: en_US.ISO-8859-1 compiled
+    with localedef into a LOCPATH of the test's own, nothing under /usr or /etc."""
+    where = tmp_path_factory.mktemp("locale")
+    subprocess.run([need("localedef"), "-i", "en_US", "-f", "ISO-8859-1",
+                    str(where / "en_US.ISO-8859-1")], check=True, capture_output=True)
+    return {"LOCPATH": str(where), "LC_ALL": "en_US.ISO-8859-1"}
+
+
+@pytest.mark.parametrize("option", ["--pid-file", "--status-socket", "--env-file"])
+def test_a_start_error_names_a_path_in_the_locales_encoding(
+        option: str, latin1_locale: dict[str, str], tmp_path: Path) -> None:
+    """Under a Latin-1 locale, a path typed with `ü` (byte 0xfc) is named with that byte,
+    as `links` and every other line a command says are written: the start error was
+    UTF-8 (`nÃ¼` on that terminal), a path the operator could not copy back."""
+    missing = os.fsencode(tmp_path) + b"/n\xfc/f"
+    env = {"PATH": os.environ["PATH"], **latin1_locale}
+    result = subprocess.run(
+        [os.fsencode(FORKPROXY), b"serve", b"--bind", b"127.0.0.1", b"0=198.18.0.5:1",
+         option.encode(), missing], capture_output=True, env=env, timeout=30)
+    assert result.returncode == 2, result
+    [line] = result.stderr.splitlines()
+    assert line.startswith(b"forkproxy: error: "), line
+    assert missing in line, line
+    assert b"\xc3\xbc" not in line, line
