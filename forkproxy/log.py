@@ -58,6 +58,10 @@ class Logger:
         self.level = level
         self.fmt = fmt
         self.fd = fd
+        # Text lines in stderr's encoding (the locale's), as every line a command writes:
+        # in UTF-8, a Latin-1 host's log named a --status-socket path typed with `ü` as
+        # `Ã¼`, which `status --status-socket` could not be given back. JSON is ASCII.
+        self.encoding = "utf-8" if fmt == "json" else text_encoding()
         # The supervisor's own way to stderr, never blocking (never_wait), -1 without
         # one: a description of the pipe or terminal of its own, opened non-blocking; or,
         # stderr a socket, a duplicate of it sent to with MSG_DONTWAIT (own_socket).
@@ -110,7 +114,7 @@ class Logger:
         stamp = _stamp()
         while True:
             data = (self._render(level, event, fields, stamp, pid) + "\n").encode(
-                "utf-8", "backslashreplace")
+                self.encoding, "backslashreplace")
             texts = [(len(v), k, v) for k, v in fields.items() if isinstance(v, str) and v]
             if len(data) <= MAX_LINE or not texts:
                 return data
@@ -143,7 +147,7 @@ class Logger:
         marks = [_STAMP_MARK, _PID_MARK] + [mark for mark, _ in slots]
         if any(rendered.count(mark) != 1 for mark in marks):
             return None
-        if len(rendered.encode("utf-8", "backslashreplace")) > MAX_LINE - _SLOTS_ROOM:
+        if len(rendered.encode(self.encoding, "backslashreplace")) > MAX_LINE - _SLOTS_ROOM:
             return None  # a line that may need cutting to fit (emit cuts it)
         template = rendered.replace("%", "%%") + "\n"
         for mark, directive in _DIRECTIVES:
@@ -176,7 +180,7 @@ class Logger:
         t = time.gmtime(now)
         line = template % (t.tm_year, t.tm_mon, t.tm_mday, t.tm_hour, t.tm_min, t.tm_sec,
                            now % 1 * 1000, os.getpid(), *values)
-        data = line.encode("utf-8", "backslashreplace")
+        data = line.encode(self.encoding, "backslashreplace")
         try:
             while data:  # a short write is finished, as in _write
                 data = data[os.write(self.fd, data):]
@@ -587,6 +591,11 @@ def crash_fields(exc: BaseException) -> dict[str, str]:
     return fields
 
 
+def text_encoding() -> str:
+    """The encoding of stderr, the locale's (or PYTHONIOENCODING's), UTF-8 without one."""
+    return getattr(sys.stderr, "encoding", None) or "utf-8"
+
+
 def write_start_error(message: str, fmt: str) -> None:
     """The one line of an error that keeps `serve` from starting (exit 2): plain text,
     or with `--log-format json` an `error` record whose event is `start-failed`.
@@ -604,8 +613,7 @@ def write_start_error(message: str, fmt: str) -> None:
     if fmt == "json":
         logger.error("start-failed", error=message)
     else:
-        encoding = getattr(sys.stderr, "encoding", None) or "utf-8"
-        logger._put(f"forkproxy: error: {message}\n".encode(encoding, "backslashreplace"),
+        logger._put(f"forkproxy: error: {message}\n".encode(logger.encoding, "backslashreplace"),
                     os.getpid())
     logger.settle(START_ERROR_SETTLE)
 

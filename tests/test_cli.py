@@ -3538,3 +3538,32 @@ def test_a_start_error_names_a_path_in_the_locales_encoding(
     assert line.startswith(b"forkproxy: error: "), line
     assert missing in line, line
     assert b"\xc3\xbc" not in line, line
+
+
+def test_the_text_log_names_a_path_in_the_locales_encoding(
+        latin1_locale: dict[str, str], tmp_path: Path) -> None:
+    """Under a Latin-1 locale, serve's `status-socket` line names the path typed with `ü`
+    (byte 0xfc) with that byte, so that it can be given back to `status --status-socket`:
+    the log was UTF-8 (`Ã¼`). JSON records escape it, whatever the locale."""
+    folder = os.fsencode(tmp_path) + b"/n\xfc"
+    os.mkdir(folder)
+    path = folder + b"/s.sock"
+    env = {"PATH": os.environ["PATH"], **latin1_locale}
+    for fmt, named in (("text", b"path=" + path + b"\n"), ("json", b'/n\\u00fc/s.sock"}\n')):
+        proxy = subprocess.Popen(
+            [os.fsencode(FORKPROXY), b"serve", b"--bind", b"127.0.0.1", b"0=198.18.0.5:1",
+             b"--log-format", fmt.encode(), b"--status-socket", path],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        try:
+            assert proxy.stdout is not None and proxy.stdout.readline().startswith(b"listening")
+            status = subprocess.run([os.fsencode(FORKPROXY), b"check", b"--status-socket", path],
+                                    capture_output=True, env=env, timeout=30)
+            assert status.returncode == 0, status
+        finally:
+            proxy.terminate()
+            _, log = proxy.communicate(timeout=30)
+        assert proxy.returncode == 0, log
+        [line] = [line for line in log.splitlines(keepends=True) if b"status-socket" in line]
+        assert line.endswith(named), line
+        if fmt == "json":
+            assert json.loads(line)["path"] == path.decode("latin-1"), line
