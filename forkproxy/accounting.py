@@ -276,15 +276,15 @@ def failure_reason(code: int) -> str:
 
     The word holds one error: the last connect's, after every address and retry failed
     (relay.connect_upstream keeps the last, and the `connect-failed` line says that one,
-    so the label and the line agree), passing over an address this host has no way to
-    after an earlier one failed otherwise (a name's AAAA without IPv6 here, its A
-    refused: `refused`). The last is the upstream's state at the end, when the client
-    was given up on: a service whose host went away mid-retries (refused, then timed
-    out) is counted as the host gone. When a connect was tried and the child's own
-    lookup of the name then failed too, the connect's error is the reason: it is what
-    the addresses in use said, and failed lookups have their own counter
-    (forkproxy_resolve_failures_total, the supervisor's). `unresolved` is for a failure
-    with no connect tried: the name gave no address."""
+    so the label and the line agree), passing over another address this host has no way
+    to (not out of local ports) after an earlier one failed otherwise (a name's AAAA
+    without IPv6 here, its A refused: `refused`). The last is the upstream's state at
+    the end, when the client was given up on: a service whose host went away mid-retries
+    (refused, then timed out) is counted as the host gone. When a connect was tried and
+    the child's own lookup of the name then failed too, the connect's error is the
+    reason: it is what the addresses in use said, and failed lookups have their own
+    counter (forkproxy_resolve_failures_total, the supervisor's). `unresolved` is for a
+    failure with no connect tried: the name gave no address."""
     code = failure_errno(code)
     return _REASON_OF_ERRNO.get(code, "other") if code else "unresolved"
 

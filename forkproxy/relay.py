@@ -745,8 +745,9 @@ def connect_upstream(
     """Connect to the first address that answers, retrying with a short backoff; return
     the socket, whether its address came from a lookup of the child's own, and None, or
     (when addresses failed before one answered) the one that answered and the last that
-    failed, with its error. "The last" passes over an address this host has no way to
-    (_NO_WAY_FROM_HERE) when an earlier one failed otherwise, here and in the error raised.
+    failed, with its error. "The last" passes over another address this host has no way
+    to (_no_way_from_here) when an earlier one failed otherwise, here and in the error
+    raised.
 
     While it backs off, and while a connect runs past its first WATCH_CONNECT_AFTER, it
     watches `client`: ClientLeft when the client resets. A client that only sent its FIN
