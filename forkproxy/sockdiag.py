@@ -80,6 +80,15 @@ _DATA_SEGS_IN_AT, _DATA_SEGS_OUT_AT = 152, 156
 # timeout to its end, one in progress up to now.
 _TOTAL_RTO_RECOVERIES_AT, _TOTAL_RTO_TIME_AT = 242, 244
 _U16 = struct.Struct("=H")
+_U64 = struct.Struct("=Q")
+# MPTCP (linux/mptcp.h, linux/inet_diag.h): its protocol number, the request attribute
+# that carries it, and where struct mptcp_info (its INET_DIAG_INFO) keeps the sequence of
+# the next byte written, of the first not yet acknowledged (u64, 5.9+), and the
+# milliseconds since data last went out and came in (u32, 6.11+).
+IPPROTO_MPTCP = 262
+INET_DIAG_REQ_PROTOCOL = 3
+_MPTCP_WRITE_SEQ_AT, _MPTCP_SND_UNA_AT = 16, 24
+_MPTCP_LAST_DATA_SENT_AT, _MPTCP_LAST_DATA_RECV_AT = 84, 88
 # A dump's messages come in datagrams the kernel sizes after the reader's buffer, up to
 # 32 KiB each; a larger buffer is never filled, a smaller one would truncate them.
 _RECV_SIZE = 1 << 16
@@ -144,15 +153,32 @@ def read_tcp_sockets(inodes: set[int]) -> dict[int, TcpSocket]:
         buffer = bytearray(_RECV_SIZE)
         for sequence, family in enumerate((socket.AF_INET, socket.AF_INET6), start=1):
             _dump(sock, family, sequence, inodes, buffer, found)
+        if found:
+            # An MPTCP socket (`mptcpize run`) holds TCP subflows that carry its inode:
+            # the TCP dump read one of them (1 B queued where the connection held
+            # 100 KiB; with two, the second path's peer, and `-`). Its own reading,
+            # asked only for sockets the TCP dump found, replaces it.
+            for sequence, family in enumerate((socket.AF_INET, socket.AF_INET6), start=3):
+                _dump(sock, family, sequence, inodes, buffer, found, IPPROTO_MPTCP)
     return found
 
 
 def _dump(sock: socket.socket, family: int, sequence: int, inodes: set[int],
-          buffer: bytearray, found: dict[int, TcpSocket]) -> None:
-    """Ask for one family's connected TCP sockets and decode those in `inodes` into
-    `found`. A family the kernel refuses (no IPv6 diag) adds nothing."""
-    request = _REQUEST.pack(family, socket.IPPROTO_TCP, 1 << (INET_DIAG_INFO - 1), 0,
-                            CONNECTED_STATES)
+          buffer: bytearray, found: dict[int, TcpSocket],
+          protocol: int = socket.IPPROTO_TCP) -> None:
+    """Ask for one family's connected TCP (or MPTCP) sockets and decode those in `inodes`
+    into `found`. A family or protocol the kernel refuses (no IPv6 or MPTCP diag) adds
+    nothing."""
+    if protocol == IPPROTO_MPTCP:
+        # 262 does not fit the request's u8: the kernel (5.9+) reads it from an attribute.
+        request = _REQUEST.pack(family, 0, 1 << (INET_DIAG_INFO - 1), 0, CONNECTED_STATES)
+        request += _ATTRIBUTE.pack(8, INET_DIAG_REQ_PROTOCOL) + _U32.pack(protocol)
+        inodes = set(found)  # only the connections' sockets the TCP dump saw
+        decode = _decode_mptcp
+    else:
+        request = _REQUEST.pack(family, protocol, 1 << (INET_DIAG_INFO - 1), 0,
+                                CONNECTED_STATES)
+        decode = _decode
     sock.send(_HEADER.pack(_HEADER.size + len(request), SOCK_DIAG_BY_FAMILY,
                            NLM_F_REQUEST | NLM_F_DUMP, sequence, 0) + request)
     view = memoryview(buffer)
@@ -172,20 +198,49 @@ def _dump(sock: socket.socket, family: int, sequence: int, inodes: set[int],
                 if length - _HEADER.size >= _MSG_SIZE:
                     inode = _U32.unpack_from(buffer, body + _INODE_AT)[0]
                     if inode in inodes:
-                        found[inode] = _decode(buffer, body, offset + length)
+                        found[inode] = decode(buffer, body, offset + length)
             offset += (length + 3) & ~3  # NLMSG_ALIGN
+
+
+def _remote(buffer: bytearray, body: int) -> tuple[bytes, int]:
+    """The peer's address and port in the inet_diag_msg at `body`, as TcpSocket.remote."""
+    port = _PORT.unpack_from(buffer, body + 6)[0]  # idiag_dport
+    if buffer[body] == socket.AF_INET:
+        return bytes(buffer[body + 24:body + 28]), port
+    remote = bytes(buffer[body + 24:body + 40])
+    return (remote[12:] if remote.startswith(_MAPPED) else remote), port
+
+
+def _decode_mptcp(buffer: bytearray, body: int, end: int) -> TcpSocket:
+    """The MPTCP socket's inet_diag_msg at `body`, its struct mptcp_info up to `end`:
+    what its writer queued and the peer has not acknowledged at the connection's level
+    (write_seq - snd_una, whichever subflow carries it), and its idle time where the
+    kernel keeps one (6.11+). Unanswered is not told: no per-subflow reasoning here."""
+    send_queue = idle_ms = None
+    at = body + _MSG_SIZE
+    while at + _ATTRIBUTE.size <= end:
+        length, kind = _ATTRIBUTE.unpack_from(buffer, at)
+        if length < _ATTRIBUTE.size:
+            break
+        info, size = at + _ATTRIBUTE.size, length - _ATTRIBUTE.size
+        if kind == INET_DIAG_INFO and size >= _MPTCP_SND_UNA_AT + 8:
+            write_seq, snd_una = _U64.unpack_from(buffer, info + _MPTCP_WRITE_SEQ_AT)[0], \
+                _U64.unpack_from(buffer, info + _MPTCP_SND_UNA_AT)[0]
+            send_queue = (write_seq - snd_una) % (1 << 64)
+            if size >= _MPTCP_LAST_DATA_RECV_AT + 4:
+                idle_ms = min(_U32.unpack_from(buffer, info + _MPTCP_LAST_DATA_SENT_AT)[0],
+                              _U32.unpack_from(buffer, info + _MPTCP_LAST_DATA_RECV_AT)[0])
+            break
+        at += (length + 3) & ~3  # RTA_ALIGN
+    if send_queue is None:  # no mptcp_info: the socket's own count, as TCP's Send-Q
+        send_queue = _U32.unpack_from(buffer, body + _WQUEUE_AT)[0]
+    return TcpSocket(buffer[body + 1], _remote(buffer, body), send_queue, idle_ms, None)
 
 
 def _decode(buffer: bytearray, body: int, end: int) -> TcpSocket:
     """The inet_diag_msg at `body`, its attributes up to `end`."""
-    family, state = buffer[body], buffer[body + 1]
-    port = _PORT.unpack_from(buffer, body + 6)[0]  # idiag_dport
-    if family == socket.AF_INET:
-        remote = bytes(buffer[body + 24:body + 28])
-    else:
-        remote = bytes(buffer[body + 24:body + 40])
-        if remote.startswith(_MAPPED):
-            remote = remote[12:]
+    state = buffer[body + 1]
+    remote, port = _remote(buffer, body)
     send_queue = _U32.unpack_from(buffer, body + _WQUEUE_AT)[0]
     idle_ms = unanswered_ms = None
     at = body + _MSG_SIZE
