@@ -27,6 +27,7 @@ from __future__ import annotations
 import os
 import socket
 import struct
+from collections.abc import Callable
 from typing import NamedTuple
 
 NETLINK_SOCK_DIAG = 4  # linux/netlink.h; the socket module has no name for it
@@ -88,6 +89,7 @@ _U64 = struct.Struct("=Q")
 IPPROTO_MPTCP = 262
 INET_DIAG_REQ_PROTOCOL = 3
 _MPTCP_WRITE_SEQ_AT, _MPTCP_SND_UNA_AT = 16, 24
+_MPTCP_FLAGS_AT, _MPTCP_INFO_FLAG_FALLBACK = 8, 1  # u32 mptcpi_flags
 _MPTCP_LAST_DATA_SENT_AT, _MPTCP_LAST_DATA_RECV_AT = 84, 88
 # A dump's messages come in datagrams the kernel sizes after the reader's buffer, up to
 # 32 KiB each; a larger buffer is never filled, a smaller one would truncate them.
@@ -174,7 +176,7 @@ def _dump(sock: socket.socket, family: int, sequence: int, inodes: set[int],
         request = _REQUEST.pack(family, 0, 1 << (INET_DIAG_INFO - 1), 0, CONNECTED_STATES)
         request += _ATTRIBUTE.pack(8, INET_DIAG_REQ_PROTOCOL) + _U32.pack(protocol)
         inodes = set(found)  # only the connections' sockets the TCP dump saw
-        decode = _decode_mptcp
+        decode: Callable[[bytearray, int, int, TcpSocket | None], TcpSocket] = _decode_mptcp
     else:
         request = _REQUEST.pack(family, protocol, 1 << (INET_DIAG_INFO - 1), 0,
                                 CONNECTED_STATES)
@@ -198,7 +200,8 @@ def _dump(sock: socket.socket, family: int, sequence: int, inodes: set[int],
                 if length - _HEADER.size >= _MSG_SIZE:
                     inode = _U32.unpack_from(buffer, body + _INODE_AT)[0]
                     if inode in inodes:
-                        found[inode] = decode(buffer, body, offset + length)
+                        found[inode] = decode(buffer, body, offset + length,
+                                              found.get(inode))
             offset += (length + 3) & ~3  # NLMSG_ALIGN
 
 
@@ -211,12 +214,17 @@ def _remote(buffer: bytearray, body: int) -> tuple[bytes, int]:
     return (remote[12:] if remote.startswith(_MAPPED) else remote), port
 
 
-def _decode_mptcp(buffer: bytearray, body: int, end: int) -> TcpSocket:
+def _decode_mptcp(buffer: bytearray, body: int, end: int,
+                  subflow: TcpSocket | None) -> TcpSocket:
     """The MPTCP socket's inet_diag_msg at `body`, its struct mptcp_info up to `end`:
     what its writer queued and the peer has not acknowledged at the connection's level
-    (write_seq - snd_una, whichever subflow carries it), and its idle time where the
-    kernel keeps one (6.11+). Unanswered is not told: no per-subflow reasoning here."""
-    send_queue = idle_ms = None
+    (write_seq - snd_una, whichever subflow carries it), and where the kernel keeps its
+    times (6.11+) its idle time and how long data sent has gone unanswered (the plain
+    rule: sent after the peer's last data; the TCP reading's refinements are of one
+    path's retransmissions, which another subflow may cover). Fallen back to TCP (a
+    peer without MPTCP), the one subflow is the connection: its TCP reading (`subflow`),
+    with what the MPTCP socket has not handed it yet."""
+    send_queue = idle_ms = unanswered_ms = None
     at = body + _MSG_SIZE
     while at + _ATTRIBUTE.size <= end:
         length, kind = _ATTRIBUTE.unpack_from(buffer, at)
@@ -227,17 +235,28 @@ def _decode_mptcp(buffer: bytearray, body: int, end: int) -> TcpSocket:
             write_seq, snd_una = _U64.unpack_from(buffer, info + _MPTCP_WRITE_SEQ_AT)[0], \
                 _U64.unpack_from(buffer, info + _MPTCP_SND_UNA_AT)[0]
             send_queue = (write_seq - snd_una) % (1 << 64)
+            if subflow is not None and _U32.unpack_from(buffer, info + _MPTCP_FLAGS_AT)[0] \
+                    & _MPTCP_INFO_FLAG_FALLBACK:
+                # Fallen back, snd_una is what went to the subflow (acknowledged or not).
+                return subflow._replace(send_queue=subflow.send_queue + send_queue)
             if size >= _MPTCP_LAST_DATA_RECV_AT + 4:
-                idle_ms = min(_U32.unpack_from(buffer, info + _MPTCP_LAST_DATA_SENT_AT)[0],
-                              _U32.unpack_from(buffer, info + _MPTCP_LAST_DATA_RECV_AT)[0])
+                sent = _U32.unpack_from(buffer, info + _MPTCP_LAST_DATA_SENT_AT)[0]
+                received = _U32.unpack_from(buffer, info + _MPTCP_LAST_DATA_RECV_AT)[0]
+                idle_ms = min(sent, received)
+                # An answer waiting to be read (a client that stopped reading holds the
+                # relay back) is not the peer's to give, as for TCP.
+                unanswered_ms = 0 if _U32.unpack_from(buffer, body + _RQUEUE_AT)[0] or (
+                    sent >= received) else sent
             break
         at += (length + 3) & ~3  # RTA_ALIGN
     if send_queue is None:  # no mptcp_info: the socket's own count, as TCP's Send-Q
         send_queue = _U32.unpack_from(buffer, body + _WQUEUE_AT)[0]
-    return TcpSocket(buffer[body + 1], _remote(buffer, body), send_queue, idle_ms, None)
+    return TcpSocket(buffer[body + 1], _remote(buffer, body), send_queue, idle_ms,
+                     unanswered_ms)
 
 
-def _decode(buffer: bytearray, body: int, end: int) -> TcpSocket:
+def _decode(buffer: bytearray, body: int, end: int,
+            _subflow: TcpSocket | None = None) -> TcpSocket:
     """The inet_diag_msg at `body`, its attributes up to `end`."""
     state = buffer[body + 1]
     remote, port = _remote(buffer, body)

@@ -102,3 +102,36 @@ def test_status_reads_an_mptcp_connection_not_one_of_its_subflows(
             assert write_seq - snd_una > 64 * 1024, out  # the socket holds it, not a subflow
             assert child["queued_to_client"] == write_seq - snd_una, (child, out)
             assert child["idle"] is not None and child["idle"] >= 0.5, child
+
+
+def test_status_reads_an_mptcp_connection_fallen_back_to_tcp_whole(
+    start_proxy: StartProxy, tmp_path: Path, env: dict[str, str],
+) -> None:
+    """The proxy's MPTCP socket toward a plain TCP upstream falls back to TCP: the MPTCP
+    socket then counts what it handed its one subflow as acknowledged, so its own
+    reading alone showed 96 KiB queued toward an upstream that reads nothing where the
+    subflow held 130 KiB more. Queued is now both, and UNANSWERED the subflow's."""
+    mptcpize = need("mptcpize")
+    sock_path = tmp_path / "status.sock"
+    proxy = start_proxy("--status-socket", str(sock_path),
+                        f"127.0.0.1:0=127.0.0.1:{UPSTREAM_PORT}", env=env,
+                        prefix=(*in_own_network(), mptcpize, "run"))
+    # The upstream plain TCP, accepting (the kernel does) and never reading.
+    with in_network(proxy.network), socket.socket() as upstream:
+        upstream.bind(("127.0.0.1", UPSTREAM_PORT))
+        upstream.listen()
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM, IPPROTO_MPTCP) as client:
+            client.connect(("127.0.0.1", proxy.port))
+            client.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                while True:
+                    client.send(b"u" * (1 << 16))
+            time.sleep(1.0)  # every queue full: nothing moves any more
+            [child] = status_json(sock_path, env)["children"]
+            out = subprocess.run(
+                [need("ss"), "-tnH", "state", "established", f"( dport = :{UPSTREAM_PORT} )"],
+                capture_output=True, text=True, timeout=30, check=True).stdout
+            subflow_queue = int(out.split()[1])  # Send-Q (no Netid column with -t)
+            assert subflow_queue > 0, out
+            assert child["queued_to_upstream"] >= subflow_queue, (child, out)
+            assert child["unanswered"] is not None and child["unanswered"] >= 0.5, child
