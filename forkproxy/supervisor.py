@@ -94,6 +94,7 @@ from .process_name import REPORTER, RESOLVER, name_process
 from .relay import Address, RawSocket
 
 NETLINK_SOCK_DIAG = 4  # as sockdiag.py's: not imported, the supervisor stays lean
+IPPROTO_MPTCP = 262  # linux/in.h (socket.IPPROTO_MPTCP: Python 3.10+)
 TYPE_CHECKING = False  # not typing's: importing typing costs the supervisor heap (config.py)
 if TYPE_CHECKING:
     from resource import struct_rusage
@@ -3246,8 +3247,16 @@ class Supervisor:
             except OSError as exc:
                 # `--flag VALUE: ...`, as every error about an option's value starts, so
                 # that one from FORKPROXY_KEEPALIVE names the variable (name_variable).
+                why = ""
+                if exc.errno == errno.ENOPROTOOPT and listener.sock.getsockopt(
+                        socket.SOL_SOCKET, socket.SO_PROTOCOL) == IPPROTO_MPTCP:
+                    # `mptcpize run` (which socket.proto does not see: it changes the
+                    # socket() call under Python): Linux takes no TCP_USER_TIMEOUT on an
+                    # MPTCP socket (6.18 still), nor keepalive's times before 6.2.
+                    why = (" (an MPTCP socket, `mptcpize run`: Linux does not take this "
+                           "option on MPTCP sockets; run without it, or without mptcpize)")
                 raise ConfigError(f"{option}: cannot set it on {listener.describe()}: "
-                                  f"{exc.strerror or exc}") from None
+                                  f"{exc.strerror or exc}{why}") from None
 
     # -- reload ------------------------------------------------------------------------
 

@@ -135,3 +135,21 @@ def test_status_reads_an_mptcp_connection_fallen_back_to_tcp_whole(
             assert subflow_queue > 0, out
             assert child["queued_to_upstream"] >= subflow_queue, (child, out)
             assert child["unanswered"] is not None and child["unanswered"] >= 0.5, child
+
+
+def test_user_timeout_under_mptcpize_says_mptcp_is_why(
+    tmp_path: Path, env: dict[str, str],
+) -> None:
+    """Linux takes no TCP_USER_TIMEOUT on an MPTCP socket: `mptcpize run forkproxy serve
+    --user-timeout 30` exits 2 with one line, which said only `Protocol not available`
+    (an operator looking for what is missing); it now names MPTCP and the two ways out."""
+    done = subprocess.run(
+        [*in_own_network(), need("mptcpize"), "run", FORKPROXY, "serve", "--user-timeout",
+         "30", "--status-socket", str(tmp_path / "status.sock"), "127.0.0.1:0=127.0.0.1:7000"],
+        capture_output=True, text=True, env=env, timeout=60, check=False)
+    assert done.returncode == 2, done
+    [line] = done.stderr.splitlines()
+    assert line.startswith("forkproxy: error: --user-timeout 30: cannot set it on "), line
+    assert line.endswith(": Protocol not available (an MPTCP socket, `mptcpize run`: Linux does "
+                         "not take this option on MPTCP sockets; run without it, or without "
+                         "mptcpize)"), line
