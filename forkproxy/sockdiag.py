@@ -88,6 +88,7 @@ _U64 = struct.Struct("=Q")
 # milliseconds since data last went out and came in (u32, 6.11+).
 IPPROTO_MPTCP = 262
 INET_DIAG_REQ_PROTOCOL = 3
+INET_DIAG_ULP_INFO = 19  # a TCP socket's upper layer protocol, by name (tcp_diag, 5.3+)
 _MPTCP_WRITE_SEQ_AT, _MPTCP_SND_UNA_AT = 16, 24
 _MPTCP_FLAGS_AT, _MPTCP_INFO_FLAG_FALLBACK = 8, 1  # u32 mptcpi_flags
 _MPTCP_LAST_DATA_SENT_AT, _MPTCP_LAST_DATA_RECV_AT = 84, 88
@@ -153,29 +154,31 @@ def read_tcp_sockets(inodes: set[int]) -> dict[int, TcpSocket]:
                        NETLINK_SOCK_DIAG) as sock:
         sock.settimeout(_KERNEL_TIMEOUT)
         buffer = bytearray(_RECV_SIZE)
+        subflows: set[int] = set()
         for sequence, family in enumerate((socket.AF_INET, socket.AF_INET6), start=1):
-            _dump(sock, family, sequence, inodes, buffer, found)
-        if found:
+            _dump(sock, family, sequence, inodes, buffer, found, subflows=subflows)
+        if subflows:
             # An MPTCP socket (`mptcpize run`) holds TCP subflows that carry its inode:
             # the TCP dump read one of them (1 B queued where the connection held
-            # 100 KiB; with two, the second path's peer, and `-`). Its own reading,
-            # asked only for sockets the TCP dump found, replaces it.
+            # 100 KiB; with two, the second path's peer, and `-`). Its own reading
+            # replaces it. Asked only when a subflow was seen (its ULP is "mptcp"): an
+            # MPTCP dump where no mptcp_diag is loaded makes the kernel run modprobe,
+            # at every status and scrape on a kernel without MPTCP.
             for sequence, family in enumerate((socket.AF_INET, socket.AF_INET6), start=3):
-                _dump(sock, family, sequence, inodes, buffer, found, IPPROTO_MPTCP)
+                _dump(sock, family, sequence, subflows, buffer, found, IPPROTO_MPTCP)
     return found
 
 
 def _dump(sock: socket.socket, family: int, sequence: int, inodes: set[int],
           buffer: bytearray, found: dict[int, TcpSocket],
-          protocol: int = socket.IPPROTO_TCP) -> None:
+          protocol: int = socket.IPPROTO_TCP, subflows: set[int] | None = None) -> None:
     """Ask for one family's connected TCP (or MPTCP) sockets and decode those in `inodes`
-    into `found`. A family or protocol the kernel refuses (no IPv6 or MPTCP diag) adds
-    nothing."""
+    into `found`, adding to `subflows` those that are an MPTCP socket's subflow. A family
+    or protocol the kernel refuses (no IPv6 or MPTCP diag) adds nothing."""
     if protocol == IPPROTO_MPTCP:
         # 262 does not fit the request's u8: the kernel (5.9+) reads it from an attribute.
         request = _REQUEST.pack(family, 0, 1 << (INET_DIAG_INFO - 1), 0, CONNECTED_STATES)
         request += _ATTRIBUTE.pack(8, INET_DIAG_REQ_PROTOCOL) + _U32.pack(protocol)
-        inodes = set(found)  # only the connections' sockets the TCP dump saw
         decode: Callable[[bytearray, int, int, TcpSocket | None], TcpSocket] = _decode_mptcp
     else:
         request = _REQUEST.pack(family, protocol, 1 << (INET_DIAG_INFO - 1), 0,
@@ -202,7 +205,26 @@ def _dump(sock: socket.socket, family: int, sequence: int, inodes: set[int],
                     if inode in inodes:
                         found[inode] = decode(buffer, body, offset + length,
                                               found.get(inode))
+                        if subflows is not None and _mptcp_subflow(buffer, body,
+                                                                   offset + length):
+                            subflows.add(inode)
             offset += (length + 3) & ~3  # NLMSG_ALIGN
+
+
+def _mptcp_subflow(buffer: bytearray, body: int, end: int) -> bool:
+    """Is the TCP socket of the inet_diag_msg at `body` an MPTCP subflow: does its
+    INET_DIAG_ULP_INFO (sent with INET_DIAG_INFO) name the "mptcp" ULP?"""
+    at = body + _MSG_SIZE
+    while at + _ATTRIBUTE.size <= end:
+        length, kind = _ATTRIBUTE.unpack_from(buffer, at)
+        if length < _ATTRIBUTE.size:
+            break
+        if kind == INET_DIAG_ULP_INFO:
+            # Its first nested attribute is INET_DIAG_ULP_INFO_NAME, a C string.
+            name = at + 2 * _ATTRIBUTE.size
+            return bytes(buffer[name:min(name + 6, end)]) == b"mptcp\0"
+        at += (length + 3) & ~3  # RTA_ALIGN
+    return False
 
 
 def _remote(buffer: bytearray, body: int) -> tuple[bytes, int]:
