@@ -104,8 +104,6 @@ def test_listens_on_a_link_local_address_with_a_zone(lab: Lab, ns: Namespace) ->
     assert ns.run([sys.executable, "-c", code], timeout=20).strip() == "connected"
 
 
-@pytest.mark.netns
-@pytest.mark.parametrize("zone", ["nosuch0", "99999"])
 def serve_resolved(lab: Lab, namespace: Namespace, argv: list[str],
                    addresses: str) -> tuple[Process, int]:
     """A forkproxy started in `namespace` with one link to a name, once its start's lookup
@@ -120,6 +118,8 @@ def serve_resolved(lab: Lab, namespace: Namespace, argv: list[str],
     return proc, port
 
 
+@pytest.mark.netns
+@pytest.mark.parametrize("zone", ["nosuch0", "99999"])
 def test_a_zone_naming_no_interface_is_one_line_and_exit_2(
     lab: Lab, ns: Namespace, zone: str
 ) -> None:
