@@ -94,7 +94,9 @@ from .process_name import REPORTER, RESOLVER, name_process
 from .relay import Address, RawSocket
 
 NETLINK_SOCK_DIAG = 4  # as sockdiag.py's: not imported, the supervisor stays lean
-IPPROTO_MPTCP = 262  # linux/in.h (socket.IPPROTO_MPTCP: Python 3.10+)
+# As sockdiag.py's, not imported (the supervisor stays lean); not socket's, which a
+# Python built on headers older than glibc 2.32 lacks.
+IPPROTO_MPTCP = 262
 TYPE_CHECKING = False  # not typing's: importing typing costs the supervisor heap (config.py)
 if TYPE_CHECKING:
     from resource import struct_rusage

@@ -17,10 +17,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from forkproxy.sockdiag import IPPROTO_MPTCP
+
 from conftest import FORKPROXY, Proxy, in_network, in_own_network, need, poll
 
 StartProxy = Callable[..., Proxy]
-IPPROTO_MPTCP = 262
 UPSTREAM_PORT = 7000  # the namespace is the proxy's own: nothing else listens there
 
 
