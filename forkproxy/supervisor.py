@@ -2122,6 +2122,16 @@ class Supervisor:
         that it listens again is always written after one that it could not."""
         if isinstance(listener, listeners.HeldBacklog):
             return  # its clients are accepted already: never EINVAL
+        if self.taker_told:
+            # Told yes at a take-over: the sockets are the taker's, which stops listening
+            # on those it has no link for (`unlisten`), often before we read its close.
+            # Not shut from outside: no line, and never listened on again (the port would
+            # be held, a client queued there reset at our stop). Unwatched, and noted
+            # as not listening: should we serve on after all (_taker_closed), the next
+            # SIGALRM watches it again, and its handler lands here again, listening again.
+            self._unwatch(listener.fd)
+            self.not_listening.add(listener)
+            return
         name = listener.link.name
         listen = _listener_ends(listener)[0]
         try:

@@ -25,6 +25,7 @@ from typing import Any
 
 import psutil
 import pytest
+from test_supervisor import injected
 
 from forkproxy.control import STAGING_LEFT_AFTER, taker_refused
 from forkproxy.supervisor import TAKE_OVER_TIMEOUT
@@ -3369,4 +3370,30 @@ def test_take_over_found_by_default_closes_a_link_no_longer_configured(
         assert status.returncode == 0, status
         assert json.loads(status.stdout)["pid"] == new.pid
     assert old.proc.wait(30) == 0
+    assert new.stop() == 0
+
+
+def test_a_link_the_taker_drops_is_not_listened_on_again_by_the_old_supervisor(
+    start_proxy: Callable[..., Proxy], tcp_server: ServerFactory, tmp_path: Path,
+) -> None:
+    """Once it told the taker yes, the old supervisor watched its listeners until it read
+    the taker's close; the link the taker then stopped listening on (`unlisten`) read to
+    it as a socket shut down from outside: a false `listener-shut` error, and it listened
+    on that port again until it stopped, a client queued there reset. Made to happen on
+    cue: the old one held (strace) for a while after its yes, so that both come in one
+    poll, the listener first."""
+    server = tcp_server(echo)
+    sock_path = tmp_path / "s.sock"
+    old = start_proxy("--status-socket", str(sock_path), f"127.0.0.1:0=127.0.0.1:{server.port}",
+                      "127.0.0.1:0=127.0.0.1:1", expect=2)
+    kept, removed = old.ports
+    with injected(old.pid, "sendto", "delay_exit=1500000"):
+        new = start_proxy("--take-over", "--status-socket", str(sock_path),
+                          f"127.0.0.1:{kept}=127.0.0.1:{server.port}")
+        assert wait_for(lambda: " unlisten " in new.log())
+        assert old.proc.wait(30) == 0
+    assert " listener-shut " not in old.log(), old.log()
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", removed), timeout=20).close()
+    assert _echoed(kept, b"served by the new one")
     assert new.stop() == 0
