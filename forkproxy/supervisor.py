@@ -1386,8 +1386,11 @@ class Supervisor:
             # the loop; lazily, so that no descriptor is taken unless lines wait.
             self.log.never_wait(self._log_held, lazily=True)
             self._log_unknown_variables()
+            # Before "listening", so that ready is at full speed; and before start(): at a
+            # take-over, start() tells the old supervisor to stop accepting, and nobody
+            # accepted while this warm-up ran (a second or more on a loaded host).
+            relay.preload(self.options, self.log)
             lines = self.start()
-            relay.preload(self.options, self.log)  # before "listening": ready is at full speed
             # One descriptor to spare, for accept(): at exactly the limit our own need, the
             # proxy said `listening` and every client waited in the backlog for ever.
             os.close(os.dup(2))
