@@ -366,6 +366,17 @@ def sysctl(name: str) -> int | None:
         return None
 
 
+def port_range() -> tuple[int, int] | None:
+    """This network namespace's net.ipv4.ip_local_port_range (first, last), the ports a
+    connect() takes its own from, or None where /proc/sys does not say."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range", "rb") as file:
+            first, last = (int(word) for word in file.read().split())
+    except (OSError, ValueError):
+        return None
+    return first, last
+
+
 def bind_refused(port: int) -> str:
     """Why bind() to `port` was refused (EACCES), for an operator: a port below this
     network namespace's net.ipv4.ip_unprivileged_port_start without the capability, or,

@@ -498,10 +498,65 @@ def _reaped_within(pid: int, seconds: float) -> bool:
 
 # tcp_tw_reuse=1 first: measured (docs/wire.md, TIME_WAIT) to let every connect through
 # toward a remote upstream, where the default 2 reuses TIME_WAIT ports on loopback only.
+# Said only where it would help: _out_of_ports reads this namespace's sysctls.
 _OUT_OF_PORTS = ("out of local ports toward the upstream: each connection holds one, and "
                  "for 60 s after a close the proxy began (TIME_WAIT); set "
                  "net.ipv4.tcp_tw_reuse=1 (a TIME_WAIT port reused after 1 s), widen "
                  "net.ipv4.ip_local_port_range or spread over more upstream addresses")
+_WIDEN = "widen net.ipv4.ip_local_port_range or spread over more upstream addresses"
+
+
+def _is_loopback(host: str | None) -> bool:
+    """Whether `host` (an address, perhaps bracketed with a port, as peer_text writes
+    one) is a loopback one: 127/8, ::1 or ::ffff:127/104, as tcp_tw_reuse=2 tells them."""
+    text = host or ""
+    if text.startswith("["):
+        text = text[1:].partition("]")[0]
+    elif text.count(":") == 1:
+        text = text.partition(":")[0]  # an IPv4 address with its port
+    text = text.partition("%")[0]
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            packed = socket.inet_pton(family, text)
+        except OSError:
+            continue
+        if family == socket.AF_INET6 and packed[:12] == bytes(10) + b"\xff\xff":
+            packed = packed[12:]  # an IPv4-mapped address
+        return packed[0] == 127 if len(packed) == 4 else packed == bytes(15) + b"\x01"
+    return False
+
+
+def _out_of_ports(host: str | None) -> str:
+    """connect-failed's detail for EADDRNOTAVAIL out of local ports toward `host`, by this
+    network namespace's sysctls, read when the line is written: the range in force and
+    its size, and tcp_tw_reuse=1 advised only where it would free a port. The fixed advice
+    told operators to set tcp_tw_reuse=1 where it was 1 already (or 2, toward a loopback
+    upstream: reused already), where the ports were live connections', and where
+    tcp_timestamps=0 makes any tcp_tw_reuse reuse nothing (measured: 1 port, 4 clients a
+    second apart, 4 served at reuse 1 and 2 toward 127.0.0.1, 1 with timestamps off)."""
+    reuse = listeners.sysctl("net/ipv4/tcp_tw_reuse")
+    if reuse is None:
+        return _OUT_OF_PORTS  # /proc/sys hidden: the advice for every host, as before
+    span = listeners.port_range()
+    here = "" if span is None else (
+        f": {span[0]}-{span[1]} here, {span[1] - span[0] + 1} "
+        f"port{'s' if span[1] > span[0] else ''}")
+    head = (f"out of local ports toward the upstream: each connection holds one "
+            f"(net.ipv4.ip_local_port_range{here}), live or for 60 s after a close the "
+            f"proxy began (TIME_WAIT); ")
+    if listeners.sysctl("net/ipv4/tcp_timestamps") == 0:
+        return head + (f"net.ipv4.tcp_timestamps=0 here, without which no tcp_tw_reuse "
+                       f"reuses a TIME_WAIT port: set tcp_timestamps=1 and "
+                       f"tcp_tw_reuse=1, {_WIDEN}")
+    if reuse == 1 or (reuse == 2 and _is_loopback(host)):
+        delay = listeners.sysctl("net/ipv4/tcp_tw_reuse_delay")  # ms, Linux 6.13+
+        after = "1 s" if delay is None else f"{delay / 1000:g} s"
+        return head + (f"net.ipv4.tcp_tw_reuse={reuse} here reuses a TIME_WAIT port after "
+                       f"{after} already, so live connections (or ones closed since) hold "
+                       f"them: {_WIDEN}")
+    loopback_only = " (2 here reuses them toward loopback only)" if reuse == 2 else ""
+    return head + (f"set net.ipv4.tcp_tw_reuse=1 (a TIME_WAIT port reused after 1 s)"
+                   f"{loopback_only}, {_WIDEN}")
 # The `detail` of a connect-failed line whose EADDRNOTAVAIL was no source address (an
 # IPv4 upstream, an IPv6 one), not the local ports' (listeners.no_source_address).
 _NO_SOURCE_ADDRESS = (
@@ -525,7 +580,6 @@ _LOOPBACK_DOWN = ("the loopback interface is down in this network namespace: `ip
 # file permissions. Network plugins install such routes (Calico: a blackhole route for
 # each block of pod addresses it hands out, so a pod's address no pod holds now fails so).
 _CONNECT_FAILED_DETAIL = {
-    errno.EADDRNOTAVAIL: _OUT_OF_PORTS,
     errno.EINVAL: "no route: a blackhole route on this host covers the upstream's address "
                   "(`ip route show table all match ADDRESS` lists it; or an `ip rule`), as "
                   "a network plugin's for addresses no container holds any more",
@@ -546,9 +600,11 @@ _LINK_LOCAL_NO_ZONE = (
 def _error_detail(kind: int, host: str | None) -> str | None:
     """The `detail` of a connect (connect-failed) or an address (connect-fallback) that
     failed with errno `kind` toward `host` (an address as text, perhaps bracketed with a
-    port, as peer_text writes one), by _CONNECT_FAILED_DETAIL; None for an error that
-    says enough. EINVAL: a link-local IPv6 address with no zone (a name's, which has
-    none) fails so as a blackhole route does."""
+    port, as peer_text writes one), by _CONNECT_FAILED_DETAIL (out of local ports:
+    _out_of_ports); None for an error that says enough. EINVAL: a link-local IPv6
+    address with no zone (a name's, which has none) fails so as a blackhole route does."""
+    if kind == errno.EADDRNOTAVAIL:
+        return _out_of_ports(host)
     if kind != errno.EINVAL:
         return _CONNECT_FAILED_DETAIL.get(kind)
     address = (host or "").rpartition("]")[0].lstrip("[") or (host or "")

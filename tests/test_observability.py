@@ -4126,17 +4126,20 @@ def test_a_connect_out_of_local_ports_says_what_to_widen(tmp_path: Path) -> None
     """A connect that fails with EADDRNOTAVAIL (the local ports toward one upstream
     address used up: ~28,000 by default, fewer than --max-children may allow) said only
     "Cannot assign requested address" (found by a scale hunt). It says which sysctl to
-    widen now, and that net.ipv4.tcp_tw_reuse=1 frees TIME_WAIT ports after 1 s. In a
-    network namespace of its own whose port range is one port."""
+    widen now. In a network namespace of its own whose port range is one port, held by a
+    live connection, toward a loopback upstream, where the namespace's default
+    net.ipv4.tcp_tw_reuse=2 reuses TIME_WAIT ports already: setting it to 1 is not
+    advised (tests/test_netns_limits.py: where it is)."""
     out = run_in_own_netns(tmp_path, _OUT_OF_PORTS,
                            'net.ipv4.ip_local_port_range="40000 40000"', FORKPROXY)
     assert out.returncode == 0, out
     [line] = [x for x in out.stdout.splitlines() if " connect-failed " in x]
     assert ' error="Cannot assign requested address" failures=1 detail="out of local ports ' \
         'toward the upstream: ' in line, line
-    assert "net.ipv4.ip_local_port_range" in line, line
-    # The remedy that needs no more ports: measured in docs/wire.md (TIME_WAIT).
-    assert "set net.ipv4.tcp_tw_reuse=1 (a TIME_WAIT port reused after 1 s)" in line, line
+    assert "net.ipv4.ip_local_port_range: 40000-40000 here, 1 port" in line, line
+    assert "net.ipv4.tcp_tw_reuse=2 here reuses a TIME_WAIT port after 1 s already" \
+        in line, line
+    assert "set net.ipv4.tcp_tw_reuse" not in line, line
 
 
 def test_a_metrics_process_out_of_descriptors_pauses_rather_than_spins(

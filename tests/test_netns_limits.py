@@ -1,0 +1,110 @@
+"""Kernel network limits changed live in a network namespace of the test's own (its own
+sysctls, never the host's), under a real forkproxy with real peers (sysctl38): what
+forkproxy says there must fit the limits in force."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from conftest import FORKPROXY, netns_lab, wait_for
+from netns import Lab, Namespace, Process
+
+pytestmark = [pytest.mark.netns]
+
+PORT, SERVER_PORT = 6379, 7000
+
+
+@pytest.fixture
+def lab() -> Iterator[Lab]:
+    with netns_lab("sysctl38-") as lab:
+        yield lab
+
+
+def started(lab: Lab, ns: Namespace, *args: str) -> Process:
+    """`forkproxy serve ARGS` in `ns`, once its listening line is out."""
+    sock = lab.workdir / f"{lab.started + 1:02d}.sock"
+    proc = lab.spawn(ns, [FORKPROXY, "serve", "--status-socket", str(sock), *args],
+                     label="forkproxy")
+    proc.wait_stdout(lambda lines: len(lines) >= 1, 30)
+    return proc
+
+
+def connect_failed(proc: Process) -> list[str]:
+    return [line for line in proc.stderr().splitlines() if " connect-failed " in line]
+
+
+# One client served, its child holding the one local port toward the upstream, then one
+# whose child's connect fails: each client from a port of its own outside the range, not
+# from the one the proxy needs.
+HELD_THEN_REFUSED = """
+import socket, sys
+def client(source):
+    sock = socket.socket()
+    sock.bind((sys.argv[2], source))
+    sock.connect((sys.argv[2], int(sys.argv[1])))
+    sock.settimeout(10)
+    return sock
+held = client(50001)
+held.sendall(b"PING\\r\\n")
+assert held.recv(7) == b"+PONG\\r\\n"
+try:
+    assert client(50002).recv(1) == b"", "the second client was served"
+except ConnectionResetError:
+    pass  # its PING unread: the close resets
+"""
+
+
+@pytest.mark.parametrize(("reuse", "timestamps", "remote", "advice"), [
+    # tcp_tw_reuse reuses TIME_WAIT ports already: only more ports help.
+    (1, 1, False, "net.ipv4.tcp_tw_reuse=1 here reuses a TIME_WAIT port after 1 s "
+                  "already, so live connections (or ones closed since) hold them: widen "),
+    (2, 1, False, "net.ipv4.tcp_tw_reuse=2 here reuses a TIME_WAIT port after 1 s "
+                  "already, so live connections (or ones closed since) hold them: widen "),
+    # 2 reuses toward loopback only: 1 would help toward a remote upstream.
+    (2, 1, True, "set net.ipv4.tcp_tw_reuse=1 (a TIME_WAIT port reused after 1 s) (2 here "
+                 "reuses them toward loopback only), widen "),
+    (0, 1, False, "set net.ipv4.tcp_tw_reuse=1 (a TIME_WAIT port reused after 1 s), widen "),
+    # Without timestamps no tcp_tw_reuse reuses anything.
+    (1, 0, False, "net.ipv4.tcp_timestamps=0 here, without which no tcp_tw_reuse reuses a "
+                  "TIME_WAIT port: set tcp_timestamps=1 and tcp_tw_reuse=1, widen "),
+])
+def test_out_of_local_ports_advises_what_would_free_one_here(
+    lab: Lab, reuse: int, timestamps: int, remote: bool, advice: str
+) -> None:
+    """A connect out of local ports (EADDRNOTAVAIL) said "set net.ipv4.tcp_tw_reuse=1"
+    whatever the host: where it was 1 already, or 2 (the default) toward a loopback
+    upstream, which reuses TIME_WAIT ports too (measured live: one port, clients a second
+    apart, every one served at 1 and 2 toward 127.0.0.1, one at 0), and where
+    tcp_timestamps=0 makes any tcp_tw_reuse reuse nothing (one served at 1). The line
+    reads this namespace's sysctls now: the range in force and its size, and tcp_tw_reuse
+    advised only where it would free a port."""
+    box = lab.namespace("box")
+    upstream = "127.0.0.1"
+    if remote:
+        # The upstream on another host, as a container's: reached over a veth.
+        far = lab.namespace("far")
+        lab.cable(box, "198.18.38.1", far, "198.18.38.2")
+        upstream = "198.18.38.2"
+        lab.spawn(far, ["redis-server", "--port", str(SERVER_PORT), "--bind", upstream,
+                        "--save", "", "--appendonly", "no", "--protected-mode", "no",
+                        "--dir", str(lab.workdir)],
+                  label="redis-far")
+        assert wait_for(lambda: f"{upstream}:{SERVER_PORT}" in far.tcp_listeners())
+    else:
+        lab.redis(box, SERVER_PORT, {})
+    proc = started(lab, box, f"127.0.0.1:{PORT}={upstream}:{SERVER_PORT}")
+    # Once the peers are up: redis-cli's pings would take the one port for 60 s.
+    box.run(["sysctl", "-qw", f"net.ipv4.tcp_tw_reuse={reuse}",
+             f"net.ipv4.tcp_timestamps={timestamps}",
+             "net.ipv4.ip_local_port_range=40000 40000"])
+    box.run(["python3", "-c", HELD_THEN_REFUSED, str(PORT), "127.0.0.1"])
+    assert wait_for(lambda: len(connect_failed(proc)) == 1), proc.describe()
+    [line] = connect_failed(proc)
+    assert ' error="Cannot assign requested address" failures=1 detail="out of local ports ' \
+        "toward the upstream: each connection holds one (net.ipv4.ip_local_port_range: " \
+        "40000-40000 here, 1 port), live or for 60 s after a close the proxy began " \
+        "(TIME_WAIT); " in line, line
+    assert advice + "net.ipv4.ip_local_port_range or spread over more upstream addresses" \
+        in line, line
