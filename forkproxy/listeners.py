@@ -132,6 +132,21 @@ class Listener:
     def describe(self) -> str:
         return self.link.describe(self.port)
 
+    def take_up_backlog(self) -> None:
+        """listen(BACKLOG) again where the accept queue is smaller (net.core.somaxconn
+        was below it when the socket listened), so that a somaxconn raised since counts
+        at a reload: the kernel caps the backlog at listen() only, and a kept socket
+        kept its old size until a restart. On a socket listening already listen() sets
+        the queue's size and nothing else: no client waiting in it is dropped. Not on
+        one that stopped listening (shut from outside): listen_again says why."""
+        queue = self.queue()
+        if queue is None or queue[1] >= BACKLOG or not self.listening():
+            return
+        try:
+            self.sock.listen(BACKLOG)
+        except OSError:
+            pass  # not on a listening socket; if it did, the size stays as it was
+
     def listen_again(self) -> None:
         """Listen again at this listener's address and port, after its socket stopped
         listening under us: another process holding a copy of it shut it down
@@ -712,7 +727,8 @@ def reconcile(
     """Work out a reload: returns (kept+new listeners, newly bound, to close).
 
     A listener whose address is unchanged keeps its socket (clients in its backlog are
-    not dropped) and takes the new link, whatever its target. New addresses are bound,
+    not dropped) and takes the new link, whatever its target, and a net.core.somaxconn
+    raised since it listened (take_up_backlog). New addresses are bound,
     then given to `prepare`, all-or-nothing: on failure nothing has changed (the new
     sockets are closed, no kept listener has its new link yet) and the error is raised.
     """
@@ -733,6 +749,7 @@ def reconcile(
             result.append(next(fresh_iter))
         else:
             known.link = link
+            known.take_up_backlog()
             kept.add(id(known))
             result.append(known)
     retired = [listener for listener in old if id(listener) not in kept]

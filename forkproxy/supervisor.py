@@ -636,7 +636,21 @@ def _syn_queue(queue: tuple[int, int] | None) -> str:
     return (f"which holds no more handshakes under way than the listener's backlog{here}, "
             f"nor, from clients it has not seen before, more than 3/4 of "
             f"net.ipv4.tcp_max_syn_backlog{syn_here}: set tcp_syncookies=1 (the kernel's "
-            f"default)" + (f", or raise {' or '.join(raise_)}" if raise_ else ""))
+            f"default)" + (f", or raise {' or '.join(raise_)}" if raise_ else "")
+            + (" (a listener takes a raised somaxconn up at a reload)"
+               if "somaxconn" in raise_ else ""))
+
+
+def _raise_somaxconn(queue: tuple[int, int] | None) -> str:
+    """listen-drops' advice for an accept queue below listeners.BACKLOG: the kernel caps
+    the backlog at listen() only, so a somaxconn raised since (`docker exec ... sysctl`,
+    a pod's sysctl changed) counts at a reload, not before; one raised already was
+    advised again, and raising it changed nothing until a restart."""
+    somaxconn = listeners.sysctl("net/core/somaxconn")
+    if queue is not None and somaxconn is not None and somaxconn > queue[1]:
+        return (f"net.core.somaxconn is {somaxconn} now, raised since this listener "
+                f"listened: reload (SIGHUP) to take it up")
+    return "raise that, then reload (SIGHUP): a listener takes it up at a reload"
 
 
 class TakeOverCancelled(Exception):
@@ -3655,7 +3669,7 @@ class Supervisor:
                 "the listener's accept queue was full: the kernel dropped clients' "
                 "handshakes, which wait for a retry (1 s, 3 s, ...) or time out; at "
                 f"--max-children (max-children-reached) raise it; a backlog below "
-                f"{listeners.BACKLOG} is net.core.somaxconn's: raise that"
+                f"{listeners.BACKLOG} is net.core.somaxconn's: {_raise_somaxconn(queue)}"
                 if full else
                 "the kernel dropped clients' handshakes with no accept queue full "
                 "(TcpExtListenOverflows did not grow): no route back to those clients for "

@@ -4,6 +4,8 @@ forkproxy says there must fit the limits in force."""
 
 from __future__ import annotations
 
+import signal
+import subprocess
 from collections.abc import Iterator
 
 import pytest
@@ -108,3 +110,79 @@ def test_out_of_local_ports_advises_what_would_free_one_here(
         "(TIME_WAIT); " in line, line
     assert advice + "net.ipv4.ip_local_port_range or spread over more upstream addresses" \
         in line, line
+
+
+def listen_backlog(ns: Namespace, port: int) -> int:
+    """The accept queue's size of the socket listening on `port` (`ss -ltn`'s Send-Q)."""
+    [line] = ns.run(["ss", "-ltnH", f"sport = :{port}"]).splitlines()
+    return int(line.split()[2])
+
+
+# One client served and held (--max-children 1), then clients that wait in the accept
+# queue, their PINGs sent; a burst beyond the queue, whose SYNs the kernel drops. Told
+# on stdin when to go on: after a reload, the held client leaves and every waiting one
+# must be answered.
+QUEUED_THROUGH_A_RELOAD = """
+import socket, sys
+port = int(sys.argv[1])
+def client():
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    sock.sendall(b"PING\\r\\n")
+    return sock
+held = client()
+assert held.recv(7) == b"+PONG\\r\\n"
+waiting = [client() for _ in range(3)]
+burst = []
+for _ in range(20):
+    sock = socket.socket()
+    sock.setblocking(False)
+    try:
+        sock.connect(("127.0.0.1", port))
+    except BlockingIOError:
+        pass
+    burst.append(sock)
+print("queued", flush=True)
+sys.stdin.readline()  # the reload is done
+held.close()
+for sock in waiting:  # in turn: each one's slot frees the next one's
+    assert sock.recv(7) == b"+PONG\\r\\n"
+    sock.close()
+print("served", flush=True)
+"""
+
+
+def test_a_reload_takes_up_a_somaxconn_raised_since_the_listener_listened(lab: Lab) -> None:
+    """The kernel caps a listener's backlog at net.core.somaxconn when listen() is called,
+    never after: a somaxconn raised on a running container (4 -> 4096 here) left the
+    kept socket's accept queue at 4 across every reload, until a restart, while the
+    listen-drops line went on saying "raise that" of a somaxconn raised already. A reload
+    now listens again on a kept socket whose queue is below forkproxy's 4096 (a listening
+    socket's listen() sets its size only), the clients waiting in it still served; and
+    the line says somaxconn was raised since, and to reload."""
+    box = lab.namespace("box")
+    lab.redis(box, SERVER_PORT, {})
+    box.run(["sysctl", "-qw", "net.core.somaxconn=4"])
+    proc = started(lab, box, "--max-children", "1", f"127.0.0.1:{PORT}=127.0.0.1:{SERVER_PORT}")
+    assert listen_backlog(box, PORT) == 4
+    with subprocess.Popen(box.exec_argv(["python3", "-c", QUEUED_THROUGH_A_RELOAD, str(PORT)]),
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as clients:
+        try:
+            assert clients.stdout is not None and clients.stdin is not None
+            assert clients.stdout.readline() == "queued\n"
+            box.run(["sysctl", "-qw", "net.core.somaxconn=4096"])
+            proc.popen.send_signal(signal.SIGALRM)  # the drops checked now
+            assert wait_for(lambda: " listen-drops " in proc.stderr()), proc.describe()
+            [line] = [x for x in proc.stderr().splitlines() if " listen-drops " in x]
+            assert " backlog=4 " in line, line
+            assert ("a backlog below 4096 is net.core.somaxconn's: net.core.somaxconn is "
+                    "4096 now, raised since this listener listened: reload (SIGHUP) to take "
+                    "it up" in line), line
+            assert listen_backlog(box, PORT) == 4  # raised: not taken up by itself
+            proc.popen.send_signal(signal.SIGHUP)
+            assert wait_for(lambda: " reloaded " in proc.stderr()), proc.describe()
+            assert listen_backlog(box, PORT) == 4096
+            clients.stdin.write("go\n")
+            clients.stdin.flush()
+            assert clients.stdout.readline() == "served\n", proc.describe()
+        finally:
+            clients.kill()
