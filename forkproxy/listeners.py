@@ -138,9 +138,14 @@ class Listener:
         at a reload: the kernel caps the backlog at listen() only, and a kept socket
         kept its old size until a restart. On a socket listening already listen() sets
         the queue's size and nothing else: no client waiting in it is dropped. Not on
-        one that stopped listening (shut from outside): listen_again says why."""
+        one that stopped listening (shut from outside): listen_again says why. Nor
+        where somaxconn is not above the queue's size now: a somaxconn lowered since
+        would shrink a queue that may hold clients."""
         queue = self.queue()
         if queue is None or queue[1] >= BACKLOG or not self.listening():
+            return
+        somaxconn = sysctl("net/core/somaxconn")
+        if somaxconn is None or somaxconn <= queue[1]:
             return
         try:
             self.sock.listen(BACKLOG)

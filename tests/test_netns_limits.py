@@ -156,13 +156,19 @@ def test_a_reload_takes_up_a_somaxconn_raised_since_the_listener_listened(lab: L
     never after: a somaxconn raised on a running container (4 -> 4096 here) left the
     kept socket's accept queue at 4 across every reload, until a restart, while the
     listen-drops line went on saying "raise that" of a somaxconn raised already. A reload
-    now listens again on a kept socket whose queue is below forkproxy's 4096 (a listening
-    socket's listen() sets its size only), the clients waiting in it still served; and
+    now listens again on a kept socket whose queue is below forkproxy's 4096 and
+    somaxconn's value now (a listening socket's listen() sets its size only; a somaxconn
+    lowered since shrinks nothing), the clients waiting in it still served; and
     the line says somaxconn was raised since, and to reload."""
     box = lab.namespace("box")
     lab.redis(box, SERVER_PORT, {})
     box.run(["sysctl", "-qw", "net.core.somaxconn=4"])
     proc = started(lab, box, "--max-children", "1", f"127.0.0.1:{PORT}=127.0.0.1:{SERVER_PORT}")
+    assert listen_backlog(box, PORT) == 4
+    # A somaxconn lowered since shrinks nothing at a reload: the queue may hold clients.
+    box.run(["sysctl", "-qw", "net.core.somaxconn=2"])
+    proc.popen.send_signal(signal.SIGHUP)
+    assert wait_for(lambda: proc.stderr().count(" reloaded ") == 1), proc.describe()
     assert listen_backlog(box, PORT) == 4
     with subprocess.Popen(box.exec_argv(["python3", "-c", QUEUED_THROUGH_A_RELOAD, str(PORT)]),
                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as clients:
@@ -179,7 +185,7 @@ def test_a_reload_takes_up_a_somaxconn_raised_since_the_listener_listened(lab: L
                     "it up" in line), line
             assert listen_backlog(box, PORT) == 4  # raised: not taken up by itself
             proc.popen.send_signal(signal.SIGHUP)
-            assert wait_for(lambda: " reloaded " in proc.stderr()), proc.describe()
+            assert wait_for(lambda: proc.stderr().count(" reloaded ") == 2), proc.describe()
             assert listen_backlog(box, PORT) == 4096
             clients.stdin.write("go\n")
             clients.stdin.flush()
