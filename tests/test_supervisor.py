@@ -31,7 +31,7 @@ from forkproxy import relay as fp_relay
 from forkproxy import signals
 from forkproxy import status as fp_status
 from forkproxy import supervisor as fp_supervisor
-from forkproxy.config import ConfigError, Link, Options, Sources, parse_spec
+from forkproxy.config import ConfigError, Endpoint, Link, Options, Sources, parse_spec
 from forkproxy.control import STAGING_LEFT_AFTER, ControlServer
 from forkproxy.listeners import Listener
 from forkproxy.log import Logger
@@ -160,6 +160,38 @@ def test_reaps_children_that_are_not_its_own() -> None:
     supervisor.handle_chld()
     assert supervisor.accounting.orphans_reaped == 1
     assert not psutil.pid_exists(pid)
+
+
+def test_a_reaped_childs_cpu_seconds_are_its_rusage_as_the_reap_gets_it() -> None:
+    """A link's cpu_seconds (status, metrics) add up each reaped child's user and system
+    time as the kernel hands it to the reap (wait4's rusage, in microseconds), exit and
+    all. A cheaper reap that took the time from elsewhere (the child's own count before it
+    exits, /proc's or os.times()'s 10 ms ticks) would change the numbers: this holds them
+    (docs/benchmarks.md, "Instructions per connection"). The kernel adds the same times to
+    this process's RUSAGE_CHILDREN at that reap, so that total moves by as much, give or
+    take its own rounding to whole microseconds (user and system, one each)."""
+    supervisor = Supervisor(Sources(("0=127.0.0.1:1",), options=Options()), {}, Logger())
+    accounting = supervisor.accounting
+    link = Link("127.0.0.1", 1, Endpoint("127.0.0.1", 6379), ("cpu",))
+    if not accounting.slots.free:
+        accounting.slots.refill()
+    base = accounting.slots.free.pop()
+    pid = os.fork()
+    if pid == 0:  # CPU time enough to be more than rounding: spent, not a duration
+        until = time.process_time() + 0.05
+        while time.process_time() < until:
+            pass
+        os._exit(0)
+    accounting.children[pid] = (link, ("127.0.0.1", 5), base, time.monotonic())
+    os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)  # exited, not reaped yet
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    supervisor.ended.add(pid)  # as a relay child's pid read from the ended pipe: no scan
+    supervisor.handle_chld()
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    assert pid not in accounting.children
+    kernel = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    assert kernel >= 0.049
+    assert accounting.stats(link).cpu_seconds == pytest.approx(kernel, rel=0, abs=2.5e-6)
 
 
 class _CountingListenSock:
