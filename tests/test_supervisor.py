@@ -6,6 +6,7 @@ import contextlib
 import dis
 import errno
 import fcntl
+import gc
 import hashlib
 import json
 import os
@@ -184,10 +185,17 @@ def test_a_reaped_childs_cpu_seconds_are_its_rusage_as_the_reap_gets_it() -> Non
         os._exit(0)
     accounting.children[pid] = (link, ("127.0.0.1", 5), base, time.monotonic())
     os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)  # exited, not reaped yet
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    supervisor.ended.add(pid)  # as a relay child's pid read from the ended pipe: no scan
-    supervisor.handle_chld()
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    # No collection in between: a Popen of another test's collected then reaps its own
+    # child, whose times the kernel adds to the same total.
+    gc.collect()
+    gc.disable()
+    try:
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        supervisor.ended.add(pid)  # as a relay child's pid read from the ended pipe: no scan
+        supervisor.handle_chld()
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    finally:
+        gc.enable()
     assert pid not in accounting.children
     kernel = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     assert kernel >= 0.049
