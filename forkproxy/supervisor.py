@@ -3549,17 +3549,20 @@ class Supervisor:
 
     # -- control socket ----------------------------------------------------------------
 
-    def check_control(self, replace: bool = False) -> None:
+    def check_control(self, replace: bool = False, mended: bool = False) -> None:
         """Listen again on a control socket whose file was removed (an operator's rm,
         systemd-tmpfiles aging /tmp) or replaced: nothing could reach this supervisor,
         and `check` failing, a HEALTHCHECK would have a working proxy restarted. The rules
         of the start hold: a live socket there (another supervisor's now) or a file that
         is not a socket is left alone, said, and tried again at the next check; the
         default directory, made again if gone, must still be ours (prepare_dir).
-        `replace`: a live socket there is replaced too (a take-over's, given up: _own_again)."""
+        `replace`: a live socket there is replaced too (a take-over's, given up: _own_again).
+        `mended`: after a take-over given up (_own_again), whose line said the files are
+        made again: no `status-socket-recreated`, and the pid file is the caller's."""
         if self.control is None or self.handed_over or self.taker is not None:
             return  # handing or handed over: a socket at our path is the new supervisor's
-        self._check_pid_file()
+        if not mended:
+            self._check_pid_file()
         if not self.control.lost():
             self.control.touch_if_older(CONTROL_TOUCH_AFTER)
             return
@@ -3578,8 +3581,12 @@ class Supervisor:
         if self.control_at is None:  # else paused (EMFILE): handle_timers watches the new
             self._unwatch(old)
             self._watch(self.control.fileno(), self.handle_control_accept)
-        self.log.warning("status-socket-recreated", path=self.control.path,
-                         detail="its file was removed or replaced: listening on a new one")
+        if not mended:
+            # Not after a take-over given up: the taker replaced the file (and removed it
+            # as it went), which `take-over-abandoned` said; an operator alerting on this
+            # line (an rm, tmpfiles aging /tmp) was paged for every cancelled take-over.
+            self.log.warning("status-socket-recreated", path=self.control.path,
+                             detail="its file was removed or replaced: listening on a new one")
 
     def _check_pid_file(self) -> None:
         """Write --pid-file again when its file was removed (an rm, systemd-tmpfiles aging
@@ -3999,8 +4006,10 @@ class Supervisor:
 
     def _own_again(self, replace: bool = False) -> None:
         """A take-over that did not happen: the taker may have replaced our socket file and
-        pid file, then removed them. `replace`: its socket there too (check_control)."""
-        self.check_control(replace)
+        pid file, then removed them. `replace`: its socket there too (check_control).
+        Without `status-socket-recreated` or `pid-file-recreated`: the caller's
+        `take-over-abandoned` says the files are made again, and nobody else touched them."""
+        self.check_control(replace, mended=True)
         if self.pid_file_written is not None:
             try:
                 self._write_pid_file()

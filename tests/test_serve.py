@@ -2359,6 +2359,7 @@ def test_a_taker_that_stalls_before_go_is_given_up_and_told_no_when_it_resumes(
     assert "stopping" not in old.log() and "status-socket-lost" not in old.log(), old.log()
     assert wait_for(lambda: control(Path(path), "check")["ok"] is True), old.log()
     assert wait_for(lambda: pid_file.exists() and pid_file.read_text() == f"{old.pid}\n")
+    assert "-recreated " not in old.log(), old.log()  # take-over-abandoned said it
     assert _echoed(old.port, os.urandom(4096))
     assert control(Path(path), "reload")["ok"] is True
     assert "reload-skipped" not in old.log()
@@ -2740,7 +2741,10 @@ def _old_supervisor(start_proxy: Callable[..., Proxy], tcp_server: ServerFactory
 
 def _serves_on_alone(old: Proxy, path: str, pid_file: Path | None = None) -> None:
     """After a take-over that did not happen: `old` said so, serves on, not stopping,
-    answers `check` at `path`, and has its pid file back."""
+    answers `check` at `path`, and has its pid file back, said by `take-over-abandoned`
+    alone: `status-socket-recreated` and `pid-file-recreated` (an rm, tmpfiles aging
+    /tmp: what an operator alerts on) came with it whenever the taker had replaced or
+    removed the files, as a cancelled one does at every step after the sockets came."""
     assert wait_for(lambda: "take-over-abandoned" in old.log()), old.log()
     assert old.proc.poll() is None, old.log()
     assert "stopping" not in old.log(), old.log()
@@ -2748,6 +2752,7 @@ def _serves_on_alone(old: Proxy, path: str, pid_file: Path | None = None) -> Non
     assert wait_for(lambda: control(Path(path), "check")["ok"] is True), old.log()
     if pid_file is not None:
         assert wait_for(lambda: pid_file.exists() and pid_file.read_text() == f"{old.pid}\n")
+    assert "-recreated " not in old.log(), old.log()
 
 
 def _in_poll(pid: int) -> bool:
