@@ -885,6 +885,11 @@ class Supervisor:
                     self.metrics_files = installed.snapshot()
                 except OSError:
                     pass  # unreadable already (not a plain directory?): nothing to compare
+            if self.taken_from is not None:
+                # A stop asked since the sockets came cancels before our socket file and
+                # pid file replace the old supervisor's: else a `check` found neither for
+                # a moment (ours made, then removed as we went) until it made them again.
+                self._cancel_if_stop_asked()
             self.control = self._open_control()
             self._write_pid_file()
             if self.taken_from is not None:

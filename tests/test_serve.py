@@ -2433,6 +2433,42 @@ def test_a_stop_of_the_taker_before_its_go_cancels_the_take_over(
     assert old.stop() == 0
 
 
+def test_a_stop_of_the_taker_as_the_sockets_come_leaves_the_old_ones_files_alone(
+    start_proxy: Callable[..., Proxy], tcp_server: ServerFactory, short_dir: Path,
+) -> None:
+    """A stop asked of the new supervisor just after the sockets came (held here by
+    strace: a SIGSTOP as its recvmsg of them returns) cancelled only at its `go`: it
+    first replaced the old one's socket file and pid file with its own, then removed
+    them as it went, and a `check` found no socket at the path until the old one made
+    its files again. It now cancels before it touches them: the same socket file, the
+    same pid file, naming the old one, all along."""
+    old, taker_args, path, pid_file, log = _old_supervisor(start_proxy, tcp_server, short_dir)
+    socket_file, pid_inode = os.stat(path).st_ino, os.stat(pid_file).st_ino
+    trace = short_dir / "taker.strace"
+    with log.open("w") as err:
+        new = subprocess.Popen(
+            [need("strace"), "-qq", "-o", str(trace), "-e", "trace=recvmsg",
+             "-e", "inject=recvmsg:signal=SIGSTOP:when=1", FORKPROXY, "serve",
+             "--take-over", *taker_args],
+            stdout=subprocess.PIPE, stderr=err, text=True, start_new_session=True)
+    with new:
+        try:
+            assert wait_for(lambda: trace.exists()
+                            and "--- stopped by SIGSTOP ---" in trace.read_text()), \
+                log.read_text()
+            [taker] = psutil.Process(new.pid).children()
+            taker.send_signal(signal.SIGTERM)  # blocked while it starts: pending
+            taker.send_signal(signal.SIGCONT)
+            assert new.wait(30) == 0, log.read_text()
+            assert " take-over-cancelled signal=SIGTERM " in log.read_text(), log.read_text()
+        finally:
+            kill_group(new)
+    _serves_on_alone(old, path, pid_file)
+    assert os.stat(path).st_ino == socket_file, old.log()
+    assert os.stat(pid_file).st_ino == pid_inode, old.log()
+    assert old.stop() == 0
+
+
 def test_a_taker_killed_after_its_go_leaves_the_old_supervisor_serving(
     start_proxy: Callable[..., Proxy], tcp_server: ServerFactory, short_dir: Path,
 ) -> None:
