@@ -9,9 +9,10 @@ import subprocess
 from collections.abc import Iterator
 
 import pytest
+from test_host_variance import connect_failed, started
 
-from conftest import FORKPROXY, netns_lab, wait_for
-from netns import Lab, Namespace, Process
+from conftest import netns_lab, wait_for
+from netns import Lab, Namespace
 
 pytestmark = [pytest.mark.netns]
 
@@ -22,19 +23,6 @@ PORT, SERVER_PORT = 6379, 7000
 def lab() -> Iterator[Lab]:
     with netns_lab("sysctl38-") as lab:
         yield lab
-
-
-def started(lab: Lab, ns: Namespace, *args: str) -> Process:
-    """`forkproxy serve ARGS` in `ns`, once its listening line is out."""
-    sock = lab.workdir / f"{lab.started + 1:02d}.sock"
-    proc = lab.spawn(ns, [FORKPROXY, "serve", "--status-socket", str(sock), *args],
-                     label="forkproxy")
-    proc.wait_stdout(lambda lines: len(lines) >= 1, 30)
-    return proc
-
-
-def connect_failed(proc: Process) -> list[str]:
-    return [line for line in proc.stderr().splitlines() if " connect-failed " in line]
 
 
 # One client served, its child holding the one local port toward the upstream, then one
