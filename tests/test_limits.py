@@ -1351,6 +1351,138 @@ def test_kill_9_of_one_child_ends_that_connection_only(
     assert proxy.proc.poll() is None
 
 
+# Each fork of the supervisor held 0.3 s by strace (delay_exit, in microseconds): slower
+# than ACCEPT_PATIENCE (0.25 s) from the first, as at a memory limit (~0.2 s each, in
+# reclaim and the OOM killer's wait); deterministic, where a CPU quota starves the
+# supervisor as much as its forks on a loaded machine.
+SLOW_FORKS = "delay_exit=300000"
+SLOW_BURST = 24  # clients: without the yield, one batch of 24 forks (ACCEPT_BATCH is 64)
+
+
+def supervisor_calls(trace: Path, listener: int) -> list[tuple[str, int]]:
+    """The forks, reaps and accepts on the socket of inode `listener` in strace's `trace`
+    (-y) of the supervisor, in the order made: ("fork", pid), ("reap", pid), ("accept",
+    fd). Those that failed and wait4's 0 (nobody yet) are left out."""
+    kinds = {"clone": "fork", "clone3": "fork", "wait4": "reap", "accept4": "accept"}
+    calls = []
+    for line in trace.read_text().splitlines():
+        found = re.match(r"(clone3?|wait4|accept4)\((.*)\) = (\d+)", line)
+        if found is None or int(found[3]) == 0:
+            continue
+        if found[1] == "accept4" and not re.match(rf"\d+<socket:\[{listener}\]>", found[2]):
+            continue  # the control socket's
+        calls.append((kinds[found[1]], int(found[3])))
+    return calls
+
+
+def test_a_burst_of_slow_forks_yields_to_reap_the_children_that_ended_meanwhile(
+    start_proxy: StartProxy, tcp_server: ServerFactory, tmp_path: Path
+) -> None:
+    """Forks that crawl (at a memory limit each one waits in reclaim and on the OOM
+    killer, ~0.2 s) while a burst of clients waits: the batch of accepts (up to 64 a
+    wakeup) ends once ACCEPT_PATIENCE of forking has passed, and the loop reaps the
+    children that ended meanwhile before it forks on. Without that, the OOM killer's
+    victims stayed unreaped up to 10 s: counted live in status, holding --max-children
+    slots, their child-died lines late. Counted from the supervisor's own calls
+    (strace), never timed: how many forks came between each child's fork and its reap.
+    Each child here ends at once (its client sent a byte and its FIN), long before the
+    next fork returns; without the yield the first was reaped after all 24 forks."""
+    server = tcp_server(echo)
+    proxy = start_proxy(f"127.0.0.1:0=127.0.0.1:{server.port}")
+    trace = tmp_path / "trace"
+    burst: list[socket.socket] = []
+    try:
+        with injected(proxy.pid, "clone,clone3", SLOW_FORKS, trace=trace,
+                      also=("wait4", "accept4")):
+            for _ in range(SLOW_BURST):
+                sock = connect(proxy.port, timeout=120)
+                burst.append(sock)
+                sock.sendall(b"x")
+                sock.shutdown(socket.SHUT_WR)  # its child ends once it relayed this
+            for sock in burst:  # every one served
+                assert recv_all(sock) == (1, hashlib.sha256(b"x").hexdigest())
+            assert wait_for(lambda: not children(proxy.pid), 60)  # and reaped
+    finally:
+        for sock in burst:
+            sock.close()
+    calls = supervisor_calls(trace, listener_inode(proxy.pid, proxy.port))
+    forks_since: dict[int, int] = {}  # a child's pid: the forks since its own, until reaped
+    late: dict[int, int] = {}  # the same, once reaped
+    for kind, pid in calls:
+        if kind == "fork":
+            for child in forks_since:
+                forks_since[child] += 1
+            forks_since[pid] = 0
+        elif kind == "reap" and pid in forks_since:
+            late[pid] = forks_since.pop(pid)
+    assert len(late) == SLOW_BURST and not forks_since, calls
+    # With the yield, 1 to 3: the batch's second fork, then (if the child had not ended
+    # when the loop came round) the next batch's two. A quarter leaves room for children
+    # slowed by a loaded machine; without the yield the first child's is 23.
+    assert max(late.values()) <= SLOW_BURST // 4, sorted(late.values())
+    assert proxy.proc.poll() is None
+    assert proxy.stop() == 0
+
+
+def test_a_stop_forks_for_its_whole_backlog_however_slow_the_forks(
+    start_proxy: StartProxy, tcp_server: ServerFactory, tmp_path: Path
+) -> None:
+    """Clients in the backlog when a stop comes are served (README, Signals): the stop's
+    drain accepts one and forks for it, then the next, however slow the forks, where the
+    accept loop yields after ACCEPT_PATIENCE. A drain that yielded too would leave the
+    rest to be accepted all at once and held (listeners.accept_backlog), a descriptor
+    each: with few descriptors to spare, those beyond them were reset. Here 4 to spare,
+    24 clients, forks held 0.3 s each by strace; the supervisor stopped (SIGSTOP) while
+    they queue and the TERM comes, so that all wait in the backlog when it handles the
+    TERM. Counted: every client served, and from the supervisor's own calls, each one
+    accepted forked for before the next accept."""
+    server = tcp_server(echo)
+    proxy = start_proxy("--grace", "60", f"127.0.0.1:0=127.0.0.1:{server.port}")
+    listener = listener_inode(proxy.pid, proxy.port)
+    trace = tmp_path / "trace"
+    burst: list[socket.socket] = []
+    served = 0
+    try:
+        with injected(proxy.pid, "clone,clone3", SLOW_FORKS, trace=trace,
+                      also=("wait4", "accept4")):
+            proxy.signal(signal.SIGSTOP)
+            assert wait_for(lambda: psutil.Process(proxy.pid).status() in (
+                psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP), 30)  # (traced: t)
+            for _ in range(SLOW_BURST):
+                sock = connect(proxy.port, timeout=120)
+                burst.append(sock)
+                sock.sendall(b"x")
+                sock.shutdown(socket.SHUT_WR)
+            assert wait_for(lambda: listen_queue(proxy.port) == SLOW_BURST, 30)
+            # Descriptors for 4 clients at a time: as starve_accepts, the lowest free
+            # number is the limit's count, and nothing of the supervisor's comes and goes.
+            held = {int(fd) for fd in os.listdir(f"/proc/{proxy.pid}/fd")}
+            lowest_free = min(set(range(len(held) + 1)) - held)
+            hard = resource.prlimit(proxy.pid, resource.RLIMIT_NOFILE)[1]
+            resource.prlimit(proxy.pid, resource.RLIMIT_NOFILE, (lowest_free + 4, hard))
+            proxy.signal(signal.SIGTERM)
+            proxy.signal(signal.SIGCONT)
+            for sock in burst:
+                with contextlib.suppress(OSError):  # reset: not served
+                    served += recv_all(sock) == (1, hashlib.sha256(b"x").hexdigest())
+            assert proxy.proc.wait(60) == 0
+    finally:
+        for sock in burst:
+            sock.close()
+    log = proxy.log()
+    assert served == SLOW_BURST and " accept-failed " not in log, (served, log)
+    assert log.count(" open ") == SLOW_BURST and f"exited total={SLOW_BURST} " in log, log
+    calls = supervisor_calls(trace, listener)
+    unforked, most = 0, 0  # clients accepted and not forked for yet
+    for kind, _ in calls:
+        if kind == "accept":
+            unforked += 1
+            most = max(most, unforked)
+        elif kind == "fork":
+            unforked -= 1
+    assert unforked == 0 and most == 1, calls
+
+
 def test_a_killed_connection_that_moved_no_byte_is_not_counted_empty(
     start_proxy: StartProxy, tcp_server: ServerFactory, short_dir: Path
 ) -> None:
