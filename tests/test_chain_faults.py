@@ -31,7 +31,7 @@ import pytest
 from test_two_hosts import _unavailable, forkproxy_command
 
 import netns
-from conftest import in_network
+from conftest import in_network, processes_under
 from netns import Cable, Lab, Namespace, Process
 
 pytestmark = [pytest.mark.netns]
@@ -229,7 +229,10 @@ def test_scripts_ensure_peers_stops_only_the_services_its_install_started(
         stub = stubs / name
         stub.write_text(_STUB.format(log=log, installed=tmp_path / "installed"))
         stub.chmod(0o755)
-    hidden = f"mount --bind {empty} /usr/sbin && exec {script} no-such-tool"
+    locks = tmp_path / "locks"  # the script's lock file there, not in the host's /run/lock
+    locks.mkdir()
+    hidden = (f"mount --bind {empty} /usr/sbin && mkdir -p /run/lock && "
+              f"mount --bind {locks} /run/lock && exec {script} no-such-tool")
     result = subprocess.run(["unshare", "--mount", "sh", "-c", hidden],
                             capture_output=True, text=True, timeout=60, check=False,
                             env={"PATH": f"{stubs}:/usr/bin:/bin"})
@@ -240,6 +243,73 @@ def test_scripts_ensure_peers_stops_only_the_services_its_install_started(
     assert [call for call in calls if call.startswith("systemctl stop ")] == [
         "systemctl stop redis-server"], calls
     assert list(empty.iterdir()) == []  # its policy-rc.d removed after the install
+
+
+# apt-get's install lasts until the test lets it end, then puts the program in place.
+_SLOW_STUB = """#!/bin/sh
+echo "$(basename "$0") $*" >> {log}
+case "$(basename "$0") $*" in
+  "apt-get install "*)
+    while [ ! -e {gate} ]; do sleep 0.05; done
+    printf '#!/bin/sh\\n' > {stubs}/no-such-tool && chmod 755 {stubs}/no-such-tool ;;
+  "apt-cache "*) exit 1 ;;
+  "systemctl "*) exit 3 ;;
+esac
+exit 0
+"""
+
+
+def waiting_for_a_lock(pid: int) -> bool:
+    """Process `pid` or a child of it waits for a file lock (a `->` line in /proc/locks)."""
+    pids = {str(pid)} | {str(child) for child, _ in processes_under(pid)}
+    return any(line.split()[5] in pids for line in Path("/proc/locks").read_text().splitlines()
+               if line.split()[1] == "->")
+
+
+def test_scripts_ensure_peers_run_twice_at_once_installs_once(tmp_path: Path) -> None:
+    """Two test runs starting together (two checkouts on one machine) both ran apt-get:
+    with the real apt the second failed at once on dpkg's lock (exit 100, "Could not get
+    lock /var/lib/dpkg/lock-frontend"), or installed after the first had removed its
+    policy-rc.d. The second waits for the first now, then finds nothing missing. apt-get
+    is a stub whose install lasts until the test lets it end; /usr/sbin (policy-rc.d) and
+    /run/lock (the scripts' lock) are the test's own, in a mount namespace both runs share."""
+    if os.geteuid() != 0:
+        _unavailable("ensure-peers installs only as root, and a mount namespace needs root")
+    script = Path(__file__).resolve().parent.parent / "scripts" / "ensure-peers"
+    stubs, empty, locks = tmp_path / "bin", tmp_path / "empty", tmp_path / "locks"
+    log, gate = tmp_path / "log", tmp_path / "gate"
+    for folder in (stubs, empty, locks):
+        folder.mkdir()
+    for name in ("apt-get", "apt-cache", "systemctl"):
+        stub = stubs / name
+        stub.write_text(_SLOW_STUB.format(log=log, gate=gate, stubs=stubs))
+        stub.chmod(0o755)
+    env = {"PATH": f"{stubs}:/usr/bin:/bin"}
+    hidden = (f"mount --bind {empty} /usr/sbin && mkdir -p /run/lock && "
+              f"mount --bind {locks} /run/lock && exec {script} no-such-tool")
+    first = subprocess.Popen(["unshare", "--mount", "sh", "-c", hidden], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    second: subprocess.Popen[str] | None = None
+    try:
+        wait_for(lambda: log.exists() and "apt-get install" in log.read_text(), 30,
+                 "the first run's apt-get install")
+        # In the first's mount namespace: `first` is the script itself by now (exec).
+        second = subprocess.Popen(["nsenter", f"--mount=/proc/{first.pid}/ns/mnt",
+                                   str(script), "no-such-tool"], env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        started = second
+        wait_for(lambda: (started.poll() is not None or waiting_for_a_lock(started.pid)
+                          or log.read_text().count("apt-get install") > 1), 30,
+                 "the second run waiting, ending, or installing")
+    finally:
+        gate.touch()
+        outs = [proc.communicate(timeout=60)[0] for proc in (first, second)
+                if proc is not None]
+    assert first.returncode == 0, outs
+    assert second.returncode == 0, outs
+    installs = [call for call in log.read_text().splitlines() if call.startswith("apt-get ")]
+    assert len(installs) == 1 and installs[0].startswith("apt-get install "), installs
+    assert list(empty.iterdir()) == []  # the first's policy-rc.d removed after its install
 
 
 @pytest.fixture(scope="module")
