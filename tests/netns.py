@@ -80,8 +80,15 @@ def _namespace_pids(name: str) -> list[int]:
     return [int(word) for word in out.split() if word.isdigit()]
 
 
+# `ip netns exec NAME` mounts the files in /etc/netns/NAME over /etc's (the tests' hosts
+# and resolv.conf); `ip netns del` leaves that directory.
+ETC_NETNS = Path("/etc/netns")
+
+
 def _delete_namespace(name: str) -> None:
-    """Kill what still runs inside (only ever our own processes) and delete it."""
+    """Kill what still runs inside (only ever our own processes) and delete it, with its
+    /etc/netns/NAME: a test removes its own in a `finally`, which a run killed outright
+    (SIGKILL) never reached, and the directory stayed in /etc for good."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
         pids = _namespace_pids(name)
         if not pids:
@@ -93,13 +100,18 @@ def _delete_namespace(name: str) -> None:
         while time.monotonic() < deadline and _namespace_pids(name):
             time.sleep(0.05)
     run(["ip", "netns", "del", name], check=False)
+    shutil.rmtree(ETC_NETNS / name, ignore_errors=True)
 
 
 def sweep_stale_namespaces() -> list[str]:
-    """Delete namespaces left by an earlier run of this module that was killed outright."""
+    """Delete namespaces left by an earlier run of this module that was killed outright,
+    and their /etc/netns directories (those of namespaces already gone too)."""
     removed = []
-    for line in run(["ip", "netns", "list"], check=False).splitlines():
-        name = line.split()[0] if line.split() else ""
+    names = {line.split()[0] for line in run(["ip", "netns", "list"], check=False).splitlines()
+             if line.split()}
+    with contextlib.suppress(FileNotFoundError):
+        names.update(os.listdir(ETC_NETNS))
+    for name in sorted(names):
         match = _STALE.match(name)
         if match and not _pid_alive(int(match["pid"])):
             _delete_namespace(name)

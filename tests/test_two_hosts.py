@@ -365,3 +365,48 @@ def test_demo_script_tells_the_story_and_cleans_up(two_hosts: Hosts) -> None:
     assert f"listening sockets on client-server: 0.0.0.0:{AMB_PORT}\n" in out, out
     leftovers = netns.run(["ip", "netns", "list"])
     assert f"{netns.NAME_BASE}-{proc.pid}-" not in leftovers, leftovers
+
+
+# A run of this module killed outright (SIGKILL: a CI job's timeout, the OOM killer), with
+# a namespace and its /etc/netns/NAME/hosts made; it prints the name, then waits.
+KILLED_RUN = """
+import sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+import netns
+lab = netns.Lab(Path(sys.argv[2])).__enter__()
+ns = lab.namespace("killed")
+(netns.ETC_NETNS / ns.name).mkdir(parents=True)
+(netns.ETC_NETNS / ns.name / "hosts").write_text("127.0.0.1 localhost\\n")
+print(ns.name, flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_killed_runs_namespace_and_its_etc_netns_files_are_swept(tmp_path: Path) -> None:
+    """A run killed outright left its namespaces, which the next Lab sweeps, and their
+    /etc/netns/NAME directories (the hosts and resolv.conf of test_reload_dns.py,
+    test_ipv6.py, test_serve.py), which stayed in /etc for good: swept with them now."""
+    if os.geteuid() != 0:
+        _unavailable("network namespaces need root")
+    run = subprocess.Popen([sys.executable, "-c", KILLED_RUN, str(Path(__file__).parent),
+                            str(tmp_path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                           text=True)
+    try:
+        assert run.stdout is not None
+        name = run.stdout.readline().strip()
+        assert name.startswith(f"{netns.NAME_BASE}-{run.pid}-"), name
+    finally:
+        run.kill()
+        run.wait(30)
+        if run.stdin is not None:
+            run.stdin.close()
+        if run.stdout is not None:
+            run.stdout.close()
+    assert (netns.ETC_NETNS / name / "hosts").exists()  # what the kill left
+    try:
+        assert name in netns.sweep_stale_namespaces()
+        assert name not in netns.run(["ip", "netns", "list"])
+        assert not (netns.ETC_NETNS / name).exists()
+    finally:  # without the fix: not left behind by this test
+        shutil.rmtree(netns.ETC_NETNS / name, ignore_errors=True)
