@@ -245,11 +245,13 @@ def test_scripts_ensure_peers_stops_only_the_services_its_install_started(
     assert list(empty.iterdir()) == []  # its policy-rc.d removed after the install
 
 
-# apt-get's install lasts until the test lets it end, then puts the program in place.
+# apt-get's install lasts until the test lets it end, then puts the program in place; it
+# says so if it got ensure-peers' lock descriptor (which a daemon it starts would keep).
 _SLOW_STUB = """#!/bin/sh
 echo "$(basename "$0") $*" >> {log}
 case "$(basename "$0") $*" in
   "apt-get install "*)
+    [ -e /proc/$$/fd/9 ] && echo "lock descriptor inherited" >> {log}
     while [ ! -e {gate} ]; do sleep 0.05; done
     printf '#!/bin/sh\\n' > {stubs}/no-such-tool && chmod 755 {stubs}/no-such-tool ;;
   "apt-cache "*) exit 1 ;;
@@ -309,6 +311,7 @@ def test_scripts_ensure_peers_run_twice_at_once_installs_once(tmp_path: Path) ->
     assert second.returncode == 0, outs
     installs = [call for call in log.read_text().splitlines() if call.startswith("apt-get ")]
     assert len(installs) == 1 and installs[0].startswith("apt-get install "), installs
+    assert "lock descriptor inherited" not in log.read_text()
     assert list(empty.iterdir()) == []  # the first's policy-rc.d removed after its install
 
 
