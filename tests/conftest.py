@@ -650,10 +650,58 @@ def echo(conn: socket.socket) -> None:
         conn.sendall(data)
 
 
+# fresh_cgroup's names: `forkproxy-test-<pid of the test run>-<ns>`, stale once that pid
+# is gone.
+_STALE_CGROUP = re.compile(r"forkproxy-test-(?P<pid>[0-9]+)-[0-9]+\Z")
+
+
+def sweep_stale_cgroups(parent: Path) -> list[Path]:
+    """Remove the cgroups under `parent` that a run killed outright (SIGKILL: a CI job's
+    timeout, the OOM killer) left, its `finally` never reached: kept for good, a frozen
+    one with the processes the test had frozen in it. Those processes (the run's own,
+    put there by its test) are thawed and killed first."""
+    removed = []
+    for group in parent.glob("forkproxy-test-*"):
+        match = _STALE_CGROUP.fullmatch(group.name)
+        if match is None or _pid_alive(int(match["pid"])):
+            continue
+        for state, off in (("freezer.state", "THAWED"), ("cgroup.freeze", "0")):
+            with contextlib.suppress(OSError):  # not this hierarchy's file
+                (group / state).write_text(off)
+        deadline = time.monotonic() + 15
+        while True:
+            with contextlib.suppress(FileNotFoundError):  # removed meanwhile
+                for pid in (group / "cgroup.procs").read_text().split():
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(int(pid), signal.SIGKILL)
+            try:
+                group.rmdir()
+                break
+            except FileNotFoundError:
+                break
+            except OSError:  # EBUSY while its processes exit
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        removed.append(group)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def fresh_cgroup(controller: str) -> Iterator[tuple[Path, bool]]:
     """A fresh cgroup of `controller` (its v1 hierarchy, or v2 with the controller on):
-    (its path, whether v1); removed once its processes exit."""
+    (its path, whether v1); removed once its processes exit. Those a killed run left
+    there are removed first (sweep_stale_cgroups)."""
     v1 = Path("/sys/fs/cgroup") / controller
     v2 = Path("/sys/fs/cgroup")
     if v1.is_dir():
@@ -664,6 +712,7 @@ def fresh_cgroup(controller: str) -> Iterator[tuple[Path, bool]]:
     else:
         pytest.fail(f"no {controller} cgroup controller: this test needs one "
                     "(root, cgroup v1 or v2)")
+    sweep_stale_cgroups(parent)
     group = parent / f"forkproxy-test-{os.getpid()}-{time.monotonic_ns()}"
     group.mkdir()
     try:

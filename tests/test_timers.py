@@ -14,13 +14,24 @@ import os
 import re
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
-from conftest import Proxy, TcpServer, echo, frozen, processes_under, wait_for
+from conftest import (
+    Proxy,
+    TcpServer,
+    echo,
+    frozen,
+    processes_under,
+    sweep_stale_cgroups,
+    wait_for,
+)
 
 ServerFactory = Callable[[Callable[[socket.socket], None]], TcpServer]
 
@@ -204,3 +215,53 @@ def test_a_pause_past_the_idle_timeout_cuts_only_the_connections_idle_before_it(
     assert len(re.findall(r" close .*outcome=idle-timeout", log)) == 1, log
     assert wait_for(lambda: re.search(r" close .*outcome=closed", proxy.log()) is not None), (
         proxy.log())
+
+
+# A run killed outright (SIGKILL: a CI job's timeout, the OOM killer) inside `frozen`: a
+# process of its own frozen in a fresh cgroup; it prints that process's pid, then waits.
+KILLED_WHILE_FROZEN = """
+import subprocess, sys
+sys.path.insert(0, sys.argv[1])
+import conftest
+sleeper = subprocess.Popen(["sleep", "600"])
+with conftest.frozen(sleeper.pid):
+    print(sleeper.pid, flush=True)
+    sys.stdin.read()
+"""
+
+
+def test_a_killed_runs_frozen_cgroup_is_swept_and_its_processes_killed() -> None:
+    """A run killed inside `frozen` (or any fresh_cgroup) never reached its `finally`: the
+    cgroup stayed, frozen, its process in it for good, and the next run made one beside
+    it. The next fresh_cgroup sweeps it now: thawed, its processes killed, removed."""
+    if os.geteuid() != 0:
+        pytest.fail("cgroups need root (run ./scripts/test as root)")
+    run = subprocess.Popen([sys.executable, "-c", KILLED_WHILE_FROZEN,
+                            str(Path(__file__).parent)],
+                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert run.stdout is not None and run.stdin is not None
+    sleeper = int(run.stdout.readline())
+    run.kill()
+    run.wait(30)
+    run.stdin.close()
+    run.stdout.close()
+    [group] = [Path(line.split(":", 2)[2].strip()) for line in
+               Path(f"/proc/{sleeper}/cgroup").read_text().splitlines()
+               if "forkproxy-test-" in line]
+    mount = Path("/sys/fs/cgroup") / ("freezer" if Path("/sys/fs/cgroup/freezer").is_dir()
+                                      else "")
+    left = mount / group.relative_to("/")
+    assert left.name.startswith(f"forkproxy-test-{run.pid}-"), left
+    try:
+        assert left in sweep_stale_cgroups(left.parent)
+        assert not left.exists()
+        assert wait_for(lambda: not Path(f"/proc/{sleeper}").exists()
+                        or Path(f"/proc/{sleeper}/stat").read_text().split()[2] == "Z")
+    finally:  # without the sweep: nothing of this test left behind
+        if left.exists():
+            for state, off in (("freezer.state", "THAWED"), ("cgroup.freeze", "0")):
+                if (left / state).exists():
+                    (left / state).write_text(off)
+            os.kill(sleeper, signal.SIGKILL)
+            assert wait_for(lambda: not (left / "cgroup.procs").read_text().split())
+            left.rmdir()
