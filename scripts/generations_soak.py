@@ -138,10 +138,15 @@ class Soak:
         self.scrapes: list[tuple[float, float, dict[str, float]]] = []
         self.rng = random.Random(args.seed)
         self.rows: list[dict[str, Any]] = []
+        self.zombies: set[int] = set()
+        self.unsocketed: set[int] = set()
+        # The ports configured before and after the step under way: none may refuse.
+        self.protected: frozenset[int] = frozenset(self.core)
         self.changing = threading.Event()  # a port set is changing: optional ports unchecked
 
     # --- peers -------------------------------------------------------------------------
     def start_peers(self) -> None:
+        self.blocker = socket.create_server(("127.0.0.1", self.args.base + 9))
         self.helpers.append(subprocess.Popen(
             ["redis-server", "--port", str(self.redis_port), "--bind", "127.0.0.1",
              "--save", "", "--appendonly", "no", "--dir", str(self.dir)],
@@ -201,13 +206,15 @@ class Soak:
             args.append(f"{self.spec_port}=127.0.0.1:{self.echo2}")
         return args
 
-    def spawn(self, take_over: bool) -> Generation:
+    def spawn(self, take_over: bool, doomed: bool = False) -> Generation:
         index = len(self.gens)
         out, err = self.dir / f"gen{index:04d}.out", self.dir / f"gen{index:04d}.err"
         with out.open("wb") as o, err.open("wb") as e:
-            proc = subprocess.Popen(self.serve_args(take_over), stdout=o, stderr=e,
+            extra = [f"{self.args.base + 9}=127.0.0.1:{self.echo1}"] if doomed else []
+            proc = subprocess.Popen(self.serve_args(take_over) + extra, stdout=o, stderr=e,
                                     env=self.env, stdin=subprocess.DEVNULL)
-        gen = Generation(index, proc, out, err, self.ports(), now())
+        gen = Generation(index, proc, out, err, self.ports() | ({self.args.base + 9} if doomed
+                                                                 else set()), now())
         self.gens.append(gen)
         expected = len(gen.ports) + 1  # the listening lines and the metrics line
         deadline = now() + 60
@@ -218,27 +225,44 @@ class Soak:
             if proc.poll() is not None:
                 break
             time.sleep(0.01)
-        self.found.add("start", f"gen {index} not ready: rc={proc.poll()} "
-                                f"{gen.log()[-600:]!r}")
+        if not doomed:
+            self.found.add("start", f"gen {index} not ready: rc={proc.poll()} "
+                                    f"{gen.log()[-600:]!r}")
         return gen
 
     # --- steps -------------------------------------------------------------------------
     def take_over(self) -> dict[str, Any]:
+        before = self.ports()
         what = self.mutate_links()
         if self.rng.random() < 0.3:
             self.spec_on = not self.spec_on
             what += f" spec {'on' if self.spec_on else 'off'}"
+        self.protected = frozenset(before & self.ports())
         self.changing.set()
         self.write_env()
         old = self.current
-        gen = self.spawn(take_over=True)
-        row: dict[str, Any] = {"step": "take-over", "what": what}
+        # Now and then one that cannot start (a port held by another socket): the old
+        # one must serve on, its socket file and pid file made again, the chain go on.
+        doomed = self.rng.random() < self.args.doomed
+        gen = self.spawn(take_over=True, doomed=doomed)
+        row: dict[str, Any] = {"step": "take-over", "what": what + (" doomed" if doomed else "")}
+        if doomed and gen.ready is not None:
+            self.found.add("doomed-served", f"gen {gen.index}")
         if gen.ready is None:
+            if doomed:
+                if gen.proc.wait(60) != 2:
+                    self.found.add("doomed-exit", f"gen {gen.index} rc={gen.proc.returncode}")
+                gen.proc.returncode = 0  # not a finding for reap()
+                gen.ready = None
             # A failed take-over: the old one serves on; roll the model back to it.
             row["failed"] = True
             if old is not None:
                 self.spec_on = self.spec_port in old.ports
+                self.links = {p: self.core.get(p) or self.optional[p]
+                              for p in old.ports if p != self.spec_port}
+                self.write_env()
             self.changing.clear()
+            self.protected = frozenset(self.ports())
             return row
         row["takeover_s"] = round(gen.ready - gen.started, 3)
         self.current = gen
@@ -252,6 +276,7 @@ class Soak:
                 time.sleep(0.01)
             row["handover_s"] = round(now() - gen.started, 3)
         self.changing.clear()
+        self.protected = frozenset(self.ports())
         return row
 
     def reloads(self) -> dict[str, Any]:
@@ -259,7 +284,9 @@ class Soak:
         assert gen is not None
         done = []
         for _ in range(self.rng.randint(1, 5)):
+            kept = self.ports()
             what = self.mutate_links()
+            self.protected = frozenset(kept & self.ports())
             self.changing.set()
             self.write_env()
             before = self.reload_lines(gen)
@@ -283,6 +310,7 @@ class Soak:
                 self.found.add("reload-failed", f"gen {gen.index}")
             gen.ports = self.ports()
             self.changing.clear()
+            self.protected = frozenset(self.ports())
             done.append(f"{how}:{what}")
         return {"step": "reloads", "what": " ".join(done)}
 
@@ -338,6 +366,12 @@ class Soak:
             finally:
                 sock.close()
             self.bump(f"long-{how}")
+            if how == "done":
+                # Generations (take-overs and reload rounds) this connection lived through.
+                with self.stats_lock:
+                    spanned = self.generation - (until - span)
+                    self.stats["long-done-max-span"] = max(self.stats["long-done-max-span"],
+                                                           spanned)
             self.bump("long-bytes", len(sent))
             if how != "done":
                 self.cuts.append((now(), port, how))
@@ -348,6 +382,7 @@ class Soak:
             changing = self.changing.is_set()
             for port, (_, target) in [*self.links.items(), (self.spec_port, ("S", "echo2"))]:
                 core = port in self.core
+                kept = port in self.protected
                 try:
                     with socket.create_connection(("127.0.0.1", port), 10) as sock:
                         sock.settimeout(30)
@@ -367,6 +402,8 @@ class Soak:
                 except OSError as e:
                     if core:
                         self.found.add("refused-core", f"short {port} {e}")
+                    elif kept and port in self.protected:
+                        self.found.add("refused-kept", f"short {port} {e}")
                     elif not changing and not self.changing.is_set() and port in self.ports():
                         self.found.add("refused-configured", f"short {port} {e}")
                     self.bump("short-refused-core" if core else "short-refused-other")
@@ -420,6 +457,12 @@ class Soak:
         row["gen"] = self.generation
         row["pid"] = pid
         row["sup_fds"] = len(os.listdir(f"/proc/{pid}/fd"))
+        try:
+            named = self.pid_file.read_text().strip()
+        except OSError as e:
+            named = str(e)
+        if named != str(pid):
+            self.found.add("pid-file", f"gen {self.generation}: {named!r}, serving {pid}")
         row["sup_threads"] = psutil.Process(pid).num_threads()
         row["sup_rss_kb"], row["sup_pss_kb"] = rss_pss(pid)
         status = subprocess.run([FORKPROXY, "status", "--json"], env=self.env,
@@ -441,6 +484,8 @@ class Soak:
                                              f"{info['reloads']['success']} log {reloaded}")
         # The processes: every supervisor started, and what is under it.
         kinds: Counter[str] = Counter()
+        zombies: set[int] = set()
+        unsocketed: set[int] = set()
         for g in self.gens:
             try:
                 sup = psutil.Process(g.proc.pid)
@@ -449,10 +494,13 @@ class Soak:
             except psutil.NoSuchProcess:
                 continue
             kinds["supervisors"] += 1
+            if not (self.dir / "run" / "forkproxy" / f"{g.proc.pid}.sock").exists():
+                unsocketed.add(g.proc.pid)
             for child in sup.children(recursive=True):
                 try:
                     if child.status() == psutil.STATUS_ZOMBIE:
                         kinds["zombies"] += 1
+                        zombies.add(child.pid)
                     elif child.pid == mpid or "metrics" in " ".join(child.cmdline()[-2:]):
                         kinds["metrics"] += 1
                     else:
@@ -460,6 +508,17 @@ class Soak:
                 except psutil.NoSuchProcess:
                     pass
         row.update(kinds)
+        # A child between its exit and its reap is a zombie for an instant; one still
+        # there a generation later (0.2 s and more) was not reaped.
+        for zombie in zombies & self.zombies:
+            self.found.add("zombie-kept", f"gen {self.generation} pid {zombie}")
+        self.zombies = zombies
+        # A supervisor removes its socket file as it exits: one that lives on without it
+        # a generation later cannot be asked for its status.
+        for pid in unsocketed & self.unsocketed:
+            self.found.add("socket-file-gone", f"gen {self.generation} pid {pid}")
+        self.unsocketed = unsocketed
+        row["unsocketed"] = len(unsocketed)
         row["draining"] = kinds["supervisors"] - 1
         run = self.dir / "run"
         row["sock_files"] = sum(1 for _ in (run / "forkproxy").glob("*")) \
@@ -467,14 +526,14 @@ class Soak:
         row["run_entries"] = sum(1 for _ in run.rglob("*"))
         row["tmp_entries"] = sum(1 for _ in (self.dir / "tmp").rglob("*"))
         row["pid_files"] = sum(1 for _ in self.dir.glob("*.pid*"))
-        listening = listening_ports(self.args.base, self.args.base + 9)
+        listening = listening_ports(self.args.base, self.args.base + 8)
         row["listen_socks"] = sum(listening.values())
         for port in range(self.args.base + 1, self.args.base + 9):
             want = 1 if port in self.ports() else 0
             if listening.get(port, 0) != want:
                 # A dropped port closes once its backlog is taken: look again once.
                 time.sleep(0.5)
-                again = listening_ports(self.args.base, self.args.base + 9).get(port, 0)
+                again = listening_ports(self.args.base, self.args.base + 8).get(port, 0)
                 if again != want:
                     self.found.add("listen-count", f"gen {self.generation} port {port}: "
                                                    f"{again} sockets, want {want}")
@@ -545,13 +604,22 @@ class Soak:
                 g.proc.kill()
                 g.proc.wait()
         self.reap()
+        for g in self.gens:
+            # Each connection's one `close` line (its child's, or the supervisor's for
+            # one killed) against the `exited total=` of the supervisor that forked it.
+            log = g.log()
+            total = re.search(r" exited total=(\d+)", log)
+            closes = log.count(" close ")
+            if g.ready is not None and (total is None or int(total[1]) != closes):
+                self.found.add("log-total", f"gen {g.index}: exited "
+                                            f"{total[1] if total else None}, {closes} closes")
         run = self.dir / "run" / "forkproxy"
         left = [p.name for p in run.glob("*")] if run.exists() else []
         if left:
             self.found.add("left-files", f"{left}")
         if self.pid_file.exists():
             self.found.add("left-files", "pid file")
-        leftover = listening_ports(self.args.base, self.args.base + 9)
+        leftover = listening_ports(self.args.base, self.args.base + 8)
         if leftover:
             self.found.add("left-listening", f"{leftover}")
         for h in self.helpers:
@@ -571,7 +639,14 @@ class Soak:
             seen = last[start]
             for key, value in values.items():
                 if value < seen.get(key, 0.0):
-                    self.found.add("counter-back", f"{key} {seen[key]} -> {value}")
+                    # A link a reload dropped leaves the metrics once its last connection
+                    # closes, and one added again counts from 0 (a new series, as the
+                    # README says): only the core links' and the global counters hold.
+                    optional = any(f"_PORT_{port}_TCP" in key for port in self.optional)
+                    if optional:
+                        self.stats["optional-link-recounted"] += 1
+                    else:
+                        self.found.add("counter-back", f"{key} {seen[key]} -> {value}")
                 seen[key] = value
         take_overs = sum(1 for g in self.gens[1:] if g.ready is not None)
         self.stats["scrape-starts"] = len(starts)
@@ -643,6 +718,8 @@ def main() -> int:
     parser.add_argument("--generations", type=int, default=300)
     parser.add_argument("--long", type=int, default=6, help="long-lived clients")
     parser.add_argument("--base", type=int, default=25300, help="first of 10 loopback ports")
+    parser.add_argument("--doomed", type=float, default=0.05,
+                        help="share of take-overs made to fail (a port held)")
     parser.add_argument("--seed", type=int, default=38)
     parser.add_argument("--dir", type=Path, default=Path(f"/tmp/generations-soak-{os.getpid()}"))
     soak = Soak(parser.parse_args())
