@@ -434,6 +434,9 @@ class Soak:
                 values = {k: float(v) for k, v in pattern.findall(result.stdout)}
                 start = values.pop("forkproxy_start_time_seconds", 0.0)
                 self.scrapes.append((now(), start, values))
+                with self.stats_lock:
+                    self.stats["scrape-lines-max"] = max(self.stats["scrape-lines-max"],
+                                                         result.stdout.count("\n"))
             self.stop_traffic.wait(0.5)
 
     def poller(self) -> None:
@@ -472,8 +475,11 @@ class Soak:
             self.found.add("status-pid", f"gen {self.generation}: {info.get('pid')} != {pid}")
         mpid = (info.get("metrics") or {}).get("pid")
         if mpid:
-            row["met_fds"] = len(os.listdir(f"/proc/{mpid}/fd"))
-            row["met_rss_kb"], row["met_pss_kb"] = rss_pss(mpid)
+            try:
+                row["met_fds"] = len(os.listdir(f"/proc/{mpid}/fd"))
+                row["met_rss_kb"], row["met_pss_kb"] = rss_pss(mpid)
+            except OSError:
+                self.found.add("metrics-gone", f"gen {self.generation} pid {mpid}")
         listed = {entry["port"] for entry in info.get("listeners", [])}
         if info and listed != self.ports():
             self.found.add("status-listeners", f"gen {self.generation}: {sorted(listed)} "
@@ -487,6 +493,8 @@ class Soak:
         zombies: set[int] = set()
         unsocketed: set[int] = set()
         for g in self.gens:
+            if g.proc.poll() is not None:
+                continue  # reaped: its pid may be another process's by now
             try:
                 sup = psutil.Process(g.proc.pid)
                 if sup.status() == psutil.STATUS_ZOMBIE:
@@ -496,7 +504,11 @@ class Soak:
             kinds["supervisors"] += 1
             if not (self.dir / "run" / "forkproxy" / f"{g.proc.pid}.sock").exists():
                 unsocketed.add(g.proc.pid)
-            for child in sup.children(recursive=True):
+            try:
+                children = sup.children(recursive=True)
+            except psutil.NoSuchProcess:
+                children = []  # it exited meanwhile (the end of its drain)
+            for child in children:
                 try:
                     if child.status() == psutil.STATUS_ZOMBIE:
                         kinds["zombies"] += 1
@@ -562,7 +574,8 @@ class Soak:
             for generation in range(1, self.args.generations + 1):
                 self.generation = generation
                 started = now()
-                row = self.take_over() if self.generation % 2 else self.reloads()
+                take = self.generation % 2 if self.args.mode == "alternate" else 0
+                row = self.take_over() if take else self.reloads()
                 row["step_s"] = round(now() - started, 3)
                 self.reap()
                 time.sleep(0.2)
@@ -718,6 +731,8 @@ def main() -> int:
     parser.add_argument("--generations", type=int, default=300)
     parser.add_argument("--long", type=int, default=6, help="long-lived clients")
     parser.add_argument("--base", type=int, default=25300, help="first of 10 loopback ports")
+    parser.add_argument("--mode", choices=["alternate", "reloads"], default="alternate",
+                        help="reloads: one supervisor, every generation a round of reloads")
     parser.add_argument("--doomed", type=float, default=0.05,
                         help="share of take-overs made to fail (a port held)")
     parser.add_argument("--seed", type=int, default=38)
