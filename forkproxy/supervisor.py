@@ -2009,6 +2009,9 @@ class Supervisor:
         # (docs/benchmarks.md, "Which Python"). 3.11 specializes it at once instead.
         set_wakeup_fd, set_signal = _signal.set_wakeup_fd, _signal.signal
         term_signal, term_action = relay.CHILD_DISPOSITIONS
+        # SIGTERM blocked across each fork (see the child's branch below for why).
+        sigmask, block, unblock = _signal.pthread_sigmask, _signal.SIG_BLOCK, _signal.SIG_UNBLOCK
+        term_only = (term_signal,)
         gc_disable, closerange, exit_child = gc.disable, os.closerange, os._exit
         closerange_whole, close_listed = self.closerange_whole, close_inherited
         # The path as bytes: os.open encodes a str one at every call, in each child.
@@ -2055,9 +2058,11 @@ class Supervisor:
                 base = free_slots.pop()
                 turn = next_turn()
                 forked_at = monotonic()  # before: the child may end before the fork returns here
+                sigmask(block, term_only)
                 try:
                     pid = fork()
                 except OSError as exc:
+                    sigmask(unblock, term_only)
                     self._fork_failed(listener, fd, address, base, exc)
                     return
                 if pid == 0:
@@ -2072,6 +2077,15 @@ class Supervisor:
                         # them (relay.CHILD_DISPOSITIONS says why).
                         set_wakeup_fd(-1)
                         set_signal(term_signal, term_action)
+                        # Only now may SIGTERM (the stop's "grace over") come in: it was
+                        # blocked across the fork, as the supervisor TERMs a child as soon
+                        # as fork() returned there. Unblocked, one that came before its
+                        # handler did was lost: the C-level handler ran in glibc's fork
+                        # and CPython's after-fork code then cleared its flag, or, after
+                        # that, the inherited handler only noted it. The child relayed on
+                        # until the SIGKILL 1 s later, its client seeing a FIN, not an RST.
+                        # Delivered here instead (pending), to _reset_and_die.
+                        sigmask(unblock, term_only)
                         gc_disable()  # a collection would touch (and copy) every heap page
                         if oom_value is not None:
                             # The OOM killer's first choice (child_oom_score_adj says why):
@@ -2116,6 +2130,7 @@ class Supervisor:
                         except OSError:
                             pass  # full: found by a scan, as a child killed is
                         exit_child(status)
+                sigmask(unblock, term_only)  # one of ours that came meanwhile: delivered now
                 close(fd)
                 children[pid] = (link, address, base, forked_at)  # a ChildRecord
                 if taken == 1:

@@ -1,0 +1,71 @@
+"""What a forked child inherits from the supervisor, and what a fork can catch half-done:
+signals sent to a child before it has set its own handlers, and the state (descriptors,
+signal dispositions, mask) each kind of child starts its life with, read from /proc.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+from collections.abc import Callable
+from pathlib import Path
+
+from test_supervisor import injected
+
+from conftest import Proxy, ServerFactory, echo, processes_under, wait_for
+
+TERM_BIT = 1 << (signal.SIGTERM - 1)
+
+
+def status_fields(pid: int) -> dict[str, str]:
+    """/proc/PID/status as name -> value."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        name, _, value = line.partition(":")
+        fields[name] = value.strip()
+    return fields
+
+
+def stopped(pid: int) -> bool:
+    """Whether `pid` is stopped (T, or t under a tracer)."""
+    return status_fields(pid)["State"][0] in "Tt"
+
+
+def term_pending(pid: int) -> bool:
+    """Whether a SIGTERM waits for `pid` (sent to it, not delivered yet)."""
+    fields = status_fields(pid)
+    return bool((int(fields["SigPnd"], 16) | int(fields["ShdPnd"], 16)) & TERM_BIT)
+
+
+def test_a_term_sent_to_a_child_before_its_handler_is_set_resets_its_connection(
+    start_proxy: Callable[..., Proxy], tcp_server: ServerFactory,
+) -> None:
+    """The supervisor TERMs a child (a stop whose grace is over, SIGQUIT's at once) as
+    soon as its fork has returned there, while the child may not have run yet. Such a
+    TERM was lost: taken by the C-level handler in the child's first instants, whose flag
+    CPython's after-fork code then cleared (or, a moment later, only noted by the handler
+    inherited from the supervisor). The child went on connecting and relaying until the
+    stop's SIGKILL 1 s later, and its client got a FIN, a cut stream passed off as whole.
+    SIGTERM is blocked across the fork now, and the child takes it once its own handler
+    is set: an RST. The child is held in that instant for real: strace, attached to the
+    supervisor and the children it forks, stops each child at its first gettid(2), in
+    CPython's after-fork code, before it clears the signals' flags."""
+    server = tcp_server(echo)
+    proxy = start_proxy(f"127.0.0.1:0=127.0.0.1:{server.port}")
+    with injected(proxy.pid, "gettid", "signal=SIGSTOP:when=1", children=True), \
+            socket.create_connection(("127.0.0.1", proxy.port), timeout=30) as client:
+        assert wait_for(lambda: any(stopped(pid) for pid, _ in processes_under(proxy.pid)))
+        [(child, _)] = processes_under(proxy.pid)
+        proxy.signal(signal.SIGQUIT)  # stop at once: TERM the connections now
+        assert wait_for(lambda: term_pending(child)), proxy.log()
+        os.kill(child, signal.SIGCONT)
+        client.settimeout(30)
+        try:
+            got: bytes | None = client.recv(1)
+        except ConnectionResetError:
+            got = None  # the RST
+    assert got is None, f"{got!r}: the TERM was lost, a FIN came 1 s later\n{proxy.log()}"
+    assert proxy.proc.wait(30) == 0
+    [close] = [line for line in proxy.log().splitlines() if " info close " in line]
+    assert 'status="killed by SIGTERM"' in close, proxy.log()
