@@ -1211,9 +1211,15 @@ class Supervisor:
             theirs = None
         if theirs is not None:
             argv.append(f"--handoff-fd={theirs.fileno()}")
+        # SIGTERM blocked across the fork, as for a connection's child (_accept_handler
+        # says why): a stop's TERM that came before the child set it back to its
+        # default action was lost, and the process it exec'd served on.
+        term = {signal.SIGTERM}
+        signal.pthread_sigmask(signal.SIG_BLOCK, term)
         try:
             pid = os.fork()
         except OSError as exc:  # EAGAIN at a pids limit, ENOMEM
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, term)
             self._close_metrics_handoff()
             if theirs is not None:
                 theirs.close()
@@ -1232,6 +1238,9 @@ class Supervisor:
                 # supervisor's "resolve now", which `pkill -ALRM forkproxy` sends this
                 # process too, and its handler here would be the default action there.
                 signal.signal(signal.SIGALRM, signal.SIG_IGN)
+                # Its default action back (reset_in_child): a TERM sent since the fork
+                # ends this process now; none stays blocked through the exec.
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, term)
                 # Only the metrics socket goes through the exec: descriptors the
                 # launcher leaked to forkproxy (a shell's `50>file`) are not the
                 # metrics process's to hold, nor the control socket or the listeners
@@ -1260,6 +1269,7 @@ class Supervisor:
                                detail=f"cannot execute {sys.executable!r}")
             finally:
                 os._exit(127)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, term)
         self.metrics_pid = pid
         self.metrics_since = self.metrics_started = time.monotonic()
         if theirs is not None and self.metrics_handoff is not None:

@@ -11,6 +11,7 @@ import socket
 from collections.abc import Callable
 from pathlib import Path
 
+from test_metrics_process import serving_metrics_pid
 from test_supervisor import injected
 
 from conftest import Proxy, ServerFactory, echo, processes_under, wait_for
@@ -93,3 +94,30 @@ def test_no_signal_stays_blocked_in_the_supervisor_or_its_children(
             assert int(status_fields(pid)["SigBlk"], 16) == 0, (pid, status_fields(pid))
     assert proxy.stop() == 0
 
+
+def test_a_term_sent_to_the_metrics_process_before_its_exec_ends_it(
+    start_proxy: Callable[..., Proxy],
+) -> None:
+    """The same instant in the metrics process, forked then exec'd: a TERM (a stop's,
+    which waits METRICS_EXIT_WAIT for it, then kills it) that came before the child set
+    SIGTERM back to its default action was lost, and the metrics process it then exec'd
+    served on. SIGTERM is blocked across that fork too now, and taken once the default
+    action is back: it dies of it. Held there as above; the fork is a restart (the first
+    one is killed), as the tracer is attached only once the supervisor is running."""
+    proxy = start_proxy("--metrics", "127.0.0.1:0", "127.0.0.1:0=127.0.0.1:1", expect=2)
+    first = serving_metrics_pid(proxy)
+    with injected(proxy.pid, "gettid", "signal=SIGSTOP:when=1", children=True):
+        os.kill(first, signal.SIGKILL)  # started again METRICS_RESTART s later
+
+        def restarted() -> list[int]:
+            return [pid for pid, _ in processes_under(proxy.pid) if pid != first and stopped(pid)]
+
+        assert wait_for(lambda: bool(restarted()), timeout=60), proxy.log()
+        [second] = restarted()
+        os.kill(second, signal.SIGTERM)
+        assert wait_for(lambda: term_pending(second)), proxy.log()
+        os.kill(second, signal.SIGCONT)
+        assert wait_for(lambda: proxy.log().count("metrics-died") == 2), proxy.log()
+    [_, died] = [line for line in proxy.log().splitlines() if " metrics-died " in line]
+    assert 'status="killed by SIGTERM"' in died, proxy.log()
+    assert proxy.stop() == 0
