@@ -2087,15 +2087,6 @@ class Supervisor:
                         # them (relay.CHILD_DISPOSITIONS says why).
                         set_wakeup_fd(-1)
                         set_signal(term_signal, term_action)
-                        # Only now may SIGTERM (the stop's "grace over") come in: it was
-                        # blocked across the fork, as the supervisor TERMs a child as soon
-                        # as fork() returned there. Unblocked, one that came before its
-                        # handler did was lost: the C-level handler ran in glibc's fork
-                        # and CPython's after-fork code then cleared its flag, or, after
-                        # that, the inherited handler only noted it. The child relayed on
-                        # until the SIGKILL 1 s later, its client seeing a FIN, not an RST.
-                        # Delivered here instead (pending), to _reset_and_die.
-                        sigmask(unblock, term_only)
                         gc_disable()  # a collection would touch (and copy) every heap page
                         if oom_value is not None:
                             # The OOM killer's first choice (child_oom_score_adj says why):
@@ -2117,6 +2108,18 @@ class Supervisor:
                             closerange(high + 1, 1 << 20)  # FD_CEILING
                         else:  # closerange would close() every number up to FD_CEILING
                             close_listed(ended_w, fd, whole=False)
+                        # Only now may SIGTERM (the stop's "grace over") come in: it was
+                        # blocked across the fork, as the supervisor TERMs a child as soon
+                        # as fork() returned there. Unblocked, one that came before the
+                        # handler above was set was lost: the C-level handler ran at the
+                        # child's first instant and CPython's after-fork code cleared its
+                        # flag, or, a moment later, the inherited handler only noted it.
+                        # The child relayed on until the SIGKILL 1 s later, its client
+                        # seeing a FIN, not an RST. Delivered here instead, to
+                        # _reset_and_die, and only once the inherited descriptors are
+                        # closed: its SO_LINGER 0 must reach this child's client alone,
+                        # not a socket it still shared with the supervisor (a held client).
+                        sigmask(unblock, term_only)
                         sock = RawSocket(family, sock_stream, 0, fd)
                         args = listener.relay_args
                         status = serve(sock, address, base, turn, *args)  # type: ignore[arg-type]
