@@ -119,6 +119,9 @@ class SignalPipe:
 def reset_in_child() -> None:
     """A child process: no wakeup fd, default TERM, and deaf to what is meant for the supervisor.
 
+    SIGTERM is unblocked too: forked during a stop, or the metrics process at any time,
+    the child has it blocked (Supervisor.handle_stop, start_metrics), and must not stay
+    deaf to a `kill` (nor the metrics process to the stop's TERM, through its exec).
     SIGINT (a terminal's Ctrl-C reaches the whole process group) and SIGHUP (reload)
     are the supervisor's business; live connections are never touched by them. (The
     relay children set SIGTERM alone, to reset the connection first, and keep the
@@ -129,6 +132,7 @@ def reset_in_child() -> None:
     _signal.set_wakeup_fd(-1)
     for signum, action in CHILD_DISPOSITIONS:
         _signal.signal(signum, action)
+    _signal.pthread_sigmask(_signal.SIG_UNBLOCK, (int(signal.SIGTERM),))  # after its SIG_DFL
 
 
 CHILD_DISPOSITIONS = [

@@ -727,6 +727,12 @@ class Supervisor:
         # and a failed fork's (_fork_failed).
         self.held: list[listeners.HeldBacklog] = []
         self.term_at: float | None = None  # grace period ends: TERM the children
+        # [True] from the stop's start on, when SIGTERM is blocked in the supervisor for
+        # good (handle_stop says why): each child forked since reads it, as its fork left
+        # SIGTERM blocked in it too, and unblocks it (_accept_handler's child branch).
+        # A list, read at each fork: whichever accept handler forks, built before the
+        # stop or after, reads the mask as it is.
+        self.term_blocked = [False]
         # Once it has ended: the children still to TERM, a batch per turn of the loop
         # (TERM_BATCH), first forked first; None before.
         self.to_term: list[int] | None = None
@@ -1211,15 +1217,17 @@ class Supervisor:
             theirs = None
         if theirs is not None:
             argv.append(f"--handoff-fd={theirs.fileno()}")
-        # SIGTERM blocked across the fork, as for a connection's child (_accept_handler
-        # says why): a stop's TERM that came before the child set it back to its
-        # default action was lost, and the process it exec'd served on.
-        term = {signal.SIGTERM}
-        signal.pthread_sigmask(signal.SIG_BLOCK, term)
+        # SIGTERM blocked across the fork, as for a connection's child forked during a
+        # stop (_accept_handler says why): a stop's TERM (_end_metrics) that came before
+        # the child set it back to its default action was lost, and the process it
+        # exec'd served on. Here at every fork: a rare one, not restarted during a stop,
+        # yet forked in time for one. Restored after, not unblocked: a stop blocks
+        # SIGTERM for good (handle_stop).
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
         try:
             pid = os.fork()
         except OSError as exc:  # EAGAIN at a pids limit, ENOMEM
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, term)
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             self._close_metrics_handoff()
             if theirs is not None:
                 theirs.close()
@@ -1233,14 +1241,13 @@ class Supervisor:
             return
         if pid == 0:
             try:
+                # SIGTERM's default action back, and unblocked: a TERM sent since the
+                # fork ends this process now; none stays blocked through the exec.
                 signals.reset_in_child()
                 # Ignored through the exec, from its first instruction: SIGALRM is the
                 # supervisor's "resolve now", which `pkill -ALRM forkproxy` sends this
                 # process too, and its handler here would be the default action there.
                 signal.signal(signal.SIGALRM, signal.SIG_IGN)
-                # Its default action back (reset_in_child): a TERM sent since the fork
-                # ends this process now; none stays blocked through the exec.
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, term)
                 # Only the metrics socket goes through the exec: descriptors the
                 # launcher leaked to forkproxy (a shell's `50>file`) are not the
                 # metrics process's to hold, nor the control socket or the listeners
@@ -1269,7 +1276,7 @@ class Supervisor:
                                detail=f"cannot execute {sys.executable!r}")
             finally:
                 os._exit(127)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, term)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         self.metrics_pid = pid
         self.metrics_since = self.metrics_started = time.monotonic()
         if theirs is not None and self.metrics_handoff is not None:
@@ -2019,9 +2026,10 @@ class Supervisor:
         # (docs/benchmarks.md, "Which Python"). 3.11 specializes it at once instead.
         set_wakeup_fd, set_signal = _signal.set_wakeup_fd, _signal.signal
         term_signal, term_action = relay.CHILD_DISPOSITIONS
-        # SIGTERM blocked across each fork (see the child's branch below for why).
-        sigmask, block, unblock = _signal.pthread_sigmask, _signal.SIG_BLOCK, _signal.SIG_UNBLOCK
-        term_only = (term_signal,)
+        # SIGTERM is blocked in the supervisor from a stop's start on (handle_stop): a child
+        # forked since has it blocked until its handler is set (see the child's branch).
+        sigmask, unblock, term_only = _signal.pthread_sigmask, _signal.SIG_UNBLOCK, (term_signal,)
+        term_blocked = self.term_blocked
         gc_disable, closerange, exit_child = gc.disable, os.closerange, os._exit
         closerange_whole, close_listed = self.closerange_whole, close_inherited
         # The path as bytes: os.open encodes a str one at every call, in each child.
@@ -2068,11 +2076,9 @@ class Supervisor:
                 base = free_slots.pop()
                 turn = next_turn()
                 forked_at = monotonic()  # before: the child may end before the fork returns here
-                sigmask(block, term_only)
                 try:
                     pid = fork()
                 except OSError as exc:
-                    sigmask(unblock, term_only)
                     self._fork_failed(listener, fd, address, base, exc)
                     return
                 if pid == 0:
@@ -2108,18 +2114,23 @@ class Supervisor:
                             closerange(high + 1, 1 << 20)  # FD_CEILING
                         else:  # closerange would close() every number up to FD_CEILING
                             close_listed(ended_w, fd, whole=False)
-                        # Only now may SIGTERM (the stop's "grace over") come in: it was
-                        # blocked across the fork, as the supervisor TERMs a child as soon
-                        # as fork() returned there. Unblocked, one that came before the
-                        # handler above was set was lost: the C-level handler ran at the
-                        # child's first instant and CPython's after-fork code cleared its
-                        # flag, or, a moment later, the inherited handler only noted it.
-                        # The child relayed on until the SIGKILL 1 s later, its client
-                        # seeing a FIN, not an RST. Delivered here instead, to
+                        # Forked during a stop, this child has SIGTERM blocked (the
+                        # supervisor's mask since handle_stop): only now may the stop's
+                        # TERM come in. The supervisor TERMs children only during a stop,
+                        # and then as soon as fork() returned there (the backlog's drain
+                        # right before SIGQUIT's TERM at once). Unblocked, one that came
+                        # before the handler above was set was lost: the C-level handler
+                        # ran at the child's first instant and CPython's after-fork code
+                        # cleared its flag, or, a moment later, the inherited handler only
+                        # noted it. The child relayed on until the SIGKILL 1 s later, its
+                        # client seeing a FIN, not an RST. Delivered here instead, to
                         # _reset_and_die, and only once the inherited descriptors are
                         # closed: its SO_LINGER 0 must reach this child's client alone,
                         # not a socket it still shared with the supervisor (a held client).
-                        sigmask(unblock, term_only)
+                        # Forked while serving, nothing is blocked and nothing is called:
+                        # no system call per connection for what only a stop needs.
+                        if term_blocked[0]:
+                            sigmask(unblock, term_only)
                         sock = RawSocket(family, sock_stream, 0, fd)
                         args = listener.relay_args
                         status = serve(sock, address, base, turn, *args)  # type: ignore[arg-type]
@@ -2143,7 +2154,6 @@ class Supervisor:
                         except OSError:
                             pass  # full: found by a scan, as a child killed is
                         exit_child(status)
-                sigmask(unblock, term_only)  # one of ours that came meanwhile: delivered now
                 close(fd)
                 children[pid] = (link, address, base, forked_at)  # a ChildRecord
                 if taken == 1:
@@ -2804,6 +2814,17 @@ class Supervisor:
                     except OSError:
                         pass
             return
+        # SIGTERM blocked for good, first: the children are TERMed (grace over, SIGQUIT's
+        # at once) only during a stop, and a child forked since (the backlog's drain just
+        # below, held clients served later) must not lose a TERM that comes before its
+        # handler is set: blocked across its fork, it unblocks SIGTERM once that is set
+        # (_accept_handler says more). So nothing per connection while serving. The
+        # supervisor needs SIGTERM no more: a second one does nothing (above), pending
+        # it is discarded at exit as _serve.py's would be, and nothing forked from here
+        # on needs it: the reporters and resolvers are only ever SIGKILLed and unblock it
+        # anyway (signals.reset_in_child), the metrics process is not restarted.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        self.term_blocked[0] = True
         left_to_taker = False
         if self.taker is not None and not handed_over:
             # A stop while handing over: the taker holds our listening sockets already.
