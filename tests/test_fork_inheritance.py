@@ -71,7 +71,11 @@ def test_the_stops_term_to_a_child_forked_during_it_resets_its_connection(
     proxy = start_proxy(f"127.0.0.1:0=127.0.0.1:{server.port}")
     with injected(proxy.pid, "gettid", "signal=SIGSTOP:when=1", children=True):
         proxy.signal(signal.SIGSTOP)
-        assert wait_for(lambda: stopped(proxy.pid)), proxy.log()
+        # Stopped by it: under strace, `t` is also each system call's stop, after which
+        # it runs on (and would accept the client as it serves), while the SIGSTOP is
+        # still pending. Taken, it stops the process before any code of its own runs.
+        assert wait_for(lambda: stopped(proxy.pid)
+                        and not signal_pending(proxy.pid, signal.SIGSTOP)), proxy.log()
         with socket.create_connection(("127.0.0.1", proxy.port), timeout=30) as client:
             proxy.signal(signal.SIGQUIT)  # stop at once: TERM the connections now
             assert signal_pending(proxy.pid, signal.SIGQUIT)
@@ -80,12 +84,15 @@ def test_the_stops_term_to_a_child_forked_during_it_resets_its_connection(
                             ), proxy.log()
             [(child, _)] = processes_under(proxy.pid)
             assert wait_for(lambda: term_pending(child)), proxy.log()
+            # For a failure's message: forked by the stop (blocked), or while serving.
+            mask = status_fields(child)["SigBlk"]
             os.kill(child, signal.SIGCONT)
             try:
                 got: bytes | None = client.recv(1)
             except ConnectionResetError:
                 got = None  # the RST
-    assert got is None, f"{got!r}: the TERM was lost, a FIN came 1 s later\n{proxy.log()}"
+    assert got is None, (f"{got!r}: the TERM was lost, a FIN came 1 s later (the child's "
+                         f"SigBlk when held: {mask})\n{proxy.log()}")
     assert proxy.proc.wait(30) == 0, proxy.log()
     [close] = [line for line in proxy.log().splitlines() if " info close " in line]
     assert 'status="killed by SIGTERM"' in close, proxy.log()
