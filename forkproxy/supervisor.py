@@ -727,12 +727,13 @@ class Supervisor:
         # and a failed fork's (_fork_failed).
         self.held: list[listeners.HeldBacklog] = []
         self.term_at: float | None = None  # grace period ends: TERM the children
-        # [True] from the stop's start on, when SIGTERM is blocked in the supervisor for
-        # good (handle_stop says why): each child forked since reads it, as its fork left
-        # SIGTERM blocked in it too, and unblocks it (_accept_handler's child branch).
-        # A list, read at each fork: whichever accept handler forks, built before the
-        # stop or after, reads the mask as it is.
-        self.term_blocked = [False]
+        # Empty, then [True] from the stop's start on, when SIGTERM is blocked in the
+        # supervisor for good (handle_stop says why): each child forked since finds it
+        # so, as its fork left SIGTERM blocked in it too, and unblocks it
+        # (_accept_handler's child branch). A list, read at each fork: whichever accept
+        # handler forks, built before the stop or after, reads the mask as it is. Tested
+        # for truth, not indexed: in the child's cold code, ~100 instructions fewer.
+        self.term_blocked: list[bool] = []
         # Once it has ended: the children still to TERM, a batch per turn of the loop
         # (TERM_BATCH), first forked first; None before.
         self.to_term: list[int] | None = None
@@ -2129,7 +2130,7 @@ class Supervisor:
                         # not a socket it still shared with the supervisor (a held client).
                         # Forked while serving, nothing is blocked and nothing is called:
                         # no system call per connection for what only a stop needs.
-                        if term_blocked[0]:
+                        if term_blocked:
                             sigmask(unblock, term_only)
                         sock = RawSocket(family, sock_stream, 0, fd)
                         args = listener.relay_args
@@ -2824,7 +2825,7 @@ class Supervisor:
         # on needs it: the reporters and resolvers are only ever SIGKILLed and unblock it
         # anyway (signals.reset_in_child), the metrics process is not restarted.
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-        self.term_blocked[0] = True
+        self.term_blocked.append(True)
         left_to_taker = False
         if self.taker is not None and not handed_over:
             # A stop while handing over: the taker holds our listening sockets already.
