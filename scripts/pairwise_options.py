@@ -1,0 +1,771 @@
+#!/usr/bin/env python3
+"""Pairwise (combinatorial) testing of `forkproxy serve`'s options, against real peers.
+
+A small greedy generator (AETG-like, seeded, no dependency) builds a covering array in
+which every PAIR of values of two options appears in at least one row; for each row a
+real `forkproxy serve` is started with that combination (options given as flags or as
+FORKPROXY_ variables, links as SPECs, --from-env or --env-file) in front of three links:
+A to an in-process test upstream, B to a redis-server, C to a closed port, D to
+a port that drops SYNs. The same
+scenario battery runs against every row, and each invariant that breaks is printed:
+
+  bulk         4 MiB up and 4 MiB down, sha256 in = out both ways
+  late-reply   a client half-closes and its reply comes 2.5 s later: cut only with
+               --idle-timeout or --halfclose-timeout, else delivered whole
+  reset        the upstream resets after 1 MiB: the client sees a reset, never a FIN,
+               after a prefix of what was sent
+  idle         a silent client: cut (a FIN) at ~--idle-timeout, else left open
+  burst        6 clients at once: at most --max-children active, every one served
+  redis        redis-benchmark, 300 requests, no error
+  denied       a client from 127.0.0.2: refused only where --allow leaves it out
+  dead         link C: the client is closed, no sooner than --connect-retries' backoff
+  blackhole    link D drops SYNs: the client is closed after --connect-timeout per attempt
+  reload       SIGHUP and `forkproxy reload` with a live connection, which relays on
+  control      `status` and `check` answer; the metrics agree with status; the close
+               lines agree with status's outcomes; every line parses (JSON in json mode)
+  stop         SIGTERM with a live connection: it relays during --grace, then is reset
+               (or idle-cut); exit 0, no traceback, nothing of the proxy's left running
+
+    .venv/bin/python scripts/pairwise_options.py [--rows N] [--only 3,5] [--triples]
+
+Not run by CI: it takes about 20 s a row. `--triples` covers every TRIPLE of the timer
+options' values (idle, halfclose, keepalive, user-timeout, connect-timeout, grace)
+instead, the others at their first value.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import hashlib
+import itertools
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV = ROOT / ".venv" / "bin"
+LISTEN_ADDR = "127.0.0.3"
+
+FACTORS: dict[str, list[str]] = {
+    "relay": ["auto", "splice", "copy"],
+    "allow": ["unset", "127.0.0.1/32", "127.0.0.0/8"],
+    "verbosity": ["none", "-q", "-v"],
+    "source": ["spec", "from-env", "env-file"],
+    "idle": ["off", "1"],
+    "halfclose": ["off", "1"],
+    "keepalive": ["off", "2"],
+    "user_timeout": ["off", "1"],
+    "max_children": ["default", "2"],
+    "connect_timeout": ["2", "1"],
+    "connect_retries": ["0", "2"],
+    "log_format": ["text", "json"],
+    "metrics": ["off", "on"],
+    "target": ["address", "name"],
+    "resolve_every": ["off", "1"],
+    "grace": ["2", "0"],
+    "via": ["flags", "env"],
+}
+TIMERS = ["idle", "halfclose", "keepalive", "user_timeout", "connect_timeout", "grace"]
+
+Row = dict[str, str]
+
+
+def covering_array(factors: dict[str, list[str]], strength: int, seed: int = 38) -> list[Row]:
+    """Rows covering every `strength`-tuple of values: greedy, best of 40 random candidates."""
+    names = list(factors)
+    rng = random.Random(seed)
+    uncovered: set[tuple[tuple[str, str], ...]] = set()
+    for combo in itertools.combinations(names, strength):
+        for values in itertools.product(*(factors[name] for name in combo)):
+            uncovered.add(tuple(zip(combo, values, strict=True)))
+
+    def gain(row: Row) -> int:
+        return sum(1 for combo in itertools.combinations(sorted(row, key=names.index), strength)
+                   if tuple((name, row[name]) for name in combo) in uncovered)
+
+    rows: list[Row] = []
+    while uncovered:
+        best: Row = {}
+        best_gain = -1
+        for _ in range(40):
+            # Seed each candidate with one uncovered tuple, so every row makes progress.
+            row: Row = dict(rng.choice(sorted(uncovered)))
+            order = [name for name in names if name not in row]
+            rng.shuffle(order)
+            for name in order:
+                choices = factors[name][:]
+                rng.shuffle(choices)
+                row[name] = max(choices, key=lambda value: gain({**row, name: value}))
+            row = {name: row[name] for name in names}
+            row_gain = gain(row)
+            if row_gain > best_gain:
+                best, best_gain = row, row_gain
+        rows.append(best)
+        for combo in itertools.combinations(names, strength):
+            uncovered.discard(tuple((name, best[name]) for name in combo))
+    return rows
+
+
+# --- the test upstream -------------------------------------------------------------------
+
+def pattern(size: int, salt: bytes) -> bytes:
+    """`size` deterministic bytes (a sha256 chain), different for each salt."""
+    out = bytearray()
+    block = salt
+    while len(out) < size:
+        block = hashlib.sha256(block).digest()
+        out += block * 64
+    return bytes(out[:size])
+
+
+def read_line(conn: socket.socket) -> bytes:
+    line = b""
+    while not line.endswith(b"\n"):
+        chunk = conn.recv(1)
+        if not chunk:
+            break
+        line += chunk
+    return line.strip()
+
+
+def read_all(conn: socket.socket) -> bytes:
+    parts = []
+    while chunk := conn.recv(1 << 16):
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+def serve_upstream_conn(conn: socket.socket) -> None:
+    """One connection of the test upstream: its first line says what to do."""
+    try:
+        words = read_line(conn).split()
+        if not words:
+            return
+        if words[0] == b"ECHO":
+            while chunk := conn.recv(1 << 16):
+                conn.sendall(chunk)
+        elif words[0] == b"HASH":
+            size, delay = int(words[1]), float(words[2])
+            digest = hashlib.sha256(read_all(conn)).hexdigest().encode()
+            time.sleep(delay)
+            conn.sendall(digest + b"\n" + pattern(size, b"down"))
+        elif words[0] == b"RESET":
+            conn.sendall(pattern(int(words[1]), b"reset"))
+            time.sleep(0.2)
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        elif words[0] == b"HOLD":
+            read_all(conn)
+    except OSError:
+        pass
+    finally:
+        conn.close()
+
+
+def start_upstream() -> tuple[socket.socket, int]:
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(128)
+
+    def loop() -> None:
+        while True:
+            try:
+                conn, _ = sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=serve_upstream_conn, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=loop, daemon=True).start()
+    return sock, int(sock.getsockname()[1])
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+# --- one row ---------------------------------------------------------------------------
+
+@dataclass
+class Run:
+    row: Row
+    work: Path
+    ports: dict[str, int]
+    upstreams: dict[str, int]
+    proc: subprocess.Popen[bytes] | None = None
+    log_path: Path = field(default_factory=Path)
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    connections: int = 0
+
+    @property
+    def sock_path(self) -> str:
+        return str(self.work / "control.sock")
+
+    def fail(self, what: str) -> None:
+        self.problems.append(what)
+
+    def cli(self, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(VENV / "forkproxy"), *args, "--status-socket", self.sock_path],
+                              capture_output=True, text=True, timeout=timeout, check=False)
+
+    def status(self) -> dict[str, object]:
+        done = self.cli("status", "--json")
+        if done.returncode != 0:
+            self.fail(f"status exit {done.returncode}: {done.stderr.strip()}")
+            return {}
+        parsed: dict[str, object] = json.loads(done.stdout)
+        return parsed
+
+    def links(self) -> dict[str, dict[str, object]]:
+        links = self.status().get("links", {})
+        assert isinstance(links, dict)
+        return links
+
+    def link_name(self, key: str) -> str:
+        if self.row["source"] == "spec":
+            return f"{LISTEN_ADDR}:{self.ports[key]}={self.target_host()}:{self.upstreams[key]}"
+        return f"{key}_PORT_{self.ports[key]}_TCP"
+
+    def target_host(self) -> str:
+        return "localhost" if self.row["target"] == "name" else "127.0.0.1"
+
+
+def command(run: Run) -> tuple[list[str], dict[str, str]]:
+    """The serve command line and environment for the row."""
+    row = run.row
+    env = {key: value for key, value in os.environ.items() if not key.startswith("FORKPROXY_")}
+    args = [str(VENV / "forkproxy"), "serve", "--status-socket", run.sock_path]
+    opts: list[tuple[str, str, str]] = [("--relay", "FORKPROXY_RELAY", row["relay"])]
+    for name, flag in [("idle", "--idle-timeout"), ("halfclose", "--halfclose-timeout"),
+                       ("keepalive", "--keepalive"), ("user_timeout", "--user-timeout"),
+                       ("resolve_every", "--resolve-every")]:
+        opts.append((flag, "FORKPROXY_" + flag[2:].upper().replace("-", "_"), row[name]))
+    opts += [("--connect-timeout", "FORKPROXY_CONNECT_TIMEOUT", row["connect_timeout"]),
+             ("--connect-retries", "FORKPROXY_CONNECT_RETRIES", row["connect_retries"]),
+             ("--grace", "FORKPROXY_GRACE", row["grace"]),
+             ("--log-format", "FORKPROXY_LOG_FORMAT", row["log_format"])]
+    if row["max_children"] != "default":
+        opts.append(("--max-children", "FORKPROXY_MAX_CHILDREN", row["max_children"]))
+    if row["metrics"] == "on":
+        opts.append(("--metrics", "FORKPROXY_METRICS", "127.0.0.1:0"))
+    if row["source"] != "spec":
+        opts.append(("--bind", "FORKPROXY_BIND", LISTEN_ADDR))
+    for flag, variable, value in opts:
+        if row["via"] == "env":
+            env[variable] = value
+        else:
+            args += [flag, value]
+    if row["allow"] != "unset":
+        args += ["--allow", row["allow"]]
+    if row["verbosity"] != "none":
+        args.append(row["verbosity"])
+    links = {f"{key}_PORT_{run.ports[key]}_TCP": f"tcp://{run.target_host()}:{run.upstreams[key]}"
+             for key in run.ports}
+    if row["source"] == "spec":
+        args += [f"{LISTEN_ADDR}:{run.ports[key]}={run.target_host()}:{run.upstreams[key]}"
+                 for key in run.ports]
+    elif row["source"] == "from-env":
+        env.update(links)
+        args.append("--from-env")
+    else:
+        env_file = run.work / "links.env"
+        env_file.write_text("".join(f"{name}={value}\n" for name, value in links.items()))
+        args += ["--env-file", str(env_file)]
+    return args, env
+
+
+def client(source: str = "127.0.0.1", timeout: float = 10) -> socket.socket:
+    sock = socket.socket()
+    sock.bind((source, 0))
+    sock.settimeout(timeout)
+    return sock
+
+
+def recv_until_end(sock: socket.socket) -> tuple[bytes, str]:
+    """Everything until the end, and how it ended: fin, reset or timeout."""
+    parts = []
+    try:
+        while chunk := sock.recv(1 << 16):
+            parts.append(chunk)
+        end = "fin"
+    except ConnectionResetError:
+        end = "reset"
+    except TimeoutError:
+        end = "timeout"
+    return b"".join(parts), end
+
+
+def scenario_bulk(run: Run) -> None:
+    size = 4 << 20
+    up = pattern(size, b"up")
+    with client(timeout=20) as sock:
+        sock.connect((LISTEN_ADDR, run.ports["A"]))
+        run.connections += 1
+        sock.sendall(f"HASH {size} 0.05\n".encode() + up)
+        sock.shutdown(socket.SHUT_WR)
+        data, end = recv_until_end(sock)
+    want = hashlib.sha256(up).hexdigest().encode() + b"\n" + pattern(size, b"down")
+    if data != want or end != "fin":
+        run.fail(f"bulk: got {len(data)} of {len(want)} bytes, equal={data == want}, end={end}")
+
+
+def scenario_late_reply(run: Run) -> None:
+    cut = run.row["idle"] != "off" or run.row["halfclose"] != "off"
+    with client(timeout=8) as sock:
+        sock.connect((LISTEN_ADDR, run.ports["A"]))
+        run.connections += 1
+        sock.sendall(b"HASH 1000 2.5\nquestion")
+        sock.shutdown(socket.SHUT_WR)
+        start = time.monotonic()
+        data, end = recv_until_end(sock)
+        took = time.monotonic() - start
+    want = hashlib.sha256(b"question").hexdigest().encode() + b"\n" + pattern(1000, b"down")
+    if cut:
+        if data or end != "fin" or took > 2.3:
+            run.fail(f"late-reply: expected a cut (FIN, nothing) before 2.5 s, got {len(data)} "
+                     f"bytes, end={end} after {took:.2f}s")
+        else:
+            run.notes.append(f"late-reply cut after {took:.2f}s")
+    elif data != want or end != "fin":
+        run.fail(f"late-reply: expected the whole reply, got {len(data)} bytes, end={end}")
+
+
+def scenario_reset(run: Run) -> None:
+    size = 1 << 20
+    with client() as sock:
+        sock.connect((LISTEN_ADDR, run.ports["A"]))
+        run.connections += 1
+        sock.sendall(f"RESET {size}\n".encode())
+        data, end = recv_until_end(sock)
+    if end != "reset" or data != pattern(size, b"reset")[:len(data)]:
+        run.fail(f"reset: client saw end={end} after {len(data)} of {size} bytes "
+                 f"(prefix ok={data == pattern(size, b'reset')[:len(data)]})")
+    elif len(data) != size:
+        run.notes.append(f"reset: {len(data)} of {size} bytes before the reset")
+
+
+def scenario_idle(run: Run) -> None:
+    with client(timeout=2.5) as sock:
+        sock.connect((LISTEN_ADDR, run.ports["A"]))
+        run.connections += 1
+        start = time.monotonic()
+        data, end = recv_until_end(sock)
+        took = time.monotonic() - start
+    if run.row["idle"] != "off":
+        if end != "fin" or data:
+            run.fail(f"idle: expected a FIN at ~1 s, got end={end}, {len(data)} bytes")
+        else:
+            run.notes.append(f"idle cut after {took:.2f}s")
+    elif end != "timeout":
+        run.fail(f"idle: a silent client was ended ({end}) after {took:.2f}s with no idle-timeout")
+
+
+def scenario_burst(run: Run) -> None:
+    limit = 1024 if run.row["max_children"] == "default" else int(run.row["max_children"])
+    socks = []
+    for index in range(6):
+        sock = client()
+        sock.connect((LISTEN_ADDR, run.ports["A"]))
+        run.connections += 1
+        sock.sendall(f"ECHO\nburst{index}".encode())
+        socks.append(sock)
+    time.sleep(0.5)
+    info = run.links().get(run.link_name("A"), {})
+    active = info.get("active")
+    if not isinstance(active, int) or active > limit:
+        run.fail(f"burst: active={active} with max-children {limit}")
+    served = 0
+    for index, sock in enumerate(socks):
+        try:
+            got = b""
+            while len(got) < len(f"burst{index}"):
+                chunk = sock.recv(100)
+                if not chunk:
+                    break
+                got += chunk
+            served += got == f"burst{index}".encode()
+        except OSError as error:
+            run.fail(f"burst: client {index}: {error!r}")
+        sock.close()
+    if served != 6:
+        run.fail(f"burst: {served} of 6 clients served")
+
+
+def scenario_redis(run: Run) -> None:
+    done = subprocess.run(["redis-benchmark", "-h", LISTEN_ADDR, "-p", str(run.ports["B"]),
+                           "-n", "300", "-c", "2", "-t", "ping,set,get", "-q"],
+                          capture_output=True, text=True, timeout=60, check=False)
+    if done.returncode != 0 or "error" in (done.stdout + done.stderr).lower():
+        run.fail(f"redis: exit {done.returncode}: {(done.stdout + done.stderr)[-300:]!r}")
+
+
+def scenario_denied(run: Run) -> None:
+    refused = run.row["allow"] == "127.0.0.1/32"
+    with client("127.0.0.2", timeout=5) as sock:
+        sock.connect((LISTEN_ADDR, run.ports["A"]))
+        run.connections += 0 if refused else 1
+        try:
+            sock.sendall(b"ECHO\nhello")
+        except OSError:
+            pass
+        got = b""
+        end = "fin"
+        try:
+            while len(got) < 5:
+                chunk = sock.recv(100)
+                if not chunk:
+                    break
+                got += chunk
+        except OSError as error:
+            end = type(error).__name__
+    if refused and got:
+        run.fail(f"denied: a client outside --allow got {got!r}")
+    if not refused and got != b"hello":
+        run.fail(f"denied: an allowed client from 127.0.0.2 got {got!r}, end={end}")
+
+
+def scenario_dead(run: Run) -> None:
+    retries = int(run.row["connect_retries"])
+    floor = [0.0, 0.2, 0.6][retries] if retries <= 2 else 0.6
+    with client(timeout=30) as sock:
+        sock.connect((LISTEN_ADDR, run.ports["C"]))
+        run.connections += 1
+        start = time.monotonic()
+        sock.sendall(b"hello")
+        data, end = recv_until_end(sock)
+        took = time.monotonic() - start
+    if data or end == "timeout" or took < floor * 0.9:
+        run.fail(f"dead: got {len(data)} bytes, end={end} after {took:.2f}s (retries {retries})")
+
+
+class Pinger:
+    """A byte echoed every 0.2 s on an ECHO connection, which keeps off --idle-timeout."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.stop = threading.Event()
+        self.errors: list[str] = []
+        self.thread = threading.Thread(target=self.ping)
+        self.thread.start()
+
+    def ping(self) -> None:
+        while not self.stop.is_set():
+            try:
+                self.sock.sendall(b"p")
+                if self.sock.recv(10) != b"p":
+                    self.errors.append("no echo")
+                    return
+            except OSError as error:
+                self.errors.append(repr(error))
+                return
+            time.sleep(0.2)
+
+    def finish(self) -> list[str]:
+        self.stop.set()
+        self.thread.join()
+        return self.errors
+
+
+def scenario_blackhole(run: Run) -> None:
+    """Link D's upstream drops SYNs: the client waits out every attempt's connect timeout."""
+    timeout, retries = float(run.row["connect_timeout"]), int(run.row["connect_retries"])
+    expected = timeout * (1 + retries) + [0.0, 0.2, 0.6][min(retries, 2)]
+    with client(timeout=expected + 15) as sock:
+        sock.connect((LISTEN_ADDR, run.ports["D"]))
+        run.connections += 1
+        start = time.monotonic()
+        sock.sendall(b"hello")
+        data, end = recv_until_end(sock)
+        took = time.monotonic() - start
+    if data or end == "timeout" or took < expected * 0.95:
+        run.fail(f"blackhole: got {len(data)} bytes, end={end} after {took:.2f}s, expected "
+                 f"{expected:.1f}s (connect-timeout {timeout:g} x {1 + retries} + backoff)")
+    else:
+        run.notes.append(f"blackhole ended {end} after {took:.2f}s (expected {expected:.1f})")
+
+
+def scenario_reload(run: Run) -> None:
+    assert run.proc is not None
+    with client() as sock:
+        sock.connect((LISTEN_ADDR, run.ports["A"]))
+        run.connections += 1
+        sock.sendall(b"ECHO\none")
+        if sock.recv(10) != b"one":
+            run.fail("reload: no echo before")
+        pinger = Pinger(sock)
+        if run.row["source"] == "env-file":
+            env_file = run.work / "links.env"
+            env_file.write_text(env_file.read_text())
+        run.proc.send_signal(signal.SIGHUP)
+        time.sleep(0.3)
+        done = run.cli("reload")
+        if done.returncode != 0:
+            run.fail(f"reload: exit {done.returncode}: {done.stderr.strip()}")
+        time.sleep(0.3)
+        if errors := pinger.finish():
+            run.fail(f"reload: the live connection failed across the reloads: {errors}")
+
+
+def scenario_control(run: Run) -> tuple[dict[str, object], list[int]]:
+    """check, status, metrics and the log agree; returns the status and pids to watch."""
+    check = run.cli("check")
+    if check.returncode != 0:
+        run.fail(f"check: exit {check.returncode}: {check.stderr.strip()}")
+    deadline = time.monotonic() + 15
+    while True:
+        status = run.status()
+        links = status.get("links", {})
+        assert isinstance(links, dict)
+        if all(info.get("active") == 0 for info in links.values()) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    # Link B's connections are redis-benchmark's, not counted by the battery.
+    total = sum(int(info["connections"]) for name, info in links.items()
+                if name != run.link_name("B"))
+    if total != run.connections:
+        run.fail(f"control: status counts {total} connections, the battery made {run.connections}")
+    for info in links.values():
+        if info.get("active") != 0:
+            run.fail(f"control: still active after 15 s: {info.get('active')}")
+    pids: list[int] = [int(child["pid"]) for child in status.get("children", [])]  # type: ignore[attr-defined]
+    metrics = status.get("metrics")
+    if run.row["metrics"] == "on":
+        assert isinstance(metrics, dict)
+        pids.append(int(metrics["pid"]))
+        with urllib.request.urlopen(str(metrics["url"]), timeout=10) as response:
+            page = response.read().decode()
+        for name, info in links.items():
+            wanted = r'^forkproxy_connections_total\{link="' + re.escape(name) + r'"\} (\S+)$'
+            line = re.search(wanted, page, re.M)
+            if not line or float(line.group(1)) != info["connections"]:
+                run.fail(f"metrics: {name} total {line and line.group(1)} != status "
+                         f"{info['connections']}")
+    # The close lines agree with status's outcomes (no close line without per-connection logs).
+    if run.row["verbosity"] != "-q":
+        closes: collections.Counter[str] = collections.Counter()
+        for record in parse_log(run):
+            if record.get("event") == "close":
+                closes[str(record.get("outcome"))] += 1
+        outcomes: collections.Counter[str] = collections.Counter()
+        for info in links.values():
+            outcomes.update(info.get("outcomes", {}))
+        outcomes.pop("connect-failed", None)
+        if closes != outcomes:
+            run.fail(f"log: close lines {dict(closes)} != status outcomes {dict(outcomes)}")
+    return status, pids
+
+
+def scenario_stop(run: Run, pids: list[int]) -> None:
+    assert run.proc is not None
+    grace = float(run.row["grace"])
+    sock = client(timeout=grace + 10)
+    sock.connect((LISTEN_ADDR, run.ports["A"]))
+    run.connections += 1
+    sock.sendall(b"ECHO\none")
+    if sock.recv(10) != b"one":
+        run.fail("stop: no echo before")
+    pinger = Pinger(sock)
+    children = [int(child["pid"]) for child in run.status().get("children", [])]  # type: ignore[attr-defined]
+    if errors := pinger.finish():
+        run.fail(f"stop: the live connection failed before the stop: {errors}")
+    run.proc.send_signal(signal.SIGTERM)
+    if grace > 0:
+        time.sleep(0.2)
+        try:
+            sock.sendall(b"two")
+            if sock.recv(10) != b"two":
+                run.fail("stop: the live connection did not relay during the grace")
+        except OSError as error:
+            run.fail(f"stop: the live connection failed during the grace: {error!r}")
+    data, end = recv_until_end(sock)
+    sock.close()
+    allowed = {"reset"} | ({"fin"} if run.row["idle"] != "off" else set())
+    if end not in allowed or data:
+        run.fail(f"stop: the live connection ended {end} with {len(data)} bytes more")
+    try:
+        code = run.proc.wait(timeout=grace + 15)
+    except subprocess.TimeoutExpired:
+        run.fail("stop: the supervisor did not exit")
+        run.proc.kill()
+        code = run.proc.wait()
+    if code != 0:
+        run.fail(f"stop: exit status {code}")
+    time.sleep(0.3)
+    for pid in pids + children:
+        if Path(f"/proc/{pid}").exists():
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text()
+            except OSError:
+                continue
+            if "(forkproxy" in stat:
+                run.fail(f"stop: process {pid} left running: {stat[:60]}")
+
+
+def parse_log(run: Run) -> Iterator[dict[str, object]]:
+    """The log's records; a line that does not parse is a problem."""
+    text_line = re.compile(r'^\d{4}-\d\d-\d\dT\S+Z forkproxy\[\d+\] (debug|info|warning|error) '
+                           r'(\S+)((?: [a-z_]+=(?:"(?:[^"\\]|\\.)*"|\S*))*)$')
+    pair = re.compile(r'([a-z_]+)=("(?:[^"\\]|\\.)*"|\S*)')
+    for line in run.log_path.read_text(errors="replace").splitlines():
+        if run.row["log_format"] == "json":
+            try:
+                record = json.loads(line)
+            except ValueError:
+                run.fail(f"log: not JSON: {line[:120]!r}")
+                continue
+            if not isinstance(record, dict):
+                run.fail(f"log: not an object: {line[:120]!r}")
+                continue
+            yield record
+        else:
+            match = text_line.match(line)
+            if not match:
+                run.fail(f"log: unparsed line: {line[:160]!r}")
+                continue
+            record = {"level": match.group(1), "event": match.group(2)}
+            for key, value in pair.findall(match.group(3)):
+                record[key] = value.strip('"')
+            yield record
+
+
+def check_log(run: Run) -> None:
+    text = run.log_path.read_text(errors="replace")
+    if "Traceback" in text:
+        run.fail("log: a traceback: " + text[text.index("Traceback"):][:400])
+    levels = collections.Counter(str(record.get("level")) for record in parse_log(run))
+    events = collections.Counter(str(record.get("event")) for record in parse_log(run))
+    if run.row["verbosity"] == "-q" and (levels["info"] or levels["debug"]):
+        run.fail(f"log: -q wrote {levels['info']} info and {levels['debug']} debug lines")
+    if run.row["verbosity"] != "-v" and levels["debug"]:
+        run.fail(f"log: {levels['debug']} debug lines without -v")
+    for event in ("relay-crashed", "child-died", "log-dropped"):
+        if events[event]:
+            run.fail(f"log: {events[event]} {event} lines")
+    errors = [record for record in parse_log(run) if record.get("level") == "error"]
+    if errors:
+        run.fail(f"log: error lines: {errors[:3]}")
+    if run.row["verbosity"] != "-q" and not events["exited"]:
+        run.fail("log: no exited line")
+    run.notes.append("events " + ",".join(f"{k}={v}" for k, v in sorted(events.items())))
+
+
+def run_row(row: Row, redis_port: int, keep: bool) -> Run:
+    work = Path(tempfile.mkdtemp(prefix="pairwise38-row-"))
+    upstream, upstream_port = start_upstream()
+    # D: a listener with a backlog of 0 that never accepts, its queue filled: SYNs dropped.
+    blackhole = socket.socket()
+    blackhole.bind(("127.0.0.1", 0))
+    blackhole.listen(0)
+    filler = socket.create_connection(blackhole.getsockname(), timeout=5)
+    ports = {key: free_port(LISTEN_ADDR) for key in "ABCD"}
+    run = Run(row, work, ports, {"A": upstream_port, "B": redis_port, "C": free_port(),
+                                 "D": int(blackhole.getsockname()[1])})
+    args, env = command(run)
+    run.log_path = work / "stderr"
+    with open(run.log_path, "wb") as log, open(work / "stdout", "wb") as out:
+        run.proc = subprocess.Popen(args, env=env, stdout=out, stderr=log)
+    try:
+        deadline = time.monotonic() + 15
+        while not Path(run.sock_path).exists():
+            if run.proc.poll() is not None or time.monotonic() > deadline:
+                run.fail(f"start: exit {run.proc.poll()}: {run.log_path.read_text()[-400:]}")
+                return run
+            time.sleep(0.05)
+        time.sleep(0.3)
+        for scenario in (scenario_bulk, scenario_late_reply, scenario_reset, scenario_idle,
+                         scenario_burst, scenario_redis, scenario_denied, scenario_dead,
+                         scenario_blackhole,
+                         scenario_reload):
+            try:
+                scenario(run)
+            except Exception as error:  # one scenario's failure is a finding: go on
+                run.fail(f"{scenario.__name__}: {error!r}")
+        _, pids = scenario_control(run)
+        scenario_stop(run, pids)
+        check_log(run)
+    finally:
+        if run.proc.poll() is None:
+            run.proc.kill()
+            run.proc.wait()
+        upstream.close()
+        filler.close()
+        blackhole.close()
+        if not keep and not run.problems:
+            shutil.rmtree(work, ignore_errors=True)
+    return run
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--rows", type=int, default=0, help="run only the first N rows")
+    parser.add_argument("--only", default="", help="run only these rows (1-based, commas)")
+    parser.add_argument("--triples", action="store_true", help="triples of the timer options")
+    parser.add_argument("--print", action="store_true", help="print the rows and stop")
+    parser.add_argument("--keep", action="store_true", help="keep every row's directory")
+    parser.add_argument("--set", action="append", default=[], metavar="FACTOR=VALUE",
+                        help="run one row: these values, the others at their first")
+    opts = parser.parse_args(argv)
+    if opts.set:
+        rows = [{name: values[0] for name, values in FACTORS.items()}]
+        for item in opts.set:
+            name, value = item.split("=", 1)
+            rows[0][name] = value
+    elif opts.triples:
+        rows = [{name: values[0] for name, values in FACTORS.items()} | row
+                for row in covering_array({name: FACTORS[name] for name in TIMERS}, 3)]
+    else:
+        rows = covering_array(FACTORS, 2)
+    print(f"{len(rows)} rows", flush=True)
+    if opts.print:
+        for index, row in enumerate(rows, 1):
+            print(index, " ".join(f"{k}={v}" for k, v in row.items()))
+        return 0
+    only = {int(part) for part in opts.only.split(",") if part}
+    redis_port = free_port()
+    redis_dir = tempfile.mkdtemp(prefix="pairwise38-redis-")
+    redis = subprocess.Popen(["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1",
+                              "--save", "", "--appendonly", "no", "--dir", redis_dir],
+                             stdout=subprocess.DEVNULL)
+    failed = 0
+    try:
+        time.sleep(0.5)
+        for index, row in enumerate(rows, 1):
+            if (opts.rows and index > opts.rows) or (only and index not in only):
+                continue
+            run = run_row(row, redis_port, opts.keep)
+            failed += bool(run.problems)
+            print(f"row {index}: {'FAIL' if run.problems else 'ok'} "
+                  + " ".join(f"{k}={v}" for k, v in row.items()), flush=True)
+            for problem in run.problems:
+                print(f"    ! {problem}", flush=True)
+            for note in run.notes:
+                print(f"    . {note}", flush=True)
+            if run.problems or opts.keep:
+                print(f"    dir {run.work}", flush=True)
+    finally:
+        redis.terminate()
+        redis.wait()
+        shutil.rmtree(redis_dir, ignore_errors=True)
+    print(f"{failed} rows failed", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
