@@ -14,6 +14,8 @@ scenario battery runs against every row, and each invariant that breaks is print
                --idle-timeout or --halfclose-timeout, else delivered whole
   reset        the upstream resets after 1 MiB: the client sees a reset, never a FIN,
                after a prefix of what was sent
+  reset-upload the upstream resets during a 4 MiB upload: the client sees a reset, not a FIN
+  stalled      a client pauses its download 2.5 s: all of it, or a reset, never a FIN early
   idle         a silent client: cut (a FIN) at ~--idle-timeout, else left open
   burst        6 clients at once: at most --max-children active, every one served
   redis        redis-benchmark, 300 requests, no error
@@ -168,6 +170,13 @@ def serve_upstream_conn(conn: socket.socket) -> None:
             conn.sendall(pattern(int(words[1]), b"reset"))
             time.sleep(0.2)
             conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        elif words[0] == b"RESETUP":
+            want, got = int(words[1]), 0
+            while got < want and (chunk := conn.recv(min(1 << 16, want - got))):
+                got += len(chunk)
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        elif words[0] == b"SEND":
+            conn.sendall(pattern(int(words[1]), b"send"))
         elif words[0] == b"HOLD":
             read_all(conn)
     except OSError:
@@ -359,6 +368,49 @@ def scenario_reset(run: Run) -> None:
                  f"(prefix ok={data == pattern(size, b'reset')[:len(data)]})")
     elif len(data) != size:
         run.notes.append(f"reset: {len(data)} of {size} bytes before the reset")
+
+
+def scenario_reset_upload(run: Run) -> None:
+    """The upstream resets after 64 KiB of a 4 MiB upload: the client must see a reset."""
+    with client(timeout=20) as sock:
+        sock.connect((LISTEN_ADDR, run.ports["A"]))
+        run.connections += 1
+        end = "fin"
+        try:
+            sock.sendall(b"RESETUP 65536\n" + pattern(4 << 20, b"up"))
+            sock.shutdown(socket.SHUT_WR)
+            data, end = recv_until_end(sock)
+        except (ConnectionResetError, BrokenPipeError):
+            data, end = b"", "reset"
+    if end != "reset" or data:
+        run.fail(f"reset-upload: the client lost its upload and saw end={end}, {len(data)} bytes")
+
+
+def scenario_stalled_reader(run: Run) -> None:
+    """A client stops reading a download for 2.5 s: whole, or reset; never cut with a FIN."""
+    for size in (2 << 20, 16 << 20):
+        with client(timeout=20) as sock:
+            sock.connect((LISTEN_ADDR, run.ports["A"]))
+            run.connections += 1
+            sock.sendall(f"SEND {size}\n".encode())
+            first = b""
+            try:
+                while len(first) < 65536:
+                    chunk = sock.recv(65536 - len(first))
+                    if not chunk:
+                        break
+                    first += chunk
+            except OSError:
+                pass
+            time.sleep(2.5)
+            rest, end = recv_until_end(sock)
+        data = first + rest
+        want = pattern(size, b"send")
+        whole = data == want and end == "fin"
+        if not whole and (end != "reset" or data != want[:len(data)]):
+            run.fail(f"stalled-reader {size >> 20} MiB: {len(data)} of {size} bytes, "
+                     f"end={end}, prefix ok={data == want[:len(data)]}")
+        run.notes.append(f"stalled-reader {size >> 20} MiB: {len(data)} bytes, {end}")
 
 
 def scenario_idle(run: Run) -> None:
@@ -557,6 +609,11 @@ def scenario_control(run: Run) -> tuple[dict[str, object], list[int]]:
             if not line or float(line.group(1)) != info["connections"]:
                 run.fail(f"metrics: {name} total {line and line.group(1)} != status "
                          f"{info['connections']}")
+            scraped = {outcome: float(value) for outcome, value in re.findall(
+                r'^forkproxy_connections_ended_total\{link="' + re.escape(name)
+                + r'",outcome="([^"]+)"\} (\S+)$', page, re.M) if float(value)}
+            if scraped != {k: float(v) for k, v in dict(info.get("outcomes", {})).items() if v}:
+                run.fail(f"metrics: {name} ended {scraped} != status {info.get('outcomes')}")
     # The close lines agree with status's outcomes (no close line without per-connection logs).
     if run.row["verbosity"] != "-q":
         closes: collections.Counter[str] = collections.Counter()
@@ -573,32 +630,55 @@ def scenario_control(run: Run) -> tuple[dict[str, object], list[int]]:
 
 
 def scenario_stop(run: Run, pids: list[int]) -> None:
+    """SIGTERM with a live connection (and at --max-children 2, a second and a waiting one)."""
     assert run.proc is not None
     grace = float(run.row["grace"])
-    sock = client(timeout=grace + 10)
-    sock.connect((LISTEN_ADDR, run.ports["A"]))
-    run.connections += 1
-    sock.sendall(b"ECHO\none")
-    if sock.recv(10) != b"one":
-        run.fail("stop: no echo before")
-    pinger = Pinger(sock)
+    live: list[socket.socket] = []
+    for _ in range(1 if run.row["max_children"] == "default" else 2):
+        sock = client(timeout=grace + 10)
+        sock.connect((LISTEN_ADDR, run.ports["A"]))
+        run.connections += 1
+        sock.sendall(b"ECHO\none")
+        if sock.recv(10) != b"one":
+            run.fail("stop: no echo before")
+        live.append(sock)
+    pingers = [Pinger(sock) for sock in live]
+    waiter = None
+    if run.row["max_children"] != "default":
+        # Beyond --max-children: it waits in the backlog, served if a slot frees in the grace.
+        waiter = client(timeout=grace + 10)
+        waiter.connect((LISTEN_ADDR, run.ports["A"]))
+        waiter.sendall(b"ECHO\nwait")
+        time.sleep(0.3)
     children = [int(child["pid"]) for child in run.status().get("children", [])]  # type: ignore[attr-defined]
-    if errors := pinger.finish():
-        run.fail(f"stop: the live connection failed before the stop: {errors}")
+    for pinger in pingers:
+        if errors := pinger.finish():
+            run.fail(f"stop: a live connection failed before the stop: {errors}")
     run.proc.send_signal(signal.SIGTERM)
     if grace > 0:
         time.sleep(0.2)
         try:
-            sock.sendall(b"two")
-            if sock.recv(10) != b"two":
+            live[0].sendall(b"two")
+            if live[0].recv(10) != b"two":
                 run.fail("stop: the live connection did not relay during the grace")
         except OSError as error:
             run.fail(f"stop: the live connection failed during the grace: {error!r}")
-    data, end = recv_until_end(sock)
-    sock.close()
     allowed = {"reset"} | ({"fin"} if run.row["idle"] != "off" else set())
-    if end not in allowed or data:
-        run.fail(f"stop: the live connection ended {end} with {len(data)} bytes more")
+    for sock in live:
+        data, end = recv_until_end(sock)
+        sock.close()
+        if end not in allowed or data:
+            run.fail(f"stop: the live connection ended {end} with {len(data)} bytes more")
+    waiter_served = False
+    if waiter is not None:
+        data, end = recv_until_end(waiter)
+        waiter.close()
+        waiter_served = data == b"wait"
+        run.connections += waiter_served
+        if data not in (b"", b"wait") or end == "timeout" or (waiter_served and end not in allowed):
+            run.fail(f"stop: the waiting client got {data!r}, end={end}")
+        run.notes.append(f"stop: the waiting client {'was served' if waiter_served else 'was not'}"
+                         f", end={end}")
     try:
         code = run.proc.wait(timeout=grace + 15)
     except subprocess.TimeoutExpired:
@@ -607,6 +687,10 @@ def scenario_stop(run: Run, pids: list[int]) -> None:
         code = run.proc.wait()
     if code != 0:
         run.fail(f"stop: exit status {code}")
+    if waiter is not None:
+        dropped = [record for record in parse_log(run) if record.get("event") == "dropped"]
+        if waiter_served == bool(dropped):
+            run.fail(f"stop: waiting client served={waiter_served}, dropped lines {dropped}")
     time.sleep(0.3)
     for pid in pids + children:
         if Path(f"/proc/{pid}").exists():
@@ -689,7 +773,8 @@ def run_row(row: Row, redis_port: int, keep: bool) -> Run:
                 return run
             time.sleep(0.05)
         time.sleep(0.3)
-        for scenario in (scenario_bulk, scenario_late_reply, scenario_reset, scenario_idle,
+        for scenario in (scenario_bulk, scenario_late_reply, scenario_reset,
+                         scenario_reset_upload, scenario_stalled_reader, scenario_idle,
                          scenario_burst, scenario_redis, scenario_denied, scenario_dead,
                          scenario_blackhole,
                          scenario_reload):
