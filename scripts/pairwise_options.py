@@ -614,6 +614,19 @@ def scenario_control(run: Run) -> tuple[dict[str, object], list[int]]:
                 + r'",outcome="([^"]+)"\} (\S+)$', page, re.M) if float(value)}
             if scraped != {k: float(v) for k, v in dict(info.get("outcomes", {})).items() if v}:
                 run.fail(f"metrics: {name} ended {scraped} != status {info.get('outcomes')}")
+    # SIGUSR1's table (written at any level) agrees with status.
+    assert run.proc is not None
+    run.proc.send_signal(signal.SIGUSR1)
+    deadline = time.monotonic() + 10
+    table: dict[str, dict[str, object]] = {}
+    while len(table) < len(links) and time.monotonic() < deadline:
+        time.sleep(0.2)
+        table = {str(record.get("link")): record for record in parse_log(run)
+                 if record.get("event") == "status-link"}
+    for name, info in links.items():
+        if name not in table or str(table[name].get("total")) != str(info["connections"]):
+            run.fail(f"sigusr1: {name}: status-link {table.get(name)} vs status total "
+                     f"{info['connections']}")
     # The close lines agree with status's outcomes (no close line without per-connection logs).
     if run.row["verbosity"] != "-q":
         closes: collections.Counter[str] = collections.Counter()
@@ -656,7 +669,9 @@ def scenario_stop(run: Run, pids: list[int]) -> None:
             run.fail(f"stop: a live connection failed before the stop: {errors}")
     run.proc.send_signal(signal.SIGTERM)
     if grace > 0:
-        time.sleep(0.2)
+        time.sleep(0.1)
+        run.proc.send_signal(signal.SIGHUP)  # a reload during the stop: skipped, with a line
+        time.sleep(0.1)
         try:
             live[0].sendall(b"two")
             if live[0].recv(10) != b"two":
@@ -687,6 +702,8 @@ def scenario_stop(run: Run, pids: list[int]) -> None:
         code = run.proc.wait()
     if code != 0:
         run.fail(f"stop: exit status {code}")
+    if grace > 0 and not any(record.get("event") == "reload-skipped" for record in parse_log(run)):
+        run.fail("stop: no reload-skipped line for a SIGHUP during the stop")
     if waiter is not None:
         dropped = [record for record in parse_log(run) if record.get("event") == "dropped"]
         if waiter_served == bool(dropped):
@@ -733,7 +750,9 @@ def check_log(run: Run) -> None:
     text = run.log_path.read_text(errors="replace")
     if "Traceback" in text:
         run.fail("log: a traceback: " + text[text.index("Traceback"):][:400])
-    levels = collections.Counter(str(record.get("level")) for record in parse_log(run))
+    # SIGUSR1's table is written at level info whatever the level: it was asked for.
+    levels = collections.Counter(str(record.get("level")) for record in parse_log(run)
+                                 if not str(record.get("event")).startswith("status-"))
     events = collections.Counter(str(record.get("event")) for record in parse_log(run))
     if run.row["verbosity"] == "-q" and (levels["info"] or levels["debug"]):
         run.fail(f"log: -q wrote {levels['info']} info and {levels['debug']} debug lines")
