@@ -443,6 +443,8 @@ def scenario_burst(run: Run) -> None:
     active = info.get("active")
     if not isinstance(active, int) or active > limit:
         run.fail(f"burst: active={active} with max-children {limit}")
+    assert run.proc is not None
+    run.proc.send_signal(signal.SIGHUP)  # a reload while clients wait: they are kept
     served = 0
     for index, sock in enumerate(socks):
         try:
@@ -563,8 +565,10 @@ def scenario_reload(run: Run) -> None:
             run.fail("reload: no echo before")
         pinger = Pinger(sock)
         if run.row["source"] == "env-file":
+            # Rewire link C from its closed port to the test upstream.
             env_file = run.work / "links.env"
-            env_file.write_text(env_file.read_text())
+            env_file.write_text(env_file.read_text().replace(
+                f":{run.upstreams['C']}\n", f":{run.upstreams['A']}\n"))
         run.proc.send_signal(signal.SIGHUP)
         time.sleep(0.3)
         done = run.cli("reload")
@@ -573,6 +577,16 @@ def scenario_reload(run: Run) -> None:
         time.sleep(0.3)
         if errors := pinger.finish():
             run.fail(f"reload: the live connection failed across the reloads: {errors}")
+    if run.row["source"] == "env-file":
+        with client() as sock:
+            sock.connect((LISTEN_ADDR, run.ports["C"]))
+            run.connections += 1
+            sock.sendall(b"ECHO\nrewired")
+            data = b""
+            while len(data) < 7 and (chunk := sock.recv(10)):
+                data += chunk
+            if data != b"rewired":
+                run.fail(f"reload: link C rewired to the test upstream answered {data!r}")
 
 
 def scenario_control(run: Run) -> tuple[dict[str, object], list[int]]:
