@@ -22,6 +22,7 @@ scenario battery runs against every row, and each invariant that breaks is print
   denied       a client from 127.0.0.2: refused only where --allow leaves it out
   dead         link C: the client is closed, no sooner than --connect-retries' backoff
   blackhole    link D drops SYNs: the client is closed after --connect-timeout per attempt
+  gives-up     a client resets while its child connects: the slot frees at once
   reload       SIGHUP and `forkproxy reload` with a live connection, which relays on
   control      `status` and `check` answer; the metrics agree with status; the close
                lines agree with status's outcomes; every line parses (JSON in json mode)
@@ -222,6 +223,7 @@ class Run:
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     connections: int = 0
+    resets_while_connecting: int = 0  # ended with no close line, counted as client-reset
 
     @property
     def sock_path(self) -> str:
@@ -555,6 +557,30 @@ def scenario_blackhole(run: Run) -> None:
         run.notes.append(f"blackhole ended {end} after {took:.2f}s (expected {expected:.1f})")
 
 
+def scenario_gives_up(run: Run) -> None:
+    """A client resets while its child connects to link D: the slot frees at once."""
+    sock = client()
+    sock.connect((LISTEN_ADDR, run.ports["D"]))
+    run.connections += 1
+    run.resets_while_connecting += 1
+    time.sleep(0.3)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    start = time.monotonic()
+    sock.close()
+    # "At once": well before the connect's own timeout would end the child.
+    limit = float(run.row["connect_timeout"]) - 0.3
+    while time.monotonic() - start < limit:
+        if run.links().get(run.link_name("D"), {}).get("active") == 0:
+            break
+        time.sleep(0.05)
+    else:
+        run.fail(f"gives-up: the child still held its slot {limit:.1f}s after its client reset")
+    outcomes = run.links().get(run.link_name("D"), {}).get("outcomes", {})
+    assert isinstance(outcomes, dict)
+    if outcomes.get("client-reset") != 1:
+        run.fail(f"gives-up: link D's outcomes {outcomes}, not one client-reset")
+
+
 def scenario_reload(run: Run) -> None:
     assert run.proc is not None
     with client() as sock:
@@ -651,6 +677,8 @@ def scenario_control(run: Run) -> tuple[dict[str, object], list[int]]:
         for info in links.values():
             outcomes.update(info.get("outcomes", {}))
         outcomes.pop("connect-failed", None)
+        outcomes["client-reset"] -= run.resets_while_connecting
+        outcomes = +outcomes  # drops the zero counts
         if closes != outcomes:
             run.fail(f"log: close lines {dict(closes)} != status outcomes {dict(outcomes)}")
     return status, pids
@@ -809,7 +837,7 @@ def run_row(row: Row, redis_port: int, keep: bool) -> Run:
         for scenario in (scenario_bulk, scenario_late_reply, scenario_reset,
                          scenario_reset_upload, scenario_stalled_reader, scenario_idle,
                          scenario_burst, scenario_redis, scenario_denied, scenario_dead,
-                         scenario_blackhole,
+                         scenario_blackhole, scenario_gives_up,
                          scenario_reload):
             try:
                 scenario(run)
