@@ -3,11 +3,11 @@
 
 A small greedy generator (AETG-like, seeded, no dependency) builds a covering array in
 which every PAIR of values of two options appears in at least one row; for each row a
-real `forkproxy serve` is started with that combination (options given as flags or as
-FORKPROXY_ variables, links as SPECs, --from-env or --env-file) in front of three links:
-A to an in-process test upstream, B to a redis-server, C to a closed port, D to
-a port that drops SYNs. The same
-scenario battery runs against every row, and each invariant that breaks is printed:
+real `forkproxy serve` is started with that combination (options given as flags, as
+FORKPROXY_ variables, or both with the variables saying otherwise, where the flag must
+win; links as SPECs, --from-env or --env-file) in front of four links: A to an in-process
+test upstream, B to a redis-server, C to a closed port, D to a port that drops SYNs. The
+same scenario battery runs against every row, and each invariant that breaks is printed:
 
   bulk         4 MiB up and 4 MiB down, sha256 in = out both ways
   late-reply   a client half-closes and its reply comes 2.5 s later: cut only with
@@ -81,8 +81,11 @@ FACTORS: dict[str, list[str]] = {
     "target": ["address", "name"],
     "resolve_every": ["off", "1"],
     "grace": ["2", "0"],
-    "via": ["flags", "env"],
+    "via": ["flags", "env", "both"],
 }
+# via=both: each option's variable set to this while its flag gives the row's value.
+OPPOSITE = {"off": "1", "1": "off", "2": "1", "0": "2", "auto": "copy", "splice": "copy",
+            "copy": "splice", "text": "json", "json": "text", LISTEN_ADDR: "127.0.0.1"}
 TIMERS = ["idle", "halfclose", "keepalive", "user_timeout", "connect_timeout", "grace"]
 
 Row = dict[str, str]
@@ -283,8 +286,13 @@ def command(run: Run) -> tuple[list[str], dict[str, str]]:
             env[variable] = value
         else:
             args += [flag, value]
+        if row["via"] == "both":
+            # The variable says otherwise (or is not even valid): the flag must win.
+            env[variable] = OPPOSITE.get(value, "bogus") if flag != "--metrics" else "bogus"
     if row["allow"] != "unset":
         args += ["--allow", row["allow"]]
+        if row["via"] == "both":
+            env["FORKPROXY_ALLOW"] = "10.0.0.0/8"  # would refuse every client here
     if row["verbosity"] != "none":
         args.append(row["verbosity"])
     links = {f"{key}_PORT_{run.ports[key]}_TCP": f"tcp://{run.target_host()}:{run.upstreams[key]}"
@@ -433,6 +441,8 @@ def scenario_idle(run: Run) -> None:
 
 def scenario_burst(run: Run) -> None:
     limit = 1024 if run.row["max_children"] == "default" else int(run.row["max_children"])
+    forked_before = run.links().get(run.link_name("A"), {}).get("connections")
+    assert isinstance(forked_before, int)
     socks = []
     for index in range(6):
         sock = client()
@@ -451,9 +461,13 @@ def scenario_burst(run: Run) -> None:
     listeners = status.get("listeners", [])
     assert isinstance(listeners, list)
     queued = [item.get("queued") for item in listeners if item.get("port") == run.ports["A"]]
-    if limit < 6 and (queued != [6 - limit] or active != limit):
-        # At the limit the rest wait in the kernel's accept queue, which status shows.
-        run.fail(f"burst: active={active} queued={queued}: 6 clients, max-children {limit}")
+    forked = info.get("connections")
+    assert isinstance(forked, int)
+    if limit < 6 and queued != [6 - (forked - forked_before)]:
+        # At the limit the rest wait in the kernel's accept queue, which status shows (with
+        # --idle-timeout, the first served may have been cut already, and more forked).
+        run.fail(f"burst: active={active} queued={queued} forked={forked - forked_before}: "
+                 f"6 clients, max-children {limit}")
     assert run.proc is not None
     run.proc.send_signal(signal.SIGHUP)  # a reload while clients wait: they are kept
     served = 0
@@ -574,26 +588,29 @@ def scenario_gives_up(run: Run) -> None:
     timeout, retries = float(run.row["connect_timeout"]), int(run.row["connect_retries"])
     whole = timeout * (1 + retries) + [0.0, 0.2, 0.6][min(retries, 2)]
     expected = "client-reset" if timeout > 1 else "connect-failed"
+    info = run.links().get(run.link_name("D"), {})
+    before, sum_before = info.get("outcomes", {}), info.get("duration_sum")
+    assert isinstance(before, dict) and isinstance(sum_before, float)
     sock = client()
     sock.connect((LISTEN_ADDR, run.ports["D"]))
     run.connections += 1
     run.resets_while_connecting += expected == "client-reset"
-    before = run.links().get(run.link_name("D"), {}).get("outcomes", {})
-    assert isinstance(before, dict)
     time.sleep(0.3)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    start = time.monotonic()
     sock.close()
-    limit = whole - 0.3 - 0.2
+    deadline = time.monotonic() + whole + 10
     while run.links().get(run.link_name("D"), {}).get("active") != 0:
-        if time.monotonic() - start > limit + 5:
-            run.fail(f"gives-up: the child still held its slot {limit + 5:.1f}s after the reset")
+        if time.monotonic() > deadline:
+            run.fail("gives-up: the child still held its slot 10 s after its connect's end")
             return
         time.sleep(0.05)
-    took = time.monotonic() - start
-    if took > limit and not (timeout <= 1 and retries == 0):
-        run.fail(f"gives-up: the slot freed {took:.2f}s after the client reset, the connect "
-                 f"would have ended by {whole - 0.3:.1f}s")
+    # The child's life, from the histogram's sum (status polls too slowly to time it).
+    sum_after = run.links()[run.link_name("D")]["duration_sum"]
+    assert isinstance(sum_after, float)
+    lived = sum_after - sum_before
+    if lived > whole - 0.2 and not (timeout <= 1 and retries == 0):
+        run.fail(f"gives-up: the child lived {lived:.2f}s, its client reset at 0.3 s and its "
+                 f"connect would have ended by {whole:.1f}s")
     after = run.links().get(run.link_name("D"), {}).get("outcomes", {})
     assert isinstance(after, dict)
     if after.get(expected, 0) != before.get(expected, 0) + 1:
