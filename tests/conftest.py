@@ -663,7 +663,7 @@ def sweep_stale_cgroups(parent: Path) -> list[Path]:
     removed = []
     for group in parent.glob("forkproxy-test-*"):
         match = _STALE_CGROUP.fullmatch(group.name)
-        if match is None or _pid_alive(int(match["pid"])):
+        if match is None or netns.pid_alive(int(match["pid"])):
             continue
         for state, off in (("freezer.state", "THAWED"), ("cgroup.freeze", "0")):
             with contextlib.suppress(OSError):  # not this hierarchy's file
@@ -685,16 +685,6 @@ def sweep_stale_cgroups(parent: Path) -> list[Path]:
                 time.sleep(0.1)
         removed.append(group)
     return removed
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 @contextlib.contextmanager

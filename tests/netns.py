@@ -65,7 +65,8 @@ def missing_tools(names: Sequence[str] = ("ip", "redis-server", "redis-cli")) ->
     return [name for name in names if shutil.which(name) is None]
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` exists (another user's too): a run's names carry its pid."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -113,7 +114,7 @@ def sweep_stale_namespaces() -> list[str]:
         names.update(os.listdir(ETC_NETNS))
     for name in sorted(names):
         match = _STALE.match(name)
-        if match and not _pid_alive(int(match["pid"])):
+        if match and not pid_alive(int(match["pid"])):
             _delete_namespace(name)
             removed.append(name)
     return removed
