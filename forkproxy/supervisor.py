@@ -499,31 +499,36 @@ def _reaped_within(pid: int, seconds: float) -> bool:
 # tcp_tw_reuse=1 first: measured (docs/wire.md, TIME_WAIT) to let every connect through
 # toward a remote upstream, where the default 2 reuses TIME_WAIT ports on loopback only.
 # Said only where it would help: _out_of_ports reads this namespace's sysctls.
+_WIDEN = "widen net.ipv4.ip_local_port_range or spread over more upstream addresses"
 _OUT_OF_PORTS = ("out of local ports toward the upstream: each connection holds one, and "
                  "for 60 s after a close the proxy began (TIME_WAIT); set "
-                 "net.ipv4.tcp_tw_reuse=1 (a TIME_WAIT port reused after 1 s), widen "
-                 "net.ipv4.ip_local_port_range or spread over more upstream addresses")
-_WIDEN = "widen net.ipv4.ip_local_port_range or spread over more upstream addresses"
+                 f"net.ipv4.tcp_tw_reuse=1 (a TIME_WAIT port reused after 1 s), {_WIDEN}")
 
 
-def _is_loopback(host: str | None) -> bool:
-    """Whether `host` (an address, perhaps bracketed with a port, as peer_text writes
-    one) is a loopback one: 127/8, ::1 or ::ffff:127/104, as tcp_tw_reuse=2 tells them."""
+def _packed_address(host: str | None) -> tuple[bytes, bool]:
+    """`host` (an address, perhaps bracketed with a port, as peer_text writes one, or
+    with a zone) as inet_pton packs it, b"" for none; and whether it has a zone."""
     text = host or ""
     if text.startswith("["):
         text = text[1:].partition("]")[0]
     elif text.count(":") == 1:
         text = text.partition(":")[0]  # an IPv4 address with its port
-    text = text.partition("%")[0]
+    text, _, zone = text.partition("%")
     for family in (socket.AF_INET, socket.AF_INET6):
         try:
-            packed = socket.inet_pton(family, text)
+            return socket.inet_pton(family, text), bool(zone)
         except OSError:
             continue
-        if family == socket.AF_INET6 and packed[:12] == bytes(10) + b"\xff\xff":
-            packed = packed[12:]  # an IPv4-mapped address
-        return packed[0] == 127 if len(packed) == 4 else packed == bytes(15) + b"\x01"
-    return False
+    return b"", bool(zone)
+
+
+def _is_loopback(host: str | None) -> bool:
+    """Whether `host` (as _packed_address takes it) is a loopback address: 127/8, ::1 or
+    ::ffff:127/104, as tcp_tw_reuse=2 tells them."""
+    packed = _packed_address(host)[0]
+    if packed[:12] == bytes(10) + b"\xff\xff":
+        packed = packed[12:]  # an IPv4-mapped address
+    return packed[:1] == b"\x7f" if len(packed) == 4 else packed == bytes(15) + b"\x01"
 
 
 def _out_of_ports(host: str | None) -> str:
@@ -607,14 +612,9 @@ def _error_detail(kind: int, host: str | None) -> str | None:
         return _out_of_ports(host)
     if kind != errno.EINVAL:
         return _CONNECT_FAILED_DETAIL.get(kind)
-    address = (host or "").rpartition("]")[0].lstrip("[") or (host or "")
-    if "%" not in address:
-        try:
-            packed = socket.inet_pton(socket.AF_INET6, address)
-        except OSError:
-            packed = b""
-        if packed[:1] == b"\xfe" and packed[1] & 0xC0 == 0x80:  # fe80::/10
-            return _LINK_LOCAL_NO_ZONE
+    packed, zoned = _packed_address(host)
+    if not zoned and len(packed) == 16 and packed[0] == 0xFE and packed[1] & 0xC0 == 0x80:
+        return _LINK_LOCAL_NO_ZONE  # fe80::/10
     return _CONNECT_FAILED_DETAIL[errno.EINVAL]
 
 

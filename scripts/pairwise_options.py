@@ -243,6 +243,17 @@ class Run:
     def fail(self, what: str) -> None:
         self.problems.append(what)
 
+    def connect(self, link: str, timeout: float = 10) -> socket.socket:
+        """A client connected to `link`'s port, counted in `connections`."""
+        sock = client(timeout=timeout)
+        try:
+            sock.connect((LISTEN_ADDR, self.ports[link]))
+        except OSError:
+            sock.close()
+            raise
+        self.connections += 1
+        return sock
+
     def cli(self, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
         return subprocess.run([str(VENV / "forkproxy"), *args, "--status-socket", self.sock_path],
                               capture_output=True, text=True, timeout=timeout, check=False)
@@ -342,9 +353,7 @@ def recv_until_end(sock: socket.socket) -> tuple[bytes, str]:
 def scenario_bulk(run: Run) -> None:
     size = 4 << 20
     up = pattern(size, b"up")
-    with client(timeout=20) as sock:
-        sock.connect((LISTEN_ADDR, run.ports["A"]))
-        run.connections += 1
+    with run.connect("A", 20) as sock:
         sock.sendall(f"HASH {size} 0.05\n".encode() + up)
         sock.shutdown(socket.SHUT_WR)
         data, end = recv_until_end(sock)
@@ -355,9 +364,7 @@ def scenario_bulk(run: Run) -> None:
 
 def scenario_late_reply(run: Run) -> None:
     cut = run.row["idle"] != "off" or run.row["halfclose"] != "off"
-    with client(timeout=8) as sock:
-        sock.connect((LISTEN_ADDR, run.ports["A"]))
-        run.connections += 1
+    with run.connect("A", 8) as sock:
         sock.sendall(b"HASH 1000 2.5\nquestion")
         sock.shutdown(socket.SHUT_WR)
         start = time.monotonic()
@@ -376,9 +383,7 @@ def scenario_late_reply(run: Run) -> None:
 
 def scenario_reset(run: Run) -> None:
     size = 1 << 20
-    with client() as sock:
-        sock.connect((LISTEN_ADDR, run.ports["A"]))
-        run.connections += 1
+    with run.connect("A") as sock:
         sock.sendall(f"RESET {size}\n".encode())
         data, end = recv_until_end(sock)
     if end != "reset" or data != pattern(size, b"reset")[:len(data)]:
@@ -390,9 +395,7 @@ def scenario_reset(run: Run) -> None:
 
 def scenario_reset_upload(run: Run) -> None:
     """The upstream resets after 64 KiB of a 4 MiB upload: the client must see a reset."""
-    with client(timeout=20) as sock:
-        sock.connect((LISTEN_ADDR, run.ports["A"]))
-        run.connections += 1
+    with run.connect("A", 20) as sock:
         end = "fin"
         try:
             sock.sendall(b"RESETUP 65536\n" + pattern(4 << 20, b"up"))
@@ -407,9 +410,7 @@ def scenario_reset_upload(run: Run) -> None:
 def scenario_stalled_reader(run: Run) -> None:
     """A client stops reading a download for 2.5 s: whole, or reset; never cut with a FIN."""
     for size in (2 << 20, 16 << 20):
-        with client(timeout=20) as sock:
-            sock.connect((LISTEN_ADDR, run.ports["A"]))
-            run.connections += 1
+        with run.connect("A", 20) as sock:
             sock.sendall(f"SEND {size}\n".encode())
             first = b""
             try:
@@ -432,9 +433,7 @@ def scenario_stalled_reader(run: Run) -> None:
 
 
 def scenario_idle(run: Run) -> None:
-    with client(timeout=2.5) as sock:
-        sock.connect((LISTEN_ADDR, run.ports["A"]))
-        run.connections += 1
+    with run.connect("A", 2.5) as sock:
         start = time.monotonic()
         data, end = recv_until_end(sock)
         took = time.monotonic() - start
@@ -453,9 +452,7 @@ def scenario_burst(run: Run) -> None:
     assert isinstance(forked_before, int)
     socks = []
     for index in range(6):
-        sock = client()
-        sock.connect((LISTEN_ADDR, run.ports["A"]))
-        run.connections += 1
+        sock = run.connect("A")
         sock.sendall(f"ECHO\nburst{index}".encode())
         socks.append(sock)
     time.sleep(0.5)
@@ -528,16 +525,25 @@ def scenario_denied(run: Run) -> None:
         run.fail(f"denied: an allowed client from 127.0.0.2 got {got!r}, end={end}")
 
 
-def scenario_dead(run: Run) -> None:
-    retries = int(run.row["connect_retries"])
-    floor = [0.0, 0.2, 0.6][retries] if retries <= 2 else 0.6
-    with client(timeout=30) as sock:
-        sock.connect((LISTEN_ADDR, run.ports["C"]))
-        run.connections += 1
+def backoff(retries: int) -> float:
+    """The least a client waits in --connect-retries' backoff before its last attempt
+    (0.2 s, then 0.4 s more; counted up to two retries here)."""
+    return [0.0, 0.2, 0.6][min(retries, 2)]
+
+
+def hello_until_end(run: Run, link: str, timeout: float) -> tuple[bytes, str, float]:
+    """`hello` to `link`, then everything until the end: (bytes, how it ended, seconds)."""
+    with run.connect(link, timeout) as sock:
         start = time.monotonic()
         sock.sendall(b"hello")
         data, end = recv_until_end(sock)
-        took = time.monotonic() - start
+        return data, end, time.monotonic() - start
+
+
+def scenario_dead(run: Run) -> None:
+    retries = int(run.row["connect_retries"])
+    floor = backoff(retries)
+    data, end, took = hello_until_end(run, "C", 30)
     if data or end == "timeout" or took < floor * 0.9:
         run.fail(f"dead: got {len(data)} bytes, end={end} after {took:.2f}s (retries {retries})")
 
@@ -573,14 +579,8 @@ class Pinger:
 def scenario_blackhole(run: Run) -> None:
     """Link D's upstream drops SYNs: the client waits out every attempt's connect timeout."""
     timeout, retries = float(run.row["connect_timeout"]), int(run.row["connect_retries"])
-    expected = timeout * (1 + retries) + [0.0, 0.2, 0.6][min(retries, 2)]
-    with client(timeout=expected + 15) as sock:
-        sock.connect((LISTEN_ADDR, run.ports["D"]))
-        run.connections += 1
-        start = time.monotonic()
-        sock.sendall(b"hello")
-        data, end = recv_until_end(sock)
-        took = time.monotonic() - start
+    expected = timeout * (1 + retries) + backoff(retries)
+    data, end, took = hello_until_end(run, "D", expected + 15)
     if data or end == "timeout" or took < expected * 0.95:
         run.fail(f"blackhole: got {len(data)} bytes, end={end} after {took:.2f}s, expected "
                  f"{expected:.1f}s (connect-timeout {timeout:g} x {1 + retries} + backoff)")
@@ -599,9 +599,7 @@ def scenario_gives_up(run: Run) -> None:
     info = run.links().get(run.link_name("D"), {})
     before, sum_before = info.get("outcomes", {}), info.get("duration_sum")
     assert isinstance(before, dict) and isinstance(sum_before, float)
-    sock = client()
-    sock.connect((LISTEN_ADDR, run.ports["D"]))
-    run.connections += 1
+    sock = run.connect("D")
     run.resets_while_connecting += expected == "client-reset"
     time.sleep(0.3)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -627,9 +625,7 @@ def scenario_gives_up(run: Run) -> None:
 
 def scenario_reload(run: Run) -> None:
     assert run.proc is not None
-    with client() as sock:
-        sock.connect((LISTEN_ADDR, run.ports["A"]))
-        run.connections += 1
+    with run.connect("A") as sock:
         sock.sendall(b"ECHO\none")
         if sock.recv(10) != b"one":
             run.fail("reload: no echo before")
@@ -648,9 +644,7 @@ def scenario_reload(run: Run) -> None:
         if errors := pinger.finish():
             run.fail(f"reload: the live connection failed across the reloads: {errors}")
     if run.row["source"] == "env-file":
-        with client() as sock:
-            sock.connect((LISTEN_ADDR, run.ports["C"]))
-            run.connections += 1
+        with run.connect("C") as sock:
             sock.sendall(b"ECHO\nrewired")
             data = b""
             while len(data) < 7 and (chunk := sock.recv(10)):
@@ -734,9 +728,7 @@ def scenario_stop(run: Run, pids: list[int]) -> None:
     grace = float(run.row["grace"])
     live: list[socket.socket] = []
     for _ in range(1 if run.row["max_children"] == "default" else 2):
-        sock = client(timeout=grace + 10)
-        sock.connect((LISTEN_ADDR, run.ports["A"]))
-        run.connections += 1
+        sock = run.connect("A", grace + 10)
         sock.sendall(b"ECHO\none")
         if sock.recv(10) != b"one":
             run.fail("stop: no echo before")
